@@ -1,0 +1,34 @@
+# Two commands are the contract (see README): `make demo` and `make test`.
+# torch is installed FIRST and pinned: any other spec can pull a multi-GB CUDA build.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH_PIN := torch==2.13.0
+DEMO_DIR ?= /tmp/streamconv-demo
+
+.PHONY: install demo test bench bench-full clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -e '.[test,bench]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m streamconv.demo --workdir $(DEMO_DIR)
+
+test: install
+	$(PY) -m pytest -q -x --durations=10 tests
+
+bench: install
+	$(PY) -m benchmarks.run --preset 2gb --out benchmarks/results
+
+bench-full: install
+	$(PY) -m benchmarks.run --preset llama-3.2-11b-vision --dtype bfloat16 --out benchmarks/results
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,47 @@
+"""One error hierarchy for the library. Only `cli.py` turns these into exit codes and text.
+
+Every message should name what was wrong (file, tensor), what was expected vs found, and the fix.
+"""
+from __future__ import annotations
+
+
+class StreamconvError(Exception):
+    """Base class of every error streamconv raises on purpose."""
+
+    exit_code = 1
+
+
+class CheckpointError(StreamconvError):
+    """The checkpoint is missing, malformed, truncated or uses a feature we cannot read."""
+
+    exit_code = 2
+
+
+class UnsafePickleError(CheckpointError):
+    """A pickle in the checkpoint referenced something outside the allow-list. Nothing was imported."""
+
+
+class UnsupportedFeatureError(CheckpointError):
+    """The checkpoint is well formed but uses a feature streamconv does not convert (e.g. zstd transforms)."""
+
+
+class CoverageError(CheckpointError):
+    """A tensor's chunks leave gaps, overlap, or run outside its global shape."""
+
+
+class OptionsError(StreamconvError):
+    """A bad option value (size string, glob, dtype, rename rule...)."""
+
+    exit_code = 64  # EX_USAGE
+
+
+class OutputError(StreamconvError):
+    """The destination cannot be written (exists and not empty, no space, permission...)."""
+
+    exit_code = 73  # EX_CANTCREAT
+
+
+class VerificationError(StreamconvError):
+    """Converted output does not match the checkpoint."""
+
+    exit_code = 3

@@ -1,0 +1,106 @@
+"""The two small IO interfaces the rest of streamconv is written against.
+
+* `RangeReader`: read a byte range of a file in the checkpoint folder.
+* `ShardSink` (see `sink.py`): write at an offset, then commit or discard.
+
+Keeping IO behind these lets the planner and executor be tested against memory as well as disk.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Protocol
+
+from .errors import CheckpointError
+
+
+class RangeReader(Protocol):
+    def size(self, relative_path: str) -> int:
+        """Length in bytes of a file in the checkpoint folder (raises CheckpointError if missing)."""
+
+    def read(self, relative_path: str, offset: int, length: int) -> bytes:
+        """Exactly `length` bytes at `offset` (raises CheckpointError if the file is shorter)."""
+
+
+class MemoryReader:
+    """A checkpoint folder held in a dict: {relative_path: bytes}. For tests."""
+
+    def __init__(self, files: Dict[str, bytes]):
+        self._files = files
+
+    def size(self, relative_path: str) -> int:
+        try:
+            return len(self._files[relative_path])
+        except KeyError:
+            raise CheckpointError(f"{relative_path}: file is missing from the checkpoint") from None
+
+    def read(self, relative_path: str, offset: int, length: int) -> bytes:
+        data = self._files.get(relative_path)
+        if data is None:
+            raise CheckpointError(f"{relative_path}: file is missing from the checkpoint")
+        out = data[offset:offset + length]
+        if offset < 0 or len(out) != length:
+            raise CheckpointError(
+                f"{relative_path}: wanted {length} bytes at offset {offset}, file has {len(data)} bytes "
+                "(truncated checkpoint?)")
+        return out
+
+
+class DirectoryReader:
+    """Reads ranges with os.pread from files under `root`; keeps one fd per file open until close()."""
+
+    def __init__(self, root: str):
+        self.root = os.fspath(root)
+        self._fds: Dict[str, int] = {}
+
+    def path(self, relative_path: str) -> str:
+        # Refuse names that escape the checkpoint folder: relative_path comes from untrusted metadata.
+        norm = os.path.normpath(relative_path)
+        if os.path.isabs(norm) or norm.startswith(".."):
+            raise CheckpointError(f"metadata names a file outside the checkpoint folder: {relative_path!r}")
+        return os.path.join(self.root, norm)
+
+    def fd(self, relative_path: str) -> int:
+        fd = self._fds.get(relative_path)
+        if fd is None:
+            full = self.path(relative_path)
+            try:
+                fd = os.open(full, os.O_RDONLY)
+            except FileNotFoundError:
+                raise CheckpointError(
+                    f"{full}: file named in .metadata is missing (incomplete copy of the checkpoint?)") from None
+            except OSError as exc:
+                raise CheckpointError(f"{full}: cannot open: {exc.strerror}") from None
+            self._fds[relative_path] = fd
+        return fd
+
+    def size(self, relative_path: str) -> int:
+        return os.fstat(self.fd(relative_path)).st_size
+
+    def read(self, relative_path: str, offset: int, length: int) -> bytes:
+        fd = self.fd(relative_path)
+        parts = []
+        got = 0
+        while got < length:
+            part = os.pread(fd, length - got, offset + got)
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        if len(data) != length:
+            raise CheckpointError(
+                f"{self.path(relative_path)}: wanted {length} bytes at offset {offset}, got {len(data)} "
+                "(truncated checkpoint?)")
+        return data
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> "DirectoryReader":
+        return self
+
+    def __exit__(self, *exc) -> Optional[bool]:
+        self.close()
+        return None

@@ -8,9 +8,13 @@ Keeping IO behind these lets the planner and executor be tested against memory a
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Protocol
+from typing import Dict, Optional, Protocol, Sequence
 
 from .errors import CheckpointError
+
+
+# preadv takes at most IOV_MAX (1024 on Linux) buffers per call.
+_IOV_MAX = 1024
 
 
 class RangeReader(Protocol):
@@ -19,6 +23,12 @@ class RangeReader(Protocol):
 
     def read(self, relative_path: str, offset: int, length: int) -> bytes:
         """Exactly `length` bytes at `offset` (raises CheckpointError if the file is shorter)."""
+
+    def read_into(self, relative_path: str, offset: int, buffers: Sequence[memoryview]) -> None:
+        """Scatter-read consecutive bytes starting at `offset` into `buffers`, filling each in turn."""
+
+    def copy_to(self, sink, relative_path: str, offset: int, dst_offset: int, length: int) -> None:
+        """Copy a byte range into a ShardSink at `dst_offset` (in-kernel when both are files)."""
 
 
 class MemoryReader:
@@ -43,6 +53,16 @@ class MemoryReader:
                 f"{relative_path}: wanted {length} bytes at offset {offset}, file has {len(data)} bytes "
                 "(truncated checkpoint?)")
         return out
+
+    def read_into(self, relative_path: str, offset: int, buffers: Sequence[memoryview]) -> None:
+        pos = offset
+        for buf in buffers:
+            n = len(buf)
+            buf[:] = self.read(relative_path, pos, n)
+            pos += n
+
+    def copy_to(self, sink, relative_path: str, offset: int, dst_offset: int, length: int) -> None:
+        sink.write_at(dst_offset, self.read(relative_path, offset, length))
 
 
 class DirectoryReader:
@@ -92,6 +112,30 @@ class DirectoryReader:
                 f"{self.path(relative_path)}: wanted {length} bytes at offset {offset}, got {len(data)} "
                 "(truncated checkpoint?)")
         return data
+
+    def read_into(self, relative_path: str, offset: int, buffers: Sequence[memoryview]) -> None:
+        fd = self.fd(relative_path)
+        pending = [memoryview(b).cast("B") for b in buffers]
+        first = 0      # pending[:first] are full
+        pos = offset
+        while first < len(pending):
+            n = os.preadv(fd, pending[first:first + _IOV_MAX], pos)
+            if n <= 0:
+                raise CheckpointError(
+                    f"{self.path(relative_path)}: file ends at offset {pos}, expected more data "
+                    "(truncated checkpoint?)")
+            pos += n
+            # Skip the buffers filled completely; keep the unfilled tail of a partly filled one.
+            while n and first < len(pending):
+                if n >= len(pending[first]):
+                    n -= len(pending[first])
+                    first += 1
+                else:
+                    pending[first] = pending[first][n:]
+                    n = 0
+
+    def copy_to(self, sink, relative_path: str, offset: int, dst_offset: int, length: int) -> None:
+        sink.copy_from(self.fd(relative_path), offset, dst_offset, length)
 
     def close(self) -> None:
         for fd in self._fds.values():

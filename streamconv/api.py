@@ -1,0 +1,148 @@
+"""The Python API: the same verbs as the CLI (`inspect`, `plan`, `convert`), returning values.
+
+    import streamconv
+    report = streamconv.convert("ckpt/", "hf_model/", max_shard_size="2GB", dtype="bfloat16")
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, Iterable, Optional, Sequence, Tuple
+
+from . import dtypes, names
+from .errors import OptionsError
+from .executor import Executor, check_stored
+from .io import DirectoryReader, RangeReader
+from .model import BlobLocation, CheckpointMetadata, StoredTensor
+from .plan import INDEX_FILE_NAME, ConversionPlan, PlanOptions, build_plan
+from .report import ConversionReport, Reporter, peak_rss_bytes
+from .sink import FileSink, StagingDir
+from .sizes import parse_size
+
+
+def make_options(*, max_shard_size="5GB", buffer_size="32MiB", include: Sequence[str] = (),
+                 exclude: Sequence[str] = (), dtype: str = "keep", renames: Sequence[str] = (),
+                 subtree: Optional[str] = None) -> PlanOptions:
+    """PlanOptions from user-facing values ("5GB", "bf16", "REGEX=REPL")."""
+    out_dtype = dtypes.parse_output_dtype(dtype)
+    if out_dtype == "auto":
+        out_dtype = "keep"   # without a config there is nothing to take the dtype from
+    return PlanOptions(
+        max_shard_bytes=parse_size(max_shard_size, option="--max-shard-size"),
+        buffer_bytes=parse_size(buffer_size, option="--buffer-size"),
+        include=tuple(include), exclude=tuple(exclude), dtype=out_dtype,
+        renames=tuple(names.RenameRule.parse(r) for r in renames), subtree=subtree)
+
+
+def load(checkpoint_dir: str) -> Tuple[DirectoryReader, CheckpointMetadata]:
+    from .reader import load_metadata
+    if not os.path.isdir(checkpoint_dir):
+        raise OptionsError(f"{checkpoint_dir}: not a folder; pass the folder holding .metadata and __*.distcp")
+    reader = DirectoryReader(checkpoint_dir)
+    return reader, load_metadata(reader)
+
+
+def plan(checkpoint_dir: str, options: Optional[PlanOptions] = None, **kwargs) -> ConversionPlan:
+    """The dry run: everything `convert` would do, decided from `.metadata` alone."""
+    reader, meta = load(checkpoint_dir)
+    reader.close()
+    return build_plan(meta, options or make_options(**kwargs))
+
+
+def locate_chunks(conversion: ConversionPlan, reader: RangeReader) -> Dict[BlobLocation, StoredTensor]:
+    """Find every planned chunk's raw bytes and check them against the metadata, before any output exists."""
+    from .reader import locate_tensor
+    stored: Dict[BlobLocation, StoredTensor] = {}
+    for t in conversion.tensors:
+        for chunk in t.chunks:
+            if chunk.location not in stored:
+                stored[chunk.location] = locate_tensor(reader, chunk.location, fqn=t.source_fqn)
+            check_stored(t, chunk, stored[chunk.location])
+    return stored
+
+
+def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions] = None, *,
+            overwrite: bool = False, reporter: Optional[Reporter] = None, **kwargs) -> ConversionReport:
+    """Convert a DCP checkpoint folder into a folder of safetensors shards (+ index when sharded).
+
+    Output appears at `output_dir` only when complete; on any error nothing is left there.
+    """
+    reporter = reporter or Reporter()
+    started = time.perf_counter()
+    options = options or make_options(**kwargs)
+    reader, meta = load(checkpoint_dir)
+    with reader:
+        conversion = build_plan(meta, options)
+        if not conversion.tensors:
+            raise OptionsError(
+                f"{checkpoint_dir}: no tensors selected to convert ({len(meta.tensors)} in the checkpoint); "
+                "check --include/--exclude")
+        stored = locate_chunks(conversion, reader)
+        with StagingDir(output_dir, overwrite=overwrite) as staging:
+            reporter.start(conversion.total_bytes, "converting")
+            executor = Executor(reader, stored, options.buffer_bytes, progress=reporter.advance)
+            for shard in conversion.shards:
+                executor.write_shard(shard, FileSink(staging.file(shard.filename), shard.nbytes))
+            index = conversion.index()
+            if index is not None:
+                staging.write_json(INDEX_FILE_NAME, index)   # written last: its presence means complete
+            staging.commit()
+            reporter.close()
+    casts: Dict[str, int] = {}
+    for t in conversion.tensors:
+        if t.is_cast:
+            key = f"{t.src_dtype}->{t.dst_dtype}"
+            casts[key] = casts.get(key, 0) + 1
+    files = [s.filename for s in conversion.shards] + ([INDEX_FILE_NAME] if conversion.sharded else [])
+    return ConversionReport(
+        checkpoint=os.path.abspath(checkpoint_dir), output=os.path.abspath(output_dir),
+        tensors=len(conversion.tensors), shards=len(conversion.shards), bytes_written=conversion.files_nbytes,
+        seconds=time.perf_counter() - started, peak_rss_bytes=peak_rss_bytes(),
+        predicted_peak_bytes=conversion.peak_bytes, buffer_bytes=options.buffer_bytes,
+        max_shard_bytes=options.max_shard_bytes, skipped=conversion.to_dict()["skipped"],
+        renamed=len(conversion.renamed), cast=casts, files=files)
+
+
+def describe_layout(shape: Sequence[int], chunks: Iterable) -> str:
+    """'3 chunks, dim 0' / '4 chunks, dims 0,1' / 'replicated' for inspect."""
+    chunks = list(chunks)
+    dims = sorted({d for c in chunks for d, (s, full) in enumerate(zip(c.sizes, shape)) if s != full})
+    if not dims:
+        return "whole" if len(chunks) == 1 else f"{len(chunks)} copies"
+    return f"{len(chunks)} chunks, dim{'s' if len(dims) > 1 else ''} {','.join(map(str, dims))}"
+
+
+def inspect(checkpoint_dir: str) -> dict:
+    """What is inside a checkpoint, from `.metadata` alone."""
+    reader, meta = load(checkpoint_dir)
+    reader.close()
+    tensors = []
+    total = 0
+    by_dtype: Dict[str, int] = {}
+    for t in meta.tensors:
+        n = 1
+        for s in t.shape:
+            n *= s
+        nbytes = n * dtypes.BY_NAME[t.dtype].itemsize if t.dtype in dtypes.BY_NAME else 0
+        total += nbytes
+        by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + nbytes
+        tensors.append({"name": t.fqn, "dtype": t.dtype, "shape": list(t.shape), "bytes": nbytes,
+                        "chunks": len(t.chunks), "layout": describe_layout(t.shape, t.chunks)})
+    subtree = names.model_subtree(t.path for t in meta.tensors)
+    top_keys: Dict[str, int] = {}
+    for t in meta.tensors:
+        key = str(t.path[0]) if len(t.path) >= 2 else "(top level)"
+        top_keys[key] = top_keys.get(key, 0) + 1
+    return {
+        "checkpoint": os.path.abspath(checkpoint_dir),
+        "torch_version_hint": meta.torch_version_hint,
+        "metadata_version": meta.version,
+        "files": list(meta.files),
+        "tensor_count": len(meta.tensors),
+        "tensor_bytes": total,
+        "bytes_by_dtype": by_dtype,
+        "top_level_keys": top_keys,
+        "model_subtree": subtree,
+        "non_tensor_entries": [b.fqn for b in meta.byte_entries],
+        "tensors": tensors,
+    }

@@ -1,0 +1,293 @@
+"""The planner: checkpoint metadata + options in, a complete `ConversionPlan` out. Pure: no IO.
+
+Everything is fixed here before the first byte is written: which tensors, their output names and
+dtypes, which shard file each goes to, every shard's safetensors header and every tensor's byte range.
+The executor only follows the plan, shard by shard, so a shard can be (re)built on its own.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from . import dtypes, names
+from .coverage import check_coverage, dedup_chunks
+from .errors import OptionsError
+from .model import CheckpointMetadata, Chunk, TensorEntry
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9          # as huggingface_hub's "5GB"
+DEFAULT_BUFFER_BYTES = 32 * 2**20
+MIN_BUFFER_BYTES = 64 * 2**10
+# Resident memory of the converter itself (interpreter, numpy, click, tqdm) before any buffer,
+# measured on CPython 3.11; used only to predict the peak.
+BASE_RSS_BYTES = 40 * 2**20
+# Rough resident cost of one chunk's metadata and plan entries (dataclasses, tuples, dict slots).
+PER_CHUNK_BYTES = 1500
+
+SINGLE_FILE_NAME = "model.safetensors"
+INDEX_FILE_NAME = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES
+    include: Tuple[str, ...] = ()
+    exclude: Tuple[str, ...] = ()
+    # "keep" or a castable dtype name; "auto" is resolved by the API (it needs a config) before planning.
+    dtype: str = "keep"
+    renames: Tuple[names.RenameRule, ...] = ()
+    # None: take the "model" subtree when the checkpoint was saved as {"model": ..., "optim": ...}.
+    subtree: Optional[str] = None
+    strip_wrappers: bool = True
+
+    def __post_init__(self):
+        if self.max_shard_bytes <= 0:
+            raise OptionsError("--max-shard-size must be positive")
+        if self.buffer_bytes < MIN_BUFFER_BYTES:
+            raise OptionsError(f"--buffer-size must be at least {MIN_BUFFER_BYTES // 1024} KiB")
+        if self.dtype != "keep" and self.dtype not in dtypes.CASTABLE:
+            raise OptionsError(f"dtype {self.dtype!r}: plan with keep or one of {', '.join(dtypes.CASTABLE)}")
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str                   # output name
+    source_fqn: str             # key in the checkpoint
+    src_dtype: str
+    dst_dtype: str
+    shape: Tuple[int, ...]
+    chunks: Tuple[Chunk, ...]   # deduplicated, sorted by offsets, proven to cover `shape` exactly once
+    begin: int                  # absolute byte offset in the shard file
+    nbytes: int                 # bytes in the output
+
+    @property
+    def end(self) -> int:
+        return self.begin + self.nbytes
+
+    @property
+    def is_cast(self) -> bool:
+        return self.src_dtype != self.dst_dtype
+
+    @property
+    def src_nbytes(self) -> int:
+        return _numel(self.shape) * dtypes.BY_NAME[self.src_dtype].itemsize
+
+    @property
+    def is_row_contiguous(self) -> bool:
+        """True when every chunk is one contiguous byte run of the output (FSDP's dim-0 shards),
+        so its bytes can be copied straight through without assembling blocks."""
+        return all(_is_contiguous_box(c, self.shape) for c in self.chunks)
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    filename: str
+    header: bytes               # 8-byte length + JSON, space-padded to a multiple of 8
+    tensors: Tuple[TensorPlan, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.header) + sum(t.nbytes for t in self.tensors)
+
+    @property
+    def data_nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    fqn: str
+    reason: str                 # "optimizer state", "non-tensor", "excluded", "outside model subtree"
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    shards: Tuple[ShardPlan, ...]
+    options: PlanOptions
+    skipped: Tuple[Skipped, ...]
+    renamed: Tuple[Tuple[str, str], ...]    # (checkpoint key, output name) where they differ
+    subtree: Optional[str]
+    peak_bytes: int                         # predicted peak resident memory of the converter
+
+    @property
+    def tensors(self) -> Tuple[TensorPlan, ...]:
+        return tuple(t for s in self.shards for t in s.tensors)
+
+    @property
+    def total_bytes(self) -> int:
+        """Sum of tensor bytes, as `total_size` in the HF index."""
+        return sum(s.data_nbytes for s in self.shards)
+
+    @property
+    def files_nbytes(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    @property
+    def sharded(self) -> bool:
+        return len(self.shards) > 1
+
+    def index(self) -> Optional[dict]:
+        """The `model.safetensors.index.json` content, or None when there is a single file."""
+        if not self.sharded:
+            return None
+        weight_map = {t.name: s.filename for s in self.shards for t in s.tensors}
+        return {"metadata": {"total_size": self.total_bytes},
+                "weight_map": dict(sorted(weight_map.items(), key=lambda kv: names.natural_key(kv[0])))}
+
+    def to_dict(self) -> dict:
+        return {
+            "shards": [{"file": s.filename, "bytes": s.nbytes, "tensors": len(s.tensors)} for s in self.shards],
+            "tensors": [{"name": t.name, "source": t.source_fqn, "shape": list(t.shape), "dtype": t.dst_dtype,
+                         "source_dtype": t.src_dtype, "chunks": len(t.chunks),
+                         "assembly": "copy" if t.is_row_contiguous else "blocks"}
+                        for t in self.tensors],
+            "total_bytes": self.total_bytes,
+            "files_bytes": self.files_nbytes,
+            "max_shard_bytes": self.options.max_shard_bytes,
+            "buffer_bytes": self.options.buffer_bytes,
+            "predicted_peak_bytes": self.peak_bytes,
+            "subtree": self.subtree,
+            "skipped": _count_reasons(self.skipped),
+            "renamed": len(self.renamed),
+        }
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _is_contiguous_box(chunk: Chunk, shape: Sequence[int]) -> bool:
+    """A box is one contiguous run of the row-major tensor iff, past its first dim of size > 1,
+    it spans every remaining dim in full."""
+    dims = len(shape)
+    first = 0
+    while first < dims and chunk.sizes[first] == 1:
+        first += 1
+    return all(chunk.sizes[d] == shape[d] for d in range(first + 1, dims))
+
+
+def _count_reasons(skipped: Sequence[Skipped]) -> Dict[str, int]:
+    counts: Dict[str, int] = {}
+    for s in skipped:
+        counts[s.reason] = counts.get(s.reason, 0) + 1
+    return counts
+
+
+def _source_name(entry: TensorEntry, subtree: Optional[str]) -> str:
+    """The state-dict name inside the selected subtree: ('model', 'layers.0.w') -> 'layers.0.w'."""
+    if subtree is not None and len(entry.path) >= 2:
+        return ".".join(str(p) for p in entry.path[1:])
+    if subtree is not None and entry.fqn.startswith(subtree + "."):
+        return entry.fqn[len(subtree) + 1:]
+    return entry.fqn
+
+
+def _top_key(entry: TensorEntry) -> str:
+    return str(entry.path[0]) if entry.path else entry.fqn.split(".", 1)[0]
+
+
+def _output_dtype(src: str, requested: str) -> str:
+    info = dtypes.BY_NAME.get(src)
+    if requested == "keep" or info is None or not info.is_floating or src.startswith("float8"):
+        return src
+    return requested
+
+
+def select(meta: CheckpointMetadata, options: PlanOptions):
+    """Pick the tensors to convert and name them. Returns (selected [(entry, name)], skipped, renamed, subtree)."""
+    subtree = options.subtree if options.subtree is not None else names.model_subtree(t.path for t in meta.tensors)
+    selected: List[Tuple[TensorEntry, str]] = []
+    skipped: List[Skipped] = [Skipped(b.fqn, "non-tensor") for b in meta.byte_entries]
+    renamed: List[Tuple[str, str]] = []
+    for entry in meta.tensors:
+        top = _top_key(entry)
+        if subtree is not None and top != subtree:
+            reason = "optimizer state" if top.startswith("optim") else f"outside '{subtree}'"
+            skipped.append(Skipped(entry.fqn, reason))
+            continue
+        if subtree is None and top in names.NON_MODEL_KEYS and len(entry.path) >= 2:
+            skipped.append(Skipped(entry.fqn, "optimizer state" if top.startswith("optim") else f"'{top}' state"))
+            continue
+        name = _source_name(entry, subtree)
+        if options.strip_wrappers:
+            name = names.strip_wrappers(name)
+        name = names.apply_renames(name, options.renames)
+        if not names.is_selected((entry.fqn, name), options.include, options.exclude):
+            skipped.append(Skipped(entry.fqn, "excluded"))
+            continue
+        if name != entry.fqn:
+            renamed.append((entry.fqn, name))
+        selected.append((entry, name))
+    seen: Dict[str, str] = {}
+    for entry, name in selected:
+        if name in seen:
+            raise OptionsError(
+                f"checkpoint keys {seen[name]!r} and {entry.fqn!r} both become {name!r}; "
+                "adjust --rename or --exclude one of them")
+        seen[name] = entry.fqn
+    return selected, tuple(skipped), tuple(renamed), subtree
+
+
+def _header(tensors: Sequence[Tuple[str, str, Tuple[int, ...], int, int]]) -> bytes:
+    """safetensors header for (name, dtype, shape, begin, end) with offsets relative to the data section."""
+    body = {"__metadata__": {"format": "pt"}}
+    for name, dtype, shape, begin, end in tensors:
+        body[name] = {"dtype": dtypes.BY_NAME[dtype].safetensors, "shape": list(shape), "data_offsets": [begin, end]}
+    text = json.dumps(body, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-(8 + len(text)) % 8)   # data section starts 8-byte aligned, as safetensors pads
+    return len(text).to_bytes(8, "little") + text
+
+
+def _assign_shards(items: Sequence[Tuple[TensorEntry, str, str, int]], max_shard_bytes: int):
+    """Greedy, in name order: start a new shard when the next tensor would overflow the current one
+    (a tensor larger than the budget gets a shard of its own). Same rule as huggingface_hub."""
+    groups: List[List[Tuple[TensorEntry, str, str, int]]] = [[]]
+    current = 0
+    for item in items:
+        nbytes = item[3]
+        if groups[-1] and current + nbytes > max_shard_bytes:
+            groups.append([])
+            current = 0
+        groups[-1].append(item)
+        current += nbytes
+    return [g for g in groups if g] or [[]]
+
+
+def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -> ConversionPlan:
+    selected, skipped, renamed, subtree = select(meta, options)
+    items = []
+    for entry, name in selected:
+        dtypes.lookup(entry.dtype, where=f"tensor {entry.fqn!r}")
+        dst = _output_dtype(entry.dtype, options.dtype)
+        nbytes = _numel(entry.shape) * dtypes.BY_NAME[dst].itemsize
+        items.append((entry, name, dst, nbytes))
+    items.sort(key=lambda it: names.natural_key(it[1]))
+
+    groups = _assign_shards(items, options.max_shard_bytes)
+    shards: List[ShardPlan] = []
+    for i, group in enumerate(groups):
+        filename = SINGLE_FILE_NAME if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        # Within a file, widest items first keep every tensor aligned to its item size (as safetensors does).
+        group = sorted(group, key=lambda it: (-dtypes.BY_NAME[it[2]].itemsize, names.natural_key(it[1])))
+        rel, pos = [], 0
+        for entry, name, dst, nbytes in group:
+            rel.append((name, dst, tuple(entry.shape), pos, pos + nbytes))
+            pos += nbytes
+        header = _header(rel)
+        tensors = []
+        for (entry, name, dst, nbytes), (_, _, _, begin, _) in zip(group, rel):
+            chunks = dedup_chunks(entry.chunks)
+            check_coverage(entry.fqn, entry.shape, chunks)
+            tensors.append(TensorPlan(name=name, source_fqn=entry.fqn, src_dtype=entry.dtype, dst_dtype=dst,
+                                      shape=tuple(entry.shape), chunks=chunks, begin=len(header) + begin,
+                                      nbytes=nbytes))
+        shards.append(ShardPlan(filename=filename, header=header, tensors=tuple(tensors)))
+
+    n_chunks = sum(len(t.chunks) for t in meta.tensors)
+    peak = BASE_RSS_BYTES + options.buffer_bytes + n_chunks * PER_CHUNK_BYTES
+    return ConversionPlan(shards=tuple(shards), options=options, skipped=skipped, renamed=renamed,
+                          subtree=subtree, peak_bytes=peak)

@@ -1,0 +1,107 @@
+"""Progress and reports. Library code never prints: it calls a `Reporter`, and the CLI picks one."""
+from __future__ import annotations
+
+import resource
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+
+class Reporter:
+    """Silent by default. `start` gets the total bytes to write, `advance` the bytes just written."""
+
+    def start(self, total_bytes: int, description: str = "") -> None:
+        pass
+
+    def advance(self, n_bytes: int) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        """A line worth showing a person (e.g. 'config.json copied from ...')."""
+
+    def close(self) -> None:
+        pass
+
+
+class TqdmReporter(Reporter):
+    """A byte progress bar on stderr, for terminals."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self._bar = None
+
+    def start(self, total_bytes: int, description: str = "") -> None:
+        from tqdm import tqdm
+        self._bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=description,
+                         file=self.stream, dynamic_ncols=True, mininterval=0.2)
+
+    def advance(self, n_bytes: int) -> None:
+        if self._bar is not None:
+            self._bar.update(n_bytes)
+
+    def note(self, message: str) -> None:
+        if self._bar is not None:
+            self._bar.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class CollectingReporter(Reporter):
+    """Keeps notes; for --json runs and tests."""
+
+    def __init__(self):
+        self.notes: List[str] = []
+        self.total_bytes = 0
+        self.done_bytes = 0
+
+    def start(self, total_bytes: int, description: str = "") -> None:
+        self.total_bytes = total_bytes
+
+    def advance(self, n_bytes: int) -> None:
+        self.done_bytes += n_bytes
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process, as the OS counts it (ru_maxrss is KiB on Linux)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+@dataclass
+class ConversionReport:
+    checkpoint: str
+    output: str
+    tensors: int
+    shards: int
+    bytes_written: int
+    seconds: float
+    peak_rss_bytes: int
+    predicted_peak_bytes: int
+    buffer_bytes: int
+    max_shard_bytes: int
+    skipped: Dict[str, int] = field(default_factory=dict)
+    renamed: int = 0
+    cast: Dict[str, int] = field(default_factory=dict)       # "float32->bfloat16": tensor count
+    copied_files: List[str] = field(default_factory=list)
+    dropped_tied: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+    files: List[str] = field(default_factory=list)
+    dry_run: bool = False
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_written / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mb_per_s"] = round(self.mb_per_s, 1)
+        d["seconds"] = round(self.seconds, 3)
+        return d

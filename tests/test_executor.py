@@ -1,0 +1,138 @@
+"""Executor tests against memory: random N-D tensors cut into random boxes, reassembled bit for bit.
+
+Blob parsing is not involved here (the `stored` map is built directly); real torch checkpoints are
+covered end to end in test_convert.py.
+"""
+import itertools
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from streamconv.errors import CheckpointError
+from streamconv.executor import Executor
+from streamconv.io import MemoryReader
+from streamconv.model import BlobLocation, CheckpointMetadata, Chunk, StoredTensor, TensorEntry
+from streamconv.plan import PlanOptions, build_plan
+from streamconv.sink import MemorySink
+
+NP = {"float32": np.float32, "int64": np.int64, "float16": np.float16, "int8": np.int8}
+
+
+def make_checkpoint(arrays, cuts_by_name, n_files=3, pad=5):
+    """Lay each array's grid boxes into `n_files` in-memory files; return metadata, files and stored map."""
+    files = {f"__{r}_0.distcp": bytearray() for r in range(n_files)}
+    stored, entries = {}, []
+    counter = itertools.count()
+    for name, arr in arrays.items():
+        bounds = [[0] + sorted(set(c)) + [s] for c, s in zip(cuts_by_name[name], arr.shape)]
+        ranges = [[(lo, hi) for lo, hi in zip(b, b[1:]) if hi > lo] for b in bounds]
+        chunks = []
+        for box in itertools.product(*ranges):
+            piece = arr[tuple(slice(lo, hi) for lo, hi in box)].copy(order="C")
+            rel = f"__{next(counter) % n_files}_0.distcp"
+            buf = files[rel]
+            buf.extend(b"\xee" * pad)          # junk between items, like zip headers
+            offset = len(buf)
+            buf.extend(piece.tobytes())
+            location = BlobLocation(rel, offset - pad, piece.nbytes + pad)
+            chunks.append(Chunk(tuple(lo for lo, _ in box), tuple(hi - lo for lo, hi in box), location))
+            stored[location] = StoredTensor(dtype=str(arr.dtype), shape=piece.shape,
+                                            stride=tuple(s // arr.itemsize for s in piece.strides) or (),
+                                            data_offset=offset, data_nbytes=piece.nbytes)
+        entries.append(TensorEntry(fqn=name, dtype=str(arr.dtype), shape=arr.shape, chunks=tuple(chunks),
+                                   path=(name,)))
+    meta = CheckpointMetadata(tensors=tuple(entries))
+    return meta, MemoryReader({k: bytes(v) for k, v in files.items()}), stored
+
+
+def run(meta, reader, stored, buffer_bytes, **opts):
+    plan = build_plan(meta, PlanOptions(max_shard_bytes=opts.pop("max_shard_bytes", 10**9), **opts))
+    executor = Executor(reader, stored, buffer_bytes)
+    out = {}
+    for shard in plan.shards:
+        sink = MemorySink(shard.nbytes)
+        executor.write_shard(shard, sink)
+        out[shard.filename] = bytes(sink.data)
+    return plan, out
+
+
+def read_safetensors(blob):
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    header.pop("__metadata__", None)
+    data = blob[8 + n:]
+    return {k: data[v["data_offsets"][0]:v["data_offsets"][1]] for k, v in header.items()}
+
+
+@st.composite
+def cases(draw):
+    ndim = draw(st.integers(0, 4))
+    shape = tuple(draw(st.integers(1, 7)) for _ in range(ndim))
+    cuts = [draw(st.lists(st.integers(1, max(1, s - 1)), max_size=2)) if s > 1 else [] for s in shape]
+    dtype = draw(st.sampled_from(sorted(NP)))
+    seed = draw(st.integers(0, 2**16))
+    arr = (np.random.default_rng(seed).standard_normal(shape) * 100).astype(NP[dtype])
+    return arr, cuts
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=cases(), buffer_bytes=st.sampled_from([1, 8, 24, 100, 4096]))
+def test_random_boxes_reassemble_exactly(case, buffer_bytes):
+    arr, cuts = case
+    meta, reader, stored = make_checkpoint({"w": arr}, {"w": cuts})
+    plan, out = run(meta, reader, stored, buffer_bytes)
+    tensors = read_safetensors(out["model.safetensors"])
+    assert tensors["w"] == arr.tobytes()
+
+
+def test_column_shards_go_through_bands_and_match():
+    arr = np.arange(96 * 171, dtype=np.float32).reshape(96, 171)
+    meta, reader, stored = make_checkpoint({"w": arr}, {"w": [[], [86]]})
+    plan, out = run(meta, reader, stored, buffer_bytes=2048)
+    assert not plan.tensors[0].is_row_contiguous
+    assert read_safetensors(out["model.safetensors"])["w"] == arr.tobytes()
+
+
+def test_2d_grid_with_shuffled_chunk_order():
+    arr = np.arange(96 * 96, dtype=np.int64).reshape(96, 96)
+    meta, reader, stored = make_checkpoint({"w": arr}, {"w": [[24, 48, 72], [48]]})
+    entry = meta.tensors[0]
+    shuffled = CheckpointMetadata(tensors=(TensorEntry(entry.fqn, entry.dtype, entry.shape,
+                                                       tuple(reversed(entry.chunks)), entry.path),))
+    _, out = run(shuffled, reader, stored, buffer_bytes=1000)
+    assert read_safetensors(out["model.safetensors"])["w"] == arr.tobytes()
+
+
+def test_many_tensors_across_shards():
+    rng = np.random.default_rng(0)
+    arrays = {f"layers.{i}.w": rng.standard_normal((5 + i, 3)).astype(np.float32) for i in range(12)}
+    cuts = {k: [[2], []] if i % 2 else [[1, 3], [1]] for i, k in enumerate(arrays)}
+    meta, reader, stored = make_checkpoint(arrays, cuts)
+    plan, out = run(meta, reader, stored, buffer_bytes=64, max_shard_bytes=300)
+    assert len(plan.shards) > 1
+    found = {}
+    for blob in out.values():
+        found.update(read_safetensors(blob))
+    assert found == {k: v.tobytes() for k, v in arrays.items()}
+
+
+def test_stored_shape_mismatch_is_reported_with_tensor_name():
+    arr = np.zeros((4, 4), dtype=np.float32)
+    meta, reader, stored = make_checkpoint({"w": arr}, {"w": [[2], []]})
+    loc = next(iter(stored))
+    s = stored[loc]
+    stored[loc] = StoredTensor(s.dtype, (9, 9), s.stride, s.data_offset, s.data_nbytes)
+    with pytest.raises(CheckpointError, match="'w'.*stored shape"):
+        run(meta, reader, stored, 64)
+
+
+def test_non_contiguous_stored_chunk_is_refused_with_fix():
+    arr = np.zeros((4, 4), dtype=np.float32)
+    meta, reader, stored = make_checkpoint({"w": arr}, {"w": [[], []]})
+    loc = next(iter(stored))
+    s = stored[loc]
+    stored[loc] = StoredTensor(s.dtype, s.shape, (1, 4), s.data_offset, s.data_nbytes)
+    with pytest.raises(CheckpointError, match="contiguous"):
+        run(meta, reader, stored, 64)

@@ -1,0 +1,219 @@
+"""Planner tests: metadata built by hand (no files), literal expected plans, and properties."""
+import json
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from streamconv.coverage import check_coverage, dedup_chunks
+from streamconv.errors import CoverageError, OptionsError
+from streamconv.model import BlobLocation, BytesEntry, CheckpointMetadata, Chunk, TensorEntry
+from streamconv.names import RenameRule, natural_key, strip_wrappers
+from streamconv.plan import PlanOptions, build_plan
+
+
+def loc(rank, offset=0, length=100):
+    return BlobLocation(f"__{rank}_0.distcp", offset, length)
+
+
+def dim0_chunks(rows, cols, parts):
+    """FSDP-style torch.chunk split along dim 0."""
+    step = -(-rows // parts)
+    out, start, rank = [], 0, 0
+    while start < rows:
+        n = min(step, rows - start)
+        out.append(Chunk((start, 0) if cols else (start,), (n, cols) if cols else (n,), loc(rank, start)))
+        start += n
+        rank += 1
+    return tuple(out)
+
+
+def tensor(fqn, shape, dtype="float32", chunks=None, path=None):
+    if chunks is None:
+        chunks = (Chunk(tuple(0 for _ in shape), tuple(shape), loc(0, hash(fqn) % 1000)),)
+    return TensorEntry(fqn=fqn, dtype=dtype, shape=tuple(shape), chunks=chunks,
+                       path=path if path is not None else ("model", fqn[len("model."):]))
+
+
+def llama_like_meta():
+    return CheckpointMetadata(
+        tensors=(
+            tensor("model.lm_head.weight", (10, 4), chunks=dim0_chunks(10, 4, 3)),
+            tensor("model.model.layers.10.w", (4, 4)),
+            tensor("model.model.layers.2.w", (4, 4)),
+            tensor("model.model.embed_tokens.weight", (10, 4), chunks=dim0_chunks(10, 4, 3)),
+            tensor("model.model.norm.weight", (4,), dtype="bfloat16"),
+            tensor("optim.state.model.norm.weight.exp_avg", (4,), path=("optim", "state", "model.norm.weight",
+                                                                         "exp_avg")),
+        ),
+        byte_entries=(BytesEntry("optim.param_groups.0.lr", loc(0), ("optim", "param_groups", 0, "lr")),),
+    )
+
+
+def test_literal_plan_single_file():
+    plan = build_plan(llama_like_meta())
+    assert plan.subtree == "model"
+    assert [s.filename for s in plan.shards] == ["model.safetensors"]
+    shard = plan.shards[0]
+    # fp32 before bf16 (alignment), then natural name order: layers.2 before layers.10.
+    assert [t.name for t in shard.tensors] == [
+        "lm_head.weight", "model.embed_tokens.weight", "model.layers.2.w", "model.layers.10.w", "model.norm.weight"]
+    header_len = int.from_bytes(shard.header[:8], "little")
+    assert (8 + header_len) % 8 == 0
+    header = json.loads(shard.header[8:])
+    assert header["__metadata__"] == {"format": "pt"}
+    assert header["lm_head.weight"] == {"dtype": "F32", "shape": [10, 4], "data_offsets": [0, 160]}
+    assert header["model.embed_tokens.weight"]["data_offsets"] == [160, 320]
+    assert header["model.layers.2.w"]["data_offsets"] == [320, 384]
+    assert header["model.layers.10.w"]["data_offsets"] == [384, 448]
+    assert header["model.norm.weight"] == {"dtype": "BF16", "shape": [4], "data_offsets": [448, 456]}
+    first = shard.tensors[0]
+    assert first.begin == len(shard.header) and first.nbytes == 160
+    assert shard.nbytes == len(shard.header) + 456
+    assert plan.total_bytes == 456
+    assert plan.index() is None
+    assert {s.reason for s in plan.skipped} == {"optimizer state", "non-tensor"}
+    assert first.chunks == dim0_chunks(10, 4, 3) and first.is_row_contiguous
+
+
+def test_literal_plan_sharded_by_budget():
+    plan = build_plan(llama_like_meta(), PlanOptions(max_shard_bytes=200))
+    assert [s.filename for s in plan.shards] == [
+        "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"]
+    assert [[t.name for t in s.tensors] for s in plan.shards] == [
+        ["lm_head.weight"],
+        ["model.embed_tokens.weight"],
+        ["model.layers.2.w", "model.layers.10.w", "model.norm.weight"]]
+    index = plan.index()
+    assert index["metadata"] == {"total_size": 456}
+    assert index["weight_map"]["model.norm.weight"] == "model-00003-of-00003.safetensors"
+    assert list(index["weight_map"]) == ["lm_head.weight", "model.embed_tokens.weight", "model.layers.2.w",
+                                         "model.layers.10.w", "model.norm.weight"]
+
+
+def test_cast_plan_halves_float_bytes_and_keeps_ints():
+    meta = CheckpointMetadata(tensors=(tensor("model.w", (3, 5)), tensor("model.ids", (7,), dtype="int64")))
+    plan = build_plan(meta, PlanOptions(dtype="bfloat16"))
+    by_name = {t.name: t for t in plan.tensors}
+    assert by_name["w"].dst_dtype == "bfloat16" and by_name["w"].nbytes == 30
+    assert by_name["ids"].dst_dtype == "int64" and by_name["ids"].nbytes == 56
+
+
+def test_flat_state_dict_keeps_names_and_strips_wrappers():
+    meta = CheckpointMetadata(tensors=(
+        tensor("model.layers.0._orig_mod.w", (2,), path=("model.layers.0._orig_mod.w",)),
+        tensor("module._fsdp_wrapped_module.lm_head.weight", (2,),
+               path=("module._fsdp_wrapped_module.lm_head.weight",)),
+    ))
+    plan = build_plan(meta)
+    assert plan.subtree is None
+    assert sorted(t.name for t in plan.tensors) == ["lm_head.weight", "model.layers.0.w"]
+
+
+def test_include_exclude_and_rename():
+    meta = llama_like_meta()
+    plan = build_plan(meta, PlanOptions(include=("*layers*",), exclude=("*.10.*",),
+                                        renames=(RenameRule.parse(r"^model\.=base."),)))
+    assert [t.name for t in plan.tensors] == ["base.layers.2.w"]
+
+
+def test_rename_collision_is_an_options_error():
+    with pytest.raises(OptionsError, match="both become"):
+        build_plan(llama_like_meta(), PlanOptions(renames=(RenameRule.parse(r"layers\.\d+=layers.X"),)))
+
+
+def test_bad_rename_and_options():
+    with pytest.raises(OptionsError):
+        RenameRule.parse("no-equals-sign")
+    with pytest.raises(OptionsError):
+        RenameRule.parse("([=x")
+    with pytest.raises(OptionsError):
+        PlanOptions(buffer_bytes=10)
+
+
+def test_strip_wrappers_keeps_inner_module_segments():
+    assert strip_wrappers("module.vision.module.proj") == "vision.module.proj"
+    assert strip_wrappers("_orig_mod.model._checkpoint_wrapped_module.mlp.w") == "model.mlp.w"
+
+
+def test_natural_key_orders_layers_numerically():
+    assert sorted(["l.10.w", "l.2.w", "l.1.w"], key=natural_key) == ["l.1.w", "l.2.w", "l.10.w"]
+
+
+def test_gap_is_a_coverage_error_naming_the_tensor():
+    chunks = dim0_chunks(10, 4, 3)[:2]
+    meta = CheckpointMetadata(tensors=(tensor("model.w", (10, 4), chunks=chunks),))
+    with pytest.raises(CoverageError, match="'model.w'.*cover 32 of 40"):
+        build_plan(meta)
+
+
+def test_overlap_is_a_coverage_error():
+    chunks = (Chunk((0, 0), (6, 4), loc(0)), Chunk((5, 0), (5, 4), loc(1)))
+    with pytest.raises(CoverageError, match="overlap"):
+        check_coverage("w", (10, 4), chunks)
+
+
+def test_out_of_bounds_is_a_coverage_error():
+    with pytest.raises(CoverageError, match="outside"):
+        check_coverage("w", (4,), (Chunk((2,), (3,), loc(0)),))
+
+
+def test_replicated_and_empty_chunks_are_dropped():
+    a = Chunk((0, 0), (2, 2), loc(0))
+    chunks = (a, Chunk((0, 0), (2, 2), loc(1)), Chunk((2, 0), (0, 2), loc(2)))
+    assert dedup_chunks(chunks) == (a,)
+
+
+# -- properties -------------------------------------------------------------------------------------
+
+def grid_chunks(shape, cuts):
+    """Split `shape` into a grid: cuts[d] is a sorted list of cut points inside dim d."""
+    import itertools
+    bounds = [[0] + sorted(set(c)) + [s] for c, s in zip(cuts, shape)]
+    ranges = [[(lo, hi) for lo, hi in zip(b, b[1:]) if hi > lo] for b in bounds]
+    out = []
+    for i, box in enumerate(itertools.product(*ranges)):
+        out.append(Chunk(tuple(lo for lo, _ in box), tuple(hi - lo for lo, hi in box), loc(i % 4, i)))
+    return out
+
+
+@st.composite
+def tensor_entries(draw, index):
+    ndim = draw(st.integers(1, 3))
+    shape = tuple(draw(st.integers(1, 9)) for _ in range(ndim))
+    cuts = [draw(st.lists(st.integers(1, max(1, s - 1)), max_size=3)) if s > 1 else [] for s in shape]
+    chunks = grid_chunks(shape, cuts)
+    dup = draw(st.booleans())
+    if dup:
+        chunks = chunks + chunks[:1]   # a replicated chunk
+    order = draw(st.permutations(chunks))
+    dtype = draw(st.sampled_from(["float32", "bfloat16", "int64", "float16"]))
+    return tensor(f"model.layers.{index}.w", shape, dtype=dtype, chunks=tuple(order))
+
+
+@st.composite
+def metas(draw):
+    n = draw(st.integers(1, 8))
+    return CheckpointMetadata(tensors=tuple(draw(tensor_entries(i)) for i in range(n)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(meta=metas(), budget=st.integers(1, 2000), reverse=st.booleans())
+def test_plan_properties(meta, budget, reverse):
+    if reverse:
+        meta = CheckpointMetadata(tensors=tuple(reversed(meta.tensors)))
+    plan = build_plan(meta, PlanOptions(max_shard_bytes=budget))
+    # Every tensor planned exactly once, every element covered exactly once (volumes add up, no overlap).
+    assert sorted(t.source_fqn for t in plan.tensors) == sorted(t.fqn for t in meta.tensors)
+    for t in plan.tensors:
+        check_coverage(t.name, t.shape, t.chunks)
+    # Shards within budget unless a single tensor is larger.
+    for shard in plan.shards:
+        assert shard.data_nbytes <= budget or len(shard.tensors) == 1
+        pos = len(shard.header)
+        for t in shard.tensors:
+            assert t.begin == pos
+            pos += t.nbytes
+    # Deterministic: independent of input order.
+    again = build_plan(CheckpointMetadata(tensors=tuple(sorted(meta.tensors, key=lambda t: t.fqn))),
+                       PlanOptions(max_shard_bytes=budget))
+    assert [(s.filename, s.header) for s in again.shards] == [(s.filename, s.header) for s in plan.shards]

@@ -1,0 +1,12 @@
+"""The safe reading layer: DCP `.metadata` and `.distcp` blobs decoded without importing torch.
+
+* `find_metadata_file(root)`: which metadata file a checkpoint folder has (or why it is not one).
+* `load_metadata(reader, name)`: the checkpoint's tensors, chunks and blob locations (`streamconv.model`).
+* `locate_tensor(reader, location, fqn=...)` / `locate_all(reader, tensors)`: where each chunk's raw bytes are.
+
+Pickles are read with allow-listed unpicklers (`safe_pickle.py`); nothing outside the list is imported.
+"""
+from .blob import locate_all, locate_tensor
+from .metadata import find_metadata_file, load_metadata
+
+__all__ = ["find_metadata_file", "load_metadata", "locate_all", "locate_tensor"]

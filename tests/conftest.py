@@ -1,0 +1,45 @@
+"""Session fixtures shared by the whole suite.
+
+* `dcp_checkpoints`: every checkpoint of `dcp_writers.CHECKPOINTS`, written once per session by real torch
+  writers in gloo process groups (three launches, a few seconds in all). {name: Path of the checkpoint folder}.
+* `demo_checkpoint`: the `make demo` checkpoint (`streamconv.demo_checkpoint.DemoCheckpoint`), built on request.
+* `shared_fixtures_dir`: the GPU-made checkpoints in `<repo>/../shared/fixtures`; skips if that copy is absent.
+
+torch is imported lazily inside the fixtures, so torch-free tests collect and run without it.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+SHARED_FIXTURES_DIR = REPO_ROOT.parent / "shared" / "fixtures"
+
+# tests/ is not a package; make `import dcp_writers` work however pytest was started.
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
+
+
+@pytest.fixture(scope="session")
+def dcp_checkpoints(tmp_path_factory):
+    import dcp_writers
+
+    return dcp_writers.build(tmp_path_factory.mktemp("dcp"))
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory):
+    from streamconv.demo_checkpoint import write_demo_checkpoint
+
+    return write_demo_checkpoint(tmp_path_factory.mktemp("demo") / "ckpt", world_size=4)
+
+
+@pytest.fixture(scope="session")
+def shared_fixtures_dir() -> Path:
+    if not SHARED_FIXTURES_DIR.is_dir():
+        pytest.skip(f"GPU-made fixtures not found at {SHARED_FIXTURES_DIR}: CI expects a copy of shared/ "
+                    f"beside the repository ({REPO_ROOT.name}/../shared/fixtures)")
+    return SHARED_FIXTURES_DIR

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
-from . import dtypes, names
+from . import dtypes, hf, names
 from .errors import OptionsError
 from .executor import Executor, check_stored
 from .io import DirectoryReader, RangeReader
@@ -24,9 +25,7 @@ def make_options(*, max_shard_size="5GB", buffer_size="32MiB", include: Sequence
                  exclude: Sequence[str] = (), dtype: str = "keep", renames: Sequence[str] = (),
                  subtree: Optional[str] = None) -> PlanOptions:
     """PlanOptions from user-facing values ("5GB", "bf16", "REGEX=REPL")."""
-    out_dtype = dtypes.parse_output_dtype(dtype)
-    if out_dtype == "auto":
-        out_dtype = "keep"   # without a config there is nothing to take the dtype from
+    out_dtype = dtypes.parse_output_dtype(dtype)   # "auto" stays: plan()/convert() resolve it from the config
     return PlanOptions(
         max_shard_bytes=parse_size(max_shard_size, option="--max-shard-size"),
         buffer_bytes=parse_size(buffer_size, option="--buffer-size"),
@@ -42,11 +41,16 @@ def load(checkpoint_dir: str) -> Tuple[DirectoryReader, CheckpointMetadata]:
     return reader, load_metadata(reader)
 
 
-def plan(checkpoint_dir: str, options: Optional[PlanOptions] = None, **kwargs) -> ConversionPlan:
-    """The dry run: everything `convert` would do, decided from `.metadata` alone."""
+def plan(checkpoint_dir: str, options: Optional[PlanOptions] = None, *, config_from: Optional[str] = None,
+         reporter: Optional[Reporter] = None, **kwargs) -> ConversionPlan:
+    """The dry run: everything `convert` would do, decided from `.metadata` (and the config folder) alone.
+    What was decided about config, names and tied weights goes to `reporter.note`."""
     reader, meta = load(checkpoint_dir)
     reader.close()
-    return build_plan(meta, options or make_options(**kwargs))
+    setup = hf.prepare(meta, options or make_options(**kwargs), checkpoint_dir, config_from=config_from)
+    for note in setup.notes:
+        (reporter or Reporter()).note(note)
+    return build_plan(meta, setup.options)
 
 
 def locate_chunks(conversion: ConversionPlan, reader: RangeReader) -> Dict[BlobLocation, StoredTensor]:
@@ -62,27 +66,42 @@ def locate_chunks(conversion: ConversionPlan, reader: RangeReader) -> Dict[BlobL
 
 
 def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions] = None, *,
-            overwrite: bool = False, reporter: Optional[Reporter] = None, **kwargs) -> ConversionReport:
-    """Convert a DCP checkpoint folder into a folder of safetensors shards (+ index when sharded).
+            overwrite: bool = False, reporter: Optional[Reporter] = None, config_from: Optional[str] = None,
+            **kwargs) -> ConversionReport:
+    """Convert a DCP checkpoint folder into a folder of safetensors shards (+ index when sharded), with the
+    base model's config and tokenizer beside them when `config_from` (or train_params.yaml) names it.
 
     Output appears at `output_dir` only when complete; on any error nothing is left there.
     """
     reporter = reporter or Reporter()
     started = time.perf_counter()
-    options = options or make_options(**kwargs)
     reader, meta = load(checkpoint_dir)
     with reader:
+        setup = hf.prepare(meta, options or make_options(**kwargs), checkpoint_dir, config_from=config_from)
+        options = setup.options
         conversion = build_plan(meta, options)
         if not conversion.tensors:
             raise OptionsError(
                 f"{checkpoint_dir}: no tensors selected to convert ({len(meta.tensors)} in the checkpoint); "
                 "check --include/--exclude")
-        stored = locate_chunks(conversion, reader)
+        # Dropped tied heads are still read once, to prove they equal the embedding written in their place.
+        with_heads = build_plan(meta, replace(options, drop=())) if setup.tied else conversion
+        heads = {t.name: t for t in with_heads.tensors if t.name in setup.dropped_heads}
+        stored = locate_chunks(with_heads, reader)
         with StagingDir(output_dir, overwrite=overwrite) as staging:
-            reporter.start(conversion.total_bytes, "converting")
+            reporter.start(conversion.total_bytes + sum(t.nbytes for t in heads.values()), "converting")
             executor = Executor(reader, stored, options.buffer_bytes, progress=reporter.advance)
+            unchecked = {p.embedding: p.head for p in setup.tied}
             for shard in conversion.shards:
                 executor.write_shard(shard, FileSink(staging.file(shard.filename), shard.nbytes))
+                for embedding in shard.tensors:
+                    if embedding.name in unchecked:
+                        hf.tied.verify_tied(executor, heads[unchecked.pop(embedding.name)], embedding,
+                                            staging.file(shard.filename), config_path=setup.config.folder)
+            assert not unchecked, f"tied heads left unchecked: {unchecked}"
+            copied = []
+            if setup.config is not None:
+                copied = hf.sidecars.copy_sidecars(setup.config, staging.path, hf.config_dtype(conversion))
             index = conversion.index()
             if index is not None:
                 staging.write_json(INDEX_FILE_NAME, index)   # written last: its presence means complete
@@ -94,13 +113,17 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
             key = f"{t.src_dtype}->{t.dst_dtype}"
             casts[key] = casts.get(key, 0) + 1
     files = [s.filename for s in conversion.shards] + ([INDEX_FILE_NAME] if conversion.sharded else [])
+    reference = hf.compare_with_reference(setup, conversion)
     return ConversionReport(
         checkpoint=os.path.abspath(checkpoint_dir), output=os.path.abspath(output_dir),
         tensors=len(conversion.tensors), shards=len(conversion.shards), bytes_written=conversion.files_nbytes,
         seconds=time.perf_counter() - started, peak_rss_bytes=peak_rss_bytes(),
         predicted_peak_bytes=conversion.peak_bytes, buffer_bytes=options.buffer_bytes,
         max_shard_bytes=options.max_shard_bytes, skipped=conversion.to_dict()["skipped"],
-        renamed=len(conversion.renamed), cast=casts, files=files)
+        renamed=len(conversion.renamed), cast=casts, files=files + copied, copied_files=copied,
+        dropped_tied=list(setup.dropped_heads), notes=list(setup.notes),
+        config_from=setup.config.folder if setup.config else None, layout=setup.layout,
+        unmatched_names=list(reference.unmatched), missing_names=list(reference.missing))
 
 
 def describe_layout(shape: Sequence[int], chunks: Iterable) -> str:

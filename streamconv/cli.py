@@ -40,6 +40,12 @@ def _plan_options(fn):
         click.option("--dtype", default="keep", show_default=True,
                      help="Output dtype for floating tensors: keep, bfloat16, float16, float32 (or auto, which takes "
                           "the config's dtype when one is given). Integer and bool tensors are never cast."),
+        click.option("--config-from", "config_from", default=None, metavar="DIR", type=click.Path(),
+                     help="A Hugging Face model folder or hub snapshot (the base model): copy its config, generation "
+                          "config, tokenizer and processor files, set config.json's dtype to the output's, name "
+                          "tensors as its weights are named, and drop lm_head.weight when it ties embeddings. "
+                          "Default: the model_name of train_params.yaml in CHECKPOINT_DIR, when it is a local "
+                          "folder or in the local Hugging Face cache."),
         click.option("--include", multiple=True, metavar="GLOB",
                      help="Only tensors whose checkpoint key or output name matches (repeatable), e.g. "
                           "'*.layers.0.*'."),
@@ -82,8 +88,8 @@ def cli():
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT_DIR if it exists and is not empty.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @_fail_cleanly
-def convert(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, include, exclude, renames, subtree,
-            as_json, overwrite, quiet):
+def convert(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, config_from, include, exclude, renames,
+            subtree, as_json, overwrite, quiet):
     """Convert CHECKPOINT_DIR (a DCP folder) into OUTPUT_DIR (safetensors shards).
 
     The output is written to a hidden staging folder beside OUTPUT_DIR and renamed into place only when
@@ -94,7 +100,8 @@ def convert(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, incl
     interactive = sys.stderr.isatty() and not as_json and not quiet
     reporter: Reporter = TqdmReporter() if interactive else CollectingReporter()
     try:
-        report = api.convert(checkpoint_dir, output_dir, options, overwrite=overwrite, reporter=reporter)
+        report = api.convert(checkpoint_dir, output_dir, options, overwrite=overwrite, reporter=reporter,
+                             config_from=config_from)
     finally:
         reporter.close()
     if as_json:
@@ -106,7 +113,9 @@ def convert(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, incl
                    f"  {format_size(report.bytes_written)} in {report.seconds:.2f} s ({report.mb_per_s:.0f} MB/s), "
                    f"peak RSS {format_size(report.peak_rss_bytes)} "
                    f"(predicted {format_size(report.predicted_peak_bytes)})\n"
-                   f"  skipped: {skipped}; cast: {cast}; renamed: {report.renamed}")
+                   f"  skipped: {skipped}; cast: {cast}; renamed: {report.renamed}\n"
+                   f"  copied: {', '.join(report.copied_files) or 'nothing'}; "
+                   f"dropped tied: {', '.join(report.dropped_tied) or 'none'}")
         for note in report.notes:
             click.echo(f"  {note}")
 
@@ -115,16 +124,18 @@ def convert(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, incl
 @click.argument("checkpoint_dir", type=click.Path(file_okay=False))
 @_plan_options
 @_fail_cleanly
-def plan(checkpoint_dir, max_shard_size, buffer_size, dtype, include, exclude, renames, subtree, as_json):
+def plan(checkpoint_dir, max_shard_size, buffer_size, dtype, config_from, include, exclude, renames, subtree,
+         as_json):
     """Dry run: show the files, tensor names and predicted peak memory `convert` would produce.
 
-    Reads only `.metadata`; writes nothing.
+    Reads only `.metadata` (and the config folder's JSON files and safetensors headers); writes nothing.
     """
+    notes = CollectingReporter()
     conversion = api.plan(checkpoint_dir, _options(max_shard_size, buffer_size, dtype, include, exclude,
-                                                   renames, subtree))
+                                                   renames, subtree), config_from=config_from, reporter=notes)
     summary = conversion.to_dict()
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        click.echo(json.dumps(dict(summary, notes=notes.notes), indent=2))
         return
     for shard in conversion.shards:
         click.echo(f"{shard.filename}  {format_size(shard.nbytes)}  {len(shard.tensors)} tensors")
@@ -135,6 +146,8 @@ def plan(checkpoint_dir, max_shard_size, buffer_size, dtype, include, exclude, r
     skipped = ", ".join(f"{n} {why}" for why, n in summary["skipped"].items()) or "nothing"
     click.echo(f"total {format_size(conversion.total_bytes)} in {len(conversion.shards)} file(s); "
                f"skipped: {skipped}; predicted peak memory {format_size(conversion.peak_bytes)}")
+    for note in notes.notes:
+        click.echo(f"  {note}")
 
 
 @cli.command()

@@ -34,20 +34,23 @@ class PlanOptions:
     buffer_bytes: int = DEFAULT_BUFFER_BYTES
     include: Tuple[str, ...] = ()
     exclude: Tuple[str, ...] = ()
-    # "keep" or a castable dtype name; "auto" is resolved by the API (it needs a config) before planning.
+    # "keep" or a castable dtype name. "auto" is resolved by the API from the config before planning;
+    # left unresolved (no config) it plans as "keep".
     dtype: str = "keep"
     renames: Tuple[names.RenameRule, ...] = ()
     # None: take the "model" subtree when the checkpoint was saved as {"model": ..., "optim": ...}.
     subtree: Optional[str] = None
     strip_wrappers: bool = True
+    # Output names not written because transformers rebuilds them: tied duplicates (`lm_head.weight`).
+    drop: Tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.max_shard_bytes <= 0:
             raise OptionsError("--max-shard-size must be positive")
         if self.buffer_bytes < MIN_BUFFER_BYTES:
             raise OptionsError(f"--buffer-size must be at least {MIN_BUFFER_BYTES // 1024} KiB")
-        if self.dtype != "keep" and self.dtype not in dtypes.CASTABLE:
-            raise OptionsError(f"dtype {self.dtype!r}: plan with keep or one of {', '.join(dtypes.CASTABLE)}")
+        if self.dtype not in ("keep", "auto") and self.dtype not in dtypes.CASTABLE:
+            raise OptionsError(f"dtype {self.dtype!r}: plan with keep, auto or one of {', '.join(dtypes.CASTABLE)}")
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,7 @@ def _top_key(entry: TensorEntry) -> str:
 
 def _output_dtype(src: str, requested: str) -> str:
     info = dtypes.BY_NAME.get(src)
-    if requested == "keep" or info is None or not info.is_floating or src.startswith("float8"):
+    if requested in ("keep", "auto") or info is None or not info.is_floating or src.startswith("float8"):
         return src
     return requested
 
@@ -218,6 +221,9 @@ def select(meta: CheckpointMetadata, options: PlanOptions):
         name = names.apply_renames(name, options.renames)
         if not names.is_selected((entry.fqn, name), options.include, options.exclude):
             skipped.append(Skipped(entry.fqn, "excluded"))
+            continue
+        if name in options.drop:
+            skipped.append(Skipped(entry.fqn, "tied duplicate"))
             continue
         if name != entry.fqn:
             renamed.append((entry.fqn, name))

@@ -70,7 +70,18 @@ class CollectingReporter(Reporter):
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process, as the OS counts it (ru_maxrss is KiB on Linux)."""
+    """Peak resident set size of this process, as the OS counts it.
+
+    Linux: VmHWM from /proc/self/status. Not ru_maxrss: Linux carries ru_maxrss across exec, so a converter
+    started by a process that had imported torch would report torch's memory as its own.
+    """
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
 
@@ -95,6 +106,10 @@ class ConversionReport:
     notes: List[str] = field(default_factory=list)
     files: List[str] = field(default_factory=list)
     dry_run: bool = False
+    config_from: Optional[str] = None                         # folder the config and tokenizer came from
+    layout: Optional[str] = None                              # name mapping applied to match that folder
+    unmatched_names: List[str] = field(default_factory=list)  # output names the reference folder lacks
+    missing_names: List[str] = field(default_factory=list)    # reference names the output lacks
 
     @property
     def mb_per_s(self) -> float:

@@ -1,0 +1,12 @@
+"""Hugging Face readiness: config and tokenizer beside the weights, the reference's names, tied embeddings.
+
+* `sidecars` — find the base model's folder (--config-from, train_params.yaml, local HF cache), copy its
+  config/tokenizer/processor files, set config.json's dtype.
+* `layouts`  — per-architecture name mappings as data, chosen by matching the reference folder's names.
+* `tied`     — which head a tied config drops, and a streaming check that it equals the embedding.
+* `prepare`  — the above turned into `PlanOptions` before planning.
+"""
+from . import layouts, sidecars, tied
+from .prepare import HFSetup, config_dtype, prepare, compare_with_reference
+
+__all__ = ["layouts", "sidecars", "tied", "HFSetup", "config_dtype", "prepare", "compare_with_reference"]

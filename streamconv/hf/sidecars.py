@@ -1,0 +1,267 @@
+"""The files beside the weights that make a folder loadable: config, generation config, tokenizer, processor.
+
+Where they come from: `--config-from DIR`, or else the `model_name` in llama-recipes' `train_params.yaml` when
+it names a local folder or a model in the local Hugging Face cache. No network, no yaml dependency.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+from ..errors import OptionsError, OutputError
+
+CONFIG_FILE = "config.json"
+# Copied byte for byte when present. config.json is rewritten (its dtype field follows the output).
+SIDECAR_FILES: Tuple[str, ...] = (
+    "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "added_tokens.json", "vocab.json", "merges.txt",          # BPE tokenizers (GPT-2, Qwen) keep these too
+    "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+)
+SIDECAR_GLOBS: Tuple[str, ...] = ("chat_template.*",)
+TOKENIZER_FILES: Tuple[str, ...] = ("tokenizer.json", "tokenizer.model", "vocab.json")
+TRAIN_PARAMS_FILE = "train_params.yaml"
+# config.json keys naming the weights' dtype: transformers >= 4.56 writes `dtype`, older ones `torch_dtype`.
+DTYPE_KEYS: Tuple[str, ...] = ("dtype", "torch_dtype")
+
+
+@dataclass(frozen=True)
+class HFConfig:
+    """A model folder's config.json, read as plain JSON."""
+
+    folder: str
+    data: dict
+
+    @property
+    def model_type(self) -> Optional[str]:
+        return self.data.get("model_type")
+
+    @property
+    def architectures(self) -> Tuple[str, ...]:
+        return tuple(self.data.get("architectures") or ())
+
+    @property
+    def dtype(self) -> Optional[str]:
+        """The weights' dtype the config declares ("bfloat16"), if any."""
+        for key in DTYPE_KEYS:
+            value = self.data.get(key)
+            if isinstance(value, str) and value:
+                return value[len("torch."):] if value.startswith("torch.") else value
+        return None
+
+    @property
+    def tie_word_embeddings(self) -> Optional[bool]:
+        """True/False when the config says so (top level, else its text config); None when it is silent."""
+        for scope in (self.data, self.data.get("text_config") or {}):
+            value = scope.get("tie_word_embeddings")
+            if isinstance(value, bool):
+                return value
+        return None
+
+
+def load_config(folder: str) -> HFConfig:
+    path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isdir(folder):
+        raise OptionsError(f"--config-from {folder}: not a folder; pass a Hugging Face model folder "
+                           "(with config.json), e.g. the base model's hub snapshot")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise OptionsError(f"--config-from {folder}: no config.json there; pass the folder holding the base "
+                           "model's config.json (a save_pretrained folder or hub snapshot)") from None
+    except (OSError, ValueError) as exc:
+        raise OptionsError(f"{path}: cannot read as JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise OptionsError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return HFConfig(folder=os.path.abspath(folder), data=data)
+
+
+def sidecar_names(folder: str) -> List[str]:
+    """The sidecar files present in `folder` (config.json first), in a stable order."""
+    present = set(os.listdir(folder))
+    found = [n for n in (CONFIG_FILE,) + SIDECAR_FILES if n in present]
+    found += sorted(n for n in present if any(fnmatch.fnmatchcase(n, g) for g in SIDECAR_GLOBS))
+    return found
+
+
+def patched_config(data: dict, dtype: str, *, transformers_version: Optional[str] = None) -> dict:
+    """A copy of config `data` whose dtype field(s) say `dtype`.
+
+    Every dtype key already present is set (top level and nested sub-configs such as `text_config`), so
+    old and new transformers read the same value. A config naming none gets the key its transformers
+    version reads: `dtype` from 4.56 on, `torch_dtype` before.
+    """
+    def patch(d: dict) -> bool:
+        hit = False
+        for key in DTYPE_KEYS:
+            if key in d:
+                d[key] = dtype
+                hit = True
+        for value in d.values():
+            if isinstance(value, dict) and "model_type" in value:   # a sub-config, not a plain mapping
+                patch(value)
+        return hit
+
+    out = json.loads(json.dumps(data))
+    if not patch(out):
+        version = transformers_version or out.get("transformers_version") or ""
+        out["torch_dtype" if _version_tuple(version) and _version_tuple(version) < (4, 56) else "dtype"] = dtype
+    return out
+
+
+def _version_tuple(text: str) -> Tuple[int, ...]:
+    parts = []
+    for piece in str(text).split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def copy_sidecars(config: HFConfig, dest: str, dtype: Optional[str]) -> List[str]:
+    """Copy config, generation config, tokenizer and processor files from `config.folder` into `dest`.
+
+    Symlinks (hub snapshots point into blobs/) are followed: the output holds real files. Returns the names
+    written, config.json first.
+    """
+    written = []
+    for name in sidecar_names(config.folder):
+        src, dst = os.path.join(config.folder, name), os.path.join(dest, name)
+        try:
+            if name == CONFIG_FILE:
+                data = patched_config(config.data, dtype) if dtype else config.data
+                with open(dst, "w", encoding="utf-8") as f:
+                    json.dump(data, f, indent=2)
+                    f.write("\n")
+            else:
+                shutil.copyfile(src, dst)
+        except OSError as exc:
+            raise OutputError(f"copying {src} into the output: {exc.strerror}") from None
+        written.append(name)
+    return written
+
+
+# -- finding the base model without --config-from ---------------------------------------------------------
+
+
+def read_train_params(path: str) -> Dict[str, str]:
+    """`key: value` pairs of llama-recipes' train_params.yaml (flat, every value a string).
+
+    Just enough YAML for that file: top-level scalars, '#' comments, single- or double-quoted values, and
+    indented continuation lines of a long plain value. Nested mappings and lists are skipped.
+    """
+    params: Dict[str, str] = {}
+    last: Optional[str] = None
+    with open(path, encoding="utf-8") as f:
+        for raw in f:
+            line = raw.rstrip("\n")
+            stripped = line.strip()
+            if not stripped or stripped.startswith("#") or stripped in ("---", "..."):
+                continue
+            if line[:1] in (" ", "\t"):
+                if last is not None and params.get(last):
+                    params[last] += " " + stripped     # folded continuation of a plain scalar
+                continue
+            key, sep, value = line.partition(":")
+            if not sep:
+                last = None
+                continue
+            last = key.strip()
+            params[last] = _scalar(value.strip())
+    return params
+
+
+def _scalar(text: str) -> str:
+    if len(text) >= 2 and text[0] == text[-1] == "'":
+        return text[1:-1].replace("''", "'")
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text[1:-1]
+    if " #" in text:
+        text = text.split(" #", 1)[0].rstrip()
+    return text
+
+
+def hub_cache_dirs(env: Mapping[str, str]) -> List[str]:
+    """Where huggingface_hub keeps downloads, in its own order of precedence."""
+    dirs = []
+    if env.get("HF_HUB_CACHE"):
+        dirs.append(env["HF_HUB_CACHE"])
+    if env.get("HF_HOME"):
+        dirs.append(os.path.join(env["HF_HOME"], "hub"))
+    if env.get("TRANSFORMERS_CACHE"):
+        dirs.append(env["TRANSFORMERS_CACHE"])
+    xdg = env.get("XDG_CACHE_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".cache")
+    dirs.append(os.path.join(xdg, "huggingface", "hub"))
+    return list(dict.fromkeys(os.path.expanduser(d) for d in dirs))
+
+
+def find_in_hub_cache(repo_id: str, env: Mapping[str, str]) -> Optional[str]:
+    """The snapshot folder of `org/name` in a local HF cache (the `main` ref, else the newest with a config)."""
+    if repo_id.count("/") != 1:
+        return None
+    entry = "models--" + repo_id.replace("/", "--")
+    for cache in hub_cache_dirs(env):
+        snapshots = os.path.join(cache, entry, "snapshots")
+        if not os.path.isdir(snapshots):
+            continue
+        try:
+            with open(os.path.join(cache, entry, "refs", "main"), encoding="utf-8") as f:
+                main = os.path.join(snapshots, f.read().strip())
+            if os.path.isfile(os.path.join(main, CONFIG_FILE)):
+                return main
+        except OSError:
+            pass
+        candidates = [os.path.join(snapshots, s) for s in os.listdir(snapshots)]
+        candidates = [c for c in candidates if os.path.isfile(os.path.join(c, CONFIG_FILE))]
+        if candidates:
+            return max(candidates, key=os.path.getmtime)
+    return None
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    folder: Optional[str]   # None: no config found
+    note: str               # what was found or what to do, for the report
+
+
+def find_config_dir(checkpoint_dir: str, config_from: Optional[str], env: Mapping[str, str]) -> ConfigSource:
+    """`--config-from` when given; else train_params.yaml's model_name if it resolves offline; else None."""
+    if config_from:
+        return ConfigSource(os.path.abspath(config_from), f"config and tokenizer from {os.path.abspath(config_from)}")
+    how_to = ("to make the folder loadable by transformers, re-run with --config-from DIR (the base model's "
+              "folder or hub snapshot, holding config.json and the tokenizer)")
+    params_path = os.path.join(checkpoint_dir, TRAIN_PARAMS_FILE)
+    if not os.path.isfile(params_path):
+        return ConfigSource(None, f"no config.json written: {how_to}")
+    try:
+        model_name = read_train_params(params_path).get("model_name", "").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        return ConfigSource(None, f"{params_path}: cannot read ({exc}); no config.json written: {how_to}")
+    if not model_name or model_name == "None":
+        return ConfigSource(None, f"{TRAIN_PARAMS_FILE} names no model_name; no config.json written: {how_to}")
+    for candidate in (model_name, os.path.join(checkpoint_dir, model_name)):
+        if os.path.isfile(os.path.join(os.path.expanduser(candidate), CONFIG_FILE)):
+            folder = os.path.abspath(os.path.expanduser(candidate))
+            return ConfigSource(folder, f"config and tokenizer from {folder} (model_name in {TRAIN_PARAMS_FILE})")
+    snapshot = find_in_hub_cache(model_name, env)
+    if snapshot:
+        return ConfigSource(snapshot, f"config and tokenizer from the local Hugging Face cache: {snapshot} "
+                                      f"(model_name {model_name!r} in {TRAIN_PARAMS_FILE})")
+    return ConfigSource(None, f"{TRAIN_PARAMS_FILE} names model {model_name!r}, which is neither a local folder nor "
+                              f"in the local Hugging Face cache; no config.json written: {how_to}")
+
+
+def missing_tokenizer_note(names: Sequence[str], folder: str) -> Optional[str]:
+    if any(n in names for n in TOKENIZER_FILES):
+        return None
+    return (f"no tokenizer files in {folder}; copy tokenizer.json / tokenizer_config.json from the base model "
+            "into the output to use it with pipelines or vLLM")

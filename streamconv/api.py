@@ -14,7 +14,7 @@ from . import dtypes, hf, names
 from .errors import OptionsError
 from .executor import Executor, check_stored
 from .io import DirectoryReader, RangeReader
-from .model import BlobLocation, CheckpointMetadata, StoredTensor
+from .model import BlobLocation, CheckpointMetadata, StoredTensor, TensorEntry
 from .plan import INDEX_FILE_NAME, ConversionPlan, PlanOptions, build_plan
 from .report import ConversionReport, Reporter, peak_rss_bytes
 from .sink import FileSink, StagingDir
@@ -34,11 +34,14 @@ def make_options(*, max_shard_size="5GB", buffer_size="32MiB", include: Sequence
 
 
 def load(checkpoint_dir: str) -> Tuple[DirectoryReader, CheckpointMetadata]:
-    from .reader import load_metadata
-    if not os.path.isdir(checkpoint_dir):
-        raise OptionsError(f"{checkpoint_dir}: not a folder; pass the folder holding .metadata and __*.distcp")
+    from .reader import find_metadata_file, load_metadata
+    name = find_metadata_file(checkpoint_dir)   # explains what a DCP folder looks like when it is not one
     reader = DirectoryReader(checkpoint_dir)
-    return reader, load_metadata(reader)
+    try:
+        return reader, load_metadata(reader, name)
+    except BaseException:
+        reader.close()
+        raise
 
 
 def plan(checkpoint_dir: str, options: Optional[PlanOptions] = None, *, config_from: Optional[str] = None,
@@ -54,13 +57,14 @@ def plan(checkpoint_dir: str, options: Optional[PlanOptions] = None, *, config_f
 
 
 def locate_chunks(conversion: ConversionPlan, reader: RangeReader) -> Dict[BlobLocation, StoredTensor]:
-    """Find every planned chunk's raw bytes and check them against the metadata, before any output exists."""
-    from .reader import locate_tensor
-    stored: Dict[BlobLocation, StoredTensor] = {}
+    """Find every planned chunk's raw bytes and check them against the metadata, before any output exists.
+    Blobs are visited in file order, each once."""
+    from .reader import locate_all
+    entries = [TensorEntry(fqn=t.source_fqn, dtype=t.src_dtype, shape=t.shape, chunks=t.chunks)
+               for t in conversion.tensors]
+    stored = locate_all(reader, entries)
     for t in conversion.tensors:
         for chunk in t.chunks:
-            if chunk.location not in stored:
-                stored[chunk.location] = locate_tensor(reader, chunk.location, fqn=t.source_fqn)
             check_stored(t, chunk, stored[chunk.location])
     return stored
 

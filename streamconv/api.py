@@ -17,8 +17,13 @@ from .io import DirectoryReader, RangeReader
 from .model import BlobLocation, CheckpointMetadata, StoredTensor, TensorEntry
 from .plan import INDEX_FILE_NAME, ConversionPlan, PlanOptions, build_plan
 from .report import ConversionReport, Reporter, peak_rss_bytes
-from .sink import FileSink, StagingDir
+from .parallel import write_shards
+from .sink import StagingDir
 from .sizes import parse_size
+
+
+# Two writer threads overlap one shard's reads with another's writes and casts; more rarely helps a disk.
+DEFAULT_WORKERS = 2
 
 
 def make_options(*, max_shard_size="5GB", buffer_size="32MiB", include: Sequence[str] = (),
@@ -71,11 +76,12 @@ def locate_chunks(conversion: ConversionPlan, reader: RangeReader) -> Dict[BlobL
 
 def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions] = None, *,
             overwrite: bool = False, reporter: Optional[Reporter] = None, config_from: Optional[str] = None,
-            **kwargs) -> ConversionReport:
+            workers: int = DEFAULT_WORKERS, **kwargs) -> ConversionReport:
     """Convert a DCP checkpoint folder into a folder of safetensors shards (+ index when sharded), with the
     base model's config and tokenizer beside them when `config_from` (or train_params.yaml) names it.
 
     Output appears at `output_dir` only when complete; on any error nothing is left there.
+    `workers` threads write shards side by side, sharing the buffer budget.
     """
     reporter = reporter or Reporter()
     started = time.perf_counter()
@@ -94,15 +100,15 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
         stored = locate_chunks(with_heads, reader)
         with StagingDir(output_dir, overwrite=overwrite) as staging:
             reporter.start(conversion.total_bytes + sum(t.nbytes for t in heads.values()), "converting")
-            executor = Executor(reader, stored, options.buffer_bytes, progress=reporter.advance)
-            unchecked = {p.embedding: p.head for p in setup.tied}
-            for shard in conversion.shards:
-                executor.write_shard(shard, FileSink(staging.file(shard.filename), shard.nbytes))
-                for embedding in shard.tensors:
-                    if embedding.name in unchecked:
-                        hf.tied.verify_tied(executor, heads[unchecked.pop(embedding.name)], embedding,
-                                            staging.file(shard.filename), config_path=setup.config.folder)
-            assert not unchecked, f"tied heads left unchecked: {unchecked}"
+            write_shards(conversion.shards, reader, stored, staging.file, buffer_bytes=options.buffer_bytes,
+                         workers=workers, progress=reporter.advance)
+            if setup.tied:
+                checker = Executor(reader, stored, options.buffer_bytes, progress=reporter.advance)
+                shard_of = {t.name: s.filename for s in conversion.shards for t in s.tensors}
+                by_name = {t.name: t for t in conversion.tensors}
+                for pair in setup.tied:
+                    hf.tied.verify_tied(checker, heads[pair.head], by_name[pair.embedding],
+                                        staging.file(shard_of[pair.embedding]), config_path=setup.config.folder)
             copied = []
             if setup.config is not None:
                 copied = hf.sidecars.copy_sidecars(setup.config, staging.path, hf.config_dtype(conversion))

@@ -86,10 +86,12 @@ def cli():
 @click.argument("output_dir", type=click.Path(file_okay=False))
 @_plan_options
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT_DIR if it exists and is not empty.")
+@click.option("--workers", default=api.DEFAULT_WORKERS, show_default=True, type=click.IntRange(1, 64),
+              help="Threads writing shards side by side; they share --buffer-size.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @_fail_cleanly
 def convert(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, config_from, include, exclude, renames,
-            subtree, as_json, overwrite, quiet):
+            subtree, as_json, overwrite, workers, quiet):
     """Convert CHECKPOINT_DIR (a DCP folder) into OUTPUT_DIR (safetensors shards).
 
     The output is written to a hidden staging folder beside OUTPUT_DIR and renamed into place only when
@@ -101,7 +103,7 @@ def convert(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, conf
     reporter: Reporter = TqdmReporter() if interactive else CollectingReporter()
     try:
         report = api.convert(checkpoint_dir, output_dir, options, overwrite=overwrite, reporter=reporter,
-                             config_from=config_from)
+                             config_from=config_from, workers=workers)
     finally:
         reporter.close()
     if as_json:

@@ -28,6 +28,10 @@ from .sink import ShardSink
 Progress = Callable[[int], None]
 
 
+class Cancelled(Exception):
+    """Another worker failed or the user interrupted; this one stopped between two steps."""
+
+
 def _prod(values: Sequence[int]) -> int:
     n = 1
     for v in values:
@@ -60,8 +64,9 @@ class Executor:
     """Writes shards. One instance owns the buffers, so they are allocated once for the whole run."""
 
     def __init__(self, reader: RangeReader, stored: Mapping[BlobLocation, StoredTensor], buffer_bytes: int,
-                 progress: Optional[Progress] = None):
+                 progress: Optional[Progress] = None, stop=None):
         self.reader = reader
+        self.stop = stop     # a threading.Event set when the run is abandoned, checked between steps
         self.stored = stored
         self.buffer_bytes = buffer_bytes
         self.progress = progress or (lambda n: None)
@@ -90,12 +95,19 @@ class Executor:
         return max(src, share // src * src)
 
     def write_shard(self, shard: ShardPlan, sink: ShardSink) -> None:
-        sink.write_at(0, shard.header)
-        for t in shard.tensors:
-            self.write_tensor(t, sink)
-        sink.close()
+        try:
+            sink.write_at(0, shard.header)
+            for t in shard.tensors:
+                self.write_tensor(t, sink)
+        finally:
+            sink.close()
+
+    def _check_stop(self) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise Cancelled()
 
     def write_tensor(self, t: TensorPlan, sink: ShardSink) -> None:
+        self._check_stop()
         for chunk in t.chunks:
             check_stored(t, chunk, self.stored[chunk.location])
         if t.is_row_contiguous:
@@ -121,6 +133,7 @@ class Executor:
                 continue
             remaining = stored.data_nbytes
             while remaining:
+                self._check_stop()
                 step = min(remaining, budget)
                 block = self._scratch(step)
                 self.reader.read_into(path, src, [memoryview(block)])
@@ -146,6 +159,7 @@ class Executor:
         for prefix in itertools.product(*(range(s) for s in shape[:d])):
             for a in range(0, shape[d], rows_per_band):
                 b = min(shape[d], a + rows_per_band)
+                self._check_stop()
                 band = self._scratch((b - a) * inner[d])
                 for chunk in t.chunks:
                     self._fill_band(t, chunk, prefix, d, a, b, band, item)

@@ -8,6 +8,7 @@ Keeping IO behind these lets the planner and executor be tested against memory a
 from __future__ import annotations
 
 import os
+import threading
 from typing import Dict, Optional, Protocol, Sequence
 
 from .errors import CheckpointError
@@ -71,6 +72,7 @@ class DirectoryReader:
     def __init__(self, root: str):
         self.root = os.fspath(root)
         self._fds: Dict[str, int] = {}
+        self._lock = threading.Lock()   # writer threads share one reader
 
     def path(self, relative_path: str) -> str:
         # Refuse names that escape the checkpoint folder: relative_path comes from untrusted metadata.
@@ -80,6 +82,13 @@ class DirectoryReader:
         return os.path.join(self.root, norm)
 
     def fd(self, relative_path: str) -> int:
+        fd = self._fds.get(relative_path)
+        if fd is not None:
+            return fd
+        with self._lock:
+            return self._open(relative_path)
+
+    def _open(self, relative_path: str) -> int:
         fd = self._fds.get(relative_path)
         if fd is None:
             full = self.path(relative_path)

@@ -19,6 +19,7 @@ from typing import Callable, List, Mapping, Optional, Sequence
 import numpy as np
 
 from . import dtypes
+from .cast import cast_into, output_nbytes
 from .errors import CheckpointError
 from .io import RangeReader
 from .model import BlobLocation, Chunk, StoredTensor
@@ -71,27 +72,29 @@ class Executor:
         self.buffer_bytes = buffer_bytes
         self.progress = progress or (lambda n: None)
         self._buffer: Optional[np.ndarray] = None
-        self._cast_out: Optional[np.ndarray] = None
 
-    def _scratch(self, nbytes: int) -> np.ndarray:
-        if self._buffer is None or len(self._buffer) < nbytes:
-            self._buffer = np.empty(nbytes, dtype=np.uint8)
+    def _scratch(self, nbytes: int, t: TensorPlan) -> np.ndarray:
+        """A block of `nbytes` at the start of the one working buffer, with room behind it for the block's
+        cast output (casts run in place, so a widening cast needs the larger size)."""
+        need = nbytes
+        if t.is_cast:
+            need = max(nbytes, output_nbytes(nbytes, t.src_dtype, t.dst_dtype))
+        if self._buffer is None or len(self._buffer) < need:
+            self._buffer = None     # drop the old one first, so the two never coexist
+            self._buffer = np.empty(need, dtype=np.uint8)
         return self._buffer[:nbytes]
 
     def _cast(self, block: np.ndarray, t: TensorPlan) -> np.ndarray:
-        from .cast import cast_into, output_nbytes  # only runs are that cast pay for it
-        need = output_nbytes(len(block), t.src_dtype, t.dst_dtype)
-        if self._cast_out is None or len(self._cast_out) < need:
-            self._cast_out = np.empty(need, dtype=np.uint8)
-        return cast_into(block, t.src_dtype, t.dst_dtype, out=self._cast_out[:need])
+        """Cast in place. 0-d tensors take torch's scalar loop, whose NaN bits differ from its vector loop."""
+        out = self._buffer[:output_nbytes(len(block), t.src_dtype, t.dst_dtype)]
+        return cast_into(block, t.src_dtype, t.dst_dtype, out=out, path="scalar" if not t.shape else "vector")
 
     def _band_budget(self, t: TensorPlan) -> int:
-        """Bytes of source data per step: the whole buffer, or the source's share of it when a cast
-        needs room for its output too. Whole elements, and at least one."""
+        """Source bytes per step: whole elements, at least one, and small enough that the step's cast output
+        (in place, in the same buffer) fits the buffer too."""
         src = dtypes.BY_NAME[t.src_dtype].itemsize
-        share = self.buffer_bytes
-        if t.is_cast:
-            share = self.buffer_bytes * src // (src + dtypes.BY_NAME[t.dst_dtype].itemsize)
+        widest = max(src, dtypes.BY_NAME[t.dst_dtype].itemsize)
+        share = self.buffer_bytes * src // widest
         return max(src, share // src * src)
 
     def write_shard(self, shard: ShardPlan, sink: ShardSink) -> None:
@@ -135,7 +138,7 @@ class Executor:
             while remaining:
                 self._check_stop()
                 step = min(remaining, budget)
-                block = self._scratch(step)
+                block = self._scratch(step, t)
                 self.reader.read_into(path, src, [memoryview(block)])
                 out = self._cast(block, t)
                 sink.write_at(dst, out)
@@ -160,7 +163,7 @@ class Executor:
             for a in range(0, shape[d], rows_per_band):
                 b = min(shape[d], a + rows_per_band)
                 self._check_stop()
-                band = self._scratch((b - a) * inner[d])
+                band = self._scratch((b - a) * inner[d], t)
                 for chunk in t.chunks:
                     self._fill_band(t, chunk, prefix, d, a, b, band, item)
                 first = sum(p * s for p, s in zip(prefix, out_strides)) + a * out_strides[d]

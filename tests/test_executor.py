@@ -136,3 +136,18 @@ def test_non_contiguous_stored_chunk_is_refused_with_fix():
     stored[loc] = StoredTensor(s.dtype, s.shape, (1, 4), s.data_offset, s.data_nbytes)
     with pytest.raises(CheckpointError, match="contiguous"):
         run(meta, reader, stored, 64)
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=cases(), buffer_bytes=st.sampled_from([1, 8, 24, 100, 4096]),
+       dst=st.sampled_from(["bfloat16", "float16", "float32"]))
+def test_random_boxes_with_cast_match_a_whole_tensor_cast(case, buffer_bytes, dst):
+    from streamconv.cast import cast_into  # bit-exact vs torch, see test_cast.py
+
+    arr, cuts = case
+    if arr.dtype.kind != "f":
+        arr = arr.astype(np.float32)
+    meta, reader, stored = make_checkpoint({"w": arr}, {"w": cuts})
+    plan, out = run(meta, reader, stored, buffer_bytes, dtype=dst)
+    want = cast_into(arr.tobytes(), str(arr.dtype), dst, path="scalar" if arr.ndim == 0 else "vector").tobytes()
+    assert read_safetensors(out["model.safetensors"])["w"] == want

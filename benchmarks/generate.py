@@ -1,0 +1,302 @@
+"""Write a real DCP checkpoint of a preset model with torch's own writer, sharded like FSDP2 over
+4 ranks, in bounded memory.
+
+    python -m benchmarks.generate --preset 2gb --dtype bfloat16 --out /tmp/ckpt-2gb [--with-optim]
+
+How: `world_size` gloo processes on 127.0.0.1 each hold a state dict of DTensors (`Shard(0)`, so
+chunk sizes are torch.chunk's, exactly as `fully_shard` lays them out) whose local shards live on the
+*meta* device, and call `torch.distributed.checkpoint.save` once, so planning, dedup, `.metadata`
+and the `__R_0.distcp` files are all torch's. The planner's `resolve_data` (the hook torch's writer
+calls for each item, one at a time, right before `torch.save`-ing it) materialises that chunk's
+data only then. torch's writer keeps a reference to every tensor it wrote until the rank's file is
+closed (`tensor_dict` in filesystem.py), so the planner frees the previous chunk's storage when it
+is asked for the next one: each rank holds one chunk at a time.
+
+Data: element i of a tensor is `pool[(seed(name) + i) % POOL_SIZE]`, with `pool` a fixed N(0, 0.02)
+sample cast to the dtype and POOL_SIZE prime. It does not depend on the sharding, it is cheap (a
+memcpy), and `expected_values()` recomputes any slice, so an output can be checked without keeping
+the checkpoint in RAM. A bfloat16 checkpoint holds exactly the bf16 rounding of the float32 one.
+
+The layout is llama-cookbook's: `{"model": model_state_dict, "optim": optimizer_state_dict}`, so
+DCP keys are `model.<hf name>` and `optim.state.<hf name>.exp_avg`. A `.generator.json` stamp is
+written into the folder last; the folder appears under its final name only when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+import zlib
+from datetime import timedelta
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from .presets import PRESETS, tensor_specs
+
+STAMP = ".generator.json"
+GENERATOR_VERSION = 1
+POOL_SIZE = 4_194_319          # prime: no tensor row length is a multiple of it
+POOL_SEED = 20240925
+DTYPES = ("bfloat16", "float16", "float32")
+ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+WORLD_SIZE = 4
+
+
+# ---------------------------------------------------------------- data (also used to verify outputs)
+
+def data_key(hf_name: str, kind: str = "model") -> str:
+    """Seed key of a tensor: the HF name for weights, the flat DCP key for optimizer state."""
+    return hf_name if kind == "model" else f"optim.state.{hf_name}.{kind}"
+
+
+def _pool(dtype: str):
+    """The value pool, twice over, so any window of up to POOL_SIZE elements is one slice."""
+    import torch
+
+    g = torch.Generator().manual_seed(POOL_SEED)
+    pool = (torch.randn(POOL_SIZE, generator=g, dtype=torch.float32) * 0.02).to(getattr(torch, dtype))
+    return torch.cat([pool, pool])
+
+
+_POOLS: Dict[str, object] = {}
+
+
+def expected_values(key: str, dtype: str, start: int, count: int, out=None):
+    """Elements [start, start+count) of the row-major flattened tensor `key`, as a 1-D torch tensor."""
+    import torch
+
+    pool = _POOLS.get(dtype)
+    if pool is None:
+        pool = _POOLS[dtype] = _pool(dtype)
+    if out is None:
+        out = torch.empty(count, dtype=getattr(torch, dtype))
+    k = (zlib.crc32(key.encode()) + start) % POOL_SIZE
+    pos = 0
+    while pos < count:
+        n = min(POOL_SIZE, count - pos)
+        out[pos:pos + n].copy_(pool[k:k + n])
+        pos += n
+        k = (k + n) % POOL_SIZE
+    return out
+
+
+# ---------------------------------------------------------------- one rank
+
+def _fixed_mmap_threshold(threshold: int = 1 << 20) -> None:
+    """Serve allocations >= 1 MiB with mmap so freed chunk buffers leave RSS (see generate())."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _make_planner(generated: Dict[str, Tuple[str, Tuple[int, ...]]]):
+    import torch
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    class GeneratingSavePlanner(DefaultSavePlanner):
+        """Hands torch's writer each chunk's data just in time and frees the previous chunk."""
+
+        def __init__(self):
+            super().__init__()
+            self._previous = None
+
+        def resolve_data(self, write_item):
+            if self._previous is not None:  # torch has finished torch.save-ing it; it keeps a reference
+                self._previous.untyped_storage().resize_(0)
+                self._previous = None
+            spec = generated.get(write_item.index.fqn)
+            if spec is None:  # bytes items and small real tensors (optimizer step)
+                return super().resolve_data(write_item)
+            key, shape = spec
+            chunk = write_item.tensor_data.chunk
+            if any(chunk.offsets[1:]):
+                raise AssertionError(f"{write_item.index}: expected a Shard(0) chunk")
+            row = math.prod(shape[1:])
+            dtype = write_item.tensor_data.properties.dtype
+            flat = torch.empty(math.prod(chunk.sizes), dtype=dtype)
+            expected_values(key, str(dtype).replace("torch.", ""), chunk.offsets[0] * row, flat.numel(), out=flat)
+            self._previous = flat
+            return flat.view(tuple(chunk.sizes))
+
+    return GeneratingSavePlanner()
+
+
+def _rank_main(rank: int, world: int, port: int, preset: str, dtype_name: str, with_optim: bool,
+               out: str, results) -> None:
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    _fixed_mmap_threshold()
+    torch.set_num_threads(1)
+    t_start = time.perf_counter()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(hours=3))
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        dtype = getattr(torch, dtype_name)
+        generated: Dict[str, Tuple[str, Tuple[int, ...]]] = {}
+
+        def sharded(shape):
+            # torch.chunk sizes along dim 0; trailing ranks may get an empty chunk (FSDP2 does the same)
+            per = -(-shape[0] // world)
+            rows = max(0, min(shape[0], (rank + 1) * per) - min(shape[0], rank * per))
+            local = torch.empty((rows,) + tuple(shape[1:]), dtype=dtype, device="meta")
+            return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=torch.Size(shape),
+                                      stride=torch.empty(shape, device="meta").stride())
+
+        model, state = {}, {}
+        specs = tensor_specs(PRESETS[preset])
+        for name, shape in specs:
+            model[name] = sharded(shape)
+            generated[f"model.{name}"] = (data_key(name), shape)
+            if with_optim:
+                state[name] = {"step": torch.tensor(1000.0)}
+                for kind in ("exp_avg", "exp_avg_sq"):
+                    state[name][kind] = sharded(shape)
+                    generated[f"optim.state.{name}.{kind}"] = (data_key(name, kind), shape)
+        state_dict = {"model": model}
+        if with_optim:
+            state_dict["optim"] = {"state": state, "param_groups": [{
+                "lr": 1e-5, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1, "amsgrad": False,
+                "foreach": None, "maximize": False, "capturable": False, "differentiable": False,
+                "fused": None, "decoupled_weight_decay": True, "params": [n for n, _ in specs]}]}
+        t0 = time.perf_counter()
+        dcp.save(state_dict, storage_writer=dcp.FileSystemWriter(out), planner=_make_planner(generated))
+        results.put((rank, time.perf_counter() - t0, t0 - t_start))
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- driver
+
+def checkpoint_bytes(preset: str, dtype: str, with_optim: bool) -> int:
+    """Tensor bytes the checkpoint holds (the files add ~1.5 KiB per chunk)."""
+    n = sum(math.prod(s) for _, s in tensor_specs(PRESETS[preset]))
+    return n * ITEMSIZE[dtype] * (3 if with_optim else 1)
+
+
+def read_stamp(ckpt: Path) -> Optional[dict]:
+    try:
+        return json.loads((Path(ckpt) / STAMP).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def generate(preset: str, dtype: str, out: Path, *, with_optim: bool = False, world_size: int = WORLD_SIZE,
+             overwrite: bool = False) -> dict:
+    """Write the checkpoint to `out` (via `out.partial`); return the stamp, with timings and peak RSS."""
+    import multiprocessing as mp
+
+    from .measure import TreeSampler
+
+    out = Path(out)
+    if out.exists():
+        if not overwrite:
+            raise SystemExit(f"{out} exists; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    need = checkpoint_bytes(preset, dtype, with_optim)
+    free = shutil.disk_usage(partial.parent).free
+    if free < need + 2**30:
+        raise SystemExit(f"generating {preset} {dtype}{' with optimizer state' if with_optim else ''} needs "
+                         f"{need / 1e9:.1f} GB (+1 GiB spare) free in {partial.parent}; {free / 1e9:.1f} GB are free")
+
+    t0 = time.perf_counter()
+    # Import torch once and fork the ranks: four concurrent `import torch` take ~10 s on 2 cores.
+    # Nothing in this process has started a thread pool yet, so forking is safe. glibc's
+    # dynamic mmap threshold would serve the chunk buffers from the heap, which fragments and
+    # stays resident; a fixed threshold hands every large buffer back to the OS when freed.
+    import torch.distributed.checkpoint  # noqa: F401
+    import torch.distributed.tensor  # noqa: F401
+
+    ctx = mp.get_context("fork")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, preset, dtype, with_optim, str(partial), results))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    # PSS: the forked ranks share torch's pages, which a sum of RSS would count five times.
+    sampler = TreeSampler(os.getpid(), include_root=True, period_s=0.1, pss=True)
+    sampler.start()
+    while any(p.is_alive() for p in procs):
+        procs[0].join(timeout=0.2)
+        if any(p.exitcode not in (None, 0) for p in procs):
+            # the survivors would wait in a collective until the gloo timeout: end them now
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+            for p in procs:
+                p.join()
+    sampler.stop()
+    wall = time.perf_counter() - t0
+    bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
+    if bad:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise SystemExit(f"generator ranks failed (rank, exit code): {bad}")
+    timings = [results.get() for _ in procs]
+    save_s = max(t[1] for t in timings)
+    setup_s = max(t[2] for t in timings)
+    files = sorted(partial.iterdir())
+    stamp = {
+        "generator_version": GENERATOR_VERSION, "preset": preset, "dtype": dtype, "with_optim": with_optim,
+        "world_size": world_size, "layout": "llama-cookbook {'model': ..., 'optim': ...}, FSDP2 Shard(0)",
+        "num_params": sum(math.prod(s) for _, s in tensor_specs(PRESETS[preset])),
+        "tensor_bytes": need, "file_bytes": sum(f.stat().st_size for f in files),
+        "files": len(files), "pool_size": POOL_SIZE, "pool_seed": POOL_SEED,
+        "wall_s": round(wall, 2), "setup_s": round(setup_s, 2), "dcp_save_s": round(save_s, 2),
+        "peak_rss_bytes": sampler.peak_rss, "peak_anon_bytes": sampler.peak_anon, "peak_pss_bytes": sampler.peak_pss,
+        "torch_version": _torch_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    (partial / STAMP).write_text(json.dumps(stamp, indent=1) + "\n")
+    partial.rename(out)
+    return stamp
+
+
+def _torch_version() -> str:
+    from importlib.metadata import version
+
+    return version("torch")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.generate",
+                                     description="Write a DCP checkpoint of a preset model (see module docstring).")
+    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    parser.add_argument("--out", required=True, type=Path, help="checkpoint folder to create")
+    parser.add_argument("--with-optim", action="store_true", help="add AdamW state (exp_avg, exp_avg_sq, step): 3x the bytes")
+    parser.add_argument("--world-size", type=int, default=WORLD_SIZE, help="simulated FSDP2 ranks (default 4)")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    stamp = generate(args.preset, args.dtype, args.out, with_optim=args.with_optim,
+                     world_size=args.world_size, overwrite=args.overwrite)
+    print(json.dumps(stamp, indent=1))
+    print(f"wrote {args.out}: {stamp['file_bytes'] / 1e9:.2f} GB in {stamp['files']} files, "
+          f"{stamp['wall_s']:.1f} s, peak of the process tree: RSS {stamp['peak_rss_bytes'] / 2**20:.0f} MiB, "
+          f"PSS {stamp['peak_pss_bytes'] / 2**20:.0f} MiB",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

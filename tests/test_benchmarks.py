@@ -1,0 +1,125 @@
+"""Tests of the benchmark tooling itself (about 15 s): `pytest benchmarks/test_benchmarks.py`.
+
+Not collected by `make test` (testpaths = ["tests"]) unless the project adds it.
+"""
+import json
+import math
+import sys
+import textwrap
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from benchmarks import generate as gen  # noqa: E402
+from benchmarks import measure, presets, run, verify  # noqa: E402
+from benchmarks.baselines.common import model_tensors, save_sharded  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "tiny"
+    gen.generate("tiny", "float32", out, with_optim=True)
+    return out
+
+
+def test_presets_match_transformers():
+    pytest.importorskip("transformers")
+    for name in ("tiny", "llama-3.2-11b-vision"):
+        presets.check_against_transformers(name)
+    assert presets.num_params(presets.PRESETS["llama-3.2-11b-vision"]) == 10_670_220_835
+
+
+def test_expected_values_do_not_depend_on_slicing():
+    whole = gen.expected_values("w", "float32", 0, gen.POOL_SIZE + 1000)
+    part = gen.expected_values("w", "float32", gen.POOL_SIZE - 10, 1010)
+    assert torch.equal(whole[gen.POOL_SIZE - 10:], part)
+    # the bf16 data is the bf16 rounding of the fp32 data
+    assert torch.equal(gen.expected_values("w", "bfloat16", 5, 100), whole[5:105].bfloat16())
+
+
+def test_generated_checkpoint_is_fsdp2_like_and_holds_the_formula(tiny_ckpt, tmp_path):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    md = FileSystemReader(str(tiny_ckpt)).read_metadata()
+    q = md.state_dict_metadata["model.model.language_model.layers.0.self_attn.q_proj.weight"]
+    assert [tuple(c.offsets) for c in q.chunks] == [(0, 0), (16, 0), (32, 0), (48, 0)]
+    gate = md.state_dict_metadata["model.model.language_model.layers.3.cross_attn_attn_gate"]
+    assert sorted(tuple(c.sizes) for c in gate.chunks) == [(0,), (1,)]   # FSDP2's empty chunk
+    assert "optim.state.lm_head.weight.exp_avg" in md.state_dict_metadata
+    assert "optim.param_groups.0.lr" in md.state_dict_metadata
+    assert sorted(p.name for p in tiny_ckpt.iterdir()) == [
+        ".generator.json", ".metadata", "__0_0.distcp", "__1_0.distcp", "__2_0.distcp", "__3_0.distcp"]
+
+    dcp_to_torch_save(str(tiny_ckpt), tmp_path / "all.pt")
+    sd = torch.load(tmp_path / "all.pt", weights_only=True)
+    specs = presets.tensor_specs(presets.PRESETS["tiny"])
+    assert list(sd["model"]) == [n for n, _ in specs]
+    for name, shape in specs:
+        expected = gen.expected_values(gen.data_key(name), "float32", 0, math.prod(shape)).view(shape)
+        assert torch.equal(sd["model"][name], expected), name
+    name = "model.vision_model.class_embedding"
+    exp_avg = gen.expected_values(gen.data_key(name, "exp_avg"), "float32", 0, 32)
+    assert torch.equal(sd["optim"]["state"][name]["exp_avg"], exp_avg)
+
+
+def test_fingerprints_find_a_changed_byte(tiny_ckpt, tmp_path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    sd = {}
+    for t in model_tensors(FileSystemReader(str(tiny_ckpt)).read_metadata()):
+        sd[t.name] = gen.expected_values(gen.data_key(t.name), "float32", 0, math.prod(t.shape)).view(t.shape).clone()
+    save_sharded(sd, tmp_path / "out", max_shard_bytes=200_000)
+    assert len(list((tmp_path / "out").glob("*.safetensors"))) > 1
+    specs = [(n, gen.data_key(n), s) for n, s in presets.tensor_specs(presets.PRESETS["tiny"])]
+    for mode in ("all", "sample"):
+        ok, summary = verify.compare(verify.expected_fingerprint(specs, "float32", mode),
+                                     verify.fingerprint(tmp_path / "out", mode=mode))
+        assert ok, summary
+    ok, _ = verify.compare(verify.expected_fingerprint(specs, "bfloat16"),
+                           verify.fingerprint(tmp_path / "out", as_dtype="bfloat16"))
+    assert ok
+    sd["lm_head.weight"][3, 7] += 1
+    save_sharded(sd, tmp_path / "bad", max_shard_bytes=200_000)
+    ok, summary = verify.compare(verify.expected_fingerprint(specs, "float32"), verify.fingerprint(tmp_path / "bad"))
+    assert not ok and "1 bytes differ: lm_head.weight" in summary
+
+
+def test_measure_sees_memory_io_and_exit_status(tmp_path):
+    script = textwrap.dedent("""
+        import os, sys, time
+        buf = bytearray(300 << 20)          # 300 MiB, touched
+        time.sleep(0.3)
+        with open(sys.argv[1], "wb") as f:
+            f.write(os.urandom(8 << 20))
+            f.flush(); os.fsync(f.fileno())
+        sys.exit(3)
+    """)
+    m = measure.run_measured([sys.executable, "-c", script, str(tmp_path / "x.bin")], watch_dir=tmp_path)
+    assert m.status == "failed" and m.exit_code == 3
+    assert 300 << 20 <= m.peak_rss_bytes < 400 << 20
+    assert m.sampled_peak_anon_bytes >= 290 << 20
+    assert m.io["write_bytes"] >= 8 << 20
+    assert m.first_byte_s is not None and m.first_byte_s < m.wall_s
+
+
+def test_memory_limit_reports_oom(tmp_path):
+    script = "import time\nx = [bytearray(64 << 20) for _ in range(40)]\ntime.sleep(5)"
+    m = measure.run_measured([sys.executable, "-c", script], mem_limit_bytes=512 << 20)
+    assert m.status == "OOM" and m.signal == 9 and m.wall_s < 5
+
+
+def test_harness_end_to_end_on_tiny(tiny_ckpt, tmp_path):
+    run.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "results"), "--cache", str(tmp_path / "cache"),
+              "--readme", "", "--no-drop-caches"])
+    runs = json.loads((tmp_path / "results" / "results.json").read_text())["runs"]
+    rows = {r["name"]: r for r in runs[-1]["contenders"]}
+    assert rows["cp -r"]["status"] == "finished"
+    for name in ("dcp_to_torch_save + save_file", "llama-cookbook (dcp.load no_dist)"):
+        assert rows[name]["status"] == "finished", rows[name]
+        assert rows[name]["check"]["ok"], rows[name]["check"]
+    for row in rows.values():   # streamconv's rows too, when its CLI is there
+        assert row.get("check", {}).get("ok", True), row
+    assert (tmp_path / "results" / "results.png").stat().st_size > 0
+    assert not (tmp_path / "cache" / "work").exists()

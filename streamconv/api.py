@@ -67,7 +67,14 @@ def locate_chunks(conversion: ConversionPlan, reader: RangeReader) -> Dict[BlobL
     from .reader import locate_all
     entries = [TensorEntry(fqn=t.source_fqn, dtype=t.src_dtype, shape=t.shape, chunks=t.chunks)
                for t in conversion.tensors]
-    stored = locate_all(reader, entries)
+    advise = getattr(reader, "set_random_access", None)
+    if advise:
+        advise(True)
+    try:
+        stored = locate_all(reader, entries)
+    finally:
+        if advise:
+            advise(False)
     for t in conversion.tensors:
         for chunk in t.chunks:
             check_stored(t, chunk, stored[chunk.location])

@@ -9,22 +9,23 @@ Two ways a tensor's bytes move, chosen per tensor by the plan's geometry:
            band: a band is a contiguous run of the output no larger than the buffer; each chunk's part of
            the band is one contiguous range of its file, scatter-read (preadv) straight into place.
 
-Memory is the buffer (plus the cast output) whatever the tensor or model size.
+Memory is the one working buffer whatever the tensor or model size. numpy (and the cast module) are
+imported only when a tensor needs assembly or a cast: the plain copy path starts faster without them.
 """
 from __future__ import annotations
 
 import itertools
-from typing import Callable, List, Mapping, Optional, Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING, Callable, List, Mapping, Optional, Sequence
 
 from . import dtypes
-from .cast import cast_into, output_nbytes
 from .errors import CheckpointError
 from .io import RangeReader
 from .model import BlobLocation, Chunk, StoredTensor
 from .plan import ShardPlan, TensorPlan
 from .sink import ShardSink
+
+if TYPE_CHECKING:
+    import numpy as np
 
 Progress = Callable[[int], None]
 
@@ -71,11 +72,13 @@ class Executor:
         self.stored = stored
         self.buffer_bytes = buffer_bytes
         self.progress = progress or (lambda n: None)
-        self._buffer: Optional[np.ndarray] = None
+        self._buffer = None   # numpy uint8 array, grown on first use
 
     def _scratch(self, nbytes: int, t: TensorPlan) -> np.ndarray:
         """A block of `nbytes` at the start of the one working buffer, with room behind it for the block's
         cast output (casts run in place, so a widening cast needs the larger size)."""
+        import numpy as np
+        from .cast import output_nbytes
         need = nbytes
         if t.is_cast:
             need = max(nbytes, output_nbytes(nbytes, t.src_dtype, t.dst_dtype))
@@ -86,6 +89,7 @@ class Executor:
 
     def _cast(self, block: np.ndarray, t: TensorPlan) -> np.ndarray:
         """Cast in place. 0-d tensors take torch's scalar loop, whose NaN bits differ from its vector loop."""
+        from .cast import cast_into, output_nbytes
         out = self._buffer[:output_nbytes(len(block), t.src_dtype, t.dst_dtype)]
         return cast_into(block, t.src_dtype, t.dst_dtype, out=out, path="scalar" if not t.shape else "vector")
 
@@ -200,6 +204,7 @@ class Executor:
             start = base * item
             buffers = [mv[start:start + (hi - lo) * _prod(sizes[d + 1:]) * item]]
         else:
+            import numpy as np
             grids = np.indices(band_shape, dtype=np.int64).reshape(len(band_shape), -1)
             steps = np.array([band_strides[0]] + band_strides[1:k - d], dtype=np.int64)
             starts = ((base + steps @ grids) * item).tolist()

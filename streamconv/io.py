@@ -73,6 +73,7 @@ class DirectoryReader:
         self.root = os.fspath(root)
         self._fds: Dict[str, int] = {}
         self._lock = threading.Lock()   # writer threads share one reader
+        self._random_access = False
 
     def path(self, relative_path: str) -> str:
         # Refuse names that escape the checkpoint folder: relative_path comes from untrusted metadata.
@@ -99,8 +100,20 @@ class DirectoryReader:
                     f"{full}: file named in .metadata is missing (incomplete copy of the checkpoint?)") from None
             except OSError as exc:
                 raise CheckpointError(f"{full}: cannot open: {exc.strerror}") from None
+            self._advise(fd)
             self._fds[relative_path] = fd
         return fd
+
+    def set_random_access(self, random_access: bool) -> None:
+        """Small scattered reads (locating chunks) vs long streams (copying). Readahead on thousands of 4 KiB
+        header reads would otherwise pull in ~2% of the checkpoint for nothing on a cold cache."""
+        self._random_access = random_access
+        for fd in self._fds.values():
+            self._advise(fd)
+
+    def _advise(self, fd: int) -> None:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM if self._random_access else os.POSIX_FADV_NORMAL)
 
     def size(self, relative_path: str) -> int:
         return os.fstat(self.fd(relative_path)).st_size

@@ -11,16 +11,19 @@ memory.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Tuple
 
-import numpy as np
-
 from .. import dtypes
 from ..errors import VerificationError
 from ..plan import TensorPlan
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # Output-projection names that a tied config rebuilds from the input embedding, and the names an input
 # embedding goes by. A head `P + head` pairs with the one embedding named `P + ... + embedding`.
@@ -87,6 +90,7 @@ class ComparingSink:
         self.compared = 0
 
     def _expect(self, offset: int, data: np.ndarray) -> None:
+        import numpy as np
         found = os.pread(self.fd, len(data), offset)
         theirs = np.frombuffer(found, dtype=np.uint8)
         if len(theirs) != len(data) or not np.array_equal(theirs, data):
@@ -96,11 +100,13 @@ class ComparingSink:
         self.compared += len(data)
 
     def write_at(self, offset: int, data) -> None:
+        import numpy as np
         mine = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
         for start in range(0, len(mine), self.piece_bytes):
             self._expect(offset + start, mine[start:start + self.piece_bytes])
 
     def copy_from(self, src_fd: int, src_offset: int, dst_offset: int, length: int) -> None:
+        import numpy as np
         for start in range(0, length, self.piece_bytes):
             n = min(self.piece_bytes, length - start)
             piece = os.pread(src_fd, n, src_offset + start)
@@ -134,6 +140,7 @@ def verify_tied(executor, head: TensorPlan, embedding: TensorPlan, shard_path: s
     try:
         executor.write_tensor(target, sink)
     except _Mismatch as exc:
+        import numpy as np
         item = dtypes.BY_NAME[target.dst_dtype].itemsize
         element = (exc.offset - target.begin) // item
         where = [int(i) for i in np.unravel_index(element, target.shape)] if target.shape else []

@@ -13,6 +13,7 @@ relative to the blob start (torch.save wrote the archive into a stream starting 
 from __future__ import annotations
 
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Iterable, List, NoReturn, Tuple, Type
 
 from .. import dtypes
@@ -22,6 +23,8 @@ from ..model import BlobLocation, Chunk, StoredTensor, TensorEntry
 from . import safe_pickle as sp
 
 HEAD_BYTES = 4096
+LOCATE_THREADS = 8
+PARALLEL_LOCATE_MIN_CHUNKS = 64
 TAIL_BYTES = 4096
 WHOLE_BLOB_BYTES = HEAD_BYTES + TAIL_BYTES
 MAX_DATA_PKL_BYTES = 1 << 20   # a one-tensor data.pkl is ~200 bytes; more means this is not a tensor blob
@@ -129,8 +132,20 @@ def locate_all(reader: RangeReader, tensors: Iterable[TensorEntry]) -> Dict[Blob
             users.setdefault(chunk.location, []).append((entry, chunk))
     found: Dict[BlobLocation, StoredTensor] = {}
     file_sizes: Dict[str, int] = {}
-    for location in sorted(users, key=lambda loc: (loc.relative_path, loc.offset)):
-        stored = _locate(reader, location, users[location][0][0].fqn, file_sizes)
+    ordered = sorted(users, key=lambda loc: (loc.relative_path, loc.offset))
+
+    def one(location: BlobLocation) -> StoredTensor:
+        return _locate(reader, location, users[location][0][0].fqn, file_sizes)
+
+    # On a cold cache each blob costs two small random reads; a few in flight at once hide the disk's
+    # latency (3,500 chunks of an 11B model: 0.7 s one at a time). map() keeps file order, so the first
+    # error raised is the same as in a sequential scan.
+    if len(ordered) >= PARALLEL_LOCATE_MIN_CHUNKS:
+        with ThreadPoolExecutor(max_workers=LOCATE_THREADS, thread_name_prefix="streamconv-locate") as pool:
+            results = list(pool.map(one, ordered))
+    else:
+        results = [one(location) for location in ordered]
+    for location, stored in zip(ordered, results):
         for entry, chunk in users[location]:
             if stored.dtype != entry.dtype or stored.shape != chunk.sizes:
                 raise CheckpointError(

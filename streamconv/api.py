@@ -11,14 +11,14 @@ from dataclasses import replace
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 from . import dtypes, hf, names
-from .errors import OptionsError
+from .errors import OptionsError, VerificationError
 from .executor import Executor, check_stored
 from .io import DirectoryReader, RangeReader
 from .model import BlobLocation, CheckpointMetadata, StoredTensor, TensorEntry
 from .plan import INDEX_FILE_NAME, ConversionPlan, PlanOptions, build_plan
 from .report import ConversionReport, Reporter, peak_rss_bytes
 from .parallel import write_shards
-from .sink import StagingDir
+from .sink import ComparingSink, Mismatch, StagingDir
 from .sizes import parse_size
 
 
@@ -81,14 +81,35 @@ def locate_chunks(conversion: ConversionPlan, reader: RangeReader) -> Dict[BlobL
     return stored
 
 
+def verify_shards(shards, reader: RangeReader, stored: Dict[BlobLocation, StoredTensor], path_for,
+                  buffer_bytes: int, progress=None) -> int:
+    """Re-run the executor against the written files, comparing instead of writing: catches a short write,
+    a disk error or a bug that corrupted bytes. Returns the bytes compared."""
+    checker = Executor(reader, stored, buffer_bytes, progress=progress)
+    compared = 0
+    for shard in shards:
+        sink = ComparingSink(path_for(shard.filename))
+        try:
+            checker.write_shard(shard, sink)
+        except Mismatch as exc:
+            raise VerificationError(
+                f"{shard.filename}: byte {exc.offset} differs from the checkpoint after writing; the disk or "
+                "filesystem corrupted the output. Nothing was committed; check the disk and run again.") from None
+        if os.path.getsize(path_for(shard.filename)) != shard.nbytes:
+            raise VerificationError(f"{shard.filename}: file size differs from the planned {shard.nbytes} bytes")
+        compared += sink.compared
+    return compared
+
+
 def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions] = None, *,
             overwrite: bool = False, reporter: Optional[Reporter] = None, config_from: Optional[str] = None,
-            workers: int = DEFAULT_WORKERS, **kwargs) -> ConversionReport:
+            workers: int = DEFAULT_WORKERS, verify: bool = False, **kwargs) -> ConversionReport:
     """Convert a DCP checkpoint folder into a folder of safetensors shards (+ index when sharded), with the
     base model's config and tokenizer beside them when `config_from` (or train_params.yaml) names it.
 
     Output appears at `output_dir` only when complete; on any error nothing is left there.
-    `workers` threads write shards side by side, sharing the buffer budget.
+    `workers` threads write shards side by side, sharing the buffer budget. `verify` reads every written
+    shard back and compares it with the checkpoint before the output is committed.
     """
     reporter = reporter or Reporter()
     started = time.perf_counter()
@@ -106,7 +127,8 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
         heads = {t.name: t for t in with_heads.tensors if t.name in setup.dropped_heads}
         stored = locate_chunks(with_heads, reader)
         with StagingDir(output_dir, overwrite=overwrite) as staging:
-            reporter.start(conversion.total_bytes + sum(t.nbytes for t in heads.values()), "converting")
+            reporter.start(conversion.total_bytes * (2 if verify else 1) + sum(t.nbytes for t in heads.values()),
+                           "converting")
             write_shards(conversion.shards, reader, stored, staging.file, buffer_bytes=options.buffer_bytes,
                          workers=workers, progress=reporter.advance)
             if setup.tied:
@@ -116,6 +138,10 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
                 for pair in setup.tied:
                     hf.tied.verify_tied(checker, heads[pair.head], by_name[pair.embedding],
                                         staging.file(shard_of[pair.embedding]), config_path=setup.config.folder)
+            verified_bytes = 0
+            if verify:
+                verified_bytes = verify_shards(conversion.shards, reader, stored, staging.file, options.buffer_bytes,
+                              progress=reporter.advance)
             copied = []
             if setup.config is not None:
                 copied = hf.sidecars.copy_sidecars(setup.config, staging.path, hf.config_dtype(conversion))
@@ -137,7 +163,7 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
         seconds=time.perf_counter() - started, peak_rss_bytes=peak_rss_bytes(),
         predicted_peak_bytes=conversion.peak_bytes, buffer_bytes=options.buffer_bytes,
         max_shard_bytes=options.max_shard_bytes, skipped=conversion.to_dict()["skipped"],
-        renamed=len(conversion.renamed), cast=casts, files=files + copied, copied_files=copied,
+        renamed=len(conversion.renamed), cast=casts, verified_bytes=verified_bytes, files=files + copied, copied_files=copied,
         dropped_tied=list(setup.dropped_heads), notes=list(setup.notes),
         config_from=setup.config.folder if setup.config else None, layout=setup.layout,
         unmatched_names=list(reference.unmatched), missing_names=list(reference.missing))

@@ -88,10 +88,13 @@ def cli():
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT_DIR if it exists and is not empty.")
 @click.option("--workers", default=api.DEFAULT_WORKERS, show_default=True, type=click.IntRange(1, 64),
               help="Threads writing shards side by side; they share --buffer-size.")
+@click.option("--verify", is_flag=True,
+              help="Before committing, read every written shard back and compare it with the checkpoint (reads the "
+                   "checkpoint twice).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @_fail_cleanly
 def convert(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, config_from, include, exclude, renames,
-            subtree, as_json, overwrite, workers, quiet):
+            subtree, as_json, overwrite, workers, verify, quiet):
     """Convert CHECKPOINT_DIR (a DCP folder) into OUTPUT_DIR (safetensors shards).
 
     The output is written to a hidden staging folder beside OUTPUT_DIR and renamed into place only when
@@ -103,7 +106,7 @@ def convert(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, conf
     reporter: Reporter = TqdmReporter() if interactive else CollectingReporter()
     try:
         report = api.convert(checkpoint_dir, output_dir, options, overwrite=overwrite, reporter=reporter,
-                             config_from=config_from, workers=workers)
+                             config_from=config_from, workers=workers, verify=verify)
     finally:
         reporter.close()
     if as_json:

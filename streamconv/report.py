@@ -105,7 +105,7 @@ class ConversionReport:
     dropped_tied: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
     files: List[str] = field(default_factory=list)
-    dry_run: bool = False
+    verified_bytes: int = 0     # bytes read back and compared with the checkpoint (--verify)
     config_from: Optional[str] = None                         # folder the config and tokenizer came from
     layout: Optional[str] = None                              # name mapping applied to match that folder
     unmatched_names: List[str] = field(default_factory=list)  # output names the reference folder lacks

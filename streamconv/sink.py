@@ -95,6 +95,61 @@ class FileSink:
             self.fd = -1
 
 
+class Mismatch(Exception):
+    """Raised by ComparingSink at the first byte that differs; `offset` is that byte's offset in the file."""
+
+    def __init__(self, path: str, offset: int):
+        super().__init__(f"{path}: differs at byte {offset}")
+        self.path = path
+        self.offset = offset
+
+
+COMPARE_PIECE_BYTES = 1 << 20   # what a ComparingSink reads back at a time
+
+
+class ComparingSink:
+    """A ShardSink that writes nothing: it compares every byte it is given with the same offset of `path`.
+
+    Used to verify finished shards (`convert --verify`) and tied weights, by running the executor again.
+    """
+
+    def __init__(self, path: str, piece_bytes: int = COMPARE_PIECE_BYTES):
+        self.path = path
+        self.piece_bytes = piece_bytes
+        self.fd = os.open(path, os.O_RDONLY)
+        self.compared = 0
+
+    def _expect(self, offset: int, data) -> None:
+        import numpy as np
+        found = os.pread(self.fd, len(data), offset)
+        theirs = np.frombuffer(found, dtype=np.uint8)
+        if len(theirs) != len(data) or not np.array_equal(theirs, data):
+            n = min(len(theirs), len(data))
+            diff = np.flatnonzero(theirs[:n] != data[:n])
+            raise Mismatch(self.path, offset + (int(diff[0]) if len(diff) else n))
+        self.compared += len(data)
+
+    def write_at(self, offset: int, data) -> None:
+        import numpy as np
+        mine = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+        for start in range(0, len(mine), self.piece_bytes):
+            self._expect(offset + start, mine[start:start + self.piece_bytes])
+
+    def copy_from(self, src_fd: int, src_offset: int, dst_offset: int, length: int) -> None:
+        import numpy as np
+        for start in range(0, length, self.piece_bytes):
+            n = min(self.piece_bytes, length - start)
+            piece = os.pread(src_fd, n, src_offset + start)
+            if len(piece) != n:
+                raise OutputError(f"source ended early while comparing with {self.path}")
+            self._expect(dst_offset + start, np.frombuffer(piece, dtype=np.uint8))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 def _is_empty_dir(path: str) -> bool:
     return os.path.isdir(path) and not os.listdir(path)
 

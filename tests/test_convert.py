@@ -208,3 +208,28 @@ def test_not_a_checkpoint_is_explained(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"x")
     result = CliRunner().invoke(cli, ["inspect", str(tmp_path)])
     assert result.exit_code == CheckpointError.exit_code and ".metadata" in result.output
+
+
+def test_verify_reads_back_everything(dcp_checkpoints, tmp_path):
+    report = streamconv.convert(str(dcp_checkpoints["mesh2d"]), str(tmp_path / "out"), verify=True,
+                                max_shard_size="30KB")
+    assert report.verified_bytes == report.bytes_written
+
+
+def test_verify_catches_a_corrupted_shard(dcp_checkpoints, tmp_path, monkeypatch):
+    from streamconv import api
+    from streamconv.errors import VerificationError
+
+    original = api.write_shards
+
+    def write_then_corrupt(shards, reader, stored, path_for, **kwargs):
+        original(shards, reader, stored, path_for, **kwargs)
+        path = path_for(shards[-1].filename)
+        with open(path, "r+b") as f:
+            f.seek(os.path.getsize(path) - 3)
+            f.write(b"\x7f")
+
+    monkeypatch.setattr(api, "write_shards", write_then_corrupt)
+    with pytest.raises(VerificationError, match="differs"):
+        streamconv.convert(str(dcp_checkpoints["tp"]), str(tmp_path / "out"), verify=True)
+    assert list(tmp_path.iterdir()) == []

@@ -236,7 +236,7 @@ def test_comparing_sink_compares_in_pieces(tmp_path):
     fd = os.open(path, os.O_RDONLY)
     try:
         sink.copy_from(fd, 10, 10, 5000)
-        with pytest.raises(tied._Mismatch) as exc:
+        with pytest.raises(tied.Mismatch) as exc:
             sink.copy_from(fd, 11, 10, 100)
     finally:
         os.close(fd)

@@ -11,8 +11,6 @@ memory.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -21,17 +19,13 @@ from typing import Iterable, List, Optional, Tuple
 from .. import dtypes
 from ..errors import VerificationError
 from ..plan import TensorPlan
-
-if TYPE_CHECKING:
-    import numpy as np
+from ..sink import ComparingSink, Mismatch
 
 # Output-projection names that a tied config rebuilds from the input embedding, and the names an input
 # embedding goes by. A head `P + head` pairs with the one embedding named `P + ... + embedding`.
 HEAD_SUFFIXES: Tuple[str, ...] = ("lm_head.weight",)
 EMBEDDING_SUFFIXES: Tuple[str, ...] = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight",
                                        "shared.weight")
-
-COMPARE_PIECE_BYTES = 1 << 20   # what the comparing sink reads back at a time
 
 
 @dataclass(frozen=True)
@@ -74,52 +68,6 @@ def find_tied_pairs(names: Iterable[str], tie: Optional[bool],
     return tuple(pairs), notes
 
 
-class _Mismatch(Exception):
-    def __init__(self, offset: int):
-        super().__init__(offset)
-        self.offset = offset
-
-
-class ComparingSink:
-    """A ShardSink that writes nothing: it compares every byte it is given with the same offset of `path`."""
-
-    def __init__(self, path: str, piece_bytes: int = COMPARE_PIECE_BYTES):
-        self.path = path
-        self.piece_bytes = piece_bytes
-        self.fd = os.open(path, os.O_RDONLY)
-        self.compared = 0
-
-    def _expect(self, offset: int, data: np.ndarray) -> None:
-        import numpy as np
-        found = os.pread(self.fd, len(data), offset)
-        theirs = np.frombuffer(found, dtype=np.uint8)
-        if len(theirs) != len(data) or not np.array_equal(theirs, data):
-            n = min(len(theirs), len(data))
-            diff = np.flatnonzero(theirs[:n] != data[:n])
-            raise _Mismatch(offset + (int(diff[0]) if len(diff) else n))
-        self.compared += len(data)
-
-    def write_at(self, offset: int, data) -> None:
-        import numpy as np
-        mine = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
-        for start in range(0, len(mine), self.piece_bytes):
-            self._expect(offset + start, mine[start:start + self.piece_bytes])
-
-    def copy_from(self, src_fd: int, src_offset: int, dst_offset: int, length: int) -> None:
-        import numpy as np
-        for start in range(0, length, self.piece_bytes):
-            n = min(self.piece_bytes, length - start)
-            piece = os.pread(src_fd, n, src_offset + start)
-            if len(piece) != n:
-                raise VerificationError(f"checkpoint file ended early while comparing tied weights ({self.path})")
-            self._expect(dst_offset + start, np.frombuffer(piece, dtype=np.uint8))
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
 def as_written_at(head: TensorPlan, embedding: TensorPlan) -> TensorPlan:
     """The head's plan retargeted onto the embedding's place and output dtype, so writing it there would
     reproduce the embedding's bytes exactly when the two are equal."""
@@ -139,7 +87,7 @@ def verify_tied(executor, head: TensorPlan, embedding: TensorPlan, shard_path: s
     sink = ComparingSink(shard_path)
     try:
         executor.write_tensor(target, sink)
-    except _Mismatch as exc:
+    except Mismatch as exc:
         import numpy as np
         item = dtypes.BY_NAME[target.dst_dtype].itemsize
         element = (exc.offset - target.begin) // item

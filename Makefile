@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 TORCH_PIN := torch==2.13.0
 DEMO_DIR ?= /tmp/streamconv-demo
 
-.PHONY: install demo test bench bench-full clean
+.PHONY: install demo test bench bench-full bench-full-fp32 clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ bench: install
 
 bench-full: install
 	$(PY) -m benchmarks.run --preset llama-3.2-11b-vision --dtype bfloat16 --out benchmarks/results
+
+# 43 GB checkpoint + 21 GB bf16 output: needs ~70 GB free (delete the bf16 preset from benchmarks/.cache first).
+bench-full-fp32: install
+	$(PY) -m benchmarks.run --preset llama-3.2-11b-vision --dtype float32 --out benchmarks/results
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

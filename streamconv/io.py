@@ -104,6 +104,11 @@ class DirectoryReader:
             self._fds[relative_path] = fd
         return fd
 
+    def prefetch(self, relative_path: str, offset: int, length: int) -> None:
+        """Start reading a range into the page cache without waiting for it."""
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd(relative_path), offset, length, os.POSIX_FADV_WILLNEED)
+
     def set_random_access(self, random_access: bool) -> None:
         """Small scattered reads (locating chunks) vs long streams (copying). Readahead on thousands of 4 KiB
         header reads would otherwise pull in ~2% of the checkpoint for nothing on a cold cache."""

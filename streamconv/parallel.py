@@ -1,22 +1,54 @@
 """Write a plan's shards on a few threads, each with its own executor and share of the buffer budget.
 
 Threads, not processes: pread/pwrite/copy_file_range and numpy's casts release the GIL, so two workers keep
-the disk busy while the other casts or assembles. Each shard is independent (its plan fixes every offset),
-so workers never touch the same file. Ctrl-C or an error in one worker stops the others at their next step.
+the disk busy while the other casts or assembles. The unit of work is one tensor: its place in its shard
+file is fixed by the plan, so workers can fill the same file side by side (positioned writes need no lock)
+and a model that fits one shard still gets every worker. Ctrl-C or an error in one worker stops the others
+at their next step.
 """
 from __future__ import annotations
 
 import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 from .executor import Cancelled, Executor
 from .io import RangeReader
 from .model import BlobLocation, StoredTensor
-from .plan import ShardPlan
+from .plan import ShardPlan, TensorPlan
 from .sink import FileSink
 
 Progress = Callable[[int], None]
+
+
+class _OpenShard:
+    """A shard file being filled by several workers: created (with its header) by the first one to need
+    it, closed by the one that writes its last tensor."""
+
+    def __init__(self, shard: ShardPlan, path: str):
+        self.shard = shard
+        self.path = path
+        self.remaining = len(shard.tensors)
+        self.sink: Optional[FileSink] = None
+        self.lock = threading.Lock()
+
+    def open(self) -> FileSink:
+        with self.lock:
+            if self.sink is None:
+                self.sink = FileSink(self.path, self.shard.nbytes)
+                self.sink.write_at(0, self.shard.header)
+            return self.sink
+
+    def done_one(self) -> None:
+        with self.lock:
+            self.remaining -= 1
+            if self.remaining == 0 and self.sink is not None:
+                self.sink.close()
+
+    def close(self) -> None:
+        with self.lock:
+            if self.sink is not None:
+                self.sink.close()
 
 
 def write_shards(shards: Sequence[ShardPlan], reader: RangeReader, stored: Mapping[BlobLocation, StoredTensor],
@@ -30,12 +62,17 @@ def write_shards(shards: Sequence[ShardPlan], reader: RangeReader, stored: Mappi
             with lock:
                 progress(n)
 
-    workers = max(1, min(workers, len(shards)))
+    files = [_OpenShard(s, path_for(s.filename)) for s in shards]
+    for f in files:
+        if not f.shard.tensors:
+            f.open()
+            f.close()
+    # Shard by shard, tensors in file order: workers move through the output roughly front to back.
+    queue: List[Tuple[_OpenShard, TensorPlan]] = [(f, t) for f in files for t in f.shard.tensors]
+    queue.reverse()     # pop() from the end is O(1)
+    workers = max(1, min(workers, len(queue)))
     stop = threading.Event()
     per_worker = max(1, buffer_bytes // workers)
-
-    # Largest shards first, so the last one to finish is small and workers end together.
-    queue = sorted(shards, key=lambda s: -s.nbytes)
     queue_lock = threading.Lock()
 
     def worker() -> None:
@@ -44,23 +81,27 @@ def write_shards(shards: Sequence[ShardPlan], reader: RangeReader, stored: Mappi
             with queue_lock:
                 if not queue:
                     return
-                shard = queue.pop(0)
-            executor.write_shard(shard, FileSink(path_for(shard.filename), shard.nbytes))
+                target, tensor = queue.pop()
+            executor.write_tensor(tensor, target.open())
+            target.done_one()
 
-    if workers == 1:
-        worker()
-        return
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="streamconv")
-    futures = [pool.submit(worker) for _ in range(workers)]
     try:
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        for f in done:
-            if f.exception() is not None and not isinstance(f.exception(), Cancelled):
-                raise f.exception()
-        for f in futures:
-            f.result()
-    except BaseException:
-        stop.set()          # the others stop at their next band or chunk
-        raise
+        if workers == 1:
+            worker()
+            return
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="streamconv") as pool:
+            futures = [pool.submit(worker) for _ in range(workers)]
+            try:
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                for f in done:
+                    exc = f.exception()
+                    if exc is not None and not isinstance(exc, Cancelled):
+                        raise exc
+                for f in futures:
+                    f.result()
+            except BaseException:
+                stop.set()      # the others stop at their next band, piece or tensor
+                raise
     finally:
-        pool.shutdown(wait=True)
+        for f in files:
+            f.close()

@@ -71,8 +71,8 @@ def main(workdir: str, world_size: int) -> None:
     demo = write_demo_checkpoint(ckpt_dir, world_size=world_size)
     click.echo(f"    {demo.num_tensors} entries (model + optimizer) in {demo.seconds:.1f} s")
 
-    click.echo(f"2/3 streamconv convert {ckpt_dir} {out_dir}")
-    cmd = [sys.executable, "-m", "streamconv.cli", "convert", ckpt_dir, out_dir, "--json"]
+    click.echo(f"2/3 streamconv convert {ckpt_dir} {out_dir} --verify")
+    cmd = [sys.executable, "-m", "streamconv.cli", "convert", ckpt_dir, out_dir, "--json", "--verify"]
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

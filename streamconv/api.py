@@ -6,12 +6,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import replace
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 from . import dtypes, hf, names
-from .errors import OptionsError, VerificationError
+from .errors import OptionsError, OutputError, VerificationError
 from .executor import Executor, check_stored
 from .io import DirectoryReader, RangeReader
 from .model import BlobLocation, CheckpointMetadata, StoredTensor, TensorEntry
@@ -19,7 +20,7 @@ from .plan import INDEX_FILE_NAME, ConversionPlan, PlanOptions, build_plan
 from .report import ConversionReport, Reporter, peak_rss_bytes
 from .parallel import write_shards
 from .sink import ComparingSink, Mismatch, StagingDir
-from .sizes import parse_size
+from .sizes import format_size, parse_size
 
 
 # Two writer threads overlap one shard's reads with another's writes and casts; more rarely helps a disk.
@@ -58,7 +59,29 @@ def plan(checkpoint_dir: str, options: Optional[PlanOptions] = None, *, config_f
     setup = hf.prepare(meta, options or make_options(**kwargs), checkpoint_dir, config_from=config_from)
     for note in setup.notes:
         (reporter or Reporter()).note(note)
-    return build_plan(meta, setup.options)
+    return _checked_plan(meta, setup.options, checkpoint_dir)
+
+
+def _checked_plan(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir: str) -> ConversionPlan:
+    conversion = build_plan(meta, options)
+    if not conversion.tensors:
+        raise OptionsError(
+            f"{checkpoint_dir}: no tensors selected to convert ({len(meta.tensors)} in the checkpoint); "
+            "check --include/--exclude/--subtree (see `streamconv inspect` for the names)")
+    return conversion
+
+
+def check_free_space(output_dir: str, needed_bytes: int) -> None:
+    """Refuse before writing when the output's filesystem cannot hold it: a full disk half-way through a
+    40 GB conversion wastes the time and leaves the disk full."""
+    probe = os.path.dirname(os.path.abspath(output_dir))
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe).free
+    if free < needed_bytes:
+        raise OutputError(
+            f"{output_dir}: the output needs {format_size(needed_bytes)} but {probe} has {format_size(free)} free; "
+            "free some space, choose another output folder, or shrink the output with --dtype bfloat16")
 
 
 def locate_chunks(conversion: ConversionPlan, reader: RangeReader) -> Dict[BlobLocation, StoredTensor]:
@@ -117,15 +140,12 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
     with reader:
         setup = hf.prepare(meta, options or make_options(**kwargs), checkpoint_dir, config_from=config_from)
         options = setup.options
-        conversion = build_plan(meta, options)
-        if not conversion.tensors:
-            raise OptionsError(
-                f"{checkpoint_dir}: no tensors selected to convert ({len(meta.tensors)} in the checkpoint); "
-                "check --include/--exclude")
+        conversion = _checked_plan(meta, options, checkpoint_dir)
         # Dropped tied heads are still read once, to prove they equal the embedding written in their place.
         with_heads = build_plan(meta, replace(options, drop=())) if setup.tied else conversion
         heads = {t.name: t for t in with_heads.tensors if t.name in setup.dropped_heads}
         stored = locate_chunks(with_heads, reader)
+        check_free_space(output_dir, conversion.files_nbytes)
         with StagingDir(output_dir, overwrite=overwrite) as staging:
             reporter.start(conversion.total_bytes * (2 if verify else 1) + sum(t.nbytes for t in heads.values()),
                            "converting")

@@ -109,7 +109,8 @@ class ConversionPlan:
     shards: Tuple[ShardPlan, ...]
     options: PlanOptions
     skipped: Tuple[Skipped, ...]
-    renamed: Tuple[Tuple[str, str], ...]    # (checkpoint key, output name) where they differ
+    # (checkpoint key, output name) where wrappers were stripped or rename rules applied
+    renamed: Tuple[Tuple[str, str], ...]
     subtree: Optional[str]
     peak_bytes: int                         # predicted peak resident memory of the converter
 
@@ -215,7 +216,7 @@ def select(meta: CheckpointMetadata, options: PlanOptions):
         if subtree is None and top in names.NON_MODEL_KEYS and len(entry.path) >= 2:
             skipped.append(Skipped(entry.fqn, "optimizer state" if top.startswith("optim") else f"'{top}' state"))
             continue
-        name = _source_name(entry, subtree)
+        state_dict_name = name = _source_name(entry, subtree)
         if options.strip_wrappers:
             name = names.strip_wrappers(name)
         name = names.apply_renames(name, options.renames)
@@ -225,7 +226,7 @@ def select(meta: CheckpointMetadata, options: PlanOptions):
         if name in options.drop:
             skipped.append(Skipped(entry.fqn, "tied duplicate"))
             continue
-        if name != entry.fqn:
+        if name != state_dict_name:     # unwrapping the subtree ("model.") alone is not a rename
             renamed.append((entry.fqn, name))
         selected.append((entry, name))
     seen: Dict[str, str] = {}

@@ -217,3 +217,12 @@ def test_plan_properties(meta, budget, reverse):
     again = build_plan(CheckpointMetadata(tensors=tuple(sorted(meta.tensors, key=lambda t: t.fqn))),
                        PlanOptions(max_shard_bytes=budget))
     assert [(s.filename, s.header) for s in again.shards] == [(s.filename, s.header) for s in plan.shards]
+
+
+def test_renamed_lists_real_renames_not_the_subtree_unwrap():
+    meta = CheckpointMetadata(tensors=(
+        tensor("model.layers.0.w", (2,)),
+        tensor("model._orig_mod.layers.1.w", (2,)),
+    ))
+    plan = build_plan(meta, PlanOptions(renames=(RenameRule.parse(r"layers\.0\.=blocks.0."),)))
+    assert dict(plan.renamed) == {"model.layers.0.w": "blocks.0.w", "model._orig_mod.layers.1.w": "layers.1.w"}

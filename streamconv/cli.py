@@ -21,6 +21,9 @@ def _fail_cleanly(fn):
             return fn(*args, **kwargs)
         except StreamconvError as exc:
             click.echo(f"error: {exc}", err=True)
+            if kwargs.get("as_json"):
+                # Scripts reading --json get the failure on stdout too, in the same shape every time.
+                click.echo(json.dumps({"error": str(exc), "kind": type(exc).__name__, "exit_code": exc.exit_code}))
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted: partial output removed", err=True)

@@ -249,3 +249,11 @@ def test_not_enough_disk_space_is_refused_before_writing(dcp_checkpoints, tmp_pa
 def test_selecting_nothing_is_explained(dcp_checkpoints):
     result = CliRunner().invoke(cli, ["plan", str(dcp_checkpoints["tp"]), "--include", "no-such-*"])
     assert result.exit_code == 64 and "no tensors selected" in result.output
+
+
+def test_json_mode_reports_errors_on_stdout(dcp_checkpoints, tmp_path):
+    ckpt = damaged_copy(dcp_checkpoints["tp"], tmp_path / "ckpt", lambda d: (d / "__1_0.distcp").unlink())
+    result = CliRunner().invoke(cli, ["convert", str(ckpt), str(tmp_path / "out"), "--json"])
+    assert result.exit_code == CheckpointError.exit_code
+    report = json.loads(result.stdout)
+    assert report["kind"] == "CheckpointError" and "__1_0.distcp" in report["error"]

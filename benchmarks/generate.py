@@ -1,7 +1,7 @@
 """Write a real DCP checkpoint of a preset model with torch's own writer, sharded like FSDP2 over
-4 ranks, in bounded memory.
+4 ranks (or, with `--layout tp`, Megatron-style tensor parallel: see TP_RULES), in bounded memory.
 
-    python -m benchmarks.generate --preset 2gb --dtype bfloat16 --out /tmp/ckpt-2gb [--with-optim]
+    python -m benchmarks.generate --preset 2gb --dtype bfloat16 --out /tmp/ckpt-2gb [--with-optim] [--layout tp]
 
 How: `world_size` gloo processes on 127.0.0.1 each hold a state dict of DTensors (`Shard(0)`, so
 chunk sizes are torch.chunk's, exactly as `fully_shard` lays them out) whose local shards live on the
@@ -24,6 +24,7 @@ written into the folder last; the folder appears under its final name only when 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -45,6 +46,37 @@ POOL_SEED = 20240925
 DTYPES = ("bfloat16", "float16", "float32")
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 WORLD_SIZE = 4
+
+# How the tensors are sharded over the ranks (a 1-D mesh of WORLD_SIZE).
+#   fsdp2: every tensor Shard(0), torch.chunk sizes, as FSDP2's fully_shard lays them out.
+#   tp:    Megatron-style tensor parallelism; TP_RULES below decide, by name suffix.
+LAYOUTS = ("fsdp2", "tp")
+DEFAULT_LAYOUT = "fsdp2"
+# (name suffixes, placement) for the tp layout, first match wins. Tensors with fewer than 2 dims
+# (norms, biases, gates, class embedding) are always Replicate (torch's dedup writes each on one rank);
+# a >= 2-D tensor that no rule matches is Replicate too.
+TP_RULES: Tuple[Tuple[Tuple[str, ...], str], ...] = (
+    # Rowwise: the input dim (1) is split, so the chunks are column blocks with offsets (0, c)
+    ((".o_proj.weight", ".down_proj.weight", ".out_proj.weight", ".fc2.weight"), "Shard(1)"),
+    # Colwise: the output dim (0) is split; embeddings and lm_head over the vocabulary/rows
+    ((".q_proj.weight", ".k_proj.weight", ".v_proj.weight", ".gate_proj.weight", ".up_proj.weight",
+      ".fc1.weight", "embed_tokens.weight", "lm_head.weight", "multi_modal_projector.weight",
+      "patch_embedding.weight", "embedding.weight", "gated_positional_embedding.embedding"), "Shard(0)"),
+)
+
+
+def placement_for(name: str, shape: Tuple[int, ...], layout: str = DEFAULT_LAYOUT) -> str:
+    """"Shard(0)", "Shard(1)" or "Replicate()" for tensor `name` (an HF name) in `layout`."""
+    if layout == "fsdp2":
+        return "Shard(0)"
+    if layout != "tp":
+        raise ValueError(f"unknown layout {layout!r} (one of {LAYOUTS})")
+    if len(shape) < 2:
+        return "Replicate()"
+    for suffixes, placement in TP_RULES:
+        if name.endswith(suffixes):
+            return placement
+    return "Replicate()"
 
 
 # ---------------------------------------------------------------- data (also used to verify outputs)
@@ -85,6 +117,28 @@ def expected_values(key: str, dtype: str, start: int, count: int, out=None):
     return out
 
 
+def fill_chunk(key: str, dtype: str, shape, offsets, sizes, out) -> None:
+    """Fill `out` (1-D, prod(sizes) elements) with the box [offsets, offsets + sizes) of tensor `key`,
+    row-major. A Shard(0) chunk is one contiguous run of the flattened tensor; a chunk split along a
+    later dim (Shard(1): a column block) is a run per index of the dims before the last split one."""
+    shape, offsets, sizes = tuple(shape), tuple(offsets), tuple(sizes)
+    if out.numel() == 0:
+        return
+    # k: the last dim that the chunk does not span whole; dims after it are full, so runs are contiguous
+    k = max([d for d in range(len(shape)) if sizes[d] != shape[d]] or [0])
+    run = math.prod(sizes[k:])
+    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    if k == 0:
+        start = offsets[0] * strides[0] if shape else 0
+        expected_values(key, dtype, start, run, out=out)
+        return
+    pos = 0
+    for index in itertools.product(*(range(o, o + n) for o, n in zip(offsets[:k], sizes[:k]))):
+        start = sum(i * st for i, st in zip(index, strides)) + offsets[k] * strides[k]
+        expected_values(key, dtype, start, run, out=out[pos:pos + run])
+        pos += run
+
+
 # ---------------------------------------------------------------- one rank
 
 def _fixed_mmap_threshold(threshold: int = 1 << 20) -> None:
@@ -117,12 +171,9 @@ def _make_planner(generated: Dict[str, Tuple[str, Tuple[int, ...]]]):
                 return super().resolve_data(write_item)
             key, shape = spec
             chunk = write_item.tensor_data.chunk
-            if any(chunk.offsets[1:]):
-                raise AssertionError(f"{write_item.index}: expected a Shard(0) chunk")
-            row = math.prod(shape[1:])
             dtype = write_item.tensor_data.properties.dtype
             flat = torch.empty(math.prod(chunk.sizes), dtype=dtype)
-            expected_values(key, str(dtype).replace("torch.", ""), chunk.offsets[0] * row, flat.numel(), out=flat)
+            fill_chunk(key, str(dtype).replace("torch.", ""), shape, chunk.offsets, chunk.sizes, flat)
             self._previous = flat
             return flat.view(tuple(chunk.sizes))
 
@@ -130,12 +181,12 @@ def _make_planner(generated: Dict[str, Tuple[str, Tuple[int, ...]]]):
 
 
 def _rank_main(rank: int, world: int, port: int, preset: str, dtype_name: str, with_optim: bool,
-               out: str, results) -> None:
+               out: str, results, layout: str = DEFAULT_LAYOUT) -> None:
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 
     _fixed_mmap_threshold()
     torch.set_num_threads(1)
@@ -147,23 +198,30 @@ def _rank_main(rank: int, world: int, port: int, preset: str, dtype_name: str, w
         dtype = getattr(torch, dtype_name)
         generated: Dict[str, Tuple[str, Tuple[int, ...]]] = {}
 
-        def sharded(shape):
-            # torch.chunk sizes along dim 0; trailing ranks may get an empty chunk (FSDP2 does the same)
-            per = -(-shape[0] // world)
-            rows = max(0, min(shape[0], (rank + 1) * per) - min(shape[0], rank * per))
-            local = torch.empty((rows,) + tuple(shape[1:]), dtype=dtype, device="meta")
-            return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=torch.Size(shape),
+        def sharded(name, shape):
+            placement = placement_for(name, shape, layout)
+            local_shape = list(shape)
+            if placement == "Replicate()":
+                place = Replicate()
+            else:
+                # torch.chunk sizes along the dim; trailing ranks may get an empty chunk (FSDP2 does the same)
+                dim = {"Shard(0)": 0, "Shard(1)": 1}[placement]
+                place = Shard(dim)
+                per = -(-shape[dim] // world)
+                local_shape[dim] = max(0, min(shape[dim], (rank + 1) * per) - min(shape[dim], rank * per))
+            local = torch.empty(tuple(local_shape), dtype=dtype, device="meta")
+            return DTensor.from_local(local, mesh, [place], run_check=False, shape=torch.Size(shape),
                                       stride=torch.empty(shape, device="meta").stride())
 
         model, state = {}, {}
         specs = tensor_specs(PRESETS[preset])
         for name, shape in specs:
-            model[name] = sharded(shape)
+            model[name] = sharded(name, shape)
             generated[f"model.{name}"] = (data_key(name), shape)
             if with_optim:
                 state[name] = {"step": torch.tensor(1000.0)}
                 for kind in ("exp_avg", "exp_avg_sq"):
-                    state[name][kind] = sharded(shape)
+                    state[name][kind] = sharded(name, shape)
                     generated[f"optim.state.{name}.{kind}"] = (data_key(name, kind), shape)
         state_dict = {"model": model}
         if with_optim:
@@ -200,12 +258,14 @@ def _free_port() -> int:
 
 
 def generate(preset: str, dtype: str, out: Path, *, with_optim: bool = False, world_size: int = WORLD_SIZE,
-             overwrite: bool = False) -> dict:
+             overwrite: bool = False, layout: str = DEFAULT_LAYOUT) -> dict:
     """Write the checkpoint to `out` (via `out.partial`); return the stamp, with timings and peak RSS."""
     import multiprocessing as mp
 
     from .measure import TreeSampler
 
+    if layout not in LAYOUTS:
+        raise SystemExit(f"unknown layout {layout!r} (one of {', '.join(LAYOUTS)})")
     out = Path(out)
     if out.exists():
         if not overwrite:
@@ -231,7 +291,7 @@ def generate(preset: str, dtype: str, out: Path, *, with_optim: bool = False, wo
     ctx = mp.get_context("fork")
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, preset, dtype, with_optim, str(partial), results))
+    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, preset, dtype, with_optim, str(partial), results, layout))
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -259,7 +319,10 @@ def generate(preset: str, dtype: str, out: Path, *, with_optim: bool = False, wo
     files = sorted(partial.iterdir())
     stamp = {
         "generator_version": GENERATOR_VERSION, "preset": preset, "dtype": dtype, "with_optim": with_optim,
-        "world_size": world_size, "layout": "llama-cookbook {'model': ..., 'optim': ...}, FSDP2 Shard(0)",
+        "world_size": world_size, "sharding": layout,
+        "layout": "llama-cookbook {'model': ..., 'optim': ...}, " + (
+            "FSDP2 Shard(0)" if layout == "fsdp2" else
+            "Megatron-style TP: Shard(0) colwise, Shard(1) rowwise (o_proj/down_proj/fc2), 1-D Replicate"),
         "num_params": sum(math.prod(s) for _, s in tensor_specs(PRESETS[preset])),
         "tensor_bytes": need, "file_bytes": sum(f.stat().st_size for f in files),
         "files": len(files), "pool_size": POOL_SIZE, "pool_seed": POOL_SEED,
@@ -285,11 +348,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     parser.add_argument("--out", required=True, type=Path, help="checkpoint folder to create")
     parser.add_argument("--with-optim", action="store_true", help="add AdamW state (exp_avg, exp_avg_sq, step): 3x the bytes")
-    parser.add_argument("--world-size", type=int, default=WORLD_SIZE, help="simulated FSDP2 ranks (default 4)")
+    parser.add_argument("--layout", default=DEFAULT_LAYOUT, choices=LAYOUTS,
+                        help="fsdp2: every tensor Shard(0) (default); tp: Megatron-style tensor parallel "
+                             "(Shard(0) colwise, Shard(1) rowwise, 1-D Replicate; see TP_RULES)")
+    parser.add_argument("--world-size", type=int, default=WORLD_SIZE, help="simulated ranks (default 4)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     stamp = generate(args.preset, args.dtype, args.out, with_optim=args.with_optim,
-                     world_size=args.world_size, overwrite=args.overwrite)
+                     world_size=args.world_size, overwrite=args.overwrite, layout=args.layout)
     print(json.dumps(stamp, indent=1))
     print(f"wrote {args.out}: {stamp['file_bytes'] / 1e9:.2f} GB in {stamp['files']} files, "
           f"{stamp['wall_s']:.1f} s, peak of the process tree: RSS {stamp['peak_rss_bytes'] / 2**20:.0f} MiB, "

@@ -123,3 +123,51 @@ def test_harness_end_to_end_on_tiny(tiny_ckpt, tmp_path):
         assert row.get("check", {}).get("ok", True), row
     assert (tmp_path / "results" / "results.png").stat().st_size > 0
     assert not (tmp_path / "cache" / "work").exists()
+
+
+def test_tp_layout_splits_rowwise_weights_along_dim_1(tmp_path):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp_path / "tiny-tp"
+    stamp = gen.generate("tiny", "float32", out, with_optim=True, layout="tp")
+    assert stamp["sharding"] == "tp"
+    md = FileSystemReader(str(out)).read_metadata().state_dict_metadata
+
+    def chunks(key):
+        return sorted((tuple(c.offsets), tuple(c.sizes)) for c in md[key].chunks)
+
+    t = "model.model.language_model.layers.0"
+    assert chunks(f"{t}.self_attn.o_proj.weight") == [((0, c), (64, 16)) for c in (0, 16, 32, 48)]
+    assert chunks(f"{t}.mlp.down_proj.weight") == [((0, c), (64, 32)) for c in (0, 32, 64, 96)]
+    assert chunks("optim.state.model.language_model.layers.0.mlp.down_proj.weight.exp_avg") == \
+        chunks(f"{t}.mlp.down_proj.weight")
+    assert chunks("model.model.vision_model.transformer.layers.0.mlp.fc2.weight") == \
+        [((0, c), (32, 16)) for c in (0, 16, 32, 48)]
+    assert chunks(f"{t}.self_attn.q_proj.weight") == [((r, 0), (16, 64)) for r in (0, 16, 32, 48)]
+    assert chunks("model.lm_head.weight") == [((r, 0), (64, 64)) for r in (0, 64, 128, 192)]
+    assert chunks("model.model.language_model.norm.weight") == [((0,), (64,))]   # Replicate, deduped
+    assert chunks(f"{t}.mlp.gate_proj.weight")[1][0] == (32, 0)
+
+    # the values do not depend on the sharding
+    dcp_to_torch_save(str(out), tmp_path / "all.pt")
+    sd = torch.load(tmp_path / "all.pt", weights_only=True)
+    for name, shape in presets.tensor_specs(presets.PRESETS["tiny"]):
+        expected = gen.expected_values(gen.data_key(name), "float32", 0, math.prod(shape)).view(shape)
+        assert torch.equal(sd["model"][name], expected), name
+        expected = gen.expected_values(gen.data_key(name, "exp_avg"), "float32", 0, math.prod(shape)).view(shape)
+        assert torch.equal(sd["optim"]["state"][name]["exp_avg"], expected), name
+
+
+def test_fill_chunk_matches_slicing_the_whole_tensor():
+    shape = (6, 10, 3)
+    whole = gen.expected_values("k", "float32", 0, math.prod(shape)).view(shape)
+    for offsets, sizes in (((2, 0, 0), (3, 10, 3)), ((0, 4, 0), (6, 3, 3)), ((1, 2, 1), (2, 5, 2)),
+                           ((0, 0, 0), (6, 10, 3)), ((0, 5, 0), (6, 0, 3))):
+        out = torch.empty(math.prod(sizes))
+        gen.fill_chunk("k", "float32", shape, offsets, sizes, out)
+        box = whole[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))]
+        assert torch.equal(out.view(sizes), box), (offsets, sizes)
+    assert gen.placement_for("x.self_attn.o_proj.weight", (4, 4), "tp") == "Shard(1)"
+    assert gen.placement_for("x.self_attn.o_proj.weight", (4, 4)) == "Shard(0)"       # fsdp2 default
+    assert gen.placement_for("x.post_attention_layernorm.weight", (4,), "tp") == "Replicate()"

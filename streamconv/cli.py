@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 
 import click
@@ -13,10 +14,16 @@ from .report import CollectingReporter, Reporter, TqdmReporter
 from .sizes import format_size
 
 
+def _terminate(signum, frame):
+    # A job scheduler's SIGTERM ends the run like Ctrl-C, so the staging folder is removed on the way out.
+    raise KeyboardInterrupt
+
+
 def _fail_cleanly(fn):
     """Turn library errors into one-line messages and their exit codes; never a traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        previous = signal.signal(signal.SIGTERM, _terminate)
         try:
             return fn(*args, **kwargs)
         except StreamconvError as exc:
@@ -28,6 +35,8 @@ def _fail_cleanly(fn):
         except KeyboardInterrupt:
             click.echo("interrupted: partial output removed", err=True)
             sys.exit(130)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     return wrapper
 
 

@@ -257,3 +257,23 @@ def test_json_mode_reports_errors_on_stdout(dcp_checkpoints, tmp_path):
     assert result.exit_code == CheckpointError.exit_code
     report = json.loads(result.stdout)
     assert report["kind"] == "CheckpointError" and "__1_0.distcp" in report["error"]
+
+
+def test_sigterm_removes_partial_output_like_ctrl_c(dcp_checkpoints, tmp_path, monkeypatch):
+    import signal
+
+    from streamconv import executor
+
+    original = executor.Executor.write_tensor
+
+    def terminated(self, t, sink):
+        os.kill(os.getpid(), signal.SIGTERM)   # the handler raises in the main thread
+        return original(self, t, sink)
+
+    monkeypatch.setattr(executor.Executor, "write_tensor", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    result = CliRunner().invoke(cli, ["convert", str(dcp_checkpoints["fsdp2"]), str(tmp_path / "out"),
+                                      "--workers", "1"])
+    assert result.exit_code == 130, result.output
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == before   # the CLI restores the previous handler

@@ -164,7 +164,8 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
                               progress=reporter.advance)
             copied = []
             if setup.config is not None:
-                copied = hf.sidecars.copy_sidecars(setup.config, staging.path, hf.config_dtype(conversion))
+                copied = hf.sidecars.copy_sidecars(setup.config, setup.sidecar_files, staging.path,
+                                                   hf.config_dtype(conversion))
             index = conversion.index()
             if index is not None:
                 staging.write_json(INDEX_FILE_NAME, index)   # written last: its presence means complete
@@ -182,7 +183,7 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
         tensors=len(conversion.tensors), shards=len(conversion.shards), bytes_written=conversion.files_nbytes,
         seconds=time.perf_counter() - started, peak_rss_bytes=peak_rss_bytes(),
         predicted_peak_bytes=conversion.peak_bytes, buffer_bytes=options.buffer_bytes,
-        max_shard_bytes=options.max_shard_bytes, skipped=conversion.to_dict()["skipped"],
+        max_shard_bytes=options.max_shard_bytes, skipped=conversion.skipped_counts,
         renamed=len(conversion.renamed), cast=casts, verified_bytes=verified_bytes, files=files + copied, copied_files=copied,
         dropped_tied=list(setup.dropped_heads), notes=list(setup.notes),
         config_from=setup.config.folder if setup.config else None, layout=setup.layout,

@@ -1,7 +1,7 @@
-"""dtype facts in one table: torch name <-> safetensors code, item size, numpy storage type.
+"""dtype facts in one table: torch name <-> safetensors code, item size, whether it is floating.
 
-Names are torch's without the `torch.` prefix. numpy has no bfloat16/float8, so those are carried as
-unsigned integers of the same width; `cast.py` does the arithmetic.
+Names are torch's without the `torch.` prefix. Bytes are copied raw; only `cast.py` does arithmetic (numpy has
+no bfloat16/float8, so it works on the raw bits).
 """
 from __future__ import annotations
 
@@ -16,27 +16,26 @@ class DType:
     name: str            # torch name: "bfloat16"
     safetensors: str     # safetensors header code: "BF16"
     itemsize: int        # bytes per element
-    numpy_storage: str   # numpy dtype holding the raw bits: "<u2"
     is_floating: bool
 
 
 _TABLE = [
-    DType("float64", "F64", 8, "<f8", True),
-    DType("float32", "F32", 4, "<f4", True),
-    DType("float16", "F16", 2, "<f2", True),
-    DType("bfloat16", "BF16", 2, "<u2", True),
-    DType("float8_e4m3fn", "F8_E4M3", 1, "u1", True),
-    DType("float8_e5m2", "F8_E5M2", 1, "u1", True),
-    DType("int64", "I64", 8, "<i8", False),
-    DType("int32", "I32", 4, "<i4", False),
-    DType("int16", "I16", 2, "<i2", False),
-    DType("int8", "I8", 1, "i1", False),
-    DType("uint64", "U64", 8, "<u8", False),
-    DType("uint32", "U32", 4, "<u4", False),
-    DType("uint16", "U16", 2, "<u2", False),
-    DType("uint8", "U8", 1, "u1", False),
-    DType("bool", "BOOL", 1, "u1", False),
-    DType("complex64", "C64", 8, "<c8", False),
+    DType("float64", "F64", 8, True),
+    DType("float32", "F32", 4, True),
+    DType("float16", "F16", 2, True),
+    DType("bfloat16", "BF16", 2, True),
+    DType("float8_e4m3fn", "F8_E4M3", 1, True),
+    DType("float8_e5m2", "F8_E5M2", 1, True),
+    DType("int64", "I64", 8, False),
+    DType("int32", "I32", 4, False),
+    DType("int16", "I16", 2, False),
+    DType("int8", "I8", 1, False),
+    DType("uint64", "U64", 8, False),
+    DType("uint32", "U32", 4, False),
+    DType("uint16", "U16", 2, False),
+    DType("uint8", "U8", 1, False),
+    DType("bool", "BOOL", 1, False),
+    DType("complex64", "C64", 8, False),
 ]
 
 BY_NAME: Dict[str, DType] = {d.name: d for d in _TABLE}

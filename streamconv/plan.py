@@ -73,10 +73,6 @@ class TensorPlan:
         return self.src_dtype != self.dst_dtype
 
     @property
-    def src_nbytes(self) -> int:
-        return _numel(self.shape) * dtypes.BY_NAME[self.src_dtype].itemsize
-
-    @property
     def is_row_contiguous(self) -> bool:
         """True when every chunk is one contiguous byte run of the output (FSDP's dim-0 shards),
         so its bytes can be copied straight through without assembling blocks."""
@@ -128,6 +124,11 @@ class ConversionPlan:
         return sum(s.nbytes for s in self.shards)
 
     @property
+    def skipped_counts(self) -> Dict[str, int]:
+        """{reason: how many entries} for reports."""
+        return _count_reasons(self.skipped)
+
+    @property
     def sharded(self) -> bool:
         return len(self.shards) > 1
 
@@ -152,7 +153,7 @@ class ConversionPlan:
             "buffer_bytes": self.options.buffer_bytes,
             "predicted_peak_bytes": self.peak_bytes,
             "subtree": self.subtree,
-            "skipped": _count_reasons(self.skipped),
+            "skipped": self.skipped_counts,
             "renamed": len(self.renamed),
         }
 

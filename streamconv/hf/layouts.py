@@ -187,10 +187,6 @@ class NameComparison:
     missing: Tuple[str, ...]        # reference names the output does not have
     shape_mismatches: Tuple[Tuple[str, Tuple[int, ...], Tuple[int, ...]], ...]  # (name, ours, reference's)
 
-    @property
-    def clean(self) -> bool:
-        return not (self.unmatched or self.missing or self.shape_mismatches)
-
 
 def compare_names(output: Dict[str, Tuple[int, ...]], reference: Dict[str, Shape]) -> NameComparison:
     """Output {name: shape} against the reference's, name for name."""

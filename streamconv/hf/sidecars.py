@@ -41,10 +41,6 @@ class HFConfig:
         return self.data.get("model_type")
 
     @property
-    def architectures(self) -> Tuple[str, ...]:
-        return tuple(self.data.get("architectures") or ())
-
-    @property
     def dtype(self) -> Optional[str]:
         """The weights' dtype the config declares ("bfloat16"), if any."""
         for key in DTYPE_KEYS:
@@ -124,14 +120,15 @@ def _version_tuple(text: str) -> Tuple[int, ...]:
     return tuple(parts)
 
 
-def copy_sidecars(config: HFConfig, dest: str, dtype: Optional[str]) -> List[str]:
-    """Copy config, generation config, tokenizer and processor files from `config.folder` into `dest`.
+def copy_sidecars(config: HFConfig, names: Sequence[str], dest: str, dtype: Optional[str]) -> List[str]:
+    """Copy `names` (from `sidecar_names`: config, generation config, tokenizer and processor files) from
+    `config.folder` into `dest`.
 
     Symlinks (hub snapshots point into blobs/) are followed: the output holds real files. Returns the names
     written, config.json first.
     """
     written = []
-    for name in sidecar_names(config.folder):
+    for name in names:
         src, dst = os.path.join(config.folder, name), os.path.join(dest, name)
         try:
             if name == CONFIG_FILE:

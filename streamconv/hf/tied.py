@@ -12,7 +12,6 @@ memory.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Tuple
 

@@ -256,11 +256,14 @@ def refuse_optimizer_only(meta: CheckpointMetadata, checkpoint_dir: str) -> None
     holding = classify(meta)
     if holding.kind != "optimizer":
         return
-    folder = os.path.abspath(checkpoint_dir)
-    parent = os.path.dirname(folder)
+    folder = os.path.normpath(checkpoint_dir)
+    if os.path.basename(folder) in (os.curdir, os.pardir):
+        folder = os.path.abspath(folder)
+    parent = os.path.dirname(folder) or os.curdir     # shown as the user wrote it, when relative
     siblings, _ = scan(parent, max_depth=1, exclude=[os.path.basename(folder)])
     models = [f for f in siblings if f.holding is not None and f.holding.kind == "model"]
-    lines = [f"{checkpoint_dir} holds only optimizer state ({holding.describe()}), no model weights to convert."]
+    lines = [f"{checkpoint_dir} holds only optimizer state ({holding.optimizer_tensors} optimizer tensors), no model "
+             "weights to convert."]
     if len(models) == 1:
         lines.append(f"The model is in the folder beside it: {os.path.join(parent, models[0].path)} "
                      f"({models[0].holding.describe()}); convert that one.")

@@ -131,6 +131,28 @@ def test_step_numbers_come_from_the_deepest_numbered_folder():
     assert discover.Found("pytorch_model_fsdp_0").step is None
 
 
+def _meta(*keys):
+    """Metadata of tensors named by their planner paths (no chunks: classify reads names only)."""
+    from streamconv.model import CheckpointMetadata, TensorEntry
+
+    return CheckpointMetadata(tensors=tuple(TensorEntry(".".join(k), "float32", (2,), (), k) for k in keys))
+
+
+def test_classify_counts_as_the_planner_selects():
+    accelerate_optim = _meta(("optimizer", "state", "model.w", "exp_avg"), ("optimizer", "state", "model.w", "step"))
+    assert discover.classify(accelerate_optim) == discover.Holding(0, 2, 0)
+    flat_optim = _meta(("state.model.w.exp_avg",), ("param_groups.model.w.lr",))
+    assert discover.classify(flat_optim).kind == "optimizer"
+    titan = _meta(("layers.0.w",), ("tok_embeddings.weight",), ("optimizer", "state", "layers.0.w", "exp_avg"),
+                  ("lr_scheduler", "x"))
+    assert discover.classify(titan) == discover.Holding(2, 1, 1)
+
+
+def test_reference_names_without_shapes_are_checked_by_name():
+    found = verdict.judge({"a": (2,), "b": (3,)}, {"a": None, "c": None}, tie=False)   # a .bin index: names only
+    assert (found.unmatched, found.missing, found.shape_mismatches) == (("b",), ("c",), ())
+
+
 # -- config sources, pure -----------------------------------------------------------------------------------
 
 
@@ -247,6 +269,29 @@ def test_torchtitan_checkpoint_folder_of_steps(written, tmp_path):
         assert result.exit_code == CheckpointError.exit_code, result.output
         assert f"step-10  (step 10: 21 model tensors, 63 optimizer tensors)" in result.output
         assert f"The newest is step 20: pass {ckpt / 'step-20'}" in result.output
+
+
+def test_discovery_reads_no_data_file_skips_hidden_folders_and_bounds_metadata_reads(written, tmp_path,
+                                                                                      monkeypatch):
+    state = tmp_path / "state"
+    shutil.copytree(written["state"], state)
+    for f in state.glob("*/*.distcp"):
+        f.unlink()                          # only .metadata is read: the choice is the same without data files
+    shutil.copytree(written["state"] / "pytorch_model_fsdp_0", state / ".staging-out")
+    folder, note = discover.find_checkpoint(str(state))
+    assert folder == str(state / "pytorch_model_fsdp_0") and ".staging" not in note
+    monkeypatch.setattr(discover, "MAX_METADATA_READS", 1)
+    with pytest.raises(CheckpointError, match="pytorch_model_fsdp_0  \\(not read: more than 1 checkpoint folders"):
+        discover.find_checkpoint(str(state))
+
+
+def test_a_config_only_reference_is_not_checked_and_says_so(written, tmp_path):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    shutil.copy(written["base"] / "config.json", ref / "config.json")
+    result = _invoke("plan", written["state"], "--config-from", ref, "--rename", r"^lm_head=output", "--json")
+    assert result.exit_code == 0, result.output
+    assert any("cannot be checked" in n for n in json.loads(result.output)["notes"])
 
 
 def test_a_folder_with_no_checkpoint_below_still_explains_dcp(tmp_path):

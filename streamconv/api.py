@@ -59,8 +59,10 @@ def plan(checkpoint_dir: str, options: Optional[PlanOptions] = None, *, config_f
     checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_dir)
     reader, meta = load(checkpoint_dir)
     reader.close()
-    discover.refuse_optimizer_only(meta, checkpoint_dir)
-    setup = hf.prepare(meta, options or make_options(**kwargs), checkpoint_dir, config_from=config_from,
+    options = options or make_options(**kwargs)
+    if options.subtree is None:     # --subtree names what to convert, optimizer state included
+        discover.refuse_optimizer_only(meta, checkpoint_dir)
+    setup = hf.prepare(meta, options, checkpoint_dir, config_from=config_from,
                        allow_unmatched=allow_unmatched, no_config=no_config)
     for note in ((found_note,) if found_note else ()) + setup.notes:
         (reporter or Reporter()).note(note)
@@ -148,8 +150,10 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
     checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_dir)
     reader, meta = load(checkpoint_dir)
     with reader:
-        discover.refuse_optimizer_only(meta, checkpoint_dir)
-        setup = hf.prepare(meta, options or make_options(**kwargs), checkpoint_dir, config_from=config_from,
+        options = options or make_options(**kwargs)
+        if options.subtree is None:     # --subtree names what to convert, optimizer state included
+            discover.refuse_optimizer_only(meta, checkpoint_dir)
+        setup = hf.prepare(meta, options, checkpoint_dir, config_from=config_from,
                            allow_unmatched=allow_unmatched, no_config=no_config)
         options = setup.options
         conversion = _checked_plan(meta, options, checkpoint_dir)

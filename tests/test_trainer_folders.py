@@ -235,6 +235,8 @@ def test_optimizer_folder_says_so_and_names_the_model_folder(written, tmp_path):
         assert f"The model is in the folder beside it: {written['state'] / 'pytorch_model_fsdp_0'}" in result.output
         assert "Traceback" not in result.output
     assert not out.exists()
+    result = _invoke("plan", written["state"] / "optimizer_0", "--subtree", "optimizer")   # asked for: planned
+    assert result.exit_code == 0 and "state.model.layers.0.mlp.up_proj.weight.exp_avg" in result.output, result.output
 
 
 def test_trainer_checkpoint_folder_and_a_folder_of_them(written, tmp_path):

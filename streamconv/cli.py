@@ -55,7 +55,8 @@ def _plan_options(fn):
         click.option("--config-from", "config_from", default=None, metavar="DIR", type=click.Path(),
                      help="A Hugging Face model folder or hub snapshot (the base model): copy its config, generation "
                           "config, tokenizer and processor files, set config.json's dtype to the output's, name "
-                          "tensors as its weights are named, and drop lm_head.weight when it ties embeddings. "
+                          "tensors as its weights are named (an output that does not match them is an error, exit "
+                          "4), and drop lm_head.weight when it ties embeddings. "
                           "Default: the model_name of train_params.yaml in CHECKPOINT_DIR, when it is a local "
                           "folder or in the local Hugging Face cache."),
         click.option("--no-config", "no_config", is_flag=True,

@@ -11,7 +11,7 @@ import time
 from dataclasses import replace
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
-from . import dtypes, hf, names
+from . import discover, dtypes, hf, names
 from .errors import OptionsError, OutputError, VerificationError
 from .executor import Executor, check_stored
 from .io import DirectoryReader, RangeReader
@@ -51,13 +51,20 @@ def load(checkpoint_dir: str) -> Tuple[DirectoryReader, CheckpointMetadata]:
 
 
 def plan(checkpoint_dir: str, options: Optional[PlanOptions] = None, *, config_from: Optional[str] = None,
-         reporter: Optional[Reporter] = None, **kwargs) -> ConversionPlan:
+         reporter: Optional[Reporter] = None, allow_unmatched: bool = False, no_config: bool = False,
+         **kwargs) -> ConversionPlan:
     """The dry run: everything `convert` would do, decided from `.metadata` (and the config folder) alone.
-    What was decided about config, names and tied weights goes to `reporter.note`."""
+    Which folder was taken and what was decided about config, names and tied weights goes to `reporter.note`;
+    an output that would not match the reference raises ReferenceMismatchError, as `convert` does."""
+    checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_dir)
     reader, meta = load(checkpoint_dir)
     reader.close()
-    setup = hf.prepare(meta, options or make_options(**kwargs), checkpoint_dir, config_from=config_from)
-    for note in setup.notes:
+    options = options or make_options(**kwargs)
+    if options.subtree is None:     # --subtree names what to convert, optimizer state included
+        discover.refuse_optimizer_only(meta, checkpoint_dir)
+    setup = hf.prepare(meta, options, checkpoint_dir, config_from=config_from,
+                       allow_unmatched=allow_unmatched, no_config=no_config)
+    for note in ((found_note,) if found_note else ()) + setup.notes:
         (reporter or Reporter()).note(note)
     return _checked_plan(meta, setup.options, checkpoint_dir)
 
@@ -126,19 +133,28 @@ def verify_shards(shards, reader: RangeReader, stored: Dict[BlobLocation, Stored
 
 def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions] = None, *,
             overwrite: bool = False, reporter: Optional[Reporter] = None, config_from: Optional[str] = None,
-            workers: int = DEFAULT_WORKERS, verify: bool = False, **kwargs) -> ConversionReport:
+            workers: int = DEFAULT_WORKERS, verify: bool = False, allow_unmatched: bool = False,
+            no_config: bool = False, **kwargs) -> ConversionReport:
     """Convert a DCP checkpoint folder into a folder of safetensors shards (+ index when sharded), with the
     base model's config and tokenizer beside them when `config_from` (or train_params.yaml) names it.
 
     Output appears at `output_dir` only when complete; on any error nothing is left there.
     `workers` threads write shards side by side, sharing the buffer budget. `verify` reads every written
     shard back and compares it with the checkpoint before the output is committed.
+    `checkpoint_dir` may be a run folder holding the DCP folder (`discover.find_checkpoint`). With a reference
+    model, an output that would not match its weights raises ReferenceMismatchError before anything is written,
+    unless `allow_unmatched`. `no_config`: no config unless `config_from` (train_params.yaml is not read).
     """
     reporter = reporter or Reporter()
     started = time.perf_counter()
+    checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_dir)
     reader, meta = load(checkpoint_dir)
     with reader:
-        setup = hf.prepare(meta, options or make_options(**kwargs), checkpoint_dir, config_from=config_from)
+        options = options or make_options(**kwargs)
+        if options.subtree is None:     # --subtree names what to convert, optimizer state included
+            discover.refuse_optimizer_only(meta, checkpoint_dir)
+        setup = hf.prepare(meta, options, checkpoint_dir, config_from=config_from,
+                           allow_unmatched=allow_unmatched, no_config=no_config)
         options = setup.options
         conversion = _checked_plan(meta, options, checkpoint_dir)
         # Dropped tied heads are still read once, to prove they equal the embedding written in their place.
@@ -185,7 +201,7 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
         predicted_peak_bytes=conversion.peak_bytes, buffer_bytes=options.buffer_bytes,
         max_shard_bytes=options.max_shard_bytes, skipped=conversion.skipped_counts,
         renamed=len(conversion.renamed), cast=casts, verified_bytes=verified_bytes, files=files + copied, copied_files=copied,
-        dropped_tied=list(setup.dropped_heads), notes=list(setup.notes),
+        dropped_tied=list(setup.dropped_heads), notes=([found_note] if found_note else []) + list(setup.notes),
         config_from=setup.config.folder if setup.config else None, layout=setup.layout,
         unmatched_names=list(reference.unmatched), missing_names=list(reference.missing))
 
@@ -200,7 +216,9 @@ def describe_layout(shape: Sequence[int], chunks: Iterable) -> str:
 
 
 def inspect(checkpoint_dir: str) -> dict:
-    """What is inside a checkpoint, from `.metadata` alone."""
+    """What is inside a checkpoint, from `.metadata` alone. A run folder stands for the model's DCP folder in it
+    (`discover.find_checkpoint`); `found` then says which was taken."""
+    checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_dir)
     reader, meta = load(checkpoint_dir)
     reader.close()
     tensors = []
@@ -232,4 +250,5 @@ def inspect(checkpoint_dir: str) -> dict:
         "model_subtree": subtree,
         "non_tensor_entries": [b.fqn for b in meta.byte_entries],
         "tensors": tensors,
+        "found": found_note,
     }

@@ -55,9 +55,18 @@ def _plan_options(fn):
         click.option("--config-from", "config_from", default=None, metavar="DIR", type=click.Path(),
                      help="A Hugging Face model folder or hub snapshot (the base model): copy its config, generation "
                           "config, tokenizer and processor files, set config.json's dtype to the output's, name "
-                          "tensors as its weights are named, and drop lm_head.weight when it ties embeddings. "
+                          "tensors as its weights are named (an output that does not match them is an error, exit "
+                          "4), and drop lm_head.weight when it ties embeddings. "
                           "Default: the model_name of train_params.yaml in CHECKPOINT_DIR, when it is a local "
                           "folder or in the local Hugging Face cache."),
+        click.option("--no-config", "no_config", is_flag=True,
+                     help="Write weights only unless --config-from is given: do not look for the base model "
+                          "through train_params.yaml or the local Hugging Face cache, so the output never depends "
+                          "on what happens to be there."),
+        click.option("--allow-unmatched", "allow_unmatched", is_flag=True,
+                     help="Write the output even when its tensor names or shapes do not match the reference "
+                          "model's weights (--config-from or found); without it that is an error (exit 4) before "
+                          "anything is written."),
         click.option("--include", multiple=True, metavar="GLOB",
                      help="Only tensors whose checkpoint key or output name matches (repeatable), e.g. "
                           "'*.layers.0.*'."),
@@ -106,8 +115,12 @@ def cli():
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @_fail_cleanly
 def convert(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, config_from, include, exclude, renames,
-            subtree, as_json, overwrite, workers, verify, quiet):
+            subtree, as_json, overwrite, workers, verify, quiet, no_config=False, allow_unmatched=False):
     """Convert CHECKPOINT_DIR (a DCP folder) into OUTPUT_DIR (safetensors shards).
+
+    CHECKPOINT_DIR may also be a run folder holding one DCP folder with model weights (accelerate's state/, a
+    Trainer checkpoint-N/, torchtitan's checkpoint/ with one step-N/): the note says which was taken. When it
+    holds several, they are listed and none is taken.
 
     The output is written to a hidden staging folder beside OUTPUT_DIR and renamed into place only when
     complete; an error or Ctrl-C leaves nothing that looks finished. Only the model's weights are written:
@@ -118,7 +131,8 @@ def convert(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, conf
     reporter: Reporter = TqdmReporter() if interactive else CollectingReporter()
     try:
         report = api.convert(checkpoint_dir, output_dir, options, overwrite=overwrite, reporter=reporter,
-                             config_from=config_from, workers=workers, verify=verify)
+                             config_from=config_from, workers=workers, verify=verify,
+                             allow_unmatched=allow_unmatched, no_config=no_config)
     finally:
         reporter.close()
     if as_json:
@@ -142,14 +156,15 @@ def convert(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, conf
 @_plan_options
 @_fail_cleanly
 def plan(checkpoint_dir, max_shard_size, buffer_size, dtype, config_from, include, exclude, renames, subtree,
-         as_json):
+         as_json, no_config=False, allow_unmatched=False):
     """Dry run: show the files, tensor names and predicted peak memory `convert` would produce.
 
     Reads only `.metadata` (and the config folder's JSON files and safetensors headers); writes nothing.
     """
     notes = CollectingReporter()
     conversion = api.plan(checkpoint_dir, _options(max_shard_size, buffer_size, dtype, include, exclude,
-                                                   renames, subtree), config_from=config_from, reporter=notes)
+                                                   renames, subtree), config_from=config_from, reporter=notes,
+                             allow_unmatched=allow_unmatched, no_config=no_config)
     summary = conversion.to_dict()
     if as_json:
         click.echo(json.dumps(dict(summary, notes=notes.notes), indent=2))
@@ -177,6 +192,8 @@ def inspect(checkpoint_dir, as_json):
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
+    if info.get("found"):
+        click.echo(info["found"])
     click.echo(f"{info['checkpoint']}: {info['tensor_count']} tensors, {format_size(info['tensor_bytes'])} in "
                f"{len(info['files'])} file(s); written by torch {info['torch_version_hint']}")
     click.echo("top-level keys: " + ", ".join(f"{k} ({n})" for k, n in info["top_level_keys"].items()))

@@ -45,3 +45,11 @@ class VerificationError(StreamconvError):
     """Converted output does not match the checkpoint."""
 
     exit_code = 3
+
+
+class ReferenceMismatchError(StreamconvError):
+    """The output's tensor names or shapes do not match the reference model's weights (`--config-from` or the
+    config found through train_params.yaml): writing it would give a folder that loads as a partly random model.
+    Raised before anything is written; `--allow-unmatched` turns it into a note."""
+
+    exit_code = 4

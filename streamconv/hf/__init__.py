@@ -4,9 +4,10 @@
   config/tokenizer/processor files, set config.json's dtype.
 * `layouts`  — per-architecture name mappings as data, chosen by matching the reference folder's names.
 * `tied`     — which head a tied config drops, and a streaming check that it equals the embedding.
+* `verdict`  — the output's names and shapes against the reference's weights: a mismatch fails before writing.
 * `prepare`  — the above turned into `PlanOptions` before planning.
 """
-from . import layouts, sidecars, tied
+from . import layouts, sidecars, tied, verdict
 from .prepare import HFSetup, config_dtype, prepare, compare_with_reference
 
-__all__ = ["layouts", "sidecars", "tied", "HFSetup", "config_dtype", "prepare", "compare_with_reference"]
+__all__ = ["layouts", "sidecars", "tied", "verdict", "HFSetup", "config_dtype", "prepare", "compare_with_reference"]

@@ -1,5 +1,6 @@
 """From a checkpoint and the user's options to an HF-ready conversion: config found, `--dtype auto` resolved,
-names mapped onto the reference layout, tied duplicates chosen for dropping. Reads config.json and
+names mapped onto the reference layout, tied duplicates chosen for dropping, and the result checked name for name
+against the reference's weights (`verdict`: a mismatch fails before anything is written). Reads config.json and
 safetensors headers only; the planner stays pure and sees only ordinary `PlanOptions`.
 """
 from __future__ import annotations
@@ -7,14 +8,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from .. import dtypes
+from ..errors import OptionsError
 from ..model import CheckpointMetadata
 from ..plan import ConversionPlan, PlanOptions, select
-from . import layouts, sidecars, tied
-
-NOTE_LIST_LIMIT = 8   # names listed in a note before "... and N more"
+from . import layouts, sidecars, tied, verdict
 
 
 @dataclass(frozen=True)
@@ -32,11 +32,6 @@ class HFSetup:
         return tuple(p.head for p in self.tied)
 
 
-def _listing(names: Sequence[str]) -> str:
-    shown = ", ".join(names[:NOTE_LIST_LIMIT])
-    return shown + (f" ... and {len(names) - NOTE_LIST_LIMIT} more" if len(names) > NOTE_LIST_LIMIT else "")
-
-
 def _resolve_dtype(requested: str, config: Optional[sidecars.HFConfig], notes: List[str]) -> str:
     if requested != "auto":
         return requested
@@ -50,12 +45,27 @@ def _resolve_dtype(requested: str, config: Optional[sidecars.HFConfig], notes: L
     return "keep"
 
 
+def _names_without_filters(meta: CheckpointMetadata, options: PlanOptions) -> List[str]:
+    """The output names without the user's --include/--exclude: tells a deliberate omission from a wrong
+    mapping. Empty when the filters were what kept two names apart."""
+    try:
+        return [name for _, name in select(meta, dataclasses.replace(options, include=(), exclude=()))[0]]
+    except OptionsError:
+        return []
+
+
 def prepare(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir: str, *,
-            config_from: Optional[str] = None, env: Optional[Mapping[str, str]] = None) -> HFSetup:
+            config_from: Optional[str] = None, env: Optional[Mapping[str, str]] = None,
+            allow_unmatched: bool = False, no_config: bool = False) -> HFSetup:
+    """Raises ReferenceMismatchError when there is a reference and the output would not match its weights
+    (unless `allow_unmatched`). `no_config`: never look for a config beyond `config_from`."""
     notes: List[str] = []
-    source = sidecars.find_config_dir(checkpoint_dir, config_from, os.environ if env is None else env)
+    source = sidecars.find_config_dir(checkpoint_dir, config_from, os.environ if env is None else env,
+                                      no_config=no_config)
     notes.append(source.note)
     config = sidecars.load_config(source.folder) if source.folder else None
+    if config is not None and config.folder != source.folder:
+        notes.append(f"{source.folder} is a Hugging Face cache entry; its snapshot {config.folder} is used")
     files: Tuple[str, ...] = ()
     if config is not None:
         files = tuple(sidecars.sidecar_names(config.folder))
@@ -66,6 +76,7 @@ def prepare(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir: str,
     options = dataclasses.replace(options, dtype=_resolve_dtype(options.dtype, config, notes))
     selected, _, _, _ = select(meta, options)
     shapes = {name: tuple(entry.shape) for entry, name in selected}
+    unfiltered = _names_without_filters(meta, options)
 
     reference = layouts.reference_weights(config.folder) if config is not None else None
     layout_label = None
@@ -77,8 +88,10 @@ def prepare(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir: str,
                          f"({hits} of {len(shapes)} names match {config.folder})")
             options = dataclasses.replace(options, renames=options.renames + mapping.rules())
             shapes = {mapping.apply(n): s for n, s in shapes.items()}
+            unfiltered = [mapping.apply(n) for n in unfiltered]
     elif config is not None:
-        notes.append(f"{config.folder} holds no weights to take names from; names are the checkpoint's")
+        notes.append(f"{config.folder} holds no weights to take names from; names are the "
+                     "checkpoint's and cannot be checked against the model")
 
     pairs, tied_notes = tied.find_tied_pairs(shapes, config.tie_word_embeddings if config else None, reference)
     notes.extend(tied_notes)
@@ -90,13 +103,8 @@ def prepare(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir: str,
                          "convert checks that the two are equal")
 
     if reference is not None:
-        cmp = layouts.compare_names(shapes, reference)
-        if cmp.unmatched:
-            notes.append(f"{len(cmp.unmatched)} output name(s) match nothing in the reference: {_listing(cmp.unmatched)}")
-        if cmp.missing:
-            notes.append(f"{len(cmp.missing)} reference name(s) not in the output: {_listing(cmp.missing)}")
-        for name, ours, theirs in cmp.shape_mismatches[:NOTE_LIST_LIMIT]:
-            notes.append(f"{name}: shape {list(ours)} here, {list(theirs)} in the reference")
+        found = verdict.judge(shapes, reference, tie=config.tie_word_embeddings, unfiltered=unfiltered)
+        notes.extend(verdict.enforce(found, config.folder, layout_label, allow_unmatched=allow_unmatched))
     return HFSetup(options=options, config=config, sidecar_files=files, layout=layout_label, tied=pairs,
                    reference=reference, notes=tuple(notes))
 

@@ -60,21 +60,78 @@ class HFConfig:
 
 
 def load_config(folder: str) -> HFConfig:
-    path = os.path.join(folder, CONFIG_FILE)
+    """`folder`'s config.json. A hub cache repo folder (`models--org--name/`) stands for its `main` snapshot.
+    Without config.json the error says what the folder is instead (a training checkpoint, say) and where a
+    config.json is nearby."""
     if not os.path.isdir(folder):
         raise OptionsError(f"--config-from {folder}: not a folder; pass a Hugging Face model folder "
                            "(with config.json), e.g. the base model's hub snapshot")
+    snapshot = _hub_snapshot(folder)
+    if snapshot is not None:
+        folder = snapshot
+    path = os.path.join(folder, CONFIG_FILE)
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise OptionsError(f"--config-from {folder}: no config.json there; pass the folder holding the base "
-                           "model's config.json (a save_pretrained folder or hub snapshot)") from None
+        raise OptionsError(_no_config_message(folder)) from None
     except (OSError, ValueError) as exc:
         raise OptionsError(f"{path}: cannot read as JSON: {exc}") from None
     if not isinstance(data, dict):
         raise OptionsError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return HFConfig(folder=os.path.abspath(folder), data=data)
+
+
+# What a training run leaves in its checkpoint folders (accelerate, transformers Trainer, torchtitan, DCP itself).
+TRAINING_MARKERS: Tuple[str, ...] = (".metadata", "__0.metadata", "trainer_state.json", "training_args.bin",
+                                     "optimizer_0", "pytorch_model_fsdp_0", "scheduler.pt", "scheduler.bin",
+                                     "random_states_0.pkl", "train_state")
+PARENT_LEVELS = 3   # how far up to look for a config.json beside a training checkpoint
+
+
+def _no_config_message(folder: str) -> str:
+    folder = os.path.abspath(folder)
+    try:
+        present = set(os.listdir(folder))
+    except OSError:
+        present = set()
+    markers = [m for m in TRAINING_MARKERS if m in present]
+    markers += sorted(n for n in present if n.startswith(("checkpoint-", "step-"))
+                      and os.path.isdir(os.path.join(folder, n)))[:3]
+    lines = [f"--config-from {folder}: no config.json there."]
+    if markers:
+        lines.append(f"It is a training checkpoint (it holds {', '.join(markers)}), not a model folder: --config-from "
+                     "needs the base model you fine-tuned from, a folder with its config.json, tokenizer and weights "
+                     "(a save_pretrained folder, or the hub snapshot "
+                     "~/.cache/huggingface/hub/models--ORG--NAME/snapshots/HASH).")
+    else:
+        lines.append("Pass the folder holding the base model's config.json (a save_pretrained folder or hub snapshot).")
+    parent = folder
+    for _ in range(PARENT_LEVELS):
+        parent = os.path.dirname(parent)
+        if os.path.isfile(os.path.join(parent, CONFIG_FILE)):
+            lines.append(f"{os.path.join(parent, CONFIG_FILE)} exists in a folder above: if that is the base "
+                         f"model's, pass --config-from {parent}.")
+            break
+    return "\n".join(lines)
+
+
+def _hub_snapshot(folder: str) -> Optional[str]:
+    """The snapshot a hub cache repo folder (`models--org--name/`, holding `snapshots/` and `refs/`) stands for:
+    the `main` ref's, else the newest holding a config.json. None for any other folder."""
+    snapshots = os.path.join(folder, "snapshots")
+    if os.path.isfile(os.path.join(folder, CONFIG_FILE)) or not os.path.isdir(snapshots):
+        return None
+    try:
+        with open(os.path.join(folder, "refs", "main"), encoding="utf-8") as f:
+            main = os.path.join(snapshots, f.read().strip())
+        if os.path.isfile(os.path.join(main, CONFIG_FILE)):
+            return main
+    except OSError:
+        pass
+    candidates = [os.path.join(snapshots, s) for s in os.listdir(snapshots)]
+    candidates = [c for c in candidates if os.path.isfile(os.path.join(c, CONFIG_FILE))]
+    return max(candidates, key=os.path.getmtime) if candidates else None
 
 
 def sidecar_names(folder: str) -> List[str]:
@@ -207,20 +264,9 @@ def find_in_hub_cache(repo_id: str, env: Mapping[str, str]) -> Optional[str]:
         return None
     entry = "models--" + repo_id.replace("/", "--")
     for cache in hub_cache_dirs(env):
-        snapshots = os.path.join(cache, entry, "snapshots")
-        if not os.path.isdir(snapshots):
-            continue
-        try:
-            with open(os.path.join(cache, entry, "refs", "main"), encoding="utf-8") as f:
-                main = os.path.join(snapshots, f.read().strip())
-            if os.path.isfile(os.path.join(main, CONFIG_FILE)):
-                return main
-        except OSError:
-            pass
-        candidates = [os.path.join(snapshots, s) for s in os.listdir(snapshots)]
-        candidates = [c for c in candidates if os.path.isfile(os.path.join(c, CONFIG_FILE))]
-        if candidates:
-            return max(candidates, key=os.path.getmtime)
+        snapshot = _hub_snapshot(os.path.join(cache, entry))
+        if snapshot is not None:
+            return snapshot
     return None
 
 
@@ -230,10 +276,18 @@ class ConfigSource:
     note: str               # what was found or what to do, for the report
 
 
-def find_config_dir(checkpoint_dir: str, config_from: Optional[str], env: Mapping[str, str]) -> ConfigSource:
-    """`--config-from` when given; else train_params.yaml's model_name if it resolves offline; else None."""
+def find_config_dir(checkpoint_dir: str, config_from: Optional[str], env: Mapping[str, str], *,
+                    no_config: bool = False) -> ConfigSource:
+    """`--config-from` when given; else train_params.yaml's model_name if it resolves offline; else None.
+    `no_config` (--no-config): never look beyond --config-from, so the output does not depend on what happens
+    to be in the user's folders or HF cache."""
+    if config_from and no_config:
+        raise OptionsError("--no-config and --config-from contradict each other; give one of them")
     if config_from:
         return ConfigSource(os.path.abspath(config_from), f"config and tokenizer from {os.path.abspath(config_from)}")
+    if no_config:
+        return ConfigSource(None, f"--no-config: weights only, no config.json or tokenizer written "
+                                  f"({TRAIN_PARAMS_FILE} and the Hugging Face cache not consulted)")
     how_to = ("to make the folder loadable by transformers, re-run with --config-from DIR (the base model's "
               "folder or hub snapshot, holding config.json and the tokenizer)")
     params_path = os.path.join(checkpoint_dir, TRAIN_PARAMS_FILE)

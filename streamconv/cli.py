@@ -81,14 +81,23 @@ def _options(max_shard_size, buffer_size, dtype, include, exclude, renames, subt
 
 
 class _Group(click.Group):
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except BrokenPipeError:  # `streamconv --help | head -1`
+            _stdout_to_devnull()
+            raise click.exceptions.Exit(0) from None
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except BrokenPipeError:
+        except BrokenPipeError as exc:
             # The reader of stdout went away (`streamconv inspect ckpt | head`): what it wanted, it got. Without
-            # this click would exit 1 with no message.
+            # this click would exit 1 with no message. A pipe closed while an error was being reported keeps
+            # the error's exit code.
             _stdout_to_devnull()
-            ctx.exit(0)
+            failure = exc.__context__
+            ctx.exit(failure.exit_code if isinstance(failure, StreamconvError) else 0)
 
 
 def _stdout_to_devnull() -> None:

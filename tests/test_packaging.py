@@ -66,6 +66,20 @@ def test_build_requirements_license_and_version():
     assert re.fullmatch(r"\d+\.\d+\.\d+", streamconv.__version__)
 
 
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_makefile_takes_torch_from_TORCH_INDEX_URL_when_set(tmp_path):
+    def install_commands(*variables):
+        r = subprocess.run(["make", "-n", "install", f"VENV={tmp_path / 'venv'}", *variables], cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return [line for line in r.stdout.splitlines() if "torch==" in line]
+
+    (default,) = install_commands()
+    assert "index-url" not in default          # empty by default: pip's own configuration decides
+    (cpu,) = install_commands("TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu")
+    assert "--index-url https://download.pytorch.org/whl/cpu torch==" in cpu
+
+
 def test_core_dependencies_are_exactly_what_a_conversion_imports(dcp_checkpoints, tmp_path):
     """Run a conversion (cast, progress bar, summary) and list the distributions it imported."""
     declared = {_dist_name(r) for r in _pyproject()["project"]["dependencies"]}

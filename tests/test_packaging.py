@@ -247,11 +247,20 @@ def wheel(tmp_path_factory) -> Path:
     return whl
 
 
-def _venv_with(python: str, whl: Path, where: Path) -> Path:
-    r = subprocess.run([python, "-m", "venv", str(where)], capture_output=True, text=True, timeout=300)
+def _oldest_core_dependencies() -> list:
+    """numpy>=1.22 -> numpy==1.22: the floors pyproject promises, to be installed and tried."""
+    return [r.replace(">=", "==") for r in _pyproject()["project"]["dependencies"]]
+
+
+def _venv_with(python: str, whl: Path, where: Path, *pins: str) -> Path:
+    # Same interpreter: no pip in the venv (seconds saved), this pip installs into it (`pip --python`, pip>=22.3).
+    own = python == sys.executable
+    r = subprocess.run([python, "-m", "venv", *(["--without-pip"] if own else []), str(where)],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     vpy = where / "bin" / "python"
-    r = subprocess.run([str(vpy), "-m", "pip", "install", "-q", str(whl)], capture_output=True, text=True,
+    pip = [sys.executable, "-m", "pip", "--python", str(vpy)] if own else [str(vpy), "-m", "pip"]
+    r = subprocess.run(pip + ["install", "-q", str(whl), *pins], capture_output=True, text=True,
                        timeout=600, env=_clean_env(), cwd=where)
     assert r.returncode == 0, r.stdout + r.stderr
     return vpy
@@ -272,12 +281,20 @@ def _load_output(out_dir: Path) -> dict:
 
 @pytest.mark.parametrize("interpreter", ["current", "3.9"])
 def test_wheel_installs_without_torch_and_converts(interpreter, wheel, dcp_checkpoints, tmp_path):
+    """On this interpreter with the newest dependencies pip picks; on 3.9 with the oldest pyproject allows."""
     python = sys.executable if interpreter == "current" else _python39()
     if python is None:
         pytest.skip("no Python 3.9 interpreter found (python3.9 on PATH, pyenv, or STREAMCONV_TEST_PYTHON39); "
                     "test_package_source_is_python_3_9 still checks the grammar")
     started = time.perf_counter()
-    vpy = _venv_with(python, wheel, tmp_path / "venv")
+    pins = _oldest_core_dependencies() if interpreter == "3.9" else []
+    vpy = _venv_with(python, wheel, tmp_path / "venv", *pins)
+    if pins:
+        names = [p.split("==")[0] for p in pins]
+        versions = subprocess.run([str(vpy), "-c", "import importlib.metadata as m, sys; "
+                                   "print(*[m.version(n) for n in sys.argv[1:]])", *names],
+                                  capture_output=True, text=True, env=_clean_env(), cwd=tmp_path).stdout.split()
+        assert [v.split(".")[:2] for v in versions] == [p.split("==")[1].split(".")[:2] for p in pins], versions
     probe = subprocess.run([str(vpy), "-c", "import importlib.util as u, json; print(json.dumps("
                             "{m: u.find_spec(m) is not None for m in ('torch', 'safetensors', 'psutil', 'numpy')}))"],
                            capture_output=True, text=True, env=_clean_env(), cwd=tmp_path)

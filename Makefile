@@ -5,6 +5,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH_PIN := torch==2.13.0
+# Where torch comes from. Empty: pip's configured index (PyPI by default, whose Linux wheel is the CUDA build and
+# pulls several GB of CUDA libraries). For a CPU-only machine: make test TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+TORCH_INDEX_URL ?=
+TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 DEMO_DIR ?= /tmp/streamconv-demo
 
 .PHONY: install demo test bench bench-full bench-full-fp32 clean
@@ -12,8 +16,8 @@ DEMO_DIR ?= /tmp/streamconv-demo
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e '.[test,bench]'
+	$(PIP) install -q $(TORCH_INDEX) $(TORCH_PIN)
+	$(PIP) install -q -e '.[test,bench,demo]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -56,6 +56,12 @@ _BITS = {1: np.dtype("u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype(
 Buffer = Union[bytes, bytearray, memoryview, np.ndarray]
 
 
+def _floats(bits: np.ndarray) -> np.ndarray:
+    """The same bytes as floats of the same size AND byte order: '<u4' -> '<f4'. Never `view(np.float32)`,
+    which is the host's order and reads little-endian data wrongly on a big-endian host."""
+    return bits.view(bits.dtype.str.replace("u", "f"))
+
+
 class _Scratch:
     """Chunk-sized work arrays, allocated once per `cast_into` call and reused for every chunk."""
 
@@ -77,7 +83,7 @@ def _f32_to_bf16(x: np.ndarray, o: np.ndarray, s: _Scratch, nan_bits: int) -> No
     np.add(t, x, out=t)  # NaNs may wrap around here; they are overwritten below
     np.right_shift(t, 16, out=t)
     np.copyto(o, t, casting="unsafe")
-    np.isnan(x.view(np.float32), out=m)
+    np.isnan(_floats(x), out=m)
     if m.any():
         np.copyto(o, nan_bits, where=m)
 
@@ -85,8 +91,8 @@ def _f32_to_bf16(x: np.ndarray, o: np.ndarray, s: _Scratch, nan_bits: int) -> No
 def _f32_to_f16(x: np.ndarray, o: np.ndarray, s: _Scratch) -> None:
     """numpy rounds like torch; only NaNs differ (numpy leaves signalling NaNs signalling)."""
     m = s.nan[:x.shape[0]]
-    np.copyto(o.view(np.float16), x.view(np.float32), casting="unsafe")
-    np.isnan(x.view(np.float32), out=m)
+    np.copyto(_floats(o), _floats(x), casting="unsafe")
+    np.isnan(_floats(x), out=m)
     if m.any():
         bits = x[m]
         o[m] = ((bits >> 16) & 0x8000) | 0x7E00 | ((bits >> 13) & 0x03FF)
@@ -94,8 +100,8 @@ def _f32_to_f16(x: np.ndarray, o: np.ndarray, s: _Scratch) -> None:
 
 def _f16_to_f32(x: np.ndarray, o: np.ndarray, s: _Scratch, scalar: bool) -> None:
     m = s.nan[:x.shape[0]]
-    np.copyto(o.view(np.float32), x.view(np.float16))
-    np.isnan(x.view(np.float16), out=m)
+    np.copyto(_floats(o), _floats(x))
+    np.isnan(_floats(x), out=m)
     if m.any():
         if scalar:
             np.copyto(o, 0x7FFFFFFF, where=m)
@@ -109,7 +115,7 @@ def _bf16_to_f32(x: np.ndarray, o: np.ndarray, s: _Scratch) -> None:
 
 
 def _f64_to_f32(x: np.ndarray, o: np.ndarray, s: _Scratch) -> None:
-    np.copyto(o.view(np.float32), x.view(np.float64), casting="unsafe")
+    np.copyto(_floats(o), _floats(x), casting="unsafe")
 
 
 def _via_f32(first: Callable, second: Callable) -> Callable:
@@ -122,7 +128,7 @@ def _via_f32(first: Callable, second: Callable) -> Callable:
 
 
 def _f16_widen(x: np.ndarray, o: np.ndarray, s: _Scratch) -> None:
-    np.copyto(o.view(np.float32), x.view(np.float16))  # NaN bits do not matter: the next step replaces them
+    np.copyto(_floats(o), _floats(x))  # NaN bits do not matter: the next step replaces them
 
 
 def _bf16_nan(bits: int) -> Callable:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import sys
 
@@ -88,7 +89,34 @@ def _options(max_shard_size, buffer_size, dtype, include, exclude, renames, subt
                             exclude=exclude, dtype=dtype, renames=renames, subtree=subtree)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except BrokenPipeError:  # `streamconv --help | head -1`
+            _stdout_to_devnull()
+            raise click.exceptions.Exit(0) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as exc:
+            # The reader of stdout went away (`streamconv inspect ckpt | head`): what it wanted, it got. Without
+            # this click would exit 1 with no message. A pipe closed while an error was being reported keeps
+            # the error's exit code.
+            _stdout_to_devnull()
+            failure = exc.__context__
+            ctx.exit(failure.exit_code if isinstance(failure, StreamconvError) else 0)
+
+
+def _stdout_to_devnull() -> None:
+    """Point fd 1 at /dev/null so Python's final flush of stdout does not hit the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="streamconv")
 def cli():
     """Turn PyTorch Distributed Checkpoints (FSDP / DTensor `.distcp` + `.metadata`) into Hugging Face
@@ -113,9 +141,12 @@ def cli():
               help="Before committing, read every written shard back and compare it with the checkpoint (reads the "
                    "checkpoint twice).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@click.option("--progress/--no-progress", default=None,
+              help="Show a progress bar on stderr. Default: only when stderr is a terminal and neither --json nor "
+                   "--quiet is given.")
 @_fail_cleanly
 def convert(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, config_from, include, exclude, renames,
-            subtree, as_json, overwrite, workers, verify, quiet, no_config=False, allow_unmatched=False):
+            subtree, as_json, overwrite, workers, verify, quiet, progress, no_config=False, allow_unmatched=False):
     """Convert CHECKPOINT_DIR (a DCP folder) into OUTPUT_DIR (safetensors shards).
 
     CHECKPOINT_DIR may also be a run folder holding one DCP folder with model weights (accelerate's state/, a
@@ -127,8 +158,9 @@ def convert(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, conf
     optimizer state and non-tensor entries are skipped.
     """
     options = _options(max_shard_size, buffer_size, dtype, include, exclude, renames, subtree)
-    interactive = sys.stderr.isatty() and not as_json and not quiet
-    reporter: Reporter = TqdmReporter() if interactive else CollectingReporter()
+    if progress is None:
+        progress = sys.stderr.isatty() and not as_json and not quiet
+    reporter: Reporter = TqdmReporter() if progress else CollectingReporter()
     try:
         report = api.convert(checkpoint_dir, output_dir, options, overwrite=overwrite, reporter=reporter,
                              config_from=config_from, workers=workers, verify=verify,
@@ -207,7 +239,16 @@ def inspect(checkpoint_dir, as_json):
 
 
 def main():
-    cli(prog_name="streamconv")
+    try:
+        cli(prog_name="streamconv")
+        code = 0
+    except SystemExit as exc:  # click always ends with sys.exit
+        code = exc.code
+    try:
+        sys.stdout.flush()  # short output still in the buffer meets a closed pipe here, not at interpreter exit
+    except BrokenPipeError:
+        _stdout_to_devnull()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """Progress and reports. Library code never prints: it calls a `Reporter`, and the CLI picks one."""
 from __future__ import annotations
 
-import resource
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
@@ -73,7 +72,9 @@ def peak_rss_bytes() -> int:
     """Peak resident set size of this process, as the OS counts it.
 
     Linux: VmHWM from /proc/self/status. Not ru_maxrss: Linux carries ru_maxrss across exec, so a converter
-    started by a process that had imported torch would report torch's memory as its own.
+    started by a process that had imported torch would report torch's memory as its own. Other POSIX systems:
+    ru_maxrss. Windows has no `resource` module (imported here, not at the top, so `import streamconv` works
+    there): 0, meaning unknown.
     """
     try:
         with open("/proc/self/status", "rb") as f:
@@ -82,6 +83,10 @@ def peak_rss_bytes() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    try:
+        import resource
+    except ImportError:
+        return 0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
 

@@ -45,3 +45,9 @@ class VerificationError(StreamconvError):
     """Converted output does not match the checkpoint."""
 
     exit_code = 3
+
+
+class ResourceError(StreamconvError):
+    """The system ran out of a resource the run needs (open files...); the message names the limit to raise."""
+
+    exit_code = 71  # EX_OSERR

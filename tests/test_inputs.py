@@ -338,7 +338,7 @@ def test_thousands_of_files_convert_under_ulimit_256(many_files_checkpoint, tmp_
     got = read_output(out)
     assert len(got) == MANY_TENSORS
     for i in (0, 1, 517, MANY_TENSORS - 1):
-        assert got[f"layers.{i}.w"][1, 0].item() == 1000 * i + 10 + 0      # rank 1's half is in place
+        assert got[f"layers.{i}.w"][2, 0].item() == 1000 * i + 10      # rank 1's half is in place
     for name, tensor in got.items():
         assert same_bits(tensor, ref["model." + name]), name
 

@@ -5,10 +5,8 @@ All functions are pure. Rules are data (tuples of prefixes and regexes), applied
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import os
 import re
-import unicodedata
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Tuple, Union
 
@@ -130,7 +128,7 @@ def name_problem(name: str) -> Optional[str]:
     except UnicodeEncodeError as exc:
         return f"it is not valid UTF-8 (lone surrogate {name[exc.start]!r} at position {exc.start})"
     for i, ch in enumerate(name):
-        if unicodedata.category(ch) == "Cc":
+        if ch <= "\x1f" or "\x7f" <= ch <= "\x9f":    # Unicode category Cc: C0, DEL and C1 controls
             return f"it holds the control character {ch!r} at position {i}"
     return None
 
@@ -160,6 +158,7 @@ def staging_name(base: str, tag: str = "streamconv", suffix: str = ".partial", r
     encoded = os.fsencode(base)
     if len(encoded) <= limit:
         return f".{base}{fixed}"
+    import hashlib      # here, not at the top: OpenSSL costs ~3 MiB of RSS, and short names never need it
     digest = hashlib.sha256(encoded).hexdigest()[:12]
     keep = limit - len(digest) - 1
     cut = base[:keep]

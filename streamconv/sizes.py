@@ -2,7 +2,7 @@
 binary (KiB, MiB...) powers of 1024, as in huggingface_hub's `max_shard_size`."""
 from __future__ import annotations
 
-import decimal
+import math
 import re
 
 from .errors import OptionsError
@@ -31,14 +31,9 @@ def parse_size(value, *, option: str = "size") -> int:
             raise OptionsError(
                 f"{option} {value!r} is not a size; write a number with an optional unit: "
                 "B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), e.g. 5GB or 16MiB")
-        # Decimal, not float: "1e400" must be "too large", not inf and an OverflowError in int().
-        with decimal.localcontext() as ctx:
-            ctx.traps[decimal.Inexact] = False
-            try:
-                exact = decimal.Decimal(m.group(1)) * _UNITS[unit]
-            except decimal.DecimalException:      # exponent beyond what Decimal holds
-                exact = decimal.Decimal("Infinity")
-        if exact > MAX_SIZE_BYTES:
+        exact = float(m.group(1)) * _UNITS[unit]
+        # "1e400" is inf as a float: refuse it (and anything past off_t) here, not as an OverflowError in int().
+        if not math.isfinite(exact) or exact > MAX_SIZE_BYTES:
             raise OptionsError(f"{option} {value!r} is too large: the most is {MAX_SIZE_BYTES:,} bytes (8 EiB)")
         n = int(exact)
     if n <= 0:

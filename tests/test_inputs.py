@@ -179,6 +179,12 @@ def test_a_5000_digit_number_in_a_name_converts_in_natural_order(odd_names, tmp_
         ["layers.2.w", "layers.10.", "layers.999"]
 
 
+@given(a=st.integers(0, 10**30), b=st.integers(0, 10**30), zeros=st.integers(0, 3), prefix=st.sampled_from(["", "l."]))
+def test_natural_key_orders_numbers_by_value_without_int(a, b, zeros, prefix):
+    key_a, key_b = names.natural_key(f"{prefix}{'0' * zeros}{a}.w"), names.natural_key(f"{prefix}{b}.w")
+    assert a == b or (key_a < key_b) == (a < b)
+
+
 def test_inspect_prints_a_lone_surrogate_escaped(odd_names):
     result = run_cli("inspect", odd_names["surrogate"])
     assert result.returncode == 0, result.stderr

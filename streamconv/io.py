@@ -130,6 +130,14 @@ def max_open_files() -> int:
     return max(4, min(DEFAULT_MAX_OPEN_FILES, _nofile_limit() // 4))
 
 
+def _open_data_file(full: str) -> int:
+    try:
+        return open_regular(full)
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{full}: file named in .metadata is missing (incomplete copy of the checkpoint?)") from None
+
+
 class _Handle:
     """An open descriptor and how many callers are using it; closed only when idle and evicted."""
 
@@ -218,19 +226,15 @@ class DirectoryReader:
         return handle
 
     def _open(self, full: str) -> int:
-        for attempt in (0, 1):
-            try:
-                return open_regular(full)
-            except FileNotFoundError:
-                raise CheckpointError(
-                    f"{full}: file named in .metadata is missing (incomplete copy of the checkpoint?)") from None
-            except ResourceError:
-                # Out of descriptors: give back every idle one of ours and try once more.
-                with self._lock:
-                    closed = self._evict(0)
-                if attempt or not closed:
-                    raise
-        raise AssertionError("unreachable")
+        try:
+            return _open_data_file(full)
+        except ResourceError:
+            # Out of descriptors: give back every idle one of ours and try once more.
+            with self._lock:
+                closed = self._evict(0)
+            if not closed:
+                raise
+            return _open_data_file(full)
 
     def _evict(self, keep: int) -> int:
         """Close least recently used idle descriptors until at most `keep` remain cached (lock held). Busy ones

@@ -111,6 +111,17 @@ def test_any_names_either_refused_or_loadable(fqns, budget, tmp_path_factory):
     assert len({t.name for t in plan.tensors}) == len(fqns)
 
 
+def test_a_header_too_long_for_safetensors_readers_is_refused(monkeypatch):
+    import importlib
+    plan_module = importlib.import_module("streamconv.plan")    # `streamconv.plan` is the API function
+    meta = _one_tensor_meta([f"layer.{i}.w" for i in range(50)])
+    assert build_plan(meta).shards
+    monkeypatch.setattr(plan_module, "MAX_HEADER_BYTES", 2000)
+    with pytest.raises(OptionsError, match="--max-shard-size"):
+        build_plan(meta)
+    assert len(build_plan(meta, PlanOptions(max_shard_bytes=64)).shards) > 1    # smaller shards fit
+
+
 @pytest.fixture(scope="module")
 def odd_names(tmp_path_factory):
     """One real checkpoint per hostile name, each also holding an ordinary tensor."""

@@ -133,6 +133,13 @@ def name_problem(name: str) -> Optional[str]:
     return None
 
 
+def shown(text: str, limit: int = 160) -> str:
+    """repr() of an untrusted name for an error message, cut to about `limit` characters."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text):,} characters)"
+
+
 def printable(text: str) -> str:
     """`text` safe to print on any terminal: lone surrogates and control characters backslash-escaped."""
     if text.isprintable():

@@ -247,23 +247,23 @@ def _check_name(fqn: str, unrenamed: str, name: str) -> None:
         return
     if name == unrenamed or names.name_problem(unrenamed) is not None:
         raise CheckpointError(
-            f"checkpoint key {fqn!r} gives the output name {name!r}, which a safetensors file cannot hold: "
-            f"{problem}; give it another name with --rename REGEX=REPLACEMENT or leave it out with --exclude")
+            f"checkpoint key {names.shown(fqn)} gives the output name {names.shown(name)}, which a safetensors "
+            f"file cannot hold: {problem}; give it another name with --rename REGEX=REPLACEMENT or leave it out "
+            "with --exclude")
     raise OptionsError(
-        f"the rename rules turn checkpoint key {fqn!r} ({unrenamed!r}) into {name!r}, which a safetensors file "
-        f"cannot hold: {problem}; change the --rename rule")
+        f"the rename rules turn checkpoint key {names.shown(fqn)} ({names.shown(unrenamed)}) into "
+        f"{names.shown(name)}, which a safetensors file cannot hold: {problem}; change the --rename rule")
 
 
 def _refuse_collision(first: Tuple[str, str], second: Tuple[str, str], name: str) -> None:
     """Two tensors would be written under one name, and a reader would see only one of them."""
     (fqn_a, unrenamed_a), (fqn_b, unrenamed_b) = first, second
+    both = f"checkpoint keys {names.shown(fqn_a)} and {names.shown(fqn_b)} both become {names.shown(name)}"
     if unrenamed_a == unrenamed_b:
         raise CheckpointError(
-            f"checkpoint keys {fqn_a!r} and {fqn_b!r} both become {name!r} once wrapper segments "
-            f"({', '.join(names.WRAPPER_SEGMENTS)}) are removed; --exclude one of them by its checkpoint key")
-    raise OptionsError(
-        f"checkpoint keys {fqn_a!r} and {fqn_b!r} both become {name!r} after the rename rules; "
-        "adjust --rename or --exclude one of them")
+            f"{both} once wrapper segments ({', '.join(names.WRAPPER_SEGMENTS)}) are removed; --exclude one of "
+            "them by its checkpoint key")
+    raise OptionsError(f"{both} after the rename rules; adjust --rename or --exclude one of them")
 
 
 # safetensors readers refuse a header longer than this (MAX_HEADER_SIZE in the safetensors crate).

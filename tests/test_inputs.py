@@ -111,6 +111,12 @@ def test_any_names_either_refused_or_loadable(fqns, budget, tmp_path_factory):
     assert len({t.name for t in plan.tensors}) == len(fqns)
 
 
+def test_messages_show_huge_names_cut():
+    with pytest.raises(CheckpointError) as refused:
+        build_plan(_one_tensor_meta(["x" * 100_000 + "\x01"]))
+    assert len(str(refused.value)) < 1000 and "100,001 characters" in str(refused.value)
+
+
 def test_a_header_too_long_for_safetensors_readers_is_refused(monkeypatch):
     import importlib
     plan_module = importlib.import_module("streamconv.plan")    # `streamconv.plan` is the API function

@@ -57,7 +57,7 @@ class RenameRule:
         pattern = m.group(1).replace("\\=", "=")
         try:
             compiled = re.compile(pattern)
-        except re.error as exc:
+        except (re.error, OverflowError, RecursionError) as exc:    # a{99999999999} overflows, deep (((...))) recurses
             raise OptionsError(f"--rename {text!r}: bad regular expression: {exc}") from None
         try:
             # Substituting into an empty string compiles the replacement template: a group reference the

@@ -220,6 +220,8 @@ def test_inspect_prints_a_lone_surrogate_escaped(odd_names):
     (["--rename", r"a(b)=\2"], "bad replacement"),
     (["--rename", r"(?P<x>a)=\g<y>"], "bad replacement"),
     (["--rename", "a=b\\"], "bad replacement"),
+    (["--rename", "a{99999999999}=b"], "bad regular expression"),
+    (["--rename", "(" * 5000 + ")" * 5000 + "=b"], "bad regular expression"),
 ])
 def test_bad_option_values_are_usage_errors(dcp_checkpoints, args, message):
     result = CliRunner().invoke(cli, ["plan", str(dcp_checkpoints["fsdp2"])] + args)

@@ -127,7 +127,7 @@ def _nofile_limit() -> int:
 def max_open_files() -> int:
     """Descriptors a DirectoryReader keeps open at most: DEFAULT_MAX_OPEN_FILES, or a quarter of the process's
     limit when that is lower (the rest is for output shards, the interpreter and the caller)."""
-    return max(4, min(DEFAULT_MAX_OPEN_FILES, _nofile_limit() // 4))
+    return max(1, min(DEFAULT_MAX_OPEN_FILES, _nofile_limit() // 4))
 
 
 def _open_data_file(full: str) -> int:

@@ -12,6 +12,7 @@ import click
 from . import api
 from .errors import StreamconvError
 from .report import CollectingReporter, Reporter, TqdmReporter
+from .names import printable
 from .sizes import format_size
 
 
@@ -28,7 +29,8 @@ def _fail_cleanly(fn):
         try:
             return fn(*args, **kwargs)
         except StreamconvError as exc:
-            click.echo(f"error: {exc}", err=True)
+            # backslashreplace: a path or name holding a lone surrogate must not turn the message into a traceback
+            click.echo(f"error: {str(exc).encode('utf-8', 'backslashreplace').decode('utf-8')}", err=True)
             if kwargs.get("as_json"):
                 # Scripts reading --json get the failure on stdout too, in the same shape every time.
                 click.echo(json.dumps({"error": str(exc), "kind": type(exc).__name__, "exit_code": exc.exit_code}))
@@ -226,15 +228,16 @@ def inspect(checkpoint_dir, as_json):
         return
     if info.get("found"):
         click.echo(info["found"])
-    click.echo(f"{info['checkpoint']}: {info['tensor_count']} tensors, {format_size(info['tensor_bytes'])} in "
+    click.echo(f"{printable(info['checkpoint'])}: {info['tensor_count']} tensors, {format_size(info['tensor_bytes'])} in "
                f"{len(info['files'])} file(s); written by torch {info['torch_version_hint']}")
-    click.echo("top-level keys: " + ", ".join(f"{k} ({n})" for k, n in info["top_level_keys"].items()))
+    # Names come from the checkpoint: a lone surrogate or a control character is printed escaped.
+    click.echo("top-level keys: " + ", ".join(f"{printable(k)} ({n})" for k, n in info["top_level_keys"].items()))
     click.echo("bytes by dtype: " + ", ".join(f"{k} {format_size(v)}" for k, v in info["bytes_by_dtype"].items()))
     for t in info["tensors"]:
-        click.echo(f"  {t['name']}  {t['dtype']} {t['shape']}  {t['layout']}")
+        click.echo(f"  {printable(t['name'])}  {t['dtype']} {t['shape']}  {t['layout']}")
     if info["non_tensor_entries"]:
         click.echo(f"non-tensor entries ({len(info['non_tensor_entries'])}): "
-                   + ", ".join(info["non_tensor_entries"][:8])
+                   + ", ".join(printable(n) for n in info["non_tensor_entries"][:8])
                    + (" ..." if len(info["non_tensor_entries"]) > 8 else ""))
 
 

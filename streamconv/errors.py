@@ -53,3 +53,9 @@ class ReferenceMismatchError(StreamconvError):
     Raised before anything is written; `--allow-unmatched` turns it into a note."""
 
     exit_code = 4
+
+
+class ResourceError(StreamconvError):
+    """The system ran out of a resource the run needs (open files...); the message names the limit to raise."""
+
+    exit_code = 71  # EX_OSERR

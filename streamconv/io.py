@@ -7,15 +7,21 @@ Keeping IO behind these lets the planner and executor be tested against memory a
 """
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import threading
-from typing import Dict, Optional, Protocol, Sequence
+from collections import OrderedDict
+from contextlib import contextmanager
+from typing import Dict, Iterator, Optional, Protocol, Sequence
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ResourceError
 
 
 # preadv takes at most IOV_MAX (1024 on Linux) buffers per call.
 _IOV_MAX = 1024
+# Checkpoint files a DirectoryReader keeps open at once (an 11B model saved one file per item has ~3,500).
+DEFAULT_MAX_OPEN_FILES = 256
 
 
 class RangeReader(Protocol):
@@ -66,73 +72,222 @@ class MemoryReader:
         sink.write_at(dst_offset, self.read(relative_path, offset, length))
 
 
-class DirectoryReader:
-    """Reads ranges with os.pread from files under `root`; keeps one fd per file open until close()."""
+def _kind(mode: int) -> str:
+    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "not a regular file"
 
-    def __init__(self, root: str):
+
+def open_regular(path: str, error=CheckpointError) -> int:
+    """Open `path` read-only, refusing anything but a regular file (symlinks are followed to their target).
+
+    O_NONBLOCK keeps a FIFO with no writer from blocking the open; fstat on the descriptor then decides, so a
+    file swapped between a check and the open cannot slip through. `error` is the class raised for a file that
+    is not regular or cannot be opened; running out of descriptors is a `ResourceError` either way.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise _out_of_descriptors(path) from None
+        if exc.errno == errno.ENOENT:
+            raise
+        raise error(f"{path}: cannot open: {exc.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise error(f"{path} is {_kind(mode)}, not a regular file; streamconv reads and copies only "
+                        "regular files (replace it with the real file)")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _out_of_descriptors(path: str) -> ResourceError:
+    return ResourceError(
+        f"{path}: cannot open: too many open files (this process may open {_nofile_limit()}); raise the limit with "
+        "`ulimit -n 4096` (or more) in the shell that runs streamconv")
+
+
+def _nofile_limit() -> int:
+    """The soft limit on open descriptors (a large number when there is none or it cannot be read)."""
+    try:
+        import resource
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):     # not POSIX
+        return 1 << 20
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def max_open_files() -> int:
+    """Descriptors a DirectoryReader keeps open at most: DEFAULT_MAX_OPEN_FILES, or a quarter of the process's
+    limit when that is lower (the rest is for output shards, the interpreter and the caller)."""
+    return max(1, min(DEFAULT_MAX_OPEN_FILES, _nofile_limit() // 4))
+
+
+def _open_data_file(full: str) -> int:
+    try:
+        return open_regular(full)
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{full}: file named in .metadata is missing (incomplete copy of the checkpoint?)") from None
+
+
+class _Handle:
+    """An open descriptor and how many callers are using it; closed only when idle and evicted."""
+
+    __slots__ = ("fd", "users", "evicted")
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.users = 0
+        self.evicted = False
+
+
+class DirectoryReader:
+    """Reads ranges with os.pread from regular files under `root`.
+
+    Descriptors are cached (least recently used first out, at most `max_open`), so a checkpoint of thousands
+    of files (`single_file_per_rank=False`) reads under any `ulimit -n`. Writer threads share one reader: a
+    descriptor is closed only when no caller is using it, never under a copy.
+    """
+
+    def __init__(self, root: str, max_open: Optional[int] = None):
         self.root = os.fspath(root)
-        self._fds: Dict[str, int] = {}
+        self.max_open = max_open if max_open is not None else max_open_files()
+        self._cache: "OrderedDict[str, _Handle]" = OrderedDict()
+        self._pinned: Dict[int, _Handle] = {}     # thread id -> the handle its last fd() call returned
         self._lock = threading.Lock()   # writer threads share one reader
         self._random_access = False
 
     def path(self, relative_path: str) -> str:
-        # Refuse names that escape the checkpoint folder: relative_path comes from untrusted metadata.
+        # relative_path comes from untrusted metadata: refuse names that escape the checkpoint folder or that
+        # the OS cannot take (a NUL byte, a lone surrogate), naming them instead of failing inside os.open.
+        if not isinstance(relative_path, str) or not relative_path or "\x00" in relative_path:
+            raise CheckpointError(f"metadata names an invalid data file {relative_path!r}")
+        try:
+            os.fsencode(relative_path)
+        except UnicodeError:
+            raise CheckpointError(f"metadata names a data file the filesystem cannot name: {relative_path!r}") from None
         norm = os.path.normpath(relative_path)
-        if os.path.isabs(norm) or norm.startswith(".."):
+        if os.path.isabs(norm) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
             raise CheckpointError(f"metadata names a file outside the checkpoint folder: {relative_path!r}")
         return os.path.join(self.root, norm)
 
-    def fd(self, relative_path: str) -> int:
-        fd = self._fds.get(relative_path)
-        if fd is not None:
-            return fd
-        with self._lock:
-            return self._open(relative_path)
+    # -- descriptors ----------------------------------------------------------------------------------
+    @contextmanager
+    def borrow(self, relative_path: str) -> Iterator[int]:
+        """An open descriptor of `relative_path`, guaranteed open until the block ends."""
+        handle = self._acquire(relative_path)
+        try:
+            yield handle.fd
+        finally:
+            self._release(handle)
 
-    def _open(self, relative_path: str) -> int:
-        fd = self._fds.get(relative_path)
-        if fd is None:
-            full = self.path(relative_path)
-            try:
-                fd = os.open(full, os.O_RDONLY)
-            except FileNotFoundError:
-                raise CheckpointError(
-                    f"{full}: file named in .metadata is missing (incomplete copy of the checkpoint?)") from None
-            except OSError as exc:
-                raise CheckpointError(f"{full}: cannot open: {exc.strerror}") from None
-            self._advise(fd)
-            self._fds[relative_path] = fd
-        return fd
+    def fd(self, relative_path: str) -> int:
+        """An open descriptor of `relative_path`. It stays open until the calling thread's next `fd()` call (or
+        `close()`): each thread holds at most one such descriptor, so a thread doing one read at a time may use
+        it freely. Prefer `borrow()`, which says when the descriptor is done with."""
+        handle = self._acquire(relative_path)
+        ident = threading.get_ident()
+        with self._lock:
+            previous = self._pinned.get(ident)
+            self._pinned[ident] = handle
+        if previous is not None:
+            self._release(previous)
+        return handle.fd
+
+    def _acquire(self, relative_path: str) -> _Handle:
+        with self._lock:
+            handle = self._cache.get(relative_path)
+            if handle is not None:
+                self._cache.move_to_end(relative_path)
+                handle.users += 1
+                return handle
+        full = self.path(relative_path)
+        fd = self._open(full)
+        handle = _Handle(fd)
+        handle.users = 1
+        with self._lock:
+            raced = self._cache.get(relative_path)
+            if raced is not None:            # another thread opened it meanwhile: use theirs
+                self._cache.move_to_end(relative_path)
+                raced.users += 1
+                os.close(fd)
+                return raced
+            self._cache[relative_path] = handle
+            self._evict(self.max_open)
+        self._advise(fd)
+        return handle
+
+    def _open(self, full: str) -> int:
+        try:
+            return _open_data_file(full)
+        except ResourceError:
+            # Out of descriptors: give back every idle one of ours and try once more.
+            with self._lock:
+                closed = self._evict(0)
+            if not closed:
+                raise
+            return _open_data_file(full)
+
+    def _evict(self, keep: int) -> int:
+        """Close least recently used idle descriptors until at most `keep` remain cached (lock held). Busy ones
+        leave the cache and are closed by their last user. Returns how many were closed now."""
+        closed = 0
+        while len(self._cache) > keep:
+            _, handle = self._cache.popitem(last=False)
+            handle.evicted = True
+            if handle.users == 0:
+                os.close(handle.fd)
+                handle.fd = -1
+                closed += 1
+        return closed
+
+    def _release(self, handle: _Handle) -> None:
+        with self._lock:
+            handle.users -= 1
+            if handle.evicted and handle.users == 0 and handle.fd >= 0:
+                os.close(handle.fd)
+                handle.fd = -1
 
     def prefetch(self, relative_path: str, offset: int, length: int) -> None:
         """Start reading a range into the page cache without waiting for it."""
         if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self.fd(relative_path), offset, length, os.POSIX_FADV_WILLNEED)
+            with self.borrow(relative_path) as fd:
+                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     def set_random_access(self, random_access: bool) -> None:
         """Small scattered reads (locating chunks) vs long streams (copying). Readahead on thousands of 4 KiB
         header reads would otherwise pull in ~2% of the checkpoint for nothing on a cold cache."""
         self._random_access = random_access
-        for fd in self._fds.values():
-            self._advise(fd)
+        with self._lock:
+            for handle in self._cache.values():
+                self._advise(handle.fd)
 
     def _advise(self, fd: int) -> None:
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM if self._random_access else os.POSIX_FADV_NORMAL)
 
     def size(self, relative_path: str) -> int:
-        return os.fstat(self.fd(relative_path)).st_size
+        with self.borrow(relative_path) as fd:
+            return os.fstat(fd).st_size
 
     def read(self, relative_path: str, offset: int, length: int) -> bytes:
-        fd = self.fd(relative_path)
         parts = []
         got = 0
-        while got < length:
-            part = os.pread(fd, length - got, offset + got)
-            if not part:
-                break
-            parts.append(part)
-            got += len(part)
+        with self.borrow(relative_path) as fd:
+            while got < length:
+                part = os.pread(fd, length - got, offset + got)
+                if not part:
+                    break
+                parts.append(part)
+                got += len(part)
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         if len(data) != length:
             raise CheckpointError(
@@ -162,12 +317,19 @@ class DirectoryReader:
                     n = 0
 
     def copy_to(self, sink, relative_path: str, offset: int, dst_offset: int, length: int) -> None:
-        sink.copy_from(self.fd(relative_path), offset, dst_offset, length)
+        with self.borrow(relative_path) as fd:
+            sink.copy_from(fd, offset, dst_offset, length)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        """Close every descriptor; call when no thread reads any more."""
+        with self._lock:
+            handles = list(self._cache.values()) + [h for h in self._pinned.values() if h.evicted]
+            self._cache.clear()
+            self._pinned.clear()
+            for handle in {id(h): h for h in handles}.values():
+                if handle.fd >= 0:
+                    os.close(handle.fd)
+                    handle.fd = -1
 
     def __enter__(self) -> "DirectoryReader":
         return self

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import dtypes, names
 from .coverage import check_coverage, dedup_chunks
-from .errors import OptionsError
+from .errors import CheckpointError, OptionsError
 from .model import CheckpointMetadata, Chunk, TensorEntry
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9          # as huggingface_hub's "5GB"
@@ -208,6 +208,7 @@ def select(meta: CheckpointMetadata, options: PlanOptions):
     selected: List[Tuple[TensorEntry, str]] = []
     skipped: List[Skipped] = [Skipped(b.fqn, "non-tensor") for b in meta.byte_entries]
     renamed: List[Tuple[str, str]] = []
+    seen: Dict[str, Tuple[str, str]] = {}     # output name -> (checkpoint key, name before renames)
     for entry in meta.tensors:
         top = _top_key(entry)
         if subtree is not None and top != subtree:
@@ -220,6 +221,7 @@ def select(meta: CheckpointMetadata, options: PlanOptions):
         state_dict_name = name = _source_name(entry, subtree)
         if options.strip_wrappers:
             name = names.strip_wrappers(name)
+        unrenamed = name
         name = names.apply_renames(name, options.renames)
         if not names.is_selected((entry.fqn, name), options.include, options.exclude):
             skipped.append(Skipped(entry.fqn, "excluded"))
@@ -227,17 +229,45 @@ def select(meta: CheckpointMetadata, options: PlanOptions):
         if name in options.drop:
             skipped.append(Skipped(entry.fqn, "tied duplicate"))
             continue
+        _check_name(entry.fqn, unrenamed, name)
         if name != state_dict_name:     # unwrapping the subtree ("model.") alone is not a rename
             renamed.append((entry.fqn, name))
         selected.append((entry, name))
-    seen: Dict[str, str] = {}
-    for entry, name in selected:
-        if name in seen:
-            raise OptionsError(
-                f"checkpoint keys {seen[name]!r} and {entry.fqn!r} both become {name!r}; "
-                "adjust --rename or --exclude one of them")
-        seen[name] = entry.fqn
+        first = seen.setdefault(name, (entry.fqn, unrenamed))
+        if first[0] != entry.fqn:
+            _refuse_collision(first, (entry.fqn, unrenamed), name)
     return selected, tuple(skipped), tuple(renamed), subtree
+
+
+def _check_name(fqn: str, unrenamed: str, name: str) -> None:
+    """Refuse an output name no safetensors reader would load. Blame the checkpoint when its own key (wrappers
+    stripped) is already unusable, else the rename rules that produced the name."""
+    problem = names.name_problem(name)
+    if problem is None:
+        return
+    if name == unrenamed or names.name_problem(unrenamed) is not None:
+        raise CheckpointError(
+            f"checkpoint key {names.shown(fqn)} gives the output name {names.shown(name)}, which a safetensors "
+            f"file cannot hold: {problem}; give it another name with --rename REGEX=REPLACEMENT or leave it out "
+            "with --exclude")
+    raise OptionsError(
+        f"the rename rules turn checkpoint key {names.shown(fqn)} ({names.shown(unrenamed)}) into "
+        f"{names.shown(name)}, which a safetensors file cannot hold: {problem}; change the --rename rule")
+
+
+def _refuse_collision(first: Tuple[str, str], second: Tuple[str, str], name: str) -> None:
+    """Two tensors would be written under one name, and a reader would see only one of them."""
+    (fqn_a, unrenamed_a), (fqn_b, unrenamed_b) = first, second
+    both = f"checkpoint keys {names.shown(fqn_a)} and {names.shown(fqn_b)} both become {names.shown(name)}"
+    if unrenamed_a == unrenamed_b:
+        raise CheckpointError(
+            f"{both} once wrapper segments ({', '.join(names.WRAPPER_SEGMENTS)}) are removed; --exclude one of "
+            "them by its checkpoint key")
+    raise OptionsError(f"{both} after the rename rules; adjust --rename or --exclude one of them")
+
+
+# safetensors readers refuse a header longer than this (MAX_HEADER_SIZE in the safetensors crate).
+MAX_HEADER_BYTES = 100_000_000
 
 
 def _header(tensors: Sequence[Tuple[str, str, Tuple[int, ...], int, int]]) -> bytes:
@@ -247,6 +277,10 @@ def _header(tensors: Sequence[Tuple[str, str, Tuple[int, ...], int, int]]) -> by
         body[name] = {"dtype": dtypes.BY_NAME[dtype].safetensors, "shape": list(shape), "data_offsets": [begin, end]}
     text = json.dumps(body, separators=(",", ":")).encode("utf-8")
     text += b" " * (-(8 + len(text)) % 8)   # data section starts 8-byte aligned, as safetensors pads
+    if len(text) > MAX_HEADER_BYTES:
+        raise OptionsError(
+            f"a shard's header would be {len(text):,} bytes ({len(tensors):,} tensors), more than the "
+            f"{MAX_HEADER_BYTES:,} safetensors readers accept; lower --max-shard-size to spread them over more files")
     return len(text).to_bytes(8, "little") + text
 
 

@@ -2,6 +2,7 @@
 binary (KiB, MiB...) powers of 1024, as in huggingface_hub's `max_shard_size`."""
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import OptionsError
@@ -12,12 +13,16 @@ _UNITS = {
     "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
     "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40,
 }
+# Sizes go into file offsets (off_t); anything past 2**63 - 1 bytes is a typo, not a size.
+MAX_SIZE_BYTES = 2**63 - 1
 _PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 
 def parse_size(value, *, option: str = "size") -> int:
     """Bytes for an int or a string like "5GB" / "16MiB" / "1024"."""
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value > MAX_SIZE_BYTES:
+            raise OptionsError(f"{option} {value!r} is too large: the most is {MAX_SIZE_BYTES:,} bytes (8 EiB)")
         n = value
     else:
         m = _PATTERN.match(str(value))
@@ -26,7 +31,11 @@ def parse_size(value, *, option: str = "size") -> int:
             raise OptionsError(
                 f"{option} {value!r} is not a size; write a number with an optional unit: "
                 "B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), e.g. 5GB or 16MiB")
-        n = int(float(m.group(1)) * _UNITS[unit])
+        exact = float(m.group(1)) * _UNITS[unit]
+        # "1e400" is inf as a float: refuse it (and anything past off_t) here, not as an OverflowError in int().
+        if not math.isfinite(exact) or exact > MAX_SIZE_BYTES:
+            raise OptionsError(f"{option} {value!r} is too large: the most is {MAX_SIZE_BYTES:,} bytes (8 EiB)")
+        n = int(exact)
     if n <= 0:
         raise OptionsError(f"{option} must be positive, got {value!r}")
     return n

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..errors import CheckpointError
+from ..io import open_regular
 from ..names import RenameRule
 
 Shape = Optional[Tuple[int, ...]]   # None when only the name is known (a .bin index)
@@ -123,7 +124,7 @@ def candidates(model_type: Optional[str]) -> List[LayoutMapping]:
 
 def _safetensors_header(path: str) -> Dict[str, Shape]:
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path), "rb") as f:     # a FIFO or device is refused, not read
             head = f.read(8)
             if len(head) != 8:
                 raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
@@ -145,7 +146,7 @@ def reference_weights(folder: str) -> Optional[Dict[str, Shape]]:
         path = os.path.join(folder, index_name)
         if os.path.isfile(path):
             try:
-                with open(path, encoding="utf-8") as f:
+                with os.fdopen(open_regular(path), "rb") as f:
                     weight_map = json.load(f)["weight_map"]
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise CheckpointError(f"{path}: cannot read weight_map: {exc}") from None

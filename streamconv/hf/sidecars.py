@@ -8,11 +8,12 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import shutil
+import stat
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import OptionsError, OutputError
+from ..io import open_regular
 
 CONFIG_FILE = "config.json"
 # Copied byte for byte when present. config.json is rewritten (its dtype field follows the output).
@@ -27,6 +28,9 @@ TOKENIZER_FILES: Tuple[str, ...] = ("tokenizer.json", "tokenizer.model", "vocab.
 TRAIN_PARAMS_FILE = "train_params.yaml"
 # config.json keys naming the weights' dtype: transformers >= 4.56 writes `dtype`, older ones `torch_dtype`.
 DTYPE_KEYS: Tuple[str, ...] = ("dtype", "torch_dtype")
+# config.json is a few KB; one past this is not a config (and is not read whole).
+MAX_CONFIG_BYTES = 64 * 2**20
+COPY_STEP_BYTES = 8 * 2**20
 
 
 @dataclass(frozen=True)
@@ -71,8 +75,11 @@ def load_config(folder: str) -> HFConfig:
         folder = snapshot
     path = os.path.join(folder, CONFIG_FILE)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        with os.fdopen(open_regular(path, error=OptionsError), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_CONFIG_BYTES:
+                raise OptionsError(f"{path}: {size:,} bytes is not a config.json (those are a few KB)")
+            data = json.loads(f.read(size))
     except FileNotFoundError:
         raise OptionsError(_no_config_message(folder)) from None
     except (OSError, ValueError) as exc:
@@ -135,10 +142,22 @@ def _hub_snapshot(folder: str) -> Optional[str]:
 
 
 def sidecar_names(folder: str) -> List[str]:
-    """The sidecar files present in `folder` (config.json first), in a stable order."""
+    """The sidecar files present in `folder` (config.json first), in a stable order.
+
+    Each must be a regular file (or a symlink to one, as in hub snapshots): a FIFO, a device or a directory
+    under a sidecar's name is refused here, before any conversion work, by name.
+    """
     present = set(os.listdir(folder))
     found = [n for n in (CONFIG_FILE,) + SIDECAR_FILES if n in present]
     found += sorted(n for n in present if any(fnmatch.fnmatchcase(n, g) for g in SIDECAR_GLOBS))
+    for name in found:
+        path = os.path.join(folder, name)
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            raise OptionsError(f"{path}: cannot read: {exc.strerror}") from None
+        if not stat.S_ISREG(mode):
+            os.close(open_regular(path, error=OptionsError))     # raises, naming what the file is
     return found
 
 
@@ -194,11 +213,38 @@ def copy_sidecars(config: HFConfig, names: Sequence[str], dest: str, dtype: Opti
                     json.dump(data, f, indent=2)
                     f.write("\n")
             else:
-                shutil.copyfile(src, dst)
+                copy_regular(src, dst)
         except OSError as exc:
             raise OutputError(f"copying {src} into the output: {exc.strerror}") from None
         written.append(name)
     return written
+
+
+def copy_regular(src: str, dst: str) -> int:
+    """Copy regular file `src` to `dst`, exactly the size fstat gave when it was opened. Returns the bytes copied.
+
+    A sidecar that is a FIFO or a device (a `tokenizer.json` symlinked to /dev/zero) is refused instead of
+    copied until the disk is full; a file that grows while copied stops at its size; one that shrinks fails.
+    """
+    src_fd = open_regular(src, error=OptionsError)
+    try:
+        size = os.fstat(src_fd).st_size
+        dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            done = 0
+            while done < size:
+                block = os.pread(src_fd, min(COPY_STEP_BYTES, size - done), done)
+                if not block:
+                    raise OptionsError(f"{src}: file shrank from {size} to {done} bytes while being copied")
+                view = memoryview(block)
+                while view:
+                    view = view[os.write(dst_fd, view):]
+                done += len(block)
+        finally:
+            os.close(dst_fd)
+    finally:
+        os.close(src_fd)
+    return size
 
 
 # -- finding the base model without --config-from ---------------------------------------------------------

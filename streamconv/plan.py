@@ -202,8 +202,11 @@ def _output_dtype(src: str, requested: str) -> str:
     return requested
 
 
-def select(meta: CheckpointMetadata, options: PlanOptions):
-    """Pick the tensors to convert and name them. Returns (selected [(entry, name)], skipped, renamed, subtree)."""
+def select(meta: CheckpointMetadata, options: PlanOptions, *, check_names: bool = True):
+    """Pick the tensors to convert and name them. Returns (selected [(entry, name)], skipped, renamed, subtree).
+
+    `check_names=False` only counts and names (folder discovery): unwritable or colliding names are refused
+    when a plan is built, after the user's --include/--exclude/--rename had their say."""
     subtree = options.subtree if options.subtree is not None else names.model_subtree(t.path for t in meta.tensors)
     selected: List[Tuple[TensorEntry, str]] = []
     skipped: List[Skipped] = [Skipped(b.fqn, "non-tensor") for b in meta.byte_entries]
@@ -229,12 +232,13 @@ def select(meta: CheckpointMetadata, options: PlanOptions):
         if name in options.drop:
             skipped.append(Skipped(entry.fqn, "tied duplicate"))
             continue
-        _check_name(entry.fqn, unrenamed, name)
+        if check_names:
+            _check_name(entry.fqn, unrenamed, name)
         if name != state_dict_name:     # unwrapping the subtree ("model.") alone is not a rename
             renamed.append((entry.fqn, name))
         selected.append((entry, name))
         first = seen.setdefault(name, (entry.fqn, unrenamed))
-        if first[0] != entry.fqn:
+        if check_names and first[0] != entry.fqn:
             _refuse_collision(first, (entry.fqn, unrenamed), name)
     return selected, tuple(skipped), tuple(renamed), subtree
 

@@ -47,11 +47,9 @@ def _resolve_dtype(requested: str, config: Optional[sidecars.HFConfig], notes: L
 
 def _names_without_filters(meta: CheckpointMetadata, options: PlanOptions) -> List[str]:
     """The output names without the user's --include/--exclude: tells a deliberate omission from a wrong
-    mapping. Empty when the filters were what kept two names apart."""
-    try:
-        return [name for _, name in select(meta, dataclasses.replace(options, include=(), exclude=()))[0]]
-    except OptionsError:
-        return []
+    mapping. Names are not checked here: an unwritable one may be what the filters leave out."""
+    unfiltered = dataclasses.replace(options, include=(), exclude=())
+    return [name for _, name in select(meta, unfiltered, check_names=False)[0]]
 
 
 def prepare(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir: str, *,

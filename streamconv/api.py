@@ -12,14 +12,16 @@ from dataclasses import replace
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 from . import dtypes, hf, names
-from .errors import OptionsError, OutputError, VerificationError
+from .errors import OptionsError, OutputError
 from .executor import Executor, check_stored
 from .io import DirectoryReader, RangeReader
 from .model import BlobLocation, CheckpointMetadata, StoredTensor, TensorEntry
 from .plan import INDEX_FILE_NAME, ConversionPlan, PlanOptions, build_plan
 from .report import ConversionReport, Reporter, peak_rss_bytes
 from .parallel import write_shards
-from .sink import ComparingSink, Mismatch, StagingDir
+from .reader.integrity import ChunkIntegrity
+from .sink import StagingDir
+from . import verify as verifying
 from .sizes import format_size, parse_size
 
 
@@ -104,35 +106,16 @@ def locate_chunks(conversion: ConversionPlan, reader: RangeReader) -> Dict[BlobL
     return stored
 
 
-def verify_shards(shards, reader: RangeReader, stored: Dict[BlobLocation, StoredTensor], path_for,
-                  buffer_bytes: int, progress=None) -> int:
-    """Re-run the executor against the written files, comparing instead of writing: catches a short write,
-    a disk error or a bug that corrupted bytes. Returns the bytes compared."""
-    checker = Executor(reader, stored, buffer_bytes, progress=progress)
-    compared = 0
-    for shard in shards:
-        sink = ComparingSink(path_for(shard.filename))
-        try:
-            checker.write_shard(shard, sink)
-        except Mismatch as exc:
-            raise VerificationError(
-                f"{shard.filename}: byte {exc.offset} differs from the checkpoint after writing; the disk or "
-                "filesystem corrupted the output. Nothing was committed; check the disk and run again.") from None
-        if os.path.getsize(path_for(shard.filename)) != shard.nbytes:
-            raise VerificationError(f"{shard.filename}: file size differs from the planned {shard.nbytes} bytes")
-        compared += sink.compared
-    return compared
-
-
 def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions] = None, *,
             overwrite: bool = False, reporter: Optional[Reporter] = None, config_from: Optional[str] = None,
-            workers: int = DEFAULT_WORKERS, verify: bool = False, **kwargs) -> ConversionReport:
+            workers: int = DEFAULT_WORKERS, verify: bool = False, crc: bool = False, **kwargs) -> ConversionReport:
     """Convert a DCP checkpoint folder into a folder of safetensors shards (+ index when sharded), with the
     base model's config and tokenizer beside them when `config_from` (or train_params.yaml) names it.
 
     Output appears at `output_dir` only when complete; on any error nothing is left there.
-    `workers` threads write shards side by side, sharing the buffer budget. `verify` reads every written
-    shard back and compares it with the checkpoint before the output is committed.
+    `workers` threads write shards side by side, sharing the buffer budget. `verify` checks the written
+    folder as `verify()` does (every tensor read back and compared with the checkpoint) before it is
+    committed. `crc` (implied by `verify`) checks each chunk's CRC-32 as its bytes are read.
     """
     reporter = reporter or Reporter()
     started = time.perf_counter()
@@ -149,8 +132,9 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
         with StagingDir(output_dir, overwrite=overwrite) as staging:
             reporter.start(conversion.total_bytes * (2 if verify else 1) + sum(t.nbytes for t in heads.values()),
                            "converting")
+            integrity = ChunkIntegrity(reader, stored) if crc or verify else None
             write_shards(conversion.shards, reader, stored, staging.file, buffer_bytes=options.buffer_bytes,
-                         workers=workers, progress=reporter.advance)
+                         workers=workers, progress=reporter.advance, integrity=integrity)
             if setup.tied:
                 checker = Executor(reader, stored, options.buffer_bytes, progress=reporter.advance)
                 shard_of = {t.name: s.filename for s in conversion.shards for t in s.tensors}
@@ -158,10 +142,6 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
                 for pair in setup.tied:
                     hf.tied.verify_tied(checker, heads[pair.head], by_name[pair.embedding],
                                         staging.file(shard_of[pair.embedding]), config_path=setup.config.folder)
-            verified_bytes = 0
-            if verify:
-                verified_bytes = verify_shards(conversion.shards, reader, stored, staging.file, options.buffer_bytes,
-                              progress=reporter.advance)
             copied = []
             if setup.config is not None:
                 copied = hf.sidecars.copy_sidecars(setup.config, setup.sidecar_files, staging.path,
@@ -169,6 +149,13 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
             index = conversion.index()
             if index is not None:
                 staging.write_json(INDEX_FILE_NAME, index)   # written last: its presence means complete
+            verified_bytes = 0
+            if verify:
+                checked = verifying.verify_output(conversion, reader, stored, staging.path,
+                                                  buffer_bytes=options.buffer_bytes, checkpoint=checkpoint_dir,
+                                                  integrity=integrity, progress=reporter.advance)
+                verifying.raise_if_failed(checked, staged=True)
+                verified_bytes = checked.bytes_compared
             staging.commit()
             reporter.close()
     casts: Dict[str, int] = {}
@@ -233,3 +220,32 @@ def inspect(checkpoint_dir: str) -> dict:
         "non_tensor_entries": [b.fqn for b in meta.byte_entries],
         "tensors": tensors,
     }
+
+
+def verify(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions] = None, *,
+           config_from: Optional[str] = None, reporter: Optional[Reporter] = None, crc: bool = True,
+           **kwargs) -> verifying.VerifyResult:
+    """Check an existing output folder against its checkpoint, streaming both: every tensor `convert` would
+    write (same naming and cast options) must be there once, with the same bytes; the index and headers must
+    be sound. `crc` also checks each chunk's CRC-32. Raises `verify.OutputDiffersError` (exit 3) or
+    `verify.CorruptSourceError` (exit 2), both carrying the `VerifyResult`; returns it when all is well."""
+    reporter = reporter or Reporter()
+    started = time.perf_counter()
+    reader, meta = load(checkpoint_dir)
+    with reader:
+        setup = hf.prepare(meta, options or make_options(**kwargs), checkpoint_dir, config_from=config_from)
+        for note in setup.notes:
+            reporter.note(note)
+        conversion = _checked_plan(meta, setup.options, checkpoint_dir)
+        stored = locate_chunks(conversion, reader)
+        integrity = ChunkIntegrity(reader, stored) if crc else None
+        reporter.start(conversion.total_bytes, "verifying")
+        result = verifying.verify_output(conversion, reader, stored, output_dir, checkpoint=checkpoint_dir,
+                                         buffer_bytes=setup.options.buffer_bytes, integrity=integrity,
+                                         progress=reporter.advance)
+        reporter.close()
+    result.checkpoint = os.path.abspath(checkpoint_dir)
+    result.seconds = time.perf_counter() - started
+    result.peak_rss_bytes = peak_rss_bytes()
+    verifying.raise_if_failed(result)
+    return result

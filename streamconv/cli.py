@@ -169,6 +169,57 @@ def plan(checkpoint_dir, max_shard_size, buffer_size, dtype, config_from, includ
 
 @cli.command()
 @click.argument("checkpoint_dir", type=click.Path(file_okay=False))
+@click.argument("output_dir", type=click.Path(file_okay=False))
+@_plan_options
+@click.option("--crc/--no-crc", default=True, show_default=True,
+              help="Check every read chunk's CRC-32, as recorded by torch.save in its .distcp file.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only problems.")
+@_fail_cleanly
+def verify(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, config_from, include, exclude, renames,
+           subtree, as_json, crc, quiet):
+    """Check OUTPUT_DIR (a converted folder) against CHECKPOINT_DIR without converting again.
+
+    Pass the naming and dtype options the conversion used (--dtype, --rename, --include/--exclude, --subtree,
+    --config-from); tensors are found by name, so --max-shard-size does not matter. Streams both sides with
+    --buffer-size of memory. Checks the index (every weight once, every file present, total_size), that every
+    shard's header loads with the safetensors library, that no shard holds a tensor the index does not list,
+    and every tensor's dtype, shape and bytes; reports missing, extra and differing tensors (name and first
+    differing element). Exit 0 when all match, 3 when the output differs, 2 when a checkpoint chunk fails
+    its CRC-32.
+    """
+    from .verify import CorruptSourceError, OutputDiffersError
+    options = _options(max_shard_size, buffer_size, dtype, include, exclude, renames, subtree)
+    interactive = sys.stderr.isatty() and not as_json and not quiet
+    reporter: Reporter = TqdmReporter() if interactive else CollectingReporter()
+    try:
+        result = api.verify(checkpoint_dir, output_dir, options, config_from=config_from, reporter=reporter, crc=crc)
+    except (OutputDiffersError, CorruptSourceError) as exc:
+        reporter.close()
+        # One JSON object for scripts: the whole finding plus the error, as for any other failure.
+        if as_json:
+            click.echo(json.dumps(dict(exc.result.to_dict(), error=str(exc), kind=type(exc).__name__,
+                                       exit_code=exc.exit_code), indent=2))
+        else:
+            for line in exc.result.problems():
+                click.echo(line)
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    finally:
+        reporter.close()
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    elif not quiet:
+        crc_text = (f"; {result.crc_checked_chunks} chunk CRC-32s ok ({format_size(result.crc_checked_bytes)})"
+                    if crc else "; CRC-32s not checked")
+        if result.crc_unrecorded_chunks:
+            crc_text += f", {result.crc_unrecorded_chunks} chunk(s) saved without a CRC"
+        click.echo(f"ok: {result.tensors_equal} tensors in {len(result.files)} file(s) of {result.output} match "
+                   f"{result.checkpoint}\n  {format_size(result.bytes_compared)} compared in {result.seconds:.2f} s, "
+                   f"peak RSS {format_size(result.peak_rss_bytes)}{crc_text}")
+
+
+@cli.command()
+@click.argument("checkpoint_dir", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report on stdout.")
 @_fail_cleanly
 def inspect(checkpoint_dir, as_json):

@@ -22,7 +22,7 @@ import json
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import dtypes
 from .errors import CorruptChunkError, VerificationError
@@ -351,13 +351,35 @@ def compare_tensors(conversion: ConversionPlan, found: Dict[str, OutputTensor], 
         result.crc_unrecorded_chunks = len(integrity.unrecorded)
 
 
+def check_tied(heads: Sequence[Tuple[TensorPlan, str]], conversion: ConversionPlan,
+               found: Dict[str, OutputTensor], executor: Executor, output_dir: str, result: VerifyResult) -> None:
+    """Each dropped tied head (its source plan, its embedding's output name) must equal the embedding as
+    written, as `convert` checked before dropping it."""
+    from .hf.tied import verify_tied
+    planned = {t.name: t for t in conversion.tensors}
+    bad = {d["name"] for d in result.differing}
+    for head, embedding in heads:
+        o = found.get(embedding)
+        if o is None or embedding in bad or embedding not in planned:
+            continue        # already reported
+        try:
+            result.bytes_compared += verify_tied(executor, head, dataclasses.replace(planned[embedding], begin=o.begin),
+                                                 os.path.join(output_dir, o.file))
+        except VerificationError as exc:
+            result.differing.append({"name": head.name, "file": o.file, "problem": str(exc)})
+
+
 def verify_output(conversion: ConversionPlan, reader: RangeReader, stored: Dict[BlobLocation, StoredTensor],
                   output_dir: str, *, buffer_bytes: int, checkpoint: str = "", integrity=None,
-                  progress=None) -> VerifyResult:
-    """Everything above, for one output folder; never raises for a finding (see `raise_if_failed`)."""
+                  progress=None, tied_heads: Sequence[Tuple[TensorPlan, str]] = ()) -> VerifyResult:
+    """Everything above, for one output folder; never raises for a finding (see `raise_if_failed`).
+    `tied_heads`: (head plan, embedding name) for heads dropped as tied duplicates, checked equal."""
     result = VerifyResult(checkpoint=checkpoint, output=os.path.abspath(output_dir))
     found = scan_output(output_dir, result)
     compare_tensors(conversion, found, reader, stored, output_dir, result, buffer_bytes=buffer_bytes,
                     integrity=integrity, progress=progress)
+    if tied_heads:
+        executor = Executor(reader, stored, buffer_bytes, progress=progress, integrity=integrity)
+        check_tied(tied_heads, conversion, found, executor, output_dir, result)
     return result
 

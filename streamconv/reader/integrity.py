@@ -71,7 +71,7 @@ class ChunkIntegrity:
                     f"{location.relative_path}: tensor {fqn!r}, chunk at offsets {list(chunk.offsets)}: bytes "
                     f"[{begin}, {end}) of the file fail their CRC-32 check (recorded {stored.crc32:08x}, computed "
                     f"{computed:08x}): the checkpoint file is corrupt (disk or copy error) and would convert into "
-                    "wrong weights. Restore it from a good copy (or convert with --no-crc to accept it as is).",
+                    "wrong weights. Restore it from a good copy (--no-crc skips this check).",
                     file=location.relative_path, tensor=fqn, begin=begin, end=end,
                     recorded=stored.crc32, computed=computed)
         with self._lock:

@@ -142,7 +142,8 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
             write_shards(conversion.shards, reader, stored, staging.file, buffer_bytes=options.buffer_bytes,
                          workers=workers, progress=reporter.advance, integrity=integrity)
             if setup.tied:
-                checker = Executor(reader, stored, options.buffer_bytes, progress=reporter.advance)
+                checker = Executor(reader, stored, options.buffer_bytes, progress=reporter.advance,
+                                   integrity=integrity)
                 shard_of = {t.name: s.filename for s in conversion.shards for t in s.tensors}
                 by_name = {t.name: t for t in conversion.tensors}
                 for pair in setup.tied:
@@ -178,6 +179,7 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
         predicted_peak_bytes=conversion.peak_bytes, buffer_bytes=options.buffer_bytes,
         max_shard_bytes=options.max_shard_bytes, skipped=conversion.skipped_counts,
         renamed=len(conversion.renamed), cast=casts, verified_bytes=verified_bytes, files=files + copied, copied_files=copied,
+        crc_checked_bytes=integrity.checked_bytes if integrity is not None else 0,
         dropped_tied=list(setup.dropped_heads), notes=list(setup.notes),
         config_from=setup.config.folder if setup.config else None, layout=setup.layout,
         unmatched_names=list(reference.unmatched), missing_names=list(reference.missing))

@@ -412,3 +412,12 @@ def test_tied_head_is_rechecked_against_the_written_embedding(dcp_checkpoints, t
     assert result["extra"] == [{"name": "lm_head.weight", "file": "model.safetensors"}]
     assert [d["name"] for d in result["differing"]] == ["lm_head.weight"]
     assert "tie_word_embeddings is true" in result["differing"][0]["problem"]
+
+
+def test_convert_crc_reports_what_it_checked(dcp_checkpoints, tmp_path):
+    ckpt = dcp_checkpoints["dtensor_1d"]                    # copies, bands, a replicated tensor, an empty chunk
+    plain = streamconv.convert(str(ckpt), str(tmp_path / "plain"))
+    checked = streamconv.convert(str(ckpt), str(tmp_path / "checked"), crc=True, workers=2)
+    assert plain.crc_checked_bytes == 0
+    # Every source byte read, each chunk once (DCP saves each chunk as its own storage, so records = chunks).
+    assert checked.crc_checked_bytes == sum(t.nbytes for t in streamconv.plan(str(ckpt)).tensors)

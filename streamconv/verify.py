@@ -217,8 +217,8 @@ def _file_tensors(output_dir: str, filename: str, result: VerifyResult) -> Dict[
     return found
 
 
-def _read_index(output_dir: str, result: VerifyResult) -> Optional[Tuple[Dict[str, str], object]]:
-    """(weight_map, total_size) or None when there is no index; problems go to `result`."""
+def _read_index(output_dir: str, result: VerifyResult) -> Optional[Tuple[Optional[Dict[str, str]], object]]:
+    """(weight_map, total_size); None when there is no index, (None, None) when it is unreadable (reported)."""
     path = os.path.join(output_dir, INDEX_FILE_NAME)
     if not os.path.exists(path):
         return None
@@ -232,7 +232,7 @@ def _read_index(output_dir: str, result: VerifyResult) -> Optional[Tuple[Dict[st
             raise ValueError("weight_map is not an object of file names")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         result.index_problems.append(f"{INDEX_FILE_NAME} unreadable: {str(exc)[:300]}")
-        return {}, None
+        return None, None
     total = index.get("metadata", {}).get("total_size") if isinstance(index.get("metadata"), dict) else None
     return weight_map, total
 
@@ -251,7 +251,7 @@ def scan_output(output_dir: str, result: VerifyResult) -> Dict[str, OutputTensor
             result.index_problems.append(f"{len(on_disk)} safetensors files but no {INDEX_FILE_NAME}")
         elif not on_disk:
             result.file_problems.append({"file": output_dir, "problem": "holds no .safetensors file"})
-    else:
+    elif indexed[0] is not None:
         weight_map, _ = indexed
         listed = sorted(set(weight_map.values()))
         for name in listed:

@@ -219,6 +219,14 @@ def test_unindexed_file_and_missing_index(damaged, dcp_checkpoints):
     assert code == EXIT_DIFFERS and any("no model.safetensors.index.json" in p for p in result["index_problems"])
 
 
+def test_unreadable_index_is_one_problem(damaged, dcp_checkpoints):
+    (damaged / INDEX_FILE_NAME).write_text('{"metadata": {"total_size": 1}, "weight_map": ')
+    code, result = verify_json(dcp_checkpoints["tp"], damaged)
+    assert code == EXIT_DIFFERS
+    assert len(result["index_problems"]) == 1 and "unreadable" in result["index_problems"][0]
+    assert result["tensors_equal"] == result["tensors_expected"]        # the tensors themselves are fine
+
+
 def test_wrong_options_are_hinted(sharded_tp, dcp_checkpoints):
     result = run("verify", dcp_checkpoints["tp"], sharded_tp, "--dtype", "bfloat16")
     assert result.exit_code == EXIT_DIFFERS and "dtype F32, expected BF16" in result.output

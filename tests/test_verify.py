@@ -429,3 +429,41 @@ def test_convert_crc_reports_what_it_checked(dcp_checkpoints, tmp_path):
     assert plain.crc_checked_bytes == 0
     # Every source byte read, each chunk once (DCP saves each chunk as its own storage, so records = chunks).
     assert checked.crc_checked_bytes == sum(t.nbytes for t in streamconv.plan(str(ckpt)).tensors)
+
+
+# -- in a real process: bounded memory, exit codes, no traceback ----------------------------------------------
+
+from test_memory import big_checkpoint  # noqa: E402,F401  (256 MiB: Shard(1) column blocks + Shard(0) rows)
+
+
+def verify_in_subprocess(ckpt, out, *args):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "streamconv.cli", "verify", str(ckpt), str(out), "--json", *args],
+                          capture_output=True, text=True)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def test_verify_memory_is_bounded_by_the_buffer_and_exit_codes_hold(big_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    streamconv.convert(str(big_checkpoint), str(out), buffer_size="4MiB", max_shard_size="200MB")
+    buffer_mib = 4
+    code, result = verify_in_subprocess(big_checkpoint, out, "--buffer-size", f"{buffer_mib}MiB")
+    assert code == 0 and result["ok"] and result["bytes_compared"] > 256 * 2**20
+    peak_mib = result["peak_rss_bytes"] / 2**20
+    # Interpreter + numpy + safetensors is ~50 MiB; the buffer comes on top. Far below one 128 MiB tensor.
+    assert peak_mib < 56 + buffer_mib, f"peak RSS {peak_mib:.1f} MiB with a {buffer_mib} MiB buffer"
+
+    file, begin, _, _, shape = tensors_of(out)["down_proj.weight"]
+    flip(out / file, begin + (shape[1] * 4000 + 5000) * 4)
+    code, result = verify_in_subprocess(big_checkpoint, out, "--buffer-size", f"{buffer_mib}MiB")
+    assert code == EXIT_DIFFERS and result["exit_code"] == EXIT_DIFFERS
+    assert [(d["name"], d["element"]) for d in result["differing"]] == [("down_proj.weight", [4000, 5000])]
+
+    file, _, _, _, _ = tensors_of(out)["embed.weight"]
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(big_checkpoint, ckpt)
+    corrupt_chunk(ckpt, "embed.weight")
+    code, result = verify_in_subprocess(ckpt, out)
+    assert code == EXIT_CORRUPT and result["corrupt_chunks"][0]["tensor"] == "model.embed.weight"

@@ -124,6 +124,10 @@ def test_flipped_byte_names_tensor_and_element(sharded_tp, damaged, dcp_checkpoi
     human = run("verify", dcp_checkpoints["tp"], damaged)
     assert human.exit_code == EXIT_DIFFERS and f"differs: {name} in {file}" in human.output
     assert "element [3, 7]" in human.output
+    with pytest.raises(VerificationError) as raised:          # the Python API raises, carrying the result
+        streamconv.verify(str(dcp_checkpoints["tp"]), str(damaged))
+    assert [d["name"] for d in raised.value.result.differing] == [name]
+    assert streamconv.verify(str(dcp_checkpoints["tp"]), str(sharded_tp)).ok
 
 
 def test_truncated_shard_is_named(damaged, dcp_checkpoints):

@@ -173,6 +173,8 @@ CONTENDERS: List[Contender] = [
               space=lambda ck: ck.file_bytes, note="the I/O floor"),
     Contender("streamconv", "convert", streamconv(), space=lambda ck: ck.model_bytes,
               available=streamconv_unavailable),
+    Contender("streamconv --crc", "convert", streamconv("--crc"), space=lambda ck: ck.model_bytes,
+              available=streamconv_unavailable),
     Contender("streamconv --buffer-size 16MiB", "convert", streamconv("--buffer-size", "16MiB"),
               space=lambda ck: ck.model_bytes, available=streamconv_unavailable),
     Contender("streamconv --dtype bfloat16", "convert", streamconv("--dtype", "bfloat16"),

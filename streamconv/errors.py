@@ -25,6 +25,16 @@ class UnsupportedFeatureError(CheckpointError):
     """The checkpoint is well formed but uses a feature streamconv does not convert (e.g. zstd transforms)."""
 
 
+class CorruptChunkError(CheckpointError):
+    """A chunk's bytes in a .distcp file do not match the CRC-32 torch.save recorded for them."""
+
+    def __init__(self, message: str, *, file: str = "", tensor: str = "", begin: int = 0, end: int = 0,
+                 recorded: int = 0, computed: int = 0):
+        super().__init__(message)
+        self.file, self.tensor, self.begin, self.end = file, tensor, begin, end
+        self.recorded, self.computed = recorded, computed
+
+
 class CoverageError(CheckpointError):
     """A tensor's chunks leave gaps, overlap, or run outside its global shape."""
 

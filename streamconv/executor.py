@@ -66,8 +66,10 @@ class Executor:
     """Writes shards. One instance owns the buffers, so they are allocated once for the whole run."""
 
     def __init__(self, reader: RangeReader, stored: Mapping[BlobLocation, StoredTensor], buffer_bytes: int,
-                 progress: Optional[Progress] = None, stop=None):
+                 progress: Optional[Progress] = None, stop=None, integrity=None):
         self.reader = reader
+        # A reader.integrity.ChunkIntegrity: each chunk's CRC-32 is checked just before its bytes are moved.
+        self.integrity = integrity
         self.stop = stop     # a threading.Event set when the run is abandoned, checked between steps
         self.stored = stored
         self.buffer_bytes = buffer_bytes
@@ -134,6 +136,8 @@ class Executor:
             dst = t.begin + first * dst_item
             src = stored.data_offset
             path = chunk.location.relative_path
+            if self.integrity is not None:
+                self.integrity.check(t.source_fqn, chunk)   # reads it into the page cache for the copy below
             if not t.is_cast:
                 self.reader.copy_to(sink, path, src, dst, stored.data_nbytes)
                 self.progress(stored.data_nbytes)
@@ -163,6 +167,9 @@ class Executor:
         d = next(dim for dim in range(ndim) if inner[dim] <= budget)
         rows_per_band = max(1, budget // inner[d])
         out_strides = _row_major_strides(shape)
+        if self.integrity is not None:
+            for chunk in t.chunks:      # every band reads every chunk: check them all first
+                self.integrity.check(t.source_fqn, chunk)
         for prefix in itertools.product(*(range(s) for s in shape[:d])):
             for a in range(0, shape[d], rows_per_band):
                 b = min(shape[d], a + rows_per_band)

@@ -76,6 +76,11 @@ class StoredTensor:
     stride: Tuple[int, ...]
     data_offset: int     # absolute byte offset of the first element in the .distcp file
     data_nbytes: int     # numel * itemsize
+    # The zip record holding the tensor's storage, and the CRC-32 torch.save recorded for it in the central
+    # directory. The CRC covers the whole record, which can be larger than the tensor's view of it.
+    record_offset: int = -1    # absolute byte offset of the record's data in the .distcp file
+    record_nbytes: int = 0
+    crc32: Optional[int] = None  # None: the writer recorded none (torch.save with compute_crc32=False stores 0)
 
     @property
     def is_contiguous(self) -> bool:

@@ -53,8 +53,9 @@ class _OpenShard:
 
 def write_shards(shards: Sequence[ShardPlan], reader: RangeReader, stored: Mapping[BlobLocation, StoredTensor],
                  path_for: Callable[[str], str], *, buffer_bytes: int, workers: int = 1,
-                 progress: Optional[Progress] = None) -> None:
-    """Write every shard to `path_for(filename)`. The total buffer memory stays `buffer_bytes`."""
+                 progress: Optional[Progress] = None, integrity=None) -> None:
+    """Write every shard to `path_for(filename)`. The total buffer memory stays `buffer_bytes`.
+    `integrity` (a `reader.integrity.ChunkIntegrity`) checks each chunk's CRC-32 before its bytes move."""
     lock = threading.Lock()
 
     def advance(n: int) -> None:
@@ -76,7 +77,7 @@ def write_shards(shards: Sequence[ShardPlan], reader: RangeReader, stored: Mappi
     queue_lock = threading.Lock()
 
     def worker() -> None:
-        executor = Executor(reader, stored, per_worker, progress=advance, stop=stop)
+        executor = Executor(reader, stored, per_worker, progress=advance, stop=stop, integrity=integrity)
         while not stop.is_set():
             with queue_lock:
                 if not queue:

@@ -111,6 +111,7 @@ class ConversionReport:
     notes: List[str] = field(default_factory=list)
     files: List[str] = field(default_factory=list)
     verified_bytes: int = 0     # bytes read back and compared with the checkpoint (--verify)
+    crc_checked_bytes: int = 0  # checkpoint bytes whose CRC-32 was checked (--crc, --verify)
     config_from: Optional[str] = None                         # folder the config and tokenizer came from
     layout: Optional[str] = None                              # name mapping applied to match that folder
     unmatched_names: List[str] = field(default_factory=list)  # output names the reference folder lacks

@@ -110,24 +110,44 @@ COMPARE_PIECE_BYTES = 1 << 20   # what a ComparingSink reads back at a time
 class ComparingSink:
     """A ShardSink that writes nothing: it compares every byte it is given with the same offset of `path`.
 
-    Used to verify finished shards (`convert --verify`) and tied weights, by running the executor again.
+    Used to verify finished shards (`verify`, `convert --verify`) and tied weights, by running the executor
+    again. Reads go into three buffers of `piece_bytes` allocated once (the file's bytes, the source's bytes
+    for `copy_from`, the comparison flags): a fresh megabyte per piece would cost a page-faulting allocation.
     """
 
     def __init__(self, path: str, piece_bytes: int = COMPARE_PIECE_BYTES):
+        import numpy as np
         self.path = path
         self.piece_bytes = piece_bytes
         self.fd = os.open(path, os.O_RDONLY)
         self.compared = 0
+        self._theirs = np.empty(piece_bytes, dtype=np.uint8)
+        self._source = np.empty(piece_bytes, dtype=np.uint8)
+        self._flags = np.empty(piece_bytes, dtype=bool)
+
+    @staticmethod
+    def _read(fd: int, into, offset: int) -> int:
+        """Fill `into` from `fd` at `offset`; returns how many bytes there were (fewer at the end of file)."""
+        view = memoryview(into)
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                break
+            done += n
+        return done
 
     def _expect(self, offset: int, data) -> None:
+        n = len(data)
+        got = self._read(self.fd, self._theirs[:n], offset)
+        theirs = self._theirs[:got]
+        flags = self._flags[:got]
         import numpy as np
-        found = os.pread(self.fd, len(data), offset)
-        theirs = np.frombuffer(found, dtype=np.uint8)
-        if len(theirs) != len(data) or not np.array_equal(theirs, data):
-            n = min(len(theirs), len(data))
-            diff = np.flatnonzero(theirs[:n] != data[:n])
-            raise Mismatch(self.path, offset + (int(diff[0]) if len(diff) else n))
-        self.compared += len(data)
+        np.not_equal(theirs, data[:got], out=flags)
+        if got != n or flags.any():
+            diff = np.flatnonzero(flags)
+            raise Mismatch(self.path, offset + (int(diff[0]) if len(diff) else got))
+        self.compared += n
 
     def write_at(self, offset: int, data) -> None:
         import numpy as np
@@ -136,13 +156,11 @@ class ComparingSink:
             self._expect(offset + start, mine[start:start + self.piece_bytes])
 
     def copy_from(self, src_fd: int, src_offset: int, dst_offset: int, length: int) -> None:
-        import numpy as np
         for start in range(0, length, self.piece_bytes):
             n = min(self.piece_bytes, length - start)
-            piece = os.pread(src_fd, n, src_offset + start)
-            if len(piece) != n:
+            if self._read(src_fd, self._source[:n], src_offset + start) != n:
                 raise OutputError(f"source ended early while comparing with {self.path}")
-            self._expect(dst_offset + start, np.frombuffer(piece, dtype=np.uint8))
+            self._expect(dst_offset + start, self._source[:n])
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -13,10 +13,11 @@ relative to the blob start (torch.save wrote the archive into a stream starting 
 from __future__ import annotations
 
 import struct
-from typing import Dict, Iterable, List, NoReturn, Tuple, Type
+import zlib
+from typing import Dict, Iterable, List, NoReturn, Optional, Tuple, Type
 
 from .. import dtypes
-from ..errors import CheckpointError, UnsupportedFeatureError
+from ..errors import CheckpointError, CorruptChunkError, UnsupportedFeatureError
 from ..io import RangeReader
 from ..model import BlobLocation, Chunk, StoredTensor, TensorEntry
 from . import safe_pickle as sp
@@ -26,6 +27,9 @@ TAIL_BYTES = 4096
 WHOLE_BLOB_BYTES = HEAD_BYTES + TAIL_BYTES
 MAX_DATA_PKL_BYTES = 1 << 20   # a one-tensor data.pkl is ~200 bytes; more means this is not a tensor blob
 MAX_CENTRAL_DIRECTORY_BYTES = 1 << 20  # ~7 entries, well under 1 KiB; a corrupt size must not trigger a huge read
+# Records up to this size besides the tensor storage (data.pkl, byteorder, version, serialization_id...) have
+# their CRC-32 checked while locating: they sit in the head/tail windows already read, so it is free.
+SMALL_RECORD_BYTES = 1 << 16
 
 _LOCAL = struct.Struct("<IHHHHHIIIHH")              # local file header, 30 bytes
 _CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")      # central directory header, 46 bytes
@@ -40,11 +44,18 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 class _Entry:
-    __slots__ = ("name", "method", "compressed_size", "size", "header_offset")
+    __slots__ = ("name", "method", "compressed_size", "size", "header_offset", "crc32")
 
-    def __init__(self, name: bytes, method: int, compressed_size: int, size: int, header_offset: int):
+    def __init__(self, name: bytes, method: int, compressed_size: int, size: int, header_offset: int, crc32: int):
         self.name, self.method = name, method
         self.compressed_size, self.size, self.header_offset = compressed_size, size, header_offset
+        self.crc32 = crc32
+
+    @property
+    def recorded_crc32(self) -> Optional[int]:
+        """The CRC-32 from the central directory; None when the writer stored none (0 for non-empty data:
+        torch.save with compute_crc32=False. A real CRC of 0 happens once in 2**32 and is then unchecked)."""
+        return None if self.crc32 == 0 and self.size else self.crc32
 
 
 class _Blob:
@@ -118,7 +129,9 @@ def _locate(reader: RangeReader, location: BlobLocation, fqn: str, file_sizes: D
     if pkl.size > MAX_DATA_PKL_BYTES:
         blob.fail(f"data.pkl is {pkl.size} bytes; a one-tensor torch.save pickle is a few hundred: not a tensor blob")
     record = sp.load_tensor_record(_entry_bytes(blob, pkl, cd_offset), source=f"{blob.where}: data.pkl")
-    return _stored_tensor(blob, entries, cd_offset, prefix, record)
+    stored = _stored_tensor(blob, entries, cd_offset, prefix, record)
+    _check_small_records(blob, entries, cd_offset, prefix)
+    return stored
 
 
 def locate_all(reader: RangeReader, tensors: Iterable[TensorEntry]) -> Dict[BlobLocation, StoredTensor]:
@@ -216,7 +229,7 @@ def _parse_central(blob: _Blob, cd: bytes, count: int) -> Dict[bytes, _Entry]:
     for _ in range(count):
         if pos + _CENTRAL.size > len(cd):
             blob.fail("central directory is shorter than its entry count says (corrupt)")
-        (sig, _, _, _, method, _, _, _, compressed, size, name_len, extra_len, comment_len,
+        (sig, _, _, _, method, _, _, crc32, compressed, size, name_len, extra_len, comment_len,
          _, _, _, header_offset) = _CENTRAL.unpack_from(cd, pos)
         if sig != _CENTRAL_SIG:
             blob.fail(f"bad central directory header signature at entry {len(entries)} (corrupt)")
@@ -225,7 +238,7 @@ def _parse_central(blob: _Blob, cd: bytes, count: int) -> Dict[bytes, _Entry]:
         if _U32_MAX in (compressed, size, header_offset):
             size, compressed, header_offset = _zip64_values(
                 blob, cd[name_at + name_len:name_at + name_len + extra_len], size, compressed, header_offset)
-        entries[name] = _Entry(name, method, compressed, size, header_offset)
+        entries[name] = _Entry(name, method, compressed, size, header_offset, crc32)
         pos = name_at + name_len + extra_len + comment_len
     return entries
 
@@ -294,6 +307,27 @@ def _entry_bytes(blob: _Blob, entry: _Entry, cd_offset: int) -> bytes:
     return blob.get(_data_start(blob, entry, cd_offset), entry.size)
 
 
+def _check_small_records(blob: _Blob, entries: Dict[bytes, _Entry], cd_offset: int, prefix: bytes) -> None:
+    """CRC-32 of the archive's small records (data.pkl says where the tensor's bytes are: a flipped bit there
+    could move them). The tensor storage itself is checked by `reader.integrity`, when asked."""
+    for entry in entries.values():
+        recorded = entry.recorded_crc32
+        if (recorded is None or entry.method != 0 or entry.size > SMALL_RECORD_BYTES
+                or entry.name.startswith(prefix + b"data/")):
+            continue
+        start = _data_start(blob, entry, cd_offset)
+        computed = zlib.crc32(blob.get(start, entry.size))
+        if computed != recorded:
+            begin = blob.location.offset + start
+            name = entry.name.decode("utf-8", "replace")
+            raise CorruptChunkError(
+                f"{blob.where}: archive record {name}, bytes [{begin}, {begin + entry.size}) of the file, fails its "
+                f"CRC-32 check (recorded {recorded:08x}, computed {computed:08x}): the .distcp file is corrupt "
+                "(disk or copy error); restore it from a good copy",
+                file=blob.location.relative_path, tensor=blob.fqn, begin=begin, end=begin + entry.size,
+                recorded=recorded, computed=computed)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # tensor record -> StoredTensor
 
@@ -331,6 +365,9 @@ def _stored_tensor(blob: _Blob, entries: Dict[bytes, _Entry], cd_offset: int, pr
         stride=record.stride,
         data_offset=blob.location.offset + data_start + record.storage_offset * dtype.itemsize,
         data_nbytes=numel * dtype.itemsize,
+        record_offset=blob.location.offset + data_start,
+        record_nbytes=entry.size,
+        crc32=entry.recorded_crc32,
     )
 
 

@@ -1,0 +1,385 @@
+"""Check a converted folder against its checkpoint: `streamconv verify` and `convert --verify`.
+
+Tensors are found by NAME in the output (its index and safetensors headers), so an output sharded in any way,
+by any tool, can be checked; what each tensor must hold is decided by the same plan `convert` makes (names,
+casts). Each one is compared by running the executor again with a `ComparingSink` aimed at the tensor's bytes
+in the output: the source is read, cast and assembled exactly as when converting, and compared piece by piece
+with the file. Memory is the executor's buffer plus one compare piece, whatever the sizes.
+
+Checks, each reported with the file and tensor it concerns:
+* the folder: safetensors files present; with several, an index that lists every file and nothing else;
+* the index: a JSON object whose `weight_map` names each weight once, only files that exist, each weight in
+  the file whose header holds it, every tensor of every file, and `metadata.total_size` = their bytes;
+* each file: its header loads with the `safetensors` library (header and offsets only, nothing is read in
+  bulk) and with our own parser (duplicate names refused), and the file is exactly as long as it says;
+* each tensor: present (missing), planned (extra), dtype, shape, and bytes (the first differing element);
+* the source: each chunk's CRC-32 (`reader.integrity`), when asked.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from . import dtypes
+from .errors import CorruptChunkError, VerificationError
+from .executor import Executor
+from .io import RangeReader
+from .model import BlobLocation, StoredTensor
+from .plan import INDEX_FILE_NAME, ConversionPlan, TensorPlan
+from .sink import ComparingSink, Mismatch
+
+MAX_HEADER_BYTES = 100_000_000     # the safetensors library's own limit
+MAX_INDEX_BYTES = 64 * 2**20       # an index for a 400B model is a few hundred KB
+LIST_LIMIT = 10                    # problems of each kind spelled out in a message before "... and N more"
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One tensor as a safetensors header describes it; begin/end are absolute offsets in the file."""
+
+    name: str
+    file: str
+    dtype: str          # safetensors code, e.g. "BF16"
+    shape: Tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass
+class VerifyResult:
+    checkpoint: str
+    output: str
+    tensors_expected: int = 0
+    tensors_equal: int = 0
+    bytes_compared: int = 0                 # header bytes parsed + tensor bytes compared with the checkpoint
+    files: List[str] = field(default_factory=list)
+    missing: List[str] = field(default_factory=list)          # planned, not in the output
+    extra: List[dict] = field(default_factory=list)           # {name, file}: in the output, not planned
+    differing: List[dict] = field(default_factory=list)       # {name, file, problem, element?, byte_offset?}
+    file_problems: List[dict] = field(default_factory=list)   # {file, problem}
+    index_problems: List[str] = field(default_factory=list)
+    corrupt_chunks: List[dict] = field(default_factory=list)  # {file, tensor, begin, end, recorded, computed}
+    crc_checked_chunks: int = 0
+    crc_checked_bytes: int = 0
+    crc_unrecorded_chunks: int = 0
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.extra or self.differing or self.file_problems or self.index_problems
+                    or self.corrupt_chunks)
+
+    def problems(self) -> List[str]:
+        """Every problem as one line, sources first."""
+        lines = [f"{c['file']}: tensor {c['tensor']!r}: bytes [{c['begin']}, {c['end']}) fail their CRC-32 check "
+                 f"(recorded {c['recorded']:08x}, computed {c['computed']:08x})" for c in self.corrupt_chunks]
+        lines += [f"{p['file']}: {p['problem']}" for p in self.file_problems]
+        lines += [f"index: {p}" for p in self.index_problems]
+        lines += [f"missing: {name}" for name in self.missing]
+        lines += [f"extra: {e['name']} in {e['file']} (not in the conversion plan)" for e in self.extra]
+        lines += [f"differs: {d['name']} in {d['file']}: {d['problem']}" for d in self.differing]
+        return lines
+
+    def summary(self) -> str:
+        counts = [(len(self.corrupt_chunks), "corrupt source chunk(s)"), (len(self.file_problems), "file problem(s)"),
+                  (len(self.index_problems), "index problem(s)"), (len(self.missing), "missing tensor(s)"),
+                  (len(self.extra), "extra tensor(s)"), (len(self.differing), "differing tensor(s)")]
+        found = ", ".join(f"{n} {what}" for n, what in counts if n)
+        lines = self.problems()
+        shown = "; ".join(lines[:LIST_LIMIT]) + (f"; ... and {len(lines) - LIST_LIMIT} more" if len(lines) > LIST_LIMIT
+                                                 else "")
+        return f"{found}: {shown}"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["ok"] = self.ok
+        d["seconds"] = round(self.seconds, 3)
+        return d
+
+
+class OutputDiffersError(VerificationError):
+    """The output folder is not what the checkpoint converts to (exit 3). `result` says where."""
+
+    def __init__(self, message: str, result: VerifyResult):
+        super().__init__(message)
+        self.result = result
+
+
+class CorruptSourceError(CorruptChunkError):
+    """Checkpoint chunks fail their CRC-32 (exit 2, as any bad checkpoint). `result` has the rest."""
+
+    def __init__(self, message: str, result: VerifyResult):
+        c = result.corrupt_chunks[0]
+        super().__init__(message, file=c["file"], tensor=c["tensor"], begin=c["begin"], end=c["end"],
+                         recorded=c["recorded"], computed=c["computed"])
+        self.result = result
+
+
+def raise_if_failed(result: VerifyResult, *, staged: bool = False) -> None:
+    if result.ok:
+        return
+    where = "the output written" if staged else result.output
+    tail = " Nothing was committed." if staged else ""
+    if result.corrupt_chunks:
+        raise CorruptSourceError(
+            f"{result.checkpoint}: the checkpoint is corrupt: {result.summary()}. Restore the named .distcp "
+            f"file(s) from a good copy.{tail}", result)
+    hint = _dtype_hint(result)
+    raise OutputDiffersError(f"{where} does not match {result.checkpoint}: {result.summary()}{hint}.{tail}", result)
+
+
+def _dtype_hint(result: VerifyResult) -> str:
+    if any(d["problem"].startswith("dtype") for d in result.differing):
+        return " (pass verify the same --dtype, --rename, --include/--exclude and --config-from as convert)"
+    if result.missing and result.extra:
+        return " (pass verify the same naming options as convert: --rename, --config-from, --subtree)"
+    return ""
+
+
+# -- reading the output side ---------------------------------------------------------------------------------
+
+
+def _no_duplicates(pairs):
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"name {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def read_header(path: str) -> Tuple[int, Dict[str, dict]]:
+    """(data section start, {name: entry}) of a safetensors file; ValueError/OSError with the reason."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError("shorter than 8 bytes: not a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES:
+            raise ValueError(f"header claims {n} bytes (the safetensors limit is {MAX_HEADER_BYTES})")
+        text = f.read(n)
+    if len(text) != n:
+        raise ValueError(f"header claims {n} bytes but the file ends after {len(text)}")
+    header = json.loads(text, object_pairs_hook=_no_duplicates)
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+def _library_check(path: str) -> Optional[str]:
+    """None if the safetensors library opens the file and lists its tensors (it mmaps: nothing is read in bulk)."""
+    try:
+        from safetensors import safe_open
+        with safe_open(path, framework="np") as f:
+            list(f.keys())
+    except Exception as exc:   # the binding raises SafetensorError and others: any failure is the finding
+        return f"the safetensors library cannot open it: {str(exc)[:300]}"
+    return None
+
+
+def _file_tensors(output_dir: str, filename: str, result: VerifyResult) -> Dict[str, OutputTensor]:
+    path = os.path.join(output_dir, filename)
+    problem = _library_check(path)
+    if problem:
+        result.file_problems.append({"file": filename, "problem": problem})
+    try:
+        start, header = read_header(path)
+        size = os.path.getsize(path)
+    except (OSError, ValueError) as exc:
+        result.file_problems.append({"file": filename, "problem": f"header unreadable: {str(exc)[:300]}"})
+        return {}
+    result.bytes_compared += start
+    found: Dict[str, OutputTensor] = {}
+    data_end = 0
+    for name, entry in header.items():
+        try:
+            begin, end = (int(v) for v in entry["data_offsets"])
+            if not 0 <= begin <= end:
+                raise ValueError("bad data_offsets")
+            tensor = OutputTensor(name, filename, str(entry["dtype"]), tuple(int(s) for s in entry["shape"]),
+                                  start + begin, start + end)
+        except (KeyError, TypeError, ValueError):
+            result.file_problems.append({"file": filename, "problem": f"header entry {name!r} is malformed"})
+            continue
+        found[name] = tensor
+        data_end = max(data_end, tensor.end)
+    described = max(data_end, start)
+    if size != described:
+        state = "truncated" if size < described else "longer than its header says"
+        result.file_problems.append({"file": filename, "problem": f"{state}: {size} bytes, its header describes "
+                                                                  f"{described}"})
+    return found
+
+
+def _read_index(output_dir: str, result: VerifyResult) -> Optional[Tuple[Optional[Dict[str, str]], object]]:
+    """(weight_map, total_size); None when there is no index, (None, None) when it is unreadable (reported)."""
+    path = os.path.join(output_dir, INDEX_FILE_NAME)
+    if not os.path.exists(path):
+        return None
+    try:
+        if os.path.getsize(path) > MAX_INDEX_BYTES:
+            raise ValueError(f"larger than {MAX_INDEX_BYTES} bytes")
+        with open(path, "rb") as f:
+            index = json.loads(f.read(), object_pairs_hook=_no_duplicates)
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError("weight_map is not an object of file names")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        result.index_problems.append(f"{INDEX_FILE_NAME} unreadable: {str(exc)[:300]}")
+        return None, None
+    total = index.get("metadata", {}).get("total_size") if isinstance(index.get("metadata"), dict) else None
+    return weight_map, total
+
+
+def scan_output(output_dir: str, result: VerifyResult) -> Dict[str, OutputTensor]:
+    """Every tensor of the output folder by name, after the folder, index and header checks."""
+    if not os.path.isdir(output_dir):
+        result.file_problems.append({"file": output_dir, "problem": "output folder does not exist"})
+        return {}
+    on_disk = sorted(f for f in os.listdir(output_dir)
+                     if f.endswith(".safetensors") and os.path.isfile(os.path.join(output_dir, f)))
+    indexed = _read_index(output_dir, result)
+    files = list(on_disk)
+    if indexed is None:
+        if len(on_disk) > 1:
+            result.index_problems.append(f"{len(on_disk)} safetensors files but no {INDEX_FILE_NAME}")
+        elif not on_disk:
+            result.file_problems.append({"file": output_dir, "problem": "holds no .safetensors file"})
+    elif indexed[0] is not None:
+        weight_map, _ = indexed
+        listed = sorted(set(weight_map.values()))
+        for name in listed:
+            if name not in on_disk:
+                result.file_problems.append({"file": name, "problem": "named in the index but missing"})
+        for name in on_disk:
+            if name not in listed:
+                result.file_problems.append({"file": name, "problem": "not listed in the index"})
+    result.files = files
+    found: Dict[str, OutputTensor] = {}
+    for filename in files:
+        for name, tensor in _file_tensors(output_dir, filename, result).items():
+            if name in found:
+                result.index_problems.append(f"{name} is in both {found[name].file} and {filename}")
+                continue
+            found[name] = tensor
+    if indexed is not None and indexed[0] is not None:
+        weight_map, total = indexed
+        for name, tensor in found.items():
+            if name not in weight_map:
+                result.index_problems.append(f"{name} is in {tensor.file} but not in the index")
+            elif weight_map[name] != tensor.file:
+                result.index_problems.append(f"{name} is in {tensor.file} but the index says {weight_map[name]}")
+        for name, filename in weight_map.items():
+            if name not in found and filename in on_disk:
+                result.index_problems.append(f"the index puts {name} in {filename}, whose header does not hold it")
+        nbytes = sum(t.end - t.begin for t in found.values())
+        if weight_map and total != nbytes:
+            result.index_problems.append(f"metadata.total_size is {total!r}; the tensors hold {nbytes} bytes")
+    return found
+
+
+# -- comparing ---------------------------------------------------------------------------------------------
+
+
+def _differs(t: TensorPlan, o: OutputTensor, problem: str, **extra) -> dict:
+    return dict({"name": t.name, "file": o.file, "problem": problem}, **extra)
+
+
+def _first_difference(t: TensorPlan, o: OutputTensor, byte_offset: int) -> dict:
+    import numpy as np
+    item = dtypes.BY_NAME[t.dst_dtype].itemsize
+    element = (byte_offset - o.begin) // item
+    where = [int(i) for i in np.unravel_index(element, t.shape)] if t.shape else []
+    return _differs(t, o, f"bytes differ from the checkpoint, first at element {where} (flat {element}, "
+                          f"file byte {byte_offset})", element=where, flat_element=element, byte_offset=byte_offset)
+
+
+def compare_tensors(conversion: ConversionPlan, found: Dict[str, OutputTensor], reader: RangeReader,
+                    stored: Dict[BlobLocation, StoredTensor], output_dir: str, result: VerifyResult, *,
+                    buffer_bytes: int, integrity=None, progress=None) -> None:
+    """Every planned tensor against the output's bytes; problems go to `result`."""
+    executor = Executor(reader, stored, buffer_bytes, progress=progress, integrity=integrity)
+    planned = {t.name: t for t in conversion.tensors}
+    result.tensors_expected = len(planned)
+    result.missing = [name for name in planned if name not in found]
+    result.extra = [{"name": o.name, "file": o.file} for o in found.values() if o.name not in planned]
+    sinks: Dict[str, ComparingSink] = {}
+    corrupt: set = set()
+    todo = sorted((found[n] for n in planned if n in found), key=lambda o: (o.file, o.begin))
+    try:
+        for o in todo:
+            t = planned[o.name]
+            want = dtypes.BY_NAME[t.dst_dtype].safetensors
+            if o.dtype != want:
+                result.differing.append(_differs(t, o, f"dtype {o.dtype}, expected {want}"))
+            elif o.shape != tuple(t.shape):
+                result.differing.append(_differs(t, o, f"shape {list(o.shape)}, expected {list(t.shape)}"))
+            elif o.end - o.begin != t.nbytes:
+                result.differing.append(_differs(t, o, f"{o.end - o.begin} bytes, expected {t.nbytes}"))
+            else:
+                if o.file not in sinks:
+                    sinks[o.file] = ComparingSink(os.path.join(output_dir, o.file))
+                sink = sinks[o.file]
+                before = sink.compared
+                try:
+                    executor.write_tensor(dataclasses.replace(t, begin=o.begin), sink)
+                except Mismatch as exc:
+                    result.differing.append(_first_difference(t, o, exc.offset))
+                    continue
+                except CorruptChunkError as exc:
+                    if (exc.file, exc.begin) not in corrupt:
+                        corrupt.add((exc.file, exc.begin))
+                        result.corrupt_chunks.append({"file": exc.file, "tensor": exc.tensor, "begin": exc.begin,
+                                                      "end": exc.end, "recorded": exc.recorded,
+                                                      "computed": exc.computed})
+                    continue
+                finally:
+                    result.bytes_compared += sink.compared - before
+                result.tensors_equal += 1
+    finally:
+        for sink in sinks.values():
+            sink.close()
+    if integrity is not None:
+        result.crc_checked_chunks = integrity.checked_chunks
+        result.crc_checked_bytes = integrity.checked_bytes
+        result.crc_unrecorded_chunks = len(integrity.unrecorded)
+
+
+def check_tied(heads: Sequence[Tuple[TensorPlan, str]], conversion: ConversionPlan,
+               found: Dict[str, OutputTensor], executor: Executor, output_dir: str, result: VerifyResult) -> None:
+    """Each dropped tied head (its source plan, its embedding's output name) must equal the embedding as
+    written, as `convert` checked before dropping it."""
+    from .hf.tied import verify_tied
+    planned = {t.name: t for t in conversion.tensors}
+    bad = {d["name"] for d in result.differing}
+    for head, embedding in heads:
+        o = found.get(embedding)
+        if o is None or embedding in bad or embedding not in planned:
+            continue        # already reported
+        try:
+            result.bytes_compared += verify_tied(executor, head, dataclasses.replace(planned[embedding], begin=o.begin),
+                                                 os.path.join(output_dir, o.file))
+        except VerificationError as exc:
+            result.differing.append({"name": head.name, "file": o.file, "problem": str(exc)})
+
+
+def verify_output(conversion: ConversionPlan, reader: RangeReader, stored: Dict[BlobLocation, StoredTensor],
+                  output_dir: str, *, buffer_bytes: int, checkpoint: str = "", integrity=None,
+                  progress=None, tied_heads: Sequence[Tuple[TensorPlan, str]] = ()) -> VerifyResult:
+    """Everything above, for one output folder; never raises for a finding (see `raise_if_failed`).
+    `tied_heads`: (head plan, embedding name) for heads dropped as tied duplicates, checked equal."""
+    result = VerifyResult(checkpoint=checkpoint, output=os.path.abspath(output_dir))
+    found = scan_output(output_dir, result)
+    compare_tensors(conversion, found, reader, stored, output_dir, result, buffer_bytes=buffer_bytes,
+                    integrity=integrity, progress=progress)
+    if tied_heads:
+        executor = Executor(reader, stored, buffer_bytes, progress=progress, integrity=integrity)
+        check_tied(tied_heads, conversion, found, executor, output_dir, result)
+    return result
+

@@ -21,7 +21,7 @@ from .report import ConversionReport, Reporter, peak_rss_bytes
 from .parallel import write_shards
 from .reader.integrity import ChunkIntegrity
 from .sink import StagingDir
-from . import verify as verifying
+from . import verification as verifying
 from .sizes import format_size, parse_size
 
 
@@ -250,16 +250,20 @@ def inspect(checkpoint_dir: str) -> dict:
 
 def verify(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions] = None, *,
            config_from: Optional[str] = None, reporter: Optional[Reporter] = None, crc: bool = True,
-           **kwargs) -> verifying.VerifyResult:
+           allow_unmatched: bool = False, no_config: bool = False, **kwargs) -> verifying.VerifyResult:
     """Check an existing output folder against its checkpoint, streaming both: every tensor `convert` would
     write (same naming and cast options) must be there once, with the same bytes; the index and headers must
     be sound. `crc` also checks each chunk's CRC-32. Raises `verify.OutputDiffersError` (exit 3) or
     `verify.CorruptSourceError` (exit 2), both carrying the `VerifyResult`; returns it when all is well."""
     reporter = reporter or Reporter()
     started = time.perf_counter()
+    checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_dir)
+    if found_note:
+        reporter.note(found_note)
     reader, meta = load(checkpoint_dir)
     with reader:
-        setup = hf.prepare(meta, options or make_options(**kwargs), checkpoint_dir, config_from=config_from)
+        setup = hf.prepare(meta, options or make_options(**kwargs), checkpoint_dir, config_from=config_from,
+                           allow_unmatched=allow_unmatched, no_config=no_config)
         for note in setup.notes:
             reporter.note(note)
         conversion = _checked_plan(meta, setup.options, checkpoint_dir)

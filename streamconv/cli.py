@@ -231,7 +231,7 @@ def plan(checkpoint_dir, max_shard_size, buffer_size, dtype, config_from, includ
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only problems.")
 @_fail_cleanly
 def verify(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, config_from, include, exclude, renames,
-           subtree, as_json, crc, quiet):
+           subtree, as_json, crc, quiet, no_config=False, allow_unmatched=False):
     """Check OUTPUT_DIR (a converted folder) against CHECKPOINT_DIR without converting again.
 
     Pass the naming and dtype options the conversion used (--dtype, --rename, --include/--exclude, --subtree,
@@ -242,12 +242,13 @@ def verify(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, confi
     differing element). Exit 0 when all match, 3 when the output differs, 2 when a checkpoint chunk fails
     its CRC-32.
     """
-    from .verify import CorruptSourceError, OutputDiffersError
+    from .verification import CorruptSourceError, OutputDiffersError
     options = _options(max_shard_size, buffer_size, dtype, include, exclude, renames, subtree)
     interactive = sys.stderr.isatty() and not as_json and not quiet
     reporter: Reporter = TqdmReporter() if interactive else CollectingReporter()
     try:
-        result = api.verify(checkpoint_dir, output_dir, options, config_from=config_from, reporter=reporter, crc=crc)
+        result = api.verify(checkpoint_dir, output_dir, options, config_from=config_from, reporter=reporter, crc=crc,
+                            allow_unmatched=allow_unmatched, no_config=no_config)
     except (OutputDiffersError, CorruptSourceError) as exc:
         reporter.close()
         # One JSON object for scripts: the whole finding plus the error, as for any other failure.

@@ -14,7 +14,7 @@ from streamconv import api
 from streamconv.cli import cli
 from streamconv.errors import CheckpointError, VerificationError
 from streamconv.plan import INDEX_FILE_NAME
-from streamconv.verify import read_header
+from streamconv.verification import read_header
 
 EXIT_DIFFERS = VerificationError.exit_code      # 3
 EXIT_CORRUPT = CheckpointError.exit_code        # 2
@@ -243,7 +243,7 @@ def test_missing_output_folder(dcp_checkpoints, tmp_path):
 
 
 def test_convert_verify_runs_the_same_checks(dcp_checkpoints, tmp_path, monkeypatch):
-    from streamconv import verify as verifying
+    from streamconv import verification as verifying
     calls = []
     original = verifying.verify_output
 

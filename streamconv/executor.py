@@ -5,9 +5,12 @@ Two ways a tensor's bytes move, chosen per tensor by the plan's geometry:
 * copy   — every chunk is one contiguous run of the output (FSDP's dim-0 shards). Bytes go straight
            from the .distcp file to the shard (copy_file_range, in-kernel), or through the buffer in
            pieces when a dtype cast is needed.
-* blocks — chunks are N-D boxes (tensor-parallel Shard(1), 2-D meshes). The output is built band by
-           band: a band is a contiguous run of the output no larger than the buffer; each chunk's part of
-           the band is one contiguous range of its file, scatter-read (preadv) straight into place.
+* blocks — chunks are N-D boxes (tensor-parallel Shard(1), 2-D meshes, MoE experts split on any dim). The
+           output is built band by band: a band is a contiguous run of the output no larger than the buffer;
+           each chunk's part of the band is one contiguous range of its file. When that part's runs in the
+           band are long it is scatter-read (preadv, IOV_MAX runs at a time) straight into place; when they
+           are short (8 bytes for a [4096, 256, 4] tensor split on dim 2) it is read whole into a staging
+           half of the buffer and scattered by one strided numpy copy, so no per-run list ever grows.
 
 Memory is the one working buffer whatever the tensor or model size. numpy (and the cast module) are
 imported only when a tensor needs assembly or a cast: the plain copy path starts faster without them.
@@ -88,11 +91,25 @@ class Executor:
             self._buffer = np.empty(need, dtype=np.uint8)
         return self._buffer[:nbytes]
 
-    def _cast(self, block: np.ndarray, t: TensorPlan) -> np.ndarray:
-        """Cast in place. 0-d tensors take torch's scalar loop, whose NaN bits differ from its vector loop."""
-        from .cast import cast_into, output_nbytes
-        out = self._buffer[:output_nbytes(len(block), t.src_dtype, t.dst_dtype)]
-        return cast_into(block, t.src_dtype, t.dst_dtype, out=out, path="scalar" if not t.shape else "vector")
+    def _cast(self, block: np.ndarray, t: TensorPlan, first_element: int) -> np.ndarray:
+        """Cast in place the block holding elements first_element.. of the tensor. The elements torch's own
+        cast leaves to its scalar loop (a 0-d tensor, the tail that does not fill a vector), whose NaN bits
+        differ from its vector loop's, are set aside first and cast the scalar way, as torch does with one
+        intra-op thread (see cast.torch_scalar_ranges)."""
+        from .cast import cast_into, output_nbytes, torch_scalar_ranges
+        src_item = dtypes.BY_NAME[t.src_dtype].itemsize
+        dst_item = dtypes.BY_NAME[t.dst_dtype].itemsize
+        last_element = first_element + len(block) // src_item
+        tails = []
+        for a, b in torch_scalar_ranges(t.shape, t.src_dtype, t.dst_dtype, num_threads=1):
+            a, b = max(a, first_element) - first_element, min(b, last_element) - first_element
+            if a < b:   # at most 15 elements: the copy is tiny
+                tails.append((a, b, block[a * src_item:b * src_item].copy()))
+        out = cast_into(block, t.src_dtype, t.dst_dtype, out=self._buffer[:output_nbytes(len(block), t.src_dtype,
+                                                                                          t.dst_dtype)])
+        for a, b, src in tails:
+            cast_into(src, t.src_dtype, t.dst_dtype, out=out[a * dst_item:b * dst_item], path="scalar")
+        return out
 
     def _band_budget(self, t: TensorPlan) -> int:
         """Source bytes per step: whole elements, at least one, and small enough that the step's cast output
@@ -145,7 +162,7 @@ class Executor:
                 step = min(remaining, budget)
                 block = self._scratch(step, t)
                 self.reader.read_into(path, src, [memoryview(block)])
-                out = self._cast(block, t)
+                out = self._cast(block, t, (dst - t.begin) // dst_item)
                 sink.write_at(dst, out)
                 self.progress(len(out))
                 src += step
@@ -177,7 +194,7 @@ class Executor:
                     if part is not None:
                         self._fill_band(t, chunk, part, band, staging)
                 first = sum(p * s for p, s in zip(prefix, out_strides)) + a * out_strides[d]
-                out = self._cast(band, t) if t.is_cast else band
+                out = self._cast(band, t, first) if t.is_cast else band
                 sink.write_at(t.begin + first * dst_item, out)
                 self.progress(len(out))
 

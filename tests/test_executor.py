@@ -227,3 +227,71 @@ def test_long_runs_are_read_in_place_in_iov_max_batches():
         plan, out = run(meta, counting, stored, buffer_bytes=8 << 20)
     assert read_safetensors(out["model.safetensors"])["w"] == arr.tobytes()
     assert counting.most_buffers == executor_module.IOV_MAX and counting.calls == 2 * 3   # 3000 runs: 3 batches
+
+
+# --- casts through the executor are torch's `tensor.to`, NaN bits included -------------------------------------
+
+def _nan_heavy(shape, dtype, seed):
+    """Random bit patterns, half of them NaNs with random sign and payload: every element tells the loops apart."""
+    uint = {"float64": np.uint64, "float32": np.uint32, "float16": np.uint16}[dtype]
+    rng = np.random.default_rng(seed)
+    bits = rng.integers(0, np.iinfo(uint).max, size=shape, dtype=uint, endpoint=True)
+    exp_mask = {"float64": 0x7FF0000000000000, "float32": 0x7F800000, "float16": 0x7C00}[dtype]
+    nan = rng.random(shape) < 0.5
+    bits[nan] |= uint(exp_mask) | uint(1)
+    return bits.view(dtype)
+
+
+@pytest.mark.parametrize("src,dst", [("float64", "bfloat16"), ("float16", "float32"), ("float32", "bfloat16"),
+                                     ("float64", "float16"), ("float32", "float16")])
+@pytest.mark.parametrize("shape,cuts", [((100,), [[40]]), ((31,), [[]]), ((3, 37), [[1], [20]]), ((), []),
+                                        ((5, 7, 9), [[2], [], [4]]), ((2, 16), [[], [8]])])
+@pytest.mark.parametrize("buffer_bytes", [8, 96, 4096])
+def test_cast_matches_torch_single_threaded_nan_bits_included(src, dst, shape, cuts, buffer_bytes):
+    """The tail of a tensor that does not fill a vector takes torch's scalar loop (float64 -> bfloat16 elements
+    96-99 of 100: 0x7FC0, not the vector loop's 0xFFFF); so does a 0-d tensor. Bands and cast blocks cut
+    through that tail anywhere."""
+    torch = pytest.importorskip("torch")
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("NaN bits of torch's x86 kernels")
+    arr = _nan_heavy(shape, src, seed=len(shape) * 7 + buffer_bytes)
+    meta, reader, stored = make_checkpoint({"w": arr}, {"w": cuts})
+    plan, out = run(meta, reader, stored, buffer_bytes, dtype=dst)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        want = torch.from_numpy(arr.copy()).to(getattr(torch, dst))
+    finally:
+        torch.set_num_threads(before)
+    got = read_safetensors(out["model.safetensors"])["w"]
+    want_bytes = want.reshape(-1).view(torch.uint8).numpy().tobytes()
+    width = np.dtype(np.uint16 if dst != "float32" else np.uint32)
+    g, w = np.frombuffer(got, width), np.frombuffer(want_bytes, width)
+    bad = np.flatnonzero(g != w)
+    assert bad.size == 0, f"{bad.size} of {g.size} differ, first at {bad[0]}: got {g[bad[0]]:#x} torch {w[bad[0]]:#x}"
+
+
+def test_cast_with_multithreaded_torch_differs_only_in_nan_payloads():
+    """What README promises beyond one thread: torch splits a tensor above 32768 elements over its threads, and
+    each thread's block has its own scalar tail. Values, infinities and NaN-ness stay identical."""
+    torch = pytest.importorskip("torch")
+    arr = _nan_heavy((5, 20011), "float64", seed=1)
+    arr.reshape(-1)[::3] = np.linspace(-1e5, 1e5, arr.size)[::3]     # plenty of ordinary values too
+    meta, reader, stored = make_checkpoint({"w": arr}, {"w": [[2], []]})
+    plan, out = run(meta, reader, stored, 1 << 16, dtype="bfloat16")
+    got = torch.frombuffer(bytearray(read_safetensors(out["model.safetensors"])["w"]), dtype=torch.bfloat16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        want = torch.from_numpy(arr.copy()).to(torch.bfloat16).reshape(-1)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got[~got.isnan()].view(torch.int16), want[~want.isnan()].view(torch.int16))
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        # the NaNs that do differ are those in the tails of torch's inner thread blocks, and only those
+        from streamconv.cast import torch_scalar_ranges
+        inner_tails = set(torch_scalar_ranges(arr.shape, "float64", "bfloat16", num_threads=3)) - \
+            set(torch_scalar_ranges(arr.shape, "float64", "bfloat16", num_threads=1))
+        differ = (got.view(torch.int16) != want.view(torch.int16)).nonzero().reshape(-1).tolist()
+        assert differ and all(any(a <= i < b for a, b in inner_tails) for i in differ), (differ, inner_tails)

@@ -18,7 +18,7 @@ imported only when a tensor needs assembly or a cast: the plain copy path starts
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, Callable, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, List, Mapping, Optional, Sequence, Tuple
 
 from . import dtypes
 from .errors import CheckpointError
@@ -182,21 +182,39 @@ class Executor:
         shape, d = t.shape, geometry.dim
         dst_item = dtypes.BY_NAME[t.dst_dtype].itemsize
         out_strides = _row_major_strides(shape)
-        for prefix in itertools.product(*(range(s) for s in shape[:d])):
-            for a in range(0, shape[d], geometry.rows_per_band):
-                b = min(shape[d], a + geometry.rows_per_band)
-                self._check_stop()
-                band_bytes = (b - a) * geometry.row_bytes
-                band = self._scratch(band_bytes, t, staging_bytes)
-                staging = self._buffer[band_bytes:band_bytes + staging_bytes]
-                for chunk in t.chunks:
-                    part = _BandPart.of(t, chunk, prefix, d, a, b)
-                    if part is not None:
-                        self._fill_band(t, chunk, part, band, staging)
-                first = sum(p * s for p, s in zip(prefix, out_strides)) + a * out_strides[d]
-                out = self._cast(band, t, first) if t.is_cast else band
-                sink.write_at(t.begin + first * dst_item, out)
-                self.progress(len(out))
+        bands = ((prefix, a, min(shape[d], a + geometry.rows_per_band))
+                 for prefix in itertools.product(*(range(s) for s in shape[:d]))
+                 for a in range(0, shape[d], geometry.rows_per_band))
+        following = next(bands, None)
+        parts = self._band_parts(t, *following, d) if following else []
+        while following is not None:
+            prefix, a, b = following
+            self._check_stop()
+            # Ask for the next band's bytes now, so the disk reads them while this band is filled and written.
+            following = next(bands, None)
+            ahead = self._band_parts(t, *following, d) if following else []
+            self._prefetch(ahead)
+            band_bytes = (b - a) * geometry.row_bytes
+            band = self._scratch(band_bytes, t, staging_bytes)
+            staging = self._buffer[band_bytes:band_bytes + staging_bytes]
+            for chunk, part in parts:
+                self._fill_band(t, chunk, part, band, staging)
+            parts = ahead
+            first = sum(p * s for p, s in zip(prefix, out_strides)) + a * out_strides[d]
+            out = self._cast(band, t, first) if t.is_cast else band
+            sink.write_at(t.begin + first * dst_item, out)
+            self.progress(len(out))
+
+    def _band_parts(self, t: TensorPlan, prefix, a: int, b: int, d: int) -> List[Tuple[Chunk, "_BandPart"]]:
+        parts = ((chunk, _BandPart.of(t, chunk, prefix, d, a, b)) for chunk in t.chunks)
+        return [(chunk, part) for chunk, part in parts if part is not None]
+
+    def _prefetch(self, parts: Sequence[Tuple[Chunk, "_BandPart"]]) -> None:
+        prefetch = getattr(self.reader, "prefetch", None)
+        if prefetch is not None:
+            for chunk, part in parts:
+                prefetch(chunk.location.relative_path, self.stored[chunk.location].data_offset + part.src_offset,
+                         part.nbytes)
 
     def _fill_band(self, t: TensorPlan, chunk: Chunk, part: "_BandPart", band: np.ndarray,
                    staging: np.ndarray) -> None:

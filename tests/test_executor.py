@@ -219,6 +219,31 @@ def test_short_runs_take_one_read_per_chunk_and_band():
     assert counting.most_buffers == 1 and counting.calls == 2
 
 
+class PrefetchingReader(MemoryReader):
+    """Records what the executor asks to prefetch and what it then reads (one range per read_into call)."""
+
+    def __init__(self, files):
+        super().__init__(files)
+        self.prefetched, self.read_ranges = [], []
+
+    def prefetch(self, relative_path, offset, length):
+        self.prefetched.append((relative_path, offset, length))
+
+    def read_into(self, relative_path, offset, buffers):
+        self.read_ranges.append((relative_path, offset, sum(len(b) for b in buffers)))
+        super().read_into(relative_path, offset, buffers)
+
+
+def test_each_band_is_prefetched_while_the_one_before_is_filled():
+    arr = np.arange(512 * 64 * 4, dtype=np.float32).reshape(512, 64, 4)
+    meta, reader, stored = make_checkpoint({"w": arr}, {"w": [[], [], [2]]}, n_files=2)
+    recording = PrefetchingReader(reader._files)
+    plan, out = run(meta, recording, stored, buffer_bytes=64 << 10)     # 512 KiB tensor: 16 bands of 32 KiB
+    assert read_safetensors(out["model.safetensors"])["w"] == arr.tobytes()
+    assert len(recording.read_ranges) == 2 * 16
+    assert recording.prefetched == recording.read_ranges[2:]     # all but the first band's two parts
+
+
 def test_long_runs_are_read_in_place_in_iov_max_batches():
     arr = np.random.default_rng(0).integers(-128, 128, size=(3000, 2048), dtype=np.int8)   # 1 KiB runs
     meta, reader, stored = make_checkpoint({"w": arr}, {"w": [[], [1024]]}, n_files=2)

@@ -163,7 +163,7 @@ class Executor:
                 block = self._scratch(step, t)
                 self.reader.read_into(path, src, [memoryview(block)])
                 out = self._cast(block, t, (dst - t.begin) // dst_item)
-                sink.write_at(dst, out)
+                _write(sink, dst, out)
                 self.progress(len(out))
                 src += step
                 dst += step // src_item * dst_item
@@ -202,7 +202,7 @@ class Executor:
             parts = ahead
             first = sum(p * s for p, s in zip(prefix, out_strides)) + a * out_strides[d]
             out = self._cast(band, t, first) if t.is_cast else band
-            sink.write_at(t.begin + first * dst_item, out)
+            _write(sink, t.begin + first * dst_item, out)
             self.progress(len(out))
 
     def _band_parts(self, t: TensorPlan, prefix, a: int, b: int, d: int) -> List[Tuple[Chunk, "_BandPart"]]:
@@ -237,6 +237,16 @@ class Executor:
                 starts = part.run_starts(first, min(part.n_runs, first + IOV_MAX))
                 self.reader.read_into(path, src + first * part.run_bytes,
                                       [mv[s:s + part.run_bytes] for s in starts])
+
+
+# Assembled bytes go to the sink in pieces of this size. On Linux 6.x ext4, one 16 MiB pwrite costs about
+# twice the wall and system time of the same bytes in 256 KiB pwrites (2gb shortrun preset, cold cache).
+WRITE_PIECE_BYTES = 256 << 10
+
+
+def _write(sink: ShardSink, offset: int, data: np.ndarray) -> None:
+    for start in range(0, len(data), WRITE_PIECE_BYTES):
+        sink.write_at(offset + start, data[start:start + WRITE_PIECE_BYTES])
 
 
 # Runs shorter than this are staged and scattered with numpy; longer ones are read in place with preadv.

@@ -32,6 +32,14 @@ if TYPE_CHECKING:
 
 Progress = Callable[[int], None]
 
+# Runs shorter than this are staged and scattered with numpy; longer ones are read in place with preadv.
+SHORT_RUN_BYTES = 4096
+# preadv takes at most IOV_MAX (1024 on Linux) buffers per call.
+IOV_MAX = 1024
+# Assembled bytes go to the sink in pieces of this size. On Linux 6.x ext4, one 16 MiB pwrite costs about
+# twice the wall and system time of the same bytes in 256 KiB pwrites (2gb shortrun preset, cold cache).
+WRITE_PIECE_BYTES = 256 << 10
+
 
 class Cancelled(Exception):
     """Another worker failed or the user interrupted; this one stopped between two steps."""
@@ -173,7 +181,7 @@ class Executor:
     def _assemble_bands(self, t: TensorPlan, sink: ShardSink) -> None:
         geometry = _BandGeometry(t, self._band_budget(t))
         staging_bytes = 0
-        if any(_run_bytes(t, c, geometry.dim) < SHORT_RUN_BYTES for c in t.chunks):
+        if _has_short_runs(t, geometry.dim):
             # Short-run chunks are read whole into a staging area behind the band and scattered by numpy;
             # the two share the buffer, so each gets half (a chunk's part of a band is never larger than it).
             geometry = _BandGeometry(t, max(geometry.item, self._band_budget(t) // 2 // geometry.item
@@ -239,20 +247,11 @@ class Executor:
                                       [mv[s:s + part.run_bytes] for s in starts])
 
 
-# Assembled bytes go to the sink in pieces of this size. On Linux 6.x ext4, one 16 MiB pwrite costs about
-# twice the wall and system time of the same bytes in 256 KiB pwrites (2gb shortrun preset, cold cache).
-WRITE_PIECE_BYTES = 256 << 10
 
 
 def _write(sink: ShardSink, offset: int, data: np.ndarray) -> None:
     for start in range(0, len(data), WRITE_PIECE_BYTES):
         sink.write_at(offset + start, data[start:start + WRITE_PIECE_BYTES])
-
-
-# Runs shorter than this are staged and scattered with numpy; longer ones are read in place with preadv.
-SHORT_RUN_BYTES = 4096
-# preadv takes at most IOV_MAX (1024 on Linux) buffers per call.
-IOV_MAX = 1024
 
 
 class _BandGeometry:
@@ -277,13 +276,15 @@ def _last_split_dim(t: TensorPlan, chunk: Chunk, d: int) -> int:
     return k
 
 
-def _run_bytes(t: TensorPlan, chunk: Chunk, d: int) -> int:
-    """Bytes of one contiguous run of the chunk inside a band cut at dim d (dim k partly, every later dim whole);
-    when k == d the chunk's rows are one run, as long as the band allows."""
-    k = _last_split_dim(t, chunk, d)
-    if k == d:
-        return 1 << 62
-    return _prod(chunk.sizes[k:]) * dtypes.BY_NAME[t.src_dtype].itemsize
+def _has_short_runs(t: TensorPlan, d: int) -> bool:
+    """True if some chunk, in bands cut at dim d, is many runs of fewer than SHORT_RUN_BYTES each. A run covers
+    dim k partly and every later dim whole; when k == d the chunk's rows in a band are a single run."""
+    item = dtypes.BY_NAME[t.src_dtype].itemsize
+    for chunk in t.chunks:
+        k = _last_split_dim(t, chunk, d)
+        if k > d and _prod(chunk.sizes[k:]) * item < SHORT_RUN_BYTES:
+            return True
+    return False
 
 
 class _BandPart:

@@ -1,5 +1,6 @@
 """Write a real DCP checkpoint of a preset model with torch's own writer, sharded like FSDP2 over
-4 ranks (or, with `--layout tp`, Megatron-style tensor parallel: see TP_RULES), in bounded memory.
+4 ranks (or, with `--layout tp`, Megatron-style tensor parallel: see TP_RULES; with `--layout shortrun`,
+every matrix split along its last dim), in bounded memory.
 
     python -m benchmarks.generate --preset 2gb --dtype bfloat16 --out /tmp/ckpt-2gb [--with-optim] [--layout tp]
 
@@ -50,7 +51,11 @@ WORLD_SIZE = 4
 # How the tensors are sharded over the ranks (a 1-D mesh of WORLD_SIZE).
 #   fsdp2: every tensor Shard(0), torch.chunk sizes, as FSDP2's fully_shard lays them out.
 #   tp:    Megatron-style tensor parallelism; TP_RULES below decide, by name suffix.
-LAYOUTS = ("fsdp2", "tp")
+#   shortrun: every >= 2-D tensor Shard(last dim), 1-D tensors Shard(0). A chunk is then a column block
+#          whose rows are short runs of the output: in/4 elements (1 KiB for a bf16 [*, 2048] weight, 8 bytes
+#          for the 14-wide patch embedding), the geometry of MoE experts [E, out, in] sharded on `in`, of
+#          convolutions split on a kernel dim and of 2-D meshes on trailing dims.
+LAYOUTS = ("fsdp2", "tp", "shortrun")
 DEFAULT_LAYOUT = "fsdp2"
 # (name suffixes, placement) for the tp layout, first match wins. Tensors with fewer than 2 dims
 # (norms, biases, gates, class embedding) are always Replicate (torch's dedup writes each on one rank);
@@ -66,9 +71,11 @@ TP_RULES: Tuple[Tuple[Tuple[str, ...], str], ...] = (
 
 
 def placement_for(name: str, shape: Tuple[int, ...], layout: str = DEFAULT_LAYOUT) -> str:
-    """"Shard(0)", "Shard(1)" or "Replicate()" for tensor `name` (an HF name) in `layout`."""
+    """"Shard(n)" or "Replicate()" for tensor `name` (an HF name) in `layout`."""
     if layout == "fsdp2":
         return "Shard(0)"
+    if layout == "shortrun":
+        return f"Shard({max(0, len(shape) - 1)})"
     if layout != "tp":
         raise ValueError(f"unknown layout {layout!r} (one of {LAYOUTS})")
     if len(shape) < 2:
@@ -205,7 +212,7 @@ def _rank_main(rank: int, world: int, port: int, preset: str, dtype_name: str, w
                 place = Replicate()
             else:
                 # torch.chunk sizes along the dim; trailing ranks may get an empty chunk (FSDP2 does the same)
-                dim = {"Shard(0)": 0, "Shard(1)": 1}[placement]
+                dim = int(placement[len("Shard("):-1])
                 place = Shard(dim)
                 per = -(-shape[dim] // world)
                 local_shape[dim] = max(0, min(shape[dim], (rank + 1) * per) - min(shape[dim], rank * per))
@@ -322,7 +329,8 @@ def generate(preset: str, dtype: str, out: Path, *, with_optim: bool = False, wo
         "world_size": world_size, "sharding": layout,
         "layout": "llama-cookbook {'model': ..., 'optim': ...}, " + (
             "FSDP2 Shard(0)" if layout == "fsdp2" else
-            "Megatron-style TP: Shard(0) colwise, Shard(1) rowwise (o_proj/down_proj/fc2), 1-D Replicate"),
+            "Megatron-style TP: Shard(0) colwise, Shard(1) rowwise (o_proj/down_proj/fc2), 1-D Replicate"
+            if layout == "tp" else "short runs: >= 2-D tensors Shard(last dim), 1-D Shard(0)"),
         "num_params": sum(math.prod(s) for _, s in tensor_specs(PRESETS[preset])),
         "tensor_bytes": need, "file_bytes": sum(f.stat().st_size for f in files),
         "files": len(files), "pool_size": POOL_SIZE, "pool_seed": POOL_SEED,
@@ -350,7 +358,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--with-optim", action="store_true", help="add AdamW state (exp_avg, exp_avg_sq, step): 3x the bytes")
     parser.add_argument("--layout", default=DEFAULT_LAYOUT, choices=LAYOUTS,
                         help="fsdp2: every tensor Shard(0) (default); tp: Megatron-style tensor parallel "
-                             "(Shard(0) colwise, Shard(1) rowwise, 1-D Replicate; see TP_RULES)")
+                             "(Shard(0) colwise, Shard(1) rowwise, 1-D Replicate; see TP_RULES); shortrun: "
+                             ">= 2-D tensors Shard(last dim), chunks of short runs as MoE experts split on `in`")
     parser.add_argument("--world-size", type=int, default=WORLD_SIZE, help="simulated ranks (default 4)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)

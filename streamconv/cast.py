@@ -1,4 +1,6 @@
 """Cast raw little-endian element bytes between floating dtypes, bit-identical to torch 2.13's CPU `Tensor.to`.
+(For NaN payloads: when the caller recasts the `torch_scalar_ranges` with path="scalar", as the executor does for
+one torch thread; torch's own NaN payloads depend on its thread count.)
 
 numpy only: bfloat16 is arithmetic on uint32 bits, float8 goes through a 256-entry table. Work is done in
 chunks of `CHUNK_ELEMS` elements through small scratch arrays, so the only full-size allocation is the output

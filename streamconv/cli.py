@@ -54,7 +54,9 @@ def _plan_options(fn):
                           "this plus ~40 MiB, whatever the model size."),
         click.option("--dtype", default="keep", show_default=True,
                      help="Output dtype for floating tensors: keep, bfloat16, float16, float32 (or auto, which takes "
-                          "the config's dtype when one is given). Integer and bool tensors are never cast."),
+                          "the config's dtype when one is given). Integer and bool tensors are never cast. Bits "
+                          "are torch's tensor.to with one thread: values and infinities always identical, a NaN "
+                          "stays NaN (its payload may differ from a multi-threaded torch's)."),
         click.option("--config-from", "config_from", default=None, metavar="DIR", type=click.Path(),
                      help="A Hugging Face model folder or hub snapshot (the base model): copy its config, generation "
                           "config, tokenizer and processor files, set config.json's dtype to the output's, name "

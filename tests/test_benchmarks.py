@@ -171,3 +171,28 @@ def test_fill_chunk_matches_slicing_the_whole_tensor():
     assert gen.placement_for("x.self_attn.o_proj.weight", (4, 4), "tp") == "Shard(1)"
     assert gen.placement_for("x.self_attn.o_proj.weight", (4, 4)) == "Shard(0)"       # fsdp2 default
     assert gen.placement_for("x.post_attention_layernorm.weight", (4,), "tp") == "Replicate()"
+
+
+def test_shortrun_layout_splits_every_matrix_along_its_last_dim(tmp_path):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp_path / "tiny-shortrun"
+    stamp = gen.generate("tiny", "float32", out, layout="shortrun")
+    assert stamp["sharding"] == "shortrun"
+    md = FileSystemReader(str(out)).read_metadata().state_dict_metadata
+
+    def chunks(key):
+        return sorted((tuple(c.offsets), tuple(c.sizes)) for c in md[key].chunks)
+
+    t = "model.model.language_model.layers.0"
+    assert chunks(f"{t}.self_attn.q_proj.weight") == [((0, c), (64, 16)) for c in (0, 16, 32, 48)]
+    # 14 = 4 + 4 + 4 + 2 along the kernel's last dim: 8-byte runs of float32 pairs
+    assert chunks("model.model.vision_model.patch_embedding.weight") == \
+        [((0, 0, 0, c), (32, 3, 14, n)) for c, n in ((0, 4), (4, 4), (8, 4), (12, 2))]
+    assert chunks("model.model.language_model.norm.weight") == [((r,), (16,)) for r in (0, 16, 32, 48)]
+    dcp_to_torch_save(str(out), tmp_path / "all.pt")
+    sd = torch.load(tmp_path / "all.pt", weights_only=True)
+    for name, shape in presets.tensor_specs(presets.PRESETS["tiny"]):
+        expected = gen.expected_values(gen.data_key(name), "float32", 0, math.prod(shape)).view(shape)
+        assert torch.equal(sd["model"][name], expected), name

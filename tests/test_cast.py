@@ -351,3 +351,10 @@ def test_conversion_path_does_not_import_torch():
     code = ("import sys, numpy as np; from streamconv.cast import cast_into; "
             "cast_into(np.zeros(8, np.uint8), 'float32', 'bfloat16'); assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_convert_help_states_the_cast_guarantee():
+    out = subprocess.run([sys.executable, "-m", "streamconv.cli", "convert", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    text = " ".join(out.split())
+    assert "tensor.to with one thread" in text and "a NaN stays NaN" in text

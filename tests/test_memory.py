@@ -69,3 +69,84 @@ def test_output_is_exact_and_cast_stays_bounded(big_checkpoint, tmp_path):
     with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
         for key in f.keys():
             assert torch.equal(f.get_tensor(key).view(torch.int16), ref["model." + key].to(torch.bfloat16).view(torch.int16)), key
+
+
+# --- short runs: chunks whose rows are split into many small pieces of the output ---------------------------
+# (name, world size, shape, dtype, placements). Each is ~16 MiB, a multiple of the 4 MiB buffer used below.
+# Runs are the contiguous pieces of the output one chunk supplies: 8 bytes for the first case.
+SHORT_RUN_CASES = {
+    "shard2_8byte_runs": (2, (4096, 256, 4), "float32", "Shard(2)"),          # a TP conv / head-dim split
+    "moe_experts_shard1": (2, (8, 1024, 512), "float32", "Shard(1)"),         # experts [E, out, in]: 1 MiB runs
+    "moe_experts_shard2": (2, (8, 1024, 512), "bfloat16", "Shard(2)"),        # 512-byte runs
+    "grid_trailing_dims": (4, (2048, 64, 32), "float32", "Shard(1),Shard(2)"),  # 2x2 mesh, 64-byte runs
+    "strided_shard": (4, (2048, 64, 32), "float32", "_StridedShard(2),Shard(2)"),  # FSDP over TP: 32-byte runs
+}
+
+
+def _placement(spec):
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    if spec.startswith("_StridedShard"):
+        return _StridedShard(int(spec[len("_StridedShard("):-1]), split_factor=2)
+    return Shard(int(spec[len("Shard("):-1]))
+
+
+def write_short_runs(rank, world_size, out_dir):
+    """One checkpoint folder per case of this world size, each holding one tensor `model.w`."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    for name, (world, shape, dtype, placements) in SHORT_RUN_CASES.items():
+        if world != world_size:
+            continue
+        places = [_placement(p) for p in placements.split(",")]
+        mesh = init_device_mesh("cpu", (2,) * len(places))
+        gen = torch.Generator().manual_seed(len(name))   # every rank builds the same full tensor
+        full = torch.empty(shape).normal_(generator=gen).to(getattr(torch, dtype))
+        state = {"model": {"w": distribute_tensor(full, mesh, places)}}
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(f"{out_dir}/{name}", sync_files=False))
+    return 0
+
+
+@pytest.fixture(scope="module")
+def short_run_checkpoints(tmp_path_factory):
+    out = tmp_path_factory.mktemp("short")
+    for world in sorted({case[0] for case in SHORT_RUN_CASES.values()}):
+        run_distributed("test_memory:write_short_runs", world, dict(out_dir=str(out)))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(SHORT_RUN_CASES))
+def test_short_runs_stay_within_the_buffer_and_are_exact(short_run_checkpoints, tmp_path, name):
+    import torch
+    from safetensors.torch import load_file
+
+    import dcp_writers
+    ckpt = short_run_checkpoints / name
+    buffer_mib = 4
+    report = convert_in_subprocess(ckpt, tmp_path / "out", "--buffer-size", f"{buffer_mib}MiB")
+    peak_mib = report["peak_rss_bytes"] / 2**20
+    assert peak_mib <= buffer_mib + 48, f"{name}: peak RSS {peak_mib:.1f} MiB with a {buffer_mib} MiB buffer"
+    assert report["peak_rss_bytes"] <= report["predicted_peak_bytes"]
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))["w"]
+    want = dcp_writers.reference_state_dict(ckpt)["model.w"]
+    assert got.dtype == want.dtype and torch.equal(got.view(torch.uint8), want.contiguous().view(torch.uint8))
+
+
+@pytest.mark.parametrize("name,dtype", [("shard2_8byte_runs", "bfloat16"), ("moe_experts_shard2", "float32")])
+def test_short_runs_with_default_buffer_and_cast(short_run_checkpoints, tmp_path, name, dtype):
+    """The issue's case with the default 32 MiB buffer (it peaked at 513 MiB), narrowing and widening casts."""
+    import torch
+    from safetensors.torch import load_file
+
+    import dcp_writers
+    ckpt = short_run_checkpoints / name
+    report = convert_in_subprocess(ckpt, tmp_path / "out", "--dtype", dtype)
+    peak_mib = report["peak_rss_bytes"] / 2**20
+    assert peak_mib <= 32 + 48, f"{name}: peak RSS {peak_mib:.1f} MiB with the default 32 MiB buffer"
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))["w"]
+    want = dcp_writers.reference_state_dict(ckpt)["model.w"].to(getattr(torch, dtype))
+    assert torch.equal(got.view(torch.uint8), want.contiguous().view(torch.uint8))

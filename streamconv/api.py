@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import time
@@ -19,7 +21,8 @@ from .model import BlobLocation, CheckpointMetadata, StoredTensor, TensorEntry
 from .plan import INDEX_FILE_NAME, ConversionPlan, PlanOptions, build_plan
 from .report import ConversionReport, Reporter, peak_rss_bytes
 from .parallel import write_shards
-from .sink import ComparingSink, Mismatch, StagingDir
+from .sink import ComparingSink, Mismatch
+from .staging import StagingDir, check_destination, kill_point
 from .sizes import format_size, parse_size
 
 
@@ -84,6 +87,77 @@ def check_free_space(output_dir: str, needed_bytes: int) -> None:
             "free some space, choose another output folder, or shrink the output with --dtype bfloat16")
 
 
+# Each file takes whole filesystem blocks; counted so that a folder of many small files is not underestimated.
+_BLOCK_BYTES = 4096
+
+
+def output_nbytes(conversion: ConversionPlan, config_folder: Optional[str], sidecars: Sequence[str]) -> int:
+    """Bytes the finished folder takes: shards, index and the copied config/tokenizer files."""
+    index = conversion.index()
+    total = conversion.files_nbytes + (len(json.dumps(index, indent=2)) + 1 if index is not None else 0)
+    for name in sidecars:
+        try:
+            total += os.path.getsize(os.path.join(config_folder or "", name)) + 1024   # config.json grows a little
+        except OSError:
+            pass
+    return total + _BLOCK_BYTES * (len(conversion.shards) + 1 + len(sidecars))
+
+
+def checkpoint_files(checkpoint_dir: str, meta: CheckpointMetadata) -> Dict[str, list]:
+    """{relative path: [size, mtime_ns]} of the files the conversion reads: a resumed run must see the same."""
+    names = set(meta.files)
+    try:
+        names.update(n for n in os.listdir(checkpoint_dir) if n.endswith(".metadata"))
+    except OSError:
+        pass
+    out = {}
+    for name in sorted(names):
+        try:
+            st = os.stat(os.path.join(checkpoint_dir, name))
+            out[name] = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            out[name] = None
+    return out
+
+
+def shard_fingerprint(shard) -> str:
+    """What decides a shard's bytes: its name, header, and where every tensor's bytes come from (and how)."""
+    h = hashlib.sha256()
+    h.update(shard.filename.encode("utf-8") + b"\0" + shard.header)
+    for t in shard.tensors:
+        chunks = [[c.location.relative_path, c.location.offset, c.location.length, list(c.offsets), list(c.sizes)]
+                  for c in t.chunks]
+        h.update(json.dumps([t.name, t.source_fqn, t.src_dtype, t.dst_dtype, list(t.shape), t.begin, t.nbytes,
+                             chunks]).encode("utf-8"))
+    return h.hexdigest()
+
+
+def plan_record(conversion: ConversionPlan, checkpoint_dir: str, meta: CheckpointMetadata) -> dict:
+    """Identifies a conversion for --resume: the plan's fingerprint, the checkpoint's files, and the options
+    (shown when they differ)."""
+    o = conversion.options
+    h = hashlib.sha256()
+    for shard in conversion.shards:
+        h.update(shard_fingerprint(shard).encode("ascii"))
+    return {"plan": h.hexdigest(), "checkpoint": checkpoint_files(checkpoint_dir, meta),
+            "options": {"--max-shard-size": o.max_shard_bytes, "--dtype": o.dtype, "--include": list(o.include),
+                        "--exclude": list(o.exclude), "--rename": [f"{r.pattern}={r.replacement}" for r in o.renames],
+                        "--subtree": conversion.subtree, "tied heads dropped": list(o.drop)}}
+
+
+def protected_paths(checkpoint_dir: str, meta: CheckpointMetadata, config_folder: Optional[str]):
+    """(folders, files) a destination must never hold: the checkpoint's and the config folder's."""
+    folders = [checkpoint_dir] + ([config_folder] if config_folder else [])
+    files = [os.path.join(checkpoint_dir, f) for f in meta.files]
+    for folder in folders:
+        try:
+            files += [os.path.join(folder, n) for n in os.listdir(folder)
+                      if not os.path.isdir(os.path.join(folder, n))]
+        except OSError:
+            pass
+    return folders, files
+
+
 def locate_chunks(conversion: ConversionPlan, reader: RangeReader) -> Dict[BlobLocation, StoredTensor]:
     """Find every planned chunk's raw bytes and check them against the metadata, before any output exists.
     Blobs are visited in file order, each once."""
@@ -126,11 +200,15 @@ def verify_shards(shards, reader: RangeReader, stored: Dict[BlobLocation, Stored
 
 def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions] = None, *,
             overwrite: bool = False, reporter: Optional[Reporter] = None, config_from: Optional[str] = None,
-            workers: int = DEFAULT_WORKERS, verify: bool = False, **kwargs) -> ConversionReport:
+            workers: int = DEFAULT_WORKERS, verify: bool = False, resume: bool = False,
+            discard_partial: bool = False, **kwargs) -> ConversionReport:
     """Convert a DCP checkpoint folder into a folder of safetensors shards (+ index when sharded), with the
     base model's config and tokenizer beside them when `config_from` (or train_params.yaml) names it.
 
-    Output appears at `output_dir` only when complete; on any error nothing is left there.
+    Output appears at `output_dir` only when complete, fsynced, in one rename; on any error nothing is left
+    there. The output may not be, contain or hold the checkpoint or config folder (refused before writing).
+    A run killed hard leaves its staging folder beside `output_dir`: `resume=True` keeps its finished shards
+    (and keeps the staging folder on failure), `discard_partial=True` deletes it; otherwise it is refused.
     `workers` threads write shards side by side, sharing the buffer budget. `verify` reads every written
     shard back and compares it with the checkpoint before the output is committed.
     """
@@ -144,13 +222,27 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
         # Dropped tied heads are still read once, to prove they equal the embedding written in their place.
         with_heads = build_plan(meta, replace(options, drop=())) if setup.tied else conversion
         heads = {t.name: t for t in with_heads.tensors if t.name in setup.dropped_heads}
+        folders, files = protected_paths(checkpoint_dir, meta, setup.config.folder if setup.config else None)
+        check_destination(output_dir, folders, files)       # before anything is written
         stored = locate_chunks(with_heads, reader)
-        check_free_space(output_dir, conversion.files_nbytes)
-        with StagingDir(output_dir, overwrite=overwrite) as staging:
+        fingerprints = {s.filename: shard_fingerprint(s) for s in conversion.shards}
+        with StagingDir(output_dir, plan_record=plan_record(conversion, checkpoint_dir, meta), overwrite=overwrite,
+                        resume=resume, discard_partial=discard_partial) as staging:
+            kept = [s for s in conversion.shards if staging.kept_shard(s.filename, s.nbytes, fingerprints[s.filename])]
+            if staging.resumed:
+                reporter.note(f"resumed: kept {len(kept)} of {len(conversion.shards)} finished shard(s) "
+                              f"({format_size(sum(s.nbytes for s in kept))}), writing the rest")
+            kept_names = {s.filename for s in kept}
+            to_write = [s for s in conversion.shards if s.filename not in kept_names]
+            check_free_space(output_dir, output_nbytes(conversion, setup.config.folder if setup.config else None,
+                                                       setup.sidecar_files) - sum(s.nbytes for s in kept))
             reporter.start(conversion.total_bytes * (2 if verify else 1) + sum(t.nbytes for t in heads.values()),
                            "converting")
-            write_shards(conversion.shards, reader, stored, staging.file, buffer_bytes=options.buffer_bytes,
-                         workers=workers, progress=reporter.advance)
+            reporter.advance(sum(s.data_nbytes for s in kept))
+            kill_point("before-first-shard")
+            write_shards(to_write, reader, stored, staging.file, buffer_bytes=options.buffer_bytes,
+                         workers=workers, progress=reporter.advance,
+                         on_shard_done=lambda s: staging.shard_done(s.filename, s.nbytes, fingerprints[s.filename]))
             if setup.tied:
                 checker = Executor(reader, stored, options.buffer_bytes, progress=reporter.advance)
                 shard_of = {t.name: s.filename for s in conversion.shards for t in s.tensors}
@@ -166,6 +258,7 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
             if setup.config is not None:
                 copied = hf.sidecars.copy_sidecars(setup.config, setup.sidecar_files, staging.path,
                                                    hf.config_dtype(conversion))
+                staging.added(copied)
             index = conversion.index()
             if index is not None:
                 staging.write_json(INDEX_FILE_NAME, index)   # written last: its presence means complete

@@ -9,35 +9,103 @@ import sys
 import click
 
 from . import api
-from .errors import StreamconvError
+from .errors import OptionsError, StreamconvError
 from .report import CollectingReporter, Reporter, TqdmReporter
 from .sizes import format_size
 
 
-def _terminate(signum, frame):
-    # A job scheduler's SIGTERM ends the run like Ctrl-C, so the staging folder is removed on the way out.
-    raise KeyboardInterrupt
+# SIGTERM (job schedulers) and SIGHUP (a closed terminal or ssh session) end a run like Ctrl-C does.
+_INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_received = {"signal": None}
+
+
+def _on_signal(signum, frame):
+    # Only the first signal interrupts: schedulers often send several (SIGTERM then SIGINT, or one per
+    # process group member), and a second KeyboardInterrupt would break the cleanup the first one started.
+    if _received["signal"] is None:
+        _received["signal"] = signum
+        raise KeyboardInterrupt
+
+
+def _emit_failure(message: str, kind: str, exit_code: int, as_json: bool) -> None:
+    click.echo(message if message.startswith(("error:", "interrupted", "streamconv:")) else f"error: {message}",
+               err=True)
+    if as_json:
+        # Scripts reading --json get every failure on stdout too, in the same shape every time.
+        click.echo(json.dumps({"error": message, "kind": kind, "exit_code": exit_code}))
+
+
+INTERNAL_ERROR_HINT = "this is a bug in streamconv; please report it with the command you ran and this line"
+
+
+def _internal_error(exc: BaseException, as_json: bool) -> None:
+    """Last resort: one line, exit 1, never a traceback."""
+    _emit_failure(f"streamconv: internal error ({type(exc).__name__}: {str(exc)[:300]}); {INTERNAL_ERROR_HINT}",
+                  "InternalError", 1, as_json)
+    sys.exit(1)
+
+
+def _interrupted(as_json: bool, resume: bool) -> None:
+    kept = ("the staging folder is kept: run the same command with --resume to continue" if resume
+            else "nothing was committed and the partial output was removed")
+    _emit_failure(f"interrupted: {kept}", "Interrupted", 130, as_json)
+    sys.exit(130)
 
 
 def _fail_cleanly(fn):
     """Turn library errors into one-line messages and their exit codes; never a traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        previous = signal.signal(signal.SIGTERM, _terminate)
+        as_json = bool(kwargs.get("as_json"))
+        _received["signal"] = None
+        previous = {s: signal.signal(s, _on_signal) for s in _INTERRUPT_SIGNALS}
         try:
             return fn(*args, **kwargs)
         except StreamconvError as exc:
-            click.echo(f"error: {exc}", err=True)
-            if kwargs.get("as_json"):
-                # Scripts reading --json get the failure on stdout too, in the same shape every time.
-                click.echo(json.dumps({"error": str(exc), "kind": type(exc).__name__, "exit_code": exc.exit_code}))
+            if _received["signal"] is not None:
+                _interrupted(as_json, bool(kwargs.get("resume")))
+            _emit_failure(str(exc), type(exc).__name__, exc.exit_code, as_json)
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted: partial output removed", err=True)
-            sys.exit(130)
+        except (KeyboardInterrupt, click.exceptions.Abort):
+            _interrupted(as_json, bool(kwargs.get("resume")))
+        except (click.exceptions.Exit, click.ClickException):
+            raise
+        except Exception as exc:
+            if _received["signal"] is not None:     # whatever the interrupt broke on its way out
+                _interrupted(as_json, bool(kwargs.get("resume")))
+            _internal_error(exc, as_json)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
     return wrapper
+
+
+class _Group(click.Group):
+    """Usage errors exit 64 (EX_USAGE, as README says) instead of click's 2, which README gives to a bad
+    checkpoint; with --json they print the same one-object failure as every other error."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        args = list(sys.argv[1:] if args is None else args)
+        as_json = "--json" in args
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            exc.exit_code = OptionsError.exit_code
+            if as_json:
+                click.echo(json.dumps({"error": exc.format_message(), "kind": "UsageError",
+                                       "exit_code": exc.exit_code}))
+            exc.show()
+            sys.exit(exc.exit_code)
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            _interrupted(as_json, "--resume" in args)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except Exception as exc:
+            _internal_error(exc, as_json)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 def _plan_options(fn):
@@ -79,7 +147,7 @@ def _options(max_shard_size, buffer_size, dtype, include, exclude, renames, subt
                             exclude=exclude, dtype=dtype, renames=renames, subtree=subtree)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="streamconv")
 def cli():
     """Turn PyTorch Distributed Checkpoints (FSDP / DTensor `.distcp` + `.metadata`) into Hugging Face
@@ -103,14 +171,21 @@ def cli():
 @click.option("--verify", is_flag=True,
               help="Before committing, read every written shard back and compare it with the checkpoint (reads the "
                    "checkpoint twice).")
+@click.option("--resume", is_flag=True,
+              help="Continue a conversion into OUTPUT_DIR that was killed: keep its finished shards (each checked "
+                   "against its size and checksum) and write the rest. Needs the same options and an unchanged "
+                   "checkpoint. On failure or Ctrl-C the staging folder is kept for another --resume.")
+@click.option("--discard-partial", is_flag=True,
+              help="Delete the staging folder an interrupted conversion into OUTPUT_DIR left, and start over.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @_fail_cleanly
 def convert(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, config_from, include, exclude, renames,
-            subtree, as_json, overwrite, workers, verify, quiet):
+            subtree, as_json, overwrite, workers, verify, resume, discard_partial, quiet):
     """Convert CHECKPOINT_DIR (a DCP folder) into OUTPUT_DIR (safetensors shards).
 
-    The output is written to a hidden staging folder beside OUTPUT_DIR and renamed into place only when
-    complete; an error or Ctrl-C leaves nothing that looks finished. Only the model's weights are written:
+    The output is written to a hidden staging folder beside OUTPUT_DIR, fsynced, and renamed into place
+    only when complete; an error or Ctrl-C leaves nothing that looks finished. OUTPUT_DIR may not be the
+    checkpoint folder or hold it (a subfolder of it is fine). Only the model's weights are written:
     optimizer state and non-tensor entries are skipped.
     """
     options = _options(max_shard_size, buffer_size, dtype, include, exclude, renames, subtree)
@@ -118,11 +193,12 @@ def convert(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, conf
     reporter: Reporter = TqdmReporter() if interactive else CollectingReporter()
     try:
         report = api.convert(checkpoint_dir, output_dir, options, overwrite=overwrite, reporter=reporter,
-                             config_from=config_from, workers=workers, verify=verify)
+                             config_from=config_from, workers=workers, verify=verify, resume=resume,
+                             discard_partial=discard_partial)
     finally:
         reporter.close()
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        click.echo(json.dumps(dict(report.to_dict(), error=None, exit_code=0), indent=2))
     elif not quiet:
         skipped = ", ".join(f"{n} {why}" for why, n in report.skipped.items()) or "nothing"
         cast = ", ".join(f"{n} {k}" for k, n in report.cast.items()) or "none"
@@ -152,7 +228,7 @@ def plan(checkpoint_dir, max_shard_size, buffer_size, dtype, config_from, includ
                                                    renames, subtree), config_from=config_from, reporter=notes)
     summary = conversion.to_dict()
     if as_json:
-        click.echo(json.dumps(dict(summary, notes=notes.notes), indent=2))
+        click.echo(json.dumps(dict(summary, notes=notes.notes, error=None, exit_code=0), indent=2))
         return
     for shard in conversion.shards:
         click.echo(f"{shard.filename}  {format_size(shard.nbytes)}  {len(shard.tensors)} tensors")
@@ -175,7 +251,7 @@ def inspect(checkpoint_dir, as_json):
     """Show what a DCP checkpoint holds: tensors, dtypes, shapes, how each is sharded, non-tensor entries."""
     info = api.inspect(checkpoint_dir)
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        click.echo(json.dumps(dict(info, error=None, exit_code=0), indent=2))
         return
     click.echo(f"{info['checkpoint']}: {info['tensor_count']} tensors, {format_size(info['tensor_bytes'])} in "
                f"{len(info['files'])} file(s); written by torch {info['torch_version_hint']}")

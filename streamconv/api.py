@@ -226,12 +226,14 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
         check_destination(output_dir, folders, files)       # before anything is written
         stored = locate_chunks(with_heads, reader)
         fingerprints = {s.filename: shard_fingerprint(s) for s in conversion.shards}
+        run_notes = []
         with StagingDir(output_dir, plan_record=plan_record(conversion, checkpoint_dir, meta), overwrite=overwrite,
                         resume=resume, discard_partial=discard_partial) as staging:
             kept = [s for s in conversion.shards if staging.kept_shard(s.filename, s.nbytes, fingerprints[s.filename])]
             if staging.resumed:
-                reporter.note(f"resumed: kept {len(kept)} of {len(conversion.shards)} finished shard(s) "
-                              f"({format_size(sum(s.nbytes for s in kept))}), writing the rest")
+                run_notes.append(f"resumed: kept {len(kept)} of {len(conversion.shards)} finished shard(s) "
+                                 f"({format_size(sum(s.nbytes for s in kept))}), wrote the rest")
+                reporter.note(run_notes[-1])
             kept_names = {s.filename for s in kept}
             to_write = [s for s in conversion.shards if s.filename not in kept_names]
             check_free_space(output_dir, output_nbytes(conversion, setup.config.folder if setup.config else None,
@@ -278,7 +280,7 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
         predicted_peak_bytes=conversion.peak_bytes, buffer_bytes=options.buffer_bytes,
         max_shard_bytes=options.max_shard_bytes, skipped=conversion.skipped_counts,
         renamed=len(conversion.renamed), cast=casts, verified_bytes=verified_bytes, files=files + copied, copied_files=copied,
-        dropped_tied=list(setup.dropped_heads), notes=list(setup.notes),
+        dropped_tied=list(setup.dropped_heads), notes=list(setup.notes) + run_notes,
         config_from=setup.config.folder if setup.config else None, layout=setup.layout,
         unmatched_names=list(reference.unmatched), missing_names=list(reference.missing))
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+import dcp_writers
 import streamconv
 from streamconv import staging
 from streamconv.cli import cli
@@ -43,12 +44,13 @@ def tree_bytes(folder: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def source(dcp_checkpoints, tmp_path_factory):
+def source(tmp_path_factory):
     """A private copy of a real tensor-parallel checkpoint (so its mtimes are ours to check), its snapshot,
     and the output of one uninterrupted run."""
     root = tmp_path_factory.mktemp("safety")
     ckpt = root / "ckpt"
-    shutil.copytree(dcp_checkpoints["tp"], ckpt)
+    dcp_writers.build(root / "written", names=["tp"])
+    shutil.copytree(root / "written" / "tp", ckpt)
     ref = root / "reference"
     streamconv.convert(str(ckpt), str(ref), max_shard_size=SHARD)
     expected = tree_bytes(ref)

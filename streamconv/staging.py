@@ -129,27 +129,23 @@ def _renameat2(src: str, dst: str, flags: int) -> bool:
 
 
 @contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM/SIGHUP while the destination changes hands (main thread only)."""
+def _signals_held() -> Iterator[List[int]]:
+    """While the destination changes hands, SIGINT/SIGTERM/SIGHUP are only recorded (in the yielded list).
+    Python-level handlers, not a signal mask: a process-directed signal may be taken by any thread (numpy's
+    BLAS threads block nothing), but Python runs every handler in the main thread, where commit runs."""
+    held: List[int] = []
     try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
-    except (ValueError, OSError):   # not the main thread of the main interpreter
-        yield
+        previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in _INTERRUPTS}
+    except ValueError:      # not the main thread: signals are the main thread's business anyway
+        yield held
         return
     try:
-        yield
+        yield held
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def _pending_interrupts() -> List[int]:
-    return [s for s in signal.sigpending() if s in _INTERRUPTS]
-
-
-def _swallow_pending_interrupts() -> None:
-    # The output is committed: a Ctrl-C that arrived during the last step must not report it as failed.
-    while _pending_interrupts():
-        signal.sigtimedwait(_INTERRUPTS, 0)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if held:
+            signal.raise_signal(held[0])    # not committed: the caller's handler decides (the CLI: exit 130)
 
 
 # -- paths --------------------------------------------------------------------------------------------
@@ -411,11 +407,10 @@ class StagingDir:
         fsync_path(self.path, directory=True)
         kill_point("before-rename")
         parent = os.path.dirname(self.destination)
-        with _signals_deferred():
-            if _pending_interrupts():
-                pass      # leaving the block delivers the signal; its handler raises KeyboardInterrupt
-            else:
+        with _signals_held() as held:
+            if not held:
                 self._move_into_place(parent)
+                held.clear()    # past the rename the output is committed: a late Ctrl-C changes nothing
         if not self._done:
             raise KeyboardInterrupt
         self._unlock()
@@ -444,7 +439,6 @@ class StagingDir:
         old = old_path_for(self.destination)
         if os.path.lexists(old):
             shutil.rmtree(old, ignore_errors=True)
-        _swallow_pending_interrupts()
 
     def _swap_in(self) -> None:
         """Replace a non-empty destination (--overwrite): the old folder goes only after the new is in."""

@@ -443,6 +443,28 @@ def test_any_mix_of_signals_exits_130_cleanly(source, tmp_path, point, signals):
     assert not out.exists() and hidden(out) == []
 
 
+def test_signals_during_the_rename_are_held_and_the_run_commits(source, tmp_path):
+    out = tmp_path / "out"
+    result = convert(source, out, env={staging.KILL_ENV: "after-rename", staging.KILL_SIGNALS_ENV: "INT,TERM,HUP"})
+    assert result.returncode == 0, result.stderr
+    assert tree_bytes(out) == source["expected"] and hidden(out) == []
+
+
+def test_a_second_run_into_the_same_output_is_refused(source, tmp_path):
+    import fcntl
+    out = tmp_path / "out"
+    stage = tmp_path / ".out.streamconv-partial"
+    stage.mkdir()
+    fd = os.open(stage, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)      # as a running conversion holds it
+        result = convert(source, out, "--resume")
+    finally:
+        os.close(fd)
+    assert result.returncode == 73 and "another streamconv run" in result.stderr, result.stderr
+    assert stage.is_dir() and not out.exists()
+
+
 def test_signals_from_outside_while_stopped_mid_run(source, tmp_path):
     """The run stops itself mid-shard; the test sends SIGINT, SIGTERM and SIGHUP, then lets it continue."""
     out = tmp_path / "out"

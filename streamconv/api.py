@@ -244,7 +244,7 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
             kill_point("before-first-shard")
             write_shards(to_write, reader, stored, staging.file, buffer_bytes=options.buffer_bytes,
                          workers=workers, progress=reporter.advance,
-                         on_shard_done=lambda s: staging.shard_done(s.filename, s.nbytes, fingerprints[s.filename]))
+                         on_shard_done=lambda s, crc: staging.shard_done(s.filename, s.nbytes, fingerprints[s.filename], crc))
             if setup.tied:
                 checker = Executor(reader, stored, options.buffer_bytes, progress=reporter.advance)
                 shard_of = {t.name: s.filename for s in conversion.shards for t in s.tensors}

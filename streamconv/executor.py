@@ -136,6 +136,9 @@ class Executor:
             path = chunk.location.relative_path
             if not t.is_cast:
                 self.reader.copy_to(sink, path, src, dst, stored.data_nbytes)
+                note_crc = getattr(sink, "note_source_crc32", None)   # lets the sink skip reading it back
+                if note_crc is not None and stored.storage_crc32 is not None:
+                    note_crc(dst, stored.data_nbytes, stored.storage_crc32)
                 self.progress(stored.data_nbytes)
                 continue
             remaining = stored.data_nbytes

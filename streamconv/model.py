@@ -76,6 +76,8 @@ class StoredTensor:
     stride: Tuple[int, ...]
     data_offset: int     # absolute byte offset of the first element in the .distcp file
     data_nbytes: int     # numel * itemsize
+    # CRC-32 of exactly these bytes, from the zip directory, when the tensor is its whole storage record.
+    storage_crc32: Optional[int] = None
 
     @property
     def is_contiguous(self) -> bool:

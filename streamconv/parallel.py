@@ -26,7 +26,7 @@ class _OpenShard:
     """A shard file being filled by several workers: created (with its header) by the first one to need
     it, closed by the one that writes its last tensor."""
 
-    def __init__(self, shard: ShardPlan, path: str, on_done: Optional[Callable[[ShardPlan], None]] = None):
+    def __init__(self, shard: ShardPlan, path: str, on_done: Optional[Callable[[ShardPlan, int], None]] = None):
         self.shard = shard
         self.on_done = on_done
         self.path = path
@@ -49,8 +49,11 @@ class _OpenShard:
                 return
             if self.sink is not None:
                 self.sink.close()
-        if self.on_done is not None:
-            self.on_done(self.shard)    # fsync + resume record, outside the lock
+        self.finished()
+
+    def finished(self) -> None:
+        if self.on_done is not None and self.sink is not None:
+            self.on_done(self.shard, self.sink.crc32())    # fsync + resume record, outside the lock
 
     def close(self) -> None:
         with self.lock:
@@ -61,9 +64,9 @@ class _OpenShard:
 def write_shards(shards: Sequence[ShardPlan], reader: RangeReader, stored: Mapping[BlobLocation, StoredTensor],
                  path_for: Callable[[str], str], *, buffer_bytes: int, workers: int = 1,
                  progress: Optional[Progress] = None,
-                 on_shard_done: Optional[Callable[[ShardPlan], None]] = None) -> None:
+                 on_shard_done: Optional[Callable[[ShardPlan, int], None]] = None) -> None:
     """Write every shard to `path_for(filename)`. The total buffer memory stays `buffer_bytes`.
-    `on_shard_done(shard)` runs (on the worker that finished it) once a shard's last byte is written."""
+    `on_shard_done(shard, crc32)` runs (on the worker that finished it) once a shard's last byte is written."""
     lock = threading.Lock()
 
     def advance(n: int) -> None:
@@ -76,8 +79,7 @@ def write_shards(shards: Sequence[ShardPlan], reader: RangeReader, stored: Mappi
         if not f.shard.tensors:
             f.open()
             f.close()
-            if on_shard_done is not None:
-                on_shard_done(f.shard)
+            f.finished()
     # Shard by shard, tensors in file order: workers move through the output roughly front to back.
     queue: List[Tuple[_OpenShard, TensorPlan]] = [(f, t) for f in files for t in f.shard.tensors]
     queue.reverse()     # pop() from the end is O(1)

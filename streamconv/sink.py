@@ -9,6 +9,7 @@ import errno
 import os
 from typing import Protocol
 
+from .crc import PieceCrcs, pread_from
 from .errors import OutputError
 from .staging import StagingDir, write_failed  # noqa: F401  (StagingDir lived here before staging.py)
 
@@ -49,6 +50,8 @@ class FileSink:
 
     def __init__(self, path: str, nbytes: int):
         self.path = path
+        self.nbytes = nbytes
+        self.crcs = PieceCrcs()     # the file's CRC-32, built as bytes pass (see crc.py)
         try:
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.ftruncate(self.fd, nbytes)
@@ -58,6 +61,7 @@ class FileSink:
 
     def write_at(self, offset: int, data) -> None:
         mv = memoryview(data).cast("B")
+        self.crcs.add_bytes(offset, mv)
         done = 0
         try:
             while done < len(mv):
@@ -74,6 +78,7 @@ class FileSink:
                 if self._use_copy_file_range:
                     try:
                         n = os.copy_file_range(src_fd, self.fd, step, src_offset + done, dst_offset + done)
+                        self.crcs.add(dst_offset + done, n, None)     # unknown unless the caller knows it
                     except OSError as exc:
                         # Cross-filesystem on old kernels, or a filesystem that refuses it: use pread/pwrite.
                         # A full disk or an IO error is reported, not retried.
@@ -91,6 +96,21 @@ class FileSink:
                 done += n
         except OSError as exc:
             raise OutputError(write_failed(self.path, exc, dst_offset + done, what="copy failed")) from None
+
+    def note_source_crc32(self, dst_offset: int, length: int, crc: int) -> None:
+        """The bytes just copied to [dst_offset, dst_offset + length) have this CRC-32 (from the zip directory)."""
+        self.crcs.replace(dst_offset, length, crc)
+
+    def crc32(self) -> int:
+        """The whole file's CRC-32: combined from the pieces, reading back only ranges of unknown CRC."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                return self.crcs.total(self.nbytes, pread_from(fd))
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot read back: {exc.strerror or exc}") from None
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -364,12 +364,13 @@ class StagingDir:
             return False
         return file_crc32(path) == record.get("crc32")
 
-    def shard_done(self, filename: str, nbytes: int, shard_fingerprint: str) -> None:
-        """A shard's bytes are all written: make them durable, then record it so a resume can keep it."""
+    def shard_done(self, filename: str, nbytes: int, shard_fingerprint: str, crc32: int) -> None:
+        """A shard's bytes are all written: make them durable, then record it so a resume can keep it.
+        `crc32` is the file's CRC-32 as the writer computed it (crc.py), checked against the file on resume."""
         path = self.file(filename)
         fsync_path(path)
         record = {"plan": self.plan_record.get("plan"), "shard": shard_fingerprint, "nbytes": nbytes,
-                  "crc32": file_crc32(path)}
+                  "crc32": crc32}
         _write_json_atomic(os.path.join(self.records_dir, filename + ".json"), record)
         kill_point("between-shards")
 

@@ -502,3 +502,35 @@ def test_json_success_carries_exit_code_0(source, tmp_path):
     assert result.returncode == 0
     report = json.loads(result.stdout)
     assert report["exit_code"] == 0 and report["error"] is None
+
+
+# -- the shard checksum in the resume records ---------------------------------------------------------------
+
+def test_crc32_combine_matches_zlib():
+    import random
+    import zlib
+
+    from streamconv import crc
+    rng = random.Random(0)
+    for _ in range(50):
+        a, b = rng.randbytes(rng.randrange(0, 3000)), rng.randbytes(rng.randrange(0, 3000))
+        want = zlib.crc32(a + b)
+        assert crc.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == want
+        assert (crc._combine_python(zlib.crc32(a), zlib.crc32(b), len(b)) if b else zlib.crc32(a)) == want
+
+
+@pytest.mark.parametrize("layout,extra", [("tp", ()), ("tp", ("--dtype", "float16")), ("tp", ("--workers", "1"))])
+def test_recorded_checksums_are_the_files_crc32(source, tmp_path, layout, extra):
+    """The record's CRC is combined from the zip directory's CRCs and the bytes written (no read-back): it must
+    equal the file's own CRC-32, on the copy path, the cast path and the block-assembly path."""
+    import zlib
+    out = tmp_path / "out"
+    shards = len([n for n in source["expected"] if n.endswith(".safetensors")])
+    killed = convert(source, out, *extra, env={staging.KILL_ENV: "index"})
+    assert killed.returncode == -9
+    stage = tmp_path / ".out.streamconv-partial"
+    records = sorted((stage / staging.RECORDS_DIR).glob("*.safetensors.json"))
+    assert len(records) >= (shards if not extra else 1)
+    for record in records:
+        shard = stage / record.name[:-len(".json")]
+        assert json.loads(record.read_text())["crc32"] == zlib.crc32(shard.read_bytes()), shard.name

@@ -13,7 +13,7 @@ relative to the blob start (torch.save wrote the archive into a stream starting 
 from __future__ import annotations
 
 import struct
-from typing import Dict, Iterable, List, NoReturn, Tuple, Type
+from typing import Dict, Iterable, List, NoReturn, Optional, Tuple, Type
 
 from .. import dtypes
 from ..errors import CheckpointError, UnsupportedFeatureError
@@ -40,11 +40,13 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 class _Entry:
-    __slots__ = ("name", "method", "compressed_size", "size", "header_offset")
+    __slots__ = ("name", "method", "compressed_size", "size", "header_offset", "crc32")
 
-    def __init__(self, name: bytes, method: int, compressed_size: int, size: int, header_offset: int):
+    def __init__(self, name: bytes, method: int, compressed_size: int, size: int, header_offset: int,
+                 crc32: Optional[int] = None):
         self.name, self.method = name, method
         self.compressed_size, self.size, self.header_offset = compressed_size, size, header_offset
+        self.crc32 = crc32
 
 
 class _Blob:
@@ -216,7 +218,7 @@ def _parse_central(blob: _Blob, cd: bytes, count: int) -> Dict[bytes, _Entry]:
     for _ in range(count):
         if pos + _CENTRAL.size > len(cd):
             blob.fail("central directory is shorter than its entry count says (corrupt)")
-        (sig, _, _, _, method, _, _, _, compressed, size, name_len, extra_len, comment_len,
+        (sig, _, _, _, method, _, _, crc32, compressed, size, name_len, extra_len, comment_len,
          _, _, _, header_offset) = _CENTRAL.unpack_from(cd, pos)
         if sig != _CENTRAL_SIG:
             blob.fail(f"bad central directory header signature at entry {len(entries)} (corrupt)")
@@ -225,7 +227,7 @@ def _parse_central(blob: _Blob, cd: bytes, count: int) -> Dict[bytes, _Entry]:
         if _U32_MAX in (compressed, size, header_offset):
             size, compressed, header_offset = _zip64_values(
                 blob, cd[name_at + name_len:name_at + name_len + extra_len], size, compressed, header_offset)
-        entries[name] = _Entry(name, method, compressed, size, header_offset)
+        entries[name] = _Entry(name, method, compressed, size, header_offset, crc32)
         pos = name_at + name_len + extra_len + comment_len
     return entries
 
@@ -331,6 +333,7 @@ def _stored_tensor(blob: _Blob, entries: Dict[bytes, _Entry], cd_offset: int, pr
         stride=record.stride,
         data_offset=blob.location.offset + data_start + record.storage_offset * dtype.itemsize,
         data_nbytes=numel * dtype.itemsize,
+        storage_crc32=entry.crc32 if record.storage_offset == 0 and numel * dtype.itemsize == entry.size else None,
     )
 
 

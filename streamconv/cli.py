@@ -40,7 +40,8 @@ INTERNAL_ERROR_HINT = "this is a bug in streamconv; please report it with the co
 
 def _internal_error(exc: BaseException, as_json: bool) -> None:
     """Last resort: one line, exit 1, never a traceback."""
-    _emit_failure(f"streamconv: internal error ({type(exc).__name__}: {str(exc)[:300]}); {INTERNAL_ERROR_HINT}",
+    detail = " ".join(str(exc).split())[:300]
+    _emit_failure(f"streamconv: internal error ({type(exc).__name__}: {detail}); {INTERNAL_ERROR_HINT}",
                   "InternalError", 1, as_json)
     sys.exit(1)
 

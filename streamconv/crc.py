@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import threading
 import zlib
 from typing import Callable, Dict, Optional, Tuple
 
@@ -70,30 +71,37 @@ def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
 
 
 class PieceCrcs:
-    """CRC-32s of the ranges written into one file, keyed by offset; thread-safe enough for one writer per
-    range (dict operations are atomic under the GIL, and ranges of different tensors never overlap)."""
+    """CRC-32s of the ranges written into one file, keyed by offset. Several workers fill one file (each
+    its own tensors), hence the lock."""
 
     def __init__(self):
         self._pieces: Dict[int, Tuple[int, Optional[int]]] = {}
+        self._lock = threading.Lock()
 
     def add(self, offset: int, length: int, crc: Optional[int]) -> None:
         if length > 0:
-            self._pieces[offset] = (length, crc)
+            with self._lock:
+                self._pieces[offset] = (length, crc)
 
     def add_bytes(self, offset: int, data) -> None:
         self.add(offset, len(data), zlib.crc32(data))
 
     def replace(self, offset: int, length: int, crc: int) -> None:
         """The whole range [offset, offset + length) is known to have this CRC (e.g. a zip storage record)."""
-        for start in [o for o in self._pieces if offset <= o < offset + length]:
-            del self._pieces[start]
-        self.add(offset, length, crc)
+        with self._lock:
+            if self._pieces.get(offset, (0, None))[0] != length:     # usually one piece of exactly that range
+                for start in [o for o in self._pieces if offset <= o < offset + length]:
+                    del self._pieces[start]
+            if length > 0:
+                self._pieces[offset] = (length, crc)
 
     def total(self, nbytes: int, read: Callable[[int, int], bytes]) -> int:
         """The CRC-32 of the file's first `nbytes`; ranges not covered exactly once are read back."""
         crc, pos = 0, 0
-        for offset in sorted(self._pieces):
-            length, piece = self._pieces[offset]
+        with self._lock:
+            pieces = dict(self._pieces)
+        for offset in sorted(pieces):
+            length, piece = pieces[offset]
             if offset < pos:                        # overlapping writes: trust only the file itself
                 return _read_crc(0, nbytes, read)
             if offset > pos:

@@ -71,6 +71,7 @@ class FileSink:
 
     def copy_from(self, src_fd: int, src_offset: int, dst_offset: int, length: int) -> None:
         done = 0
+        in_kernel = 0       # bytes before `done` copied by copy_file_range since the last pread/pwrite piece
         try:
             while done < length:
                 step = min(length - done, _COPY_STEP_BYTES)
@@ -78,7 +79,7 @@ class FileSink:
                 if self._use_copy_file_range:
                     try:
                         n = os.copy_file_range(src_fd, self.fd, step, src_offset + done, dst_offset + done)
-                        self.crcs.add(dst_offset + done, n, None)     # unknown unless the caller knows it
+                        in_kernel += n
                     except OSError as exc:
                         # Cross-filesystem on old kernels, or a filesystem that refuses it: use pread/pwrite.
                         # A full disk or an IO error is reported, not retried.
@@ -91,9 +92,13 @@ class FileSink:
                     block = os.pread(src_fd, min(step, 8 << 20), src_offset + done)
                     if not block:
                         raise OutputError(f"{self.path}: source ended early while copying")
+                    self.crcs.add(dst_offset + done - in_kernel, in_kernel, None)
+                    in_kernel = 0
                     self.write_at(dst_offset + done, block)
                     n = len(block)
                 done += n
+            # Bytes copied in-kernel have a CRC unknown here (note_source_crc32 may supply it).
+            self.crcs.add(dst_offset + done - in_kernel, in_kernel, None)
         except OSError as exc:
             raise OutputError(write_failed(self.path, exc, dst_offset + done, what="copy failed")) from None
 

@@ -257,12 +257,16 @@ class StagingDir:
                 os.mkdir(self.path)
             except OSError as exc:
                 raise OutputError(f"{parent}: cannot create staging folder {self.path}: {exc.strerror}") from None
-            self._lock()
+        self._lock()       # (a no-op when taken above; never discard a folder another run holds)
         try:
             os.makedirs(self.records_dir, exist_ok=True)
+            _write_json_atomic(os.path.join(self.records_dir, PLAN_RECORD), self.plan_record)
         except OSError as exc:
+            self.__exit__(OutputError, None, None)
             raise OutputError(f"{self.records_dir}: cannot create: {exc.strerror}") from None
-        _write_json_atomic(os.path.join(self.records_dir, PLAN_RECORD), self.plan_record)
+        except BaseException as exc:
+            self.__exit__(type(exc), exc, None)
+            raise
 
     # -- opening --------------------------------------------------------------------------------------
     def _lock(self) -> None:

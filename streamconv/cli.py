@@ -267,7 +267,18 @@ def inspect(checkpoint_dir, as_json):
 
 
 def main():
-    cli(prog_name="streamconv")
+    # For the whole process, not only inside a command: once interrupted and on the way out, more signals
+    # (schedulers send several) must not turn exit 130 into "killed by signal" or a KeyboardInterrupt
+    # printed during interpreter shutdown. `_on_signal` ignores every signal after the first.
+    for s in _INTERRUPT_SIGNALS:
+        signal.signal(s, _on_signal)
+    try:
+        cli(prog_name="streamconv")
+    finally:
+        if _received["signal"] is not None:
+            # Python resets its handlers to the default while shutting down: ignore instead.
+            for s in _INTERRUPT_SIGNALS:
+                signal.signal(s, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

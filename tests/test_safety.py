@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -482,6 +483,32 @@ def test_signals_from_outside_while_stopped_mid_run(source, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert not out.exists() and hidden(out) == []
+
+
+@pytest.mark.parametrize("spacing_s", [0, 0.0005, 0.001, 0.002])
+def test_a_storm_of_signals_still_exits_130(source, tmp_path, spacing_s):
+    """SIGINT, then SIGTERM/SIGHUP/SIGINT over and over until the process is gone (a scheduler that insists):
+    130 every time, never 'killed by signal', never a traceback, nothing left behind."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(REPO), **{staging.KILL_ENV: "mid-shard", staging.KILL_SIGNALS_ENV: "STOP"})
+    proc = subprocess.Popen([sys.executable, "-m", "streamconv.cli", "convert", str(source["ckpt"]), str(out),
+                             "--max-shard-size", SHARD], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    os.waitpid(proc.pid, os.WUNTRACED)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
+    storm = [signal.SIGTERM, signal.SIGHUP, signal.SIGINT]
+    for k in range(2000):
+        if proc.poll() is not None:
+            break
+        try:
+            proc.send_signal(storm[k % 3])
+        except ProcessLookupError:
+            break
+        time.sleep(spacing_s)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     assert not out.exists() and hidden(out) == []
 
 

@@ -175,6 +175,10 @@ CONTENDERS: List[Contender] = [
               available=streamconv_unavailable),
     Contender("streamconv --crc", "convert", streamconv("--crc"), space=lambda ck: ck.model_bytes,
               available=streamconv_unavailable),
+    # What durability costs: the same run with fsync off (a switch for this measurement only).
+    Contender("streamconv (no fsync)", "convert",
+              lambda ck, out: ["env", "STREAMCONV_UNSAFE_NO_FSYNC=1"] + streamconv()(ck, out),
+              space=lambda ck: ck.model_bytes, available=streamconv_unavailable),
     Contender("streamconv --buffer-size 16MiB", "convert", streamconv("--buffer-size", "16MiB"),
               space=lambda ck: ck.model_bytes, available=streamconv_unavailable),
     Contender("streamconv --dtype bfloat16", "convert", streamconv("--dtype", "bfloat16"),

@@ -5,9 +5,11 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
+import zlib
 from dataclasses import replace
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
@@ -20,7 +22,7 @@ from .plan import INDEX_FILE_NAME, ConversionPlan, PlanOptions, build_plan
 from .report import ConversionReport, Reporter, peak_rss_bytes
 from .parallel import write_shards
 from .reader.integrity import ChunkIntegrity
-from .sink import StagingDir
+from .staging import StagingDir, check_destination, kill_point
 from . import verification as verifying
 from .sizes import format_size, parse_size
 
@@ -97,6 +99,92 @@ def check_free_space(output_dir: str, needed_bytes: int) -> None:
             "free some space, choose another output folder, or shrink the output with --dtype bfloat16")
 
 
+# Each file takes whole filesystem blocks; counted so that a folder of many small files is not underestimated.
+_BLOCK_BYTES = 4096
+
+
+def output_nbytes(conversion: ConversionPlan, config_folder: Optional[str], sidecars: Sequence[str]) -> int:
+    """Bytes the finished folder takes: shards, index and the copied config/tokenizer files."""
+    index = conversion.index()
+    total = conversion.files_nbytes + (len(json.dumps(index, indent=2)) + 1 if index is not None else 0)
+    for name in sidecars:
+        try:
+            total += os.path.getsize(os.path.join(config_folder or "", name)) + 1024   # config.json grows a little
+        except OSError:
+            pass
+    return total + _BLOCK_BYTES * (len(conversion.shards) + 1 + len(sidecars))
+
+
+def checkpoint_files(checkpoint_dir: str, meta: CheckpointMetadata) -> Dict[str, list]:
+    """{relative path: [size, mtime_ns]} of the files the conversion reads: a resumed run must see the same."""
+    names = set(meta.files)
+    try:
+        names.update(n for n in os.listdir(checkpoint_dir) if n.endswith(".metadata"))
+    except OSError:
+        pass
+    out = {}
+    for name in sorted(names):
+        try:
+            st = os.stat(os.path.join(checkpoint_dir, name))
+            out[name] = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            out[name] = None
+    return out
+
+
+class _Fingerprint:
+    """CRC-32 + Adler-32 + length of a byte stream: enough to tell two plans apart (nobody forges these), and
+    without hashlib, whose OpenSSL costs 3.5 MiB of resident memory."""
+
+    def __init__(self):
+        self.crc, self.adler, self.nbytes = 0, 1, 0
+
+    def update(self, data: bytes) -> None:
+        self.crc, self.adler = zlib.crc32(data, self.crc), zlib.adler32(data, self.adler)
+        self.nbytes += len(data)
+
+    def hexdigest(self) -> str:
+        return f"{self.crc:08x}{self.adler:08x}-{self.nbytes:x}"
+
+
+def shard_fingerprint(shard) -> str:
+    """What decides a shard's bytes: its name, header, and where every tensor's bytes come from (and how)."""
+    h = _Fingerprint()
+    h.update(shard.filename.encode("utf-8") + b"\0" + shard.header)
+    for t in shard.tensors:
+        chunks = [[c.location.relative_path, c.location.offset, c.location.length, list(c.offsets), list(c.sizes)]
+                  for c in t.chunks]
+        h.update(json.dumps([t.name, t.source_fqn, t.src_dtype, t.dst_dtype, list(t.shape), t.begin, t.nbytes,
+                             chunks]).encode("utf-8"))
+    return h.hexdigest()
+
+
+def plan_record(conversion: ConversionPlan, checkpoint_dir: str, meta: CheckpointMetadata) -> dict:
+    """Identifies a conversion for --resume: the plan's fingerprint, the checkpoint's files, and the options
+    (shown when they differ)."""
+    o = conversion.options
+    h = _Fingerprint()
+    for shard in conversion.shards:
+        h.update(shard_fingerprint(shard).encode("ascii"))
+    return {"plan": h.hexdigest(), "checkpoint": checkpoint_files(checkpoint_dir, meta),
+            "options": {"--max-shard-size": o.max_shard_bytes, "--dtype": o.dtype, "--include": list(o.include),
+                        "--exclude": list(o.exclude), "--rename": [f"{r.pattern}={r.replacement}" for r in o.renames],
+                        "--subtree": conversion.subtree, "tied heads dropped": list(o.drop)}}
+
+
+def protected_paths(checkpoint_dir: str, meta: CheckpointMetadata, config_folder: Optional[str]):
+    """(folders, files) a destination must never hold: the checkpoint's and the config folder's."""
+    folders = [checkpoint_dir] + ([config_folder] if config_folder else [])
+    files = [os.path.join(checkpoint_dir, f) for f in meta.files]
+    for folder in folders:
+        try:
+            files += [os.path.join(folder, n) for n in os.listdir(folder)
+                      if not os.path.isdir(os.path.join(folder, n))]
+        except OSError:
+            pass
+    return folders, files
+
+
 def locate_chunks(conversion: ConversionPlan, reader: RangeReader) -> Dict[BlobLocation, StoredTensor]:
     """Find every planned chunk's raw bytes and check them against the metadata, before any output exists.
     Blobs are visited in file order, each once."""
@@ -120,11 +208,15 @@ def locate_chunks(conversion: ConversionPlan, reader: RangeReader) -> Dict[BlobL
 def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions] = None, *,
             overwrite: bool = False, reporter: Optional[Reporter] = None, config_from: Optional[str] = None,
             workers: int = DEFAULT_WORKERS, verify: bool = False, crc: Optional[bool] = None,
-            allow_unmatched: bool = False, no_config: bool = False, **kwargs) -> ConversionReport:
+            allow_unmatched: bool = False, no_config: bool = False, resume: bool = False,
+            discard_partial: bool = False, **kwargs) -> ConversionReport:
     """Convert a DCP checkpoint folder into a folder of safetensors shards (+ index when sharded), with the
     base model's config and tokenizer beside them when `config_from` (or train_params.yaml) names it.
 
-    Output appears at `output_dir` only when complete; on any error nothing is left there.
+    Output appears at `output_dir` only when complete, fsynced, in one rename; on any error nothing is left
+    there. The output may not be, contain or hold the checkpoint or config folder (refused before writing).
+    A run killed hard leaves its staging folder beside `output_dir`: `resume=True` keeps its finished shards
+    (and keeps the staging folder on failure), `discard_partial=True` deletes it; otherwise it is refused.
     `workers` threads write shards side by side, sharing the buffer budget. `verify` checks the written
     folder as `verify()` does (every tensor read back and compared with the checkpoint) before it is
     committed. `crc` checks each chunk's CRC-32 as its bytes are read (None: only with `verify`).
@@ -147,15 +239,31 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
         # Dropped tied heads are still read once, to prove they equal the embedding written in their place.
         with_heads = build_plan(meta, replace(options, drop=())) if setup.tied else conversion
         heads = {t.name: t for t in with_heads.tensors if t.name in setup.dropped_heads}
+        folders, files = protected_paths(checkpoint_dir, meta, setup.config.folder if setup.config else None)
+        check_destination(output_dir, folders, files)       # before anything is written
         stored = locate_chunks(with_heads, reader)
-        check_free_space(output_dir, conversion.files_nbytes)
-        with StagingDir(output_dir, overwrite=overwrite) as staging:
+        fingerprints = {s.filename: shard_fingerprint(s) for s in conversion.shards}
+        run_notes = []
+        with StagingDir(output_dir, plan_record=plan_record(conversion, checkpoint_dir, meta), overwrite=overwrite,
+                        resume=resume, discard_partial=discard_partial) as staging:
+            kept = [s for s in conversion.shards if staging.kept_shard(s.filename, s.nbytes, fingerprints[s.filename])]
+            if staging.resumed:
+                run_notes.append(f"resumed: kept {len(kept)} of {len(conversion.shards)} finished shard(s) "
+                                 f"({format_size(sum(s.nbytes for s in kept))}), wrote the rest")
+                reporter.note(run_notes[-1])
+            kept_names = {s.filename for s in kept}
+            to_write = [s for s in conversion.shards if s.filename not in kept_names]
+            check_free_space(output_dir, output_nbytes(conversion, setup.config.folder if setup.config else None,
+                                                       setup.sidecar_files) - sum(s.nbytes for s in kept))
             reporter.start(conversion.total_bytes * (2 if verify else 1) + sum(t.nbytes for t in heads.values()),
                            "converting")
+            reporter.advance(sum(s.data_nbytes for s in kept))
             check_crc = crc if crc is not None else verify or DEFAULT_CRC
             integrity = ChunkIntegrity(reader, stored) if check_crc else None
-            write_shards(conversion.shards, reader, stored, staging.file, buffer_bytes=options.buffer_bytes,
-                         workers=workers, progress=reporter.advance, integrity=integrity)
+            kill_point("before-first-shard")
+            write_shards(to_write, reader, stored, staging.file, buffer_bytes=options.buffer_bytes,
+                         workers=workers, progress=reporter.advance, integrity=integrity,
+                         on_shard_done=lambda s, crc: staging.shard_done(s.filename, s.nbytes, fingerprints[s.filename], crc))
             if setup.tied:
                 checker = Executor(reader, stored, options.buffer_bytes, progress=reporter.advance,
                                    integrity=integrity)
@@ -168,6 +276,7 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
             if setup.config is not None:
                 copied = hf.sidecars.copy_sidecars(setup.config, setup.sidecar_files, staging.path,
                                                    hf.config_dtype(conversion))
+                staging.added(copied)
             index = conversion.index()
             if index is not None:
                 staging.write_json(INDEX_FILE_NAME, index)   # written last: its presence means complete
@@ -195,7 +304,8 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
         max_shard_bytes=options.max_shard_bytes, skipped=conversion.skipped_counts,
         renamed=len(conversion.renamed), cast=casts, verified_bytes=verified_bytes, files=files + copied, copied_files=copied,
         crc_checked_bytes=integrity.checked_bytes if integrity is not None else 0,
-        dropped_tied=list(setup.dropped_heads), notes=([found_note] if found_note else []) + list(setup.notes),
+        dropped_tied=list(setup.dropped_heads),
+        notes=([found_note] if found_note else []) + list(setup.notes) + run_notes,
         config_from=setup.config.folder if setup.config else None, layout=setup.layout,
         unmatched_names=list(reference.unmatched), missing_names=list(reference.missing))
 

@@ -10,37 +10,132 @@ import sys
 import click
 
 from . import api
-from .errors import StreamconvError
+from .errors import OptionsError, StreamconvError
 from .report import CollectingReporter, Reporter, TqdmReporter
 from .names import printable
 from .sizes import format_size
 
 
-def _terminate(signum, frame):
-    # A job scheduler's SIGTERM ends the run like Ctrl-C, so the staging folder is removed on the way out.
-    raise KeyboardInterrupt
+# SIGTERM (job schedulers) and SIGHUP (a closed terminal or ssh session) end a run like Ctrl-C does.
+_INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_received = {"signal": None}
+
+
+def _on_signal(signum, frame):
+    # Only the first signal interrupts: schedulers often send several (SIGTERM then SIGINT, or one per
+    # process group member), and a second KeyboardInterrupt would break the cleanup the first one started.
+    if _received["signal"] is None:
+        _received["signal"] = signum
+        raise KeyboardInterrupt
+
+
+def _emit_failure(message: str, kind: str, exit_code: int, as_json: bool) -> None:
+    # backslashreplace: a path or name holding a lone surrogate must not turn the message into a traceback
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    click.echo(message if message.startswith(("error:", "interrupted", "streamconv:")) else f"error: {message}",
+               err=True)
+    if as_json:
+        # Scripts reading --json get every failure on stdout too, in the same shape every time.
+        click.echo(json.dumps({"error": message, "kind": kind, "exit_code": exit_code}))
+
+
+INTERNAL_ERROR_HINT = "this is a bug in streamconv; please report it with the command you ran and this line"
+
+
+def _internal_error(exc: BaseException, as_json: bool) -> None:
+    """Last resort: one line, exit 1, never a traceback."""
+    detail = " ".join(str(exc).split())[:300]
+    _emit_failure(f"streamconv: internal error ({type(exc).__name__}: {detail}); {INTERNAL_ERROR_HINT}",
+                  "InternalError", 1, as_json)
+    sys.exit(1)
+
+
+def _interrupted(as_json: bool, resume: bool) -> None:
+    kept = ("the staging folder is kept: run the same command with --resume to continue" if resume
+            else "nothing was committed and the partial output was removed")
+    _emit_failure(f"interrupted: {kept}", "Interrupted", 130, as_json)
+    sys.exit(130)
 
 
 def _fail_cleanly(fn):
     """Turn library errors into one-line messages and their exit codes; never a traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        previous = signal.signal(signal.SIGTERM, _terminate)
+        as_json = bool(kwargs.get("as_json"))
+        _received["signal"] = None
+        previous = {s: signal.signal(s, _on_signal) for s in _INTERRUPT_SIGNALS}
         try:
             return fn(*args, **kwargs)
         except StreamconvError as exc:
-            # backslashreplace: a path or name holding a lone surrogate must not turn the message into a traceback
-            click.echo(f"error: {str(exc).encode('utf-8', 'backslashreplace').decode('utf-8')}", err=True)
-            if kwargs.get("as_json"):
-                # Scripts reading --json get the failure on stdout too, in the same shape every time.
-                click.echo(json.dumps({"error": str(exc), "kind": type(exc).__name__, "exit_code": exc.exit_code}))
+            if _received["signal"] is not None:
+                _interrupted(as_json, bool(kwargs.get("resume")))
+            _emit_failure(str(exc), type(exc).__name__, exc.exit_code, as_json)
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted: partial output removed", err=True)
-            sys.exit(130)
+        except (KeyboardInterrupt, click.exceptions.Abort):
+            _interrupted(as_json, bool(kwargs.get("resume")))
+        except (click.exceptions.Exit, click.ClickException, BrokenPipeError):
+            raise       # usage errors and a closed stdout are handled by _Group
+        except Exception as exc:
+            if _received["signal"] is not None:     # whatever the interrupt broke on its way out
+                _interrupted(as_json, bool(kwargs.get("resume")))
+            _internal_error(exc, as_json)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
     return wrapper
+
+
+class _Group(click.Group):
+    """Usage errors exit 64 (EX_USAGE, as README says) instead of click's 2, which README gives to a bad
+    checkpoint; with --json they print the same one-object failure as every other error."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        args = list(sys.argv[1:] if args is None else args)
+        as_json = "--json" in args
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            exc.exit_code = OptionsError.exit_code
+            if as_json:
+                click.echo(json.dumps({"error": exc.format_message(), "kind": "UsageError",
+                                       "exit_code": exc.exit_code}))
+            exc.show()
+            sys.exit(exc.exit_code)
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            _interrupted(as_json, "--resume" in args)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except Exception as exc:
+            _internal_error(exc, as_json)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except BrokenPipeError:  # `streamconv --help | head -1`
+            _stdout_to_devnull()
+            raise click.exceptions.Exit(0) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as exc:
+            # The reader of stdout went away (`streamconv inspect ckpt | head`): what it wanted, it got. Without
+            # this click would exit 1 with no message. A pipe closed while an error was being reported keeps
+            # the error's exit code.
+            _stdout_to_devnull()
+            failure = exc.__context__
+            ctx.exit(failure.exit_code if isinstance(failure, StreamconvError) else 0)
+
+
+def _stdout_to_devnull() -> None:
+    """Point fd 1 at /dev/null so Python's final flush of stdout does not hit the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _plan_options(fn):
@@ -93,32 +188,6 @@ def _options(max_shard_size, buffer_size, dtype, include, exclude, renames, subt
                             exclude=exclude, dtype=dtype, renames=renames, subtree=subtree)
 
 
-class _Group(click.Group):
-    def make_context(self, *args, **kwargs):
-        try:
-            return super().make_context(*args, **kwargs)
-        except BrokenPipeError:  # `streamconv --help | head -1`
-            _stdout_to_devnull()
-            raise click.exceptions.Exit(0) from None
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except BrokenPipeError as exc:
-            # The reader of stdout went away (`streamconv inspect ckpt | head`): what it wanted, it got. Without
-            # this click would exit 1 with no message. A pipe closed while an error was being reported keeps
-            # the error's exit code.
-            _stdout_to_devnull()
-            failure = exc.__context__
-            ctx.exit(failure.exit_code if isinstance(failure, StreamconvError) else 0)
-
-
-def _stdout_to_devnull() -> None:
-    """Point fd 1 at /dev/null so Python's final flush of stdout does not hit the closed pipe again."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
-
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="streamconv")
@@ -149,22 +218,29 @@ def cli():
               help="Check each chunk's CRC-32 (recorded by torch.save in the .distcp file) as it is read, so a "
                    "corrupt checkpoint fails (exit 2) instead of converting into wrong weights. Costs ~0.2 s of "
                    "CPU per GB. Default: on with --verify, else off.")
+@click.option("--resume", is_flag=True,
+              help="Continue a conversion into OUTPUT_DIR that was killed: keep its finished shards (each checked "
+                   "against its size and checksum) and write the rest. Needs the same options and an unchanged "
+                   "checkpoint. On failure or Ctrl-C the staging folder is kept for another --resume.")
+@click.option("--discard-partial", is_flag=True,
+              help="Delete the staging folder an interrupted conversion into OUTPUT_DIR left, and start over.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar on stderr. Default: only when stderr is a terminal and neither --json nor "
                    "--quiet is given.")
 @_fail_cleanly
 def convert(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, config_from, include, exclude, renames,
-            subtree, as_json, overwrite, workers, verify, crc, quiet, progress, no_config=False,
-            allow_unmatched=False):
+            subtree, as_json, overwrite, workers, verify, crc, resume, discard_partial, quiet, progress,
+            no_config=False, allow_unmatched=False):
     """Convert CHECKPOINT_DIR (a DCP folder) into OUTPUT_DIR (safetensors shards).
 
     CHECKPOINT_DIR may also be a run folder holding one DCP folder with model weights (accelerate's state/, a
     Trainer checkpoint-N/, torchtitan's checkpoint/ with one step-N/): the note says which was taken. When it
     holds several, they are listed and none is taken.
 
-    The output is written to a hidden staging folder beside OUTPUT_DIR and renamed into place only when
-    complete; an error or Ctrl-C leaves nothing that looks finished. Only the model's weights are written:
+    The output is written to a hidden staging folder beside OUTPUT_DIR, fsynced, and renamed into place
+    only when complete; an error or Ctrl-C leaves nothing that looks finished. OUTPUT_DIR may not be the
+    checkpoint folder or hold it (a subfolder of it is fine). Only the model's weights are written:
     optimizer state and non-tensor entries are skipped.
     """
     options = _options(max_shard_size, buffer_size, dtype, include, exclude, renames, subtree)
@@ -174,11 +250,12 @@ def convert(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, conf
     try:
         report = api.convert(checkpoint_dir, output_dir, options, overwrite=overwrite, reporter=reporter,
                              config_from=config_from, workers=workers, verify=verify, crc=crc,
-                             allow_unmatched=allow_unmatched, no_config=no_config)
+                             allow_unmatched=allow_unmatched, no_config=no_config, resume=resume,
+                             discard_partial=discard_partial)
     finally:
         reporter.close()
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        click.echo(json.dumps(dict(report.to_dict(), error=None, exit_code=0), indent=2))
     elif not quiet:
         skipped = ", ".join(f"{n} {why}" for why, n in report.skipped.items()) or "nothing"
         cast = ", ".join(f"{n} {k}" for k, n in report.cast.items()) or "none"
@@ -209,7 +286,7 @@ def plan(checkpoint_dir, max_shard_size, buffer_size, dtype, config_from, includ
                              allow_unmatched=allow_unmatched, no_config=no_config)
     summary = conversion.to_dict()
     if as_json:
-        click.echo(json.dumps(dict(summary, notes=notes.notes), indent=2))
+        click.echo(json.dumps(dict(summary, notes=notes.notes, error=None, exit_code=0), indent=2))
         return
     for shard in conversion.shards:
         click.echo(f"{shard.filename}  {format_size(shard.nbytes)}  {len(shard.tensors)} tensors")
@@ -284,7 +361,7 @@ def inspect(checkpoint_dir, as_json):
     """Show what a DCP checkpoint holds: tensors, dtypes, shapes, how each is sharded, non-tensor entries."""
     info = api.inspect(checkpoint_dir)
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        click.echo(json.dumps(dict(info, error=None, exit_code=0), indent=2))
         return
     if info.get("found"):
         click.echo(info["found"])
@@ -302,15 +379,26 @@ def inspect(checkpoint_dir, as_json):
 
 
 def main():
+    # For the whole process, not only inside a command: once interrupted and on the way out, more signals
+    # (schedulers send several) must not turn exit 130 into "killed by signal" or a KeyboardInterrupt
+    # printed during interpreter shutdown. `_on_signal` ignores every signal after the first.
+    for s in _INTERRUPT_SIGNALS:
+        signal.signal(s, _on_signal)
     try:
-        cli(prog_name="streamconv")
-        code = 0
-    except SystemExit as exc:  # click always ends with sys.exit
-        code = exc.code
-    try:
-        sys.stdout.flush()  # short output still in the buffer meets a closed pipe here, not at interpreter exit
-    except BrokenPipeError:
-        _stdout_to_devnull()
+        try:
+            cli(prog_name="streamconv")
+            code = 0
+        except SystemExit as exc:  # click always ends with sys.exit
+            code = exc.code
+        try:
+            sys.stdout.flush()  # short output still in the buffer meets a closed pipe here, not at interpreter exit
+        except BrokenPipeError:
+            _stdout_to_devnull()
+    finally:
+        if _received["signal"] is not None:
+            # Python resets its handlers to the default while shutting down: ignore instead.
+            for s in _INTERRUPT_SIGNALS:
+                signal.signal(s, signal.SIG_IGN)
     sys.exit(code)
 
 

@@ -166,6 +166,9 @@ class Executor:
                 self.integrity.check(t.source_fqn, chunk)   # reads it into the page cache for the copy below
             if not t.is_cast:
                 self.reader.copy_to(sink, path, src, dst, stored.data_nbytes)
+                note_crc = getattr(sink, "note_source_crc32", None)   # lets the sink skip reading it back
+                if note_crc is not None and stored.storage_crc32 is not None:
+                    note_crc(dst, stored.data_nbytes, stored.storage_crc32)
                 self.progress(stored.data_nbytes)
                 continue
             remaining = stored.data_nbytes

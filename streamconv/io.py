@@ -283,7 +283,10 @@ class DirectoryReader:
         got = 0
         with self.borrow(relative_path) as fd:
             while got < length:
-                part = os.pread(fd, length - got, offset + got)
+                try:
+                    part = os.pread(fd, length - got, offset + got)
+                except OSError as exc:
+                    raise self._read_failed(relative_path, offset + got, exc) from None
                 if not part:
                     break
                 parts.append(part)
@@ -301,7 +304,10 @@ class DirectoryReader:
         first = 0      # pending[:first] are full
         pos = offset
         while first < len(pending):
-            n = os.preadv(fd, pending[first:first + _IOV_MAX], pos)
+            try:
+                n = os.preadv(fd, pending[first:first + _IOV_MAX], pos)
+            except OSError as exc:
+                raise self._read_failed(relative_path, pos, exc) from None
             if n <= 0:
                 raise CheckpointError(
                     f"{self.path(relative_path)}: file ends at offset {pos}, expected more data "
@@ -319,6 +325,9 @@ class DirectoryReader:
     def copy_to(self, sink, relative_path: str, offset: int, dst_offset: int, length: int) -> None:
         with self.borrow(relative_path) as fd:
             sink.copy_from(fd, offset, dst_offset, length)
+
+    def _read_failed(self, relative_path: str, offset: int, exc: OSError) -> CheckpointError:
+        return CheckpointError(f"{self.path(relative_path)}: read failed at offset {offset:,}: {exc.strerror}")
 
     def close(self) -> None:
         """Close every descriptor; call when no thread reads any more."""

@@ -83,6 +83,13 @@ class StoredTensor:
     crc32: Optional[int] = None  # None: the writer recorded none (torch.save with compute_crc32=False stores 0)
 
     @property
+    def storage_crc32(self) -> Optional[int]:
+        """CRC-32 of exactly the tensor's bytes, when the tensor is its whole storage record (resume records
+        derive a shard's CRC from it instead of reading copied bytes back)."""
+        whole = self.record_offset == self.data_offset and self.record_nbytes == self.data_nbytes
+        return self.crc32 if whole else None
+
+    @property
     def is_contiguous(self) -> bool:
         expected = 1
         for size, stride in zip(reversed(self.shape), reversed(self.stride)):

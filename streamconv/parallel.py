@@ -17,6 +17,7 @@ from .io import RangeReader
 from .model import BlobLocation, StoredTensor
 from .plan import ShardPlan, TensorPlan
 from .sink import FileSink
+from .staging import kill_point
 
 Progress = Callable[[int], None]
 
@@ -25,8 +26,9 @@ class _OpenShard:
     """A shard file being filled by several workers: created (with its header) by the first one to need
     it, closed by the one that writes its last tensor."""
 
-    def __init__(self, shard: ShardPlan, path: str):
+    def __init__(self, shard: ShardPlan, path: str, on_done: Optional[Callable[[ShardPlan, int], None]] = None):
         self.shard = shard
+        self.on_done = on_done
         self.path = path
         self.remaining = len(shard.tensors)
         self.sink: Optional[FileSink] = None
@@ -42,8 +44,16 @@ class _OpenShard:
     def done_one(self) -> None:
         with self.lock:
             self.remaining -= 1
-            if self.remaining == 0 and self.sink is not None:
+            if self.remaining > 0:
+                kill_point("mid-shard")
+                return
+            if self.sink is not None:
                 self.sink.close()
+        self.finished()
+
+    def finished(self) -> None:
+        if self.on_done is not None and self.sink is not None:
+            self.on_done(self.shard, self.sink.crc32())    # fsync + resume record, outside the lock
 
     def close(self) -> None:
         with self.lock:
@@ -53,9 +63,11 @@ class _OpenShard:
 
 def write_shards(shards: Sequence[ShardPlan], reader: RangeReader, stored: Mapping[BlobLocation, StoredTensor],
                  path_for: Callable[[str], str], *, buffer_bytes: int, workers: int = 1,
-                 progress: Optional[Progress] = None, integrity=None) -> None:
+                 progress: Optional[Progress] = None, integrity=None,
+                 on_shard_done: Optional[Callable[[ShardPlan, int], None]] = None) -> None:
     """Write every shard to `path_for(filename)`. The total buffer memory stays `buffer_bytes`.
-    `integrity` (a `reader.integrity.ChunkIntegrity`) checks each chunk's CRC-32 before its bytes move."""
+    `integrity` (a `reader.integrity.ChunkIntegrity`) checks each chunk's CRC-32 before its bytes move.
+    `on_shard_done(shard, crc32)` runs (on the worker that finished it) once a shard's last byte is written."""
     lock = threading.Lock()
 
     def advance(n: int) -> None:
@@ -63,11 +75,12 @@ def write_shards(shards: Sequence[ShardPlan], reader: RangeReader, stored: Mappi
             with lock:
                 progress(n)
 
-    files = [_OpenShard(s, path_for(s.filename)) for s in shards]
+    files = [_OpenShard(s, path_for(s.filename), on_shard_done) for s in shards]
     for f in files:
         if not f.shard.tensors:
             f.open()
             f.close()
+            f.finished()
     # Shard by shard, tensors in file order: workers move through the output roughly front to back.
     queue: List[Tuple[_OpenShard, TensorPlan]] = [(f, t) for f in files for t in f.shard.tensors]
     queue.reverse()     # pop() from the end is O(1)

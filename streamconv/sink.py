@@ -1,17 +1,17 @@
 """Where output bytes go: one `ShardSink` per shard file, and a `StagingDir` that makes the folder atomic.
 
-Write at an offset, then commit or discard. Nothing is visible at the destination until
-`StagingDir.commit()` renames the staging folder into place, after the index is written.
+Write at an offset, then close. The folder around the shards (staging, durability, resume, commit) is
+`staging.StagingDir`.
 """
 from __future__ import annotations
 
-import json
+import errno
 import os
-import shutil
-import uuid
-from typing import Dict, Optional, Protocol
+from typing import Protocol
 
+from .crc import PieceCrcs, pread_from
 from .errors import OutputError
+from .staging import StagingDir, write_failed  # noqa: F401  (StagingDir lived here before staging.py)
 
 
 class ShardSink(Protocol):
@@ -50,24 +50,28 @@ class FileSink:
 
     def __init__(self, path: str, nbytes: int):
         self.path = path
+        self.nbytes = nbytes
+        self.crcs = PieceCrcs()     # the file's CRC-32, built as bytes pass (see crc.py)
         try:
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.ftruncate(self.fd, nbytes)
         except OSError as exc:
-            raise OutputError(f"{path}: cannot create output file: {exc.strerror}") from None
+            raise OutputError(write_failed(path, exc, what="cannot create output file")) from None
         self._use_copy_file_range = hasattr(os, "copy_file_range")
 
     def write_at(self, offset: int, data) -> None:
         mv = memoryview(data).cast("B")
+        self.crcs.add_bytes(offset, mv)
         done = 0
         try:
             while done < len(mv):
                 done += os.pwrite(self.fd, mv[done:], offset + done)
         except OSError as exc:
-            raise OutputError(f"{self.path}: write failed at offset {offset + done}: {exc.strerror}") from None
+            raise OutputError(write_failed(self.path, exc, offset + done)) from None
 
     def copy_from(self, src_fd: int, src_offset: int, dst_offset: int, length: int) -> None:
         done = 0
+        in_kernel = 0       # bytes before `done` copied by copy_file_range since the last pread/pwrite piece
         try:
             while done < length:
                 step = min(length - done, _COPY_STEP_BYTES)
@@ -75,19 +79,43 @@ class FileSink:
                 if self._use_copy_file_range:
                     try:
                         n = os.copy_file_range(src_fd, self.fd, step, src_offset + done, dst_offset + done)
-                    except OSError:
+                        in_kernel += n
+                    except OSError as exc:
                         # Cross-filesystem on old kernels, or a filesystem that refuses it: use pread/pwrite.
+                        # A full disk or an IO error is reported, not retried.
+                        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
+                                             errno.ENOTSUP, errno.EBADF):
+                            raise
                         self._use_copy_file_range = False
                         n = 0
                 if n == 0:
                     block = os.pread(src_fd, min(step, 8 << 20), src_offset + done)
                     if not block:
                         raise OutputError(f"{self.path}: source ended early while copying")
+                    self.crcs.add(dst_offset + done - in_kernel, in_kernel, None)
+                    in_kernel = 0
                     self.write_at(dst_offset + done, block)
                     n = len(block)
                 done += n
+            # Bytes copied in-kernel have a CRC unknown here (note_source_crc32 may supply it).
+            self.crcs.add(dst_offset + done - in_kernel, in_kernel, None)
         except OSError as exc:
-            raise OutputError(f"{self.path}: copy failed at offset {dst_offset + done}: {exc.strerror}") from None
+            raise OutputError(write_failed(self.path, exc, dst_offset + done, what="copy failed")) from None
+
+    def note_source_crc32(self, dst_offset: int, length: int, crc: int) -> None:
+        """The bytes just copied to [dst_offset, dst_offset + length) have this CRC-32 (from the zip directory)."""
+        self.crcs.replace(dst_offset, length, crc)
+
+    def crc32(self) -> int:
+        """The whole file's CRC-32: combined from the pieces, reading back only ranges of unknown CRC."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                return self.crcs.total(self.nbytes, pread_from(fd))
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot read back: {exc.strerror or exc}") from None
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -166,75 +194,3 @@ class ComparingSink:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-def _is_empty_dir(path: str) -> bool:
-    return os.path.isdir(path) and not os.listdir(path)
-
-
-class StagingDir:
-    """A hidden folder beside the destination; renamed into place by `commit()`, removed by `discard()`.
-
-    Use as a context manager: leaving the block with an exception (including KeyboardInterrupt)
-    discards, so an interrupted run never leaves a folder that looks finished.
-    """
-
-    def __init__(self, destination: str, *, overwrite: bool = False):
-        self.destination = os.path.abspath(os.fspath(destination))
-        self.overwrite = overwrite
-        if os.path.exists(self.destination) and not _is_empty_dir(self.destination):
-            if not os.path.isdir(self.destination):
-                raise OutputError(f"{self.destination} exists and is not a folder")
-            if not overwrite:
-                raise OutputError(
-                    f"{self.destination} exists and is not empty; pass --overwrite to replace it, "
-                    "or choose another output folder")
-        parent = os.path.dirname(self.destination)
-        try:
-            os.makedirs(parent, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"{parent}: cannot create: {exc.strerror}") from None
-        base = os.path.basename(self.destination)
-        self.path = os.path.join(parent, f".{base}.streamconv-{uuid.uuid4().hex[:8]}.partial")
-        try:
-            os.mkdir(self.path)
-        except OSError as exc:
-            raise OutputError(f"{parent}: cannot create staging folder: {exc.strerror}") from None
-        self._done = False
-
-    def file(self, name: str) -> str:
-        return os.path.join(self.path, name)
-
-    def write_json(self, name: str, obj: Dict) -> None:
-        with open(self.file(name), "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-
-    def commit(self) -> None:
-        """Move the finished folder into place. The old destination (with --overwrite) goes only now."""
-        if os.path.lexists(self.destination):
-            if os.path.isdir(self.destination) and not os.path.islink(self.destination):
-                old = self.path + ".old"
-                os.rename(self.destination, old)
-                os.rename(self.path, self.destination)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                raise OutputError(f"{self.destination} exists and is not a folder")
-        else:
-            os.rename(self.path, self.destination)
-        self._done = True
-
-    def discard(self) -> None:
-        if not self._done:
-            shutil.rmtree(self.path, ignore_errors=True)
-            self._done = True
-
-    def __enter__(self) -> "StagingDir":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> Optional[bool]:
-        if exc_type is not None:
-            self.discard()
-        elif not self._done:
-            self.discard()   # left the block without commit(): treat as abandoned
-        return None

@@ -172,10 +172,12 @@ def plan_record(conversion: ConversionPlan, checkpoint_dir: str, meta: Checkpoin
                         "--subtree": conversion.subtree, "tied heads dropped": list(o.drop)}}
 
 
-def protected_paths(checkpoint_dir: str, meta: CheckpointMetadata, config_folder: Optional[str]):
-    """(folders, files) a destination must never hold: the checkpoint's and the config folder's."""
+def protected_paths(reader: DirectoryReader, meta: CheckpointMetadata, config_folder: Optional[str]):
+    """(folders, files) a destination must never hold: the checkpoint's and the config folder's.
+    Data file names come from untrusted metadata: `reader.path` refuses the ones no filesystem can hold."""
+    checkpoint_dir = reader.root
     folders = [checkpoint_dir] + ([config_folder] if config_folder else [])
-    files = [os.path.join(checkpoint_dir, f) for f in meta.files]
+    files = [reader.path(f) for f in meta.files]
     for folder in folders:
         try:
             files += [os.path.join(folder, n) for n in os.listdir(folder)
@@ -239,7 +241,7 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
         # Dropped tied heads are still read once, to prove they equal the embedding written in their place.
         with_heads = build_plan(meta, replace(options, drop=())) if setup.tied else conversion
         heads = {t.name: t for t in with_heads.tensors if t.name in setup.dropped_heads}
-        folders, files = protected_paths(checkpoint_dir, meta, setup.config.folder if setup.config else None)
+        folders, files = protected_paths(reader, meta, setup.config.folder if setup.config else None)
         check_destination(output_dir, folders, files)       # before anything is written
         stored = locate_chunks(with_heads, reader)
         fingerprints = {s.filename: shard_fingerprint(s) for s in conversion.shards}

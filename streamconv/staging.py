@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import fcntl
 import json
 import os
 import shutil
@@ -273,6 +272,7 @@ class StagingDir:
         """One run per destination: a second concurrent run would write into the same staging folder."""
         if self._lock_fd >= 0:
             return
+        import fcntl    # POSIX only: imported here so `import streamconv` works everywhere
         try:
             self._lock_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -453,7 +453,8 @@ def test_json_stdout_is_one_document_for_every_command(dcp_checkpoints, tmp_path
         doc = json.loads(r.stdout)   # the whole of stdout, nothing before or after
         assert isinstance(doc, dict), name
         assert "\x1b[" not in r.stdout + r.stderr, name   # no colour codes anywhere
-        assert (r.returncode == 0) == ("error" not in doc), (name, r.returncode, doc)
+        assert doc["exit_code"] == r.returncode, (name, r.returncode, doc)    # every outcome says how it ended
+        assert (r.returncode == 0) == (doc["error"] is None), (name, r.returncode, doc)
     assert runs["convert --progress"].stderr.strip(), "--progress drew nothing on stderr"
 
 

@@ -82,6 +82,8 @@ def check_coverage(fqn: str, shape: Sequence[int], chunks: Sequence[Chunk]) -> N
                 split_dims.add(dim)
         covered += _volume(chunk.sizes)
     total = _volume(shape)
+    if total == 0:          # nothing to cover (and every box inside the shape is empty)
+        return
     dims = sorted(split_dims)
     if covered == total and len(dims) <= MAX_CORNER_DIMS and _corners_cancel(shape, chunks, dims):
         return

@@ -137,6 +137,20 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _reset_peak_rss():
+    """Reset VmHWM to the current RSS (Linux: write 5 to clear_refs) and return the current RSS, or None."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _find_all(data: bytes, sig: bytes):
     i = data.find(sig)
     while i >= 0:
@@ -150,11 +164,12 @@ def main() -> int:
     blobs = [p.read_bytes() for p in sorted(corpus.glob("*.blob"))]
     case_path = out_path.with_suffix(".case")
     stats = {"cases": 0, "ok": 0, "errors": 0, "slowest_s": 0.0, "largest_input": 0, "failures": [],
-             "peak_rss_bytes": 0, "peak_case": ""}
+             "peak_rss_bytes": 0, "peak_case": "", "max_case_growth_bytes": 0}
     base_rss = peak_rss_bytes()
 
     def run(kind: str, data: bytes) -> None:
         case_path.write_bytes(kind.encode() + b"\n" + data)
+        before = _reset_peak_rss()
         stats["cases"] += 1
         stats["largest_input"] = max(stats["largest_input"], len(data))
         start = time.perf_counter()
@@ -175,6 +190,8 @@ def main() -> int:
         rss = peak_rss_bytes()
         if rss > stats["peak_rss_bytes"]:
             stats["peak_rss_bytes"], stats["peak_case"] = rss, f"{kind}: {data[:300].hex()}"
+        if before is not None:      # what this one case added on top of the process as it was
+            stats["max_case_growth_bytes"] = max(stats["max_case_growth_bytes"], rss - before)
         if seconds > MAX_CASE_SECONDS:
             stats["failures"].append({"kind": kind, "error": f"took {seconds:.2f} s", "input_hex": data[:4096].hex()})
 

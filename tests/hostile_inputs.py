@@ -87,6 +87,8 @@ def duplicate_storage_metadata(real: bytes) -> bytes:
     from torch.distributed.checkpoint.metadata import MetadataIndex
 
     class _Twin:  # pickles exactly like MetadataIndex(key.fqn, key.offset) but hashes by identity
+        __class__ = property(lambda self: MetadataIndex)   # what pickle checks before writing NEWOBJ
+
         def __reduce_ex__(self, protocol):
             return copyreg.__newobj__, (MetadataIndex,), dict(key.__dict__)
 

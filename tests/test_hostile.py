@@ -260,10 +260,10 @@ def _covered_exactly_once(shape, boxes) -> bool:
 @st.composite
 def box_sets(draw):
     ndim = draw(st.integers(1, 3))
-    shape = tuple(draw(st.integers(1, 5)) for _ in range(ndim))
+    shape = tuple(draw(st.integers(0, 5)) for _ in range(ndim))
     boxes = []
     for _ in range(draw(st.integers(0, 8))):
-        off = tuple(draw(st.integers(0, s - 1)) for s in shape)
+        off = tuple(draw(st.integers(0, s)) for s in shape)
         size = tuple(draw(st.integers(0, s - o)) for o, s in zip(off, shape))
         boxes.append((off, size))
     return shape, boxes

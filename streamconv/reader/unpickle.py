@@ -190,6 +190,7 @@ class _Machine:
                 # Fixed-size arguments: make sure they are in the buffer (at most 9 bytes).
                 need = _ARG_BYTES[op]
                 if need < 0:
+                    pos -= 1                # the error names the offending byte's offset
                     raise _Refused(_refused_opcode(op))
                 if pos + need > end:
                     buf, pos = stream.more(buf, pos, need), 0

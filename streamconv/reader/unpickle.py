@@ -293,7 +293,8 @@ class _Machine:
                     depth[-1] = _deeper(d + 1)
                     if not (args and result is args[0]):     # torch.Size & co hand back their argument
                         cost += _RECORD
-                    if args and _forget(memo, args) and getrefcount(args) == 2 + (item is args):
+                    # Forgotten only when just built by TUPLE1-3 (torch.Size & co), never a tuple fetched from the memo.
+                    if args and item is args and _forget(memo, args) and getrefcount(args) == 3:
                         cost -= 56 + 8 * len(args)
                 elif op == 0x4A:                                  # BININT
                     push(_unpack_i32(buf, pos)[0])

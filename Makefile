@@ -40,3 +40,10 @@ bench-full-fp32: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# Fuzz the readers with thousands of mutated real .metadata pickles and torch.save blobs (tests/test_fuzz.py,
+# ~2 min for 5000); the hostile-input table (peak RSS, time) is `$(PY) -m tests.hostile_report`.
+.PHONY: fuzz
+FUZZ_EXAMPLES ?= 5000
+fuzz: install
+	STREAMCONV_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s -p no:logging tests/test_fuzz.py

@@ -4,7 +4,8 @@
 * `load_metadata(reader, name)`: the checkpoint's tensors, chunks and blob locations (`streamconv.model`).
 * `locate_tensor(reader, location, fqn=...)` / `locate_all(reader, tensors)`: where each chunk's raw bytes are.
 
-Pickles are read with allow-listed unpicklers (`safe_pickle.py`); nothing outside the list is imported.
+Pickles are read with allow-listed stand-ins (`safe_pickle.py`) on a bounded pickle machine (`unpickle.py`:
+depth, sizes and allocations capped, `.metadata` streamed); nothing outside the list is imported.
 """
 from .blob import locate_all, locate_tensor
 from .metadata import find_metadata_file, load_metadata

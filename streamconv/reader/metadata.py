@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -15,10 +16,13 @@ from ..errors import CheckpointError
 from ..io import RangeReader
 from ..model import BlobLocation, BytesEntry, CheckpointMetadata, Chunk, PathElement, TensorEntry
 from . import safe_pickle as sp
+from .unpickle import describe
 
 METADATA_NAME = ".metadata"
 # FileSystemWriter with use_collectives=False: every rank writes its own `__{rank}.metadata`.
-_RANK_METADATA = re.compile(r"__(\d+)\.metadata")
+# Rank numbers as torch writes them (no leading zeros); a name with more digits than any real world size is
+# not a rank file.
+_RANK_METADATA = re.compile(r"__(0|[1-9][0-9]{0,8})\.metadata")
 
 # storage_data key: (fqn, chunk offsets) for tensor chunks, (fqn, None) for bytes items.
 _StorageKey = Tuple[str, Optional[Tuple[int, ...]]]
@@ -29,6 +33,7 @@ class _TensorDecl:
     dtype: str
     shape: Tuple[int, ...]
     chunks: List[Tuple[Tuple[int, ...], Tuple[int, ...]]]  # (offsets, sizes), as listed
+    seen: Optional[set] = None   # set(chunks), built when per-rank files are merged
 
 
 @dataclass
@@ -72,18 +77,60 @@ def find_metadata_file(root: "str | os.PathLike[str]") -> str:
     if not os.path.isdir(root):
         what = "is not a directory" if os.path.exists(root) else "does not exist"
         raise CheckpointError(f"{root} {what}; pass the DCP checkpoint folder (the one holding `.metadata`)")
-    if os.path.isfile(os.path.join(root, METADATA_NAME)):
+    if _check_regular(root, METADATA_NAME):
         return METADATA_NAME
     names = sorted(os.listdir(root))
     ranks = sorted(int(m.group(1)) for m in map(_RANK_METADATA.fullmatch, names) if m)
     if ranks:
-        missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
-        if missing:
+        # Ranks must be 0..n-1. Compared against the files present, so a name like `__10000000.metadata`
+        # costs nothing more than any other file.
+        if ranks[-1] != len(ranks) - 1:
             raise CheckpointError(
                 f"{root}: per-rank metadata (saved with use_collectives=False) is missing for rank(s) "
-                f"{missing}; found `__<rank>.metadata` for ranks {ranks}. Copy the missing files.")
+                f"[{_missing_ranks(ranks)}]; found `__<rank>.metadata` for ranks [{_rank_list(ranks)}]. "
+                "Copy the missing files.")
+        for rank in ranks:
+            _check_regular(root, f"__{rank}.metadata")
         return "__0.metadata"
     raise CheckpointError(_not_a_checkpoint_message(root, names))
+
+
+def _check_regular(root: str, name: str) -> bool:
+    """True if `name` is a regular file in `root`, False if absent; CheckpointError for a FIFO, device or
+    directory (opening a FIFO would block forever). stat does not open the file."""
+    path = os.path.join(root, name)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "not a regular file")
+        raise CheckpointError(f"{path} is {kind}, not a regular file; streamconv reads checkpoint metadata "
+                              "only from regular files")
+    return True
+
+
+def _rank_list(ranks: List[int], shown: int = 10) -> str:
+    text = ", ".join(map(str, ranks[:shown]))
+    return text + (f", ... ({len(ranks)} in all)" if len(ranks) > shown else "")
+
+
+def _missing_ranks(ranks: List[int], shown: int = 10) -> str:
+    """The first few numbers absent from sorted `ranks` within 0..max, without building the whole range."""
+    missing: List[int] = []
+    expected = 0
+    for rank in ranks:
+        while expected < rank and len(missing) <= shown:
+            missing.append(expected)
+            expected += 1
+        expected = rank + 1
+    total = ranks[-1] + 1 - len(ranks)
+    text = ", ".join(map(str, missing[:shown]))
+    return text + (f", ... ({total} in all)" if total > shown else "")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -96,10 +143,11 @@ def _decode(reader: RangeReader, name: str) -> _Decoded:
     except CheckpointError as exc:
         raise CheckpointError(f"{name}: metadata file not found ({exc}); find_metadata_file(folder) tells which "
                               "metadata file a checkpoint folder has") from exc
-    data = reader.read(name, 0, size_bytes)
-    if not data:
+    if not size_bytes:
         raise CheckpointError(f"{name}: file is empty (the save was interrupted or the copy is incomplete)")
-    pickled = sp.load_metadata_pickle(data, source=name)
+    # Streamed: a corrupt or hostile file fails at its first bad byte, and a huge one is never held whole.
+    pickled = sp.load_metadata_pickle(source=name, read=lambda offset, length: reader.read(name, offset, length),
+                                      size=size_bytes)
     md = pickled.root
     if not isinstance(md, sp.Metadata):
         raise CheckpointError(f"{name}: holds a {type(md).__name__}, not a DCP Metadata object")
@@ -110,13 +158,13 @@ def _decode(reader: RangeReader, name: str) -> _Decoded:
     entries: Dict[str, Optional[_TensorDecl]] = {}
     for fqn, item in sdm.items():
         if not isinstance(fqn, str):
-            raise CheckpointError(f"{name}: state_dict_metadata key {fqn!r} is not a string")
+            raise CheckpointError(f"{name}: state_dict_metadata key {describe(fqn)} is not a string")
         entries[fqn] = _tensor_decl(name, fqn, item)
 
     locations, files = _storage_locations(name, md.get("storage_data"))
     version = md.get("version")
     if version is not None and not isinstance(version, str):
-        raise CheckpointError(f"{name}: version {version!r} is not a string")
+        raise CheckpointError(f"{name}: version {describe(version)} is not a string")
     return _Decoded(name, entries, _planner_paths(md.get("planner_data")), locations, version,
                     _torch_version_hint(md, pickled.globals_seen), files)
 
@@ -125,12 +173,13 @@ def _tensor_decl(name: str, fqn: str, item: Any) -> Optional[_TensorDecl]:
     if isinstance(item, sp.BytesStorageMetadata):
         return None
     if not isinstance(item, sp.TensorStorageMetadata):
-        raise CheckpointError(f"{name}: entry {fqn!r} is a {type(item).__name__}, expected tensor or bytes metadata")
-    where = f"{name}: tensor {fqn!r}"
+        raise CheckpointError(
+            f"{name}: entry {describe(fqn)} is a {type(item).__name__}, expected tensor or bytes metadata")
+    where = f"{name}: tensor {describe(fqn)}"
     props = item.get("properties")
     dtype = props.get("dtype") if isinstance(props, sp.TensorProperties) else None
     if not isinstance(dtype, sp.TorchDtype):
-        raise CheckpointError(f"{where}: properties have no torch dtype (found {props!r})")
+        raise CheckpointError(f"{where}: properties have no torch dtype (found {describe(props)})")
     shape = _dims(where, "size", item.get("size"))
     chunks_in = item.get("chunks")
     if not isinstance(chunks_in, list):
@@ -150,13 +199,13 @@ def _tensor_decl(name: str, fqn: str, item: Any) -> Optional[_TensorDecl]:
 
 def _dims(where: str, what: str, value: Any) -> Tuple[int, ...]:
     # torch.Size decodes to a tuple (safe_pickle maps it to `tuple`); plain lists are accepted as well.
-    if isinstance(value, (tuple, list)):
+    if isinstance(value, (tuple, list)) and len(value) <= sp.MAX_DIMS:
         for v in value:
             if type(v) is not int or v < 0:
                 break
         else:
             return tuple(value)
-    raise CheckpointError(f"{where}: {what} {value!r} is not a tuple of non-negative ints")
+    raise CheckpointError(f"{where}: {what} {describe(value)} is not a tuple of non-negative ints")
 
 
 def _storage_locations(name: str, storage_data: Any) -> Tuple[Dict[_StorageKey, BlobLocation], set]:
@@ -174,10 +223,17 @@ def _storage_locations(name: str, storage_data: Any) -> Tuple[Dict[_StorageKey, 
         fqn = index.get("fqn")
         offset = index.get("offset")  # absent for bytes items (left at the class default None)
         if not isinstance(fqn, str):
-            raise CheckpointError(f"{name}: storage_data key has fqn {fqn!r}, expected a string")
-        key = (fqn, None if offset is None else _dims(f"{name}: storage for {fqn!r}", "offset", offset))
+            raise CheckpointError(f"{name}: storage_data key has fqn {describe(fqn)}, expected a string")
+        key = (fqn, None if offset is None else _dims(f"{name}: storage for {describe(fqn)}", "offset", offset))
         location = _blob_location(name, fqn, info)
-        locations.setdefault(key, location)
+        if key in locations:
+            # torch's own dict cannot hold two (its MetadataIndex compares by fqn and offset); only a crafted or
+            # corrupted pickle can. torch.load would take the last, an earlier version of us the first: refuse.
+            raise CheckpointError(
+                f"{name}: storage_data lists {describe(fqn)}"
+                f"{'' if offset is None else f' chunk at offsets {list(key[1])}'} twice ({_where(locations[key])} "
+                f"and {_where(location)}); the metadata is corrupt or crafted")
+        locations[key] = location
         files.add(location.relative_path)
     return locations, files
 
@@ -187,9 +243,11 @@ def _blob_location(name: str, fqn: str, info: sp.StorageInfo) -> BlobLocation:
     transforms = info.get("transform_descriptors") or ()
     if not (isinstance(path, str) and path and type(offset) is int and offset >= 0
             and type(length) is int and length >= 0):
-        raise CheckpointError(f"{name}: storage for {fqn!r} has invalid file/offset/length {info.fields!r}")
+        raise CheckpointError(
+            f"{name}: storage for {describe(fqn)} has invalid file/offset/length {info.describe_fields()}")
     if not (isinstance(transforms, (list, tuple)) and all(isinstance(t, str) for t in transforms)):
-        raise CheckpointError(f"{name}: storage for {fqn!r} has invalid transform_descriptors {transforms!r}")
+        raise CheckpointError(
+            f"{name}: storage for {describe(fqn)} has invalid transform_descriptors {describe(transforms)}")
     return BlobLocation(path, offset, length, tuple(transforms))
 
 
@@ -212,7 +270,7 @@ def _torch_version_hint(md: sp.Metadata, globals_seen: frozenset) -> str:
         return ">=2.9"
     if version is not None:
         return f">=2.9 (DCP format version {version})"
-    if "storage_meta" in md.fields:
+    if md.has("storage_meta"):
         return "2.4-2.8"
     if f"{sp.OLD_PROPERTIES_MODULE}.TensorProperties" in globals_seen:
         return "2.0-2.2"
@@ -246,15 +304,24 @@ def _merge_ranks(ranks: List[_Decoded]) -> _Decoded:
             if (mine is None) != (decl is None) or (
                     decl is not None and (mine.dtype, mine.shape) != (decl.dtype, decl.shape)):
                 raise CheckpointError(
-                    f"{other.name}: {fqn!r} is {_describe(decl)} but {merged.name} says {_describe(mine)}")
+                    f"{other.name}: {describe(fqn)} is {_describe(decl)} but {merged.name} says {_describe(mine)}")
             if decl is not None:
-                mine.chunks.extend(c for c in decl.chunks if c not in mine.chunks)
+                if mine.seen is None:
+                    mine.seen = set(mine.chunks)
+                for chunk in decl.chunks:
+                    if chunk not in mine.seen:
+                        mine.seen.add(chunk)
+                        mine.chunks.append(chunk)
         for key, location in other.locations.items():
             merged.locations.setdefault(key, location)
         for fqn, path in other.paths.items():
             merged.paths.setdefault(fqn, path)
         merged.files |= other.files
     return merged
+
+
+def _where(location: BlobLocation) -> str:
+    return f"{describe(location.relative_path)} at offset {location.offset}"
 
 
 def _describe(decl: Optional[_TensorDecl]) -> str:
@@ -277,7 +344,7 @@ def _build(decoded: _Decoded) -> CheckpointMetadata:
             location = decoded.locations.get((fqn, offsets))
             if location is None:
                 raise CheckpointError(
-                    f"{decoded.name}: tensor {fqn!r} chunk at offsets {list(offsets)} (sizes {list(sizes)}) has no "
+                    f"{decoded.name}: tensor {describe(fqn)} chunk at offsets {list(offsets)} (sizes {list(sizes)}) has no "
                     "entry in storage_data, so its data file is unknown; the metadata is inconsistent")
             chunks.append(Chunk(offsets, sizes, location))
         tensors.append(TensorEntry(fqn, decl.dtype, decl.shape, tuple(chunks), path))

@@ -1,11 +1,13 @@
-"""Allow-listed unpicklers for the two kinds of pickle in a DCP checkpoint, decoded without torch.
+"""Allow-listed decoding of the two kinds of pickle in a DCP checkpoint, without torch.
 
-* `.metadata` (`pickle.dump(Metadata)` by FileSystemWriter.finish): `load_metadata_pickle`.
+* `.metadata` (`pickle.dump(Metadata)` by FileSystemWriter.finish): `load_metadata_pickle`, streamed.
 * `data.pkl` inside each tensor's `torch.save` zip: `load_tensor_record`.
 
-`find_class` maps each allowed `module.name` to a small stand-in of ours; anything else raises
+Both run on `unpickle.py`'s bounded machine (depth, sizes and allocations capped; see there). Each global
+a pickle names is looked up in an allow-list mapping it to a small stand-in of ours; anything else raises
 UnsafePickleError before it is imported, so nothing outside the list is ever imported or called. The
-stand-ins only record the pickled state; `reader/metadata.py` and `reader/blob.py` validate it.
+stand-ins accept only the argument types torch writes and only record the pickled state;
+`reader/metadata.py` and `reader/blob.py` validate it.
 
 How torch 2.13 pickles these (checked with pickletools on real checkpoints):
 * dataclasses (Metadata, TensorStorageMetadata, ChunkStorageMetadata, MetadataIndex, StorageMeta,
@@ -16,7 +18,7 @@ How torch 2.13 pickles these (checked with pickletools on real checkpoints):
   `(dtype, layout, requires_grad, _MEM_FORMAT_ENCODING, pin_memory)`.
 * `_MEM_FORMAT_ENCODING(0)` (an Enum), `torch.Size((3, 4))`, `torch.serialization._get_layout('torch.strided')`,
   `pathlib.PosixPath('/', 'ckpt')`: REDUCE of the global with its args. Protocol 2 would write Python 2
-  module names for some globals (fix_imports); find_class sees the raw names, so those are refused too.
+  module names for some globals (fix_imports); the allow-list sees the raw names, so those are refused too.
 * `torch.float32` etc.: a bare global (dtype.__reduce__ returns its name).
 * data.pkl (protocol 2): `torch._utils._rebuild_tensor_v2(<persistent ('storage', torch.FloatStorage, '0',
   'cpu', numel)>, storage_offset, size, stride, requires_grad, OrderedDict())`; dtypes without a legacy
@@ -24,51 +26,22 @@ How torch 2.13 pickles these (checked with pickletools on real checkpoints):
 """
 from __future__ import annotations
 
-import collections
-import io
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath, PureWindowsPath
-from typing import Any, Callable, ClassVar, Dict, FrozenSet, Optional, Set, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Optional, Set, Tuple
 
 from ..dtypes import STORAGE_CLASS_TO_NAME
-from ..errors import CheckpointError, StreamconvError, UnsafePickleError
+from ..errors import CheckpointError, UnsafePickleError
+from . import unpickle
+from .unpickle import Record, describe
 
-# ---------------------------------------------------------------------------------------------------------
-# Stand-ins shared by both pickles
-
-
-# Hardening: BUILD on a global (e.g. `torch.Size` followed by BUILD with a slot-state dict) would call
-# setattr on the object find_class returned. The objects handed out are therefore immutable: builtins,
-# `_Sealed` classes, `_ReadOnlyCall` wrappers and slotted frozen dataclasses. A crafted checkpoint cannot
-# change how the next one is decoded.
-
-
-class _Sealed(type):
-    def __setattr__(cls, name: str, value: Any) -> None:
-        raise AttributeError(f"{cls.__name__} is read-only")
-
-    def __delattr__(cls, name: str) -> None:
-        raise AttributeError(f"{cls.__name__} is read-only")
-
-
-class _ReadOnlyCall:
-    """A stand-in function that a pickle can call but not modify (functions have a writable __dict__)."""
-
-    __slots__ = ("_fn",)
-
-    def __init__(self, fn: Callable[..., Any]):
-        object.__setattr__(self, "_fn", fn)
-
-    def __call__(self, *args: Any) -> Any:
-        return self._fn(*args)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError("read-only")
-
-    def __repr__(self) -> str:
-        return f"<stand-in {self._fn.__name__}>"
+# Allocation budget of one load: BASE + FACTOR x the pickle's size, in unpickle.py's estimated bytes. A real
+# .metadata (100k chunks over 4 ranks, 17.5 MB) is charged 7x its size (its objects take ~5.3x); the budget
+# keeps a crafted pickle of any shape within 64 MiB + 10x the file, including the interpreter.
+BUDGET_BASE_BYTES = 8 << 20
+BUDGET_FACTOR = 9
+MAX_DIMS = 64
 
 
 @dataclass(frozen=True)
@@ -81,132 +54,197 @@ class TorchDtype:
 
 # `torch.<name>` globals accepted as dtypes: every dtype torch 2.13 pickles by name, plus names shaped like
 # future ones (float8_*, int4, uint7, bits16...). Matching a name records a string; it never imports torch.
-_DTYPE_NAME = re.compile(r"(bool|(b?float|q?u?int|complex|bits)[0-9][0-9a-z_]*)")
+_DTYPE_NAME = re.compile(r"(bool|(b?float|q?u?int|complex|bits)[0-9][0-9a-z_]{0,30})")
 
 
 def _dtype_global(name: str) -> Optional[TorchDtype]:
     return TorchDtype(name) if _DTYPE_NAME.fullmatch(name) else None
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    """Resolves globals only through `ALLOWED` (or `dynamic_global`); refuses everything else."""
+def _clip(text: str, limit: int = 100) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
-    ALLOWED: ClassVar[Dict[Tuple[str, str], Any]] = {}
-    WHAT: ClassVar[str] = "pickle"
 
-    def __init__(self, data: bytes, *, source: str):
-        super().__init__(io.BytesIO(data))
-        self.source = source
+class _Call:
+    """A global that REDUCE may call: a checking function of ours, never the real one."""
+
+    __slots__ = ("name", "fn")
+
+    def __init__(self, name: str, fn: Callable[..., Any]):
+        self.name, self.fn = name, fn
+
+
+class _Spec(unpickle.Spec):
+    """Globals resolve only through `allowed` (or `dynamic_global`); everything else is refused."""
+
+    def __init__(self, allowed: Dict[Tuple[str, str], Any], what: str, source: str):
+        self.allowed, self.what, self.source = allowed, what, source
         self.globals_seen: Set[str] = set()
 
     def dynamic_global(self, module: str, name: str) -> Any:
-        return None
+        return _dtype_global(name) if module == "torch" else None
 
     def find_class(self, module: str, name: str) -> Any:
-        obj = self.ALLOWED.get((module, name))
+        obj = self.allowed.get((module, name))
         if obj is None:
             obj = self.dynamic_global(module, name)
         if obj is None:
             raise UnsafePickleError(
-                f"{self.source}: refusing to load global `{module}.{name}`: it is not on streamconv's allow-list "
-                f"for {self.WHAT}; nothing was imported or called. A checkpoint written by "
-                "torch.distributed.checkpoint.save with FileSystemWriter never needs it: the file is corrupt, "
-                "crafted, or from a custom planner/storage writer streamconv does not know (please report it).")
+                f"{self.source}: refusing to load global `{_clip(module)}.{_clip(name)}`: "
+                f"it is not on streamconv's allow-list for {self.what}; nothing was imported or called. A "
+                "checkpoint written by torch.distributed.checkpoint.save with FileSystemWriter never needs it: "
+                "the file is corrupt, crafted, or from a custom planner/storage writer streamconv does not know "
+                "(please report it).")
         self.globals_seen.add(f"{module}.{name}")
         return obj
 
-    def persistent_load(self, pid: Any) -> Any:
-        raise CheckpointError(f"{self.source}: unexpected persistent id {pid!r} in {self.WHAT}")
+    def call(self, func: Any, args: tuple) -> Any:
+        if not isinstance(func, _Call):
+            raise ValueError(f"REDUCE calls {describe(func)}, which is not a callable on the allow-list")
+        return func.fn(*args)
 
-
-def _unpickle(unpickler: _SafeUnpickler) -> Any:
-    try:
-        return unpickler.load()
-    except StreamconvError:
-        raise
-    except Exception as exc:  # pickle raises many types on bad input (incl. RecursionError); all mean "corrupt"
-        raise CheckpointError(
-            f"{unpickler.source}: malformed or truncated {unpickler.WHAT} ({type(exc).__name__}: {exc}); "
-            "the file is damaged or was not fully written/copied") from exc
+    def build(self, obj: Record, state: Any) -> None:
+        setstate = getattr(obj, "setstate", None)
+        if setstate is None:
+            raise ValueError(f"BUILD on a {type(obj).__name__}")
+        setstate(state)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # `.metadata`
 
 
-class Record(metaclass=_Sealed):
-    """Stand-in for one of torch's checkpoint dataclasses: keeps the BUILD state dict, nothing else."""
+class _StateRecord(Record):
+    """Stand-in for one of torch's checkpoint dataclasses: keeps the BUILD state's known FIELDS, in slots.
 
-    torch_name: ClassVar[str] = ""
-    fields: Dict[str, Any] = {}  # replaced (never mutated) by __setstate__; empty when no BUILD happened
+    Slots instead of the state dict: a 100k-chunk .metadata holds 300k of these, and a dict costs ~230
+    bytes each. Unknown fields (a newer torch) are ignored; absent ones read as the default.
+    """
 
-    def __setstate__(self, state: Any) -> None:
-        if not isinstance(state, dict):
-            raise ValueError(f"{self.torch_name}: expected a dict state, got {type(state).__name__}")
-        self.fields = dict(state)
+    __slots__ = ()
+    torch_name = ""
+    FIELDS: Tuple[str, ...] = ()
+
+    def setstate(self, state: Any) -> None:
+        if type(state) is not dict or not all(type(k) is str for k in state):
+            raise ValueError(f"{self.torch_name}: expected a dict of field names, got {describe(state)}")
+        for name in self.FIELDS:
+            if name in state:
+                setattr(self, name, state[name])
+        # The pickle memoizes the state dict, so it would stay alive until the load ends; torch never refers to
+        # it again. Emptying it returns its memory now.
+        state.clear()
 
     def get(self, key: str, default: Any = None) -> Any:
-        return self.fields.get(key, default)
+        return getattr(self, key, default)
+
+    def has(self, key: str) -> bool:
+        return hasattr(self, key)
+
+    def describe_fields(self) -> str:
+        return describe({name: getattr(self, name) for name in self.FIELDS if hasattr(self, name)})
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.fields!r})"
+        return f"{type(self).__name__}({self.describe_fields()})"
 
 
-class Metadata(Record):
+class Metadata(_StateRecord):
+    FIELDS = ("state_dict_metadata", "planner_data", "storage_data", "storage_meta", "version")
+    __slots__ = FIELDS
     torch_name = "Metadata"
 
 
-class TensorStorageMetadata(Record):
+class TensorStorageMetadata(_StateRecord):
+    FIELDS = ("properties", "size", "chunks")
+    __slots__ = FIELDS
     torch_name = "TensorStorageMetadata"
 
 
-class ChunkStorageMetadata(Record):
+class ChunkStorageMetadata(_StateRecord):
+    FIELDS = ("offsets", "sizes")
+    __slots__ = FIELDS
     torch_name = "ChunkStorageMetadata"
 
 
-class BytesStorageMetadata(Record):
+class BytesStorageMetadata(_StateRecord):
+    __slots__ = ()
     torch_name = "BytesStorageMetadata"
 
 
-class MetadataIndex(Record):
+class MetadataIndex(_StateRecord):
     # Hashed by identity: it is only ever a key of the one dict it was unpickled into.
+    FIELDS = ("fqn", "offset", "index")
+    __slots__ = FIELDS
     torch_name = "MetadataIndex"
 
 
-class StorageInfo(Record):
+class StorageInfo(_StateRecord):
+    FIELDS = ("relative_path", "offset", "length", "transform_descriptors")
+    __slots__ = FIELDS
     torch_name = "_StorageInfo"
 
 
-class StorageMeta(Record):
+class StorageMeta(_StateRecord):
+    FIELDS = ("checkpoint_id", "save_id", "load_id", "modules")
+    __slots__ = FIELDS
     torch_name = "StorageMeta"
 
 
-class TensorProperties(Record):
-    """`__getstate__` gives (dtype, layout, requires_grad, mem_format, pin_memory); a dict is accepted too."""
+class TensorProperties(_StateRecord):
+    """`__getstate__` gives (dtype, layout, requires_grad, mem_format, pin_memory); torch 2.0's dict is accepted too."""
 
+    FIELDS = ("dtype", "layout", "requires_grad", "memory_format", "pin_memory")
+    __slots__ = FIELDS
     torch_name = "TensorProperties"
-    _ORDER = ("dtype", "layout", "requires_grad", "memory_format", "pin_memory")
+    _TYPES = (TorchDtype, str, bool, int, bool)
 
-    def __setstate__(self, state: Any) -> None:
-        if isinstance(state, tuple) and len(state) == len(self._ORDER):
-            state = dict(zip(self._ORDER, state))
-        super().__setstate__(state)
-
-
-# Called once per chunk (several times per tensor), so these map to builtins: no Python frame per call, and
-# builtin types cannot be modified by BUILD. Their results are validated where they are used (metadata.py).
-_torch_size = tuple       # torch.Size((3, 4)) -> (3, 4)
-_mem_format = int         # _MEM_FORMAT_ENCODING(0) -> 0 (always contiguous from DCP's writer; unused)
-_get_layout = str         # _get_layout('torch.strided') -> 'torch.strided' (unused)
+    def setstate(self, state: Any) -> None:
+        if type(state) is tuple:
+            if not (len(state) == 5 and all(isinstance(v, t) for v, t in zip(state, self._TYPES))):
+                raise ValueError(f"TensorProperties state {describe(state)} is not "
+                                 "(dtype, layout, requires_grad, memory_format, pin_memory)")
+            state = dict(zip(self.FIELDS, state))
+        super().setstate(state)
 
 
-def _path_from(cls: Callable[..., Any]) -> _ReadOnlyCall:
+def _torch_size(*args: Any) -> Tuple[int, ...]:
+    # torch.Size((3, 4)) -> (3, 4)
+    if len(args) != 1 or type(args[0]) is not tuple or len(args[0]) > MAX_DIMS:
+        raise ValueError(f"torch.Size{describe(args)}: expected one tuple of at most {MAX_DIMS} ints")
+    for v in args[0]:
+        if type(v) is not int:
+            raise ValueError(f"torch.Size{describe(args)}: expected one tuple of ints")
+    return args[0]
+
+
+def _mem_format(*args: Any) -> int:
+    # _MEM_FORMAT_ENCODING(0) -> 0 (always contiguous from DCP's writer; unused)
+    if len(args) != 1 or type(args[0]) is not int or not 0 <= args[0] < 16:
+        raise ValueError(f"_MEM_FORMAT_ENCODING{describe(args)}: expected one small int")
+    return args[0]
+
+
+def _get_layout(*args: Any) -> str:
+    # _get_layout('torch.strided') -> 'torch.strided' (unused)
+    if len(args) != 1 or type(args[0]) is not str or len(args[0]) > 64:
+        raise ValueError(f"_get_layout{describe(args)}: expected one layout name")
+    return args[0]
+
+
+def _ordered_dict(*args: Any) -> dict:
+    # OrderedDict() -> {} (filled by SETITEMS, if at all)
+    if args:
+        raise ValueError(f"OrderedDict{describe(args)}: expected no arguments")
+    return {}
+
+
+def _path_from(cls: Callable[..., Any]) -> Callable[..., str]:
     # PurePath only joins strings: no filesystem access. Kept as str (it is only informational).
     def make(*parts: Any) -> str:
-        if not all(isinstance(p, str) for p in parts):
-            raise ValueError(f"path parts must be strings, got {parts!r}")
+        if len(parts) > 256 or not all(type(p) is str for p in parts) or sum(map(len, parts)) > 4096:
+            raise ValueError(f"path parts must be strings (4096 characters in all), got {describe(parts)}")
         return str(cls(*parts))
-    return _ReadOnlyCall(make)
+    return make
 
 
 _DCP = "torch.distributed.checkpoint.metadata"
@@ -220,29 +258,21 @@ _METADATA_GLOBALS: Dict[Tuple[str, str], Any] = {
     (_DCP, "ChunkStorageMetadata"): ChunkStorageMetadata,
     (_DCP, "BytesStorageMetadata"): BytesStorageMetadata,
     (_DCP, "TensorProperties"): TensorProperties,
-    (_DCP, "_MEM_FORMAT_ENCODING"): _mem_format,
+    (_DCP, "_MEM_FORMAT_ENCODING"): _Call("_MEM_FORMAT_ENCODING", _mem_format),
     (_DCP, "MetadataIndex"): MetadataIndex,
     (_DCP, "StorageMeta"): StorageMeta,
     (_DCP_FS, "_StorageInfo"): StorageInfo,
     (OLD_PROPERTIES_MODULE, "TensorProperties"): TensorProperties,
-    (OLD_PROPERTIES_MODULE, "MEM_FORMAT_ENCODING"): _mem_format,
-    ("torch", "Size"): _torch_size,
-    ("torch.serialization", "_get_layout"): _get_layout,
-    ("collections", "OrderedDict"): collections.OrderedDict,
+    (OLD_PROPERTIES_MODULE, "MEM_FORMAT_ENCODING"): _Call("MEM_FORMAT_ENCODING", _mem_format),
+    ("torch", "Size"): _Call("torch.Size", _torch_size),
+    ("torch.serialization", "_get_layout"): _Call("_get_layout", _get_layout),
+    ("collections", "OrderedDict"): _Call("OrderedDict", _ordered_dict),
 }
 # StorageMeta.checkpoint_id is the writer's pathlib path. Python 3.13+ may name the module pathlib._local.
 for _module in ("pathlib", "pathlib._local"):
     for _name, _cls in (("PosixPath", PurePosixPath), ("PurePosixPath", PurePosixPath),
                         ("WindowsPath", PureWindowsPath), ("PureWindowsPath", PureWindowsPath)):
-        _METADATA_GLOBALS[(_module, _name)] = _path_from(_cls)
-
-
-class _MetadataUnpickler(_SafeUnpickler):
-    ALLOWED = _METADATA_GLOBALS
-    WHAT = "DCP .metadata"
-
-    def dynamic_global(self, module: str, name: str) -> Any:
-        return _dtype_global(name) if module == "torch" else None
+        _METADATA_GLOBALS[(_module, _name)] = _Call(_name, _path_from(_cls))
 
 
 @dataclass(frozen=True)
@@ -251,11 +281,19 @@ class DecodedPickle:
     globals_seen: FrozenSet[str] = field(default_factory=frozenset)  # "module.name" of every global resolved
 
 
-def load_metadata_pickle(data: bytes, *, source: str) -> DecodedPickle:
-    """Decode a `.metadata` pickle into stand-ins. `source` names the file in error messages."""
-    unpickler = _MetadataUnpickler(data, source=source)
-    root = _unpickle(unpickler)
-    return DecodedPickle(root, frozenset(unpickler.globals_seen))
+def budget_bytes(pickle_bytes: int) -> int:
+    return BUDGET_BASE_BYTES + BUDGET_FACTOR * pickle_bytes
+
+
+def load_metadata_pickle(data: Optional[bytes] = None, *, source: str,
+                         read: Optional[Callable[[int, int], bytes]] = None, size: int = 0) -> DecodedPickle:
+    """Decode a `.metadata` pickle into stand-ins: from `data`, or streamed as `size` bytes through
+    `read(offset, length)` (a corrupt file then fails at its first bad byte, without reading the rest).
+    `source` names the file in error messages."""
+    spec = _Spec(_METADATA_GLOBALS, "DCP .metadata", source)
+    n = len(data) if data is not None else size
+    root = unpickle.load(spec, source=source, data=data, read=read, size=size, budget_bytes=budget_bytes(n))
+    return DecodedPickle(root, frozenset(spec.globals_seen))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -278,8 +316,6 @@ _MORE_STORAGE_CLASSES = {
 }
 
 
-# Results of persistent_load / the rebuild stand-ins are slotted too: a later BUILD on them cannot alter
-# fields after they were validated.
 @dataclass(frozen=True)
 class StorageRef:
     __slots__ = ("storage_class", "key", "location", "numel")
@@ -303,71 +339,78 @@ class TensorRecord:
 
 
 def _int_tuple(value: Any, what: str) -> Tuple[int, ...]:
-    if not isinstance(value, (tuple, list)) or not all(type(v) is int and v >= 0 for v in value):
-        raise ValueError(f"{what} must be a tuple of non-negative ints, got {value!r}")
-    return tuple(value)
+    if type(value) is not tuple or len(value) > MAX_DIMS or not all(type(v) is int and v >= 0 for v in value):
+        raise ValueError(f"{what} must be a tuple of at most {MAX_DIMS} non-negative ints, got {describe(value)}")
+    return value
 
 
-def _rebuild(storage: Any, storage_offset: Any, size: Any, stride: Any, dtype: Optional[TorchDtype],
-             metadata: Any) -> TensorRecord:
+def _rebuild(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any, hooks: Any,
+             dtype: Optional[TorchDtype], metadata: Any) -> TensorRecord:
     if not isinstance(storage, StorageRef):
-        raise ValueError(f"tensor storage must be a persistent storage reference, got {type(storage).__name__}")
+        raise ValueError(f"tensor storage must be a persistent storage reference, got {describe(storage)}")
     if type(storage_offset) is not int or storage_offset < 0:
-        raise ValueError(f"invalid storage_offset {storage_offset!r}")
+        raise ValueError(f"invalid storage_offset {describe(storage_offset)}")
     shape = _int_tuple(size, "size")
     strides = _int_tuple(stride, "stride")
     if len(shape) != len(strides):
         raise ValueError(f"size {shape} and stride {strides} have different lengths")
-    if dtype is not None and not isinstance(dtype, TorchDtype):
-        raise ValueError(f"dtype must be a torch dtype, got {dtype!r}")
+    if type(requires_grad) is not bool or type(hooks) is not dict or hooks:
+        raise ValueError(f"requires_grad {describe(requires_grad)} / backward_hooks {describe(hooks)}: expected a "
+                         "bool and an empty OrderedDict")
+    if not (metadata is None or (type(metadata) is dict and len(metadata) <= 16
+                                 and all(type(k) is str and type(v) is bool for k, v in metadata.items()))):
+        raise ValueError(f"tensor metadata {describe(metadata)} is not a dict of flags")
     name = dtype.name if dtype is not None else storage.storage_class.dtype
     if name is None:
         raise ValueError("UntypedStorage without an explicit dtype (_rebuild_tensor_v2 needs a typed storage)")
-    flags = tuple(sorted(k for k, v in metadata.items() if v)) if isinstance(metadata, dict) else ()
+    flags = tuple(sorted(k for k, v in metadata.items() if v)) if metadata else ()
     return TensorRecord(name, storage, storage_offset, shape, strides, flags)
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None) -> TensorRecord:
-    return _rebuild(storage, storage_offset, size, stride, None, metadata)
+def _rebuild_tensor_v2(*args: Any) -> TensorRecord:
+    # (storage, storage_offset, size, stride, requires_grad, backward_hooks[, metadata])
+    if len(args) not in (6, 7):
+        raise ValueError(f"_rebuild_tensor_v2 with {len(args)} arguments (torch writes 6 or 7)")
+    return _rebuild(*args[:6], None, args[6] if len(args) == 7 else None)
 
 
-def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,
-                       metadata=None) -> TensorRecord:
-    return _rebuild(storage, storage_offset, size, stride, dtype, metadata)
+def _rebuild_tensor_v3(*args: Any) -> TensorRecord:
+    # (storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype[, metadata])
+    if len(args) not in (7, 8) or not isinstance(args[6], TorchDtype):
+        raise ValueError(f"_rebuild_tensor_v3 with arguments {describe(args)} (torch writes 7 or 8, a dtype 7th)")
+    return _rebuild(*args[:7], args[7] if len(args) == 8 else None)
 
 
 _TENSOR_GLOBALS: Dict[Tuple[str, str], Any] = {
-    ("torch._utils", "_rebuild_tensor_v2"): _ReadOnlyCall(_rebuild_tensor_v2),
-    ("torch._utils", "_rebuild_tensor_v3"): _ReadOnlyCall(_rebuild_tensor_v3),
+    ("torch._utils", "_rebuild_tensor_v2"): _Call("_rebuild_tensor_v2", _rebuild_tensor_v2),
+    ("torch._utils", "_rebuild_tensor_v3"): _Call("_rebuild_tensor_v3", _rebuild_tensor_v3),
     ("torch", "UntypedStorage"): _UNTYPED,
     ("torch.storage", "UntypedStorage"): _UNTYPED,
-    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("collections", "OrderedDict"): _Call("OrderedDict", _ordered_dict),
 }
 for _name, _dtype in {**STORAGE_CLASS_TO_NAME, **_MORE_STORAGE_CLASSES}.items():
     _TENSOR_GLOBALS[("torch", _name)] = StorageClass(_dtype)
 
 
-class _TensorUnpickler(_SafeUnpickler):
-    ALLOWED = _TENSOR_GLOBALS
-    WHAT = "torch.save data.pkl"
-
-    def dynamic_global(self, module: str, name: str) -> Any:
-        return _dtype_global(name) if module == "torch" else None
-
+class _TensorSpec(_Spec):
     def persistent_load(self, pid: Any) -> Any:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise CheckpointError(f"{self.source}: unexpected persistent id {pid!r} (expected a storage reference)")
+        if not (type(pid) is tuple and len(pid) == 5 and pid[0] == "storage"):
+            raise CheckpointError(f"{self.source}: unexpected persistent id {describe(pid)} (expected a storage "
+                                  "reference)")
         _, storage_class, key, location, numel = pid
-        if not (isinstance(storage_class, StorageClass) and isinstance(key, str) and isinstance(location, str)
-                and type(numel) is int and numel >= 0):
-            raise CheckpointError(f"{self.source}: malformed storage reference {pid!r}")
+        if not (isinstance(storage_class, StorageClass) and type(key) is str and len(key) <= 256
+                and type(location) is str and len(location) <= 256 and type(numel) is int and numel >= 0):
+            raise CheckpointError(f"{self.source}: malformed storage reference {describe(pid)}")
         return StorageRef(storage_class, key, location, numel)
+
+    def build(self, obj: Record, state: Any) -> None:
+        raise ValueError("BUILD in a tensor pickle")
 
 
 def load_tensor_record(data: bytes, *, source: str) -> TensorRecord:
     """Decode a torch.save `data.pkl` that holds exactly one plain tensor."""
-    obj = _unpickle(_TensorUnpickler(data, source=source))
+    spec = _TensorSpec(_TENSOR_GLOBALS, "torch.save data.pkl", source)
+    obj = unpickle.load(spec, source=source, data=data, budget_bytes=budget_bytes(len(data)))
     if not isinstance(obj, TensorRecord):
         raise CheckpointError(
             f"{source}: data.pkl holds a {type(obj).__name__}, not a tensor (is this a bytes item, "

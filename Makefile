@@ -42,7 +42,7 @@ clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
 
 # Fuzz the readers with thousands of mutated real .metadata pickles and torch.save blobs (tests/test_fuzz.py,
-# ~2 min for 5000); the hostile-input table (peak RSS, time) is `$(PY) -m tests.hostile_report`.
+# ~2 min for 5000); the hostile-input table (peak RSS, time) is `$(PY) tests/hostile_report.py`.
 .PHONY: fuzz
 FUZZ_EXAMPLES ?= 5000
 fuzz: install

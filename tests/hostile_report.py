@@ -1,4 +1,4 @@
-"""Peak RSS and time of the readers and planner on hostile and extreme inputs: `python -m tests.hostile_report
+"""Peak RSS and time of the readers and planner on hostile and extreme inputs: `python tests/hostile_report.py
 [--tree PATH] [--timeout S]` prints a table (and `--json FILE` writes it). `--tree` points at another checkout's
 root (for before/after numbers); each case runs in a fresh process (`tests/hostile_child.py`).
 """
@@ -16,9 +16,9 @@ import time
 import warnings
 from pathlib import Path
 
-from tests import hostile_inputs as hi
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "tests"))   # tests/ is not a package (as in conftest.py)
+import hostile_inputs as hi  # noqa: E402
 MiB = 1 << 20
 
 PLAN_CODE = """

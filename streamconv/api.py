@@ -29,14 +29,14 @@ DEFAULT_WORKERS = 2
 
 def make_options(*, max_shard_size="5GB", buffer_size="32MiB", include: Sequence[str] = (),
                  exclude: Sequence[str] = (), dtype: str = "keep", renames: Sequence[str] = (),
-                 subtree: Optional[str] = None) -> PlanOptions:
+                 subtree: Optional[str] = None, source_format: str = "auto") -> PlanOptions:
     """PlanOptions from user-facing values ("5GB", "bf16", "REGEX=REPL")."""
     out_dtype = dtypes.parse_output_dtype(dtype)   # "auto" stays: plan()/convert() resolve it from the config
     return PlanOptions(
         max_shard_bytes=parse_size(max_shard_size, option="--max-shard-size"),
         buffer_bytes=parse_size(buffer_size, option="--buffer-size"),
         include=tuple(include), exclude=tuple(exclude), dtype=out_dtype,
-        renames=tuple(names.RenameRule.parse(r) for r in renames), subtree=subtree)
+        renames=tuple(names.RenameRule.parse(r) for r in renames), subtree=subtree, source_format=source_format)
 
 
 def load(checkpoint_dir: str) -> Tuple[DirectoryReader, CheckpointMetadata]:
@@ -59,7 +59,10 @@ def plan(checkpoint_dir: str, options: Optional[PlanOptions] = None, *, config_f
     setup = hf.prepare(meta, options or make_options(**kwargs), checkpoint_dir, config_from=config_from)
     for note in setup.notes:
         (reporter or Reporter()).note(note)
-    return _checked_plan(meta, setup.options, checkpoint_dir)
+    conversion = _checked_plan(meta, setup.options, checkpoint_dir)
+    if conversion.source_note:
+        (reporter or Reporter()).note(conversion.source_note)
+    return conversion
 
 
 def _checked_plan(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir: str) -> ConversionPlan:
@@ -185,7 +188,8 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
         predicted_peak_bytes=conversion.peak_bytes, buffer_bytes=options.buffer_bytes,
         max_shard_bytes=options.max_shard_bytes, skipped=conversion.skipped_counts,
         renamed=len(conversion.renamed), cast=casts, verified_bytes=verified_bytes, files=files + copied, copied_files=copied,
-        dropped_tied=list(setup.dropped_heads), notes=list(setup.notes),
+        dropped_tied=list(setup.dropped_heads),
+        notes=list(setup.notes) + ([conversion.source_note] if conversion.source_note else []),
         config_from=setup.config.folder if setup.config else None, layout=setup.layout,
         unmatched_names=list(reference.unmatched), missing_names=list(reference.missing))
 

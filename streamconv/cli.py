@@ -12,6 +12,7 @@ from . import api
 from .errors import StreamconvError
 from .report import CollectingReporter, Reporter, TqdmReporter
 from .sizes import format_size
+from .trainers import SOURCE_FORMATS
 
 
 def _terminate(signum, frame):
@@ -67,6 +68,12 @@ def _plan_options(fn):
         click.option("--subtree", default=None, metavar="KEY",
                      help="Top-level key holding the model. Default: 'model' when the checkpoint was saved as "
                           "{'model': ..., 'optim': ...}, else the whole state dict."),
+        click.option("--source-format", "source_format", default="auto", show_default=True,
+                     type=click.Choice(SOURCE_FORMATS),
+                     help="Whose names and row layout the checkpoint has: auto (detect torchtitan / torchtune Llama "
+                          "from its module names), hf (keep names as they are), or a trainer layout. Trainer "
+                          "layouts are mapped to Hugging Face Llama names, q/k rows permuted to HF's RoPE order; "
+                          "that needs the head counts from --config-from."),
         click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report on stdout."),
     ]
     for d in reversed(decorators):
@@ -74,9 +81,10 @@ def _plan_options(fn):
     return fn
 
 
-def _options(max_shard_size, buffer_size, dtype, include, exclude, renames, subtree):
+def _options(max_shard_size, buffer_size, dtype, include, exclude, renames, subtree, source_format="auto"):
     return api.make_options(max_shard_size=max_shard_size, buffer_size=buffer_size, include=include,
-                            exclude=exclude, dtype=dtype, renames=renames, subtree=subtree)
+                            exclude=exclude, dtype=dtype, renames=renames, subtree=subtree,
+                            source_format=source_format)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -106,14 +114,14 @@ def cli():
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @_fail_cleanly
 def convert(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, config_from, include, exclude, renames,
-            subtree, as_json, overwrite, workers, verify, quiet):
+            subtree, source_format, as_json, overwrite, workers, verify, quiet):
     """Convert CHECKPOINT_DIR (a DCP folder) into OUTPUT_DIR (safetensors shards).
 
     The output is written to a hidden staging folder beside OUTPUT_DIR and renamed into place only when
     complete; an error or Ctrl-C leaves nothing that looks finished. Only the model's weights are written:
     optimizer state and non-tensor entries are skipped.
     """
-    options = _options(max_shard_size, buffer_size, dtype, include, exclude, renames, subtree)
+    options = _options(max_shard_size, buffer_size, dtype, include, exclude, renames, subtree, source_format)
     interactive = sys.stderr.isatty() and not as_json and not quiet
     reporter: Reporter = TqdmReporter() if interactive else CollectingReporter()
     try:
@@ -142,14 +150,15 @@ def convert(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, conf
 @_plan_options
 @_fail_cleanly
 def plan(checkpoint_dir, max_shard_size, buffer_size, dtype, config_from, include, exclude, renames, subtree,
-         as_json):
+         source_format, as_json):
     """Dry run: show the files, tensor names and predicted peak memory `convert` would produce.
 
     Reads only `.metadata` (and the config folder's JSON files and safetensors headers); writes nothing.
     """
     notes = CollectingReporter()
     conversion = api.plan(checkpoint_dir, _options(max_shard_size, buffer_size, dtype, include, exclude,
-                                                   renames, subtree), config_from=config_from, reporter=notes)
+                                                   renames, subtree, source_format),
+                          config_from=config_from, reporter=notes)
     summary = conversion.to_dict()
     if as_json:
         click.echo(json.dumps(dict(summary, notes=notes.notes), indent=2))

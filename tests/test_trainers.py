@@ -138,3 +138,28 @@ def test_real_torchtune_model_class(tmp_path):
     for name in ref:
         assert torch.equal(got[name], ref[name]), name
     assert torch.equal(logits(str(out), None), logits(ref, case_dir / "base"))
+
+
+@pytest.mark.trainers
+def test_real_torchtitan_model_class(tmp_path):
+    """torchtitan 0.3's own `Llama3Model` (fused qkv, FSDP2, one step on tokens) and its own
+    `Llama3StateDictAdapter.to_hf` as the reference (needs torchtitan: `make test-trainers`)."""
+    if not tw.torchtitan_available():
+        pytest.skip("torchtitan 0.3 is not importable (make test-trainers installs it)")
+    case_dir = tw.build(tmp_path / "titan", "torchtitan-real")
+    out = tmp_path / "hf"
+    result = convert([case_dir / "ckpt", out, "--config-from", case_dir / "base"])
+    assert result.exit_code == 0, result.output
+    assert any("source format: torchtitan-llama (detected" in n and "train_state" in n
+               for n in json.loads(result.output)["notes"])
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(case_dir / "ckpt", tmp_path / "reference.pt")
+    reconstructed = torch.load(tmp_path / "reference.pt", weights_only=False)
+    for k, v in torch.load(case_dir / "trained.pt").items():
+        assert torch.equal(reconstructed[k], v), k
+    ref = torch.load(case_dir / "hf_export.pt")
+    got = load_file(out / "model.safetensors")
+    assert sorted(got) == sorted(ref)
+    for name in ref:
+        assert torch.equal(got[name], ref[name]), name
+    assert torch.equal(logits(str(out), None), logits(ref, case_dir / "base"))

@@ -108,6 +108,93 @@ def shim_torchtune() -> None:
         sys.modules.setdefault(n, _Any(n))
 
 
+def shim_torchtitan():
+    """torchtitan 0.3 on CPU: its expert-parallel triton kernels (MoE only) are replaced by a stub module, and the
+    attention backend by SDPA (flex attention wants a compiler; `sdpa` is refused by name for language models).
+    Returns the `torchtitan.models.llama3` module."""
+    class _Any(types.ModuleType):
+        __path__: list = []
+
+        def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return type(name, (), {})
+    sys.modules.setdefault("torchtitan.distributed.minimal_async_ep.kernels", _Any("kernels"))
+    from torchtitan.models import llama3
+    from torchtitan.models.common import attention
+    llama3.get_attention_config = lambda backend: attention.ScaledDotProductAttention.Config()
+    return llama3
+
+
+def torchtitan_config():
+    """A tiny Llama 3 in torchtitan's own config classes, built like its `debugmodel` (fused qkv)."""
+    L = shim_torchtitan()
+    from torchtitan.models.common.rope import ComplexRoPE
+    dim, vocab = LLAMA["hidden_size"], LLAMA["vocab_size"]
+    return L.Llama3Model.Config(
+        dim=dim, vocab_size=vocab,
+        tok_embeddings=L.Embedding.Config(num_embeddings=vocab, embedding_dim=dim, param_init=L._EMBEDDING_INIT),
+        norm=L.RMSNorm.Config(normalized_shape=dim, param_init=L._NORM_INIT),
+        lm_head=L.Linear.Config(in_features=dim, out_features=vocab, param_init=L._output_linear_init(dim)),
+        layers=L._build_llama3_layers(
+            fuse_qkv=True, n_layers=LLAMA["num_hidden_layers"], dim=dim, n_heads=N_HEADS, n_kv_heads=N_KV,
+            hidden_dim=LLAMA["intermediate_size"], attn_backend="sdpa",
+            rope=ComplexRoPE.Config(dim=HEAD_DIM, max_seq_len=64, theta=500000)))
+
+
+def write_torchtitan_real(rank: int, world_size: int, out_dir: str) -> None:
+    """torchtitan's own `Llama3Model` (0.3, fused qkv), FSDP2 per layer + root, one AdamW step on tokens, saved
+    as its CheckpointManager lays out a full checkpoint (model keys at the top level beside optimizer,
+    lr_scheduler, dataloader, train_state). Rank 0 also writes the trainer's own HF export of the initial weights
+    (`base/`, what --config-from gets) and of the trained ones (`hf_export.pt`), both by `Llama3StateDictAdapter.to_hf`."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.set_num_threads(1)
+    out = Path(out_dir)
+    L = shim_torchtitan()
+    config = torchtitan_config()
+    torch.manual_seed(0)
+    model = config.build()
+    model.init_weights()
+    adapter = L.Llama3StateDictAdapter(config, None)
+    if rank == 0:
+        hf = LlamaForCausalLM(LlamaConfig(**dict(LLAMA, rope_theta=500000.0)))
+        hf.load_state_dict(adapter.to_hf({k: v.detach() for k, v in model.state_dict().items()}), strict=True)
+        hf.save_pretrained(out / "base")
+    mesh = init_device_mesh("cpu", (world_size,))
+    for layer in model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers.children():
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optim = torch.optim.AdamW(model.parameters(), lr=LR)
+    tokens = torch.randint(0, LLAMA["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(100 + rank))
+    model(tokens).float().logsumexp(-1).mean().backward()
+    optim.step()
+    # model.state_dict(): the fused qkv's save hook splits it into wq/wk/wv (get_model_state_dict cannot map those
+    # names back to parameters); optimizer state keyed by parameter name, flattened as torchtitan saves it.
+    model_sd = model.state_dict()
+    optim_sd = {f"state.{n}.{k}": v for n, p in model.named_parameters() for k, v in optim.state[p].items()}
+    dcp.save({**model_sd, "optimizer": optim_sd, "lr_scheduler": {"last_epoch": 1}, "dataloader": {"rank": rank},
+              "train_state": {"step": 1}},
+             storage_writer=dcp.FileSystemWriter(out / "ckpt", sync_files=False))
+    full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in model_sd.items()}
+    if rank == 0:
+        torch.save(full, out / "trained.pt")
+        torch.save(adapter.to_hf(full), out / "hf_export.pt")
+    dist.barrier()
+
+
+def torchtitan_available() -> bool:
+    try:
+        import torchtitan  # noqa: F401
+        import spmd_types  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
 def torchtune_available() -> bool:
     try:
         shim_torchtune()
@@ -221,6 +308,9 @@ def write(rank: int, world_size: int, out_dir: str, kind: str, layout: str = "fs
 
 def build(out_dir, kind: str, layout: str = "fsdp2", world_size: int = 2) -> Path:
     out = Path(out_dir)
+    if kind == "torchtitan-real":
+        run_distributed(f"{__name__}:write_torchtitan_real", world_size, {"out_dir": str(out)}, timeout_s=600)
+        return out
     preload = ("transformers", "transformers.models.llama.modeling_llama", __name__)
     run_distributed(f"{__name__}:write", world_size, {"out_dir": str(out), "kind": kind, "layout": layout},
                     timeout_s=300, preload=preload)

@@ -137,7 +137,22 @@ def test_pieces_cover_the_output_exactly_once_and_match_torch(case):
     out, hits = assemble(pieces, out_shape, source)
     assert (hits == 1).all()
     sub = torch.from_numpy(source[lead] if lead else source)
-    assert torch.equal(torch.from_numpy(out), apply_rows(rows, sub))
+    assert torch.equal(torch.from_numpy(out), torch_reference(steps, sub, heads))
+
+
+def torch_reference(steps, w, heads):
+    """The same steps done with torch ops on the whole tensor (independently of the row maps)."""
+    for kind, arg in steps:
+        if kind == "rope":
+            w = torch_rope(w, heads.n_heads if arg == "q" else heads.n_kv_heads)
+        elif kind == "qkv_grouped":
+            per = heads.n_heads // heads.n_kv_heads
+            g = w.reshape(heads.n_kv_heads, per + 2, heads.head_dim, *w.shape[1:])
+            part = {"q": g[:, :per], "k": g[:, per], "v": g[:, per + 1]}[arg]
+            w = part.reshape(-1, *w.shape[1:])
+        elif kind == "half":
+            w = torch.chunk(w, 2)[int(arg)]
+    return w
 
 
 def test_check_pieces_refuses_gaps_and_overlaps():

@@ -16,7 +16,7 @@ from .errors import OptionsError, OutputError, VerificationError
 from .executor import Executor, check_stored
 from .io import DirectoryReader, RangeReader
 from .model import BlobLocation, CheckpointMetadata, StoredTensor, TensorEntry
-from .plan import INDEX_FILE_NAME, ConversionPlan, PlanOptions, build_plan
+from .plan import INDEX_FILE_NAME, ConversionPlan, PlanOptions, build_plan, source_format
 from .report import ConversionReport, Reporter, peak_rss_bytes
 from .parallel import write_shards
 from .sink import ComparingSink, Mismatch, StagingDir
@@ -220,6 +220,11 @@ def inspect(checkpoint_dir: str) -> dict:
         tensors.append({"name": t.fqn, "dtype": t.dtype, "shape": list(t.shape), "bytes": nbytes,
                         "chunks": len(t.chunks), "layout": describe_layout(t.shape, t.chunks)})
     subtree = names.model_subtree(t.path for t in meta.tensors)
+    try:
+        detected = source_format(meta, PlanOptions())
+        trainer = {"name": detected.name, "note": detected.note}
+    except OptionsError as exc:
+        trainer = {"name": "ambiguous", "note": str(exc)}
     top_keys: Dict[str, int] = {}
     for t in meta.tensors:
         key = str(t.path[0]) if len(t.path) >= 2 else "(top level)"
@@ -234,6 +239,7 @@ def inspect(checkpoint_dir: str) -> dict:
         "bytes_by_dtype": by_dtype,
         "top_level_keys": top_keys,
         "model_subtree": subtree,
+        "source_format": trainer,
         "non_tensor_entries": [b.fqn for b in meta.byte_entries],
         "tensors": tensors,
     }

@@ -190,6 +190,8 @@ def inspect(checkpoint_dir, as_json):
                f"{len(info['files'])} file(s); written by torch {info['torch_version_hint']}")
     click.echo("top-level keys: " + ", ".join(f"{k} ({n})" for k, n in info["top_level_keys"].items()))
     click.echo("bytes by dtype: " + ", ".join(f"{k} {format_size(v)}" for k, v in info["bytes_by_dtype"].items()))
+    if info["source_format"]["note"]:
+        click.echo(info["source_format"]["note"])
     for t in info["tensors"]:
         click.echo(f"  {t['name']}  {t['dtype']} {t['shape']}  {t['layout']}")
     if info["non_tensor_entries"]:

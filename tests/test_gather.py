@@ -192,3 +192,22 @@ def test_megatron_fixture_maps_with_the_primitives(shared_fixtures_dir, with_meg
     with torch.no_grad():
         logits = model(expected["input_ids"]).logits
     assert torch.allclose(logits, expected["logits"].to(logits.dtype), atol=1e-5)
+
+
+def test_rope_tables_are_skipped_and_unmapped_tensors_refused():
+    from streamconv.errors import UnsupportedFeatureError
+    rng = np.random.default_rng(2)
+    arrays = {"tok_embeddings.weight": rng.standard_normal((5, 4)).astype(np.float32),
+              "layers.0.attention.wq.weight": rng.standard_normal((8, 4)).astype(np.float32),
+              "layers.0.feed_forward.w1.weight": rng.standard_normal((3, 4)).astype(np.float32),
+              "freqs_cis": (rng.standard_normal((6, 2)) + 1j).astype(np.complex64)}
+    meta, reader, stored = make_checkpoint(arrays, {n: [[] for _ in a.shape] for n, a in arrays.items()})
+    plan = build_plan(meta, PlanOptions(heads=Heads(2, 2, 4)))
+    assert {s.fqn: s.reason for s in plan.skipped}["freqs_cis"].startswith("RoPE table")
+    assert sorted(t.name for t in plan.tensors) == ["model.embed_tokens.weight", "model.layers.0.mlp.gate_proj.weight",
+                                                   "model.layers.0.self_attn.q_proj.weight"]
+    arrays["layers.0.attention.lora_a.weight"] = arrays["tok_embeddings.weight"]
+    meta, reader, stored = make_checkpoint(arrays, {n: [[] for _ in a.shape] for n, a in arrays.items()})
+    with pytest.raises(UnsupportedFeatureError, match="lora_a"):
+        build_plan(meta, PlanOptions(heads=Heads(2, 2, 4)))
+    assert build_plan(meta, PlanOptions(heads=Heads(2, 2, 4), exclude=("*lora*",))).tensors

@@ -105,6 +105,15 @@ def test_wrong_head_counts_are_refused(made, tmp_path):
     assert "k_proj" in result.output and "heads of size 8" in result.output
 
 
+def test_inspect_names_the_trainer(made):
+    result = CliRunner().invoke(cli, ["inspect", str(made[("torchtitan", "fsdp2")] / "ckpt")])
+    assert result.exit_code == 0, result.output
+    assert "source format: torchtitan-llama (detected" in result.output
+    assert "beside the model: dataloader, lr_scheduler, optimizer, train_state" in result.output
+    result = CliRunner().invoke(cli, ["inspect", "--json", str(made[("torchtune", "fsdp2")] / "ckpt")])
+    assert json.loads(result.output)["source_format"]["name"] == "torchtune-llama"
+
+
 def test_source_format_hf_keeps_the_trainers_names(made, tmp_path):
     case_dir = made[("torchtune", "fsdp2")]
     result = convert([case_dir / "ckpt", tmp_path / "out", "--source-format", "hf"])

@@ -1,17 +1,23 @@
 """Checkpoints in trainers' own layouts (torchtitan, torchtune Llama), written by torch's DCP writer on CPU gloo.
 
-Running the trainers themselves is not practical in the test budget (see the README "Trainers" section): torchtitan
-0.3 needs spmd_types / torch_checkpointing and a triton stub; torchtune 0.6's recipes need `datasets` (pyarrow)
-and CUDA memory stats. So each checkpoint is built the way the trainer saves it, from a tiny Hugging Face Llama:
+Two kinds, both real DCP folders from `torch.distributed.checkpoint.save` on 2 gloo ranks:
 
-1. `base/`: the HF model's `save_pretrained` folder (config.json + model.safetensors): what `--config-from` gets.
-2. its weights moved into the trainer's names and interleaved RoPE rows with torch ops (torchtitan's
-   `_reverse_permute`, torchtune's `hf_to_tune`); for `torchtune-real` into torchtune's own `llama3` model class;
-3. sharded (FSDP2 `fully_shard` per layer + root, 2 ranks; or DTensor tensor-parallel placements), one AdamW step
-   on a fixed loss, saved as the trainer saves: torchtitan puts model keys at the top level beside `optimizer`,
-   `lr_scheduler`, `dataloader`, `train_state`; torchtune saves `{"model": ..., "optimizer": ...}` one file per
-   item (`single_file_per_rank=False`);
-4. rank 0 writes `trained.pt`: the gathered trainer-layout weights, to build the reference with torch ops.
+* the trainers' own model classes (`make test-trainers`, marker `trainers`): torchtitan 0.3's `Llama3Model`
+  (built from its own config classes, fused qkv, `init_weights`) and torchtune 0.6's `llama3`, sharded with FSDP2
+  per layer + root, trained one AdamW step on tokens through their own forward, saved in the layout the trainer
+  writes; the reference is the trainer's own HF conversion (`Llama3StateDictAdapter.to_hf`, `tune_to_hf`). Their
+  training loops and checkpoint managers are not run: torchtitan's Trainer wants its dataset/tokenizer stack and
+  flex attention, torchtune's recipes CUDA memory stats and `datasets`. CPU shims, documented where applied:
+  torchtitan's MoE triton kernels module stubbed and SDPA instead of flex attention (`shim_torchtitan`);
+  torchtune's `datasets` import stubbed (`shim_torchtune`).
+* name-only trees for `make test` (fast, no trainer package): a tiny Hugging Face Llama moved into the trainer's
+  names with torch ops (torchtitan's `_reverse_permute`, torchtune's `hf_to_tune`), sharded with FSDP2 (one AdamW
+  step on a fixed functional of every weight) or with DTensor tensor-parallel placements (q split along its
+  columns, so RoPE pieces are partial rows).
+
+torchtitan layout: model keys at the top level beside `optimizer`, `lr_scheduler`, `dataloader`, `train_state`;
+torchtune: `{"model": ..., "optimizer": ...}`, one file per item (`single_file_per_rank=False`). Rank 0 writes
+`base/` (what --config-from gets) and `trained.pt` (the gathered trainer-layout weights).
 """
 from __future__ import annotations
 

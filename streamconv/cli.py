@@ -168,7 +168,7 @@ def plan(checkpoint_dir, max_shard_size, buffer_size, dtype, config_from, includ
     for t in conversion.tensors:
         cast = f" (from {t.src_dtype})" if t.is_cast else ""
         click.echo(f"  {t.name}  {t.dst_dtype}{cast} {list(t.shape)}  "
-                   f"{len(t.chunks)} chunk(s), {'copy' if t.is_row_contiguous else 'blocks'}")
+                   f"{len(t.chunks)} chunk(s), {'copy' if t.is_row_contiguous else ('gather' if t.pieces else 'blocks')}")
     skipped = ", ".join(f"{n} {why}" for why, n in summary["skipped"].items()) or "nothing"
     click.echo(f"total {format_size(conversion.total_bytes)} in {len(conversion.shards)} file(s); "
                f"skipped: {skipped}; predicted peak memory {format_size(conversion.peak_bytes)}")

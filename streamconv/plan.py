@@ -157,7 +157,8 @@ class ConversionPlan:
             "shards": [{"file": s.filename, "bytes": s.nbytes, "tensors": len(s.tensors)} for s in self.shards],
             "tensors": [{"name": t.name, "source": t.source_fqn, "shape": list(t.shape), "dtype": t.dst_dtype,
                          "source_dtype": t.src_dtype, "chunks": len(t.chunks),
-                         "assembly": "copy" if t.is_row_contiguous else "blocks"}
+                         "assembly": "copy" if t.is_row_contiguous else ("gather" if t.pieces else "blocks"),
+                         "pieces": len(t.pieces)}
                         for t in self.tensors],
             "total_bytes": self.total_bytes,
             "files_bytes": self.files_nbytes,
@@ -167,6 +168,7 @@ class ConversionPlan:
             "subtree": self.subtree,
             "skipped": self.skipped_counts,
             "renamed": len(self.renamed),
+            "source_format": self.source_format,
         }
 
 

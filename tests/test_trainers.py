@@ -78,7 +78,7 @@ def test_trainer_checkpoint_converts_to_the_same_model(made, tmp_path, kind, lay
     # --dtype bfloat16: the gathered (permuted) rows are cast bit for bit as torch's .to does
     out16 = tmp_path / "hf16"
     result = convert([case_dir / "ckpt", out16, "--config-from", case_dir / "base", "--dtype", "bfloat16",
-                      "--buffer-size", "64KiB"])
+                      "--buffer-size", "64KiB", "--verify"])
     assert result.exit_code == 0, result.output
     got16 = load_file(out16 / "model.safetensors")
     for name in ref:
@@ -103,6 +103,19 @@ def test_wrong_head_counts_are_refused(made, tmp_path):
     result = convert([case_dir / "ckpt", tmp_path / "out", "--config-from", base])
     assert result.exit_code == 64, result.output
     assert "k_proj" in result.output and "heads of size 8" in result.output
+
+
+def test_plan_shows_the_gathers(made):
+    case_dir = made[("torchtitan", "tp")]
+    result = CliRunner().invoke(cli, ["plan", str(case_dir / "ckpt"), "--config-from", str(case_dir / "base"),
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert plan["source_format"] == "torchtitan-llama"
+    q = next(t for t in plan["tensors"] if t["name"] == "model.layers.0.self_attn.q_proj.weight")
+    assert q["source"] == "layers.0.attention.wq.weight" and q["assembly"] == "gather" and q["pieces"] == 4 * 2 * 2
+    o = next(t for t in plan["tensors"] if t["name"] == "model.layers.0.self_attn.o_proj.weight")
+    assert o["assembly"] == "blocks" and o["pieces"] == 0
 
 
 def test_inspect_names_the_trainer(made):

@@ -179,3 +179,22 @@ def test_rope_over_fsdp_chunks_makes_two_pieces_per_head_and_chunk():
     assert len(pieces) == 2 * heads.n_heads      # chunk edges fall on head edges
     assert {p.src_step for p in pieces} == {2}
     assert not any(tf.is_contiguous_piece(p, shape) for p in pieces)
+
+
+def test_stack_along_a_new_leading_dim_equals_torch_stack():
+    rows, cols = 6, 3
+    sources = {f"w{i}": torch.randn(rows, cols) for i in range(3)}
+    chunks = {n: grid_chunks((rows, cols), [[2, 5], [1]]) for n in sources}
+    takes = [tf.Take(n, (0, 0), (i, 0, 0), (1, rows, cols)) for i, n in enumerate(sources)]
+    pieces = tf.pieces_for(takes, {n: ((rows, cols), chunks[n]) for n in sources})
+    out_shape = (3, rows, cols)
+    tf.check_pieces("stacked", out_shape, pieces)
+    out = torch.zeros(out_shape)
+    for p in pieces:
+        name = next(n for n, cs in chunks.items() if p.chunk in cs and any(p.chunk is c for c in cs))
+        c = p.chunk
+        block = sources[name][c.offsets[0]:c.offsets[0] + c.sizes[0], c.offsets[1]:c.offsets[1] + c.sizes[1]]
+        r0, c0 = p.src_start
+        out[p.dst_start[0], p.dst_start[1]:p.dst_start[1] + p.sizes[1], p.dst_start[2]:p.dst_start[2] + p.sizes[2]] = \
+            block[r0:r0 + p.sizes[1], c0:c0 + p.sizes[2]]
+    assert torch.equal(out, torch.stack(list(sources.values())))

@@ -70,10 +70,11 @@ def _plan_options(fn):
                           "{'model': ..., 'optim': ...}, else the whole state dict."),
         click.option("--source-format", "source_format", default="auto", show_default=True,
                      type=click.Choice(SOURCE_FORMATS),
-                     help="Whose names and row layout the checkpoint has: auto (detect torchtitan / torchtune Llama "
-                          "from its module names), hf (keep names as they are), or a trainer layout. Trainer "
-                          "layouts are mapped to Hugging Face Llama names, q/k rows permuted to HF's RoPE order; "
-                          "that needs the head counts from --config-from."),
+                     help="Whose names and row layout the checkpoint has: auto (detect torchtitan / torchtune Llama or "
+                          "a Megatron-Core GPT from its module names), hf (keep names as they are), or a trainer "
+                          "layout. Trainer "
+                          "layouts are mapped to Hugging Face Llama names, q/k rows permuted to HF's RoPE order, fused "
+                          "weights split; that needs the head counts from --config-from."),
         click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report on stdout."),
     ]
     for d in reversed(decorators):

@@ -3,10 +3,10 @@
 * Random tensors cut into random chunk grids (as FSDP/TP would store them), converted through adapters that permute
   RoPE rows, split a grouped qkv and a [gate; up] weight and unstack a layer dim, with buffers small enough to cut
   heads across bands, with and without a cast: every output equals torch's ops on the whole tensor, bit for bit.
-* The Megatron-Core fixture (`../shared/fixtures/megatron_gpt_tp1`, made on a GPU) mapped to Hugging Face Llama
-  with an adapter written here as data from the same primitives (unstack, `qkv_grouped`, `half`): its tensors equal
-  torch's ops on `dcp_to_torch_save`'s reconstruction and its logits Megatron's own. (The Megatron adapter itself is
-  issue 13's work; this proves the primitives cover it.)
+* The Megatron-Core fixture (`../shared/fixtures/megatron_gpt_tp1`, made on a GPU), detected and mapped to Hugging
+  Face Llama by the `megatron-gpt` adapter (unstack, `qkv_grouped`, `half`): its tensors equal torch's ops on
+  `dcp_to_torch_save`'s reconstruction and its logits Megatron's own (atol 1e-5). The random-chunking test above
+  covers tensor-parallel splits of the same tensors (rows of query groups, halves of fc1, columns of proj).
 """
 from __future__ import annotations
 
@@ -19,40 +19,10 @@ from streamconv import trainers
 from streamconv.executor import Executor
 from streamconv.plan import PlanOptions, build_plan
 from streamconv.sink import MemorySink
-from streamconv.trainers import Adapter, Rule
 from streamconv.transforms import Heads
 from test_executor import make_checkpoint
 
-L = r"decoder\.layers\."
-MEGATRON_TEST = Adapter(
-    name="megatron-test", trainer="megatron-core",
-    rules=(
-        Rule(r"embedding\.word_embeddings\.weight", "model.embed_tokens.weight"),
-        Rule(L + r"self_attention\.linear_qkv\.weight", "model.layers.{layer}.self_attn.q_proj.weight",
-             (("qkv_grouped", "q"),), unstack=True),
-        Rule(L + r"self_attention\.linear_qkv\.weight", "model.layers.{layer}.self_attn.k_proj.weight",
-             (("qkv_grouped", "k"),), unstack=True),
-        Rule(L + r"self_attention\.linear_qkv\.weight", "model.layers.{layer}.self_attn.v_proj.weight",
-             (("qkv_grouped", "v"),), unstack=True),
-        Rule(L + r"self_attention\.linear_proj\.weight", "model.layers.{layer}.self_attn.o_proj.weight", unstack=True),
-        Rule(L + r"mlp\.linear_fc1\.weight", "model.layers.{layer}.mlp.gate_proj.weight", (("half", "0"),),
-             unstack=True),
-        Rule(L + r"mlp\.linear_fc1\.weight", "model.layers.{layer}.mlp.up_proj.weight", (("half", "1"),),
-             unstack=True),
-        Rule(L + r"mlp\.linear_fc2\.weight", "model.layers.{layer}.mlp.down_proj.weight", unstack=True),
-        Rule(L + r"self_attention\.linear_qkv\.layer_norm_weight", "model.layers.{layer}.input_layernorm.weight",
-             unstack=True),
-        Rule(L + r"mlp\.linear_fc1\.layer_norm_weight", "model.layers.{layer}.post_attention_layernorm.weight",
-             unstack=True),
-        Rule(r"decoder\.final_layernorm\.weight", "model.norm.weight"),
-        Rule(r"output_layer\.weight", "lm_head.weight"),
-    ))
-
-
-@pytest.fixture
-def with_megatron_test(monkeypatch):
-    monkeypatch.setattr(trainers, "ADAPTERS", trainers.ADAPTERS + (MEGATRON_TEST,))
-    monkeypatch.setattr(trainers, "SOURCE_FORMATS", trainers.SOURCE_FORMATS + (MEGATRON_TEST.name,))
+MEGATRON = trainers.MEGATRON_GPT
 
 
 def torch_megatron_to_hf(sd, heads: Heads, layers: int):
@@ -115,12 +85,9 @@ def test_megatron_style_gathers_equal_torch(case):
     rng = np.random.default_rng(0)
     arrays = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
     meta, reader, stored = make_checkpoint(arrays, cuts)
-    options = PlanOptions(max_shard_bytes=10**9, source_format=MEGATRON_TEST.name, heads=heads,
+    options = PlanOptions(max_shard_bytes=10**9, source_format=MEGATRON.name, heads=heads,
                           dtype="bfloat16" if cast else "keep")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trainers, "ADAPTERS", trainers.ADAPTERS + (MEGATRON_TEST,))
-        mp.setattr(trainers, "SOURCE_FORMATS", trainers.SOURCE_FORMATS + (MEGATRON_TEST.name,))
-        _, got = run(meta, reader, stored, options, buffer_bytes)
+    _, got = run(meta, reader, stored, options, buffer_bytes)
     per = heads.n_heads // heads.n_kv_heads
     want = {}
     for i in range(layers):
@@ -170,16 +137,16 @@ def test_rope_gathers_equal_torch_at_any_chunking_and_buffer(case):
             assert torch.equal(mine, want)
 
 
-def test_megatron_fixture_maps_with_the_primitives(shared_fixtures_dir, with_megatron_test, tmp_path):
+def test_megatron_fixture_converts_to_megatrons_model(shared_fixtures_dir, tmp_path):
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     from transformers import LlamaForCausalLM
 
     from streamconv import api
     case = shared_fixtures_dir / "megatron_gpt_tp1"
-    report = api.convert(str(case / "ckpt"), str(tmp_path / "hf"), config_from=str(case / "base"),
-                         source_format="megatron-test")
+    report = api.convert(str(case / "ckpt"), str(tmp_path / "hf"), config_from=str(case / "base"))
     assert report.tensors == 3 + 9 * 3
+    assert any(n.startswith("source format: megatron-gpt (detected") for n in report.notes), report.notes
     dcp_to_torch_save(case / "ckpt", tmp_path / "ref.pt")
     sd = torch.load(tmp_path / "ref.pt", weights_only=False)
     want = torch_megatron_to_hf(sd, Heads(4, 2, 16), 3)

@@ -13,7 +13,7 @@ from typing import Iterable, List, Optional, Sequence
 from ..errors import OptionsError
 from ..transforms import Heads
 from .adapter import Adapter, Rule, outputs
-from .formats import ADAPTERS, TORCHTITAN_LLAMA, TORCHTUNE_LLAMA
+from .formats import ADAPTERS, MEGATRON_GPT, TORCHTITAN_LLAMA, TORCHTUNE_LLAMA
 
 AS_IS = "hf"
 SOURCE_FORMATS = ("auto", AS_IS) + tuple(a.name for a in ADAPTERS)
@@ -50,8 +50,8 @@ def resolve(names: Sequence[str], top_keys: Iterable[str], source_format: str = 
     beside = f"; beside the model: {', '.join(extra)}" if extra else ""
     return Resolution(adapter, adapter.name,
                       f"source format: {adapter.name} (detected from {adapter.trainer}'s module names, e.g. "
-                      f"{_example(adapter, names)}{beside}); names mapped to Hugging Face Llama, q/k rows "
-                      "permuted from interleaved to half-split RoPE order; --source-format hf keeps them as they are")
+                      f"{_example(adapter, names)}{beside}); {adapter.summary}; --source-format hf keeps the "
+                      "checkpoint's names and layout")
 
 
 def _example(adapter: Adapter, names: List[str]) -> str:
@@ -81,4 +81,4 @@ def heads_from_config(data: dict) -> Optional[Heads]:
 
 
 __all__ = ["Adapter", "Rule", "Resolution", "resolve", "outputs", "heads_from_config", "ADAPTERS",
-           "TORCHTITAN_LLAMA", "TORCHTUNE_LLAMA", "SOURCE_FORMATS"]
+           "TORCHTITAN_LLAMA", "TORCHTUNE_LLAMA", "MEGATRON_GPT", "SOURCE_FORMATS"]

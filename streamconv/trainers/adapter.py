@@ -49,6 +49,7 @@ class Adapter:
     signature: Tuple[str, ...] = ()
     # (regex, reason): model entries that are not weights of the HF model (RoPE tables).
     skip: Tuple[Tuple[str, str], ...] = ()
+    summary: str = ""                          # what the rules do, for the detection note
 
     @property
     def needs_heads(self) -> bool:

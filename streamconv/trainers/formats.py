@@ -30,6 +30,7 @@ TORCHTITAN_LLAMA = Adapter(
     signature=(r"tok_embeddings\.weight", _L + r"attention\.(?:qkv_linear\.)?wq\.weight",
                _L + r"feed_forward\.w1\.weight"),
     skip=((r"freqs_cis|rope\.cache|.*\.rope\.cache", "RoPE table (transformers recomputes it)"),),
+    summary="names mapped to Hugging Face Llama, q/k rows permuted from interleaved to half-split RoPE order",
 )
 
 # torchtune Llama (2, 3, 3.1, 3.2 text): `TransformerDecoder` names; tied models have no `output.weight`.
@@ -50,6 +51,41 @@ TORCHTUNE_LLAMA = Adapter(
         Rule(r"output\.weight", "lm_head.weight"),
     ),
     signature=(r"tok_embeddings\.weight", _L + r"attn\.q_proj\.weight", _L + r"sa_norm\.scale"),
+    summary="names mapped to Hugging Face Llama, q/k rows permuted from interleaved to half-split RoPE order",
 )
 
-ADAPTERS = (TORCHTITAN_LLAMA, TORCHTUNE_LLAMA)
+# Megatron-Core GPT in the `torch_dist` format (Llama family: RMSNorm, SwiGLU, RoPE, GQA/MQA): per-layer tensors
+# stacked on a leading layer dim; `linear_qkv` rows grouped per query group, `linear_fc1` = [gate; up]; the norms
+# saved inside the TE layers (`layer_norm_weight`) or as `input_layernorm` / `pre_mlp_layernorm` (local spec).
+# Megatron's RoPE is half-split by default (no permutation). Anything else (MoE experts, q/k norms, MLA) has no
+# rule and is refused by name.
+_M = r"decoder\.layers\."
+_Y = "model.layers.{layer}."
+MEGATRON_GPT = Adapter(
+    name="megatron-gpt", trainer="Megatron-Core",
+    rules=(
+        Rule(r"embedding\.word_embeddings\.weight", "model.embed_tokens.weight"),
+        Rule(_M + r"self_attention\.linear_qkv\.weight", _Y + "self_attn.q_proj.weight", (("qkv_grouped", "q"),),
+             unstack=True),
+        Rule(_M + r"self_attention\.linear_qkv\.weight", _Y + "self_attn.k_proj.weight", (("qkv_grouped", "k"),),
+             unstack=True),
+        Rule(_M + r"self_attention\.linear_qkv\.weight", _Y + "self_attn.v_proj.weight", (("qkv_grouped", "v"),),
+             unstack=True),
+        Rule(_M + r"self_attention\.linear_proj\.weight", _Y + "self_attn.o_proj.weight", unstack=True),
+        Rule(_M + r"mlp\.linear_fc1\.weight", _Y + "mlp.gate_proj.weight", (("half", "0"),), unstack=True),
+        Rule(_M + r"mlp\.linear_fc1\.weight", _Y + "mlp.up_proj.weight", (("half", "1"),), unstack=True),
+        Rule(_M + r"mlp\.linear_fc2\.weight", _Y + "mlp.down_proj.weight", unstack=True),
+        Rule(_M + r"(?:self_attention\.linear_qkv\.layer_norm_weight|input_layernorm\.weight)",
+             _Y + "input_layernorm.weight", unstack=True),
+        Rule(_M + r"(?:mlp\.linear_fc1\.layer_norm_weight|pre_mlp_layernorm\.weight)",
+             _Y + "post_attention_layernorm.weight", unstack=True),
+        Rule(r"decoder\.final_layernorm\.weight", "model.norm.weight"),
+        Rule(r"output_layer\.weight", "lm_head.weight"),
+    ),
+    signature=(r"embedding\.word_embeddings\.weight", _M + r"self_attention\.linear_qkv\.weight"),
+    skip=((r".*\._extra_state.*", "Transformer Engine extra state"),),
+    summary="layers unstacked, linear_qkv split per query group into q/k/v, linear_fc1 into gate/up, names mapped "
+            "to Hugging Face Llama",
+)
+
+ADAPTERS = (TORCHTITAN_LLAMA, TORCHTUNE_LLAMA, MEGATRON_GPT)

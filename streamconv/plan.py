@@ -14,7 +14,7 @@ from . import dtypes, names, trainers
 from .coverage import check_coverage, dedup_chunks
 from .errors import OptionsError, UnsupportedFeatureError
 from .model import CheckpointMetadata, Chunk, TensorEntry
-from .transforms import Derived, Heads, Piece, check_pieces, distinct_chunks, is_contiguous_piece, pieces_for
+from .transforms import Derived, Heads, Piece, check_gather, cut_all, distinct_chunks, flatten, is_contiguous_piece
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9          # as huggingface_hub's "5GB"
 DEFAULT_BUFFER_BYTES = 32 * 2**20
@@ -380,6 +380,7 @@ def _chunks_and_pieces(entry: TensorEntry, name: str) -> Tuple[Tuple[Chunk, ...]
         if src.dtype != entry.dtype:
             raise OptionsError(f"{name!r} gathers tensors of different dtypes ({src.dtype}, {entry.dtype})")
         sources[src.fqn] = (tuple(src.shape), chunks)
-    pieces = pieces_for(entry.takes, sources)
-    check_pieces(name, tuple(entry.shape), pieces)
+    groups = cut_all(entry.takes, sources)
+    check_gather(name, tuple(entry.shape), entry.takes, groups)
+    pieces = flatten(groups)
     return distinct_chunks(pieces), pieces

@@ -278,10 +278,10 @@ def cut(take: Take, source_shape: Shape, index: ChunkIndex) -> List[Piece]:
     return pieces
 
 
-def pieces_for(takes: Sequence[Take], sources: Dict[str, Tuple[Shape, Sequence[Chunk]]]) -> Tuple[Piece, ...]:
-    """Cut every take along its source's chunks (deduplicated, proven to tile the source, by the caller)."""
+def cut_all(takes: Sequence[Take], sources: Dict[str, Tuple[Shape, Sequence[Chunk]]]) -> List[List[Piece]]:
+    """Each take cut along its source's chunks (deduplicated, proven to tile the source, by the caller)."""
     indexes: Dict[str, ChunkIndex] = {}
-    out: List[Piece] = []
+    out: List[List[Piece]] = []
     for take in takes:
         shape, chunks = sources[take.source]
         if take.source not in indexes:
@@ -289,9 +289,16 @@ def pieces_for(takes: Sequence[Take], sources: Dict[str, Tuple[Shape, Sequence[C
             extra = len(shape) - len(take.sizes)
             dim = 0 if not shape or extra > 0 else _row_axis(len(shape), len(take.sizes))[1]
             indexes[take.source] = ChunkIndex(chunks, dim)
-        out.extend(cut(take, shape, indexes[take.source]))
-    out.sort(key=lambda p: p.dst_start)
-    return tuple(out)
+        out.append(cut(take, shape, indexes[take.source]))
+    return out
+
+
+def flatten(groups: Iterable[Sequence[Piece]]) -> Tuple[Piece, ...]:
+    return tuple(sorted((p for g in groups for p in g), key=lambda p: p.dst_start))
+
+
+def pieces_for(takes: Sequence[Take], sources: Dict[str, Tuple[Shape, Sequence[Chunk]]]) -> Tuple[Piece, ...]:
+    return flatten(cut_all(takes, sources))
 
 
 # -- geometry used by the executor and the proof --------------------------------------------------------------
@@ -340,33 +347,76 @@ def _describe(piece: Piece) -> str:
             f"({c.location.relative_path})")
 
 
+def _check_bounds(name: str, shape: Shape, p: Piece) -> None:
+    """The piece's output box lies in `shape` and its source box (with the row step) inside its chunk."""
+    ndim = len(shape)
+    if len(p.dst_start) != ndim or len(p.sizes) != ndim or len(p.src_start) != len(p.chunk.sizes):
+        raise CoverageError(f"tensor {name!r}: {_describe(p)} has the wrong number of dims for {list(shape)}")
+    for d, (o, s, full) in enumerate(zip(p.dst_start, p.sizes, shape)):
+        if o < 0 or s <= 0 or o + s > full:
+            raise CoverageError(f"tensor {name!r}: {_describe(p)} runs outside {list(shape)} in dim {d}")
+    n_src = len(p.chunk.sizes)
+    extra = n_src - ndim
+    row_box, _ = _row_axis(n_src, ndim)
+    for sd, (start, size) in enumerate(zip(p.src_start, p.chunk.sizes)):
+        k = sd - extra
+        extent = 1 if k < 0 else (p.sizes[k] - 1) * (p.src_step if k == row_box else 1) + 1
+        if start < 0 or start + extent > size:
+            raise CoverageError(f"tensor {name!r}: {_describe(p)} reads outside its chunk {list(p.chunk.sizes)}")
+
+
+def _first_overlap(boxes: Sequence[Tuple[Tuple[int, ...], Tuple[int, ...], object]]):
+    """Two of (start, sizes, label) boxes that overlap, or None. Sorted sweep along dim 0."""
+    ordered = sorted(boxes, key=lambda b: b[0])
+    for i, (a0, asz, a) in enumerate(ordered):
+        for b0, bsz, b in ordered[i + 1:]:
+            if a0 and b0[0] >= a0[0] + asz[0]:
+                break
+            if all(ao < bo + bs and bo < ao + az for ao, az, bo, bs in zip(a0, asz, b0, bsz)):
+                return a, b
+    return None
+
+
 def check_pieces(name: str, shape: Shape, pieces: Sequence[Piece]) -> None:
     """Raise CoverageError unless `pieces` lie inside their chunks and cover `shape` exactly once (in bounds, no
-    two overlapping, volumes adding up), as `coverage.check_coverage` proves for chunks."""
-    ndim = len(shape)
+    two overlapping, volumes adding up), as `coverage.check_coverage` proves for chunks. Pairwise: for any pieces;
+    the planner uses the cheaper `check_gather`."""
     for p in pieces:
-        if len(p.dst_start) != ndim or len(p.sizes) != ndim:
-            raise CoverageError(f"tensor {name!r}: {_describe(p)} has the wrong number of dims for {list(shape)}")
-        for d, (o, s, full) in enumerate(zip(p.dst_start, p.sizes, shape)):
-            if o < 0 or s <= 0 or o + s > full:
-                raise CoverageError(f"tensor {name!r}: {_describe(p)} runs outside {list(shape)} in dim {d}")
-        dst, src, base = piece_strides(p, shape)
-        last = base + sum((s - 1) * st for s, st in zip(p.sizes, src))
-        if any(i < 0 for i in p.src_start) or last >= p.chunk.numel or len(p.src_start) != len(p.chunk.sizes) \
-                or any(i >= s for i, s in zip(p.src_start, p.chunk.sizes)):
-            raise CoverageError(f"tensor {name!r}: {_describe(p)} reads outside its chunk {list(p.chunk.sizes)}")
-    ordered = sorted(pieces, key=lambda p: p.dst_start)
-    for i, a in enumerate(ordered):
-        for b in ordered[i + 1:]:
-            if ndim and b.dst_start[0] >= a.dst_start[0] + a.sizes[0]:
-                break
-            if all(ao < bo + bs and bo < ao + asz
-                   for ao, asz, bo, bs in zip(a.dst_start, a.sizes, b.dst_start, b.sizes)):
-                raise CoverageError(f"tensor {name!r}: pieces overlap: {_describe(a)} and {_describe(b)}")
+        _check_bounds(name, shape, p)
+    clash = _first_overlap([(p.dst_start, p.sizes, p) for p in pieces])
+    if clash:
+        raise CoverageError(f"tensor {name!r}: pieces overlap: {_describe(clash[0])} and {_describe(clash[1])}")
     covered = sum(p.numel for p in pieces)
     if covered != _prod(shape):
         raise CoverageError(f"tensor {name!r}: pieces cover {covered} of {_prod(shape)} elements of {list(shape)}; "
                             "the transform's source rows do not fill the output")
+
+
+def check_gather(name: str, shape: Shape, takes: Sequence[Take], groups: Sequence[Sequence[Piece]]) -> None:
+    """The same proof for pieces cut from takes (`groups[i]` from `takes[i]`), in time linear in the pieces: every
+    piece in bounds; the takes' output boxes in bounds, disjoint and adding up to the output; each take's pieces
+    adding up to the take. Pieces of one take come from disjoint chunks (the sources' chunks were proven to tile
+    them) through a one-to-one box map, so they are disjoint too: every element is written exactly once."""
+    for t in takes:
+        if len(t.sizes) != len(shape) or any(o < 0 or s <= 0 or o + s > full
+                                             for o, s, full in zip(t.dst_start, t.sizes, shape)):
+            raise CoverageError(f"tensor {name!r}: a take from {t.source!r} at {list(t.dst_start)} sizes "
+                                f"{list(t.sizes)} runs outside {list(shape)}")
+    clash = _first_overlap([(t.dst_start, t.sizes, t) for t in takes])
+    if clash:
+        raise CoverageError(f"tensor {name!r}: takes from {clash[0].source!r} and {clash[1].source!r} overlap at "
+                            f"{list(clash[0].dst_start)} / {list(clash[1].dst_start)}")
+    total = sum(_prod(t.sizes) for t in takes)
+    if total != _prod(shape):
+        raise CoverageError(f"tensor {name!r}: the transform fills {total} of {_prod(shape)} elements of "
+                            f"{list(shape)}")
+    for t, group in zip(takes, groups):
+        for p in group:
+            _check_bounds(name, shape, p)
+        if sum(p.numel for p in group) != _prod(t.sizes):
+            raise CoverageError(f"tensor {name!r}: the stored chunks of {t.source!r} cover "
+                                f"{sum(p.numel for p in group)} of the {_prod(t.sizes)} elements read at "
+                                f"{list(t.src_start)}; the source is shorter than the transform expects")
 
 
 def distinct_chunks(pieces: Iterable[Piece]) -> Tuple[Chunk, ...]:

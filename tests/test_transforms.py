@@ -132,7 +132,9 @@ def test_pieces_cover_the_output_exactly_once_and_match_torch(case):
     rows = row_map(steps, shape[len(lead)], heads, "w") if len(shape) > len(lead) else None
     takes = tf.takes_from_rows("w", shape, rows, lead=lead)
     out_shape = tf.output_shape_of_rows(shape, rows, lead=lead)
-    pieces = tf.pieces_for(takes, {"w": (shape, grid_chunks(shape, cuts))})
+    groups = tf.cut_all(takes, {"w": (shape, grid_chunks(shape, cuts))})
+    tf.check_gather("w", out_shape, takes, groups)
+    pieces = tf.flatten(groups)
     tf.check_pieces("w", out_shape, pieces)
     out, hits = assemble(pieces, out_shape, source)
     assert (hits == 1).all()
@@ -168,6 +170,23 @@ def test_check_pieces_refuses_gaps_and_overlaps():
         tf.check_pieces("w", shape, [tf.Piece(chunk, (1, 0), (0, 0), (4, 2))])
     with pytest.raises(CoverageError, match="outside its chunk"):
         tf.check_pieces("w", (2, 2), [tf.Piece(chunk, (0, 0), (0, 0), (2, 2), src_step=4)])
+
+
+def test_check_gather_refuses_overlapping_takes_and_short_sources():
+    shape = (4, 2)
+    chunks = grid_chunks(shape, [[2], []])
+    whole = tf.Take("w", (0, 0), (0, 0), (4, 2))
+    tf.check_gather("w", shape, [whole], tf.cut_all([whole], {"w": (shape, chunks)}))
+    a, b = tf.Take("w", (0, 0), (0, 0), (3, 2)), tf.Take("w", (1, 0), (2, 0), (2, 2))
+    with pytest.raises(CoverageError, match="overlap"):
+        tf.check_gather("w", shape, [a, b], tf.cut_all([a, b], {"w": (shape, chunks)}))
+    half = tf.Take("w", (0, 0), (0, 0), (2, 2))
+    with pytest.raises(CoverageError, match="fills 4 of 8"):
+        tf.check_gather("w", shape, [half], tf.cut_all([half], {"w": (shape, chunks)}))
+    # the source holds only rows 0..1: the take reads past its stored chunks
+    short = grid_chunks((2, 2), [[], []])
+    with pytest.raises(CoverageError, match="cover 4 of the 8"):
+        tf.check_gather("w", shape, [whole], tf.cut_all([whole], {"w": ((2, 2), short)}))
 
 
 def test_rope_over_fsdp_chunks_makes_two_pieces_per_head_and_chunk():

@@ -9,7 +9,6 @@ model built from that export: `torch.equal`.
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch

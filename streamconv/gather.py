@@ -17,6 +17,10 @@ from typing import TYPE_CHECKING, List, Sequence, Tuple
 from . import dtypes
 from .transforms import Piece, is_contiguous_piece, piece_strides, run_split
 
+# Runs gathered per band at most (about when their bookkeeping would pass a few MiB); only tensors whose pieces
+# have runs of a few bytes ever reach it.
+MAX_RUNS_PER_BAND = 1 << 14
+
 if TYPE_CHECKING:
     from .executor import Executor
     from .plan import TensorPlan
@@ -105,6 +109,11 @@ def _gather_bands(ex: "Executor", t: "TensorPlan", sink: "ShardSink") -> None:
     inner = [_prod(shape[k + 1:]) * item for k in range(ndim)]
     d = next((k for k in range(ndim) if inner[k] <= budget), ndim)
     rows_per_band = max(1, budget // inner[d]) if d < ndim else 1
+    if d < ndim:
+        # Each run costs a buffer entry (and numpy slots): a band of tiny runs (every other element of a 1-D
+        # tensor) is cut short so that the bookkeeping stays small next to the buffer.
+        shortest = min(min(run_split(p.sizes, *piece_strides(p, shape)[:2])[1] * item, inner[d]) for p in t.pieces)
+        rows_per_band = max(1, min(rows_per_band, MAX_RUNS_PER_BAND * shortest // inner[d]))
     out_strides = [_prod(shape[k + 1:]) for k in range(ndim)]
     starts_d = np.array([p.dst_start[d] for p in t.pieces] if d < ndim else [0] * len(t.pieces), dtype=np.int64)
     ends_d = starts_d + np.array([p.sizes[d] for p in t.pieces] if d < ndim else [1] * len(t.pieces), dtype=np.int64)

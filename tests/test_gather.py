@@ -178,3 +178,29 @@ def test_rope_tables_are_skipped_and_unmapped_tensors_refused():
     with pytest.raises(UnsupportedFeatureError, match="lora_a"):
         build_plan(meta, PlanOptions(heads=Heads(2, 2, 4)))
     assert build_plan(meta, PlanOptions(heads=Heads(2, 2, 4), exclude=("*lora*",))).tensors
+
+
+def test_bands_of_tiny_runs_are_cut_short():
+    """Every other element of a 1-D tensor (RoPE on a bias) is a run of one element: bands stay at
+    MAX_RUNS_PER_BAND runs, whatever the buffer, and the result is still torch's permutation."""
+    from streamconv import gather, transforms as tf
+    from streamconv.plan import TensorPlan
+
+    n = 4 * 2 * 5000                                      # 4 heads of 10000 rows
+    arrays = {"bias": np.arange(n, dtype=np.float32)}
+    meta, reader, stored = make_checkpoint(arrays, {"bias": [[n // 3]]})
+    chunks = meta.tensors[0].chunks
+    takes = tf.takes_from_rows("bias", (n,), tf.rope_half_split(n, 4))
+    groups = tf.cut_all(takes, {"bias": ((n,), chunks)})
+    tf.check_gather("bias", (n,), takes, groups)
+    pieces = tf.flatten(groups)
+    plan = TensorPlan(name="b", source_fqn="bias", src_dtype="float32", dst_dtype="float32", shape=(n,),
+                      chunks=tf.distinct_chunks(pieces), begin=0, nbytes=n * 4, pieces=pieces)
+    calls = []
+    read_into = reader.read_into
+    reader.read_into = lambda path, offset, buffers: (calls.append(len(buffers)), read_into(path, offset, buffers))
+    sink = MemorySink(n * 4)
+    Executor(reader, stored, 32 * 2**20).write_tensor(plan, sink)
+    want = torch.arange(n, dtype=torch.float32).view(4, -1, 2).transpose(1, 2).reshape(n)
+    assert torch.equal(torch.frombuffer(sink.data, dtype=torch.float32), want)
+    assert max(calls) <= 1 << 14, max(calls)     # without the cap: one read of 26,667 buffers

@@ -9,8 +9,9 @@ Three layers, each a value:
 * `Take` — a box of the output that comes from a box of one *source tensor* (global coordinates). A row map on a
   source (after optionally fixing its leading index: unstack) gives one take per run.
 * `Piece` — a take cut along the source's stored chunks: output box + stored chunk + where inside the chunk.
-  This is what the executor copies (`executor.Executor._write_pieces`). `check_pieces` proves the pieces cover
-  the output exactly once (the same proof as `coverage.check_coverage`, over pieces).
+  This is what the executor copies (`gather.write_pieces`). `check_gather` proves the pieces cover the output
+  exactly once (the proof of `coverage.check_coverage`, over takes and pieces); `check_pieces` is the pairwise
+  version for arbitrary pieces.
 
 Geometry shared by takes and pieces:
 * the box has the output's dims: `dst_start` and `sizes` have one entry per output dim;
@@ -89,7 +90,7 @@ def rope_half_split(n_rows: int, n_heads: int, *, what: str = "weight") -> RowMa
 
 def rope_interleave(n_rows: int, n_heads: int, *, what: str = "weight") -> RowMap:
     """The inverse of `rope_half_split` (Hugging Face -> interleaved): output row h*hd + 2i + j is source row
-    h*hd + j*hd/2 + i. One run per row; used by tests and for writing trainer layouts back."""
+    h*hd + j*hd/2 + i. One run per row (the tests check the round trip with it)."""
     forward = rope_half_split(n_rows, n_heads, what=what)
     runs = []
     for r in forward:

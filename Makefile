@@ -11,7 +11,7 @@ TORCH_INDEX_URL ?=
 TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 DEMO_DIR ?= /tmp/streamconv-demo
 
-.PHONY: install demo test bench bench-full bench-full-fp32 clean
+.PHONY: install demo test test-trainers bench bench-full bench-full-fp32 clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,16 @@ demo: install
 	$(PY) -m streamconv.demo --workdir $(DEMO_DIR)
 
 test: install
-	$(PY) -m pytest -q -x --durations=10 tests
+	$(PY) -m pytest -q -x --durations=10 -m "not trainers" tests
+
+# The trainers' own model classes (torchtitan 0.3, torchtune 0.6) building real checkpoints (~1 min). Installed with
+# --no-deps: only what their model code imports (their dataset/tokenizer stacks are not needed; see
+# tests/trainer_writers.py for the shims).
+TRAINER_PKGS := torchtitan==0.3.0 spmd_types==0.2.3 torch_checkpointing==0.1.1 tyro docstring_parser typeguard \
+	shtab einops torchtune==0.6.1 torchao==0.10.0 omegaconf sentencepiece tiktoken torchdata==0.11.0
+test-trainers: install
+	$(PIP) install -q --no-deps $(TRAINER_PKGS)
+	$(PY) -m pytest -q -x --durations=10 -m trainers tests
 
 bench: install
 	$(PY) -m benchmarks.run --preset 2gb --out benchmarks/results

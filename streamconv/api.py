@@ -18,7 +18,7 @@ from .errors import OptionsError, OutputError
 from .executor import Executor, check_stored
 from .io import DirectoryReader, RangeReader
 from .model import BlobLocation, CheckpointMetadata, StoredTensor, TensorEntry
-from .plan import INDEX_FILE_NAME, ConversionPlan, PlanOptions, build_plan
+from .plan import INDEX_FILE_NAME, ConversionPlan, PlanOptions, build_plan, source_format
 from .report import ConversionReport, Reporter, peak_rss_bytes
 from .parallel import write_shards
 from .reader.integrity import ChunkIntegrity
@@ -37,14 +37,14 @@ DEFAULT_CRC = False
 
 def make_options(*, max_shard_size="5GB", buffer_size="32MiB", include: Sequence[str] = (),
                  exclude: Sequence[str] = (), dtype: str = "keep", renames: Sequence[str] = (),
-                 subtree: Optional[str] = None) -> PlanOptions:
+                 subtree: Optional[str] = None, source_format: str = "auto") -> PlanOptions:
     """PlanOptions from user-facing values ("5GB", "bf16", "REGEX=REPL")."""
     out_dtype = dtypes.parse_output_dtype(dtype)   # "auto" stays: plan()/convert() resolve it from the config
     return PlanOptions(
         max_shard_bytes=parse_size(max_shard_size, option="--max-shard-size"),
         buffer_bytes=parse_size(buffer_size, option="--buffer-size"),
         include=tuple(include), exclude=tuple(exclude), dtype=out_dtype,
-        renames=tuple(names.RenameRule.parse(r) for r in renames), subtree=subtree)
+        renames=tuple(names.RenameRule.parse(r) for r in renames), subtree=subtree, source_format=source_format)
 
 
 def load(checkpoint_dir: str) -> Tuple[DirectoryReader, CheckpointMetadata]:
@@ -74,7 +74,10 @@ def plan(checkpoint_dir: str, options: Optional[PlanOptions] = None, *, config_f
                        allow_unmatched=allow_unmatched, no_config=no_config)
     for note in ((found_note,) if found_note else ()) + setup.notes:
         (reporter or Reporter()).note(note)
-    return _checked_plan(meta, setup.options, checkpoint_dir)
+    conversion = _checked_plan(meta, setup.options, checkpoint_dir)
+    if conversion.source_note:
+        (reporter or Reporter()).note(conversion.source_note)
+    return conversion
 
 
 def _checked_plan(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir: str) -> ConversionPlan:
@@ -307,7 +310,8 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
         renamed=len(conversion.renamed), cast=casts, verified_bytes=verified_bytes, files=files + copied, copied_files=copied,
         crc_checked_bytes=integrity.checked_bytes if integrity is not None else 0,
         dropped_tied=list(setup.dropped_heads),
-        notes=([found_note] if found_note else []) + list(setup.notes) + run_notes,
+        notes=([found_note] if found_note else []) + list(setup.notes)
+        + ([conversion.source_note] if conversion.source_note else []) + run_notes,
         config_from=setup.config.folder if setup.config else None, layout=setup.layout,
         unmatched_names=list(reference.unmatched), missing_names=list(reference.missing))
 
@@ -340,6 +344,11 @@ def inspect(checkpoint_dir: str) -> dict:
         tensors.append({"name": t.fqn, "dtype": t.dtype, "shape": list(t.shape), "bytes": nbytes,
                         "chunks": len(t.chunks), "layout": describe_layout(t.shape, t.chunks)})
     subtree = names.model_subtree(t.path for t in meta.tensors)
+    try:
+        detected = source_format(meta, PlanOptions())
+        trainer = {"name": detected.name, "note": detected.note}
+    except OptionsError as exc:
+        trainer = {"name": "ambiguous", "note": str(exc)}
     top_keys: Dict[str, int] = {}
     for t in meta.tensors:
         key = str(t.path[0]) if len(t.path) >= 2 else "(top level)"
@@ -354,6 +363,7 @@ def inspect(checkpoint_dir: str) -> dict:
         "bytes_by_dtype": by_dtype,
         "top_level_keys": top_keys,
         "model_subtree": subtree,
+        "source_format": trainer,
         "non_tensor_entries": [b.fqn for b in meta.byte_entries],
         "tensors": tensors,
         "found": found_note,

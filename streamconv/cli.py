@@ -14,6 +14,7 @@ from .errors import OptionsError, StreamconvError
 from .report import CollectingReporter, Reporter, TqdmReporter
 from .names import printable
 from .sizes import format_size
+from .trainers import SOURCE_FORMATS
 
 
 # SIGTERM (job schedulers) and SIGHUP (a closed terminal or ssh session) end a run like Ctrl-C does.
@@ -176,6 +177,13 @@ def _plan_options(fn):
         click.option("--subtree", default=None, metavar="KEY",
                      help="Top-level key holding the model. Default: 'model' when the checkpoint was saved as "
                           "{'model': ..., 'optim': ...}, else the whole state dict."),
+        click.option("--source-format", "source_format", default="auto", show_default=True,
+                     type=click.Choice(SOURCE_FORMATS),
+                     help="Whose names and row layout the checkpoint has: auto (detect torchtitan / torchtune Llama or "
+                          "a Megatron-Core GPT from its module names), hf (keep names as they are), or a trainer "
+                          "layout. Trainer "
+                          "layouts are mapped to Hugging Face Llama names, q/k rows permuted to HF's RoPE order, fused "
+                          "weights split; that needs the head counts from --config-from."),
         click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report on stdout."),
     ]
     for d in reversed(decorators):
@@ -183,9 +191,10 @@ def _plan_options(fn):
     return fn
 
 
-def _options(max_shard_size, buffer_size, dtype, include, exclude, renames, subtree):
+def _options(max_shard_size, buffer_size, dtype, include, exclude, renames, subtree, source_format="auto"):
     return api.make_options(max_shard_size=max_shard_size, buffer_size=buffer_size, include=include,
-                            exclude=exclude, dtype=dtype, renames=renames, subtree=subtree)
+                            exclude=exclude, dtype=dtype, renames=renames, subtree=subtree,
+                            source_format=source_format)
 
 
 
@@ -230,8 +239,8 @@ def cli():
                    "--quiet is given.")
 @_fail_cleanly
 def convert(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, config_from, include, exclude, renames,
-            subtree, as_json, overwrite, workers, verify, crc, resume, discard_partial, quiet, progress,
-            no_config=False, allow_unmatched=False):
+            subtree, source_format, as_json, overwrite, workers, verify, crc, resume, discard_partial, quiet,
+            progress, no_config=False, allow_unmatched=False):
     """Convert CHECKPOINT_DIR (a DCP folder) into OUTPUT_DIR (safetensors shards).
 
     CHECKPOINT_DIR may also be a run folder holding one DCP folder with model weights (accelerate's state/, a
@@ -243,7 +252,7 @@ def convert(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, conf
     checkpoint folder or hold it (a subfolder of it is fine). Only the model's weights are written:
     optimizer state and non-tensor entries are skipped.
     """
-    options = _options(max_shard_size, buffer_size, dtype, include, exclude, renames, subtree)
+    options = _options(max_shard_size, buffer_size, dtype, include, exclude, renames, subtree, source_format)
     if progress is None:
         progress = sys.stderr.isatty() and not as_json and not quiet
     reporter: Reporter = TqdmReporter() if progress else CollectingReporter()
@@ -275,15 +284,16 @@ def convert(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, conf
 @_plan_options
 @_fail_cleanly
 def plan(checkpoint_dir, max_shard_size, buffer_size, dtype, config_from, include, exclude, renames, subtree,
-         as_json, no_config=False, allow_unmatched=False):
+         source_format, as_json, no_config=False, allow_unmatched=False):
     """Dry run: show the files, tensor names and predicted peak memory `convert` would produce.
 
     Reads only `.metadata` (and the config folder's JSON files and safetensors headers); writes nothing.
     """
     notes = CollectingReporter()
     conversion = api.plan(checkpoint_dir, _options(max_shard_size, buffer_size, dtype, include, exclude,
-                                                   renames, subtree), config_from=config_from, reporter=notes,
-                             allow_unmatched=allow_unmatched, no_config=no_config)
+                                                   renames, subtree, source_format),
+                          config_from=config_from, reporter=notes,
+                          allow_unmatched=allow_unmatched, no_config=no_config)
     summary = conversion.to_dict()
     if as_json:
         click.echo(json.dumps(dict(summary, notes=notes.notes, error=None, exit_code=0), indent=2))
@@ -293,7 +303,7 @@ def plan(checkpoint_dir, max_shard_size, buffer_size, dtype, config_from, includ
     for t in conversion.tensors:
         cast = f" (from {t.src_dtype})" if t.is_cast else ""
         click.echo(f"  {t.name}  {t.dst_dtype}{cast} {list(t.shape)}  "
-                   f"{len(t.chunks)} chunk(s), {'copy' if t.is_row_contiguous else 'blocks'}")
+                   f"{len(t.chunks)} chunk(s), {'copy' if t.is_row_contiguous else ('gather' if t.pieces else 'blocks')}")
     skipped = ", ".join(f"{n} {why}" for why, n in summary["skipped"].items()) or "nothing"
     click.echo(f"total {format_size(conversion.total_bytes)} in {len(conversion.shards)} file(s); "
                f"skipped: {skipped}; predicted peak memory {format_size(conversion.peak_bytes)}")
@@ -310,7 +320,7 @@ def plan(checkpoint_dir, max_shard_size, buffer_size, dtype, config_from, includ
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only problems.")
 @_fail_cleanly
 def verify(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, config_from, include, exclude, renames,
-           subtree, as_json, crc, quiet, no_config=False, allow_unmatched=False):
+           subtree, source_format, as_json, crc, quiet, no_config=False, allow_unmatched=False):
     """Check OUTPUT_DIR (a converted folder) against CHECKPOINT_DIR without converting again.
 
     Pass the naming and dtype options the conversion used (--dtype, --rename, --include/--exclude, --subtree,
@@ -322,7 +332,7 @@ def verify(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, confi
     its CRC-32.
     """
     from .verification import CorruptSourceError, OutputDiffersError
-    options = _options(max_shard_size, buffer_size, dtype, include, exclude, renames, subtree)
+    options = _options(max_shard_size, buffer_size, dtype, include, exclude, renames, subtree, source_format)
     interactive = sys.stderr.isatty() and not as_json and not quiet
     reporter: Reporter = TqdmReporter() if interactive else CollectingReporter()
     try:
@@ -370,6 +380,8 @@ def inspect(checkpoint_dir, as_json):
     # Names come from the checkpoint: a lone surrogate or a control character is printed escaped.
     click.echo("top-level keys: " + ", ".join(f"{printable(k)} ({n})" for k, n in info["top_level_keys"].items()))
     click.echo("bytes by dtype: " + ", ".join(f"{k} {format_size(v)}" for k, v in info["bytes_by_dtype"].items()))
+    if info["source_format"]["note"]:
+        click.echo(info["source_format"]["note"])
     for t in info["tensors"]:
         click.echo(f"  {printable(t['name'])}  {t['dtype']} {t['shape']}  {t['layout']}")
     if info["non_tensor_entries"]:

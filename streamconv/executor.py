@@ -145,7 +145,10 @@ class Executor:
         self._check_stop()
         for chunk in t.chunks:
             check_stored(t, chunk, self.stored[chunk.location])
-        if t.is_row_contiguous:
+        if t.pieces:
+            from .gather import write_pieces    # transformed tensors (see transforms.py)
+            write_pieces(self, t, sink)
+        elif t.is_row_contiguous:
             self._copy_runs(t, sink)
         else:
             self._assemble_bands(t, sink)

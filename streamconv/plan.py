@@ -10,10 +10,11 @@ import json
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import dtypes, names
+from . import dtypes, names, trainers
 from .coverage import check_coverage, dedup_chunks
-from .errors import CheckpointError, OptionsError
+from .errors import CheckpointError, OptionsError, UnsupportedFeatureError
 from .model import CheckpointMetadata, Chunk, TensorEntry
+from .transforms import Derived, Heads, Piece, check_gather, cut_all, distinct_chunks, flatten, is_contiguous_piece
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9          # as huggingface_hub's "5GB"
 DEFAULT_BUFFER_BYTES = 32 * 2**20
@@ -43,6 +44,10 @@ class PlanOptions:
     strip_wrappers: bool = True
     # Output names not written because transformers rebuilds them: tied duplicates (`lm_head.weight`).
     drop: Tuple[str, ...] = ()
+    # Which trainer's names and row layouts the checkpoint has: "auto" (detect), "hf" (as is) or an adapter name
+    # (see `trainers`). Adapters that permute or split rows need the attention geometry, from the config.
+    source_format: str = "auto"
+    heads: Optional[Heads] = None
 
     def __post_init__(self):
         if self.max_shard_bytes <= 0:
@@ -63,6 +68,9 @@ class TensorPlan:
     chunks: Tuple[Chunk, ...]   # deduplicated, sorted by offsets, proven to cover `shape` exactly once
     begin: int                  # absolute byte offset in the shard file
     nbytes: int                 # bytes in the output
+    # Empty: each chunk sits at its own offsets in the output. Else the output is a gather of these pieces of
+    # `chunks` (a transform: RoPE rows, a split, an unstack), proven to cover `shape` exactly once.
+    pieces: Tuple[Piece, ...] = ()
 
     @property
     def end(self) -> int:
@@ -76,6 +84,8 @@ class TensorPlan:
     def is_row_contiguous(self) -> bool:
         """True when every chunk is one contiguous byte run of the output (FSDP's dim-0 shards),
         so its bytes can be copied straight through without assembling blocks."""
+        if self.pieces:
+            return all(is_contiguous_piece(p, self.shape) for p in self.pieces)
         return all(_is_contiguous_box(c, self.shape) for c in self.chunks)
 
 
@@ -109,6 +119,8 @@ class ConversionPlan:
     renamed: Tuple[Tuple[str, str], ...]
     subtree: Optional[str]
     peak_bytes: int                         # predicted peak resident memory of the converter
+    source_format: str = "hf"               # the trainer adapter applied (`trainers.resolve`), "hf": none
+    source_note: str = ""                   # why, for reports
 
     @property
     def tensors(self) -> Tuple[TensorPlan, ...]:
@@ -145,7 +157,8 @@ class ConversionPlan:
             "shards": [{"file": s.filename, "bytes": s.nbytes, "tensors": len(s.tensors)} for s in self.shards],
             "tensors": [{"name": t.name, "source": t.source_fqn, "shape": list(t.shape), "dtype": t.dst_dtype,
                          "source_dtype": t.src_dtype, "chunks": len(t.chunks),
-                         "assembly": "copy" if t.is_row_contiguous else "blocks"}
+                         "assembly": "copy" if t.is_row_contiguous else ("gather" if t.pieces else "blocks"),
+                         "pieces": len(t.pieces)}
                         for t in self.tensors],
             "total_bytes": self.total_bytes,
             "files_bytes": self.files_nbytes,
@@ -155,6 +168,7 @@ class ConversionPlan:
             "subtree": self.subtree,
             "skipped": self.skipped_counts,
             "renamed": len(self.renamed),
+            "source_format": self.source_format,
         }
 
 
@@ -202,16 +216,9 @@ def _output_dtype(src: str, requested: str) -> str:
     return requested
 
 
-def select(meta: CheckpointMetadata, options: PlanOptions, *, check_names: bool = True):
-    """Pick the tensors to convert and name them. Returns (selected [(entry, name)], skipped, renamed, subtree).
-
-    `check_names=False` only counts and names (folder discovery): unwritable or colliding names are refused
-    when a plan is built, after the user's --include/--exclude/--rename had their say."""
-    subtree = options.subtree if options.subtree is not None else names.model_subtree(t.path for t in meta.tensors)
-    selected: List[Tuple[TensorEntry, str]] = []
-    skipped: List[Skipped] = [Skipped(b.fqn, "non-tensor") for b in meta.byte_entries]
-    renamed: List[Tuple[str, str]] = []
-    seen: Dict[str, Tuple[str, str]] = {}     # output name -> (checkpoint key, name before renames)
+def _model_entries(meta: CheckpointMetadata, options: PlanOptions, subtree: Optional[str], skipped: List[Skipped]):
+    """[(entry, state-dict name, name with wrappers stripped)] of the model's tensors; the rest go to `skipped`."""
+    model = []
     for entry in meta.tensors:
         top = _top_key(entry)
         if subtree is not None and top != subtree:
@@ -221,25 +228,80 @@ def select(meta: CheckpointMetadata, options: PlanOptions, *, check_names: bool 
         if subtree is None and top in names.NON_MODEL_KEYS and len(entry.path) >= 2:
             skipped.append(Skipped(entry.fqn, "optimizer state" if top.startswith("optim") else f"'{top}' state"))
             continue
-        state_dict_name = name = _source_name(entry, subtree)
-        if options.strip_wrappers:
-            name = names.strip_wrappers(name)
-        unrenamed = name
-        name = names.apply_renames(name, options.renames)
-        if not names.is_selected((entry.fqn, name), options.include, options.exclude):
-            skipped.append(Skipped(entry.fqn, "excluded"))
-            continue
-        if name in options.drop:
-            skipped.append(Skipped(entry.fqn, "tied duplicate"))
-            continue
-        if check_names:
-            _check_name(entry.fqn, unrenamed, name)
-        if name != state_dict_name:     # unwrapping the subtree ("model.") alone is not a rename
-            renamed.append((entry.fqn, name))
-        selected.append((entry, name))
-        first = seen.setdefault(name, (entry.fqn, unrenamed))
-        if check_names and first[0] != entry.fqn:
-            _refuse_collision(first, (entry.fqn, unrenamed), name)
+        state_dict_name = _source_name(entry, subtree)
+        name = names.strip_wrappers(state_dict_name) if options.strip_wrappers else state_dict_name
+        model.append((entry, state_dict_name, name))
+    return model
+
+
+def _subtree(meta: CheckpointMetadata, options: PlanOptions) -> Optional[str]:
+    return options.subtree if options.subtree is not None else names.model_subtree(t.path for t in meta.tensors)
+
+
+def source_format(meta: CheckpointMetadata, options: PlanOptions) -> trainers.Resolution:
+    """Which trainer's names the checkpoint uses (`--source-format`, or detected from the model's names)."""
+    model = _model_entries(meta, options, _subtree(meta, options), [])
+    tops = [_top_key(e) for e in meta.tensors] + [str(b.path[0]) if b.path else b.fqn.split(".", 1)[0]
+                                                   for b in meta.byte_entries]
+    return trainers.resolve([n for _, _, n in model], tops, options.source_format)
+
+
+def _adapted(resolution: trainers.Resolution, entry: TensorEntry, name: str, options: PlanOptions,
+             skipped: List[Skipped], unmapped: List[TensorEntry]) -> List[Tuple[str, TensorEntry]]:
+    """(output name, entry) pairs for one model tensor: itself, or what the trainer adapter's rules make of it."""
+    adapter = resolution.adapter
+    if adapter is None:
+        return [(name, entry)]
+    reason = adapter.skip_reason(name)
+    if reason is not None:
+        skipped.append(Skipped(entry.fqn, reason))
+        return []
+    out: List[Tuple[str, TensorEntry]] = []
+    for rule in adapter.rules:
+        m = rule.match(name)
+        if m is not None:
+            out.extend(trainers.outputs(rule, m, entry, options.heads))
+    if not out:
+        unmapped.append(entry)
+    return out
+
+
+def select(meta: CheckpointMetadata, options: PlanOptions, *, check_names: bool = True):
+    """Pick the tensors to convert and name them. Returns (selected [(entry, name)], skipped, renamed, subtree).
+
+    With a trainer adapter, an entry may be a `transforms.Derived` (its output shape, and the takes that fill it).
+    `check_names=False` only counts and names (folder discovery): unwritable or colliding names are refused
+    when a plan is built, after the user's --include/--exclude/--rename had their say."""
+    subtree = _subtree(meta, options)
+    selected: List[Tuple[TensorEntry, str]] = []
+    skipped: List[Skipped] = [Skipped(b.fqn, "non-tensor") for b in meta.byte_entries]
+    renamed: List[Tuple[str, str]] = []
+    resolution = source_format(meta, options)
+    unmapped: List[TensorEntry] = []
+    seen: Dict[str, Tuple[str, str]] = {}     # output name -> (checkpoint key, name before renames)
+    for entry, state_dict_name, base in _model_entries(meta, options, subtree, skipped):
+        for unrenamed, out_entry in _adapted(resolution, entry, base, options, skipped, unmapped):
+            name = names.apply_renames(unrenamed, options.renames)
+            if not names.is_selected((entry.fqn, name), options.include, options.exclude):
+                skipped.append(Skipped(entry.fqn, "excluded"))
+                continue
+            if name in options.drop:
+                skipped.append(Skipped(entry.fqn, "tied duplicate"))
+                continue
+            if check_names:
+                _check_name(entry.fqn, unrenamed, name)
+                if name in seen:
+                    _refuse_collision(seen[name], (entry.fqn, unrenamed), name)
+            seen[name] = (entry.fqn, unrenamed)
+            if name != state_dict_name:     # unwrapping the subtree ("model.") alone is not a rename
+                renamed.append((entry.fqn, name))
+            selected.append((out_entry, name))
+    unmapped = [e for e in unmapped if names.is_selected((e.fqn,), options.include, options.exclude)]
+    if unmapped:
+        listed = ", ".join(e.fqn for e in unmapped[:8]) + (f" ... and {len(unmapped) - 8} more" if len(unmapped) > 8 else "")
+        raise UnsupportedFeatureError(
+            f"{len(unmapped)} checkpoint tensor(s) have no mapping in the {resolution.name} layout: {listed}. "
+            "--exclude them, or convert with --source-format hf to keep the checkpoint's names")
     return selected, tuple(skipped), tuple(renamed), subtree
 
 
@@ -326,14 +388,35 @@ def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -
         header = _header(rel)
         tensors = []
         for (entry, name, dst, nbytes), (_, _, _, begin, _) in zip(group, rel):
-            chunks = dedup_chunks(entry.chunks)
-            check_coverage(entry.fqn, entry.shape, chunks)
+            chunks, pieces = _chunks_and_pieces(entry, name)
             tensors.append(TensorPlan(name=name, source_fqn=entry.fqn, src_dtype=entry.dtype, dst_dtype=dst,
                                       shape=tuple(entry.shape), chunks=chunks, begin=len(header) + begin,
-                                      nbytes=nbytes))
+                                      nbytes=nbytes, pieces=pieces))
         shards.append(ShardPlan(filename=filename, header=header, tensors=tuple(tensors)))
 
-    n_chunks = sum(len(t.chunks) for t in meta.tensors)
+    n_chunks = sum(len(t.chunks) for t in meta.tensors) + sum(len(t.pieces) for s in shards for t in s.tensors)
     peak = BASE_RSS_BYTES + options.buffer_bytes + n_chunks * PER_CHUNK_BYTES
+    resolution = source_format(meta, options)
     return ConversionPlan(shards=tuple(shards), options=options, skipped=skipped, renamed=renamed,
-                          subtree=subtree, peak_bytes=peak)
+                          subtree=subtree, peak_bytes=peak, source_format=resolution.name,
+                          source_note=resolution.note)
+
+
+def _chunks_and_pieces(entry: TensorEntry, name: str) -> Tuple[Tuple[Chunk, ...], Tuple[Piece, ...]]:
+    """A plain tensor's chunks, proven to tile it; or a transformed tensor's pieces, proven to tile the output
+    (each source's chunks proven to tile the source first)."""
+    if not isinstance(entry, Derived):
+        chunks = dedup_chunks(entry.chunks)
+        check_coverage(entry.fqn, entry.shape, chunks)
+        return chunks, ()
+    sources = {}
+    for src in entry.sources:
+        chunks = dedup_chunks(src.chunks)
+        check_coverage(src.fqn, src.shape, chunks)
+        if src.dtype != entry.dtype:
+            raise OptionsError(f"{name!r} gathers tensors of different dtypes ({src.dtype}, {entry.dtype})")
+        sources[src.fqn] = (tuple(src.shape), chunks)
+    groups = cut_all(entry.takes, sources)
+    check_gather(name, tuple(entry.shape), entry.takes, groups)
+    pieces = flatten(groups)
+    return distinct_chunks(pieces), pieces

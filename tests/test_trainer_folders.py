@@ -9,7 +9,7 @@
 
 Pure layers first (verdicts and decisions from literal inputs), then real checkpoints: a tiny HF Llama trained one
 step under FSDP2 in gloo ranks, saved by torch's DCP writer with the exact calls accelerate makes, laid out as
-accelerate, Trainer and torchtitan lay them out (`trainer_writers.py` says why the trainers are not run).
+accelerate, Trainer and torchtitan lay them out (`run_folder_writers.py` says why the trainers are not run).
 """
 from __future__ import annotations
 
@@ -180,14 +180,14 @@ def test_no_config_ignores_train_params_and_refuses_config_from(tmp_path):
 
 @pytest.fixture(scope="session")
 def written(tmp_path_factory):
-    import trainer_writers
+    import run_folder_writers as trainer_writers
 
     return trainer_writers.build(tmp_path_factory.mktemp("trainers"))
 
 
 def _trainer_checkpoint(state: Path, dest: Path) -> Path:
     """A transformers Trainer `checkpoint-N/`: the same two accelerate folders, plus the Trainer's own files."""
-    import trainer_writers
+    import run_folder_writers as trainer_writers
 
     dest.mkdir(parents=True)
     for name in ("pytorch_model_fsdp_0", "optimizer_0"):

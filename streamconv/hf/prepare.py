@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from .. import dtypes
+from .. import dtypes, trainers
 from ..errors import OptionsError
 from ..model import CheckpointMetadata
 from ..plan import ConversionPlan, PlanOptions, select
@@ -72,6 +72,8 @@ def prepare(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir: str,
             notes.append(tokenizer_note)
 
     options = dataclasses.replace(options, dtype=_resolve_dtype(options.dtype, config, notes))
+    if config is not None and options.heads is None:    # trainer adapters permute q/k rows per head
+        options = dataclasses.replace(options, heads=trainers.heads_from_config(config.data))
     selected, _, _, _ = select(meta, options)
     shapes = {name: tuple(entry.shape) for entry, name in selected}
     unfiltered = _names_without_filters(meta, options)

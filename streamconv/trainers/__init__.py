@@ -1,0 +1,84 @@
+"""Trainer adapters: which trainer wrote a checkpoint, and how its names and row layouts become Hugging Face's.
+
+* `adapter` — the data types (`Adapter`, `Rule`, row steps) and how a rule turns a source into outputs;
+* `formats` — the adapters themselves (torchtitan, torchtune Llama), as data.
+
+`resolve` picks one from the checkpoint's model names (or `--source-format`); pure.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence
+
+from ..errors import OptionsError
+from ..transforms import Heads
+from .adapter import Adapter, Rule, outputs
+from .formats import ADAPTERS, MEGATRON_GPT, TORCHTITAN_LLAMA, TORCHTUNE_LLAMA
+
+AS_IS = "hf"
+SOURCE_FORMATS = ("auto", AS_IS) + tuple(a.name for a in ADAPTERS)
+# Top-level entries a trainer saves beside the model, shown as evidence in the detection note.
+TRAINER_ENTRIES = ("train_state", "dataloader", "lr_scheduler", "optimizer")
+
+
+@dataclass(frozen=True)
+class Resolution:
+    adapter: Optional[Adapter]      # None: names as they are (after wrapper stripping and --rename)
+    name: str                       # "hf" or the adapter's name
+    note: str
+
+
+def resolve(names: Sequence[str], top_keys: Iterable[str], source_format: str = "auto") -> Resolution:
+    """The adapter for a checkpoint whose model tensors have state-dict `names`; `top_keys` are its top-level
+    entries (for the note)."""
+    if source_format not in SOURCE_FORMATS:
+        raise OptionsError(f"--source-format {source_format!r}: use one of {', '.join(SOURCE_FORMATS)}")
+    if source_format == AS_IS:
+        return Resolution(None, AS_IS, "source format: hf (forced): names kept as in the checkpoint")
+    if source_format != "auto":
+        adapter = next(a for a in ADAPTERS if a.name == source_format)
+        return Resolution(adapter, adapter.name, f"source format: {adapter.name} (forced by --source-format)")
+    names = list(names)
+    found = [a for a in ADAPTERS if a.detects(names)]
+    if len(found) > 1:
+        raise OptionsError(f"checkpoint names fit several trainers ({', '.join(a.name for a in found)}); "
+                           "choose one with --source-format")
+    if not found:
+        return Resolution(None, AS_IS, "")
+    adapter = found[0]
+    extra = sorted(k for k in set(top_keys) if k in TRAINER_ENTRIES)
+    beside = f"; beside the model: {', '.join(extra)}" if extra else ""
+    return Resolution(adapter, adapter.name,
+                      f"source format: {adapter.name} (detected from {adapter.trainer}'s module names, e.g. "
+                      f"{_example(adapter, names)}{beside}); {adapter.summary}; --source-format hf keeps the "
+                      "checkpoint's names and layout")
+
+
+def _example(adapter: Adapter, names: List[str]) -> str:
+    import re
+    for pattern in adapter.signature[1:]:
+        hit = next((n for n in names if re.fullmatch(pattern, n)), None)
+        if hit:
+            return hit
+    return names[0] if names else "?"
+
+
+def heads_from_config(data: dict) -> Optional[Heads]:
+    """Attention geometry from a config.json (top level, else its `text_config`); None when it has none."""
+    for scope in (data, data.get("text_config") or {}):
+        n_heads = scope.get("num_attention_heads")
+        if not isinstance(n_heads, int) or n_heads <= 0:
+            continue
+        n_kv = scope.get("num_key_value_heads") or n_heads
+        head_dim = scope.get("head_dim")
+        if not isinstance(head_dim, int) or head_dim <= 0:
+            hidden = scope.get("hidden_size")
+            if not isinstance(hidden, int) or hidden % n_heads:
+                return None
+            head_dim = hidden // n_heads
+        return Heads(n_heads=n_heads, n_kv_heads=int(n_kv), head_dim=head_dim)
+    return None
+
+
+__all__ = ["Adapter", "Rule", "Resolution", "resolve", "outputs", "heads_from_config", "ADAPTERS",
+           "TORCHTITAN_LLAMA", "TORCHTUNE_LLAMA", "MEGATRON_GPT", "SOURCE_FORMATS"]

@@ -102,8 +102,9 @@ def _is_optimizer_name(name: str) -> bool:
 
 def classify(meta: CheckpointMetadata) -> Holding:
     """Counts tensors as the planner would select them (default options), a flattened optimizer state dict
-    saved at top level (`state.<param>.exp_avg`) counting as optimizer state."""
-    selected, skipped, _, _ = select(meta, PlanOptions(), check_names=False)
+    saved at top level (`state.<param>.exp_avg`) counting as optimizer state. Names are taken as stored
+    (`source_format="hf"`): counting needs no trainer adapter, nor the head counts some adapters need."""
+    selected, skipped, _, _ = select(meta, PlanOptions(source_format="hf"), check_names=False)
     optimizer = sum(1 for s in skipped if s.reason == "optimizer state")
     model = 0
     for _, name in selected:

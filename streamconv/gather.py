@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 
 def write_pieces(ex: "Executor", t: "TensorPlan", sink: "ShardSink") -> None:
+    if ex.integrity is not None:
+        for piece in t.pieces:      # each stored chunk is checked once per run, however many pieces it feeds
+            ex.integrity.check(t.source_fqn, piece.chunk)
     if all(is_contiguous_piece(p, t.shape) for p in t.pieces):
         _copy_pieces(ex, t, sink)
     else:
@@ -55,7 +58,7 @@ def _copy_pieces(ex: "Executor", t: "TensorPlan", sink: "ShardSink") -> None:
             step = min(remaining, budget)
             block = ex._scratch(step, t)
             ex.reader.read_into(path, src, [memoryview(block)])
-            out = ex._cast(block, t)
+            out = ex._cast(block, t, (dst - t.begin) // dst_item)
             sink.write_at(dst, out)
             ex.progress(len(out))
             src += step
@@ -127,7 +130,7 @@ def _gather_bands(ex: "Executor", t: "TensorPlan", sink: "ShardSink") -> None:
             hit = np.flatnonzero((starts_d < b) & (ends_d > a))
             _fill(ex, [t.pieces[i] for i in hit], shape, prefix, d, a, b, band, item)
             first = sum(p * s for p, s in zip(prefix, out_strides)) + (a * out_strides[d] if d < ndim else 0)
-            out = ex._cast(band, t) if t.is_cast else band
+            out = ex._cast(band, t, first) if t.is_cast else band
             sink.write_at(t.begin + first * dst_item, out)
             ex.progress(len(out))
 

@@ -204,7 +204,9 @@ def describe_layout(shape: Sequence[int], chunks: Iterable) -> str:
 
 
 def inspect(checkpoint_dir: str) -> dict:
-    """What is inside a checkpoint, from `.metadata` alone."""
+    """What is inside a checkpoint, from `.metadata` alone (and a Megatron folder's metadata.json)."""
+    from .trainers import megatron
+    megatron_folder = megatron.recognise(checkpoint_dir)
     reader, meta = load(checkpoint_dir)
     reader.close()
     tensors = []
@@ -236,4 +238,5 @@ def inspect(checkpoint_dir: str) -> dict:
         "model_subtree": subtree,
         "non_tensor_entries": [b.fqn for b in meta.byte_entries],
         "tensors": tensors,
+        "format": megatron_folder.note if megatron_folder else None,
     }

@@ -188,6 +188,8 @@ def inspect(checkpoint_dir, as_json):
         return
     click.echo(f"{info['checkpoint']}: {info['tensor_count']} tensors, {format_size(info['tensor_bytes'])} in "
                f"{len(info['files'])} file(s); written by torch {info['torch_version_hint']}")
+    if info.get("format"):
+        click.echo(info["format"])
     click.echo("top-level keys: " + ", ".join(f"{k} ({n})" for k, n in info["top_level_keys"].items()))
     click.echo("bytes by dtype: " + ", ".join(f"{k} {format_size(v)}" for k, v in info["bytes_by_dtype"].items()))
     for t in info["tensors"]:

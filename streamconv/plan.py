@@ -48,6 +48,8 @@ class PlanOptions:
     # (see `trainers`). Adapters that permute or split rows need the attention geometry, from the config.
     source_format: str = "auto"
     heads: Optional[Heads] = None
+    # Why `source_format` was set when the user did not set it (a Megatron folder's metadata.json), for the note.
+    source_format_reason: str = ""
 
     def __post_init__(self):
         if self.max_shard_bytes <= 0:
@@ -241,7 +243,7 @@ def source_format(meta: CheckpointMetadata, options: PlanOptions) -> trainers.Re
     model = _model_entries(meta, options, _subtree(meta, options), [])
     tops = [_top_key(e) for e in meta.tensors] + [str(b.path[0]) if b.path else b.fqn.split(".", 1)[0]
                                                    for b in meta.byte_entries]
-    return trainers.resolve([n for _, _, n in model], tops, options.source_format)
+    return trainers.resolve([n for _, _, n in model], tops, options.source_format, options.source_format_reason)
 
 
 def _adapted(resolution: trainers.Resolution, entry: TensorEntry, name: str, options: PlanOptions,
@@ -262,6 +264,19 @@ def _adapted(resolution: trainers.Resolution, entry: TensorEntry, name: str, opt
     if not out:
         unmapped.append(entry)
     return out
+
+
+def _refuse_features(adapter: trainers.Adapter, unmapped: List[str]) -> None:
+    """UnsupportedFeatureError naming the architecture features (MoE, MLA...) the unmapped tensors belong to."""
+    by_feature: Dict[str, List[str]] = {}
+    for fqn in unmapped:
+        by_feature.setdefault(adapter.feature_of(fqn) or "tensors with no mapping", []).append(fqn)
+    lines = [f"{feature}: {', '.join(found[:4])}" + (f" ... and {len(found) - 4} more" if len(found) > 4 else "")
+             for feature, found in by_feature.items()]
+    raise UnsupportedFeatureError(
+        f"this {adapter.trainer} checkpoint uses what the {adapter.name} layout (Hugging Face Llama) cannot hold; "
+        "nothing was written:\n  " + "\n  ".join(lines) + "\nOnly dense Llama-family GPT models (RMSNorm, SwiGLU, "
+        "RoPE, GQA/MQA) are converted; --source-format hf writes the checkpoint's own tensors unmapped.")
 
 
 def select(meta: CheckpointMetadata, options: PlanOptions):
@@ -287,6 +302,8 @@ def select(meta: CheckpointMetadata, options: PlanOptions):
                 renamed.append((entry.fqn, name))
             selected.append((out_entry, name))
     unmapped = [e for e in unmapped if names.is_selected((e.fqn,), options.include, options.exclude)]
+    if unmapped and resolution.adapter is not None and resolution.adapter.unsupported:
+        _refuse_features(resolution.adapter, [e.fqn for e in unmapped])
     if unmapped:
         listed = ", ".join(e.fqn for e in unmapped[:8]) + (f" ... and {len(unmapped) - 8} more" if len(unmapped) > 8 else "")
         raise UnsupportedFeatureError(

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .. import dtypes, trainers
+from ..trainers import megatron
 from ..model import CheckpointMetadata
 from ..plan import ConversionPlan, PlanOptions, select
 from . import layouts, sidecars, tied
@@ -50,6 +51,20 @@ def _resolve_dtype(requested: str, config: Optional[sidecars.HFConfig], notes: L
     return "keep"
 
 
+def _megatron_format(checkpoint_dir: str, options: PlanOptions, notes: List[str]) -> PlanOptions:
+    """A Megatron-Core folder (metadata.json says torch_dist) is read with the megatron-gpt layout unless the user
+    chose one: a Megatron model that is not a Llama-family GPT is then refused, naming its tensors, rather than
+    written under Megatron's names."""
+    folder = megatron.recognise(checkpoint_dir)
+    if folder is None:
+        return options
+    notes.append(folder.note)
+    if options.source_format != "auto":
+        return options
+    return dataclasses.replace(options, source_format=trainers.MEGATRON_GPT.name,
+                               source_format_reason=f"a Megatron-Core {folder.sharded_backend} checkpoint")
+
+
 def prepare(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir: str, *,
             config_from: Optional[str] = None, env: Optional[Mapping[str, str]] = None) -> HFSetup:
     notes: List[str] = []
@@ -64,6 +79,7 @@ def prepare(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir: str,
             notes.append(tokenizer_note)
 
     options = dataclasses.replace(options, dtype=_resolve_dtype(options.dtype, config, notes))
+    options = _megatron_format(checkpoint_dir, options, notes)
     if config is not None and options.heads is None:    # trainer adapters permute q/k rows per head
         options = dataclasses.replace(options, heads=trainers.heads_from_config(config.data))
     selected, _, _, _ = select(meta, options)

@@ -193,10 +193,25 @@ class TensorProperties(Record):
         super().__setstate__(state)
 
 
+# Megatron-Core (0.16, `state_dict_saver.save_state_dict_async_plan`) stores every rank's save plan beside the
+# metadata (`Metadata.all_local_plans`, to reuse the global plan on the next save). Plain data, never used here.
+class SavePlan(Record):
+    torch_name = "SavePlan"
+
+
+class WriteItem(Record):
+    torch_name = "WriteItem"
+
+
+class TensorWriteData(Record):
+    torch_name = "TensorWriteData"
+
+
 # Called once per chunk (several times per tensor), so these map to builtins: no Python frame per call, and
 # builtin types cannot be modified by BUILD. Their results are validated where they are used (metadata.py).
 _torch_size = tuple       # torch.Size((3, 4)) -> (3, 4)
 _mem_format = int         # _MEM_FORMAT_ENCODING(0) -> 0 (always contiguous from DCP's writer; unused)
+_write_item_type = int    # WriteItemType(2) -> 2 (an Enum of Megatron's saved plans; unused)
 _get_layout = str         # _get_layout('torch.strided') -> 'torch.strided' (unused)
 
 
@@ -211,6 +226,7 @@ def _path_from(cls: Callable[..., Any]) -> _ReadOnlyCall:
 
 _DCP = "torch.distributed.checkpoint.metadata"
 _DCP_FS = "torch.distributed.checkpoint.filesystem"
+_DCP_PLANNER = "torch.distributed.checkpoint.planner"   # only in Megatron's `all_local_plans`
 # Where TensorProperties lived in torch 2.0-2.2 (the class still exists there in 2.13).
 OLD_PROPERTIES_MODULE = "torch.distributed._shard.sharded_tensor.metadata"
 
@@ -224,6 +240,10 @@ _METADATA_GLOBALS: Dict[Tuple[str, str], Any] = {
     (_DCP, "MetadataIndex"): MetadataIndex,
     (_DCP, "StorageMeta"): StorageMeta,
     (_DCP_FS, "_StorageInfo"): StorageInfo,
+    (_DCP_PLANNER, "SavePlan"): SavePlan,
+    (_DCP_PLANNER, "WriteItem"): WriteItem,
+    (_DCP_PLANNER, "WriteItemType"): _write_item_type,
+    (_DCP_PLANNER, "TensorWriteData"): TensorWriteData,
     (OLD_PROPERTIES_MODULE, "TensorProperties"): TensorProperties,
     (OLD_PROPERTIES_MODULE, "MEM_FORMAT_ENCODING"): _mem_format,
     ("torch", "Size"): _torch_size,

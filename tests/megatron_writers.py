@@ -166,7 +166,7 @@ def write_layout(rank: int, world_size: int, out_dir: str, state_path: str, grou
     from torch.distributed._shard.metadata import ShardMetadata
     from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
 
-    full = torch.load(state_path, weights_only=True)
+    full = torch.load(state_path, weights_only=True, mmap=True)
     state = {}
     for key in sorted(full):
         t = full[key]

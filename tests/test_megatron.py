@@ -161,6 +161,11 @@ def test_needs_head_counts(tmp_path):
     base = mw.hf_config(tmp_path / "m", layers=1, hidden=32, heads=4, kv=1, head_dim=8, ffn=24, vocab=64, tied=False)
     result = run("convert", ckpt, tmp_path / "hf", "--config-from", base)
     assert result.exit_code == 64 and mw.QKV in result.output, result.output
+    # a config with another layer count is refused (the folder would load with a layer missing)
+    base = mw.hf_config(tmp_path / "l", layers=2, hidden=32, heads=4, kv=2, head_dim=8, ffn=24, vocab=64, tied=False)
+    result = run("convert", ckpt, tmp_path / "hf", "--config-from", base)
+    assert result.exit_code == 64 and "num_hidden_layers=2" in result.output, result.output
+    assert not (tmp_path / "hf").exists()
 
 
 def test_inspect_and_plan_say_megatron_without_reading_common_pt(tmp_path):

@@ -12,7 +12,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 from .. import dtypes, trainers
 from ..trainers import megatron
 from ..model import CheckpointMetadata
-from ..plan import ConversionPlan, PlanOptions, select
+from ..plan import ConversionPlan, PlanOptions, select, source_format
 from . import layouts, sidecars, tied
 
 NOTE_LIST_LIMIT = 8   # names listed in a note before "... and N more"
@@ -84,6 +84,9 @@ def prepare(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir: str,
         options = dataclasses.replace(options, heads=trainers.heads_from_config(config.data))
     selected, _, _, _ = select(meta, options)
     shapes = {name: tuple(entry.shape) for entry, name in selected}
+    adapter = source_format(meta, options).adapter
+    if adapter is not None and config is not None:
+        trainers.check_layer_count(shapes, config.data, adapter)
 
     reference = layouts.reference_weights(config.folder) if config is not None else None
     layout_label = None

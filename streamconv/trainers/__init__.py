@@ -82,5 +82,20 @@ def heads_from_config(data: dict) -> Optional[Heads]:
     return None
 
 
-__all__ = ["Adapter", "Rule", "Resolution", "resolve", "outputs", "heads_from_config", "ADAPTERS",
+def check_layer_count(output_names: Iterable[str], config: dict, adapter: Adapter) -> None:
+    """An adapter's output has exactly the config's `num_hidden_layers` layers: a config of another size would make
+    a folder that loads with layers missing (randomly initialised) or ignored."""
+    import re
+    expected = config.get("num_hidden_layers")
+    if not isinstance(expected, int):
+        return
+    found = {int(m.group(1)) for m in (re.match(r"model\.layers\.(\d+)\.", n) for n in output_names) if m}
+    if found and found != set(range(expected)):
+        raise OptionsError(
+            f"the {adapter.name} checkpoint has {len(found)} layer(s) (indices {min(found)}..{max(found)}) but the "
+            f"reference config says num_hidden_layers={expected}; is --config-from the base model of this "
+            "checkpoint?")
+
+
+__all__ = ["check_layer_count", "Adapter", "Rule", "Resolution", "resolve", "outputs", "heads_from_config", "ADAPTERS",
            "TORCHTITAN_LLAMA", "TORCHTUNE_LLAMA", "MEGATRON_GPT", "SOURCE_FORMATS"]

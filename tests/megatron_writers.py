@@ -214,10 +214,10 @@ def hf_config(out: Path, *, layers, hidden, heads, kv, head_dim, ffn, vocab, tie
 
 
 def megatron_available() -> bool:
+    import importlib.util
     try:
-        import megatron.core  # noqa: F401
-        return True
-    except Exception:
+        return importlib.util.find_spec("megatron.core") is not None    # found, not imported (slow, noisy)
+    except ImportError:
         return False
 
 

@@ -139,6 +139,9 @@ def _refusal(tmp_path, extra_keys, groups=2, **config):
       "decoder.layers.self_attention.linear_kv_down_proj.weight": [2, 16, 32]}, "multi-latent attention (MLA)"),
     ({"decoder.layers.mixer.in_proj.weight": [2, 64, 32]}, "a model other than a GPT decoder"),
     ({"decoder.layers.self_attention.linear_qkv.bias": [2, 64]}, "biases"),
+    ({"decoder.layers.self_attention.q_layernorm.weight": [2, 8],
+      "decoder.layers.self_attention.k_layernorm.weight": [2, 8]}, "query/key layer norm (QK-norm)"),
+    ({"embedding.position_embeddings.weight": [64, 32]}, "learned absolute position embeddings"),
     ({"decoder.layers.some_new_thing.weight": [2, 4]}, "tensors with no mapping"),
 ])
 def test_unmapped_features_refused(tmp_path, keys, feature):
@@ -148,6 +151,17 @@ def test_unmapped_features_refused(tmp_path, keys, feature):
     for key in keys:
         assert key in result.output
     assert "Traceback" not in result.output
+
+
+def test_optimizer_state_beside_the_model_is_skipped(tmp_path):
+    cfg = dict(layers=2, hidden=32, heads=4, kv=2, head_dim=8, ffn=24, vocab=64, tied=False)
+    state = mw.random_megatron(**cfg)
+    extra = {"optimizer.state.exp_avg.embedding.word_embeddings.weight": [64, 32],
+             "optimizer.state.fp32_param." + mw.QKV: [2, 64, 32]}
+    ckpt = mw.build_layout(tmp_path / "m", state, groups=2, world_size=1, extra_keys=extra)
+    report = convert(ckpt, tmp_path / "hf", mw.hf_config(tmp_path / "m", **cfg))
+    assert report["skipped"].get("optimizer state") == 2, report["skipped"]
+    assert_bit_exact(tmp_path / "hf", mw.megatron_to_hf(state, n_heads=4, n_kv=2, head_dim=8))
 
 
 def test_needs_head_counts(tmp_path):

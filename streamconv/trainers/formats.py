@@ -94,7 +94,7 @@ MEGATRON_GPT = Adapter(
     unsupported=(
         (_M + r"mlp\.(?:experts|router|shared_experts)\..*", "mixture of experts (MoE)"),
         (_M + r"self_attention\.linear_(?:q_down|q_up|kv_down|kv_up)_proj\..*|"
-         + _M + r"self_attention\.(?:q|kv)_layernorm\..*", "multi-latent attention (MLA)"),
+         + _M + r"self_attention\.kv_layernorm\..*", "multi-latent attention (MLA)"),
         (_M + r"self_attention\.(?:q|k)_layernorm\..*", "query/key layer norm (QK-norm)"),
         (r".*\.bias|.*\.layer_norm_bias", "biases (add_bias_linear, qkv bias or LayerNorm instead of RMSNorm)"),
         (r"embedding\.position_embeddings\..*", "learned absolute position embeddings (GPT-2 style, not RoPE)"),

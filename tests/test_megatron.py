@@ -180,6 +180,11 @@ def test_needs_head_counts(tmp_path):
     result = run("convert", ckpt, tmp_path / "hf", "--config-from", base)
     assert result.exit_code == 64 and "num_hidden_layers=2" in result.output, result.output
     assert not (tmp_path / "hf").exists()
+    # a padded vocabulary (Megatron pads to a multiple of 128 x TP) is explained
+    base = mw.hf_config(tmp_path / "v", layers=1, hidden=32, heads=4, kv=2, head_dim=8, ffn=24, vocab=60, tied=False)
+    result = run("convert", ckpt, tmp_path / "hf", "--config-from", base)
+    assert result.exit_code == 64 and "model.embed_tokens.weight [64, 32] (config: [60, 32])" in result.output
+    assert "make-vocab-size-divisible-by" in result.output and not (tmp_path / "hf").exists()
 
 
 def test_inspect_and_plan_say_megatron_without_reading_common_pt(tmp_path):

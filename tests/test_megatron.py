@@ -21,12 +21,15 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file
 
 import megatron_writers as mw
+from test_transforms import assemble    # follows planned pieces with numpy
 from streamconv.cli import cli
 
 FIXTURE = Path("/work/shared/fixtures/megatron_gpt_tp1")
@@ -266,3 +269,75 @@ def test_real_megatron(tmp_path, tp, groups, tied):
     ref = torch.load(str(ckpt) + ".logits.pt", weights_only=True)
     logits = hf_logits(out, ref["input_ids"])
     assert torch.allclose(logits, ref["logits"], atol=1e-5), (logits - ref["logits"]).abs().max()
+
+
+# -- the planner alone: Megatron's TP layouts at any degree, no files --------------------------------------------
+
+
+@st.composite
+def megatron_geometry(draw):
+    tp = draw(st.sampled_from([1, 2, 4]))
+    kv = tp * draw(st.integers(1, 2)) if draw(st.booleans()) else 1       # GQA with TP | groups, or MQA
+    tp = tp if kv % tp == 0 else 1                                        # Megatron: TP divides the groups
+    heads = kv * draw(st.integers(1, 3))
+    return dict(layers=draw(st.integers(1, 3)), hidden=draw(st.integers(1, 4)) * tp, heads=heads, kv=kv,
+                head_dim=draw(st.sampled_from([2, 4])), ffn=draw(st.integers(1, 3)) * tp, vocab=4 * tp,
+                tied=draw(st.booleans())), tp
+
+
+@given(megatron_geometry())
+@settings(max_examples=60, deadline=None)
+def test_planned_pieces_of_every_tp_layout_equal_the_torch_mapping(case):
+    """The megatron-gpt adapter's pieces over Megatron's TP chunking (`megatron_writers._boxes`), followed with
+    numpy, give each output tensor exactly once and equal to the torch-op mapping."""
+    from streamconv import transforms as tf
+    from streamconv.model import BlobLocation, Chunk, TensorEntry
+    from streamconv.trainers import MEGATRON_GPT, outputs
+
+    cfg, tp = case
+    state = mw.random_megatron(**cfg)
+    heads = tf.Heads(cfg["heads"], cfg["kv"], cfg["head_dim"])
+    got = {}
+    for key, full in state.items():
+        chunks = []
+        for rank in range(tp):
+            for offs, sizes in mw._boxes(key, full.shape, rank, tp, cfg["kv"], False, tp):
+                chunks.append(Chunk(tuple(offs), tuple(sizes), BlobLocation(f"__{rank}_0.distcp", len(chunks), 1)))
+        entry = TensorEntry(key, "float32", tuple(full.shape), tuple(chunks))
+        for rule in MEGATRON_GPT.rules:
+            m = rule.match(key)
+            for name, derived in (outputs(rule, m, entry, heads) if m else []):
+                if not isinstance(derived, tf.Derived):
+                    got[name] = full.numpy()
+                    continue
+                pieces = tf.pieces_for(derived.takes, {key: (tuple(full.shape), chunks)})
+                tf.check_pieces(name, derived.shape, pieces)
+                out, hits = assemble(pieces, derived.shape, full.numpy())
+                assert (hits == 1).all(), name
+                got[name] = out
+    expected = mw.megatron_to_hf(state, cfg["heads"], cfg["kv"], cfg["head_dim"])
+    assert sorted(got) == sorted(expected)
+    for name, want in expected.items():
+        assert np.array_equal(got[name], want.numpy()), name
+
+
+def test_tp2_k_proj_pieces_are_one_box_per_query_group():
+    """Literal plan: heads 4, groups 2, head dim 8, TP 2 -> each rank's qkv chunk of a layer is one query group
+    [q q k v] (32 rows); layer 1's k_proj is rows 16..23 of each rank's chunk."""
+    from streamconv import transforms as tf
+    from streamconv.model import BlobLocation, Chunk, TensorEntry
+    from streamconv.trainers import MEGATRON_GPT, outputs
+
+    shape = (2, 64, 32)
+    chunks = tuple(Chunk((layer, 32 * rank, 0), (1, 32, 32), BlobLocation(f"__{rank}_0.distcp", layer, 1))
+                   for rank in range(2) for layer in range(2))
+    entry = TensorEntry(mw.QKV, "float32", shape, chunks)
+    rule = next(r for r in MEGATRON_GPT.rules if r.target.endswith("k_proj.weight"))
+    (name, derived), _ = outputs(rule, rule.match(mw.QKV), entry, tf.Heads(4, 2, 8))[1], None
+    assert name == "model.layers.1.self_attn.k_proj.weight" and derived.shape == (16, 32)
+    pieces = tf.pieces_for(derived.takes, {mw.QKV: (shape, chunks)})
+    assert [(p.chunk.offsets, p.src_start, p.dst_start, p.sizes) for p in pieces] == [
+        ((1, 0, 0), (0, 16, 0), (0, 0), (8, 32)),
+        ((1, 32, 0), (0, 16, 0), (8, 0), (8, 32)),
+    ]
+    assert all(tf.is_contiguous_piece(p, derived.shape) for p in pieces)    # copied file to file

@@ -80,6 +80,7 @@ def test_fixture_matches_megatron_logits_and_torch_mapping(tmp_path):
     report = convert(FIXTURE / "ckpt", out, FIXTURE / "base")
     notes = " ".join(report["notes"])
     assert "Megatron-Core dist checkpoint" in notes and "common.pt" in notes and "megatron-gpt" in notes
+    assert "30 output names and shapes are those of a LlamaForCausalLM built from config.json" in notes
     expected = mw.megatron_to_hf(torch_reconstruction(FIXTURE / "ckpt", tmp_path), **GQA)
     assert_bit_exact(out, expected)
     ref = torch.load(FIXTURE / "logits.pt", weights_only=True)

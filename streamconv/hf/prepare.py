@@ -86,7 +86,9 @@ def prepare(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir: str,
     shapes = {name: tuple(entry.shape) for entry, name in selected}
     adapter = source_format(meta, options).adapter
     if adapter is not None and config is not None:
-        trainers.check_llama_shapes(shapes, config.data, adapter)
+        checked = trainers.check_llama_shapes(shapes, config.data, adapter)
+        if checked:
+            notes.append(checked)
 
     reference = layouts.reference_weights(config.folder) if config is not None else None
     layout_label = None

@@ -103,20 +103,22 @@ def llama_shapes(config: dict) -> Optional[Dict[str, Tuple[int, ...]]]:
     return out
 
 
-def check_llama_shapes(shapes: Dict[str, Tuple[int, ...]], config: dict, adapter: Adapter) -> None:
+def check_llama_shapes(shapes: Dict[str, Tuple[int, ...]], config: dict, adapter: Adapter) -> Optional[str]:
     """An adapter's output {name: shape} is the config's Llama, name for name and shape for shape (lm_head may be
-    absent: tied). A folder that differs would load with weights missing (randomly initialised) or fail to load."""
+    absent: tied). A folder that differs would load with weights missing (randomly initialised) or fail to load.
+    Returns a note saying what was checked (None when the config is not a complete Llama config)."""
     if config.get("model_type") not in (None, "llama"):
-        return
+        return None
     expected = llama_shapes(config)
     if expected is None:
-        return
+        return None
     wrong = [f"{n} {list(s)} (config: {list(expected[n])})" for n, s in shapes.items()
              if n in expected and tuple(expected[n]) != tuple(s)]
     extra = sorted(n for n in shapes if n not in expected)
     missing = sorted((n for n in expected if n not in shapes and n != "lm_head.weight"), key=_natural)
     if not (wrong or extra or missing):
-        return
+        return (f"{len(shapes)} output names and shapes are those of a LlamaForCausalLM built from config.json "
+                f"({config['num_hidden_layers']} layers)")
     lines = []
     if wrong:
         lines.append(f"shapes differ: {_few(wrong)}")

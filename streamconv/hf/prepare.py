@@ -85,7 +85,7 @@ def prepare(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir: str,
     selected, _, _, _ = select(meta, options)
     shapes = {name: tuple(entry.shape) for entry, name in selected}
     adapter = source_format(meta, options).adapter
-    if adapter is not None and config is not None:
+    if adapter is not None and config is not None and not (options.include or options.exclude):   # whole models
         checked = trainers.check_llama_shapes(shapes, config.data, adapter)
         if checked:
             notes.append(checked)

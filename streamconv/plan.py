@@ -289,7 +289,16 @@ def select(meta: CheckpointMetadata, options: PlanOptions):
     renamed: List[Tuple[str, str]] = []
     resolution = source_format(meta, options)
     unmapped: List[TensorEntry] = []
-    for entry, state_dict_name, base in _model_entries(meta, options, subtree, skipped):
+    model = _model_entries(meta, options, subtree, skipped)
+    adapter = resolution.adapter
+    if adapter is not None and adapter.unsupported:
+        # Refuse a model the layout cannot hold before asking for what mapping it would need (head counts).
+        foreign = [e.fqn for e, _, n in model if adapter.skip_reason(n) is None
+                   and not any(r.match(n) for r in adapter.rules) and names.is_selected((e.fqn,), options.include,
+                                                                                      options.exclude)]
+        if foreign:
+            _refuse_features(adapter, foreign)
+    for entry, state_dict_name, base in model:
         for name, out_entry in _adapted(resolution, entry, base, options, skipped, unmapped):
             name = names.apply_renames(name, options.renames)
             if not names.is_selected((entry.fqn, name), options.include, options.exclude):
@@ -302,8 +311,6 @@ def select(meta: CheckpointMetadata, options: PlanOptions):
                 renamed.append((entry.fqn, name))
             selected.append((out_entry, name))
     unmapped = [e for e in unmapped if names.is_selected((e.fqn,), options.include, options.exclude)]
-    if unmapped and resolution.adapter is not None and resolution.adapter.unsupported:
-        _refuse_features(resolution.adapter, [e.fqn for e in unmapped])
     if unmapped:
         listed = ", ".join(e.fqn for e in unmapped[:8]) + (f" ... and {len(unmapped) - 8} more" if len(unmapped) > 8 else "")
         raise UnsupportedFeatureError(

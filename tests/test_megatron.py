@@ -155,6 +155,9 @@ def test_unmapped_features_refused(tmp_path, keys, feature):
     for key in keys:
         assert key in result.output
     assert "Traceback" not in result.output
+    # refused for what it is even before the head counts are given
+    result = run("convert", tmp_path / "bad" / "ckpt", tmp_path / "hf")
+    assert result.exit_code == 2 and feature in result.output, result.output
 
 
 def test_optimizer_state_beside_the_model_is_skipped(tmp_path):

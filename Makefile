@@ -11,7 +11,7 @@ TORCH_INDEX_URL ?=
 TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 DEMO_DIR ?= /tmp/streamconv-demo
 
-.PHONY: install demo test test-trainers bench bench-full bench-full-fp32 clean
+.PHONY: install demo test test-trainers test-megatron bench bench-full bench-full-fp32 clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,7 @@ demo: install
 	$(PY) -m streamconv.demo --workdir $(DEMO_DIR)
 
 test: install
-	$(PY) -m pytest -q -x --durations=10 -m "not trainers" tests
+	$(PY) -m pytest -q -x --durations=10 -m "not trainers and not megatron" tests
 
 # The trainers' own model classes (torchtitan 0.3, torchtune 0.6) building real checkpoints (~1 min). Installed with
 # --no-deps: only what their model code imports (their dataset/tokenizer stacks are not needed; see
@@ -36,6 +36,12 @@ TRAINER_PKGS := torchtitan==0.3.0 spmd_types==0.2.3 torch_checkpointing==0.1.1 t
 test-trainers: install
 	$(PIP) install -q --no-deps $(TRAINER_PKGS)
 	$(PY) -m pytest -q -x --durations=10 -m trainers tests
+
+# megatron-core itself (GPTModel, dist_checkpointing.save) on CPU gloo ranks, TP 1 and 2 (~2 min). Its only
+# runtime dependencies (torch, numpy, packaging) are already installed.
+test-megatron: install
+	$(PIP) install -q --no-deps megatron-core==0.16.1
+	$(PY) -m pytest -q -x --durations=10 -m megatron tests
 
 bench: install
 	$(PY) -m benchmarks.run --preset 2gb --out benchmarks/results

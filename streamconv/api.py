@@ -326,9 +326,11 @@ def describe_layout(shape: Sequence[int], chunks: Iterable) -> str:
 
 
 def inspect(checkpoint_dir: str) -> dict:
-    """What is inside a checkpoint, from `.metadata` alone. A run folder stands for the model's DCP folder in it
-    (`discover.find_checkpoint`); `found` then says which was taken."""
+    """What is inside a checkpoint, from `.metadata` alone (and a Megatron folder's metadata.json). A run folder
+    stands for the model's DCP folder in it (`discover.find_checkpoint`); `found` then says which was taken."""
+    from .trainers import megatron
     checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_dir)
+    megatron_folder = megatron.recognise(checkpoint_dir)
     reader, meta = load(checkpoint_dir)
     reader.close()
     tensors = []
@@ -367,6 +369,7 @@ def inspect(checkpoint_dir: str) -> dict:
         "non_tensor_entries": [b.fqn for b in meta.byte_entries],
         "tensors": tensors,
         "found": found_note,
+        "format": megatron_folder.note if megatron_folder else None,
     }
 
 

@@ -377,6 +377,8 @@ def inspect(checkpoint_dir, as_json):
         click.echo(info["found"])
     click.echo(f"{printable(info['checkpoint'])}: {info['tensor_count']} tensors, {format_size(info['tensor_bytes'])} in "
                f"{len(info['files'])} file(s); written by torch {info['torch_version_hint']}")
+    if info.get("format"):
+        click.echo(info["format"])
     # Names come from the checkpoint: a lone surrogate or a control character is printed escaped.
     click.echo("top-level keys: " + ", ".join(f"{printable(k)} ({n})" for k, n in info["top_level_keys"].items()))
     click.echo("bytes by dtype: " + ", ".join(f"{k} {format_size(v)}" for k, v in info["bytes_by_dtype"].items()))

@@ -48,6 +48,8 @@ class PlanOptions:
     # (see `trainers`). Adapters that permute or split rows need the attention geometry, from the config.
     source_format: str = "auto"
     heads: Optional[Heads] = None
+    # Why `source_format` was set when the user did not set it (a Megatron folder's metadata.json), for the note.
+    source_format_reason: str = ""
 
     def __post_init__(self):
         if self.max_shard_bytes <= 0:
@@ -243,7 +245,7 @@ def source_format(meta: CheckpointMetadata, options: PlanOptions) -> trainers.Re
     model = _model_entries(meta, options, _subtree(meta, options), [])
     tops = [_top_key(e) for e in meta.tensors] + [str(b.path[0]) if b.path else b.fqn.split(".", 1)[0]
                                                    for b in meta.byte_entries]
-    return trainers.resolve([n for _, _, n in model], tops, options.source_format)
+    return trainers.resolve([n for _, _, n in model], tops, options.source_format, options.source_format_reason)
 
 
 def _adapted(resolution: trainers.Resolution, entry: TensorEntry, name: str, options: PlanOptions,
@@ -266,6 +268,19 @@ def _adapted(resolution: trainers.Resolution, entry: TensorEntry, name: str, opt
     return out
 
 
+def _refuse_features(adapter: trainers.Adapter, unmapped: List[str]) -> None:
+    """UnsupportedFeatureError naming the architecture features (MoE, MLA...) the unmapped tensors belong to."""
+    by_feature: Dict[str, List[str]] = {}
+    for fqn in unmapped:
+        by_feature.setdefault(adapter.feature_of(fqn) or "tensors with no mapping", []).append(fqn)
+    lines = [f"{feature}: {', '.join(found[:4])}" + (f" ... and {len(found) - 4} more" if len(found) > 4 else "")
+             for feature, found in by_feature.items()]
+    raise UnsupportedFeatureError(
+        f"this {adapter.trainer} checkpoint uses what the {adapter.name} layout (Hugging Face Llama) cannot hold; "
+        "nothing was written:\n  " + "\n  ".join(lines) + "\nOnly dense Llama-family GPT models (RMSNorm, SwiGLU, "
+        "RoPE, GQA/MQA) are converted; --source-format hf writes the checkpoint's own tensors unmapped.")
+
+
 def select(meta: CheckpointMetadata, options: PlanOptions, *, check_names: bool = True):
     """Pick the tensors to convert and name them. Returns (selected [(entry, name)], skipped, renamed, subtree).
 
@@ -278,8 +293,17 @@ def select(meta: CheckpointMetadata, options: PlanOptions, *, check_names: bool 
     renamed: List[Tuple[str, str]] = []
     resolution = source_format(meta, options)
     unmapped: List[TensorEntry] = []
+    model = _model_entries(meta, options, subtree, skipped)
+    adapter = resolution.adapter
+    if adapter is not None and adapter.unsupported:
+        # Refuse a model the layout cannot hold before asking for what mapping it would need (head counts).
+        foreign = [e.fqn for e, _, n in model if adapter.skip_reason(n) is None
+                   and not any(r.match(n) for r in adapter.rules) and names.is_selected((e.fqn,), options.include,
+                                                                                      options.exclude)]
+        if foreign:
+            _refuse_features(adapter, foreign)
     seen: Dict[str, Tuple[str, str]] = {}     # output name -> (checkpoint key, name before renames)
-    for entry, state_dict_name, base in _model_entries(meta, options, subtree, skipped):
+    for entry, state_dict_name, base in model:
         for unrenamed, out_entry in _adapted(resolution, entry, base, options, skipped, unmapped):
             name = names.apply_renames(unrenamed, options.renames)
             if not names.is_selected((entry.fqn, name), options.include, options.exclude):

@@ -13,7 +13,8 @@ from typing import Dict, List, Mapping, Optional, Tuple
 from .. import dtypes, trainers
 from ..errors import OptionsError
 from ..model import CheckpointMetadata
-from ..plan import ConversionPlan, PlanOptions, select
+from ..plan import ConversionPlan, PlanOptions, select, source_format
+from ..trainers import megatron
 from . import layouts, sidecars, tied, verdict
 
 
@@ -52,6 +53,20 @@ def _names_without_filters(meta: CheckpointMetadata, options: PlanOptions) -> Li
     return [name for _, name in select(meta, unfiltered, check_names=False)[0]]
 
 
+def _megatron_format(checkpoint_dir: str, options: PlanOptions, notes: List[str]) -> PlanOptions:
+    """A Megatron-Core folder (metadata.json says torch_dist) is read with the megatron-gpt layout unless the user
+    chose one: a Megatron model that is not a Llama-family GPT is then refused, naming its tensors, rather than
+    written under Megatron's names."""
+    folder = megatron.recognise(checkpoint_dir)
+    if folder is None:
+        return options
+    notes.append(folder.note)
+    if options.source_format != "auto":
+        return options
+    return dataclasses.replace(options, source_format=trainers.MEGATRON_GPT.name,
+                               source_format_reason=f"a Megatron-Core {folder.sharded_backend} checkpoint")
+
+
 def prepare(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir: str, *,
             config_from: Optional[str] = None, env: Optional[Mapping[str, str]] = None,
             allow_unmatched: bool = False, no_config: bool = False) -> HFSetup:
@@ -72,11 +87,17 @@ def prepare(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir: str,
             notes.append(tokenizer_note)
 
     options = dataclasses.replace(options, dtype=_resolve_dtype(options.dtype, config, notes))
+    options = _megatron_format(checkpoint_dir, options, notes)
     if config is not None and options.heads is None:    # trainer adapters permute q/k rows per head
         options = dataclasses.replace(options, heads=trainers.heads_from_config(config.data))
     selected, _, _, _ = select(meta, options)
     shapes = {name: tuple(entry.shape) for entry, name in selected}
     unfiltered = _names_without_filters(meta, options)
+    adapter = source_format(meta, options).adapter
+    if adapter is not None and config is not None and not (options.include or options.exclude):   # whole models
+        checked = trainers.check_llama_shapes(shapes, config.data, adapter)
+        if checked:
+            notes.append(checked)
 
     reference = layouts.reference_weights(config.folder) if config is not None else None
     layout_label = None

@@ -217,6 +217,36 @@ def _torch_size(*args: Any) -> Tuple[int, ...]:
     return args[0]
 
 
+# Megatron-Core (0.16, `state_dict_saver.save_state_dict_async_plan`) stores every rank's save plan beside the
+# metadata (`Metadata.all_local_plans`, to reuse the global plan on the next save). Plain data, never used here:
+# no fields are kept.
+class SavePlan(_StateRecord):
+    __slots__ = ()
+    torch_name = "SavePlan"
+
+
+class WriteItem(_StateRecord):
+    __slots__ = ()
+    torch_name = "WriteItem"
+
+
+class TensorWriteData(_StateRecord):
+    __slots__ = ()
+    torch_name = "TensorWriteData"
+
+
+class BytesIOWriteData(_StateRecord):
+    __slots__ = ()
+    torch_name = "BytesIOWriteData"
+
+
+def _write_item_type(*args: Any) -> int:
+    # WriteItemType(2) -> 2 (an Enum of Megatron's saved plans; unused)
+    if len(args) != 1 or type(args[0]) is not int or not 0 <= args[0] < 16:
+        raise ValueError(f"WriteItemType{describe(args)}: expected one small int")
+    return args[0]
+
+
 def _mem_format(*args: Any) -> int:
     # _MEM_FORMAT_ENCODING(0) -> 0 (always contiguous from DCP's writer; unused)
     if len(args) != 1 or type(args[0]) is not int or not 0 <= args[0] < 16:
@@ -249,6 +279,7 @@ def _path_from(cls: Callable[..., Any]) -> Callable[..., str]:
 
 _DCP = "torch.distributed.checkpoint.metadata"
 _DCP_FS = "torch.distributed.checkpoint.filesystem"
+_DCP_PLANNER = "torch.distributed.checkpoint.planner"   # only in Megatron's `all_local_plans`
 # Where TensorProperties lived in torch 2.0-2.2 (the class still exists there in 2.13).
 OLD_PROPERTIES_MODULE = "torch.distributed._shard.sharded_tensor.metadata"
 
@@ -262,6 +293,11 @@ _METADATA_GLOBALS: Dict[Tuple[str, str], Any] = {
     (_DCP, "MetadataIndex"): MetadataIndex,
     (_DCP, "StorageMeta"): StorageMeta,
     (_DCP_FS, "_StorageInfo"): StorageInfo,
+    (_DCP_PLANNER, "SavePlan"): SavePlan,
+    (_DCP_PLANNER, "WriteItem"): WriteItem,
+    (_DCP_PLANNER, "WriteItemType"): _Call("WriteItemType", _write_item_type),
+    (_DCP_PLANNER, "BytesIOWriteData"): BytesIOWriteData,
+    (_DCP_PLANNER, "TensorWriteData"): TensorWriteData,
     (OLD_PROPERTIES_MODULE, "TensorProperties"): TensorProperties,
     (OLD_PROPERTIES_MODULE, "MEM_FORMAT_ENCODING"): _Call("MEM_FORMAT_ENCODING", _mem_format),
     ("torch", "Size"): _Call("torch.Size", _torch_size),

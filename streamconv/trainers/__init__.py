@@ -13,6 +13,7 @@ from typing import Iterable, List, Optional, Sequence
 from ..errors import OptionsError
 from ..transforms import Heads
 from .adapter import Adapter, Rule, outputs
+from .llama import check_llama_shapes, llama_shapes
 from .formats import ADAPTERS, MEGATRON_GPT, TORCHTITAN_LLAMA, TORCHTUNE_LLAMA
 
 AS_IS = "hf"
@@ -28,16 +29,18 @@ class Resolution:
     note: str
 
 
-def resolve(names: Sequence[str], top_keys: Iterable[str], source_format: str = "auto") -> Resolution:
+def resolve(names: Sequence[str], top_keys: Iterable[str], source_format: str = "auto",
+            reason: str = "") -> Resolution:
     """The adapter for a checkpoint whose model tensors have state-dict `names`; `top_keys` are its top-level
-    entries (for the note)."""
+    entries (for the note). `reason`: why `source_format` was chosen when not by --source-format."""
     if source_format not in SOURCE_FORMATS:
         raise OptionsError(f"--source-format {source_format!r}: use one of {', '.join(SOURCE_FORMATS)}")
     if source_format == AS_IS:
         return Resolution(None, AS_IS, "source format: hf (forced): names kept as in the checkpoint")
     if source_format != "auto":
         adapter = next(a for a in ADAPTERS if a.name == source_format)
-        return Resolution(adapter, adapter.name, f"source format: {adapter.name} (forced by --source-format)")
+        why = reason or "forced by --source-format"
+        return Resolution(adapter, adapter.name, f"source format: {adapter.name} ({why}); {adapter.describes}")
     names = list(names)
     found = [a for a in ADAPTERS if a.detects(names)]
     if len(found) > 1:
@@ -50,8 +53,8 @@ def resolve(names: Sequence[str], top_keys: Iterable[str], source_format: str = 
     beside = f"; beside the model: {', '.join(extra)}" if extra else ""
     return Resolution(adapter, adapter.name,
                       f"source format: {adapter.name} (detected from {adapter.trainer}'s module names, e.g. "
-                      f"{_example(adapter, names)}{beside}); {adapter.summary}; --source-format hf keeps the "
-                      "checkpoint's names and layout")
+                      f"{_example(adapter, names)}{beside}); {adapter.describes}; --source-format hf keeps them "
+                      "as they are")
 
 
 def _example(adapter: Adapter, names: List[str]) -> str:
@@ -80,5 +83,5 @@ def heads_from_config(data: dict) -> Optional[Heads]:
     return None
 
 
-__all__ = ["Adapter", "Rule", "Resolution", "resolve", "outputs", "heads_from_config", "ADAPTERS",
+__all__ = ["check_llama_shapes", "llama_shapes", "Adapter", "Rule", "Resolution", "resolve", "outputs", "heads_from_config", "ADAPTERS",
            "TORCHTITAN_LLAMA", "TORCHTUNE_LLAMA", "MEGATRON_GPT", "SOURCE_FORMATS"]

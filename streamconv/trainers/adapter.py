@@ -49,7 +49,12 @@ class Adapter:
     signature: Tuple[str, ...] = ()
     # (regex, reason): model entries that are not weights of the HF model (RoPE tables).
     skip: Tuple[Tuple[str, str], ...] = ()
-    summary: str = ""                          # what the rules do, for the detection note
+    # (regex, architecture feature): names of features the target model cannot hold (MoE experts, MLA), so a
+    # refusal names the feature rather than only the tensors.
+    unsupported: Tuple[Tuple[str, str], ...] = ()
+    # What converting does, for the detection note.
+    describes: str = ("names mapped to Hugging Face Llama, q/k rows permuted from interleaved to half-split RoPE "
+                      "order")
 
     @property
     def needs_heads(self) -> bool:
@@ -57,6 +62,9 @@ class Adapter:
 
     def skip_reason(self, name: str) -> Optional[str]:
         return next((why for pattern, why in self.skip if re.fullmatch(pattern, name)), None)
+
+    def feature_of(self, name: str) -> Optional[str]:
+        return next((what for pattern, what in self.unsupported if re.fullmatch(pattern, name)), None)
 
     def detects(self, names: List[str]) -> bool:
         return bool(self.signature) and all(any(re.fullmatch(s, n) for n in names) for s in self.signature)

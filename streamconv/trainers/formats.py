@@ -30,7 +30,7 @@ TORCHTITAN_LLAMA = Adapter(
     signature=(r"tok_embeddings\.weight", _L + r"attention\.(?:qkv_linear\.)?wq\.weight",
                _L + r"feed_forward\.w1\.weight"),
     skip=((r"freqs_cis|rope\.cache|.*\.rope\.cache", "RoPE table (transformers recomputes it)"),),
-    summary="names mapped to Hugging Face Llama, q/k rows permuted from interleaved to half-split RoPE order",
+    describes="names mapped to Hugging Face Llama, q/k rows permuted from interleaved to half-split RoPE order",
 )
 
 # torchtune Llama (2, 3, 3.1, 3.2 text): `TransformerDecoder` names; tied models have no `output.weight`.
@@ -51,41 +51,59 @@ TORCHTUNE_LLAMA = Adapter(
         Rule(r"output\.weight", "lm_head.weight"),
     ),
     signature=(r"tok_embeddings\.weight", _L + r"attn\.q_proj\.weight", _L + r"sa_norm\.scale"),
-    summary="names mapped to Hugging Face Llama, q/k rows permuted from interleaved to half-split RoPE order",
+    describes="names mapped to Hugging Face Llama, q/k rows permuted from interleaved to half-split RoPE order",
 )
 
-# Megatron-Core GPT in the `torch_dist` format (Llama family: RMSNorm, SwiGLU, RoPE, GQA/MQA): per-layer tensors
-# stacked on a leading layer dim; `linear_qkv` rows grouped per query group, `linear_fc1` = [gate; up]; the norms
-# saved inside the TE layers (`layer_norm_weight`) or as `input_layernorm` / `pre_mlp_layernorm` (local spec).
-# Megatron's RoPE is half-split by default (no permutation). Anything else (MoE experts, q/k norms, MLA) has no
-# rule and is refused by name.
+ADAPTERS = (TORCHTITAN_LLAMA, TORCHTUNE_LLAMA)
+
+# Megatron-Core GPT (Llama family: RMSNorm, SwiGLU, RoPE, GQA/MQA), as `dist_checkpointing.save` writes it in the
+# `torch_dist` format: `decoder.layers.*` stacked on a leading layer dim (unstacked here, one output per layer);
+# `linear_qkv` grouped per query group (GQA- and MQA-aware split); `linear_fc1` = [gate; up]. q/k rows are already
+# in the half-split RoPE order Hugging Face uses (checked against Megatron's own logits in tests/test_megatron.py).
+# The norms are fused into the next linear layer (`*.layer_norm_weight`, Transformer Engine and local specs) or
+# separate modules (`input_layernorm`, `pre_mlp_layernorm`). Sources: megatron-core 0.16 `gpt_layer_specs.py`,
+# `transformer_layer.py`, `mlp.py` (`apply_swiglu_sharded_factory`), and its `export/` HF mappings.
 _M = r"decoder\.layers\."
-_Y = "model.layers.{layer}."
+_ML = "model.layers.{layer}."
 MEGATRON_GPT = Adapter(
     name="megatron-gpt", trainer="Megatron-Core",
     rules=(
         Rule(r"embedding\.word_embeddings\.weight", "model.embed_tokens.weight"),
-        Rule(_M + r"self_attention\.linear_qkv\.weight", _Y + "self_attn.q_proj.weight", (("qkv_grouped", "q"),),
+        Rule(_M + r"self_attention\.linear_qkv\.weight", _ML + "self_attn.q_proj.weight", (("qkv_grouped", "q"),),
              unstack=True),
-        Rule(_M + r"self_attention\.linear_qkv\.weight", _Y + "self_attn.k_proj.weight", (("qkv_grouped", "k"),),
+        Rule(_M + r"self_attention\.linear_qkv\.weight", _ML + "self_attn.k_proj.weight", (("qkv_grouped", "k"),),
              unstack=True),
-        Rule(_M + r"self_attention\.linear_qkv\.weight", _Y + "self_attn.v_proj.weight", (("qkv_grouped", "v"),),
+        Rule(_M + r"self_attention\.linear_qkv\.weight", _ML + "self_attn.v_proj.weight", (("qkv_grouped", "v"),),
              unstack=True),
-        Rule(_M + r"self_attention\.linear_proj\.weight", _Y + "self_attn.o_proj.weight", unstack=True),
-        Rule(_M + r"mlp\.linear_fc1\.weight", _Y + "mlp.gate_proj.weight", (("half", "0"),), unstack=True),
-        Rule(_M + r"mlp\.linear_fc1\.weight", _Y + "mlp.up_proj.weight", (("half", "1"),), unstack=True),
-        Rule(_M + r"mlp\.linear_fc2\.weight", _Y + "mlp.down_proj.weight", unstack=True),
+        Rule(_M + r"self_attention\.linear_proj\.weight", _ML + "self_attn.o_proj.weight", unstack=True),
         Rule(_M + r"(?:self_attention\.linear_qkv\.layer_norm_weight|input_layernorm\.weight)",
-             _Y + "input_layernorm.weight", unstack=True),
+             _ML + "input_layernorm.weight", unstack=True),
+        Rule(_M + r"mlp\.linear_fc1\.weight", _ML + "mlp.gate_proj.weight", (("half", "0"),), unstack=True),
+        Rule(_M + r"mlp\.linear_fc1\.weight", _ML + "mlp.up_proj.weight", (("half", "1"),), unstack=True),
+        Rule(_M + r"mlp\.linear_fc2\.weight", _ML + "mlp.down_proj.weight", unstack=True),
         Rule(_M + r"(?:mlp\.linear_fc1\.layer_norm_weight|pre_mlp_layernorm\.weight)",
-             _Y + "post_attention_layernorm.weight", unstack=True),
+             _ML + "post_attention_layernorm.weight", unstack=True),
         Rule(r"decoder\.final_layernorm\.weight", "model.norm.weight"),
         Rule(r"output_layer\.weight", "lm_head.weight"),
     ),
-    signature=(r"embedding\.word_embeddings\.weight", _M + r"self_attention\.linear_qkv\.weight"),
-    skip=((r".*\._extra_state.*", "Transformer Engine extra state"),),
-    summary="layers unstacked, linear_qkv split per query group into q/k/v, linear_fc1 into gate/up, names mapped "
-            "to Hugging Face Llama",
+    signature=(r"embedding\.word_embeddings\.weight", r"decoder\.layers\..+"),
+    describes=("layers unstacked and names mapped to Hugging Face Llama, linear_qkv split per query group into "
+               "q/k/v, linear_fc1 into gate/up (q/k rows are already in HF's RoPE order)"),
+    skip=((r".*\._extra_state(?:/.*)?", "Transformer Engine extra state (FP8 metadata)"),
+          (r"optimizer\..*", "optimizer state"),
+          (r"rng_state.*|rerun_state_machine_state.*", "training state")),
+    # (regex, architecture feature): tensors of models LlamaForCausalLM cannot hold. Named when refused.
+    unsupported=(
+        (_M + r"mlp\.(?:experts|router|shared_experts)\..*", "mixture of experts (MoE)"),
+        (_M + r"self_attention\.linear_(?:q_down|q_up|kv_down|kv_up)_proj\..*|"
+         + _M + r"self_attention\.kv_layernorm\..*", "multi-latent attention (MLA)"),
+        (_M + r"self_attention\.(?:q|k)_layernorm\..*", "query/key layer norm (QK-norm)"),
+        (r".*\.bias|.*\.layer_norm_bias", "biases (add_bias_linear, qkv bias or LayerNorm instead of RMSNorm)"),
+        (r"embedding\.position_embeddings\..*", "learned absolute position embeddings (GPT-2 style, not RoPE)"),
+        (r"(?:decoder|encoder)\.layers\.\d+\..*", "per-layer (unstacked) names of a legacy checkpoint"),
+        (r"(?:encoder|vision_model|vision_projection|mtp|decoder\.layers\.mixer)\b.*",
+         "a model other than a GPT decoder (encoder, vision, multi-token prediction or Mamba layers)"),
+    ),
 )
 
-ADAPTERS = (TORCHTITAN_LLAMA, TORCHTUNE_LLAMA, MEGATRON_GPT)
+ADAPTERS = ADAPTERS + (MEGATRON_GPT,)

@@ -27,7 +27,7 @@ def big(tmp_path_factory):
 def test_megatron_tp2_peak_rss_is_bounded_by_the_buffer(big, tmp_path):
     from safetensors.torch import load_file
 
-    buffer_mib = 4
+    buffer_mib = 4     # peak must stay within buffer + 48 MiB, the bound every layout is held to
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "streamconv.cli", "convert", str(big / "ckpt"), str(out), "--json",
                            "--config-from", str(big / "base"), "--buffer-size", f"{buffer_mib}MiB"],
@@ -38,7 +38,7 @@ def test_megatron_tp2_peak_rss_is_bounded_by_the_buffer(big, tmp_path):
     print(f"megatron TP2 {report['bytes_written'] / 2**20:.0f} MiB, buffer {buffer_mib} MiB: peak RSS "
           f"{peak_mib:.1f} MiB in {report['seconds']:.2f} s" if "seconds" in report else f"peak {peak_mib:.1f} MiB")
     assert report["bytes_written"] > 290 * 2**20
-    assert peak_mib < 40 + buffer_mib, f"peak RSS {peak_mib:.1f} MiB with a {buffer_mib} MiB buffer"
+    assert peak_mib < 48 + buffer_mib, f"peak RSS {peak_mib:.1f} MiB with a {buffer_mib} MiB buffer"
     assert report["peak_rss_bytes"] <= report["predicted_peak_bytes"]
     full = torch.load(big / "full.pt", weights_only=True, mmap=True)
     expected = mw.megatron_to_hf(full, n_heads=CFG["heads"], n_kv=CFG["kv"], head_dim=CFG["head_dim"])

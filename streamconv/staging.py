@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from typing import Dict, Iterable, Iterator, List, Optional
 
 from .errors import OutputError
+from .names import staging_name
 
 STAGING_SUFFIX = ".streamconv-partial"
 OLD_SUFFIX = ".streamconv-old"         # the previous output, while --overwrite swaps it out without EXCHANGE
@@ -149,14 +150,17 @@ def _signals_held() -> Iterator[List[int]]:
 
 # -- paths --------------------------------------------------------------------------------------------
 
+# Both names stay within NAME_MAX for any legal output name (a 255-byte one included): `names.staging_name`
+# cuts a long name and puts a hash of it in. The same destination always gives the same names (resume).
+
 def staging_path_for(destination: str) -> str:
     parent, base = os.path.split(destination)
-    return os.path.join(parent, f".{base}{STAGING_SUFFIX}")
+    return os.path.join(parent, staging_name(base, tag="streamconv", suffix=STAGING_SUFFIX[len(".streamconv"):]))
 
 
 def old_path_for(destination: str) -> str:
     parent, base = os.path.split(destination)
-    return os.path.join(parent, f".{base}{OLD_SUFFIX}")
+    return os.path.join(parent, staging_name(base, tag="streamconv", suffix=OLD_SUFFIX[len(".streamconv"):]))
 
 
 def _is_at_or_under(path: str, folder: str) -> bool:

@@ -239,13 +239,15 @@ def test_staging_name_fits_name_max_for_any_legal_output_name():
     assert names.staging_name("a" * 240 + "x") != names.staging_name("a" * 240 + "y")
 
 
-@pytest.mark.xfail(strict=True, reason="needs StagingDir (sink.py, helper 'safety') to name its folder with "
-                                       "names.staging_name(); remove this mark once it does")
-def test_a_240_character_output_name_converts(dcp_checkpoints, tmp_path):
-    out = tmp_path / ("m" * 240)
+@pytest.mark.parametrize("length", [240, 255])
+def test_a_long_output_name_converts_and_is_replaced(dcp_checkpoints, tmp_path, length):
+    out = tmp_path / ("m" * length)
     result = CliRunner().invoke(cli, ["convert", str(dcp_checkpoints["fsdp2"]), str(out)])
     assert result.exit_code == 0, result.output
     assert (out / "model.safetensors").is_file()
+    again = CliRunner().invoke(cli, ["convert", str(dcp_checkpoints["fsdp2"]), str(out), "--overwrite"])
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]     # no staging or old folder left
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -181,17 +181,22 @@ def decide(root: str, found: Sequence[Found], *, truncated: bool = False) -> Opt
 
 
 def is_dcp_folder(path: str) -> bool:
-    return any(os.path.isfile(os.path.join(path, name)) for name in METADATA_NAMES)
+    from .reader import hf_shards
+    if any(os.path.isfile(os.path.join(path, name)) for name in METADATA_NAMES):
+        return True
+    try:
+        return bool(hf_shards.shard_files(path))     # HuggingFaceStorageWriter per-rank shards
+    except CheckpointError:
+        return True     # shard files with a problem: reading it says which
 
 
 def read_holding(path: str) -> Holding:
     """Classify one DCP folder from its `.metadata` (CheckpointError when it cannot be read)."""
-    from .io import DirectoryReader
-    from .reader import find_metadata_file, load_metadata
+    from .api import load
 
-    name = find_metadata_file(path)
-    with DirectoryReader(path) as reader:
-        return classify(load_metadata(reader, name))
+    reader, meta = load(path)
+    with reader:
+        return classify(meta)
 
 
 def scan(root: str, *, max_depth: int = MAX_DEPTH, exclude: Iterable[str] = ()) -> Tuple[List[Found], bool]:

@@ -1,0 +1,110 @@
+"""Hugging Face per-rank shards (`HuggingFaceStorageWriter(path, save_distributed=True)`) as a CheckpointMetadata.
+
+torch's HF writer (torch >= 2.8; torchtitan's `last_save_in_hf` on a sharded model) lets every rank write its own
+pieces of the tensors, as plain safetensors files named `shard-<rank>-model-<k>-of-<n>.safetensors` (ranks count
+from 1; `k` is the file a `fqn_to_index_mapping` assigns, else 1). It writes no `.metadata`: the only record of
+where a piece belongs is each file's `__metadata__["DCP_SHARDING_INFO"]`, `{name: {"saved_offsets": [...]}}`.
+torch consolidates such a folder with `consolidate_safetensors_files`, which holds each whole tensor in memory.
+
+Here the headers become the same `CheckpointMetadata` a `.metadata` gives (each piece a chunk, located by its
+header key), so the planner proves coverage and the executor streams the pieces in bounded memory. Only headers
+are read (each at most `safetensors_blob.MAX_HEADER_BYTES`), only from regular files (`DirectoryReader`).
+
+Global shapes are not recorded anywhere: as torch's consolidator does, a tensor's shape is the box its pieces
+span. Missing pieces inside that box fail the coverage proof, and missing rank numbers are refused; a folder
+that lost its last rank's files cannot be told apart from a smaller model, hence the reference check of
+`--config-from` (shapes against the base model's weights).
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Dict, List, Tuple
+
+from ..errors import CheckpointError
+from ..io import RangeReader
+from ..model import BlobLocation, CheckpointMetadata, Chunk, TensorEntry
+from .safetensors_blob import read_header
+from .unpickle import describe
+
+SHARD_FILE = re.compile(r"shard-(\d{5,9})-model-(\d{5,9})-of-(\d{5,9})\.safetensors")
+_DCP_METADATA_NAMES = (".metadata", "__0.metadata")
+
+
+def flavor(ranks: int, files: int) -> str:
+    return (f"Hugging Face per-rank shards (HuggingFaceStorageWriter(save_distributed=True)): {ranks} rank(s), "
+            f"{files} file(s); each tensor's shape is the box its pieces span (no .metadata records it)")
+
+
+def shard_files(root: str) -> List[str]:
+    """The per-rank shard files of folder `root`, by (rank, file index); [] when it is not such a folder (a DCP
+    folder with `.metadata` is one of those). CheckpointError when shard files sit beside other safetensors
+    files (torch's consolidator would mix them in) or rank numbers are missing."""
+    if not os.path.isdir(root) or any(os.path.lexists(os.path.join(root, n)) for n in _DCP_METADATA_NAMES):
+        return []
+    names = os.listdir(root)
+    shards: List[Tuple[int, int, int, str]] = []
+    others = []
+    for name in names:
+        match = SHARD_FILE.fullmatch(name)
+        if match:
+            shards.append((int(match.group(1)), int(match.group(2)), int(match.group(3)), name))
+        elif name.endswith(".safetensors"):
+            others.append(name)
+    if not shards:
+        return []
+    shards.sort()
+    if others:
+        raise CheckpointError(
+            f"{root} holds HuggingFaceStorageWriter per-rank shards ({shards[0][3]}, ...) and other safetensors files "
+            f"({', '.join(describe(n) for n in sorted(others)[:3])}); move the shard files into a folder of their own")
+    ranks = sorted({rank for rank, _, _, _ in shards})
+    if ranks[0] != 1 or ranks[-1] != len(ranks):
+        present = set(ranks)
+        missing = [r for r in range(1, ranks[-1] + 1) if r not in present][:10]
+        raise CheckpointError(
+            f"{root}: per-rank shard files of rank(s) {missing} are missing (found ranks {ranks[:10]}"
+            f"{' ...' if len(ranks) > 10 else ''}, numbered from 1); copy them: each rank holds pieces of the tensors")
+    totals = {total for _, _, total, _ in shards}
+    bad = [name for _, index, total, name in shards if not 1 <= index <= total]
+    if len(totals) != 1 or bad:
+        raise CheckpointError(f"{root}: shard file names disagree on the number of files per rank "
+                              f"({sorted(totals)[:5]}{'; ' + describe(bad[0]) if bad else ''}); they come from "
+                              "different saves")
+    return [name for _, _, _, name in shards]
+
+
+def load_metadata(reader: RangeReader, names: List[str]) -> CheckpointMetadata:
+    """The checkpoint as `.metadata` would describe it, from the shard files' safetensors headers."""
+    order: List[str] = []
+    dtype_of: Dict[str, Tuple[str, str]] = {}            # key -> (dtype, file that said so)
+    pieces: Dict[str, List[Chunk]] = {}
+    for name in names:
+        header = read_header(reader, name, 0)
+        if not header.has_sharding_info:
+            raise CheckpointError(
+                f"{name}: safetensors file named like a HuggingFaceStorageWriter shard has no DCP_SHARDING_INFO in "
+                "its __metadata__, so where its pieces belong is unknown; it was not written by torch's HF writer "
+                "with save_distributed=True")
+        # DCP_SHARDING_INFO lists the tensors in the writer's state-dict order; the header sorts them.
+        for key in header.sharding_order:
+            t = header.tensors[key]
+            first = dtype_of.setdefault(key, (t.dtype, name))
+            if first[0] != t.dtype:
+                raise CheckpointError(f"{name}: tensor {describe(key)} is {t.dtype} here but {first[0]} in {first[1]}")
+            if key not in pieces:
+                order.append(key)
+                pieces[key] = []
+            elif len(pieces[key][0].sizes) != len(t.shape):
+                raise CheckpointError(f"{name}: tensor {describe(key)} has {len(t.shape)} dims here, "
+                                      f"{len(pieces[key][0].sizes)} in another shard file")
+            pieces[key].append(Chunk(t.saved_offsets, t.shape, BlobLocation(name, 0, t.nbytes, tensor_key=key)))
+    tensors = []
+    for key in order:
+        chunks = pieces[key]
+        shape = tuple(max(c.offsets[d] + c.sizes[d] for c in chunks) for d in range(len(chunks[0].sizes)))
+        # Path as DCP's planner records a flat state dict's key: the names stay as they are.
+        tensors.append(TensorEntry(key, dtype_of[key][0], shape, tuple(chunks), (key,)))
+    ranks = len({SHARD_FILE.fullmatch(n).group(1) for n in names})
+    return CheckpointMetadata(tensors=tuple(tensors), torch_version_hint=">=2.8",
+                              files=tuple(sorted(names)), flavor=flavor(ranks, len(names)))

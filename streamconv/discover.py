@@ -249,11 +249,21 @@ def find_checkpoint(root: str) -> Tuple[str, Optional[str]]:
         return root, None
     found, truncated = scan(root)
     decision = decide(root, found, truncated=truncated)
-    if decision is None:
+    if decision is None or (decision.chosen is not None and _consolidated_from(root, decision.chosen)):
         return root, None
     if decision.chosen is None:
         raise CheckpointError(decision.message)
     return os.path.join(root, decision.chosen), decision.message
+
+
+def _consolidated_from(root: str, chosen: str) -> bool:
+    """True when `root` is a model torch consolidated from the per-rank shards in `chosen`
+    (HuggingFaceStorageWriter(enable_consolidation=True) writes both): `root` is then explained, not converted."""
+    from .reader import hf_shards
+    try:
+        return hf_shards.holds_safetensors(root) and bool(hf_shards.shard_files(os.path.join(root, chosen)))
+    except CheckpointError:
+        return False
 
 
 def refuse_optimizer_only(meta: CheckpointMetadata, checkpoint_dir: str) -> None:

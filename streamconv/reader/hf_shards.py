@@ -108,3 +108,48 @@ def load_metadata(reader: RangeReader, names: List[str]) -> CheckpointMetadata:
     ranks = len({SHARD_FILE.fullmatch(n).group(1) for n in names})
     return CheckpointMetadata(tensors=tuple(tensors), torch_version_hint=">=2.8",
                               files=tuple(sorted(names)), flavor=flavor(ranks, len(names)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# folders that are not per-rank shards: what to tell the user
+
+MAX_FILES_EXPLAINED = 8     # safetensors headers read to explain a folder that is not a checkpoint
+
+
+def holds_safetensors(root: str) -> bool:
+    try:
+        return any(n.endswith(".safetensors") for n in os.listdir(root))
+    except OSError:
+        return False
+
+
+def explain_model_folder(root: str, names: List[str]) -> str:
+    """Why a folder of safetensors files (no `.metadata`, no per-rank shard names) is not converted: a consolidated
+    model (maybe consolidated by torch from `sharded/`), or the pieces of tensors that
+    HuggingFaceStorageWriter(save_distributed=False) leaves when given a sharded state dict."""
+    from ..io import DirectoryReader
+
+    files = sorted(n for n in names if n.endswith(".safetensors"))[:MAX_FILES_EXPLAINED]
+    try:
+        with DirectoryReader(root) as reader:
+            for name in files:
+                header = read_header(reader, name, 0)
+                piece = next(((k, t.saved_offsets) for k, t in header.tensors.items()
+                              if t.saved_offsets and any(t.saved_offsets)), None)
+                if piece is not None:
+                    return (f"{name} holds pieces of tensors, not whole ones (e.g. {describe(piece[0])} at offsets "
+                            f"{list(piece[1])}): it looks like HuggingFaceStorageWriter(save_distributed=False) given a "
+                            "sharded state dict, where every rank writes the same file names and the last one wins, so "
+                            "the other ranks' pieces are lost. Save with save_distributed=True (streamconv converts "
+                            "those per-rank shards) or from a full state dict.")
+    except (CheckpointError, OSError):
+        pass    # a damaged file: the generic message below still applies
+    line = "This looks like a safetensors model already, not a DCP checkpoint."
+    sharded = os.path.join(root, "sharded")
+    try:
+        if shard_files(sharded):
+            line += (f" It was consolidated by HuggingFaceStorageWriter(enable_consolidation=True) from the per-rank "
+                     f"shards in {sharded}, which streamconv converts too.")
+    except CheckpointError:
+        pass
+    return line

@@ -395,7 +395,8 @@ def _not_a_checkpoint_message(root: str, names: List[str]) -> str:
     if ".metadata.tmp" in names:
         lines.append("`.metadata.tmp` exists: the save was interrupted while writing the metadata.")
     if any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names):
-        lines.append("This looks like a safetensors model already, not a DCP checkpoint.")
+        from .hf_shards import explain_model_folder
+        lines.append(explain_model_folder(root, names))
     nested = [n for n in names if os.path.isfile(os.path.join(root, n, METADATA_NAME))]
     if nested:
         lines.append("Did you mean: " + ", ".join(os.path.join(root, n) for n in nested[:5]) + "?")

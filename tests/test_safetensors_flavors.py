@@ -1,0 +1,302 @@
+"""The safetensors flavors of torch's DCP writers (issue 11 items 2, 3, 5), on checkpoints torch itself wrote.
+
+* `FileSystemWriter(serialization_format=SAFETENSORS)`: torch cannot read these back, so every tensor is compared
+  with the source state dict the writer recorded, bit for bit.
+* `HuggingFaceStorageWriter(save_distributed=True)` per-rank shards: compared with the source state dict and with
+  torch's own `consolidate_safetensors_files`, bit for bit.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import st_writers
+import streamconv
+from streamconv import staging
+from streamconv.errors import CheckpointError, UnsupportedFeatureError
+from streamconv.io import DirectoryReader
+from streamconv.reader import load_metadata, locate_all
+from test_convert import read_output, same_bits
+
+CONVERTED = [n for n in st_writers.CHECKPOINTS if n not in ("hf_clobbered", "hf_consolidated")] + [
+    "hf_consolidated/sharded"]
+TORCH_CONSOLIDATES = ["hf_fsdp2", "hf_tp", "hf_map", "hf_mesh2d"]   # float only: torch's uses torch.finfo
+
+
+@pytest.fixture(scope="session")
+def st_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("st")
+    st_writers.build(root)
+    return root
+
+
+def expected_for(st_checkpoints, name):
+    return st_writers.load_expected(st_checkpoints / name.split("/")[0])
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "streamconv.cli", *map(str, args)], capture_output=True, text=True,
+                          env=dict(os.environ, **(env or {})))
+
+
+# -- every flavor converts to the source tensors ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CONVERTED)
+def test_converts_to_the_source_state_dict_bit_for_bit(st_checkpoints, name, tmp_path):
+    expected = expected_for(st_checkpoints, name)
+    out = tmp_path / "out"
+    # Small shards and buffer: several output files, and N-D chunks assembled band by band.
+    report = streamconv.convert(str(st_checkpoints / name), str(out), max_shard_size="40KB", buffer_size="64KiB",
+                                no_config=True, verify=True)
+    got = read_output(out)
+    prefix = "model." if name.startswith("st_") else ""
+    want = {k[len(prefix):]: v for k, v in expected.items() if k.startswith(prefix) and not k.startswith("optim.")}
+    assert set(got) == set(want) and report.tensors == len(want)
+    for key, tensor in want.items():
+        assert same_bits(got[key], tensor), f"{name}: {key} differs from the source"
+    assert report.verified_bytes > 0
+
+
+@pytest.mark.parametrize("name", TORCH_CONSOLIDATES)
+def test_hf_shards_match_torch_consolidate_safetensors_files(st_checkpoints, name, tmp_path):
+    from torch.distributed.checkpoint._consolidate_hf_safetensors import consolidate_safetensors_files
+
+    ckpt = st_checkpoints / name
+    names = [t.fqn for t in streamconv.api.load(str(ckpt))[1].tensors]
+    theirs = tmp_path / "torch"
+    theirs.mkdir()     # torch's consolidator needs the folder to exist and a name -> file mapping
+    consolidate_safetensors_files(str(ckpt), str(theirs), fqn_to_index_mapping={k: 1 for k in names})
+    streamconv.convert(str(ckpt), str(tmp_path / "ours"), no_config=True, buffer_size="64KiB")
+    ours = read_output(tmp_path / "ours")
+    with safe_open(str(theirs / "model-00001-of-00001.safetensors"), framework="pt") as f:
+        torch_tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert set(ours) == set(torch_tensors) == set(names)
+    for key in names:
+        assert same_bits(ours[key], torch_tensors[key]), f"{name}: {key} differs from torch's consolidation"
+
+
+def test_torch_consolidated_folder_equals_ours_from_its_shards(st_checkpoints, tmp_path):
+    """enable_consolidation=True: torch's own consolidated model beside the shards it was made from."""
+    root = st_checkpoints / "hf_consolidated"
+    streamconv.convert(str(root / "sharded"), str(tmp_path / "ours"), no_config=True)
+    ours = read_output(tmp_path / "ours")
+    with safe_open(str(root / "model-00001-of-00001.safetensors"), framework="pt") as f:
+        assert set(f.keys()) == set(ours)
+        for key in f.keys():
+            assert same_bits(ours[key], f.get_tensor(key)), key
+
+
+def test_torch_cannot_read_safetensors_serialized_dcp(st_checkpoints, tmp_path):
+    """Why these are compared with the source state dict: torch's own reader unpickles safetensors bytes."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    import pickle
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    with pytest.raises(CheckpointException) as err:
+        dcp_to_torch_save(st_checkpoints / "st_tp", tmp_path / "full.pt")
+    causes = [failure[0] if isinstance(failure, tuple) else failure for failure in err.value.failures.values()]
+    assert causes and all(isinstance(c, pickle.UnpicklingError) for c in causes)
+
+
+def test_chunks_are_located_inside_one_safetensors_blob_per_file(st_checkpoints):
+    """Every chunk of a file names the file's one blob (offset after the bytes items) and its key; located,
+    each lies inside the blob's data section, without overlap."""
+    with DirectoryReader(str(st_checkpoints / "st_fsdp2_optim")) as reader:
+        meta = load_metadata(reader)
+        assert meta.flavor.startswith("safetensors-serialized DCP")
+        assert meta.byte_entries and all(not b.location.tensor_key for b in meta.byte_entries if b.location)
+        blob_starts = {}
+        for t in meta.tensors:
+            for c in t.chunks:
+                assert c.location.tensor_key == t.fqn
+                blob_starts.setdefault(c.location.relative_path, set()).add(c.location.offset)
+        assert all(len(starts) == 1 for starts in blob_starts.values()) and len(blob_starts) == 2
+        assert any(start > 0 for starts in blob_starts.values() for start in starts)   # after the bytes items
+        stored = locate_all(reader, meta.tensors)
+        by_file = {}
+        for location, s in stored.items():
+            assert s.crc32 is None and s.storage_crc32 is None and s.is_contiguous
+            by_file.setdefault(location.relative_path, []).append((s.data_offset, s.data_offset + s.data_nbytes))
+        for ranges in by_file.values():
+            ranges.sort()
+            assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))
+
+
+# -- inspect, CRC, resume ------------------------------------------------------------------------------------
+
+
+def test_inspect_names_the_flavor(st_checkpoints):
+    st = run_cli("inspect", st_checkpoints / "st_tp")
+    assert st.returncode == 0 and "safetensors-serialized DCP" in st.stdout
+    hf = run_cli("inspect", st_checkpoints / "hf_mesh2d", "--json")
+    info = json.loads(hf.stdout)
+    assert hf.returncode == 0 and info["format"].startswith("Hugging Face per-rank shards")
+    assert "4 rank(s)" in info["format"]
+    q = next(t for t in info["tensors"] if t["name"] == "model.layers.0.self_attn.q_proj.weight")
+    assert q["shape"] == [64, 64] and q["chunks"] == 4
+
+
+def test_crc_check_reports_safetensors_chunks_as_unchecked(st_checkpoints, tmp_path):
+    ckpt = st_checkpoints / "st_fsdp2_optim"
+    converted = run_cli("convert", ckpt, tmp_path / "out", "--no-config", "--crc", "--json")
+    assert converted.returncode == 0, converted.stderr
+    report = json.loads(converted.stdout)
+    assert report["crc_checked_bytes"] == 0
+    assert any("unchecked" in n and "safetensors" in n for n in report["notes"])
+    verified = run_cli("verify", ckpt, tmp_path / "out", "--no-config")
+    assert verified.returncode == 0, verified.stderr
+    assert "0 chunk CRC-32s ok" in verified.stdout and "chunk(s) unchecked" in verified.stdout
+    as_json = json.loads(run_cli("verify", ckpt, tmp_path / "out", "--no-config", "--json").stdout)
+    chunks = sum(len(t.chunks) for t in streamconv.plan(str(ckpt), no_config=True).tensors)
+    assert as_json["ok"] and as_json["crc_unrecorded_chunks"] == chunks and as_json["crc_checked_chunks"] == 0
+
+
+def test_resume_records_hold_the_real_crc_of_each_shard(st_checkpoints, tmp_path):
+    """Chunks inside safetensors blobs have no recorded CRC-32: copied bytes are read back for the record. A
+    killed run's records must match the files, so that --resume keeps them."""
+    ckpt, out = st_checkpoints / "hf_tp", tmp_path / "out"
+    args = ("convert", ckpt, out, "--no-config", "--max-shard-size", "60KB", "--workers", "1")
+    killed = run_cli(*args, env={staging.KILL_ENV: "between-shards@2"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    stage = tmp_path / ".out.streamconv-partial"
+    records = sorted((stage / staging.RECORDS_DIR).glob("*.safetensors.json"))
+    assert len(records) == 2
+    for record in records:
+        shard = stage / record.name[:-len(".json")]
+        assert json.loads(record.read_text())["crc32"] == zlib.crc32(shard.read_bytes())
+    resumed = run_cli(*args, "--resume", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "kept 2 of" in " ".join(json.loads(resumed.stdout)["notes"])
+    streamconv.convert(str(ckpt), str(tmp_path / "plain"), no_config=True, max_shard_size="60KB")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in (tmp_path / "plain").iterdir()}
+
+
+# -- folders that are not converted ------------------------------------------------------------------------
+
+
+def test_consolidated_hf_folder_keeps_a_clear_message(st_checkpoints):
+    result = run_cli("convert", st_checkpoints / "hf_consolidated", "/nonexistent/out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "safetensors model already" in result.stderr and "sharded" in result.stderr
+
+
+def test_clobbered_distributed_save_is_explained(st_checkpoints):
+    result = run_cli("inspect", st_checkpoints / "hf_clobbered")
+    assert result.returncode == 2 and "pieces of tensors" in result.stderr
+    assert "save_distributed=True" in result.stderr and "safetensors model already" not in result.stderr
+
+
+def test_run_folder_holding_hf_shards_is_found(st_checkpoints, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(st_checkpoints / "hf_fsdp2", run / "checkpoint" / "step-10")
+    plan = streamconv.plan(str(run), no_config=True)
+    assert len(plan.tensors) == 29
+
+
+# -- damaged and hostile shards ----------------------------------------------------------------------------
+
+
+def shard_copy(st_checkpoints, tmp_path, name="hf_mesh2d"):
+    dst = tmp_path / name
+    shutil.copytree(st_checkpoints / name, dst)
+    return dst
+
+
+def test_missing_rank_file_is_named(st_checkpoints, tmp_path):
+    ckpt = shard_copy(st_checkpoints, tmp_path)
+    (ckpt / "shard-00002-model-00001-of-00001.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"rank\(s\) \[2\] are missing"):
+        streamconv.inspect(str(ckpt))
+
+
+def test_missing_piece_fails_the_coverage_proof(st_checkpoints, tmp_path):
+    """A shard file that lost one tensor: that tensor's box has a hole, found before anything is written."""
+    ckpt = shard_copy(st_checkpoints, tmp_path, "hf_tp")
+    path = ckpt / "shard-00001-model-00001-of-00001.safetensors"
+    from safetensors.torch import load_file, save_file
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    info = json.loads(metadata["DCP_SHARDING_INFO"])
+    del tensors["model.layers.0.mlp.down_proj.weight"], info["model.layers.0.mlp.down_proj.weight"]
+    save_file(tensors, str(path), metadata=dict(metadata, DCP_SHARDING_INFO=json.dumps(info)))
+    with pytest.raises(CheckpointError, match="down_proj"):
+        streamconv.convert(str(ckpt), str(tmp_path / "out"), no_config=True)
+    assert not (tmp_path / "out").exists()
+
+
+def rewrite_header(path: Path, edit) -> None:
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = edit(data[8:8 + n])
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + n:])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: h[:-30], "not valid JSON"),
+    (lambda h: b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":1}', "appears twice"),
+    (lambda h: h.replace(b'"data_offsets":[0,', b'"data_offsets":[9000000,', 1), "data_offsets"),
+    (lambda h: h.replace(b'"F32"', b'"Q99"', 1), "dtype 'Q99' is not supported"),
+    (lambda h: h.replace(b"DCP_SHARDING_INFO", b"SOMETHING_ELSE_KEY"), "no DCP_SHARDING_INFO"),
+    (lambda h: b'{"a":' + b"[" * 100000 + b"]" * 100000 + b"}", "not valid JSON"),   # nesting: RecursionError
+    (lambda h: b"[]", "does not start with"),
+])
+def test_hostile_headers_are_refused_by_name(st_checkpoints, tmp_path, edit, message):
+    ckpt = shard_copy(st_checkpoints, tmp_path, "hf_tp")
+    path = ckpt / "shard-00002-model-00001-of-00001.safetensors"
+    rewrite_header(path, edit)
+    with pytest.raises(CheckpointError, match=message) as err:
+        streamconv.inspect(str(ckpt))
+    assert "shard-00002" in str(err.value)
+
+
+def test_header_length_over_the_cap_is_refused_without_reading_it(st_checkpoints, tmp_path):
+    ckpt = shard_copy(st_checkpoints, tmp_path, "hf_tp")
+    path = ckpt / "shard-00001-model-00001-of-00001.safetensors"
+    data = bytearray(path.read_bytes())
+    data[:8] = (2**62).to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="header length .* over the safetensors limit"):
+        streamconv.inspect(str(ckpt))
+
+
+def test_a_fifo_among_the_shards_is_refused(st_checkpoints, tmp_path):
+    ckpt = shard_copy(st_checkpoints, tmp_path, "hf_tp")
+    path = ckpt / "shard-00002-model-00001-of-00001.safetensors"
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(CheckpointError, match="FIFO"):
+        streamconv.inspect(str(ckpt))
+
+
+def test_st_metadata_and_blob_from_different_saves_are_refused(st_checkpoints, tmp_path):
+    """A .metadata whose chunk is at other offsets than the blob's header records (another save's files)."""
+    ckpt = tmp_path / "mixed"
+    shutil.copytree(st_checkpoints / "st_tp", ckpt)
+    for name in ("__0_0.distcp", "__1_0.distcp"):     # swap the ranks' files: same keys, other offsets
+        os.rename(ckpt / name, ckpt / (name + ".tmp"))
+    os.rename(ckpt / "__0_0.distcp.tmp", ckpt / "__1_0.distcp")
+    os.rename(ckpt / "__1_0.distcp.tmp", ckpt / "__0_0.distcp")
+    with pytest.raises(CheckpointError, match="saved_offsets|offsets|different saves"):
+        streamconv.convert(str(ckpt), str(tmp_path / "out"), no_config=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_safetensors_format_with_a_stream_transform_is_refused(tmp_path):
+    from streamconv.model import BlobLocation, Chunk, TensorEntry
+
+    location = BlobLocation("__0_0.distcp", 0, 12, ("stream.zstd/1",), tensor_key="w")
+    entry = TensorEntry("w", "float32", (3,), (Chunk((0,), (3,), location),))
+    with pytest.raises(UnsupportedFeatureError, match="safetensors format through the stream transform"):
+        locate_all(object(), [entry])

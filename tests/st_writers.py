@@ -171,3 +171,25 @@ def write_ranks4(rank: int, world_size: int, out_dir: str) -> List[str]:
     _save_hf(out_dir, "hf_mesh2d", sd, init, save_distributed=True)
     return [n for n, (g, _) in CHECKPOINTS.items() if g == "ranks4"]
 
+
+
+BIG_ROWS, BIG_COLS = 4096, 2048      # 32 MiB of float32 per tensor
+
+
+def write_big(rank: int, world_size: int, out_dir: str) -> int:
+    """Two 32 MiB tensors, Shard(0) and Shard(1), in both flavors; each rank builds only its own pieces."""
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint.filesystem import SerializationFormat
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    gen = torch.Generator().manual_seed(rank)
+    rows = torch.empty(BIG_ROWS // world_size, BIG_COLS).uniform_(generator=gen)
+    cols = torch.empty(BIG_ROWS, BIG_COLS // world_size).uniform_(generator=gen)
+    sd = {"embed.weight": DTensor.from_local(rows, mesh, [Shard(0)], run_check=False),
+          "down_proj.weight": DTensor.from_local(cols, mesh, [Shard(1)], run_check=False)}
+    dcp.save(sd, storage_writer=HuggingFaceStorageWriter(str(Path(out_dir) / "hf"), save_distributed=True))
+    dcp.save({"model": sd}, storage_writer=dcp.FileSystemWriter(
+        Path(out_dir) / "st", serialization_format=SerializationFormat.SAFETENSORS, sync_files=False))
+    return 0

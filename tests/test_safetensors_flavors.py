@@ -300,3 +300,31 @@ def test_safetensors_format_with_a_stream_transform_is_refused(tmp_path):
     entry = TensorEntry("w", "float32", (3,), (Chunk((0,), (3,), location),))
     with pytest.raises(UnsupportedFeatureError, match="safetensors format through the stream transform"):
         locate_all(object(), [entry])
+
+
+# -- bounded memory ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def big_checkpoints(tmp_path_factory):
+    from streamconv.demo_checkpoint import run_distributed
+
+    out = tmp_path_factory.mktemp("st_big")
+    run_distributed("st_writers:write_big", 2, dict(out_dir=str(out)))
+    return out
+
+
+@pytest.mark.parametrize("flavor", ["hf", "st"])
+def test_peak_rss_is_bounded_by_the_buffer(big_checkpoints, flavor, tmp_path):
+    """Peak RSS (the OS's VmHWM, in a process that never imports torch) stays at the buffer, far below one
+    32 MiB tensor; the Shard(1) tensor is assembled band by band from the two safetensors blobs."""
+    buffer_mib = 4
+    proc = subprocess.run([sys.executable, "-m", "streamconv.cli", "convert", str(big_checkpoints / flavor),
+                           str(tmp_path / "out"), "--no-config", "--json", "--buffer-size", f"{buffer_mib}MiB"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["bytes_written"] > 64 * 2**20
+    peak_mib = report["peak_rss_bytes"] / 2**20
+    assert peak_mib < 40 + buffer_mib, f"{flavor}: peak RSS {peak_mib:.1f} MiB with a {buffer_mib} MiB buffer"
+    assert streamconv.verify(str(big_checkpoints / flavor), str(tmp_path / "out"), no_config=True).ok

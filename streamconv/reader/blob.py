@@ -188,17 +188,15 @@ def _check_magic(blob: _Blob, file_bytes: int) -> None:
         blob.fail("is zstd-compressed although .metadata lists no transform. " + _RESAVE_HINT,
                   UnsupportedFeatureError)
     # FileSystemWriter(serialization_format=SAFETENSORS) (torch>=2.8): every tensor's offset points at ONE
-    # safetensors blob per file (8-byte little-endian header length, then a JSON header) and length is
-    # the tensor's nbytes. torch's own FileSystemReader cannot load these either.
+    # safetensors blob per file and length is the tensor's nbytes; such chunks are named by
+    # metadata._packed and never come here. A safetensors blob with another length is not what torch writes.
     first = blob.reader.read(blob.location.relative_path, blob.location.offset,
                              min(9, file_bytes - blob.location.offset))
     if len(first) == 9 and first[8:9] == b"{":
         blob.fail(
-            "is a safetensors blob: the checkpoint was saved with FileSystemWriter(serialization_format="
-            "SerializationFormat.SAFETENSORS), which streamconv does not convert yet (torch's own FileSystemReader "
-            "cannot load it either). The tensors are already safetensors blobs inside the .distcp files; save "
-            "checkpoints with the default serialization_format=SerializationFormat.TORCH_SAVE to convert them.",
-            UnsupportedFeatureError)
+            "is a safetensors blob (FileSystemWriter(serialization_format=SerializationFormat.SAFETENSORS)), but "
+            "the length .metadata gives is not the tensor's byte size, as torch records it for that format: "
+            ".metadata and the data files come from different saves")
     blob.fail(f"does not start with a zip local header (PK\\x03\\x04) but {first[:4].hex()}: not a torch.save "
               "archive; do the .metadata and .distcp files come from the same save?")
 

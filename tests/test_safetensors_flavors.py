@@ -328,3 +328,44 @@ def test_peak_rss_is_bounded_by_the_buffer(big_checkpoints, flavor, tmp_path):
     peak_mib = report["peak_rss_bytes"] / 2**20
     assert peak_mib < 40 + buffer_mib, f"{flavor}: peak RSS {peak_mib:.1f} MiB with a {buffer_mib} MiB buffer"
     assert streamconv.verify(str(big_checkpoints / flavor), str(tmp_path / "out"), no_config=True).ok
+
+
+# -- fuzzed headers ----------------------------------------------------------------------------------------
+
+
+def test_fuzzed_shard_headers_end_in_streamconv_errors(st_checkpoints):
+    """Random byte edits of real torch-written shard files (headers mostly): reading, planning and locating
+    either work or raise one of streamconv's errors; nothing else escapes."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    from streamconv.io import MemoryReader
+    from streamconv.plan import PlanOptions, build_plan
+    from streamconv.reader import hf_shards
+
+    folder = st_checkpoints / "hf_tp"
+    names = sorted(p.name for p in folder.iterdir())
+    originals = {n: (folder / n).read_bytes() for n in names}
+    header_end = {n: 8 + int.from_bytes(data[:8], "little") for n, data in originals.items()}
+
+    @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(names), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1,
+                                            max_size=6))
+    def check(name, edits):
+        data = bytearray(originals[name])
+        for at, value in edits:   # mostly in the header; one position in 4 anywhere (data bytes change nothing)
+            data[at % (len(data) if at % 4 == 0 else header_end[name])] = value
+        files = dict(originals, **{name: bytes(data)})
+        try:
+            meta = hf_shards.load_metadata(MemoryReader(files), names)
+            conversion = build_plan(meta, PlanOptions(source_format="hf"))
+            entries = [TensorEntry(t.source_fqn, t.src_dtype, t.shape, t.chunks) for t in conversion.tensors]
+            locate_all(MemoryReader(files), entries)
+            outcomes["ok"] += 1
+        except StreamconvError:
+            outcomes["refused"] += 1
+
+    from streamconv.errors import StreamconvError
+    from streamconv.model import TensorEntry
+    outcomes = {"ok": 0, "refused": 0}
+    check()
+    assert outcomes["refused"] > 100 and outcomes["ok"] > 10   # the edits reach the checks

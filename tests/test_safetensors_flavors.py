@@ -369,3 +369,16 @@ def test_fuzzed_shard_headers_end_in_streamconv_errors(st_checkpoints):
     outcomes = {"ok": 0, "refused": 0}
     check()
     assert outcomes["refused"] > 100 and outcomes["ok"] > 10   # the edits reach the checks
+
+
+def test_lost_last_rank_is_caught_by_the_reference_check(st_checkpoints, tmp_path):
+    """Shapes are the box the pieces span, so a folder without its last rank's file looks like a smaller model;
+    --config-from compares every shape with the base model's weights and refuses (exit 4)."""
+    ref = tmp_path / "ref"
+    streamconv.convert(str(st_checkpoints / "hf_fsdp2"), str(ref), no_config=True)
+    (ref / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    ckpt = shard_copy(st_checkpoints, tmp_path, "hf_fsdp2")
+    (ckpt / "shard-00002-model-00001-of-00001.safetensors").unlink()
+    result = run_cli("convert", ckpt, tmp_path / "out", "--config-from", ref)
+    assert result.returncode == 4 and "lm_head.weight [502, 64] here, [1003, 64] in the reference" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -382,3 +382,21 @@ def test_lost_last_rank_is_caught_by_the_reference_check(st_checkpoints, tmp_pat
     result = run_cli("convert", ckpt, tmp_path / "out", "--config-from", ref)
     assert result.returncode == 4 and "lm_head.weight [502, 64] here, [1003, 64] in the reference" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_torch_written_safetensors_format_with_zstd_is_refused_by_name(tmp_path):
+    """torch writes an empty zstd frame per tensor before the blob, so offsets no longer point at it."""
+    pytest.importorskip("zstandard")
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._extension import ZStandard
+    from torch.distributed.checkpoint.filesystem import SerializationFormat
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"a": torch.arange(6.0).view(2, 3), "lr": 0.1}, no_dist=True, storage_writer=dcp.FileSystemWriter(
+            tmp_path / "ck", serialization_format=SerializationFormat.SAFETENSORS, _extensions=[ZStandard()]))
+    result = run_cli("convert", tmp_path / "ck", tmp_path / "out", "--no-config")
+    assert result.returncode == 2 and "'a'" in result.stderr and "stream.zstd/1" in result.stderr
+    assert "not both" in result.stderr and "Traceback" not in result.stderr

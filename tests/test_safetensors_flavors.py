@@ -400,3 +400,18 @@ def test_torch_written_safetensors_format_with_zstd_is_refused_by_name(tmp_path)
     result = run_cli("convert", tmp_path / "ck", tmp_path / "out", "--no-config")
     assert result.returncode == 2 and "'a'" in result.stderr and "stream.zstd/1" in result.stderr
     assert "not both" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_hf_shards_with_non_tensor_items_are_explained(tmp_path):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"a": torch.arange(6.0).view(2, 3), "step": 3}, no_dist=True,
+                 storage_writer=HuggingFaceStorageWriter(str(tmp_path / "ck"), save_distributed=True))
+    result = run_cli("inspect", tmp_path / "ck")
+    assert result.returncode == 2 and "starts with a torch.save archive" in result.stderr
+    assert "shard-00001-model-00001-of-00001.safetensors" in result.stderr

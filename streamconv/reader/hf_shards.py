@@ -80,6 +80,12 @@ def load_metadata(reader: RangeReader, names: List[str]) -> CheckpointMetadata:
     dtype_of: Dict[str, Tuple[str, str]] = {}            # key -> (dtype, file that said so)
     pieces: Dict[str, List[Chunk]] = {}
     for name in names:
+        if reader.size(name) >= 4 and reader.read(name, 0, 4) == b"PK\x03\x04":
+            raise CheckpointError(
+                f"{name} starts with a torch.save archive, not a safetensors header: the state dict saved with "
+                "HuggingFaceStorageWriter held non-tensor items (a step counter, a config), which torch writes "
+                "before the tensors, and no .metadata says where those end. Neither torch's consolidator nor "
+                "streamconv can read the file; save only tensors with HuggingFaceStorageWriter.")
         header = read_header(reader, name, 0)
         if not header.has_sharding_info:
             raise CheckpointError(

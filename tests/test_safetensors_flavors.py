@@ -191,10 +191,22 @@ def test_consolidated_hf_folder_keeps_a_clear_message(st_checkpoints):
     assert "safetensors model already" in result.stderr and "sharded" in result.stderr
 
 
-def test_clobbered_distributed_save_is_explained(st_checkpoints):
-    result = run_cli("inspect", st_checkpoints / "hf_clobbered")
-    assert result.returncode == 2 and "pieces of tensors" in result.stderr
-    assert "save_distributed=True" in result.stderr and "safetensors model already" not in result.stderr
+@pytest.mark.parametrize("survivor", [None, 1, 2])
+def test_clobbered_distributed_save_is_explained(st_checkpoints, tmp_path, survivor):
+    """save_distributed=False of a sharded state dict: all ranks write model-00001-of-00001.safetensors and the
+    last one wins. Which one is a race, so each outcome is built from torch's files: rank 1's pieces (all at
+    offset 0: the index's total_size gives it away) or rank 2's (pieces at other offsets)."""
+    ckpt = tmp_path / "ck"
+    shutil.copytree(st_checkpoints / "hf_clobbered", ckpt)
+    if survivor is not None:
+        shutil.copy(st_checkpoints / "hf_fsdp2" / f"shard-0000{survivor}-model-00001-of-00001.safetensors",
+                    ckpt / "model-00001-of-00001.safetensors")
+    result = run_cli("inspect", ckpt)
+    assert result.returncode == 2 and "save_distributed=True" in result.stderr, result.stderr
+    expected = {None: ("pieces of tensors", "index.json says 876808"), 1: ("index.json says 876808",),
+                2: ("pieces of tensors",)}[survivor]
+    assert any(text in result.stderr for text in expected), result.stderr
+    assert "safetensors model already" not in result.stderr
 
 
 def test_run_folder_holding_hf_shards_is_found(st_checkpoints, tmp_path):

@@ -120,6 +120,10 @@ def load_metadata(reader: RangeReader, names: List[str]) -> CheckpointMetadata:
 # folders that are not per-rank shards: what to tell the user
 
 MAX_FILES_EXPLAINED = 8     # safetensors headers read to explain a folder that is not a checkpoint
+MAX_INDEX_BYTES = 16 << 20  # a model.safetensors.index.json read for the same reason (a few hundred KB is usual)
+_CLOBBERED = ("it looks like HuggingFaceStorageWriter(save_distributed=False) given a sharded state dict, where every "
+              "rank writes the same file names and the last one wins, so the other ranks' pieces are lost. Save with "
+              "save_distributed=True (streamconv converts those per-rank shards) or from a full state dict.")
 
 
 def holds_safetensors(root: str) -> bool:
@@ -131,25 +135,11 @@ def holds_safetensors(root: str) -> bool:
 
 def explain_model_folder(root: str, names: List[str]) -> str:
     """Why a folder of safetensors files (no `.metadata`, no per-rank shard names) is not converted: a consolidated
-    model (maybe consolidated by torch from `sharded/`), or the pieces of tensors that
-    HuggingFaceStorageWriter(save_distributed=False) leaves when given a sharded state dict."""
-    from ..io import DirectoryReader
-
-    files = sorted(n for n in names if n.endswith(".safetensors"))[:MAX_FILES_EXPLAINED]
-    try:
-        with DirectoryReader(root) as reader:
-            for name in files:
-                header = read_header(reader, name, 0)
-                piece = next(((k, t.saved_offsets) for k, t in header.tensors.items()
-                              if t.saved_offsets and any(t.saved_offsets)), None)
-                if piece is not None:
-                    return (f"{name} holds pieces of tensors, not whole ones (e.g. {describe(piece[0])} at offsets "
-                            f"{list(piece[1])}): it looks like HuggingFaceStorageWriter(save_distributed=False) given a "
-                            "sharded state dict, where every rank writes the same file names and the last one wins, so "
-                            "the other ranks' pieces are lost. Save with save_distributed=True (streamconv converts "
-                            "those per-rank shards) or from a full state dict.")
-    except (CheckpointError, OSError):
-        pass    # a damaged file: the generic message below still applies
+    model (maybe consolidated by torch from `sharded/`), or what HuggingFaceStorageWriter(save_distributed=False)
+    leaves when given a sharded state dict (one rank's pieces; the index counts every rank's bytes)."""
+    clobbered = _clobbered(root, sorted(n for n in names if n.endswith(".safetensors")))
+    if clobbered:
+        return clobbered
     line = "This looks like a safetensors model already, not a DCP checkpoint."
     sharded = os.path.join(root, "sharded")
     try:
@@ -159,3 +149,37 @@ def explain_model_folder(root: str, names: List[str]) -> str:
     except CheckpointError:
         pass
     return line
+
+
+def _clobbered(root: str, files: List[str]) -> str:
+    """The explanation when torch's HF writer left pieces of tensors, else ''. Only headers written by torch's
+    DCP writers (DCP_SHARDING_INFO) are judged, and at most MAX_FILES_EXPLAINED of them."""
+    import json
+
+    from ..io import DirectoryReader
+
+    if not files or len(files) > MAX_FILES_EXPLAINED:
+        return ""
+    tensor_bytes = 0
+    try:
+        with DirectoryReader(root) as reader:
+            for name in files:
+                header = read_header(reader, name, 0)
+                if not header.has_sharding_info:
+                    return ""
+                piece = next(((k, t.saved_offsets) for k, t in header.tensors.items()
+                              if t.saved_offsets and any(t.saved_offsets)), None)
+                if piece is not None:
+                    return (f"{name} holds pieces of tensors, not whole ones (e.g. {describe(piece[0])} at offsets "
+                            f"{list(piece[1])}): {_CLOBBERED}")
+                tensor_bytes += sum(t.nbytes for t in header.tensors.values())
+            index = "model.safetensors.index.json"
+            if reader.size(index) > MAX_INDEX_BYTES:
+                return ""
+            total = json.loads(reader.read(index, 0, reader.size(index))).get("metadata", {}).get("total_size")
+    except (CheckpointError, OSError, ValueError, RecursionError, AttributeError):
+        return ""    # damaged or not torch's: the generic message applies
+    if type(total) is int and total > tensor_bytes:
+        return (f"the safetensors files hold {tensor_bytes} bytes of tensors but model.safetensors.index.json says "
+                f"{total} were saved: {_CLOBBERED}")
+    return ""

@@ -137,6 +137,9 @@ def explain_model_folder(root: str, names: List[str]) -> str:
     """Why a folder of safetensors files (no `.metadata`, no per-rank shard names) is not converted: a consolidated
     model (maybe consolidated by torch from `sharded/`), or what HuggingFaceStorageWriter(save_distributed=False)
     leaves when given a sharded state dict (one rank's pieces; the index counts every rank's bytes)."""
+    if any(SHARD_FILE.fullmatch(n) for n in names):
+        return ("These are HuggingFaceStorageWriter per-rank shards, which need no .metadata: streamconv's commands "
+                "(and streamconv.api.load) read them from their safetensors headers.")
     clobbered = _clobbered(root, sorted(n for n in names if n.endswith(".safetensors")))
     if clobbered:
         return clobbered

@@ -49,6 +49,11 @@ bench: install
 bench-full: install
 	$(PY) -m benchmarks.run --preset llama-3.2-11b-vision --dtype bfloat16 --out benchmarks/results
 
+# HuggingFaceStorageWriter per-rank shards (~440 MB, 4 gloo ranks): streamconv against torch's consolidator.
+.PHONY: bench-hf-shards
+bench-hf-shards: install
+	$(PY) -m benchmarks.hf_shards --ranks 4 --layers 2 --runs 3
+
 # 43 GB checkpoint + 21 GB bf16 output: needs ~70 GB free (delete the bf16 preset from benchmarks/.cache first).
 bench-full-fp32: install
 	$(PY) -m benchmarks.run --preset llama-3.2-11b-vision --dtype float32 --out benchmarks/results

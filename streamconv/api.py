@@ -48,11 +48,13 @@ def make_options(*, max_shard_size="5GB", buffer_size="32MiB", include: Sequence
 
 
 def load(checkpoint_dir: str) -> Tuple[DirectoryReader, CheckpointMetadata]:
-    from .reader import find_metadata_file, load_metadata
-    name = find_metadata_file(checkpoint_dir)   # explains what a DCP folder looks like when it is not one
+    from .reader import find_metadata_file, hf_shards, load_metadata
+    shards = hf_shards.shard_files(checkpoint_dir)   # HuggingFaceStorageWriter per-rank files: no .metadata
+    # find_metadata_file explains what a DCP folder looks like when it is not one
+    name = None if shards else find_metadata_file(checkpoint_dir)
     reader = DirectoryReader(checkpoint_dir)
     try:
-        return reader, load_metadata(reader, name)
+        return reader, hf_shards.load_metadata(reader, shards) if shards else load_metadata(reader, name)
     except BaseException:
         reader.close()
         raise
@@ -265,6 +267,8 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
             reporter.advance(sum(s.data_nbytes for s in kept))
             check_crc = crc if crc is not None else verify or DEFAULT_CRC
             integrity = ChunkIntegrity(reader, stored) if check_crc else None
+            if meta.flavor:
+                run_notes.append(f"source: {meta.flavor}")
             kill_point("before-first-shard")
             write_shards(to_write, reader, stored, staging.file, buffer_bytes=options.buffer_bytes,
                          workers=workers, progress=reporter.advance, integrity=integrity,
@@ -294,6 +298,9 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
                 verified_bytes = checked.bytes_compared
             staging.commit()
             reporter.close()
+            if integrity is not None and integrity.unrecorded:
+                run_notes.append(f"CRC-32: {len(integrity.unrecorded)} chunk(s) unchecked: their writer recorded no "
+                                 "CRC-32 (safetensors blobs, or torch.save with compute_crc32=False)")
     casts: Dict[str, int] = {}
     for t in conversion.tensors:
         if t.is_cast:
@@ -369,7 +376,7 @@ def inspect(checkpoint_dir: str) -> dict:
         "non_tensor_entries": [b.fqn for b in meta.byte_entries],
         "tensors": tensors,
         "found": found_note,
-        "format": megatron_folder.note if megatron_folder else None,
+        "format": megatron_folder.note if megatron_folder else (meta.flavor or None),
     }
 
 

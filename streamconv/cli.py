@@ -357,7 +357,8 @@ def verify(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, confi
         crc_text = (f"; {result.crc_checked_chunks} chunk CRC-32s ok ({format_size(result.crc_checked_bytes)})"
                     if crc else "; CRC-32s not checked")
         if result.crc_unrecorded_chunks:
-            crc_text += f", {result.crc_unrecorded_chunks} chunk(s) saved without a CRC"
+            crc_text += (f", {result.crc_unrecorded_chunks} chunk(s) unchecked (saved without a CRC-32: "
+                         "safetensors blobs, or torch.save with compute_crc32=False)")
         click.echo(f"ok: {result.tensors_equal} tensors in {len(result.files)} file(s) of {result.output} match "
                    f"{result.checkpoint}\n  {format_size(result.bytes_compared)} compared in {result.seconds:.2f} s, "
                    f"peak RSS {format_size(result.peak_rss_bytes)}{crc_text}")

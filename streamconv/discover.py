@@ -181,17 +181,22 @@ def decide(root: str, found: Sequence[Found], *, truncated: bool = False) -> Opt
 
 
 def is_dcp_folder(path: str) -> bool:
-    return any(os.path.isfile(os.path.join(path, name)) for name in METADATA_NAMES)
+    from .reader import hf_shards
+    if any(os.path.isfile(os.path.join(path, name)) for name in METADATA_NAMES):
+        return True
+    try:
+        return bool(hf_shards.shard_files(path))     # HuggingFaceStorageWriter per-rank shards
+    except CheckpointError:
+        return True     # shard files with a problem: reading it says which
 
 
 def read_holding(path: str) -> Holding:
     """Classify one DCP folder from its `.metadata` (CheckpointError when it cannot be read)."""
-    from .io import DirectoryReader
-    from .reader import find_metadata_file, load_metadata
+    from .api import load
 
-    name = find_metadata_file(path)
-    with DirectoryReader(path) as reader:
-        return classify(load_metadata(reader, name))
+    reader, meta = load(path)
+    with reader:
+        return classify(meta)
 
 
 def scan(root: str, *, max_depth: int = MAX_DEPTH, exclude: Iterable[str] = ()) -> Tuple[List[Found], bool]:
@@ -244,11 +249,21 @@ def find_checkpoint(root: str) -> Tuple[str, Optional[str]]:
         return root, None
     found, truncated = scan(root)
     decision = decide(root, found, truncated=truncated)
-    if decision is None:
+    if decision is None or (decision.chosen is not None and _consolidated_from(root, decision.chosen)):
         return root, None
     if decision.chosen is None:
         raise CheckpointError(decision.message)
     return os.path.join(root, decision.chosen), decision.message
+
+
+def _consolidated_from(root: str, chosen: str) -> bool:
+    """True when `root` is a model torch consolidated from the per-rank shards in `chosen`
+    (HuggingFaceStorageWriter(enable_consolidation=True) writes both): `root` is then explained, not converted."""
+    from .reader import hf_shards
+    try:
+        return hf_shards.holds_safetensors(root) and bool(hf_shards.shard_files(os.path.join(root, chosen)))
+    except CheckpointError:
+        return False
 
 
 def refuse_optimizer_only(meta: CheckpointMetadata, checkpoint_dir: str) -> None:

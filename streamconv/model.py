@@ -20,6 +20,10 @@ class BlobLocation:
     length: int
     # Extension transforms (e.g. "stream.zstd/1"), in the order torch lists them. Empty for plain blobs.
     transform_descriptors: Tuple[str, ...] = ()
+    # Set when the blob at `offset` is a safetensors blob holding several tensors (FileSystemWriter with
+    # serialization_format=SAFETENSORS, HuggingFaceStorageWriter): the tensor's key in its header. `length` is
+    # then the tensor's byte size, not the blob's. Empty for a one-tensor torch.save blob.
+    tensor_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,9 @@ class CheckpointMetadata:
     torch_version_hint: str = "unknown"
     # Files referenced by storage_data, relative to the checkpoint folder, sorted.
     files: Tuple[str, ...] = field(default=())
+    # How the writer stored the tensors, when not torch's default (one torch.save blob per chunk): a short
+    # sentence for `inspect` and the notes, e.g. "safetensors-serialized DCP (...)". Empty for the default.
+    flavor: str = ""
 
 
 @dataclass(frozen=True)

@@ -441,15 +441,19 @@ def test_transform_extension_is_unsupported(tmp_path):
     assert "Re-save without compression" in str(err.value)
 
 
-def test_safetensors_serialization_format_is_unsupported(tmp_path):
+def test_safetensors_serialization_format_is_located_in_the_blob(tmp_path):
     from torch.distributed.checkpoint.filesystem import SerializationFormat
 
-    root = save(tmp_path / "ck", {"a": torch.ones(3), "b": torch.zeros(2, 2)}, no_dist=True,
-                serialization_format=SerializationFormat.SAFETENSORS)
+    state = {"a": torch.arange(3, dtype=torch.float32), "b": torch.arange(4, dtype=torch.int64).view(2, 2), "lr": 0.1}
+    root = save(tmp_path / "ck", state, no_dist=True, serialization_format=SerializationFormat.SAFETENSORS)
     with DirectoryReader(root) as reader:
         md = load_metadata(reader)
-        with pytest.raises(UnsupportedFeatureError, match="SAFETENSORS"):
-            locate_tensor(reader, md.tensors[0].chunks[0].location, fqn="a")
+        assert md.flavor.startswith("safetensors-serialized DCP")
+        for t in md.tensors:
+            location = t.chunks[0].location
+            assert location.tensor_key == t.fqn
+            stored = locate_tensor(reader, location, fqn=t.fqn)
+            assert reader.read(location.relative_path, stored.data_offset, stored.data_nbytes) == as_bytes(state[t.fqn])
 
 
 def test_unsupported_dtype_and_neg_bit():

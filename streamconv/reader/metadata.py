@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import re
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
 
+from .. import dtypes
 from ..errors import CheckpointError
 from ..io import RangeReader
 from ..model import BlobLocation, BytesEntry, CheckpointMetadata, Chunk, PathElement, TensorEntry
@@ -332,6 +333,26 @@ def _describe(decl: Optional[_TensorDecl]) -> str:
 # to the model
 
 
+# FileSystemWriter(serialization_format=SAFETENSORS): named by `inspect` and the notes.
+SAFETENSORS_FLAVOR = (
+    "safetensors-serialized DCP (FileSystemWriter(serialization_format=SerializationFormat.SAFETENSORS), torch >= "
+    "2.8): each data file holds one safetensors blob with its tensors; torch's own FileSystemReader cannot load it")
+
+
+def _packed(location: BlobLocation, fqn: str, dtype: str, sizes: Tuple[int, ...]) -> BlobLocation:
+    """The chunk's location, naming it inside its file's safetensors blob when the checkpoint was saved with
+    serialization_format=SAFETENSORS. torch then records the tensor's byte size as `length`, where a torch.save
+    blob (a zip archive with its headers) is always longer than the tensor: equality tells the two apart, and
+    the blob's header confirms it when the chunk is located."""
+    itemsize = dtypes.BY_NAME[dtype].itemsize if dtype in dtypes.BY_NAME else 0
+    numel = 1
+    for s in sizes:
+        numel *= s
+    if itemsize and location.length == numel * itemsize:
+        return replace(location, tensor_key=fqn)
+    return location
+
+
 def _build(decoded: _Decoded) -> CheckpointMetadata:
     tensors, byte_entries = [], []
     for fqn, decl in decoded.entries.items():
@@ -346,14 +367,16 @@ def _build(decoded: _Decoded) -> CheckpointMetadata:
                 raise CheckpointError(
                     f"{decoded.name}: tensor {describe(fqn)} chunk at offsets {list(offsets)} (sizes {list(sizes)}) has no "
                     "entry in storage_data, so its data file is unknown; the metadata is inconsistent")
-            chunks.append(Chunk(offsets, sizes, location))
+            chunks.append(Chunk(offsets, sizes, _packed(location, fqn, decl.dtype, sizes)))
         tensors.append(TensorEntry(fqn, decl.dtype, decl.shape, tuple(chunks), path))
+    packed = any(c.location.tensor_key for t in tensors for c in t.chunks)
     return CheckpointMetadata(
         tensors=tuple(tensors),
         byte_entries=tuple(byte_entries),
         version=decoded.version,
         torch_version_hint=decoded.torch_version_hint,
         files=tuple(sorted(decoded.files)),
+        flavor=SAFETENSORS_FLAVOR if packed else "",
     )
 
 
@@ -372,7 +395,8 @@ def _not_a_checkpoint_message(root: str, names: List[str]) -> str:
     if ".metadata.tmp" in names:
         lines.append("`.metadata.tmp` exists: the save was interrupted while writing the metadata.")
     if any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names):
-        lines.append("This looks like a safetensors model already, not a DCP checkpoint.")
+        from .hf_shards import explain_model_folder
+        lines.append(explain_model_folder(root, names))
     nested = [n for n in names if os.path.isfile(os.path.join(root, n, METADATA_NAME))]
     if nested:
         lines.append("Did you mean: " + ", ".join(os.path.join(root, n) for n in nested[:5]) + "?")

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 import dcp_writers
 import streamconv
-from streamconv import staging
+from streamconv import fastpaths, staging
 from streamconv.cli import cli
 from streamconv.errors import OutputError
 
@@ -167,7 +167,7 @@ def test_overwrite_replaces_the_old_output_in_one_step(source, tmp_path, exchang
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    env = {} if exchange else {staging.NO_EXCHANGE_ENV: "1"}
+    env = {} if exchange else {fastpaths.ENV: "renameat2"}
     result = convert(source, out, "--overwrite", env=env)
     assert result.returncode == 0, result.stderr
     assert tree_bytes(out) == source["expected"] and hidden(out) == []
@@ -177,7 +177,7 @@ def test_overwrite_fallback_puts_the_old_output_back_when_the_swap_fails(source,
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    monkeypatch.setenv(staging.NO_EXCHANGE_ENV, "1")
+    monkeypatch.setenv(fastpaths.ENV, "renameat2")
     real_rename = os.rename
 
     def failing_rename(src, dst):
@@ -196,7 +196,7 @@ def test_kill_between_the_two_fallback_renames_keeps_the_old_output(source, tmp_
     out.mkdir()
     (out / "old.txt").write_text("old")
     killed = convert(source, out, "--overwrite",
-                     env={staging.NO_EXCHANGE_ENV: "1", staging.KILL_ENV: "between-swap-renames"})
+                     env={fastpaths.ENV: "renameat2", staging.KILL_ENV: "between-swap-renames"})
     assert killed.returncode == -signal.SIGKILL
     assert not out.exists() and (tmp_path / ".out.streamconv-old" / "old.txt").read_text() == "old"
     # The next run puts the old output back first (and, without --overwrite, stops there).

@@ -24,7 +24,7 @@ from .fastpaths import FastPaths, detect
 # preadv takes at most IOV_MAX (1024 on Linux) buffers per call.
 _IOV_MAX = 1024
 # Without preadv, reads go through a bytes object of at most this size (memory beyond the buffer).
-PREAD_STEP_BYTES = 8 << 20
+PREAD_STEP_BYTES = 1 << 20
 # Checkpoint files a DirectoryReader keeps open at once (an 11B model saved one file per item has ~3,500).
 DEFAULT_MAX_OPEN_FILES = 256
 

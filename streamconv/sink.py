@@ -55,7 +55,7 @@ class MemorySink:
 
 
 _COPY_STEP_BYTES = 1 << 30   # copy_file_range moves at most ~2 GiB per call
-PREAD_COPY_STEP_BYTES = 8 << 20     # the pread/pwrite fallback's step (memory beyond the buffer)
+PREAD_COPY_STEP_BYTES = 1 << 20     # the pread/pwrite fallback's step (memory beyond the buffer)
 
 
 class FileSink:

@@ -223,3 +223,50 @@ def test_file_sink_copy_reports_a_source_that_ends_early(fast, tmp_path):
         os.close(fd)
         sink.close()
     assert (tmp_path / "dst").read_bytes()[50:150] == b"x" * 100
+
+
+# -- memory with the plain paths ---------------------------------------------------------------------------------
+
+def write_medium(rank, world_size, out_dir):
+    """Two 32 MiB float32 tensors: one copied file to file (Shard(0)), one assembled in bands (Shard(1))."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    rows, cols = 2048, 4096
+    mesh = init_device_mesh("cpu", (world_size,))
+    gen = torch.Generator().manual_seed(rank)
+    state = {"model": {
+        "down_proj.weight": DTensor.from_local(torch.empty(rows, cols // world_size).uniform_(generator=gen), mesh,
+                                               [Shard(1)], run_check=False),
+        "embed.weight": DTensor.from_local(torch.empty(rows // world_size, cols).uniform_(generator=gen), mesh,
+                                           [Shard(0)], run_check=False),
+    }}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(out_dir, sync_files=False))
+    return 0
+
+
+def test_plain_paths_keep_memory_within_the_buffer(tmp_path):
+    """The fallbacks read through small bytes objects (1 MiB steps), never a whole chunk: measured by the OS in a
+    converter process that never imports torch, with the bound tests/test_memory.py holds the fast paths to."""
+    from streamconv.demo_checkpoint import run_distributed
+    ckpt = tmp_path / "ckpt"
+    run_distributed("test_fastpaths:write_medium", 2, dict(out_dir=str(ckpt)))
+    buffer_mib = 4
+    peaks, trees = {}, {}
+    for switch in ("1", "0"):
+        env = dict(os.environ, **{fastpaths.ENV: switch})
+        out = tmp_path / f"out-{switch}"
+        r = subprocess.run([sys.executable, "-m", "streamconv.cli", "convert", str(ckpt), str(out), "--json",
+                            "--buffer-size", f"{buffer_mib}MiB"], capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout)
+        assert report["bytes_written"] > 64 * 2**20
+        peaks[switch] = report["peak_rss_bytes"] / 2**20
+        trees[switch] = tree_bytes(out)
+        assert report["peak_rss_bytes"] <= report["predicted_peak_bytes"]
+    print(f"peak RSS with a {buffer_mib} MiB buffer: fast paths off {peaks['1']:.1f} MiB, on {peaks['0']:.1f} MiB")
+    assert peaks["1"] < 40 + buffer_mib, f"peak RSS {peaks['1']:.1f} MiB with fast paths off"
+    assert trees["1"] == trees["0"]

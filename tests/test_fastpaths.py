@@ -181,6 +181,38 @@ def test_a_probe_answering_exdev_turns_copy_file_range_off(dcp_checkpoints, defa
 
 
 @pytest.mark.skipif(not hasattr(os, "copy_file_range"), reason="no copy_file_range here")
+def test_a_checkpoint_on_another_filesystem_converts(dcp_checkpoints, default_outputs, tmp_path):
+    """Really across filesystems (tmpfs to the test folder's): on kernels that refuse that copy (EXDEV, Linux
+    5.19 and later between different filesystem types) the probe turns copy_file_range off before any shard."""
+    import shutil
+    import tempfile
+    shm = "/dev/shm"
+    if not os.path.isdir(shm) or not os.access(shm, os.W_OK) or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second filesystem to read from")
+    source = Path(tempfile.mkdtemp(dir=shm, prefix="streamconv-fastpaths-"))
+    try:
+        ckpt = source / "ckpt"
+        shutil.copytree(dcp_checkpoints["fsdp2"], ckpt)
+        src_fd = os.open(next(ckpt.glob("*.distcp")), os.O_RDONLY)
+        dst_fd = os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.copy_file_range(src_fd, dst_fd, 1, 0, 0)
+            refused = False
+        except OSError as exc:
+            refused = exc.errno == errno.EXDEV
+        finally:
+            os.close(src_fd)
+            os.close(dst_fd)
+            os.unlink(tmp_path / "probe")
+        out = tmp_path / "out"
+        report = streamconv.convert(str(ckpt), str(out), **SMALL)
+        assert tree_bytes(out) == default_outputs["fsdp2"][1]
+        assert ("copy_file_range" in report.fast_paths) == (not refused)
+    finally:
+        shutil.rmtree(source)
+
+
+@pytest.mark.skipif(not hasattr(os, "copy_file_range"), reason="no copy_file_range here")
 def test_a_probe_hitting_eio_is_an_error(dcp_checkpoints, tmp_path, monkeypatch):
     monkeypatch.delenv(fastpaths.ENV, raising=False)
     _failing_copy_file_range(monkeypatch, errno.EIO, after_calls=0)

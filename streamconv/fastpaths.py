@@ -1,6 +1,6 @@
 """Which fast IO paths a run uses, decided once at start-up by capability, and their plain fallbacks.
 
-    copy_file_range   in-kernel copy of unchanged tensor bytes into a shard      else pread/pwrite, 8 MiB steps
+    copy_file_range   in-kernel copy of unchanged tensor bytes into a shard      else pread/pwrite, 1 MiB steps
     preadv            scatter reads straight into the buffer                      else a pread loop (one copy more)
     fadvise           readahead hints (WILLNEED, RANDOM/NORMAL)                   else no hints
     renameat2         RENAME_NOREPLACE commit, RENAME_EXCHANGE for --overwrite    else rename (two for --overwrite)
@@ -22,6 +22,9 @@ from .errors import CheckpointError, OptionsError, OutputError
 
 ENV = "STREAMCONV_NO_FAST_PATHS"
 PROBE_FILE_NAME = ".streamconv-probe"
+# The plain paths read through a bytes object this large at most: memory beyond the buffer stays ~1 MiB a
+# worker (8 MiB steps put a 4 MiB-buffer conversion 8 MiB over tests/test_memory.py's bound).
+PREAD_STEP_BYTES = 1 << 20
 # What copy_file_range says when it cannot copy between these two files at all (as opposed to a failing disk).
 _UNSUPPORTED = frozenset(e for e in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", None),
                                      errno.EINVAL) if e is not None)
@@ -83,11 +86,12 @@ def probe_copy(fast: FastPaths, source_path: str, folder: str) -> FastPaths:
     removed again. Any other failure is a real problem with the output folder or the source, and raised."""
     if not fast.copy_file_range:
         return fast
+    from .io import open_regular    # (io.py imports this module)
     probe_path = os.path.join(folder, PROBE_FILE_NAME)
     try:
-        src = os.open(source_path, os.O_RDONLY)
-    except OSError as exc:
-        raise CheckpointError(f"{source_path}: cannot open: {exc.strerror}") from None
+        src = open_regular(source_path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{source_path}: file named in .metadata is missing") from None
     try:
         try:
             dst = os.open(probe_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -116,10 +120,11 @@ def _remove(path: str) -> None:
 
 
 def read_at(fd: int, view: memoryview, offset: int, fast: FastPaths) -> int:
-    """Read up to len(view) bytes at `offset` into `view` with one call; returns how many (0 at end of file).
-    preadv reads in place; the fallback is pread and a copy."""
+    """Read up to len(view) bytes at `offset` into `view` with one call; returns how many (0 at end of file,
+    maybe fewer before it: callers loop). preadv reads in place; the fallback is pread of at most
+    PREAD_STEP_BYTES and a copy."""
     if fast.preadv:
         return os.preadv(fd, [view], offset)
-    data = os.pread(fd, len(view), offset)
+    data = os.pread(fd, min(len(view), PREAD_STEP_BYTES), offset)
     view[:len(data)] = data
     return len(data)

@@ -18,13 +18,11 @@ from contextlib import contextmanager
 from typing import Dict, Iterator, Optional, Protocol, Sequence
 
 from .errors import CheckpointError, ResourceError
-from .fastpaths import FastPaths, detect
+from .fastpaths import PREAD_STEP_BYTES, FastPaths, detect
 
 
 # preadv takes at most IOV_MAX (1024 on Linux) buffers per call.
 _IOV_MAX = 1024
-# Without preadv, reads go through a bytes object of at most this size (memory beyond the buffer).
-PREAD_STEP_BYTES = 1 << 20
 # Checkpoint files a DirectoryReader keeps open at once (an 11B model saved one file per item has ~3,500).
 DEFAULT_MAX_OPEN_FILES = 256
 

@@ -11,7 +11,7 @@ from typing import Optional, Protocol
 
 from .crc import PieceCrcs, pread_from
 from .errors import CheckpointError, OutputError
-from .fastpaths import FastPaths, detect, read_at
+from .fastpaths import PREAD_STEP_BYTES, FastPaths, detect, read_at
 from .staging import StagingDir, write_failed  # noqa: F401  (StagingDir lived here before staging.py)
 
 
@@ -55,7 +55,6 @@ class MemorySink:
 
 
 _COPY_STEP_BYTES = 1 << 30   # copy_file_range moves at most ~2 GiB per call
-PREAD_COPY_STEP_BYTES = 1 << 20     # the pread/pwrite fallback's step (memory beyond the buffer)
 
 
 class FileSink:
@@ -112,7 +111,7 @@ class FileSink:
         done = 0
         while done < length:
             try:
-                block = os.pread(src_fd, min(length - done, PREAD_COPY_STEP_BYTES), src_offset + done)
+                block = os.pread(src_fd, min(length - done, PREAD_STEP_BYTES), src_offset + done)
             except OSError as exc:
                 raise CheckpointError(f"{self.path}: copy failed at offset {dst_offset + done:,}: cannot read "
                                       f"the checkpoint at offset {src_offset + done:,}: {exc.strerror}") from None

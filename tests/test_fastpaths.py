@@ -132,6 +132,15 @@ def test_cli_json_names_the_fast_paths_in_use(dcp_checkpoints, tmp_path):
     assert set(some) < set(default) or not default
 
 
+def test_a_misspelt_switch_is_a_usage_error(dcp_checkpoints, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from streamconv.cli import cli
+    monkeypatch.setenv(fastpaths.ENV, "preadv2")
+    result = CliRunner().invoke(cli, ["convert", str(dcp_checkpoints["tp"]), str(tmp_path / "out")])
+    assert result.exit_code == 64 and "unknown fast path(s) preadv2" in result.output, result.output
+    assert os.listdir(tmp_path) == []
+
+
 # -- errors from a fast path surface ---------------------------------------------------------------------------
 
 def _failing_copy_file_range(monkeypatch, err: int, after_calls: int):
@@ -297,8 +306,8 @@ def test_plain_paths_keep_memory_within_the_buffer(tmp_path):
         report = json.loads(r.stdout)
         assert report["bytes_written"] > 64 * 2**20
         peaks[switch] = report["peak_rss_bytes"] / 2**20
+        print(f"{fastpaths.ENV}={switch}: {report['seconds']:.2f} s, peak RSS {peaks[switch]:.1f} MiB")
         trees[switch] = tree_bytes(out)
         assert report["peak_rss_bytes"] <= report["predicted_peak_bytes"]
-    print(f"peak RSS with a {buffer_mib} MiB buffer: fast paths off {peaks['1']:.1f} MiB, on {peaks['0']:.1f} MiB")
     assert peaks["1"] < 40 + buffer_mib, f"peak RSS {peaks['1']:.1f} MiB with fast paths off"
     assert trees["1"] == trees["0"]

@@ -211,6 +211,7 @@ def test_kill_between_the_two_fallback_renames_keeps_the_old_output(source, tmp_
 # -- 3. durability ----------------------------------------------------------------------------------------------
 
 def test_every_file_and_folder_is_fsynced_before_and_after_the_rename(source, tmp_path, monkeypatch):
+    monkeypatch.delenv(fastpaths.ENV, raising=False)     # watches renameat2 (the plain path: test_fastpaths.py)
     events = []
     real_fsync, real_rename2, real_write = os.fsync, staging._renameat2, staging._write_json_atomic
 
@@ -413,16 +414,22 @@ def test_free_space_preflight_counts_the_index(source):
     assert api.output_nbytes(plan, None, ()) >= plan.files_nbytes + index_bytes
 
 
-def test_a_read_error_names_the_file_and_offset(source, tmp_path, monkeypatch):
+@pytest.mark.parametrize("call", ["preadv", "pread"])
+def test_a_read_error_names_the_file_and_offset(source, tmp_path, monkeypatch, call):
+    """preadv with the fast paths on; pread, the plain path, with them off."""
     from streamconv import io as sio
-    real = sio.os.preadv
+    if call == "pread":
+        monkeypatch.setenv(fastpaths.ENV, "1")
+    else:
+        monkeypatch.delenv(fastpaths.ENV, raising=False)
+    real = getattr(sio.os, call)
 
-    def eio(fd, buffers, offset):
+    def eio(fd, *args):
         if os.readlink(f"/proc/self/fd/{fd}").endswith("__1_0.distcp"):
             raise OSError(errno.EIO, "Input/output error")
-        return real(fd, buffers, offset)
+        return real(fd, *args)
 
-    monkeypatch.setattr(sio.os, "preadv", eio)
+    monkeypatch.setattr(sio.os, call, eio)
     result = CliRunner().invoke(cli, ["convert", str(source["ckpt"]), str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
     assert "__1_0.distcp" in result.output and "offset" in result.output and "Input/output error" in result.output

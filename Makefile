@@ -11,7 +11,7 @@ TORCH_INDEX_URL ?=
 TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 DEMO_DIR ?= /tmp/streamconv-demo
 
-.PHONY: install demo test test-trainers test-megatron bench bench-full bench-full-fp32 clean
+.PHONY: install demo test test-no-fast-paths test-trainers test-megatron bench bench-full bench-full-fp32 clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -x --durations=10 -m "not trainers and not megatron" tests
+
+# The whole suite once more with every fast IO path (copy_file_range, preadv, posix_fadvise, renameat2) forced off.
+# `make test` already converts every layout that way (tests/test_fastpaths.py); this runs everything else too.
+test-no-fast-paths: install
+	STREAMCONV_NO_FAST_PATHS=1 $(PY) -m pytest -q -x --durations=10 -m "not trainers and not megatron" tests
 
 # The trainers' own model classes (torchtitan 0.3, torchtune 0.6) building real checkpoints (~1 min). Installed with
 # --no-deps: only what their model code imports (their dataset/tokenizer stacks are not needed; see

@@ -13,7 +13,7 @@ import zlib
 from dataclasses import replace
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
-from . import discover, dtypes, hf, names
+from . import discover, dtypes, fastpaths, hf, names
 from .errors import OptionsError, OutputError
 from .executor import Executor, check_stored
 from .io import DirectoryReader, RangeReader
@@ -47,12 +47,13 @@ def make_options(*, max_shard_size="5GB", buffer_size="32MiB", include: Sequence
         renames=tuple(names.RenameRule.parse(r) for r in renames), subtree=subtree, source_format=source_format)
 
 
-def load(checkpoint_dir: str) -> Tuple[DirectoryReader, CheckpointMetadata]:
+def load(checkpoint_dir: str, fast: Optional[fastpaths.FastPaths] = None
+         ) -> Tuple[DirectoryReader, CheckpointMetadata]:
     from .reader import find_metadata_file, hf_shards, load_metadata
     shards = hf_shards.shard_files(checkpoint_dir)   # HuggingFaceStorageWriter per-rank files: no .metadata
     # find_metadata_file explains what a DCP folder looks like when it is not one
     name = None if shards else find_metadata_file(checkpoint_dir)
-    reader = DirectoryReader(checkpoint_dir)
+    reader = DirectoryReader(checkpoint_dir, fast=fast)
     try:
         return reader, hf_shards.load_metadata(reader, shards) if shards else load_metadata(reader, name)
     except BaseException:
@@ -198,14 +199,11 @@ def locate_chunks(conversion: ConversionPlan, reader: RangeReader) -> Dict[BlobL
     from .reader import locate_all
     entries = [TensorEntry(fqn=t.source_fqn, dtype=t.src_dtype, shape=t.shape, chunks=t.chunks)
                for t in conversion.tensors]
-    advise = getattr(reader, "set_random_access", None)
-    if advise:
-        advise(True)
+    reader.set_random_access(True)
     try:
         stored = locate_all(reader, entries)
     finally:
-        if advise:
-            advise(False)
+        reader.set_random_access(False)
     for t in conversion.tensors:
         for chunk in t.chunks:
             check_stored(t, chunk, stored[chunk.location])
@@ -233,8 +231,9 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
     """
     reporter = reporter or Reporter()
     started = time.perf_counter()
+    fast = fastpaths.detect()       # fast IO paths are chosen once, here, and passed down (fastpaths.py)
     checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_dir)
-    reader, meta = load(checkpoint_dir)
+    reader, meta = load(checkpoint_dir, fast)
     with reader:
         options = options or make_options(**kwargs)
         if options.subtree is None:     # --subtree names what to convert, optimizer state included
@@ -252,7 +251,10 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
         fingerprints = {s.filename: shard_fingerprint(s) for s in conversion.shards}
         run_notes = []
         with StagingDir(output_dir, plan_record=plan_record(conversion, checkpoint_dir, meta), overwrite=overwrite,
-                        resume=resume, discard_partial=discard_partial) as staging:
+                        resume=resume, discard_partial=discard_partial, fast=fast) as staging:
+            first_file = _first_data_file(with_heads)
+            if first_file is not None:      # (no chunk at all: nothing is copied)
+                fast = fastpaths.probe_copy(fast, reader.path(first_file), staging.path)
             kept = [s for s in conversion.shards if staging.kept_shard(s.filename, s.nbytes, fingerprints[s.filename])]
             if staging.resumed:
                 run_notes.append(f"resumed: kept {len(kept)} of {len(conversion.shards)} finished shard(s) "
@@ -271,7 +273,7 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
                 run_notes.append(f"source: {meta.flavor}")
             kill_point("before-first-shard")
             write_shards(to_write, reader, stored, staging.file, buffer_bytes=options.buffer_bytes,
-                         workers=workers, progress=reporter.advance, integrity=integrity,
+                         workers=workers, progress=reporter.advance, integrity=integrity, fast=fast,
                          on_shard_done=lambda s, crc: staging.shard_done(s.filename, s.nbytes, fingerprints[s.filename], crc))
             if setup.tied:
                 checker = Executor(reader, stored, options.buffer_bytes, progress=reporter.advance,
@@ -320,7 +322,13 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
         notes=([found_note] if found_note else []) + list(setup.notes)
         + ([conversion.source_note] if conversion.source_note else []) + run_notes,
         config_from=setup.config.folder if setup.config else None, layout=setup.layout,
-        unmatched_names=list(reference.unmatched), missing_names=list(reference.missing))
+        unmatched_names=list(reference.unmatched), missing_names=list(reference.missing),
+        fast_paths=list(fast.names))
+
+
+def _first_data_file(conversion: ConversionPlan) -> Optional[str]:
+    """The checkpoint file the first planned chunk is in: where copy_file_range is probed from."""
+    return next((c.location.relative_path for t in conversion.tensors for c in t.chunks), None)
 
 
 def describe_layout(shape: Sequence[int], chunks: Iterable) -> str:
@@ -392,7 +400,7 @@ def verify(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions] 
     checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_dir)
     if found_note:
         reporter.note(found_note)
-    reader, meta = load(checkpoint_dir)
+    reader, meta = load(checkpoint_dir, fastpaths.detect())
     with reader:
         setup = hf.prepare(meta, options or make_options(**kwargs), checkpoint_dir, config_from=config_from,
                            allow_unmatched=allow_unmatched, no_config=no_config)

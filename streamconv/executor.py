@@ -169,9 +169,8 @@ class Executor:
                 self.integrity.check(t.source_fqn, chunk)   # reads it into the page cache for the copy below
             if not t.is_cast:
                 self.reader.copy_to(sink, path, src, dst, stored.data_nbytes)
-                note_crc = getattr(sink, "note_source_crc32", None)   # lets the sink skip reading it back
-                if note_crc is not None and stored.storage_crc32 is not None:
-                    note_crc(dst, stored.data_nbytes, stored.storage_crc32)
+                if stored.storage_crc32 is not None:     # lets the sink skip reading it back
+                    sink.note_source_crc32(dst, stored.data_nbytes, stored.storage_crc32)
                 self.progress(stored.data_nbytes)
                 continue
             remaining = stored.data_nbytes
@@ -231,11 +230,9 @@ class Executor:
         return [(chunk, part) for chunk, part in parts if part is not None]
 
     def _prefetch(self, parts: Sequence[Tuple[Chunk, "_BandPart"]]) -> None:
-        prefetch = getattr(self.reader, "prefetch", None)
-        if prefetch is not None:
-            for chunk, part in parts:
-                prefetch(chunk.location.relative_path, self.stored[chunk.location].data_offset + part.src_offset,
-                         part.nbytes)
+        for chunk, part in parts:
+            self.reader.prefetch(chunk.location.relative_path,
+                                 self.stored[chunk.location].data_offset + part.src_offset, part.nbytes)
 
     def _fill_band(self, t: TensorPlan, chunk: Chunk, part: "_BandPart", band: np.ndarray,
                    staging: np.ndarray) -> None:

@@ -3,7 +3,9 @@
 * `RangeReader`: read a byte range of a file in the checkpoint folder.
 * `ShardSink` (see `sink.py`): write at an offset, then commit or discard.
 
-Keeping IO behind these lets the planner and executor be tested against memory as well as disk.
+Keeping IO behind these lets the planner and executor be tested against memory as well as disk. Every method
+the code calls is in the protocol (hints are no-ops where they mean nothing), so nothing is looked up by name.
+Which fast paths (`preadv`, `posix_fadvise`) a `DirectoryReader` uses is decided by its caller (`fastpaths.py`).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from contextlib import contextmanager
 from typing import Dict, Iterator, Optional, Protocol, Sequence
 
 from .errors import CheckpointError, ResourceError
+from .fastpaths import PREAD_STEP_BYTES, FastPaths, detect
 
 
 # preadv takes at most IOV_MAX (1024 on Linux) buffers per call.
@@ -36,6 +39,12 @@ class RangeReader(Protocol):
 
     def copy_to(self, sink, relative_path: str, offset: int, dst_offset: int, length: int) -> None:
         """Copy a byte range into a ShardSink at `dst_offset` (in-kernel when both are files)."""
+
+    def prefetch(self, relative_path: str, offset: int, length: int) -> None:
+        """Hint: this range is read soon; start fetching it without waiting (may do nothing)."""
+
+    def set_random_access(self, random_access: bool) -> None:
+        """Hint: small scattered reads follow (True) or long streams (False); may do nothing."""
 
 
 class MemoryReader:
@@ -70,6 +79,12 @@ class MemoryReader:
 
     def copy_to(self, sink, relative_path: str, offset: int, dst_offset: int, length: int) -> None:
         sink.write_at(dst_offset, self.read(relative_path, offset, length))
+
+    def prefetch(self, relative_path: str, offset: int, length: int) -> None:
+        pass    # already in memory
+
+    def set_random_access(self, random_access: bool) -> None:
+        pass
 
 
 def _kind(mode: int) -> str:
@@ -154,11 +169,13 @@ class DirectoryReader:
 
     Descriptors are cached (least recently used first out, at most `max_open`), so a checkpoint of thousands
     of files (`single_file_per_rank=False`) reads under any `ulimit -n`. Writer threads share one reader: a
-    descriptor is closed only when no caller is using it, never under a copy.
+    descriptor is closed only when no caller is using it, never under a copy. `fast` says whether to use
+    preadv and posix_fadvise (default: `fastpaths.detect()`); without them, pread and no hints.
     """
 
-    def __init__(self, root: str, max_open: Optional[int] = None):
+    def __init__(self, root: str, max_open: Optional[int] = None, *, fast: Optional[FastPaths] = None):
         self.root = os.fspath(root)
+        self.fast = fast if fast is not None else detect()
         self.max_open = max_open if max_open is not None else max_open_files()
         self._cache: "OrderedDict[str, _Handle]" = OrderedDict()
         self._pinned: Dict[int, _Handle] = {}     # thread id -> the handle its last fd() call returned
@@ -258,7 +275,7 @@ class DirectoryReader:
 
     def prefetch(self, relative_path: str, offset: int, length: int) -> None:
         """Start reading a range into the page cache without waiting for it."""
-        if hasattr(os, "posix_fadvise"):
+        if self.fast.fadvise:
             with self.borrow(relative_path) as fd:
                 os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
 
@@ -271,7 +288,7 @@ class DirectoryReader:
                 self._advise(handle.fd)
 
     def _advise(self, fd: int) -> None:
-        if hasattr(os, "posix_fadvise"):
+        if self.fast.fadvise:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM if self._random_access else os.POSIX_FADV_NORMAL)
 
     def size(self, relative_path: str) -> int:
@@ -305,7 +322,15 @@ class DirectoryReader:
         pos = offset
         while first < len(pending):
             try:
-                n = os.preadv(fd, pending[first:first + _IOV_MAX], pos)
+                if self.fast.preadv:
+                    n = os.preadv(fd, pending[first:first + _IOV_MAX], pos)
+                elif not len(pending[first]):
+                    first += 1
+                    continue
+                else:   # plain pread, in steps so the extra copy stays small
+                    data = os.pread(fd, min(len(pending[first]), PREAD_STEP_BYTES), pos)
+                    n = len(data)
+                    pending[first][:n] = data
             except OSError as exc:
                 raise self._read_failed(relative_path, pos, exc) from None
             if n <= 0:

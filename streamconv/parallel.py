@@ -16,6 +16,7 @@ from .executor import Cancelled, Executor
 from .io import RangeReader
 from .model import BlobLocation, StoredTensor
 from .plan import ShardPlan, TensorPlan
+from .fastpaths import FastPaths
 from .sink import FileSink
 from .staging import kill_point
 
@@ -26,8 +27,10 @@ class _OpenShard:
     """A shard file being filled by several workers: created (with its header) by the first one to need
     it, closed by the one that writes its last tensor."""
 
-    def __init__(self, shard: ShardPlan, path: str, on_done: Optional[Callable[[ShardPlan, int], None]] = None):
+    def __init__(self, shard: ShardPlan, path: str, on_done: Optional[Callable[[ShardPlan, int], None]] = None,
+                 fast: Optional[FastPaths] = None):
         self.shard = shard
+        self.fast = fast
         self.on_done = on_done
         self.path = path
         self.remaining = len(shard.tensors)
@@ -37,7 +40,7 @@ class _OpenShard:
     def open(self) -> FileSink:
         with self.lock:
             if self.sink is None:
-                self.sink = FileSink(self.path, self.shard.nbytes)
+                self.sink = FileSink(self.path, self.shard.nbytes, fast=self.fast)
                 self.sink.write_at(0, self.shard.header)
             return self.sink
 
@@ -64,8 +67,10 @@ class _OpenShard:
 def write_shards(shards: Sequence[ShardPlan], reader: RangeReader, stored: Mapping[BlobLocation, StoredTensor],
                  path_for: Callable[[str], str], *, buffer_bytes: int, workers: int = 1,
                  progress: Optional[Progress] = None, integrity=None,
-                 on_shard_done: Optional[Callable[[ShardPlan, int], None]] = None) -> None:
+                 on_shard_done: Optional[Callable[[ShardPlan, int], None]] = None,
+                 fast: Optional[FastPaths] = None) -> None:
     """Write every shard to `path_for(filename)`. The total buffer memory stays `buffer_bytes`.
+    `fast`: the fast IO paths the shard files may use (default `fastpaths.detect()`).
     `integrity` (a `reader.integrity.ChunkIntegrity`) checks each chunk's CRC-32 before its bytes move.
     `on_shard_done(shard, crc32)` runs (on the worker that finished it) once a shard's last byte is written."""
     lock = threading.Lock()
@@ -75,7 +80,7 @@ def write_shards(shards: Sequence[ShardPlan], reader: RangeReader, stored: Mappi
             with lock:
                 progress(n)
 
-    files = [_OpenShard(s, path_for(s.filename), on_shard_done) for s in shards]
+    files = [_OpenShard(s, path_for(s.filename), on_shard_done, fast) for s in shards]
     for f in files:
         if not f.shard.tensors:
             f.open()

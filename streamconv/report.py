@@ -116,6 +116,7 @@ class ConversionReport:
     layout: Optional[str] = None                              # name mapping applied to match that folder
     unmatched_names: List[str] = field(default_factory=list)  # output names the reference folder lacks
     missing_names: List[str] = field(default_factory=list)    # reference names the output lacks
+    fast_paths: List[str] = field(default_factory=list)       # fast IO paths used (see fastpaths.py)
 
     @property
     def mb_per_s(self) -> float:

@@ -1,16 +1,17 @@
 """Where output bytes go: one `ShardSink` per shard file, and a `StagingDir` that makes the folder atomic.
 
 Write at an offset, then close. The folder around the shards (staging, durability, resume, commit) is
-`staging.StagingDir`.
+`staging.StagingDir`. Whether a `FileSink` copies in-kernel (copy_file_range) is decided by its caller
+(`fastpaths.py`), never by an error in the middle of a copy.
 """
 from __future__ import annotations
 
-import errno
 import os
-from typing import Protocol
+from typing import Optional, Protocol
 
 from .crc import PieceCrcs, pread_from
-from .errors import OutputError
+from .errors import CheckpointError, OutputError
+from .fastpaths import PREAD_STEP_BYTES, FastPaths, detect, read_at
 from .staging import StagingDir, write_failed  # noqa: F401  (StagingDir lived here before staging.py)
 
 
@@ -19,7 +20,12 @@ class ShardSink(Protocol):
         """Write a bytes-like object at `offset`."""
 
     def copy_from(self, src_fd: int, src_offset: int, dst_offset: int, length: int) -> None:
-        """Copy `length` bytes from an open file descriptor (in-kernel when possible)."""
+        """Copy `length` bytes from an open file descriptor (in-kernel when possible). Called only by a
+        RangeReader's `copy_to`, which owns the descriptor; everything else calls `reader.copy_to(sink, ...)`."""
+
+    def note_source_crc32(self, dst_offset: int, length: int, crc: int) -> None:
+        """The bytes just written or copied to [dst_offset, dst_offset + length) have this CRC-32 (from the
+        checkpoint's zip directory), so the sink need not read them back (may do nothing)."""
 
     def close(self) -> None:
         """Flush and close; the shard is complete."""
@@ -36,7 +42,13 @@ class MemorySink:
         self.data[offset:offset + len(mv)] = mv
 
     def copy_from(self, src_fd: int, src_offset: int, dst_offset: int, length: int) -> None:
-        self.write_at(dst_offset, os.pread(src_fd, length, src_offset))
+        data = os.pread(src_fd, length, src_offset)
+        if len(data) != length:
+            raise OutputError(f"source ended early: wanted {length} bytes at offset {src_offset}, got {len(data)}")
+        self.write_at(dst_offset, data)
+
+    def note_source_crc32(self, dst_offset: int, length: int, crc: int) -> None:
+        pass    # nothing is read back
 
     def close(self) -> None:
         pass
@@ -46,18 +58,23 @@ _COPY_STEP_BYTES = 1 << 30   # copy_file_range moves at most ~2 GiB per call
 
 
 class FileSink:
-    """A shard file, preallocated to its final size so writes at any offset land in place."""
+    """A shard file, preallocated to its final size so writes at any offset land in place.
 
-    def __init__(self, path: str, nbytes: int):
+    `fast.copy_file_range` (default: `fastpaths.detect()`) copies unchanged bytes in-kernel; the caller turns
+    it off where the source and output filesystems cannot (`fastpaths.probe_copy`). Either way every OSError
+    is an OutputError naming the file and offset: a full disk or an IO error is never retried another way.
+    """
+
+    def __init__(self, path: str, nbytes: int, *, fast: Optional[FastPaths] = None):
         self.path = path
         self.nbytes = nbytes
+        self.fast = fast if fast is not None else detect()
         self.crcs = PieceCrcs()     # the file's CRC-32, built as bytes pass (see crc.py)
         try:
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.ftruncate(self.fd, nbytes)
         except OSError as exc:
             raise OutputError(write_failed(path, exc, what="cannot create output file")) from None
-        self._use_copy_file_range = hasattr(os, "copy_file_range")
 
     def write_at(self, offset: int, data) -> None:
         mv = memoryview(data).cast("B")
@@ -70,37 +87,43 @@ class FileSink:
             raise OutputError(write_failed(self.path, exc, offset + done)) from None
 
     def copy_from(self, src_fd: int, src_offset: int, dst_offset: int, length: int) -> None:
+        if self.fast.copy_file_range:
+            self._copy_in_kernel(src_fd, src_offset, dst_offset, length)
+        else:
+            self._copy_through_memory(src_fd, src_offset, dst_offset, length)
+
+    def _copy_in_kernel(self, src_fd: int, src_offset: int, dst_offset: int, length: int) -> None:
         done = 0
-        in_kernel = 0       # bytes before `done` copied by copy_file_range since the last pread/pwrite piece
         try:
             while done < length:
-                step = min(length - done, _COPY_STEP_BYTES)
-                n = 0
-                if self._use_copy_file_range:
-                    try:
-                        n = os.copy_file_range(src_fd, self.fd, step, src_offset + done, dst_offset + done)
-                        in_kernel += n
-                    except OSError as exc:
-                        # Cross-filesystem on old kernels, or a filesystem that refuses it: use pread/pwrite.
-                        # A full disk or an IO error is reported, not retried.
-                        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
-                                             errno.ENOTSUP, errno.EBADF):
-                            raise
-                        self._use_copy_file_range = False
-                        n = 0
+                n = os.copy_file_range(src_fd, self.fd, min(length - done, _COPY_STEP_BYTES),
+                                       src_offset + done, dst_offset + done)
                 if n == 0:
-                    block = os.pread(src_fd, min(step, 8 << 20), src_offset + done)
-                    if not block:
-                        raise OutputError(f"{self.path}: source ended early while copying")
-                    self.crcs.add(dst_offset + done - in_kernel, in_kernel, None)
-                    in_kernel = 0
-                    self.write_at(dst_offset + done, block)
-                    n = len(block)
+                    raise self._ended_early(src_offset, dst_offset, length, done)
                 done += n
-            # Bytes copied in-kernel have a CRC unknown here (note_source_crc32 may supply it).
-            self.crcs.add(dst_offset + done - in_kernel, in_kernel, None)
         except OSError as exc:
             raise OutputError(write_failed(self.path, exc, dst_offset + done, what="copy failed")) from None
+        finally:
+            # Bytes copied in-kernel have a CRC unknown here (note_source_crc32 may supply it).
+            self.crcs.add(dst_offset, done, None)
+
+    def _copy_through_memory(self, src_fd: int, src_offset: int, dst_offset: int, length: int) -> None:
+        done = 0
+        while done < length:
+            try:
+                block = os.pread(src_fd, min(length - done, PREAD_STEP_BYTES), src_offset + done)
+            except OSError as exc:
+                raise CheckpointError(f"{self.path}: copy failed at offset {dst_offset + done:,}: cannot read "
+                                      f"the checkpoint at offset {src_offset + done:,}: {exc.strerror}") from None
+            if not block:
+                raise self._ended_early(src_offset, dst_offset, length, done)
+            self.write_at(dst_offset + done, block)
+            done += len(block)
+
+    def _ended_early(self, src_offset: int, dst_offset: int, length: int, done: int) -> OutputError:
+        return OutputError(f"{self.path}: source ended early while copying at offset {dst_offset + done:,}: "
+                           f"wanted {length:,} bytes from source offset {src_offset:,}, got {done:,} "
+                           "(was the checkpoint changed during the conversion?)")
 
     def note_source_crc32(self, dst_offset: int, length: int, crc: int) -> None:
         """The bytes just copied to [dst_offset, dst_offset + length) have this CRC-32 (from the zip directory)."""
@@ -141,11 +164,13 @@ class ComparingSink:
     Used to verify finished shards (`verify`, `convert --verify`) and tied weights, by running the executor
     again. Reads go into three buffers of `piece_bytes` allocated once (the file's bytes, the source's bytes
     for `copy_from`, the comparison flags): a fresh megabyte per piece would cost a page-faulting allocation.
+    `fast.preadv` (default: `fastpaths.detect()`) reads into them in place; else pread and a copy.
     """
 
-    def __init__(self, path: str, piece_bytes: int = COMPARE_PIECE_BYTES):
+    def __init__(self, path: str, piece_bytes: int = COMPARE_PIECE_BYTES, *, fast: Optional[FastPaths] = None):
         import numpy as np
         self.path = path
+        self.fast = fast if fast is not None else detect()
         self.piece_bytes = piece_bytes
         self.fd = os.open(path, os.O_RDONLY)
         self.compared = 0
@@ -153,13 +178,12 @@ class ComparingSink:
         self._source = np.empty(piece_bytes, dtype=np.uint8)
         self._flags = np.empty(piece_bytes, dtype=bool)
 
-    @staticmethod
-    def _read(fd: int, into, offset: int) -> int:
+    def _read(self, fd: int, into, offset: int) -> int:
         """Fill `into` from `fd` at `offset`; returns how many bytes there were (fewer at the end of file)."""
         view = memoryview(into)
         done = 0
         while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
+            n = read_at(fd, view[done:], offset + done, self.fast)
             if n <= 0:
                 break
             done += n
@@ -189,6 +213,9 @@ class ComparingSink:
             if self._read(src_fd, self._source[:n], src_offset + start) != n:
                 raise OutputError(f"source ended early while comparing with {self.path}")
             self._expect(dst_offset + start, self._source[:n])
+
+    def note_source_crc32(self, dst_offset: int, length: int, crc: int) -> None:
+        pass    # every byte is compared anyway
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -9,7 +9,8 @@ The records are removed just before the rename, so they never reach the destinat
 point leaves either the staging folder (resumable with `--resume`, or removed with `--discard-partial`) or
 the finished destination. With `--overwrite` the old destination is swapped out in one step
 (`renameat2(RENAME_EXCHANGE)`) and deleted only once the new one is in place; where the kernel or filesystem
-cannot exchange, two renames are used and the old folder is put back if the second one fails.
+cannot exchange (or `STREAMCONV_NO_FAST_PATHS` turns renameat2 off, see fastpaths.py), two renames are used
+and the old folder is put back if the second one fails.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from contextlib import contextmanager
 from typing import Dict, Iterable, Iterator, List, Optional
 
 from .errors import OutputError
+from .fastpaths import FastPaths, detect, read_at
 from .names import staging_name
 
 STAGING_SUFFIX = ".streamconv-partial"
@@ -37,7 +39,6 @@ _CRC_PIECE_BYTES = 8 << 20
 # Test and benchmark switches (never needed in normal use):
 KILL_ENV = "STREAMCONV_TEST_KILL_AT"            # "point" or "point@N": send signals to ourselves there
 KILL_SIGNALS_ENV = "STREAMCONV_TEST_KILL_SIGNALS"   # "KILL" (default) or e.g. "INT,TERM,HUP"
-NO_EXCHANGE_ENV = "STREAMCONV_TEST_NO_RENAME_EXCHANGE"  # force the two-rename --overwrite fallback
 NO_FSYNC_ENV = "STREAMCONV_UNSAFE_NO_FSYNC"      # benchmarks only: measure what durability costs
 _kill_counts: Dict[str, int] = {}
 
@@ -76,7 +77,7 @@ def fsync_path(path: str, *, directory: bool = False) -> None:
         raise OutputError(f"{path}: fsync failed: {exc.strerror}; the output may not be on disk") from None
 
 
-def file_crc32(path: str) -> int:
+def file_crc32(path: str, fast: FastPaths) -> int:
     """CRC-32 of a whole file, read in pieces (the shard was just written, so this reads the page cache)."""
     crc = 0
     buf = bytearray(_CRC_PIECE_BYTES)
@@ -88,7 +89,7 @@ def file_crc32(path: str) -> int:
         raise OutputError(f"{path}: cannot read back: {exc.strerror}") from None
     try:
         while True:
-            n = os.preadv(fd, [view], offset)
+            n = read_at(fd, view, offset, fast)
             if n <= 0:
                 return crc
             crc = zlib.crc32(view[:n], crc)
@@ -222,11 +223,13 @@ class StagingDir:
     files). An existing staging folder for the same destination is resumed when `resume` (only if its
     plan record matches), removed when `discard_partial`, and otherwise refused with an explanation.
     Use as a context manager: leaving with an exception discards (or, with `resume`, keeps for later).
+    `fast.renameat2` (default: `fastpaths.detect()`) commits with renameat2; else with plain renames.
     """
 
     def __init__(self, destination: str, *, plan_record: Optional[dict] = None, overwrite: bool = False,
-                 resume: bool = False, discard_partial: bool = False):
+                 resume: bool = False, discard_partial: bool = False, fast: Optional[FastPaths] = None):
         self.destination = os.path.abspath(os.fspath(destination))
+        self.fast = fast if fast is not None else detect()
         self.overwrite = overwrite
         self.resume = resume
         self.plan_record = dict(plan_record or {}, version=RECORD_VERSION)
@@ -370,7 +373,7 @@ class StagingDir:
                 return False
         except OSError:
             return False
-        return file_crc32(path) == record.get("crc32")
+        return file_crc32(path, self.fast) == record.get("crc32")
 
     def shard_done(self, filename: str, nbytes: int, shard_fingerprint: str, crc32: int) -> None:
         """A shard's bytes are all written: make them durable, then record it so a resume can keep it.
@@ -432,7 +435,7 @@ class StagingDir:
                 self._swap_in()
             elif os.path.lexists(self.destination):
                 os.rename(self.path, self.destination)  # replaces an empty folder only, else ENOTEMPTY
-            elif not _renameat2(self.path, self.destination, RENAME_NOREPLACE):
+            elif not (self.fast.renameat2 and _renameat2(self.path, self.destination, RENAME_NOREPLACE)):
                 os.rename(self.path, self.destination)
         except OSError as exc:
             if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
@@ -452,7 +455,7 @@ class StagingDir:
     def _swap_in(self) -> None:
         """Replace a non-empty destination (--overwrite): the old folder goes only after the new is in."""
         old = old_path_for(self.destination)
-        if os.environ.get(NO_EXCHANGE_ENV) != "1" and _renameat2(self.path, self.destination, RENAME_EXCHANGE):
+        if self.fast.renameat2 and _renameat2(self.path, self.destination, RENAME_EXCHANGE):
             os.rename(self.path, old)          # the staging name now holds the old output
             return
         os.rename(self.destination, old)

@@ -158,11 +158,9 @@ def locate_all(reader: RangeReader, tensors: Iterable[TensorEntry]) -> Dict[Blob
     # On a cold cache each blob costs two small random reads (3,500 chunks of an 11B model: 0.7 s one at a
     # time). Ask the kernel for all of them up front (POSIX_FADV_WILLNEED starts the reads without waiting),
     # then parse in order while they land. Threads were tried: the parsing holds the GIL and they lost.
-    prefetch = getattr(reader, "prefetch", None)
-    if prefetch is not None:
-        for location in ordered:
-            for start, length in _read_plan(location.length):
-                prefetch(location.relative_path, location.offset + start, length)
+    for location in ordered:
+        for start, length in _read_plan(location.length):
+            reader.prefetch(location.relative_path, location.offset + start, length)
     results = [_locate(reader, location, users[location][0][0].fqn, file_sizes) for location in ordered]
     for location, stored in list(zip(ordered, results)) + list(located.items()):
         for entry, chunk in users[location]:

@@ -17,6 +17,7 @@ from . import discover, dtypes, hf, names
 from .errors import OptionsError, OutputError
 from .executor import Executor, check_stored
 from .io import DirectoryReader, RangeReader
+from .options import ConvertOptions, resolve as resolve_options
 from .model import BlobLocation, CheckpointMetadata, StoredTensor, TensorEntry
 from .plan import INDEX_FILE_NAME, ConversionPlan, PlanOptions, build_plan, source_format
 from .report import ConversionReport, Reporter, peak_rss_bytes
@@ -24,7 +25,7 @@ from .parallel import write_shards
 from .reader.integrity import ChunkIntegrity
 from .staging import StagingDir, check_destination, kill_point
 from . import verification as verifying
-from .sizes import format_size, parse_size
+from .sizes import format_size
 
 
 # Two writer threads overlap one shard's reads with another's writes and casts; more rarely helps a disk.
@@ -35,16 +36,9 @@ DEFAULT_WORKERS = 2
 DEFAULT_CRC = False
 
 
-def make_options(*, max_shard_size="5GB", buffer_size="32MiB", include: Sequence[str] = (),
-                 exclude: Sequence[str] = (), dtype: str = "keep", renames: Sequence[str] = (),
-                 subtree: Optional[str] = None, source_format: str = "auto") -> PlanOptions:
-    """PlanOptions from user-facing values ("5GB", "bf16", "REGEX=REPL")."""
-    out_dtype = dtypes.parse_output_dtype(dtype)   # "auto" stays: plan()/convert() resolve it from the config
-    return PlanOptions(
-        max_shard_bytes=parse_size(max_shard_size, option="--max-shard-size"),
-        buffer_bytes=parse_size(buffer_size, option="--buffer-size"),
-        include=tuple(include), exclude=tuple(exclude), dtype=out_dtype,
-        renames=tuple(names.RenameRule.parse(r) for r in renames), subtree=subtree, source_format=source_format)
+def make_options(**keywords) -> PlanOptions:
+    """PlanOptions from user-facing values ("5GB", "bf16", "REGEX=REPL"): the fields of `ConvertOptions`."""
+    return ConvertOptions(**keywords).plan_options()
 
 
 def load(checkpoint_dir: str) -> Tuple[DirectoryReader, CheckpointMetadata]:
@@ -67,11 +61,12 @@ def plan(checkpoint_dir: str, options: Optional[PlanOptions] = None, *, config_f
     checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_dir)
     reader, meta = load(checkpoint_dir)
     reader.close()
-    options = options or make_options(**kwargs)
+    options, user = resolve_options(options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched,
+                                    no_config=no_config)
     if options.subtree is None:     # --subtree names what to convert, optimizer state included
         discover.refuse_optimizer_only(meta, checkpoint_dir)
-    setup = hf.prepare(meta, options, checkpoint_dir, config_from=config_from,
-                       allow_unmatched=allow_unmatched, no_config=no_config)
+    setup = hf.prepare(meta, options, checkpoint_dir, config_from=user.config_from,
+                       allow_unmatched=user.allow_unmatched, no_config=user.no_config)
     for note in ((found_note,) if found_note else ()) + setup.notes:
         (reporter or Reporter()).note(note)
     conversion = _checked_plan(meta, setup.options, checkpoint_dir)
@@ -234,11 +229,12 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
     checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_dir)
     reader, meta = load(checkpoint_dir)
     with reader:
-        options = options or make_options(**kwargs)
+        options, user = resolve_options(options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched,
+                                        no_config=no_config)
         if options.subtree is None:     # --subtree names what to convert, optimizer state included
             discover.refuse_optimizer_only(meta, checkpoint_dir)
-        setup = hf.prepare(meta, options, checkpoint_dir, config_from=config_from,
-                           allow_unmatched=allow_unmatched, no_config=no_config)
+        setup = hf.prepare(meta, options, checkpoint_dir, config_from=user.config_from,
+                           allow_unmatched=user.allow_unmatched, no_config=user.no_config)
         options = setup.options
         conversion = _checked_plan(meta, options, checkpoint_dir)
         # Dropped tied heads are still read once, to prove they equal the embedding written in their place.
@@ -387,8 +383,10 @@ def verify(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions] 
         reporter.note(found_note)
     reader, meta = load(checkpoint_dir)
     with reader:
-        setup = hf.prepare(meta, options or make_options(**kwargs), checkpoint_dir, config_from=config_from,
-                           allow_unmatched=allow_unmatched, no_config=no_config)
+        options, user = resolve_options(options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched,
+                                        no_config=no_config)
+        setup = hf.prepare(meta, options, checkpoint_dir, config_from=user.config_from,
+                           allow_unmatched=user.allow_unmatched, no_config=user.no_config)
         for note in setup.notes:
             reporter.note(note)
         conversion = _checked_plan(meta, setup.options, checkpoint_dir)

@@ -23,6 +23,7 @@ from .plan import INDEX_FILE_NAME, ConversionPlan, PlanOptions, build_plan, sour
 from .report import ConversionReport, Reporter, peak_rss_bytes
 from .parallel import write_shards
 from .reader.integrity import ChunkIntegrity
+from .shardjob import ShardJob
 from .staging import StagingDir, check_destination, kill_point
 from . import verification as verifying
 from .sizes import format_size
@@ -209,7 +210,7 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
             overwrite: bool = False, reporter: Optional[Reporter] = None, config_from: Optional[str] = None,
             workers: int = DEFAULT_WORKERS, verify: bool = False, crc: Optional[bool] = None,
             allow_unmatched: bool = False, no_config: bool = False, resume: bool = False,
-            discard_partial: bool = False, **kwargs) -> ConversionReport:
+            discard_partial: bool = False, shard_runner=None, **kwargs) -> ConversionReport:
     """Convert a DCP checkpoint folder into a folder of safetensors shards (+ index when sharded), with the
     base model's config and tokenizer beside them when `config_from` (or train_params.yaml) names it.
 
@@ -223,6 +224,8 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
     `checkpoint_dir` may be a run folder holding the DCP folder (`discover.find_checkpoint`). With a reference
     model, an output that would not match its weights raises ReferenceMismatchError before anything is written,
     unless `allow_unmatched`. `no_config`: no config unless `config_from` (train_params.yaml is not read).
+    `shard_runner(job, filenames)`: writes the shards elsewhere (e.g. Ray tasks, `streamconv.ray`) given a
+    `shardjob.ShardJob`; every shard must then be recorded in the staging folder, checked before the commit.
     """
     reporter = reporter or Reporter()
     started = time.perf_counter()
@@ -262,9 +265,22 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
             check_crc = crc if crc is not None else verify or DEFAULT_CRC
             integrity = ChunkIntegrity(reader, stored) if check_crc else None
             kill_point("before-first-shard")
-            write_shards(to_write, reader, stored, staging.file, buffer_bytes=options.buffer_bytes,
-                         workers=workers, progress=reporter.advance, integrity=integrity,
-                         on_shard_done=lambda s, crc: staging.shard_done(s.filename, s.nbytes, fingerprints[s.filename], crc))
+            if shard_runner is None:
+                write_shards(to_write, reader, stored, staging.file, buffer_bytes=options.buffer_bytes,
+                             workers=workers, progress=reporter.advance, integrity=integrity,
+                             on_shard_done=lambda s, crc: staging.shard_done(s.filename, s.nbytes,
+                                                                             fingerprints[s.filename], crc))
+            else:
+                record = plan_record(conversion, checkpoint_dir, meta)
+                job = ShardJob(checkpoint_dir=os.path.abspath(checkpoint_dir), staging_dir=staging.path,
+                               plan=conversion, plan_fingerprint=record["plan"], checkpoint_files=record["checkpoint"],
+                               shard_fingerprints=fingerprints, crc=check_crc)
+                shard_runner(job, [s.filename for s in to_write])
+                for s in to_write:      # the workers' records, and each file's size (its bytes: --verify)
+                    if not staging.shard_recorded(s.filename, s.nbytes, fingerprints[s.filename], check_crc=False):
+                        raise OutputError(f"{staging.file(s.filename)}: the worker writing it reported success but "
+                                          "no finished record or the wrong size is there; nothing was committed")
+                    reporter.advance(s.data_nbytes)
             if setup.tied:
                 checker = Executor(reader, stored, options.buffer_bytes, progress=reporter.advance,
                                    integrity=integrity)

@@ -20,14 +20,18 @@ from .sink import FileSink
 from .staging import kill_point
 
 Progress = Callable[[int], None]
+# Opens one shard's output (path, size in bytes): a FileSink, or any sink with `crc32()` for the resume record.
+SinkFactory = Callable[[str, int], FileSink]
 
 
 class _OpenShard:
     """A shard file being filled by several workers: created (with its header) by the first one to need
     it, closed by the one that writes its last tensor."""
 
-    def __init__(self, shard: ShardPlan, path: str, on_done: Optional[Callable[[ShardPlan, int], None]] = None):
+    def __init__(self, shard: ShardPlan, path: str, on_done: Optional[Callable[[ShardPlan, int], None]] = None,
+                 open_sink: "SinkFactory" = FileSink):
         self.shard = shard
+        self.open_sink = open_sink
         self.on_done = on_done
         self.path = path
         self.remaining = len(shard.tensors)
@@ -37,7 +41,7 @@ class _OpenShard:
     def open(self) -> FileSink:
         with self.lock:
             if self.sink is None:
-                self.sink = FileSink(self.path, self.shard.nbytes)
+                self.sink = self.open_sink(self.path, self.shard.nbytes)
                 self.sink.write_at(0, self.shard.header)
             return self.sink
 
@@ -64,10 +68,12 @@ class _OpenShard:
 def write_shards(shards: Sequence[ShardPlan], reader: RangeReader, stored: Mapping[BlobLocation, StoredTensor],
                  path_for: Callable[[str], str], *, buffer_bytes: int, workers: int = 1,
                  progress: Optional[Progress] = None, integrity=None,
-                 on_shard_done: Optional[Callable[[ShardPlan, int], None]] = None) -> None:
+                 on_shard_done: Optional[Callable[[ShardPlan, int], None]] = None,
+                 open_sink: SinkFactory = FileSink) -> None:
     """Write every shard to `path_for(filename)`. The total buffer memory stays `buffer_bytes`.
     `integrity` (a `reader.integrity.ChunkIntegrity`) checks each chunk's CRC-32 before its bytes move.
-    `on_shard_done(shard, crc32)` runs (on the worker that finished it) once a shard's last byte is written."""
+    `on_shard_done(shard, crc32)` runs (on the worker that finished it) once a shard's last byte is written.
+    `open_sink(path, nbytes)` opens each shard's output (a FileSink unless told)."""
     lock = threading.Lock()
 
     def advance(n: int) -> None:
@@ -75,7 +81,7 @@ def write_shards(shards: Sequence[ShardPlan], reader: RangeReader, stored: Mappi
             with lock:
                 progress(n)
 
-    files = [_OpenShard(s, path_for(s.filename), on_shard_done) for s in shards]
+    files = [_OpenShard(s, path_for(s.filename), on_shard_done, open_sink) for s in shards]
     for f in files:
         if not f.shard.tensors:
             f.open()

@@ -324,6 +324,75 @@ def verify(checkpoint_dir, output_dir, as_json, crc, quiet, **option_values):
 
 
 @cli.command()
+@click.argument("sources", nargs=-1)
+@click.option("--output-template", "-o", required=True, metavar="TEMPLATE",
+              help="Where each checkpoint's output goes: {name} is its folder name, {parent} the folder above it, "
+                   "{step} the digits at the end of its name, e.g. 'hf/{parent}-{step}'.")
+@click.option("--from-file", "from_file", default=None, metavar="LIST", type=click.Path(dir_okay=False),
+              help="Also convert the folders or globs listed in LIST, one a line ('#' comments allowed).")
+@_plan_options
+@click.option("--jobs", "-j", default=None, type=click.IntRange(1, 256),
+              help="Checkpoints converted side by side, each in its own process. Default: one per output device.")
+@click.option("--max-memory", "max_memory", default=None, metavar="SIZE",
+              help="Keep the sum of the running jobs' predicted peak memory within SIZE (e.g. 8GiB); a checkpoint "
+                   "predicted to need more fails without starting.")
+@click.option("--workers", default=api.DEFAULT_WORKERS, show_default=True, type=click.IntRange(1, 64),
+              help="Threads writing shards side by side within each job; they share --buffer-size.")
+@click.option("--verify", is_flag=True, help="Check every output before committing it, as convert --verify does.")
+@click.option("--crc/--no-crc", default=None, help="Check each chunk's CRC-32 as it is read (as for convert).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace outputs that exist; without it a complete output that matches its plan is skipped and "
+                   "any other non-empty output fails its checkpoint.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Write each checkpoint's shards as Ray tasks (pip install 'streamconv[ray]'): --ray alone starts "
+                   "a local cluster, --ray ADDRESS joins one (e.g. ray://head:10001 or head:6379). Workers must see "
+                   "the same storage paths.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or table; print only failures.")
+@click.option("--progress/--no-progress", default=None,
+              help="Show one progress bar for the batch on stderr. Default: only on a terminal without --json or "
+                   "--quiet.")
+@_fail_cleanly
+def batch(sources, output_template, from_file, as_json, jobs, max_memory, workers, verify, crc, overwrite,
+          ray_address, quiet, progress, **option_values):
+    """Convert many checkpoints: SOURCES are folders or globs (quote them: 'runs/*/checkpoint-*').
+
+    Each checkpoint is planned first (from .metadata), then converted as `convert --resume` would, in a process
+    of its own. An output that is already complete and matches its plan (every shard's size and header, the
+    index) is skipped, so a rerun continues where the last one stopped; an interrupted one resumes shard by
+    shard. A checkpoint that fails does not stop the others; the exit code is 1 when any failed (the table and
+    --json report say which and why).
+    """
+    from . import batch as batching
+    options = ConvertOptions.take(option_values)
+    if progress is None:
+        progress = sys.stderr.isatty() and not as_json and not quiet
+    reporter: Reporter = TqdmReporter() if progress else CollectingReporter()
+    try:
+        report = batching.convert_many(sources, output_template, options, from_file=from_file, jobs=jobs,
+                                       max_memory=max_memory, workers=workers, crc=crc, verify=verify,
+                                       overwrite=overwrite, reporter=reporter, ray=ray_address)
+    finally:
+        reporter.close()
+    failed = report.failed
+    if as_json:
+        click.echo(json.dumps(dict(report.to_dict(), error=(f"{len(failed)} checkpoint(s) failed" if failed else None),
+                                   exit_code=1 if failed else 0), indent=2))
+    elif not quiet:
+        click.echo(f"{'status':9} {'size':>10} {'seconds':>8} {'MB/s':>7} {'peak RSS':>10}  checkpoint -> output")
+        for i in report.items:
+            click.echo(f"{i.status:9} {format_size(i.bytes):>10} {i.seconds:8.2f} {i.mb_per_s:7.0f} "
+                       f"{format_size(i.peak_rss_bytes) if i.peak_rss_bytes else '-':>10}  "
+                       f"{printable(i.source)} -> {printable(i.output)}")
+        counts = ", ".join(f"{n} {k}" for k, n in report.to_dict()["counts"].items())
+        click.echo(f"{len(report.items)} checkpoint(s) in {report.seconds:.1f} s ({counts}); {report.jobs} job(s)")
+    for i in failed:
+        where = "" if i.error.startswith(i.source) else f"{printable(i.source)}: "
+        click.echo(f"error: {where}{i.error}", err=True)
+    if failed:
+        sys.exit(1)
+
+
+@cli.command()
 @click.argument("checkpoint_dir", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report on stdout.")
 @_fail_cleanly

@@ -206,7 +206,10 @@ def convert_one(source: str, output: str, options: ConvertOptions, *, workers: i
 
 def _child(index: int, source: str, output: str, options: ConvertOptions, kwargs: dict, queue) -> None:
     reporter = _QueueReporter(index, queue)
-    result = convert_one(source, output, options, reporter=reporter, **kwargs)
+    try:
+        result = convert_one(source, output, options, reporter=reporter, **kwargs)
+    except KeyboardInterrupt:   # Ctrl-C reaches the whole process group: the driver reports it, once
+        return
     reporter.flush()
     queue.put(("done", index, result))
 

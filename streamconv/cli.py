@@ -52,15 +52,18 @@ def _internal_error(exc: BaseException, as_json: bool) -> None:
     sys.exit(1)
 
 
-def _interrupted(as_json: bool, resume: bool) -> None:
+def _interrupted(as_json: bool, resume: bool, batch: bool = False) -> None:
     kept = ("the staging folder is kept: run the same command with --resume to continue" if resume
             else "nothing was committed and the partial output was removed")
+    if batch:
+        kept = "finished checkpoints are committed, the others' staging folders kept: run the same command to continue"
     _emit_failure(f"interrupted: {kept}", "Interrupted", 130, as_json)
     sys.exit(130)
 
 
 def _fail_cleanly(fn):
     """Turn library errors into one-line messages and their exit codes; never a traceback."""
+    keeps_staging = fn.__name__ == "batch"      # batch always resumes: an interrupt keeps staging folders
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         as_json = bool(kwargs.get("as_json"))
@@ -70,16 +73,16 @@ def _fail_cleanly(fn):
             return fn(*args, **kwargs)
         except StreamconvError as exc:
             if _received["signal"] is not None:
-                _interrupted(as_json, bool(kwargs.get("resume")))
+                _interrupted(as_json, bool(kwargs.get("resume")), keeps_staging)
             _emit_failure(str(exc), type(exc).__name__, exc.exit_code, as_json)
             sys.exit(exc.exit_code)
         except (KeyboardInterrupt, click.exceptions.Abort):
-            _interrupted(as_json, bool(kwargs.get("resume")))
+            _interrupted(as_json, bool(kwargs.get("resume")), keeps_staging)
         except (click.exceptions.Exit, click.ClickException, BrokenPipeError):
             raise       # usage errors and a closed stdout are handled by _Group
         except Exception as exc:
             if _received["signal"] is not None:     # whatever the interrupt broke on its way out
-                _interrupted(as_json, bool(kwargs.get("resume")))
+                _interrupted(as_json, bool(kwargs.get("resume")), keeps_staging)
             _internal_error(exc, as_json)
         finally:
             for s, handler in previous.items():

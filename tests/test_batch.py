@@ -148,3 +148,28 @@ def test_a_plan_travels_and_its_shards_are_written_elsewhere(demo_checkpoint, si
         streamconv.convert(str(demo_checkpoint.ckpt_dir), str(tmp_path / "out2"), max_shard_size=SHARD,
                            no_config=True, shard_runner=lazy)
     assert not (tmp_path / "out2").exists()
+
+
+def test_ctrl_c_ends_the_batch_with_130_and_the_rerun_resumes(runs, single):
+    """Ctrl-C reaches the driver and every job (one process group): exit 130, no traceback, staging kept."""
+    import signal
+    import time
+    args = ["batch", "runs/a/checkpoint-100", "-o", "hf/{name}", "--no-config", "--max-shard-size", SHARD]
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               STREAMCONV_TEST_KILL_AT="between-shards@2", STREAMCONV_TEST_KILL_SIGNALS="STOP")
+    proc = subprocess.Popen([sys.executable, "-m", "streamconv.cli", *args], cwd=runs, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    records = runs / "hf/.checkpoint-100.streamconv-partial/.streamconv-resume"
+    deadline = time.monotonic() + 60
+    while len(list(records.glob("*.safetensors.json"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)       # the job stops itself (SIGSTOP) after its second shard
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "run the same command to continue" in err, err
+    assert records.parent.is_dir() and not (runs / "hf/checkpoint-100").exists()
+    again = run(*args, "--json", cwd=runs)
+    assert json.loads(again.stdout)["checkpoints"][0]["status"] == "resumed", again.stderr
+    assert files(runs / "hf/checkpoint-100") == single

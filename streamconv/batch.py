@@ -217,7 +217,7 @@ def _child(index: int, source: str, output: str, options: ConvertOptions, kwargs
 # -- the batch ------------------------------------------------------------------------------------------
 
 def default_jobs(outputs: Sequence[str]) -> int:
-    """One job per output device: two jobs writing one disk mostly take turns (measured in README)."""
+    """One job per output device: one conversion already keeps a disk busy (README: Many checkpoints)."""
     devices = set()
     for out in outputs:
         probe = os.path.abspath(out)

@@ -263,7 +263,7 @@ def convert_many(sources: Sequence[str], output_template: str, options: Optional
     todo = _plan_all(items, options, overwrite, max_memory_bytes)
     planning_seconds = time.perf_counter() - started
     jobs = jobs or default_jobs([i.output for i in items])
-    total = sum(i.bytes for i in todo)
+    total = sum(i.bytes for i in todo) * (2 if verify else 1)     # --verify reads every byte back
     reporter.start(total, f"{len(todo)} of {len(items)} checkpoint(s)")
     kwargs = dict(workers=workers, crc=crc, verify=verify, overwrite=overwrite)
     if ray is not None:

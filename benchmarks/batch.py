@@ -47,6 +47,9 @@ def same_tree(a: Path, b: Path) -> bool:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="2gb")
+    p.add_argument("--ckpt", type=Path, help="use this DCP checkpoint instead of generating the preset")
+    p.add_argument("--no-drop-caches", dest="drop_caches", action="store_false",
+                   help="keep the page cache (tests; a shared machine)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("-n", type=int, default=4, help="checkpoints in the batch (default 4)")
     p.add_argument("--jobs", default="1,2", help="comma-separated --jobs values to run the batch with")
@@ -57,13 +60,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)     # noqa: E731
 
-    ckpt, _ = cached_checkpoint(args.preset, args.dtype, False, args.cache, log)
+    ckpt = args.ckpt or cached_checkpoint(args.preset, args.dtype, False, args.cache, log)[0]
+    global drop_caches
+    if not args.drop_caches:
+        drop_caches = lambda: False     # noqa: E731
     shutil.rmtree(args.work, ignore_errors=True)
     runs = args.work / "runs"
     for i in range(args.n):
         shutil.copytree(ckpt, runs / f"checkpoint-{(i + 1) * 1000}")
     sources = sorted(runs.iterdir())
-    results = {"preset": args.preset, "dtype": args.dtype, "n": args.n, "rows": []}
+    results = {"preset": str(args.ckpt) if args.ckpt else args.preset, "dtype": args.dtype, "n": args.n, "rows": []}
 
     def row(name, t, extra=None):
         results["rows"].append(dict({"contender": name, "wall_s": round(t, 2)}, **(extra or {})))
@@ -109,7 +115,7 @@ def main(argv=None) -> int:
         lines.append(f"{r['contender']:58} {r['wall_s']:8.2f} {r['wall_s'] / floor:6.2f}")
     print("\n".join(lines))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"batch-{args.preset}-x{args.n}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / f"batch-{args.ckpt.name if args.ckpt else args.preset}-x{args.n}.json").write_text(json.dumps(results, indent=2) + "\n")
     shutil.rmtree(args.work, ignore_errors=True)
     return 0
 

@@ -115,7 +115,8 @@ def main(argv=None) -> int:
         lines.append(f"{r['contender']:58} {r['wall_s']:8.2f} {r['wall_s'] / floor:6.2f}")
     print("\n".join(lines))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"batch-{args.ckpt.name if args.ckpt else args.preset}-x{args.n}.json").write_text(json.dumps(results, indent=2) + "\n")
+    name = args.ckpt.name if args.ckpt else args.preset
+    (args.out / f"batch-{name}-x{args.n}.json").write_text(json.dumps(results, indent=2) + "\n")
     shutil.rmtree(args.work, ignore_errors=True)
     return 0
 

@@ -11,7 +11,7 @@ import shutil
 import time
 import zlib
 from dataclasses import replace
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
 
 from . import discover, dtypes, hf, names
 from .errors import OptionsError, OutputError
@@ -35,6 +35,8 @@ DEFAULT_WORKERS = 2
 # the pass costs ~0.2 s of CPU per GB (a read of page-cached data plus zlib.crc32), 20-80% of the wall time on
 # this 2-core machine, far above the 5% that would make it a free default. `verify` checks CRCs by default.
 DEFAULT_CRC = False
+# What `plan`, `convert` and `verify` take: the user's options, or the planner's resolved view.
+Options = Union[ConvertOptions, PlanOptions]
 
 
 def make_options(**keywords) -> PlanOptions:
@@ -53,7 +55,7 @@ def load(checkpoint_dir: str) -> Tuple[DirectoryReader, CheckpointMetadata]:
         raise
 
 
-def plan(checkpoint_dir: str, options: Optional[PlanOptions] = None, *, config_from: Optional[str] = None,
+def plan(checkpoint_dir: str, options: Optional[Options] = None, *, config_from: Optional[str] = None,
          reporter: Optional[Reporter] = None, allow_unmatched: bool = False, no_config: bool = False,
          **kwargs) -> ConversionPlan:
     """The dry run: everything `convert` would do, decided from `.metadata` (and the config folder) alone.
@@ -206,7 +208,7 @@ def locate_chunks(conversion: ConversionPlan, reader: RangeReader) -> Dict[BlobL
     return stored
 
 
-def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions] = None, *,
+def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = None, *,
             overwrite: bool = False, reporter: Optional[Reporter] = None, config_from: Optional[str] = None,
             workers: int = DEFAULT_WORKERS, verify: bool = False, crc: Optional[bool] = None,
             allow_unmatched: bool = False, no_config: bool = False, resume: bool = False,
@@ -224,7 +226,7 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
     `checkpoint_dir` may be a run folder holding the DCP folder (`discover.find_checkpoint`). With a reference
     model, an output that would not match its weights raises ReferenceMismatchError before anything is written,
     unless `allow_unmatched`. `no_config`: no config unless `config_from` (train_params.yaml is not read).
-    `shard_runner(job, filenames)`: writes the shards elsewhere (e.g. Ray tasks, `streamconv.ray`) given a
+    `shard_runner(job, filenames)`: writes the shards elsewhere (e.g. Ray tasks, `ray_runner.shard_runner`) given a
     `shardjob.ShardJob`; every shard must then be recorded in the staging folder, checked before the commit.
     """
     reporter = reporter or Reporter()
@@ -385,7 +387,7 @@ def inspect(checkpoint_dir: str) -> dict:
     }
 
 
-def verify(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions] = None, *,
+def verify(checkpoint_dir: str, output_dir: str, options: Optional[Options] = None, *,
            config_from: Optional[str] = None, reporter: Optional[Reporter] = None, crc: bool = True,
            allow_unmatched: bool = False, no_config: bool = False, **kwargs) -> verifying.VerifyResult:
     """Check an existing output folder against its checkpoint, streaming both: every tensor `convert` would

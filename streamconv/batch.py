@@ -124,7 +124,8 @@ def output_for(template: str, source: str) -> str:
     path = os.path.abspath(source).rstrip(os.sep)
     name = os.path.basename(path)
     digits = re.search(r"(\d+)$", name)
-    values = {"name": name, "parent": os.path.basename(os.path.dirname(path)), "step": digits.group(1) if digits else None}
+    values = {"name": name, "parent": os.path.basename(os.path.dirname(path)),
+              "step": digits.group(1) if digits else None}
     try:
         used = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
     except ValueError as exc:

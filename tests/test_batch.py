@@ -14,6 +14,7 @@ import streamconv
 from streamconv import batch, shardjob
 from streamconv.errors import OptionsError
 from streamconv.options import ConvertOptions
+from streamconv.report import CollectingReporter
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD = "100KB"     # several shards per checkpoint
@@ -119,11 +120,17 @@ def test_max_memory_and_the_python_api(runs, single):
                                         max_shard_size=SHARD, no_config=True, max_memory=str(plan.peak_bytes - 1))
     assert [i.status for i in too_small.items] == ["failed", "failed"]
     assert "exceeds --max-memory" in too_small.items[0].error
-    # Room for one job at a time: both convert, one after the other.
+    # Room for one job at a time: both convert, one after the other although --jobs 2.
+    notes = CollectingReporter()
     report = streamconv.convert_many([str(runs / "runs/a/checkpoint-*")], str(runs / "out/{name}"),
                                      ConvertOptions(max_shard_size=SHARD, no_config=True), jobs=2,
-                                     max_memory=str(plan.peak_bytes + plan.peak_bytes // 2))
+                                     max_memory=str(plan.peak_bytes + plan.peak_bytes // 2), reporter=notes)
     assert [i.status for i in report.items] == ["converted", "converted"] and not report.failed
+    assert [n.split()[0] for n in notes.notes] == ["started", "converted", "started", "converted"], notes.notes
+    unlimited = CollectingReporter()
+    streamconv.convert_many([str(runs / "runs/a/checkpoint-*")], str(runs / "out2/{name}"), jobs=2,
+                            max_shard_size=SHARD, no_config=True, reporter=unlimited)
+    assert [n.split()[0] for n in unlimited.notes][:2] == ["started", "started"], unlimited.notes
     assert files(runs / "out/checkpoint-200") == single
 
 

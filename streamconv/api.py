@@ -226,8 +226,9 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
     `checkpoint_dir` may be a run folder holding the DCP folder (`discover.find_checkpoint`). With a reference
     model, an output that would not match its weights raises ReferenceMismatchError before anything is written,
     unless `allow_unmatched`. `no_config`: no config unless `config_from` (train_params.yaml is not read).
-    `shard_runner(job, filenames)`: writes the shards elsewhere (e.g. Ray tasks, `ray_runner.shard_runner`) given a
-    `shardjob.ShardJob`; every shard must then be recorded in the staging folder, checked before the commit.
+    `shard_runner(job, filenames, progress)`: writes the shards elsewhere (e.g. Ray tasks,
+    `ray_runner.shard_runner`) given a `shardjob.ShardJob`, calling `progress(tensor bytes)` as shards finish;
+    every shard must then be recorded in the staging folder, checked before the commit.
     """
     reporter = reporter or Reporter()
     started = time.perf_counter()
@@ -277,12 +278,11 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
                 job = ShardJob(checkpoint_dir=os.path.abspath(checkpoint_dir), staging_dir=staging.path,
                                plan=conversion, plan_fingerprint=record["plan"], checkpoint_files=record["checkpoint"],
                                shard_fingerprints=fingerprints, crc=check_crc)
-                shard_runner(job, [s.filename for s in to_write])
+                shard_runner(job, [s.filename for s in to_write], reporter.advance)
                 for s in to_write:      # the workers' records, and each file's size (its bytes: --verify)
                     if not staging.shard_recorded(s.filename, s.nbytes, fingerprints[s.filename], check_crc=False):
                         raise OutputError(f"{staging.file(s.filename)}: the worker writing it reported success but "
                                           "no finished record or the wrong size is there; nothing was committed")
-                    reporter.advance(s.data_nbytes)
             if setup.tied:
                 checker = Executor(reader, stored, options.buffer_bytes, progress=reporter.advance,
                                    integrity=integrity)

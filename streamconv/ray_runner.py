@@ -12,10 +12,12 @@ are not retried: they fail the checkpoint as they would locally.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional
 
 from .errors import OptionsError, OutputError, StreamconvError
+from .report import Reporter
 from .shardjob import ShardJob, write_shard
 
 # A lost worker is retried this many times per shard before the checkpoint fails.
@@ -64,8 +66,9 @@ def _task(job: ShardJob, filename: str) -> int:
     return write_shard(job, filename)
 
 
-def shard_runner(job: ShardJob, filenames: List[str]) -> None:
-    """`api.convert`'s `shard_runner`: one Ray task per shard, all waited for; the first failure is raised."""
+def shard_runner(job: ShardJob, filenames: List[str], progress=None) -> None:
+    """`api.convert`'s `shard_runner`: one Ray task per shard, all waited for; the first failure is raised.
+    `progress(tensor bytes)` as each shard finishes."""
     global _remote
     ray = _import_ray()
     if _remote is None:
@@ -75,8 +78,14 @@ def shard_runner(job: ShardJob, filenames: List[str]) -> None:
     refs = [_remote.options(memory=max(1, job.peak_bytes), num_cpus=1, max_retries=MAX_RETRIES,
                             retry_exceptions=False, name=f"streamconv:{filename}").remote(job_ref, filename)
             for filename in filenames]
+    name_of = {ref: filename for ref, filename in zip(refs, filenames)}
     try:
-        ray.get(refs)
+        waiting = list(refs)
+        while waiting:
+            done, waiting = ray.wait(waiting, num_returns=1)
+            ray.get(done)           # raises the task's error
+            if progress is not None:
+                progress(job.shard(name_of[done[0]]).data_nbytes)
     except ray.exceptions.RayTaskError as exc:
         for ref in refs:
             ray.cancel(ref, force=False)
@@ -97,10 +106,17 @@ def run_batch(todo, options, kwargs: dict, *, address: Optional[str], jobs: int,
     from .batch import _finish, convert_one
     connect(address)
 
+    class _Progress(Reporter):      # the batch's one display: bytes as shards finish, from any driver thread
+        def advance(self, n_bytes: int) -> None:
+            with lock:
+                reporter.advance(n_bytes)
+
+    lock = threading.Lock()
+
     def one(item):
-        return item, convert_one(item.source, item.output, options, shard_runner=shard_runner, **kwargs)
+        return item, convert_one(item.source, item.output, options, shard_runner=shard_runner,
+                                 reporter=_Progress(), **kwargs)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="streamconv-ray") as pool:
         for item, result in pool.map(one, todo):
-            reporter.advance(item.bytes if result["status"] != "failed" else 0)
             _finish(item, result, reporter)

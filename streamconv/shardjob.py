@@ -75,7 +75,9 @@ def write_shard(job: ShardJob, filename: str) -> int:
     return shard.nbytes
 
 
-def write_shards_here(job: ShardJob, filenames: List[str]) -> None:
+def write_shards_here(job: ShardJob, filenames: List[str], progress=None) -> None:
     """The simplest shard runner: write them one after another in this process (tests, debugging)."""
     for name in filenames:
         write_shard(job, name)
+        if progress is not None:
+            progress(job.shard(name).data_nbytes)

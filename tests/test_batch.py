@@ -138,7 +138,7 @@ def test_a_plan_travels_and_its_shards_are_written_elsewhere(demo_checkpoint, si
     """ShardJob pickles; shards written by `shardjob.write_shard` are recognised by the driver's staging."""
     jobs = []
 
-    def runner(job, filenames):
+    def runner(job, filenames, progress):
         jobs.append(pickle.loads(pickle.dumps(job)))
         for name in filenames:
             shardjob.write_shard(jobs[-1], name)
@@ -148,7 +148,7 @@ def test_a_plan_travels_and_its_shards_are_written_elsewhere(demo_checkpoint, si
                        shard_runner=runner)
     assert len(jobs) == 1 and files(tmp_path / "out") == single
 
-    def lazy(job, filenames):
+    def lazy(job, filenames, progress):
         shardjob.write_shard(job, filenames[0])     # the others never arrive
 
     with pytest.raises(streamconv.StreamconvError, match="no finished record"):

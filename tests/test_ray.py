@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 import streamconv
+from streamconv.report import CollectingReporter
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -68,9 +69,12 @@ def test_a_batch_on_ray_with_a_broken_checkpoint(cluster, demo_checkpoint, local
     for name in ("step-1", "step-2", "step-3"):
         shutil.copytree(demo_checkpoint.ckpt_dir, tmp_path / "runs" / name, ignore=shutil.ignore_patterns("hf_config"))
     (tmp_path / "runs/step-2/.metadata").write_bytes(b"\x80\x04garbage")
+    progress = CollectingReporter()
     report = streamconv.convert_many([str(tmp_path / "runs/step-*")], str(tmp_path / "hf/{step}"), ray="local",
-                                     jobs=2, max_shard_size=SHARD, no_config=True)
+                                     jobs=2, max_shard_size=SHARD, no_config=True, reporter=progress)
     assert [i.status for i in report.items] == ["converted", "failed", "converted"]
+    plan = streamconv.plan(str(tmp_path / "runs/step-1"), max_shard_size=SHARD, no_config=True)
+    assert progress.done_bytes == 2 * plan.total_bytes         # the two good ones, shard by shard
     assert files(tmp_path / "hf/1") == local == files(tmp_path / "hf/3")
     assert not (tmp_path / "hf/2").exists()
     again = streamconv.convert_many([str(tmp_path / "runs/step-*")], str(tmp_path / "hf/{step}"), ray="local",

@@ -1,8 +1,10 @@
 """streamconv: streaming, low-memory conversion of PyTorch Distributed Checkpoints to safetensors."""
 from .api import convert, inspect, make_options, plan, verify
+from .batch import convert_many
 from .errors import StreamconvError
+from .options import ConvertOptions
 from .plan import ConversionPlan, PlanOptions, build_plan
 
 __all__ = ["convert", "inspect", "plan", "verify", "make_options", "build_plan", "ConversionPlan", "PlanOptions",
-           "StreamconvError"]
+           "ConvertOptions", "convert_many", "StreamconvError"]
 __version__ = "0.1.0"

@@ -11,20 +11,22 @@ import shutil
 import time
 import zlib
 from dataclasses import replace
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
 
 from . import discover, dtypes, fastpaths, hf, names
 from .errors import OptionsError, OutputError
 from .executor import Executor, check_stored
 from .io import DirectoryReader, RangeReader
+from .options import ConvertOptions, resolve as resolve_options
 from .model import BlobLocation, CheckpointMetadata, StoredTensor, TensorEntry
 from .plan import INDEX_FILE_NAME, ConversionPlan, PlanOptions, build_plan, source_format
 from .report import ConversionReport, Reporter, peak_rss_bytes
 from .parallel import write_shards
 from .reader.integrity import ChunkIntegrity
+from .shardjob import ShardJob
 from .staging import StagingDir, check_destination, kill_point
 from . import verification as verifying
-from .sizes import format_size, parse_size
+from .sizes import format_size
 
 
 # Two writer threads overlap one shard's reads with another's writes and casts; more rarely helps a disk.
@@ -33,18 +35,13 @@ DEFAULT_WORKERS = 2
 # the pass costs ~0.2 s of CPU per GB (a read of page-cached data plus zlib.crc32), 20-80% of the wall time on
 # this 2-core machine, far above the 5% that would make it a free default. `verify` checks CRCs by default.
 DEFAULT_CRC = False
+# What `plan`, `convert` and `verify` take: the user's options, or the planner's resolved view.
+Options = Union[ConvertOptions, PlanOptions]
 
 
-def make_options(*, max_shard_size="5GB", buffer_size="32MiB", include: Sequence[str] = (),
-                 exclude: Sequence[str] = (), dtype: str = "keep", renames: Sequence[str] = (),
-                 subtree: Optional[str] = None, source_format: str = "auto") -> PlanOptions:
-    """PlanOptions from user-facing values ("5GB", "bf16", "REGEX=REPL")."""
-    out_dtype = dtypes.parse_output_dtype(dtype)   # "auto" stays: plan()/convert() resolve it from the config
-    return PlanOptions(
-        max_shard_bytes=parse_size(max_shard_size, option="--max-shard-size"),
-        buffer_bytes=parse_size(buffer_size, option="--buffer-size"),
-        include=tuple(include), exclude=tuple(exclude), dtype=out_dtype,
-        renames=tuple(names.RenameRule.parse(r) for r in renames), subtree=subtree, source_format=source_format)
+def make_options(**keywords) -> PlanOptions:
+    """PlanOptions from user-facing values ("5GB", "bf16", "REGEX=REPL"): the fields of `ConvertOptions`."""
+    return ConvertOptions(**keywords).plan_options()
 
 
 def load(checkpoint_dir: str, fast: Optional[fastpaths.FastPaths] = None
@@ -61,7 +58,7 @@ def load(checkpoint_dir: str, fast: Optional[fastpaths.FastPaths] = None
         raise
 
 
-def plan(checkpoint_dir: str, options: Optional[PlanOptions] = None, *, config_from: Optional[str] = None,
+def plan(checkpoint_dir: str, options: Optional[Options] = None, *, config_from: Optional[str] = None,
          reporter: Optional[Reporter] = None, allow_unmatched: bool = False, no_config: bool = False,
          **kwargs) -> ConversionPlan:
     """The dry run: everything `convert` would do, decided from `.metadata` (and the config folder) alone.
@@ -70,11 +67,12 @@ def plan(checkpoint_dir: str, options: Optional[PlanOptions] = None, *, config_f
     checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_dir)
     reader, meta = load(checkpoint_dir)
     reader.close()
-    options = options or make_options(**kwargs)
+    options, user = resolve_options(options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched,
+                                    no_config=no_config)
     if options.subtree is None:     # --subtree names what to convert, optimizer state included
         discover.refuse_optimizer_only(meta, checkpoint_dir)
-    setup = hf.prepare(meta, options, checkpoint_dir, config_from=config_from,
-                       allow_unmatched=allow_unmatched, no_config=no_config)
+    setup = hf.prepare(meta, options, checkpoint_dir, config_from=user.config_from,
+                       allow_unmatched=user.allow_unmatched, no_config=user.no_config)
     for note in ((found_note,) if found_note else ()) + setup.notes:
         (reporter or Reporter()).note(note)
     conversion = _checked_plan(meta, setup.options, checkpoint_dir)
@@ -210,11 +208,11 @@ def locate_chunks(conversion: ConversionPlan, reader: RangeReader) -> Dict[BlobL
     return stored
 
 
-def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions] = None, *,
+def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = None, *,
             overwrite: bool = False, reporter: Optional[Reporter] = None, config_from: Optional[str] = None,
             workers: int = DEFAULT_WORKERS, verify: bool = False, crc: Optional[bool] = None,
             allow_unmatched: bool = False, no_config: bool = False, resume: bool = False,
-            discard_partial: bool = False, **kwargs) -> ConversionReport:
+            discard_partial: bool = False, shard_runner=None, **kwargs) -> ConversionReport:
     """Convert a DCP checkpoint folder into a folder of safetensors shards (+ index when sharded), with the
     base model's config and tokenizer beside them when `config_from` (or train_params.yaml) names it.
 
@@ -228,6 +226,9 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
     `checkpoint_dir` may be a run folder holding the DCP folder (`discover.find_checkpoint`). With a reference
     model, an output that would not match its weights raises ReferenceMismatchError before anything is written,
     unless `allow_unmatched`. `no_config`: no config unless `config_from` (train_params.yaml is not read).
+    `shard_runner(job, filenames, progress)`: writes the shards elsewhere (e.g. Ray tasks,
+    `ray_runner.shard_runner`) given a `shardjob.ShardJob`, calling `progress(tensor bytes)` as shards finish;
+    every shard must then be recorded in the staging folder, checked before the commit.
     """
     reporter = reporter or Reporter()
     started = time.perf_counter()
@@ -235,11 +236,12 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
     checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_dir)
     reader, meta = load(checkpoint_dir, fast)
     with reader:
-        options = options or make_options(**kwargs)
+        options, user = resolve_options(options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched,
+                                        no_config=no_config)
         if options.subtree is None:     # --subtree names what to convert, optimizer state included
             discover.refuse_optimizer_only(meta, checkpoint_dir)
-        setup = hf.prepare(meta, options, checkpoint_dir, config_from=config_from,
-                           allow_unmatched=allow_unmatched, no_config=no_config)
+        setup = hf.prepare(meta, options, checkpoint_dir, config_from=user.config_from,
+                           allow_unmatched=user.allow_unmatched, no_config=user.no_config)
         options = setup.options
         conversion = _checked_plan(meta, options, checkpoint_dir)
         # Dropped tied heads are still read once, to prove they equal the embedding written in their place.
@@ -272,9 +274,21 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
             if meta.flavor:
                 run_notes.append(f"source: {meta.flavor}")
             kill_point("before-first-shard")
-            write_shards(to_write, reader, stored, staging.file, buffer_bytes=options.buffer_bytes,
-                         workers=workers, progress=reporter.advance, integrity=integrity, fast=fast,
-                         on_shard_done=lambda s, crc: staging.shard_done(s.filename, s.nbytes, fingerprints[s.filename], crc))
+            if shard_runner is None:
+                write_shards(to_write, reader, stored, staging.file, buffer_bytes=options.buffer_bytes,
+                             workers=workers, progress=reporter.advance, integrity=integrity, fast=fast,
+                             on_shard_done=lambda s, crc: staging.shard_done(s.filename, s.nbytes,
+                                                                             fingerprints[s.filename], crc))
+            else:
+                record = plan_record(conversion, checkpoint_dir, meta)
+                job = ShardJob(checkpoint_dir=os.path.abspath(checkpoint_dir), staging_dir=staging.path,
+                               plan=conversion, plan_fingerprint=record["plan"], checkpoint_files=record["checkpoint"],
+                               shard_fingerprints=fingerprints, crc=check_crc)
+                shard_runner(job, [s.filename for s in to_write], reporter.advance)
+                for s in to_write:      # the workers' records, and each file's size (its bytes: --verify)
+                    if not staging.shard_recorded(s.filename, s.nbytes, fingerprints[s.filename], check_crc=False):
+                        raise OutputError(f"{staging.file(s.filename)}: the worker writing it reported success but "
+                                          "no finished record or the wrong size is there; nothing was committed")
             if setup.tied:
                 checker = Executor(reader, stored, options.buffer_bytes, progress=reporter.advance,
                                    integrity=integrity)
@@ -388,7 +402,7 @@ def inspect(checkpoint_dir: str) -> dict:
     }
 
 
-def verify(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions] = None, *,
+def verify(checkpoint_dir: str, output_dir: str, options: Optional[Options] = None, *,
            config_from: Optional[str] = None, reporter: Optional[Reporter] = None, crc: bool = True,
            allow_unmatched: bool = False, no_config: bool = False, **kwargs) -> verifying.VerifyResult:
     """Check an existing output folder against its checkpoint, streaming both: every tensor `convert` would
@@ -402,8 +416,10 @@ def verify(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions] 
         reporter.note(found_note)
     reader, meta = load(checkpoint_dir, fastpaths.detect())
     with reader:
-        setup = hf.prepare(meta, options or make_options(**kwargs), checkpoint_dir, config_from=config_from,
-                           allow_unmatched=allow_unmatched, no_config=no_config)
+        options, user = resolve_options(options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched,
+                                        no_config=no_config)
+        setup = hf.prepare(meta, options, checkpoint_dir, config_from=user.config_from,
+                           allow_unmatched=user.allow_unmatched, no_config=user.no_config)
         for note in setup.notes:
             reporter.note(note)
         conversion = _checked_plan(meta, setup.options, checkpoint_dir)

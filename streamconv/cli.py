@@ -1,6 +1,7 @@
 """Command line: `streamconv convert | plan | inspect`. The only place that prints or picks exit codes."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -11,10 +12,10 @@ import click
 
 from . import api
 from .errors import OptionsError, StreamconvError
+from .options import ConvertOptions
 from .report import CollectingReporter, Reporter, TqdmReporter
 from .names import printable
 from .sizes import format_size
-from .trainers import SOURCE_FORMATS
 
 
 # SIGTERM (job schedulers) and SIGHUP (a closed terminal or ssh session) end a run like Ctrl-C does.
@@ -51,15 +52,18 @@ def _internal_error(exc: BaseException, as_json: bool) -> None:
     sys.exit(1)
 
 
-def _interrupted(as_json: bool, resume: bool) -> None:
+def _interrupted(as_json: bool, resume: bool, batch: bool = False) -> None:
     kept = ("the staging folder is kept: run the same command with --resume to continue" if resume
             else "nothing was committed and the partial output was removed")
+    if batch:
+        kept = "finished checkpoints are committed, the others' staging folders kept: run the same command to continue"
     _emit_failure(f"interrupted: {kept}", "Interrupted", 130, as_json)
     sys.exit(130)
 
 
 def _fail_cleanly(fn):
     """Turn library errors into one-line messages and their exit codes; never a traceback."""
+    keeps_staging = fn.__name__ == "batch"      # batch always resumes: an interrupt keeps staging folders
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         as_json = bool(kwargs.get("as_json"))
@@ -69,16 +73,16 @@ def _fail_cleanly(fn):
             return fn(*args, **kwargs)
         except StreamconvError as exc:
             if _received["signal"] is not None:
-                _interrupted(as_json, bool(kwargs.get("resume")))
+                _interrupted(as_json, bool(kwargs.get("resume")), keeps_staging)
             _emit_failure(str(exc), type(exc).__name__, exc.exit_code, as_json)
             sys.exit(exc.exit_code)
         except (KeyboardInterrupt, click.exceptions.Abort):
-            _interrupted(as_json, bool(kwargs.get("resume")))
+            _interrupted(as_json, bool(kwargs.get("resume")), keeps_staging)
         except (click.exceptions.Exit, click.ClickException, BrokenPipeError):
             raise       # usage errors and a closed stdout are handled by _Group
         except Exception as exc:
             if _received["signal"] is not None:     # whatever the interrupt broke on its way out
-                _interrupted(as_json, bool(kwargs.get("resume")))
+                _interrupted(as_json, bool(kwargs.get("resume")), keeps_staging)
             _internal_error(exc, as_json)
         finally:
             for s, handler in previous.items():
@@ -139,63 +143,31 @@ def _stdout_to_devnull() -> None:
     os.close(devnull)
 
 
+def _click_option(f) -> "click.Option":
+    """One click option from a `ConvertOptions` field's metadata (flag, help, how it parses)."""
+    m = f.metadata
+    kwargs = dict(help=m["help"], metavar=m["metavar"], show_default=m["show_default"])
+    if m["is_flag"]:
+        kwargs.update(is_flag=True)
+    elif m["multiple"]:
+        kwargs.update(multiple=True)
+    else:
+        kwargs.update(default=f.default)
+    if m["choices"]:
+        kwargs.update(type=click.Choice(m["choices"]))
+    elif m["path"]:
+        kwargs.update(type=click.Path())
+    return click.option(m["flag"], f.name, **{k: v for k, v in kwargs.items() if v is not None})
+
+
 def _plan_options(fn):
-    """Options shared by `convert` and `plan`."""
-    decorators = [
-        click.option("--max-shard-size", default="5GB", show_default=True,
-                     help="Largest output file, e.g. 5GB, 2GiB, 500MB. A single tensor larger than this gets a file "
-                          "of its own."),
-        click.option("--buffer-size", default="32MiB", show_default=True,
-                     help="Working memory for assembling and casting tensors (e.g. 16MiB). Peak memory is about "
-                          "this plus ~40 MiB, whatever the model size."),
-        click.option("--dtype", default="keep", show_default=True,
-                     help="Output dtype for floating tensors: keep, bfloat16, float16, float32 (or auto, which takes "
-                          "the config's dtype when one is given). Integer and bool tensors are never cast. Bits "
-                          "are torch's tensor.to with one thread: values and infinities always identical, a NaN "
-                          "stays NaN (its payload may differ from a multi-threaded torch's)."),
-        click.option("--config-from", "config_from", default=None, metavar="DIR", type=click.Path(),
-                     help="A Hugging Face model folder or hub snapshot (the base model): copy its config, generation "
-                          "config, tokenizer and processor files, set config.json's dtype to the output's, name "
-                          "tensors as its weights are named (an output that does not match them is an error, exit "
-                          "4), and drop lm_head.weight when it ties embeddings. "
-                          "Default: the model_name of train_params.yaml in CHECKPOINT_DIR, when it is a local "
-                          "folder or in the local Hugging Face cache."),
-        click.option("--no-config", "no_config", is_flag=True,
-                     help="Write weights only unless --config-from is given: do not look for the base model "
-                          "through train_params.yaml or the local Hugging Face cache, so the output never depends "
-                          "on what happens to be there."),
-        click.option("--allow-unmatched", "allow_unmatched", is_flag=True,
-                     help="Write the output even when its tensor names or shapes do not match the reference "
-                          "model's weights (--config-from or found); without it that is an error (exit 4) before "
-                          "anything is written."),
-        click.option("--include", multiple=True, metavar="GLOB",
-                     help="Only tensors whose checkpoint key or output name matches (repeatable), e.g. "
-                          "'*.layers.0.*'."),
-        click.option("--exclude", multiple=True, metavar="GLOB", help="Skip matching tensors (repeatable)."),
-        click.option("--rename", "renames", multiple=True, metavar="REGEX=REPLACEMENT",
-                     help="Rewrite output names with a regular expression (repeatable, applied in order)."),
-        click.option("--subtree", default=None, metavar="KEY",
-                     help="Top-level key holding the model. Default: 'model' when the checkpoint was saved as "
-                          "{'model': ..., 'optim': ...}, else the whole state dict."),
-        click.option("--source-format", "source_format", default="auto", show_default=True,
-                     type=click.Choice(SOURCE_FORMATS),
-                     help="Whose names and row layout the checkpoint has: auto (detect torchtitan / torchtune Llama or "
-                          "a Megatron-Core GPT from its module names), hf (keep names as they are), or a trainer "
-                          "layout. Trainer "
-                          "layouts are mapped to Hugging Face Llama names, q/k rows permuted to HF's RoPE order, fused "
-                          "weights split; that needs the head counts from --config-from."),
-        click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report on stdout."),
-    ]
+    """Options shared by `convert`, `plan`, `verify` and `batch`: the fields of `ConvertOptions`, then --json."""
+    decorators = [_click_option(f) for f in dataclasses.fields(ConvertOptions)]
+    decorators.append(click.option("--json", "as_json", is_flag=True,
+                                   help="Print a machine-readable JSON report on stdout."))
     for d in reversed(decorators):
         fn = d(fn)
     return fn
-
-
-def _options(max_shard_size, buffer_size, dtype, include, exclude, renames, subtree, source_format="auto"):
-    return api.make_options(max_shard_size=max_shard_size, buffer_size=buffer_size, include=include,
-                            exclude=exclude, dtype=dtype, renames=renames, subtree=subtree,
-                            source_format=source_format)
-
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -238,9 +210,8 @@ def cli():
               help="Show a progress bar on stderr. Default: only when stderr is a terminal and neither --json nor "
                    "--quiet is given.")
 @_fail_cleanly
-def convert(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, config_from, include, exclude, renames,
-            subtree, source_format, as_json, overwrite, workers, verify, crc, resume, discard_partial, quiet,
-            progress, no_config=False, allow_unmatched=False):
+def convert(checkpoint_dir, output_dir, as_json, overwrite, workers, verify, crc, resume, discard_partial, quiet,
+            progress, **option_values):
     """Convert CHECKPOINT_DIR (a DCP folder) into OUTPUT_DIR (safetensors shards).
 
     CHECKPOINT_DIR may also be a run folder holding one DCP folder with model weights (accelerate's state/, a
@@ -252,15 +223,13 @@ def convert(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, conf
     checkpoint folder or hold it (a subfolder of it is fine). Only the model's weights are written:
     optimizer state and non-tensor entries are skipped.
     """
-    options = _options(max_shard_size, buffer_size, dtype, include, exclude, renames, subtree, source_format)
+    options = ConvertOptions.take(option_values)
     if progress is None:
         progress = sys.stderr.isatty() and not as_json and not quiet
     reporter: Reporter = TqdmReporter() if progress else CollectingReporter()
     try:
         report = api.convert(checkpoint_dir, output_dir, options, overwrite=overwrite, reporter=reporter,
-                             config_from=config_from, workers=workers, verify=verify, crc=crc,
-                             allow_unmatched=allow_unmatched, no_config=no_config, resume=resume,
-                             discard_partial=discard_partial)
+                             workers=workers, verify=verify, crc=crc, resume=resume, discard_partial=discard_partial)
     finally:
         reporter.close()
     if as_json:
@@ -283,17 +252,13 @@ def convert(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, conf
 @click.argument("checkpoint_dir", type=click.Path(file_okay=False))
 @_plan_options
 @_fail_cleanly
-def plan(checkpoint_dir, max_shard_size, buffer_size, dtype, config_from, include, exclude, renames, subtree,
-         source_format, as_json, no_config=False, allow_unmatched=False):
+def plan(checkpoint_dir, as_json, **option_values):
     """Dry run: show the files, tensor names and predicted peak memory `convert` would produce.
 
     Reads only `.metadata` (and the config folder's JSON files and safetensors headers); writes nothing.
     """
     notes = CollectingReporter()
-    conversion = api.plan(checkpoint_dir, _options(max_shard_size, buffer_size, dtype, include, exclude,
-                                                   renames, subtree, source_format),
-                          config_from=config_from, reporter=notes,
-                          allow_unmatched=allow_unmatched, no_config=no_config)
+    conversion = api.plan(checkpoint_dir, ConvertOptions.take(option_values), reporter=notes)
     summary = conversion.to_dict()
     if as_json:
         click.echo(json.dumps(dict(summary, notes=notes.notes, error=None, exit_code=0), indent=2))
@@ -319,8 +284,7 @@ def plan(checkpoint_dir, max_shard_size, buffer_size, dtype, config_from, includ
               help="Check every read chunk's CRC-32, as recorded by torch.save in its .distcp file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only problems.")
 @_fail_cleanly
-def verify(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, config_from, include, exclude, renames,
-           subtree, source_format, as_json, crc, quiet, no_config=False, allow_unmatched=False):
+def verify(checkpoint_dir, output_dir, as_json, crc, quiet, **option_values):
     """Check OUTPUT_DIR (a converted folder) against CHECKPOINT_DIR without converting again.
 
     Pass the naming and dtype options the conversion used (--dtype, --rename, --include/--exclude, --subtree,
@@ -332,12 +296,11 @@ def verify(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, confi
     its CRC-32.
     """
     from .verification import CorruptSourceError, OutputDiffersError
-    options = _options(max_shard_size, buffer_size, dtype, include, exclude, renames, subtree, source_format)
+    options = ConvertOptions.take(option_values)
     interactive = sys.stderr.isatty() and not as_json and not quiet
     reporter: Reporter = TqdmReporter() if interactive else CollectingReporter()
     try:
-        result = api.verify(checkpoint_dir, output_dir, options, config_from=config_from, reporter=reporter, crc=crc,
-                            allow_unmatched=allow_unmatched, no_config=no_config)
+        result = api.verify(checkpoint_dir, output_dir, options, reporter=reporter, crc=crc)
     except (OutputDiffersError, CorruptSourceError) as exc:
         reporter.close()
         # One JSON object for scripts: the whole finding plus the error, as for any other failure.
@@ -362,6 +325,75 @@ def verify(checkpoint_dir, output_dir, max_shard_size, buffer_size, dtype, confi
         click.echo(f"ok: {result.tensors_equal} tensors in {len(result.files)} file(s) of {result.output} match "
                    f"{result.checkpoint}\n  {format_size(result.bytes_compared)} compared in {result.seconds:.2f} s, "
                    f"peak RSS {format_size(result.peak_rss_bytes)}{crc_text}")
+
+
+@cli.command()
+@click.argument("sources", nargs=-1)
+@click.option("--output-template", "-o", required=True, metavar="TEMPLATE",
+              help="Where each checkpoint's output goes: {name} is its folder name, {parent} the folder above it, "
+                   "{step} the digits at the end of its name, e.g. 'hf/{parent}-{step}'.")
+@click.option("--from-file", "from_file", default=None, metavar="LIST", type=click.Path(dir_okay=False),
+              help="Also convert the folders or globs listed in LIST, one a line ('#' comments allowed).")
+@_plan_options
+@click.option("--jobs", "-j", default=None, type=click.IntRange(1, 256),
+              help="Checkpoints converted side by side, each in its own process. Default: one per output device.")
+@click.option("--max-memory", "max_memory", default=None, metavar="SIZE",
+              help="Keep the sum of the running jobs' predicted peak memory within SIZE (e.g. 8GiB); a checkpoint "
+                   "predicted to need more fails without starting.")
+@click.option("--workers", default=api.DEFAULT_WORKERS, show_default=True, type=click.IntRange(1, 64),
+              help="Threads writing shards side by side within each job; they share --buffer-size.")
+@click.option("--verify", is_flag=True, help="Check every output before committing it, as convert --verify does.")
+@click.option("--crc/--no-crc", default=None, help="Check each chunk's CRC-32 as it is read (as for convert).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace outputs that exist; without it a complete output that matches its plan is skipped and "
+                   "any other non-empty output fails its checkpoint.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Write each checkpoint's shards as Ray tasks (pip install 'streamconv[ray]'): --ray alone starts "
+                   "a local cluster, --ray ADDRESS joins one (e.g. ray://head:10001 or head:6379). Workers must see "
+                   "the same storage paths.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or table; print only failures.")
+@click.option("--progress/--no-progress", default=None,
+              help="Show one progress bar for the batch on stderr. Default: only on a terminal without --json or "
+                   "--quiet.")
+@_fail_cleanly
+def batch(sources, output_template, from_file, as_json, jobs, max_memory, workers, verify, crc, overwrite,
+          ray_address, quiet, progress, **option_values):
+    """Convert many checkpoints: SOURCES are folders or globs (quote them: 'runs/*/checkpoint-*').
+
+    Each checkpoint is planned first (from .metadata), then converted as `convert --resume` would, in a process
+    of its own. An output that is already complete and matches its plan (every shard's size and header, the
+    index) is skipped, so a rerun continues where the last one stopped; an interrupted one resumes shard by
+    shard. A checkpoint that fails does not stop the others; the exit code is 1 when any failed (the table and
+    --json report say which and why).
+    """
+    from . import batch as batching
+    options = ConvertOptions.take(option_values)
+    if progress is None:
+        progress = sys.stderr.isatty() and not as_json and not quiet
+    reporter: Reporter = TqdmReporter() if progress else CollectingReporter()
+    try:
+        report = batching.convert_many(sources, output_template, options, from_file=from_file, jobs=jobs,
+                                       max_memory=max_memory, workers=workers, crc=crc, verify=verify,
+                                       overwrite=overwrite, reporter=reporter, ray=ray_address)
+    finally:
+        reporter.close()
+    failed = report.failed
+    if as_json:
+        click.echo(json.dumps(dict(report.to_dict(), error=(f"{len(failed)} checkpoint(s) failed" if failed else None),
+                                   exit_code=1 if failed else 0), indent=2))
+    elif not quiet:
+        click.echo(f"{'status':9} {'size':>10} {'seconds':>8} {'MB/s':>7} {'peak RSS':>10}  checkpoint -> output")
+        for i in report.items:
+            click.echo(f"{i.status:9} {format_size(i.bytes):>10} {i.seconds:8.2f} {i.mb_per_s:7.0f} "
+                       f"{format_size(i.peak_rss_bytes) if i.peak_rss_bytes else '-':>10}  "
+                       f"{printable(i.source)} -> {printable(i.output)}")
+        counts = ", ".join(f"{n} {k}" for k, n in report.to_dict()["counts"].items())
+        click.echo(f"{len(report.items)} checkpoint(s) in {report.seconds:.1f} s ({counts}); {report.jobs} job(s)")
+    for i in failed:
+        where = "" if i.error.startswith(i.source) else f"{printable(i.source)}: "
+        click.echo(f"error: {where}{i.error}", err=True)
+    if failed:
+        sys.exit(1)
 
 
 @cli.command()

@@ -8,6 +8,7 @@ at their next step.
 """
 from __future__ import annotations
 
+import functools
 import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Callable, List, Mapping, Optional, Sequence, Tuple
@@ -21,16 +22,18 @@ from .sink import FileSink
 from .staging import kill_point
 
 Progress = Callable[[int], None]
+# Opens one shard's output (path, size in bytes): a FileSink, or any sink with `crc32()` for the resume record.
+SinkFactory = Callable[[str, int], FileSink]
 
 
 class _OpenShard:
     """A shard file being filled by several workers: created (with its header) by the first one to need
     it, closed by the one that writes its last tensor."""
 
-    def __init__(self, shard: ShardPlan, path: str, on_done: Optional[Callable[[ShardPlan, int], None]] = None,
-                 fast: Optional[FastPaths] = None):
+    def __init__(self, shard: ShardPlan, path: str, on_done: Optional[Callable[[ShardPlan, int], None]],
+                 open_sink: SinkFactory):
         self.shard = shard
-        self.fast = fast
+        self.open_sink = open_sink
         self.on_done = on_done
         self.path = path
         self.remaining = len(shard.tensors)
@@ -40,7 +43,7 @@ class _OpenShard:
     def open(self) -> FileSink:
         with self.lock:
             if self.sink is None:
-                self.sink = FileSink(self.path, self.shard.nbytes, fast=self.fast)
+                self.sink = self.open_sink(self.path, self.shard.nbytes)
                 self.sink.write_at(0, self.shard.header)
             return self.sink
 
@@ -68,11 +71,12 @@ def write_shards(shards: Sequence[ShardPlan], reader: RangeReader, stored: Mappi
                  path_for: Callable[[str], str], *, buffer_bytes: int, workers: int = 1,
                  progress: Optional[Progress] = None, integrity=None,
                  on_shard_done: Optional[Callable[[ShardPlan, int], None]] = None,
-                 fast: Optional[FastPaths] = None) -> None:
+                 fast: Optional[FastPaths] = None, open_sink: Optional[SinkFactory] = None) -> None:
     """Write every shard to `path_for(filename)`. The total buffer memory stays `buffer_bytes`.
     `fast`: the fast IO paths the shard files may use (default `fastpaths.detect()`).
     `integrity` (a `reader.integrity.ChunkIntegrity`) checks each chunk's CRC-32 before its bytes move.
-    `on_shard_done(shard, crc32)` runs (on the worker that finished it) once a shard's last byte is written."""
+    `on_shard_done(shard, crc32)` runs (on the worker that finished it) once a shard's last byte is written.
+    `open_sink(path, nbytes)` opens each shard's output (a FileSink unless told)."""
     lock = threading.Lock()
 
     def advance(n: int) -> None:
@@ -80,7 +84,9 @@ def write_shards(shards: Sequence[ShardPlan], reader: RangeReader, stored: Mappi
             with lock:
                 progress(n)
 
-    files = [_OpenShard(s, path_for(s.filename), on_shard_done, fast) for s in shards]
+    if open_sink is None:
+        open_sink = functools.partial(FileSink, fast=fast)
+    files = [_OpenShard(s, path_for(s.filename), on_shard_done, open_sink) for s in shards]
     for f in files:
         if not f.shard.tensors:
             f.open()

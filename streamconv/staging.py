@@ -361,29 +361,18 @@ class StagingDir:
     def kept_shard(self, filename: str, nbytes: int, shard_fingerprint: str) -> bool:
         """Whether a shard of a resumed run is complete: its record matches the plan, and the file its size
         and checksum. A shard that fails any check is rewritten."""
-        if not self.resumed:
-            return False
-        record = _read_json(os.path.join(self.records_dir, filename + ".json"))
-        path = self.file(filename)
-        if (record is None or record.get("plan") != self.plan_record.get("plan")
-                or record.get("shard") != shard_fingerprint or record.get("nbytes") != nbytes):
-            return False
-        try:
-            if os.path.getsize(path) != nbytes:
-                return False
-        except OSError:
-            return False
-        return file_crc32(path, self.fast) == record.get("crc32")
+        return self.resumed and self.shard_recorded(filename, nbytes, shard_fingerprint)
+
+    def shard_recorded(self, filename: str, nbytes: int, shard_fingerprint: str, *, check_crc: bool = True) -> bool:
+        """Whether a shard was finished by this plan (here or by another process writing into this folder):
+        its record matches, the file has its size and (`check_crc`) the recorded CRC-32."""
+        return shard_recorded(self.path, self.plan_record.get("plan"), filename, nbytes, shard_fingerprint,
+                              check_crc=check_crc, fast=self.fast)
 
     def shard_done(self, filename: str, nbytes: int, shard_fingerprint: str, crc32: int) -> None:
         """A shard's bytes are all written: make them durable, then record it so a resume can keep it.
         `crc32` is the file's CRC-32 as the writer computed it (crc.py), checked against the file on resume."""
-        path = self.file(filename)
-        fsync_path(path)
-        record = {"plan": self.plan_record.get("plan"), "shard": shard_fingerprint, "nbytes": nbytes,
-                  "crc32": crc32}
-        _write_json_atomic(os.path.join(self.records_dir, filename + ".json"), record)
-        kill_point("between-shards")
+        record_shard(self.path, self.plan_record.get("plan"), filename, nbytes, shard_fingerprint, crc32)
 
     def write_json(self, name: str, obj: Dict) -> None:
         path = self.file(name)
@@ -511,3 +500,30 @@ def free_space_note(path: str) -> str:
         return f"{shutil.disk_usage(probe).free:,} bytes free on {probe}; free some space or choose another folder"
     except OSError:
         return "free some space or choose another folder"
+
+
+def shard_recorded(staging: str, plan_fingerprint: Optional[str], filename: str, nbytes: int,
+                   shard_fingerprint: str, *, check_crc: bool = True, fast: Optional[FastPaths] = None) -> bool:
+    """See `StagingDir.shard_recorded`; a function so that a worker process without the StagingDir can ask."""
+    record = _read_json(os.path.join(staging, RECORDS_DIR, filename + ".json"))
+    path = os.path.join(staging, filename)
+    if (record is None or record.get("plan") != plan_fingerprint
+            or record.get("shard") != shard_fingerprint or record.get("nbytes") != nbytes):
+        return False
+    try:
+        if os.path.getsize(path) != nbytes:
+            return False
+    except OSError:
+        return False
+    return not check_crc or file_crc32(path, fast or detect()) == record.get("crc32")
+
+
+def record_shard(staging: str, plan_fingerprint: Optional[str], filename: str, nbytes: int,
+                 shard_fingerprint: str, crc32: int) -> None:
+    """See `StagingDir.shard_done`: fsync the shard, then write its record (atomically, by rename). Any process
+    writing into the staging folder may call it; the driver's later `shard_recorded` sees it."""
+    path = os.path.join(staging, filename)
+    fsync_path(path)
+    record = {"plan": plan_fingerprint, "shard": shard_fingerprint, "nbytes": nbytes, "crc32": crc32}
+    _write_json_atomic(os.path.join(staging, RECORDS_DIR, filename + ".json"), record)
+    kill_point("between-shards")

@@ -125,6 +125,17 @@ def test_harness_end_to_end_on_tiny(tiny_ckpt, tmp_path):
     assert not (tmp_path / "cache" / "work").exists()
 
 
+def test_batch_harness_on_tiny(tiny_ckpt, tmp_path, capsys):
+    from benchmarks import batch
+    assert batch.main(["--ckpt", str(tiny_ckpt), "-n", "2", "--jobs", "1", "--work", str(tmp_path / "work"),
+                       "--out", str(tmp_path / "results"), "--no-drop-caches"]) == 0
+    rows = json.loads((tmp_path / "results" / "batch-tiny-x2.json").read_text())["rows"]
+    assert [r["contender"] for r in rows] == ["cp -r (all)", "streamconv convert, one by one (sum)",
+                                              "streamconv batch --jobs 1"]
+    assert rows[2]["rerun_all_skipped_s"] > 0 and "x cp" in capsys.readouterr().out
+    assert not (tmp_path / "work").exists()
+
+
 def test_tp_layout_splits_rowwise_weights_along_dim_1(tmp_path):
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save

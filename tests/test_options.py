@@ -1,0 +1,63 @@
+"""One options object: the CLI flags and API keywords are derived from `ConvertOptions`, and options given twice
+are refused instead of silently dropped."""
+import dataclasses
+import pickle
+
+import pytest
+from click.testing import CliRunner
+
+import streamconv
+from streamconv import api
+from streamconv.cli import cli
+from streamconv.errors import OptionsError
+from streamconv.options import ConvertOptions, resolve
+from streamconv.plan import PlanOptions
+
+
+def test_every_field_is_a_flag_of_convert_plan_and_verify():
+    runner = CliRunner()
+    for command in ("convert", "plan", "verify"):
+        text = runner.invoke(cli, [command, "--help"], terminal_width=200).output
+        for f in dataclasses.fields(ConvertOptions):
+            assert f.metadata["flag"] in text, (command, f.name)
+    assert "[default: 5GB]" in runner.invoke(cli, ["plan", "--help"], terminal_width=200).output
+
+
+def test_defaults_resolve_to_the_planner_defaults():
+    assert ConvertOptions().plan_options() == PlanOptions()
+    assert api.make_options() == PlanOptions()
+    assert api.make_options(max_shard_size="2GB", renames=["a=b"]).max_shard_bytes == 2 * 10**9
+
+
+def test_picklable_and_frozen():
+    options = ConvertOptions(max_shard_size="1MB", include=["*.weight"], renames=("a=b",), config_from="/x")
+    assert pickle.loads(pickle.dumps(options)) == options
+    assert options.include == ("*.weight",)          # lists become tuples: hashable and equal after a round trip
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.dtype = "bfloat16"
+
+
+def test_bad_values_are_refused_when_built():
+    with pytest.raises(OptionsError, match="--max-shard-size"):
+        ConvertOptions(max_shard_size="lots")
+    with pytest.raises(OptionsError, match="--rename"):
+        ConvertOptions(renames=("no-equals-sign",))
+
+
+def test_options_given_twice_are_an_error():
+    with pytest.raises(OptionsError, match="given twice"):
+        resolve(PlanOptions(), {"max_shard_size": "2GB"})
+    with pytest.raises(OptionsError, match="given twice"):
+        resolve(ConvertOptions(config_from="/a"), {}, config_from="/b")
+    with pytest.raises(OptionsError, match="unknown option"):
+        resolve(None, {"max_shard_bytes": 5})
+    plan_options, user = resolve(ConvertOptions(dtype="bf16"), {}, no_config=True)
+    assert plan_options.dtype == "bfloat16" and user.no_config
+
+
+def test_api_plan_refuses_a_dropped_keyword(demo_checkpoint):
+    with pytest.raises(OptionsError, match="given twice"):
+        streamconv.plan(str(demo_checkpoint.ckpt_dir), PlanOptions(), max_shard_size="1KB")
+    by_object = streamconv.plan(str(demo_checkpoint.ckpt_dir), ConvertOptions(max_shard_size="100KB"), no_config=True)
+    by_keyword = streamconv.plan(str(demo_checkpoint.ckpt_dir), max_shard_size="100KB", no_config=True)
+    assert by_object.to_dict() == by_keyword.to_dict() and len(by_object.shards) > 1

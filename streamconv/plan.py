@@ -22,6 +22,9 @@ MIN_BUFFER_BYTES = 64 * 2**10
 # Resident memory of the converter itself (interpreter, numpy, click, tqdm) before any buffer,
 # measured on CPython 3.11; used only to predict the peak.
 BASE_RSS_BYTES = 40 * 2**20
+# Transient reads outside the buffer, per writer: the plain IO paths' 1 MiB steps (fastpaths.PREAD_STEP_BYTES),
+# a comparing sink's pieces, a resume record's CRC read-back. Two writers by default.
+IO_STEPS_BYTES = 2 * 2**20
 # Rough resident cost of one chunk's metadata and plan entries (dataclasses, tuples, dict slots).
 PER_CHUNK_BYTES = 1500
 
@@ -419,7 +422,7 @@ def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -
         shards.append(ShardPlan(filename=filename, header=header, tensors=tuple(tensors)))
 
     n_chunks = sum(len(t.chunks) for t in meta.tensors) + sum(len(t.pieces) for s in shards for t in s.tensors)
-    peak = BASE_RSS_BYTES + options.buffer_bytes + n_chunks * PER_CHUNK_BYTES
+    peak = BASE_RSS_BYTES + IO_STEPS_BYTES + options.buffer_bytes + n_chunks * PER_CHUNK_BYTES
     resolution = source_format(meta, options)
     return ConversionPlan(shards=tuple(shards), options=options, skipped=skipped, renamed=renamed,
                           subtree=subtree, peak_bytes=peak, source_format=resolution.name,

@@ -309,5 +309,5 @@ def test_plain_paths_keep_memory_within_the_buffer(tmp_path):
         print(f"{fastpaths.ENV}={switch}: {report['seconds']:.2f} s, peak RSS {peaks[switch]:.1f} MiB")
         trees[switch] = tree_bytes(out)
         assert report["peak_rss_bytes"] <= report["predicted_peak_bytes"]
-    assert peaks["1"] < 40 + buffer_mib, f"peak RSS {peaks['1']:.1f} MiB with fast paths off"
+    assert peaks["1"] < 48 + buffer_mib, f"peak RSS {peaks['1']:.1f} MiB with fast paths off"   # as every layout
     assert trees["1"] == trees["0"]

@@ -52,10 +52,14 @@ def load(checkpoint_dir: str) -> Tuple[DirectoryReader, CheckpointMetadata]:
     name = find_metadata_file(checkpoint_dir)   # explains what a DCP folder looks like when it is not one
     reader = DirectoryReader(checkpoint_dir)
     try:
-        return reader, load_metadata(reader, name)
+        meta = load_metadata(reader, name)
     except BaseException:
         reader.close()
         raise
+    from .reader import zstd
+    if zstd.uses_transforms(meta):   # compressed blobs are read through a decoder (reader/zstd.py)
+        return zstd.DecodingReader(reader), meta
+    return reader, meta
 
 
 def plan(checkpoint_dir: str, options: Optional[PlanOptions] = None, *, config_from: Optional[str] = None,
@@ -72,7 +76,9 @@ def plan(checkpoint_dir: str, options: Optional[PlanOptions] = None, *, config_f
         discover.refuse_optimizer_only(meta, checkpoint_dir)
     setup = hf.prepare(meta, options, checkpoint_dir, config_from=config_from,
                        allow_unmatched=allow_unmatched, no_config=no_config)
-    for note in ((found_note,) if found_note else ()) + setup.notes:
+    from .reader import zstd
+    transform_note = zstd.transform_note(meta)
+    for note in ((found_note,) if found_note else ()) + ((transform_note,) if transform_note else ()) + setup.notes:
         (reporter or Reporter()).note(note)
     conversion = _checked_plan(meta, setup.options, checkpoint_dir)
     if conversion.source_note:
@@ -328,6 +334,7 @@ def describe_layout(shape: Sequence[int], chunks: Iterable) -> str:
 def inspect(checkpoint_dir: str) -> dict:
     """What is inside a checkpoint, from `.metadata` alone (and a Megatron folder's metadata.json). A run folder
     stands for the model's DCP folder in it (`discover.find_checkpoint`); `found` then says which was taken."""
+    from .reader import zstd
     from .trainers import megatron
     checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_dir)
     megatron_folder = megatron.recognise(checkpoint_dir)
@@ -370,6 +377,7 @@ def inspect(checkpoint_dir: str) -> dict:
         "tensors": tensors,
         "found": found_note,
         "format": megatron_folder.note if megatron_folder else None,
+        "transform": zstd.transform_note(meta),     # compressed blobs, and whether this install can decode them
     }
 
 

@@ -62,23 +62,36 @@ class ChunkIntegrity:
             if location in self._done:
                 return
         stored = self.stored[location]
-        if stored.crc32 is not None and stored.record_nbytes:
+        recorded = stored.crc32
+        if stored.transforms and stored.record_nbytes:
+            # A compressed blob: the record is decoded and summed, and its CRC-32 is read from the zip data
+            # descriptor that follows it in the decoded stream (the central directory is at the far end).
+            from .zstd import crc_after_record
+            computed, recorded = crc_after_record(self.reader, location.relative_path, stored.record_offset,
+                                                  stored.record_nbytes, self._piece(), fqn, location)
+        elif recorded is not None and stored.record_nbytes:
             computed = crc32_of_range(self.reader, location.relative_path, stored.record_offset,
                                       stored.record_nbytes, self._piece())
-            if computed != stored.crc32:
+        if recorded is not None and stored.record_nbytes:
+            if computed != recorded:
                 begin, end = stored.record_offset, stored.record_offset + stored.record_nbytes
+                what = f"bytes [{begin}, {end}) of the file fail their"
+                if stored.transforms:   # report the compressed blob, not the decoded addresses
+                    what = (f"the storage record decoded from the zstd blob at [{location.offset}, "
+                            f"{location.offset + location.length}) fails its")
+                    begin, end = location.offset, location.offset + location.length
                 raise CorruptChunkError(
-                    f"{location.relative_path}: tensor {fqn!r}, chunk at offsets {list(chunk.offsets)}: bytes "
-                    f"[{begin}, {end}) of the file fail their CRC-32 check (recorded {stored.crc32:08x}, computed "
+                    f"{location.relative_path}: tensor {fqn!r}, chunk at offsets {list(chunk.offsets)}: {what} "
+                    f"CRC-32 check (recorded {recorded:08x}, computed "
                     f"{computed:08x}): the checkpoint file is corrupt (disk or copy error) and would convert into "
                     "wrong weights. Restore it from a good copy (--no-crc skips this check).",
                     file=location.relative_path, tensor=fqn, begin=begin, end=end,
-                    recorded=stored.crc32, computed=computed)
+                    recorded=recorded, computed=computed)
         with self._lock:
             if location in self._done:
                 return
             self._done.add(location)
-            if stored.crc32 is None and stored.record_nbytes:
+            if recorded is None and stored.record_nbytes:
                 self.unrecorded.append(location)
             else:
                 self.checked_chunks += 1

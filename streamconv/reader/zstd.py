@@ -38,7 +38,7 @@ MAGIC = b"\x28\xb5\x2f\xfd"
 MAX_HEAD_BYTES = (1 << 20) + (64 << 10)  # data.pkl (at most 1 MiB, see blob.py) and the small records before data/
 MAX_WINDOW_BYTES = 1 << 27               # zstd's own default limit (128 MiB): a frame asking for more is refused
 DECODE_PIECE_BYTES = 1 << 20             # decoded bytes copied through memory at a time (per thread)
-COMPRESSED_READ_BYTES = 1 << 20          # compressed bytes read from the file at a time
+COMPRESSED_READ_BYTES = 256 << 10          # compressed bytes read from the file at a time
 KEPT_DECODERS = 8                        # decoders kept for the next read (each holds its window, ~2 MiB)
 MAX_SMALL_RECORD_BYTES = 1 << 20           # data.pkl and the other records before data/<key>
 DESCRIPTOR_BYTES = 24                    # data descriptor after a record: signature, crc, sizes (8-byte with zip64)
@@ -248,6 +248,8 @@ class DecodingReader:
         return decoder
 
     def _done_with(self, entry: _Decoded, decoder: _Decoder) -> None:
+        if decoder.pos >= entry.span - DESCRIPTOR_BYTES:
+            return      # past the tensor's bytes (and its CRC, read in the same call): nothing left to read
         with self._lock:
             self._idle[id(entry)] = (entry, decoder)
             while len(self._idle) > KEPT_DECODERS:
@@ -405,12 +407,16 @@ def crc_after_record(reader, path: str, record_offset: int, record_nbytes: int, 
     """(computed, recorded) CRC-32 of a decoded data/<key> record: decoded in pieces and summed, then its data
     descriptor read (recorded None when it holds 0: torch.save with compute_crc32=False)."""
     crc, done = 0, 0
-    while done < record_nbytes:
+    descriptor = bytearray(16)
+    while True:
         view = piece[:min(len(piece), record_nbytes - done)]
-        reader.read_into(path, record_offset + done, [view])
+        last = done + len(view) == record_nbytes
+        # The last piece and the descriptor in one read: the decoder is let go once past the record.
+        reader.read_into(path, record_offset + done, [view, memoryview(descriptor)] if last else [view])
         crc = zlib.crc32(view, crc)
         done += len(view)
-    descriptor = reader.read(path, record_offset + record_nbytes, 16)
+        if last:
+            break
     sig, recorded, compressed, plain = struct.unpack("<IIII", descriptor)
     if sig != _DESCRIPTOR_SIG or plain not in (record_nbytes & 0xFFFFFFFF, compressed):
         raise CorruptChunkError(

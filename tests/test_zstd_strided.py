@@ -214,3 +214,19 @@ def test_other_strides_keep_a_clear_error():
     with pytest.raises(CheckpointError, match=r"strides \[8, 2\] .* not a permutation"):
         check_stored(t, chunk, gapped)
     check_stored(t, chunk, StoredTensor("float32", (3, 4), (1, 3), 0, 48))   # transposed: accepted
+
+
+def test_benchmark_generator_zstd_flavor(tmp_path):
+    import math
+    sys.path.insert(0, str(REPO))
+    from benchmarks import generate as gen
+    from benchmarks import presets
+
+    out = tmp_path / "tiny-zstd"
+    stamp = gen.generate("tiny", "bfloat16", out, layout="tp", flavor="zstd")
+    assert stamp["flavor"] == "zstd" and compressed(out)
+    streamconv.convert(str(out), str(tmp_path / "hf"), buffer_size="64KiB")
+    got = read_output(tmp_path / "hf")
+    for name, shape in presets.tensor_specs(presets.PRESETS["tiny"]):
+        expected = gen.expected_values(gen.data_key(name), "bfloat16", 0, math.prod(shape)).view(shape)
+        assert torch.equal(got[name], expected), name

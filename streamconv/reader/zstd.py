@@ -184,6 +184,7 @@ class DecodingReader:
         self.inner = inner
         self._lock = threading.Lock()
         self._blobs: Dict[str, List[_Decoded]] = {}      # per file, by base
+        self._bases: Dict[str, List[int]] = {}           # the same blobs' bases, for bisection
         self._next: Dict[str, int] = {}
         self._by_location: Dict[BlobLocation, _Decoded] = {}
         self._idle: "OrderedDict[int, Tuple[_Decoded, _Decoder]]" = OrderedDict()
@@ -214,6 +215,7 @@ class DecodingReader:
             self._next[path] = base + span
             entry = _Decoded(base, span, location, fqn)
             self._blobs.setdefault(path, []).append(entry)      # bases grow, so the list stays sorted
+            self._bases.setdefault(path, []).append(base)
             self._by_location[location] = entry
             return base
 
@@ -221,7 +223,7 @@ class DecodingReader:
         blobs = self._blobs.get(path)
         if not blobs or offset < blobs[0].base:
             return None
-        entry = blobs[bisect.bisect_right([b.base for b in blobs], offset) - 1]
+        entry = blobs[bisect.bisect_right(self._bases[path], offset) - 1]
         if offset + length > entry.base + entry.span:
             raise CheckpointError(f"{path}: decoded range [{offset}, {offset + length}) runs past the blob it "
                                   "starts in (internal error: please report)")

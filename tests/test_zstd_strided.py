@@ -230,3 +230,25 @@ def test_benchmark_generator_zstd_flavor(tmp_path):
     for name, shape in presets.tensor_specs(presets.PRESETS["tiny"]):
         expected = gen.expected_values(gen.data_key(name), "bfloat16", 0, math.prod(shape)).view(shape)
         assert torch.equal(got[name], expected), name
+
+
+def test_zstd_killed_conversion_resumes_keeping_its_shards(flavors, tmp_path):
+    """Decoded bytes pass through memory, so each shard's resume record holds the CRC-32 of what was written:
+    a run killed between shards keeps them on --resume (their CRC-32 read back matches) and ends identical."""
+    import signal
+
+    from streamconv import staging
+    ckpt = str(flavors / "zstd_fsdp2")
+    streamconv.convert(ckpt, str(tmp_path / "ref"), max_shard_size="60KB")
+    want = {p.name: p.read_bytes() for p in (tmp_path / "ref").iterdir()}
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(REPO), **{staging.KILL_ENV: "between-shards@2"})
+    args = [sys.executable, "-m", "streamconv.cli", "convert", ckpt, str(out), "--max-shard-size", "60KB",
+            "--workers", "1"]
+    killed = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = subprocess.run(args + ["--resume", "--json"], capture_output=True, text=True, timeout=120,
+                             env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "kept 2 of" in " ".join(json.loads(resumed.stdout)["notes"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == want

@@ -270,7 +270,8 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[PlanOptions]
                            "converting")
             reporter.advance(sum(s.data_nbytes for s in kept))
             check_crc = crc if crc is not None else verify or DEFAULT_CRC
-            integrity = ChunkIntegrity(reader, stored) if check_crc else None
+            # while_decoding: zstd chunks are summed as the copy decodes them (any failure discards the output)
+            integrity = ChunkIntegrity(reader, stored, while_decoding=True) if check_crc else None
             kill_point("before-first-shard")
             write_shards(to_write, reader, stored, staging.file, buffer_bytes=options.buffer_bytes,
                          workers=workers, progress=reporter.advance, integrity=integrity,

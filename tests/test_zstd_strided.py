@@ -79,6 +79,16 @@ def test_zstd_casts_and_crc_and_verify(flavors, tmp_path):
         assert same_bits(t, ref["model." + key].to(torch.bfloat16)), key
     result = streamconv.verify(str(ckpt), str(tmp_path / "out"), dtype="bfloat16")
     assert result.crc_checked_chunks > 0 and result.crc_unrecorded_chunks == 0
+    # convert sums each record as it decodes it (verify decodes it once more first): the same chunks counted
+    assert report.crc_checked_bytes == result.crc_checked_bytes
+
+
+@pytest.mark.parametrize("name", ["zstd_fsdp2", "strided_dtensor_zstd"])
+def test_zstd_crc_while_decoding_covers_every_chunk(flavors, tmp_path, name):
+    ckpt = flavors / name
+    report = streamconv.convert(str(ckpt), str(tmp_path / "out"), crc=True, buffer_size="64KiB")
+    tensor_bytes = sum(t.numel() * t.element_size() for t in read_output(tmp_path / "out").values())
+    assert report.crc_checked_bytes == tensor_bytes > 0
 
 
 def test_zstd_inspect_and_plan_name_the_transform(flavors):

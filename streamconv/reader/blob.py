@@ -155,6 +155,10 @@ def locate_all(reader: RangeReader, tensors: Iterable[TensorEntry]) -> Dict[Blob
     prefetch = getattr(reader, "prefetch", None)
     if prefetch is not None:
         for location in ordered:
+            if location.transform_descriptors:     # compressed: its head is decoded from its first block
+                from .zstd import HEAD_PREFETCH_BYTES
+                prefetch(location.relative_path, location.offset, min(location.length, HEAD_PREFETCH_BYTES))
+                continue
             for start, length in _read_plan(location.length):
                 prefetch(location.relative_path, location.offset + start, length)
     results = [_locate(reader, location, users[location][0][0].fqn, file_sizes) for location in ordered]

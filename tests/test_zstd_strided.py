@@ -111,9 +111,9 @@ def test_zstd_inspect_and_plan_name_the_transform(flavors):
     assert any("zstd-compressed" in n for n in notes.notes), notes.notes
 
 
-def _corrupt_first_big_blob(src: Path, dst: Path) -> None:
-    """Copy the checkpoint and change the decoded bytes of its largest zstd blob (recompressed, so the stream
-    stays valid and only the data's CRC-32 can tell)."""
+def _edit_biggest_blob(src: Path, dst: Path, edit) -> None:
+    """Copy the checkpoint and change the decoded bytes of its largest zstd blob with `edit(bytearray)`
+    (recompressed, so the stream stays valid and only the zip's CRC-32s can tell)."""
     import pickle
     import shutil
 
@@ -124,14 +124,46 @@ def _corrupt_first_big_blob(src: Path, dst: Path) -> None:
     path = dst / info.relative_path
     data = bytearray(path.read_bytes())
     plain = bytearray(zstandard.ZstdDecompressor().stream_reader(bytes(data[info.offset:info.offset + info.length])).read())
-    at = plain.find(b"data/0") + 200     # inside the tensor's bytes (after the header and its padding)
-    plain[at] ^= 0x40
+    edit(plain)
     blob = zstandard.ZstdCompressor().compress(bytes(plain))
     assert len(blob) <= info.length      # written in place; the old tail stays unreferenced
     data[info.offset:info.offset + len(blob)] = blob
     path.write_bytes(bytes(data))
     info.length = len(blob)
     (dst / ".metadata").write_bytes(pickle.dumps(md))
+
+
+def _flip_tensor_byte(plain: bytearray) -> None:
+    plain[plain.find(b"data/0") + 200] ^= 0x40     # inside the tensor's bytes (after the header and its padding)
+
+
+def _corrupt_first_big_blob(src: Path, dst: Path) -> None:
+    _edit_biggest_blob(src, dst, _flip_tensor_byte)
+
+
+def test_zstd_corrupt_data_pkl_is_caught_while_locating(flavors, tmp_path):
+    def flip_pickle(plain: bytearray) -> None:
+        at = plain.find(b"_rebuild_tensor")
+        plain[at] ^= 0x20     # `_rebuild_tensor` -> `_REbuild...`: still a plausible pickle, wrong CRC-32
+    _edit_biggest_blob(flavors / "zstd_fsdp2", tmp_path / "bad", flip_pickle)
+    with pytest.raises(CorruptChunkError, match=r"data\.pkl fails its CRC-32"):
+        streamconv.convert(str(tmp_path / "bad"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_zstd_blobs_without_their_descriptor_are_refused(flavors, tmp_path):
+    """.metadata from another save (no transform listed) over zstd blobs: refused, saying the two do not match."""
+    import pickle
+    import shutil
+    from streamconv.errors import UnsupportedFeatureError
+    shutil.copytree(flavors / "zstd_fsdp2", tmp_path / "ck")
+    md = pickle.loads((tmp_path / "ck" / ".metadata").read_bytes())
+    for info in md.storage_data.values():
+        info.transform_descriptors = None
+    (tmp_path / "ck" / ".metadata").write_bytes(pickle.dumps(md))
+    assert streamconv.inspect(str(tmp_path / "ck"))["transform"] is None
+    with pytest.raises(UnsupportedFeatureError, match="zstd-compressed although .metadata lists no transform"):
+        streamconv.convert(str(tmp_path / "ck"), str(tmp_path / "out"))
 
 
 def test_zstd_corrupt_record_fails_crc(flavors, tmp_path):

@@ -432,7 +432,12 @@ class _Head:
                 continue
             size = found - start
             crc, compressed, plain = struct.unpack_from("<III", self.data, found + 4)
-            if compressed == plain == size and zlib.crc32(self.data[start:found]) == crc:
+            if compressed == plain == size:     # the record's own descriptor (its sizes say so)
+                computed = zlib.crc32(self.data[start:found])
+                if computed != crc:
+                    fail(f"archive record {name.decode('utf-8', 'replace')} fails its CRC-32 check (recorded "
+                         f"{crc:08x}, computed {computed:08x}): the blob is corrupt; restore the .distcp file from "
+                         "a good copy", CorruptChunkError)
                 self.pos = found + 16
                 return bytes(self.data[start:found])
             if size > MAX_SMALL_RECORD_BYTES:

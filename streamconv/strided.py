@@ -97,6 +97,8 @@ def write_strided(ex: "Executor", t: "TensorPlan", sink: "ShardSink") -> None:
 def _fill(ex: "Executor", t: "TensorPlan", chunk, prefix, d: int, a: int, b: int, band: "np.ndarray",
           staging: "np.ndarray", item: int) -> None:
     offs, sizes = chunk.offsets, chunk.sizes
+    if 0 in sizes:      # an empty chunk (FSDP2's last ranks) supplies nothing, whatever strides it records
+        return
     for p, o, s in zip(prefix, offs, sizes):
         if not o <= p < o + s:
             return

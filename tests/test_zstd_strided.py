@@ -123,7 +123,8 @@ def _edit_biggest_blob(src: Path, dst: Path, edit) -> None:
     index, info = max(((i, s) for i, s in md.storage_data.items() if i.offset is not None), key=lambda x: x[1].length)
     path = dst / info.relative_path
     data = bytearray(path.read_bytes())
-    plain = bytearray(zstandard.ZstdDecompressor().stream_reader(bytes(data[info.offset:info.offset + info.length])).read())
+    blob = bytes(data[info.offset:info.offset + info.length])
+    plain = bytearray(zstandard.ZstdDecompressor().stream_reader(blob).read())
     edit(plain)
     blob = zstandard.ZstdCompressor().compress(bytes(plain))
     assert len(blob) <= info.length      # written in place; the old tail stays unreferenced

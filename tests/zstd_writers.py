@@ -2,9 +2,9 @@
 
 | launch | ranks | checkpoints |
 |--------|-------|-------------|
-| write_zstd_ranks3 | 3 | zstd_fsdp2 (FSDP2 TinyLlama, `_extensions=[ZStandard()]`), zstd_threads (+ thread_count=2) |
+| write_zstd_ranks3 | 3 | zstd_fsdp2 (FSDP2 TinyLlama, `_extensions=[ZStandard()]`), zstd_threads (+ 2 threads) |
 | write_zstd_ranks4 | 4 | zstd_mesh2d (TP then FSDP2 on a 2x2 mesh: Shard(1) boxes, assembled in bands) |
-| write_strided_ranks2 | 2 | strided_dtensor, strided_dtensor_zstd: DTensor.from_local of transposed / channels_last local shards |
+| write_strided_ranks2 | 2 | strided_dtensor(_zstd): DTensor.from_local of transposed / channels_last shards |
 
 `strided_single(path)` writes one-process checkpoints (`no_dist=True`) of tensors saved as they are: transposed,
 channels_last, a 3-D permutation. Compare with `dcp_writers.reference_state_dict` (torch's `dcp_to_torch_save`).

@@ -126,7 +126,8 @@ class _Decoder:
     def __init__(self, reader, location: BlobLocation, fqn: str, read_bytes: int = COMPRESSED_READ_BYTES):
         zstandard = zstandard_module()
         self.location, self.fqn, self.pos = location, fqn, 0
-        self.sum_from = self.sum_to = 0     # decoded range whose CRC-32 is kept in `crc` as it passes (check_while_decoding)
+        # The decoded range whose CRC-32 is kept in `crc` as it passes (check_while_decoding).
+        self.sum_from = self.sum_to = 0
         self.crc = 0
         head = reader.read(location.relative_path, location.offset, min(4, location.length))
         if head != MAGIC:
@@ -415,7 +416,8 @@ class _Head:
         fields = _LOCAL.unpack_from(self.data, self.pos)
         sig, name_len, extra_len = fields[0], fields[9], fields[10]
         if sig != _LOCAL_SIG:
-            fail(f"no zip local header at decoded offset {self.pos} (found {bytes(self.data[self.pos:self.pos + 4]).hex()})")
+            found = bytes(self.data[self.pos:self.pos + 4]).hex()
+            fail(f"no zip local header at decoded offset {self.pos} (found {found}): not a torch.save blob")
         self.need(fail, self.pos + _LOCAL.size + name_len + extra_len)
         name_at = self.pos + _LOCAL.size
         return bytes(self.data[name_at:name_at + name_len]), name_at + name_len + extra_len
@@ -428,7 +430,7 @@ class _Head:
             self.need(fail, at + 16)
             found = self.data.find(b"PK\x07\x08", at, len(self.data) - 12)
             if found < 0:
-                at = len(self.data) - 15     # a signature may straddle what is held so far
+                at = max(start, len(self.data) - 15)     # a signature may straddle what is held so far
                 continue
             size = found - start
             crc, compressed, plain = struct.unpack_from("<III", self.data, found + 4)

@@ -56,6 +56,10 @@ WORLD_SIZE = 4
 #          for the 14-wide patch embedding), the geometry of MoE experts [E, out, in] sharded on `in`, of
 #          convolutions split on a kernel dim and of 2-D meshes on trailing dims.
 LAYOUTS = ("fsdp2", "tp", "shortrun")
+# How torch's FileSystemWriter serializes items: default torch.save blobs, or each blob zstd-compressed
+# (`_extensions=[ZStandard()]`, needs the `zstandard` package).
+FLAVORS = ("torch_save", "zstd")
+DEFAULT_FLAVOR = "torch_save"
 DEFAULT_LAYOUT = "fsdp2"
 # (name suffixes, placement) for the tp layout, first match wins. Tensors with fewer than 2 dims
 # (norms, biases, gates, class embedding) are always Replicate (torch's dedup writes each on one rank);
@@ -188,7 +192,7 @@ def _make_planner(generated: Dict[str, Tuple[str, Tuple[int, ...]]]):
 
 
 def _rank_main(rank: int, world: int, port: int, preset: str, dtype_name: str, with_optim: bool,
-               out: str, results, layout: str = DEFAULT_LAYOUT) -> None:
+               out: str, results, layout: str = DEFAULT_LAYOUT, flavor: str = DEFAULT_FLAVOR) -> None:
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -237,7 +241,11 @@ def _rank_main(rank: int, world: int, port: int, preset: str, dtype_name: str, w
                 "foreach": None, "maximize": False, "capturable": False, "differentiable": False,
                 "fused": None, "decoupled_weight_decay": True, "params": [n for n, _ in specs]}]}
         t0 = time.perf_counter()
-        dcp.save(state_dict, storage_writer=dcp.FileSystemWriter(out), planner=_make_planner(generated))
+        writer_kwargs = {}
+        if flavor == "zstd":
+            from torch.distributed.checkpoint._extension import ZStandard
+            writer_kwargs["_extensions"] = [ZStandard()]
+        dcp.save(state_dict, storage_writer=dcp.FileSystemWriter(out, **writer_kwargs), planner=_make_planner(generated))
         results.put((rank, time.perf_counter() - t0, t0 - t_start))
     finally:
         dist.destroy_process_group()
@@ -265,7 +273,7 @@ def _free_port() -> int:
 
 
 def generate(preset: str, dtype: str, out: Path, *, with_optim: bool = False, world_size: int = WORLD_SIZE,
-             overwrite: bool = False, layout: str = DEFAULT_LAYOUT) -> dict:
+             overwrite: bool = False, layout: str = DEFAULT_LAYOUT, flavor: str = DEFAULT_FLAVOR) -> dict:
     """Write the checkpoint to `out` (via `out.partial`); return the stamp, with timings and peak RSS."""
     import multiprocessing as mp
 
@@ -273,6 +281,8 @@ def generate(preset: str, dtype: str, out: Path, *, with_optim: bool = False, wo
 
     if layout not in LAYOUTS:
         raise SystemExit(f"unknown layout {layout!r} (one of {', '.join(LAYOUTS)})")
+    if flavor not in FLAVORS:
+        raise SystemExit(f"unknown flavor {flavor!r} (one of {', '.join(FLAVORS)})")
     out = Path(out)
     if out.exists():
         if not overwrite:
@@ -298,7 +308,8 @@ def generate(preset: str, dtype: str, out: Path, *, with_optim: bool = False, wo
     ctx = mp.get_context("fork")
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, preset, dtype, with_optim, str(partial), results, layout))
+    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, preset, dtype, with_optim, str(partial), results, layout,
+                                                     flavor))
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -326,7 +337,7 @@ def generate(preset: str, dtype: str, out: Path, *, with_optim: bool = False, wo
     files = sorted(partial.iterdir())
     stamp = {
         "generator_version": GENERATOR_VERSION, "preset": preset, "dtype": dtype, "with_optim": with_optim,
-        "world_size": world_size, "sharding": layout,
+        "world_size": world_size, "sharding": layout, "flavor": flavor,
         "layout": "llama-cookbook {'model': ..., 'optim': ...}, " + (
             "FSDP2 Shard(0)" if layout == "fsdp2" else
             "Megatron-style TP: Shard(0) colwise, Shard(1) rowwise (o_proj/down_proj/fc2), 1-D Replicate"
@@ -361,10 +372,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "(Shard(0) colwise, Shard(1) rowwise, 1-D Replicate; see TP_RULES); shortrun: "
                              ">= 2-D tensors Shard(last dim), chunks of short runs as MoE experts split on `in`")
     parser.add_argument("--world-size", type=int, default=WORLD_SIZE, help="simulated ranks (default 4)")
+    parser.add_argument("--flavor", default=DEFAULT_FLAVOR, choices=FLAVORS,
+                        help="torch_save: FileSystemWriter's default blobs; zstd: each blob compressed with "
+                             "torch's ZStandard extension (needs `zstandard`)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     stamp = generate(args.preset, args.dtype, args.out, with_optim=args.with_optim,
-                     world_size=args.world_size, overwrite=args.overwrite, layout=args.layout)
+                     world_size=args.world_size, overwrite=args.overwrite, layout=args.layout,
+                     flavor=args.flavor)
     print(json.dumps(stamp, indent=1))
     print(f"wrote {args.out}: {stamp['file_bytes'] / 1e9:.2f} GB in {stamp['files']} files, "
           f"{stamp['wall_s']:.1f} s, peak of the process tree: RSS {stamp['peak_rss_bytes'] / 2**20:.0f} MiB, "

@@ -90,18 +90,21 @@ def inspect_checkpoint(path: Path, label: Optional[str] = None) -> Checkpoint:
 
 
 def cached_checkpoint(preset: str, dtype: str, with_optim: bool, cache: Path, log,
-                      layout: str = gen.DEFAULT_LAYOUT) -> Tuple[Path, bool]:
+                      layout: str = gen.DEFAULT_LAYOUT, flavor: str = gen.DEFAULT_FLAVOR) -> Tuple[Path, bool]:
     """The preset's checkpoint under cache/ckpt, generated on first use; (path, generated now).
-    The default (fsdp2) layout has no suffix: `2gb-bfloat16`; others add it: `2gb-bfloat16-tp`."""
+    The default (fsdp2) layout has no suffix: `2gb-bfloat16`; others add it: `2gb-bfloat16-tp`; so does a
+    writer flavor other than the default: `2gb-bfloat16-zstd`."""
     suffix = "" if layout == gen.DEFAULT_LAYOUT else f"-{layout}"
+    suffix += "" if flavor == gen.DEFAULT_FLAVOR else f"-{flavor}"
     path = cache / "ckpt" / f"{preset}-{dtype}{'-optim' if with_optim else ''}{suffix}"
     stamp = gen.read_stamp(path)
     if (stamp and stamp.get("generator_version") == gen.GENERATOR_VERSION
-            and stamp.get("sharding", gen.DEFAULT_LAYOUT) == layout):
+            and stamp.get("sharding", gen.DEFAULT_LAYOUT) == layout
+            and stamp.get("flavor", gen.DEFAULT_FLAVOR) == flavor):
         log(f"reusing {path} (generated {stamp['created']} in {stamp['wall_s']} s)")
         return path, False
     log(f"generating {preset} {dtype}{' with optimizer state' if with_optim else ''} ({layout} layout) into {path} ...")
-    stamp = gen.generate(preset, dtype, path, with_optim=with_optim, overwrite=True, layout=layout)
+    stamp = gen.generate(preset, dtype, path, with_optim=with_optim, overwrite=True, layout=layout, flavor=flavor)
     log(f"generated {stamp['file_bytes'] / 1e9:.2f} GB in {stamp['wall_s']} s, peak PSS "
         f"{stamp['peak_pss_bytes'] / 2**20:.0f} MiB (RSS summed over the ranks {stamp['peak_rss_bytes'] / 2**20:.0f} MiB)")
     return path, True
@@ -168,9 +171,28 @@ def _copy_pieces(ck: Checkpoint, out: Path) -> List[str]:
     return ["bash", "-c", script, "copy-pieces", str(ck.path), str(out)]
 
 
+def zstd_unavailable(ck: Checkpoint) -> Optional[str]:
+    if shutil.which("zstd") is None:
+        return "no zstd command (apt-get install zstd)"
+    first = next((p for p in sorted(ck.path.glob("*.distcp"))), None)
+    if first is None or first.open("rb").read(4) != b"\x28\xb5\x2f\xfd":
+        return "only for checkpoints saved with _extensions=[ZStandard()]"
+    return None
+
+
+def _zstd_decompress(ck: Checkpoint, out: Path) -> List[str]:
+    # Each .distcp of a zstd checkpoint is a run of zstd frames (one per item): decompress them all, file by
+    # file, as `zstd -d` would for anyone unpacking the checkpoint before converting it.
+    script = ('set -e; mkdir -p "$2"; for f in "$1"/*.distcp; do zstd -d -q -c "$f" > "$2/$(basename "$f")"; done')
+    return ["bash", "-c", script, "zstd-d", str(ck.path), str(out)]
+
+
 CONTENDERS: List[Contender] = [
     Contender("cp -r", "copy", lambda ck, out: ["cp", "-r", str(ck.path), str(out)],
               space=lambda ck: ck.file_bytes, note="the I/O floor"),
+    # For a zstd checkpoint: the bytes decompressed by the zstd tool (the floor for undoing the transform).
+    Contender("zstd -d (every .distcp)", "decompress", _zstd_decompress, space=lambda ck: ck.tensor_bytes * 11 // 10,
+              available=zstd_unavailable, note="decompression alone, one file after the other"),
     Contender("streamconv", "convert", streamconv(), space=lambda ck: ck.model_bytes,
               available=streamconv_unavailable),
     Contender("streamconv --crc", "convert", streamconv("--crc"), space=lambda ck: ck.model_bytes,
@@ -521,6 +543,8 @@ def parse_args(argv=None):
                    help="preset sharding: fsdp2 (every tensor Shard(0), default), tp (Megatron-style: "
                         "Shard(0) colwise, Shard(1) rowwise, 1-D Replicate) or shortrun (>= 2-D tensors "
                         "Shard(last dim)); cached as <preset>-<dtype>-<layout>")
+    p.add_argument("--flavor", default=gen.DEFAULT_FLAVOR, choices=gen.FLAVORS,
+                   help="how the preset's items are serialized (zstd: torch's ZStandard extension)")
     p.add_argument("--out", type=Path, default=HERE / "results", help="results folder (default benchmarks/results)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                    help="generated checkpoints (cache/ckpt) and scratch outputs (cache/work); default benchmarks/.cache")
@@ -561,7 +585,7 @@ def main(argv=None) -> int:
         ck = inspect_checkpoint(args.ckpt.resolve())
     else:
         path, generated_now = cached_checkpoint(args.preset, args.dtype, args.with_optim, args.cache, log,
-                                                layout=args.layout)
+                                                layout=args.layout, flavor=args.flavor)
         ck = inspect_checkpoint(path, label=path.name)
 
     contenders = list(CONTENDERS)

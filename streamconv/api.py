@@ -52,10 +52,14 @@ def load(checkpoint_dir: str, fast: Optional[fastpaths.FastPaths] = None
     name = None if shards else find_metadata_file(checkpoint_dir)
     reader = DirectoryReader(checkpoint_dir, fast=fast)
     try:
-        return reader, hf_shards.load_metadata(reader, shards) if shards else load_metadata(reader, name)
+        meta = hf_shards.load_metadata(reader, shards) if shards else load_metadata(reader, name)
     except BaseException:
         reader.close()
         raise
+    from .reader import zstd
+    if zstd.uses_transforms(meta):   # compressed blobs are read through a decoder (reader/zstd.py)
+        return zstd.DecodingReader(reader), meta
+    return reader, meta
 
 
 def plan(checkpoint_dir: str, options: Optional[Options] = None, *, config_from: Optional[str] = None,
@@ -73,7 +77,9 @@ def plan(checkpoint_dir: str, options: Optional[Options] = None, *, config_from:
         discover.refuse_optimizer_only(meta, checkpoint_dir)
     setup = hf.prepare(meta, options, checkpoint_dir, config_from=user.config_from,
                        allow_unmatched=user.allow_unmatched, no_config=user.no_config)
-    for note in ((found_note,) if found_note else ()) + setup.notes:
+    from .reader import zstd
+    transform_note = zstd.transform_note(meta)
+    for note in ((found_note,) if found_note else ()) + ((transform_note,) if transform_note else ()) + setup.notes:
         (reporter or Reporter()).note(note)
     conversion = _checked_plan(meta, setup.options, checkpoint_dir)
     if conversion.source_note:
@@ -270,7 +276,8 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
                            "converting")
             reporter.advance(sum(s.data_nbytes for s in kept))
             check_crc = crc if crc is not None else verify or DEFAULT_CRC
-            integrity = ChunkIntegrity(reader, stored) if check_crc else None
+            # while_decoding: zstd chunks are summed as the copy decodes them (any failure discards the output)
+            integrity = ChunkIntegrity(reader, stored, while_decoding=True) if check_crc else None
             if meta.flavor:
                 run_notes.append(f"source: {meta.flavor}")
             kill_point("before-first-shard")
@@ -357,6 +364,7 @@ def describe_layout(shape: Sequence[int], chunks: Iterable) -> str:
 def inspect(checkpoint_dir: str) -> dict:
     """What is inside a checkpoint, from `.metadata` alone (and a Megatron folder's metadata.json). A run folder
     stands for the model's DCP folder in it (`discover.find_checkpoint`); `found` then says which was taken."""
+    from .reader import zstd
     from .trainers import megatron
     checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_dir)
     megatron_folder = megatron.recognise(checkpoint_dir)
@@ -399,6 +407,7 @@ def inspect(checkpoint_dir: str) -> dict:
         "tensors": tensors,
         "found": found_note,
         "format": megatron_folder.note if megatron_folder else (meta.flavor or None),
+        "transform": zstd.transform_note(meta),     # compressed blobs, and whether this install can decode them
     }
 
 

@@ -412,6 +412,8 @@ def inspect(checkpoint_dir, as_json):
                f"{len(info['files'])} file(s); written by torch {info['torch_version_hint']}")
     if info.get("format"):
         click.echo(info["format"])
+    if info.get("transform"):
+        click.echo(info["transform"])
     # Names come from the checkpoint: a lone surrogate or a control character is printed escaped.
     click.echo("top-level keys: " + ", ".join(f"{printable(k)} ({n})" for k, n in info["top_level_keys"].items()))
     click.echo("bytes by dtype: " + ", ".join(f"{k} {format_size(v)}" for k, v in info["bytes_by_dtype"].items()))

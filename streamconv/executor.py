@@ -21,7 +21,7 @@ import itertools
 from typing import TYPE_CHECKING, Callable, List, Mapping, Optional, Sequence, Tuple
 
 from . import dtypes
-from .errors import CheckpointError
+from .errors import CheckpointError, UnsupportedFeatureError
 from .io import RangeReader
 from .model import BlobLocation, Chunk, StoredTensor
 from .plan import ShardPlan, TensorPlan
@@ -68,9 +68,18 @@ def check_stored(t: TensorPlan, chunk: Chunk, stored: StoredTensor) -> None:
     if tuple(stored.shape) != tuple(chunk.sizes):
         raise CheckpointError(f"{where}: stored shape {list(stored.shape)} but .metadata says {list(chunk.sizes)}")
     if not stored.is_contiguous:
-        raise CheckpointError(
-            f"{where}: stored with non-contiguous strides {list(stored.stride)}; streamconv copies row-major "
-            "chunks only. Re-save the checkpoint after calling .contiguous() on that tensor.")
+        # A permutation of contiguous strides (transposed, channels_last) is read in storage order (strided.py).
+        from .strided import storage_order
+        if storage_order(stored.shape, stored.stride) is None:
+            raise CheckpointError(
+                f"{where}: stored with strides {list(stored.stride)} for shape {list(stored.shape)}, which are not a "
+                "permutation of contiguous strides (an overlapping or gapped view); streamconv reads row-major and "
+                "permuted (transposed, channels_last) chunks only. Re-save after calling .contiguous() on that tensor.")
+        if t.pieces:
+            raise UnsupportedFeatureError(
+                f"{where}: stored with permuted strides {list(stored.stride)} and mapped by a trainer layout "
+                f"({t.source_fqn!r} -> {t.name!r}); streamconv does not combine the two. Convert with "
+                "--source-format hf, or re-save after calling .contiguous() on that tensor.")
 
 
 class Executor:
@@ -148,6 +157,9 @@ class Executor:
         if t.pieces:
             from .gather import write_pieces    # transformed tensors (see transforms.py)
             write_pieces(self, t, sink)
+        elif not all(self.stored[c.location].is_contiguous for c in t.chunks):
+            from .strided import write_strided  # chunks saved transposed / channels_last
+            write_strided(self, t, sink)
         elif t.is_row_contiguous:
             self._copy_runs(t, sink)
         else:

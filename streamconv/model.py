@@ -88,13 +88,17 @@ class StoredTensor:
     record_offset: int = -1    # absolute byte offset of the record's data in the .distcp file
     record_nbytes: int = 0
     crc32: Optional[int] = None  # None: the writer recorded none (torch.save with compute_crc32=False stores 0)
+    # The blob's stream transforms (BlobLocation.transform_descriptors). When set, the offsets above address the
+    # decoded stream through `reader.zstd.DecodingReader`, and the CRC-32 sits in the record's data descriptor.
+    transforms: Tuple[str, ...] = ()
 
     @property
     def storage_crc32(self) -> Optional[int]:
         """CRC-32 of exactly the tensor's bytes, when the tensor is its whole storage record (resume records
         derive a shard's CRC from it instead of reading copied bytes back)."""
         whole = self.record_offset == self.data_offset and self.record_nbytes == self.data_nbytes
-        return self.crc32 if whole else None
+        # Decoded bytes pass through memory, so the sink sums what it really wrote: never substitute a record's.
+        return self.crc32 if whole and not self.transforms else None
 
     @property
     def is_contiguous(self) -> bool:

@@ -65,13 +65,16 @@ def write_shard(job: ShardJob, filename: str) -> int:
         return shard.nbytes      # a retry of a task whose work was already done
     _check_checkpoint_unchanged(job)
     fast = fastpaths.detect()   # this worker's own machine and filesystems decide, as in api.convert
-    with api.DirectoryReader(job.checkpoint_dir, fast=fast) as reader:
+    from .reader import zstd
+    with api.DirectoryReader(job.checkpoint_dir, fast=fast) as directory:
+        compressed = any(c.location.transform_descriptors for t in shard.tensors for c in t.chunks)
+        reader = zstd.DecodingReader(directory) if compressed else directory   # as api.load does
         one = replace(job.plan, shards=(shard,))
         stored = api.locate_chunks(one, reader)
         sources = sorted({c.location.relative_path for t in shard.tensors for c in t.chunks})
         if sources:
-            fast = fastpaths.probe_copy(fast, reader.path(sources[0]), job.staging_dir)
-        integrity = ChunkIntegrity(reader, stored) if job.crc else None
+            fast = fastpaths.probe_copy(fast, directory.path(sources[0]), job.staging_dir)
+        integrity = ChunkIntegrity(reader, stored, while_decoding=True) if job.crc else None
         write_shards([shard], reader, stored, lambda name: os.path.join(job.staging_dir, name),
                      buffer_bytes=job.plan.options.buffer_bytes, workers=1, integrity=integrity, fast=fast,
                      on_shard_done=lambda s, crc: record_shard(job.staging_dir, job.plan_fingerprint, s.filename,

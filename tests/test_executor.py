@@ -147,11 +147,12 @@ def test_stored_shape_mismatch_is_reported_with_tensor_name():
 
 
 def test_non_contiguous_stored_chunk_is_refused_with_fix():
+    """Strides that are not a permutation of contiguous ones (here: gapped rows); transposed ones are read."""
     arr = np.zeros((4, 4), dtype=np.float32)
     meta, reader, stored = make_checkpoint({"w": arr}, {"w": [[], []]})
     loc = next(iter(stored))
     s = stored[loc]
-    stored[loc] = StoredTensor(s.dtype, s.shape, (1, 4), s.data_offset, s.data_nbytes)
+    stored[loc] = StoredTensor(s.dtype, s.shape, (8, 1), s.data_offset, s.data_nbytes)
     with pytest.raises(CheckpointError, match="contiguous"):
         run(meta, reader, stored, 64)
 

@@ -408,22 +408,22 @@ def test_missing_chunk_location_names_the_tensor(ckpts):
 # features we refuse clearly
 
 
-def test_transform_extension_is_unsupported(tmp_path):
-    """A real torch-written checkpoint whose blobs carry `stream.zstd/1` (identity transform: zstandard is not
-    installed here, and the descriptor alone must be enough to refuse)."""
+def _identity_extension(descriptor: str):
+    """A real torch stream-transform extension that changes nothing but records `descriptor` in the metadata."""
     from torch.distributed.checkpoint._extension import StreamTransformExtension
+    name = descriptor.partition("/")[0]
 
-    class FakeZstd(StreamTransformExtension):
+    class Identity(StreamTransformExtension):
         @staticmethod
         def registry_name():
-            return "stream.zstd"
+            return name
 
         @staticmethod
         def from_descriptor(version):
-            return FakeZstd()
+            return Identity()
 
         def get_descriptor(self):
-            return "stream.zstd/1"
+            return descriptor
 
         def transform_to(self, output):
             return output
@@ -431,14 +431,32 @@ def test_transform_extension_is_unsupported(tmp_path):
         def transform_from(self, input):
             return input
 
-    root = save(tmp_path / "ck", {"w": torch.ones(2, 2), "lr": 0.1}, no_dist=True, _extensions=[FakeZstd()])
-    with DirectoryReader(root) as reader:
+    return Identity()
+
+
+def test_unknown_transform_extension_is_unsupported(tmp_path):
+    """Blobs saved through a transform other than torch's ZStandard are refused, naming it and the tensor."""
+    from streamconv.reader.zstd import DecodingReader
+    root = save(tmp_path / "ck", {"w": torch.ones(2, 2), "lr": 0.1}, no_dist=True,
+                _extensions=[_identity_extension("stream.rot13/1")])
+    with DecodingReader(DirectoryReader(root)) as reader:
         md = load_metadata(reader)
-        location = md.tensors[0].chunks[0].location
-        assert location.transform_descriptors == ("stream.zstd/1",)
-        with pytest.raises(UnsupportedFeatureError, match=r"stream\.zstd/1.*'w'|'w'.*stream\.zstd/1") as err:
+        assert md.tensors[0].chunks[0].location.transform_descriptors == ("stream.rot13/1",)
+        with pytest.raises(UnsupportedFeatureError, match=r"stream\.rot13/1.*'w'|'w'.*stream\.rot13/1") as err:
             locate_all(reader, md.tensors)
-    assert "Re-save without compression" in str(err.value)
+    assert "stream.zstd/1" in str(err.value)     # says what it does undo
+
+
+def test_zstd_descriptor_on_plain_blobs_is_refused(tmp_path):
+    """`stream.zstd/1` in .metadata over blobs that are not zstd (an identity transform under that name): the
+    files and the metadata disagree, and the message says so rather than decoding garbage."""
+    from streamconv.reader.zstd import DecodingReader
+    root = save(tmp_path / "ck", {"w": torch.ones(2, 2)}, no_dist=True,
+                _extensions=[_identity_extension("stream.zstd/1")])
+    with DecodingReader(DirectoryReader(root)) as reader:
+        md = load_metadata(reader)
+        with pytest.raises(CheckpointError, match=r"zstd magic 28b52ffd.*does not belong"):
+            locate_all(reader, md.tensors)
 
 
 def test_safetensors_serialization_format_is_located_in_the_blob(tmp_path):

@@ -3,6 +3,7 @@
 * `find_metadata_file(root)`: which metadata file a checkpoint folder has (or why it is not one).
 * `load_metadata(reader, name)`: the checkpoint's tensors, chunks and blob locations (`streamconv.model`).
 * `locate_tensor(reader, location, fqn=...)` / `locate_all(reader, tensors)`: where each chunk's raw bytes are.
+* `zstd.DecodingReader`: zstd-compressed blobs (`_extensions=[ZStandard()]`), decoded while streaming.
 
 Safetensors flavors: `safetensors_blob.py` finds chunks inside safetensors blobs (FileSystemWriter with
 serialization_format=SAFETENSORS, marked by `BlobLocation.tensor_key`); `hf_shards.py` turns a folder of

@@ -113,9 +113,10 @@ def _read_plan(blob_bytes: int) -> Tuple[Tuple[int, int], ...]:
 
 
 def _locate(reader: RangeReader, location: BlobLocation, fqn: str, file_sizes: Dict[str, int]) -> StoredTensor:
+    if location.transform_descriptors:   # the blob is a compressed stream: located by decoding its head
+        from .zstd import locate_compressed
+        return locate_compressed(reader, location, fqn, stored_from_record)
     blob = _Blob(reader, location, fqn)
-    if location.transform_descriptors:
-        blob.fail(_transform_message(location.transform_descriptors), UnsupportedFeatureError)
     file_bytes = file_sizes.get(location.relative_path)
     if file_bytes is None:
         file_bytes = file_sizes[location.relative_path] = reader.size(location.relative_path)
@@ -159,6 +160,10 @@ def locate_all(reader: RangeReader, tensors: Iterable[TensorEntry]) -> Dict[Blob
     # time). Ask the kernel for all of them up front (POSIX_FADV_WILLNEED starts the reads without waiting),
     # then parse in order while they land. Threads were tried: the parsing holds the GIL and they lost.
     for location in ordered:
+        if location.transform_descriptors:     # compressed: its head is decoded from its first block
+            from .zstd import HEAD_PREFETCH_BYTES
+            reader.prefetch(location.relative_path, location.offset, min(location.length, HEAD_PREFETCH_BYTES))
+            continue
         for start, length in _read_plan(location.length):
             reader.prefetch(location.relative_path, location.offset + start, length)
     results = [_locate(reader, location, users[location][0][0].fqn, file_sizes) for location in ordered]
@@ -183,7 +188,7 @@ def _check_magic(blob: _Blob, file_bytes: int) -> None:
     if head == b"PK\x03\x04":
         return
     if head == _ZSTD_MAGIC:
-        blob.fail("is zstd-compressed although .metadata lists no transform. " + _RESAVE_HINT,
+        blob.fail("is zstd-compressed although .metadata lists no transform for it. " + _RESAVE_HINT,
                   UnsupportedFeatureError)
     # FileSystemWriter(serialization_format=SAFETENSORS) (torch>=2.8): every tensor's offset points at ONE
     # safetensors blob per file and length is the tensor's nbytes; such chunks are named by
@@ -337,22 +342,31 @@ def _check_small_records(blob: _Blob, entries: Dict[bytes, _Entry], cd_offset: i
 
 def _stored_tensor(blob: _Blob, entries: Dict[bytes, _Entry], cd_offset: int, prefix: bytes,
                    record: sp.TensorRecord) -> StoredTensor:
-    dtype = dtypes.lookup(record.dtype, where=blob.where)
-    if record.flags:
-        blob.fail(f"tensor has the {'/'.join(record.flags)} bit set, so its stored bytes are not its values; "
-                  "save `t.resolve_conj().resolve_neg()` instead", UnsupportedFeatureError)
+    dtypes.lookup(record.dtype, where=blob.where)
     storage = record.storage
     entry = entries.get(prefix + b"data/" + storage.key.encode("utf-8"))
     if entry is None:
         blob.fail(f"data.pkl refers to storage {storage.key!r} but the archive has no data/{storage.key} record")
     data_start = _data_start(blob, entry, cd_offset)
+    return stored_from_record(blob.fail, record, entry.size, blob.location.offset + data_start,
+                              entry.recorded_crc32)
 
+
+def stored_from_record(fail, record: sp.TensorRecord, record_nbytes: int, data_offset: int, crc32: Optional[int],
+                       transforms: Tuple[str, ...] = ()) -> StoredTensor:
+    """The StoredTensor of a decoded data.pkl whose storage record (`record_nbytes`) starts at `data_offset`;
+    `fail(message)` raises naming the blob. Shared by plain and compressed (`zstd.py`) blobs."""
+    dtype = dtypes.lookup(record.dtype)
+    storage = record.storage
     # Typed storages count elements; UntypedStorage (_rebuild_tensor_v3) counts bytes.
     storage_nbytes = storage.numel if storage.storage_class.dtype is None else storage.numel * dtype.itemsize
-    if entry.size != storage_nbytes:
-        blob.fail(f"storage record data/{storage.key} is {entry.size} bytes, but data.pkl says {storage.numel} "
-                  f"{'bytes' if storage.storage_class.dtype is None else 'elements'} of {dtype.name} "
-                  f"= {storage_nbytes} bytes")
+    if record_nbytes != storage_nbytes:
+        fail(f"storage record data/{storage.key} is {record_nbytes} bytes, but data.pkl says {storage.numel} "
+             f"{'bytes' if storage.storage_class.dtype is None else 'elements'} of {dtype.name} "
+             f"= {storage_nbytes} bytes")
+    if record.flags:
+        fail(f"tensor has the {'/'.join(record.flags)} bit set, so its stored bytes are not its values; "
+             "save `t.resolve_conj().resolve_neg()` instead", UnsupportedFeatureError)
     numel = 1
     for dim in record.shape:
         numel *= dim
@@ -360,26 +374,21 @@ def _stored_tensor(blob: _Blob, entries: Dict[bytes, _Entry], cd_offset: int, pr
     last_element = record.storage_offset + sum((d - 1) * s for d, s in zip(record.shape, record.stride))
     view_end_bytes = (last_element + 1) * dtype.itemsize if numel else record.storage_offset * dtype.itemsize
     if view_end_bytes > storage_nbytes:
-        blob.fail(f"tensor view (storage_offset {record.storage_offset}, shape {list(record.shape)}, stride "
-                  f"{list(record.stride)}) needs {view_end_bytes} bytes but its storage has {storage_nbytes}")
+        fail(f"tensor view (storage_offset {record.storage_offset}, shape {list(record.shape)}, stride "
+             f"{list(record.stride)}) needs {view_end_bytes} bytes but its storage has {storage_nbytes}")
     return StoredTensor(
         dtype=dtype.name,
         shape=record.shape,
         stride=record.stride,
-        data_offset=blob.location.offset + data_start + record.storage_offset * dtype.itemsize,
+        data_offset=data_offset + record.storage_offset * dtype.itemsize,
         data_nbytes=numel * dtype.itemsize,
-        record_offset=blob.location.offset + data_start,
-        record_nbytes=entry.size,
-        crc32=entry.recorded_crc32,
+        record_offset=data_offset,
+        record_nbytes=record_nbytes,
+        crc32=crc32,
+        transforms=transforms,
     )
 
 
 _RESAVE_HINT = (
-    "streamconv copies raw bytes and cannot convert compressed blobs. Re-save without compression: load the "
-    "checkpoint with torch.distributed.checkpoint.load (needs the `zstandard` package) and save it again with "
-    "FileSystemWriter(path) and no `_extensions`.")
-
-
-def _transform_message(descriptors: Tuple[str, ...]) -> str:
-    return (f"was saved with the stream transform extension(s) {list(descriptors)} (e.g. "
-            "FileSystemWriter(path, _extensions=[ZStandard()])), so the blob is transformed/compressed. " + _RESAVE_HINT)
+    "The blob was compressed after torch.save but .metadata does not list the transform, so the .metadata and "
+    ".distcp files do not belong together (copied from different saves?); restore the checkpoint's own .metadata.")

@@ -38,8 +38,12 @@ class ChunkIntegrity:
     """Checks chunks' CRC-32s once each; safe to share between writer threads."""
 
     def __init__(self, reader: RangeReader, stored: Mapping[BlobLocation, StoredTensor],
-                 piece_bytes: int = CRC_PIECE_BYTES):
+                 piece_bytes: int = CRC_PIECE_BYTES, while_decoding: bool = False):
         self.reader = reader
+        # Compressed chunks (reader.zstd): sum each record as the copy decodes it, and fail at its end, instead of
+        # decoding it twice. For `convert`, where any failure discards the output; `verify` checks first, so that a
+        # corrupt chunk is reported as such rather than as a difference.
+        self.while_decoding = while_decoding
         self.stored = stored
         self.piece_bytes = piece_bytes
         self._lock = threading.Lock()
@@ -62,23 +66,54 @@ class ChunkIntegrity:
             if location in self._done:
                 return
         stored = self.stored[location]
-        if stored.crc32 is not None and stored.record_nbytes:
+        recorded = stored.crc32
+        if stored.transforms and stored.record_nbytes and self.while_decoding:
+            with self._lock:
+                if location in self._done:
+                    return
+                self._done.add(location)
+            self.reader.check_while_decoding(
+                location, stored.record_offset, stored.record_nbytes,
+                lambda computed, recorded: self._judge(fqn, chunk, stored, computed, recorded))
+            return
+        if stored.transforms and stored.record_nbytes:
+            # A compressed blob: the record is decoded and summed, and its CRC-32 is read from the zip data
+            # descriptor that follows it in the decoded stream (the central directory is at the far end).
+            from .zstd import crc_after_record
+            computed, recorded = crc_after_record(self.reader, location.relative_path, stored.record_offset,
+                                                  stored.record_nbytes, self._piece(), fqn, location)
+        elif recorded is not None and stored.record_nbytes:
             computed = crc32_of_range(self.reader, location.relative_path, stored.record_offset,
                                       stored.record_nbytes, self._piece())
-            if computed != stored.crc32:
+        else:
+            computed = None
+        self._judge(fqn, chunk, stored, computed, recorded, first=True)
+
+    def _judge(self, fqn: str, chunk: Chunk, stored: StoredTensor, computed, recorded, first: bool = False) -> None:
+        """Raise CorruptChunkError if the sums differ, else count the chunk (checked, or unrecorded); with `first`,
+        only if no other thread counted it meanwhile."""
+        location = chunk.location
+        if recorded is not None and stored.record_nbytes:
+            if computed != recorded:
                 begin, end = stored.record_offset, stored.record_offset + stored.record_nbytes
+                what = f"bytes [{begin}, {end}) of the file fail their"
+                if stored.transforms:   # report the compressed blob, not the decoded addresses
+                    what = (f"the storage record decoded from the zstd blob at [{location.offset}, "
+                            f"{location.offset + location.length}) fails its")
+                    begin, end = location.offset, location.offset + location.length
                 raise CorruptChunkError(
-                    f"{location.relative_path}: tensor {fqn!r}, chunk at offsets {list(chunk.offsets)}: bytes "
-                    f"[{begin}, {end}) of the file fail their CRC-32 check (recorded {stored.crc32:08x}, computed "
+                    f"{location.relative_path}: tensor {fqn!r}, chunk at offsets {list(chunk.offsets)}: {what} "
+                    f"CRC-32 check (recorded {recorded:08x}, computed "
                     f"{computed:08x}): the checkpoint file is corrupt (disk or copy error) and would convert into "
                     "wrong weights. Restore it from a good copy (--no-crc skips this check).",
                     file=location.relative_path, tensor=fqn, begin=begin, end=end,
-                    recorded=stored.crc32, computed=computed)
+                    recorded=recorded, computed=computed)
         with self._lock:
-            if location in self._done:
-                return
-            self._done.add(location)
-            if stored.crc32 is None and stored.record_nbytes:
+            if first:
+                if location in self._done:
+                    return
+                self._done.add(location)
+            if recorded is None and stored.record_nbytes:
                 self.unrecorded.append(location)
             else:
                 self.checked_chunks += 1

@@ -1,0 +1,159 @@
+"""Chunks stored with permuted strides: a tensor saved as it was, not `.contiguous()` — a transposed weight (stride
+(1, rows)), a channels_last conv weight ((C*H*W, 1, W*C, C)). torch.save keeps such strides (DCP's writer clones
+only when the storage is larger than the tensor), so the chunk's bytes are the tensor in another dim order: its
+*storage order*, the dims sorted by decreasing stride.
+
+The output is still built band by band in the executor's one buffer (rows a..b of band dim d at a prefix of the
+dims before it, as `executor._assemble_bands`). A chunk's part of a band is a box of the chunk; in storage order
+that box is a box of a row-major array, i.e. runs of the file. They are read in storage order into the staging
+half of the buffer (one read of their whole range when it fits there, else run by run in increasing offset, so a
+zstd-decoded chunk is decoded forward), and one numpy transpose-view copy puts them in place in the band. Memory
+stays at the buffer whatever the tensor's size.
+
+Strides that are not a permutation of contiguous ones (overlapping or gapped views) are refused by
+`executor.check_stored`.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+
+from . import dtypes
+
+if TYPE_CHECKING:
+    import numpy as np
+    from .executor import Executor
+    from .plan import TensorPlan
+    from .sink import ShardSink
+
+# Runs whose offsets are worked out at a time (numpy index arrays of this length, whatever the band holds).
+RUN_BATCH = 1024
+
+
+def storage_order(shape: Sequence[int], stride: Sequence[int]) -> Optional[Tuple[int, ...]]:
+    """The dims from outermost to innermost in memory when `stride` is a permutation of contiguous strides for
+    `shape` (size-1 dims, whose stride means nothing, go first); None otherwise. Empty tensors: the identity."""
+    n = len(shape)
+    if any(s == 0 for s in shape):
+        return tuple(range(n))
+    order = tuple(sorted(range(n), key=lambda i: (shape[i] != 1, -stride[i], i)))
+    expected = 1
+    for i in reversed(order):
+        if shape[i] != 1:
+            if stride[i] != expected:
+                return None
+            expected *= shape[i]
+    return order
+
+
+def _row_major(shape: Sequence[int]) -> List[int]:
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= s
+    return strides[::-1]
+
+
+def _prod(values: Sequence[int]) -> int:
+    n = 1
+    for v in values:
+        n *= v
+    return n
+
+
+def _element_dtype(itemsize: int):
+    import numpy as np
+    return {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}.get(itemsize, np.dtype((np.void, itemsize)))
+
+
+def write_strided(ex: "Executor", t: "TensorPlan", sink: "ShardSink") -> None:
+    """Write tensor `t` (no pieces) whose chunks may have permuted strides, band by band."""
+    from .executor import _BandGeometry, _write
+    item = dtypes.BY_NAME[t.src_dtype].itemsize
+    dst_item = dtypes.BY_NAME[t.dst_dtype].itemsize
+    # Half of the buffer for the band, half for staging: a chunk's part of a band is never larger than the band.
+    geometry = _BandGeometry(t, max(item, ex._band_budget(t) // 2 // item * item))
+    staging_bytes = geometry.max_band_bytes
+    shape, d = t.shape, geometry.dim
+    out_strides = _row_major(shape)
+    if ex.integrity is not None:
+        for chunk in t.chunks:
+            ex.integrity.check(t.source_fqn, chunk)
+    for prefix in itertools.product(*(range(s) for s in shape[:d])):
+        for a in range(0, shape[d], geometry.rows_per_band):
+            ex._check_stop()
+            b = min(shape[d], a + geometry.rows_per_band)
+            band_bytes = (b - a) * geometry.row_bytes
+            band = ex._scratch(band_bytes, t, staging_bytes)
+            staging = ex._buffer[band_bytes:band_bytes + staging_bytes]
+            for chunk in t.chunks:
+                _fill(ex, t, chunk, prefix, d, a, b, band, staging, item)
+            first = sum(p * s for p, s in zip(prefix, out_strides)) + a * out_strides[d]
+            out = ex._cast(band, t, first) if t.is_cast else band
+            _write(sink, t.begin + first * dst_item, out)
+            ex.progress(len(out))
+
+
+def _fill(ex: "Executor", t: "TensorPlan", chunk, prefix, d: int, a: int, b: int, band: "np.ndarray",
+          staging: "np.ndarray", item: int) -> None:
+    offs, sizes = chunk.offsets, chunk.sizes
+    if 0 in sizes:      # an empty chunk (FSDP2's last ranks) supplies nothing, whatever strides it records
+        return
+    for p, o, s in zip(prefix, offs, sizes):
+        if not o <= p < o + s:
+            return
+    lo, hi = max(a, offs[d]), min(b, offs[d] + sizes[d])
+    if lo >= hi:
+        return
+    stored = ex.stored[chunk.location]
+    order = storage_order(stored.shape, stored.stride)
+    # The chunk's part of the band, in chunk-local coordinates, one entry per dim.
+    start = [p - o for p, o in zip(prefix, offs)] + [lo - offs[d]] + [0] * (len(sizes) - d - 1)
+    count = [1] * d + [hi - lo] + list(sizes[d + 1:])
+    # ... and in storage order: a box of the row-major array `sizes` permuted by `order`.
+    s_sizes = [sizes[i] for i in order]
+    s_start = [start[i] for i in order]
+    s_count = [count[i] for i in order]
+    elements = _read_box(ex, chunk.location.relative_path, stored.data_offset, s_sizes, s_start, s_count, item,
+                         staging)
+    logical = elements.transpose([order.index(i) for i in range(len(order))])    # back to the tensor's dim order
+    # Destination: the band is [b - a] + shape[d+1:]; the box is rows lo-a..hi-a and the chunk's later extents.
+    cells = band.view(_element_dtype(item)).reshape([b - a] + list(t.shape[d + 1:]))
+    index = (slice(lo - a, hi - a),) + tuple(slice(o, o + s) for o, s in zip(offs[d + 1:], sizes[d + 1:]))
+    cells[index] = logical.reshape(count[d:])
+
+
+def _read_box(ex: "Executor", path: str, data_offset: int, s_sizes: List[int], s_start: List[int],
+              s_count: List[int], item: int, staging: "np.ndarray") -> "np.ndarray":
+    """A box of a row-major array of `item`-byte elements stored at `data_offset`, read into `staging`; returned
+    as an array of shape `s_count` viewing it."""
+    import numpy as np
+    element = _element_dtype(item)
+    strides = _row_major(s_sizes)
+    first = sum(i * s for i, s in zip(s_start, strides))
+    last = sum((i + c - 1) * s for i, c, s in zip(s_start, s_count, strides)) + 1
+    span = (last - first) * item
+    if span <= len(staging):
+        # Close together (a channels_last band is one range): one read of the whole range, and the box is a
+        # strided view of it.
+        ex.reader.read_into(path, data_offset + first * item, [memoryview(staging[:span])])
+        return np.lib.stride_tricks.as_strided(staging[:span].view(element), shape=s_count,
+                                               strides=[s * item for s in strides], writeable=False)
+    # Far apart (a transposed tensor's band is a short run of every storage row): run by run, in increasing
+    # offset, packed in box order. Dims k.. of the box are one run: every dim after k is whole.
+    k = len(s_sizes) - 1
+    while k > 0 and s_count[k] == s_sizes[k]:
+        k -= 1
+    run = _prod(s_count[k:]) * item
+    n_runs = _prod(s_count[:k])
+    view = memoryview(staging)
+    for lo in range(0, n_runs, RUN_BATCH):
+        hi = min(n_runs, lo + RUN_BATCH)
+        index = np.unravel_index(np.arange(lo, hi, dtype=np.int64), s_count[:k])
+        offset = np.full(hi - lo, first, dtype=np.int64)
+        for i, s in zip(index, strides[:k]):
+            offset += i * s
+        for j, src in enumerate(offset.tolist()):
+            at = (lo + j) * run
+            ex.reader.read_into(path, data_offset + src * item, [view[at:at + run]])
+    return staging[:n_runs * run].view(element).reshape(s_count)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from dataclasses import dataclass, fields, replace
 from typing import Mapping, Tuple
 
@@ -87,7 +88,8 @@ def probe_copy(fast: FastPaths, source_path: str, folder: str) -> FastPaths:
     if not fast.copy_file_range:
         return fast
     from .io import open_regular    # (io.py imports this module)
-    probe_path = os.path.join(folder, PROBE_FILE_NAME)
+    # One name per process and thread: shard jobs (batch, Ray tasks) probe the same staging folder side by side.
+    probe_path = os.path.join(folder, f"{PROBE_FILE_NAME}-{os.getpid()}-{threading.get_ident()}")
     try:
         src = open_regular(source_path)
     except FileNotFoundError:

@@ -19,9 +19,10 @@ from .transforms import Derived, Heads, Piece, check_gather, cut_all, distinct_c
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9          # as huggingface_hub's "5GB"
 DEFAULT_BUFFER_BYTES = 32 * 2**20
 MIN_BUFFER_BYTES = 64 * 2**10
-# Resident memory of the converter itself (interpreter, numpy, click, tqdm) before any buffer,
-# measured on CPython 3.11; used only to predict the peak.
-BASE_RSS_BYTES = 40 * 2**20
+# Resident memory of the converter itself (interpreter, numpy, click, tqdm) before any buffer, measured on
+# CPython 3.11; used only to predict the peak. In a freshly installed venv the shared libraries (numpy's,
+# OpenBLAS) are mapped with ~5 MiB more resident than after they have been paged a while: counted here.
+BASE_RSS_BYTES = 44 * 2**20
 # Transient reads outside the buffer, per writer: the plain IO paths' 1 MiB steps (fastpaths.PREAD_STEP_BYTES),
 # a comparing sink's pieces, a resume record's CRC read-back. Two writers by default.
 IO_STEPS_BYTES = 2 * 2**20

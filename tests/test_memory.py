@@ -54,7 +54,7 @@ def test_peak_rss_is_bounded_by_the_buffer(big_checkpoint, tmp_path):
     assert report["bytes_written"] > 256 * 2**20
     peak_mib = report["peak_rss_bytes"] / 2**20
     # Interpreter + numpy + click is ~30 MiB; the buffer comes on top. Far below one 128 MiB tensor.
-    assert peak_mib < 40 + buffer_mib, f"peak RSS {peak_mib:.1f} MiB with a {buffer_mib} MiB buffer"
+    assert peak_mib < 48 + buffer_mib, f"peak RSS {peak_mib:.1f} MiB with a {buffer_mib} MiB buffer"
     assert report["peak_rss_bytes"] <= report["predicted_peak_bytes"]
 
 
@@ -64,7 +64,7 @@ def test_output_is_exact_and_cast_stays_bounded(big_checkpoint, tmp_path):
 
     import dcp_writers
     report = convert_in_subprocess(big_checkpoint, tmp_path / "bf16", "--buffer-size", "4MiB", "--dtype", "bf16")
-    assert report["peak_rss_bytes"] / 2**20 < 44
+    assert report["peak_rss_bytes"] / 2**20 < 48 + 4     # buffer + 48 MiB, the bound every layout is held to
     ref = dcp_writers.reference_state_dict(big_checkpoint)
     with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
         for key in f.keys():

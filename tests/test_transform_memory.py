@@ -65,7 +65,7 @@ def test_rope_gather_peak_rss_is_bounded_by_the_buffer(big, tmp_path):
                      "torchtitan-llama")
     peak_mib = report["peak_rss_bytes"] / 2**20
     assert report["bytes_written"] > 144 * 2**20
-    assert peak_mib < 40 + buffer_mib, f"peak RSS {peak_mib:.1f} MiB with a {buffer_mib} MiB buffer"
+    assert peak_mib < 48 + buffer_mib, f"peak RSS {peak_mib:.1f} MiB with a {buffer_mib} MiB buffer"
     assert report["peak_rss_bytes"] <= report["predicted_peak_bytes"]
     got = load_file(str(tmp_path / "out" / "model.safetensors"))
     for name, hf, n in (("wq", "q_proj", HEADS), ("wk", "k_proj", KV_HEADS)):

@@ -127,6 +127,8 @@ def test_test_extra_covers_every_import_of_tests_and_benchmarks():
     missing = {}
     for module in sorted(modules):
         dists = {d.lower() for d in owners.get(module, [])}
+        if not dists and any(_dist_name(r).replace("-", "_").startswith(module) for r in gated):
+            continue    # a marker-gated test's package, installed by its own make target only
         assert dists, f"{module} is imported by tests/benchmarks but not installed here"
         if not dists & provided:
             missing[module] = sorted(dists)

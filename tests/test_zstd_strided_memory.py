@@ -52,7 +52,7 @@ def convert_in_subprocess(ckpt, out, *args):
     return json.loads(proc.stdout)
 
 
-@pytest.mark.parametrize("name, bound_mib", [("zstd", 52), ("strided", 52)])
+@pytest.mark.parametrize("name, bound_mib", [("zstd", 56), ("strided", 52)])
 def test_peak_rss_is_bounded_by_the_buffer(big, tmp_path, name, bound_mib):
     import torch
     from safetensors import safe_open
@@ -61,8 +61,8 @@ def test_peak_rss_is_bounded_by_the_buffer(big, tmp_path, name, bound_mib):
     report = convert_in_subprocess(big / name, tmp_path / "out", *(["--crc"] if name == "zstd" else []))
     assert report["bytes_written"] >= 128 * 2**20
     peak_mib = report["peak_rss_bytes"] / 2**20
-    # ~30 MiB of interpreter, numpy and click plus the buffer, far below one 128 MiB tensor; zstd adds its
-    # decoders (a 2 MiB window each, one per worker) and 1 MiB pieces.
+    # buffer + 48 MiB (the bound every layout is held to), far below one 128 MiB tensor; zstd adds its decoders
+    # (a 2 MiB window each, one per worker): 4 MiB more.
     assert peak_mib < bound_mib, f"{name}: peak RSS {peak_mib:.1f} MiB with a {BUFFER_MIB} MiB buffer"
     ref = dcp_writers.reference_state_dict(big / name)
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable, List, Mapping, Optional, Sequence, T
 from . import dtypes
 from .errors import CheckpointError, UnsupportedFeatureError
 from .io import RangeReader
-from .model import BlobLocation, Chunk, StoredTensor
+from .model import BlobLocation, Chunk, StoredTensor, numel, row_major_strides
 from .plan import ShardPlan, TensorPlan
 from .sink import ShardSink
 
@@ -45,19 +45,6 @@ class Cancelled(Exception):
     """Another worker failed or the user interrupted; this one stopped between two steps."""
 
 
-def _prod(values: Sequence[int]) -> int:
-    n = 1
-    for v in values:
-        n *= v
-    return n
-
-
-def _row_major_strides(shape: Sequence[int]) -> List[int]:
-    strides, acc = [], 1
-    for s in reversed(shape):
-        strides.append(acc)
-        acc *= s
-    return strides[::-1]
 
 
 def check_stored(t: TensorPlan, chunk: Chunk, stored: StoredTensor) -> None:
@@ -169,7 +156,7 @@ class Executor:
     def _copy_runs(self, t: TensorPlan, sink: ShardSink) -> None:
         src_item = dtypes.BY_NAME[t.src_dtype].itemsize
         dst_item = dtypes.BY_NAME[t.dst_dtype].itemsize
-        strides = _row_major_strides(t.shape)
+        strides = row_major_strides(t.shape)
         budget = self._band_budget(t)
         for chunk in t.chunks:
             stored = self.stored[chunk.location]
@@ -210,7 +197,7 @@ class Executor:
             staging_bytes = geometry.max_band_bytes
         shape, d = t.shape, geometry.dim
         dst_item = dtypes.BY_NAME[t.dst_dtype].itemsize
-        out_strides = _row_major_strides(shape)
+        out_strides = row_major_strides(shape)
         if self.integrity is not None:
             for chunk in t.chunks:      # every band reads every chunk: check them all first
                 self.integrity.check(t.source_fqn, chunk)
@@ -283,7 +270,7 @@ class _BandGeometry:
     def __init__(self, t: TensorPlan, budget: int):
         shape = t.shape
         self.item = dtypes.BY_NAME[t.src_dtype].itemsize
-        inner = [_prod(shape[d + 1:]) * self.item for d in range(len(shape))]
+        inner = [numel(shape[d + 1:]) * self.item for d in range(len(shape))]
         self.dim = next(dim for dim in range(len(shape)) if inner[dim] <= budget)
         self.row_bytes = inner[self.dim]
         self.rows_per_band = max(1, budget // self.row_bytes) if self.row_bytes else max(1, shape[self.dim])
@@ -304,7 +291,7 @@ def _has_short_runs(t: TensorPlan, d: int) -> bool:
     item = dtypes.BY_NAME[t.src_dtype].itemsize
     for chunk in t.chunks:
         k = _last_split_dim(t, chunk, d)
-        if k > d and _prod(chunk.sizes[k:]) * item < SHORT_RUN_BYTES:
+        if k > d and numel(chunk.sizes[k:]) * item < SHORT_RUN_BYTES:
             return True
     return False
 
@@ -316,19 +303,19 @@ class _BandPart:
     def __init__(self, t: TensorPlan, chunk: Chunk, prefix, d: int, a: int, b: int, lo: int, hi: int):
         shape, offs, sizes = t.shape, chunk.offsets, chunk.sizes
         self.item = item = dtypes.BY_NAME[t.src_dtype].itemsize
-        chunk_strides = _row_major_strides(sizes)
+        chunk_strides = row_major_strides(sizes)
         local = [p - o for p, o in zip(prefix, offs)] + [lo - offs[d]]
         self.src_offset = sum(i * s for i, s in zip(local, chunk_strides)) * item
-        self.nbytes = (hi - lo) * _prod(sizes[d + 1:]) * item
+        self.nbytes = (hi - lo) * numel(sizes[d + 1:]) * item
         k = _last_split_dim(t, chunk, d)
-        self.run_bytes = self.nbytes if k == d else _prod(sizes[k:]) * item
+        self.run_bytes = self.nbytes if k == d else numel(sizes[k:]) * item
         self.n_runs = self.nbytes // self.run_bytes if self.run_bytes else 0
         # Box in the band, whose shape is [b - a] + shape[d+1:]: dims up to k, with dims after k folded into k.
         self.band_shape = [b - a] + list(shape[d + 1:k + 1])
         self.box_start = [lo - a] + list(offs[d + 1:k + 1])
         self.box_size = [hi - lo] + list(sizes[d + 1:k + 1])
-        self.fold = _prod(shape[k + 1:]) if k > d else _prod(shape[d + 1:])   # elements per index of dim k
-        self.band_strides = _row_major_strides(self.band_shape)
+        self.fold = numel(shape[k + 1:]) if k > d else numel(shape[d + 1:])   # elements per index of dim k
+        self.band_strides = row_major_strides(self.band_shape)
         self.dst_start = sum(i * s for i, s in zip(self.box_start, self.band_strides)) * self.fold * item
 
     @classmethod

@@ -15,6 +15,7 @@ import itertools
 from typing import TYPE_CHECKING, List, Sequence, Tuple
 
 from . import dtypes
+from .model import numel
 from .transforms import Piece, is_contiguous_piece, piece_strides, run_split
 
 # Runs gathered per band at most (about when their bookkeeping would pass a few MiB); only tensors whose pieces
@@ -66,12 +67,6 @@ def _copy_pieces(ex: "Executor", t: "TensorPlan", sink: "ShardSink") -> None:
             remaining -= step
 
 
-def _prod(values: Sequence[int]) -> int:
-    n = 1
-    for v in values:
-        n *= v
-    return n
-
 
 def band_runs(piece: Piece, shape: Sequence[int], prefix: Sequence[int], d: int, a: int, b: int):
     """The piece's part of the band (output dims < d fixed at `prefix`, rows a..b of dim d, later dims whole) as
@@ -109,7 +104,7 @@ def _gather_bands(ex: "Executor", t: "TensorPlan", sink: "ShardSink") -> None:
     dst_item = dtypes.BY_NAME[t.dst_dtype].itemsize
     budget = ex._band_budget(t)
     # Band dim d: the outermost dim whose single step (all inner dims in full) fits the buffer (ndim for 0-d).
-    inner = [_prod(shape[k + 1:]) * item for k in range(ndim)]
+    inner = [numel(shape[k + 1:]) * item for k in range(ndim)]
     d = next((k for k in range(ndim) if inner[k] <= budget), ndim)
     rows_per_band = max(1, budget // inner[d]) if d < ndim else 1
     if d < ndim:
@@ -117,7 +112,7 @@ def _gather_bands(ex: "Executor", t: "TensorPlan", sink: "ShardSink") -> None:
         # tensor) is cut short so that the bookkeeping stays small next to the buffer.
         shortest = min(min(run_split(p.sizes, *piece_strides(p, shape)[:2])[1] * item, inner[d]) for p in t.pieces)
         rows_per_band = max(1, min(rows_per_band, MAX_RUNS_PER_BAND * shortest // inner[d]))
-    out_strides = [_prod(shape[k + 1:]) for k in range(ndim)]
+    out_strides = [numel(shape[k + 1:]) for k in range(ndim)]
     starts_d = np.array([p.dst_start[d] for p in t.pieces] if d < ndim else [0] * len(t.pieces), dtype=np.int64)
     ends_d = starts_d + np.array([p.sizes[d] for p in t.pieces] if d < ndim else [1] * len(t.pieces), dtype=np.int64)
     rows = range(0, shape[d], rows_per_band) if d < ndim else [0]
@@ -125,7 +120,7 @@ def _gather_bands(ex: "Executor", t: "TensorPlan", sink: "ShardSink") -> None:
         for a in rows:
             b = min(shape[d], a + rows_per_band) if d < ndim else 1
             ex._check_stop()
-            band_elems = (b - a) * _prod(shape[d + 1:]) if d < ndim else 1
+            band_elems = (b - a) * numel(shape[d + 1:]) if d < ndim else 1
             band = ex._scratch(band_elems * item, t)
             hit = np.flatnonzero((starts_d < b) & (ends_d > a))
             _fill(ex, [t.pieces[i] for i in hit], shape, prefix, d, a, b, band, item)

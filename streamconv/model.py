@@ -6,9 +6,26 @@ dtypes are torch's names without the `torch.` prefix ("bfloat16", "float32", "in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 PathElement = Union[str, int]
+
+
+def numel(shape: Sequence[int]) -> int:
+    """Elements in a box of this shape (1 for a 0-d tensor)."""
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def row_major_strides(shape: Sequence[int]) -> List[int]:
+    """Element strides of a contiguous (row-major) tensor of this shape."""
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= s
+    return strides[::-1]
 
 
 @dataclass(frozen=True)

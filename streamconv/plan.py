@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from . import dtypes, names, trainers
 from .coverage import check_coverage, dedup_chunks
 from .errors import CheckpointError, OptionsError, UnsupportedFeatureError
-from .model import CheckpointMetadata, Chunk, TensorEntry
+from .model import CheckpointMetadata, Chunk, TensorEntry, numel
 from .transforms import Derived, Heads, Piece, check_gather, cut_all, distinct_chunks, flatten, is_contiguous_piece
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9          # as huggingface_hub's "5GB"
@@ -177,12 +177,6 @@ class ConversionPlan:
             "source_format": self.source_format,
         }
 
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _is_contiguous_box(chunk: Chunk, shape: Sequence[int]) -> bool:
@@ -399,7 +393,7 @@ def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -
     for entry, name in selected:
         dtypes.lookup(entry.dtype, where=f"tensor {entry.fqn!r}")
         dst = _output_dtype(entry.dtype, options.dtype)
-        nbytes = _numel(entry.shape) * dtypes.BY_NAME[dst].itemsize
+        nbytes = numel(entry.shape) * dtypes.BY_NAME[dst].itemsize
         items.append((entry, name, dst, nbytes))
     items.sort(key=lambda it: names.natural_key(it[1]))
 

@@ -19,6 +19,7 @@ import itertools
 from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 from . import dtypes
+from .model import numel
 
 if TYPE_CHECKING:
     import numpy as np
@@ -53,12 +54,6 @@ def _row_major(shape: Sequence[int]) -> List[int]:
         acc *= s
     return strides[::-1]
 
-
-def _prod(values: Sequence[int]) -> int:
-    n = 1
-    for v in values:
-        n *= v
-    return n
 
 
 def _element_dtype(itemsize: int):
@@ -144,8 +139,8 @@ def _read_box(ex: "Executor", path: str, data_offset: int, s_sizes: List[int], s
     k = len(s_sizes) - 1
     while k > 0 and s_count[k] == s_sizes[k]:
         k -= 1
-    run = _prod(s_count[k:]) * item
-    n_runs = _prod(s_count[:k])
+    run = numel(s_count[k:]) * item
+    n_runs = numel(s_count[:k])
     view = memoryview(staging)
     for lo in range(0, n_runs, RUN_BATCH):
         hi = min(n_runs, lo + RUN_BATCH)

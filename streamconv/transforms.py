@@ -27,24 +27,11 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Sequence, Tuple
 
 from .errors import CoverageError, OptionsError
-from .model import Chunk, TensorEntry
+from .model import Chunk, TensorEntry, numel, row_major_strides
 
 Shape = Tuple[int, ...]
 
 
-def _prod(values: Iterable[int]) -> int:
-    n = 1
-    for v in values:
-        n *= v
-    return n
-
-
-def _row_major_strides(shape: Sequence[int]) -> List[int]:
-    strides, acc = [], 1
-    for s in reversed(shape):
-        strides.append(acc)
-        acc *= s
-    return strides[::-1]
 
 
 # -- row maps: the named operations -------------------------------------------------------------------------
@@ -195,7 +182,7 @@ class Piece:
 
     @property
     def numel(self) -> int:
-        return _prod(self.sizes)
+        return numel(self.sizes)
 
 
 def takes_from_rows(source: str, source_shape: Shape, row_map: RowMap, *,
@@ -308,7 +295,7 @@ def pieces_for(takes: Sequence[Take], sources: Dict[str, Tuple[Shape, Sequence[C
 def piece_strides(piece: Piece, out_shape: Shape) -> Tuple[List[int], List[int], int]:
     """(output strides, source strides, source base) in elements, one stride per box dim; the source base is the
     element index of the piece's first element inside its chunk."""
-    chunk_strides = _row_major_strides(piece.chunk.sizes)
+    chunk_strides = row_major_strides(piece.chunk.sizes)
     n_src, n_dst = len(piece.chunk.sizes), len(out_shape)
     extra = n_src - n_dst
     row_box, _ = _row_axis(n_src, n_dst)
@@ -318,7 +305,7 @@ def piece_strides(piece: Piece, out_shape: Shape) -> Tuple[List[int], List[int],
         stride = chunk_strides[sd] if sd >= 0 else 0
         src.append(stride * (piece.src_step if k == row_box else 1))
     base = sum(i * s for i, s in zip(piece.src_start, chunk_strides))
-    return _row_major_strides(out_shape), src, base
+    return row_major_strides(out_shape), src, base
 
 
 def run_split(sizes: Sequence[int], dst_strides: Sequence[int], src_strides: Sequence[int]) -> Tuple[int, int]:
@@ -388,8 +375,8 @@ def check_pieces(name: str, shape: Shape, pieces: Sequence[Piece]) -> None:
     if clash:
         raise CoverageError(f"tensor {name!r}: pieces overlap: {_describe(clash[0])} and {_describe(clash[1])}")
     covered = sum(p.numel for p in pieces)
-    if covered != _prod(shape):
-        raise CoverageError(f"tensor {name!r}: pieces cover {covered} of {_prod(shape)} elements of {list(shape)}; "
+    if covered != numel(shape):
+        raise CoverageError(f"tensor {name!r}: pieces cover {covered} of {numel(shape)} elements of {list(shape)}; "
                             "the transform's source rows do not fill the output")
 
 
@@ -407,16 +394,16 @@ def check_gather(name: str, shape: Shape, takes: Sequence[Take], groups: Sequenc
     if clash:
         raise CoverageError(f"tensor {name!r}: takes from {clash[0].source!r} and {clash[1].source!r} overlap at "
                             f"{list(clash[0].dst_start)} / {list(clash[1].dst_start)}")
-    total = sum(_prod(t.sizes) for t in takes)
-    if total != _prod(shape):
-        raise CoverageError(f"tensor {name!r}: the transform fills {total} of {_prod(shape)} elements of "
+    total = sum(numel(t.sizes) for t in takes)
+    if total != numel(shape):
+        raise CoverageError(f"tensor {name!r}: the transform fills {total} of {numel(shape)} elements of "
                             f"{list(shape)}")
     for t, group in zip(takes, groups):
         for p in group:
             _check_bounds(name, shape, p)
-        if sum(p.numel for p in group) != _prod(t.sizes):
+        if sum(p.numel for p in group) != numel(t.sizes):
             raise CoverageError(f"tensor {name!r}: the stored chunks of {t.source!r} cover "
-                                f"{sum(p.numel for p in group)} of the {_prod(t.sizes)} elements read at "
+                                f"{sum(p.numel for p in group)} of the {numel(t.sizes)} elements read at "
                                 f"{list(t.src_start)}; the source is shorter than the transform expects")
 
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Tuple
 
 from .. import dtypes, trainers
-from ..errors import OptionsError
 from ..model import CheckpointMetadata
 from ..plan import ConversionPlan, PlanOptions, select, source_format
 from ..trainers import megatron

@@ -154,10 +154,8 @@ class Executor:
 
     # -- copy: each chunk is one run of the output -------------------------------------------------
     def _copy_runs(self, t: TensorPlan, sink: ShardSink) -> None:
-        src_item = dtypes.BY_NAME[t.src_dtype].itemsize
         dst_item = dtypes.BY_NAME[t.dst_dtype].itemsize
         strides = row_major_strides(t.shape)
-        budget = self._band_budget(t)
         for chunk in t.chunks:
             stored = self.stored[chunk.location]
             first = sum(o * s for o, s in zip(chunk.offsets, strides))
@@ -166,24 +164,32 @@ class Executor:
             path = chunk.location.relative_path
             if self.integrity is not None:
                 self.integrity.check(t.source_fqn, chunk)   # reads it into the page cache for the copy below
-            if not t.is_cast:
-                self.reader.copy_to(sink, path, src, dst, stored.data_nbytes)
-                if stored.storage_crc32 is not None:     # lets the sink skip reading it back
-                    sink.note_source_crc32(dst, stored.data_nbytes, stored.storage_crc32)
-                self.progress(stored.data_nbytes)
-                continue
-            remaining = stored.data_nbytes
-            while remaining:
-                self._check_stop()
-                step = min(remaining, budget)
-                block = self._scratch(step, t)
-                self.reader.read_into(path, src, [memoryview(block)])
-                out = self._cast(block, t, (dst - t.begin) // dst_item)
-                _write(sink, dst, out)
-                self.progress(len(out))
-                src += step
-                dst += step // src_item * dst_item
-                remaining -= step
+            self.copy_run(t, path, src, dst, stored.data_nbytes, sink)
+            if not t.is_cast and stored.storage_crc32 is not None:     # lets the sink skip reading it back
+                sink.note_source_crc32(dst, stored.data_nbytes, stored.storage_crc32)
+
+    def copy_run(self, t: TensorPlan, path: str, src: int, dst: int, src_nbytes: int, sink: ShardSink) -> None:
+        """Copy `src_nbytes` contiguous source bytes of `t` at `src` in `path` to the output at `dst`: in-kernel,
+        or cast through the buffer in steps of the band budget. Shared by whole chunks and gathered pieces."""
+        if not t.is_cast:
+            self.reader.copy_to(sink, path, src, dst, src_nbytes)
+            self.progress(src_nbytes)
+            return
+        src_item = dtypes.BY_NAME[t.src_dtype].itemsize
+        dst_item = dtypes.BY_NAME[t.dst_dtype].itemsize
+        budget = self._band_budget(t)
+        remaining = src_nbytes
+        while remaining:
+            self._check_stop()
+            step = min(remaining, budget)
+            block = self._scratch(step, t)
+            self.reader.read_into(path, src, [memoryview(block)])
+            out = self._cast(block, t, (dst - t.begin) // dst_item)
+            _write(sink, dst, out)
+            self.progress(len(out))
+            src += step
+            dst += step // src_item * dst_item
+            remaining -= step
 
     # -- blocks: assemble bands of the output from N-D chunks --------------------------------------
     def _assemble_bands(self, t: TensorPlan, sink: ShardSink) -> None:

@@ -41,30 +41,13 @@ def write_pieces(ex: "Executor", t: "TensorPlan", sink: "ShardSink") -> None:
 def _copy_pieces(ex: "Executor", t: "TensorPlan", sink: "ShardSink") -> None:
     src_item = dtypes.BY_NAME[t.src_dtype].itemsize
     dst_item = dtypes.BY_NAME[t.dst_dtype].itemsize
-    budget = ex._band_budget(t)
     for piece in t.pieces:
         ex._check_stop()
         dst_strides, _, base = piece_strides(piece, t.shape)
         first = sum(o * s for o, s in zip(piece.dst_start, dst_strides))
         src = ex.stored[piece.chunk.location].data_offset + base * src_item
-        dst = t.begin + first * dst_item
-        path = piece.chunk.location.relative_path
-        remaining = piece.numel * src_item
-        if not t.is_cast:
-            ex.reader.copy_to(sink, path, src, dst, remaining)
-            ex.progress(remaining)
-            continue
-        while remaining:
-            ex._check_stop()
-            step = min(remaining, budget)
-            block = ex._scratch(step, t)
-            ex.reader.read_into(path, src, [memoryview(block)])
-            out = ex._cast(block, t, (dst - t.begin) // dst_item)
-            sink.write_at(dst, out)
-            ex.progress(len(out))
-            src += step
-            dst += step // src_item * dst_item
-            remaining -= step
+        ex.copy_run(t, piece.chunk.location.relative_path, src, t.begin + first * dst_item, piece.numel * src_item,
+                    sink)
 
 
 

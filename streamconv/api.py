@@ -62,24 +62,46 @@ def load(checkpoint_dir: str, fast: Optional[fastpaths.FastPaths] = None
     return reader, meta
 
 
+def _prepare(checkpoint_dir: str, options, kwargs, *, config_from, allow_unmatched: bool, no_config: bool,
+             fast: Optional[fastpaths.FastPaths] = None):
+    """What every verb does first: find the DCP folder (a run folder stands for the one in it), read its
+    metadata, resolve the options, refuse optimizer-only folders, and prepare the HF side (config, names,
+    reference check). Returns (checkpoint_dir, reader, meta, setup, notes); the caller closes the reader."""
+    from .reader import zstd
+    checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_dir)
+    reader, meta = load(checkpoint_dir, fast)
+    try:
+        options, user = resolve_options(options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched,
+                                        no_config=no_config)
+        if options.subtree is None:     # --subtree names what to convert, optimizer state included
+            discover.refuse_optimizer_only(meta, checkpoint_dir)
+        setup = hf.prepare(meta, options, checkpoint_dir, config_from=user.config_from,
+                           allow_unmatched=user.allow_unmatched, no_config=user.no_config)
+    except BaseException:
+        reader.close()
+        raise
+    notes = tuple(n for n in (found_note, zstd.transform_note(meta)) if n) + tuple(setup.notes)
+    return checkpoint_dir, reader, meta, setup, notes
+
+
+def _with_tied_heads(meta: CheckpointMetadata, setup, conversion: ConversionPlan):
+    """(plan to locate, {head name: TensorPlan}): dropped tied heads are still read once, to prove they equal the
+    embedding written in their place."""
+    with_heads = build_plan(meta, replace(setup.options, drop=())) if setup.tied else conversion
+    return with_heads, {t.name: t for t in with_heads.tensors if t.name in setup.dropped_heads}
+
+
 def plan(checkpoint_dir: str, options: Optional[Options] = None, *, config_from: Optional[str] = None,
          reporter: Optional[Reporter] = None, allow_unmatched: bool = False, no_config: bool = False,
          **kwargs) -> ConversionPlan:
     """The dry run: everything `convert` would do, decided from `.metadata` (and the config folder) alone.
     Which folder was taken and what was decided about config, names and tied weights goes to `reporter.note`;
     an output that would not match the reference raises ReferenceMismatchError, as `convert` does."""
-    checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_dir)
-    reader, meta = load(checkpoint_dir)
+    checkpoint_dir, reader, meta, setup, notes = _prepare(
+        checkpoint_dir, options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched,
+        no_config=no_config)
     reader.close()
-    options, user = resolve_options(options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched,
-                                    no_config=no_config)
-    if options.subtree is None:     # --subtree names what to convert, optimizer state included
-        discover.refuse_optimizer_only(meta, checkpoint_dir)
-    setup = hf.prepare(meta, options, checkpoint_dir, config_from=user.config_from,
-                       allow_unmatched=user.allow_unmatched, no_config=user.no_config)
-    from .reader import zstd
-    transform_note = zstd.transform_note(meta)
-    for note in ((found_note,) if found_note else ()) + ((transform_note,) if transform_note else ()) + setup.notes:
+    for note in notes:
         (reporter or Reporter()).note(note)
     conversion = _checked_plan(meta, setup.options, checkpoint_dir)
     if conversion.source_note:
@@ -239,20 +261,13 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
     reporter = reporter or Reporter()
     started = time.perf_counter()
     fast = fastpaths.detect()       # fast IO paths are chosen once, here, and passed down (fastpaths.py)
-    checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_dir)
-    reader, meta = load(checkpoint_dir, fast)
+    checkpoint_dir, reader, meta, setup, notes = _prepare(
+        checkpoint_dir, options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched,
+        no_config=no_config, fast=fast)
     with reader:
-        options, user = resolve_options(options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched,
-                                        no_config=no_config)
-        if options.subtree is None:     # --subtree names what to convert, optimizer state included
-            discover.refuse_optimizer_only(meta, checkpoint_dir)
-        setup = hf.prepare(meta, options, checkpoint_dir, config_from=user.config_from,
-                           allow_unmatched=user.allow_unmatched, no_config=user.no_config)
         options = setup.options
         conversion = _checked_plan(meta, options, checkpoint_dir)
-        # Dropped tied heads are still read once, to prove they equal the embedding written in their place.
-        with_heads = build_plan(meta, replace(options, drop=())) if setup.tied else conversion
-        heads = {t.name: t for t in with_heads.tensors if t.name in setup.dropped_heads}
+        with_heads, heads = _with_tied_heads(meta, setup, conversion)
         folders, files = protected_paths(reader, meta, setup.config.folder if setup.config else None)
         check_destination(output_dir, folders, files)       # before anything is written
         stored = locate_chunks(with_heads, reader)
@@ -340,8 +355,7 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
         renamed=len(conversion.renamed), cast=casts, verified_bytes=verified_bytes, files=files + copied, copied_files=copied,
         crc_checked_bytes=integrity.checked_bytes if integrity is not None else 0,
         dropped_tied=list(setup.dropped_heads),
-        notes=([found_note] if found_note else []) + list(setup.notes)
-        + ([conversion.source_note] if conversion.source_note else []) + run_notes,
+        notes=list(notes) + ([conversion.source_note] if conversion.source_note else []) + run_notes,
         config_from=setup.config.folder if setup.config else None, layout=setup.layout,
         unmatched_names=list(reference.unmatched), missing_names=list(reference.missing),
         fast_paths=list(fast.names))
@@ -420,21 +434,14 @@ def verify(checkpoint_dir: str, output_dir: str, options: Optional[Options] = No
     `verify.CorruptSourceError` (exit 2), both carrying the `VerifyResult`; returns it when all is well."""
     reporter = reporter or Reporter()
     started = time.perf_counter()
-    checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_dir)
-    if found_note:
-        reporter.note(found_note)
-    reader, meta = load(checkpoint_dir, fastpaths.detect())
+    checkpoint_dir, reader, meta, setup, notes = _prepare(
+        checkpoint_dir, options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched,
+        no_config=no_config, fast=fastpaths.detect())
     with reader:
-        options, user = resolve_options(options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched,
-                                        no_config=no_config)
-        setup = hf.prepare(meta, options, checkpoint_dir, config_from=user.config_from,
-                           allow_unmatched=user.allow_unmatched, no_config=user.no_config)
-        for note in setup.notes:
+        for note in notes:
             reporter.note(note)
         conversion = _checked_plan(meta, setup.options, checkpoint_dir)
-        # Dropped tied heads are read too, to prove they equal the embedding written in their place.
-        with_heads = build_plan(meta, replace(setup.options, drop=())) if setup.tied else conversion
-        heads = {t.name: t for t in with_heads.tensors if t.name in setup.dropped_heads}
+        with_heads, heads = _with_tied_heads(meta, setup, conversion)
         stored = locate_chunks(with_heads, reader)
         integrity = ChunkIntegrity(reader, stored) if crc else None
         reporter.start(conversion.total_bytes + sum(t.nbytes for t in heads.values()), "verifying")

@@ -33,6 +33,7 @@ import shutil
 import socket
 import sys
 import time
+import warnings
 import zlib
 from datetime import timedelta
 from pathlib import Path
@@ -349,9 +350,71 @@ def generate(preset: str, dtype: str, out: Path, *, with_optim: bool = False, wo
         "peak_rss_bytes": sampler.peak_rss, "peak_anon_bytes": sampler.peak_anon, "peak_pss_bytes": sampler.peak_pss,
         "torch_version": _torch_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    try:
+        stamp["self_check"] = check_written(partial, preset, dtype, flavor)
+    except GeneratorCheckFailed:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     (partial / STAMP).write_text(json.dumps(stamp, indent=1) + "\n")
     partial.rename(out)
     return stamp
+
+
+# At most this many tensors, each at most this many elements, are read back by torch after writing.
+SAMPLE_TENSORS = 6
+SAMPLE_MAX_NUMEL = 16 << 20
+
+
+class GeneratorCheckFailed(SystemExit):
+    """The checkpoint just written does not hold the generator's data (see check_written)."""
+
+
+def _sample(specs: List[Tuple[str, Tuple[int, ...]]]) -> List[Tuple[str, Tuple[int, ...]]]:
+    """Up to SAMPLE_TENSORS small-enough tensors spread over the save order, the last one included: the
+    just-in-time trick of _make_planner fails, when it fails, on items written after the first."""
+    small = [(n, s) for n, s in specs if 0 < math.prod(s) <= SAMPLE_MAX_NUMEL]
+    if len(small) <= SAMPLE_TENSORS:
+        return small
+    step = (len(small) - 1) / (SAMPLE_TENSORS - 1)
+    return [small[round(i * step)] for i in range(SAMPLE_TENSORS)]
+
+
+def check_written(folder: Path, preset: str, dtype: str, flavor: str = DEFAULT_FLAVOR) -> dict:
+    """Read a sample of tensors back with torch's own DCP reader and compare them with the generator's data;
+    raise GeneratorCheckFailed when any differs or the files are too small to hold the tensors.
+
+    Why: the planner frees each chunk's storage (`resize_(0)`) once torch has serialized it. A torch that
+    still holds a reference when it serializes (seen with 2.11) writes empty storages and reports success:
+    a 21 GB model became 1.06 GB of files, and every benchmark on it measured nothing."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    specs = tensor_specs(PRESETS[preset])
+    file_bytes = sum(f.stat().st_size for f in folder.iterdir() if f.name.endswith(".distcp"))
+    model_bytes = sum(math.prod(s) for _, s in specs) * ITEMSIZE[dtype]
+    if flavor == "torch_save" and file_bytes < model_bytes:
+        raise GeneratorCheckFailed(
+            f"generator self-check: {folder} holds {file_bytes} bytes of .distcp files, fewer than the "
+            f"{model_bytes} bytes of model tensors alone: torch wrote empty or truncated storages (the "
+            "just-in-time resize_(0) in _make_planner); do not benchmark on it")
+    sample = _sample(specs)
+    state = {"model": {name: torch.empty(shape, dtype=getattr(torch, dtype)) for name, shape in sample}}
+    try:
+        with warnings.catch_warnings():   # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)), no_dist=True)
+    except Exception as exc:   # whatever torch raises for an unreadable blob: the checkpoint is not usable
+        raise GeneratorCheckFailed(f"generator self-check: torch cannot read {folder} back: "
+                                   f"{type(exc).__name__}: {str(exc)[:300]}") from None
+    for name, shape in sample:
+        expected = torch.empty(math.prod(shape), dtype=getattr(torch, dtype))
+        fill_chunk(data_key(name), dtype, shape, (0,) * len(shape), shape, expected)
+        got = state["model"][name].reshape(-1)
+        if not torch.equal(got.view(torch.uint8) if got.is_floating_point() else got,
+                           expected.view(torch.uint8) if expected.is_floating_point() else expected):
+            raise GeneratorCheckFailed(f"generator self-check: tensor model.{name} in {folder} differs from the "
+                                       "generator's data; do not benchmark on it")
+    return {"checked_tensors": [n for n, _ in sample], "file_bytes": file_bytes}
 
 
 def _torch_version() -> str:

@@ -207,3 +207,44 @@ def test_shortrun_layout_splits_every_matrix_along_its_last_dim(tmp_path):
     for name, shape in presets.tensor_specs(presets.PRESETS["tiny"]):
         expected = gen.expected_values(gen.data_key(name), "float32", 0, math.prod(shape)).view(shape)
         assert torch.equal(sd["model"][name], expected), name
+
+
+def test_generator_self_check_passes_on_a_good_checkpoint(tiny_ckpt):
+    stamp = gen.read_stamp(tiny_ckpt)
+    assert stamp["self_check"]["checked_tensors"], stamp
+    assert gen.check_written(tiny_ckpt, "tiny", "float32")["checked_tensors"] == stamp["self_check"]["checked_tensors"]
+
+
+def test_generator_refuses_a_checkpoint_with_the_wrong_data(tmp_path, monkeypatch):
+    """A torch that serializes a freed storage writes the wrong bytes and reports success: simulated by a
+    planner (inherited by the forked ranks) that hands torch zeros; the generator must fail and leave nothing."""
+    real = gen._make_planner
+
+    def zeros_planner(generated):
+        planner = real(generated)
+        resolve = planner.resolve_data
+
+        def resolve_zeros(item):
+            data = resolve(item)
+            return torch.zeros_like(data) if item.index.fqn in generated else data
+        planner.resolve_data = resolve_zeros
+        return planner
+
+    monkeypatch.setattr(gen, "_make_planner", zeros_planner)
+    out = tmp_path / "bad"
+    with pytest.raises(gen.GeneratorCheckFailed, match="differs from the generator's data"):
+        gen.generate("tiny", "float32", out)
+    assert not out.exists() and not (tmp_path / "bad.partial").exists()
+
+
+def test_generator_self_check_catches_empty_storages(tiny_ckpt, tmp_path):
+    """Files far smaller than the tensors they should hold (empty storages) are refused before any read."""
+    import shutil
+
+    bad = tmp_path / "truncated"
+    shutil.copytree(tiny_ckpt, bad)
+    for f in bad.glob("*.distcp"):
+        with open(f, "r+b") as fh:
+            fh.truncate(f.stat().st_size // 10)
+    with pytest.raises(gen.GeneratorCheckFailed, match="fewer than the"):
+        gen.check_written(bad, "tiny", "float32")

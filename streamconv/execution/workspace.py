@@ -46,6 +46,11 @@ class Workspace:
         self.integrity = integrity
         self._buffer: Optional[np.ndarray] = None     # numpy uint8 array, grown on first use
 
+    @property
+    def buffer_nbytes(self) -> int:
+        """Bytes of the working buffer allocated so far (0 before the first step that needs it)."""
+        return 0 if self._buffer is None else len(self._buffer)
+
     def check_stop(self) -> None:
         if self.stop is not None and self.stop.is_set():
             raise Cancelled()

@@ -92,7 +92,8 @@ def test_each_assembler_casts_through_the_workspace(name):
     ws = Workspace(reader, stored, 64)
     sink = MemorySink(t.begin + t.nbytes)     # begin: after the shard's header
     MODULES[name].write(ws, t, sink)
-    assert bytes(sink.data[t.begin:]) == cast_into(np.frombuffer(want.tobytes(), np.uint8), "float32", "bfloat16").tobytes()
+    want_bytes = cast_into(np.frombuffer(want.tobytes(), np.uint8), "float32", "bfloat16").tobytes()
+    assert bytes(sink.data[t.begin:]) == want_bytes
     assert ws.buffer_nbytes <= 64
 
 

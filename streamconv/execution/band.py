@@ -86,7 +86,8 @@ def _fill(ws: Workspace, chunk: Chunk, part: "_BandPart", block: np.ndarray, sta
         mv = memoryview(block)
         for first in range(0, part.n_runs, IOV_MAX):
             starts = part.run_starts(first, min(part.n_runs, first + IOV_MAX))
-            ws.reader.read_into(path, src + first * part.run_bytes, [mv[s:s + part.run_bytes] for s in starts])
+            ws.reader.read_into(path, src + first * part.run_bytes,
+                                [mv[s:s + part.run_bytes] for s in starts])
 
 
 def _last_split_dim(t: TensorPlan, chunk: Chunk, d: int) -> int:

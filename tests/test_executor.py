@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from streamconv import executor as executor_module
+from streamconv.execution import band as band_assembler  # SHORT_RUN_BYTES, IOV_MAX
 from streamconv.errors import CheckpointError
 from streamconv.executor import Executor
 from streamconv.io import MemoryReader
@@ -90,7 +90,7 @@ RUN_PATHS = {"staged": dict(SHORT_RUN_BYTES=1 << 62), "in place": dict(SHORT_RUN
 def run_path(name):
     with contextlib.ExitStack() as stack:
         for attr, value in RUN_PATHS[name].items():
-            stack.enter_context(mock.patch.object(executor_module, attr, value))
+            stack.enter_context(mock.patch.object(band_assembler, attr, value))
         yield
 
 
@@ -249,10 +249,10 @@ def test_long_runs_are_read_in_place_in_iov_max_batches():
     arr = np.random.default_rng(0).integers(-128, 128, size=(3000, 2048), dtype=np.int8)   # 1 KiB runs
     meta, reader, stored = make_checkpoint({"w": arr}, {"w": [[], [1024]]}, n_files=2)
     counting = CountingReader(reader._files)
-    with mock.patch.object(executor_module, "SHORT_RUN_BYTES", 512):
+    with mock.patch.object(band_assembler, "SHORT_RUN_BYTES", 512):
         plan, out = run(meta, counting, stored, buffer_bytes=8 << 20)
     assert read_safetensors(out["model.safetensors"])["w"] == arr.tobytes()
-    assert counting.most_buffers == executor_module.IOV_MAX and counting.calls == 2 * 3   # 3000 runs: 3 batches
+    assert counting.most_buffers == band_assembler.IOV_MAX and counting.calls == 2 * 3   # 3000 runs: 3 batches
 
 
 # --- casts through the executor are torch's `tensor.to`, NaN bits included -------------------------------------

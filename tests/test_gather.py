@@ -183,7 +183,7 @@ def test_rope_tables_are_skipped_and_unmapped_tensors_refused():
 def test_bands_of_tiny_runs_are_cut_short():
     """Every other element of a 1-D tensor (RoPE on a bias) is a run of one element: bands stay at
     MAX_RUNS_PER_BAND runs, whatever the buffer, and the result is still torch's permutation."""
-    from streamconv import gather, transforms as tf
+    from streamconv import transforms as tf
     from streamconv.plan import TensorPlan
 
     n = 4 * 2 * 5000                                      # 4 heads of 10000 rows

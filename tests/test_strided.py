@@ -1,4 +1,4 @@
-"""Chunks stored with permuted strides (`strided.py`), against memory: random N-D tensors cut into random boxes,
+"""Chunks stored with permuted strides (`execution/strided.py`), against memory: random N-D tensors cut into random boxes,
 each box stored in its own random dim order, reassembled bit for bit at any buffer size, also with a cast.
 Real torch-written transposed and channels_last checkpoints: tests/test_zstd_strided.py."""
 import itertools

@@ -20,7 +20,7 @@ from streamconv.demo_checkpoint import run_distributed
 from streamconv.errors import CheckpointError, CorruptChunkError
 from streamconv.executor import check_stored
 from streamconv.model import StoredTensor
-from streamconv.strided import storage_order
+from streamconv.execution.geometry import storage_order
 from test_convert import read_output, same_bits
 
 pytestmark = pytest.mark.slow

@@ -1,7 +1,8 @@
 """Trainer adapters: which trainer wrote a checkpoint, and how its names and row layouts become Hugging Face's.
 
 * `adapter` — the data types (`Adapter`, `Rule`, row steps) and how a rule turns a source into outputs;
-* `formats` — the adapters themselves (torchtitan, torchtune Llama), as data.
+* `formats` — the adapters themselves (torchtitan, torchtune Llama), as data;
+* `heads` — attention geometry from a config.json; `llama` — the Llama a config.json builds.
 
 `resolve` picks one from the checkpoint's model names (or `--source-format`); pure.
 """
@@ -11,8 +12,8 @@ from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence
 
 from ..errors import OptionsError
-from ..transforms import Heads
 from .adapter import Adapter, Rule, outputs
+from .heads import heads_from_config
 from .llama import check_llama_shapes, llama_shapes
 from .formats import ADAPTERS, MEGATRON_GPT, TORCHTITAN_LLAMA, TORCHTUNE_LLAMA
 
@@ -64,23 +65,6 @@ def _example(adapter: Adapter, names: List[str]) -> str:
         if hit:
             return hit
     return names[0] if names else "?"
-
-
-def heads_from_config(data: dict) -> Optional[Heads]:
-    """Attention geometry from a config.json (top level, else its `text_config`); None when it has none."""
-    for scope in (data, data.get("text_config") or {}):
-        n_heads = scope.get("num_attention_heads")
-        if not isinstance(n_heads, int) or n_heads <= 0:
-            continue
-        n_kv = scope.get("num_key_value_heads") or n_heads
-        head_dim = scope.get("head_dim")
-        if not isinstance(head_dim, int) or head_dim <= 0:
-            hidden = scope.get("hidden_size")
-            if not isinstance(hidden, int) or hidden % n_heads:
-                return None
-            head_dim = hidden // n_heads
-        return Heads(n_heads=n_heads, n_kv_heads=int(n_kv), head_dim=head_dim)
-    return None
 
 
 __all__ = ["check_llama_shapes", "llama_shapes", "Adapter", "Rule", "Resolution", "resolve", "outputs", "heads_from_config", "ADAPTERS",

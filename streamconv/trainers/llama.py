@@ -8,12 +8,12 @@ from typing import Dict, List, Optional, Tuple
 
 from ..errors import OptionsError
 from .adapter import Adapter
+from .heads import heads_from_config
 
 
 def llama_shapes(config: dict) -> Optional[Dict[str, Tuple[int, ...]]]:
     """{name: shape} of a `LlamaForCausalLM` built from `config` (lm_head included); None when the config lacks a
     size. What an adapter's output must be when the reference folder has only config.json."""
-    from . import heads_from_config
     heads = heads_from_config(config)
     sizes = [config.get(k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")]
     if heads is None or not all(isinstance(v, int) and v > 0 for v in sizes):

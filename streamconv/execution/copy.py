@@ -1,0 +1,78 @@
+"""The copy assembler: every chunk (or, for a transformed tensor, every piece) is one contiguous run of the
+output (FSDP's dim-0 shards, RoPE's whole-head pieces). Bytes go straight from the .distcp file to the shard
+(copy_file_range, in-kernel), or through the workspace's buffer in band-budget steps when a dtype cast is needed.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Mapping
+
+from .. import dtypes
+from ..model import BlobLocation, StoredTensor, row_major_strides
+from ..transforms import piece_strides
+from .workspace import Assembler, Workspace
+
+if TYPE_CHECKING:
+    from ..plan import TensorPlan
+    from ..sink import ShardSink
+
+
+def accepts(t: TensorPlan, stored: Mapping[BlobLocation, StoredTensor]) -> bool:
+    return t.is_row_contiguous and all(stored[c.location].is_contiguous for c in t.chunks)
+
+
+def write(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
+    if t.pieces:
+        _copy_pieces(ws, t, sink)
+    else:
+        _copy_chunks(ws, t, sink)
+
+
+def copy_run(ws: Workspace, t: TensorPlan, path: str, src: int, dst: int, src_nbytes: int, sink: ShardSink) -> None:
+    """Copy `src_nbytes` contiguous source bytes of `t` at `src` in `path` to the output at `dst`: in-kernel,
+    or cast through the buffer in steps of the band budget."""
+    if not t.is_cast:
+        ws.reader.copy_to(sink, path, src, dst, src_nbytes)
+        ws.progress(src_nbytes)
+        return
+    src_item = dtypes.BY_NAME[t.src_dtype].itemsize
+    dst_item = dtypes.BY_NAME[t.dst_dtype].itemsize
+    budget = ws.band_budget(t)
+    remaining = src_nbytes
+    while remaining:
+        ws.check_stop()
+        step = min(remaining, budget)
+        block = ws.scratch(step, t)
+        ws.reader.read_into(path, src, [memoryview(block)])
+        ws.emit(t, sink, block, (dst - t.begin) // dst_item)
+        src += step
+        dst += step // src_item * dst_item
+        remaining -= step
+
+
+def _copy_chunks(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
+    dst_item = dtypes.BY_NAME[t.dst_dtype].itemsize
+    strides = row_major_strides(t.shape)
+    for chunk in t.chunks:
+        stored = ws.stored[chunk.location]
+        first = sum(o * s for o, s in zip(chunk.offsets, strides))
+        dst = t.begin + first * dst_item
+        ws.check_integrity(t, [chunk])      # reads it into the page cache for the copy below
+        copy_run(ws, t, chunk.location.relative_path, stored.data_offset, dst, stored.data_nbytes, sink)
+        if not t.is_cast and stored.storage_crc32 is not None:     # lets the sink skip reading it back
+            sink.note_source_crc32(dst, stored.data_nbytes, stored.storage_crc32)
+
+
+def _copy_pieces(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
+    ws.check_integrity(t, (piece.chunk for piece in t.pieces))  # once per run, however many pieces a chunk feeds
+    src_item = dtypes.BY_NAME[t.src_dtype].itemsize
+    dst_item = dtypes.BY_NAME[t.dst_dtype].itemsize
+    for piece in t.pieces:
+        ws.check_stop()
+        dst_strides, _, base = piece_strides(piece, t.shape)
+        first = sum(o * s for o, s in zip(piece.dst_start, dst_strides))
+        src = ws.stored[piece.chunk.location].data_offset + base * src_item
+        copy_run(ws, t, piece.chunk.location.relative_path, src, t.begin + first * dst_item,
+                 piece.numel * src_item, sink)
+
+
+ASSEMBLER = Assembler("copy", accepts, write)

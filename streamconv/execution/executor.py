@@ -1,0 +1,69 @@
+"""The streaming executor: follows a `ShardPlan`, writing one shard file from chunk bytes.
+
+Each tensor's chunks are checked against the metadata (`check_stored`), then the tensor goes to the first
+assembler in ASSEMBLERS that accepts it; every assembler works in the executor's one `Workspace`, so memory is the
+one working buffer whatever the tensor, the assembler or the model size.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Tuple
+
+from ..errors import CheckpointError, UnsupportedFeatureError
+from ..io import RangeReader
+from ..model import BlobLocation, Chunk, StoredTensor
+from ..plan import ShardPlan, TensorPlan
+from ..sink import ShardSink
+from . import band, copy, gather, strided
+from .geometry import storage_order
+from .workspace import Assembler, Cancelled, Progress, Workspace  # noqa: F401  (Cancelled: raised to runners)
+
+# Asked in this order; the first that accepts a tensor writes it. `band` accepts what the others leave.
+ASSEMBLERS: Tuple[Assembler, ...] = (copy.ASSEMBLER, gather.ASSEMBLER, strided.ASSEMBLER, band.ASSEMBLER)
+
+
+def check_stored(t: TensorPlan, chunk: Chunk, stored: StoredTensor) -> None:
+    """The blob must hold exactly the chunk the metadata promises, laid out row-major or in a permuted order."""
+    where = f"tensor {t.source_fqn!r}, chunk at offsets {list(chunk.offsets)} in {chunk.location.relative_path}"
+    if stored.dtype != t.src_dtype:
+        raise CheckpointError(f"{where}: stored dtype {stored.dtype} but .metadata says {t.src_dtype}")
+    if tuple(stored.shape) != tuple(chunk.sizes):
+        raise CheckpointError(f"{where}: stored shape {list(stored.shape)} but .metadata says {list(chunk.sizes)}")
+    if not stored.is_contiguous:
+        # A permutation of contiguous strides (transposed, channels_last) is read in storage order (strided.py).
+        if storage_order(stored.shape, stored.stride) is None:
+            raise CheckpointError(
+                f"{where}: stored with strides {list(stored.stride)} for shape {list(stored.shape)}, which are not a "
+                "permutation of contiguous strides (an overlapping or gapped view); streamconv reads row-major and "
+                "permuted (transposed, channels_last) chunks only. Re-save after calling .contiguous() on that tensor.")
+        if t.pieces:
+            raise UnsupportedFeatureError(
+                f"{where}: stored with permuted strides {list(stored.stride)} and mapped by a trainer layout "
+                f"({t.source_fqn!r} -> {t.name!r}); streamconv does not combine the two. Convert with "
+                "--source-format hf, or re-save after calling .contiguous() on that tensor.")
+
+
+def choose(t: TensorPlan, stored: Mapping[BlobLocation, StoredTensor]) -> Assembler:
+    return next(a for a in ASSEMBLERS if a.accepts(t, stored))
+
+
+class Executor:
+    """Writes shards. One instance owns one `Workspace`, so the buffer is allocated once for the whole run."""
+
+    def __init__(self, reader: RangeReader, stored: Mapping[BlobLocation, StoredTensor], buffer_bytes: int,
+                 progress: Optional[Progress] = None, stop=None, integrity=None):
+        self.workspace = Workspace(reader, stored, buffer_bytes, progress=progress, stop=stop, integrity=integrity)
+
+    def write_shard(self, shard: ShardPlan, sink: ShardSink) -> None:
+        try:
+            sink.write_at(0, shard.header)
+            for t in shard.tensors:
+                self.write_tensor(t, sink)
+        finally:
+            sink.close()
+
+    def write_tensor(self, t: TensorPlan, sink: ShardSink) -> None:
+        ws = self.workspace
+        ws.check_stop()
+        for chunk in t.chunks:
+            check_stored(t, chunk, ws.stored[chunk.location])
+        choose(t, ws.stored).write(ws, t, sink)

@@ -1,0 +1,119 @@
+"""The strided assembler: chunks stored with permuted strides, a tensor saved as it was, not `.contiguous()` — a
+transposed weight (stride (1, rows)), a channels_last conv weight ((C*H*W, 1, W*C, C)). torch.save keeps such
+strides (DCP's writer clones only when the storage is larger than the tensor), so the chunk's bytes are the tensor
+in another dim order: its *storage order*, the dims sorted by decreasing stride (`geometry.storage_order`).
+
+The output is still built band by band in the workspace's buffer (`geometry.BandGeometry`, half of the buffer for
+the band and half for staging). A chunk's part of a band is a box of the chunk; in storage order that box is a box
+of a row-major array, i.e. runs of the file. They are read in storage order into the staging half (one read of
+their whole range when it fits there, else run by run in increasing offset, so a zstd-decoded chunk is decoded
+forward), and one numpy transpose-view copy puts them in place in the band. Memory stays at the buffer whatever
+the tensor's size.
+
+Strides that are not a permutation of contiguous ones (overlapping or gapped views) are refused by
+`executor.check_stored`.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, List, Mapping
+
+from .. import dtypes
+from ..model import BlobLocation, Chunk, StoredTensor, numel, row_major_strides
+from .geometry import Band, BandGeometry, element_dtype, storage_order
+from .workspace import Assembler, Workspace
+
+if TYPE_CHECKING:
+    import numpy as np
+    from ..plan import TensorPlan
+    from ..sink import ShardSink
+
+# Runs whose offsets are worked out at a time (numpy index arrays of this length, whatever the band holds).
+RUN_BATCH = 1024
+
+
+def accepts(t: TensorPlan, stored: Mapping[BlobLocation, StoredTensor]) -> bool:
+    return not t.pieces and not all(stored[c.location].is_contiguous for c in t.chunks)
+
+
+def write(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
+    """Write tensor `t` (no pieces) whose chunks may have permuted strides, band by band."""
+    item = dtypes.BY_NAME[t.src_dtype].itemsize
+    # Half of the buffer for the band, half for staging: a chunk's part of a band is never larger than the band.
+    geometry = BandGeometry.fit_with_staging(t.shape, item, ws.band_budget(t))
+    ws.check_integrity(t, t.chunks)
+    for band in geometry.bands():
+        ws.check_stop()
+        block, staging = ws.scratch_and_staging(geometry.band_bytes(band), t, geometry.max_band_bytes)
+        for chunk in t.chunks:
+            _fill(ws, t, chunk, band, geometry.dim, block, staging, item)
+        ws.emit(t, sink, block, geometry.first_element(band))
+
+
+def _fill(ws: Workspace, t: TensorPlan, chunk: Chunk, band: Band, d: int, block: np.ndarray,
+          staging: np.ndarray, item: int) -> None:
+    """Put the chunk's part of `band` (if any) in place in `block`, the band's bytes."""
+    offs, sizes = chunk.offsets, chunk.sizes
+    if 0 in sizes:      # an empty chunk (FSDP2's last ranks) supplies nothing, whatever strides it records
+        return
+    prefix, a, b = band.prefix, band.a, band.b
+    for p, o, s in zip(prefix, offs, sizes):
+        if not o <= p < o + s:
+            return
+    lo, hi = max(a, offs[d]), min(b, offs[d] + sizes[d])
+    if lo >= hi:
+        return
+    stored = ws.stored[chunk.location]
+    order = storage_order(stored.shape, stored.stride)
+    # The chunk's part of the band, in chunk-local coordinates, one entry per dim.
+    start = [p - o for p, o in zip(prefix, offs)] + [lo - offs[d]] + [0] * (len(sizes) - d - 1)
+    count = [1] * d + [hi - lo] + list(sizes[d + 1:])
+    # ... and in storage order: a box of the row-major array `sizes` permuted by `order`.
+    s_sizes = [sizes[i] for i in order]
+    s_start = [start[i] for i in order]
+    s_count = [count[i] for i in order]
+    elements = _read_box(ws, chunk.location.relative_path, stored.data_offset, s_sizes, s_start, s_count, item,
+                         staging)
+    logical = elements.transpose([order.index(i) for i in range(len(order))])    # back to the tensor's dim order
+    # Destination: the band is [b - a] + shape[d+1:]; the box is rows lo-a..hi-a and the chunk's later extents.
+    cells = block.view(element_dtype(item)).reshape([b - a] + list(t.shape[d + 1:]))
+    index = (slice(lo - a, hi - a),) + tuple(slice(o, o + s) for o, s in zip(offs[d + 1:], sizes[d + 1:]))
+    cells[index] = logical.reshape(count[d:])
+
+
+def _read_box(ws: Workspace, path: str, data_offset: int, s_sizes: List[int], s_start: List[int],
+              s_count: List[int], item: int, staging: np.ndarray) -> np.ndarray:
+    """A box of a row-major array of `item`-byte elements stored at `data_offset`, read into `staging`; returned
+    as an array of shape `s_count` viewing it."""
+    import numpy as np
+    element = element_dtype(item)
+    strides = row_major_strides(s_sizes)
+    first = sum(i * s for i, s in zip(s_start, strides))
+    last = sum((i + c - 1) * s for i, c, s in zip(s_start, s_count, strides)) + 1
+    span = (last - first) * item
+    if span <= len(staging):
+        # Close together (a channels_last band is one range): one read of the whole range, and the box is a
+        # strided view of it.
+        ws.reader.read_into(path, data_offset + first * item, [memoryview(staging[:span])])
+        return np.lib.stride_tricks.as_strided(staging[:span].view(element), shape=s_count,
+                                               strides=[s * item for s in strides], writeable=False)
+    # Far apart (a transposed tensor's band is a short run of every storage row): run by run, in increasing
+    # offset, packed in box order. Dims k.. of the box are one run: every dim after k is whole.
+    k = len(s_sizes) - 1
+    while k > 0 and s_count[k] == s_sizes[k]:
+        k -= 1
+    run = numel(s_count[k:]) * item
+    n_runs = numel(s_count[:k])
+    view = memoryview(staging)
+    for lo in range(0, n_runs, RUN_BATCH):
+        hi = min(n_runs, lo + RUN_BATCH)
+        index = np.unravel_index(np.arange(lo, hi, dtype=np.int64), s_count[:k])
+        offset = np.full(hi - lo, first, dtype=np.int64)
+        for i, s in zip(index, strides[:k]):
+            offset += i * s
+        for j, src in enumerate(offset.tolist()):
+            at = (lo + j) * run
+            ws.reader.read_into(path, data_offset + src * item, [view[at:at + run]])
+    return staging[:n_runs * run].view(element).reshape(s_count)
+
+
+ASSEMBLER = Assembler("strided", accepts, write)

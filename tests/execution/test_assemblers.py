@@ -1,0 +1,142 @@
+"""The assemblers as peers: each run directly against a MemoryReader and a MemorySink with a Workspace built by
+hand (no Executor), the executor's choice of assembler per layout, and the workspace's buffer as the only memory
+they use. Bit-for-bit coverage at random shapes and buffers stays in test_executor, test_strided and test_gather."""
+import threading
+
+import numpy as np
+import pytest
+
+from streamconv import transforms as tf
+from streamconv.execution import band, copy, gather, strided
+from streamconv.execution.executor import ASSEMBLERS, choose
+from streamconv.execution.workspace import Cancelled, Workspace
+from streamconv.plan import PlanOptions, TensorPlan, build_plan
+from streamconv.sink import MemorySink
+from test_executor import make_checkpoint
+from test_strided import permuted_checkpoint
+
+ARR = np.arange(24 * 16, dtype=np.float32).reshape(24, 16)
+
+
+def _plan_of(meta):
+    plan = build_plan(meta, PlanOptions(max_shard_bytes=10**9))
+    (t,) = plan.shards[0].tensors
+    return t
+
+
+def _rope(arr, heads):
+    """RoPE's interleaved -> half-split rows, the gather case (see test_gather.torch_rope)."""
+    return arr.reshape(heads, -1, 2, arr.shape[1]).transpose(0, 2, 1, 3).reshape(arr.shape)
+
+
+def _rope_case(cuts=((8,), ())):
+    meta, reader, stored = make_checkpoint({"w": ARR}, {"w": list(cuts)})
+    chunks = meta.tensors[0].chunks
+    takes = tf.takes_from_rows("w", ARR.shape, tf.rope_half_split(ARR.shape[0], 2))
+    groups = tf.cut_all(takes, {"w": (ARR.shape, chunks)})
+    pieces = tf.flatten(groups)
+    t = TensorPlan(name="w", source_fqn="w", src_dtype="float32", dst_dtype="float32", shape=ARR.shape,
+                   chunks=tf.distinct_chunks(pieces), begin=0, nbytes=ARR.nbytes, pieces=pieces)
+    return t, reader, stored, _rope(ARR, 2)
+
+
+def _layouts():
+    """(name, tensor plan, reader, stored map, expected array), one per assembler."""
+    meta, reader, stored = make_checkpoint({"w": ARR}, {"w": [[5, 11], []]})       # FSDP: dim-0 row blocks
+    yield "copy", _plan_of(meta), reader, stored, ARR
+    meta, reader, stored = make_checkpoint({"w": ARR}, {"w": [[], [3, 9]]})        # tensor parallel: columns
+    yield "band", _plan_of(meta), reader, stored, ARR
+    meta, reader, stored = permuted_checkpoint(ARR, [[10], [7]], [(1, 0), (0, 1)])  # some boxes transposed
+    yield "strided", _plan_of(meta), reader, stored, ARR
+    t, reader, stored, want = _rope_case()
+    yield "gather", t, reader, stored, want
+
+
+LAYOUTS = {case[0]: case[1:] for case in _layouts()}
+MODULES = {"copy": copy, "band": band, "strided": strided, "gather": gather}
+
+
+def test_there_is_one_assembler_per_module_and_band_comes_last():
+    assert [a.name for a in ASSEMBLERS] == ["copy", "gather", "strided", "band"]
+    assert all(MODULES[a.name].ASSEMBLER is a for a in ASSEMBLERS)
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_the_executor_picks_the_assembler_made_for_each_layout(name):
+    t, reader, stored, _ = LAYOUTS[name]
+    assert choose(t, stored).name == name
+    assert [a.name for a in ASSEMBLERS if a.accepts(t, stored)] in ([name], [name, "band"])
+
+
+@pytest.mark.parametrize("buffer_bytes", [1, 100, 1 << 20])
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_each_assembler_writes_the_tensor_from_a_hand_built_workspace(name, buffer_bytes):
+    t, reader, stored, want = LAYOUTS[name]
+    written = []
+    ws = Workspace(reader, stored, buffer_bytes, progress=written.append)
+    sink = MemorySink(t.begin + t.nbytes)     # begin: after the shard's header
+    MODULES[name].write(ws, t, sink)
+    assert bytes(sink.data[t.begin:]) == want.tobytes()
+    assert sum(written) == t.nbytes         # every byte counted as progress exactly once
+    # The workspace's one buffer is all the memory it used: the budget, or two elements when that is smaller.
+    assert ws.buffer_nbytes <= max(buffer_bytes, 2 * 4)
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_each_assembler_casts_through_the_workspace(name):
+    import dataclasses
+
+    from streamconv.cast import cast_into      # bit-exact vs torch, see test_cast.py
+    t, reader, stored, want = LAYOUTS[name]
+    t = dataclasses.replace(t, dst_dtype="bfloat16", nbytes=want.size * 2)
+    ws = Workspace(reader, stored, 64)
+    sink = MemorySink(t.begin + t.nbytes)     # begin: after the shard's header
+    MODULES[name].write(ws, t, sink)
+    want_bytes = cast_into(np.frombuffer(want.tobytes(), np.uint8), "float32", "bfloat16").tobytes()
+    assert bytes(sink.data[t.begin:]) == want_bytes
+    assert ws.buffer_nbytes <= 64
+
+
+class StopAfterWrites:
+    """A MemorySink that sets the run's stop event after `n` writes, as a failing peer worker would."""
+
+    def __init__(self, nbytes, stop, n):
+        self.sink, self.stop, self.left = MemorySink(nbytes), stop, n
+        self.writes = 0
+
+    def write_at(self, offset, data):
+        self.writes += 1
+        self.sink.write_at(offset, data)
+        self.left -= 1
+        if self.left == 0:
+            self.stop.set()
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_each_assembler_stops_between_steps_when_the_run_is_abandoned(name):
+    import dataclasses
+    t, reader, stored, _ = LAYOUTS[name]
+    t = dataclasses.replace(t, dst_dtype="bfloat16", nbytes=t.nbytes // 2)   # a cast: copy steps through the buffer
+    stop = threading.Event()
+    ws = Workspace(reader, stored, 64, stop=stop)
+    sink = StopAfterWrites(t.begin + t.nbytes, stop, 1)
+    with pytest.raises(Cancelled):
+        MODULES[name].write(ws, t, sink)
+    assert sink.writes == 1
+
+
+class RecordingIntegrity:
+    def __init__(self):
+        self.checked = []
+
+    def check(self, fqn, chunk):
+        self.checked.append((fqn, chunk))
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_each_assembler_checks_every_chunk_through_the_workspace(name):
+    t, reader, stored, _ = LAYOUTS[name]
+    integrity = RecordingIntegrity()
+    MODULES[name].write(Workspace(reader, stored, 1 << 20, integrity=integrity), t, MemorySink(t.begin + t.nbytes))
+    assert {c for _, c in integrity.checked} == set(t.chunks)
+    assert {fqn for fqn, _ in integrity.checked} == {t.source_fqn}

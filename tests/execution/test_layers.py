@@ -1,0 +1,80 @@
+"""The execution layer's shape: assemblers are peers that touch no other module's underscore names, and neither
+it nor the trainers package is part of an import cycle (every import counts, lazy ones too)."""
+import ast
+import pathlib
+
+import pytest
+
+import streamconv
+
+PACKAGE = pathlib.Path(streamconv.__file__).parent
+EXECUTION = sorted((PACKAGE / "execution").glob("*.py"))
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: pathlib.Path, known) -> set:
+    """Modules of the package that `path` imports anywhere in its body (as tools/import_cycles.py counts them)."""
+    name = _module_name(path)
+    base = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            mod = ".".join(base[:len(base) - node.level + 1] + [node.module] if node.module else
+                           base[:len(base) - node.level + 1]) if node.level else node.module
+            targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in known else mod for a in node.names]
+        else:
+            continue
+        for target in targets:
+            parts = target.split(".")
+            while parts and ".".join(parts) not in known:
+                parts.pop()
+            if parts and ".".join(parts) not in (name, "streamconv"):
+                out.add(".".join(parts))
+    return out
+
+
+def _reaches(graph, start, goal) -> bool:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt == goal:
+                return True
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return False
+
+
+@pytest.mark.parametrize("subpackage", ["execution", "trainers"])
+def test_no_import_cycle_through(subpackage):
+    paths = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {name: _imports(path, paths) for name, path in paths.items()}
+    mine = [n for n in paths if n.startswith(f"streamconv.{subpackage}")]
+    assert mine
+    assert [n for n in mine if _reaches(graph, n, n)] == []
+
+
+@pytest.mark.parametrize("path", EXECUTION, ids=lambda p: p.name)
+def test_no_module_reaches_into_another_ones_private_names(path):
+    """`ex._scratch` from gather.py was how the assemblers used the executor; a Workspace has public verbs."""
+    tree = ast.parse(path.read_text())
+    reached = [f"line {node.lineno}: .{node.attr}" for node in ast.walk(tree)
+               if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+               and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))]
+    imported = [f"line {node.lineno}: {a.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                for a in node.names if a.name.startswith("_")]
+    assert reached + imported == []
+
+
+def test_the_old_executor_module_names_are_the_execution_layers():
+    from streamconv import executor, parallel
+    from streamconv.execution import executor as moved, workspace
+
+    assert executor.Executor is moved.Executor and executor.check_stored is moved.check_stored
+    assert executor.Cancelled is workspace.Cancelled is parallel.Cancelled   # parallel.py stops peers on it

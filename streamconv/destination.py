@@ -101,12 +101,17 @@ def check_destination(destination: str, protected_folders: Iterable[str], protec
             hit = risky_ids.get(identity(above))
             if hit is None:
                 continue
-            what = "source folder" if source in folders else "source file"
-            relation = "is" if above == os.path.realpath(source) else "holds"
+            where = "the output folder" if hit == dest else f"its staging or swap folder {hit}"
+            if source in folders:
+                relation = "is" if above == os.path.realpath(source) else "contains"
+                raise OutputError(
+                    f"{destination}: {where} {relation} the source folder {source} (on disk: the same folder as "
+                    f"{above}); converting there could delete the source. Choose an output folder outside it "
+                    "(a subfolder of the checkpoint folder is fine).")
             raise OutputError(
-                f"{destination}: {'the output folder' if hit == dest else hit} {relation} the {what} {source} "
-                f"(the same folder on disk as {above}); converting there could delete the source. Choose an "
-                "output folder outside it (a subfolder of the checkpoint folder is fine).")
+                f"{destination}: {where} would hold the source file {source} (real path "
+                f"{os.path.realpath(source)}, inside {above}); converting there could delete or overwrite it. "
+                "Choose another output folder.")
     for path in risky:
         if os.path.isdir(path) and not os.path.islink(path):
             found = _walk_for_sources(path, protected, mounts)

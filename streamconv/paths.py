@@ -120,6 +120,8 @@ def remove_tree(path: str, protected: Collection[Identity] = ()) -> List[str]:
         _unlink(path, None, left)
         return left
     mounts = mount_points()
+    if is_mount_point(path, mounts):
+        return [f"{path}: a mount point; not deleted (unmount it first)"]
     _remove_dir_contents(path, None, os.path.basename(path), st, protected, mounts, left)
     if not left:
         try:

@@ -130,6 +130,28 @@ def test_a_hard_linked_source_file_in_the_old_output_is_refused(source, tmp_path
 
 
 @needs_mounts
+def test_deletion_spares_a_mount_that_appeared_after_the_check(source, tmp_path):
+    """The second line of defence: a bind mount of the checkpoint inside the old output that the early check
+    did not see (here: the check switched off, as if the mount appeared after it) is left alone by the deletion
+    of the swapped-out old output, and the run says what it left."""
+    ckpt, out = private_copy(source, tmp_path / "ckpt"), tmp_path / "out"
+    (out / "mnt").mkdir(parents=True)
+    (out / "old.safetensors").write_bytes(b"old")
+    before = snapshot(ckpt)
+    script = ("import json, sys, streamconv; from streamconv import destination\n"
+              "destination._walk_for_sources = lambda *a: None\n"
+              "r = streamconv.convert(sys.argv[1], sys.argv[2], overwrite=True, max_shard_size='100KB')\n"
+              "print(json.dumps(r.notes))")
+    result = in_private_namespace(f"mount --bind {ckpt} {out / 'mnt'} && "
+                                  f"{shlex.quote(sys.executable)} -c {shlex.quote(script)} {ckpt} {out}")
+    assert result.returncode == 0, result.stderr
+    assert snapshot(ckpt) == before
+    notes = json.loads(result.stdout)
+    assert any("could not be deleted entirely" in n and "mnt" in n for n in notes), notes
+    assert len([p for p in out.iterdir() if p.suffix == ".safetensors"]) >= 4
+
+
+@needs_mounts
 def test_remove_tree_spares_mounts_symlink_targets_and_protected_identities(tmp_path):
     """The one deletion routine: deletes what is ours, reports what it left, and never crosses into a mount
     (another filesystem or a bind mount of the same one), follows a symlink, or deletes a protected identity."""

@@ -220,7 +220,8 @@ def convert(checkpoint_dir, output_dir, as_json, overwrite, workers, verify, crc
 
     The output is written to a hidden staging folder beside OUTPUT_DIR, fsynced, and renamed into place
     only when complete; an error or Ctrl-C leaves nothing that looks finished. OUTPUT_DIR may not be the
-    checkpoint folder or hold it (a subfolder of it is fine). Only the model's weights are written:
+    checkpoint folder or hold it (a subfolder of it is fine), nor the current folder or a mount point (write
+    into a new folder inside it). Only the model's weights are written:
     optimizer state and non-tensor entries are skipped.
     """
     options = ConvertOptions.take(option_values)

@@ -98,10 +98,6 @@ def is_mount_point(path: str, mounts: Optional[Collection[str]] = None) -> bool:
     return real in (mount_points() if mounts is None else mounts)
 
 
-class RemovalRefused(Exception):
-    """Internal to `remove_tree`: an entry it will not delete (a mount, a source, something it cannot read)."""
-
-
 def remove_tree(path: str, protected: Collection[Identity] = ()) -> List[str]:
     """Delete the folder tree at `path` without following a symlink, crossing into another filesystem or
     mount, or deleting anything whose identity is in `protected` (the checkpoint and config folders and

@@ -241,7 +241,8 @@ class StagingDir:
             try:
                 os.mkdir(self.path)
             except OSError as exc:
-                raise OutputError(f"{parent}: cannot create staging folder {self.path}: {exc.strerror}"
+                full = f" ({free_space_note(self.path)})" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+                raise OutputError(f"{parent}: cannot create staging folder {self.path}: {exc.strerror}{full}"
                                   f"{parent_not_writable_hint(parent, exc)}") from None
         self._lock()       # (a no-op when taken above; never discard a folder another run holds)
         try:

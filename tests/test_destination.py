@@ -220,17 +220,22 @@ def test_output_that_is_a_mount_point_is_refused_before_writing(source, tmp_path
 # -- 5. inodes, an unwritable parent, a pre-created folder --------------------------------------------------
 
 @needs_mounts
-def test_no_free_inodes_is_named_as_such_before_writing(source, tmp_path):
+@pytest.mark.parametrize("inodes", [8, 1])     # 8: the preflight refuses; 1: none left even for the staging folder
+def test_no_free_inodes_is_named_as_such_before_writing(source, tmp_path, inodes):
     fs = tmp_path / "fs"
     fs.mkdir()
     result = in_private_namespace(
-        f"mount -t tmpfs -o size=64m,nr_inodes=8 tmpfs {fs} && "
+        f"mount -t tmpfs -o size=64m,nr_inodes={inodes} tmpfs {fs} && "
         + streamconv_cmd("convert", source["ckpt"], fs / "out", "--max-shard-size", SHARD)
         + f"; rc=$?; ls -A {fs}; exit $rc")
     assert result.returncode == 73, result.stderr
     # (the test's own folder name holds "inodes": the words are checked with their spaces)
-    assert "free inodes" in result.stderr and "files and folders" in result.stderr, result.stderr
-    assert "cannot create" not in result.stderr and no_traceback(result)   # refused before writing
+    if inodes == 1:
+        assert "cannot create staging folder" in result.stderr and "no free inodes" in result.stderr, result.stderr
+    else:
+        assert "free inodes" in result.stderr and "files and folders" in result.stderr, result.stderr
+        assert "cannot create" not in result.stderr   # refused before writing
+    assert no_traceback(result)
     assert result.stdout.strip() == ""
 
 

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import zlib
 from dataclasses import replace
 from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
 
 from . import discover, dtypes, fastpaths, hf, names
-from .errors import OptionsError, OutputError
+from .destination import check_destination, check_free_space
+from .errors import CheckpointError, OptionsError, OutputError, VerificationError
 from .executor import Executor, check_stored
 from .io import DirectoryReader, RangeReader
 from .options import ConvertOptions, resolve as resolve_options
@@ -24,7 +24,8 @@ from .report import ConversionReport, Reporter, peak_rss_bytes
 from .parallel import write_shards
 from .reader.integrity import ChunkIntegrity
 from .shardjob import ShardJob
-from .staging import StagingDir, check_destination, kill_point
+from .paths import user_path
+from .staging import StagingDir, kill_point
 from . import verification as verifying
 from .sizes import format_size
 
@@ -62,13 +63,25 @@ def load(checkpoint_dir: str, fast: Optional[fastpaths.FastPaths] = None
     return reader, meta
 
 
+def checkpoint_argument(checkpoint_dir) -> str:
+    """A checkpoint path as given, refused when empty (OptionsError) or a file (CheckpointError, with what to
+    pass instead); every verb starts here."""
+    checkpoint_dir = user_path(checkpoint_dir, "the checkpoint folder (CHECKPOINT_DIR)")
+    if os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
+        raise CheckpointError(
+            f"{checkpoint_dir} is a file, not a folder; pass the DCP checkpoint folder (the one holding `.metadata` "
+            f"and the .distcp files, e.g. {os.path.dirname(checkpoint_dir) or os.curdir}) or a run folder "
+            "holding one")
+    return checkpoint_dir
+
+
 def _prepare(checkpoint_dir: str, options, kwargs, *, config_from, allow_unmatched: bool, no_config: bool,
              fast: Optional[fastpaths.FastPaths] = None):
     """What every verb does first: find the DCP folder (a run folder stands for the one in it), read its
     metadata, resolve the options, refuse optimizer-only folders, and prepare the HF side (config, names,
     reference check). Returns (checkpoint_dir, reader, meta, setup, notes); the caller closes the reader."""
     from .reader import zstd
-    checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_dir)
+    checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_argument(checkpoint_dir))
     reader, meta = load(checkpoint_dir, fast)
     try:
         options, user = resolve_options(options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched,
@@ -118,19 +131,6 @@ def _checked_plan(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir
     return conversion
 
 
-def check_free_space(output_dir: str, needed_bytes: int) -> None:
-    """Refuse before writing when the output's filesystem cannot hold it: a full disk half-way through a
-    40 GB conversion wastes the time and leaves the disk full."""
-    probe = os.path.dirname(os.path.abspath(output_dir))
-    while probe and not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    free = shutil.disk_usage(probe).free
-    if free < needed_bytes:
-        raise OutputError(
-            f"{output_dir}: the output needs {format_size(needed_bytes)} but {probe} has {format_size(free)} free; "
-            "free some space, choose another output folder, or shrink the output with --dtype bfloat16")
-
-
 # Each file takes whole filesystem blocks; counted so that a folder of many small files is not underestimated.
 _BLOCK_BYTES = 4096
 
@@ -145,6 +145,12 @@ def output_nbytes(conversion: ConversionPlan, config_folder: Optional[str], side
         except OSError:
             pass
     return total + _BLOCK_BYTES * (len(conversion.shards) + 1 + len(sidecars))
+
+
+def output_nfiles(conversion: ConversionPlan, sidecars: Sequence[str]) -> int:
+    """Inodes the run takes at its peak: the staging folder, its records folder and plan record, and per shard
+    the file and its record; the index and the copied config/tokenizer files."""
+    return 4 + 2 * len(conversion.shards) + 1 + len(sidecars)      # 4: + the copy probe's file
 
 
 def checkpoint_files(checkpoint_dir: str, meta: CheckpointMetadata) -> Dict[str, list]:
@@ -260,21 +266,25 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
     """
     reporter = reporter or Reporter()
     started = time.perf_counter()
+    output_dir = user_path(output_dir, "the output folder (OUTPUT_DIR)")
+    # Resolved now: after the commit the current folder may be gone, and getcwd() with it.
+    output_abs = os.path.abspath(output_dir)
     fast = fastpaths.detect()       # fast IO paths are chosen once, here, and passed down (fastpaths.py)
     checkpoint_dir, reader, meta, setup, notes = _prepare(
         checkpoint_dir, options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched,
         no_config=no_config, fast=fast)
+    checkpoint_abs = os.path.abspath(checkpoint_dir)
     with reader:
         options = setup.options
         conversion = _checked_plan(meta, options, checkpoint_dir)
         with_heads, heads = _with_tied_heads(meta, setup, conversion)
         folders, files = protected_paths(reader, meta, setup.config.folder if setup.config else None)
-        check_destination(output_dir, folders, files)       # before anything is written
+        protected = check_destination(output_dir, folders, files)       # before anything is written
         stored = locate_chunks(with_heads, reader)
         fingerprints = {s.filename: shard_fingerprint(s) for s in conversion.shards}
         run_notes = []
         with StagingDir(output_dir, plan_record=plan_record(conversion, checkpoint_dir, meta), overwrite=overwrite,
-                        resume=resume, discard_partial=discard_partial, fast=fast) as staging:
+                        resume=resume, discard_partial=discard_partial, fast=fast, protected=protected) as staging:
             first_file = _first_data_file(with_heads)
             if first_file is not None:      # (no chunk at all: nothing is copied)
                 fast = fastpaths.probe_copy(fast, reader.path(first_file), staging.path)
@@ -286,7 +296,8 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
             kept_names = {s.filename for s in kept}
             to_write = [s for s in conversion.shards if s.filename not in kept_names]
             check_free_space(output_dir, output_nbytes(conversion, setup.config.folder if setup.config else None,
-                                                       setup.sidecar_files) - sum(s.nbytes for s in kept))
+                                                       setup.sidecar_files) - sum(s.nbytes for s in kept),
+                             needed_files=output_nfiles(conversion, setup.sidecar_files) - len(kept))
             reporter.start(conversion.total_bytes * (2 if verify else 1) + sum(t.nbytes for t in heads.values()),
                            "converting")
             reporter.advance(sum(s.data_nbytes for s in kept))
@@ -303,7 +314,7 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
                                                                              fingerprints[s.filename], crc))
             else:
                 record = plan_record(conversion, checkpoint_dir, meta)
-                job = ShardJob(checkpoint_dir=os.path.abspath(checkpoint_dir), staging_dir=staging.path,
+                job = ShardJob(checkpoint_dir=checkpoint_abs, staging_dir=staging.path,
                                plan=conversion, plan_fingerprint=record["plan"], checkpoint_files=record["checkpoint"],
                                shard_fingerprints=fingerprints, crc=check_crc)
                 shard_runner(job, [s.filename for s in to_write], reporter.advance)
@@ -335,6 +346,7 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
                 verifying.raise_if_failed(checked, staged=True)
                 verified_bytes = checked.bytes_compared
             staging.commit()
+            run_notes += staging.notes
             reporter.close()
             if integrity is not None and integrity.unrecorded:
                 run_notes.append(f"CRC-32: {len(integrity.unrecorded)} chunk(s) unchecked: their writer recorded no "
@@ -347,7 +359,7 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
     files = [s.filename for s in conversion.shards] + ([INDEX_FILE_NAME] if conversion.sharded else [])
     reference = hf.compare_with_reference(setup, conversion)
     return ConversionReport(
-        checkpoint=os.path.abspath(checkpoint_dir), output=os.path.abspath(output_dir),
+        checkpoint=checkpoint_abs, output=output_abs,
         tensors=len(conversion.tensors), shards=len(conversion.shards), bytes_written=conversion.files_nbytes,
         seconds=time.perf_counter() - started, peak_rss_bytes=peak_rss_bytes(),
         predicted_peak_bytes=conversion.peak_bytes, buffer_bytes=options.buffer_bytes,
@@ -380,7 +392,7 @@ def inspect(checkpoint_dir: str) -> dict:
     stands for the model's DCP folder in it (`discover.find_checkpoint`); `found` then says which was taken."""
     from .reader import zstd
     from .trainers import megatron
-    checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_dir)
+    checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_argument(checkpoint_dir))
     megatron_folder = megatron.recognise(checkpoint_dir)
     reader, meta = load(checkpoint_dir)
     reader.close()
@@ -434,6 +446,10 @@ def verify(checkpoint_dir: str, output_dir: str, options: Optional[Options] = No
     `verify.CorruptSourceError` (exit 2), both carrying the `VerifyResult`; returns it when all is well."""
     reporter = reporter or Reporter()
     started = time.perf_counter()
+    output_dir = user_path(output_dir, "the output folder (OUTPUT_DIR)")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise VerificationError(f"{output_dir} is a file, not an output folder; pass the folder `streamconv convert` "
+                                "wrote (the one holding the .safetensors files and their index)")
     checkpoint_dir, reader, meta, setup, notes = _prepare(
         checkpoint_dir, options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched,
         no_config=no_config, fast=fastpaths.detect())

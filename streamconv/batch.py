@@ -34,6 +34,7 @@ from . import api
 from .errors import OptionsError, StreamconvError
 from .names import natural_key
 from .options import ConvertOptions
+from .paths import user_path
 from .plan import INDEX_FILE_NAME, ConversionPlan
 from .report import Reporter
 from .sizes import format_size, parse_size
@@ -92,10 +93,10 @@ class BatchReport:
 def expand_sources(sources: Sequence[str], from_file: Optional[str] = None) -> List[str]:
     """Folders and globs (`runs/*/checkpoint-*`, naturally sorted), plus the lines of `from_file` (blank lines
     and `#` comments skipped); each folder once. A glob matching nothing is an error: it is usually a typo."""
-    patterns = list(sources)
+    patterns = [user_path(s, "a batch source") for s in sources]
     if from_file is not None:
         try:
-            with open(from_file, encoding="utf-8") as f:
+            with open(user_path(from_file, "--from-file"), encoding="utf-8") as f:
                 patterns += [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
         except OSError as exc:
             raise OptionsError(f"--from-file {from_file}: cannot read: {exc.strerror}") from None
@@ -121,6 +122,7 @@ def expand_sources(sources: Sequence[str], from_file: Optional[str] = None) -> L
 def output_for(template: str, source: str) -> str:
     """Fill `template` for one checkpoint folder: {name} its folder name, {parent} the folder above, {step} the
     digits at the end of its name (checkpoint-2000 -> 2000)."""
+    template = user_path(template, "--output-template")
     path = os.path.abspath(source).rstrip(os.sep)
     name = os.path.basename(path)
     digits = re.search(r"(\d+)$", name)
@@ -140,7 +142,7 @@ def output_for(template: str, source: str) -> str:
     if "step" in used and values["step"] is None:
         raise OptionsError(f"{source}: --output-template uses {{step}} but the folder name {name!r} does not end "
                            "in digits")
-    return template.format(**values)
+    return user_path(template.format(**values), f"--output-template {template!r} for {source}")
 
 
 def matches_plan(conversion: ConversionPlan, output_dir: str) -> bool:

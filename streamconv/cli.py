@@ -185,8 +185,8 @@ def cli():
 
 
 @cli.command()
-@click.argument("checkpoint_dir", type=click.Path(file_okay=False))
-@click.argument("output_dir", type=click.Path(file_okay=False))
+@click.argument("checkpoint_dir", type=click.Path())
+@click.argument("output_dir", type=click.Path())
 @_plan_options
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT_DIR if it exists and is not empty.")
 @click.option("--workers", default=api.DEFAULT_WORKERS, show_default=True, type=click.IntRange(1, 64),
@@ -220,7 +220,8 @@ def convert(checkpoint_dir, output_dir, as_json, overwrite, workers, verify, crc
 
     The output is written to a hidden staging folder beside OUTPUT_DIR, fsynced, and renamed into place
     only when complete; an error or Ctrl-C leaves nothing that looks finished. OUTPUT_DIR may not be the
-    checkpoint folder or hold it (a subfolder of it is fine). Only the model's weights are written:
+    checkpoint folder or hold it (a subfolder of it is fine), nor the current folder or a mount point (write
+    into a new folder inside it). Only the model's weights are written:
     optimizer state and non-tensor entries are skipped.
     """
     options = ConvertOptions.take(option_values)
@@ -249,7 +250,7 @@ def convert(checkpoint_dir, output_dir, as_json, overwrite, workers, verify, crc
 
 
 @cli.command()
-@click.argument("checkpoint_dir", type=click.Path(file_okay=False))
+@click.argument("checkpoint_dir", type=click.Path())
 @_plan_options
 @_fail_cleanly
 def plan(checkpoint_dir, as_json, **option_values):
@@ -277,8 +278,8 @@ def plan(checkpoint_dir, as_json, **option_values):
 
 
 @cli.command()
-@click.argument("checkpoint_dir", type=click.Path(file_okay=False))
-@click.argument("output_dir", type=click.Path(file_okay=False))
+@click.argument("checkpoint_dir", type=click.Path())
+@click.argument("output_dir", type=click.Path())
 @_plan_options
 @click.option("--crc/--no-crc", default=True, show_default=True,
               help="Check every read chunk's CRC-32, as recorded by torch.save in its .distcp file.")
@@ -397,7 +398,7 @@ def batch(sources, output_template, from_file, as_json, jobs, max_memory, worker
 
 
 @cli.command()
-@click.argument("checkpoint_dir", type=click.Path(file_okay=False))
+@click.argument("checkpoint_dir", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report on stdout.")
 @_fail_cleanly
 def inspect(checkpoint_dir, as_json):

@@ -15,6 +15,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 from . import dtypes, names
 from .errors import OptionsError
+from .paths import user_path
 from .plan import PlanOptions
 from .sizes import parse_size
 from .trainers import SOURCE_FORMATS
@@ -85,6 +86,8 @@ class ConvertOptions:
                 if isinstance(value, str):      # include="*.x" would otherwise be read letter by letter
                     value = (value,)
                 object.__setattr__(self, f.name, tuple(value))
+        if self.config_from is not None:    # "" would silently mean "no --config-from"
+            object.__setattr__(self, "config_from", user_path(self.config_from, "--config-from"))
         self.plan_options()     # refuse bad sizes, dtypes and rules now, not in a worker an hour later
 
     def plan_options(self) -> PlanOptions:

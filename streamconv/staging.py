@@ -23,11 +23,12 @@ import shutil
 import signal
 import zlib
 from contextlib import contextmanager
-from typing import Dict, Iterable, Iterator, List, Optional
+from typing import Collection, Dict, Iterable, Iterator, List, Optional
 
 from .errors import OutputError
 from .fastpaths import FastPaths, detect, read_at
 from .names import staging_name
+from .paths import Identity, adopt_folder_attributes, parent_not_writable_hint, remove_tree
 
 STAGING_SUFFIX = ".streamconv-partial"
 OLD_SUFFIX = ".streamconv-old"         # the previous output, while --overwrite swaps it out without EXCHANGE
@@ -164,35 +165,6 @@ def old_path_for(destination: str) -> str:
     return os.path.join(parent, staging_name(base, tag="streamconv", suffix=OLD_SUFFIX[len(".streamconv"):]))
 
 
-def _is_at_or_under(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def check_destination(destination: str, protected_folders: Iterable[str], protected_files: Iterable[str]) -> None:
-    """Refuse, before anything is written, a destination whose replacement (or whose staging and swap
-    folders) could delete or overwrite a source: the checkpoint or config folder itself, one of their
-    ancestors, or a folder holding any file they consist of (symlinks resolved). A destination inside
-    the checkpoint folder is fine."""
-    dest = os.path.realpath(destination)
-    risky = [dest, os.path.realpath(staging_path_for(dest)), os.path.realpath(old_path_for(dest))]
-    for folder in protected_folders:
-        real = os.path.realpath(folder)
-        for path in risky:
-            if _is_at_or_under(real, path):
-                what = "is" if real == path else "contains"
-                raise OutputError(
-                    f"{destination}: the output folder {what} the source folder {folder}; converting there "
-                    "could delete the source. Choose an output folder outside it (a subfolder of the "
-                    "checkpoint folder is fine).")
-    for f in protected_files:
-        real = os.path.realpath(f)
-        for path in risky:
-            if _is_at_or_under(real, path):
-                raise OutputError(
-                    f"{destination}: the output folder would hold the source file {f} (real path {real}); "
-                    "converting there could delete or overwrite it. Choose another output folder.")
-
-
 def _is_empty_dir(path: str) -> bool:
     return os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
 
@@ -224,10 +196,16 @@ class StagingDir:
     plan record matches), removed when `discard_partial`, and otherwise refused with an explanation.
     Use as a context manager: leaving with an exception discards (or, with `resume`, keeps for later).
     `fast.renameat2` (default: `fastpaths.detect()`) commits with renameat2; else with plain renames.
+    Every deletion (of this staging folder, a swapped-out old output, records) goes through
+    `paths.remove_tree`, sparing `protected` identities (the sources, `destination.check_destination`) and
+    mounts; what it leaves is raised, or (once committed or while discarding) added to `notes`.
     """
 
     def __init__(self, destination: str, *, plan_record: Optional[dict] = None, overwrite: bool = False,
-                 resume: bool = False, discard_partial: bool = False, fast: Optional[FastPaths] = None):
+                 resume: bool = False, discard_partial: bool = False, fast: Optional[FastPaths] = None,
+                 protected: Collection[Identity] = ()):
+        self.protected = frozenset(protected)
+        self.notes: List[str] = []
         self.destination = os.path.abspath(os.fspath(destination))
         self.fast = fast if fast is not None else detect()
         self.overwrite = overwrite
@@ -250,7 +228,8 @@ class StagingDir:
         try:
             os.makedirs(parent, exist_ok=True)
         except OSError as exc:
-            raise OutputError(f"{parent}: cannot create: {exc.strerror}") from None
+            raise OutputError(f"{parent}: cannot create: {exc.strerror}"
+                              f"{parent_not_writable_hint(os.path.dirname(parent), exc)}") from None
         if os.path.lexists(self.path):
             self._lock()
             try:
@@ -262,7 +241,9 @@ class StagingDir:
             try:
                 os.mkdir(self.path)
             except OSError as exc:
-                raise OutputError(f"{parent}: cannot create staging folder {self.path}: {exc.strerror}") from None
+                full = f" ({free_space_note(self.path)})" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+                raise OutputError(f"{parent}: cannot create staging folder {self.path}: {exc.strerror}{full}"
+                                  f"{parent_not_writable_hint(parent, exc)}") from None
         self._lock()       # (a no-op when taken above; never discard a folder another run holds)
         try:
             os.makedirs(self.records_dir, exist_ok=True)
@@ -327,14 +308,9 @@ class StagingDir:
 
     def _clear(self) -> None:
         for name in os.listdir(self.path):
-            full = os.path.join(self.path, name)
-            try:
-                if os.path.isdir(full) and not os.path.islink(full):
-                    shutil.rmtree(full)
-                else:
-                    os.unlink(full)
-            except OSError as exc:
-                raise OutputError(f"{full}: cannot remove the interrupted conversion: {exc.strerror}") from None
+            left = remove_tree(os.path.join(self.path, name), self.protected)
+            if left:
+                raise OutputError(f"cannot remove the interrupted conversion: {'; '.join(left[:5])}")
 
     def _restore_interrupted_swap(self) -> None:
         """A run killed between the two renames of the --overwrite fallback left the old output aside."""
@@ -344,11 +320,14 @@ class StagingDir:
         try:
             if not os.path.lexists(self.destination):
                 os.rename(old, self.destination)        # the new one never arrived: put the old one back
-            else:
-                shutil.rmtree(old)                       # the new one is in place: the old one was to go
+                return
         except OSError as exc:
             raise OutputError(f"{old}: left by an interrupted --overwrite; cannot tidy it: {exc.strerror}. "
                               f"Move it back to {self.destination} yourself, or delete it.") from None
+        left = remove_tree(old, self.protected)         # the new one is in place: the old one was to go
+        if left:
+            raise OutputError(f"{old}: left by an interrupted --overwrite; cannot tidy it: {'; '.join(left[:5])}. "
+                              "Delete it yourself.")
 
     # -- writing --------------------------------------------------------------------------------------
     @property
@@ -401,10 +380,11 @@ class StagingDir:
         """Make the folder durable, then move it into place in one rename (see the module docstring)."""
         for path in self._unsynced:
             fsync_path(path)
-        try:
-            shutil.rmtree(self.records_dir)
-        except OSError as exc:
-            raise OutputError(f"{self.records_dir}: cannot remove: {exc.strerror}") from None
+        left = remove_tree(self.records_dir, self.protected)
+        if left:
+            raise OutputError(f"{self.records_dir}: cannot remove: {'; '.join(left[:5])}")
+        if os.path.isdir(self.destination) and not os.path.islink(self.destination):
+            self.notes += adopt_folder_attributes(self.destination, self.path)
         fsync_path(self.path, directory=True)
         kill_point("before-rename")
         parent = os.path.dirname(self.destination)
@@ -439,7 +419,10 @@ class StagingDir:
         fsync_path(parent, directory=True)
         old = old_path_for(self.destination)
         if os.path.lexists(old):
-            shutil.rmtree(old, ignore_errors=True)
+            left = remove_tree(old, self.protected)
+            if left:
+                self.notes.append(f"the previous output could not be deleted entirely; delete {old} yourself "
+                                  f"({'; '.join(left[:3])})")
 
     def _swap_in(self) -> None:
         """Replace a non-empty destination (--overwrite): the old folder goes only after the new is in."""
@@ -462,7 +445,10 @@ class StagingDir:
 
     def discard(self) -> None:
         if not self._done:
-            shutil.rmtree(self.path, ignore_errors=True)
+            left = remove_tree(self.path, self.protected)
+            if left:
+                self.notes.append(f"the staging folder could not be deleted entirely; delete {self.path} yourself "
+                                  f"({'; '.join(left[:3])})")
             self._done = True
         self._unlock()
 
@@ -497,9 +483,15 @@ def write_failed(path: str, exc: OSError, offset: Optional[int] = None, what: st
 def free_space_note(path: str) -> str:
     probe = os.path.dirname(path)
     try:
-        return f"{shutil.disk_usage(probe).free:,} bytes free on {probe}; free some space or choose another folder"
+        free = shutil.disk_usage(probe).free
+        vfs = os.statvfs(probe)
     except OSError:
         return "free some space or choose another folder"
+    # ENOSPC with bytes to spare: the filesystem ran out of inodes (f_files == 0: it does not count them)
+    if vfs.f_files and vfs.f_favail == 0:
+        return (f"no free inodes on {probe} although {free:,} bytes are free; delete some files there "
+                "or choose another folder")
+    return f"{free:,} bytes free on {probe}; free some space or choose another folder"
 
 
 def shard_recorded(staging: str, plan_fingerprint: Optional[str], filename: str, nbytes: int,

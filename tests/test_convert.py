@@ -238,9 +238,9 @@ def test_verify_catches_a_corrupted_shard(dcp_checkpoints, tmp_path, monkeypatch
 def test_not_enough_disk_space_is_refused_before_writing(dcp_checkpoints, tmp_path, monkeypatch):
     import collections
 
-    from streamconv import api
+    from streamconv import destination
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(api.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 100, 100))
+    monkeypatch.setattr(destination.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 100, 100))
     result = CliRunner().invoke(cli, ["convert", str(dcp_checkpoints["tp"]), str(tmp_path / "out")])
     assert result.exit_code == OutputError.exit_code and "free" in result.output and "--dtype" in result.output
     assert list(tmp_path.iterdir()) == []

@@ -35,6 +35,7 @@ from .errors import OptionsError, StreamconvError
 from .names import natural_key
 from .options import ConvertOptions
 from .plan import INDEX_FILE_NAME, ConversionPlan
+from .record import RECORD_FILE
 from .report import Reporter
 from .sizes import format_size, parse_size
 
@@ -72,6 +73,7 @@ class BatchReport:
     jobs: int
     max_memory_bytes: Optional[int]
     planning_seconds: float = 0.0   # reading every `.metadata` and planning, in the driver
+    notes: List[str] = field(default_factory=list)      # about the batch as a whole (folders left out)
 
     @property
     def failed(self) -> List[BatchItem]:
@@ -83,29 +85,35 @@ class BatchReport:
             counts[i.status] = counts.get(i.status, 0) + 1
         return {"checkpoints": [i.to_dict() for i in self.items], "counts": counts,
                 "seconds": round(self.seconds, 3), "planning_seconds": round(self.planning_seconds, 3),
-                "jobs": self.jobs, "max_memory_bytes": self.max_memory_bytes,
+                "jobs": self.jobs, "max_memory_bytes": self.max_memory_bytes, "notes": self.notes,
                 "bytes": sum(i.bytes for i in self.items if i.status in ("converted", "resumed"))}
 
 
 # -- which checkpoints, which outputs -----------------------------------------------------------------
 
-def expand_sources(sources: Sequence[str], from_file: Optional[str] = None) -> List[str]:
+def expand_sources(sources: Sequence[str], from_file: Optional[str] = None,
+                   notes: Optional[List[str]] = None) -> List[str]:
     """Folders and globs (`runs/*/checkpoint-*`, naturally sorted), plus the lines of `from_file` (blank lines
-    and `#` comments skipped); each folder once. A glob matching nothing is an error: it is usually a typo."""
+    and `#` comments skipped); each folder once. A glob matching nothing is an error: it is usually a typo.
+    A folder a glob matches that is a converted output (`looks_like_output`) is left out, with a note in
+    `notes`: `runs/*` with outputs in `runs/{name}-hf` must not take last run's outputs for checkpoints."""
     patterns = list(sources)
     if from_file is not None:
-        try:
-            with open(from_file, encoding="utf-8") as f:
-                patterns += [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
-        except OSError as exc:
-            raise OptionsError(f"--from-file {from_file}: cannot read: {exc.strerror}") from None
+        patterns += _read_list(from_file)
     out: List[str] = []
     seen = set()
     for pattern in patterns:
         if glob.has_magic(pattern):
-            matches = sorted((m for m in glob.glob(pattern) if os.path.isdir(m)), key=natural_key)
-            if not matches:
+            folders = sorted((m for m in glob.glob(pattern) if os.path.isdir(m)), key=natural_key)
+            if not folders:
                 raise OptionsError(f"{pattern}: matches no folder")
+            matches = [m for m in folders if not looks_like_output(m)]
+            if notes is not None:
+                notes += [f"left out {m}: it is a converted output, not a checkpoint" for m in folders
+                          if m not in matches]
+            if not matches:
+                raise OptionsError(f"{pattern}: matches only converted outputs ({', '.join(folders[:3])}"
+                                   f"{' ...' if len(folders) > 3 else ''}), no checkpoint")
         else:
             matches = [pattern]
         for m in matches:
@@ -116,6 +124,51 @@ def expand_sources(sources: Sequence[str], from_file: Optional[str] = None) -> L
     if not out:
         raise OptionsError("no checkpoints given: name folders or globs, or --from-file LIST")
     return out
+
+
+def _read_list(from_file: str) -> List[str]:
+    """The folders and globs of a --from-file list. Paths are text: a line that is not UTF-8 (a list written
+    in another encoding) or holds a NUL byte is a usage error naming the line, not a crash later."""
+    try:
+        with open(from_file, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise OptionsError(f"--from-file {from_file}: cannot read: {exc.strerror}") from None
+    patterns = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        try:
+            text = line.decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise OptionsError(f"--from-file {from_file}: line {number} is not UTF-8 text (byte "
+                               f"0x{line[exc.start]:02x} at column {exc.start + 1}); save the list as UTF-8") from None
+        if "\0" in text:
+            raise OptionsError(f"--from-file {from_file}: line {number} holds a NUL byte, which no path can hold")
+        if text and not text.startswith("#"):
+            patterns.append(text)
+    return patterns
+
+
+# Names of the files a conversion writes at the top of its output folder (hf_shards reads `shard-*` files:
+# a per-rank Hugging Face checkpoint is a source, not an output).
+_OUTPUT_FILE = re.compile(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?$")
+
+
+def looks_like_output(folder: str) -> bool:
+    """Whether `folder` is a converted output rather than a checkpoint: it holds streamconv's output record,
+    or model safetensors (`model.safetensors`, `model-0000N-of-0000M.safetensors`, the index) with no
+    `.metadata` and no sub-folder (a run folder with an exported model beside its DCP folder stays a source)."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return False
+    names = {e.name for e in entries}
+    if RECORD_FILE in names:
+        return True
+    if names & {".metadata", "__0.metadata"}:
+        return False
+    if any(e.is_dir(follow_symlinks=False) and not e.name.startswith(".") for e in entries):
+        return False
+    return any(_OUTPUT_FILE.match(n) for n in names)
 
 
 def output_for(template: str, source: str) -> str:
@@ -259,13 +312,17 @@ def convert_many(sources: Sequence[str], output_template: str, options: Optional
     reporter = reporter or Reporter()
     started = time.perf_counter()
     max_memory_bytes = parse_size(max_memory, option="--max-memory") if max_memory is not None else None
-    items = [BatchItem(source=s, output=output_for(output_template, s)) for s in expand_sources(sources, from_file)]
-    _refuse_shared_outputs(items)
+    notes: List[str] = []
+    items = [BatchItem(source=s, output=output_for(output_template, s))
+             for s in expand_sources(sources, from_file, notes)]
+    _refuse_shared_outputs(items, output_template)
     todo = _plan_all(items, options, overwrite, max_memory_bytes)
     planning_seconds = time.perf_counter() - started
     jobs = jobs or default_jobs([i.output for i in items])
     total = sum(i.bytes for i in todo) * (2 if verify else 1)     # --verify reads every byte back
     reporter.start(total, f"{len(todo)} of {len(items)} checkpoint(s)")
+    for note in notes:
+        reporter.note(note)
     kwargs = dict(workers=workers, crc=crc, verify=verify, overwrite=overwrite)
     if ray is not None:
         from . import ray_runner
@@ -274,17 +331,59 @@ def convert_many(sources: Sequence[str], output_template: str, options: Optional
         _run_local(todo, options, kwargs, jobs, max_memory_bytes, reporter)
     reporter.close()
     return BatchReport(items=items, seconds=time.perf_counter() - started, jobs=jobs,
-                       max_memory_bytes=max_memory_bytes, planning_seconds=planning_seconds)
+                       max_memory_bytes=max_memory_bytes, planning_seconds=planning_seconds, notes=notes)
 
 
-def _refuse_shared_outputs(items: Sequence[BatchItem]) -> None:
-    seen: Dict[str, str] = {}
+def output_identity(path: str) -> tuple:
+    """What folder `path` is, not how it is spelt: symlinks resolved, then the (st_dev, st_ino) of the folder
+    or of its nearest existing ancestor plus the names still to be created below it. Two outputs aliased by a
+    symlink or a bind mount get the same identity; two paths into one folder yet to be made do too."""
+    probe, rest = os.path.realpath(path), []
+    while True:
+        try:
+            st = os.stat(probe)
+            return (st.st_dev, st.st_ino) + tuple(reversed(rest))
+        except FileNotFoundError:
+            parent = os.path.dirname(probe)
+            if parent == probe:
+                return (probe,) + tuple(reversed(rest))
+            rest.append(os.path.basename(probe))
+            probe = parent
+        except OSError:
+            return (probe,) + tuple(reversed(rest))
+
+
+def _refuse_shared_outputs(items: Sequence[BatchItem], template: str) -> None:
+    """Two checkpoints must never write one folder (the second would replace or resume the first's): compared
+    by identity, so `hf/a` and `hf/b -> a` (a symlink, a bind mount) collide too. Refused before any write."""
+    seen: Dict[tuple, BatchItem] = {}
     for i in items:
-        key = os.path.abspath(i.output)
+        key = output_identity(i.output)
         if key in seen:
-            raise OptionsError(f"--output-template gives {i.source} and {seen[key]} the same output {i.output}; "
-                               "add {parent} or {step} to it")
-        seen[key] = i.source
+            first = seen[key]
+            same = "the same output" if os.path.abspath(first.output) == os.path.abspath(i.output) else \
+                f"outputs that are one folder ({first.output} and {i.output}, through a symbolic link or a mount)"
+            raise OptionsError(f"--output-template {template!r} gives {first.source} and {i.source} {same}; "
+                               f"{_suggest_template(template, [x.source for x in items])}")
+        seen[key] = i
+
+
+def _suggest_template(template: str, sources: Sequence[str]) -> str:
+    """Advice that works: a template built from `template` that gives every source its own output, if one of
+    the usual fixes does (checkpoint-1 of runs a and b: add {parent}, the run's folder)."""
+    head, tail = os.path.split(template)
+    candidates = [os.path.join(head, "{parent}", tail), template.replace("{step}", "{parent}-{step}", 1),
+                  template.replace("{parent}", "{parent}/{name}", 1)]
+    for candidate in candidates:
+        if candidate == template:
+            continue
+        try:
+            outputs = [os.path.abspath(output_for(candidate, s)) for s in sources]
+        except OptionsError:
+            continue
+        if len(set(outputs)) == len(outputs):
+            return f"use e.g. --output-template {candidate!r}"
+    return "use {name}, {parent} and {step} so that each checkpoint gets its own folder"
 
 
 def _plan_all(items: Sequence[BatchItem], options: ConvertOptions, overwrite: bool,

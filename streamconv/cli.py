@@ -387,6 +387,8 @@ def batch(sources, output_template, from_file, as_json, jobs, max_memory, worker
             click.echo(f"{i.status:9} {format_size(i.bytes):>10} {i.seconds:8.2f} {i.mb_per_s:7.0f} "
                        f"{format_size(i.peak_rss_bytes) if i.peak_rss_bytes else '-':>10}  "
                        f"{printable(i.source)} -> {printable(i.output)}")
+        for note in report.notes:
+            click.echo(f"note: {printable(note)}", err=True)
         counts = ", ".join(f"{n} {k}" for k, n in report.to_dict()["counts"].items())
         click.echo(f"{len(report.items)} checkpoint(s) in {report.seconds:.1f} s ({counts}); {report.jobs} job(s)")
     for i in failed:

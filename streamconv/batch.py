@@ -6,9 +6,9 @@ Every checkpoint is planned first in this process (reading `.metadata` only), wh
 any byte moves: the output's exact file sizes and headers, so an output that is already complete is skipped;
 the predicted peak memory, so parallel jobs stay within `max_memory`; and early errors for bad options.
 
-Then each checkpoint is converted by `api.convert(..., resume=True)` in a process of its own (forked from a
-forkserver that has streamconv imported, so a job starts in milliseconds): a crash, an out-of-memory kill or a
-bad checkpoint fails that checkpoint only, and each job's peak RSS is its own. An interrupted job's staging
+Then each checkpoint is converted by `api.convert(..., resume=True)` in a process of its own (a fresh Python
+running `batch_job`, which never imports the caller's `__main__`, and dies with this driver): a crash, an
+out-of-memory kill or a bad checkpoint fails that checkpoint only, and each job's peak RSS is its own. An interrupted job's staging
 folder is resumed shard by shard by the next run. With `ray` each checkpoint's shards are written by Ray tasks
 instead (`ray_runner`), the driver still planning and committing.
 
@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import glob
 import json
-import multiprocessing
 import os
 import queue as queue_module
 import re
 import string
+import subprocess
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from . import api
+from . import api, batch_job
+from .batch_job import convert_one  # noqa: F401  (public before it moved)
 from .errors import OptionsError, StreamconvError
 from .names import natural_key
 from .options import ConvertOptions
@@ -40,8 +42,6 @@ from .report import Reporter
 from .sizes import format_size, parse_size
 
 TEMPLATE_FIELDS = ("name", "parent", "step")
-# Progress from a job is sent at most this often (bytes), so the queue carries a few hundred messages per GB.
-_PROGRESS_STEP_BYTES = 4 << 20
 
 
 @dataclass
@@ -219,55 +219,6 @@ def matches_plan(conversion: ConversionPlan, output_dir: str) -> bool:
         return False
 
 
-# -- one job (in its own process) -----------------------------------------------------------------------
-
-class _QueueReporter(Reporter):
-    """Forwards a job's progress to the batch's one display, a few MB at a time."""
-
-    def __init__(self, index: int, queue):
-        self.index, self.queue, self.pending = index, queue, 0
-
-    def advance(self, n_bytes: int) -> None:
-        self.pending += n_bytes
-        if self.pending >= _PROGRESS_STEP_BYTES:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.pending:
-            self.queue.put(("progress", self.index, self.pending))
-            self.pending = 0
-
-
-def convert_one(source: str, output: str, options: ConvertOptions, *, workers: int = api.DEFAULT_WORKERS,
-                crc: Optional[bool] = None, verify: bool = False, overwrite: bool = False,
-                reporter: Optional[Reporter] = None, shard_runner=None) -> dict:
-    """Convert one checkpoint of a batch, resuming its staging folder; never raises a StreamconvError:
-    the result dict says what happened (BatchItem fields)."""
-    started = time.perf_counter()
-    try:
-        report = api.convert(source, output, options, overwrite=overwrite, reporter=reporter, workers=workers,
-                             verify=verify, crc=crc, resume=True, shard_runner=shard_runner)
-    except StreamconvError as exc:
-        return {"status": "failed", "error": str(exc), "kind": type(exc).__name__, "exit_code": exc.exit_code,
-                "seconds": time.perf_counter() - started}
-    except Exception as exc:     # one checkpoint's bug must not end the batch; reported like the CLI does
-        return {"status": "failed", "error": f"internal error ({type(exc).__name__}: {exc})"[:500],
-                "kind": "InternalError", "exit_code": 1, "seconds": time.perf_counter() - started}
-    resumed = any(n.startswith("resumed:") for n in report.notes)
-    return {"status": "resumed" if resumed else "converted", "bytes": report.bytes_written,
-            "seconds": report.seconds, "peak_rss_bytes": report.peak_rss_bytes, "notes": report.notes}
-
-
-def _child(index: int, source: str, output: str, options: ConvertOptions, kwargs: dict, queue) -> None:
-    reporter = _QueueReporter(index, queue)
-    try:
-        result = convert_one(source, output, options, reporter=reporter, **kwargs)
-    except KeyboardInterrupt:   # Ctrl-C reaches the whole process group: the driver reports it, once
-        return
-    reporter.flush()
-    queue.put(("done", index, result))
-
-
 # -- the batch ------------------------------------------------------------------------------------------
 
 def default_jobs(outputs: Sequence[str]) -> int:
@@ -279,19 +230,6 @@ def default_jobs(outputs: Sequence[str]) -> int:
             probe = os.path.dirname(probe)
         devices.add(os.stat(probe).st_dev)
     return max(1, len(devices))
-
-
-_context = None
-
-
-def _mp_context():
-    """A forkserver with streamconv imported: each job is a fork of a small, clean process (no threads, no
-    tqdm, no parent state), started in milliseconds."""
-    global _context
-    if _context is None:
-        _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload(["streamconv.api"])
-    return _context
 
 
 def convert_many(sources: Sequence[str], output_template: str, options: Optional[ConvertOptions] = None, *,
@@ -326,7 +264,7 @@ def convert_many(sources: Sequence[str], output_template: str, options: Optional
     kwargs = dict(workers=workers, crc=crc, verify=verify, overwrite=overwrite)
     if ray is not None:
         from . import ray_runner
-        ray_runner.run_batch(todo, options, kwargs, address=ray, jobs=jobs, reporter=reporter)
+        ray_runner.run_batch(todo, options, kwargs, address=ray, jobs=jobs, reporter=reporter, finish=_finish)
     else:
         _run_local(todo, options, kwargs, jobs, max_memory_bytes, reporter)
     reporter.close()
@@ -413,12 +351,12 @@ def _plan_all(items: Sequence[BatchItem], options: ConvertOptions, overwrite: bo
 
 def _run_local(todo: List[BatchItem], options: ConvertOptions, kwargs: dict, jobs: int,
                max_memory_bytes: Optional[int], reporter: Reporter) -> None:
-    """Start jobs while fewer than `jobs` run and their predicted peaks fit `max_memory_bytes`; collect
-    progress and results from one queue; a job that dies without a result fails its checkpoint only."""
-    ctx = _mp_context()
-    queue = ctx.Queue()
+    """Start jobs (`batch_job`, one process each) while fewer than `jobs` run and their predicted peaks fit
+    `max_memory_bytes`; collect progress and results from one queue; a job that dies without a result fails
+    its checkpoint only."""
+    messages: "queue_module.Queue" = queue_module.Queue()
     pending = list(enumerate(todo))
-    running: Dict[int, tuple] = {}      # index -> (process, started, seen dead at)
+    running: Dict[int, _Job] = {}
     try:
         while pending or running:
             in_use = sum(todo[i].predicted_peak_bytes for i in running)
@@ -427,53 +365,82 @@ def _run_local(todo: List[BatchItem], options: ConvertOptions, kwargs: dict, job
                 if running and max_memory_bytes is not None and in_use + item.predicted_peak_bytes > max_memory_bytes:
                     break       # waits for memory; alone it always fits (checked while planning)
                 pending.pop(0)
-                proc = ctx.Process(target=_child, args=(index, item.source, item.output, options, kwargs, queue),
-                                   name=f"streamconv-batch-{index}", daemon=True)
-                proc.start()
-                running[index] = (proc, time.perf_counter(), None)
+                running[index] = _Job(index, item, options, kwargs, messages)
                 in_use += item.predicted_peak_bytes
                 reporter.note(f"started {item.source} -> {item.output}")
-            _collect(queue, todo, running, reporter, timeout_s=0.2)
+            _collect(messages, todo, running, reporter, timeout_s=0.2)
     except BaseException:
-        for proc, _, _ in running.values():
-            proc.terminate()    # SIGTERM: each job ends like an interrupted convert (staging kept: resume)
-        for proc, _, _ in running.values():
-            proc.join()
+        for job in running.values():
+            job.process.terminate()     # SIGTERM: each job ends like an interrupted convert (staging kept: resume)
+        for job in running.values():
+            job.process.wait()
         raise
 
 
-def _collect(queue, todo: List[BatchItem], running: Dict[int, tuple], reporter: Reporter, timeout_s: float) -> None:
+class _Job:
+    """One running `batch_job` process: its request on stdin (kept open: the job watches it to die with this
+    driver), its messages read by a thread into the batch's queue, then ("eof", index, None)."""
+
+    def __init__(self, index: int, item: BatchItem, options: ConvertOptions, kwargs: dict, messages):
+        self.index, self.started, self.result = index, time.perf_counter(), None
+        read_fd, write_fd = os.pipe()
+        try:
+            # stdout to stderr: whatever a job might print must not mix into the driver's --json report.
+            self.process = subprocess.Popen(batch_job.command(write_fd), stdin=subprocess.PIPE, stdout=2,
+                                            pass_fds=(write_fd,))
+        finally:
+            os.close(write_fd)
+        self.process.stdin.write(batch_job.job_request(item.source, item.output, options, kwargs))
+        self.process.stdin.flush()
+        threading.Thread(target=self._read, args=(os.fdopen(read_fd, "rb"), messages), daemon=True,
+                         name=f"streamconv-batch-{index}").start()
+
+    def _read(self, stream, messages) -> None:
+        with stream:
+            for line in stream:
+                try:
+                    kind, value = json.loads(line)
+                except ValueError:
+                    continue        # a job cut off mid-line by a kill
+                messages.put((kind, self.index, value))
+        messages.put(("eof", self.index, None))
+
+    def end(self) -> int:
+        """The job's exit status (negative: killed by that signal), after closing its stdin."""
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
+        return self.process.wait()
+
+
+def _collect(messages, todo: List[BatchItem], running: Dict[int, _Job], reporter: Reporter,
+             timeout_s: float) -> None:
     try:
-        message = queue.get(timeout=timeout_s)
+        message = messages.get(timeout=timeout_s)
     except queue_module.Empty:
-        message = None
+        return
     while message is not None:
         kind, index, value = message
+        job = running.get(index)
         if kind == "progress":
             reporter.advance(value)
-        else:
-            _finish(todo[index], value, reporter)
-            running.pop(index)[0].join()
+        elif kind == "done" and job is not None:
+            job.result = value
+        elif kind == "eof" and job is not None:     # every message of the job has been read
+            code = running.pop(index).end()
+            result = job.result
+            if result is None:
+                how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+                result = {"status": "failed", "kind": "WorkerDied", "exit_code": 1,
+                          "seconds": time.perf_counter() - job.started,
+                          "error": f"{todo[index].source}: the conversion process died ({how}); its staging "
+                                   "folder is kept and the next run resumes it"}
+            _finish(todo[index], result, reporter)
         try:
-            message = queue.get_nowait()
+            message = messages.get_nowait()
         except queue_module.Empty:
             message = None
-    now = time.perf_counter()
-    for index, entry in list(running.items()):
-        proc, started, dead_since = entry
-        if proc.is_alive():
-            continue
-        if dead_since is None:      # its last messages may still be in the pipe: look again next round
-            running[index] = (proc, started, now)
-            continue
-        if now - dead_since < 1.0:
-            continue
-        running.pop(index)
-        code = proc.exitcode
-        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        _finish(todo[index], {"status": "failed", "kind": "WorkerDied", "exit_code": 1, "seconds": now - started,
-                              "error": f"{todo[index].source}: the conversion process died ({how}); its staging "
-                                       "folder is kept and the next run resumes it"}, reporter)
 
 
 def _finish(item: BatchItem, result: dict, reporter: Reporter) -> None:

@@ -16,6 +16,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional
 
+from .batch_job import convert_one
 from .errors import OptionsError, OutputError, StreamconvError
 from .report import Reporter
 from .shardjob import ShardJob, write_shard
@@ -100,10 +101,9 @@ def shard_runner(job: ShardJob, filenames: List[str], progress=None) -> None:
                           f"{type(exc).__name__}: {str(exc)[:300]}") from None
 
 
-def run_batch(todo, options, kwargs: dict, *, address: Optional[str], jobs: int, reporter) -> None:
+def run_batch(todo, options, kwargs: dict, *, address: Optional[str], jobs: int, reporter, finish) -> None:
     """`batch.convert_many` on Ray: `jobs` checkpoints planned and committed side by side by this driver,
-    each split into shard tasks."""
-    from .batch import _finish, convert_one
+    each split into shard tasks; `finish(item, result, reporter)` as each checkpoint ends."""
     connect(address)
 
     class _Progress(Reporter):      # the batch's one display: bytes as shards finish, from any driver thread
@@ -119,4 +119,4 @@ def run_batch(todo, options, kwargs: dict, *, address: Optional[str], jobs: int,
 
     with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="streamconv-ray") as pool:
         for item, result in pool.map(one, todo):
-            _finish(item, result, reporter)
+            finish(item, result, reporter)

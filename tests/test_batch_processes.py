@@ -1,0 +1,154 @@
+"""`batch`'s job processes: they die with their driver (a `kill -9` of the driver leaves nothing converting and the
+rerun resumes), and `streamconv.convert_many` works from a plain script without a main guard, from
+`python - <<EOF` and from notebook-like cells, running the caller's top level exactly once. Real checkpoints."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import streamconv
+
+REPO = Path(__file__).resolve().parents[1]
+SHARD = "100KB"
+ENV = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def files(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def single(demo_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "out"
+    streamconv.convert(str(demo_checkpoint.ckpt_dir), str(out), max_shard_size=SHARD, no_config=True)
+    return files(out)
+
+
+@pytest.fixture
+def runs(demo_checkpoint, tmp_path):
+    for rel in ("a/checkpoint-100", "a/checkpoint-200"):
+        shutil.copytree(demo_checkpoint.ckpt_dir, tmp_path / "runs" / rel, ignore=shutil.ignore_patterns("hf_config"))
+    return tmp_path
+
+
+def _children(pid: int) -> list:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running or stopped; a zombie (dead, waiting for a reaper that a container may not have) is gone."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def _kill_driver_mid_run(runs: Path, extra_env: dict) -> list:
+    """Start a batch whose job stops itself (SIGSTOP) after its second shard, SIGKILL the driver; the job pids."""
+    args = ["batch", "runs/a/checkpoint-100", "-o", "hf/{name}", "--no-config", "--max-shard-size", SHARD]
+    env = dict(ENV, STREAMCONV_TEST_KILL_AT="between-shards@2", STREAMCONV_TEST_KILL_SIGNALS="STOP", **extra_env)
+    driver = subprocess.Popen([sys.executable, "-m", "streamconv", *args], cwd=runs, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    records = runs / "hf/.checkpoint-100.streamconv-partial/.streamconv-resume"
+    deadline = time.monotonic() + 90
+    while len(list(records.glob("*.safetensors.json"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    jobs = _children(driver.pid)
+    assert jobs, "the batch started no job process"
+    driver.kill()
+    driver.wait()
+    return jobs
+
+
+def _rerun_resumes(runs: Path, single: dict) -> None:
+    again = subprocess.run([sys.executable, "-m", "streamconv", "batch", "runs/a/checkpoint-100", "-o", "hf/{name}",
+                            "--no-config", "--max-shard-size", SHARD, "--json"], cwd=runs, env=ENV,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["checkpoints"][0]["status"] == "resumed"
+    assert files(runs / "hf/checkpoint-100") == single
+
+
+def test_jobs_die_with_a_killed_driver_and_the_rerun_resumes(runs, single):
+    jobs = _kill_driver_mid_run(runs, {})
+    deadline = time.monotonic() + 5
+    while any(map(_alive, jobs)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(_alive, jobs)), "a job outlived its SIGKILLed driver"
+    assert not (runs / "hf/checkpoint-100").exists()
+    _rerun_resumes(runs, single)
+
+
+def test_without_pdeathsig_the_stdin_watch_ends_the_job(runs, single):
+    """The portable half: with the prctl skipped, a job that runs on after its driver died ends itself."""
+    jobs = _kill_driver_mid_run(runs, {"STREAMCONV_TEST_NO_PDEATHSIG": "1"})
+    time.sleep(0.5)
+    assert all(map(_alive, jobs))       # stopped, not dead: the prctl really was skipped
+    for pid in jobs:
+        os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 5
+    while any(map(_alive, jobs)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(_alive, jobs)), "a job outlived its SIGKILLed driver"
+    assert not (runs / "hf/checkpoint-100").exists()      # killed, not left to finish unseen
+    _rerun_resumes(runs, single)
+
+
+SCRIPT = """\
+import json, os, streamconv
+with open(os.environ["MARK"], "a") as mark:
+    mark.write("top level ran\\n")
+report = streamconv.convert_many([os.environ["RUNS"] + "/a/checkpoint-*"], os.environ["OUT"] + "/{name}",
+                                 max_shard_size="100KB", no_config=True, jobs=2)
+print(json.dumps([[i.status, i.error] for i in report.items]))
+"""
+
+NOTEBOOK = """\
+import code, os
+cells = [
+    "import json, os, streamconv",
+    "with open(os.environ['MARK'], 'a') as mark:\\n    mark.write('top level ran\\\\n')\\n",
+    "report = streamconv.convert_many([os.environ['RUNS'] + '/a/checkpoint-*'], os.environ['OUT'] + '/{name}', "
+    "max_shard_size='100KB', no_config=True, jobs=2)",
+    "print(json.dumps([[i.status, i.error] for i in report.items]))",
+]
+shell = code.InteractiveInterpreter({"__name__": "__main__"})
+for cell in cells:
+    assert shell.runsource(cell, "<cell>", "exec") is False
+"""
+
+
+@pytest.mark.parametrize("how", ["script without a main guard", "python - <<EOF", "notebook cells"])
+def test_convert_many_from_a_script_a_heredoc_and_a_notebook(runs, single, tmp_path, how):
+    mark, out = tmp_path / "mark", tmp_path / "out"
+    env = dict(ENV, MARK=str(mark), RUNS=str(runs / "runs"), OUT=str(out))
+    if how == "script without a main guard":
+        (tmp_path / "convert.py").write_text(SCRIPT)
+        argv, stdin = [sys.executable, str(tmp_path / "convert.py")], None
+    elif how == "python - <<EOF":
+        argv, stdin = [sys.executable, "-"], SCRIPT
+    else:
+        argv, stdin = [sys.executable, "-c", NOTEBOOK], None
+    result = subprocess.run(argv, input=stdin, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == [["converted", None], ["converted", None]], result.stdout
+    assert mark.read_text() == "top level ran\n"       # once: no job imported the caller's __main__ again
+    for name in ("checkpoint-100", "checkpoint-200"):
+        assert files(out / name) == single

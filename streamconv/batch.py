@@ -236,12 +236,14 @@ def convert_many(sources: Sequence[str], output_template: str, options: Optional
                  from_file: Optional[str] = None, jobs: Optional[int] = None, max_memory: Optional[str] = None,
                  workers: int = api.DEFAULT_WORKERS, crc: Optional[bool] = None, verify: bool = False,
                  overwrite: bool = False, reporter: Optional[Reporter] = None, ray: Optional[str] = None,
-                 **keywords) -> BatchReport:
+                 discard_partial: bool = False, **keywords) -> BatchReport:
     """Convert every checkpoint in `sources` (folders or globs) into `output_template` filled per checkpoint.
     Complete matching outputs are skipped, interrupted ones resumed; a failed checkpoint does not stop the
     others (see `BatchReport.failed`). `jobs` checkpoints convert side by side (default: one per output
     device) while the sum of their predicted peaks stays within `max_memory` ("8GiB"). `ray`: run each
     checkpoint's shards as Ray tasks ("" or "local": a local cluster; else the address of one).
+    `discard_partial`: an interrupted checkpoint's staging folder is deleted and the checkpoint converted from
+    the start, instead of resumed (for a staging folder that cannot be resumed: other options, another version).
     `keywords` are `ConvertOptions` fields, instead of `options`."""
     if options is None:
         options = ConvertOptions(**keywords)
@@ -261,7 +263,7 @@ def convert_many(sources: Sequence[str], output_template: str, options: Optional
     reporter.start(total, f"{len(todo)} of {len(items)} checkpoint(s)")
     for note in notes:
         reporter.note(note)
-    kwargs = dict(workers=workers, crc=crc, verify=verify, overwrite=overwrite)
+    kwargs = dict(workers=workers, crc=crc, verify=verify, overwrite=overwrite, discard_partial=discard_partial)
     if ray is not None:
         from . import ray_runner
         ray_runner.run_batch(todo, options, kwargs, address=ray, jobs=jobs, reporter=reporter, finish=_finish)

@@ -60,12 +60,13 @@ def job_request(source: str, output: str, options: ConvertOptions, kwargs: dict)
 def convert_one(source: str, output: str, options: ConvertOptions, *, workers: int = api.DEFAULT_WORKERS,
                 crc: Optional[bool] = None, verify: bool = False, overwrite: bool = False,
                 discard_partial: bool = False, reporter: Optional[Reporter] = None, shard_runner=None) -> dict:
-    """Convert one checkpoint of a batch, resuming its staging folder (or, with `discard_partial`, starting it
-    over); never raises a StreamconvError: the result dict says what happened (BatchItem fields)."""
+    """Convert one checkpoint of a batch, resuming its staging folder (or, with `discard_partial`, deleting it
+    and starting over); either way a failure keeps the new staging folder for the next run. Never raises a
+    StreamconvError: the result dict says what happened (BatchItem fields)."""
     started = time.perf_counter()
     try:
         report = api.convert(source, output, options, overwrite=overwrite, reporter=reporter, workers=workers,
-                             verify=verify, crc=crc, resume=not discard_partial, discard_partial=discard_partial,
+                             verify=verify, crc=crc, resume=True, discard_partial=discard_partial,
                              shard_runner=shard_runner)
     except StreamconvError as exc:
         return {"status": "failed", "error": str(exc), "kind": type(exc).__name__, "exit_code": exc.exit_code,

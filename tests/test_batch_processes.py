@@ -152,3 +152,44 @@ def test_convert_many_from_a_script_a_heredoc_and_a_notebook(runs, single, tmp_p
     assert mark.read_text() == "top level ran\n"       # once: no job imported the caller's __main__ again
     for name in ("checkpoint-100", "checkpoint-200"):
         assert files(out / name) == single
+
+
+def test_resume_and_discard_partial_do_what_the_advice_says(runs, demo_checkpoint, tmp_path):
+    """A killed job's staging folder cannot be resumed with other options: the failure advises --discard-partial,
+    and `batch --discard-partial` (which batch accepts) starts that checkpoint over, byte-identical to convert."""
+    def batch(*extra, env=None):
+        return subprocess.run([sys.executable, "-m", "streamconv", "batch", "runs/a/checkpoint-100", "-o", "hf/{name}",
+                               "--no-config", "--json", *extra], cwd=runs, env=dict(ENV, **(env or {})),
+                              capture_output=True, text=True, timeout=120)
+
+    killed = batch("--max-shard-size", SHARD, env={"STREAMCONV_TEST_KILL_AT": "between-shards@3"})
+    assert json.loads(killed.stdout)["checkpoints"][0]["kind"] == "WorkerDied", killed.stdout
+    other = batch("--max-shard-size", "200KB")
+    failure = json.loads(other.stdout)["checkpoints"][0]
+    assert other.returncode == 1 and "--discard-partial" in failure["error"], failure
+    both = batch("--max-shard-size", "200KB", "--resume", "--discard-partial")
+    assert both.returncode == 64 and "pass one" in both.stderr, both.stderr
+    started_over = batch("--max-shard-size", "200KB", "--discard-partial")
+    assert started_over.returncode == 0, started_over.stderr
+    assert json.loads(started_over.stdout)["checkpoints"][0]["status"] == "converted"
+    expected = tmp_path / "expected"
+    streamconv.convert(str(demo_checkpoint.ckpt_dir), str(expected), max_shard_size="200KB", no_config=True)
+    assert files(runs / "hf/checkpoint-100") == files(expected)
+    assert not (runs / "hf/.checkpoint-100.streamconv-partial").exists()
+    # --resume is what batch does anyway: accepted, and a complete output is skipped.
+    again = batch("--max-shard-size", "200KB", "--resume")
+    assert again.returncode == 0 and json.loads(again.stdout)["checkpoints"][0]["status"] == "skipped", again.stderr
+
+
+def test_discard_partial_from_python_starts_over(runs):
+    """convert_many(discard_partial=True): a job killed after its 2nd shard, twice, has 2 finished shards the
+    second time too (resumed, it would have 4)."""
+    env = dict(ENV, STREAMCONV_TEST_KILL_AT="between-shards@2")
+    code = ("import streamconv, sys; r = streamconv.convert_many(['runs/a/checkpoint-100'], 'hf/{name}', "
+            "max_shard_size='100KB', no_config=True, discard_partial=True); print(r.items[0].kind)")
+    for _ in range(2):
+        result = subprocess.run([sys.executable, "-c", code], cwd=runs, env=env, capture_output=True, text=True,
+                                timeout=120)
+        assert result.stdout.strip() == "WorkerDied", result.stderr
+        records = runs / "hf/.checkpoint-100.streamconv-partial/.streamconv-resume"
+        assert len(list(records.glob("*.safetensors.json"))) == 2

@@ -394,18 +394,25 @@ class _Job:
             os.close(write_fd)
         self.process.stdin.write(batch_job.job_request(item.source, item.output, options, kwargs))
         self.process.stdin.flush()
-        threading.Thread(target=self._read, args=(os.fdopen(read_fd, "rb"), messages), daemon=True,
+        threading.Thread(target=self._read, args=(read_fd, messages), daemon=True,
                          name=f"streamconv-batch-{index}").start()
 
-    def _read(self, stream, messages) -> None:
-        with stream:
-            for line in stream:
-                try:
+    def _read(self, fd: int, messages) -> None:
+        # os.read, not a file object: a daemon thread blocked in a buffered reader's lock would abort the
+        # interpreter's shutdown if the driver exits (an interrupt) before a killed job's pipe closes.
+        pending = b""
+        try:
+            while True:
+                data = os.read(fd, 1 << 16)
+                if not data:
+                    break
+                *lines, pending = (pending + data).split(b"\n")
+                for line in lines:
                     kind, value = json.loads(line)
-                except ValueError:
-                    continue        # a job cut off mid-line by a kill
-                messages.put((kind, self.index, value))
-        messages.put(("eof", self.index, None))
+                    messages.put((kind, self.index, value))
+        finally:        # (a line cut off by a kill is dropped: the job then has no result and failed)
+            os.close(fd)
+            messages.put(("eof", self.index, None))
 
     def end(self) -> int:
         """The job's exit status (negative: killed by that signal), after closing its stdin."""

@@ -107,14 +107,27 @@ def _die_with(driver_pid: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     def watch_stdin():
+        # os.read, not sys.stdin: a daemon thread blocked inside a buffered reader's lock aborts the
+        # interpreter's shutdown ("could not acquire lock for <stdin>") when the job ends normally.
         try:
-            while sys.stdin.buffer.read(4096):
+            while os.read(0, 4096):
                 pass
-        except (OSError, ValueError):
+        except OSError:
             pass
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch_stdin, name="streamconv-driver-watch", daemon=True).start()
+
+
+def _read_request() -> bytes:
+    """The driver's one JSON line, read from fd 0 byte-exactly (the rest of stdin is the watch's)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        piece = os.read(0, 1 << 16)
+        if not piece:
+            break
+        data += piece
+    return data
 
 
 def main(argv) -> None:
@@ -122,8 +135,8 @@ def main(argv) -> None:
     # SIGTERM from the driver (its own interrupt) ends the job like Ctrl-C ends a convert: staging kept.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        line = sys.stdin.buffer.readline()
-        if not line:            # the driver died before it sent the job
+        line = _read_request()
+        if not line.endswith(b"\n"):       # the driver died before it sent the whole job
             os._exit(1)
         request = json.loads(line)
         _die_with(driver_pid)

@@ -148,6 +148,7 @@ def test_convert_many_from_a_script_a_heredoc_and_a_notebook(runs, single, tmp_p
         argv, stdin = [sys.executable, "-c", NOTEBOOK], None
     result = subprocess.run(argv, input=stdin, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
     assert result.returncode == 0, result.stderr
+    assert "Fatal Python error" not in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert json.loads(result.stdout.splitlines()[-1]) == [["converted", None], ["converted", None]], result.stdout
     assert mark.read_text() == "top level ran\n"       # once: no job imported the caller's __main__ again
     for name in ("checkpoint-100", "checkpoint-200"):
@@ -166,6 +167,7 @@ def test_resume_and_discard_partial_do_what_the_advice_says(runs, demo_checkpoin
     assert json.loads(killed.stdout)["checkpoints"][0]["kind"] == "WorkerDied", killed.stdout
     other = batch("--max-shard-size", "200KB")
     failure = json.loads(other.stdout)["checkpoints"][0]
+    assert "Fatal Python error" not in other.stderr, other.stderr     # a job that fails fast exits cleanly
     assert other.returncode == 1 and "--discard-partial" in failure["error"], failure
     both = batch("--max-shard-size", "200KB", "--resume", "--discard-partial")
     assert both.returncode == 64 and "pass one" in both.stderr, both.stderr

@@ -256,6 +256,9 @@ def convert_many(sources: Sequence[str], output_template: str, options: Optional
     items = [BatchItem(source=s, output=output_for(output_template, s))
              for s in expand_sources(sources, from_file, notes)]
     _refuse_shared_outputs(items, output_template)
+    if ray is not None:     # an address nobody listens on fails now, not after planning and minutes of retries
+        from . import ray_runner
+        ray_runner.probe(ray)
     todo = _plan_all(items, options, overwrite, max_memory_bytes)
     planning_seconds = time.perf_counter() - started
     jobs = jobs or default_jobs([i.output for i in items])

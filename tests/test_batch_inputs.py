@@ -134,3 +134,31 @@ def test_a_from_file_line_that_is_not_utf8_is_a_usage_error(two_runs):
     result = run("batch", "--from-file", listing, "-o", "hf/{parent}", "--no-config", cwd=two_runs)
     assert result.returncode == 64 and "line 1 holds a NUL byte" in result.stderr, result.stderr
     assert not (two_runs / "hf").exists()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_ray_address_nobody_listens_on_is_refused_in_seconds(two_runs):
+    import time
+    from streamconv import ray_runner
+    from streamconv.errors import OptionsError
+    port = _free_port()
+    started = time.monotonic()
+    result = run("batch", "runs/*/checkpoint-1", "-o", "hf/{parent}", "--no-config", "--ray", f"127.0.0.1:{port}",
+                 cwd=two_runs, timeout=90)
+    assert result.returncode == 64, result.stderr
+    assert time.monotonic() - started < 30
+    assert f"--ray 127.0.0.1:{port}: no Ray cluster answers there" in result.stderr, result.stderr
+    assert "ray start --head" in result.stderr and "Traceback" not in result.stderr
+    assert not (two_runs / "hf").exists()
+    with pytest.raises(OptionsError, match="no Ray cluster answers"):
+        ray_runner.probe(f"ray://127.0.0.1:{port}")
+    for bad in ("head", "head:port", "ray://:10001", "head:70000"):
+        with pytest.raises(OptionsError, match="not an address"):
+            ray_runner.probe(bad)
+    ray_runner.probe("local")       # left to Ray: finds or starts a cluster on this machine

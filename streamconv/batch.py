@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Sequence
 
 from . import api, batch_job
 from .batch_job import convert_one  # noqa: F401  (public before it moved)
-from .errors import OptionsError, StreamconvError
+from .errors import OptionsError, ResourceError, StreamconvError
 from .names import natural_key
 from .options import ConvertOptions
 from .plan import INDEX_FILE_NAME, ConversionPlan
@@ -388,15 +388,26 @@ class _Job:
 
     def __init__(self, index: int, item: BatchItem, options: ConvertOptions, kwargs: dict, messages):
         self.index, self.started, self.result = index, time.perf_counter(), None
-        read_fd, write_fd = os.pipe()
+        try:
+            read_fd, write_fd = os.pipe()
+        except OSError as exc:
+            raise ResourceError(f"cannot start a batch job: {exc.strerror}; raise the open-file limit "
+                                "(ulimit -n) or lower --jobs") from None
         try:
             # stdout to stderr: whatever a job might print must not mix into the driver's --json report.
             self.process = subprocess.Popen(batch_job.command(write_fd), stdin=subprocess.PIPE, stdout=2,
                                             pass_fds=(write_fd,))
+        except OSError as exc:
+            os.close(read_fd)
+            raise ResourceError(f"cannot start a batch job ({batch_job.command(write_fd)[0]}): {exc.strerror}; "
+                                "lower --jobs or free memory and processes") from None
         finally:
             os.close(write_fd)
-        self.process.stdin.write(batch_job.job_request(item.source, item.output, options, kwargs))
-        self.process.stdin.flush()
+        try:
+            self.process.stdin.write(batch_job.job_request(item.source, item.output, options, kwargs))
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            pass        # the job died at start: its pipe closes, and it is reported as died with its exit code
         threading.Thread(target=self._read, args=(read_fd, messages), daemon=True,
                          name=f"streamconv-batch-{index}").start()
 

@@ -195,3 +195,20 @@ def test_discard_partial_from_python_starts_over(runs):
         assert result.stdout.strip() == "WorkerDied", result.stderr
         records = runs / "hf/.checkpoint-100.streamconv-partial/.streamconv-resume"
         assert len(list(records.glob("*.safetensors.json"))) == 2
+
+
+def test_a_job_that_cannot_start_or_dies_at_start(runs, monkeypatch):
+    from streamconv import batch as batching, batch_job
+    from streamconv.errors import ResourceError
+    sources = [str(runs / "runs/a/checkpoint-*")]
+    # Dies before reading its job: that checkpoint fails with the job's exit code, the batch goes on.
+    monkeypatch.setattr(batch_job, "command", lambda fd: [sys.executable, "-c", "import sys; sys.exit(3)"])
+    report = streamconv.convert_many(sources, str(runs / "out/{name}"), max_shard_size=SHARD, no_config=True)
+    assert [(i.kind, "exit code 3" in i.error) for i in report.items] == [("WorkerDied", True)] * 2
+    assert not (runs / "out").exists() or not any((runs / "out").iterdir())
+
+    def no_processes(*args, **kwargs):
+        raise OSError(11, "Resource temporarily unavailable")
+    monkeypatch.setattr(batching.subprocess, "Popen", no_processes)
+    with pytest.raises(ResourceError, match="cannot start a batch job.*lower --jobs"):
+        streamconv.convert_many(sources, str(runs / "out/{name}"), max_shard_size=SHARD, no_config=True)

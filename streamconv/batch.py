@@ -8,9 +8,9 @@ the predicted peak memory, so parallel jobs stay within `max_memory`; and early 
 
 Then each checkpoint is converted by `api.convert(..., resume=True)` in a process of its own (a fresh Python
 running `batch_job`, which never imports the caller's `__main__`, and dies with this driver): a crash, an
-out-of-memory kill or a bad checkpoint fails that checkpoint only, and each job's peak RSS is its own. An interrupted job's staging
-folder is resumed shard by shard by the next run. With `ray` each checkpoint's shards are written by Ray tasks
-instead (`ray_runner`), the driver still planning and committing.
+out-of-memory kill or a bad checkpoint fails that checkpoint only, and each job's peak RSS is its own. An
+interrupted job's staging folder is resumed shard by shard by the next run. With `ray` each checkpoint's
+shards are written by Ray tasks instead (`ray_runner`), the driver still planning and committing.
 
 Whether a finished output "matches" is decided without any stamp file, so output folders stay exactly what
 Hugging Face expects: every planned shard must exist with its planned size and begin with its planned
@@ -158,7 +158,8 @@ def looks_like_output(folder: str) -> bool:
     or model safetensors (`model.safetensors`, `model-0000N-of-0000M.safetensors`, the index) with no
     `.metadata` and no sub-folder (a run folder with an exported model beside its DCP folder stays a source)."""
     try:
-        entries = list(os.scandir(folder))
+        with os.scandir(folder) as listing:
+            entries = list(listing)
     except OSError:
         return False
     names = {e.name for e in entries}

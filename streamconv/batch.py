@@ -6,11 +6,11 @@ Every checkpoint is planned first in this process (reading `.metadata` only), wh
 any byte moves: the output's exact file sizes and headers, so an output that is already complete is skipped;
 the predicted peak memory, so parallel jobs stay within `max_memory`; and early errors for bad options.
 
-Then each checkpoint is converted by `api.convert(..., resume=True)` in a process of its own (forked from a
-forkserver that has streamconv imported, so a job starts in milliseconds): a crash, an out-of-memory kill or a
-bad checkpoint fails that checkpoint only, and each job's peak RSS is its own. An interrupted job's staging
-folder is resumed shard by shard by the next run. With `ray` each checkpoint's shards are written by Ray tasks
-instead (`ray_runner`), the driver still planning and committing.
+Then each checkpoint is converted by `api.convert(..., resume=True)` in a process of its own (a fresh Python
+running `batch_job`, which never imports the caller's `__main__`, and dies with this driver): a crash, an
+out-of-memory kill or a bad checkpoint fails that checkpoint only, and each job's peak RSS is its own. An
+interrupted job's staging folder is resumed shard by shard by the next run. With `ray` each checkpoint's
+shards are written by Ray tasks instead (`ray_runner`), the driver still planning and committing.
 
 Whether a finished output "matches" is decided without any stamp file, so output folders stay exactly what
 Hugging Face expects: every planned shard must exist with its planned size and begin with its planned
@@ -21,27 +21,28 @@ from __future__ import annotations
 
 import glob
 import json
-import multiprocessing
 import os
 import queue as queue_module
 import re
 import string
+import subprocess
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from . import api
-from .errors import OptionsError, StreamconvError
+from . import api, batch_job
+from .batch_job import convert_one  # noqa: F401  (public before it moved)
+from .errors import OptionsError, ResourceError, StreamconvError
 from .names import natural_key
 from .options import ConvertOptions
 from .paths import user_path
 from .plan import INDEX_FILE_NAME, ConversionPlan
+from .record import RECORD_FILE
 from .report import Reporter
 from .sizes import format_size, parse_size
 
 TEMPLATE_FIELDS = ("name", "parent", "step")
-# Progress from a job is sent at most this often (bytes), so the queue carries a few hundred messages per GB.
-_PROGRESS_STEP_BYTES = 4 << 20
 
 
 @dataclass
@@ -73,6 +74,7 @@ class BatchReport:
     jobs: int
     max_memory_bytes: Optional[int]
     planning_seconds: float = 0.0   # reading every `.metadata` and planning, in the driver
+    notes: List[str] = field(default_factory=list)      # about the batch as a whole (folders left out)
 
     @property
     def failed(self) -> List[BatchItem]:
@@ -84,29 +86,35 @@ class BatchReport:
             counts[i.status] = counts.get(i.status, 0) + 1
         return {"checkpoints": [i.to_dict() for i in self.items], "counts": counts,
                 "seconds": round(self.seconds, 3), "planning_seconds": round(self.planning_seconds, 3),
-                "jobs": self.jobs, "max_memory_bytes": self.max_memory_bytes,
+                "jobs": self.jobs, "max_memory_bytes": self.max_memory_bytes, "notes": self.notes,
                 "bytes": sum(i.bytes for i in self.items if i.status in ("converted", "resumed"))}
 
 
 # -- which checkpoints, which outputs -----------------------------------------------------------------
 
-def expand_sources(sources: Sequence[str], from_file: Optional[str] = None) -> List[str]:
+def expand_sources(sources: Sequence[str], from_file: Optional[str] = None,
+                   notes: Optional[List[str]] = None) -> List[str]:
     """Folders and globs (`runs/*/checkpoint-*`, naturally sorted), plus the lines of `from_file` (blank lines
-    and `#` comments skipped); each folder once. A glob matching nothing is an error: it is usually a typo."""
+    and `#` comments skipped); each folder once. A glob matching nothing is an error: it is usually a typo.
+    A folder a glob matches that is a converted output (`looks_like_output`) is left out, with a note in
+    `notes`: `runs/*` with outputs in `runs/{name}-hf` must not take last run's outputs for checkpoints."""
     patterns = [user_path(s, "a batch source") for s in sources]
     if from_file is not None:
-        try:
-            with open(user_path(from_file, "--from-file"), encoding="utf-8") as f:
-                patterns += [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
-        except OSError as exc:
-            raise OptionsError(f"--from-file {from_file}: cannot read: {exc.strerror}") from None
+        patterns += _read_list(user_path(from_file, "--from-file"))
     out: List[str] = []
     seen = set()
     for pattern in patterns:
         if glob.has_magic(pattern):
-            matches = sorted((m for m in glob.glob(pattern) if os.path.isdir(m)), key=natural_key)
-            if not matches:
+            folders = sorted((m for m in glob.glob(pattern) if os.path.isdir(m)), key=natural_key)
+            if not folders:
                 raise OptionsError(f"{pattern}: matches no folder")
+            matches = [m for m in folders if not looks_like_output(m)]
+            if notes is not None:
+                notes += [f"left out {m}: it is a converted output, not a checkpoint" for m in folders
+                          if m not in matches]
+            if not matches:
+                raise OptionsError(f"{pattern}: matches only converted outputs ({', '.join(folders[:3])}"
+                                   f"{' ...' if len(folders) > 3 else ''}), no checkpoint")
         else:
             matches = [pattern]
         for m in matches:
@@ -117,6 +125,52 @@ def expand_sources(sources: Sequence[str], from_file: Optional[str] = None) -> L
     if not out:
         raise OptionsError("no checkpoints given: name folders or globs, or --from-file LIST")
     return out
+
+
+def _read_list(from_file: str) -> List[str]:
+    """The folders and globs of a --from-file list. Paths are text: a line that is not UTF-8 (a list written
+    in another encoding) or holds a NUL byte is a usage error naming the line, not a crash later."""
+    try:
+        with open(from_file, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise OptionsError(f"--from-file {from_file}: cannot read: {exc.strerror}") from None
+    patterns = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        try:
+            text = line.decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise OptionsError(f"--from-file {from_file}: line {number} is not UTF-8 text (byte "
+                               f"0x{line[exc.start]:02x} at column {exc.start + 1}); save the list as UTF-8") from None
+        if "\0" in text:
+            raise OptionsError(f"--from-file {from_file}: line {number} holds a NUL byte, which no path can hold")
+        if text and not text.startswith("#"):
+            patterns.append(text)
+    return patterns
+
+
+# Names of the files a conversion writes at the top of its output folder (hf_shards reads `shard-*` files:
+# a per-rank Hugging Face checkpoint is a source, not an output).
+_OUTPUT_FILE = re.compile(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?$")
+
+
+def looks_like_output(folder: str) -> bool:
+    """Whether `folder` is a converted output rather than a checkpoint: it holds streamconv's output record,
+    or model safetensors (`model.safetensors`, `model-0000N-of-0000M.safetensors`, the index) with no
+    `.metadata` and no sub-folder (a run folder with an exported model beside its DCP folder stays a source)."""
+    try:
+        with os.scandir(folder) as listing:
+            entries = list(listing)
+    except OSError:
+        return False
+    names = {e.name for e in entries}
+    if RECORD_FILE in names:
+        return True
+    if names & {".metadata", "__0.metadata"}:
+        return False
+    if any(e.is_dir(follow_symlinks=False) and not e.name.startswith(".") for e in entries):
+        return False
+    return any(_OUTPUT_FILE.match(n) for n in names)
 
 
 def output_for(template: str, source: str) -> str:
@@ -168,55 +222,6 @@ def matches_plan(conversion: ConversionPlan, output_dir: str) -> bool:
         return False
 
 
-# -- one job (in its own process) -----------------------------------------------------------------------
-
-class _QueueReporter(Reporter):
-    """Forwards a job's progress to the batch's one display, a few MB at a time."""
-
-    def __init__(self, index: int, queue):
-        self.index, self.queue, self.pending = index, queue, 0
-
-    def advance(self, n_bytes: int) -> None:
-        self.pending += n_bytes
-        if self.pending >= _PROGRESS_STEP_BYTES:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.pending:
-            self.queue.put(("progress", self.index, self.pending))
-            self.pending = 0
-
-
-def convert_one(source: str, output: str, options: ConvertOptions, *, workers: int = api.DEFAULT_WORKERS,
-                crc: Optional[bool] = None, verify: bool = False, overwrite: bool = False,
-                reporter: Optional[Reporter] = None, shard_runner=None) -> dict:
-    """Convert one checkpoint of a batch, resuming its staging folder; never raises a StreamconvError:
-    the result dict says what happened (BatchItem fields)."""
-    started = time.perf_counter()
-    try:
-        report = api.convert(source, output, options, overwrite=overwrite, reporter=reporter, workers=workers,
-                             verify=verify, crc=crc, resume=True, shard_runner=shard_runner)
-    except StreamconvError as exc:
-        return {"status": "failed", "error": str(exc), "kind": type(exc).__name__, "exit_code": exc.exit_code,
-                "seconds": time.perf_counter() - started}
-    except Exception as exc:     # one checkpoint's bug must not end the batch; reported like the CLI does
-        return {"status": "failed", "error": f"internal error ({type(exc).__name__}: {exc})"[:500],
-                "kind": "InternalError", "exit_code": 1, "seconds": time.perf_counter() - started}
-    resumed = any(n.startswith("resumed:") for n in report.notes)
-    return {"status": "resumed" if resumed else "converted", "bytes": report.bytes_written,
-            "seconds": report.seconds, "peak_rss_bytes": report.peak_rss_bytes, "notes": report.notes}
-
-
-def _child(index: int, source: str, output: str, options: ConvertOptions, kwargs: dict, queue) -> None:
-    reporter = _QueueReporter(index, queue)
-    try:
-        result = convert_one(source, output, options, reporter=reporter, **kwargs)
-    except KeyboardInterrupt:   # Ctrl-C reaches the whole process group: the driver reports it, once
-        return
-    reporter.flush()
-    queue.put(("done", index, result))
-
-
 # -- the batch ------------------------------------------------------------------------------------------
 
 def default_jobs(outputs: Sequence[str]) -> int:
@@ -230,29 +235,18 @@ def default_jobs(outputs: Sequence[str]) -> int:
     return max(1, len(devices))
 
 
-_context = None
-
-
-def _mp_context():
-    """A forkserver with streamconv imported: each job is a fork of a small, clean process (no threads, no
-    tqdm, no parent state), started in milliseconds."""
-    global _context
-    if _context is None:
-        _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload(["streamconv.api"])
-    return _context
-
-
 def convert_many(sources: Sequence[str], output_template: str, options: Optional[ConvertOptions] = None, *,
                  from_file: Optional[str] = None, jobs: Optional[int] = None, max_memory: Optional[str] = None,
                  workers: int = api.DEFAULT_WORKERS, crc: Optional[bool] = None, verify: bool = False,
                  overwrite: bool = False, reporter: Optional[Reporter] = None, ray: Optional[str] = None,
-                 **keywords) -> BatchReport:
+                 discard_partial: bool = False, **keywords) -> BatchReport:
     """Convert every checkpoint in `sources` (folders or globs) into `output_template` filled per checkpoint.
     Complete matching outputs are skipped, interrupted ones resumed; a failed checkpoint does not stop the
     others (see `BatchReport.failed`). `jobs` checkpoints convert side by side (default: one per output
     device) while the sum of their predicted peaks stays within `max_memory` ("8GiB"). `ray`: run each
     checkpoint's shards as Ray tasks ("" or "local": a local cluster; else the address of one).
+    `discard_partial`: an interrupted checkpoint's staging folder is deleted and the checkpoint converted from
+    the start, instead of resumed (for a staging folder that cannot be resumed: other options, another version).
     `keywords` are `ConvertOptions` fields, instead of `options`."""
     if options is None:
         options = ConvertOptions(**keywords)
@@ -261,32 +255,81 @@ def convert_many(sources: Sequence[str], output_template: str, options: Optional
     reporter = reporter or Reporter()
     started = time.perf_counter()
     max_memory_bytes = parse_size(max_memory, option="--max-memory") if max_memory is not None else None
-    items = [BatchItem(source=s, output=output_for(output_template, s)) for s in expand_sources(sources, from_file)]
-    _refuse_shared_outputs(items)
+    notes: List[str] = []
+    items = [BatchItem(source=s, output=output_for(output_template, s))
+             for s in expand_sources(sources, from_file, notes)]
+    _refuse_shared_outputs(items, output_template)
+    if ray is not None:     # an address nobody listens on fails now, not after planning and minutes of retries
+        from . import ray_runner
+        ray_runner.probe(ray)
     todo = _plan_all(items, options, overwrite, max_memory_bytes)
     planning_seconds = time.perf_counter() - started
     jobs = jobs or default_jobs([i.output for i in items])
     total = sum(i.bytes for i in todo) * (2 if verify else 1)     # --verify reads every byte back
     reporter.start(total, f"{len(todo)} of {len(items)} checkpoint(s)")
-    kwargs = dict(workers=workers, crc=crc, verify=verify, overwrite=overwrite)
+    for note in notes:
+        reporter.note(note)
+    kwargs = dict(workers=workers, crc=crc, verify=verify, overwrite=overwrite, discard_partial=discard_partial)
     if ray is not None:
         from . import ray_runner
-        ray_runner.run_batch(todo, options, kwargs, address=ray, jobs=jobs, reporter=reporter)
+        ray_runner.run_batch(todo, options, kwargs, address=ray, jobs=jobs, reporter=reporter, finish=_finish)
     else:
         _run_local(todo, options, kwargs, jobs, max_memory_bytes, reporter)
     reporter.close()
     return BatchReport(items=items, seconds=time.perf_counter() - started, jobs=jobs,
-                       max_memory_bytes=max_memory_bytes, planning_seconds=planning_seconds)
+                       max_memory_bytes=max_memory_bytes, planning_seconds=planning_seconds, notes=notes)
 
 
-def _refuse_shared_outputs(items: Sequence[BatchItem]) -> None:
-    seen: Dict[str, str] = {}
+def output_identity(path: str) -> tuple:
+    """What folder `path` is, not how it is spelt: symlinks resolved, then the (st_dev, st_ino) of the folder
+    or of its nearest existing ancestor plus the names still to be created below it. Two outputs aliased by a
+    symlink or a bind mount get the same identity; two paths into one folder yet to be made do too."""
+    probe, rest = os.path.realpath(path), []
+    while True:
+        try:
+            st = os.stat(probe)
+            return (st.st_dev, st.st_ino) + tuple(reversed(rest))
+        except FileNotFoundError:
+            parent = os.path.dirname(probe)
+            if parent == probe:
+                return (probe,) + tuple(reversed(rest))
+            rest.append(os.path.basename(probe))
+            probe = parent
+        except OSError:
+            return (probe,) + tuple(reversed(rest))
+
+
+def _refuse_shared_outputs(items: Sequence[BatchItem], template: str) -> None:
+    """Two checkpoints must never write one folder (the second would replace or resume the first's): compared
+    by identity, so `hf/a` and `hf/b -> a` (a symlink, a bind mount) collide too. Refused before any write."""
+    seen: Dict[tuple, BatchItem] = {}
     for i in items:
-        key = os.path.abspath(i.output)
+        key = output_identity(i.output)
         if key in seen:
-            raise OptionsError(f"--output-template gives {i.source} and {seen[key]} the same output {i.output}; "
-                               "add {parent} or {step} to it")
-        seen[key] = i.source
+            first = seen[key]
+            same = "the same output" if os.path.abspath(first.output) == os.path.abspath(i.output) else \
+                f"outputs that are one folder ({first.output} and {i.output}, through a symbolic link or a mount)"
+            raise OptionsError(f"--output-template {template!r} gives {first.source} and {i.source} {same}; "
+                               f"{_suggest_template(template, [x.source for x in items])}")
+        seen[key] = i
+
+
+def _suggest_template(template: str, sources: Sequence[str]) -> str:
+    """Advice that works: a template built from `template` that gives every source its own output, if one of
+    the usual fixes does (checkpoint-1 of runs a and b: add {parent}, the run's folder)."""
+    head, tail = os.path.split(template)
+    candidates = [os.path.join(head, "{parent}", tail), template.replace("{step}", "{parent}-{step}", 1),
+                  template.replace("{parent}", "{parent}/{name}", 1)]
+    for candidate in candidates:
+        if candidate == template:
+            continue
+        try:
+            outputs = [os.path.abspath(output_for(candidate, s)) for s in sources]
+        except OptionsError:
+            continue
+        if len(set(outputs)) == len(outputs):
+            return f"use e.g. --output-template {candidate!r}"
+    return "use {name}, {parent} and {step} so that each checkpoint gets its own folder"
 
 
 def _plan_all(items: Sequence[BatchItem], options: ConvertOptions, overwrite: bool,
@@ -316,12 +359,12 @@ def _plan_all(items: Sequence[BatchItem], options: ConvertOptions, overwrite: bo
 
 def _run_local(todo: List[BatchItem], options: ConvertOptions, kwargs: dict, jobs: int,
                max_memory_bytes: Optional[int], reporter: Reporter) -> None:
-    """Start jobs while fewer than `jobs` run and their predicted peaks fit `max_memory_bytes`; collect
-    progress and results from one queue; a job that dies without a result fails its checkpoint only."""
-    ctx = _mp_context()
-    queue = ctx.Queue()
+    """Start jobs (`batch_job`, one process each) while fewer than `jobs` run and their predicted peaks fit
+    `max_memory_bytes`; collect progress and results from one queue; a job that dies without a result fails
+    its checkpoint only."""
+    messages: "queue_module.Queue" = queue_module.Queue()
     pending = list(enumerate(todo))
-    running: Dict[int, tuple] = {}      # index -> (process, started, seen dead at)
+    running: Dict[int, _Job] = {}
     try:
         while pending or running:
             in_use = sum(todo[i].predicted_peak_bytes for i in running)
@@ -330,53 +373,100 @@ def _run_local(todo: List[BatchItem], options: ConvertOptions, kwargs: dict, job
                 if running and max_memory_bytes is not None and in_use + item.predicted_peak_bytes > max_memory_bytes:
                     break       # waits for memory; alone it always fits (checked while planning)
                 pending.pop(0)
-                proc = ctx.Process(target=_child, args=(index, item.source, item.output, options, kwargs, queue),
-                                   name=f"streamconv-batch-{index}", daemon=True)
-                proc.start()
-                running[index] = (proc, time.perf_counter(), None)
+                running[index] = _Job(index, item, options, kwargs, messages)
                 in_use += item.predicted_peak_bytes
                 reporter.note(f"started {item.source} -> {item.output}")
-            _collect(queue, todo, running, reporter, timeout_s=0.2)
+            _collect(messages, todo, running, reporter, timeout_s=0.2)
     except BaseException:
-        for proc, _, _ in running.values():
-            proc.terminate()    # SIGTERM: each job ends like an interrupted convert (staging kept: resume)
-        for proc, _, _ in running.values():
-            proc.join()
+        for job in running.values():
+            job.process.terminate()     # SIGTERM: each job ends like an interrupted convert (staging kept: resume)
+        for job in running.values():
+            job.process.wait()
         raise
 
 
-def _collect(queue, todo: List[BatchItem], running: Dict[int, tuple], reporter: Reporter, timeout_s: float) -> None:
+class _Job:
+    """One running `batch_job` process: its request on stdin (kept open: the job watches it to die with this
+    driver), its messages read by a thread into the batch's queue, then ("eof", index, None)."""
+
+    def __init__(self, index: int, item: BatchItem, options: ConvertOptions, kwargs: dict, messages):
+        self.index, self.started, self.result = index, time.perf_counter(), None
+        try:
+            read_fd, write_fd = os.pipe()
+        except OSError as exc:
+            raise ResourceError(f"cannot start a batch job: {exc.strerror}; raise the open-file limit "
+                                "(ulimit -n) or lower --jobs") from None
+        try:
+            # stdout to stderr: whatever a job might print must not mix into the driver's --json report.
+            self.process = subprocess.Popen(batch_job.command(write_fd), stdin=subprocess.PIPE, stdout=2,
+                                            pass_fds=(write_fd,))
+        except OSError as exc:
+            os.close(read_fd)
+            raise ResourceError(f"cannot start a batch job ({batch_job.command(write_fd)[0]}): {exc.strerror}; "
+                                "lower --jobs or free memory and processes") from None
+        finally:
+            os.close(write_fd)
+        try:
+            self.process.stdin.write(batch_job.job_request(item.source, item.output, options, kwargs))
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            pass        # the job died at start: its pipe closes, and it is reported as died with its exit code
+        threading.Thread(target=self._read, args=(read_fd, messages), daemon=True,
+                         name=f"streamconv-batch-{index}").start()
+
+    def _read(self, fd: int, messages) -> None:
+        # os.read, not a file object: a daemon thread blocked in a buffered reader's lock would abort the
+        # interpreter's shutdown if the driver exits (an interrupt) before a killed job's pipe closes.
+        pending = b""
+        try:
+            while True:
+                data = os.read(fd, 1 << 16)
+                if not data:
+                    break
+                *lines, pending = (pending + data).split(b"\n")
+                for line in lines:
+                    kind, value = json.loads(line)
+                    messages.put((kind, self.index, value))
+        finally:        # (a line cut off by a kill is dropped: the job then has no result and failed)
+            os.close(fd)
+            messages.put(("eof", self.index, None))
+
+    def end(self) -> int:
+        """The job's exit status (negative: killed by that signal), after closing its stdin."""
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
+        return self.process.wait()
+
+
+def _collect(messages, todo: List[BatchItem], running: Dict[int, _Job], reporter: Reporter,
+             timeout_s: float) -> None:
     try:
-        message = queue.get(timeout=timeout_s)
+        message = messages.get(timeout=timeout_s)
     except queue_module.Empty:
-        message = None
+        return
     while message is not None:
         kind, index, value = message
+        job = running.get(index)
         if kind == "progress":
             reporter.advance(value)
-        else:
-            _finish(todo[index], value, reporter)
-            running.pop(index)[0].join()
+        elif kind == "done" and job is not None:
+            job.result = value
+        elif kind == "eof" and job is not None:     # every message of the job has been read
+            code = running.pop(index).end()
+            result = job.result
+            if result is None:
+                how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+                result = {"status": "failed", "kind": "WorkerDied", "exit_code": 1,
+                          "seconds": time.perf_counter() - job.started,
+                          "error": f"{todo[index].source}: the conversion process died ({how}); its staging "
+                                   "folder is kept and the next run resumes it"}
+            _finish(todo[index], result, reporter)
         try:
-            message = queue.get_nowait()
+            message = messages.get_nowait()
         except queue_module.Empty:
             message = None
-    now = time.perf_counter()
-    for index, entry in list(running.items()):
-        proc, started, dead_since = entry
-        if proc.is_alive():
-            continue
-        if dead_since is None:      # its last messages may still be in the pipe: look again next round
-            running[index] = (proc, started, now)
-            continue
-        if now - dead_since < 1.0:
-            continue
-        running.pop(index)
-        code = proc.exitcode
-        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        _finish(todo[index], {"status": "failed", "kind": "WorkerDied", "exit_code": 1, "seconds": now - started,
-                              "error": f"{todo[index].source}: the conversion process died ({how}); its staging "
-                                       "folder is kept and the next run resumes it"}, reporter)
 
 
 def _finish(item: BatchItem, result: dict, reporter: Reporter) -> None:

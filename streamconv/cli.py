@@ -352,13 +352,19 @@ def verify(checkpoint_dir, output_dir, as_json, crc, quiet, **option_values):
               help="Write each checkpoint's shards as Ray tasks (pip install 'streamconv[ray]'): --ray alone starts "
                    "a local cluster, --ray ADDRESS joins one (e.g. ray://head:10001 or head:6379). Workers must see "
                    "the same storage paths.")
+@click.option("--resume", is_flag=True,
+              help="Continue interrupted checkpoints from their staging folders, keeping finished shards. This is "
+                   "what batch always does; the flag is accepted so that convert's advice works here too.")
+@click.option("--discard-partial", is_flag=True,
+              help="Delete the staging folder an interrupted conversion left, for every checkpoint that has one, "
+                   "and convert those checkpoints from the start (e.g. after changing options).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or table; print only failures.")
 @click.option("--progress/--no-progress", default=None,
               help="Show one progress bar for the batch on stderr. Default: only on a terminal without --json or "
                    "--quiet.")
 @_fail_cleanly
 def batch(sources, output_template, from_file, as_json, jobs, max_memory, workers, verify, crc, overwrite,
-          ray_address, quiet, progress, **option_values):
+          ray_address, resume, discard_partial, quiet, progress, **option_values):
     """Convert many checkpoints: SOURCES are folders or globs (quote them: 'runs/*/checkpoint-*').
 
     Each checkpoint is planned first (from .metadata), then converted as `convert --resume` would, in a process
@@ -368,6 +374,8 @@ def batch(sources, output_template, from_file, as_json, jobs, max_memory, worker
     --json report say which and why).
     """
     from . import batch as batching
+    if resume and discard_partial:
+        raise OptionsError("--resume keeps interrupted conversions and --discard-partial deletes them: pass one")
     options = ConvertOptions.take(option_values)
     if progress is None:
         progress = sys.stderr.isatty() and not as_json and not quiet
@@ -375,7 +383,8 @@ def batch(sources, output_template, from_file, as_json, jobs, max_memory, worker
     try:
         report = batching.convert_many(sources, output_template, options, from_file=from_file, jobs=jobs,
                                        max_memory=max_memory, workers=workers, crc=crc, verify=verify,
-                                       overwrite=overwrite, reporter=reporter, ray=ray_address)
+                                       overwrite=overwrite, reporter=reporter, ray=ray_address,
+                                       discard_partial=discard_partial)
     finally:
         reporter.close()
     failed = report.failed
@@ -388,6 +397,8 @@ def batch(sources, output_template, from_file, as_json, jobs, max_memory, worker
             click.echo(f"{i.status:9} {format_size(i.bytes):>10} {i.seconds:8.2f} {i.mb_per_s:7.0f} "
                        f"{format_size(i.peak_rss_bytes) if i.peak_rss_bytes else '-':>10}  "
                        f"{printable(i.source)} -> {printable(i.output)}")
+        for note in report.notes:
+            click.echo(f"note: {printable(note)}", err=True)
         counts = ", ".join(f"{n} {k}" for k, n in report.to_dict()["counts"].items())
         click.echo(f"{len(report.items)} checkpoint(s) in {report.seconds:.1f} s ({counts}); {report.jobs} job(s)")
     for i in failed:

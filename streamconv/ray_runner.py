@@ -12,10 +12,12 @@ are not retried: they fail the checkpoint as they would locally.
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional
 
+from .batch_job import convert_one
 from .errors import OptionsError, OutputError, StreamconvError
 from .report import Reporter
 from .shardjob import ShardJob, write_shard
@@ -26,6 +28,10 @@ MAX_RETRIES = 3
 # worker process half-way through the shard, after writing its pid to `killed-<name>` (the retry finds no file
 # and finishes). Never set in normal use.
 KILL_ONCE_ENV = "STREAMCONV_TEST_RAY_KILL_DIR"
+
+# Seconds to wait for a TCP connection to the head node before refusing the address.
+PROBE_TIMEOUT_S = 5.0
+RAY_CLIENT_PORT = 10001     # ray://HOST without a port: Ray client's default
 
 _remote = None
 
@@ -38,12 +44,38 @@ def _import_ray():
     return ray
 
 
+def probe(address: Optional[str], timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Refuse, in seconds, an address nobody listens on: `ray.init` would retry it for many minutes (822 s
+    measured) while printing Ray's warnings. Only a TCP connect to the address's port; "local", "auto" and
+    None are left to Ray (they find or start a cluster on this machine)."""
+    if address in (None, "", "local", "auto"):
+        return
+    rest = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port_text = rest.rpartition(":")
+    if not sep and address.startswith("ray://"):
+        host, port_text = rest, str(RAY_CLIENT_PORT)
+    host = host.strip("[]")     # [::1]:6379
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise OptionsError(f"--ray {address}: not an address; give HOST:PORT of the head node (e.g. head:6379, "
+                           f"the port of `ray start --head --port=6379`) or ray://HOST:10001")
+    try:
+        with socket.create_connection((host, int(port_text)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        why = "timed out" if isinstance(exc, socket.timeout) else (exc.strerror or str(exc))
+        raise OptionsError(
+            f"--ray {address}: no Ray cluster answers there ({why} after at most {timeout_s:.0f} s). Start one "
+            f"with `ray start --head --port={port_text}` on the head node, check the address (`ray status` on "
+            "the head prints it), or pass --ray alone for a local cluster") from None
+
+
 def connect(address: Optional[str] = None) -> None:
     """Join the Ray cluster at `address`, or start a local one ("local" or None). Reuses a connection made
     by the caller (`ray.init(...)` before `convert_many(..., ray="local")`)."""
     ray = _import_ray()
     if ray.is_initialized():
         return
+    probe(address)
     try:
         if address in (None, "", "local"):
             ray.init(include_dashboard=False, log_to_driver=False)
@@ -100,10 +132,9 @@ def shard_runner(job: ShardJob, filenames: List[str], progress=None) -> None:
                           f"{type(exc).__name__}: {str(exc)[:300]}") from None
 
 
-def run_batch(todo, options, kwargs: dict, *, address: Optional[str], jobs: int, reporter) -> None:
+def run_batch(todo, options, kwargs: dict, *, address: Optional[str], jobs: int, reporter, finish) -> None:
     """`batch.convert_many` on Ray: `jobs` checkpoints planned and committed side by side by this driver,
-    each split into shard tasks."""
-    from .batch import _finish, convert_one
+    each split into shard tasks; `finish(item, result, reporter)` as each checkpoint ends."""
     connect(address)
 
     class _Progress(Reporter):      # the batch's one display: bytes as shards finish, from any driver thread
@@ -119,4 +150,4 @@ def run_batch(todo, options, kwargs: dict, *, address: Optional[str], jobs: int,
 
     with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="streamconv-ray") as pool:
         for item, result in pool.map(one, todo):
-            _finish(item, result, reporter)
+            finish(item, result, reporter)

@@ -13,12 +13,13 @@ import zlib
 from dataclasses import replace
 from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
 
-from . import discover, dtypes, fastpaths, hf, names
-from .errors import OptionsError, OutputError
+from . import discover, dtypes, fastpaths, hf, names, provenance
+from .errors import OptionsError, OutputError, StreamconvError
 from .executor import Executor, check_stored
 from .io import DirectoryReader, RangeReader
 from .options import ConvertOptions, resolve as resolve_options
 from .model import BlobLocation, CheckpointMetadata, StoredTensor, TensorEntry
+from .provenance import Fingerprint as _Fingerprint
 from .plan import INDEX_FILE_NAME, ConversionPlan, PlanOptions, build_plan, source_format
 from .report import ConversionReport, Reporter, peak_rss_bytes
 from .parallel import write_shards
@@ -164,21 +165,6 @@ def checkpoint_files(checkpoint_dir: str, meta: CheckpointMetadata) -> Dict[str,
     return out
 
 
-class _Fingerprint:
-    """CRC-32 + Adler-32 + length of a byte stream: enough to tell two plans apart (nobody forges these), and
-    without hashlib, whose OpenSSL costs 3.5 MiB of resident memory."""
-
-    def __init__(self):
-        self.crc, self.adler, self.nbytes = 0, 1, 0
-
-    def update(self, data: bytes) -> None:
-        self.crc, self.adler = zlib.crc32(data, self.crc), zlib.adler32(data, self.adler)
-        self.nbytes += len(data)
-
-    def hexdigest(self) -> str:
-        return f"{self.crc:08x}{self.adler:08x}-{self.nbytes:x}"
-
-
 def shard_fingerprint(shard) -> str:
     """What decides a shard's bytes: its name, header, and where every tensor's bytes come from (and how)."""
     h = _Fingerprint()
@@ -191,14 +177,16 @@ def shard_fingerprint(shard) -> str:
     return h.hexdigest()
 
 
-def plan_record(conversion: ConversionPlan, checkpoint_dir: str, meta: CheckpointMetadata) -> dict:
-    """Identifies a conversion for --resume: the plan's fingerprint, the checkpoint's files, and the options
-    (shown when they differ)."""
+def plan_record(conversion: ConversionPlan, checkpoint_dir: str, meta: CheckpointMetadata,
+                source_fingerprint: Optional[str] = None) -> dict:
+    """Identifies a conversion for --resume: the plan's fingerprint, the checkpoint's files and content
+    (`provenance.source_fingerprint`: a re-save restored with sizes and mtimes kept is not resumed into), and
+    the options (shown when they differ)."""
     o = conversion.options
     h = _Fingerprint()
     for shard in conversion.shards:
         h.update(shard_fingerprint(shard).encode("ascii"))
-    return {"plan": h.hexdigest(), "checkpoint": checkpoint_files(checkpoint_dir, meta),
+    return {"plan": h.hexdigest(), "checkpoint": checkpoint_files(checkpoint_dir, meta), "source": source_fingerprint,
             "options": {"--max-shard-size": o.max_shard_bytes, "--dtype": o.dtype, "--include": list(o.include),
                         "--exclude": list(o.exclude), "--rename": [f"{r.pattern}={r.replacement}" for r in o.renames],
                         "--subtree": conversion.subtree, "tied heads dropped": list(o.drop)}}
@@ -240,7 +228,8 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
             overwrite: bool = False, reporter: Optional[Reporter] = None, config_from: Optional[str] = None,
             workers: int = DEFAULT_WORKERS, verify: bool = False, crc: Optional[bool] = None,
             allow_unmatched: bool = False, no_config: bool = False, resume: bool = False,
-            discard_partial: bool = False, shard_runner=None, **kwargs) -> ConversionReport:
+            discard_partial: bool = False, shard_runner=None, overwrite_any: bool = False,
+            **kwargs) -> ConversionReport:
     """Convert a DCP checkpoint folder into a folder of safetensors shards (+ index when sharded), with the
     base model's config and tokenizer beside them when `config_from` (or train_params.yaml) names it.
 
@@ -257,9 +246,16 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
     `shard_runner(job, filenames, progress)`: writes the shards elsewhere (e.g. Ray tasks,
     `ray_runner.shard_runner`) given a `shardjob.ShardJob`, calling `progress(tensor bytes)` as shards finish;
     every shard must then be recorded in the staging folder, checked before the commit.
+    The output holds a record (`streamconv.json`, record.py) tying it to the checkpoint's content and options.
+    `overwrite` replaces only a folder holding such a record; `overwrite_any` any folder. A folder that already
+    holds this conversion (same checkpoint content, same plan) is left as it is: the report says
+    `already_converted`. Every checkpoint file is checked again before the commit: one that changed during the
+    run (a trainer still writing) commits nothing (SourceChangedError, exit 2).
     """
     reporter = reporter or Reporter()
     started = time.perf_counter()
+    started_ns = time.time_ns()
+    given = options     # (`options` becomes the resolved planner view below)
     fast = fastpaths.detect()       # fast IO paths are chosen once, here, and passed down (fastpaths.py)
     checkpoint_dir, reader, meta, setup, notes = _prepare(
         checkpoint_dir, options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched,
@@ -270,75 +266,96 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
         with_heads, heads = _with_tied_heads(meta, setup, conversion)
         folders, files = protected_paths(reader, meta, setup.config.folder if setup.config else None)
         check_destination(output_dir, folders, files)       # before anything is written
+        before = provenance.snapshot(checkpoint_dir, provenance.source_files(checkpoint_dir, meta))
+        provenance.check_not_written_since(checkpoint_dir, before, started_ns)
         stored = locate_chunks(with_heads, reader)
+        source_fp = provenance.source_fingerprint(checkpoint_dir, meta, stored, before)
+        resume_record = plan_record(conversion, checkpoint_dir, meta, source_fp)
+        already = provenance.check_existing_output(output_dir, source_fp, resume_record["plan"], overwrite=overwrite,
+                                                   overwrite_any=overwrite_any)
+        if already is not None:
+            return _already_converted(checkpoint_dir, output_dir, conversion, options, notes, started)
         fingerprints = {s.filename: shard_fingerprint(s) for s in conversion.shards}
-        run_notes = []
-        with StagingDir(output_dir, plan_record=plan_record(conversion, checkpoint_dir, meta), overwrite=overwrite,
-                        resume=resume, discard_partial=discard_partial, fast=fast) as staging:
-            first_file = _first_data_file(with_heads)
-            if first_file is not None:      # (no chunk at all: nothing is copied)
-                fast = fastpaths.probe_copy(fast, reader.path(first_file), staging.path)
-            kept = [s for s in conversion.shards if staging.kept_shard(s.filename, s.nbytes, fingerprints[s.filename])]
-            if staging.resumed:
-                run_notes.append(f"resumed: kept {len(kept)} of {len(conversion.shards)} finished shard(s) "
-                                 f"({format_size(sum(s.nbytes for s in kept))}), wrote the rest")
-                reporter.note(run_notes[-1])
-            kept_names = {s.filename for s in kept}
-            to_write = [s for s in conversion.shards if s.filename not in kept_names]
-            check_free_space(output_dir, output_nbytes(conversion, setup.config.folder if setup.config else None,
-                                                       setup.sidecar_files) - sum(s.nbytes for s in kept))
-            reporter.start(conversion.total_bytes * (2 if verify else 1) + sum(t.nbytes for t in heads.values()),
-                           "converting")
-            reporter.advance(sum(s.data_nbytes for s in kept))
-            check_crc = crc if crc is not None else verify or DEFAULT_CRC
-            # while_decoding: zstd chunks are summed as the copy decodes them (any failure discards the output)
-            integrity = ChunkIntegrity(reader, stored, while_decoding=True) if check_crc else None
-            if meta.flavor:
-                run_notes.append(f"source: {meta.flavor}")
-            kill_point("before-first-shard")
-            if shard_runner is None:
-                write_shards(to_write, reader, stored, staging.file, buffer_bytes=options.buffer_bytes,
-                             workers=workers, progress=reporter.advance, integrity=integrity, fast=fast,
-                             on_shard_done=lambda s, crc: staging.shard_done(s.filename, s.nbytes,
-                                                                             fingerprints[s.filename], crc))
-            else:
-                record = plan_record(conversion, checkpoint_dir, meta)
-                job = ShardJob(checkpoint_dir=os.path.abspath(checkpoint_dir), staging_dir=staging.path,
-                               plan=conversion, plan_fingerprint=record["plan"], checkpoint_files=record["checkpoint"],
-                               shard_fingerprints=fingerprints, crc=check_crc)
-                shard_runner(job, [s.filename for s in to_write], reporter.advance)
-                for s in to_write:      # the workers' records, and each file's size (its bytes: --verify)
-                    if not staging.shard_recorded(s.filename, s.nbytes, fingerprints[s.filename], check_crc=False):
-                        raise OutputError(f"{staging.file(s.filename)}: the worker writing it reported success but "
-                                          "no finished record or the wrong size is there; nothing was committed")
-            if setup.tied:
-                checker = Executor(reader, stored, options.buffer_bytes, progress=reporter.advance,
-                                   integrity=integrity)
-                shard_of = {t.name: s.filename for s in conversion.shards for t in s.tensors}
-                by_name = {t.name: t for t in conversion.tensors}
-                for pair in setup.tied:
-                    hf.tied.verify_tied(checker, heads[pair.head], by_name[pair.embedding],
-                                        staging.file(shard_of[pair.embedding]), config_path=setup.config.folder)
-            copied = []
-            if setup.config is not None:
-                copied = hf.sidecars.copy_sidecars(setup.config, setup.sidecar_files, staging.path,
-                                                   hf.config_dtype(conversion))
-                staging.added(copied)
-            index = conversion.index()
-            if index is not None:
-                staging.write_json(INDEX_FILE_NAME, index)   # written last: its presence means complete
-            verified_bytes = 0
-            if verify:
-                checked = verifying.verify_output(conversion, reader, stored, staging.path,
-                                                  buffer_bytes=options.buffer_bytes, checkpoint=checkpoint_dir,
-                                                  integrity=integrity, progress=reporter.advance)
-                verifying.raise_if_failed(checked, staged=True)
-                verified_bytes = checked.bytes_compared
-            staging.commit()
-            reporter.close()
-            if integrity is not None and integrity.unrecorded:
-                run_notes.append(f"CRC-32: {len(integrity.unrecorded)} chunk(s) unchecked: their writer recorded no "
-                                 "CRC-32 (safetensors blobs, or torch.save with compute_crc32=False)")
+        run_notes = [n for n in [provenance.fingerprint_note(source_fp)] if n]
+        try:
+            with StagingDir(output_dir, plan_record=resume_record, overwrite=overwrite or overwrite_any,
+                            resume=resume, discard_partial=discard_partial, fast=fast) as staging:
+                first_file = _first_data_file(with_heads)
+                if first_file is not None:      # (no chunk at all: nothing is copied)
+                    fast = fastpaths.probe_copy(fast, reader.path(first_file), staging.path)
+                kept = [s for s in conversion.shards if staging.kept_shard(s.filename, s.nbytes, fingerprints[s.filename])]
+                if staging.resumed:
+                    run_notes.append(f"resumed: kept {len(kept)} of {len(conversion.shards)} finished shard(s) "
+                                     f"({format_size(sum(s.nbytes for s in kept))}), wrote the rest")
+                    reporter.note(run_notes[-1])
+                kept_names = {s.filename for s in kept}
+                to_write = [s for s in conversion.shards if s.filename not in kept_names]
+                check_free_space(output_dir, output_nbytes(conversion, setup.config.folder if setup.config else None,
+                                                           setup.sidecar_files) - sum(s.nbytes for s in kept))
+                reporter.start(conversion.total_bytes * (2 if verify else 1) + sum(t.nbytes for t in heads.values()),
+                               "converting")
+                reporter.advance(sum(s.data_nbytes for s in kept))
+                check_crc = crc if crc is not None else verify or DEFAULT_CRC
+                # while_decoding: zstd chunks are summed as the copy decodes them (any failure discards the output)
+                integrity = ChunkIntegrity(reader, stored, while_decoding=True) if check_crc else None
+                if meta.flavor:
+                    run_notes.append(f"source: {meta.flavor}")
+                kill_point("before-first-shard")
+                if shard_runner is None:
+                    write_shards(to_write, reader, stored, staging.file, buffer_bytes=options.buffer_bytes,
+                                 workers=workers, progress=reporter.advance, integrity=integrity, fast=fast,
+                                 on_shard_done=lambda s, crc: staging.shard_done(s.filename, s.nbytes,
+                                                                                 fingerprints[s.filename], crc))
+                else:
+                    job = ShardJob(checkpoint_dir=os.path.abspath(checkpoint_dir), staging_dir=staging.path,
+                                   plan=conversion, plan_fingerprint=resume_record["plan"],
+                                   checkpoint_files=resume_record["checkpoint"],
+                                   shard_fingerprints=fingerprints, crc=check_crc)
+                    shard_runner(job, [s.filename for s in to_write], reporter.advance)
+                    for s in to_write:      # the workers' records, and each file's size (its bytes: --verify)
+                        if not staging.shard_recorded(s.filename, s.nbytes, fingerprints[s.filename], check_crc=False):
+                            raise OutputError(f"{staging.file(s.filename)}: the worker writing it reported success but "
+                                              "no finished record or the wrong size is there; nothing was committed")
+                if setup.tied:
+                    checker = Executor(reader, stored, options.buffer_bytes, progress=reporter.advance,
+                                       integrity=integrity)
+                    shard_of = {t.name: s.filename for s in conversion.shards for t in s.tensors}
+                    by_name = {t.name: t for t in conversion.tensors}
+                    for pair in setup.tied:
+                        hf.tied.verify_tied(checker, heads[pair.head], by_name[pair.embedding],
+                                            staging.file(shard_of[pair.embedding]), config_path=setup.config.folder)
+                copied = []
+                if setup.config is not None:
+                    copied = hf.sidecars.copy_sidecars(setup.config, setup.sidecar_files, staging.path,
+                                                       hf.config_dtype(conversion))
+                    staging.added(copied)
+                index = conversion.index()
+                if index is not None:
+                    staging.write_json(INDEX_FILE_NAME, index)   # written last: its presence means complete
+                verified_bytes = 0
+                if verify:
+                    checked = verifying.verify_output(conversion, reader, stored, staging.path,
+                                                      buffer_bytes=options.buffer_bytes, checkpoint=checkpoint_dir,
+                                                      integrity=integrity, progress=reporter.advance)
+                    verifying.raise_if_failed(checked, staged=True)
+                    verified_bytes = checked.bytes_compared
+                staging.added([provenance.write_record(
+                    staging.path, [s.filename for s in conversion.shards],
+                    copied + ([INDEX_FILE_NAME] if index is not None else []),
+                    source_path=os.path.abspath(checkpoint_dir), source_fp=source_fp, plan_fp=resume_record["plan"],
+                    options=_recorded_options(given, kwargs, config_from, allow_unmatched, no_config, setup),
+                    version=_version())])
+                kill_point("before-source-recheck")
+                provenance.check_unchanged(checkpoint_dir, before)     # a trainer still writing: commit no mix
+                staging.commit()
+                reporter.close()
+                if integrity is not None and integrity.unrecorded:
+                    run_notes.append(f"CRC-32: {len(integrity.unrecorded)} chunk(s) unchecked: their writer recorded no "
+                                     "CRC-32 (safetensors blobs, or torch.save with compute_crc32=False)")
+        except StreamconvError as exc:
+            # A corrupt-looking chunk or a failed check in a file that changed meanwhile is the change's doing.
+            provenance.raise_if_changed(checkpoint_dir, before, exc)
+            raise
     casts: Dict[str, int] = {}
     for t in conversion.tensors:
         if t.is_cast:
@@ -359,6 +376,40 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
         config_from=setup.config.folder if setup.config else None, layout=setup.layout,
         unmatched_names=list(reference.unmatched), missing_names=list(reference.missing),
         fast_paths=list(fast.names))
+
+
+def _version() -> str:
+    import sys
+    return getattr(sys.modules[__package__], "__version__", "unknown")   # (no import: streamconv imports api)
+
+
+def _recorded_options(options, kwargs, config_from, allow_unmatched: bool, no_config: bool, setup) -> dict:
+    """The ConvertOptions fields an output was made with, as `verify` needs them to plan the same output: the
+    resolved planner options (dtype "auto" as resolved, sizes in bytes) and the user's config choices."""
+    _, user = resolve_options(options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched,
+                              no_config=no_config)
+    o = setup.options
+    return ConvertOptions(
+        max_shard_size=str(o.max_shard_bytes), buffer_size=str(o.buffer_bytes), dtype=o.dtype,
+        config_from=os.path.abspath(user.config_from) if user.config_from else None, no_config=user.no_config,
+        allow_unmatched=user.allow_unmatched, include=o.include, exclude=o.exclude,
+        renames=tuple(f"{r.pattern.replace('=', chr(92) + '=')}={r.replacement}" for r in o.renames),
+        subtree=o.subtree, source_format=o.source_format).__dict__
+
+
+def _already_converted(checkpoint_dir: str, output_dir: str, conversion: ConversionPlan, options: PlanOptions,
+                       notes, started: float) -> ConversionReport:
+    """The report of a run that found its output already in place (a retry after a commit): nothing written."""
+    return ConversionReport(
+        checkpoint=os.path.abspath(checkpoint_dir), output=os.path.abspath(output_dir),
+        tensors=len(conversion.tensors), shards=len(conversion.shards), bytes_written=0,
+        seconds=time.perf_counter() - started, peak_rss_bytes=peak_rss_bytes(),
+        predicted_peak_bytes=conversion.peak_bytes, buffer_bytes=options.buffer_bytes,
+        max_shard_bytes=options.max_shard_bytes, skipped=conversion.skipped_counts,
+        notes=list(notes) + [f"already converted: {output_dir} holds the output of this checkpoint (same content, "
+                             "same plan, every file of its record present); nothing was written. Pass --overwrite "
+                             "to convert it again"],
+        already_converted=True)
 
 
 def _first_data_file(conversion: ConversionPlan) -> Optional[str]:

@@ -13,7 +13,7 @@ import zlib
 from dataclasses import replace
 from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
 
-from . import discover, dtypes, fastpaths, hf, names, provenance
+from . import discover, dtypes, fastpaths, hf, names, provenance, record
 from .errors import OptionsError, OutputError, StreamconvError
 from .executor import Executor, check_stored
 from .io import DirectoryReader, RangeReader
@@ -177,16 +177,21 @@ def shard_fingerprint(shard) -> str:
     return h.hexdigest()
 
 
+def plan_fingerprint(conversion: ConversionPlan) -> str:
+    """What decides every output file's bytes (`shard_fingerprint` of each shard)."""
+    h = _Fingerprint()
+    for shard in conversion.shards:
+        h.update(shard_fingerprint(shard).encode("ascii"))
+    return h.hexdigest()
+
+
 def plan_record(conversion: ConversionPlan, checkpoint_dir: str, meta: CheckpointMetadata,
                 source_fingerprint: Optional[str] = None) -> dict:
     """Identifies a conversion for --resume: the plan's fingerprint, the checkpoint's files and content
     (`provenance.source_fingerprint`: a re-save restored with sizes and mtimes kept is not resumed into), and
     the options (shown when they differ)."""
     o = conversion.options
-    h = _Fingerprint()
-    for shard in conversion.shards:
-        h.update(shard_fingerprint(shard).encode("ascii"))
-    return {"plan": h.hexdigest(), "checkpoint": checkpoint_files(checkpoint_dir, meta), "source": source_fingerprint,
+    return {"plan": plan_fingerprint(conversion), "checkpoint": checkpoint_files(checkpoint_dir, meta), "source": source_fingerprint,
             "options": {"--max-shard-size": o.max_shard_bytes, "--dtype": o.dtype, "--include": list(o.include),
                         "--exclude": list(o.exclude), "--rename": [f"{r.pattern}={r.replacement}" for r in o.renames],
                         "--subtree": conversion.subtree, "tied heads dropped": list(o.drop)}}
@@ -376,6 +381,31 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
         config_from=setup.config.folder if setup.config else None, layout=setup.layout,
         unmatched_names=list(reference.unmatched), missing_names=list(reference.missing),
         fast_paths=list(fast.names))
+
+
+def already_converted(checkpoint_dir: str, output_dir: str, options: Optional[Options] = None, *,
+                      config_from: Optional[str] = None, allow_unmatched: bool = False, no_config: bool = False,
+                      **kwargs) -> bool:
+    """Whether `output_dir` already holds what `convert` would write: its record names the same plan and the
+    same checkpoint content (`provenance.source_fingerprint`), and every file it lists has its recorded size.
+    Reads the record, `.metadata` and the chunks' headers; no tensor bytes."""
+    try:
+        found = record.read(output_dir)
+    except record.RecordError:
+        return False
+    if found is None:
+        return False
+    checkpoint_dir, reader, meta, setup, _ = _prepare(
+        checkpoint_dir, options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched,
+        no_config=no_config)
+    with reader:
+        conversion = _checked_plan(meta, setup.options, checkpoint_dir)
+        if plan_fingerprint(conversion) != found.plan_fingerprint:
+            return False
+        with_heads, _ = _with_tied_heads(meta, setup, conversion)
+        before = provenance.snapshot(checkpoint_dir, provenance.source_files(checkpoint_dir, meta))
+        source_fp = provenance.source_fingerprint(checkpoint_dir, meta, locate_chunks(with_heads, reader), before)
+    return source_fp == found.source_fingerprint and not provenance.missing_or_resized(output_dir, found)
 
 
 def _version() -> str:

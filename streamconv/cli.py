@@ -188,7 +188,11 @@ def cli():
 @click.argument("checkpoint_dir", type=click.Path(file_okay=False))
 @click.argument("output_dir", type=click.Path(file_okay=False))
 @_plan_options
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT_DIR if it exists and is not empty.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUTPUT_DIR when it holds a streamconv output (its streamconv.json record) of other weights "
+                   "or options.")
+@click.option("--overwrite-any", is_flag=True,
+              help="Replace OUTPUT_DIR whatever it holds (a folder streamconv did not write: its files are lost).")
 @click.option("--workers", default=api.DEFAULT_WORKERS, show_default=True, type=click.IntRange(1, 64),
               help="Threads writing shards side by side; they share --buffer-size.")
 @click.option("--verify", is_flag=True,
@@ -210,8 +214,8 @@ def cli():
               help="Show a progress bar on stderr. Default: only when stderr is a terminal and neither --json nor "
                    "--quiet is given.")
 @_fail_cleanly
-def convert(checkpoint_dir, output_dir, as_json, overwrite, workers, verify, crc, resume, discard_partial, quiet,
-            progress, **option_values):
+def convert(checkpoint_dir, output_dir, as_json, overwrite, overwrite_any, workers, verify, crc, resume,
+            discard_partial, quiet, progress, **option_values):
     """Convert CHECKPOINT_DIR (a DCP folder) into OUTPUT_DIR (safetensors shards).
 
     CHECKPOINT_DIR may also be a run folder holding one DCP folder with model weights (accelerate's state/, a
@@ -229,11 +233,14 @@ def convert(checkpoint_dir, output_dir, as_json, overwrite, workers, verify, crc
     reporter: Reporter = TqdmReporter() if progress else CollectingReporter()
     try:
         report = api.convert(checkpoint_dir, output_dir, options, overwrite=overwrite, reporter=reporter,
-                             workers=workers, verify=verify, crc=crc, resume=resume, discard_partial=discard_partial)
+                             workers=workers, verify=verify, crc=crc, resume=resume, discard_partial=discard_partial,
+                             overwrite_any=overwrite_any)
     finally:
         reporter.close()
     if as_json:
         click.echo(json.dumps(dict(report.to_dict(), error=None, exit_code=0), indent=2))
+    elif not quiet and report.already_converted:
+        click.echo(f"already converted: {report.output} holds this checkpoint's output; nothing was written")
     elif not quiet:
         skipped = ", ".join(f"{n} {why}" for why, n in report.skipped.items()) or "nothing"
         cast = ", ".join(f"{n} {k}" for k, n in report.cast.items()) or "none"
@@ -345,8 +352,11 @@ def verify(checkpoint_dir, output_dir, as_json, crc, quiet, **option_values):
 @click.option("--verify", is_flag=True, help="Check every output before committing it, as convert --verify does.")
 @click.option("--crc/--no-crc", default=None, help="Check each chunk's CRC-32 as it is read (as for convert).")
 @click.option("--overwrite", is_flag=True,
-              help="Replace outputs that exist; without it a complete output that matches its plan is skipped and "
-                   "any other non-empty output fails its checkpoint.")
+              help="Replace outputs that hold a streamconv output of other weights or options; without it an output "
+                   "already converted from the same checkpoint content with the same plan is skipped and any other "
+                   "non-empty output fails its checkpoint.")
+@click.option("--overwrite-any", is_flag=True,
+              help="Replace outputs whatever they hold (folders streamconv did not write: their files are lost).")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Write each checkpoint's shards as Ray tasks (pip install 'streamconv[ray]'): --ray alone starts "
                    "a local cluster, --ray ADDRESS joins one (e.g. ray://head:10001 or head:6379). Workers must see "
@@ -357,7 +367,7 @@ def verify(checkpoint_dir, output_dir, as_json, crc, quiet, **option_values):
                    "--quiet.")
 @_fail_cleanly
 def batch(sources, output_template, from_file, as_json, jobs, max_memory, workers, verify, crc, overwrite,
-          ray_address, quiet, progress, **option_values):
+          overwrite_any, ray_address, quiet, progress, **option_values):
     """Convert many checkpoints: SOURCES are folders or globs (quote them: 'runs/*/checkpoint-*').
 
     Each checkpoint is planned first (from .metadata), then converted as `convert --resume` would, in a process
@@ -374,7 +384,8 @@ def batch(sources, output_template, from_file, as_json, jobs, max_memory, worker
     try:
         report = batching.convert_many(sources, output_template, options, from_file=from_file, jobs=jobs,
                                        max_memory=max_memory, workers=workers, crc=crc, verify=verify,
-                                       overwrite=overwrite, reporter=reporter, ray=ray_address)
+                                       overwrite=overwrite, reporter=reporter, ray=ray_address,
+                                       overwrite_any=overwrite_any)
     finally:
         reporter.close()
     failed = report.failed

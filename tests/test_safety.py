@@ -176,7 +176,7 @@ def test_overwrite_replaces_the_old_output_in_one_step(source, tmp_path, exchang
     out.mkdir()
     (out / "old.txt").write_text("old")
     env = {} if exchange else {fastpaths.ENV: "renameat2"}
-    result = convert(source, out, "--overwrite", env=env)
+    result = convert(source, out, "--overwrite-any", env=env)
     assert result.returncode == 0, result.stderr
     assert tree_bytes(out) == source["expected"] and hidden(out) == []
 
@@ -195,7 +195,7 @@ def test_overwrite_fallback_puts_the_old_output_back_when_the_swap_fails(source,
 
     monkeypatch.setattr(staging.os, "rename", failing_rename)
     with pytest.raises(OutputError, match="cannot move the finished output into place"):
-        streamconv.convert(str(source["ckpt"]), str(out), max_shard_size=SHARD, overwrite=True)
+        streamconv.convert(str(source["ckpt"]), str(out), max_shard_size=SHARD, overwrite_any=True)
     assert tree_bytes(out) == {"old.txt": b"old"} and hidden(out) == []
 
 
@@ -203,14 +203,14 @@ def test_kill_between_the_two_fallback_renames_keeps_the_old_output(source, tmp_
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    killed = convert(source, out, "--overwrite",
+    killed = convert(source, out, "--overwrite-any",
                      env={fastpaths.ENV: "renameat2", staging.KILL_ENV: "between-swap-renames"})
     assert killed.returncode == -signal.SIGKILL
     assert not out.exists() and (tmp_path / ".out.streamconv-old" / "old.txt").read_text() == "old"
     # The next run puts the old output back first (and, without --overwrite, stops there).
     again = convert(source, out)
     assert again.returncode == 73 and "not empty" in again.stderr and tree_bytes(out) == {"old.txt": b"old"}
-    resumed = convert(source, out, "--overwrite", "--resume")
+    resumed = convert(source, out, "--overwrite-any", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert tree_bytes(out) == source["expected"] and hidden(out) == []
 

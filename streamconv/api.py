@@ -515,15 +515,26 @@ def verify(checkpoint_dir: str, output_dir: str, options: Optional[Options] = No
     `verify.CorruptSourceError` (exit 2), both carrying the `VerifyResult`; returns it when all is well."""
     reporter = reporter or Reporter()
     started = time.perf_counter()
+    found = record.read(output_dir)     # a damaged or planted record: RecordError, exit 3
+    checked: list = []
+    if found is not None:
+        options, kwargs, config_from, allow_unmatched, no_config = provenance.options_from_record(
+            found, options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched, no_config=no_config)
+        checked.append(f"options from {record.RECORD_FILE}: " + (provenance.describe_options(found) or "defaults"))
     checkpoint_dir, reader, meta, setup, notes = _prepare(
         checkpoint_dir, options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched,
         no_config=no_config, fast=fastpaths.detect())
     with reader:
-        for note in notes:
-            reporter.note(note)
         conversion = _checked_plan(meta, setup.options, checkpoint_dir)
         with_heads, heads = _with_tied_heads(meta, setup, conversion)
+        before = provenance.snapshot(checkpoint_dir, provenance.source_files(checkpoint_dir, meta))
         stored = locate_chunks(with_heads, reader)
+        if found is not None:
+            checked += provenance.check_record(found, output_dir, checkpoint_dir,
+                                               provenance.source_fingerprint(checkpoint_dir, meta, stored, before))
+        else:
+            checked.append(f"{output_dir} has no {record.RECORD_FILE} (made before records, or not by streamconv): "
+                           "checked with the options given; pass the naming and dtype options convert used")
         integrity = ChunkIntegrity(reader, stored) if crc else None
         reporter.start(conversion.total_bytes + sum(t.nbytes for t in heads.values()), "verifying")
         result = verifying.verify_output(conversion, reader, stored, output_dir, checkpoint=checkpoint_dir,
@@ -532,6 +543,7 @@ def verify(checkpoint_dir: str, output_dir: str, options: Optional[Options] = No
                                          tied_heads=[(heads[p.head], p.embedding) for p in setup.tied])
         reporter.close()
     result.checkpoint = os.path.abspath(checkpoint_dir)
+    result.checked = checked
     result.seconds = time.perf_counter() - started
     result.peak_rss_bytes = peak_rss_bytes()
     verifying.raise_if_failed(result)

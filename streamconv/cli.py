@@ -160,9 +160,9 @@ def _click_option(f) -> "click.Option":
     return click.option(m["flag"], f.name, **{k: v for k, v in kwargs.items() if v is not None})
 
 
-def _plan_options(fn):
+def _plan_options(fn, skip=()):
     """Options shared by `convert`, `plan`, `verify` and `batch`: the fields of `ConvertOptions`, then --json."""
-    decorators = [_click_option(f) for f in dataclasses.fields(ConvertOptions)]
+    decorators = [_click_option(f) for f in dataclasses.fields(ConvertOptions) if f.name not in skip]
     decorators.append(click.option("--json", "as_json", is_flag=True,
                                    help="Print a machine-readable JSON report on stdout."))
     for d in reversed(decorators):
@@ -286,7 +286,7 @@ def plan(checkpoint_dir, as_json, **option_values):
 @cli.command()
 @click.argument("checkpoint_dir", type=click.Path(file_okay=False))
 @click.argument("output_dir", type=click.Path(file_okay=False))
-@_plan_options
+@functools.partial(_plan_options, skip=("max_shard_size",))    # tensors are found by name: sizes do not matter
 @click.option("--crc/--no-crc", default=True, show_default=True,
               help="Check every read chunk's CRC-32, as recorded by torch.save in its .distcp file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only problems.")
@@ -294,8 +294,11 @@ def plan(checkpoint_dir, as_json, **option_values):
 def verify(checkpoint_dir, output_dir, as_json, crc, quiet, **option_values):
     """Check OUTPUT_DIR (a converted folder) against CHECKPOINT_DIR without converting again.
 
-    Pass the naming and dtype options the conversion used (--dtype, --rename, --include/--exclude, --subtree,
-    --config-from); tensors are found by name, so --max-shard-size does not matter. Streams both sides with
+    An output with a record (streamconv.json, written by every conversion) needs no options: verify takes the
+    ones it was made with from the record (an option given that contradicts it is an error, exit 64), checks that
+    it was made from this checkpoint's content, and that every file the record lists (config, tokenizer, index)
+    is there with its size and CRC-32. For an output without a record, pass the naming and dtype options the
+    conversion used (--dtype, --rename, --include/--exclude, --subtree, --config-from). Streams both sides with
     --buffer-size of memory. Checks the index (every weight once, every file present, total_size), that every
     shard's header loads with the safetensors library, that no shard holds a tensor the index does not list,
     and every tensor's dtype, shape and bytes; reports missing, extra and differing tensors (name and first
@@ -332,6 +335,8 @@ def verify(checkpoint_dir, output_dir, as_json, crc, quiet, **option_values):
         click.echo(f"ok: {result.tensors_equal} tensors in {len(result.files)} file(s) of {result.output} match "
                    f"{result.checkpoint}\n  {format_size(result.bytes_compared)} compared in {result.seconds:.2f} s, "
                    f"peak RSS {format_size(result.peak_rss_bytes)}{crc_text}")
+        for line in result.checked:
+            click.echo(f"  {line}")
 
 
 @cli.command()

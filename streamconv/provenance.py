@@ -315,3 +315,94 @@ def write_record(staging_dir: str, shard_names: Iterable[str], other_names: Iter
         from .staging import write_failed
         raise OutputError(write_failed(path, exc)) from None
     return record.RECORD_FILE
+
+
+# -- verify: the record's options and files -------------------------------------------------------------------
+
+# Working memory only: verify may use its own, whatever the conversion used.
+_FREE_OPTIONS = ("buffer_size",)
+
+
+def options_from_record(found: record.OutputRecord, options, kwargs: Mapping[str, object], **config):
+    """(options, kwargs, config_from, allow_unmatched, no_config) for `api.verify` from an output's record: the
+    options the output was made with; any given option that contradicts them is an error naming both."""
+    from dataclasses import fields
+    from .options import ConvertOptions
+    defaults = {f.name: f.default for f in fields(ConvertOptions)}
+    given = dict(kwargs)
+    if isinstance(options, ConvertOptions):
+        given.update({k: v for k, v in options.__dict__.items() if v != defaults[k]})
+    elif options is not None:
+        raise OptionsError(f"{record.RECORD_FILE} holds the options this output was made with; pass no planner "
+                           "options object to verify it")
+    given.update({k: v for k, v in config.items() if v != defaults[k]})
+    check_record_options(found, {k: v for k, v in given.items() if k not in _FREE_OPTIONS}, defaults)
+    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in found.options.items() if k in defaults}
+    values.update({k: given[k] for k in _FREE_OPTIONS if k in given})
+    try:
+        recorded = ConvertOptions(**values)
+    except (TypeError, OptionsError) as exc:
+        raise record.RecordError(f"{record.RECORD_FILE}: its options cannot be used ({str(exc)[:200]}); "
+                                 "verify with the options convert used and no record, or convert again") from None
+    return recorded, {}, None, False, False
+
+
+def describe_options(found: record.OutputRecord) -> str:
+    from dataclasses import fields
+    from .options import ConvertOptions
+    defaults = {f.name: f.default for f in fields(ConvertOptions)}
+    shown = []
+    for name, value in found.options.items():
+        if name in ("max_shard_size", "buffer_size") or value in (defaults.get(name), [], None, False):
+            continue
+        shown.append(f"{name}={value}")
+    return ", ".join(shown)
+
+
+def check_record(found: record.OutputRecord, output_dir: str, checkpoint_dir: str, source_fp: str) -> List[str]:
+    """What `verify` proves from the record beyond the tensors: the output was made from this checkpoint's
+    content (raises when a CRC-based fingerprint differs), and every file the record lists is there with its
+    size; files other than shards (config, tokenizer, index) with their CRC-32 too. A shard's bytes are compared
+    tensor by tensor with the checkpoint, and its header checked, by the rest of verify. Returns the lines saying
+    what was checked; raises OutputDiffersError (exit 3) naming each file that is not as recorded."""
+    from .verification import OutputDiffersError, VerifyResult
+    result = VerifyResult(checkpoint=os.path.abspath(checkpoint_dir), output=os.path.abspath(output_dir))
+    lines = []
+    if found.source_fingerprint == source_fp:
+        lines.append("source fingerprint: the output was made from this checkpoint's content"
+                     + (" (sizes and modification times only: its writer recorded no CRC-32s)"
+                        if source_fp.startswith(STAT_SCHEME) else ""))
+    elif source_fp.startswith(CONTENT_SCHEME) or found.source_fingerprint.startswith(CONTENT_SCHEME):
+        result.file_problems.append({"file": record.RECORD_FILE, "problem": (
+            f"this output was made from other weights: its record's source fingerprint "
+            f"{found.source_fingerprint[:40]} (made from {found.source_path[:300]}) is not this checkpoint's "
+            f"{source_fp[:40]}; verify it against the checkpoint it was made from, or convert this one")})
+    else:
+        lines.append("source fingerprint differs (sizes or modification times: a copy of the checkpoint?); "
+                     "the tensors' bytes decide")
+    for name, entry in sorted(found.files.items()):
+        path = os.path.join(output_dir, name)
+        try:
+            st = os.lstat(path)
+        except (OSError, ValueError):
+            result.file_problems.append({"file": name, "problem": "missing: the record lists it (deleted or "
+                                         "renamed after the conversion)"})
+            continue
+        if st.st_size != entry.nbytes:
+            result.file_problems.append({"file": name, "problem": f"{st.st_size} bytes, the record says "
+                                         f"{entry.nbytes} (truncated or replaced after the conversion)"})
+        elif not name.endswith(".safetensors"):
+            try:
+                crc = _file_crc32(path)
+            except (OutputError, OSError) as exc:
+                result.file_problems.append({"file": name, "problem": f"cannot read: {str(exc)[:200]}"})
+                continue
+            if crc != entry.crc32:
+                result.file_problems.append({"file": name, "problem": f"CRC-32 {crc:08x}, the record says "
+                                             f"{entry.crc32:08x} (edited after the conversion)"})
+    if result.file_problems:
+        raise OutputDiffersError(f"{output_dir} is not the output its record describes: {result.summary()}", result)
+    others = [n for n in found.files if not n.endswith(".safetensors")]
+    lines.append(f"{len(found.files)} file(s) of the record present with their sizes"
+                 + (f"; {', '.join(sorted(others)[:6])} with their CRC-32s" if others else ""))
+    return lines

@@ -246,9 +246,10 @@ def test_every_file_and_folder_is_fsynced_before_and_after_the_rename(source, tm
     for name in shards:   # each shard fsynced before its resume record
         assert events.index(("fsync", f"{stage}/{name}")) < events.index(("record", name + ".json")) < rename_at
     assert events.index(("fsync", f"{stage}/model.safetensors.index.json")) < rename_at
+    assert events.index(("fsync", f"{stage}/streamconv.json")) < rename_at   # the output's record
     assert events.index(("fsync", stage)) < rename_at                       # the folder's entries
     assert events.index(("fsync", str(tmp_path))) > rename_at               # the rename itself
-    assert len(synced) == len(shards) + 3
+    assert len(synced) == len(shards) + 4
 
 
 # -- 4. resume after a kill ----------------------------------------------------------------------------------

@@ -40,11 +40,13 @@ def saves(demo_checkpoint, tmp_path_factory):
 
 
 def data_files(ckpt: Path):
-    return sorted(p.name for p in ckpt.iterdir() if p.name.endswith((".distcp", ".metadata")))
+    return sorted(p.name for p in ckpt.iterdir() if p.name.endswith(".distcp"))
 
 
 def resave_keeping_stat(ckpt: Path, new: Path) -> None:
-    """The checkpoint re-saved in place, restored with `cp -p`: new bytes, the old sizes and mtimes."""
+    """The checkpoint re-saved in place, restored with `cp -p`: new weights, the old sizes and mtimes. Only the
+    .distcp files are taken: the other save's `.metadata` names its own folder, and a save in place has the
+    same `.metadata` (same layout, same folder)."""
     for name in data_files(ckpt):
         st = os.stat(ckpt / name)
         assert os.path.getsize(new / name) == st.st_size

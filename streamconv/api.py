@@ -530,7 +530,7 @@ def verify(checkpoint_dir: str, output_dir: str, options: Optional[Options] = No
         before = provenance.snapshot(checkpoint_dir, provenance.source_files(checkpoint_dir, meta))
         stored = locate_chunks(with_heads, reader)
         if found is not None:
-            checked += provenance.check_record(found, output_dir, checkpoint_dir,
+            checked += provenance.check_source(found, output_dir, checkpoint_dir,
                                                provenance.source_fingerprint(checkpoint_dir, meta, stored, before))
         else:
             checked.append(f"{output_dir} has no {record.RECORD_FILE} (made before records, or not by streamconv): "
@@ -543,6 +543,8 @@ def verify(checkpoint_dir: str, output_dir: str, options: Optional[Options] = No
                                          tied_heads=[(heads[p.head], p.embedding) for p in setup.tied])
         reporter.close()
     result.checkpoint = os.path.abspath(checkpoint_dir)
+    if found is not None:
+        checked += provenance.check_record_files(found, output_dir, result)
     result.checked = checked
     result.seconds = time.perf_counter() - started
     result.peak_rss_bytes = peak_rss_bytes()

@@ -143,10 +143,10 @@ def _stdout_to_devnull() -> None:
     os.close(devnull)
 
 
-def _click_option(f) -> "click.Option":
+def _click_option(f, hidden: bool = False) -> "click.Option":
     """One click option from a `ConvertOptions` field's metadata (flag, help, how it parses)."""
     m = f.metadata
-    kwargs = dict(help=m["help"], metavar=m["metavar"], show_default=m["show_default"])
+    kwargs = dict(help=m["help"], metavar=m["metavar"], show_default=m["show_default"], hidden=hidden or None)
     if m["is_flag"]:
         kwargs.update(is_flag=True)
     elif m["multiple"]:
@@ -160,9 +160,10 @@ def _click_option(f) -> "click.Option":
     return click.option(m["flag"], f.name, **{k: v for k, v in kwargs.items() if v is not None})
 
 
-def _plan_options(fn, skip=()):
-    """Options shared by `convert`, `plan`, `verify` and `batch`: the fields of `ConvertOptions`, then --json."""
-    decorators = [_click_option(f) for f in dataclasses.fields(ConvertOptions) if f.name not in skip]
+def _plan_options(fn, hide=()):
+    """Options shared by `convert`, `plan`, `verify` and `batch`: the fields of `ConvertOptions`, then --json.
+    `hide`: accepted (scripts pass them) but not listed in --help, where they do not apply."""
+    decorators = [_click_option(f, f.name in hide) for f in dataclasses.fields(ConvertOptions)]
     decorators.append(click.option("--json", "as_json", is_flag=True,
                                    help="Print a machine-readable JSON report on stdout."))
     for d in reversed(decorators):
@@ -286,7 +287,7 @@ def plan(checkpoint_dir, as_json, **option_values):
 @cli.command()
 @click.argument("checkpoint_dir", type=click.Path(file_okay=False))
 @click.argument("output_dir", type=click.Path(file_okay=False))
-@functools.partial(_plan_options, skip=("max_shard_size",))    # tensors are found by name: sizes do not matter
+@functools.partial(_plan_options, hide=("max_shard_size",))    # tensors are found by name: sizes do not matter
 @click.option("--crc/--no-crc", default=True, show_default=True,
               help="Check every read chunk's CRC-32, as recorded by torch.save in its .distcp file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only problems.")

@@ -245,6 +245,11 @@ def check_record_options(found: record.OutputRecord, given: Mapping[str, object]
         if name not in found.options or value == defaults.get(name):
             continue
         recorded = found.options[name]
+        if name == "dtype" and isinstance(value, str):
+            from .dtypes import parse_output_dtype
+            value = parse_output_dtype(value)       # bf16 and bfloat16 are one choice
+        if name == "config_from" and isinstance(value, str):
+            value = os.path.abspath(value)
         if (list(value) if isinstance(value, tuple) else value) != recorded:
             clash.append(f"{name}: given {value!r}, recorded {recorded!r}")
     if clash:
@@ -321,6 +326,8 @@ def write_record(staging_dir: str, shard_names: Iterable[str], other_names: Iter
 
 # Working memory only: verify may use its own, whatever the conversion used.
 _FREE_OPTIONS = ("buffer_size",)
+# Verify finds tensors by name: how the output was split into files does not matter (accepted, not compared).
+_IGNORED_OPTIONS = ("max_shard_size",)
 
 
 def options_from_record(found: record.OutputRecord, options, kwargs: Mapping[str, object], **config):
@@ -336,7 +343,8 @@ def options_from_record(found: record.OutputRecord, options, kwargs: Mapping[str
         raise OptionsError(f"{record.RECORD_FILE} holds the options this output was made with; pass no planner "
                            "options object to verify it")
     given.update({k: v for k, v in config.items() if v != defaults[k]})
-    check_record_options(found, {k: v for k, v in given.items() if k not in _FREE_OPTIONS}, defaults)
+    check_record_options(found, {k: v for k, v in given.items() if k not in _FREE_OPTIONS + _IGNORED_OPTIONS},
+                         defaults)
     values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in found.options.items() if k in defaults}
     values.update({k: given[k] for k in _FREE_OPTIONS if k in given})
     try:
@@ -359,50 +367,56 @@ def describe_options(found: record.OutputRecord) -> str:
     return ", ".join(shown)
 
 
-def check_record(found: record.OutputRecord, output_dir: str, checkpoint_dir: str, source_fp: str) -> List[str]:
-    """What `verify` proves from the record beyond the tensors: the output was made from this checkpoint's
-    content (raises when a CRC-based fingerprint differs), and every file the record lists is there with its
-    size; files other than shards (config, tokenizer, index) with their CRC-32 too. A shard's bytes are compared
-    tensor by tensor with the checkpoint, and its header checked, by the rest of verify. Returns the lines saying
-    what was checked; raises OutputDiffersError (exit 3) naming each file that is not as recorded."""
+def check_source(found: record.OutputRecord, output_dir: str, checkpoint_dir: str, source_fp: str) -> List[str]:
+    """Before verify compares any tensor: the output was made from this checkpoint's content. A CRC-based
+    fingerprint that differs raises OutputDiffersError (exit 3); one made of sizes and mtimes only cannot tell
+    a copy from a re-save, so the tensors' bytes decide. Returns the line saying what was checked."""
     from .verification import OutputDiffersError, VerifyResult
-    result = VerifyResult(checkpoint=os.path.abspath(checkpoint_dir), output=os.path.abspath(output_dir))
-    lines = []
     if found.source_fingerprint == source_fp:
-        lines.append("source fingerprint: the output was made from this checkpoint's content"
-                     + (" (sizes and modification times only: its writer recorded no CRC-32s)"
-                        if source_fp.startswith(STAT_SCHEME) else ""))
-    elif source_fp.startswith(CONTENT_SCHEME) or found.source_fingerprint.startswith(CONTENT_SCHEME):
-        result.file_problems.append({"file": record.RECORD_FILE, "problem": (
-            f"this output was made from other weights: its record's source fingerprint "
-            f"{found.source_fingerprint[:40]} (made from {found.source_path[:300]}) is not this checkpoint's "
-            f"{source_fp[:40]}; verify it against the checkpoint it was made from, or convert this one")})
-    else:
-        lines.append("source fingerprint differs (sizes or modification times: a copy of the checkpoint?); "
-                     "the tensors' bytes decide")
+        return ["source fingerprint: the output was made from this checkpoint's content"
+                + (" (sizes and modification times only: its writer recorded no CRC-32s)"
+                   if source_fp.startswith(STAT_SCHEME) else "")]
+    if source_fp.startswith(STAT_SCHEME) and found.source_fingerprint.startswith(STAT_SCHEME):
+        return ["source fingerprint differs (only sizes and modification times: a copy of the checkpoint?); "
+                "the tensors' bytes decide"]
+    result = VerifyResult(checkpoint=os.path.abspath(checkpoint_dir), output=os.path.abspath(output_dir))
+    result.file_problems.append({"file": record.RECORD_FILE, "problem": (
+        f"this output was made from other weights: its record's source fingerprint {found.source_fingerprint[:40]}"
+        f" (made from {found.source_path[:300]}) is not this checkpoint's {source_fp[:40]}; verify it against "
+        "the checkpoint it was made from, or convert this one")})
+    raise OutputDiffersError(f"{output_dir}: {result.summary()}", result)
+
+
+def check_record_files(found: record.OutputRecord, output_dir: str, result) -> List[str]:
+    """Every file the record lists is there with its size, and every file but the shards and the index (which
+    verify checks itself, tensor by tensor and entry by entry) with its CRC-32: a truncated, deleted or edited
+    config.json is found. Problems go into `result.file_problems` (files verify already blamed are skipped);
+    returns the line saying what was checked."""
+    from .plan import INDEX_FILE_NAME
+    blamed = {p["file"] for p in result.file_problems}
+    crc_checked = []
     for name, entry in sorted(found.files.items()):
-        path = os.path.join(output_dir, name)
-        try:
-            st = os.lstat(path)
-        except (OSError, ValueError):
-            result.file_problems.append({"file": name, "problem": "missing: the record lists it (deleted or "
-                                         "renamed after the conversion)"})
+        if name in blamed:
             continue
-        if st.st_size != entry.nbytes:
-            result.file_problems.append({"file": name, "problem": f"{st.st_size} bytes, the record says "
-                                         f"{entry.nbytes} (truncated or replaced after the conversion)"})
-        elif not name.endswith(".safetensors"):
+        path = os.path.join(output_dir, name)
+        problem = None
+        try:
+            size = os.lstat(path).st_size
+        except (OSError, ValueError):
+            size = None
+        if size is None:
+            problem = "missing: the record lists it (deleted or renamed after the conversion)"
+        elif size != entry.nbytes:
+            problem = f"{size} bytes, the record says {entry.nbytes} (truncated or replaced after the conversion)"
+        elif not name.endswith(".safetensors") and name != INDEX_FILE_NAME:
             try:
                 crc = _file_crc32(path)
             except (OutputError, OSError) as exc:
-                result.file_problems.append({"file": name, "problem": f"cannot read: {str(exc)[:200]}"})
-                continue
-            if crc != entry.crc32:
-                result.file_problems.append({"file": name, "problem": f"CRC-32 {crc:08x}, the record says "
-                                             f"{entry.crc32:08x} (edited after the conversion)"})
-    if result.file_problems:
-        raise OutputDiffersError(f"{output_dir} is not the output its record describes: {result.summary()}", result)
-    others = [n for n in found.files if not n.endswith(".safetensors")]
-    lines.append(f"{len(found.files)} file(s) of the record present with their sizes"
-                 + (f"; {', '.join(sorted(others)[:6])} with their CRC-32s" if others else ""))
-    return lines
+                crc, problem = None, f"cannot read: {str(exc)[:200]}"
+            if crc is not None and crc != entry.crc32:
+                problem = f"CRC-32 {crc:08x}, the record says {entry.crc32:08x} (edited after the conversion)"
+            crc_checked.append(name)
+        if problem:
+            result.file_problems.append({"file": name, "problem": problem})
+    return [f"{len(found.files)} file(s) of {record.RECORD_FILE} present with their sizes"
+            + (f"; {', '.join(crc_checked[:6])} with their CRC-32s" if crc_checked else "")]

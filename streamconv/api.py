@@ -259,7 +259,6 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
     """
     reporter = reporter or Reporter()
     started = time.perf_counter()
-    started_ns = time.time_ns()
     given = options     # (`options` becomes the resolved planner view below)
     fast = fastpaths.detect()       # fast IO paths are chosen once, here, and passed down (fastpaths.py)
     checkpoint_dir, reader, meta, setup, notes = _prepare(
@@ -272,7 +271,6 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
         folders, files = protected_paths(reader, meta, setup.config.folder if setup.config else None)
         check_destination(output_dir, folders, files)       # before anything is written
         before = provenance.snapshot(checkpoint_dir, provenance.source_files(checkpoint_dir, meta))
-        provenance.check_not_written_since(checkpoint_dir, before, started_ns)
         stored = locate_chunks(with_heads, reader)
         source_fp = provenance.source_fingerprint(checkpoint_dir, meta, stored, before)
         resume_record = plan_record(conversion, checkpoint_dir, meta, source_fp)

@@ -101,14 +101,6 @@ def check_unchanged(checkpoint_dir: str, before: StatSnapshot) -> None:
         raise changed_error(checkpoint_dir, name)
 
 
-def check_not_written_since(checkpoint_dir: str, before: StatSnapshot, started_ns: int) -> None:
-    """The snapshot is taken after `.metadata` was read: a file whose ctime is later than the run's start
-    was written while we read it (the kernel's coarse clock never stamps a time after the real one)."""
-    for name, entry in sorted(before.items()):
-        if entry is not None and entry[2] > started_ns:
-            raise changed_error(checkpoint_dir, name)
-
-
 def raise_if_changed(checkpoint_dir: str, before: StatSnapshot, exc: BaseException) -> None:
     """A failure (a CRC-32 mismatch, a short read) while a source file changed is reported as the change."""
     if not isinstance(exc, SourceChangedError):
@@ -202,10 +194,16 @@ def check_existing_output(output_dir: str, source_fp: str, plan_fp: str, *, over
         found, bad_record = None, str(exc)
     if found is not None:
         same = found.source_fingerprint == source_fp and found.plan_fingerprint == plan_fp
-        if same and not (overwrite or overwrite_any) and not missing_or_resized(output_dir, found):
+        damaged = missing_or_resized(output_dir, found) if same else []
+        if same and not (overwrite or overwrite_any) and not damaged:
             return found
         if overwrite or overwrite_any:
             return None
+        if damaged:
+            raise OutputError(
+                f"{output_dir} holds this checkpoint's output, but {', '.join(damaged[:5])} "
+                f"{'is' if len(damaged) == 1 else 'are'} missing or not the size its record says; pass --overwrite "
+                "to convert it again")
         what = "from other weights" if found.source_fingerprint != source_fp else "with other options"
         raise OutputError(
             f"{output_dir} holds a streamconv output made {what} (from {found.source_path}); pass --overwrite to "

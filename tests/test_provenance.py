@@ -272,3 +272,14 @@ def test_a_retry_after_the_commit_is_already_converted(saves, tmp_path):
     assert text.returncode == 0 and "already converted" in text.stdout and "--overwrite to replace" not in text.stderr
     other_plan = run("convert", saves[0], out, "--max-shard-size", "5GB")
     assert other_plan.returncode == 73 and "other options" in other_plan.stderr
+
+
+def test_a_damaged_output_of_the_same_checkpoint_is_not_already_converted(saves, tmp_path):
+    out = tmp_path / "out"
+    assert run("convert", saves[0], out, "--max-shard-size", SHARD).returncode == 0
+    (out / "config.json").unlink()
+    again = run("convert", saves[0], out, "--max-shard-size", SHARD)
+    assert again.returncode == 73 and "config.json is missing" in again.stderr and "--overwrite" in again.stderr
+    assert "other options" not in again.stderr
+    fixed = run("convert", saves[0], out, "--max-shard-size", SHARD, "--overwrite")
+    assert fixed.returncode == 0 and (out / "config.json").is_file()

@@ -345,7 +345,7 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
                 staging.added([provenance.write_record(
                     staging.path, [s.filename for s in conversion.shards],
                     copied + ([INDEX_FILE_NAME] if index is not None else []),
-                    source_path=os.path.abspath(checkpoint_dir), source_fp=source_fp, plan_fp=resume_record["plan"],
+                    source_fp=source_fp, plan_fp=resume_record["plan"],
                     options=_recorded_options(given, kwargs, config_from, allow_unmatched, no_config, setup),
                     version=_version())])
                 kill_point("before-source-recheck")

@@ -206,7 +206,7 @@ def check_existing_output(output_dir: str, source_fp: str, plan_fp: str, *, over
                 "to convert it again")
         what = "from other weights" if found.source_fingerprint != source_fp else "with other options"
         raise OutputError(
-            f"{output_dir} holds a streamconv output made {what} (from {found.source_path}); pass --overwrite to "
+            f"{output_dir} holds a streamconv output made {what} than this checkpoint's; pass --overwrite to "
             "replace it, or choose another output folder")
     if overwrite_any:
         return None
@@ -287,7 +287,7 @@ def _file_crc32(path: str) -> int:
         os.close(fd)
 
 
-def write_record(staging_dir: str, shard_names: Iterable[str], other_names: Iterable[str], *, source_path: str,
+def write_record(staging_dir: str, shard_names: Iterable[str], other_names: Iterable[str], *,
                  source_fp: str, plan_fp: str, options: Mapping[str, object], version: str) -> str:
     """Write `streamconv.json` into the staging folder, listing every shard (CRC-32 from the ledger) and every
     other file (CRC-32 of its bytes). Returns the record's file name, for the caller to fsync with the rest."""
@@ -299,7 +299,7 @@ def write_record(staging_dir: str, shard_names: Iterable[str], other_names: Iter
         path = os.path.join(staging_dir, name)
         files[name] = record.FileEntry(os.path.getsize(path), _file_crc32(path))
     data = record.encode(record.OutputRecord(
-        streamconv_version=version, source_path=source_path, source_fingerprint=source_fp, plan_fingerprint=plan_fp,
+        streamconv_version=version, source_fingerprint=source_fp, plan_fingerprint=plan_fp,
         options=record.options_json(options), files=files))
     path = os.path.join(staging_dir, record.RECORD_FILE)
     try:
@@ -380,7 +380,7 @@ def check_source(found: record.OutputRecord, output_dir: str, checkpoint_dir: st
     result = VerifyResult(checkpoint=os.path.abspath(checkpoint_dir), output=os.path.abspath(output_dir))
     result.file_problems.append({"file": record.RECORD_FILE, "problem": (
         f"this output was made from other weights: its record's source fingerprint {found.source_fingerprint[:40]}"
-        f" (made from {found.source_path[:300]}) is not this checkpoint's {source_fp[:40]}; verify it against "
+        f" is not this checkpoint's {source_fp[:40]}; verify it against "
         "the checkpoint it was made from, or convert this one")})
     raise OutputDiffersError(f"{output_dir}: {result.summary()}", result)
 

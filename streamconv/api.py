@@ -9,12 +9,11 @@ import json
 import os
 import shutil
 import time
-import zlib
 from dataclasses import replace
 from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
 
 from . import discover, dtypes, fastpaths, hf, names, provenance, record
-from .errors import OptionsError, OutputError, StreamconvError
+from .errors import OptionsError, OutputError
 from .executor import Executor, check_stored
 from .io import DirectoryReader, RangeReader
 from .options import ConvertOptions, resolve as resolve_options
@@ -280,85 +279,82 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
             return _already_converted(checkpoint_dir, output_dir, conversion, options, notes, started)
         fingerprints = {s.filename: shard_fingerprint(s) for s in conversion.shards}
         run_notes = [n for n in [provenance.fingerprint_note(source_fp)] if n]
-        try:
-            with StagingDir(output_dir, plan_record=resume_record, overwrite=overwrite or overwrite_any,
-                            resume=resume, discard_partial=discard_partial, fast=fast) as staging:
-                first_file = _first_data_file(with_heads)
-                if first_file is not None:      # (no chunk at all: nothing is copied)
-                    fast = fastpaths.probe_copy(fast, reader.path(first_file), staging.path)
-                kept = [s for s in conversion.shards if staging.kept_shard(s.filename, s.nbytes, fingerprints[s.filename])]
-                if staging.resumed:
-                    run_notes.append(f"resumed: kept {len(kept)} of {len(conversion.shards)} finished shard(s) "
-                                     f"({format_size(sum(s.nbytes for s in kept))}), wrote the rest")
-                    reporter.note(run_notes[-1])
-                kept_names = {s.filename for s in kept}
-                to_write = [s for s in conversion.shards if s.filename not in kept_names]
-                check_free_space(output_dir, output_nbytes(conversion, setup.config.folder if setup.config else None,
-                                                           setup.sidecar_files) - sum(s.nbytes for s in kept))
-                reporter.start(conversion.total_bytes * (2 if verify else 1) + sum(t.nbytes for t in heads.values()),
-                               "converting")
-                reporter.advance(sum(s.data_nbytes for s in kept))
-                check_crc = crc if crc is not None else verify or DEFAULT_CRC
-                # while_decoding: zstd chunks are summed as the copy decodes them (any failure discards the output)
-                integrity = ChunkIntegrity(reader, stored, while_decoding=True) if check_crc else None
-                if meta.flavor:
-                    run_notes.append(f"source: {meta.flavor}")
-                kill_point("before-first-shard")
-                if shard_runner is None:
-                    write_shards(to_write, reader, stored, staging.file, buffer_bytes=options.buffer_bytes,
-                                 workers=workers, progress=reporter.advance, integrity=integrity, fast=fast,
-                                 on_shard_done=lambda s, crc: staging.shard_done(s.filename, s.nbytes,
-                                                                                 fingerprints[s.filename], crc))
-                else:
-                    job = ShardJob(checkpoint_dir=os.path.abspath(checkpoint_dir), staging_dir=staging.path,
-                                   plan=conversion, plan_fingerprint=resume_record["plan"],
-                                   checkpoint_files=resume_record["checkpoint"],
-                                   shard_fingerprints=fingerprints, crc=check_crc)
-                    shard_runner(job, [s.filename for s in to_write], reporter.advance)
-                    for s in to_write:      # the workers' records, and each file's size (its bytes: --verify)
-                        if not staging.shard_recorded(s.filename, s.nbytes, fingerprints[s.filename], check_crc=False):
-                            raise OutputError(f"{staging.file(s.filename)}: the worker writing it reported success but "
-                                              "no finished record or the wrong size is there; nothing was committed")
-                if setup.tied:
-                    checker = Executor(reader, stored, options.buffer_bytes, progress=reporter.advance,
-                                       integrity=integrity)
-                    shard_of = {t.name: s.filename for s in conversion.shards for t in s.tensors}
-                    by_name = {t.name: t for t in conversion.tensors}
-                    for pair in setup.tied:
-                        hf.tied.verify_tied(checker, heads[pair.head], by_name[pair.embedding],
-                                            staging.file(shard_of[pair.embedding]), config_path=setup.config.folder)
-                copied = []
-                if setup.config is not None:
-                    copied = hf.sidecars.copy_sidecars(setup.config, setup.sidecar_files, staging.path,
-                                                       hf.config_dtype(conversion))
-                    staging.added(copied)
-                index = conversion.index()
-                if index is not None:
-                    staging.write_json(INDEX_FILE_NAME, index)   # written last: its presence means complete
-                verified_bytes = 0
-                if verify:
-                    checked = verifying.verify_output(conversion, reader, stored, staging.path,
-                                                      buffer_bytes=options.buffer_bytes, checkpoint=checkpoint_dir,
-                                                      integrity=integrity, progress=reporter.advance)
-                    verifying.raise_if_failed(checked, staged=True)
-                    verified_bytes = checked.bytes_compared
-                staging.added([provenance.write_record(
-                    staging.path, [s.filename for s in conversion.shards],
-                    copied + ([INDEX_FILE_NAME] if index is not None else []),
-                    source_fp=source_fp, plan_fp=resume_record["plan"],
-                    options=_recorded_options(given, kwargs, config_from, allow_unmatched, no_config, setup),
-                    version=_version())])
-                kill_point("before-source-recheck")
-                provenance.check_unchanged(checkpoint_dir, before)     # a trainer still writing: commit no mix
-                staging.commit()
-                reporter.close()
-                if integrity is not None and integrity.unrecorded:
-                    run_notes.append(f"CRC-32: {len(integrity.unrecorded)} chunk(s) unchecked: their writer recorded no "
-                                     "CRC-32 (safetensors blobs, or torch.save with compute_crc32=False)")
-        except StreamconvError as exc:
-            # A corrupt-looking chunk or a failed check in a file that changed meanwhile is the change's doing.
-            provenance.raise_if_changed(checkpoint_dir, before, exc)
-            raise
+        # (the watch turns a failure in a checkpoint file that changed meanwhile into "it changed")
+        with provenance.SourceWatch(checkpoint_dir, before), StagingDir(
+                output_dir, plan_record=resume_record, overwrite=overwrite or overwrite_any, resume=resume,
+                discard_partial=discard_partial, fast=fast) as staging:
+            first_file = _first_data_file(with_heads)
+            if first_file is not None:      # (no chunk at all: nothing is copied)
+                fast = fastpaths.probe_copy(fast, reader.path(first_file), staging.path)
+            kept = [s for s in conversion.shards if staging.kept_shard(s.filename, s.nbytes, fingerprints[s.filename])]
+            if staging.resumed:
+                run_notes.append(f"resumed: kept {len(kept)} of {len(conversion.shards)} finished shard(s) "
+                                 f"({format_size(sum(s.nbytes for s in kept))}), wrote the rest")
+                reporter.note(run_notes[-1])
+            kept_names = {s.filename for s in kept}
+            to_write = [s for s in conversion.shards if s.filename not in kept_names]
+            check_free_space(output_dir, output_nbytes(conversion, setup.config.folder if setup.config else None,
+                                                       setup.sidecar_files) - sum(s.nbytes for s in kept))
+            reporter.start(conversion.total_bytes * (2 if verify else 1) + sum(t.nbytes for t in heads.values()),
+                           "converting")
+            reporter.advance(sum(s.data_nbytes for s in kept))
+            check_crc = crc if crc is not None else verify or DEFAULT_CRC
+            # while_decoding: zstd chunks are summed as the copy decodes them (any failure discards the output)
+            integrity = ChunkIntegrity(reader, stored, while_decoding=True) if check_crc else None
+            if meta.flavor:
+                run_notes.append(f"source: {meta.flavor}")
+            kill_point("before-first-shard")
+            if shard_runner is None:
+                write_shards(to_write, reader, stored, staging.file, buffer_bytes=options.buffer_bytes,
+                             workers=workers, progress=reporter.advance, integrity=integrity, fast=fast,
+                             on_shard_done=lambda s, crc: staging.shard_done(s.filename, s.nbytes,
+                                                                             fingerprints[s.filename], crc))
+            else:
+                job = ShardJob(checkpoint_dir=os.path.abspath(checkpoint_dir), staging_dir=staging.path,
+                               plan=conversion, plan_fingerprint=resume_record["plan"],
+                               checkpoint_files=resume_record["checkpoint"],
+                               shard_fingerprints=fingerprints, crc=check_crc)
+                shard_runner(job, [s.filename for s in to_write], reporter.advance)
+                for s in to_write:      # the workers' records, and each file's size (its bytes: --verify)
+                    if not staging.shard_recorded(s.filename, s.nbytes, fingerprints[s.filename], check_crc=False):
+                        raise OutputError(f"{staging.file(s.filename)}: the worker writing it reported success but "
+                                          "no finished record or the wrong size is there; nothing was committed")
+            if setup.tied:
+                checker = Executor(reader, stored, options.buffer_bytes, progress=reporter.advance,
+                                   integrity=integrity)
+                shard_of = {t.name: s.filename for s in conversion.shards for t in s.tensors}
+                by_name = {t.name: t for t in conversion.tensors}
+                for pair in setup.tied:
+                    hf.tied.verify_tied(checker, heads[pair.head], by_name[pair.embedding],
+                                        staging.file(shard_of[pair.embedding]), config_path=setup.config.folder)
+            copied = []
+            if setup.config is not None:
+                copied = hf.sidecars.copy_sidecars(setup.config, setup.sidecar_files, staging.path,
+                                                   hf.config_dtype(conversion))
+                staging.added(copied)
+            index = conversion.index()
+            if index is not None:
+                staging.write_json(INDEX_FILE_NAME, index)   # written last: its presence means complete
+            verified_bytes = 0
+            if verify:
+                checked = verifying.verify_output(conversion, reader, stored, staging.path,
+                                                  buffer_bytes=options.buffer_bytes, checkpoint=checkpoint_dir,
+                                                  integrity=integrity, progress=reporter.advance)
+                verifying.raise_if_failed(checked, staged=True)
+                verified_bytes = checked.bytes_compared
+            staging.added([provenance.write_record(
+                staging.path, [s.filename for s in conversion.shards],
+                copied + ([INDEX_FILE_NAME] if index is not None else []),
+                source_fp=source_fp, plan_fp=resume_record["plan"],
+                options=_recorded_options(given, kwargs, config_from, allow_unmatched, no_config, setup),
+                version=_version())])
+            kill_point("before-source-recheck")
+            provenance.check_unchanged(checkpoint_dir, before)     # a trainer still writing: commit no mix
+            staging.commit()
+            reporter.close()
+            if integrity is not None and integrity.unrecorded:
+                run_notes.append(f"CRC-32: {len(integrity.unrecorded)} chunk(s) unchecked: their writer recorded no "
+                                 "CRC-32 (safetensors blobs, or torch.save with compute_crc32=False)")
     casts: Dict[str, int] = {}
     for t in conversion.tensors:
         if t.is_cast:

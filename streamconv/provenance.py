@@ -101,12 +101,22 @@ def check_unchanged(checkpoint_dir: str, before: StatSnapshot) -> None:
         raise changed_error(checkpoint_dir, name)
 
 
-def raise_if_changed(checkpoint_dir: str, before: StatSnapshot, exc: BaseException) -> None:
-    """A failure (a CRC-32 mismatch, a short read) while a source file changed is reported as the change."""
-    if not isinstance(exc, SourceChangedError):
-        name = changed_file(checkpoint_dir, before)
-        if name is not None:
-            raise changed_error(checkpoint_dir, name) from None
+class SourceWatch:
+    """Around a conversion: a failure (a CRC-32 mismatch, a short read, a failed --verify) while a checkpoint
+    file changed is reported as the change, not as a corrupt checkpoint to restore from a good copy."""
+
+    def __init__(self, checkpoint_dir: str, before: StatSnapshot):
+        self.checkpoint_dir, self.before = checkpoint_dir, before
+
+    def __enter__(self) -> "SourceWatch":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        from .errors import StreamconvError
+        if isinstance(exc, StreamconvError) and not isinstance(exc, SourceChangedError):
+            name = changed_file(self.checkpoint_dir, self.before)
+            if name is not None:
+                raise changed_error(self.checkpoint_dir, name) from None
 
 
 # -- the fingerprint ----------------------------------------------------------------------------------------

@@ -283,3 +283,12 @@ def test_a_damaged_output_of_the_same_checkpoint_is_not_already_converted(saves,
     assert "other options" not in again.stderr
     fixed = run("convert", saves[0], out, "--max-shard-size", SHARD, "--overwrite")
     assert fixed.returncode == 0 and (out / "config.json").is_file()
+
+
+def test_verify_finds_a_renamed_single_file_output(saves, tmp_path):
+    out = tmp_path / "out"
+    streamconv.convert(str(saves[0]), str(out))         # one file, no index
+    os.rename(out / "model.safetensors", out / "weights.safetensors")
+    result = run("verify", saves[0], out)
+    assert result.returncode == 3 and no_traceback(result)
+    assert "model.safetensors" in result.stderr and "missing" in result.stderr

@@ -8,17 +8,17 @@ from __future__ import annotations
 import json
 import os
 import time
-import zlib
 from dataclasses import replace
 from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
 
-from . import discover, dtypes, fastpaths, hf, names
+from . import discover, dtypes, fastpaths, hf, names, provenance, record
 from .destination import check_destination, check_free_space
 from .errors import CheckpointError, OptionsError, OutputError, VerificationError
 from .executor import Executor, check_stored
 from .io import DirectoryReader, RangeReader
 from .options import ConvertOptions, resolve as resolve_options
 from .model import BlobLocation, CheckpointMetadata, StoredTensor, TensorEntry
+from .provenance import Fingerprint as _Fingerprint
 from .plan import INDEX_FILE_NAME, ConversionPlan, PlanOptions, build_plan, source_format
 from .report import ConversionReport, Reporter, peak_rss_bytes
 from .parallel import write_shards
@@ -170,21 +170,6 @@ def checkpoint_files(checkpoint_dir: str, meta: CheckpointMetadata) -> Dict[str,
     return out
 
 
-class _Fingerprint:
-    """CRC-32 + Adler-32 + length of a byte stream: enough to tell two plans apart (nobody forges these), and
-    without hashlib, whose OpenSSL costs 3.5 MiB of resident memory."""
-
-    def __init__(self):
-        self.crc, self.adler, self.nbytes = 0, 1, 0
-
-    def update(self, data: bytes) -> None:
-        self.crc, self.adler = zlib.crc32(data, self.crc), zlib.adler32(data, self.adler)
-        self.nbytes += len(data)
-
-    def hexdigest(self) -> str:
-        return f"{self.crc:08x}{self.adler:08x}-{self.nbytes:x}"
-
-
 def shard_fingerprint(shard) -> str:
     """What decides a shard's bytes: its name, header, and where every tensor's bytes come from (and how)."""
     h = _Fingerprint()
@@ -197,14 +182,21 @@ def shard_fingerprint(shard) -> str:
     return h.hexdigest()
 
 
-def plan_record(conversion: ConversionPlan, checkpoint_dir: str, meta: CheckpointMetadata) -> dict:
-    """Identifies a conversion for --resume: the plan's fingerprint, the checkpoint's files, and the options
-    (shown when they differ)."""
-    o = conversion.options
+def plan_fingerprint(conversion: ConversionPlan) -> str:
+    """What decides every output file's bytes (`shard_fingerprint` of each shard)."""
     h = _Fingerprint()
     for shard in conversion.shards:
         h.update(shard_fingerprint(shard).encode("ascii"))
-    return {"plan": h.hexdigest(), "checkpoint": checkpoint_files(checkpoint_dir, meta),
+    return h.hexdigest()
+
+
+def plan_record(conversion: ConversionPlan, checkpoint_dir: str, meta: CheckpointMetadata,
+                source_fingerprint: Optional[str] = None) -> dict:
+    """Identifies a conversion for --resume: the plan's fingerprint, the checkpoint's files and content
+    (`provenance.source_fingerprint`: a re-save restored with sizes and mtimes kept is not resumed into), and
+    the options (shown when they differ)."""
+    o = conversion.options
+    return {"plan": plan_fingerprint(conversion), "checkpoint": checkpoint_files(checkpoint_dir, meta), "source": source_fingerprint,
             "options": {"--max-shard-size": o.max_shard_bytes, "--dtype": o.dtype, "--include": list(o.include),
                         "--exclude": list(o.exclude), "--rename": [f"{r.pattern}={r.replacement}" for r in o.renames],
                         "--subtree": conversion.subtree, "tied heads dropped": list(o.drop)}}
@@ -246,7 +238,8 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
             overwrite: bool = False, reporter: Optional[Reporter] = None, config_from: Optional[str] = None,
             workers: int = DEFAULT_WORKERS, verify: bool = False, crc: Optional[bool] = None,
             allow_unmatched: bool = False, no_config: bool = False, resume: bool = False,
-            discard_partial: bool = False, shard_runner=None, **kwargs) -> ConversionReport:
+            discard_partial: bool = False, shard_runner=None, overwrite_any: bool = False,
+            **kwargs) -> ConversionReport:
     """Convert a DCP checkpoint folder into a folder of safetensors shards (+ index when sharded), with the
     base model's config and tokenizer beside them when `config_from` (or train_params.yaml) names it.
 
@@ -263,12 +256,18 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
     `shard_runner(job, filenames, progress)`: writes the shards elsewhere (e.g. Ray tasks,
     `ray_runner.shard_runner`) given a `shardjob.ShardJob`, calling `progress(tensor bytes)` as shards finish;
     every shard must then be recorded in the staging folder, checked before the commit.
+    The output holds a record (`streamconv.json`, record.py) tying it to the checkpoint's content and options.
+    `overwrite` replaces only a folder holding such a record; `overwrite_any` any folder. A folder that already
+    holds this conversion (same checkpoint content, same plan) is left as it is: the report says
+    `already_converted`. Every checkpoint file is checked again before the commit: one that changed during the
+    run (a trainer still writing) commits nothing (SourceChangedError, exit 2).
     """
     reporter = reporter or Reporter()
     started = time.perf_counter()
     output_dir = user_path(output_dir, "the output folder (OUTPUT_DIR)")
     # Resolved now: after the commit the current folder may be gone, and getcwd() with it.
     output_abs = os.path.abspath(output_dir)
+    given = options     # (`options` becomes the resolved planner view below)
     fast = fastpaths.detect()       # fast IO paths are chosen once, here, and passed down (fastpaths.py)
     checkpoint_dir, reader, meta, setup, notes = _prepare(
         checkpoint_dir, options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched,
@@ -280,11 +279,20 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
         with_heads, heads = _with_tied_heads(meta, setup, conversion)
         folders, files = protected_paths(reader, meta, setup.config.folder if setup.config else None)
         protected = check_destination(output_dir, folders, files)       # before anything is written
+        before = provenance.snapshot(checkpoint_dir, provenance.source_files(checkpoint_dir, meta))
         stored = locate_chunks(with_heads, reader)
+        source_fp = provenance.source_fingerprint(checkpoint_dir, meta, stored, before)
+        resume_record = plan_record(conversion, checkpoint_dir, meta, source_fp)
+        already = provenance.check_existing_output(output_dir, source_fp, resume_record["plan"], overwrite=overwrite,
+                                                   overwrite_any=overwrite_any)
+        if already is not None:
+            return _already_converted(checkpoint_dir, output_dir, conversion, options, notes, started)
         fingerprints = {s.filename: shard_fingerprint(s) for s in conversion.shards}
-        run_notes = []
-        with StagingDir(output_dir, plan_record=plan_record(conversion, checkpoint_dir, meta), overwrite=overwrite,
-                        resume=resume, discard_partial=discard_partial, fast=fast, protected=protected) as staging:
+        run_notes = [n for n in [provenance.fingerprint_note(source_fp)] if n]
+        # (the watch turns a failure in a checkpoint file that changed meanwhile into "it changed")
+        with provenance.SourceWatch(checkpoint_dir, before), StagingDir(
+                output_dir, plan_record=resume_record, overwrite=overwrite or overwrite_any, resume=resume,
+                discard_partial=discard_partial, fast=fast, protected=protected) as staging:
             first_file = _first_data_file(with_heads)
             if first_file is not None:      # (no chunk at all: nothing is copied)
                 fast = fastpaths.probe_copy(fast, reader.path(first_file), staging.path)
@@ -313,9 +321,9 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
                              on_shard_done=lambda s, crc: staging.shard_done(s.filename, s.nbytes,
                                                                              fingerprints[s.filename], crc))
             else:
-                record = plan_record(conversion, checkpoint_dir, meta)
                 job = ShardJob(checkpoint_dir=checkpoint_abs, staging_dir=staging.path,
-                               plan=conversion, plan_fingerprint=record["plan"], checkpoint_files=record["checkpoint"],
+                               plan=conversion, plan_fingerprint=resume_record["plan"],
+                               checkpoint_files=resume_record["checkpoint"],
                                shard_fingerprints=fingerprints, crc=check_crc)
                 shard_runner(job, [s.filename for s in to_write], reporter.advance)
                 for s in to_write:      # the workers' records, and each file's size (its bytes: --verify)
@@ -345,6 +353,14 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
                                                   integrity=integrity, progress=reporter.advance)
                 verifying.raise_if_failed(checked, staged=True)
                 verified_bytes = checked.bytes_compared
+            staging.added([provenance.write_record(
+                staging.path, [s.filename for s in conversion.shards],
+                copied + ([INDEX_FILE_NAME] if index is not None else []),
+                source_fp=source_fp, plan_fp=resume_record["plan"],
+                options=_recorded_options(given, kwargs, config_from, allow_unmatched, no_config, setup),
+                version=_version())])
+            kill_point("before-source-recheck")
+            provenance.check_unchanged(checkpoint_dir, before)     # a trainer still writing: commit no mix
             staging.commit()
             run_notes += staging.notes
             reporter.close()
@@ -371,6 +387,65 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
         config_from=setup.config.folder if setup.config else None, layout=setup.layout,
         unmatched_names=list(reference.unmatched), missing_names=list(reference.missing),
         fast_paths=list(fast.names))
+
+
+def already_converted(checkpoint_dir: str, output_dir: str, options: Optional[Options] = None, *,
+                      config_from: Optional[str] = None, allow_unmatched: bool = False, no_config: bool = False,
+                      **kwargs) -> bool:
+    """Whether `output_dir` already holds what `convert` would write: its record names the same plan and the
+    same checkpoint content (`provenance.source_fingerprint`), and every file it lists has its recorded size.
+    Reads the record, `.metadata` and the chunks' headers; no tensor bytes."""
+    try:
+        found = record.read(output_dir)
+    except record.RecordError:
+        return False
+    if found is None:
+        return False
+    checkpoint_dir, reader, meta, setup, _ = _prepare(
+        checkpoint_dir, options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched,
+        no_config=no_config)
+    with reader:
+        conversion = _checked_plan(meta, setup.options, checkpoint_dir)
+        if plan_fingerprint(conversion) != found.plan_fingerprint:
+            return False
+        with_heads, _ = _with_tied_heads(meta, setup, conversion)
+        before = provenance.snapshot(checkpoint_dir, provenance.source_files(checkpoint_dir, meta))
+        source_fp = provenance.source_fingerprint(checkpoint_dir, meta, locate_chunks(with_heads, reader), before)
+    return source_fp == found.source_fingerprint and not provenance.missing_or_resized(output_dir, found)
+
+
+def _version() -> str:
+    import sys
+    return getattr(sys.modules[__package__], "__version__", "unknown")   # (no import: streamconv imports api)
+
+
+def _recorded_options(options, kwargs, config_from, allow_unmatched: bool, no_config: bool, setup) -> dict:
+    """The ConvertOptions fields an output was made with, as `verify` needs them to plan the same output: the
+    resolved planner options (dtype "auto" as resolved, sizes in bytes) and the user's config choices."""
+    _, user = resolve_options(options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched,
+                              no_config=no_config)
+    o = setup.options
+    return ConvertOptions(
+        max_shard_size=str(o.max_shard_bytes), buffer_size=str(o.buffer_bytes), dtype=o.dtype,
+        config_from=os.path.abspath(user.config_from) if user.config_from else None, no_config=user.no_config,
+        allow_unmatched=user.allow_unmatched, include=o.include, exclude=o.exclude,
+        renames=tuple(f"{r.pattern.replace('=', chr(92) + '=')}={r.replacement}" for r in o.renames),
+        subtree=o.subtree, source_format=o.source_format).__dict__
+
+
+def _already_converted(checkpoint_dir: str, output_dir: str, conversion: ConversionPlan, options: PlanOptions,
+                       notes, started: float) -> ConversionReport:
+    """The report of a run that found its output already in place (a retry after a commit): nothing written."""
+    return ConversionReport(
+        checkpoint=os.path.abspath(checkpoint_dir), output=os.path.abspath(output_dir),
+        tensors=len(conversion.tensors), shards=len(conversion.shards), bytes_written=0,
+        seconds=time.perf_counter() - started, peak_rss_bytes=peak_rss_bytes(),
+        predicted_peak_bytes=conversion.peak_bytes, buffer_bytes=options.buffer_bytes,
+        max_shard_bytes=options.max_shard_bytes, skipped=conversion.skipped_counts,
+        notes=list(notes) + [f"already converted: {output_dir} holds the output of this checkpoint (same content, "
+                             "same plan, every file of its record present); nothing was written. Pass --overwrite "
+                             "to convert it again"],
+        already_converted=True)
 
 
 def _first_data_file(conversion: ConversionPlan) -> Optional[str]:
@@ -450,15 +525,26 @@ def verify(checkpoint_dir: str, output_dir: str, options: Optional[Options] = No
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise VerificationError(f"{output_dir} is a file, not an output folder; pass the folder `streamconv convert` "
                                 "wrote (the one holding the .safetensors files and their index)")
+    found = record.read(output_dir)     # a damaged or planted record: RecordError, exit 3
+    checked: list = []
+    if found is not None:
+        options, kwargs, config_from, allow_unmatched, no_config = provenance.options_from_record(
+            found, options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched, no_config=no_config)
+        checked.append(f"options from {record.RECORD_FILE}: " + (provenance.describe_options(found) or "defaults"))
     checkpoint_dir, reader, meta, setup, notes = _prepare(
         checkpoint_dir, options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched,
         no_config=no_config, fast=fastpaths.detect())
     with reader:
-        for note in notes:
-            reporter.note(note)
         conversion = _checked_plan(meta, setup.options, checkpoint_dir)
         with_heads, heads = _with_tied_heads(meta, setup, conversion)
+        before = provenance.snapshot(checkpoint_dir, provenance.source_files(checkpoint_dir, meta))
         stored = locate_chunks(with_heads, reader)
+        if found is not None:
+            checked += provenance.check_source(found, output_dir, checkpoint_dir,
+                                               provenance.source_fingerprint(checkpoint_dir, meta, stored, before))
+        else:
+            checked.append(f"{output_dir} has no {record.RECORD_FILE} (made before records, or not by streamconv): "
+                           "checked with the options given; pass the naming and dtype options convert used")
         integrity = ChunkIntegrity(reader, stored) if crc else None
         reporter.start(conversion.total_bytes + sum(t.nbytes for t in heads.values()), "verifying")
         result = verifying.verify_output(conversion, reader, stored, output_dir, checkpoint=checkpoint_dir,
@@ -467,6 +553,9 @@ def verify(checkpoint_dir: str, output_dir: str, options: Optional[Options] = No
                                          tied_heads=[(heads[p.head], p.embedding) for p in setup.tied])
         reporter.close()
     result.checkpoint = os.path.abspath(checkpoint_dir)
+    if found is not None:
+        checked += provenance.check_record_files(found, output_dir, result)
+    result.checked = checked
     result.seconds = time.perf_counter() - started
     result.peak_rss_bytes = peak_rss_bytes()
     verifying.raise_if_failed(result)

@@ -12,10 +12,10 @@ out-of-memory kill or a bad checkpoint fails that checkpoint only, and each job'
 interrupted job's staging folder is resumed shard by shard by the next run. With `ray` each checkpoint's
 shards are written by Ray tasks instead (`ray_runner`), the driver still planning and committing.
 
-Whether a finished output "matches" is decided without any stamp file, so output folders stay exactly what
-Hugging Face expects: every planned shard must exist with its planned size and begin with its planned
-safetensors header (which fixes every tensor's name, dtype, shape and byte range), and the index must equal
-the planned one. Tensor bytes are not re-read (`streamconv verify` does that).
+An output is skipped only when it is already this conversion: its record (`streamconv.json`, record.py) names
+the same plan and the same checkpoint content (`api.already_converted`), so a checkpoint re-saved in place or a
+second run converted with the same template is not mistaken for one already converted (its output is refused,
+or replaced with --overwrite). Tensor bytes are not re-read (`streamconv verify` does that).
 """
 from __future__ import annotations
 
@@ -37,7 +37,6 @@ from .errors import OptionsError, ResourceError, StreamconvError
 from .names import natural_key
 from .options import ConvertOptions
 from .paths import user_path
-from .plan import INDEX_FILE_NAME, ConversionPlan
 from .record import RECORD_FILE
 from .report import Reporter
 from .sizes import format_size, parse_size
@@ -199,27 +198,6 @@ def output_for(template: str, source: str) -> str:
     return user_path(template.format(**values), f"--output-template {template!r} for {source}")
 
 
-def matches_plan(conversion: ConversionPlan, output_dir: str) -> bool:
-    """Whether `output_dir` holds the planned output: every shard with its size and header, and the index
-    (see the module docstring for why no stamp file)."""
-    for shard in conversion.shards:
-        path = os.path.join(output_dir, shard.filename)
-        try:
-            if os.path.getsize(path) != shard.nbytes:
-                return False
-            with open(path, "rb") as f:
-                if f.read(len(shard.header)) != shard.header:
-                    return False
-        except OSError:
-            return False
-    index = conversion.index()
-    if index is None:
-        return True
-    try:
-        with open(os.path.join(output_dir, INDEX_FILE_NAME), encoding="utf-8") as f:
-            return json.load(f) == index
-    except (OSError, ValueError):
-        return False
 
 
 # -- the batch ------------------------------------------------------------------------------------------
@@ -239,7 +217,7 @@ def convert_many(sources: Sequence[str], output_template: str, options: Optional
                  from_file: Optional[str] = None, jobs: Optional[int] = None, max_memory: Optional[str] = None,
                  workers: int = api.DEFAULT_WORKERS, crc: Optional[bool] = None, verify: bool = False,
                  overwrite: bool = False, reporter: Optional[Reporter] = None, ray: Optional[str] = None,
-                 discard_partial: bool = False, **keywords) -> BatchReport:
+                 overwrite_any: bool = False, discard_partial: bool = False, **keywords) -> BatchReport:
     """Convert every checkpoint in `sources` (folders or globs) into `output_template` filled per checkpoint.
     Complete matching outputs are skipped, interrupted ones resumed; a failed checkpoint does not stop the
     others (see `BatchReport.failed`). `jobs` checkpoints convert side by side (default: one per output
@@ -262,14 +240,15 @@ def convert_many(sources: Sequence[str], output_template: str, options: Optional
     if ray is not None:     # an address nobody listens on fails now, not after planning and minutes of retries
         from . import ray_runner
         ray_runner.probe(ray)
-    todo = _plan_all(items, options, overwrite, max_memory_bytes)
+    todo = _plan_all(items, options, overwrite or overwrite_any, max_memory_bytes)
     planning_seconds = time.perf_counter() - started
     jobs = jobs or default_jobs([i.output for i in items])
     total = sum(i.bytes for i in todo) * (2 if verify else 1)     # --verify reads every byte back
     reporter.start(total, f"{len(todo)} of {len(items)} checkpoint(s)")
     for note in notes:
         reporter.note(note)
-    kwargs = dict(workers=workers, crc=crc, verify=verify, overwrite=overwrite, discard_partial=discard_partial)
+    kwargs = dict(workers=workers, crc=crc, verify=verify, overwrite=overwrite, overwrite_any=overwrite_any,
+                  discard_partial=discard_partial)
     if ray is not None:
         from . import ray_runner
         ray_runner.run_batch(todo, options, kwargs, address=ray, jobs=jobs, reporter=reporter, finish=_finish)
@@ -344,9 +323,14 @@ def _plan_all(items: Sequence[BatchItem], options: ConvertOptions, overwrite: bo
             continue
         item.predicted_peak_bytes = conversion.peak_bytes
         item.bytes = conversion.files_nbytes
-        if not overwrite and matches_plan(conversion, item.output):
+        try:
+            done = not overwrite and api.already_converted(item.source, item.output, options)
+        except StreamconvError as exc:
+            item.status, item.error, item.kind, item.exit_code = "failed", str(exc), type(exc).__name__, exc.exit_code
+            continue
+        if done:
             item.status = "skipped"
-            item.notes.append("output complete and matching its plan (sizes, headers, index)")
+            item.notes.append("already converted: its record names this checkpoint's content and the same plan")
             continue
         if max_memory_bytes is not None and conversion.peak_bytes > max_memory_bytes:
             item.status, item.kind, item.exit_code = "failed", "OptionsError", OptionsError.exit_code

@@ -59,7 +59,8 @@ def job_request(source: str, output: str, options: ConvertOptions, kwargs: dict)
 
 def convert_one(source: str, output: str, options: ConvertOptions, *, workers: int = api.DEFAULT_WORKERS,
                 crc: Optional[bool] = None, verify: bool = False, overwrite: bool = False,
-                discard_partial: bool = False, reporter: Optional[Reporter] = None, shard_runner=None) -> dict:
+                discard_partial: bool = False, reporter: Optional[Reporter] = None, shard_runner=None,
+                overwrite_any: bool = False) -> dict:
     """Convert one checkpoint of a batch, resuming its staging folder (or, with `discard_partial`, deleting it
     and starting over); either way a failure keeps the new staging folder for the next run. Never raises a
     StreamconvError: the result dict says what happened (BatchItem fields)."""
@@ -67,13 +68,15 @@ def convert_one(source: str, output: str, options: ConvertOptions, *, workers: i
     try:
         report = api.convert(source, output, options, overwrite=overwrite, reporter=reporter, workers=workers,
                              verify=verify, crc=crc, resume=True, discard_partial=discard_partial,
-                             shard_runner=shard_runner)
+                             shard_runner=shard_runner, overwrite_any=overwrite_any)
     except StreamconvError as exc:
         return {"status": "failed", "error": str(exc), "kind": type(exc).__name__, "exit_code": exc.exit_code,
                 "seconds": time.perf_counter() - started}
     except Exception as exc:     # one checkpoint's bug must not end the batch; reported like the CLI does
         return {"status": "failed", "error": f"internal error ({type(exc).__name__}: {exc})"[:500],
                 "kind": "InternalError", "exit_code": 1, "seconds": time.perf_counter() - started}
+    if report.already_converted:     # finished by another run since this batch planned
+        return {"status": "skipped", "seconds": report.seconds, "notes": report.notes}
     resumed = any(n.startswith("resumed:") for n in report.notes)
     return {"status": "resumed" if resumed else "converted", "bytes": report.bytes_written,
             "seconds": report.seconds, "peak_rss_bytes": report.peak_rss_bytes, "notes": report.notes}

@@ -143,10 +143,10 @@ def _stdout_to_devnull() -> None:
     os.close(devnull)
 
 
-def _click_option(f) -> "click.Option":
+def _click_option(f, hidden: bool = False) -> "click.Option":
     """One click option from a `ConvertOptions` field's metadata (flag, help, how it parses)."""
     m = f.metadata
-    kwargs = dict(help=m["help"], metavar=m["metavar"], show_default=m["show_default"])
+    kwargs = dict(help=m["help"], metavar=m["metavar"], show_default=m["show_default"], hidden=hidden or None)
     if m["is_flag"]:
         kwargs.update(is_flag=True)
     elif m["multiple"]:
@@ -160,9 +160,10 @@ def _click_option(f) -> "click.Option":
     return click.option(m["flag"], f.name, **{k: v for k, v in kwargs.items() if v is not None})
 
 
-def _plan_options(fn):
-    """Options shared by `convert`, `plan`, `verify` and `batch`: the fields of `ConvertOptions`, then --json."""
-    decorators = [_click_option(f) for f in dataclasses.fields(ConvertOptions)]
+def _plan_options(fn, hide=()):
+    """Options shared by `convert`, `plan`, `verify` and `batch`: the fields of `ConvertOptions`, then --json.
+    `hide`: accepted (scripts pass them) but not listed in --help, where they do not apply."""
+    decorators = [_click_option(f, f.name in hide) for f in dataclasses.fields(ConvertOptions)]
     decorators.append(click.option("--json", "as_json", is_flag=True,
                                    help="Print a machine-readable JSON report on stdout."))
     for d in reversed(decorators):
@@ -188,7 +189,11 @@ def cli():
 @click.argument("checkpoint_dir", type=click.Path())
 @click.argument("output_dir", type=click.Path())
 @_plan_options
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT_DIR if it exists and is not empty.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUTPUT_DIR when it holds a streamconv output (its streamconv.json record) of other weights "
+                   "or options.")
+@click.option("--overwrite-any", is_flag=True,
+              help="Replace OUTPUT_DIR whatever it holds (a folder streamconv did not write: its files are lost).")
 @click.option("--workers", default=api.DEFAULT_WORKERS, show_default=True, type=click.IntRange(1, 64),
               help="Threads writing shards side by side; they share --buffer-size.")
 @click.option("--verify", is_flag=True,
@@ -210,8 +215,8 @@ def cli():
               help="Show a progress bar on stderr. Default: only when stderr is a terminal and neither --json nor "
                    "--quiet is given.")
 @_fail_cleanly
-def convert(checkpoint_dir, output_dir, as_json, overwrite, workers, verify, crc, resume, discard_partial, quiet,
-            progress, **option_values):
+def convert(checkpoint_dir, output_dir, as_json, overwrite, overwrite_any, workers, verify, crc, resume,
+            discard_partial, quiet, progress, **option_values):
     """Convert CHECKPOINT_DIR (a DCP folder) into OUTPUT_DIR (safetensors shards).
 
     CHECKPOINT_DIR may also be a run folder holding one DCP folder with model weights (accelerate's state/, a
@@ -230,11 +235,14 @@ def convert(checkpoint_dir, output_dir, as_json, overwrite, workers, verify, crc
     reporter: Reporter = TqdmReporter() if progress else CollectingReporter()
     try:
         report = api.convert(checkpoint_dir, output_dir, options, overwrite=overwrite, reporter=reporter,
-                             workers=workers, verify=verify, crc=crc, resume=resume, discard_partial=discard_partial)
+                             workers=workers, verify=verify, crc=crc, resume=resume, discard_partial=discard_partial,
+                             overwrite_any=overwrite_any)
     finally:
         reporter.close()
     if as_json:
         click.echo(json.dumps(dict(report.to_dict(), error=None, exit_code=0), indent=2))
+    elif not quiet and report.already_converted:
+        click.echo(f"already converted: {report.output} holds this checkpoint's output; nothing was written")
     elif not quiet:
         skipped = ", ".join(f"{n} {why}" for why, n in report.skipped.items()) or "nothing"
         cast = ", ".join(f"{n} {k}" for k, n in report.cast.items()) or "none"
@@ -280,7 +288,7 @@ def plan(checkpoint_dir, as_json, **option_values):
 @cli.command()
 @click.argument("checkpoint_dir", type=click.Path())
 @click.argument("output_dir", type=click.Path())
-@_plan_options
+@functools.partial(_plan_options, hide=("max_shard_size",))    # tensors are found by name: sizes do not matter
 @click.option("--crc/--no-crc", default=True, show_default=True,
               help="Check every read chunk's CRC-32, as recorded by torch.save in its .distcp file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only problems.")
@@ -288,8 +296,11 @@ def plan(checkpoint_dir, as_json, **option_values):
 def verify(checkpoint_dir, output_dir, as_json, crc, quiet, **option_values):
     """Check OUTPUT_DIR (a converted folder) against CHECKPOINT_DIR without converting again.
 
-    Pass the naming and dtype options the conversion used (--dtype, --rename, --include/--exclude, --subtree,
-    --config-from); tensors are found by name, so --max-shard-size does not matter. Streams both sides with
+    An output with a record (streamconv.json, written by every conversion) needs no options: verify takes the
+    ones it was made with from the record (an option given that contradicts it is an error, exit 64), checks that
+    it was made from this checkpoint's content, and that every file the record lists (config, tokenizer, index)
+    is there with its size and CRC-32. For an output without a record, pass the naming and dtype options the
+    conversion used (--dtype, --rename, --include/--exclude, --subtree, --config-from). Streams both sides with
     --buffer-size of memory. Checks the index (every weight once, every file present, total_size), that every
     shard's header loads with the safetensors library, that no shard holds a tensor the index does not list,
     and every tensor's dtype, shape and bytes; reports missing, extra and differing tensors (name and first
@@ -326,6 +337,8 @@ def verify(checkpoint_dir, output_dir, as_json, crc, quiet, **option_values):
         click.echo(f"ok: {result.tensors_equal} tensors in {len(result.files)} file(s) of {result.output} match "
                    f"{result.checkpoint}\n  {format_size(result.bytes_compared)} compared in {result.seconds:.2f} s, "
                    f"peak RSS {format_size(result.peak_rss_bytes)}{crc_text}")
+        for line in result.checked:
+            click.echo(f"  {line}")
 
 
 @cli.command()
@@ -346,8 +359,11 @@ def verify(checkpoint_dir, output_dir, as_json, crc, quiet, **option_values):
 @click.option("--verify", is_flag=True, help="Check every output before committing it, as convert --verify does.")
 @click.option("--crc/--no-crc", default=None, help="Check each chunk's CRC-32 as it is read (as for convert).")
 @click.option("--overwrite", is_flag=True,
-              help="Replace outputs that exist; without it a complete output that matches its plan is skipped and "
-                   "any other non-empty output fails its checkpoint.")
+              help="Replace outputs that hold a streamconv output of other weights or options; without it an output "
+                   "already converted from the same checkpoint content with the same plan is skipped and any other "
+                   "non-empty output fails its checkpoint.")
+@click.option("--overwrite-any", is_flag=True,
+              help="Replace outputs whatever they hold (folders streamconv did not write: their files are lost).")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Write each checkpoint's shards as Ray tasks (pip install 'streamconv[ray]'): --ray alone starts "
                    "a local cluster, --ray ADDRESS joins one (e.g. ray://head:10001 or head:6379). Workers must see "
@@ -364,7 +380,7 @@ def verify(checkpoint_dir, output_dir, as_json, crc, quiet, **option_values):
                    "--quiet.")
 @_fail_cleanly
 def batch(sources, output_template, from_file, as_json, jobs, max_memory, workers, verify, crc, overwrite,
-          ray_address, resume, discard_partial, quiet, progress, **option_values):
+          overwrite_any, ray_address, resume, discard_partial, quiet, progress, **option_values):
     """Convert many checkpoints: SOURCES are folders or globs (quote them: 'runs/*/checkpoint-*').
 
     Each checkpoint is planned first (from .metadata), then converted as `convert --resume` would, in a process
@@ -384,7 +400,7 @@ def batch(sources, output_template, from_file, as_json, jobs, max_memory, worker
         report = batching.convert_many(sources, output_template, options, from_file=from_file, jobs=jobs,
                                        max_memory=max_memory, workers=workers, crc=crc, verify=verify,
                                        overwrite=overwrite, reporter=reporter, ray=ray_address,
-                                       discard_partial=discard_partial)
+                                       overwrite_any=overwrite_any, discard_partial=discard_partial)
     finally:
         reporter.close()
     failed = report.failed

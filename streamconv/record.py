@@ -49,8 +49,8 @@ class FileEntry:
 @dataclass(frozen=True)
 class OutputRecord:
     streamconv_version: str
-    # Where the checkpoint was when converted (absolute; shown in messages, never used to decide anything).
-    source_path: str
+    # No path of the checkpoint: one checkpoint converts to the same bytes wherever it sits (a copy, a batch of
+    # copies, a bind mount), and what decides is its content.
     # What the checkpoint's content was: equal fingerprints mean the same weights (see where it is computed).
     source_fingerprint: str
     # The plan's fingerprint: equal means the same output file names, headers and byte sources.
@@ -63,7 +63,7 @@ class OutputRecord:
     def to_json(self) -> dict:
         return {"format": RECORD_FORMAT, "version": RECORD_VERSION,
                 "streamconv_version": self.streamconv_version,
-                "source": {"path": self.source_path, "fingerprint": self.source_fingerprint},
+                "source": {"fingerprint": self.source_fingerprint},
                 "plan_fingerprint": self.plan_fingerprint,
                 "options": dict(self.options),
                 "files": {name: entry.to_json() for name, entry in sorted(self.files.items())}}
@@ -82,10 +82,9 @@ class OutputRecord:
                       "streamconv reads")
         source, files, options = data.get("source"), data.get("files"), data.get("options")
         strings = (data.get("streamconv_version"), data.get("plan_fingerprint"),
-                   source.get("path") if isinstance(source, dict) else None,
                    source.get("fingerprint") if isinstance(source, dict) else None)
         if not all(isinstance(s, str) for s in strings):
-            raise bad("a version, fingerprint or source path is missing or not a string")
+            raise bad("a version or fingerprint is missing or not a string")
         if not isinstance(options, dict) or not isinstance(files, dict):
             raise bad("\"options\" and \"files\" must be objects")
         entries = {}
@@ -99,7 +98,7 @@ class OutputRecord:
                 entries[name] = FileEntry(nbytes, int(crc, 16))
             except ValueError:
                 raise bad(f"file entry {name[:200]!r}: CRC-32 {crc!r} is not hexadecimal") from None
-        return cls(streamconv_version=strings[0], source_path=strings[2], source_fingerprint=strings[3],
+        return cls(streamconv_version=strings[0], source_fingerprint=strings[2],
                    plan_fingerprint=strings[1], options=options, files=entries)
 
 

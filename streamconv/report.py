@@ -117,6 +117,7 @@ class ConversionReport:
     unmatched_names: List[str] = field(default_factory=list)  # output names the reference folder lacks
     missing_names: List[str] = field(default_factory=list)    # reference names the output lacks
     fast_paths: List[str] = field(default_factory=list)       # fast IO paths used (see fastpaths.py)
+    already_converted: bool = False     # the output already held this conversion: nothing was written
 
     @property
     def mb_per_s(self) -> float:

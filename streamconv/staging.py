@@ -297,6 +297,11 @@ class StagingDir:
                 f"{self.destination}: cannot resume: the checkpoint changed since the interrupted run "
                 f"({', '.join(changed[:5])} differ in size or modification time). "
                 "Run again with --discard-partial to start over.")
+        if previous.get("source") != self.plan_record.get("source"):
+            raise OutputError(
+                f"{self.destination}: cannot resume: the checkpoint's content changed since the interrupted run "
+                "(its .metadata or chunk CRC-32s differ, though sizes and modification times may not: a re-save "
+                "restored with cp -p or rsync -a). Run again with --discard-partial to start over.")
         if previous.get("plan") != self.plan_record.get("plan"):
             changed = _changed_keys(previous.get("options") or {}, self.plan_record.get("options") or {})
             detail = f" (options that differ: {', '.join(changed)})" if changed else ""

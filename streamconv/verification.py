@@ -68,6 +68,7 @@ class VerifyResult:
     crc_unrecorded_chunks: int = 0
     seconds: float = 0.0
     peak_rss_bytes: int = 0
+    checked: List[str] = field(default_factory=list)          # what else was checked, in words (the record's)
 
     @property
     def ok(self) -> bool:

@@ -122,9 +122,12 @@ def test_cli_convert_json_and_refuses_non_empty_output(dcp_checkpoints, tmp_path
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["tensors"] > 0 and report["bytes_written"] > 0 and report["peak_rss_bytes"] > 0
-    again = runner.invoke(cli, ["convert", str(dcp_checkpoints["tp"]), str(out)])
-    assert again.exit_code == OutputError.exit_code and "--overwrite" in again.output
-    forced = runner.invoke(cli, ["convert", str(dcp_checkpoints["tp"]), str(out), "--overwrite", "-q"])
+    again = runner.invoke(cli, ["convert", str(dcp_checkpoints["tp"]), str(out)])     # a retry: nothing to do
+    assert again.exit_code == 0 and "already converted" in again.output, again.output
+    other = runner.invoke(cli, ["convert", str(dcp_checkpoints["tp"]), str(out), "--dtype", "bfloat16"])
+    assert other.exit_code == OutputError.exit_code and "--overwrite" in other.output
+    forced = runner.invoke(cli, ["convert", str(dcp_checkpoints["tp"]), str(out), "--dtype", "bfloat16",
+                                 "--overwrite", "-q"])
     assert forced.exit_code == 0, forced.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]   # no staging leftovers
 

@@ -96,7 +96,7 @@ def test_every_layout_gives_the_same_bytes_with_fast_paths_off(layout, dcp_check
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")     # --overwrite's two-rename swap, too
-    report = streamconv.convert(str(dcp_checkpoints[layout]), str(out), overwrite=True, verify=True, **SMALL)
+    report = streamconv.convert(str(dcp_checkpoints[layout]), str(out), overwrite_any=True, verify=True, **SMALL)
     assert report.fast_paths == []
     default_report, default_bytes = default_outputs[layout]
     assert tree_bytes(out) == default_bytes

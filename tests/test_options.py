@@ -19,6 +19,10 @@ def test_every_field_is_a_flag_of_convert_plan_and_verify():
     for command in ("convert", "plan", "verify"):
         text = runner.invoke(cli, [command, "--help"], terminal_width=200).output
         for f in dataclasses.fields(ConvertOptions):
+            if command == "verify" and f.name == "max_shard_size":
+                # verify finds tensors by name: accepted (scripts pass it), not listed where it does not apply
+                assert f.metadata["flag"] not in text
+                continue
             assert f.metadata["flag"] in text, (command, f.name)
     assert "[default: 5GB]" in runner.invoke(cli, ["plan", "--help"], terminal_width=200).output
 

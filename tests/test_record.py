@@ -12,7 +12,7 @@ from streamconv.record import FileEntry, OutputRecord, RecordError
 
 
 def _record() -> OutputRecord:
-    return OutputRecord(streamconv_version="0.1.0", source_path="/data/ckpt", source_fingerprint="abc-1",
+    return OutputRecord(streamconv_version="0.1.0", source_fingerprint="abc-1",
                         plan_fingerprint="def-2", options=record.options_json({"dtype": "bfloat16",
                                                                                "include": ("a*",)}),
                         files={"model.safetensors": FileEntry(123, 0xDEADBEEF), "config.json": FileEntry(7, 1)})

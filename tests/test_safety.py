@@ -169,7 +169,7 @@ def test_overwrite_replaces_the_old_output_in_one_step(source, tmp_path, exchang
     out.mkdir()
     (out / "old.txt").write_text("old")
     env = {} if exchange else {fastpaths.ENV: "renameat2"}
-    result = convert(source, out, "--overwrite", env=env)
+    result = convert(source, out, "--overwrite-any", env=env)
     assert result.returncode == 0, result.stderr
     assert tree_bytes(out) == source["expected"] and hidden(out) == []
 
@@ -188,7 +188,7 @@ def test_overwrite_fallback_puts_the_old_output_back_when_the_swap_fails(source,
 
     monkeypatch.setattr(staging.os, "rename", failing_rename)
     with pytest.raises(OutputError, match="cannot move the finished output into place"):
-        streamconv.convert(str(source["ckpt"]), str(out), max_shard_size=SHARD, overwrite=True)
+        streamconv.convert(str(source["ckpt"]), str(out), max_shard_size=SHARD, overwrite_any=True)
     assert tree_bytes(out) == {"old.txt": b"old"} and hidden(out) == []
 
 
@@ -196,14 +196,14 @@ def test_kill_between_the_two_fallback_renames_keeps_the_old_output(source, tmp_
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    killed = convert(source, out, "--overwrite",
+    killed = convert(source, out, "--overwrite-any",
                      env={fastpaths.ENV: "renameat2", staging.KILL_ENV: "between-swap-renames"})
     assert killed.returncode == -signal.SIGKILL
     assert not out.exists() and (tmp_path / ".out.streamconv-old" / "old.txt").read_text() == "old"
     # The next run puts the old output back first (and, without --overwrite, stops there).
     again = convert(source, out)
     assert again.returncode == 73 and "not empty" in again.stderr and tree_bytes(out) == {"old.txt": b"old"}
-    resumed = convert(source, out, "--overwrite", "--resume")
+    resumed = convert(source, out, "--overwrite-any", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert tree_bytes(out) == source["expected"] and hidden(out) == []
 
@@ -239,9 +239,10 @@ def test_every_file_and_folder_is_fsynced_before_and_after_the_rename(source, tm
     for name in shards:   # each shard fsynced before its resume record
         assert events.index(("fsync", f"{stage}/{name}")) < events.index(("record", name + ".json")) < rename_at
     assert events.index(("fsync", f"{stage}/model.safetensors.index.json")) < rename_at
+    assert events.index(("fsync", f"{stage}/streamconv.json")) < rename_at   # the output's record
     assert events.index(("fsync", stage)) < rename_at                       # the folder's entries
     assert events.index(("fsync", str(tmp_path))) > rename_at               # the rename itself
-    assert len(synced) == len(shards) + 3
+    assert len(synced) == len(shards) + 4
 
 
 # -- 4. resume after a kill ----------------------------------------------------------------------------------

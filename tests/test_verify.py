@@ -231,8 +231,15 @@ def test_unreadable_index_is_one_problem(damaged, dcp_checkpoints):
     assert result["tensors_equal"] == result["tensors_expected"]        # the tensors themselves are fine
 
 
-def test_wrong_options_are_hinted(sharded_tp, dcp_checkpoints):
+def test_wrong_options_are_hinted(sharded_tp, dcp_checkpoints, tmp_path):
+    # With its record (streamconv.json) the output's options are known: a contradicting one is a usage error.
     result = run("verify", dcp_checkpoints["tp"], sharded_tp, "--dtype", "bfloat16")
+    assert result.exit_code == 64 and "'bfloat16'" in result.output and "'keep'" in result.output
+    # An output made before records: the options given are used, and a wrong one is hinted at.
+    older = tmp_path / "older"
+    shutil.copytree(sharded_tp, older)
+    (older / "streamconv.json").unlink()
+    result = run("verify", dcp_checkpoints["tp"], older, "--dtype", "bfloat16")
     assert result.exit_code == EXIT_DIFFERS and "dtype F32, expected BF16" in result.output
     assert "--dtype" in result.output
 
@@ -419,6 +426,7 @@ def test_tied_head_is_rechecked_against_the_written_embedding(dcp_checkpoints, t
     (config / "config.json").write_text(json.dumps({"model_type": "llama", "tie_word_embeddings": True}))
     out = tmp_path / "out"
     streamconv.convert(str(ckpt), str(out))                 # no config: lm_head.weight kept
+    (out / "streamconv.json").unlink()     # (its record would say: made without a config; see test_provenance)
     code, result = verify_json(ckpt, out, "--config-from", config)
     assert code == EXIT_DIFFERS
     assert result["extra"] == [{"name": "lm_head.weight", "file": "model.safetensors"}]

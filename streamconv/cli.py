@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+from typing import Optional
 
 import click
 
@@ -244,8 +245,21 @@ def convert(checkpoint_dir, output_dir, as_json, overwrite, workers, verify, crc
                    f"  skipped: {skipped}; cast: {cast}; renamed: {report.renamed}\n"
                    f"  copied: {', '.join(report.copied_files) or 'nothing'}; "
                    f"dropped tied: {', '.join(report.dropped_tied) or 'none'}")
+        checked = _checked_line(report.verified_tensors if verify else None,
+                                report.crc_checked_chunks if (crc if crc is not None else verify or api.DEFAULT_CRC) else None)
+        if checked:
+            click.echo(f"  {checked}")
         for note in report.notes:
             click.echo(f"  {note}")
+
+
+def _checked_line(tensors: Optional[int], crc_chunks: Optional[int]) -> str:
+    """The one line saying what a check proved ('' when nothing was checked); None: that check did not run."""
+    if tensors is None:
+        return "" if crc_chunks is None else f"CRC-checked: {crc_chunks:,} chunks as they were read (--verify " \
+                                              "also reads the output back)"
+    crc = "CRC-32s not checked" if crc_chunks is None else f"{crc_chunks:,} chunks CRC-checked"
+    return f"verified: {tensors:,} tensors equal to the checkpoint; {crc}"
 
 
 @cli.command()
@@ -322,8 +336,9 @@ def verify(checkpoint_dir, output_dir, as_json, crc, quiet, **option_values):
         if result.crc_unrecorded_chunks:
             crc_text += (f", {result.crc_unrecorded_chunks} chunk(s) unchecked (saved without a CRC-32: "
                          "safetensors blobs, or torch.save with compute_crc32=False)")
-        click.echo(f"ok: {result.tensors_equal} tensors in {len(result.files)} file(s) of {result.output} match "
-                   f"{result.checkpoint}\n  {format_size(result.bytes_compared)} compared in {result.seconds:.2f} s, "
+        click.echo(f"{_checked_line(result.tensors_equal, result.crc_checked_chunks if crc else None)}\n"
+                   f"  {len(result.files)} file(s) of {result.output} match {result.checkpoint}: "
+                   f"{format_size(result.bytes_compared)} compared in {result.seconds:.2f} s, "
                    f"peak RSS {format_size(result.peak_rss_bytes)}{crc_text}")
 
 

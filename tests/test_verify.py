@@ -97,7 +97,7 @@ def test_verify_finds_tensors_by_name_whatever_the_sharding(dcp_checkpoints, tmp
     for out in ("one", "many"):
         result = run("verify", ckpt, tmp_path / out, "--max-shard-size", "1KB")
         assert result.exit_code == 0, result.output
-        assert result.output.startswith("ok: ")
+        assert result.output.startswith("verified: ")
 
 
 def test_verify_of_gpu_fixture(shared_fixtures_dir, tmp_path):

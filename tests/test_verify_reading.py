@@ -261,7 +261,7 @@ def test_a_fifo_or_device_in_the_output_is_named_not_read(dcp_checkpoints, shard
 
 # -- 16.9: one output file open at a time ---------------------------------------------------------------------
 
-N_TENSORS = 150
+N_TENSORS = 80
 
 
 def write_many(rank, world_size, out_dir):
@@ -272,7 +272,7 @@ def write_many(rank, world_size, out_dir):
 
     mesh = init_device_mesh("cpu", (world_size,))
     gen = torch.Generator().manual_seed(rank)
-    state = {"model": {f"layers.{i}.weight": DTensor.from_local(torch.rand(32, 64, generator=gen), mesh,
+    state = {"model": {f"layers.{i}.weight": DTensor.from_local(torch.rand(128, 1024, generator=gen), mesh,
                                                                 [Shard(0)], run_check=False)
                        for i in range(N_TENSORS)}}
     dcp.save(state, storage_writer=dcp.FileSystemWriter(out_dir, sync_files=False))
@@ -281,12 +281,13 @@ def write_many(rank, world_size, out_dir):
 
 @pytest.fixture(scope="module")
 def many_shards(tmp_path_factory):
-    """150 tensors of 16 KiB, one shard each: more output files than `ulimit -n 64` allows open at once."""
+    """80 tensors of 1 MiB, one shard each: more output files than `ulimit -n 64` allows open at once, each
+    big enough to fill a compare piece (a sink per file kept to the end held ~3 MiB each: 16.9)."""
     root = tmp_path_factory.mktemp("many")
     ckpt = root / "ckpt"
     run_distributed("test_verify_reading:write_many", 2, dict(out_dir=str(ckpt)))
     out = root / "out"
-    streamconv.convert(str(ckpt), str(out), max_shard_size="10KB")
+    streamconv.convert(str(ckpt), str(out), max_shard_size="1MB")
     assert len(list(out.glob("*.safetensors"))) == N_TENSORS
     return ckpt, out
 
@@ -311,7 +312,7 @@ def test_convert_verify_of_many_shards_under_a_low_descriptor_limit(many_shards,
     ckpt, _ = many_shards
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "streamconv", "convert", str(ckpt), str(out), "--verify",
-                        "--max-shard-size", "10KB"], capture_output=True, text=True, timeout=300,
+                        "--max-shard-size", "1MB"], capture_output=True, text=True, timeout=300,
                        preexec_fn=_nofile(64))
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"verified: {N_TENSORS} tensors equal to the checkpoint;" in r.stdout

@@ -303,11 +303,14 @@ def verify(checkpoint_dir, output_dir, as_json, crc, quiet, **option_values):
 
     Pass the naming and dtype options the conversion used (--dtype, --rename, --include/--exclude, --subtree,
     --config-from); tensors are found by name, so --max-shard-size does not matter. Streams both sides with
-    --buffer-size of memory. Checks the index (every weight once, every file present, total_size), that every
-    shard's header loads with the safetensors library, that no shard holds a tensor the index does not list,
-    and every tensor's dtype, shape and bytes; reports missing, extra and differing tensors (name and first
-    differing element). Exit 0 when all match, 3 when the output differs, 2 when a checkpoint chunk fails
-    its CRC-32.
+    --buffer-size of memory, one output file open at a time. Checks the file names transformers loads
+    (model.safetensors, or model-NNNNN-of-NNNNN.safetensors with an index), the index (every weight once, every
+    file present, total_size), that every shard is a regular file whose header follows the safetensors rules
+    (read by streamconv itself; the safetensors package is not needed) with the __metadata__ streamconv
+    writes, that no shard holds a tensor the index does not list, and every tensor's dtype, shape and bytes;
+    reports missing, extra and differing tensors (name and first differing element). Prints one line saying
+    what was verified. Exit 0 when all match, 3 when the output differs, 2 when a checkpoint chunk fails its
+    CRC-32; an output that cannot be read is not a difference (its own exit code).
     """
     from .verification import CorruptSourceError, OutputDiffersError
     options = ConvertOptions.take(option_values)

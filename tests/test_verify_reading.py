@@ -318,3 +318,21 @@ def test_convert_verify_of_many_shards_under_a_low_descriptor_limit(many_shards,
     assert f"verified: {N_TENSORS} tensors equal to the checkpoint;" in r.stdout
     assert len(list(out.glob("*.safetensors"))) == N_TENSORS
 
+
+
+def test_out_of_descriptors_on_the_output_is_a_resource_error(dcp_checkpoints, sharded, monkeypatch):
+    """EMFILE opening a shard names the limit to raise (exit 71): never a verdict, never an internal error."""
+    import errno
+    from streamconv import io
+
+    real = os.open
+
+    def emfile(path, flags, *args, **kwargs):
+        if str(path).endswith(".safetensors"):
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real(path, flags, *args, **kwargs)
+    monkeypatch.setattr(io.os, "open", emfile)
+    r = CliRunner().invoke(cli, ["verify", str(dcp_checkpoints["fsdp2"]), str(sharded), "--json"])
+    doc = json.loads(r.stdout)
+    assert r.exit_code == 71 == doc["exit_code"], r.output
+    assert "too many open files" in doc["error"] and "ulimit -n" in doc["error"]

@@ -336,3 +336,22 @@ def test_out_of_descriptors_on_the_output_is_a_resource_error(dcp_checkpoints, s
     doc = json.loads(r.stdout)
     assert r.exit_code == 71 == doc["exit_code"], r.output
     assert "too many open files" in doc["error"] and "ulimit -n" in doc["error"]
+
+
+# -- 17.8: say the check ran ------------------------------------------------------------------------------
+
+def test_convert_says_what_it_checked(dcp_checkpoints, tmp_path):
+    ckpt = str(dcp_checkpoints["fsdp2"])
+    chunks = len({c.location for t in streamconv.plan(ckpt).tensors for c in t.chunks})
+    runs = {flags: CliRunner().invoke(cli, ["convert", ckpt, str(tmp_path / str(i)), *flags])
+            for i, flags in enumerate([(), ("--crc",), ("--verify",), ("--verify", "--no-crc")])}
+    assert all(r.exit_code == 0 for r in runs.values()), {k: r.output for k, r in runs.items()}
+    assert "verified" not in runs[()].output and "CRC-checked" not in runs[()].output
+    assert f"  CRC-checked: {chunks} chunks as they were read" in runs[("--crc",)].output
+    assert f"  verified: 29 tensors equal to the checkpoint; {chunks} chunks CRC-checked\n" in \
+        runs[("--verify",)].output
+    assert "  verified: 29 tensors equal to the checkpoint; CRC-32s not checked\n" in \
+        runs[("--verify", "--no-crc")].output
+    r = CliRunner().invoke(cli, ["verify", ckpt, str(tmp_path / "0"), "--no-crc"])
+    assert r.exit_code == 0 and r.output.startswith("verified: 29 tensors equal to the checkpoint; CRC-32s not "
+                                                    "checked\n"), r.output

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 # safetensors readers refuse a longer header (MAX_HEADER_SIZE in the safetensors crate).
@@ -71,10 +71,11 @@ class Header:
     """What a header says, and every way it breaks the rules above (empty when the file would load)."""
 
     length: int                                     # N: JSON bytes after the 8-byte length
-    metadata: Optional[Dict[str, Any]] = None       # `__metadata__` as found (None: absent)
-    entries: List[Entry] = None                     # well-formed entries, in offset order
-    problems: List[str] = None
+    metadata: Optional[Dict[str, Any]] = None       # `__metadata__` as found (None: absent or unreadable)
+    entries: List[Entry] = field(default_factory=list)     # well-formed entries, in offset order
+    problems: List[str] = field(default_factory=list)
     data_end: int = 0                               # where the entries end, relative to the data section
+    is_object: bool = False                         # the JSON parsed as an object (metadata can be judged)
 
     @property
     def data_start(self) -> int:
@@ -99,7 +100,8 @@ def header_length(first: bytes, file_bytes: int) -> Tuple[int, Optional[str]]:
     return n, None
 
 
-def _unique(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+def unique_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    """`object_pairs_hook` for json.loads: a repeated key is refused (json.loads would keep the last silently)."""
     out: Dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
@@ -143,7 +145,7 @@ def parse_header(text: bytes) -> Header:
 
     Never raises for bad input: every problem is a sentence in `problems`, and the entries that are well
     formed on their own are kept, so a caller can still compare them and say which tensor is affected."""
-    header = Header(length=len(text), entries=[], problems=[])
+    header = Header(length=len(text))
     try:
         decoded = text.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -153,13 +155,14 @@ def parse_header(text: bytes) -> Header:
         header.problems.append(f"header does not start with '{{' (found {shown(decoded[:8])})")
         return header
     try:
-        body = json.loads(decoded, object_pairs_hook=_unique)
+        body = json.loads(decoded, object_pairs_hook=unique_keys)
     except (ValueError, RecursionError) as exc:
         header.problems.append(f"header is not valid JSON: {shown(str(exc))}")
         return header
     if not isinstance(body, dict):
         header.problems.append(f"header is a JSON {type(body).__name__}, not an object")
         return header
+    header.is_object = True
     if METADATA_KEY in body:
         metadata = header.metadata = body.pop(METADATA_KEY)
         if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):

@@ -218,7 +218,7 @@ def _file_tensors(output_dir: str, filename: str, result: VerifyResult) -> Dict[
     result.bytes_compared += header.data_start
     for problem in header.problems:
         result.file_problems.append({"file": filename, "problem": f"does not load as safetensors: {problem}"})
-    if header.metadata != sf.WRITTEN_METADATA:
+    if header.is_object and header.metadata != sf.WRITTEN_METADATA:
         result.file_problems.append({"file": filename, "problem": (
             f"header {sf.METADATA_KEY} is {sf.shown(header.metadata)}, streamconv writes {sf.WRITTEN_METADATA} "
             "(transformers refuses to load a file whose format is not 'pt'); convert again")})
@@ -247,7 +247,7 @@ def _read_index(output_dir: str, result: VerifyResult) -> Optional[Tuple[Optiona
     try:
         if text is None or len(text) > MAX_INDEX_BYTES:
             raise ValueError(f"larger than {MAX_INDEX_BYTES} bytes")
-        index = json.loads(text, object_pairs_hook=_no_duplicates)
+        index = json.loads(text, object_pairs_hook=sf.unique_keys)
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ValueError("weight_map is not an object of file names")
@@ -256,15 +256,6 @@ def _read_index(output_dir: str, result: VerifyResult) -> Optional[Tuple[Optiona
         return None, None
     total = index.get("metadata", {}).get("total_size") if isinstance(index.get("metadata"), dict) else None
     return weight_map, total
-
-
-def _no_duplicates(pairs):
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"name {key!r} appears twice")
-        out[key] = value
-    return out
 
 
 def scan_output(output_dir: str, result: VerifyResult) -> Dict[str, OutputTensor]:

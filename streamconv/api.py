@@ -346,13 +346,13 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
             index = conversion.index()
             if index is not None:
                 staging.write_json(INDEX_FILE_NAME, index)   # written last: its presence means complete
-            verified_bytes = 0
+            verified_bytes = verified_tensors = 0
             if verify:
                 checked = verifying.verify_output(conversion, reader, stored, staging.path,
                                                   buffer_bytes=options.buffer_bytes, checkpoint=checkpoint_dir,
                                                   integrity=integrity, progress=reporter.advance)
                 verifying.raise_if_failed(checked, staged=True)
-                verified_bytes = checked.bytes_compared
+                verified_bytes, verified_tensors = checked.bytes_compared, checked.tensors_equal
             staging.added([provenance.write_record(
                 staging.path, [s.filename for s in conversion.shards],
                 copied + ([INDEX_FILE_NAME] if index is not None else []),
@@ -382,6 +382,7 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
         max_shard_bytes=options.max_shard_bytes, skipped=conversion.skipped_counts,
         renamed=len(conversion.renamed), cast=casts, verified_bytes=verified_bytes, files=files + copied, copied_files=copied,
         crc_checked_bytes=integrity.checked_bytes if integrity is not None else 0,
+        verified_tensors=verified_tensors, crc_checked_chunks=integrity.checked_chunks if integrity is not None else 0,
         dropped_tied=list(setup.dropped_heads),
         notes=list(notes) + ([conversion.source_note] if conversion.source_note else []) + run_notes,
         config_from=setup.config.folder if setup.config else None, layout=setup.layout,

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+from typing import Optional
 
 import click
 
@@ -253,8 +254,21 @@ def convert(checkpoint_dir, output_dir, as_json, overwrite, overwrite_any, worke
                    f"  skipped: {skipped}; cast: {cast}; renamed: {report.renamed}\n"
                    f"  copied: {', '.join(report.copied_files) or 'nothing'}; "
                    f"dropped tied: {', '.join(report.dropped_tied) or 'none'}")
+        checked = _checked_line(report.verified_tensors if verify else None,
+                                report.crc_checked_chunks if (crc if crc is not None else verify or api.DEFAULT_CRC) else None)
+        if checked:
+            click.echo(f"  {checked}")
         for note in report.notes:
             click.echo(f"  {note}")
+
+
+def _checked_line(tensors: Optional[int], crc_chunks: Optional[int]) -> str:
+    """The one line saying what a check proved ('' when nothing was checked); None: that check did not run."""
+    if tensors is None:
+        return "" if crc_chunks is None else f"CRC-checked: {crc_chunks:,} chunks as they were read (--verify " \
+                                              "also reads the output back)"
+    crc = "CRC-32s not checked" if crc_chunks is None else f"{crc_chunks:,} chunks CRC-checked"
+    return f"verified: {tensors:,} tensors equal to the checkpoint; {crc}"
 
 
 @cli.command()
@@ -301,11 +315,14 @@ def verify(checkpoint_dir, output_dir, as_json, crc, quiet, **option_values):
     it was made from this checkpoint's content, and that every file the record lists (config, tokenizer, index)
     is there with its size and CRC-32. For an output without a record, pass the naming and dtype options the
     conversion used (--dtype, --rename, --include/--exclude, --subtree, --config-from). Streams both sides with
-    --buffer-size of memory. Checks the index (every weight once, every file present, total_size), that every
-    shard's header loads with the safetensors library, that no shard holds a tensor the index does not list,
-    and every tensor's dtype, shape and bytes; reports missing, extra and differing tensors (name and first
-    differing element). Exit 0 when all match, 3 when the output differs, 2 when a checkpoint chunk fails
-    its CRC-32.
+    --buffer-size of memory, one output file open at a time. Checks the file names transformers loads
+    (model.safetensors, or model-NNNNN-of-NNNNN.safetensors with an index), the index (every weight once, every
+    file present, total_size), that every shard is a regular file whose header follows the safetensors rules
+    (read by streamconv itself; the safetensors package is not needed) with the __metadata__ streamconv
+    writes, that no shard holds a tensor the index does not list, and every tensor's dtype, shape and bytes;
+    reports missing, extra and differing tensors (name and first differing element). Prints one line saying
+    what was verified. Exit 0 when all match, 3 when the output differs, 2 when a checkpoint chunk fails its
+    CRC-32; an output that cannot be read is not a difference (its own exit code).
     """
     from .verification import CorruptSourceError, OutputDiffersError
     options = ConvertOptions.take(option_values)
@@ -334,8 +351,9 @@ def verify(checkpoint_dir, output_dir, as_json, crc, quiet, **option_values):
         if result.crc_unrecorded_chunks:
             crc_text += (f", {result.crc_unrecorded_chunks} chunk(s) unchecked (saved without a CRC-32: "
                          "safetensors blobs, or torch.save with compute_crc32=False)")
-        click.echo(f"ok: {result.tensors_equal} tensors in {len(result.files)} file(s) of {result.output} match "
-                   f"{result.checkpoint}\n  {format_size(result.bytes_compared)} compared in {result.seconds:.2f} s, "
+        click.echo(f"{_checked_line(result.tensors_equal, result.crc_checked_chunks if crc else None)}\n"
+                   f"  {len(result.files)} file(s) of {result.output} match {result.checkpoint}: "
+                   f"{format_size(result.bytes_compared)} compared in {result.seconds:.2f} s, "
                    f"peak RSS {format_size(result.peak_rss_bytes)}{crc_text}")
         for line in result.checked:
             click.echo(f"  {line}")

@@ -6,14 +6,14 @@ The executor only follows the plan, shard by shard, so a shard can be (re)built 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import dtypes, names, trainers
+from . import dtypes, names, safetensors_format, trainers
 from .coverage import check_coverage, dedup_chunks
 from .errors import CheckpointError, OptionsError, UnsupportedFeatureError
 from .model import CheckpointMetadata, Chunk, TensorEntry, numel
+from .safetensors_format import MAX_HEADER_BYTES
 from .transforms import Derived, Heads, Piece, check_gather, cut_all, distinct_chunks, flatten, is_contiguous_piece
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9          # as huggingface_hub's "5GB"
@@ -354,22 +354,21 @@ def _refuse_collision(first: Tuple[str, str], second: Tuple[str, str], name: str
     raise OptionsError(f"{both} after the rename rules; adjust --rename or --exclude one of them")
 
 
-# safetensors readers refuse a header longer than this (MAX_HEADER_SIZE in the safetensors crate).
-MAX_HEADER_BYTES = 100_000_000
-
-
 def _header(tensors: Sequence[Tuple[str, str, Tuple[int, ...], int, int]]) -> bytes:
     """safetensors header for (name, dtype, shape, begin, end) with offsets relative to the data section."""
-    body = {"__metadata__": {"format": "pt"}}
-    for name, dtype, shape, begin, end in tensors:
-        body[name] = {"dtype": dtypes.BY_NAME[dtype].safetensors, "shape": list(shape), "data_offsets": [begin, end]}
-    text = json.dumps(body, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-(8 + len(text)) % 8)   # data section starts 8-byte aligned, as safetensors pads
-    if len(text) > MAX_HEADER_BYTES:
+    header = safetensors_format.build_header(
+        [(name, dtypes.BY_NAME[dtype].safetensors, shape, begin, end) for name, dtype, shape, begin, end in tensors])
+    if len(header) - safetensors_format.LENGTH.size > MAX_HEADER_BYTES:
         raise OptionsError(
-            f"a shard's header would be {len(text):,} bytes ({len(tensors):,} tensors), more than the "
-            f"{MAX_HEADER_BYTES:,} safetensors readers accept; lower --max-shard-size to spread them over more files")
-    return len(text).to_bytes(8, "little") + text
+            f"a shard's header would be {len(header) - safetensors_format.LENGTH.size:,} bytes ({len(tensors):,} "
+            f"tensors), more than the {MAX_HEADER_BYTES:,} safetensors readers accept; lower --max-shard-size to "
+            "spread them over more files")
+    return header
+
+
+def shard_filename(number: int, count: int) -> str:
+    """The name of shard `number` (from 1) of `count`, as huggingface_hub names them; one file is SINGLE_FILE_NAME."""
+    return f"model-{number:05d}-of-{count:05d}.safetensors"
 
 
 def _assign_shards(items: Sequence[Tuple[TensorEntry, str, str, int]], max_shard_bytes: int):
@@ -400,7 +399,7 @@ def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -
     groups = _assign_shards(items, options.max_shard_bytes)
     shards: List[ShardPlan] = []
     for i, group in enumerate(groups):
-        filename = SINGLE_FILE_NAME if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        filename = SINGLE_FILE_NAME if len(groups) == 1 else shard_filename(i + 1, len(groups))
         # Within a file, widest items first keep every tensor aligned to its item size (as safetensors does).
         group = sorted(group, key=lambda it: (-dtypes.BY_NAME[it[2]].itemsize, names.natural_key(it[1])))
         rel, pos = [], 0

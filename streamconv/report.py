@@ -112,6 +112,8 @@ class ConversionReport:
     files: List[str] = field(default_factory=list)
     verified_bytes: int = 0     # bytes read back and compared with the checkpoint (--verify)
     crc_checked_bytes: int = 0  # checkpoint bytes whose CRC-32 was checked (--crc, --verify)
+    verified_tensors: int = 0   # tensors read back and found equal to the checkpoint (--verify)
+    crc_checked_chunks: int = 0  # checkpoint chunks whose CRC-32 was checked (--crc, --verify)
     config_from: Optional[str] = None                         # folder the config and tokenizer came from
     layout: Optional[str] = None                              # name mapping applied to match that folder
     unmatched_names: List[str] = field(default_factory=list)  # output names the reference folder lacks

@@ -12,6 +12,7 @@ from typing import Optional, Protocol
 from .crc import PieceCrcs, pread_from
 from .errors import CheckpointError, OutputError
 from .fastpaths import PREAD_STEP_BYTES, FastPaths, detect, read_at
+from .io import open_regular
 from .staging import StagingDir, write_failed  # noqa: F401  (StagingDir lived here before staging.py)
 
 
@@ -172,7 +173,8 @@ class ComparingSink:
         self.path = path
         self.fast = fast if fast is not None else detect()
         self.piece_bytes = piece_bytes
-        self.fd = os.open(path, os.O_RDONLY)
+        # As carefully as a checkpoint file: a FIFO or device in the output is refused, never read forever.
+        self.fd = open_regular(path, error=OutputError)
         self.compared = 0
         self._theirs = np.empty(piece_bytes, dtype=np.uint8)
         self._source = np.empty(piece_bytes, dtype=np.uint8)
@@ -183,7 +185,14 @@ class ComparingSink:
         view = memoryview(into)
         done = 0
         while done < len(view):
-            n = read_at(fd, view[done:], offset + done, self.fast)
+            try:
+                n = read_at(fd, view[done:], offset + done, self.fast)
+            except OSError as exc:      # an IO error is not a difference: it says nothing about the bytes
+                if fd != self.fd:
+                    raise CheckpointError(f"cannot read the checkpoint at offset {offset + done:,} while comparing "
+                                          f"with {self.path}: {exc.strerror or exc}") from None
+                raise OutputError(f"{self.path}: cannot read at offset {offset + done:,}: "
+                                  f"{exc.strerror or exc}") from None
             if n <= 0:
                 break
             done += n
@@ -218,6 +227,8 @@ class ComparingSink:
         pass    # every byte is compared anyway
 
     def close(self) -> None:
+        """Close the file and let go of the buffers: a verify holds one sink at a time, not one per file."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        self._theirs = self._source = self._flags = None

@@ -4,14 +4,19 @@ Tensors are found by NAME in the output (its index and safetensors headers), so 
 by any tool, can be checked; what each tensor must hold is decided by the same plan `convert` makes (names,
 casts). Each one is compared by running the executor again with a `ComparingSink` aimed at the tensor's bytes
 in the output: the source is read, cast and assembled exactly as when converting, and compared piece by piece
-with the file. Memory is the executor's buffer plus one compare piece, whatever the sizes.
+with the file. Memory is the executor's buffer plus one compare piece, whatever the sizes; one output file is open at a time.
+
+Only a real difference is a finding (`OutputDiffersError`, exit 3). Not being able to read the output (EIO,
+out of descriptors) raises its own error, and anything unexpected propagates as the bug it is.
 
 Checks, each reported with the file and tensor it concerns:
-* the folder: safetensors files present; with several, an index that lists every file and nothing else;
+* the folder: safetensors files present, named as transformers looks for them (`model.safetensors` alone, or
+  `model-NNNNN-of-NNNNN.safetensors`); with several, an index that lists every file and nothing else;
 * the index: a JSON object whose `weight_map` names each weight once, only files that exist, each weight in
   the file whose header holds it, every tensor of every file, and `metadata.total_size` = their bytes;
-* each file: its header loads with the `safetensors` library (header and offsets only, nothing is read in
-  bulk) and with our own parser (duplicate names refused), and the file is exactly as long as it says;
+* each file: a regular file (a FIFO or device is named, never read), whose header follows the rules the
+  safetensors library enforces (`safetensors_format.py`: no safetensors package needed), whose `__metadata__`
+  is what streamconv writes, and which is exactly as long as its header says;
 * each tensor: present (missing), planned (extra), dtype, shape, and bytes (the first differing element);
 * the source: each chunk's CRC-32 (`reader.integrity`), when asked.
 """
@@ -20,19 +25,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import struct
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import dtypes
-from .errors import CorruptChunkError, VerificationError
+from . import safetensors_format as sf
+from .errors import CorruptChunkError, OutputError, VerificationError
 from .executor import Executor
-from .io import RangeReader
+from .io import RangeReader, open_regular
 from .model import BlobLocation, StoredTensor
-from .plan import INDEX_FILE_NAME, ConversionPlan, TensorPlan
+from .plan import INDEX_FILE_NAME, SINGLE_FILE_NAME, ConversionPlan, TensorPlan, shard_filename
 from .sink import ComparingSink, Mismatch
 
-MAX_HEADER_BYTES = 100_000_000     # the safetensors library's own limit
 MAX_INDEX_BYTES = 64 * 2**20       # an index for a 400B model is a few hundred KB
 LIST_LIMIT = 10                    # problems of each kind spelled out in a message before "... and N more"
 
@@ -143,95 +148,111 @@ def _dtype_hint(result: VerifyResult) -> str:
 
 
 # -- reading the output side ---------------------------------------------------------------------------------
+# Every output-side file is opened as carefully as a checkpoint file (`io.open_regular`: a FIFO, device or
+# socket is a finding, never read), read with a size cap, and closed before the next one is opened. What is
+# wrong with the folder is a finding (exit 3); not being able to read it (EIO, out of descriptors) is not.
 
 
-def _no_duplicates(pairs):
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"name {key!r} appears twice")
-        out[key] = value
-    return out
+def _open_output(path: str, filename: str, result: VerifyResult, missing: str = "missing") -> Optional[int]:
+    """A descriptor on a regular output file, or None with the problem recorded."""
+    try:
+        return open_regular(path, error=VerificationError)
+    except FileNotFoundError:
+        result.file_problems.append({"file": filename, "problem": missing})
+    except VerificationError as exc:
+        result.file_problems.append({"file": filename, "problem": str(exc)})
+    return None
+
+
+def _pread_exact(fd: int, length: int, offset: int, path: str) -> bytes:
+    """Up to `length` bytes at `offset` (fewer only at the end of the file)."""
+    parts, done = [], 0
+    try:
+        while done < length:
+            block = os.pread(fd, length - done, offset + done)
+            if not block:
+                break
+            parts.append(block)
+            done += len(block)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot read at offset {offset + done:,}: {exc.strerror or exc}") from None
+    return b"".join(parts)
+
+
+def _read_safetensors_header(fd: int, path: str) -> Tuple[int, Optional[sf.Header], Optional[str]]:
+    """(file size, parsed header, problem that stopped the parse) of an open output file."""
+    size = os.fstat(fd).st_size
+    length, problem = sf.header_length(_pread_exact(fd, sf.LENGTH.size, 0, path), size)
+    if problem:
+        return size, None, problem
+    text = _pread_exact(fd, length, sf.LENGTH.size, path)
+    if len(text) != length:
+        return size, None, f"header claims {length:,} bytes but the file ends after {len(text):,}"
+    return size, sf.parse_header(text), None
 
 
 def read_header(path: str) -> Tuple[int, Dict[str, dict]]:
     """(data section start, {name: entry}) of a safetensors file; ValueError/OSError with the reason."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ValueError("shorter than 8 bytes: not a safetensors file")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER_BYTES:
-            raise ValueError(f"header claims {n} bytes (the safetensors limit is {MAX_HEADER_BYTES})")
-        text = f.read(n)
-    if len(text) != n:
-        raise ValueError(f"header claims {n} bytes but the file ends after {len(text)}")
-    header = json.loads(text, object_pairs_hook=_no_duplicates)
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    header.pop("__metadata__", None)
-    return 8 + n, header
-
-
-def _library_check(path: str) -> Optional[str]:
-    """None if the safetensors library opens the file and lists its tensors (it mmaps: nothing is read in bulk)."""
+    fd = open_regular(path, error=VerificationError)
     try:
-        from safetensors import safe_open
-        with safe_open(path, framework="np") as f:
-            list(f.keys())
-    except Exception as exc:   # the binding raises SafetensorError and others: any failure is the finding
-        return f"the safetensors library cannot open it: {str(exc)[:300]}"
-    return None
+        _, header, problem = _read_safetensors_header(fd, path)
+    finally:
+        os.close(fd)
+    if problem or header.problems:
+        raise ValueError(problem or "; ".join(header.problems))
+    return header.data_start, {e.name: {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
+                               for e in header.entries}
 
 
 def _file_tensors(output_dir: str, filename: str, result: VerifyResult) -> Dict[str, OutputTensor]:
     path = os.path.join(output_dir, filename)
-    problem = _library_check(path)
-    if problem:
-        result.file_problems.append({"file": filename, "problem": problem})
-    try:
-        start, header = read_header(path)
-        size = os.path.getsize(path)
-    except (OSError, ValueError) as exc:
-        result.file_problems.append({"file": filename, "problem": f"header unreadable: {str(exc)[:300]}"})
+    fd = _open_output(path, filename, result)
+    if fd is None:
         return {}
-    result.bytes_compared += start
-    found: Dict[str, OutputTensor] = {}
-    data_end = 0
-    for name, entry in header.items():
-        try:
-            begin, end = (int(v) for v in entry["data_offsets"])
-            if not 0 <= begin <= end:
-                raise ValueError("bad data_offsets")
-            tensor = OutputTensor(name, filename, str(entry["dtype"]), tuple(int(s) for s in entry["shape"]),
-                                  start + begin, start + end)
-        except (KeyError, TypeError, ValueError):
-            result.file_problems.append({"file": filename, "problem": f"header entry {name!r} is malformed"})
-            continue
-        found[name] = tensor
-        data_end = max(data_end, tensor.end)
-    described = max(data_end, start)
+    try:
+        size, header, problem = _read_safetensors_header(fd, path)
+    finally:
+        os.close(fd)
+    if problem:
+        result.file_problems.append({"file": filename, "problem": f"does not load as safetensors: {problem}"})
+        return {}
+    result.bytes_compared += header.data_start
+    for problem in header.problems:
+        result.file_problems.append({"file": filename, "problem": f"does not load as safetensors: {problem}"})
+    if header.is_object and header.metadata != sf.WRITTEN_METADATA:
+        result.file_problems.append({"file": filename, "problem": (
+            f"header {sf.METADATA_KEY} is {sf.shown(header.metadata)}, streamconv writes {sf.WRITTEN_METADATA} "
+            "(transformers refuses to load a file whose format is not 'pt'); convert again")})
+    described = header.data_start + header.data_end
     if size != described:
         state = "truncated" if size < described else "longer than its header says"
         result.file_problems.append({"file": filename, "problem": f"{state}: {size} bytes, its header describes "
                                                                   f"{described}"})
-    return found
+    return {e.name: OutputTensor(e.name, filename, e.dtype, e.shape, header.data_start + e.begin,
+                                 header.data_start + e.end) for e in header.entries}
 
 
 def _read_index(output_dir: str, result: VerifyResult) -> Optional[Tuple[Optional[Dict[str, str]], object]]:
     """(weight_map, total_size); None when there is no index, (None, None) when it is unreadable (reported)."""
     path = os.path.join(output_dir, INDEX_FILE_NAME)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return None
+    fd = _open_output(path, INDEX_FILE_NAME, result, missing="a symlink to nothing")
+    if fd is None:
+        return None, None
     try:
-        if os.path.getsize(path) > MAX_INDEX_BYTES:
+        size = os.fstat(fd).st_size
+        text = _pread_exact(fd, MAX_INDEX_BYTES + 1, 0, path) if size <= MAX_INDEX_BYTES else None
+    finally:
+        os.close(fd)
+    try:
+        if text is None or len(text) > MAX_INDEX_BYTES:
             raise ValueError(f"larger than {MAX_INDEX_BYTES} bytes")
-        with open(path, "rb") as f:
-            index = json.loads(f.read(), object_pairs_hook=_no_duplicates)
+        index = json.loads(text, object_pairs_hook=sf.unique_keys)
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ValueError("weight_map is not an object of file names")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         result.index_problems.append(f"{INDEX_FILE_NAME} unreadable: {str(exc)[:300]}")
         return None, None
     total = index.get("metadata", {}).get("total_size") if isinstance(index.get("metadata"), dict) else None
@@ -243,8 +264,8 @@ def scan_output(output_dir: str, result: VerifyResult) -> Dict[str, OutputTensor
     if not os.path.isdir(output_dir):
         result.file_problems.append({"file": output_dir, "problem": "output folder does not exist"})
         return {}
-    on_disk = sorted(f for f in os.listdir(output_dir)
-                     if f.endswith(".safetensors") and os.path.isfile(os.path.join(output_dir, f)))
+    # Every name a loader would look at, whatever its type: a FIFO or a directory there is a finding.
+    on_disk = sorted(f for f in os.listdir(output_dir) if f.endswith(".safetensors"))
     indexed = _read_index(output_dir, result)
     files = list(on_disk)
     if indexed is None:
@@ -262,6 +283,8 @@ def scan_output(output_dir: str, result: VerifyResult) -> Dict[str, OutputTensor
             if name not in listed:
                 result.file_problems.append({"file": name, "problem": "not listed in the index"})
     result.files = files
+    listed = set(indexed[0].values()) if indexed is not None and indexed[0] is not None else set()
+    result.file_problems += _name_problems(on_disk, listed, indexed is not None)
     found: Dict[str, OutputTensor] = {}
     for filename in files:
         for name, tensor in _file_tensors(output_dir, filename, result).items():
@@ -283,6 +306,33 @@ def scan_output(output_dir: str, result: VerifyResult) -> Dict[str, OutputTensor
         if weight_map and total != nbytes:
             result.index_problems.append(f"metadata.total_size is {total!r}; the tensors hold {nbytes} bytes")
     return found
+
+
+_SHARD_NAME = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
+
+
+def _name_problems(on_disk: Sequence[str], listed: set, has_index: bool) -> List[dict]:
+    """The folder's entry points: transformers opens `model.safetensors`, or the index and the files it lists.
+    A renamed file loads as nothing, so names are checked as strictly as bytes: one file is
+    SINGLE_FILE_NAME, several are model-NNNNN-of-NNNNN.safetensors with one total (what `plan` names them)."""
+    if not has_index:
+        if len(on_disk) == 1 and on_disk[0] != SINGLE_FILE_NAME:
+            return [{"file": on_disk[0], "problem": f"a single-file output must be named {SINGLE_FILE_NAME} (the "
+                                                     f"name transformers loads, with no {INDEX_FILE_NAME}); rename "
+                                                     f"it to {SINGLE_FILE_NAME}"}]
+        return []
+    problems, totals = [], set()
+    for name in sorted(set(on_disk) | listed):
+        match = _SHARD_NAME.fullmatch(name)
+        if match is None:
+            problems.append({"file": name, "problem": f"not a shard name streamconv writes (expected "
+                                                      f"{shard_filename(1, 2)} and so on); convert again"})
+        else:
+            totals.add(int(match.group(2)))
+    if len(totals) > 1:
+        problems.append({"file": INDEX_FILE_NAME, "problem": f"shards of different totals ({sorted(totals)}) in one "
+                                                             "folder; convert again"})
+    return problems
 
 
 # -- comparing ---------------------------------------------------------------------------------------------
@@ -310,7 +360,7 @@ def compare_tensors(conversion: ConversionPlan, found: Dict[str, OutputTensor], 
     result.tensors_expected = len(planned)
     result.missing = [name for name in planned if name not in found]
     result.extra = [{"name": o.name, "file": o.file} for o in found.values() if o.name not in planned]
-    sinks: Dict[str, ComparingSink] = {}
+    sink: Optional[ComparingSink] = None       # one file open at a time: each is closed as the scan leaves it
     corrupt: set = set()
     todo = sorted((found[n] for n in planned if n in found), key=lambda o: (o.file, o.begin))
     try:
@@ -324,9 +374,11 @@ def compare_tensors(conversion: ConversionPlan, found: Dict[str, OutputTensor], 
             elif o.end - o.begin != t.nbytes:
                 result.differing.append(_differs(t, o, f"{o.end - o.begin} bytes, expected {t.nbytes}"))
             else:
-                if o.file not in sinks:
-                    sinks[o.file] = ComparingSink(os.path.join(output_dir, o.file))
-                sink = sinks[o.file]
+                if sink is None or sink.path != os.path.join(output_dir, o.file):
+                    if sink is not None:
+                        sink.close()
+                        sink = None
+                    sink = ComparingSink(os.path.join(output_dir, o.file))
                 before = sink.compared
                 try:
                     executor.write_tensor(dataclasses.replace(t, begin=o.begin), sink)
@@ -344,7 +396,7 @@ def compare_tensors(conversion: ConversionPlan, found: Dict[str, OutputTensor], 
                     result.bytes_compared += sink.compared - before
                 result.tensors_equal += 1
     finally:
-        for sink in sinks.values():
+        if sink is not None:
             sink.close()
     if integrity is not None:
         result.crc_checked_chunks = integrity.checked_chunks

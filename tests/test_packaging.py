@@ -2,7 +2,8 @@
 
 * The built wheel, installed into a fresh venv that has no torch, safetensors or psutil, converts a real DCP
   checkpoint with `python -m streamconv` and with the `streamconv` script (numpy/click/tqdm come from pip's index;
-  pip's cache keeps this a few seconds). Also on Python 3.9, the oldest version claimed, when such an interpreter
+  pip's cache keeps this a few seconds), and verifies there: `convert --verify`, `verify`, `batch --verify`
+  pass a good output and `verify` fails a flipped byte, with no safetensors package. Also on Python 3.9, the oldest version claimed, when such an interpreter
   is found (python3.9 on PATH, pyenv, or STREAMCONV_TEST_PYTHON39); the source is always parsed with 3.9's grammar.
 * pyproject tells the truth: core dependencies are exactly what the conversion imports; the `test` extra covers
   every third-party import of tests/ and benchmarks/; build requirement, LICENSE, version.
@@ -322,6 +323,8 @@ def test_wheel_installs_without_torch_and_converts(interpreter, wheel, dcp_check
         loaded = _load_output(out)
         assert len(loaded) == report["tensors"]
 
+    _verifies_without_safetensors(commands["script"], ckpt, tmp_path / "out-script", tmp_path)
+
     version = subprocess.run(commands["script"] + ["--version"], capture_output=True, text=True, env=_clean_env())
     assert version.returncode == 0 and version.stdout.split()[-1] == streamconv.__version__, version.stdout
     in_venv = subprocess.run([str(vpy), "-c", "import importlib.metadata as m, streamconv; "
@@ -331,6 +334,38 @@ def test_wheel_installs_without_torch_and_converts(interpreter, wheel, dcp_check
     assert meta_version == module_version == streamconv.__version__
     assert module_file.startswith(str(tmp_path / "venv")), module_file   # the installed copy, not this checkout
     print(f"wheel test on {interpreter}: {time.perf_counter() - started:.1f} s")
+
+
+def _verifies_without_safetensors(streamconv_cmd: list, ckpt: Path, good: Path, tmp_path: Path) -> None:
+    """Issue 17.1: the lean install reads safetensors itself. `convert --verify`, `verify` and `batch --verify`
+    pass a correct output (exit 0, saying what they checked); `verify` finds a flipped byte (exit 3)."""
+    def run(*args):
+        r = subprocess.run(streamconv_cmd + [str(a) for a in args], capture_output=True, text=True, timeout=300,
+                           env=_clean_env(), cwd=tmp_path)
+        assert "No module named" not in r.stdout + r.stderr and "Traceback" not in r.stderr, r.stdout + r.stderr
+        return r
+
+    r = run("convert", ckpt, tmp_path / "lean-verified", "--dtype", "bfloat16", "--verify")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "verified: " in r.stdout and " tensors equal to the checkpoint; " in r.stdout, r.stdout
+    assert (tmp_path / "lean-verified" / "model.safetensors").read_bytes() == (good / "model.safetensors").read_bytes()
+    r = run("verify", ckpt, good, "--dtype", "bfloat16")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("verified: "), r.stdout
+    r = run("batch", ckpt, "-o", tmp_path / "lean-batch" / "{name}", "--dtype", "bfloat16", "--verify")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "lean-batch" / ckpt.name / "model.safetensors").read_bytes() == \
+        (good / "model.safetensors").read_bytes()
+
+    damaged = tmp_path / "lean-damaged"
+    shutil.copytree(good, damaged)
+    shard = damaged / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x40                     # a byte of the last tensor's data
+    shard.write_bytes(bytes(data))
+    r = run("verify", ckpt, damaged, "--dtype", "bfloat16")
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "differs: " in r.stdout and "bytes differ from the checkpoint" in r.stdout, r.stdout
 
 
 # --- no POSIX-only imports at `import streamconv` ---------------------------------------------------------

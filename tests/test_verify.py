@@ -97,7 +97,7 @@ def test_verify_finds_tensors_by_name_whatever_the_sharding(dcp_checkpoints, tmp
     for out in ("one", "many"):
         result = run("verify", ckpt, tmp_path / out, "--max-shard-size", "1KB")
         assert result.exit_code == 0, result.output
-        assert result.output.startswith("ok: ")
+        assert result.output.startswith("verified: ")
 
 
 def test_verify_of_gpu_fixture(shared_fixtures_dir, tmp_path):
@@ -139,7 +139,7 @@ def test_truncated_shard_is_named(damaged, dcp_checkpoints):
     assert code == EXIT_DIFFERS
     problems = [p["problem"] for p in result["file_problems"] if p["file"] == file]
     assert any(p == f"truncated: {size - 100} bytes, its header describes {size}" for p in problems), problems
-    assert any("safetensors library cannot open it" in p for p in problems), problems
+    assert len(problems) == 1, problems     # said once, by our own reader (no safetensors package involved)
     last = max((t for t in tensors.items() if t[1][0] == file), key=lambda t: t[1][2])[0]
     assert last in {d["name"] for d in result["differing"]}
 

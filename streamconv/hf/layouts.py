@@ -21,6 +21,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 from ..errors import CheckpointError
 from ..io import open_regular
 from ..names import RenameRule
+from ..safetensors_format import MAX_HEADER_BYTES
 
 Shape = Optional[Tuple[int, ...]]   # None when only the name is known (a .bin index)
 
@@ -129,7 +130,7 @@ def _safetensors_header(path: str) -> Dict[str, Shape]:
             if len(head) != 8:
                 raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
             (n,) = struct.unpack("<Q", head)
-            if n > 100 * 2**20:
+            if n > MAX_HEADER_BYTES:
                 raise CheckpointError(f"{path}: safetensors header claims {n} bytes; file is damaged")
             header = json.loads(f.read(n))
     except (OSError, ValueError) as exc:

@@ -30,11 +30,10 @@ from .. import dtypes
 from ..errors import CheckpointError, UnsupportedFeatureError
 from ..io import RangeReader
 from ..model import BlobLocation, Chunk, StoredTensor, TensorEntry
+from ..safetensors_format import MAX_HEADER_BYTES, METADATA_KEY
 from .unpickle import describe
 
-MAX_HEADER_BYTES = 100_000_000   # safetensors refuses larger headers (MAX_HEADER_SIZE in its Rust loader)
 MAX_DIMS = 64
-METADATA_KEY = "__metadata__"
 SHARDING_INFO_KEY = "DCP_SHARDING_INFO"     # torch.distributed.checkpoint._hf_utils names
 SAVED_OFFSETS_KEY = "saved_offsets"
 _LENGTH = struct.Struct("<Q")

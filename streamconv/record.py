@@ -89,6 +89,9 @@ class OutputRecord:
             raise bad("\"options\" and \"files\" must be objects")
         entries = {}
         for name, entry in files.items():
+            # Names are joined to the output folder by readers: a record names files in it, nothing else.
+            if not name or name in (".", "..") or "/" in name or "\0" in name or name == RECORD_FILE:
+                raise bad(f"file entry {name[:200]!r} is not the name of a file in the output folder")
             nbytes = entry.get("bytes") if isinstance(entry, dict) else None
             crc = entry.get("crc32") if isinstance(entry, dict) else None
             if not (isinstance(nbytes, int) and not isinstance(nbytes, bool) and nbytes >= 0

@@ -40,6 +40,9 @@ def test_absent_record_is_none(tmp_path):
     (lambda d: d["files"].update(x={"bytes": -1, "crc32": "00000000"}), "byte count"),
     (lambda d: d["files"].update(x={"bytes": True, "crc32": "00000000"}), "byte count"),
     (lambda d: d["files"].update(x={"bytes": 1, "crc32": "zzzzzzzz"}), "not hexadecimal"),
+    (lambda d: d["files"].update({"../ckpt/.metadata": {"bytes": 1, "crc32": "00000000"}}), "not the name of a file"),
+    (lambda d: d["files"].update({"..": {"bytes": 1, "crc32": "00000000"}}), "not the name of a file"),
+    (lambda d: d["files"].update({"streamconv.json": {"bytes": 1, "crc32": "00000000"}}), "not the name of a file"),
 ])
 def test_malformed_records_are_refused(tmp_path, mutate, words):
     data = _record().to_json()

@@ -19,6 +19,7 @@ from streamconv.cli import cli
 from streamconv.demo_checkpoint import run_distributed
 from streamconv.errors import OutputError, VerificationError
 from streamconv.plan import INDEX_FILE_NAME, SINGLE_FILE_NAME
+from streamconv.record import RECORD_FILE
 
 EXIT_DIFFERS = VerificationError.exit_code      # 3
 
@@ -33,7 +34,7 @@ def verify_cli(ckpt, out, *args, timeout=120, **popen):
 def single(dcp_checkpoints, tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "out"
     streamconv.convert(str(dcp_checkpoints["fsdp2"]), str(out))
-    assert sorted(p.name for p in out.iterdir()) == [SINGLE_FILE_NAME]
+    assert sorted(p.name for p in out.iterdir()) == sorted([SINGLE_FILE_NAME, RECORD_FILE])
     return out
 
 

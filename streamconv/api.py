@@ -277,7 +277,8 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
                         resume=resume, discard_partial=discard_partial, fast=fast) as staging:
             first_file = _first_data_file(with_heads)
             if first_file is not None:      # (no chunk at all: nothing is copied)
-                fast = fastpaths.probe_copy(fast, reader.path(first_file), staging.path)
+                fast = fastpaths.probe_copy(fast, reader.path(first_file), staging.scratch_dir)
+            run_notes.extend(staging.notes)
             kept = [s for s in conversion.shards if staging.kept_shard(s.filename, s.nbytes, fingerprints[s.filename])]
             if staging.resumed:
                 run_notes.append(f"resumed: kept {len(kept)} of {len(conversion.shards)} finished shard(s) "

@@ -21,13 +21,16 @@ import json
 import os
 import shutil
 import signal
+import stat
 import zlib
 from contextlib import contextmanager
-from typing import Dict, Iterable, Iterator, List, Optional
+from typing import Dict, Iterable, Iterator, List, Optional, Set
 
 from .errors import OutputError
-from .fastpaths import FastPaths, detect, read_at
+from .fastpaths import PROBE_FILE_NAME, FastPaths, detect, read_at
 from .names import staging_name
+from .outfiles import create_new, foreign, not_ours, open_ours
+from .runlock import RunLock
 
 STAGING_SUFFIX = ".streamconv-partial"
 OLD_SUFFIX = ".streamconv-old"         # the previous output, while --overwrite swaps it out without EXCHANGE
@@ -84,7 +87,7 @@ def file_crc32(path: str, fast: FastPaths) -> int:
     view = memoryview(buf)
     offset = 0
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_ours(path)    # never follows a symlink planted under a shard's name
     except OSError as exc:
         raise OutputError(f"{path}: cannot read back: {exc.strerror}") from None
     try:
@@ -159,6 +162,12 @@ def staging_path_for(destination: str) -> str:
     return os.path.join(parent, staging_name(base, tag="streamconv", suffix=STAGING_SUFFIX[len(".streamconv"):]))
 
 
+def lock_path_for(destination: str) -> str:
+    """The lock file used where the filesystem has no flock (runlock.py)."""
+    parent, base = os.path.split(destination)
+    return os.path.join(parent, staging_name(base, tag="streamconv", suffix="-lock"))
+
+
 def old_path_for(destination: str) -> str:
     parent, base = os.path.split(destination)
     return os.path.join(parent, staging_name(base, tag="streamconv", suffix=OLD_SUFFIX[len(".streamconv"):]))
@@ -198,8 +207,9 @@ def _is_empty_dir(path: str) -> bool:
 
 
 def _read_json(path: str) -> Optional[dict]:
+    """A record of ours, or None when missing or unreadable; OutputError when it is not ours (a symlink...)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with os.fdopen(open_ours(path), encoding="utf-8") as f:
             data = json.load(f)
         return data if isinstance(data, dict) else None
     except (OSError, ValueError):
@@ -209,9 +219,9 @@ def _read_json(path: str) -> Optional[dict]:
 def _write_json_atomic(path: str, obj: dict) -> None:
     tmp = path + ".tmp"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with os.fdopen(create_new(tmp), "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=1, sort_keys=True)
-        os.rename(tmp, path)
+        os.rename(tmp, path)    # replaces whatever had the name (a symlink itself, never its target)
     except OSError as exc:
         raise OutputError(write_failed(path, exc)) from None
 
@@ -236,8 +246,10 @@ class StagingDir:
         self.path = staging_path_for(self.destination)
         self.resumed = False
         self._done = False
-        self._lock_fd = -1
+        self._run_lock = RunLock(self.path, lock_path_for(self.destination), self.destination)
         self._unsynced: List[str] = []
+        self._planned: Set[str] = set()     # names handed out or registered: all that commit may publish
+        self.notes: List[str] = []          # for the run's report (e.g. the lock-file fallback)
         self._restore_interrupted_swap()
         if os.path.lexists(self.destination) and not _is_empty_dir(self.destination):
             if not os.path.isdir(self.destination) or os.path.islink(self.destination):
@@ -252,20 +264,25 @@ class StagingDir:
         except OSError as exc:
             raise OutputError(f"{parent}: cannot create: {exc.strerror}") from None
         if os.path.lexists(self.path):
-            self._lock()
             try:
                 self._take_over_existing(discard_partial)
             except BaseException:
                 self._unlock()
                 raise
-        if not os.path.isdir(self.path):
+        if not self._run_lock.held:
             try:
-                os.mkdir(self.path)
+                os.mkdir(self.path, 0o755)
             except OSError as exc:
                 raise OutputError(f"{parent}: cannot create staging folder {self.path}: {exc.strerror}") from None
-        self._lock()       # (a no-op when taken above; never discard a folder another run holds)
+            try:
+                self._lock()
+            except BaseException:
+                os.rmdir(self.path)     # ours and empty: a run that cannot start leaves nothing behind
+                raise
+        if self._run_lock.note:
+            self.notes.append(self._run_lock.note)
         try:
-            os.makedirs(self.records_dir, exist_ok=True)
+            self._make_records_dir()
             _write_json_atomic(os.path.join(self.records_dir, PLAN_RECORD), self.plan_record)
         except OSError as exc:
             self.__exit__(OutputError, None, None)
@@ -276,24 +293,32 @@ class StagingDir:
 
     # -- opening --------------------------------------------------------------------------------------
     def _lock(self) -> None:
-        """One run per destination: a second concurrent run would write into the same staging folder."""
-        if self._lock_fd >= 0:
-            return
-        import fcntl    # POSIX only: imported here so `import streamconv` works everywhere
-        try:
-            self._lock_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
-            raise OutputError(f"{self.destination}: another streamconv run is converting into it right now "
-                              f"(its staging folder {self.path} is locked); wait for it to finish") from None
-        except OSError as exc:
-            raise OutputError(f"{self.path}: cannot open the staging folder: {exc.strerror}") from None
+        """One run per destination (runlock.py); never discard or write a folder another run holds."""
+        self._run_lock.acquire()
 
     def _take_over_existing(self, discard_partial: bool) -> None:
-        if not os.path.isdir(self.path) or os.path.islink(self.path):
-            raise OutputError(f"{self.path} exists and is not a staging folder; remove it and run again")
+        """An existing staging folder: ours to resume or clear only if it is a real folder this user owns (a
+        planted symlink or a stranger's folder in a shared parent is refused, CWE-59)."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        problem = foreign(st, directory=True)
+        if problem and not discard_partial:
+            raise OutputError(not_ours(self.path, problem))
+        if problem and not stat.S_ISDIR(st.st_mode):
+            try:
+                os.unlink(self.path)        # a symlink goes itself; what it points to is never touched
+            except OSError as exc:
+                raise OutputError(f"{self.path}: cannot remove: {exc.strerror}") from None
+            return
+        self._lock()
+        if problem:     # another user's folder and --discard-partial: start over in a folder of our own
+            shutil.rmtree(self.path, ignore_errors=True)
+            self._unlock()
+            if os.path.lexists(self.path):
+                raise OutputError(f"{self.path}: cannot remove it ({problem}); remove it yourself and run again")
+            return
         if discard_partial:
             self._clear()
             return
@@ -307,6 +332,7 @@ class StagingDir:
             # Killed before its plan record was written: nothing in it can be trusted or is worth keeping.
             self._clear()
             return
+        self._check_contents()
         if previous.get("version") != RECORD_VERSION:
             raise OutputError(f"{self.path}: written by another streamconv version; cannot resume it. "
                               "Run again with --discard-partial to start over.")
@@ -324,6 +350,31 @@ class StagingDir:
                 f"its shards would differ{detail}. Run again with the same options and --resume, or with "
                 "--discard-partial to start over.")
         self.resumed = True
+
+    def _make_records_dir(self) -> None:
+        try:
+            os.mkdir(self.records_dir, 0o755)
+        except FileExistsError:
+            problem = foreign(os.lstat(self.records_dir), directory=True)
+            if problem:
+                raise OutputError(not_ours(self.records_dir, problem)) from None
+
+    def _check_contents(self) -> None:
+        """Before resuming: every entry must be a regular file of ours (the records folder: a folder of ours).
+        Probe files of older versions, killed mid-probe, are removed: they are never part of an output."""
+        for folder in (self.path, self.records_dir):
+            try:
+                names = os.listdir(folder)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                full = os.path.join(folder, name)
+                st = os.lstat(full)
+                problem = foreign(st, directory=(folder == self.path and name == RECORDS_DIR))
+                if problem:
+                    raise OutputError(not_ours(full, problem))
+                if folder == self.path and name.startswith(PROBE_FILE_NAME):
+                    os.unlink(full)
 
     def _clear(self) -> None:
         for name in os.listdir(self.path):
@@ -355,30 +406,41 @@ class StagingDir:
     def records_dir(self) -> str:
         return os.path.join(self.path, RECORDS_DIR)
 
+    @property
+    def scratch_dir(self) -> str:
+        """Where short-lived files (the copy probe) go: inside the records folder, which is never committed."""
+        return scratch_dir_of(self.path)
+
     def file(self, name: str) -> str:
+        """The path to write output file `name` at; only names asked for here (or registered by the methods
+        below) may be in the folder at the commit."""
+        self._planned.add(name)
         return os.path.join(self.path, name)
 
     def kept_shard(self, filename: str, nbytes: int, shard_fingerprint: str) -> bool:
         """Whether a shard of a resumed run is complete: its record matches the plan, and the file its size
         and checksum. A shard that fails any check is rewritten."""
+        self._planned.add(filename)
         return self.resumed and self.shard_recorded(filename, nbytes, shard_fingerprint)
 
     def shard_recorded(self, filename: str, nbytes: int, shard_fingerprint: str, *, check_crc: bool = True) -> bool:
         """Whether a shard was finished by this plan (here or by another process writing into this folder):
         its record matches, the file has its size and (`check_crc`) the recorded CRC-32."""
+        self._planned.add(filename)
         return shard_recorded(self.path, self.plan_record.get("plan"), filename, nbytes, shard_fingerprint,
                               check_crc=check_crc, fast=self.fast)
 
     def shard_done(self, filename: str, nbytes: int, shard_fingerprint: str, crc32: int) -> None:
         """A shard's bytes are all written: make them durable, then record it so a resume can keep it.
         `crc32` is the file's CRC-32 as the writer computed it (crc.py), checked against the file on resume."""
+        self._planned.add(filename)
         record_shard(self.path, self.plan_record.get("plan"), filename, nbytes, shard_fingerprint, crc32)
 
     def write_json(self, name: str, obj: Dict) -> None:
-        path = self.file(name)
+        path = self.file(name)      # (registers the name)
         data = (json.dumps(obj, indent=2) + "\n").encode("utf-8")
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = create_new(path)
             try:
                 half = len(data) // 2
                 os.write(fd, data[:half])
@@ -394,11 +456,12 @@ class StagingDir:
 
     def added(self, names: Iterable[str]) -> None:
         """Files written into the folder by others (config, tokenizer...): fsynced before the commit."""
-        self._unsynced.extend(self.file(n) for n in names)
+        self._unsynced.extend(self.file(n) for n in names)     # (registers the names)
 
     # -- the end --------------------------------------------------------------------------------------
     def commit(self) -> None:
         """Make the folder durable, then move it into place in one rename (see the module docstring)."""
+        self._check_only_planned()
         for path in self._unsynced:
             fsync_path(path)
         try:
@@ -415,6 +478,20 @@ class StagingDir:
         if not self._done:
             raise KeyboardInterrupt
         self._unlock()
+
+    def _check_only_planned(self) -> None:
+        """Nothing but planned files is published: not a probe left by a killed run, not a stranger's file."""
+        for name in sorted(os.listdir(self.path)):
+            if name == RECORDS_DIR:
+                continue
+            full = os.path.join(self.path, name)
+            problem = foreign(os.lstat(full))
+            if problem:
+                raise OutputError(not_ours(full, problem) + "; nothing was committed")
+            if name not in self._planned:
+                raise OutputError(
+                    f"{full}: not part of the planned output (not a shard, the index or a copied file), so "
+                    "nothing was committed. Remove it, or run again with --discard-partial to start over")
 
     def _move_into_place(self, parent: str) -> None:
         try:
@@ -456,9 +533,7 @@ class StagingDir:
             raise
 
     def _unlock(self) -> None:
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        self._run_lock.release()
 
     def discard(self) -> None:
         if not self._done:
@@ -502,6 +577,11 @@ def free_space_note(path: str) -> str:
         return "free some space or choose another folder"
 
 
+def scratch_dir_of(staging: str) -> str:
+    """See `StagingDir.scratch_dir`; a function so that a worker process without the StagingDir can ask."""
+    return os.path.join(staging, RECORDS_DIR)
+
+
 def shard_recorded(staging: str, plan_fingerprint: Optional[str], filename: str, nbytes: int,
                    shard_fingerprint: str, *, check_crc: bool = True, fast: Optional[FastPaths] = None) -> bool:
     """See `StagingDir.shard_recorded`; a function so that a worker process without the StagingDir can ask."""
@@ -511,9 +591,10 @@ def shard_recorded(staging: str, plan_fingerprint: Optional[str], filename: str,
             or record.get("shard") != shard_fingerprint or record.get("nbytes") != nbytes):
         return False
     try:
-        if os.path.getsize(path) != nbytes:
-            return False
+        st = os.lstat(path)
     except OSError:
+        return False
+    if foreign(st) or st.st_size != nbytes:     # a symlink or a stranger's file is never kept: it is replaced
         return False
     return not check_crc or file_crc32(path, fast or detect()) == record.get("crc32")
 

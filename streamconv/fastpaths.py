@@ -103,6 +103,8 @@ def probe_copy(fast: FastPaths, source_path: str, folder: str) -> FastPaths:
             raise OutputError(f"{probe_path}: cannot create a file in the staging folder: {exc.strerror}") from None
         try:
             os.copy_file_range(src, dst, 1, 0, 0)
+            from .staging import kill_point     # (staging imports this module)
+            kill_point("copy-probe")
         except OSError as exc:
             if exc.errno in _UNSUPPORTED:
                 return replace(fast, copy_file_range=False)

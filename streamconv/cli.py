@@ -61,6 +61,14 @@ def _interrupted(as_json: bool, resume: bool, batch: bool = False) -> None:
     sys.exit(130)
 
 
+class InterruptedAfterCommit(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM/SIGHUP) after the output was committed: the run is interrupted, the output complete."""
+
+    def __init__(self, output: str):
+        super().__init__(output)
+        self.output = output
+
+
 def _fail_cleanly(fn):
     """Turn library errors into one-line messages and their exit codes; never a traceback."""
     keeps_staging = fn.__name__ == "batch"      # batch always resumes: an interrupt keeps staging folders
@@ -76,6 +84,10 @@ def _fail_cleanly(fn):
                 _interrupted(as_json, bool(kwargs.get("resume")), keeps_staging)
             _emit_failure(str(exc), type(exc).__name__, exc.exit_code, as_json)
             sys.exit(exc.exit_code)
+        except InterruptedAfterCommit as exc:
+            _emit_failure(f"interrupted after the commit: {exc.output} is complete and in place (only this "
+                          "report was cut short); nothing needs to be run again", "Interrupted", 130, as_json)
+            sys.exit(130)
         except (KeyboardInterrupt, click.exceptions.Abort):
             _interrupted(as_json, bool(kwargs.get("resume")), keeps_staging)
         except (click.exceptions.Exit, click.ClickException, BrokenPipeError):
@@ -228,10 +240,20 @@ def convert(checkpoint_dir, output_dir, as_json, overwrite, workers, verify, crc
         progress = sys.stderr.isatty() and not as_json and not quiet
     reporter: Reporter = TqdmReporter() if progress else CollectingReporter()
     try:
-        report = api.convert(checkpoint_dir, output_dir, options, overwrite=overwrite, reporter=reporter,
-                             workers=workers, verify=verify, crc=crc, resume=resume, discard_partial=discard_partial)
-    finally:
-        reporter.close()
+        try:
+            report = api.convert(checkpoint_dir, output_dir, options, overwrite=overwrite, reporter=reporter,
+                                 workers=workers, verify=verify, crc=crc, resume=resume,
+                                 discard_partial=discard_partial)
+        finally:
+            reporter.close()
+        _echo_convert_report(report, as_json, quiet)
+    except KeyboardInterrupt:
+        if reporter.committed_output is not None:     # the output is in place: say so, whatever was cut short
+            raise InterruptedAfterCommit(reporter.committed_output) from None
+        raise
+
+
+def _echo_convert_report(report, as_json: bool, quiet: bool) -> None:
     if as_json:
         click.echo(json.dumps(dict(report.to_dict(), error=None, exit_code=0), indent=2))
     elif not quiet:

@@ -24,13 +24,14 @@ import signal
 import stat
 import zlib
 from contextlib import contextmanager
-from typing import Dict, Iterable, Iterator, List, Optional, Set
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set
 
 from .errors import OutputError
 from .fastpaths import PROBE_FILE_NAME, FastPaths, detect, read_at
 from .names import staging_name
 from .outfiles import create_new, foreign, not_ours, open_ours
 from .runlock import RunLock
+from . import swapjournal
 
 STAGING_SUFFIX = ".streamconv-partial"
 OLD_SUFFIX = ".streamconv-old"         # the previous output, while --overwrite swaps it out without EXCHANGE
@@ -168,6 +169,12 @@ def lock_path_for(destination: str) -> str:
     return os.path.join(parent, staging_name(base, tag="streamconv", suffix="-lock"))
 
 
+def journal_path_for(destination: str) -> str:
+    """What an --overwrite commit is doing, for the next run if this one is killed (swapjournal.py)."""
+    parent, base = os.path.split(destination)
+    return os.path.join(parent, staging_name(base, tag="streamconv", suffix="-commit"))
+
+
 def old_path_for(destination: str) -> str:
     parent, base = os.path.split(destination)
     return os.path.join(parent, staging_name(base, tag="streamconv", suffix=OLD_SUFFIX[len(".streamconv"):]))
@@ -245,6 +252,8 @@ class StagingDir:
         self.plan_record = dict(plan_record or {}, version=RECORD_VERSION)
         self.path = staging_path_for(self.destination)
         self.resumed = False
+        self._old_identity = None   # the output --overwrite replaces, once set aside
+        self.committed = False      # the new output is in place (from then on, nothing may report otherwise)
         self._done = False
         self._run_lock = RunLock(self.path, lock_path_for(self.destination), self.destination)
         self._unsynced: List[str] = []
@@ -388,18 +397,9 @@ class StagingDir:
                 raise OutputError(f"{full}: cannot remove the interrupted conversion: {exc.strerror}") from None
 
     def _restore_interrupted_swap(self) -> None:
-        """A run killed between the two renames of the --overwrite fallback left the old output aside."""
-        old = old_path_for(self.destination)
-        if not os.path.lexists(old):
-            return
-        try:
-            if not os.path.lexists(self.destination):
-                os.rename(old, self.destination)        # the new one never arrived: put the old one back
-            else:
-                shutil.rmtree(old)                       # the new one is in place: the old one was to go
-        except OSError as exc:
-            raise OutputError(f"{old}: left by an interrupted --overwrite; cannot tidy it: {exc.strerror}. "
-                              f"Move it back to {self.destination} yourself, or delete it.") from None
+        """A run killed in the middle of an --overwrite commit: finish or undo it (swapjournal.py)."""
+        self.notes.extend(swapjournal.recover(self.destination, self.path, old_path_for(self.destination),
+                                              journal_path_for(self.destination)))
 
     # -- writing --------------------------------------------------------------------------------------
     @property
@@ -459,25 +459,30 @@ class StagingDir:
         self._unsynced.extend(self.file(n) for n in names)     # (registers the names)
 
     # -- the end --------------------------------------------------------------------------------------
-    def commit(self) -> None:
-        """Make the folder durable, then move it into place in one rename (see the module docstring)."""
+    def commit(self, on_committed: Optional[Callable[[str], None]] = None) -> None:
+        """Make the folder durable, then move it into place in one rename (see the module docstring).
+        `on_committed(destination)` is called the moment the new output is in place, before any signal held
+        during the rename is looked at: a caller interrupted after that knows the output is complete."""
         self._check_only_planned()
         for path in self._unsynced:
             fsync_path(path)
+        kill_point("files-synced")
         try:
             shutil.rmtree(self.records_dir)
         except OSError as exc:
             raise OutputError(f"{self.records_dir}: cannot remove: {exc.strerror}") from None
+        kill_point("records-removed")
         fsync_path(self.path, directory=True)
         kill_point("before-rename")
         parent = os.path.dirname(self.destination)
         with _signals_held() as held:
             if not held:
-                self._move_into_place(parent)
+                self._move_into_place(parent, on_committed)
                 held.clear()    # past the rename the output is committed: a late Ctrl-C changes nothing
-        if not self._done:
+        if not self.committed:
             raise KeyboardInterrupt
         self._unlock()
+        kill_point("after-commit")
 
     def _check_only_planned(self) -> None:
         """Nothing but planned files is published: not a probe left by a killed run, not a stranger's file."""
@@ -493,12 +498,14 @@ class StagingDir:
                     f"{full}: not part of the planned output (not a shard, the index or a copied file), so "
                     "nothing was committed. Remove it, or run again with --discard-partial to start over")
 
-    def _move_into_place(self, parent: str) -> None:
+    def _move_into_place(self, parent: str, on_committed: Optional[Callable[[str], None]]) -> None:
+        swapped = False
         try:
             if os.path.lexists(self.destination) and not _is_empty_dir(self.destination):
                 if not self.overwrite:
                     raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), self.destination)
                 self._swap_in()
+                swapped = True
             elif os.path.lexists(self.destination):
                 os.rename(self.path, self.destination)  # replaces an empty folder only, else ENOTEMPTY
             elif not (self.fast.renameat2 and _renameat2(self.path, self.destination, RENAME_NOREPLACE)):
@@ -511,18 +518,38 @@ class StagingDir:
                     "another output folder.") from None
             raise OutputError(f"{self.destination}: cannot move the finished output into place: "
                               f"{exc.strerror}") from None
-        self._done = True
+        self._done = self.committed = True
+        if on_committed is not None:
+            on_committed(self.destination)
         kill_point("after-rename")
         fsync_path(parent, directory=True)
-        old = old_path_for(self.destination)
-        if os.path.lexists(old):
-            shutil.rmtree(old, ignore_errors=True)
+        kill_point("parent-synced")
+        if swapped:     # the new output is in place: the old one, set aside by this run, goes (only then)
+            left = False
+            for place in (old_path_for(self.destination), self.path):
+                if swapjournal.identity(place) == self._old_identity:
+                    shutil.rmtree(place, ignore_errors=True)
+                    left = left or os.path.lexists(place)
+            kill_point("old-removed")
+            if not left:        # else the journal stays: the next run finishes the tidy-up
+                try:
+                    swapjournal.remove(journal_path_for(self.destination))
+                except OutputError:
+                    pass        # committed all the same; the next run removes it
 
     def _swap_in(self) -> None:
         """Replace a non-empty destination (--overwrite): the old folder goes only after the new is in."""
         old = old_path_for(self.destination)
+        journal = journal_path_for(self.destination)
+        self._old_identity = swapjournal.identity(self.destination)
+        swapjournal.write(journal, swapjournal.identity(self.path), self._old_identity, fsync_path)
+        kill_point("journal-written")
         if self.fast.renameat2 and _renameat2(self.path, self.destination, RENAME_EXCHANGE):
-            os.rename(self.path, old)          # the staging name now holds the old output
+            kill_point("after-exchange")
+            try:
+                os.rename(self.path, old)      # the staging name now holds the old output
+            except OSError:
+                pass    # committed all the same: the tidy-up finds the old output by its identity
             return
         os.rename(self.destination, old)
         try:
@@ -530,6 +557,7 @@ class StagingDir:
             os.rename(self.path, self.destination)
         except BaseException:
             os.rename(old, self.destination)
+            swapjournal.remove(journal)
             raise
 
     def _unlock(self) -> None:

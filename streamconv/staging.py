@@ -264,8 +264,9 @@ class StagingDir:
             if not os.path.isdir(self.destination) or os.path.islink(self.destination):
                 raise OutputError(f"{self.destination} exists and is not a folder; choose another output folder")
             if not overwrite:
+                finished = "".join(f" ({n})" for n in self.notes)     # e.g. a killed --overwrite just finished
                 raise OutputError(
-                    f"{self.destination} exists and is not empty; pass --overwrite to replace it, "
+                    f"{self.destination} exists and is not empty{finished}; pass --overwrite to replace it, "
                     "or choose another output folder")
         parent = os.path.dirname(self.destination)
         try:

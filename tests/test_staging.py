@@ -238,3 +238,89 @@ def test_emfile_on_a_shard_is_a_resource_error(source, tmp_path, monkeypatch):
     assert result.exit_code == 71, result.output
     assert "too many open files" in result.stderr and "ulimit -n" in result.stderr and ".safetensors" in result.stderr
     assert not out.exists() and hidden(out) == []
+
+
+# -- 16.4, 16.16, 16.19 and crash consistency: a kill at every step of the commit ------------------------------
+
+OLD = {"old.txt": b"the previous output"}
+NO_EXCHANGE = {streamconv.fastpaths.ENV: "renameat2"}     # the two-rename fallback of --overwrite
+
+
+def with_old_output(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_bytes(OLD["old.txt"])
+    return out
+
+
+def test_an_empty_output_folder_made_after_a_kill_in_the_swap_window_never_loses_the_old_output(source, tmp_path):
+    out = with_old_output(tmp_path)
+    killed = convert(source, out, "--overwrite", env=dict(NO_EXCHANGE, **{staging.KILL_ENV: "between-swap-renames"}))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not out.exists() and tree_bytes(tmp_path / ".out.streamconv-old") == OLD
+    out.mkdir()                                     # a job script's `mkdir -p "$OUT"`
+    failed = convert(source, out)                   # then any run that fails
+    assert failed.returncode == 73 and no_traceback(failed), failed.stderr
+    assert tree_bytes(out) == OLD and not (tmp_path / ".out.streamconv-old").exists()
+
+
+def test_an_old_folder_is_never_deleted_when_the_output_is_not_the_new_one(source, tmp_path):
+    out = with_old_output(tmp_path)
+    killed = convert(source, out, "--overwrite", env=dict(NO_EXCHANGE, **{staging.KILL_ENV: "between-swap-renames"}))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    out.mkdir()
+    (out / "mine.txt").write_text("made after the kill")
+    again = convert(source, out, "--overwrite")
+    assert again.returncode == 73 and no_traceback(again), again.stderr
+    assert "neither was touched" in again.stderr and ".out.streamconv-old" in again.stderr
+    assert tree_bytes(tmp_path / ".out.streamconv-old") == OLD and tree_bytes(out) == {"mine.txt": b"made after the kill"}
+
+
+def test_a_kill_between_the_exchange_and_the_rename_to_old_is_finished_not_called_interrupted(source, tmp_path):
+    out = with_old_output(tmp_path)
+    killed = convert(source, out, "--overwrite", env={staging.KILL_ENV: "after-exchange"})
+    if killed.returncode == 0:
+        pytest.skip("RENAME_EXCHANGE is not available on this filesystem")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert tree_bytes(out) == source["expected"]
+    again = convert(source, out)
+    assert again.returncode == 73 and "interrupted conversion" not in again.stderr, again.stderr
+    assert "holds the complete new output" in again.stderr
+    assert tree_bytes(out) == source["expected"] and hidden(out) == []
+
+
+def test_an_interrupt_right_after_the_commit_says_the_output_is_complete(source, tmp_path):
+    out = tmp_path / "out"
+    result = convert(source, out, "--json", env={staging.KILL_ENV: "after-commit", staging.KILL_SIGNALS_ENV: "INT"})
+    assert result.returncode == 130 and no_traceback(result), result.stderr
+    assert "nothing was committed" not in result.stderr and f"{out} is complete and in place" in result.stderr
+    assert json.loads(result.stdout)["exit_code"] == 130
+    assert tree_bytes(out) == source["expected"] and hidden(out) == []
+
+
+COMMON = ["files-synced", "records-removed", "before-rename", "after-rename", "parent-synced", "after-commit"]
+SWAP = ["journal-written", "old-removed"]
+CRASH_CASES = ([("exchange", "old", p) for p in COMMON + SWAP + ["after-exchange"]]
+               + [("fallback", "old", p) for p in COMMON + SWAP + ["between-swap-renames"]]
+               + [(mode, "none", p) for mode in ("exchange", "fallback") for p in COMMON])
+
+
+@pytest.mark.parametrize("mode,previous,point", CRASH_CASES)
+def test_a_kill_at_every_commit_step_leaves_old_or_new_and_resumes_to_identical_bytes(source, tmp_path, mode,
+                                                                                       previous, point):
+    out = with_old_output(tmp_path) if previous == "old" else tmp_path / "out"
+    before = OLD if previous == "old" else None
+    env = dict(NO_EXCHANGE if mode == "fallback" else {}, **{staging.KILL_ENV: point})
+    killed = convert(source, out, "--overwrite", env=env)
+    assert killed.returncode == -signal.SIGKILL, f"{point} was never reached: {killed.stderr}"
+    after = tree_bytes(out) if out.exists() else None
+    if after is None and point == "between-swap-renames":
+        after = tree_bytes(tmp_path / ".out.streamconv-old")    # set aside; the next run moves it back
+    assert after in (before, source["expected"]), f"after a kill at {point}: {sorted(after or [])}"
+    plain_env = NO_EXCHANGE if mode == "fallback" else {}
+    look = convert(source, out, env=plain_env)          # a run that only looks: recovers, converts nothing
+    assert no_traceback(look)
+    assert (tree_bytes(out) if out.exists() else None) in (before, source["expected"])
+    resumed = convert(source, out, "--overwrite", "--resume", env=plain_env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert tree_bytes(out) == source["expected"] and hidden(out) == []

@@ -10,7 +10,13 @@ point leaves either the staging folder (resumable with `--resume`, or removed wi
 the finished destination. With `--overwrite` the old destination is swapped out in one step
 (`renameat2(RENAME_EXCHANGE)`) and deleted only once the new one is in place; where the kernel or filesystem
 cannot exchange (or `STREAMCONV_NO_FAST_PATHS` turns renameat2 off, see fastpaths.py), two renames are used
-and the old folder is put back if the second one fails.
+and the old folder is put back if the second one fails. A journal written before the swap lets the next run
+finish or undo a swap that was killed half way, by folder identity (swapjournal.py).
+
+The folder may sit in a shared scratch folder and outlive its run, so nothing in it is trusted: files are
+created fresh and read back without following symlinks (outfiles.py), a folder or entry that is a symlink or
+another user's is refused, and the commit publishes nothing but the names handed out by `file()` (and the
+methods that register names). One run per destination: runlock.py (flock, or a lock file where there is none).
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set
 from .errors import OutputError
 from .fastpaths import PROBE_FILE_NAME, FastPaths, detect, read_at
 from .names import staging_name
-from .outfiles import create_new, foreign, not_ours, open_ours
+from .outfiles import NOFOLLOW, create_new, foreign, not_ours, open_ours
 from .runlock import RunLock
 from . import swapjournal
 
@@ -72,7 +78,9 @@ def fsync_path(path: str, *, directory: bool = False) -> None:
     if not _fsync_enabled():
         return
     try:
-        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+        # A file of the staging folder is never reached through a symlink (or blocked on by a planted FIFO);
+        # a folder may be (a parent folder named through a symlink is normal).
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else NOFOLLOW | os.O_NONBLOCK))
         try:
             os.fsync(fd)
         finally:

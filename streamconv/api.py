@@ -335,7 +335,7 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
                                                   integrity=integrity, progress=reporter.advance)
                 verifying.raise_if_failed(checked, staged=True)
                 verified_bytes = checked.bytes_compared
-            staging.commit(on_committed=reporter.committed)
+            staging.commit(on_committed=getattr(reporter, "committed", None))   # (a caller's own reporter may lack it)
             reporter.close()
             if integrity is not None and integrity.unrecorded:
                 run_notes.append(f"CRC-32: {len(integrity.unrecorded)} chunk(s) unchecked: their writer recorded no "

@@ -553,14 +553,23 @@ class StagingDir:
         self._old_identity = swapjournal.identity(self.destination)
         swapjournal.write(journal, swapjournal.identity(self.path), self._old_identity, fsync_path)
         kill_point("journal-written")
-        if self.fast.renameat2 and _renameat2(self.path, self.destination, RENAME_EXCHANGE):
+        try:
+            exchanged = self.fast.renameat2 and _renameat2(self.path, self.destination, RENAME_EXCHANGE)
+        except OSError:
+            swapjournal.remove(journal)     # nothing moved
+            raise
+        if exchanged:
             kill_point("after-exchange")
             try:
                 os.rename(self.path, old)      # the staging name now holds the old output
             except OSError:
                 pass    # committed all the same: the tidy-up finds the old output by its identity
             return
-        os.rename(self.destination, old)
+        try:
+            os.rename(self.destination, old)
+        except OSError:
+            swapjournal.remove(journal)     # nothing moved
+            raise
         try:
             kill_point("between-swap-renames")
             os.rename(self.path, self.destination)

@@ -328,3 +328,26 @@ def test_a_kill_at_every_commit_step_leaves_old_or_new_and_resumes_to_identical_
     resumed = convert(source, out, "--overwrite", "--resume", env=plain_env)
     assert resumed.returncode == 0, resumed.stderr
     assert tree_bytes(out) == source["expected"] and hidden(out) == []
+
+
+@pytest.mark.parametrize("mode", ["exchange", "fallback"])
+def test_a_swap_that_fails_before_anything_moved_leaves_no_journal(source, tmp_path, monkeypatch, mode):
+    out = with_old_output(tmp_path)
+    if mode == "fallback":
+        monkeypatch.setenv(streamconv.fastpaths.ENV, "renameat2")
+        real = os.rename
+
+        def rename(src, dst):
+            if str(src) == str(out):
+                raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(src))
+            return real(src, dst)
+        monkeypatch.setattr(staging.os, "rename", rename)
+    else:
+        monkeypatch.delenv(streamconv.fastpaths.ENV, raising=False)
+
+        def renameat2(src, dst, flags):
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), dst)
+        monkeypatch.setattr(staging, "_renameat2", renameat2)
+    with pytest.raises(OutputError, match="cannot move the finished output into place"):
+        streamconv.convert(str(source["ckpt"]), str(out), max_shard_size=SHARD, overwrite=True)
+    assert tree_bytes(out) == OLD and hidden(out) == []

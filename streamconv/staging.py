@@ -406,9 +406,21 @@ class StagingDir:
                 raise OutputError(f"{full}: cannot remove the interrupted conversion: {exc.strerror}") from None
 
     def _restore_interrupted_swap(self) -> None:
-        """A run killed in the middle of an --overwrite commit: finish or undo it (swapjournal.py)."""
-        self.notes.extend(swapjournal.recover(self.destination, self.path, old_path_for(self.destination),
-                                              journal_path_for(self.destination)))
+        """A run killed in the middle of an --overwrite commit: finish or undo it (swapjournal.py). Under the
+        run lock when its staging folder is still there: a run that is committing right now holds it, and its
+        half-done swap is not ours to tidy."""
+        journal, old = journal_path_for(self.destination), old_path_for(self.destination)
+        if not (os.path.lexists(journal) or os.path.lexists(old)):
+            return
+        if swapjournal.identity(self.path) is not None and not foreign(os.lstat(self.path), directory=True):
+            self._lock()
+        try:
+            self.notes.extend(swapjournal.recover(self.destination, self.path, old, journal))
+        except BaseException:
+            self._unlock()
+            raise
+        if not os.path.lexists(self.path):
+            self._unlock()      # it held the old output, now removed: a fresh staging folder is made and locked
 
     # -- writing --------------------------------------------------------------------------------------
     @property

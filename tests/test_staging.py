@@ -351,3 +351,25 @@ def test_a_swap_that_fails_before_anything_moved_leaves_no_journal(source, tmp_p
     with pytest.raises(OutputError, match="cannot move the finished output into place"):
         streamconv.convert(str(source["ckpt"]), str(out), max_shard_size=SHARD, overwrite=True)
     assert tree_bytes(out) == OLD and hidden(out) == []
+
+
+def test_a_run_never_tidies_the_swap_of_a_run_that_is_committing_right_now(source, tmp_path):
+    out = with_old_output(tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(REPO), **NO_EXCHANGE,
+               **{staging.KILL_ENV: "between-swap-renames", staging.KILL_SIGNALS_ENV: "STOP"})
+    proc = subprocess.Popen([sys.executable, "-m", "streamconv.cli", "convert", str(source["ckpt"]), str(out),
+                             "--max-shard-size", SHARD, "--overwrite"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        os.waitpid(proc.pid, os.WUNTRACED)      # stopped between its two renames: OUT is missing right now
+        assert not out.exists()
+        second = convert(source, out, env=NO_EXCHANGE)
+        assert second.returncode == 73 and "another streamconv run is converting" in second.stderr, second.stderr
+        assert not out.exists() and tree_bytes(tmp_path / ".out.streamconv-old") == OLD
+        proc.send_signal(signal.SIGCONT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert tree_bytes(out) == source["expected"] and hidden(out) == []

@@ -46,8 +46,10 @@ def create_new(path: str) -> int:
 
 
 def open_ours(path: str, flags: int = os.O_RDONLY) -> int:
-    """Open an existing file of the staging folder without following a symlink; it must be a regular file
-    owned by this user. FileNotFoundError passes through (callers decide what a missing file means)."""
+    """Open an existing file of the staging folder without following a symlink; it must be a regular file.
+    (Who owns it is checked once, where a folder left by an earlier run is taken over: during a run, shard
+    workers on other machines may write under another uid.) FileNotFoundError passes through (callers
+    decide what a missing file means)."""
     try:
         fd = os.open(path, flags | NOFOLLOW | os.O_NONBLOCK | _CLOEXEC)
     except OSError as exc:
@@ -59,7 +61,7 @@ def open_ours(path: str, flags: int = os.O_RDONLY) -> int:
             raise OutputError(not_ours(path, "a symbolic link")) from None
         raise OutputError(f"{path}: cannot open: {exc.strerror}") from None
     try:
-        problem = foreign(os.fstat(fd))
+        problem = foreign(os.fstat(fd), owner=False)
         if problem:
             raise OutputError(not_ours(path, problem))
         os.set_blocking(fd, True)
@@ -69,15 +71,16 @@ def open_ours(path: str, flags: int = os.O_RDONLY) -> int:
     return fd
 
 
-def foreign(st: os.stat_result, *, directory: bool = False) -> Optional[str]:
-    """Why an entry of the staging folder is not one we may take over (None when it is)."""
+def foreign(st: os.stat_result, *, directory: bool = False, owner: bool = True) -> Optional[str]:
+    """Why an entry of the staging folder is not one we may take over (None when it is); `owner`: it must
+    also belong to this user."""
     if stat.S_ISLNK(st.st_mode):
         return "a symbolic link"
     if directory and not stat.S_ISDIR(st.st_mode):
         return "not a folder"
     if not directory and not stat.S_ISREG(st.st_mode):
         return "not a regular file"
-    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+    if owner and hasattr(os, "geteuid") and st.st_uid != os.geteuid():
         return f"owned by another user (uid {st.st_uid})"
     return None
 

@@ -511,7 +511,7 @@ class StagingDir:
             if name == RECORDS_DIR:
                 continue
             full = os.path.join(self.path, name)
-            problem = foreign(os.lstat(full))
+            problem = foreign(os.lstat(full), owner=False)     # (ownership: checked at the take-over)
             if problem:
                 raise OutputError(not_ours(full, problem) + "; nothing was committed")
             if name not in self._planned:
@@ -652,7 +652,7 @@ def shard_recorded(staging: str, plan_fingerprint: Optional[str], filename: str,
         st = os.lstat(path)
     except OSError:
         return False
-    if foreign(st) or st.st_size != nbytes:     # a symlink or a stranger's file is never kept: it is replaced
+    if foreign(st, owner=False) or st.st_size != nbytes:   # a symlink is never kept: it is replaced
         return False
     return not check_crc or file_crc32(path, fast or detect()) == record.get("crc32")
 

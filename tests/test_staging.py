@@ -373,3 +373,14 @@ def test_a_run_never_tidies_the_swap_of_a_run_that_is_committing_right_now(sourc
             proc.kill()
     assert proc.returncode == 0, stderr
     assert tree_bytes(out) == source["expected"] and hidden(out) == []
+
+
+def test_a_shard_owned_by_another_user_is_refused_on_resume(source, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a file to another user")
+    out = tmp_path / "out"
+    stage, shards = killed_with_two_shards(source, out)
+    os.chown(stage / shards[0], 4242, 4242)
+    resumed = convert(source, out, "--resume")
+    assert resumed.returncode == 73 and no_traceback(resumed), resumed.stderr
+    assert f"{stage / shards[0]} is owned by another user (uid 4242)" in resumed.stderr and not out.exists()

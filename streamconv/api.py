@@ -295,7 +295,8 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
                 discard_partial=discard_partial, fast=fast, protected=protected) as staging:
             first_file = _first_data_file(with_heads)
             if first_file is not None:      # (no chunk at all: nothing is copied)
-                fast = fastpaths.probe_copy(fast, reader.path(first_file), staging.path)
+                fast = fastpaths.probe_copy(fast, reader.path(first_file), staging.scratch_dir)
+            run_notes.extend(staging.notes)
             kept = [s for s in conversion.shards if staging.kept_shard(s.filename, s.nbytes, fingerprints[s.filename])]
             if staging.resumed:
                 run_notes.append(f"resumed: kept {len(kept)} of {len(conversion.shards)} finished shard(s) "
@@ -361,7 +362,7 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
                 version=_version())])
             kill_point("before-source-recheck")
             provenance.check_unchanged(checkpoint_dir, before)     # a trainer still writing: commit no mix
-            staging.commit()
+            staging.commit(on_committed=getattr(reporter, "committed", None))   # (a caller's own reporter may lack it)
             run_notes += staging.notes
             reporter.close()
             if integrity is not None and integrity.unrecorded:

@@ -62,6 +62,14 @@ def _interrupted(as_json: bool, resume: bool, batch: bool = False) -> None:
     sys.exit(130)
 
 
+class InterruptedAfterCommit(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM/SIGHUP) after the output was committed: the run is interrupted, the output complete."""
+
+    def __init__(self, output: str):
+        super().__init__(output)
+        self.output = output
+
+
 def _fail_cleanly(fn):
     """Turn library errors into one-line messages and their exit codes; never a traceback."""
     keeps_staging = fn.__name__ == "batch"      # batch always resumes: an interrupt keeps staging folders
@@ -77,6 +85,10 @@ def _fail_cleanly(fn):
                 _interrupted(as_json, bool(kwargs.get("resume")), keeps_staging)
             _emit_failure(str(exc), type(exc).__name__, exc.exit_code, as_json)
             sys.exit(exc.exit_code)
+        except InterruptedAfterCommit as exc:
+            _emit_failure(f"interrupted after the commit: {exc.output} is complete and in place (only this "
+                          "report was cut short); nothing needs to be run again", "Interrupted", 130, as_json)
+            sys.exit(130)
         except (KeyboardInterrupt, click.exceptions.Abort):
             _interrupted(as_json, bool(kwargs.get("resume")), keeps_staging)
         except (click.exceptions.Exit, click.ClickException, BrokenPipeError):
@@ -235,11 +247,20 @@ def convert(checkpoint_dir, output_dir, as_json, overwrite, overwrite_any, worke
         progress = sys.stderr.isatty() and not as_json and not quiet
     reporter: Reporter = TqdmReporter() if progress else CollectingReporter()
     try:
-        report = api.convert(checkpoint_dir, output_dir, options, overwrite=overwrite, reporter=reporter,
-                             workers=workers, verify=verify, crc=crc, resume=resume, discard_partial=discard_partial,
-                             overwrite_any=overwrite_any)
-    finally:
-        reporter.close()
+        try:
+            report = api.convert(checkpoint_dir, output_dir, options, overwrite=overwrite, reporter=reporter,
+                                 workers=workers, verify=verify, crc=crc, resume=resume,
+                                 discard_partial=discard_partial, overwrite_any=overwrite_any)
+        finally:
+            reporter.close()
+        _echo_convert_report(report, as_json, quiet, verify=verify, crc=crc)
+    except KeyboardInterrupt:
+        if reporter.committed_output is not None:     # the output is in place: say so, whatever was cut short
+            raise InterruptedAfterCommit(reporter.committed_output) from None
+        raise
+
+
+def _echo_convert_report(report, as_json: bool, quiet: bool, *, verify: bool, crc: Optional[bool]) -> None:
     if as_json:
         click.echo(json.dumps(dict(report.to_dict(), error=None, exit_code=0), indent=2))
     elif not quiet and report.already_converted:

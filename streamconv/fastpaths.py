@@ -84,10 +84,12 @@ def detect(environ: Mapping[str, str] = os.environ) -> FastPaths:
 def probe_copy(fast: FastPaths, source_path: str, folder: str) -> FastPaths:
     """`fast`, with copy_file_range off when it cannot copy from `source_path` into a file in `folder` (another
     filesystem on an older kernel, a filesystem that refuses it). Copies one byte into a probe file there,
-    removed again. Any other failure is a real problem with the output folder or the source, and raised."""
+    removed again. `folder` is a scratch folder that is never committed (`StagingDir.scratch_dir`): a run killed
+    mid-probe must not leave the probe file to be published. Any other failure is a real problem with the output folder or the source, and raised."""
     if not fast.copy_file_range:
         return fast
     from .io import open_regular    # (io.py imports this module)
+    from .outfiles import create_new
     # One name per process and thread: shard jobs (batch, Ray tasks) probe the same staging folder side by side.
     probe_path = os.path.join(folder, f"{PROBE_FILE_NAME}-{os.getpid()}-{threading.get_ident()}")
     try:
@@ -96,11 +98,13 @@ def probe_copy(fast: FastPaths, source_path: str, folder: str) -> FastPaths:
         raise CheckpointError(f"{source_path}: file named in .metadata is missing") from None
     try:
         try:
-            dst = os.open(probe_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            dst = create_new(probe_path)     # never through a symlink planted under the name
         except OSError as exc:
             raise OutputError(f"{probe_path}: cannot create a file in the staging folder: {exc.strerror}") from None
         try:
             os.copy_file_range(src, dst, 1, 0, 0)
+            from .staging import kill_point     # (staging imports this module)
+            kill_point("copy-probe")
         except OSError as exc:
             if exc.errno in _UNSUPPORTED:
                 return replace(fast, copy_file_range=False)

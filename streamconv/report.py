@@ -18,6 +18,13 @@ class Reporter:
     def note(self, message: str) -> None:
         """A line worth showing a person (e.g. 'config.json copied from ...')."""
 
+    committed_output = None
+
+    def committed(self, output: str) -> None:
+        """The finished output is in place (called inside the commit): an interrupt from now on must not
+        be reported as 'nothing was committed'."""
+        self.committed_output = output
+
     def close(self) -> None:
         pass
 

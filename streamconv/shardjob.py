@@ -57,7 +57,7 @@ def write_shard(job: ShardJob, filename: str) -> int:
     from . import api, fastpaths
     from .parallel import write_shards
     from .reader.integrity import ChunkIntegrity
-    from .staging import record_shard, shard_recorded
+    from .staging import record_shard, scratch_dir_of, shard_recorded
 
     shard = job.shard(filename)
     fingerprint = job.shard_fingerprints[filename]
@@ -73,7 +73,7 @@ def write_shard(job: ShardJob, filename: str) -> int:
         stored = api.locate_chunks(one, reader)
         sources = sorted({c.location.relative_path for t in shard.tensors for c in t.chunks})
         if sources:
-            fast = fastpaths.probe_copy(fast, directory.path(sources[0]), job.staging_dir)
+            fast = fastpaths.probe_copy(fast, directory.path(sources[0]), scratch_dir_of(job.staging_dir))
         integrity = ChunkIntegrity(reader, stored, while_decoding=True) if job.crc else None
         write_shards([shard], reader, stored, lambda name: os.path.join(job.staging_dir, name),
                      buffer_bytes=job.plan.options.buffer_bytes, workers=1, integrity=integrity, fast=fast,

@@ -13,6 +13,7 @@ from .crc import PieceCrcs, pread_from
 from .errors import CheckpointError, OutputError
 from .fastpaths import PREAD_STEP_BYTES, FastPaths, detect, read_at
 from .io import open_regular
+from .outfiles import create_new, open_ours
 from .staging import StagingDir, write_failed  # noqa: F401  (StagingDir lived here before staging.py)
 
 
@@ -72,7 +73,7 @@ class FileSink:
         self.fast = fast if fast is not None else detect()
         self.crcs = PieceCrcs()     # the file's CRC-32, built as bytes pass (see crc.py)
         try:
-            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self.fd = create_new(path)      # unlinks first: never writes through a symlink planted there
             os.ftruncate(self.fd, nbytes)
         except OSError as exc:
             raise OutputError(write_failed(path, exc, what="cannot create output file")) from None
@@ -133,7 +134,7 @@ class FileSink:
     def crc32(self) -> int:
         """The whole file's CRC-32: combined from the pieces, reading back only ranges of unknown CRC."""
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            fd = open_ours(self.path)
             try:
                 return self.crcs.total(self.nbytes, pread_from(fd))
             finally:

@@ -10,7 +10,13 @@ point leaves either the staging folder (resumable with `--resume`, or removed wi
 the finished destination. With `--overwrite` the old destination is swapped out in one step
 (`renameat2(RENAME_EXCHANGE)`) and deleted only once the new one is in place; where the kernel or filesystem
 cannot exchange (or `STREAMCONV_NO_FAST_PATHS` turns renameat2 off, see fastpaths.py), two renames are used
-and the old folder is put back if the second one fails.
+and the old folder is put back if the second one fails. A journal written before the swap lets the next run
+finish or undo a swap that was killed half way, by folder identity (swapjournal.py).
+
+The folder may sit in a shared scratch folder and outlive its run, so nothing in it is trusted: files are
+created fresh and read back without following symlinks (outfiles.py), a folder or entry that is a symlink or
+another user's is refused, and the commit publishes nothing but the names handed out by `file()` (and the
+methods that register names). One run per destination: runlock.py (flock, or a lock file where there is none).
 """
 from __future__ import annotations
 
@@ -21,14 +27,18 @@ import json
 import os
 import shutil
 import signal
+import stat
 import zlib
 from contextlib import contextmanager
-from typing import Collection, Dict, Iterable, Iterator, List, Optional
+from typing import Callable, Collection, Dict, Iterable, Iterator, List, Optional, Set
 
 from .errors import OutputError
-from .fastpaths import FastPaths, detect, read_at
+from .fastpaths import PROBE_FILE_NAME, FastPaths, detect, read_at
 from .names import staging_name
+from .outfiles import NOFOLLOW, create_new, foreign, not_ours, open_ours
 from .paths import Identity, adopt_folder_attributes, parent_not_writable_hint, remove_tree
+from .runlock import RunLock
+from . import swapjournal
 
 STAGING_SUFFIX = ".streamconv-partial"
 OLD_SUFFIX = ".streamconv-old"         # the previous output, while --overwrite swaps it out without EXCHANGE
@@ -69,7 +79,9 @@ def fsync_path(path: str, *, directory: bool = False) -> None:
     if not _fsync_enabled():
         return
     try:
-        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+        # A file of the staging folder is never reached through a symlink (or blocked on by a planted FIFO);
+        # a folder may be (a parent folder named through a symlink is normal).
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else NOFOLLOW | os.O_NONBLOCK))
         try:
             os.fsync(fd)
         finally:
@@ -85,7 +97,7 @@ def file_crc32(path: str, fast: FastPaths) -> int:
     view = memoryview(buf)
     offset = 0
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_ours(path)    # never follows a symlink planted under a shard's name
     except OSError as exc:
         raise OutputError(f"{path}: cannot read back: {exc.strerror}") from None
     try:
@@ -160,6 +172,18 @@ def staging_path_for(destination: str) -> str:
     return os.path.join(parent, staging_name(base, tag="streamconv", suffix=STAGING_SUFFIX[len(".streamconv"):]))
 
 
+def lock_path_for(destination: str) -> str:
+    """The lock file used where the filesystem has no flock (runlock.py)."""
+    parent, base = os.path.split(destination)
+    return os.path.join(parent, staging_name(base, tag="streamconv", suffix="-lock"))
+
+
+def journal_path_for(destination: str) -> str:
+    """What an --overwrite commit is doing, for the next run if this one is killed (swapjournal.py)."""
+    parent, base = os.path.split(destination)
+    return os.path.join(parent, staging_name(base, tag="streamconv", suffix="-commit"))
+
+
 def old_path_for(destination: str) -> str:
     parent, base = os.path.split(destination)
     return os.path.join(parent, staging_name(base, tag="streamconv", suffix=OLD_SUFFIX[len(".streamconv"):]))
@@ -170,8 +194,9 @@ def _is_empty_dir(path: str) -> bool:
 
 
 def _read_json(path: str) -> Optional[dict]:
+    """A record of ours, or None when missing or unreadable; OutputError when it is not ours (a symlink...)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with os.fdopen(open_ours(path), encoding="utf-8") as f:
             data = json.load(f)
         return data if isinstance(data, dict) else None
     except (OSError, ValueError):
@@ -181,9 +206,9 @@ def _read_json(path: str) -> Optional[dict]:
 def _write_json_atomic(path: str, obj: dict) -> None:
     tmp = path + ".tmp"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with os.fdopen(create_new(tmp), "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=1, sort_keys=True)
-        os.rename(tmp, path)
+        os.rename(tmp, path)    # replaces whatever had the name (a symlink itself, never its target)
     except OSError as exc:
         raise OutputError(write_failed(path, exc)) from None
 
@@ -213,16 +238,20 @@ class StagingDir:
         self.plan_record = dict(plan_record or {}, version=RECORD_VERSION)
         self.path = staging_path_for(self.destination)
         self.resumed = False
+        self._old_identity = None   # the output --overwrite replaces, once set aside
+        self.committed = False      # the new output is in place (from then on, nothing may report otherwise)
         self._done = False
-        self._lock_fd = -1
+        self._run_lock = RunLock(self.path, lock_path_for(self.destination), self.destination)
         self._unsynced: List[str] = []
+        self._planned: Set[str] = set()     # names handed out or registered: all that commit may publish
         self._restore_interrupted_swap()
         if os.path.lexists(self.destination) and not _is_empty_dir(self.destination):
             if not os.path.isdir(self.destination) or os.path.islink(self.destination):
                 raise OutputError(f"{self.destination} exists and is not a folder; choose another output folder")
             if not overwrite:
+                finished = "".join(f" ({n})" for n in self.notes)     # e.g. a killed --overwrite just finished
                 raise OutputError(
-                    f"{self.destination} exists and is not empty; pass --overwrite to replace it, "
+                    f"{self.destination} exists and is not empty{finished}; pass --overwrite to replace it, "
                     "or choose another output folder")
         parent = os.path.dirname(self.destination)
         try:
@@ -231,22 +260,27 @@ class StagingDir:
             raise OutputError(f"{parent}: cannot create: {exc.strerror}"
                               f"{parent_not_writable_hint(os.path.dirname(parent), exc)}") from None
         if os.path.lexists(self.path):
-            self._lock()
             try:
                 self._take_over_existing(discard_partial)
             except BaseException:
                 self._unlock()
                 raise
-        if not os.path.isdir(self.path):
+        if not self._run_lock.held:
             try:
-                os.mkdir(self.path)
+                os.mkdir(self.path, 0o755)
             except OSError as exc:
                 full = f" ({free_space_note(self.path)})" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
                 raise OutputError(f"{parent}: cannot create staging folder {self.path}: {exc.strerror}{full}"
                                   f"{parent_not_writable_hint(parent, exc)}") from None
-        self._lock()       # (a no-op when taken above; never discard a folder another run holds)
+            try:
+                self._lock()
+            except BaseException:
+                os.rmdir(self.path)     # ours and empty: a run that cannot start leaves nothing behind
+                raise
+        if self._run_lock.note:
+            self.notes.append(self._run_lock.note)
         try:
-            os.makedirs(self.records_dir, exist_ok=True)
+            self._make_records_dir()
             _write_json_atomic(os.path.join(self.records_dir, PLAN_RECORD), self.plan_record)
         except OSError as exc:
             self.__exit__(OutputError, None, None)
@@ -257,24 +291,32 @@ class StagingDir:
 
     # -- opening --------------------------------------------------------------------------------------
     def _lock(self) -> None:
-        """One run per destination: a second concurrent run would write into the same staging folder."""
-        if self._lock_fd >= 0:
-            return
-        import fcntl    # POSIX only: imported here so `import streamconv` works everywhere
-        try:
-            self._lock_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
-            raise OutputError(f"{self.destination}: another streamconv run is converting into it right now "
-                              f"(its staging folder {self.path} is locked); wait for it to finish") from None
-        except OSError as exc:
-            raise OutputError(f"{self.path}: cannot open the staging folder: {exc.strerror}") from None
+        """One run per destination (runlock.py); never discard or write a folder another run holds."""
+        self._run_lock.acquire()
 
     def _take_over_existing(self, discard_partial: bool) -> None:
-        if not os.path.isdir(self.path) or os.path.islink(self.path):
-            raise OutputError(f"{self.path} exists and is not a staging folder; remove it and run again")
+        """An existing staging folder: ours to resume or clear only if it is a real folder this user owns (a
+        planted symlink or a stranger's folder in a shared parent is refused, CWE-59)."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        problem = foreign(st, directory=True)
+        if problem and not discard_partial:
+            raise OutputError(not_ours(self.path, problem))
+        if problem and not stat.S_ISDIR(st.st_mode):
+            try:
+                os.unlink(self.path)        # a symlink goes itself; what it points to is never touched
+            except OSError as exc:
+                raise OutputError(f"{self.path}: cannot remove: {exc.strerror}") from None
+            return
+        self._lock()
+        if problem:     # another user's folder and --discard-partial: start over in a folder of our own
+            remove_tree(self.path, self.protected)
+            self._unlock()
+            if os.path.lexists(self.path):
+                raise OutputError(f"{self.path}: cannot remove it ({problem}); remove it yourself and run again")
+            return
         if discard_partial:
             self._clear()
             return
@@ -288,6 +330,7 @@ class StagingDir:
             # Killed before its plan record was written: nothing in it can be trusted or is worth keeping.
             self._clear()
             return
+        self._check_contents()
         if previous.get("version") != RECORD_VERSION:
             raise OutputError(f"{self.path}: written by another streamconv version; cannot resume it. "
                               "Run again with --discard-partial to start over.")
@@ -311,6 +354,31 @@ class StagingDir:
                 "--discard-partial to start over.")
         self.resumed = True
 
+    def _make_records_dir(self) -> None:
+        try:
+            os.mkdir(self.records_dir, 0o755)
+        except FileExistsError:
+            problem = foreign(os.lstat(self.records_dir), directory=True)
+            if problem:
+                raise OutputError(not_ours(self.records_dir, problem)) from None
+
+    def _check_contents(self) -> None:
+        """Before resuming: every entry must be a regular file of ours (the records folder: a folder of ours).
+        Probe files of older versions, killed mid-probe, are removed: they are never part of an output."""
+        for folder in (self.path, self.records_dir):
+            try:
+                names = os.listdir(folder)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                full = os.path.join(folder, name)
+                st = os.lstat(full)
+                problem = foreign(st, directory=(folder == self.path and name == RECORDS_DIR))
+                if problem:
+                    raise OutputError(not_ours(full, problem))
+                if folder == self.path and name.startswith(PROBE_FILE_NAME):
+                    os.unlink(full)
+
     def _clear(self) -> None:
         for name in os.listdir(self.path):
             left = remove_tree(os.path.join(self.path, name), self.protected)
@@ -318,51 +386,62 @@ class StagingDir:
                 raise OutputError(f"cannot remove the interrupted conversion: {'; '.join(left[:5])}")
 
     def _restore_interrupted_swap(self) -> None:
-        """A run killed between the two renames of the --overwrite fallback left the old output aside."""
-        old = old_path_for(self.destination)
-        if not os.path.lexists(old):
+        """A run killed in the middle of an --overwrite commit: finish or undo it (swapjournal.py). Under the
+        run lock when its staging folder is still there: a run that is committing right now holds it, and its
+        half-done swap is not ours to tidy."""
+        journal, old = journal_path_for(self.destination), old_path_for(self.destination)
+        if not (os.path.lexists(journal) or os.path.lexists(old)):
             return
+        if swapjournal.identity(self.path) is not None and not foreign(os.lstat(self.path), directory=True):
+            self._lock()
         try:
-            if not os.path.lexists(self.destination):
-                os.rename(old, self.destination)        # the new one never arrived: put the old one back
-                return
-        except OSError as exc:
-            raise OutputError(f"{old}: left by an interrupted --overwrite; cannot tidy it: {exc.strerror}. "
-                              f"Move it back to {self.destination} yourself, or delete it.") from None
-        left = remove_tree(old, self.protected)         # the new one is in place: the old one was to go
-        if left:
-            raise OutputError(f"{old}: left by an interrupted --overwrite; cannot tidy it: {'; '.join(left[:5])}. "
-                              "Delete it yourself.")
+            self.notes.extend(swapjournal.recover(self.destination, self.path, old, journal, self.protected))
+        except BaseException:
+            self._unlock()
+            raise
+        if not os.path.lexists(self.path):
+            self._unlock()      # it held the old output, now removed: a fresh staging folder is made and locked
 
     # -- writing --------------------------------------------------------------------------------------
     @property
     def records_dir(self) -> str:
         return os.path.join(self.path, RECORDS_DIR)
 
+    @property
+    def scratch_dir(self) -> str:
+        """Where short-lived files (the copy probe) go: inside the records folder, which is never committed."""
+        return scratch_dir_of(self.path)
+
     def file(self, name: str) -> str:
+        """The path to write output file `name` at; only names asked for here (or registered by the methods
+        below) may be in the folder at the commit."""
+        self._planned.add(name)
         return os.path.join(self.path, name)
 
     def kept_shard(self, filename: str, nbytes: int, shard_fingerprint: str) -> bool:
         """Whether a shard of a resumed run is complete: its record matches the plan, and the file its size
         and checksum. A shard that fails any check is rewritten."""
+        self._planned.add(filename)
         return self.resumed and self.shard_recorded(filename, nbytes, shard_fingerprint)
 
     def shard_recorded(self, filename: str, nbytes: int, shard_fingerprint: str, *, check_crc: bool = True) -> bool:
         """Whether a shard was finished by this plan (here or by another process writing into this folder):
         its record matches, the file has its size and (`check_crc`) the recorded CRC-32."""
+        self._planned.add(filename)
         return shard_recorded(self.path, self.plan_record.get("plan"), filename, nbytes, shard_fingerprint,
                               check_crc=check_crc, fast=self.fast)
 
     def shard_done(self, filename: str, nbytes: int, shard_fingerprint: str, crc32: int) -> None:
         """A shard's bytes are all written: make them durable, then record it so a resume can keep it.
         `crc32` is the file's CRC-32 as the writer computed it (crc.py), checked against the file on resume."""
+        self._planned.add(filename)
         record_shard(self.path, self.plan_record.get("plan"), filename, nbytes, shard_fingerprint, crc32)
 
     def write_json(self, name: str, obj: Dict) -> None:
-        path = self.file(name)
+        path = self.file(name)      # (registers the name)
         data = (json.dumps(obj, indent=2) + "\n").encode("utf-8")
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = create_new(path)
             try:
                 half = len(data) // 2
                 os.write(fd, data[:half])
@@ -378,16 +457,21 @@ class StagingDir:
 
     def added(self, names: Iterable[str]) -> None:
         """Files written into the folder by others (config, tokenizer...): fsynced before the commit."""
-        self._unsynced.extend(self.file(n) for n in names)
+        self._unsynced.extend(self.file(n) for n in names)     # (registers the names)
 
     # -- the end --------------------------------------------------------------------------------------
-    def commit(self) -> None:
-        """Make the folder durable, then move it into place in one rename (see the module docstring)."""
+    def commit(self, on_committed: Optional[Callable[[str], None]] = None) -> None:
+        """Make the folder durable, then move it into place in one rename (see the module docstring).
+        `on_committed(destination)` is called the moment the new output is in place, before any signal held
+        during the rename is looked at: a caller interrupted after that knows the output is complete."""
+        self._check_only_planned()
         for path in self._unsynced:
             fsync_path(path)
+        kill_point("files-synced")
         left = remove_tree(self.records_dir, self.protected)
         if left:
             raise OutputError(f"{self.records_dir}: cannot remove: {'; '.join(left[:5])}")
+        kill_point("records-removed")
         if os.path.isdir(self.destination) and not os.path.islink(self.destination):
             self.notes += adopt_folder_attributes(self.destination, self.path)
         fsync_path(self.path, directory=True)
@@ -395,18 +479,35 @@ class StagingDir:
         parent = os.path.dirname(self.destination)
         with _signals_held() as held:
             if not held:
-                self._move_into_place(parent)
+                self._move_into_place(parent, on_committed)
                 held.clear()    # past the rename the output is committed: a late Ctrl-C changes nothing
-        if not self._done:
+        if not self.committed:
             raise KeyboardInterrupt
         self._unlock()
+        kill_point("after-commit")
 
-    def _move_into_place(self, parent: str) -> None:
+    def _check_only_planned(self) -> None:
+        """Nothing but planned files is published: not a probe left by a killed run, not a stranger's file."""
+        for name in sorted(os.listdir(self.path)):
+            if name == RECORDS_DIR:
+                continue
+            full = os.path.join(self.path, name)
+            problem = foreign(os.lstat(full), owner=False)     # (ownership: checked at the take-over)
+            if problem:
+                raise OutputError(not_ours(full, problem) + "; nothing was committed")
+            if name not in self._planned:
+                raise OutputError(
+                    f"{full}: not part of the planned output (not a shard, the index or a copied file), so "
+                    "nothing was committed. Remove it, or run again with --discard-partial to start over")
+
+    def _move_into_place(self, parent: str, on_committed: Optional[Callable[[str], None]]) -> None:
+        swapped = False
         try:
             if os.path.lexists(self.destination) and not _is_empty_dir(self.destination):
                 if not self.overwrite:
                     raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), self.destination)
                 self._swap_in()
+                swapped = True
             elif os.path.lexists(self.destination):
                 os.rename(self.path, self.destination)  # replaces an empty folder only, else ENOTEMPTY
             elif not (self.fast.renameat2 and _renameat2(self.path, self.destination, RENAME_NOREPLACE)):
@@ -419,34 +520,61 @@ class StagingDir:
                     "another output folder.") from None
             raise OutputError(f"{self.destination}: cannot move the finished output into place: "
                               f"{exc.strerror}") from None
-        self._done = True
+        self._done = self.committed = True
+        if on_committed is not None:
+            on_committed(self.destination)
         kill_point("after-rename")
         fsync_path(parent, directory=True)
-        old = old_path_for(self.destination)
-        if os.path.lexists(old):
-            left = remove_tree(old, self.protected)
-            if left:
-                self.notes.append(f"the previous output could not be deleted entirely; delete {old} yourself "
+        kill_point("parent-synced")
+        if swapped:     # the new output is in place: the old one, set aside by this run, goes (only then)
+            left = []
+            for place in (old_path_for(self.destination), self.path):
+                if swapjournal.identity(place) == self._old_identity:
+                    left += remove_tree(place, self.protected)
+            kill_point("old-removed")
+            if left:        # the journal stays: the next run finishes the tidy-up of what can go
+                self.notes.append(f"the previous output could not be deleted entirely; delete it yourself "
                                   f"({'; '.join(left[:3])})")
+            else:
+                try:
+                    swapjournal.remove(journal_path_for(self.destination))
+                except OutputError:
+                    pass        # committed all the same; the next run removes it
 
     def _swap_in(self) -> None:
         """Replace a non-empty destination (--overwrite): the old folder goes only after the new is in."""
         old = old_path_for(self.destination)
-        if self.fast.renameat2 and _renameat2(self.path, self.destination, RENAME_EXCHANGE):
-            os.rename(self.path, old)          # the staging name now holds the old output
+        journal = journal_path_for(self.destination)
+        self._old_identity = swapjournal.identity(self.destination)
+        swapjournal.write(journal, swapjournal.identity(self.path), self._old_identity, fsync_path)
+        kill_point("journal-written")
+        try:
+            exchanged = self.fast.renameat2 and _renameat2(self.path, self.destination, RENAME_EXCHANGE)
+        except OSError:
+            swapjournal.remove(journal)     # nothing moved
+            raise
+        if exchanged:
+            kill_point("after-exchange")
+            try:
+                os.rename(self.path, old)      # the staging name now holds the old output
+            except OSError:
+                pass    # committed all the same: the tidy-up finds the old output by its identity
             return
-        os.rename(self.destination, old)
+        try:
+            os.rename(self.destination, old)
+        except OSError:
+            swapjournal.remove(journal)     # nothing moved
+            raise
         try:
             kill_point("between-swap-renames")
             os.rename(self.path, self.destination)
         except BaseException:
             os.rename(old, self.destination)
+            swapjournal.remove(journal)
             raise
 
     def _unlock(self) -> None:
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        self._run_lock.release()
 
     def discard(self) -> None:
         if not self._done:
@@ -499,6 +627,11 @@ def free_space_note(path: str) -> str:
     return f"{free:,} bytes free on {probe}; free some space or choose another folder"
 
 
+def scratch_dir_of(staging: str) -> str:
+    """See `StagingDir.scratch_dir`; a function so that a worker process without the StagingDir can ask."""
+    return os.path.join(staging, RECORDS_DIR)
+
+
 def shard_recorded(staging: str, plan_fingerprint: Optional[str], filename: str, nbytes: int,
                    shard_fingerprint: str, *, check_crc: bool = True, fast: Optional[FastPaths] = None) -> bool:
     """See `StagingDir.shard_recorded`; a function so that a worker process without the StagingDir can ask."""
@@ -508,9 +641,10 @@ def shard_recorded(staging: str, plan_fingerprint: Optional[str], filename: str,
             or record.get("shard") != shard_fingerprint or record.get("nbytes") != nbytes):
         return False
     try:
-        if os.path.getsize(path) != nbytes:
-            return False
+        st = os.lstat(path)
     except OSError:
+        return False
+    if foreign(st, owner=False) or st.st_size != nbytes:   # a symlink is never kept: it is replaced
         return False
     return not check_crc or file_crc32(path, fast or detect()) == record.get("crc32")
 

@@ -14,6 +14,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import OptionsError, OutputError
 from ..io import open_regular
+from ..outfiles import create_new
 
 CONFIG_FILE = "config.json"
 # Copied byte for byte when present. config.json is rewritten (its dtype field follows the output).
@@ -209,7 +210,7 @@ def copy_sidecars(config: HFConfig, names: Sequence[str], dest: str, dtype: Opti
         try:
             if name == CONFIG_FILE:
                 data = patched_config(config.data, dtype) if dtype else config.data
-                with open(dst, "w", encoding="utf-8") as f:
+                with os.fdopen(create_new(dst), "w", encoding="utf-8") as f:
                     json.dump(data, f, indent=2)
                     f.write("\n")
             else:
@@ -229,7 +230,7 @@ def copy_regular(src: str, dst: str) -> int:
     src_fd = open_regular(src, error=OptionsError)
     try:
         size = os.fstat(src_fd).st_size
-        dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+        dst_fd = create_new(dst)    # never through a symlink planted in the staging folder
         try:
             done = 0
             while done < size:

@@ -94,11 +94,7 @@ def expand_sources(sources: Sequence[str], from_file: Optional[str] = None) -> L
     and `#` comments skipped); each folder once. A glob matching nothing is an error: it is usually a typo."""
     patterns = list(sources)
     if from_file is not None:
-        try:
-            with open(from_file, encoding="utf-8") as f:
-                patterns += [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
-        except OSError as exc:
-            raise OptionsError(f"--from-file {from_file}: cannot read: {exc.strerror}") from None
+        patterns += _list_file_lines(from_file)
     out: List[str] = []
     seen = set()
     for pattern in patterns:
@@ -116,6 +112,25 @@ def expand_sources(sources: Sequence[str], from_file: Optional[str] = None) -> L
     if not out:
         raise OptionsError("no checkpoints given: name folders or globs, or --from-file LIST")
     return out
+
+
+def _list_file_lines(from_file: str) -> List[str]:
+    """The entries of a --from-file list. Each line is decoded as the shell decodes arguments (os.fsdecode:
+    a folder whose name is not valid UTF-8 still works), a leading UTF-8 BOM and CRLF endings (lists written
+    on Windows) are dropped; a file holding NUL bytes is not a list (e.g. a checkpoint file passed by mistake)."""
+    try:
+        with open(from_file, "rb") as f:
+            data = f.read(_MAX_LIST_BYTES + 1)
+    except OSError as exc:
+        raise OptionsError(f"--from-file {from_file}: cannot read: {exc.strerror}") from None
+    if len(data) > _MAX_LIST_BYTES or b"\0" in data:
+        raise OptionsError(f"--from-file {from_file}: not a list of folders (binary data or over "
+                           f"{_MAX_LIST_BYTES // 2**20} MiB); give a text file with one folder or glob a line")
+    lines = (os.fsdecode(raw).strip() for raw in data.removeprefix(b"\xef\xbb\xbf").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+_MAX_LIST_BYTES = 16 << 20      # far more than any list of checkpoint folders
 
 
 def output_for(template: str, source: str) -> str:

@@ -166,3 +166,23 @@ def test_make_test_prints_no_table_among_the_dots():
                              "-k", "layout_summary"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:]
     assert "chunk layouts" not in result.stdout, result.stdout[-2000:]
+
+
+def test_from_file_lists_are_decoded_as_the_shell_decodes_arguments(tmp_path):
+    from streamconv.batch import expand_sources
+    from streamconv.errors import OptionsError
+    latin = os.fsencode(tmp_path) + b"/caf\xe9"            # a folder name that is not valid UTF-8
+    os.mkdir(latin)
+    (tmp_path / "plain").mkdir()
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"\xef\xbb\xbf# written on Windows\r\n" + latin + b"\r\n" + os.fsencode(tmp_path / "plain")
+                        + b"\r\n")
+    found = expand_sources([], from_file=str(listing))
+    assert [os.fsencode(p) for p in found] == [latin, os.fsencode(tmp_path / "plain")]
+    assert all(os.path.isdir(p) for p in found)
+    binary = tmp_path / "__0_0.distcp"
+    binary.write_bytes(b"PK\x03\x04\x00\x00runs/a\n")
+    with pytest.raises(OptionsError, match="not a list of folders"):
+        expand_sources([], from_file=str(binary))
+    result = CliRunner().invoke(cli, ["batch", "--from-file", str(binary), "-o", str(tmp_path / "hf/{name}")])
+    assert result.exit_code == 64 and "not a list of folders" in result.output, result.output

@@ -284,9 +284,10 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
                 # Finished = recorded by the interrupted run; kept = also of the planned size and CRC-32 now.
                 finished = sum(os.path.lexists(os.path.join(staging.records_dir, s.filename + ".json"))
                                for s in conversion.shards)
-                run_notes.append(f"resumed: kept {len(kept)} of {len(conversion.shards)} shard(s) "
+                total = len(conversion.shards)
+                run_notes.append(f"resumed: kept {len(kept)} of {total} shard(s) "
                                  f"({format_size(sum(s.nbytes for s in kept))}); {finished} had finished, each kept "
-                                 f"one checked by size and CRC-32; wrote the other {len(conversion.shards) - len(kept)}")
+                                 f"one checked by size and CRC-32; wrote the other {total - len(kept)}")
                 reporter.note(run_notes[-1])
             kept_names = {s.filename for s in kept}
             to_write = [s for s in conversion.shards if s.filename not in kept_names]

@@ -432,7 +432,8 @@ def with_writers(conversion: ConversionPlan, writers: int) -> ConversionPlan:
     """The plan with its predicted peak for `writers` threads (`--workers`) instead of DEFAULT_WRITERS: they
     share the buffer, but each has its own transient IO steps. No more writers run than there are tensors."""
     running = max(1, min(writers, len(conversion.tensors)))
-    return replace(conversion, peak_bytes=conversion.peak_bytes + (running - DEFAULT_WRITERS) * IO_STEP_BYTES_PER_WRITER)
+    extra_bytes = (running - DEFAULT_WRITERS) * IO_STEP_BYTES_PER_WRITER
+    return replace(conversion, peak_bytes=conversion.peak_bytes + extra_bytes)
 
 
 def _chunks_and_pieces(entry: TensorEntry, name: str) -> Tuple[Tuple[Chunk, ...], Tuple[Piece, ...]]:

@@ -48,11 +48,17 @@ test-megatron: install
 	$(PIP) install -q --no-deps megatron-core==0.16.1
 	$(PY) -m pytest -q -x --durations=10 -m megatron tests
 
+# Cold-cache numbers need the page cache dropped before each contender, which empties it for the whole machine
+# (and needs root): only when asked, `make bench DROP_CACHES=1`.
+DROP_CACHES ?=
+BENCH_CACHES := $(if $(DROP_CACHES),--drop-caches,--no-drop-caches)
+
 bench: install
-	$(PY) -m benchmarks.run --preset 2gb --out benchmarks/results
+	@echo "page cache: $(if $(DROP_CACHES),dropped before each contender (DROP_CACHES=1),left warm (make bench DROP_CACHES=1 drops it before each contender: root, whole machine))"
+	$(PY) -m benchmarks.run --preset 2gb --out benchmarks/results $(BENCH_CACHES)
 
 bench-full: install
-	$(PY) -m benchmarks.run --preset llama-3.2-11b-vision --dtype bfloat16 --out benchmarks/results
+	$(PY) -m benchmarks.run --preset llama-3.2-11b-vision --dtype bfloat16 --out benchmarks/results $(BENCH_CACHES)
 
 # HuggingFaceStorageWriter per-rank shards (~440 MB, 4 gloo ranks): streamconv against torch's consolidator.
 .PHONY: bench-hf-shards
@@ -61,7 +67,7 @@ bench-hf-shards: install
 
 # 43 GB checkpoint + 21 GB bf16 output: needs ~70 GB free (delete the bf16 preset from benchmarks/.cache first).
 bench-full-fp32: install
-	$(PY) -m benchmarks.run --preset llama-3.2-11b-vision --dtype float32 --out benchmarks/results
+	$(PY) -m benchmarks.run --preset llama-3.2-11b-vision --dtype float32 --out benchmarks/results $(BENCH_CACHES)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -6,13 +6,14 @@
 
 Each contender runs as a child process (`measure.run_measured`): wall time, peak RSS of its
 process tree, bytes read/written, exit status, OOM. Before each one the previous output is deleted,
-`sync` runs and the page cache is dropped (when permitted; recorded), and free disk space is
+`sync` runs and, with --drop-caches, the page cache is dropped (when permitted; recorded), and free disk space is
 checked: a contender that would not fit is reported as skipped, not run. After each one, a timed
 `sync` flushes what it left dirty (its "to disk" time is wall + sync), then its output is
 fingerprinted (`verify.py`) and deleted.
 
 Prints a table, appends the run to OUT/results.json, writes OUT/<checkpoint>.md, redraws
-OUT/results.png from all runs, and refreshes the results block of benchmarks/README.md.
+OUT/results.png from all runs, and (when OUT is benchmarks/results) refreshes the results block of
+benchmarks/README.md.
 See benchmarks/README.md for how to read the numbers.
 """
 from __future__ import annotations
@@ -554,16 +555,23 @@ def parse_args(argv=None):
                    help="fingerprint every byte (all), 3 windows per tensor (sample); auto: all below 8 GB")
     p.add_argument("--floor", choices=("auto", "per-file"), default="auto",
                    help="the I/O floor: cp -r, or per-file copies when cp -r would not fit (auto); per-file forces that")
+    # Opt-in: dropping the page cache empties it for the whole machine (every other process's files too).
+    p.add_argument("--drop-caches", dest="drop_caches", action="store_true", default=False,
+                   help="drop the whole machine's page cache before each contender (needs root; slows every "
+                        "other process on the machine), so each starts cold; default: caches are left warm")
     p.add_argument("--no-drop-caches", dest="drop_caches", action="store_false",
-                   help="do not drop the page cache before each contender")
+                   help="leave the page cache alone (the default)")
     p.add_argument("--repeat", type=int, default=1,
                    help="run each contender N times and report the run with the median time (default 1)")
     p.add_argument("--timeout", type=float, default=3 * 3600, help="seconds per contender (default 3 h)")
     p.add_argument("--mem-limit", type=float, default=None,
                    help="GiB of anonymous memory at which a contender is killed and reported OOM (default: RAM - 1 GiB)")
-    p.add_argument("--readme", default=str(HERE / "README.md"),
-                   help="README whose results block to refresh (default benchmarks/README.md); '' to skip")
+    p.add_argument("--readme", default=None,
+                   help="README whose results block to refresh; default: benchmarks/README.md when --out is "
+                        "benchmarks/results (the tracked results), else none; '' to skip")
     a = p.parse_args(argv)
+    if a.readme is None:    # results written elsewhere must not rewrite the tracked README
+        a.readme = str(HERE / "README.md") if a.out.resolve() == (HERE / "results").resolve() else ""
     a.mem_limit = int((a.mem_limit * GiB) if a.mem_limit else psutil.virtual_memory().total - GiB)
     return a
 

@@ -19,7 +19,7 @@ from .io import DirectoryReader, RangeReader
 from .options import ConvertOptions, resolve as resolve_options
 from .model import BlobLocation, CheckpointMetadata, StoredTensor, TensorEntry
 from .provenance import Fingerprint as _Fingerprint
-from .plan import INDEX_FILE_NAME, ConversionPlan, PlanOptions, build_plan, source_format
+from .plan import DEFAULT_WRITERS, INDEX_FILE_NAME, ConversionPlan, PlanOptions, build_plan, source_format, with_writers
 from .report import ConversionReport, Reporter, peak_rss_bytes
 from .parallel import write_shards
 from .reader.integrity import ChunkIntegrity
@@ -31,7 +31,7 @@ from .sizes import format_size
 
 
 # Two writer threads overlap one shard's reads with another's writes and casts; more rarely helps a disk.
-DEFAULT_WORKERS = 2
+DEFAULT_WORKERS = DEFAULT_WRITERS
 # Whether `convert` checks each chunk's CRC-32 unless told (`--verify` turns it on). Off: on the 2gb benchmark
 # the pass costs ~0.2 s of CPU per GB (a read of page-cached data plus zlib.crc32), 20-80% of the wall time on
 # this 2-core machine, far above the 5% that would make it a free default. `verify` checks CRCs by default.
@@ -106,8 +106,9 @@ def _with_tied_heads(meta: CheckpointMetadata, setup, conversion: ConversionPlan
 
 def plan(checkpoint_dir: str, options: Optional[Options] = None, *, config_from: Optional[str] = None,
          reporter: Optional[Reporter] = None, allow_unmatched: bool = False, no_config: bool = False,
-         **kwargs) -> ConversionPlan:
+         workers: int = DEFAULT_WORKERS, **kwargs) -> ConversionPlan:
     """The dry run: everything `convert` would do, decided from `.metadata` (and the config folder) alone.
+    `workers` (as for `convert`) changes only the predicted peak memory.
     Which folder was taken and what was decided about config, names and tied weights goes to `reporter.note`;
     an output that would not match the reference raises ReferenceMismatchError, as `convert` does."""
     checkpoint_dir, reader, meta, setup, notes = _prepare(
@@ -116,7 +117,7 @@ def plan(checkpoint_dir: str, options: Optional[Options] = None, *, config_from:
     reader.close()
     for note in notes:
         (reporter or Reporter()).note(note)
-    conversion = _checked_plan(meta, setup.options, checkpoint_dir)
+    conversion = with_writers(_checked_plan(meta, setup.options, checkpoint_dir), workers)
     if conversion.source_note:
         (reporter or Reporter()).note(conversion.source_note)
     return conversion
@@ -275,7 +276,7 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
     checkpoint_abs = os.path.abspath(checkpoint_dir)
     with reader:
         options = setup.options
-        conversion = _checked_plan(meta, options, checkpoint_dir)
+        conversion = with_writers(_checked_plan(meta, options, checkpoint_dir), workers)
         with_heads, heads = _with_tied_heads(meta, setup, conversion)
         folders, files = protected_paths(reader, meta, setup.config.folder if setup.config else None)
         protected = check_destination(output_dir, folders, files)       # before anything is written
@@ -299,8 +300,13 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
             run_notes.extend(staging.notes)
             kept = [s for s in conversion.shards if staging.kept_shard(s.filename, s.nbytes, fingerprints[s.filename])]
             if staging.resumed:
-                run_notes.append(f"resumed: kept {len(kept)} of {len(conversion.shards)} finished shard(s) "
-                                 f"({format_size(sum(s.nbytes for s in kept))}), wrote the rest")
+                # Finished = recorded by the interrupted run; kept = also of the planned size and CRC-32 now.
+                finished = sum(os.path.lexists(os.path.join(staging.records_dir, s.filename + ".json"))
+                               for s in conversion.shards)
+                total = len(conversion.shards)
+                run_notes.append(f"resumed: kept {len(kept)} of {total} shard(s) "
+                                 f"({format_size(sum(s.nbytes for s in kept))}); {finished} had finished, each kept "
+                                 f"one checked by size and CRC-32; wrote the other {total - len(kept)}")
                 reporter.note(run_notes[-1])
             kept_names = {s.filename for s in kept}
             to_write = [s for s in conversion.shards if s.filename not in kept_names]
@@ -378,6 +384,7 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
     return ConversionReport(
         checkpoint=checkpoint_abs, output=output_abs,
         tensors=len(conversion.tensors), shards=len(conversion.shards), bytes_written=conversion.files_nbytes,
+        kept_bytes=sum(s.nbytes for s in kept),
         seconds=time.perf_counter() - started, peak_rss_bytes=peak_rss_bytes(),
         predicted_peak_bytes=conversion.peak_bytes, buffer_bytes=options.buffer_bytes,
         max_shard_bytes=options.max_shard_bytes, skipped=conversion.skipped_counts,

@@ -99,7 +99,7 @@ def expand_sources(sources: Sequence[str], from_file: Optional[str] = None,
     `notes`: `runs/*` with outputs in `runs/{name}-hf` must not take last run's outputs for checkpoints."""
     patterns = [user_path(s, "a batch source") for s in sources]
     if from_file is not None:
-        patterns += _read_list(user_path(from_file, "--from-file"))
+        patterns += _list_file_lines(user_path(from_file, "--from-file"))
     out: List[str] = []
     seen = set()
     for pattern in patterns:
@@ -126,26 +126,23 @@ def expand_sources(sources: Sequence[str], from_file: Optional[str] = None,
     return out
 
 
-def _read_list(from_file: str) -> List[str]:
-    """The folders and globs of a --from-file list. Paths are text: a line that is not UTF-8 (a list written
-    in another encoding) or holds a NUL byte is a usage error naming the line, not a crash later."""
+def _list_file_lines(from_file: str) -> List[str]:
+    """The entries of a --from-file list. Each line is decoded as the shell decodes arguments (os.fsdecode:
+    a folder whose name is not valid UTF-8 still works), a leading UTF-8 BOM and CRLF endings (lists written
+    on Windows) are dropped; a file holding NUL bytes is not a list (e.g. a checkpoint file passed by mistake)."""
     try:
         with open(from_file, "rb") as f:
-            raw = f.read()
+            data = f.read(_MAX_LIST_BYTES + 1)
     except OSError as exc:
         raise OptionsError(f"--from-file {from_file}: cannot read: {exc.strerror}") from None
-    patterns = []
-    for number, line in enumerate(raw.splitlines(), 1):
-        try:
-            text = line.decode("utf-8").strip()
-        except UnicodeDecodeError as exc:
-            raise OptionsError(f"--from-file {from_file}: line {number} is not UTF-8 text (byte "
-                               f"0x{line[exc.start]:02x} at column {exc.start + 1}); save the list as UTF-8") from None
-        if "\0" in text:
-            raise OptionsError(f"--from-file {from_file}: line {number} holds a NUL byte, which no path can hold")
-        if text and not text.startswith("#"):
-            patterns.append(text)
-    return patterns
+    if len(data) > _MAX_LIST_BYTES or b"\0" in data:
+        raise OptionsError(f"--from-file {from_file}: not a list of folders (binary data or over "
+                           f"{_MAX_LIST_BYTES // 2**20} MiB); give a text file with one folder or glob a line")
+    lines = (os.fsdecode(raw).strip() for raw in data.removeprefix(b"\xef\xbb\xbf").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+_MAX_LIST_BYTES = 16 << 20      # far more than any list of checkpoint folders
 
 
 # Names of the files a conversion writes at the top of its output folder (hf_shards reads `shard-*` files:

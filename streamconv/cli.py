@@ -269,7 +269,8 @@ def _echo_convert_report(report, as_json: bool, quiet: bool, *, verify: bool, cr
         skipped = ", ".join(f"{n} {why}" for why, n in report.skipped.items()) or "nothing"
         cast = ", ".join(f"{n} {k}" for k, n in report.cast.items()) or "none"
         click.echo(f"wrote {report.tensors} tensors into {report.shards} file(s) in {report.output}\n"
-                   f"  {format_size(report.bytes_written)} in {report.seconds:.2f} s ({report.mb_per_s:.0f} MB/s), "
+                   f"  {format_size(report.bytes_written)} in {report.seconds:.2f} s ({report.mb_per_s:.0f} MB/s"
+                   f"{_kept_text(report.kept_bytes)}), "
                    f"peak RSS {format_size(report.peak_rss_bytes)} "
                    f"(predicted {format_size(report.predicted_peak_bytes)})\n"
                    f"  skipped: {skipped}; cast: {cast}; renamed: {report.renamed}\n"
@@ -292,31 +293,43 @@ def _checked_line(tensors: Optional[int], crc_chunks: Optional[int]) -> str:
     return f"verified: {tensors:,} tensors equal to the checkpoint; {crc}"
 
 
+def _kept_text(kept_bytes: int) -> str:
+    """Say what the MB/s counts when --resume kept shards (their bytes were not written by this run)."""
+    return f" written by this run; {format_size(kept_bytes)} kept from the interrupted one" if kept_bytes else ""
+
+
 @cli.command()
 @click.argument("checkpoint_dir", type=click.Path())
 @_plan_options
+@click.option("--workers", default=api.DEFAULT_WORKERS, show_default=True, type=click.IntRange(1, 64),
+              help="As for convert: the writer threads the predicted peak memory is for.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only the summary line (no files, tensors or notes).")
 @_fail_cleanly
-def plan(checkpoint_dir, as_json, **option_values):
-    """Dry run: show the files, tensor names and predicted peak memory `convert` would produce.
+def plan(checkpoint_dir, as_json, workers, quiet, **option_values):
+    """Dry run: show the files, which tensor goes into each, and the predicted peak memory `convert` would
+    produce.
 
-    Reads only `.metadata` (and the config folder's JSON files and safetensors headers); writes nothing.
+    Reads only `.metadata` (and the config folder's JSON files and safetensors headers); writes nothing. Takes
+    convert's options that decide the output or its memory; not those about writing it (--overwrite, --resume,
+    --discard-partial), checking it (--verify, --crc) or showing progress (--progress).
     """
     notes = CollectingReporter()
-    conversion = api.plan(checkpoint_dir, ConvertOptions.take(option_values), reporter=notes)
+    conversion = api.plan(checkpoint_dir, ConvertOptions.take(option_values), reporter=notes, workers=workers)
     summary = conversion.to_dict()
     if as_json:
         click.echo(json.dumps(dict(summary, notes=notes.notes, error=None, exit_code=0), indent=2))
         return
-    for shard in conversion.shards:
-        click.echo(f"{shard.filename}  {format_size(shard.nbytes)}  {len(shard.tensors)} tensors")
-    for t in conversion.tensors:
-        cast = f" (from {t.src_dtype})" if t.is_cast else ""
-        click.echo(f"  {t.name}  {t.dst_dtype}{cast} {list(t.shape)}  "
-                   f"{len(t.chunks)} chunk(s), {'copy' if t.is_row_contiguous else ('gather' if t.pieces else 'blocks')}")
+    for shard in conversion.shards if not quiet else ():
+        click.echo(f"{shard.filename}  {format_size(shard.nbytes)}  {len(shard.tensors)} tensors:")
+        for t in shard.tensors:     # in the file's order: each tensor under the file it goes into
+            cast = f" (from {t.src_dtype})" if t.is_cast else ""
+            click.echo(f"  {printable(t.name)}  {t.dst_dtype}{cast} {list(t.shape)}  {len(t.chunks)} chunk(s), "
+                       f"{'copy' if t.is_row_contiguous else ('gather' if t.pieces else 'blocks')}")
     skipped = ", ".join(f"{n} {why}" for why, n in summary["skipped"].items()) or "nothing"
     click.echo(f"total {format_size(conversion.total_bytes)} in {len(conversion.shards)} file(s); "
-               f"skipped: {skipped}; predicted peak memory {format_size(conversion.peak_bytes)}")
-    for note in notes.notes:
+               f"skipped: {skipped}; predicted peak memory {format_size(conversion.peak_bytes)} "
+               f"({workers} worker(s))")
+    for note in notes.notes if not quiet else ():
         click.echo(f"  {note}")
 
 
@@ -365,7 +378,8 @@ def verify(checkpoint_dir, output_dir, as_json, crc, quiet, **option_values):
     finally:
         reporter.close()
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        # The same keys as a failure's report: scripts read `error` and `exit_code` either way.
+        click.echo(json.dumps(dict(result.to_dict(), error=None, exit_code=0), indent=2))
     elif not quiet:
         crc_text = (f"; {result.crc_checked_chunks} chunk CRC-32s ok ({format_size(result.crc_checked_bytes)})"
                     if crc else "; CRC-32s not checked")

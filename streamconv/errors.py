@@ -59,8 +59,10 @@ class VerificationError(StreamconvError):
 
 class ReferenceMismatchError(StreamconvError):
     """The output's tensor names or shapes do not match the reference model's weights (`--config-from` or the
-    config found through train_params.yaml): writing it would give a folder that loads as a partly random model.
-    Raised before anything is written; `--allow-unmatched` turns it into a note."""
+    config found through train_params.yaml), or the reference's config does not fit the checkpoint (head counts
+    that do not divide the q/k rows, another layer count): a wrong base model is exit 4 whatever the checkpoint's
+    layout. Raised before anything is written. For names and shapes `--allow-unmatched` turns it into a note; a
+    trainer layout's row permutation cannot be undone with the wrong head counts, so that case always refuses."""
 
     exit_code = 4
 

@@ -6,7 +6,8 @@ The executor only follows the plan, shard by shard, so a shard can be (re)built 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import dtypes, names, safetensors_format, trainers
@@ -24,8 +25,11 @@ MIN_BUFFER_BYTES = 64 * 2**10
 # OpenBLAS) are mapped with ~5 MiB more resident than after they have been paged a while: counted here.
 BASE_RSS_BYTES = 44 * 2**20
 # Transient reads outside the buffer, per writer: the plain IO paths' 1 MiB steps (fastpaths.PREAD_STEP_BYTES),
-# a comparing sink's pieces, a resume record's CRC read-back. Two writers by default.
-IO_STEPS_BYTES = 2 * 2**20
+# a comparing sink's pieces, a resume record's CRC read-back. `build_plan` predicts for the default writer
+# count; `with_writers` for another.
+IO_STEP_BYTES_PER_WRITER = 2**20
+DEFAULT_WRITERS = 2
+IO_STEPS_BYTES = DEFAULT_WRITERS * IO_STEP_BYTES_PER_WRITER
 # Rough resident cost of one chunk's metadata and plan entries (dataclasses, tuples, dict slots).
 PER_CHUNK_BYTES = 1500
 
@@ -161,11 +165,12 @@ class ConversionPlan:
     def to_dict(self) -> dict:
         return {
             "shards": [{"file": s.filename, "bytes": s.nbytes, "tensors": len(s.tensors)} for s in self.shards],
-            "tensors": [{"name": t.name, "source": t.source_fqn, "shape": list(t.shape), "dtype": t.dst_dtype,
+            "tensors": [{"name": t.name, "file": s.filename, "source": t.source_fqn, "shape": list(t.shape),
+                         "dtype": t.dst_dtype,
                          "source_dtype": t.src_dtype, "chunks": len(t.chunks),
                          "assembly": "copy" if t.is_row_contiguous else ("gather" if t.pieces else "blocks"),
                          "pieces": len(t.pieces)}
-                        for t in self.tensors],
+                        for s in self.shards for t in s.tensors],
             "total_bytes": self.total_bytes,
             "files_bytes": self.files_nbytes,
             "max_shard_bytes": self.options.max_shard_bytes,
@@ -421,6 +426,14 @@ def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -
     return ConversionPlan(shards=tuple(shards), options=options, skipped=skipped, renamed=renamed,
                           subtree=subtree, peak_bytes=peak, source_format=resolution.name,
                           source_note=resolution.note)
+
+
+def with_writers(conversion: ConversionPlan, writers: int) -> ConversionPlan:
+    """The plan with its predicted peak for `writers` threads (`--workers`) instead of DEFAULT_WRITERS: they
+    share the buffer, but each has its own transient IO steps. No more writers run than there are tensors."""
+    running = max(1, min(writers, len(conversion.tensors)))
+    extra_bytes = (running - DEFAULT_WRITERS) * IO_STEP_BYTES_PER_WRITER
+    return replace(conversion, peak_bytes=conversion.peak_bytes + extra_bytes)
 
 
 def _chunks_and_pieces(entry: TensorEntry, name: str) -> Tuple[Tuple[Chunk, ...], Tuple[Piece, ...]]:

@@ -38,7 +38,8 @@ class TqdmReporter(Reporter):
 
     def start(self, total_bytes: int, description: str = "") -> None:
         from tqdm import tqdm
-        self._bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=description,
+        # Decimal units (MB, MB/s = 10**6 bytes), as in the summary and --json: tqdm labels MiB as "MB".
+        self._bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc=description,
                          file=self.stream, dynamic_ncols=True, mininterval=0.2)
 
     def advance(self, n_bytes: int) -> None:
@@ -127,10 +128,13 @@ class ConversionReport:
     missing_names: List[str] = field(default_factory=list)    # reference names the output lacks
     fast_paths: List[str] = field(default_factory=list)       # fast IO paths used (see fastpaths.py)
     already_converted: bool = False     # the output already held this conversion: nothing was written
+    kept_bytes: int = 0         # of bytes_written, the shards a resumed run kept from the interrupted one
 
     @property
     def mb_per_s(self) -> float:
-        return self.bytes_written / 1e6 / self.seconds if self.seconds > 0 else 0.0
+        """MB (10**6 bytes) per second written by this run: shards kept by --resume are not counted."""
+        written = self.bytes_written - self.kept_bytes
+        return written / 1e6 / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict:
         d = asdict(self)

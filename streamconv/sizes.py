@@ -15,11 +15,14 @@ _UNITS = {
 }
 # Sizes go into file offsets (off_t); anything past 2**63 - 1 bytes is a typo, not a size.
 MAX_SIZE_BYTES = 2**63 - 1
+# Text without a unit is bytes; below this it is a forgotten unit ("--max-shard-size 2" meaning 2GB would
+# write one file per tensor), so it is refused. A tiny size is still possible with an explicit "B".
+MIN_UNITLESS_BYTES = 10**6
 _PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 
 def parse_size(value, *, option: str = "size") -> int:
-    """Bytes for an int or a string like "5GB" / "16MiB" / "1024"."""
+    """Bytes for an int or a string like "5GB" / "16MiB" / "1e9" (text without a unit is bytes, at least 1 MB)."""
     if isinstance(value, int) and not isinstance(value, bool):
         if value > MAX_SIZE_BYTES:
             raise OptionsError(f"{option} {value!r} is too large: the most is {MAX_SIZE_BYTES:,} bytes (8 EiB)")
@@ -36,6 +39,10 @@ def parse_size(value, *, option: str = "size") -> int:
         if not math.isfinite(exact) or exact > MAX_SIZE_BYTES:
             raise OptionsError(f"{option} {value!r} is too large: the most is {MAX_SIZE_BYTES:,} bytes (8 EiB)")
         n = int(exact)
+        if not unit and 0 < n < MIN_UNITLESS_BYTES:
+            raise OptionsError(
+                f"{option} {value!r} has no unit, so it would be {n:,} bytes; write the unit, e.g. "
+                f"{m.group(1)}GB, {m.group(1)}MiB, or {m.group(1)}B if you do mean bytes")
     if n <= 0:
         raise OptionsError(f"{option} must be positive, got {value!r}")
     return n

@@ -26,7 +26,7 @@ import bisect
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Sequence, Tuple
 
-from .errors import CoverageError, OptionsError
+from .errors import CoverageError, OptionsError, ReferenceMismatchError
 from .model import Chunk, TensorEntry, numel, row_major_strides
 
 Shape = Tuple[int, ...]
@@ -66,7 +66,7 @@ def rope_half_split(n_rows: int, n_heads: int, *, what: str = "weight") -> RowMa
 
     Output row h*hd + j*hd/2 + i is source row h*hd + 2i + j: per head, two runs of every other row."""
     if n_heads <= 0 or n_rows % n_heads or (n_rows // n_heads) % 2:
-        raise OptionsError(
+        raise ReferenceMismatchError(
             f"{what}: {n_rows} rows cannot be {n_heads} RoPE heads of an even head size; check the head counts in "
             "the reference config (num_attention_heads, num_key_value_heads, head_dim)")
     head_dim = n_rows // n_heads
@@ -96,7 +96,8 @@ class Heads:
 
     def __post_init__(self):
         if min(self.n_heads, self.n_kv_heads, self.head_dim) <= 0 or self.n_heads % self.n_kv_heads:
-            raise OptionsError(f"bad attention geometry {self}: heads must be positive and a multiple of kv heads")
+            raise ReferenceMismatchError(f"bad attention geometry in the reference config {self}: heads must be "
+                                         "positive and a multiple of kv heads; is --config-from the base model?")
 
 
 def qkv_part(part: str, heads: Heads, *, grouped: bool) -> RowMap:

@@ -3,12 +3,15 @@
 * `dcp_checkpoints`: every checkpoint of `dcp_writers.CHECKPOINTS`, written once per session by real torch
   writers in gloo process groups (three launches, a few seconds in all). {name: Path of the checkpoint folder}.
 * `demo_checkpoint`: the `make demo` checkpoint (`streamconv.demo_checkpoint.DemoCheckpoint`), built on request.
-* `shared_fixtures_dir`: the GPU-made checkpoints in `<repo>/../shared/fixtures`; skips if that copy is absent.
+* `shared_fixtures_dir`: the GPU-made checkpoints in `<repo>/../shared/fixtures` (or $STREAMCONV_SHARED_FIXTURES);
+  skips if that copy is absent, and the terminal summary then says so in one line (a skip among hundreds of
+  dots is easy to miss, and those tests are the only ones on GPU-made checkpoints).
 
 torch is imported lazily inside the fixtures, so torch-free tests collect and run without it.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
-SHARED_FIXTURES_DIR = REPO_ROOT.parent / "shared" / "fixtures"
+SHARED_FIXTURES_DIR = Path(os.environ.get("STREAMCONV_SHARED_FIXTURES") or REPO_ROOT.parent / "shared" / "fixtures")
 
 # tests/ is not a package; make `import dcp_writers` work however pytest was started.
 if str(TESTS_DIR) not in sys.path:
@@ -43,3 +46,11 @@ def shared_fixtures_dir() -> Path:
         pytest.skip(f"GPU-made fixtures not found at {SHARED_FIXTURES_DIR}: CI expects a copy of shared/ "
                     f"beside the repository ({REPO_ROOT.name}/../shared/fixtures)")
     return SHARED_FIXTURES_DIR
+
+
+def pytest_terminal_summary(terminalreporter):
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "GPU-made fixtures not found" in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_line(
+            f"NOTE: {len(skipped)} test(s) on the GPU-made fixtures were skipped: {SHARED_FIXTURES_DIR} is missing "
+            "(copy ../shared/fixtures beside the clone, or set STREAMCONV_SHARED_FIXTURES)", yellow=True, bold=True)

@@ -37,6 +37,12 @@ def record_flood(total_bytes: int) -> bytes:
     return flood(b"h\x00)\x81\x94", total_bytes, head)
 
 
+def dup_appends_flood(total_bytes: int) -> bytes:
+    """One list, MARK, then DUP (1 byte) as many times as fit, closed by APPENDS: millions of references built
+    from one byte each, held by the stack, then by the copy APPENDS takes, then by the list."""
+    return b"\x80\x04](" + b"2" * (total_bytes - 6) + b"e."
+
+
 def string_flood(total_bytes: int) -> bytes:
     """64 KiB strings, each memoized: a file that is mostly payload."""
     unit = b"X" + struct.pack("<I", 65536) + b"a" * 65536 + b"\x94"

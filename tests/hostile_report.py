@@ -89,6 +89,7 @@ def build_cases(work: Path):
         "20 MB: memo gets": hi.flood(b"h\x00", 20 * MiB, head=b"\x80\x04]\x94"),
         "20 MB: memoized records": hi.record_flood(20 * MiB),
         "20 MB: 64 KiB strings": hi.string_flood(20 * MiB),
+        "20 MB: DUPs closed by one APPENDS": hi.dup_appends_flood(20 * MiB),
         "real: 11B model (3,500 chunks, 4 ranks)": hi.realistic_metadata(3_500),
         "real: 20 MB (120k chunks)": hi.realistic_metadata(120_000),
         "real: 100k chunks over 1,000 ranks": hi.realistic_metadata(100_000, ranks=1000),

@@ -124,16 +124,19 @@ def test_which_folders_are_outputs(two_runs, tmp_path):
     assert not batch.looks_like_output(str(run_folder))
 
 
-def test_a_from_file_line_that_is_not_utf8_is_a_usage_error(two_runs):
+def test_a_from_file_line_that_is_not_utf8_is_a_folder_name_not_a_crash(two_runs):
+    """Lines are decoded as the shell decodes arguments (test_cli_manners covers a folder that exists): a
+    folder that is not there fails its checkpoint by name; a file holding NUL bytes is not a list (64)."""
     listing = two_runs / "list.txt"
     listing.write_bytes(b"runs/a/checkpoint-1\nruns/\xe9t\xe9/checkpoint-1\n")
     result = run("batch", "--from-file", listing, "-o", "hf/{parent}", "--no-config", cwd=two_runs)
-    assert result.returncode == 64, result.stderr
-    assert f"--from-file {listing}: line 2 is not UTF-8" in result.stderr and "internal error" not in result.stderr
+    assert result.returncode == 1, result.stderr
+    assert "internal error" not in result.stderr and "checkpoint-1" in result.stderr, result.stderr
+    assert (two_runs / "hf" / "a").is_dir()
     listing.write_bytes(b"runs/a/checkpoint-1\x00\n")
-    result = run("batch", "--from-file", listing, "-o", "hf/{parent}", "--no-config", cwd=two_runs)
-    assert result.returncode == 64 and "line 1 holds a NUL byte" in result.stderr, result.stderr
-    assert not (two_runs / "hf").exists()
+    result = run("batch", "--from-file", listing, "-o", "hf2/{parent}", "--no-config", cwd=two_runs)
+    assert result.returncode == 64 and "not a list of folders" in result.stderr, result.stderr
+    assert not (two_runs / "hf2").exists()
 
 
 def _free_port() -> int:

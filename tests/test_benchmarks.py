@@ -4,8 +4,10 @@ Not collected by `make test` (testpaths = ["tests"]) unless the project adds it.
 """
 import json
 import math
+import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +16,8 @@ torch = pytest.importorskip("torch")
 from benchmarks import generate as gen  # noqa: E402
 from benchmarks import measure, presets, run, verify  # noqa: E402
 from benchmarks.baselines.common import model_tensors, save_sharded  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -248,3 +252,16 @@ def test_generator_self_check_catches_empty_storages(tiny_ckpt, tmp_path):
             fh.truncate(f.stat().st_size // 10)
     with pytest.raises(gen.GeneratorCheckFailed, match="fewer than the"):
         gen.check_written(bad, "tiny", "float32")
+
+
+def test_results_elsewhere_leave_the_tracked_readme_and_caches_alone(tmp_path):
+    """`--out` elsewhere writes only there; dropping the machine's page cache is opt-in (`make bench DROP_CACHES=1`)."""
+    args = run.parse_args(["--preset", "tiny", "--out", str(tmp_path / "results")])
+    assert args.readme == "" and args.drop_caches is False
+    tracked = run.parse_args(["--preset", "tiny"])
+    assert Path(tracked.readme) == Path(run.HERE) / "README.md" and tracked.drop_caches is False
+    assert run.parse_args(["--preset", "tiny", "--drop-caches"]).drop_caches is True
+    make = subprocess.run(["make", "-n", "bench", "DROP_CACHES=1"], cwd=REPO, capture_output=True, text=True)
+    assert "--drop-caches" in make.stdout and "--no-drop-caches" not in make.stdout.split("benchmarks.run", 1)[1]
+    make = subprocess.run(["make", "-n", "bench"], cwd=REPO, capture_output=True, text=True)
+    assert "--no-drop-caches" in make.stdout and "DROP_CACHES=1" in make.stdout

@@ -93,13 +93,13 @@ def test_chunks_cover_every_element_once(dcp_checkpoints, name):
         assert (hits == 1).all(), key
 
 
-def test_layout_summary(dcp_checkpoints, capsys):
-    """What each parallelism looks like on disk; the key features are asserted, the table is printed (-s)."""
+def test_layout_summary(dcp_checkpoints):
+    """What each parallelism looks like on disk; the key features are asserted, the table is printed with -s
+    (captured otherwise: it does not belong in the middle of `make test`'s dots)."""
     summary = {name: layout_summary(metadata(path)) for name, path in dcp_checkpoints.items()}
-    with capsys.disabled():
-        print("\nchunk layouts: {(chunks, split dims, has empty chunk): tensors}")
-        for name, counts in summary.items():
-            print(f"  {name:16s} {dict(sorted(counts.items()))}")
+    print("\nchunk layouts: {(chunks, split dims, has empty chunk): tensors}")
+    for name, counts in summary.items():
+        print(f"  {name:16s} {dict(sorted(counts.items()))}")
     assert summary["fsdp2"][(3, (0,), False)] > 0 and summary["fsdp2"][(2, (0,), True)] == 2  # gates
     # size-1 gates and their exp_avg/exp_avg_sq are one chunk each (no empty chunk), as are the 29 0-d steps
     assert summary["fsdp1"][(1, (), False)] == 2 * 3 + 29 and not any(e for _, _, e in summary["fsdp1"])

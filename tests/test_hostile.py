@@ -94,6 +94,7 @@ HOSTILE_20MB = {
     "memo gets onto the stack": lambda n: hi.flood(b"h\x00", n, head=b"\x80\x04]\x94"),
     "memoized records": hi.record_flood,
     "64 KiB strings": hi.string_flood,
+    "DUPs closed by one APPENDS": hi.dup_appends_flood,
 }
 
 

@@ -9,7 +9,8 @@
   dim, vocab-parallel embedding and output): the same logits, the same tensors.
 * MQA (1 query group), tied embeddings, random weights, layers split over 2 ranks (pipeline parallel): bit for bit
   against the torch-op mapping, and logits equal (torch.equal) to the model built from that mapping.
-* Refusals: MoE experts, MLA, an unknown tensor, no --config-from: exit 2 / 64, naming tensors and feature,
+* Refusals: MoE experts, MLA, an unknown tensor, no --config-from (exit 2 / 64), a config that does not fit
+  (exit 4, as any wrong base model), naming tensors and feature,
   nothing written. `common.pt` is never unpickled (a tripwire pickle proves it).
 * megatron-core itself on CPU (TP 1 and 2, GQA/MQA, tied): `test_real_megatron`, behind `make test-megatron`
   (needs `pip install megatron-core`; skipped without it).
@@ -181,16 +182,16 @@ def test_needs_head_counts(tmp_path):
     # a config whose head counts do not fit the fused qkv rows is refused, naming the tensor
     base = mw.hf_config(tmp_path / "m", layers=1, hidden=32, heads=4, kv=1, head_dim=8, ffn=24, vocab=64, tied=False)
     result = run("convert", ckpt, tmp_path / "hf", "--config-from", base)
-    assert result.exit_code == 64 and mw.QKV in result.output, result.output
+    assert result.exit_code == 4 and mw.QKV in result.output, result.output
     # a config with another layer count is refused (the folder would load with a layer missing)
     base = mw.hf_config(tmp_path / "l", layers=2, hidden=32, heads=4, kv=2, head_dim=8, ffn=24, vocab=64, tied=False)
     result = run("convert", ckpt, tmp_path / "hf", "--config-from", base)
-    assert result.exit_code == 64 and "num_hidden_layers=2" in result.output, result.output
+    assert result.exit_code == 4 and "num_hidden_layers=2" in result.output, result.output
     assert not (tmp_path / "hf").exists()
     # a padded vocabulary (Megatron pads to a multiple of 128 x TP) is explained
     base = mw.hf_config(tmp_path / "v", layers=1, hidden=32, heads=4, kv=2, head_dim=8, ffn=24, vocab=60, tied=False)
     result = run("convert", ckpt, tmp_path / "hf", "--config-from", base)
-    assert result.exit_code == 64 and "model.embed_tokens.weight [64, 32] (config: [60, 32])" in result.output
+    assert result.exit_code == 4 and "model.embed_tokens.weight [64, 32] (config: [60, 32])" in result.output
     assert "make-vocab-size-divisible-by" in result.output and not (tmp_path / "hf").exists()
 
 

@@ -100,7 +100,7 @@ def test_wrong_head_counts_are_refused(made, tmp_path):
     config.update(num_attention_heads=8, head_dim=8)      # same row count, other heads: the wrong permutation
     (base / "config.json").write_text(json.dumps(config))
     result = convert([case_dir / "ckpt", tmp_path / "out", "--config-from", base])
-    assert result.exit_code == 64, result.output
+    assert result.exit_code == 4, result.output
     assert "k_proj" in result.output and "heads of size 8" in result.output
 
 

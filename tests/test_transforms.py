@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from streamconv import transforms as tf
-from streamconv.errors import CoverageError, OptionsError
+from streamconv.errors import CoverageError, ReferenceMismatchError
 from streamconv.model import BlobLocation, Chunk
 from streamconv.trainers.adapter import row_map
 
@@ -35,9 +35,10 @@ def test_rope_half_split_is_torchs_permutation(n_heads, head_dim):
 
 
 def test_rope_refuses_odd_geometry():
-    with pytest.raises(OptionsError, match="head counts"):
+    # head counts come from the reference config: a wrong base model, exit 4 (ReferenceMismatchError)
+    with pytest.raises(ReferenceMismatchError, match="head counts"):
         tf.rope_half_split(12, 5)
-    with pytest.raises(OptionsError, match="even head size"):
+    with pytest.raises(ReferenceMismatchError, match="even head size"):
         tf.rope_half_split(12, 4)
 
 

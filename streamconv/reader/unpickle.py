@@ -39,8 +39,9 @@ _unpack_f64 = struct.Struct(">d").unpack_from
 # Estimated bytes (64-bit CPython 3.9-3.13, with GC headers and growth slack) of what each opcode keeps
 # alive, charged against the budget: upper bounds, so that a pickle of any shape stays within it. Stack
 # slots are transient and counted live (len(stack) x _STACK_SLOT) instead of charged per push.
-_STACK_SLOT = 9     # pointer + depth byte
+_STACK_SLOT = 10    # pointer + depth byte, with the growth slack of the list and the bytearray
 _SLOT = 10          # a memo or list slot (pointer + depth byte, with the list's growth slack)
+_COPY_SLOT = 9      # one item of the transient copy a MARK-closing opcode takes of the stack (pointer + depth byte)
 _INT = 32           # an int that is not one of CPython's cached small ints
 _OBJECT = 64        # a str/bytes header, an empty list or dict
 _RECORD = 80        # a stand-in record with up to 5 slots, or an object a stand-in function returns
@@ -166,11 +167,16 @@ class _Machine:
         buf, pos = self.buf, 0
         end = len(buf)
 
-        def pop_mark() -> Tuple[list, int]:
-            """The items above the last MARK and their greatest depth."""
+        def pop_mark(cost: int, slot_bytes: int) -> Tuple[list, int]:
+            """The items above the last MARK and their greatest depth, refused before they are copied when the
+            copy (`_COPY_SLOT` each) and the container they go into (`slot_bytes` each) would overrun the budget
+            while the stack still holds them: a flood of DUPs closed by one APPENDS holds each reference three
+            times at that moment (stack, copy, list)."""
             if not marks:
                 raise _Refused("container opcode without a MARK")
             at = marks.pop()
+            if cost + _STACK_SLOT * len(stack) + (_COPY_SLOT + slot_bytes) * (len(stack) - at) > budget:
+                raise _Refused(_over_budget(budget))
             items = stack[at:]
             d = max(depth[at:], default=0)
             del stack[at:], depth[at:]
@@ -180,8 +186,7 @@ class _Machine:
         try:
             while True:
                 if cost + _STACK_SLOT * len(stack) > budget:
-                    raise _Refused(f"it would allocate more than {budget} bytes, far more than a checkpoint's "
-                                   "metadata of this size needs")
+                    raise _Refused(_over_budget(budget))
                 if pos >= end:
                     buf, pos = stream.more(buf, pos, 1), 0
                     end = len(buf)
@@ -262,7 +267,7 @@ class _Machine:
                     cost += 56 + 8 * n
                 elif op == 0x75 or op == 0x73:                    # SETITEMS, SETITEM
                     if op == 0x75:
-                        items, d = pop_mark()
+                        items, d = pop_mark(cost, _ITEM // 2)
                     else:
                         items, d = stack[-2:], max(depth[-2:], default=0)
                         if len(items) != 2:
@@ -330,7 +335,7 @@ class _Machine:
                     cost += _OBJECT
                 elif op == 0x65 or op == 0x61:                    # APPENDS, APPEND
                     if op == 0x65:
-                        items, d = pop_mark()
+                        items, d = pop_mark(cost, _SLOT)
                     else:
                         if len(stack) < 2:
                             raise _Refused("APPEND on a short stack")
@@ -342,7 +347,7 @@ class _Machine:
                     depth[-1] = _deeper(max(depth[-1], d + 1))
                     cost += _SLOT * len(items)
                 elif op == 0x74 or op == 0x6C or op == 0x64:      # TUPLE, LIST, DICT (from MARK)
-                    items, d = pop_mark()
+                    items, d = pop_mark(cost, _ITEM)
                     d = _deeper(d + 1)
                     if op == 0x74:
                         push(tuple(items))
@@ -420,7 +425,7 @@ class _Machine:
                         stack.pop()
                         depth.pop()
                 elif op == 0x31:                                  # POP_MARK
-                    pop_mark()
+                    pop_mark(cost, 0)
                 elif op == 0x32:                                  # DUP
                     push(stack[-1])
                     dpush(depth[-1])
@@ -441,6 +446,10 @@ class _Machine:
         except Exception:
             self.buf, self.pos = buf, pos     # for the byte offset in the error message
             raise
+
+
+def _over_budget(budget: int) -> str:
+    return f"it would allocate more than {budget} bytes, far more than a checkpoint's metadata of this size needs"
 
 
 def _forget(memo: List[Any], obj: Any) -> bool:

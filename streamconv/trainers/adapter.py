@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from .. import transforms
-from ..errors import OptionsError
+from ..errors import OptionsError, ReferenceMismatchError
 from ..model import TensorEntry
 from ..transforms import Heads, RowMap
 
@@ -82,14 +82,14 @@ def _step_rows(step: Step, n_rows: int, heads: Optional[Heads], what: str) -> Ro
     if kind == "rope":
         n_heads = heads.n_heads if arg == "q" else heads.n_kv_heads
         if n_rows != n_heads * heads.head_dim:
-            raise OptionsError(
+            raise ReferenceMismatchError(
                 f"{what}: {n_rows} rows, but the config says {n_heads} {'query' if arg == 'q' else 'key/value'} "
                 f"heads of size {heads.head_dim} ({n_heads * heads.head_dim} rows); is --config-from the base "
                 "model of this checkpoint?")
         return transforms.rope_half_split(n_rows, n_heads, what=what)
     if kind in ("qkv", "qkv_grouped"):
         if n_rows != transforms.qkv_rows(heads):
-            raise OptionsError(
+            raise ReferenceMismatchError(
                 f"{what}: {n_rows} rows, but q/k/v of {heads.n_heads}/{heads.n_kv_heads} heads of size "
                 f"{heads.head_dim} have {transforms.qkv_rows(heads)}; is --config-from the base model?")
         return transforms.qkv_part(arg, heads, grouped=kind == "qkv_grouped")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Dict, List, Optional, Tuple
 
-from ..errors import OptionsError
+from ..errors import ReferenceMismatchError
 from .adapter import Adapter
 from .heads import heads_from_config
 
@@ -59,7 +59,7 @@ def check_llama_shapes(shapes: Dict[str, Tuple[int, ...]], config: dict, adapter
     vocab_hint = any(w.split(" ", 1)[0] in ("model.embed_tokens.weight", "lm_head.weight") for w in wrong)
     hint = (" If the embedding has more rows than vocab_size, the trainer padded the vocabulary (Megatron: "
             "--make-vocab-size-divisible-by): set vocab_size in config.json to its row count." if vocab_hint else "")
-    raise OptionsError(
+    raise ReferenceMismatchError(
         f"the {adapter.name} checkpoint does not fit the reference config (Hugging Face Llama): "
         + "; ".join(lines) + ". Is --config-from the base model of this checkpoint?" + hint)
 

@@ -6,7 +6,6 @@ The executor only follows the plan, shard by shard, so a shard can be (re)built 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 

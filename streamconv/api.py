@@ -435,7 +435,7 @@ def _recorded_options(options, kwargs, config_from, allow_unmatched: bool, no_co
                               no_config=no_config)
     o = setup.options
     return ConvertOptions(
-        max_shard_size=str(o.max_shard_bytes), buffer_size=str(o.buffer_bytes), dtype=o.dtype,
+        max_shard_size=f"{o.max_shard_bytes}B", buffer_size=f"{o.buffer_bytes}B", dtype=o.dtype,
         config_from=os.path.abspath(user.config_from) if user.config_from else None, no_config=user.no_config,
         allow_unmatched=user.allow_unmatched, include=o.include, exclude=o.exclude,
         renames=tuple(f"{r.pattern.replace('=', chr(92) + '=')}={r.replacement}" for r in o.renames),

@@ -25,7 +25,7 @@ from .parallel import write_shards
 from .reader.integrity import ChunkIntegrity
 from .shardjob import ShardJob
 from .paths import user_path
-from .staging import StagingDir, kill_point
+from .staging import StagingDir, kill_point, recover_swap
 from . import verification as verifying
 from .sizes import format_size
 
@@ -284,12 +284,15 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
         stored = locate_chunks(with_heads, reader)
         source_fp = provenance.source_fingerprint(checkpoint_dir, meta, stored, before)
         resume_record = plan_record(conversion, checkpoint_dir, meta, source_fp)
+        # A killed --overwrite is finished (or undone) first: what OUT holds decides everything below.
+        swap_notes = recover_swap(output_dir, protected)
         already = provenance.check_existing_output(output_dir, source_fp, resume_record["plan"], overwrite=overwrite,
                                                    overwrite_any=overwrite_any)
         if already is not None:
-            return _already_converted(checkpoint_dir, output_dir, conversion, options, notes, started)
+            return _already_converted(checkpoint_dir, output_dir, conversion, options, list(notes) + swap_notes,
+                                      started)
         fingerprints = {s.filename: shard_fingerprint(s) for s in conversion.shards}
-        run_notes = [n for n in [provenance.fingerprint_note(source_fp)] if n]
+        run_notes = swap_notes + [n for n in [provenance.fingerprint_note(source_fp)] if n]
         # (the watch turns a failure in a checkpoint file that changed meanwhile into "it changed")
         with provenance.SourceWatch(checkpoint_dir, before), StagingDir(
                 output_dir, plan_record=resume_record, overwrite=overwrite or overwrite_any, resume=resume,

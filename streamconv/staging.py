@@ -213,6 +213,30 @@ def _write_json_atomic(path: str, obj: dict) -> None:
         raise OutputError(write_failed(path, exc)) from None
 
 
+def recover_swap(destination: str, protected: Collection[Identity] = (), lock: Optional[RunLock] = None) -> List[str]:
+    """Finish or undo the --overwrite swap of a run killed in the middle of its commit (swapjournal.py); notes for
+    the report. Under the run lock when its staging folder is still there: a run that is committing right now
+    holds it, and its half-done swap is not ours to tidy. `lock` (a StagingDir's own) stays held when the
+    staging folder is still there afterwards; a lock made here is always released. Also called by a run that
+    finds its output already converted and writes nothing: the tidy-up is owed all the same."""
+    destination = os.path.abspath(destination)
+    path, journal, old = staging_path_for(destination), journal_path_for(destination), old_path_for(destination)
+    if not (os.path.lexists(journal) or os.path.lexists(old)):
+        return []
+    own = lock is None
+    lock = lock or RunLock(path, lock_path_for(destination), destination)
+    if swapjournal.identity(path) is not None and not foreign(os.lstat(path), directory=True):
+        lock.acquire()
+    try:
+        return swapjournal.recover(destination, path, old, journal, protected)
+    except BaseException:
+        lock.release()
+        raise
+    finally:
+        if own or not os.path.lexists(path):
+            lock.release()      # (a StagingDir's: its folder held the old output, now gone; a fresh one is made)
+
+
 class StagingDir:
     """The hidden folder beside the destination; see the module docstring.
 
@@ -386,21 +410,8 @@ class StagingDir:
                 raise OutputError(f"cannot remove the interrupted conversion: {'; '.join(left[:5])}")
 
     def _restore_interrupted_swap(self) -> None:
-        """A run killed in the middle of an --overwrite commit: finish or undo it (swapjournal.py). Under the
-        run lock when its staging folder is still there: a run that is committing right now holds it, and its
-        half-done swap is not ours to tidy."""
-        journal, old = journal_path_for(self.destination), old_path_for(self.destination)
-        if not (os.path.lexists(journal) or os.path.lexists(old)):
-            return
-        if swapjournal.identity(self.path) is not None and not foreign(os.lstat(self.path), directory=True):
-            self._lock()
-        try:
-            self.notes.extend(swapjournal.recover(self.destination, self.path, old, journal, self.protected))
-        except BaseException:
-            self._unlock()
-            raise
-        if not os.path.lexists(self.path):
-            self._unlock()      # it held the old output, now removed: a fresh staging folder is made and locked
+        """A run killed in the middle of an --overwrite commit: finish or undo it (see `recover_swap`)."""
+        self.notes.extend(recover_swap(self.destination, self.protected, self._run_lock))
 
     # -- writing --------------------------------------------------------------------------------------
     @property

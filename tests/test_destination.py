@@ -140,7 +140,7 @@ def test_deletion_spares_a_mount_that_appeared_after_the_check(source, tmp_path)
     before = snapshot(ckpt)
     script = ("import json, sys, streamconv; from streamconv import destination\n"
               "destination._walk_for_sources = lambda *a: None\n"
-              "r = streamconv.convert(sys.argv[1], sys.argv[2], overwrite=True, max_shard_size='100KB')\n"
+              "r = streamconv.convert(sys.argv[1], sys.argv[2], overwrite_any=True, max_shard_size='100KB')\n"
               "print(json.dumps(r.notes))")
     result = in_private_namespace(f"mount --bind {ckpt} {out / 'mnt'} && "
                                   f"{shlex.quote(sys.executable)} -c {shlex.quote(script)} {ckpt} {out}")

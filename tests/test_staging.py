@@ -255,7 +255,7 @@ def with_old_output(tmp_path):
 
 def test_an_empty_output_folder_made_after_a_kill_in_the_swap_window_never_loses_the_old_output(source, tmp_path):
     out = with_old_output(tmp_path)
-    killed = convert(source, out, "--overwrite", env=dict(NO_EXCHANGE, **{staging.KILL_ENV: "between-swap-renames"}))
+    killed = convert(source, out, "--overwrite-any", env=dict(NO_EXCHANGE, **{staging.KILL_ENV: "between-swap-renames"}))
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not out.exists() and tree_bytes(tmp_path / ".out.streamconv-old") == OLD
     out.mkdir()                                     # a job script's `mkdir -p "$OUT"`
@@ -266,11 +266,11 @@ def test_an_empty_output_folder_made_after_a_kill_in_the_swap_window_never_loses
 
 def test_an_old_folder_is_never_deleted_when_the_output_is_not_the_new_one(source, tmp_path):
     out = with_old_output(tmp_path)
-    killed = convert(source, out, "--overwrite", env=dict(NO_EXCHANGE, **{staging.KILL_ENV: "between-swap-renames"}))
+    killed = convert(source, out, "--overwrite-any", env=dict(NO_EXCHANGE, **{staging.KILL_ENV: "between-swap-renames"}))
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     out.mkdir()
     (out / "mine.txt").write_text("made after the kill")
-    again = convert(source, out, "--overwrite")
+    again = convert(source, out, "--overwrite-any")
     assert again.returncode == 73 and no_traceback(again), again.stderr
     assert "neither was touched" in again.stderr and ".out.streamconv-old" in again.stderr
     assert tree_bytes(tmp_path / ".out.streamconv-old") == OLD and tree_bytes(out) == {"mine.txt": b"made after the kill"}
@@ -278,14 +278,16 @@ def test_an_old_folder_is_never_deleted_when_the_output_is_not_the_new_one(sourc
 
 def test_a_kill_between_the_exchange_and_the_rename_to_old_is_finished_not_called_interrupted(source, tmp_path):
     out = with_old_output(tmp_path)
-    killed = convert(source, out, "--overwrite", env={staging.KILL_ENV: "after-exchange"})
+    killed = convert(source, out, "--overwrite-any", env={staging.KILL_ENV: "after-exchange"})
     if killed.returncode == 0:
         pytest.skip("RENAME_EXCHANGE is not available on this filesystem")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert tree_bytes(out) == source["expected"]
-    again = convert(source, out)
-    assert again.returncode == 73 and "interrupted conversion" not in again.stderr, again.stderr
-    assert "holds the complete new output" in again.stderr
+    again = convert(source, out, "--json")     # a retry: the swap is finished, the output is already there
+    report = json.loads(again.stdout)
+    assert again.returncode == 0 and report["already_converted"], again.stderr
+    assert "interrupted conversion" not in again.stdout + again.stderr
+    assert any("holds the complete new output" in n for n in report["notes"]), report["notes"]
     assert tree_bytes(out) == source["expected"] and hidden(out) == []
 
 
@@ -311,7 +313,7 @@ def test_a_kill_at_every_commit_step_leaves_old_or_new_and_resumes_to_identical_
     out = with_old_output(tmp_path) if previous == "old" else tmp_path / "out"
     before = OLD if previous == "old" else None
     env = dict(NO_EXCHANGE if mode == "fallback" else {}, **{staging.KILL_ENV: point})
-    killed = convert(source, out, "--overwrite", env=env)
+    killed = convert(source, out, "--overwrite-any", env=env)
     assert killed.returncode == -signal.SIGKILL, f"{point} was never reached: {killed.stderr}"
     after = tree_bytes(out) if out.exists() else None
     if after is None and point == "between-swap-renames":
@@ -325,7 +327,7 @@ def test_a_kill_at_every_commit_step_leaves_old_or_new_and_resumes_to_identical_
     assert now in (before, source["expected"]), f"after a kill at {point} and a rerun: {sorted(now or [])}"
     if now == source["expected"]:                       # committed: the rerun tidied up everything
         assert hidden(out) == [] and "interrupted conversion" not in look.stderr, look.stderr
-    resumed = convert(source, out, "--overwrite", "--resume", env=plain_env)
+    resumed = convert(source, out, "--overwrite-any", "--resume", env=plain_env)
     assert resumed.returncode == 0, resumed.stderr
     assert tree_bytes(out) == source["expected"] and hidden(out) == []
 
@@ -349,7 +351,7 @@ def test_a_swap_that_fails_before_anything_moved_leaves_no_journal(source, tmp_p
             raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), dst)
         monkeypatch.setattr(staging, "_renameat2", renameat2)
     with pytest.raises(OutputError, match="cannot move the finished output into place"):
-        streamconv.convert(str(source["ckpt"]), str(out), max_shard_size=SHARD, overwrite=True)
+        streamconv.convert(str(source["ckpt"]), str(out), max_shard_size=SHARD, overwrite_any=True)
     assert tree_bytes(out) == OLD and hidden(out) == []
 
 
@@ -358,7 +360,7 @@ def test_a_run_never_tidies_the_swap_of_a_run_that_is_committing_right_now(sourc
     env = dict(os.environ, PYTHONPATH=str(REPO), **NO_EXCHANGE,
                **{staging.KILL_ENV: "between-swap-renames", staging.KILL_SIGNALS_ENV: "STOP"})
     proc = subprocess.Popen([sys.executable, "-m", "streamconv.cli", "convert", str(source["ckpt"]), str(out),
-                             "--max-shard-size", SHARD, "--overwrite"], env=env, stdout=subprocess.PIPE,
+                             "--max-shard-size", SHARD, "--overwrite-any"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         os.waitpid(proc.pid, os.WUNTRACED)      # stopped between its two renames: OUT is missing right now

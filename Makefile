@@ -17,7 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_INDEX) $(TORCH_PIN)
-	$(PIP) install -q -e '.[test,bench,demo]'
+	# -qq: setuptools' "Editable installation" notice (printed by every pip >= 24 at -q) is not for users;
+	# errors still show.
+	$(PIP) install -qq -e '.[test,bench,demo]'
 	touch $@
 
 install: $(VENV)/.installed

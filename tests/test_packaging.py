@@ -81,6 +81,16 @@ def test_makefile_takes_torch_from_TORCH_INDEX_URL_when_set(tmp_path):
     assert "--index-url https://download.pytorch.org/whl/cpu torch==" in cpu
 
 
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_install_keeps_setuptools_editable_notice_out_of_make_demo(tmp_path):
+    """`make demo` starts with `make install`: the editable install's multi-line setuptools notice (shown by
+    pip >= 24 at -q) looked like a warning about the demo. -qq hides it; pip's errors still show."""
+    r = subprocess.run(["make", "-n", "install", f"VENV={tmp_path / 'venv'}"], cwd=REPO_ROOT, capture_output=True,
+                       text=True, timeout=60)
+    (editable,) = [line for line in r.stdout.splitlines() if " -e " in line]
+    assert " -qq " in editable, editable
+
+
 def test_core_dependencies_are_exactly_what_a_conversion_imports(dcp_checkpoints, tmp_path):
     """Run a conversion (cast, progress bar, summary) and list the distributions it imported."""
     declared = {_dist_name(r) for r in _pyproject()["project"]["dependencies"]}

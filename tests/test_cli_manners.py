@@ -1,4 +1,4 @@
-"""What a newcomer meets first (issue 17, items 4, 10, 11): README statements about the CLI that must hold, one
+"""What a newcomer meets first (issue 17, items 4, 10, 11): README and docs/options.md statements about the CLI that must hold, one
 exit code per meaning, sizes that need their unit, honest resume counts and rates, `plan` naming each tensor's
 file, `verify --json` always carrying `error`/`exit_code`, the error classes importable from `streamconv`, and a
 visible line when the GPU-made fixtures are absent."""
@@ -22,7 +22,7 @@ from streamconv.cli import cli
 from streamconv.report import TqdmReporter
 
 REPO = Path(__file__).resolve().parent.parent
-README = (REPO / "README.md").read_text(encoding="utf-8")
+OPTIONS_DOC = (REPO / "docs" / "options.md").read_text(encoding="utf-8")    # the option reference the README links
 SHARD = "100KB"     # the tp checkpoint (~0.8 MB of weights) gives several shards
 
 
@@ -39,11 +39,11 @@ def run(*args, env=None):
                           env=full_env, timeout=300)
 
 
-# -- README: what `plan` takes of convert's options (17.4) ----------------------------------------------------
+# -- docs/options.md: what `plan` takes of convert's options (17.4) ----------------------------------------------------
 
 def test_readme_names_exactly_the_convert_options_plan_does_not_take():
-    sentence = re.search(r"`plan` takes all of them except (.*?): ", README, re.S)
-    assert sentence, "README lost the sentence saying which convert options plan lacks"
+    sentence = re.search(r"`plan` takes all of them except (.*?): ", OPTIONS_DOC, re.S)
+    assert sentence, "docs/options.md lost the sentence saying which convert options plan lacks"
     said = set(re.findall(r"`(--?[\w-]+)`", sentence.group(1)))
     convert, plan = long_options("convert"), long_options("plan")
     lacking = {o for o in convert - plan if not o.startswith("--no-")}   # --no-crc goes with --crc
@@ -52,7 +52,7 @@ def test_readme_names_exactly_the_convert_options_plan_does_not_take():
 
 
 def test_readme_option_table_is_convert_s_options():
-    table = README.split("`convert` options (", 1)[1].split("\n\n", 1)[1].split("\n\n", 1)[0]
+    table = OPTIONS_DOC.split("`convert` options (", 1)[1].split("\n\n", 1)[1].split("\n\n", 1)[0]
     rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| `")]
     in_table = {o for row in rows for o in re.findall(r"--?[\w-]+", row.split(" ")[0])}
     assert in_table == long_options("convert"), in_table ^ long_options("convert")

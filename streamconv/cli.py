@@ -13,6 +13,7 @@ import click
 
 from . import api
 from .errors import OptionsError, StreamconvError
+from .help_sections import SectionedCommand
 from .options import ConvertOptions
 from .report import CollectingReporter, Reporter, TqdmReporter
 from .names import printable
@@ -107,6 +108,8 @@ class _Group(click.Group):
     """Usage errors exit 64 (EX_USAGE, as README says) instead of click's 2, which README gives to a bad
     checkpoint; with --json they print the same one-object failure as every other error."""
 
+    command_class = SectionedCommand        # every command's --help lists its options in titled sections
+
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
@@ -184,7 +187,9 @@ def _plan_options(fn, hide=()):
     return fn
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+# A terminal wider than 80 columns gets wider --help (click stops at 80 by default), so a command's sections fit
+# more of a screen; a pipe still gets 80.
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(package_name="streamconv")
 def cli():
     """Turn PyTorch Distributed Checkpoints (FSDP / DTensor `.distcp` + `.metadata`) into Hugging Face

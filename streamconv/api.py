@@ -23,11 +23,13 @@ from .provenance import Fingerprint as _Fingerprint
 from .plan import DEFAULT_WRITERS, INDEX_FILE_NAME, ConversionPlan, PlanOptions, build_plan, source_format, with_writers
 from .report import ConversionReport, Reporter, peak_rss_bytes
 from .parallel import write_shards
+from .reader import zstd
 from .reader.integrity import ChunkIntegrity
 from .shardjob import ShardJob
 from .paths import user_path
 from .failpoints import kill_point
 from .staging import StagingDir, recover_swap
+from .trainers import megatron
 from . import verification as verifying
 from .sizes import format_size
 
@@ -64,7 +66,6 @@ def _prepare(checkpoint_dir: str, options, kwargs, *, config_from, allow_unmatch
     """What every verb does first: find the DCP folder (a run folder stands for the one in it), read its
     metadata, resolve the options, refuse optimizer-only folders, and prepare the HF side (config, names,
     reference check). Returns (checkpoint_dir, reader, meta, setup, notes); the caller closes the reader."""
-    from .reader import zstd
     checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_argument(checkpoint_dir))
     reader, meta = load(checkpoint_dir, fast)
     try:
@@ -444,8 +445,6 @@ def describe_layout(shape: Sequence[int], chunks: Iterable) -> str:
 def inspect(checkpoint_dir: str) -> dict:
     """What is inside a checkpoint, from `.metadata` alone (and a Megatron folder's metadata.json). A run folder
     stands for the model's DCP folder in it (`discover.find_checkpoint`); `found` then says which was taken."""
-    from .reader import zstd
-    from .trainers import megatron
     checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_argument(checkpoint_dir))
     megatron_folder = megatron.recognise(checkpoint_dir)
     reader, meta = load(checkpoint_dir)

@@ -9,23 +9,27 @@ import json
 import os
 import time
 from dataclasses import replace
-from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Optional, Sequence, Union
 
 from . import discover, dtypes, fastpaths, hf, names, provenance, record
 from .destination import check_destination, check_free_space
 from .errors import CheckpointError, OptionsError, OutputError, VerificationError
-from .executor import Executor, check_stored
-from .io import DirectoryReader, RangeReader
+from .checkpoint import load, locate_chunks
+from .executor import Executor
+from .io import DirectoryReader
 from .options import ConvertOptions, resolve as resolve_options
-from .model import BlobLocation, CheckpointMetadata, StoredTensor, TensorEntry
+from .model import CheckpointMetadata
 from .provenance import Fingerprint as _Fingerprint
 from .plan import DEFAULT_WRITERS, INDEX_FILE_NAME, ConversionPlan, PlanOptions, build_plan, source_format, with_writers
 from .report import ConversionReport, Reporter, peak_rss_bytes
 from .parallel import write_shards
+from .reader import zstd
 from .reader.integrity import ChunkIntegrity
 from .shardjob import ShardJob
 from .paths import user_path
-from .staging import StagingDir, kill_point, recover_swap
+from .failpoints import kill_point
+from .staging import StagingDir, recover_swap
+from .trainers import megatron
 from . import verification as verifying
 from .sizes import format_size
 
@@ -45,24 +49,6 @@ def make_options(**keywords) -> PlanOptions:
     return ConvertOptions(**keywords).plan_options()
 
 
-def load(checkpoint_dir: str, fast: Optional[fastpaths.FastPaths] = None
-         ) -> Tuple[DirectoryReader, CheckpointMetadata]:
-    from .reader import find_metadata_file, hf_shards, load_metadata
-    shards = hf_shards.shard_files(checkpoint_dir)   # HuggingFaceStorageWriter per-rank files: no .metadata
-    # find_metadata_file explains what a DCP folder looks like when it is not one
-    name = None if shards else find_metadata_file(checkpoint_dir)
-    reader = DirectoryReader(checkpoint_dir, fast=fast)
-    try:
-        meta = hf_shards.load_metadata(reader, shards) if shards else load_metadata(reader, name)
-    except BaseException:
-        reader.close()
-        raise
-    from .reader import zstd
-    if zstd.uses_transforms(meta):   # compressed blobs are read through a decoder (reader/zstd.py)
-        return zstd.DecodingReader(reader), meta
-    return reader, meta
-
-
 def checkpoint_argument(checkpoint_dir) -> str:
     """A checkpoint path as given, refused when empty (OptionsError) or a file (CheckpointError, with what to
     pass instead); every verb starts here."""
@@ -80,7 +66,6 @@ def _prepare(checkpoint_dir: str, options, kwargs, *, config_from, allow_unmatch
     """What every verb does first: find the DCP folder (a run folder stands for the one in it), read its
     metadata, resolve the options, refuse optimizer-only folders, and prepare the HF side (config, names,
     reference check). Returns (checkpoint_dir, reader, meta, setup, notes); the caller closes the reader."""
-    from .reader import zstd
     checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_argument(checkpoint_dir))
     reader, meta = load(checkpoint_dir, fast)
     try:
@@ -216,23 +201,6 @@ def protected_paths(reader: DirectoryReader, meta: CheckpointMetadata, config_fo
         except OSError:
             pass
     return folders, files
-
-
-def locate_chunks(conversion: ConversionPlan, reader: RangeReader) -> Dict[BlobLocation, StoredTensor]:
-    """Find every planned chunk's raw bytes and check them against the metadata, before any output exists.
-    Blobs are visited in file order, each once."""
-    from .reader import locate_all
-    entries = [TensorEntry(fqn=t.source_fqn, dtype=t.src_dtype, shape=t.shape, chunks=t.chunks)
-               for t in conversion.tensors]
-    reader.set_random_access(True)
-    try:
-        stored = locate_all(reader, entries)
-    finally:
-        reader.set_random_access(False)
-    for t in conversion.tensors:
-        for chunk in t.chunks:
-            check_stored(t, chunk, stored[chunk.location])
-    return stored
 
 
 def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = None, *,
@@ -477,8 +445,6 @@ def describe_layout(shape: Sequence[int], chunks: Iterable) -> str:
 def inspect(checkpoint_dir: str) -> dict:
     """What is inside a checkpoint, from `.metadata` alone (and a Megatron folder's metadata.json). A run folder
     stands for the model's DCP folder in it (`discover.find_checkpoint`); `found` then says which was taken."""
-    from .reader import zstd
-    from .trainers import megatron
     checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_argument(checkpoint_dir))
     megatron_folder = megatron.recognise(checkpoint_dir)
     reader, meta = load(checkpoint_dir)

@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict
 from typing import Optional
 
-from . import api
+from . import api, failpoints
 from .errors import StreamconvError
 from .options import ConvertOptions
 from .report import Reporter
@@ -39,8 +39,6 @@ _BOOT = "import sys; sys.path[0] = sys.argv[1]; from streamconv.batch_job import
 # Progress from a job is sent at most this often (bytes), so the pipe carries a few hundred messages per GB.
 _PROGRESS_STEP_BYTES = 4 << 20
 _PR_SET_PDEATHSIG = 1
-# Test hook: "1" skips the prctl, so that the portable stdin watch alone must end the job. Never set in use.
-NO_PDEATHSIG_ENV = "STREAMCONV_TEST_NO_PDEATHSIG"
 
 
 def command(progress_fd: int) -> list:
@@ -102,7 +100,7 @@ class _PipeReporter(Reporter):
 def _die_with(driver_pid: int) -> None:
     """End this process as soon as the driver is gone (see the module docstring)."""
     try:
-        if os.environ.get(NO_PDEATHSIG_ENV) != "1":
+        if failpoints.pdeathsig_enabled():    # a test turns it off: the stdin watch alone must end the job
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         pass    # not Linux: the stdin watch below still ends the job

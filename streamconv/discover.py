@@ -25,10 +25,12 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence, Tuple
 
+from .checkpoint import load
 from .errors import CheckpointError
 from .model import CheckpointMetadata
 from .names import natural_key
 from .plan import PlanOptions, select
+from .reader import hf_shards
 
 MAX_DEPTH = 3               # accelerate's project_dir/checkpoints/checkpoint_N/pytorch_model_fsdp_0 is 3 down
 MAX_DIRS_LISTED = 400       # directories listed before giving up on a huge tree
@@ -181,7 +183,6 @@ def decide(root: str, found: Sequence[Found], *, truncated: bool = False) -> Opt
 
 
 def is_dcp_folder(path: str) -> bool:
-    from .reader import hf_shards
     if any(os.path.isfile(os.path.join(path, name)) for name in METADATA_NAMES):
         return True
     try:
@@ -192,8 +193,6 @@ def is_dcp_folder(path: str) -> bool:
 
 def read_holding(path: str) -> Holding:
     """Classify one DCP folder from its `.metadata` (CheckpointError when it cannot be read)."""
-    from .api import load
-
     reader, meta = load(path)
     with reader:
         return classify(meta)
@@ -259,7 +258,6 @@ def find_checkpoint(root: str) -> Tuple[str, Optional[str]]:
 def _consolidated_from(root: str, chosen: str) -> bool:
     """True when `root` is a model torch consolidated from the per-rank shards in `chosen`
     (HuggingFaceStorageWriter(enable_consolidation=True) writes both): `root` is then explained, not converted."""
-    from .reader import hf_shards
     try:
         return hf_shards.holds_safetensors(root) and bool(hf_shards.shard_files(os.path.join(root, chosen)))
     except CheckpointError:

@@ -5,8 +5,8 @@
     fadvise           readahead hints (WILLNEED, RANDOM/NORMAL)                   else no hints
     renameat2         RENAME_NOREPLACE commit, RENAME_EXCHANGE for --overwrite    else rename (two for --overwrite)
 
-A path is used when the OS offers it and `STREAMCONV_NO_FAST_PATHS` does not turn it off (`1` or `all`: every
-one; or a comma list of the names above). `convert` then probes copy_file_range between the real source and
+A path is used when the OS offers it and `STREAMCONV_NO_FAST_PATHS` (failpoints.py) does not turn it off (`1` or
+`all`: every one; or a comma list of the names above). `convert` then probes copy_file_range between the real source and
 output filesystems (`probe_copy`): only "not supported here" answers (EXDEV, ENOSYS, EOPNOTSUPP, EINVAL) turn
 it off. The choice is passed down explicitly (constructor arguments), never consulted mid-copy: an error from a
 fast path in the middle of a copy (EIO, ENOSPC) is reported, not retried another way.
@@ -17,11 +17,13 @@ import errno
 import os
 import threading
 from dataclasses import dataclass, fields, replace
-from typing import Mapping, Tuple
+from typing import Mapping, Optional, Tuple
 
+from . import failpoints
 from .errors import CheckpointError, OptionsError, OutputError
+from .infiles import open_regular
+from .outfiles import create_new, write_failed
 
-ENV = "STREAMCONV_NO_FAST_PATHS"
 PROBE_FILE_NAME = ".streamconv-probe"
 # The plain paths read through a bytes object this large at most: memory beyond the buffer stays ~1 MiB a
 # worker (8 MiB steps put a 4 MiB-buffer conversion 8 MiB over tests/test_memory.py's bound).
@@ -48,9 +50,10 @@ NONE = FastPaths()     # every plain fallback
 ALL_NAMES = tuple(f.name for f in fields(FastPaths))
 
 
-def disabled(environ: Mapping[str, str]) -> frozenset:
-    """The fast paths STREAMCONV_NO_FAST_PATHS turns off."""
-    value = environ.get(ENV, "").strip().lower()
+def disabled(environ: Optional[Mapping[str, str]] = None) -> frozenset:
+    """The fast paths STREAMCONV_NO_FAST_PATHS turns off (in `environ`, default this process's environment)."""
+    raw = failpoints.no_fast_paths(environ)
+    value = raw.strip().lower()
     if value in ("", "0"):
         return frozenset()
     if value in ("1", "all"):
@@ -58,7 +61,7 @@ def disabled(environ: Mapping[str, str]) -> frozenset:
     names = frozenset(n.strip() for n in value.split(",") if n.strip())
     unknown = sorted(names - set(ALL_NAMES))
     if unknown:
-        raise OptionsError(f"{ENV}={environ.get(ENV)!r}: unknown fast path(s) {', '.join(unknown)}; "
+        raise OptionsError(f"{failpoints.NO_FAST_PATHS_ENV}={raw!r}: unknown fast path(s) {', '.join(unknown)}; "
                            f"use 1 or all (every one), or a comma list of {', '.join(ALL_NAMES)}")
     return names
 
@@ -71,7 +74,7 @@ def _has_renameat2() -> bool:
         return False
 
 
-def detect(environ: Mapping[str, str] = os.environ) -> FastPaths:
+def detect(environ: Optional[Mapping[str, str]] = None) -> FastPaths:
     """Each fast path the OS offers and the environment does not turn off."""
     off = disabled(environ)
     return FastPaths(
@@ -88,8 +91,6 @@ def probe_copy(fast: FastPaths, source_path: str, folder: str) -> FastPaths:
     mid-probe must not leave the probe file to be published. Any other failure is a real problem with the output folder or the source, and raised."""
     if not fast.copy_file_range:
         return fast
-    from .io import open_regular    # (io.py imports this module)
-    from .outfiles import create_new
     # One name per process and thread: shard jobs (batch, Ray tasks) probe the same staging folder side by side.
     probe_path = os.path.join(folder, f"{PROBE_FILE_NAME}-{os.getpid()}-{threading.get_ident()}")
     try:
@@ -103,12 +104,10 @@ def probe_copy(fast: FastPaths, source_path: str, folder: str) -> FastPaths:
             raise OutputError(f"{probe_path}: cannot create a file in the staging folder: {exc.strerror}") from None
         try:
             os.copy_file_range(src, dst, 1, 0, 0)
-            from .staging import kill_point     # (staging imports this module)
-            kill_point("copy-probe")
+            failpoints.kill_point("copy-probe")
         except OSError as exc:
             if exc.errno in _UNSUPPORTED:
                 return replace(fast, copy_file_range=False)
-            from .staging import write_failed
             raise OutputError(write_failed(probe_path, exc, 0, what=f"copying from {source_path} failed")) from None
         finally:
             os.close(dst)

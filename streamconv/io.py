@@ -9,9 +9,7 @@ Which fast paths (`preadv`, `posix_fadvise`) a `DirectoryReader` uses is decided
 """
 from __future__ import annotations
 
-import errno
 import os
-import stat
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -19,6 +17,7 @@ from typing import Dict, Iterator, Optional, Protocol, Sequence
 
 from .errors import CheckpointError, ResourceError
 from .fastpaths import PREAD_STEP_BYTES, FastPaths, detect
+from .infiles import nofile_limit, open_regular
 
 
 # preadv takes at most IOV_MAX (1024 on Linux) buffers per call.
@@ -87,62 +86,10 @@ class MemoryReader:
         pass
 
 
-def _kind(mode: int) -> str:
-    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return what
-    return "not a regular file"
-
-
-def open_regular(path: str, error=CheckpointError) -> int:
-    """Open `path` read-only, refusing anything but a regular file (symlinks are followed to their target).
-
-    O_NONBLOCK keeps a FIFO with no writer from blocking the open; fstat on the descriptor then decides, so a
-    file swapped between a check and the open cannot slip through. `error` is the class raised for a file that
-    is not regular or cannot be opened; running out of descriptors is a `ResourceError` either way.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        if exc.errno in (errno.EMFILE, errno.ENFILE):
-            raise _out_of_descriptors(path) from None
-        if exc.errno == errno.ENOENT:
-            raise
-        raise error(f"{path}: cannot open: {exc.strerror}") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise error(f"{path} is {_kind(mode)}, not a regular file; streamconv reads and copies only "
-                        "regular files (replace it with the real file)")
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _out_of_descriptors(path: str) -> ResourceError:
-    return ResourceError(
-        f"{path}: cannot open: too many open files (this process may open {_nofile_limit()}); raise the limit with "
-        "`ulimit -n 4096` (or more) in the shell that runs streamconv")
-
-
-def _nofile_limit() -> int:
-    """The soft limit on open descriptors (a large number when there is none or it cannot be read)."""
-    try:
-        import resource
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    except (ImportError, OSError, ValueError):     # not POSIX
-        return 1 << 20
-    return soft if soft != resource.RLIM_INFINITY else 1 << 20
-
-
 def max_open_files() -> int:
     """Descriptors a DirectoryReader keeps open at most: DEFAULT_MAX_OPEN_FILES, or a quarter of the process's
     limit when that is lower (the rest is for output shards, the interpreter and the caller)."""
-    return max(1, min(DEFAULT_MAX_OPEN_FILES, _nofile_limit() // 4))
+    return max(1, min(DEFAULT_MAX_OPEN_FILES, nofile_limit() // 4))
 
 
 def _open_data_file(full: str) -> int:

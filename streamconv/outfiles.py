@@ -4,12 +4,14 @@ The staging folder sits beside the output, often in a shared scratch folder, and
 who can write that parent may plant a symlink under a shard's name pointing at the checkpoint (CWE-59): a plain
 `open(O_TRUNC)` would then overwrite the source. So a file we create is unlinked first and created with O_EXCL
 (which never follows a symlink), a file we read back is opened with O_NOFOLLOW and must be a regular file we
-own, and running out of descriptors is a ResourceError (exit 71), never an OutputError.
+own, and running out of descriptors is a ResourceError (exit 71), never an OutputError. `write_failed` words
+an OSError from writing any output file (with the free space when the disk is full).
 """
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 from typing import Optional
 
@@ -88,3 +90,26 @@ def foreign(st: os.stat_result, *, directory: bool = False, owner: bool = True) 
 def not_ours(path: str, problem: str) -> str:
     return (f"{path} is {problem}; streamconv did not make it and will not write through or publish it. "
             "Remove it (or the whole staging folder: run again with --discard-partial) and run again")
+
+
+def write_failed(path: str, exc: OSError, offset: Optional[int] = None, what: str = "write failed") -> str:
+    """The message for an OSError while writing `path`: file, offset, and free space when the disk is full."""
+    where = f" at offset {offset:,}" if offset is not None else ""
+    message = f"{path}: {what}{where}: {exc.strerror}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        message += f" ({free_space_note(path)})"
+    return message
+
+
+def free_space_note(path: str) -> str:
+    probe = os.path.dirname(path)
+    try:
+        free = shutil.disk_usage(probe).free
+        vfs = os.statvfs(probe)
+    except OSError:
+        return "free some space or choose another folder"
+    # ENOSPC with bytes to spare: the filesystem ran out of inodes (f_files == 0: it does not count them)
+    if vfs.f_files and vfs.f_favail == 0:
+        return (f"no free inodes on {probe} although {free:,} bytes are free; delete some files there "
+                "or choose another folder")
+    return f"{free:,} bytes free on {probe}; free some space or choose another folder"

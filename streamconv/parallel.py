@@ -19,7 +19,7 @@ from .model import BlobLocation, StoredTensor
 from .plan import ShardPlan, TensorPlan
 from .fastpaths import FastPaths
 from .sink import FileSink
-from .staging import kill_point
+from .failpoints import kill_point
 
 Progress = Callable[[int], None]
 # Opens one shard's output (path, size in bytes): a FileSink, or any sink with `crc32()` for the resume record.

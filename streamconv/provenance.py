@@ -23,7 +23,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 from . import record
 from .errors import CheckpointError, OptionsError, OutputError
-from .io import open_regular
+from .infiles import open_regular
+from .outfiles import write_failed
 from .model import BlobLocation, CheckpointMetadata, StoredTensor
 
 # A fingerprint names how it was made, so a weaker one is never compared with a stronger one as equal.
@@ -325,7 +326,6 @@ def write_record(staging_dir: str, shard_names: Iterable[str], other_names: Iter
         finally:
             os.close(fd)
     except OSError as exc:
-        from .staging import write_failed
         raise OutputError(write_failed(path, exc)) from None
     return record.RECORD_FILE
 

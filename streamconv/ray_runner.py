@@ -17,6 +17,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional
 
+from . import failpoints
 from .batch_job import convert_one
 from .errors import OptionsError, OutputError, StreamconvError
 from .report import Reporter
@@ -24,10 +25,6 @@ from .shardjob import ShardJob, write_shard
 
 # A lost worker is retried this many times per shard before the checkpoint fails.
 MAX_RETRIES = 3
-# Test hook: a folder; a task finding `kill-<shard file name>` in it removes that file and SIGKILLs its own
-# worker process half-way through the shard, after writing its pid to `killed-<name>` (the retry finds no file
-# and finishes). Never set in normal use.
-KILL_ONCE_ENV = "STREAMCONV_TEST_RAY_KILL_DIR"
 
 # Seconds to wait for a TCP connection to the head node before refusing the address.
 PROBE_TIMEOUT_S = 5.0
@@ -86,15 +83,18 @@ def connect(address: Optional[str] = None) -> None:
 
 
 def _task(job: ShardJob, filename: str) -> int:
-    kill_dir = os.environ.get(KILL_ONCE_ENV)
+    # Test hook (STREAMCONV_TEST_RAY_KILL_DIR, failpoints.py): a task finding `kill-<shard file name>` in that
+    # folder removes the file and SIGKILLs its own worker half-way through the shard, after writing its pid to
+    # `killed-<name>` (the retry finds no file and finishes).
+    kill_dir = failpoints.ray_kill_dir()
     if kill_dir:
         try:
             os.unlink(os.path.join(kill_dir, "kill-" + filename))
             with open(os.path.join(kill_dir, "killed-" + filename), "w") as f:
                 f.write(str(os.getpid()))       # the test checks this process is gone
-            os.environ["STREAMCONV_TEST_KILL_AT"] = "mid-shard"     # staging.kill_point: SIGKILL mid-shard
+            failpoints.arm_kill("mid-shard")
         except FileNotFoundError:
-            os.environ.pop("STREAMCONV_TEST_KILL_AT", None)
+            failpoints.arm_kill(None)
     return write_shard(job, filename)
 
 

@@ -12,8 +12,15 @@ import os
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional
 
+from . import fastpaths
+from .checkpoint import locate_chunks
 from .errors import CheckpointError
+from .io import DirectoryReader
+from .parallel import write_shards
 from .plan import ConversionPlan, ShardPlan
+from .reader import zstd
+from .reader.integrity import ChunkIntegrity
+from .staging import record_shard, scratch_dir_of, shard_recorded
 
 
 @dataclass(frozen=True)
@@ -54,23 +61,17 @@ def _check_checkpoint_unchanged(job: ShardJob) -> None:
 
 def write_shard(job: ShardJob, filename: str) -> int:
     """Write one shard of `job` into its staging folder and record it; returns its size in bytes."""
-    from . import api, fastpaths
-    from .parallel import write_shards
-    from .reader.integrity import ChunkIntegrity
-    from .staging import record_shard, scratch_dir_of, shard_recorded
-
     shard = job.shard(filename)
     fingerprint = job.shard_fingerprints[filename]
     if shard_recorded(job.staging_dir, job.plan_fingerprint, filename, shard.nbytes, fingerprint):
         return shard.nbytes      # a retry of a task whose work was already done
     _check_checkpoint_unchanged(job)
     fast = fastpaths.detect()   # this worker's own machine and filesystems decide, as in api.convert
-    from .reader import zstd
-    with api.DirectoryReader(job.checkpoint_dir, fast=fast) as directory:
+    with DirectoryReader(job.checkpoint_dir, fast=fast) as directory:
         compressed = any(c.location.transform_descriptors for t in shard.tensors for c in t.chunks)
-        reader = zstd.DecodingReader(directory) if compressed else directory   # as api.load does
+        reader = zstd.DecodingReader(directory) if compressed else directory   # as checkpoint.load does
         one = replace(job.plan, shards=(shard,))
-        stored = api.locate_chunks(one, reader)
+        stored = locate_chunks(one, reader)
         sources = sorted({c.location.relative_path for t in shard.tensors for c in t.chunks})
         if sources:
             fast = fastpaths.probe_copy(fast, directory.path(sources[0]), scratch_dir_of(job.staging_dir))

@@ -12,9 +12,9 @@ from typing import Optional, Protocol
 from .crc import PieceCrcs, pread_from
 from .errors import CheckpointError, OutputError
 from .fastpaths import PREAD_STEP_BYTES, FastPaths, detect, read_at
-from .io import open_regular
-from .outfiles import create_new, open_ours
-from .staging import StagingDir, write_failed  # noqa: F401  (StagingDir lived here before staging.py)
+from .infiles import open_regular
+from .outfiles import create_new, open_ours, write_failed
+from .staging import StagingDir  # noqa: F401  (StagingDir lived here before staging.py)
 
 
 class ShardSink(Protocol):

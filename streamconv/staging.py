@@ -25,7 +25,6 @@ import ctypes.util
 import errno
 import json
 import os
-import shutil
 import signal
 import stat
 import zlib
@@ -33,9 +32,10 @@ from contextlib import contextmanager
 from typing import Callable, Collection, Dict, Iterable, Iterator, List, Optional, Set
 
 from .errors import OutputError
+from .failpoints import fsync_enabled, kill_point
 from .fastpaths import PROBE_FILE_NAME, FastPaths, detect, read_at
 from .names import staging_name
-from .outfiles import NOFOLLOW, create_new, foreign, not_ours, open_ours
+from .outfiles import NOFOLLOW, create_new, foreign, not_ours, open_ours, free_space_note, write_failed
 from .paths import Identity, adopt_folder_attributes, parent_not_writable_hint, remove_tree
 from .runlock import RunLock
 from . import swapjournal
@@ -47,36 +47,11 @@ PLAN_RECORD = "plan.json"
 RECORD_VERSION = 1
 _CRC_PIECE_BYTES = 8 << 20
 
-# Test and benchmark switches (never needed in normal use):
-KILL_ENV = "STREAMCONV_TEST_KILL_AT"            # "point" or "point@N": send signals to ourselves there
-KILL_SIGNALS_ENV = "STREAMCONV_TEST_KILL_SIGNALS"   # "KILL" (default) or e.g. "INT,TERM,HUP"
-NO_FSYNC_ENV = "STREAMCONV_UNSAFE_NO_FSYNC"      # benchmarks only: measure what durability costs
-_kill_counts: Dict[str, int] = {}
-
 _INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def kill_point(name: str) -> None:
-    """Test hook: when STREAMCONV_TEST_KILL_AT names this point (its Nth pass with `@N`), signal ourselves."""
-    wanted = os.environ.get(KILL_ENV)
-    if not wanted:
-        return
-    point, _, nth = wanted.partition("@")
-    if point != name:
-        return
-    _kill_counts[name] = _kill_counts.get(name, 0) + 1
-    if _kill_counts[name] != int(nth or 1):
-        return
-    for sig in os.environ.get(KILL_SIGNALS_ENV, "KILL").split(","):
-        os.kill(os.getpid(), getattr(signal, "SIG" + sig.strip().upper()))
-
-
-def _fsync_enabled() -> bool:
-    return os.environ.get(NO_FSYNC_ENV) != "1"
-
-
 def fsync_path(path: str, *, directory: bool = False) -> None:
-    if not _fsync_enabled():
+    if not fsync_enabled():     # STREAMCONV_UNSAFE_NO_FSYNC (failpoints.py): benchmarks only
         return
     try:
         # A file of the staging folder is never reached through a symlink (or blocked on by a planted FIFO);
@@ -613,29 +588,6 @@ class StagingDir:
 
 def _changed_keys(a: dict, b: dict) -> List[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-
-
-def write_failed(path: str, exc: OSError, offset: Optional[int] = None, what: str = "write failed") -> str:
-    """The message for an OSError while writing `path`: file, offset, and free space when the disk is full."""
-    where = f" at offset {offset:,}" if offset is not None else ""
-    message = f"{path}: {what}{where}: {exc.strerror}"
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        message += f" ({free_space_note(path)})"
-    return message
-
-
-def free_space_note(path: str) -> str:
-    probe = os.path.dirname(path)
-    try:
-        free = shutil.disk_usage(probe).free
-        vfs = os.statvfs(probe)
-    except OSError:
-        return "free some space or choose another folder"
-    # ENOSPC with bytes to spare: the filesystem ran out of inodes (f_files == 0: it does not count them)
-    if vfs.f_files and vfs.f_favail == 0:
-        return (f"no free inodes on {probe} although {free:,} bytes are free; delete some files there "
-                "or choose another folder")
-    return f"{free:,} bytes free on {probe}; free some space or choose another folder"
 
 
 def scratch_dir_of(staging: str) -> str:

@@ -33,7 +33,8 @@ from . import dtypes
 from . import safetensors_format as sf
 from .errors import CorruptChunkError, OutputError, VerificationError
 from .executor import Executor
-from .io import RangeReader, open_regular
+from .infiles import open_regular
+from .io import RangeReader
 from .model import BlobLocation, StoredTensor
 from .plan import INDEX_FILE_NAME, SINGLE_FILE_NAME, ConversionPlan, TensorPlan, shard_filename
 from .sink import ComparingSink, Mismatch
@@ -148,7 +149,7 @@ def _dtype_hint(result: VerifyResult) -> str:
 
 
 # -- reading the output side ---------------------------------------------------------------------------------
-# Every output-side file is opened as carefully as a checkpoint file (`io.open_regular`: a FIFO, device or
+# Every output-side file is opened as carefully as a checkpoint file (`infiles.open_regular`: a FIFO, device or
 # socket is a finding, never read), read with a size cap, and closed before the next one is opened. What is
 # wrong with the folder is a finding (exit 3); not being able to read it (EIO, out of descriptors) is not.
 

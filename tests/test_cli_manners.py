@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 import streamconv
+from streamconv import failpoints
 from streamconv import errors, staging
 from streamconv.cli import cli
 from streamconv.report import TqdmReporter
@@ -102,7 +103,7 @@ def test_a_size_without_a_unit_below_1mb_is_refused_naming_the_unit(dcp_checkpoi
 def test_resume_counts_the_shards_it_kept_and_rates_only_what_it_wrote(dcp_checkpoints, tmp_path):
     out = tmp_path / "out"
     args = ("convert", dcp_checkpoints["tp"], out, "--max-shard-size", SHARD, "--no-config")
-    killed = run(*args, "--workers", "1", env={staging.KILL_ENV: "between-shards@2"})
+    killed = run(*args, "--workers", "1", env={failpoints.KILL_AT_ENV: "between-shards@2"})
     assert killed.returncode == -9, killed.stderr
     stage = tmp_path / ".out.streamconv-partial"
     finished = sorted(p.name[:-len(".json")] for p in (stage / staging.RECORDS_DIR).glob("*.safetensors.json"))

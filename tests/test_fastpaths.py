@@ -12,6 +12,7 @@ import pytest
 
 import dcp_writers
 import streamconv
+from streamconv import failpoints
 from streamconv import fastpaths, staging
 from streamconv.errors import CheckpointError, OptionsError, OutputError
 from streamconv.fastpaths import FastPaths
@@ -44,14 +45,14 @@ def default_outputs(dcp_checkpoints, tmp_path_factory):
     """Each layout converted with the fast paths the machine offers: {layout: (report, {file: bytes})}."""
     root = tmp_path_factory.mktemp("fast-default")
     out = {}
-    switch = os.environ.pop(fastpaths.ENV, None)     # the default run, even inside a forced-fallback session
+    switch = os.environ.pop(failpoints.NO_FAST_PATHS_ENV, None)     # the default run, even inside a forced-fallback session
     try:
         for layout in LAYOUTS:
             report = streamconv.convert(str(dcp_checkpoints[layout]), str(root / layout), **SMALL)
             out[layout] = (report, tree_bytes(root / layout))
     finally:
         if switch is not None:
-            os.environ[fastpaths.ENV] = switch
+            os.environ[failpoints.NO_FAST_PATHS_ENV] = switch
     return out
 
 
@@ -59,13 +60,13 @@ def default_outputs(dcp_checkpoints, tmp_path_factory):
 
 def test_detect_reads_the_switch():
     everything = fastpaths.detect({})
-    assert fastpaths.detect({fastpaths.ENV: "1"}) == fastpaths.detect({fastpaths.ENV: "all"}) == fastpaths.NONE
-    assert fastpaths.detect({fastpaths.ENV: "0"}) == everything
-    some = fastpaths.detect({fastpaths.ENV: "preadv, fadvise"})
+    assert fastpaths.detect({failpoints.NO_FAST_PATHS_ENV: "1"}) == fastpaths.detect({failpoints.NO_FAST_PATHS_ENV: "all"}) == fastpaths.NONE
+    assert fastpaths.detect({failpoints.NO_FAST_PATHS_ENV: "0"}) == everything
+    some = fastpaths.detect({failpoints.NO_FAST_PATHS_ENV: "preadv, fadvise"})
     assert not some.preadv and not some.fadvise
     assert (some.copy_file_range, some.renameat2) == (everything.copy_file_range, everything.renameat2)
     with pytest.raises(OptionsError, match="unknown fast path.*preadv2.*copy_file_range, preadv, fadvise, renameat2"):
-        fastpaths.detect({fastpaths.ENV: "preadv2"})
+        fastpaths.detect({failpoints.NO_FAST_PATHS_ENV: "preadv2"})
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux offers all four")
@@ -91,7 +92,7 @@ def test_a_missing_os_function_is_not_used(missing, dcp_checkpoints, default_out
 def test_every_layout_gives_the_same_bytes_with_fast_paths_off(layout, dcp_checkpoints, default_outputs, tmp_path,
                                                                monkeypatch):
     from test_convert import read_output, same_bits
-    monkeypatch.setenv(fastpaths.ENV, "1")
+    monkeypatch.setenv(failpoints.NO_FAST_PATHS_ENV, "1")
     forbid_fast_paths(monkeypatch)
     out = tmp_path / "out"
     out.mkdir()
@@ -114,9 +115,9 @@ def test_every_layout_gives_the_same_bytes_with_fast_paths_off(layout, dcp_check
 def test_cli_json_names_the_fast_paths_in_use(dcp_checkpoints, tmp_path):
     def run(env_value):
         env = dict(os.environ, PYTHONPATH=str(Path(streamconv.__file__).parent.parent))
-        env.pop(fastpaths.ENV, None)
+        env.pop(failpoints.NO_FAST_PATHS_ENV, None)
         if env_value is not None:
-            env[fastpaths.ENV] = env_value
+            env[failpoints.NO_FAST_PATHS_ENV] = env_value
         out = tmp_path / f"out-{env_value}"
         r = subprocess.run([sys.executable, "-m", "streamconv.cli", "convert", str(dcp_checkpoints["tp"]), str(out),
                             "--json", "--max-shard-size", "40KB"], capture_output=True, text=True, env=env,
@@ -135,7 +136,7 @@ def test_cli_json_names_the_fast_paths_in_use(dcp_checkpoints, tmp_path):
 def test_a_misspelt_switch_is_a_usage_error(dcp_checkpoints, tmp_path, monkeypatch):
     from click.testing import CliRunner
     from streamconv.cli import cli
-    monkeypatch.setenv(fastpaths.ENV, "preadv2")
+    monkeypatch.setenv(failpoints.NO_FAST_PATHS_ENV, "preadv2")
     result = CliRunner().invoke(cli, ["convert", str(dcp_checkpoints["tp"]), str(tmp_path / "out")])
     assert result.exit_code == 64 and "unknown fast path(s) preadv2" in result.output, result.output
     assert os.listdir(tmp_path) == []
@@ -159,7 +160,7 @@ def _failing_copy_file_range(monkeypatch, err: int, after_calls: int):
 @pytest.mark.skipif(not hasattr(os, "copy_file_range"), reason="no copy_file_range here")
 @pytest.mark.parametrize("err", [errno.EIO, errno.ENOSPC])
 def test_an_error_mid_copy_surfaces_and_is_not_retried(err, dcp_checkpoints, tmp_path, monkeypatch):
-    monkeypatch.delenv(fastpaths.ENV, raising=False)
+    monkeypatch.delenv(failpoints.NO_FAST_PATHS_ENV, raising=False)
     calls = _failing_copy_file_range(monkeypatch, err, after_calls=3)    # the probe and two copies succeed
     out = tmp_path / "out"
     real_pread = os.pread
@@ -180,7 +181,7 @@ def test_an_error_mid_copy_surfaces_and_is_not_retried(err, dcp_checkpoints, tmp
 
 @pytest.mark.skipif(not hasattr(os, "copy_file_range"), reason="no copy_file_range here")
 def test_a_probe_answering_exdev_turns_copy_file_range_off(dcp_checkpoints, default_outputs, tmp_path, monkeypatch):
-    monkeypatch.delenv(fastpaths.ENV, raising=False)
+    monkeypatch.delenv(failpoints.NO_FAST_PATHS_ENV, raising=False)
     calls = _failing_copy_file_range(monkeypatch, errno.EXDEV, after_calls=0)
     out = tmp_path / "out"
     report = streamconv.convert(str(dcp_checkpoints["fsdp2"]), str(out), **SMALL)
@@ -223,7 +224,7 @@ def test_a_checkpoint_on_another_filesystem_converts(dcp_checkpoints, default_ou
 
 @pytest.mark.skipif(not hasattr(os, "copy_file_range"), reason="no copy_file_range here")
 def test_a_probe_hitting_eio_is_an_error(dcp_checkpoints, tmp_path, monkeypatch):
-    monkeypatch.delenv(fastpaths.ENV, raising=False)
+    monkeypatch.delenv(failpoints.NO_FAST_PATHS_ENV, raising=False)
     _failing_copy_file_range(monkeypatch, errno.EIO, after_calls=0)
     out = tmp_path / "out"
     with pytest.raises(OutputError, match="streamconv-probe.*Input/output error"):
@@ -297,7 +298,7 @@ def test_plain_paths_keep_memory_within_the_buffer(tmp_path):
     buffer_mib = 4
     peaks, trees = {}, {}
     for switch in ("1", "0"):
-        env = dict(os.environ, **{fastpaths.ENV: switch})
+        env = dict(os.environ, **{failpoints.NO_FAST_PATHS_ENV: switch})
         out = tmp_path / f"out-{switch}"
         r = subprocess.run([sys.executable, "-m", "streamconv.cli", "convert", str(ckpt), str(out), "--json",
                             "--buffer-size", f"{buffer_mib}MiB"], capture_output=True, text=True, env=env,
@@ -306,7 +307,7 @@ def test_plain_paths_keep_memory_within_the_buffer(tmp_path):
         report = json.loads(r.stdout)
         assert report["bytes_written"] > 64 * 2**20
         peaks[switch] = report["peak_rss_bytes"] / 2**20
-        print(f"{fastpaths.ENV}={switch}: {report['seconds']:.2f} s, peak RSS {peaks[switch]:.1f} MiB")
+        print(f"{failpoints.NO_FAST_PATHS_ENV}={switch}: {report['seconds']:.2f} s, peak RSS {peaks[switch]:.1f} MiB")
         trees[switch] = tree_bytes(out)
         assert report["peak_rss_bytes"] <= report["predicted_peak_bytes"]
     assert peaks["1"] < 48 + buffer_mib, f"peak RSS {peaks['1']:.1f} MiB with fast paths off"   # as every layout

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import streamconv
+from streamconv import failpoints
 from streamconv import api, provenance, record, shardjob, staging
 from streamconv.demo_checkpoint import write_demo_checkpoint
 from streamconv.errors import CheckpointError, OutputError
@@ -94,7 +95,7 @@ def test_resume_refuses_a_resave_restored_with_sizes_and_mtimes_kept(saves, tmp_
     ckpt = copy_ckpt(saves[0], tmp_path / "ckpt")
     out = tmp_path / "out"
     args = ("convert", ckpt, out, "--max-shard-size", SHARD)
-    assert run(*args, env={staging.KILL_ENV: "between-shards"}).returncode == -9
+    assert run(*args, env={failpoints.KILL_AT_ENV: "between-shards"}).returncode == -9
     resave_keeping_stat(ckpt, saves[1])
     resumed = run(*args, "--resume")
     assert resumed.returncode == 73 and no_traceback(resumed), resumed.stderr

@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 import streamconv
+from streamconv import failpoints
 from streamconv.report import CollectingReporter
 
 ray = pytest.importorskip("ray")
@@ -21,10 +22,9 @@ def files(folder):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from streamconv import ray_runner
     kill_dir = tmp_path_factory.mktemp("ray-kill")
     # Workers inherit the environment when the cluster starts: the hook folder (inert while empty) and our code.
-    os.environ[ray_runner.KILL_ONCE_ENV] = str(kill_dir)
+    os.environ[failpoints.RAY_KILL_DIR_ENV] = str(kill_dir)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     os.environ["PYTHONPATH"] = repo + os.pathsep + os.environ.get("PYTHONPATH", "")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
@@ -33,7 +33,7 @@ def cluster(tmp_path_factory):
         yield kill_dir
     finally:
         ray.shutdown()
-        os.environ.pop(ray_runner.KILL_ONCE_ENV, None)
+        os.environ.pop(failpoints.RAY_KILL_DIR_ENV, None)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 import st_writers
 import streamconv
+from streamconv import failpoints
 from streamconv import staging
 from streamconv.errors import CheckpointError, UnsupportedFeatureError
 from streamconv.io import DirectoryReader
@@ -167,7 +168,7 @@ def test_resume_records_hold_the_real_crc_of_each_shard(st_checkpoints, tmp_path
     killed run's records must match the files, so that --resume keeps them."""
     ckpt, out = st_checkpoints / "hf_tp", tmp_path / "out"
     args = ("convert", ckpt, out, "--no-config", "--max-shard-size", "60KB", "--workers", "1")
-    killed = run_cli(*args, env={staging.KILL_ENV: "between-shards@2"})
+    killed = run_cli(*args, env={failpoints.KILL_AT_ENV: "between-shards@2"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     stage = tmp_path / ".out.streamconv-partial"
     records = sorted((stage / staging.RECORDS_DIR).glob("*.safetensors.json"))

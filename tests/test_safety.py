@@ -23,7 +23,8 @@ from click.testing import CliRunner
 
 import dcp_writers
 import streamconv
-from streamconv import fastpaths, staging
+from streamconv import failpoints
+from streamconv import staging
 from streamconv.cli import cli
 from streamconv.errors import OutputError
 
@@ -168,7 +169,7 @@ def test_overwrite_replaces_the_old_output_in_one_step(source, tmp_path, exchang
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    env = {} if exchange else {fastpaths.ENV: "renameat2"}
+    env = {} if exchange else {failpoints.NO_FAST_PATHS_ENV: "renameat2"}
     result = convert(source, out, "--overwrite-any", env=env)
     assert result.returncode == 0, result.stderr
     assert tree_bytes(out) == source["expected"] and hidden(out) == []
@@ -178,7 +179,7 @@ def test_overwrite_fallback_puts_the_old_output_back_when_the_swap_fails(source,
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    monkeypatch.setenv(fastpaths.ENV, "renameat2")
+    monkeypatch.setenv(failpoints.NO_FAST_PATHS_ENV, "renameat2")
     real_rename = os.rename
 
     def failing_rename(src, dst):
@@ -197,7 +198,7 @@ def test_kill_between_the_two_fallback_renames_keeps_the_old_output(source, tmp_
     out.mkdir()
     (out / "old.txt").write_text("old")
     killed = convert(source, out, "--overwrite-any",
-                     env={fastpaths.ENV: "renameat2", staging.KILL_ENV: "between-swap-renames"})
+                     env={failpoints.NO_FAST_PATHS_ENV: "renameat2", failpoints.KILL_AT_ENV: "between-swap-renames"})
     assert killed.returncode == -signal.SIGKILL
     assert not out.exists() and (tmp_path / ".out.streamconv-old" / "old.txt").read_text() == "old"
     # The next run puts the old output back first (and, without --overwrite, stops there).
@@ -211,7 +212,7 @@ def test_kill_between_the_two_fallback_renames_keeps_the_old_output(source, tmp_
 # -- 3. durability ----------------------------------------------------------------------------------------------
 
 def test_every_file_and_folder_is_fsynced_before_and_after_the_rename(source, tmp_path, monkeypatch):
-    monkeypatch.delenv(fastpaths.ENV, raising=False)     # watches renameat2 (the plain path: test_fastpaths.py)
+    monkeypatch.delenv(failpoints.NO_FAST_PATHS_ENV, raising=False)     # watches renameat2 (the plain path: test_fastpaths.py)
     events = []
     real_fsync, real_rename2, real_write = os.fsync, staging._renameat2, staging._write_json_atomic
 
@@ -253,7 +254,7 @@ KILL_POINTS = ["before-first-shard", "mid-shard", "between-shards@2", "index", "
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_killed_conversion_resumes_to_identical_bytes(source, tmp_path, point):
     out = tmp_path / "out"
-    killed = convert(source, out, "--workers", "1", env={staging.KILL_ENV: point})
+    killed = convert(source, out, "--workers", "1", env={failpoints.KILL_AT_ENV: point})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not out.exists() and hidden(out) == [".out.streamconv-partial"]
     stage = tmp_path / ".out.streamconv-partial"
@@ -278,14 +279,14 @@ def test_killed_conversion_resumes_to_identical_bytes(source, tmp_path, point):
 
 def test_kill_right_after_the_rename_leaves_the_finished_output(source, tmp_path):
     out = tmp_path / "out"
-    killed = convert(source, out, env={staging.KILL_ENV: "after-rename"})
+    killed = convert(source, out, env={failpoints.KILL_AT_ENV: "after-rename"})
     assert killed.returncode == -signal.SIGKILL
     assert tree_bytes(out) == source["expected"] and hidden(out) == []
 
 
 def test_resume_rewrites_a_damaged_shard_and_refuses_a_changed_plan(source, tmp_path):
     out = tmp_path / "out"
-    assert convert(source, out, "--workers", "1", env={staging.KILL_ENV: "between-shards@3"}).returncode == -9
+    assert convert(source, out, "--workers", "1", env={failpoints.KILL_AT_ENV: "between-shards@3"}).returncode == -9
     stage = tmp_path / ".out.streamconv-partial"
     first = sorted(stage.glob("*.safetensors"))[0]
     data = bytearray(first.read_bytes())
@@ -307,7 +308,7 @@ def test_resume_refuses_a_changed_checkpoint_and_discard_partial_starts_over(sou
     shutil.copytree(source["ckpt"], ckpt)
     out = tmp_path / "out"
     args = ("convert", ckpt, out, "--max-shard-size", SHARD)
-    assert run(*args, env={staging.KILL_ENV: "between-shards"}).returncode == -9
+    assert run(*args, env={failpoints.KILL_AT_ENV: "between-shards"}).returncode == -9
     os.utime(ckpt / "__1_0.distcp", ns=(1, 1))
     changed = run(*args, "--resume")
     assert changed.returncode == 73 and "checkpoint changed" in changed.stderr and "__1_0.distcp" in changed.stderr
@@ -369,7 +370,7 @@ def test_disk_that_fills_up_during_the_run(source, small_tmpfs, point):
     shards = len([n for n in source["expected"] if n.endswith(".safetensors")])
     hook = f"between-shards@{shards}" if point == "last-shard-done" else point
     out = small_tmpfs / "out"
-    env = dict(os.environ, PYTHONPATH=str(REPO), **{staging.KILL_ENV: hook, staging.KILL_SIGNALS_ENV: "STOP"})
+    env = dict(os.environ, PYTHONPATH=str(REPO), **{failpoints.KILL_AT_ENV: hook, failpoints.KILL_SIGNALS_ENV: "STOP"})
     proc = subprocess.Popen([sys.executable, "-m", "streamconv.cli", "convert", str(source["ckpt"]), str(out),
                              "--max-shard-size", SHARD, "--json"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -420,9 +421,9 @@ def test_a_read_error_names_the_file_and_offset(source, tmp_path, monkeypatch, c
     """preadv with the fast paths on; pread, the plain path, with them off."""
     from streamconv import io as sio
     if call == "pread":
-        monkeypatch.setenv(fastpaths.ENV, "1")
+        monkeypatch.setenv(failpoints.NO_FAST_PATHS_ENV, "1")
     else:
-        monkeypatch.delenv(fastpaths.ENV, raising=False)
+        monkeypatch.delenv(failpoints.NO_FAST_PATHS_ENV, raising=False)
     real = getattr(sio.os, call)
 
     def eio(fd, *args):
@@ -457,7 +458,7 @@ def test_an_unexpected_exception_is_one_line_asking_for_a_report(source, tmp_pat
 ])
 def test_any_mix_of_signals_exits_130_cleanly(source, tmp_path, point, signals):
     out = tmp_path / "out"
-    result = convert(source, out, "--json", env={staging.KILL_ENV: point, staging.KILL_SIGNALS_ENV: signals})
+    result = convert(source, out, "--json", env={failpoints.KILL_AT_ENV: point, failpoints.KILL_SIGNALS_ENV: signals})
     assert result.returncode == 130, result.stderr
     assert no_traceback(result) and "interrupted" in result.stderr
     assert json.loads(result.stdout)["exit_code"] == 130
@@ -466,7 +467,7 @@ def test_any_mix_of_signals_exits_130_cleanly(source, tmp_path, point, signals):
 
 def test_signals_during_the_rename_are_held_and_the_run_commits(source, tmp_path):
     out = tmp_path / "out"
-    result = convert(source, out, env={staging.KILL_ENV: "after-rename", staging.KILL_SIGNALS_ENV: "INT,TERM,HUP"})
+    result = convert(source, out, env={failpoints.KILL_AT_ENV: "after-rename", failpoints.KILL_SIGNALS_ENV: "INT,TERM,HUP"})
     assert result.returncode == 0, result.stderr
     assert tree_bytes(out) == source["expected"] and hidden(out) == []
 
@@ -489,7 +490,7 @@ def test_a_second_run_into_the_same_output_is_refused(source, tmp_path):
 def test_signals_from_outside_while_stopped_mid_run(source, tmp_path):
     """The run stops itself mid-shard; the test sends SIGINT, SIGTERM and SIGHUP, then lets it continue."""
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=str(REPO), **{staging.KILL_ENV: "mid-shard", staging.KILL_SIGNALS_ENV: "STOP"})
+    env = dict(os.environ, PYTHONPATH=str(REPO), **{failpoints.KILL_AT_ENV: "mid-shard", failpoints.KILL_SIGNALS_ENV: "STOP"})
     proc = subprocess.Popen([sys.executable, "-m", "streamconv.cli", "convert", str(source["ckpt"]), str(out),
                              "--max-shard-size", SHARD], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -511,7 +512,7 @@ def test_a_storm_of_signals_still_exits_130(source, tmp_path, spacing_s):
     """SIGINT, then SIGTERM/SIGHUP/SIGINT over and over until the process is gone (a scheduler that insists):
     130 every time, never 'killed by signal', never a traceback, nothing left behind."""
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=str(REPO), **{staging.KILL_ENV: "mid-shard", staging.KILL_SIGNALS_ENV: "STOP"})
+    env = dict(os.environ, PYTHONPATH=str(REPO), **{failpoints.KILL_AT_ENV: "mid-shard", failpoints.KILL_SIGNALS_ENV: "STOP"})
     proc = subprocess.Popen([sys.executable, "-m", "streamconv.cli", "convert", str(source["ckpt"]), str(out),
                              "--max-shard-size", SHARD], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -573,7 +574,7 @@ def test_recorded_checksums_are_the_files_crc32(source, tmp_path, layout, extra)
     import zlib
     out = tmp_path / "out"
     shards = len([n for n in source["expected"] if n.endswith(".safetensors")])
-    killed = convert(source, out, *extra, env={staging.KILL_ENV: "index"})
+    killed = convert(source, out, *extra, env={failpoints.KILL_AT_ENV: "index"})
     assert killed.returncode == -9
     stage = tmp_path / ".out.streamconv-partial"
     records = sorted((stage / staging.RECORDS_DIR).glob("*.safetensors.json"))

@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 import streamconv
+from streamconv import failpoints
 from streamconv import outfiles, staging
 from streamconv.cli import cli
 from streamconv.errors import OutputError
@@ -26,7 +27,7 @@ from test_safety import REPO, SHARD, convert, hidden, no_traceback, snapshot, so
 
 
 def killed_with_two_shards(source, out):
-    killed = convert(source, out, "--workers", "1", env={staging.KILL_ENV: "between-shards@2"})
+    killed = convert(source, out, "--workers", "1", env={failpoints.KILL_AT_ENV: "between-shards@2"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     stage = out.parent / ".out.streamconv-partial"
     shards = sorted(n for n in source["expected"] if n.endswith(".safetensors"))
@@ -124,7 +125,7 @@ def test_a_kill_during_the_copy_probe_never_publishes_the_probe(source, tmp_path
     if "copy_file_range" not in streamconv.fastpaths.detect().names:
         pytest.skip("no copy_file_range here: nothing is probed")
     out = tmp_path / "out"
-    killed = convert(source, out, env={staging.KILL_ENV: "copy-probe"})
+    killed = convert(source, out, env={failpoints.KILL_AT_ENV: "copy-probe"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     stage = tmp_path / ".out.streamconv-partial"
     left = [p.name for p in stage.rglob("*") if p.name.startswith(streamconv.fastpaths.PROBE_FILE_NAME)]
@@ -243,7 +244,7 @@ def test_emfile_on_a_shard_is_a_resource_error(source, tmp_path, monkeypatch):
 # -- 16.4, 16.16, 16.19 and crash consistency: a kill at every step of the commit ------------------------------
 
 OLD = {"old.txt": b"the previous output"}
-NO_EXCHANGE = {streamconv.fastpaths.ENV: "renameat2"}     # the two-rename fallback of --overwrite
+NO_EXCHANGE = {streamconv.failpoints.NO_FAST_PATHS_ENV: "renameat2"}     # the two-rename fallback of --overwrite
 
 
 def with_old_output(tmp_path):
@@ -255,7 +256,7 @@ def with_old_output(tmp_path):
 
 def test_an_empty_output_folder_made_after_a_kill_in_the_swap_window_never_loses_the_old_output(source, tmp_path):
     out = with_old_output(tmp_path)
-    killed = convert(source, out, "--overwrite-any", env=dict(NO_EXCHANGE, **{staging.KILL_ENV: "between-swap-renames"}))
+    killed = convert(source, out, "--overwrite-any", env=dict(NO_EXCHANGE, **{failpoints.KILL_AT_ENV: "between-swap-renames"}))
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not out.exists() and tree_bytes(tmp_path / ".out.streamconv-old") == OLD
     out.mkdir()                                     # a job script's `mkdir -p "$OUT"`
@@ -266,7 +267,7 @@ def test_an_empty_output_folder_made_after_a_kill_in_the_swap_window_never_loses
 
 def test_an_old_folder_is_never_deleted_when_the_output_is_not_the_new_one(source, tmp_path):
     out = with_old_output(tmp_path)
-    killed = convert(source, out, "--overwrite-any", env=dict(NO_EXCHANGE, **{staging.KILL_ENV: "between-swap-renames"}))
+    killed = convert(source, out, "--overwrite-any", env=dict(NO_EXCHANGE, **{failpoints.KILL_AT_ENV: "between-swap-renames"}))
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     out.mkdir()
     (out / "mine.txt").write_text("made after the kill")
@@ -278,7 +279,7 @@ def test_an_old_folder_is_never_deleted_when_the_output_is_not_the_new_one(sourc
 
 def test_a_kill_between_the_exchange_and_the_rename_to_old_is_finished_not_called_interrupted(source, tmp_path):
     out = with_old_output(tmp_path)
-    killed = convert(source, out, "--overwrite-any", env={staging.KILL_ENV: "after-exchange"})
+    killed = convert(source, out, "--overwrite-any", env={failpoints.KILL_AT_ENV: "after-exchange"})
     if killed.returncode == 0:
         pytest.skip("RENAME_EXCHANGE is not available on this filesystem")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -293,7 +294,7 @@ def test_a_kill_between_the_exchange_and_the_rename_to_old_is_finished_not_calle
 
 def test_an_interrupt_right_after_the_commit_says_the_output_is_complete(source, tmp_path):
     out = tmp_path / "out"
-    result = convert(source, out, "--json", env={staging.KILL_ENV: "after-commit", staging.KILL_SIGNALS_ENV: "INT"})
+    result = convert(source, out, "--json", env={failpoints.KILL_AT_ENV: "after-commit", failpoints.KILL_SIGNALS_ENV: "INT"})
     assert result.returncode == 130 and no_traceback(result), result.stderr
     assert "nothing was committed" not in result.stderr and f"{out} is complete and in place" in result.stderr
     assert json.loads(result.stdout)["exit_code"] == 130
@@ -312,7 +313,7 @@ def test_a_kill_at_every_commit_step_leaves_old_or_new_and_resumes_to_identical_
                                                                                        previous, point):
     out = with_old_output(tmp_path) if previous == "old" else tmp_path / "out"
     before = OLD if previous == "old" else None
-    env = dict(NO_EXCHANGE if mode == "fallback" else {}, **{staging.KILL_ENV: point})
+    env = dict(NO_EXCHANGE if mode == "fallback" else {}, **{failpoints.KILL_AT_ENV: point})
     killed = convert(source, out, "--overwrite-any", env=env)
     assert killed.returncode == -signal.SIGKILL, f"{point} was never reached: {killed.stderr}"
     after = tree_bytes(out) if out.exists() else None
@@ -336,7 +337,7 @@ def test_a_kill_at_every_commit_step_leaves_old_or_new_and_resumes_to_identical_
 def test_a_swap_that_fails_before_anything_moved_leaves_no_journal(source, tmp_path, monkeypatch, mode):
     out = with_old_output(tmp_path)
     if mode == "fallback":
-        monkeypatch.setenv(streamconv.fastpaths.ENV, "renameat2")
+        monkeypatch.setenv(streamconv.failpoints.NO_FAST_PATHS_ENV, "renameat2")
         real = os.rename
 
         def rename(src, dst):
@@ -345,7 +346,7 @@ def test_a_swap_that_fails_before_anything_moved_leaves_no_journal(source, tmp_p
             return real(src, dst)
         monkeypatch.setattr(staging.os, "rename", rename)
     else:
-        monkeypatch.delenv(streamconv.fastpaths.ENV, raising=False)
+        monkeypatch.delenv(streamconv.failpoints.NO_FAST_PATHS_ENV, raising=False)
 
         def renameat2(src, dst, flags):
             raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), dst)
@@ -358,7 +359,7 @@ def test_a_swap_that_fails_before_anything_moved_leaves_no_journal(source, tmp_p
 def test_a_run_never_tidies_the_swap_of_a_run_that_is_committing_right_now(source, tmp_path):
     out = with_old_output(tmp_path)
     env = dict(os.environ, PYTHONPATH=str(REPO), **NO_EXCHANGE,
-               **{staging.KILL_ENV: "between-swap-renames", staging.KILL_SIGNALS_ENV: "STOP"})
+               **{failpoints.KILL_AT_ENV: "between-swap-renames", failpoints.KILL_SIGNALS_ENV: "STOP"})
     proc = subprocess.Popen([sys.executable, "-m", "streamconv.cli", "convert", str(source["ckpt"]), str(out),
                              "--max-shard-size", SHARD, "--overwrite-any"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

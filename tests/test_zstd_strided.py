@@ -15,6 +15,7 @@ import torch
 
 import dcp_writers
 import streamconv
+from streamconv import failpoints
 import zstd_writers
 from streamconv.demo_checkpoint import run_distributed
 from streamconv.errors import CheckpointError, CorruptChunkError
@@ -280,12 +281,11 @@ def test_zstd_killed_conversion_resumes_keeping_its_shards(flavors, tmp_path):
     a run killed between shards keeps them on --resume (their CRC-32 read back matches) and ends identical."""
     import signal
 
-    from streamconv import staging
     ckpt = str(flavors / "zstd_fsdp2")
     streamconv.convert(ckpt, str(tmp_path / "ref"), max_shard_size="60KB")
     want = {p.name: p.read_bytes() for p in (tmp_path / "ref").iterdir()}
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=str(REPO), **{staging.KILL_ENV: "between-shards@2"})
+    env = dict(os.environ, PYTHONPATH=str(REPO), **{failpoints.KILL_AT_ENV: "between-shards@2"})
     args = [sys.executable, "-m", "streamconv.cli", "convert", ckpt, str(out), "--max-shard-size", "60KB",
             "--workers", "1"]
     killed = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..errors import CheckpointError
-from ..io import open_regular
+from ..infiles import open_regular
 from ..names import RenameRule
 from ..safetensors_format import MAX_HEADER_BYTES
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import OptionsError, OutputError
-from ..io import open_regular
+from ..infiles import open_regular
 from ..outfiles import create_new
 
 CONFIG_FILE = "config.json"

@@ -24,13 +24,13 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 from .. import dtypes
 from ..errors import CheckpointError, UnsupportedFeatureError
 from ..io import RangeReader
 from ..model import BlobLocation, Chunk, StoredTensor, TensorEntry
-from ..safetensors_format import MAX_HEADER_BYTES, METADATA_KEY
+from ..safetensors_format import MAX_HEADER_BYTES, METADATA_KEY, unique_keys
 from .unpickle import describe
 
 MAX_DIMS = 64
@@ -90,7 +90,7 @@ def read_header(reader: RangeReader, relative_path: str, offset: int = 0, *,
     if not raw.startswith(b"{"):
         raise CheckpointError(f"{where}: header does not start with '{{' (found {raw[:8]!r}); not a safetensors blob")
     try:
-        parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+        parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{where}: header is not valid JSON ({describe(str(exc))}); the file is corrupt") from None
     del raw
@@ -111,16 +111,6 @@ def read_header(reader: RangeReader, relative_path: str, offset: int = 0, *,
     return Header(relative_path, offset, data_start, tensors, metadata, order)
 
 
-def _unique_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            # json.loads would keep the last silently; safetensors itself refuses such a header.
-            raise ValueError(f"key {describe(key)} appears twice")
-        out[key] = value
-    return out
-
-
 def _ints(value: Any) -> Optional[Tuple[int, ...]]:
     if isinstance(value, list) and len(value) <= MAX_DIMS and all(type(v) is int and v >= 0 for v in value):
         return tuple(value)
@@ -131,7 +121,7 @@ def _sharding_info(where: str, text: Optional[str]) -> Tuple[Optional[Dict[str, 
     if text is None:
         return None, ()
     try:
-        info = json.loads(text, object_pairs_hook=_unique_keys)
+        info = json.loads(text, object_pairs_hook=unique_keys)
     except (ValueError, RecursionError) as exc:
         raise CheckpointError(f"{where}: __metadata__ DCP_SHARDING_INFO is not valid JSON "
                               f"({describe(str(exc))})") from None

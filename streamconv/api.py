@@ -11,26 +11,32 @@ import time
 from dataclasses import replace
 from typing import Dict, Iterable, Optional, Sequence, Union
 
-from . import discover, dtypes, fastpaths, hf, names, provenance, record
-from .destination import check_destination, check_free_space
+from .runs import discover
+from . import dtypes, hf
+from .fs import fastpaths
+from .planning import names
+from .verify import provenance
+from .output import record
+from .output.destination import check_destination, check_free_space
 from .errors import CheckpointError, OptionsError, OutputError, VerificationError
-from .checkpoint import load, locate_chunks
-from .executor import Executor
-from .io import DirectoryReader
-from .options import ConvertOptions, resolve as resolve_options
+from .runs.checkpoint import load, locate_chunks
+from .execution.executor import Executor
+from .source.io import DirectoryReader
+from .planning.options import ConvertOptions, resolve as resolve_options
 from .model import CheckpointMetadata
-from .provenance import Fingerprint as _Fingerprint
-from .plan import DEFAULT_WRITERS, INDEX_FILE_NAME, ConversionPlan, PlanOptions, build_plan, source_format, with_writers
-from .report import ConversionReport, Reporter, peak_rss_bytes
-from .parallel import write_shards
-from .reader import zstd
-from .reader.integrity import ChunkIntegrity
-from .shardjob import ShardJob
-from .paths import user_path
+from .verify.provenance import Fingerprint as _Fingerprint
+from .planning.plan import (DEFAULT_WRITERS, INDEX_FILE_NAME, ConversionPlan, PlanOptions, build_plan, source_format,
+                            with_writers)
+from .runs.report import ConversionReport, Reporter, peak_rss_bytes
+from .runs.parallel import write_shards
+from .source import zstd
+from .source.integrity import ChunkIntegrity
+from .runs.shardjob import ShardJob
+from .fs.paths import user_path
 from .failpoints import kill_point
-from .staging import StagingDir, recover_swap
-from .trainers import megatron
-from . import verification as verifying
+from .output.staging import StagingDir, recover_swap
+from .planning.trainers import megatron
+from .verify import verification as verifying
 from .sizes import format_size
 
 

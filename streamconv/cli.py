@@ -14,9 +14,9 @@ import click
 from . import api
 from .errors import OptionsError, StreamconvError
 from .help_sections import SectionedCommand
-from .options import ConvertOptions
-from .report import CollectingReporter, Reporter, TqdmReporter
-from .names import printable
+from .planning.options import ConvertOptions
+from .runs.report import CollectingReporter, Reporter, TqdmReporter
+from .planning.names import printable
 from .sizes import format_size
 
 
@@ -363,7 +363,7 @@ def verify(checkpoint_dir, output_dir, as_json, crc, quiet, **option_values):
     what was verified. Exit 0 when all match, 3 when the output differs, 2 when a checkpoint chunk fails its
     CRC-32; an output that cannot be read is not a difference (its own exit code).
     """
-    from .verification import CorruptSourceError, OutputDiffersError
+    from .verify.verification import CorruptSourceError, OutputDiffersError
     options = ConvertOptions.take(option_values)
     interactive = sys.stderr.isatty() and not as_json and not quiet
     reporter: Reporter = TqdmReporter() if interactive else CollectingReporter()
@@ -447,7 +447,7 @@ def batch(sources, output_template, from_file, as_json, jobs, max_memory, worker
     shard. A checkpoint that fails does not stop the others; the exit code is 1 when any failed (the table and
     --json report say which and why).
     """
-    from . import batch as batching
+    from .runs import batch as batching
     if resume and discard_partial:
         raise OptionsError("--resume keeps interrupted conversions and --discard-partial deletes them: pass one")
     options = ConvertOptions.take(option_values)

@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamconv.errors import StreamconvError
-from streamconv.io import MemoryReader
+from streamconv.source.io import MemoryReader
 from streamconv.model import BlobLocation
-from streamconv.reader import load_metadata, locate_tensor
+from streamconv.source import load_metadata, locate_tensor
 
 MAX_CASE_SECONDS = 1.0
 

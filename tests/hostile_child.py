@@ -13,9 +13,9 @@ import sys
 import time
 
 from streamconv.errors import StreamconvError
-from streamconv.io import DirectoryReader
+from streamconv.source.io import DirectoryReader
 from streamconv.model import BlobLocation
-from streamconv.reader import find_metadata_file, load_metadata, locate_tensor
+from streamconv.source import find_metadata_file, load_metadata, locate_tensor
 
 
 def peak_rss_bytes() -> int:

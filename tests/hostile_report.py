@@ -24,7 +24,7 @@ MiB = 1 << 20
 PLAN_CODE = """
 import sys, time
 from streamconv.model import BlobLocation, Chunk, CheckpointMetadata, TensorEntry
-from streamconv.plan import PlanOptions, build_plan
+from streamconv.planning.plan import PlanOptions, build_plan
 n_tensors, per, dim = map(int, sys.argv[1:4])
 tensors = []
 for t in range(n_tensors):

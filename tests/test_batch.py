@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 import streamconv
-from streamconv import batch, shardjob
+from streamconv.runs import batch, shardjob
 from streamconv.errors import OptionsError
-from streamconv.options import ConvertOptions
-from streamconv.report import CollectingReporter
+from streamconv.planning.options import ConvertOptions
+from streamconv.runs.report import CollectingReporter
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD = "100KB"     # several shards per checkpoint

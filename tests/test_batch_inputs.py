@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from streamconv import batch
+from streamconv.runs import batch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD = "100KB"
@@ -148,7 +148,7 @@ def _free_port() -> int:
 
 def test_a_ray_address_nobody_listens_on_is_refused_in_seconds(two_runs):
     import time
-    from streamconv import ray_runner
+    from streamconv.runs import ray_runner
     from streamconv.errors import OptionsError
     port = _free_port()
     started = time.monotonic()

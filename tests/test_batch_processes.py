@@ -198,7 +198,7 @@ def test_discard_partial_from_python_starts_over(runs):
 
 
 def test_a_job_that_cannot_start_or_dies_at_start(runs, monkeypatch):
-    from streamconv import batch as batching, batch_job
+    from streamconv.runs import batch as batching, batch_job
     from streamconv.errors import ResourceError
     sources = [str(runs / "runs/a/checkpoint-*")]
     # Dies before reading its job: that checkpoint fails with the job's exit code, the batch goes on.

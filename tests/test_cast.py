@@ -1,4 +1,4 @@
-"""`streamconv.cast` against torch's own `Tensor.to`, bit for bit.
+"""`streamconv.execution.cast` against torch's own `Tensor.to`, bit for bit.
 
 Inputs are raw bit patterns (uint16/32/64), so NaNs with every sign and payload, infinities, subnormals and
 rounding ties all occur. "Reproducing torch" means: cast with path="vector", then recast the element ranges
@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamconv import cast
-from streamconv.cast import can_cast, cast_into, output_nbytes, torch_scalar_ranges
+from streamconv.execution import cast
+from streamconv.execution.cast import can_cast, cast_into, output_nbytes, torch_scalar_ranges
 from streamconv.errors import OptionsError
 
 torch = pytest.importorskip("torch")
@@ -348,7 +348,7 @@ def test_peak_memory_is_a_few_chunks(src, dst):
 
 
 def test_conversion_path_does_not_import_torch():
-    code = ("import sys, numpy as np; from streamconv.cast import cast_into; "
+    code = ("import sys, numpy as np; from streamconv.execution.cast import cast_into; "
             "cast_into(np.zeros(8, np.uint8), 'float32', 'bfloat16'); assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 

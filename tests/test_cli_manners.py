@@ -18,9 +18,10 @@ from click.testing import CliRunner
 
 import streamconv
 from streamconv import failpoints
-from streamconv import errors, staging
+from streamconv import errors
+from streamconv.output import staging
 from streamconv.cli import cli
-from streamconv.report import TqdmReporter
+from streamconv.runs.report import TqdmReporter
 
 REPO = Path(__file__).resolve().parent.parent
 OPTIONS_DOC = (REPO / "docs" / "options.md").read_text(encoding="utf-8")    # the option reference the README links
@@ -171,7 +172,7 @@ def test_make_test_prints_no_table_among_the_dots():
 
 
 def test_from_file_lists_are_decoded_as_the_shell_decodes_arguments(tmp_path):
-    from streamconv.batch import expand_sources
+    from streamconv.runs.batch import expand_sources
     from streamconv.errors import OptionsError
     latin = os.fsencode(tmp_path) + b"/caf\xe9"            # a folder name that is not valid UTF-8
     os.mkdir(latin)

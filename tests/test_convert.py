@@ -190,7 +190,7 @@ def test_missing_rank_file_names_the_file(dcp_checkpoints, tmp_path):
 
 
 def test_failure_mid_write_leaves_no_output(dcp_checkpoints, tmp_path, monkeypatch):
-    from streamconv import executor
+    from streamconv.execution import executor
 
     calls = {"n": 0}
     original = executor.Executor.write_tensor
@@ -241,7 +241,7 @@ def test_verify_catches_a_corrupted_shard(dcp_checkpoints, tmp_path, monkeypatch
 def test_not_enough_disk_space_is_refused_before_writing(dcp_checkpoints, tmp_path, monkeypatch):
     import collections
 
-    from streamconv import destination
+    from streamconv.output import destination
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(destination.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 100, 100))
     result = CliRunner().invoke(cli, ["convert", str(dcp_checkpoints["tp"]), str(tmp_path / "out")])
@@ -265,7 +265,7 @@ def test_json_mode_reports_errors_on_stdout(dcp_checkpoints, tmp_path):
 def test_sigterm_removes_partial_output_like_ctrl_c(dcp_checkpoints, tmp_path, monkeypatch):
     import signal
 
-    from streamconv import executor
+    from streamconv.execution import executor
 
     original = executor.Executor.write_tensor
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import streamconv
-from streamconv import paths
+from streamconv.fs import paths
 from streamconv.errors import CheckpointError, OptionsError
 from test_safety import REPO, SHARD, convert, no_traceback, run, snapshot, source, source_untouched  # noqa: F401
 

@@ -14,11 +14,11 @@ from hypothesis import given, settings, strategies as st
 
 from streamconv.execution import band as band_assembler  # SHORT_RUN_BYTES, IOV_MAX
 from streamconv.errors import CheckpointError
-from streamconv.executor import Executor
-from streamconv.io import MemoryReader
+from streamconv.execution.executor import Executor
+from streamconv.source.io import MemoryReader
 from streamconv.model import BlobLocation, CheckpointMetadata, Chunk, StoredTensor, TensorEntry
-from streamconv.plan import PlanOptions, build_plan
-from streamconv.sink import MemorySink
+from streamconv.planning.plan import PlanOptions, build_plan
+from streamconv.output.sink import MemorySink
 
 NP = {"float32": np.float32, "int64": np.int64, "float16": np.float16, "int8": np.int8}
 
@@ -161,7 +161,7 @@ def test_non_contiguous_stored_chunk_is_refused_with_fix():
 @given(case=cases(), buffer_bytes=st.sampled_from([1, 8, 24, 100, 4096]),
        dst=st.sampled_from(["bfloat16", "float16", "float32"]), path=st.sampled_from(sorted(RUN_PATHS)))
 def test_random_boxes_with_cast_match_a_whole_tensor_cast(case, buffer_bytes, dst, path):
-    from streamconv.cast import cast_into  # bit-exact vs torch, see test_cast.py
+    from streamconv.execution.cast import cast_into  # bit-exact vs torch, see test_cast.py
 
     arr, cuts = case
     if arr.dtype.kind != "f":
@@ -316,7 +316,7 @@ def test_cast_with_multithreaded_torch_differs_only_in_nan_payloads():
     assert torch.equal(got[~got.isnan()].view(torch.int16), want[~want.isnan()].view(torch.int16))
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         # the NaNs that do differ are those in the tails of torch's inner thread blocks, and only those
-        from streamconv.cast import torch_scalar_ranges
+        from streamconv.execution.cast import torch_scalar_ranges
         inner_tails = set(torch_scalar_ranges(arr.shape, "float64", "bfloat16", num_threads=3)) - \
             set(torch_scalar_ranges(arr.shape, "float64", "bfloat16", num_threads=1))
         differ = (got.view(torch.int16) != want.view(torch.int16)).nonzero().reshape(-1).tolist()

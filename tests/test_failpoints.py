@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 import streamconv
-from streamconv import failpoints, fastpaths
+from streamconv import failpoints
+from streamconv.fs import fastpaths
 
 PACKAGE = pathlib.Path(streamconv.__file__).parent
 REPO = PACKAGE.parent

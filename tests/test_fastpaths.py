@@ -13,11 +13,12 @@ import pytest
 import dcp_writers
 import streamconv
 from streamconv import failpoints
-from streamconv import fastpaths, staging
+from streamconv.fs import fastpaths
+from streamconv.output import staging
 from streamconv.errors import CheckpointError, OptionsError, OutputError
-from streamconv.fastpaths import FastPaths
-from streamconv.io import DirectoryReader
-from streamconv.sink import FileSink
+from streamconv.fs.fastpaths import FastPaths
+from streamconv.source.io import DirectoryReader
+from streamconv.output.sink import FileSink
 
 LAYOUTS = sorted(dcp_writers.CHECKPOINTS)
 SMALL = dict(max_shard_size="40KB", buffer_size="64KiB")   # several shards, an index, many bands

@@ -15,11 +15,11 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from streamconv import trainers
-from streamconv.executor import Executor
-from streamconv.plan import PlanOptions, build_plan
-from streamconv.sink import MemorySink
-from streamconv.transforms import Heads
+from streamconv.planning import trainers
+from streamconv.execution.executor import Executor
+from streamconv.planning.plan import PlanOptions, build_plan
+from streamconv.output.sink import MemorySink
+from streamconv.planning.transforms import Heads
 from test_executor import make_checkpoint
 
 MEGATRON = trainers.MEGATRON_GPT
@@ -183,8 +183,8 @@ def test_rope_tables_are_skipped_and_unmapped_tensors_refused():
 def test_bands_of_tiny_runs_are_cut_short():
     """Every other element of a 1-D tensor (RoPE on a bias) is a run of one element: bands stay at
     MAX_RUNS_PER_BAND runs, whatever the buffer, and the result is still torch's permutation."""
-    from streamconv import transforms as tf
-    from streamconv.plan import TensorPlan
+    from streamconv.planning import transforms as tf
+    from streamconv.planning.plan import TensorPlan
 
     n = 4 * 2 * 5000                                      # 4 heads of 10000 rows
     arrays = {"bias": np.arange(n, dtype=np.float32)}

@@ -20,12 +20,12 @@ from click.testing import CliRunner
 from streamconv import api
 from streamconv.cli import cli
 from streamconv.errors import OptionsError, VerificationError
-from streamconv.executor import Executor
+from streamconv.execution.executor import Executor
 from streamconv.hf import layouts, sidecars, tied
-from streamconv.io import MemoryReader
+from streamconv.source.io import MemoryReader
 from streamconv.model import BlobLocation, CheckpointMetadata, Chunk, StoredTensor, TensorEntry
-from streamconv.plan import PlanOptions, build_plan
-from streamconv.sink import FileSink
+from streamconv.planning.plan import PlanOptions, build_plan
+from streamconv.output.sink import FileSink
 
 MLLAMA_LIVE = ["model.language_model.embed_tokens.weight", "model.language_model.layers.0.mlp.up_proj.weight",
                "model.vision_model.class_embedding", "model.multi_modal_projector.weight", "lm_head.weight"]
@@ -144,7 +144,7 @@ def test_layout_rules_in_sequence_equal_one_prefix_pass(layout, direction):
     assert layouts.sequential_safe(layouts.rule_order(mapping.pairs))
     samples = [old + "x.weight" for old, _ in mapping.pairs] + [new + "y.bias" for _, new in mapping.pairs]
     samples += ["unrelated.weight", "model.norm.weight"]
-    from streamconv.names import apply_renames
+    from streamconv.planning.names import apply_renames
     for name in samples:
         assert apply_renames(name, mapping.rules()) == mapping.apply(name), name
 

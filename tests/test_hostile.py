@@ -26,12 +26,12 @@ from hypothesis import strategies as st
 from torch.distributed.checkpoint import FileSystemWriter
 
 import hostile_inputs as hi
-from streamconv import coverage
-from streamconv.coverage import check_coverage
+from streamconv.planning import coverage
+from streamconv.planning.coverage import check_coverage
 from streamconv.errors import CheckpointError, CoverageError, StreamconvError
-from streamconv.io import MemoryReader
+from streamconv.source.io import MemoryReader
 from streamconv.model import BlobLocation, Chunk
-from streamconv.reader import find_metadata_file, load_metadata, unpickle
+from streamconv.source import find_metadata_file, load_metadata, unpickle
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -120,7 +120,7 @@ def test_20mb_real_metadata_loads_within_memory_bound(tmp_path):
 def test_budget_of_a_real_metadata_has_room_to_spare():
     """The allocation budget is not what limits genuine files: a real one is charged < 80% of it."""
     data = hi.realistic_metadata(4_000, ranks=4)
-    from streamconv.reader import safe_pickle
+    from streamconv.source import safe_pickle
     spec = safe_pickle._Spec(safe_pickle._METADATA_GLOBALS, "DCP .metadata", "x")
     unpickle.load(spec, source="x", data=data, budget_bytes=1 << 40)
     assert spec.charged_bytes < 0.8 * safe_pickle.budget_bytes(len(data))
@@ -231,7 +231,7 @@ def test_fifo_metadata_is_refused_by_name(tmp_path, name):
     (tmp_path / "__0.metadata").write_bytes(b"")
     os.mkfifo(tmp_path / name)
     # In a child: if the FIFO were opened, the read would block forever.
-    code = ("import sys\nfrom streamconv.reader import find_metadata_file\nfrom streamconv.errors import "
+    code = ("import sys\nfrom streamconv.source import find_metadata_file\nfrom streamconv.errors import "
             "CheckpointError\ntry:\n    find_metadata_file(sys.argv[1])\nexcept CheckpointError as e:\n    print(e)")
     env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60,

@@ -25,13 +25,13 @@ from safetensors import safe_open
 
 import dcp_writers
 import streamconv
-from streamconv import names
+from streamconv.planning import names
 from streamconv.cli import cli
 from streamconv.errors import CheckpointError, OptionsError, ResourceError, StreamconvError
 from streamconv.hf.sidecars import copy_regular, sidecar_names
-from streamconv.io import DirectoryReader
+from streamconv.source.io import DirectoryReader
 from streamconv.model import BlobLocation, CheckpointMetadata, Chunk, TensorEntry
-from streamconv.plan import PlanOptions, build_plan
+from streamconv.planning.plan import PlanOptions, build_plan
 
 LAYOUTS = sorted(dcp_writers.CHECKPOINTS)
 CLI = [sys.executable, "-m", "streamconv.cli"]
@@ -119,7 +119,7 @@ def test_messages_show_huge_names_cut():
 
 def test_a_header_too_long_for_safetensors_readers_is_refused(monkeypatch):
     import importlib
-    plan_module = importlib.import_module("streamconv.plan")    # `streamconv.plan` is the API function
+    plan_module = importlib.import_module("streamconv.planning.plan")    # `streamconv.planning.plan` is the API function
     meta = _one_tensor_meta([f"layer.{i}.w" for i in range(50)])
     assert build_plan(meta).shards
     monkeypatch.setattr(plan_module, "MAX_HEADER_BYTES", 2000)
@@ -293,7 +293,7 @@ def test_descriptor_cache_is_bounded_and_never_closes_a_descriptor_in_use(tmp_pa
 
 _EMFILE_SCRIPT = r"""
 import os, resource, sys
-from streamconv.io import DirectoryReader
+from streamconv.source.io import DirectoryReader
 from streamconv.errors import ResourceError
 folder = sys.argv[1]
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))

@@ -246,7 +246,7 @@ def test_megatron_saved_plans_in_metadata_are_decoded_safely(tmp_path):
 def test_allow_list_still_refuses_other_globals(tmp_path):
     """The allow-list still refuses anything else beside those records."""
     from streamconv.errors import UnsafePickleError
-    from streamconv.reader.safe_pickle import load_metadata_pickle
+    from streamconv.source.safe_pickle import load_metadata_pickle
     import pickle
     bad = pickle.dumps(mw._Tripwire(str(tmp_path / "x")))
     with pytest.raises(UnsafePickleError):
@@ -295,9 +295,9 @@ def megatron_geometry(draw):
 def test_planned_pieces_of_every_tp_layout_equal_the_torch_mapping(case):
     """The megatron-gpt adapter's pieces over Megatron's TP chunking (`megatron_writers._boxes`), followed with
     numpy, give each output tensor exactly once and equal to the torch-op mapping."""
-    from streamconv import transforms as tf
+    from streamconv.planning import transforms as tf
     from streamconv.model import BlobLocation, Chunk, TensorEntry
-    from streamconv.trainers import MEGATRON_GPT, outputs
+    from streamconv.planning.trainers import MEGATRON_GPT, outputs
 
     cfg, tp = case
     state = mw.random_megatron(**cfg)
@@ -329,9 +329,9 @@ def test_planned_pieces_of_every_tp_layout_equal_the_torch_mapping(case):
 def test_tp2_k_proj_pieces_are_one_box_per_query_group():
     """Literal plan: heads 4, groups 2, head dim 8, TP 2 -> each rank's qkv chunk of a layer is one query group
     [q q k v] (32 rows); layer 1's k_proj is rows 16..23 of each rank's chunk."""
-    from streamconv import transforms as tf
+    from streamconv.planning import transforms as tf
     from streamconv.model import BlobLocation, Chunk, TensorEntry
-    from streamconv.trainers import MEGATRON_GPT, outputs
+    from streamconv.planning.trainers import MEGATRON_GPT, outputs
 
     shape = (2, 64, 32)
     chunks = tuple(Chunk((layer, 32 * rank, 0), (1, 32, 32), BlobLocation(f"__{rank}_0.distcp", layer, 1))

@@ -10,8 +10,8 @@ import streamconv
 from streamconv import api
 from streamconv.cli import cli
 from streamconv.errors import OptionsError
-from streamconv.options import ConvertOptions, resolve
-from streamconv.plan import PlanOptions
+from streamconv.planning.options import ConvertOptions, resolve
+from streamconv.planning.plan import PlanOptions
 
 
 def test_every_field_is_a_flag_of_convert_plan_and_verify():

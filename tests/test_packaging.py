@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 import streamconv
-from streamconv import cast
+from streamconv.execution import cast
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIR = REPO_ROOT / "streamconv"
@@ -399,7 +399,7 @@ def test_import_works_without_posix_only_modules():
         "for info in pkgutil.walk_packages(streamconv.__path__, 'streamconv.'):\n"
         "    if info.name not in ('streamconv.demo', 'streamconv.demo_checkpoint'):\n"
         "        __import__(info.name)\n"
-        "from streamconv.report import peak_rss_bytes\n"
+        "from streamconv.runs.report import peak_rss_bytes\n"
         "print(peak_rss_bytes() >= 0)\n")
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr

@@ -4,11 +4,11 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from streamconv.coverage import check_coverage, dedup_chunks
+from streamconv.planning.coverage import check_coverage, dedup_chunks
 from streamconv.errors import CoverageError, OptionsError
 from streamconv.model import BlobLocation, BytesEntry, CheckpointMetadata, Chunk, TensorEntry
-from streamconv.names import RenameRule, natural_key, strip_wrappers
-from streamconv.plan import PlanOptions, build_plan
+from streamconv.planning.names import RenameRule, natural_key, strip_wrappers
+from streamconv.planning.plan import PlanOptions, build_plan
 
 
 def loc(rank, offset=0, length=100):

@@ -8,7 +8,7 @@ import pytest
 
 import streamconv
 from streamconv import failpoints
-from streamconv.report import CollectingReporter
+from streamconv.runs.report import CollectingReporter
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -44,7 +44,7 @@ def local(demo_checkpoint, tmp_path_factory):
 
 
 def test_shards_on_ray_equal_a_local_run(cluster, demo_checkpoint, local, tmp_path):
-    from streamconv import ray_runner
+    from streamconv.runs import ray_runner
     streamconv.convert(str(demo_checkpoint.ckpt_dir), str(tmp_path / "out"), max_shard_size=SHARD, no_config=True,
                        shard_runner=ray_runner.shard_runner)
     assert files(tmp_path / "out") == local
@@ -52,7 +52,7 @@ def test_shards_on_ray_equal_a_local_run(cluster, demo_checkpoint, local, tmp_pa
 
 
 def test_a_worker_killed_mid_shard_is_retried_to_the_same_bytes(cluster, demo_checkpoint, local, tmp_path):
-    from streamconv import ray_runner
+    from streamconv.runs import ray_runner
     plan = streamconv.plan(str(demo_checkpoint.ckpt_dir), max_shard_size=SHARD, no_config=True)
     victim = max(plan.shards, key=lambda s: len(s.tensors)).filename     # several tensors: "mid-shard" exists
     (cluster / f"kill-{victim}").touch()

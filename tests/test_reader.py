@@ -1,4 +1,4 @@
-"""The safe reading layer (`streamconv.reader`) against real checkpoints written by torch, and hostile input.
+"""The safe reading layer (`streamconv.source`) against real checkpoints written by torch, and hostile input.
 
 Checkpoints are made in this process with `dcp.save` (single process: no process group needed), once per
 module. Metadata is compared with what torch itself unpickles; located bytes with the tensors that were saved.
@@ -29,10 +29,10 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
 from streamconv.errors import CheckpointError, UnsafePickleError, UnsupportedFeatureError
-from streamconv.io import DirectoryReader, MemoryReader
+from streamconv.source.io import DirectoryReader, MemoryReader
 from streamconv.model import BlobLocation
-from streamconv.reader import find_metadata_file, load_metadata, locate_all, locate_tensor
-from streamconv.reader import safe_pickle
+from streamconv.source import find_metadata_file, load_metadata, locate_all, locate_tensor
+from streamconv.source import safe_pickle
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GPU_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
@@ -307,8 +307,8 @@ def test_no_torch_on_the_reading_path(ckpts):
     code = textwrap.dedent("""
         import json, sys
         sys.modules["torch"] = None  # any `import torch...` now raises ImportError
-        from streamconv.io import DirectoryReader
-        from streamconv.reader import find_metadata_file, load_metadata, locate_all
+        from streamconv.source.io import DirectoryReader
+        from streamconv.source import find_metadata_file, load_metadata, locate_all
         root = sys.argv[1]
         with DirectoryReader(root) as reader:
             md = load_metadata(reader, find_metadata_file(root))
@@ -436,7 +436,7 @@ def _identity_extension(descriptor: str):
 
 def test_unknown_transform_extension_is_unsupported(tmp_path):
     """Blobs saved through a transform other than torch's ZStandard are refused, naming it and the tensor."""
-    from streamconv.reader.zstd import DecodingReader
+    from streamconv.source.zstd import DecodingReader
     root = save(tmp_path / "ck", {"w": torch.ones(2, 2), "lr": 0.1}, no_dist=True,
                 _extensions=[_identity_extension("stream.rot13/1")])
     with DecodingReader(DirectoryReader(root)) as reader:
@@ -450,7 +450,7 @@ def test_unknown_transform_extension_is_unsupported(tmp_path):
 def test_zstd_descriptor_on_plain_blobs_is_refused(tmp_path):
     """`stream.zstd/1` in .metadata over blobs that are not zstd (an identity transform under that name): the
     files and the metadata disagree, and the message says so rather than decoding garbage."""
-    from streamconv.reader.zstd import DecodingReader
+    from streamconv.source.zstd import DecodingReader
     root = save(tmp_path / "ck", {"w": torch.ones(2, 2)}, no_dist=True,
                 _extensions=[_identity_extension("stream.zstd/1")])
     with DecodingReader(DirectoryReader(root)) as reader:

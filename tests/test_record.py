@@ -1,4 +1,4 @@
-"""The output record's format (streamconv/record.py): round trip, and every way a planted or damaged record is
+"""The output record's format (streamconv/output/record.py): round trip, and every way a planted or damaged record is
 refused rather than believed."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from streamconv import record
-from streamconv.record import FileEntry, OutputRecord, RecordError
+from streamconv.output import record
+from streamconv.output.record import FileEntry, OutputRecord, RecordError
 
 
 def _record() -> OutputRecord:

@@ -21,10 +21,10 @@ from safetensors import safe_open
 import st_writers
 import streamconv
 from streamconv import failpoints
-from streamconv import staging
+from streamconv.output import staging
 from streamconv.errors import CheckpointError, UnsupportedFeatureError
-from streamconv.io import DirectoryReader
-from streamconv.reader import load_metadata, locate_all
+from streamconv.source.io import DirectoryReader
+from streamconv.source import load_metadata, locate_all
 from test_convert import read_output, same_bits
 
 CONVERTED = [n for n in st_writers.CHECKPOINTS if n not in ("hf_clobbered", "hf_consolidated")] + [
@@ -351,9 +351,9 @@ def test_fuzzed_shard_headers_end_in_streamconv_errors(st_checkpoints):
     either work or raise one of streamconv's errors; nothing else escapes."""
     from hypothesis import HealthCheck, given, settings, strategies as st
 
-    from streamconv.io import MemoryReader
-    from streamconv.plan import PlanOptions, build_plan
-    from streamconv.reader import hf_shards
+    from streamconv.source.io import MemoryReader
+    from streamconv.planning.plan import PlanOptions, build_plan
+    from streamconv.source import hf_shards
 
     folder = st_checkpoints / "hf_tp"
     names = sorted(p.name for p in folder.iterdir())

@@ -2,7 +2,7 @@
 durable, a killed run resumes to the same bytes, full disks and signals end cleanly with documented codes.
 
 Most tests run `python -m streamconv.cli` in a subprocess against a real checkpoint written by torch's DCP
-writer, and kill it at named points with the test-only hook STREAMCONV_TEST_KILL_AT (see streamconv/staging.py).
+writer, and kill it at named points with the test-only hook STREAMCONV_TEST_KILL_AT (see streamconv/output/staging.py).
 After every scenario, every source file's bytes and mtime are checked.
 """
 import errno
@@ -24,7 +24,7 @@ from click.testing import CliRunner
 import dcp_writers
 import streamconv
 from streamconv import failpoints
-from streamconv import staging
+from streamconv.output import staging
 from streamconv.cli import cli
 from streamconv.errors import OutputError
 
@@ -419,7 +419,7 @@ def test_free_space_preflight_counts_the_index(source):
 @pytest.mark.parametrize("call", ["preadv", "pread"])
 def test_a_read_error_names_the_file_and_offset(source, tmp_path, monkeypatch, call):
     """preadv with the fast paths on; pread, the plain path, with them off."""
-    from streamconv import io as sio
+    from streamconv.source import io as sio
     if call == "pread":
         monkeypatch.setenv(failpoints.NO_FAST_PATHS_ENV, "1")
     else:
@@ -558,7 +558,7 @@ def test_crc32_combine_matches_zlib():
     import random
     import zlib
 
-    from streamconv import crc
+    from streamconv.output import crc
     rng = random.Random(0)
     for _ in range(50):
         a, b = rng.randbytes(rng.randrange(0, 3000)), rng.randbytes(rng.randrange(0, 3000))

@@ -19,10 +19,11 @@ from click.testing import CliRunner
 
 import streamconv
 from streamconv import failpoints
-from streamconv import outfiles, staging
+from streamconv.fs import outfiles
+from streamconv.output import staging
 from streamconv.cli import cli
 from streamconv.errors import OutputError
-from streamconv.sink import FileSink
+from streamconv.output.sink import FileSink
 from test_safety import REPO, SHARD, convert, hidden, no_traceback, snapshot, source, source_untouched, tree_bytes  # noqa: F401
 
 
@@ -122,13 +123,13 @@ def test_shard_files_never_follow_a_symlink(tmp_path):
 # -- 16.8: probe files and anything else not planned -------------------------------------------------------
 
 def test_a_kill_during_the_copy_probe_never_publishes_the_probe(source, tmp_path):
-    if "copy_file_range" not in streamconv.fastpaths.detect().names:
+    if "copy_file_range" not in streamconv.fs.fastpaths.detect().names:
         pytest.skip("no copy_file_range here: nothing is probed")
     out = tmp_path / "out"
     killed = convert(source, out, env={failpoints.KILL_AT_ENV: "copy-probe"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     stage = tmp_path / ".out.streamconv-partial"
-    left = [p.name for p in stage.rglob("*") if p.name.startswith(streamconv.fastpaths.PROBE_FILE_NAME)]
+    left = [p.name for p in stage.rglob("*") if p.name.startswith(streamconv.fs.fastpaths.PROBE_FILE_NAME)]
     assert left, "the kill point is not inside the probe"
     resumed = convert(source, out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -138,7 +139,7 @@ def test_a_kill_during_the_copy_probe_never_publishes_the_probe(source, tmp_path
 def test_a_stale_probe_file_of_an_older_version_is_removed_on_resume(source, tmp_path):
     out = tmp_path / "out"
     stage, _ = killed_with_two_shards(source, out)
-    (stage / f"{streamconv.fastpaths.PROBE_FILE_NAME}-123-456").write_bytes(b"x")
+    (stage / f"{streamconv.fs.fastpaths.PROBE_FILE_NAME}-123-456").write_bytes(b"x")
     resumed = convert(source, out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert tree_bytes(out) == source["expected"] and hidden(out) == []

@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from streamconv.io import MemoryReader
+from streamconv.source.io import MemoryReader
 from streamconv.model import BlobLocation, CheckpointMetadata, Chunk, StoredTensor, TensorEntry
 from test_executor import cases, read_safetensors, run
 
@@ -48,7 +48,7 @@ def test_permuted_boxes_reassemble_exactly(case, buffer_bytes, seed, cast):
     if cast:
         arr = arr.astype(np.float32)
         meta, reader, stored = permuted_checkpoint(arr, cuts, orders)
-        from streamconv.cast import cast_into
+        from streamconv.execution.cast import cast_into
         _, out = run(meta, reader, stored, buffer_bytes, dtype="float16")
         want = cast_into(arr.tobytes(), "float32", "float16", path="vector").tobytes()
     else:

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from streamconv import api, discover
+from streamconv import api
+from streamconv.runs import discover
 from streamconv.cli import cli
 from streamconv.errors import CheckpointError, OptionsError, ReferenceMismatchError
 from streamconv.hf import sidecars, verdict

@@ -7,10 +7,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from streamconv import transforms as tf
+from streamconv.planning import transforms as tf
 from streamconv.errors import CoverageError, ReferenceMismatchError
 from streamconv.model import BlobLocation, Chunk
-from streamconv.trainers.adapter import row_map
+from streamconv.planning.trainers.adapter import row_map
 
 
 def apply_rows(row_map, source):

@@ -13,8 +13,8 @@ import streamconv
 from streamconv import api
 from streamconv.cli import cli
 from streamconv.errors import CheckpointError, VerificationError
-from streamconv.plan import INDEX_FILE_NAME
-from streamconv.verification import read_header
+from streamconv.planning.plan import INDEX_FILE_NAME
+from streamconv.verify.verification import read_header
 
 EXIT_DIFFERS = VerificationError.exit_code      # 3
 EXIT_CORRUPT = CheckpointError.exit_code        # 2
@@ -250,7 +250,7 @@ def test_missing_output_folder(dcp_checkpoints, tmp_path):
 
 
 def test_convert_verify_runs_the_same_checks(dcp_checkpoints, tmp_path, monkeypatch):
-    from streamconv import verification as verifying
+    from streamconv.verify import verification as verifying
     calls = []
     original = verifying.verify_output
 
@@ -365,10 +365,10 @@ def test_crc_recorded_as_zero_is_not_checked(tmp_path):
     """torch.save(compute_crc32=False) stores 0: such chunks are counted as unrecorded, not as corrupt."""
     import io
     import torch
-    from streamconv.io import MemoryReader
+    from streamconv.source.io import MemoryReader
     from streamconv.model import BlobLocation, Chunk
-    from streamconv.reader import locate_tensor
-    from streamconv.reader.integrity import ChunkIntegrity
+    from streamconv.source import locate_tensor
+    from streamconv.source.integrity import ChunkIntegrity
     torch.serialization.set_crc32_options(False)
     try:
         buf = io.BytesIO()
@@ -388,7 +388,7 @@ def test_crc_recorded_as_zero_is_not_checked(tmp_path):
 def test_crc_streams_in_pieces(dcp_checkpoints):
     """The CRC pass reads each record in pieces of the given size and matches zlib over the whole record."""
     import zlib
-    from streamconv.reader.integrity import ChunkIntegrity
+    from streamconv.source.integrity import ChunkIntegrity
     ckpt = dcp_checkpoints["fsdp2"]
     plan = streamconv.plan(str(ckpt))
     reader, _ = api.load(str(ckpt))

@@ -18,8 +18,8 @@ from streamconv import safetensors_format as sf
 from streamconv.cli import cli
 from streamconv.demo_checkpoint import run_distributed
 from streamconv.errors import OutputError, VerificationError
-from streamconv.plan import INDEX_FILE_NAME, SINGLE_FILE_NAME
-from streamconv.record import RECORD_FILE
+from streamconv.planning.plan import INDEX_FILE_NAME, SINGLE_FILE_NAME
+from streamconv.output.record import RECORD_FILE
 
 EXIT_DIFFERS = VerificationError.exit_code      # 3
 
@@ -82,7 +82,7 @@ def test_verify_and_convert_verify_work_without_the_safetensors_package(dcp_chec
 
 
 def flip_tensor_byte(path: Path, name: str, at: int = 1) -> None:
-    start, header = streamconv.verification.read_header(str(path))
+    start, header = streamconv.verify.verification.read_header(str(path))
     offset = start + header[name]["data_offsets"][0] + at
     with open(path, "r+b") as f:
         f.seek(offset)
@@ -104,7 +104,7 @@ def test_an_internal_failure_is_an_internal_error_not_a_verdict(dcp_checkpoints,
 def test_an_output_that_cannot_be_read_is_an_io_error_not_a_verdict(dcp_checkpoints, single, monkeypatch):
     """EIO while reading a shard back says nothing about its bytes: the output error's code and the file."""
     import errno
-    from streamconv import sink
+    from streamconv.output import sink
 
     real = sink.read_at
 
@@ -155,7 +155,7 @@ HEADERS = {
 def _ours(path: Path) -> bool:
     fd = os.open(path, os.O_RDONLY)
     try:
-        size, header, problem = streamconv.verification._read_safetensors_header(fd, str(path))
+        size, header, problem = streamconv.verify.verification._read_safetensors_header(fd, str(path))
     finally:
         os.close(fd)
     return problem is None and not header.problems and header.data_start + header.data_end == size
@@ -192,7 +192,7 @@ def test_writer_and_reader_share_the_format():
     assert [(e.name, e.dtype, e.shape, e.begin, e.end) for e in header.entries] == [
         ("w", "BF16", (2, 3), 0, 12), ("b", "F32", (), 12, 16)]
     import importlib
-    for module in ("streamconv.plan", "streamconv.reader.safetensors_blob", "streamconv.hf.layouts"):
+    for module in ("streamconv.planning.plan", "streamconv.source.safetensors_blob", "streamconv.hf.layouts"):
         assert importlib.import_module(module).MAX_HEADER_BYTES is sf.MAX_HEADER_BYTES, module
 
 
@@ -324,7 +324,7 @@ def test_convert_verify_of_many_shards_under_a_low_descriptor_limit(many_shards,
 def test_out_of_descriptors_on_the_output_is_a_resource_error(dcp_checkpoints, sharded, monkeypatch):
     """EMFILE opening a shard names the limit to raise (exit 71): never a verdict, never an internal error."""
     import errno
-    from streamconv import io
+    from streamconv.source import io
 
     real = os.open
 

@@ -19,7 +19,7 @@ from streamconv import failpoints
 import zstd_writers
 from streamconv.demo_checkpoint import run_distributed
 from streamconv.errors import CheckpointError, CorruptChunkError
-from streamconv.executor import check_stored
+from streamconv.execution.executor import check_stored
 from streamconv.model import StoredTensor
 from streamconv.execution.geometry import storage_order
 from test_convert import read_output, same_bits
@@ -97,7 +97,7 @@ def test_zstd_inspect_and_plan_name_the_transform(flavors):
     assert "zstd-compressed (stream.zstd/1" in info["transform"] and "decompressed while streaming" in info["transform"]
     assert streamconv.inspect(str(flavors / "strided_single"))["transform"] is None
 
-    from streamconv.report import Reporter
+    from streamconv.runs.report import Reporter
 
     class Notes(Reporter):
         def __init__(self):
@@ -249,7 +249,7 @@ def test_storage_order():
 
 
 def test_other_strides_keep_a_clear_error():
-    from streamconv.plan import TensorPlan
+    from streamconv.planning.plan import TensorPlan
     from streamconv.model import BlobLocation, Chunk
     chunk = Chunk((0, 0), (3, 4), BlobLocation("__0_0.distcp", 0, 100))
     t = TensorPlan(name="w", source_fqn="w", src_dtype="float32", dst_dtype="float32", shape=(3, 4), begin=0,

@@ -17,8 +17,8 @@ from .workspace import Assembler, Workspace
 
 if TYPE_CHECKING:
     import numpy as np
-    from ..plan import TensorPlan
-    from ..sink import ShardSink
+    from ..planning.plan import TensorPlan
+    from ..output.sink import ShardSink
 
 # Runs shorter than this are staged and scattered with numpy; longer ones are read in place with preadv.
 SHORT_RUN_BYTES = 4096

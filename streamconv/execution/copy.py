@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Mapping
 
 from .. import dtypes
 from ..model import BlobLocation, StoredTensor, row_major_strides
-from ..transforms import piece_strides
+from ..planning.transforms import piece_strides
 from .workspace import Assembler, Workspace
 
 if TYPE_CHECKING:
-    from ..plan import TensorPlan
-    from ..sink import ShardSink
+    from ..planning.plan import TensorPlan
+    from ..output.sink import ShardSink
 
 
 def accepts(t: TensorPlan, stored: Mapping[BlobLocation, StoredTensor]) -> bool:

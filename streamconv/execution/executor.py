@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Mapping, Optional, Tuple
 
 from ..errors import CheckpointError, UnsupportedFeatureError
-from ..io import RangeReader
+from ..source.io import RangeReader
 from ..model import BlobLocation, Chunk, StoredTensor
-from ..plan import ShardPlan, TensorPlan
-from ..sink import ShardSink
+from ..planning.plan import ShardPlan, TensorPlan
+from ..output.sink import ShardSink
 from . import band, copy, gather, strided
 from .geometry import storage_order
 from .workspace import Assembler, Cancelled, Progress, Workspace  # noqa: F401  (Cancelled: raised to runners)

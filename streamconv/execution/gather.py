@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, List, Mapping, Sequence, Tuple
 
 from .. import dtypes
 from ..model import BlobLocation, StoredTensor
-from ..transforms import Piece, piece_strides, run_split
+from ..planning.transforms import Piece, piece_strides, run_split
 from .geometry import Band, BandGeometry
 from .workspace import Assembler, Workspace
 
 if TYPE_CHECKING:
-    from ..plan import TensorPlan
-    from ..sink import ShardSink
+    from ..planning.plan import TensorPlan
+    from ..output.sink import ShardSink
 
 # Runs gathered per band at most (about when their bookkeeping would pass a few MiB); only tensors whose pieces
 # have runs of a few bytes ever reach it.

@@ -24,8 +24,8 @@ from .workspace import Assembler, Workspace
 
 if TYPE_CHECKING:
     import numpy as np
-    from ..plan import TensorPlan
-    from ..sink import ShardSink
+    from ..planning.plan import TensorPlan
+    from ..output.sink import ShardSink
 
 # Runs whose offsets are worked out at a time (numpy index arrays of this length, whatever the band holds).
 RUN_BATCH = 1024

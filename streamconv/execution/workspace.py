@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Optional, Tuple
 
 from .. import dtypes
-from ..io import RangeReader
+from ..source.io import RangeReader
 from ..model import BlobLocation, Chunk, StoredTensor
-from ..sink import ShardSink
+from ..output.sink import ShardSink
 
 if TYPE_CHECKING:
     import numpy as np
-    from ..plan import TensorPlan
+    from ..planning.plan import TensorPlan
 
 Progress = Callable[[int], None]
 
@@ -77,7 +77,7 @@ class Workspace:
         """A block of `nbytes` at the start of the buffer and `staging_bytes` right behind it (used while the
         block is filled, before the cast). Casts run in place, so a widening cast needs the larger size."""
         import numpy as np
-        from ..cast import output_nbytes
+        from .cast import output_nbytes
         need = nbytes + staging_bytes
         if t.is_cast:
             need = max(need, output_nbytes(nbytes, t.src_dtype, t.dst_dtype))
@@ -91,7 +91,7 @@ class Workspace:
         torch's own cast leaves to its scalar loop (a 0-d tensor, the tail that does not fill a vector), whose
         NaN bits differ from its vector loop's, are set aside first and cast the scalar way, as torch does with
         one intra-op thread (see cast.torch_scalar_ranges)."""
-        from ..cast import cast_into, output_nbytes, torch_scalar_ranges
+        from .cast import cast_into, output_nbytes, torch_scalar_ranges
         src_item = dtypes.BY_NAME[t.src_dtype].itemsize
         dst_item = dtypes.BY_NAME[t.dst_dtype].itemsize
         last_element = first_element + len(block) // src_item

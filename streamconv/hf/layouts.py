@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..errors import CheckpointError
-from ..infiles import open_regular
-from ..names import RenameRule
+from ..fs.infiles import open_regular
+from ..planning.names import RenameRule
 from ..safetensors_format import MAX_HEADER_BYTES
 
 Shape = Optional[Tuple[int, ...]]   # None when only the name is known (a .bin index)

@@ -10,10 +10,11 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from .. import dtypes, trainers
+from .. import dtypes
+from ..planning import trainers
 from ..model import CheckpointMetadata
-from ..plan import ConversionPlan, PlanOptions, select, source_format
-from ..trainers import megatron
+from ..planning.plan import ConversionPlan, PlanOptions, select, source_format
+from ..planning.trainers import megatron
 from . import layouts, sidecars, tied, verdict
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import OptionsError, OutputError
-from ..infiles import open_regular
-from ..outfiles import create_new
+from ..fs.infiles import open_regular
+from ..fs.outfiles import create_new
 
 CONFIG_FILE = "config.json"
 # Copied byte for byte when present. config.json is rewritten (its dtype field follows the output).

@@ -17,8 +17,8 @@ from typing import Iterable, List, Optional, Tuple
 
 from .. import dtypes
 from ..errors import VerificationError
-from ..plan import TensorPlan
-from ..sink import ComparingSink, Mismatch
+from ..planning.plan import TensorPlan
+from ..output.sink import ComparingSink, Mismatch
 
 # Output-projection names that a tied config rebuilds from the input embedding, and the names an input
 # embedding goes by. A head `P + head` pairs with the one embedding named `P + ... + embedding`.

@@ -6,12 +6,12 @@ import threading
 import numpy as np
 import pytest
 
-from streamconv import transforms as tf
+from streamconv.planning import transforms as tf
 from streamconv.execution import band, copy, gather, strided
 from streamconv.execution.executor import ASSEMBLERS, choose
 from streamconv.execution.workspace import Cancelled, Workspace
-from streamconv.plan import PlanOptions, TensorPlan, build_plan
-from streamconv.sink import MemorySink
+from streamconv.planning.plan import PlanOptions, TensorPlan, build_plan
+from streamconv.output.sink import MemorySink
 from test_executor import make_checkpoint
 from test_strided import permuted_checkpoint
 
@@ -86,7 +86,7 @@ def test_each_assembler_writes_the_tensor_from_a_hand_built_workspace(name, buff
 def test_each_assembler_casts_through_the_workspace(name):
     import dataclasses
 
-    from streamconv.cast import cast_into      # bit-exact vs torch, see test_cast.py
+    from streamconv.execution.cast import cast_into  # bit-exact vs torch, see test_cast.py
     t, reader, stored, want = LAYOUTS[name]
     t = dataclasses.replace(t, dst_dtype="bfloat16", nbytes=want.size * 2)
     ws = Workspace(reader, stored, 64)

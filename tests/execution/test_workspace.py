@@ -8,9 +8,9 @@ from hypothesis import given, settings, strategies as st
 
 from streamconv.execution.geometry import Band, BandGeometry
 from streamconv.execution.workspace import WRITE_PIECE_BYTES, Cancelled, Workspace
-from streamconv.io import MemoryReader
+from streamconv.source.io import MemoryReader
 from streamconv.model import numel
-from streamconv.plan import TensorPlan
+from streamconv.planning.plan import TensorPlan
 
 
 def _plan(shape=(1000,), src="float32", dst="float32", begin=0):

@@ -1,0 +1,65 @@
+"""Opening a file to read (a checkpoint file, a config file, an output read back) as a regular file only.
+
+A FIFO, device or socket planted under an expected name must be refused, not read (a FIFO would block the run;
+a device could stream forever). The reading side's counterpart of outfiles.py, below both io.py (range readers)
+and fastpaths.py (the copy probe), which each open source files this way.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from ..errors import CheckpointError, ResourceError
+
+
+def _kind(mode: int) -> str:
+    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def open_regular(path: str, error=CheckpointError) -> int:
+    """Open `path` read-only, refusing anything but a regular file (symlinks are followed to their target).
+
+    O_NONBLOCK keeps a FIFO with no writer from blocking the open; fstat on the descriptor then decides, so a
+    file swapped between a check and the open cannot slip through. `error` is the class raised for a file that
+    is not regular or cannot be opened; running out of descriptors is a `ResourceError` either way.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise _out_of_descriptors(path) from None
+        if exc.errno == errno.ENOENT:
+            raise
+        raise error(f"{path}: cannot open: {exc.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise error(f"{path} is {_kind(mode)}, not a regular file; streamconv reads and copies only "
+                        "regular files (replace it with the real file)")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _out_of_descriptors(path: str) -> ResourceError:
+    return ResourceError(
+        f"{path}: cannot open: too many open files (this process may open {nofile_limit()}); raise the limit with "
+        "`ulimit -n 4096` (or more) in the shell that runs streamconv")
+
+
+def nofile_limit() -> int:
+    """The soft limit on open descriptors (a large number when there is none or it cannot be read)."""
+    try:
+        import resource
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):     # not POSIX
+        return 1 << 20
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20

@@ -1,0 +1,71 @@
+"""Trainer adapters: which trainer wrote a checkpoint, and how its names and row layouts become Hugging Face's.
+
+* `adapter` — the data types (`Adapter`, `Rule`, row steps) and how a rule turns a source into outputs;
+* `formats` — the adapters themselves (torchtitan, torchtune Llama), as data;
+* `heads` — attention geometry from a config.json; `llama` — the Llama a config.json builds.
+
+`resolve` picks one from the checkpoint's model names (or `--source-format`); pure.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence
+
+from ...errors import OptionsError
+from .adapter import Adapter, Rule, outputs
+from .heads import heads_from_config
+from .llama import check_llama_shapes, llama_shapes
+from .formats import ADAPTERS, MEGATRON_GPT, TORCHTITAN_LLAMA, TORCHTUNE_LLAMA
+
+AS_IS = "hf"
+SOURCE_FORMATS = ("auto", AS_IS) + tuple(a.name for a in ADAPTERS)
+# Top-level entries a trainer saves beside the model, shown as evidence in the detection note.
+TRAINER_ENTRIES = ("train_state", "dataloader", "lr_scheduler", "optimizer")
+
+
+@dataclass(frozen=True)
+class Resolution:
+    adapter: Optional[Adapter]      # None: names as they are (after wrapper stripping and --rename)
+    name: str                       # "hf" or the adapter's name
+    note: str
+
+
+def resolve(names: Sequence[str], top_keys: Iterable[str], source_format: str = "auto",
+            reason: str = "") -> Resolution:
+    """The adapter for a checkpoint whose model tensors have state-dict `names`; `top_keys` are its top-level
+    entries (for the note). `reason`: why `source_format` was chosen when not by --source-format."""
+    if source_format not in SOURCE_FORMATS:
+        raise OptionsError(f"--source-format {source_format!r}: use one of {', '.join(SOURCE_FORMATS)}")
+    if source_format == AS_IS:
+        return Resolution(None, AS_IS, "source format: hf (forced): names kept as in the checkpoint")
+    if source_format != "auto":
+        adapter = next(a for a in ADAPTERS if a.name == source_format)
+        why = reason or "forced by --source-format"
+        return Resolution(adapter, adapter.name, f"source format: {adapter.name} ({why}); {adapter.describes}")
+    names = list(names)
+    found = [a for a in ADAPTERS if a.detects(names)]
+    if len(found) > 1:
+        raise OptionsError(f"checkpoint names fit several trainers ({', '.join(a.name for a in found)}); "
+                           "choose one with --source-format")
+    if not found:
+        return Resolution(None, AS_IS, "")
+    adapter = found[0]
+    extra = sorted(k for k in set(top_keys) if k in TRAINER_ENTRIES)
+    beside = f"; beside the model: {', '.join(extra)}" if extra else ""
+    return Resolution(adapter, adapter.name,
+                      f"source format: {adapter.name} (detected from {adapter.trainer}'s module names, e.g. "
+                      f"{_example(adapter, names)}{beside}); {adapter.describes}; --source-format hf keeps them "
+                      "as they are")
+
+
+def _example(adapter: Adapter, names: List[str]) -> str:
+    import re
+    for pattern in adapter.signature[1:]:
+        hit = next((n for n in names if re.fullmatch(pattern, n)), None)
+        if hit:
+            return hit
+    return names[0] if names else "?"
+
+
+__all__ = ["check_llama_shapes", "llama_shapes", "Adapter", "Rule", "Resolution", "resolve", "outputs", "heads_from_config", "ADAPTERS",
+           "TORCHTITAN_LLAMA", "TORCHTUNE_LLAMA", "MEGATRON_GPT", "SOURCE_FORMATS"]

@@ -1,0 +1,127 @@
+"""What an adapter is: a trainer's state-dict names mapped to Hugging Face names, with row transforms, as data.
+
+A `Rule` matches a source name (regex, whole name) and names one output (`re` template: `\\1` for groups,
+`{layer}` for the index of an unstacked leading dim). Its `steps` are named row operations applied in order to
+the source's rows (see `transforms.py`):
+
+| step           | arg             | what                                                                 |
+|----------------|-----------------|----------------------------------------------------------------------|
+| `rope`         | `q` / `kv`      | interleaved -> half-split RoPE rows, per head (q or kv head count)  |
+| `qkv`          | `q` / `k` / `v` | that part of a [q; k; v] concatenation                               |
+| `qkv_grouped`  | `q` / `k` / `v` | that part of a per-query-group [q..; k; v] fused weight (Megatron)  |
+| `half`         | `0` / `1`       | first / second half of the rows ([gate; up])                        |
+
+Several rules may match one source (a fused qkv gives three outputs). `unstack` makes one output per index of
+the source's leading dim (Megatron's layer-stacked tensors). A rule with no steps and no unstack is a rename:
+the tensor keeps the plain copy path.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+from .. import transforms
+from ...errors import OptionsError, ReferenceMismatchError
+from ...model import TensorEntry
+from ..transforms import Heads, RowMap
+
+Step = Tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str
+    target: str
+    steps: Tuple[Step, ...] = ()
+    unstack: bool = False
+
+    def match(self, name: str) -> Optional[re.Match]:
+        return re.fullmatch(self.pattern, name)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    name: str                                  # what --source-format takes, e.g. "torchtitan-llama"
+    trainer: str                               # for notes, e.g. "torchtitan"
+    rules: Tuple[Rule, ...]
+    # Every regex must match some model name for the adapter to be detected.
+    signature: Tuple[str, ...] = ()
+    # (regex, reason): model entries that are not weights of the HF model (RoPE tables).
+    skip: Tuple[Tuple[str, str], ...] = ()
+    # (regex, architecture feature): names of features the target model cannot hold (MoE experts, MLA), so a
+    # refusal names the feature rather than only the tensors.
+    unsupported: Tuple[Tuple[str, str], ...] = ()
+    # What converting does, for the detection note.
+    describes: str = ("names mapped to Hugging Face Llama, q/k rows permuted from interleaved to half-split RoPE "
+                      "order")
+
+    @property
+    def needs_heads(self) -> bool:
+        return any(step[0] != "half" for rule in self.rules for step in rule.steps)
+
+    def skip_reason(self, name: str) -> Optional[str]:
+        return next((why for pattern, why in self.skip if re.fullmatch(pattern, name)), None)
+
+    def feature_of(self, name: str) -> Optional[str]:
+        return next((what for pattern, what in self.unsupported if re.fullmatch(pattern, name)), None)
+
+    def detects(self, names: List[str]) -> bool:
+        return bool(self.signature) and all(any(re.fullmatch(s, n) for n in names) for s in self.signature)
+
+
+def _step_rows(step: Step, n_rows: int, heads: Optional[Heads], what: str) -> RowMap:
+    kind, arg = step
+    if kind == "half":
+        return transforms.half(n_rows, int(arg), what=what)
+    if heads is None:
+        raise OptionsError(
+            f"{what}: undoing the trainer's layout ({kind} {arg}) needs the model's attention head counts; pass "
+            "--config-from BASE, the Hugging Face folder of the base model (its config.json gives "
+            "num_attention_heads, num_key_value_heads, head_dim)")
+    if kind == "rope":
+        n_heads = heads.n_heads if arg == "q" else heads.n_kv_heads
+        if n_rows != n_heads * heads.head_dim:
+            raise ReferenceMismatchError(
+                f"{what}: {n_rows} rows, but the config says {n_heads} {'query' if arg == 'q' else 'key/value'} "
+                f"heads of size {heads.head_dim} ({n_heads * heads.head_dim} rows); is --config-from the base "
+                "model of this checkpoint?")
+        return transforms.rope_half_split(n_rows, n_heads, what=what)
+    if kind in ("qkv", "qkv_grouped"):
+        if n_rows != transforms.qkv_rows(heads):
+            raise ReferenceMismatchError(
+                f"{what}: {n_rows} rows, but q/k/v of {heads.n_heads}/{heads.n_kv_heads} heads of size "
+                f"{heads.head_dim} have {transforms.qkv_rows(heads)}; is --config-from the base model?")
+        return transforms.qkv_part(arg, heads, grouped=kind == "qkv_grouped")
+    raise ValueError(f"unknown row step {kind!r}")
+
+
+def row_map(steps: Tuple[Step, ...], n_rows: int, heads: Optional[Heads], what: str) -> RowMap:
+    """The steps chained: the first applies to the source's rows, each next one to the previous output."""
+    current = transforms.identity_rows(n_rows)
+    for step in steps:
+        current = transforms.compose(_step_rows(step, transforms.rows_out(current), heads, what), current)
+    return current
+
+
+def outputs(rule: Rule, m: re.Match, entry: TensorEntry, heads: Optional[Heads]) -> List[Tuple[str, TensorEntry]]:
+    """(output name, entry) pairs one rule makes of one source: the entry itself for a rename, else a
+    `transforms.Derived` carrying the takes."""
+    target = rule.target
+    if not rule.steps and not rule.unstack:
+        return [(m.expand(target), entry)]
+    leads = [(i,) for i in range(entry.shape[0])] if rule.unstack else [()]
+    out = []
+    for lead in leads:
+        name = m.expand(target.replace("{layer}", str(lead[0]) if lead else ""))
+        source_rows = entry.shape[len(lead)] if len(entry.shape) > len(lead) else None
+        if source_rows is None:     # a scalar per layer: nothing to permute
+            takes = transforms.whole(entry.fqn, entry.shape, lead=lead)
+            shape = ()
+        else:
+            rows = row_map(rule.steps, source_rows, heads, f"tensor {entry.fqn!r} -> {name!r}")
+            takes = transforms.takes_from_rows(entry.fqn, entry.shape, rows, lead=lead)
+            shape = transforms.output_shape_of_rows(entry.shape, rows, lead=lead)
+        out.append((name, transforms.Derived(fqn=entry.fqn, dtype=entry.dtype, shape=shape, chunks=entry.chunks,
+                                             path=entry.path, sources=(entry,), takes=takes)))
+    return out

@@ -1,0 +1,133 @@
+"""Write a plan's shards on a few threads, each with its own executor and share of the buffer budget.
+
+Threads, not processes: pread/pwrite/copy_file_range and numpy's casts release the GIL, so two workers keep
+the disk busy while the other casts or assembles. The unit of work is one tensor: its place in its shard
+file is fixed by the plan, so workers can fill the same file side by side (positioned writes need no lock)
+and a model that fits one shard still gets every worker. Ctrl-C or an error in one worker stops the others
+at their next step.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
+
+from ..execution.workspace import Cancelled
+from ..execution.executor import Executor
+from ..source.io import RangeReader
+from ..model import BlobLocation, StoredTensor
+from ..planning.plan import ShardPlan, TensorPlan
+from ..fs.fastpaths import FastPaths
+from ..output.sink import FileSink
+from ..failpoints import kill_point
+
+Progress = Callable[[int], None]
+# Opens one shard's output (path, size in bytes): a FileSink, or any sink with `crc32()` for the resume record.
+SinkFactory = Callable[[str, int], FileSink]
+
+
+class _OpenShard:
+    """A shard file being filled by several workers: created (with its header) by the first one to need
+    it, closed by the one that writes its last tensor."""
+
+    def __init__(self, shard: ShardPlan, path: str, on_done: Optional[Callable[[ShardPlan, int], None]],
+                 open_sink: SinkFactory):
+        self.shard = shard
+        self.open_sink = open_sink
+        self.on_done = on_done
+        self.path = path
+        self.remaining = len(shard.tensors)
+        self.sink: Optional[FileSink] = None
+        self.lock = threading.Lock()
+
+    def open(self) -> FileSink:
+        with self.lock:
+            if self.sink is None:
+                self.sink = self.open_sink(self.path, self.shard.nbytes)
+                self.sink.write_at(0, self.shard.header)
+            return self.sink
+
+    def done_one(self) -> None:
+        with self.lock:
+            self.remaining -= 1
+            if self.remaining > 0:
+                kill_point("mid-shard")
+                return
+            if self.sink is not None:
+                self.sink.close()
+        self.finished()
+
+    def finished(self) -> None:
+        if self.on_done is not None and self.sink is not None:
+            self.on_done(self.shard, self.sink.crc32())    # fsync + resume record, outside the lock
+
+    def close(self) -> None:
+        with self.lock:
+            if self.sink is not None:
+                self.sink.close()
+
+
+def write_shards(shards: Sequence[ShardPlan], reader: RangeReader, stored: Mapping[BlobLocation, StoredTensor],
+                 path_for: Callable[[str], str], *, buffer_bytes: int, workers: int = 1,
+                 progress: Optional[Progress] = None, integrity=None,
+                 on_shard_done: Optional[Callable[[ShardPlan, int], None]] = None,
+                 fast: Optional[FastPaths] = None, open_sink: Optional[SinkFactory] = None) -> None:
+    """Write every shard to `path_for(filename)`. The total buffer memory stays `buffer_bytes`.
+    `fast`: the fast IO paths the shard files may use (default `fastpaths.detect()`).
+    `integrity` (a `reader.integrity.ChunkIntegrity`) checks each chunk's CRC-32 before its bytes move.
+    `on_shard_done(shard, crc32)` runs (on the worker that finished it) once a shard's last byte is written.
+    `open_sink(path, nbytes)` opens each shard's output (a FileSink unless told)."""
+    lock = threading.Lock()
+
+    def advance(n: int) -> None:
+        if progress is not None:
+            with lock:
+                progress(n)
+
+    if open_sink is None:
+        open_sink = functools.partial(FileSink, fast=fast)
+    files = [_OpenShard(s, path_for(s.filename), on_shard_done, open_sink) for s in shards]
+    for f in files:
+        if not f.shard.tensors:
+            f.open()
+            f.close()
+            f.finished()
+    # Shard by shard, tensors in file order: workers move through the output roughly front to back.
+    queue: List[Tuple[_OpenShard, TensorPlan]] = [(f, t) for f in files for t in f.shard.tensors]
+    queue.reverse()     # pop() from the end is O(1)
+    workers = max(1, min(workers, len(queue)))
+    stop = threading.Event()
+    per_worker = max(1, buffer_bytes // workers)
+    queue_lock = threading.Lock()
+
+    def worker() -> None:
+        executor = Executor(reader, stored, per_worker, progress=advance, stop=stop, integrity=integrity)
+        while not stop.is_set():
+            with queue_lock:
+                if not queue:
+                    return
+                target, tensor = queue.pop()
+            executor.write_tensor(tensor, target.open())
+            target.done_one()
+
+    try:
+        if workers == 1:
+            worker()
+            return
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="streamconv") as pool:
+            futures = [pool.submit(worker) for _ in range(workers)]
+            try:
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                for f in done:
+                    exc = f.exception()
+                    if exc is not None and not isinstance(exc, Cancelled):
+                        raise exc
+                for f in futures:
+                    f.result()
+            except BaseException:
+                stop.set()      # the others stop at their next band, piece or tensor
+                raise
+    finally:
+        for f in files:
+            f.close()

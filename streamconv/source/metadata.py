@@ -1,0 +1,403 @@
+"""Decode a DCP `.metadata` file into streamconv's frozen model (`streamconv/model.py`), without torch.
+
+`load_metadata` reads the pickle through the allow-listed unpickler, validates every field it uses, and
+attaches each chunk's blob location (storage_data is keyed by MetadataIndex(fqn, chunk offsets)).
+`find_metadata_file` tells which metadata file a checkpoint folder has, or explains why it is not one.
+"""
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, List, Optional, Tuple
+
+from .. import dtypes
+from ..errors import CheckpointError
+from .io import RangeReader
+from ..model import BlobLocation, BytesEntry, CheckpointMetadata, Chunk, PathElement, TensorEntry
+from . import safe_pickle as sp
+from .unpickle import describe
+
+METADATA_NAME = ".metadata"
+# FileSystemWriter with use_collectives=False: every rank writes its own `__{rank}.metadata`.
+# Rank numbers as torch writes them (no leading zeros); a name with more digits than any real world size is
+# not a rank file.
+_RANK_METADATA = re.compile(r"__(0|[1-9][0-9]{0,8})\.metadata")
+
+# storage_data key: (fqn, chunk offsets) for tensor chunks, (fqn, None) for bytes items.
+_StorageKey = Tuple[str, Optional[Tuple[int, ...]]]
+
+
+@dataclass
+class _TensorDecl:
+    dtype: str
+    shape: Tuple[int, ...]
+    chunks: List[Tuple[Tuple[int, ...], Tuple[int, ...]]]  # (offsets, sizes), as listed
+    seen: Optional[set] = None   # set(chunks), built when per-rank files are merged
+
+
+@dataclass
+class _Decoded:
+    """One metadata file, validated, still keyed the way torch keys it."""
+
+    name: str
+    entries: Dict[str, Optional[_TensorDecl]]      # fqn -> tensor, or None for a bytes item; in file order
+    paths: Dict[str, Tuple[PathElement, ...]]
+    locations: Dict[_StorageKey, BlobLocation]
+    version: Optional[str]
+    torch_version_hint: str
+    files: set = field(default_factory=set)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# public API
+
+
+def load_metadata(reader: RangeReader, metadata_name: str = METADATA_NAME) -> CheckpointMetadata:
+    """Decode `metadata_name` (relative to the reader's folder) into a CheckpointMetadata.
+
+    Given `__0.metadata` (a checkpoint saved with use_collectives=False, as `find_metadata_file` reports it),
+    the per-rank files `__0.metadata`, `__1.metadata`, ... are read until one is missing and merged: tensor
+    chunks are united (a chunk saved by several ranks is kept once, from the lowest rank), bytes items and
+    paths come from the lowest rank that has them.
+    """
+    rank_match = _RANK_METADATA.fullmatch(metadata_name)
+    if rank_match and rank_match.group(1) == "0":
+        decoded = _merge_ranks([_decode(reader, name) for name in _rank_metadata_names(reader)])
+    else:
+        decoded = _decode(reader, metadata_name)
+    return _build(decoded)
+
+
+def find_metadata_file(root: "str | os.PathLike[str]") -> str:
+    """The metadata file name in checkpoint folder `root`: ".metadata", or "__0.metadata" for a checkpoint saved
+    with use_collectives=False (load_metadata then merges all ranks). CheckpointError explaining what a DCP
+    folder looks like otherwise."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        what = "is not a directory" if os.path.exists(root) else "does not exist"
+        raise CheckpointError(f"{root} {what}; pass the DCP checkpoint folder (the one holding `.metadata`)")
+    if _check_regular(root, METADATA_NAME):
+        return METADATA_NAME
+    names = sorted(os.listdir(root))
+    ranks = sorted(int(m.group(1)) for m in map(_RANK_METADATA.fullmatch, names) if m)
+    if ranks:
+        # Ranks must be 0..n-1. Compared against the files present, so a name like `__10000000.metadata`
+        # costs nothing more than any other file.
+        if ranks[-1] != len(ranks) - 1:
+            raise CheckpointError(
+                f"{root}: per-rank metadata (saved with use_collectives=False) is missing for rank(s) "
+                f"[{_missing_ranks(ranks)}]; found `__<rank>.metadata` for ranks [{_rank_list(ranks)}]. "
+                "Copy the missing files.")
+        for rank in ranks:
+            _check_regular(root, f"__{rank}.metadata")
+        return "__0.metadata"
+    raise CheckpointError(_not_a_checkpoint_message(root, names))
+
+
+def _check_regular(root: str, name: str) -> bool:
+    """True if `name` is a regular file in `root`, False if absent; CheckpointError for a FIFO, device or
+    directory (opening a FIFO would block forever). stat does not open the file."""
+    path = os.path.join(root, name)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "not a regular file")
+        raise CheckpointError(f"{path} is {kind}, not a regular file; streamconv reads checkpoint metadata "
+                              "only from regular files")
+    return True
+
+
+def _rank_list(ranks: List[int], shown: int = 10) -> str:
+    text = ", ".join(map(str, ranks[:shown]))
+    return text + (f", ... ({len(ranks)} in all)" if len(ranks) > shown else "")
+
+
+def _missing_ranks(ranks: List[int], shown: int = 10) -> str:
+    """The first few numbers absent from sorted `ranks` within 0..max, without building the whole range."""
+    missing: List[int] = []
+    expected = 0
+    for rank in ranks:
+        while expected < rank and len(missing) <= shown:
+            missing.append(expected)
+            expected += 1
+        expected = rank + 1
+    total = ranks[-1] + 1 - len(ranks)
+    text = ", ".join(map(str, missing[:shown]))
+    return text + (f", ... ({total} in all)" if total > shown else "")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# decoding one file
+
+
+def _decode(reader: RangeReader, name: str) -> _Decoded:
+    try:
+        size_bytes = reader.size(name)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{name}: metadata file not found ({exc}); find_metadata_file(folder) tells which "
+                              "metadata file a checkpoint folder has") from exc
+    if not size_bytes:
+        raise CheckpointError(f"{name}: file is empty (the save was interrupted or the copy is incomplete)")
+    # Streamed: a corrupt or hostile file fails at its first bad byte, and a huge one is never held whole.
+    pickled = sp.load_metadata_pickle(source=name, read=lambda offset, length: reader.read(name, offset, length),
+                                      size=size_bytes)
+    md = pickled.root
+    if not isinstance(md, sp.Metadata):
+        raise CheckpointError(f"{name}: holds a {type(md).__name__}, not a DCP Metadata object")
+
+    sdm = md.get("state_dict_metadata")
+    if not isinstance(sdm, dict):
+        raise CheckpointError(f"{name}: state_dict_metadata is missing or not a dict")
+    entries: Dict[str, Optional[_TensorDecl]] = {}
+    for fqn, item in sdm.items():
+        if not isinstance(fqn, str):
+            raise CheckpointError(f"{name}: state_dict_metadata key {describe(fqn)} is not a string")
+        entries[fqn] = _tensor_decl(name, fqn, item)
+
+    locations, files = _storage_locations(name, md.get("storage_data"))
+    version = md.get("version")
+    if version is not None and not isinstance(version, str):
+        raise CheckpointError(f"{name}: version {describe(version)} is not a string")
+    return _Decoded(name, entries, _planner_paths(md.get("planner_data")), locations, version,
+                    _torch_version_hint(md, pickled.globals_seen), files)
+
+
+def _tensor_decl(name: str, fqn: str, item: Any) -> Optional[_TensorDecl]:
+    if isinstance(item, sp.BytesStorageMetadata):
+        return None
+    if not isinstance(item, sp.TensorStorageMetadata):
+        raise CheckpointError(
+            f"{name}: entry {describe(fqn)} is a {type(item).__name__}, expected tensor or bytes metadata")
+    where = f"{name}: tensor {describe(fqn)}"
+    props = item.get("properties")
+    dtype = props.get("dtype") if isinstance(props, sp.TensorProperties) else None
+    if not isinstance(dtype, sp.TorchDtype):
+        raise CheckpointError(f"{where}: properties have no torch dtype (found {describe(props)})")
+    shape = _dims(where, "size", item.get("size"))
+    chunks_in = item.get("chunks")
+    if not isinstance(chunks_in, list):
+        raise CheckpointError(f"{where}: chunks is not a list")
+    chunks = []
+    for chunk in chunks_in:
+        if not isinstance(chunk, sp.ChunkStorageMetadata):
+            raise CheckpointError(f"{where}: chunk is a {type(chunk).__name__}, not ChunkStorageMetadata")
+        offsets = _dims(where, "chunk offsets", chunk.get("offsets"))
+        sizes = _dims(where, "chunk sizes", chunk.get("sizes"))
+        if not len(offsets) == len(sizes) == len(shape):
+            raise CheckpointError(
+                f"{where}: chunk offsets {offsets} / sizes {sizes} do not match the tensor's rank {len(shape)}")
+        chunks.append((offsets, sizes))
+    return _TensorDecl(dtype.name, shape, chunks)
+
+
+def _dims(where: str, what: str, value: Any) -> Tuple[int, ...]:
+    # torch.Size decodes to a tuple (safe_pickle maps it to `tuple`); plain lists are accepted as well.
+    if isinstance(value, (tuple, list)) and len(value) <= sp.MAX_DIMS:
+        for v in value:
+            if type(v) is not int or v < 0:
+                break
+        else:
+            return tuple(value)
+    raise CheckpointError(f"{where}: {what} {describe(value)} is not a tuple of non-negative ints")
+
+
+def _storage_locations(name: str, storage_data: Any) -> Tuple[Dict[_StorageKey, BlobLocation], set]:
+    if not isinstance(storage_data, dict):
+        raise CheckpointError(
+            f"{name}: storage_data is missing (found {type(storage_data).__name__}); this metadata was not "
+            "written by FileSystemWriter, so streamconv does not know where the data is")
+    locations: Dict[_StorageKey, BlobLocation] = {}
+    files = set()
+    for index, info in storage_data.items():
+        if not (isinstance(index, sp.MetadataIndex) and isinstance(info, sp.StorageInfo)):
+            raise CheckpointError(
+                f"{name}: storage_data maps {type(index).__name__} -> {type(info).__name__}, "
+                "expected MetadataIndex -> _StorageInfo")
+        fqn = index.get("fqn")
+        offset = index.get("offset")  # absent for bytes items (left at the class default None)
+        if not isinstance(fqn, str):
+            raise CheckpointError(f"{name}: storage_data key has fqn {describe(fqn)}, expected a string")
+        key = (fqn, None if offset is None else _dims(f"{name}: storage for {describe(fqn)}", "offset", offset))
+        location = _blob_location(name, fqn, info)
+        if key in locations:
+            # torch's own dict cannot hold two (its MetadataIndex compares by fqn and offset); only a crafted or
+            # corrupted pickle can. torch.load would take the last, an earlier version of us the first: refuse.
+            raise CheckpointError(
+                f"{name}: storage_data lists {describe(fqn)}"
+                f"{'' if offset is None else f' chunk at offsets {list(key[1])}'} twice ({_where(locations[key])} "
+                f"and {_where(location)}); the metadata is corrupt or crafted")
+        locations[key] = location
+        files.add(location.relative_path)
+    return locations, files
+
+
+def _blob_location(name: str, fqn: str, info: sp.StorageInfo) -> BlobLocation:
+    path, offset, length = info.get("relative_path"), info.get("offset"), info.get("length")
+    transforms = info.get("transform_descriptors") or ()
+    if not (isinstance(path, str) and path and type(offset) is int and offset >= 0
+            and type(length) is int and length >= 0):
+        raise CheckpointError(
+            f"{name}: storage for {describe(fqn)} has invalid file/offset/length {info.describe_fields()}")
+    if not (isinstance(transforms, (list, tuple)) and all(isinstance(t, str) for t in transforms)):
+        raise CheckpointError(
+            f"{name}: storage for {describe(fqn)} has invalid transform_descriptors {describe(transforms)}")
+    return BlobLocation(path, offset, length, tuple(transforms))
+
+
+def _planner_paths(planner_data: Any) -> Dict[str, Tuple[PathElement, ...]]:
+    # DefaultSavePlanner stores {fqn: path tuple}; a custom planner may store nothing (None) or something else.
+    if not isinstance(planner_data, dict):
+        return {}
+    paths = {}
+    for fqn, path in planner_data.items():
+        if (isinstance(fqn, str) and isinstance(path, (tuple, list))
+                and all(isinstance(p, (str, int)) and not isinstance(p, bool) for p in path)):
+            paths[fqn] = tuple(path)
+    return paths
+
+
+def _torch_version_hint(md: sp.Metadata, globals_seen: frozenset) -> str:
+    """Coarse writer version from the pickle's shape (see docs/dcp-format.md, version history)."""
+    version = md.get("version")
+    if version == "1.0.0":
+        return ">=2.9"
+    if version is not None:
+        return f">=2.9 (DCP format version {version})"
+    if md.has("storage_meta"):
+        return "2.4-2.8"
+    if f"{sp.OLD_PROPERTIES_MODULE}.TensorProperties" in globals_seen:
+        return "2.0-2.2"
+    if any(g.endswith(".TensorProperties") for g in globals_seen):
+        return "2.3"
+    return "2.0-2.3"  # no tensors, so nothing tells 2.0-2.2 from 2.3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# per-rank metadata (use_collectives=False)
+
+
+def _rank_metadata_names(reader: RangeReader) -> List[str]:
+    names = ["__0.metadata"]
+    while True:
+        candidate = f"__{len(names)}.metadata"
+        try:
+            reader.size(candidate)
+        except CheckpointError:
+            return names
+        names.append(candidate)
+
+
+def _merge_ranks(ranks: List[_Decoded]) -> _Decoded:
+    merged = ranks[0]
+    for other in ranks[1:]:
+        for fqn, decl in other.entries.items():
+            mine = merged.entries.setdefault(fqn, decl)
+            if mine is decl:
+                continue
+            if (mine is None) != (decl is None) or (
+                    decl is not None and (mine.dtype, mine.shape) != (decl.dtype, decl.shape)):
+                raise CheckpointError(
+                    f"{other.name}: {describe(fqn)} is {_describe(decl)} but {merged.name} says {_describe(mine)}")
+            if decl is not None:
+                if mine.seen is None:
+                    mine.seen = set(mine.chunks)
+                for chunk in decl.chunks:
+                    if chunk not in mine.seen:
+                        mine.seen.add(chunk)
+                        mine.chunks.append(chunk)
+        for key, location in other.locations.items():
+            merged.locations.setdefault(key, location)
+        for fqn, path in other.paths.items():
+            merged.paths.setdefault(fqn, path)
+        merged.files |= other.files
+    return merged
+
+
+def _where(location: BlobLocation) -> str:
+    return f"{describe(location.relative_path)} at offset {location.offset}"
+
+
+def _describe(decl: Optional[_TensorDecl]) -> str:
+    return "a bytes item" if decl is None else f"a {decl.dtype} tensor of shape {list(decl.shape)}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# to the model
+
+
+# FileSystemWriter(serialization_format=SAFETENSORS): named by `inspect` and the notes.
+SAFETENSORS_FLAVOR = (
+    "safetensors-serialized DCP (FileSystemWriter(serialization_format=SerializationFormat.SAFETENSORS), torch >= "
+    "2.8): each data file holds one safetensors blob with its tensors; torch's own FileSystemReader cannot load it")
+
+
+def _packed(location: BlobLocation, fqn: str, dtype: str, sizes: Tuple[int, ...]) -> BlobLocation:
+    """The chunk's location, naming it inside its file's safetensors blob when the checkpoint was saved with
+    serialization_format=SAFETENSORS. torch then records the tensor's byte size as `length`, where a torch.save
+    blob (a zip archive with its headers) is always longer than the tensor: equality tells the two apart, and
+    the blob's header confirms it when the chunk is located."""
+    itemsize = dtypes.BY_NAME[dtype].itemsize if dtype in dtypes.BY_NAME else 0
+    numel = 1
+    for s in sizes:
+        numel *= s
+    if itemsize and location.length == numel * itemsize:
+        return replace(location, tensor_key=fqn)
+    return location
+
+
+def _build(decoded: _Decoded) -> CheckpointMetadata:
+    tensors, byte_entries = [], []
+    for fqn, decl in decoded.entries.items():
+        path = decoded.paths.get(fqn, ())
+        if decl is None:
+            byte_entries.append(BytesEntry(fqn, decoded.locations.get((fqn, None)), path))
+            continue
+        chunks = []
+        for offsets, sizes in decl.chunks:
+            location = decoded.locations.get((fqn, offsets))
+            if location is None:
+                raise CheckpointError(
+                    f"{decoded.name}: tensor {describe(fqn)} chunk at offsets {list(offsets)} (sizes {list(sizes)}) has no "
+                    "entry in storage_data, so its data file is unknown; the metadata is inconsistent")
+            chunks.append(Chunk(offsets, sizes, _packed(location, fqn, decl.dtype, sizes)))
+        tensors.append(TensorEntry(fqn, decl.dtype, decl.shape, tuple(chunks), path))
+    packed = any(c.location.tensor_key for t in tensors for c in t.chunks)
+    return CheckpointMetadata(
+        tensors=tuple(tensors),
+        byte_entries=tuple(byte_entries),
+        version=decoded.version,
+        torch_version_hint=decoded.torch_version_hint,
+        files=tuple(sorted(decoded.files)),
+        flavor=SAFETENSORS_FLAVOR if packed else "",
+    )
+
+
+def _not_a_checkpoint_message(root: str, names: List[str]) -> str:
+    shown = ", ".join(names[:20]) + (f" (and {len(names) - 20} more)" if len(names) > 20 else "")
+    lines = [
+        f"{root} is not a DCP checkpoint folder: it has no `.metadata` file.",
+        "A folder written by torch.distributed.checkpoint.save(..., storage_writer=FileSystemWriter(path)) holds "
+        "`.metadata` plus data files `__<rank>_<n>.distcp` (or one `__<rank>.metadata` per rank when saved with "
+        "use_collectives=False).",
+        f"Found: {shown}." if names else "The folder is empty.",
+    ]
+    if any(n.endswith(".distcp") for n in names):
+        lines.append("The .distcp data files are here but `.metadata` is not: torch writes it last, so the save did "
+                     "not finish, or it was not copied (names starting with '.' are easy to miss).")
+    if ".metadata.tmp" in names:
+        lines.append("`.metadata.tmp` exists: the save was interrupted while writing the metadata.")
+    if any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names):
+        from .hf_shards import explain_model_folder
+        lines.append(explain_model_folder(root, names))
+    nested = [n for n in names if os.path.isfile(os.path.join(root, n, METADATA_NAME))]
+    if nested:
+        lines.append("Did you mean: " + ", ".join(os.path.join(root, n) for n in nested[:5]) + "?")
+    return "\n".join(lines)

@@ -1,0 +1,3 @@
+"""Checking an output against its checkpoint: byte comparison (`verification`) and the output record's
+fingerprints and options (`provenance`).
+"""

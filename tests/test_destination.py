@@ -138,7 +138,7 @@ def test_deletion_spares_a_mount_that_appeared_after_the_check(source, tmp_path)
     (out / "mnt").mkdir(parents=True)
     (out / "old.safetensors").write_bytes(b"old")
     before = snapshot(ckpt)
-    script = ("import json, sys, streamconv; from streamconv import destination\n"
+    script = ("import json, sys, streamconv; from streamconv.output import destination\n"
               "destination._walk_for_sources = lambda *a: None\n"
               "r = streamconv.convert(sys.argv[1], sys.argv[2], overwrite_any=True, max_shard_size='100KB')\n"
               "print(json.dumps(r.notes))")
@@ -165,7 +165,7 @@ def test_remove_tree_spares_mounts_symlink_targets_and_protected_identities(tmp_
     (tree / "link").symlink_to(outside, target_is_directory=True)
     (tree / "guarded").mkdir()
     (tree / "guarded" / "g").write_text("g")
-    script = (f"import json, os; from streamconv import paths; "
+    script = (f"import json, os; from streamconv.fs import paths; "
               f"p = paths.identity({str(tree / 'guarded')!r}); "
               f"print(json.dumps(paths.remove_tree({str(tree)!r}, {{p}})))")
     result = in_private_namespace(
@@ -243,7 +243,7 @@ def test_no_free_inodes_is_named_as_such_before_writing(source, tmp_path, inodes
 def test_enospc_with_bytes_free_blames_inodes(tmp_path):
     fs = tmp_path / "fs"
     fs.mkdir()
-    script = ("import errno, os, sys; from streamconv import staging; d = sys.argv[1]; n = 0\n"
+    script = ("import errno, os, sys; from streamconv.output import staging; d = sys.argv[1]; n = 0\n"
               "try:\n"
               "    while True: open(os.path.join(d, str(n)), 'w').close(); n += 1\n"
               "except OSError as e: assert e.errno == errno.ENOSPC\n"

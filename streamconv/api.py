@@ -15,7 +15,7 @@ from .runs import discover
 from . import dtypes, hf
 from .fs import fastpaths
 from .planning import names
-from .verify import provenance
+from .verification import provenance
 from .output import record
 from .output.destination import check_destination, check_free_space
 from .errors import CheckpointError, OptionsError, OutputError, VerificationError
@@ -24,7 +24,7 @@ from .execution.executor import Executor
 from .source.io import DirectoryReader
 from .planning.options import ConvertOptions, resolve as resolve_options
 from .model import CheckpointMetadata
-from .verify.provenance import Fingerprint as _Fingerprint
+from .verification.provenance import Fingerprint as _Fingerprint
 from .planning.plan import (DEFAULT_WRITERS, INDEX_FILE_NAME, ConversionPlan, PlanOptions, build_plan, source_format,
                             with_writers)
 from .runs.report import ConversionReport, Reporter, peak_rss_bytes
@@ -36,7 +36,7 @@ from .fs.paths import user_path
 from .failpoints import kill_point
 from .output.staging import StagingDir, recover_swap
 from .planning.trainers import megatron
-from .verify import verification as verifying
+from .verification import compare as verifying
 from .sizes import format_size
 
 
@@ -501,8 +501,8 @@ def verify(checkpoint_dir: str, output_dir: str, options: Optional[Options] = No
            allow_unmatched: bool = False, no_config: bool = False, **kwargs) -> verifying.VerifyResult:
     """Check an existing output folder against its checkpoint, streaming both: every tensor `convert` would
     write (same naming and cast options) must be there once, with the same bytes; the index and headers must
-    be sound. `crc` also checks each chunk's CRC-32. Raises `verify.OutputDiffersError` (exit 3) or
-    `verify.CorruptSourceError` (exit 2), both carrying the `VerifyResult`; returns it when all is well."""
+    be sound. `crc` also checks each chunk's CRC-32. Raises `verification.compare.OutputDiffersError` (exit 3) or
+    `verification.compare.CorruptSourceError` (exit 2), both carrying the `VerifyResult`; returns it when all is well."""
     reporter = reporter or Reporter()
     started = time.perf_counter()
     output_dir = user_path(output_dir, "the output folder (OUTPUT_DIR)")

@@ -363,7 +363,7 @@ def verify(checkpoint_dir, output_dir, as_json, crc, quiet, **option_values):
     what was verified. Exit 0 when all match, 3 when the output differs, 2 when a checkpoint chunk fails its
     CRC-32; an output that cannot be read is not a difference (its own exit code).
     """
-    from .verify.verification import CorruptSourceError, OutputDiffersError
+    from .verification.compare import CorruptSourceError, OutputDiffersError
     options = ConvertOptions.take(option_values)
     interactive = sys.stderr.isatty() and not as_json and not quiet
     reporter: Reporter = TqdmReporter() if interactive else CollectingReporter()

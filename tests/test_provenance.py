@@ -14,7 +14,7 @@ import pytest
 import streamconv
 from streamconv import failpoints
 from streamconv import api
-from streamconv.verify import provenance
+from streamconv.verification import provenance
 from streamconv.output import record, staging
 from streamconv.runs import shardjob
 from streamconv.demo_checkpoint import write_demo_checkpoint

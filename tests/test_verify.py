@@ -14,7 +14,7 @@ from streamconv import api
 from streamconv.cli import cli
 from streamconv.errors import CheckpointError, VerificationError
 from streamconv.planning.plan import INDEX_FILE_NAME
-from streamconv.verify.verification import read_header
+from streamconv.verification.compare import read_header
 
 EXIT_DIFFERS = VerificationError.exit_code      # 3
 EXIT_CORRUPT = CheckpointError.exit_code        # 2
@@ -250,7 +250,7 @@ def test_missing_output_folder(dcp_checkpoints, tmp_path):
 
 
 def test_convert_verify_runs_the_same_checks(dcp_checkpoints, tmp_path, monkeypatch):
-    from streamconv.verify import verification as verifying
+    from streamconv.verification import compare as verifying
     calls = []
     original = verifying.verify_output
 

@@ -82,7 +82,7 @@ def test_verify_and_convert_verify_work_without_the_safetensors_package(dcp_chec
 
 
 def flip_tensor_byte(path: Path, name: str, at: int = 1) -> None:
-    start, header = streamconv.verify.verification.read_header(str(path))
+    start, header = streamconv.verification.compare.read_header(str(path))
     offset = start + header[name]["data_offsets"][0] + at
     with open(path, "r+b") as f:
         f.seek(offset)
@@ -155,7 +155,7 @@ HEADERS = {
 def _ours(path: Path) -> bool:
     fd = os.open(path, os.O_RDONLY)
     try:
-        size, header, problem = streamconv.verify.verification._read_safetensors_header(fd, str(path))
+        size, header, problem = streamconv.verification.compare._read_safetensors_header(fd, str(path))
     finally:
         os.close(fd)
     return problem is None and not header.problems and header.data_start + header.data_end == size

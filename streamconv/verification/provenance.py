@@ -379,7 +379,7 @@ def check_source(found: record.OutputRecord, output_dir: str, checkpoint_dir: st
     """Before verify compares any tensor: the output was made from this checkpoint's content. A CRC-based
     fingerprint that differs raises OutputDiffersError (exit 3); one made of sizes and mtimes only cannot tell
     a copy from a re-save, so the tensors' bytes decide. Returns the line saying what was checked."""
-    from .verification import OutputDiffersError, VerifyResult
+    from .compare import OutputDiffersError, VerifyResult
     if found.source_fingerprint == source_fp:
         return ["source fingerprint: the output was made from this checkpoint's content"
                 + (" (sizes and modification times only: its writer recorded no CRC-32s)"

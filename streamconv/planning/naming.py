@@ -137,7 +137,7 @@ class Naming:
     def with_renames(self, rules: Sequence[names.RenameRule]) -> "Naming":
         out = replace(self, last_step=max(self.last_step, LAYOUT))
         for i, rule in enumerate(rules):
-            out = out._mapped(RENAME + i, f"--rename {rule.text!r}", rule.apply)
+            out = out._mapped(RENAME + i, f"--rename '{names.printable(rule.text)}'", rule.apply)
         return out
 
     def filtered(self, include: Sequence[str], exclude: Sequence[str]) -> "Naming":

@@ -40,6 +40,8 @@ INDEX_FILE_NAME = "model.safetensors.index.json"
 
 @dataclass(frozen=True)
 class PlanOptions:
+    """What the program derives from the user's options, the planner's input (internal: users pass
+    `ConvertOptions`): sizes in bytes, rules parsed, dtype and source format resolved, the names decided."""
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     buffer_bytes: int = DEFAULT_BUFFER_BYTES
     include: Tuple[str, ...] = ()
@@ -62,6 +64,8 @@ class PlanOptions:
     # The names `hf.prepare` decided from these options and the reference (`naming.Naming`, every stage but the
     # tied drop, which `drop` gives). None: `build_plan` names the tensors itself. Not part of a plan's options.
     naming: Optional[Naming] = field(default=None, compare=False, repr=False)
+    # The user's `options.ConvertOptions` these were derived from (set by the API), for the output's record.
+    user: Optional[object] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.max_shard_bytes <= 0:

@@ -212,8 +212,8 @@ def cli():
     \b
     Typical use after FSDP fine-tuning:
       streamconv inspect ckpt/                    # what is inside
-      streamconv plan ckpt/ --max-shard-size 2GB  # dry run: files, names, predicted memory
-      streamconv convert ckpt/ hf_model/          # write model-0000N-of-0000M.safetensors + index
+      streamconv plan ckpt/ --max-shard-size 2GB  # dry run: files, names, memory
+      streamconv convert ckpt/ hf_model/          # shards + index, all or nothing
     """
 
 

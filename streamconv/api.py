@@ -26,8 +26,8 @@ from .planning import options as options_module
 from .planning.options import ConvertOptions, RunOptions, resolve as resolve_options
 from .model import CheckpointMetadata
 from .verify.provenance import Fingerprint as _Fingerprint
-from .planning.plan import (DEFAULT_WRITERS, INDEX_FILE_NAME, ConversionPlan, PlanOptions, build_plan, source_format,
-                            with_writers)
+from .planning.naming import source_format
+from .planning.plan import INDEX_FILE_NAME, ConversionPlan, PlanOptions, build_plan, with_writers
 from .runs.report import ConversionReport, Reporter, peak_rss_bytes
 from .runs.parallel import write_shards
 from .source import zstd

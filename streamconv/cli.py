@@ -1,7 +1,6 @@
 """Command line: `streamconv convert | plan | inspect`. The only place that prints or picks exit codes."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os

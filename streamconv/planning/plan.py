@@ -14,7 +14,7 @@ from . import names
 from .coverage import check_coverage, dedup_chunks
 from ..errors import OptionsError
 from ..model import CheckpointMetadata, Chunk, TensorEntry, numel
-from .naming import Naming, Skipped, name_tensors, source_format  # noqa: F401  (source_format: callers' import)
+from .naming import Naming, Skipped, name_tensors
 from ..safetensors_format import MAX_HEADER_BYTES
 from .transforms import Derived, Heads, Piece, check_gather, cut_all, distinct_chunks, flatten, is_contiguous_piece
 

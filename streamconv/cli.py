@@ -167,14 +167,11 @@ def _click_option(f, command: str) -> "click.Option":
     kwargs = dict(help=m["help_in"].get(command, m["help"]), metavar=m["metavar"],
                   show_default=m["show_default"] or command in m["default_in"], hidden=command in m["hidden_in"],
                   required=m["required"])
-    if "/" in m["flag"]:        # an on/off pair; None: decided later (e.g. --crc: on with --verify)
-        kwargs.update(default=default)
-    elif m["is_flag"]:
+    kwargs.update(default=default)     # for an on/off pair None means "not given" (--crc: on with --verify)
+    if m["is_flag"]:
         kwargs.update(is_flag=True)
     elif m["multiple"]:
         kwargs.update(multiple=True)
-    else:
-        kwargs.update(default=default)
     if m["flag_value"] is not None:
         kwargs.update(is_flag=False, flag_value=m["flag_value"])
     if m["choices"]:
@@ -184,7 +181,8 @@ def _click_option(f, command: str) -> "click.Option":
     elif m["path"] or m["file"]:
         kwargs.update(type=click.Path(dir_okay=not m["file"]))
     spellings = [m["flag"]] + ([m["short"]] if m["short"] else [])
-    return click.option(*spellings, f.name, **{k: v for k, v in kwargs.items() if v is not None})
+    # (a None default stays: for an on/off pair it means "not given", which click would otherwise make False)
+    return click.option(*spellings, f.name, **{k: v for k, v in kwargs.items() if v is not None or k == "default"})
 
 
 def _options(command: str):

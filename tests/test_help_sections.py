@@ -81,7 +81,11 @@ def test_every_flag_comes_from_an_options_field():
         params = [p for p in cmd.params if isinstance(p, click.Option) and p.name not in ("help", "as_json")]
         assert [p.name for p in params] == [f.name for f in command_fields(command)], command
         for p in params:
-            assert by_name[p.name].metadata["flag"].split("/")[0] in p.opts, (command, p.opts)
+            f = by_name[p.name]
+            assert f.metadata["flag"].split("/")[0] in p.opts, (command, p.opts)
+            # the field's default, also None for an on/off pair (--crc: "not given", decided by --verify)
+            default = f.metadata["default_in"].get(command, f.default)
+            assert (tuple(p.default or ()) if p.multiple else p.default) == default, (command, p.name, p.default)
 
 
 def test_the_option_reference_agrees_with_the_metadata():

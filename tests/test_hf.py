@@ -411,6 +411,8 @@ def test_names_are_decided_once_per_conversion(hf_models, tmp_path, model):
         before = naming.calls["source_names"]
         call()
         assert naming.calls["source_names"] - before == 1, verb
+    # the reference layout is a stage of its own, not a --rename rule: the record holds the user's rules only
+    assert json.loads((tmp_path / "out" / "streamconv.json").read_text())["options"]["renames"] == []
 
 
 def test_plan_shows_the_hf_decisions(hf_models):

@@ -22,11 +22,12 @@ from .errors import CheckpointError, OptionsError, OutputError, VerificationErro
 from .runs.checkpoint import load, locate_chunks
 from .execution.executor import Executor
 from .source.io import DirectoryReader
-from .planning.options import ConvertOptions, resolve as resolve_options
+from .planning import options as options_module
+from .planning.options import ConvertOptions, RunOptions, resolve as resolve_options
 from .model import CheckpointMetadata
 from .verification.provenance import Fingerprint as _Fingerprint
-from .planning.plan import (DEFAULT_WRITERS, INDEX_FILE_NAME, ConversionPlan, PlanOptions, build_plan, source_format,
-                            with_writers)
+from .planning.naming import source_format
+from .planning.plan import INDEX_FILE_NAME, ConversionPlan, PlanOptions, build_plan, with_writers
 from .runs.report import ConversionReport, Reporter, peak_rss_bytes
 from .runs.parallel import write_shards
 from .source import zstd
@@ -40,13 +41,11 @@ from .verification import compare as verifying
 from .sizes import format_size
 
 
-# Two writer threads overlap one shard's reads with another's writes and casts; more rarely helps a disk.
-DEFAULT_WORKERS = DEFAULT_WRITERS
-# Whether `convert` checks each chunk's CRC-32 unless told (`--verify` turns it on). Off: on the 2gb benchmark
-# the pass costs ~0.2 s of CPU per GB (a read of page-cached data plus zlib.crc32), 20-80% of the wall time on
-# this 2-core machine, far above the 5% that would make it a free default. `verify` checks CRCs by default.
-DEFAULT_CRC = False
-# What `plan`, `convert` and `verify` take: the user's options, or the planner's resolved view.
+# (defined with the run options, in planning/options.py; named here for callers that read them from the API)
+DEFAULT_WORKERS = options_module.DEFAULT_WORKERS
+DEFAULT_CRC = options_module.DEFAULT_CRC
+# What `plan`, `convert` and `verify` take: the user's options (PlanOptions, the planner's internal view, is
+# still accepted from callers that build it).
 Options = Union[ConvertOptions, PlanOptions]
 
 
@@ -77,6 +76,7 @@ def _prepare(checkpoint_dir: str, options, kwargs, *, config_from, allow_unmatch
     try:
         options, user = resolve_options(options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched,
                                         no_config=no_config)
+        options = replace(options, user=user)
         if options.subtree is None:     # --subtree names what to convert, optimizer state included
             discover.refuse_optimizer_only(meta, checkpoint_dir)
         setup = hf.prepare(meta, options, checkpoint_dir, config_from=user.config_from,
@@ -210,9 +210,9 @@ def protected_paths(reader: DirectoryReader, meta: CheckpointMetadata, config_fo
 
 
 def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = None, *,
-            overwrite: bool = False, reporter: Optional[Reporter] = None, config_from: Optional[str] = None,
-            workers: int = DEFAULT_WORKERS, verify: bool = False, crc: Optional[bool] = None,
-            allow_unmatched: bool = False, no_config: bool = False, resume: bool = False,
+            run: Optional[RunOptions] = None, overwrite: bool = False, reporter: Optional[Reporter] = None,
+            config_from: Optional[str] = None, workers: int = DEFAULT_WORKERS, verify: bool = False,
+            crc: Optional[bool] = None, allow_unmatched: bool = False, no_config: bool = False, resume: bool = False,
             discard_partial: bool = False, shard_runner=None, overwrite_any: bool = False,
             **kwargs) -> ConversionReport:
     """Convert a DCP checkpoint folder into a folder of safetensors shards (+ index when sharded), with the
@@ -236,7 +236,13 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
     holds this conversion (same checkpoint content, same plan) is left as it is: the report says
     `already_converted`. Every checkpoint file is checked again before the commit: one that changed during the
     run (a trainer still writing) commits nothing (SourceChangedError, exit 2).
+    `run` (a `RunOptions`) holds `overwrite`, `workers`, `verify`, `crc`, `resume`, `discard_partial` and
+    `overwrite_any` in one object; pass it or those keywords, not both.
     """
+    run = RunOptions.given(run, overwrite=overwrite, workers=workers, verify=verify, crc=crc, resume=resume,
+                           discard_partial=discard_partial, overwrite_any=overwrite_any)
+    overwrite, workers, verify, crc = run.overwrite, run.workers, run.verify, run.crc
+    resume, discard_partial, overwrite_any = run.resume, run.discard_partial, run.overwrite_any
     reporter = reporter or Reporter()
     started = time.perf_counter()
     output_dir = user_path(output_dir, "the output folder (OUTPUT_DIR)")
@@ -361,7 +367,7 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
     return ConversionReport(
         checkpoint=checkpoint_abs, output=output_abs,
         tensors=len(conversion.tensors), shards=len(conversion.shards), bytes_written=conversion.files_nbytes,
-        kept_bytes=sum(s.nbytes for s in kept),
+        kept_bytes=sum(s.nbytes for s in kept), resumed=staging.resumed,
         seconds=time.perf_counter() - started, peak_rss_bytes=peak_rss_bytes(),
         predicted_peak_bytes=conversion.peak_bytes, buffer_bytes=options.buffer_bytes,
         max_shard_bytes=options.max_shard_bytes, skipped=conversion.skipped_counts,
@@ -407,16 +413,16 @@ def _version() -> str:
 
 def _recorded_options(options, kwargs, config_from, allow_unmatched: bool, no_config: bool, setup) -> dict:
     """The ConvertOptions fields an output was made with, as `verify` needs them to plan the same output: the
-    resolved planner options (dtype "auto" as resolved, sizes in bytes) and the user's config choices."""
-    _, user = resolve_options(options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched,
-                              no_config=no_config)
+    user's options (`setup.options.user`) with what was derived from them in their place (sizes in bytes, dtype
+    "auto" as resolved, the source format a Megatron folder implies). Nothing is resolved again; the other
+    arguments are the call's own, kept so the call site need not change."""
     o = setup.options
-    return ConvertOptions(
-        max_shard_size=f"{o.max_shard_bytes}B", buffer_size=f"{o.buffer_bytes}B", dtype=o.dtype,
-        config_from=os.path.abspath(user.config_from) if user.config_from else None, no_config=user.no_config,
-        allow_unmatched=user.allow_unmatched, include=o.include, exclude=o.exclude,
-        renames=tuple(f"{r.pattern.replace('=', chr(92) + '=')}={r.replacement}" for r in o.renames),
-        subtree=o.subtree, source_format=o.source_format).__dict__
+    user = o.user if o.user is not None else ConvertOptions()
+    return replace(
+        user, max_shard_size=f"{o.max_shard_bytes}B", buffer_size=f"{o.buffer_bytes}B", dtype=o.dtype,
+        config_from=os.path.abspath(user.config_from) if user.config_from else None, include=o.include,
+        exclude=o.exclude, renames=tuple(r.text for r in o.renames), subtree=o.subtree,
+        source_format=o.source_format).__dict__
 
 
 def _already_converted(checkpoint_dir: str, output_dir: str, conversion: ConversionPlan, options: PlanOptions,

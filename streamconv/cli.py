@@ -1,7 +1,6 @@
 """Command line: `streamconv convert | plan | inspect`. The only place that prints or picks exit codes."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -14,7 +13,7 @@ import click
 from . import api
 from .errors import OptionsError, StreamconvError
 from .help_sections import SectionedCommand
-from .planning.options import ConvertOptions
+from .planning.options import BatchOptions, ConvertOptions, RunOptions, command_fields
 from .runs.report import CollectingReporter, Reporter, TqdmReporter
 from .planning.names import printable
 from .sizes import format_size
@@ -71,9 +70,11 @@ class InterruptedAfterCommit(KeyboardInterrupt):
         self.output = output
 
 
-def _fail_cleanly(fn):
-    """Turn library errors into one-line messages and their exit codes; never a traceback."""
-    keeps_staging = fn.__name__ == "batch"      # batch always resumes: an interrupt keeps staging folders
+def _fail_cleanly(fn=None, *, keeps_staging: bool = False):
+    """Turn library errors into one-line messages and their exit codes; never a traceback. `keeps_staging`: the
+    command always resumes (batch), so an interrupt keeps staging folders whatever --resume says."""
+    if fn is None:
+        return functools.partial(_fail_cleanly, keeps_staging=keeps_staging)
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         as_json = bool(kwargs.get("as_json"))
@@ -159,32 +160,42 @@ def _stdout_to_devnull() -> None:
     os.close(devnull)
 
 
-def _click_option(f, hidden: bool = False) -> "click.Option":
-    """One click option from a `ConvertOptions` field's metadata (flag, help, how it parses)."""
+def _click_option(f, command: str) -> "click.Option":
+    """One click option from an options field's metadata (flag, help, how it parses) as `command` takes it."""
     m = f.metadata
-    kwargs = dict(help=m["help"], metavar=m["metavar"], show_default=m["show_default"], hidden=hidden or None)
+    default = m["default_in"].get(command, f.default)
+    kwargs = dict(help=m["help_in"].get(command, m["help"]), metavar=m["metavar"],
+                  show_default=m["show_default"] or command in m["default_in"], hidden=command in m["hidden_in"],
+                  required=m["required"])
+    kwargs.update(default=default)     # for an on/off pair None means "not given" (--crc: on with --verify)
     if m["is_flag"]:
         kwargs.update(is_flag=True)
     elif m["multiple"]:
         kwargs.update(multiple=True)
-    else:
-        kwargs.update(default=f.default)
+    if m["flag_value"] is not None:
+        kwargs.update(is_flag=False, flag_value=m["flag_value"])
     if m["choices"]:
         kwargs.update(type=click.Choice(m["choices"]))
-    elif m["path"]:
-        kwargs.update(type=click.Path())
-    return click.option(m["flag"], f.name, **{k: v for k, v in kwargs.items() if v is not None})
+    elif m["int_range"]:
+        kwargs.update(type=click.IntRange(*m["int_range"]))
+    elif m["path"] or m["file"]:
+        kwargs.update(type=click.Path(dir_okay=not m["file"]))
+    spellings = [m["flag"]] + ([m["short"]] if m["short"] else [])
+    # (a None default stays: for an on/off pair it means "not given", which click would otherwise make False)
+    return click.option(*spellings, f.name, **{k: v for k, v in kwargs.items() if v is not None or k == "default"})
 
 
-def _plan_options(fn, hide=()):
-    """Options shared by `convert`, `plan`, `verify` and `batch`: the fields of `ConvertOptions`, then --json.
-    `hide`: accepted (scripts pass them) but not listed in --help, where they do not apply."""
-    decorators = [_click_option(f, f.name in hide) for f in dataclasses.fields(ConvertOptions)]
-    decorators.append(click.option("--json", "as_json", is_flag=True,
-                                   help="Print a machine-readable JSON report on stdout."))
-    for d in reversed(decorators):
-        fn = d(fn)
-    return fn
+def _options(command: str):
+    """Every option `command` takes, derived from the options objects' field metadata (`options.command_fields`:
+    BatchOptions, ConvertOptions, RunOptions), then --json. No command declares a flag of its own."""
+    def add(fn):
+        decorators = [_click_option(f, command) for f in command_fields(command)]
+        decorators.append(click.option("--json", "as_json", is_flag=True,
+                                       help="A JSON report on stdout, errors included."))
+        for d in reversed(decorators):
+            fn = d(fn)
+        return fn
+    return add
 
 
 # A terminal wider than 80 columns gets wider --help (click stops at 80 by default), so a command's sections fit
@@ -198,74 +209,42 @@ def cli():
     \b
     Typical use after FSDP fine-tuning:
       streamconv inspect ckpt/                    # what is inside
-      streamconv plan ckpt/ --max-shard-size 2GB  # dry run: files, names, predicted memory
-      streamconv convert ckpt/ hf_model/          # write model-0000N-of-0000M.safetensors + index
+      streamconv plan ckpt/ --max-shard-size 2GB  # dry run: files, names, memory
+      streamconv convert ckpt/ hf_model/          # shards + index, all or nothing
     """
 
 
 @cli.command()
 @click.argument("checkpoint_dir", type=click.Path())
 @click.argument("output_dir", type=click.Path())
-@_plan_options
-@click.option("--overwrite", is_flag=True,
-              help="Replace OUTPUT_DIR when it holds a streamconv output (its streamconv.json record) of other weights "
-                   "or options.")
-@click.option("--overwrite-any", is_flag=True,
-              help="Replace OUTPUT_DIR whatever it holds (a folder streamconv did not write: its files are lost).")
-@click.option("--workers", default=api.DEFAULT_WORKERS, show_default=True, type=click.IntRange(1, 64),
-              help="Threads writing shards side by side; they share --buffer-size.")
-@click.option("--verify", is_flag=True,
-              help="Before committing, check the written folder as `streamconv verify` does: every tensor read back "
-                   "and compared with the checkpoint, index and headers checked, chunk CRC-32s checked (reads the "
-                   "checkpoint twice).")
-@click.option("--crc/--no-crc", default=None,
-              help="Check each chunk's CRC-32 (recorded by torch.save in the .distcp file) as it is read, so a "
-                   "corrupt checkpoint fails (exit 2) instead of converting into wrong weights. Costs ~0.2 s of "
-                   "CPU per GB. Default: on with --verify, else off.")
-@click.option("--resume", is_flag=True,
-              help="Continue a conversion into OUTPUT_DIR that was killed: keep its finished shards (each checked "
-                   "against its size and checksum) and write the rest. Needs the same options and an unchanged "
-                   "checkpoint. On failure or Ctrl-C the staging folder is kept for another --resume.")
-@click.option("--discard-partial", is_flag=True,
-              help="Delete the staging folder an interrupted conversion into OUTPUT_DIR left, and start over.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-@click.option("--progress/--no-progress", default=None,
-              help="Show a progress bar on stderr. Default: only when stderr is a terminal and neither --json nor "
-                   "--quiet is given.")
+@_options("convert")
 @_fail_cleanly
-def convert(checkpoint_dir, output_dir, as_json, overwrite, overwrite_any, workers, verify, crc, resume,
-            discard_partial, quiet, progress, **option_values):
-    """Convert CHECKPOINT_DIR (a DCP folder) into OUTPUT_DIR (safetensors shards).
+def convert(checkpoint_dir, output_dir, as_json, **option_values):
+    """Convert CHECKPOINT_DIR (a DCP folder, or a run folder holding one) into OUTPUT_DIR.
 
-    CHECKPOINT_DIR may also be a run folder holding one DCP folder with model weights (accelerate's state/, a
-    Trainer checkpoint-N/, torchtitan's checkpoint/ with one step-N/): the note says which was taken. When it
-    holds several, they are listed and none is taken.
-
-    The output is written to a hidden staging folder beside OUTPUT_DIR, fsynced, and renamed into place
-    only when complete; an error or Ctrl-C leaves nothing that looks finished. OUTPUT_DIR may not be the
-    checkpoint folder or hold it (a subfolder of it is fine), nor the current folder or a mount point (write
-    into a new folder inside it). Only the model's weights are written:
-    optimizer state and non-tensor entries are skipped.
+    Written into a hidden staging folder and renamed into place only when complete: an error or Ctrl-C leaves
+    nothing that looks finished. Every option in full: docs/options.md.
     """
     options = ConvertOptions.take(option_values)
+    run = RunOptions.take(option_values)
+    progress = run.progress
     if progress is None:
-        progress = sys.stderr.isatty() and not as_json and not quiet
+        progress = sys.stderr.isatty() and not as_json and not run.quiet
     reporter: Reporter = TqdmReporter() if progress else CollectingReporter()
     try:
         try:
-            report = api.convert(checkpoint_dir, output_dir, options, overwrite=overwrite, reporter=reporter,
-                                 workers=workers, verify=verify, crc=crc, resume=resume,
-                                 discard_partial=discard_partial, overwrite_any=overwrite_any)
+            report = api.convert(checkpoint_dir, output_dir, options, run=run, reporter=reporter)
         finally:
             reporter.close()
-        _echo_convert_report(report, as_json, quiet, verify=verify, crc=crc)
+        _echo_convert_report(report, as_json, run)
     except KeyboardInterrupt:
         if reporter.committed_output is not None:     # the output is in place: say so, whatever was cut short
             raise InterruptedAfterCommit(reporter.committed_output) from None
         raise
 
 
-def _echo_convert_report(report, as_json: bool, quiet: bool, *, verify: bool, crc: Optional[bool]) -> None:
+def _echo_convert_report(report, as_json: bool, run: RunOptions) -> None:
+    quiet = run.quiet
     if as_json:
         click.echo(json.dumps(dict(report.to_dict(), error=None, exit_code=0), indent=2))
     elif not quiet and report.already_converted:
@@ -281,8 +260,8 @@ def _echo_convert_report(report, as_json: bool, quiet: bool, *, verify: bool, cr
                    f"  skipped: {skipped}; cast: {cast}; renamed: {report.renamed}\n"
                    f"  copied: {', '.join(report.copied_files) or 'nothing'}; "
                    f"dropped tied: {', '.join(report.dropped_tied) or 'none'}")
-        checked = _checked_line(report.verified_tensors if verify else None,
-                                report.crc_checked_chunks if (crc if crc is not None else verify or api.DEFAULT_CRC) else None)
+        checked = _checked_line(report.verified_tensors if run.verify else None,
+                                report.crc_checked_chunks if run.check_crc else None)
         if checked:
             click.echo(f"  {checked}")
         for note in report.notes:
@@ -305,21 +284,17 @@ def _kept_text(kept_bytes: int) -> str:
 
 @cli.command()
 @click.argument("checkpoint_dir", type=click.Path())
-@_plan_options
-@click.option("--workers", default=api.DEFAULT_WORKERS, show_default=True, type=click.IntRange(1, 64),
-              help="As for convert: the writer threads the predicted peak memory is for.")
-@click.option("--quiet", "-q", is_flag=True, help="Print only the summary line (no files, tensors or notes).")
+@_options("plan")
 @_fail_cleanly
-def plan(checkpoint_dir, as_json, workers, quiet, **option_values):
-    """Dry run: show the files, which tensor goes into each, and the predicted peak memory `convert` would
-    produce.
-
-    Reads only `.metadata` (and the config folder's JSON files and safetensors headers); writes nothing. Takes
-    convert's options that decide the output or its memory; not those about writing it (--overwrite, --resume,
-    --discard-partial), checking it (--verify, --crc) or showing progress (--progress).
+def plan(checkpoint_dir, as_json, **option_values):
+    """Dry run: the files, the tensors in each and the predicted peak memory, from `.metadata` (and the config
+    folder's JSON and safetensors headers) alone; writes nothing.
     """
+    options = ConvertOptions.take(option_values)
+    run = RunOptions.take(option_values)
+    workers, quiet = run.workers, run.quiet
     notes = CollectingReporter()
-    conversion = api.plan(checkpoint_dir, ConvertOptions.take(option_values), reporter=notes, workers=workers)
+    conversion = api.plan(checkpoint_dir, options, reporter=notes, workers=workers)
     summary = conversion.to_dict()
     if as_json:
         click.echo(json.dumps(dict(summary, notes=notes.notes, error=None, exit_code=0), indent=2))
@@ -341,30 +316,19 @@ def plan(checkpoint_dir, as_json, workers, quiet, **option_values):
 @cli.command()
 @click.argument("checkpoint_dir", type=click.Path())
 @click.argument("output_dir", type=click.Path())
-@functools.partial(_plan_options, hide=("max_shard_size",))    # tensors are found by name: sizes do not matter
-@click.option("--crc/--no-crc", default=True, show_default=True,
-              help="Check every read chunk's CRC-32, as recorded by torch.save in its .distcp file.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only problems.")
+@_options("verify")
 @_fail_cleanly
-def verify(checkpoint_dir, output_dir, as_json, crc, quiet, **option_values):
+def verify(checkpoint_dir, output_dir, as_json, **option_values):
     """Check OUTPUT_DIR (a converted folder) against CHECKPOINT_DIR without converting again.
 
-    An output with a record (streamconv.json, written by every conversion) needs no options: verify takes the
-    ones it was made with from the record (an option given that contradicts it is an error, exit 64), checks that
-    it was made from this checkpoint's content, and that every file the record lists (config, tokenizer, index)
-    is there with its size and CRC-32. For an output without a record, pass the naming and dtype options the
-    conversion used (--dtype, --rename, --include/--exclude, --subtree, --config-from). Streams both sides with
-    --buffer-size of memory, one output file open at a time. Checks the file names transformers loads
-    (model.safetensors, or model-NNNNN-of-NNNNN.safetensors with an index), the index (every weight once, every
-    file present, total_size), that every shard is a regular file whose header follows the safetensors rules
-    (read by streamconv itself; the safetensors package is not needed) with the __metadata__ streamconv
-    writes, that no shard holds a tensor the index does not list, and every tensor's dtype, shape and bytes;
-    reports missing, extra and differing tensors (name and first differing element). Prints one line saying
-    what was verified. Exit 0 when all match, 3 when the output differs, 2 when a checkpoint chunk fails its
-    CRC-32; an output that cannot be read is not a difference (its own exit code).
+    Streams both sides: every tensor's dtype, shape and bytes, the index (total_size, every weight once), the
+    headers. An output with a record (streamconv.json) is checked with the options it was made with. Exit 0:
+    all match; 3: the output differs; 2: a checkpoint chunk fails its CRC-32. More: docs/verify.md.
     """
     from .verification.compare import CorruptSourceError, OutputDiffersError
     options = ConvertOptions.take(option_values)
+    run = RunOptions.take(option_values)
+    crc, quiet = run.crc, run.quiet
     interactive = sys.stderr.isatty() and not as_json and not quiet
     reporter: Reporter = TqdmReporter() if interactive else CollectingReporter()
     try:
@@ -401,64 +365,28 @@ def verify(checkpoint_dir, output_dir, as_json, crc, quiet, **option_values):
 
 @cli.command()
 @click.argument("sources", nargs=-1)
-@click.option("--output-template", "-o", required=True, metavar="TEMPLATE",
-              help="Where each checkpoint's output goes: {name} is its folder name, {parent} the folder above it, "
-                   "{step} the digits at the end of its name, e.g. 'hf/{parent}-{step}'.")
-@click.option("--from-file", "from_file", default=None, metavar="LIST", type=click.Path(dir_okay=False),
-              help="Also convert the folders or globs listed in LIST, one a line ('#' comments allowed).")
-@_plan_options
-@click.option("--jobs", "-j", default=None, type=click.IntRange(1, 256),
-              help="Checkpoints converted side by side, each in its own process. Default: one per output device.")
-@click.option("--max-memory", "max_memory", default=None, metavar="SIZE",
-              help="Keep the sum of the running jobs' predicted peak memory within SIZE (e.g. 8GiB); a checkpoint "
-                   "predicted to need more fails without starting.")
-@click.option("--workers", default=api.DEFAULT_WORKERS, show_default=True, type=click.IntRange(1, 64),
-              help="Threads writing shards side by side within each job; they share --buffer-size.")
-@click.option("--verify", is_flag=True, help="Check every output before committing it, as convert --verify does.")
-@click.option("--crc/--no-crc", default=None, help="Check each chunk's CRC-32 as it is read (as for convert).")
-@click.option("--overwrite", is_flag=True,
-              help="Replace outputs that hold a streamconv output of other weights or options; without it an output "
-                   "already converted from the same checkpoint content with the same plan is skipped and any other "
-                   "non-empty output fails its checkpoint.")
-@click.option("--overwrite-any", is_flag=True,
-              help="Replace outputs whatever they hold (folders streamconv did not write: their files are lost).")
-@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
-              help="Write each checkpoint's shards as Ray tasks (pip install 'streamconv[ray]'): --ray alone starts "
-                   "a local cluster, --ray ADDRESS joins one (e.g. ray://head:10001 or head:6379). Workers must see "
-                   "the same storage paths.")
-@click.option("--resume", is_flag=True,
-              help="Continue interrupted checkpoints from their staging folders, keeping finished shards. This is "
-                   "what batch always does; the flag is accepted so that convert's advice works here too.")
-@click.option("--discard-partial", is_flag=True,
-              help="Delete the staging folder an interrupted conversion left, for every checkpoint that has one, "
-                   "and convert those checkpoints from the start (e.g. after changing options).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or table; print only failures.")
-@click.option("--progress/--no-progress", default=None,
-              help="Show one progress bar for the batch on stderr. Default: only on a terminal without --json or "
-                   "--quiet.")
-@_fail_cleanly
-def batch(sources, output_template, from_file, as_json, jobs, max_memory, workers, verify, crc, overwrite,
-          overwrite_any, ray_address, resume, discard_partial, quiet, progress, **option_values):
-    """Convert many checkpoints: SOURCES are folders or globs (quote them: 'runs/*/checkpoint-*').
+@_options("batch")
+@_fail_cleanly(keeps_staging=True)
+def batch(sources, as_json, **option_values):
+    """Convert many checkpoints: SOURCES are folders or globs (quote them).
 
-    Each checkpoint is planned first (from .metadata), then converted as `convert --resume` would, in a process
-    of its own. An output that is already complete and matches its plan (every shard's size and header, the
-    index) is skipped, so a rerun continues where the last one stopped; an interrupted one resumes shard by
-    shard. A checkpoint that fails does not stop the others; the exit code is 1 when any failed (the table and
-    --json report say which and why).
+    Each as `convert --resume` would, in its own process; a rerun continues.
     """
     from .runs import batch as batching
-    if resume and discard_partial:
+    options, run, where = (ConvertOptions.take(option_values), RunOptions.take(option_values),
+                           BatchOptions.take(option_values))
+    if run.resume and run.discard_partial:
         raise OptionsError("--resume keeps interrupted conversions and --discard-partial deletes them: pass one")
-    options = ConvertOptions.take(option_values)
+    quiet, progress = run.quiet, run.progress
     if progress is None:
         progress = sys.stderr.isatty() and not as_json and not quiet
     reporter: Reporter = TqdmReporter() if progress else CollectingReporter()
     try:
-        report = batching.convert_many(sources, output_template, options, from_file=from_file, jobs=jobs,
-                                       max_memory=max_memory, workers=workers, crc=crc, verify=verify,
-                                       overwrite=overwrite, reporter=reporter, ray=ray_address,
-                                       overwrite_any=overwrite_any, discard_partial=discard_partial)
+        report = batching.convert_many(sources, where.output_template, options, from_file=where.from_file,
+                                       jobs=where.jobs, max_memory=where.max_memory, workers=run.workers,
+                                       crc=run.crc, verify=run.verify, overwrite=run.overwrite, reporter=reporter,
+                                       ray=where.ray_address, overwrite_any=run.overwrite_any,
+                                       discard_partial=run.discard_partial)
     finally:
         reporter.close()
     failed = report.failed
@@ -484,7 +412,7 @@ def batch(sources, output_template, from_file, as_json, jobs, max_memory, worker
 
 @cli.command()
 @click.argument("checkpoint_dir", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report on stdout.")
+@_options("inspect")
 @_fail_cleanly
 def inspect(checkpoint_dir, as_json):
     """Show what a DCP checkpoint holds: tensors, dtypes, shapes, how each is sharded, non-tensor entries."""

@@ -396,6 +396,25 @@ def test_mllama_follows_the_hub_layout_and_round_trips(hf_models, tmp_path, dtyp
     assert torch.equal(converted_logits(out, "mllama", torch_dtype), expected)
 
 
+@pytest.mark.parametrize("model", ["llama_tied", "mllama"])
+def test_names_are_decided_once_per_conversion(hf_models, tmp_path, model):
+    """convert, plan and verify each walk the checkpoint's names once (`naming.source_names`), a tied head (its
+    plan is built again to prove it equals the embedding) and a reference layout included. Before naming had
+    one home, `plan.select` ran 4 times per conversion, 5 with a tied head."""
+    from streamconv.planning import naming
+
+    folder = hf_models[model]
+    ckpt, out, base = str(folder / "ckpt"), str(tmp_path / "out"), str(folder / "base")
+    for verb, call in (("convert", lambda: api.convert(ckpt, out, config_from=base)),
+                       ("plan", lambda: api.plan(ckpt, config_from=base)),
+                       ("verify", lambda: api.verify(ckpt, out))):
+        before = naming.calls["source_names"]
+        call()
+        assert naming.calls["source_names"] - before == 1, verb
+    # the reference layout is a stage of its own, not a --rename rule: the record holds the user's rules only
+    assert json.loads((tmp_path / "out" / "streamconv.json").read_text())["options"]["renames"] == []
+
+
 def test_plan_shows_the_hf_decisions(hf_models):
     folder = hf_models["mllama"]
     result = CliRunner().invoke(cli, ["plan", str(folder / "ckpt"), "--config-from", str(folder / "base"),

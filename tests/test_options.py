@@ -1,6 +1,7 @@
 """One options object: the CLI flags and API keywords are derived from `ConvertOptions`, and options given twice
 are refused instead of silently dropped."""
 import dataclasses
+import json
 import pickle
 
 import pytest
@@ -65,3 +66,39 @@ def test_api_plan_refuses_a_dropped_keyword(demo_checkpoint):
     by_object = streamconv.plan(str(demo_checkpoint.ckpt_dir), ConvertOptions(max_shard_size="100KB"), no_config=True)
     by_keyword = streamconv.plan(str(demo_checkpoint.ckpt_dir), max_shard_size="100KB", no_config=True)
     assert by_object.to_dict() == by_keyword.to_dict() and len(by_object.shards) > 1
+
+
+# -- the run's options and the derived ones (issue 18.3) ------------------------------------------------------
+
+
+def test_run_options_are_one_frozen_object_given_once(demo_checkpoint, tmp_path):
+    from streamconv.planning.options import DEFAULT_CRC, RunOptions
+
+    run = RunOptions(workers=1, verify=True)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.workers = 2
+    assert run.check_crc and RunOptions(crc=False, verify=True).check_crc is False
+    assert RunOptions().check_crc is DEFAULT_CRC
+    assert pickle.loads(pickle.dumps(run)) == run
+    with pytest.raises(OptionsError, match="run options given twice.*workers"):
+        streamconv.convert(str(demo_checkpoint.ckpt_dir), str(tmp_path / "out"), run=run, workers=3)
+    assert not (tmp_path / "out").exists()
+    report = streamconv.convert(str(demo_checkpoint.ckpt_dir), str(tmp_path / "out"), run=run, no_config=True)
+    assert report.verified_tensors == report.tensors > 0 and not report.resumed
+
+
+def test_the_derived_options_are_not_public():
+    assert not hasattr(streamconv, "PlanOptions") and "PlanOptions" not in streamconv.__all__
+    assert {"ConvertOptions", "RunOptions"} <= set(streamconv.__all__)
+
+
+def test_the_record_holds_the_user_options_with_what_was_derived(demo_checkpoint, tmp_path):
+    """The record's options come from the objects (no second resolution): the user's --rename as typed (a literal
+    '=' escaped), sizes in bytes, dtype "auto" as resolved from the config."""
+    out = tmp_path / "out"
+    streamconv.convert(str(demo_checkpoint.ckpt_dir), str(out), ConvertOptions(
+        dtype="auto", max_shard_size="1MB", renames=(r"^lm_head\=?=lm_head",), include=("*",)))
+    recorded = json.loads((out / "streamconv.json").read_text())["options"]
+    assert recorded["renames"] == [r"^lm_head\=?=lm_head"] and recorded["include"] == ["*"]
+    assert recorded["max_shard_size"] == "1000000B" and recorded["dtype"] == "float32"    # demo config: float32
+    assert recorded["config_from"] is None and recorded["source_format"] == "auto"

@@ -1,7 +1,8 @@
 """From a checkpoint and the user's options to an HF-ready conversion: config found, `--dtype auto` resolved,
-names mapped onto the reference layout, tied duplicates chosen for dropping, and the result checked name for name
-against the reference's weights (`verdict`: a mismatch fails before anything is written). Reads config.json and
-safetensors headers only; the planner stays pure and sees only ordinary `PlanOptions`.
+the names decided once (`planning.naming`: the checkpoint's, the trainer adapter's, then the reference layout chosen
+from those, the user's renames and filters, the tied drop), and the result checked name for name against the
+reference's weights (`verdict`: a mismatch fails before anything is written, naming the stage that made each
+wrong name). Reads config.json and safetensors headers only; the planner stays pure.
 """
 from __future__ import annotations
 
@@ -13,14 +14,15 @@ from typing import Dict, List, Mapping, Optional, Tuple
 from .. import dtypes
 from ..planning import trainers
 from ..model import CheckpointMetadata
-from ..planning.plan import ConversionPlan, PlanOptions, select, source_format
+from ..planning import naming
+from ..planning.plan import ConversionPlan, PlanOptions
 from ..planning.trainers import megatron
 from . import layouts, sidecars, tied, verdict
 
 
 @dataclass(frozen=True)
 class HFSetup:
-    options: PlanOptions                        # dtype resolved, layout renames appended, tied heads dropped
+    options: PlanOptions                        # dtype resolved, names decided (`.naming`), tied heads dropped
     config: Optional[sidecars.HFConfig]         # None: weights only
     sidecar_files: Tuple[str, ...]              # what will be copied from config.folder
     layout: Optional[str]                       # label of the mapping applied, when there was a reference
@@ -46,13 +48,6 @@ def _resolve_dtype(requested: str, config: Optional[sidecars.HFConfig], notes: L
     return "keep"
 
 
-def _names_without_filters(meta: CheckpointMetadata, options: PlanOptions) -> List[str]:
-    """The output names without the user's --include/--exclude: tells a deliberate omission from a wrong
-    mapping. Names are not checked here: an unwritable one may be what the filters leave out."""
-    unfiltered = dataclasses.replace(options, include=(), exclude=())
-    return [name for _, name in select(meta, unfiltered, check_names=False)[0]]
-
-
 def _megatron_format(checkpoint_dir: str, options: PlanOptions, notes: List[str]) -> PlanOptions:
     """A Megatron-Core folder (metadata.json says torch_dist) is read with the megatron-gpt layout unless the user
     chose one: a Megatron model that is not a Llama-family GPT is then refused, naming its tensors, rather than
@@ -65,6 +60,23 @@ def _megatron_format(checkpoint_dir: str, options: PlanOptions, notes: List[str]
         return options
     return dataclasses.replace(options, source_format=trainers.MEGATRON_GPT.name,
                                source_format_reason=f"a Megatron-Core {folder.sharded_backend} checkpoint")
+
+
+def _layout_stage(named: naming.Naming, reference, config, notes: List[str]):
+    """(names with the reference layout applied, the layout's label or None): the layout whose mapping of the
+    adapter's names (all of them, before --rename and the filters) hits the most reference weights."""
+    if reference is None:
+        if config is not None:
+            notes.append(f"{config.folder} holds no weights to take names from; names are the "
+                         "checkpoint's and cannot be checked against the model")
+        return named.with_layout(None), None
+    mapping, hits = layouts.choose_mapping([t.name for t in named.tensors], reference, config.model_type)
+    if mapping.layout is None:
+        return named.with_layout(None), mapping.label
+    notes.append(f"names follow the reference layout: {mapping.label} "
+                 f"({hits} of {len(named.tensors)} names match {config.folder})")
+    by = f"the reference layout {mapping.label!r} (chosen by the weights in {config.folder})"
+    return named.with_layout(naming.PrefixMap(mapping.pairs, by)), mapping.label
 
 
 def prepare(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir: str, *,
@@ -90,41 +102,30 @@ def prepare(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir: str,
     options = _megatron_format(checkpoint_dir, options, notes)
     if config is not None and options.heads is None:    # trainer adapters permute q/k rows per head
         options = dataclasses.replace(options, heads=trainers.heads_from_config(config.data))
-    selected, _, _, _ = select(meta, options)
-    shapes = {name: tuple(entry.shape) for entry, name in selected}
-    unfiltered = _names_without_filters(meta, options)
-    adapter = source_format(meta, options).adapter
-    if adapter is not None and config is not None and not (options.include or options.exclude):   # whole models
-        checked = trainers.check_llama_shapes(shapes, config.data, adapter)
+    named = naming.source_names(meta, options)      # the checkpoint's names and the adapter's: once
+    reference = layouts.reference_weights(config.folder) if config is not None else None
+    named, layout_label = _layout_stage(named, reference, config, notes)
+    named = named.with_renames(options.renames).filtered(options.include, options.exclude).checked()
+    shapes = {t.name: tuple(t.entry.shape) for t in named.written}
+    if named.adapter is not None and config is not None and not (options.include or options.exclude):   # whole models
+        checked = trainers.check_llama_shapes(shapes, config.data, named.adapter)
         if checked:
             notes.append(checked)
-
-    reference = layouts.reference_weights(config.folder) if config is not None else None
-    layout_label = None
-    if reference is not None:
-        mapping, hits = layouts.choose_mapping(shapes, reference, config.model_type)
-        layout_label = mapping.label
-        if mapping.layout is not None:
-            notes.append(f"names follow the reference layout: {mapping.label} "
-                         f"({hits} of {len(shapes)} names match {config.folder})")
-            options = dataclasses.replace(options, renames=options.renames + mapping.rules())
-            shapes = {mapping.apply(n): s for n, s in shapes.items()}
-            unfiltered = [mapping.apply(n) for n in unfiltered]
-    elif config is not None:
-        notes.append(f"{config.folder} holds no weights to take names from; names are the "
-                     "checkpoint's and cannot be checked against the model")
 
     pairs, tied_notes = tied.find_tied_pairs(shapes, config.tie_word_embeddings if config else None, reference)
     notes.extend(tied_notes)
     if pairs:
         options = dataclasses.replace(options, drop=options.drop + tuple(p.head for p in pairs))
+        named = named.dropping(options.drop)
         for p in pairs:
             shapes.pop(p.head, None)
             notes.append(f"tied word embeddings: {p.head} not written (transformers rebuilds it from {p.embedding}); "
                          "convert checks that the two are equal")
+    options = dataclasses.replace(options, naming=named)
 
     if reference is not None:
-        found = verdict.judge(shapes, reference, tie=config.tie_word_embeddings, unfiltered=unfiltered)
+        found = verdict.judge(shapes, reference, tie=config.tie_word_embeddings, unfiltered=named.unfiltered(),
+                              made_by=named.made_by())
         notes.extend(verdict.enforce(found, config.folder, layout_label, allow_unmatched=allow_unmatched))
     return HFSetup(options=options, config=config, sidecar_files=files, layout=layout_label, tied=pairs,
                    reference=reference, notes=tuple(notes))

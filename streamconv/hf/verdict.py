@@ -26,6 +26,8 @@ class Verdict:
     excluded: Tuple[str, ...]           # the part of `missing` that --include/--exclude left out
     shape_mismatches: Tuple[Tuple[str, Tuple[int, ...], Tuple[int, ...]], ...]
     rebuilt_heads: Tuple[str, ...]      # reference heads absent here that transformers rebuilds (tied)
+    # (stage, how many of `unmatched` it named): which naming stage made the names the reference lacks
+    unmatched_by: Tuple[Tuple[str, int], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -36,6 +38,7 @@ class Verdict:
         out = []
         if self.unmatched:
             out.append(f"{len(self.unmatched)} output name(s) not in the reference: {listing(self.unmatched)}")
+            out.extend(f"{count} of those made by {by}" for by, count in self.unmatched_by)
         if self.missing:
             out.append(f"{len(self.missing)} reference weight(s) not in the output: {listing(self.missing)}")
         if self.excluded:
@@ -68,16 +71,26 @@ def _rebuilt_from_embedding(head: str, output: Iterable[str], tie: Optional[bool
 
 
 def judge(output: Dict[str, Tuple[int, ...]], reference: Dict[str, layouts.Shape], *, tie: Optional[bool],
-          unfiltered: Iterable[str] = ()) -> Verdict:
+          unfiltered: Iterable[str] = (), made_by: Optional[Dict[str, str]] = None) -> Verdict:
     """Output {name: shape} against the reference's. `unfiltered`: the output names the checkpoint gives
-    without the user's --include/--exclude, to tell a deliberate omission from a wrong mapping."""
+    without the user's --include/--exclude, to tell a deliberate omission from a wrong mapping. `made_by`:
+    {output name: the naming stage that made it}, so a wrong name is blamed on its stage."""
     cmp = layouts.compare_names(output, reference)
     rebuilt = tuple(n for n in cmp.missing if _rebuilt_from_embedding(n, output, tie))
     missing = tuple(n for n in cmp.missing if n not in rebuilt)
     available = set(unfiltered)
     return Verdict(unmatched=cmp.unmatched, missing=missing,
                    excluded=tuple(n for n in missing if n in available),
-                   shape_mismatches=cmp.shape_mismatches, rebuilt_heads=rebuilt)
+                   shape_mismatches=cmp.shape_mismatches, rebuilt_heads=rebuilt,
+                   unmatched_by=_count_by(cmp.unmatched, made_by or {}))
+
+
+def _count_by(unmatched: Sequence[str], made_by: Dict[str, str]) -> Tuple[Tuple[str, int], ...]:
+    counts: Dict[str, int] = {}
+    for name in unmatched:
+        if name in made_by:
+            counts[made_by[name]] = counts.get(made_by[name], 0) + 1
+    return tuple(counts.items())
 
 
 def enforce(verdict: Verdict, reference_folder: str, layout_label: str, *, allow_unmatched: bool) -> List[str]:

@@ -72,6 +72,11 @@ class RenameRule:
     def apply(self, name: str) -> str:
         return re.sub(self.pattern, self.replacement, name)
 
+    @property
+    def text(self) -> str:
+        """The rule as --rename takes it (a literal '=' in the pattern escaped): parse(rule.text) == rule."""
+        return f"{self.pattern.replace('=', chr(92) + '=')}={self.replacement}"
+
 
 def apply_renames(name: str, rules: Iterable[RenameRule]) -> str:
     for rule in rules:

@@ -1,12 +1,17 @@
-"""The user-facing conversion options, defined once.
+"""The options, defined once, as three objects:
 
-`ConvertOptions` is what a user chooses (sizes as text, dtype names, globs, rename rules, where the config comes
-from). The CLI's flags (`cli._plan_options`), the API keywords (`streamconv.convert(..., max_shard_size="2GB")`)
-and `PlanOptions`, the planner's resolved view (sizes in bytes, parsed rules), are all derived from it. It is a
-frozen, picklable value, so a batch job or a Ray task receives exactly the options the driver planned with.
+* `ConvertOptions` — what a user chooses about the output (sizes as text, dtype names, globs, rename rules, where
+  the config comes from). Public. Frozen and picklable, so a batch job or a Ray task receives exactly the options
+  the driver planned with.
+* `RunOptions` — how a run goes, not what it writes (writer threads, checks, what to do with an existing or
+  interrupted output, progress). Public, frozen.
+* `plan.PlanOptions` — what the program derives from the first (sizes in bytes, rules parsed, `--dtype auto`
+  resolved, the trainer adapter's head counts, the names decided by `naming`, tied heads dropped). Internal: the
+  planner's input, built by `ConvertOptions.plan_options` and `hf.prepare`.
 
-Each field's metadata carries its command-line spelling and help text; `cli.py` turns them into click options
-(this module imports no click, so a worker process does not pay for it).
+Each field's metadata carries its command-line spelling, help text and which commands take it; `cli.py` turns them
+into click options (this module imports no click, so a worker process does not pay for it). docs/options.md is
+the long form of the help; tests check the two name the same flags.
 """
 from __future__ import annotations
 
@@ -17,15 +22,28 @@ from .. import dtypes
 from . import names
 from ..errors import OptionsError
 from ..fs.paths import user_path
-from .plan import PlanOptions
+from .plan import DEFAULT_WRITERS, PlanOptions
 from ..sizes import parse_size
 from .trainers import SOURCE_FORMATS
 
 
+# The commands that take every ConvertOptions field.
+CONVERT_COMMANDS = ("convert", "plan", "verify", "batch")
+
+
 def _opt(default: Any, flag: str, help: str, *, metavar: Optional[str] = None, multiple: bool = False,
-         is_flag: bool = False, choices: Tuple[str, ...] = (), path: bool = False, show_default: bool = False):
+         is_flag: bool = False, choices: Tuple[str, ...] = (), path: bool = False, show_default: bool = False,
+         commands: Tuple[str, ...] = CONVERT_COMMANDS, hidden_in: Tuple[str, ...] = (),
+         int_range: Optional[Tuple[int, int]] = None, short: Optional[str] = None,
+         help_in: Optional[Dict[str, str]] = None, default_in: Optional[Dict[str, Any]] = None,
+         required: bool = False, flag_value: Any = None, file: bool = False):
+    """A field with its command-line form. `flag` "--a/--no-a" is an on/off pair (default None: decided later).
+    `commands`: the commands that take it; `hidden_in`: accepted there (scripts pass it) but not in --help, where
+    it does not apply. `help_in` / `default_in`: another help text or default on one command."""
     meta = {"flag": flag, "help": help, "metavar": metavar, "multiple": multiple, "is_flag": is_flag,
-            "choices": choices, "path": path, "show_default": show_default}
+            "choices": choices, "path": path, "show_default": show_default, "commands": commands,
+            "hidden_in": hidden_in, "int_range": int_range, "short": short, "help_in": help_in or {},
+            "default_in": default_in or {}, "required": required, "flag_value": flag_value, "file": file}
     return field(default=default, metadata=meta)
 
 
@@ -33,52 +51,37 @@ def _opt(default: Any, flag: str, help: str, *, metavar: Optional[str] = None, m
 class ConvertOptions:
     """What `convert`, `plan`, `verify` and `batch` are told; the field order is the order of `--help`."""
     max_shard_size: str = _opt(
-        "5GB", "--max-shard-size", show_default=True,
-        help="Largest output file, e.g. 5GB, 2GiB, 500MB. A single tensor larger than this gets a file of its own.")
+        "5GB", "--max-shard-size", metavar="SIZE", show_default=True, hidden_in=("verify",),  # (found by name)
+        help="Largest output file.")
     buffer_size: str = _opt(
-        "32MiB", "--buffer-size", show_default=True,
-        help="Working memory for assembling and casting tensors (e.g. 16MiB). Peak memory is about this plus "
-             "~40 MiB, whatever the model size.")
+        "32MiB", "--buffer-size", metavar="SIZE", show_default=True,
+        help="Working memory; peak: this + 40 MiB.")
     dtype: str = _opt(
-        "keep", "--dtype", show_default=True,
-        help="Output dtype for floating tensors: keep, bfloat16, float16, float32 (or auto, which takes the config's "
-             "dtype when one is given). Integer and bool tensors are never cast. Bits are torch's tensor.to with "
-             "one thread: values and infinities always identical, a NaN stays NaN (its payload may differ from a "
-             "multi-threaded torch's).")
+        "keep", "--dtype", metavar="DTYPE", show_default=True,
+        help="Floats as: keep, bfloat16, float16, float32, auto.")
     config_from: Optional[str] = _opt(
         None, "--config-from", metavar="DIR", path=True,
-        help="A Hugging Face model folder or hub snapshot (the base model): copy its config, generation config, "
-             "tokenizer and processor files, set config.json's dtype to the output's, name tensors as its weights "
-             "are named (an output that does not match them is an error, exit 4), and drop lm_head.weight when it "
-             "ties embeddings. Default: the model_name of train_params.yaml in CHECKPOINT_DIR, when it is a local "
-             "folder or in the local Hugging Face cache.")
+        help="Base model: config, tokenizer, names to match.")
     no_config: bool = _opt(
         False, "--no-config", is_flag=True,
-        help="Write weights only unless --config-from is given: do not look for the base model through "
-             "train_params.yaml or the local Hugging Face cache, so the output never depends on what happens to "
-             "be there.")
+        help="Never look for the base model beyond --config-from.")
     allow_unmatched: bool = _opt(
         False, "--allow-unmatched", is_flag=True,
-        help="Write the output even when its tensor names or shapes do not match the reference model's weights "
-             "(--config-from or found); without it that is an error (exit 4) before anything is written.")
+        help="Write even if names differ from the base model.")
     include: Tuple[str, ...] = _opt(
         (), "--include", metavar="GLOB", multiple=True,
-        help="Only tensors whose checkpoint key or output name matches (repeatable), e.g. '*.layers.0.*'.")
+        help="Only tensors whose key or name matches.")
     exclude: Tuple[str, ...] = _opt((), "--exclude", metavar="GLOB", multiple=True,
-                                    help="Skip matching tensors (repeatable).")
+                                    help="Skip matching tensors.")
     renames: Tuple[str, ...] = _opt(
         (), "--rename", metavar="REGEX=REPLACEMENT", multiple=True,
-        help="Rewrite output names with a regular expression (repeatable, applied in order).")
+        help="Rewrite output names (in order).")
     subtree: Optional[str] = _opt(
         None, "--subtree", metavar="KEY",
-        help="Top-level key holding the model. Default: 'model' when the checkpoint was saved as "
-             "{'model': ..., 'optim': ...}, else the whole state dict.")
+        help="Top-level key holding the model.")
     source_format: str = _opt(
-        "auto", "--source-format", choices=SOURCE_FORMATS, show_default=True,
-        help="Whose names and row layout the checkpoint has: auto (detect torchtitan / torchtune Llama or a "
-             "Megatron-Core GPT from its module names), hf (keep names as they are), or a trainer layout. Trainer "
-             "layouts are mapped to Hugging Face Llama names, q/k rows permuted to HF's RoPE order, fused weights "
-             "split; that needs the head counts from --config-from.")
+        "auto", "--source-format", choices=SOURCE_FORMATS, metavar="NAME", show_default=True,
+        help="auto, hf, or a trainer's.")
 
     def __post_init__(self):
         for f in fields(self):
@@ -109,6 +112,112 @@ class ConvertOptions:
     def take(cls, values: Dict[str, Any]) -> "ConvertOptions":
         """Pop this object's fields out of `values` (a click command's keyword arguments) and build it."""
         return cls(**{name: values.pop(name) for name in cls.field_names() if name in values})
+
+
+# Whether a conversion checks each chunk's CRC-32 unless told (`--verify` turns it on). Off: on the 2gb benchmark
+# the pass costs ~0.2 s of CPU per GB (a read of page-cached data plus zlib.crc32), 20-80% of the wall time on
+# this 2-core machine, far above the 5% that would make it a free default. `verify` checks CRCs by default.
+DEFAULT_CRC = False
+# Two writer threads overlap one shard's reads with another's writes and casts; more rarely helps a disk.
+DEFAULT_WORKERS = DEFAULT_WRITERS
+_WRITES = ("convert", "batch")      # the commands that write an output
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run goes, not what it writes: the same options give the same output bytes whatever these are."""
+    workers: int = _opt(
+        DEFAULT_WORKERS, "--workers", metavar="N", int_range=(1, 64), show_default=True, commands=("convert", "plan", "batch"),
+        help="Writer threads.",
+        help_in={"plan": "As for convert: the writer threads the predicted peak memory is for.",
+                 "batch": "Writer threads per job."})
+    verify: bool = _opt(
+        False, "--verify", is_flag=True, commands=_WRITES,
+        help="Before the commit, check as `verify` does.",
+        help_in={"batch": "Check each output as `verify` does."})
+    crc: Optional[bool] = _opt(
+        None, "--crc/--no-crc", commands=("convert", "verify", "batch"), default_in={"verify": True},
+        help="Check chunk CRC-32s (default: with --verify).",
+        help_in={"verify": "Check each chunk's CRC-32 as it is read."})
+    overwrite: bool = _opt(
+        False, "--overwrite", is_flag=True, commands=_WRITES,
+        help="Replace an output streamconv wrote.",
+        help_in={"batch": "Replace outputs streamconv wrote."})
+    overwrite_any: bool = _opt(
+        False, "--overwrite-any", is_flag=True, commands=_WRITES,
+        help="Replace OUTPUT_DIR whatever it holds.",
+        help_in={"batch": "Replace outputs whatever they hold."})
+    resume: bool = _opt(
+        False, "--resume", is_flag=True, commands=_WRITES,
+        help="Continue a killed conversion, keeping shards.",
+        help_in={"batch": "Accepted: batch always resumes."})
+    discard_partial: bool = _opt(
+        False, "--discard-partial", is_flag=True, commands=_WRITES,
+        help="Delete what a killed conversion left.")
+    progress: Optional[bool] = _opt(
+        None, "--progress/--no-progress", commands=_WRITES,
+        help="Progress bar (default: on a terminal).")
+    quiet: bool = _opt(
+        False, "--quiet", short="-q", is_flag=True,
+        help="No progress bar or summary.",
+        help_in={"plan": "Print only the summary line.", "verify": "No progress bar; print only problems.",
+                 "batch": "Print only failures."})
+
+    @property
+    def check_crc(self) -> bool:
+        """Whether chunk CRC-32s are checked: `crc` when given, else with --verify (DEFAULT_CRC otherwise)."""
+        return self.crc if self.crc is not None else self.verify or DEFAULT_CRC
+
+    @classmethod
+    def field_names(cls) -> Tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def take(cls, values: Dict[str, Any]) -> "RunOptions":
+        """Pop this object's fields out of `values` (a click command's keyword arguments) and build it."""
+        return cls(**{name: values.pop(name) for name in cls.field_names() if name in values})
+
+    @classmethod
+    def given(cls, run: Optional["RunOptions"], **keywords) -> "RunOptions":
+        """The run options an API call means: `run`, or the keywords (the API's older spelling), not both."""
+        defaults = cls()
+        changed = sorted(k for k, v in keywords.items() if v != getattr(defaults, k))
+        if run is None:
+            return cls(**keywords)
+        if changed:
+            raise OptionsError(f"run options given twice: pass either run=RunOptions(...) or the keyword(s) "
+                               f"{', '.join(changed)}, not both")
+        return run
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """What `batch` is told beyond one conversion's options: where outputs go, how many run at once, where."""
+    output_template: Optional[str] = _opt(
+        None, "--output-template", short="-o", metavar="TEMPLATE", required=True, commands=("batch",),
+        help="e.g. 'hf/{parent}-{step}' (docs/batch.md).")
+    from_file: Optional[str] = _opt(
+        None, "--from-file", metavar="LIST", file=True, commands=("batch",),
+        help="Also the sources listed in LIST, one a line.")
+    jobs: Optional[int] = _opt(
+        None, "--jobs", short="-j", metavar="N", int_range=(1, 256), commands=("batch",),
+        help="Checkpoints side by side.")
+    max_memory: Optional[str] = _opt(
+        None, "--max-memory", metavar="SIZE", commands=("batch",),
+        help="Cap on the jobs' predicted peak memory.")
+    ray_address: Optional[str] = _opt(
+        None, "--ray", metavar="[ADDRESS]", flag_value="local", commands=("batch",),
+        help="Ray tasks (local, or join ADDRESS).")
+
+    @classmethod
+    def take(cls, values: Dict[str, Any]) -> "BatchOptions":
+        return cls(**{f.name: values.pop(f.name) for f in fields(cls) if f.name in values})
+
+
+def command_fields(command: str):
+    """The fields of the options objects `command` takes, in --help order (sections group them there)."""
+    return [f for cls in (BatchOptions, ConvertOptions, RunOptions) for f in fields(cls)
+            if command in f.metadata["commands"]]
 
 
 _DEFAULTS = {f.name: f.default for f in fields(ConvertOptions) if f.default is not MISSING}

@@ -6,14 +6,15 @@ The executor only follows the plan, shard by shard, so a shard can be (re)built 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .. import dtypes, safetensors_format
-from . import names, trainers
+from . import names
 from .coverage import check_coverage, dedup_chunks
-from ..errors import CheckpointError, OptionsError, UnsupportedFeatureError
+from ..errors import OptionsError
 from ..model import CheckpointMetadata, Chunk, TensorEntry, numel
+from .naming import Naming, Skipped, name_tensors
 from ..safetensors_format import MAX_HEADER_BYTES
 from .transforms import Derived, Heads, Piece, check_gather, cut_all, distinct_chunks, flatten, is_contiguous_piece
 
@@ -39,6 +40,8 @@ INDEX_FILE_NAME = "model.safetensors.index.json"
 
 @dataclass(frozen=True)
 class PlanOptions:
+    """What the program derives from the user's options, the planner's input (internal: users pass
+    `ConvertOptions`): sizes in bytes, rules parsed, dtype and source format resolved, the names decided."""
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     buffer_bytes: int = DEFAULT_BUFFER_BYTES
     include: Tuple[str, ...] = ()
@@ -58,6 +61,11 @@ class PlanOptions:
     heads: Optional[Heads] = None
     # Why `source_format` was set when the user did not set it (a Megatron folder's metadata.json), for the note.
     source_format_reason: str = ""
+    # The names `hf.prepare` decided from these options and the reference (`naming.Naming`, every stage but the
+    # tied drop, which `drop` gives). None: `build_plan` names the tensors itself. Not part of a plan's options.
+    naming: Optional[Naming] = field(default=None, compare=False, repr=False)
+    # The user's `options.ConvertOptions` these were derived from (set by the API), for the output's record.
+    user: Optional[object] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.max_shard_bytes <= 0:
@@ -112,12 +120,6 @@ class ShardPlan:
     @property
     def data_nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
-
-
-@dataclass(frozen=True)
-class Skipped:
-    fqn: str
-    reason: str                 # "optimizer state", "non-tensor", "excluded", "outside model subtree"
 
 
 @dataclass(frozen=True)
@@ -201,162 +203,11 @@ def _count_reasons(skipped: Sequence[Skipped]) -> Dict[str, int]:
     return counts
 
 
-def _source_name(entry: TensorEntry, subtree: Optional[str]) -> str:
-    """The state-dict name inside the selected subtree: ('model', 'layers.0.w') -> 'layers.0.w'."""
-    if subtree is not None and len(entry.path) >= 2:
-        return ".".join(str(p) for p in entry.path[1:])
-    if subtree is not None and entry.fqn.startswith(subtree + "."):
-        return entry.fqn[len(subtree) + 1:]
-    return entry.fqn
-
-
-def _top_key(entry: TensorEntry) -> str:
-    return str(entry.path[0]) if entry.path else entry.fqn.split(".", 1)[0]
-
-
 def _output_dtype(src: str, requested: str) -> str:
     info = dtypes.BY_NAME.get(src)
     if requested in ("keep", "auto") or info is None or not info.is_floating or src.startswith("float8"):
         return src
     return requested
-
-
-def _model_entries(meta: CheckpointMetadata, options: PlanOptions, subtree: Optional[str], skipped: List[Skipped]):
-    """[(entry, state-dict name, name with wrappers stripped)] of the model's tensors; the rest go to `skipped`."""
-    model = []
-    for entry in meta.tensors:
-        top = _top_key(entry)
-        if subtree is not None and top != subtree:
-            reason = "optimizer state" if top.startswith("optim") else f"outside '{subtree}'"
-            skipped.append(Skipped(entry.fqn, reason))
-            continue
-        if subtree is None and top in names.NON_MODEL_KEYS and len(entry.path) >= 2:
-            skipped.append(Skipped(entry.fqn, "optimizer state" if top.startswith("optim") else f"'{top}' state"))
-            continue
-        state_dict_name = _source_name(entry, subtree)
-        name = names.strip_wrappers(state_dict_name) if options.strip_wrappers else state_dict_name
-        model.append((entry, state_dict_name, name))
-    return model
-
-
-def _subtree(meta: CheckpointMetadata, options: PlanOptions) -> Optional[str]:
-    return options.subtree if options.subtree is not None else names.model_subtree(t.path for t in meta.tensors)
-
-
-def source_format(meta: CheckpointMetadata, options: PlanOptions) -> trainers.Resolution:
-    """Which trainer's names the checkpoint uses (`--source-format`, or detected from the model's names)."""
-    model = _model_entries(meta, options, _subtree(meta, options), [])
-    tops = [_top_key(e) for e in meta.tensors] + [str(b.path[0]) if b.path else b.fqn.split(".", 1)[0]
-                                                   for b in meta.byte_entries]
-    return trainers.resolve([n for _, _, n in model], tops, options.source_format, options.source_format_reason)
-
-
-def _adapted(resolution: trainers.Resolution, entry: TensorEntry, name: str, options: PlanOptions,
-             skipped: List[Skipped], unmapped: List[TensorEntry]) -> List[Tuple[str, TensorEntry]]:
-    """(output name, entry) pairs for one model tensor: itself, or what the trainer adapter's rules make of it."""
-    adapter = resolution.adapter
-    if adapter is None:
-        return [(name, entry)]
-    reason = adapter.skip_reason(name)
-    if reason is not None:
-        skipped.append(Skipped(entry.fqn, reason))
-        return []
-    out: List[Tuple[str, TensorEntry]] = []
-    for rule in adapter.rules:
-        m = rule.match(name)
-        if m is not None:
-            out.extend(trainers.outputs(rule, m, entry, options.heads))
-    if not out:
-        unmapped.append(entry)
-    return out
-
-
-def _refuse_features(adapter: trainers.Adapter, unmapped: List[str]) -> None:
-    """UnsupportedFeatureError naming the architecture features (MoE, MLA...) the unmapped tensors belong to."""
-    by_feature: Dict[str, List[str]] = {}
-    for fqn in unmapped:
-        by_feature.setdefault(adapter.feature_of(fqn) or "tensors with no mapping", []).append(fqn)
-    lines = [f"{feature}: {', '.join(found[:4])}" + (f" ... and {len(found) - 4} more" if len(found) > 4 else "")
-             for feature, found in by_feature.items()]
-    raise UnsupportedFeatureError(
-        f"this {adapter.trainer} checkpoint uses what the {adapter.name} layout (Hugging Face Llama) cannot hold; "
-        "nothing was written:\n  " + "\n  ".join(lines) + "\nOnly dense Llama-family GPT models (RMSNorm, SwiGLU, "
-        "RoPE, GQA/MQA) are converted; --source-format hf writes the checkpoint's own tensors unmapped.")
-
-
-def select(meta: CheckpointMetadata, options: PlanOptions, *, check_names: bool = True):
-    """Pick the tensors to convert and name them. Returns (selected [(entry, name)], skipped, renamed, subtree).
-
-    With a trainer adapter, an entry may be a `transforms.Derived` (its output shape, and the takes that fill it).
-    `check_names=False` only counts and names (folder discovery): unwritable or colliding names are refused
-    when a plan is built, after the user's --include/--exclude/--rename had their say."""
-    subtree = _subtree(meta, options)
-    selected: List[Tuple[TensorEntry, str]] = []
-    skipped: List[Skipped] = [Skipped(b.fqn, "non-tensor") for b in meta.byte_entries]
-    renamed: List[Tuple[str, str]] = []
-    resolution = source_format(meta, options)
-    unmapped: List[TensorEntry] = []
-    model = _model_entries(meta, options, subtree, skipped)
-    adapter = resolution.adapter
-    if adapter is not None and adapter.unsupported:
-        # Refuse a model the layout cannot hold before asking for what mapping it would need (head counts).
-        foreign = [e.fqn for e, _, n in model if adapter.skip_reason(n) is None
-                   and not any(r.match(n) for r in adapter.rules) and names.is_selected((e.fqn,), options.include,
-                                                                                      options.exclude)]
-        if foreign:
-            _refuse_features(adapter, foreign)
-    seen: Dict[str, Tuple[str, str]] = {}     # output name -> (checkpoint key, name before renames)
-    for entry, state_dict_name, base in model:
-        for unrenamed, out_entry in _adapted(resolution, entry, base, options, skipped, unmapped):
-            name = names.apply_renames(unrenamed, options.renames)
-            if not names.is_selected((entry.fqn, name), options.include, options.exclude):
-                skipped.append(Skipped(entry.fqn, "excluded"))
-                continue
-            if name in options.drop:
-                skipped.append(Skipped(entry.fqn, "tied duplicate"))
-                continue
-            if check_names:
-                _check_name(entry.fqn, unrenamed, name)
-                if name in seen:
-                    _refuse_collision(seen[name], (entry.fqn, unrenamed), name)
-            seen[name] = (entry.fqn, unrenamed)
-            if name != state_dict_name:     # unwrapping the subtree ("model.") alone is not a rename
-                renamed.append((entry.fqn, name))
-            selected.append((out_entry, name))
-    unmapped = [e for e in unmapped if names.is_selected((e.fqn,), options.include, options.exclude)]
-    if unmapped:
-        listed = ", ".join(e.fqn for e in unmapped[:8]) + (f" ... and {len(unmapped) - 8} more" if len(unmapped) > 8 else "")
-        raise UnsupportedFeatureError(
-            f"{len(unmapped)} checkpoint tensor(s) have no mapping in the {resolution.name} layout: {listed}. "
-            "--exclude them, or convert with --source-format hf to keep the checkpoint's names")
-    return selected, tuple(skipped), tuple(renamed), subtree
-
-
-def _check_name(fqn: str, unrenamed: str, name: str) -> None:
-    """Refuse an output name no safetensors reader would load. Blame the checkpoint when its own key (wrappers
-    stripped) is already unusable, else the rename rules that produced the name."""
-    problem = names.name_problem(name)
-    if problem is None:
-        return
-    if name == unrenamed or names.name_problem(unrenamed) is not None:
-        raise CheckpointError(
-            f"checkpoint key {names.shown(fqn)} gives the output name {names.shown(name)}, which a safetensors "
-            f"file cannot hold: {problem}; give it another name with --rename REGEX=REPLACEMENT or leave it out "
-            "with --exclude")
-    raise OptionsError(
-        f"the rename rules turn checkpoint key {names.shown(fqn)} ({names.shown(unrenamed)}) into "
-        f"{names.shown(name)}, which a safetensors file cannot hold: {problem}; change the --rename rule")
-
-
-def _refuse_collision(first: Tuple[str, str], second: Tuple[str, str], name: str) -> None:
-    """Two tensors would be written under one name, and a reader would see only one of them."""
-    (fqn_a, unrenamed_a), (fqn_b, unrenamed_b) = first, second
-    both = f"checkpoint keys {names.shown(fqn_a)} and {names.shown(fqn_b)} both become {names.shown(name)}"
-    if unrenamed_a == unrenamed_b:
-        raise CheckpointError(
-            f"{both} once wrapper segments ({', '.join(names.WRAPPER_SEGMENTS)}) are removed; --exclude one of "
-            "them by its checkpoint key")
-    raise OptionsError(f"{both} after the rename rules; adjust --rename or --exclude one of them")
 
 
 def _header(tensors: Sequence[Tuple[str, str, Tuple[int, ...], int, int]]) -> bytes:
@@ -392,9 +243,10 @@ def _assign_shards(items: Sequence[Tuple[TensorEntry, str, str, int]], max_shard
 
 
 def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -> ConversionPlan:
-    selected, skipped, renamed, subtree = select(meta, options)
+    named = (options.naming.dropping(options.drop).checked() if options.naming is not None
+             else name_tensors(meta, options))
     items = []
-    for entry, name in selected:
+    for entry, name in named.selected:
         dtypes.lookup(entry.dtype, where=f"tensor {entry.fqn!r}")
         dst = _output_dtype(entry.dtype, options.dtype)
         nbytes = numel(entry.shape) * dtypes.BY_NAME[dst].itemsize
@@ -422,10 +274,9 @@ def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -
 
     n_chunks = sum(len(t.chunks) for t in meta.tensors) + sum(len(t.pieces) for s in shards for t in s.tensors)
     peak = BASE_RSS_BYTES + IO_STEPS_BYTES + options.buffer_bytes + n_chunks * PER_CHUNK_BYTES
-    resolution = source_format(meta, options)
-    return ConversionPlan(shards=tuple(shards), options=options, skipped=skipped, renamed=renamed,
-                          subtree=subtree, peak_bytes=peak, source_format=resolution.name,
-                          source_note=resolution.note)
+    return ConversionPlan(shards=tuple(shards), options=replace(options, naming=None), skipped=named.all_skipped,
+                          renamed=named.renamed, subtree=named.subtree, peak_bytes=peak,
+                          source_format=named.source_format, source_note=named.source_note)
 
 
 def with_writers(conversion: ConversionPlan, writers: int) -> ConversionPlan:

@@ -75,8 +75,7 @@ def convert_one(source: str, output: str, options: ConvertOptions, *, workers: i
                 "kind": "InternalError", "exit_code": 1, "seconds": time.perf_counter() - started}
     if report.already_converted:     # finished by another run since this batch planned
         return {"status": "skipped", "seconds": report.seconds, "notes": report.notes}
-    resumed = any(n.startswith("resumed:") for n in report.notes)
-    return {"status": "resumed" if resumed else "converted", "bytes": report.bytes_written,
+    return {"status": "resumed" if report.resumed else "converted", "bytes": report.bytes_written,
             "seconds": report.seconds, "peak_rss_bytes": report.peak_rss_bytes, "notes": report.notes}
 
 

@@ -29,7 +29,8 @@ from .checkpoint import load
 from ..errors import CheckpointError
 from ..model import CheckpointMetadata
 from ..planning.names import natural_key
-from ..planning.plan import PlanOptions, select
+from ..planning.naming import checkpoint_names
+from ..planning.plan import PlanOptions
 from ..source import hf_shards
 
 MAX_DEPTH = 3               # accelerate's project_dir/checkpoints/checkpoint_N/pytorch_model_fsdp_0 is 3 down
@@ -106,11 +107,11 @@ def classify(meta: CheckpointMetadata) -> Holding:
     """Counts tensors as the planner would select them (default options), a flattened optimizer state dict
     saved at top level (`state.<param>.exp_avg`) counting as optimizer state. Names are taken as stored
     (`source_format="hf"`): counting needs no trainer adapter, nor the head counts some adapters need."""
-    selected, skipped, _, _ = select(meta, PlanOptions(source_format="hf"), check_names=False)
+    selected, skipped = checkpoint_names(meta, PlanOptions(source_format="hf"))
     optimizer = sum(1 for s in skipped if s.reason == "optimizer state")
     model = 0
-    for _, name in selected:
-        if _is_optimizer_name(name):
+    for named in selected:
+        if _is_optimizer_name(named.name):
             optimizer += 1
         else:
             model += 1

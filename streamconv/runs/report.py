@@ -129,6 +129,7 @@ class ConversionReport:
     fast_paths: List[str] = field(default_factory=list)       # fast IO paths used (see fastpaths.py)
     already_converted: bool = False     # the output already held this conversion: nothing was written
     kept_bytes: int = 0         # of bytes_written, the shards a resumed run kept from the interrupted one
+    resumed: bool = False       # the run continued an interrupted one's staging folder (--resume)
 
     @property
     def mb_per_s(self) -> float:

@@ -5,8 +5,8 @@ and after every task succeeded checks each shard's record and size in the ledger
 config, writes the index and commits in one rename (`runs/conversion.py`, with `RayRunner` as its runner).
 Each task writes one shard job with `shardjob.write_job_alone`, idempotently, into the staging folder, which
 every worker must see at the same path (a shared filesystem). A task declares the plan's predicted peak as its
-`memory=` resource, so Ray does not start more of them on a node than its memory holds; a task whose worker dies (OOM killer, lost node) is
-run again by Ray (`max_retries`) and rewrites its shard from the start. Errors in the data (a corrupt chunk)
+`memory=` resource, so Ray does not start more of them on a node than its memory holds; a task whose worker
+dies (OOM killer, lost node) is run again by Ray (`max_retries`) and rewrites its shard from the start. Errors in the data (a corrupt chunk)
 are not retried: they fail the checkpoint as they would locally.
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ import pytest
 
 import streamconv
 from streamconv.errors import OptionsError
-from streamconv.runs import runners, shardjob
+from streamconv.runs import runners
 from streamconv.runs.report import Reporter
 
 SHARD = "100KB"     # several shards

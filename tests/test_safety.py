@@ -24,7 +24,7 @@ from click.testing import CliRunner
 import dcp_writers
 import streamconv
 from streamconv import failpoints
-from streamconv.output import staging
+from streamconv.output import durable, staging
 from streamconv.cli import cli
 from streamconv.errors import OutputError
 
@@ -214,7 +214,7 @@ def test_kill_between_the_two_fallback_renames_keeps_the_old_output(source, tmp_
 def test_every_file_and_folder_is_fsynced_before_and_after_the_rename(source, tmp_path, monkeypatch):
     monkeypatch.delenv(failpoints.NO_FAST_PATHS_ENV, raising=False)     # watches renameat2 (the plain path: test_fastpaths.py)
     events = []
-    real_fsync, real_rename2, real_write = os.fsync, staging._renameat2, staging.write_json_atomic
+    real_fsync, real_rename2, real_write = os.fsync, staging._renameat2, durable.write_json_atomic
 
     def fsync(fd):
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
@@ -230,7 +230,7 @@ def test_every_file_and_folder_is_fsynced_before_and_after_the_rename(source, tm
 
     monkeypatch.setattr(staging.os, "fsync", fsync)
     monkeypatch.setattr(staging, "_renameat2", renameat2)
-    monkeypatch.setattr(staging, "write_json_atomic", record)
+    monkeypatch.setattr(durable, "write_json_atomic", record)
     out = tmp_path / "out"
     streamconv.convert(str(source["ckpt"]), str(out), max_shard_size=SHARD, workers=1)
     stage = str(tmp_path / ".out.streamconv-partial")

@@ -25,8 +25,11 @@ from ..fs.fastpaths import FastPaths, detect
 from ..fs.outfiles import foreign
 from ..model import CheckpointMetadata
 from ..planning.plan import ConversionPlan, ShardPlan
-from . import staging
-from .staging import RECORDS_DIR
+from . import durable
+
+RECORDS_DIR = ".streamconv-resume"     # in the staging folder; removed just before the commit
+PLAN_RECORD = "plan.json"
+RECORD_VERSION = 1
 
 
 class Fingerprint:
@@ -94,6 +97,37 @@ def plan_record(conversion: ConversionPlan, checkpoint_dir: str, meta: Checkpoin
                         "--subtree": conversion.subtree, "tied heads dropped": list(o.drop)}}
 
 
+def check_resumable(previous: dict, current: dict, destination: str, staging_dir: str) -> None:
+    """A staging folder's plan record (`previous`) against this run's (`current`, from `plan_record`): resumed
+    only when made by this version for the same checkpoint files, content and plan; else OutputError, naming
+    what changed and how to start over."""
+    if previous.get("version") != RECORD_VERSION:
+        raise OutputError(f"{staging_dir}: written by another streamconv version; cannot resume it. "
+                          "Run again with --discard-partial to start over.")
+    if previous.get("checkpoint") != current.get("checkpoint"):
+        changed = _changed_keys(previous.get("checkpoint") or {}, current.get("checkpoint") or {})
+        raise OutputError(
+            f"{destination}: cannot resume: the checkpoint changed since the interrupted run "
+            f"({', '.join(changed[:5])} differ in size or modification time). "
+            "Run again with --discard-partial to start over.")
+    if previous.get("source") != current.get("source"):
+        raise OutputError(
+            f"{destination}: cannot resume: the checkpoint's content changed since the interrupted run "
+            "(its .metadata or chunk CRC-32s differ, though sizes and modification times may not: a re-save "
+            "restored with cp -p or rsync -a). Run again with --discard-partial to start over.")
+    if previous.get("plan") != current.get("plan"):
+        changed = _changed_keys(previous.get("options") or {}, current.get("options") or {})
+        detail = f" (options that differ: {', '.join(changed)})" if changed else ""
+        raise OutputError(
+            f"{destination}: cannot resume: the interrupted run was converting with other options, so "
+            f"its shards would differ{detail}. Run again with the same options and --resume, or with "
+            "--discard-partial to start over.")
+
+
+def _changed_keys(a: dict, b: dict) -> List[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 @dataclass(frozen=True)
 class Ledger:
     """The finished-shard records of one staging folder for one plan."""
@@ -111,16 +145,16 @@ class Ledger:
     def record(self, shard: ShardPlan, crc32: int) -> None:
         """A shard's bytes are all written: fsync the file, then write its record (atomically, by rename), so a
         record always means durable bytes. Any process writing into the staging folder may call it."""
-        staging.fsync_path(os.path.join(self.staging_dir, shard.filename))
+        durable.fsync_path(os.path.join(self.staging_dir, shard.filename))
         entry = {"plan": self.plan_fingerprint, "shard": self.shard_fingerprints[shard.filename],
                  "nbytes": shard.nbytes, "crc32": crc32}
-        staging.write_json_atomic(self._record_path(shard.filename), entry)
+        durable.write_json_atomic(self._record_path(shard.filename), entry)
         kill_point("between-shards")
 
     def recorded(self, shard: ShardPlan, *, check_crc: bool = True, fast: Optional[FastPaths] = None) -> bool:
         """Whether `shard` was finished for this plan (here or by another process): its record matches, the file
         is a regular file of its size and (`check_crc`) has the recorded CRC-32."""
-        entry = staging.read_json(self._record_path(shard.filename))
+        entry = durable.read_json(self._record_path(shard.filename))
         if (entry is None or entry.get("plan") != self.plan_fingerprint
                 or entry.get("shard") != self.shard_fingerprints.get(shard.filename)
                 or entry.get("nbytes") != shard.nbytes):
@@ -132,7 +166,7 @@ class Ledger:
             return False
         if foreign(st, owner=False) or st.st_size != shard.nbytes:   # a symlink is never kept: it is replaced
             return False
-        return not check_crc or staging.file_crc32(path, fast or detect()) == entry.get("crc32")
+        return not check_crc or durable.file_crc32(path, fast or detect()) == entry.get("crc32")
 
     def has_record(self, shard: ShardPlan) -> bool:
         """A record under the shard's name, matching or not (a resumed run's "had finished")."""
@@ -153,7 +187,7 @@ class Ledger:
     def crc32(self, filename: str) -> int:
         """A shard's CRC-32 as its writer computed it, so the output's record need not read the shard again."""
         path = self._record_path(filename)
-        entry = staging.read_json(path) or {}
+        entry = durable.read_json(path) or {}
         crc = entry.get("crc32")
         if not isinstance(crc, int) or isinstance(crc, bool):
             raise OutputError(f"{path}: the finished-shard record holds no CRC-32 for {filename}; nothing was "

@@ -27,65 +27,24 @@ import json
 import os
 import signal
 import stat
-import zlib
 from contextlib import contextmanager
 from typing import Callable, Collection, Dict, Iterable, Iterator, List, Optional, Set
 
 from ..errors import OutputError
-from ..failpoints import fsync_enabled, kill_point
-from ..fs.fastpaths import PROBE_FILE_NAME, FastPaths, detect, read_at
+from ..failpoints import kill_point
+from ..fs.fastpaths import PROBE_FILE_NAME, FastPaths, detect
 from ..planning.names import staging_name
-from ..fs.outfiles import NOFOLLOW, create_new, foreign, not_ours, open_ours, free_space_note, write_failed
+from ..fs.outfiles import create_new, foreign, not_ours, free_space_note, write_failed
 from ..fs.paths import Identity, adopt_folder_attributes, parent_not_writable_hint, remove_tree
 from .runlock import RunLock
-from . import swapjournal
+from . import durable, swapjournal
+from .durable import file_crc32, fsync_path  # noqa: F401  (file_crc32: tests read shards back with it)
+from .ledger import PLAN_RECORD, RECORD_VERSION, RECORDS_DIR, check_resumable
 
 STAGING_SUFFIX = ".streamconv-partial"
 OLD_SUFFIX = ".streamconv-old"         # the previous output, while --overwrite swaps it out without EXCHANGE
-RECORDS_DIR = ".streamconv-resume"
-PLAN_RECORD = "plan.json"
-RECORD_VERSION = 1
-_CRC_PIECE_BYTES = 8 << 20
 
 _INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def fsync_path(path: str, *, directory: bool = False) -> None:
-    if not fsync_enabled():     # STREAMCONV_UNSAFE_NO_FSYNC (failpoints.py): benchmarks only
-        return
-    try:
-        # A file of the staging folder is never reached through a symlink (or blocked on by a planted FIFO);
-        # a folder may be (a parent folder named through a symlink is normal).
-        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else NOFOLLOW | os.O_NONBLOCK))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise OutputError(f"{path}: fsync failed: {exc.strerror}; the output may not be on disk") from None
-
-
-def file_crc32(path: str, fast: FastPaths) -> int:
-    """CRC-32 of a whole file, read in pieces (the shard was just written, so this reads the page cache)."""
-    crc = 0
-    buf = bytearray(_CRC_PIECE_BYTES)
-    view = memoryview(buf)
-    offset = 0
-    try:
-        fd = open_ours(path)    # never follows a symlink planted under a shard's name
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot read back: {exc.strerror}") from None
-    try:
-        while True:
-            n = read_at(fd, view, offset, fast)
-            if n <= 0:
-                return crc
-            crc = zlib.crc32(view[:n], crc)
-            offset += n
-    except OSError as exc:
-        raise OutputError(f"{path}: read back failed at offset {offset}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
 
 
 # -- renameat2 ----------------------------------------------------------------------------------------
@@ -166,26 +125,6 @@ def old_path_for(destination: str) -> str:
 
 def _is_empty_dir(path: str) -> bool:
     return os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
-
-
-def read_json(path: str) -> Optional[dict]:
-    """A record of ours, or None when missing or unreadable; OutputError when it is not ours (a symlink...)."""
-    try:
-        with os.fdopen(open_ours(path), encoding="utf-8") as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
-def write_json_atomic(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    try:
-        with os.fdopen(create_new(tmp), "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-        os.rename(tmp, path)    # replaces whatever had the name (a symlink itself, never its target)
-    except OSError as exc:
-        raise OutputError(write_failed(path, exc)) from None
 
 
 def recover_swap(destination: str, protected: Collection[Identity] = (), lock: Optional[RunLock] = None) -> List[str]:
@@ -278,7 +217,7 @@ class StagingDir:
             self.notes.append(self._run_lock.note)
         try:
             self._make_records_dir()
-            write_json_atomic(os.path.join(self.records_dir, PLAN_RECORD), self.plan_record)
+            durable.write_json_atomic(os.path.join(self.records_dir, PLAN_RECORD), self.plan_record)
         except OSError as exc:
             self.__exit__(OutputError, None, None)
             raise OutputError(f"{self.records_dir}: cannot create: {exc.strerror}") from None
@@ -334,33 +273,13 @@ class StagingDir:
                 f"{self.destination}: an interrupted conversion into this folder was found ({self.path}). "
                 "Run the same command again with --resume to keep its finished shards, or with "
                 "--discard-partial to delete it and start over.")
-        previous = read_json(os.path.join(self.records_dir, PLAN_RECORD))
+        previous = durable.read_json(os.path.join(self.records_dir, PLAN_RECORD))
         if previous is None:
             # Killed before its plan record was written: nothing in it can be trusted or is worth keeping.
             self._clear()
             return
         self._check_contents()
-        if previous.get("version") != RECORD_VERSION:
-            raise OutputError(f"{self.path}: written by another streamconv version; cannot resume it. "
-                              "Run again with --discard-partial to start over.")
-        if previous.get("checkpoint") != self.plan_record.get("checkpoint"):
-            changed = _changed_keys(previous.get("checkpoint") or {}, self.plan_record.get("checkpoint") or {})
-            raise OutputError(
-                f"{self.destination}: cannot resume: the checkpoint changed since the interrupted run "
-                f"({', '.join(changed[:5])} differ in size or modification time). "
-                "Run again with --discard-partial to start over.")
-        if previous.get("source") != self.plan_record.get("source"):
-            raise OutputError(
-                f"{self.destination}: cannot resume: the checkpoint's content changed since the interrupted run "
-                "(its .metadata or chunk CRC-32s differ, though sizes and modification times may not: a re-save "
-                "restored with cp -p or rsync -a). Run again with --discard-partial to start over.")
-        if previous.get("plan") != self.plan_record.get("plan"):
-            changed = _changed_keys(previous.get("options") or {}, self.plan_record.get("options") or {})
-            detail = f" (options that differ: {', '.join(changed)})" if changed else ""
-            raise OutputError(
-                f"{self.destination}: cannot resume: the interrupted run was converting with other options, so "
-                f"its shards would differ{detail}. Run again with the same options and --resume, or with "
-                "--discard-partial to start over.")
+        check_resumable(previous, self.plan_record, self.destination, self.path)
         self.resumed = True
 
     def _make_records_dir(self) -> None:
@@ -575,10 +494,6 @@ class StagingDir:
         else:
             self.discard()              # an error, an interrupt, or leaving without commit()
         return None
-
-
-def _changed_keys(a: dict, b: dict) -> List[str]:
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 def scratch_dir_of(staging: str) -> str:

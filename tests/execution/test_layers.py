@@ -100,7 +100,8 @@ def test_the_cycle_finder_finds_a_cycle():
     """The zero above means something: a lazy import like the ones that used to tie fastpaths to staging is one."""
     _, graph = _graph()
     graph["streamconv.fs.fastpaths"] = graph["streamconv.fs.fastpaths"] | {"streamconv.output.staging"}
-    assert ["streamconv.fs.fastpaths", "streamconv.output.staging"] in _cycles(graph)
+    # (one component: staging reaches fastpaths directly and through durable and ledger)
+    assert [c for c in _cycles(graph) if {"streamconv.fs.fastpaths", "streamconv.output.staging"} <= set(c)]
 
 
 @pytest.mark.parametrize("subpackage", ["execution", "planning.trainers"])

@@ -28,9 +28,9 @@ RAY_KILL_DIR_ENV = "STREAMCONV_TEST_RAY_KILL_DIR"
 # `kill_point` call not named here, fails tests/test_failpoints.py; docs/failpoints.md lists the same names.
 POINTS: Dict[str, str] = {
     "copy-probe": "fastpaths' copy_file_range probe file exists in the scratch folder (fastpaths.probe_copy)",
-    "before-first-shard": "the staging folder exists, nothing of the output is written yet (api.convert)",
+    "before-first-shard": "the staging folder exists, nothing of the output is written yet (conversion.write)",
     "mid-shard": "a shard file is partly written: after a tensor, while more remain (parallel.py)",
-    "between-shards": "a shard is fsynced and its resume record written (staging.record_shard)",
+    "between-shards": "a shard is fsynced and its resume record written (ledger.Ledger.record)",
     "index": "half of model.safetensors.index.json is written (StagingDir.write_index)",
     "before-source-recheck": "every shard and the record are written; the source is checked unchanged next",
     "files-synced": "every output file is fsynced, the resume records are still there (StagingDir.commit)",

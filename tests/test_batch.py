@@ -135,25 +135,28 @@ def test_max_memory_and_the_python_api(runs, single):
 
 
 def test_a_plan_travels_and_its_shards_are_written_elsewhere(demo_checkpoint, single, tmp_path):
-    """ShardJob pickles; shards written by `shardjob.write_shard` are recognised by the driver's staging."""
+    """ShardJobs pickle; shards written by `shardjob.write_job_alone` are recognised by the driver's ledger."""
     jobs = []
 
-    def runner(job, filenames, progress):
-        jobs.append(pickle.loads(pickle.dumps(job)))
-        for name in filenames:
-            shardjob.write_shard(jobs[-1], name)
-            assert shardjob.write_shard(jobs[-1], name) > 0      # a retry finds it recorded and does nothing
+    class Runner:
+        def run(self, given, progress):
+            jobs.append([pickle.loads(pickle.dumps(job)) for job in given])
+            results = [shardjob.write_job_alone(job) for job in jobs[-1]]
+            for job in jobs[-1]:    # a retry finds it recorded and does nothing
+                assert shardjob.write_job_alone(job).filenames == (job.filename,)
+            return results
 
     streamconv.convert(str(demo_checkpoint.ckpt_dir), str(tmp_path / "out"), max_shard_size=SHARD, no_config=True,
-                       shard_runner=runner)
-    assert len(jobs) == 1 and files(tmp_path / "out") == single
+                       shard_runner=Runner())
+    assert len(jobs) == 1 and len(jobs[0]) > 1 and files(tmp_path / "out") == single
 
-    def lazy(job, filenames, progress):
-        shardjob.write_shard(job, filenames[0])     # the others never arrive
+    class Lazy:
+        def run(self, given, progress):
+            return [shardjob.write_job_alone(given[0])]     # the others never arrive
 
     with pytest.raises(streamconv.StreamconvError, match="no finished record"):
         streamconv.convert(str(demo_checkpoint.ckpt_dir), str(tmp_path / "out2"), max_shard_size=SHARD,
-                           no_config=True, shard_runner=lazy)
+                           no_config=True, shard_runner=Lazy())
     assert not (tmp_path / "out2").exists()
 
 

@@ -220,10 +220,10 @@ def test_verify_reads_back_everything(dcp_checkpoints, tmp_path):
 
 
 def test_verify_catches_a_corrupted_shard(dcp_checkpoints, tmp_path, monkeypatch):
-    from streamconv import api
     from streamconv.errors import VerificationError
+    from streamconv.runs import shardjob
 
-    original = api.write_shards
+    original = shardjob.write_shards
 
     def write_then_corrupt(shards, reader, stored, path_for, **kwargs):
         original(shards, reader, stored, path_for, **kwargs)
@@ -232,7 +232,7 @@ def test_verify_catches_a_corrupted_shard(dcp_checkpoints, tmp_path, monkeypatch
             f.seek(os.path.getsize(path) - 3)
             f.write(b"\x7f")
 
-    monkeypatch.setattr(api, "write_shards", write_then_corrupt)
+    monkeypatch.setattr(shardjob, "write_shards", write_then_corrupt)
     with pytest.raises(VerificationError, match="differs"):
         streamconv.convert(str(dcp_checkpoints["tp"]), str(tmp_path / "out"), verify=True)
     assert list(tmp_path.iterdir()) == []

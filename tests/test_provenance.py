@@ -16,7 +16,7 @@ from streamconv import failpoints
 from streamconv import api
 from streamconv.verification import provenance
 from streamconv.output import record, staging
-from streamconv.runs import shardjob
+from streamconv.runs import runners, shardjob
 from streamconv.demo_checkpoint import write_demo_checkpoint
 from streamconv.errors import CheckpointError, OutputError
 
@@ -68,7 +68,7 @@ def copy_ckpt(src: Path, dst: Path) -> Path:
 @pytest.mark.parametrize("runner", ["threads", "shard-jobs"])
 def test_every_conversion_writes_a_record_of_every_file(saves, tmp_path, runner):
     out = tmp_path / "out"
-    kw = {} if runner == "threads" else {"shard_runner": shardjob.write_shards_here}
+    kw = {} if runner == "threads" else {"shard_runner": runners.SeparateRunner()}
     report = streamconv.convert(str(saves[0]), str(out), max_shard_size=SHARD, dtype="bfloat16", **kw)
     found = record.read(str(out))
     assert found is not None and found.source_fingerprint.startswith(provenance.CONTENT_SCHEME)
@@ -127,13 +127,13 @@ def test_checkpoint_rewritten_during_the_run_commits_nothing(saves, tmp_path, mo
 
 def test_with_crc_a_chunk_changed_during_the_run_is_reported_as_changed_not_corrupt(saves, tmp_path, monkeypatch):
     ckpt = copy_ckpt(saves[0], tmp_path / "ckpt")
-    real = api.write_shards
+    real = shardjob.write_shards
 
     def trainer_saves_meanwhile(*args, **kwargs):
         resave_keeping_stat(ckpt, saves[1])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(api, "write_shards", trainer_saves_meanwhile)
+    monkeypatch.setattr(shardjob, "write_shards", trainer_saves_meanwhile)
     with pytest.raises(CheckpointError) as caught:
         streamconv.convert(str(ckpt), str(tmp_path / "out"), max_shard_size=SHARD, crc=True)
     assert isinstance(caught.value, provenance.SourceChangedError), caught.value

@@ -45,10 +45,11 @@ def local(demo_checkpoint, tmp_path_factory):
 
 def test_shards_on_ray_equal_a_local_run(cluster, demo_checkpoint, local, tmp_path):
     from streamconv.runs import ray_runner
-    streamconv.convert(str(demo_checkpoint.ckpt_dir), str(tmp_path / "out"), max_shard_size=SHARD, no_config=True,
-                       shard_runner=ray_runner.shard_runner)
+    report = streamconv.convert(str(demo_checkpoint.ckpt_dir), str(tmp_path / "out"), max_shard_size=SHARD,
+                                no_config=True, crc=True, shard_runner=ray_runner.RayRunner())
     assert files(tmp_path / "out") == local
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]     # staging committed
+    assert report.crc_checked_chunks > 0        # the tasks' CRC-32 checks reach the report, as a local run's do
 
 
 def test_a_worker_killed_mid_shard_is_retried_to_the_same_bytes(cluster, demo_checkpoint, local, tmp_path):
@@ -57,7 +58,7 @@ def test_a_worker_killed_mid_shard_is_retried_to_the_same_bytes(cluster, demo_ch
     victim = max(plan.shards, key=lambda s: len(s.tensors)).filename     # several tensors: "mid-shard" exists
     (cluster / f"kill-{victim}").touch()
     streamconv.convert(str(demo_checkpoint.ckpt_dir), str(tmp_path / "out"), max_shard_size=SHARD, no_config=True,
-                       shard_runner=ray_runner.shard_runner)
+                       shard_runner=ray_runner.RayRunner())
     assert not (cluster / f"kill-{victim}").exists()            # the hook fired...
     pid = int((cluster / f"killed-{victim}").read_text())
     with pytest.raises(ProcessLookupError):                     # ...its worker is gone...

@@ -24,7 +24,7 @@ from click.testing import CliRunner
 import dcp_writers
 import streamconv
 from streamconv import failpoints
-from streamconv.output import staging
+from streamconv.output import durable, staging
 from streamconv.cli import cli
 from streamconv.errors import OutputError
 
@@ -214,7 +214,7 @@ def test_kill_between_the_two_fallback_renames_keeps_the_old_output(source, tmp_
 def test_every_file_and_folder_is_fsynced_before_and_after_the_rename(source, tmp_path, monkeypatch):
     monkeypatch.delenv(failpoints.NO_FAST_PATHS_ENV, raising=False)     # watches renameat2 (the plain path: test_fastpaths.py)
     events = []
-    real_fsync, real_rename2, real_write = os.fsync, staging._renameat2, staging._write_json_atomic
+    real_fsync, real_rename2, real_write = os.fsync, staging._renameat2, durable.write_json_atomic
 
     def fsync(fd):
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
@@ -230,7 +230,7 @@ def test_every_file_and_folder_is_fsynced_before_and_after_the_rename(source, tm
 
     monkeypatch.setattr(staging.os, "fsync", fsync)
     monkeypatch.setattr(staging, "_renameat2", renameat2)
-    monkeypatch.setattr(staging, "_write_json_atomic", record)
+    monkeypatch.setattr(durable, "write_json_atomic", record)
     out = tmp_path / "out"
     streamconv.convert(str(source["ckpt"]), str(out), max_shard_size=SHARD, workers=1)
     stage = str(tmp_path / ".out.streamconv-partial")
@@ -410,10 +410,10 @@ def test_disk_full_while_writing_the_index_names_the_file(source, tmp_path, monk
 
 
 def test_free_space_preflight_counts_the_index(source):
-    from streamconv import api
+    from streamconv.output import destination
     plan = streamconv.plan(str(source["ckpt"]), max_shard_size=SHARD)
     index_bytes = len(json.dumps(plan.index(), indent=2))
-    assert api.output_nbytes(plan, None, ()) >= plan.files_nbytes + index_bytes
+    assert destination.output_nbytes(plan, None, ()) >= plan.files_nbytes + index_bytes
 
 
 @pytest.mark.parametrize("call", ["preadv", "pread"])

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 import streamconv
 from streamconv import api
+from streamconv.runs import shardjob
 from streamconv.cli import cli
 from streamconv.errors import CheckpointError, VerificationError
 from streamconv.planning.plan import INDEX_FILE_NAME
@@ -267,13 +268,13 @@ def test_convert_verify_runs_the_same_checks(dcp_checkpoints, tmp_path, monkeypa
 
 
 def test_convert_verify_catches_a_renamed_tensor_and_commits_nothing(dcp_checkpoints, tmp_path, monkeypatch):
-    original = api.write_shards
+    original = shardjob.write_shards
 
     def write_then_rename(shards, reader, stored, path_for, **kwargs):
         original(shards, reader, stored, path_for, **kwargs)
         rename_in_header(Path(path_for(shards[0].filename)), "lm_head.weight", "lm_head.weighs")
 
-    monkeypatch.setattr(api, "write_shards", write_then_rename)
+    monkeypatch.setattr(shardjob, "write_shards", write_then_rename)
     result = run("convert", dcp_checkpoints["tp"], tmp_path / "out", "--verify", "--max-shard-size", "20KB")
     assert result.exit_code == EXIT_DIFFERS
     assert "missing: lm_head.weight" in result.output and "Nothing was committed" in result.output

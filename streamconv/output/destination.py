@@ -9,12 +9,16 @@ Free bytes and free inodes are measured on the filesystem that will hold the sta
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
-from typing import FrozenSet, Iterable, Optional, Set
+from typing import FrozenSet, Iterable, Optional, Sequence, Set
 
 from ..errors import OutputError
+from ..model import CheckpointMetadata
+from ..planning.plan import ConversionPlan
+from ..source.io import RangeReader
 from ..fs.paths import Identity, ancestors, identity, is_mount_point, mount_points
 from ..sizes import format_size
 from .staging import old_path_for, staging_path_for
@@ -155,3 +159,40 @@ def check_free_space(output_dir: str, needed_bytes: int, needed_files: int = 0) 
             f"{output_dir}: the output needs {needed_files} files and folders but {probe} has {vfs.f_favail} free "
             f"inodes (and {format_size(free)} free); delete some files on that filesystem or choose another "
             "output folder")
+
+
+# Each file takes whole filesystem blocks; counted so that a folder of many small files is not underestimated.
+_BLOCK_BYTES = 4096
+
+
+def output_nbytes(conversion: ConversionPlan, config_folder: Optional[str], sidecars: Sequence[str]) -> int:
+    """Bytes the finished folder takes: shards, index and the copied config/tokenizer files."""
+    index = conversion.index()
+    total = conversion.files_nbytes + (len(json.dumps(index, indent=2)) + 1 if index is not None else 0)
+    for name in sidecars:
+        try:
+            total += os.path.getsize(os.path.join(config_folder or "", name)) + 1024   # config.json grows a little
+        except OSError:
+            pass
+    return total + _BLOCK_BYTES * (len(conversion.shards) + 1 + len(sidecars))
+
+
+def output_nfiles(conversion: ConversionPlan, sidecars: Sequence[str]) -> int:
+    """Inodes the run takes at its peak: the staging folder, its records folder and plan record, and per shard
+    the file and its record; the index and the copied config/tokenizer files."""
+    return 4 + 2 * len(conversion.shards) + 1 + len(sidecars)      # 4: + the copy probe's file
+
+
+def protected_paths(reader: RangeReader, meta: CheckpointMetadata, config_folder: Optional[str]):
+    """(folders, files) a destination must never hold: the checkpoint's and the config folder's.
+    Data file names come from untrusted metadata: `reader.path` refuses the ones no filesystem can hold."""
+    checkpoint_dir = reader.root
+    folders = [checkpoint_dir] + ([config_folder] if config_folder else [])
+    files = [reader.path(f) for f in meta.files]
+    for folder in folders:
+        try:
+            files += [os.path.join(folder, n) for n in os.listdir(folder)
+                      if not os.path.isdir(os.path.join(folder, n))]
+        except OSError:
+            pass
+    return folders, files

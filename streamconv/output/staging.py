@@ -2,7 +2,7 @@
 
     .<name>.streamconv-partial/     everything is written here (the name is fixed, so a later run finds it)
         .streamconv-resume/plan.json          what this staging folder is converting (plan fingerprint)
-        .streamconv-resume/<shard>.json       one record per finished shard, written after its fsync
+        .streamconv-resume/<shard>.json       one record per finished shard, written after its fsync (ledger.py)
     <name>/                         appears in one rename, complete and fsynced, or not at all
 
 The records are removed just before the rename, so they never reach the destination. A run killed at any
@@ -27,65 +27,24 @@ import json
 import os
 import signal
 import stat
-import zlib
 from contextlib import contextmanager
 from typing import Callable, Collection, Dict, Iterable, Iterator, List, Optional, Set
 
 from ..errors import OutputError
-from ..failpoints import fsync_enabled, kill_point
-from ..fs.fastpaths import PROBE_FILE_NAME, FastPaths, detect, read_at
+from ..failpoints import kill_point
+from ..fs.fastpaths import PROBE_FILE_NAME, FastPaths, detect
 from ..planning.names import staging_name
-from ..fs.outfiles import NOFOLLOW, create_new, foreign, not_ours, open_ours, free_space_note, write_failed
+from ..fs.outfiles import create_new, foreign, not_ours, free_space_note, write_failed
 from ..fs.paths import Identity, adopt_folder_attributes, parent_not_writable_hint, remove_tree
 from .runlock import RunLock
-from . import swapjournal
+from . import durable, swapjournal
+from .durable import file_crc32, fsync_path  # noqa: F401  (file_crc32: tests read shards back with it)
+from .ledger import PLAN_RECORD, RECORD_VERSION, RECORDS_DIR, check_resumable
 
 STAGING_SUFFIX = ".streamconv-partial"
 OLD_SUFFIX = ".streamconv-old"         # the previous output, while --overwrite swaps it out without EXCHANGE
-RECORDS_DIR = ".streamconv-resume"
-PLAN_RECORD = "plan.json"
-RECORD_VERSION = 1
-_CRC_PIECE_BYTES = 8 << 20
 
 _INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def fsync_path(path: str, *, directory: bool = False) -> None:
-    if not fsync_enabled():     # STREAMCONV_UNSAFE_NO_FSYNC (failpoints.py): benchmarks only
-        return
-    try:
-        # A file of the staging folder is never reached through a symlink (or blocked on by a planted FIFO);
-        # a folder may be (a parent folder named through a symlink is normal).
-        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else NOFOLLOW | os.O_NONBLOCK))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise OutputError(f"{path}: fsync failed: {exc.strerror}; the output may not be on disk") from None
-
-
-def file_crc32(path: str, fast: FastPaths) -> int:
-    """CRC-32 of a whole file, read in pieces (the shard was just written, so this reads the page cache)."""
-    crc = 0
-    buf = bytearray(_CRC_PIECE_BYTES)
-    view = memoryview(buf)
-    offset = 0
-    try:
-        fd = open_ours(path)    # never follows a symlink planted under a shard's name
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot read back: {exc.strerror}") from None
-    try:
-        while True:
-            n = read_at(fd, view, offset, fast)
-            if n <= 0:
-                return crc
-            crc = zlib.crc32(view[:n], crc)
-            offset += n
-    except OSError as exc:
-        raise OutputError(f"{path}: read back failed at offset {offset}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
 
 
 # -- renameat2 ----------------------------------------------------------------------------------------
@@ -168,26 +127,6 @@ def _is_empty_dir(path: str) -> bool:
     return os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
 
 
-def _read_json(path: str) -> Optional[dict]:
-    """A record of ours, or None when missing or unreadable; OutputError when it is not ours (a symlink...)."""
-    try:
-        with os.fdopen(open_ours(path), encoding="utf-8") as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
-def _write_json_atomic(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    try:
-        with os.fdopen(create_new(tmp), "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-        os.rename(tmp, path)    # replaces whatever had the name (a symlink itself, never its target)
-    except OSError as exc:
-        raise OutputError(write_failed(path, exc)) from None
-
-
 def recover_swap(destination: str, protected: Collection[Identity] = (), lock: Optional[RunLock] = None) -> List[str]:
     """Finish or undo the --overwrite swap of a run killed in the middle of its commit (swapjournal.py); notes for
     the report. Under the run lock when its staging folder is still there: a run that is committing right now
@@ -244,14 +183,22 @@ class StagingDir:
         self._unsynced: List[str] = []
         self._planned: Set[str] = set()     # names handed out or registered: all that commit may publish
         self._restore_interrupted_swap()
+        self._refuse_a_full_destination()
+        self._open(discard_partial)
+
+    # -- opening --------------------------------------------------------------------------------------
+    def _refuse_a_full_destination(self) -> None:
         if os.path.lexists(self.destination) and not _is_empty_dir(self.destination):
             if not os.path.isdir(self.destination) or os.path.islink(self.destination):
                 raise OutputError(f"{self.destination} exists and is not a folder; choose another output folder")
-            if not overwrite:
+            if not self.overwrite:
                 finished = "".join(f" ({n})" for n in self.notes)     # e.g. a killed --overwrite just finished
                 raise OutputError(
                     f"{self.destination} exists and is not empty{finished}; pass --overwrite to replace it, "
                     "or choose another output folder")
+
+    def _open(self, discard_partial: bool) -> None:
+        """Take over (resume or clear) or create the staging folder, locked, with its plan record."""
         parent = os.path.dirname(self.destination)
         try:
             os.makedirs(parent, exist_ok=True)
@@ -265,22 +212,12 @@ class StagingDir:
                 self._unlock()
                 raise
         if not self._run_lock.held:
-            try:
-                os.mkdir(self.path, 0o755)
-            except OSError as exc:
-                full = f" ({free_space_note(self.path)})" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-                raise OutputError(f"{parent}: cannot create staging folder {self.path}: {exc.strerror}{full}"
-                                  f"{parent_not_writable_hint(parent, exc)}") from None
-            try:
-                self._lock()
-            except BaseException:
-                os.rmdir(self.path)     # ours and empty: a run that cannot start leaves nothing behind
-                raise
+            self._create(parent)
         if self._run_lock.note:
             self.notes.append(self._run_lock.note)
         try:
             self._make_records_dir()
-            _write_json_atomic(os.path.join(self.records_dir, PLAN_RECORD), self.plan_record)
+            durable.write_json_atomic(os.path.join(self.records_dir, PLAN_RECORD), self.plan_record)
         except OSError as exc:
             self.__exit__(OutputError, None, None)
             raise OutputError(f"{self.records_dir}: cannot create: {exc.strerror}") from None
@@ -288,7 +225,19 @@ class StagingDir:
             self.__exit__(type(exc), exc, None)
             raise
 
-    # -- opening --------------------------------------------------------------------------------------
+    def _create(self, parent: str) -> None:
+        try:
+            os.mkdir(self.path, 0o755)
+        except OSError as exc:
+            full = f" ({free_space_note(self.path)})" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+            raise OutputError(f"{parent}: cannot create staging folder {self.path}: {exc.strerror}{full}"
+                              f"{parent_not_writable_hint(parent, exc)}") from None
+        try:
+            self._lock()
+        except BaseException:
+            os.rmdir(self.path)     # ours and empty: a run that cannot start leaves nothing behind
+            raise
+
     def _lock(self) -> None:
         """One run per destination (runlock.py); never discard or write a folder another run holds."""
         self._run_lock.acquire()
@@ -324,33 +273,13 @@ class StagingDir:
                 f"{self.destination}: an interrupted conversion into this folder was found ({self.path}). "
                 "Run the same command again with --resume to keep its finished shards, or with "
                 "--discard-partial to delete it and start over.")
-        previous = _read_json(os.path.join(self.records_dir, PLAN_RECORD))
+        previous = durable.read_json(os.path.join(self.records_dir, PLAN_RECORD))
         if previous is None:
             # Killed before its plan record was written: nothing in it can be trusted or is worth keeping.
             self._clear()
             return
         self._check_contents()
-        if previous.get("version") != RECORD_VERSION:
-            raise OutputError(f"{self.path}: written by another streamconv version; cannot resume it. "
-                              "Run again with --discard-partial to start over.")
-        if previous.get("checkpoint") != self.plan_record.get("checkpoint"):
-            changed = _changed_keys(previous.get("checkpoint") or {}, self.plan_record.get("checkpoint") or {})
-            raise OutputError(
-                f"{self.destination}: cannot resume: the checkpoint changed since the interrupted run "
-                f"({', '.join(changed[:5])} differ in size or modification time). "
-                "Run again with --discard-partial to start over.")
-        if previous.get("source") != self.plan_record.get("source"):
-            raise OutputError(
-                f"{self.destination}: cannot resume: the checkpoint's content changed since the interrupted run "
-                "(its .metadata or chunk CRC-32s differ, though sizes and modification times may not: a re-save "
-                "restored with cp -p or rsync -a). Run again with --discard-partial to start over.")
-        if previous.get("plan") != self.plan_record.get("plan"):
-            changed = _changed_keys(previous.get("options") or {}, self.plan_record.get("options") or {})
-            detail = f" (options that differ: {', '.join(changed)})" if changed else ""
-            raise OutputError(
-                f"{self.destination}: cannot resume: the interrupted run was converting with other options, so "
-                f"its shards would differ{detail}. Run again with the same options and --resume, or with "
-                "--discard-partial to start over.")
+        check_resumable(previous, self.plan_record, self.destination, self.path)
         self.resumed = True
 
     def _make_records_dir(self) -> None:
@@ -403,25 +332,6 @@ class StagingDir:
         below) may be in the folder at the commit."""
         self._planned.add(name)
         return os.path.join(self.path, name)
-
-    def kept_shard(self, filename: str, nbytes: int, shard_fingerprint: str) -> bool:
-        """Whether a shard of a resumed run is complete: its record matches the plan, and the file its size
-        and checksum. A shard that fails any check is rewritten."""
-        self._planned.add(filename)
-        return self.resumed and self.shard_recorded(filename, nbytes, shard_fingerprint)
-
-    def shard_recorded(self, filename: str, nbytes: int, shard_fingerprint: str, *, check_crc: bool = True) -> bool:
-        """Whether a shard was finished by this plan (here or by another process writing into this folder):
-        its record matches, the file has its size and (`check_crc`) the recorded CRC-32."""
-        self._planned.add(filename)
-        return shard_recorded(self.path, self.plan_record.get("plan"), filename, nbytes, shard_fingerprint,
-                              check_crc=check_crc, fast=self.fast)
-
-    def shard_done(self, filename: str, nbytes: int, shard_fingerprint: str, crc32: int) -> None:
-        """A shard's bytes are all written: make them durable, then record it so a resume can keep it.
-        `crc32` is the file's CRC-32 as the writer computed it (crc.py), checked against the file on resume."""
-        self._planned.add(filename)
-        record_shard(self.path, self.plan_record.get("plan"), filename, nbytes, shard_fingerprint, crc32)
 
     def write_json(self, name: str, obj: Dict) -> None:
         path = self.file(name)      # (registers the name)
@@ -586,38 +496,6 @@ class StagingDir:
         return None
 
 
-def _changed_keys(a: dict, b: dict) -> List[str]:
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-
-
 def scratch_dir_of(staging: str) -> str:
     """See `StagingDir.scratch_dir`; a function so that a worker process without the StagingDir can ask."""
     return os.path.join(staging, RECORDS_DIR)
-
-
-def shard_recorded(staging: str, plan_fingerprint: Optional[str], filename: str, nbytes: int,
-                   shard_fingerprint: str, *, check_crc: bool = True, fast: Optional[FastPaths] = None) -> bool:
-    """See `StagingDir.shard_recorded`; a function so that a worker process without the StagingDir can ask."""
-    record = _read_json(os.path.join(staging, RECORDS_DIR, filename + ".json"))
-    path = os.path.join(staging, filename)
-    if (record is None or record.get("plan") != plan_fingerprint
-            or record.get("shard") != shard_fingerprint or record.get("nbytes") != nbytes):
-        return False
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    if foreign(st, owner=False) or st.st_size != nbytes:   # a symlink is never kept: it is replaced
-        return False
-    return not check_crc or file_crc32(path, fast or detect()) == record.get("crc32")
-
-
-def record_shard(staging: str, plan_fingerprint: Optional[str], filename: str, nbytes: int,
-                 shard_fingerprint: str, crc32: int) -> None:
-    """See `StagingDir.shard_done`: fsync the shard, then write its record (atomically, by rename). Any process
-    writing into the staging folder may call it; the driver's later `shard_recorded` sees it."""
-    path = os.path.join(staging, filename)
-    fsync_path(path)
-    record = {"plan": plan_fingerprint, "shard": shard_fingerprint, "nbytes": nbytes, "crc32": crc32}
-    _write_json_atomic(os.path.join(staging, RECORDS_DIR, filename + ".json"), record)
-    kill_point("between-shards")

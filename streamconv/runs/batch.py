@@ -6,14 +6,14 @@ Every checkpoint is planned first in this process (reading `.metadata` only), wh
 any byte moves: the output's exact file sizes and headers, so an output that is already complete is skipped;
 the predicted peak memory, so parallel jobs stay within `max_memory`; and early errors for bad options.
 
-Then each checkpoint is converted by `api.convert(..., resume=True)` in a process of its own (a fresh Python
+Then each checkpoint is converted by `conversion.convert` (resuming) in a process of its own (a fresh Python
 running `batch_job`, which never imports the caller's `__main__`, and dies with this driver): a crash, an
 out-of-memory kill or a bad checkpoint fails that checkpoint only, and each job's peak RSS is its own. An
 interrupted job's staging folder is resumed shard by shard by the next run. With `ray` each checkpoint's
 shards are written by Ray tasks instead (`ray_runner`), the driver still planning and committing.
 
 An output is skipped only when it is already this conversion: its record (`streamconv.json`, record.py) names
-the same plan and the same checkpoint content (`api.already_converted`), so a checkpoint re-saved in place or a
+the same plan and the same checkpoint content (`preparing.already_converted`), so a checkpoint re-saved in place or a
 second run converted with the same template is not mistaken for one already converted (its output is refused,
 or replaced with --overwrite). Tensor bytes are not re-read (`streamconv verify` does that).
 """
@@ -31,7 +31,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from .. import api
 from . import batch_job
 from .batch_job import convert_one  # noqa: F401  (public before it moved)
 from ..errors import OptionsError, ResourceError, StreamconvError
@@ -39,6 +38,8 @@ from ..planning.names import natural_key
 from ..planning.options import ConvertOptions
 from ..fs.paths import user_path
 from ..output.record import RECORD_FILE
+from ..planning.options import DEFAULT_WORKERS
+from .preparing import Request, already_converted, dry_run
 from .report import Reporter
 from ..sizes import format_size, parse_size
 
@@ -213,7 +214,7 @@ def default_jobs(outputs: Sequence[str]) -> int:
 
 def convert_many(sources: Sequence[str], output_template: str, options: Optional[ConvertOptions] = None, *,
                  from_file: Optional[str] = None, jobs: Optional[int] = None, max_memory: Optional[str] = None,
-                 workers: int = api.DEFAULT_WORKERS, crc: Optional[bool] = None, verify: bool = False,
+                 workers: int = DEFAULT_WORKERS, crc: Optional[bool] = None, verify: bool = False,
                  overwrite: bool = False, reporter: Optional[Reporter] = None, ray: Optional[str] = None,
                  overwrite_any: bool = False, discard_partial: bool = False, **keywords) -> BatchReport:
     """Convert every checkpoint in `sources` (folders or globs) into `output_template` filled per checkpoint.
@@ -315,14 +316,14 @@ def _plan_all(items: Sequence[BatchItem], options: ConvertOptions, overwrite: bo
     todo = []
     for item in items:
         try:
-            conversion = api.plan(item.source, options)
+            conversion = dry_run(item.source, Request(options))
         except StreamconvError as exc:
             item.status, item.error, item.kind, item.exit_code = "failed", str(exc), type(exc).__name__, exc.exit_code
             continue
         item.predicted_peak_bytes = conversion.peak_bytes
         item.bytes = conversion.files_nbytes
         try:
-            done = not overwrite and api.already_converted(item.source, item.output, options)
+            done = not overwrite and already_converted(item.source, item.output, Request(options))
         except StreamconvError as exc:
             item.status, item.error, item.kind, item.exit_code = "failed", str(exc), type(exc).__name__, exc.exit_code
             continue

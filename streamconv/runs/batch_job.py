@@ -28,9 +28,11 @@ import time
 from dataclasses import asdict
 from typing import Optional
 
-from .. import api, failpoints
+from .. import failpoints
 from ..errors import StreamconvError
-from ..planning.options import ConvertOptions
+from ..planning.options import DEFAULT_WORKERS, ConvertOptions, RunOptions
+from .conversion import convert
+from .preparing import Request
 from .report import Reporter
 
 # The job's command: the streamconv the driver runs (its folder first on sys.path, not the caller's cwd, which
@@ -55,7 +57,7 @@ def job_request(source: str, output: str, options: ConvertOptions, kwargs: dict)
             + "\n").encode("utf-8")
 
 
-def convert_one(source: str, output: str, options: ConvertOptions, *, workers: int = api.DEFAULT_WORKERS,
+def convert_one(source: str, output: str, options: ConvertOptions, *, workers: int = DEFAULT_WORKERS,
                 crc: Optional[bool] = None, verify: bool = False, overwrite: bool = False,
                 discard_partial: bool = False, reporter: Optional[Reporter] = None, shard_runner=None,
                 overwrite_any: bool = False) -> dict:
@@ -64,9 +66,9 @@ def convert_one(source: str, output: str, options: ConvertOptions, *, workers: i
     StreamconvError: the result dict says what happened (BatchItem fields)."""
     started = time.perf_counter()
     try:
-        report = api.convert(source, output, options, overwrite=overwrite, reporter=reporter, workers=workers,
-                             verify=verify, crc=crc, resume=True, discard_partial=discard_partial,
-                             shard_runner=shard_runner, overwrite_any=overwrite_any)
+        run = RunOptions(overwrite=overwrite, overwrite_any=overwrite_any, workers=workers, verify=verify, crc=crc,
+                         resume=True, discard_partial=discard_partial)
+        report = convert(source, output, Request(options), run, reporter, runner=shard_runner)
     except StreamconvError as exc:
         return {"status": "failed", "error": str(exc), "kind": type(exc).__name__, "exit_code": exc.exit_code,
                 "seconds": time.perf_counter() - started}

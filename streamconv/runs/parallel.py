@@ -76,7 +76,8 @@ def write_shards(shards: Sequence[ShardPlan], reader: RangeReader, stored: Mappi
     """Write every shard to `path_for(filename)`. The total buffer memory stays `buffer_bytes`.
     `fast`: the fast IO paths the shard files may use (default `fastpaths.detect()`).
     `integrity` (a `reader.integrity.ChunkIntegrity`) checks each chunk's CRC-32 before its bytes move.
-    `on_shard_done(shard, crc32)` runs (on the worker that finished it) once a shard's last byte is written.
+    `on_shard_done(shard, crc32)` runs (on the worker that finished it) once a shard's last byte is written
+    (`ledger.Ledger.record`: fsync, then the finished record).
     `open_sink(path, nbytes)` opens each shard's output (a FileSink unless told)."""
     lock = threading.Lock()
 
@@ -112,22 +113,27 @@ def write_shards(shards: Sequence[ShardPlan], reader: RangeReader, stored: Mappi
             target.done_one()
 
     try:
-        if workers == 1:
-            worker()
-            return
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="streamconv") as pool:
-            futures = [pool.submit(worker) for _ in range(workers)]
-            try:
-                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-                for f in done:
-                    exc = f.exception()
-                    if exc is not None and not isinstance(exc, Cancelled):
-                        raise exc
-                for f in futures:
-                    f.result()
-            except BaseException:
-                stop.set()      # the others stop at their next band, piece or tensor
-                raise
+        _run_workers(worker, workers, stop)
     finally:
         for f in files:
             f.close()
+
+
+def _run_workers(worker: Callable[[], None], workers: int, stop: threading.Event) -> None:
+    """Run `worker` on `workers` threads (here when one); the first error stops the others and is raised."""
+    if workers == 1:
+        worker()
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="streamconv") as pool:
+        futures = [pool.submit(worker) for _ in range(workers)]
+        try:
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for f in done:
+                exc = f.exception()
+                if exc is not None and not isinstance(exc, Cancelled):
+                    raise exc
+            for f in futures:
+                f.result()
+        except BaseException:
+            stop.set()      # the others stop at their next band, piece or tensor
+            raise

@@ -1,12 +1,12 @@
 """Scale-out on Ray (`pip install 'streamconv[ray]'`): each checkpoint's shards are written by Ray tasks.
 
 The driver keeps what must happen once: it plans (from `.metadata`), owns the staging folder and its lock,
-and after every task succeeded checks each shard's record and size, checks tied heads, copies the config,
-writes the index and commits in one rename (`api.convert` with a `shard_runner`). Each task writes one shard
-with `shardjob.write_shard`, idempotently, into the staging folder, which every worker must see at the same
-path (a shared filesystem). A task declares the plan's predicted peak as its `memory=` resource, so Ray does
-not start more of them on a node than its memory holds; a task whose worker dies (OOM killer, lost node) is
-run again by Ray (`max_retries`) and rewrites its shard from the start. Errors in the data (a corrupt chunk)
+and after every task succeeded checks each shard's record and size in the ledger, checks tied heads, copies the
+config, writes the index and commits in one rename (`runs/conversion.py`, with `RayRunner` as its runner).
+Each task writes one shard job with `shardjob.write_job_alone`, idempotently, into the staging folder, which
+every worker must see at the same path (a shared filesystem). A task declares the plan's predicted peak as its
+`memory=` resource, so Ray does not start more of them on a node than its memory holds; a task whose worker
+dies (OOM killer, lost node) is run again by Ray (`max_retries`) and rewrites its shard from the start. Errors in the data (a corrupt chunk)
 are not retried: they fail the checkpoint as they would locally.
 """
 from __future__ import annotations
@@ -15,13 +15,13 @@ import os
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from .. import failpoints
 from .batch_job import convert_one
 from ..errors import OptionsError, OutputError, StreamconvError
 from .report import Reporter
-from .shardjob import ShardJob, write_shard
+from .shardjob import JobContext, ShardJob, Written, write_job_alone
 
 # A lost worker is retried this many times per shard before the checkpoint fails.
 MAX_RETRIES = 3
@@ -82,7 +82,7 @@ def connect(address: Optional[str] = None) -> None:
         raise OptionsError(f"--ray {address}: cannot connect to a Ray cluster: {exc}") from None
 
 
-def _task(job: ShardJob, filename: str) -> int:
+def _task(context: JobContext, filename: str) -> Written:
     # Test hook (STREAMCONV_TEST_RAY_KILL_DIR, failpoints.py): a task finding `kill-<shard file name>` in that
     # folder removes the file and SIGKILLs its own worker half-way through the shard, after writing its pid to
     # `killed-<name>` (the retry finds no file and finishes).
@@ -95,41 +95,55 @@ def _task(job: ShardJob, filename: str) -> int:
             failpoints.arm_kill("mid-shard")
         except FileNotFoundError:
             failpoints.arm_kill(None)
-    return write_shard(job, filename)
+    return write_job_alone(ShardJob(context, filename))
 
 
-def shard_runner(job: ShardJob, filenames: List[str], progress=None) -> None:
-    """`api.convert`'s `shard_runner`: one Ray task per shard, all waited for; the first failure is raised.
+class RayRunner:
+    """A runner (runners.py): one Ray task per shard job, all waited for; the first failure is raised.
     `progress(tensor bytes)` as each shard finishes."""
-    global _remote
-    ray = _import_ray()
-    if _remote is None:
-        _remote = ray.remote(_task)
-    job_ref = ray.put(job)      # the plan travels once to the object store, not once per task
-    # Ray wants whole MiB-ish numbers; at least 1 byte so that a zero prediction still reserves something.
-    refs = [_remote.options(memory=max(1, job.peak_bytes), num_cpus=1, max_retries=MAX_RETRIES,
-                            retry_exceptions=False, name=f"streamconv:{filename}").remote(job_ref, filename)
-            for filename in filenames]
-    name_of = {ref: filename for ref, filename in zip(refs, filenames)}
-    try:
-        waiting = list(refs)
+
+    def run(self, jobs: Sequence[ShardJob], progress=None) -> List[Written]:
+        global _remote
+        if not jobs:
+            return []
+        ray = _import_ray()
+        if _remote is None:
+            _remote = ray.remote(_task)
+        context = jobs[0].context
+        context_ref = ray.put(context)      # the plan travels once to the object store, not once per task
+        # At least 1 byte, so that a zero prediction still reserves something.
+        refs = [_remote.options(memory=max(1, job.peak_bytes), num_cpus=1, max_retries=MAX_RETRIES,
+                                retry_exceptions=False, name=f"streamconv:{job.filename}").remote(context_ref,
+                                                                                                  job.filename)
+                for job in jobs]
+        job_of = dict(zip(refs, jobs))
+        try:
+            return self._wait(ray, refs, job_of, progress)
+        except ray.exceptions.RayTaskError as exc:
+            self._cancel(ray, refs)
+            cause = exc.cause
+            if isinstance(cause, StreamconvError):
+                raise cause from None
+            raise OutputError(f"{context.staging_dir}: a Ray task failed: {type(cause).__name__}: {cause}") from None
+        except (ray.exceptions.WorkerCrashedError, ray.exceptions.RayError) as exc:
+            self._cancel(ray, refs)
+            raise OutputError(f"{context.staging_dir}: a Ray task failed after {MAX_RETRIES} retries: "
+                              f"{type(exc).__name__}: {str(exc)[:300]}") from None
+
+    @staticmethod
+    def _wait(ray, refs, job_of, progress) -> List[Written]:
+        results, waiting = [], list(refs)
         while waiting:
             done, waiting = ray.wait(waiting, num_returns=1)
-            ray.get(done)           # raises the task's error
+            results.append(ray.get(done[0]))    # raises the task's error
             if progress is not None:
-                progress(job.shard(name_of[done[0]]).data_nbytes)
-    except ray.exceptions.RayTaskError as exc:
+                progress(job_of[done[0]].shard.data_nbytes)
+        return results
+
+    @staticmethod
+    def _cancel(ray, refs) -> None:
         for ref in refs:
             ray.cancel(ref, force=False)
-        cause = exc.cause
-        if isinstance(cause, StreamconvError):
-            raise cause from None
-        raise OutputError(f"{job.staging_dir}: a Ray task failed: {type(cause).__name__}: {cause}") from None
-    except (ray.exceptions.WorkerCrashedError, ray.exceptions.RayError) as exc:
-        for ref in refs:
-            ray.cancel(ref, force=False)
-        raise OutputError(f"{job.staging_dir}: a Ray task failed after {MAX_RETRIES} retries: "
-                          f"{type(exc).__name__}: {str(exc)[:300]}") from None
 
 
 def run_batch(todo, options, kwargs: dict, *, address: Optional[str], jobs: int, reporter, finish) -> None:
@@ -145,7 +159,7 @@ def run_batch(todo, options, kwargs: dict, *, address: Optional[str], jobs: int,
     lock = threading.Lock()
 
     def one(item):
-        return item, convert_one(item.source, item.output, options, shard_runner=shard_runner,
+        return item, convert_one(item.source, item.output, options, shard_runner=RayRunner(),
                                  reporter=_Progress(), **kwargs)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="streamconv-ray") as pool:

@@ -1,91 +1,148 @@
-"""A planned conversion as a value that can travel, and the function that writes one of its shards anywhere.
+"""The unit of writing: one shard of a planned conversion, as a value that can travel, and how any process
+writes it.
 
-The driver plans once (`api.convert` with a `shard_runner`), then hands each worker a `ShardJob`: the checkpoint
-folder, the staging folder, the plan, and the fingerprints that tie them together. A worker that sees the same
-storage writes its shard into the staging folder and leaves the same resume record a local run leaves
-(`staging.record_shard`), so the driver recognises it as done with `StagingDir.shard_recorded` and commits.
-Writing a shard is idempotent: a retried task rewrites the file from the start, or finds it recorded.
+The driver plans once and turns every shard it has to write into a `ShardJob`; a runner (runners.py: threads
+in this process; ray_runner.py: Ray tasks) writes them, and the driver checks the outcome in the resume ledger
+(output/ledger.py) whoever wrote them. All runners end in the same `write_jobs`, so what it does (CRC-32 checks
+of the source, fast IO paths, kill points, the shard's finished record, progress) cannot be missing from one.
+A job is idempotent: a retried task rewrites its file from the start, or finds it already recorded.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
-from typing import Dict, List, Optional
+from dataclasses import dataclass, field, replace
+from typing import Callable, Mapping, Optional, Sequence, Tuple
 
-from ..fs import fastpaths
-from .checkpoint import locate_chunks
 from ..errors import CheckpointError
-from ..source.io import DirectoryReader
-from .parallel import write_shards
+from ..fs import fastpaths
+from ..model import BlobLocation, StoredTensor
+from ..output.ledger import Ledger
+from ..output.staging import scratch_dir_of
 from ..planning.plan import ConversionPlan, ShardPlan
 from ..source import zstd
 from ..source.integrity import ChunkIntegrity
-from ..output.staging import record_shard, scratch_dir_of, shard_recorded
+from ..source.io import DirectoryReader, RangeReader
+from .checkpoint import locate_chunks
+from .parallel import write_shards
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What every shard job of one conversion shares: pickled once per conversion, not once per shard."""
+    checkpoint_dir: str                 # absolute: a worker elsewhere must find the same folder
+    plan: ConversionPlan
+    ledger: Ledger                      # the staging folder and the fingerprints its records must name
+    checkpoint_files: Mapping[str, Optional[list]]  # {file: [size, mtime_ns]} the driver planned with
+    crc: bool = False                   # check each chunk's CRC-32 as it is read
+
+    @property
+    def staging_dir(self) -> str:
+        return self.ledger.staging_dir
 
 
 @dataclass(frozen=True)
 class ShardJob:
-    checkpoint_dir: str
-    staging_dir: str
-    plan: ConversionPlan
-    plan_fingerprint: str               # plan_record()["plan"]: what the staging folder's records must name
-    checkpoint_files: Dict[str, Optional[list]]     # {file: [size, mtime_ns]} of `.metadata` and data files
-    shard_fingerprints: Dict[str, str]
-    crc: bool = False                   # check each chunk's CRC-32 as it is read
+    context: JobContext
+    filename: str
 
-    def shard(self, filename: str) -> ShardPlan:
-        for s in self.plan.shards:
-            if s.filename == filename:
+    @property
+    def shard(self) -> ShardPlan:
+        for s in self.context.plan.shards:
+            if s.filename == self.filename:
                 return s
-        raise KeyError(filename)
+        raise KeyError(self.filename)
 
     @property
     def peak_bytes(self) -> int:
-        """Predicted resident memory of one worker writing one shard (the plan's prediction)."""
-        return self.plan.peak_bytes
+        """Predicted resident memory of one worker writing this shard (the plan's prediction)."""
+        return self.context.plan.peak_bytes
 
 
-def _check_checkpoint_unchanged(job: ShardJob) -> None:
+@dataclass(frozen=True)
+class CrcCount:
+    """Source chunks whose CRC-32 was checked (and their bytes), and chunks whose writer recorded none."""
+    chunks: int = 0
+    nbytes: int = 0
+    unrecorded: int = 0
+
+    @classmethod
+    def of(cls, integrity: Optional[ChunkIntegrity]) -> "CrcCount":
+        if integrity is None:
+            return cls()
+        return cls(integrity.checked_chunks, integrity.checked_bytes, len(integrity.unrecorded))
+
+    def __add__(self, other: "CrcCount") -> "CrcCount":
+        return CrcCount(self.chunks + other.chunks, self.nbytes + other.nbytes, self.unrecorded + other.unrecorded)
+
+    def __sub__(self, other: "CrcCount") -> "CrcCount":
+        return CrcCount(self.chunks - other.chunks, self.nbytes - other.nbytes, self.unrecorded - other.unrecorded)
+
+
+@dataclass(frozen=True)
+class Written:
+    """What a runner hands back for the jobs one process wrote together."""
+    filenames: Tuple[str, ...]
+    crc: CrcCount = field(default_factory=CrcCount)
+
+
+@dataclass
+class Workbench:
+    """What a process needs to write shards: the open checkpoint, where each chunk's bytes are, the fast paths
+    this machine offers, the CRC-32 checker, and the buffer budget shared by `workers` threads."""
+    reader: RangeReader
+    stored: Mapping[BlobLocation, StoredTensor]
+    fast: fastpaths.FastPaths
+    integrity: Optional[ChunkIntegrity]
+    buffer_bytes: int
+    workers: int = 1
+
+
+def write_jobs(jobs: Sequence[ShardJob], bench: Workbench, progress: Optional[Progress] = None) -> Written:
+    """Write the jobs' shards into their staging folder, each recorded in the ledger once fsynced: the one
+    place every runner writes through."""
+    if not jobs:
+        return Written(())
+    context = jobs[0].context
+    before = CrcCount.of(bench.integrity)
+    write_shards([j.shard for j in jobs], bench.reader, bench.stored,
+                 lambda name: os.path.join(context.staging_dir, name), buffer_bytes=bench.buffer_bytes,
+                 workers=bench.workers, progress=progress, integrity=bench.integrity, fast=bench.fast,
+                 on_shard_done=context.ledger.record)
+    return Written(tuple(j.filename for j in jobs), CrcCount.of(bench.integrity) - before)
+
+
+def _check_checkpoint_unchanged(context: JobContext) -> None:
     """A worker on another machine must read the checkpoint the driver planned: same files, sizes, mtimes."""
-    for name, expected in job.checkpoint_files.items():
+    for name, expected in context.checkpoint_files.items():
         try:
-            st = os.stat(os.path.join(job.checkpoint_dir, name))
+            st = os.stat(os.path.join(context.checkpoint_dir, name))
             found = [st.st_size, st.st_mtime_ns]
         except OSError:
             found = None
         if found != expected:
             raise CheckpointError(
-                f"{os.path.join(job.checkpoint_dir, name)}: differs from what the driver planned with "
+                f"{os.path.join(context.checkpoint_dir, name)}: differs from what the driver planned with "
                 f"(size and mtime {found} instead of {expected}); does this worker see the same storage?")
 
 
-def write_shard(job: ShardJob, filename: str) -> int:
-    """Write one shard of `job` into its staging folder and record it; returns its size in bytes."""
-    shard = job.shard(filename)
-    fingerprint = job.shard_fingerprints[filename]
-    if shard_recorded(job.staging_dir, job.plan_fingerprint, filename, shard.nbytes, fingerprint):
-        return shard.nbytes      # a retry of a task whose work was already done
-    _check_checkpoint_unchanged(job)
-    fast = fastpaths.detect()   # this worker's own machine and filesystems decide, as in api.convert
-    with DirectoryReader(job.checkpoint_dir, fast=fast) as directory:
+def write_job_alone(job: ShardJob) -> Written:
+    """Write one job in a process that has nothing open (a Ray task, or a test standing in for one): open the
+    checkpoint, find the shard's chunks and this machine's fast paths, then `write_jobs`."""
+    context, shard = job.context, job.shard
+    if context.ledger.recorded(shard):
+        return Written((job.filename,))      # a retry of a task whose work was already done
+    _check_checkpoint_unchanged(context)
+    fast = fastpaths.detect()   # this worker's own machine and filesystems decide
+    with DirectoryReader(context.checkpoint_dir, fast=fast) as directory:
         compressed = any(c.location.transform_descriptors for t in shard.tensors for c in t.chunks)
         reader = zstd.DecodingReader(directory) if compressed else directory   # as checkpoint.load does
-        one = replace(job.plan, shards=(shard,))
-        stored = locate_chunks(one, reader)
+        stored = locate_chunks(replace(context.plan, shards=(shard,)), reader)
         sources = sorted({c.location.relative_path for t in shard.tensors for c in t.chunks})
         if sources:
-            fast = fastpaths.probe_copy(fast, directory.path(sources[0]), scratch_dir_of(job.staging_dir))
-        integrity = ChunkIntegrity(reader, stored, while_decoding=True) if job.crc else None
-        write_shards([shard], reader, stored, lambda name: os.path.join(job.staging_dir, name),
-                     buffer_bytes=job.plan.options.buffer_bytes, workers=1, integrity=integrity, fast=fast,
-                     on_shard_done=lambda s, crc: record_shard(job.staging_dir, job.plan_fingerprint, s.filename,
-                                                               s.nbytes, fingerprint, crc))
-    return shard.nbytes
+            fast = fastpaths.probe_copy(fast, directory.path(sources[0]), scratch_dir_of(context.staging_dir))
+        integrity = ChunkIntegrity(reader, stored, while_decoding=True) if context.crc else None
+        bench = Workbench(reader, stored, fast, integrity, context.plan.options.buffer_bytes)
+        return write_jobs([job], bench)
 
-
-def write_shards_here(job: ShardJob, filenames: List[str], progress=None) -> None:
-    """The simplest shard runner: write them one after another in this process (tests, debugging)."""
-    for name in filenames:
-        write_shard(job, name)
-        if progress is not None:
-            progress(job.shard(name).data_nbytes)

@@ -22,6 +22,7 @@ import zlib
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 from ..output import record
+from ..output.ledger import Fingerprint, Ledger
 from ..errors import CheckpointError, OptionsError, OutputError
 from ..fs.infiles import open_regular
 from ..fs.outfiles import write_failed
@@ -34,21 +35,6 @@ _READ_PIECE_BYTES = 1 << 20
 # Names that make a folder look like a model (weights or a model's config): replacing it loses something.
 _MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".distcp", ".metadata", ".h5", ".msgpack")
 _MODEL_NAMES = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
-
-
-class Fingerprint:
-    """CRC-32 + Adler-32 + length of a byte stream: enough to tell two saves or plans apart (nobody forges
-    these), and without hashlib, whose OpenSSL costs 3.5 MiB of resident memory."""
-
-    def __init__(self):
-        self.crc, self.adler, self.nbytes = 0, 1, 0
-
-    def update(self, data: bytes) -> None:
-        self.crc, self.adler = zlib.crc32(data, self.crc), zlib.adler32(data, self.adler)
-        self.nbytes += len(data)
-
-    def hexdigest(self) -> str:
-        return f"{self.crc:08x}{self.adler:08x}-{self.nbytes:x}"
 
 
 class SourceChangedError(CheckpointError):
@@ -268,23 +254,6 @@ def check_record_options(found: record.OutputRecord, given: Mapping[str, object]
 
 # -- writing the record ---------------------------------------------------------------------------------------
 
-def _ledger_crc32(staging_dir: str, name: str) -> int:
-    """A shard's CRC-32 from the resume ledger (`staging.record_shard`): computed as its bytes were written,
-    here or by a Ray worker, so the shard is not read again."""
-    import json
-    from ..output.staging import RECORDS_DIR
-    path = os.path.join(staging_dir, RECORDS_DIR, name + ".json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            crc = json.load(f).get("crc32")
-    except (OSError, ValueError, AttributeError):
-        crc = None
-    if not isinstance(crc, int) or isinstance(crc, bool):
-        raise OutputError(f"{path}: the finished-shard record holds no CRC-32 for {name}; nothing was committed. "
-                          "Run again with --discard-partial")
-    return crc
-
-
 def _file_crc32(path: str) -> int:
     crc = 0
     fd = open_regular(path, error=OutputError)
@@ -298,14 +267,15 @@ def _file_crc32(path: str) -> int:
         os.close(fd)
 
 
-def write_record(staging_dir: str, shard_names: Iterable[str], other_names: Iterable[str], *,
-                 source_fp: str, plan_fp: str, options: Mapping[str, object], version: str) -> str:
-    """Write `streamconv.json` into the staging folder, listing every shard (CRC-32 from the ledger) and every
-    other file (CRC-32 of its bytes). Returns the record's file name, for the caller to fsync with the rest."""
+def write_record(ledger: Ledger, shard_names: Iterable[str], other_names: Iterable[str], *,
+                 source_fp: str, options: Mapping[str, object], version: str) -> str:
+    """Write `streamconv.json` into the staging folder, listing every shard (CRC-32 from the resume ledger: the
+    one its writer computed, here or on a Ray worker, so the shard is not read again) and every other file
+    (CRC-32 of its bytes). Returns the record's file name, for the caller to fsync with the rest."""
+    staging_dir, plan_fp = ledger.staging_dir, ledger.plan_fingerprint
     files = {}
     for name in shard_names:
-        files[name] = record.FileEntry(os.path.getsize(os.path.join(staging_dir, name)),
-                                       _ledger_crc32(staging_dir, name))
+        files[name] = record.FileEntry(os.path.getsize(os.path.join(staging_dir, name)), ledger.crc32(name))
     for name in other_names:
         path = os.path.join(staging_dir, name)
         files[name] = record.FileEntry(os.path.getsize(path), _file_crc32(path))

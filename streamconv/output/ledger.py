@@ -1,0 +1,195 @@
+"""The resume ledger: does a shard in the staging folder match the plan? Its one home.
+
+    .<name>.streamconv-partial/.streamconv-resume/plan.json       what the folder converts (`plan_record`)
+    .<name>.streamconv-partial/.streamconv-resume/<shard>.json    one per finished shard (`Ledger.record`)
+
+A shard's record names the plan's fingerprint, the shard's own fingerprint (`shard_fingerprint`: its name,
+header and where every byte comes from), its size and the CRC-32 its writer computed. It is written only after
+the shard is fsynced, by whichever process wrote the shard (a local thread or a Ray task), so a record means
+"these bytes are this shard of this plan". The driver asks the same questions of every shard, whoever wrote it:
+`kept` (a resumed run keeps it: record, size and CRC-32 of the file), `check_written` (a runner said it wrote
+them: record and size) and `crc32` (the output's record takes the CRC-32 from here, without reading the shard).
+`Ledger` is a small picklable value, so a shard job carries it to another machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+
+from ..errors import OutputError
+from ..failpoints import kill_point
+from ..fs.fastpaths import FastPaths, detect
+from ..fs.outfiles import foreign
+from ..model import CheckpointMetadata
+from ..planning.plan import ConversionPlan, ShardPlan
+from . import durable
+
+RECORDS_DIR = ".streamconv-resume"     # in the staging folder; removed just before the commit
+PLAN_RECORD = "plan.json"
+RECORD_VERSION = 1
+
+
+class Fingerprint:
+    """CRC-32 + Adler-32 + length of a byte stream: enough to tell two saves or plans apart (nobody forges
+    these), and without hashlib, whose OpenSSL costs 3.5 MiB of resident memory."""
+
+    def __init__(self):
+        self.crc, self.adler, self.nbytes = 0, 1, 0
+
+    def update(self, data: bytes) -> None:
+        self.crc, self.adler = zlib.crc32(data, self.crc), zlib.adler32(data, self.adler)
+        self.nbytes += len(data)
+
+    def hexdigest(self) -> str:
+        return f"{self.crc:08x}{self.adler:08x}-{self.nbytes:x}"
+
+
+def shard_fingerprint(shard: ShardPlan) -> str:
+    """What decides a shard's bytes: its name, header, and where every tensor's bytes come from (and how)."""
+    h = Fingerprint()
+    h.update(shard.filename.encode("utf-8") + b"\0" + shard.header)
+    for t in shard.tensors:
+        chunks = [[c.location.relative_path, c.location.offset, c.location.length, list(c.offsets), list(c.sizes)]
+                  for c in t.chunks]
+        h.update(json.dumps([t.name, t.source_fqn, t.src_dtype, t.dst_dtype, list(t.shape), t.begin, t.nbytes,
+                             chunks]).encode("utf-8"))
+    return h.hexdigest()
+
+
+def plan_fingerprint(conversion: ConversionPlan) -> str:
+    """What decides every output file's bytes (`shard_fingerprint` of each shard)."""
+    h = Fingerprint()
+    for shard in conversion.shards:
+        h.update(shard_fingerprint(shard).encode("ascii"))
+    return h.hexdigest()
+
+
+def checkpoint_files(checkpoint_dir: str, meta: CheckpointMetadata) -> Dict[str, Optional[list]]:
+    """{relative path: [size, mtime_ns]} of the files the conversion reads: a resumed run must see the same."""
+    names = set(meta.files)
+    try:
+        names.update(n for n in os.listdir(checkpoint_dir) if n.endswith(".metadata"))
+    except OSError:
+        pass
+    out: Dict[str, Optional[list]] = {}
+    for name in sorted(names):
+        try:
+            st = os.stat(os.path.join(checkpoint_dir, name))
+            out[name] = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            out[name] = None
+    return out
+
+
+def plan_record(conversion: ConversionPlan, checkpoint_dir: str, meta: CheckpointMetadata,
+                source_fingerprint: Optional[str] = None) -> dict:
+    """Identifies a conversion for --resume (`plan.json`): the plan's fingerprint, the checkpoint's files and
+    content (`provenance.source_fingerprint`: a re-save restored with sizes and mtimes kept is not resumed into),
+    and the options (shown when they differ)."""
+    o = conversion.options
+    return {"plan": plan_fingerprint(conversion), "checkpoint": checkpoint_files(checkpoint_dir, meta),
+            "source": source_fingerprint,
+            "options": {"--max-shard-size": o.max_shard_bytes, "--dtype": o.dtype, "--include": list(o.include),
+                        "--exclude": list(o.exclude), "--rename": [f"{r.pattern}={r.replacement}" for r in o.renames],
+                        "--subtree": conversion.subtree, "tied heads dropped": list(o.drop)}}
+
+
+def check_resumable(previous: dict, current: dict, destination: str, staging_dir: str) -> None:
+    """A staging folder's plan record (`previous`) against this run's (`current`, from `plan_record`): resumed
+    only when made by this version for the same checkpoint files, content and plan; else OutputError, naming
+    what changed and how to start over."""
+    if previous.get("version") != RECORD_VERSION:
+        raise OutputError(f"{staging_dir}: written by another streamconv version; cannot resume it. "
+                          "Run again with --discard-partial to start over.")
+    if previous.get("checkpoint") != current.get("checkpoint"):
+        changed = _changed_keys(previous.get("checkpoint") or {}, current.get("checkpoint") or {})
+        raise OutputError(
+            f"{destination}: cannot resume: the checkpoint changed since the interrupted run "
+            f"({', '.join(changed[:5])} differ in size or modification time). "
+            "Run again with --discard-partial to start over.")
+    if previous.get("source") != current.get("source"):
+        raise OutputError(
+            f"{destination}: cannot resume: the checkpoint's content changed since the interrupted run "
+            "(its .metadata or chunk CRC-32s differ, though sizes and modification times may not: a re-save "
+            "restored with cp -p or rsync -a). Run again with --discard-partial to start over.")
+    if previous.get("plan") != current.get("plan"):
+        changed = _changed_keys(previous.get("options") or {}, current.get("options") or {})
+        detail = f" (options that differ: {', '.join(changed)})" if changed else ""
+        raise OutputError(
+            f"{destination}: cannot resume: the interrupted run was converting with other options, so "
+            f"its shards would differ{detail}. Run again with the same options and --resume, or with "
+            "--discard-partial to start over.")
+
+
+def _changed_keys(a: dict, b: dict) -> List[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """The finished-shard records of one staging folder for one plan."""
+    staging_dir: str
+    plan_fingerprint: Optional[str]
+    shard_fingerprints: Mapping[str, str]       # {shard file name: shard_fingerprint}
+
+    @classmethod
+    def for_plan(cls, staging_dir: str, conversion: ConversionPlan, plan_fp: Optional[str]) -> "Ledger":
+        return cls(staging_dir, plan_fp, {s.filename: shard_fingerprint(s) for s in conversion.shards})
+
+    def _record_path(self, filename: str) -> str:
+        return os.path.join(self.staging_dir, RECORDS_DIR, filename + ".json")
+
+    def record(self, shard: ShardPlan, crc32: int) -> None:
+        """A shard's bytes are all written: fsync the file, then write its record (atomically, by rename), so a
+        record always means durable bytes. Any process writing into the staging folder may call it."""
+        durable.fsync_path(os.path.join(self.staging_dir, shard.filename))
+        entry = {"plan": self.plan_fingerprint, "shard": self.shard_fingerprints[shard.filename],
+                 "nbytes": shard.nbytes, "crc32": crc32}
+        durable.write_json_atomic(self._record_path(shard.filename), entry)
+        kill_point("between-shards")
+
+    def recorded(self, shard: ShardPlan, *, check_crc: bool = True, fast: Optional[FastPaths] = None) -> bool:
+        """Whether `shard` was finished for this plan (here or by another process): its record matches, the file
+        is a regular file of its size and (`check_crc`) has the recorded CRC-32."""
+        entry = durable.read_json(self._record_path(shard.filename))
+        if (entry is None or entry.get("plan") != self.plan_fingerprint
+                or entry.get("shard") != self.shard_fingerprints.get(shard.filename)
+                or entry.get("nbytes") != shard.nbytes):
+            return False
+        path = os.path.join(self.staging_dir, shard.filename)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        if foreign(st, owner=False) or st.st_size != shard.nbytes:   # a symlink is never kept: it is replaced
+            return False
+        return not check_crc or durable.file_crc32(path, fast or detect()) == entry.get("crc32")
+
+    def has_record(self, shard: ShardPlan) -> bool:
+        """A record under the shard's name, matching or not (a resumed run's "had finished")."""
+        return os.path.lexists(self._record_path(shard.filename))
+
+    def kept(self, shards: Iterable[ShardPlan], fast: Optional[FastPaths] = None) -> List[ShardPlan]:
+        """The shards of a resumed run that need no rewriting: record, size and CRC-32 all match."""
+        return [s for s in shards if self.recorded(s, fast=fast)]
+
+    def check_written(self, shards: Sequence[ShardPlan], fast: Optional[FastPaths] = None) -> None:
+        """After a runner reported success: every shard it was given is recorded with its size (its bytes are
+        read back by --verify), else OutputError and nothing is committed."""
+        for s in shards:
+            if not self.recorded(s, check_crc=False, fast=fast):
+                raise OutputError(f"{os.path.join(self.staging_dir, s.filename)}: the worker writing it reported "
+                                  "success but no finished record or the wrong size is there; nothing was committed")
+
+    def crc32(self, filename: str) -> int:
+        """A shard's CRC-32 as its writer computed it, so the output's record need not read the shard again."""
+        path = self._record_path(filename)
+        entry = durable.read_json(path) or {}
+        crc = entry.get("crc32")
+        if not isinstance(crc, int) or isinstance(crc, bool):
+            raise OutputError(f"{path}: the finished-shard record holds no CRC-32 for {filename}; nothing was "
+                              "committed. Run again with --discard-partial")
+        return crc

@@ -1,0 +1,134 @@
+"""What every verb does first, and the two verbs made of nothing else: `plan` (the dry run) and
+`already_converted` (batch's skip test).
+
+`prepare` finds the DCP folder (a run folder stands for the one in it), reads its metadata, resolves the options,
+refuses optimizer-only folders, and prepares the HF side (config, names, reference check). The user's naming
+choices travel as one `Request`, as they were given to the API.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, NamedTuple, Optional, Tuple
+
+from .. import hf
+from ..errors import CheckpointError, OptionsError
+from ..fs import fastpaths
+from ..fs.paths import user_path
+from ..model import CheckpointMetadata
+from ..output import ledger, record
+from ..planning.options import resolve as resolve_options
+from ..planning.plan import DEFAULT_WRITERS, ConversionPlan, build_plan, with_writers
+from ..source import zstd
+from ..source.io import RangeReader
+from ..verification import provenance
+from . import discover
+from .checkpoint import load, locate_chunks
+from .report import Reporter
+
+
+@dataclass(frozen=True)
+class Request:
+    """The user's choices of what to convert, as the API takes them: a `ConvertOptions` (or the planner's
+    resolved `PlanOptions`), loose ConvertOptions fields as keywords, and the config choices."""
+    options: Any = None
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    config_from: Optional[str] = None
+    allow_unmatched: bool = False
+    no_config: bool = False
+
+    def resolved(self):
+        """(PlanOptions, the user's ConvertOptions view) as `planning.options.resolve` makes them."""
+        return resolve_options(self.options, self.kwargs, config_from=self.config_from,
+                               allow_unmatched=self.allow_unmatched, no_config=self.no_config)
+
+
+class Prepared(NamedTuple):
+    checkpoint_dir: str
+    reader: RangeReader         # the caller closes it
+    meta: CheckpointMetadata
+    setup: Any                  # hf.prepare's HfSetup: resolved options, config, names, tied heads
+    notes: Tuple[str, ...]
+
+
+def checkpoint_argument(checkpoint_dir) -> str:
+    """A checkpoint path as given, refused when empty (OptionsError) or a file (CheckpointError, with what to
+    pass instead); every verb starts here."""
+    checkpoint_dir = user_path(checkpoint_dir, "the checkpoint folder (CHECKPOINT_DIR)")
+    if os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
+        raise CheckpointError(
+            f"{checkpoint_dir} is a file, not a folder; pass the DCP checkpoint folder (the one holding `.metadata` "
+            f"and the .distcp files, e.g. {os.path.dirname(checkpoint_dir) or os.curdir}) or a run folder "
+            "holding one")
+    return checkpoint_dir
+
+
+def prepare(checkpoint_dir: str, request: Request, fast: Optional[fastpaths.FastPaths] = None) -> Prepared:
+    """See the module docstring."""
+    checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_argument(checkpoint_dir))
+    reader, meta = load(checkpoint_dir, fast)
+    try:
+        options, user = request.resolved()
+        options = replace(options, user=user)
+        if options.subtree is None:     # --subtree names what to convert, optimizer state included
+            discover.refuse_optimizer_only(meta, checkpoint_dir)
+        setup = hf.prepare(meta, options, checkpoint_dir, config_from=user.config_from,
+                           allow_unmatched=user.allow_unmatched, no_config=user.no_config)
+    except BaseException:
+        reader.close()
+        raise
+    notes = tuple(n for n in (found_note, zstd.transform_note(meta)) if n) + tuple(setup.notes)
+    return Prepared(checkpoint_dir, reader, meta, setup, notes)
+
+
+def checked_plan(meta: CheckpointMetadata, options, checkpoint_dir: str) -> ConversionPlan:
+    """The plan, refused when it selects nothing."""
+    conversion = build_plan(meta, options)
+    if not conversion.tensors:
+        raise OptionsError(
+            f"{checkpoint_dir}: no tensors selected to convert ({len(meta.tensors)} in the checkpoint); "
+            "check --include/--exclude/--subtree (see `streamconv inspect` for the names)")
+    return conversion
+
+
+def with_tied_heads(meta: CheckpointMetadata, setup, conversion: ConversionPlan):
+    """(plan to locate, {head name: TensorPlan}): dropped tied heads are still read once, to prove they equal the
+    embedding written in their place."""
+    with_heads = build_plan(meta, replace(setup.options, drop=())) if setup.tied else conversion
+    return with_heads, {t.name: t for t in with_heads.tensors if t.name in setup.dropped_heads}
+
+
+def dry_run(checkpoint_dir: str, request: Request, reporter: Optional[Reporter] = None,
+            workers: int = DEFAULT_WRITERS) -> ConversionPlan:
+    """`streamconv.plan`: everything `convert` would do, decided from `.metadata` (and the config folder) alone;
+    notes go to `reporter.note`."""
+    reporter = reporter or Reporter()
+    prepared = prepare(checkpoint_dir, request)
+    prepared.reader.close()
+    for note in prepared.notes:
+        reporter.note(note)
+    conversion = with_writers(checked_plan(prepared.meta, prepared.setup.options, prepared.checkpoint_dir), workers)
+    if conversion.source_note:
+        reporter.note(conversion.source_note)
+    return conversion
+
+
+def already_converted(checkpoint_dir: str, output_dir: str, request: Request) -> bool:
+    """Whether `output_dir` already holds what `convert` would write: its record names the same plan and the
+    same checkpoint content (`provenance.source_fingerprint`), and every file it lists has its recorded size.
+    Reads the record, `.metadata` and the chunks' headers; no tensor bytes."""
+    try:
+        found = record.read(output_dir)
+    except record.RecordError:
+        return False
+    if found is None:
+        return False
+    checkpoint_dir, reader, meta, setup, _ = prepare(checkpoint_dir, request)
+    with reader:
+        conversion = checked_plan(meta, setup.options, checkpoint_dir)
+        if ledger.plan_fingerprint(conversion) != found.plan_fingerprint:
+            return False
+        with_heads, _ = with_tied_heads(meta, setup, conversion)
+        before = provenance.snapshot(checkpoint_dir, provenance.source_files(checkpoint_dir, meta))
+        source_fp = provenance.source_fingerprint(checkpoint_dir, meta, locate_chunks(with_heads, reader), before)
+    return source_fp == found.source_fingerprint and not provenance.missing_or_resized(output_dir, found)

@@ -15,7 +15,7 @@ from ..planning import trainers
 from ..model import CheckpointMetadata
 from ..planning.plan import ConversionPlan, PlanOptions, select, source_format
 from ..planning.trainers import megatron
-from . import layouts, sidecars, tied, verdict
+from . import expected, layouts, sidecars, tied, verdict
 
 
 @dataclass(frozen=True)
@@ -110,9 +110,9 @@ def prepare(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir: str,
             options = dataclasses.replace(options, renames=options.renames + mapping.rules())
             shapes = {mapping.apply(n): s for n, s in shapes.items()}
             unfiltered = [mapping.apply(n) for n in unfiltered]
-    elif config is not None:
-        notes.append(f"{config.folder} holds no weights to take names from; names are the "
-                     "checkpoint's and cannot be checked against the model")
+    elif config is not None:     # config.json only: its model's names, from a table or transformers (exit 4 else)
+        notes.extend(expected.check(shapes, config, unfiltered=unfiltered, allow_unmatched=allow_unmatched,
+                                    source_format=adapter.name if adapter is not None else trainers.AS_IS, env=env))
 
     pairs, tied_notes = tied.find_tied_pairs(shapes, config.tie_word_embeddings if config else None, reference)
     notes.extend(tied_notes)

@@ -10,6 +10,7 @@ One launch of WORLD_SIZE gloo ranks writes, for each model below, into `out_dir/
 
 | name        | model |
 |-------------|-------|
+| llama       | LlamaForCausalLM, untied: its config.json is one streamconv's own table describes (no transformers needed) |
 | qwen2       | Qwen2ForCausalLM: q/k/v biases, untied head, vocab 101 (uneven shards) |
 | qwen3       | Qwen3ForCausalLM: QK-norm, tie_word_embeddings=True (the checkpoint holds both head and embedding) |
 | titan_names | a plain module with torchtitan's own MoE names (`tok_embeddings`, `layers.0.attention.wq`, grouped `layers.0.moe.experts.w1` [E, F, D]); its base/ holds a Qwen3-MoE config.json |
@@ -26,7 +27,7 @@ from streamconv.demo_checkpoint import run_distributed
 
 WORLD_SIZE = 2
 LR = 1e-2
-MODELS = ("qwen2", "qwen3", "titan_names")
+MODELS = ("llama", "qwen2", "qwen3", "titan_names")
 SIZES = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              head_dim=8, vocab_size=101, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
 MOE = dict(SIZES, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
@@ -34,8 +35,10 @@ MOE = dict(SIZES, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2
 
 
 def make_config(name: str):
-    from transformers import Qwen2Config, Qwen3Config, Qwen3MoeConfig
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
+    if name == "llama":
+        return LlamaConfig(**SIZES, tie_word_embeddings=False)
     if name == "qwen2":
         return Qwen2Config(**SIZES, tie_word_embeddings=False)
     if name == "qwen3":
@@ -46,9 +49,9 @@ def make_config(name: str):
 
 
 def model_class(name: str):
-    from transformers import Qwen2ForCausalLM, Qwen3ForCausalLM
+    from transformers import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
-    return {"qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM}[name]
+    return {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM}[name]
 
 
 class TitanLayer(nn.Module):
@@ -131,6 +134,7 @@ def build(out_dir) -> Dict[str, Path]:
     """One launch of WORLD_SIZE ranks writes every model. {name: out_dir/name}."""
     out = Path(out_dir)
     run_distributed(f"{__name__}:write_all", WORLD_SIZE, {"out_dir": str(out)}, timeout_s=300,
-                    preload=("transformers", "transformers.models.qwen2.modeling_qwen2",
+                    preload=("transformers", "transformers.models.llama.modeling_llama",
+                             "transformers.models.qwen2.modeling_qwen2",
                              "transformers.models.qwen3.modeling_qwen3", __name__))
     return {name: out / name for name in MODELS}

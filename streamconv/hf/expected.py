@@ -172,10 +172,11 @@ def stage_hints(found: verdict.Verdict, source_format: str, expected: Expected, 
     if rule:
         old, new, count = rule
         hints.append(f"{count} name(s) differ only by a prefix: --rename '^{re.escape(old)}={new}'")
-    if not trainer and not rule and found.missing:
+    if not trainer and not rule:
+        like = (f"whose weights are named like {found.missing[0]}" if found.missing else
+                f"which has no {found.unmatched[0]}" if found.unmatched else "whose shapes differ")
         hints.append(f"the config builds a {expected.model_class} (model_type {str(config.model_type)[:60]!r}), "
-                     f"whose weights are named like {found.missing[0]}: check that --config-from is the base model "
-                     "this checkpoint was trained from")
+                     f"{like}: check that --config-from is the base model this checkpoint was trained from")
     hints.append("give --config-from the base model's folder with its weights (their names are then the reference)")
     hints.append("add --allow-unmatched to write the folder anyway (transformers would load it with the missing "
                  "weights randomly initialised)")

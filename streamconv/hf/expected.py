@@ -166,13 +166,13 @@ def stage_hints(found: verdict.Verdict, source_format: str, expected: Expected, 
                      f"maps them to Hugging Face's (--source-format, one of {adapters}); none of these was detected "
                      "on this checkpoint, so none may map this model family yet")
     elif source_format != trainers.AS_IS:
-        hints.append(f"the {source_format} adapter's output is not this config's model: check that --config-from is "
-                     "the base model this checkpoint was trained from")
+        hints.append(f"the {source_format} adapter's output is not this config's model (a {expected.model_class}): "
+                     "check that --config-from is the base model this checkpoint was trained from")
     rule = prefix_rule(found.unmatched, found.missing)
     if rule:
         old, new, count = rule
         hints.append(f"{count} name(s) differ only by a prefix: --rename '^{re.escape(old)}={new}'")
-    if not trainer and not rule:
+    if not trainer and not rule and source_format == trainers.AS_IS:
         like = (f"whose weights are named like {found.missing[0]}" if found.missing else
                 f"which has no {found.unmatched[0]}" if found.unmatched else "whose shapes differ")
         hints.append(f"the config builds a {expected.model_class} (model_type {str(config.model_type)[:60]!r}), "

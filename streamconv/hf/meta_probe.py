@@ -62,7 +62,7 @@ def timeout_s(env: Mapping[str, str]) -> float:
     return value if value > 0 else DEFAULT_TIMEOUT_S
 
 
-def _installed_version() -> Optional[str]:
+def installed_version() -> Optional[str]:
     """transformers' version from its metadata (no import), None when it is not installed here."""
     import importlib.metadata as md
 
@@ -72,7 +72,8 @@ def _installed_version() -> Optional[str]:
         return None
 
 
-def _cache_path(env: Mapping[str, str], config_json: str, version: str) -> Optional[str]:
+def cache_path(env: Mapping[str, str], config_json: str, version: str) -> Optional[str]:
+    """Where the answer for `config_json` (as `ask` serialises it) is kept, None when no cache folder is set."""
     folder = env.get(CACHE_ENV)
     if not folder:
         return None
@@ -134,11 +135,11 @@ def parse(text: str) -> MetaAnswer:
 def ask(config: dict, env: Optional[Mapping[str, str]] = None) -> MetaAnswer:
     """What transformers loads for `config` (a parsed config.json). Raises ProbeFailed when it cannot say."""
     env = os.environ if env is None else env
-    version = _installed_version()
+    version = installed_version()
     if version is None:
         raise ProbeFailed("no-transformers", "transformers is not installed in this Python environment")
     config_json = json.dumps(config, sort_keys=True)
-    cached = _cache_path(env, config_json, version)
+    cached = cache_path(env, config_json, version)
     if cached and os.path.isfile(cached):
         with open(cached, encoding="utf-8") as f:
             return parse(f.read(MAX_ANSWER_BYTES + 1))

@@ -2,7 +2,8 @@
 
 A table lists the model's weight names and each shape as sizes named after the config (`vocab`, `hidden`, `q` =
 heads x head_dim...). It applies only to a config it describes completely: its model_type, its class (or none
-named), every size present, and no field set that it does not model (then transformers decides, `meta_probe`).
+named), every size present or defaulted as the config class defaults it, and no field set that it does not model
+(then transformers decides, `meta_probe`).
 Each table says which transformers release it was checked against; tests/hf/test_expected.py compares it with
 that release's meta-device model.
 """
@@ -29,6 +30,8 @@ class Table:
     # config fields that change the weights in ways the table does not model: their presence with another value
     # than this sends the config to transformers
     unmodelled: Tuple[Tuple[str, object], ...] = ()
+    # the config class's defaults for the sizes a config.json may leave out
+    defaults: Tuple[Tuple[str, int], ...] = ()
 
 
 _LLAMA_LAYER = (
@@ -57,15 +60,18 @@ LLAMA = Table(
                            ("model.layers.{i}.mlp.down_proj.bias", ("hidden",))))),
     tied=("lm_head.weight",), tie_default=False,
     unmodelled=(("quantization_config", None), ("auto_map", None)),
+    defaults=(("vocab_size", 32000), ("hidden_size", 4096), ("intermediate_size", 11008), ("num_hidden_layers", 32),
+              ("num_attention_heads", 32)),
 )
 
 TABLES: Tuple[Table, ...] = (LLAMA,)
 
 
-def _sizes(config: dict) -> Optional[Dict[str, int]]:
-    """The named sizes, or None when one is missing or not a positive int (transformers' defaults then apply:
-    not ours to guess)."""
-    need = {k: config.get(k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+def _sizes(config: dict, defaults: Tuple[Tuple[str, int], ...] = ()) -> Optional[Dict[str, int]]:
+    """The named sizes (`defaults` for those the config leaves out), or None when one is missing or not a positive
+    int."""
+    given = dict(defaults, **config)
+    need = {k: given.get(k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                        "num_attention_heads")}
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in need.values()):
         return None
@@ -95,14 +101,14 @@ def table_for(config: dict) -> Optional[Table]:
             continue
         if any(not isinstance(config.get(flag, False), bool) for flag, _ in table.flagged):
             continue
-        if _sizes(config) is not None:
+        if _sizes(config, table.defaults) is not None:
             return table
     return None
 
 
 def expected_weights(table: Table, config: dict) -> Tuple[Dict[str, Shape], frozenset]:
     """({name: shape} the model loads, names that may be absent) for a config `table_for` accepted."""
-    sizes = _sizes(config)
+    sizes = _sizes(config, table.defaults)
     assert sizes is not None, "table_for accepts only complete configs"
     entries = list(table.weights)
     layer_entries = list(table.per_layer) + [e for flag, more in table.flagged if config.get(flag) for e in more]

@@ -56,13 +56,19 @@ def test_the_llama_table_lists_every_weight_with_its_shape():
     assert tied == {"lm_head.weight"}
 
 
-@pytest.mark.parametrize("change", [{"hidden_size": None}, {"num_hidden_layers": 0}, {"architectures": ["LlamaModel"]},
+@pytest.mark.parametrize("change", [{"vocab_size": "big"}, {"hidden_size": None}, {"num_hidden_layers": 0}, {"architectures": ["LlamaModel"]},
                                     {"model_type": "mistral"}, {"quantization_config": {"quant_method": "fp8"}},
                                     {"attention_bias": "yes"}, {"hidden_size": 9}])
 def test_the_table_declines_a_config_it_does_not_describe_completely(change):
-    config = {k: v for k, v in dict(LLAMA, **change).items() if v is not None}
+    config = dict(LLAMA, **change)
     assert tables.table_for(LLAMA) is tables.LLAMA
     assert tables.table_for(config) is None
+
+
+def test_sizes_a_config_leaves_out_are_llama_configs_defaults():
+    weights, _ = tables.expected_weights(tables.LLAMA, {"model_type": "llama", "num_hidden_layers": 1})
+    assert weights["model.embed_tokens.weight"] == (32000, 4096) and weights["model.layers.0.mlp.up_proj.weight"] == (
+        11008, 4096) and len(weights) == 3 + 9
 
 
 # -- the comparison and its hints, pure -----------------------------------------------------------------------
@@ -138,7 +144,7 @@ def test_a_weight_left_out_by_the_users_filters_says_so():
 
 
 def test_no_transformers_and_no_table_is_exit_4_saying_how_to_fix(monkeypatch):
-    monkeypatch.setattr(meta_probe, "_installed_version", lambda: None)
+    monkeypatch.setattr(meta_probe, "installed_version", lambda: None)
     with pytest.raises(ReferenceMismatchError) as exc:
         expected.check({"model.norm.weight": (8,)}, _config(QWEN3_MOE))
     text = str(exc.value)
@@ -176,15 +182,31 @@ def test_the_childs_answer_is_checked_before_use(answer, kind):
     assert exc.value.kind == kind
 
 
-# -- transformers' own answer (meta device, cached for the session) ---------------------------------------
+# -- transformers' own answer (meta device) ---------------------------------------------------------------
+# Asked in this process (`meta_model.describe`, the child's own function: one transformers import for the whole
+# file) and kept in the session cache, so that `expected.check` below finds it without a child. The child itself
+# runs in the real-checkpoint tests further down (their configs are not asked here) and in the timeout test.
+
+
+def _transformers_answer(config: dict) -> meta_probe.MetaAnswer:
+    pytest.importorskip("transformers")
+    from streamconv.hf import meta_model
+
+    text = json.dumps(meta_model.describe(json.loads(json.dumps(config))))
+    cached = meta_probe.cache_path(os.environ, json.dumps(config, sort_keys=True), meta_probe.installed_version())
+    if cached:
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        Path(cached).write_text(text)
+    return meta_probe.parse(text)
 
 
 @pytest.mark.parametrize("change", [{}, {"tie_word_embeddings": True}, {"attention_bias": True, "mlp_bias": True},
-                                    {"head_dim": 6, "num_key_value_heads": 1}, {"num_key_value_heads": 4}])
+                                    {"head_dim": 6, "num_key_value_heads": 1}, {"num_key_value_heads": 4},
+                                    {"vocab_size": None, "hidden_size": None, "intermediate_size": None,
+                                     "num_attention_heads": None, "num_key_value_heads": None}])
 def test_the_llama_table_is_what_transformers_builds(change):
-    pytest.importorskip("transformers")
-    config = dict(LLAMA, **change)
-    answer = meta_probe.ask(dict(config, architectures=["LlamaForCausalLM"]))
+    config = {k: v for k, v in dict(LLAMA, **change).items() if v is not None}    # None: left out, defaulted
+    answer = _transformers_answer(dict(config, architectures=["LlamaForCausalLM"]))
     weights, optional = tables.expected_weights(tables.LLAMA, config)
     assert answer.model_class == tables.LLAMA.model_class
     assert [dict(w) for _, w in answer.layouts] == [weights]
@@ -193,8 +215,7 @@ def test_the_llama_table_is_what_transformers_builds(change):
 
 
 def test_moe_experts_load_per_expert_or_fused_and_nothing_in_between():
-    pytest.importorskip("transformers")
-    answer = meta_probe.ask(QWEN3_MOE)
+    answer = _transformers_answer(QWEN3_MOE)
     (saved_label, saved), (live_label, live) = answer.layouts
     assert saved["model.layers.1.mlp.experts.2.gate_proj.weight"] == (6, 8)
     assert saved["model.layers.1.mlp.experts.2.down_proj.weight"] == (8, 6)
@@ -211,11 +232,13 @@ def test_moe_experts_load_per_expert_or_fused_and_nothing_in_between():
 
 
 def test_a_model_type_transformers_does_not_know_is_exit_4():
-    pytest.importorskip("transformers")
-    with pytest.raises(ReferenceMismatchError) as exc:
-        expected.check({"w": (1,)}, _config({"model_type": "no_such_family_9", "hidden_size": 8}))
-    assert "model_type 'no_such_family_9' is not one transformers knows" in str(exc.value)
-    assert "upgrade transformers" in str(exc.value)
+    config = {"model_type": "no_such_family_9", "hidden_size": 8}
+    with pytest.raises(meta_probe.ProbeFailed) as failed:
+        _transformers_answer(config)
+    assert failed.value.kind == "unknown-model-type"
+    text = expected.cannot_prove_message(_config(config), "/base/config.json", failed.value)
+    assert "cannot prove" in text and "--allow-unmatched" in text
+    assert "model_type 'no_such_family_9' is not one transformers knows" in text and "upgrade transformers" in text
 
 
 # -- real checkpoints, written by torch under FSDP2 -----------------------------------------------------------

@@ -83,7 +83,8 @@ def cache_path(env: Mapping[str, str], config_json: str, version: str) -> Option
 
 def _run_child(config_json: str, env: Mapping[str, str]) -> str:
     limit_s = timeout_s(env)
-    child_env = dict(env, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
+    # This process's environment, not `env` (which carries only settings): offline, quiet, one thread.
+    child_env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
                      HF_HUB_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
     try:
         done = subprocess.run([sys.executable, "-c", LAUNCH, CHILD], input=config_json, capture_output=True,

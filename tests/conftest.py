@@ -3,6 +3,10 @@
 * `dcp_checkpoints`: every checkpoint of `dcp_writers.CHECKPOINTS`, written once per session by real torch
   writers in gloo process groups (three launches, a few seconds in all). {name: Path of the checkpoint folder}.
 * `demo_checkpoint`: the `make demo` checkpoint (`streamconv.demo_checkpoint.DemoCheckpoint`), built on request.
+* `model_families`: tiny Llama, Qwen2, Qwen3 and a torchtitan-named MoE module saved by DCP under FSDP2, each with a
+  config-only base folder (`family_writers.py`), built on request.
+* `meta_model_cache` (autouse): transformers' answer for a config.json (`streamconv/hf/meta_probe.py`, 5-20 s of
+  importing transformers in a child) is kept for the session in $STREAMCONV_META_CACHE_DIR (a tmp folder unless set).
 * `shared_fixtures_dir`: the GPU-made checkpoints in `<repo>/../shared/fixtures` (or $STREAMCONV_SHARED_FIXTURES);
   skips if that copy is absent, and the terminal summary then says so in one line (a skip among hundreds of
   dots is easy to miss, and those tests are the only ones on GPU-made checkpoints).
@@ -38,6 +42,20 @@ def demo_checkpoint(tmp_path_factory):
     from streamconv.demo_checkpoint import write_demo_checkpoint
 
     return write_demo_checkpoint(tmp_path_factory.mktemp("demo") / "ckpt", world_size=4)
+
+
+@pytest.fixture(scope="session")
+def model_families(tmp_path_factory):
+    import family_writers
+
+    return family_writers.build(tmp_path_factory.mktemp("families"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def meta_model_cache(tmp_path_factory):
+    if not os.environ.get("STREAMCONV_META_CACHE_DIR"):     # inherited by the CLI subprocesses the tests start
+        os.environ["STREAMCONV_META_CACHE_DIR"] = str(tmp_path_factory.mktemp("meta-cache"))
+    return Path(os.environ["STREAMCONV_META_CACHE_DIR"])
 
 
 @pytest.fixture(scope="session")

@@ -297,7 +297,7 @@ def _load_output(out_dir: Path) -> dict:
 
 
 @pytest.mark.parametrize("interpreter", ["current", "3.9"])
-def test_wheel_installs_without_torch_and_converts(interpreter, wheel, dcp_checkpoints, tmp_path):
+def test_wheel_installs_without_torch_and_converts(interpreter, wheel, dcp_checkpoints, model_families, tmp_path):
     """On this interpreter with the newest dependencies pip picks; on 3.9 with the oldest pyproject allows."""
     python = sys.executable if interpreter == "current" else _python39()
     if python is None:
@@ -334,6 +334,7 @@ def test_wheel_installs_without_torch_and_converts(interpreter, wheel, dcp_check
         assert len(loaded) == report["tensors"]
 
     _verifies_without_safetensors(commands["script"], ckpt, tmp_path / "out-script", tmp_path)
+    _checks_names_without_transformers(commands["script"], model_families, tmp_path)
 
     version = subprocess.run(commands["script"] + ["--version"], capture_output=True, text=True, env=_clean_env())
     assert version.returncode == 0 and version.stdout.split()[-1] == streamconv.__version__, version.stdout
@@ -376,6 +377,30 @@ def _verifies_without_safetensors(streamconv_cmd: list, ckpt: Path, good: Path, 
     r = run("verify", ckpt, damaged, "--dtype", "bfloat16")
     assert r.returncode == 3, r.stdout + r.stderr
     assert "differs: " in r.stdout and "bytes differ from the checkpoint" in r.stdout, r.stdout
+
+
+def _checks_names_without_transformers(streamconv_cmd: list, families: dict, tmp_path: Path) -> None:
+    """Issue 19.1 on the lean install (no torch, no transformers): a config-only base folder of a Llama is checked
+    with streamconv's own table and converts; a Qwen2 one cannot be proven there: exit 4, nothing written, the
+    message saying how to fix it; --allow-unmatched still writes it."""
+    def run(*args):
+        r = subprocess.run(streamconv_cmd + [str(a) for a in args], capture_output=True, text=True, timeout=300,
+                           env=_clean_env(), cwd=tmp_path)
+        assert "Traceback" not in r.stderr, r.stderr
+        return r
+
+    llama, qwen2 = families["llama"], families["qwen2"]
+    r = run("convert", llama / "ckpt", tmp_path / "lean-llama", "--config-from", llama / "base", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert any("by streamconv's llama table" in n for n in json.loads(r.stdout)["notes"]), r.stdout
+    out = tmp_path / "lean-qwen2"
+    r = run("convert", qwen2 / "ckpt", out, "--config-from", qwen2 / "base")
+    assert r.returncode == 4 and not out.exists(), r.stdout + r.stderr
+    assert "cannot prove" in r.stderr and "model_type 'qwen2'" in r.stderr, r.stderr
+    assert "pip install transformers torch" in r.stderr and "--allow-unmatched" in r.stderr, r.stderr
+    r = run("convert", qwen2 / "ckpt", out, "--config-from", qwen2 / "base", "--allow-unmatched", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert any(n.startswith("--allow-unmatched: names not checked") for n in json.loads(r.stdout)["notes"])
 
 
 # --- no POSIX-only imports at `import streamconv` ---------------------------------------------------------

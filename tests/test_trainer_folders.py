@@ -288,13 +288,24 @@ def test_discovery_reads_no_data_file_skips_hidden_folders_and_bounds_metadata_r
         discover.find_checkpoint(str(state))
 
 
-def test_a_config_only_reference_is_not_checked_and_says_so(written, tmp_path):
+def test_a_config_only_reference_is_checked_against_the_model_it_builds(written, tmp_path):
+    """Issue 19.1: no weights beside config.json no longer means unchecked: the names come from the config's model
+    (here streamconv's Llama table; tests/hf/test_expected.py has the rest)."""
     ref = tmp_path / "ref"
     ref.mkdir()
     shutil.copy(written["base"] / "config.json", ref / "config.json")
-    result = _invoke("plan", written["state"], "--config-from", ref, "--rename", r"^lm_head=output", "--json")
+    result = _invoke("plan", written["state"], "--config-from", ref, "--json")
     assert result.exit_code == 0, result.output
-    assert any("cannot be checked" in n for n in json.loads(result.output)["notes"])
+    assert any("output names and shapes are those of a LlamaForCausalLM built from" in n
+               for n in json.loads(result.output)["notes"])
+    result = _invoke("plan", written["state"], "--config-from", ref, "--rename", r"^lm_head=output", "--json")
+    assert result.exit_code == ReferenceMismatchError.exit_code, result.output
+    assert "output.weight" in result.output and "--rename '^output\\.=lm_head.'" in result.output
+    result = _invoke("plan", written["state"], "--config-from", ref, "--rename", r"^lm_head=output", "--json",
+                     "--allow-unmatched")
+    assert result.exit_code == 0, result.output
+    assert any(n.startswith("--allow-unmatched: the output is not the LlamaForCausalLM")
+               for n in json.loads(result.output)["notes"])
 
 
 def test_a_folder_with_no_checkpoint_below_still_explains_dcp(tmp_path):

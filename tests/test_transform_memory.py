@@ -61,8 +61,9 @@ def test_rope_gather_peak_rss_is_bounded_by_the_buffer(big, tmp_path):
     from safetensors.numpy import load_file
 
     buffer_mib = 4
+    # --allow-unmatched: two tensors of one layer, not the whole model the config describes
     report = convert(big, tmp_path / "out", "--buffer-size", f"{buffer_mib}MiB", "--source-format",
-                     "torchtitan-llama")
+                     "torchtitan-llama", "--allow-unmatched")
     peak_mib = report["peak_rss_bytes"] / 2**20
     assert report["bytes_written"] > 144 * 2**20
     assert peak_mib < 48 + buffer_mib, f"peak RSS {peak_mib:.1f} MiB with a {buffer_mib} MiB buffer"

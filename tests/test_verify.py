@@ -428,7 +428,8 @@ def test_tied_head_is_rechecked_against_the_written_embedding(dcp_checkpoints, t
     out = tmp_path / "out"
     streamconv.convert(str(ckpt), str(out))                 # no config: lm_head.weight kept
     (out / "streamconv.json").unlink()     # (its record would say: made without a config; see test_provenance)
-    code, result = verify_json(ckpt, out, "--config-from", config)
+    # --allow-unmatched: TinyLlama (attn_gate, q/k/v biases) is no model of that config; the names are not the point
+    code, result = verify_json(ckpt, out, "--config-from", config, "--allow-unmatched")
     assert code == EXIT_DIFFERS
     assert result["extra"] == [{"name": "lm_head.weight", "file": "model.safetensors"}]
     assert [d["name"] for d in result["differing"]] == ["lm_head.weight"]

@@ -5,6 +5,8 @@
 * `layouts`  — per-architecture name mappings as data, chosen by matching the reference folder's names.
 * `tied`     — which head a tied config drops, and a streaming check that it equals the embedding.
 * `verdict`  — the output's names and shapes against the reference's weights: a mismatch fails before writing.
+* `expected` — with a config-only base folder, the names and shapes that config's model loads (`tables`: Llama as
+  data; `meta_probe`: transformers on the meta device in a child process, `meta_model`), held to the same rule.
 * `prepare`  — the above turned into `PlanOptions` before planning.
 """
 from . import layouts, sidecars, tied, verdict

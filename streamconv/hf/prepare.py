@@ -17,7 +17,7 @@ from ..model import CheckpointMetadata
 from ..planning import naming
 from ..planning.plan import ConversionPlan, PlanOptions
 from ..planning.trainers import megatron
-from . import layouts, sidecars, tied, verdict
+from . import expected, layouts, sidecars, tied, verdict
 
 
 @dataclass(frozen=True)
@@ -65,10 +65,7 @@ def _megatron_format(checkpoint_dir: str, options: PlanOptions, notes: List[str]
 def _layout_stage(named: naming.Naming, reference, config, notes: List[str]):
     """(names with the reference layout applied, the layout's label or None): the layout whose mapping of the
     adapter's names (all of them, before --rename and the filters) hits the most reference weights."""
-    if reference is None:
-        if config is not None:
-            notes.append(f"{config.folder} holds no weights to take names from; names are the "
-                         "checkpoint's and cannot be checked against the model")
+    if reference is None:       # (a config.json alone is checked after the names are made: expected.check)
         return named.with_layout(None), None
     mapping, hits = layouts.choose_mapping([t.name for t in named.tensors], reference, config.model_type)
     if mapping.layout is None:
@@ -111,6 +108,11 @@ def prepare(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir: str,
         checked = trainers.check_llama_shapes(shapes, config.data, named.adapter)
         if checked:
             notes.append(checked)
+
+    if reference is None and config is not None:    # config.json only: its model's names, from a table or
+        notes.extend(expected.check(                # transformers on the meta device (exit 4 else)
+            shapes, config, unfiltered=named.unfiltered(), allow_unmatched=allow_unmatched,
+            source_format=named.adapter.name if named.adapter is not None else trainers.AS_IS, env=env))
 
     pairs, tied_notes = tied.find_tied_pairs(shapes, config.tie_word_embeddings if config else None, reference)
     notes.extend(tied_notes)

@@ -26,7 +26,7 @@ from .planning.options import ConvertOptions, resolve as resolve_options
 from .model import CheckpointMetadata
 from .verify.provenance import Fingerprint as _Fingerprint
 from .planning.plan import (DEFAULT_WRITERS, INDEX_FILE_NAME, ConversionPlan, PlanOptions, build_plan, source_format,
-                            with_writers)
+                            with_permuted_chunks, with_writers)
 from .runs.report import ConversionReport, Reporter, peak_rss_bytes
 from .runs.parallel import write_shards
 from .source import zstd
@@ -256,6 +256,8 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
         protected = check_destination(output_dir, folders, files)       # before anything is written
         before = provenance.snapshot(checkpoint_dir, provenance.source_files(checkpoint_dir, meta))
         stored = locate_chunks(with_heads, reader)
+        conversion = with_permuted_chunks(conversion, {loc for loc, s in stored.items() if not s.is_contiguous},
+                                          workers)
         source_fp = provenance.source_fingerprint(checkpoint_dir, meta, stored, before)
         resume_record = plan_record(conversion, checkpoint_dir, meta, source_fp)
         # A killed --overwrite is finished (or undone) first: what OUT holds decides everything below.

@@ -7,13 +7,13 @@ The executor only follows the plan, shard by shard, so a shard can be (re)built 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Collection, Dict, List, Optional, Sequence, Tuple
 
 from .. import dtypes, safetensors_format
 from . import names, trainers
 from .coverage import check_coverage, dedup_chunks
 from ..errors import CheckpointError, OptionsError, UnsupportedFeatureError
-from ..model import CheckpointMetadata, Chunk, TensorEntry, numel
+from ..model import BlobLocation, CheckpointMetadata, Chunk, TensorEntry, numel
 from ..safetensors_format import MAX_HEADER_BYTES
 from .transforms import Derived, Heads, Piece, check_gather, cut_all, distinct_chunks, flatten, is_contiguous_piece
 
@@ -35,6 +35,9 @@ NUMPY_RSS_BYTES = 12 * 2**20
 IO_STEP_BYTES_PER_WRITER = 2**20
 DEFAULT_WRITERS = 2
 IO_STEPS_BYTES = DEFAULT_WRITERS * IO_STEP_BYTES_PER_WRITER
+# * per writer reading zstd-compressed chunks, its decoder and window (2 MiB at torch's default level; measured
+#   4.5 MiB for two writers, tests/test_zstd_strided_memory.py);
+DECODER_BYTES_PER_WRITER = 5 * 2**19
 # * per chunk, its metadata and plan entries (dataclasses, tuples, dict slots);
 PER_CHUNK_BYTES = 1500
 # * the buffer each writer touches: its share of `buffer_bytes`, or less when no tensor needs that much
@@ -447,25 +450,44 @@ def with_writers(conversion: ConversionPlan, writers: int) -> ConversionPlan:
     return replace(conversion, peak_bytes=conversion.peak_bytes + extra_bytes)
 
 
-def buffer_need_bytes(t: TensorPlan) -> int:
+def with_permuted_chunks(conversion: ConversionPlan, permuted: Collection[BlobLocation],
+                         writers: int) -> ConversionPlan:
+    """The predicted peak (for `writers`) once locating the chunks found some stored with permuted strides (a
+    transposed weight saved as it was): `.metadata` cannot tell, and such a tensor is assembled through the
+    buffer (execution/strided.py) where its offsets alone promised a plain copy."""
+    if not permuted:
+        return conversion
+    tensors, buffer_bytes = conversion.tensors, conversion.options.buffer_bytes
+    extra_bytes = (_writers_bytes(tensors, buffer_bytes, writers, frozenset(permuted))
+                   - _writers_bytes(tensors, buffer_bytes, writers))
+    return replace(conversion, peak_bytes=conversion.peak_bytes + extra_bytes)
+
+
+def buffer_need_bytes(t: TensorPlan, permuted: Collection[BlobLocation] = frozenset()) -> int:
     """The most buffer one step of `t` can take when the buffer is not the limit (0: it never uses the buffer).
     A plain copy goes file to file in the kernel; a cast passes through the buffer, its output in place over its
-    input; an assembly holds a band and, behind it, one chunk's part of the band (the staging of short runs)."""
-    if not t.is_cast and t.is_row_contiguous:
+    input; an assembly holds a band and, behind it, one chunk's part of the band (the staging of short runs and
+    of chunks stored with `permuted` strides)."""
+    assembled = not t.is_row_contiguous or any(c.location in permuted for c in t.chunks)
+    if not t.is_cast and not assembled:
         return 0
     src_bytes = numel(t.shape) * dtypes.BY_NAME[t.src_dtype].itemsize
     staging_bytes = 0
-    if not t.is_row_contiguous and not t.pieces:
+    if assembled and not t.pieces:
         staging_bytes = max((numel(c.sizes) for c in t.chunks), default=0) * dtypes.BY_NAME[t.src_dtype].itemsize
     return max(src_bytes + staging_bytes, t.nbytes)
 
 
-def _writers_bytes(tensors: Sequence[TensorPlan], buffer_bytes: int, writers: int) -> int:
-    """What the writers hold beyond the base: their IO steps and, when some tensor passes through the buffer,
-    numpy and the part of each writer's share of the buffer that the largest such tensor touches."""
+def _writers_bytes(tensors: Sequence[TensorPlan], buffer_bytes: int, writers: int,
+                   permuted: Collection[BlobLocation] = frozenset()) -> int:
+    """What the writers hold beyond the base: their IO steps, their zstd decoders when chunks are compressed and,
+    when some tensor passes through the buffer, numpy and the part of each writer's share of the buffer that the
+    largest such tensor touches."""
     running = max(1, min(writers, len(tensors)))
-    need_bytes = max((buffer_need_bytes(t) for t in tensors), default=0)
+    need_bytes = max((buffer_need_bytes(t, permuted) for t in tensors), default=0)
     held = running * IO_STEP_BYTES_PER_WRITER
+    if any(c.location.transform_descriptors for t in tensors for c in t.chunks):
+        held += running * DECODER_BYTES_PER_WRITER
     if need_bytes:
         held += NUMPY_RSS_BYTES + running * min(max(1, buffer_bytes // running), need_bytes)
     return held

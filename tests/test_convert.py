@@ -138,7 +138,11 @@ def test_cli_plan_and_inspect(dcp_checkpoints):
     result = runner.invoke(cli, ["plan", ckpt, "--json", "--max-shard-size", "20KB"])
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
-    assert len(plan["shards"]) > 1 and plan["predicted_peak_bytes"] > plan["buffer_bytes"]
+    assert len(plan["shards"]) > 1
+    # FSDP2 copies go file to file in the kernel: the predicted peak holds neither the buffer nor numpy.
+    from streamconv.planning.plan import BASE_RSS_BYTES, IO_STEPS_BYTES, NUMPY_RSS_BYTES
+    base = BASE_RSS_BYTES + IO_STEPS_BYTES
+    assert base < plan["predicted_peak_bytes"] < base + NUMPY_RSS_BYTES, plan["predicted_peak_bytes"]
     human = runner.invoke(cli, ["plan", ckpt])
     assert human.exit_code == 0 and "model.safetensors" in human.output
     info = runner.invoke(cli, ["inspect", ckpt, "--json"])

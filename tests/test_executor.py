@@ -239,9 +239,11 @@ def test_each_band_is_prefetched_while_the_one_before_is_filled():
     arr = np.arange(512 * 64 * 4, dtype=np.float32).reshape(512, 64, 4)
     meta, reader, stored = make_checkpoint({"w": arr}, {"w": [[], [], [2]]}, n_files=2)
     recording = PrefetchingReader(reader._files)
-    plan, out = run(meta, recording, stored, buffer_bytes=64 << 10)     # 512 KiB tensor: 16 bands of 32 KiB
+    # 512 KiB tensor: rows of 1 KiB, each with 512 bytes of one chunk staged behind the band, so 42 rows a band
+    # (64 KiB // 1.5 KiB): 13 bands, each read as two 21 KiB parts.
+    plan, out = run(meta, recording, stored, buffer_bytes=64 << 10)
     assert read_safetensors(out["model.safetensors"])["w"] == arr.tobytes()
-    assert len(recording.read_ranges) == 2 * 16
+    assert len(recording.read_ranges) == 2 * 13 and recording.read_ranges[0][2] == 42 * 512
     assert recording.prefetched == recording.read_ranges[2:]     # all but the first band's two parts
 
 

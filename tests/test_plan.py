@@ -226,3 +226,34 @@ def test_renamed_lists_real_renames_not_the_subtree_unwrap():
     ))
     plan = build_plan(meta, PlanOptions(renames=(RenameRule.parse(r"layers\.0\.=blocks.0."),)))
     assert dict(plan.renamed) == {"model.layers.0.w": "blocks.0.w", "model._orig_mod.layers.1.w": "layers.1.w"}
+
+
+def column_chunks(rows, cols, parts):
+    """Tensor-parallel Shard(1): `parts` column blocks at offsets (0, c)."""
+    step = cols // parts
+    return tuple(Chunk((0, c), (rows, step), loc(i, 0, rows * step * 4)) for i, c in enumerate(range(0, cols, step)))
+
+
+def test_predicted_peak_counts_the_buffer_a_tensor_touches():
+    """Literal peaks: FSDP copies hold no buffer (nor numpy); a column-block tensor holds its bytes and one
+    block's staging, up to each writer's share of the buffer; a cast holds the wider of its input and output."""
+    from streamconv.planning import plan as p
+    copies = CheckpointMetadata(tensors=(tensor("model.a", (64, 1024), chunks=dim0_chunks(64, 1024, 4)),),
+                                byte_entries=())
+    blocks = CheckpointMetadata(tensors=(tensor("model.b", (64, 1024), chunks=column_chunks(64, 1024, 4)),),
+                                byte_entries=())
+    # One tensor: one writer runs, whatever the default, so one IO step.
+    base = p.BASE_RSS_BYTES + 4 * p.PER_CHUNK_BYTES + p.IO_STEP_BYTES_PER_WRITER
+    assert build_plan(copies).peak_bytes == base
+    assert build_plan(copies, PlanOptions(dtype="bfloat16")).peak_bytes == base + p.NUMPY_RSS_BYTES + 256 * 1024
+    plan = build_plan(blocks, PlanOptions(buffer_bytes=2**20))
+    (t,) = plan.tensors
+    assert p.buffer_need_bytes(t) == 256 * 1024 + 64 * 1024               # the tensor and one block staged
+    assert plan.peak_bytes == base + p.NUMPY_RSS_BYTES + 320 * 1024
+    small = build_plan(blocks, PlanOptions(buffer_bytes=128 * 1024))      # the buffer is the limit
+    assert small.peak_bytes == base + p.NUMPY_RSS_BYTES + 128 * 1024
+    assert p.with_writers(small, 4) == small
+    two = CheckpointMetadata(tensors=blocks.tensors + (tensor("model.c", (8, 8)),), byte_entries=())
+    one_writer, two_writers = (p.with_writers(build_plan(two, PlanOptions(buffer_bytes=2**20)), w) for w in (1, 2))
+    # A second writer: its IO step, and the same largest need again from its own half of the buffer.
+    assert two_writers.peak_bytes - one_writer.peak_bytes == p.IO_STEP_BYTES_PER_WRITER + 320 * 1024

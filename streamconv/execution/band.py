@@ -3,8 +3,8 @@
 The output is built band by band (`geometry.BandGeometry`): each chunk's part of a band is one contiguous range
 of its file. When that part's runs in the band are long it is scatter-read (preadv, IOV_MAX runs at a time)
 straight into place; when they are short (8 bytes for a [4096, 256, 4] tensor split on dim 2) it is read whole
-into a staging half of the buffer and scattered by one strided numpy copy, so no per-run list ever grows. The
-next band's ranges are prefetched while this one is filled.
+into a staging area behind the band (room for one chunk's part of it) and scattered by one strided numpy copy,
+so no per-run list ever grows. The next band's ranges are prefetched while this one is filled.
 """
 from __future__ import annotations
 
@@ -36,9 +36,10 @@ def write(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
     geometry = BandGeometry.fit(t.shape, item, ws.band_budget(t))
     staging_bytes = 0
     if _has_short_runs(t, geometry.dim):
-        # Short-run chunks are read whole into a staging area behind the band and scattered by numpy.
-        geometry = BandGeometry.fit_with_staging(t.shape, item, ws.band_budget(t))
-        staging_bytes = geometry.max_band_bytes
+        # Short-run chunks are read whole into a staging area behind the band and scattered by numpy; the
+        # staging holds one chunk's part of a band, so the band takes the rest of the buffer.
+        geometry = BandGeometry.fit_with_staging(t.shape, item, ws.band_budget(t), [c.sizes for c in t.chunks])
+        staging_bytes = geometry.max_staging_bytes
     ws.check_integrity(t, t.chunks)     # every band reads every chunk: check them all first
     bands = geometry.bands()
     following = next(bands, None)

@@ -29,24 +29,35 @@ class BandGeometry:
     dim: int                # the band dim; len(shape) for a 0-d tensor (one band of its one element)
     row_bytes: int          # source bytes of one index of `dim`, every later dim whole
     rows_per_band: int
+    staging_row_bytes: int = 0  # staging per row of a band: the widest chunk's extent after `dim`
 
     @classmethod
     def fit(cls, shape: Sequence[int], item: int, budget_bytes: int) -> "BandGeometry":
         """Bands of at most `budget_bytes` source bytes (at least one row, whatever the budget)."""
-        shape = tuple(shape)
-        inner = [numel(shape[k + 1:]) * item for k in range(len(shape))]
-        dim = next((k for k in range(len(shape)) if inner[k] <= budget_bytes), len(shape))
-        if dim == len(shape):
-            return cls(shape, item, dim, item, 1)
-        row_bytes = inner[dim]
-        rows = max(1, budget_bytes // row_bytes) if row_bytes else max(1, shape[dim])
-        return cls(shape, item, dim, row_bytes, rows)
+        return cls.fit_with_staging(shape, item, budget_bytes, chunk_sizes=())
 
     @classmethod
-    def fit_with_staging(cls, shape: Sequence[int], item: int, budget_bytes: int) -> "BandGeometry":
-        """Bands of half the budget: the other half stages a chunk's part of the band (never larger than the
-        band) before it is scattered into place. The staging size is then `max_band_bytes`."""
-        return cls.fit(shape, item, max(item, budget_bytes // 2 // item * item))
+    def fit_with_staging(cls, shape: Sequence[int], item: int, budget_bytes: int,
+                         chunk_sizes: Optional[Sequence[Sequence[int]]] = None) -> "BandGeometry":
+        """Bands that fit the budget together with a staging area for one chunk's part of a band (read whole,
+        then scattered into place). A chunk's part of rows a..b is at most (b - a) times its own row (its extent
+        in the dims after the band dim), so the staging needs `max_staging_bytes`: a quarter of the band for four
+        column blocks, not a half of the buffer set aside. `chunk_sizes`: every chunk's extents (None: stage a
+        whole band; empty: no staging)."""
+        shape = tuple(shape)
+        sizes = [tuple(c) for c in chunk_sizes] if chunk_sizes is not None else [shape]
+        inner = [numel(shape[k + 1:]) * item for k in range(len(shape))] + [item]
+        staged = [max((numel(c[k + 1:]) * item for c in sizes), default=0) for k in range(len(shape))]
+        staged.append(item if sizes else 0)
+        # Nothing fits: one-element bands, or, when staging, one-row bands of the last dim (the assemblers index
+        # chunk extents by the band dim) and a buffer grown to that row and its staging.
+        fallback = len(shape) - 1 if shape and sizes else len(shape)
+        dim = next((k for k in range(len(shape)) if inner[k] + staged[k] <= budget_bytes), fallback)
+        per_row = inner[dim] + staged[dim]
+        if dim == len(shape):
+            return cls(shape, item, dim, item, 1, staged[dim])
+        rows = max(1, budget_bytes // per_row) if per_row else max(1, shape[dim])
+        return cls(shape, item, dim, inner[dim], rows, staged[dim])
 
     def limited(self, rows_per_band: int) -> "BandGeometry":
         """At most `rows_per_band` rows per band (at least one)."""
@@ -60,6 +71,11 @@ class BandGeometry:
     @property
     def max_band_bytes(self) -> int:
         return min(self.rows_per_band, self.extent) * self.row_bytes
+
+    @property
+    def max_staging_bytes(self) -> int:
+        """Room for any one chunk's part of a band."""
+        return min(self.rows_per_band, self.extent) * self.staging_row_bytes
 
     def bands(self) -> Iterator[Band]:
         """Every band, in output order."""

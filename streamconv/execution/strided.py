@@ -3,12 +3,12 @@ transposed weight (stride (1, rows)), a channels_last conv weight ((C*H*W, 1, W*
 strides (DCP's writer clones only when the storage is larger than the tensor), so the chunk's bytes are the tensor
 in another dim order: its *storage order*, the dims sorted by decreasing stride (`geometry.storage_order`).
 
-The output is still built band by band in the workspace's buffer (`geometry.BandGeometry`, half of the buffer for
-the band and half for staging). A chunk's part of a band is a box of the chunk; in storage order that box is a box
-of a row-major array, i.e. runs of the file. They are read in storage order into the staging half (one read of
-their whole range when it fits there, else run by run in increasing offset, so a zstd-decoded chunk is decoded
-forward), and one numpy transpose-view copy puts them in place in the band. Memory stays at the buffer whatever
-the tensor's size.
+The output is still built band by band in the workspace's buffer (`geometry.BandGeometry`: the band, and behind
+it a staging area the size of the largest chunk's part of a band). A chunk's part of a band is a box of the
+chunk; in storage order that box is a box of a row-major array, i.e. runs of the file. They are read in storage
+order into the staging area (one read of their whole range when it fits there, else run by run in increasing
+offset, so a zstd-decoded chunk is decoded forward), and one numpy transpose-view copy puts them in place in the
+band. Memory stays at the buffer whatever the tensor's size.
 
 Strides that are not a permutation of contiguous ones (overlapping or gapped views) are refused by
 `executor.check_stored`.
@@ -38,12 +38,13 @@ def accepts(t: TensorPlan, stored: Mapping[BlobLocation, StoredTensor]) -> bool:
 def write(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
     """Write tensor `t` (no pieces) whose chunks may have permuted strides, band by band."""
     item = dtypes.BY_NAME[t.src_dtype].itemsize
-    # Half of the buffer for the band, half for staging: a chunk's part of a band is never larger than the band.
-    geometry = BandGeometry.fit_with_staging(t.shape, item, ws.band_budget(t))
+    # The band and, behind it, room for one chunk's part of a band (its box, packed run by run when its range
+    # in the file is wider than that).
+    geometry = BandGeometry.fit_with_staging(t.shape, item, ws.band_budget(t), [c.sizes for c in t.chunks])
     ws.check_integrity(t, t.chunks)
     for band in geometry.bands():
         ws.check_stop()
-        block, staging = ws.scratch_and_staging(geometry.band_bytes(band), t, geometry.max_band_bytes)
+        block, staging = ws.scratch_and_staging(geometry.band_bytes(band), t, geometry.max_staging_bytes)
         for chunk in t.chunks:
             _fill(ws, t, chunk, band, geometry.dim, block, staging, item)
         ws.emit(t, sink, block, geometry.first_element(band))

@@ -7,13 +7,13 @@ The executor only follows the plan, shard by shard, so a shard can be (re)built 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Collection, Dict, List, Optional, Sequence, Tuple
 
 from .. import dtypes, safetensors_format
 from . import names
 from .coverage import check_coverage, dedup_chunks
 from ..errors import OptionsError
-from ..model import CheckpointMetadata, Chunk, TensorEntry, numel
+from ..model import BlobLocation, CheckpointMetadata, Chunk, TensorEntry, numel
 from .naming import Naming, Skipped, name_tensors
 from ..safetensors_format import MAX_HEADER_BYTES
 from .transforms import Derived, Heads, Piece, check_gather, cut_all, distinct_chunks, flatten, is_contiguous_piece
@@ -21,18 +21,29 @@ from .transforms import Derived, Heads, Piece, check_gather, cut_all, distinct_c
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9          # as huggingface_hub's "5GB"
 DEFAULT_BUFFER_BYTES = 32 * 2**20
 MIN_BUFFER_BYTES = 64 * 2**10
-# Resident memory of the converter itself (interpreter, numpy, click, tqdm) before any buffer, measured on
-# CPython 3.11; used only to predict the peak. In a freshly installed venv the shared libraries (numpy's,
-# OpenBLAS) are mapped with ~5 MiB more resident than after they have been paged a while: counted here.
-BASE_RSS_BYTES = 44 * 2**20
-# Transient reads outside the buffer, per writer: the plain IO paths' 1 MiB steps (fastpaths.PREAD_STEP_BYTES),
-# a comparing sink's pieces, a resume record's CRC read-back. `build_plan` predicts for the default writer
-# count; `with_writers` for another.
+# The predicted peak (`ConversionPlan.peak_bytes`) is the sum of what the converter holds resident at once,
+# each part measured with /usr/bin/time (CPython 3.11, numpy 2.4, 2-core VM, 2026-12-07; docs/benchmarks.md):
+# * the interpreter with streamconv, click and the stdlib they import, and the decoded metadata and plan
+#   (22.4 MiB after `import streamconv.cli`; then the report, the sink, a writer thread: 23-24 MiB in all), with
+#   1 MiB to spare for the shared-library pages a freshly installed venv maps beyond a used one;
+BASE_RSS_BYTES = 25 * 2**20
+# * numpy and its OpenBLAS (11.7 MiB), imported only when a tensor passes through the buffer (a cast or an
+#   assembly): a plan of plain FSDP copies runs without it;
+NUMPY_RSS_BYTES = 12 * 2**20
+# * per writer, transient reads outside the buffer: the plain IO paths' 1 MiB steps (fastpaths.PREAD_STEP_BYTES),
+#   the CRC-32 check's 1 MiB piece, a comparing sink's pieces, a resume record's CRC read-back. `build_plan`
+#   predicts for the default writer count; `with_writers` for another;
 IO_STEP_BYTES_PER_WRITER = 2**20
 DEFAULT_WRITERS = 2
 IO_STEPS_BYTES = DEFAULT_WRITERS * IO_STEP_BYTES_PER_WRITER
-# Rough resident cost of one chunk's metadata and plan entries (dataclasses, tuples, dict slots).
+# * per writer reading zstd-compressed chunks, its decoder and window (2 MiB at torch's default level; measured
+#   4.5 MiB for two writers, tests/test_zstd_strided_memory.py);
+DECODER_BYTES_PER_WRITER = 5 * 2**19
+# * per chunk, its metadata and plan entries (dataclasses, tuples, dict slots);
 PER_CHUNK_BYTES = 1500
+# * the buffer each writer touches: its share of `buffer_bytes`, or less when no tensor needs that much
+#   (`buffer_need_bytes`). The buffer is allocated once per writer and touched page by page, so a plan whose
+#   largest assembled tensor is 3 MiB holds 3 MiB, whatever --buffer-size says.
 
 SINGLE_FILE_NAME = "model.safetensors"
 INDEX_FILE_NAME = "model.safetensors.index.json"
@@ -273,7 +284,9 @@ def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -
         shards.append(ShardPlan(filename=filename, header=header, tensors=tuple(tensors)))
 
     n_chunks = sum(len(t.chunks) for t in meta.tensors) + sum(len(t.pieces) for s in shards for t in s.tensors)
-    peak = BASE_RSS_BYTES + IO_STEPS_BYTES + options.buffer_bytes + n_chunks * PER_CHUNK_BYTES
+    planned = [t for s in shards for t in s.tensors]
+    peak = (BASE_RSS_BYTES + n_chunks * PER_CHUNK_BYTES
+            + _writers_bytes(planned, options.buffer_bytes, DEFAULT_WRITERS))
     return ConversionPlan(shards=tuple(shards), options=replace(options, naming=None), skipped=named.all_skipped,
                           renamed=named.renamed, subtree=named.subtree, peak_bytes=peak,
                           source_format=named.source_format, source_note=named.source_note)
@@ -282,9 +295,53 @@ def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -
 def with_writers(conversion: ConversionPlan, writers: int) -> ConversionPlan:
     """The plan with its predicted peak for `writers` threads (`--workers`) instead of DEFAULT_WRITERS: they
     share the buffer, but each has its own transient IO steps. No more writers run than there are tensors."""
-    running = max(1, min(writers, len(conversion.tensors)))
-    extra_bytes = (running - DEFAULT_WRITERS) * IO_STEP_BYTES_PER_WRITER
+    tensors, buffer_bytes = conversion.tensors, conversion.options.buffer_bytes
+    extra_bytes = (_writers_bytes(tensors, buffer_bytes, writers)
+                   - _writers_bytes(tensors, buffer_bytes, DEFAULT_WRITERS))
     return replace(conversion, peak_bytes=conversion.peak_bytes + extra_bytes)
+
+
+def with_permuted_chunks(conversion: ConversionPlan, permuted: Collection[BlobLocation],
+                         writers: int) -> ConversionPlan:
+    """The predicted peak (for `writers`) once locating the chunks found some stored with permuted strides (a
+    transposed weight saved as it was): `.metadata` cannot tell, and such a tensor is assembled through the
+    buffer (execution/strided.py) where its offsets alone promised a plain copy."""
+    if not permuted:
+        return conversion
+    tensors, buffer_bytes = conversion.tensors, conversion.options.buffer_bytes
+    extra_bytes = (_writers_bytes(tensors, buffer_bytes, writers, frozenset(permuted))
+                   - _writers_bytes(tensors, buffer_bytes, writers))
+    return replace(conversion, peak_bytes=conversion.peak_bytes + extra_bytes)
+
+
+def buffer_need_bytes(t: TensorPlan, permuted: Collection[BlobLocation] = frozenset()) -> int:
+    """The most buffer one step of `t` can take when the buffer is not the limit (0: it never uses the buffer).
+    A plain copy goes file to file in the kernel; a cast passes through the buffer, its output in place over its
+    input; an assembly holds a band and, behind it, one chunk's part of the band (the staging of short runs and
+    of chunks stored with `permuted` strides)."""
+    assembled = not t.is_row_contiguous or any(c.location in permuted for c in t.chunks)
+    if not t.is_cast and not assembled:
+        return 0
+    src_bytes = numel(t.shape) * dtypes.BY_NAME[t.src_dtype].itemsize
+    staging_bytes = 0
+    if assembled and not t.pieces:
+        staging_bytes = max((numel(c.sizes) for c in t.chunks), default=0) * dtypes.BY_NAME[t.src_dtype].itemsize
+    return max(src_bytes + staging_bytes, t.nbytes)
+
+
+def _writers_bytes(tensors: Sequence[TensorPlan], buffer_bytes: int, writers: int,
+                   permuted: Collection[BlobLocation] = frozenset()) -> int:
+    """What the writers hold beyond the base: their IO steps, their zstd decoders when chunks are compressed and,
+    when some tensor passes through the buffer, numpy and the part of each writer's share of the buffer that the
+    largest such tensor touches."""
+    running = max(1, min(writers, len(tensors)))
+    need_bytes = max((buffer_need_bytes(t, permuted) for t in tensors), default=0)
+    held = running * IO_STEP_BYTES_PER_WRITER
+    if any(c.location.transform_descriptors for t in tensors for c in t.chunks):
+        held += running * DECODER_BYTES_PER_WRITER
+    if need_bytes:
+        held += NUMPY_RSS_BYTES + running * min(max(1, buffer_bytes // running), need_bytes)
+    return held
 
 
 def _chunks_and_pieces(entry: TensorEntry, name: str) -> Tuple[Tuple[Chunk, ...], Tuple[Piece, ...]]:

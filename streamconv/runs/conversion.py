@@ -32,7 +32,7 @@ from ..output.destination import (check_destination, check_free_space, output_nb
 from ..output.ledger import Ledger, plan_record
 from ..output.staging import StagingDir, recover_swap
 from ..planning.options import ConvertOptions, RunOptions
-from ..planning.plan import INDEX_FILE_NAME, ConversionPlan, with_writers
+from ..planning.plan import INDEX_FILE_NAME, ConversionPlan, with_permuted_chunks, with_writers
 from ..execution.executor import Executor
 from ..sizes import format_size
 from ..source.integrity import ChunkIntegrity
@@ -98,6 +98,9 @@ class Conversion:
         self.protected = check_destination(self.output_dir, folders, files)       # before anything is written
         self.before = provenance.snapshot(self.checkpoint_dir, provenance.source_files(self.checkpoint_dir, meta))
         self.stored = locate_chunks(self.with_heads, self.reader)
+        # (.metadata cannot show chunks stored transposed; now that they are located, the prediction counts them)
+        self.conversion = with_permuted_chunks(
+            self.conversion, {loc for loc, s in self.stored.items() if not s.is_contiguous}, self.settings.workers)
         self.source_fp = provenance.source_fingerprint(self.checkpoint_dir, meta, self.stored, self.before)
         self.plan_record = plan_record(self.conversion, self.checkpoint_dir, meta, self.source_fp)
 

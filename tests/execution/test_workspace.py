@@ -86,6 +86,12 @@ def test_band_geometry_literal():
     assert BandGeometry.fit((4, 6, 8), 4, 200).dim == 0
     assert BandGeometry.fit_with_staging((4, 6, 8), 4, 100).rows_per_band == 1     # half of 100: 48 bytes
     assert g.limited(2).rows_per_band == 2 and g.limited(0).rows_per_band == 1 and g.limited(9) == g
+    # Four column blocks of a [64, 32] bf16 tensor: each row of a band stages 16 bytes (one block's row), not a
+    # whole row, so the band gets 1000 // (64 + 16) = 12 rows, where halving the buffer gave it 7.
+    blocks = BandGeometry.fit_with_staging((64, 32), 2, 1000, [(64, 8)] * 4)
+    assert (blocks.dim, blocks.rows_per_band, blocks.max_band_bytes, blocks.max_staging_bytes) == (0, 12, 768, 192)
+    assert BandGeometry.fit_with_staging((64, 32), 2, 1000).rows_per_band == 7      # a whole band staged
+    assert BandGeometry.fit_with_staging((64, 32), 2, 2, [(64, 8)]).dim == 1       # one element and its staging
     scalar = BandGeometry.fit((), 2, 1)
     assert list(scalar.bands()) == [Band((), 0, 1)] and scalar.band_bytes(Band((), 0, 1)) == 2
     assert scalar.first_element(Band((), 0, 1)) == 0

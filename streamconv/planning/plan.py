@@ -279,17 +279,19 @@ def _refuse_features(adapter: trainers.Adapter, unmapped: List[str]) -> None:
     lines = [f"{feature}: {', '.join(found[:4])}" + (f" ... and {len(found) - 4} more" if len(found) > 4 else "")
              for feature, found in by_feature.items()]
     raise UnsupportedFeatureError(
-        f"this {adapter.trainer} checkpoint uses what the {adapter.name} layout (Hugging Face Llama) cannot hold; "
-        "nothing was written:\n  " + "\n  ".join(lines) + "\nOnly dense Llama-family GPT models (RMSNorm, SwiGLU, "
-        "RoPE, GQA/MQA) are converted; --source-format hf writes the checkpoint's own tensors unmapped.")
+        f"this {adapter.trainer} checkpoint uses what the {adapter.name} layout ({adapter.family}) cannot hold; "
+        "nothing was written:\n  " + "\n  ".join(lines) + "\n"
+        + ("" if adapter.expert_layout else "Only dense Llama-family GPT models (RMSNorm, SwiGLU, RoPE, GQA/MQA) "
+           "are converted; ") + "--source-format hf writes the checkpoint's own tensors unmapped.")
 
 
 def select(meta: CheckpointMetadata, options: PlanOptions, *, check_names: bool = True):
     """Pick the tensors to convert and name them. Returns (selected [(entry, name)], skipped, renamed, subtree).
 
     With a trainer adapter, an entry may be a `transforms.Derived` (its output shape, and the takes that fill it).
-    `check_names=False` only counts and names (folder discovery): unwritable or colliding names are refused
-    when a plan is built, after the user's --include/--exclude/--rename had their say."""
+    `check_names=False` only counts and names (folder discovery, the names before --include/--exclude):
+    unwritable or colliding names, and tensors the adapter cannot map, are refused when a plan is built, after the
+    user's --include/--exclude/--rename had their say."""
     subtree = _subtree(meta, options)
     selected: List[Tuple[TensorEntry, str]] = []
     skipped: List[Skipped] = [Skipped(b.fqn, "non-tensor") for b in meta.byte_entries]
@@ -298,8 +300,9 @@ def select(meta: CheckpointMetadata, options: PlanOptions, *, check_names: bool 
     unmapped: List[TensorEntry] = []
     model = _model_entries(meta, options, subtree, skipped)
     adapter = resolution.adapter
-    if adapter is not None and adapter.unsupported:
+    if adapter is not None and adapter.unsupported and check_names:
         # Refuse a model the layout cannot hold before asking for what mapping it would need (head counts).
+        # Only when planning for real: counting names without the user's --exclude must not refuse what it drops.
         foreign = [e.fqn for e, _, n in model if adapter.skip_reason(n) is None
                    and not any(r.match(n) for r in adapter.rules) and names.is_selected((e.fqn,), options.include,
                                                                                       options.exclude)]
@@ -323,8 +326,10 @@ def select(meta: CheckpointMetadata, options: PlanOptions, *, check_names: bool 
             if name != state_dict_name:     # unwrapping the subtree ("model.") alone is not a rename
                 renamed.append((entry.fqn, name))
             selected.append((out_entry, name))
+    skipped.extend(Skipped(e.fqn, "excluded") for e in unmapped
+                   if not names.is_selected((e.fqn,), options.include, options.exclude))
     unmapped = [e for e in unmapped if names.is_selected((e.fqn,), options.include, options.exclude)]
-    if unmapped:
+    if unmapped and check_names:
         listed = ", ".join(e.fqn for e in unmapped[:8]) + (f" ... and {len(unmapped) - 8} more" if len(unmapped) > 8 else "")
         raise UnsupportedFeatureError(
             f"{len(unmapped)} checkpoint tensor(s) have no mapping in the {resolution.name} layout: {listed}. "

@@ -1,0 +1,155 @@
+"""torchtitan 0.3 Mixture-of-Experts checkpoints written by torchtitan's own model code (marker `trainers`).
+
+`build(out_dir, ...)` runs torchtitan's `Qwen3Model` (a tiny Qwen3-MoE: QK-norm, 4 routed experts as grouped
+`[E, F, D]` parameters, top-2 softmax router) on 2 gloo ranks, sharded with FSDP2 per layer + root, trains one
+AdamW step on tokens through its own forward, and saves what torchtitan's CheckpointManager saves at the last step
+with `last_save_model_only` (its `ModelWrapper(model).state_dict()`, cast to `export_dtype`) by `dcp.save`.
+
+Rank 0 also writes:
+* `base/config.json` — the Hugging Face `Qwen3MoeConfig` of the same model (what --config-from gets; no weights);
+* `trained.pt` — the gathered trained state dict in torchtitan's names (`full_tensor()` of every DTensor);
+* `hf_export.pt` — torchtitan's own `Qwen3StateDictAdapter.to_hf` of it (a reference, not the oracle);
+* `logits.pt` — the trained torchtitan model's own logits on `ids()`, computed in fp32: torchtitan casts expert
+  math to bf16 (`GroupedExperts.forward`), so the experts run through `fp32_experts` instead (same formula).
+
+CPU shims (see /work/shared/docs/trainers-on-cpu.md): torchtitan's MoE triton kernels module is stubbed and
+SDPA replaces flex attention (`trainer_writers.shim_torchtitan`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import trainer_writers as tw
+from streamconv.demo_checkpoint import run_distributed
+
+QWEN3_MOE = dict(vocab_size=101, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                 intermediate_size=96, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                 tie_word_embeddings=False, decoder_sparse_step=1, mlp_only_layers=[])
+LR = 1e-2
+
+
+def ids() -> torch.Tensor:
+    return torch.arange(24).reshape(2, 12) * 7 % QWEN3_MOE["vocab_size"]
+
+
+def qwen3_moe_config(load_balance: bool = True):
+    """The tiny Qwen3-MoE in torchtitan's own config classes (`_build_qwen3_moe_layers`, as its `debugmodel_moe`).
+    `load_balance=False` builds it without the load-balancing expert bias (`load_balance_coeff=None`)."""
+    tw.shim_torchtitan()
+    from torchtitan.models import qwen3 as Q
+    from torchtitan.models.common import attention
+    from torchtitan.models.common.rope import CosSinRoPE
+    Q.get_attention_config = lambda backend: attention.ScaledDotProductAttention.Config()
+    c = QWEN3_MOE
+    dim, vocab, hd = c["hidden_size"], c["vocab_size"], c["head_dim"]
+    layers = Q._build_qwen3_moe_layers(
+        n_layers=c["num_hidden_layers"], dim=dim, n_heads=c["num_attention_heads"],
+        n_kv_heads=c["num_key_value_heads"], head_dim=hd, moe_hidden_dim=c["moe_intermediate_size"],
+        num_experts=c["num_experts"], top_k=c["num_experts_per_tok"], attn_backend="sdpa",
+        moe_comm_backend="standard", rope=CosSinRoPE.Config(dim=hd, max_seq_len=64, theta=c["rope_theta"]))
+    if not load_balance:
+        for layer in layers:
+            layer.moe.load_balance_coeff = None
+    return Q.Qwen3Model.Config(
+        vocab_size=vocab, dim=dim, norm=Q._qwen3_norm(dim), enable_weight_tying=False,
+        tok_embeddings=Q.Embedding.Config(num_embeddings=vocab, embedding_dim=dim, param_init=Q._EMBEDDING_INIT),
+        lm_head=Q.Linear.Config(in_features=dim, out_features=vocab, param_init=Q._LINEAR_INIT),
+        layers=layers)
+
+
+def fp32_experts(self, x_RD, num_tokens_per_expert_E):
+    """torchtitan's `GroupedExperts.forward` (silu(x w1^T) * (x w3^T)) w2^T per expert over its token run, in
+    fp32 instead of bf16."""
+    w1, w2, w3 = (w.to_local() if hasattr(w, "to_local") else w for w in (self.w1_EFD, self.w2_EDF, self.w3_EFD))
+    out, start = [], 0
+    for e, n in enumerate(num_tokens_per_expert_E.tolist()):
+        x = x_RD[start:start + n].float()
+        out.append((F.silu(x @ w1[e].T) * (x @ w3[e].T)) @ w2[e].T)
+        start += n
+    return torch.cat(out).type_as(x_RD) if out else x_RD[:0]
+
+
+def fp32_logits(config, state) -> torch.Tensor:
+    from torchtitan.models.common.moe import GroupedExperts
+    model = config.build()
+    model.load_state_dict(state, strict=True)
+    original = GroupedExperts.forward
+    GroupedExperts.forward = fp32_experts
+    try:
+        with torch.no_grad():
+            return model.eval()(ids()).float()
+    finally:
+        GroupedExperts.forward = original
+
+
+def write_qwen3_moe(rank: int, world_size: int, out_dir: str, export_dtype: str = "float32",
+                    load_balance: bool = True) -> None:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    torch.set_num_threads(1)
+    out = Path(out_dir)
+    config = qwen3_moe_config(load_balance)
+    from torchtitan.components.checkpointer.base import ModelWrapper
+    from torchtitan.models.qwen3.state_dict_adapter import Qwen3StateDictAdapter
+    torch.manual_seed(0)
+    model = config.build()
+    model.init_weights()
+    if rank == 0:
+        from transformers import Qwen3MoeConfig
+        Qwen3MoeConfig(**QWEN3_MOE).save_pretrained(out / "base")
+    mesh = init_device_mesh("cpu", (world_size,))
+    for layer in model.layers.values() if hasattr(model.layers, "values") else model.layers.children():
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optim = torch.optim.AdamW(model.parameters(), lr=LR)
+    tokens = torch.randint(0, QWEN3_MOE["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(100 + rank))
+    model(tokens).float().logsumexp(-1).mean().backward()
+    optim.step()
+    # CheckpointManager._save_last_step with last_save_model_only: the model wrapper's state dict, floats cast to
+    # export_dtype, saved by dcp.save into step-N (here `ckpt`).
+    dtype = getattr(torch, export_dtype)
+    states = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != dtype else v
+              for k, v in ModelWrapper(model).state_dict().items()}
+    dcp.save(states, checkpoint_id=str(out / "ckpt"))
+    full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in model.state_dict().items()}
+    if rank == 0:
+        torch.save({k: v.to(dtype) if v.is_floating_point() else v for k, v in full.items()}, out / "trained.pt")
+        torch.save(Qwen3StateDictAdapter(config, None).to_hf(full), out / "hf_export.pt")
+        torch.save(fp32_logits(qwen3_moe_config(load_balance), full), out / "logits.pt")
+    dist.barrier()
+
+
+def to_hf(state):
+    """The gathered torchtitan state dict in Hugging Face Qwen3-MoE names, with torch ops: grouped experts
+    unbound per expert, everything else renamed (the test's independent mapping)."""
+    rename = {"attention.qkv_linear.wq.weight": "self_attn.q_proj.weight",
+              "attention.qkv_linear.wk.weight": "self_attn.k_proj.weight",
+              "attention.qkv_linear.wv.weight": "self_attn.v_proj.weight",
+              "attention.wo.weight": "self_attn.o_proj.weight", "attention.q_norm.weight": "self_attn.q_norm.weight",
+              "attention.k_norm.weight": "self_attn.k_norm.weight", "attention_norm.weight": "input_layernorm.weight",
+              "ffn_norm.weight": "post_attention_layernorm.weight", "moe.router.gate.weight": "mlp.gate.weight"}
+    experts = {"w1_EFD": "gate_proj", "w3_EFD": "up_proj", "w2_EDF": "down_proj"}
+    out = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"],
+           "lm_head.weight": state["lm_head.weight"]}
+    for i in range(QWEN3_MOE["num_hidden_layers"]):
+        for src, dst in rename.items():
+            out[f"model.layers.{i}.{dst}"] = state[f"layers.{i}.{src}"]
+        for src, dst in experts.items():
+            for e, w in enumerate(state[f"layers.{i}.moe.routed_experts.inner_experts.{src}"].unbind(0)):
+                out[f"model.layers.{i}.mlp.experts.{e}.{dst}.weight"] = w
+    return out
+
+
+def build(out_dir, *, export_dtype: str = "float32", load_balance: bool = True, world_size: int = 2) -> Path:
+    out = Path(out_dir)
+    run_distributed(f"{__name__}:write_qwen3_moe", world_size,
+                    {"out_dir": str(out), "export_dtype": export_dtype, "load_balance": load_balance},
+                    timeout_s=600)
+    return out

@@ -9,7 +9,7 @@ Rank 0 also writes:
 * `base/config.json` — the Hugging Face `Qwen3MoeConfig` of the same model (what --config-from gets; no weights);
 * `trained.pt` — the gathered trained state dict in torchtitan's names (`full_tensor()` of every DTensor);
 * `hf_export.pt` — torchtitan's own `Qwen3StateDictAdapter.to_hf` of it (a reference, not the oracle);
-* `logits.pt` — the trained torchtitan model's own logits on `ids()`, computed in fp32: torchtitan casts expert
+* `logits.pt` — the exported torchtitan model's own logits on `ids()`, computed in fp32: torchtitan casts expert
   math to bf16 (`GroupedExperts.forward`), so the experts run through `fp32_experts` instead (same formula).
 
 CPU shims (see /work/shared/docs/trainers-on-cpu.md): torchtitan's MoE triton kernels module is stubbed and
@@ -120,9 +120,12 @@ def write_qwen3_moe(rank: int, world_size: int, out_dir: str, export_dtype: str 
     full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
             for k, v in model.state_dict().items()}
     if rank == 0:
-        torch.save({k: v.to(dtype) if v.is_floating_point() else v for k, v in full.items()}, out / "trained.pt")
-        torch.save(Qwen3StateDictAdapter(config, None).to_hf(full), out / "hf_export.pt")
-        torch.save(fp32_logits(qwen3_moe_config(load_balance), full), out / "logits.pt")
+        exported = {k: v.to(dtype) if v.is_floating_point() else v for k, v in full.items()}
+        torch.save(exported, out / "trained.pt")
+        torch.save(Qwen3StateDictAdapter(config, None).to_hf(exported), out / "hf_export.pt")
+        # the model as exported (bf16 export: the rounded weights), run in fp32
+        torch.save(fp32_logits(qwen3_moe_config(load_balance), {k: v.float() for k, v in exported.items()}),
+                   out / "logits.pt")
     dist.barrier()
 
 

@@ -75,10 +75,11 @@ class ConvertOptions:
              "{'model': ..., 'optim': ...}, else the whole state dict.")
     source_format: str = _opt(
         "auto", "--source-format", choices=SOURCE_FORMATS, show_default=True,
-        help="Whose names and row layout the checkpoint has: auto (detect torchtitan / torchtune Llama or a "
-             "Megatron-Core GPT from its module names), hf (keep names as they are), or a trainer layout. Trainer "
-             "layouts are mapped to Hugging Face Llama names, q/k rows permuted to HF's RoPE order, fused weights "
-             "split; that needs the head counts from --config-from.")
+        help="Whose names and row layout the checkpoint has: auto (detect torchtitan / torchtune Llama, "
+             "torchtitan Qwen3 / Qwen3-MoE or a Megatron-Core GPT from its module names), hf (keep names as they "
+             "are), or a trainer layout. Trainer layouts are mapped to Hugging Face names, q/k rows permuted to "
+             "HF's RoPE order, fused weights split (that needs the head counts from --config-from), grouped "
+             "experts unstacked per expert.")
 
     def __post_init__(self):
         for f in fields(self):

@@ -1,5 +1,6 @@
 """torchtitan 0.3 Qwen3-MoE checkpoints (its own model code, FSDP2 on 2 gloo ranks, saved model-only as its
-CheckpointManager does) to Hugging Face `Qwen3MoeForCausalLM`, end to end (marker `trainers`: `make
+CheckpointManager does; and expert parallel 2 by torchtitan's own `parallelize_qwen3`) to Hugging Face
+`Qwen3MoeForCausalLM`, end to end (marker `trainers`: `make
 test-trainers`). See `trainer_moe_writers.py` for how each checkpoint is made.
 
 Truth: the gathered trained state dict mapped to HF with torch ops (grouped experts unbound per expert), bit for
@@ -29,8 +30,10 @@ def made(tmp_path_factory):
     if not tw.torchtitan_available():
         pytest.skip("torchtitan 0.3 is not importable (make test-trainers installs it)")
     root = tmp_path_factory.mktemp("qwen3moe")
-    # fp32 without the load-balancing bias (load_balance_coeff=None); bf16 export with it (torchtitan's default)
+    # fp32 without the load-balancing bias (load_balance_coeff=None), FSDP2 or expert parallel 2 (torchtitan's own
+    # parallelize_qwen3); bf16 export with the bias (torchtitan's default)
     return {"fp32": mw.build(root / "fp32", load_balance=False),
+            "ep2": mw.build(root / "ep2", load_balance=False, expert_parallel=2),
             "bf16": mw.build(root / "bf16", export_dtype="bfloat16", load_balance=True)}
 
 
@@ -62,8 +65,9 @@ def assert_same_model(case_dir, out):
     torch.testing.assert_close(hf_logits(out), torch.load(case_dir / "logits.pt"), rtol=0, atol=1e-5)
 
 
-def test_qwen3_moe_converts_with_only_config_from(made, tmp_path):
-    case_dir = made["fp32"]
+@pytest.mark.parametrize("case", ["fp32", "ep2"])
+def test_qwen3_moe_converts_with_only_config_from(made, tmp_path, case):
+    case_dir = made[case]
     out = tmp_path / "hf"
     result = convert(case_dir / "ckpt", out, "--config-from", case_dir / "base")
     assert result.exit_code == 0, result.output

@@ -1,7 +1,8 @@
 """torchtitan 0.3 Mixture-of-Experts checkpoints written by torchtitan's own model code (marker `trainers`).
 
 `build(out_dir, ...)` runs torchtitan's `Qwen3Model` (a tiny Qwen3-MoE: QK-norm, 4 routed experts as grouped
-`[E, F, D]` parameters, top-2 softmax router) on 2 gloo ranks, sharded with FSDP2 per layer + root, trains one
+`[E, F, D]` parameters, top-2 softmax router) on 2 gloo ranks, sharded with FSDP2 per layer + root (or, with
+`expert_parallel=2`, by torchtitan's own `parallelize_qwen3`: experts sharded over an EP mesh), trains one
 AdamW step on tokens through its own forward, and saves what torchtitan's CheckpointManager saves at the last step
 with `last_save_model_only` (its `ModelWrapper(model).state_dict()`, cast to `export_dtype`) by `dcp.save`.
 
@@ -86,27 +87,60 @@ def fp32_logits(config, state) -> torch.Tensor:
         GroupedExperts.forward = original
 
 
-def write_qwen3_moe(rank: int, world_size: int, out_dir: str, export_dtype: str = "float32",
-                    load_balance: bool = True) -> None:
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
+def _fsdp2(model, world_size: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (world_size,))
+    for layer in model.layers.values() if hasattr(model.layers, "values") else model.layers.children():
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _expert_parallel(model, config, world_size: int, ep: int) -> None:
+    """torchtitan's own `parallelize_qwen3` with FSDP over all ranks and expert parallel `ep` (experts sharded on
+    dim 0 over the EP mesh, all-to-all token dispatch). CPU shims: its mesh device type is "cpu" (it asks CUDA),
+    the `partial_dtensor` SPMD backend, and plain sum reductions (gloo has no PREMUL_SUM; one step only has to
+    move every weight)."""
+    import torchtitan.distributed.parallel_dims as parallel_dims
+    from torch.distributed.fsdp import FSDPModule
+    from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
+    from torchtitan.distributed import utils as dist_utils
+    from torchtitan.models.qwen3.parallelize import parallelize_qwen3
+    parallel_dims.device_type = "cpu"
+    dist_utils.set_spmd_backend("partial_dtensor")
+    parallelism = ParallelismConfig(expert_parallel_degree=ep, data_parallel_shard_degree=world_size,
+                                    spmd_backend="partial_dtensor")
+    dims = parallel_dims.ParallelDims.from_config(parallelism, world_size)
+    dims.build_mesh()
+    parallelize_qwen3(model, parallel_dims=dims, training=TrainingConfig(), parallelism=parallelism,
+                      compile_config=CompileConfig(), ac_config=None, dump_folder="")
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_force_sum_reduction_for_comms(True)
+
+
+def write_qwen3_moe(rank: int, world_size: int, out_dir: str, export_dtype: str = "float32",
+                    load_balance: bool = True, expert_parallel: int = 1) -> None:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
     torch.set_num_threads(1)
     out = Path(out_dir)
     config = qwen3_moe_config(load_balance)
     from torchtitan.components.checkpointer.base import ModelWrapper
+    from torchtitan.models.qwen3.sharding import set_qwen3_sharding_config
     from torchtitan.models.qwen3.state_dict_adapter import Qwen3StateDictAdapter
+    if expert_parallel > 1:     # what Qwen3Model.Config.update_from_config does for an EP job
+        set_qwen3_sharding_config(config, enable_sp=False, enable_ep=True)
     torch.manual_seed(0)
     model = config.build()
     model.init_weights()
     if rank == 0:
         from transformers import Qwen3MoeConfig
         Qwen3MoeConfig(**QWEN3_MOE).save_pretrained(out / "base")
-    mesh = init_device_mesh("cpu", (world_size,))
-    for layer in model.layers.values() if hasattr(model.layers, "values") else model.layers.children():
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    if expert_parallel > 1:
+        _expert_parallel(model, config, world_size, expert_parallel)
+    else:
+        _fsdp2(model, world_size)
     optim = torch.optim.AdamW(model.parameters(), lr=LR)
     tokens = torch.randint(0, QWEN3_MOE["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(100 + rank))
     model(tokens).float().logsumexp(-1).mean().backward()
@@ -150,9 +184,11 @@ def to_hf(state):
     return out
 
 
-def build(out_dir, *, export_dtype: str = "float32", load_balance: bool = True, world_size: int = 2) -> Path:
+def build(out_dir, *, export_dtype: str = "float32", load_balance: bool = True, expert_parallel: int = 1,
+          world_size: int = 2) -> Path:
     out = Path(out_dir)
     run_distributed(f"{__name__}:write_qwen3_moe", world_size,
-                    {"out_dir": str(out), "export_dtype": export_dtype, "load_balance": load_balance},
+                    {"out_dir": str(out), "export_dtype": export_dtype, "load_balance": load_balance,
+                     "expert_parallel": expert_parallel},
                     timeout_s=600)
     return out

@@ -62,6 +62,43 @@ def qwen3_moe_config(load_balance: bool = True):
         layers=layers)
 
 
+DEEPSEEK_V3 = dict(vocab_size=101, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=4,
+                   routed_scaling_factor=2.5, kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=8, v_head_dim=16,
+                   qk_nope_head_dim=16, n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1,
+                   norm_topk_prob=True, rope_interleave=True, max_position_embeddings=64, rms_norm_eps=1e-5,
+                   tie_word_embeddings=False, rope_theta=10000.0)
+
+
+def deepseek_v3_config():
+    """A tiny DeepSeek-V3 in torchtitan's own config classes (`_build_dsv3_layers`, as its `debugmodel`): MLA with
+    q LoRA, one dense first layer, then MoE layers with a shared expert and group-limited sigmoid routing."""
+    tw.shim_torchtitan()
+    from torchtitan.models import deepseek_v3 as D
+    from torchtitan.models.common import attention
+    from torchtitan.models.common.rope import ComplexRoPE
+    D.get_attention_config = lambda backend: attention.ScaledDotProductAttention.Config()
+    c = DEEPSEEK_V3
+    dim, vocab = c["hidden_size"], c["vocab_size"]
+    layers = D._build_dsv3_layers(
+        n_layers=c["num_hidden_layers"], n_dense_layers=c["first_k_dense_replace"], dim=dim,
+        n_heads=c["num_attention_heads"], q_lora_rank=c["q_lora_rank"], kv_lora_rank=c["kv_lora_rank"],
+        qk_nope_head_dim=c["qk_nope_head_dim"], qk_rope_head_dim=c["qk_rope_head_dim"], v_head_dim=c["v_head_dim"],
+        mscale=1.0, dense_hidden_dim=c["intermediate_size"], moe_hidden_dim=c["moe_intermediate_size"],
+        num_experts=c["n_routed_experts"], num_shared_experts=c["n_shared_experts"],
+        router_top_k=c["num_experts_per_tok"], router_score_func="sigmoid", router_num_expert_groups=c["n_group"],
+        router_num_limited_groups=c["topk_group"], router_route_scale=c["routed_scaling_factor"],
+        router_route_norm=c["norm_topk_prob"], attn_backend="sdpa", moe_comm_backend="standard",
+        non_blocking_capacity_factor=None,
+        rope=ComplexRoPE.Config(dim=c["qk_rope_head_dim"], max_seq_len=64, theta=c["rope_theta"]))
+    return D.DeepSeekV3Model.Config(
+        vocab_size=vocab, dim=dim,
+        tok_embeddings=D.Embedding.Config(num_embeddings=vocab, embedding_dim=dim, param_init=D._EMBEDDING_INIT),
+        norm=D.RMSNorm.Config(normalized_shape=dim, param_init=D._NORM_INIT),
+        lm_head=D.Linear.Config(in_features=dim, out_features=vocab, param_init=D._output_linear_init(dim)),
+        layers=layers)
+
+
 def fp32_experts(self, x_RD, num_tokens_per_expert_E):
     """torchtitan's `GroupedExperts.forward` (silu(x w1^T) * (x w3^T)) w2^T per expert over its token run, in
     fp32 instead of bf16."""
@@ -119,24 +156,39 @@ def _expert_parallel(model, config, world_size: int, ep: int) -> None:
             m.set_force_sum_reduction_for_comms(True)
 
 
+def _family(family: str, load_balance: bool):
+    """(torchtitan config, its state-dict adapter class, the Hugging Face config) of a family."""
+    if family == "deepseek_v3":
+        config = deepseek_v3_config()       # first: it applies the CPU shims the imports below need
+        from torchtitan.models.deepseek_v3 import DeepSeekV3StateDictAdapter
+        from transformers import DeepseekV3Config
+        return config, DeepSeekV3StateDictAdapter, DeepseekV3Config(**DEEPSEEK_V3)
+    config = qwen3_moe_config(load_balance)
+    from torchtitan.models.qwen3.state_dict_adapter import Qwen3StateDictAdapter
+    from transformers import Qwen3MoeConfig
+    return config, Qwen3StateDictAdapter, Qwen3MoeConfig(**QWEN3_MOE)
+
+
 def write_qwen3_moe(rank: int, world_size: int, out_dir: str, export_dtype: str = "float32",
-                    load_balance: bool = True, expert_parallel: int = 1) -> None:
+                    load_balance: bool = True, expert_parallel: int = 1, family: str = "qwen3") -> None:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     torch.set_num_threads(1)
     out = Path(out_dir)
-    config = qwen3_moe_config(load_balance)
+    config, adapter_class, hf_config = _family(family, load_balance)
     from torchtitan.components.checkpointer.base import ModelWrapper
     from torchtitan.models.qwen3.sharding import set_qwen3_sharding_config
-    from torchtitan.models.qwen3.state_dict_adapter import Qwen3StateDictAdapter
     if expert_parallel > 1:     # what Qwen3Model.Config.update_from_config does for an EP job
         set_qwen3_sharding_config(config, enable_sp=False, enable_ep=True)
     torch.manual_seed(0)
     model = config.build()
     model.init_weights()
+    with torch.no_grad():   # a load-balancing bias training moved (torchtitan's optimizer hook), so routing uses it
+        for name, buffer in model.named_buffers():
+            if name.endswith("expert_bias_E") and family == "deepseek_v3":
+                buffer.uniform_(-0.05, 0.05)
     if rank == 0:
-        from transformers import Qwen3MoeConfig
-        Qwen3MoeConfig(**QWEN3_MOE).save_pretrained(out / "base")
+        hf_config.save_pretrained(out / "base")
     if expert_parallel > 1:
         _expert_parallel(model, config, world_size, expert_parallel)
     else:
@@ -156,17 +208,31 @@ def write_qwen3_moe(rank: int, world_size: int, out_dir: str, export_dtype: str 
     if rank == 0:
         exported = {k: v.to(dtype) if v.is_floating_point() else v for k, v in full.items()}
         torch.save(exported, out / "trained.pt")
-        torch.save(Qwen3StateDictAdapter(config, None).to_hf(exported), out / "hf_export.pt")
+        torch.save(adapter_class(config, None).to_hf(exported), out / "hf_export.pt")
         # the model as exported (bf16 export: the rounded weights), run in fp32
-        torch.save(fp32_logits(qwen3_moe_config(load_balance), {k: v.float() for k, v in exported.items()}),
+        torch.save(fp32_logits(_family(family, load_balance)[0], {k: v.float() for k, v in exported.items()}),
                    out / "logits.pt")
     dist.barrier()
 
 
-def to_hf(state):
-    """The gathered torchtitan state dict in Hugging Face Qwen3-MoE names, with torch ops: grouped experts
-    unbound per expert, everything else renamed (the test's independent mapping)."""
-    rename = {"attention.qkv_linear.wq.weight": "self_attn.q_proj.weight",
+DS_RENAME = {"attention.wq_a.weight": "self_attn.q_a_proj.weight", "attention.q_norm.weight": "self_attn.q_a_layernorm.weight",
+             "attention.wq_b.weight": "self_attn.q_b_proj.weight",
+             "attention.wkv_a.weight": "self_attn.kv_a_proj_with_mqa.weight",
+             "attention.kv_norm.weight": "self_attn.kv_a_layernorm.weight",
+             "attention.wkv_b.weight": "self_attn.kv_b_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+             "attention_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+             "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
+             "feed_forward.w3.weight": "mlp.up_proj.weight", "moe.router.gate.weight": "mlp.gate.weight",
+             "moe.expert_bias_E": "mlp.gate.e_score_correction_bias",
+             "moe.shared_experts.w1.weight": "mlp.shared_experts.gate_proj.weight",
+             "moe.shared_experts.w2.weight": "mlp.shared_experts.down_proj.weight",
+             "moe.shared_experts.w3.weight": "mlp.shared_experts.up_proj.weight"}
+
+
+def to_hf(state, family: str = "qwen3"):
+    """The gathered torchtitan state dict in Hugging Face Qwen3-MoE (or DeepSeek-V3) names, with torch ops:
+    grouped experts unbound per expert, everything else renamed (the test's independent mapping)."""
+    rename = DS_RENAME if family == "deepseek_v3" else {"attention.qkv_linear.wq.weight": "self_attn.q_proj.weight",
               "attention.qkv_linear.wk.weight": "self_attn.k_proj.weight",
               "attention.qkv_linear.wv.weight": "self_attn.v_proj.weight",
               "attention.wo.weight": "self_attn.o_proj.weight", "attention.q_norm.weight": "self_attn.q_norm.weight",
@@ -175,20 +241,22 @@ def to_hf(state):
     experts = {"w1_EFD": "gate_proj", "w3_EFD": "up_proj", "w2_EDF": "down_proj"}
     out = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"],
            "lm_head.weight": state["lm_head.weight"]}
-    for i in range(QWEN3_MOE["num_hidden_layers"]):
+    for i in range(QWEN3_MOE["num_hidden_layers"] if family == "qwen3" else DEEPSEEK_V3["num_hidden_layers"]):
         for src, dst in rename.items():
-            out[f"model.layers.{i}.{dst}"] = state[f"layers.{i}.{src}"]
+            if f"layers.{i}.{src}" in state:
+                out[f"model.layers.{i}.{dst}"] = state[f"layers.{i}.{src}"]
         for src, dst in experts.items():
-            for e, w in enumerate(state[f"layers.{i}.moe.routed_experts.inner_experts.{src}"].unbind(0)):
+            grouped = state.get(f"layers.{i}.moe.routed_experts.inner_experts.{src}")
+            for e, w in enumerate(grouped.unbind(0) if grouped is not None else ()):
                 out[f"model.layers.{i}.mlp.experts.{e}.{dst}.weight"] = w
     return out
 
 
 def build(out_dir, *, export_dtype: str = "float32", load_balance: bool = True, expert_parallel: int = 1,
-          world_size: int = 2) -> Path:
+          family: str = "qwen3", world_size: int = 2) -> Path:
     out = Path(out_dir)
     run_distributed(f"{__name__}:write_qwen3_moe", world_size,
                     {"out_dir": str(out), "export_dtype": export_dtype, "load_balance": load_balance,
-                     "expert_parallel": expert_parallel},
+                     "expert_parallel": expert_parallel, "family": family},
                     timeout_s=600)
     return out

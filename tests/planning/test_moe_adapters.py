@@ -54,6 +54,13 @@ def test_qwen3_is_told_from_llama_by_its_qk_norm():
     assert trainers.resolve(llama, []).name == "torchtitan-llama"
 
 
+def test_deepseek_v3_is_told_from_llama_by_its_latent_attention():
+    """DeepSeek-V3 without q LoRA has Llama's `attention.wq` and a dense first layer's `feed_forward.w1`."""
+    names = ["tok_embeddings.weight", "layers.0.attention.wq.weight", "layers.0.attention.wkv_a.weight",
+             "layers.0.attention.kv_norm.weight", "layers.0.feed_forward.w1.weight", "norm.weight"]
+    assert trainers.resolve(names, []).name == "torchtitan-deepseek-v3"
+
+
 def test_source_format_offers_every_adapter():
     result = CliRunner().invoke(cli, ["convert", "--help"])
     assert result.exit_code == 0, result.output

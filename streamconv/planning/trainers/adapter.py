@@ -1,8 +1,8 @@
 """What an adapter is: a trainer's state-dict names mapped to Hugging Face names, with row transforms, as data.
 
 A `Rule` matches a source name (regex, whole name) and names one output (`re` template: `\\1` for groups,
-`{layer}` -- or `{expert}` -- for the index of an unstacked leading dim). Its `steps` are named row operations applied in order to
-the source's rows (see `transforms.py`):
+`{layer}` or `{expert}` for the index of an unstacked leading dim). Its `steps` are named row operations applied
+in order to the source's rows (see `transforms.py`):
 
 | step           | arg             | what                                                                 |
 |----------------|-----------------|----------------------------------------------------------------------|
@@ -13,8 +13,8 @@ the source's rows (see `transforms.py`):
 
 Several rules may match one source (a fused qkv gives three outputs). `unstack` makes one output per index of
 the source's leading dim (Megatron's layer-stacked tensors, torchtitan's grouped experts `[E, F, D]`: each
-output is a plane of the stored chunks, copied like any other piece, never loaded whole). A rule with no steps and no unstack is a rename:
-the tensor keeps the plain copy path.
+output is a plane of the stored chunks, copied like any other piece, never loaded whole). A rule with no steps
+and no unstack is a rename: the tensor keeps the plain copy path.
 """
 from __future__ import annotations
 

@@ -134,7 +134,9 @@ def inspect(checkpoint_dir: str) -> dict:
     subtree = names.model_subtree(t.path for t in meta.tensors)
     try:
         detected = source_format(meta, PlanOptions())
-        trainer = {"name": detected.name, "note": detected.note}
+        trainer = {"name": detected.name, "note": detected.note,
+                   "family": detected.adapter.family if detected.adapter else None,
+                   "expert_layout": (detected.adapter.expert_layout or None) if detected.adapter else None}
     except OptionsError as exc:
         trainer = {"name": "ambiguous", "note": str(exc)}
     top_keys: Dict[str, int] = {}

@@ -368,10 +368,8 @@ def verify(checkpoint_dir, output_dir, as_json, **option_values):
 @_options("batch")
 @_fail_cleanly(keeps_staging=True)
 def batch(sources, as_json, **option_values):
-    """Convert many checkpoints: SOURCES are folders or globs (quote them).
-
-    Each as `convert --resume` would, in its own process; a rerun continues.
-    """
+    """Convert many checkpoints (SOURCES: folders or quoted globs), each as
+    `convert --resume` would, in its own process; a rerun continues."""
     from .runs import batch as batching
     options, run, where = (ConvertOptions.take(option_values), RunOptions.take(option_values),
                            BatchOptions.take(option_values))

@@ -282,6 +282,7 @@ def _adapted(adapter: trainers.Adapter, model: Sequence[Named], options, skipped
         if not made:
             unmapped.append(t.fqn)
         out.extend(replace(t.renamed(ADAPTER, by, name), entry=entry) for name, entry in made)
+    skipped.extend(Skipped(fqn, "excluded") for fqn in unmapped if not wanted(fqn))
     unmapped = [fqn for fqn in unmapped if wanted(fqn)]
     if unmapped:
         listed = ", ".join(unmapped[:8]) + (f" ... and {len(unmapped) - 8} more" if len(unmapped) > 8 else "")
@@ -299,9 +300,10 @@ def _refuse_features(adapter: trainers.Adapter, unmapped: List[str]) -> None:
     lines = [f"{feature}: {', '.join(found[:4])}" + (f" ... and {len(found) - 4} more" if len(found) > 4 else "")
              for feature, found in by_feature.items()]
     raise UnsupportedFeatureError(
-        f"this {adapter.trainer} checkpoint uses what the {adapter.name} layout (Hugging Face Llama) cannot hold; "
-        "nothing was written:\n  " + "\n  ".join(lines) + "\nOnly dense Llama-family GPT models (RMSNorm, SwiGLU, "
-        "RoPE, GQA/MQA) are converted; --source-format hf writes the checkpoint's own tensors unmapped.")
+        f"this {adapter.trainer} checkpoint uses what the {adapter.name} layout ({adapter.family}) cannot hold; "
+        "nothing was written:\n  " + "\n  ".join(lines) + "\n"
+        + ("" if adapter.expert_layout else "Only dense Llama-family GPT models (RMSNorm, SwiGLU, RoPE, GQA/MQA) "
+           "are converted; ") + "--source-format hf writes the checkpoint's own tensors unmapped.")
 
 
 # -- blame ---------------------------------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ class ConvertOptions:
         help="Top-level key holding the model.")
     source_format: str = _opt(
         "auto", "--source-format", choices=SOURCE_FORMATS, metavar="NAME", show_default=True,
-        help="auto, hf, or a trainer's.")
+        help=", ".join(SOURCE_FORMATS) + ".")
 
     def __post_init__(self):
         for f in fields(self):
@@ -150,7 +150,7 @@ class RunOptions:
     resume: bool = _opt(
         False, "--resume", is_flag=True, commands=_WRITES,
         help="Continue a killed conversion, keeping shards.",
-        help_in={"batch": "Accepted: batch always resumes."})
+        hidden_in=("batch",))     # accepted there: batch always resumes (docs/batch.md)
     discard_partial: bool = _opt(
         False, "--discard-partial", is_flag=True, commands=_WRITES,
         help="Delete what a killed conversion left.")

@@ -1,7 +1,8 @@
 """Trainer adapters: which trainer wrote a checkpoint, and how its names and row layouts become Hugging Face's.
 
 * `adapter` — the data types (`Adapter`, `Rule`, row steps) and how a rule turns a source into outputs;
-* `formats` — the adapters themselves (torchtitan, torchtune Llama), as data;
+* `formats` — the adapters themselves (torchtitan, torchtune Llama), as data; `qwen3` — torchtitan Qwen3 and
+  Qwen3-MoE (grouped experts unstacked per expert); `deepseek_v3` — torchtitan DeepSeek-V3 (MLA, shared experts);
 * `heads` — attention geometry from a config.json; `llama` — the Llama a config.json builds.
 
 `resolve` picks one from the checkpoint's model names (or `--source-format`); pure.
@@ -15,7 +16,12 @@ from ...errors import OptionsError
 from .adapter import Adapter, Rule, outputs
 from .heads import heads_from_config
 from .llama import check_llama_shapes, llama_shapes
-from .formats import ADAPTERS, MEGATRON_GPT, TORCHTITAN_LLAMA, TORCHTUNE_LLAMA
+from .formats import ADAPTERS as _LLAMA_FAMILY, MEGATRON_GPT, TORCHTITAN_LLAMA, TORCHTUNE_LLAMA
+from .qwen3 import TORCHTITAN_QWEN3
+from .deepseek_v3 import TORCHTITAN_DEEPSEEK_V3
+
+# The registry: one line per adapter module.
+ADAPTERS = _LLAMA_FAMILY + (TORCHTITAN_QWEN3, TORCHTITAN_DEEPSEEK_V3)
 
 AS_IS = "hf"
 SOURCE_FORMATS = ("auto", AS_IS) + tuple(a.name for a in ADAPTERS)
@@ -68,4 +74,4 @@ def _example(adapter: Adapter, names: List[str]) -> str:
 
 
 __all__ = ["check_llama_shapes", "llama_shapes", "Adapter", "Rule", "Resolution", "resolve", "outputs", "heads_from_config", "ADAPTERS",
-           "TORCHTITAN_LLAMA", "TORCHTUNE_LLAMA", "MEGATRON_GPT", "SOURCE_FORMATS"]
+           "TORCHTITAN_LLAMA", "TORCHTUNE_LLAMA", "MEGATRON_GPT", "TORCHTITAN_QWEN3", "TORCHTITAN_DEEPSEEK_V3", "SOURCE_FORMATS"]

@@ -1,8 +1,8 @@
 """What an adapter is: a trainer's state-dict names mapped to Hugging Face names, with row transforms, as data.
 
 A `Rule` matches a source name (regex, whole name) and names one output (`re` template: `\\1` for groups,
-`{layer}` for the index of an unstacked leading dim). Its `steps` are named row operations applied in order to
-the source's rows (see `transforms.py`):
+`{layer}` or `{expert}` for the index of an unstacked leading dim). Its `steps` are named row operations applied
+in order to the source's rows (see `transforms.py`):
 
 | step           | arg             | what                                                                 |
 |----------------|-----------------|----------------------------------------------------------------------|
@@ -12,8 +12,9 @@ the source's rows (see `transforms.py`):
 | `half`         | `0` / `1`       | first / second half of the rows ([gate; up])                        |
 
 Several rules may match one source (a fused qkv gives three outputs). `unstack` makes one output per index of
-the source's leading dim (Megatron's layer-stacked tensors). A rule with no steps and no unstack is a rename:
-the tensor keeps the plain copy path.
+the source's leading dim (Megatron's layer-stacked tensors, torchtitan's grouped experts `[E, F, D]`: each
+output is a plane of the stored chunks, copied like any other piece, never loaded whole). A rule with no steps
+and no unstack is a rename: the tensor keeps the plain copy path.
 """
 from __future__ import annotations
 
@@ -45,8 +46,10 @@ class Adapter:
     name: str                                  # what --source-format takes, e.g. "torchtitan-llama"
     trainer: str                               # for notes, e.g. "torchtitan"
     rules: Tuple[Rule, ...]
-    # Every regex must match some model name for the adapter to be detected.
+    # Every regex must match some model name for the adapter to be detected...
     signature: Tuple[str, ...] = ()
+    # ... and none of these any name (a Qwen3 has Llama's names plus QK-norm: it is not a Llama).
+    absent: Tuple[str, ...] = ()
     # (regex, reason): model entries that are not weights of the HF model (RoPE tables).
     skip: Tuple[Tuple[str, str], ...] = ()
     # (regex, architecture feature): names of features the target model cannot hold (MoE experts, MLA), so a
@@ -55,6 +58,10 @@ class Adapter:
     # What converting does, for the detection note.
     describes: str = ("names mapped to Hugging Face Llama, q/k rows permuted from interleaved to half-split RoPE "
                       "order")
+    # The Hugging Face model family the names are mapped to, and how routed experts are laid out in the output
+    # ("" for dense-only adapters), for inspect/plan and refusals.
+    family: str = "Hugging Face Llama"
+    expert_layout: str = ""
 
     @property
     def needs_heads(self) -> bool:
@@ -67,7 +74,8 @@ class Adapter:
         return next((what for pattern, what in self.unsupported if re.fullmatch(pattern, name)), None)
 
     def detects(self, names: List[str]) -> bool:
-        return bool(self.signature) and all(any(re.fullmatch(s, n) for n in names) for s in self.signature)
+        return (bool(self.signature) and all(any(re.fullmatch(s, n) for n in names) for s in self.signature)
+                and not any(re.fullmatch(a, n) for a in self.absent for n in names))
 
 
 def _step_rows(step: Step, n_rows: int, heads: Optional[Heads], what: str) -> RowMap:
@@ -113,7 +121,8 @@ def outputs(rule: Rule, m: re.Match, entry: TensorEntry, heads: Optional[Heads])
     leads = [(i,) for i in range(entry.shape[0])] if rule.unstack else [()]
     out = []
     for lead in leads:
-        name = m.expand(target.replace("{layer}", str(lead[0]) if lead else ""))
+        index = str(lead[0]) if lead else ""
+        name = m.expand(target.replace("{layer}", index).replace("{expert}", index))
         source_rows = entry.shape[len(lead)] if len(entry.shape) > len(lead) else None
         if source_rows is None:     # a scalar per layer: nothing to permute
             takes = transforms.whole(entry.fqn, entry.shape, lead=lead)

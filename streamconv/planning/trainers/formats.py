@@ -29,6 +29,8 @@ TORCHTITAN_LLAMA = Adapter(
     ),
     signature=(r"tok_embeddings\.weight", _L + r"attention\.(?:qkv_linear\.)?wq\.weight",
                _L + r"feed_forward\.w1\.weight"),
+    # QK-norm: torchtitan's Qwen3 (`qwen3.py`); MLA: its DeepSeek-V3 (`deepseek_v3.py`), whose q may be `wq` too
+    absent=(_L + r"attention\.[qk]_norm\.weight", _L + r"attention\.wkv_a\.weight"),
     skip=((r"freqs_cis|rope\.cache|.*\.rope\.cache", "RoPE table (transformers recomputes it)"),),
     describes="names mapped to Hugging Face Llama, q/k rows permuted from interleaved to half-split RoPE order",
 )

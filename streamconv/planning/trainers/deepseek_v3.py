@@ -1,0 +1,65 @@
+"""torchtitan DeepSeek-V3 as Hugging Face `DeepseekV3ForCausalLM`, as data.
+
+Sources: torchtitan 0.3 `torchtitan/models/deepseek_v3/` (`__init__.py` `make_mla_attention_config` and
+`build_mla_moe_layers` for the module tree, `state_dict_adapter.py` `from_hf_map`) and transformers 5.25
+`models/deepseek_v3/modeling_deepseek_v3.py`.
+
+* Multi-latent attention: `wq` (no q LoRA) or `wq_a` / `q_norm` / `wq_b`, then `wkv_a` / `kv_norm` / `wkv_b`, renamed.
+  torchtitan's RoPE is the interleaved (complex) one and so is Hugging Face DeepSeek-V3's with `rope_interleave`
+  true (its default): rows are copied as they are.
+* Dense first layers (`feed_forward.*`, HF `first_k_dense_replace`), then MoE layers: router `gate.weight`, the
+  load-balancing bias `expert_bias_E` -> `mlp.gate.e_score_correction_bias` (both add it to the scores only to
+  choose experts), shared experts (one FFN of n_shared_experts x moe_intermediate_size rows) and routed experts
+  unstacked per expert, as in `qwen3.py`.
+* Refused by feature: multi-token-prediction layers (`mtp_layers.*`), which `DeepseekV3ForCausalLM` does not hold.
+"""
+from __future__ import annotations
+
+from .adapter import Adapter, Rule
+from .qwen3 import PER_EXPERT
+
+_L = r"layers\.(\d+)\."
+_HF = r"model.layers.\1."
+_A = _L + r"attention\."
+_EXPERTS = _L + r"moe\.routed_experts\.inner_experts\."
+
+TORCHTITAN_DEEPSEEK_V3 = Adapter(
+    name="torchtitan-deepseek-v3", trainer="torchtitan",
+    rules=(
+        Rule(r"tok_embeddings\.weight", "model.embed_tokens.weight"),
+        Rule(_A + r"wq\.weight", _HF + "self_attn.q_proj.weight"),
+        Rule(_A + r"wq_a\.weight", _HF + "self_attn.q_a_proj.weight"),
+        Rule(_A + r"q_norm\.weight", _HF + "self_attn.q_a_layernorm.weight"),
+        Rule(_A + r"wq_b\.weight", _HF + "self_attn.q_b_proj.weight"),
+        Rule(_A + r"wkv_a\.weight", _HF + "self_attn.kv_a_proj_with_mqa.weight"),
+        Rule(_A + r"kv_norm\.weight", _HF + "self_attn.kv_a_layernorm.weight"),
+        Rule(_A + r"wkv_b\.weight", _HF + "self_attn.kv_b_proj.weight"),
+        Rule(_A + r"wo\.weight", _HF + "self_attn.o_proj.weight"),
+        Rule(_L + r"attention_norm\.weight", _HF + "input_layernorm.weight"),
+        Rule(_L + r"ffn_norm\.weight", _HF + "post_attention_layernorm.weight"),
+        Rule(_L + r"feed_forward\.w1\.weight", _HF + "mlp.gate_proj.weight"),
+        Rule(_L + r"feed_forward\.w2\.weight", _HF + "mlp.down_proj.weight"),
+        Rule(_L + r"feed_forward\.w3\.weight", _HF + "mlp.up_proj.weight"),
+        Rule(_L + r"moe\.router\.gate\.weight", _HF + "mlp.gate.weight"),
+        Rule(_L + r"moe\.expert_bias_E", _HF + "mlp.gate.e_score_correction_bias"),
+        Rule(_L + r"moe\.shared_experts\.w1\.weight", _HF + "mlp.shared_experts.gate_proj.weight"),
+        Rule(_L + r"moe\.shared_experts\.w2\.weight", _HF + "mlp.shared_experts.down_proj.weight"),
+        Rule(_L + r"moe\.shared_experts\.w3\.weight", _HF + "mlp.shared_experts.up_proj.weight"),
+        Rule(_EXPERTS + r"w1_EFD", _HF + "mlp.experts.{expert}.gate_proj.weight", unstack=True),
+        Rule(_EXPERTS + r"w3_EFD", _HF + "mlp.experts.{expert}.up_proj.weight", unstack=True),
+        Rule(_EXPERTS + r"w2_EDF", _HF + "mlp.experts.{expert}.down_proj.weight", unstack=True),
+        Rule(r"norm\.weight", "model.norm.weight"),
+        Rule(r"(?:output|lm_head)\.weight", "lm_head.weight"),
+    ),
+    signature=(r"tok_embeddings\.weight", _A + r"wkv_a\.weight", _A + r"kv_norm\.weight"),
+    skip=((r"freqs_cis|rope\.cache|.*\.rope\.cache", "RoPE table (transformers recomputes it)"),),
+    unsupported=(
+        (r"mtp_layers\..*", "multi-token-prediction layers (DeepseekV3ForCausalLM has none; --exclude "
+                            "'mtp_layers.*' to convert the main model)"),
+    ),
+    describes=("names mapped to Hugging Face DeepSeek-V3 (multi-latent attention, rows as they are: interleaved "
+               "RoPE, rope_interleave; dense first layers; shared experts; expert bias -> "
+               "e_score_correction_bias); routed experts: " + PER_EXPERT),
+    family="Hugging Face DeepseekV3ForCausalLM",
+    expert_layout=PER_EXPERT,
+)

@@ -1,0 +1,70 @@
+"""torchtitan Qwen3 (dense and Mixture-of-Experts) as Hugging Face `Qwen3ForCausalLM` / `Qwen3MoeForCausalLM`, as data.
+
+Sources: torchtitan 0.3 `torchtitan/models/qwen3/` (`model.py`, `__init__.py` for the module tree,
+`state_dict_adapter.py` `from_hf_map`) and `models/common/moe.py` (`GroupedExperts`: `w1_EFD`, `w3_EFD` are
+[experts, ffn, dim], `w2_EDF` is [experts, dim, ffn]); transformers 5.25 `models/qwen3_moe/modeling_qwen3_moe.py`
+and `conversion_mapping.py` ("qwen2_moe" rules, which Qwen3-MoE uses).
+
+* torchtitan's Qwen3 uses `CosSinRoPE`, the half-split ("rotate half") order Hugging Face uses: q/k rows are
+  copied as they are, no permutation, so this adapter needs no head counts.
+* Grouped experts are unstacked while streaming: expert e of `w1_EFD` is the [ffn, dim] plane at e, so
+  `mlp.experts.{e}.gate_proj.weight` is a plain piece of the stored chunk holding it (FSDP2 and expert-parallel
+  checkpoints shard experts on dim 0). Per-expert names are what `save_pretrained` writes and the Hub holds;
+  transformers 5 fuses them into `experts.gate_up_proj` [E, 2F, D] / `experts.down_proj` [E, D, F] on load.
+* The router's `gate.weight` [experts, dim] is Hugging Face's `mlp.gate.weight` as it is.
+* Refused, by feature: the load-balancing bias `moe.expert_bias_E` (torchtitan adds it to the router scores
+  before choosing experts; Qwen3-MoE has no place for it) and shared experts (Qwen3-MoE has none).
+"""
+from __future__ import annotations
+
+from .adapter import Adapter, Rule
+
+_L = r"layers\.(\d+)\."
+_HF = r"model.layers.\1."
+_EXPERTS = _L + r"moe\.routed_experts\.inner_experts\."
+
+# Which layout routed experts get, and the transformers release it was checked against (tests/test_trainers_moe.py
+# loads the output with it and compares logits with torchtitan's own model).
+PER_EXPERT = ("per-expert mlp.experts.{e}.gate_proj/up_proj/down_proj (unstacked from torchtitan's grouped "
+              "[E, F, D] w1_EFD/w3_EFD and [E, D, F] w2_EDF; the layout save_pretrained writes, checked against "
+              "transformers 5.25)")
+
+TORCHTITAN_QWEN3 = Adapter(
+    name="torchtitan-qwen3", trainer="torchtitan",
+    rules=(
+        Rule(r"tok_embeddings\.weight", "model.embed_tokens.weight"),
+        Rule(_L + r"attention\.(?:qkv_linear\.)?wq\.weight", _HF + "self_attn.q_proj.weight"),
+        Rule(_L + r"attention\.(?:qkv_linear\.)?wk\.weight", _HF + "self_attn.k_proj.weight"),
+        Rule(_L + r"attention\.(?:qkv_linear\.)?wv\.weight", _HF + "self_attn.v_proj.weight"),
+        Rule(_L + r"attention\.wo\.weight", _HF + "self_attn.o_proj.weight"),
+        Rule(_L + r"attention\.q_norm\.weight", _HF + "self_attn.q_norm.weight"),
+        Rule(_L + r"attention\.k_norm\.weight", _HF + "self_attn.k_norm.weight"),
+        Rule(_L + r"attention_norm\.weight", _HF + "input_layernorm.weight"),
+        Rule(_L + r"ffn_norm\.weight", _HF + "post_attention_layernorm.weight"),
+        # dense layers (Qwen3, and a Qwen3-MoE's mlp_only_layers)
+        Rule(_L + r"feed_forward\.w1\.weight", _HF + "mlp.gate_proj.weight"),
+        Rule(_L + r"feed_forward\.w2\.weight", _HF + "mlp.down_proj.weight"),
+        Rule(_L + r"feed_forward\.w3\.weight", _HF + "mlp.up_proj.weight"),
+        # mixture of experts
+        Rule(_L + r"moe\.router\.gate\.weight", _HF + "mlp.gate.weight"),
+        Rule(_EXPERTS + r"w1_EFD", _HF + "mlp.experts.{expert}.gate_proj.weight", unstack=True),
+        Rule(_EXPERTS + r"w3_EFD", _HF + "mlp.experts.{expert}.up_proj.weight", unstack=True),
+        Rule(_EXPERTS + r"w2_EDF", _HF + "mlp.experts.{expert}.down_proj.weight", unstack=True),
+        Rule(r"norm\.weight", "model.norm.weight"),
+        Rule(r"(?:output|lm_head)\.weight", "lm_head.weight"),
+    ),
+    signature=(r"tok_embeddings\.weight", _L + r"attention\.q_norm\.weight", _L + r"attention\.k_norm\.weight"),
+    skip=((r"freqs_cis|rope\.cache|.*\.rope\.cache", "RoPE table (transformers recomputes it)"),),
+    unsupported=(
+        (_L + r"moe\.expert_bias_E",
+         "the load-balancing expert bias (torchtitan adds moe.expert_bias_E to the router scores before choosing "
+         "experts; Hugging Face Qwen3-MoE has no such bias, so once training moved it the converted model would "
+         "route tokens to other experts). If it is all zeros, or you accept routing without it, convert with "
+         "--exclude '*.moe.expert_bias_E'"),
+        (_L + r"moe\.shared_experts\..*", "shared experts (Hugging Face Qwen3-MoE has none)"),
+    ),
+    describes=("names mapped to Hugging Face Qwen3 / Qwen3-MoE (QK-norm; q/k rows already in its RoPE order); "
+               "routed experts: " + PER_EXPERT),
+    family="Hugging Face Qwen3ForCausalLM (dense) / Qwen3MoeForCausalLM (moe)",
+    expert_layout=PER_EXPERT,
+)

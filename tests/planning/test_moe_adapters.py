@@ -1,0 +1,68 @@
+"""The torchtitan Qwen3 adapter as data, without files: detection beside the Llama adapters, the literal pieces
+of unstacked grouped experts, and every adapter offered by `--source-format`. The real checkpoints are in
+tests/test_trainers_moe.py (marker `trainers`) and tests/test_expert_memory.py."""
+from click.testing import CliRunner
+
+from streamconv.cli import cli
+from streamconv.model import BlobLocation, CheckpointMetadata, Chunk, TensorEntry
+from streamconv.planning import trainers
+from streamconv.planning.plan import PlanOptions, build_plan
+
+P = "layers.0.moe.routed_experts.inner_experts."
+
+
+def entry(name, shape, split_dim=None):
+    """A tensor stored as two chunks halved along `split_dim` (FSDP2 / EP on dim 0, TP on another), else one."""
+    if split_dim is None:
+        return TensorEntry(name, "float32", shape, (Chunk((0,) * len(shape), shape, BlobLocation(name, 0, 1)),))
+    half = shape[split_dim] // 2
+    chunks = tuple(Chunk(tuple(half * r if d == split_dim else 0 for d in range(len(shape))),
+                         tuple(half if d == split_dim else s for d, s in enumerate(shape)),
+                         BlobLocation(f"{name}#{r}", r, 1)) for r in (0, 1))
+    return TensorEntry(name, "float32", shape, chunks)
+
+
+def test_grouped_experts_unstack_into_literal_pieces():
+    meta = CheckpointMetadata(tensors=(entry(P + "w1_EFD", (4, 6, 8), split_dim=0),
+                                       entry(P + "w2_EDF", (4, 8, 6), split_dim=1),
+                                       entry("layers.0.moe.router.gate.weight", (4, 8))))
+    plan = build_plan(meta, PlanOptions(source_format="torchtitan-qwen3", max_shard_bytes=10**9))
+    by_name = {t.name: t for t in plan.tensors}
+    assert sorted(by_name) == sorted(
+        ["model.layers.0.mlp.gate.weight"]
+        + [f"model.layers.0.mlp.experts.{e}.{p}.weight" for e in range(4) for p in ("gate_proj", "down_proj")])
+    for e in range(4):
+        gate = by_name[f"model.layers.0.mlp.experts.{e}.gate_proj.weight"]
+        (piece,) = gate.pieces       # expert e is one plane of the chunk holding experts 2*(e//2) .. +1
+        assert gate.shape == (6, 8) and piece.chunk.location.relative_path == f"{P}w1_EFD#{e // 2}"
+        assert (piece.src_start, piece.dst_start, piece.sizes) == ((e % 2, 0, 0), (0, 0), (6, 8))
+        down = by_name[f"model.layers.0.mlp.experts.{e}.down_proj.weight"]
+        assert down.shape == (8, 6)  # rows 0-3 from rank 0's chunk, rows 4-7 from rank 1's: two pieces
+        assert [(p.chunk.location.relative_path, p.src_start, p.dst_start, p.sizes) for p in down.pieces] == [
+            (f"{P}w2_EDF#0", (e, 0, 0), (0, 0), (4, 6)), (f"{P}w2_EDF#1", (e, 0, 0), (4, 0), (4, 6))]
+    assert by_name["model.layers.0.mlp.gate.weight"].pieces == ()      # a rename keeps the plain copy path
+
+
+DENSE_QWEN3 = ["tok_embeddings.weight", "layers.0.attention.qkv_linear.wq.weight",
+               "layers.0.attention.q_norm.weight", "layers.0.attention.k_norm.weight",
+               "layers.0.feed_forward.w1.weight", "norm.weight", "lm_head.weight"]
+
+
+def test_qwen3_is_told_from_llama_by_its_qk_norm():
+    assert trainers.resolve(DENSE_QWEN3, []).name == "torchtitan-qwen3"
+    llama = [n for n in DENSE_QWEN3 if "_norm." not in n]
+    assert trainers.resolve(llama, []).name == "torchtitan-llama"
+
+
+def test_deepseek_v3_is_told_from_llama_by_its_latent_attention():
+    """DeepSeek-V3 without q LoRA has Llama's `attention.wq` and a dense first layer's `feed_forward.w1`."""
+    names = ["tok_embeddings.weight", "layers.0.attention.wq.weight", "layers.0.attention.wkv_a.weight",
+             "layers.0.attention.kv_norm.weight", "layers.0.feed_forward.w1.weight", "norm.weight"]
+    assert trainers.resolve(names, []).name == "torchtitan-deepseek-v3"
+
+
+def test_source_format_offers_every_adapter():
+    result = CliRunner().invoke(cli, ["convert", "--help"])
+    assert result.exit_code == 0, result.output
+    for adapter in trainers.ADAPTERS:
+        assert adapter.name in result.output, adapter.name

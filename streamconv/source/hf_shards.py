@@ -8,7 +8,7 @@ torch consolidates such a folder with `consolidate_safetensors_files`, which hol
 
 Here the headers become the same `CheckpointMetadata` a `.metadata` gives (each piece a chunk, located by its
 header key), so the planner proves coverage and the executor streams the pieces in bounded memory. Only headers
-are read (each at most `safetensors_blob.MAX_HEADER_BYTES`), only from regular files (`DirectoryReader`).
+are read (each at most `safetensors_format.MAX_HEADER_BYTES`), only from regular files (`DirectoryReader`).
 
 Global shapes are not recorded anywhere: as torch's consolidator does, a tensor's shape is the box its pieces
 span. Missing pieces inside that box fail the coverage proof, and missing rank numbers are refused; a folder

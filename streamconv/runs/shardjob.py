@@ -18,7 +18,7 @@ from ..errors import CheckpointError
 from ..source.io import DirectoryReader
 from .parallel import write_shards
 from ..planning.plan import ConversionPlan, ShardPlan
-from ..source import zstd
+from ..source import transforms
 from ..source.integrity import ChunkIntegrity
 from ..output.staging import record_shard, scratch_dir_of, shard_recorded
 
@@ -68,8 +68,7 @@ def write_shard(job: ShardJob, filename: str) -> int:
     _check_checkpoint_unchanged(job)
     fast = fastpaths.detect()   # this worker's own machine and filesystems decide, as in api.convert
     with DirectoryReader(job.checkpoint_dir, fast=fast) as directory:
-        compressed = any(c.location.transform_descriptors for t in shard.tensors for c in t.chunks)
-        reader = zstd.DecodingReader(directory) if compressed else directory   # as checkpoint.load does
+        reader = transforms.reader_for(directory, (c.location for t in shard.tensors for c in t.chunks))
         one = replace(job.plan, shards=(shard,))
         stored = locate_chunks(one, reader)
         sources = sorted({c.location.relative_path for t in shard.tensors for c in t.chunks})

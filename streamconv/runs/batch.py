@@ -39,6 +39,7 @@ from ..planning.names import natural_key
 from ..planning.options import ConvertOptions
 from ..fs.paths import user_path
 from ..output.record import RECORD_FILE
+from ..source import flavors
 from .report import Reporter
 from ..sizes import format_size, parse_size
 
@@ -163,7 +164,7 @@ def looks_like_output(folder: str) -> bool:
     names = {e.name for e in entries}
     if RECORD_FILE in names:
         return True
-    if names & {".metadata", "__0.metadata"}:
+    if flavors.is_checkpoint_folder(folder):
         return False
     if any(e.is_dir(follow_symlinks=False) and not e.name.startswith(".") for e in entries):
         return False

@@ -24,16 +24,17 @@ FLAVORS: Tuple[Flavor, ...] = (
 )
 
 
-def detect(folder: "str | os.PathLike[str]", flavors: Sequence[Flavor] = FLAVORS) -> Optional[Flavor]:
-    """The first flavor that recognises `folder`, or None. CheckpointError when a flavor recognises it as its own
-    but broken (shard files beside other safetensors files, missing ranks...)."""
+def detect(folder: "str | os.PathLike[str]", flavors: Optional[Sequence[Flavor]] = None) -> Optional[Flavor]:
+    """The first flavor (of `flavors`, default FLAVORS as it is at call time) that recognises `folder`, or None.
+    CheckpointError when a flavor recognises it as its own but broken (shard files beside other safetensors
+    files...)."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         return None
-    return next((flavor for flavor in flavors if flavor.detect(folder)), None)
+    return next((flavor for flavor in (FLAVORS if flavors is None else flavors) if flavor.detect(folder)), None)
 
 
-def is_checkpoint_folder(folder: "str | os.PathLike[str]", flavors: Sequence[Flavor] = FLAVORS) -> bool:
+def is_checkpoint_folder(folder: "str | os.PathLike[str]", flavors: Optional[Sequence[Flavor]] = None) -> bool:
     """True when some flavor claims `folder`, broken ones included (reading it then says what is wrong)."""
     try:
         return detect(folder, flavors) is not None
@@ -41,8 +42,8 @@ def is_checkpoint_folder(folder: "str | os.PathLike[str]", flavors: Sequence[Fla
         return True
 
 
-def open_checkpoint(folder: "str | os.PathLike[str]", directory_reader, *, flavors: Sequence[Flavor] = FLAVORS
-                    ) -> Tuple[Flavor, RangeReader, CheckpointMetadata]:
+def open_checkpoint(folder: "str | os.PathLike[str]", directory_reader, *,
+                    flavors: Optional[Sequence[Flavor]] = None) -> Tuple[Flavor, RangeReader, CheckpointMetadata]:
     """(its flavor, the reader its blobs are read through, its metadata) of checkpoint folder `folder`;
     `directory_reader(folder)` opens the folder's files (closed here on failure, else by the caller through the
     returned reader). CheckpointError explaining what a checkpoint folder looks like when no flavor claims it."""

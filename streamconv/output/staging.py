@@ -34,6 +34,7 @@ from typing import Callable, Collection, Dict, Iterable, Iterator, List, Optiona
 from ..errors import OutputError
 from ..failpoints import fsync_enabled, kill_point
 from ..fs.fastpaths import PROBE_FILE_NAME, FastPaths, detect, read_at
+from ..fs.infiles import OpenFile
 from ..planning.names import staging_name
 from ..fs.outfiles import NOFOLLOW, create_new, foreign, not_ours, open_ours, free_space_note, write_failed
 from ..fs.paths import Identity, adopt_folder_attributes, parent_not_writable_hint, remove_tree
@@ -77,7 +78,7 @@ def file_crc32(path: str, fast: FastPaths) -> int:
         raise OutputError(f"{path}: cannot read back: {exc.strerror}") from None
     try:
         while True:
-            n = read_at(fd, view, offset, fast)
+            n = read_at(OpenFile(fd, path), view, offset, fast)
             if n <= 0:
                 return crc
             crc = zlib.crc32(view[:n], crc)

@@ -17,7 +17,7 @@ from typing import Dict, Iterator, Optional, Protocol, Sequence
 
 from ..errors import CheckpointError, ResourceError
 from ..fs.fastpaths import PREAD_STEP_BYTES, FastPaths, detect
-from ..fs.infiles import nofile_limit, open_regular
+from ..fs.infiles import OpenFile, nofile_limit, open_regular
 
 
 # preadv takes at most IOV_MAX (1024 on Linux) buffers per call.
@@ -296,7 +296,7 @@ class DirectoryReader:
 
     def copy_to(self, sink, relative_path: str, offset: int, dst_offset: int, length: int) -> None:
         with self.borrow(relative_path) as fd:
-            sink.copy_from(fd, offset, dst_offset, length)
+            sink.copy_from(OpenFile(fd, self.path(relative_path)), offset, dst_offset, length)
 
     def _read_failed(self, relative_path: str, offset: int, exc: OSError) -> CheckpointError:
         return CheckpointError(f"{self.path(relative_path)}: read failed at offset {offset:,}: {exc.strerror}")

@@ -321,7 +321,8 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
                 by_name = {t.name: t for t in conversion.tensors}
                 for pair in setup.tied:
                     hf.tied.verify_tied(checker, heads[pair.head], by_name[pair.embedding],
-                                        staging.file(shard_of[pair.embedding]), config_path=setup.config.folder)
+                                        staging.file(shard_of[pair.embedding]), config_path=setup.config.folder,
+                                        fast=fast)
             copied = []
             if setup.config is not None:
                 copied = hf.sidecars.copy_sidecars(setup.config, setup.sidecar_files, staging.path,
@@ -334,7 +335,7 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
             if verify:
                 checked = verifying.verify_output(conversion, reader, stored, staging.path,
                                                   buffer_bytes=options.buffer_bytes, checkpoint=checkpoint_dir,
-                                                  integrity=integrity, progress=reporter.advance)
+                                                  integrity=integrity, progress=reporter.advance, fast=fast)
                 verifying.raise_if_failed(checked, staged=True)
                 verified_bytes, verified_tensors = checked.bytes_compared, checked.tensors_equal
             staging.added([provenance.write_record(
@@ -511,13 +512,14 @@ def verify(checkpoint_dir: str, output_dir: str, options: Optional[Options] = No
                                 "wrote (the one holding the .safetensors files and their index)")
     found = record.read(output_dir)     # a damaged or planted record: RecordError, exit 3
     checked: list = []
+    fast = fastpaths.detect()       # chosen once, here, and passed down (fastpaths.py)
     if found is not None:
         options, kwargs, config_from, allow_unmatched, no_config = provenance.options_from_record(
             found, options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched, no_config=no_config)
         checked.append(f"options from {record.RECORD_FILE}: " + (provenance.describe_options(found) or "defaults"))
     checkpoint_dir, reader, meta, setup, notes = _prepare(
         checkpoint_dir, options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched,
-        no_config=no_config, fast=fastpaths.detect())
+        no_config=no_config, fast=fast)
     with reader:
         conversion = _checked_plan(meta, setup.options, checkpoint_dir)
         with_heads, heads = _with_tied_heads(meta, setup, conversion)
@@ -534,7 +536,7 @@ def verify(checkpoint_dir: str, output_dir: str, options: Optional[Options] = No
         result = verifying.verify_output(conversion, reader, stored, output_dir, checkpoint=checkpoint_dir,
                                          buffer_bytes=setup.options.buffer_bytes, integrity=integrity,
                                          progress=reporter.advance,
-                                         tied_heads=[(heads[p.head], p.embedding) for p in setup.tied])
+                                         tied_heads=[(heads[p.head], p.embedding) for p in setup.tied], fast=fast)
         reporter.close()
     result.checkpoint = os.path.abspath(checkpoint_dir)
     if found is not None:

@@ -11,7 +11,7 @@ from typing import Optional, Protocol
 
 from .crc import PieceCrcs
 from ..errors import CheckpointError, OutputError
-from ..fs.fastpaths import PREAD_STEP_BYTES, FastPaths, detect, read_at
+from ..fs.fastpaths import NONE, PREAD_STEP_BYTES, FastPaths, read_at
 from ..fs.infiles import OpenFile, open_regular
 from ..fs.outfiles import create_new, open_ours, write_failed
 from .staging import StagingDir  # noqa: F401  (StagingDir lived here before staging.py)
@@ -62,15 +62,15 @@ _COPY_STEP_BYTES = 1 << 30   # copy_file_range moves at most ~2 GiB per call
 class FileSink:
     """A shard file, preallocated to its final size so writes at any offset land in place.
 
-    `fast.copy_file_range` (default: `fastpaths.detect()`) copies unchanged bytes in-kernel; the caller turns
+    `fast.copy_file_range` (the fast paths the run detected once; default none) copies unchanged bytes in-kernel; the caller turns
     it off where the source and output filesystems cannot (`fastpaths.probe_copy`). Either way every OSError
     is an OutputError naming the file and offset: a full disk or an IO error is never retried another way.
     """
 
-    def __init__(self, path: str, nbytes: int, *, fast: Optional[FastPaths] = None):
+    def __init__(self, path: str, nbytes: int, *, fast: FastPaths = NONE):
         self.path = path
         self.nbytes = nbytes
-        self.fast = fast if fast is not None else detect()
+        self.fast = fast
         self.crcs = PieceCrcs()     # the file's CRC-32, built as bytes pass (see crc.py)
         try:
             self.fd = create_new(path)      # unlinks first: never writes through a symlink planted there
@@ -167,13 +167,14 @@ class ComparingSink:
     Used to verify finished shards (`verify`, `convert --verify`) and tied weights, by running the executor
     again. Reads go into three buffers of `piece_bytes` allocated once (the file's bytes, the source's bytes
     for `copy_from`, the comparison flags): a fresh megabyte per piece would cost a page-faulting allocation.
-    `fast.preadv` (default: `fastpaths.detect()`) reads into them in place; else pread and a copy.
+    `fast.preadv` (the fast paths the run detected once; default none) reads into them in place; else pread and a
+    copy.
     """
 
-    def __init__(self, path: str, piece_bytes: int = COMPARE_PIECE_BYTES, *, fast: Optional[FastPaths] = None):
+    def __init__(self, path: str, piece_bytes: int = COMPARE_PIECE_BYTES, *, fast: FastPaths = NONE):
         import numpy as np
         self.path = path
-        self.fast = fast if fast is not None else detect()
+        self.fast = fast
         self.piece_bytes = piece_bytes
         # As carefully as a checkpoint file: a FIFO or device in the output is refused, never read forever.
         self.fd = open_regular(path, error=OutputError)

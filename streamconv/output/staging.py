@@ -33,7 +33,7 @@ from typing import Callable, Collection, Dict, Iterable, Iterator, List, Optiona
 
 from ..errors import OutputError
 from ..failpoints import fsync_enabled, kill_point
-from ..fs.fastpaths import PROBE_FILE_NAME, FastPaths, detect, read_at
+from ..fs.fastpaths import NONE, PROBE_FILE_NAME, FastPaths, read_at
 from ..fs.infiles import OpenFile
 from ..planning.names import staging_name
 from ..fs.outfiles import NOFOLLOW, create_new, foreign, not_ours, open_ours, free_space_note, write_failed
@@ -220,19 +220,20 @@ class StagingDir:
     files). An existing staging folder for the same destination is resumed when `resume` (only if its
     plan record matches), removed when `discard_partial`, and otherwise refused with an explanation.
     Use as a context manager: leaving with an exception discards (or, with `resume`, keeps for later).
-    `fast.renameat2` (default: `fastpaths.detect()`) commits with renameat2; else with plain renames.
+    `fast.renameat2` (the fast paths the run detected once; default none) commits with renameat2; else with plain
+    renames.
     Every deletion (of this staging folder, a swapped-out old output, records) goes through
     `paths.remove_tree`, sparing `protected` identities (the sources, `destination.check_destination`) and
     mounts; what it leaves is raised, or (once committed or while discarding) added to `notes`.
     """
 
     def __init__(self, destination: str, *, plan_record: Optional[dict] = None, overwrite: bool = False,
-                 resume: bool = False, discard_partial: bool = False, fast: Optional[FastPaths] = None,
+                 resume: bool = False, discard_partial: bool = False, fast: FastPaths = NONE,
                  protected: Collection[Identity] = ()):
         self.protected = frozenset(protected)
         self.notes: List[str] = []
         self.destination = os.path.abspath(os.fspath(destination))
-        self.fast = fast if fast is not None else detect()
+        self.fast = fast
         self.overwrite = overwrite
         self.resume = resume
         self.plan_record = dict(plan_record or {}, version=RECORD_VERSION)
@@ -597,7 +598,7 @@ def scratch_dir_of(staging: str) -> str:
 
 
 def shard_recorded(staging: str, plan_fingerprint: Optional[str], filename: str, nbytes: int,
-                   shard_fingerprint: str, *, check_crc: bool = True, fast: Optional[FastPaths] = None) -> bool:
+                   shard_fingerprint: str, *, check_crc: bool = True, fast: FastPaths = NONE) -> bool:
     """See `StagingDir.shard_recorded`; a function so that a worker process without the StagingDir can ask."""
     record = _read_json(os.path.join(staging, RECORDS_DIR, filename + ".json"))
     path = os.path.join(staging, filename)
@@ -610,7 +611,7 @@ def shard_recorded(staging: str, plan_fingerprint: Optional[str], filename: str,
         return False
     if foreign(st, owner=False) or st.st_size != nbytes:   # a symlink is never kept: it is replaced
         return False
-    return not check_crc or file_crc32(path, fast or detect()) == record.get("crc32")
+    return not check_crc or file_crc32(path, fast) == record.get("crc32")
 
 
 def record_shard(staging: str, plan_fingerprint: Optional[str], filename: str, nbytes: int,

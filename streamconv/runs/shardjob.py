@@ -63,10 +63,10 @@ def write_shard(job: ShardJob, filename: str) -> int:
     """Write one shard of `job` into its staging folder and record it; returns its size in bytes."""
     shard = job.shard(filename)
     fingerprint = job.shard_fingerprints[filename]
-    if shard_recorded(job.staging_dir, job.plan_fingerprint, filename, shard.nbytes, fingerprint):
+    fast = fastpaths.detect()   # once per task: this worker's own machine and filesystems decide, as in api.convert
+    if shard_recorded(job.staging_dir, job.plan_fingerprint, filename, shard.nbytes, fingerprint, fast=fast):
         return shard.nbytes      # a retry of a task whose work was already done
     _check_checkpoint_unchanged(job)
-    fast = fastpaths.detect()   # this worker's own machine and filesystems decide, as in api.convert
     with DirectoryReader(job.checkpoint_dir, fast=fast) as directory:
         reader = transforms.reader_for(directory, (c.location for t in shard.tensors for c in t.chunks))
         one = replace(job.plan, shards=(shard,))

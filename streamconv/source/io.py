@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import Dict, Iterator, Optional, Protocol, Sequence
 
 from ..errors import CheckpointError, ResourceError
-from ..fs.fastpaths import PREAD_STEP_BYTES, FastPaths, detect
+from ..fs.fastpaths import NONE, PREAD_STEP_BYTES, FastPaths
 from ..fs.infiles import OpenFile, nofile_limit, open_regular
 
 
@@ -117,12 +117,13 @@ class DirectoryReader:
     Descriptors are cached (least recently used first out, at most `max_open`), so a checkpoint of thousands
     of files (`single_file_per_rank=False`) reads under any `ulimit -n`. Writer threads share one reader: a
     descriptor is closed only when no caller is using it, never under a copy. `fast` says whether to use
-    preadv and posix_fadvise (default: `fastpaths.detect()`); without them, pread and no hints.
+    preadv and posix_fadvise (the fast paths the run detected once; default none): without them, pread and no
+    hints.
     """
 
-    def __init__(self, root: str, max_open: Optional[int] = None, *, fast: Optional[FastPaths] = None):
+    def __init__(self, root: str, max_open: Optional[int] = None, *, fast: FastPaths = NONE):
         self.root = os.fspath(root)
-        self.fast = fast if fast is not None else detect()
+        self.fast = fast
         self.max_open = max_open if max_open is not None else max_open_files()
         self._cache: "OrderedDict[str, _Handle]" = OrderedDict()
         self._pinned: Dict[int, _Handle] = {}     # thread id -> the handle its last fd() call returned

@@ -45,3 +45,15 @@ def _fd_parameters_at(path):
     tree = ast.parse(path.read_text())
     return [f"{node.name}({a.arg})" for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
             for a in node.args.args if a.arg == "fd" or a.arg.endswith("_fd")]
+
+
+def test_fast_paths_are_detected_once_per_run_and_passed():
+    """Only the places a run starts choose fast paths (`api.convert`, `api.verify`, a shard job on its own
+    machine); everything below takes them as given, plain fallbacks when given none."""
+    calls = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        for number, line in enumerate(text.splitlines(), 1):
+            if ("detect()" in line or "FastPaths()" in line) and not line.lstrip().startswith(("#", '"', "`")):
+                calls.append(f"{path.relative_to(PACKAGE)}: {line.split('=')[0].strip()}")
+    assert sorted(calls) == ["api.py: fast", "api.py: fast", "fs/fastpaths.py: NONE", "runs/shardjob.py: fast"], calls

@@ -29,7 +29,7 @@ from .planning.plan import (DEFAULT_WRITERS, INDEX_FILE_NAME, ConversionPlan, Pl
                             with_writers)
 from .runs.report import ConversionReport, Reporter, peak_rss_bytes
 from .runs.parallel import write_shards
-from .source import zstd
+from .source import transforms
 from .source.integrity import ChunkIntegrity
 from .runs.shardjob import ShardJob
 from .fs.paths import user_path
@@ -84,7 +84,7 @@ def _prepare(checkpoint_dir: str, options, kwargs, *, config_from, allow_unmatch
     except BaseException:
         reader.close()
         raise
-    notes = tuple(n for n in (found_note, zstd.transform_note(meta)) if n) + tuple(setup.notes)
+    notes = tuple(n for n in (found_note, transforms.note(meta)) if n) + tuple(setup.notes)
     return checkpoint_dir, reader, meta, setup, notes
 
 
@@ -493,7 +493,7 @@ def inspect(checkpoint_dir: str) -> dict:
         "tensors": tensors,
         "found": found_note,
         "format": megatron_folder.note if megatron_folder else (meta.flavor or None),
-        "transform": zstd.transform_note(meta),     # compressed blobs, and whether this install can decode them
+        "transform": transforms.note(meta),     # compressed blobs, and whether this install can decode them
     }
 
 

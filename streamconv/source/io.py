@@ -45,6 +45,14 @@ class RangeReader(Protocol):
     def set_random_access(self, random_access: bool) -> None:
         """Hint: small scattered reads follow (True) or long streams (False); may do nothing."""
 
+    def check_while_reading(self, location, record_offset: int, record_nbytes: int, verdict) -> bool:
+        """Offer to sum the record [record_offset, + record_nbytes) of the blob at `location` as later reads pass
+        it, then call `verdict(computed, recorded or None)` at its end. True when taken (a decoded stream: summing
+        it apart would cost a second decompression); False: the caller sums the record itself."""
+
+    def close(self) -> None:
+        """Let go of open files; no read follows."""
+
 
 class MemoryReader:
     """A checkpoint folder held in a dict: {relative_path: bytes}. For tests."""
@@ -83,6 +91,12 @@ class MemoryReader:
         pass    # already in memory
 
     def set_random_access(self, random_access: bool) -> None:
+        pass
+
+    def check_while_reading(self, location, record_offset: int, record_nbytes: int, verdict) -> bool:
+        return False    # stored as is: the caller sums the bytes
+
+    def close(self) -> None:
         pass
 
 
@@ -234,6 +248,9 @@ class DirectoryReader:
         with self._lock:
             for handle in self._cache.values():
                 self._advise(handle.fd)
+
+    def check_while_reading(self, location, record_offset: int, record_nbytes: int, verdict) -> bool:
+        return False    # stored as is: the caller sums the bytes
 
     def _advise(self, fd: int) -> None:
         if self.fast.fadvise:

@@ -57,3 +57,16 @@ def test_fast_paths_are_detected_once_per_run_and_passed():
             if ("detect()" in line or "FastPaths()" in line) and not line.lstrip().startswith(("#", '"', "`")):
                 calls.append(f"{path.relative_to(PACKAGE)}: {line.split('=')[0].strip()}")
     assert sorted(calls) == ["api.py: fast", "api.py: fast", "fs/fastpaths.py: NONE", "runs/shardjob.py: fast"], calls
+
+
+def test_every_reader_implements_the_whole_reader_interface_and_nothing_is_forwarded():
+    """A decoded zstd stream is read through the same interface as a plain file: no attribute is forwarded by
+    name (`__getattr__`), and the CRC checker's offer to sum a record while decoding is part of the interface."""
+    from streamconv.source.io import DirectoryReader, MemoryReader, RangeReader
+    from streamconv.source.zstd import DecodingReader
+    verbs = [n for n, v in vars(RangeReader).items() if callable(v) and not n.startswith("_")]
+    assert "check_while_reading" in verbs and "copy_to" in verbs
+    for cls in (MemoryReader, DirectoryReader, DecodingReader):
+        assert "__getattr__" not in vars(cls), cls
+        assert [v for v in verbs if not callable(getattr(cls, v, None))] == [], cls
+    assert MemoryReader({}).check_while_reading(None, 0, 1, lambda *a: None) is False

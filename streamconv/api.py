@@ -68,7 +68,7 @@ def checkpoint_argument(checkpoint_dir) -> str:
 
 
 def _prepare(checkpoint_dir: str, options, kwargs, *, config_from, allow_unmatched: bool, no_config: bool,
-             fast: Optional[fastpaths.FastPaths] = None):
+             fast: fastpaths.FastPaths = fastpaths.NONE):
     """What every verb does first: find the DCP folder (a run folder stands for the one in it), read its
     metadata, resolve the options, refuse optimizer-only folders, and prepare the HF side (config, names,
     reference check). Returns (checkpoint_dir, reader, meta, setup, notes); the caller closes the reader."""

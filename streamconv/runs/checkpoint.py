@@ -4,17 +4,17 @@ checkpoints this one way.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 from ..execution.executor import check_stored
-from ..fs.fastpaths import FastPaths
+from ..fs.fastpaths import NONE, FastPaths
 from ..source.io import DirectoryReader, RangeReader
 from ..model import BlobLocation, CheckpointMetadata, StoredTensor, TensorEntry
 from ..planning.plan import ConversionPlan
 from ..source import flavors, locate_all
 
 
-def load(checkpoint_dir: str, fast: Optional[FastPaths] = None
+def load(checkpoint_dir: str, fast: FastPaths = NONE
          ) -> Tuple[RangeReader, CheckpointMetadata]:
     """(the reader its blobs are read through, its metadata); the caller closes the reader. Which kind of folder
     it is (plain DCP, Megatron, HF per-rank shards...) and how its blobs are read is its flavor's business

@@ -40,7 +40,7 @@ class ChunkIntegrity:
     def __init__(self, reader: RangeReader, stored: Mapping[BlobLocation, StoredTensor],
                  piece_bytes: int = CRC_PIECE_BYTES, while_decoding: bool = False):
         self.reader = reader
-        # Compressed chunks (reader.zstd): sum each record as the copy decodes it, and fail at its end, instead of
+        # Compressed chunks (source/zstd.py): sum each record as the copy decodes it, and fail at its end, instead of
         # decoding it twice. For `convert`, where any failure discards the output; `verify` checks first, so that a
         # corrupt chunk is reported as such rather than as a difference.
         self.while_decoding = while_decoding

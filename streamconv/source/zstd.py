@@ -345,7 +345,7 @@ def locate_compressed(reader, location: BlobLocation, fqn: str, stored_from_reco
     check_descriptors(location, fqn)
     if not isinstance(reader, DecodingReader):
         raise CheckpointError(f"{location.relative_path}: tensor {fqn!r} is zstd-compressed and must be read "
-                              "through reader.zstd.DecodingReader (internal error: please report)")
+                              "through source.zstd.DecodingReader (internal error: please report)")
     decoder = _Decoder(reader.inner, location, fqn, HEAD_READ_BYTES)
     head = _Head(decoder)
 

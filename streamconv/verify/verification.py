@@ -18,7 +18,7 @@ Checks, each reported with the file and tensor it concerns:
   safetensors library enforces (`safetensors_format.py`: no safetensors package needed), whose `__metadata__`
   is what streamconv writes, and which is exactly as long as its header says;
 * each tensor: present (missing), planned (extra), dtype, shape, and bytes (the first differing element);
-* the source: each chunk's CRC-32 (`reader.integrity`), when asked.
+* the source: each chunk's CRC-32 (`source.integrity`), when asked.
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ from .runs.preparing import Request, already_converted as _already_converted, ch
 from .runs.preparing import dry_run, prepare, with_tied_heads
 from .runs.report import ConversionReport, Reporter, peak_rss_bytes
 from .runs.runners import Runner
-from .source import zstd
+from .source import transforms
 from .source.integrity import ChunkIntegrity
 from .verification import provenance
 from .verification import compare as verifying
@@ -158,7 +158,7 @@ def inspect(checkpoint_dir: str) -> dict:
         "tensors": tensors,
         "found": found_note,
         "format": megatron_folder.note if megatron_folder else (meta.flavor or None),
-        "transform": zstd.transform_note(meta),     # compressed blobs, and whether this install can decode them
+        "transform": transforms.note(meta),     # compressed blobs, and whether this install can decode them
     }
 
 
@@ -177,12 +177,13 @@ def verify(checkpoint_dir: str, output_dir: str, options: Optional[Options] = No
                                 "wrote (the one holding the .safetensors files and their index)")
     found = record.read(output_dir)     # a damaged or planted record: RecordError, exit 3
     checked: list = []
+    fast = fastpaths.detect()       # chosen once, here, and passed down (fastpaths.py)
     if found is not None:
         options, kwargs, config_from, allow_unmatched, no_config = provenance.options_from_record(
             found, options, kwargs, config_from=config_from, allow_unmatched=allow_unmatched, no_config=no_config)
         checked.append(f"options from {record.RECORD_FILE}: " + (provenance.describe_options(found) or "defaults"))
     checkpoint_dir, reader, meta, setup, notes = prepare(
-        checkpoint_dir, Request(options, kwargs, config_from, allow_unmatched, no_config), fast=fastpaths.detect())
+        checkpoint_dir, Request(options, kwargs, config_from, allow_unmatched, no_config), fast=fast)
     with reader:
         conversion = checked_plan(meta, setup.options, checkpoint_dir)
         with_heads, heads = with_tied_heads(meta, setup, conversion)
@@ -199,7 +200,7 @@ def verify(checkpoint_dir: str, output_dir: str, options: Optional[Options] = No
         result = verifying.verify_output(conversion, reader, stored, output_dir, checkpoint=checkpoint_dir,
                                          buffer_bytes=setup.options.buffer_bytes, integrity=integrity,
                                          progress=reporter.advance,
-                                         tied_heads=[(heads[p.head], p.embedding) for p in setup.tied])
+                                         tied_heads=[(heads[p.head], p.embedding) for p in setup.tied], fast=fast)
         reporter.close()
     result.checkpoint = os.path.abspath(checkpoint_dir)
     if found is not None:

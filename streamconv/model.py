@@ -106,7 +106,7 @@ class StoredTensor:
     record_nbytes: int = 0
     crc32: Optional[int] = None  # None: the writer recorded none (torch.save with compute_crc32=False stores 0)
     # The blob's stream transforms (BlobLocation.transform_descriptors). When set, the offsets above address the
-    # decoded stream through `reader.zstd.DecodingReader`, and the CRC-32 sits in the record's data descriptor.
+    # decoded stream through `source.zstd.DecodingReader`, and the CRC-32 sits in the record's data descriptor.
     transforms: Tuple[str, ...] = ()
 
     @property

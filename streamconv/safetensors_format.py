@@ -88,16 +88,46 @@ def shown(value: Any) -> str:
 
 
 def header_length(first: bytes, file_bytes: int) -> Tuple[int, Optional[str]]:
-    """(N, problem) from the file's first 8 bytes; the problem, when there is one, means nothing else can
-    be read: the file is too short, or N is over the limit or past the end of the file."""
+    """(N, problem) from the first 8 bytes of a file (or of a blob: `file_bytes` counts from its start); the
+    problem, when there is one, means nothing else can be read: the file is too short, or N is over the limit
+    or past the end of the file."""
     if len(first) < LENGTH.size:
         return 0, f"only {len(first)} bytes long: not a safetensors file (it starts with an 8-byte header length)"
     (n,) = LENGTH.unpack(first[:LENGTH.size])
     if n > MAX_HEADER_BYTES:
-        return n, f"header length {n:,} is over the {MAX_HEADER_BYTES:,} bytes safetensors readers accept"
+        return n, f"header length {n:,} is over the safetensors limit of {MAX_HEADER_BYTES:,} bytes readers accept"
     if LENGTH.size + n > file_bytes:
         return n, f"header length {n:,} runs past the end of the file ({file_bytes:,} bytes): truncated"
     return n, None
+
+
+def decode_body(text: bytes) -> Dict[str, Any]:
+    """The header's JSON object (the N bytes after the length): UTF-8, starting with '{', valid JSON, no name
+    twice. ValueError naming the first rule broken."""
+    try:
+        decoded = text.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"header is not UTF-8 (byte {exc.start})") from None
+    if not decoded.startswith("{"):
+        raise ValueError(f"header does not start with '{{' (found {shown(decoded[:8])})")
+    try:
+        body = json.loads(decoded, object_pairs_hook=unique_keys)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"header is not valid JSON: {shown(str(exc))}") from None
+    if not isinstance(body, dict):    # unreachable after '{' and a full parse, kept as the rule's statement
+        raise ValueError(f"header is a JSON {type(body).__name__}, not an object")
+    return body
+
+
+def pop_metadata(body: Dict[str, Any]) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """(`__metadata__` as found, problem) taken out of a decoded header; None when absent. The problem, when
+    there is one, says it is not a map of strings to strings."""
+    if METADATA_KEY not in body:
+        return None, None
+    metadata = body.pop(METADATA_KEY)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        return metadata, f"{METADATA_KEY} is not a map of strings to strings: {shown(metadata)}"
+    return metadata, None
 
 
 def unique_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
@@ -116,7 +146,7 @@ def _nonnegative_ints(value: Any) -> Optional[Tuple[int, ...]]:
     return None
 
 
-def _entry(name: str, info: Any) -> Tuple[Optional[Entry], Optional[str]]:
+def read_entry(name: str, info: Any) -> Tuple[Optional[Entry], Optional[str]]:
     where = f"tensor {shown(name)}"
     if not isinstance(info, dict) or not _ENTRY_KEYS <= set(info):
         keys = sorted(info) if isinstance(info, dict) else type(info).__name__
@@ -147,28 +177,16 @@ def parse_header(text: bytes) -> Header:
     formed on their own are kept, so a caller can still compare them and say which tensor is affected."""
     header = Header(length=len(text))
     try:
-        decoded = text.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        header.problems.append(f"header is not UTF-8 (byte {exc.start})")
-        return header
-    if not decoded.startswith("{"):
-        header.problems.append(f"header does not start with '{{' (found {shown(decoded[:8])})")
-        return header
-    try:
-        body = json.loads(decoded, object_pairs_hook=unique_keys)
-    except (ValueError, RecursionError) as exc:
-        header.problems.append(f"header is not valid JSON: {shown(str(exc))}")
-        return header
-    if not isinstance(body, dict):
-        header.problems.append(f"header is a JSON {type(body).__name__}, not an object")
+        body = decode_body(text)
+    except ValueError as exc:
+        header.problems.append(str(exc))
         return header
     header.is_object = True
-    if METADATA_KEY in body:
-        metadata = header.metadata = body.pop(METADATA_KEY)
-        if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
-            header.problems.append(f"{METADATA_KEY} is not a map of strings to strings: {shown(metadata)}")
+    header.metadata, problem = pop_metadata(body)
+    if problem:
+        header.problems.append(problem)
     for name, info in body.items():
-        entry, problem = _entry(name, info)
+        entry, problem = read_entry(name, info)
         if problem:
             header.problems.append(problem)
         else:

@@ -12,6 +12,7 @@ import pytest
 
 import dcp_writers
 import streamconv
+from streamconv.fs.infiles import OpenFile
 from streamconv import failpoints
 from streamconv.fs import fastpaths
 from streamconv.output import staging
@@ -259,9 +260,9 @@ def test_file_sink_copy_reports_a_source_that_ends_early(fast, tmp_path):
     sink = FileSink(str(tmp_path / "dst"), 200, fast=fast)
     fd = os.open(src, os.O_RDONLY)
     try:
-        sink.copy_from(fd, 0, 50, 100)
+        sink.copy_from(OpenFile(fd, str(src)), 0, 50, 100)
         with pytest.raises(OutputError, match=r"source ended early .* wanted 100 bytes from source offset 50, got 50"):
-            sink.copy_from(fd, 50, 0, 100)
+            sink.copy_from(OpenFile(fd, str(src)), 50, 0, 100)
     finally:
         os.close(fd)
         sink.close()

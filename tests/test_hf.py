@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from streamconv.fs.infiles import OpenFile
 from streamconv import api
 from streamconv.cli import cli
 from streamconv.errors import OptionsError, VerificationError
@@ -235,9 +236,9 @@ def test_comparing_sink_compares_in_pieces(tmp_path):
     sink.write_at(10, data)
     fd = os.open(path, os.O_RDONLY)
     try:
-        sink.copy_from(fd, 10, 10, 5000)
+        sink.copy_from(OpenFile(fd, str(path)), 10, 10, 5000)
         with pytest.raises(tied.Mismatch) as exc:
-            sink.copy_from(fd, 11, 10, 100)
+            sink.copy_from(OpenFile(fd, str(path)), 11, 10, 100)
     finally:
         os.close(fd)
         sink.close()

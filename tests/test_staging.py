@@ -117,7 +117,7 @@ def test_shard_files_never_follow_a_symlink(tmp_path):
     other = tmp_path / "other.safetensors"
     other.symlink_to(victim)
     with pytest.raises(OutputError, match="symbolic link"):
-        staging.file_crc32(str(other), staging.detect())
+        staging.file_crc32(str(other), streamconv.fs.fastpaths.detect())
 
 
 # -- 16.8: probe files and anything else not planned -------------------------------------------------------

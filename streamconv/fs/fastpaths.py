@@ -21,7 +21,7 @@ from typing import Mapping, Optional, Tuple
 
 from .. import failpoints
 from ..errors import CheckpointError, OptionsError, OutputError
-from .infiles import open_regular
+from .infiles import OpenFile, open_regular
 from .outfiles import create_new, write_failed
 
 PROBE_FILE_NAME = ".streamconv-probe"
@@ -124,12 +124,12 @@ def _remove(path: str) -> None:
         raise OutputError(f"{path}: cannot remove the probe file: {exc.strerror}") from None
 
 
-def read_at(fd: int, view: memoryview, offset: int, fast: FastPaths) -> int:
+def read_at(file: OpenFile, view: memoryview, offset: int, fast: FastPaths) -> int:
     """Read up to len(view) bytes at `offset` into `view` with one call; returns how many (0 at end of file,
     maybe fewer before it: callers loop). preadv reads in place; the fallback is pread of at most
     PREAD_STEP_BYTES and a copy."""
     if fast.preadv:
-        return os.preadv(fd, [view], offset)
-    data = os.pread(fd, min(len(view), PREAD_STEP_BYTES), offset)
+        return file.preadv(view, offset)
+    data = file.pread(min(len(view), PREAD_STEP_BYTES), offset)
     view[:len(data)] = data
     return len(data)

@@ -63,3 +63,26 @@ def nofile_limit() -> int:
     except (ImportError, OSError, ValueError):     # not POSIX
         return 1 << 20
     return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+class OpenFile:
+    """An open file lent across an interface instead of its descriptor (a reader's `copy_to` lends one to a sink;
+    a sink lends its own output file to the copy). Its holder reads it at an offset or copies a range of it
+    in-kernel; only the lender keeps and closes the descriptor."""
+
+    __slots__ = ("_fd", "name")
+
+    def __init__(self, fd: int, name: str):
+        self._fd, self.name = fd, name
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """Up to `length` bytes at `offset` (fewer at the end of the file); OSError as os.pread raises it."""
+        return os.pread(self._fd, length, offset)
+
+    def preadv(self, view: memoryview, offset: int) -> int:
+        """Read into `view` in place with one call; how many bytes (0 at the end of the file)."""
+        return os.preadv(self._fd, [view], offset)
+
+    def copy_range_to(self, out: "OpenFile", length: int, offset: int, out_offset: int) -> int:
+        """copy_file_range from this file into `out`: how many bytes moved (0 at the end of this file)."""
+        return os.copy_file_range(self._fd, out._fd, length, offset, out_offset)

@@ -14,14 +14,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..errors import CheckpointError
 from ..fs.infiles import open_regular
 from ..planning.names import RenameRule
-from ..safetensors_format import MAX_HEADER_BYTES
+from ..safetensors_format import MAX_HEADER_BYTES  # noqa: F401  (the one limit; tests check it is shared)
+from ..safetensors_format import LENGTH, decode_body, header_length, pop_metadata
 
 Shape = Optional[Tuple[int, ...]]   # None when only the name is known (a .bin index)
 
@@ -126,16 +126,14 @@ def candidates(model_type: Optional[str]) -> List[LayoutMapping]:
 def _safetensors_header(path: str) -> Dict[str, Shape]:
     try:
         with os.fdopen(open_regular(path), "rb") as f:     # a FIFO or device is refused, not read
-            head = f.read(8)
-            if len(head) != 8:
-                raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES:
-                raise CheckpointError(f"{path}: safetensors header claims {n} bytes; file is damaged")
-            header = json.loads(f.read(n))
+            n, problem = header_length(f.read(LENGTH.size), os.fstat(f.fileno()).st_size)
+            if problem:
+                raise CheckpointError(f"{path}: {problem}; the reference's weights file is damaged")
+            body = decode_body(f.read(n))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot read the safetensors header: {exc}") from None
-    return {k: tuple(v.get("shape", ())) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    pop_metadata(body)     # the reference's own metadata says nothing about names or shapes
+    return {k: tuple(v.get("shape", ())) for k, v in body.items() if isinstance(v, dict)}
 
 
 def reference_weights(folder: str) -> Optional[Dict[str, Shape]]:

@@ -17,6 +17,7 @@ from typing import Iterable, List, Optional, Tuple
 
 from .. import dtypes
 from ..errors import VerificationError
+from ..fs.fastpaths import NONE, FastPaths
 from ..planning.plan import TensorPlan
 from ..output.sink import ComparingSink, Mismatch
 
@@ -77,13 +78,14 @@ def as_written_at(head: TensorPlan, embedding: TensorPlan) -> TensorPlan:
     return dataclasses.replace(head, dst_dtype=embedding.dst_dtype, begin=embedding.begin, nbytes=embedding.nbytes)
 
 
-def verify_tied(executor, head: TensorPlan, embedding: TensorPlan, shard_path: str, *, config_path: str = "") -> int:
+def verify_tied(executor, head: TensorPlan, embedding: TensorPlan, shard_path: str, *, config_path: str = "",
+                fast: FastPaths = NONE) -> int:
     """Stream `head` through `executor` and compare it with `embedding` as already written in `shard_path`.
 
     Returns the bytes compared; raises VerificationError naming the first differing element.
     """
     target = as_written_at(head, embedding)
-    sink = ComparingSink(shard_path)
+    sink = ComparingSink(shard_path, fast=fast)
     try:
         executor.write_tensor(target, sink)
     except Mismatch as exc:

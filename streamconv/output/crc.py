@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import threading
 import zlib
 from typing import Callable, Dict, Optional, Tuple
@@ -130,7 +129,3 @@ def _read_crc(offset: int, length: int, read: Callable[[int, int], bytes]) -> in
         crc = zlib.crc32(data, crc)
         offset += len(data)
     return crc
-
-
-def pread_from(fd: int) -> Callable[[int, int], bytes]:
-    return lambda offset, length: os.pread(fd, length, offset)

@@ -10,6 +10,7 @@ from typing import Optional
 from ..errors import OutputError
 from ..failpoints import fsync_enabled
 from ..fs.fastpaths import FastPaths, read_at
+from ..fs.infiles import OpenFile
 from ..fs.outfiles import NOFOLLOW, create_new, open_ours, write_failed
 
 _CRC_PIECE_BYTES = 8 << 20
@@ -42,7 +43,7 @@ def file_crc32(path: str, fast: FastPaths) -> int:
         raise OutputError(f"{path}: cannot read back: {exc.strerror}") from None
     try:
         while True:
-            n = read_at(fd, view, offset, fast)
+            n = read_at(OpenFile(fd, path), view, offset, fast)
             if n <= 0:
                 return crc
             crc = zlib.crc32(view[:n], crc)

@@ -21,7 +21,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 from ..errors import OutputError
 from ..failpoints import kill_point
-from ..fs.fastpaths import FastPaths, detect
+from ..fs.fastpaths import NONE, FastPaths
 from ..fs.outfiles import foreign
 from ..model import CheckpointMetadata
 from ..planning.plan import ConversionPlan, ShardPlan
@@ -151,7 +151,7 @@ class Ledger:
         durable.write_json_atomic(self._record_path(shard.filename), entry)
         kill_point("between-shards")
 
-    def recorded(self, shard: ShardPlan, *, check_crc: bool = True, fast: Optional[FastPaths] = None) -> bool:
+    def recorded(self, shard: ShardPlan, *, check_crc: bool = True, fast: FastPaths = NONE) -> bool:
         """Whether `shard` was finished for this plan (here or by another process): its record matches, the file
         is a regular file of its size and (`check_crc`) has the recorded CRC-32."""
         entry = durable.read_json(self._record_path(shard.filename))
@@ -166,17 +166,17 @@ class Ledger:
             return False
         if foreign(st, owner=False) or st.st_size != shard.nbytes:   # a symlink is never kept: it is replaced
             return False
-        return not check_crc or durable.file_crc32(path, fast or detect()) == entry.get("crc32")
+        return not check_crc or durable.file_crc32(path, fast) == entry.get("crc32")
 
     def has_record(self, shard: ShardPlan) -> bool:
         """A record under the shard's name, matching or not (a resumed run's "had finished")."""
         return os.path.lexists(self._record_path(shard.filename))
 
-    def kept(self, shards: Iterable[ShardPlan], fast: Optional[FastPaths] = None) -> List[ShardPlan]:
+    def kept(self, shards: Iterable[ShardPlan], fast: FastPaths = NONE) -> List[ShardPlan]:
         """The shards of a resumed run that need no rewriting: record, size and CRC-32 all match."""
         return [s for s in shards if self.recorded(s, fast=fast)]
 
-    def check_written(self, shards: Sequence[ShardPlan], fast: Optional[FastPaths] = None) -> None:
+    def check_written(self, shards: Sequence[ShardPlan], fast: FastPaths = NONE) -> None:
         """After a runner reported success: every shard it was given is recorded with its size (its bytes are
         read back by --verify), else OutputError and nothing is committed."""
         for s in shards:

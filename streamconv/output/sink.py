@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 from typing import Optional, Protocol
 
-from .crc import PieceCrcs, pread_from
+from .crc import PieceCrcs
 from ..errors import CheckpointError, OutputError
-from ..fs.fastpaths import PREAD_STEP_BYTES, FastPaths, detect, read_at
-from ..fs.infiles import open_regular
+from ..fs.fastpaths import NONE, PREAD_STEP_BYTES, FastPaths, read_at
+from ..fs.infiles import OpenFile, open_regular
 from ..fs.outfiles import create_new, open_ours, write_failed
 from .staging import StagingDir  # noqa: F401  (StagingDir lived here before staging.py)
 
@@ -21,9 +21,9 @@ class ShardSink(Protocol):
     def write_at(self, offset: int, data) -> None:
         """Write a bytes-like object at `offset`."""
 
-    def copy_from(self, src_fd: int, src_offset: int, dst_offset: int, length: int) -> None:
-        """Copy `length` bytes from an open file descriptor (in-kernel when possible). Called only by a
-        RangeReader's `copy_to`, which owns the descriptor; everything else calls `reader.copy_to(sink, ...)`."""
+    def copy_from(self, src: OpenFile, src_offset: int, dst_offset: int, length: int) -> None:
+        """Copy `length` bytes of a source file (in-kernel when possible). Called only by a RangeReader's
+        `copy_to`, which lends the open file for the call; everything else calls `reader.copy_to(sink, ...)`."""
 
     def note_source_crc32(self, dst_offset: int, length: int, crc: int) -> None:
         """The bytes just written or copied to [dst_offset, dst_offset + length) have this CRC-32 (from the
@@ -43,8 +43,8 @@ class MemorySink:
         mv = memoryview(data).cast("B")
         self.data[offset:offset + len(mv)] = mv
 
-    def copy_from(self, src_fd: int, src_offset: int, dst_offset: int, length: int) -> None:
-        data = os.pread(src_fd, length, src_offset)
+    def copy_from(self, src: OpenFile, src_offset: int, dst_offset: int, length: int) -> None:
+        data = src.pread(length, src_offset)
         if len(data) != length:
             raise OutputError(f"source ended early: wanted {length} bytes at offset {src_offset}, got {len(data)}")
         self.write_at(dst_offset, data)
@@ -62,15 +62,15 @@ _COPY_STEP_BYTES = 1 << 30   # copy_file_range moves at most ~2 GiB per call
 class FileSink:
     """A shard file, preallocated to its final size so writes at any offset land in place.
 
-    `fast.copy_file_range` (default: `fastpaths.detect()`) copies unchanged bytes in-kernel; the caller turns
+    `fast.copy_file_range` (the fast paths the run detected once; default none) copies unchanged bytes in-kernel; the caller turns
     it off where the source and output filesystems cannot (`fastpaths.probe_copy`). Either way every OSError
     is an OutputError naming the file and offset: a full disk or an IO error is never retried another way.
     """
 
-    def __init__(self, path: str, nbytes: int, *, fast: Optional[FastPaths] = None):
+    def __init__(self, path: str, nbytes: int, *, fast: FastPaths = NONE):
         self.path = path
         self.nbytes = nbytes
-        self.fast = fast if fast is not None else detect()
+        self.fast = fast
         self.crcs = PieceCrcs()     # the file's CRC-32, built as bytes pass (see crc.py)
         try:
             self.fd = create_new(path)      # unlinks first: never writes through a symlink planted there
@@ -88,18 +88,18 @@ class FileSink:
         except OSError as exc:
             raise OutputError(write_failed(self.path, exc, offset + done)) from None
 
-    def copy_from(self, src_fd: int, src_offset: int, dst_offset: int, length: int) -> None:
+    def copy_from(self, src: OpenFile, src_offset: int, dst_offset: int, length: int) -> None:
         if self.fast.copy_file_range:
-            self._copy_in_kernel(src_fd, src_offset, dst_offset, length)
+            self._copy_in_kernel(src, src_offset, dst_offset, length)
         else:
-            self._copy_through_memory(src_fd, src_offset, dst_offset, length)
+            self._copy_through_memory(src, src_offset, dst_offset, length)
 
-    def _copy_in_kernel(self, src_fd: int, src_offset: int, dst_offset: int, length: int) -> None:
+    def _copy_in_kernel(self, src: OpenFile, src_offset: int, dst_offset: int, length: int) -> None:
         done = 0
+        out = OpenFile(self.fd, self.path)
         try:
             while done < length:
-                n = os.copy_file_range(src_fd, self.fd, min(length - done, _COPY_STEP_BYTES),
-                                       src_offset + done, dst_offset + done)
+                n = src.copy_range_to(out, min(length - done, _COPY_STEP_BYTES), src_offset + done, dst_offset + done)
                 if n == 0:
                     raise self._ended_early(src_offset, dst_offset, length, done)
                 done += n
@@ -109,11 +109,11 @@ class FileSink:
             # Bytes copied in-kernel have a CRC unknown here (note_source_crc32 may supply it).
             self.crcs.add(dst_offset, done, None)
 
-    def _copy_through_memory(self, src_fd: int, src_offset: int, dst_offset: int, length: int) -> None:
+    def _copy_through_memory(self, src: OpenFile, src_offset: int, dst_offset: int, length: int) -> None:
         done = 0
         while done < length:
             try:
-                block = os.pread(src_fd, min(length - done, PREAD_STEP_BYTES), src_offset + done)
+                block = src.pread(min(length - done, PREAD_STEP_BYTES), src_offset + done)
             except OSError as exc:
                 raise CheckpointError(f"{self.path}: copy failed at offset {dst_offset + done:,}: cannot read "
                                       f"the checkpoint at offset {src_offset + done:,}: {exc.strerror}") from None
@@ -136,7 +136,8 @@ class FileSink:
         try:
             fd = open_ours(self.path)
             try:
-                return self.crcs.total(self.nbytes, pread_from(fd))
+                back = OpenFile(fd, self.path)
+                return self.crcs.total(self.nbytes, lambda offset, length: back.pread(length, offset))
             finally:
                 os.close(fd)
         except OSError as exc:
@@ -166,30 +167,32 @@ class ComparingSink:
     Used to verify finished shards (`verify`, `convert --verify`) and tied weights, by running the executor
     again. Reads go into three buffers of `piece_bytes` allocated once (the file's bytes, the source's bytes
     for `copy_from`, the comparison flags): a fresh megabyte per piece would cost a page-faulting allocation.
-    `fast.preadv` (default: `fastpaths.detect()`) reads into them in place; else pread and a copy.
+    `fast.preadv` (the fast paths the run detected once; default none) reads into them in place; else pread and a
+    copy.
     """
 
-    def __init__(self, path: str, piece_bytes: int = COMPARE_PIECE_BYTES, *, fast: Optional[FastPaths] = None):
+    def __init__(self, path: str, piece_bytes: int = COMPARE_PIECE_BYTES, *, fast: FastPaths = NONE):
         import numpy as np
         self.path = path
-        self.fast = fast if fast is not None else detect()
+        self.fast = fast
         self.piece_bytes = piece_bytes
         # As carefully as a checkpoint file: a FIFO or device in the output is refused, never read forever.
         self.fd = open_regular(path, error=OutputError)
+        self._file = OpenFile(self.fd, path)
         self.compared = 0
         self._theirs = np.empty(piece_bytes, dtype=np.uint8)
         self._source = np.empty(piece_bytes, dtype=np.uint8)
         self._flags = np.empty(piece_bytes, dtype=bool)
 
-    def _read(self, fd: int, into, offset: int) -> int:
-        """Fill `into` from `fd` at `offset`; returns how many bytes there were (fewer at the end of file)."""
+    def _read(self, file: OpenFile, into, offset: int) -> int:
+        """Fill `into` from `file` at `offset`; returns how many bytes there were (fewer at the end of file)."""
         view = memoryview(into)
         done = 0
         while done < len(view):
             try:
-                n = read_at(fd, view[done:], offset + done, self.fast)
+                n = read_at(file, view[done:], offset + done, self.fast)
             except OSError as exc:      # an IO error is not a difference: it says nothing about the bytes
-                if fd != self.fd:
+                if file is not self._file:
                     raise CheckpointError(f"cannot read the checkpoint at offset {offset + done:,} while comparing "
                                           f"with {self.path}: {exc.strerror or exc}") from None
                 raise OutputError(f"{self.path}: cannot read at offset {offset + done:,}: "
@@ -201,7 +204,7 @@ class ComparingSink:
 
     def _expect(self, offset: int, data) -> None:
         n = len(data)
-        got = self._read(self.fd, self._theirs[:n], offset)
+        got = self._read(self._file, self._theirs[:n], offset)
         theirs = self._theirs[:got]
         flags = self._flags[:got]
         import numpy as np
@@ -217,10 +220,10 @@ class ComparingSink:
         for start in range(0, len(mine), self.piece_bytes):
             self._expect(offset + start, mine[start:start + self.piece_bytes])
 
-    def copy_from(self, src_fd: int, src_offset: int, dst_offset: int, length: int) -> None:
+    def copy_from(self, src: OpenFile, src_offset: int, dst_offset: int, length: int) -> None:
         for start in range(0, length, self.piece_bytes):
             n = min(self.piece_bytes, length - start)
-            if self._read(src_fd, self._source[:n], src_offset + start) != n:
+            if self._read(src, self._source[:n], src_offset + start) != n:
                 raise OutputError(f"source ended early while comparing with {self.path}")
             self._expect(dst_offset + start, self._source[:n])
 

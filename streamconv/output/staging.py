@@ -32,7 +32,7 @@ from typing import Callable, Collection, Dict, Iterable, Iterator, List, Optiona
 
 from ..errors import OutputError
 from ..failpoints import kill_point
-from ..fs.fastpaths import PROBE_FILE_NAME, FastPaths, detect
+from ..fs.fastpaths import NONE, PROBE_FILE_NAME, FastPaths
 from ..planning.names import staging_name
 from ..fs.outfiles import create_new, foreign, not_ours, free_space_note, write_failed
 from ..fs.paths import Identity, adopt_folder_attributes, parent_not_writable_hint, remove_tree
@@ -158,19 +158,20 @@ class StagingDir:
     files). An existing staging folder for the same destination is resumed when `resume` (only if its
     plan record matches), removed when `discard_partial`, and otherwise refused with an explanation.
     Use as a context manager: leaving with an exception discards (or, with `resume`, keeps for later).
-    `fast.renameat2` (default: `fastpaths.detect()`) commits with renameat2; else with plain renames.
+    `fast.renameat2` (the fast paths the run detected once; default none) commits with renameat2; else with plain
+    renames.
     Every deletion (of this staging folder, a swapped-out old output, records) goes through
     `paths.remove_tree`, sparing `protected` identities (the sources, `destination.check_destination`) and
     mounts; what it leaves is raised, or (once committed or while discarding) added to `notes`.
     """
 
     def __init__(self, destination: str, *, plan_record: Optional[dict] = None, overwrite: bool = False,
-                 resume: bool = False, discard_partial: bool = False, fast: Optional[FastPaths] = None,
+                 resume: bool = False, discard_partial: bool = False, fast: FastPaths = NONE,
                  protected: Collection[Identity] = ()):
         self.protected = frozenset(protected)
         self.notes: List[str] = []
         self.destination = os.path.abspath(os.fspath(destination))
-        self.fast = fast if fast is not None else detect()
+        self.fast = fast
         self.overwrite = overwrite
         self.resume = resume
         self.plan_record = dict(plan_record or {}, version=RECORD_VERSION)

@@ -39,6 +39,7 @@ from ..planning.options import ConvertOptions
 from ..fs.paths import user_path
 from ..output.record import RECORD_FILE
 from ..planning.options import DEFAULT_WORKERS
+from ..source import flavors
 from .preparing import Request, already_converted, dry_run
 from .report import Reporter
 from ..sizes import format_size, parse_size
@@ -164,7 +165,7 @@ def looks_like_output(folder: str) -> bool:
     names = {e.name for e in entries}
     if RECORD_FILE in names:
         return True
-    if names & {".metadata", "__0.metadata"}:
+    if flavors.is_checkpoint_folder(folder):
         return False
     if any(e.is_dir(follow_symlinks=False) and not e.name.startswith(".") for e in entries):
         return False

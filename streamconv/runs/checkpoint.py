@@ -4,31 +4,22 @@ checkpoints this one way.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 from ..execution.executor import check_stored
-from ..fs.fastpaths import FastPaths
+from ..fs.fastpaths import NONE, FastPaths
 from ..source.io import DirectoryReader, RangeReader
 from ..model import BlobLocation, CheckpointMetadata, StoredTensor, TensorEntry
 from ..planning.plan import ConversionPlan
-from ..source import find_metadata_file, hf_shards, load_metadata, locate_all, zstd
+from ..source import flavors, locate_all
 
 
-def load(checkpoint_dir: str, fast: Optional[FastPaths] = None
+def load(checkpoint_dir: str, fast: FastPaths = NONE
          ) -> Tuple[RangeReader, CheckpointMetadata]:
-    """(the reader its blobs are read through, its metadata); the caller closes the reader. Compressed blobs
-    are read through a decoder (reader/zstd.py); per-rank HF shards have no `.metadata` (reader/hf_shards.py)."""
-    shards = hf_shards.shard_files(checkpoint_dir)   # HuggingFaceStorageWriter per-rank files: no .metadata
-    # find_metadata_file explains what a DCP folder looks like when it is not one
-    name = None if shards else find_metadata_file(checkpoint_dir)
-    reader = DirectoryReader(checkpoint_dir, fast=fast)
-    try:
-        meta = hf_shards.load_metadata(reader, shards) if shards else load_metadata(reader, name)
-    except BaseException:
-        reader.close()
-        raise
-    if zstd.uses_transforms(meta):   # compressed blobs are read through a decoder (reader/zstd.py)
-        return zstd.DecodingReader(reader), meta
+    """(the reader its blobs are read through, its metadata); the caller closes the reader. Which kind of folder
+    it is (plain DCP, Megatron, HF per-rank shards...) and how its blobs are read is its flavor's business
+    (`source/flavors/`)."""
+    _, reader, meta = flavors.open_checkpoint(checkpoint_dir, lambda folder: DirectoryReader(folder, fast=fast))
     return reader, meta
 
 

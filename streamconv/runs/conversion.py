@@ -191,7 +191,8 @@ class Conversion:
         if self.settings.verify:
             checked = verifying.verify_output(conversion, self.reader, self.stored, staging.path,
                                               buffer_bytes=self.options.buffer_bytes, checkpoint=self.checkpoint_dir,
-                                              integrity=self.integrity, progress=self.reporter.advance)
+                                              integrity=self.integrity, progress=self.reporter.advance,
+                                              fast=self.fast)
             verifying.raise_if_failed(checked, staged=True)
             self.verified_bytes, self.verified_tensors = checked.bytes_compared, checked.tensors_equal
         staging.added([provenance.write_record(
@@ -207,7 +208,8 @@ class Conversion:
         by_name = {t.name: t for t in self.conversion.tensors}
         for pair in self.setup.tied:
             hf.tied.verify_tied(checker, self.heads[pair.head], by_name[pair.embedding],
-                                staging.file(shard_of[pair.embedding]), config_path=self.setup.config.folder)
+                                staging.file(shard_of[pair.embedding]), config_path=self.setup.config.folder,
+                                fast=self.fast)
 
     # -- commit ---------------------------------------------------------------------------------------
     def commit(self, staging: StagingDir) -> None:

@@ -31,13 +31,12 @@ from ..model import CheckpointMetadata
 from ..planning.names import natural_key
 from ..planning.naming import checkpoint_names
 from ..planning.plan import PlanOptions
-from ..source import hf_shards
+from ..source import flavors, hf_shards
 
 MAX_DEPTH = 3               # accelerate's project_dir/checkpoints/checkpoint_N/pytorch_model_fsdp_0 is 3 down
 MAX_DIRS_LISTED = 400       # directories listed before giving up on a huge tree
 MAX_METADATA_READS = 16     # DCP folders whose .metadata is read; more than that is ambiguous anyway
 LIST_LIMIT = 12             # candidates shown one per line before "... and N more"
-METADATA_NAMES = (".metadata", "__0.metadata")
 
 # A path component numbering a checkpoint: step-20, checkpoint-500, checkpoint_3, global_step100, dist_epoch_2.
 _NUMBERED = re.compile(r"(?:^|[_-])(step|checkpoint|epoch|iter|iteration)[-_]?(\d+)$", re.IGNORECASE)
@@ -184,12 +183,8 @@ def decide(root: str, found: Sequence[Found], *, truncated: bool = False) -> Opt
 
 
 def is_dcp_folder(path: str) -> bool:
-    if any(os.path.isfile(os.path.join(path, name)) for name in METADATA_NAMES):
-        return True
-    try:
-        return bool(hf_shards.shard_files(path))     # HuggingFaceStorageWriter per-rank shards
-    except CheckpointError:
-        return True     # shard files with a problem: reading it says which
+    """A checkpoint folder of any flavor (`source.flavors` decides; a broken one counts: reading it says why)."""
+    return flavors.is_checkpoint_folder(path)
 
 
 def read_holding(path: str) -> Holding:
@@ -260,7 +255,8 @@ def _consolidated_from(root: str, chosen: str) -> bool:
     """True when `root` is a model torch consolidated from the per-rank shards in `chosen`
     (HuggingFaceStorageWriter(enable_consolidation=True) writes both): `root` is then explained, not converted."""
     try:
-        return hf_shards.holds_safetensors(root) and bool(hf_shards.shard_files(os.path.join(root, chosen)))
+        return (hf_shards.holds_safetensors(root)
+                and flavors.detect(os.path.join(root, chosen)) is flavors.hf_per_rank.FLAVOR)
     except CheckpointError:
         return False
 

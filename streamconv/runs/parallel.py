@@ -18,7 +18,7 @@ from ..execution.executor import Executor
 from ..source.io import RangeReader
 from ..model import BlobLocation, StoredTensor
 from ..planning.plan import ShardPlan, TensorPlan
-from ..fs.fastpaths import FastPaths
+from ..fs.fastpaths import NONE, FastPaths
 from ..output.sink import FileSink
 from ..failpoints import kill_point
 
@@ -72,9 +72,9 @@ def write_shards(shards: Sequence[ShardPlan], reader: RangeReader, stored: Mappi
                  path_for: Callable[[str], str], *, buffer_bytes: int, workers: int = 1,
                  progress: Optional[Progress] = None, integrity=None,
                  on_shard_done: Optional[Callable[[ShardPlan, int], None]] = None,
-                 fast: Optional[FastPaths] = None, open_sink: Optional[SinkFactory] = None) -> None:
+                 fast: FastPaths = NONE, open_sink: Optional[SinkFactory] = None) -> None:
     """Write every shard to `path_for(filename)`. The total buffer memory stays `buffer_bytes`.
-    `fast`: the fast IO paths the shard files may use (default `fastpaths.detect()`).
+    `fast`: the fast IO paths the shard files may use, as the run detected them once (default: none).
     `integrity` (a `reader.integrity.ChunkIntegrity`) checks each chunk's CRC-32 before its bytes move.
     `on_shard_done(shard, crc32)` runs (on the worker that finished it) once a shard's last byte is written
     (`ledger.Ledger.record`: fsync, then the finished record).

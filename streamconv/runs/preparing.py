@@ -19,7 +19,7 @@ from ..model import CheckpointMetadata
 from ..output import ledger, record
 from ..planning.options import resolve as resolve_options
 from ..planning.plan import DEFAULT_WRITERS, ConversionPlan, build_plan, with_writers
-from ..source import zstd
+from ..source import transforms
 from ..source.io import RangeReader
 from ..verification import provenance
 from . import discover
@@ -63,7 +63,7 @@ def checkpoint_argument(checkpoint_dir) -> str:
     return checkpoint_dir
 
 
-def prepare(checkpoint_dir: str, request: Request, fast: Optional[fastpaths.FastPaths] = None) -> Prepared:
+def prepare(checkpoint_dir: str, request: Request, fast: fastpaths.FastPaths = fastpaths.NONE) -> Prepared:
     """See the module docstring."""
     checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_argument(checkpoint_dir))
     reader, meta = load(checkpoint_dir, fast)
@@ -77,7 +77,7 @@ def prepare(checkpoint_dir: str, request: Request, fast: Optional[fastpaths.Fast
     except BaseException:
         reader.close()
         raise
-    notes = tuple(n for n in (found_note, zstd.transform_note(meta)) if n) + tuple(setup.notes)
+    notes = tuple(n for n in (found_note, transforms.note(meta)) if n) + tuple(setup.notes)
     return Prepared(checkpoint_dir, reader, meta, setup, notes)
 
 

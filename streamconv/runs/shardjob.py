@@ -19,7 +19,7 @@ from ..model import BlobLocation, StoredTensor
 from ..output.ledger import Ledger
 from ..output.staging import scratch_dir_of
 from ..planning.plan import ConversionPlan, ShardPlan
-from ..source import zstd
+from ..source import transforms
 from ..source.integrity import ChunkIntegrity
 from ..source.io import DirectoryReader, RangeReader
 from .checkpoint import locate_chunks
@@ -131,13 +131,12 @@ def write_job_alone(job: ShardJob) -> Written:
     """Write one job in a process that has nothing open (a Ray task, or a test standing in for one): open the
     checkpoint, find the shard's chunks and this machine's fast paths, then `write_jobs`."""
     context, shard = job.context, job.shard
-    if context.ledger.recorded(shard):
+    fast = fastpaths.detect()   # once per task: this worker's own machine and filesystems decide, as in convert
+    if context.ledger.recorded(shard, fast=fast):
         return Written((job.filename,))      # a retry of a task whose work was already done
     _check_checkpoint_unchanged(context)
-    fast = fastpaths.detect()   # this worker's own machine and filesystems decide
     with DirectoryReader(context.checkpoint_dir, fast=fast) as directory:
-        compressed = any(c.location.transform_descriptors for t in shard.tensors for c in t.chunks)
-        reader = zstd.DecodingReader(directory) if compressed else directory   # as checkpoint.load does
+        reader = transforms.reader_for(directory, (c.location for t in shard.tensors for c in t.chunks))
         stored = locate_chunks(replace(context.plan, shards=(shard,)), reader)
         sources = sorted({c.location.relative_path for t in shard.tensors for c in t.chunks})
         if sources:

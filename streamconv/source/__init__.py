@@ -1,9 +1,12 @@
 """The safe reading layer: DCP `.metadata` and `.distcp` blobs decoded without importing torch.
 
-* `find_metadata_file(root)`: which metadata file a checkpoint folder has (or why it is not one).
+* `flavors.detect(folder)` / `flavors.open_checkpoint(folder, ...)`: what kind of checkpoint folder it is (plain
+  DCP, Megatron torch_dist, HF per-rank shards: one module each in `flavors/`) and its reader and metadata.
+* `find_metadata_file(root)`: which metadata file a DCP folder has (or why it is not one).
 * `load_metadata(reader, name)`: the checkpoint's tensors, chunks and blob locations (`streamconv.model`).
 * `locate_tensor(reader, location, fqn=...)` / `locate_all(reader, tensors)`: where each chunk's raw bytes are.
-* `zstd.DecodingReader`: zstd-compressed blobs (`_extensions=[ZStandard()]`), decoded while streaming.
+* `transforms.reader_for(directory, locations)`: blobs saved through a stream transform (zstd,
+  `_extensions=[ZStandard()]`) read as their decoded streams (`zstd.DecodingReader`).
 
 Safetensors flavors: `safetensors_blob.py` finds chunks inside safetensors blobs (FileSystemWriter with
 serialization_format=SAFETENSORS, marked by `BlobLocation.tensor_key`); `hf_shards.py` turns a folder of

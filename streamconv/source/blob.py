@@ -317,7 +317,7 @@ def _entry_bytes(blob: _Blob, entry: _Entry, cd_offset: int) -> bytes:
 
 def _check_small_records(blob: _Blob, entries: Dict[bytes, _Entry], cd_offset: int, prefix: bytes) -> None:
     """CRC-32 of the archive's small records (data.pkl says where the tensor's bytes are: a flipped bit there
-    could move them). The tensor storage itself is checked by `reader.integrity`, when asked."""
+    could move them). The tensor storage itself is checked by `source.integrity`, when asked."""
     for entry in entries.values():
         recorded = entry.recorded_crc32
         if (recorded is None or entry.method != 0 or entry.size > SMALL_RECORD_BYTES

@@ -8,7 +8,7 @@ torch consolidates such a folder with `consolidate_safetensors_files`, which hol
 
 Here the headers become the same `CheckpointMetadata` a `.metadata` gives (each piece a chunk, located by its
 header key), so the planner proves coverage and the executor streams the pieces in bounded memory. Only headers
-are read (each at most `safetensors_blob.MAX_HEADER_BYTES`), only from regular files (`DirectoryReader`).
+are read (each at most `safetensors_format.MAX_HEADER_BYTES`), only from regular files (`DirectoryReader`).
 
 Global shapes are not recorded anywhere: as torch's consolidator does, a tensor's shape is the box its pieces
 span. Missing pieces inside that box fail the coverage proof, and missing rank numbers are refused; a folder
@@ -28,7 +28,6 @@ from .safetensors_blob import read_header
 from .unpickle import describe
 
 SHARD_FILE = re.compile(r"shard-(\d{5,9})-model-(\d{5,9})-of-(\d{5,9})\.safetensors")
-_DCP_METADATA_NAMES = (".metadata", "__0.metadata")
 
 
 def flavor(ranks: int, files: int) -> str:
@@ -37,10 +36,11 @@ def flavor(ranks: int, files: int) -> str:
 
 
 def shard_files(root: str) -> List[str]:
-    """The per-rank shard files of folder `root`, by (rank, file index); [] when it is not such a folder (a DCP
-    folder with `.metadata` is one of those). CheckpointError when shard files sit beside other safetensors
-    files (torch's consolidator would mix them in) or rank numbers are missing."""
-    if not os.path.isdir(root) or any(os.path.lexists(os.path.join(root, n)) for n in _DCP_METADATA_NAMES):
+    """The per-rank shard files of folder `root`, by (rank, file index); [] when it holds none. CheckpointError
+    when shard files sit beside other safetensors files (torch's consolidator would mix them in) or rank numbers
+    are missing. Which flavor a folder is (a `.metadata` beside shard files makes it plain DCP) is decided by
+    `source.flavors.detect`."""
+    if not os.path.isdir(root):
         return []
     names = os.listdir(root)
     shards: List[Tuple[int, int, int, str]] = []

@@ -40,7 +40,7 @@ class ChunkIntegrity:
     def __init__(self, reader: RangeReader, stored: Mapping[BlobLocation, StoredTensor],
                  piece_bytes: int = CRC_PIECE_BYTES, while_decoding: bool = False):
         self.reader = reader
-        # Compressed chunks (reader.zstd): sum each record as the copy decodes it, and fail at its end, instead of
+        # Compressed chunks (source/zstd.py): sum each record as the copy decodes it, and fail at its end, instead of
         # decoding it twice. For `convert`, where any failure discards the output; `verify` checks first, so that a
         # corrupt chunk is reported as such rather than as a difference.
         self.while_decoding = while_decoding
@@ -72,10 +72,12 @@ class ChunkIntegrity:
                 if location in self._done:
                     return
                 self._done.add(location)
-            self.reader.check_while_decoding(
-                location, stored.record_offset, stored.record_nbytes,
-                lambda computed, recorded: self._judge(fqn, chunk, stored, computed, recorded))
-            return
+            if self.reader.check_while_reading(
+                    location, stored.record_offset, stored.record_nbytes,
+                    lambda computed, recorded: self._judge(fqn, chunk, stored, computed, recorded)):
+                return
+            with self._lock:        # declined: summed below, like a plain chunk
+                self._done.discard(location)
         if stored.transforms and stored.record_nbytes:
             # A compressed blob: the record is decoded and summed, and its CRC-32 is read from the zip data
             # descriptor that follows it in the decoded stream (the central directory is at the far end).

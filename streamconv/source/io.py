@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from typing import Dict, Iterator, Optional, Protocol, Sequence
 
 from ..errors import CheckpointError, ResourceError
-from ..fs.fastpaths import PREAD_STEP_BYTES, FastPaths, detect
-from ..fs.infiles import nofile_limit, open_regular
+from ..fs.fastpaths import NONE, PREAD_STEP_BYTES, FastPaths
+from ..fs.infiles import OpenFile, nofile_limit, open_regular
 
 
 # preadv takes at most IOV_MAX (1024 on Linux) buffers per call.
@@ -44,6 +44,14 @@ class RangeReader(Protocol):
 
     def set_random_access(self, random_access: bool) -> None:
         """Hint: small scattered reads follow (True) or long streams (False); may do nothing."""
+
+    def check_while_reading(self, location, record_offset: int, record_nbytes: int, verdict) -> bool:
+        """Offer to sum the record [record_offset, + record_nbytes) of the blob at `location` as later reads pass
+        it, then call `verdict(computed, recorded or None)` at its end. True when taken (a decoded stream: summing
+        it apart would cost a second decompression); False: the caller sums the record itself."""
+
+    def close(self) -> None:
+        """Let go of open files; no read follows."""
 
 
 class MemoryReader:
@@ -85,6 +93,12 @@ class MemoryReader:
     def set_random_access(self, random_access: bool) -> None:
         pass
 
+    def check_while_reading(self, location, record_offset: int, record_nbytes: int, verdict) -> bool:
+        return False    # stored as is: the caller sums the bytes
+
+    def close(self) -> None:
+        pass
+
 
 def max_open_files() -> int:
     """Descriptors a DirectoryReader keeps open at most: DEFAULT_MAX_OPEN_FILES, or a quarter of the process's
@@ -117,12 +131,13 @@ class DirectoryReader:
     Descriptors are cached (least recently used first out, at most `max_open`), so a checkpoint of thousands
     of files (`single_file_per_rank=False`) reads under any `ulimit -n`. Writer threads share one reader: a
     descriptor is closed only when no caller is using it, never under a copy. `fast` says whether to use
-    preadv and posix_fadvise (default: `fastpaths.detect()`); without them, pread and no hints.
+    preadv and posix_fadvise (the fast paths the run detected once; default none): without them, pread and no
+    hints.
     """
 
-    def __init__(self, root: str, max_open: Optional[int] = None, *, fast: Optional[FastPaths] = None):
+    def __init__(self, root: str, max_open: Optional[int] = None, *, fast: FastPaths = NONE):
         self.root = os.fspath(root)
-        self.fast = fast if fast is not None else detect()
+        self.fast = fast
         self.max_open = max_open if max_open is not None else max_open_files()
         self._cache: "OrderedDict[str, _Handle]" = OrderedDict()
         self._pinned: Dict[int, _Handle] = {}     # thread id -> the handle its last fd() call returned
@@ -234,6 +249,9 @@ class DirectoryReader:
             for handle in self._cache.values():
                 self._advise(handle.fd)
 
+    def check_while_reading(self, location, record_offset: int, record_nbytes: int, verdict) -> bool:
+        return False    # stored as is: the caller sums the bytes
+
     def _advise(self, fd: int) -> None:
         if self.fast.fadvise:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM if self._random_access else os.POSIX_FADV_NORMAL)
@@ -296,7 +314,7 @@ class DirectoryReader:
 
     def copy_to(self, sink, relative_path: str, offset: int, dst_offset: int, length: int) -> None:
         with self.borrow(relative_path) as fd:
-            sink.copy_from(fd, offset, dst_offset, length)
+            sink.copy_from(OpenFile(fd, self.path(relative_path)), offset, dst_offset, length)
 
     def _read_failed(self, relative_path: str, offset: int, exc: OSError) -> CheckpointError:
         return CheckpointError(f"{self.path(relative_path)}: read failed at offset {offset:,}: {exc.strerror}")

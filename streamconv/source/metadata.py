@@ -23,7 +23,7 @@ METADATA_NAME = ".metadata"
 # FileSystemWriter with use_collectives=False: every rank writes its own `__{rank}.metadata`.
 # Rank numbers as torch writes them (no leading zeros); a name with more digits than any real world size is
 # not a rank file.
-_RANK_METADATA = re.compile(r"__(0|[1-9][0-9]{0,8})\.metadata")
+RANK_METADATA = re.compile(r"__(0|[1-9][0-9]{0,8})\.metadata")
 
 # storage_data key: (fqn, chunk offsets) for tensor chunks, (fqn, None) for bytes items.
 _StorageKey = Tuple[str, Optional[Tuple[int, ...]]]
@@ -62,7 +62,7 @@ def load_metadata(reader: RangeReader, metadata_name: str = METADATA_NAME) -> Ch
     chunks are united (a chunk saved by several ranks is kept once, from the lowest rank), bytes items and
     paths come from the lowest rank that has them.
     """
-    rank_match = _RANK_METADATA.fullmatch(metadata_name)
+    rank_match = RANK_METADATA.fullmatch(metadata_name)
     if rank_match and rank_match.group(1) == "0":
         decoded = _merge_ranks([_decode(reader, name) for name in _rank_metadata_names(reader)])
     else:
@@ -81,7 +81,7 @@ def find_metadata_file(root: "str | os.PathLike[str]") -> str:
     if _check_regular(root, METADATA_NAME):
         return METADATA_NAME
     names = sorted(os.listdir(root))
-    ranks = sorted(int(m.group(1)) for m in map(_RANK_METADATA.fullmatch, names) if m)
+    ranks = sorted(int(m.group(1)) for m in map(RANK_METADATA.fullmatch, names) if m)
     if ranks:
         # Ranks must be 0..n-1. Compared against the files present, so a name like `__10000000.metadata`
         # costs nothing more than any other file.

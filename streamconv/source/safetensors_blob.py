@@ -22,7 +22,6 @@ inside the file. Each header is read once per (file, offset).
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
@@ -30,13 +29,14 @@ from .. import dtypes
 from ..errors import CheckpointError, UnsupportedFeatureError
 from .io import RangeReader
 from ..model import BlobLocation, Chunk, StoredTensor, TensorEntry
-from ..safetensors_format import MAX_HEADER_BYTES, METADATA_KEY, unique_keys
+from ..safetensors_format import MAX_HEADER_BYTES  # noqa: F401  (the one limit; tests check it is shared)
+from ..safetensors_format import (LENGTH, decode_body, header_length, pop_metadata, read_entry,
+                                  unique_keys)
 from .unpickle import describe
 
 MAX_DIMS = 64
 SHARDING_INFO_KEY = "DCP_SHARDING_INFO"     # torch.distributed.checkpoint._hf_utils names
 SAVED_OFFSETS_KEY = "saved_offsets"
-_LENGTH = struct.Struct("<Q")
 _BY_CODE = {d.safetensors: d for d in dtypes.BY_NAME.values()}
 
 
@@ -72,33 +72,26 @@ def _where(relative_path: str, offset: int) -> str:
 
 def read_header(reader: RangeReader, relative_path: str, offset: int = 0, *,
                 file_bytes: Optional[int] = None) -> Header:
-    """Parse and check the safetensors header of the blob at `offset` (CheckpointError naming file and field)."""
+    """Parse and check the safetensors header of the blob at `offset` (CheckpointError naming file and field).
+    The format's rules are `safetensors_format`'s; what is added here is DCP's: a known dtype, the sharding info."""
     where = _where(relative_path, offset)
     if file_bytes is None:
         file_bytes = reader.size(relative_path)
-    if offset + _LENGTH.size > file_bytes:
-        raise CheckpointError(f"{where}: the file ends ({file_bytes} bytes) before the 8-byte header length; the "
-                              "file is truncated or does not belong to this checkpoint")
-    (header_bytes,) = _LENGTH.unpack(reader.read(relative_path, offset, _LENGTH.size))
-    data_start = offset + _LENGTH.size + header_bytes
-    if header_bytes > MAX_HEADER_BYTES or data_start > file_bytes:
-        problem = (f"over the safetensors limit of {MAX_HEADER_BYTES} bytes" if header_bytes > MAX_HEADER_BYTES
-                   else f"past the end of the file ({file_bytes} bytes)")
-        raise CheckpointError(f"{where}: header length {header_bytes} is {problem}; this is not a safetensors "
-                              "blob, or it is truncated")
-    raw = reader.read(relative_path, offset + _LENGTH.size, header_bytes)
-    if not raw.startswith(b"{"):
-        raise CheckpointError(f"{where}: header does not start with '{{' (found {raw[:8]!r}); not a safetensors blob")
+    blob_bytes = max(0, file_bytes - offset)
+    first = reader.read(relative_path, offset, min(LENGTH.size, blob_bytes))
+    header_bytes, problem = header_length(first, blob_bytes)
+    if problem:
+        raise CheckpointError(f"{where}: {problem}; this is not a safetensors blob, or the file is truncated or "
+                              "does not belong to this checkpoint")
+    data_start = offset + LENGTH.size + header_bytes
     try:
-        parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CheckpointError(f"{where}: header is not valid JSON ({describe(str(exc))}); the file is corrupt") from None
-    del raw
-    if not isinstance(parsed, dict):
-        raise CheckpointError(f"{where}: header is a JSON {type(parsed).__name__}, not an object")
-    metadata = parsed.pop(METADATA_KEY, None) or {}
-    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
-        raise CheckpointError(f"{where}: __metadata__ is not a map of strings: {describe(metadata)}")
+        parsed = decode_body(reader.read(relative_path, offset + LENGTH.size, header_bytes))
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: {exc}; the file is corrupt or not a safetensors blob") from None
+    metadata, problem = pop_metadata(parsed)
+    if problem:
+        raise CheckpointError(f"{where}: {problem}")
+    metadata = metadata or {}
     saved, order = _sharding_info(where, metadata.get(SHARDING_INFO_KEY))
     data_bytes = file_bytes - data_start
     tensors: Dict[str, HeaderTensor] = {}
@@ -140,31 +133,27 @@ def _sharding_info(where: str, text: Optional[str]) -> Tuple[Optional[Dict[str, 
 def _tensor(where: str, key: str, info: Any, data_start: int, data_bytes: int,
             saved: Optional[Dict[str, Tuple[int, ...]]]) -> HeaderTensor:
     at = f"{where}: tensor {describe(key)}"
-    if not isinstance(info, dict):
-        raise CheckpointError(f"{at}: header entry is not an object: {describe(info)}")
-    code, shape, offsets = info.get("dtype"), _ints(info.get("shape")), _ints(info.get("data_offsets"))
-    dtype = _BY_CODE.get(code) if isinstance(code, str) else None
-    if dtype is None:
+    code = info.get("dtype") if isinstance(info, dict) else None
+    if isinstance(info, dict) and (not isinstance(code, str) or code not in _BY_CODE):
         raise CheckpointError(f"{at}: dtype {describe(code)} is not supported; supported: "
                               f"{', '.join(sorted(_BY_CODE))}")
-    if shape is None or offsets is None or len(offsets) != 2:
-        raise CheckpointError(f"{at}: shape {describe(info.get('shape'))} / data_offsets "
-                              f"{describe(info.get('data_offsets'))} are not lists of non-negative ints")
-    numel = 1
-    for d in shape:
-        numel *= d
-    begin, end = offsets
-    if end - begin != numel * dtype.itemsize or end > data_bytes:
+    entry, problem = read_entry(key, info)
+    if problem:
+        raise CheckpointError(f"{where}: {problem}; the file is corrupt")
+    if len(entry.shape) > MAX_DIMS:
+        raise CheckpointError(f"{at}: shape has {len(entry.shape)} dims, more than {MAX_DIMS}; the file is corrupt")
+    if entry.end > data_bytes:
         raise CheckpointError(
-            f"{at}: data_offsets [{begin}, {end}) do not hold {numel} {dtype.name} elements of shape {list(shape)} "
-            f"inside the {data_bytes}-byte data section; the file is truncated or corrupt")
+            f"{at}: data_offsets [{entry.begin}, {entry.end}) run past the {data_bytes}-byte data section; the file "
+            "is truncated or corrupt")
     placed = None
     if saved is not None:
         placed = saved.get(key)
-        if placed is not None and len(placed) != len(shape):
+        if placed is not None and len(placed) != len(entry.shape):
             raise CheckpointError(f"{at}: DCP_SHARDING_INFO saved_offsets {list(placed)} do not match its "
-                                  f"shape {list(shape)}")
-    return HeaderTensor(key, dtype.name, shape, data_start + begin, numel * dtype.itemsize, placed)
+                                  f"shape {list(entry.shape)}")
+    return HeaderTensor(key, _BY_CODE[code].name, entry.shape, data_start + entry.begin, entry.end - entry.begin,
+                        placed)
 
 
 def stored_tensor(t: HeaderTensor) -> StoredTensor:

@@ -23,14 +23,11 @@ import struct
 import threading
 import zlib
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import CheckpointError, CorruptChunkError, UnsupportedFeatureError
 from ..model import BlobLocation, StoredTensor
 from . import safe_pickle as sp
-
-if TYPE_CHECKING:
-    from ..model import CheckpointMetadata
 
 ZSTD_DESCRIPTOR = "stream.zstd/1"
 ZSTD_EXTRA = "pip install 'streamconv[zstd]'"
@@ -71,35 +68,6 @@ def can_decode() -> bool:
     return True
 
 
-def transform_note(meta: "CheckpointMetadata") -> Optional[str]:
-    """One line for `inspect` and `plan`: which stream transforms the blobs carry and whether this install can
-    undo them (None for a checkpoint without transforms)."""
-    counts: Dict[Tuple[str, ...], int] = {}
-    locations = {c.location for t in meta.tensors for c in t.chunks}
-    locations.update(b.location for b in meta.byte_entries if b.location is not None)
-    for location in locations:
-        if location.transform_descriptors:
-            counts[location.transform_descriptors] = counts.get(location.transform_descriptors, 0) + 1
-    if not counts:
-        return None
-    total = sum(counts.values())
-    unknown = [list(d) for d in counts if d != (ZSTD_DESCRIPTOR,)]
-    what = f"{total} of {len(locations)} blobs are stored through a stream transform"
-    if unknown:
-        return (f"{what}: {unknown[0]} is not one streamconv can undo (it knows {[ZSTD_DESCRIPTOR]}, torch's "
-                "ZStandard extension); convert will refuse those tensors")
-    if can_decode():
-        import zstandard
-        return (f"{what}: zstd-compressed ({ZSTD_DESCRIPTOR}, FileSystemWriter(_extensions=[ZStandard()])); "
-                f"decompressed while streaming (zstandard {zstandard.__version__})")
-    return (f"{what}: zstd-compressed ({ZSTD_DESCRIPTOR}, FileSystemWriter(_extensions=[ZStandard()])); "
-            f"convert needs the `zstandard` package, not installed here: {ZSTD_EXTRA}")
-
-
-def uses_transforms(meta: "CheckpointMetadata") -> bool:
-    return any(c.location.transform_descriptors for t in meta.tensors for c in t.chunks)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # decoding one blob as a stream
 
@@ -126,7 +94,7 @@ class _Decoder:
     def __init__(self, reader, location: BlobLocation, fqn: str, read_bytes: int = COMPRESSED_READ_BYTES):
         zstandard = zstandard_module()
         self.location, self.fqn, self.pos = location, fqn, 0
-        # The decoded range whose CRC-32 is kept in `crc` as it passes (check_while_decoding).
+        # The decoded range whose CRC-32 is kept in `crc` as it passes (check_while_reading).
         self.sum_from = self.sum_to = 0
         self.crc = 0
         head = reader.read(location.relative_path, location.offset, min(4, location.length))
@@ -200,12 +168,27 @@ class DecodingReader:
         self._by_location: Dict[BlobLocation, _Decoded] = {}
         self._idle: "OrderedDict[int, Tuple[_Decoded, _Decoder]]" = OrderedDict()
         self._local = threading.local()
-        self._checks: Dict[BlobLocation, Tuple[int, int, object]] = {}   # check_while_decoding, not yet done
+        self._checks: Dict[BlobLocation, Tuple[int, int, object]] = {}   # check_while_reading, not yet done
         self.decoded_bytes = 0      # decoded bytes produced (skipped ones included), for reports and tests
         self.restarts = 0           # reads that had to decode a blob again from its start
 
-    def __getattr__(self, name):     # root, path, close, prefetch, set_random_access... are the inner reader's
-        return getattr(self.inner, name)
+    # -- what is the inner reader's: the folder, its files, its hints -------------------------------------
+    @property
+    def root(self) -> str:
+        return self.inner.root
+
+    @property
+    def fast(self):
+        return self.inner.fast
+
+    def path(self, relative_path: str) -> str:
+        return self.inner.path(relative_path)
+
+    def set_random_access(self, random_access: bool) -> None:
+        self.inner.set_random_access(random_access)
+
+    def close(self) -> None:
+        self.inner.close()
 
     def __enter__(self):
         return self
@@ -264,14 +247,17 @@ class DecodingReader:
         self.decoded_bytes += pos - start
         return decoder
 
-    def check_while_decoding(self, location: BlobLocation, record_offset: int, record_nbytes: int, verdict) -> None:
-        """Sum the decoded record [record_offset, + record_nbytes) as the next reads of this blob pass it, then read
-        the CRC-32 from the data descriptor right after it and call `verdict(computed, recorded or None)`, which
-        raises on a mismatch. Costs one zlib.crc32 pass instead of a second decompression. A blob whose record is
-        never read to its end is never judged."""
-        entry = self._by_location[location]
+    def check_while_reading(self, location: BlobLocation, record_offset: int, record_nbytes: int, verdict) -> bool:
+        """RangeReader's offer, taken for a compressed blob: sum the decoded record [record_offset, + record_nbytes)
+        as the next reads of this blob pass it, then read the CRC-32 from the data descriptor right after it and
+        call `verdict(computed, recorded or None)`, which raises on a mismatch. Costs one zlib.crc32 pass instead of
+        a second decompression. A blob whose record is never read to its end is never judged."""
+        entry = self._by_location.get(location)
+        if entry is None:
+            return self.inner.check_while_reading(location, record_offset, record_nbytes, verdict)
         with self._lock:
             self._checks[location] = (record_offset - entry.base, record_nbytes, verdict)
+        return True
 
     def _judge(self, entry: _Decoded, decoder: _Decoder) -> None:
         check = self._checks.get(entry.location)
@@ -359,7 +345,7 @@ def locate_compressed(reader, location: BlobLocation, fqn: str, stored_from_reco
     check_descriptors(location, fqn)
     if not isinstance(reader, DecodingReader):
         raise CheckpointError(f"{location.relative_path}: tensor {fqn!r} is zstd-compressed and must be read "
-                              "through reader.zstd.DecodingReader (internal error: please report)")
+                              "through source.zstd.DecodingReader (internal error: please report)")
     decoder = _Decoder(reader.inner, location, fqn, HEAD_READ_BYTES)
     head = _Head(decoder)
 

@@ -18,7 +18,7 @@ Checks, each reported with the file and tensor it concerns:
   safetensors library enforces (`safetensors_format.py`: no safetensors package needed), whose `__metadata__`
   is what streamconv writes, and which is exactly as long as its header says;
 * each tensor: present (missing), planned (extra), dtype, shape, and bytes (the first differing element);
-* the source: each chunk's CRC-32 (`reader.integrity`), when asked.
+* the source: each chunk's CRC-32 (`source.integrity`), when asked.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from .. import dtypes
 from .. import safetensors_format as sf
 from ..errors import CorruptChunkError, OutputError, VerificationError
 from ..execution.executor import Executor
+from ..fs.fastpaths import NONE, FastPaths
 from ..fs.infiles import open_regular
 from ..source.io import RangeReader
 from ..model import BlobLocation, StoredTensor
@@ -354,7 +355,7 @@ def _first_difference(t: TensorPlan, o: OutputTensor, byte_offset: int) -> dict:
 
 def compare_tensors(conversion: ConversionPlan, found: Dict[str, OutputTensor], reader: RangeReader,
                     stored: Dict[BlobLocation, StoredTensor], output_dir: str, result: VerifyResult, *,
-                    buffer_bytes: int, integrity=None, progress=None) -> None:
+                    buffer_bytes: int, integrity=None, progress=None, fast: FastPaths = NONE) -> None:
     """Every planned tensor against the output's bytes; problems go to `result`."""
     executor = Executor(reader, stored, buffer_bytes, progress=progress, integrity=integrity)
     planned = {t.name: t for t in conversion.tensors}
@@ -379,7 +380,7 @@ def compare_tensors(conversion: ConversionPlan, found: Dict[str, OutputTensor], 
                     if sink is not None:
                         sink.close()
                         sink = None
-                    sink = ComparingSink(os.path.join(output_dir, o.file))
+                    sink = ComparingSink(os.path.join(output_dir, o.file), fast=fast)
                 before = sink.compared
                 try:
                     executor.write_tensor(dataclasses.replace(t, begin=o.begin), sink)
@@ -406,7 +407,8 @@ def compare_tensors(conversion: ConversionPlan, found: Dict[str, OutputTensor], 
 
 
 def check_tied(heads: Sequence[Tuple[TensorPlan, str]], conversion: ConversionPlan,
-               found: Dict[str, OutputTensor], executor: Executor, output_dir: str, result: VerifyResult) -> None:
+               found: Dict[str, OutputTensor], executor: Executor, output_dir: str, result: VerifyResult, *,
+               fast: FastPaths = NONE) -> None:
     """Each dropped tied head (its source plan, its embedding's output name) must equal the embedding as
     written, as `convert` checked before dropping it."""
     from ..hf.tied import verify_tied
@@ -418,22 +420,23 @@ def check_tied(heads: Sequence[Tuple[TensorPlan, str]], conversion: ConversionPl
             continue        # already reported
         try:
             result.bytes_compared += verify_tied(executor, head, dataclasses.replace(planned[embedding], begin=o.begin),
-                                                 os.path.join(output_dir, o.file))
+                                                 os.path.join(output_dir, o.file), fast=fast)
         except VerificationError as exc:
             result.differing.append({"name": head.name, "file": o.file, "problem": str(exc)})
 
 
 def verify_output(conversion: ConversionPlan, reader: RangeReader, stored: Dict[BlobLocation, StoredTensor],
                   output_dir: str, *, buffer_bytes: int, checkpoint: str = "", integrity=None,
-                  progress=None, tied_heads: Sequence[Tuple[TensorPlan, str]] = ()) -> VerifyResult:
+                  progress=None, tied_heads: Sequence[Tuple[TensorPlan, str]] = (), fast: FastPaths = NONE
+                  ) -> VerifyResult:
     """Everything above, for one output folder; never raises for a finding (see `raise_if_failed`).
     `tied_heads`: (head plan, embedding name) for heads dropped as tied duplicates, checked equal."""
     result = VerifyResult(checkpoint=checkpoint, output=os.path.abspath(output_dir))
     found = scan_output(output_dir, result)
     compare_tensors(conversion, found, reader, stored, output_dir, result, buffer_bytes=buffer_bytes,
-                    integrity=integrity, progress=progress)
+                    integrity=integrity, progress=progress, fast=fast)
     if tied_heads:
         executor = Executor(reader, stored, buffer_bytes, progress=progress, integrity=integrity)
-        check_tied(tied_heads, conversion, found, executor, output_dir, result)
+        check_tied(tied_heads, conversion, found, executor, output_dir, result, fast=fast)
     return result
 

@@ -1,0 +1,44 @@
+"""The Flavor seam: one kind of checkpoint folder, behind one protocol.
+
+A flavor answers three questions about a folder, in this order:
+
+* `detect(folder)`: is the folder this kind? Reads a listing and at most small side files, never a data file;
+  CheckpointError when it is this kind but broken in a way the listing shows (the error then explains it).
+* `load_metadata(reader, folder)`: the checkpoint as streamconv's own model (`streamconv.model`), from whatever the
+  flavor keeps: a pickled `.metadata`, safetensors headers...
+* `open_blobs(directory, locations)`: the reader the chunks' bytes are read through: byte ranges of the files, with
+  each transformed blob (`BlobLocation.transform_descriptors`, e.g. zstd) read as its decoded stream.
+
+Locating a chunk's bytes inside its blob is a question about the blob, not the folder (one DCP folder mixes
+`torch.save` blobs and a safetensors blob), so `source.blob.locate_all` answers it from each `BlobLocation`.
+
+`flavors/__init__.py` holds the registry (a tuple, most specific first); adding a flavor is one module with one
+`FLAVOR` object and one line there.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Protocol
+
+from ...model import BlobLocation, CheckpointMetadata
+from ..io import RangeReader
+from ..transforms import reader_for
+
+
+class Flavor(Protocol):
+    name: str          # short, for notes and tests: "dcp", "hf-per-rank", "megatron-torch_dist"
+
+    def detect(self, folder: str) -> bool:
+        """True when `folder` is this kind (CheckpointError: it is, but broken; the message says how)."""
+
+    def load_metadata(self, reader: RangeReader, folder: str) -> CheckpointMetadata:
+        """The checkpoint's tensors, chunks and blob locations (CheckpointError naming the file and field)."""
+
+    def open_blobs(self, directory: RangeReader, locations: Iterable[BlobLocation]) -> RangeReader:
+        """The reader the blobs at `locations` are read through (the caller closes `directory`)."""
+
+
+class ReadsBlobsAsStored:
+    """`open_blobs` for flavors whose blobs are stored as `.metadata` says: transformed ones decoded as streams."""
+
+    def open_blobs(self, directory: RangeReader, locations: Iterable[BlobLocation]) -> RangeReader:
+        return reader_for(directory, locations)

@@ -1,0 +1,21 @@
+"""Hugging Face per-rank shards (`HuggingFaceStorageWriter(save_distributed=True)`): no `.metadata`; the pieces'
+places come from each file's safetensors header (`source.hf_shards`)."""
+from __future__ import annotations
+
+from ...model import CheckpointMetadata
+from .. import hf_shards
+from ..io import RangeReader
+from .base import ReadsBlobsAsStored
+
+
+class HfPerRankShards(ReadsBlobsAsStored):
+    name = "hf-per-rank"
+
+    def detect(self, folder: str) -> bool:
+        return bool(hf_shards.shard_files(folder))
+
+    def load_metadata(self, reader: RangeReader, folder: str) -> CheckpointMetadata:
+        return hf_shards.load_metadata(reader, hf_shards.shard_files(folder))
+
+
+FLAVOR = HfPerRankShards()

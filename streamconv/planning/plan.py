@@ -24,10 +24,10 @@ MIN_BUFFER_BYTES = 64 * 2**10
 # The predicted peak (`ConversionPlan.peak_bytes`) is the sum of what the converter holds resident at once,
 # each part measured with /usr/bin/time (CPython 3.11, numpy 2.4, 2-core VM, 2026-12-07; docs/benchmarks.md):
 # * the interpreter with streamconv, click and the stdlib they import, and the decoded metadata and plan
-#   (26.0 MiB after `import streamconv.cli` compiled from source, as with PYTHONDONTWRITEBYTECODE=1; 24.9 MiB
-#   from cached bytecode; then the report, the sink, a writer thread: 1-2 MiB more), with 1 MiB to spare for the
-#   shared-library pages a freshly installed venv maps beyond a used one;
-BASE_RSS_BYTES = 28 * 2**20
+#   (22.4 MiB after `import streamconv.cli`; then the report, the sink, a writer thread: 23-24 MiB in all), with
+#   1 MiB to spare for the shared-library pages a freshly installed venv maps beyond a used one. Nothing imported
+#   at start-up may pull in OpenSSL (`hashlib`: 3.6 MiB): tests/memory checks the prediction;
+BASE_RSS_BYTES = 25 * 2**20
 # * numpy and its OpenBLAS (11.7 MiB), imported only when a tensor passes through the buffer (a cast or an
 #   assembly): a plan of plain FSDP copies runs without it;
 NUMPY_RSS_BYTES = 12 * 2**20

@@ -152,3 +152,14 @@ def test_the_layer_check_sees_an_upward_import():
     _, graph = _graph()
     assert LAYERS.index(layer_of("streamconv.output.staging")) > LAYERS.index(layer_of("streamconv.source.io"))
     assert "streamconv.source.io" in graph and layer_of("streamconv.api") == "entry"
+
+
+def test_start_up_imports_no_openssl():
+    """`hashlib` maps OpenSSL (3.6 MiB of RSS), more than the predicted peak's slack: the modules a conversion
+    imports at start-up import it only where it is used (planning/names, hf/meta_probe's cache)."""
+    import subprocess
+    import sys
+    code = "import sys, streamconv.cli; print(sorted(m for m in ('hashlib', '_hashlib') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

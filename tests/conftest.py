@@ -25,14 +25,11 @@ TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 SHARED_FIXTURES_DIR = Path(os.environ.get("STREAMCONV_SHARED_FIXTURES") or REPO_ROOT.parent / "shared" / "fixtures")
 
-# tests/ is not a package; make `import dcp_writers` work however pytest was started.
-if str(TESTS_DIR) not in sys.path:
-    sys.path.insert(0, str(TESTS_DIR))
 
 
 @pytest.fixture(scope="session")
 def dcp_checkpoints(tmp_path_factory):
-    import dcp_writers
+    from tests.support import dcp_writers
 
     return dcp_writers.build(tmp_path_factory.mktemp("dcp"))
 
@@ -46,7 +43,7 @@ def demo_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def model_families(tmp_path_factory):
-    import family_writers
+    from tests.support import family_writers
 
     return family_writers.build(tmp_path_factory.mktemp("families"))
 

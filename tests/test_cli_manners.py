@@ -161,7 +161,7 @@ def test_absent_gpu_fixtures_are_said_in_the_summary():
     env = dict(os.environ, STREAMCONV_SHARED_FIXTURES=str(REPO / "no-such-folder"),
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                             "tests/test_dcp_writers.py", "-k", "shared_fixtures_are_beside"],
+                             "tests/support/test_dcp_writers.py", "-k", "shared_fixtures_are_beside"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:]
     assert re.search(r"NOTE: 1 test\(s\) on the GPU-made fixtures were skipped: .*no-such-folder", result.stdout), \
@@ -171,7 +171,7 @@ def test_absent_gpu_fixtures_are_said_in_the_summary():
 def test_make_test_prints_no_table_among_the_dots():
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                             "tests/test_dcp_writers.py", "-k", "layout_summary"],
+                             "tests/support/test_dcp_writers.py", "-k", "layout_summary"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:]
     assert "chunk layouts" not in result.stdout, result.stdout[-2000:]

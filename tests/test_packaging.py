@@ -133,7 +133,7 @@ def test_test_extra_covers_every_import_of_tests_and_benchmarks():
     provided = {_dist_name(r) for r in meta["dependencies"] + extras["test"] + gated}
     owners = importlib.metadata.packages_distributions()
     files = glob.glob(str(REPO_ROOT / "tests/*.py")) + glob.glob(str(REPO_ROOT / "benchmarks/**/*.py"), recursive=True)
-    modules = _third_party_imports(files) | {"PIL"}  # PIL: transformers' Mllama image processor, tests/hf_writers.py
+    modules = _third_party_imports(files) | {"PIL"}  # PIL: transformers' Mllama image processor, tests/support/hf_writers.py
     modules |= {"yaml"}  # streamconv/demo_checkpoint.py, the tests' demo fixture
     missing = {}
     for module in sorted(modules):

@@ -6,7 +6,7 @@ numpy only: bfloat16 is arithmetic on uint32 bits, float8 goes through a 256-ent
 chunks of `CHUNK_ELEMS` elements through small scratch arrays, so the only full-size allocation is the output
 (none when the caller passes `out`, which may even be the input buffer itself).
 
-What torch 2.13 does on x86 (AVX2 and AVX512 builds; checked bit-for-bit by tests/test_cast.py):
+What torch 2.13 does on x86 (AVX2 and AVX512 builds; checked bit-for-bit by tests/execution/test_cast.py):
 
 * Values: every cast rounds to nearest, ties to even, overflow goes to inf, subnormals are kept.
   float64 -> bfloat16/float16 rounds TWICE, via float32 (1 + 2**-8 + 2**-30 gives bfloat16 1.0, not 1.0078125).

@@ -26,7 +26,7 @@ from .outfiles import create_new, write_failed
 
 PROBE_FILE_NAME = ".streamconv-probe"
 # The plain paths read through a bytes object this large at most: memory beyond the buffer stays ~1 MiB a
-# worker (8 MiB steps put a 4 MiB-buffer conversion 8 MiB over tests/test_memory.py's bound).
+# worker (8 MiB steps put a 4 MiB-buffer conversion 8 MiB over tests/memory/test_memory.py's bound).
 PREAD_STEP_BYTES = 1 << 20
 # What copy_file_range says when it cannot copy between these two files at all (as opposed to a failing disk).
 _UNSUPPORTED = frozenset(e for e in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", None),

@@ -38,7 +38,7 @@ IO_STEP_BYTES_PER_WRITER = 2**20
 DEFAULT_WRITERS = 2
 IO_STEPS_BYTES = DEFAULT_WRITERS * IO_STEP_BYTES_PER_WRITER
 # * per writer reading zstd-compressed chunks, its decoder and window (2 MiB at torch's default level; measured
-#   4.5 MiB for two writers, tests/test_zstd_strided_memory.py);
+#   4.5 MiB for two writers, tests/memory/test_zstd_strided_memory.py);
 DECODER_BYTES_PER_WRITER = 5 * 2**19
 # * per chunk, its metadata and plan entries (dataclasses, tuples, dict slots);
 PER_CHUNK_BYTES = 1500

@@ -249,7 +249,7 @@ def _invoke(*args):
 
 
 def _loads_with_equal_logits(out: Path, name: str, family: Path) -> None:
-    import family_writers
+    from tests.support import family_writers
     import torch
 
     model, info = family_writers.model_class(name).from_pretrained(out, output_loading_info=True)

@@ -1,7 +1,7 @@
 import re
 """The torchtitan Qwen3 adapter as data, without files: detection beside the Llama adapters, the literal pieces
 of unstacked grouped experts, and every adapter offered by `--source-format`. The real checkpoints are in
-tests/test_trainers_moe.py (marker `trainers`) and tests/test_expert_memory.py."""
+tests/producers/test_trainers_moe.py (marker `trainers`) and tests/memory/test_expert_memory.py."""
 from click.testing import CliRunner
 
 from streamconv.cli import cli

@@ -1,7 +1,7 @@
 """The runner contract (runs/runners.py): every runner writes the same shard jobs through the same path, so the
 output, the source CRC-32 checks, the shards' finished records, progress and kill points are the same whoever
 writes. `SeparateRunner` stands in for Ray here: it pickles each job as Ray would and writes it in a process
-state of its own (tests/test_ray.py runs the real thing where Ray is installed)."""
+state of its own (tests/runs/test_ray.py runs the real thing where Ray is installed)."""
 import os
 import subprocess
 import sys

@@ -61,7 +61,7 @@ ADAPTERS = (TORCHTITAN_LLAMA, TORCHTUNE_LLAMA)
 # Megatron-Core GPT (Llama family: RMSNorm, SwiGLU, RoPE, GQA/MQA), as `dist_checkpointing.save` writes it in the
 # `torch_dist` format: `decoder.layers.*` stacked on a leading layer dim (unstacked here, one output per layer);
 # `linear_qkv` grouped per query group (GQA- and MQA-aware split); `linear_fc1` = [gate; up]. q/k rows are already
-# in the half-split RoPE order Hugging Face uses (checked against Megatron's own logits in tests/test_megatron.py).
+# in the half-split RoPE order Hugging Face uses (checked against Megatron's own logits in tests/producers/test_megatron.py).
 # The norms are fused into the next linear layer (`*.layer_norm_weight`, Transformer Engine and local specs) or
 # separate modules (`input_layernorm`, `pre_mlp_layernorm`). Sources: megatron-core 0.16 `gpt_layer_specs.py`,
 # `transformer_layer.py`, `mlp.py` (`apply_swiglu_sharded_factory`), and its `export/` HF mappings.

@@ -23,7 +23,7 @@ _L = r"layers\.(\d+)\."
 _HF = r"model.layers.\1."
 _EXPERTS = _L + r"moe\.routed_experts\.inner_experts\."
 
-# Which layout routed experts get, and the transformers release it was checked against (tests/test_trainers_moe.py
+# Which layout routed experts get, and the transformers release it was checked against (tests/producers/test_trainers_moe.py
 # loads the output with it and compares logits with torchtitan's own model).
 PER_EXPERT = ("per-expert mlp.experts.{e}.gate_proj/up_proj/down_proj (unstacked from torchtitan's grouped "
               "[E, F, D] w1_EFD/w3_EFD and [E, D, F] w2_EDF; the layout save_pretrained writes, checked against "

@@ -1,0 +1,158 @@
+"""Every fenced command block of README.md (and docs/*.md) runs as written (issue 17.3).
+
+Blocks are found by parsing the Markdown, never by position, so a block added tomorrow is run tomorrow:
+
+* a block tagged `python` runs as a script with this interpreter;
+* any other block (untagged, `sh`, `bash`, `console`) runs in bash with `set -e`, `streamconv` on PATH;
+* a block that must not run carries, on the line just before its opening fence,
+  `<!-- doctest: skip (why) -->`; the reason is required (an empty one fails this test).
+
+Each block runs in a fresh folder laid out as the README implies: `ckpt/` (the demo checkpoint: a real 4-rank
+FSDP2 DCP written by torch), `runs/{a,b}/checkpoint-{1,2}/` (two runs, each with two checkpoints) and `list.txt`
+naming two of them. The install block (`pip install .` ...) runs in a copy of the sources with a fresh venv's
+`bin/` first on PATH (its `pip` installs into that venv), so the `streamconv` it then runs is the installed one.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, NamedTuple, Optional
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+FENCE = re.compile(r"^```([\w+-]*)[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
+SKIP = re.compile(r"^<!--\s*doctest:\s*skip\s*\((.*)\)\s*-->\s*$")
+SHELL_TAGS = {"", "sh", "bash", "shell", "console"}
+
+# Blocks known to fail for a reason another branch is fixing: {text the block contains: (reason, what its failure
+# must say)}. Strict: when the block passes, this entry must go.
+KNOWN_FAILURES: dict = {}     # "text in the block": (reason, regex its failure must match)
+
+
+class Block(NamedTuple):
+    doc: Path
+    line: int           # of the opening fence, 1-based
+    tag: str
+    text: str
+    skip: Optional[str]  # the reason, when marked
+
+    @property
+    def id(self) -> str:
+        first = next((l for l in self.text.splitlines() if l.strip()), "")
+        return f"{self.doc.name}:{self.line}:{first[:40]}"
+
+
+def blocks() -> List[Block]:
+    found = []
+    for doc in DOCS:
+        text = doc.read_text(encoding="utf-8")
+        for m in FENCE.finditer(text):
+            line = text.count("\n", 0, m.start()) + 1
+            before = text[:m.start()].rstrip("\n").rsplit("\n", 1)[-1]
+            skip = SKIP.match(before.strip())
+            found.append(Block(doc, line, m.group(1).lower(), m.group(2), skip.group(1).strip() if skip else None))
+    return found
+
+
+class BlockFailed(AssertionError):
+    pass
+
+
+class KnownFailure(Exception):
+    """The block failed exactly as a KNOWN_FAILURES entry says it still does."""
+
+
+def _known(block: Block):
+    return next((v for k, v in KNOWN_FAILURES.items() if k in block.text), None)
+
+
+def _params():
+    out = []
+    for b in blocks():
+        known = _known(b)
+        marks = [pytest.mark.xfail(strict=True, raises=KnownFailure, reason=known[0])] if known else []
+        out.append(pytest.param(b, id=b.id, marks=marks))
+    return out
+
+
+@pytest.fixture(scope="module")
+def layout(demo_checkpoint, tmp_path_factory) -> Path:
+    """The folder the README's commands assume, built once and copied for every block."""
+    root = tmp_path_factory.mktemp("readme-layout")
+    shutil.copytree(demo_checkpoint.ckpt_dir, root / "ckpt")
+    for run in ("a", "b"):
+        for step in (1, 2):
+            shutil.copytree(demo_checkpoint.ckpt_dir, root / "runs" / run / f"checkpoint-{step}")
+    (root / "list.txt").write_text("# checkpoints to convert, one a line\nruns/a/checkpoint-1\nruns/b/checkpoint-2\n")
+    return root
+
+
+def _env(path_first: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "VIRTUAL_ENV")}
+    env.update(PATH=f"{path_first}{os.pathsep}{env.get('PATH', '')}", PIP_DISABLE_PIP_VERSION_CHECK="1",
+               HF_HUB_OFFLINE="1")
+    return env
+
+
+def _install_venv(where: Path) -> Path:
+    """A venv without pip (seconds instead of a minute) whose `bin/pip` is this interpreter's pip aimed at it."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(where)], check=True, timeout=300)
+    pip = where / "bin" / "pip"
+    pip.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m pip --python "{where / "bin" / "python"}" "$@"\n')
+    pip.chmod(0o755)
+    return where / "bin"
+
+
+def _run(block: Block, layout: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    work = tmp_path / "work"
+    shutil.copytree(layout, work, symlinks=True)
+    if re.search(r"^\s*pip install \.", block.text, re.M):       # "from a clone": the sources, in a fresh venv
+        for name in ("pyproject.toml", "README.md", "LICENSE"):
+            shutil.copy(REPO / name, work / name)
+        shutil.copytree(REPO / "streamconv", work / "streamconv", ignore=shutil.ignore_patterns("__pycache__"))
+        env = _env(_install_venv(tmp_path / "venv"))
+        env.pop("PYTHONPATH", None)         # the installed copy must be the one that runs
+    else:
+        env = _env(Path(sys.executable).parent)
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    if block.tag in ("python", "py"):
+        argv = [sys.executable, "-c", block.text]
+    else:
+        argv = ["bash", "-e", "-o", "pipefail", "-c", block.text]
+    return subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_blocks_are_found_and_markers_are_well_formed():
+    found = blocks()
+    assert len(found) >= 8, [b.id for b in found]
+    for b in found:
+        assert b.skip is None or b.skip, f"{b.id}: a doctest skip needs a reason in its parentheses"
+        assert b.tag in SHELL_TAGS | {"python", "py"}, f"{b.id}: unknown block tag {b.tag!r}"
+    for doc in DOCS:            # a marker that is not right before a fence marks nothing: refuse it
+        lines = doc.read_text(encoding="utf-8").splitlines()
+        for i, line in enumerate(lines):
+            if "doctest:" in line:
+                assert SKIP.match(line.strip()), f"{doc.name}:{i + 1}: malformed doctest marker {line!r}"
+                assert i + 1 < len(lines) and lines[i + 1].startswith("```"), \
+                    f"{doc.name}:{i + 1}: a doctest marker must be the line just before a block's opening fence"
+    for text in KNOWN_FAILURES:
+        assert any(text in b.text for b in found), f"KNOWN_FAILURES entry {text!r} matches no block: remove it"
+
+
+@pytest.mark.parametrize("block", _params())
+def test_block_runs_as_written(block: Block, layout, tmp_path):
+    if block.skip:
+        pytest.skip(f"marked in {block.doc.name}: {block.skip}")
+    result = _run(block, layout, tmp_path)
+    if result.returncode != 0:
+        known = _known(block)
+        if known and known[1].search(result.stderr + result.stdout):
+            raise KnownFailure(f"{known[0]}: {result.stderr[-500:]}")
+        raise BlockFailed(f"{block.doc.name} line {block.line}: exit {result.returncode}\n--- block\n{block.text}"
+                          f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}")

@@ -1,0 +1,133 @@
+"""torchtitan 0.3 Qwen3-MoE checkpoints (its own model code, FSDP2 on 2 gloo ranks, saved model-only as its
+CheckpointManager does; and expert parallel 2 by torchtitan's own `parallelize_qwen3`) to Hugging Face
+`Qwen3MoeForCausalLM`, end to end (marker `trainers`: `make
+test-trainers`). See `trainer_moe_writers.py` for how each checkpoint is made.
+
+Truth: the gathered trained state dict mapped to HF with torch ops (grouped experts unbound per expert), bit for
+bit; torchtitan's own `Qwen3StateDictAdapter.to_hf` agrees; transformers loads the folder with no key missing or
+unexpected, and its logits equal the torchtitan model's own (computed with fp32 experts).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from tests.support import trainer_moe_writers as mw
+from tests.support import trainer_writers as tw
+from streamconv.cli import cli
+
+pytestmark = pytest.mark.trainers
+
+BIAS = "*.moe.expert_bias_E"
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    if not tw.torchtitan_available():
+        pytest.skip("torchtitan 0.3 is not importable (make test-trainers installs it)")
+    root = tmp_path_factory.mktemp("qwen3moe")
+    # fp32 without the load-balancing bias (load_balance_coeff=None), FSDP2 or expert parallel 2 (torchtitan's own
+    # parallelize_qwen3); bf16 export with the bias (torchtitan's default)
+    return {"fp32": mw.build(root / "fp32", load_balance=False),
+            "ep2": mw.build(root / "ep2", load_balance=False, expert_parallel=2),
+            "bf16": mw.build(root / "bf16", export_dtype="bfloat16", load_balance=True),
+            "deepseek_v3": mw.build(root / "dsv3", family="deepseek_v3")}
+
+
+def convert(*args):
+    return CliRunner().invoke(cli, ["convert", *map(str, args), "--json", "-q"])
+
+
+def hf_logits(folder, architecture="Qwen3MoeForCausalLM"):
+    from transformers import AutoModelForCausalLM
+    model, info = AutoModelForCausalLM.from_pretrained(str(folder), output_loading_info=True, dtype=torch.float32)
+    assert type(model).__name__ == architecture
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+    with torch.no_grad():
+        return model.eval()(mw.ids()).logits.float()
+
+
+def assert_same_model(case_dir, out):
+    ref = mw.to_hf(torch.load(case_dir / "trained.pt"))
+    got = load_file(out / "model.safetensors")
+    assert sorted(got) == sorted(ref)
+    for name in ref:
+        assert got[name].dtype == ref[name].dtype and torch.equal(got[name], ref[name]), name
+    export = torch.load(case_dir / "hf_export.pt")        # torchtitan's own to_hf agrees, name for name
+    assert sorted(export) == sorted(ref)
+    assert all(torch.equal(export[n].to(ref[n].dtype), ref[n]) for n in ref)
+    # the experts really are different planes of the grouped tensor
+    e0, e1 = (got[f"model.layers.1.mlp.experts.{e}.down_proj.weight"] for e in (0, 1))
+    assert e0.shape == (mw.QWEN3_MOE["hidden_size"], mw.QWEN3_MOE["moe_intermediate_size"]) and not torch.equal(e0, e1)
+    torch.testing.assert_close(hf_logits(out), torch.load(case_dir / "logits.pt"), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["fp32", "ep2"])
+def test_qwen3_moe_converts_with_only_config_from(made, tmp_path, case):
+    case_dir = made[case]
+    out = tmp_path / "hf"
+    result = convert(case_dir / "ckpt", out, "--config-from", case_dir / "base")
+    assert result.exit_code == 0, result.output
+    notes = json.loads(result.output)["notes"]
+    assert any("source format: torchtitan-qwen3 (detected" in n and "mlp.experts.{e}.gate_proj" in n
+               for n in notes), notes
+    assert_same_model(case_dir, out)
+
+
+def test_expert_bias_is_refused_then_excluded(made, tmp_path):
+    """torchtitan's default keeps a load-balancing bias Qwen3-MoE cannot hold: refused by feature, nothing
+    written; excluded on purpose it converts (the bias is zero here: no load-balancing hook ran)."""
+    case_dir = made["bf16"]
+    result = convert(case_dir / "ckpt", tmp_path / "refused", "--config-from", case_dir / "base")
+    assert result.exit_code == 2, result.output
+    error = result.output
+    assert "load-balancing expert bias" in error and "layers.1.moe.expert_bias_E" in error
+    assert f"--exclude '{BIAS}'" in error
+    assert not (tmp_path / "refused").exists()
+    out = tmp_path / "hf"
+    result = convert(case_dir / "ckpt", out, "--config-from", case_dir / "base", "--exclude", BIAS)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["skipped"].get("excluded") == 2, result.output
+    assert load_file(out / "model.safetensors")["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert_same_model(case_dir, out)
+
+
+def test_inspect_and_plan_name_the_family_and_expert_layout(made):
+    ckpt, base = made["fp32"] / "ckpt", made["fp32"] / "base"
+    info = json.loads(CliRunner().invoke(cli, ["inspect", "--json", str(ckpt)]).output)["source_format"]
+    assert info["name"] == "torchtitan-qwen3" and "Qwen3MoeForCausalLM" in info["family"]
+    assert info["expert_layout"].startswith("per-expert mlp.experts.{e}.gate_proj/up_proj/down_proj")
+    result = CliRunner().invoke(cli, ["plan", str(ckpt), "--config-from", str(base), "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert plan["source_format"] == "torchtitan-qwen3"
+    assert any("per-expert" in n for n in plan["notes"]), plan["notes"]
+    # expert 3 of layer 0 is one [F, D] plane of the dim-0 FSDP shard on rank 1: one piece, no load
+    t = next(t for t in plan["tensors"] if t["name"] == "model.layers.0.mlp.experts.3.up_proj.weight")
+    assert t["source"] == "layers.0.moe.routed_experts.inner_experts.w3_EFD" and t["pieces"] == 1
+    assert t["shape"] == [mw.QWEN3_MOE["moe_intermediate_size"], mw.QWEN3_MOE["hidden_size"]]
+
+
+def test_deepseek_v3_converts_with_only_config_from(made, tmp_path):
+    """torchtitan's own DeepSeek-V3 (MLA with q LoRA, a dense first layer, shared experts, group-limited sigmoid
+    routing with a load-balancing bias moved off zero) to `DeepseekV3ForCausalLM`."""
+    case_dir = made["deepseek_v3"]
+    out = tmp_path / "hf"
+    result = convert(case_dir / "ckpt", out, "--config-from", case_dir / "base")
+    assert result.exit_code == 0, result.output
+    assert any("source format: torchtitan-deepseek-v3 (detected" in n for n in json.loads(result.output)["notes"])
+    ref = mw.to_hf(torch.load(case_dir / "trained.pt"), "deepseek_v3")
+    got = load_file(out / "model.safetensors")
+    assert sorted(got) == sorted(ref)
+    assert all(torch.equal(got[n], ref[n]) for n in ref), [n for n in ref if not torch.equal(got[n], ref[n])]
+    export = torch.load(case_dir / "hf_export.pt")        # torchtitan's own to_hf agrees
+    assert sorted(export) == sorted(ref) and all(torch.equal(export[n], ref[n]) for n in ref)
+    assert got["model.layers.1.mlp.gate.e_score_correction_bias"].abs().max() > 0
+    assert "model.layers.0.mlp.gate_proj.weight" in got and "model.layers.0.mlp.gate.weight" not in got
+    # MLA in transformers runs its ops in another order than torchtitan's: equal within fp32 rounding
+    torch.testing.assert_close(hf_logits(out, "DeepseekV3ForCausalLM"), torch.load(case_dir / "logits.pt"),
+                               rtol=0, atol=1e-4)

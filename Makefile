@@ -31,13 +31,13 @@ test: install
 	$(PY) -m pytest -q -x --durations=10 -m "not trainers and not megatron" tests
 
 # The whole suite once more with every fast IO path (copy_file_range, preadv, posix_fadvise, renameat2) forced off.
-# `make test` already converts every layout that way (tests/test_fastpaths.py); this runs everything else too.
+# `make test` already converts every layout that way (tests/fs/test_fastpaths.py); this runs everything else too.
 test-no-fast-paths: install
 	STREAMCONV_NO_FAST_PATHS=1 $(PY) -m pytest -q -x --durations=10 -m "not trainers and not megatron" tests
 
 # The trainers' own model classes (torchtitan 0.3, torchtune 0.6) building real checkpoints (~1 min). Installed with
 # --no-deps: only what their model code imports (their dataset/tokenizer stacks are not needed; see
-# tests/trainer_writers.py for the shims).
+# tests/support/trainer_writers.py for the shims).
 TRAINER_PKGS := torchtitan==0.3.0 spmd_types==0.2.3 torch_checkpointing==0.1.1 tyro docstring_parser typeguard \
 	shtab einops torchtune==0.6.1 torchao==0.10.0 omegaconf sentencepiece tiktoken torchdata==0.11.0
 test-trainers: install
@@ -74,9 +74,9 @@ bench-full-fp32: install
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
 
-# Fuzz the readers with thousands of mutated real .metadata pickles and torch.save blobs (tests/test_fuzz.py,
-# ~2 min for 5000); the hostile-input table (peak RSS, time) is `$(PY) tests/hostile_report.py`.
+# Fuzz the readers with thousands of mutated real .metadata pickles and torch.save blobs (tests/hostile/test_fuzz.py,
+# ~2 min for 5000); the hostile-input table (peak RSS, time) is `$(PY) tests/support/hostile_report.py`.
 .PHONY: fuzz
 FUZZ_EXAMPLES ?= 5000
 fuzz: install
-	STREAMCONV_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s -p no:logging tests/test_fuzz.py
+	STREAMCONV_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s -p no:logging tests/hostile/test_fuzz.py

@@ -10,6 +10,10 @@ docs/failpoints.md explains how to use them to test crash consistency.
     STREAMCONV_UNSAFE_NO_FSYNC=1             skip every fsync (benchmarks only: what durability costs)
     STREAMCONV_TEST_NO_PDEATHSIG=1           batch jobs skip prctl(PR_SET_PDEATHSIG) (batch_job.py)
     STREAMCONV_TEST_RAY_KILL_DIR=FOLDER      Ray tasks kill their own worker once per shard (ray_runner.py)
+
+Two settings (not test switches) live here for the same reason, read by hf/meta_probe.py:
+    STREAMCONV_META_TIMEOUT_S=SECONDS        how long transformers may take to say what a config's model loads
+    STREAMCONV_META_CACHE_DIR=FOLDER         keep those answers there (by config content and transformers version)
 """
 from __future__ import annotations
 
@@ -23,6 +27,13 @@ NO_FAST_PATHS_ENV = "STREAMCONV_NO_FAST_PATHS"
 NO_FSYNC_ENV = "STREAMCONV_UNSAFE_NO_FSYNC"
 NO_PDEATHSIG_ENV = "STREAMCONV_TEST_NO_PDEATHSIG"
 RAY_KILL_DIR_ENV = "STREAMCONV_TEST_RAY_KILL_DIR"
+META_TIMEOUT_ENV = "STREAMCONV_META_TIMEOUT_S"
+META_CACHE_ENV = "STREAMCONV_META_CACHE_DIR"
+
+
+def environment() -> Mapping[str, str]:
+    """The whole process environment, for hf/meta_probe: its settings above, and what its child inherits."""
+    return os.environ
 
 # Every kill point, roughly in the order a run passes them, and where it fires. A name here that no code passes, or a
 # `kill_point` call not named here, fails tests/test_failpoints.py; docs/failpoints.md lists the same names.

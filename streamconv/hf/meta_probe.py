@@ -19,11 +19,12 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Tuple
 
+from .. import failpoints
 from ..errors import ReferenceMismatchError
 
 DEFAULT_TIMEOUT_S = 180.0
-TIMEOUT_ENV = "STREAMCONV_META_TIMEOUT_S"
-CACHE_ENV = "STREAMCONV_META_CACHE_DIR"
+TIMEOUT_ENV = failpoints.META_TIMEOUT_ENV
+CACHE_ENV = failpoints.META_CACHE_ENV
 MAX_ANSWER_BYTES = 256 * 1024 * 1024     # a 1T-parameter MoE's per-expert names are ~10 MB of JSON
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "meta_model.py")
 # `python -c`: sys.path[0] is '' (the current folder) — dropped, so a stray transformers.py there is not imported.
@@ -84,7 +85,7 @@ def cache_path(env: Mapping[str, str], config_json: str, version: str) -> Option
 def _run_child(config_json: str, env: Mapping[str, str]) -> str:
     limit_s = timeout_s(env)
     # This process's environment, not `env` (which carries only settings): offline, quiet, one thread.
-    child_env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
+    child_env = dict(failpoints.environment(), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
                      HF_HUB_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
     try:
         done = subprocess.run([sys.executable, "-c", LAUNCH, CHILD], input=config_json, capture_output=True,
@@ -135,7 +136,7 @@ def parse(text: str) -> MetaAnswer:
 
 def ask(config: dict, env: Optional[Mapping[str, str]] = None) -> MetaAnswer:
     """What transformers loads for `config` (a parsed config.json). Raises ProbeFailed when it cannot say."""
-    env = os.environ if env is None else env
+    env = failpoints.environment() if env is None else env
     version = installed_version()
     if version is None:
         raise ProbeFailed("no-transformers", "transformers is not installed in this Python environment")

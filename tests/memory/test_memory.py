@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from tests.support import rss
+
 from streamconv.demo_checkpoint import run_distributed
 
 ROWS, COLS = 4096, 8192          # 128 MiB of float32 per tensor
@@ -194,9 +196,10 @@ def test_column_blocks_stay_within_the_bound_and_the_prediction(column_blocks, t
                                    "--workers", str(workers))
     peak, predicted = report["peak_rss_bytes"], report["predicted_peak_bytes"]
     assert peak / 2**20 <= buffer_mib + 48, f"peak RSS {peak / 2**20:.1f} MiB with a {buffer_mib} MiB buffer"
-    assert abs(predicted - peak) <= peak // 10, (
+    slack = rss.numpy_mapping_slack_bytes()     # (the prediction counts numpy as a fresh install maps it)
+    assert peak <= predicted and predicted - peak <= peak // 10 + slack, (
         f"predicted {predicted / 2**20:.1f} MiB, measured {peak / 2**20:.1f} MiB ({buffer_mib} MiB buffer, "
-        f"{workers} worker(s))")
+        f"{workers} worker(s), {slack / 2**20:.1f} MiB less for numpy here than on a fresh install)")
     got = load_file(str(tmp_path / "out" / "model.safetensors"))
     ref = dcp_writers.reference_state_dict(column_blocks)
     for name in COLUMN_BLOCK_TENSORS:

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from tests.support import rss
+
 from streamconv.demo_checkpoint import run_distributed
 
 pytestmark = pytest.mark.slow
@@ -63,7 +65,8 @@ def test_peak_rss_is_bounded_by_the_buffer(big, tmp_path, name, bound_mib):
     peak_mib = report["peak_rss_bytes"] / 2**20
     # The prediction counts zstd's decoders, and the buffer and numpy of chunks found transposed while locating.
     peak, predicted = report["peak_rss_bytes"], report["predicted_peak_bytes"]
-    assert peak <= predicted and predicted - peak <= peak // 10, (peak / 2**20, predicted / 2**20)
+    slack = rss.numpy_mapping_slack_bytes()     # (the prediction counts numpy as a fresh install maps it)
+    assert peak <= predicted and predicted - peak <= peak // 10 + slack, (peak / 2**20, predicted / 2**20, slack)
     # buffer + 48 MiB (the bound every layout is held to), far below one 128 MiB tensor; zstd adds its decoders
     # (a 2 MiB window each, one per worker): 4 MiB more.
     assert peak_mib < bound_mib, f"{name}: peak RSS {peak_mib:.1f} MiB with a {BUFFER_MIB} MiB buffer"

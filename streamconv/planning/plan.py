@@ -29,10 +29,10 @@ MIN_BUFFER_BYTES = 64 * 2**10
 #   at start-up may pull in OpenSSL (`hashlib`: 3.6 MiB): tests/memory checks the prediction;
 BASE_RSS_BYTES = 25 * 2**20
 # * numpy and its OpenBLAS, imported only when a tensor passes through the buffer (a cast or an assembly): a plan
-#   of plain FSDP copies runs without it. 16.8 MiB in a freshly installed venv, 11.7 MiB for the same files read
-#   back long after they were installed (the kernel maps a just-written file in larger pieces): the larger, so the
-#   prediction is a bound on a fresh install too (tests/support/rss.py);
-NUMPY_RSS_BYTES = 17 * 2**20
+#   of plain FSDP copies runs without it. 16.8-17.1 MiB in a freshly installed venv, 11.4-11.7 MiB for the same
+#   files read back long after they were installed (the kernel maps a just-written file in larger pieces): the
+#   larger, so the prediction is a bound on a fresh install too (tests/support/rss.py);
+NUMPY_RSS_BYTES = 18 * 2**20
 # * per writer, transient reads outside the buffer: the plain IO paths' 1 MiB steps (fastpaths.PREAD_STEP_BYTES),
 #   the CRC-32 check's 1 MiB piece, a comparing sink's pieces, a resume record's CRC read-back. `build_plan`
 #   predicts for the default writer count; `with_writers` for another;

@@ -1,6 +1,6 @@
 """What this machine's libraries cost to map, for the memory tests that hold `plan`'s prediction to 10%.
 
-The prediction counts numpy as a freshly installed venv maps it (`plan.NUMPY_RSS_BYTES`, 16.8 MiB measured):
+The prediction counts numpy as a freshly installed venv maps it (`plan.NUMPY_RSS_BYTES`: 16.8-17.1 MiB measured):
 the kernel maps a just-written library file in larger pieces than one whose pages were read back long after it
 was installed (11.7 MiB for the same numpy, here). The prediction takes the larger, so it stays a bound on a fresh
 install (CI); a test on an older venv allows for the difference, measured once per session.

@@ -317,6 +317,12 @@ def with_permuted_chunks(conversion: ConversionPlan, permuted: Collection[BlobLo
     return replace(conversion, peak_bytes=conversion.peak_bytes + extra_bytes)
 
 
+def with_plain_io(conversion: ConversionPlan, writers: int) -> ConversionPlan:
+    """The predicted peak when the run copies without copy_file_range or reads without preadv (not offered, or
+    turned off): each writer then also holds one plain step's bytes object beside its IO step."""
+    return replace(conversion, peak_bytes=conversion.peak_bytes + writers * IO_STEP_BYTES_PER_WRITER)
+
+
 def buffer_need_bytes(t: TensorPlan, permuted: Collection[BlobLocation] = frozenset()) -> int:
     """The most buffer one step of `t` can take when the buffer is not the limit (0: it never uses the buffer).
     A plain copy goes file to file in the kernel; a cast passes through the buffer, its output in place over its

@@ -32,7 +32,7 @@ from ..output.destination import (check_destination, check_free_space, output_nb
 from ..output.ledger import Ledger, plan_record
 from ..output.staging import StagingDir, recover_swap
 from ..planning.options import ConvertOptions, RunOptions
-from ..planning.plan import INDEX_FILE_NAME, ConversionPlan, with_permuted_chunks, with_writers
+from ..planning.plan import INDEX_FILE_NAME, ConversionPlan, with_permuted_chunks, with_plain_io, with_writers
 from ..execution.executor import Executor
 from ..sizes import format_size
 from ..source.integrity import ChunkIntegrity
@@ -128,6 +128,8 @@ class Conversion:
         first_file = _first_data_file(self.with_heads)
         if first_file is not None:      # (no chunk at all: nothing is copied)
             self.fast = fastpaths.probe_copy(self.fast, self.reader.path(first_file), staging.scratch_dir)
+        if not (self.fast.copy_file_range and self.fast.preadv):
+            self.conversion = with_plain_io(self.conversion, self.settings.workers)
         self.run_notes.extend(staging.notes)
         self._staging_notes_seen = len(staging.notes)
         self.ledger = Ledger.for_plan(staging.path, conversion, self.plan_record["plan"])

@@ -16,7 +16,7 @@ Sources: torchtitan 0.3 `torchtitan/models/deepseek_v3/` (`__init__.py` `make_ml
 from __future__ import annotations
 
 from .adapter import Adapter, Rule
-from .qwen3 import PER_EXPERT
+from .qwen3 import EXPERT_AND_HEAD_RULES, NORM_AND_DENSE_RULES, PER_EXPERT, ROUTER_RULE
 
 _L = r"layers\.(\d+)\."
 _HF = r"model.layers.\1."
@@ -35,21 +35,13 @@ TORCHTITAN_DEEPSEEK_V3 = Adapter(
         Rule(_A + r"kv_norm\.weight", _HF + "self_attn.kv_a_layernorm.weight"),
         Rule(_A + r"wkv_b\.weight", _HF + "self_attn.kv_b_proj.weight"),
         Rule(_A + r"wo\.weight", _HF + "self_attn.o_proj.weight"),
-        Rule(_L + r"attention_norm\.weight", _HF + "input_layernorm.weight"),
-        Rule(_L + r"ffn_norm\.weight", _HF + "post_attention_layernorm.weight"),
-        Rule(_L + r"feed_forward\.w1\.weight", _HF + "mlp.gate_proj.weight"),
-        Rule(_L + r"feed_forward\.w2\.weight", _HF + "mlp.down_proj.weight"),
-        Rule(_L + r"feed_forward\.w3\.weight", _HF + "mlp.up_proj.weight"),
-        Rule(_L + r"moe\.router\.gate\.weight", _HF + "mlp.gate.weight"),
+        *NORM_AND_DENSE_RULES,
+        ROUTER_RULE,
         Rule(_L + r"moe\.expert_bias_E", _HF + "mlp.gate.e_score_correction_bias"),
         Rule(_L + r"moe\.shared_experts\.w1\.weight", _HF + "mlp.shared_experts.gate_proj.weight"),
         Rule(_L + r"moe\.shared_experts\.w2\.weight", _HF + "mlp.shared_experts.down_proj.weight"),
         Rule(_L + r"moe\.shared_experts\.w3\.weight", _HF + "mlp.shared_experts.up_proj.weight"),
-        Rule(_EXPERTS + r"w1_EFD", _HF + "mlp.experts.{expert}.gate_proj.weight", unstack=True),
-        Rule(_EXPERTS + r"w3_EFD", _HF + "mlp.experts.{expert}.up_proj.weight", unstack=True),
-        Rule(_EXPERTS + r"w2_EDF", _HF + "mlp.experts.{expert}.down_proj.weight", unstack=True),
-        Rule(r"norm\.weight", "model.norm.weight"),
-        Rule(r"(?:output|lm_head)\.weight", "lm_head.weight"),
+        *EXPERT_AND_HEAD_RULES,
     ),
     signature=(r"tok_embeddings\.weight", _A + r"wkv_a\.weight", _A + r"kv_norm\.weight"),
     skip=((r"freqs_cis|rope\.cache|.*\.rope\.cache", "RoPE table (transformers recomputes it)"),),

@@ -23,6 +23,24 @@ _L = r"layers\.(\d+)\."
 _HF = r"model.layers.\1."
 _EXPERTS = _L + r"moe\.routed_experts\.inner_experts\."
 
+# The torchtitan layer parts Qwen3 and DeepSeek-V3 share (deepseek_v3.py uses them too).
+NORM_AND_DENSE_RULES = (
+        Rule(_L + r"attention_norm\.weight", _HF + "input_layernorm.weight"),
+        Rule(_L + r"ffn_norm\.weight", _HF + "post_attention_layernorm.weight"),
+        Rule(_L + r"feed_forward\.w1\.weight", _HF + "mlp.gate_proj.weight"),
+        Rule(_L + r"feed_forward\.w2\.weight", _HF + "mlp.down_proj.weight"),
+        Rule(_L + r"feed_forward\.w3\.weight", _HF + "mlp.up_proj.weight"),
+)
+ROUTER_RULE = Rule(_L + r"moe\.router\.gate\.weight", _HF + "mlp.gate.weight")
+# Grouped experts unstacked per expert, then the final norm and head.
+EXPERT_AND_HEAD_RULES = (
+        Rule(_EXPERTS + r"w1_EFD", _HF + "mlp.experts.{expert}.gate_proj.weight", unstack=True),
+        Rule(_EXPERTS + r"w3_EFD", _HF + "mlp.experts.{expert}.up_proj.weight", unstack=True),
+        Rule(_EXPERTS + r"w2_EDF", _HF + "mlp.experts.{expert}.down_proj.weight", unstack=True),
+        Rule(r"norm\.weight", "model.norm.weight"),
+        Rule(r"(?:output|lm_head)\.weight", "lm_head.weight"),
+)
+
 # Which layout routed experts get, and the transformers release it was checked against (tests/producers/test_trainers_moe.py
 # loads the output with it and compares logits with torchtitan's own model).
 PER_EXPERT = ("per-expert mlp.experts.{e}.gate_proj/up_proj/down_proj (unstacked from torchtitan's grouped "
@@ -39,19 +57,9 @@ TORCHTITAN_QWEN3 = Adapter(
         Rule(_L + r"attention\.wo\.weight", _HF + "self_attn.o_proj.weight"),
         Rule(_L + r"attention\.q_norm\.weight", _HF + "self_attn.q_norm.weight"),
         Rule(_L + r"attention\.k_norm\.weight", _HF + "self_attn.k_norm.weight"),
-        Rule(_L + r"attention_norm\.weight", _HF + "input_layernorm.weight"),
-        Rule(_L + r"ffn_norm\.weight", _HF + "post_attention_layernorm.weight"),
-        # dense layers (Qwen3, and a Qwen3-MoE's mlp_only_layers)
-        Rule(_L + r"feed_forward\.w1\.weight", _HF + "mlp.gate_proj.weight"),
-        Rule(_L + r"feed_forward\.w2\.weight", _HF + "mlp.down_proj.weight"),
-        Rule(_L + r"feed_forward\.w3\.weight", _HF + "mlp.up_proj.weight"),
-        # mixture of experts
-        Rule(_L + r"moe\.router\.gate\.weight", _HF + "mlp.gate.weight"),
-        Rule(_EXPERTS + r"w1_EFD", _HF + "mlp.experts.{expert}.gate_proj.weight", unstack=True),
-        Rule(_EXPERTS + r"w3_EFD", _HF + "mlp.experts.{expert}.up_proj.weight", unstack=True),
-        Rule(_EXPERTS + r"w2_EDF", _HF + "mlp.experts.{expert}.down_proj.weight", unstack=True),
-        Rule(r"norm\.weight", "model.norm.weight"),
-        Rule(r"(?:output|lm_head)\.weight", "lm_head.weight"),
+        *NORM_AND_DENSE_RULES,      # (dense: Qwen3, and a Qwen3-MoE's mlp_only_layers)
+        ROUTER_RULE,
+        *EXPERT_AND_HEAD_RULES,
     ),
     signature=(r"tok_embeddings\.weight", _L + r"attention\.q_norm\.weight", _L + r"attention\.k_norm\.weight"),
     skip=((r"freqs_cis|rope\.cache|.*\.rope\.cache", "RoPE table (transformers recomputes it)"),),

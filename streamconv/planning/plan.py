@@ -145,6 +145,8 @@ class ConversionPlan:
     peak_bytes: int                         # predicted peak resident memory of the converter
     source_format: str = "hf"               # the trainer adapter applied (`trainers.resolve`), "hf": none
     source_note: str = ""                   # why, for reports
+    workers: int = DEFAULT_WRITERS          # the writer threads `peak_bytes` is predicted for (`with_writers`)
+    workers_reason: str = ""                # how that count was chosen (planning/workers.py), for reports
 
     @property
     def tensors(self) -> Tuple[TensorPlan, ...]:
@@ -190,6 +192,8 @@ class ConversionPlan:
             "max_shard_bytes": self.options.max_shard_bytes,
             "buffer_bytes": self.options.buffer_bytes,
             "predicted_peak_bytes": self.peak_bytes,
+            "workers": self.workers,
+            "workers_reason": self.workers_reason,
             "subtree": self.subtree,
             "skipped": self.skipped_counts,
             "renamed": len(self.renamed),
@@ -293,13 +297,20 @@ def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -
                           source_format=named.source_format, source_note=named.source_note)
 
 
-def with_writers(conversion: ConversionPlan, writers: int) -> ConversionPlan:
-    """The plan with its predicted peak for `writers` threads (`--workers`) instead of DEFAULT_WRITERS: they
-    share the buffer, but each has its own transient IO steps. No more writers run than there are tensors."""
+def with_writers(conversion: ConversionPlan, writers: int, reason: str = "") -> ConversionPlan:
+    """The plan with its predicted peak for `writers` threads (`--workers`) instead of the count it was
+    predicted for: they share the buffer, but each has its own transient IO steps. No more writers run than
+    there are tensors. `reason`: how the count was chosen (planning/workers.py), for reports."""
     tensors, buffer_bytes = conversion.tensors, conversion.options.buffer_bytes
     extra_bytes = (_writers_bytes(tensors, buffer_bytes, writers)
-                   - _writers_bytes(tensors, buffer_bytes, DEFAULT_WRITERS))
-    return replace(conversion, peak_bytes=conversion.peak_bytes + extra_bytes)
+                   - _writers_bytes(tensors, buffer_bytes, conversion.workers))
+    return replace(conversion, peak_bytes=conversion.peak_bytes + extra_bytes, workers=writers,
+                   workers_reason=reason)
+
+
+def is_compressed(conversion: ConversionPlan) -> bool:
+    """Whether any chunk is stored through a transform (zstd): each writer then holds a decoder."""
+    return any(c.location.transform_descriptors for t in conversion.tensors for c in t.chunks)
 
 
 def with_permuted_chunks(conversion: ConversionPlan, permuted: Collection[BlobLocation],

@@ -37,9 +37,12 @@ NUMPY_RSS_BYTES = 12 * 2**20
 IO_STEP_BYTES_PER_WRITER = 2**20
 DEFAULT_WRITERS = 2
 IO_STEPS_BYTES = DEFAULT_WRITERS * IO_STEP_BYTES_PER_WRITER
-# * per writer reading zstd-compressed chunks, its decoder and window (2 MiB at torch's default level; measured
-#   4.5 MiB for two writers, tests/memory/test_zstd_strided_memory.py);
-DECODER_BYTES_PER_WRITER = 5 * 2**19
+# * when chunks are zstd-compressed, the zstandard module and what its first use maps (once), and per writer its
+#   decoder and window (torch's default level). Measured on tests/memory/test_zstd_strided_memory.py's checkpoint
+#   (128 MiB tensors, --buffer-size 4MiB --crc): peak 45.8 MiB with one writer, 48.2 MiB with two, so a writer
+#   costs 2.4 MiB (its 1 MiB IO step and 1.4 MiB of decoder) and 2.3 MiB more is there whatever the count;
+ZSTD_MODULE_BYTES = 5 * 2**19
+DECODER_BYTES_PER_WRITER = 3 * 2**19
 # * per chunk, its metadata and plan entries (dataclasses, tuples, dict slots);
 PER_CHUNK_BYTES = 1500
 # * the buffer each writer touches: its share of `buffer_bytes`, or less when no tensor needs that much
@@ -350,7 +353,7 @@ def _writers_bytes(tensors: Sequence[TensorPlan], buffer_bytes: int, writers: in
     need_bytes = max((buffer_need_bytes(t, permuted) for t in tensors), default=0)
     held = running * IO_STEP_BYTES_PER_WRITER
     if any(c.location.transform_descriptors for t in tensors for c in t.chunks):
-        held += running * DECODER_BYTES_PER_WRITER
+        held += ZSTD_MODULE_BYTES + running * DECODER_BYTES_PER_WRITER
     if need_bytes:
         held += NUMPY_RSS_BYTES + running * min(max(1, buffer_bytes // running), need_bytes)
     return held

@@ -37,12 +37,13 @@ NUMPY_RSS_BYTES = 12 * 2**20
 IO_STEP_BYTES_PER_WRITER = 2**20
 DEFAULT_WRITERS = 2
 IO_STEPS_BYTES = DEFAULT_WRITERS * IO_STEP_BYTES_PER_WRITER
-# * when chunks are zstd-compressed, the zstandard module and what its first use maps (once), and per writer its
-#   decoder and window (torch's default level). Measured on tests/memory/test_zstd_strided_memory.py's checkpoint
-#   (128 MiB tensors, --buffer-size 4MiB --crc): peak 45.8 MiB with one writer, 48.2 MiB with two, so a writer
-#   costs 2.4 MiB (its 1 MiB IO step and 1.4 MiB of decoder) and 2.3 MiB more is there whatever the count;
-ZSTD_MODULE_BYTES = 5 * 2**19
-DECODER_BYTES_PER_WRITER = 3 * 2**19
+# * when chunks are zstd-compressed, the zstandard module (once) and per writer its decoder with its window
+#   (torch's default level), its compressed reads and what its thread's malloc arena keeps of them. Measured peaks
+#   (2-core VM, 2026-12-07): tests/memory/test_zstd_strided_memory.py's checkpoint (128 MiB tensors,
+#   --buffer-size 4MiB --crc) 45.8 / 48.2 MiB with 1 / 2 writers; the 2 GB zstd benchmark 34.5 / 42.4 / 51.0 MiB
+#   with 2 / 4 / 6 writers: 4.2 MiB a writer (its IO step included) there, so the prediction takes 4.5;
+ZSTD_MODULE_BYTES = 2**20
+DECODER_BYTES_PER_WRITER = 7 * 2**19
 # * per chunk, its metadata and plan entries (dataclasses, tuples, dict slots);
 PER_CHUNK_BYTES = 1500
 # * the buffer each writer touches: its share of `buffer_bytes`, or less when no tensor needs that much

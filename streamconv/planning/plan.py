@@ -312,9 +312,10 @@ def with_writers(conversion: ConversionPlan, writers: int, reason: str = "") -> 
                    workers_reason=reason)
 
 
-def is_compressed(conversion: ConversionPlan) -> bool:
-    """Whether any chunk is stored through a transform (zstd): each writer then holds a decoder."""
-    return any(c.location.transform_descriptors for t in conversion.tensors for c in t.chunks)
+def writers_peak_bytes(conversion: ConversionPlan, writers: int) -> int:
+    """The predicted peak for `writers` threads without the per-chunk metadata (which grows with the checkpoint,
+    not with the writers): what the writer count is chosen against (planning/workers.py)."""
+    return BASE_RSS_BYTES + _writers_bytes(conversion.tensors, conversion.options.buffer_bytes, writers)
 
 
 def with_permuted_chunks(conversion: ConversionPlan, permuted: Collection[BlobLocation],

@@ -45,7 +45,7 @@ def make_options(**keywords) -> PlanOptions:
 
 def plan(checkpoint_dir: str, options: Optional[Options] = None, *, config_from: Optional[str] = None,
          reporter: Optional[Reporter] = None, allow_unmatched: bool = False, no_config: bool = False,
-         workers: int = DEFAULT_WORKERS, **kwargs) -> ConversionPlan:
+         workers: Optional[int] = DEFAULT_WORKERS, **kwargs) -> ConversionPlan:
     """The dry run: everything `convert` would do, decided from `.metadata` (and the config folder) alone.
     `workers` (as for `convert`) changes only the predicted peak memory.
     Which folder was taken and what was decided about config, names and tied weights goes to `reporter.note`;
@@ -56,7 +56,7 @@ def plan(checkpoint_dir: str, options: Optional[Options] = None, *, config_from:
 
 def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = None, *,
             run: Optional[RunOptions] = None, overwrite: bool = False, reporter: Optional[Reporter] = None,
-            config_from: Optional[str] = None, workers: int = DEFAULT_WORKERS, verify: bool = False,
+            config_from: Optional[str] = None, workers: Optional[int] = DEFAULT_WORKERS, verify: bool = False,
             crc: Optional[bool] = None, allow_unmatched: bool = False, no_config: bool = False, resume: bool = False,
             discard_partial: bool = False, shard_runner: Optional[Runner] = None, overwrite_any: bool = False,
             **kwargs) -> ConversionReport:

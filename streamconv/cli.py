@@ -308,7 +308,7 @@ def plan(checkpoint_dir, as_json, **option_values):
     skipped = ", ".join(f"{n} {why}" for why, n in summary["skipped"].items()) or "nothing"
     click.echo(f"total {format_size(conversion.total_bytes)} in {len(conversion.shards)} file(s); "
                f"skipped: {skipped}; predicted peak memory {format_size(conversion.peak_bytes)} "
-               f"({workers} worker(s))")
+               f"({conversion.workers} worker(s): {conversion.workers_reason})")
     for note in notes.notes if not quiet else ():
         click.echo(f"  {note}")
 

@@ -60,6 +60,31 @@ def test_readme_option_table_is_convert_s_options():
     assert in_table == long_options("convert"), in_table ^ long_options("convert")
 
 
+def test_plan_shows_the_workers_it_chose_from_the_cpus_and_an_explicit_count_wins(dcp_checkpoints, monkeypatch):
+    """Issue 20 item 2: no --workers = one writer per CPU this process may use, as the budget allows; `plan`
+    says the count and why, in text and JSON."""
+    from streamconv.runs import preparing
+    ckpt = str(dcp_checkpoints["tp"])
+    monkeypatch.setattr(preparing, "available_cpus", lambda: 6.5)
+    chosen = CliRunner().invoke(cli, ["plan", ckpt, "--json", "--no-config"])
+    assert chosen.exit_code == 0, chosen.output
+    summary = json.loads(chosen.stdout)
+    assert summary["workers"] == 6, summary
+    assert summary["workers_reason"].startswith("auto: 6.5 CPUs allow 6,"), summary["workers_reason"]
+    small = json.loads(CliRunner().invoke(cli, ["plan", ckpt, "--json", "--no-config", "--buffer-size", "4MiB"]).stdout)
+    assert small["workers"] == 2, small
+    assert small["workers_reason"].split(", ")[1].startswith("--buffer-size 4.0 MiB has 2.0 MiB shares for 2;"), small
+    text = CliRunner().invoke(cli, ["plan", ckpt, "-q", "--no-config"])
+    assert text.exit_code == 0, text.output
+    assert "(6 worker(s): auto: 6.5 CPUs allow 6, --buffer-size 32.0 MiB has 2.0 MiB shares for 16; 6 keep" \
+        in text.output, text.output
+    given = CliRunner().invoke(cli, ["plan", ckpt, "-q", "--no-config", "--workers", "3"])
+    assert "(3 worker(s): --workers 3)" in given.output, given.output
+    # the prediction is for the chosen count, as for the same count given
+    explicit = json.loads(CliRunner().invoke(cli, ["plan", ckpt, "--json", "--no-config", "--workers", "6"]).stdout)
+    assert explicit["predicted_peak_bytes"] == summary["predicted_peak_bytes"]
+
+
 def test_plan_workers_change_the_predicted_peak_and_q_prints_only_the_summary(dcp_checkpoints):
     ckpt = str(dcp_checkpoints["tp"])
     peaks = {}

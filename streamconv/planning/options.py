@@ -22,7 +22,7 @@ from .. import dtypes
 from . import names
 from ..errors import OptionsError
 from ..fs.paths import user_path
-from .plan import DEFAULT_WRITERS, PlanOptions
+from .plan import PlanOptions
 from ..sizes import parse_size
 from .trainers import SOURCE_FORMATS
 
@@ -118,17 +118,17 @@ class ConvertOptions:
 # the pass costs ~0.2 s of CPU per GB (a read of page-cached data plus zlib.crc32), 20-80% of the wall time on
 # this 2-core machine, far above the 5% that would make it a free default. `verify` checks CRCs by default.
 DEFAULT_CRC = False
-# Two writer threads overlap one shard's reads with another's writes and casts; more rarely helps a disk.
-DEFAULT_WORKERS = DEFAULT_WRITERS
+# None: the writer count is chosen from the CPUs and --buffer-size (planning/workers.py `choose_workers`).
+DEFAULT_WORKERS = None
 _WRITES = ("convert", "batch")      # the commands that write an output
 
 
 @dataclass(frozen=True)
 class RunOptions:
     """How a run goes, not what it writes: the same options give the same output bytes whatever these are."""
-    workers: int = _opt(
-        DEFAULT_WORKERS, "--workers", metavar="N", int_range=(1, 64), show_default=True, commands=("convert", "plan", "batch"),
-        help="Writer threads.",
+    workers: Optional[int] = _opt(
+        DEFAULT_WORKERS, "--workers", metavar="N", int_range=(1, 64), commands=("convert", "plan", "batch"),
+        help="Writer threads (default: one per CPU, as --buffer-size allows).",
         help_in={"plan": "As for convert: the writer threads the predicted peak memory is for.",
                  "batch": "Writer threads per job."})
     verify: bool = _opt(

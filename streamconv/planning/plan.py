@@ -39,9 +39,13 @@ NUMPY_RSS_BYTES = 18 * 2**20
 IO_STEP_BYTES_PER_WRITER = 2**20
 DEFAULT_WRITERS = 2
 IO_STEPS_BYTES = DEFAULT_WRITERS * IO_STEP_BYTES_PER_WRITER
-# * per writer reading zstd-compressed chunks, its decoder and window (2 MiB at torch's default level; measured
-#   4.5 MiB for two writers, tests/memory/test_zstd_strided_memory.py);
-DECODER_BYTES_PER_WRITER = 5 * 2**19
+# * when chunks are zstd-compressed, the zstandard module (once) and per writer its decoder with its window
+#   (torch's default level), its compressed reads and what its thread's malloc arena keeps of them. Measured peaks
+#   (2-core VM, 2026-12-07): tests/memory/test_zstd_strided_memory.py's checkpoint (128 MiB tensors,
+#   --buffer-size 4MiB --crc) 45.8 / 48.2 MiB with 1 / 2 writers; the 2 GB zstd benchmark 34.5 / 42.4 / 51.0 MiB
+#   with 2 / 4 / 6 writers: 4.2 MiB a writer (its IO step included) there, so the prediction takes 4.5;
+ZSTD_MODULE_BYTES = 2**20
+DECODER_BYTES_PER_WRITER = 7 * 2**19
 # * per chunk, its metadata and plan entries (dataclasses, tuples, dict slots);
 PER_CHUNK_BYTES = 1500
 # * the buffer each writer touches: its share of `buffer_bytes`, or less when no tensor needs that much
@@ -147,6 +151,8 @@ class ConversionPlan:
     peak_bytes: int                         # predicted peak resident memory of the converter
     source_format: str = "hf"               # the trainer adapter applied (`trainers.resolve`), "hf": none
     source_note: str = ""                   # why, for reports
+    workers: int = DEFAULT_WRITERS          # the writer threads `peak_bytes` is predicted for (`with_writers`)
+    workers_reason: str = ""                # how that count was chosen (planning/workers.py), for reports
 
     @property
     def tensors(self) -> Tuple[TensorPlan, ...]:
@@ -192,6 +198,8 @@ class ConversionPlan:
             "max_shard_bytes": self.options.max_shard_bytes,
             "buffer_bytes": self.options.buffer_bytes,
             "predicted_peak_bytes": self.peak_bytes,
+            "workers": self.workers,
+            "workers_reason": self.workers_reason,
             "subtree": self.subtree,
             "skipped": self.skipped_counts,
             "renamed": len(self.renamed),
@@ -295,13 +303,21 @@ def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -
                           source_format=named.source_format, source_note=named.source_note)
 
 
-def with_writers(conversion: ConversionPlan, writers: int) -> ConversionPlan:
-    """The plan with its predicted peak for `writers` threads (`--workers`) instead of DEFAULT_WRITERS: they
-    share the buffer, but each has its own transient IO steps. No more writers run than there are tensors."""
+def with_writers(conversion: ConversionPlan, writers: int, reason: str = "") -> ConversionPlan:
+    """The plan with its predicted peak for `writers` threads (`--workers`) instead of the count it was
+    predicted for: they share the buffer, but each has its own transient IO steps. No more writers run than
+    there are tensors. `reason`: how the count was chosen (planning/workers.py), for reports."""
     tensors, buffer_bytes = conversion.tensors, conversion.options.buffer_bytes
     extra_bytes = (_writers_bytes(tensors, buffer_bytes, writers)
-                   - _writers_bytes(tensors, buffer_bytes, DEFAULT_WRITERS))
-    return replace(conversion, peak_bytes=conversion.peak_bytes + extra_bytes)
+                   - _writers_bytes(tensors, buffer_bytes, conversion.workers))
+    return replace(conversion, peak_bytes=conversion.peak_bytes + extra_bytes, workers=writers,
+                   workers_reason=reason)
+
+
+def writers_peak_bytes(conversion: ConversionPlan, writers: int) -> int:
+    """The predicted peak for `writers` threads without the per-chunk metadata (which grows with the checkpoint,
+    not with the writers): what the writer count is chosen against (planning/workers.py)."""
+    return BASE_RSS_BYTES + _writers_bytes(conversion.tensors, conversion.options.buffer_bytes, writers)
 
 
 def with_permuted_chunks(conversion: ConversionPlan, permuted: Collection[BlobLocation],
@@ -347,7 +363,7 @@ def _writers_bytes(tensors: Sequence[TensorPlan], buffer_bytes: int, writers: in
     need_bytes = max((buffer_need_bytes(t, permuted) for t in tensors), default=0)
     held = running * IO_STEP_BYTES_PER_WRITER
     if any(c.location.transform_descriptors for t in tensors for c in t.chunks):
-        held += running * DECODER_BYTES_PER_WRITER
+        held += ZSTD_MODULE_BYTES + running * DECODER_BYTES_PER_WRITER
     if need_bytes:
         held += NUMPY_RSS_BYTES + running * min(max(1, buffer_bytes // running), need_bytes)
     return held

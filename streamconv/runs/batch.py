@@ -215,7 +215,7 @@ def default_jobs(outputs: Sequence[str]) -> int:
 
 def convert_many(sources: Sequence[str], output_template: str, options: Optional[ConvertOptions] = None, *,
                  from_file: Optional[str] = None, jobs: Optional[int] = None, max_memory: Optional[str] = None,
-                 workers: int = DEFAULT_WORKERS, crc: Optional[bool] = None, verify: bool = False,
+                 workers: Optional[int] = DEFAULT_WORKERS, crc: Optional[bool] = None, verify: bool = False,
                  overwrite: bool = False, reporter: Optional[Reporter] = None, ray: Optional[str] = None,
                  overwrite_any: bool = False, discard_partial: bool = False, **keywords) -> BatchReport:
     """Convert every checkpoint in `sources` (folders or globs) into `output_template` filled per checkpoint.

@@ -57,7 +57,7 @@ def job_request(source: str, output: str, options: ConvertOptions, kwargs: dict)
             + "\n").encode("utf-8")
 
 
-def convert_one(source: str, output: str, options: ConvertOptions, *, workers: int = DEFAULT_WORKERS,
+def convert_one(source: str, output: str, options: ConvertOptions, *, workers: Optional[int] = DEFAULT_WORKERS,
                 crc: Optional[bool] = None, verify: bool = False, overwrite: bool = False,
                 discard_partial: bool = False, reporter: Optional[Reporter] = None, shard_runner=None,
                 overwrite_any: bool = False) -> dict:

@@ -26,13 +26,15 @@ from typing import Dict, List, Optional
 from .. import hf
 from ..failpoints import kill_point
 from ..fs import fastpaths
+from ..fs.cpus import available_cpus
 from ..fs.paths import user_path
 from ..output.destination import (check_destination, check_free_space, output_nbytes, output_nfiles,
                                   protected_paths)
 from ..output.ledger import Ledger, plan_record
 from ..output.staging import StagingDir, recover_swap
 from ..planning.options import ConvertOptions, RunOptions
-from ..planning.plan import INDEX_FILE_NAME, ConversionPlan, with_permuted_chunks, with_plain_io, with_writers
+from ..planning.plan import INDEX_FILE_NAME, ConversionPlan, with_permuted_chunks, with_plain_io
+from ..planning.workers import with_workers
 from ..execution.executor import Executor
 from ..sizes import format_size
 from ..source.integrity import ChunkIntegrity
@@ -47,7 +49,7 @@ from .shardjob import CrcCount, JobContext, ShardJob, Workbench
 def convert(checkpoint_dir: str, output_dir: str, request: Request, settings: RunOptions,
             reporter: Optional[Reporter] = None, runner: Optional[Runner] = None) -> ConversionReport:
     """See `streamconv.convert` (api.py) for what is promised; the phases are in the module docstring.
-    `runner`: who writes the shards (None: `settings.workers` threads of this process)."""
+    `runner`: who writes the shards (None: the plan's `workers` threads of this process)."""
     run = Conversion(output_dir, request, settings, reporter or Reporter(), runner)
     run.prepare(checkpoint_dir)
     with run.reader:
@@ -92,7 +94,8 @@ class Conversion:
     def plan(self) -> None:
         """Everything decided before the output is touched: the plan, the destination, the fingerprints."""
         meta, setup = self.meta, self.setup
-        self.conversion = with_writers(checked_plan(meta, self.options, self.checkpoint_dir), self.settings.workers)
+        self.conversion = with_workers(checked_plan(meta, self.options, self.checkpoint_dir), self.settings.workers,
+                                       available_cpus())
         self.with_heads, self.heads = with_tied_heads(meta, setup, self.conversion)
         folders, files = protected_paths(self.reader, meta, setup.config.folder if setup.config else None)
         self.protected = check_destination(self.output_dir, folders, files)       # before anything is written
@@ -100,7 +103,7 @@ class Conversion:
         self.stored = locate_chunks(self.with_heads, self.reader)
         # (.metadata cannot show chunks stored transposed; now that they are located, the prediction counts them)
         self.conversion = with_permuted_chunks(
-            self.conversion, {loc for loc, s in self.stored.items() if not s.is_contiguous}, self.settings.workers)
+            self.conversion, {loc for loc, s in self.stored.items() if not s.is_contiguous}, self.conversion.workers)
         self.source_fp = provenance.source_fingerprint(self.checkpoint_dir, meta, self.stored, self.before)
         self.plan_record = plan_record(self.conversion, self.checkpoint_dir, meta, self.source_fp)
 
@@ -129,7 +132,7 @@ class Conversion:
         if first_file is not None:      # (no chunk at all: nothing is copied)
             self.fast = fastpaths.probe_copy(self.fast, self.reader.path(first_file), staging.scratch_dir)
         if not (self.fast.copy_file_range and self.fast.preadv):
-            self.conversion = with_plain_io(self.conversion, self.settings.workers)
+            self.conversion = with_plain_io(self.conversion, self.conversion.workers)
         self.run_notes.extend(staging.notes)
         self._staging_notes_seen = len(staging.notes)
         self.ledger = Ledger.for_plan(staging.path, conversion, self.plan_record["plan"])
@@ -171,7 +174,7 @@ class Conversion:
                              crc=self.settings.check_crc)
         jobs = [ShardJob(context, s.filename) for s in self.to_write]
         runner = self.runner or ThreadRunner(Workbench(
-            self.reader, self.stored, self.fast, self.integrity, self.options.buffer_bytes, self.settings.workers))
+            self.reader, self.stored, self.fast, self.integrity, self.options.buffer_bytes, self.conversion.workers))
         written = runner.run(jobs, self.reporter.advance)
         self.ledger.check_written(self.to_write, fast=staging.fast)
         self.crc_written = sum((w.crc for w in written), CrcCount())
@@ -246,6 +249,7 @@ class Conversion:
             kept_bytes=sum(s.nbytes for s in self.kept), resumed=self.resumed,
             seconds=time.perf_counter() - self.started, peak_rss_bytes=peak_rss_bytes(),
             predicted_peak_bytes=conversion.peak_bytes, buffer_bytes=options.buffer_bytes,
+            workers=conversion.workers, workers_reason=conversion.workers_reason,
             max_shard_bytes=options.max_shard_bytes, skipped=conversion.skipped_counts,
             renamed=len(conversion.renamed), cast=casts, verified_bytes=self.verified_bytes,
             files=files + self.copied, copied_files=self.copied,

@@ -18,7 +18,9 @@ from ..fs.paths import user_path
 from ..model import CheckpointMetadata
 from ..output import ledger, record
 from ..planning.options import resolve as resolve_options
-from ..planning.plan import DEFAULT_WRITERS, ConversionPlan, build_plan, with_writers
+from ..fs.cpus import available_cpus
+from ..planning.plan import ConversionPlan, build_plan
+from ..planning.workers import with_workers
 from ..source import transforms
 from ..source.io import RangeReader
 from ..verification import provenance
@@ -99,15 +101,16 @@ def with_tied_heads(meta: CheckpointMetadata, setup, conversion: ConversionPlan)
 
 
 def dry_run(checkpoint_dir: str, request: Request, reporter: Optional[Reporter] = None,
-            workers: int = DEFAULT_WRITERS) -> ConversionPlan:
+            workers: Optional[int] = None) -> ConversionPlan:
     """`streamconv.plan`: everything `convert` would do, decided from `.metadata` (and the config folder) alone;
-    notes go to `reporter.note`."""
+    notes go to `reporter.note`. `workers`: as --workers (None: chosen from this machine, planning/workers.py)."""
     reporter = reporter or Reporter()
     prepared = prepare(checkpoint_dir, request)
     prepared.reader.close()
     for note in prepared.notes:
         reporter.note(note)
-    conversion = with_writers(checked_plan(prepared.meta, prepared.setup.options, prepared.checkpoint_dir), workers)
+    conversion = with_workers(checked_plan(prepared.meta, prepared.setup.options, prepared.checkpoint_dir), workers,
+                              available_cpus())
     if conversion.source_note:
         reporter.note(conversion.source_note)
     return conversion

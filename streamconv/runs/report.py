@@ -130,6 +130,8 @@ class ConversionReport:
     already_converted: bool = False     # the output already held this conversion: nothing was written
     kept_bytes: int = 0         # of bytes_written, the shards a resumed run kept from the interrupted one
     resumed: bool = False       # the run continued an interrupted one's staging folder (--resume)
+    workers: int = 0            # writer threads (`--workers`, or chosen: planning/workers.py); 0: none ran
+    workers_reason: str = ""    # how that count was chosen
 
     @property
     def mb_per_s(self) -> float:

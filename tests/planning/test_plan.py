@@ -252,7 +252,8 @@ def test_predicted_peak_counts_the_buffer_a_tensor_touches():
     assert plan.peak_bytes == base + p.NUMPY_RSS_BYTES + 320 * 1024
     small = build_plan(blocks, PlanOptions(buffer_bytes=128 * 1024))      # the buffer is the limit
     assert small.peak_bytes == base + p.NUMPY_RSS_BYTES + 128 * 1024
-    assert p.with_writers(small, 4) == small
+    four = p.with_writers(small, 4)
+    assert four.peak_bytes == small.peak_bytes and four.workers == 4
     two = CheckpointMetadata(tensors=blocks.tensors + (tensor("model.c", (8, 8)),), byte_entries=())
     one_writer, two_writers = (p.with_writers(build_plan(two, PlanOptions(buffer_bytes=2**20)), w) for w in (1, 2))
     # A second writer: its IO step, and the same largest need again from its own half of the buffer.

@@ -112,6 +112,29 @@ def test_zstd_inspect_and_plan_name_the_transform(flavors):
     assert any("zstd-compressed" in n for n in notes.notes), notes.notes
 
 
+def test_zstd_default_workers_hold_a_decoder_each_and_the_report_says_so(flavors, tmp_path, monkeypatch):
+    """Issue 20 item 2: on 16 CPUs a zstd checkpoint gets as many writers as keep the predicted peak within
+    --buffer-size + 48 MiB with a decoder each (12 in 32 MiB), in the plan and in convert's JSON report."""
+    from streamconv.cli import cli
+    from click.testing import CliRunner
+    from streamconv.runs import conversion, preparing
+    from streamconv.planning.plan import DECODER_BYTES_PER_WRITER, writers_peak_bytes
+    monkeypatch.setattr(preparing, "available_cpus", lambda: 16)
+    monkeypatch.setattr(conversion, "available_cpus", lambda: 16)
+    ckpt = flavors / "zstd_fsdp2"
+    planned = streamconv.plan(str(ckpt), no_config=True)
+    assert planned.workers == 12 and "12 keep the predicted peak (80.0 MiB" in planned.workers_reason, \
+        planned.workers_reason
+    two = streamconv.plan(str(ckpt), no_config=True, workers=2)
+    assert planned.peak_bytes - two.peak_bytes == 10 * (2**20 + DECODER_BYTES_PER_WRITER)    # ten more writers
+    assert writers_peak_bytes(planned, 12) <= (32 + 48) * 2**20 < writers_peak_bytes(planned, 13)
+    result = CliRunner().invoke(cli, ["convert", str(ckpt), str(tmp_path / "out"), "--json", "--no-config"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["workers"], report["workers_reason"]) == (12, planned.workers_reason), report
+    assert report["predicted_peak_bytes"] == planned.peak_bytes
+
+
 def _edit_biggest_blob(src: Path, dst: Path, edit) -> None:
     """Copy the checkpoint and change the decoded bytes of its largest zstd blob with `edit(bytearray)`
     (recompressed, so the stream stays valid and only the zip's CRC-32s can tell)."""

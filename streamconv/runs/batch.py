@@ -38,6 +38,7 @@ from ..planning.names import natural_key
 from ..planning.options import ConvertOptions
 from ..fs.paths import user_path
 from ..output.record import RECORD_FILE
+from ..fs.cpus import available_cpus
 from ..planning.options import DEFAULT_WORKERS
 from ..source import flavors
 from .preparing import Request, already_converted, dry_run
@@ -60,6 +61,7 @@ class BatchItem:
     kind: Optional[str] = None
     exit_code: int = 0
     notes: List[str] = field(default_factory=list)
+    workers: Optional[int] = None   # the writer threads its job runs (chosen while planning)
 
     @property
     def mb_per_s(self) -> float:
@@ -240,9 +242,12 @@ def convert_many(sources: Sequence[str], output_template: str, options: Optional
     if ray is not None:     # an address nobody listens on fails now, not after planning and minutes of retries
         from . import ray_runner
         ray_runner.probe(ray)
-    todo = _plan_all(items, options, overwrite or overwrite_any, max_memory_bytes)
-    planning_seconds = time.perf_counter() - started
     jobs = jobs or default_jobs([i.output for i in items])
+    # Jobs run side by side: with no --workers, each chooses its writers from its share of the CPUs, so N jobs
+    # do not start N times as many decoder threads as there are cores.
+    cpus_per_job = available_cpus() / min(jobs, max(1, len(items)))
+    todo = _plan_all(items, options, overwrite or overwrite_any, max_memory_bytes, workers, cpus_per_job)
+    planning_seconds = time.perf_counter() - started
     total = sum(i.bytes for i in todo) * (2 if verify else 1)     # --verify reads every byte back
     reporter.start(total, f"{len(todo)} of {len(items)} checkpoint(s)")
     for note in notes:
@@ -312,17 +317,19 @@ def _suggest_template(template: str, sources: Sequence[str]) -> str:
 
 
 def _plan_all(items: Sequence[BatchItem], options: ConvertOptions, overwrite: bool,
-              max_memory_bytes: Optional[int]) -> List[BatchItem]:
-    """Plan every checkpoint: skip complete outputs, fail the unplannable and the too large, return the rest."""
+              max_memory_bytes: Optional[int], workers: Optional[int], cpus_per_job: float) -> List[BatchItem]:
+    """Plan every checkpoint: skip complete outputs, fail the unplannable and the too large, return the rest,
+    each with the writer count its job runs (`workers`, or chosen from `cpus_per_job`)."""
     todo = []
     for item in items:
         try:
-            conversion = dry_run(item.source, Request(options))
+            conversion = dry_run(item.source, Request(options), workers=workers, cpus=cpus_per_job)
         except StreamconvError as exc:
             item.status, item.error, item.kind, item.exit_code = "failed", str(exc), type(exc).__name__, exc.exit_code
             continue
         item.predicted_peak_bytes = conversion.peak_bytes
         item.bytes = conversion.files_nbytes
+        item.workers = conversion.workers
         try:
             done = not overwrite and already_converted(item.source, item.output, Request(options))
         except StreamconvError as exc:
@@ -391,7 +398,8 @@ class _Job:
         finally:
             os.close(write_fd)
         try:
-            self.process.stdin.write(batch_job.job_request(item.source, item.output, options, kwargs))
+            self.process.stdin.write(batch_job.job_request(item.source, item.output, options,
+                                                           {**kwargs, "workers": item.workers}))
             self.process.stdin.flush()
         except BrokenPipeError:
             pass        # the job died at start: its pipe closes, and it is reported as died with its exit code

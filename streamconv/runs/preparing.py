@@ -101,16 +101,17 @@ def with_tied_heads(meta: CheckpointMetadata, setup, conversion: ConversionPlan)
 
 
 def dry_run(checkpoint_dir: str, request: Request, reporter: Optional[Reporter] = None,
-            workers: Optional[int] = None) -> ConversionPlan:
+            workers: Optional[int] = None, cpus: Optional[float] = None) -> ConversionPlan:
     """`streamconv.plan`: everything `convert` would do, decided from `.metadata` (and the config folder) alone;
-    notes go to `reporter.note`. `workers`: as --workers (None: chosen from this machine, planning/workers.py)."""
+    notes go to `reporter.note`. `workers`: as --workers (None: chosen from `cpus`, by default the CPUs this
+    process may use; planning/workers.py)."""
     reporter = reporter or Reporter()
     prepared = prepare(checkpoint_dir, request)
     prepared.reader.close()
     for note in prepared.notes:
         reporter.note(note)
     conversion = with_workers(checked_plan(prepared.meta, prepared.setup.options, prepared.checkpoint_dir), workers,
-                              available_cpus())
+                              available_cpus() if cpus is None else cpus)
     if conversion.source_note:
         reporter.note(conversion.source_note)
     return conversion

@@ -160,7 +160,7 @@ def run_batch(todo, options, kwargs: dict, *, address: Optional[str], jobs: int,
 
     def one(item):
         return item, convert_one(item.source, item.output, options, shard_runner=RayRunner(),
-                                 reporter=_Progress(), **kwargs)
+                                 reporter=_Progress(), **{**kwargs, "workers": item.workers})
 
     with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="streamconv-ray") as pool:
         for item, result in pool.map(one, todo):

@@ -183,3 +183,19 @@ def test_ctrl_c_ends_the_batch_with_130_and_the_rerun_resumes(runs, single):
     again = run(*args, "--json", cwd=runs)
     assert json.loads(again.stdout)["checkpoints"][0]["status"] == "resumed", again.stderr
     assert files(runs / "hf/checkpoint-100") == single
+
+
+def test_jobs_share_the_cpus_when_workers_is_not_given(runs, single, monkeypatch):
+    """Side-by-side jobs each choose writers from their share of the CPUs (16 CPUs, 2 jobs: 8 each), not all of
+    them (16 each: twice as many decoder threads as cores); an explicit --workers wins."""
+    monkeypatch.setattr(batch, "available_cpus", lambda: 16.0)
+    report = streamconv.convert_many([str(runs / "runs/a/checkpoint-*")], str(runs / "out/{name}"), jobs=2,
+                                     max_shard_size=SHARD, no_config=True)
+    assert [(i.status, i.workers) for i in report.items] == [("converted", 8), ("converted", 8)]
+    assert files(runs / "out/checkpoint-100") == single
+    one_job = streamconv.convert_many([str(runs / "runs/a/checkpoint-*")], str(runs / "one/{name}"), jobs=1,
+                                      max_shard_size=SHARD, no_config=True)
+    assert [i.workers for i in one_job.items] == [16, 16]
+    explicit = streamconv.convert_many([str(runs / "runs/a/checkpoint-*")], str(runs / "three/{name}"), jobs=2,
+                                       workers=3, max_shard_size=SHARD, no_config=True)
+    assert [i.workers for i in explicit.items] == [3, 3]

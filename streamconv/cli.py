@@ -256,7 +256,8 @@ def _echo_convert_report(report, as_json: bool, run: RunOptions) -> None:
                    f"  {format_size(report.bytes_written)} in {report.seconds:.2f} s ({report.mb_per_s:.0f} MB/s"
                    f"{_kept_text(report.kept_bytes)}), "
                    f"peak RSS {format_size(report.peak_rss_bytes)} "
-                   f"(predicted {format_size(report.predicted_peak_bytes)})\n"
+                   f"(predicted {format_size(report.predicted_peak_bytes)})"
+                   f"{_task_rss_text(report.task_peak_rss_bytes)}\n"
                    f"  skipped: {skipped}; cast: {cast}; renamed: {report.renamed}\n"
                    f"  copied: {', '.join(report.copied_files) or 'nothing'}; "
                    f"dropped tied: {', '.join(report.dropped_tied) or 'none'}")
@@ -275,6 +276,11 @@ def _checked_line(tensors: Optional[int], crc_chunks: Optional[int]) -> str:
                                               "also reads the output back)"
     crc = "CRC-32s not checked" if crc_chunks is None else f"{crc_chunks:,} chunks CRC-checked"
     return f"verified: {tensors:,} tensors equal to the checkpoint; {crc}"
+
+
+def _task_rss_text(task_peak_rss_bytes: int) -> str:
+    """The shard tasks' own peak (--ray: each task is a process of its own; the driver's figure is not theirs)."""
+    return f"; shard tasks' peak RSS {format_size(task_peak_rss_bytes)}" if task_peak_rss_bytes else ""
 
 
 def _kept_text(kept_bytes: int) -> str:

@@ -56,6 +56,7 @@ class BatchItem:
     bytes: int = 0
     seconds: float = 0.0
     peak_rss_bytes: int = 0
+    task_peak_rss_bytes: int = 0    # --ray: the largest peak RSS of its shard tasks' processes
     predicted_peak_bytes: int = 0
     error: Optional[str] = None
     kind: Optional[str] = None

@@ -78,7 +78,8 @@ def convert_one(source: str, output: str, options: ConvertOptions, *, workers: O
     if report.already_converted:     # finished by another run since this batch planned
         return {"status": "skipped", "seconds": report.seconds, "notes": report.notes}
     return {"status": "resumed" if report.resumed else "converted", "bytes": report.bytes_written,
-            "seconds": report.seconds, "peak_rss_bytes": report.peak_rss_bytes, "notes": report.notes}
+            "seconds": report.seconds, "peak_rss_bytes": report.peak_rss_bytes,
+            "task_peak_rss_bytes": report.task_peak_rss_bytes, "notes": report.notes}
 
 
 class _PipeReporter(Reporter):

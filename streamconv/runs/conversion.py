@@ -83,6 +83,7 @@ class Conversion:
         self.verified_bytes = self.verified_tensors = 0
         self.integrity: Optional[ChunkIntegrity] = None
         self.crc_written = self.crc_after_write = CrcCount()
+        self.task_peak_rss_bytes = 0
 
     # -- prepare, plan ------------------------------------------------------------------------------------
     def prepare(self, checkpoint_dir: str) -> None:
@@ -178,6 +179,7 @@ class Conversion:
         written = runner.run(jobs, self.reporter.advance)
         self.ledger.check_written(self.to_write, fast=staging.fast)
         self.crc_written = sum((w.crc for w in written), CrcCount())
+        self.task_peak_rss_bytes = max((w.task_peak_rss_bytes for w in written), default=0)
         self.crc_after_write = CrcCount.of(self.integrity)
 
     # -- finish ---------------------------------------------------------------------------------------
@@ -250,6 +252,7 @@ class Conversion:
             seconds=time.perf_counter() - self.started, peak_rss_bytes=peak_rss_bytes(),
             predicted_peak_bytes=conversion.peak_bytes, buffer_bytes=options.buffer_bytes,
             workers=conversion.workers, workers_reason=conversion.workers_reason,
+            task_peak_rss_bytes=self.task_peak_rss_bytes,
             max_shard_bytes=options.max_shard_bytes, skipped=conversion.skipped_counts,
             renamed=len(conversion.renamed), cast=casts, verified_bytes=self.verified_bytes,
             files=files + self.copied, copied_files=self.copied,

@@ -132,6 +132,7 @@ class ConversionReport:
     resumed: bool = False       # the run continued an interrupted one's staging folder (--resume)
     workers: int = 0            # writer threads (`--workers`, or chosen: planning/workers.py); 0: none ran
     workers_reason: str = ""    # how that count was chosen
+    task_peak_rss_bytes: int = 0  # the largest peak RSS of a process that wrote shards for the driver (--ray)
 
     @property
     def mb_per_s(self) -> float:

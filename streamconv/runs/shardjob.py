@@ -24,6 +24,7 @@ from ..source.integrity import ChunkIntegrity
 from ..source.io import DirectoryReader, RangeReader
 from .checkpoint import locate_chunks
 from .parallel import write_shards
+from .report import peak_rss_bytes
 
 Progress = Callable[[int], None]
 
@@ -85,6 +86,9 @@ class Written:
     """What a runner hands back for the jobs one process wrote together."""
     filenames: Tuple[str, ...]
     crc: CrcCount = field(default_factory=CrcCount)
+    # The peak RSS of the process that wrote them when it was not the driver (a Ray task's worker, which Ray
+    # may reuse: the worker's peak so far); 0 when the driver's own threads wrote them (its report has that).
+    task_peak_rss_bytes: int = 0
 
 
 @dataclass
@@ -143,5 +147,5 @@ def write_job_alone(job: ShardJob) -> Written:
             fast = fastpaths.probe_copy(fast, directory.path(sources[0]), scratch_dir_of(context.staging_dir))
         integrity = ChunkIntegrity(reader, stored, while_decoding=True) if context.crc else None
         bench = Workbench(reader, stored, fast, integrity, context.plan.options.buffer_bytes)
-        return write_jobs([job], bench)
+        return replace(write_jobs([job], bench), task_peak_rss_bytes=peak_rss_bytes())
 

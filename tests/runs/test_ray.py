@@ -50,6 +50,7 @@ def test_shards_on_ray_equal_a_local_run(cluster, demo_checkpoint, local, tmp_pa
     assert files(tmp_path / "out") == local
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]     # staging committed
     assert report.crc_checked_chunks > 0        # the tasks' CRC-32 checks reach the report, as a local run's do
+    assert report.task_peak_rss_bytes > 0       # the tasks' own peak RSS, measured in their worker processes
 
 
 def test_a_worker_killed_mid_shard_is_retried_to_the_same_bytes(cluster, demo_checkpoint, local, tmp_path):

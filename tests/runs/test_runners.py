@@ -62,6 +62,8 @@ def test_a_separate_runner_writes_what_threads_write_with_the_same_checks(demo_c
                                                                       threads.crc_checked_bytes)
     assert sum(r.crc.chunks for r in runner.results) == report.crc_checked_chunks
     assert counting.moved == threads_moved > 0      # progress adds up to the same bytes
+    # a process of its own reports its peak (here the test's process stands in for it); threads report none
+    assert report.task_peak_rss_bytes > 0 and threads.task_peak_rss_bytes == 0
 
 
 def test_without_crc_no_runner_checks_a_chunk(demo_checkpoint, tmp_path):

@@ -443,8 +443,31 @@ class _TensorSpec(_Spec):
         raise ValueError("BUILD in a tensor pickle")
 
 
+# torch.save writes the same `data.pkl` bytes for every tensor of one dtype, shape and stride (the storage key is
+# "0" in each archive), and a checkpoint holds hundreds of blobs per shape (one per layer and rank): decoding is
+# the largest part of locating them (issue 20: the first byte of an 11B conversion). Bytes decoded once are not
+# decoded again: the result is a pure function of the bytes. Bounded (entries of at most
+# RECORD_CACHE_MAX_PKL_BYTES, at most RECORD_CACHE_ENTRIES, then emptied) so that hostile input cannot grow it;
+# failures are never cached (each raises again with its own file's name).
+RECORD_CACHE_ENTRIES = 1024
+RECORD_CACHE_MAX_PKL_BYTES = 1024
+_records: Dict[bytes, "TensorRecord"] = {}
+
+
 def load_tensor_record(data: bytes, *, source: str) -> TensorRecord:
     """Decode a torch.save `data.pkl` that holds exactly one plain tensor."""
+    cached = _records.get(data)
+    if cached is not None:
+        return cached
+    record = _decode_tensor_record(data, source=source)
+    if len(data) <= RECORD_CACHE_MAX_PKL_BYTES:
+        if len(_records) >= RECORD_CACHE_ENTRIES:
+            _records.clear()
+        _records[bytes(data)] = record
+    return record
+
+
+def _decode_tensor_record(data: bytes, *, source: str) -> TensorRecord:
     spec = _TensorSpec(_TENSOR_GLOBALS, "torch.save data.pkl", source)
     obj = unpickle.load(spec, source=source, data=data, budget_bytes=budget_bytes(len(data)))
     if not isinstance(obj, TensorRecord):

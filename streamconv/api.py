@@ -12,12 +12,13 @@ from __future__ import annotations
 from typing import Optional, Union
 
 from .errors import OptionsError
+from .model import CheckpointMetadata
 from .planning.options import DEFAULT_CRC, DEFAULT_WORKERS, ConvertOptions, RunOptions
 from .planning.plan import ConversionPlan, PlanOptions
 from .runs.checkpoint import load, locate_chunks
 from .runs.conversion import convert as _convert
 from .runs.inspecting import inspect as _inspect
-from .runs.preparing import Request, already_converted as _already_converted, dry_run
+from .runs.preparing import Request, already_converted as _already_converted, dry_run, metadata_plan
 from .runs.report import ConversionReport, Reporter
 from .runs.runners import Runner
 from .runs.verifying import verify as _verify
@@ -25,10 +26,10 @@ from .verification.compare import VerifyResult
 
 # The verbs, and names callers and messages use from here: `load` and `locate_chunks` (open a checkpoint as
 # every verb does; hf_shards' message names `streamconv.api.load`), the option objects and their defaults.
-__all__ = ["inspect", "plan", "convert", "verify", "already_converted", "make_options", "Options", "load",
-           "locate_chunks", "ConvertOptions", "RunOptions", "DEFAULT_CRC", "DEFAULT_WORKERS"]
+__all__ = ["inspect", "plan", "convert", "verify", "already_converted", "build_plan", "make_options", "Options",
+           "load", "locate_chunks", "ConvertOptions", "RunOptions", "DEFAULT_CRC", "DEFAULT_WORKERS"]
 
-# What `plan`, `convert` and `verify` take: the user's options, or the planner's resolved view.
+# What `plan`, `build_plan`, `convert` and `verify` take: the user's options, or the planner's resolved view.
 Options = Union[ConvertOptions, PlanOptions]
 
 
@@ -46,6 +47,15 @@ def plan(checkpoint_dir: str, options: Optional[Options] = None, *, config_from:
     an output that would not match the reference raises ReferenceMismatchError, as `convert` does."""
     return dry_run(checkpoint_dir, Request(options, kwargs, config_from, allow_unmatched, no_config), reporter,
                    workers)
+
+
+def build_plan(meta: CheckpointMetadata, options: Optional[Options] = None, **kwargs) -> ConversionPlan:
+    """The plan of a checkpoint's metadata already in hand (`streamconv.api.load(folder)[1]`, or a
+    `CheckpointMetadata` built by hand): every output file, name, header and byte offset, from the metadata alone.
+    `options`: a `ConvertOptions` or its fields as keywords (a `PlanOptions` is still taken). No folder is read, so
+    unlike `plan` no config: names are not checked against a base model and `dtype="auto"` keeps the checkpoint's
+    dtypes; `config_from` is refused. An empty selection is an empty plan, not an error."""
+    return metadata_plan(meta, Request(options, kwargs))
 
 
 def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = None, *,

@@ -11,7 +11,6 @@ import io
 import itertools
 import json
 import os
-import pickle
 import pickletools
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 from tests.support import hostile_inputs as hi
 from streamconv.planning import coverage
 from streamconv.planning.coverage import check_coverage
-from streamconv.errors import CheckpointError, CoverageError, StreamconvError
+from streamconv.errors import CheckpointError, CoverageError
 from streamconv.source.io import MemoryReader
 from streamconv.model import BlobLocation, Chunk
 from streamconv.source import find_metadata_file, load_metadata, unpickle

@@ -1,12 +1,13 @@
 """streamconv: streaming, low-memory conversion of PyTorch Distributed Checkpoints to safetensors."""
-from .api import convert, inspect, plan, verify
+from .api import build_plan, convert, inspect, plan, verify
 from .runs.batch import convert_many
 # The error classes, so that `except streamconv.VerificationError` works as the README's snippet says.
 from .errors import (CheckpointError, OptionsError, OutputError, ReferenceMismatchError, ResourceError,
                      StreamconvError, VerificationError)
-# The user's options and the run's; what the program derives from them (`planning.plan.PlanOptions`) is internal.
+# The user's options and the run's; what the program derives from them (`planning.plan.PlanOptions`) is internal
+# (`build_plan` takes a ConvertOptions; the planner's own `planning.plan.build_plan` takes the PlanOptions).
 from .planning.options import ConvertOptions, RunOptions
-from .planning.plan import ConversionPlan, build_plan
+from .planning.plan import ConversionPlan
 
 __all__ = ["convert", "inspect", "plan", "verify", "build_plan", "ConversionPlan", "RunOptions",
            "ConvertOptions", "convert_many", "StreamconvError", "CheckpointError", "OptionsError", "OutputError",

@@ -7,6 +7,10 @@
   config-only base folder (`family_writers.py`), built on request.
 * `meta_model_cache` (autouse): transformers' answer for a config.json (`streamconv/hf/meta_probe.py`, 5-20 s of
   importing transformers in a child) is kept for the session in $STREAMCONV_META_CACHE_DIR (a tmp folder unless set).
+* `source`: for the data-safety suites, a private copy of the tensor-parallel checkpoint, built once per module
+  (`support/safety.py`), checked after every test that uses it: its files' bytes and mtimes are unchanged.
+* `big_checkpoint`: 256 MiB of float32 tensors (Shard(1) column blocks and Shard(0) rows), once per module, for
+  the memory bounds (`support/big_checkpoint.py`).
 * `shared_fixtures_dir`: the GPU-made checkpoints in `<repo>/../shared/fixtures` (or $STREAMCONV_SHARED_FIXTURES);
   skips if that copy is absent, and the terminal summary then says so in one line (a skip among hundreds of
   dots is easy to miss, and those tests are the only ones on GPU-made checkpoints).
@@ -16,7 +20,6 @@ torch is imported lazily inside the fixtures, so torch-free tests collect and ru
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -46,6 +49,29 @@ def model_families(tmp_path_factory):
     from tests.support import family_writers
 
     return family_writers.build(tmp_path_factory.mktemp("families"))
+
+
+@pytest.fixture(scope="module")
+def safety_checkpoint(tmp_path_factory):
+    from tests.support import safety
+
+    return safety.write_source(tmp_path_factory.mktemp("safety"))
+
+
+@pytest.fixture
+def source(safety_checkpoint):
+    """`safety_checkpoint`, checked after the test: the source is never touched, whatever the test did."""
+    from tests.support import safety
+
+    yield safety_checkpoint
+    safety.check_untouched(safety_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def big_checkpoint(tmp_path_factory):
+    from tests.support import big_checkpoint
+
+    return big_checkpoint.write(tmp_path_factory.mktemp("big") / "ckpt")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -15,7 +15,10 @@ from ..planning.plan import ShardPlan, TensorPlan
 from ..output.sink import ShardSink
 from . import band, copy, gather, strided
 from .geometry import storage_order
-from .workspace import Assembler, Cancelled, Progress, Workspace  # noqa: F401  (Cancelled: raised to runners)
+from .workspace import Assembler, Cancelled, Progress, Workspace
+
+# `Cancelled` is named here too: the runners catch it from the executor they run (docs/architecture.md).
+__all__ = ["ASSEMBLERS", "Cancelled", "Executor", "check_stored", "choose"]
 
 # Asked in this order; the first that accepts a tensor writes it. `band` accepts what the others leave.
 ASSEMBLERS: Tuple[Assembler, ...] = (copy.ASSEMBLER, gather.ASSEMBLER, strided.ASSEMBLER, band.ASSEMBLER)

@@ -20,8 +20,13 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 from ..errors import CheckpointError
 from ..fs.infiles import open_regular
 from ..planning.names import RenameRule
-from ..safetensors_format import MAX_HEADER_BYTES  # noqa: F401  (the one limit; tests check it is shared)
+from ..safetensors_format import MAX_HEADER_BYTES
 from ..safetensors_format import LENGTH, decode_body, header_length, pop_metadata
+
+# MAX_HEADER_BYTES is the format's one limit (safetensors_format.py), named here so a test can see this module
+# reads the reference's headers under it and has no limit of its own.
+__all__ = ["MAX_HEADER_BYTES", "Shape", "Layout", "LAYOUTS", "DIRECTIONS", "LayoutMapping", "rule_order",
+           "sequential_safe", "candidates", "reference_weights", "choose_mapping", "NameComparison", "compare_names"]
 
 Shape = Optional[Tuple[int, ...]]   # None when only the name is known (a .bin index)
 

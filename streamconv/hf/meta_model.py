@@ -23,6 +23,7 @@ Only the standard library at module level: the probe reports a missing torch or 
 """
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import sys
@@ -35,8 +36,10 @@ def _fail(kind: str, message: str) -> dict:
 
 
 def _config(data: dict):
-    from transformers import AutoConfig  # noqa: F401  (registers every model_type)
+    import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    transformers.AutoConfig     # (imported by transformers' lazy module on first use: registers every model_type)
 
     model_type = data.get("model_type")
     if not isinstance(model_type, str) or not model_type:
@@ -131,8 +134,10 @@ def _layouts(model, fresh, tied: set) -> tuple:
     if not candidates or candidates[0][1] != live:
         candidates.append(("as the model holds it in memory", live))
     try:
-        from transformers.core_model_loading import convert_and_load_state_dict_in_model  # noqa: F401
-    except ImportError:      # transformers 4: the state dict's names are what it loads
+        loading = importlib.import_module("transformers.core_model_loading")
+    except ImportError:
+        loading = None
+    if not hasattr(loading, "convert_and_load_state_dict_in_model"):   # transformers 4: the state dict's names
         return candidates, ["loader not simulated (transformers before 5): names are the model's state dict"]
     kept, notes = [], []
     for label, layout in candidates:
@@ -147,7 +152,7 @@ def _layouts(model, fresh, tied: set) -> tuple:
 def describe(data: dict) -> dict:
     """The answer for one config.json (already parsed). Errors are answers, not exceptions."""
     try:
-        import torch  # noqa: F401
+        importlib.import_module("torch")     # transformers' models need it: without it there is no answer
         import transformers
     except ImportError as exc:
         return _fail("no-transformers", f"{exc}")

@@ -7,14 +7,13 @@ Write at an offset, then close. The folder around the shards (staging, durabilit
 from __future__ import annotations
 
 import os
-from typing import Optional, Protocol
+from typing import Protocol
 
 from .crc import PieceCrcs
 from ..errors import CheckpointError, OutputError
 from ..fs.fastpaths import NONE, PREAD_STEP_BYTES, FastPaths, read_at
 from ..fs.infiles import OpenFile, open_regular
 from ..fs.outfiles import create_new, open_ours, write_failed
-from .staging import StagingDir  # noqa: F401  (StagingDir lived here before staging.py)
 
 
 class ShardSink(Protocol):

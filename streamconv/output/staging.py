@@ -38,7 +38,7 @@ from ..fs.outfiles import create_new, foreign, not_ours, free_space_note, write_
 from ..fs.paths import Identity, adopt_folder_attributes, parent_not_writable_hint, remove_tree
 from .runlock import RunLock
 from . import durable, swapjournal
-from .durable import file_crc32, fsync_path  # noqa: F401  (file_crc32: tests read shards back with it)
+from .durable import fsync_path
 from .ledger import PLAN_RECORD, RECORD_VERSION, RECORDS_DIR, check_resumable
 
 STAGING_SUFFIX = ".streamconv-partial"

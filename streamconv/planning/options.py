@@ -47,8 +47,22 @@ def _opt(default: Any, flag: str, help: str, *, metavar: Optional[str] = None, m
     return field(default=default, metadata=meta)
 
 
+class _FlagFields:
+    """What the three option objects share: their fields are the flags, so a click command's keyword arguments
+    build one (`take`)."""
+
+    @classmethod
+    def field_names(cls) -> Tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def take(cls, values: Dict[str, Any]):
+        """Pop this object's fields out of `values` (a click command's keyword arguments) and build it."""
+        return cls(**{name: values.pop(name) for name in cls.field_names() if name in values})
+
+
 @dataclass(frozen=True)
-class ConvertOptions:
+class ConvertOptions(_FlagFields):
     """What `convert`, `plan`, `verify` and `batch` are told; the field order is the order of `--help`."""
     max_shard_size: str = _opt(
         "5GB", "--max-shard-size", metavar="SIZE", show_default=True, hidden_in=("verify",),  # (found by name)
@@ -104,15 +118,6 @@ class ConvertOptions:
             renames=tuple(names.RenameRule.parse(r) for r in self.renames), subtree=self.subtree,
             source_format=self.source_format)
 
-    @classmethod
-    def field_names(cls) -> Tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
-
-    @classmethod
-    def take(cls, values: Dict[str, Any]) -> "ConvertOptions":
-        """Pop this object's fields out of `values` (a click command's keyword arguments) and build it."""
-        return cls(**{name: values.pop(name) for name in cls.field_names() if name in values})
-
 
 # Whether a conversion checks each chunk's CRC-32 unless told (`--verify` turns it on). Off: on the 2gb benchmark
 # the pass costs ~0.2 s of CPU per GB (a read of page-cached data plus zlib.crc32), 20-80% of the wall time on
@@ -124,7 +129,7 @@ _WRITES = ("convert", "batch")      # the commands that write an output
 
 
 @dataclass(frozen=True)
-class RunOptions:
+class RunOptions(_FlagFields):
     """How a run goes, not what it writes: the same options give the same output bytes whatever these are."""
     workers: Optional[int] = _opt(
         DEFAULT_WORKERS, "--workers", metavar="N", int_range=(1, 64), commands=("convert", "plan", "batch"),
@@ -169,15 +174,6 @@ class RunOptions:
         return self.crc if self.crc is not None else self.verify or DEFAULT_CRC
 
     @classmethod
-    def field_names(cls) -> Tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
-
-    @classmethod
-    def take(cls, values: Dict[str, Any]) -> "RunOptions":
-        """Pop this object's fields out of `values` (a click command's keyword arguments) and build it."""
-        return cls(**{name: values.pop(name) for name in cls.field_names() if name in values})
-
-    @classmethod
     def given(cls, run: Optional["RunOptions"], **keywords) -> "RunOptions":
         """The run options an API call means: `run`, or the keywords (the API's older spelling), not both."""
         defaults = cls()
@@ -191,7 +187,7 @@ class RunOptions:
 
 
 @dataclass(frozen=True)
-class BatchOptions:
+class BatchOptions(_FlagFields):
     """What `batch` is told beyond one conversion's options: where outputs go, how many run at once, where."""
     output_template: Optional[str] = _opt(
         None, "--output-template", short="-o", metavar="TEMPLATE", required=True, commands=("batch",),
@@ -208,10 +204,6 @@ class BatchOptions:
     ray_address: Optional[str] = _opt(
         None, "--ray", metavar="[ADDRESS]", flag_value="local", commands=("batch",),
         help="Ray tasks (local, or join ADDRESS).")
-
-    @classmethod
-    def take(cls, values: Dict[str, Any]) -> "BatchOptions":
-        return cls(**{f.name: values.pop(f.name) for f in fields(cls) if f.name in values})
 
 
 def command_fields(command: str):

@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from . import batch_job
-from .batch_job import convert_one  # noqa: F401  (public before it moved)
 from ..errors import OptionsError, ResourceError, StreamconvError
 from ..planning.names import natural_key
 from ..planning.options import ConvertOptions

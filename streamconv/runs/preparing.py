@@ -93,6 +93,18 @@ def checked_plan(meta: CheckpointMetadata, options, checkpoint_dir: str) -> Conv
     return conversion
 
 
+def metadata_plan(meta: CheckpointMetadata, request: Request) -> ConversionPlan:
+    """`streamconv.build_plan`: the plan of metadata already in hand, no folder read. So no config: names are not
+    checked against a reference model, `--dtype auto` keeps the checkpoint's dtypes, and a trainer layout that
+    needs the config's head counts is refused by the planner. `config_from` is refused, not ignored."""
+    options, user = request.resolved()
+    if user.config_from is not None:
+        raise OptionsError(f"config_from={user.config_from!r}: build_plan plans from metadata alone and reads no "
+                           "folder; for a plan checked against the base model call "
+                           "streamconv.plan(checkpoint_dir, config_from=...)")
+    return build_plan(meta, replace(options, user=user))
+
+
 def with_tied_heads(meta: CheckpointMetadata, setup, conversion: ConversionPlan):
     """(plan to locate, {head name: TensorPlan}): dropped tied heads are still read once, to prove they equal the
     embedding written in their place."""

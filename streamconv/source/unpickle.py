@@ -277,11 +277,7 @@ class _Machine:
                     if type(target) is not dict or len(items) % 2:
                         raise _Refused(f"SETITEM(S) on {describe(target)} with {len(items)} items")
                     for k in range(0, len(items), 2):
-                        key = items[k]
-                        if not (type(key) is str or type(key) is int or isinstance(key, Record)):
-                            raise _Refused(f"dict key {describe(key)}: checkpoint dicts are keyed by names, "
-                                           "numbers or records only")
-                        target[key] = items[k + 1]
+                        target[_dict_key(items[k])] = items[k + 1]
                     depth[-1] = _deeper(max(depth[-1], d + 1))
                     cost += _ITEM * (len(items) // 2)
                 elif op == 0x7D:                                  # EMPTY_DICT
@@ -358,11 +354,7 @@ class _Machine:
                             raise _Refused("DICT with an odd number of items")
                         out = {}
                         for k in range(0, len(items), 2):
-                            key = items[k]
-                            if not (type(key) is str or type(key) is int or isinstance(key, Record)):
-                                raise _Refused(f"dict key {describe(key)}: checkpoint dicts are keyed by names, "
-                                               "numbers or records only")
-                            out[key] = items[k + 1]
+                            out[_dict_key(items[k])] = items[k + 1]
                         push(out)
                     dpush(d)
                     cost += _OBJECT + _ITEM * len(items)
@@ -446,6 +438,14 @@ class _Machine:
         except Exception:
             self.buf, self.pos = buf, pos     # for the byte offset in the error message
             raise
+
+
+def _dict_key(key: Any) -> Any:
+    """`key`, if a checkpoint dict may be keyed by it (SETITEM(S) and DICT both build dicts): a name, a number or
+    a record. Anything else (a list, a float NaN) would be unhashable or ambiguous as a key."""
+    if not (type(key) is str or type(key) is int or isinstance(key, Record)):
+        raise _Refused(f"dict key {describe(key)}: checkpoint dicts are keyed by names, numbers or records only")
+    return key
 
 
 def _over_budget(budget: int) -> str:

@@ -309,8 +309,8 @@ _IGNORED_OPTIONS = ("max_shard_size",)
 
 
 def options_from_record(found: record.OutputRecord, options, kwargs: Mapping[str, object], **config):
-    """(options, kwargs, config_from, allow_unmatched, no_config) for `api.verify` from an output's record: the
-    options the output was made with; any given option that contradicts them is an error naming both."""
+    """(options, kwargs, config_from, allow_unmatched, no_config) for `verify` (runs/verifying.py) from an output's
+    record: the options the output was made with; any given option that contradicts them is an error naming both."""
     from dataclasses import fields
     from ..planning.options import ConvertOptions
     defaults = {f.name: f.default for f in fields(ConvertOptions)}

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +26,7 @@ from tests.support import dcp_writers
 import streamconv
 from streamconv.planning import names
 from streamconv.cli import cli
-from streamconv.errors import CheckpointError, OptionsError, ResourceError, StreamconvError
+from streamconv.errors import CheckpointError, OptionsError, ResourceError
 from streamconv.hf.sidecars import copy_regular, sidecar_names
 from streamconv.source.io import DirectoryReader
 from streamconv.model import BlobLocation, CheckpointMetadata, Chunk, TensorEntry
@@ -361,7 +360,7 @@ def test_thousands_of_files_convert_under_ulimit_256(many_files_checkpoint, tmp_
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["tensors"] == MANY_TENSORS
     ref = dcp_writers.reference_state_dict(ckpt)
-    from tests.end_to_end.test_convert import read_output, same_bits
+    from tests.support.outputs import read_output, same_bits
     got = read_output(out)
     assert len(got) == MANY_TENSORS
     for i in (0, 1, 517, MANY_TENSORS - 1):

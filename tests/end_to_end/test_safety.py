@@ -3,10 +3,9 @@ durable, a killed run resumes to the same bytes, full disks and signals end clea
 
 Most tests run `python -m streamconv.cli` in a subprocess against a real checkpoint written by torch's DCP
 writer, and kill it at named points with the test-only hook STREAMCONV_TEST_KILL_AT (see streamconv/output/staging.py).
-After every scenario, every source file's bytes and mtime are checked.
+After every scenario, every source file's bytes and mtime are checked (the `source` fixture, tests/conftest.py).
 """
 import errno
-import hashlib
 import json
 import os
 import re
@@ -21,73 +20,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tests.support import dcp_writers
 import streamconv
 from streamconv import failpoints
 from streamconv.output import durable, staging
 from streamconv.cli import cli
 from streamconv.errors import OutputError
-
-SHARD = "100KB"     # the tp checkpoint (~0.8 MB of weights) gives several shards and an index
-REPO = Path(__file__).resolve().parents[2]
-
-
-def snapshot(folder: Path) -> dict:
-    """{relative path: (sha256, mtime_ns, size)} of every file under folder."""
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            st = p.stat()
-            out[str(p.relative_to(folder))] = (hashlib.sha256(p.read_bytes()).hexdigest(), st.st_mtime_ns, st.st_size)
-    return out
-
-
-def tree_bytes(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    """A private copy of a real tensor-parallel checkpoint (so its mtimes are ours to check), its snapshot,
-    and the output of one uninterrupted run."""
-    root = tmp_path_factory.mktemp("safety")
-    ckpt = root / "ckpt"
-    dcp_writers.build(root / "written", names=["tp"])
-    shutil.copytree(root / "written" / "tp", ckpt)
-    ref = root / "reference"
-    streamconv.convert(str(ckpt), str(ref), max_shard_size=SHARD)
-    expected = tree_bytes(ref)
-    assert len([n for n in expected if n.endswith(".safetensors")]) >= 4 and "model.safetensors.index.json" in expected
-    return {"ckpt": ckpt, "snapshot": snapshot(ckpt), "expected": expected}
-
-
-@pytest.fixture(autouse=True)
-def source_untouched(request):
-    """After every scenario: every source file has its bytes and mtime."""
-    yield
-    if "source" in request.fixturenames:
-        src = request.getfixturevalue("source")
-        assert snapshot(src["ckpt"]) == src["snapshot"], "the source checkpoint changed"
-
-
-def run(*args, env=None, preexec_fn=None, timeout=120):
-    full_env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "streamconv.cli", *map(str, args)], capture_output=True, text=True,
-                          env=full_env, preexec_fn=preexec_fn, timeout=timeout)
-
-
-def convert(src, out, *extra, **kw):
-    return run("convert", src["ckpt"], out, "--max-shard-size", SHARD, *extra, **kw)
-
-
-def no_traceback(result):
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, result.stderr
-    return True
-
-
-def hidden(folder: Path):
-    return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith("." + folder.name))
+from tests.support.safety import REPO, SHARD, convert, hidden, no_traceback, run, snapshot, tree_bytes
 
 
 # -- 1. the source is sacred -------------------------------------------------------------------------------

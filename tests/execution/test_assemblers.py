@@ -12,8 +12,7 @@ from streamconv.execution.executor import ASSEMBLERS, choose
 from streamconv.execution.workspace import Cancelled, Workspace
 from streamconv.planning.plan import PlanOptions, TensorPlan, build_plan
 from streamconv.output.sink import MemorySink
-from tests.execution.test_executor import make_checkpoint
-from tests.execution.test_strided import permuted_checkpoint
+from tests.support.memory_checkpoints import make_checkpoint, permuted_checkpoint
 
 ARR = np.arange(24 * 16, dtype=np.float32).reshape(24, 16)
 

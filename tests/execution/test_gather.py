@@ -20,7 +20,7 @@ from streamconv.execution.executor import Executor
 from streamconv.planning.plan import PlanOptions, build_plan
 from streamconv.output.sink import MemorySink
 from streamconv.planning.transforms import Heads
-from tests.execution.test_executor import make_checkpoint
+from tests.support.memory_checkpoints import make_checkpoint
 
 MEGATRON = trainers.MEGATRON_GPT
 

@@ -1,38 +1,10 @@
 """Chunks stored with permuted strides (`execution/strided.py`), against memory: random N-D tensors cut into random boxes,
 each box stored in its own random dim order, reassembled bit for bit at any buffer size, also with a cast.
 Real torch-written transposed and channels_last checkpoints: tests/source/test_zstd_strided.py."""
-import itertools
-
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from streamconv.source.io import MemoryReader
-from streamconv.model import BlobLocation, CheckpointMetadata, Chunk, StoredTensor, TensorEntry
-from tests.execution.test_executor import cases, read_safetensors, run
-
-
-def permuted_checkpoint(arr, cuts, orders):
-    """Like test_executor.make_checkpoint, but box i is stored in dim order orders[i % len(orders)] (outermost
-    first), i.e. as `box.transpose(order)` laid out row-major, with the strides torch.save would record."""
-    bounds = [[0] + sorted(set(c)) + [s] for c, s in zip(cuts, arr.shape)]
-    ranges = [[(lo, hi) for lo, hi in zip(b, b[1:]) if hi > lo] for b in bounds]
-    data, chunks, stored = bytearray(), [], {}
-    for i, box in enumerate(itertools.product(*ranges)):
-        piece = arr[tuple(slice(lo, hi) for lo, hi in box)]
-        order = orders[i % len(orders)]
-        storage = np.ascontiguousarray(piece.transpose(order))
-        stride = [0] * arr.ndim
-        acc = 1
-        for dim in reversed(order):
-            stride[dim] = acc
-            acc *= piece.shape[dim]
-        data.extend(b"\xee" * 3)
-        location = BlobLocation("__0_0.distcp", len(data) - 3, storage.nbytes + 3)
-        stored[location] = StoredTensor(str(arr.dtype), piece.shape, tuple(stride), len(data), storage.nbytes)
-        data.extend(storage.tobytes())
-        chunks.append(Chunk(tuple(lo for lo, _ in box), tuple(hi - lo for lo, hi in box), location))
-    meta = CheckpointMetadata(tensors=(TensorEntry("w", str(arr.dtype), arr.shape, tuple(chunks), ("w",)),))
-    return meta, MemoryReader({"__0_0.distcp": bytes(data)}), stored
+from tests.support.memory_checkpoints import cases, permuted_checkpoint, read_safetensors, run
 
 
 @settings(max_examples=300, deadline=None)

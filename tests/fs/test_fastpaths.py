@@ -93,7 +93,7 @@ def test_a_missing_os_function_is_not_used(missing, dcp_checkpoints, default_out
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_every_layout_gives_the_same_bytes_with_fast_paths_off(layout, dcp_checkpoints, default_outputs, tmp_path,
                                                                monkeypatch):
-    from tests.end_to_end.test_convert import read_output, same_bits
+    from tests.support.outputs import read_output, same_bits
     monkeypatch.setenv(failpoints.NO_FAST_PATHS_ENV, "1")
     forbid_fast_paths(monkeypatch)
     out = tmp_path / "out"

@@ -7,6 +7,7 @@ transformers, logits compared exactly; then the GPU-made fixtures against their 
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import struct
@@ -264,8 +265,8 @@ def hf_models(tmp_path_factory):
 
     worker = threading.Thread(target=build, name="hf_writers.build")
     worker.start()
-    import transformers.models.llama.modeling_llama  # noqa: F401
-    import transformers.models.mllama.modeling_mllama  # noqa: F401
+    importlib.import_module("transformers.models.llama.modeling_llama")
+    importlib.import_module("transformers.models.mllama.modeling_mllama")
     worker.join()
     if "error" in result:
         raise result["error"]

@@ -11,7 +11,6 @@ import io
 import itertools
 import json
 import os
-import pickle
 import pickletools
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 from tests.support import hostile_inputs as hi
 from streamconv.planning import coverage
 from streamconv.planning.coverage import check_coverage
-from streamconv.errors import CheckpointError, CoverageError, StreamconvError
+from streamconv.errors import CheckpointError, CoverageError
 from streamconv.source.io import MemoryReader
 from streamconv.model import BlobLocation, Chunk
 from streamconv.source import find_metadata_file, load_metadata, unpickle
@@ -197,6 +196,8 @@ STAND_IN_MISUSE = {
     "BUILD twice": (b"ctorch.distributed.checkpoint.metadata\nMetadata\n)\x81}b}b.", "once"),
     "BUILD with a list": (b"ctorch.distributed.checkpoint.metadata\nMetadata\n)\x81]b.", "dict of field names"),
     "tuple as a dict key": (b"}K\x01\x85K\x02s.", "dict key"),
+    "tuple as a SETITEMS key": (b"}(K\x01\x85K\x02u.", "dict key"),
+    "list as a DICT key": (b"(]K\x02d.", "dict key"),
     "a set": (b"\x8f.", "EMPTY_SET"),
     "a 2 GiB string": (b"X\xff\xff\xff\x7f", "-byte string"),
     "a 200-byte int": (b"\x8a\xc8" + b"\x01" * 200 + b".", "-byte integer"),

@@ -14,33 +14,7 @@ from tests.support import rss
 
 from streamconv.demo_checkpoint import run_distributed
 
-ROWS, COLS = 4096, 8192          # 128 MiB of float32 per tensor
-
-
-def write_big(rank, world_size, out_dir):
-    import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Shard
-
-    mesh = init_device_mesh("cpu", (world_size,))
-    gen = torch.Generator().manual_seed(rank)
-    # Build local shards directly (no full tensor on any rank), as a TP-trained model holds them.
-    cols = torch.empty(ROWS, COLS // world_size).uniform_(generator=gen)
-    rows = torch.empty(ROWS // world_size, COLS).uniform_(generator=gen)
-    state = {"model": {
-        "down_proj.weight": DTensor.from_local(cols, mesh, [Shard(1)], run_check=False),
-        "embed.weight": DTensor.from_local(rows, mesh, [Shard(0)], run_check=False),
-    }}
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(out_dir, sync_files=False))
-    return 0
-
-
-@pytest.fixture(scope="module")
-def big_checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("big") / "ckpt"
-    run_distributed(f"{__name__}:write_big", 2, dict(out_dir=str(out)))
-    return out
+# `big_checkpoint` (tests/conftest.py, support/big_checkpoint.py): 256 MiB, Shard(1) column blocks + Shard(0) rows.
 
 
 def convert_in_subprocess(ckpt, out, *args):

@@ -57,7 +57,6 @@ def convert(root, out, *args):
 
 
 def test_rope_gather_peak_rss_is_bounded_by_the_buffer(big, tmp_path):
-    import torch
     from safetensors.numpy import load_file
 
     buffer_mib = 4

@@ -2,9 +2,10 @@
 of path strings (bind mounts, hard links), the current folder, mount points, inodes, paths of the wrong kind,
 a pre-created output folder's mode and owner.
 
-CLI runs are subprocesses against the real tensor-parallel checkpoint of test_safety (its autouse fixture checks
-after every test that the checkpoint's bytes and mtimes are unchanged). Every test that mounts does so inside
-`unshare --mount --propagation private`, so nothing outlives the test even if it dies.
+CLI runs are subprocesses against the real tensor-parallel checkpoint of the data-safety suites (the `source`
+fixture, tests/conftest.py, checks after every test that the checkpoint's bytes and mtimes are unchanged). Every
+test that mounts does so inside `unshare --mount --propagation private`, so nothing outlives the test even if it
+dies.
 """
 import json
 import os
@@ -20,7 +21,7 @@ import pytest
 import streamconv
 from streamconv.fs import paths
 from streamconv.errors import CheckpointError, OptionsError
-from tests.end_to_end.test_safety import REPO, SHARD, convert, no_traceback, run, snapshot, source, source_untouched  # noqa: F401
+from tests.support.safety import REPO, SHARD, convert, no_traceback, run, snapshot
 
 needs_mounts = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
                                   reason="bind mounts need root and unshare(1) for a private mount namespace")

@@ -3,7 +3,7 @@
 A killed run leaves `.out.streamconv-partial/` in what may be a shared scratch folder. What is planted there
 (symlinks into the checkpoint, probe files, stray files, another user's folder) is never written through,
 never published, and refused with exit 73 naming it. Filesystems without flock fall back to a lock file.
-The source checkpoint's bytes and mtimes are checked after every test (test_safety's autouse fixture).
+The source checkpoint's bytes and mtimes are checked after every test (the `source` fixture, tests/conftest.py).
 """
 import errno
 import json
@@ -21,11 +21,11 @@ import streamconv
 from streamconv.fs import fastpaths
 from streamconv import failpoints
 from streamconv.fs import outfiles
-from streamconv.output import staging
+from streamconv.output import durable, staging
 from streamconv.cli import cli
 from streamconv.errors import OutputError
 from streamconv.output.sink import FileSink
-from tests.end_to_end.test_safety import REPO, SHARD, convert, hidden, no_traceback, snapshot, source, source_untouched, tree_bytes  # noqa: F401
+from tests.support.safety import REPO, SHARD, convert, hidden, no_traceback, snapshot, tree_bytes
 
 
 def killed_with_two_shards(source, out):
@@ -118,7 +118,7 @@ def test_shard_files_never_follow_a_symlink(tmp_path):
     other = tmp_path / "other.safetensors"
     other.symlink_to(victim)
     with pytest.raises(OutputError, match="symbolic link"):
-        staging.file_crc32(str(other), streamconv.fs.fastpaths.detect())
+        durable.file_crc32(str(other), streamconv.fs.fastpaths.detect())
 
 
 # -- 16.8: probe files and anything else not planned -------------------------------------------------------

@@ -11,7 +11,7 @@ import streamconv
 from streamconv import api
 from streamconv.cli import cli
 from streamconv.errors import OptionsError
-from streamconv.planning.options import ConvertOptions, resolve
+from streamconv.planning.options import BatchOptions, ConvertOptions, RunOptions, resolve
 from streamconv.planning.plan import PlanOptions
 
 
@@ -32,6 +32,17 @@ def test_defaults_resolve_to_the_planner_defaults():
     assert ConvertOptions().plan_options() == PlanOptions()
     assert api.make_options() == PlanOptions()
     assert api.make_options(max_shard_size="2GB", renames=["a=b"]).max_shard_bytes == 2 * 10**9
+
+
+def test_each_options_object_takes_its_own_fields_out_of_a_commands_keywords():
+    """How cli.py splits one click command's keyword arguments into the three objects."""
+    values = {"max_shard_size": "2GB", "workers": 3, "output_template": "hf/{name}", "as_json": True}
+    assert BatchOptions.take(values) == BatchOptions(output_template="hf/{name}")
+    assert RunOptions.take(values) == RunOptions(workers=3)
+    assert ConvertOptions.take(values) == ConvertOptions(max_shard_size="2GB")
+    assert values == {"as_json": True}          # what belongs to none is left for the command
+    assert RunOptions.field_names()[:2] == ("workers", "verify")
+    assert ConvertOptions.field_names() == tuple(f.name for f in dataclasses.fields(ConvertOptions))
 
 
 def test_picklable_and_frozen():

@@ -5,7 +5,7 @@ from streamconv.model import CheckpointMetadata
 from streamconv.planning import plan as p
 from streamconv.planning.plan import PlanOptions, build_plan
 from streamconv.planning.workers import PEAK_ABOVE_BUFFER_BYTES, choose_workers, with_workers
-from tests.planning.test_plan import dim0_chunks, tensor
+from tests.support.plan_builders import dim0_chunks, tensor
 
 MIB = 2**20
 BUFFER = 32 * MIB

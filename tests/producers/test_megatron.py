@@ -18,8 +18,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,7 @@ from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file
 
 from tests.support import megatron_writers as mw
-from tests.planning.test_transforms import assemble    # follows planned pieces with numpy
+from tests.support.pieces import assemble    # follows planned pieces with numpy
 from streamconv.cli import cli
 
 FIXTURE = Path("/work/shared/fixtures/megatron_gpt_tp1")

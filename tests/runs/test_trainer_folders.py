@@ -270,7 +270,7 @@ def test_torchtitan_checkpoint_folder_of_steps(written, tmp_path):
     for folder in (ckpt, ckpt.parent):
         result = _invoke("plan", folder)
         assert result.exit_code == CheckpointError.exit_code, result.output
-        assert f"step-10  (step 10: 21 model tensors, 63 optimizer tensors)" in result.output
+        assert "step-10  (step 10: 21 model tensors, 63 optimizer tensors)" in result.output
         assert f"The newest is step 20: pass {ckpt / 'step-20'}" in result.output
 
 

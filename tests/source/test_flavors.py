@@ -18,7 +18,6 @@ import streamconv
 from streamconv.errors import CheckpointError
 from streamconv.runs import checkpoint, discover
 from streamconv.source import flavors, load_metadata
-from streamconv.source.flavors import dcp as dcp_flavor
 from streamconv.source.flavors.base import ReadsBlobsAsStored
 
 STATE = {"model.embed_tokens.weight": torch.arange(24, dtype=torch.float32).view(6, 4),

@@ -25,7 +25,7 @@ from streamconv.output import staging
 from streamconv.errors import CheckpointError, UnsupportedFeatureError
 from streamconv.source.io import DirectoryReader
 from streamconv.source import load_metadata, locate_all
-from tests.end_to_end.test_convert import read_output, same_bits
+from tests.support.outputs import read_output, same_bits
 
 CONVERTED = [n for n in st_writers.CHECKPOINTS if n not in ("hf_clobbered", "hf_consolidated")] + [
     "hf_consolidated/sharded"]

@@ -22,7 +22,7 @@ from streamconv.errors import CheckpointError, CorruptChunkError
 from streamconv.execution.executor import check_stored
 from streamconv.model import StoredTensor
 from streamconv.execution.geometry import storage_order
-from tests.end_to_end.test_convert import read_output, same_bits
+from tests.support.outputs import read_output, same_bits
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

@@ -21,6 +21,7 @@ torchtune: `{"model": ..., "optimizer": ...}`, one file per item (`single_file_p
 """
 from __future__ import annotations
 
+import importlib
 import sys
 import types
 from pathlib import Path
@@ -194,8 +195,8 @@ def write_torchtitan_real(rank: int, world_size: int, out_dir: str) -> None:
 
 def torchtitan_available() -> bool:
     try:
-        import torchtitan  # noqa: F401
-        import spmd_types  # noqa: F401
+        importlib.import_module("torchtitan")
+        importlib.import_module("spmd_types")
         return True
     except Exception:
         return False
@@ -204,7 +205,7 @@ def torchtitan_available() -> bool:
 def torchtune_available() -> bool:
     try:
         shim_torchtune()
-        from torchtune.models.llama3 import llama3  # noqa: F401
+        importlib.import_module("torchtune.models.llama3").llama3
         return True
     except Exception:
         return False

@@ -18,7 +18,7 @@ from streamconv.verification import provenance
 from streamconv.output import record, staging
 from streamconv.runs import runners, shardjob
 from streamconv.demo_checkpoint import write_demo_checkpoint
-from streamconv.errors import CheckpointError, OutputError
+from streamconv.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parents[2]
 SHARD = "200KB"

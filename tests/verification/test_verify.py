@@ -447,7 +447,7 @@ def test_convert_crc_reports_what_it_checked(dcp_checkpoints, tmp_path):
 
 # -- in a real process: bounded memory, exit codes, no traceback ----------------------------------------------
 
-from tests.memory.test_memory import big_checkpoint  # noqa: E402,F401  (256 MiB: Shard(1) column blocks + Shard(0) rows)
+# `big_checkpoint` (tests/conftest.py): 256 MiB, Shard(1) column blocks + Shard(0) rows.
 
 
 def verify_in_subprocess(ckpt, out, *args):

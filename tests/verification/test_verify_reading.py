@@ -5,7 +5,6 @@ import json
 import os
 import resource
 import shutil
-import stat
 import subprocess
 import sys
 from pathlib import Path

@@ -1,0 +1,67 @@
+"""`streamconv verify`: an existing output folder checked against its checkpoint, both streamed.
+
+With the output's record (`streamconv.json`) the options come from it and the checkpoint's content must be what
+was converted; without one, the options given are used and the result says so. The comparison itself is
+`verification/compare.py`.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+from ..errors import VerificationError
+from ..fs import fastpaths
+from ..fs.paths import user_path
+from ..output import record
+from ..source.integrity import ChunkIntegrity
+from ..verification import compare, provenance
+from .checkpoint import locate_chunks
+from .preparing import Request, checked_plan, prepare, with_tied_heads
+from .report import Reporter, peak_rss_bytes
+
+
+def verify(checkpoint_dir: str, output_dir: str, request: Request, reporter: Optional[Reporter] = None,
+           crc: bool = True) -> compare.VerifyResult:
+    """See `streamconv.verify` (api.py): the result, or `OutputDiffersError` / `CorruptSourceError` carrying it."""
+    reporter = reporter or Reporter()
+    started = time.perf_counter()
+    output_dir = user_path(output_dir, "the output folder (OUTPUT_DIR)")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise VerificationError(f"{output_dir} is a file, not an output folder; pass the folder `streamconv convert` "
+                                "wrote (the one holding the .safetensors files and their index)")
+    found = record.read(output_dir)     # a damaged or planted record: RecordError, exit 3
+    checked: list = []
+    fast = fastpaths.detect()       # chosen once, here, and passed down (fastpaths.py)
+    if found is not None:
+        request = Request(*provenance.options_from_record(
+            found, request.options, request.kwargs, config_from=request.config_from,
+            allow_unmatched=request.allow_unmatched, no_config=request.no_config))
+        checked.append(f"options from {record.RECORD_FILE}: " + (provenance.describe_options(found) or "defaults"))
+    checkpoint_dir, reader, meta, setup, notes = prepare(checkpoint_dir, request, fast=fast)
+    with reader:
+        conversion = checked_plan(meta, setup.options, checkpoint_dir)
+        with_heads, heads = with_tied_heads(meta, setup, conversion)
+        before = provenance.snapshot(checkpoint_dir, provenance.source_files(checkpoint_dir, meta))
+        stored = locate_chunks(with_heads, reader)
+        if found is not None:
+            checked += provenance.check_source(found, output_dir, checkpoint_dir,
+                                               provenance.source_fingerprint(checkpoint_dir, meta, stored, before))
+        else:
+            checked.append(f"{output_dir} has no {record.RECORD_FILE} (made before records, or not by streamconv): "
+                           "checked with the options given; pass the naming and dtype options convert used")
+        integrity = ChunkIntegrity(reader, stored) if crc else None
+        reporter.start(conversion.total_bytes + sum(t.nbytes for t in heads.values()), "verifying")
+        result = compare.verify_output(conversion, reader, stored, output_dir, checkpoint=checkpoint_dir,
+                                       buffer_bytes=setup.options.buffer_bytes, integrity=integrity,
+                                       progress=reporter.advance,
+                                       tied_heads=[(heads[p.head], p.embedding) for p in setup.tied], fast=fast)
+        reporter.close()
+    result.checkpoint = os.path.abspath(checkpoint_dir)
+    if found is not None:
+        checked += provenance.check_record_files(found, output_dir, result)
+    result.checked = checked
+    result.seconds = time.perf_counter() - started
+    result.peak_rss_bytes = peak_rss_bytes()
+    compare.raise_if_failed(result)
+    return result

@@ -1,0 +1,68 @@
+"""What the data-safety suites share (tests/end_to_end/test_safety.py, tests/output/test_staging.py and
+test_destination.py): a private copy of a real tensor-parallel checkpoint with the snapshot every test checks it
+against (the `source` fixture in tests/conftest.py), and the CLI run in a subprocess as a user runs it.
+"""
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import streamconv
+from tests.support import dcp_writers
+
+SHARD = "100KB"     # the tp checkpoint (~0.8 MB of weights) gives several shards and an index
+REPO = Path(__file__).resolve().parents[2]
+
+
+def snapshot(folder: Path) -> dict:
+    """{relative path: (sha256, mtime_ns, size)} of every file under folder."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            out[str(p.relative_to(folder))] = (hashlib.sha256(p.read_bytes()).hexdigest(), st.st_mtime_ns, st.st_size)
+    return out
+
+
+def tree_bytes(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def write_source(root: Path) -> dict:
+    """A private copy of a real tensor-parallel checkpoint (so its mtimes are ours to check), its snapshot,
+    and the output of one uninterrupted run."""
+    ckpt = root / "ckpt"
+    dcp_writers.build(root / "written", names=["tp"])
+    shutil.copytree(root / "written" / "tp", ckpt)
+    ref = root / "reference"
+    streamconv.convert(str(ckpt), str(ref), max_shard_size=SHARD)
+    expected = tree_bytes(ref)
+    assert len([n for n in expected if n.endswith(".safetensors")]) >= 4 and "model.safetensors.index.json" in expected
+    return {"ckpt": ckpt, "snapshot": snapshot(ckpt), "expected": expected}
+
+
+def check_untouched(source: dict) -> None:
+    """Every source file has its bytes and mtime."""
+    assert snapshot(source["ckpt"]) == source["snapshot"], "the source checkpoint changed"
+
+
+def run(*args, env=None, preexec_fn=None, timeout=120):
+    full_env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "streamconv.cli", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, preexec_fn=preexec_fn, timeout=timeout)
+
+
+def convert(src, out, *extra, **kw):
+    return run("convert", src["ckpt"], out, "--max-shard-size", SHARD, *extra, **kw)
+
+
+def no_traceback(result):
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, result.stderr
+    return True
+
+
+def hidden(folder: Path):
+    return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith("." + folder.name))

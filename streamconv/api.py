@@ -23,7 +23,7 @@ from .planning.naming import source_format
 from .planning.plan import ConversionPlan, PlanOptions
 from .planning.trainers import megatron
 from .runs import discover
-from .runs.checkpoint import load, locate_chunks
+from .runs.checkpoint import blob_reader, load, locate_chunks
 from .runs.conversion import convert as _convert
 from .runs.preparing import Request, already_converted as _already_converted, checked_plan, checkpoint_argument
 from .runs.preparing import dry_run, prepare, with_tied_heads
@@ -189,15 +189,16 @@ def verify(checkpoint_dir: str, output_dir: str, options: Optional[Options] = No
         with_heads, heads = with_tied_heads(meta, setup, conversion)
         before = provenance.snapshot(checkpoint_dir, provenance.source_files(checkpoint_dir, meta))
         stored = locate_chunks(with_heads, reader)
+        blobs = blob_reader(with_heads, reader, stored)
         if found is not None:
             checked += provenance.check_source(found, output_dir, checkpoint_dir,
                                                provenance.source_fingerprint(checkpoint_dir, meta, stored, before))
         else:
             checked.append(f"{output_dir} has no {record.RECORD_FILE} (made before records, or not by streamconv): "
                            "checked with the options given; pass the naming and dtype options convert used")
-        integrity = ChunkIntegrity(reader, stored) if crc else None
+        integrity = ChunkIntegrity(blobs, stored) if crc else None
         reporter.start(conversion.total_bytes + sum(t.nbytes for t in heads.values()), "verifying")
-        result = verifying.verify_output(conversion, reader, stored, output_dir, checkpoint=checkpoint_dir,
+        result = verifying.verify_output(conversion, blobs, stored, output_dir, checkpoint=checkpoint_dir,
                                          buffer_bytes=setup.options.buffer_bytes, integrity=integrity,
                                          progress=reporter.advance,
                                          tied_heads=[(heads[p.head], p.embedding) for p in setup.tied], fast=fast)

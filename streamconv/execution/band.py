@@ -65,21 +65,21 @@ def _band_parts(t: TensorPlan, band: Band, d: int) -> List[Tuple[Chunk, "_BandPa
 
 def _prefetch(ws: Workspace, parts: Sequence[Tuple[Chunk, "_BandPart"]]) -> None:
     for chunk, part in parts:
-        ws.reader.prefetch(chunk.location.relative_path, ws.stored[chunk.location].data_offset + part.src_offset,
+        ws.reader.prefetch(chunk.location, ws.stored[chunk.location].data_offset + part.src_offset,
                            part.nbytes)
 
 
 def _fill(ws: Workspace, chunk: Chunk, part: "_BandPart", block: np.ndarray, staging: np.ndarray) -> None:
     """Copy the chunk's part of the band into place in `block` (the band's bytes). Its source is one contiguous range of the chunk's
     file (rows lo..hi of dim d at this prefix); its destination is a box of the band."""
-    path = chunk.location.relative_path
-    src = ws.stored[chunk.location].data_offset + part.src_offset
+    location = chunk.location
+    src = ws.stored[location].data_offset + part.src_offset
     if part.run_bytes == part.nbytes:        # the whole part is one run of the band
-        ws.reader.read_into(path, src, [memoryview(block)[part.dst_start:part.dst_start + part.nbytes]])
+        ws.reader.read_into(location, src, [memoryview(block)[part.dst_start:part.dst_start + part.nbytes]])
     elif part.run_bytes < SHORT_RUN_BYTES:
         # Many short runs: one read into staging, then one strided copy (numpy loops in C).
         held = staging[:part.nbytes]
-        ws.reader.read_into(path, src, [memoryview(held)])
+        ws.reader.read_into(location, src, [memoryview(held)])
         dst = part.dst_view(block)
         dst[...] = held.view(dst.dtype).reshape(dst.shape)
     else:
@@ -87,7 +87,7 @@ def _fill(ws: Workspace, chunk: Chunk, part: "_BandPart", block: np.ndarray, sta
         mv = memoryview(block)
         for first in range(0, part.n_runs, IOV_MAX):
             starts = part.run_starts(first, min(part.n_runs, first + IOV_MAX))
-            ws.reader.read_into(path, src + first * part.run_bytes,
+            ws.reader.read_into(location, src + first * part.run_bytes,
                                 [mv[s:s + part.run_bytes] for s in starts])
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from streamconv.source.blob_reader import BlobReader
 from streamconv.execution import band as band_assembler  # SHORT_RUN_BYTES, IOV_MAX
 from streamconv.errors import CheckpointError
 from streamconv.execution.executor import Executor
@@ -52,7 +53,7 @@ def make_checkpoint(arrays, cuts_by_name, n_files=3, pad=5):
 
 def run(meta, reader, stored, buffer_bytes, **opts):
     plan = build_plan(meta, PlanOptions(max_shard_bytes=opts.pop("max_shard_bytes", 10**9), **opts))
-    executor = Executor(reader, stored, buffer_bytes)
+    executor = Executor(BlobReader(reader, stored), stored, buffer_bytes)
     out = {}
     for shard in plan.shards:
         sink = MemorySink(shard.nbytes)

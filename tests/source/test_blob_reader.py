@@ -23,7 +23,7 @@ from tests.end_to_end.test_convert import read_output
 pytest.importorskip("zstandard")
 
 STATE = {
-    "embed.weight": torch.randn(256, 64, generator=torch.Generator().manual_seed(0)),     # copy path
+    "embed.weight": torch.randn(1024, 256, generator=torch.Generator().manual_seed(0)),   # copy path, many blocks
     "proj_t.weight": torch.randn(96, 40, generator=torch.Generator().manual_seed(1)).t(),  # strided path
     "norm.weight": torch.ones(64, dtype=torch.bfloat16),
 }
@@ -133,3 +133,29 @@ def test_the_executor_reads_through_a_blob_reader_only():
     from streamconv.execution.workspace import Workspace
     with pytest.raises(TypeError, match="BlobReader"):
         Workspace(MemoryReader({}), {}, 1024)
+
+
+def test_a_cut_zstd_stream_fails_naming_the_file_blob_and_tensor(checkpoints, tmp_path):
+    """A blob whose head decodes but whose tensor bytes end early (.metadata cuts it two thirds in): `convert`
+    stops while copying, with exit 2 and a message naming the file, the blob and the tensor; nothing is written."""
+    import json
+    import pickle
+    import shutil
+    import subprocess
+    import sys
+
+    ckpt = tmp_path / "ck"
+    shutil.copytree(checkpoints["zstd"], ckpt)
+    md = pickle.loads((ckpt / ".metadata").read_bytes())
+    index = next(i for i in md.storage_data if i.fqn == "embed.weight")
+    info = md.storage_data[index]
+    info.length = info.length * 2 // 3          # .metadata now ends the blob two thirds in
+    (ckpt / ".metadata").write_bytes(pickle.dumps(md))
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "streamconv", "convert", str(ckpt), str(out), "--json"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    error = json.loads(result.stdout)["error"]
+    assert info.relative_path in error and f"blob at offset {info.offset}" in error, error
+    assert "'embed.weight'" in error and "stream ends after" in error and "Traceback" not in result.stderr, error
+    assert not out.exists()

@@ -1,7 +1,7 @@
 """The band assembler: chunks are N-D boxes (tensor-parallel Shard(1), 2-D meshes, MoE experts split on any dim).
 
 The output is built band by band (`geometry.BandGeometry`): each chunk's part of a band is one contiguous range
-of its file. When that part's runs in the band are long it is scatter-read (preadv, IOV_MAX runs at a time)
+of its blob's bytes (the file's own, or a zstd blob's decoded stream: `source.blob_reader`). When that part's runs in the band are long it is scatter-read (preadv, IOV_MAX runs at a time)
 straight into place; when they are short (8 bytes for a [4096, 256, 4] tensor split on dim 2) it is read whole
 into a staging area behind the band (room for one chunk's part of it) and scattered by one strided numpy copy,
 so no per-run list ever grows. The next band's ranges are prefetched while this one is filled.
@@ -70,8 +70,8 @@ def _prefetch(ws: Workspace, parts: Sequence[Tuple[Chunk, "_BandPart"]]) -> None
 
 
 def _fill(ws: Workspace, chunk: Chunk, part: "_BandPart", block: np.ndarray, staging: np.ndarray) -> None:
-    """Copy the chunk's part of the band into place in `block` (the band's bytes). Its source is one contiguous range of the chunk's
-    file (rows lo..hi of dim d at this prefix); its destination is a box of the band."""
+    """Copy the chunk's part of the band into place in `block` (the band's bytes). Its source is one contiguous
+    range of the chunk's blob (rows lo..hi of dim d at this prefix); its destination is a box of the band."""
     location = chunk.location
     src = ws.stored[location].data_offset + part.src_offset
     if part.run_bytes == part.nbytes:        # the whole part is one run of the band

@@ -5,10 +5,13 @@ in another dim order: its *storage order*, the dims sorted by decreasing stride 
 
 The output is still built band by band in the workspace's buffer (`geometry.BandGeometry`: the band, and behind
 it a staging area the size of the largest chunk's part of a band). A chunk's part of a band is a box of the
-chunk; in storage order that box is a box of a row-major array, i.e. runs of the file. They are read in storage
-order into the staging area (one read of their whole range when it fits there, else run by run in increasing
-offset, so a zstd-decoded chunk is decoded forward), and one numpy transpose-view copy puts them in place in the
-band. Memory stays at the buffer whatever the tensor's size.
+chunk; in storage order that box is a box of a row-major array, i.e. runs of the blob's bytes. They are read in
+storage order into the staging area (one read of their whole range when it fits there, else run by run in
+increasing offset, so a zstd chunk is decoded forward within a band), and one numpy transpose-view copy puts them
+in place in the band. Memory stays at the buffer whatever the tensor's size. A transposed zstd chunk's every band
+takes a run of every storage row, so each band after the first decodes the chunk again from its start (decoded
+bytes = the chunk's times its bands): decoding it once would need its decoded bytes somewhere other than memory
+(a scratch file) or the output written in storage order, neither done.
 
 Strides that are not a permutation of contiguous ones (overlapping or gapped views) are refused by
 `executor.check_stored`.

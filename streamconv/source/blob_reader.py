@@ -81,7 +81,7 @@ class BlobReader:
     def read_into(self, location: BlobLocation, offset: int, buffers: Sequence[memoryview]) -> None:
         """Scatter-read the blob's bytes from `offset` on into `buffers`, filling each in turn."""
         if not location.transform_descriptors:
-            self._check_in_blob(location, offset, sum(len(b) for b in buffers))
+            self._check_in_blob(location, offset, sum(memoryview(b).nbytes for b in buffers))
             return self.files.read_into(location.relative_path, offset, buffers)
         cursor = self._cursor_at(location, offset)
         for buf in buffers:
@@ -129,10 +129,16 @@ class BlobReader:
         """For a transformed blob: sum its storage record as the next reads pass it, then read the CRC-32 in the
         data descriptor after it and call `verdict(computed, recorded or None)` (True). A record never read to its
         end is never judged. For a plain blob False: its record costs no decompression to read apart."""
-        if not location.transform_descriptors or not self.stored[location].record_nbytes:
+        stored = self.stored[location]
+        if not location.transform_descriptors or not stored.record_nbytes:
             return False
         with self._lock:
             self._checks[location] = verdict
+            cursor = self._idle.pop(location, None)
+        if cursor is not None and cursor.pos <= stored.record_offset:     # it will pass the whole record: sum it
+            cursor.sum_from, cursor.sum_to = stored.record_offset, cursor.record_end
+            with self._lock:
+                self._idle[location] = cursor
         return True
 
     # -- internals -------------------------------------------------------------------------------------------

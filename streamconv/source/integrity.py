@@ -29,7 +29,8 @@ class ChunkIntegrity:
     def __init__(self, reader: BlobReader, stored: Mapping[BlobLocation, StoredTensor],
                  piece_bytes: int = CRC_PIECE_BYTES, while_decoding: bool = False):
         if not isinstance(reader, BlobReader):
-            raise TypeError(f"ChunkIntegrity reads through a source.blob_reader.BlobReader, not {type(reader).__name__}")
+            raise TypeError("ChunkIntegrity reads through a source.blob_reader.BlobReader, not "
+                            f"{type(reader).__name__}")
         self.reader = reader
         # Transformed chunks: sum each record as the copy decodes it, and fail at its end, instead of decoding it
         # twice (BlobReader.check_while_reading). For `convert`, where any failure discards the output; `verify`

@@ -12,7 +12,7 @@ Adding a transform: a module with a stream class like `zstd.ZstdStream` and one 
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Protocol, Tuple
+from typing import Dict, NamedTuple, Optional, Protocol, Tuple
 
 from ..errors import UnsupportedFeatureError
 from ..model import BlobLocation, CheckpointMetadata
@@ -32,9 +32,16 @@ class DecodedStream(Protocol):
         """Fill `view` (CheckpointError naming the blob if the stream ends first or is corrupt)."""
 
 
-# descriptors (as .metadata lists them) -> (short name for messages, the stream class, head bytes to prefetch)
-STREAMS: Dict[Tuple[str, ...], Tuple[str, type, int]] = {
-    (zstd.DESCRIPTOR,): ("zstd", zstd.ZstdStream, zstd.HEAD_PREFETCH_BYTES),
+class Transform(NamedTuple):
+    name: str                   # short, for messages
+    stream: type                # (files, location, where, read_bytes=...) -> DecodedStream
+    head_prefetch_bytes: int    # stored bytes worth asking the kernel for before a blob's head is decoded
+    head_read_bytes: int        # stored bytes read at a time while only the head is decoded (locating)
+
+
+# descriptors, as .metadata lists them -> the transform that undoes them
+STREAMS: Dict[Tuple[str, ...], Transform] = {
+    (zstd.DESCRIPTOR,): Transform("zstd", zstd.ZstdStream, zstd.HEAD_PREFETCH_BYTES, zstd.HEAD_READ_BYTES),
 }
 
 
@@ -48,26 +55,27 @@ def check_supported(location: BlobLocation, where: str) -> None:
             "extension that wrote it and save it again without `_extensions` (or with [ZStandard()]).")
 
 
-def open_stream(files: RangeReader, location: BlobLocation, where: str, head_only: bool = False) -> DecodedStream:
+def open_stream(files: RangeReader, location: BlobLocation, where: str,
+                head_only: bool = False) -> DecodedStream:
     """The decoded stream of the transformed blob at `location`, at decoded offset 0. `head_only`: only its first
     records will be read (locating), so the stored bytes are read in small steps."""
     check_supported(location, where)
-    _, stream, _ = STREAMS[location.transform_descriptors]
+    transform = STREAMS[location.transform_descriptors]
     if head_only:
-        return stream(files, location, where, read_bytes=zstd.HEAD_READ_BYTES)
-    return stream(files, location, where)
+        return transform.stream(files, location, where, read_bytes=transform.head_read_bytes)
+    return transform.stream(files, location, where)
 
 
 def name(descriptors: Tuple[str, ...]) -> str:
     """The transform's short name for messages ("zstd")."""
     known = STREAMS.get(descriptors)
-    return known[0] if known else "+".join(descriptors)
+    return known.name if known else "+".join(descriptors)
 
 
 def head_prefetch_bytes(location: BlobLocation) -> int:
     """Stored bytes worth prefetching before a transformed blob's head is decoded (its first block)."""
     known = STREAMS.get(location.transform_descriptors)
-    return min(location.length, known[2] if known else 0)
+    return min(location.length, known.head_prefetch_bytes if known else 0)
 
 
 def where(location: BlobLocation, fqn: Optional[str]) -> str:

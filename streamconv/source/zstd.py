@@ -15,7 +15,6 @@ from ..errors import CheckpointError, UnsupportedFeatureError
 from ..model import BlobLocation
 
 DESCRIPTOR = "stream.zstd/1"
-ZSTD_DESCRIPTOR = DESCRIPTOR            # (the name this module's users knew it by)
 ZSTD_EXTRA = "pip install 'streamconv[zstd]'"
 MAGIC = b"\x28\xb5\x2f\xfd"
 MAX_WINDOW_BYTES = 1 << 27               # zstd's own default limit (128 MiB): a frame asking for more is refused

@@ -138,6 +138,7 @@ class RecordingIntegrity:
 def test_each_assembler_checks_every_chunk_through_the_workspace(name):
     t, reader, stored, _ = LAYOUTS[name]
     integrity = RecordingIntegrity()
-    MODULES[name].write(Workspace(BlobReader(reader, stored), stored, 1 << 20, integrity=integrity), t, MemorySink(t.begin + t.nbytes))
+    ws = Workspace(BlobReader(reader, stored), stored, 1 << 20, integrity=integrity)
+    MODULES[name].write(ws, t, MemorySink(t.begin + t.nbytes))
     assert {c for _, c in integrity.checked} == set(t.chunks)
     assert {fqn for fqn, _ in integrity.checked} == {t.source_fqn}

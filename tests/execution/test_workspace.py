@@ -46,7 +46,8 @@ def test_band_budget_leaves_room_for_a_widening_cast_and_is_whole_elements():
     assert ws.band_budget(_plan(src="float32")) == 1000
     assert ws.band_budget(_plan(src="bfloat16", dst="float32")) == 500
     assert ws.band_budget(_plan(src="float64")) == 1000 // 8 * 8
-    assert Workspace(BlobReader(MemoryReader({}), {}), {}, 1).band_budget(_plan(src="float64")) == 8   # at least one element
+    ws = Workspace(BlobReader(MemoryReader({}), {}), {}, 1)
+    assert ws.band_budget(_plan(src="float64")) == 8   # at least one element
 
 
 class RecordingSink:

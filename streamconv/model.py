@@ -98,15 +98,17 @@ class StoredTensor:
     dtype: str
     shape: Tuple[int, ...]
     stride: Tuple[int, ...]
-    data_offset: int     # absolute byte offset of the first element in the .distcp file
+    # Offsets address the blob's bytes as `source.blob_reader.BlobReader` reads them: for a plain blob, absolute
+    # offsets in the .distcp file; for a transformed one (`transforms` set), offsets in its decoded stream.
+    data_offset: int     # offset of the first element
     data_nbytes: int     # numel * itemsize
     # The zip record holding the tensor's storage, and the CRC-32 torch.save recorded for it in the central
     # directory. The CRC covers the whole record, which can be larger than the tensor's view of it.
-    record_offset: int = -1    # absolute byte offset of the record's data in the .distcp file
+    record_offset: int = -1    # offset of the record's data (file or decoded stream, as data_offset)
     record_nbytes: int = 0
     crc32: Optional[int] = None  # None: the writer recorded none (torch.save with compute_crc32=False stores 0)
-    # The blob's stream transforms (BlobLocation.transform_descriptors). When set, the offsets above address the
-    # decoded stream through `source.zstd.DecodingReader`, and the CRC-32 sits in the record's data descriptor.
+    # The blob's stream transforms (BlobLocation.transform_descriptors). When set, the CRC-32 is not known before
+    # the record is read: it sits in the data descriptor after it in the decoded stream.
     transforms: Tuple[str, ...] = ()
 
     @property

@@ -1,7 +1,7 @@
 """The band assembler: chunks are N-D boxes (tensor-parallel Shard(1), 2-D meshes, MoE experts split on any dim).
 
 The output is built band by band (`geometry.BandGeometry`): each chunk's part of a band is one contiguous range
-of its file. When that part's runs in the band are long it is scatter-read (preadv, IOV_MAX runs at a time)
+of its blob's bytes (the file's own, or a zstd blob's decoded stream: `source.blob_reader`). When that part's runs in the band are long it is scatter-read (preadv, IOV_MAX runs at a time)
 straight into place; when they are short (8 bytes for a [4096, 256, 4] tensor split on dim 2) it is read whole
 into a staging area behind the band (room for one chunk's part of it) and scattered by one strided numpy copy,
 so no per-run list ever grows. The next band's ranges are prefetched while this one is filled.
@@ -65,21 +65,21 @@ def _band_parts(t: TensorPlan, band: Band, d: int) -> List[Tuple[Chunk, "_BandPa
 
 def _prefetch(ws: Workspace, parts: Sequence[Tuple[Chunk, "_BandPart"]]) -> None:
     for chunk, part in parts:
-        ws.reader.prefetch(chunk.location.relative_path, ws.stored[chunk.location].data_offset + part.src_offset,
+        ws.reader.prefetch(chunk.location, ws.stored[chunk.location].data_offset + part.src_offset,
                            part.nbytes)
 
 
 def _fill(ws: Workspace, chunk: Chunk, part: "_BandPart", block: np.ndarray, staging: np.ndarray) -> None:
-    """Copy the chunk's part of the band into place in `block` (the band's bytes). Its source is one contiguous range of the chunk's
-    file (rows lo..hi of dim d at this prefix); its destination is a box of the band."""
-    path = chunk.location.relative_path
-    src = ws.stored[chunk.location].data_offset + part.src_offset
+    """Copy the chunk's part of the band into place in `block` (the band's bytes). Its source is one contiguous
+    range of the chunk's blob (rows lo..hi of dim d at this prefix); its destination is a box of the band."""
+    location = chunk.location
+    src = ws.stored[location].data_offset + part.src_offset
     if part.run_bytes == part.nbytes:        # the whole part is one run of the band
-        ws.reader.read_into(path, src, [memoryview(block)[part.dst_start:part.dst_start + part.nbytes]])
+        ws.reader.read_into(location, src, [memoryview(block)[part.dst_start:part.dst_start + part.nbytes]])
     elif part.run_bytes < SHORT_RUN_BYTES:
         # Many short runs: one read into staging, then one strided copy (numpy loops in C).
         held = staging[:part.nbytes]
-        ws.reader.read_into(path, src, [memoryview(held)])
+        ws.reader.read_into(location, src, [memoryview(held)])
         dst = part.dst_view(block)
         dst[...] = held.view(dst.dtype).reshape(dst.shape)
     else:
@@ -87,7 +87,7 @@ def _fill(ws: Workspace, chunk: Chunk, part: "_BandPart", block: np.ndarray, sta
         mv = memoryview(block)
         for first in range(0, part.n_runs, IOV_MAX):
             starts = part.run_starts(first, min(part.n_runs, first + IOV_MAX))
-            ws.reader.read_into(path, src + first * part.run_bytes,
+            ws.reader.read_into(location, src + first * part.run_bytes,
                                 [mv[s:s + part.run_bytes] for s in starts])
 
 

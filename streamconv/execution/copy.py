@@ -1,6 +1,7 @@
 """The copy assembler: every chunk (or, for a transformed tensor, every piece) is one contiguous run of the
 output (FSDP's dim-0 shards, RoPE's whole-head pieces). Bytes go straight from the .distcp file to the shard
 (copy_file_range, in-kernel), or through the workspace's buffer in band-budget steps when a dtype cast is needed.
+A zstd chunk's run is decoded once, front to back (`BlobReader.copy_to`).
 """
 from __future__ import annotations
 
@@ -27,11 +28,12 @@ def write(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
         _copy_chunks(ws, t, sink)
 
 
-def copy_run(ws: Workspace, t: TensorPlan, path: str, src: int, dst: int, src_nbytes: int, sink: ShardSink) -> None:
-    """Copy `src_nbytes` contiguous source bytes of `t` at `src` in `path` to the output at `dst`: in-kernel,
-    or cast through the buffer in steps of the band budget."""
+def copy_run(ws: Workspace, t: TensorPlan, location: BlobLocation, src: int, dst: int, src_nbytes: int,
+             sink: ShardSink) -> None:
+    """Copy `src_nbytes` contiguous source bytes of `t` at `src` in the blob at `location` to the output at `dst`:
+    in-kernel, or cast through the buffer in steps of the band budget."""
     if not t.is_cast:
-        ws.reader.copy_to(sink, path, src, dst, src_nbytes)
+        ws.reader.copy_to(sink, location, src, dst, src_nbytes)
         ws.progress(src_nbytes)
         return
     src_item = dtypes.BY_NAME[t.src_dtype].itemsize
@@ -42,7 +44,7 @@ def copy_run(ws: Workspace, t: TensorPlan, path: str, src: int, dst: int, src_nb
         ws.check_stop()
         step = min(remaining, budget)
         block = ws.scratch(step, t)
-        ws.reader.read_into(path, src, [memoryview(block)])
+        ws.reader.read_into(location, src, [memoryview(block)])
         ws.emit(t, sink, block, (dst - t.begin) // dst_item)
         src += step
         dst += step // src_item * dst_item
@@ -57,7 +59,7 @@ def _copy_chunks(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
         first = sum(o * s for o, s in zip(chunk.offsets, strides))
         dst = t.begin + first * dst_item
         ws.check_integrity(t, [chunk])      # reads it into the page cache for the copy below
-        copy_run(ws, t, chunk.location.relative_path, stored.data_offset, dst, stored.data_nbytes, sink)
+        copy_run(ws, t, chunk.location, stored.data_offset, dst, stored.data_nbytes, sink)
         if not t.is_cast and stored.storage_crc32 is not None:     # lets the sink skip reading it back
             sink.note_source_crc32(dst, stored.data_nbytes, stored.storage_crc32)
 
@@ -71,7 +73,7 @@ def _copy_pieces(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
         dst_strides, _, base = piece_strides(piece, t.shape)
         first = sum(o * s for o, s in zip(piece.dst_start, dst_strides))
         src = ws.stored[piece.chunk.location].data_offset + base * src_item
-        copy_run(ws, t, piece.chunk.location.relative_path, src, t.begin + first * dst_item,
+        copy_run(ws, t, piece.chunk.location, src, t.begin + first * dst_item,
                  piece.numel * src_item, sink)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Mapping, Optional, Tuple
 
 from ..errors import CheckpointError, UnsupportedFeatureError
-from ..source.io import RangeReader
+from ..source.blob_reader import BlobReader
 from ..model import BlobLocation, Chunk, StoredTensor
 from ..planning.plan import ShardPlan, TensorPlan
 from ..output.sink import ShardSink
@@ -52,7 +52,7 @@ def choose(t: TensorPlan, stored: Mapping[BlobLocation, StoredTensor]) -> Assemb
 class Executor:
     """Writes shards. One instance owns one `Workspace`, so the buffer is allocated once for the whole run."""
 
-    def __init__(self, reader: RangeReader, stored: Mapping[BlobLocation, StoredTensor], buffer_bytes: int,
+    def __init__(self, reader: BlobReader, stored: Mapping[BlobLocation, StoredTensor], buffer_bytes: int,
                  progress: Optional[Progress] = None, stop=None, integrity=None):
         self.workspace = Workspace(reader, stored, buffer_bytes, progress=progress, stop=stop, integrity=integrity)
 

@@ -1,7 +1,7 @@
 """The gather assembler: a transformed tensor (see `transforms.py`) whose `Piece`s are not each one run of the
 output (RoPE's every-other-row pieces, blocks of tensor-parallel chunks; pieces that are whole runs go to the copy
 assembler). The output is built band by band in the workspace's buffer (`geometry.BandGeometry`). Each piece's
-part of a band is a list of runs (source offset, band offset, length); runs of one file are sorted by source
+part of a band is a list of runs (source offset, band offset, length); runs of one blob are sorted by source
 offset and consecutive ones are read by one scatter read (preadv), so RoPE's interleaved rows of a chunk come in
 one call. Memory is the buffer, as for plain tensors.
 """
@@ -85,20 +85,21 @@ def band_runs(piece: Piece, shape: Sequence[int], prefix: Sequence[int], d: int,
 
 
 def _fill(ws: Workspace, pieces: List[Piece], shape, band: Band, d: int, block, item: int) -> None:
-    """Read every piece's part of the band into place in `block`: runs grouped per file, sorted by source offset,
-    and each stretch of back-to-back source runs read by one scatter read."""
+    """Read every piece's part of the band into place in `block`: runs grouped per blob, sorted by source offset,
+    and each stretch of back-to-back source runs read by one scatter read (never across two blobs: a zstd blob's
+    offsets are in its own decoded stream)."""
     import numpy as np
-    by_file: dict = {}
+    by_blob: dict = {}
     for piece in pieces:
         got = band_runs(piece, shape, band.prefix, d, band.a, band.b)
         if got is None:
             continue
         src, dst, run = got
         offset = ws.stored[piece.chunk.location].data_offset
-        by_file.setdefault(piece.chunk.location.relative_path, []).append(
+        by_blob.setdefault(piece.chunk.location, []).append(
             (offset + src * item, dst * item, np.full(len(src), run * item, dtype=np.int64)))
     mv = memoryview(block)
-    for path, parts in by_file.items():
+    for location, parts in by_blob.items():
         src = np.concatenate([p[0] for p in parts])
         dst = np.concatenate([p[1] for p in parts])
         length = np.concatenate([p[2] for p in parts])
@@ -107,7 +108,7 @@ def _fill(ws: Workspace, pieces: List[Piece], shape, band: Band, d: int, block, 
         breaks = np.flatnonzero(src[1:] != src[:-1] + length[:-1]) + 1
         for lo, hi in _spans(breaks, len(src)):
             buffers = [mv[s:s + n] for s, n in zip(dst[lo:hi].tolist(), length[lo:hi].tolist())]
-            ws.reader.read_into(path, int(src[lo]), buffers)
+            ws.reader.read_into(location, int(src[lo]), buffers)
 
 
 def _spans(breaks, n: int) -> List[Tuple[int, int]]:

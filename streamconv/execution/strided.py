@@ -5,10 +5,13 @@ in another dim order: its *storage order*, the dims sorted by decreasing stride 
 
 The output is still built band by band in the workspace's buffer (`geometry.BandGeometry`: the band, and behind
 it a staging area the size of the largest chunk's part of a band). A chunk's part of a band is a box of the
-chunk; in storage order that box is a box of a row-major array, i.e. runs of the file. They are read in storage
-order into the staging area (one read of their whole range when it fits there, else run by run in increasing
-offset, so a zstd-decoded chunk is decoded forward), and one numpy transpose-view copy puts them in place in the
-band. Memory stays at the buffer whatever the tensor's size.
+chunk; in storage order that box is a box of a row-major array, i.e. runs of the blob's bytes. They are read in
+storage order into the staging area (one read of their whole range when it fits there, else run by run in
+increasing offset, so a zstd chunk is decoded forward within a band), and one numpy transpose-view copy puts them
+in place in the band. Memory stays at the buffer whatever the tensor's size. A transposed zstd chunk's every band
+takes a run of every storage row, so each band after the first decodes the chunk again from its start (decoded
+bytes = the chunk's times its bands): decoding it once would need its decoded bytes somewhere other than memory
+(a scratch file) or the output written in storage order, neither done.
 
 Strides that are not a permutation of contiguous ones (overlapping or gapped views) are refused by
 `executor.check_stored`.
@@ -72,8 +75,7 @@ def _fill(ws: Workspace, t: TensorPlan, chunk: Chunk, band: Band, d: int, block:
     s_sizes = [sizes[i] for i in order]
     s_start = [start[i] for i in order]
     s_count = [count[i] for i in order]
-    elements = _read_box(ws, chunk.location.relative_path, stored.data_offset, s_sizes, s_start, s_count, item,
-                         staging)
+    elements = _read_box(ws, chunk.location, stored.data_offset, s_sizes, s_start, s_count, item, staging)
     logical = elements.transpose([order.index(i) for i in range(len(order))])    # back to the tensor's dim order
     # Destination: the band is [b - a] + shape[d+1:]; the box is rows lo-a..hi-a and the chunk's later extents.
     cells = block.view(element_dtype(item)).reshape([b - a] + list(t.shape[d + 1:]))
@@ -81,7 +83,7 @@ def _fill(ws: Workspace, t: TensorPlan, chunk: Chunk, band: Band, d: int, block:
     cells[index] = logical.reshape(count[d:])
 
 
-def _read_box(ws: Workspace, path: str, data_offset: int, s_sizes: List[int], s_start: List[int],
+def _read_box(ws: Workspace, location: BlobLocation, data_offset: int, s_sizes: List[int], s_start: List[int],
               s_count: List[int], item: int, staging: np.ndarray) -> np.ndarray:
     """A box of a row-major array of `item`-byte elements stored at `data_offset`, read into `staging`; returned
     as an array of shape `s_count` viewing it."""
@@ -94,7 +96,7 @@ def _read_box(ws: Workspace, path: str, data_offset: int, s_sizes: List[int], s_
     if span <= len(staging):
         # Close together (a channels_last band is one range): one read of the whole range, and the box is a
         # strided view of it.
-        ws.reader.read_into(path, data_offset + first * item, [memoryview(staging[:span])])
+        ws.reader.read_into(location, data_offset + first * item, [memoryview(staging[:span])])
         return np.lib.stride_tricks.as_strided(staging[:span].view(element), shape=s_count,
                                                strides=[s * item for s in strides], writeable=False)
     # Far apart (a transposed tensor's band is a short run of every storage row): run by run, in increasing
@@ -113,7 +115,7 @@ def _read_box(ws: Workspace, path: str, data_offset: int, s_sizes: List[int], s_
             offset += i * s
         for j, src in enumerate(offset.tolist()):
             at = (lo + j) * run
-            ws.reader.read_into(path, data_offset + src * item, [view[at:at + run]])
+            ws.reader.read_into(location, data_offset + src * item, [view[at:at + run]])
     return staging[:n_runs * run].view(element).reshape(s_count)
 
 

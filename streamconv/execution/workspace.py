@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Optional, Tuple
 
 from .. import dtypes
-from ..source.io import RangeReader
+from ..source.blob_reader import BlobReader
 from ..model import BlobLocation, Chunk, StoredTensor
 from ..output.sink import ShardSink
 
@@ -32,11 +32,14 @@ class Cancelled(Exception):
 
 
 class Workspace:
-    """What one worker's assemblers share: the reader, the stored-blob map, and one buffer of `buffer_bytes`
-    (more only when a single element or a widening cast needs it), allocated once for the whole run."""
+    """What one worker's assemblers share: the reader (chunk bytes by blob location and offset in the blob's
+    bytes: `source.blob_reader`), the stored-blob map, and one buffer of `buffer_bytes` (more only when a single
+    element or a widening cast needs it), allocated once for the whole run."""
 
-    def __init__(self, reader: RangeReader, stored: Mapping[BlobLocation, StoredTensor], buffer_bytes: int,
+    def __init__(self, reader: BlobReader, stored: Mapping[BlobLocation, StoredTensor], buffer_bytes: int,
                  progress: Optional[Progress] = None, stop=None, integrity=None):
+        if not isinstance(reader, BlobReader):
+            raise TypeError(f"assemblers read through a source.blob_reader.BlobReader, not {type(reader).__name__}")
         self.reader = reader
         self.stored = stored
         self.buffer_bytes = buffer_bytes

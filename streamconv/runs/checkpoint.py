@@ -12,6 +12,7 @@ from ..source.io import DirectoryReader, RangeReader
 from ..model import BlobLocation, CheckpointMetadata, StoredTensor, TensorEntry
 from ..planning.plan import ConversionPlan
 from ..source import flavors, locate_all
+from ..source.blob_reader import BlobReader
 
 
 def load(checkpoint_dir: str, fast: FastPaths = NONE
@@ -37,3 +38,11 @@ def locate_chunks(conversion: ConversionPlan, reader: RangeReader) -> Dict[BlobL
         for chunk in t.chunks:
             check_stored(t, chunk, stored[chunk.location])
     return stored
+
+
+def blob_reader(conversion: ConversionPlan, reader: RangeReader, stored: Dict[BlobLocation, StoredTensor]
+                ) -> BlobReader:
+    """What the chunks located by `locate_chunks` are read through: each by its blob and an offset in the blob's
+    bytes (decoded, for a transformed blob). Messages about a transformed blob name its tensor."""
+    names = {c.location: t.source_fqn for t in conversion.tensors for c in t.chunks if c.location.transform_descriptors}
+    return BlobReader(reader, stored, names)

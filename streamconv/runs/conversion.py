@@ -40,7 +40,7 @@ from ..sizes import format_size
 from ..source.integrity import ChunkIntegrity
 from ..verification import provenance
 from ..verification import compare as verifying
-from .checkpoint import locate_chunks
+from .checkpoint import blob_reader, locate_chunks
 from .preparing import Request, checked_plan, prepare, with_tied_heads
 from .report import ConversionReport, Reporter, peak_rss_bytes
 from .runners import Runner, ThreadRunner
@@ -102,6 +102,7 @@ class Conversion:
         self.protected = check_destination(self.output_dir, folders, files)       # before anything is written
         self.before = provenance.snapshot(self.checkpoint_dir, provenance.source_files(self.checkpoint_dir, meta))
         self.stored = locate_chunks(self.with_heads, self.reader)
+        self.blobs = blob_reader(self.with_heads, self.reader, self.stored)
         # (.metadata cannot show chunks stored transposed; now that they are located, the prediction counts them)
         self.conversion = with_permuted_chunks(
             self.conversion, {loc for loc, s in self.stored.items() if not s.is_contiguous}, self.conversion.workers)
@@ -151,9 +152,9 @@ class Conversion:
         self.reporter.start(conversion.total_bytes * (2 if self.settings.verify else 1)
                             + sum(t.nbytes for t in self.heads.values()), "converting")
         self.reporter.advance(sum(s.data_nbytes for s in self.kept))
-        # while_decoding: zstd chunks are summed as the copy decodes them (any failure discards the output)
+        # while_decoding: transformed (zstd) chunks are summed as the copy decodes them (any failure discards the output)
         if self.settings.check_crc:
-            self.integrity = ChunkIntegrity(self.reader, self.stored, while_decoding=True)
+            self.integrity = ChunkIntegrity(self.blobs, self.stored, while_decoding=True)
         if self.meta.flavor:
             self.run_notes.append(f"source: {self.meta.flavor}")
 
@@ -175,7 +176,7 @@ class Conversion:
                              crc=self.settings.check_crc)
         jobs = [ShardJob(context, s.filename) for s in self.to_write]
         runner = self.runner or ThreadRunner(Workbench(
-            self.reader, self.stored, self.fast, self.integrity, self.options.buffer_bytes, self.conversion.workers))
+            self.blobs, self.stored, self.fast, self.integrity, self.options.buffer_bytes, self.conversion.workers))
         written = runner.run(jobs, self.reporter.advance)
         self.ledger.check_written(self.to_write, fast=staging.fast)
         self.crc_written = sum((w.crc for w in written), CrcCount())
@@ -196,7 +197,7 @@ class Conversion:
         if index is not None:
             staging.write_json(INDEX_FILE_NAME, index)   # written last: its presence means complete
         if self.settings.verify:
-            checked = verifying.verify_output(conversion, self.reader, self.stored, staging.path,
+            checked = verifying.verify_output(conversion, self.blobs, self.stored, staging.path,
                                               buffer_bytes=self.options.buffer_bytes, checkpoint=self.checkpoint_dir,
                                               integrity=self.integrity, progress=self.reporter.advance,
                                               fast=self.fast)
@@ -209,7 +210,7 @@ class Conversion:
 
     def _prove_tied_heads(self, staging: StagingDir) -> None:
         """A dropped head is read once and compared with the embedding written in its place."""
-        checker = Executor(self.reader, self.stored, self.options.buffer_bytes, progress=self.reporter.advance,
+        checker = Executor(self.blobs, self.stored, self.options.buffer_bytes, progress=self.reporter.advance,
                            integrity=self.integrity)
         shard_of = {t.name: s.filename for s in self.conversion.shards for t in s.tensors}
         by_name = {t.name: t for t in self.conversion.tensors}

@@ -15,7 +15,7 @@ from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 from ..execution.workspace import Cancelled
 from ..execution.executor import Executor
-from ..source.io import RangeReader
+from ..source.blob_reader import BlobReader
 from ..model import BlobLocation, StoredTensor
 from ..planning.plan import ShardPlan, TensorPlan
 from ..fs.fastpaths import NONE, FastPaths
@@ -68,14 +68,14 @@ class _OpenShard:
                 self.sink.close()
 
 
-def write_shards(shards: Sequence[ShardPlan], reader: RangeReader, stored: Mapping[BlobLocation, StoredTensor],
+def write_shards(shards: Sequence[ShardPlan], reader: BlobReader, stored: Mapping[BlobLocation, StoredTensor],
                  path_for: Callable[[str], str], *, buffer_bytes: int, workers: int = 1,
                  progress: Optional[Progress] = None, integrity=None,
                  on_shard_done: Optional[Callable[[ShardPlan, int], None]] = None,
                  fast: FastPaths = NONE, open_sink: Optional[SinkFactory] = None) -> None:
     """Write every shard to `path_for(filename)`. The total buffer memory stays `buffer_bytes`.
     `fast`: the fast IO paths the shard files may use, as the run detected them once (default: none).
-    `integrity` (a `reader.integrity.ChunkIntegrity`) checks each chunk's CRC-32 before its bytes move.
+    `integrity` (a `source.integrity.ChunkIntegrity`) checks each chunk's CRC-32 before its bytes move.
     `on_shard_done(shard, crc32)` runs (on the worker that finished it) once a shard's last byte is written
     (`ledger.Ledger.record`: fsync, then the finished record).
     `open_sink(path, nbytes)` opens each shard's output (a FileSink unless told)."""

@@ -19,10 +19,10 @@ from ..model import BlobLocation, StoredTensor
 from ..output.ledger import Ledger
 from ..output.staging import scratch_dir_of
 from ..planning.plan import ConversionPlan, ShardPlan
-from ..source import transforms
+from ..source.blob_reader import BlobReader
 from ..source.integrity import ChunkIntegrity
-from ..source.io import DirectoryReader, RangeReader
-from .checkpoint import locate_chunks
+from ..source.io import DirectoryReader
+from .checkpoint import blob_reader, locate_chunks
 from .parallel import write_shards
 from .report import peak_rss_bytes
 
@@ -95,7 +95,7 @@ class Written:
 class Workbench:
     """What a process needs to write shards: the open checkpoint, where each chunk's bytes are, the fast paths
     this machine offers, the CRC-32 checker, and the buffer budget shared by `workers` threads."""
-    reader: RangeReader
+    reader: BlobReader
     stored: Mapping[BlobLocation, StoredTensor]
     fast: fastpaths.FastPaths
     integrity: Optional[ChunkIntegrity]
@@ -140,8 +140,9 @@ def write_job_alone(job: ShardJob) -> Written:
         return Written((job.filename,))      # a retry of a task whose work was already done
     _check_checkpoint_unchanged(context)
     with DirectoryReader(context.checkpoint_dir, fast=fast) as directory:
-        reader = transforms.reader_for(directory, (c.location for t in shard.tensors for c in t.chunks))
-        stored = locate_chunks(replace(context.plan, shards=(shard,)), reader)
+        alone = replace(context.plan, shards=(shard,))
+        stored = locate_chunks(alone, directory)
+        reader = blob_reader(alone, directory, stored)
         sources = sorted({c.location.relative_path for t in shard.tensors for c in t.chunks})
         if sources:
             fast = fastpaths.probe_copy(fast, directory.path(sources[0]), scratch_dir_of(context.staging_dir))

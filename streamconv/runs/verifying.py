@@ -16,7 +16,7 @@ from ..fs.paths import user_path
 from ..output import record
 from ..source.integrity import ChunkIntegrity
 from ..verification import compare, provenance
-from .checkpoint import locate_chunks
+from .checkpoint import blob_reader, locate_chunks
 from .preparing import Request, checked_plan, prepare, with_tied_heads
 from .report import Reporter, peak_rss_bytes
 
@@ -44,15 +44,16 @@ def verify(checkpoint_dir: str, output_dir: str, request: Request, reporter: Opt
         with_heads, heads = with_tied_heads(meta, setup, conversion)
         before = provenance.snapshot(checkpoint_dir, provenance.source_files(checkpoint_dir, meta))
         stored = locate_chunks(with_heads, reader)
+        blobs = blob_reader(with_heads, reader, stored)
         if found is not None:
             checked += provenance.check_source(found, output_dir, checkpoint_dir,
                                                provenance.source_fingerprint(checkpoint_dir, meta, stored, before))
         else:
             checked.append(f"{output_dir} has no {record.RECORD_FILE} (made before records, or not by streamconv): "
                            "checked with the options given; pass the naming and dtype options convert used")
-        integrity = ChunkIntegrity(reader, stored) if crc else None
+        integrity = ChunkIntegrity(blobs, stored) if crc else None
         reporter.start(conversion.total_bytes + sum(t.nbytes for t in heads.values()), "verifying")
-        result = compare.verify_output(conversion, reader, stored, output_dir, checkpoint=checkpoint_dir,
+        result = compare.verify_output(conversion, blobs, stored, output_dir, checkpoint=checkpoint_dir,
                                        buffer_bytes=setup.options.buffer_bytes, integrity=integrity,
                                        progress=reporter.advance,
                                        tied_heads=[(heads[p.head], p.embedding) for p in setup.tied], fast=fast)

@@ -5,8 +5,9 @@
 * `find_metadata_file(root)`: which metadata file a DCP folder has (or why it is not one).
 * `load_metadata(reader, name)`: the checkpoint's tensors, chunks and blob locations (`streamconv.model`).
 * `locate_tensor(reader, location, fqn=...)` / `locate_all(reader, tensors)`: where each chunk's raw bytes are.
-* `transforms.reader_for(directory, locations)`: blobs saved through a stream transform (zstd,
-  `_extensions=[ZStandard()]`) read as their decoded streams (`zstd.DecodingReader`).
+* `blob_reader.BlobReader(files, stored)`: a chunk's bytes by its blob and an offset in the blob's bytes; a blob
+  saved through a stream transform (zstd, `_extensions=[ZStandard()]`: `transforms.py`, `zstd.py`) is read as its
+  decoded stream (`streamed_blob.py` locates the tensor in it).
 
 Safetensors flavors: `safetensors_blob.py` finds chunks inside safetensors blobs (FileSystemWriter with
 serialization_format=SAFETENSORS, marked by `BlobLocation.tensor_key`); `hf_shards.py` turns a folder of

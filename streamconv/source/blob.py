@@ -21,7 +21,7 @@ from ..errors import CheckpointError, CorruptChunkError, UnsupportedFeatureError
 from .io import RangeReader
 from ..model import BlobLocation, Chunk, StoredTensor, TensorEntry
 from . import safe_pickle as sp
-from . import safetensors_blob
+from . import safetensors_blob, streamed_blob, transforms
 
 HEAD_BYTES = 4096
 TAIL_BYTES = 4096
@@ -95,7 +95,8 @@ class _Blob:
 
 
 def locate_tensor(reader: RangeReader, location: BlobLocation, *, fqn: str) -> StoredTensor:
-    """dtype, shape, stride and ABSOLUTE file offset of the tensor in the torch.save blob at `location`.
+    """dtype, shape, stride and ABSOLUTE file offset of the tensor in the torch.save blob at `location` (for a
+    transformed blob, its offset in the decoded stream: the blob's bytes have no file offset).
 
     Non-contiguous strides are returned as stored; the caller decides. `fqn` is only used in messages.
     A location inside a safetensors blob (`location.tensor_key`) is found from that blob's header.
@@ -113,9 +114,8 @@ def _read_plan(blob_bytes: int) -> Tuple[Tuple[int, int], ...]:
 
 
 def _locate(reader: RangeReader, location: BlobLocation, fqn: str, file_sizes: Dict[str, int]) -> StoredTensor:
-    if location.transform_descriptors:   # the blob is a compressed stream: located by decoding its head
-        from .zstd import locate_compressed
-        return locate_compressed(reader, location, fqn, stored_from_record)
+    if location.transform_descriptors:   # the blob is a transformed stream: located by decoding its head
+        return streamed_blob.locate_streamed(reader, location, fqn, stored_from_record)
     blob = _Blob(reader, location, fqn)
     file_bytes = file_sizes.get(location.relative_path)
     if file_bytes is None:
@@ -160,9 +160,8 @@ def locate_all(reader: RangeReader, tensors: Iterable[TensorEntry]) -> Dict[Blob
     # time). Ask the kernel for all of them up front (POSIX_FADV_WILLNEED starts the reads without waiting),
     # then parse in order while they land. Threads were tried: the parsing holds the GIL and they lost.
     for location in ordered:
-        if location.transform_descriptors:     # compressed: its head is decoded from its first block
-            from .zstd import HEAD_PREFETCH_BYTES
-            reader.prefetch(location.relative_path, location.offset, min(location.length, HEAD_PREFETCH_BYTES))
+        if location.transform_descriptors:     # transformed: its head is decoded from its first block
+            reader.prefetch(location.relative_path, location.offset, transforms.head_prefetch_bytes(location))
             continue
         for start, length in _read_plan(location.length):
             reader.prefetch(location.relative_path, location.offset + start, length)
@@ -354,8 +353,9 @@ def _stored_tensor(blob: _Blob, entries: Dict[bytes, _Entry], cd_offset: int, pr
 
 def stored_from_record(fail, record: sp.TensorRecord, record_nbytes: int, data_offset: int, crc32: Optional[int],
                        transforms: Tuple[str, ...] = ()) -> StoredTensor:
-    """The StoredTensor of a decoded data.pkl whose storage record (`record_nbytes`) starts at `data_offset`;
-    `fail(message)` raises naming the blob. Shared by plain and compressed (`zstd.py`) blobs."""
+    """The StoredTensor of a decoded data.pkl whose storage record (`record_nbytes`) starts at `data_offset`
+    (in the file for a plain blob, in the decoded stream for a transformed one: `streamed_blob.py`);
+    `fail(message)` raises naming the blob."""
     dtype = dtypes.lookup(record.dtype)
     storage = record.storage
     # Typed storages count elements; UntypedStorage (_rebuild_tensor_v3) counts bytes.

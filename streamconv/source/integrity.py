@@ -7,42 +7,34 @@ and raises `CorruptChunkError` naming the file, tensor and byte range when the s
 
 The executor calls it just before it moves a chunk's bytes, so the pass reads the source from disk once and
 the copy that follows finds it in the page cache. Each chunk is checked once per run, whatever the threads.
+Chunks are read through the run's `blob_reader.BlobReader` (a transformed blob's record, and the CRC-32 recorded
+after it, come from its decoded stream); nothing here depends on which transform a blob went through.
 """
 from __future__ import annotations
 
 import threading
-import zlib
 from typing import List, Mapping
 
 from ..errors import CorruptChunkError
-from .io import RangeReader
 from ..model import BlobLocation, Chunk, StoredTensor
+from . import transforms
+from .blob_reader import BlobReader
 
 CRC_PIECE_BYTES = 1 << 20   # read and summed at a time; small enough to stay in the CPU cache between the two
-
-
-def crc32_of_range(reader: RangeReader, relative_path: str, offset: int, nbytes: int, piece: memoryview) -> int:
-    """zlib.crc32 of `nbytes` bytes of a file at `offset`, read into `piece` a part at a time."""
-    crc = 0
-    done = 0
-    while done < nbytes:
-        step = min(len(piece), nbytes - done)
-        view = piece[:step]
-        reader.read_into(relative_path, offset + done, [view])
-        crc = zlib.crc32(view, crc)   # releases the GIL for large buffers: workers sum side by side
-        done += step
-    return crc
 
 
 class ChunkIntegrity:
     """Checks chunks' CRC-32s once each; safe to share between writer threads."""
 
-    def __init__(self, reader: RangeReader, stored: Mapping[BlobLocation, StoredTensor],
+    def __init__(self, reader: BlobReader, stored: Mapping[BlobLocation, StoredTensor],
                  piece_bytes: int = CRC_PIECE_BYTES, while_decoding: bool = False):
+        if not isinstance(reader, BlobReader):
+            raise TypeError("ChunkIntegrity reads through a source.blob_reader.BlobReader, not "
+                            f"{type(reader).__name__}")
         self.reader = reader
-        # Compressed chunks (source/zstd.py): sum each record as the copy decodes it, and fail at its end, instead of
-        # decoding it twice. For `convert`, where any failure discards the output; `verify` checks first, so that a
-        # corrupt chunk is reported as such rather than as a difference.
+        # Transformed chunks: sum each record as the copy decodes it, and fail at its end, instead of decoding it
+        # twice (BlobReader.check_while_reading). For `convert`, where any failure discards the output; `verify`
+        # checks first, so that a corrupt chunk is reported as such rather than as a difference.
         self.while_decoding = while_decoding
         self.stored = stored
         self.piece_bytes = piece_bytes
@@ -66,42 +58,30 @@ class ChunkIntegrity:
             if location in self._done:
                 return
         stored = self.stored[location]
-        recorded = stored.crc32
-        if stored.transforms and stored.record_nbytes and self.while_decoding:
+        if self.while_decoding:
             with self._lock:
                 if location in self._done:
                     return
                 self._done.add(location)
             if self.reader.check_while_reading(
-                    location, stored.record_offset, stored.record_nbytes,
-                    lambda computed, recorded: self._judge(fqn, chunk, stored, computed, recorded)):
+                    location, lambda computed, recorded: self._judge(fqn, chunk, stored, computed, recorded)):
                 return
-            with self._lock:        # declined: summed below, like a plain chunk
+            with self._lock:        # declined (a plain blob): summed below
                 self._done.discard(location)
-        if stored.transforms and stored.record_nbytes:
-            # A compressed blob: the record is decoded and summed, and its CRC-32 is read from the zip data
-            # descriptor that follows it in the decoded stream (the central directory is at the far end).
-            from .zstd import crc_after_record
-            computed, recorded = crc_after_record(self.reader, location.relative_path, stored.record_offset,
-                                                  stored.record_nbytes, self._piece(), fqn, location)
-        elif recorded is not None and stored.record_nbytes:
-            computed = crc32_of_range(self.reader, location.relative_path, stored.record_offset,
-                                      stored.record_nbytes, self._piece())
-        else:
-            computed = None
+        computed, recorded = self.reader.record_crc32(location, self._piece())
         self._judge(fqn, chunk, stored, computed, recorded, first=True)
 
     def _judge(self, fqn: str, chunk: Chunk, stored: StoredTensor, computed, recorded, first: bool = False) -> None:
         """Raise CorruptChunkError if the sums differ, else count the chunk (checked, or unrecorded); with `first`,
         only if no other thread counted it meanwhile."""
         location = chunk.location
-        if recorded is not None and stored.record_nbytes:
+        if recorded is not None and computed is not None and stored.record_nbytes:
             if computed != recorded:
                 begin, end = stored.record_offset, stored.record_offset + stored.record_nbytes
                 what = f"bytes [{begin}, {end}) of the file fail their"
-                if stored.transforms:   # report the compressed blob, not the decoded addresses
-                    what = (f"the storage record decoded from the zstd blob at [{location.offset}, "
-                            f"{location.offset + location.length}) fails its")
+                if stored.transforms:   # report the stored blob: the decoded offsets are in no file
+                    what = (f"the storage record decoded from the {transforms.name(stored.transforms)} blob at "
+                            f"[{location.offset}, {location.offset + location.length}) fails its")
                     begin, end = location.offset, location.offset + location.length
                 raise CorruptChunkError(
                     f"{location.relative_path}: tensor {fqn!r}, chunk at offsets {list(chunk.offsets)}: {what} "

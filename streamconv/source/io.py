@@ -1,6 +1,7 @@
 """The two small IO interfaces the rest of streamconv is written against.
 
-* `RangeReader`: read a byte range of a file in the checkpoint folder.
+* `RangeReader`: read a byte range of a file in the checkpoint folder (its stored bytes; a transformed blob's
+  decoded bytes are read by `blob_reader.BlobReader` over it, never given a file address).
 * `ShardSink` (see `sink.py`): write at an offset, then commit or discard.
 
 Keeping IO behind these lets the planner and executor be tested against memory as well as disk. Every method
@@ -45,11 +46,6 @@ class RangeReader(Protocol):
     def set_random_access(self, random_access: bool) -> None:
         """Hint: small scattered reads follow (True) or long streams (False); may do nothing."""
 
-    def check_while_reading(self, location, record_offset: int, record_nbytes: int, verdict) -> bool:
-        """Offer to sum the record [record_offset, + record_nbytes) of the blob at `location` as later reads pass
-        it, then call `verdict(computed, recorded or None)` at its end. True when taken (a decoded stream: summing
-        it apart would cost a second decompression); False: the caller sums the record itself."""
-
     def close(self) -> None:
         """Let go of open files; no read follows."""
 
@@ -92,9 +88,6 @@ class MemoryReader:
 
     def set_random_access(self, random_access: bool) -> None:
         pass
-
-    def check_while_reading(self, location, record_offset: int, record_nbytes: int, verdict) -> bool:
-        return False    # stored as is: the caller sums the bytes
 
     def close(self) -> None:
         pass
@@ -248,9 +241,6 @@ class DirectoryReader:
         with self._lock:
             for handle in self._cache.values():
                 self._advise(handle.fd)
-
-    def check_while_reading(self, location, record_offset: int, record_nbytes: int, verdict) -> bool:
-        return False    # stored as is: the caller sums the bytes
 
     def _advise(self, fd: int) -> None:
         if self.fast.fadvise:

@@ -35,7 +35,7 @@ from ..errors import CorruptChunkError, OutputError, VerificationError
 from ..execution.executor import Executor
 from ..fs.fastpaths import NONE, FastPaths
 from ..fs.infiles import open_regular
-from ..source.io import RangeReader
+from ..source.blob_reader import BlobReader
 from ..model import BlobLocation, StoredTensor
 from ..planning.plan import INDEX_FILE_NAME, SINGLE_FILE_NAME, ConversionPlan, TensorPlan, shard_filename
 from ..output.sink import ComparingSink, Mismatch
@@ -353,7 +353,7 @@ def _first_difference(t: TensorPlan, o: OutputTensor, byte_offset: int) -> dict:
                           f"file byte {byte_offset})", element=where, flat_element=element, byte_offset=byte_offset)
 
 
-def compare_tensors(conversion: ConversionPlan, found: Dict[str, OutputTensor], reader: RangeReader,
+def compare_tensors(conversion: ConversionPlan, found: Dict[str, OutputTensor], reader: BlobReader,
                     stored: Dict[BlobLocation, StoredTensor], output_dir: str, result: VerifyResult, *,
                     buffer_bytes: int, integrity=None, progress=None, fast: FastPaths = NONE) -> None:
     """Every planned tensor against the output's bytes; problems go to `result`."""
@@ -425,7 +425,7 @@ def check_tied(heads: Sequence[Tuple[TensorPlan, str]], conversion: ConversionPl
             result.differing.append({"name": head.name, "file": o.file, "problem": str(exc)})
 
 
-def verify_output(conversion: ConversionPlan, reader: RangeReader, stored: Dict[BlobLocation, StoredTensor],
+def verify_output(conversion: ConversionPlan, reader: BlobReader, stored: Dict[BlobLocation, StoredTensor],
                   output_dir: str, *, buffer_bytes: int, checkpoint: str = "", integrity=None,
                   progress=None, tied_heads: Sequence[Tuple[TensorPlan, str]] = (), fast: FastPaths = NONE
                   ) -> VerifyResult:

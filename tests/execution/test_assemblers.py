@@ -13,6 +13,7 @@ from streamconv.execution.workspace import Cancelled, Workspace
 from streamconv.planning.plan import PlanOptions, TensorPlan, build_plan
 from streamconv.output.sink import MemorySink
 from tests.support.memory_checkpoints import make_checkpoint, permuted_checkpoint
+from streamconv.source.blob_reader import BlobReader
 
 ARR = np.arange(24 * 16, dtype=np.float32).reshape(24, 16)
 
@@ -72,7 +73,7 @@ def test_the_executor_picks_the_assembler_made_for_each_layout(name):
 def test_each_assembler_writes_the_tensor_from_a_hand_built_workspace(name, buffer_bytes):
     t, reader, stored, want = LAYOUTS[name]
     written = []
-    ws = Workspace(reader, stored, buffer_bytes, progress=written.append)
+    ws = Workspace(BlobReader(reader, stored), stored, buffer_bytes, progress=written.append)
     sink = MemorySink(t.begin + t.nbytes)     # begin: after the shard's header
     MODULES[name].write(ws, t, sink)
     assert bytes(sink.data[t.begin:]) == want.tobytes()
@@ -88,7 +89,7 @@ def test_each_assembler_casts_through_the_workspace(name):
     from streamconv.execution.cast import cast_into  # bit-exact vs torch, see test_cast.py
     t, reader, stored, want = LAYOUTS[name]
     t = dataclasses.replace(t, dst_dtype="bfloat16", nbytes=want.size * 2)
-    ws = Workspace(reader, stored, 64)
+    ws = Workspace(BlobReader(reader, stored), stored, 64)
     sink = MemorySink(t.begin + t.nbytes)     # begin: after the shard's header
     MODULES[name].write(ws, t, sink)
     want_bytes = cast_into(np.frombuffer(want.tobytes(), np.uint8), "float32", "bfloat16").tobytes()
@@ -117,7 +118,7 @@ def test_each_assembler_stops_between_steps_when_the_run_is_abandoned(name):
     t, reader, stored, _ = LAYOUTS[name]
     t = dataclasses.replace(t, dst_dtype="bfloat16", nbytes=t.nbytes // 2)   # a cast: copy steps through the buffer
     stop = threading.Event()
-    ws = Workspace(reader, stored, 64, stop=stop)
+    ws = Workspace(BlobReader(reader, stored), stored, 64, stop=stop)
     sink = StopAfterWrites(t.begin + t.nbytes, stop, 1)
     with pytest.raises(Cancelled):
         MODULES[name].write(ws, t, sink)
@@ -136,6 +137,7 @@ class RecordingIntegrity:
 def test_each_assembler_checks_every_chunk_through_the_workspace(name):
     t, reader, stored, _ = LAYOUTS[name]
     integrity = RecordingIntegrity()
-    MODULES[name].write(Workspace(reader, stored, 1 << 20, integrity=integrity), t, MemorySink(t.begin + t.nbytes))
+    ws = Workspace(BlobReader(reader, stored), stored, 1 << 20, integrity=integrity)
+    MODULES[name].write(ws, t, MemorySink(t.begin + t.nbytes))
     assert {c for _, c in integrity.checked} == set(t.chunks)
     assert {fqn for fqn, _ in integrity.checked} == {t.source_fqn}

@@ -16,6 +16,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from streamconv.planning import trainers
+from streamconv.source.blob_reader import BlobReader
 from streamconv.execution.executor import Executor
 from streamconv.planning.plan import PlanOptions, build_plan
 from streamconv.output.sink import MemorySink
@@ -51,7 +52,7 @@ def torch_rope(w, n):
 
 def run(meta, reader, stored, options, buffer_bytes):
     plan = build_plan(meta, options)
-    ex = Executor(reader, stored, buffer_bytes)
+    ex = Executor(BlobReader(reader, stored), stored, buffer_bytes)
     out = {}
     from safetensors.torch import load
     for shard in plan.shards:
@@ -200,7 +201,7 @@ def test_bands_of_tiny_runs_are_cut_short():
     read_into = reader.read_into
     reader.read_into = lambda path, offset, buffers: (calls.append(len(buffers)), read_into(path, offset, buffers))
     sink = MemorySink(n * 4)
-    Executor(reader, stored, 32 * 2**20).write_tensor(plan, sink)
+    Executor(BlobReader(reader, stored), stored, 32 * 2**20).write_tensor(plan, sink)
     want = torch.arange(n, dtype=torch.float32).view(4, -1, 2).transpose(1, 2).reshape(n)
     assert torch.equal(torch.frombuffer(sink.data, dtype=torch.float32), want)
     assert max(calls) <= 1 << 14, max(calls)     # without the cap: one read of 26,667 buffers

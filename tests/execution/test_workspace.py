@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from streamconv.execution.geometry import Band, BandGeometry
+from streamconv.source.blob_reader import BlobReader
 from streamconv.execution.workspace import WRITE_PIECE_BYTES, Cancelled, Workspace
 from streamconv.source.io import MemoryReader
 from streamconv.model import numel
@@ -20,7 +21,7 @@ def _plan(shape=(1000,), src="float32", dst="float32", begin=0):
 
 
 def test_scratch_and_staging_share_one_buffer_that_is_reused():
-    ws = Workspace(MemoryReader({}), {}, 1 << 10)
+    ws = Workspace(BlobReader(MemoryReader({}), {}), {}, 1 << 10)
     block, staging = ws.scratch_and_staging(96, _plan(), 32)
     assert (len(block), len(staging)) == (96, 32)
     assert staging.ctypes.data == block.ctypes.data + 96 and ws.buffer_nbytes == 128
@@ -29,7 +30,7 @@ def test_scratch_and_staging_share_one_buffer_that_is_reused():
 
 
 def test_a_widening_cast_gets_room_for_its_output_and_casts_in_place():
-    ws = Workspace(MemoryReader({}), {}, 1 << 10)
+    ws = Workspace(BlobReader(MemoryReader({}), {}), {}, 1 << 10)
     t = _plan((4,), src="bfloat16", dst="float32")
     block = ws.scratch(8, t)
     assert ws.buffer_nbytes == 16
@@ -41,11 +42,12 @@ def test_a_widening_cast_gets_room_for_its_output_and_casts_in_place():
 
 
 def test_band_budget_leaves_room_for_a_widening_cast_and_is_whole_elements():
-    ws = Workspace(MemoryReader({}), {}, 1000)
+    ws = Workspace(BlobReader(MemoryReader({}), {}), {}, 1000)
     assert ws.band_budget(_plan(src="float32")) == 1000
     assert ws.band_budget(_plan(src="bfloat16", dst="float32")) == 500
     assert ws.band_budget(_plan(src="float64")) == 1000 // 8 * 8
-    assert Workspace(MemoryReader({}), {}, 1).band_budget(_plan(src="float64")) == 8   # at least one element
+    ws = Workspace(BlobReader(MemoryReader({}), {}), {}, 1)
+    assert ws.band_budget(_plan(src="float64")) == 8   # at least one element
 
 
 class RecordingSink:
@@ -58,7 +60,7 @@ class RecordingSink:
 
 def test_emit_writes_pieces_at_the_elements_place_and_counts_progress():
     progress = []
-    ws = Workspace(MemoryReader({}), {}, 1 << 22, progress=progress.append)
+    ws = Workspace(BlobReader(MemoryReader({}), {}), {}, 1 << 22, progress=progress.append)
     t = _plan((1 << 20,), begin=4096)
     block = ws.scratch(WRITE_PIECE_BYTES * 2 + 40, t)
     sink = RecordingSink()
@@ -71,7 +73,7 @@ def test_emit_writes_pieces_at_the_elements_place_and_counts_progress():
 
 def test_check_stop_raises_cancelled_once_the_run_is_abandoned():
     stop = threading.Event()
-    ws = Workspace(MemoryReader({}), {}, 64, stop=stop)
+    ws = Workspace(BlobReader(MemoryReader({}), {}), {}, 64, stop=stop)
     ws.check_stop()
     stop.set()
     with pytest.raises(Cancelled):

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from streamconv.source.blob_reader import BlobReader
 from streamconv.fs.infiles import OpenFile
 from streamconv import api
 from streamconv.cli import cli
@@ -216,7 +217,7 @@ def test_verify_tied_streams_and_names_the_first_difference(tmp_path, dtype):
     assert [(s.fqn, s.reason) for s in conversion.skipped] == [("lm_head.weight", "tied duplicate")]
     shard = conversion.shards[0]
     path = str(tmp_path / shard.filename)
-    executor = Executor(reader, stored, options.buffer_bytes)
+    executor = Executor(BlobReader(reader, stored), stored, options.buffer_bytes)
     executor.write_shard(shard, FileSink(path, shard.nbytes))
     embedding = shard.tensors[0]
     assert tied.verify_tied(executor, full["lm_head.weight"], embedding, path) == embedding.nbytes
@@ -226,7 +227,7 @@ def test_verify_tied_streams_and_names_the_first_difference(tmp_path, dtype):
     meta, reader, stored = _two_tensor_checkpoint(changed, emb)
     head = {t.name: t for t in build_plan(meta, options).tensors}["lm_head.weight"]
     with pytest.raises(VerificationError, match=r"first at element \[2, 1\].*tie_word_embeddings is false"):
-        tied.verify_tied(Executor(reader, stored, options.buffer_bytes), head, embedding, path)
+        tied.verify_tied(Executor(BlobReader(reader, stored), stored, options.buffer_bytes), head, embedding, path)
 
 
 def test_comparing_sink_compares_in_pieces(tmp_path):

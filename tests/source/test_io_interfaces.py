@@ -3,6 +3,7 @@ a sink the open file for one copy (`fs.infiles.OpenFile`: read at an offset, cop
 descriptor. Descriptors stay inside the module that opened them (the fs/ layer wraps the OS calls)."""
 import ast
 import pathlib
+import re
 
 import streamconv
 
@@ -61,13 +62,38 @@ def test_fast_paths_are_detected_once_per_run_and_passed():
 
 
 def test_every_reader_implements_the_whole_reader_interface_and_nothing_is_forwarded():
-    """A decoded zstd stream is read through the same interface as a plain file: no attribute is forwarded by
-    name (`__getattr__`), and the CRC checker's offer to sum a record while decoding is part of the interface."""
+    """Every RangeReader implements the whole protocol (no method a caller must feature-test), and nothing is
+    forwarded by name (`__getattr__`). The protocol is about files only: a decoded stream is not a file."""
     from streamconv.source.io import DirectoryReader, MemoryReader, RangeReader
-    from streamconv.source.zstd import DecodingReader
     verbs = [n for n, v in vars(RangeReader).items() if callable(v) and not n.startswith("_")]
-    assert "check_while_reading" in verbs and "copy_to" in verbs
-    for cls in (MemoryReader, DirectoryReader, DecodingReader):
+    assert "copy_to" in verbs and "check_while_reading" not in verbs
+    for cls in (MemoryReader, DirectoryReader):
         assert "__getattr__" not in vars(cls), cls
         assert [v for v in verbs if not callable(getattr(cls, v, None))] == [], cls
-    assert MemoryReader({}).check_while_reading(None, 0, 1, lambda *a: None) is False
+
+
+def _feature_tests(package):
+    """Calls of getattr/hasattr on a reader, stream or sink object in the modules that read chunks."""
+    found = []
+    for folder in ("source", "execution", "runs", "verification"):
+        for path in sorted((package / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                        and node.func.id in ("getattr", "hasattr") and node.args
+                        and {"reader", "inner", "files", "stream", "sink"} & set(
+                            re.split(r"[^a-z]+", ast.unparse(node.args[0]).lower()))):
+                    found.append(f"{path.relative_to(package)}: {ast.unparse(node)}")
+    return found
+
+
+def test_nothing_feature_tests_a_reader():
+    """No reader method is optional: the modules that read chunks never ask a reader whether it has one
+    (`getattr(self.inner, "prefetch", None)` was how the zstd reader forwarded hints)."""
+    assert _feature_tests(PACKAGE) == []
+
+
+def test_the_feature_test_check_sees_one(tmp_path):
+    probe = tmp_path / "source"
+    probe.mkdir()
+    (probe / "m.py").write_text("def f(inner):\n    return getattr(inner, 'prefetch', None)\n")
+    assert _feature_tests(tmp_path) == ["source/m.py: getattr(inner, 'prefetch', None)"]

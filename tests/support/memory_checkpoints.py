@@ -11,6 +11,7 @@ from streamconv.execution.executor import Executor
 from streamconv.model import BlobLocation, CheckpointMetadata, Chunk, StoredTensor, TensorEntry
 from streamconv.output.sink import MemorySink
 from streamconv.planning.plan import PlanOptions, build_plan
+from streamconv.source.blob_reader import BlobReader
 from streamconv.source.io import MemoryReader
 
 
@@ -46,7 +47,7 @@ def make_checkpoint(arrays, cuts_by_name, n_files=3, pad=5):
 
 def run(meta, reader, stored, buffer_bytes, **opts):
     plan = build_plan(meta, PlanOptions(max_shard_bytes=opts.pop("max_shard_bytes", 10**9), **opts))
-    executor = Executor(reader, stored, buffer_bytes)
+    executor = Executor(BlobReader(reader, stored), stored, buffer_bytes)
     out = {}
     for shard in plan.shards:
         sink = MemorySink(shard.nbytes)

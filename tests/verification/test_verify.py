@@ -369,6 +369,7 @@ def test_crc_recorded_as_zero_is_not_checked(tmp_path):
     from streamconv.source.io import MemoryReader
     from streamconv.model import BlobLocation, Chunk
     from streamconv.source import locate_tensor
+    from streamconv.source.blob_reader import BlobReader
     from streamconv.source.integrity import ChunkIntegrity
     torch.serialization.set_crc32_options(False)
     try:
@@ -381,7 +382,7 @@ def test_crc_recorded_as_zero_is_not_checked(tmp_path):
     reader = MemoryReader({"f": blob})
     stored = locate_tensor(reader, location, fqn="t")
     assert stored.crc32 is None and stored.record_nbytes == 40
-    integrity = ChunkIntegrity(reader, {location: stored})
+    integrity = ChunkIntegrity(BlobReader(reader, {location: stored}), {location: stored})
     integrity.check("t", Chunk((0,), (10,), location))
     assert integrity.unrecorded == [location] and integrity.checked_chunks == 0
 
@@ -389,6 +390,7 @@ def test_crc_recorded_as_zero_is_not_checked(tmp_path):
 def test_crc_streams_in_pieces(dcp_checkpoints):
     """The CRC pass reads each record in pieces of the given size and matches zlib over the whole record."""
     import zlib
+    from streamconv.runs.checkpoint import blob_reader
     from streamconv.source.integrity import ChunkIntegrity
     ckpt = dcp_checkpoints["fsdp2"]
     plan = streamconv.plan(str(ckpt))
@@ -403,7 +405,7 @@ def test_crc_streams_in_pieces(dcp_checkpoints):
             return original(path, offset, buffers)
 
         reader.read_into = spy
-        integrity = ChunkIntegrity(reader, stored, piece_bytes=1000)
+        integrity = ChunkIntegrity(blob_reader(plan, reader, stored), stored, piece_bytes=1000)
         t = max(plan.tensors, key=lambda t: t.nbytes)
         for chunk in t.chunks:
             integrity.check(t.source_fqn, chunk)

@@ -6,8 +6,10 @@ A flavor answers three questions about a folder, in this order:
   CheckpointError when it is this kind but broken in a way the listing shows (the error then explains it).
 * `load_metadata(reader, folder)`: the checkpoint as streamconv's own model (`streamconv.model`), from whatever the
   flavor keeps: a pickled `.metadata`, safetensors headers...
-* `open_blobs(directory, locations)`: the reader the chunks' bytes are read through: byte ranges of the files, with
-  each transformed blob (`BlobLocation.transform_descriptors`, e.g. zstd) read as its decoded stream.
+* `open_blobs(directory, locations)`: the RangeReader the blobs' *stored* bytes are read through (the folder's files
+  for every flavor today; an object store would give its own). A transformed blob (`BlobLocation.
+  transform_descriptors`, e.g. zstd) is not the flavor's business: `blob_reader.BlobReader` reads it over this
+  reader as its decoded stream.
 
 Locating a chunk's bytes inside its blob is a question about the blob, not the folder (one DCP folder mixes
 `torch.save` blobs and a safetensors blob), so `source.blob.locate_all` answers it from each `BlobLocation`.
@@ -21,7 +23,6 @@ from typing import Iterable, Protocol
 
 from ...model import BlobLocation, CheckpointMetadata
 from ..io import RangeReader
-from ..transforms import reader_for
 
 
 class Flavor(Protocol):
@@ -34,11 +35,12 @@ class Flavor(Protocol):
         """The checkpoint's tensors, chunks and blob locations (CheckpointError naming the file and field)."""
 
     def open_blobs(self, directory: RangeReader, locations: Iterable[BlobLocation]) -> RangeReader:
-        """The reader the blobs at `locations` are read through (the caller closes `directory`)."""
+        """The reader the stored bytes of the blobs at `locations` are read through (the caller closes
+        `directory`)."""
 
 
 class ReadsBlobsAsStored:
-    """`open_blobs` for flavors whose blobs are stored as `.metadata` says: transformed ones decoded as streams."""
+    """`open_blobs` for flavors whose blobs are where `.metadata` says, in the folder's own files."""
 
     def open_blobs(self, directory: RangeReader, locations: Iterable[BlobLocation]) -> RangeReader:
-        return reader_for(directory, locations)
+        return directory

@@ -13,17 +13,19 @@ in order to the source's rows (see `transforms.py`):
 
 Several rules may match one source (a fused qkv gives three outputs). `unstack` makes one output per index of
 the source's leading dim (Megatron's layer-stacked tensors, torchtitan's grouped experts `[E, F, D]`: each
-output is a plane of the stored chunks, copied like any other piece, never loaded whole). A rule with no steps
-and no unstack is a rename: the tensor keeps the plain copy path.
+output is a plane of the stored chunks, copied like any other piece, never loaded whole); `unstack=2` one per
+index pair of the two leading dims, `{layer}` the first and `{expert}` the second (Megatron's layer-stacked
+experts `[L, E, 2F, H]`). A rule with no steps and no unstack is a rename: the tensor keeps the plain copy path.
 """
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from .. import transforms
-from ...errors import OptionsError, ReferenceMismatchError
+from ...errors import CheckpointError, OptionsError, ReferenceMismatchError
 from ...model import TensorEntry
 from ..transforms import Heads, RowMap
 
@@ -35,7 +37,7 @@ class Rule:
     pattern: str
     target: str
     steps: Tuple[Step, ...] = ()
-    unstack: bool = False
+    unstack: int = 0        # leading dims unstacked (True: 1)
 
     def match(self, name: str) -> Optional[re.Match]:
         return re.fullmatch(self.pattern, name)
@@ -112,17 +114,29 @@ def row_map(steps: Tuple[Step, ...], n_rows: int, heads: Optional[Heads], what: 
     return current
 
 
+def _indexed(target: str, lead: Tuple[int, ...]) -> str:
+    """The target with the unstacked indices filled in: one index names `{layer}` or `{expert}`, whichever the
+    target has; two are `{layer}` then `{expert}`."""
+    if len(lead) == 2:
+        return target.replace("{layer}", str(lead[0])).replace("{expert}", str(lead[1]))
+    index = str(lead[0]) if lead else ""
+    return target.replace("{layer}", index).replace("{expert}", index)
+
+
 def outputs(rule: Rule, m: re.Match, entry: TensorEntry, heads: Optional[Heads]) -> List[Tuple[str, TensorEntry]]:
     """(output name, entry) pairs one rule makes of one source: the entry itself for a rename, else a
     `transforms.Derived` carrying the takes."""
     target = rule.target
     if not rule.steps and not rule.unstack:
         return [(m.expand(target), entry)]
-    leads = [(i,) for i in range(entry.shape[0])] if rule.unstack else [()]
+    n_lead = int(rule.unstack)
+    if len(entry.shape) < n_lead:
+        raise CheckpointError(f"tensor {entry.fqn!r} has shape {list(entry.shape)}, but the {target!r} rule "
+                              f"unstacks {n_lead} leading dims; is this checkpoint from the trainer it looks like?")
+    leads = list(itertools.product(*(range(n) for n in entry.shape[:n_lead])))
     out = []
     for lead in leads:
-        index = str(lead[0]) if lead else ""
-        name = m.expand(target.replace("{layer}", index).replace("{expert}", index))
+        name = m.expand(_indexed(target, lead))
         source_rows = entry.shape[len(lead)] if len(entry.shape) > len(lead) else None
         if source_rows is None:     # a scalar per layer: nothing to permute
             takes = transforms.whole(entry.fqn, entry.shape, lead=lead)

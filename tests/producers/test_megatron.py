@@ -9,8 +9,9 @@
   dim, vocab-parallel embedding and output): the same logits, the same tensors.
 * MQA (1 query group), tied embeddings, random weights, layers split over 2 ranks (pipeline parallel): bit for bit
   against the torch-op mapping, and logits equal (torch.equal) to the model built from that mapping.
-* Refusals: MoE experts, MLA, an unknown tensor, no --config-from (exit 2 / 64), a config that does not fit
-  (exit 4, as any wrong base model), naming tensors and feature,
+* Refusals: MLA, the router's expert bias, biases other than qkv's, singleton_local_shards keys, an unknown
+  tensor, no --config-from (exit 2 / 64); MoE, QK-norm or qkv bias with a Llama config, or a config that does not
+  fit (exit 4, as any wrong base model), naming tensors and feature,
   nothing written. `common.pt` is never unpickled (a tripwire pickle proves it).
 * megatron-core itself on CPU (TP 1 and 2, GQA/MQA, tied): `test_real_megatron`, behind `make test-megatron`
   (needs `pip install megatron-core`; skipped without it).
@@ -138,16 +139,16 @@ def _refusal(tmp_path, extra_keys, groups=2, **config):
 
 
 @pytest.mark.parametrize("keys,feature", [
-    ({"decoder.layers.mlp.experts.experts.linear_fc1.weight": [2, 4, 48, 32],
-      "decoder.layers.mlp.router.weight": [2, 4, 32]}, "mixture of experts (MoE)"),
     ({"decoder.layers.self_attention.linear_q_down_proj.weight": [2, 16, 32],
       "decoder.layers.self_attention.linear_kv_down_proj.weight": [2, 16, 32]}, "multi-latent attention (MLA)"),
+    ({"decoder.layers.1.self_attention.linear_kv_down_proj.weight": [16, 32]}, "multi-latent attention (MLA)"),
     ({"decoder.layers.mixer.in_proj.weight": [2, 64, 32]}, "a model other than a GPT decoder"),
-    ({"decoder.layers.self_attention.linear_qkv.bias": [2, 64]}, "biases"),
-    ({"decoder.layers.self_attention.q_layernorm.weight": [2, 8],
-      "decoder.layers.self_attention.k_layernorm.weight": [2, 8]}, "query/key layer norm (QK-norm)"),
+    ({"decoder.layers.self_attention.linear_proj.bias": [2, 32]}, "biases other than the qkv bias"),
+    ({"decoder.layers.mlp.router.expert_bias": [2, 4]}, "the router's expert bias"),
+    ({"decoder.layers.0.mlp.experts.experts.3.linear_fc1.weight_w": [12, 32]}, "singleton_local_shards"),
     ({"embedding.position_embeddings.weight": [64, 32]}, "learned absolute position embeddings"),
     ({"decoder.layers.some_new_thing.weight": [2, 4]}, "tensors with no mapping"),
+    ({"decoder.layers.7.some_new_thing.weight": [4]}, "tensors with no mapping"),
 ])
 def test_unmapped_features_refused(tmp_path, keys, feature):
     result = _refusal(tmp_path, keys)
@@ -159,6 +160,23 @@ def test_unmapped_features_refused(tmp_path, keys, feature):
     # refused for what it is even before the head counts are given
     result = run("convert", tmp_path / "bad" / "ckpt", tmp_path / "hf")
     assert result.exit_code == 2 and feature in result.output, result.output
+
+
+@pytest.mark.parametrize("keys,missing", [
+    ({"decoder.layers.mlp.experts.experts.linear_fc1.weight": [2, 4, 48, 32],
+      "decoder.layers.mlp.experts.experts.linear_fc2.weight": [2, 4, 32, 24],
+      "decoder.layers.mlp.router.weight": [2, 4, 32]}, "model.layers.0.mlp.experts.0.gate_proj.weight"),
+    ({"decoder.layers.self_attention.q_layernorm.weight": [2, 8],
+      "decoder.layers.self_attention.k_layernorm.weight": [2, 8]}, "model.layers.0.self_attn.q_norm.weight"),
+    ({"decoder.layers.self_attention.linear_qkv.bias": [2, 64]}, "model.layers.0.self_attn.q_proj.bias"),
+])
+def test_moe_qk_norm_or_bias_with_a_llama_config_is_refused(tmp_path, keys, missing):
+    """Mapped now (to Qwen3-MoE / Qwen2-MoE / Qwen3 / Qwen2 names), but a Llama config.json cannot hold them:
+    exit 4, naming the tensors the config's model does not have, nothing written."""
+    result = _refusal(tmp_path, keys)
+    assert result.exit_code == 4, result.output
+    assert "does not fit the reference config (Hugging Face Llama)" in result.output and missing in result.output
+    assert "Traceback" not in result.output
 
 
 def test_optimizer_state_beside_the_model_is_skipped(tmp_path):

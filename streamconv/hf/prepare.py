@@ -104,6 +104,8 @@ def prepare(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir: str,
     named, layout_label = _layout_stage(named, reference, config, notes)
     named = named.with_renames(options.renames).filtered(options.include, options.exclude).checked()
     shapes = {t.name: tuple(t.entry.shape) for t in named.written}
+    if named.adapter is not None:
+        notes.extend(trainers.vocab_trims(named.adapter, [(t.name_at(naming.WRAPPERS), t.entry) for t in named.written]))
     if named.adapter is not None and config is not None and not (options.include or options.exclude):   # whole models
         checked = trainers.check_llama_shapes(shapes, config.data, named.adapter)
         if checked:

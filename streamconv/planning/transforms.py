@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..errors import CoverageError, OptionsError, ReferenceMismatchError
 from ..model import Chunk, TensorEntry, numel, row_major_strides
@@ -93,6 +93,8 @@ class Heads:
     n_heads: int
     n_kv_heads: int
     head_dim: int
+    # The config's vocab_size (None: not given): a trainer's padded embedding rows beyond it are dropped.
+    vocab_size: Optional[int] = None
 
     def __post_init__(self):
         if min(self.n_heads, self.n_kv_heads, self.head_dim) <= 0 or self.n_heads % self.n_kv_heads:

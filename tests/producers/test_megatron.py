@@ -206,11 +206,32 @@ def test_needs_head_counts(tmp_path):
     result = run("convert", ckpt, tmp_path / "hf", "--config-from", base)
     assert result.exit_code == 4 and "num_hidden_layers=2" in result.output, result.output
     assert not (tmp_path / "hf").exists()
-    # a padded vocabulary (Megatron pads to a multiple of 128 x TP) is explained
-    base = mw.hf_config(tmp_path / "v", layers=1, hidden=32, heads=4, kv=2, head_dim=8, ffn=24, vocab=60, tied=False)
+    # a config with a larger vocabulary than the embedding's rows is refused (a smaller one: padded_vocab_trimmed)
+    base = mw.hf_config(tmp_path / "v", layers=1, hidden=32, heads=4, kv=2, head_dim=8, ffn=24, vocab=70, tied=False)
     result = run("convert", ckpt, tmp_path / "hf", "--config-from", base)
-    assert result.exit_code == 4 and "model.embed_tokens.weight [64, 32] (config: [60, 32])" in result.output
-    assert "make-vocab-size-divisible-by" in result.output and not (tmp_path / "hf").exists()
+    assert result.exit_code == 4 and "model.embed_tokens.weight [64, 32] (config: [70, 32])" in result.output
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_padded_vocab_trimmed_to_the_configs_vocab_size(tmp_path, tied):
+    """Megatron pads the vocabulary (to a multiple of 128 x TP): the embedding and output layer rows beyond the
+    config's vocab_size are dropped while streaming (a row range of the vocab-parallel chunks), and said."""
+    cfg = dict(layers=1, hidden=32, heads=4, kv=2, head_dim=8, ffn=24, vocab=64, tied=tied)
+    state = mw.random_megatron(**cfg)
+    ckpt = mw.build_layout(tmp_path / "m", state, groups=2, world_size=2)      # TP 2: rows 0-31 and 32-63
+    base = mw.hf_config(tmp_path / "m", **dict(cfg, vocab=45))
+    report = convert(ckpt, tmp_path / "hf", base, "--buffer-size", "64KiB")
+    notes = " ".join(report["notes"])
+    assert f"padded vocabulary: {mw.EMBED} has 64 rows, config.json's vocab_size is 45; rows 45..63" in notes
+    assert (f"padded vocabulary: {mw.OUTPUT} has 64 rows" in notes) != tied
+    expected = mw.megatron_to_hf(state, n_heads=4, n_kv=2, head_dim=8)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in expected:
+            expected[name] = expected[name][:45].contiguous()
+    assert_bit_exact(tmp_path / "hf", expected)
+    ids = torch.arange(30).reshape(2, 15) % 45
+    assert torch.equal(hf_logits(tmp_path / "hf", ids), hf_logits(expected, ids, base))
 
 
 def test_inspect_and_plan_say_megatron_without_reading_common_pt(tmp_path):

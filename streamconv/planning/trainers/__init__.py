@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence
 
 from ...errors import OptionsError
-from .adapter import Adapter, Rule, outputs
+from .adapter import Adapter, Rule, outputs, vocab_trims
 from .heads import heads_from_config
 from .llama import check_llama_shapes, llama_shapes
 from .formats import ADAPTERS as _LLAMA_FAMILY, TORCHTITAN_LLAMA, TORCHTUNE_LLAMA
@@ -75,5 +75,5 @@ def _example(adapter: Adapter, names: List[str]) -> str:
     return names[0] if names else "?"
 
 
-__all__ = ["check_llama_shapes", "llama_shapes", "Adapter", "Rule", "Resolution", "resolve", "outputs", "heads_from_config", "ADAPTERS",
+__all__ = ["check_llama_shapes", "llama_shapes", "Adapter", "Rule", "Resolution", "resolve", "outputs", "vocab_trims", "heads_from_config", "ADAPTERS",
            "TORCHTITAN_LLAMA", "TORCHTUNE_LLAMA", "MEGATRON_GPT", "TORCHTITAN_QWEN3", "TORCHTITAN_DEEPSEEK_V3", "SOURCE_FORMATS"]

@@ -10,6 +10,7 @@ in order to the source's rows (see `transforms.py`):
 | `qkv`          | `q` / `k` / `v` | that part of a [q; k; v] concatenation                               |
 | `qkv_grouped`  | `q` / `k` / `v` | that part of a per-query-group [q..; k; v] fused weight (Megatron)  |
 | `half`         | `0` / `1`       | first / second half of the rows ([gate; up])                        |
+| `vocab`        | `rows`          | the first vocab_size rows (the config's): a padded vocabulary trimmed|
 
 Several rules may match one source (a fused qkv gives three outputs). `unstack` makes one output per index of
 the source's leading dim (Megatron's layer-stacked tensors, torchtitan's grouped experts `[E, F, D]`: each
@@ -84,6 +85,9 @@ def _step_rows(step: Step, n_rows: int, heads: Optional[Heads], what: str) -> Ro
     kind, arg = step
     if kind == "half":
         return transforms.half(n_rows, int(arg), what=what)
+    if kind == "vocab":     # rows beyond the config's vocab_size are padding (fewer: the shape check refuses)
+        vocab = heads.vocab_size if heads is not None else None
+        return transforms.row_slice(0, n_rows if vocab is None else min(n_rows, vocab))
     if heads is None:
         raise OptionsError(
             f"{what}: undoing the trainer's layout ({kind} {arg}) needs the model's attention head counts; pass "
@@ -104,6 +108,21 @@ def _step_rows(step: Step, n_rows: int, heads: Optional[Heads], what: str) -> Ro
                 f"{heads.head_dim} have {transforms.qkv_rows(heads)}; is --config-from the base model?")
         return transforms.qkv_part(arg, heads, grouped=kind == "qkv_grouped")
     raise ValueError(f"unknown row step {kind!r}")
+
+
+def vocab_trims(adapter: Adapter, written: List[Tuple[str, TensorEntry]]) -> List[str]:
+    """Notes for the outputs whose padded vocabulary rows a `vocab` step dropped. `written`: (the name the
+    adapter matched, the output's entry)."""
+    notes = []
+    for source_name, entry in written:
+        sources = getattr(entry, "sources", ())
+        if not sources or not entry.shape or entry.shape[0] >= sources[0].shape[0]:
+            continue
+        if any(("vocab", "rows") in r.steps for r in adapter.rules if r.match(source_name)):
+            notes.append(f"padded vocabulary: {entry.fqn} has {sources[0].shape[0]} rows, config.json's vocab_size "
+                         f"is {entry.shape[0]}; rows {entry.shape[0]}..{sources[0].shape[0] - 1} (the trainer's "
+                         "padding, e.g. Megatron's --make-vocab-size-divisible-by) are not written")
+    return notes
 
 
 def row_map(steps: Tuple[Step, ...], n_rows: int, heads: Optional[Heads], what: str) -> RowMap:

@@ -39,6 +39,7 @@ _STACKED, _PER_LAYER = r"decoder\.layers\.", r"decoder\.layers\.(\d+)\."
 _HF_STACKED, _HF_PER_LAYER = "model.layers.{layer}.", r"model.layers.\1."
 _Q, _K, _V = ("qkv_grouped", "q"), ("qkv_grouped", "k"), ("qkv_grouped", "v")
 _GATE, _UP = ("half", "0"), ("half", "1")
+VOCAB = ("vocab", "rows")   # Megatron pads the vocabulary (to a multiple of 128 x TP): rows past vocab_size dropped
 
 # (Megatron key after the layer prefix, HF name after the layer prefix, row steps, per-expert): one layer's parts.
 _LAYER_PARTS: Tuple[Tuple[str, str, Tuple[Step, ...], bool], ...] = (
@@ -86,10 +87,10 @@ _M = r"decoder\.layers\.(?:\d+\.)?"
 MEGATRON_GPT = Adapter(
     name="megatron-gpt", trainer="Megatron-Core",
     rules=(
-        Rule(r"embedding\.word_embeddings\.weight", "model.embed_tokens.weight"),
+        Rule(r"embedding\.word_embeddings\.weight", "model.embed_tokens.weight", (VOCAB,)),
         *_layer_rules(),
         Rule(r"decoder\.final_layernorm\.weight", "model.norm.weight"),
-        Rule(r"output_layer\.weight", "lm_head.weight"),
+        Rule(r"output_layer\.weight", "lm_head.weight", (VOCAB,)),
     ),
     signature=(r"embedding\.word_embeddings\.weight", r"decoder\.layers\..+"),
     describes=("layers unstacked and names mapped to Hugging Face Llama / Qwen2 / Qwen3 (QK-norm, qkv bias) and "

@@ -176,6 +176,7 @@ def test_moe_qk_norm_or_bias_with_a_llama_config_is_refused(tmp_path, keys, miss
     result = _refusal(tmp_path, keys)
     assert result.exit_code == 4, result.output
     assert "does not fit the reference config (Hugging Face Llama)" in result.output and missing in result.output
+    assert "give --config-from the config of the model it was trained as" in result.output
     assert "Traceback" not in result.output
 
 

@@ -1,11 +1,13 @@
 """Megatron-Core Mixture-of-Experts, QK-norm and qkv-bias checkpoints to Hugging Face Qwen3-MoE / Qwen2-MoE.
 
 * megatron-core itself (0.16, `GPTModel` with local MoE layer specs, `dist_checkpointing.save`) on CPU gloo ranks
-  (`tests/support/megatron_moe.py`): Qwen3-MoE-shaped (QK-norm, routed experts) at TP 1, TP 2 and expert parallel
-  2; Qwen2-MoE-shaped (qkv bias, gated shared expert, a dense first layer so Megatron writes per-layer keys) at
-  TP 2. Each converts with only `--config-from BASE` (config.json alone) into a folder whose tensors equal the
-  torch-op mapping of torch's own reconstruction bit for bit and whose `from_pretrained` logits equal Megatron's
-  own forward (atol 1e-5, fp32). Marker `megatron` (`make test-megatron`).
+  (`tests/support/megatron_moe.py`): Qwen3-MoE-shaped (QK-norm, routed experts) at TP 1, expert parallel 2, and
+  TP 2 with tied embeddings and a vocabulary padded from 250 to 256 rows (trimmed to the config's);
+  Qwen2-MoE-shaped (qkv bias, gated shared expert, a dense first layer so Megatron writes per-layer keys) at TP 2;
+  dense Qwen3 (QK-norm) at TP 2 and Qwen2 (qkv bias) at TP 1.
+  Each converts with only `--config-from BASE` (config.json alone) into a folder whose tensors equal the torch-op
+  mapping of torch's own reconstruction bit for bit and whose `from_pretrained` logits equal Megatron's own
+  forward (atol 1e-5, fp32). Marker `megatron` (`make test-megatron`).
 * The planner alone (no files, in `make test`): the megatron-gpt adapter's pieces over any grid of stored chunks
   (TP, EP, both) of every MoE tensor, followed with numpy, give each output exactly once and equal to the torch-op
   mapping.
@@ -51,10 +53,14 @@ def assert_bit_exact(out, expected):
 
 REAL = {
     "qwen3-moe-tp1": mm.MoESpec(),
-    "qwen3-moe-tp2": mm.MoESpec(tp=2),
+    "qwen3-moe-tp2-padded-vocab-tied": mm.MoESpec(tp=2, vocab=250, padded_vocab=256, tied=True),
     "qwen3-moe-ep2": mm.MoESpec(ep=2),
     "qwen2-moe-tp2-dense-first": mm.MoESpec(family="qwen2_moe", tp=2, shared=48, dense_first=True),
+    "qwen3-dense-tp2": mm.MoESpec(family="qwen3", tp=2, experts=0),
+    "qwen2-dense-tp1": mm.MoESpec(family="qwen2", experts=0),
 }
+MODEL_CLASS = {"qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3": "Qwen3ForCausalLM",
+               "qwen2": "Qwen2ForCausalLM"}
 
 
 @pytest.mark.megatron
@@ -66,14 +72,18 @@ def test_real_megatron_moe(tmp_path, case):
     base = mm.hf_config(tmp_path / "real", spec)
     out = tmp_path / "hf"
     report = convert(ckpt, out, base, "--buffer-size", "64KiB")
-    model_class = "Qwen2MoeForCausalLM" if spec.family == "qwen2_moe" else "Qwen3MoeForCausalLM"
+    model_class = MODEL_CLASS[spec.family]
     assert any(f"names and shapes are those of a {model_class}" in n for n in report["notes"]), report["notes"]
     reference = torch_reconstruction(ckpt, tmp_path)
     if spec.dense_first:    # layers not all alike: Megatron wrote one key per layer
         assert "decoder.layers.1.mlp.experts.experts.linear_fc1.weight" in reference
-    else:
+    elif spec.experts:
         assert reference["decoder.layers.mlp.experts.experts.linear_fc1.weight"].shape == (2, 4, 64, 64)
     assert_bit_exact(out, mm.megatron_to_hf_moe(reference, spec))
+    if spec.padded_vocab:
+        assert reference["embedding.word_embeddings.weight"].shape[0] == spec.padded_vocab
+        assert any(n.startswith("padded vocabulary: embedding.word_embeddings.weight has 256 rows")
+                   for n in report["notes"]), report["notes"]
 
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

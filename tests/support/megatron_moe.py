@@ -40,7 +40,7 @@ HIDDEN, HEADS, HEAD_DIM, LAYERS = 64, 4, 16, 2
 
 @dataclass(frozen=True)
 class MoESpec:
-    family: str = "qwen3_moe"           # or "qwen2_moe"
+    family: str = "qwen3_moe"           # or "qwen2_moe"; "qwen3" / "qwen2" (dense: experts=0)
     tp: int = 1
     ep: int = 1
     groups: int = 2
@@ -63,18 +63,18 @@ class MoESpec:
 def _config(spec: MoESpec):
     import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import TransformerConfig
-    qwen2 = spec.family == "qwen2_moe"
+    qwen2 = spec.family.startswith("qwen2")
+    moe = {} if not spec.experts else dict(
+        num_moe_experts=spec.experts, moe_router_topk=spec.topk, moe_ffn_hidden_size=spec.moe_ffn,
+        moe_router_pre_softmax=qwen2, moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0, moe_shared_expert_intermediate_size=spec.shared or None,
+        moe_shared_expert_gate=bool(spec.shared), moe_layer_freq=[0] + [1] * (LAYERS - 1) if spec.dense_first else 1)
     return TransformerConfig(
         num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, num_query_groups=spec.groups,
         ffn_hidden_size=spec.ffn, kv_channels=HEAD_DIM, normalization="RMSNorm", gated_linear_unit=True,
         activation_func=F.silu, add_bias_linear=False, add_qkv_bias=qwen2, qk_layernorm=not qwen2,
         layernorm_epsilon=1e-6, attention_dropout=0.0, hidden_dropout=0.0, use_cpu_initialization=True,
-        params_dtype=torch.float32, num_moe_experts=spec.experts, moe_router_topk=spec.topk,
-        moe_ffn_hidden_size=spec.moe_ffn, moe_router_pre_softmax=qwen2, moe_token_dispatcher_type="allgather",
-        moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
-        moe_shared_expert_intermediate_size=spec.shared or None, moe_shared_expert_gate=bool(spec.shared),
-        moe_layer_freq=[0] + [1] * (LAYERS - 1) if spec.dense_first else 1,
-        tensor_model_parallel_size=spec.tp, expert_model_parallel_size=spec.ep)
+        params_dtype=torch.float32, tensor_model_parallel_size=spec.tp, expert_model_parallel_size=spec.ep, **moe)
 
 
 def _noise(model, rank: int) -> None:
@@ -145,15 +145,19 @@ def build_real_moe(out: Path, spec: MoESpec, *, timeout_s: float = 600) -> Path:
 
 
 def hf_config(out: Path, spec: MoESpec) -> Path:
-    """`out/base/config.json`: the Hugging Face config of the same model (Qwen3-MoE or Qwen2-MoE)."""
-    from transformers import Qwen2MoeConfig, Qwen3MoeConfig
-    common = dict(vocab_size=spec.vocab, hidden_size=HIDDEN, intermediate_size=spec.ffn, num_hidden_layers=LAYERS,
-                  num_attention_heads=HEADS, num_key_value_heads=spec.groups, head_dim=HEAD_DIM, rms_norm_eps=1e-6,
-                  num_experts=spec.experts, num_experts_per_tok=spec.topk, moe_intermediate_size=spec.moe_ffn,
-                  mlp_only_layers=[0] if spec.dense_first else [], tie_word_embeddings=spec.tied,
-                  max_position_embeddings=64, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                  dtype="float32")
-    if spec.family == "qwen2_moe":
+    """`out/base/config.json`: the Hugging Face config of the same model (Qwen3(-MoE) or Qwen2(-MoE))."""
+    from transformers import Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
+    dense = dict(vocab_size=spec.vocab, hidden_size=HIDDEN, intermediate_size=spec.ffn, num_hidden_layers=LAYERS,
+                 num_attention_heads=HEADS, num_key_value_heads=spec.groups, head_dim=HEAD_DIM, rms_norm_eps=1e-6,
+                 tie_word_embeddings=spec.tied, max_position_embeddings=64,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, dtype="float32")
+    common = dict(dense, num_experts=spec.experts, num_experts_per_tok=spec.topk, moe_intermediate_size=spec.moe_ffn,
+                  mlp_only_layers=[0] if spec.dense_first else [])
+    if spec.family == "qwen3":
+        config = Qwen3Config(**dense)
+    elif spec.family == "qwen2":
+        config = Qwen2Config(**dense)
+    elif spec.family == "qwen2_moe":
         config = Qwen2MoeConfig(**common, shared_expert_intermediate_size=spec.shared, norm_topk_prob=False,
                                 qkv_bias=True)
     else:

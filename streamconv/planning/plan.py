@@ -277,6 +277,8 @@ def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -
 
     groups = _assign_shards(items, options.max_shard_bytes)
     shards: List[ShardPlan] = []
+    proven: Dict[str, Tuple[Tuple[int, ...], Tuple[Chunk, ...]]] = {}    # sources of transformed tensors, and
+    indexes: Dict = {}                                                   # their chunk indexes: once per source
     for i, group in enumerate(groups):
         filename = SINGLE_FILE_NAME if len(groups) == 1 else shard_filename(i + 1, len(groups))
         # Within a file, widest items first keep every tensor aligned to its item size (as safetensors does).
@@ -288,7 +290,7 @@ def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -
         header = _header(rel)
         tensors = []
         for (entry, name, dst, nbytes), (_, _, _, begin, _) in zip(group, rel):
-            chunks, pieces = _chunks_and_pieces(entry, name)
+            chunks, pieces = _chunks_and_pieces(entry, name, proven, indexes)
             tensors.append(TensorPlan(name=name, source_fqn=entry.fqn, src_dtype=entry.dtype, dst_dtype=dst,
                                       shape=tuple(entry.shape), chunks=chunks, begin=len(header) + begin,
                                       nbytes=nbytes, pieces=pieces))
@@ -369,21 +371,24 @@ def _writers_bytes(tensors: Sequence[TensorPlan], buffer_bytes: int, writers: in
     return held
 
 
-def _chunks_and_pieces(entry: TensorEntry, name: str) -> Tuple[Tuple[Chunk, ...], Tuple[Piece, ...]]:
+def _chunks_and_pieces(entry: TensorEntry, name: str, proven: Optional[Dict] = None,
+                       indexes: Optional[Dict] = None) -> Tuple[Tuple[Chunk, ...], Tuple[Piece, ...]]:
     """A plain tensor's chunks, proven to tile it; or a transformed tensor's pieces, proven to tile the output
-    (each source's chunks proven to tile the source first)."""
+    (each source's chunks proven to tile the source first). `proven` / `indexes`: what earlier outputs of the
+    same sources found (an [L, E, 2F, H] expert tensor feeds L x E x 2 outputs: proven once, not per output)."""
     if not isinstance(entry, Derived):
         chunks = dedup_chunks(entry.chunks)
         check_coverage(entry.fqn, entry.shape, chunks)
         return chunks, ()
-    sources = {}
+    proven = {} if proven is None else proven
     for src in entry.sources:
-        chunks = dedup_chunks(src.chunks)
-        check_coverage(src.fqn, src.shape, chunks)
         if src.dtype != entry.dtype:
             raise OptionsError(f"{name!r} gathers tensors of different dtypes ({src.dtype}, {entry.dtype})")
-        sources[src.fqn] = (tuple(src.shape), chunks)
-    groups = cut_all(entry.takes, sources)
+        if src.fqn not in proven:
+            chunks = dedup_chunks(src.chunks)
+            check_coverage(src.fqn, src.shape, chunks)
+            proven[src.fqn] = (tuple(src.shape), chunks)
+    groups = cut_all(entry.takes, {src.fqn: proven[src.fqn] for src in entry.sources}, indexes)
     check_gather(name, tuple(entry.shape), entry.takes, groups)
     pieces = flatten(groups)
     return distinct_chunks(pieces), pieces

@@ -170,3 +170,33 @@ def test_planned_moe_pieces_over_any_chunk_grid_equal_the_torch_mapping(case):
     assert sorted(got) == sorted(expected)
     for name, want in expected.items():
         assert np.array_equal(got[name], want.numpy()), name
+
+
+def test_a_stacked_expert_tensor_is_proven_once_and_each_expert_found_by_lookup(monkeypatch):
+    """[L, E, 2F, H] with one chunk per layer, expert and half (Megatron's SequentialMLP at any EP degree) feeds
+    L x E x 2 outputs: its chunks are proven to tile it once per plan (not once per output, which made a
+    48-layer, 128-expert tensor take minutes to plan), and each output's chunks come from one lookup by
+    (layer, expert). Literal plan of one expert: its gate rows are one piece, copied file to file."""
+    from streamconv.model import BlobLocation, CheckpointMetadata, Chunk, TensorEntry
+    from streamconv.planning import plan as plan_module
+    from streamconv.planning import transforms as tf
+    from streamconv.planning.plan import PlanOptions, build_plan
+
+    layers, experts, ffn, hidden = 3, 8, 4, 2
+    key = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
+    chunks = tuple(Chunk((i, e, half * ffn, 0), (1, 1, ffn, hidden), BlobLocation(f"__{e % 2}_0.distcp", 0, 1))
+                   for i in range(layers) for e in range(experts) for half in (0, 1))
+    meta = CheckpointMetadata(tensors=(TensorEntry(key, "float32", (layers, experts, 2 * ffn, hidden), chunks),))
+    proofs, lookups = [], []
+    real_check = plan_module.check_coverage
+    monkeypatch.setattr(plan_module, "check_coverage", lambda fqn, *a: (proofs.append(fqn), real_check(fqn, *a)))
+    real_candidates = tf.LeadIndex.candidates
+    monkeypatch.setattr(tf.LeadIndex, "candidates",
+                        lambda self, box: (lookups.append(1), real_candidates(self, box))[1])
+    plan = build_plan(meta, PlanOptions(heads=tf.Heads(4, 2, 16), source_format="megatron-gpt"))
+    assert len(plan.tensors) == layers * experts * 2
+    assert proofs == [key] and len(lookups) == layers * experts * 2
+    gate = next(t for t in plan.tensors if t.name == "model.layers.2.mlp.experts.5.gate_proj.weight")
+    assert [(p.chunk.offsets, p.src_start, p.dst_start, p.sizes) for p in gate.pieces] == [
+        ((2, 5, 0, 0), (0, 0, 0, 0), (0, 0), (ffn, hidden))]
+    assert tf.is_contiguous_piece(gate.pieces[0], gate.shape)

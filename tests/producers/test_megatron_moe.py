@@ -4,7 +4,8 @@
   (`tests/support/megatron_moe.py`): Qwen3-MoE-shaped (QK-norm, routed experts) at TP 1, expert parallel 2, and
   TP 2 with tied embeddings and a vocabulary padded from 250 to 256 rows (trimmed to the config's);
   Qwen2-MoE-shaped (qkv bias, gated shared expert, a dense first layer so Megatron writes per-layer keys) at TP 2;
-  dense Qwen3 (QK-norm) at TP 2 and Qwen2 (qkv bias) at TP 1.
+  Qwen3-MoE saved with `singleton_local_shards` (per-expert keys, GLU halves apart) at TP 2; dense Qwen3
+  (QK-norm) at TP 2 and Qwen2 (qkv bias) at TP 1.
   Each converts with only `--config-from BASE` (config.json alone) into a folder whose tensors equal the torch-op
   mapping of torch's own reconstruction bit for bit and whose `from_pretrained` logits equal Megatron's own
   forward (atol 1e-5, fp32). Marker `megatron` (`make test-megatron`).
@@ -56,6 +57,7 @@ REAL = {
     "qwen3-moe-tp2-padded-vocab-tied": mm.MoESpec(tp=2, vocab=250, padded_vocab=256, tied=True),
     "qwen3-moe-ep2": mm.MoESpec(ep=2),
     "qwen2-moe-tp2-dense-first": mm.MoESpec(family="qwen2_moe", tp=2, shared=48, dense_first=True),
+    "qwen3-moe-tp2-singleton": mm.MoESpec(tp=2, singleton=True),
     "qwen3-dense-tp2": mm.MoESpec(family="qwen3", tp=2, experts=0),
     "qwen2-dense-tp1": mm.MoESpec(family="qwen2", experts=0),
 }
@@ -75,7 +77,9 @@ def test_real_megatron_moe(tmp_path, case):
     model_class = MODEL_CLASS[spec.family]
     assert any(f"names and shapes are those of a {model_class}" in n for n in report["notes"]), report["notes"]
     reference = torch_reconstruction(ckpt, tmp_path)
-    if spec.dense_first:    # layers not all alike: Megatron wrote one key per layer
+    if spec.singleton:      # one key per layer and expert, GLU halves apart
+        assert reference["decoder.layers.1.mlp.experts.experts.3.linear_fc1.weight_v"].shape == (32, 64)
+    elif spec.dense_first:  # layers not all alike: Megatron wrote one key per layer
         assert "decoder.layers.1.mlp.experts.experts.linear_fc1.weight" in reference
     elif spec.experts:
         assert reference["decoder.layers.mlp.experts.experts.linear_fc1.weight"].shape == (2, 4, 64, 64)

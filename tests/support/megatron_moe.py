@@ -11,6 +11,7 @@ Hugging Face family the model is shaped like:
   first layer (`moe_layer_freq=[0, 1, ...]`, HF `mlp_only_layers=[0]`): layers not all alike, so Megatron saves
   one key per layer (`decoder.layers.{i}.*`) instead of the stacked ones.
 
+`singleton` saves with `singleton_local_shards` (one key per layer and expert, GLU halves apart).
 `padded_vocab` builds Megatron's model with a vocabulary padded beyond the config's `vocab_size` (as Megatron-LM
 does with `--make-vocab-size-divisible-by`); its logits are compared on the config's vocabulary.
 
@@ -186,6 +187,20 @@ def _per_layer(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
+def _unsingleton(sd: Dict[str, torch.Tensor], experts: int) -> Dict[str, torch.Tensor]:
+    """singleton_local_shards keys as the default ones: GLU halves `weight_w`/`weight_v` concatenated, the
+    per-expert keys of a layer stacked on an expert dim."""
+    out = {k: v for k, v in sd.items() if not k.endswith((".weight_w", ".weight_v"))}
+    for key in [k for k in sd if k.endswith(".weight_w")]:
+        out[key[:-2]] = torch.cat([sd[key], sd[key[:-1] + "v"]])
+    for i in range(LAYERS):
+        m = f"decoder.layers.{i}.mlp.experts.experts."
+        for part in ("linear_fc1.weight", "linear_fc2.weight"):
+            if m + f"0.{part}" in out:
+                out[m + part] = torch.stack([out.pop(m + f"{e}.{part}") for e in range(experts)])
+    return out
+
+
 def _qkv(t: torch.Tensor, groups: int):
     """q, k, v of a Megatron linear_qkv weight or bias: per query group [q heads; k; v]."""
     per_group = HEADS // groups
@@ -196,7 +211,7 @@ def _qkv(t: torch.Tensor, groups: int):
 
 def megatron_to_hf_moe(sd: Dict[str, torch.Tensor], spec: MoESpec) -> Dict[str, torch.Tensor]:
     """Megatron (stacked or per-layer keys) to Hugging Face Qwen3-MoE / Qwen2-MoE names, with torch ops."""
-    sd = _per_layer(sd)
+    sd = _unsingleton(_per_layer(sd), spec.experts)
     out = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"][:spec.vocab],
            "model.norm.weight": sd["decoder.final_layernorm.weight"]}
     if "output_layer.weight" in sd and not spec.tied:

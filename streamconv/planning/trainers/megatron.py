@@ -10,7 +10,9 @@ What `dist_checkpointing.save` writes, and what each becomes:
 
 * Layers: stacked on a leading layer dim under `decoder.layers.*` (unstacked here, one output per layer), or,
   when the layers are not all alike (`moe_layer_freq` with dense layers, heterogeneous specs), one key per layer
-  `decoder.layers.{i}.*`. Both forms map to `model.layers.{i}.*`.
+  `decoder.layers.{i}.*`. Both forms map to `model.layers.{i}.*`. With `singleton_local_shards` every layer and
+  routed expert has its own key (`experts.experts.{e}.linear_fc2.weight`) and each GLU `linear_fc1` is saved as
+  its gate and up halves (`weight_w`, `weight_v`): renamed.
 * Attention: `linear_qkv` (weight and, with `add_qkv_bias`, bias) grouped per query group [q heads; k; v], split
   GQA/MQA-aware into q/k/v_proj (q/k rows are already in HF's half-split RoPE order); `linear_proj` -> o_proj;
   QK-norm `q_layernorm`/`k_layernorm` -> `q_norm`/`k_norm` (Qwen3).
@@ -70,12 +72,27 @@ _LAYER_PARTS: Tuple[Tuple[str, str, Tuple[Step, ...], bool], ...] = (
 )
 
 
+# `singleton_local_shards` checkpoints (dist_checkpointing metadata): every layer and routed expert its own key, and
+# each GLU linear_fc1 saved as its two halves `weight_w` (gate) and `weight_v` (up): plain renames.
+_SINGLETON_PARTS: Tuple[Tuple[str, str], ...] = (
+    (r"mlp\.linear_fc1\.weight_w", "mlp.gate_proj.weight"),
+    (r"mlp\.linear_fc1\.weight_v", "mlp.up_proj.weight"),
+    (r"mlp\.experts\.experts\.(\d+)\.linear_fc1\.weight_w", r"mlp.experts.\2.gate_proj.weight"),
+    (r"mlp\.experts\.experts\.(\d+)\.linear_fc1\.weight_v", r"mlp.experts.\2.up_proj.weight"),
+    (r"mlp\.experts\.experts\.(\d+)\.linear_fc2\.weight", r"mlp.experts.\2.down_proj.weight"),
+    (r"mlp\.shared_experts\.linear_fc1\.weight_w", "mlp.shared_expert.gate_proj.weight"),
+    (r"mlp\.shared_experts\.linear_fc1\.weight_v", "mlp.shared_expert.up_proj.weight"),
+)
+
+
 def _layer_rules() -> Tuple[Rule, ...]:
-    """Each part in both key forms: stacked ([L, ...], one more dim unstacked) and per layer (`layers.{i}.`)."""
+    """Each part in both key forms: stacked ([L, ...], one more dim unstacked) and per layer (`layers.{i}.`); then
+    the singleton_local_shards keys (per layer only)."""
     rules = []
     for key, hf, steps, per_expert in _LAYER_PARTS:
         rules.append(Rule(_STACKED + key, _HF_STACKED + hf, steps, unstack=1 + per_expert))
         rules.append(Rule(_PER_LAYER + key, _HF_PER_LAYER + hf, steps, unstack=int(per_expert)))
+    rules.extend(Rule(_PER_LAYER + key, _HF_PER_LAYER + hf) for key, hf in _SINGLETON_PARTS)
     return tuple(rules)
 
 
@@ -108,8 +125,6 @@ MEGATRON_GPT = Adapter(
          "the router's expert bias (moe_router_enable_expert_bias: added to the scores when choosing experts; "
          "Hugging Face Qwen2-MoE / Qwen3-MoE have no such bias, so the converted model would route tokens to other "
          "experts)"),
-        (_M + r"mlp\.experts\.experts\.\d+\..*|.*\.weight_[wv]",
-         "per-expert keys of singleton_local_shards checkpoints (split GLU halves weight_w / weight_v)"),
         (r".*\.bias|.*\.layer_norm_bias", "biases other than the qkv bias (add_bias_linear, or LayerNorm instead of "
                                           "RMSNorm)"),
         (r"embedding\.position_embeddings\..*", "learned absolute position embeddings (GPT-2 style, not RoPE)"),

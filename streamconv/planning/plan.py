@@ -48,6 +48,11 @@ ZSTD_MODULE_BYTES = 2**20
 DECODER_BYTES_PER_WRITER = 7 * 2**19
 # * per chunk, its metadata and plan entries (dataclasses, tuples, dict slots);
 PER_CHUNK_BYTES = 1500
+# * when the names were checked against transformers' model on the meta device (hf/meta_probe: a config.json with
+#   no table, e.g. any MoE family), what asking it imports into this process: hashlib's OpenSSL (its answer
+#   cache) and importlib.metadata, 4.7 MiB after `import streamconv.cli` (2026-12-07; a Megatron MoE conversion
+#   peaked 2.3 MiB above a prediction without it: tests/memory/test_megatron_moe_memory.py);
+META_PROBE_RSS_BYTES = 5 * 2**20
 # * the buffer each writer touches: its share of `buffer_bytes`, or less when no tensor needs that much
 #   (`buffer_need_bytes`). The buffer is allocated once per writer and touched page by page, so a plan whose
 #   largest assembled tensor is 3 MiB holds 3 MiB, whatever --buffer-size says.
@@ -79,6 +84,8 @@ class PlanOptions:
     heads: Optional[Heads] = None
     # Why `source_format` was set when the user did not set it (a Megatron folder's metadata.json), for the note.
     source_format_reason: str = ""
+    # The names were checked by transformers on the meta device (`META_PROBE_RSS_BYTES` in the predicted peak).
+    meta_probed: bool = False
     # The names `hf.prepare` decided from these options and the reference (`naming.Naming`, every stage but the
     # tied drop, which `drop` gives). None: `build_plan` names the tensors itself. Not part of a plan's options.
     naming: Optional[Naming] = field(default=None, compare=False, repr=False)
@@ -298,7 +305,7 @@ def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -
 
     n_chunks = sum(len(t.chunks) for t in meta.tensors) + sum(len(t.pieces) for s in shards for t in s.tensors)
     planned = [t for s in shards for t in s.tensors]
-    peak = (BASE_RSS_BYTES + n_chunks * PER_CHUNK_BYTES
+    peak = (BASE_RSS_BYTES + n_chunks * PER_CHUNK_BYTES + (META_PROBE_RSS_BYTES if options.meta_probed else 0)
             + _writers_bytes(planned, options.buffer_bytes, DEFAULT_WRITERS))
     return ConversionPlan(shards=tuple(shards), options=replace(options, naming=None), skipped=named.all_skipped,
                           renamed=named.renamed, subtree=named.subtree, peak_bytes=peak,

@@ -251,3 +251,36 @@ def megatron_to_hf_moe(sd: Dict[str, torch.Tensor], spec: MoESpec) -> Dict[str, 
 
 if __name__ == "__main__":
     _real_rank(sys.argv[1], MoESpec(**json.loads(sys.argv[2])))
+
+
+# -- torch's DCP writer in Megatron's expert-parallel layout (for checkpoints too big to make with megatron-core) --
+
+
+def _moe_boxes(key: str, shape, rank: int, world: int):
+    """[(offsets, sizes)] rank `rank` saves of `key`: routed experts split over the ranks on the expert dim (EP),
+    one chunk per layer and expert, linear_fc1 as its gate and up halves (Megatron's SwiGLU factory); the rest
+    whole, by rank 0."""
+    if ".experts.experts." not in key:
+        return [((0,) * len(shape), tuple(shape))] if rank == 0 else []
+    layers, experts = shape[0], shape[1]
+    mine = range(rank * experts // world, (rank + 1) * experts // world)
+    halves = 2 if "linear_fc1" in key else 1
+    rows = shape[2] // halves
+    return [((i, e, h * rows, 0), (1, 1, rows, shape[3])) for i in range(layers) for e in mine for h in range(halves)]
+
+
+def write_moe_layout(rank: int, world_size: int, out_dir: str, state_path: str) -> None:
+    """Run on each gloo rank: save the tensors in `state_path` as `_moe_boxes` shards them."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
+
+    full = torch.load(state_path, weights_only=True, mmap=True)
+    state = {}
+    for key in sorted(full):
+        t = full[key]
+        shards = [Shard(t[tuple(slice(o, o + s) for o, s in zip(offs, sizes))].contiguous(),
+                        ShardMetadata(list(offs), list(sizes), f"rank:{rank}/cpu"))
+                  for offs, sizes in _moe_boxes(key, t.shape, rank, world_size)]
+        state[key] = init_from_local_shards(shards, *t.shape)
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(out_dir))

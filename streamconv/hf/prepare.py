@@ -17,7 +17,7 @@ from ..model import CheckpointMetadata
 from ..planning import naming
 from ..planning.plan import ConversionPlan, PlanOptions
 from ..planning.trainers import megatron
-from . import expected, layouts, sidecars, tied, verdict
+from . import expected, layouts, sidecars, tables, tied, verdict
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,8 @@ def prepare(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir: str,
     named, layout_label = _layout_stage(named, reference, config, notes)
     named = named.with_renames(options.renames).filtered(options.include, options.exclude).checked()
     shapes = {t.name: tuple(t.entry.shape) for t in named.written}
+    if named.adapter is not None:
+        notes.extend(trainers.vocab_trims(named.adapter, [(t.name_at(naming.WRAPPERS), t.entry) for t in named.written]))
     if named.adapter is not None and config is not None and not (options.include or options.exclude):   # whole models
         checked = trainers.check_llama_shapes(shapes, config.data, named.adapter)
         if checked:
@@ -113,6 +115,8 @@ def prepare(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir: str,
         notes.extend(expected.check(                # transformers on the meta device (exit 4 else)
             shapes, config, unfiltered=named.unfiltered(), allow_unmatched=allow_unmatched,
             source_format=named.adapter.name if named.adapter is not None else trainers.AS_IS, env=env))
+        if tables.table_for(config.data) is None:   # asking transformers imported more here: predicted
+            options = dataclasses.replace(options, meta_probed=True)
 
     pairs, tied_notes = tied.find_tied_pairs(shapes, config.tie_word_embeddings if config else None, reference)
     notes.extend(tied_notes)

@@ -48,6 +48,11 @@ ZSTD_MODULE_BYTES = 2**20
 DECODER_BYTES_PER_WRITER = 7 * 2**19
 # * per chunk, its metadata and plan entries (dataclasses, tuples, dict slots);
 PER_CHUNK_BYTES = 1500
+# * when the names were checked against transformers' model on the meta device (hf/meta_probe: a config.json with
+#   no table, e.g. any MoE family), what asking it imports into this process: hashlib's OpenSSL (its answer
+#   cache) and importlib.metadata, 4.7 MiB after `import streamconv.cli` (2026-12-07; a Megatron MoE conversion
+#   peaked 2.3 MiB above a prediction without it: tests/memory/test_megatron_moe_memory.py);
+META_PROBE_RSS_BYTES = 5 * 2**20
 # * the buffer each writer touches: its share of `buffer_bytes`, or less when no tensor needs that much
 #   (`buffer_need_bytes`). The buffer is allocated once per writer and touched page by page, so a plan whose
 #   largest assembled tensor is 3 MiB holds 3 MiB, whatever --buffer-size says.
@@ -79,6 +84,8 @@ class PlanOptions:
     heads: Optional[Heads] = None
     # Why `source_format` was set when the user did not set it (a Megatron folder's metadata.json), for the note.
     source_format_reason: str = ""
+    # The names were checked by transformers on the meta device (`META_PROBE_RSS_BYTES` in the predicted peak).
+    meta_probed: bool = False
     # The names `hf.prepare` decided from these options and the reference (`naming.Naming`, every stage but the
     # tied drop, which `drop` gives). None: `build_plan` names the tensors itself. Not part of a plan's options.
     naming: Optional[Naming] = field(default=None, compare=False, repr=False)
@@ -277,6 +284,8 @@ def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -
 
     groups = _assign_shards(items, options.max_shard_bytes)
     shards: List[ShardPlan] = []
+    proven: Dict[str, Tuple[Tuple[int, ...], Tuple[Chunk, ...]]] = {}    # sources of transformed tensors, and
+    indexes: Dict = {}                                                   # their chunk indexes: once per source
     for i, group in enumerate(groups):
         filename = SINGLE_FILE_NAME if len(groups) == 1 else shard_filename(i + 1, len(groups))
         # Within a file, widest items first keep every tensor aligned to its item size (as safetensors does).
@@ -288,7 +297,7 @@ def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -
         header = _header(rel)
         tensors = []
         for (entry, name, dst, nbytes), (_, _, _, begin, _) in zip(group, rel):
-            chunks, pieces = _chunks_and_pieces(entry, name)
+            chunks, pieces = _chunks_and_pieces(entry, name, proven, indexes)
             tensors.append(TensorPlan(name=name, source_fqn=entry.fqn, src_dtype=entry.dtype, dst_dtype=dst,
                                       shape=tuple(entry.shape), chunks=chunks, begin=len(header) + begin,
                                       nbytes=nbytes, pieces=pieces))
@@ -296,7 +305,7 @@ def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -
 
     n_chunks = sum(len(t.chunks) for t in meta.tensors) + sum(len(t.pieces) for s in shards for t in s.tensors)
     planned = [t for s in shards for t in s.tensors]
-    peak = (BASE_RSS_BYTES + n_chunks * PER_CHUNK_BYTES
+    peak = (BASE_RSS_BYTES + n_chunks * PER_CHUNK_BYTES + (META_PROBE_RSS_BYTES if options.meta_probed else 0)
             + _writers_bytes(planned, options.buffer_bytes, DEFAULT_WRITERS))
     return ConversionPlan(shards=tuple(shards), options=replace(options, naming=None), skipped=named.all_skipped,
                           renamed=named.renamed, subtree=named.subtree, peak_bytes=peak,
@@ -369,21 +378,24 @@ def _writers_bytes(tensors: Sequence[TensorPlan], buffer_bytes: int, writers: in
     return held
 
 
-def _chunks_and_pieces(entry: TensorEntry, name: str) -> Tuple[Tuple[Chunk, ...], Tuple[Piece, ...]]:
+def _chunks_and_pieces(entry: TensorEntry, name: str, proven: Optional[Dict] = None,
+                       indexes: Optional[Dict] = None) -> Tuple[Tuple[Chunk, ...], Tuple[Piece, ...]]:
     """A plain tensor's chunks, proven to tile it; or a transformed tensor's pieces, proven to tile the output
-    (each source's chunks proven to tile the source first)."""
+    (each source's chunks proven to tile the source first). `proven` / `indexes`: what earlier outputs of the
+    same sources found (an [L, E, 2F, H] expert tensor feeds L x E x 2 outputs: proven once, not per output)."""
     if not isinstance(entry, Derived):
         chunks = dedup_chunks(entry.chunks)
         check_coverage(entry.fqn, entry.shape, chunks)
         return chunks, ()
-    sources = {}
+    proven = {} if proven is None else proven
     for src in entry.sources:
-        chunks = dedup_chunks(src.chunks)
-        check_coverage(src.fqn, src.shape, chunks)
         if src.dtype != entry.dtype:
             raise OptionsError(f"{name!r} gathers tensors of different dtypes ({src.dtype}, {entry.dtype})")
-        sources[src.fqn] = (tuple(src.shape), chunks)
-    groups = cut_all(entry.takes, sources)
+        if src.fqn not in proven:
+            chunks = dedup_chunks(src.chunks)
+            check_coverage(src.fqn, src.shape, chunks)
+            proven[src.fqn] = (tuple(src.shape), chunks)
+    groups = cut_all(entry.takes, {src.fqn: proven[src.fqn] for src in entry.sources}, indexes)
     check_gather(name, tuple(entry.shape), entry.takes, groups)
     pieces = flatten(groups)
     return distinct_chunks(pieces), pieces

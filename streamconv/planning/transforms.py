@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..errors import CoverageError, OptionsError, ReferenceMismatchError
 from ..model import Chunk, TensorEntry, numel, row_major_strides
@@ -93,6 +93,8 @@ class Heads:
     n_heads: int
     n_kv_heads: int
     head_dim: int
+    # The config's vocab_size (None: not given): a trainer's padded embedding rows beyond it are dropped.
+    vocab_size: Optional[int] = None
 
     def __post_init__(self):
         if min(self.n_heads, self.n_kv_heads, self.head_dim) <= 0 or self.n_heads % self.n_kv_heads:
@@ -230,8 +232,32 @@ class ChunkIndex:
         last = bisect.bisect_left(self.starts, hi)
         return self.chunks[first:last]
 
+    def candidates(self, box: Sequence[Tuple[int, int, int]]) -> Sequence[Chunk]:
+        """Chunks that may meet a source box ((start, count, step) per source dim)."""
+        start, count, step = box[self.dim]
+        return self.crossing(start, start + (count - 1) * step + 1)
 
-def cut(take: Take, source_shape: Shape, index: ChunkIndex) -> List[Piece]:
+
+class LeadIndex:
+    """A source's chunks by their offsets in the leading dims a take fixes (unstacking [L, E, ...]: one output per
+    layer and expert), when every chunk spans a single index of those dims: a take finds its chunks in one
+    lookup, where a `ChunkIndex` on one dim would return a whole layer's experts for each of them."""
+
+    def __init__(self, chunks: Sequence[Chunk], n_lead: int):
+        self.n_lead = n_lead
+        self.by_lead: Dict[Tuple[int, ...], List[Chunk]] = {}
+        for c in chunks:
+            self.by_lead.setdefault(tuple(c.offsets[:n_lead]), []).append(c)
+
+    @staticmethod
+    def fits(chunks: Sequence[Chunk], n_lead: int) -> bool:
+        return n_lead > 1 and all(len(c.sizes) > n_lead and all(s == 1 for s in c.sizes[:n_lead]) for c in chunks)
+
+    def candidates(self, box: Sequence[Tuple[int, int, int]]) -> Sequence[Chunk]:
+        return self.by_lead.get(tuple(start for start, _, _ in box[:self.n_lead]), ())
+
+
+def cut(take: Take, source_shape: Shape, index) -> List[Piece]:
     """The pieces of `take`: its source box intersected with every stored chunk it crosses."""
     n_src, n_dst = len(source_shape), len(take.sizes)
     extra = n_src - n_dst
@@ -247,9 +273,8 @@ def cut(take: Take, source_shape: Shape, index: ChunkIndex) -> List[Piece]:
         k = sd - extra
         count = take.sizes[k] if k >= 0 else 1
         box.append((take.src_start[sd], count, step if sd == row_src else 1))
-    r_start, r_count, r_step = box[index.dim]
     pieces = []
-    for c in index.crossing(r_start, r_start + (r_count - 1) * r_step + 1):
+    for c in index.candidates(box):
         src_local, dst, sizes = [], list(take.dst_start), list(take.sizes)
         for sd, (start, count, st) in enumerate(box):
             c0, c1 = c.offsets[sd], c.offsets[sd] + c.sizes[sd]
@@ -267,18 +292,25 @@ def cut(take: Take, source_shape: Shape, index: ChunkIndex) -> List[Piece]:
     return pieces
 
 
-def cut_all(takes: Sequence[Take], sources: Dict[str, Tuple[Shape, Sequence[Chunk]]]) -> List[List[Piece]]:
-    """Each take cut along its source's chunks (deduplicated, proven to tile the source, by the caller)."""
-    indexes: Dict[str, ChunkIndex] = {}
+def cut_all(takes: Sequence[Take], sources: Dict[str, Tuple[Shape, Sequence[Chunk]]],
+            indexes: Optional[Dict[Tuple[str, int], object]] = None) -> List[List[Piece]]:
+    """Each take cut along its source's chunks (deduplicated, proven to tile the source, by the caller).
+    `indexes`: the sources' chunk indexes, kept by the caller across the outputs of one source (a stacked
+    source has one output per layer or expert)."""
+    indexes = {} if indexes is None else indexes
     out: List[List[Piece]] = []
     for take in takes:
         shape, chunks = sources[take.source]
-        if take.source not in indexes:
-            # Unstacked sources are indexed by their leading (layer) dim, which a take fixes; others by the row dim.
-            extra = len(shape) - len(take.sizes)
-            dim = 0 if not shape or extra > 0 else _row_axis(len(shape), len(take.sizes))[1]
-            indexes[take.source] = ChunkIndex(chunks, dim)
-        out.append(cut(take, shape, indexes[take.source]))
+        extra = len(shape) - len(take.sizes)
+        key = (take.source, extra)
+        if key not in indexes:
+            # Unstacked sources are indexed by the leading dims a take fixes; others by the row dim.
+            if LeadIndex.fits(chunks, extra):
+                indexes[key] = LeadIndex(chunks, extra)
+            else:
+                dim = 0 if not shape or extra > 0 else _row_axis(len(shape), len(take.sizes))[1]
+                indexes[key] = ChunkIndex(chunks, dim)
+        out.append(cut(take, shape, indexes[key]))
     return out
 
 

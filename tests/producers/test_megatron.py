@@ -9,8 +9,9 @@
   dim, vocab-parallel embedding and output): the same logits, the same tensors.
 * MQA (1 query group), tied embeddings, random weights, layers split over 2 ranks (pipeline parallel): bit for bit
   against the torch-op mapping, and logits equal (torch.equal) to the model built from that mapping.
-* Refusals: MoE experts, MLA, an unknown tensor, no --config-from (exit 2 / 64), a config that does not fit
-  (exit 4, as any wrong base model), naming tensors and feature,
+* Refusals: MLA, the router's expert bias, biases other than qkv's, singleton_local_shards keys, an unknown
+  tensor, no --config-from (exit 2 / 64); MoE, QK-norm or qkv bias with a Llama config, or a config that does not
+  fit (exit 4, as any wrong base model), naming tensors and feature,
   nothing written. `common.pt` is never unpickled (a tripwire pickle proves it).
 * megatron-core itself on CPU (TP 1 and 2, GQA/MQA, tied): `test_real_megatron`, behind `make test-megatron`
   (needs `pip install megatron-core`; skipped without it).
@@ -136,16 +137,15 @@ def _refusal(tmp_path, extra_keys, groups=2, **config):
 
 
 @pytest.mark.parametrize("keys,feature", [
-    ({"decoder.layers.mlp.experts.experts.linear_fc1.weight": [2, 4, 48, 32],
-      "decoder.layers.mlp.router.weight": [2, 4, 32]}, "mixture of experts (MoE)"),
     ({"decoder.layers.self_attention.linear_q_down_proj.weight": [2, 16, 32],
       "decoder.layers.self_attention.linear_kv_down_proj.weight": [2, 16, 32]}, "multi-latent attention (MLA)"),
+    ({"decoder.layers.1.self_attention.linear_kv_down_proj.weight": [16, 32]}, "multi-latent attention (MLA)"),
     ({"decoder.layers.mixer.in_proj.weight": [2, 64, 32]}, "a model other than a GPT decoder"),
-    ({"decoder.layers.self_attention.linear_qkv.bias": [2, 64]}, "biases"),
-    ({"decoder.layers.self_attention.q_layernorm.weight": [2, 8],
-      "decoder.layers.self_attention.k_layernorm.weight": [2, 8]}, "query/key layer norm (QK-norm)"),
+    ({"decoder.layers.self_attention.linear_proj.bias": [2, 32]}, "biases other than the qkv bias"),
+    ({"decoder.layers.mlp.router.expert_bias": [2, 4]}, "the router's expert bias"),
     ({"embedding.position_embeddings.weight": [64, 32]}, "learned absolute position embeddings"),
     ({"decoder.layers.some_new_thing.weight": [2, 4]}, "tensors with no mapping"),
+    ({"decoder.layers.7.some_new_thing.weight": [4]}, "tensors with no mapping"),
 ])
 def test_unmapped_features_refused(tmp_path, keys, feature):
     result = _refusal(tmp_path, keys)
@@ -157,6 +157,24 @@ def test_unmapped_features_refused(tmp_path, keys, feature):
     # refused for what it is even before the head counts are given
     result = run("convert", tmp_path / "bad" / "ckpt", tmp_path / "hf")
     assert result.exit_code == 2 and feature in result.output, result.output
+
+
+@pytest.mark.parametrize("keys,missing", [
+    ({"decoder.layers.mlp.experts.experts.linear_fc1.weight": [2, 4, 48, 32],
+      "decoder.layers.mlp.experts.experts.linear_fc2.weight": [2, 4, 32, 24],
+      "decoder.layers.mlp.router.weight": [2, 4, 32]}, "model.layers.0.mlp.experts.0.gate_proj.weight"),
+    ({"decoder.layers.self_attention.q_layernorm.weight": [2, 8],
+      "decoder.layers.self_attention.k_layernorm.weight": [2, 8]}, "model.layers.0.self_attn.q_norm.weight"),
+    ({"decoder.layers.self_attention.linear_qkv.bias": [2, 64]}, "model.layers.0.self_attn.q_proj.bias"),
+])
+def test_moe_qk_norm_or_bias_with_a_llama_config_is_refused(tmp_path, keys, missing):
+    """Mapped now (to Qwen3-MoE / Qwen2-MoE / Qwen3 / Qwen2 names), but a Llama config.json cannot hold them:
+    exit 4, naming the tensors the config's model does not have, nothing written."""
+    result = _refusal(tmp_path, keys)
+    assert result.exit_code == 4, result.output
+    assert "does not fit the reference config (Hugging Face Llama)" in result.output and missing in result.output
+    assert "give --config-from the config of the model it was trained as" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_optimizer_state_beside_the_model_is_skipped(tmp_path):
@@ -186,11 +204,32 @@ def test_needs_head_counts(tmp_path):
     result = run("convert", ckpt, tmp_path / "hf", "--config-from", base)
     assert result.exit_code == 4 and "num_hidden_layers=2" in result.output, result.output
     assert not (tmp_path / "hf").exists()
-    # a padded vocabulary (Megatron pads to a multiple of 128 x TP) is explained
-    base = mw.hf_config(tmp_path / "v", layers=1, hidden=32, heads=4, kv=2, head_dim=8, ffn=24, vocab=60, tied=False)
+    # a config with a larger vocabulary than the embedding's rows is refused (a smaller one: padded_vocab_trimmed)
+    base = mw.hf_config(tmp_path / "v", layers=1, hidden=32, heads=4, kv=2, head_dim=8, ffn=24, vocab=70, tied=False)
     result = run("convert", ckpt, tmp_path / "hf", "--config-from", base)
-    assert result.exit_code == 4 and "model.embed_tokens.weight [64, 32] (config: [60, 32])" in result.output
-    assert "make-vocab-size-divisible-by" in result.output and not (tmp_path / "hf").exists()
+    assert result.exit_code == 4 and "model.embed_tokens.weight [64, 32] (config: [70, 32])" in result.output
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_padded_vocab_trimmed_to_the_configs_vocab_size(tmp_path, tied):
+    """Megatron pads the vocabulary (to a multiple of 128 x TP): the embedding and output layer rows beyond the
+    config's vocab_size are dropped while streaming (a row range of the vocab-parallel chunks), and said."""
+    cfg = dict(layers=1, hidden=32, heads=4, kv=2, head_dim=8, ffn=24, vocab=64, tied=tied)
+    state = mw.random_megatron(**cfg)
+    ckpt = mw.build_layout(tmp_path / "m", state, groups=2, world_size=2)      # TP 2: rows 0-31 and 32-63
+    base = mw.hf_config(tmp_path / "m", **dict(cfg, vocab=45))
+    report = convert(ckpt, tmp_path / "hf", base, "--buffer-size", "64KiB")
+    notes = " ".join(report["notes"])
+    assert f"padded vocabulary: {mw.EMBED} has 64 rows, config.json's vocab_size is 45; rows 45..63" in notes
+    assert (f"padded vocabulary: {mw.OUTPUT} has 64 rows" in notes) != tied
+    expected = mw.megatron_to_hf(state, n_heads=4, n_kv=2, head_dim=8)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in expected:
+            expected[name] = expected[name][:45].contiguous()
+    assert_bit_exact(tmp_path / "hf", expected)
+    ids = torch.arange(30).reshape(2, 15) % 45
+    assert torch.equal(hf_logits(tmp_path / "hf", ids), hf_logits(expected, ids, base))
 
 
 def test_inspect_and_plan_say_megatron_without_reading_common_pt(tmp_path):

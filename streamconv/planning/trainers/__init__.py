@@ -1,7 +1,8 @@
 """Trainer adapters: which trainer wrote a checkpoint, and how its names and row layouts become Hugging Face's.
 
 * `adapter` — the data types (`Adapter`, `Rule`, row steps) and how a rule turns a source into outputs;
-* `formats` — the adapters themselves (torchtitan, torchtune Llama), as data; `qwen3` — torchtitan Qwen3 and
+* `formats` — the adapters themselves (torchtitan, torchtune Llama), as data; `megatron` — Megatron-Core GPT,
+  dense and MoE (`megatron-gpt`); `qwen3` — torchtitan Qwen3 and
   Qwen3-MoE (grouped experts unstacked per expert); `deepseek_v3` — torchtitan DeepSeek-V3 (MLA, shared experts);
 * `heads` — attention geometry from a config.json; `llama` — the Llama a config.json builds.
 
@@ -13,15 +14,16 @@ from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence
 
 from ...errors import OptionsError
-from .adapter import Adapter, Rule, outputs
+from .adapter import Adapter, Rule, outputs, vocab_trims
 from .heads import heads_from_config
 from .llama import check_llama_shapes, llama_shapes
-from .formats import ADAPTERS as _LLAMA_FAMILY, MEGATRON_GPT, TORCHTITAN_LLAMA, TORCHTUNE_LLAMA
+from .formats import ADAPTERS as _LLAMA_FAMILY, TORCHTITAN_LLAMA, TORCHTUNE_LLAMA
+from .megatron import MEGATRON_GPT
 from .qwen3 import TORCHTITAN_QWEN3
 from .deepseek_v3 import TORCHTITAN_DEEPSEEK_V3
 
 # The registry: one line per adapter module.
-ADAPTERS = _LLAMA_FAMILY + (TORCHTITAN_QWEN3, TORCHTITAN_DEEPSEEK_V3)
+ADAPTERS = _LLAMA_FAMILY + (MEGATRON_GPT, TORCHTITAN_QWEN3, TORCHTITAN_DEEPSEEK_V3)
 
 AS_IS = "hf"
 SOURCE_FORMATS = ("auto", AS_IS) + tuple(a.name for a in ADAPTERS)
@@ -73,5 +75,5 @@ def _example(adapter: Adapter, names: List[str]) -> str:
     return names[0] if names else "?"
 
 
-__all__ = ["check_llama_shapes", "llama_shapes", "Adapter", "Rule", "Resolution", "resolve", "outputs", "heads_from_config", "ADAPTERS",
+__all__ = ["check_llama_shapes", "llama_shapes", "Adapter", "Rule", "Resolution", "resolve", "outputs", "vocab_trims", "heads_from_config", "ADAPTERS",
            "TORCHTITAN_LLAMA", "TORCHTUNE_LLAMA", "MEGATRON_GPT", "TORCHTITAN_QWEN3", "TORCHTITAN_DEEPSEEK_V3", "SOURCE_FORMATS"]

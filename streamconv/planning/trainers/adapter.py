@@ -10,20 +10,23 @@ in order to the source's rows (see `transforms.py`):
 | `qkv`          | `q` / `k` / `v` | that part of a [q; k; v] concatenation                               |
 | `qkv_grouped`  | `q` / `k` / `v` | that part of a per-query-group [q..; k; v] fused weight (Megatron)  |
 | `half`         | `0` / `1`       | first / second half of the rows ([gate; up])                        |
+| `vocab`        | `rows`          | the first vocab_size rows (the config's): a padded vocabulary trimmed|
 
 Several rules may match one source (a fused qkv gives three outputs). `unstack` makes one output per index of
 the source's leading dim (Megatron's layer-stacked tensors, torchtitan's grouped experts `[E, F, D]`: each
-output is a plane of the stored chunks, copied like any other piece, never loaded whole). A rule with no steps
-and no unstack is a rename: the tensor keeps the plain copy path.
+output is a plane of the stored chunks, copied like any other piece, never loaded whole); `unstack=2` one per
+index pair of the two leading dims, `{layer}` the first and `{expert}` the second (Megatron's layer-stacked
+experts `[L, E, 2F, H]`). A rule with no steps and no unstack is a rename: the tensor keeps the plain copy path.
 """
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from .. import transforms
-from ...errors import OptionsError, ReferenceMismatchError
+from ...errors import CheckpointError, OptionsError, ReferenceMismatchError
 from ...model import TensorEntry
 from ..transforms import Heads, RowMap
 
@@ -35,7 +38,7 @@ class Rule:
     pattern: str
     target: str
     steps: Tuple[Step, ...] = ()
-    unstack: bool = False
+    unstack: int = 0        # leading dims unstacked (True: 1)
 
     def match(self, name: str) -> Optional[re.Match]:
         return re.fullmatch(self.pattern, name)
@@ -82,6 +85,9 @@ def _step_rows(step: Step, n_rows: int, heads: Optional[Heads], what: str) -> Ro
     kind, arg = step
     if kind == "half":
         return transforms.half(n_rows, int(arg), what=what)
+    if kind == "vocab":     # rows beyond the config's vocab_size are padding (fewer: the shape check refuses)
+        vocab = heads.vocab_size if heads is not None else None
+        return transforms.row_slice(0, n_rows if vocab is None else min(n_rows, vocab))
     if heads is None:
         raise OptionsError(
             f"{what}: undoing the trainer's layout ({kind} {arg}) needs the model's attention head counts; pass "
@@ -104,6 +110,21 @@ def _step_rows(step: Step, n_rows: int, heads: Optional[Heads], what: str) -> Ro
     raise ValueError(f"unknown row step {kind!r}")
 
 
+def vocab_trims(adapter: Adapter, written: List[Tuple[str, TensorEntry]]) -> List[str]:
+    """Notes for the outputs whose padded vocabulary rows a `vocab` step dropped. `written`: (the name the
+    adapter matched, the output's entry)."""
+    notes = []
+    for source_name, entry in written:
+        sources = getattr(entry, "sources", ())
+        if not sources or not entry.shape or entry.shape[0] >= sources[0].shape[0]:
+            continue
+        if any(("vocab", "rows") in r.steps for r in adapter.rules if r.match(source_name)):
+            notes.append(f"padded vocabulary: {entry.fqn} has {sources[0].shape[0]} rows, config.json's vocab_size "
+                         f"is {entry.shape[0]}; rows {entry.shape[0]}..{sources[0].shape[0] - 1} (the trainer's "
+                         "padding, e.g. Megatron's --make-vocab-size-divisible-by) are not written")
+    return notes
+
+
 def row_map(steps: Tuple[Step, ...], n_rows: int, heads: Optional[Heads], what: str) -> RowMap:
     """The steps chained: the first applies to the source's rows, each next one to the previous output."""
     current = transforms.identity_rows(n_rows)
@@ -112,17 +133,29 @@ def row_map(steps: Tuple[Step, ...], n_rows: int, heads: Optional[Heads], what: 
     return current
 
 
+def _indexed(target: str, lead: Tuple[int, ...]) -> str:
+    """The target with the unstacked indices filled in: one index names `{layer}` or `{expert}`, whichever the
+    target has; two are `{layer}` then `{expert}`."""
+    if len(lead) == 2:
+        return target.replace("{layer}", str(lead[0])).replace("{expert}", str(lead[1]))
+    index = str(lead[0]) if lead else ""
+    return target.replace("{layer}", index).replace("{expert}", index)
+
+
 def outputs(rule: Rule, m: re.Match, entry: TensorEntry, heads: Optional[Heads]) -> List[Tuple[str, TensorEntry]]:
     """(output name, entry) pairs one rule makes of one source: the entry itself for a rename, else a
     `transforms.Derived` carrying the takes."""
     target = rule.target
     if not rule.steps and not rule.unstack:
         return [(m.expand(target), entry)]
-    leads = [(i,) for i in range(entry.shape[0])] if rule.unstack else [()]
+    n_lead = int(rule.unstack)
+    if len(entry.shape) < n_lead:
+        raise CheckpointError(f"tensor {entry.fqn!r} has shape {list(entry.shape)}, but the {target!r} rule "
+                              f"unstacks {n_lead} leading dims; is this checkpoint from the trainer it looks like?")
+    leads = list(itertools.product(*(range(n) for n in entry.shape[:n_lead])))
     out = []
     for lead in leads:
-        index = str(lead[0]) if lead else ""
-        name = m.expand(target.replace("{layer}", index).replace("{expert}", index))
+        name = m.expand(_indexed(target, lead))
         source_rows = entry.shape[len(lead)] if len(entry.shape) > len(lead) else None
         if source_rows is None:     # a scalar per layer: nothing to permute
             takes = transforms.whole(entry.fqn, entry.shape, lead=lead)

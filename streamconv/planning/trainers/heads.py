@@ -11,7 +11,8 @@ from ..transforms import Heads
 
 
 def heads_from_config(data: dict) -> Optional[Heads]:
-    """Attention geometry from a config.json (top level, else its `text_config`); None when it has none."""
+    """Attention geometry (and the vocabulary size) from a config.json (top level, else its `text_config`); None
+    when it has no attention geometry."""
     for scope in (data, data.get("text_config") or {}):
         n_heads = scope.get("num_attention_heads")
         if not isinstance(n_heads, int) or n_heads <= 0:
@@ -23,5 +24,8 @@ def heads_from_config(data: dict) -> Optional[Heads]:
             if not isinstance(hidden, int) or hidden % n_heads:
                 return None
             head_dim = hidden // n_heads
-        return Heads(n_heads=n_heads, n_kv_heads=int(n_kv), head_dim=head_dim)
+        vocab = scope.get("vocab_size")
+        return Heads(n_heads=n_heads, n_kv_heads=int(n_kv), head_dim=head_dim,
+                     vocab_size=vocab if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0
+                     else None)
     return None

@@ -53,12 +53,17 @@ def check_llama_shapes(shapes: Dict[str, Tuple[int, ...]], config: dict, adapter
         lines.append(f"shapes differ: {_few(wrong)}")
     if extra or missing:
         layers = {int(n.split(".")[2]) for n in shapes if n.startswith("model.layers.")}
-        lines.append(f"the checkpoint has {len(layers)} layer(s), the config num_hidden_layers="
-                     f"{config.get('num_hidden_layers')}; " + (f"not in the config's model: {_few(extra)}; " if extra else "")
-                     + (f"missing: {_few(missing)}" if missing else ""))
+        parts = [] if len(layers) == config.get("num_hidden_layers") else [
+            f"the checkpoint has {len(layers)} layer(s), the config num_hidden_layers={config.get('num_hidden_layers')}"]
+        parts += ([f"not in the config's model: {_few(extra)}"] if extra else []) + (
+            [f"missing: {_few(missing)}"] if missing else [])
+        lines.append("; ".join(parts))
     vocab_hint = any(w.split(" ", 1)[0] in ("model.embed_tokens.weight", "lm_head.weight") for w in wrong)
     hint = (" If the embedding has more rows than vocab_size, the trainer padded the vocabulary (Megatron: "
             "--make-vocab-size-divisible-by): set vocab_size in config.json to its row count." if vocab_hint else "")
+    if any(re.search(r"\.(?:experts|shared_experts?|gate|[qk]_norm)\.|\.bias$", n) for n in extra):
+        hint += (" The checkpoint has weights a Llama has not (experts, a router, QK-norm or biases): give "
+                 "--config-from the config of the model it was trained as (e.g. Qwen3-MoE, Qwen2-MoE, Qwen3, Qwen2).")
     raise ReferenceMismatchError(
         f"the {adapter.name} checkpoint does not fit the reference config (Hugging Face Llama): "
         + "; ".join(lines) + ". Is --config-from the base model of this checkpoint?" + hint)

@@ -80,8 +80,8 @@ class ConvertOptions:
         None, "--subtree", metavar="KEY",
         help="Top-level key holding the model.")
     source_format: str = _opt(
-        "auto", "--source-format", choices=SOURCE_FORMATS, metavar="NAME", show_default=True,
-        help=", ".join(SOURCE_FORMATS) + ".")
+        "auto", "--source-format", choices=SOURCE_FORMATS, metavar="NAME",
+        help=f"{SOURCE_FORMATS[0]} (default), " + ", ".join(SOURCE_FORMATS[1:]) + ".")
 
     def __post_init__(self):
         for f in fields(self):

@@ -3,6 +3,7 @@
 * `adapter` — the data types (`Adapter`, `Rule`, row steps) and how a rule turns a source into outputs;
 * `formats` — the adapters themselves (torchtitan, torchtune Llama), as data; `qwen3` — torchtitan Qwen3 and
   Qwen3-MoE (grouped experts unstacked per expert); `deepseek_v3` — torchtitan DeepSeek-V3 (MLA, shared experts);
+  `gpt_oss` — torchtitan GPT-OSS (sinks, biases, expert weights transposed while streaming);
 * `heads` — attention geometry from a config.json; `llama` — the Llama a config.json builds.
 
 `resolve` picks one from the checkpoint's model names (or `--source-format`); pure.
@@ -19,9 +20,10 @@ from .llama import check_llama_shapes, llama_shapes
 from .formats import ADAPTERS as _LLAMA_FAMILY, MEGATRON_GPT, TORCHTITAN_LLAMA, TORCHTUNE_LLAMA
 from .qwen3 import TORCHTITAN_QWEN3
 from .deepseek_v3 import TORCHTITAN_DEEPSEEK_V3
+from .gpt_oss import TORCHTITAN_GPT_OSS
 
 # The registry: one line per adapter module.
-ADAPTERS = _LLAMA_FAMILY + (TORCHTITAN_QWEN3, TORCHTITAN_DEEPSEEK_V3)
+ADAPTERS = _LLAMA_FAMILY + (TORCHTITAN_QWEN3, TORCHTITAN_DEEPSEEK_V3, TORCHTITAN_GPT_OSS)
 
 AS_IS = "hf"
 SOURCE_FORMATS = ("auto", AS_IS) + tuple(a.name for a in ADAPTERS)
@@ -74,4 +76,5 @@ def _example(adapter: Adapter, names: List[str]) -> str:
 
 
 __all__ = ["check_llama_shapes", "llama_shapes", "Adapter", "Rule", "Resolution", "resolve", "outputs", "heads_from_config", "ADAPTERS",
-           "TORCHTITAN_LLAMA", "TORCHTUNE_LLAMA", "MEGATRON_GPT", "TORCHTITAN_QWEN3", "TORCHTITAN_DEEPSEEK_V3", "SOURCE_FORMATS"]
+           "TORCHTITAN_LLAMA", "TORCHTUNE_LLAMA", "MEGATRON_GPT", "TORCHTITAN_QWEN3", "TORCHTITAN_DEEPSEEK_V3",
+           "TORCHTITAN_GPT_OSS", "SOURCE_FORMATS"]

@@ -11,6 +11,10 @@ in order to the source's rows (see `transforms.py`):
 | `qkv_grouped`  | `q` / `k` / `v` | that part of a per-query-group [q..; k; v] fused weight (Megatron)  |
 | `half`         | `0` / `1`       | first / second half of the rows ([gate; up])                        |
 
+A rule with `transpose` writes the source with its last two dims swapped (torchtitan GPT-OSS's [E, out, in]
+expert weights as transformers' [E, in, out]): a `transforms.Transposed` output, read chunk by chunk and put in
+place permuted while streaming, never loaded whole. It takes no steps and no unstack.
+
 Several rules may match one source (a fused qkv gives three outputs). `unstack` makes one output per index of
 the source's leading dim (Megatron's layer-stacked tensors, torchtitan's grouped experts `[E, F, D]`: each
 output is a plane of the stored chunks, copied like any other piece, never loaded whole). A rule with no steps
@@ -36,6 +40,7 @@ class Rule:
     target: str
     steps: Tuple[Step, ...] = ()
     unstack: bool = False
+    transpose: bool = False
 
     def match(self, name: str) -> Optional[re.Match]:
         return re.fullmatch(self.pattern, name)
@@ -116,6 +121,12 @@ def outputs(rule: Rule, m: re.Match, entry: TensorEntry, heads: Optional[Heads])
     """(output name, entry) pairs one rule makes of one source: the entry itself for a rename, else a
     `transforms.Derived` carrying the takes."""
     target = rule.target
+    if rule.transpose:
+        n = len(entry.shape)
+        if n < 2:
+            raise ReferenceMismatchError(f"tensor {entry.fqn!r} {list(entry.shape)}: the trainer layout swaps its "
+                                         "last two dims, but it has fewer than two; is this the trainer's checkpoint?")
+        return [(m.expand(target), transforms.transposed(entry, tuple(range(n - 2)) + (n - 1, n - 2)))]
     if not rule.steps and not rule.unstack:
         return [(m.expand(target), entry)]
     leads = [(i,) for i in range(entry.shape[0])] if rule.unstack else [()]

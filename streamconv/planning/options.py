@@ -24,7 +24,7 @@ from ..errors import OptionsError
 from ..fs.paths import user_path
 from .plan import PlanOptions
 from ..sizes import parse_size
-from .trainers import SOURCE_FORMATS
+from .trainers import EXPERT_LAYOUTS, SOURCE_FORMATS
 
 
 # The commands that take every ConvertOptions field.
@@ -82,6 +82,9 @@ class ConvertOptions:
     source_format: str = _opt(
         "auto", "--source-format", choices=SOURCE_FORMATS, metavar="NAME",
         help=f"{SOURCE_FORMATS[0]} (default), " + ", ".join(SOURCE_FORMATS[1:]) + ".")
+    expert_layout: str = _opt(
+        EXPERT_LAYOUTS[0], "--expert-layout", choices=EXPERT_LAYOUTS, metavar="LAYOUT", show_default=True,
+        help="MoE experts: per-expert (as saved) or fused.")
 
     def __post_init__(self):
         for f in fields(self):
@@ -102,7 +105,7 @@ class ConvertOptions:
             buffer_bytes=parse_size(self.buffer_size, option="--buffer-size"),
             include=self.include, exclude=self.exclude, dtype=dtypes.parse_output_dtype(self.dtype),
             renames=tuple(names.RenameRule.parse(r) for r in self.renames), subtree=self.subtree,
-            source_format=self.source_format)
+            source_format=self.source_format, expert_layout=self.expert_layout)
 
     @classmethod
     def field_names(cls) -> Tuple[str, ...]:

@@ -76,6 +76,9 @@ class PlanOptions:
     # Which trainer's names and row layouts the checkpoint has: "auto" (detect), "hf" (as is) or an adapter name
     # (see `trainers`). Adapters that permute or split rows need the attention geometry, from the config.
     source_format: str = "auto"
+    # How a trainer adapter writes routed experts: "per-expert" (as save_pretrained does) or "fused"
+    # (`trainers.EXPERT_LAYOUTS`).
+    expert_layout: str = "per-expert"
     heads: Optional[Heads] = None
     # Why `source_format` was set when the user did not set it (a Megatron folder's metadata.json), for the note.
     source_format_reason: str = ""

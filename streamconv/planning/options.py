@@ -57,8 +57,8 @@ class ConvertOptions:
         "32MiB", "--buffer-size", metavar="SIZE", show_default=True,
         help="Working memory; peak: this + 40 MiB.")
     dtype: str = _opt(
-        "keep", "--dtype", metavar="DTYPE", show_default=True,
-        help="Floats as: keep, bfloat16, float16, float32, auto.")
+        "keep", "--dtype", metavar="DTYPE",
+        help="keep (default), bfloat16, float16, float32, auto")
     config_from: Optional[str] = _opt(
         None, "--config-from", metavar="DIR", path=True,
         help="Base model: config, tokenizer, names to match.")
@@ -83,8 +83,8 @@ class ConvertOptions:
         "auto", "--source-format", choices=SOURCE_FORMATS, metavar="NAME",
         help=f"{SOURCE_FORMATS[0]} (default), " + ", ".join(SOURCE_FORMATS[1:]) + ".")
     expert_layout: str = _opt(
-        EXPERT_LAYOUTS[0], "--expert-layout", choices=EXPERT_LAYOUTS, metavar="LAYOUT", show_default=True,
-        help="MoE experts: per-expert (as saved) or fused.")
+        EXPERT_LAYOUTS[0], "--expert-layout", choices=EXPERT_LAYOUTS, metavar="LAYOUT",
+        help=f"MoE experts: {EXPERT_LAYOUTS[0]} (default) or {EXPERT_LAYOUTS[1]}.")
 
     def __post_init__(self):
         for f in fields(self):

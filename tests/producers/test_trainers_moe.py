@@ -10,6 +10,7 @@ unexpected, and its logits equal the torchtitan model's own (computed with fp32 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -166,3 +167,35 @@ def test_moe_checkpoint_with_a_config_that_does_not_match_is_exit_4_and_writes_n
         "the torchtitan-qwen3 adapter's output is not this config's model" in error
         and "check that --config-from is the base model" in error), error
     assert "Traceback" not in result.output
+
+
+def fused(state, family="qwen3"):
+    """`to_hf` with the experts in transformers 5's in-memory layout, with torch ops: [w1; w3] on the ffn dim."""
+    out = {n: w for n, w in mw.to_hf(state, family).items() if ".mlp.experts." not in n}
+    for key, grouped in state.items():
+        m = re.fullmatch(r"layers\.(\d+)\.moe\.routed_experts\.inner_experts\.w1_EFD", key)
+        if m:
+            base = key[:-len("w1_EFD")]
+            out[f"model.layers.{m[1]}.mlp.experts.gate_up_proj"] = torch.cat([grouped, state[base + "w3_EFD"]], 1)
+            out[f"model.layers.{m[1]}.mlp.experts.down_proj"] = state[base + "w2_EDF"]
+    return out
+
+
+@pytest.mark.parametrize("case,architecture", [("fp32", "Qwen3MoeForCausalLM"), ("ep2", "Qwen3MoeForCausalLM"),
+                                               ("deepseek_v3", "DeepseekV3ForCausalLM")])
+def test_fused_expert_layout_loads_in_transformers_with_the_same_logits(made, tmp_path, case, architecture):
+    """`--expert-layout fused`: experts.gate_up_proj [E, 2F, D] / experts.down_proj [E, D, F], the layout
+    transformers 5.25 holds in memory; it loads it as it is, with the trainer's logits."""
+    case_dir, out = made[case], tmp_path / "hf"
+    result = convert(case_dir / "ckpt", out, "--config-from", case_dir / "base", "--expert-layout", "fused")
+    assert result.exit_code == 0, result.output
+    notes = json.loads(result.output)["notes"]
+    assert any("routed experts: fused mlp.experts.gate_up_proj [E, 2F, D]" in n for n in notes), notes
+    assert any("(as the model holds it in memory)" in n for n in notes), notes
+    family = "deepseek_v3" if case == "deepseek_v3" else "qwen3"
+    ref = fused(torch.load(case_dir / "trained.pt"), family)
+    got = load_file(out / "model.safetensors")
+    assert sorted(got) == sorted(ref)
+    assert all(torch.equal(got[n], ref[n]) for n in ref), [n for n in ref if not torch.equal(got[n], ref[n])]
+    torch.testing.assert_close(hf_logits(out, architecture), torch.load(case_dir / "logits.pt"), rtol=0,
+                               atol=1e-4 if case == "deepseek_v3" else 1e-5)

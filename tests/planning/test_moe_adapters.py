@@ -94,9 +94,10 @@ def test_fused_expert_layout_joins_gate_and_up_into_literal_pieces():
 
 
 def test_fused_expert_layout_with_a_missing_half_is_refused_not_zero_filled():
-    """Only w1_EFD (w3_EFD excluded or absent): gate_up_proj would be half empty; the coverage proof refuses it."""
+    """Only w1_EFD (w3_EFD absent): gate_up_proj would be half empty; refused, naming the fix."""
     import pytest
-    from streamconv.errors import CoverageError
+    from streamconv.errors import ReferenceMismatchError
     meta = CheckpointMetadata(tensors=(entry(P + "w1_EFD", (4, 6, 8), split_dim=0),))
-    with pytest.raises(CoverageError, match="gate_up_proj.*fills 192 of 384 elements"):
+    with pytest.raises(ReferenceMismatchError, match=r"gate_up_proj.*only .*w1_EFD is in the checkpoint \(192 of "
+                                                     r"384 elements\); convert with --expert-layout per-expert"):
         build_plan(meta, PlanOptions(source_format="torchtitan-qwen3", expert_layout="fused", max_shard_bytes=10**9))

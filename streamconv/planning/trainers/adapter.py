@@ -13,7 +13,7 @@ in order to the source's rows (see `transforms.py`):
 
 A rule with `join` (dim, index, parts) makes its source part `index` of `parts` equal parts of the output along
 `dim`; the other parts come from other sources' rules with the same target, merged into one output by
-`join_parts` (torchtitan's `w1_EFD` and `w3_EFD` as transformers' fused `experts.gate_up_proj` [E, 2F, D]). The
+`joined` (torchtitan's `w1_EFD` and `w3_EFD` as transformers' fused `experts.gate_up_proj` [E, 2F, D]). The
 planner proves the parts tile the output, so a missing part is refused, never left as zeros.
 
 A rule with `transpose` writes the source with its last two dims swapped (torchtitan GPT-OSS's [E, out, in]
@@ -33,7 +33,7 @@ from typing import List, Optional, Tuple
 
 from .. import transforms
 from ...errors import OptionsError, ReferenceMismatchError
-from ...model import TensorEntry
+from ...model import TensorEntry, numel
 from ..transforms import Heads, RowMap
 
 Step = Tuple[str, str]
@@ -181,8 +181,15 @@ def outputs(rule: Rule, m: re.Match, entry: TensorEntry, heads: Optional[Heads])
 
 def joined(name: str, parts: List[TensorEntry]) -> TensorEntry:
     """The outputs `join` rules made under one name, as one tensor (their sources and takes together). Parts with
-    other shapes or at the same place are refused; the planner then proves that they tile the output."""
+    other shapes or at the same place, or too few to fill it, are refused; the planner then proves that they tile
+    the output."""
     first = parts[0]
+    filled = sum(numel(t.sizes) for p in parts for t in p.takes)
+    if filled < numel(first.shape):
+        raise ReferenceMismatchError(
+            f"{name!r} is joined from several checkpoint tensors, but only {', '.join(p.fqn for p in parts)} "
+            f"{'is' if len(parts) == 1 else 'are'} in the checkpoint ({filled} of {numel(first.shape)} "
+            "elements); convert with --expert-layout per-expert, or check that the checkpoint is complete")
     for other in parts[1:]:
         if tuple(other.shape) != tuple(first.shape) or any(
                 t.dst_start == u.dst_start for t in first.takes for u in other.takes):

@@ -285,6 +285,8 @@ def _adapted(adapter: trainers.Adapter, model: Sequence[Named], options, skipped
             unmapped.append(t.fqn)
         for rule, name, entry in made:
             named = replace(t.renamed(ADAPTER, by, name), entry=entry)
+            if rule.join and not wanted(t.fqn):     # an excluded part is missing, not silently joined
+                continue
             if rule.join and name in parts:
                 parts[name].append(named)
                 continue

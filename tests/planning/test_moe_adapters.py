@@ -98,6 +98,13 @@ def test_fused_expert_layout_with_a_missing_half_is_refused_not_zero_filled():
     import pytest
     from streamconv.errors import ReferenceMismatchError
     meta = CheckpointMetadata(tensors=(entry(P + "w1_EFD", (4, 6, 8), split_dim=0),))
-    with pytest.raises(ReferenceMismatchError, match=r"gate_up_proj.*only .*w1_EFD is in the checkpoint \(192 of "
-                                                     r"384 elements\); convert with --expert-layout per-expert"):
+    with pytest.raises(ReferenceMismatchError, match=r"gate_up_proj.*only .*w1_EFD is in the checkpoint and "
+                                                     r"selected \(192 of 384 elements\); convert with --expert-layout "
+                                                     r"per-expert"):
         build_plan(meta, PlanOptions(source_format="torchtitan-qwen3", expert_layout="fused", max_shard_bytes=10**9))
+    # ... and so is the half the user excluded: never joined against the user's word, never left empty
+    meta = CheckpointMetadata(tensors=(entry(P + "w1_EFD", (4, 6, 8), split_dim=0),
+                                       entry(P + "w3_EFD", (4, 6, 8), split_dim=0)))
+    with pytest.raises(ReferenceMismatchError, match="only .*w1_EFD is in the checkpoint and selected"):
+        build_plan(meta, PlanOptions(source_format="torchtitan-qwen3", expert_layout="fused", exclude=("*w3_EFD",),
+                                     max_shard_bytes=10**9))

@@ -188,8 +188,9 @@ def joined(name: str, parts: List[TensorEntry]) -> TensorEntry:
     if filled < numel(first.shape):
         raise ReferenceMismatchError(
             f"{name!r} is joined from several checkpoint tensors, but only {', '.join(p.fqn for p in parts)} "
-            f"{'is' if len(parts) == 1 else 'are'} in the checkpoint ({filled} of {numel(first.shape)} "
-            "elements); convert with --expert-layout per-expert, or check that the checkpoint is complete")
+            f"{'is' if len(parts) == 1 else 'are'} in the checkpoint and selected ({filled} of "
+            f"{numel(first.shape)} elements); convert with --expert-layout per-expert, or check that the checkpoint "
+            "is complete and --exclude leaves every part")
     for other in parts[1:]:
         if tuple(other.shape) != tuple(first.shape) or any(
                 t.dst_start == u.dst_start for t in first.takes for u in other.takes):

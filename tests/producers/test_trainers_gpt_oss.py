@@ -29,11 +29,14 @@ GATE_UP = "model.layers.1.mlp.experts.gate_up_proj"
 def made(tmp_path_factory):
     if not tw.torchtitan_available():
         pytest.skip("torchtitan 0.3 is not importable (make test-trainers installs it)")
-    return gw.build(tmp_path_factory.mktemp("gptoss") / "fp32")
+    root = tmp_path_factory.mktemp("gptoss")
+    return {"fp32": gw.build(root / "fp32"), "bf16": gw.build(root / "bf16", export_dtype="bfloat16")}
 
 
-def test_gpt_oss_converts_with_only_config_from(made, tmp_path):
-    out = tmp_path / "hf"
+@pytest.mark.parametrize("case", ["fp32", "bf16"])
+def test_gpt_oss_converts_with_only_config_from(made, tmp_path, case):
+    """fp32, and `export_dtype=bfloat16` (the weights rounded; the logits are the rounded model's, in fp32)."""
+    made, out = made[case], tmp_path / "hf"
     result = CliRunner().invoke(cli, ["convert", str(made / "ckpt"), str(out), "--config-from", str(made / "base"),
                                       "--verify", "--json", "-q"])
     assert result.exit_code == 0, result.output
@@ -44,6 +47,7 @@ def test_gpt_oss_converts_with_only_config_from(made, tmp_path):
     ref = gw.to_hf(torch.load(made / "trained.pt"))
     got = load_file(out / "model.safetensors")
     assert sorted(got) == sorted(ref)
+    assert got[GATE_UP].dtype == getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[case])
     assert all(got[n].dtype == ref[n].dtype and torch.equal(got[n], ref[n]) for n in ref), [
         n for n in ref if not torch.equal(got[n], ref[n])]
     c = gw.GPT_OSS
@@ -71,7 +75,7 @@ def _load(folder):
 
 
 def test_inspect_and_plan_name_the_family_and_the_transposed_experts(made):
-    ckpt, base = made / "ckpt", made / "base"
+    ckpt, base = made["fp32"] / "ckpt", made["fp32"] / "base"
     info = json.loads(CliRunner().invoke(cli, ["inspect", "--json", str(ckpt)]).output)["source_format"]
     assert info["name"] == "torchtitan-gpt-oss" and "GptOssForCausalLM" in info["family"]
     assert info["expert_layout"].startswith("fused mlp.experts.gate_up_proj [E, D, 2F]")

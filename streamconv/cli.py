@@ -310,7 +310,7 @@ def plan(checkpoint_dir, as_json, **option_values):
         for t in shard.tensors:     # in the file's order: each tensor under the file it goes into
             cast = f" (from {t.src_dtype})" if t.is_cast else ""
             click.echo(f"  {printable(t.name)}  {t.dst_dtype}{cast} {list(t.shape)}  {len(t.chunks)} chunk(s), "
-                       f"{'copy' if t.is_row_contiguous else ('gather' if t.pieces else 'blocks')}")
+                       f"{t.assembly}")
     skipped = ", ".join(f"{n} {why}" for why, n in summary["skipped"].items()) or "nothing"
     click.echo(f"total {format_size(conversion.total_bytes)} in {len(conversion.shards)} file(s); "
                f"skipped: {skipped}; predicted peak memory {format_size(conversion.peak_bytes)} "

@@ -14,7 +14,8 @@ import click
 # Title, then the parameter names it holds, in the order the sections are printed.
 SECTIONS: List[Tuple[str, Tuple[str, ...]]] = [
     ("Batch", ("output_template", "from_file", "jobs", "max_memory", "ray_address")),
-    ("What is written", ("max_shard_size", "dtype", "include", "exclude", "renames", "subtree", "source_format")),
+    ("What is written", ("max_shard_size", "dtype", "include", "exclude", "renames", "subtree", "source_format",
+                         "expert_layout")),
     ("Reference model", ("config_from", "no_config", "allow_unmatched")),
     ("Output folder", ("overwrite", "overwrite_any", "resume", "discard_partial")),
     ("Checking", ("verify", "crc")),

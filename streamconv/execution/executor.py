@@ -25,7 +25,9 @@ ASSEMBLERS: Tuple[Assembler, ...] = (copy.ASSEMBLER, gather.ASSEMBLER, strided.A
 
 
 def check_stored(t: TensorPlan, chunk: Chunk, stored: StoredTensor) -> None:
-    """The blob must hold exactly the chunk the metadata promises, laid out row-major or in a permuted order."""
+    """The blob must hold exactly the chunk the metadata promises, laid out row-major or in a permuted order
+    (seen in the output's dim order when the plan transposes the tensor)."""
+    stored = strided.stored_view(t, stored)
     where = f"tensor {t.source_fqn!r}, chunk at offsets {list(chunk.offsets)} in {chunk.location.relative_path}"
     if stored.dtype != t.src_dtype:
         raise CheckpointError(f"{where}: stored dtype {stored.dtype} but .metadata says {t.src_dtype}")

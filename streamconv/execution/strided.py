@@ -13,11 +13,16 @@ takes a run of every storage row, so each band after the first decodes the chunk
 bytes = the chunk's times its bands): decoding it once would need its decoded bytes somewhere other than memory
 (a scratch file) or the output written in storage order, neither done.
 
+A tensor the plan transposes (`TensorPlan.axes`: torchtitan GPT-OSS's [E, 2F, D] expert weights written as
+transformers' [E, D, 2F]) is the same case seen from the other side: each row-major chunk of the source is a chunk
+of the output stored with permuted strides (`stored_view`), so it is written the same way, band by band.
+
 Strides that are not a permutation of contiguous ones (overlapping or gapped views) are refused by
 `executor.check_stored`.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, List, Mapping
 
 from .. import dtypes
@@ -35,7 +40,16 @@ RUN_BATCH = 1024
 
 
 def accepts(t: TensorPlan, stored: Mapping[BlobLocation, StoredTensor]) -> bool:
-    return not t.pieces and not all(stored[c.location].is_contiguous for c in t.chunks)
+    return not t.pieces and (bool(t.axes) or not all(stored[c.location].is_contiguous for c in t.chunks))
+
+
+def stored_view(t: TensorPlan, stored: StoredTensor) -> StoredTensor:
+    """What a chunk's blob holds, in the output's dim order: itself, or for a transposed tensor its shape and
+    strides permuted by `t.axes` (a row-major [a, b] chunk is a [b, a] chunk with strides (1, b))."""
+    if not t.axes:
+        return stored
+    return dataclasses.replace(stored, shape=tuple(stored.shape[a] for a in t.axes),
+                               stride=tuple(stored.stride[a] for a in t.axes))
 
 
 def write(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
@@ -66,7 +80,7 @@ def _fill(ws: Workspace, t: TensorPlan, chunk: Chunk, band: Band, d: int, block:
     lo, hi = max(a, offs[d]), min(b, offs[d] + sizes[d])
     if lo >= hi:
         return
-    stored = ws.stored[chunk.location]
+    stored = stored_view(t, ws.stored[chunk.location])
     order = storage_order(stored.shape, stored.stride)
     # The chunk's part of the band, in chunk-local coordinates, one entry per dim.
     start = [p - o for p, o in zip(prefix, offs)] + [lo - offs[d]] + [0] * (len(sizes) - d - 1)

@@ -54,8 +54,9 @@ def shard_fingerprint(shard: ShardPlan) -> str:
     for t in shard.tensors:
         chunks = [[c.location.relative_path, c.location.offset, c.location.length, list(c.offsets), list(c.sizes)]
                   for c in t.chunks]
+        how = [list(t.axes)] if t.axes else []      # a transposed tensor (only then, so other plans keep theirs)
         h.update(json.dumps([t.name, t.source_fqn, t.src_dtype, t.dst_dtype, list(t.shape), t.begin, t.nbytes,
-                             chunks]).encode("utf-8"))
+                             chunks] + how).encode("utf-8"))
     return h.hexdigest()
 
 

@@ -234,7 +234,8 @@ def checkpoint_names(meta: CheckpointMetadata, options) -> Tuple[List[Named], Li
 def resolve_source_format(meta: CheckpointMetadata, options, model: Sequence[Named]) -> trainers.Resolution:
     tops = [_top_key(e) for e in meta.tensors] + [str(b.path[0]) if b.path else b.fqn.split(".", 1)[0]
                                                    for b in meta.byte_entries]
-    return trainers.resolve([t.name for t in model], tops, options.source_format, options.source_format_reason)
+    return trainers.resolve([t.name for t in model], tops, options.source_format, options.source_format_reason,
+                            getattr(options, "expert_layout", trainers.EXPERT_LAYOUTS[0]))
 
 
 def source_format(meta: CheckpointMetadata, options) -> trainers.Resolution:
@@ -272,16 +273,28 @@ def _adapted(adapter: trainers.Adapter, model: Sequence[Named], options, skipped
     by = f"the {adapter.name} adapter ({why})"
     out: List[Named] = []
     unmapped: List[str] = []
+    parts: Dict[str, List[Named]] = {}     # outputs of `join` rules (fused experts), merged below
     for t in model:
         reason = adapter.skip_reason(t.name)
         if reason is not None:
             skipped.append(Skipped(t.fqn, reason))
             continue
-        made = [(name, entry) for rule in adapter.rules for m in [rule.match(t.name)] if m is not None
+        made = [(rule, name, entry) for rule in adapter.rules for m in [rule.match(t.name)] if m is not None
                 for name, entry in trainers.outputs(rule, m, t.entry, options.heads)]
         if not made:
             unmapped.append(t.fqn)
-        out.extend(replace(t.renamed(ADAPTER, by, name), entry=entry) for name, entry in made)
+        for rule, name, entry in made:
+            named = replace(t.renamed(ADAPTER, by, name), entry=entry)
+            if rule.join and not wanted(t.fqn):     # an excluded part is missing, not silently joined
+                continue
+            if rule.join and name in parts:
+                parts[name].append(named)
+                continue
+            if rule.join:
+                parts[name] = [named]
+            out.append(named)
+    out = [replace(n, entry=trainers.joined(n.name, [p.entry for p in parts[n.name]])) if n.name in parts
+           and parts[n.name][0] is n else n for n in out]
     skipped.extend(Skipped(fqn, "excluded") for fqn in unmapped if not wanted(fqn))
     unmapped = [fqn for fqn in unmapped if wanted(fqn)]
     if unmapped:

@@ -24,7 +24,7 @@ from ..errors import OptionsError
 from ..fs.paths import user_path
 from .plan import PlanOptions
 from ..sizes import parse_size
-from .trainers import SOURCE_FORMATS
+from .trainers import EXPERT_LAYOUTS, SOURCE_FORMATS
 
 
 # The commands that take every ConvertOptions field.
@@ -71,8 +71,8 @@ class ConvertOptions(_FlagFields):
         "32MiB", "--buffer-size", metavar="SIZE", show_default=True,
         help="Working memory; peak: this + 40 MiB.")
     dtype: str = _opt(
-        "keep", "--dtype", metavar="DTYPE", show_default=True,
-        help="Floats as: keep, bfloat16, float16, float32, auto.")
+        "keep", "--dtype", metavar="DTYPE",
+        help="keep (default), bfloat16, float16, float32, auto")
     config_from: Optional[str] = _opt(
         None, "--config-from", metavar="DIR", path=True,
         help="Base model: config, tokenizer, names to match.")
@@ -94,8 +94,11 @@ class ConvertOptions(_FlagFields):
         None, "--subtree", metavar="KEY",
         help="Top-level key holding the model.")
     source_format: str = _opt(
-        "auto", "--source-format", choices=SOURCE_FORMATS, metavar="NAME", show_default=True,
-        help=", ".join(SOURCE_FORMATS) + ".")
+        "auto", "--source-format", choices=SOURCE_FORMATS, metavar="NAME",
+        help=f"{SOURCE_FORMATS[0]} (default), " + ", ".join(SOURCE_FORMATS[1:]) + ".")
+    expert_layout: str = _opt(
+        EXPERT_LAYOUTS[0], "--expert-layout", choices=EXPERT_LAYOUTS, metavar="LAYOUT",
+        help=f"MoE experts: {EXPERT_LAYOUTS[0]} (default) or {EXPERT_LAYOUTS[1]}.")
 
     def __post_init__(self):
         for f in fields(self):
@@ -116,7 +119,7 @@ class ConvertOptions(_FlagFields):
             buffer_bytes=parse_size(self.buffer_size, option="--buffer-size"),
             include=self.include, exclude=self.exclude, dtype=dtypes.parse_output_dtype(self.dtype),
             renames=tuple(names.RenameRule.parse(r) for r in self.renames), subtree=self.subtree,
-            source_format=self.source_format)
+            source_format=self.source_format, expert_layout=self.expert_layout)
 
 
 # Whether a conversion checks each chunk's CRC-32 unless told (`--verify` turns it on). Off: on the 2gb benchmark

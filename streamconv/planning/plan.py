@@ -81,6 +81,9 @@ class PlanOptions:
     # Which trainer's names and row layouts the checkpoint has: "auto" (detect), "hf" (as is) or an adapter name
     # (see `trainers`). Adapters that permute or split rows need the attention geometry, from the config.
     source_format: str = "auto"
+    # How a trainer adapter writes routed experts: "per-expert" (as save_pretrained does) or "fused"
+    # (`trainers.EXPERT_LAYOUTS`).
+    expert_layout: str = "per-expert"
     heads: Optional[Heads] = None
     # Why `source_format` was set when the user did not set it (a Megatron folder's metadata.json), for the note.
     source_format_reason: str = ""
@@ -114,6 +117,9 @@ class TensorPlan:
     # Empty: each chunk sits at its own offsets in the output. Else the output is a gather of these pieces of
     # `chunks` (a transform: RoPE rows, a split, an unstack), proven to cover `shape` exactly once.
     pieces: Tuple[Piece, ...] = ()
+    # Empty: chunks are stored in the output's dim order. Else output dim k is dim axes[k] of every stored chunk
+    # (`transforms.Transposed`; `chunks` are in output coordinates): read as stored, put in place permuted.
+    axes: Tuple[int, ...] = ()
 
     @property
     def end(self) -> int:
@@ -129,7 +135,24 @@ class TensorPlan:
         so its bytes can be copied straight through without assembling blocks."""
         if self.pieces:
             return all(is_contiguous_piece(p, self.shape) for p in self.pieces)
-        return all(_is_contiguous_box(c, self.shape) for c in self.chunks)
+        return not self.axes and all(_is_contiguous_box(c, self.shape) for c in self.chunks)
+
+    def as_stored(self) -> Tuple[Tuple[int, ...], Tuple[Chunk, ...]]:
+        """(shape, chunks) as the checkpoint records them: in the source's dim order, not the output's when `axes`."""
+        if not self.axes:
+            return self.shape, self.chunks
+        inverse = [self.axes.index(d) for d in range(len(self.axes))]
+
+        def back(values):
+            return tuple(values[i] for i in inverse)
+        return back(self.shape), tuple(Chunk(back(c.offsets), back(c.sizes), c.location) for c in self.chunks)
+
+    @property
+    def assembly(self) -> str:
+        """How the executor builds it, for plan listings."""
+        if self.is_row_contiguous:
+            return "copy"
+        return "gather" if self.pieces else "transpose" if self.axes else "blocks"
 
 
 @dataclass(frozen=True)
@@ -197,7 +220,7 @@ class ConversionPlan:
             "tensors": [{"name": t.name, "file": s.filename, "source": t.source_fqn, "shape": list(t.shape),
                          "dtype": t.dst_dtype,
                          "source_dtype": t.src_dtype, "chunks": len(t.chunks),
-                         "assembly": "copy" if t.is_row_contiguous else ("gather" if t.pieces else "blocks"),
+                         "assembly": t.assembly,
                          "pieces": len(t.pieces)}
                         for s in self.shards for t in s.tensors],
             "total_bytes": self.total_bytes,
@@ -300,7 +323,7 @@ def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -
             chunks, pieces = _chunks_and_pieces(entry, name, proven, indexes)
             tensors.append(TensorPlan(name=name, source_fqn=entry.fqn, src_dtype=entry.dtype, dst_dtype=dst,
                                       shape=tuple(entry.shape), chunks=chunks, begin=len(header) + begin,
-                                      nbytes=nbytes, pieces=pieces))
+                                      nbytes=nbytes, pieces=pieces, axes=getattr(entry, "axes", ())))
         shards.append(ShardPlan(filename=filename, header=header, tensors=tuple(tensors)))
 
     n_chunks = sum(len(t.chunks) for t in meta.tensors) + sum(len(t.pieces) for s in shards for t in s.tensors)

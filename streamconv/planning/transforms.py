@@ -8,6 +8,9 @@ Three layers, each a value:
   `row_slice`, and `compose` to chain them (e.g. RoPE on the q rows of a fused qkv).
 * `Take` — a box of the output that comes from a box of one *source tensor* (global coordinates). A row map on a
   source (after optionally fixing its leading index: unstack) gives one take per run.
+* `Transposed` — an output that is its source with dims permuted (torchtitan GPT-OSS's [E, 2F, D] expert weights
+  as transformers' [E, D, 2F]): no takes, its chunks are the source's in output coordinates, and the executor reads
+  each chunk as stored and puts it in place permuted (`execution/strided.py`), band by band.
 * `Piece` — a take cut along the source's stored chunks: output box + stored chunk + where inside the chunk.
   This is what the executor copies (`gather.write_pieces`). `check_gather` proves the pieces cover the output
   exactly once (the proof of `coverage.check_coverage`, over takes and pieces); `check_pieces` is the pairwise
@@ -456,3 +459,26 @@ class Derived(TensorEntry):
 
     sources: Tuple[TensorEntry, ...] = ()
     takes: Tuple[Take, ...] = ()
+
+
+@dataclass(frozen=True)
+class Transposed(TensorEntry):
+    """An output tensor that is its source with its dims permuted: output dim k is source dim `axes[k]`. Its
+    chunks are the source's chunks in output coordinates (offsets and sizes permuted, the same bytes), so coverage
+    and sharding prove and place it like any tensor; only the executor knows each chunk's bytes are in the source's
+    dim order."""
+
+    axes: Tuple[int, ...] = ()
+
+
+def transposed(entry: TensorEntry, axes: Sequence[int]) -> Transposed:
+    """`entry` with its dims in the order `axes` (a permutation of its dims)."""
+    axes = tuple(axes)
+    if sorted(axes) != list(range(len(entry.shape))):
+        raise ValueError(f"tensor {entry.fqn!r}: {list(axes)} is not a permutation of its {len(entry.shape)} dims")
+
+    def permute(values):
+        return tuple(values[a] for a in axes)
+    chunks = tuple(Chunk(permute(c.offsets), permute(c.sizes), c.location) for c in entry.chunks)
+    return Transposed(fqn=entry.fqn, dtype=entry.dtype, shape=permute(entry.shape), chunks=chunks, path=entry.path,
+                      axes=axes)

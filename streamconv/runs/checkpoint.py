@@ -27,8 +27,7 @@ def load(checkpoint_dir: str, fast: FastPaths = NONE
 def locate_chunks(conversion: ConversionPlan, reader: RangeReader) -> Dict[BlobLocation, StoredTensor]:
     """Find every planned chunk's raw bytes and check them against the metadata, before any output exists.
     Blobs are visited in file order, each once."""
-    entries = [TensorEntry(fqn=t.source_fqn, dtype=t.src_dtype, shape=t.shape, chunks=t.chunks)
-               for t in conversion.tensors]
+    entries = [TensorEntry(t.source_fqn, t.src_dtype, *t.as_stored()) for t in conversion.tensors]
     reader.set_random_access(True)
     try:
         stored = locate_all(reader, entries)

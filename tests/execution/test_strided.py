@@ -35,3 +35,49 @@ def test_transposed_matrix_in_many_bands_reads_runs():
     meta, reader, stored = permuted_checkpoint(arr, [[], []], [(1, 0)])
     _, out = run(meta, reader, stored, buffer_bytes=4096)
     assert read_safetensors(out["model.safetensors"])["w"] == arr.tobytes()
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=cases(), buffer_bytes=st.sampled_from([1, 8, 24, 100, 4096]), seed=st.integers(0, 2**16),
+       stored_permuted=st.booleans(), cast=st.booleans())
+def test_a_tensor_the_plan_transposes_is_its_chunks_put_in_place_permuted(case, buffer_bytes, seed,
+                                                                          stored_permuted, cast):
+    """`transforms.Transposed` (torchtitan GPT-OSS's [E, 2F, D] experts written as [E, D, 2F]): any permutation
+    of any boxes, row-major or themselves stored permuted, at any buffer, with a cast: the permuted tensor, bit for
+    bit, through the strided assembler, in the buffer."""
+    from streamconv.execution.cast import cast_into
+    from streamconv.execution.executor import choose
+    from streamconv.execution.workspace import Workspace
+    from streamconv.output.sink import MemorySink
+    from streamconv.planning import transforms as tf
+    arr, cuts = case
+    if arr.ndim < 2:
+        return
+    rng = np.random.default_rng(seed)
+    axes = tuple(rng.permutation(arr.ndim).tolist())
+    orders = [tuple(rng.permutation(arr.ndim).tolist()) for _ in range(3)] if stored_permuted else [
+        tuple(range(arr.ndim))]
+    meta, reader, stored = permuted_checkpoint(arr.astype(np.float32), cuts, orders)
+    meta = CheckpointMetadata(tensors=(tf.transposed(meta.tensors[0], axes),))
+    plan, out = run(meta, reader, stored, buffer_bytes, **({"dtype": "bfloat16"} if cast else {}))
+    (t,) = plan.shards[0].tensors
+    assert t.axes == axes and t.shape == tuple(arr.shape[a] for a in axes) and choose(t, stored).name == "strided"
+    want = np.ascontiguousarray(arr.astype(np.float32).transpose(axes)).tobytes()
+    if cast:
+        want = cast_into(np.frombuffer(want, np.uint8), "float32", "bfloat16").tobytes()
+    assert read_safetensors(out["model.safetensors"])["w"] == want
+    ws = Workspace(reader, stored, buffer_bytes)
+    sink = MemorySink(t.begin + t.nbytes)
+    choose(t, stored).write(ws, t, sink)
+    assert ws.buffer_nbytes <= max(buffer_bytes, 2 * 4)      # the one buffer, as for any tensor
+
+
+def test_grouped_experts_transposed_plane_by_plane():
+    """GPT-OSS's shape: [E, 2F, D] sharded on experts (FSDP2) and on rows (tensor parallel) to [E, D, 2F]."""
+    from streamconv.planning import transforms as tf
+    arr = np.arange(4 * 96 * 64, dtype=np.float32).reshape(4, 96, 64)
+    meta, reader, stored = permuted_checkpoint(arr, [[1, 3], [48], []], [(0, 1, 2)])
+    meta = CheckpointMetadata(tensors=(tf.transposed(meta.tensors[0], (0, 2, 1)),))
+    plan, out = run(meta, reader, stored, buffer_bytes=4096)
+    assert plan.shards[0].tensors[0].assembly == "transpose"
+    assert read_safetensors(out["model.safetensors"])["w"] == np.ascontiguousarray(arr.transpose(0, 2, 1)).tobytes()

@@ -66,3 +66,14 @@ def test_a_staging_folder_of_another_plan_is_not_resumed(field, message):
     with pytest.raises(OutputError, match=message) as caught:
         ledger.check_resumable(previous, current, "/out", "/.out.partial")
     assert "--discard-partial" in str(caught.value)
+
+
+def test_a_transposed_tensor_has_another_shard_fingerprint(plan):
+    """How a tensor's bytes are put in place is part of what decides them: the same chunks transposed by the plan
+    (`TensorPlan.axes`) are another shard, so a resumed run does not keep a shard written the other way."""
+    import dataclasses
+    shard = plan.shards[0]
+    t = next(t for t in shard.tensors if len(t.shape) == 2)
+    turned = dataclasses.replace(shard, tensors=tuple(dataclasses.replace(x, axes=(1, 0)) if x is t else x
+                                                      for x in shard.tensors))
+    assert ledger.shard_fingerprint(turned) != ledger.shard_fingerprint(shard)

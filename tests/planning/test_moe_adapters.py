@@ -68,3 +68,43 @@ def test_source_format_offers_every_adapter():
     shown = re.sub(r"-\n\s+", "-", result.output)     # (click may wrap a name after one of its hyphens)
     for adapter in trainers.ADAPTERS:
         assert adapter.name in shown, adapter.name
+
+
+def test_fused_expert_layout_joins_gate_and_up_into_literal_pieces():
+    """`--expert-layout fused`: w1_EFD then w3_EFD side by side on the ffn dim as `experts.gate_up_proj`
+    [E, 2F, D] (each FSDP2 chunk one piece), w2_EDF renamed to `experts.down_proj` and kept on the copy path."""
+    meta = CheckpointMetadata(tensors=(entry(P + "w1_EFD", (4, 6, 8), split_dim=0),
+                                       entry(P + "w3_EFD", (4, 6, 8), split_dim=0),
+                                       entry(P + "w2_EDF", (4, 8, 6), split_dim=0)))
+    plan = build_plan(meta, PlanOptions(source_format="torchtitan-qwen3", expert_layout="fused",
+                                        max_shard_bytes=10**9))
+    by_name = {t.name: t for t in plan.tensors}
+    assert sorted(by_name) == ["model.layers.0.mlp.experts.down_proj", "model.layers.0.mlp.experts.gate_up_proj"]
+    gate_up = by_name["model.layers.0.mlp.experts.gate_up_proj"]
+    assert gate_up.shape == (4, 12, 8)
+    assert sorted((p.chunk.location.relative_path, p.src_start, p.dst_start, p.sizes) for p in gate_up.pieces) == [
+        (f"{P}w1_EFD#0", (0, 0, 0), (0, 0, 0), (2, 6, 8)), (f"{P}w1_EFD#1", (0, 0, 0), (2, 0, 0), (2, 6, 8)),
+        (f"{P}w3_EFD#0", (0, 0, 0), (0, 6, 0), (2, 6, 8)), (f"{P}w3_EFD#1", (0, 0, 0), (2, 6, 0), (2, 6, 8))]
+    down = by_name["model.layers.0.mlp.experts.down_proj"]
+    assert down.shape == (4, 8, 6) and down.pieces == () and down.source_fqn == P + "w2_EDF"
+    resolution = trainers.resolve([P + "w1_EFD", "layers.0.attention.q_norm.weight", "tok_embeddings.weight",
+                                   "layers.0.attention.k_norm.weight"], [], expert_layout="fused")
+    assert resolution.adapter.expert_layout.startswith("fused mlp.experts.gate_up_proj [E, 2F, D]")
+    assert "routed experts: fused" in resolution.note
+
+
+def test_fused_expert_layout_with_a_missing_half_is_refused_not_zero_filled():
+    """Only w1_EFD (w3_EFD absent): gate_up_proj would be half empty; refused, naming the fix."""
+    import pytest
+    from streamconv.errors import ReferenceMismatchError
+    meta = CheckpointMetadata(tensors=(entry(P + "w1_EFD", (4, 6, 8), split_dim=0),))
+    with pytest.raises(ReferenceMismatchError, match=r"gate_up_proj.*only .*w1_EFD is in the checkpoint and "
+                                                     r"selected \(192 of 384 elements\); convert with --expert-layout "
+                                                     r"per-expert"):
+        build_plan(meta, PlanOptions(source_format="torchtitan-qwen3", expert_layout="fused", max_shard_bytes=10**9))
+    # ... and so is the half the user excluded: never joined against the user's word, never left empty
+    meta = CheckpointMetadata(tensors=(entry(P + "w1_EFD", (4, 6, 8), split_dim=0),
+                                       entry(P + "w3_EFD", (4, 6, 8), split_dim=0)))
+    with pytest.raises(ReferenceMismatchError, match="only .*w1_EFD is in the checkpoint and selected"):
+        build_plan(meta, PlanOptions(source_format="torchtitan-qwen3", expert_layout="fused", exclude=("*w3_EFD",),
+                                     max_shard_bytes=10**9))

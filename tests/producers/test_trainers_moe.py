@@ -10,6 +10,7 @@ unexpected, and its logits equal the torchtitan model's own (computed with fp32 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -131,3 +132,70 @@ def test_deepseek_v3_converts_with_only_config_from(made, tmp_path):
     # MLA in transformers runs its ops in another order than torchtitan's: equal within fp32 rounding
     torch.testing.assert_close(hf_logits(out, "DeepseekV3ForCausalLM"), torch.load(case_dir / "logits.pt"),
                                rtol=0, atol=1e-4)
+
+
+def _mismatched_config(kind: str, folder):
+    """A config.json whose architecture's names the tiny Qwen3-MoE checkpoint does not have."""
+    from transformers import DeepseekV3Config, LlamaConfig, Qwen3MoeConfig
+    c = mw.QWEN3_MOE
+    config = {"deepseek_v3": lambda: DeepseekV3Config(**mw.DEEPSEEK_V3),
+              "dense_llama": lambda: LlamaConfig(**{k: c[k] for k in (
+                  "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "head_dim", "intermediate_size")}),
+              "qwen3_moe_8_experts": lambda: Qwen3MoeConfig(**{**c, "num_experts": 8})}[kind]()
+    config.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind,why", [
+    ("deepseek_v3", "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"),     # a reference weight not made
+    ("dense_llama", "model.layers.0.mlp.experts.0.gate_proj.weight"),          # an expert the config has no place for
+    ("qwen3_moe_8_experts", "model.layers.0.mlp.gate.weight [4, 64] here, [8, 64] in the reference"),
+])
+def test_moe_checkpoint_with_a_config_that_does_not_match_is_exit_4_and_writes_nothing(made, tmp_path, kind, why):
+    """The names the adapter makes are proven against what the config's architecture loads: a DeepSeek-V3 config,
+    a dense Llama one or the same family with another expert count is refused before anything is written, and the
+    message blames the stage that would fix it (the adapter's output vs --config-from)."""
+    base = _mismatched_config(kind, tmp_path / "base")
+    out = tmp_path / "out"
+    result = convert(made["fp32"] / "ckpt", out, "--config-from", base)
+    assert result.exit_code == 4, result.output
+    assert not out.exists() and not list(tmp_path.glob(".*out*")), list(tmp_path.iterdir())
+    error = " ".join(result.output.split())
+    assert why in error, error
+    assert "torchtitan-qwen3" in error and "Is --config-from the base model" in error or (
+        "the torchtitan-qwen3 adapter's output is not this config's model" in error
+        and "check that --config-from is the base model" in error), error
+    assert "Traceback" not in result.output
+
+
+def fused(state, family="qwen3"):
+    """`to_hf` with the experts in transformers 5's in-memory layout, with torch ops: [w1; w3] on the ffn dim."""
+    out = {n: w for n, w in mw.to_hf(state, family).items() if ".mlp.experts." not in n}
+    for key, grouped in state.items():
+        m = re.fullmatch(r"layers\.(\d+)\.moe\.routed_experts\.inner_experts\.w1_EFD", key)
+        if m:
+            base = key[:-len("w1_EFD")]
+            out[f"model.layers.{m[1]}.mlp.experts.gate_up_proj"] = torch.cat([grouped, state[base + "w3_EFD"]], 1)
+            out[f"model.layers.{m[1]}.mlp.experts.down_proj"] = state[base + "w2_EDF"]
+    return out
+
+
+@pytest.mark.parametrize("case,architecture", [("fp32", "Qwen3MoeForCausalLM"), ("ep2", "Qwen3MoeForCausalLM"),
+                                               ("deepseek_v3", "DeepseekV3ForCausalLM")])
+def test_fused_expert_layout_loads_in_transformers_with_the_same_logits(made, tmp_path, case, architecture):
+    """`--expert-layout fused`: experts.gate_up_proj [E, 2F, D] / experts.down_proj [E, D, F], the layout
+    transformers 5.25 holds in memory; it loads it as it is, with the trainer's logits."""
+    case_dir, out = made[case], tmp_path / "hf"
+    result = convert(case_dir / "ckpt", out, "--config-from", case_dir / "base", "--expert-layout", "fused")
+    assert result.exit_code == 0, result.output
+    notes = json.loads(result.output)["notes"]
+    assert any("routed experts: fused mlp.experts.gate_up_proj [E, 2F, D]" in n for n in notes), notes
+    assert any("(as the model holds it in memory)" in n for n in notes), notes
+    family = "deepseek_v3" if case == "deepseek_v3" else "qwen3"
+    ref = fused(torch.load(case_dir / "trained.pt"), family)
+    got = load_file(out / "model.safetensors")
+    assert sorted(got) == sorted(ref)
+    assert all(torch.equal(got[n], ref[n]) for n in ref), [n for n in ref if not torch.equal(got[n], ref[n])]
+    torch.testing.assert_close(hf_logits(out, architecture), torch.load(case_dir / "logits.pt"), rtol=0,
+                               atol=1e-4 if case == "deepseek_v3" else 1e-5)

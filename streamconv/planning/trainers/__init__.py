@@ -4,6 +4,7 @@
 * `formats` — the adapters themselves (torchtitan, torchtune Llama), as data; `megatron` — Megatron-Core GPT,
   dense and MoE (`megatron-gpt`); `qwen3` — torchtitan Qwen3 and
   Qwen3-MoE (grouped experts unstacked per expert); `deepseek_v3` — torchtitan DeepSeek-V3 (MLA, shared experts);
+  `gpt_oss` — torchtitan GPT-OSS (sinks, biases, expert weights transposed while streaming);
 * `heads` — attention geometry from a config.json; `llama` — the Llama a config.json builds.
 
 `resolve` picks one from the checkpoint's model names (or `--source-format`); pure.
@@ -14,16 +15,17 @@ from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence
 
 from ...errors import OptionsError
-from .adapter import Adapter, Rule, outputs, vocab_trims
+from .adapter import EXPERT_LAYOUTS, Adapter, Rule, joined, outputs, vocab_trims
 from .heads import heads_from_config
 from .llama import check_llama_shapes, llama_shapes
 from .formats import ADAPTERS as _LLAMA_FAMILY, TORCHTITAN_LLAMA, TORCHTUNE_LLAMA
 from .megatron import MEGATRON_GPT
 from .qwen3 import TORCHTITAN_QWEN3
 from .deepseek_v3 import TORCHTITAN_DEEPSEEK_V3
+from .gpt_oss import TORCHTITAN_GPT_OSS
 
 # The registry: one line per adapter module.
-ADAPTERS = _LLAMA_FAMILY + (MEGATRON_GPT, TORCHTITAN_QWEN3, TORCHTITAN_DEEPSEEK_V3)
+ADAPTERS = _LLAMA_FAMILY + (MEGATRON_GPT, TORCHTITAN_QWEN3, TORCHTITAN_DEEPSEEK_V3, TORCHTITAN_GPT_OSS)
 
 AS_IS = "hf"
 SOURCE_FORMATS = ("auto", AS_IS) + tuple(a.name for a in ADAPTERS)
@@ -39,15 +41,16 @@ class Resolution:
 
 
 def resolve(names: Sequence[str], top_keys: Iterable[str], source_format: str = "auto",
-            reason: str = "") -> Resolution:
+            reason: str = "", expert_layout: str = "per-expert") -> Resolution:
     """The adapter for a checkpoint whose model tensors have state-dict `names`; `top_keys` are its top-level
-    entries (for the note). `reason`: why `source_format` was chosen when not by --source-format."""
+    entries (for the note). `reason`: why `source_format` was chosen when not by --source-format.
+    `expert_layout`: how the adapter writes routed experts (`adapter.EXPERT_LAYOUTS`)."""
     if source_format not in SOURCE_FORMATS:
         raise OptionsError(f"--source-format {source_format!r}: use one of {', '.join(SOURCE_FORMATS)}")
     if source_format == AS_IS:
         return Resolution(None, AS_IS, "source format: hf (forced): names kept as in the checkpoint")
     if source_format != "auto":
-        adapter = next(a for a in ADAPTERS if a.name == source_format)
+        adapter = next(a for a in ADAPTERS if a.name == source_format).with_expert_layout(expert_layout)
         why = reason or "forced by --source-format"
         return Resolution(adapter, adapter.name, f"source format: {adapter.name} ({why}); {adapter.describes}")
     names = list(names)
@@ -57,7 +60,7 @@ def resolve(names: Sequence[str], top_keys: Iterable[str], source_format: str = 
                            "choose one with --source-format")
     if not found:
         return Resolution(None, AS_IS, "")
-    adapter = found[0]
+    adapter = found[0].with_expert_layout(expert_layout)
     extra = sorted(k for k in set(top_keys) if k in TRAINER_ENTRIES)
     beside = f"; beside the model: {', '.join(extra)}" if extra else ""
     return Resolution(adapter, adapter.name,
@@ -75,5 +78,6 @@ def _example(adapter: Adapter, names: List[str]) -> str:
     return names[0] if names else "?"
 
 
-__all__ = ["check_llama_shapes", "llama_shapes", "Adapter", "Rule", "Resolution", "resolve", "outputs", "vocab_trims", "heads_from_config", "ADAPTERS",
-           "TORCHTITAN_LLAMA", "TORCHTUNE_LLAMA", "MEGATRON_GPT", "TORCHTITAN_QWEN3", "TORCHTITAN_DEEPSEEK_V3", "SOURCE_FORMATS"]
+__all__ = ["check_llama_shapes", "llama_shapes", "Adapter", "Rule", "Resolution", "resolve", "outputs", "joined",
+           "vocab_trims", "EXPERT_LAYOUTS", "heads_from_config", "ADAPTERS", "TORCHTITAN_LLAMA", "TORCHTUNE_LLAMA",
+           "MEGATRON_GPT", "TORCHTITAN_QWEN3", "TORCHTITAN_DEEPSEEK_V3", "TORCHTITAN_GPT_OSS", "SOURCE_FORMATS"]

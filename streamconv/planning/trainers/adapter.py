@@ -12,6 +12,15 @@ in order to the source's rows (see `transforms.py`):
 | `half`         | `0` / `1`       | first / second half of the rows ([gate; up])                        |
 | `vocab`        | `rows`          | the first vocab_size rows (the config's): a padded vocabulary trimmed|
 
+A rule with `join` (dim, index, parts) makes its source part `index` of `parts` equal parts of the output along
+`dim`; the other parts come from other sources' rules with the same target, merged into one output by
+`joined` (torchtitan's `w1_EFD` and `w3_EFD` as transformers' fused `experts.gate_up_proj` [E, 2F, D]). The
+planner proves the parts tile the output, so a missing part is refused, never left as zeros.
+
+A rule with `transpose` writes the source with its last two dims swapped (torchtitan GPT-OSS's [E, out, in]
+expert weights as transformers' [E, in, out]): a `transforms.Transposed` output, read chunk by chunk and put in
+place permuted while streaming, never loaded whole. It takes no steps and no unstack.
+
 Several rules may match one source (a fused qkv gives three outputs). `unstack` makes one output per index of
 the source's leading dim (Megatron's layer-stacked tensors, torchtitan's grouped experts `[E, F, D]`: each
 output is a plane of the stored chunks, copied like any other piece, never loaded whole); `unstack=2` one per
@@ -22,15 +31,18 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional, Tuple
 
 from .. import transforms
 from ...errors import CheckpointError, OptionsError, ReferenceMismatchError
-from ...model import TensorEntry
+from ...model import TensorEntry, numel
 from ..transforms import Heads, RowMap
 
 Step = Tuple[str, str]
+# Routed experts: one tensor per expert, as save_pretrained writes them (the default), or fused as transformers 5
+# holds them in memory. An adapter with one layout only (GPT-OSS: fused) keeps it whatever is asked.
+EXPERT_LAYOUTS = ("per-expert", "fused")
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,8 @@ class Rule:
     target: str
     steps: Tuple[Step, ...] = ()
     unstack: int = 0        # leading dims unstacked (True: 1)
+    transpose: bool = False
+    join: Tuple[int, int, int] = ()
 
     def match(self, name: str) -> Optional[re.Match]:
         return re.fullmatch(self.pattern, name)
@@ -65,6 +79,20 @@ class Adapter:
     # ("" for dense-only adapters), for inspect/plan and refusals.
     family: str = "Hugging Face Llama"
     expert_layout: str = ""
+    # The rules of the fused expert layout (transformers' in-memory `experts.gate_up_proj` / `experts.down_proj`),
+    # replacing the per-expert rules (targets with `{expert}`) when the user asks for it, and its description.
+    fused_rules: Tuple[Rule, ...] = ()
+    fused_layout: str = ""
+
+    def with_expert_layout(self, layout: str) -> "Adapter":
+        """This adapter writing routed experts in `layout` ("per-expert" or "fused"); itself when it has only one."""
+        if layout not in EXPERT_LAYOUTS:
+            raise OptionsError(f"--expert-layout {layout!r}: use one of {', '.join(EXPERT_LAYOUTS)}")
+        if layout == "per-expert" or not self.fused_rules:
+            return self
+        rules = tuple(r for r in self.rules if "{expert}" not in r.target) + self.fused_rules
+        return replace(self, rules=rules, expert_layout=self.fused_layout,
+                       describes=self.describes.replace(self.expert_layout, self.fused_layout), fused_rules=())
 
     @property
     def needs_heads(self) -> bool:
@@ -146,6 +174,21 @@ def outputs(rule: Rule, m: re.Match, entry: TensorEntry, heads: Optional[Heads])
     """(output name, entry) pairs one rule makes of one source: the entry itself for a rename, else a
     `transforms.Derived` carrying the takes."""
     target = rule.target
+    if rule.join:
+        dim, index, parts = rule.join
+        shape = tuple(s * parts if d == dim else s for d, s in enumerate(entry.shape))
+        zeros = (0,) * len(entry.shape)
+        at = tuple(index * entry.shape[dim] if d == dim else 0 for d in range(len(entry.shape)))
+        take = transforms.Take(entry.fqn, zeros, at, tuple(entry.shape))
+        return [(m.expand(target), transforms.Derived(fqn=entry.fqn, dtype=entry.dtype, shape=shape,
+                                                      chunks=entry.chunks, path=entry.path, sources=(entry,),
+                                                      takes=(take,)))]
+    if rule.transpose:
+        n = len(entry.shape)
+        if n < 2:
+            raise ReferenceMismatchError(f"tensor {entry.fqn!r} {list(entry.shape)}: the trainer layout swaps its "
+                                         "last two dims, but it has fewer than two; is this the trainer's checkpoint?")
+        return [(m.expand(target), transforms.transposed(entry, tuple(range(n - 2)) + (n - 1, n - 2)))]
     if not rule.steps and not rule.unstack:
         return [(m.expand(target), entry)]
     n_lead = int(rule.unstack)
@@ -167,3 +210,25 @@ def outputs(rule: Rule, m: re.Match, entry: TensorEntry, heads: Optional[Heads])
         out.append((name, transforms.Derived(fqn=entry.fqn, dtype=entry.dtype, shape=shape, chunks=entry.chunks,
                                              path=entry.path, sources=(entry,), takes=takes)))
     return out
+
+
+def joined(name: str, parts: List[TensorEntry]) -> TensorEntry:
+    """The outputs `join` rules made under one name, as one tensor (their sources and takes together). Parts with
+    other shapes or at the same place, or too few to fill it, are refused; the planner then proves that they tile
+    the output."""
+    first = parts[0]
+    filled = sum(numel(t.sizes) for p in parts for t in p.takes)
+    if filled < numel(first.shape):
+        raise ReferenceMismatchError(
+            f"{name!r} is joined from several checkpoint tensors, but only {', '.join(p.fqn for p in parts)} "
+            f"{'is' if len(parts) == 1 else 'are'} in the checkpoint and selected ({filled} of "
+            f"{numel(first.shape)} elements); convert with --expert-layout per-expert, or check that the checkpoint "
+            "is complete and --exclude leaves every part")
+    for other in parts[1:]:
+        if tuple(other.shape) != tuple(first.shape) or any(
+                t.dst_start == u.dst_start for t in first.takes for u in other.takes):
+            raise ReferenceMismatchError(
+                f"{name!r} would be made of {first.fqn!r} and {other.fqn!r}, which are not the parts of one "
+                f"tensor ({list(first.shape)} vs {list(other.shape)}); is this the trainer's checkpoint?")
+    return replace(first, sources=tuple(s for p in parts for s in p.sources),
+                   takes=tuple(t for p in parts for t in p.takes), chunks=tuple(c for p in parts for c in p.chunks))

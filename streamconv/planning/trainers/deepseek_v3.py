@@ -10,13 +10,13 @@ Sources: torchtitan 0.3 `torchtitan/models/deepseek_v3/` (`__init__.py` `make_ml
 * Dense first layers (`feed_forward.*`, HF `first_k_dense_replace`), then MoE layers: router `gate.weight`, the
   load-balancing bias `expert_bias_E` -> `mlp.gate.e_score_correction_bias` (both add it to the scores only to
   choose experts), shared experts (one FFN of n_shared_experts x moe_intermediate_size rows) and routed experts
-  unstacked per expert, as in `qwen3.py`.
+  unstacked per expert, as in `qwen3.py` (or fused with `--expert-layout fused`, as there).
 * Refused by feature: multi-token-prediction layers (`mtp_layers.*`), which `DeepseekV3ForCausalLM` does not hold.
 """
 from __future__ import annotations
 
 from .adapter import Adapter, Rule
-from .qwen3 import EXPERT_AND_HEAD_RULES, NORM_AND_DENSE_RULES, PER_EXPERT, ROUTER_RULE
+from .qwen3 import EXPERT_AND_HEAD_RULES, FUSED, FUSED_EXPERT_RULES, NORM_AND_DENSE_RULES, PER_EXPERT, ROUTER_RULE
 
 _L = r"layers\.(\d+)\."
 _HF = r"model.layers.\1."
@@ -54,4 +54,5 @@ TORCHTITAN_DEEPSEEK_V3 = Adapter(
                "e_score_correction_bias); routed experts: " + PER_EXPERT),
     family="Hugging Face DeepseekV3ForCausalLM",
     expert_layout=PER_EXPERT,
+    fused_rules=FUSED_EXPERT_RULES, fused_layout=FUSED,
 )

@@ -10,7 +10,9 @@ and `conversion_mapping.py` ("qwen2_moe" rules, which Qwen3-MoE uses).
 * Grouped experts are unstacked while streaming: expert e of `w1_EFD` is the [ffn, dim] plane at e, so
   `mlp.experts.{e}.gate_proj.weight` is a plain piece of the stored chunk holding it (FSDP2 and expert-parallel
   checkpoints shard experts on dim 0). Per-expert names are what `save_pretrained` writes and the Hub holds;
-  transformers 5 fuses them into `experts.gate_up_proj` [E, 2F, D] / `experts.down_proj` [E, D, F] on load.
+  transformers 5 fuses them into `experts.gate_up_proj` [E, 2F, D] / `experts.down_proj` [E, D, F] on load;
+  `--expert-layout fused` writes those instead (`FUSED_EXPERT_RULES`: w1 and w3 joined side by side, copied
+  piece by piece like the unstack).
 * The router's `gate.weight` [experts, dim] is Hugging Face's `mlp.gate.weight` as it is.
 * Refused, by feature: the load-balancing bias `moe.expert_bias_E` (torchtitan adds it to the router scores
   before choosing experts; Qwen3-MoE has no place for it) and shared experts (Qwen3-MoE has none).
@@ -47,6 +49,17 @@ PER_EXPERT = ("per-expert mlp.experts.{e}.gate_proj/up_proj/down_proj (unstacked
               "[E, F, D] w1_EFD/w3_EFD and [E, D, F] w2_EDF; the layout save_pretrained writes, checked against "
               "transformers 5.25)")
 
+# `--expert-layout fused`: transformers 5's in-memory layout, which its loader takes as it is (tests/producers/
+# test_trainers_moe.py loads it and compares logits): [gate rows; up rows] side by side on the ffn dim.
+FUSED = ("fused mlp.experts.gate_up_proj [E, 2F, D] (torchtitan's w1_EFD then w3_EFD along the ffn dim: gate rows, "
+         "then up rows) and down_proj [E, D, F] (w2_EDF as it is); the layout transformers 5 holds in memory and "
+         "loads as it is, checked against transformers 5.25")
+FUSED_EXPERT_RULES = (
+        Rule(_EXPERTS + r"w1_EFD", _HF + "mlp.experts.gate_up_proj", join=(1, 0, 2)),
+        Rule(_EXPERTS + r"w3_EFD", _HF + "mlp.experts.gate_up_proj", join=(1, 1, 2)),
+        Rule(_EXPERTS + r"w2_EDF", _HF + "mlp.experts.down_proj"),
+)
+
 TORCHTITAN_QWEN3 = Adapter(
     name="torchtitan-qwen3", trainer="torchtitan",
     rules=(
@@ -75,4 +88,5 @@ TORCHTITAN_QWEN3 = Adapter(
                "routed experts: " + PER_EXPERT),
     family="Hugging Face Qwen3ForCausalLM (dense) / Qwen3MoeForCausalLM (moe)",
     expert_layout=PER_EXPERT,
+    fused_rules=FUSED_EXPERT_RULES, fused_layout=FUSED,
 )

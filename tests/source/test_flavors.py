@@ -145,7 +145,7 @@ def test_only_the_flavors_decide_what_a_folder_is():
             text = open(path).read()
             found += [f"{rel}: {s}" for s in spellings if s in text]
     assert sorted(found) == [
-        "api.py: recognise(",                       # inspect's note: the Megatron flavor's recognition
         "hf/prepare.py: recognise(",                # the trainer adapter choice (megatron-gpt by default)
         'hf/sidecars.py: "__0.metadata"',           # a hint in the no-config.json message, never a decision
+        "runs/inspecting.py: recognise(",           # inspect's note: the Megatron flavor's recognition
     ], found

@@ -49,7 +49,7 @@ def _fd_parameters_at(path):
 
 
 def test_fast_paths_are_detected_once_per_run_and_passed():
-    """Only the places a run starts choose fast paths (`runs.conversion`, `api.verify`, a shard job on its own
+    """Only the places a run starts choose fast paths (`runs.conversion`, `runs.verifying`, a shard job on its own
     machine); everything below takes them as given, plain fallbacks when given none."""
     calls = []
     for path in sorted(PACKAGE.rglob("*.py")):
@@ -57,8 +57,8 @@ def test_fast_paths_are_detected_once_per_run_and_passed():
         for number, line in enumerate(text.splitlines(), 1):
             if ("detect()" in line or "FastPaths()" in line) and not line.lstrip().startswith(("#", '"', "`")):
                 calls.append(f"{path.relative_to(PACKAGE)}: {line.split('=')[0].strip()}")
-    assert sorted(calls) == ["api.py: fast", "fs/fastpaths.py: NONE", "runs/conversion.py: self.fast",
-                            "runs/shardjob.py: fast"], calls
+    assert sorted(calls) == ["fs/fastpaths.py: NONE", "runs/conversion.py: self.fast", "runs/shardjob.py: fast",
+                            "runs/verifying.py: fast"], calls
 
 
 def test_every_reader_implements_the_whole_reader_interface_and_nothing_is_forwarded():

@@ -14,7 +14,7 @@ from typing import Dict, Iterable, Optional, Sequence, Union
 
 from . import dtypes
 from .errors import OptionsError, VerificationError
-from .fs import fastpaths
+from .fs import fastpaths, location
 from .fs.paths import user_path
 from .output import record
 from .planning import names
@@ -144,7 +144,7 @@ def inspect(checkpoint_dir: str) -> dict:
         key = str(t.path[0]) if len(t.path) >= 2 else "(top level)"
         top_keys[key] = top_keys.get(key, 0) + 1
     return {
-        "checkpoint": os.path.abspath(checkpoint_dir),
+        "checkpoint": location.absolute(checkpoint_dir),
         "torch_version_hint": meta.torch_version_hint,
         "metadata_version": meta.version,
         "files": list(meta.files),
@@ -202,7 +202,7 @@ def verify(checkpoint_dir: str, output_dir: str, options: Optional[Options] = No
                                          progress=reporter.advance,
                                          tied_heads=[(heads[p.head], p.embedding) for p in setup.tied], fast=fast)
         reporter.close()
-    result.checkpoint = os.path.abspath(checkpoint_dir)
+    result.checkpoint = location.absolute(checkpoint_dir)
     if found is not None:
         checked += provenance.check_record_files(found, output_dir, result)
     result.checked = checked

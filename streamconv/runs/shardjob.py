@@ -21,7 +21,10 @@ from ..output.staging import scratch_dir_of
 from ..planning.plan import ConversionPlan, ShardPlan
 from ..source import transforms
 from ..source.integrity import ChunkIntegrity
-from ..source.io import DirectoryReader, RangeReader
+from ..fs import location
+from ..fs.remote import is_url
+from ..source.io import RangeReader
+from ..source.remote import folder_reader
 from .checkpoint import locate_chunks
 from .parallel import write_shards
 
@@ -115,16 +118,13 @@ def write_jobs(jobs: Sequence[ShardJob], bench: Workbench, progress: Optional[Pr
 
 def _check_checkpoint_unchanged(context: JobContext) -> None:
     """A worker on another machine must read the checkpoint the driver planned: same files, sizes, mtimes."""
+    now = location.entries(context.checkpoint_dir, list(context.checkpoint_files))
     for name, expected in context.checkpoint_files.items():
-        try:
-            st = os.stat(os.path.join(context.checkpoint_dir, name))
-            found = [st.st_size, st.st_mtime_ns]
-        except OSError:
-            found = None
+        found = list(now[name].stamp) if now[name] is not None else None
         if found != expected:
             raise CheckpointError(
-                f"{os.path.join(context.checkpoint_dir, name)}: differs from what the driver planned with "
-                f"(size and mtime {found} instead of {expected}); does this worker see the same storage?")
+                f"{location.at(context.checkpoint_dir).join(name)}: differs from what the driver planned with "
+                f"(size and mtime or ETag {found} instead of {expected}); does this worker see the same storage?")
 
 
 def write_job_alone(job: ShardJob) -> Written:
@@ -135,7 +135,9 @@ def write_job_alone(job: ShardJob) -> Written:
     if context.ledger.recorded(shard, fast=fast):
         return Written((job.filename,))      # a retry of a task whose work was already done
     _check_checkpoint_unchanged(context)
-    with DirectoryReader(context.checkpoint_dir, fast=fast) as directory:
+    if is_url(context.checkpoint_dir):
+        fast = replace(fast, copy_file_range=False, preadv=False, fadvise=False)     # no file to hand the kernel
+    with folder_reader(context.checkpoint_dir, fast) as directory:
         reader = transforms.reader_for(directory, (c.location for t in shard.tensors for c in t.chunks))
         stored = locate_chunks(replace(context.plan, shards=(shard,)), reader)
         sources = sorted({c.location.relative_path for t in shard.tensors for c in t.chunks})

@@ -11,6 +11,7 @@ import os
 from typing import Iterable, Optional, Sequence, Tuple
 
 from ...errors import CheckpointError
+from ...fs import location
 from ...model import CheckpointMetadata
 from ..io import RangeReader
 from ..metadata import find_metadata_file
@@ -29,7 +30,7 @@ def detect(folder: "str | os.PathLike[str]", flavors: Optional[Sequence[Flavor]]
     CheckpointError when a flavor recognises it as its own but broken (shard files beside other safetensors
     files...)."""
     folder = os.fspath(folder)
-    if not os.path.isdir(folder):
+    if not location.at(folder).is_dir():
         return None
     return next((flavor for flavor in (FLAVORS if flavors is None else flavors) if flavor.detect(folder)), None)
 

@@ -52,6 +52,9 @@ class Folder(Protocol):
     def read_small(self, name: str, limit_bytes: int) -> bytes:
         """At most `limit_bytes` of a regular file inside (OSError/CheckpointError when it cannot be read)."""
 
+    def read(self, name: str, offset: int, length: int) -> bytes:
+        """At most `length` bytes at `offset` of a regular file inside (fewer at its end)."""
+
 
 def at(path: str) -> Folder:
     """The folder at a local path or an fsspec URL."""
@@ -109,8 +112,14 @@ class LocalFolder:
                      (st.st_size, st.st_mtime_ns))
 
     def read_small(self, name: str, limit_bytes: int) -> bytes:
-        with os.fdopen(open_regular(self.join(name)), "rb") as f:     # a FIFO is refused, never waited on
-            return f.read(limit_bytes)
+        return self.read(name, 0, limit_bytes)
+
+    def read(self, name: str, offset: int, length: int) -> bytes:
+        fd = open_regular(self.join(name))      # a FIFO is refused, never waited on
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
 
 
 class RemoteFolder:
@@ -160,8 +169,12 @@ class RemoteFolder:
         return Entry(FILE, size, (size, version, str(modified or "")), "", (size, version))
 
     def read_small(self, name: str, limit_bytes: int) -> bytes:
+        return self.read(name, 0, limit_bytes)
+
+    def read(self, name: str, offset: int, length: int) -> bytes:
         full = self._full(name)
-        return self._call(f"{self.join(name)}: read", lambda: self.fs.cat_file(full, start=0, end=limit_bytes))
+        return self._call(f"{self.join(name)}: read",
+                          lambda: self.fs.cat_file(full, start=offset, end=offset + length))
 
 
 def entries(folder: str, names) -> "dict[str, Optional[Entry]]":

@@ -196,3 +196,15 @@ def metadata_names(folder: str) -> List[str]:
         return [n for n in at(folder).names() if n.endswith(".metadata")]
     except OSError:
         return []
+
+
+def glob_folders(pattern: str) -> List[str]:
+    """The folders a glob names (`runs/*/checkpoint-*`, `s3://bucket/run/checkpoint-*`), in no particular order."""
+    if not remote.is_url(pattern):
+        import glob
+        return [m for m in glob.glob(pattern) if os.path.isdir(m)]
+    fs, path = remote.filesystem(pattern)
+    found = remote.with_retries(f"{pattern}: listing", lambda: fs.glob(path, detail=True), CheckpointError)
+    head = pattern[:len(pattern) - len(pattern.partition("://")[2])]      # "s3://"
+    return [head + name.lstrip("/") if head != "memory://" else head + name
+            for name, info in found.items() if info.get("type") == "directory"]

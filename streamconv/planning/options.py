@@ -163,8 +163,9 @@ class RunOptions:
         help_in={"plan": "Print only the summary line.", "verify": "No progress bar; print only problems.",
                  "batch": "Print only failures."})
     storage_options: Optional[str] = _opt(
-        None, "--storage-options", metavar="JSON", commands=("convert", "plan", "verify", "batch", "inspect"),
-        help="fsspec options for s3:// and other URLs (docs/remote.md).")
+        # (not a batch flag: its --help is a screen already; batch reads the provider's variables, docs/remote.md)
+        None, "--storage-options", metavar="JSON", commands=("convert", "plan", "verify", "inspect"),
+        help="fsspec options for URLs (docs/remote.md).")
 
     @property
     def check_crc(self) -> bool:

@@ -74,7 +74,8 @@ def test_a_missing_data_file_is_named(url):
 
 
 def test_requests_in_flight_never_exceed_the_bound(url, monkeypatch):
-    """Four threads each reading 5 MiB in 256 KiB requests through a reader allowed 3 at once."""
+    """Four threads each reading 5 MiB in 256 KiB requests (through the reader's pool, and one by one
+    themselves) through a reader allowed 3 at once."""
     reader = RemoteReader(url, max_requests=3, request_bytes=256 << 10)
     state = {"now": 0, "most": 0}
     lock = threading.Lock()
@@ -96,8 +97,10 @@ def test_requests_in_flight_never_exceed_the_bound(url, monkeypatch):
 
     def work(i):
         buf = bytearray(len(DATA))
-        reader.read_into("__0_0.distcp", 0, [memoryview(buf)])
-        results[i] = bytes(buf) == DATA
+        reader.read_into("__0_0.distcp", 0, [memoryview(buf)])      # split into requests on the reader's pool
+        step = 256 << 10    # one request each, made by this thread itself
+        pieces = [reader.read("__0_0.distcp", at, step) for at in range(0, len(DATA), step)]
+        results[i] = bytes(buf) == DATA and b"".join(pieces) == DATA
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
     for t in threads:

@@ -24,6 +24,7 @@ from dataclasses import replace
 from typing import Dict, List, Optional
 
 from .. import hf
+from ..errors import OutputError
 from ..failpoints import kill_point
 from ..fs import fastpaths, location
 from ..fs.remote import is_url
@@ -74,6 +75,9 @@ class Conversion:
                  runner: Optional[Runner] = None):
         self.started = time.perf_counter()
         self.output_dir = user_path(output_dir, "the output folder (OUTPUT_DIR)")
+        if is_url(self.output_dir):     # never a local folder named "s3:"
+            raise OutputError(f"{self.output_dir}: writing the output into object storage is not supported yet; "
+                              "convert into a local folder, then upload it (e.g. `aws s3 sync`)")
         # Resolved now: after the commit the current folder may be gone, and getcwd() with it.
         self.output_abs = os.path.abspath(self.output_dir)
         self.request, self.settings, self.reporter, self.runner = request, settings, reporter, runner

@@ -22,7 +22,7 @@ from ..fs import remote
 from ..fs.fastpaths import NONE, FastPaths
 from .io import DirectoryReader, RangeReader
 
-REQUEST_BYTES = 8 << 20     # one ranged GET: large enough that per-request latency is small next to transfer
+REQUEST_BYTES = 4 << 20     # one ranged GET: large enough that per-request latency is small next to transfer
 DEFAULT_MAX_REQUESTS = 8    # in flight at once, across threads
 # Small reads (zip headers while locating chunks, .metadata, CRC records) are answered from aligned blocks of
 # BLOCK_BYTES, the last CACHED_BLOCKS of them kept: a checkpoint's headers sit beside its chunks, and one GET per

@@ -91,7 +91,7 @@ def test_inspect_and_plan_read_only_the_metadata_from_s3(uploaded, s3_server):
     assert a == b
     planned = run("plan", url, "--no-config", "--json", env=env)
     assert planned.returncode == 0, planned.stderr
-    assert json.loads(planned.stdout)["files"] == json.loads(run("plan", folder, "--no-config", "--json",
+    assert json.loads(planned.stdout)["tensors"] == json.loads(run("plan", folder, "--no-config", "--json",
                                                                    env=env).stdout)["files"]
 
 

@@ -3,7 +3,8 @@ this": `detect(folder)` asks each flavor in turn, most specific first. Discovery
 checkpoint (`runs/checkpoint.load`) and the trainer adapter choice (Megatron's `metadata.json`) all ask here.
 
 Adding a flavor: a module beside these with a `FLAVOR` object (detect, load_metadata, open_blobs) and one line in
-FLAVORS. An object store would come in the same way, with its own range reader behind `open_blobs`.
+FLAVORS. Where the folder is stored (a disk, a bucket) is not a flavor: flavors ask `fs.location` about the folder,
+so each reads from object storage as from a disk.
 """
 from __future__ import annotations
 

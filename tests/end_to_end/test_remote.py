@@ -92,7 +92,7 @@ def test_inspect_and_plan_read_only_the_metadata_from_s3(uploaded, s3_server):
     planned = run("plan", url, "--no-config", "--json", env=env)
     assert planned.returncode == 0, planned.stderr
     assert json.loads(planned.stdout)["tensors"] == json.loads(run("plan", folder, "--no-config", "--json",
-                                                                   env=env).stdout)["files"]
+                                                                   env=env).stdout)["tensors"]
 
 
 def test_config_from_in_the_bucket(uploaded, s3_server, tmp_path):

@@ -8,6 +8,7 @@ connection reset) so the retry and failure paths run against real HTTP.
 from __future__ import annotations
 
 import http.server
+import logging
 import os
 import socket
 import socketserver
@@ -33,6 +34,7 @@ def _free_port() -> int:
 
 class S3Server:
     def __init__(self):
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)     # one line per request otherwise
         self.port = _free_port()
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()

@@ -260,3 +260,19 @@ def test_a_source_object_rewritten_during_the_run_is_detected(uploaded, s3_serve
     assert result.returncode == 2, result.stderr
     assert "changed while it was converted" in result.stderr and f"{url}/{data_file}" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_shard_jobs_run_apart_read_the_bucket_themselves(uploaded, s3_server, tmp_path):
+    """SeparateRunner (Ray's stand-in: each job pickled, the checkpoint opened again where it runs) converts from
+    s3:// exactly as the threads do: every job opens its own client from the URL."""
+    folder, url = uploaded["tp"]
+    script = ("import sys, streamconv\nfrom streamconv.runs.runners import SeparateRunner\n"
+              "streamconv.convert(sys.argv[1], sys.argv[2], no_config=True, shard_runner=SeparateRunner(),\n"
+              "                   max_shard_size='100KB')\n")
+    result = subprocess.run([sys.executable, "-c", script, url, str(tmp_path / "apart")], capture_output=True,
+                            text=True, env=s3.env_for(s3_server), timeout=300)
+    assert result.returncode == 0, result.stderr
+    local = run("convert", folder, tmp_path / "local", "--no-config", "--max-shard-size", "100KB")
+    assert local.returncode == 0, local.stderr
+    assert len(list((tmp_path / "local").glob("model-*.safetensors"))) > 1
+    same_output(tmp_path / "apart", tmp_path / "local")

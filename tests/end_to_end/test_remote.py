@@ -117,13 +117,13 @@ def test_batch_over_an_s3_glob_and_its_skip(s3_server, dcp_checkpoints, tmp_path
     template = str(tmp_path / "hf" / "{name}")
     first = run("batch", "s3://runs/run/checkpoint-*", "-o", template, "--no-config", "--json", env=env)
     assert first.returncode == 0, first.stderr + first.stdout
-    items = json.loads(first.stdout)["items"]
+    items = json.loads(first.stdout)["checkpoints"]
     assert [i["status"] for i in items] == ["converted", "converted"]
     assert [i["source"] for i in items] == ["s3://runs/run/checkpoint-100", "s3://runs/run/checkpoint-200"]
     assert (tmp_path / "hf" / "checkpoint-200" / "model.safetensors").is_file()
     again = run("batch", "s3://runs/run/checkpoint-*", "-o", template, "--no-config", "--json", env=env)
     assert again.returncode == 0, again.stderr
-    assert [i["status"] for i in json.loads(again.stdout)["items"]] == ["skipped", "skipped"]
+    assert [i["status"] for i in json.loads(again.stdout)["checkpoints"]] == ["skipped", "skipped"]
 
 
 def test_run_folder_in_a_bucket_is_searched_like_a_local_one(uploaded, s3_server, tmp_path):

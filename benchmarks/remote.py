@@ -6,8 +6,8 @@ The preset checkpoint (generated once and cached, as `benchmarks.run` does) is u
 server started for the run (HTTP on localhost, in a process of its own). Then, alternately, `--repeat` times each:
 
 * streamconv: `streamconv convert s3://bench/ckpt OUT --no-config` (AWS_ENDPOINT_URL names the server);
-* boto3 download: every object with ranged GETs of 8 MiB on 8 threads (the same concurrency streamconv allows
-  itself), written to local files: what "download first" costs before any conversion starts.
+* boto3 download: every object with ranged GETs of 8 MiB on 8 threads (streamconv allows itself 6 requests in
+  flight), written to local files: what "download first" costs before any conversion starts.
 
 Each is measured by `measure.run_measured` (wall, peak RSS of the process tree). Printed: MB/s of each (checkpoint
 bytes / wall), the ratio, streamconv's peak RSS beside --buffer-size, and the client stack's import cost (the RSS of

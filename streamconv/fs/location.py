@@ -46,6 +46,9 @@ class Folder(Protocol):
     def names(self) -> List[str]:
         """The names directly inside (OSError when it cannot be listed)."""
 
+    def folders(self) -> List[str]:
+        """The names of the folders directly inside (symlinks to folders count; OSError when it cannot be listed)."""
+
     def entry(self, name: str) -> Optional[Entry]:
         """What `name` inside is, or None when absent."""
 
@@ -100,6 +103,10 @@ class LocalFolder:
     def names(self) -> List[str]:
         return os.listdir(self.where)
 
+    def folders(self) -> List[str]:
+        with os.scandir(self.where) as listing:
+            return [e.name for e in listing if e.is_dir()]
+
     def entry(self, name: str) -> Optional[Entry]:
         try:
             st = os.stat(self.join(name))
@@ -153,6 +160,14 @@ class RemoteFolder:
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.where}: no such folder") from None
         return sorted({posixpath.basename(p.rstrip("/")) for p in listed} - {""})
+
+    def folders(self) -> List[str]:
+        self.fs.invalidate_cache(self.path)
+        try:
+            listed = self._call(f"{self.where}: listing", lambda: self.fs.ls(self.path, detail=True))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.where}: no such folder") from None
+        return sorted({posixpath.basename(i["name"].rstrip("/")) for i in listed if i.get("type") == "directory"})
 
     def entry(self, name: str) -> Optional[Entry]:
         full = self._full(name)

@@ -107,7 +107,7 @@ def test_both_kinds_of_folder_answer_alike(kind, request):
     assert sorted(where.names()) == [".metadata", "__0_0.distcp", "sub"]
     entry = where.entry("__0_0.distcp")
     assert entry.kind == location.FILE and entry.size == 10 and entry.stamp[0] == 10
-    assert where.entry("sub").kind == location.DIRECTORY
+    assert where.entry("sub").kind == location.DIRECTORY and where.folders() == ["sub"]
     assert where.entry("absent") is None
     assert where.read("__0_0.distcp", 3, 4) == b"3456" and where.read_small(".metadata", 100) == b"meta"
     assert where.join("sub", "x") == folder.rstrip("/") + "/sub/x"

@@ -153,4 +153,7 @@ class FaultProxy:
 
 def env_for(server: S3Server, endpoint: Optional[str] = None) -> Dict[str, str]:
     """os.environ with the server's credentials and `endpoint` (default: the server itself)."""
-    return dict(os.environ, **server.env, **({"AWS_ENDPOINT_URL": endpoint} if endpoint else {}))
+    env = dict(os.environ, **server.env)
+    if endpoint:
+        env["AWS_ENDPOINT_URL"] = endpoint
+    return env

@@ -12,6 +12,7 @@ They are never put into a message: errors name the URL and the service's error o
 """
 from __future__ import annotations
 
+import errno
 import json
 import re
 import time
@@ -29,6 +30,8 @@ RETRY_ATTEMPTS = 5
 RETRY_FIRST_WAIT_S = 0.1
 
 T = TypeVar("T")
+_TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED,
+                     errno.ETIMEDOUT, errno.EPIPE}
 
 
 def is_url(text: object) -> bool:
@@ -111,8 +114,10 @@ def is_transient(exc: BaseException) -> bool:
         return False
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:     # s3fs turns SlowDown into EBUSY
+        return True
     text = f"{type(exc).__name__} {exc}"
-    return bool(re.search(r"\b5\d\d\b|SlowDown|Throttl|RequestLimitExceeded|ServiceUnavailable|InternalError|"
+    return bool(re.search(r"\b5\d\d\b|SlowDown|reduce your request rate|Throttl|RequestLimitExceeded|ServiceUnavailable|InternalError|"
                           r"ServerDisconnected|ClientOSError|ClientPayloadError|Connection (reset|aborted|refused)|"
                           r"ConnectionReset|EndpointConnectionError|ConnectTimeout|ReadTimeout|IncompleteRead|"
                           r"ResponseStreamingError|ConnectionClosed|Timeout", text))

@@ -182,7 +182,7 @@ def test_throttling_and_resets_are_retried_then_the_conversion_is_exact(uploaded
     folder, url = uploaded["fsdp2"]
     seen = {"n": 0}
 
-    def fault(method, path):        # every 3rd data-file request throttled, every 5th reset
+    def fault(method, path, headers):    # every 3rd data-file request throttled, every 5th reset
         if not _object_gets(path):
             return None
         seen["n"] += 1
@@ -201,10 +201,38 @@ def test_throttling_and_resets_are_retried_then_the_conversion_is_exact(uploaded
     same_output(tmp_path / "out", tmp_path / "local")
 
 
+def test_a_burst_longer_than_the_client_retries_is_outlasted_by_ours(uploaded, s3_server, tmp_path):
+    """One range answered 503 SlowDown 15 times in a row: more than the client stack retries on its own (s3fs 5
+    times x botocore's AWS_MAX_ATTEMPTS=2 here), fewer than streamconv's 5 rounds of those. Exact output, exit 0."""
+    folder, url = uploaded["fsdp2"]
+    state = {"range": None, "n": 0}
+
+    def fault(method, path, headers):
+        if not (_object_gets(path) and method == "GET"):
+            return None
+        key = (path, headers.get("Range"))
+        state["range"] = state["range"] or key
+        if key == state["range"] and state["n"] < 15:
+            state["n"] += 1
+            return "503"
+        return None
+
+    proxy = s3.FaultProxy(s3_server.url, fault)
+    try:
+        result = run("convert", url, tmp_path / "out", "--no-config", env=s3.env_for(s3_server, proxy.url))
+    finally:
+        proxy.stop()
+    assert result.returncode == 0, result.stderr
+    assert proxy.faults == 15
+    local = run("convert", folder, tmp_path / "local", "--no-config")
+    assert local.returncode == 0, local.stderr
+    same_output(tmp_path / "out", tmp_path / "local")
+
+
 @pytest.mark.parametrize("kind", ["503", "reset"])
 def test_a_source_that_keeps_failing_is_exit_2_and_nothing_finished_looking(uploaded, s3_server, tmp_path, kind):
     _, url = uploaded["fsdp2"]
-    proxy = s3.FaultProxy(s3_server.url, lambda method, path: kind if _object_gets(path) and method == "GET"
+    proxy = s3.FaultProxy(s3_server.url, lambda method, path, headers: kind if _object_gets(path) and method == "GET"
                           else None)
     try:
         result = run("convert", url, tmp_path / "out", "--no-config", env=s3.env_for(s3_server, proxy.url))
@@ -220,7 +248,7 @@ def test_server_gone_mid_run_is_exit_2(uploaded, s3_server, tmp_path):
     _, url = uploaded["mesh2d"]
     state = {"data": 0}
 
-    def fault(method, path):
+    def fault(method, path, headers):
         if _object_gets(path) and method == "GET":
             state["data"] += 1
             if state["data"] > 1:
@@ -245,7 +273,7 @@ def test_a_source_object_rewritten_during_the_run_is_detected(uploaded, s3_serve
     original = (folder / data_file).read_bytes()
     gate = threading.Event()
 
-    def fault(method, path):
+    def fault(method, path, headers):
         if _object_gets(path) and method == "GET" and not gate.is_set():
             gate.set()      # the first data read: rewrite the object (same size, other bytes) before answering
             client.put_object(Bucket="ckpts", Key=f"changing/{data_file}", Body=original[:-1] + b"\x00")

@@ -48,7 +48,8 @@ class Flaky:
 
 @pytest.mark.parametrize("exc", [ConnectionResetError(104, "Connection reset by peer"),
                                  OSError("An error occurred (SlowDown) when calling GetObject: 503"),
-                                 TimeoutError("read timed out")])
+                                 TimeoutError("read timed out"),
+                                 OSError(16, "Please reduce your request rate.")])     # s3fs's SlowDown
 def test_transient_failures_are_retried_with_doubling_waits(exc):
     waits = []
     call = Flaky(3, exc)

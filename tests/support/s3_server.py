@@ -82,11 +82,11 @@ def start() -> S3Server:
 
 
 class FaultProxy:
-    """An HTTP proxy on localhost in front of `upstream`. `fault(method, path) -> None | "503" | "reset"` decides each
+    """An HTTP proxy on localhost in front of `upstream`. `fault(method, path, headers) -> None | "503" | "reset"` decides each
     request: None forwards it; "503" answers 503 SlowDown (S3's throttling); "reset" closes the connection without
     an answer. `requests` counts what it saw."""
 
-    def __init__(self, upstream: str, fault: Callable[[str, str], Optional[str]]):
+    def __init__(self, upstream: str, fault: Callable[..., Optional[str]]):
         self.upstream, self.fault = upstream, fault
         self.requests = 0
         self.faults = 0
@@ -102,7 +102,7 @@ class FaultProxy:
                 proxy.requests += 1
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                what = proxy.fault(self.command, self.path)
+                what = proxy.fault(self.command, self.path, self.headers)
                 if what is not None:
                     proxy.faults += 1
                 if what == "reset":

@@ -12,6 +12,7 @@ import click
 
 from . import api
 from .errors import OptionsError, StreamconvError
+from .fs import remote
 from .help_sections import SectionedCommand
 from .planning.options import BatchOptions, ConvertOptions, RunOptions, command_fields
 from .runs.report import CollectingReporter, Reporter, TqdmReporter
@@ -81,6 +82,8 @@ def _fail_cleanly(fn=None, *, keeps_staging: bool = False):
         _received["signal"] = None
         previous = {s: signal.signal(s, _on_signal) for s in _INTERRUPT_SIGNALS}
         try:
+            # for every URL the command opens (checkpoint, --config-from, output): set once, before it runs
+            remote.StorageOptions.set(remote.parse_storage_options(kwargs.pop("storage_options", None)))
             return fn(*args, **kwargs)
         except StreamconvError as exc:
             if _received["signal"] is not None:

@@ -16,7 +16,7 @@ SECTIONS: List[Tuple[str, Tuple[str, ...]]] = [
     ("Batch", ("output_template", "from_file", "jobs", "max_memory", "ray_address")),
     ("What is written", ("max_shard_size", "dtype", "include", "exclude", "renames", "subtree", "source_format",
                          "expert_layout")),
-    ("Reference model", ("config_from", "no_config", "allow_unmatched")),
+    ("Reference model and storage", ("config_from", "no_config", "allow_unmatched", "storage_options")),
     ("Output folder", ("overwrite", "overwrite_any", "resume", "discard_partial")),
     ("Checking", ("verify", "crc")),
     ("Memory and threads", ("buffer_size", "workers")),

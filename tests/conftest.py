@@ -3,6 +3,7 @@
 * `dcp_checkpoints`: every checkpoint of `dcp_writers.CHECKPOINTS`, written once per session by real torch
   writers in gloo process groups (three launches, a few seconds in all). {name: Path of the checkpoint folder}.
 * `demo_checkpoint`: the `make demo` checkpoint (`streamconv.demo_checkpoint.DemoCheckpoint`), built on request.
+* `s3_server`: a moto S3 server on localhost (`tests/support/s3_server.py`), started on request.
 * `model_families`: tiny Llama, Qwen2, Qwen3 and a torchtitan-named MoE module saved by DCP under FSDP2, each with a
   config-only base folder (`family_writers.py`), built on request.
 * `meta_model_cache` (autouse): transformers' answer for a config.json (`streamconv/hf/meta_probe.py`, 5-20 s of
@@ -42,6 +43,16 @@ def demo_checkpoint(tmp_path_factory):
     from streamconv.demo_checkpoint import write_demo_checkpoint
 
     return write_demo_checkpoint(tmp_path_factory.mktemp("demo") / "ckpt", world_size=4)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server (moto, HTTP on localhost) for the session; tests/support/s3_server.py."""
+    from tests.support import s3_server as s3
+
+    server = s3.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

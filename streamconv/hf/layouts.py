@@ -12,13 +12,12 @@ how many checkpoint names each candidate maps onto a reference name.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..errors import CheckpointError
-from ..fs.infiles import open_regular
+from ..fs import location
 from ..planning.names import RenameRule
 from ..safetensors_format import MAX_HEADER_BYTES
 from ..safetensors_format import LENGTH, decode_body, header_length, pop_metadata
@@ -128,13 +127,16 @@ def candidates(model_type: Optional[str]) -> List[LayoutMapping]:
 # -- reading the reference's names ------------------------------------------------------------------------
 
 
-def _safetensors_header(path: str) -> Dict[str, Shape]:
-    try:
-        with os.fdopen(open_regular(path), "rb") as f:     # a FIFO or device is refused, not read
-            n, problem = header_length(f.read(LENGTH.size), os.fstat(f.fileno()).st_size)
-            if problem:
-                raise CheckpointError(f"{path}: {problem}; the reference's weights file is damaged")
-            body = decode_body(f.read(n))
+def _safetensors_header(where: location.Folder, name: str) -> Dict[str, Shape]:
+    path = where.join(name)
+    try:    # a FIFO or device is refused, not read (location reads regular files only)
+        entry = where.entry(name)
+        if entry is None:
+            raise FileNotFoundError(f"{path}: no such file")
+        n, problem = header_length(where.read(name, 0, LENGTH.size), entry.size)
+        if problem:
+            raise CheckpointError(f"{path}: {problem}; the reference's weights file is damaged")
+        body = decode_body(where.read(name, LENGTH.size, n))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot read the safetensors header: {exc}") from None
     pop_metadata(body)     # the reference's own metadata says nothing about names or shapes
@@ -146,28 +148,37 @@ def reference_weights(folder: str) -> Optional[Dict[str, Shape]]:
 
     None when the folder holds no weights we can list without loading them.
     """
+    where = location.at(folder)
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        path = os.path.join(folder, index_name)
-        if os.path.isfile(path):
+        path = where.join(index_name)
+        index = _file_entry(where, index_name)
+        if index is not None:
             try:
-                with os.fdopen(open_regular(path), "rb") as f:
-                    weight_map = json.load(f)["weight_map"]
+                weight_map = json.loads(where.read(index_name, 0, index.size))["weight_map"]
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise CheckpointError(f"{path}: cannot read weight_map: {exc}") from None
             out: Dict[str, Shape] = {name: None for name in weight_map}
             if index_name.startswith("model.safetensors"):
                 for shard in sorted(set(weight_map.values())):
-                    shard_path = os.path.join(folder, shard)
-                    if os.path.isfile(shard_path):
-                        out.update(_safetensors_header(shard_path))
+                    if isinstance(shard, str) and _file_entry(where, shard) is not None:
+                        out.update(_safetensors_header(where, shard))
             return out
-    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    files = sorted(f for f in where.names() if f.endswith(".safetensors"))
     if not files:
         return None
     out = {}
     for name in files:
-        out.update(_safetensors_header(os.path.join(folder, name)))
+        out.update(_safetensors_header(where, name))
     return out
+
+
+def _file_entry(where: location.Folder, name: str) -> Optional[location.Entry]:
+    """`name` in `where` when it is a regular file (what os.path.isfile said), else None."""
+    try:
+        entry = where.entry(name)
+    except (OSError, ValueError):
+        return None
+    return entry if entry is not None and entry.kind == location.FILE else None
 
 
 # -- choosing ---------------------------------------------------------------------------------------------

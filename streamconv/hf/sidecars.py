@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import OptionsError, OutputError
+from ..fs import location
 from ..fs.infiles import open_regular
+from ..fs.remote import is_url
 from ..fs.outfiles import create_new
 
 CONFIG_FILE = "config.json"
@@ -68,9 +70,11 @@ def load_config(folder: str) -> HFConfig:
     """`folder`'s config.json. A hub cache repo folder (`models--org--name/`) stands for its `main` snapshot.
     Without config.json the error says what the folder is instead (a training checkpoint, say) and where a
     config.json is nearby."""
-    if not os.path.isdir(folder):
+    if not location.at(folder).is_dir():
         raise OptionsError(f"--config-from {folder}: not a folder; pass a Hugging Face model folder "
                            "(with config.json), e.g. the base model's hub snapshot")
+    if is_url(folder):
+        return HFConfig(folder=folder, data=_remote_config(folder))
     snapshot = _hub_snapshot(folder)
     if snapshot is not None:
         folder = snapshot
@@ -88,6 +92,25 @@ def load_config(folder: str) -> HFConfig:
     if not isinstance(data, dict):
         raise OptionsError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return HFConfig(folder=os.path.abspath(folder), data=data)
+
+
+def _remote_config(folder: str) -> dict:
+    """config.json of a model folder in object storage (no hub-cache layout there)."""
+    where = location.at(folder)
+    path = where.join(CONFIG_FILE)
+    entry = where.entry(CONFIG_FILE)
+    if entry is None or entry.kind != location.FILE:
+        raise OptionsError(f"--config-from {folder}: no config.json there; pass the folder holding the base "
+                           "model's config.json (a save_pretrained folder)")
+    if entry.size > MAX_CONFIG_BYTES:
+        raise OptionsError(f"{path}: {entry.size:,} bytes is not a config.json (those are a few KB)")
+    try:
+        data = json.loads(where.read_small(CONFIG_FILE, entry.size))
+    except ValueError as exc:
+        raise OptionsError(f"{path}: cannot read as JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise OptionsError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 # What a training run leaves in its checkpoint folders (accelerate, transformers Trainer, torchtitan, DCP itself).
@@ -148,9 +171,12 @@ def sidecar_names(folder: str) -> List[str]:
     Each must be a regular file (or a symlink to one, as in hub snapshots): a FIFO, a device or a directory
     under a sidecar's name is refused here, before any conversion work, by name.
     """
-    present = set(os.listdir(folder))
+    where = location.at(folder)
+    present = set(where.names())
     found = [n for n in (CONFIG_FILE,) + SIDECAR_FILES if n in present]
     found += sorted(n for n in present if any(fnmatch.fnmatchcase(n, g) for g in SIDECAR_GLOBS))
+    if is_url(folder):      # objects: always regular
+        return [n for n in found if (where.entry(n) or location.Entry(location.OTHER, 0, ())).kind == location.FILE]
     for name in found:
         path = os.path.join(folder, name)
         try:
@@ -206,13 +232,15 @@ def copy_sidecars(config: HFConfig, names: Sequence[str], dest: str, dtype: Opti
     """
     written = []
     for name in names:
-        src, dst = os.path.join(config.folder, name), os.path.join(dest, name)
+        src, dst = location.at(config.folder).join(name), os.path.join(dest, name)
         try:
             if name == CONFIG_FILE:
                 data = patched_config(config.data, dtype) if dtype else config.data
                 with os.fdopen(create_new(dst), "w", encoding="utf-8") as f:
                     json.dump(data, f, indent=2)
                     f.write("\n")
+            elif is_url(src):
+                _copy_object(config.folder, name, dst)
             else:
                 copy_regular(src, dst)
         except OSError as exc:
@@ -248,6 +276,29 @@ def copy_regular(src: str, dst: str) -> int:
     return size
 
 
+def _copy_object(folder: str, name: str, dst: str) -> int:
+    """Copy object `name` of `folder` (a URL) to the new file `dst`, in COPY_STEP_BYTES ranges."""
+    where = location.at(folder)
+    entry = where.entry(name)
+    if entry is None:
+        raise OptionsError(f"{where.join(name)}: disappeared before it was copied into the output")
+    dst_fd = create_new(dst)
+    try:
+        done = 0
+        while done < entry.size:
+            block = where.read(name, done, min(COPY_STEP_BYTES, entry.size - done))
+            if not block:
+                raise OptionsError(f"{where.join(name)}: object shrank from {entry.size} to {done} bytes while "
+                                   "being copied")
+            view = memoryview(block)
+            while view:
+                view = view[os.write(dst_fd, view):]
+            done += len(block)
+    finally:
+        os.close(dst_fd)
+    return entry.size
+
+
 # -- finding the base model without --config-from ---------------------------------------------------------
 
 
@@ -257,24 +308,32 @@ def read_train_params(path: str) -> Dict[str, str]:
     Just enough YAML for that file: top-level scalars, '#' comments, single- or double-quoted values, and
     indented continuation lines of a long plain value. Nested mappings and lists are skipped.
     """
+    if is_url(path):
+        folder, name = location.parent_and_name(path)
+        lines = location.at(folder).read_small(name, MAX_CONFIG_BYTES).decode("utf-8").splitlines(keepends=True)
+        return _parse_train_params(lines)
+    with open(path, encoding="utf-8") as f:
+        return _parse_train_params(f)
+
+
+def _parse_train_params(lines) -> Dict[str, str]:
     params: Dict[str, str] = {}
     last: Optional[str] = None
-    with open(path, encoding="utf-8") as f:
-        for raw in f:
-            line = raw.rstrip("\n")
-            stripped = line.strip()
-            if not stripped or stripped.startswith("#") or stripped in ("---", "..."):
-                continue
-            if line[:1] in (" ", "\t"):
-                if last is not None and params.get(last):
-                    params[last] += " " + stripped     # folded continuation of a plain scalar
-                continue
-            key, sep, value = line.partition(":")
-            if not sep:
-                last = None
-                continue
-            last = key.strip()
-            params[last] = _scalar(value.strip())
+    for raw in lines:
+        line = raw.rstrip("\n")
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#") or stripped in ("---", "..."):
+            continue
+        if line[:1] in (" ", "\t"):
+            if last is not None and params.get(last):
+                params[last] += " " + stripped     # folded continuation of a plain scalar
+            continue
+        key, sep, value = line.partition(":")
+        if not sep:
+            last = None
+            continue
+        last = key.strip()
+        params[last] = _scalar(value.strip())
     return params
 
 
@@ -331,14 +390,16 @@ def find_config_dir(checkpoint_dir: str, config_from: Optional[str], env: Mappin
     if config_from and no_config:
         raise OptionsError("--no-config and --config-from contradict each other; give one of them")
     if config_from:
-        return ConfigSource(os.path.abspath(config_from), f"config and tokenizer from {os.path.abspath(config_from)}")
+        folder = location.absolute(config_from)
+        return ConfigSource(folder, f"config and tokenizer from {folder}")
     if no_config:
         return ConfigSource(None, f"--no-config: weights only, no config.json or tokenizer written "
                                   f"({TRAIN_PARAMS_FILE} and the Hugging Face cache not consulted)")
     how_to = ("to make the folder loadable by transformers, re-run with --config-from DIR (the base model's "
               "folder or hub snapshot, holding config.json and the tokenizer)")
-    params_path = os.path.join(checkpoint_dir, TRAIN_PARAMS_FILE)
-    if not os.path.isfile(params_path):
+    where = location.at(checkpoint_dir)
+    params_path = where.join(TRAIN_PARAMS_FILE)
+    if not _is_file(where, TRAIN_PARAMS_FILE):
         return ConfigSource(None, f"no config.json written: {how_to}")
     try:
         model_name = read_train_params(params_path).get("model_name", "").strip()
@@ -346,9 +407,10 @@ def find_config_dir(checkpoint_dir: str, config_from: Optional[str], env: Mappin
         return ConfigSource(None, f"{params_path}: cannot read ({exc}); no config.json written: {how_to}")
     if not model_name or model_name == "None":
         return ConfigSource(None, f"{TRAIN_PARAMS_FILE} names no model_name; no config.json written: {how_to}")
-    for candidate in (model_name, os.path.join(checkpoint_dir, model_name)):
-        if os.path.isfile(os.path.join(os.path.expanduser(candidate), CONFIG_FILE)):
-            folder = os.path.abspath(os.path.expanduser(candidate))
+    for candidate in (model_name, where.join(model_name)):
+        candidate = candidate if is_url(candidate) else os.path.expanduser(candidate)
+        if _is_file(location.at(candidate), CONFIG_FILE):
+            folder = location.absolute(candidate)
             return ConfigSource(folder, f"config and tokenizer from {folder} (model_name in {TRAIN_PARAMS_FILE})")
     snapshot = find_in_hub_cache(model_name, env)
     if snapshot:
@@ -363,3 +425,11 @@ def missing_tokenizer_note(names: Sequence[str], folder: str) -> Optional[str]:
         return None
     return (f"no tokenizer files in {folder}; copy tokenizer.json / tokenizer_config.json from the base model "
             "into the output to use it with pipelines or vLLM")
+
+
+def _is_file(where, name: str) -> bool:
+    try:
+        entry = where.entry(name)
+    except OSError:
+        return False
+    return entry is not None and entry.kind == location.FILE

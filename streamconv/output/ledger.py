@@ -21,6 +21,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 from ..errors import OutputError
 from ..failpoints import kill_point
+from ..fs import location
 from ..fs.fastpaths import NONE, FastPaths
 from ..fs.outfiles import foreign
 from ..model import CheckpointMetadata
@@ -69,20 +70,10 @@ def plan_fingerprint(conversion: ConversionPlan) -> str:
 
 
 def checkpoint_files(checkpoint_dir: str, meta: CheckpointMetadata) -> Dict[str, Optional[list]]:
-    """{relative path: [size, mtime_ns]} of the files the conversion reads: a resumed run must see the same."""
-    names = set(meta.files)
-    try:
-        names.update(n for n in os.listdir(checkpoint_dir) if n.endswith(".metadata"))
-    except OSError:
-        pass
-    out: Dict[str, Optional[list]] = {}
-    for name in sorted(names):
-        try:
-            st = os.stat(os.path.join(checkpoint_dir, name))
-            out[name] = [st.st_size, st.st_mtime_ns]
-        except OSError:
-            out[name] = None
-    return out
+    """{relative path: [size, mtime_ns] (in object storage [size, ETag])} of the files the conversion reads: a resumed run must see the same."""
+    names = sorted(set(meta.files) | set(location.metadata_names(checkpoint_dir)))
+    return {name: list(e.stamp) if e is not None else None
+            for name, e in location.entries(checkpoint_dir, names).items()}
 
 
 def plan_record(conversion: ConversionPlan, checkpoint_dir: str, meta: CheckpointMetadata,

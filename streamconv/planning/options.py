@@ -170,6 +170,10 @@ class RunOptions(_FlagFields):
         help="No progress bar or summary.",
         help_in={"plan": "Print only the summary line.", "verify": "No progress bar; print only problems.",
                  "batch": "Print only failures."})
+    storage_options: Optional[str] = _opt(
+        # (not a batch flag: its --help is a screen already; batch reads the provider's variables, docs/remote.md)
+        None, "--storage-options", metavar="JSON", commands=("convert", "plan", "verify", "inspect"),
+        help="fsspec options for URLs (docs/remote.md).")
 
     @property
     def check_crc(self) -> bool:

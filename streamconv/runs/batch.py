@@ -35,7 +35,9 @@ from . import batch_job
 from ..errors import OptionsError, ResourceError, StreamconvError
 from ..planning.names import natural_key
 from ..planning.options import ConvertOptions
+from ..fs import location
 from ..fs.paths import user_path
+from ..fs.remote import is_url
 from ..output.record import RECORD_FILE
 from ..fs.cpus import available_cpus
 from ..planning.options import DEFAULT_WORKERS
@@ -109,7 +111,7 @@ def expand_sources(sources: Sequence[str], from_file: Optional[str] = None,
     seen = set()
     for pattern in patterns:
         if glob.has_magic(pattern):
-            folders = sorted((m for m in glob.glob(pattern) if os.path.isdir(m)), key=natural_key)
+            folders = sorted(location.glob_folders(pattern), key=natural_key)
             if not folders:
                 raise OptionsError(f"{pattern}: matches no folder")
             matches = [m for m in folders if not looks_like_output(m)]
@@ -122,7 +124,7 @@ def expand_sources(sources: Sequence[str], from_file: Optional[str] = None,
         else:
             matches = [pattern]
         for m in matches:
-            key = os.path.realpath(m)
+            key = m.rstrip("/") if is_url(m) else os.path.realpath(m)
             if key not in seen:
                 seen.add(key)
                 out.append(m)
@@ -159,6 +161,8 @@ def looks_like_output(folder: str) -> bool:
     """Whether `folder` is a converted output rather than a checkpoint: it holds streamconv's output record,
     or model safetensors (`model.safetensors`, `model-0000N-of-0000M.safetensors`, the index) with no
     `.metadata` and no sub-folder (a run folder with an exported model beside its DCP folder stays a source)."""
+    if is_url(folder):
+        return _looks_like_remote_output(folder)
     try:
         with os.scandir(folder) as listing:
             entries = list(listing)
@@ -174,11 +178,28 @@ def looks_like_output(folder: str) -> bool:
     return any(_OUTPUT_FILE.match(n) for n in names)
 
 
+def _looks_like_remote_output(folder: str) -> bool:
+    """`looks_like_output` for a prefix in object storage (no symlinks there)."""
+    where = location.at(folder)
+    try:
+        names = set(where.names())
+    except OSError:
+        return False
+    if RECORD_FILE in names:
+        return True
+    if flavors.is_checkpoint_folder(folder):
+        return False
+    if any(not n.startswith(".") and (where.entry(n) or location.Entry(location.FILE, 0, ())).kind
+           == location.DIRECTORY for n in names):
+        return False
+    return any(_OUTPUT_FILE.match(n) for n in names)
+
+
 def output_for(template: str, source: str) -> str:
     """Fill `template` for one checkpoint folder: {name} its folder name, {parent} the folder above, {step} the
     digits at the end of its name (checkpoint-2000 -> 2000)."""
     template = user_path(template, "--output-template")
-    path = os.path.abspath(source).rstrip(os.sep)
+    path = location.absolute(source).rstrip("/" if is_url(source) else os.sep)
     name = os.path.basename(path)
     digits = re.search(r"(\d+)$", name)
     values = {"name": name, "parent": os.path.basename(os.path.dirname(path)),

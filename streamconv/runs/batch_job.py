@@ -30,6 +30,7 @@ from typing import Optional
 
 from .. import failpoints
 from ..errors import StreamconvError
+from ..fs import remote
 from ..planning.options import DEFAULT_WORKERS, ConvertOptions, RunOptions
 from .conversion import convert
 from .preparing import Request
@@ -53,8 +54,9 @@ def command(progress_fd: int) -> list:
 
 
 def job_request(source: str, output: str, options: ConvertOptions, kwargs: dict) -> bytes:
-    return (json.dumps({"source": source, "output": output, "options": asdict(options), "kwargs": kwargs})
-            + "\n").encode("utf-8")
+    # (--storage-options travel on the pipe, never on a command line other users can read)
+    return (json.dumps({"source": source, "output": output, "options": asdict(options), "kwargs": kwargs,
+                        "storage_options": remote.StorageOptions.get()}) + "\n").encode("utf-8")
 
 
 def convert_one(source: str, output: str, options: ConvertOptions, *, workers: Optional[int] = DEFAULT_WORKERS,
@@ -150,6 +152,7 @@ def main(argv) -> None:
             out.flush()
 
         reporter = _PipeReporter(send)
+        remote.StorageOptions.set(request.get("storage_options"))
         result = convert_one(request["source"], request["output"], ConvertOptions(**request["options"]),
                              reporter=reporter, **request["kwargs"])
         reporter.flush()

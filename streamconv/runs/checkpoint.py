@@ -8,7 +8,8 @@ from typing import Dict, Tuple
 
 from ..execution.executor import check_stored
 from ..fs.fastpaths import NONE, FastPaths
-from ..source.io import DirectoryReader, RangeReader
+from ..source.io import RangeReader
+from ..source.remote import folder_reader
 from ..model import BlobLocation, CheckpointMetadata, StoredTensor, TensorEntry
 from ..planning.plan import ConversionPlan
 from ..source import flavors, locate_all
@@ -20,7 +21,7 @@ def load(checkpoint_dir: str, fast: FastPaths = NONE
     """(the reader its blobs are read through, its metadata); the caller closes the reader. Which kind of folder
     it is (plain DCP, Megatron, HF per-rank shards...) and how its blobs are read is its flavor's business
     (`source/flavors/`)."""
-    _, reader, meta = flavors.open_checkpoint(checkpoint_dir, lambda folder: DirectoryReader(folder, fast=fast))
+    _, reader, meta = flavors.open_checkpoint(checkpoint_dir, lambda folder: folder_reader(folder, fast))
     return reader, meta
 
 

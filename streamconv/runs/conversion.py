@@ -24,8 +24,10 @@ from dataclasses import replace
 from typing import Dict, List, Optional
 
 from .. import hf
+from ..errors import OutputError
 from ..failpoints import kill_point
-from ..fs import fastpaths
+from ..fs import fastpaths, location
+from ..fs.remote import is_url
 from ..fs.cpus import available_cpus
 from ..fs.paths import user_path
 from ..output.destination import (check_destination, check_free_space, output_nbytes, output_nfiles,
@@ -37,6 +39,7 @@ from ..planning.plan import INDEX_FILE_NAME, ConversionPlan, with_permuted_chunk
 from ..planning.workers import with_workers
 from ..execution.executor import Executor
 from ..sizes import format_size
+from ..source import remote as remote_reads
 from ..source.integrity import ChunkIntegrity
 from ..verification import provenance
 from ..verification import compare as verifying
@@ -72,6 +75,9 @@ class Conversion:
                  runner: Optional[Runner] = None):
         self.started = time.perf_counter()
         self.output_dir = user_path(output_dir, "the output folder (OUTPUT_DIR)")
+        if is_url(self.output_dir):     # never a local folder named "s3:"
+            raise OutputError(f"{self.output_dir}: writing the output into object storage is not supported yet; "
+                              "convert into a local folder, then upload it (e.g. `aws s3 sync`)")
         # Resolved now: after the commit the current folder may be gone, and getcwd() with it.
         self.output_abs = os.path.abspath(self.output_dir)
         self.request, self.settings, self.reporter, self.runner = request, settings, reporter, runner
@@ -89,7 +95,9 @@ class Conversion:
     def prepare(self, checkpoint_dir: str) -> None:
         self.checkpoint_dir, self.reader, self.meta, self.setup, self.notes = prepare(
             checkpoint_dir, self.request, fast=self.fast)
-        self.checkpoint_abs = os.path.abspath(self.checkpoint_dir)
+        self.checkpoint_abs = location.absolute(self.checkpoint_dir)
+        if is_url(self.checkpoint_dir):     # objects, not files: no kernel fast path reads them
+            self.fast = replace(self.fast, copy_file_range=False, preadv=False, fadvise=False)
         self.options = self.setup.options
 
     def plan(self) -> None:
@@ -135,6 +143,9 @@ class Conversion:
             self.fast = fastpaths.probe_copy(self.fast, self.reader.path(first_file), staging.scratch_dir)
         if not (self.fast.copy_file_range and self.fast.preadv):
             self.conversion = with_plain_io(self.conversion, self.conversion.workers)
+        if is_url(self.checkpoint_dir):     # the ranged GETs in flight, beside the writers' buffers
+            self.conversion = replace(self.conversion,
+                                      peak_bytes=self.conversion.peak_bytes + remote_reads.INFLIGHT_BYTES)
         self.run_notes.extend(staging.notes)
         self._staging_notes_seen = len(staging.notes)
         self.ledger = Ledger.for_plan(staging.path, conversion, self.plan_record["plan"])
@@ -268,7 +279,7 @@ class Conversion:
         """The report of a run that found its output already in place (a retry after a commit): nothing written."""
         conversion, options = self.conversion, self.options
         return ConversionReport(
-            checkpoint=os.path.abspath(self.checkpoint_dir), output=os.path.abspath(self.output_dir),
+            checkpoint=location.absolute(self.checkpoint_dir), output=os.path.abspath(self.output_dir),
             tensors=len(conversion.tensors), shards=len(conversion.shards), bytes_written=0,
             seconds=time.perf_counter() - self.started, peak_rss_bytes=peak_rss_bytes(),
             predicted_peak_bytes=conversion.peak_bytes, buffer_bytes=options.buffer_bytes,
@@ -288,7 +299,7 @@ def recorded_options(request: Request, setup) -> dict:
     user = o.user if o.user is not None else ConvertOptions()
     return replace(
         user, max_shard_size=f"{o.max_shard_bytes}B", buffer_size=f"{o.buffer_bytes}B", dtype=o.dtype,
-        config_from=os.path.abspath(user.config_from) if user.config_from else None, include=o.include,
+        config_from=location.absolute(user.config_from) if user.config_from else None, include=o.include,
         exclude=o.exclude, renames=tuple(r.text for r in o.renames), subtree=o.subtree,
         source_format=o.source_format).__dict__
 

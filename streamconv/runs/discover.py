@@ -27,6 +27,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 from .checkpoint import load
 from ..errors import CheckpointError
+from ..fs import location
+from ..fs.remote import is_url
 from ..model import CheckpointMetadata
 from ..planning.names import natural_key
 from ..planning.naming import checkpoint_names
@@ -197,7 +199,8 @@ def read_holding(path: str) -> Holding:
 def scan(root: str, *, max_depth: int = MAX_DEPTH, exclude: Iterable[str] = ()) -> Tuple[List[Found], bool]:
     """DCP folders below `root` (breadth first, not below a DCP folder, hidden folders skipped), each
     classified from its .metadata while at most MAX_METADATA_READS were read. Returns (found, truncated)."""
-    skip = {os.path.normpath(os.path.join(root, e)) for e in exclude}
+    where = location.at(root)
+    skip = {_normal(where.join(e)) for e in exclude}
     found: List[Found] = []
     queue: List[Tuple[str, int]] = [("", 0)]
     listed = 0
@@ -209,14 +212,14 @@ def scan(root: str, *, max_depth: int = MAX_DEPTH, exclude: Iterable[str] = ()) 
             break
         listed += 1
         try:
-            with os.scandir(os.path.join(root, rel)) as it:
-                subdirs = sorted((e.name for e in it if not e.name.startswith(".") and e.is_dir()), key=natural_key)
+            subdirs = sorted((n for n in location.at(where.join(rel) if rel else root).folders()
+                              if not n.startswith(".")), key=natural_key)
         except OSError:
             continue
         for name in subdirs:
             sub = f"{rel}/{name}" if rel else name
-            full = os.path.join(root, sub)
-            if os.path.normpath(full) in skip:
+            full = where.join(sub)
+            if _normal(full) in skip:
                 continue
             if is_dcp_folder(full):
                 found.append(Found(sub))
@@ -228,7 +231,7 @@ def scan(root: str, *, max_depth: int = MAX_DEPTH, exclude: Iterable[str] = ()) 
             read.append(Found(f.path, None, f"not read: more than {MAX_METADATA_READS} checkpoint folders"))
             continue
         try:
-            read.append(Found(f.path, read_holding(os.path.join(root, f.path))))
+            read.append(Found(f.path, read_holding(where.join(f.path))))
         except CheckpointError as exc:
             read.append(Found(f.path, None, "unreadable: " + str(exc).splitlines()[0][:160]))
     return read, truncated
@@ -240,7 +243,7 @@ def find_checkpoint(root: str) -> Tuple[str, Optional[str]]:
     Raises CheckpointError listing the candidates when the model's folder is not clear. When nothing below
     `root` is a DCP folder, returns `root` unchanged: reading it then explains what a DCP folder is.
     """
-    if not os.path.isdir(root) or is_dcp_folder(root):
+    if not location.at(root).is_dir() or is_dcp_folder(root):
         return root, None
     found, truncated = scan(root)
     decision = decide(root, found, truncated=truncated)
@@ -248,7 +251,11 @@ def find_checkpoint(root: str) -> Tuple[str, Optional[str]]:
         return root, None
     if decision.chosen is None:
         raise CheckpointError(decision.message)
-    return os.path.join(root, decision.chosen), decision.message
+    return location.at(root).join(decision.chosen), decision.message
+
+
+def _normal(path: str) -> str:
+    return path.rstrip("/") if is_url(path) else os.path.normpath(path)
 
 
 def _consolidated_from(root: str, chosen: str) -> bool:
@@ -267,11 +274,12 @@ def refuse_optimizer_only(meta: CheckpointMetadata, checkpoint_dir: str) -> None
     holding = classify(meta)
     if holding.kind != "optimizer":
         return
-    folder = os.path.normpath(checkpoint_dir)
+    folder = _normal(checkpoint_dir)
     if os.path.basename(folder) in (os.curdir, os.pardir):
         folder = os.path.abspath(folder)
-    parent = os.path.dirname(folder) or os.curdir     # shown as the user wrote it, when relative
-    siblings, _ = scan(parent, max_depth=1, exclude=[os.path.basename(folder)])
+    parent, name = location.parent_and_name(folder)
+    parent = parent or os.curdir     # shown as the user wrote it, when relative
+    siblings, _ = scan(parent, max_depth=1, exclude=[name])
     models = [f for f in siblings if f.holding is not None and f.holding.kind == "model"]
     lines = [f"{checkpoint_dir} holds only optimizer state ({holding.optimizer_tensors} optimizer tensors), no model "
              "weights to convert."]

@@ -3,11 +3,11 @@ metadata.json); no tensor bytes are read.
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, Iterable, Sequence
 
 from .. import dtypes
 from ..errors import OptionsError
+from ..fs import location
 from ..planning import names
 from ..planning.naming import source_format
 from ..planning.plan import PlanOptions
@@ -52,7 +52,7 @@ def inspect(checkpoint_dir: str) -> dict:
         key = str(t.path[0]) if len(t.path) >= 2 else "(top level)"
         top_keys[key] = top_keys.get(key, 0) + 1
     return {
-        "checkpoint": os.path.abspath(checkpoint_dir),
+        "checkpoint": location.absolute(checkpoint_dir),
         "torch_version_hint": meta.torch_version_hint,
         "metadata_version": meta.version,
         "files": list(meta.files),

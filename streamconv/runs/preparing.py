@@ -13,7 +13,7 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 from .. import hf
 from ..errors import CheckpointError, OptionsError
-from ..fs import fastpaths
+from ..fs import fastpaths, location
 from ..fs.paths import user_path
 from ..model import CheckpointMetadata
 from ..output import ledger, record
@@ -57,10 +57,11 @@ def checkpoint_argument(checkpoint_dir) -> str:
     """A checkpoint path as given, refused when empty (OptionsError) or a file (CheckpointError, with what to
     pass instead); every verb starts here."""
     checkpoint_dir = user_path(checkpoint_dir, "the checkpoint folder (CHECKPOINT_DIR)")
-    if os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
+    where = location.at(checkpoint_dir)
+    if not where.is_dir() and where.exists():
         raise CheckpointError(
             f"{checkpoint_dir} is a file, not a folder; pass the DCP checkpoint folder (the one holding `.metadata` "
-            f"and the .distcp files, e.g. {os.path.dirname(checkpoint_dir) or os.curdir}) or a run folder "
+            f"and the .distcp files, e.g. {location.parent_and_name(checkpoint_dir)[0] or os.curdir}) or a run folder "
             "holding one")
     return checkpoint_dir
 

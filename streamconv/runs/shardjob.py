@@ -21,7 +21,9 @@ from ..output.staging import scratch_dir_of
 from ..planning.plan import ConversionPlan, ShardPlan
 from ..source.blob_reader import BlobReader
 from ..source.integrity import ChunkIntegrity
-from ..source.io import DirectoryReader
+from ..fs import location
+from ..fs.remote import is_url
+from ..source.remote import folder_reader
 from .checkpoint import blob_reader, locate_chunks
 from .parallel import write_shards
 from .report import peak_rss_bytes
@@ -119,16 +121,13 @@ def write_jobs(jobs: Sequence[ShardJob], bench: Workbench, progress: Optional[Pr
 
 def _check_checkpoint_unchanged(context: JobContext) -> None:
     """A worker on another machine must read the checkpoint the driver planned: same files, sizes, mtimes."""
+    now = location.entries(context.checkpoint_dir, list(context.checkpoint_files))
     for name, expected in context.checkpoint_files.items():
-        try:
-            st = os.stat(os.path.join(context.checkpoint_dir, name))
-            found = [st.st_size, st.st_mtime_ns]
-        except OSError:
-            found = None
+        found = list(now[name].stamp) if now[name] is not None else None
         if found != expected:
             raise CheckpointError(
-                f"{os.path.join(context.checkpoint_dir, name)}: differs from what the driver planned with "
-                f"(size and mtime {found} instead of {expected}); does this worker see the same storage?")
+                f"{location.at(context.checkpoint_dir).join(name)}: differs from what the driver planned with "
+                f"(size and mtime or ETag {found} instead of {expected}); does this worker see the same storage?")
 
 
 def write_job_alone(job: ShardJob) -> Written:
@@ -139,7 +138,9 @@ def write_job_alone(job: ShardJob) -> Written:
     if context.ledger.recorded(shard, fast=fast):
         return Written((job.filename,))      # a retry of a task whose work was already done
     _check_checkpoint_unchanged(context)
-    with DirectoryReader(context.checkpoint_dir, fast=fast) as directory:
+    if is_url(context.checkpoint_dir):
+        fast = replace(fast, copy_file_range=False, preadv=False, fadvise=False)     # no file to hand the kernel
+    with folder_reader(context.checkpoint_dir, fast) as directory:
         alone = replace(context.plan, shards=(shard,))
         stored = locate_chunks(alone, directory)
         reader = blob_reader(alone, directory, stored)

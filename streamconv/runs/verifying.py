@@ -11,7 +11,7 @@ import time
 from typing import Optional
 
 from ..errors import VerificationError
-from ..fs import fastpaths
+from ..fs import fastpaths, location
 from ..fs.paths import user_path
 from ..output import record
 from ..source.integrity import ChunkIntegrity
@@ -58,7 +58,7 @@ def verify(checkpoint_dir: str, output_dir: str, request: Request, reporter: Opt
                                        progress=reporter.advance,
                                        tied_heads=[(heads[p.head], p.embedding) for p in setup.tied], fast=fast)
         reporter.close()
-    result.checkpoint = os.path.abspath(checkpoint_dir)
+    result.checkpoint = location.absolute(checkpoint_dir)
     if found is not None:
         checked += provenance.check_record_files(found, output_dir, result)
     result.checked = checked

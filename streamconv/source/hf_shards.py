@@ -17,11 +17,11 @@ that lost its last rank's files cannot be told apart from a smaller model, hence
 """
 from __future__ import annotations
 
-import os
 import re
 from typing import Dict, List, Tuple
 
 from ..errors import CheckpointError
+from ..fs import location
 from .io import RangeReader
 from ..model import BlobLocation, CheckpointMetadata, Chunk, TensorEntry
 from .safetensors_blob import read_header
@@ -40,9 +40,10 @@ def shard_files(root: str) -> List[str]:
     when shard files sit beside other safetensors files (torch's consolidator would mix them in) or rank numbers
     are missing. Which flavor a folder is (a `.metadata` beside shard files makes it plain DCP) is decided by
     `source.flavors.detect`."""
-    if not os.path.isdir(root):
+    where = location.at(root)
+    if not where.is_dir():
         return []
-    names = os.listdir(root)
+    names = where.names()
     shards: List[Tuple[int, int, int, str]] = []
     others = []
     for name in names:
@@ -128,7 +129,7 @@ _CLOBBERED = ("it looks like HuggingFaceStorageWriter(save_distributed=False) gi
 
 def holds_safetensors(root: str) -> bool:
     try:
-        return any(n.endswith(".safetensors") for n in os.listdir(root))
+        return any(n.endswith(".safetensors") for n in location.at(root).names())
     except OSError:
         return False
 
@@ -144,7 +145,7 @@ def explain_model_folder(root: str, names: List[str]) -> str:
     if clobbered:
         return clobbered
     line = "This looks like a safetensors model already, not a DCP checkpoint."
-    sharded = os.path.join(root, "sharded")
+    sharded = location.at(root).join("sharded")
     try:
         if shard_files(sharded):
             line += (f" It was consolidated by HuggingFaceStorageWriter(enable_consolidation=True) from the per-rank "
@@ -159,13 +160,13 @@ def _clobbered(root: str, files: List[str]) -> str:
     DCP writers (DCP_SHARDING_INFO) are judged, and at most MAX_FILES_EXPLAINED of them."""
     import json
 
-    from .io import DirectoryReader
+    from .remote import folder_reader
 
     if not files or len(files) > MAX_FILES_EXPLAINED:
         return ""
     tensor_bytes = 0
     try:
-        with DirectoryReader(root) as reader:
+        with folder_reader(root) as reader:
             for name in files:
                 header = read_header(reader, name, 0)
                 if not header.has_sharding_info:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
 
 from .. import dtypes
 from ..errors import CheckpointError
+from ..fs import location
 from .io import RangeReader
 from ..model import BlobLocation, BytesEntry, CheckpointMetadata, Chunk, PathElement, TensorEntry
 from . import safe_pickle as sp
@@ -75,12 +75,13 @@ def find_metadata_file(root: "str | os.PathLike[str]") -> str:
     with use_collectives=False (load_metadata then merges all ranks). CheckpointError explaining what a DCP
     folder looks like otherwise."""
     root = os.fspath(root)
-    if not os.path.isdir(root):
-        what = "is not a directory" if os.path.exists(root) else "does not exist"
+    where = location.at(root)
+    if not where.is_dir():
+        what = "is not a directory" if where.exists() else "does not exist"
         raise CheckpointError(f"{root} {what}; pass the DCP checkpoint folder (the one holding `.metadata`)")
     if _check_regular(root, METADATA_NAME):
         return METADATA_NAME
-    names = sorted(os.listdir(root))
+    names = sorted(where.names())
     ranks = sorted(int(m.group(1)) for m in map(RANK_METADATA.fullmatch, names) if m)
     if ranks:
         # Ranks must be 0..n-1. Compared against the files present, so a name like `__10000000.metadata`
@@ -99,17 +100,16 @@ def find_metadata_file(root: "str | os.PathLike[str]") -> str:
 def _check_regular(root: str, name: str) -> bool:
     """True if `name` is a regular file in `root`, False if absent; CheckpointError for a FIFO, device or
     directory (opening a FIFO would block forever). stat does not open the file."""
-    path = os.path.join(root, name)
+    where = location.at(root)
+    path = where.join(name)
     try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return False
+        entry = where.entry(name)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read: {exc.strerror}") from None
-    if not stat.S_ISREG(mode):
-        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
-                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
-                else "not a regular file")
+    if entry is None or entry.detail == "a symbolic link to a missing file":
+        return False
+    if entry.kind != location.FILE:
+        kind = "a directory" if entry.kind == location.DIRECTORY else entry.detail
         raise CheckpointError(f"{path} is {kind}, not a regular file; streamconv reads checkpoint metadata "
                               "only from regular files")
     return True
@@ -397,7 +397,16 @@ def _not_a_checkpoint_message(root: str, names: List[str]) -> str:
     if any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names):
         from .hf_shards import explain_model_folder
         lines.append(explain_model_folder(root, names))
-    nested = [n for n in names if os.path.isfile(os.path.join(root, n, METADATA_NAME))]
+    where = location.at(root)
+    nested = [n for n in names if _is_file(where, f"{n}/{METADATA_NAME}")]
     if nested:
-        lines.append("Did you mean: " + ", ".join(os.path.join(root, n) for n in nested[:5]) + "?")
+        lines.append("Did you mean: " + ", ".join(where.join(n) for n in nested[:5]) + "?")
     return "\n".join(lines)
+
+
+def _is_file(where, name: str) -> bool:
+    try:
+        entry = where.entry(name)
+    except (OSError, CheckpointError):
+        return False
+    return entry is not None and entry.kind == location.FILE

@@ -19,12 +19,14 @@ from __future__ import annotations
 import errno
 import os
 import zlib
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from ..output import record
 from ..output.ledger import Fingerprint, Ledger
 from ..errors import CheckpointError, OptionsError, OutputError
+from ..fs import location
 from ..fs.infiles import open_regular
+from ..fs.remote import is_url
 from ..fs.outfiles import write_failed
 from ..model import BlobLocation, CheckpointMetadata, StoredTensor
 
@@ -45,28 +47,18 @@ class SourceChangedError(CheckpointError):
 
 def source_files(checkpoint_dir: str, meta: CheckpointMetadata) -> List[str]:
     """The files a conversion reads: every `*.metadata` and every data file the metadata names."""
-    names = set(meta.files)
-    try:
-        names.update(n for n in os.listdir(checkpoint_dir) if n.endswith(".metadata"))
-    except OSError:
-        pass
-    return sorted(names)
+    return sorted(set(meta.files) | set(location.metadata_names(checkpoint_dir)))
 
 
-StatSnapshot = Dict[str, Optional[Tuple[int, int, int, int]]]
+StatSnapshot = Dict[str, Optional[Tuple[Any, ...]]]
 
 
 def snapshot(checkpoint_dir: str, names: Iterable[str]) -> StatSnapshot:
     """{file: (size, mtime_ns, ctime_ns, inode)}: a write (ctime), a restore with kept mtimes (ctime) and a
-    replacement by rename (inode) all change it."""
-    out: StatSnapshot = {}
-    for name in names:
-        try:
-            st = os.stat(os.path.join(checkpoint_dir, name))
-            out[name] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-        except OSError:
-            out[name] = None
-    return out
+    replacement by rename (inode) all change it. In object storage (size, ETag or generation, last-modified):
+    every upload of an object changes its ETag."""
+    return {name: e.version if e is not None else None
+            for name, e in location.entries(checkpoint_dir, list(names)).items()}
 
 
 def changed_file(checkpoint_dir: str, before: StatSnapshot) -> Optional[str]:
@@ -77,7 +69,7 @@ def changed_file(checkpoint_dir: str, before: StatSnapshot) -> Optional[str]:
 
 def changed_error(checkpoint_dir: str, name: str) -> SourceChangedError:
     return SourceChangedError(
-        f"the checkpoint changed while it was converted ({os.path.join(checkpoint_dir, name)}): a trainer may "
+        f"the checkpoint changed while it was converted ({location.at(checkpoint_dir).join(name)}): a trainer may "
         "still be writing it; nothing was committed; convert again when it is done")
 
 
@@ -109,6 +101,9 @@ class SourceWatch:
 # -- the fingerprint ----------------------------------------------------------------------------------------
 
 def _hash_file(h: Fingerprint, path: str) -> None:
+    if is_url(path):
+        _hash_object(h, path)
+        return
     try:
         fd = open_regular(path)
     except FileNotFoundError:
@@ -126,6 +121,16 @@ def _hash_file(h: Fingerprint, path: str) -> None:
         os.close(fd)
 
 
+def _hash_object(h: Fingerprint, url: str) -> None:
+    folder, name = location.parent_and_name(url)
+    where = location.at(folder)
+    entry = where.entry(name)
+    if entry is None:
+        raise CheckpointError(f"{url}: disappeared while the checkpoint was read; convert again when the "
+                              "checkpoint is complete")
+    h.update(where.read_small(name, entry.size))
+
+
 def source_fingerprint(checkpoint_dir: str, meta: CheckpointMetadata,
                        stored: Mapping[BlobLocation, StoredTensor], before: StatSnapshot) -> str:
     """What the checkpoint's converted content is (see the module docstring for what it can tell).
@@ -133,13 +138,13 @@ def source_fingerprint(checkpoint_dir: str, meta: CheckpointMetadata,
     h = Fingerprint()
     for name in sorted(n for n in before if n.endswith(".metadata")):
         h.update(f"{name}\0".encode("utf-8", "surrogateescape"))
-        _hash_file(h, os.path.join(checkpoint_dir, name))
+        _hash_file(h, location.at(checkpoint_dir).join(name))
     without_crc = set()
-    for location in sorted(stored, key=lambda b: (b.relative_path, b.offset, b.tensor_key, b.length)):
-        s = stored[location]
+    for blob in sorted(stored, key=lambda b: (b.relative_path, b.offset, b.tensor_key, b.length)):
+        s = stored[blob]
         if s.crc32 is None:
-            without_crc.add(location.relative_path)
-        h.update(repr((location.relative_path, location.offset, location.length, location.tensor_key,
+            without_crc.add(blob.relative_path)
+        h.update(repr((blob.relative_path, blob.offset, blob.length, blob.tensor_key,
                        s.dtype, s.shape, s.data_offset, s.data_nbytes, s.crc32)).encode("utf-8", "surrogateescape"))
     for name in meta.files:
         entry = before.get(name)

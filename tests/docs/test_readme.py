@@ -4,6 +4,8 @@ Blocks are found by parsing the Markdown, never by position, so a block added to
 
 * a block tagged `python` runs as a script with this interpreter;
 * any other block (untagged, `sh`, `bash`, `console`) runs in bash with `set -e`, `streamconv` on PATH;
+* a block naming `s3://my-bucket/` runs with `ckpt/` uploaded there, on a local S3 server (the `s3_server`
+  fixture) whose endpoint and credentials are in its environment, as a user's AWS_* variables would be;
 * a block that must not run carries, on the line just before its opening fence,
   `<!-- doctest: skip (why) -->`; the reason is required (an empty one fails this test).
 
@@ -109,7 +111,7 @@ def _install_venv(where: Path) -> Path:
     return where / "bin"
 
 
-def _run(block: Block, layout: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+def _run(block: Block, layout: Path, tmp_path: Path, extra_env: Optional[dict] = None) -> subprocess.CompletedProcess:
     work = tmp_path / "work"
     shutil.copytree(layout, work, symlinks=True)
     if re.search(r"^\s*pip install \.", block.text, re.M):       # "from a clone": the sources, in a fresh venv
@@ -121,6 +123,7 @@ def _run(block: Block, layout: Path, tmp_path: Path) -> subprocess.CompletedProc
     else:
         env = _env(Path(sys.executable).parent)
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra_env or {})
     if block.tag in ("python", "py"):
         argv = [sys.executable, "-c", block.text]
     else:
@@ -146,10 +149,15 @@ def test_blocks_are_found_and_markers_are_well_formed():
 
 
 @pytest.mark.parametrize("block", _params())
-def test_block_runs_as_written(block: Block, layout, tmp_path):
+def test_block_runs_as_written(block: Block, layout, tmp_path, request):
     if block.skip:
         pytest.skip(f"marked in {block.doc.name}: {block.skip}")
-    result = _run(block, layout, tmp_path)
+    extra_env = None
+    if "s3://my-bucket/" in block.text:     # the bucket: `ckpt/` uploaded to a local S3 server (s3_server)
+        server = request.getfixturevalue("s3_server")
+        server.upload(layout / "ckpt", "my-bucket", "ckpt")
+        extra_env = server.env
+    result = _run(block, layout, tmp_path, extra_env)
     if result.returncode != 0:
         known = _known(block)
         if known and known[1].search(result.stderr + result.stdout):

@@ -3,7 +3,8 @@ this": `detect(folder)` asks each flavor in turn, most specific first. Discovery
 checkpoint (`runs/checkpoint.load`) and the trainer adapter choice (Megatron's `metadata.json`) all ask here.
 
 Adding a flavor: a module beside these with a `FLAVOR` object (detect, load_metadata, open_blobs) and one line in
-FLAVORS. An object store would come in the same way, with its own range reader behind `open_blobs`.
+FLAVORS. Where the folder is stored (a disk, a bucket) is not a flavor: flavors ask `fs.location` about the folder,
+so each reads from object storage as from a disk.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 from typing import Iterable, Optional, Sequence, Tuple
 
 from ...errors import CheckpointError
+from ...fs import location
 from ...model import CheckpointMetadata
 from ..io import RangeReader
 from ..metadata import find_metadata_file
@@ -29,7 +31,7 @@ def detect(folder: "str | os.PathLike[str]", flavors: Optional[Sequence[Flavor]]
     CheckpointError when a flavor recognises it as its own but broken (shard files beside other safetensors
     files...)."""
     folder = os.fspath(folder)
-    if not os.path.isdir(folder):
+    if not location.at(folder).is_dir():
         return None
     return next((flavor for flavor in (FLAVORS if flavors is None else flavors) if flavor.detect(folder)), None)
 

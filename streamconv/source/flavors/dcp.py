@@ -4,8 +4,7 @@ use_collectives=False) and `.distcp` data files. Its blobs are `torch.save` arch
 `source.metadata` records which in each BlobLocation."""
 from __future__ import annotations
 
-import os
-
+from ...fs import location
 from ...model import CheckpointMetadata
 from ..io import RangeReader
 from ..metadata import METADATA_NAME, RANK_METADATA, find_metadata_file, load_metadata
@@ -18,10 +17,11 @@ class DcpFolder(ReadsBlobsAsStored):
     def detect(self, folder: str) -> bool:
         """`.metadata` or a `__<rank>.metadata` is there (whatever its kind: `find_metadata_file` explains a
         FIFO, a directory or missing ranks when the metadata is loaded)."""
+        where = location.at(folder)
         try:
-            if os.path.lexists(os.path.join(folder, METADATA_NAME)):
+            if where.entry(METADATA_NAME) is not None:
                 return True
-            return any(RANK_METADATA.fullmatch(name) for name in os.listdir(folder))
+            return any(RANK_METADATA.fullmatch(name) for name in where.names())
         except OSError:
             return False
 

@@ -12,12 +12,11 @@ The folder reads as plain DCP; what the flavor adds is the recognition, which th
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 from ...errors import CheckpointError
-from ...fs.infiles import open_regular
+from ...fs import location
 from . import dcp
 
 METADATA_JSON = "metadata.json"
@@ -42,16 +41,16 @@ class MegatronFolder:
 
 def recognise(checkpoint_dir: str) -> Optional[MegatronFolder]:
     """The folder's Megatron-Core format, or None when it has no Megatron `metadata.json`."""
-    path = os.path.join(checkpoint_dir, METADATA_JSON)
+    where = location.at(checkpoint_dir)
+    path = where.join(METADATA_JSON)
     try:
-        size_bytes = os.path.getsize(path)
+        entry = where.entry(METADATA_JSON)
     except OSError:
         return None
-    if size_bytes > MAX_METADATA_JSON_BYTES:
-        return None
+    if entry is None or entry.kind != location.FILE or entry.size > MAX_METADATA_JSON_BYTES:
+        return None     # a FIFO is skipped, never waited on
     try:
-        with os.fdopen(open_regular(path), "rb") as f:     # a FIFO is skipped, never waited on
-            data = json.loads(f.read(MAX_METADATA_JSON_BYTES))
+        data = json.loads(where.read_small(METADATA_JSON, MAX_METADATA_JSON_BYTES))
     except (OSError, ValueError, CheckpointError):
         return None
     if not isinstance(data, dict) or not isinstance(data.get("sharded_backend"), str):
@@ -63,7 +62,15 @@ def recognise(checkpoint_dir: str) -> Optional[MegatronFolder]:
             "Re-save it in the torch_dist format (Megatron-LM: `--ckpt-format torch_dist`)")
     version = data.get("sharded_backend_version")
     return MegatronFolder(backend, version if isinstance(version, (int, str)) else None,
-                          os.path.isfile(os.path.join(checkpoint_dir, COMMON_FILE)))
+                          _is_file(where, COMMON_FILE))
+
+
+def _is_file(where, name: str) -> bool:
+    try:
+        entry = where.entry(name)
+    except OSError:
+        return False
+    return entry is not None and entry.kind == location.FILE
 
 
 class MegatronTorchDist(dcp.DcpFolder):

@@ -1,0 +1,143 @@
+"""source/remote.py: the RangeReader of a checkpoint at an fsspec URL (memory:// here, so every path runs
+in-process; tests/end_to_end/test_remote.py runs the same reader against an S3 server)."""
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+import uuid
+
+import fsspec
+import pytest
+
+from streamconv.errors import CheckpointError
+from streamconv.output.sink import MemorySink
+from streamconv.source import remote as remote_reads
+from streamconv.source.io import DirectoryReader
+from streamconv.source.remote import RemoteReader, folder_reader
+
+DATA = bytes(range(256)) * 4096 * 5      # 5 MiB
+
+
+@pytest.fixture
+def url():
+    fs = fsspec.filesystem("memory")
+    root = f"/reader-{uuid.uuid4().hex}"
+    fs.pipe({f"{root}/__0_0.distcp": DATA, f"{root}/small": b"abc"})
+    yield f"memory://{root}"
+    fs.rm(root, recursive=True)
+
+
+def test_reads_are_exact_whatever_their_size(url):
+    with RemoteReader(url, request_bytes=1 << 20) as reader:
+        assert reader.size("__0_0.distcp") == len(DATA)
+        for offset, length in [(0, 1), (5, 4096), ((1 << 20) - 3, 10), (123, 3 << 20), (0, len(DATA))]:
+            assert reader.read("__0_0.distcp", offset, length) == DATA[offset:offset + length]
+        a, b = bytearray(700_000), bytearray(2_500_000)
+        reader.read_into("__0_0.distcp", 11, [memoryview(a), memoryview(b)])
+        assert bytes(a + b) == DATA[11:11 + len(a) + len(b)]
+        sink = MemorySink(len(DATA))
+        reader.copy_to(sink, "__0_0.distcp", 7, 3, len(DATA) - 7)
+        assert bytes(sink.data[3:3 + len(DATA) - 7]) == DATA[7:]
+
+
+def test_a_range_past_the_end_is_a_truncated_checkpoint_never_a_short_read(url):
+    with RemoteReader(url) as reader:
+        with pytest.raises(CheckpointError, match="truncated checkpoint"):
+            reader.read("small", 1, 3)
+        with pytest.raises(CheckpointError, match="truncated checkpoint"):
+            reader.read_into("__0_0.distcp", len(DATA) - 2, [memoryview(bytearray(4))])
+        with pytest.raises(CheckpointError, match="truncated checkpoint"):
+            reader.copy_to(MemorySink(8), "__0_0.distcp", len(DATA) - 2, 0, 8)
+
+
+def test_an_object_shorter_than_its_listing_is_refused(url):
+    """The object shrank after its size was read (a re-upload): the answer is short, the reader says so."""
+    with RemoteReader(url) as reader:
+        reader.size("__0_0.distcp")
+        fsspec.filesystem("memory").pipe(url[len("memory://"):] + "/__0_0.distcp", DATA[:100])
+        with pytest.raises(CheckpointError, match="changed during the run"):
+            reader.read("__0_0.distcp", 0, 1 << 20)
+
+
+@pytest.mark.parametrize("name", ["../other/x", "/etc/passwd", "", "a\x00b", "sub/../../x"])
+def test_names_from_metadata_cannot_leave_the_prefix(url, name):
+    with RemoteReader(url) as reader:
+        with pytest.raises(CheckpointError, match="invalid data file|outside the checkpoint folder"):
+            reader.read(name, 0, 1)
+
+
+def test_a_missing_data_file_is_named(url):
+    with RemoteReader(url) as reader:
+        with pytest.raises(CheckpointError, match=r"__9_0\.distcp: file named in \.metadata is missing"):
+            reader.size("__9_0.distcp")
+
+
+def test_requests_in_flight_never_exceed_the_bound(url, monkeypatch):
+    """Four threads each reading 5 MiB in 256 KiB requests (through the reader's pool, and one by one
+    themselves) through a reader allowed 3 at once."""
+    reader = RemoteReader(url, max_requests=3, request_bytes=256 << 10)
+    state = {"now": 0, "most": 0}
+    lock = threading.Lock()
+    fetch = reader.fs.cat_file
+
+    def slow_cat(path, start=None, end=None):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(0.002)
+        try:
+            return fetch(path, start=start, end=end)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(reader.fs, "cat_file", slow_cat)
+    results = [None] * 4
+
+    def work(i):
+        buf = bytearray(len(DATA))
+        reader.read_into("__0_0.distcp", 0, [memoryview(buf)])      # split into requests on the reader's pool
+        step = 256 << 10    # one request each, made by this thread itself
+        pieces = [reader.read("__0_0.distcp", at, step) for at in range(0, len(DATA), step)]
+        results[i] = bytes(buf) == DATA and b"".join(pieces) == DATA
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    reader.close()
+    assert results == [True] * 4
+    assert state["most"] == 3       # the bound is reached and never passed
+    assert reader.inflight_bytes == 3 * (256 << 10)
+
+
+def test_small_reads_share_cached_blocks(url, monkeypatch):
+    reader = RemoteReader(url)
+    calls = []
+    fetch = reader.fs.cat_file
+    monkeypatch.setattr(reader.fs, "cat_file", lambda path, start=None, end=None: calls.append((start, end))
+                        or fetch(path, start=start, end=end))
+    for offset in range(0, 1 << 20, 4096):      # 256 header-sized reads inside one block
+        assert reader.read("__0_0.distcp", offset, 64) == DATA[offset:offset + 64]
+    assert calls == [(0, remote_reads.BLOCK_BYTES)]
+    # a small read straddling two blocks is stitched from both
+    edge = remote_reads.BLOCK_BYTES - 10
+    assert reader.read("__0_0.distcp", edge, 20) == DATA[edge:edge + 20]
+    reader.close()
+
+
+def test_a_reader_pickles_to_its_url_not_its_client(url):
+    """Shard jobs of a separate process (Ray, SeparateRunner) open their own client from the URL."""
+    reader = RemoteReader(url, max_requests=2)
+    copy = pickle.loads(pickle.dumps(reader))
+    assert copy.root == url and copy.max_requests == 2
+    assert copy.read("small", 0, 3) == b"abc"
+
+
+def test_folder_reader_picks_by_url(url, tmp_path):
+    with folder_reader(url) as reader:
+        assert isinstance(reader, RemoteReader) and reader.path("small") == f"{url}/small"
+    with folder_reader(str(tmp_path)) as reader:
+        assert isinstance(reader, DirectoryReader)

@@ -15,6 +15,7 @@ from torch.distributed.checkpoint.filesystem import SerializationFormat
 import streamconv
 from streamconv import safetensors_format as sf
 from streamconv.errors import CheckpointError
+from streamconv.fs import location
 from streamconv.hf import layouts
 from streamconv.source import load_metadata, locate_all
 from streamconv.source.io import DirectoryReader
@@ -50,13 +51,13 @@ def _locate(root):
 def test_the_header_limit_is_the_formats_for_dcp_blobs_and_references(st_dcp, reference_file, monkeypatch):
     meta, stored = _locate(st_dcp)
     assert {t.fqn for t in meta.tensors} == {"w", "b"} and len(stored) == 2
-    assert layouts._safetensors_header(str(reference_file)) == {"model.w": (2, 3)}
+    assert layouts._safetensors_header(location.at(str(reference_file.parent)), reference_file.name) == {"model.w": (2, 3)}
     monkeypatch.setattr(sf, "MAX_HEADER_BYTES", 16)     # one rule changed in its one home...
     with pytest.raises(CheckpointError, match=r"__0_0\.distcp: safetensors blob at offset \d+: header length .* "
                                               "over the safetensors limit of 16 bytes"):
         _locate(st_dcp)                                  # ...applies to DCP blobs
     with pytest.raises(CheckpointError, match="model.safetensors: header length .* over the safetensors limit"):
-        layouts._safetensors_header(str(reference_file))     # ...and to the reference's weights
+        layouts._safetensors_header(location.at(str(reference_file.parent)), reference_file.name)     # ...and to the reference's weights
 
 
 def test_a_repeated_name_is_refused_by_the_one_json_rule(st_dcp, reference_file, tmp_path, monkeypatch):
@@ -67,13 +68,13 @@ def test_a_repeated_name_is_refused_by_the_one_json_rule(st_dcp, reference_file,
     monkeypatch.setattr(blob, "decode_body", sf.decode_body)
     monkeypatch.setattr(layouts, "decode_body", sf.decode_body)
     _locate(st_dcp)
-    layouts._safetensors_header(str(reference_file))
+    layouts._safetensors_header(location.at(str(reference_file.parent)), reference_file.name)
     assert len(calls) == 2      # one DCP blob header, one reference header: both through the format's parser
     twice = tmp_path / "twice.safetensors"
     body = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
     twice.write_bytes(len(body).to_bytes(8, "little") + body + b"\0" * 4)
     with pytest.raises(CheckpointError, match="appears twice"):
-        layouts._safetensors_header(str(twice))
+        layouts._safetensors_header(location.at(str(twice.parent)), twice.name)
 
 
 def test_no_module_but_the_format_spells_the_header_rules():

@@ -4,6 +4,7 @@ Not collected by `make test` (testpaths = ["tests"]) unless the project adds it.
 """
 import json
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -315,9 +316,10 @@ def test_moe_hf_outputs_are_torchs_unbind_of_the_grouped_experts(tmp_path):
     outputs = hf_outputs(MOE_TINY)
     assert len(outputs) == len(specs) - 3 * MOE_TINY.layers + 3 * MOE_TINY.layers * MOE_TINY.experts
     state = {}
-    for hf, name, shape, first in outputs:
+    for hf, name, shape, _ in outputs:
         whole = _full(name, specs[name])
-        state[hf] = whole.unbind(0)[first // math.prod(shape)].clone() if whole.dim() == 3 else whole.clone()
+        expert = re.search(r"\.experts\.(\d+)\.", hf)      # the expert index the Hugging Face name says
+        state[hf] = whole.unbind(0)[int(expert.group(1))].clone() if expert else whole.clone()
         assert tuple(state[hf].shape) == shape, hf
     assert "model.layers.1.mlp.experts.2.down_proj.weight" in state and "model.layers.0.mlp.gate.weight" in state
     save_sharded(state, tmp_path / "out")

@@ -307,6 +307,19 @@ def test_moe_preset_is_saved_as_torchtitan_saves_it_and_holds_the_formula(moe_ck
         gen.generate("tiny", "float32", tmp_path / "y", layout="ep")
 
 
+def test_generator_self_check_reads_back_a_grouped_expert_tensor(moe_ckpt, monkeypatch):
+    """At the benchmark sizes every grouped expert tensor is larger than the small-tensor sample's limit, and they
+    hold 88% of the bytes: the self-check reads the last one back too (compared window by window)."""
+    big = presets.tensor_specs(presets.PRESETS["qwen3-moe-3gb"])
+    sample = [n for n, _ in gen._sample(big)]
+    assert sample[-1] == "layers.1.moe.routed_experts.inner_experts.w3_EFD" and len(sample) == gen.SAMPLE_TENSORS + 1
+    dense = [n for n, _ in gen._sample(presets.tensor_specs(presets.PRESETS["llama-3.2-11b-vision"]))]
+    assert len(dense) == gen.SAMPLE_TENSORS     # no grouped experts: the sample is what it was
+    monkeypatch.setattr(gen, "SAMPLE_MAX_NUMEL", 1000)     # windows of 1000 elements over the tiny preset's tensors
+    assert "layers.1.moe.routed_experts.inner_experts.w3_EFD" in gen.check_written(moe_ckpt, "qwen3-moe-tiny",
+                                                                                     "float32")["checked_tensors"]
+
+
 def test_moe_hf_outputs_are_torchs_unbind_of_the_grouped_experts(tmp_path):
     """The expected fingerprints of the unstacked output (a grouped tensor's plane e starts at element e*F*D) equal
     those of the planes torch's `unbind` cuts, and a swap of two experts is caught."""

@@ -367,6 +367,23 @@ def test_moe_harness_measures_the_unstack_beside_the_dense_path(moe_ckpt, tmp_pa
     assert "ratio_to_dense" not in dense and "ratio_to_cp" in unstack
 
 
+def test_without_generator_data_each_naming_has_its_own_reference(moe_ckpt, tmp_path):
+    """A MoE checkpoint from elsewhere (no stamp): streamconv's output (Hugging Face names) is the reference for
+    outputs under those names, the dense path's for the checkpoint's own names, which the cookbook baseline is then
+    checked against (it is not a reference of its own)."""
+    import shutil
+
+    ckpt = tmp_path / "elsewhere"
+    shutil.copytree(moe_ckpt, ckpt, ignore=shutil.ignore_patterns(gen.STAMP))
+    run.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "results"), "--cache", str(tmp_path / "cache"),
+              "--readme", "", "--no-drop-caches", "--skip", "crc,fsync,buffer,dtype,dcp_to_torch_save,accelerate"])
+    rows = {r["name"]: r for r in json.loads((tmp_path / "results" / "results.json").read_text())["runs"][-1]["contenders"]}
+    assert rows["streamconv"]["check"]["summary"] == "reference (39 tensors)"
+    assert rows[run.DENSE_PATH]["check"]["summary"] == "reference (27 tensors)"
+    cookbook = rows["llama-cookbook (dcp.load no_dist)"]["check"]
+    assert cookbook["ok"] and cookbook["summary"] == "27 tensors identical", cookbook
+
+
 def test_moe_ep_layout_converts_into_what_qwen3_moe_loads(tmp_path):
     """torchtitan's expert parallel (EP 2 x FSDP 2; 3 experts are too few for Shard(0) twice, so Shard(1) over
     efsdp: every expert's plane is two chunks); converted with only --config-from a Qwen3MoeConfig base folder, the

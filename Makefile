@@ -11,7 +11,7 @@ TORCH_INDEX_URL ?=
 TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 DEMO_DIR ?= /tmp/streamconv-demo
 
-.PHONY: install demo test test-no-fast-paths test-trainers test-megatron bench bench-full bench-full-fp32 clean
+.PHONY: install demo test test-no-fast-paths test-trainers test-megatron bench bench-full bench-full-fp32 bench-moe bench-moe-full clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,15 @@ bench: install
 
 bench-full: install
 	$(PY) -m benchmarks.run --preset llama-3.2-11b-vision --dtype bfloat16 --out benchmarks/results $(BENCH_CACHES)
+
+# torchtitan Qwen3-MoE (2.75 GB bf16, 128 experts a layer): the grouped experts unstacked per expert, beside the dense
+# path of the same bytes (--source-format hf) and cp -r (issue 19.5). A few minutes on 2 cores.
+bench-moe: install
+	$(PY) -m benchmarks.run --preset qwen3-moe-3gb --dtype bfloat16 --out benchmarks/results $(BENCH_CACHES)
+
+# The real Qwen3-30B-A3B shape (61 GB bf16, 48 layers): for a 16-core host with ~200 GB free.
+bench-moe-full: install
+	$(PY) -m benchmarks.run --preset qwen3-30b-a3b --dtype bfloat16 --out benchmarks/results $(BENCH_CACHES)
 
 # HuggingFaceStorageWriter per-rank shards (~440 MB, 4 gloo ranks): streamconv against torch's consolidator.
 .PHONY: bench-hf-shards

@@ -1,6 +1,7 @@
 """Write a real DCP checkpoint of a preset model with torch's own writer, sharded like FSDP2 over
 4 ranks (or, with `--layout tp`, Megatron-style tensor parallel: see TP_RULES; with `--layout shortrun`,
-every matrix split along its last dim), in bounded memory.
+every matrix split along its last dim; with `--layout ep`, a MoE preset's experts over torchtitan's expert-parallel
+2-D mesh), in bounded memory.
 
     python -m benchmarks.generate --preset 2gb --dtype bfloat16 --out /tmp/ckpt-2gb [--with-optim] [--layout tp]
 
@@ -19,7 +20,8 @@ memcpy), and `expected_values()` recomputes any slice, so an output can be check
 the checkpoint in RAM. A bfloat16 checkpoint holds exactly the bf16 rounding of the float32 one.
 
 The layout is llama-cookbook's: `{"model": model_state_dict, "optim": optimizer_state_dict}`, so
-DCP keys are `model.<hf name>` and `optim.state.<hf name>.exp_avg`. A `.generator.json` stamp is
+DCP keys are `model.<hf name>` and `optim.state.<hf name>.exp_avg`; the MoE presets (`moe_presets.py`) are saved
+as torchtitan saves a model-only checkpoint, flat keys in torchtitan's names (`layers.0.moe.routed_experts...`). A `.generator.json` stamp is
 written into the folder last; the folder appears under its final name only when complete.
 """
 from __future__ import annotations
@@ -56,7 +58,13 @@ WORLD_SIZE = 4
 #          whose rows are short runs of the output: in/4 elements (1 KiB for a bf16 [*, 2048] weight, 8 bytes
 #          for the 14-wide patch embedding), the geometry of MoE experts [E, out, in] sharded on `in`, of
 #          convolutions split on a kernel dim and of 2-D meshes on trailing dims.
-LAYOUTS = ("fsdp2", "tp", "shortrun")
+#   ep:    (MoE presets) torchtitan's expert parallelism, EP_DEGREE x (WORLD_SIZE / EP_DEGREE): grouped experts on
+#          a 2-D mesh (ep, efsdp), Shard(0) over ep and, over efsdp, Shard(0) or, when efsdp x ep > experts,
+#          Shard(1) (torchtitan's distributed/fsdp.py rule); every other tensor FSDP2 Shard(0) over all ranks.
+LAYOUTS = ("fsdp2", "tp", "shortrun", "ep")
+EP_DEGREE = 2
+# torchtitan's grouped expert tensors, by name suffix: the tensors the ep layout places on its 2-D mesh
+GROUPED_EXPERT_SUFFIXES = ("_EFD", "_EDF")
 # How torch's FileSystemWriter serializes items: default torch.save blobs, or each blob zstd-compressed
 # (`_extensions=[ZStandard()]`, needs the `zstandard` package).
 FLAVORS = ("torch_save", "zstd")
@@ -75,9 +83,14 @@ TP_RULES: Tuple[Tuple[Tuple[str, ...], str], ...] = (
 )
 
 
-def placement_for(name: str, shape: Tuple[int, ...], layout: str = DEFAULT_LAYOUT) -> str:
-    """"Shard(n)" or "Replicate()" for tensor `name` (an HF name) in `layout`."""
-    if layout == "fsdp2":
+def placement_for(name: str, shape: Tuple[int, ...], layout: str = DEFAULT_LAYOUT,
+                  world_size: int = WORLD_SIZE) -> str:
+    """"Shard(n)" or "Replicate()" for tensor `name` (as the preset names it) in `layout`; on a 2-D mesh
+    (the ep layout's grouped experts) one placement per mesh dim, comma-separated: "Shard(0),Shard(1)"."""
+    if layout == "ep" and name.endswith(GROUPED_EXPERT_SUFFIXES):
+        efsdp = world_size // EP_DEGREE
+        return f"Shard(0),Shard({1 if efsdp * EP_DEGREE > shape[0] else 0})"
+    if layout in ("fsdp2", "ep"):
         return "Shard(0)"
     if layout == "shortrun":
         return f"Shard({max(0, len(shape) - 1)})"
@@ -207,12 +220,21 @@ def _rank_main(rank: int, world: int, port: int, preset: str, dtype_name: str, w
                             timeout=timedelta(hours=3))
     try:
         mesh = init_device_mesh("cpu", (world,))
+        # the ep layout's (ep, efsdp) mesh for grouped experts (every rank creates it: it is a collective)
+        mesh_2d = init_device_mesh("cpu", (EP_DEGREE, world // EP_DEGREE)) if layout == "ep" else None
         dtype = getattr(torch, dtype_name)
         generated: Dict[str, Tuple[str, Tuple[int, ...]]] = {}
 
         def sharded(name, shape):
-            placement = placement_for(name, shape, layout)
+            placement = placement_for(name, shape, layout, world)
             local_shape = list(shape)
+            if "," in placement:   # 2-D mesh: torch's own rule for the local box of nested placements
+                from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+                places = [Shard(int(p[len("Shard("):-1])) for p in placement.split(",")]
+                local_shape, _ = compute_local_shape_and_global_offset(shape, mesh_2d, places)
+                local = torch.empty(tuple(local_shape), dtype=dtype, device="meta")
+                return DTensor.from_local(local, mesh_2d, places, run_check=False, shape=torch.Size(shape),
+                                          stride=torch.empty(shape, device="meta").stride())
             if placement == "Replicate()":
                 place = Replicate()
             else:
@@ -227,15 +249,16 @@ def _rank_main(rank: int, world: int, port: int, preset: str, dtype_name: str, w
 
         model, state = {}, {}
         specs = tensor_specs(PRESETS[preset])
+        prefix = PRESETS[preset].DCP_PREFIX
         for name, shape in specs:
             model[name] = sharded(name, shape)
-            generated[f"model.{name}"] = (data_key(name), shape)
+            generated[f"{prefix}{name}"] = (data_key(name), shape)
             if with_optim:
                 state[name] = {"step": torch.tensor(1000.0)}
                 for kind in ("exp_avg", "exp_avg_sq"):
                     state[name][kind] = sharded(name, shape)
                     generated[f"optim.state.{name}.{kind}"] = (data_key(name, kind), shape)
-        state_dict = {"model": model}
+        state_dict = {"model": model} if prefix == "model." else model   # flat: torchtitan's model-only save
         if with_optim:
             state_dict["optim"] = {"state": state, "param_groups": [{
                 "lr": 1e-5, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1, "amsgrad": False,
@@ -284,6 +307,16 @@ def generate(preset: str, dtype: str, out: Path, *, with_optim: bool = False, wo
         raise SystemExit(f"unknown layout {layout!r} (one of {', '.join(LAYOUTS)})")
     if flavor not in FLAVORS:
         raise SystemExit(f"unknown flavor {flavor!r} (one of {', '.join(FLAVORS)})")
+    cfg = PRESETS[preset]
+    if cfg.DCP_PREFIX != "model." and with_optim:
+        raise SystemExit(f"--with-optim: the {preset} preset is saved as torchtitan saves a model-only checkpoint "
+                         "(flat model keys); optimizer state is written only for the llama-cookbook presets "
+                         f"({', '.join(n for n, c in PRESETS.items() if c.DCP_PREFIX == 'model.')})")
+    if layout == "ep" and not any(n.endswith(GROUPED_EXPERT_SUFFIXES) for n, _ in tensor_specs(cfg)):
+        raise SystemExit(f"--layout ep places grouped expert tensors; the {preset} preset has none "
+                         f"(use a MoE preset: {', '.join(n for n, c in PRESETS.items() if c.DCP_PREFIX != 'model.')})")
+    if layout == "ep" and world_size % EP_DEGREE:
+        raise SystemExit(f"--layout ep needs a world size divisible by the expert-parallel degree {EP_DEGREE}")
     out = Path(out)
     if out.exists():
         if not overwrite:
@@ -339,10 +372,12 @@ def generate(preset: str, dtype: str, out: Path, *, with_optim: bool = False, wo
     stamp = {
         "generator_version": GENERATOR_VERSION, "preset": preset, "dtype": dtype, "with_optim": with_optim,
         "world_size": world_size, "sharding": layout, "flavor": flavor,
-        "layout": "llama-cookbook {'model': ..., 'optim': ...}, " + (
-            "FSDP2 Shard(0)" if layout == "fsdp2" else
-            "Megatron-style TP: Shard(0) colwise, Shard(1) rowwise (o_proj/down_proj/fc2), 1-D Replicate"
-            if layout == "tp" else "short runs: >= 2-D tensors Shard(last dim), 1-D Shard(0)"),
+        "layout": f"{cfg.SAVED_BY}, " + {
+            "fsdp2": "FSDP2 Shard(0)",
+            "tp": "Megatron-style TP: Shard(0) colwise, Shard(1) rowwise (o_proj/down_proj/fc2), 1-D Replicate",
+            "shortrun": "short runs: >= 2-D tensors Shard(last dim), 1-D Shard(0)",
+            "ep": f"torchtitan EP {EP_DEGREE} x FSDP {world_size // EP_DEGREE}: grouped experts Shard(0) over ep, "
+                  "Shard(0) or Shard(1) over efsdp; the rest FSDP2 Shard(0)"}[layout],
         "num_params": sum(math.prod(s) for _, s in tensor_specs(PRESETS[preset])),
         "tensor_bytes": need, "file_bytes": sum(f.stat().st_size for f in files),
         "files": len(files), "pool_size": POOL_SIZE, "pool_seed": POOL_SEED,
@@ -371,12 +406,15 @@ class GeneratorCheckFailed(SystemExit):
 
 def _sample(specs: List[Tuple[str, Tuple[int, ...]]]) -> List[Tuple[str, Tuple[int, ...]]]:
     """Up to SAMPLE_TENSORS small-enough tensors spread over the save order, the last one included: the
-    just-in-time trick of _make_planner fails, when it fails, on items written after the first."""
+    just-in-time trick of _make_planner fails, when it fails, on items written after the first. A MoE preset
+    adds its last grouped expert tensor whatever its size: they hold most of its bytes, and every one is larger
+    than SAMPLE_MAX_NUMEL at the benchmark sizes (403 MB in bf16), so otherwise none would be read back."""
     small = [(n, s) for n, s in specs if 0 < math.prod(s) <= SAMPLE_MAX_NUMEL]
-    if len(small) <= SAMPLE_TENSORS:
-        return small
-    step = (len(small) - 1) / (SAMPLE_TENSORS - 1)
-    return [small[round(i * step)] for i in range(SAMPLE_TENSORS)]
+    if len(small) > SAMPLE_TENSORS:
+        step = (len(small) - 1) / (SAMPLE_TENSORS - 1)
+        small = [small[round(i * step)] for i in range(SAMPLE_TENSORS)]
+    experts = [(n, s) for n, s in specs if n.endswith(GROUPED_EXPERT_SUFFIXES)]
+    return small + [experts[-1]] if experts and experts[-1] not in small else small
 
 
 def check_written(folder: Path, preset: str, dtype: str, flavor: str = DEFAULT_FLAVOR) -> dict:
@@ -398,7 +436,8 @@ def check_written(folder: Path, preset: str, dtype: str, flavor: str = DEFAULT_F
             f"{model_bytes} bytes of model tensors alone: torch wrote empty or truncated storages (the "
             "just-in-time resize_(0) in _make_planner); do not benchmark on it")
     sample = _sample(specs)
-    state = {"model": {name: torch.empty(shape, dtype=getattr(torch, dtype)) for name, shape in sample}}
+    model = {name: torch.empty(shape, dtype=getattr(torch, dtype)) for name, shape in sample}
+    state = {"model": model} if PRESETS[preset].DCP_PREFIX == "model." else model
     try:
         with warnings.catch_warnings():   # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
@@ -407,14 +446,24 @@ def check_written(folder: Path, preset: str, dtype: str, flavor: str = DEFAULT_F
         raise GeneratorCheckFailed(f"generator self-check: torch cannot read {folder} back: "
                                    f"{type(exc).__name__}: {str(exc)[:300]}") from None
     for name, shape in sample:
-        expected = torch.empty(math.prod(shape), dtype=getattr(torch, dtype))
-        fill_chunk(data_key(name), dtype, shape, (0,) * len(shape), shape, expected)
-        got = state["model"][name].reshape(-1)
-        if not torch.equal(got.view(torch.uint8) if got.is_floating_point() else got,
-                           expected.view(torch.uint8) if expected.is_floating_point() else expected):
-            raise GeneratorCheckFailed(f"generator self-check: tensor model.{name} in {folder} differs from the "
+        if not _holds_the_data(model.pop(name).reshape(-1), data_key(name), dtype):
+            raise GeneratorCheckFailed(f"generator self-check: tensor {PRESETS[preset].DCP_PREFIX}{name} in {folder} differs from the "
                                        "generator's data; do not benchmark on it")
     return {"checked_tensors": [n for n, _ in sample], "file_bytes": file_bytes}
+
+
+def _holds_the_data(got, key: str, dtype: str) -> bool:
+    """`got` (1-D) is the generator's data for `key`, compared bit for bit in windows of SAMPLE_MAX_NUMEL
+    elements, so a large tensor costs no second copy of itself."""
+    import torch
+
+    for start in range(0, got.numel(), SAMPLE_MAX_NUMEL):
+        part = got[start:start + SAMPLE_MAX_NUMEL]
+        expected = expected_values(key, dtype, start, part.numel())
+        if not torch.equal(part.view(torch.uint8) if part.is_floating_point() else part,
+                           expected.view(torch.uint8) if expected.is_floating_point() else expected):
+            return False
+    return True
 
 
 def _torch_version() -> str:
@@ -433,7 +482,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--layout", default=DEFAULT_LAYOUT, choices=LAYOUTS,
                         help="fsdp2: every tensor Shard(0) (default); tp: Megatron-style tensor parallel "
                              "(Shard(0) colwise, Shard(1) rowwise, 1-D Replicate; see TP_RULES); shortrun: "
-                             ">= 2-D tensors Shard(last dim), chunks of short runs as MoE experts split on `in`")
+                             ">= 2-D tensors Shard(last dim), chunks of short runs as MoE experts split on `in`; "
+                             "ep (MoE presets): torchtitan's expert parallel, grouped experts on a 2 x 2 mesh")
     parser.add_argument("--world-size", type=int, default=WORLD_SIZE, help="simulated ranks (default 4)")
     parser.add_argument("--flavor", default=DEFAULT_FLAVOR, choices=FLAVORS,
                         help="torch_save: FileSystemWriter's default blobs; zstd: each blob compressed with "

@@ -2,15 +2,21 @@
 (Llama 3.2 Vision) model exactly as transformers 5's `MllamaForConditionalGeneration.state_dict()`
 lists them, computed from a handful of config values without importing torch or transformers.
 
-`python -m benchmarks.presets --check` instantiates each preset on the meta device with
+`python -m benchmarks.presets --check` instantiates each Mllama preset on the meta device with
 transformers and asserts that names, shapes and order agree with `tensor_specs()`.
+
+The Mixture-of-Experts presets (torchtitan Qwen3-MoE names, grouped experts) are in `moe_presets.py`;
+`PRESETS` holds both kinds and `tensor_specs()` answers for either.
 """
 from __future__ import annotations
 
 import argparse
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import ClassVar, Dict, List, Tuple, Union
+
+from . import moe_presets
+from .moe_presets import Qwen3MoeShape
 
 Shape = Tuple[int, ...]
 
@@ -39,6 +45,10 @@ class MllamaShape:
     patch_size: int
     max_num_tiles: int
     intermediate_layers_indices: Tuple[int, ...]
+
+    # How the generator saves it: llama-cookbook's {"model": ..., "optim": ...}, so DCP keys are "model.<name>".
+    DCP_PREFIX: ClassVar[str] = "model."
+    SAVED_BY: ClassVar[str] = "llama-cookbook {'model': ..., 'optim': ...}"
 
     @property
     def vision_output_dim(self) -> int:
@@ -74,18 +84,24 @@ TINY = MllamaShape(
     image_size=28, patch_size=14, max_num_tiles=4, intermediate_layers_indices=(0,),
 )
 
+Preset = Union[MllamaShape, Qwen3MoeShape]
+
 # name -> shape; the scaled names are the size in bfloat16 (GB = 10**9 bytes), fp32 is twice that.
-PRESETS: Dict[str, MllamaShape] = {
+PRESETS: Dict[str, Preset] = {
     "tiny": TINY,
     "1gb": _scaled(text_layers=6, vision_layers=4),
     "2gb": _scaled(text_layers=14, vision_layers=4),
     "4gb": _scaled(text_layers=30, vision_layers=8),
     "llama-3.2-11b-vision": LLAMA_32_11B_VISION,
+    **moe_presets.MOE_PRESETS,
 }
 
 
-def tensor_specs(cfg: MllamaShape) -> List[Tuple[str, Shape]]:
-    """(name, shape) of every tensor in MllamaForConditionalGeneration.state_dict(), in its order."""
+def tensor_specs(cfg: Preset) -> List[Tuple[str, Shape]]:
+    """(name, shape) of every tensor the preset's checkpoint holds, in its state dict's order: for an Mllama
+    preset MllamaForConditionalGeneration.state_dict(), for a MoE preset torchtitan's Qwen3Model.state_dict()."""
+    if isinstance(cfg, Qwen3MoeShape):
+        return moe_presets.tensor_specs(cfg)
     specs: List[Tuple[str, Shape]] = []
 
     def add(name: str, *shape: int) -> None:
@@ -160,8 +176,19 @@ def tensor_specs(cfg: MllamaShape) -> List[Tuple[str, Shape]]:
     return specs
 
 
-def num_params(cfg: MllamaShape) -> int:
+def num_params(cfg: Preset) -> int:
     return sum(math.prod(shape) for _, shape in tensor_specs(cfg))
+
+
+def output_specs(cfg: Preset, naming: str) -> List[Tuple[str, str, Shape, int]]:
+    """(output name, checkpoint name, shape, first element in the checkpoint tensor) of what a conversion writes.
+    naming "stored": the checkpoint's own names, each tensor whole (a conversion with --source-format hf, the
+    baselines); "hf": Hugging Face's (a MoE preset's experts unstacked; an Mllama preset already has HF names)."""
+    if naming == "hf" and isinstance(cfg, Qwen3MoeShape):
+        return moe_presets.hf_outputs(cfg)
+    if naming not in ("hf", "stored"):
+        raise ValueError(f"unknown naming {naming!r} (hf or stored)")
+    return [(name, name, shape, 0) for name, shape in tensor_specs(cfg)]
 
 
 def transformers_config(cfg: MllamaShape):
@@ -204,15 +231,17 @@ def check_against_transformers(name: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.presets", description=__doc__)
-    parser.add_argument("--check", action="store_true", help="compare every preset with transformers' meta-device model")
+    parser.add_argument("--check", action="store_true",
+                        help="compare every Mllama preset with transformers' meta-device model")
     args = parser.parse_args(argv)
     for name, cfg in PRESETS.items():
         n = num_params(cfg)
         print(f"{name:22s} {len(tensor_specs(cfg)):5d} tensors {n:>15,d} params "
               f"bf16 {2 * n / 1e9:6.2f} GB  fp32 {4 * n / 1e9:6.2f} GB")
-    if args.check:
-        for name in PRESETS:
-            print(check_against_transformers(name))
+    if args.check:   # the MoE presets are checked against torchtitan's own model by tests/test_benchmarks.py
+        for name, cfg in PRESETS.items():
+            if isinstance(cfg, MllamaShape):
+                print(check_against_transformers(name))
     return 0
 
 

@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -36,7 +36,7 @@ import psutil
 
 from . import generate as gen
 from .measure import run_measured
-from .presets import PRESETS, tensor_specs
+from .presets import PRESETS, num_params, output_specs
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CACHE = HERE / ".cache"
@@ -100,6 +100,7 @@ def cached_checkpoint(preset: str, dtype: str, with_optim: bool, cache: Path, lo
     path = cache / "ckpt" / f"{preset}-{dtype}{'-optim' if with_optim else ''}{suffix}"
     stamp = gen.read_stamp(path)
     if (stamp and stamp.get("generator_version") == gen.GENERATOR_VERSION
+            and stamp.get("num_params") == num_params(PRESETS[preset])   # not a preset since redefined
             and stamp.get("sharding", gen.DEFAULT_LAYOUT) == layout
             and stamp.get("flavor", gen.DEFAULT_FLAVOR) == flavor):
         log(f"reusing {path} (generated {stamp['created']} in {stamp['wall_s']} s)")
@@ -126,6 +127,10 @@ class Contender:
     # the machine has, it is run without the disk check: it will run out of memory first, and the
     # table should say OOM, not "skipped".
     loads: Optional[Callable[[Checkpoint], int]] = None
+    # The names it writes: "hf" (streamconv maps a trainer's names and unstacks grouped experts) or "stored"
+    # (the checkpoint's own names, every tensor whole: the baselines, --source-format hf). Both are the same for
+    # a checkpoint whose names already are Hugging Face's (the llama-cookbook presets).
+    naming: str = "hf"
 
 
 def _streamconv_argv() -> Optional[List[str]]:
@@ -172,6 +177,19 @@ def _copy_pieces(ck: Checkpoint, out: Path) -> List[str]:
     return ["bash", "-c", script, "copy-pieces", str(ck.path), str(out)]
 
 
+GROUPED_EXPERT_SUFFIXES = ("_EFD", "_EDF")    # torchtitan's grouped experts ([E, F, D] w1/w3, [E, D, F] w2)
+
+
+def has_grouped_experts(ck: Checkpoint) -> bool:
+    return any(t.name.endswith(GROUPED_EXPERT_SUFFIXES) for t in ck.model)
+
+
+def dense_path_unavailable(ck: Checkpoint) -> Optional[str]:
+    if not has_grouped_experts(ck):
+        return "only for checkpoints with grouped experts (the same as streamconv otherwise)"
+    return streamconv_unavailable(ck)
+
+
 def zstd_unavailable(ck: Checkpoint) -> Optional[str]:
     if shutil.which("zstd") is None:
         return "no zstd command (apt-get install zstd)"
@@ -188,6 +206,8 @@ def _zstd_decompress(ck: Checkpoint, out: Path) -> List[str]:
     return ["bash", "-c", script, "zstd-d", str(ck.path), str(out)]
 
 
+DENSE_PATH = "streamconv --source-format hf"
+
 CONTENDERS: List[Contender] = [
     Contender("cp -r", "copy", lambda ck, out: ["cp", "-r", str(ck.path), str(out)],
               space=lambda ck: ck.file_bytes, note="the I/O floor"),
@@ -196,6 +216,11 @@ CONTENDERS: List[Contender] = [
               available=zstd_unavailable, note="decompression alone, one file after the other"),
     Contender("streamconv", "convert", streamconv(), space=lambda ck: ck.model_bytes,
               available=streamconv_unavailable),
+    # The same bytes on the copy path: names kept, each grouped expert tensor written whole. The unstack above
+    # is measured against it (issue 19.5: within 1.2x of the dense path).
+    Contender(DENSE_PATH, "convert", streamconv("--source-format", "hf"), space=lambda ck: ck.model_bytes,
+              available=dense_path_unavailable, naming="stored",
+              note="the dense path: names as stored, grouped experts copied whole"),
     Contender("streamconv --crc", "convert", streamconv("--crc"), space=lambda ck: ck.model_bytes,
               available=streamconv_unavailable),
     # What durability costs: the same run with fsync off (a switch for this measurement only).
@@ -213,13 +238,14 @@ CONTENDERS: List[Contender] = [
               available=lambda ck: only_for_float32(ck) or streamconv_unavailable(ck)),
     Contender("dcp_to_torch_save + save_file", "convert", baseline("dcp_to_torch_save"),
               space=lambda ck: ck.tensor_bytes + ck.model_bytes, note="torch.save file, then safetensors",
-              loads=lambda ck: ck.tensor_bytes),
+              loads=lambda ck: ck.tensor_bytes, naming="stored"),
     Contender("llama-cookbook (dcp.load no_dist)", "convert", baseline("cookbook"),
-              space=lambda ck: ck.model_bytes, loads=lambda ck: ck.model_bytes),
+              space=lambda ck: ck.model_bytes, loads=lambda ck: ck.model_bytes, naming="stored"),
     Contender("accelerate merge-weights", "convert",
               lambda ck, out: [sys.executable, "-m", "accelerate.commands.accelerate_cli", "merge-weights",
                                str(ck.path), str(out)],
-              space=lambda ck: ck.model_bytes, available=accelerate_unavailable, loads=lambda ck: ck.tensor_bytes),
+              space=lambda ck: ck.model_bytes, available=accelerate_unavailable, loads=lambda ck: ck.tensor_bytes,
+              naming="stored"),
 ]
 COPY_PIECES = Contender("cp per file (+fsync, delete)", "copy", _copy_pieces,
                         space=lambda ck: ck.largest_file_bytes,
@@ -343,6 +369,18 @@ def _median_attempt(attempts: List[dict]) -> dict:
     return row
 
 
+def _ratios_to_dense_path(rows: List[dict]) -> None:
+    """On a checkpoint with grouped experts: each streamconv row that unstacks them gets `ratio_to_dense`, its
+    wall + sync over the dense path's (the same bytes, names as stored) from the same run."""
+    dense = next((r for r in rows if r["name"] == DENSE_PATH and r["status"] == "finished"), None)
+    if dense is None:
+        return
+    dense_s = dense["measurement"]["wall_s"] + dense["sync_s"]
+    for r in rows:
+        if r["name"].startswith("streamconv") and r is not dense and r["status"] == "finished":
+            r["ratio_to_dense"] = round((r["measurement"]["wall_s"] + r["sync_s"]) / dense_s, 3)
+
+
 def _tree_bytes(path: Path) -> int:
     if not path.exists():
         return 0
@@ -353,29 +391,37 @@ def _tree_bytes(path: Path) -> int:
 
 class Checker:
     """Compares each finished conversion with the generator's data (when the checkpoint has a stamp)
-    or with the first finished conversion (the reference), by fingerprints."""
+    or with the first finished conversion (the reference), by fingerprints. Outputs are compared with what their
+    contender's `naming` says they hold: Hugging Face names (a MoE preset's experts unstacked) or the names as
+    stored."""
 
     def __init__(self, ck: Checkpoint, mode: str, dtypes_wanted: List[Optional[str]]):
         self.ck, self.mode = ck, mode
         self.dtypes_wanted = sorted({d for d in dtypes_wanted if d})
-        self.reference: Dict[Optional[str], object] = {}   # out dtype (None: as stored) -> fingerprint
-        self.reference_name: Optional[str] = None
+        # (naming, out dtype (None: as stored)) -> fingerprint
+        self.reference: Dict[Tuple[str, Optional[str]], object] = {}
+        self.reference_name: Dict[str, str] = {}      # naming -> the conversion that became its reference
         stamp = ck.stamp
         if stamp and stamp.get("generator_version") == gen.GENERATOR_VERSION and stamp.get("preset") in PRESETS:
-            self.generated = [(name, gen.data_key(name), shape) for name, shape in tensor_specs(PRESETS[stamp["preset"]])]
+            cfg = PRESETS[stamp["preset"]]
+            self.generated = {naming: [(out, gen.data_key(name), shape, first)
+                                       for out, name, shape, first in output_specs(cfg, naming)]
+                              for naming in ("hf", "stored")}
             self.source = "generator data"
         else:
             self.generated = None
             self.source = None
 
-    def expected(self, out_dtype: Optional[str]):
+    def expected(self, out_dtype: Optional[str], naming: str):
         from .verify import expected_fingerprint
 
-        if out_dtype not in self.reference and self.generated is not None:
-            self.reference[out_dtype] = expected_fingerprint(self.generated, out_dtype or self.ck.stamp["dtype"], self.mode)
-        return self.reference.get(out_dtype)
+        key = (naming, out_dtype)
+        if key not in self.reference and self.generated is not None:
+            self.reference[key] = expected_fingerprint(self.generated[naming], out_dtype or self.ck.stamp["dtype"],
+                                                       self.mode)
+        return self.reference.get(key)
 
-    def check(self, name: str, out: Path, out_dtype: Optional[str]) -> dict:
+    def check(self, name: str, out: Path, out_dtype: Optional[str], naming: str = "hf") -> dict:
         from .verify import compare, fingerprint
 
         t0 = time.perf_counter()
@@ -383,17 +429,23 @@ class Checker:
             got = fingerprint(out, mode=self.mode)
         except (OSError, ValueError) as e:
             return {"ok": False, "summary": f"unreadable output: {e}"}
-        expected = self.expected(out_dtype)
-        if expected is None:   # no generator data: the first finished conversion is the reference
-            if self.reference_name is None and out_dtype is None:
-                self.reference_name = name
-                self.source = f"reference: {name}"
-                self.reference[None] = got
+        expected = self.expected(out_dtype, naming)
+        if expected is None and self.generated is None:
+            # no generator data: the first finished conversion is the reference. One of the other naming is
+            # the reference too when it wrote the same names (a checkpoint no adapter renames).
+            other = next((self.reference.get((n, out_dtype)) for n in self.reference_name if n != naming), None)
+            if other is not None and set(other) == set(got):
+                expected = other
+            elif naming not in self.reference_name and out_dtype is None:
+                self.reference_name[naming] = name
+                self.source = "reference: " + ", ".join(self.reference_name.values())
+                self.reference[(naming, None)] = got
                 for d in self.dtypes_wanted:
-                    self.reference[d] = fingerprint(out, as_dtype=d, mode=self.mode)
+                    self.reference[(naming, d)] = fingerprint(out, as_dtype=d, mode=self.mode)
                 return {"ok": True, "summary": f"reference ({len(got)} tensors)", "reference": True,
                         "check_s": round(time.perf_counter() - t0, 2)}
-            return {"ok": None, "summary": "no reference to compare with"}
+            else:
+                return {"ok": None, "summary": "no reference to compare with"}
         ok, summary = compare(expected, got)
         return {"ok": ok, "summary": summary, "against": self.source, "mode": self.mode,
                 "check_s": round(time.perf_counter() - t0, 2)}
@@ -413,6 +465,9 @@ def table_rows(run: dict) -> List[List[str]]:
         io = m.get("io", {})
         check = r.get("check") or {}
         out = "" if not check else ("ok" if check.get("ok") else ("-" if check.get("ok") is None else "MISMATCH"))
+        note = r.get("note", "")
+        if r.get("ratio_to_dense"):
+            note = "; ".join(x for x in (f"{r['ratio_to_dense']:.2f}x the dense path", note) if x)
         rows.append([
             r["name"], r["status"],
             f"{m['wall_s']:.1f}" if m else "", f"{r['sync_s']:.1f}" if "sync_s" in r else "",
@@ -421,8 +476,8 @@ def table_rows(run: dict) -> List[List[str]]:
             f"{m['sampled_peak_anon_bytes'] / 2**20:.0f}" if m else "",
             f"{m['first_byte_s']:.2f}" if m.get("first_byte_s") is not None else "",
             _gb(io.get("read_bytes")) if m else "", _gb(io.get("write_bytes")) if m else "",
-            out, r.get("note", "") if r["status"] != "finished" or not check or check.get("ok") else
-            f"{r.get('note', '')} {check.get('summary', '')}".strip(),
+            out, note if r["status"] != "finished" or not check or check.get("ok") else
+            f"{note} {check.get('summary', '')}".strip(),
         ])
     return rows
 
@@ -449,7 +504,7 @@ def describe(run: dict) -> str:
     gen_s = ""
     if ck.get("generator"):
         g = ck["generator"]
-        ranks = {"tp": "TP", "shortrun": "last-dim (short-run)"}.get(g.get("sharding"), "FSDP2")
+        ranks = {"tp": "TP", "shortrun": "last-dim (short-run)", "ep": "EP x FSDP"}.get(g.get("sharding"), "FSDP2")
         gen_s = (f" Generated by `benchmarks.generate` ({g.get('world_size')} {ranks} ranks) in {g.get('wall_s')} s, "
                  f"generator peak PSS {g.get('peak_pss_bytes', 0) / 2**20:.0f} MiB "
                  f"(RSS summed over the forked ranks {g.get('peak_rss_bytes', 0) / 2**20:.0f} MiB).")
@@ -542,8 +597,9 @@ def parse_args(argv=None):
     p.add_argument("--with-optim", action="store_true", help="preset with AdamW state (3x the bytes)")
     p.add_argument("--layout", default=gen.DEFAULT_LAYOUT, choices=gen.LAYOUTS,
                    help="preset sharding: fsdp2 (every tensor Shard(0), default), tp (Megatron-style: "
-                        "Shard(0) colwise, Shard(1) rowwise, 1-D Replicate) or shortrun (>= 2-D tensors "
-                        "Shard(last dim)); cached as <preset>-<dtype>-<layout>")
+                        "Shard(0) colwise, Shard(1) rowwise, 1-D Replicate), shortrun (>= 2-D tensors "
+                        "Shard(last dim)) or ep (MoE presets: torchtitan's expert parallel 2 x FSDP 2); "
+                        "cached as <preset>-<dtype>-<layout>")
     p.add_argument("--flavor", default=gen.DEFAULT_FLAVOR, choices=gen.FLAVORS,
                    help="how the preset's items are serialized (zstd: torch's ZStandard extension)")
     p.add_argument("--out", type=Path, default=HERE / "results", help="results folder (default benchmarks/results)")
@@ -601,8 +657,7 @@ def main(argv=None) -> int:
         contenders.insert(1, COPY_PIECES)   # cp -r is then reported as skipped; this row is the floor
         if args.floor == "per-file":
             c = contenders[0]
-            contenders[0] = Contender(c.name, c.kind, c.argv, c.space, c.out_dtype,
-                                      lambda ck: "not selected (--floor per-file)")
+            contenders[0] = replace(c, available=lambda ck: "not selected (--floor per-file)")
     def deselected(c: Contender) -> bool:
         only = [k.strip() for k in (args.only or "").split(",") if k.strip()]
         skip = [k.strip() for k in (args.skip or "").split(",") if k.strip()]
@@ -610,8 +665,7 @@ def main(argv=None) -> int:
                     or any(k in c.name for k in skip))
 
     # deselected contenders keep their row ("not selected") so a table never silently loses one
-    contenders = [c if not deselected(c) else
-                  Contender(c.name, c.kind, c.argv, c.space, c.out_dtype, lambda ck: "not selected (--only/--skip)")
+    contenders = [c if not deselected(c) else replace(c, available=lambda ck: "not selected (--only/--skip)")
                   for c in contenders]
     mode = args.verify if args.verify != "auto" else ("all" if ck.model_bytes < 8e9 else "sample")
     checker = Checker(ck, mode, [c.out_dtype for c in contenders]) if mode != "none" else None
@@ -632,7 +686,7 @@ def main(argv=None) -> int:
             row = run_contender(c, ck, work, args, log)
             out = work / "run" / "out"
             if c.kind == "convert" and row["status"] == "finished" and checker:
-                row["check"] = checker.check(c.name, out, c.out_dtype)
+                row["check"] = checker.check(c.name, out, c.out_dtype, c.naming)
                 log(f"[{c.name}] output: {row['check']['summary']}")
             rmtree(work / "run")
             m = row.get("measurement")
@@ -651,6 +705,7 @@ def main(argv=None) -> int:
         if m and floor and row["status"] == "finished":
             row["ratio_to_cp"] = round((m["wall_s"] + row["sync_s"]) / floor, 3)
         run["contenders"].append(row)
+    _ratios_to_dense_path(run["contenders"])
     run["caches_dropped"] = any(r.get("caches_dropped") for r in run["contenders"])
     run["checked_against"] = checker.source if checker else None
     rmtree(work)

@@ -100,8 +100,10 @@ def fingerprint(out_dir: Path, *, as_dtype: Optional[str] = None, mode: str = "a
     return result
 
 
-def expected_fingerprint(tensors: Iterable[Tuple[str, str, Tuple[int, ...]]], dtype: str, mode: str = "all") -> Fingerprint:
-    """Fingerprints of generator data; `tensors` are (output name, generator key, shape)."""
+def expected_fingerprint(tensors: Iterable[tuple], dtype: str, mode: str = "all") -> Fingerprint:
+    """Fingerprints of generator data; `tensors` are (output name, generator key, shape[, first element]): the
+    first element (default 0) is where the output starts in the generator's tensor, e.g. expert e of a grouped
+    [E, F, D] tensor starts at e*F*D."""
     import torch
 
     from .generate import expected_values
@@ -109,13 +111,14 @@ def expected_fingerprint(tensors: Iterable[Tuple[str, str, Tuple[int, ...]]], dt
     result: Fingerprint = {}
     piece_elems = PIECE_BYTES // ITEMSIZE[dtype]
     buf = torch.empty(piece_elems, dtype=getattr(torch, dtype))
-    for name, key, shape in tensors:
+    for name, key, shape, *first in tensors:
+        base = first[0] if first else 0
         crc = 0
         for lo, hi in windows(math.prod(shape), mode):
             pos = lo
             while pos < hi:
                 n = min(piece_elems, hi - pos)
-                vals = expected_values(key, dtype, pos, n, out=buf[:n])
+                vals = expected_values(key, dtype, base + pos, n, out=buf[:n])
                 crc = zlib.crc32(vals.view(torch.uint8).numpy(), crc)
                 pos += n
         result[name] = (dtype, tuple(shape), crc)

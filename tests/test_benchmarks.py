@@ -4,6 +4,7 @@ Not collected by `make test` (testpaths = ["tests"]) unless the project adds it.
 """
 import json
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -265,3 +266,178 @@ def test_results_elsewhere_leave_the_tracked_readme_and_caches_alone(tmp_path):
     assert "--drop-caches" in make.stdout and "--no-drop-caches" not in make.stdout.split("benchmarks.run", 1)[1]
     make = subprocess.run(["make", "-n", "bench"], cwd=REPO, capture_output=True, text=True)
     assert "--no-drop-caches" in make.stdout and "DROP_CACHES=1" in make.stdout
+
+
+# ---------------------------------------------------------------- the Mixture-of-Experts preset (issue 19.5)
+
+MOE_TINY = presets.PRESETS["qwen3-moe-tiny"]
+W1 = "layers.0.moe.routed_experts.inner_experts.w1_EFD"
+
+
+@pytest.fixture(scope="module")
+def moe_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "qwen3-moe-tiny"
+    gen.generate("qwen3-moe-tiny", "float32", out)
+    return out
+
+
+def _full(name, shape, dtype="float32"):
+    return gen.expected_values(gen.data_key(name), dtype, 0, math.prod(shape)).view(shape)
+
+
+def test_moe_preset_is_saved_as_torchtitan_saves_it_and_holds_the_formula(moe_ckpt, tmp_path):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    md = FileSystemReader(str(moe_ckpt)).read_metadata().state_dict_metadata
+    specs = presets.tensor_specs(MOE_TINY)
+    assert list(md) == [n for n, _ in specs]      # flat torchtitan keys, model only
+    # 3 experts over 4 FSDP2 ranks: torch.chunk gives ranks 0-2 one expert each and rank 3 an empty chunk
+    assert sorted((tuple(c.offsets), tuple(c.sizes)) for c in md[W1].chunks) == \
+        [((0, 0, 0), (0, 32, 64)), ((0, 0, 0), (1, 32, 64)), ((1, 0, 0), (1, 32, 64)), ((2, 0, 0), (1, 32, 64))] \
+        or sorted(tuple(c.offsets)[0] for c in md[W1].chunks if c.sizes[0]) == [0, 1, 2]
+    dcp_to_torch_save(str(moe_ckpt), tmp_path / "all.pt")
+    sd = torch.load(tmp_path / "all.pt", weights_only=True)
+    for name, shape in specs:
+        assert torch.equal(sd[name], _full(name, shape)), name
+    assert gen.read_stamp(moe_ckpt)["self_check"]["checked_tensors"]
+    with pytest.raises(SystemExit, match="torchtitan"):
+        gen.generate("qwen3-moe-tiny", "float32", tmp_path / "x", with_optim=True)
+    with pytest.raises(SystemExit, match="grouped expert"):
+        gen.generate("tiny", "float32", tmp_path / "y", layout="ep")
+
+
+def test_generator_self_check_reads_back_a_grouped_expert_tensor(moe_ckpt, monkeypatch):
+    """At the benchmark sizes every grouped expert tensor is larger than the small-tensor sample's limit, and they
+    hold 88% of the bytes: the self-check reads the last one back too (compared window by window)."""
+    big = presets.tensor_specs(presets.PRESETS["qwen3-moe-3gb"])
+    sample = [n for n, _ in gen._sample(big)]
+    assert sample[-1] == "layers.1.moe.routed_experts.inner_experts.w3_EFD" and len(sample) == gen.SAMPLE_TENSORS + 1
+    dense = [n for n, _ in gen._sample(presets.tensor_specs(presets.PRESETS["llama-3.2-11b-vision"]))]
+    assert len(dense) == gen.SAMPLE_TENSORS     # no grouped experts: the sample is what it was
+    monkeypatch.setattr(gen, "SAMPLE_MAX_NUMEL", 1000)     # windows of 1000 elements over the tiny preset's tensors
+    assert "layers.1.moe.routed_experts.inner_experts.w3_EFD" in gen.check_written(moe_ckpt, "qwen3-moe-tiny",
+                                                                                     "float32")["checked_tensors"]
+
+
+def test_moe_hf_outputs_are_torchs_unbind_of_the_grouped_experts(tmp_path):
+    """The expected fingerprints of the unstacked output (a grouped tensor's plane e starts at element e*F*D) equal
+    those of the planes torch's `unbind` cuts, and a swap of two experts is caught."""
+    from benchmarks.moe_presets import hf_outputs
+
+    specs = dict(presets.tensor_specs(MOE_TINY))
+    outputs = hf_outputs(MOE_TINY)
+    assert len(outputs) == len(specs) - 3 * MOE_TINY.layers + 3 * MOE_TINY.layers * MOE_TINY.experts
+    state = {}
+    for hf, name, shape, _ in outputs:
+        whole = _full(name, specs[name])
+        expert = re.search(r"\.experts\.(\d+)\.", hf)      # the expert index the Hugging Face name says
+        state[hf] = whole.unbind(0)[int(expert.group(1))].clone() if expert else whole.clone()
+        assert tuple(state[hf].shape) == shape, hf
+    assert "model.layers.1.mlp.experts.2.down_proj.weight" in state and "model.layers.0.mlp.gate.weight" in state
+    save_sharded(state, tmp_path / "out")
+    expected = verify.expected_fingerprint([(hf, gen.data_key(n), s, f) for hf, n, s, f in outputs], "float32")
+    ok, summary = verify.compare(expected, verify.fingerprint(tmp_path / "out"))
+    assert ok, summary
+    a, b = "model.layers.0.mlp.experts.0.gate_proj.weight", "model.layers.0.mlp.experts.1.gate_proj.weight"
+    state[a], state[b] = state[b], state[a]
+    save_sharded(state, tmp_path / "swapped")
+    ok, summary = verify.compare(expected, verify.fingerprint(tmp_path / "swapped"))
+    assert not ok and "2 bytes differ" in summary, summary
+
+
+def test_moe_harness_measures_the_unstack_beside_the_dense_path(moe_ckpt, tmp_path):
+    """One run: cp -r, streamconv (torchtitan-qwen3 detected, experts unstacked) and the dense path (the same bytes,
+    --source-format hf); each output checked against the generator's data under its own names."""
+    from benchmarks.moe_presets import hf_outputs
+
+    run.main(["--ckpt", str(moe_ckpt), "--out", str(tmp_path / "results"), "--cache", str(tmp_path / "cache"),
+              "--readme", "", "--no-drop-caches",
+              "--skip", "crc,fsync,buffer,dtype,dcp_to_torch_save,cookbook,accelerate"])
+    rows = {r["name"]: r for r in json.loads((tmp_path / "results" / "results.json").read_text())["runs"][-1]["contenders"]}
+    assert rows["cp -r"]["status"] == "finished"
+    unstack, dense = rows["streamconv"], rows[run.DENSE_PATH]
+    assert unstack["check"] == {**unstack["check"], "ok": True, "summary": f"{len(hf_outputs(MOE_TINY))} tensors identical"}
+    assert dense["check"] == {**dense["check"], "ok": True, "summary": f"{len(presets.tensor_specs(MOE_TINY))} tensors identical"}
+    assert unstack["report"]["tensors"] == len(hf_outputs(MOE_TINY)) and dense["report"]["tensors"] == 27
+    # the same tensor bytes (+ a safetensors header that grows with the number of names)
+    assert 0 < unstack["report"]["bytes_written"] - 4 * presets.num_params(MOE_TINY) < 8192
+    assert 0 < dense["report"]["bytes_written"] - 4 * presets.num_params(MOE_TINY) < 8192
+    assert unstack["ratio_to_dense"] > 0 and "x the dense path" in (tmp_path / "results" / "qwen3-moe-tiny.md").read_text()
+    assert "ratio_to_dense" not in dense and "ratio_to_cp" in unstack
+
+
+def test_without_generator_data_each_naming_has_its_own_reference(moe_ckpt, tmp_path):
+    """A MoE checkpoint from elsewhere (no stamp): streamconv's output (Hugging Face names) is the reference for
+    outputs under those names, the dense path's for the checkpoint's own names, which the cookbook baseline is then
+    checked against (it is not a reference of its own)."""
+    import shutil
+
+    ckpt = tmp_path / "elsewhere"
+    shutil.copytree(moe_ckpt, ckpt, ignore=shutil.ignore_patterns(gen.STAMP))
+    run.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "results"), "--cache", str(tmp_path / "cache"),
+              "--readme", "", "--no-drop-caches", "--skip", "crc,fsync,buffer,dtype,dcp_to_torch_save,accelerate"])
+    rows = {r["name"]: r for r in json.loads((tmp_path / "results" / "results.json").read_text())["runs"][-1]["contenders"]}
+    assert rows["streamconv"]["check"]["summary"] == "reference (39 tensors)"
+    assert rows[run.DENSE_PATH]["check"]["summary"] == "reference (27 tensors)"
+    cookbook = rows["llama-cookbook (dcp.load no_dist)"]["check"]
+    assert cookbook["ok"] and cookbook["summary"] == "27 tensors identical", cookbook
+
+
+def test_moe_ep_layout_converts_into_what_qwen3_moe_loads(tmp_path):
+    """torchtitan's expert parallel (EP 2 x FSDP 2; 3 experts are too few for Shard(0) twice, so Shard(1) over
+    efsdp: every expert's plane is two chunks); converted with only --config-from a Qwen3MoeConfig base folder, the
+    output's names and shapes are proven to be what Qwen3MoeForCausalLM loads and its bytes are the generator's."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from benchmarks.moe_presets import transformers_config
+
+    pytest.importorskip("transformers")
+    ckpt = tmp_path / "tiny-ep"
+    assert gen.generate("qwen3-moe-tiny", "float32", ckpt, layout="ep")["sharding"] == "ep"
+    md = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    assert sorted(tuple(c.offsets) for c in md[W1].chunks) == [(0, 0, 0), (0, 16, 0), (2, 0, 0), (2, 16, 0)]
+    assert sorted(tuple(c.offsets) for c in md["tok_embeddings.weight"].chunks) == [(r, 0) for r in (0, 64, 128, 192)]
+    transformers_config(MOE_TINY).save_pretrained(tmp_path / "base")
+    proc = subprocess.run([sys.executable, "-m", "streamconv", "convert", str(ckpt), str(tmp_path / "out"),
+                           "--config-from", str(tmp_path / "base"), "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    checker = run.Checker(run.inspect_checkpoint(ckpt), "all", [])
+    check = checker.check("streamconv", tmp_path / "out", None, "hf")
+    assert check["ok"], check
+
+
+@pytest.mark.trainers
+def test_moe_preset_is_torchtitans_qwen3_moe():
+    """The tiny MoE preset's names, shapes and order are those of torchtitan 0.3's own Qwen3Model state dict with
+    the same sizes (built on the meta device, in a child process: the CPU shims patch torchtitan's modules)."""
+    pytest.importorskip("torchtitan")
+    c = MOE_TINY
+    script = textwrap.dedent(f"""
+        import json, torch
+        from tests.support import trainer_writers as tw
+        tw.shim_torchtitan()
+        from torchtitan.models import qwen3 as Q
+        from torchtitan.models.common import attention
+        from torchtitan.models.common.rope import CosSinRoPE
+        Q.get_attention_config = lambda backend: attention.ScaledDotProductAttention.Config()
+        layers = Q._build_qwen3_moe_layers(
+            n_layers={c.layers}, dim={c.hidden}, n_heads={c.heads}, n_kv_heads={c.kv_heads}, head_dim={c.head_dim},
+            moe_hidden_dim={c.moe_intermediate}, num_experts={c.experts}, top_k=2, attn_backend="sdpa",
+            moe_comm_backend="standard", rope=CosSinRoPE.Config(dim={c.head_dim}, max_seq_len=64, theta=1e6))
+        for layer in layers:
+            layer.moe.load_balance_coeff = None
+        config = Q.Qwen3Model.Config(
+            vocab_size={c.vocab}, dim={c.hidden}, norm=Q._qwen3_norm({c.hidden}), enable_weight_tying=False,
+            tok_embeddings=Q.Embedding.Config(num_embeddings={c.vocab}, embedding_dim={c.hidden},
+                                              param_init=Q._EMBEDDING_INIT),
+            lm_head=Q.Linear.Config(in_features={c.hidden}, out_features={c.vocab}, param_init=Q._LINEAR_INIT),
+            layers=layers)
+        with torch.device("meta"):
+            model = config.build()
+        print(json.dumps([[k, list(v.shape)] for k, v in model.state_dict().items()]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = [(k, tuple(s)) for k, s in json.loads(proc.stdout.strip().splitlines()[-1])]
+    assert theirs == presets.tensor_specs(c)

@@ -1,13 +1,23 @@
 """The copy assembler: every chunk (or, for a transformed tensor, every piece) is one contiguous run of the
-output (FSDP's dim-0 shards, RoPE's whole-head pieces). Bytes go straight from the .distcp file to the shard
-(copy_file_range, in-kernel), or through the workspace's buffer in band-budget steps when a dtype cast is needed.
-A zstd chunk's run is decoded once, front to back (`BlobReader.copy_to`).
+output (FSDP's dim-0 shards, RoPE's whole-head pieces, an unstacked expert's plane). Bytes go straight from the
+.distcp file to the shard (copy_file_range, in-kernel), or through the workspace's buffer in band-budget steps when
+a dtype cast is needed. A zstd chunk's run is decoded once, front to back (`BlobReader.copy_to`).
+
+A piece that is only part of its stored chunk (an expert's plane of a grouped chunk) has no recorded CRC-32, and
+the shard's CRC would then be read back from the file by the one writer that finishes it, after every other
+writer is done (reading a 2.75 GB MoE shard back and checksumming it took 7.5 s on a loaded 2-core machine). Such a
+piece is still copied in-kernel, and then the writer that copied it checksums its source bytes (in the page cache
+now) and hands the CRC-32 to the sink, so that work runs on every writer side by side. Its reads are one IO step
+at a time (`PREAD_STEP_BYTES`, outside the buffer, already counted per writer by the plan's peak), so the memory
+stays what the plan predicts.
 """
 from __future__ import annotations
 
+import zlib
 from typing import TYPE_CHECKING, Mapping
 
 from .. import dtypes
+from ..fs.fastpaths import PREAD_STEP_BYTES
 from ..model import BlobLocation, StoredTensor, row_major_strides
 from ..planning.transforms import piece_strides
 from .workspace import Assembler, Workspace
@@ -72,9 +82,33 @@ def _copy_pieces(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
         ws.check_stop()
         dst_strides, _, base = piece_strides(piece, t.shape)
         first = sum(o * s for o, s in zip(piece.dst_start, dst_strides))
-        src = ws.stored[piece.chunk.location].data_offset + base * src_item
-        copy_run(ws, t, piece.chunk.location, src, t.begin + first * dst_item,
-                 piece.numel * src_item, sink)
+        stored = ws.stored[piece.chunk.location]
+        src, dst, nbytes = stored.data_offset + base * src_item, t.begin + first * dst_item, piece.numel * src_item
+        location = piece.chunk.location
+        whole_chunk = src == stored.data_offset and nbytes == stored.data_nbytes
+        # decoded (zstd) bytes pass through memory anyway, and the sink sums them as it writes
+        if t.is_cast or stored.transforms or (whole_chunk and stored.storage_crc32 is not None):
+            copy_run(ws, t, location, src, dst, nbytes, sink)
+            if not t.is_cast and stored.storage_crc32 is not None:   # the chunk's recorded CRC-32 is the piece's
+                sink.note_source_crc32(dst, nbytes, stored.storage_crc32)
+        else:
+            _copy_checksummed(ws, location, src, dst, nbytes, sink)
+
+
+def _copy_checksummed(ws: Workspace, location: BlobLocation, src: int, dst: int, nbytes: int,
+                      sink: ShardSink) -> None:
+    """Copy in-kernel, then take the piece's CRC-32 from its source bytes (just read, so in the page cache) in IO
+    steps and hand it to the sink, so it is not read back from the output later (see the module docstring)."""
+    ws.reader.copy_to(sink, location, src, dst, nbytes)
+    step = memoryview(bytearray(min(PREAD_STEP_BYTES, nbytes)))   # one step at a time: the plan counts one
+    crc, done = 0, 0
+    while done < nbytes:
+        n = min(len(step), nbytes - done)
+        ws.reader.read_into(location, src + done, [step[:n]])
+        crc = zlib.crc32(step[:n], crc)
+        done += n
+    sink.note_source_crc32(dst, nbytes, crc)
+    ws.progress(nbytes)
 
 
 ASSEMBLER = Assembler("copy", accepts, write)

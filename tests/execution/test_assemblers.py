@@ -141,3 +141,37 @@ def test_each_assembler_checks_every_chunk_through_the_workspace(name):
     MODULES[name].write(ws, t, MemorySink(t.begin + t.nbytes))
     assert {c for _, c in integrity.checked} == set(t.chunks)
     assert {fqn for fqn, _ in integrity.checked} == {t.source_fqn}
+
+
+@pytest.mark.parametrize("copy_file_range", [True, False])
+def test_unstacked_pieces_reach_the_sink_with_their_crc32_so_the_shard_is_not_read_back(tmp_path, copy_file_range):
+    """An expert's plane is part of a grouped chunk, so no recorded CRC-32 covers it: the copy assembler takes it
+    while copying (on the writer), and the shard's CRC-32 never reads the output back. Seen by changing the output
+    file behind the sink's back: the CRC is still that of the bytes the assembler wrote."""
+    import zlib
+
+    from streamconv.fs.fastpaths import FastPaths
+    from streamconv.output.sink import FileSink
+    from streamconv.source.io import DirectoryReader
+    from tests.execution.test_executor import make_checkpoint
+
+    grouped = np.arange(4 * 6 * 8, dtype=np.float32).reshape(4, 6, 8)      # [experts, ffn, dim]
+    meta, memory, stored = make_checkpoint({"w": grouped}, {"w": [[2], [], []]})    # experts 0-1 | 2-3
+    chunks = meta.tensors[0].chunks
+    for name in {c.location.relative_path for c in chunks}:        # the same files, on disk
+        (tmp_path / name).write_bytes(memory.read(name, 0, memory.size(name)))
+    fast = FastPaths(copy_file_range=copy_file_range)
+    reader = DirectoryReader(str(tmp_path), fast=fast)
+    pieces = tf.flatten(tf.cut_all(tf.whole("w", grouped.shape, lead=(3,)), {"w": (grouped.shape, chunks)}))
+    t = TensorPlan(name="experts.3", source_fqn="w", src_dtype="float32", dst_dtype="float32", shape=(6, 8),
+                   chunks=tf.distinct_chunks(pieces), begin=16, nbytes=6 * 8 * 4, pieces=pieces)
+    assert choose(t, stored).name == "copy"
+    sink = FileSink(str(tmp_path / "out.safetensors"), t.begin + t.nbytes, fast=fast)
+    sink.write_at(0, b"h" * t.begin)
+    copy.write(Workspace(reader, stored, 64), t, sink)
+    with open(tmp_path / "out.safetensors", "r+b") as f:
+        assert f.read()[t.begin:] == grouped[3].tobytes()
+        f.seek(t.begin)
+        f.write(b"\0" * t.nbytes)        # what a read-back would now see
+    assert sink.crc32() == zlib.crc32(b"h" * t.begin + grouped[3].tobytes())
+    sink.close()

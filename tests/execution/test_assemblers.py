@@ -153,7 +153,6 @@ def test_unstacked_pieces_reach_the_sink_with_their_crc32_so_the_shard_is_not_re
     from streamconv.fs.fastpaths import FastPaths
     from streamconv.output.sink import FileSink
     from streamconv.source.io import DirectoryReader
-    from tests.execution.test_executor import make_checkpoint
 
     grouped = np.arange(4 * 6 * 8, dtype=np.float32).reshape(4, 6, 8)      # [experts, ffn, dim]
     meta, memory, stored = make_checkpoint({"w": grouped}, {"w": [[2], [], []]})    # experts 0-1 | 2-3
@@ -168,7 +167,7 @@ def test_unstacked_pieces_reach_the_sink_with_their_crc32_so_the_shard_is_not_re
     assert choose(t, stored).name == "copy"
     sink = FileSink(str(tmp_path / "out.safetensors"), t.begin + t.nbytes, fast=fast)
     sink.write_at(0, b"h" * t.begin)
-    copy.write(Workspace(reader, stored, 64), t, sink)
+    copy.write(Workspace(BlobReader(reader, stored), stored, 64), t, sink)
     with open(tmp_path / "out.safetensors", "r+b") as f:
         assert f.read()[t.begin:] == grouped[3].tobytes()
         f.seek(t.begin)

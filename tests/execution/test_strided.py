@@ -2,6 +2,9 @@
 each box stored in its own random dim order, reassembled bit for bit at any buffer size, also with a cast.
 Real torch-written transposed and channels_last checkpoints: tests/source/test_zstd_strided.py."""
 import numpy as np
+
+from streamconv.model import CheckpointMetadata
+from streamconv.source.blob_reader import BlobReader
 from hypothesis import given, settings, strategies as st
 
 from tests.support.memory_checkpoints import cases, permuted_checkpoint, read_safetensors, run
@@ -66,7 +69,7 @@ def test_a_tensor_the_plan_transposes_is_its_chunks_put_in_place_permuted(case, 
     if cast:
         want = cast_into(np.frombuffer(want, np.uint8), "float32", "bfloat16").tobytes()
     assert read_safetensors(out["model.safetensors"])["w"] == want
-    ws = Workspace(reader, stored, buffer_bytes)
+    ws = Workspace(BlobReader(reader, stored), stored, buffer_bytes)
     sink = MemorySink(t.begin + t.nbytes)
     choose(t, stored).write(ws, t, sink)
     assert ws.buffer_nbytes <= max(buffer_bytes, 2 * 4)      # the one buffer, as for any tensor

@@ -107,6 +107,9 @@ def build_metadata(out: Path, tensors, ep: int, fsdp: int, with_optim: bool):
 
     ranks = ep * fsdp
     file_bytes = [0] * ranks
+    # One name object per file, as torch's writer hands every _StorageInfo of a file the same string (the pickle
+    # then refers back to it instead of repeating it).
+    file_names = [f"__{rank}_0.distcp" for rank in range(ranks)]
     sdm, storage, planner = {}, {}, {}
     dtype_of = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -119,7 +122,7 @@ def build_metadata(out: Path, tensors, ep: int, fsdp: int, with_optim: bool):
             metas.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)))
             length = nbytes + BLOB_OVERHEAD_BYTES
             storage[MetadataIndex(fqn, torch.Size(offsets), index)] = _StorageInfo(
-                f"__{rank}_0.distcp", file_bytes[rank], length)
+                file_names[rank], file_bytes[rank], length)
             file_bytes[rank] += length
         sdm[fqn] = TensorStorageMetadata(TensorProperties(dtype=dtype_of[dtype]), torch.Size(shape), metas)
         planner[fqn] = path

@@ -7,6 +7,7 @@ The executor only follows the plan, shard by shard, so a shard can be (re)built 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Collection, Dict, List, Optional, Sequence, Tuple
 
 from .. import dtypes, safetensors_format
@@ -112,14 +113,20 @@ class TensorPlan:
     def end(self) -> int:
         return self.begin + self.nbytes
 
+    @cached_property
+    def is_compressed(self) -> bool:
+        """True when some chunk is stored through a stream transform (zstd)."""
+        return any(c.location.transform_descriptors for c in self.chunks)
+
     @property
     def is_cast(self) -> bool:
         return self.src_dtype != self.dst_dtype
 
-    @property
+    @cached_property
     def is_row_contiguous(self) -> bool:
         """True when every chunk is one contiguous byte run of the output (FSDP's dim-0 shards),
-        so its bytes can be copied straight through without assembling blocks."""
+        so its bytes can be copied straight through without assembling blocks. Cached: the writer count is
+        chosen by predicting the peak several times, each asking every tensor."""
         if self.pieces:
             return all(is_contiguous_piece(p, self.shape) for p in self.pieces)
         return all(_is_contiguous_box(c, self.shape) for c in self.chunks)
@@ -277,6 +284,7 @@ def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -
 
     groups = _assign_shards(items, options.max_shard_bytes)
     shards: List[ShardPlan] = []
+    proven = _Proven()
     for i, group in enumerate(groups):
         filename = SINGLE_FILE_NAME if len(groups) == 1 else shard_filename(i + 1, len(groups))
         # Within a file, widest items first keep every tensor aligned to its item size (as safetensors does).
@@ -288,7 +296,7 @@ def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -
         header = _header(rel)
         tensors = []
         for (entry, name, dst, nbytes), (_, _, _, begin, _) in zip(group, rel):
-            chunks, pieces = _chunks_and_pieces(entry, name)
+            chunks, pieces = _chunks_and_pieces(entry, name, proven)
             tensors.append(TensorPlan(name=name, source_fqn=entry.fqn, src_dtype=entry.dtype, dst_dtype=dst,
                                       shape=tuple(entry.shape), chunks=chunks, begin=len(header) + begin,
                                       nbytes=nbytes, pieces=pieces))
@@ -362,28 +370,46 @@ def _writers_bytes(tensors: Sequence[TensorPlan], buffer_bytes: int, writers: in
     running = max(1, min(writers, len(tensors)))
     need_bytes = max((buffer_need_bytes(t, permuted) for t in tensors), default=0)
     held = running * IO_STEP_BYTES_PER_WRITER
-    if any(c.location.transform_descriptors for t in tensors for c in t.chunks):
+    if any(t.is_compressed for t in tensors):
         held += ZSTD_MODULE_BYTES + running * DECODER_BYTES_PER_WRITER
     if need_bytes:
         held += NUMPY_RSS_BYTES + running * min(max(1, buffer_bytes // running), need_bytes)
     return held
 
 
-def _chunks_and_pieces(entry: TensorEntry, name: str) -> Tuple[Tuple[Chunk, ...], Tuple[Piece, ...]]:
+class _Proven:
+    """Each source tensor's chunks deduplicated and proven to tile it once per plan, and the index a transform
+    cuts them by: an unstacked [E, F, D] expert weight feeds E outputs, and proving it for each would cost E x its
+    chunks (a DeepSeek-V3-scale plan spent most of its time there)."""
+
+    def __init__(self) -> None:
+        self.chunks: Dict[Tuple[str, int], Tuple[Chunk, ...]] = {}
+        self.indexes: Dict = {}
+
+    def of(self, entry: TensorEntry) -> Tuple[Chunk, ...]:
+        key = (entry.fqn, id(entry.chunks))
+        chunks = self.chunks.get(key)
+        if chunks is None:
+            chunks = dedup_chunks(entry.chunks)
+            check_coverage(entry.fqn, entry.shape, chunks)
+            self.chunks[key] = chunks
+        return chunks
+
+
+def _chunks_and_pieces(entry: TensorEntry, name: str,
+                       proven: Optional[_Proven] = None) -> Tuple[Tuple[Chunk, ...], Tuple[Piece, ...]]:
     """A plain tensor's chunks, proven to tile it; or a transformed tensor's pieces, proven to tile the output
-    (each source's chunks proven to tile the source first)."""
+    (each source's chunks proven to tile the source first, once per plan through `proven`)."""
+    proven = proven or _Proven()
     if not isinstance(entry, Derived):
-        chunks = dedup_chunks(entry.chunks)
-        check_coverage(entry.fqn, entry.shape, chunks)
-        return chunks, ()
+        return proven.of(entry), ()
     sources = {}
     for src in entry.sources:
-        chunks = dedup_chunks(src.chunks)
-        check_coverage(src.fqn, src.shape, chunks)
+        chunks = proven.of(src)
         if src.dtype != entry.dtype:
             raise OptionsError(f"{name!r} gathers tensors of different dtypes ({src.dtype}, {entry.dtype})")
         sources[src.fqn] = (tuple(src.shape), chunks)
-    groups = cut_all(entry.takes, sources)
+    groups = cut_all(entry.takes, sources, proven.indexes)
     check_gather(name, tuple(entry.shape), entry.takes, groups)
     pieces = flatten(groups)
     return distinct_chunks(pieces), pieces

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..errors import CoverageError, OptionsError, ReferenceMismatchError
 from ..model import Chunk, TensorEntry, numel, row_major_strides
@@ -267,18 +267,22 @@ def cut(take: Take, source_shape: Shape, index: ChunkIndex) -> List[Piece]:
     return pieces
 
 
-def cut_all(takes: Sequence[Take], sources: Dict[str, Tuple[Shape, Sequence[Chunk]]]) -> List[List[Piece]]:
-    """Each take cut along its source's chunks (deduplicated, proven to tile the source, by the caller)."""
-    indexes: Dict[str, ChunkIndex] = {}
+def cut_all(takes: Sequence[Take], sources: Dict[str, Tuple[Shape, Sequence[Chunk]]],
+            indexes: Optional[Dict[Tuple[str, int, int], ChunkIndex]] = None) -> List[List[Piece]]:
+    """Each take cut along its source's chunks (deduplicated, proven to tile the source, by the caller).
+    `indexes`: the chunk indexes built so far, kept by a caller that cuts the same sources for many outputs (the
+    experts of one grouped weight)."""
+    indexes = {} if indexes is None else indexes
     out: List[List[Piece]] = []
     for take in takes:
         shape, chunks = sources[take.source]
-        if take.source not in indexes:
-            # Unstacked sources are indexed by their leading (layer) dim, which a take fixes; others by the row dim.
-            extra = len(shape) - len(take.sizes)
-            dim = 0 if not shape or extra > 0 else _row_axis(len(shape), len(take.sizes))[1]
-            indexes[take.source] = ChunkIndex(chunks, dim)
-        out.append(cut(take, shape, indexes[take.source]))
+        # Unstacked sources are indexed by their leading (layer) dim, which a take fixes; others by the row dim.
+        extra = len(shape) - len(take.sizes)
+        dim = 0 if not shape or extra > 0 else _row_axis(len(shape), len(take.sizes))[1]
+        key = (take.source, id(chunks), dim)
+        if key not in indexes:
+            indexes[key] = ChunkIndex(chunks, dim)
+        out.append(cut(take, shape, indexes[key]))
     return out
 
 

@@ -68,3 +68,20 @@ def test_source_format_offers_every_adapter():
     shown = re.sub(r"-\n\s+", "-", result.output)     # (click may wrap a name after one of its hyphens)
     for adapter in trainers.ADAPTERS:
         assert adapter.name in shown, adapter.name
+
+
+def test_a_grouped_weight_is_proven_once_for_all_its_experts(monkeypatch):
+    """Each of E unstacked experts reads the same grouped weight: its chunks are deduplicated, proven to tile it and
+    indexed once per plan, not once per expert (E x its chunks; most of a DeepSeek-V3-scale plan's time)."""
+    from streamconv.planning import plan as plan_module, transforms
+    proofs, indexes = [], []
+    real_check, real_index = plan_module.check_coverage, transforms.ChunkIndex
+    monkeypatch.setattr(plan_module, "check_coverage", lambda fqn, *a: (proofs.append(fqn), real_check(fqn, *a)))
+    monkeypatch.setattr(transforms, "ChunkIndex", lambda *a: (indexes.append(a), real_index(*a))[1])
+    meta = CheckpointMetadata(tensors=(entry(P + "w1_EFD", (8, 6, 4), split_dim=0),
+                                       entry(P + "w2_EDF", (8, 4, 6), split_dim=1),
+                                       entry("layers.0.moe.router.gate.weight", (8, 4))))
+    plan = build_plan(meta, PlanOptions(source_format="torchtitan-qwen3", max_shard_bytes=10**9))
+    assert len(plan.tensors) == 1 + 2 * 8
+    assert sorted(proofs) == sorted([P + "w1_EFD", P + "w2_EDF", "layers.0.moe.router.gate.weight"])
+    assert len(indexes) == 2

@@ -12,11 +12,11 @@ import stat
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
 
-from .. import dtypes
+from .. import dtypes, failpoints
 from ..errors import CheckpointError
 from .io import RangeReader
 from ..model import BlobLocation, BytesEntry, CheckpointMetadata, Chunk, PathElement, TensorEntry
-from . import safe_pickle as sp
+from . import fast_records, safe_pickle as sp
 from .unpickle import describe
 
 METADATA_NAME = ".metadata"
@@ -148,7 +148,7 @@ def _decode(reader: RangeReader, name: str) -> _Decoded:
         raise CheckpointError(f"{name}: file is empty (the save was interrupted or the copy is incomplete)")
     # Streamed: a corrupt or hostile file fails at its first bad byte, and a huge one is never held whole.
     pickled = sp.load_metadata_pickle(source=name, read=lambda offset, length: reader.read(name, offset, length),
-                                      size=size_bytes)
+                                      size=size_bytes, fast=fast_records.handlers if fast_records_on() else None)
     md = pickled.root
     if not isinstance(md, sp.Metadata):
         raise CheckpointError(f"{name}: holds a {type(md).__name__}, not a DCP Metadata object")
@@ -160,9 +160,9 @@ def _decode(reader: RangeReader, name: str) -> _Decoded:
     for fqn, item in sdm.items():
         if not isinstance(fqn, str):
             raise CheckpointError(f"{name}: state_dict_metadata key {describe(fqn)} is not a string")
-        entries[fqn] = _tensor_decl(name, fqn, item)
+        entries[fqn] = _tensor_decl(name, fqn, item, pickled.columns)
 
-    locations, files = _storage_locations(name, md.get("storage_data"))
+    locations, files = _storage_locations(name, md.get("storage_data"), pickled.columns)
     version = md.get("version")
     if version is not None and not isinstance(version, str):
         raise CheckpointError(f"{name}: version {describe(version)} is not a string")
@@ -170,7 +170,13 @@ def _decode(reader: RangeReader, name: str) -> _Decoded:
                     _torch_version_hint(md, pickled.globals_seen), files)
 
 
-def _tensor_decl(name: str, fqn: str, item: Any) -> Optional[_TensorDecl]:
+def fast_records_on() -> bool:
+    """Whether torch's per-chunk records are read in bulk (fast_records.py); STREAMCONV_NO_FAST_PATHS=1 (or all)
+    turns it off with the IO fast paths, so `make test-no-fast-paths` runs the general machine on every test."""
+    return failpoints.no_fast_paths().strip().lower() not in ("1", "all")
+
+
+def _tensor_decl(name: str, fqn: str, item: Any, columns: Optional[fast_records.Columns]) -> Optional[_TensorDecl]:
     if isinstance(item, sp.BytesStorageMetadata):
         return None
     if not isinstance(item, sp.TensorStorageMetadata):
@@ -187,6 +193,12 @@ def _tensor_decl(name: str, fqn: str, item: Any) -> Optional[_TensorDecl]:
         raise CheckpointError(f"{where}: chunks is not a list")
     chunks = []
     for chunk in chunks_in:
+        if type(chunk) is fast_records.ChunkRows and columns is not None:
+            if chunk.ndim != len(shape):
+                raise CheckpointError(f"{where}: chunks have {chunk.ndim} dims, the tensor's shape {list(shape)} has "
+                                      f"{len(shape)}")
+            chunks.extend(_chunk_rows(columns, chunk))
+            continue
         if not isinstance(chunk, sp.ChunkStorageMetadata):
             raise CheckpointError(f"{where}: chunk is a {type(chunk).__name__}, not ChunkStorageMetadata")
         offsets = _dims(where, "chunk offsets", chunk.get("offsets"))
@@ -196,6 +208,13 @@ def _tensor_decl(name: str, fqn: str, item: Any) -> Optional[_TensorDecl]:
                 f"{where}: chunk offsets {offsets} / sizes {sizes} do not match the tensor's rank {len(shape)}")
         chunks.append((offsets, sizes))
     return _TensorDecl(dtype.name, shape, chunks)
+
+
+def _chunk_rows(columns: fast_records.Columns, rows: fast_records.ChunkRows):
+    """(offsets, sizes) of each chunk a fast path read (fast_records.py); numbers checked non-negative there."""
+    values, n = columns.chunks, rows.ndim
+    for at in range(rows.start, rows.start + 2 * n * rows.count, 2 * n):
+        yield tuple(values[at:at + n]), tuple(values[at + n:at + 2 * n])
 
 
 def _dims(where: str, what: str, value: Any) -> Tuple[int, ...]:
@@ -209,14 +228,33 @@ def _dims(where: str, what: str, value: Any) -> Tuple[int, ...]:
     raise CheckpointError(f"{where}: {what} {describe(value)} is not a tuple of non-negative ints")
 
 
-def _storage_locations(name: str, storage_data: Any) -> Tuple[Dict[_StorageKey, BlobLocation], set]:
+def _storage_items(columns: Optional[fast_records.Columns], storage_data: dict):
+    """storage_data's (index, info) pairs, with the rows a fast path read as (fqn, offsets, BlobLocation)."""
+    for index, info in storage_data.items():
+        if type(index) is not fast_records.StorageRows or columns is None:
+            yield index, info
+            continue
+        n, paths, blobs = index.ndim, columns.paths, columns.blobs
+        for k in range(index.count):
+            row, at = index.row + k, index.start + n * k
+            yield ((columns.fqns[row], tuple(columns.offsets[at:at + n])),
+                   BlobLocation(paths[columns.path_ids[row]], blobs[2 * row], blobs[2 * row + 1]))
+
+
+def _storage_locations(name: str, storage_data: Any,
+                       columns: Optional[fast_records.Columns] = None) -> Tuple[Dict[_StorageKey, BlobLocation], set]:
     if not isinstance(storage_data, dict):
         raise CheckpointError(
             f"{name}: storage_data is missing (found {type(storage_data).__name__}); this metadata was not "
             "written by FileSystemWriter, so streamconv does not know where the data is")
     locations: Dict[_StorageKey, BlobLocation] = {}
     files = set()
-    for index, info in storage_data.items():
+    for index, info in _storage_items(columns, storage_data):
+        if type(index) is tuple:        # read by a fast path, already checked
+            key, location = index, info
+            _add_location(name, locations, key, location)
+            files.add(location.relative_path)
+            continue
         if not (isinstance(index, sp.MetadataIndex) and isinstance(info, sp.StorageInfo)):
             raise CheckpointError(
                 f"{name}: storage_data maps {type(index).__name__} -> {type(info).__name__}, "
@@ -227,16 +265,22 @@ def _storage_locations(name: str, storage_data: Any) -> Tuple[Dict[_StorageKey, 
             raise CheckpointError(f"{name}: storage_data key has fqn {describe(fqn)}, expected a string")
         key = (fqn, None if offset is None else _dims(f"{name}: storage for {describe(fqn)}", "offset", offset))
         location = _blob_location(name, fqn, info)
-        if key in locations:
-            # torch's own dict cannot hold two (its MetadataIndex compares by fqn and offset); only a crafted or
-            # corrupted pickle can. torch.load would take the last, an earlier version of us the first: refuse.
-            raise CheckpointError(
-                f"{name}: storage_data lists {describe(fqn)}"
-                f"{'' if offset is None else f' chunk at offsets {list(key[1])}'} twice ({_where(locations[key])} "
-                f"and {_where(location)}); the metadata is corrupt or crafted")
-        locations[key] = location
+        _add_location(name, locations, key, location)
         files.add(location.relative_path)
     return locations, files
+
+
+def _add_location(name: str, locations: Dict[_StorageKey, BlobLocation], key: _StorageKey,
+                  location: BlobLocation) -> None:
+    if key in locations:
+        # torch's own dict cannot hold two (its MetadataIndex compares by fqn and offset); only a crafted or
+        # corrupted pickle can. torch.load would take the last, an earlier version of us the first: refuse.
+        fqn, offset = key
+        raise CheckpointError(
+            f"{name}: storage_data lists {describe(fqn)}"
+            f"{'' if offset is None else f' chunk at offsets {list(offset)}'} twice ({_where(locations[key])} "
+            f"and {_where(location)}); the metadata is corrupt or crafted")
+    locations[key] = location
 
 
 def _blob_location(name: str, fqn: str, info: sp.StorageInfo) -> BlobLocation:

@@ -14,7 +14,7 @@ from .. import dtypes, safetensors_format
 from . import names
 from .coverage import check_coverage, dedup_chunks
 from ..errors import OptionsError
-from ..model import BlobLocation, CheckpointMetadata, Chunk, TensorEntry, numel
+from ..model import BlobLocation, CheckpointMetadata, Chunk, ChunkTable, TensorEntry, numel
 from .naming import Naming, Skipped, name_tensors
 from ..safetensors_format import MAX_HEADER_BYTES
 from .transforms import Derived, Heads, Piece, check_gather, cut_all, distinct_chunks, flatten, is_contiguous_piece
@@ -102,7 +102,8 @@ class TensorPlan:
     src_dtype: str
     dst_dtype: str
     shape: Tuple[int, ...]
-    chunks: Tuple[Chunk, ...]   # deduplicated, sorted by offsets, proven to cover `shape` exactly once
+    chunks: Sequence[Chunk]     # deduplicated, sorted by offsets, proven to cover `shape` exactly once (a tuple or
+                                # a ChunkTable view)
     begin: int                  # absolute byte offset in the shard file
     nbytes: int                 # bytes in the output
     # Empty: each chunk sits at its own offsets in the output. Else the output is a gather of these pieces of
@@ -116,6 +117,8 @@ class TensorPlan:
     @cached_property
     def is_compressed(self) -> bool:
         """True when some chunk is stored through a stream transform (zstd)."""
+        if isinstance(self.chunks, ChunkTable):
+            return self.chunks.transformed
         return any(c.location.transform_descriptors for c in self.chunks)
 
     @property
@@ -129,7 +132,9 @@ class TensorPlan:
         chosen by predicting the peak several times, each asking every tensor."""
         if self.pieces:
             return all(is_contiguous_piece(p, self.shape) for p in self.pieces)
-        return all(_is_contiguous_box(c, self.shape) for c in self.chunks)
+        if isinstance(self.chunks, ChunkTable):
+            return all(_is_contiguous_box(self.chunks.box(i)[1], self.shape) for i in range(len(self.chunks)))
+        return all(_is_contiguous_box(c.sizes, self.shape) for c in self.chunks)
 
 
 @dataclass(frozen=True)
@@ -215,14 +220,14 @@ class ConversionPlan:
 
 
 
-def _is_contiguous_box(chunk: Chunk, shape: Sequence[int]) -> bool:
-    """A box is one contiguous run of the row-major tensor iff, past its first dim of size > 1,
+def _is_contiguous_box(sizes: Sequence[int], shape: Sequence[int]) -> bool:
+    """A box (of these sizes) is one contiguous run of the row-major tensor iff, past its first dim of size > 1,
     it spans every remaining dim in full."""
     dims = len(shape)
     first = 0
-    while first < dims and chunk.sizes[first] == 1:
+    while first < dims and sizes[first] == 1:
         first += 1
-    return all(chunk.sizes[d] == shape[d] for d in range(first + 1, dims))
+    return all(sizes[d] == shape[d] for d in range(first + 1, dims))
 
 
 def _count_reasons(skipped: Sequence[Skipped]) -> Dict[str, int]:
@@ -352,7 +357,7 @@ def buffer_need_bytes(t: TensorPlan, permuted: Collection[BlobLocation] = frozen
     A plain copy goes file to file in the kernel; a cast passes through the buffer, its output in place over its
     input; an assembly holds a band and, behind it, one chunk's part of the band (the staging of short runs and
     of chunks stored with `permuted` strides)."""
-    assembled = not t.is_row_contiguous or any(c.location in permuted for c in t.chunks)
+    assembled = not t.is_row_contiguous or bool(permuted and any(c.location in permuted for c in t.chunks))
     if not t.is_cast and not assembled:
         return 0
     src_bytes = numel(t.shape) * dtypes.BY_NAME[t.src_dtype].itemsize

@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 import re
 import stat
+from array import array
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
 
 from .. import dtypes, failpoints
 from ..errors import CheckpointError
 from .io import RangeReader
-from ..model import BlobLocation, BytesEntry, CheckpointMetadata, Chunk, PathElement, TensorEntry
+from ..model import BlobLocation, BytesEntry, CheckpointMetadata, ChunkTable, PathElement, TensorEntry
 from . import fast_records, safe_pickle as sp
 from .unpickle import describe
 
@@ -399,21 +400,36 @@ def _packed(location: BlobLocation, fqn: str, dtype: str, sizes: Tuple[int, ...]
 
 def _build(decoded: _Decoded) -> CheckpointMetadata:
     tensors, byte_entries = [], []
+    # The distinct (file, transforms, tensor key) of every chunk, shared by every tensor's ChunkTable.
+    places: List[Tuple[str, Tuple[str, ...], str]] = []
+    place_ids: Dict[Tuple[str, Tuple[str, ...], str], int] = {}
     for fqn, decl in decoded.entries.items():
         path = decoded.paths.get(fqn, ())
         if decl is None:
             byte_entries.append(BytesEntry(fqn, decoded.locations.get((fqn, None)), path))
             continue
-        chunks = []
+        boxes, blobs, where = array("q"), array("q"), array("I")
         for offsets, sizes in decl.chunks:
             location = decoded.locations.get((fqn, offsets))
             if location is None:
                 raise CheckpointError(
                     f"{decoded.name}: tensor {describe(fqn)} chunk at offsets {list(offsets)} (sizes {list(sizes)}) has no "
                     "entry in storage_data, so its data file is unknown; the metadata is inconsistent")
-            chunks.append(Chunk(offsets, sizes, _packed(location, fqn, decl.dtype, sizes)))
-        tensors.append(TensorEntry(fqn, decl.dtype, decl.shape, tuple(chunks), path))
-    packed = any(c.location.tensor_key for t in tensors for c in t.chunks)
+            location = _packed(location, fqn, decl.dtype, sizes)
+            boxes.extend(offsets)
+            boxes.extend(sizes)
+            blobs.append(location.offset)
+            blobs.append(location.length)
+            place = (location.relative_path, location.transform_descriptors, location.tensor_key)
+            place_id = place_ids.get(place)
+            if place_id is None:
+                place_id = place_ids[place] = len(places)
+                places.append(place)
+            where.append(place_id)
+        tensors.append(TensorEntry(fqn, decl.dtype, decl.shape, ChunkTable(len(decl.shape), boxes, blobs, where, places),
+                                   path))
+        decl.chunks = []        # each tensor's decoded tuples go as soon as its table is built
+    packed = any(key for _, _, key in places)
     return CheckpointMetadata(
         tensors=tuple(tensors),
         byte_entries=tuple(byte_entries),

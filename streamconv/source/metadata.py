@@ -45,7 +45,7 @@ class _Decoded:
     name: str
     entries: Dict[str, Optional[_TensorDecl]]      # fqn -> tensor, or None for a bytes item; in file order
     paths: Dict[str, Tuple[PathElement, ...]]
-    locations: Dict[_StorageKey, BlobLocation]
+    locations: "_Locations"
     version: Optional[str]
     torch_version_hint: str
     files: set = field(default_factory=set)
@@ -167,6 +167,7 @@ def _decode(reader: RangeReader, name: str) -> _Decoded:
     version = md.get("version")
     if version is not None and not isinstance(version, str):
         raise CheckpointError(f"{name}: version {describe(version)} is not a string")
+    locations.check()
     return _Decoded(name, entries, _planner_paths(md.get("planner_data")), locations, version,
                     _torch_version_hint(md, pickled.globals_seen), files)
 
@@ -229,32 +230,17 @@ def _dims(where: str, what: str, value: Any) -> Tuple[int, ...]:
     raise CheckpointError(f"{where}: {what} {describe(value)} is not a tuple of non-negative ints")
 
 
-def _storage_items(columns: Optional[fast_records.Columns], storage_data: dict):
-    """storage_data's (index, info) pairs, with the rows a fast path read as (fqn, offsets, BlobLocation)."""
-    for index, info in storage_data.items():
-        if type(index) is not fast_records.StorageRows or columns is None:
-            yield index, info
-            continue
-        n, paths, blobs = index.ndim, columns.paths, columns.blobs
-        for k in range(index.count):
-            row, at = index.row + k, index.start + n * k
-            yield ((columns.fqns[row], tuple(columns.offsets[at:at + n])),
-                   BlobLocation(paths[columns.path_ids[row]], blobs[2 * row], blobs[2 * row + 1]))
-
-
 def _storage_locations(name: str, storage_data: Any,
-                       columns: Optional[fast_records.Columns] = None) -> Tuple[Dict[_StorageKey, BlobLocation], set]:
+                       columns: Optional[fast_records.Columns] = None) -> Tuple["_Locations", set]:
     if not isinstance(storage_data, dict):
         raise CheckpointError(
             f"{name}: storage_data is missing (found {type(storage_data).__name__}); this metadata was not "
             "written by FileSystemWriter, so streamconv does not know where the data is")
-    locations: Dict[_StorageKey, BlobLocation] = {}
-    files = set()
-    for index, info in _storage_items(columns, storage_data):
-        if type(index) is tuple:        # read by a fast path, already checked
-            key, location = index, info
-            _add_location(name, locations, key, location)
-            files.add(location.relative_path)
+    locations = _Locations(name, columns)
+    files = set(columns.paths) if columns is not None else set()
+    for index, info in storage_data.items():
+        if type(index) is fast_records.StorageRows and columns is not None:
+            locations.add_rows(index)       # read by a fast path, numbers already checked
             continue
         if not (isinstance(index, sp.MetadataIndex) and isinstance(info, sp.StorageInfo)):
             raise CheckpointError(
@@ -266,22 +252,87 @@ def _storage_locations(name: str, storage_data: Any,
             raise CheckpointError(f"{name}: storage_data key has fqn {describe(fqn)}, expected a string")
         key = (fqn, None if offset is None else _dims(f"{name}: storage for {describe(fqn)}", "offset", offset))
         location = _blob_location(name, fqn, info)
-        _add_location(name, locations, key, location)
+        locations.add(key, location)
         files.add(location.relative_path)
     return locations, files
 
 
-def _add_location(name: str, locations: Dict[_StorageKey, BlobLocation], key: _StorageKey,
-                  location: BlobLocation) -> None:
-    if key in locations:
-        # torch's own dict cannot hold two (its MetadataIndex compares by fqn and offset); only a crafted or
-        # corrupted pickle can. torch.load would take the last, an earlier version of us the first: refuse.
-        fqn, offset = key
-        raise CheckpointError(
-            f"{name}: storage_data lists {describe(fqn)}"
-            f"{'' if offset is None else f' chunk at offsets {list(offset)}'} twice ({_where(locations[key])} "
-            f"and {_where(location)}); the metadata is corrupt or crafted")
-    locations[key] = location
+class _Locations:
+    """Where each chunk's blob is: storage_data's items the general machine built, in a dict, and the rows fast
+    paths read (fast_records.py), 24 bytes each, found through one tensor's index at a time."""
+
+    def __init__(self, name: str, columns: Optional[fast_records.Columns]):
+        self.name, self.columns = name, columns
+        self.built: Dict[_StorageKey, BlobLocation] = {}
+        self.rows: Dict[str, array] = {}        # fqn -> (row, start of its offsets, ndim) triples
+        self._indexed: Tuple[Optional[str], Dict[Tuple[int, ...], int]] = (None, {})
+
+    def add(self, key: _StorageKey, location: BlobLocation) -> None:
+        if key in self.built:
+            raise _duplicate(self.name, key, self.built[key], location)
+        self.built[key] = location
+
+    def add_rows(self, run: fast_records.StorageRows) -> None:
+        fqns, rows = self.columns.fqns, self.rows
+        for k in range(run.count):
+            row = run.row + k
+            found = rows.get(fqns[row])
+            if found is None:
+                found = rows[fqns[row]] = array("q")
+            found.extend((row, run.start + run.ndim * k, run.ndim))
+
+    def _location(self, row: int) -> BlobLocation:
+        c = self.columns
+        return BlobLocation(c.paths[c.path_ids[row]], c.blobs[2 * row], c.blobs[2 * row + 1])
+
+    def index_of(self, fqn: str) -> Dict[Tuple[int, ...], int]:
+        """{chunk offsets: row} of `fqn`'s rows, refusing a chunk listed twice (as `add` does)."""
+        if self._indexed[0] == fqn:
+            return self._indexed[1]
+        index: Dict[Tuple[int, ...], int] = {}
+        triples = self.rows.get(fqn, ())
+        offsets = self.columns.offsets if self.columns is not None else ()
+        for k in range(0, len(triples), 3):
+            row, at, n = triples[k], triples[k + 1], triples[k + 2]
+            key = tuple(offsets[at:at + n])
+            if key in index or (fqn, key) in self.built:
+                first = self._location(index[key]) if key in index else self.built[(fqn, key)]
+                raise _duplicate(self.name, (fqn, key), first, self._location(row))
+            index[key] = row
+        self._indexed = (fqn, index)
+        return index
+
+    def get(self, key: _StorageKey) -> Optional[BlobLocation]:
+        found = self.built.get(key)
+        if found is not None or key[1] is None or key[0] not in self.rows:
+            return found
+        row = self.index_of(key[0]).get(key[1])
+        return None if row is None else self._location(row)
+
+    def check(self) -> None:
+        """Refuse a chunk listed twice among the rows of any fqn (before any is looked up)."""
+        for fqn in self.rows:
+            self.index_of(fqn)
+
+    def items(self):
+        yield from self.built.items()
+        for fqn in self.rows:
+            for offsets, row in self.index_of(fqn).items():
+                yield (fqn, offsets), self._location(row)
+
+    def setdefault(self, key: _StorageKey, location: BlobLocation) -> None:
+        if self.get(key) is None:
+            self.built[key] = location
+
+
+def _duplicate(name: str, key: _StorageKey, first: BlobLocation, second: BlobLocation) -> CheckpointError:
+    # torch's own dict cannot hold two (its MetadataIndex compares by fqn and offset); only a crafted or
+    # corrupted pickle can. torch.load would take the last, an earlier version of us the first: refuse.
+    fqn, offset = key
+    return CheckpointError(
+        f"{name}: storage_data lists {describe(fqn)}"
+        f"{'' if offset is None else f' chunk at offsets {list(offset)}'} twice ({_where(first)} "
+        f"and {_where(second)}); the metadata is corrupt or crafted")
 
 
 def _blob_location(name: str, fqn: str, info: sp.StorageInfo) -> BlobLocation:

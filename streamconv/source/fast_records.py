@@ -13,8 +13,9 @@ pickler writes each the same way (protocol 4, every object memoized):
 These fast paths (`unpickle.Spec.fast_paths`) match runs of such records with one regular expression each, check
 every memo reference they use (the keys, the torch.Size stand-in, the class), append the numbers to `Columns` and
 put one `ChunkRows` / `StorageRows` marker in the records' place. Anything else, a record that differs by one
-byte (a name first seen, such as each rank's fqn strings when ranks sent their results to the coordinator, a FRAME inside it, a transform descriptor, a negative number, more than 3 dims), goes
-through the general machine, which checks it as before: the fast path only ever takes the shapes it proves.
+byte (a name first seen, such as each rank's own fqn strings when the ranks sent their results to the
+coordinator, a FRAME inside it, a transform descriptor, a negative number, no or more than 3 dims), goes through
+the general machine, which checks it as before: the fast path only ever takes the shapes it proves.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ _i32 = struct.Struct("<i").unpack_from
 
 # A memo reference (BINGET i / LONG_BINGET i) and an int (BININT1, BININT2, BININT, LONG1 of 1-8 bytes).
 _GET = rb"(?:h(.)|j(.{4}))"
-_INT = rb"(?:K.|M..|J.{4}|\x8a\x01.|\x8a\x02..|\x8a\x03.{3}|\x8a\x04.{4}|\x8a\x05.{5}|\x8a\x06.{6}|\x8a\x07.{7}|\x8a\x08.{8})"
+_INT = (rb"(?:K.|M..|J.{4}|\x8a\x01.|\x8a\x02..|\x8a\x03.{3}|\x8a\x04.{4}|\x8a\x05.{5}|\x8a\x06.{6}"
+        rb"|\x8a\x07.{7}|\x8a\x08.{8})")
 _SIZE = _GET + _GET + rb"(" + _INT + rb"{1,3})([\x85-\x87])\x94\x85\x94R\x94"   # GET key, GET torch.Size, dims
 _NEW = rb"\)\x81\x94}\x94\("
 _CHUNK = re.compile(_NEW + _SIZE + _SIZE + rb"ub", re.S)
@@ -121,7 +123,8 @@ def handlers(spec: sp._Spec) -> Tuple[Dict[int, Callable], Columns]:
 
     def dims(get: Callable[[int], Any], m: "re.Match", g: int, key: str) -> Optional[List[int]]:
         """Groups g.. of a matched torch.Size: (key ref, key ref, Size ref, Size ref, ints, TUPLEn)."""
-        if get(_index(m.group(g), m.group(g + 1))) != key or get(_index(m.group(g + 2), m.group(g + 3))) is not size_call:
+        if (get(_index(m.group(g), m.group(g + 1))) != key
+                or get(_index(m.group(g + 2), m.group(g + 3))) is not size_call):
             return None
         return _ints(m.group(g + 4), m.group(g + 5)[0])
 

@@ -477,8 +477,8 @@ def _build(decoded: _Decoded) -> CheckpointMetadata:
                 place_id = place_ids[place] = len(places)
                 places.append(place)
             where.append(place_id)
-        tensors.append(TensorEntry(fqn, decl.dtype, decl.shape, ChunkTable(len(decl.shape), boxes, blobs, where, places),
-                                   path))
+        table = ChunkTable(len(decl.shape), boxes, blobs, where, places)
+        tensors.append(TensorEntry(fqn, decl.dtype, decl.shape, table, path))
         decl.chunks = []        # each tensor's decoded tuples go as soon as its table is built
     packed = any(key for _, _, key in places)
     return CheckpointMetadata(

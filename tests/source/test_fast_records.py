@@ -75,8 +75,9 @@ def test_a_reference_back_into_consumed_records_falls_back_to_the_general_machin
     chunks = [ChunkStorageMetadata(offsets=torch.Size([4 * r, 0]), sizes=torch.Size([4, 3])) for r in range(4)]
     storage = {MetadataIndex(fqn, c.offsets, r): _StorageInfo("__0_0.distcp", 100 * r + 400 * (fqn == "v"), 100)
                for fqn in ("w", "v") for r, c in enumerate(chunks)}
-    md = Metadata({fqn: TensorStorageMetadata(TensorProperties(dtype=torch.float32), torch.Size([16, 3]), list(chunks))
-                   for fqn in ("w", "v")}, planner_data={"w": ("w",), "v": ("v",)}, storage_data=storage)
+    props = TensorProperties(dtype=torch.float32)
+    md = Metadata({fqn: TensorStorageMetadata(props, torch.Size([16, 3]), list(chunks)) for fqn in ("w", "v")},
+                  planner_data={"w": ("w",), "v": ("v",)}, storage_data=storage)
     raw = pickle.dumps(md, protocol=4)
     files = {".metadata": raw, "__0_0.distcp": bytes(800)}
     assert _columns(raw) is None             # the fast load gave up: decoded by the general machine alone

@@ -5,8 +5,10 @@ dtypes are torch's names without the `torch.` prefix ("bfloat16", "float32", "in
 """
 from __future__ import annotations
 
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 PathElement = Union[str, int]
 
@@ -59,12 +61,103 @@ class Chunk:
         return n
 
 
+class ChunkTable(Sequence):
+    """A tensor's chunks as columns: 2 x ndim + 2 numbers of 8 bytes and a 4-byte place per chunk instead of a
+    `Chunk` (with its `BlobLocation` and tuples: ~550 bytes). It is a sequence of `Chunk`s, each made when asked
+    for, so code that iterates chunks reads it as it reads a tuple; the planner's proofs read `box(i)` instead.
+
+    `boxes`: offsets then sizes of each chunk; `blobs`: (offset, length) of each chunk's blob; `where`: index into
+    `places`, the distinct (relative_path, transform_descriptors, tensor_key) of the checkpoint. `rows`: the rows
+    of the table this one shows, in order (a deduplicated, sorted view shares the columns), or None for all.
+    """
+
+    __slots__ = ("ndim", "boxes", "blobs", "where", "places", "rows")
+
+    def __init__(self, ndim: int, boxes: "array", blobs: "array", where: "array",
+                 places: Sequence[Tuple[str, Tuple[str, ...], str]], rows: Optional["array"] = None):
+        self.ndim, self.boxes, self.blobs, self.where, self.places, self.rows = ndim, boxes, blobs, where, places, rows
+
+    @classmethod
+    def of(cls, chunks: Sequence[Chunk], ndim: int) -> "ChunkTable":
+        """The table of `chunks` (all of `ndim` dims)."""
+        boxes, blobs, where = array("q"), array("q"), array("I")
+        places: Dict[Tuple[str, Tuple[str, ...], str], int] = {}
+        for c in chunks:
+            loc = c.location
+            boxes.extend(c.offsets)
+            boxes.extend(c.sizes)
+            blobs.append(loc.offset)
+            blobs.append(loc.length)
+            where.append(places.setdefault((loc.relative_path, loc.transform_descriptors, loc.tensor_key),
+                                           len(places)))
+        return cls(ndim, boxes, blobs, where, tuple(places))
+
+    def __len__(self) -> int:
+        return len(self.where) if self.rows is None else len(self.rows)
+
+    def _row(self, i: int) -> int:
+        return i if self.rows is None else self.rows[i]
+
+    def box(self, i: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        """(offsets, sizes) of chunk i, without making the Chunk."""
+        n = self.ndim
+        at = 2 * n * self._row(i)
+        boxes = self.boxes
+        return tuple(boxes[at:at + n]), tuple(boxes[at + n:at + 2 * n])
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return tuple(self[k] for k in range(*i.indices(len(self))))
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError("chunk index out of range")
+        row = self._row(i)
+        n = self.ndim
+        at = 2 * n * row
+        boxes = self.boxes
+        path, transforms, key = self.places[self.where[row]]
+        return Chunk(tuple(boxes[at:at + n]), tuple(boxes[at + n:at + 2 * n]),
+                     BlobLocation(path, self.blobs[2 * row], self.blobs[2 * row + 1], transforms, key))
+
+    def __iter__(self) -> Iterator[Chunk]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def select(self, indexes: Sequence[int]) -> "ChunkTable":
+        """The chunks at `indexes` (positions in this table), in that order, sharing the columns."""
+        rows = array("I", (self._row(i) for i in indexes))
+        return ChunkTable(self.ndim, self.boxes, self.blobs, self.where, self.places, rows)
+
+    @property
+    def transformed(self) -> bool:
+        """True when some chunk's blob goes through a stream transform."""
+        return any(transforms for _, transforms, _ in self.places)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (ChunkTable, tuple, list)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"ChunkTable({len(self)} chunks of {self.ndim} dims)"
+
+    def __getstate__(self):
+        return (self.ndim, self.boxes, self.blobs, self.where, self.places, self.rows)
+
+    def __setstate__(self, state) -> None:
+        self.ndim, self.boxes, self.blobs, self.where, self.places, self.rows = state
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     fqn: str                      # flat key in the checkpoint, e.g. "model.layers.0.mlp.up_proj.weight"
     dtype: str                    # torch dtype name, e.g. "bfloat16"
     shape: Tuple[int, ...]        # global shape
-    chunks: Tuple[Chunk, ...]     # as listed in the metadata (rank order, not sorted)
+    chunks: Sequence[Chunk]       # as listed in the metadata (rank order, not sorted): a tuple or a ChunkTable
     path: Tuple[PathElement, ...] = ()  # planner_data path: nested dict keys, e.g. ("model", "layers.0.w")
 
 

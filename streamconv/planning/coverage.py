@@ -11,7 +11,7 @@ import itertools
 from typing import List, Optional, Sequence, Tuple
 
 from ..errors import CoverageError
-from ..model import Chunk
+from ..model import Chunk, ChunkTable
 from ..source.unpickle import describe
 
 
@@ -22,12 +22,27 @@ def _volume(sizes: Sequence[int]) -> int:
     return n
 
 
-def dedup_chunks(chunks: Sequence[Chunk]) -> Tuple[Chunk, ...]:
+def boxes_of(chunks: Sequence[Chunk]) -> List[Tuple[Tuple[int, ...], Tuple[int, ...]]]:
+    """(offsets, sizes) of each chunk; read from the columns of a ChunkTable without making its Chunks."""
+    if isinstance(chunks, ChunkTable):
+        return [chunks.box(i) for i in range(len(chunks))]
+    return [(tuple(c.offsets), tuple(c.sizes)) for c in chunks]
+
+
+def dedup_chunks(chunks: Sequence[Chunk]) -> Sequence[Chunk]:
     """Drop chunks whose box (offsets, sizes) repeats an earlier one (replicated data saved twice).
 
     Empty boxes are dropped too: FSDP2 writes a 0-element chunk for ranks that hold nothing.
-    The survivors are sorted by offsets so that plans do not depend on rank order.
+    The survivors are sorted by offsets so that plans do not depend on rank order. A ChunkTable gives a view of
+    itself (sharing its columns), anything else a tuple.
     """
+    if isinstance(chunks, ChunkTable):
+        boxes = boxes_of(chunks)
+        first: dict = {}
+        for i, box in enumerate(boxes):
+            if _volume(box[1]):
+                first.setdefault(box, i)
+        return chunks.select(sorted(first.values(), key=boxes.__getitem__))
     seen = set()
     kept: List[Chunk] = []
     for chunk in chunks:
@@ -68,24 +83,25 @@ def check_coverage(fqn: str, shape: Sequence[int], chunks: Sequence[Chunk]) -> N
     ndim = len(shape)
     split_dims = set()
     covered = 0
-    for chunk in chunks:
-        if len(chunk.offsets) != ndim or len(chunk.sizes) != ndim:
+    boxes = boxes_of(chunks)
+    for i, (offsets, sizes) in enumerate(boxes):
+        if len(offsets) != ndim or len(sizes) != ndim:
             raise CoverageError(
-                f"tensor {describe(fqn)}: chunk {_describe(chunk)} has {len(chunk.sizes)} dims, tensor shape "
+                f"tensor {describe(fqn)}: chunk {_describe(chunks[i])} has {len(sizes)} dims, tensor shape "
                 f"{list(shape)} has {ndim}")
-        for dim, (off, size, full) in enumerate(zip(chunk.offsets, chunk.sizes, shape)):
+        for dim, (off, size, full) in enumerate(zip(offsets, sizes, shape)):
             if off < 0 or size < 0 or off + size > full:
                 raise CoverageError(
-                    f"tensor {describe(fqn)}: chunk {_describe(chunk)} runs outside the global shape {list(shape)} "
-                    f"in dim {dim}")
+                    f"tensor {describe(fqn)}: chunk {_describe(chunks[i])} runs outside the global shape "
+                    f"{list(shape)} in dim {dim}")
             if size != full:
                 split_dims.add(dim)
-        covered += _volume(chunk.sizes)
+        covered += _volume(sizes)
     total = _volume(shape)
     if total == 0:          # nothing to cover (and every box inside the shape is empty)
         return
     dims = sorted(split_dims)
-    if covered == total and len(dims) <= MAX_CORNER_DIMS and _corners_cancel(shape, chunks, dims):
+    if covered == total and len(dims) <= MAX_CORNER_DIMS and _corners_cancel(shape, boxes, dims):
         return
     pair = _overlapping_pair(chunks, dims, limit=MAX_PAIR_COMPARISONS if len(dims) <= MAX_CORNER_DIMS else None)
     if pair is not None:
@@ -102,7 +118,8 @@ def check_coverage(fqn: str, shape: Sequence[int], chunks: Sequence[Chunk]) -> N
             "somewhere and leave a gap elsewhere; the checkpoint is inconsistent (mixed saves in one folder?)")
 
 
-def _corners_cancel(shape: Sequence[int], chunks: Sequence[Chunk], dims: Sequence[int]) -> bool:
+def _corners_cancel(shape: Sequence[int], boxes: Sequence[Tuple[Tuple[int, ...], Tuple[int, ...]]],
+                    dims: Sequence[int]) -> bool:
     """True iff every corner point (restricted to the split `dims`) occurs an even number of times over all
     chunks, except the shape's own corners, which occur an odd number of times.
 
@@ -114,8 +131,8 @@ def _corners_cancel(shape: Sequence[int], chunks: Sequence[Chunk], dims: Sequenc
     """
     odd: set = set()
     toggle = odd.symmetric_difference_update
-    for chunk in chunks:
-        bounds = [(chunk.offsets[d], chunk.offsets[d] + chunk.sizes[d]) for d in dims]
+    for offsets, sizes in boxes:
+        bounds = [(offsets[d], offsets[d] + sizes[d]) for d in dims]
         if any(lo == hi for lo, hi in bounds):
             continue
         toggle(itertools.product(*bounds))

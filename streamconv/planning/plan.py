@@ -7,13 +7,14 @@ The executor only follows the plan, shard by shard, so a shard can be (re)built 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Collection, Dict, List, Optional, Sequence, Tuple
 
 from .. import dtypes, safetensors_format
 from . import names
 from .coverage import check_coverage, dedup_chunks
 from ..errors import OptionsError
-from ..model import BlobLocation, CheckpointMetadata, Chunk, TensorEntry, numel
+from ..model import BlobLocation, CheckpointMetadata, Chunk, ChunkTable, TensorEntry, numel
 from .naming import Naming, Skipped, name_tensors
 from ..safetensors_format import MAX_HEADER_BYTES
 from .transforms import Derived, Heads, Piece, check_gather, cut_all, distinct_chunks, flatten, is_contiguous_piece
@@ -111,7 +112,8 @@ class TensorPlan:
     src_dtype: str
     dst_dtype: str
     shape: Tuple[int, ...]
-    chunks: Tuple[Chunk, ...]   # deduplicated, sorted by offsets, proven to cover `shape` exactly once
+    chunks: Sequence[Chunk]     # deduplicated, sorted by offsets, proven to cover `shape` exactly once (a tuple or
+                                # a ChunkTable view)
     begin: int                  # absolute byte offset in the shard file
     nbytes: int                 # bytes in the output
     # Empty: each chunk sits at its own offsets in the output. Else the output is a gather of these pieces of
@@ -125,17 +127,29 @@ class TensorPlan:
     def end(self) -> int:
         return self.begin + self.nbytes
 
+    @cached_property
+    def is_compressed(self) -> bool:
+        """True when some chunk is stored through a stream transform (zstd)."""
+        if isinstance(self.chunks, ChunkTable):
+            return self.chunks.transformed
+        return any(c.location.transform_descriptors for c in self.chunks)
+
     @property
     def is_cast(self) -> bool:
         return self.src_dtype != self.dst_dtype
 
-    @property
+    @cached_property
     def is_row_contiguous(self) -> bool:
         """True when every chunk is one contiguous byte run of the output (FSDP's dim-0 shards),
-        so its bytes can be copied straight through without assembling blocks."""
+        so its bytes can be copied straight through without assembling blocks. Cached: the writer count is
+        chosen by predicting the peak several times, each asking every tensor."""
         if self.pieces:
             return all(is_contiguous_piece(p, self.shape) for p in self.pieces)
-        return not self.axes and all(_is_contiguous_box(c, self.shape) for c in self.chunks)
+        if self.axes:
+            return False
+        if isinstance(self.chunks, ChunkTable):
+            return all(_is_contiguous_box(self.chunks.box(i)[1], self.shape) for i in range(len(self.chunks)))
+        return all(_is_contiguous_box(c.sizes, self.shape) for c in self.chunks)
 
     def as_stored(self) -> Tuple[Tuple[int, ...], Tuple[Chunk, ...]]:
         """(shape, chunks) as the checkpoint records them: in the source's dim order, not the output's when `axes`."""
@@ -238,14 +252,14 @@ class ConversionPlan:
 
 
 
-def _is_contiguous_box(chunk: Chunk, shape: Sequence[int]) -> bool:
-    """A box is one contiguous run of the row-major tensor iff, past its first dim of size > 1,
+def _is_contiguous_box(sizes: Sequence[int], shape: Sequence[int]) -> bool:
+    """A box (of these sizes) is one contiguous run of the row-major tensor iff, past its first dim of size > 1,
     it spans every remaining dim in full."""
     dims = len(shape)
     first = 0
-    while first < dims and chunk.sizes[first] == 1:
+    while first < dims and sizes[first] == 1:
         first += 1
-    return all(chunk.sizes[d] == shape[d] for d in range(first + 1, dims))
+    return all(sizes[d] == shape[d] for d in range(first + 1, dims))
 
 
 def _count_reasons(skipped: Sequence[Skipped]) -> Dict[str, int]:
@@ -307,8 +321,7 @@ def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -
 
     groups = _assign_shards(items, options.max_shard_bytes)
     shards: List[ShardPlan] = []
-    proven: Dict[str, Tuple[Tuple[int, ...], Tuple[Chunk, ...]]] = {}    # sources of transformed tensors, and
-    indexes: Dict = {}                                                   # their chunk indexes: once per source
+    proven = _Proven()
     for i, group in enumerate(groups):
         filename = SINGLE_FILE_NAME if len(groups) == 1 else shard_filename(i + 1, len(groups))
         # Within a file, widest items first keep every tensor aligned to its item size (as safetensors does).
@@ -320,7 +333,7 @@ def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -
         header = _header(rel)
         tensors = []
         for (entry, name, dst, nbytes), (_, _, _, begin, _) in zip(group, rel):
-            chunks, pieces = _chunks_and_pieces(entry, name, proven, indexes)
+            chunks, pieces = _chunks_and_pieces(entry, name, proven)
             tensors.append(TensorPlan(name=name, source_fqn=entry.fqn, src_dtype=entry.dtype, dst_dtype=dst,
                                       shape=tuple(entry.shape), chunks=chunks, begin=len(header) + begin,
                                       nbytes=nbytes, pieces=pieces, axes=getattr(entry, "axes", ())))
@@ -376,7 +389,7 @@ def buffer_need_bytes(t: TensorPlan, permuted: Collection[BlobLocation] = frozen
     A plain copy goes file to file in the kernel; a cast passes through the buffer, its output in place over its
     input; an assembly holds a band and, behind it, one chunk's part of the band (the staging of short runs and
     of chunks stored with `permuted` strides)."""
-    assembled = not t.is_row_contiguous or any(c.location in permuted for c in t.chunks)
+    assembled = not t.is_row_contiguous or bool(permuted and any(c.location in permuted for c in t.chunks))
     if not t.is_cast and not assembled:
         return 0
     src_bytes = numel(t.shape) * dtypes.BY_NAME[t.src_dtype].itemsize
@@ -394,31 +407,46 @@ def _writers_bytes(tensors: Sequence[TensorPlan], buffer_bytes: int, writers: in
     running = max(1, min(writers, len(tensors)))
     need_bytes = max((buffer_need_bytes(t, permuted) for t in tensors), default=0)
     held = running * IO_STEP_BYTES_PER_WRITER
-    if any(c.location.transform_descriptors for t in tensors for c in t.chunks):
+    if any(t.is_compressed for t in tensors):
         held += ZSTD_MODULE_BYTES + running * DECODER_BYTES_PER_WRITER
     if need_bytes:
         held += NUMPY_RSS_BYTES + running * min(max(1, buffer_bytes // running), need_bytes)
     return held
 
 
-def _chunks_and_pieces(entry: TensorEntry, name: str, proven: Optional[Dict] = None,
-                       indexes: Optional[Dict] = None) -> Tuple[Tuple[Chunk, ...], Tuple[Piece, ...]]:
+class _Proven:
+    """Each source tensor's chunks deduplicated and proven to tile it once per plan, and the index a transform
+    cuts them by: an unstacked [E, F, D] expert weight feeds E outputs, and proving it for each would cost E x its
+    chunks (a DeepSeek-V3-scale plan spent most of its time there)."""
+
+    def __init__(self) -> None:
+        self.chunks: Dict[Tuple[str, int], Tuple[Chunk, ...]] = {}
+        self.indexes: Dict = {}
+
+    def of(self, entry: TensorEntry) -> Tuple[Chunk, ...]:
+        key = (entry.fqn, id(entry.chunks))
+        chunks = self.chunks.get(key)
+        if chunks is None:
+            chunks = dedup_chunks(entry.chunks)
+            check_coverage(entry.fqn, entry.shape, chunks)
+            self.chunks[key] = chunks
+        return chunks
+
+
+def _chunks_and_pieces(entry: TensorEntry, name: str,
+                       proven: Optional[_Proven] = None) -> Tuple[Tuple[Chunk, ...], Tuple[Piece, ...]]:
     """A plain tensor's chunks, proven to tile it; or a transformed tensor's pieces, proven to tile the output
-    (each source's chunks proven to tile the source first). `proven` / `indexes`: what earlier outputs of the
-    same sources found (an [L, E, 2F, H] expert tensor feeds L x E x 2 outputs: proven once, not per output)."""
+    (each source's chunks proven to tile the source first, once per plan through `proven`)."""
+    proven = proven or _Proven()
     if not isinstance(entry, Derived):
-        chunks = dedup_chunks(entry.chunks)
-        check_coverage(entry.fqn, entry.shape, chunks)
-        return chunks, ()
-    proven = {} if proven is None else proven
+        return proven.of(entry), ()
+    sources = {}
     for src in entry.sources:
+        chunks = proven.of(src)
         if src.dtype != entry.dtype:
             raise OptionsError(f"{name!r} gathers tensors of different dtypes ({src.dtype}, {entry.dtype})")
-        if src.fqn not in proven:
-            chunks = dedup_chunks(src.chunks)
-            check_coverage(src.fqn, src.shape, chunks)
-            proven[src.fqn] = (tuple(src.shape), chunks)
-    groups = cut_all(entry.takes, {src.fqn: proven[src.fqn] for src in entry.sources}, indexes)
+        sources[src.fqn] = (tuple(src.shape), chunks)
+    groups = cut_all(entry.takes, sources, proven.indexes)
     check_gather(name, tuple(entry.shape), entry.takes, groups)
     pieces = flatten(groups)
     return distinct_chunks(pieces), pieces

@@ -296,7 +296,7 @@ def cut(take: Take, source_shape: Shape, index) -> List[Piece]:
 
 
 def cut_all(takes: Sequence[Take], sources: Dict[str, Tuple[Shape, Sequence[Chunk]]],
-            indexes: Optional[Dict[Tuple[str, int], object]] = None) -> List[List[Piece]]:
+            indexes: Optional[Dict[Tuple[str, int, int], object]] = None) -> List[List[Piece]]:
     """Each take cut along its source's chunks (deduplicated, proven to tile the source, by the caller).
     `indexes`: the sources' chunk indexes, kept by the caller across the outputs of one source (a stacked
     source has one output per layer or expert)."""
@@ -305,7 +305,7 @@ def cut_all(takes: Sequence[Take], sources: Dict[str, Tuple[Shape, Sequence[Chun
     for take in takes:
         shape, chunks = sources[take.source]
         extra = len(shape) - len(take.sizes)
-        key = (take.source, extra)
+        key = (take.source, id(chunks), extra)
         if key not in indexes:
             # Unstacked sources are indexed by the leading dims a take fixes; others by the row dim.
             if LeadIndex.fits(chunks, extra):

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import os
 import re
+from array import array
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
 
-from .. import dtypes
+from .. import dtypes, failpoints
 from ..errors import CheckpointError
 from ..fs import location
 from .io import RangeReader
-from ..model import BlobLocation, BytesEntry, CheckpointMetadata, Chunk, PathElement, TensorEntry
-from . import safe_pickle as sp
+from ..model import BlobLocation, BytesEntry, CheckpointMetadata, ChunkTable, PathElement, TensorEntry
+from . import fast_records, safe_pickle as sp
 from .unpickle import describe
 
 METADATA_NAME = ".metadata"
@@ -44,7 +45,7 @@ class _Decoded:
     name: str
     entries: Dict[str, Optional[_TensorDecl]]      # fqn -> tensor, or None for a bytes item; in file order
     paths: Dict[str, Tuple[PathElement, ...]]
-    locations: Dict[_StorageKey, BlobLocation]
+    locations: "_Locations"
     version: Optional[str]
     torch_version_hint: str
     files: set = field(default_factory=set)
@@ -148,7 +149,7 @@ def _decode(reader: RangeReader, name: str) -> _Decoded:
         raise CheckpointError(f"{name}: file is empty (the save was interrupted or the copy is incomplete)")
     # Streamed: a corrupt or hostile file fails at its first bad byte, and a huge one is never held whole.
     pickled = sp.load_metadata_pickle(source=name, read=lambda offset, length: reader.read(name, offset, length),
-                                      size=size_bytes)
+                                      size=size_bytes, fast=fast_records.handlers if fast_records_on() else None)
     md = pickled.root
     if not isinstance(md, sp.Metadata):
         raise CheckpointError(f"{name}: holds a {type(md).__name__}, not a DCP Metadata object")
@@ -160,17 +161,24 @@ def _decode(reader: RangeReader, name: str) -> _Decoded:
     for fqn, item in sdm.items():
         if not isinstance(fqn, str):
             raise CheckpointError(f"{name}: state_dict_metadata key {describe(fqn)} is not a string")
-        entries[fqn] = _tensor_decl(name, fqn, item)
+        entries[fqn] = _tensor_decl(name, fqn, item, pickled.columns)
 
-    locations, files = _storage_locations(name, md.get("storage_data"))
+    locations, files = _storage_locations(name, md.get("storage_data"), pickled.columns)
     version = md.get("version")
     if version is not None and not isinstance(version, str):
         raise CheckpointError(f"{name}: version {describe(version)} is not a string")
+    locations.check()
     return _Decoded(name, entries, _planner_paths(md.get("planner_data")), locations, version,
                     _torch_version_hint(md, pickled.globals_seen), files)
 
 
-def _tensor_decl(name: str, fqn: str, item: Any) -> Optional[_TensorDecl]:
+def fast_records_on() -> bool:
+    """Whether torch's per-chunk records are read in bulk (fast_records.py); STREAMCONV_NO_FAST_PATHS=1 (or all)
+    turns it off with the IO fast paths, so `make test-no-fast-paths` runs the general machine on every test."""
+    return failpoints.no_fast_paths().strip().lower() not in ("1", "all")
+
+
+def _tensor_decl(name: str, fqn: str, item: Any, columns: Optional[fast_records.Columns]) -> Optional[_TensorDecl]:
     if isinstance(item, sp.BytesStorageMetadata):
         return None
     if not isinstance(item, sp.TensorStorageMetadata):
@@ -187,6 +195,12 @@ def _tensor_decl(name: str, fqn: str, item: Any) -> Optional[_TensorDecl]:
         raise CheckpointError(f"{where}: chunks is not a list")
     chunks = []
     for chunk in chunks_in:
+        if type(chunk) is fast_records.ChunkRows and columns is not None:
+            if chunk.ndim != len(shape):
+                raise CheckpointError(f"{where}: chunks have {chunk.ndim} dims, the tensor's shape {list(shape)} has "
+                                      f"{len(shape)}")
+            chunks.extend(_chunk_rows(columns, chunk))
+            continue
         if not isinstance(chunk, sp.ChunkStorageMetadata):
             raise CheckpointError(f"{where}: chunk is a {type(chunk).__name__}, not ChunkStorageMetadata")
         offsets = _dims(where, "chunk offsets", chunk.get("offsets"))
@@ -196,6 +210,13 @@ def _tensor_decl(name: str, fqn: str, item: Any) -> Optional[_TensorDecl]:
                 f"{where}: chunk offsets {offsets} / sizes {sizes} do not match the tensor's rank {len(shape)}")
         chunks.append((offsets, sizes))
     return _TensorDecl(dtype.name, shape, chunks)
+
+
+def _chunk_rows(columns: fast_records.Columns, rows: fast_records.ChunkRows):
+    """(offsets, sizes) of each chunk a fast path read (fast_records.py); numbers checked non-negative there."""
+    values, n = columns.chunks, rows.ndim
+    for at in range(rows.start, rows.start + 2 * n * rows.count, 2 * n):
+        yield tuple(values[at:at + n]), tuple(values[at + n:at + 2 * n])
 
 
 def _dims(where: str, what: str, value: Any) -> Tuple[int, ...]:
@@ -209,14 +230,18 @@ def _dims(where: str, what: str, value: Any) -> Tuple[int, ...]:
     raise CheckpointError(f"{where}: {what} {describe(value)} is not a tuple of non-negative ints")
 
 
-def _storage_locations(name: str, storage_data: Any) -> Tuple[Dict[_StorageKey, BlobLocation], set]:
+def _storage_locations(name: str, storage_data: Any,
+                       columns: Optional[fast_records.Columns] = None) -> Tuple["_Locations", set]:
     if not isinstance(storage_data, dict):
         raise CheckpointError(
             f"{name}: storage_data is missing (found {type(storage_data).__name__}); this metadata was not "
             "written by FileSystemWriter, so streamconv does not know where the data is")
-    locations: Dict[_StorageKey, BlobLocation] = {}
-    files = set()
+    locations = _Locations(name, columns)
+    files = set(columns.paths) if columns is not None else set()
     for index, info in storage_data.items():
+        if type(index) is fast_records.StorageRows and columns is not None:
+            locations.add_rows(index)       # read by a fast path, numbers already checked
+            continue
         if not (isinstance(index, sp.MetadataIndex) and isinstance(info, sp.StorageInfo)):
             raise CheckpointError(
                 f"{name}: storage_data maps {type(index).__name__} -> {type(info).__name__}, "
@@ -227,16 +252,87 @@ def _storage_locations(name: str, storage_data: Any) -> Tuple[Dict[_StorageKey, 
             raise CheckpointError(f"{name}: storage_data key has fqn {describe(fqn)}, expected a string")
         key = (fqn, None if offset is None else _dims(f"{name}: storage for {describe(fqn)}", "offset", offset))
         location = _blob_location(name, fqn, info)
-        if key in locations:
-            # torch's own dict cannot hold two (its MetadataIndex compares by fqn and offset); only a crafted or
-            # corrupted pickle can. torch.load would take the last, an earlier version of us the first: refuse.
-            raise CheckpointError(
-                f"{name}: storage_data lists {describe(fqn)}"
-                f"{'' if offset is None else f' chunk at offsets {list(key[1])}'} twice ({_where(locations[key])} "
-                f"and {_where(location)}); the metadata is corrupt or crafted")
-        locations[key] = location
+        locations.add(key, location)
         files.add(location.relative_path)
     return locations, files
+
+
+class _Locations:
+    """Where each chunk's blob is: storage_data's items the general machine built, in a dict, and the rows fast
+    paths read (fast_records.py), 24 bytes each, found through one tensor's index at a time."""
+
+    def __init__(self, name: str, columns: Optional[fast_records.Columns]):
+        self.name, self.columns = name, columns
+        self.built: Dict[_StorageKey, BlobLocation] = {}
+        self.rows: Dict[str, array] = {}        # fqn -> (row, start of its offsets, ndim) triples
+        self._indexed: Tuple[Optional[str], Dict[Tuple[int, ...], int]] = (None, {})
+
+    def add(self, key: _StorageKey, location: BlobLocation) -> None:
+        if key in self.built:
+            raise _duplicate(self.name, key, self.built[key], location)
+        self.built[key] = location
+
+    def add_rows(self, run: fast_records.StorageRows) -> None:
+        fqns, rows = self.columns.fqns, self.rows
+        for k in range(run.count):
+            row = run.row + k
+            found = rows.get(fqns[row])
+            if found is None:
+                found = rows[fqns[row]] = array("q")
+            found.extend((row, run.start + run.ndim * k, run.ndim))
+
+    def _location(self, row: int) -> BlobLocation:
+        c = self.columns
+        return BlobLocation(c.paths[c.path_ids[row]], c.blobs[2 * row], c.blobs[2 * row + 1])
+
+    def index_of(self, fqn: str) -> Dict[Tuple[int, ...], int]:
+        """{chunk offsets: row} of `fqn`'s rows, refusing a chunk listed twice (as `add` does)."""
+        if self._indexed[0] == fqn:
+            return self._indexed[1]
+        index: Dict[Tuple[int, ...], int] = {}
+        triples = self.rows.get(fqn, ())
+        offsets = self.columns.offsets if self.columns is not None else ()
+        for k in range(0, len(triples), 3):
+            row, at, n = triples[k], triples[k + 1], triples[k + 2]
+            key = tuple(offsets[at:at + n])
+            if key in index or (fqn, key) in self.built:
+                first = self._location(index[key]) if key in index else self.built[(fqn, key)]
+                raise _duplicate(self.name, (fqn, key), first, self._location(row))
+            index[key] = row
+        self._indexed = (fqn, index)
+        return index
+
+    def get(self, key: _StorageKey) -> Optional[BlobLocation]:
+        found = self.built.get(key)
+        if found is not None or key[1] is None or key[0] not in self.rows:
+            return found
+        row = self.index_of(key[0]).get(key[1])
+        return None if row is None else self._location(row)
+
+    def check(self) -> None:
+        """Refuse a chunk listed twice among the rows of any fqn (before any is looked up)."""
+        for fqn in self.rows:
+            self.index_of(fqn)
+
+    def items(self):
+        yield from self.built.items()
+        for fqn in self.rows:
+            for offsets, row in self.index_of(fqn).items():
+                yield (fqn, offsets), self._location(row)
+
+    def setdefault(self, key: _StorageKey, location: BlobLocation) -> None:
+        if self.get(key) is None:
+            self.built[key] = location
+
+
+def _duplicate(name: str, key: _StorageKey, first: BlobLocation, second: BlobLocation) -> CheckpointError:
+    # torch's own dict cannot hold two (its MetadataIndex compares by fqn and offset); only a crafted or
+    # corrupted pickle can. torch.load would take the last, an earlier version of us the first: refuse.
+    fqn, offset = key
+    return CheckpointError(
+        f"{name}: storage_data lists {describe(fqn)}"
+        f"{'' if offset is None else f' chunk at offsets {list(offset)}'} twice ({_where(first)} "
+        f"and {_where(second)}); the metadata is corrupt or crafted")
 
 
 def _blob_location(name: str, fqn: str, info: sp.StorageInfo) -> BlobLocation:
@@ -313,8 +409,8 @@ def _merge_ranks(ranks: List[_Decoded]) -> _Decoded:
                     if chunk not in mine.seen:
                         mine.seen.add(chunk)
                         mine.chunks.append(chunk)
-        for key, location in other.locations.items():
-            merged.locations.setdefault(key, location)
+        for key, blob in other.locations.items():
+            merged.locations.setdefault(key, blob)
         for fqn, path in other.paths.items():
             merged.paths.setdefault(fqn, path)
         merged.files |= other.files
@@ -355,21 +451,36 @@ def _packed(location: BlobLocation, fqn: str, dtype: str, sizes: Tuple[int, ...]
 
 def _build(decoded: _Decoded) -> CheckpointMetadata:
     tensors, byte_entries = [], []
+    # The distinct (file, transforms, tensor key) of every chunk, shared by every tensor's ChunkTable.
+    places: List[Tuple[str, Tuple[str, ...], str]] = []
+    place_ids: Dict[Tuple[str, Tuple[str, ...], str], int] = {}
     for fqn, decl in decoded.entries.items():
         path = decoded.paths.get(fqn, ())
         if decl is None:
             byte_entries.append(BytesEntry(fqn, decoded.locations.get((fqn, None)), path))
             continue
-        chunks = []
+        boxes, blobs, where = array("q"), array("q"), array("I")
         for offsets, sizes in decl.chunks:
             location = decoded.locations.get((fqn, offsets))
             if location is None:
                 raise CheckpointError(
                     f"{decoded.name}: tensor {describe(fqn)} chunk at offsets {list(offsets)} (sizes {list(sizes)}) has no "
                     "entry in storage_data, so its data file is unknown; the metadata is inconsistent")
-            chunks.append(Chunk(offsets, sizes, _packed(location, fqn, decl.dtype, sizes)))
-        tensors.append(TensorEntry(fqn, decl.dtype, decl.shape, tuple(chunks), path))
-    packed = any(c.location.tensor_key for t in tensors for c in t.chunks)
+            location = _packed(location, fqn, decl.dtype, sizes)
+            boxes.extend(offsets)
+            boxes.extend(sizes)
+            blobs.append(location.offset)
+            blobs.append(location.length)
+            place = (location.relative_path, location.transform_descriptors, location.tensor_key)
+            place_id = place_ids.get(place)
+            if place_id is None:
+                place_id = place_ids[place] = len(places)
+                places.append(place)
+            where.append(place_id)
+        table = ChunkTable(len(decl.shape), boxes, blobs, where, places)
+        tensors.append(TensorEntry(fqn, decl.dtype, decl.shape, table, path))
+        decl.chunks = []        # each tensor's decoded tuples go as soon as its table is built
+    packed = any(key for _, _, key in places)
     return CheckpointMetadata(
         tensors=tuple(tensors),
         byte_entries=tuple(byte_entries),

@@ -277,6 +277,8 @@ def _path_from(cls: Callable[..., Any]) -> Callable[..., str]:
     return make
 
 
+SIZE_CALL = _Call("torch.Size", _torch_size)
+
 _DCP = "torch.distributed.checkpoint.metadata"
 _DCP_FS = "torch.distributed.checkpoint.filesystem"
 _DCP_PLANNER = "torch.distributed.checkpoint.planner"   # only in Megatron's `all_local_plans`
@@ -300,7 +302,7 @@ _METADATA_GLOBALS: Dict[Tuple[str, str], Any] = {
     (_DCP_PLANNER, "TensorWriteData"): TensorWriteData,
     (OLD_PROPERTIES_MODULE, "TensorProperties"): TensorProperties,
     (OLD_PROPERTIES_MODULE, "MEM_FORMAT_ENCODING"): _Call("MEM_FORMAT_ENCODING", _mem_format),
-    ("torch", "Size"): _Call("torch.Size", _torch_size),
+    ("torch", "Size"): SIZE_CALL,
     ("torch.serialization", "_get_layout"): _Call("_get_layout", _get_layout),
     ("collections", "OrderedDict"): _Call("OrderedDict", _ordered_dict),
 }
@@ -315,6 +317,9 @@ for _module in ("pathlib", "pathlib._local"):
 class DecodedPickle:
     root: Any
     globals_seen: FrozenSet[str] = field(default_factory=frozenset)  # "module.name" of every global resolved
+    # What `fast` (load_metadata_pickle) read into columns, when it ran to the end; None when the general machine
+    # alone decoded the pickle.
+    columns: Any = None
 
 
 def budget_bytes(pickle_bytes: int) -> int:
@@ -322,12 +327,23 @@ def budget_bytes(pickle_bytes: int) -> int:
 
 
 def load_metadata_pickle(data: Optional[bytes] = None, *, source: str,
-                         read: Optional[Callable[[int, int], bytes]] = None, size: int = 0) -> DecodedPickle:
+                         read: Optional[Callable[[int, int], bytes]] = None, size: int = 0,
+                         fast: Optional[Callable[["_Spec"], Tuple[dict, Any]]] = None) -> DecodedPickle:
     """Decode a `.metadata` pickle into stand-ins: from `data`, or streamed as `size` bytes through
     `read(offset, length)` (a corrupt file then fails at its first bad byte, without reading the rest).
-    `source` names the file in error messages."""
-    spec = _Spec(_METADATA_GLOBALS, "DCP .metadata", source)
+    `source` names the file in error messages. `fast(spec)` -> (fast paths, their columns) (see
+    `fast_records.handlers`); when the pickle refers back to something a fast path consumed, the load runs again
+    without them."""
     n = len(data) if data is not None else size
+    if fast is not None:
+        spec = _Spec(_METADATA_GLOBALS, "DCP .metadata", source)
+        spec.fast_paths, columns = fast(spec)
+        try:
+            root = unpickle.load(spec, source=source, data=data, read=read, size=size, budget_bytes=budget_bytes(n))
+            return DecodedPickle(root, frozenset(spec.globals_seen), columns)
+        except unpickle.FastPathMiss:
+            pass
+    spec = _Spec(_METADATA_GLOBALS, "DCP .metadata", source)
     root = unpickle.load(spec, source=source, data=data, read=read, size=size, budget_bytes=budget_bytes(n))
     return DecodedPickle(root, frozenset(spec.globals_seen))
 

@@ -20,6 +20,7 @@ formats untrusted values for messages with bounded length and depth.
 from __future__ import annotations
 
 import struct
+from bisect import bisect_right
 from sys import getrefcount
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -48,6 +49,11 @@ _RECORD = 80        # a stand-in record with up to 5 slots, or an object a stand
 _ITEM = 64          # one dict entry, with the hash table's growth slack
 
 
+class FastPathMiss(Exception):
+    """A fast path elided memo entries (below) that the pickle then refers to: the caller runs the load again with
+    the general machine alone. torch's writers never refer back to the objects a fast path consumes."""
+
+
 class Record:
     """Base of the stand-in classes NEWOBJ may create (without arguments); BUILD may set their state once."""
 
@@ -62,6 +68,13 @@ class Spec:
 
     what = "pickle"
     charged_bytes = 0       # the estimate of what the finished load allocated (for tests and tuning)
+    # Fast paths for the records a known writer repeats by the hundred thousand: {id(object): handler}. When BINGET
+    # fetches such an object (a stand-in class), `handler(buf, pos, end, get)` may consume whole records that
+    # follow it in `buf[pos:end]` without building them, and returns None (nothing matched: the general machine
+    # goes on) or (new pos, values to put in place of the fetched object, memo entries the records made, bytes
+    # to charge). `get(i)` is memo entry i, or None when absent or elided. The memo entries of consumed records
+    # are elided (not stored); a later reference to one raises FastPathMiss.
+    fast_paths: Optional[dict] = None
 
     def find_class(self, module: str, name: str) -> Any:
         raise NotImplementedError
@@ -136,7 +149,7 @@ def load(spec: Spec, *, source: str, data: Optional[bytes] = None,
     machine = _Machine(spec, stream, budget_bytes)
     try:
         return machine.run()
-    except StreamconvError:
+    except (StreamconvError, FastPathMiss):
         raise
     except _Refused as exc:
         raise CheckpointError(f"{source}: malformed or truncated {spec.what} at byte {machine.offset()}: {exc}") from None
@@ -162,6 +175,29 @@ class _Machine:
         marks: List[int] = []
         memo: List[Any] = []                  # dense: pickle's own writers number memo entries 0, 1, 2...
         memo_depth = bytearray()
+        # Memo entries a fast path elided, as runs of memo indices [hole_starts[k], hole_ends[k]); hole_cum[k]:
+        # entries elided up to the end of run k. Memo index i is then memo[i - elided before i].
+        hole_starts: List[int] = []
+        hole_ends: List[int] = []
+        hole_cum: List[int] = []
+        elided = 0
+        fast = spec.fast_paths
+
+        def memo_at(i: int) -> int:
+            """Position in `memo` of memo index i (when some entries were elided); FastPathMiss inside a run."""
+            k = bisect_right(hole_starts, i) - 1
+            if k < 0:
+                return i
+            if i < hole_ends[k]:
+                raise FastPathMiss(f"memo entry {i} was consumed by a fast path")
+            return i - hole_cum[k]
+
+        def get(i: int) -> Any:
+            try:
+                at = memo_at(i) if elided else i
+            except FastPathMiss:
+                return None
+            return memo[at] if 0 <= at < len(memo) else None
         push, dpush = stack.append, depth.append
         cost, budget = 0, self.budget
         buf, pos = self.buf, 0
@@ -212,8 +248,33 @@ class _Machine:
                     else:
                         i = buf[pos]
                         pos += 1
-                    push(memo[i])
+                    if elided:
+                        i = memo_at(i)
+                    value = memo[i]
+                    push(value)
                     dpush(memo_depth[i])
+                    if fast is not None:
+                        handler = fast.get(id(value))
+                        if handler is not None:
+                            taken = handler(buf, pos, end, get)
+                            if taken is not None:
+                                pos, values, slots, charge = taken
+                                stack[-1] = values[0]
+                                depth[-1] = 1
+                                for v in values[1:]:
+                                    push(v)
+                                    dpush(1)
+                                start = len(memo) + elided
+                                if hole_ends and hole_ends[-1] == start:
+                                    hole_ends[-1] += slots
+                                    hole_cum[-1] += slots
+                                else:
+                                    hole_starts.append(start)
+                                    hole_ends.append(start + slots)
+                                    hole_cum.append(elided + slots)
+                                    cost += 3 * _SLOT
+                                elided += slots
+                                cost += charge
                 elif op == 0x4D:                                  # BININT2
                     push(_unpack_u16(buf, pos)[0])
                     dpush(0)
@@ -365,9 +426,12 @@ class _Machine:
                     else:
                         i = _unpack_u32(buf, pos)[0]
                         pos += 4
-                    if i < len(memo):
+                    if elided and i < len(memo) + elided:
+                        i = memo_at(i)
                         memo[i], memo_depth[i] = stack[-1], depth[-1]
-                    elif i == len(memo):
+                    elif i < len(memo):
+                        memo[i], memo_depth[i] = stack[-1], depth[-1]
+                    elif i == len(memo) + elided:
                         memo.append(stack[-1])
                         memo_depth.append(depth[-1])
                         cost += _SLOT

@@ -108,3 +108,26 @@ def test_fused_expert_layout_with_a_missing_half_is_refused_not_zero_filled():
     with pytest.raises(ReferenceMismatchError, match="only .*w1_EFD is in the checkpoint and selected"):
         build_plan(meta, PlanOptions(source_format="torchtitan-qwen3", expert_layout="fused", exclude=("*w3_EFD",),
                                      max_shard_bytes=10**9))
+
+
+def test_a_grouped_weight_is_proven_once_for_all_its_experts(monkeypatch):
+    """Each of E unstacked experts reads the same grouped weight: its chunks are deduplicated, proven to tile it and
+    indexed once per plan, not once per expert (E x its chunks; most of a DeepSeek-V3-scale plan's time)."""
+    from streamconv.planning import plan as plan_module, transforms
+    proofs, indexes = [], []
+    real_check, real_index, real_lead = plan_module.check_coverage, transforms.ChunkIndex, transforms.LeadIndex
+    monkeypatch.setattr(plan_module, "check_coverage", lambda fqn, *a: (proofs.append(fqn), real_check(fqn, *a)))
+    monkeypatch.setattr(transforms, "ChunkIndex", lambda *a: (indexes.append(a), real_index(*a))[1])
+
+    class CountedLeadIndex(real_lead):
+        def __init__(self, *a):
+            indexes.append(a)
+            super().__init__(*a)
+    monkeypatch.setattr(transforms, "LeadIndex", CountedLeadIndex)
+    meta = CheckpointMetadata(tensors=(entry(P + "w1_EFD", (8, 6, 4), split_dim=0),
+                                       entry(P + "w2_EDF", (8, 4, 6), split_dim=1),
+                                       entry("layers.0.moe.router.gate.weight", (8, 4))))
+    plan = build_plan(meta, PlanOptions(source_format="torchtitan-qwen3", max_shard_bytes=10**9))
+    assert len(plan.tensors) == 1 + 2 * 8
+    assert sorted(proofs) == sorted([P + "w1_EFD", P + "w2_EDF", "layers.0.moe.router.gate.weight"])
+    assert len(indexes) == 2

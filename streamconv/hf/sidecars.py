@@ -258,19 +258,7 @@ def copy_regular(src: str, dst: str) -> int:
     src_fd = open_regular(src, error=OptionsError)
     try:
         size = os.fstat(src_fd).st_size
-        dst_fd = create_new(dst)    # never through a symlink planted in the staging folder
-        try:
-            done = 0
-            while done < size:
-                block = os.pread(src_fd, min(COPY_STEP_BYTES, size - done), done)
-                if not block:
-                    raise OptionsError(f"{src}: file shrank from {size} to {done} bytes while being copied")
-                view = memoryview(block)
-                while view:
-                    view = view[os.write(dst_fd, view):]
-                done += len(block)
-        finally:
-            os.close(dst_fd)
+        _copy_blocks(lambda offset, n: os.pread(src_fd, n, offset), size, dst, f"{src}: file")
     finally:
         os.close(src_fd)
     return size
@@ -282,21 +270,26 @@ def _copy_object(folder: str, name: str, dst: str) -> int:
     entry = where.entry(name)
     if entry is None:
         raise OptionsError(f"{where.join(name)}: disappeared before it was copied into the output")
+    _copy_blocks(lambda offset, n: where.read(name, offset, n), entry.size, dst, f"{where.join(name)}: object")
+    return entry.size
+
+
+def _copy_blocks(read_at, size: int, dst: str, what: str) -> None:
+    """Write `size` bytes, read in COPY_STEP_BYTES steps by `read_at(offset, n)`, to the new file `dst` (never
+    through a symlink planted in the staging folder); a source that ends early fails, naming `what`."""
     dst_fd = create_new(dst)
     try:
         done = 0
-        while done < entry.size:
-            block = where.read(name, done, min(COPY_STEP_BYTES, entry.size - done))
+        while done < size:
+            block = read_at(done, min(COPY_STEP_BYTES, size - done))
             if not block:
-                raise OptionsError(f"{where.join(name)}: object shrank from {entry.size} to {done} bytes while "
-                                   "being copied")
+                raise OptionsError(f"{what} shrank from {size} to {done} bytes while being copied")
             view = memoryview(block)
             while view:
                 view = view[os.write(dst_fd, view):]
             done += len(block)
     finally:
         os.close(dst_fd)
-    return entry.size
 
 
 # -- finding the base model without --config-from ---------------------------------------------------------

@@ -380,8 +380,10 @@ def with_permuted_chunks(conversion: ConversionPlan, permuted: Collection[BlobLo
 
 def with_plain_io(conversion: ConversionPlan, writers: int) -> ConversionPlan:
     """The predicted peak when the run copies without copy_file_range or reads without preadv (not offered, or
-    turned off): each writer then also holds one plain step's bytes object beside its IO step."""
-    return replace(conversion, peak_bytes=conversion.peak_bytes + writers * IO_STEP_BYTES_PER_WRITER)
+    turned off): each writer then also holds one plain step's bytes object beside its IO step. As in
+    `_writers_bytes`, no more writers run than there are tensors."""
+    running = _running_writers(conversion.tensors, writers)
+    return replace(conversion, peak_bytes=conversion.peak_bytes + running * IO_STEP_BYTES_PER_WRITER)
 
 
 def buffer_need_bytes(t: TensorPlan, permuted: Collection[BlobLocation] = frozenset()) -> int:
@@ -399,12 +401,17 @@ def buffer_need_bytes(t: TensorPlan, permuted: Collection[BlobLocation] = frozen
     return max(src_bytes + staging_bytes, t.nbytes)
 
 
+def _running_writers(tensors: Sequence[TensorPlan], writers: int) -> int:
+    """How many of `writers` threads can hold memory at once: one tensor is never split between writers."""
+    return max(1, min(writers, len(tensors)))
+
+
 def _writers_bytes(tensors: Sequence[TensorPlan], buffer_bytes: int, writers: int,
                    permuted: Collection[BlobLocation] = frozenset()) -> int:
     """What the writers hold beyond the base: their IO steps, their zstd decoders when chunks are compressed and,
     when some tensor passes through the buffer, numpy and the part of each writer's share of the buffer that the
     largest such tensor touches."""
-    running = max(1, min(writers, len(tensors)))
+    running = _running_writers(tensors, writers)
     need_bytes = max((buffer_need_bytes(t, permuted) for t in tensors), default=0)
     held = running * IO_STEP_BYTES_PER_WRITER
     if any(t.is_compressed for t in tensors):

@@ -236,3 +236,7 @@ def test_predicted_peak_counts_the_buffer_a_tensor_touches():
     one_writer, two_writers = (p.with_writers(build_plan(two, PlanOptions(buffer_bytes=2**20)), w) for w in (1, 2))
     # A second writer: its IO step, and the same largest need again from its own half of the buffer.
     assert two_writers.peak_bytes - one_writer.peak_bytes == p.IO_STEP_BYTES_PER_WRITER + 320 * 1024
+    # Without copy_file_range/preadv each running writer holds one plain step more; one tensor runs one writer
+    # (tests/memory/test_zstd_strided_memory.py's strided case measured 38.7 MiB whatever --workers said).
+    assert p.with_plain_io(four, 4).peak_bytes - four.peak_bytes == p.IO_STEP_BYTES_PER_WRITER
+    assert p.with_plain_io(two_writers, 2).peak_bytes - two_writers.peak_bytes == 2 * p.IO_STEP_BYTES_PER_WRITER

@@ -193,8 +193,9 @@ def test_absent_gpu_fixtures_are_said_in_the_summary():
         result.stdout[-2000:]
 
 
-def test_make_test_prints_no_table_among_the_dots():
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def test_make_test_prints_no_table_among_the_dots(dcp_checkpoints):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               STREAMCONV_TEST_DCP_CHECKPOINTS=str(dcp_checkpoints["fsdp2"].parent))   # not written twice
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                              "tests/support/test_dcp_writers.py", "-k", "layout_summary"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -229,7 +229,9 @@ def test_a_burst_longer_than_the_client_retries_is_outlasted_by_ours(uploaded, s
     same_output(tmp_path / "out", tmp_path / "local")
 
 
-@pytest.mark.parametrize("kind", ["503", "reset"])
+# "503" sits out every round of every retry layer (~30 s; `make test-slow`); that a 503 is retried is the burst test's
+# point, that a source failing for good is exit 2 with no output is "reset"'s and test_server_gone_mid_run's.
+@pytest.mark.parametrize("kind", [pytest.param("503", marks=pytest.mark.slow), "reset"])
 def test_a_source_that_keeps_failing_is_exit_2_and_nothing_finished_looking(uploaded, s3_server, tmp_path, kind):
     _, url = uploaded["fsdp2"]
     proxy = s3.FaultProxy(s3_server.url, lambda method, path, headers: kind if _object_gets(path) and method == "GET"

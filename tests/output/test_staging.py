@@ -311,9 +311,10 @@ CRASH_CASES = ([("exchange", "old", p) for p in COMMON + SWAP + ["after-exchange
 
 
 def _crash_param(mode, previous, point):
-    """With no previous output the kill points sit in code both modes share (only the one rename differs: renameat2
-    NOREPLACE or rename), so the fallback's copies of those cases run in `make test-slow`."""
-    slow = mode == "fallback" and previous == "none"
+    """The fallback's copies of the cases whose kill point sits in code both modes share run in `make test-slow`:
+    every point with no previous output (only the one rename differs: renameat2 NOREPLACE or rename), and the
+    points before the rename with one (nothing was moved yet; the resume's swap is the other fallback cases')."""
+    slow = mode == "fallback" and (previous == "none" or point in ("files-synced", "records-removed", "before-rename"))
     return pytest.param(mode, previous, point, marks=[pytest.mark.slow] if slow else [])
 
 

@@ -31,8 +31,9 @@ test: install
 	$(PY) -m pytest -q -x --durations=10 -m "not trainers and not megatron and not slow" tests
 
 # The long runs `make test` leaves out (marker `slow`; each behaviour they check keeps a fast test in `make test`):
-# the 3.9 wheel with the oldest dependencies, the hostile-metadata memory cases beyond the first, a source failing
-# 503 for good through every retry, the benchmark harness end to end.
+# the wheel on 3.9 with the oldest dependencies, the 20 MB metadata memory runs of the genuine file and of three of
+# the six hostile shapes, a source failing 503 for good through every retry, the commit-protocol kill cases the
+# rename fallback shares with renameat2, the remote byte-for-byte conversion of tp, the benchmark harness on tiny.
 test-slow: install
 	$(PY) -m pytest -q -x --durations=10 -m "slow and not trainers and not megatron" tests
 

@@ -2,15 +2,17 @@
 
 * `dcp_checkpoints`: every checkpoint of `dcp_writers.CHECKPOINTS`, written once per session by real torch
   writers in gloo process groups (three launches, a few seconds in all). {name: Path of the checkpoint folder}.
+  With $STREAMCONV_TEST_DCP_CHECKPOINTS set, the ones already written in that folder (for a pytest a test starts).
 * `demo_checkpoint`: the `make demo` checkpoint (`streamconv.demo_checkpoint.DemoCheckpoint`), built on request.
 * `s3_server`: a moto S3 server on localhost (`tests/support/s3_server.py`), started on request.
 * `model_families`: tiny Llama, Qwen2, Qwen3 and a torchtitan-named MoE module saved by DCP under FSDP2, each with a
   config-only base folder (`family_writers.py`), built on request.
 * `meta_model_cache` (autouse): transformers' answer for a config.json (`streamconv/hf/meta_probe.py`, 5-20 s of
   importing transformers in a child) is kept for the session in $STREAMCONV_META_CACHE_DIR (a tmp folder unless set).
-* `source`: for the data-safety suites, a private copy of the tensor-parallel checkpoint, built once per module
-  (`support/safety.py`), checked after every test that uses it: its files' bytes and mtimes are unchanged.
-* `big_checkpoint`: 256 MiB of float32 tensors (Shard(1) column blocks and Shard(0) rows), once per module, for
+* `source`: for the data-safety suites, a private copy of the session's tensor-parallel checkpoint, made once per
+  session (`support/safety.py`), checked after every test that uses it: its files' bytes and mtimes are unchanged
+  (so a test that touched it fails itself, not a later one).
+* `big_checkpoint`: 256 MiB of float32 tensors (Shard(1) column blocks and Shard(0) rows), once per session, for
   the memory bounds (`support/big_checkpoint.py`).
 * `shared_fixtures_dir`: the GPU-made checkpoints in `<repo>/../shared/fixtures` (or $STREAMCONV_SHARED_FIXTURES);
   skips if that copy is absent, and the terminal summary then says so in one line (a skip among hundreds of
@@ -28,6 +30,8 @@ import pytest
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 SHARED_FIXTURES_DIR = Path(os.environ.get("STREAMCONV_SHARED_FIXTURES") or REPO_ROOT.parent / "shared" / "fixtures")
+# The folder of an already written `dcp_checkpoints` (its `build` output), for a pytest run started by a test.
+REUSE_DCP_CHECKPOINTS = "STREAMCONV_TEST_DCP_CHECKPOINTS"
 
 
 
@@ -35,6 +39,12 @@ SHARED_FIXTURES_DIR = Path(os.environ.get("STREAMCONV_SHARED_FIXTURES") or REPO_
 def dcp_checkpoints(tmp_path_factory):
     from tests.support import dcp_writers
 
+    written = os.environ.get(REUSE_DCP_CHECKPOINTS)
+    if written:     # a pytest run that a test started (tests/test_cli_manners.py) reads its parent's checkpoints
+        found = {name: Path(written) / name for name in dcp_writers.CHECKPOINTS}
+        missing = [name for name, path in found.items() if not (path / ".metadata").is_file()]
+        assert not missing, f"${REUSE_DCP_CHECKPOINTS}={written} lacks {missing}"
+        return found
     return dcp_writers.build(tmp_path_factory.mktemp("dcp"))
 
 
@@ -62,11 +72,11 @@ def model_families(tmp_path_factory):
     return family_writers.build(tmp_path_factory.mktemp("families"))
 
 
-@pytest.fixture(scope="module")
-def safety_checkpoint(tmp_path_factory):
+@pytest.fixture(scope="session")
+def safety_checkpoint(tmp_path_factory, dcp_checkpoints):
     from tests.support import safety
 
-    return safety.write_source(tmp_path_factory.mktemp("safety"))
+    return safety.write_source(tmp_path_factory.mktemp("safety"), dcp_checkpoints["tp"])
 
 
 @pytest.fixture
@@ -78,7 +88,7 @@ def source(safety_checkpoint):
     safety.check_untouched(safety_checkpoint)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def big_checkpoint(tmp_path_factory):
     from tests.support import big_checkpoint
 

@@ -115,6 +115,7 @@ def test_memory_limit_reports_oom(tmp_path):
     assert m.status == "OOM" and m.signal == 9 and m.wall_s < 5
 
 
+@pytest.mark.slow   # every contender, plot and README table on `tiny` (~25 s): `make test-slow`; the pieces are tested here
 def test_harness_end_to_end_on_tiny(tiny_ckpt, tmp_path):
     run.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "results"), "--cache", str(tmp_path / "cache"),
               "--readme", "", "--no-drop-caches"])

@@ -182,23 +182,29 @@ def test_verify_json_always_has_error_and_exit_code(dcp_checkpoints, tmp_path):
     assert report["error"] is None and report["exit_code"] == 0 and report["ok"] is True, report
 
 
-def test_absent_gpu_fixtures_are_said_in_the_summary():
+@pytest.fixture(scope="module")
+def inner_pytest(dcp_checkpoints):
+    """One `pytest -q` of two tests of tests/support/test_dcp_writers.py, as `make test` runs them (output captured),
+    with the GPU-made fixtures absent, on this session's checkpoints (not written twice): its CompletedProcess."""
     env = dict(os.environ, STREAMCONV_SHARED_FIXTURES=str(REPO / "no-such-folder"),
+               STREAMCONV_TEST_DCP_CHECKPOINTS=str(dcp_checkpoints["fsdp2"].parent),
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                             "tests/support/test_dcp_writers.py", "-k", "shared_fixtures_are_beside"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "tests/support/test_dcp_writers.py", "-k", "shared_fixtures_are_beside or layout_summary"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_absent_gpu_fixtures_are_said_in_the_summary(inner_pytest):
+    result = inner_pytest
     assert result.returncode == 0, result.stdout[-2000:]
     assert re.search(r"NOTE: 1 test\(s\) on the GPU-made fixtures were skipped: .*no-such-folder", result.stdout), \
         result.stdout[-2000:]
 
 
-def test_make_test_prints_no_table_among_the_dots():
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                             "tests/support/test_dcp_writers.py", "-k", "layout_summary"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+def test_make_test_prints_no_table_among_the_dots(inner_pytest):
+    result = inner_pytest
     assert result.returncode == 0, result.stdout[-2000:]
+    assert "1 passed, 1 skipped" in result.stdout, result.stdout[-2000:]     # the table's test did run
     assert "chunk layouts" not in result.stdout, result.stdout[-2000:]
 
 

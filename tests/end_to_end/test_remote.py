@@ -68,15 +68,31 @@ def uploaded(s3_server, dcp_checkpoints, demo_checkpoint, flavors_written):
     return {name: (folder, s3_server.upload(folder, "ckpts", name)) for name, folder in local.items()}
 
 
-@pytest.mark.parametrize("name", ["demo", "fsdp2", "tp", "mesh2d", "zstd_fsdp2", "st_fsdp2_optim", "hf_fsdp2"])
-def test_converts_from_s3_byte_for_byte_as_from_disk(uploaded, s3_server, name, tmp_path):
-    folder, url = uploaded[name]
+@pytest.fixture(scope="module")
+def converted_locally(uploaded, tmp_path_factory):
+    """`convert <local folder> --no-config` of an uploaded checkpoint, run once per module: {name: output folder}."""
+    done = {}
+
+    def output_of(name: str) -> Path:
+        if name not in done:
+            out = tmp_path_factory.mktemp(f"local-{name}") / "local"
+            local = run("convert", uploaded[name][0], out, "--no-config")
+            assert local.returncode == 0, local.stderr
+            done[name] = out
+        return done[name]
+    return output_of
+
+
+# "tp" runs in `make test-slow`: test_shard_jobs_run_apart_read_the_bucket_themselves converts it from the bucket
+# byte for byte in `make test`, and every other layout here reads plain DCP through the same ranged reads.
+@pytest.mark.parametrize("name", ["demo", "fsdp2", pytest.param("tp", marks=pytest.mark.slow), "mesh2d", "zstd_fsdp2",
+                                  "st_fsdp2_optim", "hf_fsdp2"])
+def test_converts_from_s3_byte_for_byte_as_from_disk(uploaded, converted_locally, s3_server, name, tmp_path):
+    _, url = uploaded[name]
     env = s3.env_for(s3_server)
-    local = run("convert", folder, tmp_path / "local", "--no-config", env=env)
-    assert local.returncode == 0, local.stderr
     remote = run("convert", url, tmp_path / "remote", "--no-config", "--crc", env=env)
     assert remote.returncode == 0, remote.stderr
-    same_output(tmp_path / "remote", tmp_path / "local")
+    same_output(tmp_path / "remote", converted_locally(name))
     verified = run("verify", url, tmp_path / "remote", env=env)
     assert verified.returncode == 0, verified.stderr
 
@@ -178,8 +194,9 @@ def _object_gets(path: str) -> bool:
     return ".distcp" in path
 
 
-def test_throttling_and_resets_are_retried_then_the_conversion_is_exact(uploaded, s3_server, tmp_path):
-    folder, url = uploaded["fsdp2"]
+def test_throttling_and_resets_are_retried_then_the_conversion_is_exact(uploaded, converted_locally, s3_server,
+                                                                         tmp_path):
+    _, url = uploaded["fsdp2"]
     seen = {"n": 0}
 
     def fault(method, path, headers):    # every 3rd data-file request throttled, every 5th reset
@@ -196,15 +213,14 @@ def test_throttling_and_resets_are_retried_then_the_conversion_is_exact(uploaded
         proxy.stop()
     assert result.returncode == 0, result.stderr
     assert proxy.faults >= 3
-    local = run("convert", folder, tmp_path / "local", "--no-config")
-    assert local.returncode == 0, local.stderr
-    same_output(tmp_path / "out", tmp_path / "local")
+    same_output(tmp_path / "out", converted_locally("fsdp2"))
 
 
-def test_a_burst_longer_than_the_client_retries_is_outlasted_by_ours(uploaded, s3_server, tmp_path):
+def test_a_burst_longer_than_the_client_retries_is_outlasted_by_ours(uploaded, converted_locally, s3_server,
+                                                                      tmp_path):
     """One range answered 503 SlowDown 15 times in a row: more than the client stack retries on its own (s3fs 5
     times x botocore's AWS_MAX_ATTEMPTS=2 here), fewer than streamconv's 5 rounds of those. Exact output, exit 0."""
-    folder, url = uploaded["fsdp2"]
+    _, url = uploaded["fsdp2"]
     state = {"range": None, "n": 0}
 
     def fault(method, path, headers):
@@ -224,12 +240,12 @@ def test_a_burst_longer_than_the_client_retries_is_outlasted_by_ours(uploaded, s
         proxy.stop()
     assert result.returncode == 0, result.stderr
     assert proxy.faults == 15
-    local = run("convert", folder, tmp_path / "local", "--no-config")
-    assert local.returncode == 0, local.stderr
-    same_output(tmp_path / "out", tmp_path / "local")
+    same_output(tmp_path / "out", converted_locally("fsdp2"))
 
 
-@pytest.mark.parametrize("kind", ["503", "reset"])
+# "503" sits out every round of every retry layer (~30 s; `make test-slow`); that a 503 is retried is the burst test's
+# point, that a source failing for good is exit 2 with no output is "reset"'s and test_server_gone_mid_run's.
+@pytest.mark.parametrize("kind", [pytest.param("503", marks=pytest.mark.slow), "reset"])
 def test_a_source_that_keeps_failing_is_exit_2_and_nothing_finished_looking(uploaded, s3_server, tmp_path, kind):
     _, url = uploaded["fsdp2"]
     proxy = s3.FaultProxy(s3_server.url, lambda method, path, headers: kind if _object_gets(path) and method == "GET"

@@ -10,7 +10,6 @@ from tests.support import rss
 
 from streamconv.demo_checkpoint import run_distributed
 
-pytestmark = pytest.mark.slow
 ROWS, COLS = 4096, 8192          # 128 MiB of float32 per tensor
 BUFFER_MIB = 4
 

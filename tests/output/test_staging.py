@@ -310,7 +310,15 @@ CRASH_CASES = ([("exchange", "old", p) for p in COMMON + SWAP + ["after-exchange
                + [(mode, "none", p) for mode in ("exchange", "fallback") for p in COMMON])
 
 
-@pytest.mark.parametrize("mode,previous,point", CRASH_CASES)
+def _crash_param(mode, previous, point):
+    """The fallback's copies of the cases whose kill point sits in code both modes share run in `make test-slow`:
+    every point with no previous output (only the one rename differs: renameat2 NOREPLACE or rename), and the
+    points before the rename with one (nothing was moved yet; the resume's swap is the other fallback cases')."""
+    slow = mode == "fallback" and (previous == "none" or point in ("files-synced", "records-removed", "before-rename"))
+    return pytest.param(mode, previous, point, marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("mode,previous,point", [_crash_param(*case) for case in CRASH_CASES])
 def test_a_kill_at_every_commit_step_leaves_old_or_new_and_resumes_to_identical_bytes(source, tmp_path, mode,
                                                                                        previous, point):
     if mode == "exchange" and "renameat2" in fastpaths.disabled():

@@ -24,7 +24,6 @@ from streamconv.model import StoredTensor
 from streamconv.execution.geometry import storage_order
 from tests.support.outputs import read_output, same_bits
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import streamconv
 from tests.support import dcp_writers
@@ -30,12 +31,14 @@ def tree_bytes(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def write_source(root: Path) -> dict:
+def write_source(root: Path, tp_checkpoint: Optional[Path] = None) -> dict:
     """A private copy of a real tensor-parallel checkpoint (so its mtimes are ours to check), its snapshot,
-    and the output of one uninterrupted run."""
+    and the output of one uninterrupted run. `tp_checkpoint`: the session's `dcp_checkpoints["tp"]` to copy
+    (written here by torch when not given)."""
     ckpt = root / "ckpt"
-    dcp_writers.build(root / "written", names=["tp"])
-    shutil.copytree(root / "written" / "tp", ckpt)
+    if tp_checkpoint is None:
+        tp_checkpoint = dcp_writers.build(root / "written", names=["tp"])["tp"]
+    shutil.copytree(tp_checkpoint, ckpt)
     ref = root / "reference"
     streamconv.convert(str(ckpt), str(ref), max_shard_size=SHARD)
     expected = tree_bytes(ref)

@@ -17,8 +17,6 @@ from tests.support import dcp_writers
 from tests.support.dcp_writers import load_expected, reference_state_dict, spawn
 from streamconv.demo_checkpoint import DEMO_CONFIG, WorkerError
 
-pytestmark = pytest.mark.slow
-
 NAMES = list(dcp_writers.CHECKPOINTS)
 Q = "model.model.layers.0.self_attn.q_proj.weight"
 GATE = "model.model.layers.0.attn_gate"

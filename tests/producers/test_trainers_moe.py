@@ -155,7 +155,8 @@ def _mismatched_config(kind: str, folder):
 def test_moe_checkpoint_with_a_config_that_does_not_match_is_exit_4_and_writes_nothing(made, tmp_path, kind, why):
     """The names the adapter makes are proven against what the config's architecture loads: a DeepSeek-V3 config,
     a dense Llama one or the same family with another expert count is refused before anything is written, and the
-    message blames the stage that would fix it (the adapter's output vs --config-from)."""
+    message blames the stage that would fix it (the adapter's output vs --config-from), never a --rename that
+    would not make the names match."""
     base = _mismatched_config(kind, tmp_path / "base")
     out = tmp_path / "out"
     result = convert(made["fp32"] / "ckpt", out, "--config-from", base)
@@ -163,6 +164,7 @@ def test_moe_checkpoint_with_a_config_that_does_not_match_is_exit_4_and_writes_n
     assert not out.exists() and not list(tmp_path.glob(".*out*")), list(tmp_path.iterdir())
     error = " ".join(result.output.split())
     assert why in error, error
+    assert "--rename" not in error, error       # no prefix change makes these names another architecture's
     assert "torchtitan-qwen3" in error and "Is --config-from the base model" in error or (
         "the torchtitan-qwen3 adapter's output is not this config's model" in error
         and "check that --config-from is the base model" in error), error

@@ -97,6 +97,25 @@ def test_expert_bias_is_refused_then_excluded(made, tmp_path):
     assert_same_model(case_dir, out)
 
 
+def test_a_trained_expert_bias_routes_tokens_elsewhere_so_only_a_zero_one_may_be_excluded(made, tmp_path):
+    """Why the bias is refused rather than dropped: torchtitan's router adds expert_bias_E to the scores before
+    top-k (`TokenChoiceTopKRouter.forward`), Hugging Face Qwen3-MoE's takes top-k of the softmax alone and has no
+    tensor for it. The converted folder (bias excluded) gives torchtitan's logits while the bias is zero, and other
+    logits once the bias has moved: no Qwen3MoeForCausalLM of these weights is the trained model then."""
+    case_dir = made["bf16"]
+    out = tmp_path / "hf"
+    assert convert(case_dir / "ckpt", out, "--config-from", case_dir / "base", "--exclude", BIAS).exit_code == 0
+    state = {k: v.float() for k, v in torch.load(case_dir / "trained.pt").items()}
+    biases = [k for k in state if k.endswith("moe.expert_bias_E")]
+    assert biases and all(not state[k].any() for k in biases)       # no load-balancing hook ran: zero
+    converted = hf_logits(out)
+    torch.testing.assert_close(converted, mw.fp32_logits(mw.qwen3_moe_config(True), state), rtol=0, atol=1e-5)
+    experts = mw.QWEN3_MOE["num_experts"]
+    moved = dict(state, **{k: torch.linspace(-0.2, 0.2, experts) for k in biases})   # as training moves it
+    trained = mw.fp32_logits(mw.qwen3_moe_config(True), moved)
+    assert (trained - converted).abs().max() > 1e-2, (trained - converted).abs().max()
+
+
 def test_inspect_and_plan_name_the_family_and_expert_layout(made):
     ckpt, base = made["fp32"] / "ckpt", made["fp32"] / "base"
     info = json.loads(CliRunner().invoke(cli, ["inspect", "--json", str(ckpt)]).output)["source_format"]

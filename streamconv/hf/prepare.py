@@ -63,6 +63,15 @@ def _megatron_format(checkpoint_dir: str, meta: CheckpointMetadata, options: Pla
                                source_format_reason=f"a Megatron-Core {folder.sharded_backend} checkpoint")
 
 
+def _adapter_config_notes(adapter: Optional[trainers.Adapter], config: Optional[sidecars.HFConfig]) -> List[str]:
+    """The adapter's check of the config.json written beside its names, for what names cannot show (DeepSeek-V3's
+    RoPE channel order): a note, or ReferenceMismatchError before anything is written."""
+    if adapter is None or adapter.config_check is None or config is None:
+        return []
+    note = adapter.config_check(config.data)
+    return [note] if note else []
+
+
 def _layout_stage(named: naming.Naming, reference, config, notes: List[str]):
     """(names with the reference layout applied, the layout's label or None): the layout whose mapping of the
     adapter's names (all of them, before --rename and the filters) hits the most reference weights."""
@@ -101,10 +110,7 @@ def prepare(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir: str,
     if config is not None and options.heads is None:    # trainer adapters permute q/k rows per head
         options = dataclasses.replace(options, heads=trainers.heads_from_config(config.data))
     named = naming.source_names(meta, options)      # the checkpoint's names and the adapter's: once
-    if named.adapter is not None and named.adapter.config_check is not None and config is not None:
-        checked_config = named.adapter.config_check(config.data)    # what names cannot show (RoPE order)
-        if checked_config:
-            notes.append(checked_config)
+    notes.extend(_adapter_config_notes(named.adapter, config))
     reference = layouts.reference_weights(config.folder) if config is not None else None
     named, layout_label = _layout_stage(named, reference, config, notes)
     named = named.with_renames(options.renames).filtered(options.include, options.exclude).checked()

@@ -88,6 +88,10 @@ def test_expert_bias_is_refused_then_excluded(made, tmp_path):
     error = result.output
     assert "load-balancing expert bias" in error and "layers.1.moe.expert_bias_E" in error
     assert f"--exclude '{BIAS}'" in error
+    error = " ".join(error.split())     # what to do, and why: only a zero bias may be left out
+    assert "adds it to the scores when it picks each token's top-k experts" in error, error
+    assert "If it is all zeros" in error and "If it was trained, excluding it writes a model that sends some " \
+        "tokens to other experts" in error, error
     assert not (tmp_path / "refused").exists()
     out = tmp_path / "hf"
     result = convert(case_dir / "ckpt", out, "--config-from", case_dir / "base", "--exclude", BIAS)

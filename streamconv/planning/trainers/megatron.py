@@ -25,7 +25,9 @@ What `dist_checkpointing.save` writes, and what each becomes:
   layout save_pretrained writes; transformers 5.25 fuses them on load). Shared experts
   (`mlp.shared_experts.linear_fc1/linear_fc2`, `gate_weight` with `moe_shared_expert_gate`) -> Qwen2-MoE's
   `mlp.shared_expert.*` and `mlp.shared_expert_gate.weight`: the Hugging Face family with shared experts and this
-  attention (DeepSeek-V3's `shared_experts` come with multi-latent attention, refused).
+  attention (DeepSeek-V3's `shared_experts` come with multi-latent attention: the megatron-mla layout,
+  `megatron_mla.py`, which reuses this module's norm, MLP and expert parts). The router's `expert_bias` has no
+  tensor in Qwen2-MoE / Qwen3-MoE: refused here, saying what to do.
 
 Which HF class the names are checked against is the config's: the output must be what `--config-from`'s model
 loads (hf/expected.py), else nothing is written (exit 4).

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import ReferenceMismatchError
 from ..planning import trainers
@@ -95,7 +95,9 @@ def check(shapes: Dict[str, Shape], config: HFConfig, *, unfiltered: Iterable[st
         return notes + [f"{len(shapes)} output names and shapes are those of a {head} ({label})"]
     if allow_unmatched:
         return notes + [f"--allow-unmatched: the output is not the {head}: {line}" for line in found.lines()]
-    fixes = stage_hints(found, source_format, expected, config)
+    layout = dict(expected.layouts)[label]
+    fixes = stage_hints(found, source_format, expected, config,
+                        matches_after=lambda old, new: _renamed_matches(shapes, layout, expected, unfiltered, old, new))
     raise ReferenceMismatchError(
         f"the output is not the model {where} describes ({head}; compared with its names {label}); nothing was "
         "written:\n  " + "\n  ".join(found.lines()) + "\nTo fix: " + "; or ".join(fixes) + ".")
@@ -153,8 +155,25 @@ def prefix_rule(unmatched: Sequence[str], missing: Sequence[str]) -> Optional[Tu
     return (old, new, count) if count * 2 >= min(len(unmatched), PREFIX_SCAN_LIMIT) else None
 
 
-def stage_hints(found: verdict.Verdict, source_format: str, expected: Expected, config: HFConfig) -> List[str]:
-    """Which stage would fix the mismatch, most specific first."""
+def _renamed_matches(shapes: Dict[str, Shape], layout: Dict[str, Shape], expected: Expected,
+                     unfiltered: Sequence[str], old: str, new: str) -> bool:
+    """Would `--rename '^old=new'` make the output the layout's model (no name or shape off; only what
+    --include/--exclude left out still missing)? A prefix shared by some names can point them at the names of
+    another architecture's layers (a Qwen3-MoE's experts of layer 0 onto a DeepSeek-V3's layer 2), fixing a few
+    and breaking others: such a rule is no fix."""
+    def rename(name: str) -> str:
+        return new + name[len(old):] if name.startswith(old) else name
+    renamed = {rename(n): s for n, s in shapes.items()}
+    if len(renamed) < len(shapes):      # two names made one: the rename would be refused
+        return False
+    found, _ = _judge(renamed, layout, expected, [rename(n) for n in unfiltered])
+    return not found.unmatched and not found.shape_mismatches and set(found.missing) <= set(found.excluded)
+
+
+def stage_hints(found: verdict.Verdict, source_format: str, expected: Expected, config: HFConfig,
+                matches_after: Callable[[str, str], bool] = lambda old, new: True) -> List[str]:
+    """Which stage would fix the mismatch, most specific first. `matches_after(old, new)`: whether renaming
+    the prefix `old` to `new` would make the output match; a rename is suggested only then."""
     if not found.unmatched and not found.shape_mismatches and set(found.missing) == set(found.excluded):
         return ["to write a partial model on purpose, add --allow-unmatched (transformers will initialise the "
                 "left-out weights randomly when it loads the folder)"]
@@ -169,6 +188,8 @@ def stage_hints(found: verdict.Verdict, source_format: str, expected: Expected, 
         hints.append(f"the {source_format} adapter's output is not this config's model (a {expected.model_class}): "
                      "check that --config-from is the base model this checkpoint was trained from")
     rule = prefix_rule(found.unmatched, found.missing)
+    if rule and not matches_after(rule[0], rule[1]):
+        rule = None
     if rule:
         old, new, count = rule
         hints.append(f"{count} name(s) differ only by a prefix: --rename '^{re.escape(old)}={new}'")

@@ -48,18 +48,28 @@ def _resolve_dtype(requested: str, config: Optional[sidecars.HFConfig], notes: L
     return "keep"
 
 
-def _megatron_format(checkpoint_dir: str, options: PlanOptions, notes: List[str]) -> PlanOptions:
-    """A Megatron-Core folder (metadata.json says torch_dist) is read with the megatron-gpt layout unless the user
-    chose one: a Megatron model that is not a Llama-family GPT is then refused, naming its tensors, rather than
-    written under Megatron's names."""
+def _megatron_format(checkpoint_dir: str, meta: CheckpointMetadata, options: PlanOptions,
+                     notes: List[str]) -> PlanOptions:
+    """A Megatron-Core folder (metadata.json says torch_dist) is read with a Megatron layout unless the user chose
+    one (megatron-mla when its names have multi-latent attention, else megatron-gpt): a Megatron model neither
+    holds is then refused, naming its tensors, rather than written under Megatron's names."""
     folder = megatron.recognise(checkpoint_dir)
     if folder is None:
         return options
     notes.append(folder.note)
     if options.source_format != "auto":
         return options
-    return dataclasses.replace(options, source_format=trainers.MEGATRON_GPT.name,
+    return dataclasses.replace(options, source_format=trainers.megatron_adapter(t.fqn for t in meta.tensors).name,
                                source_format_reason=f"a Megatron-Core {folder.sharded_backend} checkpoint")
+
+
+def _adapter_config_notes(adapter: Optional[trainers.Adapter], config: Optional[sidecars.HFConfig]) -> List[str]:
+    """The adapter's check of the config.json written beside its names, for what names cannot show (DeepSeek-V3's
+    RoPE channel order): a note, or ReferenceMismatchError before anything is written."""
+    if adapter is None or adapter.config_check is None or config is None:
+        return []
+    note = adapter.config_check(config.data)
+    return [note] if note else []
 
 
 def _layout_stage(named: naming.Naming, reference, config, notes: List[str]):
@@ -96,10 +106,11 @@ def prepare(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir: str,
             notes.append(tokenizer_note)
 
     options = dataclasses.replace(options, dtype=_resolve_dtype(options.dtype, config, notes))
-    options = _megatron_format(checkpoint_dir, options, notes)
+    options = _megatron_format(checkpoint_dir, meta, options, notes)
     if config is not None and options.heads is None:    # trainer adapters permute q/k rows per head
         options = dataclasses.replace(options, heads=trainers.heads_from_config(config.data))
     named = naming.source_names(meta, options)      # the checkpoint's names and the adapter's: once
+    notes.extend(_adapter_config_notes(named.adapter, config))
     reference = layouts.reference_weights(config.folder) if config is not None else None
     named, layout_label = _layout_stage(named, reference, config, notes)
     named = named.with_renames(options.renames).filtered(options.include, options.exclude).checked()

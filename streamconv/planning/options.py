@@ -95,7 +95,7 @@ class ConvertOptions(_FlagFields):
         help="Top-level key holding the model.")
     source_format: str = _opt(
         "auto", "--source-format", choices=SOURCE_FORMATS, metavar="NAME",
-        help=f"{SOURCE_FORMATS[0]} (default), " + ", ".join(SOURCE_FORMATS[1:]) + ".")
+        help=", ".join(SOURCE_FORMATS) + ".")     # the first, auto, is the default (3 lines: the help fits a screen)
     expert_layout: str = _opt(
         EXPERT_LAYOUTS[0], "--expert-layout", choices=EXPERT_LAYOUTS, metavar="LAYOUT",
         help=f"MoE experts: {EXPERT_LAYOUTS[0]} (default) or {EXPERT_LAYOUTS[1]}.")

@@ -121,6 +121,41 @@ def test_a_prefix_that_is_off_is_blamed_on_rename_with_the_rule_to_use():
     assert expected.prefix_rule(["a.x", "b.y"], ["model.q", "model.r"]) is None
 
 
+def test_a_rename_is_suggested_only_when_it_would_make_the_names_match():
+    """A prefix change that a few names share is no fix when renaming it still leaves the output another model:
+    a 2-expert MoE layer against a dense Llama config votes for turning `mlp.experts.0.` into `mlp.` (three
+    names fixed), but expert 1 would still have no place, so no --rename is offered; the same rule is offered
+    when it fixes everything (one expert, named as if an expert)."""
+    config = _config(LLAMA)
+    dense = _llama_output(LLAMA)
+    moe = {n: s for n, s in dense.items() if not n.startswith("model.layers.0.mlp.")}
+    for e in (0, 1):
+        for part in ("gate_proj", "up_proj", "down_proj"):
+            moe[f"model.layers.0.mlp.experts.{e}.{part}.weight"] = dense[f"model.layers.0.mlp.{part}.weight"]
+    rule = "--rename '^model\\.layers\\.0\\.mlp\\.experts\\.0\\.=model.layers.0.mlp.'"
+    with pytest.raises(ReferenceMismatchError) as exc:
+        expected.check(moe, config)
+    text = str(exc.value)
+    assert expected.prefix_rule(*_unmatched_and_missing(text)) is not None     # the vote alone would offer it
+    assert "--rename" not in text and "differ only by a prefix" not in text, text
+    assert "check that --config-from is the base model" in text
+    one_expert = {n: s for n, s in moe.items() if ".experts.1." not in n}
+    with pytest.raises(ReferenceMismatchError) as exc:
+        expected.check(one_expert, config)
+    assert f"3 name(s) differ only by a prefix: {rule}" in str(exc.value), str(exc.value)
+
+
+def _unmatched_and_missing(text: str):
+    """The output names and reference weights an error message lists (all of them: fewer than LIST_LIMIT)."""
+    lists = {}
+    for line in text.splitlines():
+        for key, marker in (("unmatched", "output name(s) not in the reference: "),
+                            ("missing", "reference weight(s) not in the output: ")):
+            if marker in line:
+                lists[key] = line.split(marker, 1)[1].split(", ")
+    return lists["unmatched"], lists["missing"]
+
+
 def test_a_trainers_own_names_are_blamed_on_the_missing_adapter():
     output = {"tok_embeddings.weight": (11, 8), "layers.0.attention.wq.weight": (8, 8),
               "layers.0.moe.experts.w1": (3, 6, 8), "output.weight": (11, 8)}

@@ -1,7 +1,10 @@
-import re
 """The torchtitan Qwen3 adapter as data, without files: detection beside the Llama adapters, the literal pieces
-of unstacked grouped experts, and every adapter offered by `--source-format`. The real checkpoints are in
-tests/producers/test_trainers_moe.py (marker `trainers`) and tests/memory/test_expert_memory.py."""
+of unstacked grouped experts, and every adapter offered by `--source-format`; the DeepSeek-V3 adapters' config
+check and the megatron-mla names. The real checkpoints are in tests/producers/test_trainers_moe.py (marker
+`trainers`), tests/producers/test_megatron_mla.py (marker `megatron`) and tests/memory/test_expert_memory.py."""
+import re
+
+import pytest
 from click.testing import CliRunner
 
 from streamconv.cli import cli
@@ -131,3 +134,41 @@ def test_a_grouped_weight_is_proven_once_for_all_its_experts(monkeypatch):
     assert len(plan.tensors) == 1 + 2 * 8
     assert sorted(proofs) == sorted([P + "w1_EFD", P + "w2_EDF", "layers.0.moe.router.gate.weight"])
     assert len(indexes) == 2
+
+
+@pytest.mark.parametrize("adapter", [trainers.TORCHTITAN_DEEPSEEK_V3, trainers.MEGATRON_MLA])
+def test_deepseek_v3_adapters_need_the_interleaved_rope_config(adapter):
+    """Both trainers' RoPE pairs channels as DeepSeek-V3's `rope_interleave: true` does; with `false` transformers
+    would run the same rows as another model, which the names cannot show: refused (exit 4), the fix named."""
+    from streamconv.errors import ReferenceMismatchError
+    assert adapter.config_check({}).startswith("rope_interleave: true in config.json")      # transformers' default
+    assert adapter.config_check({"rope_interleave": True})
+    with pytest.raises(ReferenceMismatchError, match='set "rope_interleave": true') as exc:
+        adapter.config_check({"rope_interleave": False})
+    assert exc.value.exit_code == 4 and "nothing was written" in str(exc.value)
+
+
+def test_megatron_mla_names_map_to_deepseek_v3_in_both_key_forms():
+    """Every megatron-mla attention and router tensor (local-spec and Transformer Engine names, stacked and per
+    layer) is one rename: literal targets."""
+    names = {
+        "decoder.layers.self_attention.linear_q_down_proj.weight": "model.layers.{i}.self_attn.q_a_proj.weight",
+        "decoder.layers.self_attention.q_layernorm.weight": "model.layers.{i}.self_attn.q_a_layernorm.weight",
+        "decoder.layers.self_attention.linear_q_up_proj.layer_norm_weight":
+            "model.layers.{i}.self_attn.q_a_layernorm.weight",
+        "decoder.layers.self_attention.linear_kv_up_proj.layer_norm_weight":
+            "model.layers.{i}.self_attn.kv_a_layernorm.weight",
+        "decoder.layers.self_attention.linear_kv_down_proj.weight":
+            "model.layers.{i}.self_attn.kv_a_proj_with_mqa.weight",
+        "decoder.layers.self_attention.linear_q_proj.weight": "model.layers.{i}.self_attn.q_proj.weight",
+        "decoder.layers.mlp.router.expert_bias": "model.layers.{i}.mlp.gate.e_score_correction_bias",
+        "decoder.layers.mlp.shared_experts.linear_fc2.weight": "model.layers.{i}.mlp.shared_experts.down_proj.weight",
+    }
+    for stacked, target in names.items():
+        for name, lead in ((stacked, (2,)), (stacked.replace("decoder.layers.", "decoder.layers.1."), ())):
+            e = entry(name, lead + (4, 4))
+            made = [out for r in trainers.MEGATRON_MLA.rules for m in [r.match(name)] if m
+                    for out, _ in trainers.outputs(r, m, e, None)]
+            want = [target.format(i=i) for i in range(2)] if lead else [target.format(i=1)]
+            assert made == want, (name, made)
+    assert trainers.megatron_adapter(["embedding.word_embeddings.weight", *names]) is trainers.MEGATRON_MLA

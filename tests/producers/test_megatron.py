@@ -137,9 +137,6 @@ def _refusal(tmp_path, extra_keys, groups=2, **config):
 
 
 @pytest.mark.parametrize("keys,feature", [
-    ({"decoder.layers.self_attention.linear_q_down_proj.weight": [2, 16, 32],
-      "decoder.layers.self_attention.linear_kv_down_proj.weight": [2, 16, 32]}, "multi-latent attention (MLA)"),
-    ({"decoder.layers.1.self_attention.linear_kv_down_proj.weight": [16, 32]}, "multi-latent attention (MLA)"),
     ({"decoder.layers.mixer.in_proj.weight": [2, 64, 32]}, "a model other than a GPT decoder"),
     ({"decoder.layers.self_attention.linear_proj.bias": [2, 32]}, "biases other than the qkv bias"),
     ({"decoder.layers.mlp.router.expert_bias": [2, 4]}, "the router's expert bias"),
@@ -157,6 +154,27 @@ def test_unmapped_features_refused(tmp_path, keys, feature):
     # refused for what it is even before the head counts are given
     result = run("convert", tmp_path / "bad" / "ckpt", tmp_path / "hf")
     assert result.exit_code == 2 and feature in result.output, result.output
+
+
+@pytest.mark.parametrize("keys", [
+    {"decoder.layers.self_attention.linear_q_down_proj.weight": [2, 16, 32],
+     "decoder.layers.self_attention.linear_kv_down_proj.weight": [2, 16, 32]},
+    {"decoder.layers.1.self_attention.linear_kv_down_proj.weight": [16, 32]},
+])
+def test_attention_of_both_kinds_is_refused_by_either_layout(tmp_path, keys):
+    """Multi-latent attention tensors pick the megatron-mla layout (DeepSeek-V3; tests/producers/test_megatron_mla.py
+    converts real ones), which cannot hold the fused linear_qkv of the same checkpoint: exit 2 naming it; forced
+    to megatron-gpt, the MLA tensors are named instead, with the layout that holds them."""
+    result = _refusal(tmp_path, keys)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "the megatron-mla layout (Hugging Face DeepseekV3ForCausalLM)" in text, text
+    assert "attention with a fused linear_qkv (not multi-latent): --source-format megatron-gpt" in text
+    assert mw.QKV in text and "nothing was written" in text and "Traceback" not in result.output
+    result = run("convert", tmp_path / "bad" / "ckpt", tmp_path / "hf", "--source-format", "megatron-gpt")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "multi-latent attention (MLA)" in text and "--source-format megatron-mla" in text
+    assert all(key in text for key in keys), text
 
 
 @pytest.mark.parametrize("keys,missing", [

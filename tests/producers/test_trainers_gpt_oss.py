@@ -1,5 +1,5 @@
-"""torchtitan 0.3 GPT-OSS checkpoints (its own `GptOssModel`, FSDP2 on 2 gloo ranks, saved model-only as its
-CheckpointManager does) to Hugging Face `GptOssForCausalLM`, end to end (marker `trainers`: `make test-trainers`).
+"""torchtitan 0.3 GPT-OSS checkpoints (its own `GptOssModel`, FSDP2 or expert parallel 2 on 2 gloo ranks, saved
+model-only as its CheckpointManager does) to Hugging Face `GptOssForCausalLM`, end to end (marker `trainers`: `make test-trainers`).
 See `trainer_gptoss_writers.py` for how the checkpoint is made.
 
 Truth: the gathered trained state dict mapped to HF with torch ops (expert weights transposed), bit for bit;
@@ -30,12 +30,18 @@ def made(tmp_path_factory):
     if not tw.torchtitan_available():
         pytest.skip("torchtitan 0.3 is not importable (make test-trainers installs it)")
     root = tmp_path_factory.mktemp("gptoss")
-    return {"fp32": gw.build(root / "fp32"), "bf16": gw.build(root / "bf16", export_dtype="bfloat16")}
+    return {"fp32": gw.build(root / "fp32"), "bf16": gw.build(root / "bf16", export_dtype="bfloat16"),
+            "ep2": gw.build(root / "ep2", expert_parallel=2)}
 
 
-@pytest.mark.parametrize("case", ["fp32", "bf16"])
+@pytest.mark.parametrize("case", ["fp32", "bf16", "ep2"])
 def test_gpt_oss_converts_with_only_config_from(made, tmp_path, case):
-    """fp32, and `export_dtype=bfloat16` (the weights rounded; the logits are the rounded model's, in fp32)."""
+    """fp32, `export_dtype=bfloat16` (the weights rounded; the logits are the rounded model's, in fp32), and expert
+    parallel 2 (torchtitan's own `parallelize_gptoss`: each rank saves its half of the experts)."""
+    if case == "ep2":
+        info = json.loads(CliRunner().invoke(cli, ["inspect", "--json", str(made[case] / "ckpt")]).output)
+        grouped = [t for t in info["tensors"] if t["name"].endswith(("mlp1_weight_EGD", "mlp2_weight_EDF"))]
+        assert len(grouped) == 4 and all(t["layout"] == "2 chunks, dim 0" for t in grouped), grouped
     made, out = made[case], tmp_path / "hf"
     result = CliRunner().invoke(cli, ["convert", str(made / "ckpt"), str(out), "--config-from", str(made / "base"),
                                       "--verify", "--json", "-q"])
@@ -47,7 +53,7 @@ def test_gpt_oss_converts_with_only_config_from(made, tmp_path, case):
     ref = gw.to_hf(torch.load(made / "trained.pt"))
     got = load_file(out / "model.safetensors")
     assert sorted(got) == sorted(ref)
-    assert got[GATE_UP].dtype == getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[case])
+    assert got[GATE_UP].dtype == getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "ep2": "float32"}[case])
     assert all(got[n].dtype == ref[n].dtype and torch.equal(got[n], ref[n]) for n in ref), [
         n for n in ref if not torch.equal(got[n], ref[n])]
     c = gw.GPT_OSS

@@ -88,6 +88,10 @@ def test_expert_bias_is_refused_then_excluded(made, tmp_path):
     error = result.output
     assert "load-balancing expert bias" in error and "layers.1.moe.expert_bias_E" in error
     assert f"--exclude '{BIAS}'" in error
+    error = " ".join(error.split())     # what to do, and why: only a zero bias may be left out
+    assert "adds it to the scores when it picks each token's top-k experts" in error, error
+    assert "If it is all zeros" in error and "If it was trained, excluding it writes a model that sends some " \
+        "tokens to other experts" in error, error
     assert not (tmp_path / "refused").exists()
     out = tmp_path / "hf"
     result = convert(case_dir / "ckpt", out, "--config-from", case_dir / "base", "--exclude", BIAS)
@@ -95,6 +99,25 @@ def test_expert_bias_is_refused_then_excluded(made, tmp_path):
     assert json.loads(result.output)["skipped"].get("excluded") == 2, result.output
     assert load_file(out / "model.safetensors")["model.embed_tokens.weight"].dtype == torch.bfloat16
     assert_same_model(case_dir, out)
+
+
+def test_a_trained_expert_bias_routes_tokens_elsewhere_so_only_a_zero_one_may_be_excluded(made, tmp_path):
+    """Why the bias is refused rather than dropped: torchtitan's router adds expert_bias_E to the scores before
+    top-k (`TokenChoiceTopKRouter.forward`), Hugging Face Qwen3-MoE's takes top-k of the softmax alone and has no
+    tensor for it. The converted folder (bias excluded) gives torchtitan's logits while the bias is zero, and other
+    logits once the bias has moved: no Qwen3MoeForCausalLM of these weights is the trained model then."""
+    case_dir = made["bf16"]
+    out = tmp_path / "hf"
+    assert convert(case_dir / "ckpt", out, "--config-from", case_dir / "base", "--exclude", BIAS).exit_code == 0
+    state = {k: v.float() for k, v in torch.load(case_dir / "trained.pt").items()}
+    biases = [k for k in state if k.endswith("moe.expert_bias_E")]
+    assert biases and all(not state[k].any() for k in biases)       # no load-balancing hook ran: zero
+    converted = hf_logits(out)
+    torch.testing.assert_close(converted, mw.fp32_logits(mw.qwen3_moe_config(True), state), rtol=0, atol=1e-5)
+    experts = mw.QWEN3_MOE["num_experts"]
+    moved = dict(state, **{k: torch.linspace(-0.2, 0.2, experts) for k in biases})   # as training moves it
+    trained = mw.fp32_logits(mw.qwen3_moe_config(True), moved)
+    assert (trained - converted).abs().max() > 1e-2, (trained - converted).abs().max()
 
 
 def test_inspect_and_plan_name_the_family_and_expert_layout(made):
@@ -155,7 +178,8 @@ def _mismatched_config(kind: str, folder):
 def test_moe_checkpoint_with_a_config_that_does_not_match_is_exit_4_and_writes_nothing(made, tmp_path, kind, why):
     """The names the adapter makes are proven against what the config's architecture loads: a DeepSeek-V3 config,
     a dense Llama one or the same family with another expert count is refused before anything is written, and the
-    message blames the stage that would fix it (the adapter's output vs --config-from)."""
+    message blames the stage that would fix it (the adapter's output vs --config-from), never a --rename that
+    would not make the names match."""
     base = _mismatched_config(kind, tmp_path / "base")
     out = tmp_path / "out"
     result = convert(made["fp32"] / "ckpt", out, "--config-from", base)
@@ -163,6 +187,7 @@ def test_moe_checkpoint_with_a_config_that_does_not_match_is_exit_4_and_writes_n
     assert not out.exists() and not list(tmp_path.glob(".*out*")), list(tmp_path.iterdir())
     error = " ".join(result.output.split())
     assert why in error, error
+    assert "--rename" not in error, error       # no prefix change makes these names another architecture's
     assert "torchtitan-qwen3" in error and "Is --config-from the base model" in error or (
         "the torchtitan-qwen3 adapter's output is not this config's model" in error
         and "check that --config-from is the base model" in error), error

@@ -28,8 +28,8 @@
    ranks, when it is installed (`pip install megatron-core`; 0.16.1 runs on CPU with three shims, see
    `_real_rank`). Also returns Megatron's own logits. Slow (~25 s a run): `make test-megatron`.
 
-What could not be made on CPU: Transformer Engine layer specs (TE needs CUDA), MoE/MLA models run by
-megatron-core (refusals are tested on layout-built checkpoints with their tensor names), FP8 extra state.
+What could not be made on CPU: Transformer Engine layer specs (TE needs CUDA), FP8 extra state. (MoE and MLA
+models are made by megatron-core itself in `megatron_moe.py` and `megatron_mla.py`.)
 """
 from __future__ import annotations
 

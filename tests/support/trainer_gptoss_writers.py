@@ -4,7 +4,8 @@
 4 routed experts as `mlp1_weight_EGD` [E, 2F, D] with gate/up rows interleaved and `mlp2_weight_EDF` [E, D, F],
 a top-2 softmax router with a bias) on 2 gloo ranks, FSDP2 per layer + root, trains one AdamW step and saves what
 torchtitan's CheckpointManager saves with `last_save_model_only` (`ModelWrapper(model).state_dict()`) by
-`dcp.save`, as `trainer_moe_writers` does for Qwen3-MoE.
+`dcp.save`, as `trainer_moe_writers` does for Qwen3-MoE; with `expert_parallel=2`, sharded by torchtitan's own
+`parallelize_gptoss` instead (experts split on dim 0 over the EP mesh, the rest FSDP), as the Qwen3-MoE EP case.
 
 Rank 0 also writes `base/config.json` (the Hugging Face `GptOssConfig` of the same model), `trained.pt` (the
 gathered state dict in torchtitan's names), `hf_export.pt` (torchtitan's own `GptOssStateDictAdapter.to_hf`: in
@@ -117,7 +118,8 @@ def fp32_logits(state) -> torch.Tensor:
         return model.eval()(mw.ids()).float()
 
 
-def write_gpt_oss(rank: int, world_size: int, out_dir: str, export_dtype: str = "float32") -> None:
+def write_gpt_oss(rank: int, world_size: int, out_dir: str, export_dtype: str = "float32",
+                  expert_parallel: int = 1) -> None:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torchtitan.components.checkpointer.base import ModelWrapper
@@ -126,12 +128,19 @@ def write_gpt_oss(rank: int, world_size: int, out_dir: str, export_dtype: str = 
     config = gpt_oss_config()
     from torchtitan.models.gpt_oss import GptOssStateDictAdapter
     from transformers import GptOssConfig
+    if expert_parallel > 1:     # what GptOssModel.Config.update_from_config does for an EP job
+        from torchtitan.models.gpt_oss.sharding import set_gpt_oss_sharding_config
+        set_gpt_oss_sharding_config(config, enable_sp=False, enable_ep=True)
     torch.manual_seed(0)
     model = config.build()
     model.init_weights()
     if rank == 0:
         GptOssConfig(**GPT_OSS).save_pretrained(out / "base")
-    mw._fsdp2(model, world_size)
+    if expert_parallel > 1:
+        from torchtitan.models.gpt_oss.parallelize import parallelize_gptoss
+        mw._expert_parallel(model, config, world_size, expert_parallel, parallelize=parallelize_gptoss)
+    else:
+        mw._fsdp2(model, world_size)
     optim = torch.optim.AdamW(model.parameters(), lr=mw.LR)
     tokens = torch.randint(0, GPT_OSS["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(100 + rank))
     with _Patched(attention=False):
@@ -176,8 +185,9 @@ def to_hf(state):
     return out
 
 
-def build(out_dir, *, export_dtype: str = "float32", world_size: int = 2) -> Path:
+def build(out_dir, *, export_dtype: str = "float32", world_size: int = 2, expert_parallel: int = 1) -> Path:
     out = Path(out_dir)
-    run_distributed(f"{__name__}:write_gpt_oss", world_size, {"out_dir": str(out), "export_dtype": export_dtype},
+    run_distributed(f"{__name__}:write_gpt_oss", world_size, {"out_dir": str(out), "export_dtype": export_dtype,
+                                                               "expert_parallel": expert_parallel},
                     timeout_s=600)
     return out

@@ -133,11 +133,11 @@ def _fsdp2(model, world_size: int) -> None:
     fully_shard(model, mesh=mesh)
 
 
-def _expert_parallel(model, config, world_size: int, ep: int) -> None:
-    """torchtitan's own `parallelize_qwen3` with FSDP over all ranks and expert parallel `ep` (experts sharded on
-    dim 0 over the EP mesh, all-to-all token dispatch). CPU shims: its mesh device type is "cpu" (it asks CUDA),
-    the `partial_dtensor` SPMD backend, and plain sum reductions (gloo has no PREMUL_SUM; one step only has to
-    move every weight)."""
+def _expert_parallel(model, config, world_size: int, ep: int, parallelize=None) -> None:
+    """torchtitan's own `parallelize_qwen3` (or the family's `parallelize`, e.g. `parallelize_gptoss`) with FSDP
+    over all ranks and expert parallel `ep` (experts sharded on dim 0 over the EP mesh, all-to-all token
+    dispatch). CPU shims: its mesh device type is "cpu" (it asks CUDA), the `partial_dtensor` SPMD backend, and
+    plain sum reductions (gloo has no PREMUL_SUM; one step only has to move every weight)."""
     import torchtitan.distributed.parallel_dims as parallel_dims
     from torch.distributed.fsdp import FSDPModule
     from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
@@ -149,7 +149,7 @@ def _expert_parallel(model, config, world_size: int, ep: int) -> None:
                                     spmd_backend="partial_dtensor")
     dims = parallel_dims.ParallelDims.from_config(parallelism, world_size)
     dims.build_mesh()
-    parallelize_qwen3(model, parallel_dims=dims, training=TrainingConfig(), parallelism=parallelism,
+    (parallelize or parallelize_qwen3)(model, parallel_dims=dims, training=TrainingConfig(), parallelism=parallelism,
                       compile_config=CompileConfig(), ac_config=None, dump_folder="")
     for m in model.modules():
         if isinstance(m, FSDPModule):

@@ -2,7 +2,8 @@
 
 * `adapter` — the data types (`Adapter`, `Rule`, row steps) and how a rule turns a source into outputs;
 * `formats` — the adapters themselves (torchtitan, torchtune Llama), as data; `megatron` — Megatron-Core GPT,
-  dense and MoE (`megatron-gpt`); `qwen3` — torchtitan Qwen3 and
+  dense and MoE (`megatron-gpt`); `megatron_mla` — Megatron-Core with multi-latent attention as DeepSeek-V3
+  (`megatron-mla`); `qwen3` — torchtitan Qwen3 and
   Qwen3-MoE (grouped experts unstacked per expert); `deepseek_v3` — torchtitan DeepSeek-V3 (MLA, shared experts);
   `gpt_oss` — torchtitan GPT-OSS (sinks, biases, expert weights transposed while streaming);
 * `heads` — attention geometry from a config.json; `llama` — the Llama a config.json builds.
@@ -20,12 +21,16 @@ from .heads import heads_from_config
 from .llama import check_llama_shapes, llama_shapes
 from .formats import ADAPTERS as _LLAMA_FAMILY, TORCHTITAN_LLAMA, TORCHTUNE_LLAMA
 from .megatron import MEGATRON_GPT
+from .megatron_mla import MEGATRON_MLA
 from .qwen3 import TORCHTITAN_QWEN3
 from .deepseek_v3 import TORCHTITAN_DEEPSEEK_V3
 from .gpt_oss import TORCHTITAN_GPT_OSS
 
 # The registry: one line per adapter module.
-ADAPTERS = _LLAMA_FAMILY + (MEGATRON_GPT, TORCHTITAN_QWEN3, TORCHTITAN_DEEPSEEK_V3, TORCHTITAN_GPT_OSS)
+ADAPTERS = _LLAMA_FAMILY + (MEGATRON_GPT, MEGATRON_MLA, TORCHTITAN_QWEN3, TORCHTITAN_DEEPSEEK_V3,
+                            TORCHTITAN_GPT_OSS)
+# A Megatron-Core folder is read with one of these (never names as they are): the one its names fit, else the first.
+MEGATRON_ADAPTERS = (MEGATRON_GPT, MEGATRON_MLA)
 
 AS_IS = "hf"
 SOURCE_FORMATS = ("auto", AS_IS) + tuple(a.name for a in ADAPTERS)
@@ -69,6 +74,12 @@ def resolve(names: Sequence[str], top_keys: Iterable[str], source_format: str = 
                       "as they are")
 
 
+def megatron_adapter(names: Iterable[str]) -> Adapter:
+    """The Megatron-Core layout for a Megatron folder's tensor `names`: multi-latent attention or GPT."""
+    names = list(names)
+    return next((a for a in MEGATRON_ADAPTERS[1:] if a.detects(names)), MEGATRON_ADAPTERS[0])
+
+
 def _example(adapter: Adapter, names: List[str]) -> str:
     import re
     for pattern in adapter.signature[1:]:
@@ -80,4 +91,4 @@ def _example(adapter: Adapter, names: List[str]) -> str:
 
 __all__ = ["check_llama_shapes", "llama_shapes", "Adapter", "Rule", "Resolution", "resolve", "outputs", "joined",
            "vocab_trims", "EXPERT_LAYOUTS", "heads_from_config", "ADAPTERS", "TORCHTITAN_LLAMA", "TORCHTUNE_LLAMA",
-           "MEGATRON_GPT", "TORCHTITAN_QWEN3", "TORCHTITAN_DEEPSEEK_V3", "TORCHTITAN_GPT_OSS", "SOURCE_FORMATS"]
+           "MEGATRON_GPT", "MEGATRON_MLA", "MEGATRON_ADAPTERS", "megatron_adapter", "TORCHTITAN_QWEN3", "TORCHTITAN_DEEPSEEK_V3", "TORCHTITAN_GPT_OSS", "SOURCE_FORMATS"]

@@ -32,7 +32,7 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass, replace
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from .. import transforms
 from ...errors import CheckpointError, OptionsError, ReferenceMismatchError
@@ -83,6 +83,9 @@ class Adapter:
     # replacing the per-expert rules (targets with `{expert}`) when the user asks for it, and its description.
     fused_rules: Tuple[Rule, ...] = ()
     fused_layout: str = ""
+    # What the names cannot show but the config.json written beside them must agree with (DeepSeek-V3's RoPE
+    # channel order): given the config's data, a note saying what was checked, or ReferenceMismatchError.
+    config_check: Optional[Callable[[dict], Optional[str]]] = None
 
     def with_expert_layout(self, layout: str) -> "Adapter":
         """This adapter writing routed experts in `layout` ("per-expert" or "fused"); itself when it has only one."""

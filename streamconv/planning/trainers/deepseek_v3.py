@@ -15,8 +15,28 @@ Sources: torchtitan 0.3 `torchtitan/models/deepseek_v3/` (`__init__.py` `make_ml
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
+from ...errors import ReferenceMismatchError
 from .adapter import Adapter, Rule
 from .qwen3 import EXPERT_AND_HEAD_RULES, FUSED, FUSED_EXPERT_RULES, NORM_AND_DENSE_RULES, PER_EXPERT, ROUTER_RULE
+
+
+def needs_rope_interleave(why: str) -> Callable[[dict], Optional[str]]:
+    """The config check of a trainer whose RoPE pairs channels as DeepSeek-V3's `rope_interleave: true` does
+    (`why`: how the trainer does it). transformers applies another pairing to the same rows with `false`, so such
+    a config is refused rather than written beside weights it would run as another model."""
+    def check(config: dict) -> Optional[str]:
+        value = config.get("rope_interleave", True)     # transformers' default
+        if value is not True:
+            raise ReferenceMismatchError(
+                f"config.json sets rope_interleave to {str(value)[:20]}, but {why}: Hugging Face DeepSeek-V3 "
+                "applies RoPE that way only with rope_interleave: true, so the converted model would rotate "
+                "other channel pairs and give other logits; nothing was written. To fix: set "
+                "\"rope_interleave\": true in the config.json --config-from gives (the weights are the same)")
+        return f"rope_interleave: true in config.json: RoPE as the trainer applies it ({why})"
+    return check
+
 
 _L = r"layers\.(\d+)\."
 _HF = r"model.layers.\1."
@@ -55,4 +75,6 @@ TORCHTITAN_DEEPSEEK_V3 = Adapter(
     family="Hugging Face DeepseekV3ForCausalLM",
     expert_layout=PER_EXPERT,
     fused_rules=FUSED_EXPERT_RULES, fused_layout=FUSED,
+    config_check=needs_rope_interleave("torchtitan's DeepSeek-V3 RoPE rotates adjacent channel pairs (complex "
+                                       "numbers)"),
 )

@@ -22,6 +22,7 @@ the bf16 GPT-OSS folders on the Hub hold).
 from __future__ import annotations
 
 from .adapter import Adapter, Rule
+from .qwen3 import expert_bias_refused
 
 _L = r"layers\.(\d+)\."
 _HF = r"model.layers.\1."
@@ -56,11 +57,7 @@ TORCHTITAN_GPT_OSS = Adapter(
     signature=(r"tok_embeddings\.weight", _A + r"sinks", _EXPERTS + r"mlp1_weight_EGD"),
     skip=((r"freqs_cis|rope\.cache|.*\.rope\.cache", "RoPE table (transformers recomputes it)"),),
     unsupported=(
-        (_L + r"moe\.expert_bias_E",
-         "the load-balancing expert bias (torchtitan adds moe.expert_bias_E to the router scores before choosing "
-         "experts; Hugging Face GPT-OSS's router has no such bias, so once training moved it the converted model "
-         "would route tokens to other experts). If it is all zeros, or you accept routing without it, convert "
-         "with --exclude '*.moe.expert_bias_E'"),
+        (_L + r"moe\.expert_bias_E", expert_bias_refused("GPT-OSS", "GptOssForCausalLM")),
         (_L + r"moe\.shared_experts\..*", "shared experts (Hugging Face GPT-OSS has none)"),
     ),
     describes=("names mapped to Hugging Face GPT-OSS (attention sinks, biases; q/k rows already in its RoPE "

@@ -25,7 +25,9 @@ What `dist_checkpointing.save` writes, and what each becomes:
   layout save_pretrained writes; transformers 5.25 fuses them on load). Shared experts
   (`mlp.shared_experts.linear_fc1/linear_fc2`, `gate_weight` with `moe_shared_expert_gate`) -> Qwen2-MoE's
   `mlp.shared_expert.*` and `mlp.shared_expert_gate.weight`: the Hugging Face family with shared experts and this
-  attention (DeepSeek-V3's `shared_experts` come with multi-latent attention, refused).
+  attention (DeepSeek-V3's `shared_experts` come with multi-latent attention: the megatron-mla layout,
+  `megatron_mla.py`, which reuses this module's norm, MLP and expert parts). The router's `expert_bias` has no
+  tensor in Qwen2-MoE / Qwen3-MoE: refused here, saying what to do.
 
 Which HF class the names are checked against is the config's: the output must be what `--config-from`'s model
 loads (hf/expected.py), else nothing is written (exit 4).
@@ -44,7 +46,9 @@ _GATE, _UP = ("half", "0"), ("half", "1")
 VOCAB = ("vocab", "rows")   # Megatron pads the vocabulary (to a multiple of 128 x TP): rows past vocab_size dropped
 
 # (Megatron key after the layer prefix, HF name after the layer prefix, row steps, per-expert): one layer's parts.
-_LAYER_PARTS: Tuple[Tuple[str, str, Tuple[Step, ...], bool], ...] = (
+Part = Tuple[str, str, Tuple[Step, ...], bool]
+# Attention with a fused linear_qkv (MHA, GQA, MQA), QK-norm (Qwen3).
+QKV_ATTENTION: Tuple[Part, ...] = (
     (r"self_attention\.linear_qkv\.weight", "self_attn.q_proj.weight", (_Q,), False),
     (r"self_attention\.linear_qkv\.weight", "self_attn.k_proj.weight", (_K,), False),
     (r"self_attention\.linear_qkv\.weight", "self_attn.v_proj.weight", (_V,), False),
@@ -54,6 +58,9 @@ _LAYER_PARTS: Tuple[Tuple[str, str, Tuple[Step, ...], bool], ...] = (
     (r"self_attention\.linear_proj\.weight", "self_attn.o_proj.weight", (), False),
     (r"self_attention\.q_layernorm\.weight", "self_attn.q_norm.weight", (), False),
     (r"self_attention\.k_layernorm\.weight", "self_attn.k_norm.weight", (), False),
+)
+# The norms, the dense MLP, the router and the routed experts: the same in every family here.
+NORMS_AND_MLP: Tuple[Part, ...] = (
     (r"(?:self_attention\.linear_qkv\.layer_norm_weight|input_layernorm\.weight)", "input_layernorm.weight", (),
      False),
     (r"mlp\.linear_fc1\.weight", "mlp.gate_proj.weight", (_GATE,), False),
@@ -65,74 +72,102 @@ _LAYER_PARTS: Tuple[Tuple[str, str, Tuple[Step, ...], bool], ...] = (
     (r"mlp\.experts\.experts\.linear_fc1\.weight", "mlp.experts.{expert}.gate_proj.weight", (_GATE,), True),
     (r"mlp\.experts\.experts\.linear_fc1\.weight", "mlp.experts.{expert}.up_proj.weight", (_UP,), True),
     (r"mlp\.experts\.experts\.linear_fc2\.weight", "mlp.experts.{expert}.down_proj.weight", (), True),
-    (r"mlp\.shared_experts\.linear_fc1\.weight", "mlp.shared_expert.gate_proj.weight", (_GATE,), False),
-    (r"mlp\.shared_experts\.linear_fc1\.weight", "mlp.shared_expert.up_proj.weight", (_UP,), False),
-    (r"mlp\.shared_experts\.linear_fc2\.weight", "mlp.shared_expert.down_proj.weight", (), False),
-    (r"mlp\.shared_experts\.gate_weight", "mlp.shared_expert_gate.weight", (), False),
 )
 
 
-# `singleton_local_shards` checkpoints (dist_checkpointing metadata): every layer and routed expert its own key, and
-# each GLU linear_fc1 saved as its two halves `weight_w` (gate) and `weight_v` (up): plain renames.
-_SINGLETON_PARTS: Tuple[Tuple[str, str], ...] = (
-    (r"mlp\.linear_fc1\.weight_w", "mlp.gate_proj.weight"),
-    (r"mlp\.linear_fc1\.weight_v", "mlp.up_proj.weight"),
-    (r"mlp\.experts\.experts\.(\d+)\.linear_fc1\.weight_w", r"mlp.experts.\2.gate_proj.weight"),
-    (r"mlp\.experts\.experts\.(\d+)\.linear_fc1\.weight_v", r"mlp.experts.\2.up_proj.weight"),
-    (r"mlp\.experts\.experts\.(\d+)\.linear_fc2\.weight", r"mlp.experts.\2.down_proj.weight"),
-    (r"mlp\.shared_experts\.linear_fc1\.weight_w", "mlp.shared_expert.gate_proj.weight"),
-    (r"mlp\.shared_experts\.linear_fc1\.weight_v", "mlp.shared_expert.up_proj.weight"),
-)
+def shared_expert_parts(hf: str) -> Tuple[Part, ...]:
+    """Megatron's shared experts under the HF module name `hf` (Qwen2-MoE `mlp.shared_expert`, DeepSeek-V3
+    `mlp.shared_experts`)."""
+    return ((r"mlp\.shared_experts\.linear_fc1\.weight", hf + ".gate_proj.weight", (_GATE,), False),
+            (r"mlp\.shared_experts\.linear_fc1\.weight", hf + ".up_proj.weight", (_UP,), False),
+            (r"mlp\.shared_experts\.linear_fc2\.weight", hf + ".down_proj.weight", (), False))
 
 
-def _layer_rules() -> Tuple[Rule, ...]:
+_QWEN2_MOE_SHARED = shared_expert_parts("mlp.shared_expert") + (
+    (r"mlp\.shared_experts\.gate_weight", "mlp.shared_expert_gate.weight", (), False),)
+
+
+def singleton_parts(shared_hf: str) -> Tuple[Tuple[str, str], ...]:
+    """`singleton_local_shards` checkpoints (dist_checkpointing metadata): every layer and routed expert its own
+    key, and each GLU linear_fc1 saved as its two halves `weight_w` (gate) and `weight_v` (up): plain renames."""
+    return (
+        (r"mlp\.linear_fc1\.weight_w", "mlp.gate_proj.weight"),
+        (r"mlp\.linear_fc1\.weight_v", "mlp.up_proj.weight"),
+        (r"mlp\.experts\.experts\.(\d+)\.linear_fc1\.weight_w", r"mlp.experts.\2.gate_proj.weight"),
+        (r"mlp\.experts\.experts\.(\d+)\.linear_fc1\.weight_v", r"mlp.experts.\2.up_proj.weight"),
+        (r"mlp\.experts\.experts\.(\d+)\.linear_fc2\.weight", r"mlp.experts.\2.down_proj.weight"),
+        (r"mlp\.shared_experts\.linear_fc1\.weight_w", shared_hf + ".gate_proj.weight"),
+        (r"mlp\.shared_experts\.linear_fc1\.weight_v", shared_hf + ".up_proj.weight"),
+    )
+
+
+def layer_rules(parts: Tuple[Part, ...], singletons: Tuple[Tuple[str, str], ...]) -> Tuple[Rule, ...]:
     """Each part in both key forms: stacked ([L, ...], one more dim unstacked) and per layer (`layers.{i}.`); then
     the singleton_local_shards keys (per layer only)."""
     rules = []
-    for key, hf, steps, per_expert in _LAYER_PARTS:
+    for key, hf, steps, per_expert in parts:
         rules.append(Rule(_STACKED + key, _HF_STACKED + hf, steps, unstack=1 + per_expert))
         rules.append(Rule(_PER_LAYER + key, _HF_PER_LAYER + hf, steps, unstack=int(per_expert)))
-    rules.extend(Rule(_PER_LAYER + key, _HF_PER_LAYER + hf) for key, hf in _SINGLETON_PARTS)
+    rules.extend(Rule(_PER_LAYER + key, _HF_PER_LAYER + hf) for key, hf in singletons)
     return tuple(rules)
 
+
+def model_rules(layers: Tuple[Rule, ...]) -> Tuple[Rule, ...]:
+    """The embedding, the layers' rules, the final norm and the output layer (vocabulary trimmed to the config's)."""
+    return (Rule(r"embedding\.word_embeddings\.weight", "model.embed_tokens.weight", (VOCAB,)),
+            *layers,
+            Rule(r"decoder\.final_layernorm\.weight", "model.norm.weight"),
+            Rule(r"output_layer\.weight", "lm_head.weight", (VOCAB,)))
+
+
+SKIP = ((r".*\._extra_state(?:/.*)?", "Transformer Engine extra state (FP8 metadata)"),
+        (r"optimizer\..*", "optimizer state"),
+        (r"rng_state.*|rerun_state_machine_state.*", "training state"))
+LAYER = r"decoder\.layers\.(?:\d+\.)?"
+MLA_TENSORS = (LAYER + r"self_attention\.linear_(?:q|q_down|q_up|kv_down|kv_up)_proj\..*|"
+               + LAYER + r"self_attention\.kv_layernorm\..*")
+# (regex, feature) of what no Megatron family here holds, refused by name.
+NOT_GPT = (
+    (r".*\.bias|.*\.layer_norm_bias", "biases other than the qkv bias (add_bias_linear, or LayerNorm instead of "
+                                      "RMSNorm)"),
+    (r"embedding\.position_embeddings\..*", "learned absolute position embeddings (GPT-2 style, not RoPE)"),
+    (r"(?:encoder|vision_model|vision_projection|mtp|decoder\.layers\.(?:\d+\.)?mixer)\b.*",
+     "a model other than a GPT decoder (encoder, vision, multi-token prediction or Mamba layers)"),
+)
+# Why the router's expert bias has no home in Qwen2-MoE / Qwen3-MoE (the megatron-mla layout maps it).
+EXPERT_BIAS_REFUSED = (
+    "the router's expert bias (moe_router_enable_expert_bias: Megatron adds it to the router scores when it "
+    "chooses each token's experts, so once training has moved it routing depends on it; Hugging Face Qwen2-MoE / "
+    "Qwen3-MoE have no such bias and would route tokens to other experts). A DeepSeek-V3-style model (sigmoid "
+    "scores, multi-latent attention) converts with its bias as e_score_correction_bias; for this family, "
+    "--exclude '*.mlp.router.expert_bias' only if it is all zeros (inspect shows it; the model was then never "
+    "balanced by it), since routing without a trained bias is another model")
 
 PER_EXPERT = ("per-expert mlp.experts.{e}.gate_proj/up_proj/down_proj (unstacked from Megatron's "
               "mlp.experts.experts.linear_fc1 [(L,) E, 2F, H], gate;up halves, and linear_fc2 [(L,) E, H, F]; the "
               "layout save_pretrained writes, checked against transformers 5.25)")
 
-_M = r"decoder\.layers\.(?:\d+\.)?"
 MEGATRON_GPT = Adapter(
     name="megatron-gpt", trainer="Megatron-Core",
-    rules=(
-        Rule(r"embedding\.word_embeddings\.weight", "model.embed_tokens.weight", (VOCAB,)),
-        *_layer_rules(),
-        Rule(r"decoder\.final_layernorm\.weight", "model.norm.weight"),
-        Rule(r"output_layer\.weight", "lm_head.weight", (VOCAB,)),
-    ),
+    rules=model_rules(layer_rules(QKV_ATTENTION + NORMS_AND_MLP + _QWEN2_MOE_SHARED,
+                                  singleton_parts("mlp.shared_expert"))),
     signature=(r"embedding\.word_embeddings\.weight", r"decoder\.layers\..+"),
+    absent=(MLA_TENSORS,),      # multi-latent attention: the megatron-mla layout (megatron_mla.py)
     describes=("layers unstacked and names mapped to Hugging Face Llama / Qwen2 / Qwen3 (QK-norm, qkv bias) and "
                "Qwen3-MoE / Qwen2-MoE (router, shared expert), linear_qkv split per query group into q/k/v, "
                "linear_fc1 into gate/up (q/k rows are already in HF's RoPE order); routed experts: " + PER_EXPERT),
-    skip=((r".*\._extra_state(?:/.*)?", "Transformer Engine extra state (FP8 metadata)"),
-          (r"optimizer\..*", "optimizer state"),
-          (r"rng_state.*|rerun_state_machine_state.*", "training state")),
+    skip=SKIP,
     # (regex, architecture feature): tensors of models the Hugging Face families above cannot hold. Named when
     # refused.
     unsupported=(
-        (_M + r"self_attention\.linear_(?:q_down|q_up|kv_down|kv_up)_proj\..*|"
-         + _M + r"self_attention\.(?:q|kv)_layernorm\..*", "multi-latent attention (MLA)"),
-        (_M + r"mlp\.router\.expert_bias",
-         "the router's expert bias (moe_router_enable_expert_bias: added to the scores when choosing experts; "
-         "Hugging Face Qwen2-MoE / Qwen3-MoE have no such bias, so the converted model would route tokens to other "
-         "experts)"),
-        (r".*\.bias|.*\.layer_norm_bias", "biases other than the qkv bias (add_bias_linear, or LayerNorm instead of "
-                                          "RMSNorm)"),
-        (r"embedding\.position_embeddings\..*", "learned absolute position embeddings (GPT-2 style, not RoPE)"),
-        (r"(?:encoder|vision_model|vision_projection|mtp|decoder\.layers\.(?:\d+\.)?mixer)\b.*",
-         "a model other than a GPT decoder (encoder, vision, multi-token prediction or Mamba layers)"),
-    ),
+        (MLA_TENSORS, "multi-latent attention (MLA): a DeepSeek-V3-style model, converted by the megatron-mla "
+                      "layout (--source-format megatron-mla, chosen by itself for a Megatron folder)"),
+        (LAYER + r"mlp\.router\.expert_bias", EXPERT_BIAS_REFUSED),
+    ) + NOT_GPT,
     family="Hugging Face Llama / Qwen2 / Qwen3 (dense), Qwen3-MoE / Qwen2-MoE (moe)",
     expert_layout=PER_EXPERT,
 )
 
-__all__ = ["COMMON_FILE", "METADATA_JSON", "TORCH_DIST", "MegatronFolder", "recognise", "MEGATRON_GPT"]
+__all__ = ["COMMON_FILE", "METADATA_JSON", "TORCH_DIST", "MegatronFolder", "recognise", "MEGATRON_GPT", "Part",
+           "QKV_ATTENTION", "NORMS_AND_MLP", "shared_expert_parts", "singleton_parts", "layer_rules", "model_rules",
+           "SKIP", "LAYER", "MLA_TENSORS", "NOT_GPT", "PER_EXPERT"]

@@ -14,8 +14,10 @@ and `conversion_mapping.py` ("qwen2_moe" rules, which Qwen3-MoE uses).
   `--expert-layout fused` writes those instead (`FUSED_EXPERT_RULES`: w1 and w3 joined side by side, copied
   piece by piece like the unstack).
 * The router's `gate.weight` [experts, dim] is Hugging Face's `mlp.gate.weight` as it is.
-* Refused, by feature: the load-balancing bias `moe.expert_bias_E` (torchtitan adds it to the router scores
-  before choosing experts; Qwen3-MoE has no place for it) and shared experts (Qwen3-MoE has none).
+* Refused, by feature: the load-balancing bias `moe.expert_bias_E` (torchtitan's `TokenChoiceTopKRouter` adds it
+  to the scores before top-k; Qwen3-MoE's router takes top-k of the softmax alone and has no tensor for it:
+  tests/producers/test_trainers_moe.py shows a moved bias changes the logits, so only a zero one may be excluded)
+  and shared experts (Qwen3-MoE has none).
 """
 from __future__ import annotations
 
@@ -24,6 +26,16 @@ from .adapter import Adapter, Rule
 _L = r"layers\.(\d+)\."
 _HF = r"model.layers.\1."
 _EXPERTS = _L + r"moe\.routed_experts\.inner_experts\."
+
+def expert_bias_refused(family: str, model_class: str) -> str:
+    """Why torchtitan's load-balancing bias has no home in `family`, and what to do about it."""
+    return (f"the load-balancing expert bias moe.expert_bias_E (torchtitan's router adds it to the scores when it "
+            f"picks each token's top-k experts; Hugging Face {family} picks from the scores alone and has no tensor "
+            f"for it, so no {model_class} routes as this checkpoint does once training has moved the bias). If it "
+            "is all zeros (load_balance_coeff unset, or its optimizer hook never ran), it changes nothing: convert "
+            "with --exclude '*.moe.expert_bias_E'. If it was trained, excluding it writes a model that sends some "
+            "tokens to other experts (other logits); --source-format hf keeps the checkpoint's own names instead")
+
 
 # The torchtitan layer parts Qwen3 and DeepSeek-V3 share (deepseek_v3.py uses them too).
 NORM_AND_DENSE_RULES = (
@@ -77,11 +89,7 @@ TORCHTITAN_QWEN3 = Adapter(
     signature=(r"tok_embeddings\.weight", _L + r"attention\.q_norm\.weight", _L + r"attention\.k_norm\.weight"),
     skip=((r"freqs_cis|rope\.cache|.*\.rope\.cache", "RoPE table (transformers recomputes it)"),),
     unsupported=(
-        (_L + r"moe\.expert_bias_E",
-         "the load-balancing expert bias (torchtitan adds moe.expert_bias_E to the router scores before choosing "
-         "experts; Hugging Face Qwen3-MoE has no such bias, so once training moved it the converted model would "
-         "route tokens to other experts). If it is all zeros, or you accept routing without it, convert with "
-         "--exclude '*.moe.expert_bias_E'"),
+        (_L + r"moe\.expert_bias_E", expert_bias_refused("Qwen3-MoE", "Qwen3MoeForCausalLM")),
         (_L + r"moe\.shared_experts\..*", "shared experts (Hugging Face Qwen3-MoE has none)"),
     ),
     describes=("names mapped to Hugging Face Qwen3 / Qwen3-MoE (QK-norm; q/k rows already in its RoPE order); "

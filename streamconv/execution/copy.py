@@ -8,18 +8,18 @@ the shard's CRC would then be read back from the file by the one writer that fin
 writer is done (reading a 2.75 GB MoE shard back and checksumming it took 7.5 s on a loaded 2-core machine). Such a
 piece is still copied in-kernel, and then the writer that copied it checksums its source bytes (in the page cache
 now) and hands the CRC-32 to the sink, so that work runs on every writer side by side. Its reads are one IO step
-at a time (`PREAD_STEP_BYTES`, outside the buffer, already counted per writer by the plan's peak), so the memory
-stays what the plan predicts.
+at a time (`Workspace.io_step`, outside the buffer, already counted per writer by the plan's peak), so the memory
+stays what the plan predicts. The checksum is `output.crc.crc32` (libdeflate where installed): with zlib's it was
+most of what unstacking cost beyond the dense path (docs/benchmarks.md).
 """
 from __future__ import annotations
 
-import zlib
 from typing import TYPE_CHECKING, Mapping
 
 from .. import dtypes
-from ..fs.fastpaths import PREAD_STEP_BYTES
 from ..model import BlobLocation, StoredTensor, row_major_strides
 from ..planning.transforms import piece_strides
+from ..output.crc import crc32
 from .workspace import Assembler, Workspace
 
 if TYPE_CHECKING:
@@ -100,12 +100,12 @@ def _copy_checksummed(ws: Workspace, location: BlobLocation, src: int, dst: int,
     """Copy in-kernel, then take the piece's CRC-32 from its source bytes (just read, so in the page cache) in IO
     steps and hand it to the sink, so it is not read back from the output later (see the module docstring)."""
     ws.reader.copy_to(sink, location, src, dst, nbytes)
-    step = memoryview(bytearray(min(PREAD_STEP_BYTES, nbytes)))   # one step at a time: the plan counts one
+    step = ws.io_step()
     crc, done = 0, 0
     while done < nbytes:
         n = min(len(step), nbytes - done)
         ws.reader.read_into(location, src + done, [step[:n]])
-        crc = zlib.crc32(step[:n], crc)
+        crc = crc32(step[:n], crc)
         done += n
     sink.note_source_crc32(dst, nbytes, crc)
     ws.progress(nbytes)

@@ -6,19 +6,20 @@ a dtype cast is needed. A zstd chunk's run is decoded once, front to back (`Blob
 A piece that is only part of its stored chunk (an expert's plane of a grouped chunk) has no recorded CRC-32, and
 the shard's CRC would then be read back from the file by the one writer that finishes it, after every other
 writer is done (reading a 2.75 GB MoE shard back and checksumming it took 7.5 s on a loaded 2-core machine). Such a
-piece is read into the workspace's IO step (`Workspace.io_step`: outside the buffer, one per writer, already counted
-by the plan's peak) and written from there, one step at a time, and the sink checksums the bytes as it writes them
-(`FileSink.write_at`), on every writer side by side. That is one pass over the bytes in user space, of exactly the
-bytes written: copying in-kernel and then reading the source again for its CRC-32 cost 10-20% more CPU per GB on
-Linux 6.18 ext4, and checksummed what the source held at the second read. The checksum is `output.crc.crc32`
-(libdeflate where installed): with zlib's it was most of what unstacking cost beyond the dense path
-(docs/benchmarks.md).
+piece is read one IO step at a time (`PREAD_STEP_BYTES`, outside the buffer, already counted per writer by the
+plan's peak) and written from there, and the sink checksums the bytes as it writes them (`FileSink.write_at`), on
+every writer side by side. That is one pass over the bytes in user space, and the CRC-32 is of exactly the bytes
+written. Copying in-kernel and then reading the source again for its CRC-32 (until 2026-12-07) took 5-17% more CPU
+per GB (3 MiB planes from the page cache, Linux 6.18 ext4), and checksummed what the source held at the second
+read. The checksum is `output.crc.crc32` (libdeflate where installed): with zlib's it was most of what unstacking
+cost beyond the dense path (docs/benchmarks.md).
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping
 
 from .. import dtypes
+from ..fs.fastpaths import PREAD_STEP_BYTES
 from ..model import BlobLocation, StoredTensor, row_major_strides
 from ..planning.transforms import piece_strides
 from .workspace import Assembler, Workspace
@@ -98,9 +99,9 @@ def _copy_pieces(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
 
 def _copy_through_step(ws: Workspace, location: BlobLocation, src: int, dst: int, nbytes: int,
                        sink: ShardSink) -> None:
-    """Read the piece into the IO step and write it from there, step by step; the sink takes each step's CRC-32 as
-    it writes it, so the shard is not read back later (see the module docstring)."""
-    step = ws.io_step()
+    """Read the piece one IO step at a time and write each step from memory; the sink takes its CRC-32 as it writes
+    it, so the shard is not read back later (see the module docstring)."""
+    step = memoryview(bytearray(min(PREAD_STEP_BYTES, nbytes)))   # one step at a time: the plan counts one
     done = 0
     while done < nbytes:
         n = min(len(step), nbytes - done)

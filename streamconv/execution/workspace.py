@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Optional, Tuple
 
 from .. import dtypes
-from ..fs.fastpaths import PREAD_STEP_BYTES
 from ..source.blob_reader import BlobReader
 from ..model import BlobLocation, Chunk, StoredTensor
 from ..output.sink import ShardSink
@@ -49,7 +48,6 @@ class Workspace:
         # A reader.integrity.ChunkIntegrity: each chunk's CRC-32 is checked before its bytes are moved.
         self.integrity = integrity
         self._buffer: Optional[np.ndarray] = None     # numpy uint8 array, grown on first use
-        self._io_step: Optional[memoryview] = None
 
     @property
     def buffer_nbytes(self) -> int:
@@ -65,13 +63,6 @@ class Workspace:
         if self.integrity is not None:
             for chunk in chunks:
                 self.integrity.check(t.source_fqn, chunk)
-
-    def io_step(self) -> memoryview:
-        """PREAD_STEP_BYTES outside the buffer, for bytes read only to be checksummed (the plan counts one IO step
-        a writer). Allocated once: a fresh zero-filled megabyte per expert plane cost ~0.2 CPU-s per GB unstacked."""
-        if self._io_step is None:
-            self._io_step = memoryview(bytearray(PREAD_STEP_BYTES))
-        return self._io_step
 
     def band_budget(self, t: TensorPlan) -> int:
         """Source bytes per step: whole elements, at least one, and small enough that the step's cast output

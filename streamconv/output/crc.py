@@ -89,7 +89,17 @@ def _libdeflate_crc32() -> Optional[Callable[[int, object, int], int]]:
         return None
     fn.restype = ctypes.c_uint32        # ctypes calls release the GIL: writers checksum side by side
     fn.argtypes = [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t]
-    return fn
+    return checked(fn)
+
+
+def checked(fn: Callable[[int, object, int], int]) -> Optional[Callable[[int, object, int], int]]:
+    """`fn` if it computes zlib's CRC-32 (the standard check value, and continuing a running CRC), else None: a
+    library of that name that answers differently is never trusted with the records."""
+    try:
+        ok = fn(0, b"123456789", 9) == 0xCBF43926 and fn(zlib.crc32(b"1234"), b"56789", 5) == 0xCBF43926
+    except (OSError, TypeError, ValueError, ctypes.ArgumentError):
+        return None
+    return fn if ok else None
 
 
 def _fast_crc32_on() -> bool:

@@ -74,3 +74,13 @@ def test_a_file_with_unknown_pieces_is_read_back_to_its_crc32(tmp_path):
     pieces.add(100, 2 * crc._READ_PIECE_BYTES, None)                 # copied in-kernel, CRC unknown
     pieces.add(100 + 2 * crc._READ_PIECE_BYTES, 5000, zlib.crc32(data[100 + 2 * crc._READ_PIECE_BYTES:][:5000]))
     assert pieces.total(len(data), lambda offset, n: data[offset:offset + n]) == zlib.crc32(data)
+
+
+def test_a_library_that_answers_otherwise_is_not_used():
+    """The self-check at import: a libdeflate_crc32 that is not zlib's CRC-32 (another polynomial, a different
+    calling convention) leaves zlib's in charge rather than writing records no reader would accept."""
+    assert crc.checked(lambda c, data, n: zlib.crc32(data[:n], c) ^ 1) is None       # wrong value
+    assert crc.checked(lambda c, data, n: zlib.crc32(data[:n])) is None               # ignores the running CRC
+    assert crc.checked(lambda c, data, n: zlib.crc32(data[:n], c)) is not None
+    if crc._libdeflate_crc32() is not None:
+        assert crc.checked(crc._libdeflate_crc32()) is not None

@@ -6,14 +6,16 @@ a dtype cast is needed. A zstd chunk's run is decoded once, front to back (`Blob
 A piece that is only part of its stored chunk (an expert's plane of a grouped chunk) has no recorded CRC-32, and
 the shard's CRC would then be read back from the file by the one writer that finishes it, after every other
 writer is done (reading a 2.75 GB MoE shard back and checksumming it took 7.5 s on a loaded 2-core machine). Such a
-piece is still copied in-kernel, and then the writer that copied it checksums its source bytes (in the page cache
-now) and hands the CRC-32 to the sink, so that work runs on every writer side by side. Its reads are one IO step
-at a time (`PREAD_STEP_BYTES`, outside the buffer, already counted per writer by the plan's peak), so the memory
-stays what the plan predicts.
+piece is read one IO step at a time (`PREAD_STEP_BYTES`, outside the buffer, already counted per writer by the
+plan's peak) and written from there, and the sink checksums the bytes as it writes them (`FileSink.write_at`), on
+every writer side by side. That is one pass over the bytes in user space, and the CRC-32 is of exactly the bytes
+written. Copying in-kernel and then reading the source again for its CRC-32 (until 2026-12-07) took 5-17% more CPU
+per GB (3 MiB planes from the page cache, Linux 6.18 ext4), and checksummed what the source held at the second
+read. The checksum is `output.crc.crc32` (libdeflate where installed): with zlib's it was most of what unstacking
+cost beyond the dense path (docs/benchmarks.md).
 """
 from __future__ import annotations
 
-import zlib
 from typing import TYPE_CHECKING, Mapping
 
 from .. import dtypes
@@ -92,22 +94,20 @@ def _copy_pieces(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
             if not t.is_cast and stored.storage_crc32 is not None:   # the chunk's recorded CRC-32 is the piece's
                 sink.note_source_crc32(dst, nbytes, stored.storage_crc32)
         else:
-            _copy_checksummed(ws, location, src, dst, nbytes, sink)
+            _copy_through_step(ws, location, src, dst, nbytes, sink)
 
 
-def _copy_checksummed(ws: Workspace, location: BlobLocation, src: int, dst: int, nbytes: int,
-                      sink: ShardSink) -> None:
-    """Copy in-kernel, then take the piece's CRC-32 from its source bytes (just read, so in the page cache) in IO
-    steps and hand it to the sink, so it is not read back from the output later (see the module docstring)."""
-    ws.reader.copy_to(sink, location, src, dst, nbytes)
+def _copy_through_step(ws: Workspace, location: BlobLocation, src: int, dst: int, nbytes: int,
+                       sink: ShardSink) -> None:
+    """Read the piece one IO step at a time and write each step from memory; the sink takes its CRC-32 as it writes
+    it, so the shard is not read back later (see the module docstring)."""
     step = memoryview(bytearray(min(PREAD_STEP_BYTES, nbytes)))   # one step at a time: the plan counts one
-    crc, done = 0, 0
+    done = 0
     while done < nbytes:
         n = min(len(step), nbytes - done)
         ws.reader.read_into(location, src + done, [step[:n]])
-        crc = zlib.crc32(step[:n], crc)
+        sink.write_at(dst + done, step[:n])
         done += n
-    sink.note_source_crc32(dst, nbytes, crc)
     ws.progress(nbytes)
 
 

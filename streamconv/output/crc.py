@@ -5,6 +5,12 @@ Bytes copied in-kernel (`copy_file_range`) never reach user space, but each is a
 `torch.save` zip, whose CRC-32 the zip directory already holds. `crc32_combine` joins them in file order.
 Any range without a known CRC is read back from the file, so the result is always the whole file's CRC-32.
 Reading a 2 GB output back would cost ~0.4 s on a 1.5 s conversion; combining costs microseconds per piece.
+
+Bytes that must be checksummed go through `crc32`: zlib's, or libdeflate's where the system has it (a shared
+library found once at import, like libz's `crc32_combine` below). libdeflate folds with PCLMULQDQ: ~8 GB/s
+against zlib 1.2.13's ~1.5-2.4 GB/s on the 2-core test VM, and an unstacked expert's plane has no recorded CRC, so
+a MoE conversion checksums nearly every byte it writes (docs/benchmarks.md). STREAMCONV_NO_FAST_PATHS=1 (or
+all) keeps zlib's, as it turns the other fast paths off.
 """
 from __future__ import annotations
 
@@ -13,6 +19,8 @@ import ctypes.util
 import threading
 import zlib
 from typing import Callable, Dict, Optional, Tuple
+
+from .. import failpoints
 
 _POLY = 0xEDB88320     # CRC-32 (zip), reflected
 
@@ -69,6 +77,59 @@ def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
     return _combine_c(crc1, crc2, len2) if _combine_c else _combine_python(crc1, crc2, len2)
 
 
+# Below this, a ctypes call costs more than zlib's loop saves.
+_FAST_MIN_BYTES = 64 << 10
+
+
+def _libdeflate_crc32() -> Optional[Callable[[int, object, int], int]]:
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("deflate") or "libdeflate.so.0")
+        fn = lib.libdeflate_crc32
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_uint32        # ctypes calls release the GIL: writers checksum side by side
+    fn.argtypes = [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t]
+    return checked(fn)
+
+
+def checked(fn: Callable[[int, object, int], int]) -> Optional[Callable[[int, object, int], int]]:
+    """`fn` if it computes zlib's CRC-32 (the standard check value, and continuing a running CRC), else None: a
+    library of that name that answers differently is never trusted with the records."""
+    try:
+        ok = fn(0, b"123456789", 9) == 0xCBF43926 and fn(zlib.crc32(b"1234"), b"56789", 5) == 0xCBF43926
+    except (OSError, TypeError, ValueError, ctypes.ArgumentError):
+        return None
+    return fn if ok else None
+
+
+def _fast_crc32_on() -> bool:
+    return failpoints.no_fast_paths().strip().lower() not in ("1", "all")
+
+
+_deflate_crc32 = _libdeflate_crc32() if _fast_crc32_on() else None
+
+
+def crc32_libdeflate(data, crc: int = 0) -> int:
+    """libdeflate's CRC-32 of a C-contiguous bytes-like object (continuing `crc`); the caller checks that
+    libdeflate was found (`FAST_CRC32`)."""
+    if isinstance(data, bytes):
+        return _deflate_crc32(crc, data, len(data))     # ctypes passes a bytes object's own buffer
+    view = memoryview(data).cast("B")
+    if view.readonly:                   # ctypes takes the address of writable buffers only
+        return zlib.crc32(view, crc)
+    return _deflate_crc32(crc, (ctypes.c_char * len(view)).from_buffer(view), len(view))
+
+
+FAST_CRC32 = _deflate_crc32 is not None       # whether `crc32` uses libdeflate in this process
+
+
+def crc32(data, crc: int = 0) -> int:
+    """zlib.crc32(data, crc): the same value, computed by libdeflate where it is installed."""
+    if FAST_CRC32 and memoryview(data).nbytes >= _FAST_MIN_BYTES:
+        return crc32_libdeflate(data, crc)
+    return zlib.crc32(data, crc)
+
+
 class PieceCrcs:
     """CRC-32s of the ranges written into one file, keyed by offset. Several workers fill one file (each
     its own tensors), hence the lock."""
@@ -83,7 +144,7 @@ class PieceCrcs:
                 self._pieces[offset] = (length, crc)
 
     def add_bytes(self, offset: int, data) -> None:
-        self.add(offset, len(data), zlib.crc32(data))
+        self.add(offset, len(data), crc32(data))
 
     def replace(self, offset: int, length: int, crc: int) -> None:
         """The whole range [offset, offset + length) is known to have this CRC (e.g. a zip storage record)."""
@@ -126,6 +187,6 @@ def _read_crc(offset: int, length: int, read: Callable[[int, int], bytes]) -> in
         data = read(offset, min(_READ_PIECE_BYTES, end - offset))
         if not data:
             raise OSError(f"file ends at offset {offset}, expected {end - offset} more bytes")
-        crc = zlib.crc32(data, crc)
+        crc = crc32(data, crc)
         offset += len(data)
     return crc

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from typing import Optional
 
 from ..errors import OutputError
@@ -12,6 +11,7 @@ from ..failpoints import fsync_enabled
 from ..fs.fastpaths import FastPaths, read_at
 from ..fs.infiles import OpenFile
 from ..fs.outfiles import NOFOLLOW, create_new, open_ours, write_failed
+from .crc import crc32
 
 _CRC_PIECE_BYTES = 8 << 20
 
@@ -46,7 +46,7 @@ def file_crc32(path: str, fast: FastPaths) -> int:
             n = read_at(OpenFile(fd, path), view, offset, fast)
             if n <= 0:
                 return crc
-            crc = zlib.crc32(view[:n], crc)
+            crc = crc32(view[:n], crc)
             offset += n
     except OSError as exc:
         raise OutputError(f"{path}: read back failed at offset {offset}: {exc.strerror}") from None

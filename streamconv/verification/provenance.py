@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import errno
 import os
-import zlib
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from ..output import record
+from ..output.crc import crc32
 from ..output.ledger import Fingerprint, Ledger
 from ..errors import CheckpointError, OptionsError, OutputError
 from ..fs import location
@@ -267,7 +267,7 @@ def _file_crc32(path: str) -> int:
             data = os.read(fd, _READ_PIECE_BYTES)
             if not data:
                 return crc
-            crc = zlib.crc32(data, crc)
+            crc = crc32(data, crc)
     finally:
         os.close(fd)
 

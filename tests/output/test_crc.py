@@ -1,0 +1,86 @@
+"""output/crc.py's `crc32`: zlib's CRC-32 to the bit, whichever implementation computes it (libdeflate where the
+system has it, zlib otherwise or with STREAMCONV_NO_FAST_PATHS=1), for every kind of buffer the writers hand it."""
+import os
+import random
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+from streamconv import failpoints
+from streamconv.output import crc
+
+needs_libdeflate = pytest.mark.skipif(not crc.FAST_CRC32 and crc._libdeflate_crc32() is None,
+                                      reason="libdeflate is not installed here: only zlib's CRC-32 runs")
+
+
+def _buffers(data: bytes):
+    """The same bytes as each kind of object the writers checksum."""
+    arr = np.frombuffer(bytearray(b"xyz" + data), dtype=np.uint8)[3:]     # a view that does not start its base
+    return {"bytes": data, "bytearray": bytearray(data), "memoryview": memoryview(bytearray(b"ab" + data))[2:],
+            "readonly memoryview": memoryview(b"ab" + data)[2:], "numpy": arr,
+            "numpy float32": np.frombuffer(bytearray(data[:len(data) // 4 * 4]), dtype=np.float32)}
+
+
+SIZES = [0, 1, 7, 4095, crc._FAST_MIN_BYTES - 1, crc._FAST_MIN_BYTES, crc._FAST_MIN_BYTES + 13, 1 << 20, (3 << 20) + 5]
+
+
+@needs_libdeflate
+@pytest.mark.parametrize("nbytes", SIZES)
+def test_libdeflate_crc32_is_zlibs(nbytes, monkeypatch):
+    if not crc.FAST_CRC32:      # this process turned it off (STREAMCONV_NO_FAST_PATHS): test it all the same
+        monkeypatch.setattr(crc, "_deflate_crc32", crc._libdeflate_crc32())
+    data = random.Random(nbytes).randbytes(nbytes)
+    for kind, buf in _buffers(data).items():
+        want = zlib.crc32(memoryview(buf).cast("B"))
+        assert crc.crc32_libdeflate(buf) == want, kind
+        assert crc.crc32_libdeflate(buf, 0x12345678) == zlib.crc32(memoryview(buf).cast("B"), 0x12345678), kind
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["as-detected", "zlib"])
+@pytest.mark.parametrize("nbytes", SIZES)
+def test_crc32_is_zlibs_and_continues_across_pieces(nbytes, fast, monkeypatch):
+    if not fast:
+        monkeypatch.setattr(crc, "FAST_CRC32", False)
+    data = random.Random(nbytes + 1).randbytes(nbytes)
+    for kind, buf in _buffers(data).items():
+        assert crc.crc32(buf) == zlib.crc32(memoryview(buf).cast("B")), kind
+    # in pieces, as the copy assembler checksums a plane one IO step at a time
+    step = max(1, nbytes // 3)
+    running = 0
+    for start in range(0, nbytes, step):
+        running = crc.crc32(memoryview(bytearray(data))[start:start + step], running)
+    assert running == zlib.crc32(data)
+
+
+@needs_libdeflate
+def test_libdeflate_is_used_unless_fast_paths_are_off():
+    """Whether a process uses it is decided once, at import, by the same switch as the IO fast paths."""
+    code = "from streamconv.output import crc; print(crc.FAST_CRC32)"
+    env = {k: v for k, v in os.environ.items() if k != failpoints.NO_FAST_PATHS_ENV}
+    default = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(env, **{failpoints.NO_FAST_PATHS_ENV: "1"}))
+    assert (default.stdout.strip(), off.stdout.strip()) == ("True", "False")
+
+
+def test_a_file_with_unknown_pieces_is_read_back_to_its_crc32(tmp_path):
+    """PieceCrcs.total reads ranges of unknown CRC back (through `crc32`) and combines them with the known ones."""
+    data = random.Random(5).randbytes(3 * crc._READ_PIECE_BYTES + 17)
+    pieces = crc.PieceCrcs()
+    pieces.add_bytes(0, data[:100])
+    pieces.add(100, 2 * crc._READ_PIECE_BYTES, None)                 # copied in-kernel, CRC unknown
+    pieces.add(100 + 2 * crc._READ_PIECE_BYTES, 5000, zlib.crc32(data[100 + 2 * crc._READ_PIECE_BYTES:][:5000]))
+    assert pieces.total(len(data), lambda offset, n: data[offset:offset + n]) == zlib.crc32(data)
+
+
+def test_a_library_that_answers_otherwise_is_not_used():
+    """The self-check at import: a libdeflate_crc32 that is not zlib's CRC-32 (another polynomial, a different
+    calling convention) leaves zlib's in charge rather than writing records no reader would accept."""
+    assert crc.checked(lambda c, data, n: zlib.crc32(data[:n], c) ^ 1) is None       # wrong value
+    assert crc.checked(lambda c, data, n: zlib.crc32(data[:n])) is None               # ignores the running CRC
+    assert crc.checked(lambda c, data, n: zlib.crc32(data[:n], c)) is not None
+    if crc._libdeflate_crc32() is not None:
+        assert crc.checked(crc._libdeflate_crc32()) is not None

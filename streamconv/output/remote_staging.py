@@ -36,6 +36,7 @@ from .ledger import PLAN_RECORD, RECORD_VERSION, RECORDS_DIR, check_resumable, r
 from .record import RECORD_FILE
 
 STAGING_PREFIX = ".streamconv-staging-"
+PUBLISHING_RECORD = "publishing.json"      # in the staging prefix's records: the publication has begun
 
 
 def staging_names(names: Iterable[str]) -> List[str]:
@@ -126,10 +127,13 @@ class RemoteStaging:
                               f"{', '.join(missing[:5]) or 'none'}; unplanned: {', '.join(unplanned[:5]) or 'none'}); "
                               "nothing was committed. Run again with --discard-partial")
         before = {n for n in _names(self.destination) if not n.startswith(STAGING_PREFIX)}
-        if before and not self.overwrite:
+        marker = posixpath.join(self.path, RECORDS_DIR, PUBLISHING_RECORD)
+        if before and not self.overwrite and read_remote_json(marker) is None:
             raise OutputError(f"{self.destination}: something was written there during the conversion; it was left "
                               "untouched and nothing was committed. Pass --overwrite to replace it, or choose "
                               "another output prefix.")
+        # (a run killed from here on left the prefix unfinished: the marker lets `--resume` publish again)
+        objects.put(marker, json.dumps({"replaces": sorted(before)}).encode("utf-8"))
         objects.delete([self._join(n) for n in (RECORD_FILE, INDEX_FILE_NAME) if n in before])
         kill_point("promote")
         last = [n for n in (INDEX_FILE_NAME, RECORD_FILE) if n in staged]
@@ -163,6 +167,16 @@ class RemoteStaging:
             self.keep_for_resume()
         else:
             self.discard()
+
+
+def interrupted_publication(destination: str) -> Optional[str]:
+    """The staging prefix of a run killed while publishing into `destination` (whose previous output it had
+    begun to replace), or None."""
+    for name in staging_names(_names(destination)):
+        url = posixpath.join(destination, name)
+        if read_remote_json(posixpath.join(url, RECORDS_DIR, PUBLISHING_RECORD)) is not None:
+            return url
+    return None
 
 
 def _names(prefix: str) -> List[str]:

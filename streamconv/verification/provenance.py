@@ -21,7 +21,7 @@ import os
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from ..output import record
-from ..output.remote_staging import STAGING_PREFIX
+from ..output.remote_staging import STAGING_PREFIX, interrupted_publication
 from ..output.ledger import Fingerprint, Ledger
 from ..errors import CheckpointError, OptionsError, OutputError, StreamconvError
 from ..fs import location
@@ -205,8 +205,8 @@ def check_existing_output(output_dir: str, source_fp: str, plan_fp: str, *, over
         raise OutputError(
             f"{output_dir} holds a streamconv output made {what} than this checkpoint's; pass --overwrite to "
             "replace it, or choose another output folder")
-    if overwrite_any:
-        return None
+    if overwrite_any or (is_url(output_dir) and interrupted_publication(output_dir)):
+        return None     # (a run killed while publishing: its staging prefix decides, remote_staging.py)
     why = (f"its record is not valid ({bad_record})" if bad_record
            else f"it has no {record.RECORD_FILE}, so it is not a streamconv output (or one made before records)")
     if not _has_model_files(names):

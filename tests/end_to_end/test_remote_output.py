@@ -87,3 +87,99 @@ def test_fsdp2_from_a_bucket_into_a_bucket(s3_server, bucket, fsdp2_url, tmp_pat
     remote = run("convert", url, f"s3://{BUCKET}/fsdp2/hf", "--no-config", "--verify", "--workers", "2", env=env)
     assert remote.returncode == 0, remote.stderr
     same_output(s3_server.download(BUCKET, "fsdp2/hf", None), files_of(tmp_path / "local"))
+
+
+# -- interrupted, failed and replaced outputs ------------------------------------------------------------------
+
+
+def _demo(demo_checkpoint) -> Path:
+    return Path(demo_checkpoint.ckpt_dir)
+
+
+def killed(result) -> bool:
+    return result.returncode == -9
+
+
+def test_killed_mid_upload_then_resumed_keeps_the_uploaded_shards(s3_server, bucket, demo_checkpoint, tmp_path):
+    """Killed while the third shard's upload is open: the prefix has no record (unfinished: verify says so), the
+    open upload is aborted by the next run, `--resume` keeps the two uploaded shards (size and CRC-32 read back)
+    and the result is the local conversion byte for byte."""
+    ckpt, prefix = _demo(demo_checkpoint), "killed/model"
+    url = f"s3://{BUCKET}/{prefix}"
+    args = ["--no-config", "--max-shard-size", "200KB", "--workers", "1"]
+    env = s3.env_for(s3_server)
+    first = run("convert", ckpt, url, *args, env=dict(env, STREAMCONV_TEST_KILL_AT="mid-shard@3"))
+    assert killed(first), first.stderr
+    left = s3_server.download(BUCKET, prefix, None)
+    assert left and all(n.startswith(".streamconv-staging-") for n in left)     # obviously partial: no record
+    assert uploads_in_progress(s3_server, prefix)                              # the shard being uploaded
+    unfinished = run("verify", ckpt, url, env=env)
+    assert unfinished.returncode == 3 and "not a finished output" in unfinished.stderr, unfinished.stderr
+    refused = run("convert", ckpt, url, *args, env=env)
+    assert refused.returncode == 73 and "--resume" in refused.stderr, refused.stderr
+    resumed = run("convert", ckpt, url, *args, "--resume", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed: kept 2 of" in resumed.stdout, resumed.stdout
+    assert uploads_in_progress(s3_server, prefix) == []
+    local = run("convert", ckpt, tmp_path / "local", *args, env=env)
+    assert local.returncode == 0, local.stderr
+    same_output(s3_server.download(BUCKET, prefix, None), files_of(tmp_path / "local"))
+
+
+def _failing_uploads(method, path, headers):
+    """Every upload of a shard's part answered 503 SlowDown: the destination fails mid-upload."""
+    return "503" if method == "PUT" and "partNumber=" in path else None
+
+
+def test_a_failing_destination_is_exit_73_and_the_previous_output_survives(s3_server, bucket, demo_checkpoint,
+                                                                            tmp_path):
+    """A complete output is at the prefix; a run replacing it (--overwrite, other options) meets a destination
+    that fails every upload: exit 73 naming the URL and the service's error, no secret printed, nothing left
+    uploading, and the previous output still there, finished, byte for byte."""
+    ckpt, prefix = _demo(demo_checkpoint), "kept/model"
+    url = f"s3://{BUCKET}/{prefix}"
+    env = s3.env_for(s3_server)
+    first = run("convert", ckpt, url, "--no-config", env=env)
+    assert first.returncode == 0, first.stderr
+    before = s3_server.download(BUCKET, prefix, None)
+    proxy = s3.FaultProxy(s3_server.url, _failing_uploads)
+    try:
+        failed = run("convert", ckpt, url, "--no-config", "--overwrite", "--max-shard-size", "200KB",
+                     env=s3.env_for(s3_server, proxy.url))
+    finally:
+        proxy.stop()
+    assert failed.returncode == 73, failed.stderr
+    assert url in failed.stderr and "reduce your request rate" in failed.stderr, failed.stderr
+    assert "uploading part 1" in failed.stderr and "Traceback" not in failed.stderr
+    assert s3.CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in failed.stderr + failed.stdout
+    assert s3_server.download(BUCKET, prefix, None) == before
+    assert uploads_in_progress(s3_server, prefix) == []
+    verified = run("verify", ckpt, url, env=env)
+    assert verified.returncode == 0, verified.stderr
+
+
+def test_killed_while_publishing_then_resumed_and_overwrite_replaces_the_old_files(s3_server, bucket,
+                                                                                   demo_checkpoint, tmp_path):
+    """--overwrite of a one-shard output by a sharded one, killed after the old record was deleted: the prefix is
+    unfinished (no record; batch and verify agree), `--resume` publishes the staged output, and the old
+    model.safetensors, which the new output does not have, is gone."""
+    ckpt, prefix = _demo(demo_checkpoint), "replaced/model"
+    url = f"s3://{BUCKET}/{prefix}"
+    env = s3.env_for(s3_server)
+    assert run("convert", ckpt, url, "--no-config", env=env).returncode == 0
+    args = ["--no-config", "--overwrite", "--max-shard-size", "200KB"]
+    first = run("convert", ckpt, url, *args, env=dict(env, STREAMCONV_TEST_KILL_AT="promote"))
+    assert killed(first), first.stderr
+    assert "streamconv.json" not in s3_server.download(BUCKET, prefix, None)
+    assert run("verify", ckpt, url, env=env).returncode == 3
+    resumed = run("convert", ckpt, url, *args, "--resume", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    local = run("convert", ckpt, tmp_path / "local", "--no-config", "--max-shard-size", "200KB", env=env)
+    assert local.returncode == 0, local.stderr
+    same_output(s3_server.download(BUCKET, prefix, None), files_of(tmp_path / "local"))
+
+
+def test_an_output_url_the_service_cannot_take_is_refused_before_reading(tmp_path):
+    result = run("convert", tmp_path / "nothing-here", "memory://out/model", "--no-config")
+    assert result.returncode == 73, result.stderr
+    assert "memory://out/model" in result.stderr and "s3://" in result.stderr

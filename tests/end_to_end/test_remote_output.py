@@ -183,3 +183,38 @@ def test_an_output_url_the_service_cannot_take_is_refused_before_reading(tmp_pat
     result = run("convert", tmp_path / "nothing-here", "memory://out/model", "--no-config")
     assert result.returncode == 73, result.stderr
     assert "memory://out/model" in result.stderr and "s3://" in result.stderr
+
+
+# -- the other runners, batch ---------------------------------------------------------------------------------
+
+
+def test_shard_jobs_run_apart_upload_their_own_shards(s3_server, bucket, fsdp2_url, tmp_path):
+    """SeparateRunner (Ray's stand-in: each job pickled, written by `write_job_alone` where it lands) into s3://:
+    every job uploads its shard and records it in the ledger in the staging prefix; the driver publishes."""
+    folder, url = fsdp2_url
+    script = ("import sys, streamconv\nfrom streamconv.runs.runners import SeparateRunner\n"
+              "streamconv.convert(sys.argv[1], sys.argv[2], no_config=True, shard_runner=SeparateRunner(),\n"
+              "                   max_shard_size='100KB')\n")
+    result = subprocess.run([sys.executable, "-c", script, url, f"s3://{BUCKET}/apart/hf"], capture_output=True,
+                            text=True, env=s3.env_for(s3_server), timeout=300)
+    assert result.returncode == 0, result.stderr
+    local = run("convert", folder, tmp_path / "local", "--no-config", "--max-shard-size", "100KB")
+    assert local.returncode == 0, local.stderr
+    assert len(list((tmp_path / "local").glob("model-*.safetensors"))) > 1
+    same_output(s3_server.download(BUCKET, "apart/hf", None), files_of(tmp_path / "local"))
+
+
+def test_batch_into_a_bucket_then_skips_what_is_finished(s3_server, bucket, dcp_checkpoints, tmp_path):
+    """`batch 's3://…/checkpoint-*' -o 's3://…/{name}'`: the environment's credentials reach every job; a second
+    run skips both (their records are published: finished), the same definition verify uses."""
+    for step in (100, 200):
+        s3_server.upload(dcp_checkpoints["fsdp2"], "runs-out", f"run/checkpoint-{step}")
+    env = s3.env_for(s3_server)
+    template = f"s3://{BUCKET}/batch/{{name}}"
+    first = run("batch", "s3://runs-out/run/checkpoint-*", "-o", template, "--no-config", "--json", env=env)
+    assert first.returncode == 0, first.stderr + first.stdout
+    assert [i["status"] for i in json.loads(first.stdout)["checkpoints"]] == ["converted", "converted"]
+    assert "streamconv.json" in s3_server.download(BUCKET, "batch/checkpoint-200", None)
+    again = run("batch", "s3://runs-out/run/checkpoint-*", "-o", template, "--no-config", "--json", env=env)
+    assert again.returncode == 0, again.stderr
+    assert [i["status"] for i in json.loads(again.stdout)["checkpoints"]] == ["skipped", "skipped"]

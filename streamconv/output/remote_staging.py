@@ -57,7 +57,7 @@ class RemoteStaging:
         self.plan_record = dict(plan_record, version=RECORD_VERSION)
         self.overwrite, self.resume, self.fast = overwrite, resume, NONE
         self.notes: List[str] = []
-        self.resumed = self.committed = self._done = False
+        self.resumed = self.committed = self._done = self.publishing = False
         self._planned: Set[str] = set()
         self.record_bytes: Optional[bytes] = None
         self.path = self._open(discard_partial)
@@ -134,11 +134,17 @@ class RemoteStaging:
                               "another output prefix.")
         # (a run killed from here on left the prefix unfinished: the marker lets `--resume` publish again)
         objects.put(marker, json.dumps({"replaces": sorted(before)}).encode("utf-8"))
-        objects.delete([self._join(n) for n in (RECORD_FILE, INDEX_FILE_NAME) if n in before])
-        kill_point("promote")
-        last = [n for n in (INDEX_FILE_NAME, RECORD_FILE) if n in staged]
-        for name in sorted(set(staged) - set(last)) + last:       # the record last: then it is finished
-            objects.copy(posixpath.join(self.path, name), self._join(name))
+        self.publishing = True      # from here a failure keeps the staged output: it may be all that is left
+        try:
+            objects.delete([self._join(n) for n in (RECORD_FILE, INDEX_FILE_NAME) if n in before])
+            kill_point("promote")
+            last = [n for n in (INDEX_FILE_NAME, RECORD_FILE) if n in staged]
+            for name in sorted(set(staged) - set(last)) + last:       # the record last: then it is finished
+                objects.copy(posixpath.join(self.path, name), self._join(name))
+        except OutputError as exc:
+            raise OutputError(f"{exc}. Publishing the output was interrupted: {self.destination} is unfinished (no "
+                              f"{RECORD_FILE}) and the complete new output is kept in {self.path}/; run the same "
+                              "command again with --resume to publish it") from None
         self.committed = self._done = True
         if on_committed is not None:
             on_committed(self.destination)
@@ -163,7 +169,7 @@ class RemoteStaging:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None and self.resume and not self._done:
+        if exc_type is not None and (self.resume or self.publishing) and not self._done:
             self.keep_for_resume()
         else:
             self.discard()

@@ -218,3 +218,37 @@ def test_batch_into_a_bucket_then_skips_what_is_finished(s3_server, bucket, dcp_
     again = run("batch", "s3://runs-out/run/checkpoint-*", "-o", template, "--no-config", "--json", env=env)
     assert again.returncode == 0, again.stderr
     assert [i["status"] for i in json.loads(again.stdout)["checkpoints"]] == ["skipped", "skipped"]
+
+
+def test_a_publication_that_fails_half_way_leaves_no_record_and_resumes(s3_server, bucket, demo_checkpoint,
+                                                                        tmp_path):
+    """The destination fails the server-side copy of the second shard while publishing: exit 73, and the prefix
+    has shards but no streamconv.json (the record is copied last), so verify calls it unfinished; the staged
+    output is kept and `--resume` publishes it."""
+    ckpt, prefix = _demo(demo_checkpoint), "halfway/model"
+    url = f"s3://{BUCKET}/{prefix}"
+    args = ["--no-config", "--max-shard-size", "200KB"]
+    seen = {"copies": 0}
+
+    def fault(method, path, headers):
+        if method == "PUT" and headers.get("x-amz-copy-source") and path.endswith(".safetensors"):
+            seen["copies"] += 1
+            return "503" if seen["copies"] > 1 else None
+        return None
+
+    proxy = s3.FaultProxy(s3_server.url, fault)
+    try:
+        failed = run("convert", ckpt, url, *args, env=s3.env_for(s3_server, proxy.url))
+    finally:
+        proxy.stop()
+    assert failed.returncode == 73, failed.stderr
+    assert "--resume" in failed.stderr and "Traceback" not in failed.stderr
+    published = s3_server.download(BUCKET, prefix, None)
+    assert any(n.endswith(".safetensors") and "/" not in n for n in published)
+    assert "streamconv.json" not in published
+    env = s3.env_for(s3_server)
+    assert run("verify", ckpt, url, env=env).returncode == 3
+    resumed = run("convert", ckpt, url, *args, "--resume", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    local = run("convert", ckpt, tmp_path / "local", *args, env=env)
+    same_output(s3_server.download(BUCKET, prefix, None), files_of(tmp_path / "local"))

@@ -42,6 +42,7 @@ POINTS: Dict[str, str] = {
     "before-first-shard": "the staging folder exists, nothing of the output is written yet (conversion.write)",
     "mid-shard": "a shard file is partly written: after a tensor, while more remain (parallel.py)",
     "between-shards": "a shard is fsynced and its resume record written (ledger.Ledger.record)",
+    "mid-upload": "a bucket output: a part of a shard's multipart upload is uploaded, more remain (upload.py)",
     "index": "half of model.safetensors.index.json is written (StagingDir.write_index)",
     "before-source-recheck": "every shard and the record are written; the source is checked unchanged next",
     "files-synced": "every output file is fsynced, the resume records are still there (StagingDir.commit)",
@@ -50,6 +51,8 @@ POINTS: Dict[str, str] = {
     "journal-written": "--overwrite: the swap journal is durable, nothing has moved yet",
     "after-exchange": "--overwrite: renameat2(RENAME_EXCHANGE) swapped the old and new folders",
     "between-swap-renames": "--overwrite without EXCHANGE: the old folder is set aside, the new not yet in place",
+    "promote": "a bucket output: the previous output's record and index are deleted, nothing copied yet "
+               "(remote_staging.py)",
     "after-rename": "the output is in place; its parent folder is not yet fsynced",
     "parent-synced": "the parent folder is fsynced: the commit is durable",
     "old-removed": "--overwrite: the replaced output is deleted",

@@ -14,11 +14,11 @@ from __future__ import annotations
 import os
 import posixpath
 import stat
-from typing import Any, List, NamedTuple, Optional, Protocol, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Protocol, Tuple
 
 from ..errors import CheckpointError
 from . import remote
-from .infiles import open_regular
+from .infiles import OpenFile, open_regular
 
 FILE, DIRECTORY, OTHER = "file", "directory", "other"
 
@@ -59,9 +59,10 @@ class Folder(Protocol):
         """At most `length` bytes at `offset` of a regular file inside (fewer at its end)."""
 
 
-def at(path: str) -> Folder:
-    """The folder at a local path or an fsspec URL."""
-    return RemoteFolder(path) if remote.is_url(path) else LocalFolder(path)
+def at(path: str, error: Callable[[str], Exception] = CheckpointError) -> Folder:
+    """The folder at a local path or an fsspec URL. `error`: what a failing service raises (CheckpointError for
+    the checkpoint, exit 2; OutputError for the output, exit 73)."""
+    return RemoteFolder(path, error) if remote.is_url(path) else LocalFolder(path)
 
 
 def absolute(path: str) -> str:
@@ -133,9 +134,10 @@ class RemoteFolder:
     """A prefix in object storage (fsspec). Listings are asked of the service each time (no cache), so a
     fingerprint taken before the commit sees what is there now."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, error: Callable[[str], Exception] = CheckpointError):
         self.where = url.rstrip("/") if url.rstrip("/").partition("://")[2] else url
         self.fs, self.path = remote.filesystem(self.where)
+        self.error = error
 
     def join(self, *names: str) -> str:
         return posixpath.join(self.where, *names)
@@ -144,7 +146,7 @@ class RemoteFolder:
         return posixpath.join(self.path, name) if name else self.path
 
     def _call(self, what: str, call):
-        return remote.with_retries(what, call, CheckpointError)
+        return remote.with_retries(what, call, self.error)
 
     def exists(self) -> bool:
         return self.is_dir() or self.entry("") is not None
@@ -223,3 +225,52 @@ def glob_folders(pattern: str) -> List[str]:
     head = pattern[:len(pattern) - len(pattern.partition("://")[2])]      # "s3://"
     return [head + name.lstrip("/") if head != "memory://" else head + name
             for name, info in found.items() if info.get("type") == "directory"]
+
+
+class LocalFile(OpenFile):
+    """A regular local file open for reading at offsets (`open_file`), with its size when opened."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, path: str, error: Callable[[str], Exception]):
+        fd = open_regular(path, error=error)       # a FIFO or device is refused, never read
+        super().__init__(fd, path)
+        self.size = os.fstat(fd).st_size
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class RemoteFile:
+    """An object open for reading at offsets (`open_file`): each read one ranged GET, retried."""
+
+    def __init__(self, url: str, error: Callable[[str], Exception]):
+        folder, name = parent_and_name(url)
+        self._where, self._key, self.name = RemoteFolder(folder, error), name, url
+        entry = self._where.entry(name)
+        if entry is None:
+            raise FileNotFoundError(url)
+        if entry.kind != FILE:
+            raise error(f"{url} is a folder (a prefix), not an object")
+        self.size = entry.size
+
+    def pread(self, length: int, offset: int) -> bytes:
+        if offset >= self.size or length <= 0:
+            return b""
+        return self._where.read(self._key, offset, min(length, self.size - offset))
+
+    def preadv(self, view: memoryview, offset: int) -> int:
+        data = self.pread(len(view), offset)
+        view[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        pass
+
+
+def open_file(path: str, error: Callable[[str], Exception] = CheckpointError):
+    """A file (a path) or an object (a URL) open for reading: `size`, `pread`, `preadv`, `close`.
+    FileNotFoundError when absent; `error` when it is not a regular file or the service fails."""
+    return RemoteFile(path, error) if remote.is_url(path) else LocalFile(path, error)

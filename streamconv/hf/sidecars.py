@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import OptionsError, OutputError
-from ..fs import location
+from ..fs import location, objects
+from ..output.upload import PartBudget, UploadSink
 from ..fs.infiles import open_regular
 from ..fs.remote import is_url
 from ..fs.outfiles import create_new
@@ -232,13 +233,16 @@ def copy_sidecars(config: HFConfig, names: Sequence[str], dest: str, dtype: Opti
     """
     written = []
     for name in names:
-        src, dst = location.at(config.folder).join(name), os.path.join(dest, name)
+        src, dst = location.at(config.folder).join(name), location.at(dest).join(name)
         try:
             if name == CONFIG_FILE:
                 data = patched_config(config.data, dtype) if dtype else config.data
-                with os.fdopen(create_new(dst), "w", encoding="utf-8") as f:
-                    json.dump(data, f, indent=2)
-                    f.write("\n")
+                text = (json.dumps(data, indent=2) + "\n").encode("utf-8")
+                if is_url(dst):     # an output in a bucket: one PUT into its staging prefix
+                    objects.put(dst, text)
+                else:
+                    with os.fdopen(create_new(dst), "wb") as f:
+                        f.write(text)
             elif is_url(src):
                 _copy_object(config.folder, name, dst)
             else:
@@ -276,7 +280,23 @@ def _copy_object(folder: str, name: str, dst: str) -> int:
 
 def _copy_blocks(read_at, size: int, dst: str, what: str) -> None:
     """Write `size` bytes, read in COPY_STEP_BYTES steps by `read_at(offset, n)`, to the new file `dst` (never
-    through a symlink planted in the staging folder); a source that ends early fails, naming `what`."""
+    through a symlink planted in the staging folder) or object `dst` (a multipart upload of parts filled in
+    order, so one part buffer at a time); a source that ends early fails, naming `what`."""
+    if is_url(dst):
+        sink = UploadSink(dst, size, PartBudget(2))
+        try:
+            done = 0
+            while done < size:
+                block = read_at(done, min(COPY_STEP_BYTES, size - done))
+                if not block:
+                    raise OptionsError(f"{what} shrank from {size} to {done} bytes while being copied")
+                sink.write_at(done, block)
+                done += len(block)
+            sink.close()
+        except BaseException:
+            sink.abort()
+            raise
+        return
     dst_fd = create_new(dst)
     try:
         done = 0

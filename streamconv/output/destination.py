@@ -131,6 +131,17 @@ def check_destination(destination: str, protected_folders: Iterable[str], protec
     return protected
 
 
+def check_remote_destination(destination: str, sources: Sequence[str]) -> None:
+    """An output prefix in object storage must not be, or hold, the checkpoint or config prefix: replacing the
+    output deletes objects under it. A prefix inside the checkpoint's is fine, as a subfolder is locally."""
+    dest = destination.rstrip("/") + "/"
+    for source in sources:
+        if (source.rstrip("/") + "/").startswith(dest):
+            raise OutputError(f"{destination}: the output prefix is or holds {source}, which this conversion reads; "
+                              "replacing the output could delete it. Choose an output prefix outside it (one "
+                              "inside the checkpoint's prefix is fine).")
+
+
 def staging_filesystem(output_dir: str) -> str:
     """The deepest existing folder above the output: the staging folder is created beside the output, so
     this filesystem holds the data (a destination that is a mount point is refused by `check_destination`)."""

@@ -10,6 +10,10 @@ the shard is fsynced, by whichever process wrote the shard (a local thread or a 
 `kept` (a resumed run keeps it: record, size and CRC-32 of the file), `check_written` (a runner said it wrote
 them: record and size) and `crc32` (the output's record takes the CRC-32 from here, without reading the shard).
 `Ledger` is a small picklable value, so a shard job carries it to another machine.
+
+A staging prefix in object storage (remote_staging.py) keeps the same records as objects under the same names:
+a record is PUT after the shard's multipart upload completed (the object exists whole or not at all), and a
+kept shard is checked by its size and the CRC-32 of its bytes read back with ranged GETs, as a file is.
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 from ..errors import OutputError
 from ..failpoints import kill_point
-from ..fs import location
+from ..fs import location, objects
+from ..fs.remote import is_url
 from ..fs.fastpaths import NONE, FastPaths
 from ..fs.outfiles import foreign
 from ..model import CheckpointMetadata
@@ -134,23 +139,38 @@ class Ledger:
     def _record_path(self, filename: str) -> str:
         return os.path.join(self.staging_dir, RECORDS_DIR, filename + ".json")
 
+    @property
+    def remote(self) -> bool:
+        return is_url(self.staging_dir)
+
     def record(self, shard: ShardPlan, crc32: int) -> None:
         """A shard's bytes are all written: fsync the file, then write its record (atomically, by rename), so a
         record always means durable bytes. Any process writing into the staging folder may call it."""
-        durable.fsync_path(os.path.join(self.staging_dir, shard.filename))
         entry = {"plan": self.plan_fingerprint, "shard": self.shard_fingerprints[shard.filename],
                  "nbytes": shard.nbytes, "crc32": crc32}
-        durable.write_json_atomic(self._record_path(shard.filename), entry)
+        if self.remote:     # (the upload is complete: the object is durable once it exists)
+            objects.put(self._record_path(shard.filename), json.dumps(entry, sort_keys=True).encode("utf-8"))
+        else:
+            durable.fsync_path(os.path.join(self.staging_dir, shard.filename))
+            durable.write_json_atomic(self._record_path(shard.filename), entry)
         kill_point("between-shards")
+
+    def _entry(self, filename: str) -> Optional[dict]:
+        if self.remote:
+            return read_remote_json(self._record_path(filename))
+        return durable.read_json(self._record_path(filename))
 
     def recorded(self, shard: ShardPlan, *, check_crc: bool = True, fast: FastPaths = NONE) -> bool:
         """Whether `shard` was finished for this plan (here or by another process): its record matches, the file
         is a regular file of its size and (`check_crc`) has the recorded CRC-32."""
-        entry = durable.read_json(self._record_path(shard.filename))
+        entry = self._entry(shard.filename)
         if (entry is None or entry.get("plan") != self.plan_fingerprint
                 or entry.get("shard") != self.shard_fingerprints.get(shard.filename)
                 or entry.get("nbytes") != shard.nbytes):
             return False
+        if self.remote:
+            return _object_matches(self.staging_dir, shard.filename, shard.nbytes,
+                                   entry.get("crc32") if check_crc else None)
         path = os.path.join(self.staging_dir, shard.filename)
         try:
             st = os.lstat(path)
@@ -162,6 +182,8 @@ class Ledger:
 
     def has_record(self, shard: ShardPlan) -> bool:
         """A record under the shard's name, matching or not (a resumed run's "had finished")."""
+        if self.remote:
+            return self._entry(shard.filename) is not None
         return os.path.lexists(self._record_path(shard.filename))
 
     def kept(self, shards: Iterable[ShardPlan], fast: FastPaths = NONE) -> List[ShardPlan]:
@@ -179,9 +201,40 @@ class Ledger:
     def crc32(self, filename: str) -> int:
         """A shard's CRC-32 as its writer computed it, so the output's record need not read the shard again."""
         path = self._record_path(filename)
-        entry = durable.read_json(path) or {}
+        entry = self._entry(filename) or {}
         crc = entry.get("crc32")
         if not isinstance(crc, int) or isinstance(crc, bool):
             raise OutputError(f"{path}: the finished-shard record holds no CRC-32 for {filename}; nothing was "
                               "committed. Run again with --discard-partial")
         return crc
+
+
+MAX_RECORD_BYTES = 1 << 20     # a ledger record is ~200 bytes
+_CRC_PIECE_BYTES = 8 << 20
+
+
+def read_remote_json(url: str) -> Optional[dict]:
+    """A JSON object stored at `url`, or None when absent or not one (a transient failure raises OutputError)."""
+    folder, name = location.parent_and_name(url)
+    try:
+        data = json.loads(location.at(folder, OutputError).read_small(name, MAX_RECORD_BYTES))
+    except (FileNotFoundError, ValueError):
+        return None
+    except OSError as exc:
+        raise OutputError(f"{url}: cannot read: {exc}") from None
+    return data if isinstance(data, dict) else None
+
+
+def _object_matches(folder: str, name: str, nbytes: int, crc32: Optional[int]) -> bool:
+    """Object `name` in `folder` (a URL) is `nbytes` long and (unless `crc32` is None) has that CRC-32, its
+    bytes read back with ranged GETs of _CRC_PIECE_BYTES."""
+    where = location.at(folder, OutputError)
+    entry = where.entry(name)
+    if entry is None or entry.kind != location.FILE or entry.size != nbytes:
+        return False
+    if crc32 is None:
+        return True
+    crc = 0
+    for offset in range(0, nbytes, _CRC_PIECE_BYTES):
+        crc = zlib.crc32(where.read(name, offset, min(_CRC_PIECE_BYTES, nbytes - offset)), crc)
+    return crc == crc32

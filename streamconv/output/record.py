@@ -9,8 +9,14 @@ CRC-32, so a renamed, truncated or edited file is found without reading the chec
 how `--overwrite` knows a folder is streamconv's own output, and how `batch` knows a folder is an output and
 not a checkpoint.
 
-This module owns the format only (what the JSON holds and how it is read back safely); what goes into a
-record is decided where the conversion is.
+The record is the last file a conversion writes, so it is also what "finished" means, for a local folder and
+an output prefix in object storage alike (`finished`, the one place that is decided: `convert` finding an output
+already there, `batch`'s skip and `verify` all ask it). Locally the folder appears in one rename anyway; in a
+bucket the record is copied into place after every other object (remote_staging.py), so a prefix without one
+is an unfinished (interrupted) conversion.
+
+This module owns the format and that definition (what the JSON holds and how it is read back safely); what
+goes into a record is decided where the conversion is.
 """
 from __future__ import annotations
 
@@ -19,9 +25,12 @@ import json
 import os
 import stat
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional
 
+from .crc import crc32
 from ..errors import VerificationError
+from ..fs import location
+from ..fs.remote import is_url
 
 RECORD_FILE = "streamconv.json"
 RECORD_FORMAT = "streamconv-output"
@@ -113,6 +122,8 @@ def read(output_dir: str) -> Optional[OutputRecord]:
     """The record of an output folder; None when the folder has none (not streamconv's output, or written
     before records existed). A record that is a symlink, a FIFO, too large, not JSON or not in our format
     raises RecordError: a folder that claims to be ours but cannot prove it is not a finished output."""
+    if is_url(output_dir):
+        return _read_remote(output_dir)
     path = os.path.join(output_dir, RECORD_FILE)
     try:
         # O_NOFOLLOW: a record planted as a symlink (to /dev/zero, to another output) is not believed.
@@ -144,6 +155,28 @@ def read(output_dir: str) -> Optional[OutputRecord]:
         os.close(fd)
     if len(raw) > st.st_size:
         raise RecordError(f"{path} changed while it was read")
+    return _parse(raw, path)
+
+
+def _read_remote(output_dir: str) -> Optional[OutputRecord]:
+    where = location.at(output_dir, RecordError)
+    path = where.join(RECORD_FILE)
+    entry = where.entry(RECORD_FILE)
+    if entry is None:
+        return None
+    if entry.kind != location.FILE:
+        raise RecordError(f"{path} is not an object")
+    if entry.size > MAX_RECORD_BYTES:
+        raise RecordError(f"{path} holds {entry.size} bytes, more than any record streamconv writes "
+                          f"({MAX_RECORD_BYTES} at most)")
+    try:
+        raw = where.read_small(RECORD_FILE, MAX_RECORD_BYTES)
+    except FileNotFoundError:
+        return None
+    return _parse(raw, path)
+
+
+def _parse(raw: bytes, path: str) -> OutputRecord:
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -154,3 +187,52 @@ def read(output_dir: str) -> Optional[OutputRecord]:
 def options_json(options: Mapping[str, Any]) -> Dict[str, Any]:
     """ConvertOptions fields as JSON values (tuples become lists), for `OutputRecord.options`."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+
+
+def file_sizes(output_dir: str, names: Iterable[str]) -> Dict[str, Optional[int]]:
+    """{name: its size, None when absent} of files of an output folder (symlinks not followed) or prefix."""
+    names = list(names)
+    if is_url(output_dir):
+        found = location.entries(output_dir, names)
+        return {n: (e.size if e is not None and e.kind == location.FILE else None) for n, e in found.items()}
+    sizes: Dict[str, Optional[int]] = {}
+    for name in names:
+        try:
+            sizes[name] = os.lstat(os.path.join(output_dir, name)).st_size
+        except (OSError, ValueError):
+            sizes[name] = None
+    return sizes
+
+
+def missing_or_resized(output_dir: str, found: OutputRecord) -> List[str]:
+    """Files the record lists that are absent or of another size (cheap: no byte is read)."""
+    sizes = file_sizes(output_dir, sorted(found.files))
+    return [name for name, entry in sorted(found.files.items()) if sizes[name] != entry.nbytes]
+
+
+def finished(output_dir: str) -> Optional[OutputRecord]:
+    """The record of a FINISHED output, else None: its record is there and valid, and every file it lists is
+    there with its recorded size. The one definition every verb uses (see the module docstring); RecordError
+    when a record is there but not one streamconv wrote."""
+    found = read(output_dir)
+    if found is None or missing_or_resized(output_dir, found):
+        return None
+    return found
+
+
+_CRC_PIECE_BYTES = 1 << 20
+
+
+def file_crc32(output_dir: str, name: str) -> int:
+    """CRC-32 of a file of an output folder or prefix (a small one: config, tokenizer, index)."""
+    handle = location.open_file(location.at(output_dir).join(name), error=RecordError)
+    try:
+        crc, offset = 0, 0
+        while True:
+            data = handle.pread(_CRC_PIECE_BYTES, offset)
+            if not data:
+                return crc
+            crc = crc32(data, crc)
+            offset += len(data)
+    finally:
+        handle.close()

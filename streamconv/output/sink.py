@@ -12,7 +12,8 @@ from typing import Protocol
 from .crc import PieceCrcs
 from ..errors import CheckpointError, OutputError
 from ..fs.fastpaths import NONE, PREAD_STEP_BYTES, FastPaths, read_at
-from ..fs.infiles import OpenFile, open_regular
+from ..fs import location
+from ..fs.infiles import OpenFile
 from ..fs.outfiles import create_new, open_ours, write_failed
 
 
@@ -30,6 +31,19 @@ class ShardSink(Protocol):
 
     def close(self) -> None:
         """Flush and close; the shard is complete."""
+
+
+class ShardFile(ShardSink, Protocol):
+    """A shard being written into the output (a `FileSink` on a disk, an `upload.UploadSink` into a bucket): the
+    executor's `ShardSink`, plus what the writer of the whole file needs. Exactly one of `close` (every byte
+    was written: the shard is complete) and `abort` (a failed run: what was written is dropped where it must be,
+    e.g. a multipart upload) ends it."""
+
+    def crc32(self) -> int:
+        """The whole shard's CRC-32, after `close` (for its finished record in the resume ledger)."""
+
+    def abort(self) -> None:
+        """Stop without completing the shard (never publishes a partial object)."""
 
 
 class MemorySink:
@@ -147,6 +161,9 @@ class FileSink:
             os.close(self.fd)
             self.fd = -1
 
+    def abort(self) -> None:
+        self.close()    # the partial file stays in the staging folder, which is discarded or resumed whole
+
 
 class Mismatch(Exception):
     """Raised by ComparingSink at the first byte that differs; `offset` is that byte's offset in the file."""
@@ -175,9 +192,9 @@ class ComparingSink:
         self.path = path
         self.fast = fast
         self.piece_bytes = piece_bytes
-        # As carefully as a checkpoint file: a FIFO or device in the output is refused, never read forever.
-        self.fd = open_regular(path, error=OutputError)
-        self._file = OpenFile(self.fd, path)
+        # As carefully as a checkpoint file: a FIFO or device in the output is refused, never read forever. A URL
+        # (an output in a bucket) is read with ranged GETs.
+        self._file = location.open_file(path, error=OutputError)
         self.compared = 0
         self._theirs = np.empty(piece_bytes, dtype=np.uint8)
         self._source = np.empty(piece_bytes, dtype=np.uint8)
@@ -231,7 +248,5 @@ class ComparingSink:
 
     def close(self) -> None:
         """Close the file and let go of the buffers: a verify holds one sink at a time, not one per file."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self._file.close()
         self._theirs = self._source = self._flags = None

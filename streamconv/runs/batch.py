@@ -229,6 +229,9 @@ def default_jobs(outputs: Sequence[str]) -> int:
     """One job per output device: one conversion already keeps a disk busy (README: Many checkpoints)."""
     devices = set()
     for out in outputs:
+        if is_url(out):     # a bucket: one job per bucket, as per disk
+            devices.add(out.partition("://")[2].partition("/")[0])
+            continue
         probe = os.path.abspath(out)
         while not os.path.exists(probe):
             probe = os.path.dirname(probe)
@@ -289,6 +292,8 @@ def output_identity(path: str) -> tuple:
     """What folder `path` is, not how it is spelt: symlinks resolved, then the (st_dev, st_ino) of the folder
     or of its nearest existing ancestor plus the names still to be created below it. Two outputs aliased by a
     symlink or a bind mount get the same identity; two paths into one folder yet to be made do too."""
+    if is_url(path):        # a prefix is what its URL says (no symlinks in a bucket)
+        return (path.rstrip("/"),)
     probe, rest = os.path.realpath(path), []
     while True:
         try:

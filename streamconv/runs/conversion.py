@@ -17,21 +17,21 @@ writes the shards another (a `runners.Runner`); what to convert is a third (`pre
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import replace
 from typing import Dict, List, Optional
 
 from .. import hf
-from ..errors import OutputError
 from ..failpoints import kill_point
-from ..fs import fastpaths, location
+from ..fs import fastpaths, location, objects
 from ..fs.remote import is_url
 from ..fs.cpus import available_cpus
 from ..fs.paths import user_path
-from ..output.destination import (check_destination, check_free_space, output_nbytes, output_nfiles,
-                                  protected_paths)
+from ..output import upload
+from ..output.destination import (check_destination, check_free_space, check_remote_destination, output_nbytes,
+                                  output_nfiles, protected_paths)
+from ..output.remote_staging import RemoteStaging
 from ..output.ledger import Ledger, plan_record
 from ..output.staging import StagingDir, recover_swap
 from ..planning.options import ConvertOptions, RunOptions
@@ -75,11 +75,12 @@ class Conversion:
                  runner: Optional[Runner] = None):
         self.started = time.perf_counter()
         self.output_dir = user_path(output_dir, "the output folder (OUTPUT_DIR)")
-        if is_url(self.output_dir):     # never a local folder named "s3:"
-            raise OutputError(f"{self.output_dir}: writing the output into object storage is not supported yet; "
-                              "convert into a local folder, then upload it (e.g. `aws s3 sync`)")
+        self.remote_output = is_url(self.output_dir)
+        if self.remote_output:      # refused before anything is read when the protocol cannot take uploads
+            objects.check_writable(self.output_dir)
+            self.output_dir = self.output_dir.rstrip("/")
         # Resolved now: after the commit the current folder may be gone, and getcwd() with it.
-        self.output_abs = os.path.abspath(self.output_dir)
+        self.output_abs = location.absolute(self.output_dir)
         self.request, self.settings, self.reporter, self.runner = request, settings, reporter, runner
         self.fast = fastpaths.detect()      # fast IO paths are chosen once, here, and passed down (fastpaths.py)
         self.run_notes: List[str] = []
@@ -106,8 +107,13 @@ class Conversion:
         self.conversion = with_workers(checked_plan(meta, self.options, self.checkpoint_dir), self.settings.workers,
                                        available_cpus())
         self.with_heads, self.heads = with_tied_heads(meta, setup, self.conversion)
-        folders, files = protected_paths(self.reader, meta, setup.config.folder if setup.config else None)
-        self.protected = check_destination(self.output_dir, folders, files)       # before anything is written
+        config_folder = setup.config.folder if setup.config else None
+        if self.remote_output:
+            self.protected = frozenset()
+            check_remote_destination(self.output_dir, [self.checkpoint_abs] + ([config_folder] if config_folder else []))
+        else:
+            folders, files = protected_paths(self.reader, meta, config_folder)
+            self.protected = check_destination(self.output_dir, folders, files)   # before anything is written
         self.before = provenance.snapshot(self.checkpoint_dir, provenance.source_files(self.checkpoint_dir, meta))
         self.stored = locate_chunks(self.with_heads, self.reader)
         self.blobs = blob_reader(self.with_heads, self.reader, self.stored)
@@ -120,7 +126,8 @@ class Conversion:
     def found_already_converted(self) -> bool:
         """Whether the output already is this conversion. A killed --overwrite is finished (or undone) first:
         what OUT holds decides everything that follows."""
-        self.run_notes += recover_swap(self.output_dir, self.protected)
+        if not self.remote_output:      # (a bucket has no swap to recover: remote_staging.py)
+            self.run_notes += recover_swap(self.output_dir, self.protected)
         already = provenance.check_existing_output(self.output_dir, self.source_fp, self.plan_record["plan"],
                                                    overwrite=self.settings.overwrite,
                                                    overwrite_any=self.settings.overwrite_any)
@@ -131,7 +138,8 @@ class Conversion:
     # -- stage ----------------------------------------------------------------------------------------
     def staging_dir(self) -> StagingDir:
         s = self.settings
-        return StagingDir(self.output_dir, plan_record=self.plan_record, overwrite=s.overwrite or s.overwrite_any,
+        kind = RemoteStaging if self.remote_output else StagingDir
+        return kind(self.output_dir, plan_record=self.plan_record, overwrite=s.overwrite or s.overwrite_any,
                           resume=s.resume, discard_partial=s.discard_partial, fast=self.fast,
                           protected=self.protected)
 
@@ -139,13 +147,19 @@ class Conversion:
         """Probe the copy path, keep what a resumed run finished, check free space, start the progress."""
         conversion, setup = self.conversion, self.setup
         first_file = _first_data_file(self.with_heads)
-        if first_file is not None:      # (no chunk at all: nothing is copied)
+        if self.remote_output:      # uploaded from memory: no output file to copy into in-kernel
+            self.fast = replace(self.fast, copy_file_range=False)
+        elif first_file is not None:      # (no chunk at all: nothing is copied)
             self.fast = fastpaths.probe_copy(self.fast, self.reader.path(first_file), staging.scratch_dir)
         if not (self.fast.copy_file_range and self.fast.preadv):
             self.conversion = with_plain_io(self.conversion, self.conversion.workers)
         if is_url(self.checkpoint_dir):     # the ranged GETs in flight, beside the writers' buffers
             self.conversion = replace(self.conversion,
                                       peak_bytes=self.conversion.peak_bytes + remote_reads.INFLIGHT_BYTES)
+        if self.remote_output:      # the upload parts being filled, beside the writers' buffers
+            largest = max((s.nbytes for s in self.conversion.shards), default=0)
+            self.conversion = replace(self.conversion, peak_bytes=self.conversion.peak_bytes
+                                      + upload.upload_bytes(self.conversion.workers, largest))
         self.run_notes.extend(staging.notes)
         self._staging_notes_seen = len(staging.notes)
         self.ledger = Ledger.for_plan(staging.path, conversion, self.plan_record["plan"])
@@ -156,10 +170,11 @@ class Conversion:
             self._keep_finished_shards(staging)
         kept_names = {s.filename for s in self.kept}
         self.to_write = [s for s in conversion.shards if s.filename not in kept_names]
-        check_free_space(self.output_dir,
-                         output_nbytes(conversion, setup.config.folder if setup.config else None,
-                                       setup.sidecar_files) - sum(s.nbytes for s in self.kept),
-                         needed_files=output_nfiles(conversion, setup.sidecar_files) - len(self.kept))
+        if not self.remote_output:      # (a bucket has no free space to measure)
+            check_free_space(self.output_dir,
+                             output_nbytes(conversion, setup.config.folder if setup.config else None,
+                                           setup.sidecar_files) - sum(s.nbytes for s in self.kept),
+                             needed_files=output_nfiles(conversion, setup.sidecar_files) - len(self.kept))
         self.reporter.start(conversion.total_bytes * (2 if self.settings.verify else 1)
                             + sum(t.nbytes for t in self.heads.values()), "converting")
         self.reporter.advance(sum(s.data_nbytes for s in self.kept))
@@ -214,10 +229,14 @@ class Conversion:
                                               fast=self.fast)
             verifying.raise_if_failed(checked, staged=True)
             self.verified_bytes, self.verified_tensors = checked.bytes_compared, checked.tensors_equal
-        staging.added([provenance.write_record(
+        data = provenance.record_bytes(
             self.ledger, [s.filename for s in conversion.shards],
             self.copied + ([INDEX_FILE_NAME] if index is not None else []),
-            source_fp=self.source_fp, options=recorded_options(self.request, setup), version=_version())])
+            source_fp=self.source_fp, options=recorded_options(self.request, setup), version=_version())
+        if self.remote_output:
+            staging.write_record(data)      # published last: what makes the prefix finished
+        else:
+            staging.added([provenance.write_record(staging.path, data)])
 
     def _prove_tied_heads(self, staging: StagingDir) -> None:
         """A dropped head is read once and compared with the embedding written in its place."""
@@ -279,7 +298,7 @@ class Conversion:
         """The report of a run that found its output already in place (a retry after a commit): nothing written."""
         conversion, options = self.conversion, self.options
         return ConversionReport(
-            checkpoint=location.absolute(self.checkpoint_dir), output=os.path.abspath(self.output_dir),
+            checkpoint=location.absolute(self.checkpoint_dir), output=self.output_abs,
             tensors=len(conversion.tensors), shards=len(conversion.shards), bytes_written=0,
             seconds=time.perf_counter() - self.started, peak_rss_bytes=peak_rss_bytes(),
             predicted_peak_bytes=conversion.peak_bytes, buffer_bytes=options.buffer_bytes,

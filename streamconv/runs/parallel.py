@@ -19,12 +19,12 @@ from ..source.blob_reader import BlobReader
 from ..model import BlobLocation, StoredTensor
 from ..planning.plan import ShardPlan, TensorPlan
 from ..fs.fastpaths import NONE, FastPaths
-from ..output.sink import FileSink
+from ..output.sink import FileSink, ShardFile
 from ..failpoints import kill_point
 
 Progress = Callable[[int], None]
-# Opens one shard's output (path, size in bytes): a FileSink, or any sink with `crc32()` for the resume record.
-SinkFactory = Callable[[str, int], FileSink]
+# Opens one shard's output (path or URL, size in bytes): a FileSink, an upload.UploadSink.
+SinkFactory = Callable[[str, int], ShardFile]
 
 
 class _OpenShard:
@@ -38,10 +38,10 @@ class _OpenShard:
         self.on_done = on_done
         self.path = path
         self.remaining = len(shard.tensors)
-        self.sink: Optional[FileSink] = None
+        self.sink: Optional[ShardFile] = None
         self.lock = threading.Lock()
 
-    def open(self) -> FileSink:
+    def open(self) -> ShardFile:
         with self.lock:
             if self.sink is None:
                 self.sink = self.open_sink(self.path, self.shard.nbytes)
@@ -66,6 +66,12 @@ class _OpenShard:
         with self.lock:
             if self.sink is not None:
                 self.sink.close()
+
+    def abort(self) -> None:
+        """A failed run: the shard is not completed (an upload is aborted, never published part-written)."""
+        with self.lock:
+            if self.sink is not None and self.remaining > 0:
+                self.sink.abort()
 
 
 def write_shards(shards: Sequence[ShardPlan], reader: BlobReader, stored: Mapping[BlobLocation, StoredTensor],
@@ -114,9 +120,10 @@ def write_shards(shards: Sequence[ShardPlan], reader: BlobReader, stored: Mappin
 
     try:
         _run_workers(worker, workers, stop)
-    finally:
+    except BaseException:
         for f in files:
-            f.close()
+            f.abort()
+        raise
 
 
 def _run_workers(worker: Callable[[], None], workers: int, stop: threading.Event) -> None:

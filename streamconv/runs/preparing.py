@@ -131,11 +131,12 @@ def dry_run(checkpoint_dir: str, request: Request, reporter: Optional[Reporter] 
 
 
 def already_converted(checkpoint_dir: str, output_dir: str, request: Request) -> bool:
-    """Whether `output_dir` already holds what `convert` would write: its record names the same plan and the
-    same checkpoint content (`provenance.source_fingerprint`), and every file it lists has its recorded size.
-    Reads the record, `.metadata` and the chunks' headers; no tensor bytes."""
+    """Whether `output_dir` already holds what `convert` would write: it is finished (`record.finished`: its
+    record is there and every file it lists has its recorded size), and the record names the same plan and the
+    same checkpoint content (`provenance.source_fingerprint`). Reads the record, `.metadata` and the chunks'
+    headers; no tensor bytes."""
     try:
-        found = record.read(output_dir)
+        found = record.finished(output_dir)
     except record.RecordError:
         return False
     if found is None:
@@ -148,4 +149,4 @@ def already_converted(checkpoint_dir: str, output_dir: str, request: Request) ->
         with_heads, _ = with_tied_heads(meta, setup, conversion)
         before = provenance.snapshot(checkpoint_dir, provenance.source_files(checkpoint_dir, meta))
         source_fp = provenance.source_fingerprint(checkpoint_dir, meta, locate_chunks(with_heads, reader), before)
-    return source_fp == found.source_fingerprint and not provenance.missing_or_resized(output_dir, found)
+    return source_fp == found.source_fingerprint

@@ -9,7 +9,6 @@ A job is idempotent: a retried task rewrites its file from the start, or finds i
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Optional, Sequence, Tuple
 
@@ -18,6 +17,7 @@ from ..fs import fastpaths
 from ..model import BlobLocation, StoredTensor
 from ..output.ledger import Ledger
 from ..output.staging import scratch_dir_of
+from ..output.upload import shard_opener
 from ..planning.plan import ConversionPlan, ShardPlan
 from ..source.blob_reader import BlobReader
 from ..source.integrity import ChunkIntegrity
@@ -113,9 +113,10 @@ def write_jobs(jobs: Sequence[ShardJob], bench: Workbench, progress: Optional[Pr
     context = jobs[0].context
     before = CrcCount.of(bench.integrity)
     write_shards([j.shard for j in jobs], bench.reader, bench.stored,
-                 lambda name: os.path.join(context.staging_dir, name), buffer_bytes=bench.buffer_bytes,
+                 lambda name: location.at(context.staging_dir).join(name), buffer_bytes=bench.buffer_bytes,
                  workers=bench.workers, progress=progress, integrity=bench.integrity, fast=bench.fast,
-                 on_shard_done=context.ledger.record)
+                 on_shard_done=context.ledger.record,
+                 open_sink=shard_opener(context.staging_dir, bench.fast, bench.workers))
     return Written(tuple(j.filename for j in jobs), CrcCount.of(bench.integrity) - before)
 
 
@@ -145,7 +146,9 @@ def write_job_alone(job: ShardJob) -> Written:
         stored = locate_chunks(alone, directory)
         reader = blob_reader(alone, directory, stored)
         sources = sorted({c.location.relative_path for t in shard.tensors for c in t.chunks})
-        if sources:
+        if is_url(context.staging_dir):     # uploaded from memory: no output file to copy into in-kernel
+            fast = replace(fast, copy_file_range=False)
+        elif sources:
             fast = fastpaths.probe_copy(fast, directory.path(sources[0]), scratch_dir_of(context.staging_dir))
         integrity = ChunkIntegrity(reader, stored, while_decoding=True) if context.crc else None
         bench = Workbench(reader, stored, fast, integrity, context.plan.options.buffer_bytes)

@@ -13,6 +13,7 @@ from typing import Optional
 from ..errors import VerificationError
 from ..fs import fastpaths, location
 from ..fs.paths import user_path
+from ..fs.remote import is_url
 from ..output import record
 from ..source.integrity import ChunkIntegrity
 from ..verification import compare, provenance
@@ -27,10 +28,15 @@ def verify(checkpoint_dir: str, output_dir: str, request: Request, reporter: Opt
     reporter = reporter or Reporter()
     started = time.perf_counter()
     output_dir = user_path(output_dir, "the output folder (OUTPUT_DIR)")
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    if not is_url(output_dir) and os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise VerificationError(f"{output_dir} is a file, not an output folder; pass the folder `streamconv convert` "
                                 "wrote (the one holding the .safetensors files and their index)")
     found = record.read(output_dir)     # a damaged or planted record: RecordError, exit 3
+    if found is None and is_url(output_dir):
+        # In a bucket the record is published last (record.finished): without it the prefix is unfinished.
+        raise VerificationError(f"{output_dir}: no {record.RECORD_FILE} there, so this is not a finished output (an "
+                                "interrupted conversion into the bucket, or not streamconv's output); convert again, "
+                                "with --resume to keep what an interrupted run uploaded")
     checked: list = []
     fast = fastpaths.detect()       # chosen once, here, and passed down (fastpaths.py)
     if found is not None:

@@ -34,7 +34,8 @@ from .. import safetensors_format as sf
 from ..errors import CorruptChunkError, OutputError, VerificationError
 from ..execution.executor import Executor
 from ..fs.fastpaths import NONE, FastPaths
-from ..fs.infiles import open_regular
+from ..fs import location
+from ..fs.remote import is_url
 from ..source.blob_reader import BlobReader
 from ..model import BlobLocation, StoredTensor
 from ..planning.plan import INDEX_FILE_NAME, SINGLE_FILE_NAME, ConversionPlan, TensorPlan, shard_filename
@@ -155,10 +156,11 @@ def _dtype_hint(result: VerifyResult) -> str:
 # wrong with the folder is a finding (exit 3); not being able to read it (EIO, out of descriptors) is not.
 
 
-def _open_output(path: str, filename: str, result: VerifyResult, missing: str = "missing") -> Optional[int]:
-    """A descriptor on a regular output file, or None with the problem recorded."""
+def _open_output(path: str, filename: str, result: VerifyResult, missing: str = "missing"):
+    """A regular output file (or object) open for reading (`location.open_file`), or None with the problem
+    recorded."""
     try:
-        return open_regular(path, error=VerificationError)
+        return location.open_file(path, error=VerificationError)
     except FileNotFoundError:
         result.file_problems.append({"file": filename, "problem": missing})
     except VerificationError as exc:
@@ -166,12 +168,12 @@ def _open_output(path: str, filename: str, result: VerifyResult, missing: str = 
     return None
 
 
-def _pread_exact(fd: int, length: int, offset: int, path: str) -> bytes:
+def _pread_exact(file, length: int, offset: int, path: str) -> bytes:
     """Up to `length` bytes at `offset` (fewer only at the end of the file)."""
     parts, done = [], 0
     try:
         while done < length:
-            block = os.pread(fd, length - done, offset + done)
+            block = file.pread(length - done, offset + done)
             if not block:
                 break
             parts.append(block)
@@ -181,9 +183,9 @@ def _pread_exact(fd: int, length: int, offset: int, path: str) -> bytes:
     return b"".join(parts)
 
 
-def _read_safetensors_header(fd: int, path: str) -> Tuple[int, Optional[sf.Header], Optional[str]]:
+def _read_safetensors_header(fd, path: str) -> Tuple[int, Optional[sf.Header], Optional[str]]:
     """(file size, parsed header, problem that stopped the parse) of an open output file."""
-    size = os.fstat(fd).st_size
+    size = fd.size
     length, problem = sf.header_length(_pread_exact(fd, sf.LENGTH.size, 0, path), size)
     if problem:
         return size, None, problem
@@ -195,11 +197,11 @@ def _read_safetensors_header(fd: int, path: str) -> Tuple[int, Optional[sf.Heade
 
 def read_header(path: str) -> Tuple[int, Dict[str, dict]]:
     """(data section start, {name: entry}) of a safetensors file; ValueError/OSError with the reason."""
-    fd = open_regular(path, error=VerificationError)
+    fd = location.open_file(path, error=VerificationError)
     try:
         _, header, problem = _read_safetensors_header(fd, path)
     finally:
-        os.close(fd)
+        fd.close()
     if problem or header.problems:
         raise ValueError(problem or "; ".join(header.problems))
     return header.data_start, {e.name: {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
@@ -207,14 +209,14 @@ def read_header(path: str) -> Tuple[int, Dict[str, dict]]:
 
 
 def _file_tensors(output_dir: str, filename: str, result: VerifyResult) -> Dict[str, OutputTensor]:
-    path = os.path.join(output_dir, filename)
+    path = location.at(output_dir).join(filename)
     fd = _open_output(path, filename, result)
     if fd is None:
         return {}
     try:
         size, header, problem = _read_safetensors_header(fd, path)
     finally:
-        os.close(fd)
+        fd.close()
     if problem:
         result.file_problems.append({"file": filename, "problem": f"does not load as safetensors: {problem}"})
         return {}
@@ -236,17 +238,17 @@ def _file_tensors(output_dir: str, filename: str, result: VerifyResult) -> Dict[
 
 def _read_index(output_dir: str, result: VerifyResult) -> Optional[Tuple[Optional[Dict[str, str]], object]]:
     """(weight_map, total_size); None when there is no index, (None, None) when it is unreadable (reported)."""
-    path = os.path.join(output_dir, INDEX_FILE_NAME)
-    if not os.path.lexists(path):
+    path = location.at(output_dir).join(INDEX_FILE_NAME)
+    if not (os.path.lexists(path) if not is_url(path) else location.at(output_dir).entry(INDEX_FILE_NAME)):
         return None
     fd = _open_output(path, INDEX_FILE_NAME, result, missing="a symlink to nothing")
     if fd is None:
         return None, None
     try:
-        size = os.fstat(fd).st_size
+        size = fd.size
         text = _pread_exact(fd, MAX_INDEX_BYTES + 1, 0, path) if size <= MAX_INDEX_BYTES else None
     finally:
-        os.close(fd)
+        fd.close()
     try:
         if text is None or len(text) > MAX_INDEX_BYTES:
             raise ValueError(f"larger than {MAX_INDEX_BYTES} bytes")
@@ -263,11 +265,12 @@ def _read_index(output_dir: str, result: VerifyResult) -> Optional[Tuple[Optiona
 
 def scan_output(output_dir: str, result: VerifyResult) -> Dict[str, OutputTensor]:
     """Every tensor of the output folder by name, after the folder, index and header checks."""
-    if not os.path.isdir(output_dir):
+    where = location.at(output_dir, VerificationError)
+    if not where.is_dir():
         result.file_problems.append({"file": output_dir, "problem": "output folder does not exist"})
         return {}
     # Every name a loader would look at, whatever its type: a FIFO or a directory there is a finding.
-    on_disk = sorted(f for f in os.listdir(output_dir) if f.endswith(".safetensors"))
+    on_disk = sorted(f for f in where.names() if f.endswith(".safetensors"))
     indexed = _read_index(output_dir, result)
     files = list(on_disk)
     if indexed is None:
@@ -376,11 +379,11 @@ def compare_tensors(conversion: ConversionPlan, found: Dict[str, OutputTensor], 
             elif o.end - o.begin != t.nbytes:
                 result.differing.append(_differs(t, o, f"{o.end - o.begin} bytes, expected {t.nbytes}"))
             else:
-                if sink is None or sink.path != os.path.join(output_dir, o.file):
+                if sink is None or sink.path != location.at(output_dir).join(o.file):
                     if sink is not None:
                         sink.close()
                         sink = None
-                    sink = ComparingSink(os.path.join(output_dir, o.file), fast=fast)
+                    sink = ComparingSink(location.at(output_dir).join(o.file), fast=fast)
                 before = sink.compared
                 try:
                     executor.write_tensor(dataclasses.replace(t, begin=o.begin), sink)
@@ -420,7 +423,7 @@ def check_tied(heads: Sequence[Tuple[TensorPlan, str]], conversion: ConversionPl
             continue        # already reported
         try:
             result.bytes_compared += verify_tied(executor, head, dataclasses.replace(planned[embedding], begin=o.begin),
-                                                 os.path.join(output_dir, o.file), fast=fast)
+                                                 location.at(output_dir).join(o.file), fast=fast)
         except VerificationError as exc:
             result.differing.append({"name": head.name, "file": o.file, "problem": str(exc)})
 
@@ -431,7 +434,7 @@ def verify_output(conversion: ConversionPlan, reader: BlobReader, stored: Dict[B
                   ) -> VerifyResult:
     """Everything above, for one output folder; never raises for a finding (see `raise_if_failed`).
     `tied_heads`: (head plan, embedding name) for heads dropped as tied duplicates, checked equal."""
-    result = VerifyResult(checkpoint=checkpoint, output=os.path.abspath(output_dir))
+    result = VerifyResult(checkpoint=checkpoint, output=location.absolute(output_dir))
     found = scan_output(output_dir, result)
     compare_tensors(conversion, found, reader, stored, output_dir, result, buffer_bytes=buffer_bytes,
                     integrity=integrity, progress=progress, fast=fast)

@@ -21,9 +21,9 @@ import os
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from ..output import record
-from ..output.crc import crc32
+from ..output.remote_staging import STAGING_PREFIX, interrupted_publication
 from ..output.ledger import Fingerprint, Ledger
-from ..errors import CheckpointError, OptionsError, OutputError
+from ..errors import CheckpointError, OptionsError, OutputError, StreamconvError
 from ..fs import location
 from ..fs.infiles import open_regular
 from ..fs.remote import is_url
@@ -181,13 +181,8 @@ def check_existing_output(output_dir: str, source_fp: str, plan_fp: str, *, over
     asked: nothing needs writing. Returns None when the folder is absent, empty, or may be replaced. Raises
     OutputError when it may not be: `--overwrite` replaces only a streamconv output (a folder with a valid
     record), `--overwrite-any` anything."""
-    try:
-        names = os.listdir(output_dir)
-    except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-            return None     # absent, or a file (staging says so)
-        raise OutputError(f"{output_dir}: cannot list: {exc.strerror}") from None
-    if not names or os.path.islink(output_dir):
+    names = _output_names(output_dir)
+    if not names or (not is_url(output_dir) and os.path.islink(output_dir)):
         return None
     try:
         found = record.read(output_dir)
@@ -196,7 +191,7 @@ def check_existing_output(output_dir: str, source_fp: str, plan_fp: str, *, over
         found, bad_record = None, str(exc)
     if found is not None:
         same = found.source_fingerprint == source_fp and found.plan_fingerprint == plan_fp
-        damaged = missing_or_resized(output_dir, found) if same else []
+        damaged = record.missing_or_resized(output_dir, found) if same else []
         if same and not (overwrite or overwrite_any) and not damaged:
             return found
         if overwrite or overwrite_any:
@@ -210,8 +205,8 @@ def check_existing_output(output_dir: str, source_fp: str, plan_fp: str, *, over
         raise OutputError(
             f"{output_dir} holds a streamconv output made {what} than this checkpoint's; pass --overwrite to "
             "replace it, or choose another output folder")
-    if overwrite_any:
-        return None
+    if overwrite_any or (is_url(output_dir) and interrupted_publication(output_dir)):
+        return None     # (a run killed while publishing: its staging prefix decides, remote_staging.py)
     why = (f"its record is not valid ({bad_record})" if bad_record
            else f"it has no {record.RECORD_FILE}, so it is not a streamconv output (or one made before records)")
     if not _has_model_files(names):
@@ -225,16 +220,21 @@ def check_existing_output(output_dir: str, source_fp: str, plan_fp: str, *, over
                       "another output folder, or pass --overwrite-any to replace it and lose them")
 
 
-def missing_or_resized(output_dir: str, found: record.OutputRecord) -> List[str]:
-    """Files the record lists that are absent or of another size (cheap: no byte is read)."""
-    bad = []
-    for name, entry in sorted(found.files.items()):
+def _output_names(output_dir: str) -> List[str]:
+    """What an output folder holds ([] when absent); in a bucket, an interrupted run's staging prefix is not
+    counted (remote_staging.py decides about it)."""
+    if is_url(output_dir):
         try:
-            if os.lstat(os.path.join(output_dir, name)).st_size != entry.nbytes:
-                bad.append(name)
-        except (OSError, ValueError):
-            bad.append(name)
-    return bad
+            names = location.at(output_dir, OutputError).names()
+        except FileNotFoundError:
+            return []
+        return [n for n in names if not n.startswith(STAGING_PREFIX)]
+    try:
+        return os.listdir(output_dir)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return []     # absent, or a file (staging says so)
+        raise OutputError(f"{output_dir}: cannot list: {exc.strerror}") from None
 
 
 def check_record_options(found: record.OutputRecord, given: Mapping[str, object],
@@ -259,34 +259,29 @@ def check_record_options(found: record.OutputRecord, given: Mapping[str, object]
 
 # -- writing the record ---------------------------------------------------------------------------------------
 
-def _file_crc32(path: str) -> int:
-    crc = 0
-    fd = open_regular(path, error=OutputError)
-    try:
-        while True:
-            data = os.read(fd, _READ_PIECE_BYTES)
-            if not data:
-                return crc
-            crc = crc32(data, crc)
-    finally:
-        os.close(fd)
-
-
-def write_record(ledger: Ledger, shard_names: Iterable[str], other_names: Iterable[str], *,
-                 source_fp: str, options: Mapping[str, object], version: str) -> str:
-    """Write `streamconv.json` into the staging folder, listing every shard (CRC-32 from the resume ledger: the
-    one its writer computed, here or on a Ray worker, so the shard is not read again) and every other file
-    (CRC-32 of its bytes). Returns the record's file name, for the caller to fsync with the rest."""
+def record_bytes(ledger: Ledger, shard_names: Iterable[str], other_names: Iterable[str], *,
+                 source_fp: str, options: Mapping[str, object], version: str) -> bytes:
+    """The record of the staged output (`ledger.staging_dir`, a folder or a prefix), listing every shard (CRC-32
+    from the resume ledger: the one its writer computed, here or on a Ray worker, so the shard is not read again)
+    and every other file (CRC-32 of its bytes)."""
     staging_dir, plan_fp = ledger.staging_dir, ledger.plan_fingerprint
+    shard_names, other_names = list(shard_names), list(other_names)
+    sizes = record.file_sizes(staging_dir, shard_names + other_names)
     files = {}
-    for name in shard_names:
-        files[name] = record.FileEntry(os.path.getsize(os.path.join(staging_dir, name)), ledger.crc32(name))
-    for name in other_names:
-        path = os.path.join(staging_dir, name)
-        files[name] = record.FileEntry(os.path.getsize(path), _file_crc32(path))
-    data = record.encode(record.OutputRecord(
+    for name in shard_names + other_names:
+        if sizes[name] is None:
+            raise OutputError(f"{location.at(staging_dir).join(name)}: missing from the staged output; nothing "
+                              "was committed")
+        crc = ledger.crc32(name) if name in shard_names else record.file_crc32(staging_dir, name)
+        files[name] = record.FileEntry(sizes[name], crc)
+    return record.encode(record.OutputRecord(
         streamconv_version=version, source_fingerprint=source_fp, plan_fingerprint=plan_fp,
         options=record.options_json(options), files=files))
+
+
+def write_record(staging_dir: str, data: bytes) -> str:
+    """Write `streamconv.json` (`record_bytes`) into the local staging folder. Returns the record's file name,
+    for the caller to fsync with the rest."""
     path = os.path.join(staging_dir, record.RECORD_FILE)
     try:
         try:
@@ -378,23 +373,20 @@ def check_record_files(found: record.OutputRecord, output_dir: str, result) -> L
     from ..planning.plan import INDEX_FILE_NAME
     blamed = {p["file"] for p in result.file_problems}
     crc_checked = []
+    sizes = record.file_sizes(output_dir, sorted(found.files))
     for name, entry in sorted(found.files.items()):
         if name in blamed:
             continue
-        path = os.path.join(output_dir, name)
         problem = None
-        try:
-            size = os.lstat(path).st_size
-        except (OSError, ValueError):
-            size = None
+        size = sizes[name]
         if size is None:
             problem = "missing: the record lists it (deleted or renamed after the conversion)"
         elif size != entry.nbytes:
             problem = f"{size} bytes, the record says {entry.nbytes} (truncated or replaced after the conversion)"
         elif not name.endswith(".safetensors") and name != INDEX_FILE_NAME:
             try:
-                crc = _file_crc32(path)
-            except (OutputError, OSError) as exc:
+                crc = record.file_crc32(output_dir, name)
+            except (StreamconvError, OSError) as exc:
                 crc, problem = None, f"cannot read: {str(exc)[:200]}"
             if crc is not None and crc != entry.crc32:
                 problem = f"CRC-32 {crc:08x}, the record says {entry.crc32:08x} (edited after the conversion)"

@@ -21,8 +21,11 @@ def files(folder):
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, s3_server):
     kill_dir = tmp_path_factory.mktemp("ray-kill")
+    # The local S3 server's endpoint and keys, the standard way, for the bucket test: workers inherit them too.
+    saved = {k: os.environ.get(k) for k in s3_server.env}
+    os.environ.update(s3_server.env)
     # Workers inherit the environment when the cluster starts: the hook folder (inert while empty) and our code.
     os.environ[failpoints.RAY_KILL_DIR_ENV] = str(kill_dir)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,6 +37,11 @@ def cluster(tmp_path_factory):
     finally:
         ray.shutdown()
         os.environ.pop(failpoints.RAY_KILL_DIR_ENV, None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +59,20 @@ def test_shards_on_ray_equal_a_local_run(cluster, demo_checkpoint, local, tmp_pa
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]     # staging committed
     assert report.crc_checked_chunks > 0        # the tasks' CRC-32 checks reach the report, as a local run's do
     assert report.task_peak_rss_bytes > 0       # the tasks' own peak RSS, measured in their worker processes
+
+
+def test_shards_on_ray_upload_into_a_bucket_and_the_driver_publishes(cluster, s3_server, demo_checkpoint, local):
+    """Into s3://: each Ray task uploads its own shard into the staging prefix and records it there; the driver
+    checks the ledger and publishes (record last). The downloaded prefix equals the local run."""
+    import s3fs
+    from streamconv.runs import ray_runner
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3_server.bucket("ray-out")
+    streamconv.convert(str(demo_checkpoint.ckpt_dir), "s3://ray-out/hf/model", max_shard_size=SHARD,
+                       no_config=True, shard_runner=ray_runner.RayRunner())
+    got = s3_server.download("ray-out", "hf/model", None)
+    assert sorted(got) == sorted(local)
+    assert all(got[name] == local[name] for name in local if name != "streamconv.json")
 
 
 def test_a_worker_killed_mid_shard_is_retried_to_the_same_bytes(cluster, demo_checkpoint, local, tmp_path):

@@ -100,8 +100,7 @@ class FaultProxy:
 
             def _handle(self):
                 proxy.requests += 1
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
+                body = self._body()
                 what = proxy.fault(self.command, self.path, self.headers)
                 if what is not None:
                     proxy.faults += 1
@@ -120,7 +119,11 @@ class FaultProxy:
                     return
                 request = urllib.request.Request(proxy.upstream + self.path, data=body, method=self.command,
                                                  headers={k: v for k, v in self.headers.items()
-                                                          if k.lower() not in ("host", "connection")})
+                                                          if k.lower() not in ("host", "connection",
+                                                                               "transfer-encoding", "expect")})
+                if body is not None and not self.headers.get("Content-Type"):
+                    # (else urllib sends a form's content type, and the server parses the upload as a form)
+                    request.add_header("Content-Type", "binary/octet-stream")
                 try:
                     with urllib.request.urlopen(request) as answer:
                         status, headers, payload = answer.status, answer.getheaders(), answer.read()
@@ -135,6 +138,21 @@ class FaultProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(payload)
+
+            def _body(self):
+                """The request's body: Content-Length bytes, or (uploads: botocore streams them) HTTP chunks."""
+                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                    parts = []
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass        # trailers
+                            return b"".join(parts)
+                        parts.append(self.rfile.read(size))
+                        self.rfile.readline()
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(length) if length else None
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
 

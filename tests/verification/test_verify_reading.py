@@ -152,11 +152,12 @@ HEADERS = {
 
 
 def _ours(path: Path) -> bool:
-    fd = os.open(path, os.O_RDONLY)
+    from streamconv.fs import location
+    opened = location.open_file(str(path))
     try:
-        size, header, problem = streamconv.verification.compare._read_safetensors_header(fd, str(path))
+        size, header, problem = streamconv.verification.compare._read_safetensors_header(opened, str(path))
     finally:
-        os.close(fd)
+        opened.close()
     return problem is None and not header.problems and header.data_start + header.data_end == size
 
 

@@ -1,0 +1,143 @@
+"""Writing into object storage: the only module that creates, copies or deletes objects.
+
+Object stores have no rename and no write at an offset, so a shard is one S3 multipart upload whose parts are
+uploaded in any order as they fill (`MultipartUpload`: a part is readable by nobody until the upload is
+completed, and an upload that will not be completed is aborted, never left holding billed storage). Small files
+(records, the index, config.json) are one PUT (`put`); publishing a finished output is a server-side copy of
+each object (`copy`: no byte passes through this machine) and the deletion of the staging objects (`delete`).
+
+Only S3 (and S3-protocol services: MinIO, Ceph, R2) offers uploads in parts of any order through fsspec
+(s3fs); another protocol as an output is refused (`check_writable`) with the protocols that work. Every call
+goes through `remote.with_retries` (a reset, a 5xx or throttling retried, then OutputError naming the URL and
+the service's error, never the credentials).
+"""
+from __future__ import annotations
+
+import posixpath
+from typing import Dict, List, Sequence, Tuple
+
+from ..errors import OutputError
+from . import remote
+
+WRITABLE_PROTOCOLS = ("s3", "s3a")
+# S3's limits: parts of 5 MiB to 5 GiB (the last may be smaller), at most 10,000 per upload.
+MIN_PART_BYTES = 5 << 20
+MAX_PARTS = 10_000
+
+
+def check_writable(url: str) -> None:
+    """OutputError (exit 73) for an output URL whose protocol streamconv cannot upload to."""
+    if remote.scheme(url) not in WRITABLE_PROTOCOLS:
+        raise OutputError(f"{url}: writing the output into {remote.scheme(url)}:// is not supported; an s3:// "
+                          "URL is (S3 or any S3-protocol service: MinIO, Ceph, R2). Convert into a local folder "
+                          "and upload it, or write to an S3-protocol endpoint")
+
+
+def _client(url: str) -> Tuple[object, str, str]:
+    """(the s3fs filesystem, bucket, key) of an object URL."""
+    check_writable(url)
+    fs, path = remote.filesystem(url)
+    bucket, key, _ = fs.split_path(path)
+    return fs, bucket, key
+
+
+def _call(what: str, call):
+    try:
+        return remote.with_retries(what, call, OutputError)
+    except FileNotFoundError as exc:
+        raise OutputError(f"{what}: {remote.describe(exc)} (does the bucket exist?)") from None
+
+
+class MultipartUpload:
+    """One object written as numbered parts, in any order; nothing is visible until `complete()`."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._fs, self._bucket, self._key = _client(url)
+        answer = _call(f"{url}: starting the upload",
+                       lambda: self._fs.call_s3("create_multipart_upload", Bucket=self._bucket, Key=self._key))
+        self._upload_id = answer["UploadId"]
+        self._etags: Dict[int, str] = {}
+        self.done = False
+
+    def put_part(self, number: int, data) -> None:
+        """Part `number` (from 1) holds `data`; a part uploaded again replaces itself (a retry is harmless)."""
+        answer = _call(f"{self.url}: uploading part {number}",
+                       lambda: self._fs.call_s3("upload_part", Bucket=self._bucket, Key=self._key,
+                                                UploadId=self._upload_id, PartNumber=number, Body=data))
+        self._etags[number] = answer["ETag"]
+
+    def complete(self, parts: int) -> None:
+        """Publish the object from parts 1..`parts`, every one of which must have been uploaded."""
+        missing = [n for n in range(1, parts + 1) if n not in self._etags]
+        if missing:
+            raise OutputError(f"{self.url}: parts {missing[:5]} were never uploaded; the object was not written")
+        listed = [{"PartNumber": n, "ETag": self._etags[n]} for n in range(1, parts + 1)]
+        _call(f"{self.url}: completing the upload",
+              lambda: self._fs.call_s3("complete_multipart_upload", Bucket=self._bucket, Key=self._key,
+                                       UploadId=self._upload_id, MultipartUpload={"Parts": listed}))
+        self.done = True
+
+    def abort(self) -> None:
+        """Drop the parts uploaded so far (an upload neither completed nor aborted is billed until a lifecycle
+        rule removes it). Best effort: a failure here must not hide the error that led to it."""
+        if self.done:
+            return
+        self.done = True
+        try:
+            remote.with_retries(f"{self.url}: aborting the upload",
+                                lambda: self._fs.call_s3("abort_multipart_upload", Bucket=self._bucket,
+                                                         Key=self._key, UploadId=self._upload_id), OutputError)
+        except (OutputError, FileNotFoundError):
+            pass
+
+
+def put(url: str, data: bytes) -> None:
+    """One small object (a record, the index, config.json) in one PUT."""
+    fs, bucket, key = _client(url)
+    _call(f"{url}: writing", lambda: fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data))
+
+
+def copy(src: str, dst: str) -> None:
+    """Server-side copy of object `src` to `dst` (a multipart copy past 5 GB): no byte passes through here."""
+    fs, _, _ = _client(dst)
+    _, src_path = remote.filesystem(src)
+    _, dst_path = remote.filesystem(dst)
+    _call(f"{dst}: copying from {src}", lambda: fs.cp_file(src_path, dst_path))
+
+
+def delete(urls: Sequence[str]) -> None:
+    """Delete objects (absent ones are no error)."""
+    if not urls:
+        return
+    fs, _, _ = _client(urls[0])
+    paths = [remote.filesystem(u)[1] for u in urls]
+    _call(f"{posixpath.dirname(urls[0])}: deleting {len(urls)} object(s)", lambda: fs.rm(paths))
+
+
+def listing(prefix: str) -> Dict[str, int]:
+    """{name relative to `prefix`: size} of every object under the prefix (sub-prefixes included)."""
+    fs, _, _ = _client(prefix)
+    _, path = remote.filesystem(prefix)
+    fs.invalidate_cache(path)
+    found = _call(f"{prefix}: listing", lambda: fs.find(path, detail=True))
+    return {name[len(path) + 1:]: int(info.get("size") or 0) for name, info in found.items()
+            if name.startswith(path + "/")}
+
+
+def in_progress_uploads(prefix: str) -> List[Tuple[str, str]]:
+    """(key, upload id) of the multipart uploads started under `prefix` and neither completed nor aborted."""
+    fs, bucket, key = _client(prefix)
+    answer = _call(f"{prefix}: listing uploads in progress",
+                   lambda: fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key.rstrip("/") + "/"))
+    return [(u["Key"], u["UploadId"]) for u in answer.get("Uploads", [])]
+
+
+def abort_uploads(prefix: str) -> int:
+    """Abort every multipart upload in progress under `prefix` (a killed run's); how many there were."""
+    fs, bucket, _ = _client(prefix)
+    found = in_progress_uploads(prefix)
+    for key, upload_id in found:
+        _call(f"{prefix}: aborting an interrupted upload",
+              lambda: fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id))
+    return len(found)

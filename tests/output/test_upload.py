@@ -1,0 +1,100 @@
+"""`output/upload.py`: a shard written straight into a bucket as one multipart upload, against the moto server
+(tests/support/s3_server.py) through the real client stack. Parts fill in any order; an upload that cannot be
+completed is aborted, never published short; the part buffers open at once stay within the run's budget."""
+from __future__ import annotations
+
+import random
+import zlib
+
+import pytest
+
+from streamconv.errors import OutputError
+from streamconv.output.sink import FileSink
+from streamconv.output.upload import PartBudget, UploadSink, part_bytes_for, shard_opener
+
+BUCKET = "uploads"
+PART = 5 << 20      # S3's smallest part: the tests need several parts without much data
+
+
+@pytest.fixture()
+def server(s3_server, monkeypatch):
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    import s3fs
+    s3fs.S3FileSystem.clear_instance_cache()      # a client made with this server's endpoint
+    s3_server.bucket(BUCKET)
+    yield s3_server
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _in_progress(server) -> list:
+    return server.client().list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])
+
+
+def _object(server, key: str) -> bytes:
+    return server.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
+
+
+def test_pieces_written_in_any_order_make_the_object_exactly(server):
+    data = random.Random(0).randbytes(3 * PART + 12345)
+    pieces = [(o, data[o:o + 700_001]) for o in range(0, len(data), 700_001)]      # straddling part bounds
+    random.Random(1).shuffle(pieces)
+    budget = PartBudget(100)
+    sink = UploadSink(f"s3://{BUCKET}/any-order", len(data), budget, part_bytes=PART)
+    for offset, piece in pieces:
+        sink.write_at(offset, piece)
+    sink.close()
+    assert _object(server, "any-order") == data
+    assert sink.crc32() == zlib.crc32(data)
+    assert budget.open == 0 and 1 <= budget.peak <= 4
+    assert _in_progress(server) == []
+
+
+def test_front_to_back_writes_hold_one_part_at_a_time(server):
+    data = bytes(range(256)) * (2 * PART // 256 + 10)
+    budget = PartBudget(1)      # one part open at once is enough for writes in order
+    sink = UploadSink(f"s3://{BUCKET}/in-order", len(data), budget, part_bytes=PART)
+    for offset in range(0, len(data), 256 << 10):
+        sink.write_at(offset, data[offset:offset + (256 << 10)])
+    sink.close()
+    assert _object(server, "in-order") == data and budget.peak == 1
+
+
+def test_bytes_never_written_fail_the_shard_and_publish_nothing(server):
+    sink = UploadSink(f"s3://{BUCKET}/holey", 2 * PART, PartBudget(10), part_bytes=PART)
+    sink.write_at(0, bytes(PART))           # the first part only
+    with pytest.raises(OutputError, match=f"bytes from offset {PART:,} were never written"):
+        sink.close()
+    assert _in_progress(server) == []
+    assert "Contents" not in server.client().list_objects_v2(Bucket=BUCKET, Prefix="holey")
+
+
+def test_more_open_parts_than_the_budget_is_an_error_then_abort_drops_the_upload(server):
+    sink = UploadSink(f"s3://{BUCKET}/scattered", 4 * PART, PartBudget(2), part_bytes=PART)
+    sink.write_at(0, b"x")
+    sink.write_at(PART, b"x")
+    with pytest.raises(OutputError, match="upload parts .* open at once"):
+        sink.write_at(2 * PART, b"x")
+    sink.abort()
+    assert _in_progress(server) == []
+
+
+def test_a_write_into_an_uploaded_part_is_refused(server):
+    sink = UploadSink(f"s3://{BUCKET}/twice", 2 * PART, PartBudget(4), part_bytes=PART)
+    sink.write_at(0, bytes(PART))
+    with pytest.raises(OutputError, match="after their part was uploaded"):
+        sink.write_at(10, b"late")
+    sink.abort()
+
+
+def test_part_sizes_fit_s3_limits():
+    assert part_bytes_for(1) == 8 << 20
+    huge = 200 << 30                     # 200 GiB in at most 10,000 parts of whole MiB
+    assert part_bytes_for(huge) * 10_000 >= huge and part_bytes_for(huge) % (1 << 20) == 0
+
+
+def test_the_opener_is_an_upload_for_a_url_and_a_file_for_a_folder(tmp_path):
+    from streamconv.fs.fastpaths import NONE
+    opened = shard_opener(str(tmp_path), NONE, 2)(str(tmp_path / "a.safetensors"), 10)
+    assert isinstance(opened, FileSink)
+    opened.close()

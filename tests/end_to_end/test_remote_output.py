@@ -251,4 +251,5 @@ def test_a_publication_that_fails_half_way_leaves_no_record_and_resumes(s3_serve
     resumed = run("convert", ckpt, url, *args, "--resume", env=env)
     assert resumed.returncode == 0, resumed.stderr
     local = run("convert", ckpt, tmp_path / "local", *args, env=env)
+    assert local.returncode == 0, local.stderr
     same_output(s3_server.download(BUCKET, prefix, None), files_of(tmp_path / "local"))

@@ -2,7 +2,8 @@
 
 A DeepSeek-V3-scale plan unstacks 44,544 expert outputs of 8 pieces each; as `Piece` objects (a dataclass with
 three tuples, ~490 bytes with its share of the chunks) they were most of `plan`'s memory. A `PieceTable` keeps one
-row of numbers per piece (9 numbers for an unstacked expert, 72 bytes) and makes each `Piece` when it is asked
+row of numbers per piece (9 numbers for an unstacked expert, 36 bytes: 4 a number, 8 when a coordinate
+needs it) and makes each `Piece` when it is asked
 for, so the executor, which reads one tensor at a time, holds one tensor's pieces at a time. It is a sequence of
 `Piece`s equal to the tuple it was built from: plans, fingerprints and the executor see the same pieces.
 
@@ -38,11 +39,19 @@ class PieceTable(Sequence):
         dims) stay a tuple."""
         if not pieces:
             return None
+        try:
+            return cls._packed(pieces, chunks, out_shape, shown, "i")
+        except OverflowError:   # a coordinate past 2**31: 8-byte rows
+            return cls._packed(pieces, chunks, out_shape, shown, "q")
+
+    @classmethod
+    def _packed(cls, pieces: Sequence[Piece], chunks: Sequence[Chunk], out_shape: Tuple[int, ...],
+                shown: Optional[Sequence[Chunk]], typecode: str) -> Optional["PieceTable"]:
         n_src, n_dst = len(pieces[0].src_start), len(out_shape)
         by_id = {id(c): i for i, c in enumerate(chunks)}
         by_value: Dict[Chunk, int] = {}
         contiguous: Dict[tuple, bool] = {}      # pieces of one geometry (an expert's planes) share the answer
-        rows = array("q")
+        rows = array(typecode)
         for p in pieces:
             if len(p.src_start) != n_src or len(p.dst_start) != n_dst or len(p.sizes) != n_dst:
                 return None

@@ -7,7 +7,6 @@ The executor only follows the plan, shard by shard, so a shard can be (re)built 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from functools import cached_property
 from typing import Collection, Dict, List, Optional, Sequence, Tuple
 
 from .. import dtypes, failpoints, safetensors_format
@@ -125,12 +124,21 @@ class TensorPlan:
     # (`transforms.Transposed`; `chunks` are in output coordinates): read as stored, put in place permuted.
     axes: Tuple[int, ...] = ()
 
+    # Decided once from the fields above (`__post_init__`, so `replace` decides again): the writer count is chosen
+    # by predicting the peak several times, each asking every tensor. Fields rather than cached properties: a
+    # cached property gives each of a 671B plan's 45k tensors a dict of its own (768 bytes).
+    is_compressed: bool = field(init=False, compare=False, repr=False)
+    is_row_contiguous: bool = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "is_compressed", self._compressed())
+        object.__setattr__(self, "is_row_contiguous", self._row_contiguous())
+
     @property
     def end(self) -> int:
         return self.begin + self.nbytes
 
-    @cached_property
-    def is_compressed(self) -> bool:
+    def _compressed(self) -> bool:
         """True when some chunk is stored through a stream transform (zstd)."""
         if isinstance(self.chunks, ChunkTable):
             return self.chunks.transformed
@@ -140,11 +148,9 @@ class TensorPlan:
     def is_cast(self) -> bool:
         return self.src_dtype != self.dst_dtype
 
-    @cached_property
-    def is_row_contiguous(self) -> bool:
+    def _row_contiguous(self) -> bool:
         """True when every chunk is one contiguous byte run of the output (FSDP's dim-0 shards),
-        so its bytes can be copied straight through without assembling blocks. Cached: the writer count is
-        chosen by predicting the peak several times, each asking every tensor."""
+        so its bytes can be copied straight through without assembling blocks."""
         if isinstance(self.pieces, PieceTable):
             return self.pieces.row_contiguous
         if self.pieces:

@@ -77,6 +77,21 @@ def _ints(raw: bytes, tuple_op: int) -> Optional[List[int]]:
 _KNOWN_DIMS = 1 << 15
 
 
+def _remembered_ints() -> Callable[[Tuple[bytes, bytes]], Optional[List[int]]]:
+    """`_ints` of (the ints' opcodes, the TUPLEn opcode), remembering its answers for one load."""
+    known: Dict[Tuple[bytes, bytes], Optional[List[int]]] = {}
+
+    def ints(raw: Tuple[bytes, bytes]) -> Optional[List[int]]:
+        try:
+            return known[raw]
+        except KeyError:
+            if len(known) >= _KNOWN_DIMS:
+                known.clear()
+            values = known[raw] = _ints(raw[0], raw[1][0])
+            return values
+    return ints
+
+
 def _cached(get: Callable[[int], Any]) -> Callable[[int], Any]:
     """`get` remembering its answers for one run of records: no opcode runs inside a run, so the memo cannot
     change, and every record asks for the same keys and classes."""
@@ -140,21 +155,14 @@ def handlers(spec: sp._Spec) -> Tuple[Dict[int, Callable], Columns]:
     chunk_cls, index_cls, info_cls = sp.ChunkStorageMetadata, sp.MetadataIndex, sp.StorageInfo
     size_call = sp.SIZE_CALL
 
-    known: Dict[Tuple[bytes, bytes], Optional[List[int]]] = {}
+    ints = _remembered_ints()
 
     def dims(get: Callable[[int], Any], m: "re.Match", g: int, key: str) -> Optional[List[int]]:
         """Groups g.. of a matched torch.Size: (key ref, key ref, Size ref, Size ref, ints, TUPLEn)."""
         if (get(_index(m.group(g), m.group(g + 1))) != key
                 or get(_index(m.group(g + 2), m.group(g + 3))) is not size_call):
             return None
-        raw = m.group(g + 4, g + 5)
-        try:
-            return known[raw]
-        except KeyError:
-            if len(known) >= _KNOWN_DIMS:
-                known.clear()
-            values = known[raw] = _ints(raw[0], raw[1][0])
-            return values
+        return ints(m.group(g + 4, g + 5))
 
     def next_record(buf: bytes, pos: int, end: int, get: Callable[[int], Any], cls: type) -> int:
         """The position after the next record's reference to `cls`, or -1 when what follows is something else."""

@@ -47,8 +47,13 @@ IO_STEPS_BYTES = DEFAULT_WRITERS * IO_STEP_BYTES_PER_WRITER
 #   with 2 / 4 / 6 writers: 4.2 MiB a writer (its IO step included) there, so the prediction takes 4.5;
 ZSTD_MODULE_BYTES = 2**20
 DECODER_BYTES_PER_WRITER = 7 * 2**19
-# * per chunk, its metadata and plan entries (dataclasses, tuples, dict slots);
-PER_CHUNK_BYTES = 1500
+# * per chunk of `.metadata` and piece of the plan, what `convert` holds for it before its first byte: the decoded
+#   metadata (a ChunkTable row and what decoding leaves resident), the plan (a PieceTable row and its tensor's
+#   share) and, for a planned chunk, its located blob record (a BlobLocation and StoredTensor, keyed; most of it).
+#   Measured with benchmarks/plan_state.py (VmRSS, 2-core VM, 2026-12-07): 936 bytes on the 671B-scale
+#   metadata (481,438 chunks, 356,352 pieces), 968 at 1/8 of its layers; optimizer chunks a plan excludes are
+#   counted too, though they are never located (a bound, not an estimate, for those);
+PER_CHUNK_BYTES = 1000
 # * when the names were checked against transformers' model on the meta device (hf/meta_probe: a config.json with
 #   no table, e.g. any MoE family), what asking it imports into this process: hashlib's OpenSSL (its answer
 #   cache) and importlib.metadata, 4.7 MiB after `import streamconv.cli` (2026-12-07; a Megatron MoE conversion

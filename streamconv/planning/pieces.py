@@ -2,10 +2,10 @@
 
 A DeepSeek-V3-scale plan unstacks 44,544 expert outputs of 8 pieces each; as `Piece` objects (a dataclass with
 three tuples, ~490 bytes with its share of the chunks) they were most of `plan`'s memory. A `PieceTable` keeps one
-row of numbers per piece (9 numbers for an unstacked expert, 36 bytes: 4 a number, 8 when a coordinate
-needs it) and makes each `Piece` when it is asked
-for, so the executor, which reads one tensor at a time, holds one tensor's pieces at a time. It is a sequence of
-`Piece`s equal to the tuple it was built from: plans, fingerprints and the executor see the same pieces.
+row of numbers per piece (9 for an unstacked expert: 36 bytes, 4 a number, 8 when a coordinate needs it) and makes
+each `Piece` when it is asked for, so the executor, which reads one tensor at a time, holds one tensor's pieces at a
+time. It is a sequence of `Piece`s equal to the tuple it was built from: plans, fingerprints and the executor see
+the same pieces.
 
 A row is: the piece's chunk (an index into `chunks`, the tensor's distinct chunks), `src_step`, then `src_start`
 (one number per chunk dim), `dst_start` and `sizes` (one per output dim).

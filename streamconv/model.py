@@ -131,8 +131,11 @@ class ChunkTable(Sequence):
 
     @property
     def transformed(self) -> bool:
-        """True when some chunk's blob goes through a stream transform."""
-        return any(transforms for _, transforms, _ in self.places)
+        """True when some chunk's blob goes through a stream transform. Asks only this table's chunks: `places` is
+        the whole checkpoint's, and a 671B plan asks each of its 45k tensors."""
+        places, where = self.places, self.where
+        rows = range(len(where)) if self.rows is None else self.rows
+        return any(places[where[r]][1] for r in rows)
 
     def __eq__(self, other) -> bool:
         if isinstance(other, (ChunkTable, tuple, list)):

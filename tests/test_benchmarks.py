@@ -442,3 +442,20 @@ def test_moe_preset_is_torchtitans_qwen3_moe():
     assert proc.returncode == 0, proc.stderr[-3000:]
     theirs = [(k, tuple(s)) for k, s in json.loads(proc.stdout.strip().splitlines()[-1])]
     assert theirs == presets.tensor_specs(c)
+
+
+def test_plan_state_measures_what_per_chunk_bytes_predicts(tmp_path):
+    """benchmarks/plan_state.py on the 671B layout scaled down (4 layers, 64 experts over EP 8 x FSDP 8: 4,224 chunks,
+    4,608 pieces): what the metadata, the plan and the located chunks hold per chunk and piece (measured 867 bytes)
+    is within `PER_CHUNK_BYTES` (measured 936 at full scale), and not far below it: the constant is a measurement."""
+    from benchmarks import metadata_scale
+    from streamconv.planning.plan import PER_CHUNK_BYTES
+
+    metadata_scale.write(tmp_path / "ckpt", layers=4, dense_layers=1, experts=64, ep=8, fsdp=8)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.plan_state", str(tmp_path / "ckpt")],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    state = json.loads(proc.stdout)
+    assert (state["metadata_chunks"], state["plan_pieces"], state["located_chunks"]) == (4224, 4608, 4224)
+    assert [p["phase"] for p in state["phases"]] == ["metadata", "plan", "located"]
+    assert PER_CHUNK_BYTES * 0.6 < state["total_bytes_per_counted_chunk"] <= PER_CHUNK_BYTES, state

@@ -7,15 +7,15 @@ The executor only follows the plan, shard by shard, so a shard can be (re)built 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from functools import cached_property
 from typing import Collection, Dict, List, Optional, Sequence, Tuple
 
-from .. import dtypes, safetensors_format
+from .. import dtypes, failpoints, safetensors_format
 from . import names
 from .coverage import check_coverage, dedup_chunks
 from ..errors import OptionsError
 from ..model import BlobLocation, CheckpointMetadata, Chunk, ChunkTable, TensorEntry, numel
 from .naming import Naming, Skipped, name_tensors
+from .pieces import PieceTable
 from ..safetensors_format import MAX_HEADER_BYTES
 from .transforms import Derived, Heads, Piece, check_gather, cut_all, distinct_chunks, flatten, is_contiguous_piece
 
@@ -47,8 +47,13 @@ IO_STEPS_BYTES = DEFAULT_WRITERS * IO_STEP_BYTES_PER_WRITER
 #   with 2 / 4 / 6 writers: 4.2 MiB a writer (its IO step included) there, so the prediction takes 4.5;
 ZSTD_MODULE_BYTES = 2**20
 DECODER_BYTES_PER_WRITER = 7 * 2**19
-# * per chunk, its metadata and plan entries (dataclasses, tuples, dict slots);
-PER_CHUNK_BYTES = 1500
+# * per chunk of `.metadata` and piece of the plan, what `convert` holds for it before its first byte: the decoded
+#   metadata (a ChunkTable row and what decoding leaves resident), the plan (a PieceTable row and its tensor's
+#   share) and, for a planned chunk, its located blob record (a BlobLocation and StoredTensor, keyed; most of it).
+#   Measured with benchmarks/plan_state.py (VmRSS, 2-core VM, 2026-12-07): 936 bytes on the 671B-scale
+#   metadata (481,438 chunks, 356,352 pieces), 968 at 1/8 of its layers; optimizer chunks a plan excludes are
+#   counted too, though they are never located (a bound, not an estimate, for those);
+PER_CHUNK_BYTES = 1000
 # * when the names were checked against transformers' model on the meta device (hf/meta_probe: a config.json with
 #   no table, e.g. any MoE family), what asking it imports into this process: hashlib's OpenSSL (its answer
 #   cache) and importlib.metadata, 4.7 MiB after `import streamconv.cli` (2026-12-07; a Megatron MoE conversion
@@ -117,18 +122,28 @@ class TensorPlan:
     begin: int                  # absolute byte offset in the shard file
     nbytes: int                 # bytes in the output
     # Empty: each chunk sits at its own offsets in the output. Else the output is a gather of these pieces of
-    # `chunks` (a transform: RoPE rows, a split, an unstack), proven to cover `shape` exactly once.
-    pieces: Tuple[Piece, ...] = ()
+    # `chunks` (a transform: RoPE rows, a split, an unstack), proven to cover `shape` exactly once: a tuple or a
+    # `PieceTable`, which makes each Piece when asked for (pieces.py).
+    pieces: Sequence[Piece] = ()
     # Empty: chunks are stored in the output's dim order. Else output dim k is dim axes[k] of every stored chunk
     # (`transforms.Transposed`; `chunks` are in output coordinates): read as stored, put in place permuted.
     axes: Tuple[int, ...] = ()
+
+    # Decided once from the fields above (`__post_init__`, so `replace` decides again): the writer count is chosen
+    # by predicting the peak several times, each asking every tensor. Fields rather than cached properties: a
+    # cached property gives each of a 671B plan's 45k tensors a dict of its own (768 bytes).
+    is_compressed: bool = field(init=False, compare=False, repr=False)
+    is_row_contiguous: bool = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "is_compressed", self._compressed())
+        object.__setattr__(self, "is_row_contiguous", self._row_contiguous())
 
     @property
     def end(self) -> int:
         return self.begin + self.nbytes
 
-    @cached_property
-    def is_compressed(self) -> bool:
+    def _compressed(self) -> bool:
         """True when some chunk is stored through a stream transform (zstd)."""
         if isinstance(self.chunks, ChunkTable):
             return self.chunks.transformed
@@ -138,11 +153,11 @@ class TensorPlan:
     def is_cast(self) -> bool:
         return self.src_dtype != self.dst_dtype
 
-    @cached_property
-    def is_row_contiguous(self) -> bool:
+    def _row_contiguous(self) -> bool:
         """True when every chunk is one contiguous byte run of the output (FSDP's dim-0 shards),
-        so its bytes can be copied straight through without assembling blocks. Cached: the writer count is
-        chosen by predicting the peak several times, each asking every tensor."""
+        so its bytes can be copied straight through without assembling blocks."""
+        if isinstance(self.pieces, PieceTable):
+            return self.pieces.row_contiguous
         if self.pieces:
             return all(is_contiguous_piece(p, self.shape) for p in self.pieces)
         if self.axes:
@@ -321,7 +336,7 @@ def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -
 
     groups = _assign_shards(items, options.max_shard_bytes)
     shards: List[ShardPlan] = []
-    proven = _Proven()
+    proven, packed = _Proven(_Proven.counted([entry for entry, _, _, _ in items])), pieces_packed()
     for i, group in enumerate(groups):
         filename = SINGLE_FILE_NAME if len(groups) == 1 else shard_filename(i + 1, len(groups))
         # Within a file, widest items first keep every tensor aligned to its item size (as safetensors does).
@@ -333,7 +348,7 @@ def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -
         header = _header(rel)
         tensors = []
         for (entry, name, dst, nbytes), (_, _, _, begin, _) in zip(group, rel):
-            chunks, pieces = _chunks_and_pieces(entry, name, proven)
+            chunks, pieces = _chunks_and_pieces(entry, name, proven, packed)
             tensors.append(TensorPlan(name=name, source_fqn=entry.fqn, src_dtype=entry.dtype, dst_dtype=dst,
                                       shape=tuple(entry.shape), chunks=chunks, begin=len(header) + begin,
                                       nbytes=nbytes, pieces=pieces, axes=getattr(entry, "axes", ())))
@@ -421,16 +436,38 @@ def _writers_bytes(tensors: Sequence[TensorPlan], buffer_bytes: int, writers: in
     return held
 
 
+def pieces_packed() -> bool:
+    """Whether a transformed tensor's pieces are kept as a `PieceTable` (and its chunks as a view of its source's
+    table); STREAMCONV_NO_FAST_PATHS=1 (or all) keeps the general form, tuples of `Piece` and `Chunk`, which the
+    tests prove equal to the packed one (`make test-no-fast-paths` runs every test on it)."""
+    return failpoints.no_fast_paths().strip().lower() not in ("1", "all")
+
+
 class _Proven:
     """Each source tensor's chunks deduplicated and proven to tile it once per plan, and the index a transform
     cuts them by: an unstacked [E, F, D] expert weight feeds E outputs, and proving it for each would cost E x its
-    chunks (a DeepSeek-V3-scale plan spent most of its time there)."""
+    chunks (a DeepSeek-V3-scale plan spent most of its time there).
 
-    def __init__(self) -> None:
-        self.chunks: Dict[Tuple[str, int], Tuple[Chunk, ...]] = {}
+    A source's `Chunk` objects (`listed`) and indexes live only while outputs that read it are left to plan
+    (`uses`, counted up front): a plan's outputs keep their chunks as views of the source's table (`compact`), so
+    the objects of a 671B plan's 89k expert chunks are not all held at once."""
+
+    def __init__(self, uses: Optional[Dict[str, int]] = None) -> None:
+        self.chunks: Dict[Tuple[str, int], Sequence[Chunk]] = {}
         self.indexes: Dict = {}
+        self.listed: Dict[Tuple[str, int], Tuple[List[Chunk], Dict[int, int]]] = {}
+        self.uses = dict(uses or {})
 
-    def of(self, entry: TensorEntry) -> Tuple[Chunk, ...]:
+    @staticmethod
+    def counted(entries: Sequence[TensorEntry]) -> Dict[str, int]:
+        """{source fqn: how many of `entries` read it through a transform}."""
+        uses: Dict[str, int] = {}
+        for entry in entries:
+            for src in getattr(entry, "sources", ()):
+                uses[src.fqn] = uses.get(src.fqn, 0) + 1
+        return uses
+
+    def of(self, entry: TensorEntry) -> Sequence[Chunk]:
         key = (entry.fqn, id(entry.chunks))
         chunks = self.chunks.get(key)
         if chunks is None:
@@ -439,21 +476,62 @@ class _Proven:
             self.chunks[key] = chunks
         return chunks
 
+    def as_list(self, entry: TensorEntry) -> List[Chunk]:
+        """The proven chunks of a transform's source as objects, made once while the source is in use: the pieces
+        cut from them share them, and `compact` finds each one's place by identity."""
+        key = (entry.fqn, id(entry.chunks))
+        found = self.listed.get(key)
+        if found is None:
+            chunks = list(self.of(entry))
+            found = self.listed[key] = (chunks, {id(c): i for i, c in enumerate(chunks)})
+        return found[0]
 
-def _chunks_and_pieces(entry: TensorEntry, name: str,
-                       proven: Optional[_Proven] = None) -> Tuple[Tuple[Chunk, ...], Tuple[Piece, ...]]:
+    def compact(self, entry: Derived, chunks: Tuple[Chunk, ...]) -> Sequence[Chunk]:
+        """`chunks` (distinct chunks of `entry`'s pieces) as a view of its one source's table, sharing its
+        columns; as they are when the output reads several sources or the source's chunks are not a table."""
+        if len(entry.sources) != 1:
+            return chunks
+        src = entry.sources[0]
+        key = (src.fqn, id(src.chunks))
+        table = self.chunks.get(key)
+        if not isinstance(table, ChunkTable) or key not in self.listed:
+            return chunks
+        position = self.listed[key][1]
+        return table.select([position[id(c)] for c in chunks])
+
+    def done(self, entry: Derived) -> None:
+        """`entry` is planned: drop what its sources hold for the outputs still to come, once none are left."""
+        for src in entry.sources:
+            left = self.uses.get(src.fqn, 0) - 1
+            self.uses[src.fqn] = left
+            if left > 0:
+                continue
+            self.listed.pop((src.fqn, id(src.chunks)), None)
+            for key in [k for k in self.indexes if k[0] == src.fqn]:
+                del self.indexes[key]
+
+
+def _chunks_and_pieces(entry: TensorEntry, name: str, proven: Optional[_Proven] = None,
+                       packed: bool = False) -> Tuple[Sequence[Chunk], Sequence[Piece]]:
     """A plain tensor's chunks, proven to tile it; or a transformed tensor's pieces, proven to tile the output
-    (each source's chunks proven to tile the source first, once per plan through `proven`)."""
+    (each source's chunks proven to tile the source first, once per plan through `proven`). `packed`: the pieces
+    as a `PieceTable` and the chunks as a view of the source's table where they can be (`pieces_packed`)."""
     proven = proven or _Proven()
     if not isinstance(entry, Derived):
         return proven.of(entry), ()
     sources = {}
     for src in entry.sources:
-        chunks = proven.of(src)
+        chunks = proven.as_list(src) if packed else proven.of(src)
         if src.dtype != entry.dtype:
             raise OptionsError(f"{name!r} gathers tensors of different dtypes ({src.dtype}, {entry.dtype})")
         sources[src.fqn] = (tuple(src.shape), chunks)
     groups = cut_all(entry.takes, sources, proven.indexes)
     check_gather(name, tuple(entry.shape), entry.takes, groups)
     pieces = flatten(groups)
-    return distinct_chunks(pieces), pieces
+    chunks = distinct_chunks(pieces)
+    if packed:
+        shown = proven.compact(entry, chunks)
+        table = PieceTable.packed(pieces, chunks, tuple(entry.shape), shown)
+        chunks, pieces = shown, (table if table is not None else pieces)
+    proven.done(entry)
+    return chunks, pieces

@@ -72,6 +72,40 @@ def _ints(raw: bytes, tuple_op: int) -> Optional[List[int]]:
     return values
 
 
+# Distinct dims strings remembered per load: a tensor's chunks repeat their sizes and the ranks' offsets, so most
+# are read once (a 671B `.metadata` has 1.4M of them). Forgotten all at once past this many (a few MiB).
+_KNOWN_DIMS = 1 << 15
+
+
+def _remembered_ints() -> Callable[[Tuple[bytes, bytes]], Optional[List[int]]]:
+    """`_ints` of (the ints' opcodes, the TUPLEn opcode), remembering its answers for one load."""
+    known: Dict[Tuple[bytes, bytes], Optional[List[int]]] = {}
+
+    def ints(raw: Tuple[bytes, bytes]) -> Optional[List[int]]:
+        try:
+            return known[raw]
+        except KeyError:
+            if len(known) >= _KNOWN_DIMS:
+                known.clear()
+            values = known[raw] = _ints(raw[0], raw[1][0])
+            return values
+    return ints
+
+
+def _cached(get: Callable[[int], Any]) -> Callable[[int], Any]:
+    """`get` remembering its answers for one run of records: no opcode runs inside a run, so the memo cannot
+    change, and every record asks for the same keys and classes."""
+    seen: Dict[int, Any] = {}
+
+    def cached(i: int) -> Any:
+        try:
+            return seen[i]
+        except KeyError:
+            value = seen[i] = get(i)
+            return value
+    return cached
+
+
 class ChunkRows(Record):
     """Stands in for `count` consecutive ChunkStorageMetadata records of `ndim` dims: their offsets and sizes are
     `Columns.chunks[start + 2 * ndim * k ...]` (offsets, then sizes) for the k-th."""
@@ -121,12 +155,14 @@ def handlers(spec: sp._Spec) -> Tuple[Dict[int, Callable], Columns]:
     chunk_cls, index_cls, info_cls = sp.ChunkStorageMetadata, sp.MetadataIndex, sp.StorageInfo
     size_call = sp.SIZE_CALL
 
+    ints = _remembered_ints()
+
     def dims(get: Callable[[int], Any], m: "re.Match", g: int, key: str) -> Optional[List[int]]:
         """Groups g.. of a matched torch.Size: (key ref, key ref, Size ref, Size ref, ints, TUPLEn)."""
         if (get(_index(m.group(g), m.group(g + 1))) != key
                 or get(_index(m.group(g + 2), m.group(g + 3))) is not size_call):
             return None
-        return _ints(m.group(g + 4), m.group(g + 5)[0])
+        return ints(m.group(g + 4, g + 5))
 
     def next_record(buf: bytes, pos: int, end: int, get: Callable[[int], Any], cls: type) -> int:
         """The position after the next record's reference to `cls`, or -1 when what follows is something else."""
@@ -136,6 +172,7 @@ def handlers(spec: sp._Spec) -> Tuple[Dict[int, Callable], Columns]:
         return m.end()
 
     def chunk_run(buf: bytes, pos: int, end: int, get: Callable[[int], Any]):
+        get = _cached(get)
         start, count, ndim, resume = len(columns.chunks), 0, 0, pos
         values = columns.chunks
         while True:
@@ -159,6 +196,7 @@ def handlers(spec: sp._Spec) -> Tuple[Dict[int, Callable], Columns]:
         return resume, (ChunkRows(start, count, ndim),), 8 * count, _ROW_BYTES * 2 * ndim * count
 
     def storage_run(buf: bytes, pos: int, end: int, get: Callable[[int], Any]):
+        get = _cached(get)
         start, row, count, ndim, resume = len(columns.offsets), len(columns.fqns), 0, 0, pos
         while True:
             m = _STORAGE.match(buf, pos, end)

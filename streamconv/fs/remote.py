@@ -18,7 +18,7 @@ import re
 import time
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, TypeVar
 
-from ..errors import OptionsError
+from ..errors import OptionsError, StreamconvError
 
 _URL = re.compile(r"([a-z][a-z0-9+.-]*)://", re.IGNORECASE)
 INSTALL_HINT = "pip install 'streamconv[remote]'"
@@ -127,13 +127,13 @@ def with_retries(what: str, call: Callable[[], T], error: Callable[[str], Except
                  attempts: Optional[int] = None, sleep: Callable[[float], None] = time.sleep) -> T:
     """`call()`, retried with doubling waits while it fails transiently (RETRY_ATTEMPTS in all); then
     `error(message)` naming `what` (the URL and range) and the last service error. FileNotFoundError passes
-    through for the caller to word."""
+    through for the caller to word, and so does a StreamconvError a client raised itself."""
     attempts = RETRY_ATTEMPTS if attempts is None else attempts
     wait = RETRY_FIRST_WAIT_S
     for attempt in range(1, attempts + 1):
         try:
             return call()
-        except FileNotFoundError:
+        except (FileNotFoundError, StreamconvError):     # ours are worded already (an object that changed)
             raise
         except Exception as exc:    # the client stacks raise many kinds; is_transient sorts them
             if not is_transient(exc):

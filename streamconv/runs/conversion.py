@@ -96,8 +96,8 @@ class Conversion:
         self.checkpoint_dir, self.reader, self.meta, self.setup, self.notes = prepare(
             checkpoint_dir, self.request, fast=self.fast)
         self.checkpoint_abs = location.absolute(self.checkpoint_dir)
-        if is_url(self.checkpoint_dir):     # objects, not files: no kernel fast path reads them
-            self.fast = replace(self.fast, copy_file_range=False, preadv=False, fadvise=False)
+        # objects, not files: no kernel fast path reads them; a file is not read through obstore
+        self.fast = fastpaths.for_source(self.fast, is_url(self.checkpoint_dir))
         self.options = self.setup.options
 
     def plan(self) -> None:

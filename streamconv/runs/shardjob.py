@@ -138,8 +138,7 @@ def write_job_alone(job: ShardJob) -> Written:
     if context.ledger.recorded(shard, fast=fast):
         return Written((job.filename,))      # a retry of a task whose work was already done
     _check_checkpoint_unchanged(context)
-    if is_url(context.checkpoint_dir):
-        fast = replace(fast, copy_file_range=False, preadv=False, fadvise=False)     # no file to hand the kernel
+    fast = fastpaths.for_source(fast, is_url(context.checkpoint_dir))     # no file to hand the kernel, or no URL
     with folder_reader(context.checkpoint_dir, fast) as directory:
         alone = replace(context.plan, shards=(shard,))
         stored = locate_chunks(alone, directory)

@@ -1,4 +1,7 @@
-"""The RangeReader of a checkpoint in object storage: ranged GETs through fsspec, never a whole-object download.
+"""The RangeReader of a checkpoint in object storage: ranged GETs, never a whole-object download.
+
+The GETs go through one `ObjectClient` (`object_clients.py`: obstore for s3:// when the run's FastPaths allow it,
+fsspec otherwise), chosen once by `folder_reader` from the run's FastPaths and passed to the reader.
 
 A read is split into requests of at most `REQUEST_BYTES`; up to `max_requests` of them are in flight at once
 across every thread sharing the reader. Each request's bytes are held only until they are copied into the caller's
@@ -21,6 +24,7 @@ from ..errors import CheckpointError
 from ..fs import remote
 from ..fs.fastpaths import NONE, FastPaths
 from .io import DirectoryReader, RangeReader
+from .object_clients import OBSTORE, ObjectClient, open_client
 
 REQUEST_BYTES = 8 << 20     # one ranged GET: the part size S3 recommends; per-request latency small next to transfer
 DEFAULT_MAX_REQUESTS = 6    # in flight at once, across threads (6 x 8 MiB + the cached blocks: 52 MiB)
@@ -36,9 +40,11 @@ MIN_MAX_REQUESTS = 2
 
 
 def folder_reader(folder: str, fast: FastPaths = NONE) -> RangeReader:
-    """The reader of a checkpoint folder's files: ranged GETs for a URL, else `DirectoryReader` (with the fast
-    paths `fast` allows)."""
-    return RemoteReader(folder) if remote.is_url(folder) else DirectoryReader(folder, fast=fast)
+    """The reader of a checkpoint folder's files: ranged GETs for a URL (through obstore when `fast.obstore`
+    allows it, `object_clients.open_client`), else `DirectoryReader` (with the fast paths `fast` allows)."""
+    if remote.is_url(folder):
+        return RemoteReader(folder, client=open_client(folder.rstrip("/"), fast))
+    return DirectoryReader(folder, fast=fast)
 
 
 def max_requests_for(buffer_bytes: int, workers: int = 1) -> int:
@@ -49,13 +55,15 @@ def max_requests_for(buffer_bytes: int, workers: int = 1) -> int:
 
 
 class RemoteReader:
-    """Reads byte ranges of the files under `url` (an fsspec URL of the checkpoint folder)."""
+    """Reads byte ranges of the files under `url` (the URL of the checkpoint folder) through `client` (default:
+    fsspec's)."""
 
     fast = NONE     # no kernel fast path reads an object
 
-    def __init__(self, url: str, max_requests: int = DEFAULT_MAX_REQUESTS, request_bytes: int = REQUEST_BYTES):
+    def __init__(self, url: str, max_requests: int = DEFAULT_MAX_REQUESTS, request_bytes: int = REQUEST_BYTES,
+                 client: Optional[ObjectClient] = None):
         self.root = url.rstrip("/")
-        self.fs, self.prefix = remote.filesystem(self.root)
+        self.client = client if client is not None else open_client(self.root)
         self.request_bytes = max(1, int(request_bytes))
         self.max_requests = max(1, int(max_requests))
         self._slots = threading.BoundedSemaphore(self.max_requests)
@@ -64,11 +72,13 @@ class RemoteReader:
         self._sizes: Dict[str, int] = {}
         self._blocks: "OrderedDict[Tuple[str, int], bytes]" = OrderedDict()
 
-    def __getstate__(self):    # a separate process (SeparateRunner, Ray) opens its own client
-        return {"root": self.root, "max_requests": self.max_requests, "request_bytes": self.request_bytes}
+    def __getstate__(self):    # a separate process (SeparateRunner, Ray) opens its own client of the same kind
+        return {"root": self.root, "max_requests": self.max_requests, "request_bytes": self.request_bytes,
+                "client": self.client.name}
 
     def __setstate__(self, state):
-        self.__init__(state["root"], state["max_requests"], state["request_bytes"])
+        fast = FastPaths(obstore=state.get("client") == OBSTORE)
+        self.__init__(state["root"], state["max_requests"], state["request_bytes"], open_client(state["root"], fast))
 
     @property
     def inflight_bytes(self) -> int:
@@ -88,8 +98,9 @@ class RemoteReader:
             raise CheckpointError(f"metadata names a file outside the checkpoint folder: {relative_path!r}")
         return posixpath.join(self.root, norm)
 
-    def _key(self, relative_path: str) -> str:
-        return posixpath.join(self.prefix, posixpath.normpath(relative_path))
+    @staticmethod
+    def _key(relative_path: str) -> str:
+        return posixpath.normpath(relative_path)    # (after `url` checked it stays inside the prefix)
 
     def size(self, relative_path: str) -> int:
         with self._lock:
@@ -98,25 +109,22 @@ class RemoteReader:
             return known
         url, key = self.url(relative_path), self._key(relative_path)
         try:
-            info = remote.with_retries(f"{url}: status", lambda: self.fs.info(key), CheckpointError)
+            size = remote.with_retries(f"{url}: status", lambda: self.client.head(key), CheckpointError)
         except FileNotFoundError:
             raise CheckpointError(f"{url}: file named in .metadata is missing (incomplete upload of the "
                                   "checkpoint?)") from None
-        if info.get("type") == "directory":
-            raise CheckpointError(f"{url} is a folder, not a file; the checkpoint's data files are objects")
-        size = int(info.get("size") or 0)
         with self._lock:
             self._sizes[relative_path] = size
         return size
 
-    def _get(self, relative_path: str, offset: int, length: int) -> bytes:
-        """One ranged GET of exactly `length` bytes (retried while it fails transiently)."""
+    def _get(self, relative_path: str, offset: int, length: int):
+        """One ranged GET of exactly `length` bytes, as bytes or a buffer (retried while it fails transiently)."""
         url, key = self.url(relative_path), self._key(relative_path)
         what = f"{url}: read of bytes {offset:,}..{offset + length:,}"
         with self._slots:
             try:
                 data = remote.with_retries(
-                    what, lambda: self.fs.cat_file(key, start=offset, end=offset + length), CheckpointError)
+                    what, lambda: self.client.get(key, offset, offset + length), CheckpointError)
             except FileNotFoundError:
                 raise CheckpointError(f"{url}: file named in .metadata is missing (deleted during the run, or "
                                       "an incomplete upload of the checkpoint?)") from None
@@ -139,7 +147,7 @@ class RemoteReader:
         if length <= SMALL_READ_BYTES:
             return self._small(relative_path, offset, length)
         if length <= self.request_bytes:
-            return self._get(relative_path, offset, length)
+            return bytes(self._get(relative_path, offset, length))     # (obstore answers a buffer)
         out = bytearray(length)
         self.read_into(relative_path, offset, [memoryview(out)])
         return bytes(out)

@@ -79,20 +79,20 @@ def test_requests_in_flight_never_exceed_the_bound(url, monkeypatch):
     reader = RemoteReader(url, max_requests=3, request_bytes=256 << 10)
     state = {"now": 0, "most": 0}
     lock = threading.Lock()
-    fetch = reader.fs.cat_file
+    fetch = reader.client.get
 
-    def slow_cat(path, start=None, end=None):
+    def slow_cat(path, start, end):
         with lock:
             state["now"] += 1
             state["most"] = max(state["most"], state["now"])
         time.sleep(0.002)
         try:
-            return fetch(path, start=start, end=end)
+            return fetch(path, start, end)
         finally:
             with lock:
                 state["now"] -= 1
 
-    monkeypatch.setattr(reader.fs, "cat_file", slow_cat)
+    monkeypatch.setattr(reader.client, "get", slow_cat)
     results = [None] * 4
 
     def work(i):
@@ -116,9 +116,9 @@ def test_requests_in_flight_never_exceed_the_bound(url, monkeypatch):
 def test_small_reads_share_cached_blocks(url, monkeypatch):
     reader = RemoteReader(url)
     calls = []
-    fetch = reader.fs.cat_file
-    monkeypatch.setattr(reader.fs, "cat_file", lambda path, start=None, end=None: calls.append((start, end))
-                        or fetch(path, start=start, end=end))
+    fetch = reader.client.get
+    monkeypatch.setattr(reader.client, "get", lambda path, start, end: calls.append((start, end))
+                        or fetch(path, start, end))
     for offset in range(0, 1 << 20, 4096):      # 256 header-sized reads inside one block
         assert reader.read("__0_0.distcp", offset, 64) == DATA[offset:offset + 64]
     assert calls == [(0, remote_reads.BLOCK_BYTES)]

@@ -2,8 +2,8 @@
 (the fallback, and the only client of the other protocols).
 
 Both answer the same two questions about an object of the checkpoint, named by its path relative to the
-checkpoint's URL: its size (`head`), and the bytes of a range (`get`). `open_client` picks one, once per reader,
-from the run's `FastPaths` (`obstore` is on when the package is importable and STREAMCONV_NO_FAST_PATHS does not
+checkpoint's URL: its size (`head`), and the bytes of a range (`get`). `open_client` picks one from the run's
+`FastPaths` (`obstore` is on when the package is importable and STREAMCONV_NO_FAST_PATHS does not
 turn it off) and from what obstore can honour:
 
 * the URL is `s3://` (gs:// works in obstore too, but no local GCS server tests it here: it stays on fsspec);
@@ -50,15 +50,17 @@ class ObjectClient(Protocol):
 
 
 def open_client(url: str, fast: FastPaths = NONE) -> ObjectClient:
-    """The client of the checkpoint at `url`: obstore when `fast.obstore` and it can honour the URL, the storage
-    options and the credentials (module docstring), else fsspec."""
-    if fast.obstore and remote.scheme(url) == "s3":
-        config = obstore_config(remote.StorageOptions.get())
-        if config is not None:
-            client = _obstore_or_none(url, config)
-            if client is not None:
-                return client
+    """The client of the checkpoint at `url`: obstore when `uses_obstore(url, fast)`, else fsspec."""
+    settings = _obstore_settings(url) if fast.obstore else None
+    if settings is not None:
+        return ObstoreClient(url, *settings)
     return FsspecClient(url)
+
+
+def uses_obstore(url: str, fast: FastPaths) -> bool:
+    """`fast.obstore` and obstore can honour the URL, the storage options and the credentials (module
+    docstring): what `open_client` decides, asked once by a run for its report."""
+    return bool(fast.obstore) and _obstore_settings(url) is not None
 
 
 def obstore_available() -> bool:
@@ -143,10 +145,14 @@ class ObstoreClient:
                                   f"object's ETag is no longer {etag}); run again once it is complete") from None
 
 
-def _obstore_or_none(url: str, config: Dict[str, Any]) -> Optional[ObstoreClient]:
-    """The obstore client, with botocore's credentials and region when neither the options nor the AWS_*
-    variables give them; None when obstore is not importable or a profile sets what obstore cannot see."""
-    if not obstore_available():
+def _obstore_settings(url: str):
+    """(obstore's config, a credential provider or None) for `url`, with botocore's credentials and region when
+    neither the options nor the AWS_* variables give them; None when obstore cannot read this URL as fsspec
+    would (another protocol, an option it has no equivalent for, a profile with its own endpoint) or is absent."""
+    if remote.scheme(url) != "s3" or not obstore_available():
+        return None
+    config = obstore_config(remote.StorageOptions.get())
+    if config is None:
         return None
     provider = None
     env_keys = "AWS_ACCESS_KEY_ID" in os.environ and "AWS_SECRET_ACCESS_KEY" in os.environ
@@ -159,7 +165,7 @@ def _obstore_or_none(url: str, config: Dict[str, Any]) -> Optional[ObstoreClient
         provider, region = resolved
         if needs_region:
             config = dict(config, region=region or "us-east-1")
-    return ObstoreClient(url, config, provider)
+    return config, provider
 
 
 def _botocore_chain(need_credentials: bool):

@@ -18,13 +18,14 @@ import posixpath
 import threading
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Deque, Dict, Optional, Sequence, Tuple
 
 from ..errors import CheckpointError
-from ..fs import remote
+from ..fs import fastpaths, remote
 from ..fs.fastpaths import NONE, FastPaths
 from .io import DirectoryReader, RangeReader
-from .object_clients import OBSTORE, ObjectClient, open_client
+from .object_clients import OBSTORE, ObjectClient, open_client, uses_obstore
 
 REQUEST_BYTES = 8 << 20     # one ranged GET: the part size S3 recommends; per-request latency small next to transfer
 DEFAULT_MAX_REQUESTS = 6    # in flight at once, across threads (6 x 8 MiB + the cached blocks: 52 MiB)
@@ -45,6 +46,13 @@ def folder_reader(folder: str, fast: FastPaths = NONE) -> RangeReader:
     if remote.is_url(folder):
         return RemoteReader(folder, client=open_client(folder.rstrip("/"), fast))
     return DirectoryReader(folder, fast=fast)
+
+
+def reading_paths(fast: FastPaths, folder: str) -> FastPaths:
+    """The fast paths reading `folder` uses, decided once before it is opened: a file's kernel paths, or for a URL
+    whether its GETs go through obstore (`object_clients.uses_obstore`); what a run reports as `fast_paths`."""
+    fast = fastpaths.for_source(fast, remote.is_url(folder))
+    return replace(fast, obstore=uses_obstore(folder.rstrip("/"), fast)) if fast.obstore else fast
 
 
 def max_requests_for(buffer_bytes: int, workers: int = 1) -> int:

@@ -112,6 +112,8 @@ def is_transient(exc: BaseException) -> bool:
     request or a bad argument fails at once."""
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
+    if type(exc).__module__.startswith("obstore"):
+        return _obstore_transient(exc)
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
     if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:     # s3fs turns SlowDown into EBUSY
@@ -121,6 +123,17 @@ def is_transient(exc: BaseException) -> bool:
                           r"ServerDisconnected|ClientOSError|ClientPayloadError|Connection (reset|aborted|refused)|"
                           r"ConnectionReset|EndpointConnectionError|ConnectTimeout|ReadTimeout|IncompleteRead|"
                           r"ResponseStreamingError|ConnectionClosed|Timeout", text))
+
+
+def _obstore_transient(exc: BaseException) -> bool:
+    """obstore's errors by class: only a GenericError can be transient (the others are a missing object, a
+    denied or unauthenticated request, a failed precondition, a bad path or option), and only when the service
+    answered 5xx or the connection failed (its text: "status code: 503", "error sending request", a timeout)."""
+    if type(exc).__name__ != "GenericError":
+        return False
+    return bool(re.search(r"status code: 5\d\d|error sending request|error decoding response body|"
+                          r"connection (reset|closed|refused|aborted)|timed out|operation timed out|"
+                          r"IncompleteMessage|SlowDown", str(exc), re.IGNORECASE))
 
 
 def with_retries(what: str, call: Callable[[], T], error: Callable[[str], Exception],

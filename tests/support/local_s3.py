@@ -63,6 +63,7 @@ class LocalS3:
         self.buckets = {name: os.path.abspath(folder) for name, folder in buckets.items()}
         self.requests = 0       # every request answered (tests count them)
         self.bytes_sent = 0     # object bytes sent (tests check a ranged GET sends only its range)
+        self.connections = 0    # connections accepted (a client that reuses its connections opens few)
         self._lock = threading.Lock()
         owner = self
 
@@ -136,6 +137,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+    def setup(self):
+        super().setup()
+        with self.server_of._lock:
+            self.server_of.connections += 1
 
     # -- answers -------------------------------------------------------------------------------------------
 

@@ -83,6 +83,11 @@ bench-moe-full: install
 bench-hf-shards: install
 	$(PY) -m benchmarks.hf_shards --ranks 4 --layers 2 --runs 3
 
+# Issue 21: the 2gb preset converted from a local S3 server vs a parallel boto3 download of it (docs/remote.md).
+.PHONY: bench-remote
+bench-remote: install
+	$(PY) -m benchmarks.remote --preset 2gb --repeat 2 --fallback
+
 # 43 GB checkpoint + 21 GB bf16 output: needs ~70 GB free (delete the bf16 preset from benchmarks/.cache first).
 bench-full-fp32: install
 	$(PY) -m benchmarks.run --preset llama-3.2-11b-vision --dtype float32 --out benchmarks/results $(BENCH_CACHES)

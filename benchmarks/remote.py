@@ -2,17 +2,23 @@
 
     python -m benchmarks.remote --preset 2gb [--dtype bfloat16] [--buffer-size 32MiB] [--repeat 2]
 
-The preset checkpoint (generated once and cached, as `benchmarks.run` does) is uploaded with boto3 to a moto S3
-server started for the run (HTTP on localhost, in a process of its own). Then, alternately, `--repeat` times each:
+The preset checkpoint (generated once and cached, as `benchmarks.run` does) is served by a local S3-protocol server
+started for the run (`tests/support/local_s3.py`, HTTP on localhost, in a process of its own; its objects are
+symlinks to the cached files, so nothing is uploaded). moto is not used here: it reads a whole object for every
+ranged GET, which would measure moto. Then, alternately, `--repeat` times each:
 
-* streamconv: `streamconv convert s3://bench/ckpt OUT --no-config` (AWS_ENDPOINT_URL names the server);
+* streamconv: `streamconv convert s3://bench/ckpt OUT --no-config` (AWS_ENDPOINT_URL names the server), its GETs
+  through obstore (the default when it is installed);
+* streamconv (fsspec): the same with `STREAMCONV_NO_FAST_PATHS=obstore`, the s3fs fallback (with `--fallback`);
 * boto3 download: every object with ranged GETs of 8 MiB on 8 threads (streamconv allows itself 6 requests in
   flight), written to local files: what "download first" costs before any conversion starts.
 
-Each is measured by `measure.run_measured` (wall, peak RSS of the process tree). Printed: MB/s of each (checkpoint
-bytes / wall), the ratio, streamconv's peak RSS beside --buffer-size, and the client stack's import cost (the RSS of
-`import s3fs` alone). After timing, the output is compared byte for byte with a local conversion of the same
-checkpoint. JSON goes to benchmarks/results/remote-<preset>-<dtype>.json.
+Each is measured by `measure.run_measured` (wall, peak RSS of the process tree, CPU seconds), and the server's own
+CPU seconds during it are read from /proc. Printed: MB/s of each (checkpoint bytes / wall), the ratio, streamconv's
+peak RSS beside --buffer-size and the client stack's import cost (the RSS an interpreter gains importing what a
+remote conversion imports: fsspec and s3fs for listing, obstore for the GETs). The issue's bar (ratio >= 0.9, peak
+RSS <= buffer + 64 MiB + import cost) is checked and printed. After timing, the output is compared byte for byte
+with a local conversion of the same checkpoint. JSON goes to benchmarks/results/remote-<preset>-<dtype>.json.
 """
 from __future__ import annotations
 
@@ -20,10 +26,8 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from .measure import run_measured
@@ -31,9 +35,8 @@ from .run import DEFAULT_CACHE, cached_checkpoint
 
 HERE = Path(__file__).resolve().parent
 BUCKET = "bench"
-_SERVER = ("import sys, time\nfrom moto.server import ThreadedMotoServer\n"
-           "s = ThreadedMotoServer(ip_address='127.0.0.1', port=int(sys.argv[1]), verbose=False)\n"
-           "s.start()\nprint('ready', flush=True)\nwhile True:\n    time.sleep(3600)\n")
+MIN_RATIO = 0.9                 # issue 21: at least 0.9x the throughput of a parallel boto3 download
+RSS_ALLOWANCE_BYTES = 64 << 20  # issue 21: peak RSS <= buffer + 64 MiB + the client library's import cost
 _DOWNLOAD = r"""
 import os, sys, boto3
 from concurrent.futures import ThreadPoolExecutor
@@ -60,45 +63,102 @@ for fd in fds.values():
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start_server(bucket_dir: Path, log):
+    proc = subprocess.Popen([sys.executable, "-m", "tests.support.local_s3", "--bucket", f"{BUCKET}={bucket_dir}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=HERE.parent)
+    word, url = proc.stdout.readline().split()
+    assert word == "ready", word
+    log(f"local S3 server on {url} (pid {proc.pid})")
+    return proc, url
 
 
-def start_server(log):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(port)], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    log(f"moto S3 server on 127.0.0.1:{port} (pid {proc.pid})")
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def upload(ckpt: Path, env: dict, log) -> int:
-    import boto3
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
-    client.create_bucket(Bucket=BUCKET)
+def link_objects(ckpt: Path, bucket_dir: Path) -> int:
+    """The checkpoint's files as objects bench/ckpt/<name> (symlinks); returns their bytes."""
+    folder = bucket_dir / "ckpt"
+    folder.mkdir(parents=True)
     total = 0
-    t0 = time.perf_counter()
-    for path in sorted(ckpt.rglob("*")):
-        if path.is_file() and not path.name.startswith(".streamconv"):
-            client.upload_file(str(path), BUCKET, f"ckpt/{path.relative_to(ckpt).as_posix()}")
+    for path in sorted(ckpt.iterdir()):
+        if path.is_file() and not path.name.startswith((".streamconv", ".generator")):
+            (folder / path.name).symlink_to(path)
             total += path.stat().st_size
-    log(f"uploaded {total / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s")
     return total
 
 
-def import_cost_bytes() -> int:
-    """RSS of an interpreter after `import s3fs, fsspec` minus one after `import streamconv.cli` (what the client
-    stack adds to a converter's resident memory before it reads a byte)."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process so far."""
+    fields = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def import_cost_bytes(modules: str) -> int:
+    """RSS of an interpreter after importing `modules` (a line of Python) minus one after `import
+    streamconv.cli`: what the client stack adds to a converter's resident memory before it reads a byte."""
     def rss(code: str) -> int:
         r = subprocess.run([sys.executable, "-c", code + "\nprint(open('/proc/self/statm').read().split()[1])"],
-                           capture_output=True, text=True, check=True)
+                           capture_output=True, text=True, check=True, cwd=HERE.parent)
         return int(r.stdout.split()[-1]) * os.sysconf("SC_PAGE_SIZE")
-    base = rss("import streamconv.cli")
-    return rss("import streamconv.cli, fsspec, s3fs; fsspec.filesystem('s3')") - base
+    base = min(rss("import streamconv.cli") for _ in range(3))
+    return min(rss("import streamconv.cli\n" + modules) for _ in range(3)) - base
+
+
+IMPORTS = {
+    "obstore run": "import fsspec, s3fs, obstore\nfsspec.filesystem('s3')\nfrom obstore.store import S3Store",
+    "s3fs only": "import fsspec, s3fs\nfsspec.filesystem('s3')",
+    "obstore only": "import obstore\nfrom obstore.store import S3Store",
+}
+
+
+def contenders(args, work: Path):
+    names = ["streamconv", "streamconv (fsspec)", "boto3 download"] if args.fallback else \
+        ["streamconv", "boto3 download"]
+    for name in names:
+        tag = name.split()[0] + ("-fsspec" if "fsspec" in name else "")
+        if name.startswith("streamconv"):
+            yield name, tag, ["-m", "streamconv", "convert", f"s3://{BUCKET}/ckpt", "OUT", "--no-config",
+                              "--buffer-size", args.buffer_size, "--json"], \
+                ({"STREAMCONV_NO_FAST_PATHS": "obstore"} if "fsspec" in name else {})
+        else:
+            yield name, tag, ["-c", _DOWNLOAD, BUCKET, "ckpt", "OUT"], {}
+
+
+def run_all(args, env: dict, server_pid: int, total: int, work: Path, log) -> dict:
+    rows: dict = {}
+    for attempt in range(args.repeat):
+        for name, tag, argv, extra in contenders(args, work):
+            out = work / f"{tag}-{attempt}"
+            if name == "boto3 download":
+                out.mkdir()
+            argv = [sys.executable] + [str(out) if a == "OUT" else a for a in argv]
+            server_cpu = cpu_seconds(server_pid)
+            m = run_measured(argv, env=dict(env, **extra), stderr_path=work / f"{tag}-{attempt}.err",
+                             stdout_path=work / f"{tag}-{attempt}.out", cwd=HERE.parent)
+            server_cpu = cpu_seconds(server_pid) - server_cpu
+            if m.status != "finished":
+                raise SystemExit(f"{name} {m.status} (exit {m.exit_code}); see {work}")
+            row = {"wall_s": round(m.wall_s, 2), "peak_rss_bytes": m.peak_rss_bytes,
+                   "mb_per_s": round(total / 1e6 / m.wall_s, 1), "cpu_s": round(m.user_s + m.sys_s, 2),
+                   "server_cpu_s": round(server_cpu, 2)}
+            if name.startswith("streamconv"):
+                report = json.loads((work / f"{tag}-{attempt}.out").read_text())
+                row["fast_paths"] = report.get("fast_paths")
+            rows.setdefault(name, []).append(row)
+            log(f"{name}: {m.wall_s:.1f} s, {row['mb_per_s']:.0f} MB/s, CPU {row['cpu_s']:.1f} s (server "
+                f"{server_cpu:.1f} s), peak RSS {m.peak_rss_bytes / 2**20:.0f} MiB")
+            if attempt + 1 < args.repeat or name != "streamconv":
+                shutil.rmtree(out)
+    return rows
+
+
+def check_output(ckpt: Path, work: Path, attempt: int, env: dict, log) -> None:
+    """After timing: the remote conversion is the local one, byte for byte."""
+    local = work / "local"
+    subprocess.run([sys.executable, "-m", "streamconv", "convert", str(ckpt), str(local), "--no-config", "-q"],
+                   env=env, check=True, cwd=HERE.parent)
+    remote_out = work / f"streamconv-{attempt}"
+    for f in sorted(local.iterdir()):
+        if f.name != "streamconv.json":
+            assert (remote_out / f.name).read_bytes() == f.read_bytes(), f.name
+    log("checked: the remote conversion equals the local one byte for byte")
 
 
 def main(argv=None) -> None:
@@ -106,8 +166,10 @@ def main(argv=None) -> None:
     p.add_argument("--preset", default="2gb")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--buffer-size", default="32MiB")
-    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--fallback", action="store_true", help="also time streamconv through fsspec/s3fs")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    p.add_argument("--load", default=None, help="the machine's load to record (default: os.getloadavg())")
     args = p.parse_args(argv)
 
     def log(msg: str) -> None:
@@ -116,64 +178,56 @@ def main(argv=None) -> None:
     ckpt, _ = cached_checkpoint(args.preset, args.dtype, False, args.cache, log)
     work = args.cache / "work" / "remote"
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    server, url = start_server(log)
+    total = link_objects(ckpt, work / "bucket")
+    load_before = os.getloadavg()
+    server, url = start_server(work / "bucket", log)
     env = dict(os.environ, AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
                AWS_DEFAULT_REGION="us-east-1")
     env["PYTHONPATH"] = str(HERE.parent) + os.pathsep + env.get("PYTHONPATH", "")
     try:
-        total = upload(ckpt, env, log)
-        rows = {"streamconv": [], "boto3 download": []}
-        for attempt in range(args.repeat):
-            for name in rows:
-                out = work / f"{name.split()[0]}-{attempt}"
-                if name == "streamconv":
-                    argv = [sys.executable, "-m", "streamconv", "convert", f"s3://{BUCKET}/ckpt", str(out),
-                            "--no-config", "--buffer-size", args.buffer_size, "--json"]
-                else:
-                    out.mkdir()
-                    argv = [sys.executable, "-c", _DOWNLOAD, BUCKET, "ckpt", str(out)]
-                m = run_measured(argv, env=env, stderr_path=work / f"{name.split()[0]}-{attempt}.err",
-                                 stdout_path=work / f"{name.split()[0]}-{attempt}.out")
-                if m.status != "finished":
-                    raise SystemExit(f"{name} {m.status} (exit {m.exit_code}); see {work}")
-                rows[name].append({"wall_s": m.wall_s, "peak_rss_bytes": m.peak_rss_bytes,
-                                   "mb_per_s": total / 1e6 / m.wall_s})
-                log(f"{name}: {m.wall_s:.1f} s, {total / 1e6 / m.wall_s:.0f} MB/s, peak RSS "
-                    f"{m.peak_rss_bytes / 2**20:.0f} MiB")
-                if attempt + 1 < args.repeat or name != "streamconv":
-                    shutil.rmtree(out)
-        # after timing: the remote conversion is the local one, byte for byte
-        local = work / "local"
-        subprocess.run([sys.executable, "-m", "streamconv", "convert", str(ckpt), str(local), "--no-config", "-q"],
-                       env=env, check=True)
-        remote_out = work / f"streamconv-{args.repeat - 1}"
-        for f in sorted(local.iterdir()):
-            if f.name != "streamconv.json":
-                assert (remote_out / f.name).read_bytes() == f.read_bytes(), f.name
-        log("checked: the remote conversion equals the local one byte for byte")
+        rows = run_all(args, env, server.pid, total, work, log)
+        check_output(ckpt, work, args.repeat - 1, env, log)
     finally:
         server.terminate()
         server.wait()
-    best = {name: max(r["mb_per_s"] for r in rs) for name, rs in rows.items()}
-    peak = min(r["peak_rss_bytes"] for r in rows["streamconv"])
-    imports = import_cost_bytes()
-    from streamconv.sizes import parse_size
-    buffer_bytes = parse_size(args.buffer_size)
-    result = {"preset": args.preset, "dtype": args.dtype, "checkpoint_bytes": total, "buffer_size": args.buffer_size,
-              "rows": rows, "best_mb_per_s": best, "ratio": best["streamconv"] / best["boto3 download"],
-              "streamconv_peak_rss_bytes": peak, "client_import_rss_bytes": imports,
-              "peak_minus_buffer_minus_imports_bytes": peak - buffer_bytes - imports}
-    print(f"{'':16} {'MB/s':>8} {'peak RSS MiB':>13}")
-    for name, rs in rows.items():
-        print(f"{name:16} {best[name]:8.0f} {min(r['peak_rss_bytes'] for r in rs) / 2**20:13.0f}")
-    print(f"ratio streamconv / boto3 download: {result['ratio']:.2f}; streamconv peak RSS {peak / 2**20:.0f} MiB = "
-          f"buffer {buffer_bytes / 2**20:.0f} + client import {imports / 2**20:.0f} + "
-          f"{result['peak_minus_buffer_minus_imports_bytes'] / 2**20:.0f} MiB")
+    load_after = os.getloadavg()
+    shutil.rmtree(work / "local", ignore_errors=True)
+    result = summarize(args, rows, total, load_before, load_after)
     out = HERE / "results" / f"remote-{args.preset}-{args.dtype}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     log(f"wrote {out}")
+    if not result["passed"]:
+        raise SystemExit(1)
+
+
+def summarize(args, rows: dict, total: int, load_before, load_after) -> dict:
+    from streamconv.sizes import parse_size
+    best = {name: max(r["mb_per_s"] for r in rs) for name, rs in rows.items()}
+    peak = max(r["peak_rss_bytes"] for r in rows["streamconv"])
+    imports = {name: import_cost_bytes(code) for name, code in IMPORTS.items()}
+    buffer_bytes = parse_size(args.buffer_size)
+    bound = buffer_bytes + RSS_ALLOWANCE_BYTES + imports["obstore run"]
+    ratio = best["streamconv"] / best["boto3 download"]
+    result = {"preset": args.preset, "dtype": args.dtype, "checkpoint_bytes": total, "buffer_size": args.buffer_size,
+              "machine": {"cpus": os.cpu_count(), "load_before": [round(x, 2) for x in load_before],
+                          "load_after": [round(x, 2) for x in load_after]},
+              "rows": rows, "best_mb_per_s": best, "ratio": round(ratio, 3),
+              "streamconv_peak_rss_bytes": peak, "client_import_rss_bytes": imports,
+              "rss_bound_bytes": bound, "passed": ratio >= MIN_RATIO and peak <= bound}
+    print(f"{'':22} {'MB/s':>8} {'CPU s':>7} {'server CPU s':>13} {'peak RSS MiB':>13}")
+    for name, rs in rows.items():
+        fastest = max(rs, key=lambda r: r["mb_per_s"])
+        print(f"{name:22} {best[name]:8.0f} {fastest['cpu_s']:7.1f} {fastest['server_cpu_s']:13.1f} "
+              f"{max(r['peak_rss_bytes'] for r in rs) / 2**20:13.0f}")
+    print(f"ratio streamconv / boto3 download: {ratio:.2f} (bar {MIN_RATIO}); streamconv peak RSS "
+          f"{peak / 2**20:.0f} MiB <= buffer {buffer_bytes / 2**20:.0f} + {RSS_ALLOWANCE_BYTES >> 20} + client "
+          f"import {imports['obstore run'] / 2**20:.0f} = {bound / 2**20:.0f} MiB: "
+          f"{'yes' if peak <= bound else 'NO'}; load {load_before[0]:.1f} -> {load_after[0]:.1f} on "
+          f"{os.cpu_count()} CPUs")
+    print("import cost: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in imports.items()))
+    print("PASSED" if result["passed"] else "FAILED")
+    return result
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     preadv            scatter reads straight into the buffer                      else a pread loop (one copy more)
     fadvise           readahead hints (WILLNEED, RANDOM/NORMAL)                   else no hints
     renameat2         RENAME_NOREPLACE commit, RENAME_EXCHANGE for --overwrite    else rename (two for --overwrite)
+    obstore           ranged GETs of an s3:// checkpoint through obstore (Rust)    else fsspec/s3fs
 
 A path is used when the OS offers it and `STREAMCONV_NO_FAST_PATHS` (failpoints.py) does not turn it off (`1` or
 `all`: every one; or a comma list of the names above). `convert` then probes copy_file_range between the real source and
@@ -14,6 +15,7 @@ fast path in the middle of a copy (EIO, ENOSPC) is reported, not retried another
 from __future__ import annotations
 
 import errno
+import importlib.util
 import os
 import threading
 from dataclasses import dataclass, fields, replace
@@ -39,6 +41,7 @@ class FastPaths:
     preadv: bool = False
     fadvise: bool = False
     renameat2: bool = False
+    obstore: bool = False       # a client library, not a kernel call: source/object_clients.py says when it is used
 
     @property
     def names(self) -> Tuple[str, ...]:
@@ -81,7 +84,16 @@ def detect(environ: Optional[Mapping[str, str]] = None) -> FastPaths:
         copy_file_range="copy_file_range" not in off and hasattr(os, "copy_file_range"),
         preadv="preadv" not in off and hasattr(os, "preadv"),
         fadvise="fadvise" not in off and hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_WILLNEED"),
-        renameat2="renameat2" not in off and _has_renameat2())
+        renameat2="renameat2" not in off and _has_renameat2(),
+        obstore="obstore" not in off and importlib.util.find_spec("obstore") is not None)
+
+
+def for_source(fast: FastPaths, remote: bool) -> FastPaths:
+    """The paths reading this source can use: a file's kernel paths, or (in object storage) the obstore client;
+    what a run reports as `fast_paths`."""
+    if remote:
+        return replace(fast, copy_file_range=False, preadv=False, fadvise=False)
+    return replace(fast, obstore=False)
 
 
 def probe_copy(fast: FastPaths, source_path: str, folder: str) -> FastPaths:

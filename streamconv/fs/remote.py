@@ -18,7 +18,7 @@ import re
 import time
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, TypeVar
 
-from ..errors import OptionsError
+from ..errors import OptionsError, StreamconvError
 
 _URL = re.compile(r"([a-z][a-z0-9+.-]*)://", re.IGNORECASE)
 INSTALL_HINT = "pip install 'streamconv[remote]'"
@@ -112,6 +112,8 @@ def is_transient(exc: BaseException) -> bool:
     request or a bad argument fails at once."""
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
+    if type(exc).__module__.startswith("obstore"):
+        return _obstore_transient(exc)
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
     if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:     # s3fs turns SlowDown into EBUSY
@@ -123,17 +125,28 @@ def is_transient(exc: BaseException) -> bool:
                           r"ResponseStreamingError|ConnectionClosed|Timeout", text))
 
 
+def _obstore_transient(exc: BaseException) -> bool:
+    """obstore's errors by class: only a GenericError can be transient (the others are a missing object, a
+    denied or unauthenticated request, a failed precondition, a bad path or option), and only when the service
+    answered 5xx or the connection failed (its text: "status code: 503", "error sending request", a timeout)."""
+    if type(exc).__name__ != "GenericError":
+        return False
+    return bool(re.search(r"status code: 5\d\d|error sending request|error decoding response body|"
+                          r"connection (reset|closed|refused|aborted)|timed out|operation timed out|"
+                          r"IncompleteMessage|SlowDown", str(exc), re.IGNORECASE))
+
+
 def with_retries(what: str, call: Callable[[], T], error: Callable[[str], Exception],
                  attempts: Optional[int] = None, sleep: Callable[[float], None] = time.sleep) -> T:
     """`call()`, retried with doubling waits while it fails transiently (RETRY_ATTEMPTS in all); then
     `error(message)` naming `what` (the URL and range) and the last service error. FileNotFoundError passes
-    through for the caller to word."""
+    through for the caller to word, and so does a StreamconvError a client raised itself."""
     attempts = RETRY_ATTEMPTS if attempts is None else attempts
     wait = RETRY_FIRST_WAIT_S
     for attempt in range(1, attempts + 1):
         try:
             return call()
-        except FileNotFoundError:
+        except (FileNotFoundError, StreamconvError):     # ours are worded already (an object that changed)
             raise
         except Exception as exc:    # the client stacks raise many kinds; is_transient sorts them
             if not is_transient(exc):

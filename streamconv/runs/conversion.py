@@ -40,6 +40,7 @@ from ..planning.workers import with_workers
 from ..execution.executor import Executor
 from ..sizes import format_size
 from ..source import remote as remote_reads
+from ..source.remote import reading_paths
 from ..source.integrity import ChunkIntegrity
 from ..verification import provenance
 from ..verification import compare as verifying
@@ -94,11 +95,11 @@ class Conversion:
 
     # -- prepare, plan ------------------------------------------------------------------------------------
     def prepare(self, checkpoint_dir: str) -> None:
+        # objects, not files: no kernel fast path reads them; a file is not read through obstore
+        self.fast = reading_paths(self.fast, checkpoint_dir)
         self.checkpoint_dir, self.reader, self.meta, self.setup, self.notes = prepare(
             checkpoint_dir, self.request, fast=self.fast)
         self.checkpoint_abs = location.absolute(self.checkpoint_dir)
-        if is_url(self.checkpoint_dir):     # objects, not files: no kernel fast path reads them
-            self.fast = replace(self.fast, copy_file_range=False, preadv=False, fadvise=False)
         self.options = self.setup.options
 
     def plan(self) -> None:

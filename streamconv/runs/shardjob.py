@@ -22,8 +22,7 @@ from ..planning.plan import ConversionPlan, ShardPlan
 from ..source.blob_reader import BlobReader
 from ..source.integrity import ChunkIntegrity
 from ..fs import location
-from ..fs.remote import is_url
-from ..source.remote import folder_reader
+from ..source.remote import folder_reader, reading_paths
 from .checkpoint import blob_reader, locate_chunks
 from .parallel import write_shards
 from .report import peak_rss_bytes
@@ -139,8 +138,7 @@ def write_job_alone(job: ShardJob) -> Written:
     if context.ledger.recorded(shard, fast=fast):
         return Written((job.filename,))      # a retry of a task whose work was already done
     _check_checkpoint_unchanged(context)
-    if is_url(context.checkpoint_dir):
-        fast = replace(fast, copy_file_range=False, preadv=False, fadvise=False)     # no file to hand the kernel
+    fast = reading_paths(fast, context.checkpoint_dir)     # a file's kernel paths, or an object's client
     with folder_reader(context.checkpoint_dir, fast) as directory:
         alone = replace(context.plan, shards=(shard,))
         stored = locate_chunks(alone, directory)

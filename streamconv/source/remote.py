@@ -1,4 +1,7 @@
-"""The RangeReader of a checkpoint in object storage: ranged GETs through fsspec, never a whole-object download.
+"""The RangeReader of a checkpoint in object storage: ranged GETs, never a whole-object download.
+
+The GETs go through one `ObjectClient` (`object_clients.py`: obstore for s3:// when the run's FastPaths allow it,
+fsspec otherwise), chosen once by `folder_reader` from the run's FastPaths and passed to the reader.
 
 A read is split into requests of at most `REQUEST_BYTES`; up to `max_requests` of them are in flight at once
 across every thread sharing the reader. Each request's bytes are held only until they are copied into the caller's
@@ -13,32 +16,56 @@ from __future__ import annotations
 
 import posixpath
 import threading
+from contextlib import nullcontext
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Deque, Dict, Optional, Sequence, Tuple
 
 from ..errors import CheckpointError
-from ..fs import remote
+from ..fs import fastpaths, remote
 from ..fs.fastpaths import NONE, FastPaths
 from .io import DirectoryReader, RangeReader
+from .object_clients import OBSTORE, ObjectClient, open_client, uses_obstore
 
-REQUEST_BYTES = 8 << 20     # one ranged GET: the part size S3 recommends; per-request latency small next to transfer
-DEFAULT_MAX_REQUESTS = 6    # in flight at once, across threads (6 x 8 MiB + the cached blocks: 52 MiB)
+REQUEST_BYTES = 4 << 20     # one ranged GET at most: latency small next to transfer; 8 MiB cost 24 MiB more peak RSS
+DEFAULT_MAX_REQUESTS = 6    # in flight or waiting to be written, across threads (6 x 4 MiB)
 # Small reads (zip headers while locating chunks, .metadata, CRC records) are answered from aligned blocks of
 # BLOCK_BYTES, the last CACHED_BLOCKS of them kept: a checkpoint's headers sit beside its chunks, and one GET per
 # 4 KiB header costs a round trip each (the demo checkpoint: 108 GETs before, 8 after).
 SMALL_READ_BYTES = 64 << 10
 BLOCK_BYTES = 1 << 20
 CACHED_BLOCKS = 4
-# What a default reader holds at most beside the callers' buffers: its requests in flight and its cached blocks.
-INFLIGHT_BYTES = DEFAULT_MAX_REQUESTS * REQUEST_BYTES + CACHED_BLOCKS * BLOCK_BYTES
+# Small ranges announced by `prefetch` (locating chunks hints every blob's 4 KiB head and tail, in file order) are
+# fetched exactly, up to PREFETCH_AHEAD of them ahead of the reads that take them: locating hundreds of blobs
+# costs round trips in parallel, not one after another, and no 1 MiB block per 4 KiB header.
+PREFETCH_AHEAD = 32
+# ...on a pool of their own, up to SMALL_REQUESTS at once (beside max_requests: they hold 64 KiB, not 8 MiB): a
+# round trip is latency, not bandwidth, and hundreds of them in a row were most of a 2 GB conversion's time.
+SMALL_REQUESTS = 16
+# A chunk smaller than max_requests x REQUEST_BYTES is still split into max_requests requests of at least
+# MIN_PIECE_BYTES, so one writer keeps several requests in flight whatever its chunks' sizes.
+MIN_PIECE_BYTES = 1 << 20
+# What a default reader holds at most beside the callers' buffers: its requests in flight, its cached blocks and
+# its prefetched small ranges.
+INFLIGHT_BYTES = (DEFAULT_MAX_REQUESTS * REQUEST_BYTES + CACHED_BLOCKS * BLOCK_BYTES
+                  + PREFETCH_AHEAD * SMALL_READ_BYTES)
 MIN_MAX_REQUESTS = 2
 
 
 def folder_reader(folder: str, fast: FastPaths = NONE) -> RangeReader:
-    """The reader of a checkpoint folder's files: ranged GETs for a URL, else `DirectoryReader` (with the fast
-    paths `fast` allows)."""
-    return RemoteReader(folder) if remote.is_url(folder) else DirectoryReader(folder, fast=fast)
+    """The reader of a checkpoint folder's files: ranged GETs for a URL (through obstore when `fast.obstore`
+    allows it, `object_clients.open_client`), else `DirectoryReader` (with the fast paths `fast` allows)."""
+    if remote.is_url(folder):
+        return RemoteReader(folder, client=open_client(folder.rstrip("/"), fast))
+    return DirectoryReader(folder, fast=fast)
+
+
+def reading_paths(fast: FastPaths, folder: str) -> FastPaths:
+    """The fast paths reading `folder` uses, decided once before it is opened: a file's kernel paths, or for a URL
+    whether its GETs go through obstore (`object_clients.uses_obstore`); what a run reports as `fast_paths`."""
+    fast = fastpaths.for_source(fast, remote.is_url(folder))
+    return replace(fast, obstore=uses_obstore(folder.rstrip("/"), fast)) if fast.obstore else fast
 
 
 def max_requests_for(buffer_bytes: int, workers: int = 1) -> int:
@@ -48,27 +75,57 @@ def max_requests_for(buffer_bytes: int, workers: int = 1) -> int:
     return max(MIN_MAX_REQUESTS, min(DEFAULT_MAX_REQUESTS, spare // REQUEST_BYTES))
 
 
+_MMAP_THRESHOLD_SET = []
+
+
+def _return_big_buffers_to_the_os() -> None:
+    """Once per process: glibc serves allocations of at least 1 MiB with mmap and unmaps them when freed.
+
+    By default glibc raises that threshold after the first big free (up to 32 MiB), after which each thread's arena
+    keeps the answers it freed: the ~24 threads of a remote read (GETs, small GETs, the client's runtime) then held
+    ~40 MiB of dead answers (a 2 GB conversion's peak RSS 148 MiB against 112 MiB with the threshold fixed). The
+    answers are a few MiB each, so the cost is one mmap and munmap per answer. Elsewhere than glibc: nothing."""
+    if _MMAP_THRESHOLD_SET:
+        return
+    _MMAP_THRESHOLD_SET.append(True)
+    try:
+        import ctypes
+        ctypes.CDLL(None).mallopt(-3, MIN_PIECE_BYTES)     # M_MMAP_THRESHOLD (glibc's malloc.h)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
 class RemoteReader:
-    """Reads byte ranges of the files under `url` (an fsspec URL of the checkpoint folder)."""
+    """Reads byte ranges of the files under `url` (the URL of the checkpoint folder) through `client` (default:
+    fsspec's)."""
 
     fast = NONE     # no kernel fast path reads an object
 
-    def __init__(self, url: str, max_requests: int = DEFAULT_MAX_REQUESTS, request_bytes: int = REQUEST_BYTES):
+    def __init__(self, url: str, max_requests: int = DEFAULT_MAX_REQUESTS, request_bytes: int = REQUEST_BYTES,
+                 client: Optional[ObjectClient] = None):
         self.root = url.rstrip("/")
-        self.fs, self.prefix = remote.filesystem(self.root)
+        self.client = client if client is not None else open_client(self.root)
+        _return_big_buffers_to_the_os()
         self.request_bytes = max(1, int(request_bytes))
         self.max_requests = max(1, int(max_requests))
         self._slots = threading.BoundedSemaphore(self.max_requests)
         self._pool: Optional[ThreadPoolExecutor] = None
+        self._small_pool: Optional[ThreadPoolExecutor] = None
+        self._small_slots = threading.BoundedSemaphore(SMALL_REQUESTS)
         self._lock = threading.Lock()
         self._sizes: Dict[str, int] = {}
         self._blocks: "OrderedDict[Tuple[str, int], bytes]" = OrderedDict()
+        self._hints: Deque[list] = deque()      # announced, not yet asked for: [path, offset, length, hints]
+        # asked for, not yet taken: [its future, how many hints it still serves]
+        self._ahead: "OrderedDict[Tuple[str, int, int], list]" = OrderedDict()
 
-    def __getstate__(self):    # a separate process (SeparateRunner, Ray) opens its own client
-        return {"root": self.root, "max_requests": self.max_requests, "request_bytes": self.request_bytes}
+    def __getstate__(self):    # a separate process (SeparateRunner, Ray) opens its own client of the same kind
+        return {"root": self.root, "max_requests": self.max_requests, "request_bytes": self.request_bytes,
+                "client": self.client.name}
 
     def __setstate__(self, state):
-        self.__init__(state["root"], state["max_requests"], state["request_bytes"])
+        fast = FastPaths(obstore=state.get("client") == OBSTORE)
+        self.__init__(state["root"], state["max_requests"], state["request_bytes"], open_client(state["root"], fast))
 
     @property
     def inflight_bytes(self) -> int:
@@ -88,8 +145,9 @@ class RemoteReader:
             raise CheckpointError(f"metadata names a file outside the checkpoint folder: {relative_path!r}")
         return posixpath.join(self.root, norm)
 
-    def _key(self, relative_path: str) -> str:
-        return posixpath.join(self.prefix, posixpath.normpath(relative_path))
+    @staticmethod
+    def _key(relative_path: str) -> str:
+        return posixpath.normpath(relative_path)    # (after `url` checked it stays inside the prefix)
 
     def size(self, relative_path: str) -> int:
         with self._lock:
@@ -98,25 +156,24 @@ class RemoteReader:
             return known
         url, key = self.url(relative_path), self._key(relative_path)
         try:
-            info = remote.with_retries(f"{url}: status", lambda: self.fs.info(key), CheckpointError)
+            size = remote.with_retries(f"{url}: status", lambda: self.client.head(key), CheckpointError)
         except FileNotFoundError:
             raise CheckpointError(f"{url}: file named in .metadata is missing (incomplete upload of the "
                                   "checkpoint?)") from None
-        if info.get("type") == "directory":
-            raise CheckpointError(f"{url} is a folder, not a file; the checkpoint's data files are objects")
-        size = int(info.get("size") or 0)
         with self._lock:
             self._sizes[relative_path] = size
         return size
 
-    def _get(self, relative_path: str, offset: int, length: int) -> bytes:
-        """One ranged GET of exactly `length` bytes (retried while it fails transiently)."""
+    def _get(self, relative_path: str, offset: int, length: int, small: bool = False, slotted: bool = False):
+        """One ranged GET of exactly `length` bytes, as bytes or a buffer (retried while it fails transiently).
+        `small` (a prefetched range of at most SMALL_READ_BYTES) takes one of the SMALL_REQUESTS slots instead;
+        `slotted`: the caller holds a slot already (copy_to, until the answer is written)."""
         url, key = self.url(relative_path), self._key(relative_path)
         what = f"{url}: read of bytes {offset:,}..{offset + length:,}"
-        with self._slots:
+        with (nullcontext() if slotted else self._small_slots if small else self._slots):
             try:
                 data = remote.with_retries(
-                    what, lambda: self.fs.cat_file(key, start=offset, end=offset + length), CheckpointError)
+                    what, lambda: self.client.get(key, offset, offset + length), CheckpointError)
             except FileNotFoundError:
                 raise CheckpointError(f"{url}: file named in .metadata is missing (deleted during the run, or "
                                       "an incomplete upload of the checkpoint?)") from None
@@ -139,13 +196,16 @@ class RemoteReader:
         if length <= SMALL_READ_BYTES:
             return self._small(relative_path, offset, length)
         if length <= self.request_bytes:
-            return self._get(relative_path, offset, length)
+            return bytes(self._get(relative_path, offset, length))     # (obstore answers a buffer)
         out = bytearray(length)
         self.read_into(relative_path, offset, [memoryview(out)])
         return bytes(out)
 
     def _small(self, relative_path: str, offset: int, length: int) -> bytes:
-        """`length` bytes at `offset` from the cached aligned block(s) holding them."""
+        """`length` bytes at `offset`: from a prefetched range holding them, else from the cached aligned block(s)."""
+        ahead = self._take_prefetched(relative_path, offset, length)
+        if ahead is not None:
+            return ahead
         parts = []
         end = offset + length
         first = offset - offset % BLOCK_BYTES
@@ -180,9 +240,10 @@ class RemoteReader:
         # Requests never straddle two buffers, so each answer is copied once, straight into place.
         pieces = []
         pos = offset
+        step = self._piece_bytes(total)
         for view in views:
-            for start in range(0, len(view), self.request_bytes):
-                part = view[start:start + self.request_bytes]
+            for start in range(0, len(view), step):
+                part = view[start:start + step]
                 pieces.append((pos, part))
                 pos += len(part)
         if len(pieces) == 1:
@@ -203,38 +264,93 @@ class RemoteReader:
             return self._pool
 
     def copy_to(self, sink, relative_path: str, offset: int, dst_offset: int, length: int) -> None:
-        """Up to max_requests GETs ahead, written to the sink in order from this thread (sinks are not shared
-        between threads), each answer dropped once written."""
+        """GETs ahead, written to the sink in order from this thread (sinks are not shared between threads), each
+        answer dropped once written; max_requests of them at most, in flight or waiting, across all threads."""
         if length == 0:
             return
         self._check_range(relative_path, offset, length)
         if length <= SMALL_READ_BYTES:
             sink.write_at(dst_offset, self._small(relative_path, offset, length))
             return
-        starts = range(0, length, self.request_bytes)
+        step = self._piece_bytes(length)
         pending: Deque = deque()
         pool = self._executor()
-        for start in starts:
-            pending.append((start, pool.submit(self._get, relative_path, offset + start,
-                                               min(self.request_bytes, length - start))))
-            if len(pending) >= self.max_requests:
-                self._write_first(sink, dst_offset, pending)
-        while pending:
-            self._write_first(sink, dst_offset, pending)
-
-    @staticmethod
-    def _write_first(sink, dst_offset: int, pending: Deque) -> None:
-        start, future = pending.popleft()
         try:
-            data = future.result()
+            for start in range(0, length, step):
+                # A slot is this piece's memory until it is written, not only while its GET runs: answers waiting
+                # for their turn count against max_requests too, whichever thread holds them.
+                while not self._slots.acquire(blocking=not pending):
+                    self._write_first(sink, dst_offset, pending)
+                pending.append((start, pool.submit(self._get, relative_path, offset + start,
+                                                   min(step, length - start), slotted=True)))
+            while pending:
+                self._write_first(sink, dst_offset, pending)
         except BaseException:
             for _, later in pending:
-                later.cancel()
+                if not later.cancel():
+                    later.exception()       # (running: wait for it, its error is not this one)
+                self._slots.release()
             raise
-        sink.write_at(dst_offset + start, data)
+
+    def _write_first(self, sink, dst_offset: int, pending: Deque) -> None:
+        start, future = pending.popleft()
+        try:
+            sink.write_at(dst_offset + start, future.result())
+        finally:
+            self._slots.release()
+
+    def _piece_bytes(self, length: int) -> int:
+        """The size of the requests a read of `length` bytes is split into: REQUEST_BYTES, or smaller (down to
+        MIN_PIECE_BYTES) so that even a chunk of a few MiB is max_requests requests in flight."""
+        even = -(-length // self.max_requests)
+        return max(1, min(self.request_bytes, max(MIN_PIECE_BYTES, even)))
 
     def prefetch(self, relative_path: str, offset: int, length: int) -> None:
-        pass    # no page cache to warm; reads are already concurrent
+        """Small ranges (a blob's head and tail while locating) are fetched ahead, PREFETCH_AHEAD at most, in the
+        order announced, from the first read on; a big range is not (its read is split into concurrent requests
+        anyway). A range that touches the one announced before it joins it: one blob's tail and the next one's
+        head are one request (half the round trips)."""
+        if not 0 < length <= SMALL_READ_BYTES:
+            return
+        with self._lock:
+            last = self._hints[-1] if self._hints else None
+            if last is not None and last[0] == relative_path and last[1] <= offset <= last[1] + last[2] \
+                    and max(last[1] + last[2], offset + length) - last[1] <= SMALL_READ_BYTES:
+                last[2] = max(last[1] + last[2], offset + length) - last[1]
+                last[3] += 1
+            else:
+                self._hints.append([relative_path, offset, length, 1])
+
+    def _top_up(self) -> None:
+        with self._lock:
+            if not self._hints or len(self._ahead) >= PREFETCH_AHEAD:
+                return
+            if self._small_pool is None:
+                self._small_pool = ThreadPoolExecutor(SMALL_REQUESTS, thread_name_prefix="streamconv-get-small")
+            while self._hints and len(self._ahead) < PREFETCH_AHEAD:
+                path, start, length, hints = self._hints.popleft()
+                key = (path, start, length)
+                if key not in self._ahead:
+                    self._ahead[key] = [self._small_pool.submit(self._get, *key, small=True), hints]
+
+    def _take_prefetched(self, relative_path: str, offset: int, length: int) -> Optional[bytes]:
+        """The bytes of a prefetched range holding [offset, offset + length) (then forgotten), or None."""
+        self._top_up()
+        with self._lock:
+            if not self._ahead:
+                return None
+            key = next(((path, at, n) for path, at, n in self._ahead
+                        if path == relative_path and at <= offset and offset + length <= at + n), None)
+            if key is None:
+                return None
+            entry = self._ahead[key]
+            future = entry[0]
+            entry[1] -= 1       # a merged range serves each hint it holds once, then is forgotten
+            if entry[1] <= 0:
+                del self._ahead[key]
+        self._top_up()
+        data = future.result()      # its error, if it failed, is this read's error
+        return bytes(data[offset - key[1]:offset - key[1] + length])
 
     def set_random_access(self, random_access: bool) -> None:
         pass
@@ -244,10 +360,15 @@ class RemoteReader:
 
     def close(self) -> None:
         with self._lock:
-            pool, self._pool = self._pool, None
+            pools, self._pool, self._small_pool = (self._pool, self._small_pool), None, None
             self._blocks.clear()
-        if pool is not None:
-            pool.shutdown(wait=True)
+            self._hints.clear()
+            ahead, self._ahead = list(self._ahead.values()), OrderedDict()
+        for future, _ in ahead:
+            future.cancel()
+        for pool in pools:
+            if pool is not None:
+                pool.shutdown(wait=True)
 
     def __enter__(self) -> "RemoteReader":
         return self

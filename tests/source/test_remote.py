@@ -79,20 +79,20 @@ def test_requests_in_flight_never_exceed_the_bound(url, monkeypatch):
     reader = RemoteReader(url, max_requests=3, request_bytes=256 << 10)
     state = {"now": 0, "most": 0}
     lock = threading.Lock()
-    fetch = reader.fs.cat_file
+    fetch = reader.client.get
 
-    def slow_cat(path, start=None, end=None):
+    def slow_cat(path, start, end):
         with lock:
             state["now"] += 1
             state["most"] = max(state["most"], state["now"])
         time.sleep(0.002)
         try:
-            return fetch(path, start=start, end=end)
+            return fetch(path, start, end)
         finally:
             with lock:
                 state["now"] -= 1
 
-    monkeypatch.setattr(reader.fs, "cat_file", slow_cat)
+    monkeypatch.setattr(reader.client, "get", slow_cat)
     results = [None] * 4
 
     def work(i):
@@ -116,9 +116,9 @@ def test_requests_in_flight_never_exceed_the_bound(url, monkeypatch):
 def test_small_reads_share_cached_blocks(url, monkeypatch):
     reader = RemoteReader(url)
     calls = []
-    fetch = reader.fs.cat_file
-    monkeypatch.setattr(reader.fs, "cat_file", lambda path, start=None, end=None: calls.append((start, end))
-                        or fetch(path, start=start, end=end))
+    fetch = reader.client.get
+    monkeypatch.setattr(reader.client, "get", lambda path, start, end: calls.append((start, end))
+                        or fetch(path, start, end))
     for offset in range(0, 1 << 20, 4096):      # 256 header-sized reads inside one block
         assert reader.read("__0_0.distcp", offset, 64) == DATA[offset:offset + 64]
     assert calls == [(0, remote_reads.BLOCK_BYTES)]
@@ -141,3 +141,57 @@ def test_folder_reader_picks_by_url(url, tmp_path):
         assert isinstance(reader, RemoteReader) and reader.path("small") == f"{url}/small"
     with folder_reader(str(tmp_path)) as reader:
         assert isinstance(reader, DirectoryReader)
+
+
+def test_answers_waiting_to_be_written_count_against_the_bound(url, monkeypatch):
+    """copy_to holds a request's slot until its answer is written: two threads copying into slow sinks never hold
+    more than max_requests answers between them (fetched or fetching), so the memory bound is the reader's, not
+    max_requests per thread."""
+    reader = RemoteReader(url, max_requests=3, request_bytes=256 << 10)
+    state = {"held": 0, "most": 0}
+    lock = threading.Lock()
+    fetch = reader.client.get
+
+    def counted_get(path, start, end):
+        with lock:
+            state["held"] += 1
+            state["most"] = max(state["most"], state["held"])
+        return fetch(path, start, end)
+
+    class SlowSink(MemorySink):
+        def write_at(self, offset, data):
+            time.sleep(0.003)
+            super().write_at(offset, data)
+            with lock:
+                state["held"] -= 1
+
+    monkeypatch.setattr(reader.client, "get", counted_get)
+    sinks = [SlowSink(len(DATA)) for _ in range(2)]
+    threads = [threading.Thread(target=reader.copy_to, args=(sink, "__0_0.distcp", 0, 0, len(DATA)))
+               for sink in sinks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    reader.close()
+    assert all(bytes(sink.data) == DATA for sink in sinks)
+    assert state["most"] == 3 and state["held"] == 0
+
+
+def test_prefetched_small_ranges_are_fetched_exactly_merged_and_ahead(url, monkeypatch):
+    """Locating announces each blob's 4 KiB head and tail: they are fetched on their own (a blob's tail and the
+    next one's head as one request), not as 1 MiB blocks, and every read takes its bytes from them."""
+    reader = RemoteReader(url)
+    calls = []
+    fetch = reader.client.get
+    monkeypatch.setattr(reader.client, "get", lambda path, start, end: calls.append((start, end))
+                        or fetch(path, start, end))
+    blob = 100_000      # blobs of 100 kB back to back: head [b, b+4096), tail [b+blob-4096, b+blob)
+    ranges = [(b + at, 4096) for b in range(0, 10 * blob, blob) for at in (0, blob - 4096)]
+    for offset, length in ranges:
+        reader.prefetch("__0_0.distcp", offset, length)
+    for offset, length in ranges:
+        assert reader.read("__0_0.distcp", offset, length) == DATA[offset:offset + length]
+    reader.close()
+    assert all(end - start <= 8192 for start, end in calls), calls      # no 1 MiB block
+    assert len(calls) == 11     # the first head, 9 tail+head pairs, the last tail

@@ -22,6 +22,7 @@ from ..planning.plan import ConversionPlan, ShardPlan
 from ..source.blob_reader import BlobReader
 from ..source.integrity import ChunkIntegrity
 from ..fs import location
+from ..fs.remote import is_url
 from ..source.remote import folder_reader, reading_paths
 from .checkpoint import blob_reader, locate_chunks
 from .parallel import write_shards

@@ -105,7 +105,7 @@ class FileSink:
         if self.fast.copy_file_range:
             self._copy_in_kernel(src, src_offset, dst_offset, length)
         else:
-            self._copy_through_memory(src, src_offset, dst_offset, length)
+            copy_through_memory(self.path, self.write_at, src, src_offset, dst_offset, length)
 
     def _copy_in_kernel(self, src: OpenFile, src_offset: int, dst_offset: int, length: int) -> None:
         done = 0
@@ -114,31 +114,13 @@ class FileSink:
             while done < length:
                 n = src.copy_range_to(out, min(length - done, _COPY_STEP_BYTES), src_offset + done, dst_offset + done)
                 if n == 0:
-                    raise self._ended_early(src_offset, dst_offset, length, done)
+                    raise ended_early(self.path, src_offset, dst_offset, length, done)
                 done += n
         except OSError as exc:
             raise OutputError(write_failed(self.path, exc, dst_offset + done, what="copy failed")) from None
         finally:
             # Bytes copied in-kernel have a CRC unknown here (note_source_crc32 may supply it).
             self.crcs.add(dst_offset, done, None)
-
-    def _copy_through_memory(self, src: OpenFile, src_offset: int, dst_offset: int, length: int) -> None:
-        done = 0
-        while done < length:
-            try:
-                block = src.pread(min(length - done, PREAD_STEP_BYTES), src_offset + done)
-            except OSError as exc:
-                raise CheckpointError(f"{self.path}: copy failed at offset {dst_offset + done:,}: cannot read "
-                                      f"the checkpoint at offset {src_offset + done:,}: {exc.strerror}") from None
-            if not block:
-                raise self._ended_early(src_offset, dst_offset, length, done)
-            self.write_at(dst_offset + done, block)
-            done += len(block)
-
-    def _ended_early(self, src_offset: int, dst_offset: int, length: int, done: int) -> OutputError:
-        return OutputError(f"{self.path}: source ended early while copying at offset {dst_offset + done:,}: "
-                           f"wanted {length:,} bytes from source offset {src_offset:,}, got {done:,} "
-                           "(was the checkpoint changed during the conversion?)")
 
     def note_source_crc32(self, dst_offset: int, length: int, crc: int) -> None:
         """The bytes just copied to [dst_offset, dst_offset + length) have this CRC-32 (from the zip directory)."""
@@ -163,6 +145,28 @@ class FileSink:
 
     def abort(self) -> None:
         self.close()    # the partial file stays in the staging folder, which is discarded or resumed whole
+
+
+def copy_through_memory(name: str, write_at, src: OpenFile, src_offset: int, dst_offset: int, length: int) -> None:
+    """Copy `length` bytes of a source file into a sink (`write_at`, named `name` in errors) through one
+    PREAD_STEP_BYTES bytes object at a time: the plain path of a local shard, and the only one of an upload."""
+    done = 0
+    while done < length:
+        try:
+            block = src.pread(min(length - done, PREAD_STEP_BYTES), src_offset + done)
+        except OSError as exc:
+            raise CheckpointError(f"{name}: copy failed at offset {dst_offset + done:,}: cannot read "
+                                  f"the checkpoint at offset {src_offset + done:,}: {exc.strerror}") from None
+        if not block:
+            raise ended_early(name, src_offset, dst_offset, length, done)
+        write_at(dst_offset + done, block)
+        done += len(block)
+
+
+def ended_early(name: str, src_offset: int, dst_offset: int, length: int, done: int) -> OutputError:
+    return OutputError(f"{name}: source ended early while copying at offset {dst_offset + done:,}: "
+                       f"wanted {length:,} bytes from source offset {src_offset:,}, got {done:,} "
+                       "(was the checkpoint changed during the conversion?)")
 
 
 class Mismatch(Exception):

@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import functools
 import threading
-import zlib
 from typing import Callable, Dict, List, Optional, Tuple
 
-from ..errors import CheckpointError, OutputError
+from ..errors import OutputError
 from ..failpoints import kill_point
-from ..fs.fastpaths import PREAD_STEP_BYTES, FastPaths
+from ..fs.fastpaths import FastPaths
 from ..fs.remote import is_url
 from ..fs.infiles import OpenFile
 from ..fs.objects import MAX_PARTS, MIN_PART_BYTES, MultipartUpload
 from ..sizes import format_size
-from .crc import crc32_combine
-from .sink import FileSink, ShardFile
+from .crc import crc32, crc32_combine
+from .sink import FileSink, ShardFile, copy_through_memory
 
 PART_BYTES = 8 << 20    # S3's recommended part size; grown for a shard of more than MAX_PARTS of them
 
@@ -152,7 +151,7 @@ class UploadSink:
 
     def _send(self, index: int, part: _Part) -> None:
         try:
-            self._crcs[index] = (len(part.data), zlib.crc32(part.data))
+            self._crcs[index] = (len(part.data), crc32(part.data))
             self._upload.put_part(index + 1, part.data)
         finally:
             self.budget.give()
@@ -160,18 +159,7 @@ class UploadSink:
             kill_point("mid-upload")
 
     def copy_from(self, src: OpenFile, src_offset: int, dst_offset: int, length: int) -> None:
-        done = 0
-        while done < length:
-            try:
-                block = src.pread(min(length - done, PREAD_STEP_BYTES), src_offset + done)
-            except OSError as exc:
-                raise CheckpointError(f"{self.url}: copy failed at offset {dst_offset + done:,}: cannot read "
-                                      f"the checkpoint at offset {src_offset + done:,}: {exc.strerror}") from None
-            if not block:
-                raise OutputError(f"{self.url}: source ended early while copying at offset {dst_offset + done:,} "
-                                  "(was the checkpoint changed during the conversion?)")
-            self.write_at(dst_offset + done, block)
-            done += len(block)
+        copy_through_memory(self.url, self.write_at, src, src_offset, dst_offset, length)    # no file to copy into
 
     def note_source_crc32(self, dst_offset: int, length: int, crc: int) -> None:
         pass    # every byte passed through memory: each part's CRC-32 is exact already

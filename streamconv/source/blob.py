@@ -19,7 +19,7 @@ from typing import Dict, Iterable, List, NoReturn, Optional, Tuple, Type
 from .. import dtypes
 from ..errors import CheckpointError, CorruptChunkError, UnsupportedFeatureError
 from .io import RangeReader
-from ..model import BlobLocation, Chunk, StoredTensor, TensorEntry
+from ..model import BlobLocation, StoredTensor
 from . import safe_pickle as sp
 from . import safetensors_blob, streamed_blob, transforms
 
@@ -103,7 +103,7 @@ def locate_tensor(reader: RangeReader, location: BlobLocation, *, fqn: str) -> S
     """
     if location.tensor_key:
         return safetensors_blob.locate_all(reader, {location: ()})[location]
-    return _locate(reader, location, fqn, {})
+    return locate_blob(reader, location, fqn, {})
 
 
 def _read_plan(blob_bytes: int) -> Tuple[Tuple[int, int], ...]:
@@ -113,7 +113,8 @@ def _read_plan(blob_bytes: int) -> Tuple[Tuple[int, int], ...]:
     return ((0, HEAD_BYTES), (blob_bytes - TAIL_BYTES, TAIL_BYTES))
 
 
-def _locate(reader: RangeReader, location: BlobLocation, fqn: str, file_sizes: Dict[str, int]) -> StoredTensor:
+def locate_blob(reader: RangeReader, location: BlobLocation, fqn: str, file_sizes: Dict[str, int]) -> StoredTensor:
+    """locate_tensor of a torch.save blob (plain or transformed); `file_sizes` caches the sizes of its files."""
     if location.transform_descriptors:   # the blob is a transformed stream: located by decoding its head
         return streamed_blob.locate_streamed(reader, location, fqn, stored_from_record)
     blob = _Blob(reader, location, fqn)
@@ -139,43 +140,17 @@ def _locate(reader: RangeReader, location: BlobLocation, fqn: str, file_sizes: D
     return stored
 
 
-def locate_all(reader: RangeReader, tensors: Iterable[TensorEntry]) -> Dict[BlobLocation, StoredTensor]:
-    """locate_tensor for every chunk of `tensors`, read in file order, each blob once.
-
-    Also checks that each blob holds what the metadata says (dtype and chunk sizes): a mismatch means the
-    .distcp files and .metadata come from different saves.
-    """
-    users: Dict[BlobLocation, List[Tuple[TensorEntry, Chunk]]] = {}
-    for entry in tensors:
-        for chunk in entry.chunks:
-            users.setdefault(chunk.location, []).append((entry, chunk))
-    found: Dict[BlobLocation, StoredTensor] = {}
-    file_sizes: Dict[str, int] = {}
-    # Chunks inside safetensors blobs (serialization_format=SAFETENSORS, HF per-rank shards) come from headers.
-    packed = {loc: chunk_users for loc, chunk_users in users.items() if loc.tensor_key}
-    located = safetensors_blob.locate_all(reader, packed) if packed else {}
-    ordered = sorted((loc for loc in users if not loc.tensor_key), key=lambda loc: (loc.relative_path, loc.offset))
-
-    # On a cold cache each blob costs two small random reads (3,500 chunks of an 11B model: 0.7 s one at a
-    # time). Ask the kernel for all of them up front (POSIX_FADV_WILLNEED starts the reads without waiting),
-    # then parse in order while they land. Threads were tried: the parsing holds the GIL and they lost.
-    for location in ordered:
-        if location.transform_descriptors:     # transformed: its head is decoded from its first block
-            reader.prefetch(location.relative_path, location.offset, transforms.head_prefetch_bytes(location))
+def prefetch_heads(reader: RangeReader, relative_path: str, transform_descriptors: Tuple[str, ...],
+                   offsets: Iterable[int], lengths: Iterable[int]) -> None:
+    """Ask the kernel for what locating these blobs of one file will read (their heads and tails, or a
+    transformed blob's first block): `located.locate_all` asks for all of them before parsing any."""
+    for offset, length in zip(offsets, lengths):
+        if transform_descriptors:     # transformed: its head is decoded from its first block
+            location = BlobLocation(relative_path, offset, length, transform_descriptors)
+            reader.prefetch(relative_path, offset, transforms.head_prefetch_bytes(location))
             continue
-        for start, length in _read_plan(location.length):
-            reader.prefetch(location.relative_path, location.offset + start, length)
-    results = [_locate(reader, location, users[location][0][0].fqn, file_sizes) for location in ordered]
-    for location, stored in list(zip(ordered, results)) + list(located.items()):
-        for entry, chunk in users[location]:
-            if stored.dtype != entry.dtype or stored.shape != chunk.sizes:
-                raise CheckpointError(
-                    f"{location.relative_path}: blob at offset {location.offset} for tensor {entry.fqn!r} chunk "
-                    f"at offsets {list(chunk.offsets)}: .metadata says {entry.dtype} {list(chunk.sizes)}, the blob "
-                    f"holds {stored.dtype} {list(stored.shape)}; .metadata and the .distcp files come from "
-                    "different saves")
-        found[location] = stored
-    return found
+        for start, size in _read_plan(length):
+            reader.prefetch(relative_path, offset + start, size)
 
 
 # ---------------------------------------------------------------------------------------------------------

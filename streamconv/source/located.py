@@ -144,12 +144,13 @@ class LocatedChunks(Mapping):
 
 
 class _Wanted:
-    """The blobs wanted in one place: (offset, length, index of the first entry using it) per blob, as columns."""
+    """The blobs wanted in one place, as columns: offset, length and first user per blob; a user is the entry's
+    index << 32 | the chunk's index in it (`user_of`)."""
 
     __slots__ = ("offsets", "lengths", "users")
 
     def __init__(self) -> None:
-        self.offsets, self.lengths, self.users = array("q"), array("q"), array("I")
+        self.offsets, self.lengths, self.users = array("q"), array("q"), array("q")
 
     def sorted_unique(self, place: Place) -> "_Wanted":
         """The same blobs in increasing offset, each once (a blob several chunks share is located once)."""
@@ -168,13 +169,14 @@ class _Wanted:
         return out
 
 
-def _wanted(entries: List[TensorEntry]) -> Tuple[Dict[Place, _Wanted], Dict[BlobLocation, List[Tuple[TensorEntry, Chunk]]]]:
-    """Every place's wanted blobs, and the chunks inside safetensors blobs with their users (which
+def wanted_blobs(entries: List[TensorEntry]
+                 ) -> Tuple[Dict[Place, _Wanted], Dict[BlobLocation, List[Tuple[TensorEntry, Chunk]]]]:
+    """Every place's wanted blobs (sorted, each once), and the chunks inside safetensors blobs with their users (which
     `safetensors_blob.locate_all` checks against its header)."""
     wanted: Dict[Place, _Wanted] = {}
     packed: Dict[BlobLocation, List[Tuple[TensorEntry, Chunk]]] = {}
     for index, entry in enumerate(entries):
-        for chunk in entry.chunks:
+        for number, chunk in enumerate(entry.chunks):
             location = chunk.location
             place = place_of(location)
             blobs = wanted.get(place)
@@ -182,10 +184,16 @@ def _wanted(entries: List[TensorEntry]) -> Tuple[Dict[Place, _Wanted], Dict[Blob
                 blobs = wanted[place] = _Wanted()
             blobs.offsets.append(location.offset)
             blobs.lengths.append(location.length)
-            blobs.users.append(index)
+            blobs.users.append(index << 32 | number)
             if location.tensor_key:
                 packed.setdefault(location, []).append((entry, chunk))
     return {place: blobs.sorted_unique(place) for place, blobs in wanted.items()}, packed
+
+
+def user_of(entries: List[TensorEntry], user: int) -> Tuple[TensorEntry, Chunk]:
+    """The (entry, chunk) a `_Wanted` user names."""
+    entry = entries[user >> 32]
+    return entry, entry.chunks[user & 0xFFFFFFFF]
 
 
 def locate_all(reader: RangeReader, tensors: Iterable[TensorEntry]) -> LocatedChunks:
@@ -195,7 +203,7 @@ def locate_all(reader: RangeReader, tensors: Iterable[TensorEntry]) -> LocatedCh
     .distcp files and .metadata come from different saves.
     """
     entries = list(tensors)
-    wanted, packed = _wanted(entries)
+    wanted, packed = wanted_blobs(entries)
     # Chunks inside safetensors blobs (serialization_format=SAFETENSORS, HF per-rank shards) come from headers.
     from_headers = safetensors_blob.locate_all(reader, packed) if packed else {}
     del packed
@@ -216,7 +224,7 @@ def locate_all(reader: RangeReader, tensors: Iterable[TensorEntry]) -> LocatedCh
             if key:
                 stored = from_headers[location]
             else:
-                stored = blob.locate_blob(reader, location, entries[user].fqn, file_sizes)
+                stored = blob.locate_blob(reader, location, entries[user >> 32].fqn, file_sizes)
             found.add(location, stored)
     _check_users(entries, found)
     return found

@@ -45,12 +45,13 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 class _Entry:
-    __slots__ = ("name", "method", "compressed_size", "size", "header_offset", "crc32")
+    __slots__ = ("name", "method", "compressed_size", "size", "header_offset", "crc32", "data_start")
 
     def __init__(self, name: bytes, method: int, compressed_size: int, size: int, header_offset: int, crc32: int):
         self.name, self.method = name, method
         self.compressed_size, self.size, self.header_offset = compressed_size, size, header_offset
         self.crc32 = crc32
+        self.data_start = -1     # where its data begins, once its local header was read (`_data_start`)
 
     @property
     def recorded_crc32(self) -> Optional[int]:
@@ -268,20 +269,23 @@ def _check_byteorder(blob: _Blob, entries: Dict[bytes, _Entry], cd_offset: int, 
 
 def _data_start(blob: _Blob, entry: _Entry, cd_offset: int) -> int:
     """Where the entry's data begins, from its LOCAL header (its extra length may differ from the central one)."""
+    if entry.data_start >= 0:
+        return entry.data_start
     name = entry.name.decode("utf-8", "replace")
     if entry.method != 0 or entry.compressed_size != entry.size:
         blob.fail(f"archive entry {name} is compressed (zip method {entry.method}); torch.save stores entries "
                   "uncompressed and streamconv copies raw bytes. Was the blob re-packed by another tool?")
-    header = blob.get(entry.header_offset, _LOCAL.size)
-    fields = _LOCAL.unpack(header)
+    header = blob.get(entry.header_offset, _LOCAL.size + len(entry.name))    # the header and the name it gives
+    fields = _LOCAL.unpack_from(header)
     sig, name_len, extra_len = fields[0], fields[9], fields[10]
     start = entry.header_offset + _LOCAL.size
-    if sig != _LOCAL_SIG or blob.get(start, name_len) != entry.name:
+    if sig != _LOCAL_SIG or name_len != len(entry.name) or header[_LOCAL.size:] != entry.name:
         blob.fail(f"local header of {name} at blob offset {entry.header_offset} is missing or names another "
                   "entry (corrupt)")
     start += name_len + extra_len
     if start + entry.size > cd_offset:
         blob.fail(f"data of {name} [{start}, {start + entry.size}) runs into the central directory at {cd_offset}")
+    entry.data_start = start
     return start
 
 

@@ -99,6 +99,13 @@ class LocatedChunks(Mapping):
         return StoredTensor(dtype, shape, stride, data_offset, data_nbytes, record_offset, record_nbytes,
                             None if crc32 == _NO_CRC else crc32, transforms)
 
+    def layout(self, location: BlobLocation) -> Layout:
+        """(dtype, shape, stride) of the located chunk, without making its StoredTensor (KeyError if absent)."""
+        row = self._row(location)
+        if row < 0:
+            raise KeyError(location)
+        return self._layouts[self._layout_ids[row]]
+
     def __getitem__(self, location: BlobLocation) -> StoredTensor:
         if not isinstance(location, BlobLocation):
             raise KeyError(location)
@@ -234,10 +241,10 @@ def _check_users(entries: List[TensorEntry], found: LocatedChunks) -> None:
     for entry in entries:
         for chunk in entry.chunks:
             location = chunk.location
-            stored = found[location]
-            if stored.dtype != entry.dtype or stored.shape != tuple(chunk.sizes):
+            dtype, shape, _ = found.layout(location)
+            if dtype != entry.dtype or shape != tuple(chunk.sizes):
                 raise CheckpointError(
                     f"{location.relative_path}: blob at offset {location.offset} for tensor {entry.fqn!r} chunk "
                     f"at offsets {list(chunk.offsets)}: .metadata says {entry.dtype} {list(chunk.sizes)}, the blob "
-                    f"holds {stored.dtype} {list(stored.shape)}; .metadata and the .distcp files come from "
+                    f"holds {dtype} {list(shape)}; .metadata and the .distcp files come from "
                     "different saves")

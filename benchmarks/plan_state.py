@@ -51,7 +51,7 @@ def located_state(conversion: ConversionPlan) -> LocatedChunks:
             data_offset = offset + 1024
             found.add(BlobLocation(path, offset, length, transforms, key),
                       StoredTensor(entry.dtype, sizes, tuple(row_major_strides(sizes)), data_offset, nbytes,
-                                   data_offset, nbytes, 0x12345678))
+                                   data_offset, nbytes, 0x12345678), entry.fqn)
     return found
 
 

@@ -44,5 +44,4 @@ def blob_reader(conversion: ConversionPlan, reader: RangeReader, stored: Located
                 ) -> BlobReader:
     """What the chunks located by `locate_chunks` are read through: each by its blob and an offset in the blob's
     bytes (decoded, for a transformed blob). Messages about a transformed blob name its tensor."""
-    names = {c.location: t.source_fqn for t in conversion.tensors for c in t.chunks if c.location.transform_descriptors}
-    return BlobReader(reader, stored, names)
+    return BlobReader(reader, stored, stored.names())

@@ -43,7 +43,8 @@ class LocatedChunks(Mapping):
     time, each place's blobs in increasing offset. Iterates in file order: by relative_path, then (offset,
     tensor_key, length), the order the source fingerprint hashes them in."""
 
-    __slots__ = ("_spans", "_offsets", "_lengths", "_data", "_layout_ids", "_layouts", "_layout_index", "_open")
+    __slots__ = ("_spans", "_offsets", "_lengths", "_data", "_layout_ids", "_layouts", "_layout_index", "_open",
+                 "_name_ids", "_names", "_name_index")
 
     def __init__(self) -> None:
         self._spans: Dict[Place, Tuple[int, int]] = {}      # place -> its rows [start, end)
@@ -54,10 +55,15 @@ class LocatedChunks(Mapping):
         self._layouts: List[Layout] = []
         self._layout_index: Dict[Layout, int] = {}
         self._open: Optional[Place] = None
+        # The tensor each blob was located for (its first user), named in messages about it: 4 bytes a row.
+        self._name_ids = array("I")
+        self._names: List[str] = []
+        self._name_index: Dict[str, int] = {}
 
     # -- building ------------------------------------------------------------------------------------------
-    def add(self, location: BlobLocation, stored: StoredTensor) -> None:
-        """Append a located chunk: a new place, or the place last added at a larger offset."""
+    def add(self, location: BlobLocation, stored: StoredTensor, fqn: str = "") -> None:
+        """Append a located chunk (found for tensor `fqn`): a new place, or the place last added at a larger
+        offset."""
         place = place_of(location)
         row = len(self._offsets)
         if place != self._open:
@@ -77,6 +83,11 @@ class LocatedChunks(Mapping):
         self._data.extend((stored.data_offset, stored.data_nbytes, stored.record_offset, stored.record_nbytes,
                            _NO_CRC if stored.crc32 is None else stored.crc32))
         self._layout_ids.append(layout_id)
+        name_id = self._name_index.get(fqn)
+        if name_id is None:
+            name_id = self._name_index[fqn] = len(self._names)
+            self._names.append(fqn)
+        self._name_ids.append(name_id)
         start, _ = self._spans[place]
         self._spans[place] = (start, row + 1)
 
@@ -105,6 +116,10 @@ class LocatedChunks(Mapping):
         if row < 0:
             raise KeyError(location)
         return self._layouts[self._layout_ids[row]]
+
+    def names(self) -> "Mapping[BlobLocation, str]":
+        """{location: the tensor it was located for}, a view (messages name it: `BlobReader`'s `names`)."""
+        return _Names(self)
 
     def __getitem__(self, location: BlobLocation) -> StoredTensor:
         if not isinstance(location, BlobLocation):
@@ -144,6 +159,25 @@ class LocatedChunks(Mapping):
 
     def __repr__(self) -> str:
         return f"LocatedChunks({len(self)} chunks in {len(self._spans)} places, {len(self._layouts)} layouts)"
+
+
+class _Names(Mapping):
+    __slots__ = ("table",)
+
+    def __init__(self, table: LocatedChunks):
+        self.table = table
+
+    def __getitem__(self, location: BlobLocation) -> str:
+        row = self.table._row(location) if isinstance(location, BlobLocation) else -1
+        if row < 0:
+            raise KeyError(location)
+        return self.table._names[self.table._name_ids[row]]
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __iter__(self) -> Iterator[BlobLocation]:
+        return iter(self.table)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -228,11 +262,9 @@ def locate_all(reader: RangeReader, tensors: Iterable[TensorEntry]) -> LocatedCh
         blobs = wanted.pop(place)
         for offset, length, user in zip(blobs.offsets, blobs.lengths, blobs.users):
             location = BlobLocation(path, offset, length, transforms, key)
-            if key:
-                stored = from_headers[location]
-            else:
-                stored = blob.locate_blob(reader, location, entries[user >> 32].fqn, file_sizes)
-            found.add(location, stored)
+            fqn = entries[user >> 32].fqn
+            stored = from_headers[location] if key else blob.locate_blob(reader, location, fqn, file_sizes)
+            found.add(location, stored, fqn)
     _check_users(entries, found)
     return found
 

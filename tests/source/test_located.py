@@ -60,6 +60,9 @@ def test_table_equals_each_chunk_located_alone(written, flavor):
     assert len(found) == len(alone) > 0
     for location, stored in alone.items():
         assert location in found and found[location] == stored
+    names = found.names()
+    assert {t.fqn for t in meta.tensors} == {names[c.location] for t in meta.tensors for c in t.chunks}
+    assert all(names[c.location] == t.fqn for t in meta.tensors for c in t.chunks)
     assert dict(found.items()) == alone and found == alone
     if flavor == "zstd":
         assert all(s.transforms for s in found.values())

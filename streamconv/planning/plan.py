@@ -49,7 +49,7 @@ ZSTD_MODULE_BYTES = 2**20
 DECODER_BYTES_PER_WRITER = 7 * 2**19
 # * per chunk of `.metadata` and piece of the plan, what `convert` holds for it before its first byte: the decoded
 #   metadata (a ChunkTable row and what decoding leaves resident), the plan (a PieceTable row and its tensor's
-#   share) and, for a planned chunk, its located blob record (a row of `source.located.LocatedChunks`: 60 bytes of
+#   share) and, for a planned chunk, its located blob record (a row of `source.located.LocatedChunks`: 64 bytes of
 #   columns, 140 resident with what locating leaves behind at 671B scale). Measured with benchmarks/plan_state.py
 #   (VmRSS, 2-core VM, 2026-12-07): 261 bytes on the 671B-scale metadata (481,438 chunks, 356,352 pieces), 260 at
 #   1/8 of its layers (59,134 chunks, 30,720 pieces); the rest of 300 is margin. Optimizer chunks a plan excludes

@@ -4,9 +4,10 @@
 `convert` locates every chunk before its first byte (so a corrupt blob fails before any output exists) and keeps
 what it found for the whole run. A `BlobLocation` key and a `StoredTensor` value per chunk cost 1,316 bytes
 (756 resident per chunk at 671B scale, 604 MiB for 481k chunks: docs/benchmarks.md); here a chunk is one row of
-eight numbers, 60 bytes: its blob's offset and length, the tensor's data offset and size, its storage record's
-offset and size, the recorded CRC-32 and a layout id. The layouts (dtype, shape, stride) and the places
-(relative_path, transform_descriptors, tensor_key) are few and kept once each.
+64 bytes: its blob's offset and length, the tensor's data offset and size, its storage record's offset and size,
+the recorded CRC-32 (8 bytes each), a layout id and the id of the tensor it was located for (4 bytes each). The
+layouts (dtype, shape, stride), the places (relative_path, transform_descriptors, tensor_key) and the names are
+few and kept once each.
 
 Rows are grouped by place and sorted by blob offset within one, so a lookup is a dict get and a bisect.
 """

@@ -18,7 +18,7 @@ from array import array
 from bisect import bisect_left
 from collections.abc import Mapping
 from itertools import groupby
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 from ..errors import CheckpointError
 from ..model import BlobLocation, Chunk, StoredTensor, TensorEntry
@@ -117,6 +117,17 @@ class LocatedChunks(Mapping):
         if row < 0:
             raise KeyError(location)
         return self._layouts[self._layout_ids[row]]
+
+    def non_contiguous(self) -> Set[BlobLocation]:
+        """The chunks stored with strides that are not row-major (transposed, channels_last...): found from the few
+        distinct layouts, so the common answer, none, costs no pass over the rows."""
+        odd = {i for i, (_, shape, stride) in enumerate(self._layouts)
+               if not StoredTensor("", shape, stride, 0, 0).is_contiguous}
+        found: Set[BlobLocation] = set()
+        for (path, transforms, key), (start, end) in self._spans.items() if odd else ():
+            found.update(BlobLocation(path, self._offsets[row], self._lengths[row], transforms, key)
+                         for row in range(start, end) if self._layout_ids[row] in odd)
+        return found
 
     def names(self) -> "Mapping[BlobLocation, str]":
         """{location: the tensor it was located for}, a view (messages name it: `BlobReader`'s `names`)."""

@@ -66,9 +66,10 @@ def test_table_equals_each_chunk_located_alone(written, flavor):
     assert dict(found.items()) == alone and found == alone
     if flavor == "zstd":
         assert all(s.transforms for s in found.values())
+    assert found.non_contiguous() == {loc for loc, s in alone.items() if not s.is_contiguous}
     if flavor == "plain":
         assert any(s.crc32 is not None for s in found.values())
-        assert any(not s.is_contiguous for s in found.values())
+        assert found.non_contiguous()
 
 
 def test_iterates_in_file_order(written):

@@ -9,7 +9,7 @@ the recorded CRC-32 (8 bytes each), a layout id and the id of the tensor it was 
 layouts (dtype, shape, stride), the places (relative_path, transform_descriptors, tensor_key) and the names are
 few and kept once each.
 
-Rows are grouped by place and sorted by blob offset within one, so a lookup is a dict get and a bisect.
+Rows are grouped by place and sorted by blob (offset, length) within one, so a lookup is a dict get and a bisect.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def place_order(place: Place) -> Tuple[str, str, Tuple[str, ...]]:
 
 class LocatedChunks(Mapping):
     """{BlobLocation: StoredTensor} of every located chunk (a read-only Mapping), built by `add` one place at a
-    time, each place's blobs in increasing offset. Iterates in file order: by relative_path, then (offset,
+    time, each place's blobs in increasing (offset, length). Iterates in file order: by relative_path, then (offset,
     tensor_key, length), the order the source fingerprint hashes them in."""
 
     __slots__ = ("_spans", "_offsets", "_lengths", "_data", "_layout_ids", "_layouts", "_layout_index", "_open",
@@ -64,7 +64,7 @@ class LocatedChunks(Mapping):
     # -- building ------------------------------------------------------------------------------------------
     def add(self, location: BlobLocation, stored: StoredTensor, fqn: str = "") -> None:
         """Append a located chunk (found for tensor `fqn`): a new place, or the place last added at a larger
-        offset."""
+        (offset, length)."""
         place = place_of(location)
         row = len(self._offsets)
         if place != self._open:
@@ -72,8 +72,9 @@ class LocatedChunks(Mapping):
                 raise ValueError(f"place {place!r} added twice: add each place's blobs together")
             self._open = place
             self._spans[place] = (row, row)
-        elif self._offsets[row - 1] >= location.offset:
-            raise ValueError(f"blob at {location.offset} added after the one at {self._offsets[row - 1]}")
+        elif (self._offsets[row - 1], self._lengths[row - 1]) >= (location.offset, location.length):
+            raise ValueError(f"blob at {location.offset} ({location.length} bytes) added after the one at "
+                             f"{self._offsets[row - 1]} ({self._lengths[row - 1]} bytes)")
         layout = (stored.dtype, tuple(stored.shape), tuple(stored.stride))
         layout_id = self._layout_index.get(layout)
         if layout_id is None:
@@ -100,8 +101,10 @@ class LocatedChunks(Mapping):
             return -1
         start, end = span
         i = bisect_left(self._offsets, location.offset, start, end)
-        if i < end and self._offsets[i] == location.offset and self._lengths[i] == location.length:
-            return i
+        while i < end and self._offsets[i] == location.offset:     # one row, unless .metadata is odd
+            if self._lengths[i] == location.length:
+                return i
+            i += 1
         return -1
 
     def _stored(self, row: int, transforms: Tuple[str, ...]) -> StoredTensor:
@@ -205,16 +208,13 @@ class _Wanted:
     def __init__(self) -> None:
         self.offsets, self.lengths, self.users = array("q"), array("q"), array("q")
 
-    def sorted_unique(self, place: Place) -> "_Wanted":
-        """The same blobs in increasing offset, each once (a blob several chunks share is located once)."""
+    def sorted_unique(self) -> "_Wanted":
+        """The same blobs by (offset, length), each once (a blob several chunks share is located once). Two lengths
+        at one offset are two blobs, as they are two `BlobLocation`s: locating the wrong one fails."""
         out = _Wanted()
         offsets, lengths, users = self.offsets, self.lengths, self.users
-        for i in sorted(range(len(offsets)), key=offsets.__getitem__):
-            if out.offsets and out.offsets[-1] == offsets[i]:
-                if out.lengths[-1] != lengths[i]:
-                    raise CheckpointError(
-                        f"{place[0]}: .metadata gives the blob at offset {offsets[i]} two lengths "
-                        f"({out.lengths[-1]} and {lengths[i]}); the .metadata is corrupt")
+        for i in sorted(range(len(offsets)), key=lambda i: (offsets[i], lengths[i])):
+            if out.offsets and out.offsets[-1] == offsets[i] and out.lengths[-1] == lengths[i]:
                 continue
             out.offsets.append(offsets[i])
             out.lengths.append(lengths[i])
@@ -240,7 +240,7 @@ def wanted_blobs(entries: List[TensorEntry]
             blobs.users.append(index << 32 | number)
             if location.tensor_key:
                 packed.setdefault(location, []).append((entry, chunk))
-    return {place: blobs.sorted_unique(place) for place, blobs in wanted.items()}, packed
+    return {place: blobs.sorted_unique() for place, blobs in wanted.items()}, packed
 
 
 def user_of(entries: List[TensorEntry], user: int) -> Tuple[TensorEntry, Chunk]:

@@ -96,14 +96,23 @@ def test_lookups_that_must_miss(written):
     assert found.get("not a location") is None
 
 
-def test_one_offset_with_two_lengths_is_refused(written):
+def test_one_offset_with_two_lengths_is_two_blobs_and_the_wrong_one_fails(written):
+    """As two BlobLocations they are located apart: the table keeps both lengths apart, and a length that is not
+    the blob's fails where that blob is read (a corrupt .metadata names the file and offset)."""
     with DirectoryReader(str(written / "plain")) as reader:
         meta = load_metadata(reader)
         entry = meta.tensors[0]
         chunk = entry.chunks[0]
         twin = Chunk(chunk.offsets, chunk.sizes, replace(chunk.location, length=chunk.location.length - 1))
-        with pytest.raises(CheckpointError, match="two lengths"):
+        with pytest.raises(CheckpointError, match=f"blob at offset {chunk.location.offset}"):
             locate_all(reader, [entry, TensorEntry("twin", entry.dtype, entry.shape, (twin,))])
+    stored = StoredTensor("float32", (2,), (1,), 100, 8, 100, 8, None)
+    table = LocatedChunks()
+    table.add(BlobLocation("a", 10, 50), stored)
+    table.add(BlobLocation("a", 10, 60), replace(stored, data_offset=200))
+    table.add(BlobLocation("a", 20, 5), replace(stored, data_offset=300))
+    assert [table[BlobLocation("a", 10, n)].data_offset for n in (50, 60)] == [100, 200]
+    assert BlobLocation("a", 10, 55) not in table and table[BlobLocation("a", 20, 5)].data_offset == 300
 
 
 def test_a_blob_shared_by_two_chunks_is_located_once(written):

@@ -6,9 +6,8 @@ measured as the OS counts it (VmRSS) on a checkpoint too large to convert here (
     python -m benchmarks.plan_state /tmp/dsv3-meta
 
 The located chunks cannot be read from sparse files, so this builds the same state `runs.checkpoint.locate_chunks`
-leaves (source/blob.py `locate_all`): a `StoredTensor` per planned chunk, keyed by its `BlobLocation`, as a
-torch.save blob of a contiguous tensor describes it, with `locate_all`'s own index of users per location on the
-way (its transient peak).
+leaves (source/located.py `locate_all`): a row of `LocatedChunks` per planned blob, holding what a torch.save
+blob of a contiguous tensor says about it, with `locate_all`'s own wanted-blob columns on the way (its transient).
 """
 from __future__ import annotations
 
@@ -16,14 +15,14 @@ import argparse
 import json
 import sys
 import time
-from typing import Dict, List, Tuple
 
 from streamconv import dtypes
-from streamconv.model import BlobLocation, Chunk, StoredTensor, TensorEntry, row_major_strides
+from streamconv.model import BlobLocation, StoredTensor, TensorEntry, row_major_strides
 from streamconv.fs.cpus import available_cpus
 from streamconv.planning.plan import ConversionPlan
 from streamconv.planning.workers import with_workers
 from streamconv.runs import preparing
+from streamconv.source.located import LocatedChunks, place_order, user_of, wanted_blobs
 
 
 def rss_bytes() -> int:
@@ -34,22 +33,25 @@ def rss_bytes() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def located_state(conversion: ConversionPlan) -> Dict[BlobLocation, StoredTensor]:
-    """The located chunks as `locate_all` returns them, built from the plan instead of the blobs."""
+def located_state(conversion: ConversionPlan) -> LocatedChunks:
+    """The located chunks as `locate_all` keeps them (`source.located.LocatedChunks`), built from the plan instead
+    of the blobs: the same wanted-blob columns on the way (its transient), then a row per blob."""
     entries = [TensorEntry(t.source_fqn, t.src_dtype, *t.as_stored()) for t in conversion.tensors]
-    users: Dict[BlobLocation, List[Tuple[TensorEntry, Chunk]]] = {}
-    for entry in entries:
-        for chunk in entry.chunks:
-            users.setdefault(chunk.location, []).append((entry, chunk))
-    found: Dict[BlobLocation, StoredTensor] = {}
-    for location, chunk_users in users.items():
-        entry, chunk = chunk_users[0]
-        nbytes = dtypes.BY_NAME[entry.dtype].itemsize
-        for s in chunk.sizes:
-            nbytes *= s
-        data_offset = location.offset + 1024
-        found[location] = StoredTensor(entry.dtype, tuple(chunk.sizes), tuple(row_major_strides(chunk.sizes)),
-                                       data_offset, nbytes, data_offset, nbytes, 0x12345678)
+    wanted, _ = wanted_blobs(entries)
+    found = LocatedChunks()
+    for place in sorted(wanted, key=place_order):
+        path, transforms, key = place
+        blobs = wanted.pop(place)
+        for offset, length, user in zip(blobs.offsets, blobs.lengths, blobs.users):
+            entry, chunk = user_of(entries, user)
+            sizes = tuple(chunk.sizes)
+            nbytes = dtypes.BY_NAME[entry.dtype].itemsize
+            for s in sizes:
+                nbytes *= s
+            data_offset = offset + 1024
+            found.add(BlobLocation(path, offset, length, transforms, key),
+                      StoredTensor(entry.dtype, sizes, tuple(row_major_strides(sizes)), data_offset, nbytes,
+                                   data_offset, nbytes, 0x12345678), entry.fqn)
     return found
 
 

@@ -446,8 +446,8 @@ def test_moe_preset_is_torchtitans_qwen3_moe():
 
 def test_plan_state_measures_what_per_chunk_bytes_predicts(tmp_path):
     """benchmarks/plan_state.py on the 671B layout scaled down (4 layers, 64 experts over EP 8 x FSDP 8: 4,224 chunks,
-    4,608 pieces): what the metadata, the plan and the located chunks hold per chunk and piece (measured 867 bytes)
-    is within `PER_CHUNK_BYTES` (measured 936 at full scale), and not far below it: the constant is a measurement."""
+    4,608 pieces): what the metadata, the plan and the located chunks hold per chunk and piece (measured 210 bytes)
+    is within `PER_CHUNK_BYTES` (measured 261 at full scale), and not far below it: the constant is a measurement."""
     from benchmarks import metadata_scale
     from streamconv.planning.plan import PER_CHUNK_BYTES
 

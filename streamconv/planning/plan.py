@@ -49,11 +49,12 @@ ZSTD_MODULE_BYTES = 2**20
 DECODER_BYTES_PER_WRITER = 7 * 2**19
 # * per chunk of `.metadata` and piece of the plan, what `convert` holds for it before its first byte: the decoded
 #   metadata (a ChunkTable row and what decoding leaves resident), the plan (a PieceTable row and its tensor's
-#   share) and, for a planned chunk, its located blob record (a BlobLocation and StoredTensor, keyed; most of it).
-#   Measured with benchmarks/plan_state.py (VmRSS, 2-core VM, 2026-12-07): 936 bytes on the 671B-scale
-#   metadata (481,438 chunks, 356,352 pieces), 968 at 1/8 of its layers; optimizer chunks a plan excludes are
-#   counted too, though they are never located (a bound, not an estimate, for those);
-PER_CHUNK_BYTES = 1000
+#   share) and, for a planned chunk, its located blob record (a row of `source.located.LocatedChunks`: 64 bytes of
+#   columns, 140 resident with what locating leaves behind at 671B scale). Measured with benchmarks/plan_state.py
+#   (VmRSS, 2-core VM, 2026-12-07): 261 bytes on the 671B-scale metadata (481,438 chunks, 356,352 pieces), 260 at
+#   1/8 of its layers (59,134 chunks, 30,720 pieces); the rest of 300 is margin. Optimizer chunks a plan excludes
+#   are counted too, though they are never located (a bound, not an estimate, for those);
+PER_CHUNK_BYTES = 300
 # * when the names were checked against transformers' model on the meta device (hf/meta_probe: a config.json with
 #   no table, e.g. any MoE family), what asking it imports into this process: hashlib's OpenSSL (its answer
 #   cache) and importlib.metadata, 4.7 MiB after `import streamconv.cli` (2026-12-07; a Megatron MoE conversion

@@ -4,15 +4,15 @@ checkpoints this one way.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Tuple
 
 from ..execution.executor import check_stored
 from ..fs.fastpaths import NONE, FastPaths
 from ..source.io import RangeReader
 from ..source.remote import folder_reader
-from ..model import BlobLocation, CheckpointMetadata, StoredTensor, TensorEntry
+from ..model import CheckpointMetadata, TensorEntry
 from ..planning.plan import ConversionPlan
-from ..source import flavors, locate_all
+from ..source import LocatedChunks, flavors, locate_all
 from ..source.blob_reader import BlobReader
 
 
@@ -25,9 +25,9 @@ def load(checkpoint_dir: str, fast: FastPaths = NONE
     return reader, meta
 
 
-def locate_chunks(conversion: ConversionPlan, reader: RangeReader) -> Dict[BlobLocation, StoredTensor]:
+def locate_chunks(conversion: ConversionPlan, reader: RangeReader) -> LocatedChunks:
     """Find every planned chunk's raw bytes and check them against the metadata, before any output exists.
-    Blobs are visited in file order, each once."""
+    Blobs are visited in file order, each once; what is found is kept as columns (`source.located`)."""
     entries = [TensorEntry(t.source_fqn, t.src_dtype, *t.as_stored()) for t in conversion.tensors]
     reader.set_random_access(True)
     try:
@@ -40,9 +40,8 @@ def locate_chunks(conversion: ConversionPlan, reader: RangeReader) -> Dict[BlobL
     return stored
 
 
-def blob_reader(conversion: ConversionPlan, reader: RangeReader, stored: Dict[BlobLocation, StoredTensor]
+def blob_reader(conversion: ConversionPlan, reader: RangeReader, stored: LocatedChunks
                 ) -> BlobReader:
     """What the chunks located by `locate_chunks` are read through: each by its blob and an offset in the blob's
     bytes (decoded, for a transformed blob). Messages about a transformed blob name its tensor."""
-    names = {c.location: t.source_fqn for t in conversion.tensors for c in t.chunks if c.location.transform_descriptors}
-    return BlobReader(reader, stored, names)
+    return BlobReader(reader, stored, stored.names())

@@ -120,7 +120,7 @@ class Conversion:
         self.blobs = blob_reader(self.with_heads, self.reader, self.stored)
         # (.metadata cannot show chunks stored transposed; now that they are located, the prediction counts them)
         self.conversion = with_permuted_chunks(
-            self.conversion, {loc for loc, s in self.stored.items() if not s.is_contiguous}, self.conversion.workers)
+            self.conversion, self.stored.non_contiguous(), self.conversion.workers)
         self.source_fp = provenance.source_fingerprint(self.checkpoint_dir, meta, self.stored, self.before)
         self.plan_record = plan_record(self.conversion, self.checkpoint_dir, meta, self.source_fp)
 

@@ -19,7 +19,7 @@ from typing import Dict, Iterable, List, NoReturn, Optional, Tuple, Type
 from .. import dtypes
 from ..errors import CheckpointError, CorruptChunkError, UnsupportedFeatureError
 from .io import RangeReader
-from ..model import BlobLocation, Chunk, StoredTensor, TensorEntry
+from ..model import BlobLocation, StoredTensor
 from . import safe_pickle as sp
 from . import safetensors_blob, streamed_blob, transforms
 
@@ -45,12 +45,13 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 class _Entry:
-    __slots__ = ("name", "method", "compressed_size", "size", "header_offset", "crc32")
+    __slots__ = ("name", "method", "compressed_size", "size", "header_offset", "crc32", "data_start")
 
     def __init__(self, name: bytes, method: int, compressed_size: int, size: int, header_offset: int, crc32: int):
         self.name, self.method = name, method
         self.compressed_size, self.size, self.header_offset = compressed_size, size, header_offset
         self.crc32 = crc32
+        self.data_start = -1     # where its data begins, once its local header was read (`_data_start`)
 
     @property
     def recorded_crc32(self) -> Optional[int]:
@@ -103,7 +104,7 @@ def locate_tensor(reader: RangeReader, location: BlobLocation, *, fqn: str) -> S
     """
     if location.tensor_key:
         return safetensors_blob.locate_all(reader, {location: ()})[location]
-    return _locate(reader, location, fqn, {})
+    return locate_blob(reader, location, fqn, {})
 
 
 def _read_plan(blob_bytes: int) -> Tuple[Tuple[int, int], ...]:
@@ -113,7 +114,8 @@ def _read_plan(blob_bytes: int) -> Tuple[Tuple[int, int], ...]:
     return ((0, HEAD_BYTES), (blob_bytes - TAIL_BYTES, TAIL_BYTES))
 
 
-def _locate(reader: RangeReader, location: BlobLocation, fqn: str, file_sizes: Dict[str, int]) -> StoredTensor:
+def locate_blob(reader: RangeReader, location: BlobLocation, fqn: str, file_sizes: Dict[str, int]) -> StoredTensor:
+    """locate_tensor of a torch.save blob (plain or transformed); `file_sizes` caches the sizes of its files."""
     if location.transform_descriptors:   # the blob is a transformed stream: located by decoding its head
         return streamed_blob.locate_streamed(reader, location, fqn, stored_from_record)
     blob = _Blob(reader, location, fqn)
@@ -139,43 +141,17 @@ def _locate(reader: RangeReader, location: BlobLocation, fqn: str, file_sizes: D
     return stored
 
 
-def locate_all(reader: RangeReader, tensors: Iterable[TensorEntry]) -> Dict[BlobLocation, StoredTensor]:
-    """locate_tensor for every chunk of `tensors`, read in file order, each blob once.
-
-    Also checks that each blob holds what the metadata says (dtype and chunk sizes): a mismatch means the
-    .distcp files and .metadata come from different saves.
-    """
-    users: Dict[BlobLocation, List[Tuple[TensorEntry, Chunk]]] = {}
-    for entry in tensors:
-        for chunk in entry.chunks:
-            users.setdefault(chunk.location, []).append((entry, chunk))
-    found: Dict[BlobLocation, StoredTensor] = {}
-    file_sizes: Dict[str, int] = {}
-    # Chunks inside safetensors blobs (serialization_format=SAFETENSORS, HF per-rank shards) come from headers.
-    packed = {loc: chunk_users for loc, chunk_users in users.items() if loc.tensor_key}
-    located = safetensors_blob.locate_all(reader, packed) if packed else {}
-    ordered = sorted((loc for loc in users if not loc.tensor_key), key=lambda loc: (loc.relative_path, loc.offset))
-
-    # On a cold cache each blob costs two small random reads (3,500 chunks of an 11B model: 0.7 s one at a
-    # time). Ask the kernel for all of them up front (POSIX_FADV_WILLNEED starts the reads without waiting),
-    # then parse in order while they land. Threads were tried: the parsing holds the GIL and they lost.
-    for location in ordered:
-        if location.transform_descriptors:     # transformed: its head is decoded from its first block
-            reader.prefetch(location.relative_path, location.offset, transforms.head_prefetch_bytes(location))
+def prefetch_heads(reader: RangeReader, relative_path: str, transform_descriptors: Tuple[str, ...],
+                   offsets: Iterable[int], lengths: Iterable[int]) -> None:
+    """Ask the kernel for what locating these blobs of one file will read (their heads and tails, or a
+    transformed blob's first block): `located.locate_all` asks for all of them before parsing any."""
+    for offset, length in zip(offsets, lengths):
+        if transform_descriptors:     # transformed: its head is decoded from its first block
+            location = BlobLocation(relative_path, offset, length, transform_descriptors)
+            reader.prefetch(relative_path, offset, transforms.head_prefetch_bytes(location))
             continue
-        for start, length in _read_plan(location.length):
-            reader.prefetch(location.relative_path, location.offset + start, length)
-    results = [_locate(reader, location, users[location][0][0].fqn, file_sizes) for location in ordered]
-    for location, stored in list(zip(ordered, results)) + list(located.items()):
-        for entry, chunk in users[location]:
-            if stored.dtype != entry.dtype or stored.shape != chunk.sizes:
-                raise CheckpointError(
-                    f"{location.relative_path}: blob at offset {location.offset} for tensor {entry.fqn!r} chunk "
-                    f"at offsets {list(chunk.offsets)}: .metadata says {entry.dtype} {list(chunk.sizes)}, the blob "
-                    f"holds {stored.dtype} {list(stored.shape)}; .metadata and the .distcp files come from "
-                    "different saves")
-        found[location] = stored
-    return found
+        for start, size in _read_plan(length):
+            reader.prefetch(relative_path, offset + start, size)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -293,20 +269,23 @@ def _check_byteorder(blob: _Blob, entries: Dict[bytes, _Entry], cd_offset: int, 
 
 def _data_start(blob: _Blob, entry: _Entry, cd_offset: int) -> int:
     """Where the entry's data begins, from its LOCAL header (its extra length may differ from the central one)."""
+    if entry.data_start >= 0:
+        return entry.data_start
     name = entry.name.decode("utf-8", "replace")
     if entry.method != 0 or entry.compressed_size != entry.size:
         blob.fail(f"archive entry {name} is compressed (zip method {entry.method}); torch.save stores entries "
                   "uncompressed and streamconv copies raw bytes. Was the blob re-packed by another tool?")
-    header = blob.get(entry.header_offset, _LOCAL.size)
-    fields = _LOCAL.unpack(header)
+    header = blob.get(entry.header_offset, _LOCAL.size + len(entry.name))    # the header and the name it gives
+    fields = _LOCAL.unpack_from(header)
     sig, name_len, extra_len = fields[0], fields[9], fields[10]
     start = entry.header_offset + _LOCAL.size
-    if sig != _LOCAL_SIG or blob.get(start, name_len) != entry.name:
+    if sig != _LOCAL_SIG or name_len != len(entry.name) or header[_LOCAL.size:] != entry.name:
         blob.fail(f"local header of {name} at blob offset {entry.header_offset} is missing or names another "
                   "entry (corrupt)")
     start += name_len + extra_len
     if start + entry.size > cd_offset:
         blob.fail(f"data of {name} [{start}, {start + entry.size}) runs into the central directory at {cd_offset}")
+    entry.data_start = start
     return start
 
 

@@ -20,7 +20,7 @@ MAGIC = b"\x28\xb5\x2f\xfd"
 MAX_WINDOW_BYTES = 1 << 27               # zstd's own default limit (128 MiB): a frame asking for more is refused
 COMPRESSED_READ_BYTES = 256 << 10        # compressed bytes read from the file at a time
 # Locating decodes only a blob's first block (at most 128 KiB of output, about as much input): read it in small
-# steps, and ask the kernel for it up front (blob.locate_all prefetches every blob's head before parsing any).
+# steps, and ask the kernel for it up front (located.locate_all prefetches every blob's head before parsing any).
 HEAD_READ_BYTES = 32 << 10
 HEAD_PREFETCH_BYTES = 160 << 10
 

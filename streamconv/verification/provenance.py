@@ -28,7 +28,8 @@ from ..fs import location
 from ..fs.infiles import open_regular
 from ..fs.remote import is_url
 from ..fs.outfiles import write_failed
-from ..model import BlobLocation, CheckpointMetadata, StoredTensor
+from ..model import CheckpointMetadata
+from ..source.located import LocatedChunks
 
 # A fingerprint names how it was made, so a weaker one is never compared with a stronger one as equal.
 CONTENT_SCHEME = "crc1-"
@@ -132,7 +133,7 @@ def _hash_object(h: Fingerprint, url: str) -> None:
 
 
 def source_fingerprint(checkpoint_dir: str, meta: CheckpointMetadata,
-                       stored: Mapping[BlobLocation, StoredTensor], before: StatSnapshot) -> str:
+                       stored: LocatedChunks, before: StatSnapshot) -> str:
     """What the checkpoint's converted content is (see the module docstring for what it can tell).
     `stored`: every converted chunk as located (its recorded CRC-32); `before`: the files' snapshot."""
     h = Fingerprint()
@@ -140,8 +141,8 @@ def source_fingerprint(checkpoint_dir: str, meta: CheckpointMetadata,
         h.update(f"{name}\0".encode("utf-8", "surrogateescape"))
         _hash_file(h, location.at(checkpoint_dir).join(name))
     without_crc = set()
-    for blob in sorted(stored, key=lambda b: (b.relative_path, b.offset, b.tensor_key, b.length)):
-        s = stored[blob]
+    # In file order, (relative_path, offset, tensor_key, length): LocatedChunks iterates so, one chunk at a time.
+    for blob, s in stored.items():
         if s.crc32 is None:
             without_crc.add(blob.relative_path)
         h.update(repr((blob.relative_path, blob.offset, blob.length, blob.tensor_key,

@@ -12,7 +12,7 @@ A flavor answers three questions about a folder, in this order:
   reader as its decoded stream.
 
 Locating a chunk's bytes inside its blob is a question about the blob, not the folder (one DCP folder mixes
-`torch.save` blobs and a safetensors blob), so `source.blob.locate_all` answers it from each `BlobLocation`.
+`torch.save` blobs and a safetensors blob), so `source.located.locate_all` answers it from each `BlobLocation`.
 
 `flavors/__init__.py` holds the registry (a tuple, most specific first); adding a flavor is one module with one
 `FLAVOR` object and one line there.

@@ -2,6 +2,7 @@
 each box stored in its own random dim order, reassembled bit for bit at any buffer size, also with a cast.
 Real torch-written transposed and channels_last checkpoints: tests/source/test_zstd_strided.py."""
 import numpy as np
+import pytest
 
 from streamconv.model import CheckpointMetadata
 from streamconv.source.blob_reader import BlobReader
@@ -84,3 +85,96 @@ def test_grouped_experts_transposed_plane_by_plane():
     plan, out = run(meta, reader, stored, buffer_bytes=4096)
     assert plan.shards[0].tensors[0].assembly == "transpose"
     assert read_safetensors(out["model.safetensors"])["w"] == np.ascontiguousarray(arr.transpose(0, 2, 1)).tobytes()
+
+
+# -- transposed chunks in zstd blobs: decoded once when they fit the buffer -----------------------------------
+
+
+def _write_alone(meta_or_plan_tensor, reader, stored, buffer_bytes):
+    """Write one tensor through its assembler in a `buffer_bytes` workspace; (its bytes, the workspace)."""
+    from streamconv.execution.executor import choose
+    from streamconv.execution.workspace import Workspace
+    from streamconv.output.sink import MemorySink
+    t = meta_or_plan_tensor
+    ws = Workspace(reader, stored, buffer_bytes)
+    sink = MemorySink(t.begin + t.nbytes)
+    choose(t, stored).write(ws, t, sink)
+    return bytes(sink.data[t.begin:]), ws
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=cases(), buffer_share=st.sampled_from([0, 0.3, 1.1, 1.3, 1.6, 1.9, 4]), seed=st.integers(0, 2**16),
+       cast=st.booleans())
+def test_permuted_boxes_in_zstd_blobs_reassemble_exactly_each_decoded_once_when_held(case, buffer_share, seed,
+                                                                                    cast):
+    """Random boxes, each stored permuted in its own zstd blob, at any buffer: bit for bit; when the layout holds
+    the compressed chunks (they fit the buffer beside smaller bands) every blob is decoded exactly once, else
+    (bounded fallback) a band reads its runs again from the blob, and the buffer is never exceeded."""
+    pytest.importorskip("zstandard")
+    from streamconv.execution import strided
+    from streamconv.planning.plan import PlanOptions, build_plan
+    arr, cuts = case
+    if arr.ndim < 2:
+        return
+    rng = np.random.default_rng(seed)
+    orders = [tuple(rng.permutation(arr.ndim).tolist()) for _ in range(3)]
+    arr = arr.astype(np.float32) if cast else arr
+    meta, files, stored = permuted_checkpoint(arr, cuts, orders, zstd=True)
+    (t,) = build_plan(meta, PlanOptions(**({"dtype": "float16"} if cast else {}))).shards[0].tensors
+    if not strided.accepts(t, stored):
+        return      # every box happened to be stored row-major: the band assembler's case
+    buffer_bytes = max(1, int(buffer_share * arr.nbytes))     # around the tensor's size: held or not
+    reader = BlobReader(files, stored)
+    got, ws = _write_alone(t, reader, stored, buffer_bytes)
+    want = arr.tobytes()
+    if cast:
+        from streamconv.execution.cast import cast_into
+        want = cast_into(np.frombuffer(want, np.uint8), "float32", "float16", path="vector").tobytes()
+    assert got == want
+    item = arr.dtype.itemsize
+    layout = strided._Layout.of(ws, t, item)
+    once = sum(3 + s.data_nbytes for s in stored.values() if s.data_nbytes)
+    if layout.held:
+        assert reader.decoded_bytes == once and reader.restarts == 0
+        assert ws.buffer_nbytes <= buffer_bytes
+    else:
+        assert reader.decoded_bytes >= once
+
+
+@pytest.fixture(scope="module")
+def zstd_strided(tmp_path_factory):
+    pytest.importorskip("zstandard")
+    from tests.support import zstd_writers
+    path = tmp_path_factory.mktemp("strided") / "zstd"
+    return path, zstd_writers.strided_single(path, zstd=True)
+
+
+@pytest.mark.parametrize("buffer_bytes, held", [(400 << 10, True), (64 << 10, False)])
+def test_a_transposed_zstd_chunk_is_decoded_once_when_it_fits_the_buffer(zstd_strided, buffer_bytes, held):
+    """torch's own zstd blob of a transposed [257, 300] float32 tensor (301 KiB), in several bands either way.
+    With 400 KiB of buffer it is held: decoded once, the reader's count of decoded bytes is the blob's stream up
+    to the tensor's end. With 64 KiB it cannot be: each band decodes it again from its start (the bounded
+    fallback), several times the bytes."""
+    import streamconv
+    from streamconv.execution import strided
+    from streamconv.runs.checkpoint import blob_reader, load, locate_chunks
+    path, state = zstd_strided
+    conversion = streamconv.plan(str(path))
+    files, _ = load(str(path))
+    with files:
+        stored = locate_chunks(conversion, files)
+        reader = blob_reader(conversion, files, stored)
+        t = next(t for t in conversion.tensors if t.source_fqn == "big_t.weight")
+        got, ws = _write_alone(t, reader, stored, buffer_bytes)
+    assert got == state["big_t.weight"].contiguous().numpy().tobytes()
+    (chunk,) = t.chunks
+    s = stored[chunk.location]
+    assert s.stride == (1, 257) and chunk.location.transform_descriptors
+    layout = strided._Layout.of(ws, t, 4)
+    assert len(list(layout.geometry.bands())) > 1 and bool(layout.held) == held
+    once = s.data_offset + s.data_nbytes
+    if held:
+        assert (reader.decoded_bytes, reader.restarts) == (once, 0)
+    else:
+        assert reader.decoded_bytes > 3 * once and reader.restarts > 0
+    assert ws.buffer_nbytes <= buffer_bytes

@@ -12,11 +12,10 @@ in place in the band. Memory stays at the buffer whatever the tensor's size.
 
 A transposed chunk's every band takes a run of every storage row, so a zstd chunk read band by band would be
 decoded again from its start for each band after the first (its stream only goes forward). When the tensor's
-compressed chunks fit the writer's buffer together with smaller bands, they are *held*: each is decoded once,
-whole, into the buffer behind the band and its staging (`_Layout`), and every band takes its box from there (a
-strided view, no staging). When they do not fit, each band decodes them again (decoded bytes = the chunk's times
-its bands): slower, bounded, never wrong. `BlobReader.decoded_bytes` counts either way (tests/execution/
-test_strided.py). Plain chunks are never held: a read of a file range costs nothing to repeat.
+compressed chunks fit the writer's buffer beside smaller bands they are held instead (`held.py`): each decoded
+once, whole, before the first band that reads it, and every band takes its box from there (a strided view, no
+staging). When they do not fit, each band decodes them again (decoded bytes = the chunk's times its bands):
+slower, bounded, never wrong. Plain chunks are never held: a file range costs nothing to read again.
 
 A tensor the plan transposes (`TensorPlan.axes`: torchtitan GPT-OSS's [E, 2F, D] expert weights written as
 transformers' [E, D, 2F]) is the same case seen from the other side: each row-major chunk of the source is a chunk
@@ -28,12 +27,12 @@ Strides that are not a permutation of contiguous ones (overlapping or gapped vie
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional
 
 from .. import dtypes
 from ..model import BlobLocation, Chunk, StoredTensor, numel, row_major_strides
-from .geometry import Band, BandGeometry, element_dtype, storage_order
+from . import held
+from .geometry import Band, element_dtype, storage_order
 from .workspace import Assembler, Workspace
 
 if TYPE_CHECKING:
@@ -59,84 +58,31 @@ def stored_view(t: TensorPlan, stored: StoredTensor) -> StoredTensor:
 
 
 def write(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
-    """Write tensor `t` (no pieces) whose chunks may have permuted strides, band by band."""
+    """Write tensor `t` (no pieces) whose chunks may have permuted strides, band by band; its compressed chunks
+    decoded once each when they fit the buffer (`held.layout`)."""
     item = dtypes.BY_NAME[t.src_dtype].itemsize
-    layout = _Layout.of(ws, t, item)
+    layout = held.layout(t, item, ws.buffer_bytes, lambda room: ws.band_budget(t, room))
     geometry = layout.geometry
     ws.check_integrity(t, t.chunks)
-    held = layout.hold(ws, t)
-    for band in geometry.bands():
+    if layout.held:     # reserved first: the bands' smaller requests never move the buffer
+        area = ws.scratch_and_staging(0, t, layout.front_bytes + layout.held_bytes)[1][layout.front_bytes:]
+    starting = layout.starting()
+    decoded: Dict[BlobLocation, np.ndarray] = {}
+    for i, band in enumerate(geometry.bands()):
         ws.check_stop()
+        for h in starting.get(i, ()):
+            decoded[h.chunk.location] = view = area[h.offset:h.offset + h.nbytes]
+            ws.reader.read_into(h.chunk.location, ws.stored[h.chunk.location].data_offset, [memoryview(view)])
         block, staging = ws.scratch_and_staging(geometry.band_bytes(band), t, layout.staging_bytes)
         for chunk in t.chunks:
-            _fill(ws, t, chunk, band, geometry.dim, block, staging, item, held.get(chunk.location))
+            _fill(ws, t, chunk, band, geometry.dim, block, staging, item, decoded.get(chunk.location))
         ws.emit(t, sink, block, geometry.first_element(band))
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """How a tensor uses the writer's buffer: bands (`geometry`) with, behind each, room for one chunk's part of a
-    band read from its blob (`staging_bytes`), and past both (`front_bytes`: also past a band's cast output) the
-    `held` chunks, decoded whole once."""
-    geometry: BandGeometry
-    staging_bytes: int
-    front_bytes: int = 0
-    held: Tuple[Chunk, ...] = ()
-
-    @classmethod
-    def of(cls, ws: Workspace, t: TensorPlan, item: int) -> "_Layout":
-        # The band and, behind it, room for one chunk's part of a band (its box, packed run by run when its
-        # range in the blob is wider than that).
-        geometry = BandGeometry.fit_with_staging(t.shape, item, ws.band_budget(t), [c.sizes for c in t.chunks])
-        banded = cls(geometry, geometry.max_staging_bytes)
-        compressed = tuple(c for c in t.chunks if c.location.transform_descriptors and 0 not in c.sizes)
-        if not compressed or _band_count(geometry) == 1:
-            return banded       # decoded once already: one band reads each chunk once
-        held_bytes = sum(numel(c.sizes) for c in compressed) * item
-        rest = [c.sizes for c in t.chunks if c not in compressed] or [(1,) * len(t.shape)]
-        room = ws.buffer_bytes - held_bytes
-        geometry = BandGeometry.fit_with_staging(t.shape, item, _band_budget(t, room), rest)
-        held = cls(geometry, geometry.max_staging_bytes, _front_bytes(t, geometry), compressed)
-        return held if room > 0 and held.front_bytes + held_bytes <= ws.buffer_bytes else banded
-
-    def hold(self, ws: Workspace, t: TensorPlan) -> Dict[BlobLocation, "np.ndarray"]:
-        """Decode each held chunk once, whole, into the buffer past the front; {location: its bytes}."""
-        if not self.held:
-            return {}
-        item = dtypes.BY_NAME[t.src_dtype].itemsize
-        sizes = [numel(c.sizes) * item for c in self.held]
-        area = ws.scratch_and_staging(0, t, self.front_bytes + sum(sizes))[1][self.front_bytes:]
-        held, at = {}, 0
-        for chunk, nbytes in zip(self.held, sizes):
-            ws.check_stop()
-            held[chunk.location] = area[at:at + nbytes]
-            ws.reader.read_into(chunk.location, ws.stored[chunk.location].data_offset, [memoryview(held[chunk.location])])
-            at += nbytes
-        return held
-
-
-def _band_count(geometry: BandGeometry) -> int:
-    return numel(geometry.shape[:geometry.dim]) * -(-geometry.extent // geometry.rows_per_band)
-
-
-def _band_budget(t: TensorPlan, room_bytes: int) -> int:
-    """Source bytes per band in `room_bytes` of buffer (whole elements; a widening cast's output in place)."""
-    src = dtypes.BY_NAME[t.src_dtype].itemsize
-    widest = max(src, dtypes.BY_NAME[t.dst_dtype].itemsize)
-    return max(src, room_bytes * src // widest // src * src)
-
-
-def _front_bytes(t: TensorPlan, geometry: BandGeometry) -> int:
-    """Buffer bytes any band takes: itself and its staging while filled, then its cast output in place."""
-    band = geometry.max_band_bytes
-    cast = band // dtypes.BY_NAME[t.src_dtype].itemsize * dtypes.BY_NAME[t.dst_dtype].itemsize    # cast.output_nbytes
-    return max(band + geometry.max_staging_bytes, cast if t.is_cast else 0)
-
-
 def _fill(ws: Workspace, t: TensorPlan, chunk: Chunk, band: Band, d: int, block: np.ndarray,
-          staging: np.ndarray, item: int, held: Optional[np.ndarray] = None) -> None:
-    """Put the chunk's part of `band` (if any) in place in `block`, the band's bytes; from `held`, the chunk's
-    bytes, when they were decoded whole before the bands."""
+          staging: np.ndarray, item: int, decoded: Optional[np.ndarray] = None) -> None:
+    """Put the chunk's part of `band` (if any) in place in `block`, the band's bytes; from `decoded`, the
+    chunk's bytes, when it is held (decoded whole before its first band)."""
     offs, sizes = chunk.offsets, chunk.sizes
     if 0 in sizes:      # an empty chunk (FSDP2's last ranks) supplies nothing, whatever strides it records
         return
@@ -156,9 +102,9 @@ def _fill(ws: Workspace, t: TensorPlan, chunk: Chunk, band: Band, d: int, block:
     s_sizes = [sizes[i] for i in order]
     s_start = [start[i] for i in order]
     s_count = [count[i] for i in order]
-    if held is not None:
+    if decoded is not None:
         box = tuple(slice(i, i + c) for i, c in zip(s_start, s_count))
-        elements = held.view(element_dtype(item)).reshape(s_sizes)[box]
+        elements = decoded.view(element_dtype(item)).reshape(s_sizes)[box]
     else:
         elements = _read_box(ws, chunk.location, stored.data_offset, s_sizes, s_start, s_count, item, staging)
     logical = elements.transpose([order.index(i) for i in range(len(order))])    # back to the tensor's dim order

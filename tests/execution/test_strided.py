@@ -90,6 +90,13 @@ def test_grouped_experts_transposed_plane_by_plane():
 # -- transposed chunks in zstd blobs: decoded once when they fit the buffer -----------------------------------
 
 
+def _layout(ws, t):
+    """The layout the strided assembler chose for `t` in workspace `ws`."""
+    from streamconv import dtypes
+    from streamconv.execution import held
+    return held.layout(t, dtypes.BY_NAME[t.src_dtype].itemsize, ws.buffer_bytes, lambda room: ws.band_budget(t, room))
+
+
 def _write_alone(meta_or_plan_tensor, reader, stored, buffer_bytes):
     """Write one tensor through its assembler in a `buffer_bytes` workspace; (its bytes, the workspace)."""
     from streamconv.execution.executor import choose
@@ -131,8 +138,7 @@ def test_permuted_boxes_in_zstd_blobs_reassemble_exactly_each_decoded_once_when_
         from streamconv.execution.cast import cast_into
         want = cast_into(np.frombuffer(want, np.uint8), "float32", "float16", path="vector").tobytes()
     assert got == want
-    item = arr.dtype.itemsize
-    layout = strided._Layout.of(ws, t, item)
+    layout = _layout(ws, t)
     once = sum(3 + s.data_nbytes for s in stored.values() if s.data_nbytes)
     if layout.held:
         assert reader.decoded_bytes == once and reader.restarts == 0
@@ -156,7 +162,6 @@ def test_a_transposed_zstd_chunk_is_decoded_once_when_it_fits_the_buffer(zstd_st
     to the tensor's end. With 64 KiB it cannot be: each band decodes it again from its start (the bounded
     fallback), several times the bytes."""
     import streamconv
-    from streamconv.execution import strided
     from streamconv.runs.checkpoint import blob_reader, load, locate_chunks
     path, state = zstd_strided
     conversion = streamconv.plan(str(path))
@@ -170,7 +175,7 @@ def test_a_transposed_zstd_chunk_is_decoded_once_when_it_fits_the_buffer(zstd_st
     (chunk,) = t.chunks
     s = stored[chunk.location]
     assert s.stride == (1, 257) and chunk.location.transform_descriptors
-    layout = strided._Layout.of(ws, t, 4)
+    layout = _layout(ws, t)
     assert len(list(layout.geometry.bands())) > 1 and bool(layout.held) == held
     once = s.data_offset + s.data_nbytes
     if held:
@@ -178,3 +183,22 @@ def test_a_transposed_zstd_chunk_is_decoded_once_when_it_fits_the_buffer(zstd_st
     else:
         assert reader.decoded_bytes > 3 * once and reader.restarts > 0
     assert ws.buffer_nbytes <= buffer_bytes
+
+
+def test_row_blocks_of_a_transposed_tensor_in_zstd_blobs_share_the_held_area():
+    """FSDP's Shard(0) of a transposed [64, 48] float32 weight: four 3 KiB row blocks, each stored transposed in
+    its own zstd blob. An 8 KiB buffer cannot hold the 12 KiB tensor, but holds the block or two that bands read
+    at a time: each blob decoded once, its slot reused by a later block, the buffer never exceeded."""
+    pytest.importorskip("zstandard")
+    from streamconv.planning.plan import PlanOptions, build_plan
+    arr = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
+    meta, files, stored = permuted_checkpoint(arr, [[16, 32, 48], []], [(1, 0)], zstd=True)
+    (t,) = build_plan(meta, PlanOptions()).shards[0].tensors
+    reader = BlobReader(files, stored)
+    got, ws = _write_alone(t, reader, stored, 8 << 10)
+    assert got == arr.tobytes()
+    layout = _layout(ws, t)
+    assert len(layout.held) == 4 and layout.held_bytes < arr.nbytes
+    assert len({h.offset for h in layout.held}) < 4         # a slot reused
+    assert (reader.decoded_bytes, reader.restarts) == (sum(3 + s.data_nbytes for s in stored.values()), 0)
+    assert ws.buffer_nbytes <= 8 << 10

@@ -27,12 +27,12 @@ Strides that are not a permutation of contiguous ones (overlapping or gapped vie
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional
+from typing import TYPE_CHECKING, List, Mapping, Optional, Sequence
 
 from .. import dtypes
 from ..model import BlobLocation, Chunk, StoredTensor, numel, row_major_strides
 from . import held
-from .geometry import Band, element_dtype, storage_order
+from .geometry import Band, BandGeometry, element_dtype, storage_order
 from .workspace import Assembler, Workspace
 
 if TYPE_CHECKING:
@@ -59,24 +59,27 @@ def stored_view(t: TensorPlan, stored: StoredTensor) -> StoredTensor:
 
 def write(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
     """Write tensor `t` (no pieces) whose chunks may have permuted strides, band by band; its compressed chunks
-    decoded once each when they fit the buffer (`held.layout`)."""
+    decoded once each when they fit the buffer (`held.py`)."""
     item = dtypes.BY_NAME[t.src_dtype].itemsize
-    layout = held.layout(t, item, ws.buffer_bytes, lambda room: ws.band_budget(t, room))
+    layout = held.layout(t, item, ws.buffer_bytes, lambda room: ws.band_budget(t, room),
+                         lambda budget, chunks: _bands(t, item, budget, chunks))
     geometry = layout.geometry
     ws.check_integrity(t, t.chunks)
-    if layout.held:     # reserved first: the bands' smaller requests never move the buffer
-        area = ws.scratch_and_staging(0, t, layout.front_bytes + layout.held_bytes)[1][layout.front_bytes:]
-    starting = layout.starting()
-    decoded: Dict[BlobLocation, np.ndarray] = {}
+    holding = held.HeldChunks(ws, t, layout)
     for i, band in enumerate(geometry.bands()):
         ws.check_stop()
-        for h in starting.get(i, ()):
-            decoded[h.chunk.location] = view = area[h.offset:h.offset + h.nbytes]
-            ws.reader.read_into(h.chunk.location, ws.stored[h.chunk.location].data_offset, [memoryview(view)])
+        decoded = holding.before_band(i)
         block, staging = ws.scratch_and_staging(geometry.band_bytes(band), t, layout.staging_bytes)
         for chunk in t.chunks:
             _fill(ws, t, chunk, band, geometry.dim, block, staging, item, decoded.get(chunk.location))
         ws.emit(t, sink, block, geometry.first_element(band))
+
+
+def _bands(t: TensorPlan, item: int, budget_bytes: int, chunks: Sequence[Chunk]) -> BandGeometry:
+    """The bands of `t` in `budget_bytes`, each with room behind it for one of `chunks`' part of a band (its box,
+    packed run by run when its range in the blob is wider than that); a token staging when none is read from its
+    blob (the bands still follow chunk extents by the band dim)."""
+    return BandGeometry.fit_with_staging(t.shape, item, budget_bytes, [c.sizes for c in chunks] or [(1,) * len(t.shape)])
 
 
 def _fill(ws: Workspace, t: TensorPlan, chunk: Chunk, band: Band, d: int, block: np.ndarray,

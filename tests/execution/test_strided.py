@@ -87,64 +87,7 @@ def test_grouped_experts_transposed_plane_by_plane():
     assert read_safetensors(out["model.safetensors"])["w"] == np.ascontiguousarray(arr.transpose(0, 2, 1)).tobytes()
 
 
-# -- transposed chunks in zstd blobs: decoded once when they fit the buffer -----------------------------------
-
-
-def _layout(ws, t):
-    """The layout the strided assembler chose for `t` in workspace `ws`."""
-    from streamconv import dtypes
-    from streamconv.execution import held
-    return held.layout(t, dtypes.BY_NAME[t.src_dtype].itemsize, ws.buffer_bytes, lambda room: ws.band_budget(t, room))
-
-
-def _write_alone(meta_or_plan_tensor, reader, stored, buffer_bytes):
-    """Write one tensor through its assembler in a `buffer_bytes` workspace; (its bytes, the workspace)."""
-    from streamconv.execution.executor import choose
-    from streamconv.execution.workspace import Workspace
-    from streamconv.output.sink import MemorySink
-    t = meta_or_plan_tensor
-    ws = Workspace(reader, stored, buffer_bytes)
-    sink = MemorySink(t.begin + t.nbytes)
-    choose(t, stored).write(ws, t, sink)
-    return bytes(sink.data[t.begin:]), ws
-
-
-@settings(max_examples=150, deadline=None)
-@given(case=cases(), buffer_share=st.sampled_from([0, 0.3, 1.1, 1.3, 1.6, 1.9, 4]), seed=st.integers(0, 2**16),
-       cast=st.booleans())
-def test_permuted_boxes_in_zstd_blobs_reassemble_exactly_each_decoded_once_when_held(case, buffer_share, seed,
-                                                                                    cast):
-    """Random boxes, each stored permuted in its own zstd blob, at any buffer: bit for bit; when the layout holds
-    the compressed chunks (they fit the buffer beside smaller bands) every blob is decoded exactly once, else
-    (bounded fallback) a band reads its runs again from the blob, and the buffer is never exceeded."""
-    pytest.importorskip("zstandard")
-    from streamconv.execution import strided
-    from streamconv.planning.plan import PlanOptions, build_plan
-    arr, cuts = case
-    if arr.ndim < 2:
-        return
-    rng = np.random.default_rng(seed)
-    orders = [tuple(rng.permutation(arr.ndim).tolist()) for _ in range(3)]
-    arr = arr.astype(np.float32) if cast else arr
-    meta, files, stored = permuted_checkpoint(arr, cuts, orders, zstd=True)
-    (t,) = build_plan(meta, PlanOptions(**({"dtype": "float16"} if cast else {}))).shards[0].tensors
-    if not strided.accepts(t, stored):
-        return      # every box happened to be stored row-major: the band assembler's case
-    buffer_bytes = max(1, int(buffer_share * arr.nbytes))     # around the tensor's size: held or not
-    reader = BlobReader(files, stored)
-    got, ws = _write_alone(t, reader, stored, buffer_bytes)
-    want = arr.tobytes()
-    if cast:
-        from streamconv.execution.cast import cast_into
-        want = cast_into(np.frombuffer(want, np.uint8), "float32", "float16", path="vector").tobytes()
-    assert got == want
-    layout = _layout(ws, t)
-    once = sum(3 + s.data_nbytes for s in stored.values() if s.data_nbytes)
-    if layout.held:
-        assert reader.decoded_bytes == once and reader.restarts == 0
-        assert ws.buffer_nbytes <= buffer_bytes
-    else:
-        assert reader.decoded_bytes >= once
+# -- a transposed chunk in torch's own zstd blob: decoded once when it fits the buffer (tests/execution/test_held.py)
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +106,7 @@ def test_a_transposed_zstd_chunk_is_decoded_once_when_it_fits_the_buffer(zstd_st
     fallback), several times the bytes."""
     import streamconv
     from streamconv.runs.checkpoint import blob_reader, load, locate_chunks
+    from tests.execution.test_held import layout_of, write_alone
     path, state = zstd_strided
     conversion = streamconv.plan(str(path))
     files, _ = load(str(path))
@@ -170,12 +114,12 @@ def test_a_transposed_zstd_chunk_is_decoded_once_when_it_fits_the_buffer(zstd_st
         stored = locate_chunks(conversion, files)
         reader = blob_reader(conversion, files, stored)
         t = next(t for t in conversion.tensors if t.source_fqn == "big_t.weight")
-        got, ws = _write_alone(t, reader, stored, buffer_bytes)
+        got, ws = write_alone(t, reader, stored, buffer_bytes)
     assert got == state["big_t.weight"].contiguous().numpy().tobytes()
     (chunk,) = t.chunks
     s = stored[chunk.location]
     assert s.stride == (1, 257) and chunk.location.transform_descriptors
-    layout = _layout(ws, t)
+    layout = layout_of(ws, t)
     assert len(list(layout.geometry.bands())) > 1 and bool(layout.held) == held
     once = s.data_offset + s.data_nbytes
     if held:
@@ -183,22 +127,3 @@ def test_a_transposed_zstd_chunk_is_decoded_once_when_it_fits_the_buffer(zstd_st
     else:
         assert reader.decoded_bytes > 3 * once and reader.restarts > 0
     assert ws.buffer_nbytes <= buffer_bytes
-
-
-def test_row_blocks_of_a_transposed_tensor_in_zstd_blobs_share_the_held_area():
-    """FSDP's Shard(0) of a transposed [64, 48] float32 weight: four 3 KiB row blocks, each stored transposed in
-    its own zstd blob. An 8 KiB buffer cannot hold the 12 KiB tensor, but holds the block or two that bands read
-    at a time: each blob decoded once, its slot reused by a later block, the buffer never exceeded."""
-    pytest.importorskip("zstandard")
-    from streamconv.planning.plan import PlanOptions, build_plan
-    arr = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
-    meta, files, stored = permuted_checkpoint(arr, [[16, 32, 48], []], [(1, 0)], zstd=True)
-    (t,) = build_plan(meta, PlanOptions()).shards[0].tensors
-    reader = BlobReader(files, stored)
-    got, ws = _write_alone(t, reader, stored, 8 << 10)
-    assert got == arr.tobytes()
-    layout = _layout(ws, t)
-    assert len(layout.held) == 4 and layout.held_bytes < arr.nbytes
-    assert len({h.offset for h in layout.held}) < 4         # a slot reused
-    assert (reader.decoded_bytes, reader.restarts) == (sum(3 + s.data_nbytes for s in stored.values()), 0)
-    assert ws.buffer_nbytes <= 8 << 10

@@ -4,7 +4,9 @@ The output is built band by band (`geometry.BandGeometry`): each chunk's part of
 of its blob's bytes (the file's own, or a zstd blob's decoded stream: `source.blob_reader`). When that part's runs in the band are long it is scatter-read (preadv, IOV_MAX runs at a time)
 straight into place; when they are short (8 bytes for a [4096, 256, 4] tensor split on dim 2) it is read whole
 into a staging area behind the band (room for one chunk's part of it) and scattered by one strided numpy copy,
-so no per-run list ever grows. The next band's ranges are prefetched while this one is filled.
+so no per-run list ever grows. The next band's ranges are prefetched while this one is filled. A chunk in a zstd
+blob that several bands read is decoded once into the buffer when the tensor's compressed chunks fit there
+(`held.py`), and its parts are copied from memory.
 """
 from __future__ import annotations
 

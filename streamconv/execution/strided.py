@@ -79,7 +79,8 @@ def _bands(t: TensorPlan, item: int, budget_bytes: int, chunks: Sequence[Chunk])
     """The bands of `t` in `budget_bytes`, each with room behind it for one of `chunks`' part of a band (its box,
     packed run by run when its range in the blob is wider than that); a token staging when none is read from its
     blob (the bands still follow chunk extents by the band dim)."""
-    return BandGeometry.fit_with_staging(t.shape, item, budget_bytes, [c.sizes for c in chunks] or [(1,) * len(t.shape)])
+    staged = [c.sizes for c in chunks] or [(1,) * len(t.shape)]
+    return BandGeometry.fit_with_staging(t.shape, item, budget_bytes, staged)
 
 
 def _fill(ws: Workspace, t: TensorPlan, chunk: Chunk, band: Band, d: int, block: np.ndarray,

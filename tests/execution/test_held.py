@@ -53,8 +53,8 @@ def _decoded_once(stored) -> int:
 def test_boxes_in_zstd_blobs_reassemble_exactly_each_decoded_once_when_held(case, buffer_share, seed, permuted,
                                                                             cast):
     """Random boxes, each in its own zstd blob, stored in a random dim order (strided) or row-major (band, when
-    the boxes are not a plain copy), with a buffer around the tensor's size, cast or not: bit for bit; when the layout holds
-    the chunks every blob is decoded exactly once and the buffer is never exceeded."""
+    the boxes are not a plain copy), with a buffer around the tensor's size, cast or not: bit for bit; when the
+    layout holds the chunks every blob is decoded exactly once and the buffer is never exceeded."""
     arr, cuts = case
     if arr.ndim < 2:
         return
@@ -97,10 +97,10 @@ def test_row_blocks_of_a_transposed_tensor_share_the_held_area():
 @pytest.mark.parametrize("columns", [4, 16])
 @pytest.mark.parametrize("buffer_bytes, held_", [(1060 << 10, True), (64 << 10, False)])
 def test_column_blocks_in_zstd_blobs_are_decoded_once_when_they_fit(columns, buffer_bytes, held_):
-    """Tensor-parallel Shard(1) of a [256, 1024] float32 weight in zstd blobs: every band reads every column block.
-    Beyond the streams the blob reader keeps (KEPT_STREAMS, 8, shared by the writers) each band decoded every block
-    again from its start (16 blocks, 64 KiB bands: 9.5x the tensor). Held (1060 KiB of buffer for the 1 MiB tensor, two bands), each is
-    decoded once; in 64 KiB they cannot be, and the fallback stays exact."""
+    """Tensor-parallel Shard(1) of a [256, 1024] float32 weight in zstd blobs: every band reads every column
+    block. Beyond the streams the blob reader keeps (KEPT_STREAMS, 8, shared by the writers) each band decoded every
+    block again from its start (16 blocks, 64 KiB bands: 9.5x the tensor). Held (1060 KiB of buffer for the 1 MiB
+    tensor, two bands), each is decoded once; in 64 KiB they cannot be, and the fallback stays exact."""
     arr = np.random.default_rng(1).standard_normal((256, 1024)).astype(np.float32)
     t, reader, stored = _zstd_tensor(arr, [[], [1024 // columns * i for i in range(1, columns)]], [(0, 1)])
     got, ws = write_alone(t, reader, stored, buffer_bytes)

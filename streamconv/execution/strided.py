@@ -106,36 +106,71 @@ def _fill(ws: Workspace, t: TensorPlan, chunk: Chunk, band: Band, d: int, block:
     s_sizes = [sizes[i] for i in order]
     s_start = [start[i] for i in order]
     s_count = [count[i] for i in order]
-    if decoded is not None:
-        box = tuple(slice(i, i + c) for i, c in zip(s_start, s_count))
-        elements = decoded.view(element_dtype(item)).reshape(s_sizes)[box]
-    else:
-        elements = _read_box(ws, chunk.location, stored.data_offset, s_sizes, s_start, s_count, item, staging)
-    logical = elements.transpose([order.index(i) for i in range(len(order))])    # back to the tensor's dim order
     # Destination: the band is [b - a] + shape[d+1:]; the box is rows lo-a..hi-a and the chunk's later extents.
     cells = block.view(element_dtype(item)).reshape([b - a] + list(t.shape[d + 1:]))
     index = (slice(lo - a, hi - a),) + tuple(slice(o, o + s) for o, s in zip(offs[d + 1:], sizes[d + 1:]))
-    cells[index] = logical.reshape(count[d:])
+    inverse = [order.index(i) for i in range(len(order))]      # storage order back to the tensor's dim order
+    outer = order[0] - d    # the outermost storage dim's place in `index` (< 0: a dim before the band's, one index)
+    box = _Box(chunk.location, stored.data_offset, s_sizes, s_start, s_count, item)
+    for j0, j1, elements in box.pieces(ws, staging, decoded):
+        part = list(index)
+        if outer >= 0:
+            part[outer] = slice(index[outer].start + j0, index[outer].start + j1)
+        target = cells[tuple(part)]
+        target[...] = elements.transpose(inverse).reshape(target.shape)
 
 
-def _read_box(ws: Workspace, location: BlobLocation, data_offset: int, s_sizes: List[int], s_start: List[int],
-              s_count: List[int], item: int, staging: np.ndarray) -> np.ndarray:
-    """A box of a row-major array of `item`-byte elements stored at `data_offset`, read into `staging`; returned
-    as an array of shape `s_count` viewing it."""
+class _Box:
+    """A chunk's part of a band in storage order: a box (`start`, `count`) of the row-major array `sizes` of
+    `item`-byte elements whose first byte is at `data_offset` in the blob at `location`."""
+
+    def __init__(self, location: BlobLocation, data_offset: int, sizes: List[int], start: List[int],
+                 count: List[int], item: int):
+        self.location, self.data_offset, self.item = location, data_offset, item
+        self.sizes, self.start, self.count = sizes, start, count
+        self.strides = row_major_strides(sizes)
+        self.first = sum(i * s for i, s in zip(start, self.strides))
+        self.last = sum((i + c - 1) * s for i, c, s in zip(start, count, self.strides)) + 1
+
+    def pieces(self, ws: Workspace, staging: np.ndarray, decoded: Optional[np.ndarray]):
+        """(j0, j1, elements): the box's indices j0..j1 of its outermost dim, as an array viewing `decoded` (the
+        chunk held whole) or `staging`. One piece, except for a compressed chunk whose box is spread wider than
+        the staging: its stream decodes the gaps between the runs anyway, so whole slabs of the outermost dim are
+        decoded into the staging a few at a time and the box cut out of each (numpy per piece, not a read per
+        run); when one slab does not fit, run by run."""
+        element = element_dtype(self.item)
+        if decoded is not None:
+            box = tuple(slice(i, i + c) for i, c in zip(self.start, self.count))
+            yield 0, self.count[0], decoded.view(element).reshape(self.sizes)[box]
+            return
+        slab = self.strides[0] * self.item
+        per_piece = len(staging) // slab
+        spread = (self.last - self.first) * self.item > len(staging)
+        if not (self.location.transform_descriptors and spread and per_piece):
+            yield 0, self.count[0], _read_box(ws, self, staging)
+            return
+        inner = (slice(None),) + tuple(slice(i, i + c) for i, c in zip(self.start[1:], self.count[1:]))
+        for j0 in range(0, self.count[0], per_piece):
+            j1 = min(self.count[0], j0 + per_piece)
+            piece = staging[:(j1 - j0) * slab]
+            ws.reader.read_into(self.location, self.data_offset + (self.start[0] + j0) * slab, [memoryview(piece)])
+            yield j0, j1, piece.view(element).reshape([j1 - j0] + self.sizes[1:])[inner]
+
+
+def _read_box(ws: Workspace, box: _Box, staging: np.ndarray) -> np.ndarray:
+    """The box read into `staging`; returned as an array of shape `box.count` viewing it."""
     import numpy as np
-    element = element_dtype(item)
-    strides = row_major_strides(s_sizes)
-    first = sum(i * s for i, s in zip(s_start, strides))
-    last = sum((i + c - 1) * s for i, c, s in zip(s_start, s_count, strides)) + 1
-    span = (last - first) * item
+    item, element, strides = box.item, element_dtype(box.item), box.strides
+    span = (box.last - box.first) * item
     if span <= len(staging):
         # Close together (a channels_last band is one range): one read of the whole range, and the box is a
         # strided view of it.
-        ws.reader.read_into(location, data_offset + first * item, [memoryview(staging[:span])])
-        return np.lib.stride_tricks.as_strided(staging[:span].view(element), shape=s_count,
+        ws.reader.read_into(box.location, box.data_offset + box.first * item, [memoryview(staging[:span])])
+        return np.lib.stride_tricks.as_strided(staging[:span].view(element), shape=box.count,
                                                strides=[s * item for s in strides], writeable=False)
     # Far apart (a transposed tensor's band is a short run of every storage row): run by run, in increasing
     # offset, packed in box order. Dims k.. of the box are one run: every dim after k is whole.
+    s_sizes, s_count = box.sizes, box.count
     k = len(s_sizes) - 1
     while k > 0 and s_count[k] == s_sizes[k]:
         k -= 1
@@ -145,12 +180,12 @@ def _read_box(ws: Workspace, location: BlobLocation, data_offset: int, s_sizes: 
     for lo in range(0, n_runs, RUN_BATCH):
         hi = min(n_runs, lo + RUN_BATCH)
         index = np.unravel_index(np.arange(lo, hi, dtype=np.int64), s_count[:k])
-        offset = np.full(hi - lo, first, dtype=np.int64)
+        offset = np.full(hi - lo, box.first, dtype=np.int64)
         for i, s in zip(index, strides[:k]):
             offset += i * s
         for j, src in enumerate(offset.tolist()):
             at = (lo + j) * run
-            ws.reader.read_into(location, data_offset + src * item, [view[at:at + run]])
+            ws.reader.read_into(box.location, box.data_offset + src * item, [view[at:at + run]])
     return staging[:n_runs * run].view(element).reshape(s_count)
 
 

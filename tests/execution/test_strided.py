@@ -125,5 +125,5 @@ def test_a_transposed_zstd_chunk_is_decoded_once_when_it_fits_the_buffer(zstd_st
     if held:
         assert (reader.decoded_bytes, reader.restarts) == (once, 0)
     else:
-        assert reader.decoded_bytes > 3 * once and reader.restarts > 0
+        assert reader.decoded_bytes > 3 * once
     assert ws.buffer_nbytes <= buffer_bytes

@@ -15,7 +15,8 @@ decoded again from its start for each band after the first (its stream only goes
 compressed chunks fit the writer's buffer beside smaller bands they are held instead (`held.py`): each decoded
 once, whole, before the first band that reads it, and every band takes its box from there (a strided view, no
 staging). When they do not fit, each band decodes them again (decoded bytes = the chunk's times its bands):
-slower, bounded, never wrong. Plain chunks are never held: a file range costs nothing to read again.
+slower, bounded, never wrong; a few whole slabs of the storage at a time into the staging, the box cut out with
+numpy (`_Box.pieces`), not one read per run. Plain chunks are never held: a file range costs nothing to read again.
 
 A tensor the plan transposes (`TensorPlan.axes`: torchtitan GPT-OSS's [E, 2F, D] expert weights written as
 transformers' [E, D, 2F]) is the same case seen from the other side: each row-major chunk of the source is a chunk

@@ -4,7 +4,9 @@ The output is built band by band (`geometry.BandGeometry`): each chunk's part of
 of its blob's bytes (the file's own, or a zstd blob's decoded stream: `source.blob_reader`). When that part's runs in the band are long it is scatter-read (preadv, IOV_MAX runs at a time)
 straight into place; when they are short (8 bytes for a [4096, 256, 4] tensor split on dim 2) it is read whole
 into a staging area behind the band (room for one chunk's part of it) and scattered by one strided numpy copy,
-so no per-run list ever grows. The next band's ranges are prefetched while this one is filled.
+so no per-run list ever grows. The next band's ranges are prefetched while this one is filled. A chunk in a zstd
+blob that several bands read is decoded once into the buffer when the tensor's compressed chunks fit there
+(`held.py`), and its parts are copied from memory.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import TYPE_CHECKING, List, Mapping, Optional, Sequence, Tuple
 
 from .. import dtypes
 from ..model import BlobLocation, Chunk, StoredTensor, numel, row_major_strides
+from . import held
 from .geometry import Band, BandGeometry, element_dtype
 from .workspace import Assembler, Workspace
 
@@ -33,17 +36,15 @@ def accepts(t: TensorPlan, stored: Mapping[BlobLocation, StoredTensor]) -> bool:
 
 def write(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
     item = dtypes.BY_NAME[t.src_dtype].itemsize
-    geometry = BandGeometry.fit(t.shape, item, ws.band_budget(t))
-    staging_bytes = 0
-    if _has_short_runs(t, geometry.dim):
-        # Short-run chunks are read whole into a staging area behind the band and scattered by numpy; the
-        # staging holds one chunk's part of a band, so the band takes the rest of the buffer.
-        geometry = BandGeometry.fit_with_staging(t.shape, item, ws.band_budget(t), [c.sizes for c in t.chunks])
-        staging_bytes = geometry.max_staging_bytes
+    layout = held.layout(t, item, ws.buffer_bytes, lambda room: ws.band_budget(t, room),
+                         lambda budget, chunks: _bands(t, item, budget, chunks))
+    geometry = layout.geometry
     ws.check_integrity(t, t.chunks)     # every band reads every chunk: check them all first
+    holding = held.HeldChunks(ws, t, layout)
     bands = geometry.bands()
     following = next(bands, None)
     parts = _band_parts(t, following, geometry.dim) if following else []
+    index = 0
     while following is not None:
         band = following
         ws.check_stop()
@@ -51,11 +52,23 @@ def write(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
         following = next(bands, None)
         ahead = _band_parts(t, following, geometry.dim) if following else []
         _prefetch(ws, ahead)
-        block, staging = ws.scratch_and_staging(geometry.band_bytes(band), t, staging_bytes)
+        decoded = holding.before_band(index)
+        block, staging = ws.scratch_and_staging(geometry.band_bytes(band), t, layout.staging_bytes)
         for chunk, part in parts:
-            _fill(ws, chunk, part, block, staging)
+            _fill(ws, chunk, part, block, staging, decoded.get(chunk.location))
         parts = ahead
+        index += 1
         ws.emit(t, sink, block, geometry.first_element(band))
+
+
+def _bands(t: TensorPlan, item: int, budget_bytes: int, chunks: Sequence[Chunk]) -> BandGeometry:
+    """The bands of `t` in `budget_bytes`. When some of `chunks` (those read from their blobs band by band) has
+    short runs, they are read whole into a staging area behind the band and scattered by numpy; the staging holds
+    one chunk's part of a band, so the band takes the rest of the budget."""
+    geometry = BandGeometry.fit(t.shape, item, budget_bytes)
+    if _has_short_runs(t, chunks, geometry.dim):
+        geometry = BandGeometry.fit_with_staging(t.shape, item, budget_bytes, [c.sizes for c in chunks])
+    return geometry
 
 
 def _band_parts(t: TensorPlan, band: Band, d: int) -> List[Tuple[Chunk, "_BandPart"]]:
@@ -69,19 +82,25 @@ def _prefetch(ws: Workspace, parts: Sequence[Tuple[Chunk, "_BandPart"]]) -> None
                            part.nbytes)
 
 
-def _fill(ws: Workspace, chunk: Chunk, part: "_BandPart", block: np.ndarray, staging: np.ndarray) -> None:
+def _fill(ws: Workspace, chunk: Chunk, part: "_BandPart", block: np.ndarray, staging: np.ndarray,
+          decoded: Optional[np.ndarray] = None) -> None:
     """Copy the chunk's part of the band into place in `block` (the band's bytes). Its source is one contiguous
-    range of the chunk's blob (rows lo..hi of dim d at this prefix); its destination is a box of the band."""
+    range of the chunk's blob (rows lo..hi of dim d at this prefix), or of `decoded`, the chunk's bytes when it
+    is held (`held.py`); its destination is a box of the band."""
     location = chunk.location
+    if decoded is not None:     # one strided numpy copy, whatever the runs' length
+        dst = part.dst_view(block)
+        dst[...] = decoded[part.src_offset:part.src_offset + part.nbytes].view(dst.dtype).reshape(dst.shape)
+        return
     src = ws.stored[location].data_offset + part.src_offset
     if part.run_bytes == part.nbytes:        # the whole part is one run of the band
         ws.reader.read_into(location, src, [memoryview(block)[part.dst_start:part.dst_start + part.nbytes]])
     elif part.run_bytes < SHORT_RUN_BYTES:
         # Many short runs: one read into staging, then one strided copy (numpy loops in C).
-        held = staging[:part.nbytes]
-        ws.reader.read_into(location, src, [memoryview(held)])
+        held_part = staging[:part.nbytes]
+        ws.reader.read_into(location, src, [memoryview(held_part)])
         dst = part.dst_view(block)
-        dst[...] = held.view(dst.dtype).reshape(dst.shape)
+        dst[...] = held_part.view(dst.dtype).reshape(dst.shape)
     else:
         # Long runs: read straight into place, IOV_MAX runs per call so the list never grows.
         mv = memoryview(block)
@@ -99,11 +118,11 @@ def _last_split_dim(t: TensorPlan, chunk: Chunk, d: int) -> int:
     return k
 
 
-def _has_short_runs(t: TensorPlan, d: int) -> bool:
-    """True if some chunk, in bands cut at dim d, is many runs of fewer than SHORT_RUN_BYTES each. A run covers
-    dim k partly and every later dim whole; when k == d the chunk's rows in a band are a single run."""
+def _has_short_runs(t: TensorPlan, chunks: Sequence[Chunk], d: int) -> bool:
+    """True if one of `chunks`, in bands cut at dim d, is many runs of fewer than SHORT_RUN_BYTES each. A run
+    covers dim k partly and every later dim whole; when k == d the chunk's rows in a band are a single run."""
     item = dtypes.BY_NAME[t.src_dtype].itemsize
-    for chunk in t.chunks:
+    for chunk in chunks:
         k = _last_split_dim(t, chunk, d)
         if k > d and numel(chunk.sizes[k:]) * item < SHORT_RUN_BYTES:
             return True

@@ -8,10 +8,15 @@ it a staging area the size of the largest chunk's part of a band). A chunk's par
 chunk; in storage order that box is a box of a row-major array, i.e. runs of the blob's bytes. They are read in
 storage order into the staging area (one read of their whole range when it fits there, else run by run in
 increasing offset, so a zstd chunk is decoded forward within a band), and one numpy transpose-view copy puts them
-in place in the band. Memory stays at the buffer whatever the tensor's size. A transposed zstd chunk's every band
-takes a run of every storage row, so each band after the first decodes the chunk again from its start (decoded
-bytes = the chunk's times its bands): decoding it once would need its decoded bytes somewhere other than memory
-(a scratch file) or the output written in storage order, neither done.
+in place in the band. Memory stays at the buffer whatever the tensor's size.
+
+A transposed chunk's every band takes a run of every storage row, so a zstd chunk read band by band would be
+decoded again from its start for each band after the first (its stream only goes forward). When the tensor's
+compressed chunks fit the writer's buffer beside smaller bands they are held instead (`held.py`): each decoded
+once, whole, before the first band that reads it, and every band takes its box from there (a strided view, no
+staging). When they do not fit, each band decodes them again (decoded bytes = the chunk's times its bands):
+slower, bounded, never wrong; a few whole slabs of the storage at a time into the staging, the box cut out with
+numpy (`_Box.pieces`), not one read per run. Plain chunks are never held: a file range costs nothing to read again.
 
 A tensor the plan transposes (`TensorPlan.axes`: torchtitan GPT-OSS's [E, 2F, D] expert weights written as
 transformers' [E, D, 2F]) is the same case seen from the other side: each row-major chunk of the source is a chunk
@@ -23,10 +28,11 @@ Strides that are not a permutation of contiguous ones (overlapping or gapped vie
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, List, Mapping
+from typing import TYPE_CHECKING, List, Mapping, Optional, Sequence
 
 from .. import dtypes
 from ..model import BlobLocation, Chunk, StoredTensor, numel, row_major_strides
+from . import held
 from .geometry import Band, BandGeometry, element_dtype, storage_order
 from .workspace import Assembler, Workspace
 
@@ -53,23 +59,35 @@ def stored_view(t: TensorPlan, stored: StoredTensor) -> StoredTensor:
 
 
 def write(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
-    """Write tensor `t` (no pieces) whose chunks may have permuted strides, band by band."""
+    """Write tensor `t` (no pieces) whose chunks may have permuted strides, band by band; its compressed chunks
+    decoded once each when they fit the buffer (`held.py`)."""
     item = dtypes.BY_NAME[t.src_dtype].itemsize
-    # The band and, behind it, room for one chunk's part of a band (its box, packed run by run when its range
-    # in the file is wider than that).
-    geometry = BandGeometry.fit_with_staging(t.shape, item, ws.band_budget(t), [c.sizes for c in t.chunks])
+    layout = held.layout(t, item, ws.buffer_bytes, lambda room: ws.band_budget(t, room),
+                         lambda budget, chunks: _bands(t, item, budget, chunks))
+    geometry = layout.geometry
     ws.check_integrity(t, t.chunks)
-    for band in geometry.bands():
+    holding = held.HeldChunks(ws, t, layout)
+    for i, band in enumerate(geometry.bands()):
         ws.check_stop()
-        block, staging = ws.scratch_and_staging(geometry.band_bytes(band), t, geometry.max_staging_bytes)
+        decoded = holding.before_band(i)
+        block, staging = ws.scratch_and_staging(geometry.band_bytes(band), t, layout.staging_bytes)
         for chunk in t.chunks:
-            _fill(ws, t, chunk, band, geometry.dim, block, staging, item)
+            _fill(ws, t, chunk, band, geometry.dim, block, staging, item, decoded.get(chunk.location))
         ws.emit(t, sink, block, geometry.first_element(band))
 
 
+def _bands(t: TensorPlan, item: int, budget_bytes: int, chunks: Sequence[Chunk]) -> BandGeometry:
+    """The bands of `t` in `budget_bytes`, each with room behind it for one of `chunks`' part of a band (its box,
+    packed run by run when its range in the blob is wider than that); a token staging when none is read from its
+    blob (the bands still follow chunk extents by the band dim)."""
+    staged = [c.sizes for c in chunks] or [(1,) * len(t.shape)]
+    return BandGeometry.fit_with_staging(t.shape, item, budget_bytes, staged)
+
+
 def _fill(ws: Workspace, t: TensorPlan, chunk: Chunk, band: Band, d: int, block: np.ndarray,
-          staging: np.ndarray, item: int) -> None:
-    """Put the chunk's part of `band` (if any) in place in `block`, the band's bytes."""
+          staging: np.ndarray, item: int, decoded: Optional[np.ndarray] = None) -> None:
+    """Put the chunk's part of `band` (if any) in place in `block`, the band's bytes; from `decoded`, the
+    chunk's bytes, when it is held (decoded whole before its first band)."""
     offs, sizes = chunk.offsets, chunk.sizes
     if 0 in sizes:      # an empty chunk (FSDP2's last ranks) supplies nothing, whatever strides it records
         return
@@ -89,32 +107,71 @@ def _fill(ws: Workspace, t: TensorPlan, chunk: Chunk, band: Band, d: int, block:
     s_sizes = [sizes[i] for i in order]
     s_start = [start[i] for i in order]
     s_count = [count[i] for i in order]
-    elements = _read_box(ws, chunk.location, stored.data_offset, s_sizes, s_start, s_count, item, staging)
-    logical = elements.transpose([order.index(i) for i in range(len(order))])    # back to the tensor's dim order
     # Destination: the band is [b - a] + shape[d+1:]; the box is rows lo-a..hi-a and the chunk's later extents.
     cells = block.view(element_dtype(item)).reshape([b - a] + list(t.shape[d + 1:]))
     index = (slice(lo - a, hi - a),) + tuple(slice(o, o + s) for o, s in zip(offs[d + 1:], sizes[d + 1:]))
-    cells[index] = logical.reshape(count[d:])
+    inverse = [order.index(i) for i in range(len(order))]      # storage order back to the tensor's dim order
+    outer = order[0] - d    # the outermost storage dim's place in `index` (< 0: a dim before the band's, one index)
+    box = _Box(chunk.location, stored.data_offset, s_sizes, s_start, s_count, item)
+    for j0, j1, elements in box.pieces(ws, staging, decoded):
+        part = list(index)
+        if outer >= 0:
+            part[outer] = slice(index[outer].start + j0, index[outer].start + j1)
+        target = cells[tuple(part)]
+        target[...] = elements.transpose(inverse).reshape(target.shape)
 
 
-def _read_box(ws: Workspace, location: BlobLocation, data_offset: int, s_sizes: List[int], s_start: List[int],
-              s_count: List[int], item: int, staging: np.ndarray) -> np.ndarray:
-    """A box of a row-major array of `item`-byte elements stored at `data_offset`, read into `staging`; returned
-    as an array of shape `s_count` viewing it."""
+class _Box:
+    """A chunk's part of a band in storage order: a box (`start`, `count`) of the row-major array `sizes` of
+    `item`-byte elements whose first byte is at `data_offset` in the blob at `location`."""
+
+    def __init__(self, location: BlobLocation, data_offset: int, sizes: List[int], start: List[int],
+                 count: List[int], item: int):
+        self.location, self.data_offset, self.item = location, data_offset, item
+        self.sizes, self.start, self.count = sizes, start, count
+        self.strides = row_major_strides(sizes)
+        self.first = sum(i * s for i, s in zip(start, self.strides))
+        self.last = sum((i + c - 1) * s for i, c, s in zip(start, count, self.strides)) + 1
+
+    def pieces(self, ws: Workspace, staging: np.ndarray, decoded: Optional[np.ndarray]):
+        """(j0, j1, elements): the box's indices j0..j1 of its outermost dim, as an array viewing `decoded` (the
+        chunk held whole) or `staging`. One piece, except for a compressed chunk whose box is spread wider than
+        the staging: its stream decodes the gaps between the runs anyway, so whole slabs of the outermost dim are
+        decoded into the staging a few at a time and the box cut out of each (numpy per piece, not a read per
+        run); when one slab does not fit, run by run."""
+        element = element_dtype(self.item)
+        if decoded is not None:
+            box = tuple(slice(i, i + c) for i, c in zip(self.start, self.count))
+            yield 0, self.count[0], decoded.view(element).reshape(self.sizes)[box]
+            return
+        slab = self.strides[0] * self.item
+        per_piece = len(staging) // slab
+        spread = (self.last - self.first) * self.item > len(staging)
+        if not (self.location.transform_descriptors and spread and per_piece):
+            yield 0, self.count[0], _read_box(ws, self, staging)
+            return
+        inner = (slice(None),) + tuple(slice(i, i + c) for i, c in zip(self.start[1:], self.count[1:]))
+        for j0 in range(0, self.count[0], per_piece):
+            j1 = min(self.count[0], j0 + per_piece)
+            piece = staging[:(j1 - j0) * slab]
+            ws.reader.read_into(self.location, self.data_offset + (self.start[0] + j0) * slab, [memoryview(piece)])
+            yield j0, j1, piece.view(element).reshape([j1 - j0] + self.sizes[1:])[inner]
+
+
+def _read_box(ws: Workspace, box: _Box, staging: np.ndarray) -> np.ndarray:
+    """The box read into `staging`; returned as an array of shape `box.count` viewing it."""
     import numpy as np
-    element = element_dtype(item)
-    strides = row_major_strides(s_sizes)
-    first = sum(i * s for i, s in zip(s_start, strides))
-    last = sum((i + c - 1) * s for i, c, s in zip(s_start, s_count, strides)) + 1
-    span = (last - first) * item
+    item, element, strides = box.item, element_dtype(box.item), box.strides
+    span = (box.last - box.first) * item
     if span <= len(staging):
         # Close together (a channels_last band is one range): one read of the whole range, and the box is a
         # strided view of it.
-        ws.reader.read_into(location, data_offset + first * item, [memoryview(staging[:span])])
-        return np.lib.stride_tricks.as_strided(staging[:span].view(element), shape=s_count,
+        ws.reader.read_into(box.location, box.data_offset + box.first * item, [memoryview(staging[:span])])
+        return np.lib.stride_tricks.as_strided(staging[:span].view(element), shape=box.count,
                                                strides=[s * item for s in strides], writeable=False)
     # Far apart (a transposed tensor's band is a short run of every storage row): run by run, in increasing
     # offset, packed in box order. Dims k.. of the box are one run: every dim after k is whole.
+    s_sizes, s_count = box.sizes, box.count
     k = len(s_sizes) - 1
     while k > 0 and s_count[k] == s_sizes[k]:
         k -= 1
@@ -124,12 +181,12 @@ def _read_box(ws: Workspace, location: BlobLocation, data_offset: int, s_sizes: 
     for lo in range(0, n_runs, RUN_BATCH):
         hi = min(n_runs, lo + RUN_BATCH)
         index = np.unravel_index(np.arange(lo, hi, dtype=np.int64), s_count[:k])
-        offset = np.full(hi - lo, first, dtype=np.int64)
+        offset = np.full(hi - lo, box.first, dtype=np.int64)
         for i, s in zip(index, strides[:k]):
             offset += i * s
         for j, src in enumerate(offset.tolist()):
             at = (lo + j) * run
-            ws.reader.read_into(location, data_offset + src * item, [view[at:at + run]])
+            ws.reader.read_into(box.location, box.data_offset + src * item, [view[at:at + run]])
     return staging[:n_runs * run].view(element).reshape(s_count)
 
 

@@ -64,12 +64,13 @@ class Workspace:
             for chunk in chunks:
                 self.integrity.check(t.source_fqn, chunk)
 
-    def band_budget(self, t: TensorPlan) -> int:
+    def band_budget(self, t: TensorPlan, buffer_bytes: Optional[int] = None) -> int:
         """Source bytes per step: whole elements, at least one, and small enough that the step's cast output
-        (in place, in the same buffer) fits the buffer too."""
+        (in place, in the same buffer) fits the buffer too; in `buffer_bytes` of it when given (the rest of the
+        buffer is used otherwise: `held.py`)."""
         src = dtypes.BY_NAME[t.src_dtype].itemsize
         widest = max(src, dtypes.BY_NAME[t.dst_dtype].itemsize)
-        share = self.buffer_bytes * src // widest
+        share = (self.buffer_bytes if buffer_bytes is None else buffer_bytes) * src // widest
         return max(src, share // src * src)
 
     def scratch(self, nbytes: int, t: TensorPlan) -> np.ndarray:

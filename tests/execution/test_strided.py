@@ -2,6 +2,7 @@
 each box stored in its own random dim order, reassembled bit for bit at any buffer size, also with a cast.
 Real torch-written transposed and channels_last checkpoints: tests/source/test_zstd_strided.py."""
 import numpy as np
+import pytest
 
 from streamconv.model import CheckpointMetadata
 from streamconv.source.blob_reader import BlobReader
@@ -84,3 +85,45 @@ def test_grouped_experts_transposed_plane_by_plane():
     plan, out = run(meta, reader, stored, buffer_bytes=4096)
     assert plan.shards[0].tensors[0].assembly == "transpose"
     assert read_safetensors(out["model.safetensors"])["w"] == np.ascontiguousarray(arr.transpose(0, 2, 1)).tobytes()
+
+
+# -- a transposed chunk in torch's own zstd blob: decoded once when it fits the buffer (tests/execution/test_held.py)
+
+
+@pytest.fixture(scope="module")
+def zstd_strided(tmp_path_factory):
+    pytest.importorskip("zstandard")
+    from tests.support import zstd_writers
+    path = tmp_path_factory.mktemp("strided") / "zstd"
+    return path, zstd_writers.strided_single(path, zstd=True)
+
+
+@pytest.mark.parametrize("buffer_bytes, held", [(400 << 10, True), (64 << 10, False)])
+def test_a_transposed_zstd_chunk_is_decoded_once_when_it_fits_the_buffer(zstd_strided, buffer_bytes, held):
+    """torch's own zstd blob of a transposed [257, 300] float32 tensor (301 KiB), in several bands either way.
+    With 400 KiB of buffer it is held: decoded once, the reader's count of decoded bytes is the blob's stream up
+    to the tensor's end. With 64 KiB it cannot be: each band decodes it again from its start (the bounded
+    fallback), several times the bytes."""
+    import streamconv
+    from streamconv.runs.checkpoint import blob_reader, load, locate_chunks
+    from tests.execution.test_held import layout_of, write_alone
+    path, state = zstd_strided
+    conversion = streamconv.plan(str(path))
+    files, _ = load(str(path))
+    with files:
+        stored = locate_chunks(conversion, files)
+        reader = blob_reader(conversion, files, stored)
+        t = next(t for t in conversion.tensors if t.source_fqn == "big_t.weight")
+        got, ws = write_alone(t, reader, stored, buffer_bytes)
+    assert got == state["big_t.weight"].contiguous().numpy().tobytes()
+    (chunk,) = t.chunks
+    s = stored[chunk.location]
+    assert s.stride == (1, 257) and chunk.location.transform_descriptors
+    layout = layout_of(ws, t)
+    assert len(list(layout.geometry.bands())) > 1 and bool(layout.held) == held
+    once = s.data_offset + s.data_nbytes
+    if held:
+        assert (reader.decoded_bytes, reader.restarts) == (once, 0)
+    else:
+        assert reader.decoded_bytes > 3 * once
+    assert ws.buffer_nbytes <= buffer_bytes

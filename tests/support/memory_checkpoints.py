@@ -75,9 +75,11 @@ def cases(draw):
     return arr, cuts
 
 
-def permuted_checkpoint(arr, cuts, orders):
+def permuted_checkpoint(arr, cuts, orders, zstd=False):
     """Like `make_checkpoint`, but box i is stored in dim order orders[i % len(orders)] (outermost
-    first), i.e. as `box.transpose(order)` laid out row-major, with the strides torch.save would record."""
+    first), i.e. as `box.transpose(order)` laid out row-major, with the strides torch.save would record.
+    `zstd`: each blob (3 filler bytes, then the box) is zstd-compressed, as `_extensions=[ZStandard()]` stores
+    it, its offsets those of its decoded stream."""
     bounds = [[0] + sorted(set(c)) + [s] for c, s in zip(cuts, arr.shape)]
     ranges = [[(lo, hi) for lo, hi in zip(b, b[1:]) if hi > lo] for b in bounds]
     data, chunks, stored = bytearray(), [], {}
@@ -90,10 +92,17 @@ def permuted_checkpoint(arr, cuts, orders):
         for dim in reversed(order):
             stride[dim] = acc
             acc *= piece.shape[dim]
-        data.extend(b"\xee" * 3)
-        location = BlobLocation("__0_0.distcp", len(data) - 3, storage.nbytes + 3)
-        stored[location] = StoredTensor(str(arr.dtype), piece.shape, tuple(stride), len(data), storage.nbytes)
-        data.extend(storage.tobytes())
+        blob = b"\xee" * 3 + storage.tobytes()
+        if zstd:
+            import zstandard
+            blob = zstandard.ZstdCompressor().compress(blob)
+            location = BlobLocation("__0_0.distcp", len(data), len(blob), ("stream.zstd/1",))
+            stored[location] = StoredTensor(str(arr.dtype), piece.shape, tuple(stride), 3, storage.nbytes, 3,
+                                            storage.nbytes, transforms=location.transform_descriptors)
+        else:
+            location = BlobLocation("__0_0.distcp", len(data), len(blob))
+            stored[location] = StoredTensor(str(arr.dtype), piece.shape, tuple(stride), len(data) + 3, storage.nbytes)
+        data.extend(blob)
         chunks.append(Chunk(tuple(lo for lo, _ in box), tuple(hi - lo for lo, hi in box), location))
     meta = CheckpointMetadata(tensors=(TensorEntry("w", str(arr.dtype), arr.shape, tuple(chunks), ("w",)),))
     return meta, MemoryReader({"__0_0.distcp": bytes(data)}), stored

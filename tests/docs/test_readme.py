@@ -12,7 +12,8 @@ Blocks are found by parsing the Markdown, never by position, so a block added to
 Each block runs in a fresh folder laid out as the README implies: `ckpt/` (the demo checkpoint: a real 4-rank
 FSDP2 DCP written by torch), `runs/{a,b}/checkpoint-{1,2}/` (two runs, each with two checkpoints) and `list.txt`
 naming two of them. The install block (`pip install .` ...) runs in a copy of the sources with a fresh venv's
-`bin/` first on PATH (its `pip` installs into that venv), so the `streamconv` it then runs is the installed one.
+`bin/` first on PATH (its `pip` installs into that venv), so the `streamconv` it then runs is the installed one; it
+builds twice (~30 s), so it runs in `make test-slow`, and tests/test_packaging.py installs the wheel in `make test`.
 """
 from __future__ import annotations
 
@@ -74,11 +75,19 @@ def _known(block: Block):
     return next((v for k, v in KNOWN_FAILURES.items() if k in block.text), None)
 
 
+def _installs_from_a_clone(block: Block) -> bool:
+    return re.search(r"^\s*pip install \.", block.text, re.M) is not None
+
+
 def _params():
     out = []
     for b in blocks():
         known = _known(b)
         marks = [pytest.mark.xfail(strict=True, raises=KnownFailure, reason=known[0])] if known else []
+        if _installs_from_a_clone(b):
+            # Two isolated builds and two installs (~30 s): `make test-slow`. In `make test`,
+            # tests/test_packaging.py builds the wheel, installs it in a fresh venv and converts with its script.
+            marks.append(pytest.mark.slow)
         out.append(pytest.param(b, id=b.id, marks=marks))
     return out
 
@@ -114,7 +123,7 @@ def _install_venv(where: Path) -> Path:
 def _run(block: Block, layout: Path, tmp_path: Path, extra_env: Optional[dict] = None) -> subprocess.CompletedProcess:
     work = tmp_path / "work"
     shutil.copytree(layout, work, symlinks=True)
-    if re.search(r"^\s*pip install \.", block.text, re.M):       # "from a clone": the sources, in a fresh venv
+    if _installs_from_a_clone(block):       # "from a clone": the sources, in a fresh venv
         for name in ("pyproject.toml", "README.md", "LICENSE"):
             shutil.copy(REPO / name, work / name)
         shutil.copytree(REPO / "streamconv", work / "streamconv", ignore=shutil.ignore_patterns("__pycache__"))

@@ -100,6 +100,14 @@ def killed(result) -> bool:
     return result.returncode == -9
 
 
+def failing_env(server, proxy) -> dict:
+    """The environment of a run through a FaultProxy that keeps failing, with botocore's own retry off
+    (AWS_MAX_ATTEMPTS=1, the standard variable): under s3fs's five tries and streamconv's five rounds
+    (fs/remote.py) it only multiplied the waits (~30 s asleep per run); what these tests check is how the run
+    ends, and s3fs and streamconv still retry every failed request."""
+    return dict(s3.env_for(server, proxy.url), AWS_MAX_ATTEMPTS="1")
+
+
 def test_killed_mid_upload_then_resumed_keeps_the_uploaded_shards(s3_server, bucket, demo_checkpoint, tmp_path):
     """Killed while the third shard's upload is open: the prefix has no record (unfinished: verify says so), the
     open upload is aborted by the next run, `--resume` keeps the two uploaded shards (size and CRC-32 read back)
@@ -148,7 +156,7 @@ def test_a_failing_destination_is_exit_73_and_the_previous_output_survives(s3_se
     proxy = s3.FaultProxy(s3_server.url, _failing_uploads)
     try:
         failed = run("convert", ckpt, url, "--no-config", "--overwrite", "--max-shard-size", "200KB",
-                     env=s3.env_for(s3_server, proxy.url))
+                     env=failing_env(s3_server, proxy))
     finally:
         proxy.stop()
     assert failed.returncode == 73, failed.stderr
@@ -241,7 +249,7 @@ def test_a_publication_that_fails_half_way_leaves_no_record_and_resumes(s3_serve
 
     proxy = s3.FaultProxy(s3_server.url, fault)
     try:
-        failed = run("convert", ckpt, url, *args, env=s3.env_for(s3_server, proxy.url))
+        failed = run("convert", ckpt, url, *args, env=failing_env(s3_server, proxy))
     finally:
         proxy.stop()
     assert failed.returncode == 73, failed.stderr

@@ -21,7 +21,6 @@ size-1 `attn_gate` per block (one real chunk plus an empty one under FSDP2).
 """
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
@@ -88,14 +87,17 @@ def load_expected(ckpt_dir) -> Dict[str, torch.Tensor]:
 
 
 def reference_state_dict(ckpt_dir) -> Dict[str, torch.Tensor]:
-    """torch's own reconstruction: `dcp_to_torch_save`, loaded back and flattened the way DCP flattens."""
+    """torch's own reconstruction, flattened the way DCP flattens: the state dict `dcp_to_torch_save` builds (its
+    very calls: `_load_state_dict` with the empty-state-dict planner, no process group), taken before it is saved,
+    so the bytes do not make a round trip through a .pt file (256 MiB written and read back for the memory tests)."""
+    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    with tempfile.TemporaryDirectory(prefix="streamconv-ref-") as tmp:
-        path = Path(tmp) / "full.pt"
-        dcp_to_torch_save(ckpt_dir, path)
-        nested = torch.load(path, weights_only=True)
+    nested: Dict = {}
+    _load_state_dict(nested, storage_reader=FileSystemReader(str(ckpt_dir)), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
     flat, _ = flatten_state_dict(nested)
     return {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)}
 

@@ -1,6 +1,7 @@
 """What the data-safety suites share (tests/end_to_end/test_safety.py, tests/output/test_staging.py and
 test_destination.py): a private copy of a real tensor-parallel checkpoint with the snapshot every test checks it
-against (the `source` fixture in tests/conftest.py), and the CLI run in a subprocess as a user runs it.
+against (the `source` fixture in tests/conftest.py), and the CLI run as a user runs it: in a process of its own when
+the process is under test (killed, signalled, limited), else in this one (`run`).
 """
 import hashlib
 import os
@@ -51,7 +52,35 @@ def check_untouched(source: dict) -> None:
     assert snapshot(source["ckpt"]) == source["snapshot"], "the source checkpoint changed"
 
 
-def run(*args, env=None, preexec_fn=None, timeout=120):
+def run(*args, env=None, preexec_fn=None, timeout=120) -> subprocess.CompletedProcess:
+    """`streamconv *args` as a CompletedProcess. A run whose process is itself under test (a test switch such as
+    a kill point or signals in `env`, or limits set by `preexec_fn`) gets a process of its own; any other run goes
+    through the same click group in this process (`run_here`)."""
+    if preexec_fn is None and not any(k.startswith(TEST_SWITCH_PREFIX) for k in env or {}):
+        return run_here(*args, env=env)
+    return run_apart(*args, env=env, preexec_fn=preexec_fn, timeout=timeout)
+
+
+# The failpoints' test switches (STREAMCONV_TEST_KILL_AT, ..._KILL_SIGNALS, ...; streamconv/failpoints.py).
+TEST_SWITCH_PREFIX = "STREAMCONV_TEST_"
+
+
+def run_here(*args, env=None) -> subprocess.CompletedProcess:
+    """The command through click's CliRunner in this process, `env` set for its duration: the exit code and the
+    stdout and stderr that cli.py's one error-to-exit-code place gives, as in a process of its own, without an
+    interpreter's start-up and imports (~0.4 s of CPU a run; these suites make a few hundred runs). An exception
+    that escapes the CLI is raised here: in a process it would be a traceback, which every test refuses."""
+    from click.testing import CliRunner
+
+    from streamconv.cli import cli
+
+    argv = [str(a) for a in args]
+    result = CliRunner().invoke(cli, argv, env=env, catch_exceptions=False)
+    return subprocess.CompletedProcess(["streamconv", *argv], result.exit_code, result.stdout, result.stderr)
+
+
+def run_apart(*args, env=None, preexec_fn=None, timeout=120) -> subprocess.CompletedProcess:
+    """`python -m streamconv.cli *args` in a process of its own, as a user runs it."""
     full_env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "streamconv.cli", *map(str, args)], capture_output=True, text=True,

@@ -4,8 +4,6 @@ different seeds, so two saves of one architecture with the same file sizes and `
 import json
 import os
 import shutil
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -19,16 +17,14 @@ from streamconv.output import record, staging
 from streamconv.runs import runners, shardjob
 from streamconv.demo_checkpoint import write_demo_checkpoint
 from streamconv.errors import CheckpointError
+from tests.support import safety
 
-REPO = Path(__file__).resolve().parents[2]
 SHARD = "200KB"
 
 
 def run(*args, env=None, timeout=180):
-    full_env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "streamconv.cli", *map(str, args)], capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
+    """The CLI as the safety suites run it: in a process of its own when killed, else in this one."""
+    return safety.run(*args, env=env, timeout=timeout)
 
 
 def no_traceback(result):

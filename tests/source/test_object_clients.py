@@ -11,9 +11,8 @@ import pytest
 from s3fs import S3FileSystem
 
 from streamconv.errors import CheckpointError
-from streamconv.fs import fastpaths, remote
+from streamconv.fs import fastpaths, remote, s3_obstore
 from streamconv.output.sink import MemorySink
-from streamconv.source import object_clients
 from streamconv.source.object_clients import FSSPEC, OBSTORE, open_client
 from streamconv.source.remote import RemoteReader, folder_reader, reading_paths
 from tests.support.local_s3 import LocalS3
@@ -47,8 +46,10 @@ def env(bucket, monkeypatch):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     remote.StorageOptions.set({})
     S3FileSystem.clear_instance_cache()     # fsspec keeps one client per options: each test's endpoint is its own
+    s3_obstore.clear_stores()               # ...and so does s3_obstore
     yield server
     S3FileSystem.clear_instance_cache()
+    s3_obstore.clear_stores()
     remote.StorageOptions.set({})
 
 
@@ -76,7 +77,7 @@ def test_obstore_reads_s3_by_default_and_the_fallback_is_fsspec(env):
 
 def test_without_obstore_installed_fsspec_reads(env, monkeypatch):
     monkeypatch.setitem(sys.modules, "obstore", None)       # as if `pip install streamconv[remote]` lacked it
-    monkeypatch.setattr(object_clients.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(s3_obstore.importlib.util, "find_spec", lambda name: None)
     monkeypatch.setattr(fastpaths.importlib.util, "find_spec", lambda name: None)
     assert not fastpaths.detect({}).obstore
     assert open_client("s3://bkt/ckpt", fastpaths.FastPaths(obstore=True)).name == FSSPEC
@@ -117,6 +118,7 @@ def test_a_profile_with_its_own_endpoint_keeps_fsspec(env, monkeypatch, tmp_path
     assert open_client("s3://bkt/ckpt", fastpaths.FastPaths(obstore=True)).name == FSSPEC
     # the same profile without an endpoint of its own: botocore's credentials, handed to obstore
     config.write_text("[profile elsewhere]\nregion = us-east-1\n")
+    s3_obstore.clear_stores()
     with reader_for(OBSTORE) as reader:
         assert reader.read("small", 0, 3) == b"abc"
 
@@ -185,7 +187,7 @@ def test_transient_failures_are_retried_then_the_bytes_are_exact(env, kind, faul
     proxy = FaultProxy(env.url, every_other)
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     # the clients' own retries off (obstore's; botocore's): our rounds (fs.remote.with_retries) must do it
-    monkeypatch.setattr(object_clients, "OBSTORE_RETRIES", 0)
+    monkeypatch.setattr(s3_obstore, "OBSTORE_RETRIES", 0)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     monkeypatch.setattr(remote, "RETRY_FIRST_WAIT_S", 0.01)
     try:
@@ -199,7 +201,7 @@ def test_transient_failures_are_retried_then_the_bytes_are_exact(env, kind, faul
 @pytest.mark.parametrize("kind", BOTH)
 def test_a_service_that_keeps_failing_is_a_bounded_error_naming_the_url_never_the_secret(env, kind, monkeypatch):
     monkeypatch.setattr(remote, "RETRY_FIRST_WAIT_S", 0.01)
-    monkeypatch.setattr(object_clients, "OBSTORE_RETRIES", 1)
+    monkeypatch.setattr(s3_obstore, "OBSTORE_RETRIES", 1)
     proxy = FaultProxy(env.url, lambda method, path, headers: "503" if method == "GET" and "distcp" in path
                        else None)
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)

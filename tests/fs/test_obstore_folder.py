@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-from s3fs import S3FileSystem
 
 from streamconv.errors import CheckpointError, OutputError
 from streamconv.fs import location, remote, s3_obstore
@@ -22,31 +21,20 @@ FILES = {"ckpt/.metadata": b"m" * 300, "ckpt/__0_0.distcp": bytes(range(256)) * 
 
 
 @pytest.fixture(scope="module")
-def bucket(tmp_path_factory):
+def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("folder-objects")
     for name, data in FILES.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
-    server = LocalS3({"bkt": str(root)}).start()
-    yield server, root
-    server.stop()
+    running = LocalS3({"bkt": str(root)}).start()
+    yield running
+    running.stop()
 
 
 @pytest.fixture
-def env(bucket, monkeypatch):
-    server, _ = bucket
-    for name in ("AWS_PROFILE", "AWS_REGION", "AWS_ENDPOINT_URL_S3", "STREAMCONV_NO_FAST_PATHS"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", server.url)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    remote.StorageOptions.set({})
-    S3FileSystem.clear_instance_cache()
-    s3_obstore.clear_stores()
-    yield server
-    S3FileSystem.clear_instance_cache()
-    s3_obstore.clear_stores()
+def env(server, monkeypatch):
+    with server.as_the_environment(monkeypatch, SECRET):
+        yield server
 
 
 def test_s3_goes_through_obstore_unless_switched_off(env, monkeypatch):
@@ -103,11 +91,11 @@ def test_the_bucket_root_and_missing_folders(env):
     assert location.entries("s3://bkt/ckpt", ["empty", "missing"])["missing"] is None
 
 
-def test_a_rewritten_object_gets_another_version(env, bucket):
-    _, root = bucket
+def test_a_rewritten_object_gets_another_version(env):
     folder = location.at("s3://bkt/other")
     before = folder.entry("y")
-    (root / "other" / "y").write_bytes(b"z")
+    with open(os.path.join(env.buckets["bkt"], "other", "y"), "wb") as rewritten:
+        rewritten.write(b"z")
     after = folder.entry("y")
     assert before.size == after.size and before.version != after.version
 

@@ -8,7 +8,6 @@ import pickle
 import sys
 
 import pytest
-from s3fs import S3FileSystem
 
 from streamconv.errors import CheckpointError
 from streamconv.fs import fastpaths, remote, s3_obstore
@@ -38,19 +37,8 @@ def bucket(tmp_path_factory):
 def env(bucket, monkeypatch):
     """The standard AWS_* variables naming the local server (as a user names MinIO); no storage options."""
     server, _ = bucket
-    for name in ("AWS_PROFILE", "AWS_REGION", "AWS_ENDPOINT_URL_S3", "STREAMCONV_NO_FAST_PATHS"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", server.url)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    remote.StorageOptions.set({})
-    S3FileSystem.clear_instance_cache()     # fsspec keeps one client per options: each test's endpoint is its own
-    s3_obstore.clear_stores()               # ...and so does s3_obstore
-    yield server
-    S3FileSystem.clear_instance_cache()
-    s3_obstore.clear_stores()
-    remote.StorageOptions.set({})
+    with server.as_the_environment(monkeypatch, SECRET):
+        yield server
 
 
 def reader_for(kind: str, url: str = "s3://bkt/ckpt") -> RemoteReader:

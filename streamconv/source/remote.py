@@ -121,7 +121,11 @@ class RemoteReader:
         self.request_bytes = max(1, int(request_bytes))
         self.max_requests = max(1, int(max_requests))
         self._slots = threading.BoundedSemaphore(self.max_requests)
+        # Two pools of max_requests threads: GETs whose slot is taken already (copy_to's) never queue behind
+        # read_into's, which wait for a slot on their thread (else those could hold every thread while waiting
+        # for slots held by GETs queued behind them).
         self._pool: Optional[ThreadPoolExecutor] = None
+        self._slotted_pool: Optional[ThreadPoolExecutor] = None
         self._small_pool: Optional[ThreadPoolExecutor] = None
         self._small_slots = threading.BoundedSemaphore(SMALL_REQUESTS)
         self._lock = threading.Lock()
@@ -279,6 +283,12 @@ class RemoteReader:
                 self._pool = ThreadPoolExecutor(self.max_requests, thread_name_prefix="streamconv-get")
             return self._pool
 
+    def _slotted_executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._slotted_pool is None:
+                self._slotted_pool = ThreadPoolExecutor(self.max_requests, thread_name_prefix="streamconv-get-ahead")
+            return self._slotted_pool
+
     def copy_to(self, sink, relative_path: str, offset: int, dst_offset: int, length: int) -> None:
         """GETs ahead, written to the sink in order from this thread (sinks are not shared between threads), each
         answer dropped once written; max_requests of them at most, in flight or waiting, across all threads. The
@@ -294,7 +304,7 @@ class RemoteReader:
         if stream.head() != key:        # not what this thread announced next: forget the announcements
             self._drop(stream)
             stream.plan.appendleft([key, 0, self._piece_bytes(length)])
-        pool = self._executor()
+        pool = self._slotted_executor()
         try:
             while stream.head() == key:
                 # A slot is a piece's memory until it is written, not only while its GET runs: answers waiting
@@ -406,7 +416,8 @@ class RemoteReader:
 
     def close(self) -> None:
         with self._lock:
-            pools, self._pool, self._small_pool = (self._pool, self._small_pool), None, None
+            pools = (self._pool, self._slotted_pool, self._small_pool)
+            self._pool, self._slotted_pool, self._small_pool = None, None, None
             self._blocks.clear()
             self._hints.clear()
             ahead, self._ahead = list(self._ahead.values()), OrderedDict()

@@ -68,7 +68,7 @@ def _copy_chunks(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
     strides = row_major_strides(t.shape)
     if not t.is_cast:   # the reads to come, in order: a bucket's GETs for the next chunk start while one is written
         for chunk in t.chunks:
-            ws.reader.prefetch(chunk.location, ws.stored[chunk.location].data_offset,
+            ws.reader.announce(chunk.location, ws.stored[chunk.location].data_offset,
                                ws.stored[chunk.location].data_nbytes)
     for chunk in t.chunks:
         stored = ws.stored[chunk.location]

@@ -53,7 +53,7 @@ SMALL_REQUESTS = 32
 # A chunk smaller than max_requests x REQUEST_BYTES is still split into max_requests requests of at least
 # MIN_PIECE_BYTES, so one writer keeps several requests in flight whatever its chunks' sizes.
 MIN_PIECE_BYTES = 1 << 20
-# Big ranges announced by `prefetch` (a tensor's chunks, before they are copied) are queued per thread, at most
+# Big ranges announced (`announce`: a tensor's chunks, before they are copied) are queued per thread, at most
 # LOOKAHEAD_RANGES of them, and their GETs are started as slots free up, so the requests of the next chunk are in
 # flight while this one is written instead of the pipeline draining at every chunk. They hold slots like any
 # request: memory stays max_requests x REQUEST_BYTES.
@@ -292,7 +292,7 @@ class RemoteReader:
     def copy_to(self, sink, relative_path: str, offset: int, dst_offset: int, length: int) -> None:
         """GETs ahead, written to the sink in order from this thread (sinks are not shared between threads), each
         answer dropped once written; max_requests of them at most, in flight or waiting, across all threads. The
-        GETs of the ranges this thread announced (`prefetch`) follow this range's without a pause."""
+        GETs of the ranges this thread announced (`announce`) follow this range's without a pause."""
         if length == 0:
             return
         self._check_range(relative_path, offset, length)
@@ -354,18 +354,22 @@ class RemoteReader:
         ranges announced after it keep the requests in flight)."""
         return -(-length // -(-length // self.request_bytes))
 
+    def announce(self, relative_path: str, offset: int, length: int) -> None:
+        """A chunk this thread copies next: a big one joins the thread's queue, its GETs started once the ranges
+        before it have theirs (`copy_to`), on slots like every request; a small one is prefetched."""
+        if length <= SMALL_READ_BYTES:
+            self.prefetch(relative_path, offset, length)
+            return
+        stream = self._stream()
+        if len(stream.plan) < LOOKAHEAD_RANGES:
+            stream.plan.append([(relative_path, offset, length), 0, self._even_pieces(length)])
+
     def prefetch(self, relative_path: str, offset: int, length: int) -> None:
         """Small ranges (a blob's head and tail while locating, a small chunk) are fetched ahead, PREFETCH_AHEAD
-        at most, in the order announced, from the first read on. A range that touches the one announced before it
-        joins it: one blob's tail and the next one's head are one request (half the round trips). A big range
-        (a chunk to copy) joins this thread's queue: its GETs start once the ranges before it have theirs
-        (`copy_to`), on slots like every request."""
-        if length > SMALL_READ_BYTES:
-            stream = self._stream()
-            if len(stream.plan) < LOOKAHEAD_RANGES:
-                stream.plan.append([(relative_path, offset, length), 0, self._even_pieces(length)])
-            return
-        if length <= 0:
+        at most, in the order announced, from the first read on; a big range is not (`announce` is how a copy
+        asks for it ahead). Ranges at most MERGE_GAP_BYTES apart are one request: one blob's tail and the next
+        one's head (half the round trips), a run of small blobs."""
+        if not 0 < length <= SMALL_READ_BYTES:
             return
         with self._lock:
             last = self._hints[-1] if self._hints else None

@@ -215,7 +215,7 @@ def test_announced_chunks_are_fetched_ahead_in_few_even_requests(url, monkeypatc
     _recording(reader, monkeypatch, calls)
     chunks = [(0, 600_000), (700_000, 600_000), (1_400_000, 300_000), (2_000_000, 513 << 10)]
     for offset, length in chunks:
-        reader.prefetch("__0_0.distcp", offset, length)
+        reader.announce("__0_0.distcp", offset, length)
     sink = MemorySink(len(DATA))
     started_ahead = []
     for offset, length in chunks:
@@ -240,7 +240,7 @@ def test_another_read_forgets_what_was_fetched_ahead_and_gives_its_slots_back(ur
     def work(base: int):
         first, second = MemorySink(600_000), MemorySink(600_000)
         for offset in (base, base + 700_000):
-            reader.prefetch("__0_0.distcp", offset, 600_000)
+            reader.announce("__0_0.distcp", offset, 600_000)
         reader.copy_to(first, "__0_0.distcp", base, 0, 600_000)     # the next chunk's first GET is ahead
         both.wait(timeout=10)
         buf = bytearray(700_000)

@@ -1,6 +1,7 @@
 """Converting from object storage vs downloading the same objects, against one local S3 server in one run.
 
-    python -m benchmarks.remote --preset 2gb [--dtype bfloat16] [--buffer-size 32MiB] [--repeat 2]
+    python -m benchmarks.remote --preset 2gb [--dtype bfloat16] [--buffer-size 32MiB] [--repeat 2] [--fallback]
+                                [--baseline ../main-worktree]
 
 The preset checkpoint (generated once and cached, as `benchmarks.run` does) is served by a local S3-protocol server
 started for the run (`tests/support/local_s3.py`, HTTP on localhost, in a process of its own; its objects are
@@ -9,6 +10,8 @@ ranged GET, which would measure moto. Then, alternately, `--repeat` times each:
 
 * streamconv: `streamconv convert s3://bench/ckpt OUT --no-config` (AWS_ENDPOINT_URL names the server), its GETs
   through obstore (the default when it is installed);
+* streamconv (baseline): the same, run from another source tree (with `--baseline TREE`: a worktree of main, to
+  time a change before and after in one run, interleaved);
 * streamconv (fsspec): the same with `STREAMCONV_NO_FAST_PATHS=obstore`, the s3fs fallback (with `--fallback`);
 * boto3 download: every object with ranged GETs of 8 MiB on 8 threads (streamconv allows itself 6 requests in
   flight), written to local files: what "download first" costs before any conversion starts.
@@ -16,7 +19,7 @@ ranged GET, which would measure moto. Then, alternately, `--repeat` times each:
 Each is measured by `measure.run_measured` (wall, peak RSS of the process tree, CPU seconds), and the server's own
 CPU seconds during it are read from /proc. Printed: MB/s of each (checkpoint bytes / wall), the ratio, streamconv's
 peak RSS beside --buffer-size and the client stack's import cost (the RSS an interpreter gains importing what a
-remote conversion imports: fsspec and s3fs for listing, obstore for the GETs). The issue's bar (ratio >= 0.9, peak
+remote conversion imports: obstore alone, which lists, stats and reads; fsspec and s3fs for the fallback). The issue's bar (ratio >= 0.9, peak
 RSS <= buffer + 64 MiB + import cost) is checked and printed. After timing, the output is compared byte for byte
 with a local conversion of the same checkpoint. JSON goes to benchmarks/results/remote-<preset>-<dtype>.json.
 """
@@ -101,37 +104,40 @@ def import_cost_bytes(modules: str) -> int:
     return min(rss("import streamconv.cli\n" + modules) for _ in range(3)) - base
 
 
-IMPORTS = {
-    "obstore run": "import fsspec, s3fs, obstore\nfsspec.filesystem('s3')\nfrom obstore.store import S3Store",
-    "s3fs only": "import fsspec, s3fs\nfsspec.filesystem('s3')",
-    "obstore only": "import obstore\nfrom obstore.store import S3Store",
+IMPORTS = {       # a run through obstore lists, stats and reads through it alone (fs/s3_obstore.py)
+    "obstore run": "import obstore\nfrom obstore.store import S3Store",
+    "fsspec run": "import fsspec, s3fs\nfsspec.filesystem('s3')",
 }
 
 
 def contenders(args, work: Path):
-    names = ["streamconv", "streamconv (fsspec)", "boto3 download"] if args.fallback else \
-        ["streamconv", "boto3 download"]
+    """(name, tag, argv, extra environment, working folder) of each contender, in the order they run."""
+    names = ["streamconv"] + (["streamconv (baseline)"] if args.baseline else []) + \
+        (["streamconv (fsspec)"] if args.fallback else []) + ["boto3 download"]
     for name in names:
-        tag = name.split()[0] + ("-fsspec" if "fsspec" in name else "")
+        tag = name.split()[0] + ("-fsspec" if "fsspec" in name else "-baseline" if "baseline" in name else "")
         if name.startswith("streamconv"):
+            tree = Path(args.baseline).resolve() if "baseline" in name else HERE.parent
+            # `python -m` puts the working folder first on sys.path: the baseline runs from its own tree
             yield name, tag, ["-m", "streamconv", "convert", f"s3://{BUCKET}/ckpt", "OUT", "--no-config",
                               "--buffer-size", args.buffer_size, "--json"], \
-                ({"STREAMCONV_NO_FAST_PATHS": "obstore"} if "fsspec" in name else {})
+                dict({"STREAMCONV_NO_FAST_PATHS": "obstore"} if "fsspec" in name else {},
+                     PYTHONPATH=str(tree)), tree
         else:
-            yield name, tag, ["-c", _DOWNLOAD, BUCKET, "ckpt", "OUT"], {}
+            yield name, tag, ["-c", _DOWNLOAD, BUCKET, "ckpt", "OUT"], {}, HERE.parent
 
 
 def run_all(args, env: dict, server_pid: int, total: int, work: Path, log) -> dict:
     rows: dict = {}
     for attempt in range(args.repeat):
-        for name, tag, argv, extra in contenders(args, work):
+        for name, tag, argv, extra, cwd in contenders(args, work):
             out = work / f"{tag}-{attempt}"
             if name == "boto3 download":
                 out.mkdir()
             argv = [sys.executable] + [str(out) if a == "OUT" else a for a in argv]
             server_cpu = cpu_seconds(server_pid)
             m = run_measured(argv, env=dict(env, **extra), stderr_path=work / f"{tag}-{attempt}.err",
-                             stdout_path=work / f"{tag}-{attempt}.out", cwd=HERE.parent)
+                             stdout_path=work / f"{tag}-{attempt}.out", cwd=cwd)
             server_cpu = cpu_seconds(server_pid) - server_cpu
             if m.status != "finished":
                 raise SystemExit(f"{name} {m.status} (exit {m.exit_code}); see {work}")
@@ -168,6 +174,8 @@ def main(argv=None) -> None:
     p.add_argument("--buffer-size", default="32MiB")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--fallback", action="store_true", help="also time streamconv through fsspec/s3fs")
+    p.add_argument("--baseline", default=None, metavar="TREE",
+                   help="also time the streamconv of another source tree (a worktree of main), interleaved")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--load", default=None, help="the machine's load to record (default: os.getloadavg())")
     args = p.parse_args(argv)
@@ -225,6 +233,8 @@ def summarize(args, rows: dict, total: int, load_before, load_after) -> dict:
           f"import {imports['obstore run'] / 2**20:.0f} = {bound / 2**20:.0f} MiB: "
           f"{'yes' if peak <= bound else 'NO'}; load {load_before[0]:.1f} -> {load_after[0]:.1f} on "
           f"{os.cpu_count()} CPUs")
+    if "streamconv (baseline)" in best:
+        print(f"streamconv / baseline: {best['streamconv'] / best['streamconv (baseline)']:.2f}x")
     print("import cost: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in imports.items()))
     print("PASSED" if result["passed"] else "FAILED")
     return result

@@ -20,7 +20,7 @@ SWITCHES = [failpoints.KILL_AT_ENV, failpoints.KILL_SIGNALS_ENV, failpoints.NO_F
 OTHER_ENVIRONMENT_READERS = {
     "demo_checkpoint.py": "torch.distributed rendezvous variables for the demo's own worker processes",
     "hf/prepare.py": "HF_HOME and friends: where the user's Hugging Face cache is, to find a config",
-    "source/object_clients.py": "AWS_* credentials, region and endpoint: whether obstore can read s3:// as s3fs "
+    "fs/s3_obstore.py": "AWS_* credentials, region and endpoint: whether obstore can read s3:// as s3fs "
                                 "would, and its endpoint's scheme (allow_http)",
 }
 

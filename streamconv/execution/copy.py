@@ -66,6 +66,10 @@ def copy_run(ws: Workspace, t: TensorPlan, location: BlobLocation, src: int, dst
 def _copy_chunks(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
     dst_item = dtypes.BY_NAME[t.dst_dtype].itemsize
     strides = row_major_strides(t.shape)
+    if not t.is_cast:   # the reads to come, in order: a bucket's GETs for the next chunk start while one is written
+        for chunk in t.chunks:
+            ws.reader.announce(chunk.location, ws.stored[chunk.location].data_offset,
+                               ws.stored[chunk.location].data_nbytes)
     for chunk in t.chunks:
         stored = ws.stored[chunk.location]
         first = sum(o * s for o, s in zip(chunk.offsets, strides))

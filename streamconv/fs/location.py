@@ -14,13 +14,14 @@ from __future__ import annotations
 import os
 import posixpath
 import stat
-from typing import Any, Callable, List, NamedTuple, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Tuple
 
 from ..errors import CheckpointError
-from . import remote
+from . import fastpaths, remote, s3_obstore
 from .infiles import OpenFile, open_regular
 
 FILE, DIRECTORY, OTHER = "file", "directory", "other"
+OBSTORE = "obstore"     # the FastPaths name that switches ObstoreFolder off
 
 
 class Entry(NamedTuple):
@@ -60,9 +61,14 @@ class Folder(Protocol):
 
 
 def at(path: str, error: Callable[[str], Exception] = CheckpointError) -> Folder:
-    """The folder at a local path or an fsspec URL. `error`: what a failing service raises (CheckpointError for
-    the checkpoint, exit 2; OutputError for the output, exit 73)."""
-    return RemoteFolder(path, error) if remote.is_url(path) else LocalFolder(path)
+    """The folder at a local path or a URL: s3:// through obstore when it can read it (`ObstoreFolder`), any
+    other URL through fsspec (`RemoteFolder`). `error`: what a failing service raises (CheckpointError for the
+    checkpoint, exit 2; OutputError for the output, exit 73)."""
+    if not remote.is_url(path):
+        return LocalFolder(path)
+    store = s3_obstore.store_for(path) if remote.scheme(path) == "s3" and OBSTORE not in fastpaths.disabled() \
+        else None
+    return ObstoreFolder(path, store, error) if store is not None else RemoteFolder(path, error)
 
 
 def absolute(path: str) -> str:
@@ -190,8 +196,103 @@ class RemoteFolder:
 
     def read(self, name: str, offset: int, length: int) -> bytes:
         full = self._full(name)
-        return self._call(f"{self.join(name)}: read",
-                          lambda: self.fs.cat_file(full, start=offset, end=offset + length))
+
+        def get() -> bytes:
+            try:
+                return self.fs.cat_file(full, start=offset, end=offset + length)
+            except OSError as exc:      # s3fs: a range past the end (an empty file) is EINVAL; it is no bytes
+                if "not satisfiable" in str(exc):
+                    return b""
+                raise
+        return self._call(f"{self.join(name)}: read", get)
+
+
+def _is_unsatisfiable_range(exc: BaseException) -> bool:
+    return type(exc).__name__ == "GenericError" and "416" in str(exc).partition("\n")[0]
+
+
+class ObstoreFolder:
+    """A prefix in an S3 bucket through obstore (`at` picks it for s3:// unless STREAMCONV_NO_FAST_PATHS names
+    obstore or `s3_obstore.store_for` finds it cannot read the URL as s3fs would). It answers what `RemoteFolder`
+    answers through s3fs (the same sizes, ETags and last-modified times: HEAD's headers either way), so a
+    fingerprint or a resume stamp is the same whichever client took it. Asked of the service each time (no cache)."""
+
+    def __init__(self, url: str, store, error: Callable[[str], Exception] = CheckpointError):
+        self.where = url.rstrip("/") if url.rstrip("/").partition("://")[2] else url
+        self.bucket, self.key = s3_obstore.bucket_and_key(self.where)
+        self.store, self.error = store, error
+
+    def join(self, *names: str) -> str:
+        return posixpath.join(self.where, *names)
+
+    def _full(self, name: str) -> str:
+        return posixpath.join(self.key, name).strip("/") if name else self.key
+
+    def _call(self, what: str, call):
+        return remote.with_retries(what, call, self.error)
+
+    def exists(self) -> bool:
+        return self.is_dir() or self.entry("") is not None
+
+    def is_dir(self) -> bool:
+        import obstore
+        prefix = self.key + "/" if self.key else None
+
+        def first():
+            for batch in obstore.list(self.store, prefix=prefix, chunk_size=1):
+                return bool(batch)
+            return False
+        return bool(self._call(f"{self.where}: listing", first))
+
+    def _listing(self) -> Dict[str, Any]:
+        import obstore
+        listed = self._call(f"{self.where}: listing",
+                            lambda: obstore.list_with_delimiter(self.store, self.key or None))
+        if not listed["objects"] and not listed["common_prefixes"]:
+            raise FileNotFoundError(f"{self.where}: no such folder")
+        return listed
+
+    def names(self) -> List[str]:
+        listed = self._listing()
+        found = [o["path"] for o in listed["objects"]] + list(listed["common_prefixes"])
+        return sorted({posixpath.basename(p.rstrip("/")) for p in found} - {""})
+
+    def folders(self) -> List[str]:
+        return sorted({posixpath.basename(p.rstrip("/")) for p in self._listing()["common_prefixes"]} - {""})
+
+    def entry(self, name: str) -> Optional[Entry]:
+        import obstore
+        full = self._full(name)
+        try:
+            meta = self._call(f"{self.join(name)}: status", lambda: obstore.head(self.store, full)) \
+                if full else None
+        except FileNotFoundError:
+            meta = None
+        if meta is None:
+            inside = ObstoreFolder(self.join(name), self.store, self.error)
+            return Entry(DIRECTORY, 0, ()) if inside.is_dir() else None
+        size = int(meta["size"])
+        version = str(meta.get("e_tag") or meta.get("version") or "")
+        modified = meta.get("last_modified")
+        return Entry(FILE, size, (size, version, str(modified or "")), "", (size, version))
+
+    def read_small(self, name: str, limit_bytes: int) -> bytes:
+        return self.read(name, 0, limit_bytes)
+
+    def read(self, name: str, offset: int, length: int) -> bytes:
+        import obstore
+        full = self._full(name)
+        if length <= 0:
+            return b""
+
+        def get() -> bytes:
+            try:
+                return bytes(obstore.get(self.store, full, options={"range": (offset, offset + length)}).bytes())
+            except Exception as exc:    # obstore's GenericError: a range past the end (an empty file) is no bytes
+                if _is_unsatisfiable_range(exc):
+                    return b""
+                raise
+        return self._call(f"{self.join(name)}: read", get)
 
 
 def entries(folder: str, names) -> "dict[str, Optional[Entry]]":
@@ -248,7 +349,7 @@ class RemoteFile:
 
     def __init__(self, url: str, error: Callable[[str], Exception]):
         folder, name = parent_and_name(url)
-        self._where, self._key, self.name = RemoteFolder(folder, error), name, url
+        self._where, self._key, self.name = at(folder, error), name, url
         entry = self._where.entry(name)
         if entry is None:
             raise FileNotFoundError(url)

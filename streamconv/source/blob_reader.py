@@ -112,6 +112,11 @@ class BlobReader:
         if not location.transform_descriptors:
             self.files.prefetch(location.relative_path, offset, length)
 
+    def announce(self, location: BlobLocation, offset: int, length: int) -> None:
+        """Hint: this thread copies these bytes next, after those it announced before (`RangeReader.announce`)."""
+        if not location.transform_descriptors:
+            self.files.announce(location.relative_path, offset, length)
+
     # -- what the CRC-32 checker reads through --------------------------------------------------------------
     def record_crc32(self, location: BlobLocation, piece: memoryview) -> Tuple[Optional[int], Optional[int]]:
         """(computed, recorded) CRC-32 of the chunk's storage record, read in `piece`-sized steps; computed is None

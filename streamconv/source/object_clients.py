@@ -3,16 +3,10 @@
 
 Both answer the same two questions about an object of the checkpoint, named by its path relative to the
 checkpoint's URL: its size (`head`), and the bytes of a range (`get`). `open_client` picks one from the run's
-`FastPaths` (`obstore` is on when the package is importable and STREAMCONV_NO_FAST_PATHS does not
-turn it off) and from what obstore can honour:
-
-* the URL is `s3://` (gs:// works in obstore too, but no local GCS server tests it here: it stays on fsspec);
-* every `--storage-options` key has an obstore equivalent (`key`, `secret`, `token`, `anon`, `endpoint_url`,
-  `client_kwargs.endpoint_url|region_name`); anything else (`config_kwargs`, `profile`, `requester_pays`...) is
-  fsspec's own meaning, so fsspec reads;
-* credentials come the standard way as botocore resolves them: `AWS_*` variables (obstore reads them itself),
-  otherwise botocore's chain (profiles, SSO, instance metadata) handed to obstore as a refreshing provider; a
-  profile that sets its own `endpoint_url` (which obstore would not see) keeps the fsspec reader.
+`FastPaths` (`obstore` is on when the package is importable and STREAMCONV_NO_FAST_PATHS does not turn it off)
+and from what obstore can honour (`fs/s3_obstore.py`: an s3:// URL, storage options and credentials it reads as
+s3fs would; gs:// works in obstore too, but no local GCS server tests it here: it stays on fsspec). The obstore
+client shares its store (one connection pool) with the folder that lists the checkpoint (`location.ObstoreFolder`).
 
 The obstore client sends every GET with `If-Match: <the ETag its HEAD saw>`, so an object re-uploaded during the
 run fails the very next read (412) instead of being caught only before the commit. Neither client ever puts the
@@ -20,23 +14,13 @@ storage options into a message.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-from datetime import timedelta
-from typing import Any, Dict, Optional, Protocol
+from typing import Any, Dict, Protocol
 
 from ..errors import CheckpointError
-from ..fs import remote
+from ..fs import remote, s3_obstore
 from ..fs.fastpaths import NONE, FastPaths
 
 FSSPEC, OBSTORE = "fsspec", "obstore"
-# obstore's own retries under ours (fs.remote.with_retries, RETRY_ATTEMPTS rounds): 4 tries a round at
-# 0.1 s, 0.2 s, 0.4 s, as s3fs retries under botocore's AWS_MAX_ATTEMPTS.
-OBSTORE_RETRIES = 3
-OBSTORE_RETRY_TIMEOUT_S = 30
-_OPTION_KEYS = {"key": "access_key_id", "secret": "secret_access_key", "token": "token",
-                "endpoint_url": "endpoint"}
-_CLIENT_KWARGS = {"endpoint_url": "endpoint", "region_name": "region"}
 
 
 class ObjectClient(Protocol):
@@ -51,35 +35,14 @@ class ObjectClient(Protocol):
 
 def open_client(url: str, fast: FastPaths = NONE) -> ObjectClient:
     """The client of the checkpoint at `url`: obstore when `uses_obstore(url, fast)`, else fsspec."""
-    settings = _obstore_settings(url) if fast.obstore else None
-    if settings is not None:
-        return ObstoreClient(url, *settings)
-    return FsspecClient(url)
+    store = s3_obstore.store_for(url) if fast.obstore else None
+    return ObstoreClient(url, store) if store is not None else FsspecClient(url)
 
 
 def uses_obstore(url: str, fast: FastPaths) -> bool:
     """`fast.obstore` and obstore can honour the URL, the storage options and the credentials (module
     docstring): what `open_client` decides, asked once by a run for its report."""
-    return bool(fast.obstore) and _obstore_settings(url) is not None
-
-
-def obstore_available() -> bool:
-    return importlib.util.find_spec("obstore") is not None
-
-
-def obstore_config(options: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """obstore's S3 config for fsspec-style `options`, or None when one of them means nothing to obstore."""
-    config: Dict[str, Any] = {}
-    for key, value in options.items():
-        if key in _OPTION_KEYS:
-            config[_OPTION_KEYS[key]] = str(value)
-        elif key == "anon":
-            config["skip_signature"] = bool(value)
-        elif key == "client_kwargs" and isinstance(value, dict) and set(value) <= set(_CLIENT_KWARGS):
-            config.update({_CLIENT_KWARGS[k]: str(v) for k, v in value.items()})
-        else:
-            return None
-    return config
+    return bool(fast.obstore) and s3_obstore.store_for(url) is not None
 
 
 class FsspecClient:
@@ -110,23 +73,17 @@ class ObstoreClient:
 
     name = OBSTORE
 
-    def __init__(self, url: str, config: Dict[str, Any], credential_provider=None):
-        from obstore.store import S3Store
-        self.url = url
-        endpoint = config.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL_S3") or \
-            os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT") or ""
-        client_options = {"allow_http": endpoint.startswith("http://"), "connect_timeout": "10s",
-                          "timeout": "120s"}
-        retry = {"max_retries": OBSTORE_RETRIES, "retry_timeout": timedelta(seconds=OBSTORE_RETRY_TIMEOUT_S),
-                 "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=2),
-                             "base": 2}}
-        self.store = S3Store.from_url(url, config=config, client_options=client_options, retry_config=retry,
-                                      credential_provider=credential_provider)
+    def __init__(self, url: str, store):
+        self.url, self.store = url, store
+        self.prefix = s3_obstore.bucket_and_key(url)[1]
         self._etags: Dict[str, str] = {}
+
+    def _key(self, path: str) -> str:
+        return f"{self.prefix}/{path}" if self.prefix else path
 
     def head(self, path: str) -> int:
         import obstore
-        meta = obstore.head(self.store, path)      # NotFoundError is a FileNotFoundError
+        meta = obstore.head(self.store, self._key(path))      # NotFoundError is a FileNotFoundError
         if meta.get("e_tag"):
             self._etags[path] = meta["e_tag"]
         return int(meta["size"])
@@ -139,61 +96,7 @@ class ObstoreClient:
         if etag:
             options["if_match"] = etag
         try:
-            return obstore.get(self.store, path, options=options).bytes()
+            return obstore.get(self.store, self._key(path), options=options).bytes()
         except PreconditionError:
             raise CheckpointError(f"{self.url}/{path}: the checkpoint changed while it was converted (the "
                                   f"object's ETag is no longer {etag}); run again once it is complete") from None
-
-
-def _obstore_settings(url: str):
-    """(obstore's config, a credential provider or None) for `url`, with botocore's credentials and region when
-    neither the options nor the AWS_* variables give them; None when obstore cannot read this URL as fsspec
-    would (another protocol, an option it has no equivalent for, a profile with its own endpoint) or is absent."""
-    if remote.scheme(url) != "s3" or not obstore_available():
-        return None
-    config = obstore_config(remote.StorageOptions.get())
-    if config is None:
-        return None
-    provider = None
-    env_keys = "AWS_ACCESS_KEY_ID" in os.environ and "AWS_SECRET_ACCESS_KEY" in os.environ
-    needs_region = "region" not in config and not (os.environ.get("AWS_REGION")
-                                                   or os.environ.get("AWS_DEFAULT_REGION"))
-    if not config.get("skip_signature") and ("access_key_id" not in config and not env_keys or needs_region):
-        resolved = _botocore_chain(need_credentials="access_key_id" not in config and not env_keys)
-        if resolved is None:
-            return None
-        provider, region = resolved
-        if needs_region:
-            config = dict(config, region=region or "us-east-1")
-    return config, provider
-
-
-def _botocore_chain(need_credentials: bool):
-    """(a credential provider or None, the region) as botocore resolves them for the current profile; None when
-    botocore is absent, the profile does not exist or sets an endpoint of its own."""
-    try:
-        import botocore.session
-        from botocore.exceptions import BotoCoreError
-    except ImportError:
-        return None
-    try:
-        session = botocore.session.get_session()
-        scoped = session.get_scoped_config()
-        if "endpoint_url" in scoped or "services" in scoped:
-            return None
-        region = session.get_config_variable("region")
-        if not need_credentials:
-            return None, region
-        credentials = session.get_credentials()
-    except BotoCoreError:
-        return None
-    if credentials is None:
-        return None     # no credentials anywhere: fsspec's reader reports it as it always has
-
-    def provide() -> Dict[str, Any]:
-        frozen = credentials.get_frozen_credentials()      # refreshes an expiring (SSO, assumed-role) credential
-        expiry = getattr(credentials, "_expiry_time", None)
-        return {"access_key_id": frozen.access_key, "secret_access_key": frozen.secret_key,
-                "token": frozen.token, "expires_at": expiry}
-
-    return provide, region

@@ -183,6 +183,33 @@ def test_each_band_is_prefetched_while_the_one_before_is_filled():
     assert recording.prefetched == recording.read_ranges[2:]     # all but the first band's two parts
 
 
+class AnnouncingReader(MemoryReader):
+    """Records, in order, the ranges a copy announces and those it then copies."""
+
+    def __init__(self, files):
+        super().__init__(files)
+        self.events = []
+
+    def announce(self, relative_path, offset, length):
+        self.events.append(("announce", relative_path, offset, length))
+
+    def copy_to(self, sink, relative_path, offset, dst_offset, length):
+        self.events.append(("copy", relative_path, offset, length))
+        super().copy_to(sink, relative_path, offset, dst_offset, length)
+
+
+def test_a_copy_announces_a_tensors_chunks_before_copying_them():
+    """What lets a reader of objects start the next chunk's GETs while one is written (source/remote.py)."""
+    arr = np.arange(64 * 16, dtype=np.float32).reshape(64, 16)
+    meta, reader, stored = make_checkpoint({"w": arr}, {"w": [[16, 40], []]}, n_files=2)
+    recording = AnnouncingReader(reader._files)
+    plan, out = run(meta, recording, stored, buffer_bytes=1 << 20)
+    assert read_safetensors(out["model.safetensors"])["w"] == arr.tobytes()
+    copies = [e[1:] for e in recording.events if e[0] == "copy"]
+    assert len(copies) == 3
+    assert recording.events == [("announce",) + c for c in copies] + [("copy",) + c for c in copies]
+
+
 def test_long_runs_are_read_in_place_in_iov_max_batches():
     arr = np.random.default_rng(0).integers(-128, 128, size=(3000, 2048), dtype=np.int8)   # 1 KiB runs
     meta, reader, stored = make_checkpoint({"w": arr}, {"w": [[], [1024]]}, n_files=2)

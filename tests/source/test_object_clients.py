@@ -8,12 +8,10 @@ import pickle
 import sys
 
 import pytest
-from s3fs import S3FileSystem
 
 from streamconv.errors import CheckpointError
-from streamconv.fs import fastpaths, remote
+from streamconv.fs import fastpaths, remote, s3_obstore
 from streamconv.output.sink import MemorySink
-from streamconv.source import object_clients
 from streamconv.source.object_clients import FSSPEC, OBSTORE, open_client
 from streamconv.source.remote import RemoteReader, folder_reader, reading_paths
 from tests.support.local_s3 import LocalS3
@@ -39,17 +37,8 @@ def bucket(tmp_path_factory):
 def env(bucket, monkeypatch):
     """The standard AWS_* variables naming the local server (as a user names MinIO); no storage options."""
     server, _ = bucket
-    for name in ("AWS_PROFILE", "AWS_REGION", "AWS_ENDPOINT_URL_S3", "STREAMCONV_NO_FAST_PATHS"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", server.url)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    remote.StorageOptions.set({})
-    S3FileSystem.clear_instance_cache()     # fsspec keeps one client per options: each test's endpoint is its own
-    yield server
-    S3FileSystem.clear_instance_cache()
-    remote.StorageOptions.set({})
+    with server.as_the_environment(monkeypatch, SECRET):
+        yield server
 
 
 def reader_for(kind: str, url: str = "s3://bkt/ckpt") -> RemoteReader:
@@ -76,7 +65,7 @@ def test_obstore_reads_s3_by_default_and_the_fallback_is_fsspec(env):
 
 def test_without_obstore_installed_fsspec_reads(env, monkeypatch):
     monkeypatch.setitem(sys.modules, "obstore", None)       # as if `pip install streamconv[remote]` lacked it
-    monkeypatch.setattr(object_clients.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(s3_obstore.importlib.util, "find_spec", lambda name: None)
     monkeypatch.setattr(fastpaths.importlib.util, "find_spec", lambda name: None)
     assert not fastpaths.detect({}).obstore
     assert open_client("s3://bkt/ckpt", fastpaths.FastPaths(obstore=True)).name == FSSPEC
@@ -117,6 +106,7 @@ def test_a_profile_with_its_own_endpoint_keeps_fsspec(env, monkeypatch, tmp_path
     assert open_client("s3://bkt/ckpt", fastpaths.FastPaths(obstore=True)).name == FSSPEC
     # the same profile without an endpoint of its own: botocore's credentials, handed to obstore
     config.write_text("[profile elsewhere]\nregion = us-east-1\n")
+    s3_obstore.clear_stores()
     with reader_for(OBSTORE) as reader:
         assert reader.read("small", 0, 3) == b"abc"
 
@@ -185,7 +175,7 @@ def test_transient_failures_are_retried_then_the_bytes_are_exact(env, kind, faul
     proxy = FaultProxy(env.url, every_other)
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     # the clients' own retries off (obstore's; botocore's): our rounds (fs.remote.with_retries) must do it
-    monkeypatch.setattr(object_clients, "OBSTORE_RETRIES", 0)
+    monkeypatch.setattr(s3_obstore, "OBSTORE_RETRIES", 0)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     monkeypatch.setattr(remote, "RETRY_FIRST_WAIT_S", 0.01)
     try:
@@ -199,7 +189,7 @@ def test_transient_failures_are_retried_then_the_bytes_are_exact(env, kind, faul
 @pytest.mark.parametrize("kind", BOTH)
 def test_a_service_that_keeps_failing_is_a_bounded_error_naming_the_url_never_the_secret(env, kind, monkeypatch):
     monkeypatch.setattr(remote, "RETRY_FIRST_WAIT_S", 0.01)
-    monkeypatch.setattr(object_clients, "OBSTORE_RETRIES", 1)
+    monkeypatch.setattr(s3_obstore, "OBSTORE_RETRIES", 1)
     proxy = FaultProxy(env.url, lambda method, path, headers: "503" if method == "GET" and "distcp" in path
                        else None)
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)

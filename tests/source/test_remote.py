@@ -195,3 +195,67 @@ def test_prefetched_small_ranges_are_fetched_exactly_merged_and_ahead(url, monke
     reader.close()
     assert all(end - start <= 8192 for start, end in calls), calls      # no 1 MiB block
     assert len(calls) == 11     # the first head, 9 tail+head pairs, the last tail
+
+
+def _recording(reader, monkeypatch, calls):
+    fetch = reader.client.get
+
+    def get(path, start, end):
+        calls.append((start, end))
+        return fetch(path, start, end)
+    monkeypatch.setattr(reader.client, "get", get)
+
+
+def test_announced_chunks_are_fetched_ahead_in_few_even_requests(url, monkeypatch):
+    """A tensor's chunks are announced before they are copied: the next chunk's GETs start while this one is
+    written (the pipeline does not drain at every chunk), each chunk in as few requests as request_bytes allows,
+    split evenly, within max_requests slots; every byte lands where it belongs."""
+    reader = RemoteReader(url, max_requests=3, request_bytes=256 << 10)
+    calls: list = []
+    _recording(reader, monkeypatch, calls)
+    chunks = [(0, 600_000), (700_000, 600_000), (1_400_000, 300_000), (2_000_000, 513 << 10)]
+    for offset, length in chunks:
+        reader.announce("__0_0.distcp", offset, length)
+    sink = MemorySink(len(DATA))
+    started_ahead = []
+    for offset, length in chunks:
+        reader.copy_to(sink, "__0_0.distcp", offset, offset, length)
+        started_ahead.append(len(reader._stream().ahead))      # GETs of the next chunk, started
+    for offset, length in chunks:
+        assert bytes(sink.data[offset:offset + length]) == DATA[offset:offset + length]
+    assert started_ahead == [2, 2, 2, 0]    # as many of the next chunk's GETs as slots were free
+    assert sorted(end - start for start, end in calls) == [150_000] * 2 + [175_104] * 3 + [200_000] * 6
+    assert reader._slots._value == 3     # every slot back
+    reader.close()
+
+
+def test_another_read_forgets_what_was_fetched_ahead_and_gives_its_slots_back(url):
+    """Threads holding slots for an announced chunk and then reading something else (a cast's read_into) let them
+    go before they wait for one (a thread never waits while it holds slots); the bytes stay exact and every slot
+    comes back."""
+    reader = RemoteReader(url, max_requests=2, request_bytes=256 << 10)
+    both = threading.Barrier(2)
+    done = []
+
+    def work(base: int):
+        first, second = MemorySink(600_000), MemorySink(600_000)
+        for offset in (base, base + 700_000):
+            reader.announce("__0_0.distcp", offset, 600_000)
+        reader.copy_to(first, "__0_0.distcp", base, 0, 600_000)     # the next chunk's first GET is ahead
+        both.wait(timeout=10)
+        buf = bytearray(700_000)
+        reader.read_into("__0_0.distcp", 4 << 20, [memoryview(buf)])
+        reader.copy_to(second, "__0_0.distcp", base + 700_000, 0, 600_000)    # announced, then forgotten
+        done.append((bytes(buf), bytes(first.data), bytes(second.data)) ==
+                    (DATA[4 << 20:(4 << 20) + 700_000], DATA[base:base + 600_000],
+                     DATA[base + 700_000:base + 1_300_000]))
+
+    threads = [threading.Thread(target=work, args=(base,), daemon=True) for base in (0, 2 << 20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert done == [True, True]
+    time.sleep(0.2)         # the dropped GETs end and give their slots back
+    assert reader._slots._value == 2
+    reader.close()

@@ -25,6 +25,7 @@ changes it, as a re-upload changes an S3 ETag.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import email.utils
 import hashlib
 import http.server
@@ -90,6 +91,28 @@ class LocalS3:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+    @contextlib.contextmanager
+    def as_the_environment(self, monkeypatch, secret: str):
+        """While in the block: this server named in the standard AWS_* variables (as a user names MinIO), no
+        storage options, no client made for another endpoint (fsspec's and s3_obstore's keep one per options)."""
+        from s3fs import S3FileSystem
+        from streamconv.fs import remote, s3_obstore
+        for name in ("AWS_PROFILE", "AWS_REGION", "AWS_ENDPOINT_URL_S3", "STREAMCONV_NO_FAST_PATHS"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", self.url)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        remote.StorageOptions.set({})
+        S3FileSystem.clear_instance_cache()
+        s3_obstore.clear_stores()
+        try:
+            yield self
+        finally:
+            S3FileSystem.clear_instance_cache()
+            s3_obstore.clear_stores()
+            remote.StorageOptions.set({})
 
     def count(self, sent: int = 0) -> None:
         with self._lock:

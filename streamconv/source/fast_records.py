@@ -32,7 +32,8 @@ import re
 import struct
 from array import array
 from collections import defaultdict
-from itertools import chain
+from itertools import chain, repeat
+from operator import rshift
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import safe_pickle as sp
@@ -44,9 +45,9 @@ _u32 = struct.Struct("<I").unpack_from
 # A memo reference (BINGET i / LONG_BINGET i), and a non-negative int (BININT1, BININT2, BININT and LONG1 of 1-8
 # bytes whose top bit is clear).
 _GET = rb"(?:h.|j.{4})"
-_INT = (rb"(?:K.|M..|J...[\x00-\x7f]|\x8a\x01[\x00-\x7f]|\x8a\x02.[\x00-\x7f]|\x8a\x03.{2}[\x00-\x7f]"
-        rb"|\x8a\x04.{3}[\x00-\x7f]|\x8a\x05.{4}[\x00-\x7f]|\x8a\x06.{5}[\x00-\x7f]|\x8a\x07.{6}[\x00-\x7f]"
-        rb"|\x8a\x08.{7}[\x00-\x7f])")
+_BININT = rb"K.|M..|J...[\x00-\x7f]"
+_LONG1 = rb"|".join(rb"%s.{%d}[\x00-\x7f]" % (re.escape(bytes([n])), n - 1) for n in range(1, 9))   # after \x8a
+_INT = rb"(?:" + _BININT + rb"|\x8a(?:" + _LONG1 + rb"))"
 _INTS = re.compile(_INT, re.S)
 _FRAME = rb"(?:\x95.{8})?"
 _NEW = rb"\)\x81\x94}\x94\("
@@ -69,6 +70,17 @@ _NEXT = re.compile(_FRAME + rb"(" + _GET + rb")", re.S)   # the next record's cl
 _ROW_BYTES = 8      # charged per number or reference stored in a column
 _KNOWN_DIMS = 1 << 16   # distinct dims remembered per load (forgotten all at once past this: a few MiB)
 _KNOWN_SHAPES = 256     # compiled record patterns remembered per load
+
+
+def _value(name: bytes) -> bytes:
+    """A non-negative int whose value is that of its group's bytes, little-endian, shifted right by 8: BININT1/2 and
+    BININT with their opcode byte, LONG1 from its length byte (group `name` holds the LONG1 opcode). Decoded with
+    `_values`, in C."""
+    return rb"(?P<%s>\x8a)?((?(%s)(?:%s)|(?:%s)))" % (name, name, _LONG1, _BININT)
+
+
+def _values(raws) -> "map":
+    return map(rshift, map(int.from_bytes, raws, repeat("little")), repeat(8))
 
 
 def _int(raw: bytes) -> int:
@@ -172,7 +184,41 @@ class Columns:
         return len(self.row_offsets)
 
 
-_CHUNK_GROUPS = re.Match.groups
+_GROUPS = re.Match.groups
+
+
+class _Strings:
+    """The strings memo references name (the fqns and files of storage rows), each asked of the memo once while no
+    entry is overwritten (`unpickle.Spec.fast_paths`), and the place id of each file."""
+
+    def __init__(self, columns: Columns):
+        self.columns, self.overwrites = columns, 0
+        self.names: Dict[bytes, str] = {}
+        self.places: Dict[bytes, int] = {}
+
+    def checked(self, get: Callable[[int], Any], overwrites: int, fqn_refs: List[bytes], path_refs: List[bytes]) -> int:
+        """How many rows, from the first, name their fqn and (non-empty) file by strings."""
+        if overwrites != self.overwrites:
+            self.names.clear()
+            self.places.clear()
+            self.overwrites = overwrites
+        names, places = self.names, self.places
+        bad = set()
+        for raw in set(fqn_refs).difference(names):
+            value = get(_ref(raw))
+            if type(value) is str:
+                names[raw] = value
+            else:
+                bad.add(raw)
+        for raw in set(path_refs).difference(places):
+            value = get(_ref(raw))
+            if type(value) is str and value:
+                places[raw] = self.columns.place_id(value)
+            else:
+                bad.add(raw)
+        if not bad:
+            return len(fqn_refs)
+        return next(k for k, refs in enumerate(zip(fqn_refs, path_refs)) if not bad.isdisjoint(refs))
 
 
 def handlers(spec: sp._Spec) -> Tuple[Dict[int, Callable], Columns]:
@@ -181,7 +227,8 @@ def handlers(spec: sp._Spec) -> Tuple[Dict[int, Callable], Columns]:
     chunk_cls, index_cls, info_cls = sp.ChunkStorageMetadata, sp.MetadataIndex, sp.StorageInfo
     size_call = sp.SIZE_CALL
     dims = _Dims()
-    shapes: Dict[Tuple[bytes, ...], "re.Pattern"] = {}
+    strings = _Strings(columns)
+    shapes: Dict[Tuple[Any, ...], "re.Pattern"] = {}
 
     def compiled(key: Tuple[Any, ...], build: Callable[[], bytes]) -> "re.Pattern":
         found = shapes.get(key)
@@ -202,7 +249,7 @@ def handlers(spec: sp._Spec) -> Tuple[Dict[int, Callable], Columns]:
         m = _NEXT.match(buf, pos, end)
         return m.group(1) if m is not None and get(_ref(m.group(1))) is cls else None
 
-    def chunk_run(buf: bytes, pos: int, end: int, get: Callable[[int], Any]):
+    def chunk_run(buf: bytes, pos: int, end: int, get: Callable[[int], Any], overwrites: int):
         m = _CHUNK.match(buf, pos, end)
         if m is None:
             return None
@@ -220,72 +267,71 @@ def handlers(spec: sp._Spec) -> Tuple[Dict[int, Callable], Columns]:
                 + re.escape(k2 + s2) + _dims_pattern(n) + _SIZE_END + rb"ub"))
             matches = list(iter(shape.scanner(buf, resume, end).match, None))
             if matches:
-                columns.chunk_dims.extend(map(dims.__getitem__, chain.from_iterable(map(_CHUNK_GROUPS, matches))))
+                columns.chunk_dims.extend(map(dims.__getitem__, chain.from_iterable(map(_GROUPS, matches))))
                 count += len(matches)
                 resume = matches[-1].end()
         slots = (2 + 2 * _size_slots(n)) * count
         return resume, (ChunkRows(start, count, n),), slots, _ROW_BYTES * 2 * count
 
-    def refs_checked(get: Callable[[int], Any], refs: List[bytes], known: Dict[bytes, Any], path: bool) -> int:
-        """How many of `refs` (from the first) name strings (non-empty for a path): each distinct one asked once."""
-        bad = set()
-        for raw in set(refs):
-            value = get(_ref(raw))
-            if type(value) is not str or (path and not value):
-                bad.add(raw)
-            else:
-                known[raw] = value
-        if not bad:
-            return len(refs)
-        return next(k for k, raw in enumerate(refs) if raw in bad)
-
-    def storage_run(buf: bytes, pos: int, end: int, get: Callable[[int], Any]):
+    def storage_first(buf: bytes, pos: int, end: int, get: Callable[[int], Any]):
+        """The first record of a run, proven: (its match, its offsets), or None."""
         m = _STORAGE.match(buf, pos, end)
         if m is None:
             return None
-        (fqn_key, fqn_ref, index_key, off_key, size_ref, raw, info_ref, path_key, path_ref, off_key2, blob_raw,
-         length_key, length_raw) = m.groups()
+        fqn_key, _, index_key, off_key, size_ref, raw, info_ref, path_key, _, off_key2, _, length_key, _ = m.groups()
         offsets = size_of(get, off_key, size_ref, raw, "offset")
         if (offsets is None or get(_ref(fqn_key)) != "fqn" or get(_ref(index_key)) != "index"
                 or get(_ref(info_ref)) is not info_cls or get(_ref(path_key)) != "relative_path"
                 or get(_ref(off_key2)) != "offset" or get(_ref(length_key)) != "length"):
             return None
-        n = len(offsets)
-        fqn_refs, dims_raws, path_refs, blob_raws, length_raws = [fqn_ref], [raw], [path_ref], [blob_raw], [length_raw]
-        resume = m.end()
-        cls_ref = next_class(buf, resume, end, get, index_cls)
+        return m, offsets
+
+    def storage_rest(buf: bytes, pos: int, end: int, first: "re.Match", n: int, cls_ref: bytes) -> List["re.Match"]:
+        """The records after the first, up to the first that differs from its shape."""
+        fqn_key, _, index_key, off_key, size_ref, _, info_ref, path_key, _, off_key2, _, length_key, _ = first.groups()
+        shape = compiled((1, cls_ref, fqn_key, index_key, off_key, size_ref, info_ref, path_key, off_key2,
+                          length_key, n), lambda: (
+            _FRAME + re.escape(cls_ref) + _NEW + re.escape(fqn_key) + rb"(" + _GET + rb")" + re.escape(index_key)
+            + _INT + re.escape(off_key + size_ref) + _dims_pattern(n) + _SIZE_END + rb"ub" + _FRAME
+            + re.escape(info_ref) + _NEW + re.escape(path_key) + rb"(" + _GET + rb")" + re.escape(off_key2)
+            + _value(b"b") + re.escape(length_key) + _value(b"l") + rb"ub"))
+        return list(iter(shape.scanner(buf, pos, end).match, None))
+
+    def storage_run(buf: bytes, pos: int, end: int, get: Callable[[int], Any], overwrites: int):
+        proven = storage_first(buf, pos, end, get)
+        if proven is None:
+            return None
+        m, offsets = proven
+        _, fqn_ref, _, _, _, _, _, _, path_ref, _, blob_raw, _, length_raw = m.groups()
+        fqn_refs, offsets_in, path_refs = [fqn_ref], [offsets], [path_ref]
+        blob_offsets, lengths = [_int(blob_raw)], [_int(length_raw)]
+        ends = [m.end()]
+        cls_ref = next_class(buf, m.end(), end, get, index_cls)
         if cls_ref is not None:
-            shape = compiled((1, cls_ref, fqn_key, index_key, off_key, size_ref, info_ref, path_key, off_key2,
-                              length_key, n), lambda: (
-                _FRAME + re.escape(cls_ref) + _NEW + re.escape(fqn_key) + rb"(" + _GET + rb")" + re.escape(index_key)
-                + _INT + re.escape(off_key + size_ref) + _dims_pattern(n) + _SIZE_END + rb"ub" + _FRAME
-                + re.escape(info_ref) + _NEW + re.escape(path_key) + rb"(" + _GET + rb")" + re.escape(off_key2)
-                + rb"(" + _INT + rb")" + re.escape(length_key) + rb"(" + _INT + rb")ub"))
-            matches = list(iter(shape.scanner(buf, resume, end).match, None))
+            matches = storage_rest(buf, m.end(), end, m, len(offsets), cls_ref)
             if matches:
-                more = list(zip(*map(_CHUNK_GROUPS, matches)))
+                more = list(zip(*map(_GROUPS, matches)))
                 fqn_refs += more[0]
-                dims_raws += more[1]
+                offsets_in += map(dims.__getitem__, more[1])
                 path_refs += more[2]
-                blob_raws += more[3]
-                length_raws += more[4]
-                resume = matches[-1].end()
-        fqns: Dict[bytes, Any] = {}
-        paths: Dict[bytes, Any] = {}
-        count = min(refs_checked(get, fqn_refs, fqns, False), refs_checked(get, path_refs, paths, True))
+                blob_offsets += _values(more[4])
+                lengths += _values(more[6])
+                ends.append(matches[-1].end())
+        count = strings.checked(get, overwrites, fqn_refs, path_refs)
         if count == 0:
             return None
-        if count < len(fqn_refs):       # a reference to something else: the general machine reads from there on
-            resume = m.end() if count == 1 else matches[count - 2].end()
+        # A reference to something else: the general machine reads from that record on.
+        resume = ends[-1] if count == len(fqn_refs) else (m.end() if count == 1 else matches[count - 2].end())
         start = columns.row_count
+        names = strings.names
+        rows_of = columns.rows_of
         for raw_fqn, row in zip(fqn_refs[:count], range(start, start + count)):
-            columns.rows_of[fqns[raw_fqn]].append(row)
-        columns.row_offsets.extend(map(dims.__getitem__, dims_raws[:count]))
-        place_of = {raw_path: columns.place_id(path) for raw_path, path in paths.items()}
-        columns.row_places.extend(map(place_of.__getitem__, path_refs[:count]))
-        columns.row_blob_offsets.extend(map(_int, blob_raws[:count]))
-        columns.row_lengths.extend(map(_int, length_raws[:count]))
-        slots = (4 + _size_slots(n)) * count
+            rows_of[names[raw_fqn]].append(row)
+        columns.row_offsets += offsets_in[:count]
+        columns.row_places.extend(map(strings.places.__getitem__, path_refs[:count]))
+        columns.row_blob_offsets.extend(blob_offsets[:count])
+        columns.row_lengths.extend(lengths[:count])
+        slots = (4 + _size_slots(len(offsets))) * count
         # SETITEMS takes key, value pairs: the marker stands for every key, its value is unused.
         return resume, (StorageRows(start, count), None), slots, _ROW_BYTES * 4 * count
 

@@ -221,118 +221,131 @@ class _Strings:
         return next(k for k, refs in enumerate(zip(fqn_refs, path_refs)) if not bad.isdisjoint(refs))
 
 
-def handlers(spec: sp._Spec) -> Tuple[Dict[int, Callable], Columns]:
-    """The fast paths for a `.metadata` load by `spec`, and the columns they fill."""
-    columns = Columns()
-    chunk_cls, index_cls, info_cls = sp.ChunkStorageMetadata, sp.MetadataIndex, sp.StorageInfo
-    size_call = sp.SIZE_CALL
-    dims = _Dims()
-    strings = _Strings(columns)
-    shapes: Dict[Tuple[Any, ...], "re.Pattern"] = {}
+class _Reader:
+    """The fast paths of one `.metadata` load (`unpickle.Spec.fast_paths`): `chunk_run` and `storage_run` each read
+    a run of records after the general machine fetched their class, into `columns`."""
 
-    def compiled(key: Tuple[Any, ...], build: Callable[[], bytes]) -> "re.Pattern":
-        found = shapes.get(key)
+    def __init__(self) -> None:
+        self.columns = Columns()
+        self.dims = _Dims()
+        self.strings = _Strings(self.columns)
+        self.shapes: Dict[Tuple[Any, ...], "re.Pattern"] = {}
+
+    def shape(self, key: Tuple[Any, ...], build: Callable[[], bytes]) -> "re.Pattern":
+        """The compiled pattern of one proven record shape (`build()`), made once per load."""
+        found = self.shapes.get(key)
         if found is None:
-            if len(shapes) >= _KNOWN_SHAPES:
-                shapes.clear()
-            found = shapes[key] = re.compile(build(), re.S)
+            if len(self.shapes) >= _KNOWN_SHAPES:
+                self.shapes.clear()
+            found = self.shapes[key] = re.compile(build(), re.S)
         return found
 
-    def size_of(get: Callable[[int], Any], key_ref: bytes, size_ref: bytes, raw: bytes, key: str):
+    def size_of(self, get: Callable[[int], Any], key_ref: bytes, size_ref: bytes, raw: bytes, key: str):
         """The dims of a generally matched torch.Size, when its references are `key` and torch.Size."""
-        if get(_ref(key_ref)) != key or get(_ref(size_ref)) is not size_call:
+        if get(_ref(key_ref)) != key or get(_ref(size_ref)) is not sp.SIZE_CALL:
             return None
-        return dims[raw]
+        return self.dims[raw]
 
+    @staticmethod
     def next_class(buf: bytes, pos: int, end: int, get: Callable[[int], Any], cls: type) -> Optional[bytes]:
         """The next record's reference to `cls` (the bytes after an optional FRAME), or None."""
         m = _NEXT.match(buf, pos, end)
         return m.group(1) if m is not None and get(_ref(m.group(1))) is cls else None
 
-    def chunk_run(buf: bytes, pos: int, end: int, get: Callable[[int], Any], overwrites: int):
+    def chunk_run(self, buf: bytes, pos: int, end: int, get: Callable[[int], Any], overwrites: int):
         m = _CHUNK.match(buf, pos, end)
         if m is None:
             return None
         k1, s1, raw1, k2, s2, raw2 = m.groups()
-        offsets, sizes = size_of(get, k1, s1, raw1, "offsets"), size_of(get, k2, s2, raw2, "sizes")
+        offsets, sizes = self.size_of(get, k1, s1, raw1, "offsets"), self.size_of(get, k2, s2, raw2, "sizes")
         if offsets is None or sizes is None or len(offsets) != len(sizes):
             return None
-        n, start = len(offsets), len(columns.chunk_dims)
-        columns.chunk_dims += (offsets, sizes)
+        n, chunk_dims = len(offsets), self.columns.chunk_dims
+        start = len(chunk_dims)
+        chunk_dims += (offsets, sizes)
         resume, count = m.end(), 1
-        cls_ref = next_class(buf, resume, end, get, chunk_cls)
+        cls_ref = self.next_class(buf, resume, end, get, sp.ChunkStorageMetadata)
         if cls_ref is not None:
-            shape = compiled((0, cls_ref, k1, s1, k2, s2, n), lambda: (
+            shape = self.shape((0, cls_ref, k1, s1, k2, s2, n), lambda: (
                 _FRAME + re.escape(cls_ref) + _NEW + re.escape(k1 + s1) + _dims_pattern(n) + _SIZE_END
                 + re.escape(k2 + s2) + _dims_pattern(n) + _SIZE_END + rb"ub"))
             matches = list(iter(shape.scanner(buf, resume, end).match, None))
             if matches:
-                columns.chunk_dims.extend(map(dims.__getitem__, chain.from_iterable(map(_GROUPS, matches))))
+                chunk_dims.extend(map(self.dims.__getitem__, chain.from_iterable(map(_GROUPS, matches))))
                 count += len(matches)
                 resume = matches[-1].end()
         slots = (2 + 2 * _size_slots(n)) * count
         return resume, (ChunkRows(start, count, n),), slots, _ROW_BYTES * 2 * count
 
-    def storage_first(buf: bytes, pos: int, end: int, get: Callable[[int], Any]):
+    def storage_first(self, buf: bytes, pos: int, end: int, get: Callable[[int], Any]):
         """The first record of a run, proven: (its match, its offsets), or None."""
         m = _STORAGE.match(buf, pos, end)
         if m is None:
             return None
         fqn_key, _, index_key, off_key, size_ref, raw, info_ref, path_key, _, off_key2, _, length_key, _ = m.groups()
-        offsets = size_of(get, off_key, size_ref, raw, "offset")
+        offsets = self.size_of(get, off_key, size_ref, raw, "offset")
         if (offsets is None or get(_ref(fqn_key)) != "fqn" or get(_ref(index_key)) != "index"
-                or get(_ref(info_ref)) is not info_cls or get(_ref(path_key)) != "relative_path"
+                or get(_ref(info_ref)) is not sp.StorageInfo or get(_ref(path_key)) != "relative_path"
                 or get(_ref(off_key2)) != "offset" or get(_ref(length_key)) != "length"):
             return None
         return m, offsets
 
-    def storage_rest(buf: bytes, pos: int, end: int, first: "re.Match", n: int, cls_ref: bytes) -> List["re.Match"]:
+    def storage_rest(self, buf: bytes, pos: int, end: int, first: "re.Match", n: int,
+                     cls_ref: bytes) -> List["re.Match"]:
         """The records after the first, up to the first that differs from its shape."""
         fqn_key, _, index_key, off_key, size_ref, _, info_ref, path_key, _, off_key2, _, length_key, _ = first.groups()
-        shape = compiled((1, cls_ref, fqn_key, index_key, off_key, size_ref, info_ref, path_key, off_key2,
-                          length_key, n), lambda: (
+        shape = self.shape((1, cls_ref, fqn_key, index_key, off_key, size_ref, info_ref, path_key, off_key2,
+                            length_key, n), lambda: (
             _FRAME + re.escape(cls_ref) + _NEW + re.escape(fqn_key) + rb"(" + _GET + rb")" + re.escape(index_key)
             + _INT + re.escape(off_key + size_ref) + _dims_pattern(n) + _SIZE_END + rb"ub" + _FRAME
             + re.escape(info_ref) + _NEW + re.escape(path_key) + rb"(" + _GET + rb")" + re.escape(off_key2)
             + _value(b"b") + re.escape(length_key) + _value(b"l") + rb"ub"))
         return list(iter(shape.scanner(buf, pos, end).match, None))
 
-    def storage_run(buf: bytes, pos: int, end: int, get: Callable[[int], Any], overwrites: int):
-        proven = storage_first(buf, pos, end, get)
+    def storage_run(self, buf: bytes, pos: int, end: int, get: Callable[[int], Any], overwrites: int):
+        proven = self.storage_first(buf, pos, end, get)
         if proven is None:
             return None
         m, offsets = proven
         _, fqn_ref, _, _, _, _, _, _, path_ref, _, blob_raw, _, length_raw = m.groups()
         fqn_refs, offsets_in, path_refs = [fqn_ref], [offsets], [path_ref]
         blob_offsets, lengths = [_int(blob_raw)], [_int(length_raw)]
-        ends = [m.end()]
-        cls_ref = next_class(buf, m.end(), end, get, index_cls)
+        matches: List["re.Match"] = []
+        cls_ref = self.next_class(buf, m.end(), end, get, sp.MetadataIndex)
         if cls_ref is not None:
-            matches = storage_rest(buf, m.end(), end, m, len(offsets), cls_ref)
+            matches = self.storage_rest(buf, m.end(), end, m, len(offsets), cls_ref)
             if matches:
                 more = list(zip(*map(_GROUPS, matches)))
                 fqn_refs += more[0]
-                offsets_in += map(dims.__getitem__, more[1])
+                offsets_in += map(self.dims.__getitem__, more[1])
                 path_refs += more[2]
                 blob_offsets += _values(more[4])
                 lengths += _values(more[6])
-                ends.append(matches[-1].end())
-        count = strings.checked(get, overwrites, fqn_refs, path_refs)
+        count = self.strings.checked(get, overwrites, fqn_refs, path_refs)
         if count == 0:
             return None
-        # A reference to something else: the general machine reads from that record on.
-        resume = ends[-1] if count == len(fqn_refs) else (m.end() if count == 1 else matches[count - 2].end())
+        # Up to the first record that refers to something else: the general machine reads from there on.
+        resume = m.end() if count == 1 else matches[count - 2].end()
+        self.add_rows(count, fqn_refs, offsets_in, path_refs, blob_offsets, lengths)
+        slots = (4 + _size_slots(len(offsets))) * count
+        # SETITEMS takes key, value pairs: the marker stands for every key, its value is unused.
+        return resume, (StorageRows(self.columns.row_count - count, count), None), slots, _ROW_BYTES * 4 * count
+
+    def add_rows(self, count: int, fqn_refs: List[bytes], offsets: List[Tuple[int, ...]], path_refs: List[bytes],
+                 blob_offsets: List[int], lengths: List[int]) -> None:
+        """The first `count` rows read, into the columns (their references checked by `_Strings.checked`)."""
+        columns, names = self.columns, self.strings.names
         start = columns.row_count
-        names = strings.names
         rows_of = columns.rows_of
         for raw_fqn, row in zip(fqn_refs[:count], range(start, start + count)):
             rows_of[names[raw_fqn]].append(row)
-        columns.row_offsets += offsets_in[:count]
-        columns.row_places.extend(map(strings.places.__getitem__, path_refs[:count]))
+        columns.row_offsets += offsets[:count]
+        columns.row_places.extend(map(self.strings.places.__getitem__, path_refs[:count]))
         columns.row_blob_offsets.extend(blob_offsets[:count])
         columns.row_lengths.extend(lengths[:count])
-        slots = (4 + _size_slots(len(offsets))) * count
-        # SETITEMS takes key, value pairs: the marker stands for every key, its value is unused.
-        return resume, (StorageRows(start, count), None), slots, _ROW_BYTES * 4 * count
 
-    return {id(chunk_cls): chunk_run, id(index_cls): storage_run}, columns
+
+def handlers(spec: sp._Spec) -> Tuple[Dict[int, Callable], Columns]:
+    """The fast paths for a `.metadata` load by `spec`, and the columns they fill."""
+    reader = _Reader()
+    return {id(sp.ChunkStorageMetadata): reader.chunk_run, id(sp.MetadataIndex): reader.storage_run}, reader.columns

@@ -206,3 +206,21 @@ def test_a_storage_row_naming_something_else_stops_its_run(small_scale, monkeypa
             metadata.load_metadata(MemoryReader({".metadata": bytes(raw)}))
         errors.append(str(caught.value))
     assert errors[0] == errors[1] and "expected a string" in errors[0]
+
+
+def test_tensors_of_one_layout_share_their_chunk_columns(small_scale):
+    """A layer's weights share their boxes and files columns with the other layers' of that shape, an optimizer
+    moment with its parameter's: what each table has of its own is its blobs' offsets and lengths (16 bytes a
+    chunk)."""
+    out, counts = small_scale
+    meta = metadata.load_metadata(DirectoryReader(out))
+    by_fqn = {t.fqn: t.chunks for t in meta.tensors}
+    weight = "layers.1.moe.routed_experts.inner_experts.w1_EFD"
+    moment = by_fqn[f"optimizer.state.{weight}.exp_avg"]
+    assert moment.boxes is by_fqn[weight].boxes and moment.where is by_fqn[weight].where
+    assert moment.blobs is not by_fqn[weight].blobs and moment.blobs != by_fqn[weight].blobs
+    assert by_fqn[weight].boxes is by_fqn[weight.replace("layers.1", "layers.2")].boxes
+    own = {id(c.blobs): len(c.blobs) * c.blobs.itemsize for c in by_fqn.values()}
+    shared = {id(a): len(a) * a.itemsize for c in by_fqn.values() for a in (c.boxes, c.where)}
+    assert sum(own.values()) == 16 * counts["chunks"]
+    assert sum(shared.values()) < sum(own.values())

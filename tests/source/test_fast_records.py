@@ -224,3 +224,23 @@ def test_tensors_of_one_layout_share_their_chunk_columns(small_scale):
     shared = {id(a): len(a) * a.itemsize for c in by_fqn.values() for a in (c.boxes, c.where)}
     assert sum(own.values()) == 16 * counts["chunks"]
     assert sum(shared.values()) < sum(own.values())
+
+
+def test_chunks_of_0_to_5_dims_decode_the_same_both_ways(monkeypatch):
+    """torch.Size pickles as EMPTY_TUPLE (0 dims), TUPLE1-3 or MARK ... TUPLE (4+), each making its own number of memo
+    entries: the fast path elides as many as the records made, so every reference after them still resolves."""
+    tensors, rows = {}, []
+    for n in (1, 2, 3, 4, 5, 0, 0, 0):     # 0-d after the others: their records are not a run's first with new keys
+        shape = tuple(4 * (k + 1) for k in range(n))
+        offsets = [tuple((r if k == 0 else 0) for k in range(n)) for r in range(4 if n else 1)]
+        sizes = tuple((1 if k == 0 else s) for k, s in enumerate(shape)) if n else ()
+        name = f"t{len(tensors)}_{n}"      # one string object, memoized once as torch's are
+        tensors[name] = (shape, offsets, sizes)
+        rows += [(name, o, "__0_0.distcp", 1000 * n + 100 * r, 64) for r, o in enumerate(offsets)]
+    raw = _md(tensors, rows)
+    fast, general = _both(MemoryReader({".metadata": raw, "__0_0.distcp": bytes(6000)}), monkeypatch)
+    assert fast == general
+    assert [len(t.chunks) for t in fast.tensors] == [4, 4, 4, 4, 4, 1, 1, 1]
+    assert [c.location.offset for c in fast.tensors[4].chunks] == [5000, 5100, 5200, 5300]
+    columns = _columns(raw)     # None when the load gave up (a reference into elided memo entries)
+    assert columns.row_count == len(rows) - 1 and len(columns.chunk_dims) == 2 * (len(rows) - 1)

@@ -18,7 +18,8 @@ The fast paths (`unpickle.Spec.fast_paths`) read a run of such records in two st
    bytes, the same number of dims. No opcode runs inside a run, so the memo cannot change: a record the pattern
    matches makes exactly the proven references, and only the numbers, the fqn and the file vary. The run is
    `Pattern.scanner(...).match` repeated (each match starts where the last ended) and its numbers are decoded
-   through `map` over the matches; the fqn and file references are checked once per distinct reference.
+   through `map` over the matches; the fqn and file references are checked once per load for each distinct one
+   (again after a BINPUT replaces a memo entry).
 
 Numbers are taken only when non-negative (the patterns leave negative BININT and LONG1 out). Each run's records
 are put in place as one `ChunkRows` / `StorageRows` marker. Anything else, a record that differs by one byte (a

@@ -1,8 +1,8 @@
 """The records a DCP `.metadata` repeats per chunk, read in bulk into columns instead of one object each.
 
 A 671B-parameter checkpoint's `.metadata` holds ~481k `ChunkStorageMetadata` records and as many `MetadataIndex ->
-_StorageInfo` pairs; built as stand-ins (unpickle.py) they take ~1 KB each and most of the load's time. torch's
-pickler writes each the same way (protocol 4, every object memoized):
+_StorageInfo` pairs (1.4M of each with AdamW's state); built as stand-ins (unpickle.py) they take ~1 KB each and
+most of the load's time. torch's pickler writes each the same way (protocol 4, every object memoized):
 
     ChunkStorageMetadata   GET cls ) NEWOBJ MEMOIZE } MEMOIZE ( GET 'offsets' GET torch.Size <ints> TUPLEn MEMOIZE
                            TUPLE1 MEMOIZE REDUCE MEMOIZE GET 'sizes' ... the same ... SETITEMS BUILD
@@ -10,18 +10,31 @@ pickler writes each the same way (protocol 4, every object memoized):
                            <torch.Size as above> SETITEMS BUILD GET _StorageInfo ) NEWOBJ ... ( GET 'relative_path'
                            GET <path> GET 'offset' <int> GET 'length' <int> SETITEMS BUILD
 
-These fast paths (`unpickle.Spec.fast_paths`) match runs of such records with one regular expression each, check
-every memo reference they use (the keys, the torch.Size stand-in, the class), append the numbers to `Columns` and
-put one `ChunkRows` / `StorageRows` marker in the records' place. Anything else, a record that differs by one
-byte (a name first seen, such as each rank's own fqn strings when the ranks sent their results to the
-coordinator, a FRAME inside it, a transform descriptor, a negative number, no or more than 3 dims), goes through
-the general machine, which checks it as before: the fast path only ever takes the shapes it proves.
+The fast paths (`unpickle.Spec.fast_paths`) read a run of such records in two steps:
+
+1. **Prove the first record** with a general pattern (every memo reference a group) and check each reference it
+   makes (the keys, the torch.Size stand-in, the next record's class) against the memo.
+2. **Read the rest of the run in C** with a pattern compiled for that proven shape: the same references as literal
+   bytes, the same number of dims. No opcode runs inside a run, so the memo cannot change: a record the pattern
+   matches makes exactly the proven references, and only the numbers, the fqn and the file vary. The run is
+   `Pattern.scanner(...).match` repeated (each match starts where the last ended) and its numbers are decoded
+   through `map` over the matches; the fqn and file references are checked once per load for each distinct one
+   (again after a BINPUT replaces a memo entry).
+
+Numbers are taken only when non-negative (the patterns leave negative BININT and LONG1 out). Each run's records
+are put in place as one `ChunkRows` / `StorageRows` marker. Anything else, a record that differs by one byte (a
+name first seen, such as each rank's own fqn strings when the ranks sent their results to the coordinator, a FRAME
+inside it, a transform descriptor, a negative number), goes through the general machine, which checks it as
+before: the fast path only ever takes the shapes it proves.
 """
 from __future__ import annotations
 
 import re
 import struct
 from array import array
+from collections import defaultdict
+from itertools import chain, repeat
+from operator import rshift
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import safe_pickle as sp
@@ -29,86 +42,90 @@ from .unpickle import Record
 
 _u16 = struct.Struct("<H").unpack_from
 _u32 = struct.Struct("<I").unpack_from
-_i32 = struct.Struct("<i").unpack_from
 
-# A memo reference (BINGET i / LONG_BINGET i) and an int (BININT1, BININT2, BININT, LONG1 of 1-8 bytes).
-_GET = rb"(?:h(.)|j(.{4}))"
-_INT = (rb"(?:K.|M..|J.{4}|\x8a\x01.|\x8a\x02..|\x8a\x03.{3}|\x8a\x04.{4}|\x8a\x05.{5}|\x8a\x06.{6}"
-        rb"|\x8a\x07.{7}|\x8a\x08.{8})")
-_SIZE = _GET + _GET + rb"(" + _INT + rb"{1,3})([\x85-\x87])\x94\x85\x94R\x94"   # GET key, GET torch.Size, dims
-_NEW = rb"\)\x81\x94}\x94\("
-_CHUNK = re.compile(_NEW + _SIZE + _SIZE + rb"ub", re.S)
-_STORAGE = re.compile(_NEW + _GET + _GET + _GET + rb"(" + _INT + rb")" + _SIZE + rb"ub"
-                      + rb"(?:\x95.{8})?" + _GET + _NEW + _GET + _GET + _GET + rb"(" + _INT + rb")" + _GET
-                      + rb"(" + _INT + rb")ub", re.S)
-_NEXT = re.compile(rb"(?:\x95.{8})?" + _GET, re.S)   # the next record's class reference
+# A memo reference (BINGET i / LONG_BINGET i), and a non-negative int (BININT1, BININT2, BININT and LONG1 of 1-8
+# bytes whose top bit is clear).
+_GET = rb"(?:h.|j.{4})"
+_BININT = rb"K.|M..|J...[\x00-\x7f]"
+_LONG1 = rb"|".join(rb"%s.{%d}[\x00-\x7f]" % (re.escape(bytes([n])), n - 1) for n in range(1, 9))   # after \x8a
+_INT = rb"(?:" + _BININT + rb"|\x8a(?:" + _LONG1 + rb"))"
 _INTS = re.compile(_INT, re.S)
+_FRAME = rb"(?:\x95.{8})?"
+_NEW = rb"\)\x81\x94}\x94\("
+# The ints of a torch.Size and the opcodes that close it: none (EMPTY_TUPLE), 1-3 (TUPLEn) or 4+ (MARK ... TUPLE).
+_DIMS_GENERAL = rb"(\)|\((?:" + _INT + rb"){4,64}t\x94|(?:" + _INT + rb"){1,3}[\x85-\x87]\x94)"
+_SIZE_END = rb"\x85\x94R\x94"
 
-_ROW_BYTES = 8      # charged per number stored in a column
+
+def _size(key: bytes, size: bytes) -> bytes:
+    """GET key, GET torch.Size, its dims (group), TUPLE1 REDUCE: the general form when `key` and `size` are groups."""
+    return key + size + _DIMS_GENERAL + _SIZE_END
 
 
-def _index(short: Optional[bytes], long: Optional[bytes]) -> int:
-    return short[0] if short is not None else _u32(long)[0]
+_G = rb"(" + _GET + rb")"
+_CHUNK = re.compile(_NEW + _size(_G, _G) + _size(_G, _G) + rb"ub", re.S)
+_STORAGE = re.compile(_NEW + _G + _G + _G + _INT + _size(_G, _G) + rb"ub" + _FRAME + _G + _NEW + _G + _G + _G
+                      + rb"(" + _INT + rb")" + _G + rb"(" + _INT + rb")ub", re.S)
+_NEXT = re.compile(_FRAME + rb"(" + _GET + rb")", re.S)   # the next record's class reference
+
+_ROW_BYTES = 8      # charged per number or reference stored in a column
+_KNOWN_DIMS = 1 << 16   # distinct dims remembered per load (forgotten all at once past this: a few MiB)
+_KNOWN_SHAPES = 256     # compiled record patterns remembered per load
+
+
+def _value(name: bytes) -> bytes:
+    """A non-negative int whose value is that of its group's bytes, little-endian, shifted right by 8: BININT1/2 and
+    BININT with their opcode byte, LONG1 from its length byte (group `name` holds the LONG1 opcode). Decoded with
+    `_values`, in C."""
+    return rb"(?P<%s>\x8a)?((?(%s)(?:%s)|(?:%s)))" % (name, name, _LONG1, _BININT)
+
+
+def _values(raws) -> "map":
+    return map(rshift, map(int.from_bytes, raws, repeat("little")), repeat(8))
 
 
 def _int(raw: bytes) -> int:
-    """The value of one matched int opcode; -1 for a negative one (never a size or offset)."""
+    """The value of one matched non-negative int opcode."""
     op = raw[0]
     if op == 0x4B:
         return raw[1]
     if op == 0x4D:
         return _u16(raw, 1)[0]
-    if op == 0x4A:
-        value = _i32(raw, 1)[0]
-        return value if value >= 0 else -1
-    value = int.from_bytes(raw[2:], "little", signed=True)
-    return value if value >= 0 else -1
+    return int.from_bytes(raw[1:] if op == 0x4A else raw[2:], "little")
 
 
-def _ints(raw: bytes, tuple_op: int) -> Optional[List[int]]:
-    values = [_int(m.group()) for m in _INTS.finditer(raw)]
-    if len(values) != tuple_op - 0x84 or min(values) < 0:
-        return None
-    return values
+def _ref(raw: bytes) -> int:
+    return raw[1] if raw[0] == 0x68 else _u32(raw, 1)[0]
 
 
-# Distinct dims strings remembered per load: a tensor's chunks repeat their sizes and the ranks' offsets, so most
-# are read once (a 671B `.metadata` has 1.4M of them). Forgotten all at once past this many (a few MiB).
-_KNOWN_DIMS = 1 << 15
+class _Dims(dict):
+    """The ints of a matched dims group (its raw bytes, closing opcodes or not) as one shared tuple: a tensor's
+    chunks repeat their sizes and the ranks' offsets, so most are decoded once and each chunk keeps a pointer."""
+
+    def __missing__(self, raw: bytes) -> Tuple[int, ...]:
+        if len(self) >= _KNOWN_DIMS:
+            self.clear()
+        value = self[raw] = tuple(_int(m.group()) for m in _INTS.finditer(raw))
+        return value
 
 
-def _remembered_ints() -> Callable[[Tuple[bytes, bytes]], Optional[List[int]]]:
-    """`_ints` of (the ints' opcodes, the TUPLEn opcode), remembering its answers for one load."""
-    known: Dict[Tuple[bytes, bytes], Optional[List[int]]] = {}
-
-    def ints(raw: Tuple[bytes, bytes]) -> Optional[List[int]]:
-        try:
-            return known[raw]
-        except KeyError:
-            if len(known) >= _KNOWN_DIMS:
-                known.clear()
-            values = known[raw] = _ints(raw[0], raw[1][0])
-            return values
-    return ints
+def _dims_pattern(n: int) -> bytes:
+    """The ints of an n-dim torch.Size as one group, and its closing opcodes."""
+    if n == 0:
+        return rb"()\)"
+    if n <= 3:
+        return rb"((?:" + _INT + rb"){%d})" % n + bytes([0x84 + n]) + rb"\x94"
+    return rb"\(((?:" + _INT + rb"){%d})t\x94" % n
 
 
-def _cached(get: Callable[[int], Any]) -> Callable[[int], Any]:
-    """`get` remembering its answers for one run of records: no opcode runs inside a run, so the memo cannot
-    change, and every record asks for the same keys and classes."""
-    seen: Dict[int, Any] = {}
-
-    def cached(i: int) -> Any:
-        try:
-            return seen[i]
-        except KeyError:
-            value = seen[i] = get(i)
-            return value
-    return cached
+def _size_slots(n: int) -> int:
+    """Memo entries a torch.Size of n dims makes (TUPLEn or TUPLE, TUPLE1, REDUCE; an empty tuple is not memoized)."""
+    return 2 if n == 0 else 3
 
 
 class ChunkRows(Record):
-    """Stands in for `count` consecutive ChunkStorageMetadata records of `ndim` dims: their offsets and sizes are
-    `Columns.chunks[start + 2 * ndim * k ...]` (offsets, then sizes) for the k-th."""
+    """Stands in for `count` consecutive ChunkStorageMetadata records of `ndim` dims: the k-th one's offsets and
+    sizes are `Columns.chunk_dims[start + 2k]` and `[start + 2k + 1]`."""
 
     __slots__ = ("start", "count", "ndim")
 
@@ -118,115 +135,218 @@ class ChunkRows(Record):
 
 
 class StorageRows(Record):
-    """Stands in for `count` consecutive storage_data items (a key; its value is None): row r's fqn is
-    `Columns.fqns[r]`, its chunk offsets `Columns.offsets[start + ndim * (r - row)...]`, its file
-    `Columns.paths[Columns.path_ids[r]]`, its blob `Columns.blobs[2r]` (offset) and `[2r + 1]` (length)."""
+    """Stands in for `count` consecutive storage_data items (a key; its value is None), read into `Columns` rows
+    `start`, `start + 1`, ..."""
 
-    __slots__ = ("start", "row", "count", "ndim")
+    __slots__ = ("start", "count")
 
-    def __init__(self, start: int, row: int, count: int, ndim: int):
+    def __init__(self, start: int, count: int):
         super().__init__()
-        self.start, self.row, self.count, self.ndim = start, row, count, ndim
+        self.start, self.count = start, count
 
 
 class Columns:
-    """What the fast paths read, as arrays (8 bytes a number) instead of objects."""
+    """What the fast paths read: pointers to shared tuples and arrays of numbers instead of objects.
+
+    Chunk records: `chunk_dims`, offsets then sizes of each (8 bytes a pointer). storage_data rows: `row_offsets`
+    (the chunk's offsets, 8 bytes), `row_places` (its file and transforms, an index into `places`, 4 bytes),
+    `row_blob_offsets` and `row_lengths` (its blob, 16 bytes), and `rows_of[fqn]` (4 bytes a row): 32 bytes a
+    row. The general machine's rows are added (`add_row`) after the load, so every chunk's row is here."""
 
     def __init__(self) -> None:
-        self.chunks = array("q")
-        self.offsets = array("q")
-        self.fqns: List[str] = []         # shared string objects: 8 bytes a row
-        self.path_ids = array("I")
-        self.paths: List[str] = []
-        self._path_id: Dict[str, int] = {}
-        self.blobs = array("q")
+        self.chunk_dims: List[Tuple[int, ...]] = []
+        self.row_offsets: List[Tuple[int, ...]] = []
+        self.row_places = array("I")
+        self.row_blob_offsets = array("q")
+        self.row_lengths = array("q")
+        self.rows_of: Dict[str, array] = defaultdict(lambda: array("I"))
+        # (relative_path, transform_descriptors, tensor_key): what ChunkTable.places holds. Rows have no tensor key.
+        self.places: List[Tuple[str, Tuple[str, ...], str]] = []
+        self._place_id: Dict[Tuple[str, Tuple[str, ...], str], int] = {}
 
-    def path_id(self, path: str) -> int:
-        found = self._path_id.get(path)
+    def place_id(self, path: str, transforms: Tuple[str, ...] = (), tensor_key: str = "") -> int:
+        key = (path, transforms, tensor_key)
+        found = self._place_id.get(key)
         if found is None:
-            found = self._path_id[path] = len(self.paths)
-            self.paths.append(path)
+            found = self._place_id[key] = len(self.places)
+            self.places.append(key)
         return found
+
+    def add_row(self, fqn: str, offsets: Tuple[int, ...], place: int, blob_offset: int, length: int) -> None:
+        """One row the general machine decoded (already checked by the caller)."""
+        self.rows_of[fqn].append(len(self.row_offsets))
+        self.row_offsets.append(offsets)
+        self.row_places.append(place)
+        self.row_blob_offsets.append(blob_offset)
+        self.row_lengths.append(length)
+
+    @property
+    def row_count(self) -> int:
+        return len(self.row_offsets)
+
+
+_GROUPS = re.Match.groups
+
+
+class _Strings:
+    """The strings memo references name (the fqns and files of storage rows), each asked of the memo once while no
+    entry is overwritten (`unpickle.Spec.fast_paths`), and the place id of each file."""
+
+    def __init__(self, columns: Columns):
+        self.columns, self.overwrites = columns, 0
+        self.names: Dict[bytes, str] = {}
+        self.places: Dict[bytes, int] = {}
+
+    def checked(self, get: Callable[[int], Any], overwrites: int, fqn_refs: List[bytes], path_refs: List[bytes]) -> int:
+        """How many rows, from the first, name their fqn and (non-empty) file by strings."""
+        if overwrites != self.overwrites:
+            self.names.clear()
+            self.places.clear()
+            self.overwrites = overwrites
+        names, places = self.names, self.places
+        bad = set()
+        for raw in set(fqn_refs).difference(names):
+            value = get(_ref(raw))
+            if type(value) is str:
+                names[raw] = value
+            else:
+                bad.add(raw)
+        for raw in set(path_refs).difference(places):
+            value = get(_ref(raw))
+            if type(value) is str and value:
+                places[raw] = self.columns.place_id(value)
+            else:
+                bad.add(raw)
+        if not bad:
+            return len(fqn_refs)
+        return next(k for k, refs in enumerate(zip(fqn_refs, path_refs)) if not bad.isdisjoint(refs))
+
+
+class _Reader:
+    """The fast paths of one `.metadata` load (`unpickle.Spec.fast_paths`): `chunk_run` and `storage_run` each read
+    a run of records after the general machine fetched their class, into `columns`."""
+
+    def __init__(self) -> None:
+        self.columns = Columns()
+        self.dims = _Dims()
+        self.strings = _Strings(self.columns)
+        self.shapes: Dict[Tuple[Any, ...], "re.Pattern"] = {}
+
+    def shape(self, key: Tuple[Any, ...], build: Callable[[], bytes]) -> "re.Pattern":
+        """The compiled pattern of one proven record shape (`build()`), made once per load."""
+        found = self.shapes.get(key)
+        if found is None:
+            if len(self.shapes) >= _KNOWN_SHAPES:
+                self.shapes.clear()
+            found = self.shapes[key] = re.compile(build(), re.S)
+        return found
+
+    def size_of(self, get: Callable[[int], Any], key_ref: bytes, size_ref: bytes, raw: bytes, key: str):
+        """The dims of a generally matched torch.Size, when its references are `key` and torch.Size."""
+        if get(_ref(key_ref)) != key or get(_ref(size_ref)) is not sp.SIZE_CALL:
+            return None
+        return self.dims[raw]
+
+    @staticmethod
+    def next_class(buf: bytes, pos: int, end: int, get: Callable[[int], Any], cls: type) -> Optional[bytes]:
+        """The next record's reference to `cls` (the bytes after an optional FRAME), or None."""
+        m = _NEXT.match(buf, pos, end)
+        return m.group(1) if m is not None and get(_ref(m.group(1))) is cls else None
+
+    def chunk_run(self, buf: bytes, pos: int, end: int, get: Callable[[int], Any], overwrites: int):
+        m = _CHUNK.match(buf, pos, end)
+        if m is None:
+            return None
+        k1, s1, raw1, k2, s2, raw2 = m.groups()
+        offsets, sizes = self.size_of(get, k1, s1, raw1, "offsets"), self.size_of(get, k2, s2, raw2, "sizes")
+        if offsets is None or sizes is None or len(offsets) != len(sizes):
+            return None
+        n, chunk_dims = len(offsets), self.columns.chunk_dims
+        start = len(chunk_dims)
+        chunk_dims += (offsets, sizes)
+        resume, count = m.end(), 1
+        cls_ref = self.next_class(buf, resume, end, get, sp.ChunkStorageMetadata)
+        if cls_ref is not None:
+            shape = self.shape((0, cls_ref, k1, s1, k2, s2, n), lambda: (
+                _FRAME + re.escape(cls_ref) + _NEW + re.escape(k1 + s1) + _dims_pattern(n) + _SIZE_END
+                + re.escape(k2 + s2) + _dims_pattern(n) + _SIZE_END + rb"ub"))
+            matches = list(iter(shape.scanner(buf, resume, end).match, None))
+            if matches:
+                chunk_dims.extend(map(self.dims.__getitem__, chain.from_iterable(map(_GROUPS, matches))))
+                count += len(matches)
+                resume = matches[-1].end()
+        slots = (2 + 2 * _size_slots(n)) * count
+        return resume, (ChunkRows(start, count, n),), slots, _ROW_BYTES * 2 * count
+
+    def storage_first(self, buf: bytes, pos: int, end: int, get: Callable[[int], Any]):
+        """The first record of a run, proven: (its match, its offsets), or None."""
+        m = _STORAGE.match(buf, pos, end)
+        if m is None:
+            return None
+        fqn_key, _, index_key, off_key, size_ref, raw, info_ref, path_key, _, off_key2, _, length_key, _ = m.groups()
+        offsets = self.size_of(get, off_key, size_ref, raw, "offset")
+        if (offsets is None or get(_ref(fqn_key)) != "fqn" or get(_ref(index_key)) != "index"
+                or get(_ref(info_ref)) is not sp.StorageInfo or get(_ref(path_key)) != "relative_path"
+                or get(_ref(off_key2)) != "offset" or get(_ref(length_key)) != "length"):
+            return None
+        return m, offsets
+
+    def storage_rest(self, buf: bytes, pos: int, end: int, first: "re.Match", n: int,
+                     cls_ref: bytes) -> List["re.Match"]:
+        """The records after the first, up to the first that differs from its shape."""
+        fqn_key, _, index_key, off_key, size_ref, _, info_ref, path_key, _, off_key2, _, length_key, _ = first.groups()
+        shape = self.shape((1, cls_ref, fqn_key, index_key, off_key, size_ref, info_ref, path_key, off_key2,
+                            length_key, n), lambda: (
+            _FRAME + re.escape(cls_ref) + _NEW + re.escape(fqn_key) + rb"(" + _GET + rb")" + re.escape(index_key)
+            + _INT + re.escape(off_key + size_ref) + _dims_pattern(n) + _SIZE_END + rb"ub" + _FRAME
+            + re.escape(info_ref) + _NEW + re.escape(path_key) + rb"(" + _GET + rb")" + re.escape(off_key2)
+            + _value(b"b") + re.escape(length_key) + _value(b"l") + rb"ub"))
+        return list(iter(shape.scanner(buf, pos, end).match, None))
+
+    def storage_run(self, buf: bytes, pos: int, end: int, get: Callable[[int], Any], overwrites: int):
+        proven = self.storage_first(buf, pos, end, get)
+        if proven is None:
+            return None
+        m, offsets = proven
+        _, fqn_ref, _, _, _, _, _, _, path_ref, _, blob_raw, _, length_raw = m.groups()
+        fqn_refs, offsets_in, path_refs = [fqn_ref], [offsets], [path_ref]
+        blob_offsets, lengths = [_int(blob_raw)], [_int(length_raw)]
+        matches: List["re.Match"] = []
+        cls_ref = self.next_class(buf, m.end(), end, get, sp.MetadataIndex)
+        if cls_ref is not None:
+            matches = self.storage_rest(buf, m.end(), end, m, len(offsets), cls_ref)
+            if matches:
+                more = list(zip(*map(_GROUPS, matches)))
+                fqn_refs += more[0]
+                offsets_in += map(self.dims.__getitem__, more[1])
+                path_refs += more[2]
+                blob_offsets += _values(more[4])
+                lengths += _values(more[6])
+        count = self.strings.checked(get, overwrites, fqn_refs, path_refs)
+        if count == 0:
+            return None
+        # Up to the first record that refers to something else: the general machine reads from there on.
+        resume = m.end() if count == 1 else matches[count - 2].end()
+        self.add_rows(count, fqn_refs, offsets_in, path_refs, blob_offsets, lengths)
+        slots = (4 + _size_slots(len(offsets))) * count
+        # SETITEMS takes key, value pairs: the marker stands for every key, its value is unused.
+        return resume, (StorageRows(self.columns.row_count - count, count), None), slots, _ROW_BYTES * 4 * count
+
+    def add_rows(self, count: int, fqn_refs: List[bytes], offsets: List[Tuple[int, ...]], path_refs: List[bytes],
+                 blob_offsets: List[int], lengths: List[int]) -> None:
+        """The first `count` rows read, into the columns (their references checked by `_Strings.checked`)."""
+        columns, names = self.columns, self.strings.names
+        start = columns.row_count
+        rows_of = columns.rows_of
+        for raw_fqn, row in zip(fqn_refs[:count], range(start, start + count)):
+            rows_of[names[raw_fqn]].append(row)
+        columns.row_offsets += offsets[:count]
+        columns.row_places.extend(map(self.strings.places.__getitem__, path_refs[:count]))
+        columns.row_blob_offsets.extend(blob_offsets[:count])
+        columns.row_lengths.extend(lengths[:count])
 
 
 def handlers(spec: sp._Spec) -> Tuple[Dict[int, Callable], Columns]:
     """The fast paths for a `.metadata` load by `spec`, and the columns they fill."""
-    columns = Columns()
-    chunk_cls, index_cls, info_cls = sp.ChunkStorageMetadata, sp.MetadataIndex, sp.StorageInfo
-    size_call = sp.SIZE_CALL
-
-    ints = _remembered_ints()
-
-    def dims(get: Callable[[int], Any], m: "re.Match", g: int, key: str) -> Optional[List[int]]:
-        """Groups g.. of a matched torch.Size: (key ref, key ref, Size ref, Size ref, ints, TUPLEn)."""
-        if (get(_index(m.group(g), m.group(g + 1))) != key
-                or get(_index(m.group(g + 2), m.group(g + 3))) is not size_call):
-            return None
-        return ints(m.group(g + 4, g + 5))
-
-    def next_record(buf: bytes, pos: int, end: int, get: Callable[[int], Any], cls: type) -> int:
-        """The position after the next record's reference to `cls`, or -1 when what follows is something else."""
-        m = _NEXT.match(buf, pos, end)
-        if m is None or get(_index(m.group(1), m.group(2))) is not cls:
-            return -1
-        return m.end()
-
-    def chunk_run(buf: bytes, pos: int, end: int, get: Callable[[int], Any]):
-        get = _cached(get)
-        start, count, ndim, resume = len(columns.chunks), 0, 0, pos
-        values = columns.chunks
-        while True:
-            m = _CHUNK.match(buf, pos, end)
-            if m is None:
-                break
-            offsets = dims(get, m, 1, "offsets")
-            sizes = dims(get, m, 7, "sizes")
-            if offsets is None or sizes is None or len(offsets) != len(sizes) or (count and len(offsets) != ndim):
-                break
-            ndim = len(offsets)
-            values.extend(offsets)
-            values.extend(sizes)
-            count += 1
-            resume = m.end()
-            pos = next_record(buf, resume, end, get, chunk_cls)
-            if pos < 0:
-                break
-        if not count:
-            return None
-        return resume, (ChunkRows(start, count, ndim),), 8 * count, _ROW_BYTES * 2 * ndim * count
-
-    def storage_run(buf: bytes, pos: int, end: int, get: Callable[[int], Any]):
-        get = _cached(get)
-        start, row, count, ndim, resume = len(columns.offsets), len(columns.fqns), 0, 0, pos
-        while True:
-            m = _STORAGE.match(buf, pos, end)
-            if m is None or get(_index(m.group(1), m.group(2))) != "fqn":
-                break
-            fqn = get(_index(m.group(3), m.group(4)))
-            offsets = dims(get, m, 8, "offset")
-            index, blob_offset, length = _int(m.group(7)), _int(m.group(22)), _int(m.group(25))
-            path = get(_index(m.group(18), m.group(19)))
-            if (type(fqn) is not str or offsets is None or (count and len(offsets) != ndim) or index < 0
-                    or get(_index(m.group(5), m.group(6))) != "index"
-                    or get(_index(m.group(14), m.group(15))) is not info_cls
-                    or get(_index(m.group(16), m.group(17))) != "relative_path" or type(path) is not str or not path
-                    or get(_index(m.group(20), m.group(21))) != "offset" or blob_offset < 0
-                    or get(_index(m.group(23), m.group(24))) != "length" or length < 0):
-                break
-            ndim = len(offsets)
-            columns.fqns.append(fqn)
-            columns.offsets.extend(offsets)
-            columns.path_ids.append(columns.path_id(path))
-            columns.blobs.append(blob_offset)
-            columns.blobs.append(length)
-            count += 1
-            resume = m.end()
-            pos = next_record(buf, resume, end, get, index_cls)
-            if pos < 0:
-                break
-        if not count:
-            return None
-        # SETITEMS takes key, value pairs: the marker stands for every key, its value is unused.
-        return resume, (StorageRows(start, row, count, ndim), None), 7 * count, _ROW_BYTES * (ndim + 4) * count
-
-    return {id(chunk_cls): chunk_run, id(index_cls): storage_run}, columns
+    reader = _Reader()
+    return {id(sp.ChunkStorageMetadata): reader.chunk_run, id(sp.MetadataIndex): reader.storage_run}, reader.columns

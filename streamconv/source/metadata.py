@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import re
 from array import array
+from itertools import chain
+from operator import eq
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -16,7 +18,7 @@ from .. import dtypes, failpoints
 from ..errors import CheckpointError
 from ..fs import location
 from .io import RangeReader
-from ..model import BlobLocation, BytesEntry, CheckpointMetadata, ChunkTable, PathElement, TensorEntry
+from ..model import BlobLocation, BytesEntry, CheckpointMetadata, ChunkTable, PathElement, TensorEntry, numel
 from . import fast_records, safe_pickle as sp
 from .unpickle import describe
 
@@ -34,8 +36,11 @@ _StorageKey = Tuple[str, Optional[Tuple[int, ...]]]
 class _TensorDecl:
     dtype: str
     shape: Tuple[int, ...]
-    chunks: List[Tuple[Tuple[int, ...], Tuple[int, ...]]]  # (offsets, sizes), as listed
-    seen: Optional[set] = None   # set(chunks), built when per-rank files are merged
+    dims: List[Tuple[int, ...]]  # offsets, sizes, offsets, sizes, ... of each chunk as listed (shared tuples)
+    seen: Optional[set] = None   # the (offsets, sizes) pairs, built when per-rank files are merged
+
+    def pairs(self):
+        return zip(self.dims[0::2], self.dims[1::2])
 
 
 @dataclass
@@ -151,6 +156,7 @@ def _decode(reader: RangeReader, name: str) -> _Decoded:
     pickled = sp.load_metadata_pickle(source=name, read=lambda offset, length: reader.read(name, offset, length),
                                       size=size_bytes, fast=fast_records.handlers if fast_records_on() else None)
     md = pickled.root
+    columns = pickled.columns if pickled.columns is not None else fast_records.Columns()
     if not isinstance(md, sp.Metadata):
         raise CheckpointError(f"{name}: holds a {type(md).__name__}, not a DCP Metadata object")
 
@@ -161,13 +167,14 @@ def _decode(reader: RangeReader, name: str) -> _Decoded:
     for fqn, item in sdm.items():
         if not isinstance(fqn, str):
             raise CheckpointError(f"{name}: state_dict_metadata key {describe(fqn)} is not a string")
-        entries[fqn] = _tensor_decl(name, fqn, item, pickled.columns)
+        entries[fqn] = _tensor_decl(name, fqn, item, columns)
+    columns.chunk_dims = []     # copied into each tensor's declaration
 
-    locations, files = _storage_locations(name, md.get("storage_data"), pickled.columns)
+    locations, files = _storage_locations(name, md.get("storage_data"), columns)
     version = md.get("version")
     if version is not None and not isinstance(version, str):
         raise CheckpointError(f"{name}: version {describe(version)} is not a string")
-    locations.check()
+    locations.check(entries)
     return _Decoded(name, entries, _planner_paths(md.get("planner_data")), locations, version,
                     _torch_version_hint(md, pickled.globals_seen), files)
 
@@ -178,7 +185,7 @@ def fast_records_on() -> bool:
     return failpoints.no_fast_paths().strip().lower() not in ("1", "all")
 
 
-def _tensor_decl(name: str, fqn: str, item: Any, columns: Optional[fast_records.Columns]) -> Optional[_TensorDecl]:
+def _tensor_decl(name: str, fqn: str, item: Any, columns: fast_records.Columns) -> Optional[_TensorDecl]:
     if isinstance(item, sp.BytesStorageMetadata):
         return None
     if not isinstance(item, sp.TensorStorageMetadata):
@@ -193,13 +200,13 @@ def _tensor_decl(name: str, fqn: str, item: Any, columns: Optional[fast_records.
     chunks_in = item.get("chunks")
     if not isinstance(chunks_in, list):
         raise CheckpointError(f"{where}: chunks is not a list")
-    chunks = []
+    dims: List[Tuple[int, ...]] = []
     for chunk in chunks_in:
-        if type(chunk) is fast_records.ChunkRows and columns is not None:
+        if type(chunk) is fast_records.ChunkRows:
             if chunk.ndim != len(shape):
                 raise CheckpointError(f"{where}: chunks have {chunk.ndim} dims, the tensor's shape {list(shape)} has "
                                       f"{len(shape)}")
-            chunks.extend(_chunk_rows(columns, chunk))
+            dims += columns.chunk_dims[chunk.start:chunk.start + 2 * chunk.count]   # numbers checked there
             continue
         if not isinstance(chunk, sp.ChunkStorageMetadata):
             raise CheckpointError(f"{where}: chunk is a {type(chunk).__name__}, not ChunkStorageMetadata")
@@ -208,15 +215,8 @@ def _tensor_decl(name: str, fqn: str, item: Any, columns: Optional[fast_records.
         if not len(offsets) == len(sizes) == len(shape):
             raise CheckpointError(
                 f"{where}: chunk offsets {offsets} / sizes {sizes} do not match the tensor's rank {len(shape)}")
-        chunks.append((offsets, sizes))
-    return _TensorDecl(dtype.name, shape, chunks)
-
-
-def _chunk_rows(columns: fast_records.Columns, rows: fast_records.ChunkRows):
-    """(offsets, sizes) of each chunk a fast path read (fast_records.py); numbers checked non-negative there."""
-    values, n = columns.chunks, rows.ndim
-    for at in range(rows.start, rows.start + 2 * n * rows.count, 2 * n):
-        yield tuple(values[at:at + n]), tuple(values[at + n:at + 2 * n])
+        dims += (offsets, sizes)
+    return _TensorDecl(dtype.name, shape, dims)
 
 
 def _dims(where: str, what: str, value: Any) -> Tuple[int, ...]:
@@ -230,18 +230,16 @@ def _dims(where: str, what: str, value: Any) -> Tuple[int, ...]:
     raise CheckpointError(f"{where}: {what} {describe(value)} is not a tuple of non-negative ints")
 
 
-def _storage_locations(name: str, storage_data: Any,
-                       columns: Optional[fast_records.Columns] = None) -> Tuple["_Locations", set]:
+def _storage_locations(name: str, storage_data: Any, columns: fast_records.Columns) -> Tuple["_Locations", set]:
     if not isinstance(storage_data, dict):
         raise CheckpointError(
             f"{name}: storage_data is missing (found {type(storage_data).__name__}); this metadata was not "
             "written by FileSystemWriter, so streamconv does not know where the data is")
     locations = _Locations(name, columns)
-    files = set(columns.paths) if columns is not None else set()
+    files = set()
     for index, info in storage_data.items():
-        if type(index) is fast_records.StorageRows and columns is not None:
-            locations.add_rows(index)       # read by a fast path, numbers already checked
-            continue
+        if type(index) is fast_records.StorageRows:
+            continue                        # read into the columns by a fast path, numbers already checked
         if not (isinstance(index, sp.MetadataIndex) and isinstance(info, sp.StorageInfo)):
             raise CheckpointError(
                 f"{name}: storage_data maps {type(index).__name__} -> {type(info).__name__}, "
@@ -250,79 +248,80 @@ def _storage_locations(name: str, storage_data: Any,
         offset = index.get("offset")  # absent for bytes items (left at the class default None)
         if not isinstance(fqn, str):
             raise CheckpointError(f"{name}: storage_data key has fqn {describe(fqn)}, expected a string")
-        key = (fqn, None if offset is None else _dims(f"{name}: storage for {describe(fqn)}", "offset", offset))
         location = _blob_location(name, fqn, info)
-        locations.add(key, location)
-        files.add(location.relative_path)
+        if offset is None:
+            locations.add((fqn, None), location)
+            files.add(location.relative_path)
+            continue
+        offsets = _dims(f"{name}: storage for {describe(fqn)}", "offset", offset)
+        columns.add_row(fqn, offsets, columns.place_id(location.relative_path, location.transform_descriptors),
+                        location.offset, location.length)
+    files.update(path for path, _, _ in columns.places)
     return locations, files
 
 
 class _Locations:
-    """Where each chunk's blob is: storage_data's items the general machine built, in a dict, and the rows fast
-    paths read (fast_records.py), 24 bytes each, found through one tensor's index at a time."""
+    """Where each chunk's blob is: the rows of `columns` (fast_records.py: every tensor chunk's storage_data item,
+    32 bytes each), found through one tensor's index at a time, and in a dict the bytes items and what per-rank
+    files add when they are merged."""
 
-    def __init__(self, name: str, columns: Optional[fast_records.Columns]):
+    def __init__(self, name: str, columns: fast_records.Columns):
         self.name, self.columns = name, columns
         self.built: Dict[_StorageKey, BlobLocation] = {}
-        self.rows: Dict[str, array] = {}        # fqn -> (row, start of its offsets, ndim) triples
+        self.built_fqns: set = set()
         self._indexed: Tuple[Optional[str], Dict[Tuple[int, ...], int]] = (None, {})
 
     def add(self, key: _StorageKey, location: BlobLocation) -> None:
         if key in self.built:
             raise _duplicate(self.name, key, self.built[key], location)
         self.built[key] = location
+        self.built_fqns.add(key[0])
 
-    def add_rows(self, run: fast_records.StorageRows) -> None:
-        fqns, rows = self.columns.fqns, self.rows
-        for k in range(run.count):
-            row = run.row + k
-            found = rows.get(fqns[row])
-            if found is None:
-                found = rows[fqns[row]] = array("q")
-            found.extend((row, run.start + run.ndim * k, run.ndim))
-
-    def _location(self, row: int) -> BlobLocation:
+    def location(self, row: int) -> BlobLocation:
         c = self.columns
-        return BlobLocation(c.paths[c.path_ids[row]], c.blobs[2 * row], c.blobs[2 * row + 1])
+        path, transforms, _ = c.places[c.row_places[row]]
+        return BlobLocation(path, c.row_blob_offsets[row], c.row_lengths[row], transforms)
 
     def index_of(self, fqn: str) -> Dict[Tuple[int, ...], int]:
         """{chunk offsets: row} of `fqn`'s rows, refusing a chunk listed twice (as `add` does)."""
         if self._indexed[0] == fqn:
             return self._indexed[1]
-        index: Dict[Tuple[int, ...], int] = {}
-        triples = self.rows.get(fqn, ())
-        offsets = self.columns.offsets if self.columns is not None else ()
-        for k in range(0, len(triples), 3):
-            row, at, n = triples[k], triples[k + 1], triples[k + 2]
-            key = tuple(offsets[at:at + n])
-            if key in index or (fqn, key) in self.built:
-                first = self._location(index[key]) if key in index else self.built[(fqn, key)]
-                raise _duplicate(self.name, (fqn, key), first, self._location(row))
-            index[key] = row
+        rows = self.columns.rows_of.get(fqn, ())
+        index = dict(zip(map(self.columns.row_offsets.__getitem__, rows), rows))
+        if len(index) < len(rows):
+            seen: Dict[Tuple[int, ...], int] = {}
+            for row in sorted(rows):
+                key = self.columns.row_offsets[row]
+                if key in seen:
+                    raise _duplicate(self.name, (fqn, key), self.location(seen[key]), self.location(row))
+                seen[key] = row
         self._indexed = (fqn, index)
         return index
 
     def get(self, key: _StorageKey) -> Optional[BlobLocation]:
         found = self.built.get(key)
-        if found is not None or key[1] is None or key[0] not in self.rows:
+        if found is not None or key[1] is None or key[0] not in self.columns.rows_of:
             return found
         row = self.index_of(key[0]).get(key[1])
-        return None if row is None else self._location(row)
+        return None if row is None else self.location(row)
 
-    def check(self) -> None:
-        """Refuse a chunk listed twice among the rows of any fqn (before any is looked up)."""
-        for fqn in self.rows:
-            self.index_of(fqn)
+    def check(self, entries: Dict[str, Any]) -> None:
+        """Refuse a chunk listed twice among the rows of an fqn that is not a tensor (`_build` checks the others as
+        it indexes them)."""
+        for fqn in self.columns.rows_of:
+            if entries.get(fqn) is None:
+                self.index_of(fqn)
 
     def items(self):
         yield from self.built.items()
-        for fqn in self.rows:
+        for fqn in self.columns.rows_of:
             for offsets, row in self.index_of(fqn).items():
-                yield (fqn, offsets), self._location(row)
+                yield (fqn, offsets), self.location(row)
 
     def setdefault(self, key: _StorageKey, location: BlobLocation) -> None:
         if self.get(key) is None:
             self.built[key] = location
+            self.built_fqns.add(key[0])
 
 
 def _duplicate(name: str, key: _StorageKey, first: BlobLocation, second: BlobLocation) -> CheckpointError:
@@ -404,11 +403,11 @@ def _merge_ranks(ranks: List[_Decoded]) -> _Decoded:
                     f"{other.name}: {describe(fqn)} is {_describe(decl)} but {merged.name} says {_describe(mine)}")
             if decl is not None:
                 if mine.seen is None:
-                    mine.seen = set(mine.chunks)
-                for chunk in decl.chunks:
+                    mine.seen = set(mine.pairs())
+                for chunk in decl.pairs():
                     if chunk not in mine.seen:
                         mine.seen.add(chunk)
-                        mine.chunks.append(chunk)
+                        mine.dims += chunk
         for key, blob in other.locations.items():
             merged.locations.setdefault(key, blob)
         for fqn, path in other.paths.items():
@@ -451,36 +450,18 @@ def _packed(location: BlobLocation, fqn: str, dtype: str, sizes: Tuple[int, ...]
 
 def _build(decoded: _Decoded) -> CheckpointMetadata:
     tensors, byte_entries = [], []
-    # The distinct (file, transforms, tensor key) of every chunk, shared by every tensor's ChunkTable.
-    places: List[Tuple[str, Tuple[str, ...], str]] = []
-    place_ids: Dict[Tuple[str, Tuple[str, ...], str], int] = {}
+    columns = decoded.locations.columns
+    shared = _SharedColumns()
     for fqn, decl in decoded.entries.items():
         path = decoded.paths.get(fqn, ())
         if decl is None:
             byte_entries.append(BytesEntry(fqn, decoded.locations.get((fqn, None)), path))
             continue
-        boxes, blobs, where = array("q"), array("q"), array("I")
-        for offsets, sizes in decl.chunks:
-            location = decoded.locations.get((fqn, offsets))
-            if location is None:
-                raise CheckpointError(
-                    f"{decoded.name}: tensor {describe(fqn)} chunk at offsets {list(offsets)} (sizes {list(sizes)}) has no "
-                    "entry in storage_data, so its data file is unknown; the metadata is inconsistent")
-            location = _packed(location, fqn, decl.dtype, sizes)
-            boxes.extend(offsets)
-            boxes.extend(sizes)
-            blobs.append(location.offset)
-            blobs.append(location.length)
-            place = (location.relative_path, location.transform_descriptors, location.tensor_key)
-            place_id = place_ids.get(place)
-            if place_id is None:
-                place_id = place_ids[place] = len(places)
-                places.append(place)
-            where.append(place_id)
-        table = ChunkTable(len(decl.shape), boxes, blobs, where, places)
+        table = _table_of_rows(decoded.locations, fqn, decl) or _table_by_chunk(decoded, fqn, decl)
+        table = ChunkTable(table.ndim, shared.of(table.boxes), table.blobs, shared.of(table.where), columns.places)
         tensors.append(TensorEntry(fqn, decl.dtype, decl.shape, table, path))
-        decl.chunks = []        # each tensor's decoded tuples go as soon as its table is built
-    packed = any(key for _, _, key in places)
+        decl.dims = []          # each tensor's decoded tuples go as soon as its table is built
+    packed = any(key for _, _, key in columns.places)
     return CheckpointMetadata(
         tensors=tuple(tensors),
         byte_entries=tuple(byte_entries),
@@ -489,6 +470,62 @@ def _build(decoded: _Decoded) -> CheckpointMetadata:
         files=tuple(sorted(decoded.files)),
         flavor=SAFETENSORS_FLAVOR if packed else "",
     )
+
+
+class _SharedColumns:
+    """One array for equal columns: a layer's weights share their chunk boxes and files with every other layer's of
+    that shape, and an optimizer's moments with their parameter's (on DeepSeek-V3 with AdamW's state, 1.4M chunks'
+    boxes in a few hundred arrays). ChunkTables never change their columns."""
+
+    def __init__(self) -> None:
+        self.seen: Dict[Tuple[str, int, int], List[array]] = {}
+
+    def of(self, column: array) -> array:
+        same = self.seen.setdefault((column.typecode, len(column), hash(column.tobytes())), [])
+        for known in same:
+            if known == column:
+                return known
+        same.append(column)
+        return column
+
+
+def _table_of_rows(locations: "_Locations", fqn: str, decl: _TensorDecl) -> Optional[ChunkTable]:
+    """The tensor's table, made a column at a time when every chunk has a row of its own and none is a tensor in a
+    safetensors blob (`_packed`); None otherwise."""
+    columns, dims = locations.columns, decl.dims
+    sizes = dims[1::2]
+    rows = list(map(locations.index_of(fqn).get, dims[0::2]))
+    if None in rows or fqn in locations.built_fqns:
+        return None
+    lengths = array("q", map(columns.row_lengths.__getitem__, rows))
+    itemsize = dtypes.BY_NAME[decl.dtype].itemsize if decl.dtype in dtypes.BY_NAME else 0
+    if itemsize:
+        nbytes = {s: numel(s) * itemsize for s in set(sizes)}
+        if any(map(eq, lengths, map(nbytes.__getitem__, sizes))):
+            return None
+    blobs = array("q", chain.from_iterable(zip(map(columns.row_blob_offsets.__getitem__, rows), lengths)))
+    where = array("I", map(columns.row_places.__getitem__, rows))
+    return ChunkTable(len(decl.shape), array("q", chain.from_iterable(dims)), blobs, where, columns.places)
+
+
+def _table_by_chunk(decoded: _Decoded, fqn: str, decl: _TensorDecl) -> ChunkTable:
+    """The tensor's table, a chunk at a time: a chunk another rank's file lists (merged per-rank metadata), or a
+    tensor in a safetensors blob."""
+    columns = decoded.locations.columns
+    boxes, blobs, where = array("q"), array("q"), array("I")
+    for offsets, sizes in decl.pairs():
+        location = decoded.locations.get((fqn, offsets))
+        if location is None:
+            raise CheckpointError(
+                f"{decoded.name}: tensor {describe(fqn)} chunk at offsets {list(offsets)} (sizes {list(sizes)}) has no "
+                "entry in storage_data, so its data file is unknown; the metadata is inconsistent")
+        location = _packed(location, fqn, decl.dtype, sizes)
+        boxes.extend(offsets)
+        boxes.extend(sizes)
+        blobs.append(location.offset)
+        blobs.append(location.length)
+        where.append(columns.place_id(location.relative_path, location.transform_descriptors, location.tensor_key))
+    return ChunkTable(len(decl.shape), boxes, blobs, where, columns.places)
 
 
 def _not_a_checkpoint_message(root: str, names: List[str]) -> str:

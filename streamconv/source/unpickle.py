@@ -69,11 +69,13 @@ class Spec:
     what = "pickle"
     charged_bytes = 0       # the estimate of what the finished load allocated (for tests and tuning)
     # Fast paths for the records a known writer repeats by the hundred thousand: {id(object): handler}. When BINGET
-    # fetches such an object (a stand-in class), `handler(buf, pos, end, get)` may consume whole records that
-    # follow it in `buf[pos:end]` without building them, and returns None (nothing matched: the general machine
+    # fetches such an object (a stand-in class), `handler(buf, pos, end, get, overwrites)` may consume whole records
+    # that follow it in `buf[pos:end]` without building them, and returns None (nothing matched: the general machine
     # goes on) or (new pos, values to put in place of the fetched object, memo entries the records made, bytes
     # to charge). `get(i)` is memo entry i, or None when absent or elided. The memo entries of consumed records
-    # are elided (not stored); a later reference to one raises FastPathMiss.
+    # are elided (not stored); a later reference to one raises FastPathMiss. `overwrites` counts the BINPUTs that
+    # replaced an entry: while it stays the same, a string `get(i)` returned is still entry i (the machine only
+    # ever appends entries, or forgets a tuple or dict it consumed).
     fast_paths: Optional[dict] = None
 
     def find_class(self, module: str, name: str) -> Any:
@@ -181,6 +183,7 @@ class _Machine:
         hole_ends: List[int] = []
         hole_cum: List[int] = []
         elided = 0
+        overwrites = 0
         fast = spec.fast_paths
 
         def memo_at(i: int) -> int:
@@ -256,7 +259,7 @@ class _Machine:
                     if fast is not None:
                         handler = fast.get(id(value))
                         if handler is not None:
-                            taken = handler(buf, pos, end, get)
+                            taken = handler(buf, pos, end, get, overwrites)
                             if taken is not None:
                                 pos, values, slots, charge = taken
                                 stack[-1] = values[0]
@@ -429,8 +432,10 @@ class _Machine:
                     if elided and i < len(memo) + elided:
                         i = memo_at(i)
                         memo[i], memo_depth[i] = stack[-1], depth[-1]
+                        overwrites += 1
                     elif i < len(memo):
                         memo[i], memo_depth[i] = stack[-1], depth[-1]
+                        overwrites += 1
                     elif i == len(memo) + elided:
                         memo.append(stack[-1])
                         memo_depth.append(depth[-1])

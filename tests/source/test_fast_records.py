@@ -48,12 +48,13 @@ def test_fast_and_general_decode_the_same_metadata(small_scale, monkeypatch):
     assert fast == general
     raw = (out / ".metadata").read_bytes()
     columns = _columns(raw)
-    # Every record went through the fast path but those of 0-d tensors (AdamW's step), the first of each kind (its
-    # key names are new strings) and those a FRAME (every 64 KiB) cuts.
-    rows = sum(len(t.chunks) for t in fast.tensors if t.shape)
+    # Every record went through the fast path (AdamW's 0-d steps too) but the first of each kind (its key names are
+    # new strings) and those a FRAME (every 64 KiB) cuts.
+    rows = sum(len(t.chunks) for t in fast.tensors)
+    assert any(not t.shape for t in fast.tensors)
     missed = 2 + len(raw) // 65536 + 1
-    assert rows - missed <= len(columns.fqns) <= rows
-    assert 2 * (rows - missed) <= len(columns.chunks)
+    assert rows - missed <= columns.row_count <= rows
+    assert 2 * (rows - missed) <= len(columns.chunk_dims) <= 2 * rows
 
 
 @pytest.mark.parametrize("name", ["fsdp2_optim", "tp", "exotic_dtypes", "dtensor_2d"])
@@ -106,3 +107,140 @@ def test_a_negative_size_in_a_record_is_refused_as_before(small_scale, monkeypat
             metadata.load_metadata(MemoryReader(files))
         errors.append(str(caught.value))
     assert errors[0] == errors[1] and "not a tuple of non-negative ints" in errors[0]
+
+
+def _md(tensors, storage_rows, planner=None):
+    """A torch Metadata pickled as FileSystemWriter pickles it: `tensors` {fqn: (shape, [chunk offsets], chunk
+    sizes)}, `storage_rows` [(fqn, offsets, file, blob offset, length)] in storage_data's order."""
+    import torch
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex,
+                                                       TensorProperties, TensorStorageMetadata)
+    props = TensorProperties(dtype=torch.float32)
+    sdm = {fqn: TensorStorageMetadata(props, torch.Size(shape), [ChunkStorageMetadata(torch.Size(o), torch.Size(sizes))
+                                                                  for o in offsets])
+           for fqn, (shape, offsets, sizes) in tensors.items()}
+    storage = {MetadataIndex(fqn, torch.Size(o), 0): _StorageInfo(path, at, length)
+               for fqn, o, path, at, length in storage_rows}
+    return pickle.dumps(Metadata(sdm, planner_data=planner or {f: (f,) for f in tensors}, storage_data=storage),
+                        protocol=4)
+
+
+def test_numbers_of_every_width_decode_the_same_both_ways(monkeypatch):
+    """Offsets past 2^31 and 2^32 (LONG1 of 5 and 6 bytes), BININT, BININT2 and BININT1, in both kinds of record."""
+    big = [0, 200, 70_000, 3_000_000_000, 2 ** 40 + 5]
+    offsets = [(o, 0) for o in big]
+    raw = _md({"w": ((2 ** 41, 3), offsets, (7, 3))},
+              [("w", o, "__0_0.distcp", big[-1 - k], big[k] + 1000) for k, o in enumerate(offsets)])
+    fast, general = _both(MemoryReader({".metadata": raw}), monkeypatch)
+    assert fast == general
+    chunks = fast.tensors[0].chunks
+    assert [c.offsets for c in chunks] == offsets
+    assert [(c.location.offset, c.location.length) for c in chunks] == [(big[-1 - k], big[k] + 1000) for k in range(5)]
+    columns = _columns(raw)
+    assert columns.row_count == 4 and len(columns.chunk_dims) == 2 * 4   # the first of each names new strings
+
+
+def test_a_record_one_byte_off_its_run_goes_to_the_general_machine(small_scale, monkeypatch):
+    """A record in the middle of a run whose offset 0 is written as LONG1 of no bytes (`\\x8a\\x00`, still 0; torch
+    writes `K\\x00`): the compiled shape does not take it, the general machine reads it, and the fast path takes up
+    the next record again. The metadata decoded is the same as the file's without the change."""
+    out, _ = small_scale
+    raw = (out / ".metadata").read_bytes()
+    changed = bytearray(raw)
+    storage_at = raw.index(b"storage_data")
+    for section in (len(raw) // 8, storage_at + (len(raw) - storage_at) // 2):   # in chunk records, in storage rows
+        at = raw.index(b"h!K\x00", section) + 2     # torch.Size's first int, a 0
+        changed[at] = 0x8A
+    assert len(changed) == len(raw) and sum(a != b for a, b in zip(raw, changed)) == 2
+    before, after = _columns(raw), _columns(bytes(changed))
+    assert after.row_count == before.row_count - 1
+    assert len(after.chunk_dims) == len(before.chunk_dims) - 2
+    original = metadata.load_metadata(DirectoryReader(out))
+    fast, general = _both(MemoryReader({".metadata": bytes(changed)}), monkeypatch)
+    assert fast == general == original
+
+
+def test_a_memo_entry_replaced_between_runs_is_read_again(monkeypatch):
+    """The fqn and file names rows refer to are remembered only while no memo entry is replaced: here a BINPUT between
+    two storage rows makes the reference that named 'w' name 'v', so the rows after it are v's. Remembering 'w'
+    would leave v's chunks without storage."""
+    offsets = [(4 * r, 0) for r in range(8)]
+    rows = [("w", o, "__0_0.distcp", 100 * k, 48) for k, o in enumerate(offsets)]
+    raw = _md({"w": ((32, 3), offsets[:4], (4, 3)), "v": ((32, 3), offsets[4:], (4, 3))}, rows,
+              planner={"w": ("w",), "v": ("v",)})
+    storage_at = raw.index(b"storage_data")
+    fqn_ref = raw[raw.index(b"fqn\x94", storage_at) + 4:][:2]            # BINGET of 'w'
+    assert fqn_ref[0] == 0x68
+    fifth = storage_at
+    for _ in range(5):
+        fifth = raw.index(fqn_ref, fifth + 1)
+    record = raw.rindex(b")\x81\x94}\x94(", storage_at, fifth) - 2     # the fifth row's MetadataIndex reference
+    assert raw[record] == 0x68
+    crafted = raw[:record] + b"\x8c\x01vq" + fqn_ref[1:] + b"0" + raw[record:]   # 'v', BINPUT over 'w', POP
+    fast, general = _both(MemoryReader({".metadata": crafted, "__0_0.distcp": bytes(800)}), monkeypatch)
+    assert fast == general
+    assert [c.location.offset for c in fast.tensors[1].chunks] == [400, 500, 600, 700]
+    assert _columns(crafted).row_count == 7     # all but the first (its key names are new strings)
+
+
+def test_a_storage_row_naming_something_else_stops_its_run(small_scale, monkeypatch):
+    """A row in the middle of a run whose fqn reference names a class instead of a string: the run ends before it,
+    and the general machine refuses it with the message it always gave."""
+    out, _ = small_scale
+    raw = bytearray((out / ".metadata").read_bytes())
+    storage_at = raw.index(b"storage_data")
+    new = b")\x81\x94}\x94("
+    second_row = raw.index(new, raw.index(new, raw.index(new, storage_at) + 1) + 1) + len(new)   # its MetadataIndex
+    fqn_key = raw[second_row:second_row + (2 if raw[second_row] == 0x68 else 5)]    # the 'fqn' key's reference
+    at = raw.index(new + fqn_key, storage_at + (len(raw) - storage_at) // 2) + len(new + fqn_key)
+    # A row's fqn reference (BINGET / LONG_BINGET i) now names memo entry 0x28: the ChunkStorageMetadata class ('h('
+    # in every chunk record), not a string.
+    assert raw.count(b"h()\x81") > 100 and raw[at] in (0x68, 0x6A)
+    raw[at + 1:at + (2 if raw[at] == 0x68 else 5)] = b"(" if raw[at] == 0x68 else b"(\0\0\0"
+    errors = []
+    for env in (None, "1"):
+        if env:
+            monkeypatch.setenv("STREAMCONV_NO_FAST_PATHS", env)
+        with pytest.raises(Exception) as caught:
+            metadata.load_metadata(MemoryReader({".metadata": bytes(raw)}))
+        errors.append(str(caught.value))
+    assert errors[0] == errors[1] and "expected a string" in errors[0]
+
+
+def test_tensors_of_one_layout_share_their_chunk_columns(small_scale):
+    """A layer's weights share their boxes and files columns with the other layers' of that shape, an optimizer
+    moment with its parameter's: what each table has of its own is its blobs' offsets and lengths (16 bytes a
+    chunk)."""
+    out, counts = small_scale
+    meta = metadata.load_metadata(DirectoryReader(out))
+    by_fqn = {t.fqn: t.chunks for t in meta.tensors}
+    weight = "layers.1.moe.routed_experts.inner_experts.w1_EFD"
+    moment = by_fqn[f"optimizer.state.{weight}.exp_avg"]
+    assert moment.boxes is by_fqn[weight].boxes and moment.where is by_fqn[weight].where
+    assert moment.blobs is not by_fqn[weight].blobs and moment.blobs != by_fqn[weight].blobs
+    assert by_fqn[weight].boxes is by_fqn[weight.replace("layers.1", "layers.2")].boxes
+    own = {id(c.blobs): len(c.blobs) * c.blobs.itemsize for c in by_fqn.values()}
+    shared = {id(a): len(a) * a.itemsize for c in by_fqn.values() for a in (c.boxes, c.where)}
+    assert sum(own.values()) == 16 * counts["chunks"]
+    assert sum(shared.values()) < sum(own.values())
+
+
+def test_chunks_of_0_to_5_dims_decode_the_same_both_ways(monkeypatch):
+    """torch.Size pickles as EMPTY_TUPLE (0 dims), TUPLE1-3 or MARK ... TUPLE (4+), each making its own number of memo
+    entries: the fast path elides as many as the records made, so every reference after them still resolves."""
+    tensors, rows = {}, []
+    for n in (1, 2, 3, 4, 5, 0, 0, 0):     # 0-d after the others: their records are not a run's first with new keys
+        shape = tuple(4 * (k + 1) for k in range(n))
+        offsets = [tuple((r if k == 0 else 0) for k in range(n)) for r in range(4 if n else 1)]
+        sizes = tuple((1 if k == 0 else s) for k, s in enumerate(shape)) if n else ()
+        name = f"t{len(tensors)}_{n}"      # one string object, memoized once as torch's are
+        tensors[name] = (shape, offsets, sizes)
+        rows += [(name, o, "__0_0.distcp", 1000 * n + 100 * r, 64) for r, o in enumerate(offsets)]
+    raw = _md(tensors, rows)
+    fast, general = _both(MemoryReader({".metadata": raw, "__0_0.distcp": bytes(6000)}), monkeypatch)
+    assert fast == general
+    assert [len(t.chunks) for t in fast.tensors] == [4, 4, 4, 4, 4, 1, 1, 1]
+    assert [c.location.offset for c in fast.tensors[4].chunks] == [5000, 5100, 5200, 5300]
+    columns = _columns(raw)     # None when the load gave up (a reference into elided memo entries)
+    assert columns.row_count == len(rows) - 1 and len(columns.chunk_dims) == 2 * (len(rows) - 1)

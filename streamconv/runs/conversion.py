@@ -43,7 +43,6 @@ from ..source import remote as remote_reads
 from ..source.remote import reading_paths
 from ..source.integrity import ChunkIntegrity
 from ..verification import provenance
-from ..verification import compare as verifying
 from .checkpoint import blob_reader, locate_chunks
 from .preparing import Request, checked_plan, prepare, with_tied_heads
 from .report import ConversionReport, Reporter, peak_rss_bytes
@@ -224,12 +223,7 @@ class Conversion:
         if index is not None:
             staging.write_json(INDEX_FILE_NAME, index)   # written last: its presence means complete
         if self.settings.verify:
-            checked = verifying.verify_output(conversion, self.blobs, self.stored, staging.path,
-                                              buffer_bytes=self.options.buffer_bytes, checkpoint=self.checkpoint_dir,
-                                              integrity=self.integrity, progress=self.reporter.advance,
-                                              fast=self.fast)
-            verifying.raise_if_failed(checked, staged=True)
-            self.verified_bytes, self.verified_tensors = checked.bytes_compared, checked.tensors_equal
+            self._verify_staged(staging)
         data = provenance.record_bytes(
             self.ledger, [s.filename for s in conversion.shards],
             self.copied + ([INDEX_FILE_NAME] if index is not None else []),
@@ -238,6 +232,16 @@ class Conversion:
             staging.write_record(data)      # published last: what makes the prefix finished
         else:
             staging.added([provenance.write_record(staging.path, data)])
+
+    def _verify_staged(self, staging: StagingDir) -> None:
+        """--verify: the staged output read back and compared with the checkpoint before the commit."""
+        # Imported here: reading back is only --verify's, and not part of every conversion's start-up.
+        from ..verification import compare as verifying
+        checked = verifying.verify_output(self.conversion, self.blobs, self.stored, staging.path,
+                                          buffer_bytes=self.options.buffer_bytes, checkpoint=self.checkpoint_dir,
+                                          integrity=self.integrity, progress=self.reporter.advance, fast=self.fast)
+        verifying.raise_if_failed(checked, staged=True)
+        self.verified_bytes, self.verified_tensors = checked.bytes_compared, checked.tensors_equal
 
     def _prove_tied_heads(self, staging: StagingDir) -> None:
         """A dropped head is read once and compared with the embedding written in its place."""

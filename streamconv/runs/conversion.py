@@ -32,7 +32,7 @@ from ..output import upload
 from ..output.destination import (check_destination, check_free_space, check_remote_destination, output_nbytes,
                                   output_nfiles, protected_paths)
 from ..output.remote_staging import RemoteStaging
-from ..output.ledger import Ledger, plan_record
+from ..output.ledger import Ledger, plan_record, shard_fingerprints
 from ..output.staging import StagingDir, recover_swap
 from ..planning.options import ConvertOptions, RunOptions
 from ..planning.plan import INDEX_FILE_NAME, ConversionPlan, with_permuted_chunks, with_plain_io
@@ -121,7 +121,8 @@ class Conversion:
         self.conversion = with_permuted_chunks(
             self.conversion, {loc for loc, s in self.stored.items() if not s.is_contiguous}, self.conversion.workers)
         self.source_fp = provenance.source_fingerprint(self.checkpoint_dir, meta, self.stored, self.before)
-        self.plan_record = plan_record(self.conversion, self.checkpoint_dir, meta, self.source_fp)
+        self.shard_fps = shard_fingerprints(self.conversion)     # (once: the plan record's and the ledger's)
+        self.plan_record = plan_record(self.conversion, self.checkpoint_dir, meta, self.source_fp, self.shard_fps)
 
     def found_already_converted(self) -> bool:
         """Whether the output already is this conversion. A killed --overwrite is finished (or undone) first:
@@ -162,7 +163,7 @@ class Conversion:
                                       + upload.upload_bytes(self.conversion.workers, largest))
         self.run_notes.extend(staging.notes)
         self._staging_notes_seen = len(staging.notes)
-        self.ledger = Ledger.for_plan(staging.path, conversion, self.plan_record["plan"])
+        self.ledger = Ledger.for_plan(staging.path, conversion, self.plan_record["plan"], self.shard_fps)
         self.resumed = staging.resumed
         for s in conversion.shards:
             staging.file(s.filename)    # (registers the name: only planned names are committed)

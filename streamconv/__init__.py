@@ -21,3 +21,7 @@ def __getattr__(name: str):
         from .runs.batch import convert_many
         return convert_many
     raise AttributeError(f"module 'streamconv' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | {"convert_many"})

@@ -1,4 +1,6 @@
 """streamconv: streaming, low-memory conversion of PyTorch Distributed Checkpoints to safetensors."""
+from __future__ import annotations
+
 from .api import build_plan, convert, inspect, plan, verify
 # The error classes, so that `except streamconv.VerificationError` works as the README's snippet says.
 from .errors import (CheckpointError, OptionsError, OutputError, ReferenceMismatchError, ResourceError,

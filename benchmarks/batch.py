@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import filecmp
 import json
+import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -20,21 +22,30 @@ import time
 from pathlib import Path
 from typing import List
 
-from .run import DEFAULT_CACHE, HERE, cached_checkpoint, drop_caches, sync
+from .run import DEFAULT_CACHE, HERE, cached_checkpoint, compile_streamconv_bytecode, drop_caches, sync
 
 STREAMCONV = [sys.executable, "-m", "streamconv.cli"]
 
 
+def _children_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def timed(argv: List[str], log) -> dict:
+    """Wall seconds (then `sync`) and CPU seconds (user + sys of the command and every process it waited for:
+    a batch's jobs): on a shared machine the wall time says more about the neighbours, the CPU time does not."""
     drop_caches()
+    cpu0 = _children_cpu_s()
     t0 = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    cpu = _children_cpu_s() - cpu0
     sync_s = sync()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    log(f"  {wall + sync_s:7.2f} s  {' '.join(argv[2:] if argv[:2] == STREAMCONV[:2] else argv)[:120]}")
-    return {"wall_s": round(wall, 3), "sync_s": round(sync_s, 3), "stdout": proc.stdout}
+    log(f"  {wall + sync_s:7.2f} s  {cpu:6.2f} CPU s  {' '.join(argv[2:] if argv[:2] == STREAMCONV[:2] else argv)[:120]}")
+    return {"wall_s": round(wall, 3), "sync_s": round(sync_s, 3), "cpu_s": round(cpu, 3), "stdout": proc.stdout}
 
 
 def same_tree(a: Path, b: Path) -> bool:
@@ -59,6 +70,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)     # noqa: E731
 
+    compile_streamconv_bytecode()       # (as installed: see run.py)
     ckpt = args.ckpt or cached_checkpoint(args.preset, args.dtype, False, args.cache, log)[0]
     global drop_caches
     if not args.drop_caches:
@@ -70,20 +82,21 @@ def main(argv=None) -> int:
     sources = sorted(runs.iterdir())
     results = {"preset": str(args.ckpt) if args.ckpt else args.preset, "dtype": args.dtype, "n": args.n, "rows": []}
 
-    def row(name, t, extra=None):
-        results["rows"].append(dict({"contender": name, "wall_s": round(t, 2)}, **(extra or {})))
+    def row(name, t, cpu_s, extra=None):
+        results["rows"].append(dict({"contender": name, "wall_s": round(t, 2), "cpu_s": round(cpu_s, 2)},
+                                    **(extra or {})))
 
     log(f"{args.n} x {args.preset}: cp -r of all")
     t = timed(["cp", "-r", str(runs), str(args.work / "copy")], log)
-    row("cp -r (all)", t["wall_s"] + t["sync_s"])
+    row("cp -r (all)", t["wall_s"] + t["sync_s"], t["cpu_s"])
     shutil.rmtree(args.work / "copy")
 
     log("single conversions, one after another")
-    total = 0.0
+    total = total_cpu = 0.0
     for src in sources:
         t = timed(STREAMCONV + ["convert", str(src), str(args.work / "single" / src.name), "--no-config"], log)
-        total += t["wall_s"] + t["sync_s"]
-    row("streamconv convert, one by one (sum)", total)
+        total, total_cpu = total + t["wall_s"] + t["sync_s"], total_cpu + t["cpu_s"]
+    row("streamconv convert, one by one (sum)", total, total_cpu)
 
     for jobs in [int(j) for j in args.jobs.split(",") if j]:
         out = args.work / f"batch-j{jobs}"
@@ -94,7 +107,7 @@ def main(argv=None) -> int:
         rerun = timed(STREAMCONV + ["batch", f"{runs}/checkpoint-*", "-o", f"{out}/{{name}}", "--no-config",
                                     "--json", "--jobs", str(jobs)], log)
         assert all(c["status"] == "skipped" for c in json.loads(rerun["stdout"])["checkpoints"])
-        row(f"streamconv batch --jobs {jobs}", t["wall_s"] + t["sync_s"],
+        row(f"streamconv batch --jobs {jobs}", t["wall_s"] + t["sync_s"], t["cpu_s"],
             {"planning_s": report["planning_seconds"],
              "max_job_peak_rss_mib": round(max(c["peak_rss_bytes"] for c in report["checkpoints"]) / 2**20),
              "rerun_all_skipped_s": round(rerun["wall_s"], 2)})
@@ -105,13 +118,14 @@ def main(argv=None) -> int:
         t = timed(STREAMCONV + ["batch", f"{runs}/checkpoint-*", "-o", f"{out}/{{name}}", "--no-config", "--json",
                                 "--ray"], log)
         assert all(same_tree(args.work / "single" / s.name, out / s.name) for s in sources), "ray output differs"
-        row("streamconv batch --ray (local cluster, start-up included)", t["wall_s"] + t["sync_s"])
+        row("streamconv batch --ray (local cluster, start-up included)", t["wall_s"] + t["sync_s"], t["cpu_s"])
         shutil.rmtree(out)
 
     floor = results["rows"][0]["wall_s"]
-    lines = [f"{'contender':58} {'wall s':>8} {'x cp':>6}"]
+    lines = [f"{'contender':58} {'wall s':>8} {'x cp':>6} {'CPU s':>7}"]
     for r in results["rows"]:
-        lines.append(f"{r['contender']:58} {r['wall_s']:8.2f} {r['wall_s'] / floor:6.2f}")
+        lines.append(f"{r['contender']:58} {r['wall_s']:8.2f} {r['wall_s'] / floor:6.2f} {r['cpu_s']:7.2f}")
+    lines.append(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print("\n".join(lines))
     args.out.mkdir(parents=True, exist_ok=True)
     name = args.ckpt.name if args.ckpt else args.preset

@@ -9,20 +9,19 @@ convert (`Request`) and how to run (`RunOptions`).
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from .errors import OptionsError
 from .model import CheckpointMetadata
 from .planning.options import DEFAULT_CRC, DEFAULT_WORKERS, ConvertOptions, RunOptions
 from .planning.plan import ConversionPlan, PlanOptions
 from .runs.checkpoint import load, locate_chunks
-from .runs.conversion import convert as _convert
-from .runs.inspecting import inspect as _inspect
 from .runs.preparing import Request, already_converted as _already_converted, dry_run, metadata_plan
 from .runs.report import ConversionReport, Reporter
-from .runs.runners import Runner
-from .runs.verifying import verify as _verify
-from .verification.compare import VerifyResult
+
+if TYPE_CHECKING:       # (each verb imports its own machinery when called: start-up of the others)
+    from .runs.runners import Runner
+    from .verification.compare import VerifyResult
 
 # The verbs, and names callers and messages use from here: `load` and `locate_chunks` (open a checkpoint as
 # every verb does; hf_shards' message names `streamconv.api.load`), the option objects and their defaults.
@@ -91,6 +90,7 @@ def convert(checkpoint_dir: str, output_dir: str, options: Optional[Options] = N
     if shard_runner is not None and not callable(getattr(shard_runner, "run", None)):
         raise OptionsError(f"shard_runner: {type(shard_runner).__name__} is not a runner; pass an object with "
                            "run(jobs, progress) (streamconv.runs.runners.Runner), e.g. ray_runner.RayRunner()")
+    from .runs.conversion import convert as _convert     # here: `plan`, `inspect` and --help never write
     run = RunOptions.given(run, overwrite=overwrite, workers=workers, verify=verify, crc=crc, resume=resume,
                            discard_partial=discard_partial, overwrite_any=overwrite_any)
     return _convert(checkpoint_dir, output_dir, Request(options, kwargs, config_from, allow_unmatched, no_config),
@@ -110,6 +110,7 @@ def already_converted(checkpoint_dir: str, output_dir: str, options: Optional[Op
 def inspect(checkpoint_dir: str) -> dict:
     """What is inside a checkpoint, from `.metadata` alone (and a Megatron folder's metadata.json). A run folder
     stands for the model's DCP folder in it (`discover.find_checkpoint`); `found` then says which was taken."""
+    from .runs.inspecting import inspect as _inspect     # here: only this verb needs it (start-up of the others)
     return _inspect(checkpoint_dir)
 
 
@@ -121,5 +122,6 @@ def verify(checkpoint_dir: str, output_dir: str, options: Optional[Options] = No
     be sound. `crc` also checks each chunk's CRC-32. Raises `OutputDiffersError` (exit 3) or
     `CorruptSourceError` (exit 2; both in verification/compare.py) carrying the `VerifyResult`; returns it when
     all is well."""
+    from .runs.verifying import verify as _verify     # here: the comparison is only this verb's (and --verify's)
     return _verify(checkpoint_dir, output_dir, Request(options, kwargs, config_from, allow_unmatched, no_config),
                    reporter, crc=crc)

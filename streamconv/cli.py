@@ -401,10 +401,15 @@ def batch(sources, as_json, **option_values):
         click.echo(json.dumps(dict(report.to_dict(), error=(f"{len(failed)} checkpoint(s) failed" if failed else None),
                                    exit_code=1 if failed else 0), indent=2))
     elif not quiet:
-        click.echo(f"{'status':9} {'size':>10} {'seconds':>8} {'MB/s':>7} {'peak RSS':>10}  checkpoint -> output")
+        # --ray: the driver's peak is not the writers'; each checkpoint's shard tasks measured their own
+        tasks = any(i.task_peak_rss_bytes for i in report.items)
+        task_head = f" {'task RSS':>10}" if tasks else ""
+        click.echo(f"{'status':9} {'size':>10} {'seconds':>8} {'MB/s':>7} {'peak RSS':>10}{task_head}  "
+                   "checkpoint -> output")
         for i in report.items:
+            task_rss = f" {format_size(i.task_peak_rss_bytes) if i.task_peak_rss_bytes else '-':>10}" if tasks else ""
             click.echo(f"{i.status:9} {format_size(i.bytes):>10} {i.seconds:8.2f} {i.mb_per_s:7.0f} "
-                       f"{format_size(i.peak_rss_bytes) if i.peak_rss_bytes else '-':>10}  "
+                       f"{format_size(i.peak_rss_bytes) if i.peak_rss_bytes else '-':>10}{task_rss}  "
                        f"{printable(i.source)} -> {printable(i.output)}")
         for note in report.notes:
             click.echo(f"note: {printable(note)}", err=True)

@@ -9,7 +9,8 @@
   data; `meta_probe`: transformers on the meta device in a child process, `meta_model`), held to the same rule.
 * `prepare`  — the above turned into `PlanOptions` before planning.
 """
-from . import layouts, sidecars, tied, verdict
+from . import layouts, sidecars, tied
 from .prepare import HFSetup, config_dtype, prepare, compare_with_reference
 
-__all__ = ["layouts", "sidecars", "tied", "verdict", "HFSetup", "config_dtype", "prepare", "compare_with_reference"]
+# (`verdict` and `expected` are imported where a base model asks for them: not at every conversion's start-up)
+__all__ = ["layouts", "sidecars", "tied", "HFSetup", "config_dtype", "prepare", "compare_with_reference"]

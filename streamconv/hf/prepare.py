@@ -17,7 +17,7 @@ from ..model import CheckpointMetadata
 from ..planning import naming
 from ..planning.plan import ConversionPlan, PlanOptions
 from ..planning.trainers import megatron
-from . import expected, layouts, sidecars, tables, tied, verdict
+from . import layouts, sidecars, tied
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,8 @@ def prepare(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir: str,
             notes.append(checked)
 
     if reference is None and config is not None:    # config.json only: its model's names, from a table or
+        # (imported here, as verdict below: a conversion without a base model never needs them; start-up time)
+        from . import expected, tables
         notes.extend(expected.check(                # transformers on the meta device (exit 4 else)
             shapes, config, unfiltered=named.unfiltered(), allow_unmatched=allow_unmatched,
             source_format=named.adapter.name if named.adapter is not None else trainers.AS_IS, env=env))
@@ -141,6 +143,7 @@ def prepare(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir: str,
     options = dataclasses.replace(options, naming=named)
 
     if reference is not None:
+        from . import verdict
         found = verdict.judge(shapes, reference, tie=config.tie_word_embeddings, unfiltered=named.unfiltered(),
                               made_by=named.made_by())
         notes.extend(verdict.enforce(found, config.folder, layout_label, allow_unmatched=allow_unmatched))

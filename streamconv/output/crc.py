@@ -15,7 +15,7 @@ all) keeps zlib's, as it turns the other fast paths off.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import threading
 import zlib
 from typing import Callable, Dict, Optional, Tuple
@@ -37,16 +37,22 @@ def _multmodp(a: int, b: int) -> int:
         b = (b >> 1) ^ _POLY if b & 1 else b >> 1
 
 
-_X2N = [1 << 30]       # x^(2^k) mod p: x^1, x^2, x^4, ...
-for _ in range(31):
-    _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
+@functools.lru_cache(maxsize=None)
+def _x2n() -> Tuple[int, ...]:
+    """x^(2^k) mod p: x^1, x^2, x^4, ... Built on first use, not at import: 10 ms of start-up that only a system
+    without libz's crc32_combine needs."""
+    table = [1 << 30]
+    for _ in range(31):
+        table.append(_multmodp(table[-1], table[-1]))
+    return tuple(table)
 
 
 def _x8nmodp(nbytes: int) -> int:
+    x2n = _x2n()
     p, k, n = 1 << 31, 3, nbytes
     while n:
         if n & 1:
-            p = _multmodp(_X2N[k & 31], p)
+            p = _multmodp(x2n[k & 31], p)
         n >>= 1
         k += 1
     return p
@@ -56,9 +62,22 @@ def _combine_python(crc1: int, crc2: int, len2: int) -> int:
     return _multmodp(_x8nmodp(len2), crc1) ^ crc2
 
 
+def _load_library(name: str, soname: str) -> ctypes.CDLL:
+    """The shared library by its usual soname; `find_library` (which runs `ldconfig -p` in a child process: a
+    fork at every start-up) only where that name is not found. OSError when neither loads."""
+    try:
+        return ctypes.CDLL(soname)
+    except OSError:
+        from ctypes.util import find_library     # (and subprocess with it: only without the usual soname)
+        found = find_library(name)
+        if found is None:
+            raise
+        return ctypes.CDLL(found)
+
+
 def _libz_combine() -> Optional[Callable[[int, int, int], int]]:
     try:
-        lib = ctypes.CDLL(ctypes.util.find_library("z") or "libz.so.1")
+        lib = _load_library("z", "libz.so.1")
         fn = getattr(lib, "crc32_combine64", None) or lib.crc32_combine
     except (OSError, AttributeError):
         return None
@@ -83,7 +102,7 @@ _FAST_MIN_BYTES = 64 << 10
 
 def _libdeflate_crc32() -> Optional[Callable[[int, object, int], int]]:
     try:
-        lib = ctypes.CDLL(ctypes.util.find_library("deflate") or "libdeflate.so.0")
+        lib = _load_library("deflate", "libdeflate.so.0")
         fn = lib.libdeflate_crc32
     except (OSError, AttributeError):
         return None

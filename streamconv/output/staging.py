@@ -21,7 +21,6 @@ methods that register names). One run per destination: runlock.py (flock, or a l
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import json
 import os
@@ -61,7 +60,9 @@ def _renameat2(src: str, dst: str, flags: int) -> bool:
     global _libc
     if _libc is None:
         try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            # The C library this process already runs on (dlopen(NULL)): no `find_library`, which forks
+            # `ldconfig -p`, and no guess at libc's file name (musl's differs).
+            _libc = ctypes.CDLL(None, use_errno=True)
         except OSError:
             _libc = False
     fn = getattr(_libc, "renameat2", None) if _libc else None

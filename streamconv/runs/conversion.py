@@ -32,7 +32,7 @@ from ..output import upload
 from ..output.destination import (check_destination, check_free_space, check_remote_destination, output_nbytes,
                                   output_nfiles, protected_paths)
 from ..output.remote_staging import RemoteStaging
-from ..output.ledger import Ledger, plan_record
+from ..output.ledger import Ledger, plan_record, shard_fingerprints
 from ..output.staging import StagingDir, recover_swap
 from ..planning.options import ConvertOptions, RunOptions
 from ..planning.plan import INDEX_FILE_NAME, ConversionPlan, with_permuted_chunks, with_plain_io
@@ -43,7 +43,6 @@ from ..source import remote as remote_reads
 from ..source.remote import reading_paths
 from ..source.integrity import ChunkIntegrity
 from ..verification import provenance
-from ..verification import compare as verifying
 from .checkpoint import blob_reader, locate_chunks
 from .preparing import Request, checked_plan, prepare, with_tied_heads
 from .report import ConversionReport, Reporter, peak_rss_bytes
@@ -122,7 +121,8 @@ class Conversion:
         self.conversion = with_permuted_chunks(
             self.conversion, self.stored.non_contiguous(), self.conversion.workers)
         self.source_fp = provenance.source_fingerprint(self.checkpoint_dir, meta, self.stored, self.before)
-        self.plan_record = plan_record(self.conversion, self.checkpoint_dir, meta, self.source_fp)
+        self.shard_fps = shard_fingerprints(self.conversion)     # (once: the plan record's and the ledger's)
+        self.plan_record = plan_record(self.conversion, self.checkpoint_dir, meta, self.source_fp, self.shard_fps)
 
     def found_already_converted(self) -> bool:
         """Whether the output already is this conversion. A killed --overwrite is finished (or undone) first:
@@ -163,7 +163,7 @@ class Conversion:
                                       + upload.upload_bytes(self.conversion.workers, largest))
         self.run_notes.extend(staging.notes)
         self._staging_notes_seen = len(staging.notes)
-        self.ledger = Ledger.for_plan(staging.path, conversion, self.plan_record["plan"])
+        self.ledger = Ledger.for_plan(staging.path, conversion, self.plan_record["plan"], self.shard_fps)
         self.resumed = staging.resumed
         for s in conversion.shards:
             staging.file(s.filename)    # (registers the name: only planned names are committed)
@@ -224,12 +224,7 @@ class Conversion:
         if index is not None:
             staging.write_json(INDEX_FILE_NAME, index)   # written last: its presence means complete
         if self.settings.verify:
-            checked = verifying.verify_output(conversion, self.blobs, self.stored, staging.path,
-                                              buffer_bytes=self.options.buffer_bytes, checkpoint=self.checkpoint_dir,
-                                              integrity=self.integrity, progress=self.reporter.advance,
-                                              fast=self.fast)
-            verifying.raise_if_failed(checked, staged=True)
-            self.verified_bytes, self.verified_tensors = checked.bytes_compared, checked.tensors_equal
+            self._verify_staged(staging)
         data = provenance.record_bytes(
             self.ledger, [s.filename for s in conversion.shards],
             self.copied + ([INDEX_FILE_NAME] if index is not None else []),
@@ -238,6 +233,16 @@ class Conversion:
             staging.write_record(data)      # published last: what makes the prefix finished
         else:
             staging.added([provenance.write_record(staging.path, data)])
+
+    def _verify_staged(self, staging: StagingDir) -> None:
+        """--verify: the staged output read back and compared with the checkpoint before the commit."""
+        # Imported here: reading back is only --verify's, and not part of every conversion's start-up.
+        from ..verification import compare as verifying
+        checked = verifying.verify_output(self.conversion, self.blobs, self.stored, staging.path,
+                                          buffer_bytes=self.options.buffer_bytes, checkpoint=self.checkpoint_dir,
+                                          integrity=self.integrity, progress=self.reporter.advance, fast=self.fast)
+        verifying.raise_if_failed(checked, staged=True)
+        self.verified_bytes, self.verified_tensors = checked.bytes_compared, checked.tensors_equal
 
     def _prove_tied_heads(self, staging: StagingDir) -> None:
         """A dropped head is read once and compared with the embedding written in its place."""

@@ -77,3 +77,15 @@ def test_a_transposed_tensor_has_another_shard_fingerprint(plan):
     turned = dataclasses.replace(shard, tensors=tuple(dataclasses.replace(x, axes=(1, 0)) if x is t else x
                                                       for x in shard.tensors))
     assert ledger.shard_fingerprint(turned) != ledger.shard_fingerprint(shard)
+
+
+def test_the_shard_fingerprints_computed_once_give_the_same_plan_record_and_ledger(plan, tmp_path):
+    """A conversion fingerprints each shard once (`shard_fingerprints`) for both its plan record and its ledger:
+    the same values as computing them in each."""
+    fps = ledger.shard_fingerprints(plan)
+    assert len(fps) == len(plan.shards) > 1 and len(set(fps.values())) == len(fps)
+    assert ledger.plan_fingerprint(plan, fps) == ledger.plan_fingerprint(plan)
+    assert Ledger.for_plan(str(tmp_path), plan, "p", fps) == Ledger.for_plan(str(tmp_path), plan, "p")
+    # the plan fingerprint really is made from the ones given
+    swapped = dict(zip(fps, reversed(list(fps.values()))))
+    assert ledger.plan_fingerprint(plan, swapped) != ledger.plan_fingerprint(plan)

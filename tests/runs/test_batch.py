@@ -199,3 +199,24 @@ def test_jobs_share_the_cpus_when_workers_is_not_given(runs, single, monkeypatch
     explicit = streamconv.convert_many([str(runs / "runs/a/checkpoint-*")], str(runs / "three/{name}"), jobs=2,
                                        workers=3, max_shard_size=SHARD, no_config=True)
     assert [i.workers for i in explicit.items] == [3, 3]
+
+
+def test_the_batch_table_shows_the_shard_tasks_peak_rss_when_there_is_one(monkeypatch):
+    """--ray: each checkpoint's own row says what its shard tasks peaked at (the driver's figure is not theirs);
+    without tasks the column is not there. (The report is made here: tests/runs/test_ray.py measures real ones.)"""
+    from click.testing import CliRunner
+    from streamconv import cli
+
+    def report(task_rss):
+        items = [batch.BatchItem("runs/a", "hf/a", "converted", 2 << 20, 1.0, 40 << 20, task_rss),
+                 batch.BatchItem("runs/b", "hf/b", "skipped")]
+        return batch.BatchReport(items=items, seconds=1.0, jobs=1, max_memory_bytes=None)
+
+    for task_rss, shown in ((0, False), (300 << 20, True)):
+        monkeypatch.setattr(batch, "convert_many", lambda *a, **k: report(task_rss))
+        result = CliRunner().invoke(cli.cli, ["batch", "runs/*", "-o", "hf/{name}"])
+        assert result.exit_code == 0, result.output
+        head, converted, skipped = result.output.splitlines()[:3]
+        assert ("task RSS" in head) == shown
+        assert ("300.0 MiB" in converted) == shown and "40.0 MiB" in converted
+        assert skipped.split()[:7] == ["skipped", "0", "B", "0.00", "0", "-"] + (["-"] if shown else ["runs/b"])

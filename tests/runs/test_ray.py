@@ -97,6 +97,10 @@ def test_a_batch_on_ray_with_a_broken_checkpoint(cluster, demo_checkpoint, local
     report = streamconv.convert_many([str(tmp_path / "runs/step-*")], str(tmp_path / "hf/{step}"), ray="local",
                                      jobs=2, max_shard_size=SHARD, no_config=True, reporter=progress)
     assert [i.status for i in report.items] == ["converted", "failed", "converted"]
+    # each checkpoint's shard tasks measured their own peak RSS, in the report and its --json
+    assert [i.task_peak_rss_bytes > 0 for i in report.items] == [True, False, True]
+    assert [c["task_peak_rss_bytes"] for c in report.to_dict()["checkpoints"]] == [
+        i.task_peak_rss_bytes for i in report.items]
     plan = streamconv.plan(str(tmp_path / "runs/step-1"), max_shard_size=SHARD, no_config=True)
     assert progress.done_bytes == 2 * plan.total_bytes         # the two good ones, shard by shard
     assert files(tmp_path / "hf/1") == local == files(tmp_path / "hf/3")

@@ -66,6 +66,30 @@ def test_a_separate_runner_writes_what_threads_write_with_the_same_checks(demo_c
     assert report.task_peak_rss_bytes > 0 and threads.task_peak_rss_bytes == 0
 
 
+def test_a_job_written_alone_never_reads_metadata_or_plans_again(demo_checkpoint, by_threads, tmp_path,
+                                                                 monkeypatch):
+    """A Ray task writes from the driver's plan (it travels in the job's context): it opens the checkpoint's files
+    and locates its own shard's chunks, but neither decodes `.metadata` nor plans (both cost per task what the
+    driver already paid once)."""
+    from streamconv.planning import plan
+    from streamconv.runs import preparing
+    from streamconv.source import flavors
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a shard job planned again or read .metadata")
+
+    class Forbidding(runners.SeparateRunner):
+        def run(self, jobs, progress=None):     # (the driver has planned by now: only the jobs are held to it)
+            for module, name in ((plan, "build_plan"), (preparing, "build_plan"), (flavors, "open_checkpoint")):
+                monkeypatch.setattr(module, name, refused)
+            return super().run(jobs, progress)
+
+    out, _, _ = by_threads
+    report = streamconv.convert(str(demo_checkpoint.ckpt_dir), str(tmp_path / "out"), max_shard_size=SHARD,
+                                no_config=True, shard_runner=Forbidding())
+    assert report.shards > 1 and files(tmp_path / "out") == files(out)
+
+
 def test_without_crc_no_runner_checks_a_chunk(demo_checkpoint, tmp_path):
     report = streamconv.convert(str(demo_checkpoint.ckpt_dir), str(tmp_path / "out"), max_shard_size=SHARD,
                                 no_config=True, crc=False, shard_runner=runners.SeparateRunner())

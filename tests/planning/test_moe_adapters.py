@@ -116,10 +116,10 @@ def test_fused_expert_layout_with_a_missing_half_is_refused_not_zero_filled():
 def test_a_grouped_weight_is_proven_once_for_all_its_experts(monkeypatch):
     """Each of E unstacked experts reads the same grouped weight: its chunks are deduplicated, proven to tile it and
     indexed once per plan, not once per expert (E x its chunks; most of a DeepSeek-V3-scale plan's time)."""
-    from streamconv.planning import plan as plan_module, transforms
+    from streamconv.planning import proven as proven_module, transforms
     proofs, indexes = [], []
-    real_check, real_index, real_lead = plan_module.check_coverage, transforms.ChunkIndex, transforms.LeadIndex
-    monkeypatch.setattr(plan_module, "check_coverage", lambda fqn, *a: (proofs.append(fqn), real_check(fqn, *a)))
+    real_check, real_index, real_lead = proven_module.check_coverage, transforms.ChunkIndex, transforms.LeadIndex
+    monkeypatch.setattr(proven_module, "check_coverage", lambda fqn, *a: (proofs.append(fqn), real_check(fqn, *a)))
     monkeypatch.setattr(transforms, "ChunkIndex", lambda *a: (indexes.append(a), real_index(*a))[1])
 
     class CountedLeadIndex(real_lead):

@@ -342,8 +342,9 @@ def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -
     proven, packed = Proven(Proven.counted([entry for entry, _, _, _ in items])), pieces_packed()
     for i, group in enumerate(groups):
         filename = SINGLE_FILE_NAME if len(groups) == 1 else shard_filename(i + 1, len(groups))
-        # Within a file, widest items first keep every tensor aligned to its item size (as safetensors does).
-        group = sorted(group, key=lambda it: (-dtypes.BY_NAME[it[2]].itemsize, names.natural_key(it[1])))
+        # Within a file, widest items first keep every tensor aligned to its item size (as safetensors does), in
+        # name order within a width: the sort is stable and the group is in name order.
+        group = sorted(group, key=lambda it: -dtypes.BY_NAME[it[2]].itemsize)
         rel, pos = [], 0
         for entry, name, dst, nbytes in group:
             rel.append((name, dst, tuple(entry.shape), pos, pos + nbytes))

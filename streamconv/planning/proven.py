@@ -134,9 +134,11 @@ class Proven:
                                                                                 box.sizes[:n_lead]))):
                     by_lead.setdefault(lead, []).append(box)
             shared: Dict[Tuple[int, ...], PlaneBoxes] = {}
-            found = self.planes[key] = {
-                lead: shared.setdefault(tuple(box.at for box in boxes), PlaneBoxes(boxes, n_lead))
-                for lead, boxes in by_lead.items()}
+            found = self.planes[key] = {}
+            for lead, boxes in by_lead.items():
+                held_by = tuple(box.at for box in boxes)
+                plane = shared.get(held_by)
+                found[lead] = plane if plane is not None else shared.setdefault(held_by, PlaneBoxes(boxes, n_lead))
         return found
 
     def compact(self, entry: Derived, chunks: Tuple[Chunk, ...]) -> Sequence[Chunk]:

@@ -172,3 +172,18 @@ def test_megatron_mla_names_map_to_deepseek_v3_in_both_key_forms():
             want = [target.format(i=i) for i in range(2)] if lead else [target.format(i=1)]
             assert made == want, (name, made)
     assert trainers.megatron_adapter(["embedding.word_embeddings.weight", *names]) is trainers.MEGATRON_MLA
+
+
+def test_unstacked_names_from_one_template_are_the_names_expanded_one_by_one():
+    """Every adapter's unstacking targets, and one whose index follows a group reference (`\\1{expert}` reads as
+    groups 10-19 expanded whole): the names made from the template parsed once are `m.expand` of each target."""
+    import re
+    from streamconv.planning.trainers import adapter as adapter_module
+    rules = [r for a in trainers.ADAPTERS for r in a.rules + a.fused_rules if r.unstack]
+    rules.append(trainers.Rule(r"x\.(\d+)\.w", r"y.\1{expert}.w", unstack=True))
+    assert len(rules) >= 8
+    m = re.fullmatch("".join(f"(v{i}x)" for i in range(1, 21)), "".join(f"v{i}x" for i in range(1, 21)))
+    for rule in rules:
+        leads = [(i, j) for i in range(3) for j in range(10)] if rule.unstack == 2 else [(i,) for i in range(10)]
+        assert adapter_module._indexed_names(rule.target, m, leads) == [
+            m.expand(adapter_module._indexed(rule.target, lead)) for lead in leads], rule.target

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import filecmp
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -27,6 +27,7 @@ written into the folder last; the folder appears under its final name only when 
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import json
 import math
@@ -336,8 +337,8 @@ def generate(preset: str, dtype: str, out: Path, *, with_optim: bool = False, wo
     # Nothing in this process has started a thread pool yet, so forking is safe. glibc's
     # dynamic mmap threshold would serve the chunk buffers from the heap, which fragments and
     # stays resident; a fixed threshold hands every large buffer back to the OS when freed.
-    import torch.distributed.checkpoint  # noqa: F401
-    import torch.distributed.tensor  # noqa: F401
+    importlib.import_module("torch.distributed.checkpoint")
+    importlib.import_module("torch.distributed.tensor")
 
     ctx = mp.get_context("fork")
     results = ctx.Queue()

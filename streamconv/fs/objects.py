@@ -5,6 +5,9 @@ uploaded in any order as they fill (`MultipartUpload`: a part is readable by nob
 completed, and an upload that will not be completed is aborted, never left holding billed storage). Small files
 (records, the index, config.json) are one PUT (`put`); publishing a finished output is a server-side copy of
 each object (`copy`: no byte passes through this machine) and the deletion of the staging objects (`delete`).
+The run lock of an output prefix (output/remote_lock.py) is the one object written conditionally: created only
+where none is (`put_new`, If-None-Match), replaced or deleted only while it is the version we read
+(`put_replacing`, `delete_if`, If-Match): S3's conditional writes, atomic on the service.
 
 Only S3 (and S3-protocol services: MinIO, Ceph, R2) offers uploads in parts of any order through fsspec
 (s3fs); another protocol as an output is refused (`check_writable`) with the protocols that work. Every call
@@ -14,7 +17,7 @@ the service's error, never the credentials).
 from __future__ import annotations
 
 import posixpath
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import OutputError
 from . import remote
@@ -96,6 +99,88 @@ def put(url: str, data: bytes) -> None:
     """One small object (a record, the index, config.json) in one PUT."""
     fs, bucket, key = _client(url)
     _call(f"{url}: writing", lambda: fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data))
+
+
+class NoConditionalWrites(OutputError):
+    """The service answered a conditional write (If-None-Match / If-Match) with "not implemented"."""
+
+
+# What a service answers when the object is not (or no longer) the version a conditional write names: 412
+# PreconditionFailed, or 409 ConditionalRequestConflict while another conditional write to the key is in flight.
+_LOST_RACE_CODES = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+_UNSUPPORTED_CODES = ("NotImplemented", "501")
+
+
+def _service_code(exc: BaseException) -> str:
+    """The service's error code (botocore's, which s3fs keeps as the cause of the error it raises), or ''."""
+    for err in (exc, exc.__cause__):
+        response = getattr(err, "response", None)
+        if isinstance(response, dict):
+            error = response.get("Error") or {}
+            return str(error.get("Code") or (response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or "")
+    return ""
+
+
+def _conditional(what: str, call) -> Optional[Dict]:
+    """`call()`'s answer, or None when its condition did not hold (another writer got there first)."""
+    def attempt():
+        try:
+            return call()
+        except FileExistsError:         # s3fs's word for a failed If-None-Match
+            return None
+        except Exception as exc:        # the client stacks raise many kinds; the service's code sorts them
+            code = _service_code(exc)
+            if code in _LOST_RACE_CODES:
+                return None
+            if code in _UNSUPPORTED_CODES:
+                raise NoConditionalWrites(f"{what}: the storage service does not support conditional writes "
+                                          f"({remote.describe(exc)})") from None
+            raise
+    return _call(what, attempt)
+
+
+def put_new(url: str, data: bytes) -> Optional[str]:
+    """PUT `data` at `url` only if no object is there (If-None-Match: *): its ETag, or None when one is."""
+    fs, bucket, key = _client(url)
+    answer = _conditional(f"{url}: creating", lambda: fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data,
+                                                                 IfNoneMatch="*"))
+    return None if answer is None else answer["ETag"]
+
+
+def put_replacing(url: str, data: bytes, etag: str) -> Optional[str]:
+    """PUT `data` at `url` only if the object there is still version `etag` (If-Match): the new ETag, or None
+    when it was replaced or deleted meanwhile."""
+    fs, bucket, key = _client(url)
+    answer = _conditional(f"{url}: replacing", lambda: fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data,
+                                                                  IfMatch=etag))
+    return None if answer is None else answer["ETag"]
+
+
+def delete_if(url: str, etag: str) -> bool:
+    """Delete the object at `url` only if it is still version `etag` (If-Match); False when it is not."""
+    fs, bucket, key = _client(url)
+    return _conditional(f"{url}: deleting", lambda: fs.call_s3("delete_object", Bucket=bucket, Key=key,
+                                                               IfMatch=etag)) is not None
+
+
+def get(url: str, max_bytes: int) -> Optional[Tuple[bytes, str]]:
+    """(the bytes, an ETag) of a small object at `url`, or None when there is none; OutputError past `max_bytes`
+    (a lock is a few hundred bytes). The ETag is read first: if the object is replaced between the two requests,
+    the bytes are the newer version's and the ETag the older one's, so an If-Match write with that ETag fails
+    and the caller reads again; the other mismatch cannot happen."""
+    fs, _, _ = _client(url)
+    _, path = remote.filesystem(url)
+
+    def fetch():
+        fs.invalidate_cache(path)
+        try:
+            info = fs.info(path)
+            if int(info.get("size") or 0) > max_bytes:
+                raise OutputError(f"{url}: {info['size']} bytes, more than the {max_bytes} expected there")
+            return fs.cat_file(path), info["ETag"]
+        except FileNotFoundError:
+            return None
+    return _call(f"{url}: reading", fetch)
 
 
 def copy(src: str, dst: str) -> None:

@@ -17,8 +17,9 @@ last, so no reader (verify, batch's skip, convert's "already converted") mistake
 A run that fails deletes its staging prefix (or keeps it for `--resume`); a killed run leaves it, with no record
 at the prefix. The previous output is untouched until the new one is complete in the staging prefix; a run
 killed while publishing (between 1 and 3) leaves the prefix unfinished and the new output complete in staging:
-`--resume` keeps every shard and publishes again. Object stores have no lock: a second run finds the first's
-staging prefix and is refused as if it were an interrupted run.
+`--resume` keeps every shard and publishes again. Object stores have no lock: a run holds the prefix's lock
+object (remote_lock.py, conditional PUTs) from just after its staging prefix is made until it is removed; a
+second run finds the first's staging prefix (or, starting at the same moment, its lock) and is refused.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from ..fs.fastpaths import NONE, FastPaths
 from ..planning.plan import INDEX_FILE_NAME
 from .ledger import PLAN_RECORD, RECORD_VERSION, RECORDS_DIR, check_resumable, read_remote_json
 from .record import RECORD_FILE
+from .remote_lock import LOCK_NAME, PrefixLock
 
 STAGING_PREFIX = ".streamconv-staging-"
 PUBLISHING_RECORD = "publishing.json"      # in the staging prefix's records: the publication has begun
@@ -41,6 +43,11 @@ PUBLISHING_RECORD = "publishing.json"      # in the staging prefix's records: th
 
 def staging_names(names: Iterable[str]) -> List[str]:
     return sorted(n for n in names if n.startswith(STAGING_PREFIX))
+
+
+def is_run_object(name: str) -> bool:
+    """A name under an output prefix that belongs to a run, not to an output: a staging prefix or the lock."""
+    return name.startswith(STAGING_PREFIX) or name == LOCK_NAME
 
 
 def _run_id() -> str:
@@ -60,7 +67,9 @@ class RemoteStaging:
         self.resumed = self.committed = self._done = self.publishing = False
         self._planned: Set[str] = set()
         self.record_bytes: Optional[bytes] = None
+        self._lock = PrefixLock(self.destination, _run_id())
         self.path = self._open(discard_partial)
+        self.notes.extend(self._lock.notes)
 
     # -- opening ----------------------------------------------------------------------------------------
     def _open(self, discard_partial: bool) -> str:
@@ -83,14 +92,21 @@ class RemoteStaging:
             if recorded is None:
                 continue
             check_resumable(recorded, self.plan_record, self.destination, url)
+            self._lock.acquire(posixpath.basename(url), take_over=True)
             aborted = objects.abort_uploads(url)     # a killed run's unfinished shards: parts billed, never read
             if aborted:
                 self.notes.append(f"aborted {aborted} unfinished upload(s) of the interrupted run")
             self.resumed = True
             return url
-        path = self._join(STAGING_PREFIX + _run_id())
+        name = STAGING_PREFIX + self._lock.run_id
+        path = self._join(name)
         objects.put(posixpath.join(path, RECORDS_DIR, PLAN_RECORD),
                     json.dumps(self.plan_record, sort_keys=True).encode("utf-8"))
+        try:        # the staging prefix first, then the lock: a live holder always has one (remote_lock.py)
+            self._lock.acquire(name, take_over=discard_partial)
+        except OutputError:
+            _remove_prefix(path)
+            raise
         return path
 
     def _join(self, name: str) -> str:
@@ -126,12 +142,13 @@ class RemoteStaging:
             raise OutputError(f"{self.path}: the staged output is not the planned one (missing: "
                               f"{', '.join(missing[:5]) or 'none'}; unplanned: {', '.join(unplanned[:5]) or 'none'}); "
                               "nothing was committed. Run again with --discard-partial")
-        before = {n for n in _names(self.destination) if not n.startswith(STAGING_PREFIX)}
+        before = {n for n in _names(self.destination) if not is_run_object(n)}
         marker = posixpath.join(self.path, RECORDS_DIR, PUBLISHING_RECORD)
         if before and not self.overwrite and read_remote_json(marker) is None:
             raise OutputError(f"{self.destination}: something was written there during the conversion; it was left "
                               "untouched and nothing was committed. Pass --overwrite to replace it, or choose "
                               "another output prefix.")
+        self._lock.check_held()
         # (a run killed from here on left the prefix unfinished: the marker lets `--resume` publish again)
         objects.put(marker, json.dumps({"replaces": sorted(before)}).encode("utf-8"))
         self.publishing = True      # from here a failure keeps the staged output: it may be all that is left
@@ -151,6 +168,7 @@ class RemoteStaging:
         stale = sorted(before - set(staged))
         objects.delete([self._join(n) for n in stale])
         _remove_prefix(self.path)
+        self._release()
         kill_point("after-commit")
 
     # -- the end ----------------------------------------------------------------------------------------
@@ -161,6 +179,12 @@ class RemoteStaging:
                 _remove_prefix(self.path)
             except OutputError as exc:
                 self.notes.append(f"the staging prefix could not be deleted; delete {self.path}/ yourself ({exc})")
+                return      # (its lock stays: the staging prefix it names says a run was here)
+            self._release()
+
+    def _release(self) -> None:
+        self._lock.release()
+        self.notes.extend(n for n in self._lock.notes if n not in self.notes)
 
     def keep_for_resume(self) -> None:
         self._done = True

@@ -21,7 +21,7 @@ import os
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from ..output import record
-from ..output.remote_staging import STAGING_PREFIX, interrupted_publication
+from ..output.remote_staging import interrupted_publication, is_run_object
 from ..output.ledger import Fingerprint, Ledger
 from ..errors import CheckpointError, OptionsError, OutputError, StreamconvError
 from ..fs import location
@@ -222,13 +222,13 @@ def check_existing_output(output_dir: str, source_fp: str, plan_fp: str, *, over
 
 def _output_names(output_dir: str) -> List[str]:
     """What an output folder holds ([] when absent); in a bucket, an interrupted run's staging prefix is not
-    counted (remote_staging.py decides about it)."""
+    counted, nor a run's lock (remote_staging.py decides about them)."""
     if is_url(output_dir):
         try:
             names = location.at(output_dir, OutputError).names()
         except FileNotFoundError:
             return []
-        return [n for n in names if not n.startswith(STAGING_PREFIX)]
+        return [n for n in names if not is_run_object(n)]
     try:
         return os.listdir(output_dir)
     except OSError as exc:

@@ -111,7 +111,10 @@ def test_killed_mid_upload_then_resumed_keeps_the_uploaded_shards(s3_server, buc
     first = run("convert", ckpt, url, *args, env=dict(env, STREAMCONV_TEST_KILL_AT="mid-shard@3"))
     assert killed(first), first.stderr
     left = s3_server.download(BUCKET, prefix, None)
-    assert left and all(n.startswith(".streamconv-staging-") for n in left)     # obviously partial: no record
+    # obviously partial: no record, only the staging prefix and the run's lock naming it (remote_lock.py)
+    assert left and all(n.startswith(".streamconv-staging-") for n in left if n != ".streamconv-lock")
+    staged = {n.split("/")[0] for n in left if n != ".streamconv-lock"}
+    assert [json.loads(left[".streamconv-lock"])["staging"]] == sorted(staged)
     assert uploads_in_progress(s3_server, prefix)                              # the shard being uploaded
     unfinished = run("verify", ckpt, url, env=env)
     assert unfinished.returncode == 3 and "not a finished output" in unfinished.stderr, unfinished.stderr

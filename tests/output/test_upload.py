@@ -17,14 +17,9 @@ PART = 5 << 20      # S3's smallest part: the tests need several parts without m
 
 
 @pytest.fixture()
-def server(s3_server, monkeypatch):
-    for key, value in s3_server.env.items():
-        monkeypatch.setenv(key, value)
-    import s3fs
-    s3fs.S3FileSystem.clear_instance_cache()      # a client made with this server's endpoint
-    s3_server.bucket(BUCKET)
-    yield s3_server
-    s3fs.S3FileSystem.clear_instance_cache()
+def server(s3_env):
+    s3_env.bucket(BUCKET)
+    return s3_env
 
 
 def _in_progress(server) -> list:

@@ -81,9 +81,18 @@ def start() -> S3Server:
     return S3Server()
 
 
+_ANSWERS = {
+    "503": (503, b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
+                 b"<Message>Please reduce your request rate.</Message></Error>"),
+    "501": (501, b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>NotImplemented</Code>"
+                 b"<Message>A header you provided implies functionality that is not implemented</Message></Error>"),
+}
+
+
 class FaultProxy:
-    """An HTTP proxy on localhost in front of `upstream`. `fault(method, path, headers) -> None | "503" | "reset"` decides each
-    request: None forwards it; "503" answers 503 SlowDown (S3's throttling); "reset" closes the connection without
+    """An HTTP proxy on localhost in front of `upstream`. `fault(method, path, headers) -> None | "503" | "501" |
+    "reset"` decides each request: None forwards it; "503" answers 503 SlowDown (S3's throttling); "501" answers
+    NotImplemented (a service without a feature, e.g. conditional writes); "reset" closes the connection without
     an answer. `requests` counts what it saw."""
 
     def __init__(self, upstream: str, fault: Callable[..., Optional[str]]):
@@ -109,10 +118,9 @@ class FaultProxy:
                     self.connection.close()
                     self.close_connection = True
                     return
-                if what == "503":
-                    payload = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
-                               b"<Message>Please reduce your request rate.</Message></Error>")
-                    self.send_response(503)
+                if what in _ANSWERS:
+                    status, payload = _ANSWERS[what]
+                    self.send_response(status)
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
                     self.wfile.write(payload)

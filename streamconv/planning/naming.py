@@ -85,6 +85,11 @@ class Named:
     def renamed(self, number: int, by: str, name: str) -> "Named":
         return self if name == self.name else replace(self, steps=self.steps + (Step(number, by, name),))
 
+    def adapted(self, by: str, name: str, entry: TensorEntry) -> "Named":
+        """`renamed` by the adapter, reading `entry`: made directly, as a DeepSeek-V3 makes 44,544 of them."""
+        steps = self.steps if name == self.name else self.steps + (Step(ADAPTER, by, name),)
+        return Named(entry, self.fqn, steps, self.status)
+
 
 @dataclass(frozen=True)
 class Naming:
@@ -284,7 +289,7 @@ def _adapted(adapter: trainers.Adapter, model: Sequence[Named], options, skipped
         if not made:
             unmapped.append(t.fqn)
         for rule, name, entry in made:
-            named = replace(t.renamed(ADAPTER, by, name), entry=entry)
+            named = t.adapted(by, name, entry)
             if rule.join and not wanted(t.fqn):     # an excluded part is missing, not silently joined
                 continue
             if rule.join and name in parts:

@@ -9,15 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Collection, Dict, List, Optional, Sequence, Tuple
 
-from .. import dtypes, failpoints, safetensors_format
+from .. import dtypes, safetensors_format
 from . import names
-from .coverage import check_coverage, dedup_chunks
 from ..errors import OptionsError
 from ..model import BlobLocation, CheckpointMetadata, Chunk, ChunkTable, TensorEntry, numel
 from .naming import Naming, Skipped, name_tensors
 from .pieces import PieceTable
 from ..safetensors_format import MAX_HEADER_BYTES
-from .transforms import Derived, Heads, Piece, check_gather, cut_all, distinct_chunks, flatten, is_contiguous_piece
+from .coverage import columns_of
+from .proven import Proven, chunks_and_pieces, pieces_packed
+from .transforms import Heads, Piece, is_contiguous_piece
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9          # as huggingface_hub's "5GB"
 DEFAULT_BUFFER_BYTES = 32 * 2**20
@@ -163,8 +164,10 @@ class TensorPlan:
             return all(is_contiguous_piece(p, self.shape) for p in self.pieces)
         if self.axes:
             return False
-        if isinstance(self.chunks, ChunkTable):
-            return all(_is_contiguous_box(self.chunks.box(i)[1], self.shape) for i in range(len(self.chunks)))
+        if isinstance(self.chunks, ChunkTable):      # each distinct box size once, found over the table's columns
+            ndim = self.chunks.ndim
+            sizes = set(zip(*columns_of(self.chunks)[ndim:])) if ndim else {()}
+            return all(_is_contiguous_box(s, self.shape) for s in sizes)
         return all(_is_contiguous_box(c.sizes, self.shape) for c in self.chunks)
 
     def as_stored(self) -> Tuple[Tuple[int, ...], Tuple[Chunk, ...]]:
@@ -337,11 +340,12 @@ def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -
 
     groups = _assign_shards(items, options.max_shard_bytes)
     shards: List[ShardPlan] = []
-    proven, packed = _Proven(_Proven.counted([entry for entry, _, _, _ in items])), pieces_packed()
+    proven, packed = Proven(Proven.counted([entry for entry, _, _, _ in items])), pieces_packed()
     for i, group in enumerate(groups):
         filename = SINGLE_FILE_NAME if len(groups) == 1 else shard_filename(i + 1, len(groups))
-        # Within a file, widest items first keep every tensor aligned to its item size (as safetensors does).
-        group = sorted(group, key=lambda it: (-dtypes.BY_NAME[it[2]].itemsize, names.natural_key(it[1])))
+        # Within a file, widest items first keep every tensor aligned to its item size (as safetensors does), in
+        # name order within a width: the sort is stable and the group is in name order.
+        group = sorted(group, key=lambda it: -dtypes.BY_NAME[it[2]].itemsize)
         rel, pos = [], 0
         for entry, name, dst, nbytes in group:
             rel.append((name, dst, tuple(entry.shape), pos, pos + nbytes))
@@ -349,7 +353,7 @@ def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -
         header = _header(rel)
         tensors = []
         for (entry, name, dst, nbytes), (_, _, _, begin, _) in zip(group, rel):
-            chunks, pieces = _chunks_and_pieces(entry, name, proven, packed)
+            chunks, pieces = chunks_and_pieces(entry, name, proven, packed)
             tensors.append(TensorPlan(name=name, source_fqn=entry.fqn, src_dtype=entry.dtype, dst_dtype=dst,
                                       shape=tuple(entry.shape), chunks=chunks, begin=len(header) + begin,
                                       nbytes=nbytes, pieces=pieces, axes=getattr(entry, "axes", ())))
@@ -435,104 +439,3 @@ def _writers_bytes(tensors: Sequence[TensorPlan], buffer_bytes: int, writers: in
     if need_bytes:
         held += NUMPY_RSS_BYTES + running * min(max(1, buffer_bytes // running), need_bytes)
     return held
-
-
-def pieces_packed() -> bool:
-    """Whether a transformed tensor's pieces are kept as a `PieceTable` (and its chunks as a view of its source's
-    table); STREAMCONV_NO_FAST_PATHS=1 (or all) keeps the general form, tuples of `Piece` and `Chunk`, which the
-    tests prove equal to the packed one (`make test-no-fast-paths` runs every test on it)."""
-    return failpoints.no_fast_paths().strip().lower() not in ("1", "all")
-
-
-class _Proven:
-    """Each source tensor's chunks deduplicated and proven to tile it once per plan, and the index a transform
-    cuts them by: an unstacked [E, F, D] expert weight feeds E outputs, and proving it for each would cost E x its
-    chunks (a DeepSeek-V3-scale plan spent most of its time there).
-
-    A source's `Chunk` objects (`listed`) and indexes live only while outputs that read it are left to plan
-    (`uses`, counted up front): a plan's outputs keep their chunks as views of the source's table (`compact`), so
-    the objects of a 671B plan's 89k expert chunks are not all held at once."""
-
-    def __init__(self, uses: Optional[Dict[str, int]] = None) -> None:
-        self.chunks: Dict[Tuple[str, int], Sequence[Chunk]] = {}
-        self.indexes: Dict = {}
-        self.listed: Dict[Tuple[str, int], Tuple[List[Chunk], Dict[int, int]]] = {}
-        self.uses = dict(uses or {})
-
-    @staticmethod
-    def counted(entries: Sequence[TensorEntry]) -> Dict[str, int]:
-        """{source fqn: how many of `entries` read it through a transform}."""
-        uses: Dict[str, int] = {}
-        for entry in entries:
-            for src in getattr(entry, "sources", ()):
-                uses[src.fqn] = uses.get(src.fqn, 0) + 1
-        return uses
-
-    def of(self, entry: TensorEntry) -> Sequence[Chunk]:
-        key = (entry.fqn, id(entry.chunks))
-        chunks = self.chunks.get(key)
-        if chunks is None:
-            chunks = dedup_chunks(entry.chunks)
-            check_coverage(entry.fqn, entry.shape, chunks)
-            self.chunks[key] = chunks
-        return chunks
-
-    def as_list(self, entry: TensorEntry) -> List[Chunk]:
-        """The proven chunks of a transform's source as objects, made once while the source is in use: the pieces
-        cut from them share them, and `compact` finds each one's place by identity."""
-        key = (entry.fqn, id(entry.chunks))
-        found = self.listed.get(key)
-        if found is None:
-            chunks = list(self.of(entry))
-            found = self.listed[key] = (chunks, {id(c): i for i, c in enumerate(chunks)})
-        return found[0]
-
-    def compact(self, entry: Derived, chunks: Tuple[Chunk, ...]) -> Sequence[Chunk]:
-        """`chunks` (distinct chunks of `entry`'s pieces) as a view of its one source's table, sharing its
-        columns; as they are when the output reads several sources or the source's chunks are not a table."""
-        if len(entry.sources) != 1:
-            return chunks
-        src = entry.sources[0]
-        key = (src.fqn, id(src.chunks))
-        table = self.chunks.get(key)
-        if not isinstance(table, ChunkTable) or key not in self.listed:
-            return chunks
-        position = self.listed[key][1]
-        return table.select([position[id(c)] for c in chunks])
-
-    def done(self, entry: Derived) -> None:
-        """`entry` is planned: drop what its sources hold for the outputs still to come, once none are left."""
-        for src in entry.sources:
-            left = self.uses.get(src.fqn, 0) - 1
-            self.uses[src.fqn] = left
-            if left > 0:
-                continue
-            self.listed.pop((src.fqn, id(src.chunks)), None)
-            for key in [k for k in self.indexes if k[0] == src.fqn]:
-                del self.indexes[key]
-
-
-def _chunks_and_pieces(entry: TensorEntry, name: str, proven: Optional[_Proven] = None,
-                       packed: bool = False) -> Tuple[Sequence[Chunk], Sequence[Piece]]:
-    """A plain tensor's chunks, proven to tile it; or a transformed tensor's pieces, proven to tile the output
-    (each source's chunks proven to tile the source first, once per plan through `proven`). `packed`: the pieces
-    as a `PieceTable` and the chunks as a view of the source's table where they can be (`pieces_packed`)."""
-    proven = proven or _Proven()
-    if not isinstance(entry, Derived):
-        return proven.of(entry), ()
-    sources = {}
-    for src in entry.sources:
-        chunks = proven.as_list(src) if packed else proven.of(src)
-        if src.dtype != entry.dtype:
-            raise OptionsError(f"{name!r} gathers tensors of different dtypes ({src.dtype}, {entry.dtype})")
-        sources[src.fqn] = (tuple(src.shape), chunks)
-    groups = cut_all(entry.takes, sources, proven.indexes)
-    check_gather(name, tuple(entry.shape), entry.takes, groups)
-    pieces = flatten(groups)
-    chunks = distinct_chunks(pieces)
-    if packed:
-        shown = proven.compact(entry, chunks)
-        table = PieceTable.packed(pieces, chunks, tuple(entry.shape), shown)
-        chunks, pieces = shown, (table if table is not None else pieces)
-    proven.done(entry)
-    return chunks, pieces

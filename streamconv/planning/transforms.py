@@ -260,16 +260,23 @@ class LeadIndex:
         return self.by_lead.get(tuple(start for start, _, _ in box[:self.n_lead]), ())
 
 
-def cut(take: Take, source_shape: Shape, index) -> List[Piece]:
-    """The pieces of `take`: its source box intersected with every stored chunk it crosses."""
+# A piece as `cut_boxes` gives it: (the chunk or box it reads, src_start, dst_start, sizes, src_step).
+Cut = Tuple[object, Tuple[int, ...], Tuple[int, ...], Tuple[int, ...], int]
+
+
+def cut_boxes(take: Take, source_shape: Shape, index) -> List[Cut]:
+    """The pieces of `take` as tuples: its source box intersected with every stored box it crosses. The index holds
+    anything with `offsets` and `sizes` (a `Chunk`, or a planner's row of a source's table); each tuple names the
+    one it reads."""
     n_src, n_dst = len(source_shape), len(take.sizes)
     extra = n_src - n_dst
     if extra < 0 and any(s != 1 for s in take.sizes[:-extra]):
         raise ValueError(f"take from {take.source!r}: stacked output dims must have size 1")
     if not n_src:   # 0-d source: one whole chunk
-        return [Piece(c, (), take.dst_start, take.sizes) for c in index.chunks]
+        return [(c, (), take.dst_start, take.sizes, 1) for c in index.chunks]
     row_box, row_src = _row_axis(n_src, n_dst)
     step = take.src_step
+    piece_step = step if row_box < n_dst else 1
     # The source box per source dim as (start, count, step); fixed leading dims have count 1.
     box = []
     for sd in range(n_src):
@@ -291,15 +298,20 @@ def cut(take: Take, source_shape: Shape, index) -> List[Piece]:
                 dst[k] += i_lo
                 sizes[k] = i_hi - i_lo
         else:
-            pieces.append(Piece(c, tuple(src_local), tuple(dst), tuple(sizes), step if row_box < n_dst else 1))
+            pieces.append((c, tuple(src_local), tuple(dst), tuple(sizes), piece_step))
     return pieces
 
 
+def cut(take: Take, source_shape: Shape, index) -> List[Piece]:
+    """The pieces of `take`: its source box intersected with every stored chunk it crosses."""
+    return [Piece(*found) for found in cut_boxes(take, source_shape, index)]
+
+
 def cut_all(takes: Sequence[Take], sources: Dict[str, Tuple[Shape, Sequence[Chunk]]],
-            indexes: Optional[Dict[Tuple[str, int, int], object]] = None) -> List[List[Piece]]:
+            indexes: Optional[Dict[Tuple[str, int, int], object]] = None, cutter=cut) -> List[list]:
     """Each take cut along its source's chunks (deduplicated, proven to tile the source, by the caller).
     `indexes`: the sources' chunk indexes, kept by the caller across the outputs of one source (a stacked
-    source has one output per layer or expert)."""
+    source has one output per layer or expert). `cutter`: `cut` (Pieces) or `cut_boxes` (tuples)."""
     indexes = {} if indexes is None else indexes
     out: List[List[Piece]] = []
     for take in takes:
@@ -313,7 +325,7 @@ def cut_all(takes: Sequence[Take], sources: Dict[str, Tuple[Shape, Sequence[Chun
             else:
                 dim = 0 if not shape or extra > 0 else _row_axis(len(shape), len(take.sizes))[1]
                 indexes[key] = ChunkIndex(chunks, dim)
-        out.append(cut(take, shape, indexes[key]))
+        out.append(cutter(take, shape, indexes[key]))
     return out
 
 
@@ -332,16 +344,20 @@ def piece_strides(piece: Piece, out_shape: Shape) -> Tuple[List[int], List[int],
     """(output strides, source strides, source base) in elements, one stride per box dim; the source base is the
     element index of the piece's first element inside its chunk."""
     chunk_strides = row_major_strides(piece.chunk.sizes)
-    n_src, n_dst = len(piece.chunk.sizes), len(out_shape)
-    extra = n_src - n_dst
-    row_box, _ = _row_axis(n_src, n_dst)
+    base = sum(i * s for i, s in zip(piece.src_start, chunk_strides))
+    return row_major_strides(out_shape), _source_strides(chunk_strides, piece.src_step, len(out_shape)), base
+
+
+def _source_strides(chunk_strides: Sequence[int], src_step: int, n_dst: int) -> List[int]:
+    """The source stride of each box dim of a piece read from a chunk of these strides with this row step."""
+    extra = len(chunk_strides) - n_dst
+    row_box, _ = _row_axis(len(chunk_strides), n_dst)
     src = []
     for k in range(n_dst):
         sd = k + extra
         stride = chunk_strides[sd] if sd >= 0 else 0
-        src.append(stride * (piece.src_step if k == row_box else 1))
-    base = sum(i * s for i, s in zip(piece.src_start, chunk_strides))
-    return row_major_strides(out_shape), src, base
+        src.append(stride * (src_step if k == row_box else 1))
+    return src
 
 
 def run_split(sizes: Sequence[int], dst_strides: Sequence[int], src_strides: Sequence[int]) -> Tuple[int, int]:
@@ -360,9 +376,15 @@ def run_split(sizes: Sequence[int], dst_strides: Sequence[int], src_strides: Seq
 
 def is_contiguous_piece(piece: Piece, out_shape: Shape) -> bool:
     """True when the piece is one contiguous byte run of both the output and its chunk (copy straight through)."""
-    dst, src, _ = piece_strides(piece, out_shape)
-    k, _ = run_split(piece.sizes, dst, src)
-    return all(s == 1 for s in piece.sizes[:k])
+    return is_contiguous_geometry(piece.chunk.sizes, piece.sizes, piece.src_step, out_shape)
+
+
+def is_contiguous_geometry(chunk_sizes: Sequence[int], sizes: Sequence[int], src_step: int, out_shape: Shape) -> bool:
+    """`is_contiguous_piece` of a piece of these `sizes` and row step read from a chunk of `chunk_sizes`: all it
+    depends on."""
+    src = _source_strides(row_major_strides(chunk_sizes), src_step, len(out_shape))
+    k, _ = run_split(sizes, row_major_strides(out_shape), src)
+    return all(s == 1 for s in sizes[:k])
 
 
 def _describe(piece: Piece) -> str:
@@ -421,6 +443,15 @@ def check_gather(name: str, shape: Shape, takes: Sequence[Take], groups: Sequenc
     piece in bounds; the takes' output boxes in bounds, disjoint and adding up to the output; each take's pieces
     adding up to the take. Pieces of one take come from disjoint chunks (the sources' chunks were proven to tile
     them) through a one-to-one box map, so they are disjoint too: every element is written exactly once."""
+    check_takes(name, shape, takes)
+    for t, group in zip(takes, groups):
+        for p in group:
+            _check_bounds(name, shape, p)
+        check_take_filled(name, t, sum(p.numel for p in group))
+
+
+def check_takes(name: str, shape: Shape, takes: Sequence[Take]) -> None:
+    """The takes' part of `check_gather`: their output boxes in bounds, disjoint and adding up to the output."""
     for t in takes:
         if len(t.sizes) != len(shape) or any(o < 0 or s <= 0 or o + s > full
                                              for o, s, full in zip(t.dst_start, t.sizes, shape)):
@@ -434,13 +465,14 @@ def check_gather(name: str, shape: Shape, takes: Sequence[Take], groups: Sequenc
     if total != numel(shape):
         raise CoverageError(f"tensor {name!r}: the transform fills {total} of {numel(shape)} elements of "
                             f"{list(shape)}")
-    for t, group in zip(takes, groups):
-        for p in group:
-            _check_bounds(name, shape, p)
-        if sum(p.numel for p in group) != numel(t.sizes):
-            raise CoverageError(f"tensor {name!r}: the stored chunks of {t.source!r} cover "
-                                f"{sum(p.numel for p in group)} of the {numel(t.sizes)} elements read at "
-                                f"{list(t.src_start)}; the source is shorter than the transform expects")
+
+
+def check_take_filled(name: str, take: Take, covered: int) -> None:
+    """The elements `take`'s pieces cover (`covered`) are the take's: its source holds all it reads."""
+    if covered != numel(take.sizes):
+        raise CoverageError(f"tensor {name!r}: the stored chunks of {take.source!r} cover "
+                            f"{covered} of the {numel(take.sizes)} elements read at "
+                            f"{list(take.src_start)}; the source is shorter than the transform expects")
 
 
 def distinct_chunks(pieces: Iterable[Piece]) -> Tuple[Chunk, ...]:

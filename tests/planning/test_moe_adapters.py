@@ -116,10 +116,10 @@ def test_fused_expert_layout_with_a_missing_half_is_refused_not_zero_filled():
 def test_a_grouped_weight_is_proven_once_for_all_its_experts(monkeypatch):
     """Each of E unstacked experts reads the same grouped weight: its chunks are deduplicated, proven to tile it and
     indexed once per plan, not once per expert (E x its chunks; most of a DeepSeek-V3-scale plan's time)."""
-    from streamconv.planning import plan as plan_module, transforms
+    from streamconv.planning import proven as proven_module, transforms
     proofs, indexes = [], []
-    real_check, real_index, real_lead = plan_module.check_coverage, transforms.ChunkIndex, transforms.LeadIndex
-    monkeypatch.setattr(plan_module, "check_coverage", lambda fqn, *a: (proofs.append(fqn), real_check(fqn, *a)))
+    real_check, real_index, real_lead = proven_module.check_coverage, transforms.ChunkIndex, transforms.LeadIndex
+    monkeypatch.setattr(proven_module, "check_coverage", lambda fqn, *a: (proofs.append(fqn), real_check(fqn, *a)))
     monkeypatch.setattr(transforms, "ChunkIndex", lambda *a: (indexes.append(a), real_index(*a))[1])
 
     class CountedLeadIndex(real_lead):
@@ -172,3 +172,18 @@ def test_megatron_mla_names_map_to_deepseek_v3_in_both_key_forms():
             want = [target.format(i=i) for i in range(2)] if lead else [target.format(i=1)]
             assert made == want, (name, made)
     assert trainers.megatron_adapter(["embedding.word_embeddings.weight", *names]) is trainers.MEGATRON_MLA
+
+
+def test_unstacked_names_from_one_template_are_the_names_expanded_one_by_one():
+    """Every adapter's unstacking targets, and one whose index follows a group reference (`\\1{expert}` reads as
+    groups 10-19 expanded whole): the names made from the template parsed once are `m.expand` of each target."""
+    import re
+    from streamconv.planning.trainers import adapter as adapter_module
+    rules = [r for a in trainers.ADAPTERS for r in a.rules + a.fused_rules if r.unstack]
+    rules.append(trainers.Rule(r"x\.(\d+)\.w", r"y.\1{expert}.w", unstack=True))
+    assert len(rules) >= 8
+    m = re.fullmatch("".join(f"(v{i}x)" for i in range(1, 21)), "".join(f"v{i}x" for i in range(1, 21)))
+    for rule in rules:
+        leads = [(i, j) for i in range(3) for j in range(10)] if rule.unstack == 2 else [(i,) for i in range(10)]
+        assert adapter_module._indexed_names(rule.target, m, leads) == [
+            m.expand(adapter_module._indexed(rule.target, lead)) for lead in leads], rule.target

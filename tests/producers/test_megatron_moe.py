@@ -182,7 +182,7 @@ def test_a_stacked_expert_tensor_is_proven_once_and_each_expert_found_by_lookup(
     48-layer, 128-expert tensor take minutes to plan), and each output's chunks come from one lookup by
     (layer, expert). Literal plan of one expert: its gate rows are one piece, copied file to file."""
     from streamconv.model import BlobLocation, CheckpointMetadata, Chunk, TensorEntry
-    from streamconv.planning import plan as plan_module
+    from streamconv.planning import proven as proven_module
     from streamconv.planning import transforms as tf
     from streamconv.planning.plan import PlanOptions, build_plan
 
@@ -192,8 +192,8 @@ def test_a_stacked_expert_tensor_is_proven_once_and_each_expert_found_by_lookup(
                    for i in range(layers) for e in range(experts) for half in (0, 1))
     meta = CheckpointMetadata(tensors=(TensorEntry(key, "float32", (layers, experts, 2 * ffn, hidden), chunks),))
     proofs, lookups = [], []
-    real_check = plan_module.check_coverage
-    monkeypatch.setattr(plan_module, "check_coverage", lambda fqn, *a: (proofs.append(fqn), real_check(fqn, *a)))
+    real_check = proven_module.check_coverage
+    monkeypatch.setattr(proven_module, "check_coverage", lambda fqn, *a: (proofs.append(fqn), real_check(fqn, *a)))
     real_candidates = tf.LeadIndex.candidates
     monkeypatch.setattr(tf.LeadIndex, "candidates",
                         lambda self, box: (lookups.append(1), real_candidates(self, box))[1])

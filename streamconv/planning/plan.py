@@ -13,7 +13,7 @@ from .. import dtypes, safetensors_format
 from . import names
 from ..errors import OptionsError
 from ..model import BlobLocation, CheckpointMetadata, Chunk, ChunkTable, TensorEntry, numel
-from .naming import Naming, Skipped, name_tensors
+from .naming import TIED, Naming, Skipped, name_tensors
 from .pieces import PieceTable
 from ..safetensors_format import MAX_HEADER_BYTES
 from .coverage import columns_of
@@ -53,9 +53,13 @@ DECODER_BYTES_PER_WRITER = 7 * 2**19
 #   share) and, for a planned chunk, its located blob record (a row of `source.located.LocatedChunks`: 64 bytes of
 #   columns, 140 resident with what locating leaves behind at 671B scale). Measured with benchmarks/plan_state.py
 #   (VmRSS, 2-core VM, 2026-12-07): 261 bytes on the 671B-scale metadata (481,438 chunks, 356,352 pieces), 260 at
-#   1/8 of its layers (59,134 chunks, 30,720 pieces); the rest of 300 is margin. Optimizer chunks a plan excludes
-#   are counted too, though they are never located (a bound, not an estimate, for those);
+#   1/8 of its layers (59,134 chunks, 30,720 pieces); the rest of 300 is margin;
 PER_CHUNK_BYTES = 300
+# * per chunk of a tensor the plan leaves out (optimizer state), only what decoding keeps of it: its ChunkTable
+#   row (16.5 bytes of columns) and what decoding leaves resident. Measured with benchmarks/plan_state.py (2-core
+#   VM, 2026-12-07): decoding the 671B-scale metadata grew RSS by 61 MiB for 481,438 chunks, by 84 MiB with
+#   AdamW's 963,901 more (25 bytes each); 64 leaves margin. Such chunks are never planned cut or located;
+EXCLUDED_CHUNK_BYTES = 64
 # * when the names were checked against transformers' model on the meta device (hf/meta_probe: a config.json with
 #   no table, e.g. any MoE family), what asking it imports into this process: hashlib's OpenSSL (its answer
 #   cache) and importlib.metadata, 4.7 MiB after `import streamconv.cli` (2026-12-07; a Megatron MoE conversion
@@ -359,9 +363,14 @@ def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -
                                       nbytes=nbytes, pieces=pieces, axes=getattr(entry, "axes", ())))
         shards.append(ShardPlan(filename=filename, header=header, tensors=tuple(tensors)))
 
-    n_chunks = sum(len(t.chunks) for t in meta.tensors) + sum(len(t.pieces) for s in shards for t in s.tensors)
     planned = [t for s in shards for t in s.tensors]
-    peak = (BASE_RSS_BYTES + n_chunks * PER_CHUNK_BYTES + (META_PROBE_RSS_BYTES if options.meta_probed else 0)
+    # (a tied duplicate is left out of the output but still read, by the tied-weight check: a full chunk)
+    left_out = {s.fqn for s in named.all_skipped if s.reason != TIED}
+    n_excluded = sum(len(t.chunks) for t in meta.tensors if t.fqn in left_out)
+    n_chunks = (sum(len(t.chunks) for t in meta.tensors if t.fqn not in left_out)
+                + sum(len(t.pieces) for t in planned))
+    peak = (BASE_RSS_BYTES + n_chunks * PER_CHUNK_BYTES + n_excluded * EXCLUDED_CHUNK_BYTES
+            + (META_PROBE_RSS_BYTES if options.meta_probed else 0)
             + _writers_bytes(planned, options.buffer_bytes, DEFAULT_WRITERS))
     return ConversionPlan(shards=tuple(shards), options=replace(options, naming=None), skipped=named.all_skipped,
                           renamed=named.renamed, subtree=named.subtree, peak_bytes=peak,

@@ -240,3 +240,17 @@ def test_predicted_peak_counts_the_buffer_a_tensor_touches():
     # (tests/memory/test_zstd_strided_memory.py's strided case measured 38.7 MiB whatever --workers said).
     assert p.with_plain_io(four, 4).peak_bytes - four.peak_bytes == p.IO_STEP_BYTES_PER_WRITER
     assert p.with_plain_io(two_writers, 2).peak_bytes - two_writers.peak_bytes == 2 * p.IO_STEP_BYTES_PER_WRITER
+
+
+def test_predicted_peak_counts_left_out_chunks_at_what_decoding_keeps():
+    """Optimizer state is decoded but never planned, cut or located: its chunks cost EXCLUDED_CHUNK_BYTES each in
+    the prediction, a written tensor's PER_CHUNK_BYTES (at 1T scale with AdamW: 964k such chunks, 220 MiB)."""
+    from streamconv.planning import plan as p
+    model = tensor("model.a", (64, 1024), chunks=dim0_chunks(64, 1024, 4))
+    moments = tuple(tensor(f"optim.state.model.a.{k}", (64, 1024), chunks=dim0_chunks(64, 1024, 8),
+                           path=("optim", "state", "model.a", k)) for k in ("exp_avg", "exp_avg_sq"))
+    alone = build_plan(CheckpointMetadata(tensors=(model,), byte_entries=()))
+    with_optim = build_plan(CheckpointMetadata(tensors=(model,) + moments, byte_entries=()))
+    assert [t.name for t in with_optim.tensors] == ["a"]
+    assert [s.reason for s in with_optim.skipped] == ["optimizer state"] * 2
+    assert with_optim.peak_bytes - alone.peak_bytes == 16 * p.EXCLUDED_CHUNK_BYTES

@@ -11,7 +11,7 @@ from typing import Protocol
 
 from .crc import PieceCrcs
 from ..errors import CheckpointError, OutputError
-from ..fs.fastpaths import NONE, PREAD_STEP_BYTES, FastPaths, read_at
+from ..fs.fastpaths import NONE, PREAD_STEP_BYTES, FastPaths, read_at, start_writeback
 from ..fs import location
 from ..fs.infiles import OpenFile
 from ..fs.outfiles import create_new, open_ours, write_failed
@@ -70,6 +70,10 @@ class MemorySink:
 
 
 _COPY_STEP_BYTES = 1 << 30   # copy_file_range moves at most ~2 GiB per call
+# With `fast.writeback`, the kernel is asked to start writing a shard's dirty pages each time this much more of
+# it has been written (fastpaths.start_writeback): large enough that the call is rare, small enough that the
+# disk starts early.
+WRITEBACK_STEP_BYTES = 32 << 20
 
 
 class FileSink:
@@ -85,7 +89,9 @@ class FileSink:
         self.nbytes = nbytes
         self.fast = fast
         self.crcs = PieceCrcs()     # the file's CRC-32, built as bytes pass (see crc.py)
-        try:
+        self.writebacks_started = 0
+        self._written_since_writeback = 0   # (workers writing one shard side by side may race on it: a
+        try:                                # lost update only delays the next hint)
             self.fd = create_new(path)      # unlinks first: never writes through a symlink planted there
             os.ftruncate(self.fd, nbytes)
         except OSError as exc:
@@ -100,6 +106,16 @@ class FileSink:
                 done += os.pwrite(self.fd, mv[done:], offset + done)
         except OSError as exc:
             raise OutputError(write_failed(self.path, exc, offset + done)) from None
+        self._wrote(done)
+
+    def _wrote(self, nbytes: int) -> None:
+        if not self.fast.writeback:
+            return
+        self._written_since_writeback += nbytes
+        if self._written_since_writeback >= WRITEBACK_STEP_BYTES:
+            self._written_since_writeback = 0
+            self.writebacks_started += 1
+            start_writeback(self.fd)
 
     def copy_from(self, src: OpenFile, src_offset: int, dst_offset: int, length: int) -> None:
         if self.fast.copy_file_range:
@@ -121,6 +137,7 @@ class FileSink:
         finally:
             # Bytes copied in-kernel have a CRC unknown here (note_source_crc32 may supply it).
             self.crcs.add(dst_offset, done, None)
+        self._wrote(done)
 
     def note_source_crc32(self, dst_offset: int, length: int, crc: int) -> None:
         """The bytes just copied to [dst_offset, dst_offset + length) have this CRC-32 (from the zip directory)."""

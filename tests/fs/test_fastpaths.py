@@ -1,4 +1,4 @@
-"""Fast IO paths (copy_file_range, preadv, posix_fadvise, renameat2) are chosen once at start-up, each with a
+"""Fast IO paths (copy_file_range, preadv, posix_fadvise, renameat2, sync_file_range) are chosen once at start-up, each with a
 plain fallback: every real layout converts to the same bytes with all of them forced off, errors from a fast
 path mid-copy surface instead of being retried another way, and a capability the OS lacks is simply not used."""
 import errno
@@ -19,6 +19,7 @@ from streamconv.output import staging
 from streamconv.errors import CheckpointError, OptionsError, OutputError
 from streamconv.fs.fastpaths import FastPaths
 from streamconv.source.io import DirectoryReader
+from streamconv.output import sink
 from streamconv.output.sink import FileSink
 
 LAYOUTS = sorted(dcp_writers.CHECKPOINTS)
@@ -40,6 +41,10 @@ def forbid_fast_paths(monkeypatch) -> None:
     def no_renameat2(*args):
         raise AssertionError("renameat2 called with fast paths off")
     monkeypatch.setattr(staging, "_renameat2", no_renameat2)
+
+    def no_writeback(*args):
+        raise AssertionError("sync_file_range called with fast paths off")
+    monkeypatch.setattr(sink, "start_writeback", no_writeback)
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +79,39 @@ def test_detect_reads_the_switch():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux offers all four")
 def test_detect_finds_all_four_on_linux():
     assert fastpaths.detect({}).names == fastpaths.ALL_NAMES      # (and obstore: installed with the test extra)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_start_writeback_reaches_the_kernel(tmp_path):
+    with open(tmp_path / "f", "wb") as f:
+        f.write(b"x" * 65536)
+        f.flush()
+        assert fastpaths.start_writeback(f.fileno())
+    r, w = os.pipe()
+    try:
+        assert not fastpaths.start_writeback(w)      # ESPIPE: the kernel answered, and the answer is not fatal
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+@pytest.mark.parametrize("writeback", [True, False], ids=["writeback", "fsync-only"])
+@pytest.mark.parametrize("in_kernel", [True, False], ids=["copy_file_range", "pwrite"])
+def test_a_shard_starts_its_writeback_every_step_it_is_written(writeback, in_kernel, tmp_path, monkeypatch):
+    monkeypatch.setattr(sink, "WRITEBACK_STEP_BYTES", 1 << 20)
+    data = os.urandom(5 * (1 << 20) + 123)
+    (tmp_path / "src").write_bytes(data)
+    fast = FastPaths(copy_file_range=in_kernel, writeback=writeback)
+    out = FileSink(str(tmp_path / "shard"), len(data), fast=fast)
+    fd = os.open(tmp_path / "src", os.O_RDONLY)
+    try:
+        for offset in range(0, len(data), 1 << 19):
+            out.copy_from(OpenFile(fd, "src"), offset, offset, min(1 << 19, len(data) - offset))
+    finally:
+        os.close(fd)
+        out.close()
+    assert (tmp_path / "shard").read_bytes() == data
+    assert out.writebacks_started == (5 if writeback else 0)
 
 
 @pytest.mark.parametrize("missing", ["preadv", "copy_file_range", "posix_fadvise"])

@@ -25,7 +25,7 @@ from typing import Mapping, Optional, Tuple
 
 from .. import failpoints
 from ..errors import CheckpointError, OptionsError, OutputError
-from .infiles import OpenFile, open_regular
+from .infiles import OpenFile, libc_function, open_regular
 from .outfiles import create_new, write_failed
 
 PROBE_FILE_NAME = ".streamconv-probe"
@@ -72,40 +72,8 @@ def disabled(environ: Optional[Mapping[str, str]] = None) -> frozenset:
     return names
 
 
-def _libc_function(name: str):
-    """The C library's function `name` through ctypes, or None (no ctypes, a platform where CDLL(None) means
-    nothing, or a C library without it)."""
-    try:
-        import ctypes
-        return getattr(ctypes.CDLL(None, use_errno=True), name, None)
-    except (ImportError, OSError, TypeError):
-        return None
-
-
 def _has_renameat2() -> bool:
-    return _libc_function("renameat2") is not None
-
-
-_SYNC_FILE_RANGE_WRITE = 2      # <linux/fs.h>: start writing the range's dirty pages not yet under writeback
-_sync_file_range = None
-
-
-def start_writeback(fd: int) -> bool:
-    """Ask the kernel to start writing `fd`'s dirty pages to disk now, without waiting for them (Linux
-    sync_file_range with SYNC_FILE_RANGE_WRITE over the whole file). Why: a shard smaller than the kernel's
-    background-writeback threshold (10% of RAM by default) otherwise stays in the page cache until its fsync,
-    which then waits for all of it after the last byte is written (2 GB: 3.4 s here); started as the shard is
-    written, the disk works while the copy goes on. Only a hint, never a durability step: the shard's fsync
-    still makes it durable, and reports any write error, so callers do not look at the answer (whether the
-    kernel took the request: False for a pipe, say)."""
-    global _sync_file_range
-    if _sync_file_range is None:
-        import ctypes
-        function = _libc_function("sync_file_range")
-        function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-        function.restype = ctypes.c_int
-        _sync_file_range = function
-    return _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0      # (offset 0, length 0: the whole file)
+    return libc_function("renameat2") is not None
 
 
 def detect(environ: Optional[Mapping[str, str]] = None) -> FastPaths:
@@ -116,7 +84,7 @@ def detect(environ: Optional[Mapping[str, str]] = None) -> FastPaths:
         preadv="preadv" not in off and hasattr(os, "preadv"),
         fadvise="fadvise" not in off and hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_WILLNEED"),
         renameat2="renameat2" not in off and _has_renameat2(),
-        writeback="writeback" not in off and _libc_function("sync_file_range") is not None,
+        writeback="writeback" not in off and libc_function("sync_file_range") is not None,
         obstore="obstore" not in off and importlib.util.find_spec("obstore") is not None)
 
 

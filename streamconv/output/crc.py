@@ -151,16 +151,38 @@ def crc32(data, crc: int = 0) -> int:
 
 class PieceCrcs:
     """CRC-32s of the ranges written into one file, keyed by offset. Several workers fill one file (each
-    its own tensors), hence the lock."""
+    its own tensors), hence the lock.
+
+    A piece of known CRC that starts where another of known CRC ends is folded into it (crc32_combine): a
+    writer fills its tensors front to back, so a shard's ranges stay a few runs however it was written. Kept
+    piece by piece, the records grew with the shard instead: a 5 GB shard assembled in 256 KiB writes held 80k
+    of them, 13 MiB above the buffer (11B, column blocks)."""
 
     def __init__(self):
         self._pieces: Dict[int, Tuple[int, Optional[int]]] = {}
+        self._run_ends: Dict[int, int] = {}     # end offset -> start of a piece of known CRC ending there
         self._lock = threading.Lock()
 
     def add(self, offset: int, length: int, crc: Optional[int]) -> None:
         if length > 0:
             with self._lock:
-                self._pieces[offset] = (length, crc)
+                self._add(offset, length, crc)
+
+    def _add(self, offset: int, length: int, crc: Optional[int]) -> None:
+        start = self._run_ends.pop(offset, None) if crc is not None else None
+        if start is not None and self._pieces.get(start, (0, None))[1] is not None:
+            run_length, run_crc = self._pieces[start]
+            self._pieces[start] = (run_length + length, crc32_combine(run_crc, crc, length))
+        else:
+            start = offset
+            self._pieces[offset] = (length, crc)
+        if crc is not None:
+            self._run_ends[offset + length] = start
+
+    def _drop(self, start: int) -> None:
+        length, _ = self._pieces.pop(start)
+        if self._run_ends.get(start + length) == start:
+            del self._run_ends[start + length]
 
     def add_bytes(self, offset: int, data) -> None:
         self.add(offset, len(data), crc32(data))
@@ -168,11 +190,13 @@ class PieceCrcs:
     def replace(self, offset: int, length: int, crc: int) -> None:
         """The whole range [offset, offset + length) is known to have this CRC (e.g. a zip storage record)."""
         with self._lock:
-            if self._pieces.get(offset, (0, None))[0] != length:     # usually one piece of exactly that range
+            if self._pieces.get(offset, (0, None))[0] == length:     # usually one piece of exactly that range
+                self._drop(offset)
+            else:
                 for start in [o for o in self._pieces if offset <= o < offset + length]:
-                    del self._pieces[start]
+                    self._drop(start)
             if length > 0:
-                self._pieces[offset] = (length, crc)
+                self._add(offset, length, crc)
 
     def total(self, nbytes: int, read: Callable[[int, int], bytes]) -> int:
         """The CRC-32 of the file's first `nbytes`; ranges not covered exactly once are read back."""

@@ -11,7 +11,7 @@ from typing import Protocol
 
 from .crc import PieceCrcs
 from ..errors import CheckpointError, OutputError
-from ..fs.fastpaths import NONE, PREAD_STEP_BYTES, FastPaths, read_at, start_writeback
+from ..fs.fastpaths import NONE, PREAD_STEP_BYTES, FastPaths, read_at
 from ..fs import location
 from ..fs.infiles import OpenFile
 from ..fs.outfiles import create_new, open_ours, write_failed
@@ -71,7 +71,7 @@ class MemorySink:
 
 _COPY_STEP_BYTES = 1 << 30   # copy_file_range moves at most ~2 GiB per call
 # With `fast.writeback`, the kernel is asked to start writing a shard's dirty pages each time this much more of
-# it has been written (fastpaths.start_writeback): large enough that the call is rare, small enough that the
+# it has been written (`OpenFile.start_writeback`): large enough that the call is rare, small enough that the
 # disk starts early.
 WRITEBACK_STEP_BYTES = 32 << 20
 
@@ -115,7 +115,7 @@ class FileSink:
         if self._written_since_writeback >= WRITEBACK_STEP_BYTES:
             self._written_since_writeback = 0
             self.writebacks_started += 1
-            start_writeback(self.fd)
+            OpenFile(self.fd, self.path).start_writeback()
 
     def copy_from(self, src: OpenFile, src_offset: int, dst_offset: int, length: int) -> None:
         if self.fast.copy_file_range:

@@ -44,7 +44,7 @@ def forbid_fast_paths(monkeypatch) -> None:
 
     def no_writeback(*args):
         raise AssertionError("sync_file_range called with fast paths off")
-    monkeypatch.setattr(sink, "start_writeback", no_writeback)
+    monkeypatch.setattr(OpenFile, "start_writeback", no_writeback)
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +86,10 @@ def test_start_writeback_reaches_the_kernel(tmp_path):
     with open(tmp_path / "f", "wb") as f:
         f.write(b"x" * 65536)
         f.flush()
-        assert fastpaths.start_writeback(f.fileno())
+        assert OpenFile(f.fileno(), "f").start_writeback()
     r, w = os.pipe()
     try:
-        assert not fastpaths.start_writeback(w)      # ESPIPE: the kernel answered, and the answer is not fatal
+        assert not OpenFile(w, "pipe").start_writeback()      # ESPIPE: the kernel answered, and the answer is not fatal
     finally:
         os.close(r)
         os.close(w)

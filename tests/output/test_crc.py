@@ -84,3 +84,29 @@ def test_a_library_that_answers_otherwise_is_not_used():
     assert crc.checked(lambda c, data, n: zlib.crc32(data[:n], c)) is not None
     if crc._libdeflate_crc32() is not None:
         assert crc.checked(crc._libdeflate_crc32()) is not None
+
+
+def test_pieces_written_front_to_back_fold_into_one_record_and_stay_exact():
+    """A shard written in many small pieces (each writer front to back through its tensors, two writers
+    interleaved, in-kernel copies whose CRC the zip directory supplies afterwards) keeps one record per run, not
+    one per piece, and its CRC-32 is still the file's; an overlapping write still sends total() to the file."""
+    rng = random.Random(7)
+    data = rng.randbytes(4 << 20)
+    half = len(data) // 2
+    pieces = crc.PieceCrcs()
+    steps = [(o, min(4096, half - o)) for o in range(0, half, 4096)]
+    for (a, n), (b, m) in zip(steps, [(half + o, k) for o, k in steps]):       # two writers, interleaved
+        pieces.add_bytes(a, data[a:a + n])
+        if b < half + 1000 or b >= half + 9192:
+            pieces.add_bytes(b, data[b:b + m])
+        else:                                                                # an in-kernel copy, then its CRC
+            pieces.add(b, m, None)
+            pieces.replace(b, m, zlib.crc32(data[b:b + m]))
+    assert len(pieces._pieces) == 2
+    never_read = lambda offset, n: (_ for _ in ()).throw(AssertionError("read back"))     # noqa: E731
+    assert pieces.total(len(data), never_read) == zlib.crc32(data)
+    pieces.add_bytes(100, b"\0" * 10)            # written again over the first run: only the file can say
+    reads = []
+    file_now = data[:100] + b"\0" * 10 + data[110:]
+    assert pieces.total(len(data), lambda o, n: reads.append(o) or file_now[o:o + n]) == zlib.crc32(file_now)
+    assert reads

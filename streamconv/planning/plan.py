@@ -26,13 +26,14 @@ MIN_BUFFER_BYTES = 64 * 2**10
 # The predicted peak (`ConversionPlan.peak_bytes`) is the sum of what the converter holds resident at once,
 # each part measured with /usr/bin/time (CPython 3.11, numpy 2.4, 2-core VM, 2026-12-07; docs/benchmarks.md):
 # * the interpreter with streamconv, click and the stdlib they import, and the decoded metadata and plan
-#   (20.3-21.2 MiB after `import streamconv.cli` since each verb imports its own machinery; then the report, the
-#   sink, a writer thread: 21-23 MiB in all), with 1 MiB to spare for the shared-library pages a freshly installed
-#   venv maps beyond a used one (a fresh CI venv's expert-unstack run peaked at 25.3 MiB in all, 0.3 MiB above a
-#   prediction with 23 here). Nothing imported at start-up may pull in OpenSSL (`hashlib`: 3.6 MiB): tests/memory
-#   checks the prediction (and tests/test_start_up.py the modules). It was 25 MiB while a shard's CRC-32 records
-#   grew with the shard (output/crc.PieceCrcs, one per 256 KiB write: 13 MiB for a 5 GB shard of column blocks);
-BASE_RSS_BYTES = 24 * 2**20
+#   (20.3-21.2 MiB after `import streamconv.cli` in a used venv since each verb imports its own machinery, more in
+#   a freshly installed one; then the report, the sink, a writer thread: RUN_STATE_BYTES), with the pages a freshly
+#   installed venv maps beyond a used one: a fresh CI venv's Megatron TP2 run peaked 0.7 MiB above a prediction
+#   with 24 MiB here, its expert-unstack run 0.3 MiB above one with 23. Nothing imported at start-up may pull in
+#   OpenSSL (`hashlib`: 3.6 MiB): tests/memory checks the prediction (tests/support/rss.py allows a used venv its
+#   smaller mappings) and tests/test_start_up.py the modules;
+BASE_RSS_BYTES = 25 * 2**20
+RUN_STATE_BYTES = 2 * 2**20
 # * numpy and its OpenBLAS, imported only when a tensor passes through the buffer (a cast or an assembly): a plan
 #   of plain FSDP copies runs without it. 16.8-17.1 MiB in a freshly installed venv, 11.4-11.7 MiB for the same
 #   files read back long after they were installed (the kernel maps a just-written file in larger pieces): the

@@ -173,7 +173,12 @@ def test_ctrl_c_ends_the_batch_with_130_and_the_rerun_resumes(runs, single):
     deadline = time.monotonic() + 60
     while len(list(records.glob("*.safetensors.json"))) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)       # the job stops itself (SIGSTOP) after its second shard
-    time.sleep(0.3)
+    # Wait until it has: a SIGCONT sent before its own SIGSTOP would leave it stopped for good (a fresh-clone CI
+    # run hung here once with a fixed 0.3 s wait).
+    import psutil
+    while time.monotonic() < deadline and not any(
+            p.status() == psutil.STATUS_STOPPED for p in psutil.Process(proc.pid).children(recursive=True)):
+        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)
     os.killpg(proc.pid, signal.SIGCONT)
     out, err = proc.communicate(timeout=60)

@@ -3,6 +3,7 @@ for byte, a worker killed mid-shard is retried to the same bytes, and a batch wi
 the others. One cluster for the module (starting one costs ~8 s on 2 cores)."""
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,7 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
 SHARD = "100KB"
+REPO = Path(__file__).resolve().parents[2]   # the tree under test: its streamconv is what workers must import
 
 
 def files(folder):
@@ -28,8 +30,8 @@ def cluster(tmp_path_factory, s3_server):
     os.environ.update(s3_server.env)
     # Workers inherit the environment when the cluster starts: the hook folder (inert while empty) and our code.
     os.environ[failpoints.RAY_KILL_DIR_ENV] = str(kill_dir)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    os.environ["PYTHONPATH"] = repo + os.pathsep + os.environ.get("PYTHONPATH", "")
+    saved["PYTHONPATH"] = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _node_ip_address="127.0.0.1")
     try:
@@ -49,6 +51,17 @@ def local(demo_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("local") / "out"
     streamconv.convert(str(demo_checkpoint.ckpt_dir), str(out), max_shard_size=SHARD, no_config=True)
     return files(out)
+
+
+def test_workers_import_the_streamconv_under_test(cluster):
+    """A worker importing another streamconv (an editable install of a different tree) would test that tree."""
+    @ray.remote
+    def where():
+        import streamconv as imported
+        return imported.__file__
+
+    assert Path(ray.get(where.remote())).resolve() == Path(streamconv.__file__).resolve()
+    assert Path(streamconv.__file__).resolve().is_relative_to(REPO)
 
 
 def test_shards_on_ray_equal_a_local_run(cluster, demo_checkpoint, local, tmp_path):

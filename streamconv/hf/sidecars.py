@@ -285,31 +285,35 @@ def _copy_blocks(read_at, size: int, dst: str, what: str) -> None:
     if is_url(dst):
         sink = UploadSink(dst, size, PartBudget(2))
         try:
-            done = 0
-            while done < size:
-                block = read_at(done, min(COPY_STEP_BYTES, size - done))
-                if not block:
-                    raise OptionsError(f"{what} shrank from {size} to {done} bytes while being copied")
-                sink.write_at(done, block)
-                done += len(block)
+            _copy_steps(read_at, size, sink.write_at, what)
             sink.close()
         except BaseException:
             sink.abort()
             raise
         return
     dst_fd = create_new(dst)
+
+    def write_at(_offset: int, block: bytes) -> None:   # the file is written front to back
+        view = memoryview(block)
+        while view:
+            view = view[os.write(dst_fd, view):]
+
     try:
-        done = 0
-        while done < size:
-            block = read_at(done, min(COPY_STEP_BYTES, size - done))
-            if not block:
-                raise OptionsError(f"{what} shrank from {size} to {done} bytes while being copied")
-            view = memoryview(block)
-            while view:
-                view = view[os.write(dst_fd, view):]
-            done += len(block)
+        _copy_steps(read_at, size, write_at, what)
     finally:
         os.close(dst_fd)
+
+
+def _copy_steps(read_at, size: int, write_at, what: str) -> None:
+    """Pass `size` bytes from `read_at(offset, n)` to `write_at(offset, block)` in order, COPY_STEP_BYTES at a
+    time; a source that ends early fails, naming `what`."""
+    done = 0
+    while done < size:
+        block = read_at(done, min(COPY_STEP_BYTES, size - done))
+        if not block:
+            raise OptionsError(f"{what} shrank from {size} to {done} bytes while being copied")
+        write_at(done, block)
+        done += len(block)
 
 
 # -- finding the base model without --config-from ---------------------------------------------------------

@@ -459,3 +459,18 @@ def test_fixture_without_config_says_how_to_add_one(shared_fixtures_dir, tmp_pat
     assert report.copied_files == [] and report.config_from is None
     assert any("meta-llama/Llama-3.2-11B-Vision-Instruct" in n and "--config-from" in n for n in report.notes)
     assert report.skipped["optimizer state"] > 0
+
+
+def test_a_side_file_that_shrinks_while_copied_fails_naming_it(tmp_path):
+    from streamconv.errors import OptionsError
+    from streamconv.hf import sidecars
+    data = b"x" * (sidecars.COPY_STEP_BYTES + 10)
+
+    def shrinking(offset, n):   # the file was cut to one step after its size was taken
+        return data[offset:offset + n] if offset < sidecars.COPY_STEP_BYTES else b""
+
+    with pytest.raises(OptionsError, match=r"tok\.json: file shrank from \d+ to \d+ bytes"):
+        sidecars._copy_blocks(shrinking, len(data), str(tmp_path / "out.json"), "tok.json: file")
+    dst = tmp_path / "whole.json"
+    sidecars._copy_blocks(lambda offset, n: data[offset:offset + n], len(data), str(dst), "tok.json: file")
+    assert dst.read_bytes() == data

@@ -86,25 +86,31 @@ def _layout_stage(named: naming.Naming, reference, config, notes: List[str]):
     return named.with_layout(naming.PrefixMap(mapping.pairs, by)), mapping.label
 
 
+def _base_model(checkpoint_dir: str, config_from: Optional[str], env: Mapping[str, str], no_config: bool,
+                notes: List[str]) -> Tuple[Optional[sidecars.HFConfig], Tuple[str, ...]]:
+    """The base model's config (None without one) and the side files to copy beside the weights; what was
+    found where goes into `notes`."""
+    source = sidecars.find_config_dir(checkpoint_dir, config_from, env, no_config=no_config)
+    notes.append(source.note)
+    if not source.folder:
+        return None, ()
+    config = sidecars.load_config(source.folder)
+    if config.folder != source.folder:
+        notes.append(f"{source.folder} is a Hugging Face cache entry; its snapshot {config.folder} is used")
+    files = tuple(sidecars.sidecar_names(config.folder))
+    tokenizer_note = sidecars.missing_tokenizer_note(files, config.folder)
+    if tokenizer_note:
+        notes.append(tokenizer_note)
+    return config, files
+
+
 def prepare(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir: str, *,
             config_from: Optional[str] = None, env: Optional[Mapping[str, str]] = None,
             allow_unmatched: bool = False, no_config: bool = False) -> HFSetup:
     """Raises ReferenceMismatchError when there is a reference and the output would not match its weights
     (unless `allow_unmatched`). `no_config`: never look for a config beyond `config_from`."""
     notes: List[str] = []
-    source = sidecars.find_config_dir(checkpoint_dir, config_from, os.environ if env is None else env,
-                                      no_config=no_config)
-    notes.append(source.note)
-    config = sidecars.load_config(source.folder) if source.folder else None
-    if config is not None and config.folder != source.folder:
-        notes.append(f"{source.folder} is a Hugging Face cache entry; its snapshot {config.folder} is used")
-    files: Tuple[str, ...] = ()
-    if config is not None:
-        files = tuple(sidecars.sidecar_names(config.folder))
-        tokenizer_note = sidecars.missing_tokenizer_note(files, config.folder)
-        if tokenizer_note:
-            notes.append(tokenizer_note)
-
+    config, files = _base_model(checkpoint_dir, config_from, os.environ if env is None else env, no_config, notes)
     options = dataclasses.replace(options, dtype=_resolve_dtype(options.dtype, config, notes))
     options = _megatron_format(checkpoint_dir, meta, options, notes)
     if config is not None and options.heads is None:    # trainer adapters permute q/k rows per head

@@ -26,8 +26,9 @@ def load(checkpoint_dir: str, fast: FastPaths = NONE
 
 
 def locate_chunks(conversion: ConversionPlan, reader: RangeReader) -> LocatedChunks:
-    """Find every planned chunk's raw bytes and check them against the metadata, before any output exists.
-    Blobs are visited in file order, each once; what is found is kept as columns (`source.located`)."""
+    """Find every planned chunk's raw bytes and check them against the metadata, all at once (a shard job in a
+    process of its own; `convert` locates in batches: runs/locating.py). Blobs are visited in file order, each
+    once; what is found is kept as columns (`source.located`)."""
     reader.set_random_access(True)
     try:
         return locate_tensors(conversion.tensors, reader)

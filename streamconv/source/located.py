@@ -1,15 +1,17 @@
 """Every located chunk of a conversion, held as columns: what `locate_all` found for each blob, read back as a
 `StoredTensor` only when one is asked for.
 
-`convert` locates every chunk before its first byte (so a corrupt blob fails before any output exists) and keeps
-what it found for the whole run. A `BlobLocation` key and a `StoredTensor` value per chunk cost 1,316 bytes
+`convert` locates every chunk before anything is published (a corrupt blob fails the run; the first tensors'
+before the first byte, the others in batches while those are written: runs/locating.py, `LocatedBatches` below)
+and keeps what it found for the whole run. A `BlobLocation` key and a `StoredTensor` value per chunk cost 1,316 bytes
 (756 resident per chunk at 671B scale, 604 MiB for 481k chunks: docs/benchmarks.md); here a chunk is one row of
 64 bytes: its blob's offset and length, the tensor's data offset and size, its storage record's offset and size,
 the recorded CRC-32 (8 bytes each), a layout id and the id of the tensor it was located for (4 bytes each). The
 layouts (dtype, shape, stride), the places (relative_path, transform_descriptors, tensor_key) and the names are
 few and kept once each.
 
-Rows are grouped by place and sorted by blob (offset, length) within one, so a lookup is a dict get and a bisect.
+Rows are grouped by place and sorted by blob (offset, length) within one, so a lookup is a dict get and a bisect
+(one per batch's table in `LocatedBatches`).
 """
 from __future__ import annotations
 

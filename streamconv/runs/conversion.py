@@ -159,7 +159,7 @@ class Conversion:
         every chunk first."""
         return (self.runner is None and not self.remote_output and not self.settings.resume
                 and _absent_or_empty(self.output_dir)
-                and not any(c.location.transform_descriptors for t in self.with_heads.tensors for c in t.chunks))
+                and not any(t.is_compressed for t in self.with_heads.tensors))
 
     def stop_locating(self) -> None:
         if self.locating is not None:

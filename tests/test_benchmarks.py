@@ -5,6 +5,7 @@ Not collected by `make test` (testpaths = ["tests"]) unless the project adds it.
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -459,3 +460,14 @@ def test_plan_state_measures_what_per_chunk_bytes_predicts(tmp_path):
     assert (state["metadata_chunks"], state["plan_pieces"], state["located_chunks"]) == (4224, 4608, 4224)
     assert [p["phase"] for p in state["phases"]] == ["metadata", "plan", "located"]
     assert PER_CHUNK_BYTES * 0.6 < state["total_bytes_per_counted_chunk"] <= PER_CHUNK_BYTES, state
+
+
+def test_first_byte_measures_a_real_start_up_warm_and_cold(tiny_ckpt, tmp_path, capsys):
+    from benchmarks import first_byte
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)        # (its own pages to drop)
+    wall, cpu = first_byte.first_byte(REPO, ckpt, cold=True)
+    assert cpu > 0 and 0 < wall < 60
+    assert first_byte.main([str(ckpt), "--runs", "1"]) == 0
+    assert re.search(r"s wall, [0-9.]+ CPU s \(load average", capsys.readouterr().out)

@@ -60,8 +60,9 @@ def first_byte(tree: Path, ckpt: Path, cold: bool) -> Tuple[float, float]:
             drop_from_page_cache(ckpt)
         env = dict(os.environ, PYTHONPATH=str(tree))
         started = time.monotonic()
-        done = subprocess.run([sys.executable, "-c", _CHILD, str(ckpt), str(Path(scratch) / "out")], env=env,
-                              capture_output=True, text=True)
+        # (in the scratch folder: `-c` puts the current folder first on sys.path, which would pick its streamconv)
+        done = subprocess.run([sys.executable, "-c", _CHILD, str(ckpt.resolve()), str(Path(scratch) / "out")],
+                              env=env, cwd=scratch, capture_output=True, text=True)
         found = re.search(r"FIRST-BYTE ([0-9.]+) ([0-9.]+)", done.stdout)
         if found is None:
             raise SystemExit(f"{tree}: no first byte (exit {done.returncode}): {done.stderr[-2000:]}")
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tree", type=Path, action="append", default=[],
                         help="another checkout to compare (its folder holding streamconv/)")
     args = parser.parse_args(argv)
-    trees = [HERE.parent] + args.tree
+    trees = [HERE.parent] + [tree.resolve() for tree in args.tree]
     runs: Dict[Path, List[Tuple[float, float, float]]] = {tree: [] for tree in trees}
     for _ in range(args.runs):
         for tree in trees:

@@ -471,3 +471,14 @@ def test_first_byte_measures_a_real_start_up_warm_and_cold(tiny_ckpt, tmp_path, 
     assert cpu > 0 and 0 < wall < 60
     assert first_byte.main([str(ckpt), "--runs", "1"]) == 0
     assert re.search(r"s wall, [0-9.]+ CPU s \(load average", capsys.readouterr().out)
+
+
+def test_first_byte_runs_the_tree_it_is_given(tiny_ckpt, tmp_path):
+    """A tree whose streamconv fails at start-up fails the measurement: the tree's own code ran, not this one's."""
+    from benchmarks import first_byte
+
+    broken = tmp_path / "tree" / "streamconv"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('the other tree')\n")
+    with pytest.raises(SystemExit, match="the other tree"):
+        first_byte.first_byte(tmp_path / "tree", tiny_ckpt, cold=False)

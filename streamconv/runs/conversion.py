@@ -182,13 +182,12 @@ class Conversion:
     # -- stage ----------------------------------------------------------------------------------------
     def staging_dir(self) -> StagingDir:
         s = self.settings
+        how = dict(plan_record=self.plan_record, overwrite=s.overwrite or s.overwrite_any, resume=s.resume,
+                   discard_partial=s.discard_partial, fast=self.fast, protected=self.protected)
         if self.remote_output:
-            return RemoteStaging(self.output_dir, plan_record=self.plan_record, overwrite=s.overwrite or s.overwrite_any,
-                                 resume=s.resume, discard_partial=s.discard_partial, fast=self.fast,
-                                 protected=self.protected)
-        return StagingDir(self.output_dir, plan_record=self.plan_record, overwrite=s.overwrite or s.overwrite_any,
-                          resume=s.resume, discard_partial=s.discard_partial, fast=self.fast,
-                          protected=self.protected, plan_record_later=self.source_fp is None)
+            return RemoteStaging(self.output_dir, **how)
+        # (the plan record waits for the checkpoint's fingerprint when the chunks are located while writing)
+        return StagingDir(self.output_dir, plan_record_later=self.source_fp is None, **how)
 
     def stage(self, staging: StagingDir) -> None:
         """Probe the copy path, keep what a resumed run finished, check free space, start the progress."""

@@ -5,6 +5,7 @@ Not collected by `make test` (testpaths = ["tests"]) unless the project adds it.
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -459,3 +460,25 @@ def test_plan_state_measures_what_per_chunk_bytes_predicts(tmp_path):
     assert (state["metadata_chunks"], state["plan_pieces"], state["located_chunks"]) == (4224, 4608, 4224)
     assert [p["phase"] for p in state["phases"]] == ["metadata", "plan", "located"]
     assert PER_CHUNK_BYTES * 0.6 < state["total_bytes_per_counted_chunk"] <= PER_CHUNK_BYTES, state
+
+
+def test_first_byte_measures_a_real_start_up_warm_and_cold(tiny_ckpt, tmp_path, capsys):
+    from benchmarks import first_byte
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)        # (its own pages to drop)
+    wall, cpu = first_byte.first_byte(REPO, ckpt, cold=True)
+    assert cpu > 0 and 0 < wall < 60
+    assert first_byte.main([str(ckpt), "--runs", "1"]) == 0
+    assert re.search(r"s wall, [0-9.]+ CPU s \(load average", capsys.readouterr().out)
+
+
+def test_first_byte_runs_the_tree_it_is_given(tiny_ckpt, tmp_path):
+    """A tree whose streamconv fails at start-up fails the measurement: the tree's own code ran, not this one's."""
+    from benchmarks import first_byte
+
+    broken = tmp_path / "tree" / "streamconv"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('the other tree')\n")
+    with pytest.raises(SystemExit, match="the other tree"):
+        first_byte.first_byte(tmp_path / "tree", tiny_ckpt, cold=False)

@@ -168,7 +168,7 @@ class StagingDir:
 
     def __init__(self, destination: str, *, plan_record: Optional[dict] = None, overwrite: bool = False,
                  resume: bool = False, discard_partial: bool = False, fast: FastPaths = NONE,
-                 protected: Collection[Identity] = ()):
+                 protected: Collection[Identity] = (), plan_record_later: bool = False):
         self.protected = frozenset(protected)
         self.notes: List[str] = []
         self.destination = os.path.abspath(os.fspath(destination))
@@ -176,6 +176,7 @@ class StagingDir:
         self.overwrite = overwrite
         self.resume = resume
         self.plan_record = dict(plan_record or {}, version=RECORD_VERSION)
+        self._plan_record_later = plan_record_later
         self.path = staging_path_for(self.destination)
         self.resumed = False
         self._old_identity = None   # the output --overwrite replaces, once set aside
@@ -219,7 +220,8 @@ class StagingDir:
             self.notes.append(self._run_lock.note)
         try:
             self._make_records_dir()
-            durable.write_json_atomic(os.path.join(self.records_dir, PLAN_RECORD), self.plan_record)
+            if not self._plan_record_later:
+                self.write_plan_record(self.plan_record)
         except OSError as exc:
             self.__exit__(OutputError, None, None)
             raise OutputError(f"{self.records_dir}: cannot create: {exc.strerror}") from None
@@ -320,6 +322,13 @@ class StagingDir:
         self.notes.extend(recover_swap(self.destination, self.protected, self._run_lock))
 
     # -- writing --------------------------------------------------------------------------------------
+    def write_plan_record(self, plan_record: dict) -> None:
+        """What this folder converts, for --resume. With `plan_record_later` the conversion writes it once the
+        record is known (every chunk located: runs/locating.py), before any shard is recorded finished; a
+        folder killed before it has nothing a resumed run keeps."""
+        self.plan_record = dict(plan_record, version=RECORD_VERSION)
+        durable.write_json_atomic(os.path.join(self.records_dir, PLAN_RECORD), self.plan_record)
+
     @property
     def records_dir(self) -> str:
         return os.path.join(self.path, RECORDS_DIR)

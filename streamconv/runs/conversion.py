@@ -17,7 +17,9 @@ writes the shards another (a `runners.Runner`); what to convert is a third (`pre
 """
 from __future__ import annotations
 
+import os
 import sys
+import threading
 import time
 from dataclasses import replace
 from typing import Dict, List, Optional
@@ -35,7 +37,7 @@ from ..output.remote_staging import RemoteStaging
 from ..output.ledger import Ledger, plan_record, shard_fingerprints
 from ..output.staging import StagingDir, recover_swap
 from ..planning.options import ConvertOptions, RunOptions
-from ..planning.plan import INDEX_FILE_NAME, ConversionPlan, with_permuted_chunks, with_plain_io
+from ..planning.plan import INDEX_FILE_NAME, ConversionPlan, TensorPlan, with_permuted_chunks, with_plain_io
 from ..planning.workers import with_workers
 from ..execution.executor import Executor
 from ..sizes import format_size
@@ -43,7 +45,8 @@ from ..source import remote as remote_reads
 from ..source.remote import reading_paths
 from ..source.integrity import ChunkIntegrity
 from ..verification import provenance
-from .checkpoint import blob_reader, locate_chunks
+from .checkpoint import blob_reader
+from .locating import Locating, write_order
 from .preparing import Request, checked_plan, prepare, with_tied_heads
 from .report import ConversionReport, Reporter, peak_rss_bytes
 from .runners import Runner, ThreadRunner
@@ -56,15 +59,18 @@ def convert(checkpoint_dir: str, output_dir: str, request: Request, settings: Ru
     run = Conversion(output_dir, request, settings, reporter or Reporter(), runner)
     run.prepare(checkpoint_dir)
     with run.reader:
-        run.plan()
-        if run.found_already_converted():
-            return run.already_converted_report()
-        # (the watch turns a failure in a checkpoint file that changed meanwhile into "it changed")
-        with provenance.SourceWatch(run.checkpoint_dir, run.before), run.staging_dir() as staging:
-            run.stage(staging)
-            run.write(staging)
-            run.finish(staging)
-            run.commit(staging)
+        try:
+            run.plan()
+            if run.found_already_converted():
+                return run.already_converted_report()
+            # (the watch turns a failure in a checkpoint file that changed meanwhile into "it changed")
+            with provenance.SourceWatch(run.checkpoint_dir, run.before), run.staging_dir() as staging:
+                run.stage(staging)
+                run.write(staging)
+                run.finish(staging)
+                run.commit(staging)
+        finally:
+            run.stop_locating()
     return run.report()
 
 
@@ -91,6 +97,10 @@ class Conversion:
         self.integrity: Optional[ChunkIntegrity] = None
         self.crc_written = self.crc_after_write = CrcCount()
         self.task_peak_rss_bytes = 0
+        self.locating: Optional[Locating] = None
+        self.source_fp: Optional[str] = None      # known once every chunk is located (`located_all`)
+        self._settling = threading.Lock()
+        self._staging: Optional[StagingDir] = None    # whose plan record waits for the source fingerprint
 
     # -- prepare, plan ------------------------------------------------------------------------------------
     def prepare(self, checkpoint_dir: str) -> None:
@@ -115,34 +125,69 @@ class Conversion:
             folders, files = protected_paths(self.reader, meta, config_folder)
             self.protected = check_destination(self.output_dir, folders, files)   # before anything is written
         self.before = provenance.snapshot(self.checkpoint_dir, provenance.source_files(self.checkpoint_dir, meta))
-        self.stored = locate_chunks(self.with_heads, self.reader)
+        # The first tensors' chunks now, the others before anything needs them (`located_all`, runs/locating.py)
+        self.locating = Locating(write_order(self.conversion, self.with_heads), self.reader, self.conversion.workers)
+        self.locating.first()
+        self.stored = self.locating.stored
         self.blobs = blob_reader(self.with_heads, self.reader, self.stored)
-        # (.metadata cannot show chunks stored transposed; now that they are located, the prediction counts them)
-        self.conversion = with_permuted_chunks(
-            self.conversion, self.stored.non_contiguous(), self.conversion.workers)
-        self.source_fp = provenance.source_fingerprint(self.checkpoint_dir, meta, self.stored, self.before)
         self.shard_fps = shard_fingerprints(self.conversion)     # (once: the plan record's and the ledger's)
-        self.plan_record = plan_record(self.conversion, self.checkpoint_dir, meta, self.source_fp, self.shard_fps)
+        # ("source": the checkpoint's fingerprint, filled in by `located_all`)
+        self.plan_record = plan_record(self.conversion, self.checkpoint_dir, meta, None, self.shard_fps)
+
+    def located_all(self) -> None:
+        """Every chunk located and checked (the batches no writer needed yet, here), then what needs them all:
+        the memory prediction, the checkpoint's fingerprint and the staging folder's plan record. Once; from
+        the driver or from the writer that finishes a shard first, whichever comes first."""
+        with self._settling:
+            if self.source_fp is not None:
+                return
+            self.locating.rest()
+            # (.metadata cannot show chunks stored transposed; now that they are located, the prediction counts them)
+            self.conversion = with_permuted_chunks(
+                self.conversion, self.stored.non_contiguous(), self.conversion.workers)
+            source_fp = provenance.source_fingerprint(self.checkpoint_dir, self.meta, self.stored, self.before)
+            self.plan_record["source"] = source_fp
+            if self._staging is not None:
+                self._staging.write_plan_record(self.plan_record)
+            self.source_fp = source_fp
+
+    def locates_while_writing(self) -> bool:
+        """Whether the chunks the first tensors do not need are located while those are written: only where
+        nothing before the writing needs them all. An output folder that exists (already this conversion?),
+        --resume (its plan record must match), other runners (they locate their own), an output in a bucket
+        (its plan record goes first) and transformed (zstd) blobs (one more decoder beside the writers') locate
+        every chunk first."""
+        return (self.runner is None and not self.remote_output and not self.settings.resume
+                and _absent_or_empty(self.output_dir)
+                and not any(t.is_compressed for t in self.with_heads.tensors))
+
+    def stop_locating(self) -> None:
+        if self.locating is not None:
+            self.locating.close()
 
     def found_already_converted(self) -> bool:
         """Whether the output already is this conversion. A killed --overwrite is finished (or undone) first:
         what OUT holds decides everything that follows."""
         if not self.remote_output:      # (a bucket has no swap to recover: remote_staging.py)
             self.run_notes += recover_swap(self.output_dir, self.protected)
+        if not self.locates_while_writing():
+            self.located_all()
+        if self.source_fp is None:      # (an absent or empty folder: nothing there to compare)
+            return False
         already = provenance.check_existing_output(self.output_dir, self.source_fp, self.plan_record["plan"],
                                                    overwrite=self.settings.overwrite,
                                                    overwrite_any=self.settings.overwrite_any)
-        if already is None:
-            self.run_notes += [n for n in [provenance.fingerprint_note(self.source_fp)] if n]
         return already is not None
 
     # -- stage ----------------------------------------------------------------------------------------
     def staging_dir(self) -> StagingDir:
         s = self.settings
-        kind = RemoteStaging if self.remote_output else StagingDir
-        return kind(self.output_dir, plan_record=self.plan_record, overwrite=s.overwrite or s.overwrite_any,
-                          resume=s.resume, discard_partial=s.discard_partial, fast=self.fast,
-                          protected=self.protected)
+        how = dict(plan_record=self.plan_record, overwrite=s.overwrite or s.overwrite_any, resume=s.resume,
+                   discard_partial=s.discard_partial, fast=self.fast, protected=self.protected)
+        if self.remote_output:
+            return RemoteStaging(self.output_dir, **how)
+        # (the plan record waits for the checkpoint's fingerprint when the chunks are located while writing)
+        return StagingDir(self.output_dir, plan_record_later=self.source_fp is None, **how)
 
     def stage(self, staging: StagingDir) -> None:
         """Probe the copy path, keep what a resumed run finished, check free space, start the progress."""
@@ -202,9 +247,14 @@ class Conversion:
         context = JobContext(self.checkpoint_abs, self.conversion, self.ledger, self.plan_record["checkpoint"],
                              crc=self.settings.check_crc)
         jobs = [ShardJob(context, s.filename) for s in self.to_write]
+        self._staging = staging
+        self.locating.start()
         runner = self.runner or ThreadRunner(Workbench(
-            self.blobs, self.stored, self.fast, self.integrity, self.options.buffer_bytes, self.conversion.workers))
+            self.blobs, self.stored, self.fast, self.integrity, self.options.buffer_bytes, self.conversion.workers,
+            gate=_Located(self)))
         written = runner.run(jobs, self.reporter.advance)
+        self.located_all()
+        self.run_notes += [n for n in [provenance.fingerprint_note(self.source_fp)] if n]
         self.ledger.check_written(self.to_write, fast=staging.fast)
         self.crc_written = sum((w.crc for w in written), CrcCount())
         self.task_peak_rss_bytes = max((w.task_peak_rss_bytes for w in written), default=0)
@@ -332,6 +382,29 @@ def recorded_options(request: Request, setup) -> dict:
 def _version() -> str:
     # (looked up, not imported: the package's __init__ imports the API, which imports this)
     return getattr(sys.modules["streamconv"], "__version__", "unknown")
+
+
+class _Located:
+    """The writers' gate (runs/parallel.py): a tensor once its chunks are located, a shard's finished record
+    once every chunk is and the plan record names the checkpoint's fingerprint."""
+
+    def __init__(self, run: Conversion):
+        self.run = run
+
+    def tensor_ready(self, t: TensorPlan, stop: threading.Event) -> None:
+        self.run.locating.tensor_ready(t, stop)
+
+    def before_record(self) -> None:
+        self.run.located_all()
+
+
+def _absent_or_empty(folder: str) -> bool:
+    try:
+        return not os.listdir(folder)
+    except FileNotFoundError:
+        return True
+    except OSError:         # (not a folder, unreadable: the checks that need every chunk decide)
+        return False
 
 
 def _first_data_file(conversion: ConversionPlan) -> Optional[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from typing import Callable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 from ..execution.workspace import Cancelled
 from ..execution.executor import Executor
@@ -25,6 +25,29 @@ from ..failpoints import kill_point
 Progress = Callable[[int], None]
 # Opens one shard's output (path or URL, size in bytes): a FileSink, an upload.UploadSink.
 SinkFactory = Callable[[str, int], ShardFile]
+
+
+class Gate(Protocol):
+    """What the writers wait for when their chunks are still being located (runs/locating.py)."""
+
+    def tensor_ready(self, t: TensorPlan, stop: threading.Event) -> None:
+        """Return once `t`'s chunks are located and checked; raise if locating failed (Cancelled once `stop`)."""
+
+    def before_record(self) -> None:
+        """Return once a shard may be recorded finished (what its record presumes is durable)."""
+
+
+class AllLocated:
+    """The gate when every chunk was located before the writers started: nothing to wait for."""
+
+    def tensor_ready(self, t: TensorPlan, stop: threading.Event) -> None:
+        pass
+
+    def before_record(self) -> None:
+        pass
+
+
+ALL_LOCATED = AllLocated()
 
 
 class _OpenShard:
@@ -78,13 +101,14 @@ def write_shards(shards: Sequence[ShardPlan], reader: BlobReader, stored: Mappin
                  path_for: Callable[[str], str], *, buffer_bytes: int, workers: int = 1,
                  progress: Optional[Progress] = None, integrity=None,
                  on_shard_done: Optional[Callable[[ShardPlan, int], None]] = None,
-                 fast: FastPaths = NONE, open_sink: Optional[SinkFactory] = None) -> None:
+                 fast: FastPaths = NONE, open_sink: Optional[SinkFactory] = None, gate: Gate = ALL_LOCATED) -> None:
     """Write every shard to `path_for(filename)`. The total buffer memory stays `buffer_bytes`.
     `fast`: the fast IO paths the shard files may use, as the run detected them once (default: none).
     `integrity` (a `source.integrity.ChunkIntegrity`) checks each chunk's CRC-32 before its bytes move.
     `on_shard_done(shard, crc32)` runs (on the worker that finished it) once a shard's last byte is written
     (`ledger.Ledger.record`: fsync, then the finished record).
-    `open_sink(path, nbytes)` opens each shard's output (a FileSink unless told)."""
+    `open_sink(path, nbytes)` opens each shard's output (a FileSink unless told).
+    `gate`: a tensor is written once its chunks are located, a shard recorded once the gate allows."""
     lock = threading.Lock()
 
     def advance(n: int) -> None:
@@ -94,7 +118,12 @@ def write_shards(shards: Sequence[ShardPlan], reader: BlobReader, stored: Mappin
 
     if open_sink is None:
         open_sink = functools.partial(FileSink, fast=fast)
-    files = [_OpenShard(s, path_for(s.filename), on_shard_done, open_sink) for s in shards]
+    def done(shard: ShardPlan, crc32: int) -> None:
+        gate.before_record()
+        if on_shard_done is not None:
+            on_shard_done(shard, crc32)
+
+    files = [_OpenShard(s, path_for(s.filename), done, open_sink) for s in shards]
     for f in files:
         if not f.shard.tensors:
             f.open()
@@ -115,6 +144,7 @@ def write_shards(shards: Sequence[ShardPlan], reader: BlobReader, stored: Mappin
                 if not queue:
                     return
                 target, tensor = queue.pop()
+            gate.tensor_ready(tensor, stop)
             executor.write_tensor(tensor, target.open())
             target.done_one()
 

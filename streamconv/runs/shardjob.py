@@ -25,7 +25,7 @@ from ..fs import location
 from ..fs.remote import is_url
 from ..source.remote import folder_reader, reading_paths
 from .checkpoint import blob_reader, locate_chunks
-from .parallel import write_shards
+from .parallel import ALL_LOCATED, Gate, write_shards
 from .report import peak_rss_bytes
 
 Progress = Callable[[int], None]
@@ -103,6 +103,7 @@ class Workbench:
     integrity: Optional[ChunkIntegrity]
     buffer_bytes: int
     workers: int = 1
+    gate: Gate = ALL_LOCATED     # what the writers wait for while chunks are still located (runs/locating.py)
 
 
 def write_jobs(jobs: Sequence[ShardJob], bench: Workbench, progress: Optional[Progress] = None) -> Written:
@@ -116,7 +117,7 @@ def write_jobs(jobs: Sequence[ShardJob], bench: Workbench, progress: Optional[Pr
                  lambda name: location.at(context.staging_dir).join(name), buffer_bytes=bench.buffer_bytes,
                  workers=bench.workers, progress=progress, integrity=bench.integrity, fast=bench.fast,
                  on_shard_done=context.ledger.record,
-                 open_sink=shard_opener(context.staging_dir, bench.fast, bench.workers))
+                 open_sink=shard_opener(context.staging_dir, bench.fast, bench.workers), gate=bench.gate)
     return Written(tuple(j.filename for j in jobs), CrcCount.of(bench.integrity) - before)
 
 

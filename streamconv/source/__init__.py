@@ -18,7 +18,7 @@ Pickles are read with allow-listed stand-ins (`safe_pickle.py`) on a bounded pic
 depth, sizes and allocations capped, `.metadata` streamed); nothing outside the list is imported.
 """
 from .blob import locate_tensor
-from .located import LocatedChunks, locate_all
+from .located import LocatedBatches, LocatedChunks, locate_all
 from .metadata import find_metadata_file, load_metadata
 
-__all__ = ["LocatedChunks", "find_metadata_file", "load_metadata", "locate_all", "locate_tensor"]
+__all__ = ["LocatedBatches", "LocatedChunks", "find_metadata_file", "load_metadata", "locate_all", "locate_tensor"]

@@ -1,15 +1,17 @@
 """Every located chunk of a conversion, held as columns: what `locate_all` found for each blob, read back as a
 `StoredTensor` only when one is asked for.
 
-`convert` locates every chunk before its first byte (so a corrupt blob fails before any output exists) and keeps
-what it found for the whole run. A `BlobLocation` key and a `StoredTensor` value per chunk cost 1,316 bytes
+`convert` locates every chunk before anything is published (a corrupt blob fails the run; the first tensors'
+before the first byte, the others in batches while those are written: runs/locating.py, `LocatedBatches` below)
+and keeps what it found for the whole run. A `BlobLocation` key and a `StoredTensor` value per chunk cost 1,316 bytes
 (756 resident per chunk at 671B scale, 604 MiB for 481k chunks: docs/benchmarks.md); here a chunk is one row of
 64 bytes: its blob's offset and length, the tensor's data offset and size, its storage record's offset and size,
 the recorded CRC-32 (8 bytes each), a layout id and the id of the tensor it was located for (4 bytes each). The
 layouts (dtype, shape, stride), the places (relative_path, transform_descriptors, tensor_key) and the names are
 few and kept once each.
 
-Rows are grouped by place and sorted by blob (offset, length) within one, so a lookup is a dict get and a bisect.
+Rows are grouped by place and sorted by blob (offset, length) within one, so a lookup is a dict get and a bisect
+(one per batch's table in `LocatedBatches`).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from array import array
 from bisect import bisect_left
 from collections.abc import Mapping
 from itertools import groupby
-from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 from ..errors import CheckpointError
 from ..model import BlobLocation, Chunk, StoredTensor, TensorEntry
@@ -39,7 +41,25 @@ def place_order(place: Place) -> Tuple[str, str, Tuple[str, ...]]:
     return place[0], place[2], place[1]
 
 
-class LocatedChunks(Mapping):
+class _FileOrdered(Mapping):
+    """A {BlobLocation: StoredTensor} Mapping whose keys and values come from its `items()`, in file order."""
+
+    __slots__ = ()
+
+    def __iter__(self) -> Iterator[BlobLocation]:
+        for location, _ in self.items():
+            yield location
+
+    def values(self) -> Iterator[StoredTensor]:   # type: ignore[override]
+        for _, stored in self.items():
+            yield stored
+
+    def names(self) -> "Mapping[BlobLocation, str]":
+        """{location: the tensor it was located for}, a view (messages name it: `BlobReader`'s `names`)."""
+        return _Names(self)
+
+
+class LocatedChunks(_FileOrdered):
     """{BlobLocation: StoredTensor} of every located chunk (a read-only Mapping), built by `add` one place at a
     time, each place's blobs in increasing (offset, length). Iterates in file order: by relative_path, then (offset,
     tensor_key, length), the order the source fingerprint hashes them in."""
@@ -132,9 +152,12 @@ class LocatedChunks(Mapping):
                          for row in range(start, end) if self._layout_ids[row] in odd)
         return found
 
-    def names(self) -> "Mapping[BlobLocation, str]":
-        """{location: the tensor it was located for}, a view (messages name it: `BlobReader`'s `names`)."""
-        return _Names(self)
+    def name_of(self, location: BlobLocation) -> str:
+        """The tensor the location was located for (KeyError if absent)."""
+        row = self._row(location) if isinstance(location, BlobLocation) else -1
+        if row < 0:
+            raise KeyError(location)
+        return self._names[self._name_ids[row]]
 
     def __getitem__(self, location: BlobLocation) -> StoredTensor:
         if not isinstance(location, BlobLocation):
@@ -164,14 +187,6 @@ class LocatedChunks(Mapping):
             streams = [self._place_items(place) for place in same_file]
             yield from heapq.merge(*streams, key=lambda item: (item[0].offset, item[0].tensor_key, item[0].length))
 
-    def __iter__(self) -> Iterator[BlobLocation]:
-        for location, _ in self.items():
-            yield location
-
-    def values(self) -> Iterator[StoredTensor]:   # type: ignore[override]
-        for _, stored in self.items():
-            yield stored
-
     def __repr__(self) -> str:
         return f"LocatedChunks({len(self)} chunks in {len(self._spans)} places, {len(self._layouts)} layouts)"
 
@@ -179,20 +194,65 @@ class LocatedChunks(Mapping):
 class _Names(Mapping):
     __slots__ = ("table",)
 
-    def __init__(self, table: LocatedChunks):
+    def __init__(self, table: _FileOrdered):
         self.table = table
 
     def __getitem__(self, location: BlobLocation) -> str:
-        row = self.table._row(location) if isinstance(location, BlobLocation) else -1
-        if row < 0:
-            raise KeyError(location)
-        return self.table._names[self.table._name_ids[row]]
+        return self.table.name_of(location)
 
     def __len__(self) -> int:
         return len(self.table)
 
     def __iter__(self) -> Iterator[BlobLocation]:
         return iter(self.table)
+
+
+class LocatedBatches(_FileOrdered):
+    """{BlobLocation: StoredTensor} of chunks located batch by batch (`locate_all(..., known=this)`, each blob in
+    one batch only): the same answers as one `LocatedChunks` of them all, file order included, while later
+    batches are still being added (by one thread; readers look up only chunks of batches already added)."""
+
+    __slots__ = ("_tables",)
+
+    def __init__(self) -> None:
+        self._tables: Tuple[LocatedChunks, ...] = ()
+
+    def add(self, table: LocatedChunks) -> None:
+        self._tables = self._tables + (table,)      # (one assignment: a reader sees the old tuple or the new)
+
+    def _table_of(self, location: BlobLocation) -> LocatedChunks:
+        for table in self._tables:
+            if location in table:
+                return table
+        raise KeyError(location)
+
+    def __getitem__(self, location: BlobLocation) -> StoredTensor:
+        return self._table_of(location)[location]
+
+    def layout(self, location: BlobLocation) -> Layout:
+        return self._table_of(location).layout(location)
+
+    def __contains__(self, location) -> bool:
+        return any(location in table for table in self._tables)
+
+    def __len__(self) -> int:
+        return sum(len(table) for table in self._tables)
+
+    def items(self) -> Iterator[Tuple[BlobLocation, StoredTensor]]:   # type: ignore[override]
+        """In file order, as `LocatedChunks.items`: the batches' own orders merged."""
+        return heapq.merge(*(table.items() for table in self._tables), key=lambda item: (
+            item[0].relative_path, item[0].offset, item[0].tensor_key, item[0].length))
+
+    def non_contiguous(self) -> Set[BlobLocation]:
+        return set().union(*(table.non_contiguous() for table in self._tables))
+
+    def name_of(self, location: BlobLocation) -> str:
+        if not isinstance(location, BlobLocation):
+            raise KeyError(location)
+        return self._table_of(location).name_of(location)
+
+    def __repr__(self) -> str:
+        return f"LocatedBatches({len(self)} chunks in {len(self._tables)} batches)"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,15 +282,19 @@ class _Wanted:
         return out
 
 
-def wanted_blobs(entries: List[TensorEntry]
+def wanted_blobs(entries: List[TensorEntry], known: Optional[LocatedBatches] = None
                  ) -> Tuple[Dict[Place, _Wanted], Dict[BlobLocation, List[Tuple[TensorEntry, Chunk]]]]:
-    """Every place's wanted blobs (sorted, each once), and the chunks inside safetensors blobs with their users (which
-    `safetensors_blob.locate_all` checks against its header)."""
+    """Every place's wanted blobs (sorted, each once) but those `known` holds, and the chunks inside safetensors
+    blobs with their users (which `safetensors_blob.locate_all` checks against its header)."""
     wanted: Dict[Place, _Wanted] = {}
     packed: Dict[BlobLocation, List[Tuple[TensorEntry, Chunk]]] = {}
     for index, entry in enumerate(entries):
         for number, chunk in enumerate(entry.chunks):
             location = chunk.location
+            if location.tensor_key:     # (every user is checked against the header, a known blob's too)
+                packed.setdefault(location, []).append((entry, chunk))
+            if known is not None and location in known:
+                continue
             place = place_of(location)
             blobs = wanted.get(place)
             if blobs is None:
@@ -238,8 +302,6 @@ def wanted_blobs(entries: List[TensorEntry]
             blobs.offsets.append(location.offset)
             blobs.lengths.append(location.length)
             blobs.users.append(index << 32 | number)
-            if location.tensor_key:
-                packed.setdefault(location, []).append((entry, chunk))
     return {place: blobs.sorted_unique() for place, blobs in wanted.items()}, packed
 
 
@@ -249,14 +311,17 @@ def user_of(entries: List[TensorEntry], user: int) -> Tuple[TensorEntry, Chunk]:
     return entry, entry.chunks[user & 0xFFFFFFFF]
 
 
-def locate_all(reader: RangeReader, tensors: Iterable[TensorEntry]) -> LocatedChunks:
-    """`blob.locate_tensor` for every chunk of `tensors`, read in file order, each blob once.
+def locate_all(reader: RangeReader, tensors: Iterable[TensorEntry], known: Optional[LocatedBatches] = None,
+               check_stop: Callable[[], None] = lambda: None) -> LocatedChunks:
+    """`blob.locate_tensor` for every chunk of `tensors`, read in file order, each blob once; blobs `known`
+    already holds (located with an earlier batch of tensors) are not located again, nor kept twice.
+    `check_stop()` runs before each blob (it raises to stop: a conversion that ended while a batch was located).
 
     Also checks that each blob holds what the metadata says (dtype and chunk sizes): a mismatch means the
     .distcp files and .metadata come from different saves.
     """
     entries = list(tensors)
-    wanted, packed = wanted_blobs(entries)
+    wanted, packed = wanted_blobs(entries, known)
     # Chunks inside safetensors blobs (serialization_format=SAFETENSORS, HF per-rank shards) come from headers.
     from_headers = safetensors_blob.locate_all(reader, packed) if packed else {}
     del packed
@@ -273,19 +338,20 @@ def locate_all(reader: RangeReader, tensors: Iterable[TensorEntry]) -> LocatedCh
         path, transforms, key = place
         blobs = wanted.pop(place)
         for offset, length, user in zip(blobs.offsets, blobs.lengths, blobs.users):
+            check_stop()
             location = BlobLocation(path, offset, length, transforms, key)
             fqn = entries[user >> 32].fqn
             stored = from_headers[location] if key else blob.locate_blob(reader, location, fqn, file_sizes)
             found.add(location, stored, fqn)
-    _check_users(entries, found)
+    _check_users(entries, found, known)
     return found
 
 
-def _check_users(entries: List[TensorEntry], found: LocatedChunks) -> None:
+def _check_users(entries: List[TensorEntry], found: LocatedChunks, known: Optional[LocatedBatches]) -> None:
     for entry in entries:
         for chunk in entry.chunks:
             location = chunk.location
-            dtype, shape, _ = found.layout(location)
+            dtype, shape, _ = (found if known is None or location in found else known).layout(location)
             if dtype != entry.dtype or shape != tuple(chunk.sizes):
                 raise CheckpointError(
                     f"{location.relative_path}: blob at offset {location.offset} for tensor {entry.fqn!r} chunk "

@@ -3,9 +3,9 @@
 A chunk stored with permuted strides (a transposed weight) gives every band a short run of each of its storage
 rows; a column block (tensor-parallel Shard(1)) gives every band a range. From a plain blob those are file reads,
 as cheap the second time as the first. A zstd blob's decoded stream goes forward only: a transposed chunk's next
-band would decode it again from its start, and so would a column block's once more chunks are read band by band
-than the blob reader keeps streams for (`blob_reader.KEPT_STREAMS`, shared by the writers): decoded bytes = the
-chunk's times its bands. Such a chunk is *held* instead: decoded once, whole, into the buffer before the first
+band would decode it again from its start (decoded bytes = the chunk's times its bands). A column block's bands
+read it forward, so its stream kept between bands (`planning.streams`: one per block a band reads, each holding
+zstd's window) decodes it once too. Such a chunk is *held* instead, when it fits: decoded once, whole, into the buffer before the first
 band that reads it, kept until its last, and every band takes its part from there.
 
 `layout` decides, per tensor and before any IO, where everything goes in the writer's buffer:

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from .. import dtypes
+from ..model import numel
 from .coverage import columns_of
 
 # What one more live zstd stream adds to the peak: its window (2 MiB, torch's default level 3 on blobs of
-# unknown size), zstd's input block buffer, the compressed read it decodes from (zstd.COMPRESSED_READ_BYTES) and
-# the decoder context. Measured 2.6 MiB a stream (VmRSS after 16 streams each 3 MiB into a 4 MiB bf16 blob,
-# zstandard 0.25.0, 2026-12-07).
+# unknown size, touched only as far as the blob has been decoded: a smaller chunk touches less), zstd's input block
+# buffer, the compressed read it decodes from (zstd.COMPRESSED_READ_BYTES) and the decoder context. Measured
+# 2.6 MiB a stream (VmRSS after 16 streams each 3 MiB into a 4 MiB bf16 blob, zstandard 0.25.0, 2026-12-07).
+WINDOW_BYTES = 2 * 2**20
 STREAM_BYTES = 21 * 2**17
 # 16 streams are 42 MiB: Shard(1) over up to 16 ranks keeps them all; beyond, the rest are decoded again per band.
 MAX_STREAMS_PER_WRITER = 16
@@ -32,6 +35,13 @@ def streams_kept(t) -> int:
     if not t.is_compressed or len(t.shape) == 0 or (t.is_row_contiguous and not t.pieces):
         return 1
     return max(1, min(MAX_STREAMS_PER_WRITER, _most_sharing_a_row(t.chunks, len(t.shape))))
+
+
+def stream_bytes(t) -> int:
+    """What one kept stream of `t` holds: STREAM_BYTES, with only as much of the window as its largest chunk
+    fills."""
+    largest = max((numel(c.sizes) for c in t.chunks), default=0) * dtypes.BY_NAME[t.src_dtype].itemsize
+    return STREAM_BYTES - WINDOW_BYTES + min(WINDOW_BYTES, largest)
 
 
 def _most_sharing_a_row(chunks: Sequence, ndim: int) -> int:

@@ -14,8 +14,8 @@ Streams go forward only. Each thread keeps the streams it reads between reads (o
 the predicted peak counts; each holds its window), so reads in increasing order (the copy path; bands in row
 order) decode a blob once; a read before a stream's position decodes the blob again from its first byte (counted
 in `restarts`: slower, never wrong). A stream is let go once it is past the chunk's storage record. When more
-streams are read in turn than a thread keeps, those it already keeps stay and the one just read is let go: bands
-reading N chunks in turn with k kept decode N - k of them again per band, not all N (as dropping the oldest would).
+streams are read in turn than a thread keeps, the one it kept last is let go, not the oldest: bands reading N
+chunks in turn with k kept decode N - k + 1 of them again per band, not all N (as dropping the oldest would).
 
 `check_while_reading` sums a transformed blob's storage record as these reads pass it, so `--crc` costs one
 zlib.crc32 pass instead of a second decompression; `record_crc32` reads a record and its recorded CRC-32 apart.

@@ -5,7 +5,8 @@ import pytest
 from streamconv.model import BlobLocation, CheckpointMetadata, Chunk
 from streamconv.planning import plan as plan_module
 from streamconv.planning.plan import PlanOptions, build_plan
-from streamconv.planning.streams import MAX_STREAMS_PER_WRITER, STREAM_BYTES, streams_kept
+from streamconv.planning.streams import (MAX_STREAMS_PER_WRITER, STREAM_BYTES, WINDOW_BYTES, stream_bytes,
+                                        streams_kept)
 from tests.support.plan_builders import tensor
 
 ZSTD = ("stream.zstd/1",)
@@ -48,12 +49,21 @@ def test_staggered_and_empty_chunks():
 
 
 def test_the_predicted_peak_counts_the_streams_of_the_writers_tensors():
-    """Each running writer may write the tensor with the most streams at once: the two largest counts beyond
-    the first stream each, with two writers; with one, the largest."""
-    tensors = [tensor(f"model.w{n}", (64, 256), chunks=blocks((64, 256), (1, n))) for n in (2, 4, 8)]
-    rows = tensor("model.rows", (64, 256), chunks=blocks((64, 256), (4, 1)))
+    """Each running writer may write the tensor with the most streams at once: the two largest counts beyond the
+    first stream each, with two writers; with one, the largest. A stream of 4 MiB chunks fills zstd's window."""
+    shape = (2048, 4096)
+    tensors = [tensor(f"model.w{n}", shape, chunks=blocks(shape, (1, n))) for n in (2, 4, 8)]
+    rows = tensor("model.rows", shape, chunks=blocks(shape, (4, 1)))
     with_blocks, plain = plan_of(*tensors, rows), plan_of(rows)
+    assert {stream_bytes(t) for t in with_blocks.tensors} == {STREAM_BYTES}
     assert plan_module._more_streams_bytes(with_blocks.tensors, 2) == (7 + 3) * STREAM_BYTES
     assert plan_module._more_streams_bytes(with_blocks.tensors, 1) == 7 * STREAM_BYTES
     assert plan_module._more_streams_bytes(plain.tensors, 2) == 0
     assert with_blocks.peak_bytes - plan_of(*tensors[:1], rows).peak_bytes > (7 + 3 - 1) * STREAM_BYTES
+
+
+def test_a_small_chunk_fills_only_its_part_of_the_window():
+    """The window is touched only as far as the blob is decoded: 16 KiB column blocks cost their bytes and the
+    stream's fixed part, not 2 MiB each."""
+    (t,) = plan_of(tensor("model.w", (64, 256), chunks=blocks((64, 256), (1, 4)))).tensors
+    assert stream_bytes(t) == STREAM_BYTES - WINDOW_BYTES + 64 * 64 * 4

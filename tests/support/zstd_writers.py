@@ -5,7 +5,7 @@
 | write_zstd_ranks3 | 3 | zstd_fsdp2 (FSDP2 TinyLlama, `_extensions=[ZStandard()]`), zstd_threads (+ 2 threads) |
 | write_zstd_ranks4 | 4 | zstd_mesh2d (TP then FSDP2 on a 2x2 mesh: Shard(1) boxes, assembled in bands) |
 | write_strided_ranks2 | 2 | strided_dtensor(_zstd): DTensor.from_local of transposed / channels_last shards |
-| write_column_blocks | 1 | column_blocks_16, _32: a [256, 2048] float32 weight as 16 / 32 column blocks (Shard(1) over as many ranks), in one process |
+| write_column_blocks | 1 | column_blocks_<n>: a float32 weight (default [256, 2048]) as n column blocks (Shard(1) over n ranks), in one process |
 
 `strided_single(path)` writes one-process checkpoints (`no_dist=True`) of tensors saved as they are: transposed,
 channels_last, a 3-D permutation. Compare with `dcp_writers.reference_state_dict` (torch's `dcp_to_torch_save`).
@@ -114,15 +114,13 @@ def strided_single(path, *, zstd: bool = False) -> Dict[str, torch.Tensor]:
 
 
 
-COLUMN_BLOCKS_SHAPE = (256, 2048)
 
-
-def write_column_blocks(rank: int, world_size: int, out_dir: str, columns=(16, 32)) -> List[str]:
-    """A [256, 2048] float32 weight saved as n column blocks for each n in `columns` (what tensor-parallel Shard(1)
+def write_column_blocks(rank: int, world_size: int, out_dir: str, columns=(16, 32), shape=(256, 2048)) -> List[str]:
+    """A float32 weight of `shape` saved as n column blocks for each n in `columns` (what tensor-parallel Shard(1)
     over n ranks writes: each block in its own zstd blob), from one process: a ShardedTensor whose local shards
     are every block, so no n processes are needed. Folders `column_blocks_<n>`."""
     from torch.distributed._shard.sharded_tensor import Shard, ShardMetadata, init_from_local_shards
-    rows, cols = COLUMN_BLOCKS_SHAPE
+    rows, cols = shape
     full = torch.empty(rows, cols).uniform_(generator=torch.Generator().manual_seed(5)).to(torch.bfloat16).float()
     names = []
     for n in columns:

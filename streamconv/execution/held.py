@@ -5,8 +5,8 @@ rows; a column block (tensor-parallel Shard(1)) gives every band a range. From a
 as cheap the second time as the first. A zstd blob's decoded stream goes forward only: a transposed chunk's next
 band would decode it again from its start (decoded bytes = the chunk's times its bands). A column block's bands
 read it forward, so its stream kept between bands (`planning.streams`: one per block a band reads, each holding
-zstd's window) decodes it once too. Such a chunk is *held* instead, when it fits: decoded once, whole, into the buffer before the first
-band that reads it, kept until its last, and every band takes its part from there.
+zstd's window) decodes it once too. Such a chunk is *held* instead, when it fits: decoded once, whole, into the
+buffer before the first band that reads it, kept until its last, and every band takes its part from there.
 
 `layout` decides, per tensor and before any IO, where everything goes in the writer's buffer:
 
@@ -18,8 +18,8 @@ row-block chunks (FSDP's Shard(0) of a transposed tensor) need room for the one 
 the tensor. When the compressed chunks do not fit beside bands of the rest of the buffer, nothing is held: the
 writer keeps a stream per chunk the bands read in turn (`planning.streams`, counted in the predicted peak), so a
 column block is still decoded once, front to back; past MAX_STREAMS_PER_WRITER, and for a transposed chunk
-(every band reads a run of every storage row), bands decode again: slower, bounded, never wrong. The whole buffer stays within the
-writer's share either way (its size is the plan's prediction).
+(every band reads a run of every storage row), bands decode again: slower, bounded, never wrong. The whole
+buffer stays within the writer's share either way (its size is the plan's prediction).
 """
 from __future__ import annotations
 

@@ -30,9 +30,10 @@ MAX_STREAMS_PER_WRITER = 16
 
 
 def streams_kept(t) -> int:
-    """Decoded streams a writer keeps while writing `t` (a `plan.TensorPlan`, which imports this module): 1 for a tensor without compressed chunks or copied chunk
-    after chunk, else the most compressed chunks that cover one index of dim 0 (at most MAX_STREAMS_PER_WRITER)."""
-    if not t.is_compressed or len(t.shape) == 0 or (t.is_row_contiguous and not t.pieces):
+    """Decoded streams a writer keeps while writing `t` (a `plan.TensorPlan`, whose module imports this one): 1
+    for a tensor without compressed chunks or copied chunk after chunk (row-contiguous: the copy assembler), else
+    the most compressed chunks that cover one index of dim 0 (at most MAX_STREAMS_PER_WRITER)."""
+    if not t.is_compressed or len(t.shape) == 0 or t.is_row_contiguous:
         return 1
     return max(1, min(MAX_STREAMS_PER_WRITER, _most_sharing_a_row(t.chunks, len(t.shape))))
 

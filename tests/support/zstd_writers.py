@@ -5,7 +5,7 @@
 | write_zstd_ranks3 | 3 | zstd_fsdp2 (FSDP2 TinyLlama, `_extensions=[ZStandard()]`), zstd_threads (+ 2 threads) |
 | write_zstd_ranks4 | 4 | zstd_mesh2d (TP then FSDP2 on a 2x2 mesh: Shard(1) boxes, assembled in bands) |
 | write_strided_ranks2 | 2 | strided_dtensor(_zstd): DTensor.from_local of transposed / channels_last shards |
-| write_column_blocks | 1 | column_blocks_<n>: a float32 weight (default [256, 2048]) as n column blocks (Shard(1) over n ranks), in one process |
+| write_column_blocks | 1 | column_blocks_<n>: a float32 weight as n column blocks (Shard(1) over n ranks), 1 process |
 
 `strided_single(path)` writes one-process checkpoints (`no_dist=True`) of tensors saved as they are: transposed,
 channels_last, a 3-D permutation. Compare with `dcp_writers.reference_state_dict` (torch's `dcp_to_torch_save`).

@@ -38,8 +38,13 @@ def write(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
     item = dtypes.BY_NAME[t.src_dtype].itemsize
     layout = held.layout(t, item, ws.buffer_bytes, lambda room: ws.band_budget(t, room),
                          lambda budget, chunks: _bands(t, item, budget, chunks))
-    geometry = layout.geometry
     ws.check_integrity(t, t.chunks)     # every band reads every chunk: check them all first
+    with ws.reader.keeping(layout.streams_kept(t)):
+        _write_bands(ws, t, sink, layout)
+
+
+def _write_bands(ws: Workspace, t: TensorPlan, sink: ShardSink, layout: held.Layout) -> None:
+    geometry = layout.geometry
     holding = held.HeldChunks(ws, t, layout)
     bands = geometry.bands()
     following = next(bands, None)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, List, Mapping, Sequence, Tuple
 
 from .. import dtypes
 from ..model import BlobLocation, StoredTensor
+from ..planning.streams import streams_kept
 from ..planning.transforms import Piece, piece_strides, run_split
 from .geometry import Band, BandGeometry
 from .workspace import Assembler, Workspace
@@ -36,12 +37,13 @@ def write(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
     d, ndim = geometry.dim, len(t.shape)
     starts_d = np.array([p.dst_start[d] for p in t.pieces] if d < ndim else [0] * len(t.pieces), dtype=np.int64)
     ends_d = starts_d + np.array([p.sizes[d] for p in t.pieces] if d < ndim else [1] * len(t.pieces), dtype=np.int64)
-    for band in geometry.bands():
-        ws.check_stop()
-        block = ws.scratch(geometry.band_bytes(band), t)
-        hit = np.flatnonzero((starts_d < band.b) & (ends_d > band.a))
-        _fill(ws, [t.pieces[i] for i in hit], t.shape, band, d, block, item)
-        ws.emit(t, sink, block, geometry.first_element(band))
+    with ws.reader.keeping(streams_kept(t)):     # the compressed chunks its bands read in turn
+        for band in geometry.bands():
+            ws.check_stop()
+            block = ws.scratch(geometry.band_bytes(band), t)
+            hit = np.flatnonzero((starts_d < band.b) & (ends_d > band.a))
+            _fill(ws, [t.pieces[i] for i in hit], t.shape, band, d, block, item)
+            ws.emit(t, sink, block, geometry.first_element(band))
 
 
 def _geometry(t: TensorPlan, item: int, budget_bytes: int) -> BandGeometry:

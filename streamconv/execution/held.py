@@ -3,10 +3,10 @@
 A chunk stored with permuted strides (a transposed weight) gives every band a short run of each of its storage
 rows; a column block (tensor-parallel Shard(1)) gives every band a range. From a plain blob those are file reads,
 as cheap the second time as the first. A zstd blob's decoded stream goes forward only: a transposed chunk's next
-band would decode it again from its start, and so would a column block's once more chunks are read band by band
-than the blob reader keeps streams for (`blob_reader.KEPT_STREAMS`, shared by the writers): decoded bytes = the
-chunk's times its bands. Such a chunk is *held* instead: decoded once, whole, into the buffer before the first
-band that reads it, kept until its last, and every band takes its part from there.
+band would decode it again from its start (decoded bytes = the chunk's times its bands). A column block's bands
+read it forward, so its stream kept between bands (`planning.streams`: one per block a band reads, each holding
+zstd's window) decodes it once too. Such a chunk is *held* instead, when it fits: decoded once, whole, into the
+buffer before the first band that reads it, kept until its last, and every band takes its part from there.
 
 `layout` decides, per tensor and before any IO, where everything goes in the writer's buffer:
 
@@ -15,9 +15,11 @@ band that reads it, kept until its last, and every band takes its part from ther
 
 The held area is packed by lifetime (`_pack`: a chunk's slot is reused once its last band is written), so
 row-block chunks (FSDP's Shard(0) of a transposed tensor) need room for the one or two live at a time, not for
-the tensor. When the compressed chunks do not fit beside bands of the rest of the buffer, nothing is held and
-each band decodes again: slower, bounded by the same buffer, never wrong. The whole buffer stays within the
-writer's share either way (its size is the plan's prediction).
+the tensor. When the compressed chunks do not fit beside bands of the rest of the buffer, nothing is held: the
+writer keeps a stream per chunk the bands read in turn (`planning.streams`, counted in the predicted peak), so a
+column block is still decoded once, front to back; past MAX_STREAMS_PER_WRITER, and for a transposed chunk
+(every band reads a run of every storage row), bands decode again: slower, bounded, never wrong. The whole
+buffer stays within the writer's share either way (its size is the plan's prediction).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Sequence, Tuple
 
 from .. import dtypes
 from ..model import BlobLocation, Chunk, numel, row_major_strides
+from ..planning import streams
 from .geometry import BandGeometry
 
 if TYPE_CHECKING:
@@ -52,6 +55,11 @@ class Layout:
     front_bytes: int = 0        # where the held area starts: past any band, its staging and its cast output
     held_bytes: int = 0
     held: Tuple[Held, ...] = ()
+
+    def streams_kept(self, t: TensorPlan) -> int:
+        """Decoded streams the writer keeps between bands (`BlobReader.keeping`): one when the compressed chunks
+        are held (each read whole, at once), else as many as the bands read in turn (`planning.streams`)."""
+        return 1 if self.held else streams.streams_kept(t)
 
     def starting(self) -> Dict[int, List[Held]]:
         """The held chunks to decode before each band, by band index."""

@@ -67,13 +67,14 @@ def write(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
     geometry = layout.geometry
     ws.check_integrity(t, t.chunks)
     holding = held.HeldChunks(ws, t, layout)
-    for i, band in enumerate(geometry.bands()):
-        ws.check_stop()
-        decoded = holding.before_band(i)
-        block, staging = ws.scratch_and_staging(geometry.band_bytes(band), t, layout.staging_bytes)
-        for chunk in t.chunks:
-            _fill(ws, t, chunk, band, geometry.dim, block, staging, item, decoded.get(chunk.location))
-        ws.emit(t, sink, block, geometry.first_element(band))
+    with ws.reader.keeping(layout.streams_kept(t)):
+        for i, band in enumerate(geometry.bands()):
+            ws.check_stop()
+            decoded = holding.before_band(i)
+            block, staging = ws.scratch_and_staging(geometry.band_bytes(band), t, layout.staging_bytes)
+            for chunk in t.chunks:
+                _fill(ws, t, chunk, band, geometry.dim, block, staging, item, decoded.get(chunk.location))
+            ws.emit(t, sink, block, geometry.first_element(band))
 
 
 def _bands(t: TensorPlan, item: int, budget_bytes: int, chunks: Sequence[Chunk]) -> BandGeometry:

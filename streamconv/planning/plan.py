@@ -18,6 +18,7 @@ from .pieces import PieceTable
 from ..safetensors_format import MAX_HEADER_BYTES
 from .coverage import columns_of
 from .proven import Proven, chunks_and_pieces, pieces_packed
+from .streams import stream_bytes, streams_kept
 from .transforms import Heads, Piece, is_contiguous_piece
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9          # as huggingface_hub's "5GB"
@@ -49,7 +50,9 @@ IO_STEPS_BYTES = DEFAULT_WRITERS * IO_STEP_BYTES_PER_WRITER
 #   (torch's default level), its compressed reads and what its thread's malloc arena keeps of them. Measured peaks
 #   (2-core VM, 2026-12-07): tests/memory/test_zstd_strided_memory.py's checkpoint (128 MiB tensors,
 #   --buffer-size 4MiB --crc) 45.8 / 48.2 MiB with 1 / 2 writers; the 2 GB zstd benchmark 34.5 / 42.4 / 51.0 MiB
-#   with 2 / 4 / 6 writers: 4.2 MiB a writer (its IO step included) there, so the prediction takes 4.5;
+#   with 2 / 4 / 6 writers: 4.2 MiB a writer (its IO step included) there, so the prediction takes 4.5; a writer
+#   whose bands read several compressed chunks in turn keeps a stream for each (planning/streams.py: up to
+#   STREAM_BYTES each beyond the first);
 ZSTD_MODULE_BYTES = 2**20
 DECODER_BYTES_PER_WRITER = 7 * 2**19
 # * per chunk of `.metadata` and piece of the plan, what `convert` holds for it before its first byte: the decoded
@@ -440,6 +443,14 @@ def _running_writers(tensors: Sequence[TensorPlan], writers: int) -> int:
     return max(1, min(writers, len(tensors)))
 
 
+def _more_streams_bytes(tensors: Sequence[TensorPlan], running: int) -> int:
+    """The decoded streams writers keep beyond their one (DECODER_BYTES_PER_WRITER counts it) while they write
+    compressed tensors whose bands read several chunks in turn (`streams.streams_kept`), the `running` such
+    tensors with the most written at once."""
+    more = sorted((streams_kept(t) - 1) * stream_bytes(t) for t in tensors if t.is_compressed)[-running:]
+    return sum(more)
+
+
 def _writers_bytes(tensors: Sequence[TensorPlan], buffer_bytes: int, writers: int,
                    permuted: Collection[BlobLocation] = frozenset()) -> int:
     """What the writers hold beyond the base: their IO steps, their zstd decoders when chunks are compressed and,
@@ -449,7 +460,7 @@ def _writers_bytes(tensors: Sequence[TensorPlan], buffer_bytes: int, writers: in
     need_bytes = max((buffer_need_bytes(t, permuted) for t in tensors), default=0)
     held = running * IO_STEP_BYTES_PER_WRITER
     if any(t.is_compressed for t in tensors):
-        held += ZSTD_MODULE_BYTES + running * DECODER_BYTES_PER_WRITER
+        held += ZSTD_MODULE_BYTES + running * DECODER_BYTES_PER_WRITER + _more_streams_bytes(tensors, running)
     if need_bytes:
         held += NUMPY_RSS_BYTES + running * min(max(1, buffer_bytes // running), need_bytes)
     return held

@@ -5,9 +5,9 @@ Every core is one more zstd decoder running: a compressed checkpoint is CPU-boun
 fixed 2 writers took 1.7-2.1x `cp -r` on a 16-core host, 8 reached `cp` speed). A plain copy is disk-bound, but
 more writers cost it only memory. The memory bounds the count: each writer takes its share of `--buffer-size`
 (at least MIN_SHARE_BYTES, below which bands become many small reads) and, beyond the buffer, its IO step and, on
-a compressed checkpoint, its decoder (plan.py's prediction counts both). The count is the largest whose predicted
-peak, without the per-chunk metadata, stays within --buffer-size + PEAK_ABOVE_BUFFER_BYTES: the bound every
-layout is held to (tests/memory).
+a compressed checkpoint, its decoders (one, or one per compressed chunk its bands read in turn: planning/streams.py;
+plan.py's prediction counts them all). The count is the largest whose predicted peak, without the per-chunk
+metadata, stays within --buffer-size + PEAK_ABOVE_BUFFER_BYTES: the bound every layout is held to (tests/memory).
 """
 from __future__ import annotations
 

@@ -9,10 +9,13 @@ Every address is honest:
   (`transforms.open_stream`): the offset is an offset in that stream, and the stream reads only the blob's stored
   range of its file. No decoded byte is given an address in a file.
 
-Streams go forward only. Each one is kept between reads (at most KEPT_STREAMS, each holding its window), so reads
-in increasing order (the copy path; bands in row order) decode a blob once; a read before a stream's position
-decodes the blob again from its first byte (counted in `restarts`: slower, never wrong). A stream is let go once
-it is past the chunk's storage record.
+Streams go forward only. Each thread keeps the streams it reads between reads (one, or as many as
+`keeping(count)` says while a tensor's bands read `count` compressed chunks in turn: `planning.streams`, which
+the predicted peak counts; each holds its window), so reads in increasing order (the copy path; bands in row
+order) decode a blob once; a read before a stream's position decodes the blob again from its first byte (counted
+in `restarts`: slower, never wrong). A stream is let go once it is past the chunk's storage record. When more
+streams are read in turn than a thread keeps, the one it kept last is let go, not the oldest: bands reading N
+chunks in turn with k kept decode N - k + 1 of them again per band, not all N (as dropping the oldest would).
 
 `check_while_reading` sums a transformed blob's storage record as these reads pass it, so `--crc` costs one
 zlib.crc32 pass instead of a second decompression; `record_crc32` reads a record and its recorded CRC-32 apart.
@@ -21,8 +24,8 @@ from __future__ import annotations
 
 import threading
 import zlib
-from collections import OrderedDict
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 from ..errors import CheckpointError
 from ..model import BlobLocation, StoredTensor
@@ -30,7 +33,7 @@ from . import streamed_blob, transforms
 from .io import RangeReader
 
 DECODE_PIECE_BYTES = 1 << 20     # decoded bytes passed through memory at a time (per thread)
-KEPT_STREAMS = 8                 # streams kept for the next read (each holds its window, ~2 MiB for zstd)
+KEPT_STREAMS = 1                 # streams a thread keeps for its next read unless told more (`keeping`)
 
 Verdict = Callable[[Optional[int], Optional[int]], None]    # (computed, recorded or None) -> raises on a mismatch
 
@@ -38,11 +41,12 @@ Verdict = Callable[[Optional[int], Optional[int]], None]    # (computed, recorde
 class _Cursor:
     """One blob's decoded stream, used by one thread at a time, and the record it sums as reads pass it."""
 
-    __slots__ = ("location", "stream", "record_end", "sum_from", "sum_to", "crc")
+    __slots__ = ("location", "stream", "record_end", "sum_from", "sum_to", "crc", "kept_since")
 
     def __init__(self, location: BlobLocation, stream: transforms.DecodedStream, record_end: int):
         self.location, self.stream, self.record_end = location, stream, record_end
         self.sum_from = self.sum_to = self.crc = 0
+        self.kept_since = 0         # when its thread first kept it (0: not yet), to choose which to let go
 
     @property
     def pos(self) -> int:
@@ -71,11 +75,11 @@ class BlobReader:
         self.stored = stored
         self.names = names or {}
         self._lock = threading.Lock()
-        self._idle: "OrderedDict[BlobLocation, _Cursor]" = OrderedDict()
         self._checks: Dict[BlobLocation, Verdict] = {}      # check_while_reading, not yet judged
         self._local = threading.local()
         self.decoded_bytes = 0      # decoded bytes produced (skipped ones included), for reports and tests
-        self.restarts = 0           # reads that had to decode a blob again from its start
+        self.restarts = 0           # reads that had to decode a blob again from its start (its stream was past
+        #                             the read, or let go to keep no more streams than the thread may)
 
     # -- what the assemblers read through -------------------------------------------------------------------
     def read_into(self, location: BlobLocation, offset: int, buffers: Sequence[memoryview]) -> None:
@@ -117,6 +121,24 @@ class BlobReader:
         if not location.transform_descriptors:
             self.files.announce(location.relative_path, offset, length)
 
+    @contextmanager
+    def keeping(self, count: int) -> Iterator[None]:
+        """While inside, this thread keeps up to `count` streams between its reads (a tensor whose bands read
+        `count` compressed chunks in turn: `planning.streams.streams_kept`); afterwards it keeps KEPT_STREAMS
+        again and lets go of the streams it kept (the tensor is written: none of them is read again)."""
+        local = self._local
+        local.capacity = max(1, count)
+        try:
+            yield
+        finally:
+            local.capacity = KEPT_STREAMS
+            self._kept().clear()
+            self._let_go_early().clear()
+
+    def kept_streams(self) -> int:
+        """Streams this thread keeps now (each holds its window)."""
+        return len(self._kept())
+
     # -- what the CRC-32 checker reads through --------------------------------------------------------------
     def record_crc32(self, location: BlobLocation, piece: memoryview) -> Tuple[Optional[int], Optional[int]]:
         """(computed, recorded) CRC-32 of the chunk's storage record, read in `piece`-sized steps; computed is None
@@ -139,11 +161,9 @@ class BlobReader:
             return False
         with self._lock:
             self._checks[location] = verdict
-            cursor = self._idle.pop(location, None)
+        cursor = self._kept().get(location)     # a stream kept by another thread is not summed: never judged
         if cursor is not None and cursor.pos <= stored.record_offset:     # it will pass the whole record: sum it
             cursor.sum_from, cursor.sum_to = stored.record_offset, cursor.record_end
-            with self._lock:
-                self._idle[location] = cursor
         return True
 
     # -- internals -------------------------------------------------------------------------------------------
@@ -177,12 +197,27 @@ class BlobReader:
             scratch = self._local.scratch = memoryview(bytearray(DECODE_PIECE_BYTES))
         return scratch
 
+    def _kept(self) -> Dict[BlobLocation, _Cursor]:
+        """This thread's kept streams, oldest first."""
+        kept = getattr(self._local, "kept", None)
+        if kept is None:
+            kept = self._local.kept = {}
+        return kept
+
+    def _let_go_early(self) -> set:
+        """The blobs whose streams this thread let go before their record's end (to keep no more than its
+        capacity), so that reading one again counts as a restart; emptied with the kept streams."""
+        early = getattr(self._local, "early", None)
+        if early is None:
+            early = self._local.early = set()
+        return early
+
     def _cursor_at(self, location: BlobLocation, pos: int) -> _Cursor:
-        with self._lock:
-            cursor = self._idle.pop(location, None)
+        cursor = self._kept().pop(location, None)
         if cursor is None or cursor.pos > pos:
-            if cursor is not None:
+            if cursor is not None or location in self._let_go_early():
                 self.restarts += 1
+                self._let_go_early().discard(location)
             stored = self.stored[location]
             where = transforms.where(location, self.names.get(location))
             cursor = _Cursor(location, transforms.open_stream(self.files, location, where),
@@ -198,10 +233,16 @@ class BlobReader:
         self._judge(cursor)
         if cursor.pos >= cursor.record_end:
             return      # past the chunk's record (and its CRC, read in the same call): nothing left to read
-        with self._lock:
-            self._idle[cursor.location] = cursor
-            while len(self._idle) > KEPT_STREAMS:
-                self._idle.popitem(last=False)
+        kept = self._kept()     # (without `cursor`: a stream is taken out while read, so a failed read drops it)
+        if not cursor.kept_since:
+            self._local.kept_count = cursor.kept_since = getattr(self._local, "kept_count", 0) + 1
+        if len(kept) >= getattr(self._local, "capacity", KEPT_STREAMS):
+            # Full: let go of the stream kept last, not the oldest. Bands read their chunks in one cycle: the
+            # oldest are read next, and those kept first stay kept; a stream read in pieces stays (it is this one).
+            newest = max(kept.values(), key=lambda c: c.kept_since)
+            del kept[newest.location]
+            self._let_go_early().add(newest.location)
+        kept[cursor.location] = cursor
 
     def _judge(self, cursor: _Cursor) -> None:
         """At the end of a record summed while reading: its descriptor, then the verdict."""

@@ -96,19 +96,66 @@ def test_row_blocks_of_a_transposed_tensor_share_the_held_area():
 
 @pytest.mark.parametrize("columns", [4, 16])
 @pytest.mark.parametrize("buffer_bytes, held_", [(1060 << 10, True), (64 << 10, False)])
-def test_column_blocks_in_zstd_blobs_are_decoded_once_when_they_fit(columns, buffer_bytes, held_):
+def test_column_blocks_in_zstd_blobs_are_decoded_once_held_or_not(columns, buffer_bytes, held_):
     """Tensor-parallel Shard(1) of a [256, 1024] float32 weight in zstd blobs: every band reads every column
-    block. Beyond the streams the blob reader keeps (KEPT_STREAMS, 8, shared by the writers) each band decoded every
-    block again from its start (16 blocks, 64 KiB bands: 9.5x the tensor). Held (1060 KiB of buffer for the 1 MiB
-    tensor, two bands), each is decoded once; in 64 KiB they cannot be, and the fallback stays exact."""
+    block. Held (1060 KiB of buffer for the 1 MiB tensor, two bands), each is decoded once into the buffer. In
+    64 KiB they cannot be held: the writer keeps a stream per block (planning/streams.py), so each is still decoded
+    once, front to back (the blob reader used to keep 8 streams for all writers: 16 blocks decoded 9.5x the
+    tensor)."""
     arr = np.random.default_rng(1).standard_normal((256, 1024)).astype(np.float32)
     t, reader, stored = _zstd_tensor(arr, [[], [1024 // columns * i for i in range(1, columns)]], [(0, 1)])
     got, ws = write_alone(t, reader, stored, buffer_bytes)
     assert got == arr.tobytes() and choose(t, stored).name == "band"
-    assert bool(layout_of(ws, t).held) == held_
-    if held_:
-        assert (reader.decoded_bytes, reader.restarts) == (_decoded_once(stored), 0)
-    assert ws.buffer_nbytes <= buffer_bytes
+    layout = layout_of(ws, t)
+    assert bool(layout.held) == held_ and len(list(layout.geometry.bands())) > 1
+    assert (reader.decoded_bytes, reader.restarts) == (_decoded_once(stored), 0)
+    assert ws.buffer_nbytes <= buffer_bytes and reader.kept_streams() == 0     # all let go at the end
+
+
+@pytest.fixture(scope="module")
+def column_blocks(tmp_path_factory):
+    from streamconv.demo_checkpoint import run_distributed
+    out = tmp_path_factory.mktemp("columns")
+    run_distributed("tests.support.zstd_writers:write_column_blocks", 1, dict(out_dir=str(out)))
+    return out
+
+
+def _write_torch_checkpoint(path, buffer_bytes):
+    """The one tensor of a torch-written checkpoint through its assembler: (bytes, reader, tensor plan, stored)."""
+    import streamconv
+    from streamconv.runs.checkpoint import blob_reader, load, locate_chunks
+    conversion = streamconv.plan(str(path))
+    files, _ = load(str(path))
+    with files:
+        stored = locate_chunks(conversion, files)
+        reader = blob_reader(conversion, files, stored)
+        (t,) = conversion.tensors
+        got, ws = write_alone(t, reader, stored, buffer_bytes)
+    return got, reader, t, stored, len(list(layout_of(ws, t).geometry.bands()))
+
+
+@pytest.mark.parametrize("columns", [16, 32])
+def test_many_column_blocks_of_a_torch_zstd_checkpoint(column_blocks, columns):
+    """torch's own zstd blobs of a [256, 2048] float32 weight in 16 or 32 column blocks, with a 64 KiB buffer
+    (37 bands, nothing held). 16 blocks: the writer keeps a stream for each, every blob decoded once. 32 (more
+    than MAX_STREAMS_PER_WRITER): the bounded fallback, exact; the 15 streams kept first stay, so each band
+    decodes the other 17 again from their start, not all 32."""
+    from streamconv.planning.streams import MAX_STREAMS_PER_WRITER, streams_kept
+    from tests.support import dcp_writers
+    path = column_blocks / f"column_blocks_{columns}"
+    got, reader, t, stored, bands = _write_torch_checkpoint(path, 64 << 10)
+    assert got == dcp_writers.reference_state_dict(path)["w"].numpy().tobytes()
+    assert len(t.chunks) == columns and all(c.location.transform_descriptors for c in t.chunks)
+    once = sum(stored[c.location].data_offset + stored[c.location].data_nbytes for c in t.chunks)
+    assert streams_kept(t) == min(columns, MAX_STREAMS_PER_WRITER)
+    if columns <= MAX_STREAMS_PER_WRITER:
+        assert (reader.decoded_bytes, reader.restarts) == (once, 0)
+    else:
+        again = columns - MAX_STREAMS_PER_WRITER + 1        # per band after the first (one fewer in the last)
+        assert bands > 30 and again * (bands - 1) - 1 == reader.restarts
+        # Each restart decodes its blob up to the band's rows again: about half of it on average (one more
+        # `once` of margin). Dropping the oldest stream instead restarted all 32 every band: 1.7x these bytes.
+        assert once < reader.decoded_bytes < once * (2 + again * bands // 2 // columns)
 
 
 def test_a_layout_holds_no_more_than_the_plan_counts_for_the_tensor():

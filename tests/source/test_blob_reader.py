@@ -109,7 +109,7 @@ def test_a_zstd_blob_read_in_order_is_decoded_once_and_its_streams_are_let_go(ch
         reader.read_into(chunk.location, s.data_offset + half, [memoryview(out)[half:]])
         assert bytes(out) == STATE["embed.weight"].numpy().tobytes()
         assert reader.restarts == 0 and reader.decoded_bytes == s.data_offset + s.data_nbytes
-        assert reader._idle == {}       # past the record: let go
+        assert reader.kept_streams() == 0       # past the record: let go
         # Reading the first half again starts the blob's stream again (never wrong, counted).
         again = bytearray(half)
         reader.read_into(chunk.location, s.data_offset, [memoryview(again)])

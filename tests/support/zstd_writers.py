@@ -5,6 +5,7 @@
 | write_zstd_ranks3 | 3 | zstd_fsdp2 (FSDP2 TinyLlama, `_extensions=[ZStandard()]`), zstd_threads (+ 2 threads) |
 | write_zstd_ranks4 | 4 | zstd_mesh2d (TP then FSDP2 on a 2x2 mesh: Shard(1) boxes, assembled in bands) |
 | write_strided_ranks2 | 2 | strided_dtensor(_zstd): DTensor.from_local of transposed / channels_last shards |
+| write_column_blocks | 1 | column_blocks_<n>: a float32 weight as n column blocks (Shard(1) over n ranks), 1 process |
 
 `strided_single(path)` writes one-process checkpoints (`no_dist=True`) of tensors saved as they are: transposed,
 channels_last, a 3-D permutation. Compare with `dcp_writers.reference_state_dict` (torch's `dcp_to_torch_save`).
@@ -110,3 +111,23 @@ def strided_single(path, *, zstd: bool = False) -> Dict[str, torch.Tensor]:
         warnings.simplefilter("ignore")   # "torch.distributed is disabled ... assuming a single process"
         dcp.save(state, storage_writer=writer, no_dist=True)
     return state
+
+
+
+
+def write_column_blocks(rank: int, world_size: int, out_dir: str, columns=(16, 32), shape=(256, 2048)) -> List[str]:
+    """A float32 weight of `shape` saved as n column blocks for each n in `columns` (what tensor-parallel Shard(1)
+    over n ranks writes: each block in its own zstd blob), from one process: a ShardedTensor whose local shards
+    are every block, so no n processes are needed. Folders `column_blocks_<n>`."""
+    from torch.distributed._shard.sharded_tensor import Shard, ShardMetadata, init_from_local_shards
+    rows, cols = shape
+    full = torch.empty(rows, cols).uniform_(generator=torch.Generator().manual_seed(5)).to(torch.bfloat16).float()
+    names = []
+    for n in columns:
+        width = cols // n
+        shards = [Shard(full[:, i * width:(i + 1) * width].clone(),
+                        ShardMetadata([0, i * width], [rows, width], "rank:0/cpu")) for i in range(n)]
+        names.append(f"column_blocks_{n}")
+        dcp.save({"w": init_from_local_shards(shards, [rows, cols])},
+                 storage_writer=_zstd_writer(Path(out_dir) / names[-1]))
+    return names

@@ -5,6 +5,7 @@
   With $STREAMCONV_TEST_DCP_CHECKPOINTS set, the ones already written in that folder (for a pytest a test starts).
 * `demo_checkpoint`: the `make demo` checkpoint (`streamconv.demo_checkpoint.DemoCheckpoint`), built on request.
 * `s3_server`: a moto S3 server on localhost (`tests/support/s3_server.py`), started on request.
+* `gcs_server`: fake-gcs-server on localhost (`tests/support/gcs_server.py`), started on request, once per session.
 * `model_families`: tiny Llama, Qwen2, Qwen3 and a torchtitan-named MoE module saved by DCP under FSDP2, each with a
   config-only base folder (`family_writers.py`), built on request.
 * `meta_model_cache` (autouse): transformers' answer for a config.json (`streamconv/hf/meta_probe.py`, 5-20 s of
@@ -61,6 +62,16 @@ def s3_server():
     from tests.support import s3_server as s3
 
     server = s3.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A real GCS-protocol server (fake-gcs-server, HTTP on localhost) for the session; tests/support/gcs_server.py."""
+    from tests.support import gcs_server as gcs
+
+    server = gcs.start()
     yield server
     server.stop()
 

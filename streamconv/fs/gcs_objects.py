@@ -14,8 +14,9 @@ GCS has what the output protocol needs, under other names:
   (`x-goog-generation` of the same answer as the bytes).
 * Server-side copies (`rewriteTo`), listings and deletions are fsspec's own calls, shared with S3 in objects.py.
 
-Uploads are JSON-API multipart uploads (metadata and bytes in one request): the upload type whose preconditions
-every GCS-protocol server honours (fake-gcs-server ignores them on a `media` upload).
+Small objects (records, the lock, the index) are JSON-API multipart uploads (metadata and bytes in one request):
+the upload type whose preconditions every GCS-protocol server honours (fake-gcs-server ignores them on a `media`
+upload). A part is a `media` upload of the part's own buffer, which needs no precondition and no copy of its bytes.
 """
 from __future__ import annotations
 
@@ -54,6 +55,12 @@ def _upload(fs, bucket: str, key: str, data, **conditions) -> Dict:
     return fs.call("POST", f"{fs._location}/upload/storage/v1/b/{bucket}/o", uploadType="multipart",
                    headers={"Content-Type": f'multipart/related; boundary="{_BOUNDARY}"'}, data=body,
                    json_out=True, **conditions)
+
+
+def _upload_media(fs, bucket: str, key: str, data) -> Dict:
+    """One object whose body is `data` itself (a part's buffer, handed to the HTTP client without a copy)."""
+    return fs.call("POST", f"{fs._location}/upload/storage/v1/b/{bucket}/o", uploadType="media", name=key,
+                   headers={"Content-Type": "application/octet-stream"}, data=data, json_out=True)
 
 
 def _conditional(what: str, call) -> Optional[Dict]:
@@ -141,7 +148,7 @@ class ComposedUpload:
         if number > MAX_PARTS:
             raise OutputError(f"{self.url}: part {number} of more than the {MAX_PARTS} GCS composes into one object")
         key = self._part_key(number)
-        _call(f"{self.url}: uploading part {number}", lambda: _upload(self._fs, self._bucket, key, data))
+        _call(f"{self.url}: uploading part {number}", lambda: _upload_media(self._fs, self._bucket, key, data))
         self._uploaded[number] = key
 
     def complete(self, parts: int) -> None:

@@ -56,11 +56,7 @@ def _client(url: str) -> Tuple[object, str, str]:
     return fs, bucket, key
 
 
-def _call(what: str, call):
-    try:
-        return remote.with_retries(what, call, OutputError)
-    except FileNotFoundError as exc:
-        raise OutputError(f"{what}: {remote.describe(exc)} (does the bucket exist?)") from None
+_call = remote.output_call
 
 
 def start_upload(url: str):

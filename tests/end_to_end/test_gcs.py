@@ -6,14 +6,13 @@ with the local conversion's.
 """
 from __future__ import annotations
 
-import json
 import threading
 
 import pytest
 
 from streamconv.demo_checkpoint import run_distributed
 from tests.support import gcs_server as gcs
-from tests.support.remote_outputs import files_of, run, same_output
+from tests.support.remote_outputs import failed_as_changed, files_of, run, same_inspect_and_plan, same_output
 from tests.support.s3_server import FaultProxy     # an HTTP proxy: S3's or GCS's requests alike
 
 BUCKET = "gckpts"
@@ -47,16 +46,7 @@ def test_converts_from_gcs_byte_for_byte_as_from_disk(uploaded, env, name, tmp_p
 
 
 def test_inspect_and_plan_read_the_metadata_from_gcs(uploaded, env):
-    folder, url = uploaded["fsdp2"]
-    local, remote = run("inspect", folder, "--json", env=env), run("inspect", url, "--json", env=env)
-    assert remote.returncode == 0, remote.stderr
-    a, b = json.loads(local.stdout), json.loads(remote.stdout)
-    assert b.pop("checkpoint") == url and a.pop("checkpoint") == str(folder)
-    assert a == b
-    planned = run("plan", url, "--no-config", "--json", env=env)
-    assert planned.returncode == 0, planned.stderr
-    assert json.loads(planned.stdout)["tensors"] == json.loads(run("plan", folder, "--no-config", "--json",
-                                                                   env=env).stdout)["tensors"]
+    same_inspect_and_plan(*uploaded["fsdp2"], env)
 
 
 def test_run_folder_in_a_gcs_bucket_is_searched_like_a_local_one(uploaded, gcs_server, env, tmp_path):
@@ -104,6 +94,4 @@ def test_a_gcs_object_rewritten_during_the_run_is_detected_by_its_generation(upl
     finally:
         proxy.stop()
     assert gate.is_set()
-    assert result.returncode == 2, result.stderr
-    assert "changed while it was converted" in result.stderr and f"{url}/{data_file}" in result.stderr
-    assert not (tmp_path / "out").exists()
+    failed_as_changed(result, f"{url}/{data_file}", tmp_path / "out")

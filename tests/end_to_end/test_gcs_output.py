@@ -8,13 +8,13 @@ the lock created with ifGenerationMatch=0, shards composed from parts, streamcon
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from tests.support import gcs_server as gcs
-from tests.support.remote_outputs import files_of, run, same_output
+from tests.support.remote_outputs import (files_of, only_a_staging_prefix_left, run, same_output,
+                                          unfinished_refused_then_resumed)
 
 BUCKET = "ghfout"
 
@@ -64,19 +64,10 @@ def test_killed_mid_upload_then_resumed_keeps_the_uploaded_shards(gcs_server, en
     args = ["--no-config", "--max-shard-size", "200KB", "--workers", "1"]
     first = run("convert", ckpt, url, *args, env=dict(env, STREAMCONV_TEST_KILL_AT="mid-shard@3"))
     assert killed(first), first.stderr
-    left = gcs_server.download(BUCKET, prefix)
-    assert left and all(n.startswith(".streamconv-staging-") for n in left if n != ".streamconv-lock")
-    staged = {n.split("/")[0] for n in left if n != ".streamconv-lock"}
-    assert [json.loads(left[".streamconv-lock"])["staging"]] == sorted(staged)
+    only_a_staging_prefix_left(gcs_server.download(BUCKET, prefix))
     # (a killed upload's parts are objects under the staging prefix, deleted by --resume: a 200 KB shard is one
     # part, uploaded once full, so here there are none; tests/fs/test_gcs_objects.py kills uploads with parts)
-    unfinished = run("verify", ckpt, url, env=env)
-    assert unfinished.returncode == 3 and "not a finished output" in unfinished.stderr, unfinished.stderr
-    refused = run("convert", ckpt, url, *args, env=env)
-    assert refused.returncode == 73 and "--resume" in refused.stderr, refused.stderr
-    resumed = run("convert", ckpt, url, *args, "--resume", env=env)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed: kept 2 of" in resumed.stdout, resumed.stdout
+    unfinished_refused_then_resumed(ckpt, url, args, env, kept="resumed: kept 2 of")
     same_output(gcs_server.download(BUCKET, prefix), local_demo)
 
 

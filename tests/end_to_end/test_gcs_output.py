@@ -88,6 +88,8 @@ def test_killed_while_publishing_then_resumed_and_overwrite_replaces_the_old_fil
     same_output(gcs_server.download(BUCKET, prefix), local_demo)
 
 
+# `make test-slow`: the demo test above writes into gs:// and test_gcs.py reads FSDP2 from it, each byte for byte.
+@pytest.mark.slow
 def test_fsdp2_from_gcs_into_gcs(gcs_server, env, dcp_checkpoints, tmp_path):
     folder = dcp_checkpoints["fsdp2"]
     url = gcs_server.upload(folder, "gckpts-out", "fsdp2")

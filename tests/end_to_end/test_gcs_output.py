@@ -8,6 +8,9 @@ the lock created with ifGenerationMatch=0, shards composed from parts, streamcon
 """
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,3 +101,31 @@ def test_fsdp2_from_gcs_into_gcs(gcs_server, env, dcp_checkpoints, tmp_path):
     remote = run("convert", url, f"gs://{BUCKET}/fsdp2/hf", "--no-config", env=env)
     assert remote.returncode == 0, remote.stderr
     same_output(gcs_server.download(BUCKET, "fsdp2/hf"), files_of(tmp_path / "local"))
+
+
+def test_shard_jobs_run_apart_upload_their_own_shards_into_gcs(gcs_server, env, demo_checkpoint, local_demo):
+    """SeparateRunner (Ray's stand-in: each job pickled, written by `write_job_alone` where it lands) into gs://:
+    each job composes its own shard and records it in the staging prefix's ledger; the driver publishes."""
+    ckpt = Path(demo_checkpoint.ckpt_dir)
+    script = ("import sys, streamconv\nfrom streamconv.runs.runners import SeparateRunner\n"
+              "streamconv.convert(sys.argv[1], sys.argv[2], no_config=True, shard_runner=SeparateRunner(),\n"
+              "                   max_shard_size='200KB')\n")
+    result = subprocess.run([sys.executable, "-c", script, str(ckpt), f"gs://{BUCKET}/apart/hf"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    same_output(gcs_server.download(BUCKET, "apart/hf"), local_demo)
+
+
+def test_batch_into_gcs_then_skips_what_is_finished(gcs_server, env, dcp_checkpoints):
+    """`batch 'gs://…/checkpoint-*' -o 'gs://…/{name}'`: both converted, their records published; a second run
+    skips both (finished: the definition verify uses)."""
+    for step in (100, 200):
+        gcs_server.upload(dcp_checkpoints["fsdp2"], "gruns", f"run/checkpoint-{step}")
+    template = f"gs://{BUCKET}/batch/{{name}}"
+    first = run("batch", "gs://gruns/run/checkpoint-*", "-o", template, "--no-config", "--json", env=env)
+    assert first.returncode == 0, first.stderr + first.stdout
+    assert [i["status"] for i in json.loads(first.stdout)["checkpoints"]] == ["converted", "converted"]
+    assert "streamconv.json" in gcs_server.download(BUCKET, "batch/checkpoint-200")
+    again = run("batch", "gs://gruns/run/checkpoint-*", "-o", template, "--no-config", "--json", env=env)
+    assert again.returncode == 0, again.stderr
+    assert [i["status"] for i in json.loads(again.stdout)["checkpoints"]] == ["skipped", "skipped"]

@@ -1,4 +1,5 @@
-"""Writing into object storage: the only module that creates, copies or deletes objects.
+"""Writing into object storage: the only module (with gcs_objects.py, its verbs on GCS) that creates, copies or
+deletes objects.
 
 Object stores have no rename and no write at an offset, so a shard is one S3 multipart upload whose parts are
 uploaded in any order as they fill (`MultipartUpload`: a part is readable by nobody until the upload is

@@ -61,7 +61,8 @@ def killed(result) -> bool:
 
 def test_killed_mid_upload_then_resumed_keeps_the_uploaded_shards(gcs_server, env, demo_checkpoint, local_demo):
     """Killed while the third shard's parts are being uploaded: the prefix holds only the staging prefix and the
-    lock naming it (verify: not finished; a plain run: refused), `--resume` keeps the two composed shards (size and CRC-32 read back) and publishes the local conversion byte for byte."""
+    lock naming it (verify: not finished; a plain run: refused), `--resume` keeps the two composed shards (size
+    and CRC-32 read back) and publishes the local conversion byte for byte."""
     ckpt, prefix = Path(demo_checkpoint.ckpt_dir), "killed/model"
     url = f"gs://{BUCKET}/{prefix}"
     args = ["--no-config", "--max-shard-size", "200KB", "--workers", "1"]

@@ -5,6 +5,7 @@
   With $STREAMCONV_TEST_DCP_CHECKPOINTS set, the ones already written in that folder (for a pytest a test starts).
 * `demo_checkpoint`: the `make demo` checkpoint (`streamconv.demo_checkpoint.DemoCheckpoint`), built on request.
 * `s3_server`: a moto S3 server on localhost (`tests/support/s3_server.py`), started on request.
+* `gcs_server`: fake-gcs-server on localhost (`tests/support/gcs_server.py`), started on request, once per session.
 * `model_families`: tiny Llama, Qwen2, Qwen3 and a torchtitan-named MoE module saved by DCP under FSDP2, each with a
   config-only base folder (`family_writers.py`), built on request.
 * `meta_model_cache` (autouse): transformers' answer for a config.json (`streamconv/hf/meta_probe.py`, 5-20 s of
@@ -29,6 +30,9 @@ import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
+# gcsfs >= 2025 asks a gRPC control plane for every bucket's layout unless this is false; the local GCS server
+# (tests/support/gcs_server.py) has none, and each call would wait 60 s. Read when gcsfs is imported: set first.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 SHARED_FIXTURES_DIR = Path(os.environ.get("STREAMCONV_SHARED_FIXTURES") or REPO_ROOT.parent / "shared" / "fixtures")
 # The folder of an already written `dcp_checkpoints` (its `build` output), for a pytest run started by a test.
 REUSE_DCP_CHECKPOINTS = "STREAMCONV_TEST_DCP_CHECKPOINTS"
@@ -63,6 +67,33 @@ def s3_server():
     server = s3.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A real GCS-protocol server (fake-gcs-server, HTTP on localhost) for the session; tests/support/gcs_server.py."""
+    from tests.support import gcs_server as gcs
+
+    server = gcs.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def gcs_env(gcs_server, monkeypatch):
+    """The session's GCS server with its variables set in this process and anonymous access passed the way a user
+    passes it (`--storage-options '{"token": "anon"}'`: fsspec read $FSSPEC_GS_TOKEN when it was imported), so
+    in-process code talks to it as a user's run would; gcsfs's cached clients dropped before and after."""
+    import gcsfs
+    from streamconv.fs.remote import StorageOptions
+
+    for key, value in gcs_server.env.items():
+        monkeypatch.setenv(key, value)
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    StorageOptions.set({"token": "anon"})
+    yield gcs_server
+    StorageOptions.set(None)
+    gcsfs.GCSFileSystem.clear_instance_cache()
 
 
 @pytest.fixture(scope="session")

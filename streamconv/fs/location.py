@@ -187,7 +187,9 @@ class RemoteFolder:
         if info.get("type") == "directory":
             return Entry(DIRECTORY, 0, ())
         size = int(info.get("size") or 0)
-        version = next((str(info[k]) for k in ("ETag", "etag", "generation", "md5Hash") if info.get(k)), "")
+        # GCS: the generation, not the etag (the MD5 of the bytes there): a re-upload of the same bytes is a new
+        # object all the same, and a resume record keeps only (size, version)
+        version = next((str(info[k]) for k in ("ETag", "generation", "etag", "md5Hash") if info.get(k)), "")
         modified = info.get("LastModified") or info.get("mtime") or info.get("updated") or info.get("created")
         return Entry(FILE, size, (size, version, str(modified or "")), "", (size, version))
 

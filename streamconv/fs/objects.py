@@ -1,4 +1,5 @@
-"""Writing into object storage: the only module that creates, copies or deletes objects.
+"""Writing into object storage: the only module (with gcs_objects.py, its verbs on GCS) that creates, copies or
+deletes objects.
 
 Object stores have no rename and no write at an offset, so a shard is one S3 multipart upload whose parts are
 uploaded in any order as they fill (`MultipartUpload`: a part is readable by nobody until the upload is
@@ -9,10 +10,12 @@ The run lock of an output prefix (output/remote_lock.py) is the one object writt
 where none is (`put_new`, If-None-Match), replaced or deleted only while it is the version we read
 (`put_replacing`, `delete_if`, If-Match): S3's conditional writes, atomic on the service.
 
-Only S3 (and S3-protocol services: MinIO, Ceph, R2) offers uploads in parts of any order through fsspec
-(s3fs); another protocol as an output is refused (`check_writable`) with the protocols that work. Every call
-goes through `remote.with_retries` (a reset, a 5xx or throttling retried, then OutputError naming the URL and
-the service's error, never the credentials).
+S3 (and S3-protocol services: MinIO, Ceph, R2, through s3fs) and GCS (through gcsfs: `gcs_objects.py` does each
+verb there, parts composed instead of a multipart upload, generations instead of ETags) are the outputs; another
+protocol is refused (`check_writable`) with the protocols that work. A version (`put_new`'s answer, `get`'s
+second value, what `put_replacing` and `delete_if` compare) is an S3 ETag or a GCS generation: opaque to callers.
+Every call goes through `remote.with_retries` (a reset, a 5xx or throttling retried, then OutputError naming the
+URL and the service's error, never the credentials).
 """
 from __future__ import annotations
 
@@ -20,20 +23,30 @@ import posixpath
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import OutputError
-from . import remote
+from . import gcs_objects, remote
 
-WRITABLE_PROTOCOLS = ("s3", "s3a")
-# S3's limits: parts of 5 MiB to 5 GiB (the last may be smaller), at most 10,000 per upload.
+GCS_PROTOCOLS = ("gs", "gcs")
+WRITABLE_PROTOCOLS = ("s3", "s3a") + GCS_PROTOCOLS
+# S3's limits: parts of 5 MiB to 5 GiB (the last may be smaller), at most 10,000 per upload (GCS: 1,024 composed).
 MIN_PART_BYTES = 5 << 20
 MAX_PARTS = 10_000
+
+
+def _on_gcs(url: str) -> bool:
+    return remote.scheme(url) in GCS_PROTOCOLS
+
+
+def max_parts(url: str) -> int:
+    """The most parts one object at `url` may be uploaded in."""
+    return gcs_objects.MAX_PARTS if _on_gcs(url) else MAX_PARTS
 
 
 def check_writable(url: str) -> None:
     """OutputError (exit 73) for an output URL whose protocol streamconv cannot upload to."""
     if remote.scheme(url) not in WRITABLE_PROTOCOLS:
         raise OutputError(f"{url}: writing the output into {remote.scheme(url)}:// is not supported; an s3:// "
-                          "URL is (S3 or any S3-protocol service: MinIO, Ceph, R2). Convert into a local folder "
-                          "and upload it, or write to an S3-protocol endpoint")
+                          "URL is (S3 or any S3-protocol service: MinIO, Ceph, R2), and so is gs:// (Google Cloud "
+                          "Storage). Convert into a local folder and upload it, or write to one of those")
 
 
 def _client(url: str) -> Tuple[object, str, str]:
@@ -44,11 +57,13 @@ def _client(url: str) -> Tuple[object, str, str]:
     return fs, bucket, key
 
 
-def _call(what: str, call):
-    try:
-        return remote.with_retries(what, call, OutputError)
-    except FileNotFoundError as exc:
-        raise OutputError(f"{what}: {remote.describe(exc)} (does the bucket exist?)") from None
+_call = remote.output_call
+
+
+def start_upload(url: str):
+    """A `MultipartUpload` (S3) or `gcs_objects.ComposedUpload` (GCS) of the object `url`: `put_part(number,
+    data)` in any order, then `complete(parts)` (the object appears, whole) or `abort()`."""
+    return gcs_objects.ComposedUpload(url) if _on_gcs(url) else MultipartUpload(url)
 
 
 class MultipartUpload:
@@ -97,6 +112,8 @@ class MultipartUpload:
 
 def put(url: str, data: bytes) -> None:
     """One small object (a record, the index, config.json) in one PUT."""
+    if _on_gcs(url):
+        return gcs_objects.put(url, data)
     fs, bucket, key = _client(url)
     _call(f"{url}: writing", lambda: fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data))
 
@@ -141,6 +158,8 @@ def _conditional(what: str, call) -> Optional[Dict]:
 
 def put_new(url: str, data: bytes) -> Optional[str]:
     """PUT `data` at `url` only if no object is there (If-None-Match: *): its ETag, or None when one is."""
+    if _on_gcs(url):
+        return gcs_objects.put_new(url, data)
     fs, bucket, key = _client(url)
     answer = _conditional(f"{url}: creating", lambda: fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data,
                                                                  IfNoneMatch="*"))
@@ -150,6 +169,8 @@ def put_new(url: str, data: bytes) -> Optional[str]:
 def put_replacing(url: str, data: bytes, etag: str) -> Optional[str]:
     """PUT `data` at `url` only if the object there is still version `etag` (If-Match): the new ETag, or None
     when it was replaced or deleted meanwhile."""
+    if _on_gcs(url):
+        return gcs_objects.put_replacing(url, data, etag)
     fs, bucket, key = _client(url)
     answer = _conditional(f"{url}: replacing", lambda: fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data,
                                                                   IfMatch=etag))
@@ -158,6 +179,8 @@ def put_replacing(url: str, data: bytes, etag: str) -> Optional[str]:
 
 def delete_if(url: str, etag: str) -> bool:
     """Delete the object at `url` only if it is still version `etag` (If-Match); False when it is not."""
+    if _on_gcs(url):
+        return gcs_objects.delete_if(url, etag)
     fs, bucket, key = _client(url)
     return _conditional(f"{url}: deleting", lambda: fs.call_s3("delete_object", Bucket=bucket, Key=key,
                                                                IfMatch=etag)) is not None
@@ -168,6 +191,8 @@ def get(url: str, max_bytes: int) -> Optional[Tuple[bytes, str]]:
     (a lock is a few hundred bytes). The ETag is read first: if the object is replaced between the two requests,
     the bytes are the newer version's and the ETag the older one's, so an If-Match write with that ETag fails
     and the caller reads again; the other mismatch cannot happen."""
+    if _on_gcs(url):
+        return gcs_objects.get(url, max_bytes)
     fs, _, _ = _client(url)
     _, path = remote.filesystem(url)
 
@@ -212,6 +237,8 @@ def listing(prefix: str) -> Dict[str, int]:
 
 def in_progress_uploads(prefix: str) -> List[Tuple[str, str]]:
     """(key, upload id) of the multipart uploads started under `prefix` and neither completed nor aborted."""
+    if _on_gcs(prefix):
+        return gcs_objects.in_progress_uploads(prefix)
     fs, bucket, key = _client(prefix)
     answer = _call(f"{prefix}: listing uploads in progress",
                    lambda: fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key.rstrip("/") + "/"))
@@ -220,6 +247,8 @@ def in_progress_uploads(prefix: str) -> List[Tuple[str, str]]:
 
 def abort_uploads(prefix: str) -> int:
     """Abort every multipart upload in progress under `prefix` (a killed run's); how many there were."""
+    if _on_gcs(prefix):
+        return gcs_objects.abort_uploads(prefix)
     fs, bucket, _ = _client(prefix)
     found = in_progress_uploads(prefix)
     for key, upload_id in found:

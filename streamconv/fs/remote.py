@@ -18,7 +18,7 @@ import re
 import time
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, TypeVar
 
-from ..errors import OptionsError, StreamconvError
+from ..errors import OptionsError, OutputError, StreamconvError
 
 _URL = re.compile(r"([a-z][a-z0-9+.-]*)://", re.IGNORECASE)
 INSTALL_HINT = "pip install 'streamconv[remote]'"
@@ -157,3 +157,11 @@ def with_retries(what: str, call: Callable[[], T], error: Callable[[str], Except
             sleep(wait)
             wait *= 2
     raise AssertionError("unreachable")
+
+
+def output_call(what: str, call: Callable[[], T]) -> T:
+    """`with_retries` for a call on an output's objects: OutputError (exit 73), a missing bucket said so."""
+    try:
+        return with_retries(what, call, OutputError)
+    except FileNotFoundError as exc:
+        raise OutputError(f"{what}: {describe(exc)} (does the bucket exist?)") from None

@@ -23,7 +23,7 @@ from ..failpoints import kill_point
 from ..fs.fastpaths import FastPaths
 from ..fs.remote import is_url
 from ..fs.infiles import OpenFile
-from ..fs.objects import MAX_PARTS, MIN_PART_BYTES, MultipartUpload
+from ..fs.objects import MAX_PARTS, MIN_PART_BYTES, max_parts, start_upload
 from ..sizes import format_size
 from .crc import crc32, crc32_combine
 from .sink import FileSink, ShardFile, copy_through_memory
@@ -31,9 +31,10 @@ from .sink import FileSink, ShardFile, copy_through_memory
 PART_BYTES = 8 << 20    # S3's recommended part size; grown for a shard of more than MAX_PARTS of them
 
 
-def part_bytes_for(nbytes: int) -> int:
-    """The part size of a shard of `nbytes`: PART_BYTES, or more (whole MiB) so that it fits in MAX_PARTS."""
-    need = -(-nbytes // MAX_PARTS)
+def part_bytes_for(nbytes: int, most_parts: int = MAX_PARTS) -> int:
+    """The part size of a shard of `nbytes`: PART_BYTES, or more (whole MiB) so that it fits in `most_parts`
+    (S3's 10,000; GCS composes at most 1,024)."""
+    need = -(-nbytes // most_parts)
     return max(PART_BYTES, MIN_PART_BYTES, -(-need // (1 << 20)) * (1 << 20))
 
 
@@ -41,9 +42,9 @@ def budget_parts(workers: int) -> int:
     return 2 * max(1, workers) + 2
 
 
-def upload_bytes(workers: int, largest_shard_bytes: int) -> int:
+def upload_bytes(workers: int, largest_shard_bytes: int, most_parts: int = MAX_PARTS) -> int:
     """The most memory the part buffers of a run hold at once (beside --buffer-size)."""
-    return budget_parts(workers) * min(part_bytes_for(largest_shard_bytes), max(1, largest_shard_bytes))
+    return budget_parts(workers) * min(part_bytes_for(largest_shard_bytes, most_parts), max(1, largest_shard_bytes))
 
 
 def shard_opener(staging_dir: str, fast: FastPaths, workers: int) -> Callable[[str, int], ShardFile]:
@@ -106,13 +107,13 @@ class UploadSink:
     def __init__(self, url: str, nbytes: int, budget: PartBudget, part_bytes: Optional[int] = None):
         self.url = url
         self.nbytes = nbytes
-        self.part_bytes = part_bytes or part_bytes_for(nbytes)
+        self.part_bytes = part_bytes or part_bytes_for(nbytes, max_parts(url))
         self.parts = max(1, -(-nbytes // self.part_bytes))
         self.budget = budget
         self._open: Dict[int, _Part] = {}
         self._crcs: Dict[int, Tuple[int, int]] = {}     # part index -> (length, CRC-32), once uploaded
         self._lock = threading.Lock()
-        self._upload = MultipartUpload(url)
+        self._upload = start_upload(url)
         self._crc: Optional[int] = None
 
     def _length(self, index: int) -> int:

@@ -5,7 +5,8 @@ Blocks are found by parsing the Markdown, never by position, so a block added to
 * a block tagged `python` runs as a script with this interpreter;
 * any other block (untagged, `sh`, `bash`, `console`) runs in bash with `set -e`, `streamconv` on PATH;
 * a block naming `s3://my-bucket/` runs with `ckpt/` uploaded there, on a local S3 server (the `s3_server`
-  fixture) whose endpoint and credentials are in its environment, as a user's AWS_* variables would be;
+  fixture) whose endpoint and credentials are in its environment, as a user's AWS_* variables would be; one naming
+  `gs://my-bucket/` likewise on the local GCS server (`gcs_server`: STORAGE_EMULATOR_HOST, anonymous);
 * a block that must not run carries, on the line just before its opening fence,
   `<!-- doctest: skip (why) -->`; the reason is required (an empty one fails this test).
 
@@ -164,6 +165,10 @@ def test_block_runs_as_written(block: Block, layout, tmp_path, request):
     extra_env = None
     if "s3://my-bucket/" in block.text:     # the bucket: `ckpt/` uploaded to a local S3 server (s3_server)
         server = request.getfixturevalue("s3_server")
+        server.upload(layout / "ckpt", "my-bucket", "ckpt")
+        extra_env = server.env
+    if "gs://my-bucket/" in block.text:     # the same on the local GCS server (gcs_server)
+        server = request.getfixturevalue("gcs_server")
         server.upload(layout / "ckpt", "my-bucket", "ckpt")
         extra_env = server.env
     result = _run(block, layout, tmp_path, extra_env)

@@ -16,36 +16,16 @@ import pytest
 
 from streamconv.demo_checkpoint import run_distributed
 from tests.support import s3_server as s3
+from tests.support.remote_outputs import failed_as_changed, files_of, run, same_inspect_and_plan
+from tests.support.remote_outputs import same_output as same_files
 
 # Written by torch once per module: a zstd-compressed FSDP2 checkpoint and safetensors-serialized DCP.
 _ZSTD = "tests.support.zstd_writers:write_zstd_ranks3"
 
 
-def run(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "streamconv", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=timeout)
-
-
-def files_of(folder: Path) -> dict:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def same_output(remote_out: Path, local_out: Path) -> None:
-    """Every file equal byte for byte, except in the record the `checkpoint` line (a URL here, a path there) and a
-    stat fingerprint (no CRC-32s recorded: it is tied to the files' mtimes there, the objects' ETags here). A
-    content fingerprint (CRC-32s) is the same wherever the checkpoint is stored."""
-    mine, theirs = files_of(remote_out), files_of(local_out)
-    assert sorted(mine) == sorted(theirs)
-    for name in mine:
-        if name == "streamconv.json":
-            a, b = json.loads(mine[name]), json.loads(theirs[name])
-            for record in (a, b):
-                record.pop("checkpoint", None)
-                if record["source"]["fingerprint"].startswith("stat1-"):
-                    record["source"].pop("fingerprint")
-            assert a == b
-        else:
-            assert mine[name] == theirs[name], name
+    """The two output folders equal file for file (remote_outputs.same_output says what may differ)."""
+    same_files(files_of(remote_out), files_of(local_out))
 
 
 @pytest.fixture(scope="module")
@@ -97,17 +77,7 @@ def test_converts_from_s3_byte_for_byte_as_from_disk(uploaded, converted_locally
 
 
 def test_inspect_and_plan_read_only_the_metadata_from_s3(uploaded, s3_server):
-    folder, url = uploaded["fsdp2"]
-    env = s3.env_for(s3_server)
-    local, remote = run("inspect", folder, "--json", env=env), run("inspect", url, "--json", env=env)
-    assert remote.returncode == 0, remote.stderr
-    a, b = json.loads(local.stdout), json.loads(remote.stdout)
-    assert b.pop("checkpoint") == url and a.pop("checkpoint") == str(folder)
-    assert a == b
-    planned = run("plan", url, "--no-config", "--json", env=env)
-    assert planned.returncode == 0, planned.stderr
-    assert json.loads(planned.stdout)["tensors"] == json.loads(run("plan", folder, "--no-config", "--json",
-                                                                   env=env).stdout)["tensors"]
+    same_inspect_and_plan(*uploaded["fsdp2"], s3.env_for(s3_server))
 
 
 def test_config_from_in_the_bucket(uploaded, s3_server, tmp_path):
@@ -300,9 +270,7 @@ def test_a_source_object_rewritten_during_the_run_is_detected(uploaded, s3_serve
     finally:
         proxy.stop()
     assert gate.is_set()
-    assert result.returncode == 2, result.stderr
-    assert "changed while it was converted" in result.stderr and f"{url}/{data_file}" in result.stderr
-    assert not (tmp_path / "out").exists()
+    failed_as_changed(result, f"{url}/{data_file}", tmp_path / "out")
 
 
 def test_shard_jobs_run_apart_read_the_bucket_themselves(uploaded, s3_server, tmp_path):

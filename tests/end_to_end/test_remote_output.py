@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import s3_server as s3
+from tests.support.remote_outputs import only_a_staging_prefix_left, unfinished_refused_then_resumed
 
 BUCKET = "hfout"
 
@@ -118,19 +119,9 @@ def test_killed_mid_upload_then_resumed_keeps_the_uploaded_shards(s3_server, buc
     env = s3.env_for(s3_server)
     first = run("convert", ckpt, url, *args, env=dict(env, STREAMCONV_TEST_KILL_AT="mid-shard@3"))
     assert killed(first), first.stderr
-    left = s3_server.download(BUCKET, prefix, None)
-    # obviously partial: no record, only the staging prefix and the run's lock naming it (remote_lock.py)
-    assert left and all(n.startswith(".streamconv-staging-") for n in left if n != ".streamconv-lock")
-    staged = {n.split("/")[0] for n in left if n != ".streamconv-lock"}
-    assert [json.loads(left[".streamconv-lock"])["staging"]] == sorted(staged)
+    only_a_staging_prefix_left(s3_server.download(BUCKET, prefix, None))
     assert uploads_in_progress(s3_server, prefix)                              # the shard being uploaded
-    unfinished = run("verify", ckpt, url, env=env)
-    assert unfinished.returncode == 3 and "not a finished output" in unfinished.stderr, unfinished.stderr
-    refused = run("convert", ckpt, url, *args, env=env)
-    assert refused.returncode == 73 and "--resume" in refused.stderr, refused.stderr
-    resumed = run("convert", ckpt, url, *args, "--resume", env=env)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed: kept 2 of" in resumed.stdout, resumed.stdout
+    unfinished_refused_then_resumed(ckpt, url, args, env, kept="resumed: kept 2 of")
     assert uploads_in_progress(s3_server, prefix) == []
     local = run("convert", ckpt, tmp_path / "local", *args, env=env)
     assert local.returncode == 0, local.stderr

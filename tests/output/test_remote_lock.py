@@ -1,6 +1,7 @@
 """`output/remote_lock.py`: one run per output prefix in a bucket, by conditional PUTs, against the moto server
-(tests/support/s3_server.py) through the real client stack. The race it closes: two runs started into the same
-prefix at once both find no staging prefix; each creates its own, and only one gets the lock."""
+(tests/support/s3_server.py) and the local GCS server (tests/support/gcs_server.py: the same lock through
+ifGenerationMatch) through the real client stacks. The race it closes: two runs started into the same prefix at
+once both find no staging prefix; each creates its own, and only one gets the lock."""
 from __future__ import annotations
 
 import json
@@ -16,10 +17,12 @@ from tests.support import s3_server as s3
 BUCKET = "locks"
 
 
-@pytest.fixture()
-def server(s3_env):
-    s3_env.bucket(BUCKET)
-    return s3_env
+@pytest.fixture(params=["s3", "gs"])
+def root(request) -> str:
+    """gs:// or s3:// of the test bucket, its server running and its variables set in this process."""
+    server = request.getfixturevalue("s3_env" if request.param == "s3" else "gcs_env")
+    server.bucket(BUCKET)
+    return f"{request.param}://{BUCKET}"
 
 
 def _staging(prefix: str, name: str) -> str:
@@ -28,12 +31,12 @@ def _staging(prefix: str, name: str) -> str:
     return name
 
 
-def _holder(server, key: str) -> dict:
-    return json.loads(server.client().get_object(Bucket=BUCKET, Key=key)["Body"].read())
+def _holder(url: str) -> dict:
+    return json.loads(objects.get(url, 1 << 16)[0])
 
 
-def test_of_two_runs_started_at_once_one_gets_the_lock(server):
-    prefix = f"s3://{BUCKET}/race"
+def test_of_two_runs_started_at_once_one_gets_the_lock(root):
+    prefix = f"{root}/race"
     first, second = PrefixLock(prefix, "aaaa"), PrefixLock(prefix, "bbbb")
     first.acquire(_staging(prefix, ".streamconv-staging-aaaa"), take_over=False)
     assert first.held
@@ -42,14 +45,14 @@ def test_of_two_runs_started_at_once_one_gets_the_lock(server):
     text = str(refused.value)
     assert "another conversion holds this output prefix" in text and "run aaaa" in text
     assert "--resume" in text and "--discard-partial" in text
-    assert not second.held and _holder(server, f"race/{LOCK_NAME}")["run"] == "aaaa"
+    assert not second.held and _holder(f"{prefix}/{LOCK_NAME}")["run"] == "aaaa"
     first.check_held()          # still ours
     first.release()
-    assert server.client().list_objects_v2(Bucket=BUCKET, Prefix=f"race/{LOCK_NAME}").get("KeyCount") == 0
+    assert objects.get(f"{prefix}/{LOCK_NAME}", 1 << 16) is None
 
 
-def test_a_take_over_wins_once_and_stops_the_old_holder_before_it_publishes(server):
-    prefix = f"s3://{BUCKET}/taken"
+def test_a_take_over_wins_once_and_stops_the_old_holder_before_it_publishes(root):
+    prefix = f"{root}/taken"
     old = PrefixLock(prefix, "old1")
     old.acquire(_staging(prefix, ".streamconv-staging-old1"), take_over=False)
     new = PrefixLock(prefix, "new1")
@@ -58,14 +61,14 @@ def test_a_take_over_wins_once_and_stops_the_old_holder_before_it_publishes(serv
     with pytest.raises(OutputError, match="taken over by run new1"):
         old.check_held()
     old.release()               # If-Match: the new holder's lock is not the old one's to delete
-    assert _holder(server, f"taken/{LOCK_NAME}")["run"] == "new1"
+    assert _holder(f"{prefix}/{LOCK_NAME}")["run"] == "new1"
     new.check_held()
     new.release()
 
 
-def test_a_lock_whose_staging_prefix_is_gone_is_taken_over_without_being_asked(server):
+def test_a_lock_whose_staging_prefix_is_gone_is_taken_over_without_being_asked(root):
     """Its run finished (staging prefix removed) but was killed before deleting its lock."""
-    prefix = f"s3://{BUCKET}/stale"
+    prefix = f"{root}/stale"
     gone = PrefixLock(prefix, "gone")
     gone.acquire(".streamconv-staging-gone", take_over=False)       # no such prefix
     fresh = PrefixLock(prefix, "next")
@@ -73,8 +76,8 @@ def test_a_lock_whose_staging_prefix_is_gone_is_taken_over_without_being_asked(s
     assert fresh.held and any("had finished" in n for n in fresh.notes)
 
 
-def test_our_own_lock_found_after_a_lost_answer_is_ours(server):
-    prefix = f"s3://{BUCKET}/retried"
+def test_our_own_lock_found_after_a_lost_answer_is_ours(root):
+    prefix = f"{root}/retried"
     lock = PrefixLock(prefix, "same")
     lock.acquire(_staging(prefix, ".streamconv-staging-same"), take_over=False)
     again = PrefixLock(prefix, "same")      # the PUT reached the service; its answer did not reach us
@@ -106,15 +109,14 @@ def test_a_service_without_conditional_writes_runs_without_a_lock_and_says_so(s3
         s3fs.S3FileSystem.clear_instance_cache()
 
 
-def test_a_second_staging_opened_beside_a_live_one_is_refused_and_leaves_nothing(server):
+def test_a_second_staging_opened_beside_a_live_one_is_refused_and_leaves_nothing(root):
     """RemoteStaging end to end: the second run (here without the first's staging prefix in its listing, as in
     the race, because it lists before the first creates it) is refused by the lock and removes its own
     staging prefix; the first run's staging and lock are untouched."""
-    prefix = f"s3://{BUCKET}/staged"
+    prefix = f"{root}/staged"
     first = RemoteStaging(prefix, plan_record={"plan": 1})
     lock = PrefixLock(prefix, "late")
     with pytest.raises(OutputError, match="another conversion holds"):
         lock.acquire(_staging(prefix, ".streamconv-staging-late"), take_over=False)
     first.discard()
-    left = [o["Key"] for o in server.client().list_objects_v2(Bucket=BUCKET, Prefix="staged/").get("Contents", [])]
-    assert left == ["staged/.streamconv-staging-late/.streamconv-resume/plan.json"]   # the test's own
+    assert list(objects.listing(prefix)) == [".streamconv-staging-late/.streamconv-resume/plan.json"]  # the test's own

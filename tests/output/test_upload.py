@@ -86,6 +86,7 @@ def test_part_sizes_fit_s3_limits():
     assert part_bytes_for(1) == 8 << 20
     huge = 200 << 30                     # 200 GiB in at most 10,000 parts of whole MiB
     assert part_bytes_for(huge) * 10_000 >= huge and part_bytes_for(huge) % (1 << 20) == 0
+    assert part_bytes_for(huge, 1024) * 1024 >= huge > part_bytes_for(huge) * 1024    # GCS composes 1,024 at most
 
 
 def test_the_opener_is_an_upload_for_a_url_and_a_file_for_a_folder(tmp_path):

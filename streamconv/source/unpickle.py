@@ -16,6 +16,12 @@ checks every value against fixed caps and every allocation against a budget prop
 
 Everything it refuses raises CheckpointError naming the source and the byte offset. `describe(value)`
 formats untrusted values for messages with bounded length and depth.
+
+How it reads: `_Machine` holds the state of one load (stack, marks, memo, bytes charged, position) and its `run`
+loop fetches each opcode with its fixed-size argument; every opcode is a small function of the machine, listed
+with its name and argument size in `_OPCODES` (grouped below by family: the memo, scalars, containers, objects,
+the stack and stream). A byte not in the table is refused. Fast paths (`Spec.fast_paths`) enter through the
+memo fetch (`_get`).
 """
 from __future__ import annotations
 

@@ -16,13 +16,19 @@ checks every value against fixed caps and every allocation against a budget prop
 
 Everything it refuses raises CheckpointError naming the source and the byte offset. `describe(value)`
 formats untrusted values for messages with bounded length and depth.
+
+How it reads: `_Machine` holds the state of one load (stack, marks, memo, bytes charged, position) and its `run`
+loop fetches each opcode with its fixed-size argument; every opcode is a small function of the machine, listed
+with its name and argument size in `_OPCODES` (grouped below by family: the memo, scalars, containers, objects,
+the stack and stream). A byte not in the table is refused. Fast paths (`Spec.fast_paths`) enter through the
+memo fetch (`_get`).
 """
 from __future__ import annotations
 
 import struct
 from bisect import bisect_right
 from sys import getrefcount
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import CheckpointError, StreamconvError
 
@@ -162,351 +168,497 @@ def load(spec: Spec, *, source: str, data: Optional[bytes] = None,
             f"{describe(str(exc), 200)}); the file is damaged, was not fully written/copied, or was crafted") from None
 
 
+class _Holes:
+    """Memo entries a fast path elided (not stored), as runs of memo indices [starts[k], ends[k]); cum[k]: entries
+    elided up to the end of run k. Memo index i is then memo[i - entries elided before i]."""
+
+    __slots__ = ("starts", "ends", "cum", "elided")
+
+    def __init__(self) -> None:
+        self.starts: List[int] = []
+        self.ends: List[int] = []
+        self.cum: List[int] = []
+        self.elided = 0
+
+    def at(self, i: int) -> int:
+        """Position in the memo list of memo index i; FastPathMiss when a fast path consumed entry i."""
+        k = bisect_right(self.starts, i) - 1
+        if k < 0:
+            return i
+        if i < self.ends[k]:
+            raise FastPathMiss(f"memo entry {i} was consumed by a fast path")
+        return i - self.cum[k]
+
+    def add(self, stored: int, slots: int) -> int:
+        """`slots` entries elided after the `stored` ones the memo list holds; the bytes to charge for it (a new run
+        of indices costs three list slots, extending the last one nothing)."""
+        start = stored + self.elided
+        self.elided += slots
+        if self.ends and self.ends[-1] == start:
+            self.ends[-1] += slots
+            self.cum[-1] += slots
+            return 0
+        self.starts.append(start)
+        self.ends.append(start + slots)
+        self.cum.append(self.elided)
+        return 3 * _SLOT
+
+
+class _Stop(Exception):
+    """Internal: STOP reached with one value on the stack."""
+
+
 class _Machine:
+    """The state of one load: the stack (each item's nesting depth beside it, in `depth`), the open MARKs, the memo,
+    the bytes charged so far and the input position. Each opcode is a function of it (`_OPS`, below); `run` fetches
+    an opcode and its fixed-size argument and calls the opcode's function, which may read further (`more`).
+
+    `pos` is published before anything can fail (each function stores it past what it has read), so that an error
+    names the byte offset where the machine stopped."""
+
+    __slots__ = ("spec", "stream", "budget", "buf", "pos", "stack", "depth", "marks", "memo", "memo_depth", "holes",
+                 "fast", "cost", "overwrites", "fresh", "target")
+
     def __init__(self, spec: Spec, stream: _Input, budget_bytes: int):
         self.spec, self.stream, self.budget = spec, stream, budget_bytes
         self.buf, self.pos = stream.first, 0
+        self.stack: List[Any] = []
+        self.depth = bytearray()
+        self.marks: List[int] = []
+        self.memo: List[Any] = []           # dense: pickle's own writers number memo entries 0, 1, 2...
+        self.memo_depth = bytearray()
+        self.holes = _Holes()
+        self.fast = spec.fast_paths
+        self.cost = 0
+        self.overwrites = 0                 # BINPUTs that replaced an entry (see Spec.fast_paths)
+        self.fresh: Any = None              # the tuple TUPLE1-3 built last: REDUCE may forget it from the memo
+        self.target: Any = None             # the container SETITEM(S)/APPEND(S) filled last
 
     def offset(self) -> int:
         return self.stream.consumed - len(self.buf) + self.pos
 
-    def run(self) -> Any:  # noqa: C901 - one flat dispatch loop is the fast way to do this in Python
-        spec, stream = self.spec, self.stream
-        stack: List[Any] = []
-        depth = bytearray()                   # nesting depth of each stack item (0 for scalars)
-        marks: List[int] = []
-        memo: List[Any] = []                  # dense: pickle's own writers number memo entries 0, 1, 2...
-        memo_depth = bytearray()
-        # Memo entries a fast path elided, as runs of memo indices [hole_starts[k], hole_ends[k]); hole_cum[k]:
-        # entries elided up to the end of run k. Memo index i is then memo[i - elided before i].
-        hole_starts: List[int] = []
-        hole_ends: List[int] = []
-        hole_cum: List[int] = []
-        elided = 0
-        overwrites = 0
-        fast = spec.fast_paths
-
-        def memo_at(i: int) -> int:
-            """Position in `memo` of memo index i (when some entries were elided); FastPathMiss inside a run."""
-            k = bisect_right(hole_starts, i) - 1
-            if k < 0:
-                return i
-            if i < hole_ends[k]:
-                raise FastPathMiss(f"memo entry {i} was consumed by a fast path")
-            return i - hole_cum[k]
-
-        def get(i: int) -> Any:
-            try:
-                at = memo_at(i) if elided else i
-            except FastPathMiss:
-                return None
-            return memo[at] if 0 <= at < len(memo) else None
-        push, dpush = stack.append, depth.append
-        cost, budget = 0, self.budget
-        buf, pos = self.buf, 0
-        end = len(buf)
-
-        def pop_mark(cost: int, slot_bytes: int) -> Tuple[list, int]:
-            """The items above the last MARK and their greatest depth, refused before they are copied when the
-            copy (`_COPY_SLOT` each) and the container they go into (`slot_bytes` each) would overrun the budget
-            while the stack still holds them: a flood of DUPs closed by one APPENDS holds each reference three
-            times at that moment (stack, copy, list)."""
-            if not marks:
-                raise _Refused("container opcode without a MARK")
-            at = marks.pop()
-            if cost + _STACK_SLOT * len(stack) + (_COPY_SLOT + slot_bytes) * (len(stack) - at) > budget:
-                raise _Refused(_over_budget(budget))
-            items = stack[at:]
-            d = max(depth[at:], default=0)
-            del stack[at:], depth[at:]
-            return items, d
-
-        target = item = None
+    def run(self) -> Any:
+        stack, depth, memo, memo_depth = self.stack, self.depth, self.memo, self.memo_depth
+        ops, arg_bytes, budget, slot = _OPS, _ARG_BYTES, self.budget, _STACK_SLOT
         try:
             while True:
-                if cost + _STACK_SLOT * len(stack) > budget:
+                if self.cost + slot * len(stack) > budget:
                     raise _Refused(_over_budget(budget))
-                if pos >= end:
-                    buf, pos = stream.more(buf, pos, 1), 0
-                    end = len(buf)
+                buf, pos = self.buf, self.pos
+                if pos >= len(buf):
+                    buf, pos = self.more(buf, pos, 1)
                 op = buf[pos]
-                pos += 1
-                # Fixed-size arguments: make sure they are in the buffer (at most 9 bytes).
-                need = _ARG_BYTES[op]
-                if need < 0:
-                    pos -= 1                # the error names the offending byte's offset
-                    raise _Refused(_refused_opcode(op))
-                if pos + need > end:
-                    buf, pos = stream.more(buf, pos, need), 0
-                    end = len(buf)
-
-                if op == 0x94:                                    # MEMOIZE
+                if op == 0x94:      # MEMOIZE, a fifth of the opcodes torch writes: run here, without a call
+                    self.pos = pos + 1
                     memo.append(stack[-1])
                     memo_depth.append(depth[-1])
-                    cost += _SLOT
-                elif op == 0x6A or op == 0x68:                    # LONG_BINGET, BINGET
-                    if op == 0x6A:
-                        i = _unpack_u32(buf, pos)[0]
-                        pos += 4
-                    else:
-                        i = buf[pos]
-                        pos += 1
-                    if elided:
-                        i = memo_at(i)
-                    value = memo[i]
-                    push(value)
-                    dpush(memo_depth[i])
-                    if fast is not None:
-                        handler = fast.get(id(value))
-                        if handler is not None:
-                            taken = handler(buf, pos, end, get, overwrites)
-                            if taken is not None:
-                                pos, values, slots, charge = taken
-                                stack[-1] = values[0]
-                                depth[-1] = 1
-                                for v in values[1:]:
-                                    push(v)
-                                    dpush(1)
-                                start = len(memo) + elided
-                                if hole_ends and hole_ends[-1] == start:
-                                    hole_ends[-1] += slots
-                                    hole_cum[-1] += slots
-                                else:
-                                    hole_starts.append(start)
-                                    hole_ends.append(start + slots)
-                                    hole_cum.append(elided + slots)
-                                    cost += 3 * _SLOT
-                                elided += slots
-                                cost += charge
-                elif op == 0x4D:                                  # BININT2
-                    push(_unpack_u16(buf, pos)[0])
-                    dpush(0)
-                    pos += 2
-                    cost += _INT
-                elif op == 0x4B:                                  # BININT1
-                    push(buf[pos])
-                    dpush(0)
-                    pos += 1
-                elif op == 0x28:                                  # MARK
-                    if len(marks) >= MAX_DEPTH:
-                        raise _Refused(f"more than {MAX_DEPTH} nested MARKs")
-                    marks.append(len(stack))
-                elif op == 0x29:                                  # EMPTY_TUPLE
-                    push(())
-                    dpush(1)
-                elif op == 0x81:                                  # NEWOBJ
-                    args = stack.pop()
-                    depth.pop()
-                    cls = stack[-1]
-                    if not (isinstance(cls, type) and issubclass(cls, Record)) or type(args) is not tuple or args:
-                        raise _Refused(f"NEWOBJ of {describe(cls)} with arguments {describe(args)}; only the "
-                                       "allow-listed checkpoint classes, without arguments, are created")
-                    stack[-1] = cls()
-                    depth[-1] = 1
-                    cost += _RECORD
-                elif op == 0x62:                                  # BUILD
-                    state = stack.pop()
-                    d = depth.pop()
-                    obj = stack[-1]
-                    if not isinstance(obj, Record) or obj.built:
-                        raise _Refused(f"BUILD on {describe(obj)}; only a new checkpoint record can be built, once")
-                    entries = len(state) if type(state) is dict else 0
-                    spec.build(obj, state)
-                    obj.built = True
-                    if entries and not state:     # the record took the values and emptied the dict
-                        cost -= _ITEM * entries
-                        # Refunded only when nothing else holds it (besides our locals and getrefcount's argument).
-                        if _forget(memo, state) and getrefcount(state) == 2 + (target is state):
-                            cost -= _OBJECT
-                    depth[-1] = _deeper(d + 1)
-                elif op == 0x86 or op == 0x85 or op == 0x87:      # TUPLE2, TUPLE1, TUPLE3
-                    n = op - 0x84
-                    if len(stack) < n:
-                        raise _Refused("tuple opcode on a short stack")
-                    item = tuple(stack[-n:])
-                    d = _deeper(max(depth[-n:]) + 1)
-                    del stack[-n:], depth[-n:]
-                    push(item)
-                    dpush(d)
-                    cost += 56 + 8 * n
-                elif op == 0x75 or op == 0x73:                    # SETITEMS, SETITEM
-                    if op == 0x75:
-                        items, d = pop_mark(cost, _ITEM // 2)
-                    else:
-                        items, d = stack[-2:], max(depth[-2:], default=0)
-                        if len(items) != 2:
-                            raise _Refused("SETITEM on a short stack")
-                        del stack[-2:], depth[-2:]
-                    target = stack[-1]
-                    if type(target) is not dict or len(items) % 2:
-                        raise _Refused(f"SETITEM(S) on {describe(target)} with {len(items)} items")
-                    for k in range(0, len(items), 2):
-                        target[_dict_key(items[k])] = items[k + 1]
-                    depth[-1] = _deeper(max(depth[-1], d + 1))
-                    cost += _ITEM * (len(items) // 2)
-                elif op == 0x7D:                                  # EMPTY_DICT
-                    push({})
-                    dpush(1)
-                    cost += _OBJECT
-                elif op == 0x52:                                  # REDUCE
-                    args = stack.pop()
-                    d = depth.pop()
-                    if type(args) is not tuple:
-                        raise _Refused(f"REDUCE with arguments {describe(args)} (not a tuple)")
-                    result = spec.call(stack[-1], args)
-                    stack[-1] = result
-                    depth[-1] = _deeper(d + 1)
-                    if not (args and result is args[0]):     # torch.Size & co hand back their argument
-                        cost += _RECORD
-                    # Forgotten only when just built by TUPLE1-3 (torch.Size & co), never a tuple fetched from the memo.
-                    if args and item is args and _forget(memo, args) and getrefcount(args) == 3:
-                        cost -= 56 + 8 * len(args)
-                elif op == 0x4A:                                  # BININT
-                    push(_unpack_i32(buf, pos)[0])
-                    dpush(0)
-                    pos += 4
-                    cost += _INT
-                elif op == 0x8C or op == 0x58 or op == 0x8D or op == 0x43 or op == 0x42 or op == 0x8E:
-                    # SHORT_BINUNICODE, BINUNICODE, BINUNICODE8, SHORT_BINBYTES, BINBYTES, BINBYTES8
-                    if op == 0x8C or op == 0x43:
-                        n = buf[pos]
-                    elif op == 0x58 or op == 0x42:
-                        n = _unpack_u32(buf, pos)[0]
-                    else:
-                        n = _unpack_u64(buf, pos)[0]
-                    pos += need
-                    if n > MAX_STRING_BYTES:
-                        raise _Refused(f"a {n}-byte string; names and paths in a checkpoint are at most "
-                                       f"{MAX_STRING_BYTES} bytes")
-                    if pos + n > end:
-                        buf, pos = stream.more(buf, pos, n), 0
-                        end = len(buf)
-                    raw = buf[pos:pos + n]
-                    pos += n
-                    push(str(raw, "utf-8", "surrogatepass") if op in (0x8C, 0x58, 0x8D) else raw)
-                    dpush(0)
-                    cost += _OBJECT + (n if raw.isascii() else 16 + 4 * n)
-                elif op == 0x89 or op == 0x88 or op == 0x4E:      # NEWFALSE, NEWTRUE, NONE
-                    push(None if op == 0x4E else op == 0x88)
-                    dpush(0)
-                elif op == 0x5D:                                  # EMPTY_LIST
-                    push([])
-                    dpush(1)
-                    cost += _OBJECT
-                elif op == 0x65 or op == 0x61:                    # APPENDS, APPEND
-                    if op == 0x65:
-                        items, d = pop_mark(cost, _SLOT)
-                    else:
-                        if len(stack) < 2:
-                            raise _Refused("APPEND on a short stack")
-                        items, d = [stack.pop()], depth.pop()
-                    target = stack[-1]
-                    if type(target) is not list:
-                        raise _Refused(f"APPEND(S) on {describe(target)}")
-                    target.extend(items)
-                    depth[-1] = _deeper(max(depth[-1], d + 1))
-                    cost += _SLOT * len(items)
-                elif op == 0x74 or op == 0x6C or op == 0x64:      # TUPLE, LIST, DICT (from MARK)
-                    items, d = pop_mark(cost, _ITEM)
-                    d = _deeper(d + 1)
-                    if op == 0x74:
-                        push(tuple(items))
-                    elif op == 0x6C:
-                        push(items)
-                    else:
-                        if len(items) % 2:
-                            raise _Refused("DICT with an odd number of items")
-                        out = {}
-                        for k in range(0, len(items), 2):
-                            out[_dict_key(items[k])] = items[k + 1]
-                        push(out)
-                    dpush(d)
-                    cost += _OBJECT + _ITEM * len(items)
-                elif op == 0x71 or op == 0x72:                    # BINPUT, LONG_BINPUT
-                    if op == 0x71:
-                        i = buf[pos]
-                        pos += 1
-                    else:
-                        i = _unpack_u32(buf, pos)[0]
-                        pos += 4
-                    if elided and i < len(memo) + elided:
-                        i = memo_at(i)
-                        memo[i], memo_depth[i] = stack[-1], depth[-1]
-                        overwrites += 1
-                    elif i < len(memo):
-                        memo[i], memo_depth[i] = stack[-1], depth[-1]
-                        overwrites += 1
-                    elif i == len(memo) + elided:
-                        memo.append(stack[-1])
-                        memo_depth.append(depth[-1])
-                        cost += _SLOT
-                    else:
-                        raise _Refused(f"memo index {i} skips entries (pickle numbers them 0, 1, 2, ...)")
-                elif op == 0x93:                                  # STACK_GLOBAL
-                    name = stack.pop()
-                    module = stack.pop()
-                    del depth[-2:]
-                    if type(module) is not str or type(name) is not str:
-                        raise _Refused(f"STACK_GLOBAL of {describe(module)}.{describe(name)}")
-                    push(spec.find_class(module, name))
-                    dpush(0)
-                elif op == 0x63:                                  # GLOBAL: "module\nname\n"
-                    module, buf, pos = _line(stream, buf, pos)
-                    name, buf, pos = _line(stream, buf, pos)
-                    end = len(buf)
-                    push(spec.find_class(module, name))
-                    dpush(0)
-                elif op == 0x8A:                                  # LONG1
-                    n = buf[pos]
-                    pos += 1
-                    if n > MAX_INT_BYTES:
-                        raise _Refused(f"a {n}-byte integer; checkpoint numbers fit in {MAX_INT_BYTES} bytes")
-                    if pos + n > end:
-                        buf, pos = stream.more(buf, pos, n), 0
-                        end = len(buf)
-                    push(int.from_bytes(buf[pos:pos + n], "little", signed=True))
-                    pos += n
-                    dpush(0)
-                    cost += _INT + n
-                elif op == 0x47:                                  # BINFLOAT
-                    push(_unpack_f64(buf, pos)[0])
-                    pos += 8
-                    dpush(0)
-                    cost += _INT
-                elif op == 0x51:                                  # BINPERSID
-                    pid = stack.pop()
-                    depth.pop()
-                    push(spec.persistent_load(pid))
-                    dpush(1)
-                    cost += _RECORD
-                elif op == 0x30:                                  # POP
-                    if marks and marks[-1] == len(stack):
-                        marks.pop()
-                    else:
-                        stack.pop()
-                        depth.pop()
-                elif op == 0x31:                                  # POP_MARK
-                    pop_mark(cost, 0)
-                elif op == 0x32:                                  # DUP
-                    push(stack[-1])
-                    dpush(depth[-1])
-                elif op == 0x95:                                  # FRAME: a length hint; the stream is read as a whole
-                    pos += 8
-                elif op == 0x80:                                  # PROTO
-                    if buf[pos] > 5:
-                        raise _Refused(f"pickle protocol {buf[pos]} (this reader knows 0-5)")
-                    pos += 1
-                elif op == 0x2E:                                  # STOP
-                    if len(stack) != 1 or marks:
-                        raise _Refused(f"STOP with {len(stack)} values and {len(marks)} MARKs left on the stack")
-                    self.buf, self.pos = buf, pos
-                    spec.charged_bytes = cost
-                    return stack[0]
-                else:  # pragma: no cover - every opcode with _ARG_BYTES >= 0 has a branch above
-                    raise _Refused(_refused_opcode(op))
-        except Exception:
-            self.buf, self.pos = buf, pos     # for the byte offset in the error message
-            raise
+                    self.cost += _SLOT
+                    continue
+                need = arg_bytes[op]
+                if need < 0:
+                    raise _Refused(_refused_opcode(op))      # at the offending byte's offset
+                pos += 1
+                self.pos = pos
+                if pos + need > len(buf):
+                    buf, pos = self.more(buf, pos, need)
+                ops[op](self, buf, pos)
+        except _Stop:
+            self.spec.charged_bytes = self.cost
+            return stack[0]
+
+    def more(self, buf: bytes, pos: int, need: int) -> Tuple[bytes, int]:
+        """`buf[pos:]` extended to at least `need` bytes, as the machine's buffer: (the buffer, 0)."""
+        self.buf = buf = self.stream.more(buf, pos, need)
+        self.pos = 0
+        return buf, 0
+
+    def push(self, value: Any, depth: int) -> None:
+        self.stack.append(value)
+        self.depth.append(depth)
+
+    def pop_mark(self, slot_bytes: int) -> Tuple[list, int]:
+        """The items above the last MARK and their greatest depth, refused before they are copied when the copy
+        (`_COPY_SLOT` each) and the container they go into (`slot_bytes` each) would overrun the budget while the
+        stack still holds them: a flood of DUPs closed by one APPENDS holds each reference three times at that
+        moment (stack, copy, list)."""
+        stack, depth = self.stack, self.depth
+        if not self.marks:
+            raise _Refused("container opcode without a MARK")
+        at = self.marks.pop()
+        if self.cost + _STACK_SLOT * len(stack) + (_COPY_SLOT + slot_bytes) * (len(stack) - at) > self.budget:
+            raise _Refused(_over_budget(self.budget))
+        items = stack[at:]
+        d = max(depth[at:], default=0)
+        del stack[at:], depth[at:]
+        return items, d
+
+    def memo_get(self, i: int) -> Any:
+        """Memo entry i, or None when absent or elided (what fast paths ask)."""
+        try:
+            at = self.holes.at(i) if self.holes.elided else i
+        except FastPathMiss:
+            return None
+        return self.memo[at] if 0 <= at < len(self.memo) else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The opcodes. Each is `op(m, buf, pos)`: `pos` is just past the opcode in `buf`, with its fixed-size argument
+# (`_ARG_BYTES`) already in the buffer; it stores `m.pos` past whatever it reads.
+
+# -- the memo
+
+
+def _memoize(m: _Machine, buf: bytes, pos: int) -> None:
+    m.memo.append(m.stack[-1])
+    m.memo_depth.append(m.depth[-1])
+    m.cost += _SLOT
+
+
+def _binget(m: _Machine, buf: bytes, pos: int) -> None:
+    m.pos = pos + 1
+    _get(m, buf, buf[pos])
+
+
+def _long_binget(m: _Machine, buf: bytes, pos: int) -> None:
+    m.pos = pos + 4
+    _get(m, buf, _unpack_u32(buf, pos)[0])
+
+
+def _get(m: _Machine, buf: bytes, i: int) -> None:
+    """Push memo entry i. When it is a class a fast path reads records of (`Spec.fast_paths`), the fast path may
+    take the run of records that follows: its values replace the class on the stack, their memo entries are
+    elided."""
+    at = m.holes.at(i) if m.holes.elided else i
+    value = m.memo[at]
+    m.stack.append(value)
+    m.depth.append(m.memo_depth[at])
+    if m.fast is None:
+        return
+    handler = m.fast.get(id(value))
+    if handler is None:
+        return
+    taken = handler(buf, m.pos, len(buf), m.memo_get, m.overwrites)
+    if taken is None:
+        return
+    m.pos, values, slots, charge = taken
+    stack, depth = m.stack, m.depth
+    stack[-1] = values[0]
+    depth[-1] = 1
+    for v in values[1:]:
+        stack.append(v)
+        depth.append(1)
+    m.cost += charge + m.holes.add(len(m.memo), slots)
+
+
+def _binput(m: _Machine, buf: bytes, pos: int) -> None:
+    m.pos = pos + 1
+    _put(m, buf[pos])
+
+
+def _long_binput(m: _Machine, buf: bytes, pos: int) -> None:
+    m.pos = pos + 4
+    _put(m, _unpack_u32(buf, pos)[0])
+
+
+def _put(m: _Machine, i: int) -> None:
+    memo, elided = m.memo, m.holes.elided
+    if i < len(memo) + elided:
+        at = m.holes.at(i) if elided else i
+        memo[at], m.memo_depth[at] = m.stack[-1], m.depth[-1]
+        m.overwrites += 1
+    elif i == len(memo) + elided:
+        memo.append(m.stack[-1])
+        m.memo_depth.append(m.depth[-1])
+        m.cost += _SLOT
+    else:
+        raise _Refused(f"memo index {i} skips entries (pickle numbers them 0, 1, 2, ...)")
+
+
+# -- scalars
+
+
+def _binint1(m: _Machine, buf: bytes, pos: int) -> None:
+    m.pos = pos + 1
+    m.stack.append(buf[pos])
+    m.depth.append(0)
+
+
+def _binint2(m: _Machine, buf: bytes, pos: int) -> None:
+    m.pos = pos + 2
+    m.stack.append(_unpack_u16(buf, pos)[0])
+    m.depth.append(0)
+    m.cost += _INT
+
+
+def _binint(m: _Machine, buf: bytes, pos: int) -> None:
+    m.pos = pos + 4
+    m.stack.append(_unpack_i32(buf, pos)[0])
+    m.depth.append(0)
+    m.cost += _INT
+
+
+def _long1(m: _Machine, buf: bytes, pos: int) -> None:
+    n = buf[pos]
+    m.pos = pos = pos + 1
+    if n > MAX_INT_BYTES:
+        raise _Refused(f"a {n}-byte integer; checkpoint numbers fit in {MAX_INT_BYTES} bytes")
+    if pos + n > len(buf):
+        buf, pos = m.more(buf, pos, n)
+    m.pos = pos + n
+    m.push(int.from_bytes(buf[pos:pos + n], "little", signed=True), 0)
+    m.cost += _INT + n
+
+
+def _binfloat(m: _Machine, buf: bytes, pos: int) -> None:
+    m.pos = pos + 8
+    m.push(_unpack_f64(buf, pos)[0], 0)
+    m.cost += _INT
+
+
+def _constant(value: Any) -> Callable[[_Machine, bytes, int], None]:
+    def op(m: _Machine, buf: bytes, pos: int) -> None:
+        m.push(value, 0)
+    return op
+
+
+def _string(text: bool, width: int, length: Callable[[bytes, int], int]) -> Callable[[_Machine, bytes, int], None]:
+    """The opcode of a str (`text`) or bytes of `length(buf, pos)` bytes after a `width`-byte length field."""
+    def op(m: _Machine, buf: bytes, pos: int) -> None:
+        n = length(buf, pos)
+        m.pos = pos = pos + width
+        if n > MAX_STRING_BYTES:
+            raise _Refused(f"a {n}-byte string; names and paths in a checkpoint are at most {MAX_STRING_BYTES} bytes")
+        if pos + n > len(buf):
+            buf, pos = m.more(buf, pos, n)
+        raw = buf[pos:pos + n]
+        m.pos = pos + n
+        m.push(str(raw, "utf-8", "surrogatepass") if text else raw, 0)
+        m.cost += _OBJECT + (n if raw.isascii() else 16 + 4 * n)
+    return op
+
+
+def _byte(buf: bytes, pos: int) -> int:
+    return buf[pos]
+
+
+def _u32(buf: bytes, pos: int) -> int:
+    return _unpack_u32(buf, pos)[0]
+
+
+def _u64(buf: bytes, pos: int) -> int:
+    return _unpack_u64(buf, pos)[0]
+
+
+# -- containers
+
+
+def _mark(m: _Machine, buf: bytes, pos: int) -> None:
+    if len(m.marks) >= MAX_DEPTH:
+        raise _Refused(f"more than {MAX_DEPTH} nested MARKs")
+    m.marks.append(len(m.stack))
+
+
+def _empty(make: Callable[[], Any], charge: int) -> Callable[[_Machine, bytes, int], None]:
+    def op(m: _Machine, buf: bytes, pos: int) -> None:
+        m.push(make(), 1)
+        m.cost += charge
+    return op
+
+
+def _tuple1(m: _Machine, buf: bytes, pos: int) -> None:
+    stack = m.stack
+    if not stack:
+        raise _Refused("tuple opcode on a short stack")
+    m.fresh = stack[-1] = (stack[-1],)
+    m.depth[-1] = _deeper(m.depth[-1] + 1)
+    m.cost += 64
+
+
+def _tuple_of(n: int) -> Callable[[_Machine, bytes, int], None]:
+    """TUPLE2, TUPLE3."""
+    def op(m: _Machine, buf: bytes, pos: int) -> None:
+        stack, depth = m.stack, m.depth
+        if len(stack) < n:
+            raise _Refused("tuple opcode on a short stack")
+        item = tuple(stack[-n:])
+        d = _deeper(max(depth[-n:]) + 1)
+        del stack[-n:], depth[-n:]
+        m.push(item, d)
+        m.fresh = item
+        m.cost += 56 + 8 * n
+    return op
+
+
+def _from_mark(make: Callable[[list], Any]) -> Callable[[_Machine, bytes, int], None]:
+    """TUPLE, LIST, DICT: a container of the items above the last MARK."""
+    def op(m: _Machine, buf: bytes, pos: int) -> None:
+        items, d = m.pop_mark(_ITEM)
+        d = _deeper(d + 1)
+        m.push(make(items), d)
+        m.cost += _OBJECT + _ITEM * len(items)
+    return op
+
+
+def _dict_of(items: list) -> dict:
+    if len(items) % 2:
+        raise _Refused("DICT with an odd number of items")
+    out = {}
+    for k in range(0, len(items), 2):
+        out[_dict_key(items[k])] = items[k + 1]
+    return out
+
+
+def _setitems(m: _Machine, buf: bytes, pos: int) -> None:
+    items, d = m.pop_mark(_ITEM // 2)
+    _fill_dict(m, items, d)
+
+
+def _setitem(m: _Machine, buf: bytes, pos: int) -> None:
+    stack, depth = m.stack, m.depth
+    items, d = stack[-2:], max(depth[-2:], default=0)
+    if len(items) != 2:
+        raise _Refused("SETITEM on a short stack")
+    del stack[-2:], depth[-2:]
+    _fill_dict(m, items, d)
+
+
+def _fill_dict(m: _Machine, items: list, d: int) -> None:
+    target = m.target = m.stack[-1]
+    if type(target) is not dict or len(items) % 2:
+        raise _Refused(f"SETITEM(S) on {describe(target)} with {len(items)} items")
+    for k in range(0, len(items), 2):
+        target[_dict_key(items[k])] = items[k + 1]
+    m.depth[-1] = _deeper(max(m.depth[-1], d + 1))
+    m.cost += _ITEM * (len(items) // 2)
+
+
+def _appends(m: _Machine, buf: bytes, pos: int) -> None:
+    items, d = m.pop_mark(_SLOT)
+    _extend(m, items, d)
+
+
+def _append(m: _Machine, buf: bytes, pos: int) -> None:
+    if len(m.stack) < 2:
+        raise _Refused("APPEND on a short stack")
+    _extend(m, [m.stack.pop()], m.depth.pop())
+
+
+def _extend(m: _Machine, items: list, d: int) -> None:
+    target = m.target = m.stack[-1]
+    if type(target) is not list:
+        raise _Refused(f"APPEND(S) on {describe(target)}")
+    target.extend(items)
+    m.depth[-1] = _deeper(max(m.depth[-1], d + 1))
+    m.cost += _SLOT * len(items)
+
+
+# -- objects: globals, calls and records, each resolved by the Spec
+
+
+def _stack_global(m: _Machine, buf: bytes, pos: int) -> None:
+    name = m.stack.pop()
+    module = m.stack.pop()
+    del m.depth[-2:]
+    if type(module) is not str or type(name) is not str:
+        raise _Refused(f"STACK_GLOBAL of {describe(module)}.{describe(name)}")
+    m.push(m.spec.find_class(module, name), 0)
+
+
+def _global(m: _Machine, buf: bytes, pos: int) -> None:
+    """GLOBAL "module\\nname\\n"."""
+    module, buf, pos = _line(m.stream, buf, pos)
+    name, buf, pos = _line(m.stream, buf, pos)
+    m.buf, m.pos = buf, pos
+    m.push(m.spec.find_class(module, name), 0)
+
+
+def _reduce(m: _Machine, buf: bytes, pos: int) -> None:
+    stack = m.stack
+    args = stack.pop()
+    d = m.depth.pop()
+    if type(args) is not tuple:
+        raise _Refused(f"REDUCE with arguments {describe(args)} (not a tuple)")
+    result = m.spec.call(stack[-1], args)
+    stack[-1] = result
+    m.depth[-1] = _deeper(d + 1)
+    if not (args and result is args[0]):     # torch.Size & co hand back their argument
+        m.cost += _RECORD
+    # Forgotten only when just built by TUPLE1-3 (torch.Size & co), never a tuple fetched from the memo: nothing
+    # else holds it (besides `args`, `m.fresh` and getrefcount's argument).
+    if args and m.fresh is args and _forget(m.memo, args) and getrefcount(args) == 3:
+        m.cost -= 56 + 8 * len(args)
+
+
+def _newobj(m: _Machine, buf: bytes, pos: int) -> None:
+    stack = m.stack
+    args = stack.pop()
+    m.depth.pop()
+    cls = stack[-1]
+    if not (isinstance(cls, type) and issubclass(cls, Record)) or type(args) is not tuple or args:
+        raise _Refused(f"NEWOBJ of {describe(cls)} with arguments {describe(args)}; only the allow-listed "
+                       "checkpoint classes, without arguments, are created")
+    stack[-1] = cls()
+    m.depth[-1] = 1
+    m.cost += _RECORD
+
+
+def _build(m: _Machine, buf: bytes, pos: int) -> None:
+    state = m.stack.pop()
+    d = m.depth.pop()
+    obj = m.stack[-1]
+    if not isinstance(obj, Record) or obj.built:
+        raise _Refused(f"BUILD on {describe(obj)}; only a new checkpoint record can be built, once")
+    entries = len(state) if type(state) is dict else 0
+    m.spec.build(obj, state)
+    obj.built = True
+    if entries and not state:     # the record took the values and emptied the dict
+        m.cost -= _ITEM * entries
+        # Refunded only when nothing else holds it (besides `state`, `m.target` and getrefcount's argument).
+        if _forget(m.memo, state) and getrefcount(state) == 2 + (m.target is state):
+            m.cost -= _OBJECT
+    m.depth[-1] = _deeper(d + 1)
+
+
+def _binpersid(m: _Machine, buf: bytes, pos: int) -> None:
+    pid = m.stack.pop()
+    m.depth.pop()
+    m.push(m.spec.persistent_load(pid), 1)
+    m.cost += _RECORD
+
+
+# -- the stack and the stream
+
+
+def _pop(m: _Machine, buf: bytes, pos: int) -> None:
+    if m.marks and m.marks[-1] == len(m.stack):
+        m.marks.pop()
+    else:
+        m.stack.pop()
+        m.depth.pop()
+
+
+def _pop_mark(m: _Machine, buf: bytes, pos: int) -> None:
+    m.pop_mark(0)
+
+
+def _dup(m: _Machine, buf: bytes, pos: int) -> None:
+    m.push(m.stack[-1], m.depth[-1])
+
+
+def _frame(m: _Machine, buf: bytes, pos: int) -> None:
+    m.pos = pos + 8         # a length hint; the stream is read as a whole
+
+
+def _proto(m: _Machine, buf: bytes, pos: int) -> None:
+    if buf[pos] > 5:
+        raise _Refused(f"pickle protocol {buf[pos]} (this reader knows 0-5)")
+    m.pos = pos + 1
+
+
+def _stop(m: _Machine, buf: bytes, pos: int) -> None:
+    if len(m.stack) != 1 or m.marks:
+        raise _Refused(f"STOP with {len(m.stack)} values and {len(m.marks)} MARKs left on the stack")
+    raise _Stop
 
 
 def _dict_key(key: Any) -> Any:
@@ -552,15 +704,60 @@ def _line(stream: _Input, buf: bytes, pos: int) -> Tuple[str, bytes, int]:
         buf, pos = stream.more(buf, pos, len(buf) - pos + 1), 0
 
 
-# Bytes of fixed-size argument after each opcode; -1 for opcodes this reader refuses. Variable-length
-# payloads (strings, LONG1, GLOBAL lines) are fetched by their branch after the length is checked.
+# Every opcode this reader runs: (name, bytes of fixed-size argument, function). Variable-length payloads (strings,
+# LONG1, GLOBAL lines) are fetched by their function once the length is checked. Every other byte is refused.
+_OPCODES: Dict[int, Tuple[str, int, Callable[[_Machine, bytes, int], None]]] = {
+    0x94: ("MEMOIZE", 0, _memoize),
+    0x68: ("BINGET", 1, _binget),
+    0x6A: ("LONG_BINGET", 4, _long_binget),
+    0x71: ("BINPUT", 1, _binput),
+    0x72: ("LONG_BINPUT", 4, _long_binput),
+    0x4B: ("BININT1", 1, _binint1),
+    0x4D: ("BININT2", 2, _binint2),
+    0x4A: ("BININT", 4, _binint),
+    0x8A: ("LONG1", 1, _long1),
+    0x47: ("BINFLOAT", 8, _binfloat),
+    0x4E: ("NONE", 0, _constant(None)),
+    0x88: ("NEWTRUE", 0, _constant(True)),
+    0x89: ("NEWFALSE", 0, _constant(False)),
+    0x8C: ("SHORT_BINUNICODE", 1, _string(True, 1, _byte)),
+    0x58: ("BINUNICODE", 4, _string(True, 4, _u32)),
+    0x8D: ("BINUNICODE8", 8, _string(True, 8, _u64)),
+    0x43: ("SHORT_BINBYTES", 1, _string(False, 1, _byte)),
+    0x42: ("BINBYTES", 4, _string(False, 4, _u32)),
+    0x8E: ("BINBYTES8", 8, _string(False, 8, _u64)),
+    0x28: ("MARK", 0, _mark),
+    0x29: ("EMPTY_TUPLE", 0, _empty(tuple, 0)),
+    0x5D: ("EMPTY_LIST", 0, _empty(list, _OBJECT)),
+    0x7D: ("EMPTY_DICT", 0, _empty(dict, _OBJECT)),
+    0x85: ("TUPLE1", 0, _tuple1),
+    0x86: ("TUPLE2", 0, _tuple_of(2)),
+    0x87: ("TUPLE3", 0, _tuple_of(3)),
+    0x74: ("TUPLE", 0, _from_mark(tuple)),
+    0x6C: ("LIST", 0, _from_mark(list)),
+    0x64: ("DICT", 0, _from_mark(_dict_of)),
+    0x73: ("SETITEM", 0, _setitem),
+    0x75: ("SETITEMS", 0, _setitems),
+    0x61: ("APPEND", 0, _append),
+    0x65: ("APPENDS", 0, _appends),
+    0x93: ("STACK_GLOBAL", 0, _stack_global),
+    0x63: ("GLOBAL", 0, _global),
+    0x52: ("REDUCE", 0, _reduce),
+    0x81: ("NEWOBJ", 0, _newobj),
+    0x62: ("BUILD", 0, _build),
+    0x51: ("BINPERSID", 0, _binpersid),
+    0x30: ("POP", 0, _pop),
+    0x31: ("POP_MARK", 0, _pop_mark),
+    0x32: ("DUP", 0, _dup),
+    0x95: ("FRAME", 8, _frame),
+    0x80: ("PROTO", 1, _proto),
+    0x2E: ("STOP", 0, _stop),
+}
+# What `_Machine.run` indexes by opcode: -1 / None for a refused byte.
 _ARG_BYTES = [-1] * 256
-for _op, _n in {0x94: 0, 0x6A: 4, 0x68: 1, 0x4D: 2, 0x4B: 1, 0x28: 0, 0x29: 0, 0x81: 0, 0x62: 0, 0x85: 0,
-                0x86: 0, 0x87: 0, 0x75: 0, 0x73: 0, 0x7D: 0, 0x52: 0, 0x4A: 4, 0x8C: 1, 0x58: 4, 0x8D: 8,
-                0x43: 1, 0x42: 4, 0x8E: 8, 0x89: 0, 0x88: 0, 0x4E: 0, 0x5D: 0, 0x65: 0, 0x61: 0, 0x74: 0,
-                0x6C: 0, 0x64: 0, 0x71: 1, 0x72: 4, 0x93: 0, 0x63: 0, 0x8A: 1, 0x47: 8, 0x51: 0, 0x30: 0,
-                0x31: 0, 0x32: 0, 0x95: 8, 0x80: 1, 0x2E: 0}.items():
-    _ARG_BYTES[_op] = _n
+_OPS: List[Optional[Callable[[_Machine, bytes, int], None]]] = [None] * 256
+for _op, (_, _n, _fn) in _OPCODES.items():
+    _ARG_BYTES[_op], _OPS[_op] = _n, _fn
 
 _REFUSED_NAMES = {
     0x69: "INST", 0x6F: "OBJ", 0x92: "NEWOBJ_EX", 0x82: "EXT1", 0x83: "EXT2", 0x84: "EXT4",

@@ -20,7 +20,9 @@ from tests.support import dcp_writers
 
 
 def _both(monkeypatch, make):
-    """(packed plan, general plan) of `make()`, the general one planned with STREAMCONV_NO_FAST_PATHS=1."""
+    """(packed plan, general plan) of `make()`, the general one planned with STREAMCONV_NO_FAST_PATHS=1 (the packed
+    one with it 0: `make test-no-fast-paths` sets it for the whole run)."""
+    monkeypatch.setenv("STREAMCONV_NO_FAST_PATHS", "0")
     packed = make()
     monkeypatch.setenv("STREAMCONV_NO_FAST_PATHS", "1")
     assert not planning.pieces_packed()
@@ -128,6 +130,7 @@ def test_a_many_piece_plan_keeps_its_pieces_as_rows_not_objects(many_pieces, mon
     """The plan holds no Piece objects: its memory per piece is a row of numbers plus its share of the tensor's
     own objects. The general form (a Piece and its tuples each, the chunks as objects) keeps more than twice as
     much; materialising every tensor's pieces for the whole plan at once would too."""
+    monkeypatch.setenv("STREAMCONV_NO_FAST_PATHS", "0")
     conversion, kept, peak = _planned_bytes(many_pieces)
     pieces = sum(len(t.pieces) for t in conversion.tensors)
     assert pieces == 8 * 64 * 3 * 2          # 8 pieces for each of 64 experts' 3 weights in 2 MoE layers
@@ -143,7 +146,8 @@ def test_a_many_piece_plan_keeps_its_pieces_as_rows_not_objects(many_pieces, mon
     assert len(table.rows) == len(table) * (2 + 3 + 2 * 2)      # 9 numbers a piece: chunk, step, 3 + 2 + 2 dims
 
 
-def test_a_piece_table_is_a_sequence_of_its_pieces_and_pickles(many_pieces):
+def test_a_piece_table_is_a_sequence_of_its_pieces_and_pickles(many_pieces, monkeypatch):
+    monkeypatch.setenv("STREAMCONV_NO_FAST_PATHS", "0")
     conversion = planning.build_plan(many_pieces)
     t = next(t for t in conversion.tensors if isinstance(t.pieces, PieceTable))
     pieces = tuple(t.pieces)

@@ -35,10 +35,17 @@ MIN_BUFFER_BYTES = 64 * 2**10
 BASE_RSS_BYTES = 25 * 2**20
 RUN_STATE_BYTES = 2 * 2**20
 # * numpy and its OpenBLAS, imported only when a tensor passes through the buffer (a cast or an assembly): a plan
-#   of plain FSDP copies runs without it. 16.8-17.1 MiB in a freshly installed venv, 11.4-11.7 MiB for the same
-#   files read back long after they were installed (the kernel maps a just-written file in larger pieces): the
-#   larger, so the prediction is a bound on a fresh install too (tests/support/rss.py);
+#   of plain FSDP copies runs without it. What the import maps depends on the page cache, not on numpy: a library
+#   file just written (a fresh install) sits in the page cache in large folios, which the kernel maps whole on a
+#   fault (Linux 6.18: 15.0 MiB for numpy 2.4 and its OpenBLAS); read back through faults after it was evicted,
+#   in small ones (11.4 MiB for the same files). So `convert` and `plan` measure the import in the process
+#   (runs/mapping.py, `with_numpy_bytes`) and this constant, the larger with margin, stands only when they cannot
+#   (numpy already imported, no /proc);
 NUMPY_RSS_BYTES = 18 * 2**20
+# * with the import measured, what numpy maps and allocates afterwards while converting (its ufunc and copy code
+#   faulted in on first use, its allocator's first arenas): the measured import plus this stayed above the peak
+#   (2-core VM, 2026-12-07, docs/benchmarks.md);
+NUMPY_IN_USE_BYTES = 2**20
 # * per writer, transient reads outside the buffer: the plain IO paths' 1 MiB steps (fastpaths.PREAD_STEP_BYTES),
 #   the CRC-32 check's 1 MiB piece, a comparing sink's pieces, a resume record's CRC read-back. `build_plan`
 #   predicts for the default writer count; `with_writers` for another;
@@ -225,6 +232,9 @@ class ConversionPlan:
     source_note: str = ""                   # why, for reports
     workers: int = DEFAULT_WRITERS          # the writer threads `peak_bytes` is predicted for (`with_writers`)
     workers_reason: str = ""                # how that count was chosen (planning/workers.py), for reports
+    # What numpy adds to the peak when a tensor passes through the buffer: NUMPY_RSS_BYTES, or the import as this
+    # process measured it plus NUMPY_IN_USE_BYTES (`with_numpy_bytes`)
+    numpy_bytes: int = NUMPY_RSS_BYTES
 
     @property
     def tensors(self) -> Tuple[TensorPlan, ...]:
@@ -396,7 +406,8 @@ def with_writers(conversion: ConversionPlan, writers: int, reason: str = "") -> 
 def writers_peak_bytes(conversion: ConversionPlan, writers: int) -> int:
     """The predicted peak for `writers` threads without the per-chunk metadata (which grows with the checkpoint,
     not with the writers): what the writer count is chosen against (planning/workers.py)."""
-    return BASE_RSS_BYTES + _writers_bytes(conversion.tensors, conversion.options.buffer_bytes, writers)
+    return BASE_RSS_BYTES + _writers_bytes(conversion.tensors, conversion.options.buffer_bytes, writers,
+                                           numpy_bytes=conversion.numpy_bytes)
 
 
 def with_permuted_chunks(conversion: ConversionPlan, permuted: Collection[BlobLocation],
@@ -407,9 +418,22 @@ def with_permuted_chunks(conversion: ConversionPlan, permuted: Collection[BlobLo
     if not permuted:
         return conversion
     tensors, buffer_bytes = conversion.tensors, conversion.options.buffer_bytes
-    extra_bytes = (_writers_bytes(tensors, buffer_bytes, writers, frozenset(permuted))
-                   - _writers_bytes(tensors, buffer_bytes, writers))
+    extra_bytes = (_writers_bytes(tensors, buffer_bytes, writers, frozenset(permuted), conversion.numpy_bytes)
+                   - _writers_bytes(tensors, buffer_bytes, writers, numpy_bytes=conversion.numpy_bytes))
     return replace(conversion, peak_bytes=conversion.peak_bytes + extra_bytes)
+
+
+def uses_numpy(conversion: ConversionPlan) -> bool:
+    """True when some tensor passes through the buffer, so the run imports numpy (`numpy_bytes` is in the peak)."""
+    return any(buffer_need_bytes(t) for t in conversion.tensors)
+
+
+def with_numpy_bytes(conversion: ConversionPlan, import_bytes: int) -> ConversionPlan:
+    """The plan with numpy counted as this process measured its import (`import_bytes`, runs/mapping.py) rather
+    than as NUMPY_RSS_BYTES assumes, when the run imports it."""
+    numpy_bytes = import_bytes + NUMPY_IN_USE_BYTES
+    extra_bytes = numpy_bytes - conversion.numpy_bytes if uses_numpy(conversion) else 0
+    return replace(conversion, peak_bytes=conversion.peak_bytes + extra_bytes, numpy_bytes=numpy_bytes)
 
 
 def with_plain_io(conversion: ConversionPlan, writers: int) -> ConversionPlan:
@@ -441,7 +465,7 @@ def _running_writers(tensors: Sequence[TensorPlan], writers: int) -> int:
 
 
 def _writers_bytes(tensors: Sequence[TensorPlan], buffer_bytes: int, writers: int,
-                   permuted: Collection[BlobLocation] = frozenset()) -> int:
+                   permuted: Collection[BlobLocation] = frozenset(), numpy_bytes: int = NUMPY_RSS_BYTES) -> int:
     """What the writers hold beyond the base: their IO steps, their zstd decoders when chunks are compressed and,
     when some tensor passes through the buffer, numpy and the part of each writer's share of the buffer that the
     largest such tensor touches."""
@@ -451,5 +475,5 @@ def _writers_bytes(tensors: Sequence[TensorPlan], buffer_bytes: int, writers: in
     if any(t.is_compressed for t in tensors):
         held += ZSTD_MODULE_BYTES + running * DECODER_BYTES_PER_WRITER
     if need_bytes:
-        held += NUMPY_RSS_BYTES + running * min(max(1, buffer_bytes // running), need_bytes)
+        held += numpy_bytes + running * min(max(1, buffer_bytes // running), need_bytes)
     return held

@@ -19,12 +19,12 @@ from ..model import CheckpointMetadata
 from ..output import ledger, record
 from ..planning.options import resolve as resolve_options
 from ..fs.cpus import available_cpus
-from ..planning.plan import ConversionPlan, build_plan
+from ..planning.plan import ConversionPlan, build_plan, uses_numpy, with_numpy_bytes
 from ..planning.workers import with_workers
 from ..source import transforms
 from ..source.io import RangeReader
 from ..verification import provenance
-from . import discover
+from . import discover, mapping
 from .checkpoint import load, locate_chunks
 from .report import Reporter
 
@@ -85,12 +85,17 @@ def prepare(checkpoint_dir: str, request: Request, fast: fastpaths.FastPaths = f
 
 
 def checked_plan(meta: CheckpointMetadata, options, checkpoint_dir: str) -> ConversionPlan:
-    """The plan, refused when it selects nothing."""
+    """The plan, refused when it selects nothing, its predicted peak counting numpy as this process maps it when
+    the run will import it (runs/mapping.py)."""
     conversion = build_plan(meta, options)
     if not conversion.tensors:
         raise OptionsError(
             f"{checkpoint_dir}: no tensors selected to convert ({len(meta.tensors)} in the checkpoint); "
             "check --include/--exclude/--subtree (see `streamconv inspect` for the names)")
+    if uses_numpy(conversion):
+        import_bytes = mapping.numpy_import_bytes()
+        if import_bytes is not None:
+            conversion = with_numpy_bytes(conversion, import_bytes)
     return conversion
 
 

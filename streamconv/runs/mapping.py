@@ -1,0 +1,37 @@
+"""What importing numpy costs this process, measured where the prediction would otherwise assume it.
+
+numpy's import maps its libraries, and how much of them the kernel maps depends on how their pages sit in the page
+cache (planning/plan.py, NUMPY_RSS_BYTES): up to 4 MiB more right after an install than once the files were
+evicted and read back. A converter that passes tensors through the buffer imports numpy anyway; importing it
+while planning, and counting what the import added to this process's resident set, makes the predicted peak the
+machine's real term rather than a margin for the worst page cache.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Optional
+
+
+def resident_bytes() -> Optional[int]:
+    """This process's resident set now (file-backed pages included, as the OS's peak counts them); None where
+    /proc is not there."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def numpy_import_bytes() -> Optional[int]:
+    """Import numpy and return what that added to the resident set; None when it cannot be told (numpy imported
+    already, by this process or its caller, or no /proc)."""
+    if "numpy" in sys.modules:
+        return None
+    before = resident_bytes()
+    if before is None:
+        return None
+    importlib.import_module("numpy")
+    after = resident_bytes()
+    return None if after is None else max(0, after - before)

@@ -26,26 +26,29 @@ MIN_BUFFER_BYTES = 64 * 2**10
 # The predicted peak (`ConversionPlan.peak_bytes`) is the sum of what the converter holds resident at once,
 # each part measured with /usr/bin/time (CPython 3.11, numpy 2.4, 2-core VM, 2026-12-07; docs/benchmarks.md):
 # * the interpreter with streamconv, click and the stdlib they import, and the decoded metadata and plan
-#   (20.3-21.2 MiB after `import streamconv.cli` in a used venv since each verb imports its own machinery, more in
-#   a freshly installed one; then the report, the sink, a writer thread: RUN_STATE_BYTES), with the pages a freshly
-#   installed venv maps beyond a used one: a fresh CI venv's Megatron TP2 run peaked 0.7 MiB above a prediction
-#   with 24 MiB here, its expert-unstack run 0.3 MiB above one with 23. Nothing imported at start-up may pull in
-#   OpenSSL (`hashlib`: 3.6 MiB): tests/memory checks the prediction (tests/support/rss.py allows a used venv its
-#   smaller mappings) and tests/test_start_up.py the modules;
-BASE_RSS_BYTES = 25 * 2**20
+#   (21.3 MiB after `import streamconv.cli` with streamconv's bytecode compiled, 21.9-22.0 compiling it from source
+#   at every start as an editable install under PYTHONDONTWRITEBYTECODE does: the same in a freshly installed venv
+#   and a used one, 2026-12-07; each verb imports its own machinery), then the report, the sink, a writer thread
+#   (RUN_STATE_BYTES). A fresh CI venv's Megatron TP2 run once peaked 0.7 MiB above a prediction with 24 MiB here
+#   while numpy was a constant 18 MiB; a just-installed numpy maps up to 17.7 MiB at import and more once used
+#   (below), presumably that run's excess, which numpy's measured term now carries (not re-run in CI). Nothing
+#   imported at start-up may pull in OpenSSL (`hashlib`: 3.6 MiB): tests/memory checks the prediction
+#   (tests/support/rss.py) and tests/test_start_up.py the modules;
+BASE_RSS_BYTES = 24 * 2**20
 RUN_STATE_BYTES = 2 * 2**20
 # * numpy and its OpenBLAS, imported only when a tensor passes through the buffer (a cast or an assembly): a plan
 #   of plain FSDP copies runs without it. What the import maps depends on the page cache, not on numpy: a library
 #   file just written (a fresh install) sits in the page cache in large folios, which the kernel maps whole on a
-#   fault (Linux 6.18: 15.0 MiB for numpy 2.4 and its OpenBLAS); read back through faults after it was evicted,
-#   in small ones (11.4 MiB for the same files). So `convert` and `plan` measure the import in the process
+#   fault (Linux 6.18: 15.0 MiB for numpy 2.4 and its OpenBLAS as pip left them, 17.3-17.7 rewritten with 1 MiB
+#   writes); read back through faults after it was evicted, in small ones (11.4 MiB for the same files). So `convert` and `plan` measure the import in the process
 #   (runs/mapping.py, `with_numpy_bytes`) and this constant, the larger with margin, stands only when they cannot
 #   (numpy already imported, no /proc);
 NUMPY_RSS_BYTES = 18 * 2**20
-# * with the import measured, what numpy maps and allocates afterwards while converting (its ufunc and copy code
-#   faulted in on first use, its allocator's first arenas): the measured import plus this stayed above the peak
-#   (2-core VM, 2026-12-07, docs/benchmarks.md);
-NUMPY_IN_USE_BYTES = 2**20
+# * with the import and a first use measured, what numpy maps and allocates afterwards while converting: on the
+#   2 GB column-block preset (--buffer-size 8MiB, 2 writers) the run added the buffer and 0.8 MiB (used venv) or
+#   1.7 (numpy just written) to what the process held once planned, against this, RUN_STATE_BYTES and the IO
+#   steps (2-core VM, 2026-12-07, docs/benchmarks.md);
+NUMPY_IN_USE_BYTES = 2**19
 # * per writer, transient reads outside the buffer: the plain IO paths' 1 MiB steps (fastpaths.PREAD_STEP_BYTES),
 #   the CRC-32 check's 1 MiB piece, a comparing sink's pieces, a resume record's CRC read-back. `build_plan`
 #   predicts for the default writer count; `with_writers` for another;

@@ -6,6 +6,7 @@ The executor only follows the plan, shard by shard, so a shard can be (re)built 
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field, replace
 from typing import Collection, Dict, List, Optional, Sequence, Tuple
 
@@ -470,13 +471,16 @@ def _running_writers(tensors: Sequence[TensorPlan], writers: int) -> int:
 def _writers_bytes(tensors: Sequence[TensorPlan], buffer_bytes: int, writers: int,
                    permuted: Collection[BlobLocation] = frozenset(), numpy_bytes: int = NUMPY_RSS_BYTES) -> int:
     """What the writers hold beyond the base: their IO steps, their zstd decoders when chunks are compressed and,
-    when some tensor passes through the buffer, numpy and the part of each writer's share of the buffer that the
-    largest such tensor touches."""
+    when some tensor passes through the buffer, numpy and the part of each writer's share of the buffer its
+    tensors touch. A writer's share stays touched as far as its largest tensor reached, and writers take distinct
+    tensors, so together they touch at most the `running` largest needs (each within a share): one large
+    assembled tensor among small ones costs one share, not one per writer."""
     running = _running_writers(tensors, writers)
-    need_bytes = max((buffer_need_bytes(t, permuted) for t in tensors), default=0)
+    share_bytes = max(1, buffer_bytes // running)
+    needs = heapq.nlargest(running, (min(share_bytes, buffer_need_bytes(t, permuted)) for t in tensors))
     held = running * IO_STEP_BYTES_PER_WRITER
     if any(t.is_compressed for t in tensors):
         held += ZSTD_MODULE_BYTES + running * DECODER_BYTES_PER_WRITER
-    if need_bytes:
-        held += numpy_bytes + running * min(max(1, buffer_bytes // running), need_bytes)
+    if needs and needs[0]:
+        held += numpy_bytes + sum(needs)
     return held

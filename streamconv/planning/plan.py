@@ -36,6 +36,10 @@ MIN_BUFFER_BYTES = 64 * 2**10
 #   imported at start-up may pull in OpenSSL (`hashlib`: 3.6 MiB): tests/memory checks the prediction
 #   (tests/support/rss.py) and tests/test_start_up.py the modules;
 BASE_RSS_BYTES = 24 * 2**20
+# * when streamconv's modules were compiled from source at this start (runs/mapping.py tells), what compiling left
+#   behind: 21.9-22.0 MiB after `import streamconv.cli` against 21.3, and an FSDP2 11B slice peaked 26.3 MiB against
+#   25.9 with bytecode (2-core VM, 2026-12-07);
+COMPILE_BYTES = 2**20
 RUN_STATE_BYTES = 2 * 2**20
 # * numpy and its OpenBLAS, imported only when a tensor passes through the buffer (a cast or an assembly): a plan
 #   of plain FSDP copies runs without it. What the import maps depends on the page cache, not on numpy: a library
@@ -438,6 +442,11 @@ def with_numpy_bytes(conversion: ConversionPlan, import_bytes: int) -> Conversio
     numpy_bytes = import_bytes + NUMPY_IN_USE_BYTES
     extra_bytes = numpy_bytes - conversion.numpy_bytes if uses_numpy(conversion) else 0
     return replace(conversion, peak_bytes=conversion.peak_bytes + extra_bytes, numpy_bytes=numpy_bytes)
+
+
+def with_compiled_source(conversion: ConversionPlan) -> ConversionPlan:
+    """The plan with what compiling streamconv from source at this start left resident (COMPILE_BYTES)."""
+    return replace(conversion, peak_bytes=conversion.peak_bytes + COMPILE_BYTES)
 
 
 def with_plain_io(conversion: ConversionPlan, writers: int) -> ConversionPlan:

@@ -8,6 +8,7 @@ choices travel as one `Request`, as they were given to the API.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
@@ -19,7 +20,7 @@ from ..model import CheckpointMetadata
 from ..output import ledger, record
 from ..planning.options import resolve as resolve_options
 from ..fs.cpus import available_cpus
-from ..planning.plan import ConversionPlan, build_plan, uses_numpy, with_numpy_bytes
+from ..planning.plan import ConversionPlan, build_plan, uses_numpy, with_compiled_source, with_numpy_bytes
 from ..planning.workers import with_workers
 from ..source import transforms
 from ..source.io import RangeReader
@@ -96,6 +97,9 @@ def checked_plan(meta: CheckpointMetadata, options, checkpoint_dir: str) -> Conv
         import_bytes = mapping.numpy_import_bytes()
         if import_bytes is not None:
             conversion = with_numpy_bytes(conversion, import_bytes)
+    if mapping.compiled_from_source(getattr(m, "__file__", None) or "" for name, m in list(sys.modules.items())
+                                    if name.startswith("streamconv.")):
+        conversion = with_compiled_source(conversion)
     return conversion
 
 

@@ -1,6 +1,7 @@
 """The predicted peak counts numpy as this process maps it (runs/mapping.py, plan.with_numpy_bytes), not as the
 worst page cache would: the same numpy maps 11.4 MiB or 15.0 depending on how its files sit in the page cache."""
 import importlib
+import importlib.util
 import subprocess
 import sys
 
@@ -48,3 +49,22 @@ def test_the_measured_import_replaces_the_assumed_term_only_when_the_run_imports
     # The writer count is chosen, and a permuted chunk counted, with the measured term kept.
     assert p.with_writers(measured, 1).peak_bytes == measured.peak_bytes
     assert p.writers_peak_bytes(measured, 1) < p.writers_peak_bytes(assembled, 1)
+
+
+def test_modules_compiled_from_source_at_this_start_are_told_apart(tmp_path):
+    import os
+    import py_compile
+    old, new, bare = (tmp_path / f"{n}.py" for n in ("old", "new", "bare"))
+    for f in (old, new, bare):
+        f.write_text("x = 1\n")
+    py_compile.compile(str(old))
+    started = os.stat("/proc/self").st_ctime
+    pyc = importlib.util.cache_from_source(str(old))
+    os.utime(pyc, (started - 60, started - 60))             # bytecode from an earlier start
+    assert not mapping.compiled_from_source([str(old)])
+    py_compile.compile(str(new))                            # bytecode written by this process
+    assert mapping.compiled_from_source([str(old), str(new)])
+    assert mapping.compiled_from_source([str(old), str(bare)])   # none at all (PYTHONDONTWRITEBYTECODE)
+    assert not mapping.compiled_from_source([str(old), "built_in_module.so"])
+    base = build_plan(CheckpointMetadata(tensors=(tensor("model.a", (8, 8)),), byte_entries=()))
+    assert p.with_compiled_source(base).peak_bytes == base.peak_bytes + p.COMPILE_BYTES

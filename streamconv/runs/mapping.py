@@ -53,8 +53,8 @@ def _first_use(np) -> None:
 
 def compiled_from_source(module_files: Iterable[str]) -> bool:
     """True when some of these modules (`__file__`s) were compiled from source by this process: no bytecode beside
-    them (a checkout under PYTHONDONTWRITEBYTECODE, or read-only), or bytecode written since this process started
-    (a first start). Compiling leaves the interpreter 0.5-1 MiB larger (planning/plan.py, COMPILE_BYTES)."""
+    them (a checkout under PYTHONDONTWRITEBYTECODE, or read-only), bytecode older than its source, or bytecode written
+    since this process started (a first start). Compiling leaves the interpreter 0.5-1 MiB larger (planning/plan.py, COMPILE_BYTES)."""
     try:
         started = os.stat("/proc/self").st_ctime
     except OSError:
@@ -63,7 +63,8 @@ def compiled_from_source(module_files: Iterable[str]) -> bool:
         if not path.endswith(".py"):
             continue
         try:
-            if os.stat(importlib.util.cache_from_source(path)).st_mtime >= started:
+            written = os.stat(importlib.util.cache_from_source(path)).st_mtime
+            if written >= started or written < os.stat(path).st_mtime:     # new, or stale: recompiled
                 return True
         except FileNotFoundError:
             return True

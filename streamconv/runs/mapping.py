@@ -26,19 +26,25 @@ def resident_bytes() -> Optional[int]:
         return None
 
 
+# What the import measured, once per process: a batch driver plans many checkpoints and imports numpy for the first.
+_measured_numpy_bytes: Optional[int] = None
+
+
 def numpy_import_bytes() -> Optional[int]:
     """Import numpy, run the kinds of operation the executor runs on a few small arrays (so the code they fault in
     is counted too: in a fresh install each first call maps a large folio), and return what that added to the
-    resident set; None when it cannot be told (numpy imported already, by this process or its caller, or no
-    /proc)."""
-    if "numpy" in sys.modules:
-        return None
+    resident set; None when it cannot be told (numpy imported already by the caller, or no /proc). Measured once: later calls in the process return the first measurement."""
+    global _measured_numpy_bytes
+    if _measured_numpy_bytes is not None or "numpy" in sys.modules:
+        return _measured_numpy_bytes
     before = resident_bytes()
     if before is None:
         return None
     _first_use(importlib.import_module("numpy"))
     after = resident_bytes()
-    return None if after is None else max(0, after - before)
+    if after is not None:
+        _measured_numpy_bytes = max(0, after - before)
+    return _measured_numpy_bytes
 
 
 def _first_use(np) -> None:

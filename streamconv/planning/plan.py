@@ -36,18 +36,19 @@ MIN_BUFFER_BYTES = 64 * 2**10
 #   imported at start-up may pull in OpenSSL (`hashlib`: 3.6 MiB): tests/memory checks the prediction
 #   (tests/support/rss.py) and tests/test_start_up.py the modules;
 BASE_RSS_BYTES = 24 * 2**20
+RUN_STATE_BYTES = 2 * 2**20
 # * when streamconv's modules were compiled from source at this start (runs/mapping.py tells), what compiling left
 #   behind: 21.9-22.0 MiB after `import streamconv.cli` against 21.3, and an FSDP2 11B slice peaked 26.3 MiB against
 #   25.9 with bytecode (2-core VM, 2026-12-07);
 COMPILE_BYTES = 2**20
-RUN_STATE_BYTES = 2 * 2**20
 # * numpy and its OpenBLAS, imported only when a tensor passes through the buffer (a cast or an assembly): a plan
 #   of plain FSDP copies runs without it. What the import maps depends on the page cache, not on numpy: a library
 #   file just written (a fresh install) sits in the page cache in large folios, which the kernel maps whole on a
 #   fault (Linux 6.18: 15.0 MiB for numpy 2.4 and its OpenBLAS as pip left them, 17.3-17.7 rewritten with 1 MiB
-#   writes); read back through faults after it was evicted, in small ones (11.4 MiB for the same files). So `convert` and `plan` measure the import in the process
-#   (runs/mapping.py, `with_numpy_bytes`) and this constant, the larger with margin, stands only when they cannot
-#   (numpy already imported, no /proc);
+#   writes); read back through faults after it was evicted, in small ones (11.4 MiB for the same files). So
+#   `convert`, `plan` and `verify` measure the import in the process (runs/mapping.py, `with_numpy_bytes`), and
+#   this constant stands only when they cannot: numpy imported already (by an API caller, whose process then holds
+#   it before the run starts) or no /proc;
 NUMPY_RSS_BYTES = 18 * 2**20
 # * with the import and a first use measured, what numpy maps and allocates afterwards while converting: on the
 #   2 GB column-block preset (--buffer-size 8MiB, 2 writers) the run added the buffer and 0.8 MiB (used venv) or

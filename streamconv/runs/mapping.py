@@ -33,7 +33,8 @@ _measured_numpy_bytes: Optional[int] = None
 def numpy_import_bytes() -> Optional[int]:
     """Import numpy, run the kinds of operation the executor runs on a few small arrays (so the code they fault in
     is counted too: in a fresh install each first call maps a large folio), and return what that added to the
-    resident set; None when it cannot be told (numpy imported already by the caller, or no /proc). Measured once: later calls in the process return the first measurement."""
+    resident set; None when it cannot be told (numpy imported already by the caller, or no /proc). Measured once:
+    later calls in the process return the first measurement."""
     global _measured_numpy_bytes
     if _measured_numpy_bytes is not None or "numpy" in sys.modules:
         return _measured_numpy_bytes
@@ -59,8 +60,9 @@ def _first_use(np) -> None:
 
 def compiled_from_source(module_files: Iterable[str]) -> bool:
     """True when some of these modules (`__file__`s) were compiled from source by this process: no bytecode beside
-    them (a checkout under PYTHONDONTWRITEBYTECODE, or read-only), bytecode older than its source, or bytecode written
-    since this process started (a first start). Compiling leaves the interpreter 0.5-1 MiB larger (planning/plan.py, COMPILE_BYTES)."""
+    them (a checkout under PYTHONDONTWRITEBYTECODE, or read-only), bytecode older than its source, or bytecode
+    written since this process started (a first start). Compiling leaves the interpreter 0.5-1 MiB larger
+    (planning/plan.py, COMPILE_BYTES)."""
     try:
         started = os.stat("/proc/self").st_ctime
     except OSError:

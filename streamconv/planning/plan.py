@@ -37,8 +37,8 @@ MIN_BUFFER_BYTES = 64 * 2**10
 #   (tests/support/rss.py) and tests/test_start_up.py the modules;
 BASE_RSS_BYTES = 24 * 2**20
 RUN_STATE_BYTES = 2 * 2**20
-# * when streamconv's modules were compiled from source at this start (runs/mapping.py tells), what compiling left
-#   behind: 21.9-22.0 MiB after `import streamconv.cli` against 21.3, and an FSDP2 11B slice peaked 26.3 MiB against
+# * when streamconv's modules were compiled from source at this start (runs/mapping.py tells which share), what
+#   compiling all of them left behind: 21.9-22.0 MiB after `import streamconv.cli` against 21.3, and an FSDP2 11B slice peaked 26.3 MiB against
 #   25.9 with bytecode (2-core VM, 2026-12-07);
 COMPILE_BYTES = 2**20
 # * numpy and its OpenBLAS, imported only when a tensor passes through the buffer (a cast or an assembly): a plan
@@ -445,9 +445,10 @@ def with_numpy_bytes(conversion: ConversionPlan, import_bytes: int) -> Conversio
     return replace(conversion, peak_bytes=conversion.peak_bytes + extra_bytes, numpy_bytes=numpy_bytes)
 
 
-def with_compiled_source(conversion: ConversionPlan) -> ConversionPlan:
-    """The plan with what compiling streamconv from source at this start left resident (COMPILE_BYTES)."""
-    return replace(conversion, peak_bytes=conversion.peak_bytes + COMPILE_BYTES)
+def with_compiled_source(conversion: ConversionPlan, share: float) -> ConversionPlan:
+    """The plan with what compiling `share` of streamconv's modules from source at this start left resident (that
+    share of COMPILE_BYTES)."""
+    return replace(conversion, peak_bytes=conversion.peak_bytes + round(share * COMPILE_BYTES))
 
 
 def with_plain_io(conversion: ConversionPlan, writers: int) -> ConversionPlan:

@@ -58,24 +58,26 @@ def _first_use(np) -> None:
     np.concatenate([band.ravel(), np.full(8, 1, dtype=np.uint16)]).take(np.flatnonzero(band.ravel()[:64]))
 
 
-def compiled_from_source(module_files: Iterable[str]) -> bool:
-    """True when some of these modules (`__file__`s) were compiled from source by this process: no bytecode beside
-    them (a checkout under PYTHONDONTWRITEBYTECODE, or read-only), bytecode older than its source, or bytecode
-    written since this process started (a first start). Compiling leaves the interpreter 0.5-1 MiB larger
-    (planning/plan.py, COMPILE_BYTES)."""
+def compiled_share(module_files: Iterable[str]) -> float:
+    """The share of these modules (`__file__`s) this process compiled from source: no bytecode beside them (a
+    checkout under PYTHONDONTWRITEBYTECODE, or read-only), bytecode older than its source, or bytecode written since
+    this process started (a first start). Compiling all of streamconv leaves the interpreter 0.5-1 MiB larger
+    (planning/plan.py, COMPILE_BYTES); a few edited modules, a share of that."""
     try:
         started = os.stat("/proc/self").st_ctime
     except OSError:
-        return False
+        return 0.0
+    compiled = total = 0
     for path in module_files:
         if not path.endswith(".py"):
             continue
         try:
             written = os.stat(importlib.util.cache_from_source(path)).st_mtime
-            if written >= started or written < os.stat(path).st_mtime:     # new, or stale: recompiled
-                return True
+            stale = written >= started or written < os.stat(path).st_mtime
         except FileNotFoundError:
-            return True
+            stale = True
         except (OSError, ValueError, NotImplementedError):
             continue
-    return False
+        total += 1
+        compiled += stale
+    return compiled / total if total else 0.0

@@ -97,10 +97,9 @@ def checked_plan(meta: CheckpointMetadata, options, checkpoint_dir: str) -> Conv
         import_bytes = mapping.numpy_import_bytes()
         if import_bytes is not None:
             conversion = with_numpy_bytes(conversion, import_bytes)
-    if mapping.compiled_from_source(getattr(m, "__file__", None) or "" for name, m in list(sys.modules.items())
-                                    if name.startswith("streamconv.")):
-        conversion = with_compiled_source(conversion)
-    return conversion
+    compiled = mapping.compiled_share(getattr(m, "__file__", None) or "" for name, m in list(sys.modules.items())
+                                      if name.startswith("streamconv."))
+    return with_compiled_source(conversion, compiled) if compiled else conversion
 
 
 def metadata_plan(meta: CheckpointMetadata, request: Request) -> ConversionPlan:

@@ -64,11 +64,12 @@ def test_modules_compiled_from_source_at_this_start_are_told_apart(tmp_path):
     pyc = importlib.util.cache_from_source(str(old))
     os.utime(old, (started - 120, started - 120))
     os.utime(pyc, (started - 60, started - 60))             # bytecode from an earlier start, newer than its source
-    assert not mapping.compiled_from_source([str(old), "built_in_module.so"])
+    assert mapping.compiled_share([str(old), "built_in_module.so"]) == 0
     py_compile.compile(str(new))                            # bytecode written by this process
-    assert mapping.compiled_from_source([str(old), str(new)])
-    assert mapping.compiled_from_source([str(old), str(bare)])   # none at all (PYTHONDONTWRITEBYTECODE)
+    assert mapping.compiled_share([str(old), str(new)]) == 0.5
+    assert mapping.compiled_share([str(old), str(bare)]) == 0.5     # none at all (PYTHONDONTWRITEBYTECODE)
     os.utime(old, (started - 30, started - 30))             # edited since it was compiled: stale, compiled again
-    assert mapping.compiled_from_source([str(old)])
+    assert mapping.compiled_share([str(old)]) == 1
     base = build_plan(CheckpointMetadata(tensors=(tensor("model.a", (8, 8)),), byte_entries=()))
-    assert p.with_compiled_source(base).peak_bytes == base.peak_bytes + p.COMPILE_BYTES
+    assert p.with_compiled_source(base, 1.0).peak_bytes == base.peak_bytes + p.COMPILE_BYTES
+    assert p.with_compiled_source(base, 0.25).peak_bytes == base.peak_bytes + p.COMPILE_BYTES // 4

@@ -6,6 +6,7 @@ The executor only follows the plan, shard by shard, so a shard can be (re)built 
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field, replace
 from typing import Collection, Dict, List, Optional, Sequence, Tuple
 
@@ -27,19 +28,34 @@ MIN_BUFFER_BYTES = 64 * 2**10
 # The predicted peak (`ConversionPlan.peak_bytes`) is the sum of what the converter holds resident at once,
 # each part measured with /usr/bin/time (CPython 3.11, numpy 2.4, 2-core VM, 2026-12-07; docs/benchmarks.md):
 # * the interpreter with streamconv, click and the stdlib they import, and the decoded metadata and plan
-#   (20.3-21.2 MiB after `import streamconv.cli` in a used venv since each verb imports its own machinery, more in
-#   a freshly installed one; then the report, the sink, a writer thread: RUN_STATE_BYTES), with the pages a freshly
-#   installed venv maps beyond a used one: a fresh CI venv's Megatron TP2 run peaked 0.7 MiB above a prediction
-#   with 24 MiB here, its expert-unstack run 0.3 MiB above one with 23. Nothing imported at start-up may pull in
-#   OpenSSL (`hashlib`: 3.6 MiB): tests/memory checks the prediction (tests/support/rss.py allows a used venv its
-#   smaller mappings) and tests/test_start_up.py the modules;
-BASE_RSS_BYTES = 25 * 2**20
+#   (21.3 MiB after `import streamconv.cli` with streamconv's bytecode compiled, 21.9-22.0 compiling it from source
+#   at every start as an editable install under PYTHONDONTWRITEBYTECODE does: the same in a freshly installed venv
+#   and a used one, 2026-12-07; each verb imports its own machinery), then the report, the sink, a writer thread
+#   (RUN_STATE_BYTES). A fresh CI venv's Megatron TP2 run once peaked 0.7 MiB above a prediction with 24 MiB here
+#   while numpy was a constant 18 MiB; a just-installed numpy maps up to 17.7 MiB at import and more once used
+#   (below), presumably that run's excess, which numpy's measured term now carries (not re-run in CI). Nothing
+#   imported at start-up may pull in OpenSSL (`hashlib`: 3.6 MiB): tests/memory checks the prediction
+#   (tests/support/rss.py) and tests/test_start_up.py the modules;
+BASE_RSS_BYTES = 24 * 2**20
 RUN_STATE_BYTES = 2 * 2**20
+# * when streamconv's modules were compiled from source at this start (runs/mapping.py tells which share), what
+#   compiling all of them left behind: 21.9-22.0 MiB after `import streamconv.cli` against 21.3, and an FSDP2 11B slice peaked 26.3 MiB against
+#   25.9 with bytecode (2-core VM, 2026-12-07);
+COMPILE_BYTES = 2**20
 # * numpy and its OpenBLAS, imported only when a tensor passes through the buffer (a cast or an assembly): a plan
-#   of plain FSDP copies runs without it. 16.8-17.1 MiB in a freshly installed venv, 11.4-11.7 MiB for the same
-#   files read back long after they were installed (the kernel maps a just-written file in larger pieces): the
-#   larger, so the prediction is a bound on a fresh install too (tests/support/rss.py);
+#   of plain FSDP copies runs without it. What the import maps depends on the page cache, not on numpy: a library
+#   file just written (a fresh install) sits in the page cache in large folios, which the kernel maps whole on a
+#   fault (Linux 6.18: 15.0 MiB for numpy 2.4 and its OpenBLAS as pip left them, 17.3-17.7 rewritten with 1 MiB
+#   writes); read back through faults after it was evicted, in small ones (11.4 MiB for the same files). So
+#   `convert`, `plan` and `verify` measure the import in the process (runs/mapping.py, `with_numpy_bytes`), and
+#   this constant stands only when they cannot: numpy imported already (by an API caller, whose process then holds
+#   it before the run starts) or no /proc;
 NUMPY_RSS_BYTES = 18 * 2**20
+# * with the import and a first use measured, what numpy maps and allocates afterwards while converting: on the
+#   2 GB column-block preset (--buffer-size 8MiB, 2 writers) the run added the buffer and 0.8 MiB (used venv) or
+#   1.7 (numpy just written) to what the process held once planned, against this, RUN_STATE_BYTES and the IO
+#   steps (2-core VM, 2026-12-07, docs/benchmarks.md);
+NUMPY_IN_USE_BYTES = 2**19
 # * per writer, transient reads outside the buffer: the plain IO paths' 1 MiB steps (fastpaths.PREAD_STEP_BYTES),
 #   the CRC-32 check's 1 MiB piece, a comparing sink's pieces, a resume record's CRC read-back. `build_plan`
 #   predicts for the default writer count; `with_writers` for another;
@@ -228,6 +244,9 @@ class ConversionPlan:
     source_note: str = ""                   # why, for reports
     workers: int = DEFAULT_WRITERS          # the writer threads `peak_bytes` is predicted for (`with_writers`)
     workers_reason: str = ""                # how that count was chosen (planning/workers.py), for reports
+    # What numpy adds to the peak when a tensor passes through the buffer: NUMPY_RSS_BYTES, or the import as this
+    # process measured it plus NUMPY_IN_USE_BYTES (`with_numpy_bytes`)
+    numpy_bytes: int = NUMPY_RSS_BYTES
 
     @property
     def tensors(self) -> Tuple[TensorPlan, ...]:
@@ -399,7 +418,8 @@ def with_writers(conversion: ConversionPlan, writers: int, reason: str = "") -> 
 def writers_peak_bytes(conversion: ConversionPlan, writers: int) -> int:
     """The predicted peak for `writers` threads without the per-chunk metadata (which grows with the checkpoint,
     not with the writers): what the writer count is chosen against (planning/workers.py)."""
-    return BASE_RSS_BYTES + _writers_bytes(conversion.tensors, conversion.options.buffer_bytes, writers)
+    return BASE_RSS_BYTES + _writers_bytes(conversion.tensors, conversion.options.buffer_bytes, writers,
+                                           numpy_bytes=conversion.numpy_bytes)
 
 
 def with_permuted_chunks(conversion: ConversionPlan, permuted: Collection[BlobLocation],
@@ -410,9 +430,28 @@ def with_permuted_chunks(conversion: ConversionPlan, permuted: Collection[BlobLo
     if not permuted:
         return conversion
     tensors, buffer_bytes = conversion.tensors, conversion.options.buffer_bytes
-    extra_bytes = (_writers_bytes(tensors, buffer_bytes, writers, frozenset(permuted))
-                   - _writers_bytes(tensors, buffer_bytes, writers))
+    extra_bytes = (_writers_bytes(tensors, buffer_bytes, writers, frozenset(permuted), conversion.numpy_bytes)
+                   - _writers_bytes(tensors, buffer_bytes, writers, numpy_bytes=conversion.numpy_bytes))
     return replace(conversion, peak_bytes=conversion.peak_bytes + extra_bytes)
+
+
+def uses_numpy(conversion: ConversionPlan) -> bool:
+    """True when some tensor passes through the buffer, so the run imports numpy (`numpy_bytes` is in the peak)."""
+    return any(buffer_need_bytes(t) for t in conversion.tensors)
+
+
+def with_numpy_bytes(conversion: ConversionPlan, import_bytes: int) -> ConversionPlan:
+    """The plan with numpy counted as this process measured its import (`import_bytes`, runs/mapping.py) rather
+    than as NUMPY_RSS_BYTES assumes, when the run imports it."""
+    numpy_bytes = import_bytes + NUMPY_IN_USE_BYTES
+    extra_bytes = numpy_bytes - conversion.numpy_bytes if uses_numpy(conversion) else 0
+    return replace(conversion, peak_bytes=conversion.peak_bytes + extra_bytes, numpy_bytes=numpy_bytes)
+
+
+def with_compiled_source(conversion: ConversionPlan, share: float) -> ConversionPlan:
+    """The plan with what compiling `share` of streamconv's modules from source at this start left resident (that
+    share of COMPILE_BYTES)."""
+    return replace(conversion, peak_bytes=conversion.peak_bytes + round(share * COMPILE_BYTES))
 
 
 def with_plain_io(conversion: ConversionPlan, writers: int) -> ConversionPlan:
@@ -452,15 +491,18 @@ def _more_streams_bytes(tensors: Sequence[TensorPlan], running: int) -> int:
 
 
 def _writers_bytes(tensors: Sequence[TensorPlan], buffer_bytes: int, writers: int,
-                   permuted: Collection[BlobLocation] = frozenset()) -> int:
+                   permuted: Collection[BlobLocation] = frozenset(), numpy_bytes: int = NUMPY_RSS_BYTES) -> int:
     """What the writers hold beyond the base: their IO steps, their zstd decoders when chunks are compressed and,
-    when some tensor passes through the buffer, numpy and the part of each writer's share of the buffer that the
-    largest such tensor touches."""
+    when some tensor passes through the buffer, numpy and the part of each writer's share of the buffer its
+    tensors touch. A writer's share stays touched as far as its largest tensor reached, and writers take distinct
+    tensors, so together they touch at most the `running` largest needs (each within a share): one large
+    assembled tensor among small ones costs one share, not one per writer."""
     running = _running_writers(tensors, writers)
-    need_bytes = max((buffer_need_bytes(t, permuted) for t in tensors), default=0)
+    share_bytes = max(1, buffer_bytes // running)
+    needs = heapq.nlargest(running, (min(share_bytes, buffer_need_bytes(t, permuted)) for t in tensors))
     held = running * IO_STEP_BYTES_PER_WRITER
     if any(t.is_compressed for t in tensors):
         held += ZSTD_MODULE_BYTES + running * DECODER_BYTES_PER_WRITER + _more_streams_bytes(tensors, running)
-    if need_bytes:
-        held += NUMPY_RSS_BYTES + running * min(max(1, buffer_bytes // running), need_bytes)
+    if needs and needs[0]:
+        held += numpy_bytes + sum(needs)
     return held

@@ -8,6 +8,7 @@ choices travel as one `Request`, as they were given to the API.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
@@ -19,12 +20,12 @@ from ..model import CheckpointMetadata
 from ..output import ledger, record
 from ..planning.options import resolve as resolve_options
 from ..fs.cpus import available_cpus
-from ..planning.plan import ConversionPlan, build_plan
+from ..planning.plan import ConversionPlan, build_plan, uses_numpy, with_compiled_source, with_numpy_bytes
 from ..planning.workers import with_workers
 from ..source import transforms
 from ..source.io import RangeReader
 from ..verification import provenance
-from . import discover
+from . import discover, mapping
 from .checkpoint import load, locate_chunks
 from .report import Reporter
 
@@ -85,13 +86,20 @@ def prepare(checkpoint_dir: str, request: Request, fast: fastpaths.FastPaths = f
 
 
 def checked_plan(meta: CheckpointMetadata, options, checkpoint_dir: str) -> ConversionPlan:
-    """The plan, refused when it selects nothing."""
+    """The plan, refused when it selects nothing, its predicted peak counting numpy as this process maps it when
+    the run will import it (runs/mapping.py)."""
     conversion = build_plan(meta, options)
     if not conversion.tensors:
         raise OptionsError(
             f"{checkpoint_dir}: no tensors selected to convert ({len(meta.tensors)} in the checkpoint); "
             "check --include/--exclude/--subtree (see `streamconv inspect` for the names)")
-    return conversion
+    if uses_numpy(conversion):
+        import_bytes = mapping.numpy_import_bytes()
+        if import_bytes is not None:
+            conversion = with_numpy_bytes(conversion, import_bytes)
+    compiled = mapping.compiled_share(getattr(m, "__file__", None) or "" for name, m in list(sys.modules.items())
+                                      if name.startswith("streamconv."))
+    return with_compiled_source(conversion, compiled) if compiled else conversion
 
 
 def metadata_plan(meta: CheckpointMetadata, request: Request) -> ConversionPlan:

@@ -234,7 +234,13 @@ def test_predicted_peak_counts_the_buffer_a_tensor_touches():
     assert four.peak_bytes == small.peak_bytes and four.workers == 4
     two = CheckpointMetadata(tensors=blocks.tensors + (tensor("model.c", (8, 8)),), byte_entries=())
     one_writer, two_writers = (p.with_writers(build_plan(two, PlanOptions(buffer_bytes=2**20)), w) for w in (1, 2))
-    # A second writer: its IO step, and the same largest need again from its own half of the buffer.
+    # A second writer: its IO step, and no more buffer: the one assembled tensor is one writer's, and the other
+    # tensor (a plain copy) touches none.
+    assert two_writers.peak_bytes - one_writer.peak_bytes == p.IO_STEP_BYTES_PER_WRITER
+    other = tensor("model.d", (64, 1024), chunks=column_chunks(64, 1024, 4))
+    both = CheckpointMetadata(tensors=blocks.tensors + (other,), byte_entries=())
+    one_writer, two_writers = (p.with_writers(build_plan(both, PlanOptions(buffer_bytes=2**20)), w) for w in (1, 2))
+    # Two assembled tensors: each writer may touch the largest need from its own half of the buffer.
     assert two_writers.peak_bytes - one_writer.peak_bytes == p.IO_STEP_BYTES_PER_WRITER + 320 * 1024
     # Without copy_file_range/preadv each running writer holds one plain step more; one tensor runs one writer
     # (tests/memory/test_zstd_strided_memory.py's strided case measured 38.7 MiB whatever --workers said).

@@ -77,8 +77,11 @@ DECODER_BYTES_PER_WRITER = 7 * 2**19
 #   columns, 140 resident with what locating leaves behind at 671B scale). Measured with benchmarks/plan_state.py
 #   (VmRSS, 2-core VM, 2026-12-07): 261 bytes on the 671B-scale metadata (481,438 chunks, 356,352 pieces), 260 at
 #   1/8 of its layers (59,134 chunks, 30,720 pieces); tests/test_benchmarks.py's small run (4,224 chunks) measured
-#   303 in a fresh CI venv; the rest of 320 is margin;
-PER_CHUNK_BYTES = 320
+#   303 in a fresh CI venv and 310-323 in used ones; the rest of 340 is margin;
+PER_CHUNK_BYTES = 340
+# * the same with the fast paths off (STREAMCONV_NO_FAST_PATHS=1: records decoded by the general machine, pieces as
+#   objects, planning/proven.pieces_packed): 499 bytes on that small run (307 of them the decoded metadata);
+GENERAL_PER_CHUNK_BYTES = 560
 # * per chunk of a tensor the plan leaves out (optimizer state), only what decoding keeps of it: its ChunkTable
 #   row (16.5 bytes of columns) and what decoding leaves resident. Measured with benchmarks/plan_state.py (2-core
 #   VM, 2026-12-07): decoding the 671B-scale metadata grew RSS by 61 MiB for 481,438 chunks, by 84 MiB with
@@ -396,7 +399,8 @@ def build_plan(meta: CheckpointMetadata, options: PlanOptions = PlanOptions()) -
     n_excluded = sum(len(t.chunks) for t in meta.tensors if t.fqn in left_out)
     n_chunks = (sum(len(t.chunks) for t in meta.tensors if t.fqn not in left_out)
                 + sum(len(t.pieces) for t in planned))
-    peak = (BASE_RSS_BYTES + n_chunks * PER_CHUNK_BYTES + n_excluded * EXCLUDED_CHUNK_BYTES
+    per_chunk_bytes = PER_CHUNK_BYTES if packed else GENERAL_PER_CHUNK_BYTES
+    peak = (BASE_RSS_BYTES + n_chunks * per_chunk_bytes + n_excluded * EXCLUDED_CHUNK_BYTES
             + (META_PROBE_RSS_BYTES if options.meta_probed else 0)
             + _writers_bytes(planned, options.buffer_bytes, DEFAULT_WRITERS))
     return ConversionPlan(shards=tuple(shards), options=replace(options, naming=None), skipped=named.all_skipped,

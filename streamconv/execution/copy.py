@@ -75,9 +75,9 @@ def _copy_chunks(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
         first = sum(o * s for o, s in zip(chunk.offsets, strides))
         dst = t.begin + first * dst_item
         ws.check_integrity(t, [chunk])      # reads it into the page cache for the copy below
-        copy_run(ws, t, chunk.location, stored.data_offset, dst, stored.data_nbytes, sink)
-        if not t.is_cast and stored.storage_crc32 is not None:     # lets the sink skip reading it back
+        if not t.is_cast and stored.storage_crc32 is not None:     # the sink neither sums it nor reads it back
             sink.note_source_crc32(dst, stored.data_nbytes, stored.storage_crc32)
+        copy_run(ws, t, chunk.location, stored.data_offset, dst, stored.data_nbytes, sink)
 
 
 def _copy_pieces(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
@@ -94,9 +94,9 @@ def _copy_pieces(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
         whole_chunk = src == stored.data_offset and nbytes == stored.data_nbytes
         # decoded (zstd) bytes pass through memory anyway, and the sink sums them as it writes
         if t.is_cast or stored.transforms or (whole_chunk and stored.storage_crc32 is not None):
-            copy_run(ws, t, location, src, dst, nbytes, sink)
             if not t.is_cast and stored.storage_crc32 is not None:   # the chunk's recorded CRC-32 is the piece's
                 sink.note_source_crc32(dst, nbytes, stored.storage_crc32)
+            copy_run(ws, t, location, src, dst, nbytes, sink)
         else:
             _copy_through_step(ws, location, src, dst, nbytes, sink)
 

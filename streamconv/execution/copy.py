@@ -16,13 +16,13 @@ cost beyond the dense path (docs/benchmarks.md).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, Tuple
 
 from .. import dtypes
 from ..fs.fastpaths import PREAD_STEP_BYTES
 from ..model import BlobLocation, StoredTensor, row_major_strides
 from ..planning.transforms import piece_strides
-from .workspace import Assembler, Workspace
+from .workspace import Assembler, Read, Workspace
 
 if TYPE_CHECKING:
     from ..planning.plan import TensorPlan
@@ -66,10 +66,6 @@ def copy_run(ws: Workspace, t: TensorPlan, location: BlobLocation, src: int, dst
 def _copy_chunks(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
     dst_item = dtypes.BY_NAME[t.dst_dtype].itemsize
     strides = row_major_strides(t.shape)
-    if not t.is_cast:   # the reads to come, in order: a bucket's GETs for the next chunk start while one is written
-        for chunk in t.chunks:
-            ws.reader.announce(chunk.location, ws.stored[chunk.location].data_offset,
-                               ws.stored[chunk.location].data_nbytes)
     for chunk in t.chunks:
         stored = ws.stored[chunk.location]
         first = sum(o * s for o, s in zip(chunk.offsets, strides))
@@ -78,6 +74,14 @@ def _copy_chunks(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
         if not t.is_cast and stored.storage_crc32 is not None:     # the sink neither sums it nor reads it back
             sink.note_source_crc32(dst, stored.data_nbytes, stored.storage_crc32)
         copy_run(ws, t, chunk.location, stored.data_offset, dst, stored.data_nbytes, sink)
+
+
+def reads(t: TensorPlan, stored: Mapping[BlobLocation, StoredTensor]) -> Tuple[Read, ...]:
+    """The chunks an uncast tensor copies whole, in order (`_copy_chunks`): announced by the executor, so a
+    bucket's GETs for the next chunk, and the next tensor's, start while this one is written."""
+    if t.is_cast or t.pieces:
+        return ()
+    return tuple((c.location, stored[c.location].data_offset, stored[c.location].data_nbytes) for c in t.chunks)
 
 
 def _copy_pieces(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
@@ -115,4 +119,4 @@ def _copy_through_step(ws: Workspace, location: BlobLocation, src: int, dst: int
     ws.progress(nbytes)
 
 
-ASSEMBLER = Assembler("copy", accepts, write)
+ASSEMBLER = Assembler("copy", accepts, write, reads)

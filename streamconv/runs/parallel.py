@@ -108,14 +108,18 @@ def write_shards(shards: Sequence[ShardPlan], reader: BlobReader, stored: Mappin
     per_worker = max(1, buffer_bytes // workers)
     queue_lock = threading.Lock()
 
+    def take() -> Optional[Tuple[_OpenShard, TensorPlan]]:
+        with queue_lock:
+            return queue.pop() if queue and not stop.is_set() else None
+
     def worker() -> None:
+        # Each worker takes its next tensor before writing this one, so that the executor announces its reads
+        # behind this one's: from a bucket, its GETs start while this tensor is written (docs/remote.md).
         executor = Executor(reader, stored, per_worker, progress=advance, stop=stop, integrity=integrity)
-        while not stop.is_set():
-            with queue_lock:
-                if not queue:
-                    return
-                target, tensor = queue.pop()
-            executor.write_tensor(tensor, target.open())
+        job = take()
+        while job is not None:
+            (target, tensor), job = job, take()
+            executor.write_tensor(tensor, target.open(), then=job[1] if job is not None else None)
             target.done_one()
 
     try:

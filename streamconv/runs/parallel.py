@@ -78,13 +78,16 @@ def write_shards(shards: Sequence[ShardPlan], reader: BlobReader, stored: Mappin
                  path_for: Callable[[str], str], *, buffer_bytes: int, workers: int = 1,
                  progress: Optional[Progress] = None, integrity=None,
                  on_shard_done: Optional[Callable[[ShardPlan, int], None]] = None,
-                 fast: FastPaths = NONE, open_sink: Optional[SinkFactory] = None) -> None:
+                 fast: FastPaths = NONE, open_sink: Optional[SinkFactory] = None, take_ahead: bool = False) -> None:
     """Write every shard to `path_for(filename)`. The total buffer memory stays `buffer_bytes`.
     `fast`: the fast IO paths the shard files may use, as the run detected them once (default: none).
     `integrity` (a `source.integrity.ChunkIntegrity`) checks each chunk's CRC-32 before its bytes move.
     `on_shard_done(shard, crc32)` runs (on the worker that finished it) once a shard's last byte is written
     (`ledger.Ledger.record`: fsync, then the finished record).
-    `open_sink(path, nbytes)` opens each shard's output (a FileSink unless told)."""
+    `open_sink(path, nbytes)` opens each shard's output (a FileSink unless told).
+    `take_ahead`: each worker takes its next tensor before it writes this one, so that the reader is told that
+    tensor's reads behind this one's (for a bucket: its GETs start meanwhile, docs/remote.md). Off for files:
+    their reader does nothing with the announcements, and the tensors would only be dealt out differently."""
     lock = threading.Lock()
 
     def advance(n: int) -> None:
@@ -108,19 +111,23 @@ def write_shards(shards: Sequence[ShardPlan], reader: BlobReader, stored: Mappin
     per_worker = max(1, buffer_bytes // workers)
     queue_lock = threading.Lock()
 
-    def take() -> Optional[Tuple[_OpenShard, TensorPlan]]:
+    def take(ahead: bool) -> Optional[Tuple[_OpenShard, TensorPlan]]:
+        """The next tensor; `ahead` (one more, while this worker has one to write): only while enough are left
+        for every other worker to have one too, so that taking ahead never leaves a worker idle."""
         with queue_lock:
-            return queue.pop() if queue and not stop.is_set() else None
+            enough = len(queue) >= (workers if ahead else 1) and (take_ahead or not ahead)
+            return queue.pop() if enough and not stop.is_set() else None
 
     def worker() -> None:
-        # Each worker takes its next tensor before writing this one, so that the executor announces its reads
-        # behind this one's: from a bucket, its GETs start while this tensor is written (docs/remote.md).
         executor = Executor(reader, stored, per_worker, progress=advance, stop=stop, integrity=integrity)
-        job = take()
+        job = take(ahead=False)
         while job is not None:
-            (target, tensor), job = job, take()
+            target, tensor = job
+            job = take(ahead=True)
             executor.write_tensor(tensor, target.open(), then=job[1] if job is not None else None)
             target.done_one()
+            if job is None:
+                job = take(ahead=False)
 
     try:
         _run_workers(worker, workers, stop)

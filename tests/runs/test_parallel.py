@@ -77,9 +77,43 @@ def test_a_writer_has_the_next_tensors_gets_in_flight_while_it_writes_this_one(b
 
     with reader:
         write_shards(plan.shards, blobs, stored, lambda name: name, buffer_bytes=32 << 20, workers=1,
-                     open_sink=open_sink)
+                     open_sink=open_sink, take_ahead=True)
     assert len(seen) >= 5 and all(seen), seen
     out = tmp_path / "local"
     streamconv.convert(str(ckpt), str(out))
     for shard in plan.shards:
         assert bytes(sinks[shard.filename].data) == (out / shard.filename).read_bytes()
+
+
+def test_taking_a_tensor_ahead_never_leaves_a_worker_without_one(dcp_checkpoints):
+    """A worker takes one more tensor while it writes one only when enough are left for every other worker: with
+    as many tensors as workers, each worker writes one (side by side), none takes two while another idles."""
+    import dataclasses
+
+    from streamconv.runs.checkpoint import load
+
+    ckpt = dcp_checkpoints["fsdp2"]
+    plan = streamconv.plan(str(ckpt))
+    shard = plan.shards[0]
+    two = dataclasses.replace(shard, tensors=tuple(t for t in shard.tensors if not t.is_cast)[:2])
+    both_writing = threading.Barrier(2)
+    waited = set()
+
+    class Meeting(MemorySink):
+        def write_at(self, offset, data):
+            # each worker's first write of a tensor (not the header) waits for the other's
+            if offset >= len(two.header) and threading.get_ident() not in waited:
+                waited.add(threading.get_ident())
+                both_writing.wait(timeout=WAIT_S)       # BrokenBarrierError if the other never writes
+            super().write_at(offset, data)
+
+        def abort(self):
+            pass
+
+    reader, _ = load(str(ckpt))
+    with reader:
+        stored = locate_chunks(plan, reader)
+        write_shards([two], blob_reader(plan, reader, stored), stored, lambda name: name,
+                     buffer_bytes=32 << 20, workers=2, open_sink=lambda path, nbytes: Meeting(nbytes),
+                     take_ahead=True)
+    assert len(waited) == 2

@@ -16,13 +16,13 @@ cost beyond the dense path (docs/benchmarks.md).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, Tuple
 
 from .. import dtypes
 from ..fs.fastpaths import PREAD_STEP_BYTES
 from ..model import BlobLocation, StoredTensor, row_major_strides
 from ..planning.transforms import piece_strides
-from .workspace import Assembler, Workspace
+from .workspace import Assembler, Read, Workspace
 
 if TYPE_CHECKING:
     from ..planning.plan import TensorPlan
@@ -66,18 +66,22 @@ def copy_run(ws: Workspace, t: TensorPlan, location: BlobLocation, src: int, dst
 def _copy_chunks(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
     dst_item = dtypes.BY_NAME[t.dst_dtype].itemsize
     strides = row_major_strides(t.shape)
-    if not t.is_cast:   # the reads to come, in order: a bucket's GETs for the next chunk start while one is written
-        for chunk in t.chunks:
-            ws.reader.announce(chunk.location, ws.stored[chunk.location].data_offset,
-                               ws.stored[chunk.location].data_nbytes)
     for chunk in t.chunks:
         stored = ws.stored[chunk.location]
         first = sum(o * s for o, s in zip(chunk.offsets, strides))
         dst = t.begin + first * dst_item
         ws.check_integrity(t, [chunk])      # reads it into the page cache for the copy below
-        copy_run(ws, t, chunk.location, stored.data_offset, dst, stored.data_nbytes, sink)
-        if not t.is_cast and stored.storage_crc32 is not None:     # lets the sink skip reading it back
+        if not t.is_cast and stored.storage_crc32 is not None:     # the sink neither sums it nor reads it back
             sink.note_source_crc32(dst, stored.data_nbytes, stored.storage_crc32)
+        copy_run(ws, t, chunk.location, stored.data_offset, dst, stored.data_nbytes, sink)
+
+
+def reads(t: TensorPlan, stored: Mapping[BlobLocation, StoredTensor]) -> Tuple[Read, ...]:
+    """The chunks an uncast tensor copies whole, in order (`_copy_chunks`): announced by the executor, so a
+    bucket's GETs for the next chunk, and the next tensor's, start while this one is written."""
+    if t.is_cast or t.pieces:
+        return ()
+    return tuple((c.location, stored[c.location].data_offset, stored[c.location].data_nbytes) for c in t.chunks)
 
 
 def _copy_pieces(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
@@ -94,9 +98,9 @@ def _copy_pieces(ws: Workspace, t: TensorPlan, sink: ShardSink) -> None:
         whole_chunk = src == stored.data_offset and nbytes == stored.data_nbytes
         # decoded (zstd) bytes pass through memory anyway, and the sink sums them as it writes
         if t.is_cast or stored.transforms or (whole_chunk and stored.storage_crc32 is not None):
-            copy_run(ws, t, location, src, dst, nbytes, sink)
             if not t.is_cast and stored.storage_crc32 is not None:   # the chunk's recorded CRC-32 is the piece's
                 sink.note_source_crc32(dst, nbytes, stored.storage_crc32)
+            copy_run(ws, t, location, src, dst, nbytes, sink)
         else:
             _copy_through_step(ws, location, src, dst, nbytes, sink)
 
@@ -115,4 +119,4 @@ def _copy_through_step(ws: Workspace, location: BlobLocation, src: int, dst: int
     ws.progress(nbytes)
 
 
-ASSEMBLER = Assembler("copy", accepts, write)
+ASSEMBLER = Assembler("copy", accepts, write, reads)

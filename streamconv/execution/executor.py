@@ -52,7 +52,8 @@ def choose(t: TensorPlan, stored: Mapping[BlobLocation, StoredTensor]) -> Assemb
 
 
 class Executor:
-    """Writes shards. One instance owns one `Workspace`, so the buffer is allocated once for the whole run."""
+    """Writes shards. One instance owns one `Workspace`, so the buffer is allocated once for the whole run; it is
+    used by one thread at a time (a reader's announced reads are per thread)."""
 
     def __init__(self, reader: BlobReader, stored: Mapping[BlobLocation, StoredTensor], buffer_bytes: int,
                  progress: Optional[Progress] = None, stop=None, integrity=None):
@@ -61,14 +62,29 @@ class Executor:
     def write_shard(self, shard: ShardPlan, sink: ShardSink) -> None:
         try:
             sink.write_at(0, shard.header)
-            for t in shard.tensors:
-                self.write_tensor(t, sink)
+            for t, then in zip(shard.tensors, list(shard.tensors[1:]) + [None]):
+                self.write_tensor(t, sink, then=then)
         finally:
             sink.close()
 
-    def write_tensor(self, t: TensorPlan, sink: ShardSink) -> None:
+    def write_tensor(self, t: TensorPlan, sink: ShardSink, then: Optional[TensorPlan] = None) -> None:
+        """Write `t`; `then`, the tensor this thread writes next if known, has its reads announced after `t`'s.
+        `t`'s are announced again even when they were announced ahead: the reader ignores a range it holds
+        already, and a read it did not foresee meanwhile (a small chunk's block) made it forget them."""
         ws = self.workspace
         ws.check_stop()
+        assembler = self._checked(t)
+        self._announce(assembler, t)
+        # Only behind reads that are all announced: another read path forgets what this thread announced.
+        if then is not None and assembler.reads(t, ws.stored):
+            self._announce(self._checked(then), then)
+        assembler.write(ws, t, sink)
+
+    def _checked(self, t: TensorPlan) -> Assembler:
         for chunk in t.chunks:
-            check_stored(t, chunk, ws.stored[chunk.location])
-        choose(t, ws.stored).write(ws, t, sink)
+            check_stored(t, chunk, self.workspace.stored[chunk.location])
+        return choose(t, self.workspace.stored)
+
+    def _announce(self, assembler: Assembler, t: TensorPlan) -> None:
+        for location, offset, nbytes in assembler.reads(t, self.workspace.stored):
+            self.workspace.reader.announce(location, offset, nbytes)

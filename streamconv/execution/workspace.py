@@ -9,7 +9,7 @@ the plain in-kernel copy starts faster without them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Optional, Sequence, Tuple
 
 from .. import dtypes
 from ..source.blob_reader import BlobReader
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from ..planning.plan import TensorPlan
 
 Progress = Callable[[int], None]
+Read = Tuple[BlobLocation, int, int]    # (blob, offset in its bytes, length)
 
 # Assembled bytes go to the sink in pieces of this size. On Linux 6.x ext4, one 16 MiB pwrite costs about
 # twice the wall and system time of the same bytes in 256 KiB pwrites (2gb shortrun preset, cold cache).
@@ -125,7 +126,12 @@ class Assembler:
     """One way of putting a tensor's bytes together. The executor asks each in turn whether it `accepts(t,
     stored)` the tensor (chunks already checked against the metadata) and hands it to the first that does;
     `write(workspace, t, sink)` then writes bytes t.begin.. of the shard, checking `workspace.check_stop()`
-    between steps and using no memory but the workspace's buffer."""
+    between steps and using no memory but the workspace's buffer; `reads(t, stored)`: the ranges it copies whole,
+    in order, that may be announced ahead (below)."""
     name: str
     accepts: Callable[["TensorPlan", Mapping[BlobLocation, StoredTensor]], bool]
     write: Callable[[Workspace, "TensorPlan", ShardSink], None]
+    # The source ranges `write` reads with `reader.copy_to`, one each, in this order: the executor announces them
+    # (`BlobReader.announce`) before the tensor is written, and the next tensor's after them, so a bucket's GETs
+    # never drain between two tensors. Empty by default: an assembler whose reads take other paths announces none.
+    reads: Callable[["TensorPlan", Mapping[BlobLocation, StoredTensor]], Sequence[Read]] = lambda t, stored: ()

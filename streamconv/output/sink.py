@@ -26,8 +26,9 @@ class ShardSink(Protocol):
         `copy_to`, which lends the open file for the call; everything else calls `reader.copy_to(sink, ...)`."""
 
     def note_source_crc32(self, dst_offset: int, length: int, crc: int) -> None:
-        """The bytes just written or copied to [dst_offset, dst_offset + length) have this CRC-32 (from the
-        checkpoint's zip directory), so the sink need not read them back (may do nothing)."""
+        """The bytes about to be written or copied to [dst_offset, dst_offset + length), front to back, have this
+        CRC-32 (from the checkpoint's zip directory), so the sink need not sum them or read them back (may do
+        nothing). Called before the copy (`output.crc.PieceCrcs.expect` says why)."""
 
     def close(self) -> None:
         """Flush and close; the shard is complete."""
@@ -135,13 +136,13 @@ class FileSink:
         except OSError as exc:
             raise OutputError(write_failed(self.path, exc, dst_offset + done, what="copy failed")) from None
         finally:
-            # Bytes copied in-kernel have a CRC unknown here (note_source_crc32 may supply it).
+            # Bytes copied in-kernel have a CRC unknown here (unless note_source_crc32 gave it beforehand).
             self.crcs.add(dst_offset, done, None)
         self._wrote(done)
 
     def note_source_crc32(self, dst_offset: int, length: int, crc: int) -> None:
-        """The bytes just copied to [dst_offset, dst_offset + length) have this CRC-32 (from the zip directory)."""
-        self.crcs.replace(dst_offset, length, crc)
+        """The bytes about to be copied to [dst_offset, dst_offset + length) have this CRC-32 (the zip directory's)."""
+        self.crcs.expect(dst_offset, length, crc)
 
     def crc32(self) -> int:
         """The whole file's CRC-32: combined from the pieces, reading back only ranges of unknown CRC."""

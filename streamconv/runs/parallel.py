@@ -101,14 +101,18 @@ def write_shards(shards: Sequence[ShardPlan], reader: BlobReader, stored: Mappin
                  path_for: Callable[[str], str], *, buffer_bytes: int, workers: int = 1,
                  progress: Optional[Progress] = None, integrity=None,
                  on_shard_done: Optional[Callable[[ShardPlan, int], None]] = None,
-                 fast: FastPaths = NONE, open_sink: Optional[SinkFactory] = None, gate: Gate = ALL_LOCATED) -> None:
+                 fast: FastPaths = NONE, open_sink: Optional[SinkFactory] = None, gate: Gate = ALL_LOCATED,
+                 take_ahead: bool = False) -> None:
     """Write every shard to `path_for(filename)`. The total buffer memory stays `buffer_bytes`.
     `fast`: the fast IO paths the shard files may use, as the run detected them once (default: none).
     `integrity` (a `source.integrity.ChunkIntegrity`) checks each chunk's CRC-32 before its bytes move.
     `on_shard_done(shard, crc32)` runs (on the worker that finished it) once a shard's last byte is written
     (`ledger.Ledger.record`: fsync, then the finished record).
     `open_sink(path, nbytes)` opens each shard's output (a FileSink unless told).
-    `gate`: a tensor is written once its chunks are located, a shard recorded once the gate allows."""
+    `gate`: a tensor is written once its chunks are located, a shard recorded once the gate allows.
+    `take_ahead`: each worker takes its next tensor before it writes this one, so that the reader is told that
+    tensor's reads behind this one's (for a bucket: its GETs start meanwhile, docs/remote.md). Off for files:
+    their reader does nothing with the announcements, and the tensors would only be dealt out differently."""
     lock = threading.Lock()
 
     def advance(n: int) -> None:
@@ -137,16 +141,26 @@ def write_shards(shards: Sequence[ShardPlan], reader: BlobReader, stored: Mappin
     per_worker = max(1, buffer_bytes // workers)
     queue_lock = threading.Lock()
 
+    def take(ahead: bool) -> Optional[Tuple[_OpenShard, TensorPlan]]:
+        """The next tensor; `ahead` (one more, while this worker has one to write): only while enough are left
+        for every other worker to have one too, so that taking ahead never leaves a worker idle."""
+        with queue_lock:
+            enough = len(queue) >= (workers if ahead else 1) and (take_ahead or not ahead)
+            return queue.pop() if enough and not stop.is_set() else None
+
     def worker() -> None:
         executor = Executor(reader, stored, per_worker, progress=advance, stop=stop, integrity=integrity)
-        while not stop.is_set():
-            with queue_lock:
-                if not queue:
-                    return
-                target, tensor = queue.pop()
+        job = take(ahead=False)
+        while job is not None:
+            target, tensor = job
             gate.tensor_ready(tensor, stop)
-            executor.write_tensor(tensor, target.open())
+            job = take(ahead=True)
+            if job is not None:         # its reads are announced: they must be located first
+                gate.tensor_ready(job[1], stop)
+            executor.write_tensor(tensor, target.open(), then=job[1] if job is not None else None)
             target.done_one()
+            if job is None:
+                job = take(ahead=False)
 
     try:
         _run_workers(worker, workers, stop)

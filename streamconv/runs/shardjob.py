@@ -117,7 +117,8 @@ def write_jobs(jobs: Sequence[ShardJob], bench: Workbench, progress: Optional[Pr
                  lambda name: location.at(context.staging_dir).join(name), buffer_bytes=bench.buffer_bytes,
                  workers=bench.workers, progress=progress, integrity=bench.integrity, fast=bench.fast,
                  on_shard_done=context.ledger.record,
-                 open_sink=shard_opener(context.staging_dir, bench.fast, bench.workers), gate=bench.gate)
+                 open_sink=shard_opener(context.staging_dir, bench.fast, bench.workers), gate=bench.gate,
+                 take_ahead=is_url(context.checkpoint_dir))
     return Written(tuple(j.filename for j in jobs), CrcCount.of(bench.integrity) - before)
 
 

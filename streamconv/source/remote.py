@@ -53,11 +53,12 @@ SMALL_REQUESTS = 32
 # A chunk smaller than max_requests x REQUEST_BYTES is still split into max_requests requests of at least
 # MIN_PIECE_BYTES, so one writer keeps several requests in flight whatever its chunks' sizes.
 MIN_PIECE_BYTES = 1 << 20
-# Big ranges announced (`announce`: a tensor's chunks, before they are copied) are queued per thread, at most
-# LOOKAHEAD_RANGES of them, and their GETs are started as slots free up, so the requests of the next chunk are in
-# flight while this one is written instead of the pipeline draining at every chunk. They hold slots like any
-# request: memory stays max_requests x REQUEST_BYTES.
-LOOKAHEAD_RANGES = 16
+# Big ranges announced (`announce`: a tensor's chunks and the next tensor's, before they are copied) are queued per
+# thread, at most LOOKAHEAD_RANGES of them (what bounds the search of `announce` for a range queued already), and
+# their GETs are started as slots free up, so the requests of the next chunk, and of the next tensor, are in flight
+# while this one is written instead of the pipeline draining at every chunk. They hold slots like any request:
+# memory stays max_requests x REQUEST_BYTES.
+LOOKAHEAD_RANGES = 64
 # What a default reader holds at most beside the callers' buffers: its requests in flight, its cached blocks and
 # its prefetched small ranges.
 INFLIGHT_BYTES = (DEFAULT_MAX_REQUESTS * REQUEST_BYTES + CACHED_BLOCKS * BLOCK_BYTES
@@ -356,13 +357,21 @@ class RemoteReader:
 
     def announce(self, relative_path: str, offset: int, length: int) -> None:
         """A chunk this thread copies next: a big one joins the thread's queue, its GETs started once the ranges
-        before it have theirs (`copy_to`), on slots like every request; a small one is prefetched."""
+        before it have theirs (`copy_to`), on slots like every request; a small one is prefetched. A range this
+        thread announced already and has not read yet is not announced again: the executor announces a tensor
+        before it writes it whether or not it was announced ahead (a read the announcements did not foresee
+        forgets them all, `_drop`)."""
+        key = (relative_path, offset, length)
         if length <= SMALL_READ_BYTES:
-            self.prefetch(relative_path, offset, length)
+            with self._lock:
+                known = any(path == relative_path and at <= offset and offset + length <= at + n
+                            for path, at, n in [h[:3] for h in self._hints] + list(self._ahead))
+            if not known:
+                self.prefetch(relative_path, offset, length)
             return
         stream = self._stream()
-        if len(stream.plan) < LOOKAHEAD_RANGES:
-            stream.plan.append([(relative_path, offset, length), 0, self._even_pieces(length)])
+        if len(stream.plan) < LOOKAHEAD_RANGES and not stream.holds(key):
+            stream.plan.append([key, 0, self._even_pieces(length)])
 
     def prefetch(self, relative_path: str, offset: int, length: int) -> None:
         """Small ranges (a blob's head and tail while locating, a small chunk) are fetched ahead, PREFETCH_AHEAD
@@ -448,6 +457,10 @@ class _Stream:
     def __init__(self):
         self.plan: Deque[list] = deque()
         self.ahead: Deque[tuple] = deque()
+
+    def holds(self, key: Tuple[str, int, int]) -> bool:
+        """Whether the range is announced and not yet read (all its GETs started or not)."""
+        return any(entry[0] == key for entry in self.plan) or any(a[0] == key for a in self.ahead)
 
     def head(self) -> Optional[Tuple[str, int, int]]:
         """The range this thread reads next, as announced."""

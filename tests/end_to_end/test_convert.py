@@ -173,11 +173,11 @@ def test_failure_mid_write_leaves_no_output(dcp_checkpoints, tmp_path, monkeypat
     calls = {"n": 0}
     original = executor.Executor.write_tensor
 
-    def failing(self, t, sink):
+    def failing(self, t, sink, **then):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return original(self, t, sink)
+        return original(self, t, sink, **then)
 
     monkeypatch.setattr(executor.Executor, "write_tensor", failing)
     result = CliRunner().invoke(cli, ["convert", str(dcp_checkpoints["fsdp2"]), str(tmp_path / "out")])
@@ -247,9 +247,9 @@ def test_sigterm_removes_partial_output_like_ctrl_c(dcp_checkpoints, tmp_path, m
 
     original = executor.Executor.write_tensor
 
-    def terminated(self, t, sink):
+    def terminated(self, t, sink, **then):
         os.kill(os.getpid(), signal.SIGTERM)   # the handler raises in the main thread
-        return original(self, t, sink)
+        return original(self, t, sink, **then)
 
     monkeypatch.setattr(executor.Executor, "write_tensor", terminated)
     before = signal.getsignal(signal.SIGTERM)

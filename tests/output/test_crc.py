@@ -88,7 +88,7 @@ def test_a_library_that_answers_otherwise_is_not_used():
 
 def test_pieces_written_front_to_back_fold_into_one_record_and_stay_exact():
     """A shard written in many small pieces (each writer front to back through its tensors, two writers
-    interleaved, in-kernel copies whose CRC the zip directory supplies afterwards) keeps one record per run, not
+    interleaved, in-kernel copies whose CRC the zip directory supplies beforehand) keeps one record per run, not
     one per piece, and its CRC-32 is still the file's; an overlapping write still sends total() to the file."""
     rng = random.Random(7)
     data = rng.randbytes(4 << 20)
@@ -99,9 +99,9 @@ def test_pieces_written_front_to_back_fold_into_one_record_and_stay_exact():
         pieces.add_bytes(a, data[a:a + n])
         if b < half + 1000 or b >= half + 9192:
             pieces.add_bytes(b, data[b:b + m])
-        else:                                                                # an in-kernel copy, then its CRC
+        else:                                                                # its CRC, then an in-kernel copy
+            pieces.expect(b, m, zlib.crc32(data[b:b + m]))
             pieces.add(b, m, None)
-            pieces.replace(b, m, zlib.crc32(data[b:b + m]))
     assert len(pieces._pieces) == 2
     never_read = lambda offset, n: (_ for _ in ()).throw(AssertionError("read back"))     # noqa: E731
     assert pieces.total(len(data), never_read) == zlib.crc32(data)
@@ -110,3 +110,42 @@ def test_pieces_written_front_to_back_fold_into_one_record_and_stay_exact():
     file_now = data[:100] + b"\0" * 10 + data[110:]
     assert pieces.total(len(data), lambda o, n: reads.append(o) or file_now[o:o + n]) == zlib.crc32(file_now)
     assert reads
+
+
+def _never_read(offset, n):
+    raise AssertionError(f"read back {n} bytes at {offset}")
+
+
+def test_records_written_in_pieces_after_their_crc_is_given_are_never_summed_nor_read_back(monkeypatch):
+    """A bucket's chunks reach the sink as answers of a few MiB each, one record after the other: with each
+    record's CRC-32 given before its pieces (`expect`), none of them is summed and total() reads nothing back.
+    (Given after, as until 2026-12-07, the pieces were summed and folded into a run that began in the record
+    before, and total() read the whole file back.)"""
+    data = random.Random(11).randbytes(1 << 20)
+    pieces = crc.PieceCrcs()
+    pieces.add_bytes(0, data[:100])                                      # the header, summed
+    records = [(100, 300_000), (300_100, 500_000), (800_100, len(data) - 800_100)]
+    summed = []
+    monkeypatch.setattr(crc, "crc32", lambda d, c=0: summed.append(len(d)) or zlib.crc32(d, c))
+    for start, n in records:
+        pieces.expect(start, n, zlib.crc32(data[start:start + n]))
+        for at in range(start, start + n, 65536):
+            pieces.add_bytes(at, data[at:min(at + 65536, start + n)])
+    assert summed == []
+    assert pieces.total(len(data), _never_read) == zlib.crc32(data)
+    assert len(pieces._pieces) == 1       # the header and the three records: one run
+
+
+def test_a_record_not_written_front_to_back_is_read_back_not_trusted():
+    """A write into an expected range anywhere but where the last one ended (a piece missed, or written twice)
+    cancels the expectation: the range is then summed or read back from the file, never given the record's CRC
+    (here the file ends up with a hole of zeros, which the record's CRC-32 would hide)."""
+    data = random.Random(12).randbytes(200_000)
+    hole = data[:150_000] + bytes(50_000)
+    for order, file_now in (([(0, 50_000), (100_000, 100_000)], data[:50_000] + bytes(50_000) + data[100_000:]),
+                            ([(0, 50_000), (0, 50_000), (50_000, 100_000)], hole)):     # written twice, then short
+        pieces = crc.PieceCrcs()
+        pieces.expect(0, len(data), zlib.crc32(data))
+        for at, n in order:
+            pieces.add_bytes(at, file_now[at:at + n])
+        assert pieces.total(len(data), lambda o, n: file_now[o:o + n]) == zlib.crc32(file_now)

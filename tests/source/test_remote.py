@@ -259,3 +259,25 @@ def test_another_read_forgets_what_was_fetched_ahead_and_gives_its_slots_back(ur
     time.sleep(0.2)         # the dropped GETs end and give their slots back
     assert reader._slots._value == 2
     reader.close()
+
+
+def test_a_range_announced_again_before_it_is_read_is_fetched_once(url, monkeypatch):
+    """The executor announces a tensor's chunks before writing it even when they were announced ahead (as the
+    previous tensor's next one): a big or small range already announced and not yet read is not queued again, so
+    each is fetched once and no prefetched answer is left behind, holding memory and a prefetch place."""
+    reader = RemoteReader(url, max_requests=3, request_bytes=256 << 10)
+    calls: list = []
+    _recording(reader, monkeypatch, calls)
+    chunks = [(0, 600_000), (700_000, 1000), (1_400_000, 300_000)]
+    for _ in range(2):
+        for offset, length in chunks:
+            reader.announce("__0_0.distcp", offset, length)
+    sink = MemorySink(len(DATA))
+    for offset, length in chunks:
+        reader.copy_to(sink, "__0_0.distcp", offset, offset, length)
+    for offset, length in chunks:
+        assert bytes(sink.data[offset:offset + length]) == DATA[offset:offset + length]
+    assert sum(end - start for start, end in calls) == sum(length for _, length in chunks)
+    assert not reader._stream().plan and not reader._stream().ahead     # nothing announced is left unread
+    assert not reader._ahead and not reader._hints and reader._slots._value == 3
+    reader.close()

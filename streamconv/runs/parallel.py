@@ -124,10 +124,10 @@ def write_shards(shards: Sequence[ShardPlan], reader: BlobReader, stored: Mappin
         open_sink = functools.partial(FileSink, fast=fast)
     def done(shard: ShardPlan, crc32: int) -> None:
         gate.before_record()
-        if on_shard_done is not None:
-            on_shard_done(shard, crc32)
+        on_shard_done(shard, crc32)
 
-    files = [_OpenShard(s, path_for(s.filename), done, open_sink) for s in shards]
+    files = [_OpenShard(s, path_for(s.filename), done if on_shard_done is not None else None, open_sink)
+             for s in shards]
     for f in files:
         if not f.shard.tensors:
             f.open()

@@ -11,12 +11,16 @@ plain paths' transient reads are predicted at their largest, which column blocks
 from streamconv.planning.proven import pieces_packed
 
 FALLBACK_SLACK = 0.05
+# A run's peak moves by up to ~2 MiB between identical runs (a fresh-clone CI run of the Megatron MoE test measured
+# 29.1 MiB against 32.0 predicted, 10.0% over; other runs 31-33): below ~40 MiB, 10% is within that noise.
+NOISE_BYTES = 3 * 2**20
 
 
 def assert_within_prediction(report: dict, within: float = 0.10) -> None:
-    """`report` (`convert --json`): its peak RSS at most the predicted peak, and at most `within` below it."""
+    """`report` (`convert --json`): its peak RSS at most the predicted peak, and at most `within` (or, for small
+    runs, NOISE_BYTES) below it."""
     peak, predicted = report["peak_rss_bytes"], report["predicted_peak_bytes"]
     within += 0 if pieces_packed() else FALLBACK_SLACK
     assert peak <= predicted, f"measured {peak / 2**20:.1f} MiB above the predicted {predicted / 2**20:.1f} MiB"
-    assert predicted - peak <= peak * within, (
+    assert predicted - peak <= max(peak * within, NOISE_BYTES), (
         f"predicted {predicted / 2**20:.1f} MiB, more than {within:.0%} above the measured {peak / 2**20:.1f} MiB")

@@ -141,6 +141,12 @@ class BufferReader(io.RawIOBase):
         self._pos = max(0, base + offset)
         return self._pos
 
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._view) if size is None or size < 0 else min(len(self._view), self._pos + size)
+        piece = bytes(self._view[self._pos:end]) if end > self._pos else b""     # one copy of the step, no more
+        self._pos += len(piece)
+        return piece
+
     def readinto(self, buffer) -> int:
         n = max(0, min(len(buffer), len(self._view) - self._pos))
         buffer[:n] = self._view[self._pos:self._pos + n]

@@ -84,8 +84,11 @@ class MultipartUpload:
         retry is harmless)."""
         def attempt():
             body = BufferReader(data)       # a fresh one per try: the client reads it from its start
-            return self._fs.call_s3("upload_part", Bucket=self._bucket, Key=self._key, UploadId=self._upload_id,
-                                    PartNumber=number, Body=body)
+            try:
+                return self._fs.call_s3("upload_part", Bucket=self._bucket, Key=self._key,
+                                        UploadId=self._upload_id, PartNumber=number, Body=body)
+            finally:
+                body.close()    # the client's request objects outlive the call: they must not keep the part
         answer = _call(f"{self.url}: uploading part {number}", attempt)
         self._etags[number] = answer["ETag"]
 
@@ -155,6 +158,15 @@ class BufferReader(io.RawIOBase):
 
     def __len__(self) -> int:
         return len(self._view)
+
+    def close(self) -> None:
+        """Let go of the buffer (whoever still holds this reader no longer keeps the part's memory)."""
+        if not self.closed:
+            try:
+                self._view.release()
+            except BufferError:     # a slice of it still held somewhere: then it goes when that does
+                pass
+        super().close()
 
 
 def put(url: str, data: bytes) -> None:

@@ -134,8 +134,10 @@ def test_a_part_goes_up_without_python_copies_of_it(server):
 def test_the_buffer_reader_reads_seeks_and_rereads_a_buffer():
     from streamconv.fs.objects import BufferReader
     data = bytearray(range(256)) * 10
-    reader = BufferReader(memoryview(data))
+    reader = BufferReader(data)
     assert len(reader) == 2560 and reader.read(300) == bytes(data[:300]) and reader.tell() == 300
     assert reader.read() == bytes(data[300:]) and reader.read(5) == b""
     assert reader.seek(-10, 2) == 2550 and reader.read(100) == bytes(data[-10:])
     assert reader.seek(0) == 0 and reader.read(7) == bytes(data[:7])      # a retried request reads it again
+    reader.close()      # (the client's request objects outlive the upload: closed, the reader holds no buffer)
+    data.extend(b"x")   # BufferError while a view of `data` is still exported

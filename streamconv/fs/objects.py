@@ -82,15 +82,35 @@ class MultipartUpload:
     def put_part(self, number: int, data) -> None:
         """Part `number` (from 1) holds `data` (any bytes-like object); a part uploaded again replaces itself (a
         retry is harmless)."""
-        def attempt():
-            body = BufferReader(data)       # a fresh one per try: the client reads it from its start
+        answer = _call(f"{self.url}: uploading part {number}", lambda: self._upload_part_once(number, data))
+        self._etags[number] = answer["ETag"]
+
+    def _upload_part_once(self, number: int, data) -> Dict:
+        """One UploadPart request of `data` through s3fs's client, read from a fresh `BufferReader`, without s3fs's
+        own retry loop: it sends the same Body again, which for a file already read to its end is a request whose
+        body never comes (the run hung until the server timed out). botocore's own retries rewind the file, and
+        `with_retries` (around this) makes a new one. The s3fs options of the call (`s3_additional_kwargs`: SSE
+        keys, requester pays) are merged as `call_s3` merges them, and its errors translated as it does."""
+        from fsspec.asyn import sync
+        from s3fs.errors import translate_boto_error
+        fs = self._fs
+
+        async def send():
+            await fs.set_session()
+            method = (await fs.get_s3(self._bucket)).upload_part
+            body = BufferReader(data)
             try:
-                return self._fs.call_s3("upload_part", Bucket=self._bucket, Key=self._key,
-                                        UploadId=self._upload_id, PartNumber=number, Body=body)
+                return await method(**fs._get_s3_method_kwargs(method, Bucket=self._bucket, Key=self._key,
+                                                               UploadId=self._upload_id, PartNumber=number,
+                                                               Body=body))
+            except Exception as exc:    # botocore's ClientError as s3fs words it (the cause kept); others as they are
+                translated = translate_boto_error(exc)
+                if translated is exc:
+                    raise
+                raise translated from exc
             finally:
                 body.close()    # the client's request objects outlive the call: they must not keep the part
-        answer = _call(f"{self.url}: uploading part {number}", attempt)
-        self._etags[number] = answer["ETag"]
+        return sync(fs.loop, send)
 
     def complete(self, parts: int) -> None:
         """Publish the object from parts 1..`parts`, every one of which must have been uploaded."""

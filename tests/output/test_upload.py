@@ -141,3 +141,32 @@ def test_the_buffer_reader_reads_seeks_and_rereads_a_buffer():
     assert reader.seek(0) == 0 and reader.read(7) == bytes(data[:7])      # a retried request reads it again
     reader.close()      # (the client's request objects outlive the upload: closed, the reader holds no buffer)
     data.extend(b"x")   # BufferError while a view of `data` is still exported
+
+
+@pytest.mark.parametrize("fault", ["503", "reset"])
+def test_a_part_sent_again_after_a_fault_carries_all_its_bytes(server, monkeypatch, fault):
+    """A part's body is a file read to its end by the failed try: every later try (botocore's own, which rewinds
+    it, then streamconv's, with a new reader) must send the whole part again, never an empty or short body (s3fs's
+    own retry loop sent the spent file again: a request whose body never came)."""
+    import s3fs
+    from tests.support import s3_server as s3
+    tries = {}
+
+    def first_two_fail(method, path, headers):
+        if method == "PUT" and "partNumber=" in path:
+            tries[path] = tries.get(path, 0) + 1
+            return fault if tries[path] <= 2 else None
+        return None
+    proxy = s3.FaultProxy(server.url, first_two_fail)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        data = random.Random(3).randbytes(PART + 4321)
+        sink = UploadSink(f"s3://{BUCKET}/sent-again-{fault}", len(data), PartBudget(4), part_bytes=PART)
+        sink.write_at(0, data)
+        sink.close()
+    finally:
+        proxy.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert proxy.faults >= 4 and all(n == 3 for n in tries.values()), tries
+    assert _object(server, f"sent-again-{fault}") == data and sink.crc32() == zlib.crc32(data)

@@ -33,7 +33,8 @@ test: install
 # The long runs `make test` leaves out (marker `slow`; each behaviour they check keeps a fast test in `make test`):
 # the wheel on 3.9 with the oldest dependencies, the 20 MB metadata memory runs of the genuine file and of three of
 # the six hostile shapes, a source failing 503 for good through every retry, the commit-protocol kill cases the
-# rename fallback shares with renameat2, the remote byte-for-byte conversion of tp, the benchmark harness on tiny,
+# rename fallback shares with renameat2, the remote byte-for-byte conversion of tp, a 256 MiB conversion into s3://
+# held to issue 21's memory bound (tests/memory/test_upload_memory.py), the benchmark harness on tiny,
 # README's install block (`pip install .`, two builds; tests/test_packaging.py installs the wheel in `make test`).
 test-slow: install
 	$(PY) -m pytest -q -x --durations=10 -m "slow and not trainers and not megatron" tests

@@ -54,9 +54,11 @@ def _upload(fs, bucket: str, key: str, data, **conditions) -> Dict:
 
 
 def _upload_media(fs, bucket: str, key: str, data) -> Dict:
-    """One object whose body is `data` itself (a part's buffer, handed to the HTTP client without a copy)."""
+    """One object whose body is `data` itself (a part's buffer, handed to the HTTP client without a copy: as a
+    memoryview, which aiohttp sends as it is and which slices without copying; an mmap it refuses)."""
     return fs.call("POST", f"{fs._location}/upload/storage/v1/b/{bucket}/o", uploadType="media", name=key,
-                   headers={"Content-Type": "application/octet-stream"}, data=data, json_out=True)
+                   headers={"Content-Type": "application/octet-stream"}, data=memoryview(data).cast("B"),
+                   json_out=True)
 
 
 def _conditional(what: str, call) -> Optional[Dict]:

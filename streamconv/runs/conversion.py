@@ -202,11 +202,12 @@ class Conversion:
         if is_url(self.checkpoint_dir):     # the ranged GETs in flight, beside the writers' buffers
             self.conversion = replace(self.conversion,
                                       peak_bytes=self.conversion.peak_bytes + remote_reads.INFLIGHT_BYTES)
-        if self.remote_output:      # the upload parts being filled, beside the writers' buffers
+        if self.remote_output:      # the upload parts being filled and the client, beside the writers' buffers
             largest = max((s.nbytes for s in self.conversion.shards), default=0)
             self.conversion = replace(self.conversion, peak_bytes=self.conversion.peak_bytes
                                       + upload.upload_bytes(self.conversion.workers, largest,
-                                                            objects.max_parts(self.output_dir)))
+                                                            objects.max_parts(self.output_dir))
+                                      + upload.client_rss_bytes(self.output_dir))
         self.run_notes.extend(staging.notes)
         self._staging_notes_seen = len(staging.notes)
         self.ledger = Ledger.for_plan(staging.path, conversion, self.plan_record["plan"], self.shard_fps)

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 from .. import hf
 from ..failpoints import kill_point
 from ..fs import fastpaths, location, objects
-from ..fs.remote import is_url
+from ..fs.remote import is_url, scheme
 from ..fs.cpus import available_cpus
 from ..fs.paths import user_path
 from ..output import upload
@@ -199,9 +199,11 @@ class Conversion:
             self.fast = fastpaths.probe_copy(self.fast, self.reader.path(first_file), staging.scratch_dir)
         if not (self.fast.copy_file_range and self.fast.preadv):
             self.conversion = with_plain_io(self.conversion, self.conversion.workers)
-        if is_url(self.checkpoint_dir):     # the ranged GETs in flight, beside the writers' buffers
-            self.conversion = replace(self.conversion,
-                                      peak_bytes=self.conversion.peak_bytes + remote_reads.INFLIGHT_BYTES)
+        if is_url(self.checkpoint_dir):     # the ranged GETs in flight and the client, beside the writers' buffers
+            reading = remote_reads.INFLIGHT_BYTES
+            if not (self.remote_output and scheme(self.output_dir) == scheme(self.checkpoint_dir)):
+                reading += remote_reads.client_rss_bytes(self.checkpoint_dir, self.fast.obstore)
+            self.conversion = replace(self.conversion, peak_bytes=self.conversion.peak_bytes + reading)
         if self.remote_output:      # the upload parts being filled and the client, beside the writers' buffers
             largest = max((s.nbytes for s in self.conversion.shards), default=0)
             self.conversion = replace(self.conversion, peak_bytes=self.conversion.peak_bytes

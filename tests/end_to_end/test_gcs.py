@@ -12,7 +12,8 @@ import pytest
 
 from streamconv.demo_checkpoint import run_distributed
 from tests.support import gcs_server as gcs
-from tests.support.remote_outputs import failed_as_changed, files_of, run, same_inspect_and_plan, same_output
+from tests.support.remote_outputs import (failed_as_changed, files_of, held_its_prediction, run, same_inspect_and_plan,
+                                          same_output)
 from tests.support.s3_server import FaultProxy     # an HTTP proxy: S3's or GCS's requests alike
 
 BUCKET = "gckpts"
@@ -36,8 +37,9 @@ def env(gcs_server):
 @pytest.mark.parametrize("name", ["fsdp2", "zstd_fsdp2"])
 def test_converts_from_gcs_byte_for_byte_as_from_disk(uploaded, env, name, tmp_path):
     folder, url = uploaded[name]
-    remote = run("convert", url, tmp_path / "remote", "--no-config", "--crc", env=env)
+    remote = run("convert", url, tmp_path / "remote", "--no-config", "--crc", "--json", env=env)
     assert remote.returncode == 0, remote.stderr
+    held_its_prediction(remote)
     local = run("convert", folder, tmp_path / "local", "--no-config", env=env)
     assert local.returncode == 0, local.stderr
     same_output(files_of(tmp_path / "remote"), files_of(tmp_path / "local"))

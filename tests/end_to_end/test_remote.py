@@ -16,7 +16,7 @@ import pytest
 
 from streamconv.demo_checkpoint import run_distributed
 from tests.support import s3_server as s3
-from tests.support.remote_outputs import failed_as_changed, files_of, run, same_inspect_and_plan
+from tests.support.remote_outputs import failed_as_changed, files_of, held_its_prediction, run, same_inspect_and_plan
 from tests.support.remote_outputs import same_output as same_files
 
 # Written by torch once per module: a zstd-compressed FSDP2 checkpoint and safetensors-serialized DCP.
@@ -69,8 +69,9 @@ def converted_locally(uploaded, tmp_path_factory):
 def test_converts_from_s3_byte_for_byte_as_from_disk(uploaded, converted_locally, s3_server, name, tmp_path):
     _, url = uploaded[name]
     env = s3.env_for(s3_server)
-    remote = run("convert", url, tmp_path / "remote", "--no-config", "--crc", env=env)
+    remote = run("convert", url, tmp_path / "remote", "--no-config", "--crc", "--json", env=env)
     assert remote.returncode == 0, remote.stderr
+    held_its_prediction(remote)
     same_output(tmp_path / "remote", converted_locally(name))
     verified = run("verify", url, tmp_path / "remote", env=env)
     assert verified.returncode == 0, verified.stderr

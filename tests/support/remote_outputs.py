@@ -14,6 +14,13 @@ def run(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
                           env=env, timeout=timeout)
 
 
+def held_its_prediction(result) -> None:
+    """A `convert --json` from a bucket peaked at most at the peak it predicted (the client stack counted)."""
+    report = json.loads(result.stdout)
+    assert report["peak_rss_bytes"] <= report["predicted_peak_bytes"], (
+        report["peak_rss_bytes"] / 2**20, report["predicted_peak_bytes"] / 2**20)
+
+
 def files_of(folder: Path) -> Dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 

@@ -97,6 +97,25 @@ class _OpenShard:
                 self.sink.abort()
 
 
+def _open_shards(shards: Sequence[ShardPlan], path_for: Callable[[str], str],
+                 on_shard_done: Optional[Callable[[ShardPlan, int], None]], open_sink: SinkFactory,
+                 gate: Gate) -> List[_OpenShard]:
+    """A shard file each, opened when first needed; a shard with no tensor (its header alone) written now. A
+    shard is recorded once the gate allows."""
+    def done(shard: ShardPlan, crc32: int) -> None:
+        gate.before_record()
+        on_shard_done(shard, crc32)
+
+    files = [_OpenShard(s, path_for(s.filename), done if on_shard_done is not None else None, open_sink)
+             for s in shards]
+    for f in files:
+        if not f.shard.tensors:
+            f.open()
+            f.close()
+            f.finished()
+    return files
+
+
 def write_shards(shards: Sequence[ShardPlan], reader: BlobReader, stored: Mapping[BlobLocation, StoredTensor],
                  path_for: Callable[[str], str], *, buffer_bytes: int, workers: int = 1,
                  progress: Optional[Progress] = None, integrity=None,
@@ -122,17 +141,7 @@ def write_shards(shards: Sequence[ShardPlan], reader: BlobReader, stored: Mappin
 
     if open_sink is None:
         open_sink = functools.partial(FileSink, fast=fast)
-    def done(shard: ShardPlan, crc32: int) -> None:
-        gate.before_record()
-        on_shard_done(shard, crc32)
-
-    files = [_OpenShard(s, path_for(s.filename), done if on_shard_done is not None else None, open_sink)
-             for s in shards]
-    for f in files:
-        if not f.shard.tensors:
-            f.open()
-            f.close()
-            f.finished()
+    files = _open_shards(shards, path_for, on_shard_done, open_sink, gate)
     # Shard by shard, tensors in file order: workers move through the output roughly front to back.
     queue: List[Tuple[_OpenShard, TensorPlan]] = [(f, t) for f in files for t in f.shard.tensors]
     queue.reverse()     # pop() from the end is O(1)

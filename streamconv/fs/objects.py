@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ..errors import OutputError
 from . import gcs_objects, remote
 
-GCS_PROTOCOLS = ("gs", "gcs")
+GCS_PROTOCOLS = remote.GCS_PROTOCOLS
 WRITABLE_PROTOCOLS = ("s3", "s3a") + GCS_PROTOCOLS
 # S3's limits: parts of 5 MiB to 5 GiB (the last may be smaller), at most 10,000 per upload (GCS: 1,024 composed).
 MIN_PART_BYTES = 5 << 20

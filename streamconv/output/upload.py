@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from ..errors import OutputError
 from ..failpoints import kill_point
 from ..fs.fastpaths import FastPaths
-from ..fs.remote import is_url, scheme
+from ..fs.remote import GCSFS_RSS_BYTES, OBSTORE_RSS_BYTES, S3FS_RSS_BYTES, is_url, scheme
 from ..fs.infiles import OpenFile
 from ..fs.objects import GCS_PROTOCOLS, MAX_PARTS, MIN_PART_BYTES, max_parts, start_upload
 from ..sizes import format_size
@@ -33,14 +33,10 @@ from .crc import crc32, crc32_combine
 from .sink import FileSink, ShardFile, copy_through_memory
 
 PART_BYTES = 8 << 20    # S3's recommended part size; grown for a shard of more than MAX_PARTS of them
-# What the client stack an output is uploaded through keeps resident once it has made its calls, beside what the
-# rest of the prediction counts. Measured as VmRSS after `import streamconv.cli, numpy`, then after a multipart
-# upload started and a part sent (CPython 3.11, s3fs 2026.9, gcsfs 2026.10, 2-core VM, 2026-12-07): s3fs with
-# aiobotocore, botocore (its service models) and aiohttp 46.4 MiB, then obstore 8.3 MiB more (it lists the output
-# prefix: fs/location.py); gcsfs with google-auth and aiohttp 59.8-60.4 MiB. tests/memory/test_upload_memory.py
-# measures them again on the machine it runs on.
-S3_CLIENT_RSS_BYTES = 56 << 20
-GCS_CLIENT_RSS_BYTES = 61 << 20
+# What the client stack an output is uploaded through keeps resident (fs/remote.py has the measurements): s3fs, and
+# obstore too since it lists the output prefix (fs/location.py); gcsfs.
+S3_CLIENT_RSS_BYTES = S3FS_RSS_BYTES + OBSTORE_RSS_BYTES
+GCS_CLIENT_RSS_BYTES = GCSFS_RSS_BYTES
 
 
 def part_bytes_for(nbytes: int, most_parts: int = MAX_PARTS) -> int:

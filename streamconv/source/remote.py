@@ -66,24 +66,16 @@ INFLIGHT_BYTES = (DEFAULT_MAX_REQUESTS * REQUEST_BYTES + CACHED_BLOCKS * BLOCK_B
                   + PREFETCH_AHEAD * MERGED_READ_BYTES)
 MIN_MAX_REQUESTS = 2
 
-# The client stack that reads a bucket, beside the requests above: measured after `import streamconv.cli, numpy`
-# (2-core VM, 2026-12-07, the method of tests/memory/test_upload_memory.py): gcsfs with google-auth and aiohttp
-# 59.8-60.4 MiB; s3fs with aiobotocore, botocore and aiohttp 46.4 MiB (import 30.5, first calls 15.9); obstore
-# 8.3 MiB once it has listed a prefix. A run whose output is in a bucket of the same kind counts its client once
-# (output/upload.py's terms hold both s3 clients).
-GCS_READER_RSS_BYTES = 61 << 20
-S3FS_READER_RSS_BYTES = 47 << 20
-OBSTORE_READER_RSS_BYTES = 9 << 20
-
-
 def client_rss_bytes(url: str, obstore: bool) -> int:
-    """What the client reading `url` holds (`obstore`: its GETs go through obstore; s3fs counts all the same once
-    something imported it, e.g. finding the checkpoint in a run folder)."""
-    if remote.scheme(url) in ("gs", "gcs"):
-        return GCS_READER_RSS_BYTES
+    """What the client stack reading `url` holds beside the requests above (fs/remote.py's measurements; a run
+    whose output is a bucket of the same kind counts it once, with output/upload.py's term). `obstore`: its GETs
+    go through obstore; s3fs counts all the same once something imported it, e.g. finding a run folder's
+    checkpoint."""
+    if remote.scheme(url) in remote.GCS_PROTOCOLS:
+        return remote.GCSFS_RSS_BYTES
     if remote.scheme(url) in ("s3", "s3a") and obstore and "s3fs" not in sys.modules:
-        return OBSTORE_READER_RSS_BYTES
-    return S3FS_READER_RSS_BYTES
+        return remote.OBSTORE_RSS_BYTES
+    return remote.S3FS_RSS_BYTES
 
 
 def folder_reader(folder: str, fast: FastPaths = NONE) -> RangeReader:

@@ -2,6 +2,7 @@
 to single conversions, reruns skip, killed jobs resume, a broken checkpoint fails alone."""
 import json
 import os
+import re
 import pickle
 import shutil
 import subprocess
@@ -109,7 +110,10 @@ def test_killed_jobs_fail_alone_and_the_rerun_resumes(runs, single):
     assert again.returncode == 0, again.stderr
     report = json.loads(again.stdout)["checkpoints"]
     assert [c["status"] for c in report] == ["resumed", "resumed"]
-    assert any("kept 3 of 6" in n for n in report[0]["notes"]), report[0]["notes"]
+    # The kill comes at the third record; a second writer may have finished (and recorded) a fourth shard by then,
+    # which --resume keeps too: at least the three, never all six.
+    kept = [int(m.group(1)) for n in report[0]["notes"] for m in [re.search(r"kept (\d+) of 6", n)] if m]
+    assert kept and 3 <= kept[0] < 6, report[0]["notes"]
     for name in ("checkpoint-100", "checkpoint-200"):
         assert files(runs / "hf" / name) == single
 

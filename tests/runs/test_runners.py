@@ -3,6 +3,7 @@ output, the source CRC-32 checks, the shards' finished records, progress and kil
 writes. `SeparateRunner` stands in for Ray here: it pickles each job as Ray would and writes it in a process
 state of its own (tests/runs/test_ray.py runs the real thing where Ray is installed)."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,8 @@ def test_a_kill_between_shards_of_a_separate_runner_is_resumed_by_threads(demo_c
     assert not out.exists()
     report = streamconv.convert(str(demo_checkpoint.ckpt_dir), str(out), max_shard_size=SHARD, no_config=True,
                                 resume=True)
-    assert any(n.startswith("resumed: kept 2 of") for n in report.notes), report.notes
+    # At least the two recorded before the kill; a second writer may have recorded a third by then.
+    kept = [int(m.group(1)) for n in report.notes for m in [re.match(r"resumed: kept (\d+) of", n)] if m]
+    assert kept and kept[0] >= 2, report.notes
     assert files(out) == files(by_threads[0])
 

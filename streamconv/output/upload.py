@@ -12,7 +12,7 @@ shared with the neighbouring tensor); the budget (`budget_parts`) allows twice t
 that would need more fails with OutputError instead of growing without bound. The plan's predicted peak
 counts the budget beside `--buffer-size` (`upload_bytes`), as the ranged reads of a bucket source are, and the
 client stack's own resident memory (`client_rss_bytes`, measured). A part is an anonymous mapping of its own
-(`_Part`) handed to the client as a file (`objects.BufferReader`), so neither malloc's arenas nor the HTTP client
+(`_Part`) handed to the client as a file (`s3_objects.BufferReader`; on GCS a memoryview), so neither malloc's arenas nor the HTTP client
 keep copies of it.
 """
 from __future__ import annotations
@@ -25,18 +25,15 @@ from typing import Callable, Dict, List, Optional, Tuple
 from ..errors import OutputError
 from ..failpoints import kill_point
 from ..fs.fastpaths import FastPaths
-from ..fs.remote import GCSFS_RSS_BYTES, OBSTORE_RSS_BYTES, S3FS_RSS_BYTES, is_url, scheme
+from ..fs.remote import is_url
 from ..fs.infiles import OpenFile
-from ..fs.objects import GCS_PROTOCOLS, MAX_PARTS, MIN_PART_BYTES, max_parts, start_upload
+from ..fs import objects
+from ..fs.objects import MAX_PARTS, MIN_PART_BYTES, max_parts, start_upload
 from ..sizes import format_size
 from .crc import crc32, crc32_combine
 from .sink import FileSink, ShardFile, copy_through_memory
 
 PART_BYTES = 8 << 20    # S3's recommended part size; grown for a shard of more than MAX_PARTS of them
-# What the client stack an output is uploaded through keeps resident (fs/remote.py has the measurements): s3fs, and
-# obstore too since it lists the output prefix (fs/location.py); gcsfs.
-S3_CLIENT_RSS_BYTES = S3FS_RSS_BYTES + OBSTORE_RSS_BYTES
-GCS_CLIENT_RSS_BYTES = GCSFS_RSS_BYTES
 
 
 def part_bytes_for(nbytes: int, most_parts: int = MAX_PARTS) -> int:
@@ -56,8 +53,9 @@ def upload_bytes(workers: int, largest_shard_bytes: int, most_parts: int = MAX_P
 
 
 def client_rss_bytes(url: str) -> int:
-    """The client stack's own resident memory when the output is `url` (see S3_CLIENT_RSS_BYTES)."""
-    return GCS_CLIENT_RSS_BYTES if scheme(url) in GCS_PROTOCOLS else S3_CLIENT_RSS_BYTES
+    """The client stack's own resident memory when the output is `url` (each store's measured term: s3fs, and
+    obstore too since it lists the output prefix; gcsfs)."""
+    return objects.client_rss_bytes(url)
 
 
 def shard_opener(staging_dir: str, fast: FastPaths, workers: int) -> Callable[[str, int], ShardFile]:

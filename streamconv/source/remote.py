@@ -24,7 +24,7 @@ from dataclasses import replace
 from typing import Deque, Dict, Optional, Sequence, Tuple
 
 from ..errors import CheckpointError
-from ..fs import fastpaths, remote
+from ..fs import fastpaths, objects, remote
 from ..fs.fastpaths import NONE, FastPaths
 from .io import DirectoryReader, RangeReader
 from .object_clients import OBSTORE, ObjectClient, open_client, uses_obstore
@@ -71,11 +71,9 @@ def client_rss_bytes(url: str, obstore: bool) -> int:
     whose output is a bucket of the same kind counts it once, with output/upload.py's term). `obstore`: its GETs
     go through obstore; s3fs counts all the same once something imported it, e.g. finding a run folder's
     checkpoint."""
-    if remote.scheme(url) in remote.GCS_PROTOCOLS:
-        return remote.GCSFS_RSS_BYTES
     if remote.scheme(url) in ("s3", "s3a") and obstore and "s3fs" not in sys.modules:
         return remote.OBSTORE_RSS_BYTES
-    return remote.S3FS_RSS_BYTES
+    return objects.fsspec_rss_bytes(url, default=remote.S3FS_RSS_BYTES)
 
 
 def folder_reader(folder: str, fast: FastPaths = NONE) -> RangeReader:

@@ -132,7 +132,7 @@ def test_a_part_goes_up_without_python_copies_of_it(server):
 
 
 def test_the_buffer_reader_reads_seeks_and_rereads_a_buffer():
-    from streamconv.fs.objects import BufferReader
+    from streamconv.fs.s3_objects import BufferReader
     data = bytearray(range(256)) * 10
     reader = BufferReader(data)
     assert len(reader) == 2560 and reader.read(300) == bytes(data[:300]) and reader.tell() == 300

@@ -97,7 +97,7 @@ def filesystem(url: str) -> Tuple[Any, str]:
         raise OptionsError(f"{url}: reading or writing a URL needs the remote extra: {INSTALL_HINT}") from None
     protocol, path = split_protocol(url)
     try:
-        fs = fsspec.filesystem(protocol, **StorageOptions.get())
+        fs = _filesystem_class(fsspec, protocol)(**StorageOptions.get())
     except ImportError as exc:
         raise OptionsError(f"{url}: the {protocol}:// protocol needs a package that is not installed "
                            f"({_first_line(exc)}); {INSTALL_HINT}") from None
@@ -106,6 +106,15 @@ def filesystem(url: str) -> Tuple[Any, str]:
     except TypeError as exc:
         raise OptionsError(f"{url}: --storage-options do not suit {protocol}:// ({_first_line(exc)})") from None
     return fs, fs._strip_protocol(path).rstrip("/")
+
+
+def _filesystem_class(fsspec, protocol: str):
+    """fsspec's filesystem class for `protocol`, except on GCS: gcsfs with its own retry loop cut to one try per
+    call, so that `with_retries` alone bounds how long a failing endpoint is tried (fs/gcsfs_one_try.py)."""
+    if protocol in GCS_PROTOCOLS:
+        from .gcsfs_one_try import OneTryGCSFileSystem     # ImportError without gcsfs: the install hint
+        return OneTryGCSFileSystem
+    return fsspec.get_filesystem_class(protocol)
 
 
 def _first_line(exc: BaseException, limit: int = 300) -> str:

@@ -11,6 +11,7 @@ import threading
 import pytest
 
 from streamconv.demo_checkpoint import run_distributed
+from streamconv.fs import remote as remote_fs
 from tests.support import gcs_server as gcs
 from tests.support.remote_outputs import (failed_as_changed, files_of, held_its_prediction, run, same_inspect_and_plan,
                                           same_output)
@@ -97,3 +98,68 @@ def test_a_gcs_object_rewritten_during_the_run_is_detected_by_its_generation(upl
         proxy.stop()
     assert gate.is_set()
     failed_as_changed(result, f"{url}/{data_file}", tmp_path / "out")
+
+
+# -- faults: gcsfs tries each request once (fs/gcsfs_one_try.py); streamconv's rounds retry, then exit 2 ---------
+
+
+def _data_get(method: str, path: str) -> bool:
+    """A ranged GET of a data file's bytes (gcsfs: a media download), not a listing or an object's metadata."""
+    return method == "GET" and ".distcp" in path and "alt=media" in path
+
+
+def _convert_through(gcs_server, env, fault, url: str, out):
+    """`convert url out` with the GCS server behind a FaultProxy deciding each request: (the result, the proxy)."""
+    proxy = FaultProxy(gcs_server.url, fault)
+    try:
+        return run("convert", url, out, "--no-config", env=dict(env, STORAGE_EMULATOR_HOST=proxy.url)), proxy
+    finally:
+        proxy.stop()
+
+
+def test_resets_and_503s_mid_read_are_retried_and_the_conversion_is_exact(uploaded, env, gcs_server, tmp_path):
+    """Every 3rd data GET answered 503, every 5th reset without an answer: each is retried by streamconv's own
+    rounds, and the output equals the local conversion byte for byte."""
+    folder, url = uploaded["fsdp2"]
+    seen = {"n": 0}
+
+    def fault(method, path, headers):
+        if not _data_get(method, path):
+            return None
+        seen["n"] += 1
+        return "503" if seen["n"] % 3 == 0 else "reset" if seen["n"] % 5 == 0 else None
+
+    remote, proxy = _convert_through(gcs_server, env, fault, url, tmp_path / "remote")
+    assert remote.returncode == 0, remote.stderr
+    assert proxy.faults >= 3
+    local = run("convert", folder, tmp_path / "local", "--no-config", env=env)
+    assert local.returncode == 0, local.stderr
+    same_output(files_of(tmp_path / "remote"), files_of(tmp_path / "local"))
+
+
+# Requests per round of streamconv's: one (gcsfs's loop is cut); a reset on a reused keep-alive connection is
+# sent again once, at once, by aiohttp itself (its retry of an idempotent request on a persistent connection).
+_PER_ROUND = {"503": 1, "reset": 2}
+
+
+@pytest.mark.parametrize("kind", ["503", "reset"])
+def test_a_burst_longer_than_our_retries_is_exit_2_after_our_rounds_only(uploaded, env, gcs_server, tmp_path, kind):
+    """Every data GET fails: exit 2 naming the URL, no traceback, no output; and each failing range was asked for
+    RETRY_ATTEMPTS times (x2 for a reset: aiohttp), where gcsfs's own 6 tries a round made it 30 and took ~3
+    minutes: the bound is streamconv's, 5 rounds and 1.5 s of waits (docs/remote.md)."""
+    _, url = uploaded["fsdp2"]
+    tries = {}
+
+    def fault(method, path, headers):
+        if not _data_get(method, path):
+            return None
+        key = (path, headers.get("Range"))
+        tries[key] = tries.get(key, 0) + 1
+        return kind
+
+    result, _ = _convert_through(gcs_server, env, fault, url, tmp_path / "out")
+    assert result.returncode == 2, result.stderr
+    assert url in result.stderr and "failed 5 times" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+    assert max(tries.values()) == _PER_ROUND[kind] * remote_fs.RETRY_ATTEMPTS, tries

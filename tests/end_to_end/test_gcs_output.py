@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from streamconv.fs import remote as remote_fs
 from tests.support import gcs_server as gcs
 from tests.support.remote_outputs import (files_of, only_a_staging_prefix_left, run, same_output,
                                           unfinished_refused_then_resumed)
+from tests.support.s3_server import FaultProxy     # an HTTP proxy: S3's or GCS's requests alike
 
 BUCKET = "ghfout"
 
@@ -130,3 +132,41 @@ def test_batch_into_gcs_then_skips_what_is_finished(gcs_server, env, dcp_checkpo
     again = run("batch", "gs://gruns/run/checkpoint-*", "-o", template, "--no-config", "--json", env=env)
     assert again.returncode == 0, again.stderr
     assert [i["status"] for i in json.loads(again.stdout)["checkpoints"]] == ["skipped", "skipped"]
+
+
+def _failing_part_uploads(method, path, headers):
+    """Every upload of a shard's part (a media upload under `.streamconv-uploads/`) answered 503."""
+    return "503" if method == "POST" and "uploadType=media" in path else None
+
+
+def test_a_failing_destination_is_exit_73_and_the_previous_output_survives(gcs_server, env, demo_checkpoint):
+    """A finished output is at the prefix; a run replacing it (--overwrite, other shards) meets a service that
+    answers every part upload 503: exit 73 naming the URL and the service's error, after streamconv's rounds
+    only (each part tried RETRY_ATTEMPTS times, gcsfs's own loop cut), no traceback; the previous output is
+    still there byte for byte (no staging prefix, no part, no lock left) and verify still passes."""
+    ckpt, prefix = Path(demo_checkpoint.ckpt_dir), "kept/model"
+    url = f"gs://{BUCKET}/{prefix}"
+    first = run("convert", ckpt, url, "--no-config", env=env)
+    assert first.returncode == 0, first.stderr
+    before = gcs_server.download(BUCKET, prefix)
+    tries = {}
+
+    def fault(method, path, headers):
+        what = _failing_part_uploads(method, path, headers)
+        if what:
+            tries[path] = tries.get(path, 0) + 1
+        return what
+
+    proxy = FaultProxy(gcs_server.url, fault)
+    try:
+        failed = run("convert", ckpt, url, "--no-config", "--overwrite", "--max-shard-size", "200KB",
+                     env=dict(env, STORAGE_EMULATOR_HOST=proxy.url))
+    finally:
+        proxy.stop()
+    assert failed.returncode == 73, failed.stderr
+    assert url in failed.stderr and "uploading part 1" in failed.stderr and "503" in failed.stderr, failed.stderr
+    assert "Traceback" not in failed.stderr, failed.stderr
+    assert tries and max(tries.values()) == remote_fs.RETRY_ATTEMPTS, tries
+    assert gcs_server.download(BUCKET, prefix) == before
+    verified = run("verify", ckpt, url, env=env)
+    assert verified.returncode == 0, verified.stderr

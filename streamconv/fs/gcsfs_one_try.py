@@ -1,0 +1,39 @@
+"""gcsfs with its own retry loop cut to one try per call, so that streamconv's bounded retry (`remote.with_retries`:
+5 tries, 1.5 s of waits) is the one that decides how long a failing GCS endpoint is tried.
+
+gcsfs retries every JSON-API request itself: `GCSFileSystem._request` is wrapped in `gcsfs.retry.retry_request`
+with 6 tries, sleeping 1-2, 2-3, 4-5, 8-9 and 16-17 s in between (31-36 s), and the count is fixed when the class is
+defined, not read from an option or the instance: no storage option and no variable changes it (gcsfs 2026.10).
+Inside each of streamconv's 5 rounds that made a dead endpoint take about 3 minutes to give up. So `gs://` URLs
+are opened with this subclass (`remote.filesystem`), whose `_request` is gcsfs's own request without the loop
+(`__wrapped__`, the undecorated coroutine): the same errors, raised at once. (Not gcsfs's `retry_request` with one
+try: it logs every failure with its traceback as "out of retries", which a CLI without logging configured prints
+to stderr, once per retried request.) What the loop added besides retrying is lost: a 400 about a requester-pays
+bucket is reported as the service words it, not as gcsfs's hint to set `requester_pays`.
+
+That reaches into gcsfs's private structure, so it is here alone: if a gcsfs release drops `__wrapped__`, the
+subclass keeps gcsfs's loop (slower to give up, still correct), and tests/fs/test_gcsfs_one_try.py fails loudly.
+Bulk deletions (`rm` of several objects) keep a loop of their own inside gcsfs for objects a batch answer
+reports as failed with a 5xx (up to 5 rounds, 1-17 s apart); a failed batch request itself is one try here.
+"""
+from __future__ import annotations
+
+import gcsfs
+
+
+def _one_try(request):
+    """gcsfs's request coroutine without its retry loop, or `request` itself when gcsfs no longer exposes the
+    undecorated coroutine."""
+    return getattr(request, "__wrapped__", request)
+
+
+class OneTryGCSFileSystem(gcsfs.GCSFileSystem):
+    """gcsfs's filesystem, each request tried once (module docstring)."""
+
+    _request = _one_try(gcsfs.GCSFileSystem._request)
+
+
+# One instance cache with gcsfs's (fsspec keeps one per class; the key names the class, so they cannot collide):
+# `gcsfs.GCSFileSystem.clear_instance_cache()`, which a gcsfs user calls after changing credentials or endpoint,
+# drops these clients too.
+OneTryGCSFileSystem._cache = gcsfs.GCSFileSystem._cache

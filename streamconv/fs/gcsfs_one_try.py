@@ -11,6 +11,11 @@ try: it logs every failure with its traceback as "out of retries", which a CLI w
 to stderr, once per retried request.) What the loop added besides retrying is lost: a 400 about a requester-pays
 bucket is reported as the service words it, not as gcsfs's hint to set `requester_pays`.
 
+gcsfs also sends every request with `timeout=requests_timeout`, None by default, which aiohttp reads as "no
+timeout at all": a request to an endpoint that accepts the connection and never answers waited forever, and no
+retry ever ran. This subclass sets `requests_timeout` to REQUEST_TIMEOUT_S unless the storage options give one
+(`--storage-options '{"requests_timeout": 30}'`): the whole request, connecting to the last byte of the answer.
+
 That reaches into gcsfs's private structure, so it is here alone: if a gcsfs release drops `__wrapped__`, the
 subclass keeps gcsfs's loop (slower to give up, still correct), and tests/fs/test_gcsfs_one_try.py fails loudly.
 Bulk deletions (`rm` of several objects) keep a loop of their own inside gcsfs for objects a batch answer
@@ -27,10 +32,19 @@ def _one_try(request):
     return getattr(request, "__wrapped__", request)
 
 
+# One request, from connecting to its answer's last byte: a ranged GET of 4 MiB, a part of 8 MiB (up to ~50 MiB for
+# a shard past 8 GiB), one server-side rewrite or compose call. 120 s leaves a slow link (under 1 MB/s) its time.
+REQUEST_TIMEOUT_S = 120
+
+
 class OneTryGCSFileSystem(gcsfs.GCSFileSystem):
-    """gcsfs's filesystem, each request tried once (module docstring)."""
+    """gcsfs's filesystem, each request tried once and timed out (module docstring)."""
 
     _request = _one_try(gcsfs.GCSFileSystem._request)
+
+    def __init__(self, *args, requests_timeout=None, **kwargs):
+        super().__init__(*args, requests_timeout=REQUEST_TIMEOUT_S if requests_timeout is None else requests_timeout,
+                         **kwargs)
 
 
 # One instance cache with gcsfs's (fsspec keeps one per class; the key names the class, so they cannot collide):

@@ -43,3 +43,29 @@ def test_a_failing_endpoint_is_tried_once_per_round_of_ours(gcs_env, monkeypatch
     finally:
         proxy.stop()
         gcsfs.GCSFileSystem.clear_instance_cache()
+
+
+def test_requests_time_out_unless_the_storage_options_say_otherwise(gcs_env):
+    """gcsfs's default (requests_timeout None) is aiohttp's "no timeout": a silent endpoint hung the run forever."""
+    from streamconv.fs.gcsfs_one_try import REQUEST_TIMEOUT_S
+    assert remote.filesystem("gs://some-bucket/x")[0].requests_timeout == REQUEST_TIMEOUT_S
+    remote.StorageOptions.set({"token": "anon", "requests_timeout": 7})
+    assert remote.filesystem("gs://some-bucket/x")[0].requests_timeout == 7
+
+
+def test_an_endpoint_that_never_answers_fails_after_our_rounds(gcs_env, monkeypatch):
+    """Every request held open without an answer: each try times out (here after 0.3 s, from the storage
+    options), and `with_retries` gives up after RETRY_ATTEMPTS of them, naming the URL."""
+    proxy = FaultProxy(gcs_env.url, lambda method, path, headers: "hang")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+    remote.StorageOptions.set({"token": "anon", "requests_timeout": 0.3})
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    try:
+        fs, path = remote.filesystem("gs://hung/obj")
+        with pytest.raises(CheckpointError, match=r"gs://hung/obj: failed 5 times \(FSTimeoutError"):
+            remote.with_retries("gs://hung/obj", lambda: fs.cat_file(path, start=0, end=4), CheckpointError,
+                                sleep=lambda seconds: None)
+        assert proxy.requests == remote.RETRY_ATTEMPTS
+    finally:
+        proxy.stop()
+        gcsfs.GCSFileSystem.clear_instance_cache()

@@ -23,11 +23,12 @@ def files(folder):
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, s3_server):
+def cluster(tmp_path_factory, s3_server, gcs_server):
     kill_dir = tmp_path_factory.mktemp("ray-kill")
-    # The local S3 server's endpoint and keys, the standard way, for the bucket test: workers inherit them too.
-    saved = {k: os.environ.get(k) for k in s3_server.env}
+    # The local S3 and GCS servers' endpoints and keys, the standard way, for the bucket tests: workers inherit them.
+    saved = {k: os.environ.get(k) for k in {**s3_server.env, **gcs_server.env}}
     os.environ.update(s3_server.env)
+    os.environ.update(gcs_server.env)
     # Workers inherit the environment when the cluster starts: the hook folder (inert while empty) and our code.
     os.environ[failpoints.RAY_KILL_DIR_ENV] = str(kill_dir)
     saved["PYTHONPATH"] = os.environ.get("PYTHONPATH")
@@ -85,6 +86,19 @@ def test_shards_on_ray_upload_into_a_bucket_and_the_driver_publishes(cluster, s3
                        no_config=True, shard_runner=ray_runner.RayRunner())
     got = s3_server.download("ray-out", "hf/model", None)
     assert sorted(got) == sorted(local)
+    assert all(got[name] == local[name] for name in local if name != "streamconv.json")
+
+
+def test_shards_on_ray_read_from_and_upload_into_gcs(cluster, gcs_env, demo_checkpoint, local):
+    """gs:// to gs://: each Ray task reads its chunks from the bucket and composes its own shard in the staging
+    prefix; the driver publishes. The downloaded prefix equals the local run byte for byte."""
+    from streamconv.runs import ray_runner
+    source = gcs_env.upload(demo_checkpoint.ckpt_dir, "ray-gs-in", "ckpt")
+    gcs_env.bucket("ray-gs-out")
+    streamconv.convert(source, "gs://ray-gs-out/hf/model", max_shard_size=SHARD, no_config=True,
+                       shard_runner=ray_runner.RayRunner())
+    got = gcs_env.download("ray-gs-out", "hf/model")
+    assert sorted(got) == sorted(local) and len([n for n in got if n.endswith(".safetensors")]) > 1
     assert all(got[name] == local[name] for name in local if name != "streamconv.json")
 
 

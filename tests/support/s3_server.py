@@ -91,14 +91,16 @@ _ANSWERS = {
 
 class FaultProxy:
     """An HTTP proxy on localhost in front of `upstream`. `fault(method, path, headers) -> None | "503" | "501" |
-    "reset"` decides each request: None forwards it; "503" answers 503 SlowDown (S3's throttling); "501" answers
-    NotImplemented (a service without a feature, e.g. conditional writes); "reset" closes the connection without
-    an answer. `requests` counts what it saw."""
+    "reset" | "hang"` decides each request: None forwards it; "503" answers 503 SlowDown (S3's throttling); "501"
+    answers NotImplemented (a service without a feature, e.g. conditional writes); "reset" closes the connection
+    without an answer; "hang" keeps the connection open and never answers (until `stop`). `requests` counts what
+    it saw."""
 
     def __init__(self, upstream: str, fault: Callable[..., Optional[str]]):
         self.upstream, self.fault = upstream, fault
         self.requests = 0
         self.faults = 0
+        self._stopping = threading.Event()
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -113,6 +115,10 @@ class FaultProxy:
                 what = proxy.fault(self.command, self.path, self.headers)
                 if what is not None:
                     proxy.faults += 1
+                if what == "hang":
+                    proxy._stopping.wait(300)
+                    self.close_connection = True
+                    return
                 if what == "reset":
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
                     self.connection.close()
@@ -173,6 +179,7 @@ class FaultProxy:
         self._thread.start()
 
     def stop(self) -> None:
+        self._stopping.set()
         self._server.shutdown()
         self._server.server_close()
 

@@ -5,6 +5,8 @@ Why this one: of the two emulators on PyPI it is the one that speaks enough of t
 media GETs, resumable and multipart uploads, `compose`, `rewriteTo`, listings — and honours `ifGenerationMatch` on
 uploads (a create over an existing object, or a replace of another generation, is answered 412).
 `gcp-storage-emulator` (pure Python) honoured no precondition and composed two 11,000-byte objects into 4 bytes.
+`-public-host` is the server's own address, so that it also answers the XML API's path-style requests
+(`GET /bucket/key`, what obstore sends: benchmarks/gcs_clients.py) and not only the JSON API's.
 What fake-gcs-server does NOT honour: `ifGenerationMatch` on a DELETE, and any precondition on a `media` upload
 (both ignored): `tests/support/test_gcs_server.py` pins down what is and is not honoured, so a test never relies on a
 precondition the server ignores.
@@ -45,7 +47,8 @@ class GCSServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self._process = subprocess.Popen(
             [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
-             "-port", str(self.port), "-external-url", self.url, "-log-level", "error"],
+             "-port", str(self.port), "-external-url", self.url, "-public-host", f"127.0.0.1:{self.port}",
+             "-log-level", "error"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while True:

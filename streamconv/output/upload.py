@@ -12,8 +12,8 @@ shared with the neighbouring tensor); the budget (`budget_parts`) allows twice t
 that would need more fails with OutputError instead of growing without bound. The plan's predicted peak
 counts the budget beside `--buffer-size` (`upload_bytes`), as the ranged reads of a bucket source are, and the
 client stack's own resident memory (`client_rss_bytes`, measured). A part is an anonymous mapping of its own
-(`_Part`) handed to the client as a file (`s3_objects.BufferReader`; on GCS a memoryview), so neither malloc's arenas nor the HTTP client
-keep copies of it.
+(`_Part`) handed to the client as a file (`s3_objects.BufferReader`; on GCS a memoryview), so neither malloc's
+arenas nor the HTTP client keep copies of it.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from ..failpoints import kill_point
 from ..fs.fastpaths import FastPaths
 from ..fs.remote import is_url
 from ..fs.infiles import OpenFile
-from ..fs import objects
 from ..fs.objects import MAX_PARTS, MIN_PART_BYTES, max_parts, start_upload
+from ..fs.objects import client_rss_bytes as store_client_rss_bytes
 from ..sizes import format_size
 from .crc import crc32, crc32_combine
 from .sink import FileSink, ShardFile, copy_through_memory
@@ -55,7 +55,7 @@ def upload_bytes(workers: int, largest_shard_bytes: int, most_parts: int = MAX_P
 def client_rss_bytes(url: str) -> int:
     """The client stack's own resident memory when the output is `url` (each store's measured term: s3fs, and
     obstore too since it lists the output prefix; gcsfs)."""
-    return objects.client_rss_bytes(url)
+    return store_client_rss_bytes(url)
 
 
 def shard_opener(staging_dir: str, fast: FastPaths, workers: int) -> Callable[[str, int], ShardFile]:

@@ -134,6 +134,8 @@ def is_transient(exc: BaseException) -> bool:
         return False
     if type(exc).__module__.startswith("obstore"):
         return _obstore_transient(exc)
+    if type(exc).__module__.startswith(("gcsfs", "google.auth")):
+        return _gcsfs_transient(exc)
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
     if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:     # s3fs turns SlowDown into EBUSY
@@ -143,6 +145,23 @@ def is_transient(exc: BaseException) -> bool:
                           r"ServerDisconnected|ClientOSError|ClientPayloadError|Connection (reset|aborted|refused)|"
                           r"ConnectionReset|EndpointConnectionError|ConnectTimeout|ReadTimeout|IncompleteRead|"
                           r"ResponseStreamingError|ConnectionClosed|Timeout", text))
+
+
+# What gcsfs's own loop retried (gcsfs.retry.errs), now that each gs:// request is tried once (gcsfs_one_try.py):
+# 408 Request Timeout, 429 Too Many Requests (GCS's rate limit), every 5xx.
+_GCS_TRANSIENT_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
+
+
+def _gcsfs_transient(exc: BaseException) -> bool:
+    """gcsfs's HttpError by its status, as gcsfs's own loop sorted them, including a 401 "Invalid Credentials",
+    which gcsfs raises when refreshing a token failed (the token service, not the credentials); google-auth's
+    RefreshError itself likewise. Other gcsfs errors (a 403's OSError, a 400's ValueError) fail at once."""
+    if type(exc).__name__ == "RefreshError":
+        return True
+    code = getattr(exc, "code", None)
+    if not isinstance(code, int):
+        return False
+    return code in _GCS_TRANSIENT_STATUSES or (code == 401 and "Invalid Credentials" in str(exc))
 
 
 def _obstore_transient(exc: BaseException) -> bool:

@@ -74,6 +74,21 @@ def test_permanent_failures_are_not_retried(exc):
     assert call.calls == 1
 
 
+def test_gcsfs_errors_are_sorted_as_its_own_loop_sorted_them():
+    """gs:// requests are tried once by gcsfs (fs/gcsfs_one_try.py), so what its loop retried is retried here:
+    408, 429 (GCS's rate limit), 5xx, a failed token refresh; a 401 that is not one, a 400, a 403 fail at once."""
+    pytest.importorskip("gcsfs")
+    from gcsfs.retry import HttpError
+    from google.auth.exceptions import RefreshError
+    for code, message in ((408, "Request Timeout"), (429, "The rate of change requests exceeds the rate limit"),
+                          (503, "Service Unavailable"), (401, "Invalid Credentials")):
+        assert remote.is_transient(HttpError({"code": code, "message": message})), code
+    assert remote.is_transient(RefreshError("the metadata server answered 500"))
+    for code, message in ((401, "Login Required"), (400, "bad request"), (404, "No such object")):
+        assert not remote.is_transient(HttpError({"code": code, "message": message})), code
+    assert not remote.is_transient(OSError("Forbidden: b/o\nno access"))      # gcsfs's words for a 403
+
+
 def test_missing_objects_pass_through_for_the_caller_to_word():
     with pytest.raises(FileNotFoundError):
         remote.with_retries("s3://b/x", Flaky(1, FileNotFoundError("x")), CheckpointError)

@@ -70,3 +70,10 @@ def test_the_checker_sees_a_broken_link_and_a_broken_anchor(tmp_path):
                     "```\n[in a block](nowhere-either.md)\n```\n")
     found = broken_links(page)
     assert len(found) == 2 and found[0].startswith("missing.md") and found[1].startswith("other.md#no-such"), found
+
+
+def test_every_reference_page_is_in_readme_s_reference_table():
+    """A page in docs/ that README's Reference table does not list is a page a newcomer never finds."""
+    table = README.read_text(encoding="utf-8").split("## Reference", 1)[1]
+    listed = set(re.findall(r"^\| \[docs/([\w.-]+\.md)\]", table, re.M))
+    assert listed == {p.name for p in (REPO / "docs").glob("*.md")}, listed ^ {p.name for p in (REPO / "docs").glob("*.md")}

@@ -246,3 +246,12 @@ def test_the_exit_code_table_is_the_error_classes_and_each_code_is_run():
     assert listed == {0, 130} | classes, listed ^ ({0, 130} | classes)
     run = {int(m.group("code")) for b in blocks() if not b.skip and b.tag in SHELL_TAGS for m in EXPECT.finditer(b.text)}
     assert listed - {0} - run == set(EXIT_CODES_TESTED_ELSEWHERE), listed - {0} - run
+
+
+def test_readme_names_every_extra():
+    """Each extra of pyproject.toml is named in README as `pip install` takes it (`.[zstd]`): an extra a user
+    cannot find is a feature they cannot install."""
+    tomllib = pytest.importorskip("tomllib")     # 3.11+; the suite's own venv is 3.11
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    named = set(re.findall(r"`\.\[(\w+)\]`", (REPO / "README.md").read_text(encoding="utf-8")))
+    assert set(extras) <= named, set(extras) - named

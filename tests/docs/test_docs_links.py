@@ -77,3 +77,18 @@ def test_every_reference_page_is_in_readme_s_reference_table():
     table = README.read_text(encoding="utf-8").split("## Reference", 1)[1]
     listed = set(re.findall(r"^\| \[docs/([\w.-]+\.md)\]", table, re.M))
     assert listed == {p.name for p in (REPO / "docs").glob("*.md")}, listed ^ {p.name for p in (REPO / "docs").glob("*.md")}
+
+
+REPO_PATH = re.compile(r"(?<![\w/.-])((?:tests|streamconv|benchmarks)/[\w./-]*[\w/])")
+
+
+def test_every_repository_path_the_docs_name_exists():
+    """`tests/end_to_end/test_safety.py`, `streamconv/failpoints.py`...: a path named in README, docs/*.md, the
+    Makefile or pyproject.toml's comments is a place a reader goes to look (benchmarks/.cache is made by a run)."""
+    missing = {}
+    for page in [*PAGES, REPO / "Makefile", REPO / "pyproject.toml"]:
+        gone = sorted({p for p in REPO_PATH.findall(page.read_text(encoding="utf-8"))
+                       if not (REPO / p).exists() and p != "benchmarks/.cache"})
+        if gone:
+            missing[page.name] = gone
+    assert not missing, missing

@@ -92,3 +92,22 @@ def test_every_repository_path_the_docs_name_exists():
         if gone:
             missing[page.name] = gone
     assert not missing, missing
+
+
+# `source/remote.py`, `source/remote.folder_reader`, `output/crc.PieceCrcs`: a module of the package named by its
+# layer (a bare `runs/a` is an example folder, not checked), and the function, class or constant after the dot.
+MODULE_REF = re.compile(r"(?<![\w/.-])((?:fs|source|planning|output|execution|hf|verification|runs)(?:/\w+)+)"
+                        r"(?:(\.py)|\.([A-Za-z_]\w*))")
+
+
+def test_every_module_and_name_the_docs_point_into_exists():
+    """A doc that says where code lives (`fs/objects.BufferReader`) goes stale silently when the code moves."""
+    missing = []
+    for page in PAGES:
+        for path, py, name in MODULE_REF.findall(page.read_text(encoding="utf-8")):
+            module = REPO / "streamconv" / f"{path}.py"
+            if not module.exists() and not (py and (REPO / "streamconv" / path).is_dir()):
+                missing.append(f"{page.name}: {path}{py or '.' + name}: no streamconv/{path}.py")
+            elif name and not re.search(rf"^\s*(?:def|class) {name}\b|^{name}\b\s*[:=]", module.read_text(), re.M):
+                missing.append(f"{page.name}: {path}.{name}: streamconv/{path}.py defines no {name}")
+    assert not missing, missing

@@ -111,3 +111,26 @@ def test_every_module_and_name_the_docs_point_into_exists():
             elif name and not re.search(rf"^\s*(?:def|class) {name}\b|^{name}\b\s*[:=]", module.read_text(), re.M):
                 missing.append(f"{page.name}: {path}.{name}: streamconv/{path}.py defines no {name}")
     assert not missing, missing
+
+
+def test_code_layout_names_every_module():
+    """docs/code-layout.md says which module does what: each module of a layer folder is named in its row (as
+    `name`, or `sub/name` below the folder), each top-level module in the entry or ground row."""
+    rows = {}
+    for line in (REPO / "docs" / "code-layout.md").read_text(encoding="utf-8").splitlines():
+        cells = line.split("|")
+        if len(cells) > 3 and not line.startswith(("| layer", "|---")):
+            rows[cells[1].strip()] = cells[1] + cells[2]
+    package = REPO / "streamconv"
+    unnamed = []
+    for layer, text in rows.items():
+        named = set(re.findall(r"`([\w/]+?)(?:\.py)?`", text)) | set(re.findall(r"`(\w+/)`", text))
+        folder = re.match(r"`(\w+)/`", layer)
+        modules = ([str(p.relative_to(package / folder.group(1)).with_suffix("")) for p in
+                    (package / folder.group(1)).rglob("*.py") if p.name != "__init__.py"] if folder else [])
+        unnamed += [f"{layer.split(':')[0]}: {m}" for m in modules        # `trainers/` names the whole sub-folder
+                    if not {m, m.split("/")[-1], m.split("/")[0] + "/"} & named]
+    top = {p.stem for p in package.glob("*.py")} - {"__init__", "__main__"}
+    named_top = {m for text in rows.values() for m in re.findall(r"`(\w+)\.py`", text)}
+    unnamed += sorted(f"top level: {m}.py" for m in top - named_top)
+    assert not unnamed, unnamed

@@ -246,6 +246,7 @@ def test_the_exit_code_table_is_the_error_classes_and_each_code_is_run():
     assert listed == {0, 130} | classes, listed ^ ({0, 130} | classes)
     run = {int(m.group("code")) for b in blocks() if not b.skip and b.tag in SHELL_TAGS for m in EXPECT.finditer(b.text)}
     assert listed - {0} - run == set(EXIT_CODES_TESTED_ELSEWHERE), listed - {0} - run
+    assert all((REPO / where.split()[0]).exists() for where in EXIT_CODES_TESTED_ELSEWHERE.values())
     # `streamconv --help` lists the same codes, one a line under its "Exit codes" heading
     from click.testing import CliRunner
     from streamconv.cli import cli

@@ -35,7 +35,8 @@ test: install
 # the six hostile shapes, a source failing 503 for good through every retry, the commit-protocol kill cases the
 # rename fallback shares with renameat2, the remote byte-for-byte conversion of tp, a 256 MiB conversion into s3://
 # held to issue 21's memory bound (tests/memory/test_upload_memory.py), the benchmark harness on tiny,
-# README's install block (`pip install .`, two builds; tests/test_packaging.py installs the wheel in `make test`).
+# README's install block (`pip install .`, two builds; tests/test_packaging.py installs the wheel in `make test`),
+# `make demo`'s command as written (tests/test_demo.py runs the demo on the session's checkpoint in `make test`).
 test-slow: install
 	$(PY) -m pytest -q -x --durations=10 -m "slow and not trainers and not megatron" tests
 

@@ -1,4 +1,5 @@
-"""Command line: `streamconv convert | plan | inspect`. The only place that prints or picks exit codes."""
+"""Command line: `streamconv convert | plan | inspect | verify | batch`. The only place that prints or picks
+exit codes."""
 from __future__ import annotations
 
 import functools
@@ -214,6 +215,22 @@ def cli():
       streamconv inspect ckpt/                    # what is inside
       streamconv plan ckpt/ --max-shard-size 2GB  # dry run: files, names, memory
       streamconv convert ckpt/ hf_model/          # shards + index, all or nothing
+      streamconv verify ckpt/ hf_model/           # every byte checked again
+      streamconv batch 'runs/*/checkpoint-*' -o 'hf/{parent}/{name}'
+
+    Every command takes --help, and --json: one JSON object on stdout, failures included (`error`, `exit_code`).
+
+    \b
+    Exit codes (in full: README.md, "Exit codes"):
+        0  done
+        1  internal error (a bug: please report it); batch: a checkpoint failed
+        2  bad, unsupported or unreadable checkpoint
+        3  verification failed: the output differs from the checkpoint
+        4  output names or shapes are not what the reference model loads
+       64  bad option or usage
+       71  out of a system resource (open files: raise ulimit -n)
+       73  output cannot be written (not empty, disk full, permission...)
+      130  interrupted by a signal (the message says what was kept)
     """
 
 
@@ -226,7 +243,7 @@ def convert(checkpoint_dir, output_dir, as_json, **option_values):
     """Convert CHECKPOINT_DIR (a DCP folder, or a run folder holding one) into OUTPUT_DIR.
 
     Written into a hidden staging folder and renamed into place only when complete: an error or Ctrl-C leaves
-    nothing that looks finished. Every option in full: docs/options.md.
+    nothing that looks finished. Dry run: `plan`. Options in full: docs/options.md; exit codes: `streamconv --help`.
     """
     options = ConvertOptions.take(option_values)
     run = RunOptions.take(option_values)
@@ -298,6 +315,8 @@ def _kept_text(kept_bytes: int) -> str:
 def plan(checkpoint_dir, as_json, **option_values):
     """Dry run: the files, the tensors in each and the predicted peak memory, from `.metadata` (and the config
     folder's JSON and safetensors headers) alone; writes nothing.
+
+    Exits as `convert` would before writing: 2 (checkpoint), 4 (names or shapes not the reference model's), 64.
     """
     options = ConvertOptions.take(option_values)
     run = RunOptions.take(option_values)
@@ -377,8 +396,8 @@ def verify(checkpoint_dir, output_dir, as_json, **option_values):
 @_options("batch")
 @_fail_cleanly(keeps_staging=True)
 def batch(sources, as_json, **option_values):
-    """Convert many checkpoints (SOURCES: folders or quoted globs), each as
-    `convert --resume` would, in its own process; a rerun continues."""
+    """Convert many checkpoints (SOURCES: folders, quoted globs), each in its own process; a rerun skips or
+    resumes them. Exit 1 if one failed."""
     from .runs import batch as batching
     options, run, where = (ConvertOptions.take(option_values), RunOptions.take(option_values),
                            BatchOptions.take(option_values))
@@ -427,7 +446,8 @@ def batch(sources, as_json, **option_values):
 @_options("inspect")
 @_fail_cleanly
 def inspect(checkpoint_dir, as_json):
-    """Show what a DCP checkpoint holds: tensors, dtypes, shapes, how each is sharded, non-tensor entries."""
+    """Show what a DCP checkpoint holds: tensors, dtypes, shapes, how each is sharded, non-tensor entries.
+    Exit 2 when it is not a checkpoint streamconv can read (the message says why)."""
     info = api.inspect(checkpoint_dir)
     if as_json:
         click.echo(json.dumps(dict(info, error=None, exit_code=0), indent=2))

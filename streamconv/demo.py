@@ -48,6 +48,8 @@ def _load_with_transformers(out_dir: str) -> str:
         return "skipped (no config.json in the output)"
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
+    transformers_logging.disable_progress_bar()     # its "Loading weights" bar landed on the report's first line
     model = AutoModelForCausalLM.from_pretrained(out_dir)
     ids = torch.arange(12).reshape(1, 12)
     with torch.no_grad():

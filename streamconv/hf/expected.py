@@ -92,7 +92,7 @@ def check(shapes: Dict[str, Shape], config: HFConfig, *, unfiltered: Iterable[st
     head = f"{expected.model_class} built from {where} by {expected.source}"
     notes = [f"{n} is not a weight of {expected.model_class}; transformers ignores it on load" for n in ignored]
     if found.ok:
-        return notes + [f"{len(shapes)} output names and shapes are those of a {head} ({label})"]
+        return notes + [f"{len(shapes)} output names and shapes are those of a {head}, {label}"]
     if allow_unmatched:
         return notes + [f"--allow-unmatched: the output is not the {head}: {line}" for line in found.lines()]
     layout = dict(expected.layouts)[label]

@@ -8,7 +8,10 @@ Blocks are found by parsing the Markdown, never by position, so a block added to
   fixture) whose endpoint and credentials are in its environment, as a user's AWS_* variables would be; one naming
   `gs://my-bucket/` likewise on the local GCS server (`gcs_server`: STORAGE_EMULATOR_HOST, anonymous);
 * a block that must not run carries, on the line just before its opening fence,
-  `<!-- doctest: skip (why) -->`; the reason is required (an empty one fails this test).
+  `<!-- doctest: skip (why) -->`; the reason is required (an empty one fails this test);
+* a shell command line ending in a comment `# exit N` must end with exit status N (the block goes on); when it
+  has `--json` (and no redirection), its stdout must be exactly one JSON object whose `exit_code` is N. So the
+  exit codes the docs promise are run, not only listed.
 
 Each block runs in a fresh folder laid out as the README implies: `ckpt/` (the demo checkpoint: a real 4-rank
 FSDP2 DCP written by torch), `runs/{a,b}/checkpoint-{1,2}/` (two runs, each with two checkpoints) and `list.txt`
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -33,6 +37,8 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```([\w+-]*)[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
 SKIP = re.compile(r"^<!--\s*doctest:\s*skip\s*\((.*)\)\s*-->\s*$")
 SHELL_TAGS = {"", "sh", "bash", "shell", "console"}
+# `cmd  # exit N ...`: the command (no `#` in it) and the status it must end with.
+EXPECT = re.compile(r"^(?P<cmd>[^#\n]*?\S)[ \t]+#[ \t]*exit (?P<code>\d+)\b.*$", re.M)
 
 # Blocks known to fail for a reason another branch is fixing: {text the block contains: (reason, what its failure
 # must say)}. Strict: when the block passes, this entry must go.
@@ -121,6 +127,30 @@ def _install_venv(where: Path) -> Path:
     return where / "bin"
 
 
+# Defined before a shell block that has `# exit N` lines; each such line becomes `__expect N 'cmd'`.
+EXPECT_PRELUDE = r"""
+__expect() {
+  local want=$1 got=0
+  ( eval "$2" ) > "$DOCTEST_STDOUT" || got=$?
+  cat "$DOCTEST_STDOUT"
+  if [ "$got" != "$want" ]; then echo "doctest: \`$2\` exited $got; the block says $want" >&2; exit 1; fi
+  case "$2" in *">"*) ;; *--json*) "$DOCTEST_PYTHON" -c '
+import json, sys
+doc = json.loads(open(sys.argv[2], encoding="utf-8").read())
+assert isinstance(doc, dict) and doc.get("exit_code") == int(sys.argv[1]), ("--json", sys.argv[1], doc)' \
+    "$want" "$DOCTEST_STDOUT" || { echo "doctest: \`$2\`: stdout is not one JSON object with exit_code $want" >&2; exit 1; };;
+  esac
+}
+"""
+
+
+def with_expectations(text: str) -> str:
+    """The block's shell text with every `cmd  # exit N` line made to check that `cmd` exits N."""
+    if not EXPECT.search(text):
+        return text
+    return EXPECT_PRELUDE + EXPECT.sub(lambda m: f"__expect {m.group('code')} {shlex.quote(m.group('cmd'))}", text)
+
+
 def _run(block: Block, layout: Path, tmp_path: Path, extra_env: Optional[dict] = None) -> subprocess.CompletedProcess:
     work = tmp_path / "work"
     shutil.copytree(layout, work, symlinks=True)
@@ -134,10 +164,11 @@ def _run(block: Block, layout: Path, tmp_path: Path, extra_env: Optional[dict] =
         env = _env(Path(sys.executable).parent)
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra_env or {})
+    env.update(DOCTEST_STDOUT=str(tmp_path / "doctest-stdout"), DOCTEST_PYTHON=sys.executable)
     if block.tag in ("python", "py"):
         argv = [sys.executable, "-c", block.text]
     else:
-        argv = ["bash", "-e", "-o", "pipefail", "-c", block.text]
+        argv = ["bash", "-e", "-o", "pipefail", "-c", with_expectations(block.text)]
     return subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -178,3 +209,56 @@ def test_block_runs_as_written(block: Block, layout, tmp_path, request):
             raise KnownFailure(f"{known[0]}: {result.stderr[-500:]}")
         raise BlockFailed(f"{block.doc.name} line {block.line}: exit {result.returncode}\n--- block\n{block.text}"
                           f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}")
+
+
+@pytest.mark.parametrize("text, passes", [
+    ("sh -c 'exit 3'   # exit 3: as the block says\necho after\n", True),
+    ("true   # exit 2\n", False),                                # exits 0, the block says 2
+    ("sh -c 'exit 4'   # exit 3\n", False),
+    (r"""sh -c 'echo {\"exit_code\": 2}; exit 2' --json  # exit 2""", True),
+    (r"""sh -c 'echo {\"exit_code\": 0}; exit 2' --json  # exit 2""", False),    # the JSON says otherwise
+    ("sh -c 'echo {} {}; exit 2' --json  # exit 2\n", False),     # not one object
+])
+def test_exit_expectations_are_checked(text, passes, tmp_path):
+    """The `# exit N` check itself can fail: a wrong status, or a --json stdout that is not one object saying N."""
+    (tmp_path / "layout").mkdir()
+    result = _run(Block(REPO / "README.md", 1, "", text, None), tmp_path / "layout", tmp_path)
+    assert (result.returncode == 0) == passes, (result.returncode, result.stdout, result.stderr)
+    if passes and "after" in text:
+        assert "after" in result.stdout
+
+
+# Codes no doc block can produce on the demo layout, and the test that produces each instead.
+EXIT_CODES_TESTED_ELSEWHERE = {
+    71: "tests/end_to_end/test_inputs.py (a checkpoint of more files than `ulimit -n` allows)",
+}
+
+
+def test_the_exit_code_table_is_the_error_classes_and_each_code_is_run():
+    """README's exit-code table lists exactly the codes the CLI uses (0, 130 for an interrupt, and every error
+    class's `exit_code`), and each one is produced by some `# exit N` line of a doc block run above."""
+    import streamconv.errors as errors
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## Exit codes", 1)[1].split("\n\n", 2)[1]
+    listed = {int(row.split("|")[1]) for row in table.splitlines() if re.match(r"^\| \d+ \|", row)}
+    classes = {c.exit_code for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.StreamconvError)}
+    assert listed == {0, 130} | classes, listed ^ ({0, 130} | classes)
+    run = {int(m.group("code")) for b in blocks() if not b.skip and b.tag in SHELL_TAGS for m in EXPECT.finditer(b.text)}
+    assert listed - {0} - run == set(EXIT_CODES_TESTED_ELSEWHERE), listed - {0} - run
+    assert all((REPO / where.split()[0]).exists() for where in EXIT_CODES_TESTED_ELSEWHERE.values())
+    # `streamconv --help` lists the same codes, one a line under its "Exit codes" heading
+    from click.testing import CliRunner
+    from streamconv.cli import cli
+    help_text = CliRunner().invoke(cli, ["--help"], terminal_width=80).output
+    in_help = {int(c) for c in re.findall(r"^ +(\d+)  \S", help_text.split("Exit codes", 1)[1].split("\n\n")[0], re.M)}
+    assert in_help == listed, in_help ^ listed
+
+
+def test_readme_names_every_extra():
+    """Each extra of pyproject.toml is named in README as `pip install` takes it (`.[zstd]`): an extra a user
+    cannot find is a feature they cannot install."""
+    tomllib = pytest.importorskip("tomllib")     # 3.11+; the suite's own venv is 3.11
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    named = set(re.findall(r"`\.\[(\w+)\]`", (REPO / "README.md").read_text(encoding="utf-8")))
+    assert set(extras) <= named, set(extras) - named

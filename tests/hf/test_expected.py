@@ -77,7 +77,7 @@ def test_sizes_a_config_leaves_out_are_llama_configs_defaults():
 def test_a_matching_output_passes_and_says_what_proved_it():
     notes = expected.check(_llama_output(LLAMA), _config(LLAMA))
     assert notes == ["21 output names and shapes are those of a LlamaForCausalLM built from /base/config.json by "
-                     "streamconv's llama table (checked against transformers 5.25.0) (as save_pretrained writes it)"]
+                     "streamconv's llama table (checked against transformers 5.25.0), as save_pretrained writes it"]
 
 
 def test_a_tied_head_may_be_present_or_absent_but_nothing_else_may_be():

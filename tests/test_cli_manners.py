@@ -92,14 +92,16 @@ def test_plan_workers_change_the_predicted_peak_and_q_prints_only_the_summary(dc
         result = CliRunner().invoke(cli, ["plan", ckpt, "--json", "--workers", workers, "--no-config"])
         assert result.exit_code == 0, result.output
         peaks[workers] = json.loads(result.stdout)["predicted_peak_bytes"]
-    # Per writer: an IO step (1 MiB) and the part of its buffer share its tensors touch: writers take distinct
-    # tensors, so three more writers touch at most the 2nd to 4th largest needs (the tp layout's blocks are a few
-    # KiB, far below a quarter of the buffer).
+    # Per writer: the part of its buffer share its tensors touch (and an IO step where its tensors hold one: none
+    # here, copies and blocks read straight into the buffer): writers take distinct tensors, so three more writers
+    # touch at most the 2nd to 4th largest needs (the tp layout's blocks are a few KiB, far below a quarter of the
+    # buffer).
     from streamconv import api
-    from streamconv.planning.plan import IO_STEP_BYTES_PER_WRITER, buffer_need_bytes
-    needs = sorted((buffer_need_bytes(t) for t in api.plan(ckpt, no_config=True, workers=1).tensors), reverse=True)
-    assert 0 < needs[3] and needs[0] < 8 * 2**20
-    assert peaks["4"] - peaks["1"] == 3 * IO_STEP_BYTES_PER_WRITER + sum(needs[1:4]), peaks
+    from streamconv.planning.plan import buffer_need_bytes, holds_io_step
+    tensors = api.plan(ckpt, no_config=True, workers=1).tensors
+    needs = sorted((buffer_need_bytes(t) for t in tensors), reverse=True)
+    assert 0 < needs[3] and needs[0] < 8 * 2**20 and not any(holds_io_step(t) for t in tensors)
+    assert peaks["4"] - peaks["1"] == sum(needs[1:4]), peaks
     quiet = CliRunner().invoke(cli, ["plan", ckpt, "-q", "--no-config"])
     assert quiet.exit_code == 0 and quiet.output.count("\n") == 1 and quiet.output.startswith("total "), quiet.output
 

@@ -59,12 +59,16 @@ NUMPY_RSS_BYTES = 18 * 2**20
 #   1.7 (numpy just written) to what the process held once planned, against this, RUN_STATE_BYTES and the IO
 #   steps (2-core VM, 2026-12-07, docs/benchmarks.md);
 NUMPY_IN_USE_BYTES = 2**19
-# * per writer, transient reads outside the buffer: the plain IO paths' 1 MiB steps (fastpaths.PREAD_STEP_BYTES),
-#   the CRC-32 check's 1 MiB piece, a comparing sink's pieces, a resume record's CRC read-back. `build_plan`
-#   predicts for the default writer count; `with_writers` for another;
+# * per writer that holds one, a transient read outside the buffer (`holds_io_step`): a zstd chunk's decoded
+#   pieces, a cast's work arrays, a piece copied through one IO step. Not a writer whose tensors go file to file in
+#   the kernel (copy_file_range) or are read straight into the buffer (preadv): on those fast paths nothing holds
+#   one, and counting one per writer put the short-run and transpose layouts 11-13% above their measured peaks
+#   (2-core VM, 2026-12-07). What makes every writer hold one whatever it writes (the plain IO paths' 1 MiB steps,
+#   fastpaths.PREAD_STEP_BYTES; the CRC-32 check's piece; --verify; a resumed shard's CRC read-back; copied chunks
+#   without a recorded CRC-32, read back when their shard ends) is added by runs/ (`with_plain_io`,
+#   `with_io_step_each`). `build_plan` predicts for the default writer count; `with_writers` for another;
 IO_STEP_BYTES_PER_WRITER = 2**20
 DEFAULT_WRITERS = 2
-IO_STEPS_BYTES = DEFAULT_WRITERS * IO_STEP_BYTES_PER_WRITER
 # * when chunks are zstd-compressed, the zstandard module (once) and per writer its decoder with its window
 #   (torch's default level), its compressed reads and what its thread's malloc arena keeps of them. Measured peaks
 #   (2-core VM, 2026-12-07): tests/memory/test_zstd_strided_memory.py's checkpoint (128 MiB tensors,
@@ -253,6 +257,8 @@ class ConversionPlan:
     # What numpy adds to the peak when a tensor passes through the buffer: NUMPY_RSS_BYTES, or the import as this
     # process measured it plus NUMPY_IN_USE_BYTES (`with_numpy_bytes`)
     numpy_bytes: int = NUMPY_RSS_BYTES
+    # Every writer holds an IO step, whatever its tensors (`with_io_step_each`); else only those `holds_io_step`
+    io_step_each: bool = False
 
     @property
     def tensors(self) -> Tuple[TensorPlan, ...]:
@@ -415,9 +421,9 @@ def with_writers(conversion: ConversionPlan, writers: int, reason: str = "") -> 
     """The plan with its predicted peak for `writers` threads (`--workers`) instead of the count it was
     predicted for: they share the buffer, but each has its own transient IO steps. No more writers run than
     there are tensors. `reason`: how the count was chosen (planning/workers.py), for reports."""
-    tensors, buffer_bytes = conversion.tensors, conversion.options.buffer_bytes
-    extra_bytes = (_writers_bytes(tensors, buffer_bytes, writers)
-                   - _writers_bytes(tensors, buffer_bytes, conversion.workers))
+    tensors, buffer_bytes, each = conversion.tensors, conversion.options.buffer_bytes, conversion.io_step_each
+    extra_bytes = (_writers_bytes(tensors, buffer_bytes, writers, io_step_each=each)
+                   - _writers_bytes(tensors, buffer_bytes, conversion.workers, io_step_each=each))
     return replace(conversion, peak_bytes=conversion.peak_bytes + extra_bytes, workers=writers,
                    workers_reason=reason)
 
@@ -426,7 +432,7 @@ def writers_peak_bytes(conversion: ConversionPlan, writers: int) -> int:
     """The predicted peak for `writers` threads without the per-chunk metadata (which grows with the checkpoint,
     not with the writers): what the writer count is chosen against (planning/workers.py)."""
     return BASE_RSS_BYTES + _writers_bytes(conversion.tensors, conversion.options.buffer_bytes, writers,
-                                           numpy_bytes=conversion.numpy_bytes)
+                                           numpy_bytes=conversion.numpy_bytes, io_step_each=conversion.io_step_each)
 
 
 def with_permuted_chunks(conversion: ConversionPlan, permuted: Collection[BlobLocation],
@@ -437,8 +443,9 @@ def with_permuted_chunks(conversion: ConversionPlan, permuted: Collection[BlobLo
     if not permuted:
         return conversion
     tensors, buffer_bytes = conversion.tensors, conversion.options.buffer_bytes
-    extra_bytes = (_writers_bytes(tensors, buffer_bytes, writers, frozenset(permuted), conversion.numpy_bytes)
-                   - _writers_bytes(tensors, buffer_bytes, writers, numpy_bytes=conversion.numpy_bytes))
+    terms = dict(numpy_bytes=conversion.numpy_bytes, io_step_each=conversion.io_step_each)
+    extra_bytes = (_writers_bytes(tensors, buffer_bytes, writers, frozenset(permuted), **terms)
+                   - _writers_bytes(tensors, buffer_bytes, writers, **terms))
     return replace(conversion, peak_bytes=conversion.peak_bytes + extra_bytes)
 
 
@@ -459,6 +466,18 @@ def with_compiled_source(conversion: ConversionPlan, share: float) -> Conversion
     """The plan with what compiling `share` of streamconv's modules from source at this start left resident (that
     share of COMPILE_BYTES)."""
     return replace(conversion, peak_bytes=conversion.peak_bytes + round(share * COMPILE_BYTES))
+
+
+def with_io_step_each(conversion: ConversionPlan, writers: int) -> ConversionPlan:
+    """The predicted peak (for `writers`) when every writer holds an IO step whatever it writes, not only those
+    whose tensors hold one (`holds_io_step`): a run that checks CRC-32s, verifies, resumes, reads or writes object
+    storage, or copies chunks whose CRC-32 the checkpoint does not record (read back when their shard ends)."""
+    if conversion.io_step_each:
+        return conversion
+    tensors, buffer_bytes = conversion.tensors, conversion.options.buffer_bytes
+    extra_bytes = (_writers_bytes(tensors, buffer_bytes, writers, io_step_each=True)
+                   - _writers_bytes(tensors, buffer_bytes, writers))
+    return replace(conversion, peak_bytes=conversion.peak_bytes + extra_bytes, io_step_each=True)
 
 
 def with_plain_io(conversion: ConversionPlan, writers: int) -> ConversionPlan:
@@ -484,6 +503,13 @@ def buffer_need_bytes(t: TensorPlan, permuted: Collection[BlobLocation] = frozen
     return max(src_bytes + staging_bytes, t.nbytes)
 
 
+def holds_io_step(t: TensorPlan) -> bool:
+    """Whether a writer of `t` holds a transient read outside the buffer even on the fast paths: a zstd chunk's
+    decoded pieces and skips (source/blob_reader.py's scratch, kept by the thread), a cast's work arrays
+    (execution/cast.py: 576 KiB), pieces copied one IO step at a time (execution/copy.py)."""
+    return t.is_compressed or t.is_cast or bool(t.pieces and t.is_row_contiguous)
+
+
 def _running_writers(tensors: Sequence[TensorPlan], writers: int) -> int:
     """How many of `writers` threads can hold memory at once: one tensor is never split between writers."""
     return max(1, min(writers, len(tensors)))
@@ -498,16 +524,20 @@ def _more_streams_bytes(tensors: Sequence[TensorPlan], running: int) -> int:
 
 
 def _writers_bytes(tensors: Sequence[TensorPlan], buffer_bytes: int, writers: int,
-                   permuted: Collection[BlobLocation] = frozenset(), numpy_bytes: int = NUMPY_RSS_BYTES) -> int:
-    """What the writers hold beyond the base: their IO steps, their zstd decoders when chunks are compressed and,
-    when some tensor passes through the buffer, numpy and the part of each writer's share of the buffer its
-    tensors touch. A writer's share stays touched as far as its largest tensor reached, and writers take distinct
-    tensors, so together they touch at most the `running` largest needs (each within a share): one large
-    assembled tensor among small ones costs one share, not one per writer."""
+                   permuted: Collection[BlobLocation] = frozenset(), numpy_bytes: int = NUMPY_RSS_BYTES,
+                   io_step_each: bool = False) -> int:
+    """What the writers hold beyond the base: the IO steps of those that hold one (each, with `io_step_each`),
+    their zstd decoders when chunks are compressed and, when some tensor passes through the buffer, numpy and the
+    part of each writer's share of the buffer its tensors touch. A writer's share stays touched as far as its
+    largest tensor reached, and writers take distinct tensors, so together they touch at most the `running`
+    largest needs (each within a share): one large assembled tensor among small ones costs one share, not one per
+    writer. A writer keeps what its steps allocated (malloc's arenas), so each of `running` writers that can meet
+    a tensor holding one counts one."""
     running = _running_writers(tensors, writers)
     share_bytes = max(1, buffer_bytes // running)
     needs = heapq.nlargest(running, (min(share_bytes, buffer_need_bytes(t, permuted)) for t in tensors))
-    held = running * IO_STEP_BYTES_PER_WRITER
+    stepping = running if io_step_each else min(running, sum(1 for t in tensors if holds_io_step(t)))
+    held = stepping * IO_STEP_BYTES_PER_WRITER
     if any(t.is_compressed for t in tensors):
         held += ZSTD_MODULE_BYTES + running * DECODER_BYTES_PER_WRITER + _more_streams_bytes(tensors, running)
     if needs and needs[0]:

@@ -37,7 +37,8 @@ from ..output.remote_staging import RemoteStaging
 from ..output.ledger import Ledger, plan_record, shard_fingerprints
 from ..output.staging import StagingDir, recover_swap
 from ..planning.options import ConvertOptions, RunOptions
-from ..planning.plan import INDEX_FILE_NAME, ConversionPlan, TensorPlan, with_permuted_chunks, with_plain_io
+from ..planning.plan import (INDEX_FILE_NAME, ConversionPlan, TensorPlan, with_io_step_each, with_permuted_chunks,
+                             with_plain_io)
 from ..planning.workers import with_workers
 from ..execution.executor import Executor
 from ..sizes import format_size
@@ -47,7 +48,7 @@ from ..source.integrity import ChunkIntegrity
 from ..verification import provenance
 from .checkpoint import blob_reader
 from .locating import Locating, write_order
-from .preparing import Request, checked_plan, prepare, with_tied_heads
+from .preparing import Request, checked_plan, prepare, with_measured_numpy, with_tied_heads
 from .report import ConversionReport, Reporter, peak_rss_bytes
 from .runners import Runner, ThreadRunner
 from .shardjob import CrcCount, JobContext, ShardJob, Workbench
@@ -129,6 +130,8 @@ class Conversion:
         self.locating = Locating(write_order(self.conversion, self.with_heads), self.reader, self.conversion.workers)
         self.locating.first()
         self.stored = self.locating.stored
+        if self.stored.non_contiguous():    # assembled through numpy, which .metadata could not tell: measured now,
+            self.conversion = with_measured_numpy(self.conversion)      # before a writer imports it
         self.blobs = blob_reader(self.with_heads, self.reader, self.stored)
         self.shard_fps = shard_fingerprints(self.conversion)     # (once: the plan record's and the ledger's)
         # ("source": the checkpoint's fingerprint, filled in by `located_all`)
@@ -142,9 +145,14 @@ class Conversion:
             if self.source_fp is not None:
                 return
             self.locating.rest()
-            # (.metadata cannot show chunks stored transposed; now that they are located, the prediction counts them)
-            self.conversion = with_permuted_chunks(
-                self.conversion, self.stored.non_contiguous(), self.conversion.workers)
+            # (.metadata cannot show chunks stored transposed, nor which CRC-32s the writer recorded; now that they
+            # are located, the prediction counts them)
+            permuted = self.stored.non_contiguous()
+            if permuted:
+                self.conversion = with_measured_numpy(self.conversion)
+            self.conversion = with_permuted_chunks(self.conversion, permuted, self.conversion.workers)
+            if not self.stored.crcs_recorded():     # copies in-kernel read back when their shard ends
+                self.conversion = with_io_step_each(self.conversion, self.conversion.workers)
             source_fp = provenance.source_fingerprint(self.checkpoint_dir, self.meta, self.stored, self.before)
             self.plan_record["source"] = source_fp
             if self._staging is not None:
@@ -160,6 +168,13 @@ class Conversion:
         return (self.runner is None and not self.remote_output and not self.settings.resume
                 and _absent_or_empty(self.output_dir)
                 and not any(t.is_compressed for t in self.with_heads.tensors))
+
+    def _every_writer_steps(self) -> bool:
+        """Whether every writer reads outside the buffer whatever it writes (`plan.with_io_step_each`): the CRC-32
+        check's pieces, --verify, a resumed shard's CRC read-back, the tied heads' comparison, object storage."""
+        s = self.settings
+        return bool(s.check_crc or s.verify or s.resume or self.setup.tied or self.remote_output
+                    or is_url(self.checkpoint_dir))
 
     def stop_locating(self) -> None:
         if self.locating is not None:
@@ -199,6 +214,8 @@ class Conversion:
             self.fast = fastpaths.probe_copy(self.fast, self.reader.path(first_file), staging.scratch_dir)
         if not (self.fast.copy_file_range and self.fast.preadv):
             self.conversion = with_plain_io(self.conversion, self.conversion.workers)
+        if self._every_writer_steps():
+            self.conversion = with_io_step_each(self.conversion, self.conversion.workers)
         if is_url(self.checkpoint_dir):     # the ranged GETs in flight and the client, beside the writers' buffers
             reading = remote_reads.INFLIGHT_BYTES
             if not (self.remote_output and scheme(self.output_dir) == scheme(self.checkpoint_dir)):

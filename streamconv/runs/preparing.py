@@ -94,12 +94,17 @@ def checked_plan(meta: CheckpointMetadata, options, checkpoint_dir: str) -> Conv
             f"{checkpoint_dir}: no tensors selected to convert ({len(meta.tensors)} in the checkpoint); "
             "check --include/--exclude/--subtree (see `streamconv inspect` for the names)")
     if uses_numpy(conversion):
-        import_bytes = mapping.numpy_import_bytes()
-        if import_bytes is not None:
-            conversion = with_numpy_bytes(conversion, import_bytes)
+        conversion = with_measured_numpy(conversion)
     compiled = mapping.compiled_share(getattr(m, "__file__", None) or "" for name, m in list(sys.modules.items())
                                       if name.startswith("streamconv."))
     return with_compiled_source(conversion, compiled) if compiled else conversion
+
+
+def with_measured_numpy(conversion: ConversionPlan) -> ConversionPlan:
+    """The plan with numpy counted as its import measured in this process (runs/mapping.py: imported now if it
+    was not), or as it was when that cannot be told (numpy imported already, no /proc)."""
+    import_bytes = mapping.numpy_import_bytes()
+    return conversion if import_bytes is None else with_numpy_bytes(conversion, import_bytes)
 
 
 def metadata_plan(meta: CheckpointMetadata, request: Request) -> ConversionPlan:

@@ -132,6 +132,8 @@ class BlobReader:
             yield
         finally:
             local.capacity = KEPT_STREAMS
+            for cursor in self._kept().values():
+                cursor.stream.close()
             self._kept().clear()
             self._let_go_early().clear()
 
@@ -197,6 +199,13 @@ class BlobReader:
             scratch = self._local.scratch = memoryview(bytearray(DECODE_PIECE_BYTES))
         return scratch
 
+    def _contexts(self) -> transforms.Contexts:
+        """This thread's idle decoding contexts (a closed stream's, for the next it opens)."""
+        contexts = getattr(self._local, "contexts", None)
+        if contexts is None:
+            contexts = self._local.contexts = transforms.Contexts()
+        return contexts
+
     def _kept(self) -> Dict[BlobLocation, _Cursor]:
         """This thread's kept streams, oldest first."""
         kept = getattr(self._local, "kept", None)
@@ -218,9 +227,11 @@ class BlobReader:
             if cursor is not None or location in self._let_go_early():
                 self.restarts += 1
                 self._let_go_early().discard(location)
+            if cursor is not None:
+                cursor.stream.close()
             stored = self.stored[location]
             where = transforms.where(location, self.names.get(location))
-            cursor = _Cursor(location, transforms.open_stream(self.files, location, where),
+            cursor = _Cursor(location, transforms.open_stream(self.files, location, where, contexts=self._contexts()),
                              stored.record_offset + stored.record_nbytes)
             if location in self._checks:
                 cursor.sum_from, cursor.sum_to = stored.record_offset, cursor.record_end
@@ -232,6 +243,7 @@ class BlobReader:
     def _done_with(self, cursor: _Cursor) -> None:
         self._judge(cursor)
         if cursor.pos >= cursor.record_end:
+            cursor.stream.close()
             return      # past the chunk's record (and its CRC, read in the same call): nothing left to read
         kept = self._kept()     # (without `cursor`: a stream is taken out while read, so a failed read drops it)
         if not cursor.kept_since:
@@ -241,6 +253,7 @@ class BlobReader:
             # oldest are read next, and those kept first stay kept; a stream read in pieces stays (it is this one).
             newest = max(kept.values(), key=lambda c: c.kept_since)
             del kept[newest.location]
+            newest.stream.close()
             self._let_go_early().add(newest.location)
         kept[cursor.location] = cursor
 

@@ -66,7 +66,8 @@ class ZstdStream:
     """The decoded bytes of one zstd blob, at decoded offset `pos`; moves forward only (`transforms.DecodedStream`).
     `files` is the RangeReader of the checkpoint's files; `where` names the blob (and its tensor) in messages."""
 
-    def __init__(self, files, location: BlobLocation, where: str, read_bytes: int = COMPRESSED_READ_BYTES):
+    def __init__(self, files, location: BlobLocation, where: str, read_bytes: int = COMPRESSED_READ_BYTES,
+                 contexts=None):
         zstandard = zstandard_module()
         self.where, self.pos = where, 0
         head = files.read(location.relative_path, location.offset, min(4, location.length))
@@ -74,10 +75,19 @@ class ZstdStream:
             raise CheckpointError(
                 f"{where}: .metadata says it is zstd-compressed ({DESCRIPTOR}) but it starts with "
                 f"{head.hex()}, not the zstd magic 28b52ffd: the .distcp file does not belong to this .metadata")
-        dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_BYTES)
+        # (`transforms.Contexts`: a context another stream of this thread is done with; a new reader resets it)
+        self._contexts = contexts
+        self._dctx = (contexts.take(DESCRIPTOR) if contexts is not None else None) or zstandard.ZstdDecompressor(
+            max_window_size=MAX_WINDOW_BYTES)
         self._error = zstandard.ZstdError
-        self._stream = dctx.stream_reader(_CompressedRange(files, location), read_size=read_bytes,
-                                          read_across_frames=True)
+        self._stream = self._dctx.stream_reader(_CompressedRange(files, location), read_size=read_bytes,
+                                                read_across_frames=True)
+
+    def close(self) -> None:
+        """Never read again: the decompression context serves this thread's next stream (`transforms.Contexts`)."""
+        if self._contexts is not None and self._dctx is not None:
+            self._contexts.give(DESCRIPTOR, self._dctx)
+        self._dctx = self._stream = None
 
     def read_some(self, view: memoryview) -> int:
         """Fill `view` as far as the stream goes; how many bytes that was."""

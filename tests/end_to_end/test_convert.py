@@ -113,10 +113,11 @@ def test_cli_plan_and_inspect(dcp_checkpoints):
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     assert len(plan["shards"]) > 1
-    # FSDP2 copies go file to file in the kernel: the predicted peak holds neither the buffer nor numpy.
-    from streamconv.planning.plan import BASE_RSS_BYTES, IO_STEPS_BYTES, NUMPY_RSS_BYTES
-    base = BASE_RSS_BYTES + IO_STEPS_BYTES
-    assert base < plan["predicted_peak_bytes"] < base + NUMPY_RSS_BYTES, plan["predicted_peak_bytes"]
+    # FSDP2 copies go file to file in the kernel: the predicted peak holds neither the buffer, nor numpy, nor an IO
+    # step.
+    from streamconv.planning.plan import BASE_RSS_BYTES, IO_STEP_BYTES_PER_WRITER
+    base = BASE_RSS_BYTES
+    assert base < plan["predicted_peak_bytes"] < base + IO_STEP_BYTES_PER_WRITER, plan["predicted_peak_bytes"]
     human = runner.invoke(cli, ["plan", ckpt])
     assert human.exit_code == 0 and "model.safetensors" in human.output
     info = runner.invoke(cli, ["inspect", ckpt, "--json"])
@@ -258,3 +259,14 @@ def test_sigterm_removes_partial_output_like_ctrl_c(dcp_checkpoints, tmp_path, m
     assert result.exit_code == 130, result.output
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) == before   # the CLI restores the previous handler
+
+
+def test_a_run_that_checks_crcs_predicts_an_io_step_for_every_writer(dcp_checkpoints, tmp_path):
+    """FSDP2 copies go file to file in the kernel: no writer holds an IO step, until the run checks CRC-32s
+    (source/integrity.py reads each chunk in 1 MiB pieces on every writer): then the prediction counts one each."""
+    from streamconv.planning.plan import IO_STEP_BYTES_PER_WRITER
+    ckpt = str(dcp_checkpoints["fsdp2"])
+    plain = streamconv.convert(ckpt, str(tmp_path / "plain"), workers=2, no_config=True)
+    checked = streamconv.convert(ckpt, str(tmp_path / "checked"), workers=2, no_config=True, crc=True)
+    # (the same with the fast paths off: each writer's plain step is counted beside it, `plan.with_plain_io`)
+    assert checked.predicted_peak_bytes - plain.predicted_peak_bytes == 2 * IO_STEP_BYTES_PER_WRITER

@@ -213,19 +213,21 @@ def column_chunks(rows, cols, parts):
 
 
 def test_predicted_peak_counts_the_buffer_a_tensor_touches():
-    """Literal peaks: FSDP copies hold no buffer (nor numpy); a column-block tensor holds its bytes and one
-    block's staging, up to each writer's share of the buffer; a cast holds the wider of its input and output."""
+    """Literal peaks: FSDP copies hold no buffer (nor numpy, nor an IO step: they go file to file in the kernel); a
+    column-block tensor holds its bytes and one block's staging, up to each writer's share of the buffer, and no IO
+    step (read straight into the buffer); a cast holds the wider of its input and output, and an IO step."""
     from streamconv.planning import plan as p
     from streamconv.planning.proven import pieces_packed
     copies = CheckpointMetadata(tensors=(tensor("model.a", (64, 1024), chunks=dim0_chunks(64, 1024, 4)),),
                                 byte_entries=())
     blocks = CheckpointMetadata(tensors=(tensor("model.b", (64, 1024), chunks=column_chunks(64, 1024, 4)),),
                                 byte_entries=())
-    # One tensor: one writer runs, whatever the default, so one IO step.
     per_chunk = p.PER_CHUNK_BYTES if pieces_packed() else p.GENERAL_PER_CHUNK_BYTES   # (make test-no-fast-paths)
-    base = p.BASE_RSS_BYTES + 4 * per_chunk + p.IO_STEP_BYTES_PER_WRITER
+    base = p.BASE_RSS_BYTES + 4 * per_chunk
     assert build_plan(copies).peak_bytes == base
-    assert build_plan(copies, PlanOptions(dtype="bfloat16")).peak_bytes == base + p.NUMPY_RSS_BYTES + 256 * 1024
+    # One tensor: one writer runs, whatever the default, so one IO step.
+    step = p.IO_STEP_BYTES_PER_WRITER
+    assert build_plan(copies, PlanOptions(dtype="bfloat16")).peak_bytes == base + step + p.NUMPY_RSS_BYTES + 256 * 1024
     plan = build_plan(blocks, PlanOptions(buffer_bytes=2**20))
     (t,) = plan.tensors
     assert p.buffer_need_bytes(t) == 256 * 1024 + 64 * 1024               # the tensor and one block staged
@@ -236,18 +238,39 @@ def test_predicted_peak_counts_the_buffer_a_tensor_touches():
     assert four.peak_bytes == small.peak_bytes and four.workers == 4
     two = CheckpointMetadata(tensors=blocks.tensors + (tensor("model.c", (8, 8)),), byte_entries=())
     one_writer, two_writers = (p.with_writers(build_plan(two, PlanOptions(buffer_bytes=2**20)), w) for w in (1, 2))
-    # A second writer: its IO step, and no more buffer: the one assembled tensor is one writer's, and the other
-    # tensor (a plain copy) touches none.
-    assert two_writers.peak_bytes - one_writer.peak_bytes == p.IO_STEP_BYTES_PER_WRITER
+    # A second writer adds nothing: the one assembled tensor is one writer's, the other tensor (a plain copy)
+    # touches no buffer, and neither holds an IO step.
+    assert two_writers.peak_bytes == one_writer.peak_bytes
     other = tensor("model.d", (64, 1024), chunks=column_chunks(64, 1024, 4))
     both = CheckpointMetadata(tensors=blocks.tensors + (other,), byte_entries=())
     one_writer, two_writers = (p.with_writers(build_plan(both, PlanOptions(buffer_bytes=2**20)), w) for w in (1, 2))
     # Two assembled tensors: each writer may touch the largest need from its own half of the buffer.
-    assert two_writers.peak_bytes - one_writer.peak_bytes == p.IO_STEP_BYTES_PER_WRITER + 320 * 1024
-    # Without copy_file_range/preadv each running writer holds one plain step more; one tensor runs one writer
+    assert two_writers.peak_bytes - one_writer.peak_bytes == 320 * 1024
+    # Without copy_file_range/preadv each running writer holds one plain step; one tensor runs one writer
     # (tests/memory/test_zstd_strided_memory.py's strided case measured 38.7 MiB whatever --workers said).
-    assert p.with_plain_io(four, 4).peak_bytes - four.peak_bytes == p.IO_STEP_BYTES_PER_WRITER
-    assert p.with_plain_io(two_writers, 2).peak_bytes - two_writers.peak_bytes == 2 * p.IO_STEP_BYTES_PER_WRITER
+    assert p.with_plain_io(four, 4).peak_bytes - four.peak_bytes == step
+    assert p.with_plain_io(two_writers, 2).peak_bytes - two_writers.peak_bytes == 2 * step
+
+
+def test_io_steps_are_predicted_for_the_writers_that_hold_one():
+    """A writer holds an IO step outside the buffer when its tensors need one on the fast paths (a cast's work
+    arrays, a zstd chunk's decoded pieces, pieces copied one step at a time); a run that checks CRCs, verifies or
+    copies chunks without a recorded CRC gives every writer one (`with_io_step_each`, once)."""
+    from streamconv.planning import plan as p
+    step = p.IO_STEP_BYTES_PER_WRITER
+    copies = [tensor(f"model.w{i}", (64, 1024), chunks=dim0_chunks(64, 1024, 4)) for i in range(3)]
+    plain = p.with_writers(build_plan(CheckpointMetadata(tensors=tuple(copies), byte_entries=())), 3)
+    assert not any(p.holds_io_step(t) for t in plain.tensors)
+    each = p.with_io_step_each(plain, 3)
+    assert each.peak_bytes - plain.peak_bytes == 3 * step and each.io_step_each
+    assert p.with_io_step_each(each, 3) is each
+    assert p.with_writers(each, 1).peak_bytes - p.with_writers(plain, 1).peak_bytes == step
+    # --dtype bfloat16 casts the float32 tensor only (integers are kept): one writer of three holds a step
+    ints = [tensor(f"model.i{i}", (64, 1024), dtype="int64", chunks=dim0_chunks(64, 1024, 4)) for i in range(2)]
+    mixed = build_plan(CheckpointMetadata(tensors=(copies[0], *ints), byte_entries=()), PlanOptions(dtype="bfloat16"))
+    assert [p.holds_io_step(t) for t in mixed.tensors] == [False, False, True]     # (in name order)
+    assert p.with_writers(mixed, 3).peak_bytes == p.with_writers(mixed, 1).peak_bytes
+    assert p.with_io_step_each(p.with_writers(mixed, 3), 3).peak_bytes - p.with_writers(mixed, 3).peak_bytes == 2 * step
 
 
 def test_predicted_peak_counts_left_out_chunks_at_what_decoding_keeps():

@@ -159,3 +159,36 @@ def test_a_cut_zstd_stream_fails_naming_the_file_blob_and_tensor(checkpoints, tm
     assert info.relative_path in error and f"blob at offset {info.offset}" in error, error
     assert "'embed.weight'" in error and "stream ends after" in error and "Traceback" not in result.stderr, error
     assert not out.exists()
+
+
+def test_a_threads_zstd_streams_share_one_decompression_context(monkeypatch):
+    """A stream done with (past its record, let go, replaced, or its tensor written) gives its decompression
+    context to the thread's next stream: eight blobs read one after the other make one context; two kept and read
+    in turn make two (a context decodes one stream at a time). The bytes are exact either way."""
+    import numpy as np
+    import zstandard
+
+    from tests.support.memory_checkpoints import permuted_checkpoint
+    made = []
+    real = zstandard.ZstdDecompressor
+    monkeypatch.setattr(zstandard, "ZstdDecompressor", lambda **kwargs: made.append(1) or real(**kwargs))
+    arr = np.arange(64 * 48, dtype=np.float32).reshape(64, 48)
+    meta, files, stored = permuted_checkpoint(arr, [list(range(8, 64, 8)), []], [(0, 1)], zstd=True)
+    chunks = meta.tensors[0].chunks
+    reader = BlobReader(files, stored)
+    for chunk in chunks:
+        out = bytearray(stored[chunk.location].data_nbytes)
+        reader.read_into(chunk.location, 3, [memoryview(out)])
+        assert bytes(out) == arr[chunk.offsets[0]:chunk.offsets[0] + 8].tobytes()
+    assert len(made) == 1 and reader.restarts == 0
+    made.clear()
+    reader = BlobReader(files, stored)
+    halves = {c.location: bytearray(stored[c.location].data_nbytes) for c in chunks[:2]}
+    with reader.keeping(2):
+        for first in (True, False):
+            for chunk in chunks[:2]:
+                out = memoryview(halves[chunk.location])
+                half = len(out) // 2
+                reader.read_into(chunk.location, 3 if first else 3 + half, [out[:half] if first else out[half:]])
+    assert [bytes(halves[c.location]) for c in chunks[:2]] == [arr[0:8].tobytes(), arr[8:16].tobytes()]
+    assert len(made) == 2 and reader.restarts == 0

@@ -144,3 +144,23 @@ def test_file_order_merges_the_places_of_one_file():
                      BlobLocation("0", 500, 9)):
         table.add(location, stored)
     assert [(b.relative_path, b.offset) for b in table] == [("0", 500), ("a", 0), ("a", 50), ("a", 70), ("a", 100)]
+
+
+@pytest.mark.parametrize("flavor, recorded", [("plain", True), ("zstd", True), ("st", False)])
+def test_crcs_recorded_says_whether_every_plain_chunk_has_its_storage_crc(written, flavor, recorded):
+    """What decides whether a run's writers read shards back for their CRC-32 (runs/conversion.py predicts an IO
+    step each then): every plain chunk its whole storage record with a recorded CRC-32. Safetensors blobs record
+    none; zstd blobs are summed as they are decoded, so they count as recorded."""
+    with DirectoryReader(str(written / flavor)) as reader:
+        meta = load_metadata(reader)
+        found = locate_all(reader, meta.tensors)
+    each = all(s.storage_crc32 is not None for s in found.values() if not s.transforms)
+    assert found.crcs_recorded() == each == recorded
+    one = LocatedChunks()
+    location = BlobLocation("__0_0.distcp", 0, 100)
+    one.add(location, StoredTensor("float32", (4,), (1,), 40, 16, 40, 16, 0x1234))
+    assert one.crcs_recorded()
+    for odd in (dict(crc32=None), dict(record_nbytes=32)):      # none recorded; a view of a larger storage
+        table = LocatedChunks()
+        table.add(location, replace(one[location], **odd))
+        assert not table.crcs_recorded()

@@ -52,8 +52,10 @@ _INT = rb"(?:" + _BININT + rb"|\x8a(?:" + _LONG1 + rb"))"
 _INTS = re.compile(_INT, re.S)
 _FRAME = rb"(?:\x95.{8})?"
 _NEW = rb"\)\x81\x94}\x94\("
-# The ints of a torch.Size and the opcodes that close it: none (EMPTY_TUPLE), 1-3 (TUPLEn) or 4+ (MARK ... TUPLE).
-_DIMS_GENERAL = rb"(\)|\((?:" + _INT + rb"){4,64}t\x94|(?:" + _INT + rb"){1,3}[\x85-\x87]\x94)"
+# The ints of a torch.Size and the opcodes that close it: none (EMPTY_TUPLE), 1-3 (TUPLE1-3, each with as many ints)
+# or 4+ (MARK ... TUPLE).
+_DIMS_GENERAL = (rb"(\)|\((?:" + _INT + rb"){4,64}t\x94|" + _INT + rb"\x85\x94|(?:" + _INT + rb"){2}\x86\x94|(?:"
+                 + _INT + rb"){3}\x87\x94)")
 _SIZE_END = rb"\x85\x94R\x94"
 
 
@@ -63,8 +65,13 @@ def _size(key: bytes, size: bytes) -> bytes:
 
 
 _G = rb"(" + _GET + rb")"
+# A storage row's fqn: a memo reference, or a name first seen there (SHORT_BINUNICODE, memoized), as in every
+# checkpoint torch's writers save from several ranks: each rank's rows name its own strings. The match is lazy, so
+# the string's length is checked after it (`_inline`): a name containing what looks like the rest of the record
+# only ends its run early.
+_NAME = rb"(" + _GET + rb"|\x8c.(?:.{0,255}?)\x94)"
 _CHUNK = re.compile(_NEW + _size(_G, _G) + _size(_G, _G) + rb"ub", re.S)
-_STORAGE = re.compile(_NEW + _G + _G + _G + _INT + _size(_G, _G) + rb"ub" + _FRAME + _G + _NEW + _G + _G + _G
+_STORAGE = re.compile(_NEW + _G + _NAME + _G + _INT + _size(_G, _G) + rb"ub" + _FRAME + _G + _NEW + _G + _G + _G
                       + rb"(" + _INT + rb")" + _G + rb"(" + _INT + rb")ub", re.S)
 _NEXT = re.compile(_FRAME + rb"(" + _GET + rb")", re.S)   # the next record's class reference
 
@@ -96,6 +103,22 @@ def _int(raw: bytes) -> int:
 
 def _ref(raw: bytes) -> int:
     return raw[1] if raw[0] == 0x68 else _u32(raw, 1)[0]
+
+
+def _inline(raw: bytes) -> Optional[str]:
+    """The string of a matched SHORT_BINUNICODE + MEMOIZE (`_NAME`), decoded as the general machine decodes it; None
+    when the match is not the whole string (its length byte disagrees) or it is not UTF-8."""
+    if raw[1] != len(raw) - 3:
+        return None
+    try:
+        return str(raw[2:-1], "utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return None
+
+
+def _name_bytes(raw: bytes) -> int:
+    """What the general machine charges for an fqn string a storage row names inline (none for a reference)."""
+    return 0 if raw[0] != 0x8C else 64 + 4 * (len(raw) - 3)
 
 
 class _Dims(dict):
@@ -206,7 +229,7 @@ class _Strings:
         names, places = self.names, self.places
         bad = set()
         for raw in set(fqn_refs).difference(names):
-            value = get(_ref(raw))
+            value = _inline(raw) if raw[0] == 0x8C else get(_ref(raw))
             if type(value) is str:
                 names[raw] = value
             else:
@@ -291,14 +314,13 @@ class _Reader:
             return None
         return m, offsets
 
-    def storage_rest(self, buf: bytes, pos: int, end: int, first: "re.Match", n: int,
-                     cls_ref: bytes) -> List["re.Match"]:
-        """The records after the first, up to the first that differs from its shape."""
+    def storage_rest(self, buf: bytes, pos: int, end: int, first: "re.Match", cls_ref: bytes) -> List["re.Match"]:
+        """The records after the first, up to the first that differs from its shape (any number of dims)."""
         fqn_key, _, index_key, off_key, size_ref, _, info_ref, path_key, _, off_key2, _, length_key, _ = first.groups()
         shape = self.shape((1, cls_ref, fqn_key, index_key, off_key, size_ref, info_ref, path_key, off_key2,
-                            length_key, n), lambda: (
-            _FRAME + re.escape(cls_ref) + _NEW + re.escape(fqn_key) + rb"(" + _GET + rb")" + re.escape(index_key)
-            + _INT + re.escape(off_key + size_ref) + _dims_pattern(n) + _SIZE_END + rb"ub" + _FRAME
+                            length_key), lambda: (
+            _FRAME + re.escape(cls_ref) + _NEW + re.escape(fqn_key) + _NAME + re.escape(index_key)
+            + _INT + re.escape(off_key + size_ref) + _DIMS_GENERAL + _SIZE_END + rb"ub" + _FRAME
             + re.escape(info_ref) + _NEW + re.escape(path_key) + rb"(" + _GET + rb")" + re.escape(off_key2)
             + _value(b"b") + re.escape(length_key) + _value(b"l") + rb"ub"))
         return list(iter(shape.scanner(buf, pos, end).match, None))
@@ -308,17 +330,17 @@ class _Reader:
         if proven is None:
             return None
         m, offsets = proven
-        _, fqn_ref, _, _, _, _, _, _, path_ref, _, blob_raw, _, length_raw = m.groups()
-        fqn_refs, offsets_in, path_refs = [fqn_ref], [offsets], [path_ref]
+        _, fqn_ref, _, _, _, dims_raw, _, _, path_ref, _, blob_raw, _, length_raw = m.groups()
+        fqn_refs, dims_in, path_refs = [fqn_ref], [dims_raw], [path_ref]
         blob_offsets, lengths = [_int(blob_raw)], [_int(length_raw)]
         matches: List["re.Match"] = []
         cls_ref = self.next_class(buf, m.end(), end, get, sp.MetadataIndex)
         if cls_ref is not None:
-            matches = self.storage_rest(buf, m.end(), end, m, len(offsets), cls_ref)
+            matches = self.storage_rest(buf, m.end(), end, m, cls_ref)
             if matches:
                 more = list(zip(*map(_GROUPS, matches)))
                 fqn_refs += more[0]
-                offsets_in += map(self.dims.__getitem__, more[1])
+                dims_in += more[1]
                 path_refs += more[2]
                 blob_offsets += _values(more[4])
                 lengths += _values(more[6])
@@ -327,20 +349,25 @@ class _Reader:
             return None
         # Up to the first record that refers to something else: the general machine reads from there on.
         resume = m.end() if count == 1 else matches[count - 2].end()
-        self.add_rows(count, fqn_refs, offsets_in, path_refs, blob_offsets, lengths)
-        slots = (4 + _size_slots(len(offsets))) * count
+        names, dims_in = fqn_refs[:count], dims_in[:count]
+        self.add_rows(names, list(map(self.dims.__getitem__, dims_in)), path_refs, blob_offsets, lengths)
+        # Memo entries: 4 for the two records and their state dicts, a torch.Size's (`_size_slots`), and one more
+        # for an fqn named inline.
+        inline = sum(1 for raw in names if raw[0] == 0x8C)
+        slots = 7 * count - dims_in.count(b")") + inline
+        charge = _ROW_BYTES * 4 * count + (sum(map(_name_bytes, names)) if inline else 0)
         # SETITEMS takes key, value pairs: the marker stands for every key, its value is unused.
-        return resume, (StorageRows(self.columns.row_count - count, count), None), slots, _ROW_BYTES * 4 * count
+        return resume, (StorageRows(self.columns.row_count - count, count), None), slots, charge
 
-    def add_rows(self, count: int, fqn_refs: List[bytes], offsets: List[Tuple[int, ...]], path_refs: List[bytes],
+    def add_rows(self, fqn_refs: List[bytes], offsets: List[Tuple[int, ...]], path_refs: List[bytes],
                  blob_offsets: List[int], lengths: List[int]) -> None:
-        """The first `count` rows read, into the columns (their references checked by `_Strings.checked`)."""
-        columns, names = self.columns, self.strings.names
+        """The first `len(fqn_refs)` rows read, into the columns (their references checked by `_Strings.checked`)."""
+        columns, names, count = self.columns, self.strings.names, len(fqn_refs)
         start = columns.row_count
         rows_of = columns.rows_of
-        for raw_fqn, row in zip(fqn_refs[:count], range(start, start + count)):
+        for raw_fqn, row in zip(fqn_refs, range(start, start + count)):
             rows_of[names[raw_fqn]].append(row)
-        columns.row_offsets += offsets[:count]
+        columns.row_offsets += offsets
         columns.row_places.extend(map(self.strings.places.__getitem__, path_refs[:count]))
         columns.row_blob_offsets.extend(blob_offsets[:count])
         columns.row_lengths.extend(lengths[:count])

@@ -34,7 +34,7 @@ import struct
 from array import array
 from collections import defaultdict
 from itertools import chain, repeat
-from operator import rshift
+from operator import itemgetter, rshift
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import safe_pickle as sp
@@ -54,8 +54,9 @@ _FRAME = rb"(?:\x95.{8})?"
 _NEW = rb"\)\x81\x94}\x94\("
 # The ints of a torch.Size and the opcodes that close it: none (EMPTY_TUPLE), 1-3 (TUPLE1-3, each with as many ints)
 # or 4+ (MARK ... TUPLE).
-_DIMS_GENERAL = (rb"(\)|\((?:" + _INT + rb"){4,64}t\x94|" + _INT + rb"\x85\x94|(?:" + _INT + rb"){2}\x86\x94|(?:"
-                 + _INT + rb"){3}\x87\x94)")
+_DIMS_ANY = (rb"(?:\)|\((?:" + _INT + rb"){4,64}t\x94|" + _INT + rb"\x85\x94|(?:" + _INT + rb"){2}\x86\x94|(?:"
+             + _INT + rb"){3}\x87\x94)")
+_DIMS_GENERAL = rb"(" + _DIMS_ANY + rb")"
 _SIZE_END = rb"\x85\x94R\x94"
 
 
@@ -74,8 +75,16 @@ _CHUNK = re.compile(_NEW + _size(_G, _G) + _size(_G, _G) + rb"ub", re.S)
 _STORAGE = re.compile(_NEW + _G + _NAME + _G + _INT + _size(_G, _G) + rb"ub" + _FRAME + _G + _NEW + _G + _G + _G
                       + rb"(" + _INT + rb")" + _G + rb"(" + _INT + rb")ub", re.S)
 _NEXT = re.compile(_FRAME + rb"(" + _GET + rb")", re.S)   # the next record's class reference
+# A state_dict_metadata entry after its TensorStorageMetadata class: its TensorProperties (dtype, layout, requires_grad,
+# memory format, pin_memory: a tuple BUILD), its torch.Size and its list of chunks, up to the list's first item (the
+# chunk records are proven apart: `_FIRST_CHUNK`). Groups: the 'properties' key, TensorProperties, the dtype, the
+# layout, requires_grad, the memory format, pin_memory, the 'size' key, torch.Size, the dims, the 'chunks' key.
+_ENTRY_HEAD = re.compile(_NEW + _G + _G + rb"\)\x81\x94\(" + _G + _G + rb"([\x88\x89])" + _G + rb"([\x88\x89])t\x94b"
+                         + _size(_G, _G) + _G + rb"\]\x94", re.S)
+_FIRST_CHUNK = re.compile(rb"\(?" + _G + _CHUNK.pattern, re.S)      # a list's first chunk, after its MARK if any
 
 _ROW_BYTES = 8      # charged per number or reference stored in a column
+_RECORD_BYTES = 80  # charged per stand-in record a fast path makes (unpickle's estimate for one)
 _KNOWN_DIMS = 1 << 16   # distinct dims remembered per load (forgotten all at once past this: a few MiB)
 _KNOWN_SHAPES = 256     # compiled record patterns remembered per load
 
@@ -209,6 +218,7 @@ class Columns:
 
 
 _GROUPS = re.Match.groups
+_FIRST_BYTE = itemgetter(0)
 
 
 class _Strings:
@@ -353,7 +363,7 @@ class _Reader:
         self.add_rows(names, list(map(self.dims.__getitem__, dims_in)), path_refs, blob_offsets, lengths)
         # Memo entries: 4 for the two records and their state dicts, a torch.Size's (`_size_slots`), and one more
         # for an fqn named inline.
-        inline = sum(1 for raw in names if raw[0] == 0x8C)
+        inline = list(map(_FIRST_BYTE, names)).count(0x8C)
         slots = 7 * count - dims_in.count(b")") + inline
         charge = _ROW_BYTES * 4 * count + (sum(map(_name_bytes, names)) if inline else 0)
         # SETITEMS takes key, value pairs: the marker stands for every key, its value is unused.
@@ -373,7 +383,108 @@ class _Reader:
         columns.row_lengths.extend(lengths[:count])
 
 
+class _Entries:
+    """The fast path for one state_dict_metadata entry (a `TensorStorageMetadata` with its TensorProperties, torch.Size
+    and chunk list) after the general machine fetched its class: its references proven (once per shape while no memo
+    entry is overwritten), its chunk list read by a pattern compiled for that shape, its chunks into the columns as
+    one `ChunkRows`. One entry at a time: the key the general machine reads next is memoized, and later records may
+    refer to it (storage rows do when one process saved the checkpoint)."""
+
+    def __init__(self, reader: "_Reader"):
+        self.reader = reader
+        self.proven: Dict[Tuple[bytes, ...], Tuple[bytes, bytes, bytes]] = {}
+        self.properties: Dict[Tuple[bytes, ...], sp.TensorProperties] = {}
+        self.overwrites = 0
+
+    def run(self, buf: bytes, pos: int, end: int, get: Callable[[int], Any], overwrites: int):
+        if overwrites != self.overwrites:
+            self.proven.clear()
+            self.properties.clear()
+            self.overwrites = overwrites
+        m = _ENTRY_HEAD.match(buf, pos, end)
+        if m is None:
+            return None
+        props_key, tp_ref, dtype_ref, layout_ref, grad, memfmt_ref, pin, size_key, size_ref, dims_raw, chunks_key = \
+            m.groups()
+        refs = (props_key, tp_ref, layout_ref, memfmt_ref, size_key, size_ref, chunks_key)
+        chunk_refs = self.proven.get(refs) or self.prove(buf, m.end(), end, get, refs)
+        props = self.props(get, refs, dtype_ref, grad, pin)
+        if chunk_refs is None or props is None:
+            return None
+        shape = self.reader.dims[dims_raw]
+        taken = self.chunks(buf, m.end(), end, chunk_refs, len(shape))
+        if taken is None:
+            return None
+        resume, dims = taken
+        n, chunk_dims, count = len(shape), self.reader.columns.chunk_dims, len(dims) // 2
+        record = sp.TensorStorageMetadata()
+        record.properties, record.size = props, shape
+        record.chunks = [ChunkRows(len(chunk_dims), count, n)] if count else []
+        record.built = True
+        chunk_dims += dims
+        # Memo entries: the record, its state dict, TensorProperties and its state tuple, the torch.Size, the list,
+        # and each chunk's record, state dict and two torch.Sizes.
+        slots = 5 + _size_slots(n) + count * (2 + 2 * _size_slots(n))
+        return resume, (record,), slots, 4 * _RECORD_BYTES + _ROW_BYTES * 2 * count
+
+    def chunks(self, buf: bytes, pos: int, end: int, chunk_refs: bytes, n: int):
+        """(the end of the entry, its chunks' dims) when the chunk list at `pos` is as pickle writes it (no item, one
+        and APPEND, or 2-1000 between MARK and APPENDS) of records of `n` dims each, and the entry ends after it."""
+        chunk = self.reader.shape((2, chunk_refs, n), lambda: (
+            chunk_refs[0] + _NEW + chunk_refs[1] + _dims_pattern(n) + _SIZE_END + chunk_refs[2] + _dims_pattern(n)
+            + _SIZE_END + rb"ub"))
+        marked = buf[pos:pos + 1] == b"("
+        matches = list(iter(chunk.scanner(buf, pos + marked, end).match, None))
+        count = len(matches)
+        after = matches[-1].end() if matches else pos
+        closing = buf[after:after + 3]
+        if not (closing == b"eub" if marked else closing == b"aub" if count == 1 else count == 0 and
+                closing[:2] == b"ub") or (marked and not 2 <= count <= 1000):
+            return None
+        dims = list(map(self.reader.dims.__getitem__, chain.from_iterable(map(_GROUPS, matches))))
+        return after + (3 if count else 2), dims
+
+    def prove(self, buf: bytes, pos: int, end: int, get: Callable[[int], Any], refs: Tuple[bytes, ...]):
+        """The chunk records' references (escaped for a pattern) after the head whose references are `refs`, once
+        every reference is checked, or None. They are proven from the list's first record: a list without chunks has
+        none to prove, and the general machine reads it."""
+        props_key, tp_ref, layout_ref, memfmt_ref, size_key, size_ref, chunks_key = refs
+        c = _FIRST_CHUNK.match(buf, pos, end)
+        if c is None:
+            return None
+        csm_ref, off_key, size_ref1, _, sizes_key, size_ref2, _ = c.groups()
+        if (get(_ref(props_key)) != "properties" or get(_ref(tp_ref)) is not sp.TensorProperties
+                or get(_ref(size_key)) != "size" or get(_ref(size_ref)) is not sp.SIZE_CALL
+                or get(_ref(chunks_key)) != "chunks" or get(_ref(csm_ref)) is not sp.ChunkStorageMetadata
+                or get(_ref(off_key)) != "offsets" or get(_ref(sizes_key)) != "sizes"
+                or size_ref1 != size_ref or size_ref2 != size_ref):
+            return None
+        if len(self.proven) >= _KNOWN_SHAPES:
+            self.proven.clear()
+        found = self.proven[refs] = (re.escape(csm_ref), re.escape(off_key + size_ref), re.escape(sizes_key + size_ref))
+        return found
+
+    def props(self, get: Callable[[int], Any], refs: Tuple[bytes, ...], dtype_ref: bytes, grad: bytes, pin: bytes):
+        """The TensorProperties an entry's references and flags make (checked by its own `setstate`, as BUILD
+        would), one per distinct kind; None when the general machine would refuse it."""
+        key = (dtype_ref, refs[2], refs[3], grad, pin)
+        found = self.properties.get(key)
+        if found is None:
+            found = sp.TensorProperties()
+            try:
+                found.setstate((get(_ref(dtype_ref)), get(_ref(refs[2])), grad == b"\x88", get(_ref(refs[3])),
+                                pin == b"\x88"))
+            except ValueError:
+                return None
+            found.built = True
+            if len(self.properties) >= _KNOWN_SHAPES:
+                self.properties.clear()
+            self.properties[key] = found
+        return found
+
+
 def handlers(spec: sp._Spec) -> Tuple[Dict[int, Callable], Columns]:
     """The fast paths for a `.metadata` load by `spec`, and the columns they fill."""
     reader = _Reader()
-    return {id(sp.ChunkStorageMetadata): reader.chunk_run, id(sp.MetadataIndex): reader.storage_run}, reader.columns
+    return {id(sp.ChunkStorageMetadata): reader.chunk_run, id(sp.MetadataIndex): reader.storage_run,
+            id(sp.TensorStorageMetadata): _Entries(reader).run}, reader.columns

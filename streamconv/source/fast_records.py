@@ -32,11 +32,12 @@ from __future__ import annotations
 import re
 import struct
 from array import array
-from collections import defaultdict
-from itertools import chain, repeat
-from operator import itemgetter, rshift
+from collections import Counter, defaultdict
+from itertools import chain, compress, repeat
+from operator import itemgetter, not_, rshift
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from ..model import NOTHING_LEFT_OUT, LeftOut
 from . import safe_pickle as sp
 from .unpickle import Record
 
@@ -167,8 +168,8 @@ class ChunkRows(Record):
 
 
 class StorageRows(Record):
-    """Stands in for `count` consecutive storage_data items (a key; its value is None), read into `Columns` rows
-    `start`, `start + 1`, ..."""
+    """Stands in for consecutive storage_data items (a key; its value is None), read into `Columns` rows `start`,
+    `start + 1`, ... (`count` of them: the items `LeftOut` leaves out are only counted)."""
 
     __slots__ = ("start", "count")
 
@@ -195,6 +196,11 @@ class Columns:
         # (relative_path, transform_descriptors, tensor_key): what ChunkTable.places holds. Rows have no tensor key.
         self.places: List[Tuple[str, Tuple[str, ...], str]] = []
         self._place_id: Dict[Tuple[str, Tuple[str, ...], str], int] = {}
+        # The rows `LeftOut` left out: how many each fqn and each place id has, and the sum of hash((fqn, offsets))
+        # over them, which `metadata.py` checks against the left-out tensors' chunks.
+        self.left_out_rows: Counter = Counter()
+        self.left_out_places: Counter = Counter()
+        self.left_out_hash = 0
 
     def place_id(self, path: str, transforms: Tuple[str, ...] = (), tensor_key: str = "") -> int:
         key = (path, transforms, tensor_key)
@@ -212,6 +218,12 @@ class Columns:
         self.row_blob_offsets.append(blob_offset)
         self.row_lengths.append(length)
 
+    def leave_out(self, fqns: List[str], offsets: List[Tuple[int, ...]], places: List[int]) -> None:
+        """Rows of tensors `LeftOut` leaves out: counted, not kept."""
+        self.left_out_rows.update(fqns)
+        self.left_out_places.update(places)
+        self.left_out_hash += sum(map(hash, zip(fqns, offsets)))
+
     @property
     def row_count(self) -> int:
         return len(self.row_offsets)
@@ -225,15 +237,17 @@ class _Strings:
     """The strings memo references name (the fqns and files of storage rows), each asked of the memo once while no
     entry is overwritten (`unpickle.Spec.fast_paths`), and the place id of each file."""
 
-    def __init__(self, columns: Columns):
-        self.columns, self.overwrites = columns, 0
+    def __init__(self, columns: Columns, left_out: LeftOut):
+        self.columns, self.left_out, self.overwrites = columns, left_out, 0
         self.names: Dict[bytes, str] = {}
+        self.kept: Dict[bytes, bool] = {}       # whether the fqn's rows are kept (not `LeftOut`)
         self.places: Dict[bytes, int] = {}
 
     def checked(self, get: Callable[[int], Any], overwrites: int, fqn_refs: List[bytes], path_refs: List[bytes]) -> int:
         """How many rows, from the first, name their fqn and (non-empty) file by strings."""
         if overwrites != self.overwrites:
             self.names.clear()
+            self.kept.clear()
             self.places.clear()
             self.overwrites = overwrites
         names, places = self.names, self.places
@@ -242,6 +256,7 @@ class _Strings:
             value = _inline(raw) if raw[0] == 0x8C else get(_ref(raw))
             if type(value) is str:
                 names[raw] = value
+                self.kept[raw] = not self.left_out.guesses(value)
             else:
                 bad.add(raw)
         for raw in set(path_refs).difference(places):
@@ -259,10 +274,10 @@ class _Reader:
     """The fast paths of one `.metadata` load (`unpickle.Spec.fast_paths`): `chunk_run` and `storage_run` each read
     a run of records after the general machine fetched their class, into `columns`."""
 
-    def __init__(self) -> None:
+    def __init__(self, left_out: LeftOut) -> None:
         self.columns = Columns()
         self.dims = _Dims()
-        self.strings = _Strings(self.columns)
+        self.strings = _Strings(self.columns, left_out)
         self.shapes: Dict[Tuple[Any, ...], "re.Pattern"] = {}
 
     def shape(self, key: Tuple[Any, ...], build: Callable[[], bytes]) -> "re.Pattern":
@@ -359,7 +374,7 @@ class _Reader:
             return None
         # Up to the first record that refers to something else: the general machine reads from there on.
         resume = m.end() if count == 1 else matches[count - 2].end()
-        names, dims_in = fqn_refs[:count], dims_in[:count]
+        names, dims_in, start = fqn_refs[:count], dims_in[:count], self.columns.row_count
         self.add_rows(names, list(map(self.dims.__getitem__, dims_in)), path_refs, blob_offsets, lengths)
         # Memo entries: 4 for the two records and their state dicts, a torch.Size's (`_size_slots`), and one more
         # for an fqn named inline.
@@ -367,20 +382,31 @@ class _Reader:
         slots = 7 * count - dims_in.count(b")") + inline
         charge = _ROW_BYTES * 4 * count + (sum(map(_name_bytes, names)) if inline else 0)
         # SETITEMS takes key, value pairs: the marker stands for every key, its value is unused.
-        return resume, (StorageRows(self.columns.row_count - count, count), None), slots, charge
+        return resume, (StorageRows(start, self.columns.row_count - start), None), slots, charge
 
     def add_rows(self, fqn_refs: List[bytes], offsets: List[Tuple[int, ...]], path_refs: List[bytes],
                  blob_offsets: List[int], lengths: List[int]) -> None:
-        """The first `len(fqn_refs)` rows read, into the columns (their references checked by `_Strings.checked`)."""
-        columns, names, count = self.columns, self.strings.names, len(fqn_refs)
+        """The first `len(fqn_refs)` rows read, into the columns (their references checked by `_Strings.checked`);
+        the rows of tensors `LeftOut` leaves out only counted."""
+        columns, strings, count = self.columns, self.strings, len(fqn_refs)
+        columns_in = [fqn_refs, offsets, path_refs[:count], blob_offsets[:count], lengths[:count]]
+        if strings.left_out.top_keys:
+            kept = list(map(strings.kept.__getitem__, fqn_refs))
+            if not all(kept):
+                left = list(map(not_, kept))
+                columns.leave_out(list(map(strings.names.__getitem__, compress(fqn_refs, left))),
+                                  list(compress(offsets, left)),
+                                  list(map(strings.places.__getitem__, compress(columns_in[2], left))))
+                columns_in = [list(compress(column, kept)) for column in columns_in]
+        fqn_refs, offsets, path_refs, blob_offsets, lengths = columns_in
         start = columns.row_count
         rows_of = columns.rows_of
-        for raw_fqn, row in zip(fqn_refs, range(start, start + count)):
-            rows_of[names[raw_fqn]].append(row)
+        for raw_fqn, row in zip(fqn_refs, range(start, start + len(fqn_refs))):
+            rows_of[strings.names[raw_fqn]].append(row)
         columns.row_offsets += offsets
-        columns.row_places.extend(map(self.strings.places.__getitem__, path_refs[:count]))
-        columns.row_blob_offsets.extend(blob_offsets[:count])
-        columns.row_lengths.extend(lengths[:count])
+        columns.row_places.extend(map(strings.places.__getitem__, path_refs))
+        columns.row_blob_offsets.extend(blob_offsets)
+        columns.row_lengths.extend(lengths)
 
 
 class _Entries:
@@ -483,8 +509,9 @@ class _Entries:
         return found
 
 
-def handlers(spec: sp._Spec) -> Tuple[Dict[int, Callable], Columns]:
-    """The fast paths for a `.metadata` load by `spec`, and the columns they fill."""
-    reader = _Reader()
+def handlers(spec: sp._Spec, left_out: LeftOut = NOTHING_LEFT_OUT) -> Tuple[Dict[int, Callable], Columns]:
+    """The fast paths for a `.metadata` load by `spec`, and the columns they fill (but the rows of tensors
+    `left_out` leaves out: `Columns.leave_out`)."""
+    reader = _Reader(left_out)
     return {id(sp.ChunkStorageMetadata): reader.chunk_run, id(sp.MetadataIndex): reader.storage_run,
             id(sp.TensorStorageMetadata): _Entries(reader).run}, reader.columns

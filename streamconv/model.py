@@ -8,7 +8,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, FrozenSet, Iterator, List, Optional, Tuple, Union
 
 PathElement = Union[str, int]
 
@@ -156,6 +156,49 @@ class ChunkTable(Sequence):
 
 
 @dataclass(frozen=True)
+class LeftOut:
+    """Which tensors' chunk locations decoding `.metadata` may leave undecoded, decided once from the options
+    (`planning.plan.left_out_while_decoding`) because planning leaves those tensors out whatever else it decides:
+    a tensor whose checkpoint key's first segment is one of `top_keys` (guessed from the key: storage rows are read
+    before the tensors' paths are known) and whose planner_data path then confirms it (two or more elements, the
+    first of `top_keys`: what `planning.naming` skips as optimizer or trainer state). A decoder that cannot confirm
+    its guesses decodes again without them. `NOTHING_LEFT_OUT`: every location decoded (inspect, verify, discovery,
+    a flavor with nothing to leave out)."""
+
+    top_keys: FrozenSet[str] = frozenset()
+
+    def guesses(self, fqn: str) -> bool:
+        return bool(self.top_keys) and fqn.split(".", 1)[0] in self.top_keys
+
+    def confirms(self, fqn: str, path: Tuple["PathElement", ...]) -> bool:
+        return len(path) >= 2 and str(path[0]) in self.top_keys and self.guesses(fqn)
+
+
+NOTHING_LEFT_OUT = LeftOut()
+
+
+class LeftOutChunks(Sequence):
+    """The chunks of a tensor whose locations decoding left out (`LeftOut`): how many there are and their boxes (from
+    state_dict_metadata); their blobs are counted in `CheckpointMetadata.left_out_blobs`. Planning only counts them;
+    a chunk asked for is a bug (the verb had to decode with `NOTHING_LEFT_OUT`)."""
+
+    __slots__ = ("ndim", "boxes", "count")
+
+    def __init__(self, ndim: int, boxes: "array", count: int):
+        self.ndim, self.boxes, self.count = ndim, boxes, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i):
+        raise LookupError("this tensor's chunk locations were left out while decoding .metadata (LeftOut); a verb "
+                          "that reads them decodes with NOTHING_LEFT_OUT")
+
+    def __repr__(self) -> str:
+        return f"LeftOutChunks({self.count} chunks of {self.ndim} dims)"
+
+
+@dataclass(frozen=True)
 class TensorEntry:
     fqn: str                      # flat key in the checkpoint, e.g. "model.layers.0.mlp.up_proj.weight"
     dtype: str                    # torch dtype name, e.g. "bfloat16"
@@ -185,6 +228,9 @@ class CheckpointMetadata:
     # How the writer stored the tensors, when not torch's default (one torch.save blob per chunk): a short
     # sentence for `inspect` and the notes, e.g. "safetensors-serialized DCP (...)". Empty for the default.
     flavor: str = ""
+    # The blobs of the chunks whose locations decoding left out (`LeftOut`), by stream transform: ((transform
+    # descriptors, blobs), ...), for the notes. Empty when nothing was left out.
+    left_out_blobs: Tuple[Tuple[Tuple[str, ...], int], ...] = ()
 
 
 @dataclass(frozen=True)

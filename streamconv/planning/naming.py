@@ -27,7 +27,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import names, trainers
 from ..errors import CheckpointError, OptionsError, ReferenceMismatchError, UnsupportedFeatureError
-from ..model import CheckpointMetadata, TensorEntry
+from ..model import CheckpointMetadata, LeftOut, TensorEntry
 
 # Step numbers: the position of a stage in the pipeline. Rename rule i is RENAME + i.
 CHECKPOINT, WRAPPERS, ADAPTER, LAYOUT, RENAME = 0, 1, 2, 3, 4
@@ -227,6 +227,13 @@ def _model_tensors(meta: CheckpointMetadata, options, subtree: Optional[str], sk
             named = named.renamed(WRAPPERS, wrappers, names.strip_wrappers(named.name))
         model.append(named)
     return model
+
+
+def left_out_while_decoding(options) -> LeftOut:
+    """What `_model_tensors` skips whatever else the checkpoint holds, as a `model.LeftOut` decoding can use before
+    any path is known: a tensor under a top-level key of `names.NON_MODEL_KEYS` (optimizer and trainer state) with
+    a path of two or more elements is skipped with or without a model subtree, unless `--subtree` names that key."""
+    return LeftOut(frozenset(key for key in names.NON_MODEL_KEYS if key != options.subtree))
 
 
 def checkpoint_names(meta: CheckpointMetadata, options) -> Tuple[List[Named], List[Skipped]]:

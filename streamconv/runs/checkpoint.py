@@ -10,18 +10,19 @@ from ..execution.executor import check_stored
 from ..fs.fastpaths import NONE, FastPaths
 from ..source.io import RangeReader
 from ..source.remote import folder_reader
-from ..model import CheckpointMetadata, TensorEntry
+from ..model import NOTHING_LEFT_OUT, CheckpointMetadata, LeftOut, TensorEntry
 from ..planning.plan import ConversionPlan, TensorPlan
 from ..source import LocatedBatches, LocatedChunks, flavors, locate_all
 from ..source.blob_reader import BlobReader
 
 
-def load(checkpoint_dir: str, fast: FastPaths = NONE
+def load(checkpoint_dir: str, fast: FastPaths = NONE, left_out: LeftOut = NOTHING_LEFT_OUT
          ) -> Tuple[RangeReader, CheckpointMetadata]:
     """(the reader its blobs are read through, its metadata); the caller closes the reader. Which kind of folder
     it is (plain DCP, Megatron, HF per-rank shards...) and how its blobs are read is its flavor's business
-    (`source/flavors/`)."""
-    _, reader, meta = flavors.open_checkpoint(checkpoint_dir, lambda folder: folder_reader(folder, fast))
+    (`source/flavors/`). `left_out`: tensors whose chunk locations may stay undecoded (`model.LeftOut`)."""
+    _, reader, meta = flavors.open_checkpoint(checkpoint_dir, lambda folder: folder_reader(folder, fast),
+                                              left_out=left_out)
     return reader, meta
 
 

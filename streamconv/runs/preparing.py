@@ -18,6 +18,7 @@ from ..fs import fastpaths, location
 from ..fs.paths import user_path
 from ..model import CheckpointMetadata
 from ..output import ledger, record
+from ..planning.naming import left_out_while_decoding
 from ..planning.options import resolve as resolve_options
 from ..fs.cpus import available_cpus
 from ..planning.plan import ConversionPlan, build_plan, uses_numpy, with_compiled_source, with_numpy_bytes
@@ -70,9 +71,11 @@ def checkpoint_argument(checkpoint_dir) -> str:
 def prepare(checkpoint_dir: str, request: Request, fast: fastpaths.FastPaths = fastpaths.NONE) -> Prepared:
     """See the module docstring."""
     checkpoint_dir, found_note = discover.find_checkpoint(checkpoint_argument(checkpoint_dir))
-    reader, meta = load(checkpoint_dir, fast)
+    options, user = request.resolved()
+    # The tensors planning leaves out whatever else it decides (optimizer state) are decoded without their
+    # chunks' locations: decided once, from the options.
+    reader, meta = load(checkpoint_dir, fast, left_out_while_decoding(options))
     try:
-        options, user = request.resolved()
         options = replace(options, user=user)
         if options.subtree is None:     # --subtree names what to convert, optimizer state included
             discover.refuse_optimizer_only(meta, checkpoint_dir)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import re
 from array import array
-from itertools import chain
+from functools import partial
+from itertools import chain, repeat
 from operator import eq
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
@@ -18,7 +19,8 @@ from .. import dtypes, failpoints
 from ..errors import CheckpointError
 from ..fs import location
 from .io import RangeReader
-from ..model import BlobLocation, BytesEntry, CheckpointMetadata, ChunkTable, PathElement, TensorEntry, numel
+from ..model import (NOTHING_LEFT_OUT, BlobLocation, BytesEntry, CheckpointMetadata, ChunkTable, LeftOut,
+                     LeftOutChunks, PathElement, TensorEntry, numel)
 from . import fast_records, safe_pickle as sp
 from .unpickle import describe
 
@@ -54,25 +56,32 @@ class _Decoded:
     version: Optional[str]
     torch_version_hint: str
     files: set = field(default_factory=set)
+    left_out: LeftOut = NOTHING_LEFT_OUT     # whose chunk locations were left out
 
 
 # ---------------------------------------------------------------------------------------------------------
 # public API
 
 
-def load_metadata(reader: RangeReader, metadata_name: str = METADATA_NAME) -> CheckpointMetadata:
+def load_metadata(reader: RangeReader, metadata_name: str = METADATA_NAME,
+                  left_out: LeftOut = NOTHING_LEFT_OUT) -> CheckpointMetadata:
     """Decode `metadata_name` (relative to the reader's folder) into a CheckpointMetadata.
 
     Given `__0.metadata` (a checkpoint saved with use_collectives=False, as `find_metadata_file` reports it),
     the per-rank files `__0.metadata`, `__1.metadata`, ... are read until one is missing and merged: tensor
     chunks are united (a chunk saved by several ranks is kept once, from the lowest rank), bytes items and
     paths come from the lowest rank that has them.
+
+    `left_out`: tensors whose chunk locations may be left undecoded (`LeftOutChunks`) because planning leaves them
+    out; not for per-rank files, whose merge needs every location.
     """
     rank_match = RANK_METADATA.fullmatch(metadata_name)
     if rank_match and rank_match.group(1) == "0":
         decoded = _merge_ranks([_decode(reader, name) for name in _rank_metadata_names(reader)])
     else:
-        decoded = _decode(reader, metadata_name)
+        decoded = _decode(reader, metadata_name, left_out)
+        if decoded.left_out.top_keys and not _left_out_confirmed(decoded):
+            decoded = _decode(reader, metadata_name)    # a guess the paths do not confirm: everything, again
     return _build(decoded)
 
 
@@ -144,7 +153,7 @@ def _missing_ranks(ranks: List[int], shown: int = 10) -> str:
 # decoding one file
 
 
-def _decode(reader: RangeReader, name: str) -> _Decoded:
+def _decode(reader: RangeReader, name: str, left_out: LeftOut = NOTHING_LEFT_OUT) -> _Decoded:
     try:
         size_bytes = reader.size(name)
     except CheckpointError as exc:
@@ -154,7 +163,8 @@ def _decode(reader: RangeReader, name: str) -> _Decoded:
         raise CheckpointError(f"{name}: file is empty (the save was interrupted or the copy is incomplete)")
     # Streamed: a corrupt or hostile file fails at its first bad byte, and a huge one is never held whole.
     pickled = sp.load_metadata_pickle(source=name, read=lambda offset, length: reader.read(name, offset, length),
-                                      size=size_bytes, fast=fast_records.handlers if fast_records_on() else None)
+                                      size=size_bytes,
+                                      fast=partial(fast_records.handlers, left_out=left_out) if fast_records_on() else None)
     md = pickled.root
     columns = pickled.columns if pickled.columns is not None else fast_records.Columns()
     if not isinstance(md, sp.Metadata):
@@ -170,13 +180,13 @@ def _decode(reader: RangeReader, name: str) -> _Decoded:
         entries[fqn] = _tensor_decl(name, fqn, item, columns)
     columns.chunk_dims = []     # copied into each tensor's declaration
 
-    locations, files = _storage_locations(name, md.get("storage_data"), columns)
+    locations, files = _storage_locations(name, md.get("storage_data"), columns, left_out)
     version = md.get("version")
     if version is not None and not isinstance(version, str):
         raise CheckpointError(f"{name}: version {describe(version)} is not a string")
     locations.check(entries)
     return _Decoded(name, entries, _planner_paths(md.get("planner_data")), locations, version,
-                    _torch_version_hint(md, pickled.globals_seen), files)
+                    _torch_version_hint(md, pickled.globals_seen), files, left_out)
 
 
 def fast_records_on() -> bool:
@@ -230,7 +240,8 @@ def _dims(where: str, what: str, value: Any) -> Tuple[int, ...]:
     raise CheckpointError(f"{where}: {what} {describe(value)} is not a tuple of non-negative ints")
 
 
-def _storage_locations(name: str, storage_data: Any, columns: fast_records.Columns) -> Tuple["_Locations", set]:
+def _storage_locations(name: str, storage_data: Any, columns: fast_records.Columns,
+                       left_out: LeftOut) -> Tuple["_Locations", set]:
     if not isinstance(storage_data, dict):
         raise CheckpointError(
             f"{name}: storage_data is missing (found {type(storage_data).__name__}); this metadata was not "
@@ -254,8 +265,11 @@ def _storage_locations(name: str, storage_data: Any, columns: fast_records.Colum
             files.add(location.relative_path)
             continue
         offsets = _dims(f"{name}: storage for {describe(fqn)}", "offset", offset)
-        columns.add_row(fqn, offsets, columns.place_id(location.relative_path, location.transform_descriptors),
-                        location.offset, location.length)
+        place = columns.place_id(location.relative_path, location.transform_descriptors)
+        if left_out.guesses(fqn):
+            columns.leave_out([fqn], [offsets], [place])
+        else:
+            columns.add_row(fqn, offsets, place, location.offset, location.length)
     files.update(path for path, _, _ in columns.places)
     return locations, files
 
@@ -375,6 +389,22 @@ def _torch_version_hint(md: sp.Metadata, globals_seen: frozenset) -> str:
     return "2.0-2.3"  # no tensors, so nothing tells 2.0-2.2 from 2.3
 
 
+def _left_out_confirmed(decoded: _Decoded) -> bool:
+    """Whether the rows left out while decoding are exactly those of tensors planning leaves out: every tensor whose
+    key was guessed has a planner_data path that confirms it (`LeftOut.confirms`), and the rows counted are its chunks, no more,
+    none missing, none twice (their number and their sum of hash((fqn, offsets))). Else the file is decoded again
+    without leaving anything out, which refuses a missing or duplicated row as it always did."""
+    left_out, columns = decoded.left_out, decoded.locations.columns
+    # Bytes items are never left out (their rows have no offsets): the guessed tensors.
+    guessed = [fqn for fqn, decl in decoded.entries.items() if decl is not None and left_out.guesses(fqn)]
+    if not all(left_out.confirms(fqn, decoded.paths.get(fqn, ())) for fqn in guessed):
+        return False
+    rows = columns.left_out_rows
+    dims = [decoded.entries[fqn].dims for fqn in guessed]
+    return (set(rows) <= set(guessed) and all(rows[fqn] == len(d) // 2 for fqn, d in zip(guessed, dims))
+            and columns.left_out_hash == sum(sum(map(hash, zip(repeat(fqn), d[0::2]))) for fqn, d in zip(guessed, dims)))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # per-rank metadata (use_collectives=False)
 
@@ -457,6 +487,11 @@ def _build(decoded: _Decoded) -> CheckpointMetadata:
         if decl is None:
             byte_entries.append(BytesEntry(fqn, decoded.locations.get((fqn, None)), path))
             continue
+        if decoded.left_out.guesses(fqn):       # confirmed by `_left_out_confirmed`
+            tensors.append(TensorEntry(fqn, decl.dtype, decl.shape, LeftOutChunks(
+                len(decl.shape), shared.of(array("q", chain.from_iterable(decl.dims))), len(decl.dims) // 2), path))
+            decl.dims = []
+            continue
         table = _table_of_rows(decoded.locations, fqn, decl) or _table_by_chunk(decoded, fqn, decl)
         table = ChunkTable(table.ndim, shared.of(table.boxes), table.blobs, shared.of(table.where), columns.places)
         tensors.append(TensorEntry(fqn, decl.dtype, decl.shape, table, path))
@@ -469,7 +504,17 @@ def _build(decoded: _Decoded) -> CheckpointMetadata:
         torch_version_hint=decoded.torch_version_hint,
         files=tuple(sorted(decoded.files)),
         flavor=SAFETENSORS_FLAVOR if packed else "",
+        left_out_blobs=_left_out_blobs(columns),
     )
+
+
+def _left_out_blobs(columns: fast_records.Columns) -> Tuple[Tuple[Tuple[str, ...], int], ...]:
+    """((transform descriptors, blobs), ...) of the rows left out while decoding."""
+    found: Dict[Tuple[str, ...], int] = {}
+    for place, count in columns.left_out_places.items():
+        descriptors = columns.places[place][1]
+        found[descriptors] = found.get(descriptors, 0) + count
+    return tuple(sorted(found.items()))
 
 
 class _SharedColumns:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Dict, NamedTuple, Optional, Protocol, Tuple
 
 from ..errors import UnsupportedFeatureError
-from ..model import BlobLocation, CheckpointMetadata, ChunkTable
+from ..model import BlobLocation, CheckpointMetadata, ChunkTable, LeftOutChunks
 from . import zstd
 from .io import RangeReader
 
@@ -109,8 +109,17 @@ def where(location: BlobLocation, fqn: Optional[str]) -> str:
 def _any_transformed(meta: CheckpointMetadata) -> bool:
     if any(b.location is not None and b.location.transform_descriptors for b in meta.byte_entries):
         return True
-    return any(t.chunks.transformed if isinstance(t.chunks, ChunkTable)
-               else any(c.location.transform_descriptors for c in t.chunks) for t in meta.tensors)
+    if any(descriptors for descriptors, _ in meta.left_out_blobs):
+        return True
+    return any(map(_transformed, (t.chunks for t in meta.tensors)))
+
+
+def _transformed(chunks) -> bool:
+    if isinstance(chunks, LeftOutChunks):
+        return False        # their blobs are in `meta.left_out_blobs`
+    if isinstance(chunks, ChunkTable):
+        return chunks.transformed
+    return any(c.location.transform_descriptors for c in chunks)
 
 
 def note(meta: CheckpointMetadata) -> Optional[str]:
@@ -119,16 +128,22 @@ def note(meta: CheckpointMetadata) -> Optional[str]:
     if not _any_transformed(meta):      # without making a location per chunk (481k at 671B parameters)
         return None
     counts: Dict[Tuple[str, ...], int] = {}
-    locations = {c.location for t in meta.tensors for c in t.chunks}
+    locations = {c.location for t in meta.tensors if not isinstance(t.chunks, LeftOutChunks) for c in t.chunks}
     locations.update(b.location for b in meta.byte_entries if b.location is not None)
     for location in locations:
         if location.transform_descriptors:
             counts[location.transform_descriptors] = counts.get(location.transform_descriptors, 0) + 1
+    # The left-out tensors' blobs are counted by row: each chunk has a blob of its own in every torch writer.
+    blobs = len(locations)
+    for descriptors, n in meta.left_out_blobs:
+        blobs += n
+        if descriptors:
+            counts[descriptors] = counts.get(descriptors, 0) + n
     if not counts:
         return None
     total = sum(counts.values())
     unknown = [list(d) for d in counts if d != (zstd.DESCRIPTOR,)]
-    what = f"{total} of {len(locations)} blobs are stored through a stream transform"
+    what = f"{total} of {blobs} blobs are stored through a stream transform"
     if unknown:
         return (f"{what}: {unknown[0]} is not one streamconv can undo (it knows {[zstd.DESCRIPTOR]}, torch's "
                 "ZStandard extension); convert will refuse those tensors")

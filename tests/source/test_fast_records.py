@@ -7,6 +7,7 @@ import pickle
 import pytest
 
 from benchmarks import metadata_scale
+from streamconv.errors import StreamconvError
 from streamconv.source import fast_records, metadata, safe_pickle
 from streamconv.source.io import DirectoryReader, MemoryReader
 
@@ -244,3 +245,114 @@ def test_chunks_of_0_to_5_dims_decode_the_same_both_ways(monkeypatch):
     assert [c.location.offset for c in fast.tensors[4].chunks] == [5000, 5100, 5200, 5300]
     columns = _columns(raw)     # None when the load gave up (a reference into elided memo entries)
     assert columns.row_count == len(rows) - 1 and len(columns.chunk_dims) == 2 * (len(rows) - 1)
+
+
+def _taken(raw: bytes):
+    """(records each fast path took, by class name; the columns) of decoding `raw` with the fast paths."""
+    taken = {}
+
+    def counting(spec):
+        paths, columns = fast_records.handlers(spec)
+        names = {id(cls): cls.__name__ for cls in (safe_pickle.ChunkStorageMetadata, safe_pickle.MetadataIndex,
+                                                    safe_pickle.TensorStorageMetadata)}
+
+        def wrap(key, run):
+            def counted(*args):
+                out = run(*args)
+                if out is not None:
+                    taken[names[key]] = taken.get(names[key], 0) + 1
+                return out
+            return counted
+        return {key: wrap(key, run) for key, run in paths.items()}, columns
+
+    columns = safe_pickle.load_metadata_pickle(raw, source="x", fast=counting).columns
+    return taken, columns
+
+
+@pytest.mark.parametrize("name", ["fsdp2", "tp", "dtensor_2d"])
+def test_a_multi_rank_checkpoint_is_read_by_the_fast_paths(name, dcp_checkpoints, monkeypatch):
+    """torch's coordinator pickles each rank's storage rows with that rank's own strings, so every row names its fqn
+    inline (and each rank's first row its file); each state_dict_metadata entry after the first refers to classes
+    and keys already seen. The fast paths take every entry but the first and every row but each file's first (and
+    those a FRAME cuts), and decode the same metadata as the general machine."""
+    import pickletools
+    ckpt = dcp_checkpoints[name]
+    raw = (ckpt / ".metadata").read_bytes()
+    fast, general = _both(DirectoryReader(ckpt), monkeypatch)
+    assert fast == general
+    taken, columns = _taken(raw)
+    rows = sum(len(t.chunks) for t in fast.tensors)
+    frames = sum(op.name == "FRAME" for op, _, _ in pickletools.genops(raw))
+    assert rows - len(fast.files) - frames <= columns.row_count <= rows - len(fast.files)
+    assert len(fast.tensors) - 1 - frames <= taken["TensorStorageMetadata"] <= len(fast.tensors) - 1
+
+
+def _inline_rows(tensors, storage_rows):
+    """`_md` as a multi-rank save pickles it: each tensor with TensorProperties of its own, each storage row naming
+    its fqn with a string of its own (written inline)."""
+    import torch
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex,
+                                                       TensorProperties, TensorStorageMetadata)
+    sdm = {fqn: TensorStorageMetadata(TensorProperties(dtype=torch.float32), torch.Size(shape),
+                                      [ChunkStorageMetadata(torch.Size(o), torch.Size(sizes)) for o in offsets])
+           for fqn, (shape, offsets, sizes) in tensors.items()}
+    storage = {MetadataIndex("".join(list(fqn)), torch.Size(o), 0): _StorageInfo(path, at, length)
+               for fqn, o, path, at, length in storage_rows}
+    return pickle.dumps(Metadata(sdm, planner_data={f: (f,) for f in tensors}, storage_data=storage), protocol=4)
+
+
+def _error(files) -> str:
+    with pytest.raises(StreamconvError) as caught:
+        metadata.load_metadata(MemoryReader(files))
+    return str(caught.value)
+
+
+def _same_error(files, monkeypatch, expected: str):
+    """The message decoding `files` ends with, the same with the fast paths on and off, holding `expected`."""
+    fast = _error(files)
+    monkeypatch.setenv("STREAMCONV_NO_FAST_PATHS", "1")
+    general = _error(files)
+    monkeypatch.delenv("STREAMCONV_NO_FAST_PATHS")
+    assert fast == general and expected in fast, (fast, general)
+
+
+def test_an_inline_fqn_holding_a_record_s_tail_is_not_split_inside_it(monkeypatch):
+    """A storage row's inline fqn is matched lazily up to what follows it in the record; one that holds bytes
+    looking like that tail (here the next row's whole tail, then bytes no UTF-8 string has) must not be cut there:
+    its length byte says where it ends, the fast path leaves the row to the general machine, which refuses the
+    string as it always did."""
+    offsets = [(4 * r, 0) for r in range(4)]
+    raw = _inline_rows({"ww": ((16, 3), offsets, (4, 3))},
+                       [("ww", o, "__0_0.distcp", 100 * k, 48) for k, o in enumerate(offsets)])
+    fqn = b"\x8c\x02ww\x94"
+    third = raw.index(fqn, raw.index(fqn, raw.index(fqn, raw.index(b"storage_data")) + 1) + 1)
+    tail = raw[third + 4:raw.index(b"ub", raw.index(b"ub", third) + 2) + 2]   # from its \x94 to the row's end
+    crafted_name = b"ww" + tail + b"\xff"
+    assert len(crafted_name) < 256
+    crafted = raw[:third] + b"\x8c" + bytes([len(crafted_name)]) + crafted_name + raw[third + 4:]
+    _same_error({".metadata": crafted, "__0_0.distcp": bytes(800)}, monkeypatch, "UnicodeDecodeError")
+
+
+def test_an_entry_with_a_chunk_of_another_rank_is_refused_as_before(monkeypatch):
+    """The entry fast path takes an entry only when every chunk has the tensor's number of dims: here the second
+    tensor's third chunk has 3, and the general machine names it, with the fast paths on as with them off."""
+    offsets = [(4 * r, 0) for r in range(4)]
+    raw = _inline_rows({"vv": ((16, 3), offsets, (4, 3)), "ww": ((16, 3), offsets, (4, 3))},
+                       [(f, o, "__0_0.distcp", 100 * k, 48) for f in ("vv", "ww") for k, o in enumerate(offsets)])
+    assert raw.count(b"K\x08K\x00\x86\x94") == 4      # offsets (8, 0): vv's and ww's chunks, then their storage rows
+    second = raw.index(b"K\x08K\x00\x86\x94", raw.index(b"K\x08K\x00\x86\x94") + 1)
+    crafted = raw[:second] + b"K\x08K\x00K\x00\x87\x94" + raw[second + 6:]   # (8, 0, 0)
+    assert _taken(raw)[0]["TensorStorageMetadata"] == 1     # ww's entry, in the file before the change
+    _same_error({".metadata": crafted, "__0_0.distcp": bytes(800)}, monkeypatch, "do not match the tensor's rank")
+
+
+def test_a_tuple_closing_fewer_ints_than_it_follows_is_refused_as_before(monkeypatch):
+    """torch.Size's dims end with TUPLE1-3 holding as many ints as precede it: two ints closed by TUPLE1 leave one
+    on the stack, which the general machine refuses; the fast paths must not read them as a 2-d size."""
+    offsets = [(4 * r, 0) for r in range(4)]
+    raw = _inline_rows({"vv": ((16, 3), offsets, (4, 3)), "ww": ((16, 3), offsets, (4, 3))},
+                       [(f, o, "__0_0.distcp", 100 * k, 48) for f in ("vv", "ww") for k, o in enumerate(offsets)])
+    second = raw.index(b"K\x08K\x00\x86\x94", raw.index(b"K\x08K\x00\x86\x94") + 1)
+    crafted = raw[:second] + b"K\x08K\x00\x85\x94" + raw[second + 6:]
+    _same_error({".metadata": crafted, "__0_0.distcp": bytes(800)}, monkeypatch, "REDUCE calls 8")

@@ -111,8 +111,8 @@ class NamedMetadata(ReadsBlobsAsStored):
     def detect(self, folder):
         return os.path.isfile(os.path.join(folder, "checkpoint.metadata"))
 
-    def load_metadata(self, reader, folder):
-        return load_metadata(reader, "checkpoint.metadata")
+    def load_metadata(self, reader, folder, left_out):
+        return load_metadata(reader, "checkpoint.metadata", left_out)
 
 
 def test_a_new_flavor_is_one_class_and_one_registry_line(folders, tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from typing import Iterable, Optional, Sequence, Tuple
 
 from ...errors import CheckpointError
 from ...fs import location
-from ...model import CheckpointMetadata
+from ...model import NOTHING_LEFT_OUT, CheckpointMetadata, LeftOut, LeftOutChunks
 from ..io import RangeReader
 from ..metadata import find_metadata_file
 from . import dcp, hf_per_rank, megatron
@@ -44,11 +44,12 @@ def is_checkpoint_folder(folder: "str | os.PathLike[str]", flavors: Optional[Seq
         return True
 
 
-def open_checkpoint(folder: "str | os.PathLike[str]", directory_reader, *,
+def open_checkpoint(folder: "str | os.PathLike[str]", directory_reader, *, left_out: LeftOut = NOTHING_LEFT_OUT,
                     flavors: Optional[Sequence[Flavor]] = None) -> Tuple[Flavor, RangeReader, CheckpointMetadata]:
     """(its flavor, the reader its blobs are read through, its metadata) of checkpoint folder `folder`;
     `directory_reader(folder)` opens the folder's files (closed here on failure, else by the caller through the
-    returned reader). CheckpointError explaining what a checkpoint folder looks like when no flavor claims it."""
+    returned reader). CheckpointError explaining what a checkpoint folder looks like when no flavor claims it.
+    `left_out`: the tensors whose chunk locations may be left undecoded (`model.LeftOut`)."""
     folder = os.fspath(folder)
     flavor = detect(folder, flavors)
     if flavor is None:
@@ -56,7 +57,7 @@ def open_checkpoint(folder: "str | os.PathLike[str]", directory_reader, *,
         raise CheckpointError(f"{folder}: no checkpoint flavor recognises this folder")
     directory = directory_reader(folder)
     try:
-        meta = flavor.load_metadata(directory, folder)
+        meta = flavor.load_metadata(directory, folder, left_out)
         return flavor, flavor.open_blobs(directory, _locations(meta)), meta
     except BaseException:
         directory.close()
@@ -64,4 +65,4 @@ def open_checkpoint(folder: "str | os.PathLike[str]", directory_reader, *,
 
 
 def _locations(meta: CheckpointMetadata) -> Iterable:
-    return (chunk.location for t in meta.tensors for chunk in t.chunks)
+    return (chunk.location for t in meta.tensors if not isinstance(t.chunks, LeftOutChunks) for chunk in t.chunks)

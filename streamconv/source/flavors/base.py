@@ -4,8 +4,10 @@ A flavor answers three questions about a folder, in this order:
 
 * `detect(folder)`: is the folder this kind? Reads a listing and at most small side files, never a data file;
   CheckpointError when it is this kind but broken in a way the listing shows (the error then explains it).
-* `load_metadata(reader, folder)`: the checkpoint as streamconv's own model (`streamconv.model`), from whatever the
-  flavor keeps: a pickled `.metadata`, safetensors headers...
+* `load_metadata(reader, folder, left_out)`: the checkpoint as streamconv's own model (`streamconv.model`), from
+  whatever the flavor keeps: a pickled `.metadata`, safetensors headers... `left_out` (`model.LeftOut`, decided once
+  from the options) names the tensors whose chunk locations the flavor may leave undecoded, because planning leaves
+  them out: each flavor either uses it or says why it ignores it.
 * `open_blobs(directory, locations)`: the RangeReader the blobs' *stored* bytes are read through (the folder's files
   for every flavor today; an object store would give its own). A transformed blob (`BlobLocation.
   transform_descriptors`, e.g. zstd) is not the flavor's business: `blob_reader.BlobReader` reads it over this
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 from typing import Iterable, Protocol
 
-from ...model import BlobLocation, CheckpointMetadata
+from ...model import BlobLocation, CheckpointMetadata, LeftOut
 from ..io import RangeReader
 
 
@@ -31,8 +33,9 @@ class Flavor(Protocol):
     def detect(self, folder: str) -> bool:
         """True when `folder` is this kind (CheckpointError: it is, but broken; the message says how)."""
 
-    def load_metadata(self, reader: RangeReader, folder: str) -> CheckpointMetadata:
-        """The checkpoint's tensors, chunks and blob locations (CheckpointError naming the file and field)."""
+    def load_metadata(self, reader: RangeReader, folder: str, left_out: LeftOut) -> CheckpointMetadata:
+        """The checkpoint's tensors, chunks and blob locations (CheckpointError naming the file and field); the
+        tensors `left_out` names may have their chunks as `model.LeftOutChunks`."""
 
     def open_blobs(self, directory: RangeReader, locations: Iterable[BlobLocation]) -> RangeReader:
         """The reader the stored bytes of the blobs at `locations` are read through (the caller closes

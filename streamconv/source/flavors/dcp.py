@@ -5,7 +5,7 @@ use_collectives=False) and `.distcp` data files. Its blobs are `torch.save` arch
 from __future__ import annotations
 
 from ...fs import location
-from ...model import CheckpointMetadata
+from ...model import CheckpointMetadata, LeftOut
 from ..io import RangeReader
 from ..metadata import METADATA_NAME, RANK_METADATA, find_metadata_file, load_metadata
 from .base import ReadsBlobsAsStored
@@ -25,8 +25,8 @@ class DcpFolder(ReadsBlobsAsStored):
         except OSError:
             return False
 
-    def load_metadata(self, reader: RangeReader, folder: str) -> CheckpointMetadata:
-        return load_metadata(reader, find_metadata_file(folder))
+    def load_metadata(self, reader: RangeReader, folder: str, left_out: LeftOut) -> CheckpointMetadata:
+        return load_metadata(reader, find_metadata_file(folder), left_out)
 
 
 FLAVOR = DcpFolder()

@@ -2,7 +2,7 @@
 places come from each file's safetensors header (`source.hf_shards`)."""
 from __future__ import annotations
 
-from ...model import CheckpointMetadata
+from ...model import CheckpointMetadata, LeftOut
 from .. import hf_shards
 from ..io import RangeReader
 from .base import ReadsBlobsAsStored
@@ -14,7 +14,9 @@ class HfPerRankShards(ReadsBlobsAsStored):
     def detect(self, folder: str) -> bool:
         return bool(hf_shards.shard_files(folder))
 
-    def load_metadata(self, reader: RangeReader, folder: str) -> CheckpointMetadata:
+    def load_metadata(self, reader: RangeReader, folder: str, left_out: LeftOut) -> CheckpointMetadata:
+        # `left_out` ignored: the shards' headers are read whole anyway (a few per rank, no per-chunk records), and
+        # an HF state dict holds no optimizer state to leave out.
         return hf_shards.load_metadata(reader, hf_shards.shard_files(folder))
 
 

@@ -68,6 +68,11 @@ NUMPY_IN_USE_BYTES = 2**19
 #   without a recorded CRC-32, read back when their shard ends) is added by runs/ (`with_plain_io`,
 #   `with_io_step_each`). `build_plan` predicts for the default writer count; `with_writers` for another;
 IO_STEP_BYTES_PER_WRITER = 2**20
+# * --verify: the staged output read back after the writing by one executor into a ComparingSink, which holds three
+#   pieces (the output's bytes, the source's, the comparison's flags: output/sink.COMPARE_PIECE_BYTES each, this) and
+#   imports numpy whatever the writing did (`with_verify_pass`). Without this term the 2 GB preset peaked at 38.3
+#   MiB with --verify against 28.6 predicted (24.8 without --verify; 2-core VM, 2026-12-07);
+VERIFY_PIECE_BYTES = 2**20
 DEFAULT_WRITERS = 2
 # * when chunks are zstd-compressed, the zstandard module (once) and per writer its decoder with its window
 #   (torch's default level), its compressed reads and what its thread's malloc arena keeps of them. Measured peaks
@@ -459,6 +464,22 @@ def with_numpy_bytes(conversion: ConversionPlan, import_bytes: int) -> Conversio
     than as NUMPY_RSS_BYTES assumes, when the run imports it."""
     numpy_bytes = import_bytes + NUMPY_IN_USE_BYTES
     extra_bytes = numpy_bytes - conversion.numpy_bytes if uses_numpy(conversion) else 0
+    return replace(conversion, peak_bytes=conversion.peak_bytes + extra_bytes, numpy_bytes=numpy_bytes)
+
+
+def with_verify_pass(conversion: ConversionPlan, import_bytes: Optional[int]) -> ConversionPlan:
+    """The predicted peak of a run that reads its output back (--verify): the comparison's three pieces
+    (VERIFY_PIECE_BYTES each), and numpy (as `import_bytes` measured it in this process, or `numpy_bytes`) when no
+    tensor of the writing passed through the buffer, so that nothing counted it yet. On top of the writing: the
+    writers' steps stay allocated (malloc keeps them) while the output is read back."""
+    numpy_bytes = conversion.numpy_bytes if import_bytes is None else import_bytes + NUMPY_IN_USE_BYTES
+    largest = max((t.nbytes for t in conversion.tensors), default=0)
+    # (a piece's pages are touched only as far as the largest tensor reaches)
+    extra_bytes = 3 * min(VERIFY_PIECE_BYTES, largest)
+    if uses_numpy(conversion):
+        extra_bytes += numpy_bytes - conversion.numpy_bytes
+    else:
+        extra_bytes += numpy_bytes
     return replace(conversion, peak_bytes=conversion.peak_bytes + extra_bytes, numpy_bytes=numpy_bytes)
 
 

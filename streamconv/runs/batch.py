@@ -35,6 +35,7 @@ from . import batch_job
 from ..errors import OptionsError, ResourceError, StreamconvError
 from ..planning.names import natural_key
 from ..planning.options import ConvertOptions
+from ..planning.plan import with_io_step_each, with_verify_pass
 from ..fs import location
 from ..fs.paths import user_path
 from ..fs.remote import is_url
@@ -270,7 +271,7 @@ def convert_many(sources: Sequence[str], output_template: str, options: Optional
     # Jobs run side by side: with no --workers, each chooses its writers from its share of the CPUs, so N jobs
     # do not start N times as many decoder threads as there are cores.
     cpus_per_job = available_cpus() / min(jobs, max(1, len(items)))
-    todo = _plan_all(items, options, overwrite or overwrite_any, max_memory_bytes, workers, cpus_per_job)
+    todo = _plan_all(items, options, overwrite or overwrite_any, max_memory_bytes, workers, cpus_per_job, verify)
     planning_seconds = time.perf_counter() - started
     total = sum(i.bytes for i in todo) * (2 if verify else 1)     # --verify reads every byte back
     reporter.start(total, f"{len(todo)} of {len(items)} checkpoint(s)")
@@ -343,13 +344,17 @@ def _suggest_template(template: str, sources: Sequence[str]) -> str:
 
 
 def _plan_all(items: Sequence[BatchItem], options: ConvertOptions, overwrite: bool,
-              max_memory_bytes: Optional[int], workers: Optional[int], cpus_per_job: float) -> List[BatchItem]:
+              max_memory_bytes: Optional[int], workers: Optional[int], cpus_per_job: float,
+              verify: bool) -> List[BatchItem]:
     """Plan every checkpoint: skip complete outputs, fail the unplannable and the too large, return the rest,
-    each with the writer count its job runs (`workers`, or chosen from `cpus_per_job`)."""
+    each with the writer count its job runs (`workers`, or chosen from `cpus_per_job`) and its predicted peak
+    (with --verify, reading the output back: as the job's own conversion will count it)."""
     todo = []
     for item in items:
         try:
             conversion = dry_run(item.source, Request(options), workers=workers, cpus=cpus_per_job)
+            if verify:
+                conversion = with_verify_pass(with_io_step_each(conversion, conversion.workers), None)
         except StreamconvError as exc:
             item.status, item.error, item.kind, item.exit_code = "failed", str(exc), type(exc).__name__, exc.exit_code
             continue

@@ -38,7 +38,7 @@ from ..output.ledger import Ledger, plan_record, shard_fingerprints
 from ..output.staging import StagingDir, recover_swap
 from ..planning.options import ConvertOptions, RunOptions
 from ..planning.plan import (INDEX_FILE_NAME, ConversionPlan, TensorPlan, with_io_step_each, with_permuted_chunks,
-                             with_plain_io)
+                             with_plain_io, with_verify_pass)
 from ..planning.workers import with_workers
 from ..execution.executor import Executor
 from ..sizes import format_size
@@ -46,6 +46,7 @@ from ..source import remote as remote_reads
 from ..source.remote import reading_paths
 from ..source.integrity import ChunkIntegrity
 from ..verification import provenance
+from . import mapping
 from .checkpoint import blob_reader
 from .locating import Locating, write_order
 from .preparing import Request, checked_plan, prepare, with_measured_numpy, with_tied_heads
@@ -170,10 +171,12 @@ class Conversion:
                 and not any(t.is_compressed for t in self.with_heads.tensors))
 
     def _every_writer_steps(self) -> bool:
-        """Whether every writer reads outside the buffer whatever it writes (`plan.with_io_step_each`): the CRC-32
+        """Whether every writer reads outside the buffer whatever it writes (`plan.with_io_step_each`): the plain IO
+        paths' steps (no copy_file_range or preadv: beside the plain step's bytes `with_plain_io` counts), the CRC-32
         check's pieces, --verify, a resumed shard's CRC read-back, the tied heads' comparison, object storage."""
         s = self.settings
-        return bool(s.check_crc or s.verify or s.resume or self.setup.tied or self.remote_output
+        return bool(not (self.fast.copy_file_range and self.fast.preadv)
+                    or s.check_crc or s.verify or s.resume or self.setup.tied or self.remote_output
                     or is_url(self.checkpoint_dir))
 
     def stop_locating(self) -> None:
@@ -216,6 +219,8 @@ class Conversion:
             self.conversion = with_plain_io(self.conversion, self.conversion.workers)
         if self._every_writer_steps():
             self.conversion = with_io_step_each(self.conversion, self.conversion.workers)
+        if self.settings.verify:
+            self.conversion = with_verify_pass(self.conversion, mapping.numpy_import_bytes())
         if is_url(self.checkpoint_dir):     # the ranged GETs in flight and the client, beside the writers' buffers
             reading = remote_reads.INFLIGHT_BYTES
             if not (self.remote_output and scheme(self.output_dir) == scheme(self.checkpoint_dir)):

@@ -138,6 +138,19 @@ def test_max_memory_and_the_python_api(runs, single):
     assert files(runs / "out/checkpoint-200") == single
 
 
+def test_verify_jobs_are_scheduled_with_the_reading_back_in_their_peak(runs):
+    """--verify reads every output back (numpy and the comparison's pieces): a job's scheduled peak counts it, as
+    its own conversion's prediction does, so that --max-memory is not exceeded by the verifying jobs."""
+    plain = streamconv.convert_many([str(runs / "runs/a/checkpoint-*")], str(runs / "plain/{name}"),
+                                    max_shard_size=SHARD, no_config=True)
+    verified = streamconv.convert_many([str(runs / "runs/a/checkpoint-*")], str(runs / "verified/{name}"),
+                                       max_shard_size=SHARD, no_config=True, verify=True)
+    assert [i.status for i in verified.items] == ["converted", "converted"]
+    for p, v in zip(plain.items, verified.items):
+        assert v.predicted_peak_bytes > p.predicted_peak_bytes
+        assert v.peak_rss_bytes <= v.predicted_peak_bytes, (v.peak_rss_bytes, v.predicted_peak_bytes)
+
+
 def test_a_plan_travels_and_its_shards_are_written_elsewhere(demo_checkpoint, single, tmp_path):
     """ShardJobs pickle; shards written by `shardjob.write_job_alone` are recognised by the driver's ledger."""
     jobs = []

@@ -53,8 +53,8 @@ def ignore_signals() -> None:
     further signal would turn exit 130 into "killed by signal" or a KeyboardInterrupt printed during shutdown."""
     for s in INTERRUPT_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
-    # CPython (3.11 to 3.13) marks a KeyboardInterrupt that leaves code run by exec() of a string as unhandled,
-    # even when a caller catches it, and then ends the process by sending itself SIGINT instead of exiting 130.
+    # CPython (seen on 3.11) marks a KeyboardInterrupt that leaves code run by exec() of a string as unhandled even
+    # when a caller catches it, and `python -m` then ends by sending itself SIGINT instead of exiting 130.
     # dataclasses create their methods with exec(): an interrupt during a lazy import (the conversion's modules
     # are imported once the command line is parsed) leaves that mark. An exec() that completes clears it.
     exec("")

@@ -59,5 +59,5 @@ def test_an_interrupt_caught_after_an_exec_exits_130_once_cleared(tmp_path, clea
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, str(tmp_path)]))
     result = subprocess.run([sys.executable, "-m", "interrupted_in_exec"] + (["clear"] if clear else []), env=env,
                             capture_output=True, text=True, timeout=60)
-    # (the second case is CPython's own behaviour, 3.11 to 3.13: it shows the first tests something)
+    # (the second case is CPython's own behaviour, seen on 3.11: it shows the first tests something)
     assert result.returncode == returncode, result.stderr

@@ -21,14 +21,17 @@ def main():
     exits.hold_interrupts(True)     # (until the imports are done: ~0.1 s)
     exits.catch_signals()
     try:
+        as_json = "--json" in sys.argv[1:]
         try:
             from . import failpoints
             failpoints.announce_start()     # (a test's cue that the handlers are in place)
             from .commands import run
+        except Exception as exc:        # (a broken install: one line, as for any internal error)
+            exits.internal_error(exc, as_json)
         finally:
             exits.hold_interrupts(False)
         if exits.signal_received():
-            exits.interrupted_starting(as_json="--json" in sys.argv[1:])
+            exits.interrupted_starting(as_json)
         code = run()
     finally:
         if exits.signal_received():

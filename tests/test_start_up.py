@@ -183,3 +183,13 @@ def test_ctrl_c_at_any_moment_of_start_up_exits_130(dcp_checkpoints, tmp_path, e
         out = tmp_path / f"out{i}"
         seen.add(_check_interrupted(_interrupted(dcp_checkpoints["fsdp2"], out, entry, delay_s), out))
     assert "interrupted while starting: nothing was read or written" in seen
+
+
+def test_a_verb_module_that_cannot_be_imported_is_one_line_not_a_traceback():
+    """A broken install (here: `streamconv.commands` made unimportable) fails as any internal error does."""
+    code = "import sys\nsys.modules['streamconv.commands'] = None\nfrom streamconv.cli import main\nmain()\n"
+    result = subprocess.run([sys.executable, "-c", code, "plan", "ckpt"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("streamconv: internal error (ModuleNotFoundError: import of streamconv.commands")
+    assert len(result.stderr.splitlines()) == 1

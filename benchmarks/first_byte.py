@@ -66,8 +66,11 @@ if os.environ.get("FIRST_BYTE_STEPS"):
             (conversion.Locating, "first", "the first tensors' chunks located"),
             (conversion.Conversion, "staging_dir", "the staging folder"), (conversion.Conversion, "stage", "stage")]:
         timed(owner, name, label)
+import threading
+first = threading.Lock()
 def first_shard(self):
     at = now()
+    first.acquire()         # (two writers may open their shards at once: the first one reports, then all exit)
     print(f"FIRST-BYTE {time.monotonic():.6f} {at[0]:.4f}", flush=True)
     for label, (cpu, wall) in steps.items():
         print(f"STEP {cpu:.6f} {wall:.6f} {label}", flush=True)

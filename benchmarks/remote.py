@@ -95,13 +95,14 @@ def cpu_seconds(pid: int) -> float:
 
 def import_cost_bytes(modules: str) -> int:
     """RSS of an interpreter after importing `modules` (a line of Python) minus one after `import
-    streamconv.cli`: what the client stack adds to a converter's resident memory before it reads a byte."""
+    streamconv.commands` (the verbs and all they import): what the client stack adds to a converter's resident
+    memory before it reads a byte."""
     def rss(code: str) -> int:
         r = subprocess.run([sys.executable, "-c", code + "\nprint(open('/proc/self/statm').read().split()[1])"],
                            capture_output=True, text=True, check=True, cwd=HERE.parent)
         return int(r.stdout.split()[-1]) * os.sysconf("SC_PAGE_SIZE")
-    base = min(rss("import streamconv.cli") for _ in range(3))
-    return min(rss("import streamconv.cli\n" + modules) for _ in range(3)) - base
+    base = min(rss("import streamconv.commands") for _ in range(3))
+    return min(rss("import streamconv.commands\n" + modules) for _ in range(3)) - base
 
 
 IMPORTS = {       # a run through obstore lists, stats and reads through it alone (fs/s3_obstore.py)

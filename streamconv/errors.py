@@ -1,4 +1,5 @@
-"""One error hierarchy for the library. Only `cli.py` turns these into exit codes and text.
+"""One error hierarchy for the library. Only the command line (commands.py, exits.py) turns these into exit codes
+and text.
 
 Every message should name what was wrong (file, tensor), what was expected vs found, and the fix.
 """

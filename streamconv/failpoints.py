@@ -10,6 +10,9 @@ docs/failpoints.md explains how to use them to test crash consistency.
     STREAMCONV_UNSAFE_NO_FSYNC=1             skip every fsync (benchmarks only: what durability costs)
     STREAMCONV_TEST_NO_PDEATHSIG=1           batch jobs skip prctl(PR_SET_PDEATHSIG) (batch_job.py)
     STREAMCONV_TEST_RAY_KILL_DIR=FOLDER      Ray tasks kill their own worker once per shard (ray_runner.py)
+    STREAMCONV_TEST_STARTED_FD=FD            the command line writes a line to this inherited file descriptor once
+                                             its interrupt handlers are in place (cli.py), before it imports the
+                                             verbs: a test's cue to send a signal at a known moment of start-up
 
 Two settings (not test switches) live here for the same reason, read by hf/meta_probe.py:
     STREAMCONV_META_TIMEOUT_S=SECONDS        how long transformers may take to say what a config's model loads
@@ -27,6 +30,7 @@ NO_FAST_PATHS_ENV = "STREAMCONV_NO_FAST_PATHS"
 NO_FSYNC_ENV = "STREAMCONV_UNSAFE_NO_FSYNC"
 NO_PDEATHSIG_ENV = "STREAMCONV_TEST_NO_PDEATHSIG"
 RAY_KILL_DIR_ENV = "STREAMCONV_TEST_RAY_KILL_DIR"
+STARTED_FD_ENV = "STREAMCONV_TEST_STARTED_FD"
 META_TIMEOUT_ENV = "STREAMCONV_META_TIMEOUT_S"
 META_CACHE_ENV = "STREAMCONV_META_CACHE_DIR"
 
@@ -100,6 +104,14 @@ def fsync_enabled() -> bool:
 def pdeathsig_enabled() -> bool:
     """False when the test asks batch jobs to rely on their stdin watch alone to notice a dead driver."""
     return os.environ.get(NO_PDEATHSIG_ENV) != "1"
+
+
+def announce_start() -> None:
+    """When STREAMCONV_TEST_STARTED_FD names a file descriptor (a pipe the test keeps reading), write one line
+    to it: the command line's interrupt handlers are in place, nothing else of streamconv's is imported yet."""
+    fd = os.environ.get(STARTED_FD_ENV)
+    if fd:
+        os.write(int(fd), b"started\n")
 
 
 def ray_kill_dir() -> Optional[str]:

@@ -105,6 +105,15 @@ class ChunkTable(Sequence):
         boxes = self.boxes
         return tuple(boxes[at:at + n]), tuple(boxes[at + n:at + 2 * n])
 
+    def located(self) -> Iterator[Tuple[str, int, int, Tuple[int, ...], Tuple[int, ...]]]:
+        """(relative_path, blob offset, blob length, offsets, sizes) of each chunk, without making its Chunk."""
+        n, boxes, blobs, places, where = self.ndim, self.boxes, self.blobs, self.places, self.where
+        for i in range(len(self)):
+            row = self._row(i)
+            at = 2 * n * row
+            yield (places[where[row]][0], blobs[2 * row], blobs[2 * row + 1], tuple(boxes[at:at + n]),
+                   tuple(boxes[at + n:at + 2 * n]))
+
     def __getitem__(self, i):
         if isinstance(i, slice):
             return tuple(self[k] for k in range(*i.indices(len(self))))

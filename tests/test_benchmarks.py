@@ -474,6 +474,10 @@ def test_first_byte_measures_a_real_start_up_warm_and_cold(tiny_ckpt, tmp_path, 
     assert cpu > 0 and 0 < wall < 60
     assert first_byte.main([str(ckpt), "--runs", "1"]) == 0
     assert re.search(r"s wall, [0-9.]+ CPU s \(load average", capsys.readouterr().out)
+    steps = {}
+    first_byte.first_byte(REPO, ckpt, cold=False, steps=steps)
+    assert {".metadata read and decoded", "the plan", "imports: the verbs", "stage"} <= set(steps), steps
+    assert 0 < steps[".metadata read and decoded"][0] < steps["total (wall from the first line)"][0]
 
 
 def test_first_byte_runs_the_tree_it_is_given(tiny_ckpt, tmp_path):

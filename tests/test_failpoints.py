@@ -15,7 +15,8 @@ PACKAGE = pathlib.Path(streamconv.__file__).parent
 REPO = PACKAGE.parent
 DOC = REPO / "docs" / "failpoints.md"
 SWITCHES = [failpoints.KILL_AT_ENV, failpoints.KILL_SIGNALS_ENV, failpoints.NO_FAST_PATHS_ENV,
-            failpoints.NO_FSYNC_ENV, failpoints.NO_PDEATHSIG_ENV, failpoints.RAY_KILL_DIR_ENV]
+            failpoints.NO_FSYNC_ENV, failpoints.NO_PDEATHSIG_ENV, failpoints.RAY_KILL_DIR_ENV,
+            failpoints.STARTED_FD_ENV]
 # Modules that read the environment for something that is not a failpoint, and why.
 OTHER_ENVIRONMENT_READERS = {
     "demo_checkpoint.py": "torch.distributed rendezvous variables for the demo's own worker processes",

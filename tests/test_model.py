@@ -27,3 +27,28 @@ def test_dedup_of_a_table_is_a_sorted_view_sharing_its_columns():
     assert kept == dedup_chunks(CHUNKS) == (CHUNKS[1], CHUNKS[0])
     check_coverage("w", (4, 3), kept)
     assert kept.select([1]) == (CHUNKS[0],)
+
+
+def _located(chunks):
+    return [(c.location.relative_path, c.location.offset, c.location.length, c.offsets, c.sizes) for c in chunks]
+
+
+def test_a_table_lists_where_its_chunks_are_without_making_them():
+    """`located()` (what the shard fingerprints read) says what the Chunks say, for a table and for a view."""
+    table = ChunkTable.of(CHUNKS, 2)
+    assert list(table.located()) == _located(CHUNKS)
+    view = table.select([3, 0])
+    assert list(view.located()) == _located((CHUNKS[3], CHUNKS[0]))
+
+
+def test_a_shard_fingerprint_reads_a_table_as_its_chunks():
+    from streamconv.output import ledger
+    from streamconv.planning.plan import ShardPlan, TensorPlan
+    def shard(chunks):
+        t = TensorPlan(name="w", source_fqn="model.w", src_dtype="float32", dst_dtype="float32", shape=(4, 3),
+                       chunks=chunks, begin=8, nbytes=48)
+        return ShardPlan(filename="model.safetensors", header=b"{}", tensors=(t,))
+    kept = (CHUNKS[1], CHUNKS[0])
+    table = dedup_chunks(ChunkTable.of(CHUNKS, 2))
+    assert ledger.shard_fingerprint(shard(table)) == ledger.shard_fingerprint(shard(kept))
+    assert ledger.shard_fingerprint(shard(table)) != ledger.shard_fingerprint(shard((CHUNKS[0], CHUNKS[1])))

@@ -9,8 +9,9 @@
   data; `meta_probe`: transformers on the meta device in a child process, `meta_model`), held to the same rule.
 * `prepare`  — the above turned into `PlanOptions` before planning.
 """
-from . import layouts, sidecars, tied
+from . import sidecars, tied
 from .prepare import HFSetup, config_dtype, prepare, compare_with_reference
 
-# (`verdict` and `expected` are imported where a base model asks for them: not at every conversion's start-up)
-__all__ = ["layouts", "sidecars", "tied", "HFSetup", "config_dtype", "prepare", "compare_with_reference"]
+# (`layouts`, `verdict` and `expected` are imported where a base model asks for them: not at every conversion's
+# start-up)
+__all__ = ["sidecars", "tied", "HFSetup", "config_dtype", "prepare", "compare_with_reference"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Tuple
 
 from .. import dtypes
 from ..planning import trainers
@@ -17,7 +17,10 @@ from ..model import CheckpointMetadata
 from ..planning import naming
 from ..planning.plan import ConversionPlan, PlanOptions
 from ..planning.trainers import megatron
-from . import layouts, sidecars, tied
+from . import sidecars, tied
+
+if TYPE_CHECKING:   # (layouts is imported where a reference asks for it: not at every conversion's start-up)
+    from . import layouts
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ def _layout_stage(named: naming.Naming, reference, config, notes: List[str]):
     adapter's names (all of them, before --rename and the filters) hits the most reference weights."""
     if reference is None:       # (a config.json alone is checked after the names are made: expected.check)
         return named.with_layout(None), None
+    from . import layouts
     mapping, hits = layouts.choose_mapping([t.name for t in named.tensors], reference, config.model_type)
     if mapping.layout is None:
         return named.with_layout(None), mapping.label
@@ -117,7 +121,10 @@ def prepare(meta: CheckpointMetadata, options: PlanOptions, checkpoint_dir: str,
         options = dataclasses.replace(options, heads=trainers.heads_from_config(config.data))
     named = naming.source_names(meta, options)      # the checkpoint's names and the adapter's: once
     notes.extend(_adapter_config_notes(named.adapter, config))
-    reference = layouts.reference_weights(config.folder) if config is not None else None
+    reference = None
+    if config is not None:
+        from . import layouts
+        reference = layouts.reference_weights(config.folder)
     named, layout_label = _layout_stage(named, reference, config, notes)
     named = named.with_renames(options.renames).filtered(options.include, options.exclude).checked()
     shapes = {t.name: tuple(t.entry.shape) for t in named.written}
@@ -169,6 +176,7 @@ def config_dtype(conversion: ConversionPlan) -> Optional[str]:
 
 def compare_with_reference(setup: HFSetup, conversion: ConversionPlan) -> layouts.NameComparison:
     """The planned output against the reference (empty comparison when there is none)."""
+    from . import layouts
     if setup.reference is None:
         return layouts.NameComparison((), (), ())
     return layouts.compare_names({t.name: tuple(t.shape) for t in conversion.tensors}, setup.reference)

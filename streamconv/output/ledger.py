@@ -21,7 +21,7 @@ import json
 import os
 import zlib
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import OutputError
 from ..failpoints import kill_point
@@ -29,7 +29,7 @@ from ..fs import location, objects
 from ..fs.remote import is_url
 from ..fs.fastpaths import NONE, FastPaths
 from ..fs.outfiles import foreign
-from ..model import CheckpointMetadata
+from ..model import CheckpointMetadata, Chunk, ChunkTable
 from ..planning.plan import ConversionPlan, ShardPlan
 from . import durable
 
@@ -53,13 +53,21 @@ class Fingerprint:
         return f"{self.crc:08x}{self.adler:08x}-{self.nbytes:x}"
 
 
+def _located(chunks: Sequence[Chunk]) -> Iterable[Tuple[str, int, int, Sequence[int], Sequence[int]]]:
+    """(relative_path, blob offset, blob length, offsets, sizes) of each chunk; read from the columns of a
+    ChunkTable without making its Chunks (two thirds of the fingerprints' time at 11B went into making them)."""
+    if isinstance(chunks, ChunkTable):
+        return chunks.located()
+    return ((c.location.relative_path, c.location.offset, c.location.length, c.offsets, c.sizes) for c in chunks)
+
+
 def shard_fingerprint(shard: ShardPlan) -> str:
     """What decides a shard's bytes: its name, header, and where every tensor's bytes come from (and how)."""
     h = Fingerprint()
     h.update(shard.filename.encode("utf-8") + b"\0" + shard.header)
     for t in shard.tensors:
-        chunks = [[c.location.relative_path, c.location.offset, c.location.length, list(c.offsets), list(c.sizes)]
-                  for c in t.chunks]
+        chunks = [[path, offset, length, list(offsets), list(sizes)]
+                  for path, offset, length, offsets, sizes in _located(t.chunks)]
         how = [list(t.axes)] if t.axes else []      # a transposed tensor (only then, so other plans keep theirs)
         h.update(json.dumps([t.name, t.source_fqn, t.src_dtype, t.dst_dtype, list(t.shape), t.begin, t.nbytes,
                              chunks] + how).encode("utf-8"))

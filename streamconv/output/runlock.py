@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import socket
 import stat
 from typing import Optional
 
@@ -62,6 +61,7 @@ class RunLock:
         self._fd = fd
 
     def _acquire_file(self, why: str) -> None:
+        import socket   # (here: only filesystems without flock need it, and it costs every start-up 2 ms of imports)
         me = {"pid": os.getpid(), "host": socket.gethostname()}
         for _ in range(2):      # a second try after removing a stale lock file
             try:

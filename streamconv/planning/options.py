@@ -9,7 +9,7 @@
   resolved, the trainer adapter's head counts, the names decided by `naming`, tied heads dropped). Internal: the
   planner's input, built by `ConvertOptions.plan_options` and `hf.prepare`.
 
-Each field's metadata carries its command-line spelling, help text and which commands take it; `cli.py` turns them
+Each field's metadata carries its command-line spelling, help text and which commands take it; `commands.py` turns them
 into click options (this module imports no click, so a worker process does not pay for it). docs/options.md is
 the long form of the help; tests check the two name the same flags.
 """

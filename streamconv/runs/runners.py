@@ -11,7 +11,6 @@ what each process wrote (`Written`: file names and the source chunks it checked)
 """
 from __future__ import annotations
 
-import pickle
 from typing import List, Optional, Protocol, Sequence
 
 from .shardjob import Progress, ShardJob, Workbench, Written, write_job_alone, write_jobs
@@ -38,6 +37,7 @@ class SeparateRunner:
     `write_job_alone`, which opens the checkpoint itself; progress as each job finishes."""
 
     def run(self, jobs: Sequence[ShardJob], progress: Optional[Progress] = None) -> List[Written]:
+        import pickle   # (here: the local runner, every conversion's, needs none)
         results = []
         for job in jobs:
             results.append(write_job_alone(pickle.loads(pickle.dumps(job))))

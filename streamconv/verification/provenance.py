@@ -21,7 +21,6 @@ import os
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from ..output import record
-from ..output.remote_staging import interrupted_publication, is_run_object
 from ..output.ledger import Fingerprint, Ledger
 from ..errors import CheckpointError, OptionsError, OutputError, StreamconvError
 from ..fs import location
@@ -206,7 +205,7 @@ def check_existing_output(output_dir: str, source_fp: str, plan_fp: str, *, over
         raise OutputError(
             f"{output_dir} holds a streamconv output made {what} than this checkpoint's; pass --overwrite to "
             "replace it, or choose another output folder")
-    if overwrite_any or (is_url(output_dir) and interrupted_publication(output_dir)):
+    if overwrite_any or (is_url(output_dir) and _remote_staging().interrupted_publication(output_dir)):
         return None     # (a run killed while publishing: its staging prefix decides, remote_staging.py)
     why = (f"its record is not valid ({bad_record})" if bad_record
            else f"it has no {record.RECORD_FILE}, so it is not a streamconv output (or one made before records)")
@@ -221,6 +220,13 @@ def check_existing_output(output_dir: str, source_fp: str, plan_fp: str, *, over
                       "another output folder, or pass --overwrite-any to replace it and lose them")
 
 
+def _remote_staging():
+    """output/remote_staging.py, imported for an output in a bucket only: with its lock (socket, datetime) it is
+    ~3 ms of every local conversion's start-up otherwise."""
+    from ..output import remote_staging
+    return remote_staging
+
+
 def _output_names(output_dir: str) -> List[str]:
     """What an output folder holds ([] when absent); in a bucket, an interrupted run's staging prefix is not
     counted, nor a run's lock (remote_staging.py decides about them)."""
@@ -229,7 +235,7 @@ def _output_names(output_dir: str) -> List[str]:
             names = location.at(output_dir, OutputError).names()
         except FileNotFoundError:
             return []
-        return [n for n in names if not is_run_object(n)]
+        return [n for n in names if not _remote_staging().is_run_object(n)]
     try:
         return os.listdir(output_dir)
     except OSError as exc:

@@ -159,7 +159,7 @@ def test_start_up_imports_no_openssl():
     imports at start-up import it only where it is used (planning/names, hf/meta_probe's cache)."""
     import subprocess
     import sys
-    code = "import sys, streamconv.cli; print(sorted(m for m in ('hashlib', '_hashlib') if m in sys.modules))"
+    code = "import sys, streamconv.commands; print(sorted(m for m in ('hashlib', '_hashlib') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

@@ -27,7 +27,7 @@ def rss():
     with open('/proc/self/statm') as f:
         return int(f.read().split()[1]) * 4096
 import numpy
-import streamconv.cli
+import streamconv.commands     # (the verbs and all they import: what a run has loaded before it uploads)
 from streamconv.errors import OutputError
 before = rss()
 from streamconv.fs import location, objects

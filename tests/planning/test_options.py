@@ -35,7 +35,7 @@ def test_defaults_resolve_to_the_planner_defaults():
 
 
 def test_each_options_object_takes_its_own_fields_out_of_a_commands_keywords():
-    """How cli.py splits one click command's keyword arguments into the three objects."""
+    """How commands.py splits one click command's keyword arguments into the three objects."""
     values = {"max_shard_size": "2GB", "workers": 3, "output_template": "hf/{name}", "as_json": True}
     assert BatchOptions.take(values) == BatchOptions(output_template="hf/{name}")
     assert RunOptions.take(values) == RunOptions(workers=3)

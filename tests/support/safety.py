@@ -67,8 +67,8 @@ TEST_SWITCH_PREFIX = "STREAMCONV_TEST_"
 
 def run_here(*args, env=None) -> subprocess.CompletedProcess:
     """The command through click's CliRunner in this process, `env` set for its duration: the exit code and the
-    stdout and stderr that cli.py's one error-to-exit-code place gives, as in a process of its own, without an
-    interpreter's start-up and imports (~0.4 s of CPU a run; these suites make a few hundred runs). An exception
+    stdout and stderr that the command line's one error-to-exit-code place gives, as in a process of its own,
+    without an interpreter's start-up and imports (~0.4 s of CPU a run; these suites make a few hundred runs). An exception
     that escapes the CLI is raised here: in a process it would be a traceback, which every test refuses."""
     from click.testing import CliRunner
 

@@ -20,8 +20,10 @@ WITHIN = 0.15
 FALLBACK_SLACK = 0.05
 # Below ~60 MiB, 10% is within the noise of a just-installed venv's file-backed pages: the Megatron TP2 test peaked
 # at 50.0 MiB in a fresh-clone CI run and 47.5 in the same venv 20 minutes later; the prediction keeps ~2 MiB for
-# that (plan.BASE_RSS_BYTES), and a small run may be that much further below it.
-NOISE_BYTES = 6 * 2**20
+# that (plan.BASE_RSS_BYTES), and a small run may be that much further below it. numpy's import, measured in the
+# process, varies too: the same 4 MiB-buffer expert case was predicted 41.0 and 42.8 MiB in two runs of one tree
+# (measured 36.9 and 36.8; a loaded machine, 2026-12-07).
+NOISE_BYTES = 7 * 2**20
 
 
 def assert_within_prediction(report: dict) -> None:

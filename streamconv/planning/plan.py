@@ -77,6 +77,11 @@ IO_STEP_BYTES_PER_WRITER = 2**20
 #   imports numpy whatever the writing did (`with_verify_pass`). Without this term the 2 GB preset peaked at 38.3
 #   MiB with --verify against 28.6 predicted (24.8 without --verify; 2-core VM, 2026-12-07);
 VERIFY_PIECE_BYTES = 2**20
+# * per writer on the plain IO paths (`with_plain_io`): the 1 MiB step read into a bytes object and written from
+#   it, and what that leaves allocated: the 2 GB preset (plain copies, 2 writers) peaked at 28.6-29.2 MiB with the
+#   fast paths off against 28.7 predicted with 1 MiB here (2-core VM, 2026-12-07); counting a whole IO step per
+#   writer on top put small layouts 21-37% above their peaks;
+PLAIN_STEP_BYTES_PER_WRITER = 3 * 2**19
 DEFAULT_WRITERS = 2
 # * when chunks are zstd-compressed, the zstandard module (once) and per writer its decoder with its window
 #   (torch's default level), its compressed reads and what its thread's malloc arena keeps of them. Measured peaks
@@ -507,10 +512,11 @@ def with_io_step_each(conversion: ConversionPlan, writers: int) -> ConversionPla
 
 def with_plain_io(conversion: ConversionPlan, writers: int) -> ConversionPlan:
     """The predicted peak when the run copies without copy_file_range or reads without preadv (not offered, or
-    turned off): each writer then also holds one plain step's bytes object beside its IO step. As in
-    `_writers_bytes`, no more writers run than there are tensors."""
+    turned off, or another filesystem): each writer then holds a plain step's bytes object and what copying it
+    leaves (PLAIN_STEP_BYTES_PER_WRITER), beside an IO step only if its tensors hold one. As in `_writers_bytes`, no
+    more writers run than there are tensors."""
     running = _running_writers(conversion.tensors, writers)
-    return replace(conversion, peak_bytes=conversion.peak_bytes + running * IO_STEP_BYTES_PER_WRITER)
+    return replace(conversion, peak_bytes=conversion.peak_bytes + running * PLAIN_STEP_BYTES_PER_WRITER)
 
 
 def buffer_need_bytes(t: TensorPlan, permuted: Collection[BlobLocation] = frozenset()) -> int:

@@ -174,8 +174,7 @@ class Conversion:
         paths' steps (no copy_file_range or preadv: beside the plain step's bytes `with_plain_io` counts), the CRC-32
         check's pieces, --verify, a resumed shard's CRC read-back, the tied heads' comparison, object storage."""
         s = self.settings
-        return bool(not (self.fast.copy_file_range and self.fast.preadv)
-                    or s.check_crc or s.verify or s.resume or self.setup.tied or self.remote_output
+        return bool(s.check_crc or s.verify or s.resume or self.setup.tied or self.remote_output
                     or is_url(self.checkpoint_dir))
 
     def stop_locating(self) -> None:

@@ -225,8 +225,9 @@ def test_predicted_peak_counts_the_buffer_a_tensor_touches():
     per_chunk = p.PER_CHUNK_BYTES if pieces_packed() else p.GENERAL_PER_CHUNK_BYTES   # (make test-no-fast-paths)
     base = p.BASE_RSS_BYTES + 4 * per_chunk
     assert build_plan(copies).peak_bytes == base
-    # One tensor: one writer runs, whatever the default, so one IO step.
-    step = p.IO_STEP_BYTES_PER_WRITER
+    # One tensor: one writer runs, whatever the default, so one IO step (as far as its 256 KiB of float32 reach).
+    step = 256 * 1024
+    assert step < p.IO_STEP_BYTES_PER_WRITER
     assert build_plan(copies, PlanOptions(dtype="bfloat16")).peak_bytes == base + step + p.NUMPY_RSS_BYTES + 256 * 1024
     plan = build_plan(blocks, PlanOptions(buffer_bytes=2**20))
     (t,) = plan.tensors
@@ -248,8 +249,8 @@ def test_predicted_peak_counts_the_buffer_a_tensor_touches():
     assert two_writers.peak_bytes - one_writer.peak_bytes == 320 * 1024
     # Without copy_file_range/preadv each running writer holds one plain step; one tensor runs one writer
     # (tests/memory/test_zstd_strided_memory.py's strided case measured 38.7 MiB whatever --workers said).
-    plain = p.PLAIN_STEP_BYTES_PER_WRITER
-    assert plain >= step
+    plain = step       # PLAIN_STEP_BYTES_PER_WRITER, as far as the 256 KiB tensors reach
+    assert p.PLAIN_STEP_BYTES_PER_WRITER > step
     assert p.with_plain_io(four, 4).peak_bytes - four.peak_bytes == plain
     assert p.with_plain_io(two_writers, 2).peak_bytes - two_writers.peak_bytes == 2 * plain
 
@@ -259,7 +260,7 @@ def test_io_steps_are_predicted_for_the_writers_that_hold_one():
     arrays, a zstd chunk's decoded pieces, pieces copied one step at a time); a run that checks CRCs, verifies or
     copies chunks without a recorded CRC gives every writer one (`with_io_step_each`, once)."""
     from streamconv.planning import plan as p
-    step = p.IO_STEP_BYTES_PER_WRITER
+    step = 256 * 1024       # a step touches as much as the largest tensor (float32 64 x 1024) when that is < 1 MiB
     copies = [tensor(f"model.w{i}", (64, 1024), chunks=dim0_chunks(64, 1024, 4)) for i in range(3)]
     plain = p.with_writers(build_plan(CheckpointMetadata(tensors=tuple(copies), byte_entries=())), 3)
     assert not any(p.holds_io_step(t) for t in plain.tensors)
@@ -272,7 +273,13 @@ def test_io_steps_are_predicted_for_the_writers_that_hold_one():
     mixed = build_plan(CheckpointMetadata(tensors=(copies[0], *ints), byte_entries=()), PlanOptions(dtype="bfloat16"))
     assert [p.holds_io_step(t) for t in mixed.tensors] == [False, False, True]     # (in name order)
     assert p.with_writers(mixed, 3).peak_bytes == p.with_writers(mixed, 1).peak_bytes
-    assert p.with_io_step_each(p.with_writers(mixed, 3), 3).peak_bytes - p.with_writers(mixed, 3).peak_bytes == 2 * step
+    int64_step = 512 * 1024
+    three = p.with_writers(mixed, 3)
+    assert p.with_io_step_each(three, 3).peak_bytes - three.peak_bytes == 2 * int64_step
+    # A tensor of 1 MiB or more: a whole step.
+    big = build_plan(CheckpointMetadata(tensors=(tensor("model.big", (512, 1024), chunks=dim0_chunks(512, 1024, 4)),),
+                                        byte_entries=()))
+    assert p.with_io_step_each(big, 1).peak_bytes - big.peak_bytes == p.IO_STEP_BYTES_PER_WRITER
 
 
 def test_predicted_peak_counts_left_out_chunks_at_what_decoding_keeps():

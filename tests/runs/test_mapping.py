@@ -23,9 +23,11 @@ print(first, mapping.numpy_import_bytes(), "numpy" in sys.modules)
 def test_the_import_is_measured_once_in_a_process_that_had_not_imported_numpy():
     out = subprocess.run([sys.executable, "-c", _MEASURE], capture_output=True, text=True, check=True, timeout=120)
     first, again, imported = out.stdout.split()
-    # numpy 2.4 with its OpenBLAS maps 11-18 MiB, whatever the page cache; a second call (a batch driver's next
+    # numpy 2.4 with its OpenBLAS maps 11-18 MiB in this VM's used venvs, and up to 20.3 MiB right after a fresh
+    # install (a fresh-clone CI run, 2026-12-07: the page cache's large folios of files just written); whatever it
+    # measures is what the prediction counts (`with_numpy_bytes`). A second call (a batch driver's next
     # checkpoint) gets the same measurement.
-    assert 4 * 2**20 < int(first) < p.NUMPY_RSS_BYTES + 2**20, first
+    assert 4 * 2**20 < int(first) < 2 * p.NUMPY_RSS_BYTES, first
     assert (again, imported) == (first, "True")
 
 

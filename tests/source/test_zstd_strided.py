@@ -119,7 +119,8 @@ def test_zstd_default_workers_hold_a_decoder_each_and_the_report_says_so(flavors
     from click.testing import CliRunner
     from streamconv.runs import conversion, preparing
     from streamconv.fs import fastpaths
-    from streamconv.planning.plan import DECODER_BYTES_PER_WRITER, IO_STEP_BYTES_PER_WRITER, writers_peak_bytes
+    from streamconv.planning.plan import (DECODER_BYTES_PER_WRITER, IO_STEP_BYTES_PER_WRITER,
+                                          PLAIN_STEP_BYTES_PER_WRITER, step_bytes_held, writers_peak_bytes)
     monkeypatch.setattr(preparing, "available_cpus", lambda: 16)
     monkeypatch.setattr(conversion, "available_cpus", lambda: 16)
     ckpt = flavors / "zstd_fsdp2"
@@ -127,7 +128,8 @@ def test_zstd_default_workers_hold_a_decoder_each_and_the_report_says_so(flavors
     n = planned.workers         # as many as fit, and no more: the bound holds for n writers, not for n + 1
     assert 2 < n < 16 and f"{n} keep the predicted peak (" in planned.workers_reason, planned.workers_reason
     two = streamconv.plan(str(ckpt), no_config=True, workers=2)
-    assert planned.peak_bytes - two.peak_bytes == (n - 2) * (2**20 + DECODER_BYTES_PER_WRITER)   # n - 2 more writers
+    step = step_bytes_held(planned.tensors, IO_STEP_BYTES_PER_WRITER)
+    assert planned.peak_bytes - two.peak_bytes == (n - 2) * (step + DECODER_BYTES_PER_WRITER)   # n - 2 more writers
     assert writers_peak_bytes(planned, n) <= (32 + 48) * 2**20 < writers_peak_bytes(planned, n + 1)
     result = CliRunner().invoke(cli, ["convert", str(ckpt), str(tmp_path / "out"), "--json", "--no-config"])
     assert result.exit_code == 0, result.output
@@ -135,7 +137,8 @@ def test_zstd_default_workers_hold_a_decoder_each_and_the_report_says_so(flavors
     assert (report["workers"], report["workers_reason"]) == (n, planned.workers_reason), report
     # Without copy_file_range/preadv (found only when the copy starts; forced off here by
     # STREAMCONV_NO_FAST_PATHS) each writer also holds one plain step, which convert's prediction adds.
-    plain_io_bytes = n * IO_STEP_BYTES_PER_WRITER if {"copy_file_range", "preadv"} & fastpaths.disabled() else 0
+    plain_off = {"copy_file_range", "preadv"} & fastpaths.disabled()
+    plain_io_bytes = n * step_bytes_held(planned.tensors, PLAIN_STEP_BYTES_PER_WRITER) if plain_off else 0
     assert report["predicted_peak_bytes"] == planned.peak_bytes + plain_io_bytes
 
 

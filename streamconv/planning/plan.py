@@ -482,13 +482,8 @@ def with_verify_pass(conversion: ConversionPlan, import_bytes: Optional[int]) ->
     tensor of the writing passed through the buffer, so that nothing counted it yet. On top of the writing: the
     writers' steps stay allocated (malloc keeps them) while the output is read back."""
     numpy_bytes = conversion.numpy_bytes if import_bytes is None else import_bytes + NUMPY_IN_USE_BYTES
-    largest = max((t.nbytes for t in conversion.tensors), default=0)
-    # (a piece's pages are touched only as far as the largest tensor reaches)
-    extra_bytes = 3 * min(VERIFY_PIECE_BYTES, largest)
-    if uses_numpy(conversion):
-        extra_bytes += numpy_bytes - conversion.numpy_bytes
-    else:
-        extra_bytes += numpy_bytes
+    counted_bytes = conversion.numpy_bytes if uses_numpy(conversion) else 0
+    extra_bytes = 3 * step_bytes_held(conversion.tensors, VERIFY_PIECE_BYTES) + numpy_bytes - counted_bytes
     return replace(conversion, peak_bytes=conversion.peak_bytes + extra_bytes, numpy_bytes=numpy_bytes)
 
 
